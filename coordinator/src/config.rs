@@ -1,0 +1,292 @@
+//! Coordinator configuration: defaults, then an optional TOML file (`--config`), then `ORCH_*`
+//! environment variables and flags (clap reads both), checked once into [`Config`].
+
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Command-line flags; every one can also come from the environment or the config file.
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "orch-coordinator",
+    version,
+    about = "The orchestrator coordinator: HTTP API, planning and dispatch of agent jobs"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (flag and environment values win).
+    #[arg(long, env = "ORCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API (port 0 picks a free port; the bound address is logged and
+    /// written to --addr-file).
+    #[arg(long, env = "ORCH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Write the bound HTTP address to this file once listening.
+    #[arg(long, env = "ORCH_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+    #[arg(long, env = "ORCH_NATS_URL")]
+    pub nats_url: Option<String>,
+    #[arg(long, env = "ORCH_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// API bearer tokens, comma separated. Required unless --no-auth.
+    #[arg(
+        long,
+        env = "ORCH_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub token: Vec<String>,
+    /// Serve the API without authentication (never in production).
+    #[arg(long, env = "ORCH_NO_AUTH")]
+    pub no_auth: bool,
+    /// How long a job may go without an in-progress ack before JetStream redelivers it.
+    #[arg(long, env = "ORCH_JOB_ACK_WAIT", value_parser = humantime::parse_duration)]
+    pub job_ack_wait: Option<Duration>,
+    /// Deliveries of one job attempt before JetStream gives up on it.
+    #[arg(long, env = "ORCH_JOB_MAX_DELIVER")]
+    pub job_max_deliver: Option<i64>,
+    /// JetStream duplicate window for job and result messages.
+    #[arg(long, env = "ORCH_DEDUP_WINDOW", value_parser = humantime::parse_duration)]
+    pub dedup_window: Option<Duration>,
+    /// How long task event logs are kept.
+    #[arg(long, env = "ORCH_EVENTS_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub events_max_age: Option<Duration>,
+    /// Parallel lanes applying results (tasks are spread over lanes by id).
+    #[arg(long, env = "ORCH_LANES")]
+    pub lanes: Option<usize>,
+    /// Log format: pretty or json.
+    #[arg(long, env = "ORCH_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    addr_file: Option<PathBuf>,
+    nats_url: Option<String>,
+    redis_url: Option<String>,
+    tokens: Option<Vec<String>>,
+    no_auth: Option<bool>,
+    #[serde(default, with = "humantime_serde_opt")]
+    job_ack_wait: Option<Duration>,
+    job_max_deliver: Option<i64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    dedup_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    events_max_age: Option<Duration>,
+    lanes: Option<usize>,
+    log_format: Option<String>,
+}
+
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub addr_file: Option<PathBuf>,
+    pub nats_url: String,
+    pub redis_url: String,
+    /// Empty means authentication is off (only with --no-auth).
+    pub tokens: Vec<String>,
+    pub job_ack_wait: Duration,
+    pub job_max_deliver: i64,
+    pub dedup_window: Duration,
+    pub events_max_age: Duration,
+    pub lanes: usize,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".parse().expect("valid literal"),
+            addr_file: None,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            tokens: vec![],
+            job_ack_wait: Duration::from_secs(60),
+            job_max_deliver: 5,
+            dedup_window: Duration::from_secs(30 * 60),
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            lanes: 16,
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+/// A setting that cannot be used; the message names it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Args {
+    /// Layers file, environment and flags over the defaults and checks the result.
+    pub fn load(self) -> Result<Config, Error> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| Error::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let tokens: Vec<String> = if self.token.is_empty() {
+            file.tokens.unwrap_or_default()
+        } else {
+            self.token
+        }
+        .into_iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+        let no_auth = self.no_auth || file.no_auth.unwrap_or(false);
+        if tokens.is_empty() && !no_auth {
+            return Err(Error::Invalid(
+                "token: no API token configured (set --token or ORCH_TOKEN, or pass --no-auth for an open API)".into(),
+            ));
+        }
+        if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+            return Err(Error::Invalid(format!(
+                "token: tokens must be at least 16 characters (one has {})",
+                short.len()
+            )));
+        }
+        let log_format = match self
+            .log_format
+            .or(file.log_format)
+            .as_deref()
+            .unwrap_or("pretty")
+        {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "log-format: expected pretty or json, got `{other}`"
+                )));
+            }
+        };
+        let job_ack_wait = self
+            .job_ack_wait
+            .or(file.job_ack_wait)
+            .unwrap_or(d.job_ack_wait);
+        if job_ack_wait < Duration::from_secs(1) {
+            return Err(Error::Invalid("job-ack-wait: must be at least 1s".into()));
+        }
+        let job_max_deliver = self
+            .job_max_deliver
+            .or(file.job_max_deliver)
+            .unwrap_or(d.job_max_deliver);
+        if job_max_deliver < 1 {
+            return Err(Error::Invalid("job-max-deliver: must be at least 1".into()));
+        }
+        let lanes = self.lanes.or(file.lanes).unwrap_or(d.lanes);
+        if lanes == 0 {
+            return Err(Error::Invalid("lanes: must be at least 1".into()));
+        }
+        Ok(Config {
+            listen: self.listen.or(file.listen).unwrap_or(d.listen),
+            addr_file: self.addr_file.or(file.addr_file),
+            nats_url: self.nats_url.or(file.nats_url).unwrap_or(d.nats_url),
+            redis_url: self.redis_url.or(file.redis_url).unwrap_or(d.redis_url),
+            tokens: if no_auth { vec![] } else { tokens },
+            job_ack_wait,
+            job_max_deliver,
+            dedup_window: self
+                .dedup_window
+                .or(file.dedup_window)
+                .unwrap_or(d.dedup_window),
+            events_max_age: self
+                .events_max_age
+                .or(file.events_max_age)
+                .unwrap_or(d.events_max_age),
+            lanes,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let dir = std::env::temp_dir().join(format!("orch-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "redis_url = \"redis://file\"\nnats_url = \"nats://file\"\ntokens = [\"file-token-0123456789\"]\njob_ack_wait = \"5s\"\n",
+        )
+        .unwrap();
+        let cfg = Args {
+            config: Some(path),
+            nats_url: Some("nats://flag".into()),
+            ..Default::default()
+        }
+        .load()
+        .unwrap();
+        assert_eq!(cfg.nats_url, "nats://flag");
+        assert_eq!(cfg.redis_url, "redis://file");
+        assert_eq!(cfg.tokens, vec!["file-token-0123456789".to_string()]);
+        assert_eq!(cfg.job_ack_wait, Duration::from_secs(5));
+        assert_eq!(cfg.lanes, 16);
+    }
+
+    #[test]
+    fn a_token_is_required_unless_auth_is_off() {
+        let err = Args::default().load().unwrap_err().to_string();
+        assert!(err.starts_with("token:"), "{err}");
+        let cfg = Args {
+            no_auth: true,
+            ..Default::default()
+        }
+        .load()
+        .unwrap();
+        assert!(cfg.tokens.is_empty());
+        let err = Args {
+            token: vec!["short".into()],
+            ..Default::default()
+        }
+        .load()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("at least 16"), "{err}");
+    }
+}

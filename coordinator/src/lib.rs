@@ -1,0 +1,200 @@
+//! The orchestrator coordinator: accepts tasks over HTTP, plans them into agent jobs, publishes
+//! the jobs to JetStream, applies the results the workers send back, and keeps task state in
+//! Redis.
+//!
+//! Layout:
+//! - [`config`]: flags, environment and config file, checked into [`config::Config`].
+//! - [`api`]: the HTTP API (axum), health, readiness and metrics endpoints.
+//! - [`planner`]: templates, `auto` keyword roles, custom role lists.
+//! - [`context`]: forward context cut from an agent's structured output.
+//! - [`pipeline`]: the task state machine, free of IO.
+//! - [`driver`]: lanes that apply results and job starts to tasks, in order per task.
+//! - [`transport`]: the only code that knows NATS subjects, streams and bytes.
+//! - [`state`]: the only code that knows Redis keys.
+//! - [`metrics`]: metric names and descriptions.
+
+pub mod api;
+pub mod config;
+pub mod context;
+pub mod driver;
+pub mod metrics;
+pub mod pipeline;
+pub mod planner;
+pub mod state;
+pub mod transport;
+
+use backon::{ExponentialBuilder, Retryable};
+use config::Config;
+use driver::Driver;
+use futures::StreamExt;
+use metrics_exporter_prometheus::PrometheusHandle;
+use state::State;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use transport::Transport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
+    #[error(transparent)]
+    State(#[from] state::Error),
+    #[error("failed to listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("failed to write {path}: {source}")]
+    AddrFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("the {0} loop stopped unexpectedly")]
+    LoopEnded(&'static str),
+}
+
+fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(usize::MAX)
+        .with_jitter()
+}
+
+/// Runs the coordinator until `shutdown` is cancelled or a critical part fails.
+///
+/// Startup order: NATS (topology), Redis, resume unfinished tasks, result lanes, consumers,
+/// HTTP. Shutdown order: stop accepting HTTP, stop consumers, let lanes finish the message in
+/// hand, flush NATS.
+pub async fn run(
+    config: Config,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(Error::Serve)?;
+
+    let transport = Transport::connect(&config.nats_url).await?;
+    let topology = || transport.ensure_topology(&config);
+    let ready = topology
+        .retry(retry_policy())
+        .notify(|e, wait| tracing::warn!(error = %e, ?wait, "JetStream not ready, retrying"));
+    tokio::select! {
+        r = ready => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    let connect = || State::connect(&config.redis_url);
+    let state = tokio::select! {
+        r = connect.retry(retry_policy()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+
+    resume(&state, &transport).await?;
+
+    let tracker = TaskTracker::new();
+    let lanes_cancel = CancellationToken::new();
+    let driver = Driver::start(
+        config.lanes,
+        state.clone(),
+        transport.clone(),
+        &tracker,
+        lanes_cancel.clone(),
+    );
+
+    let mut results = Box::pin(transport.results().await?);
+    let results_driver = driver.clone();
+    let results_cancel = shutdown.clone();
+    let results_loop = tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = results_cancel.cancelled() => return Ok(()),
+                next = results.next() => match next {
+                    Some(delivery) => results_driver.result(delivery).await,
+                    None => return Err(Error::LoopEnded("results")),
+                },
+            }
+        }
+    });
+
+    let mut started = Box::pin(transport.job_started().await?);
+    let started_cancel = shutdown.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = started_cancel.cancelled() => return,
+                next = started.next() => match next {
+                    Some(event) => driver.started(event).await,
+                    None => return,
+                },
+            }
+        }
+    });
+
+    if let Some(path) = &config.addr_file {
+        std::fs::write(path, addr.to_string()).map_err(|source| Error::AddrFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(%addr, "coordinator listening");
+
+    let app = api::App {
+        state,
+        transport: transport.clone(),
+        tokens: Arc::new(config.tokens.clone()),
+        metrics,
+        shutdown: shutdown.clone(),
+    };
+    let server_cancel = shutdown.clone();
+    let serve = axum::serve(listener, api::router(app))
+        .with_graceful_shutdown(async move { server_cancel.cancelled().await });
+
+    // The results loop is critical: if it ends, results would pile up unapplied.
+    let outcome = tokio::select! {
+        r = serve => r.map_err(Error::Serve),
+        r = results_loop => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::LoopEnded("results")),
+        },
+    };
+    shutdown.cancel();
+    lanes_cancel.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    transport.drain().await;
+    tracing::info!("coordinator stopped");
+    outcome
+}
+
+/// Publishes again the queued jobs of every unfinished task (a previous coordinator may have
+/// stored them and died before publishing). Message ids make this safe to repeat.
+async fn resume(state: &State, transport: &Transport) -> Result<(), Error> {
+    let ids = state.active_tasks().await?;
+    let mut republished = 0;
+    for id in &ids {
+        let Some(task) = state.load_task(*id).await? else {
+            continue;
+        };
+        let actions = pipeline::requeue(&task);
+        republished += actions.len();
+        driver::perform(transport, task.id, actions).await?;
+    }
+    if !ids.is_empty() {
+        tracing::info!(
+            tasks = ids.len(),
+            jobs = republished,
+            "resumed unfinished tasks"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,337 @@
+//! Everything the coordinator says to and hears from NATS. The only module that knows subjects,
+//! stream settings and bytes; the rest of the coordinator sees typed messages.
+
+use crate::config::Config;
+use async_nats::jetstream::{self, consumer, stream};
+use futures::{Stream, StreamExt};
+use orch_shared::codec;
+use orch_shared::event::{Event, EventKind};
+use orch_shared::ids::TaskId;
+use orch_shared::job::{JobResult, JobSpec};
+use orch_shared::subject;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("failed to set up JetStream {what}: {source}")]
+    Topology {
+        what: String,
+        source: async_nats::Error,
+    },
+    #[error("failed to publish to {subject}: {source}")]
+    Publish {
+        subject: String,
+        source: async_nats::Error,
+    },
+    #[error("failed to read {what}: {source}")]
+    Read {
+        what: String,
+        source: async_nats::Error,
+    },
+}
+
+/// A cheap, cloneable handle on the NATS connection.
+#[derive(Clone)]
+pub struct Transport {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+/// A job result pulled from the results stream; ack it once it has been applied.
+pub struct ResultDelivery {
+    pub result: JobResult,
+    msg: jetstream::Message,
+}
+
+impl ResultDelivery {
+    pub async fn ack(self) {
+        if let Err(e) = self.msg.ack().await {
+            tracing::warn!(error = %e, job_id = %self.result.job_id, "failed to ack result");
+        }
+    }
+}
+
+/// A message for [`Transport::publish_all`].
+pub enum Outgoing {
+    Job(JobSpec),
+    Event(Event),
+}
+
+/// One stored event with its stream sequence (the SSE event id).
+pub struct StoredEvent {
+    pub seq: u64,
+    pub event: Event,
+}
+
+impl Transport {
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let client = async_nats::ConnectOptions::new()
+            .name("orch-coordinator")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|source| Error::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone());
+        Ok(Self { client, js })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Creates or updates the streams and the durable consumers. The coordinator owns the
+    /// topology, so every worker sees one ack wait and one max-deliver.
+    pub async fn ensure_topology(&self, cfg: &Config) -> Result<(), Error> {
+        let topo = |what: &str| {
+            let what = what.to_string();
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Topology { what, source: e }
+        };
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: subject::JOBS_STREAM.into(),
+                subjects: vec![subject::JOBS_SUBJECTS.into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::New,
+                duplicate_window: cfg.dedup_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| topo("jobs stream")(e.into()))?;
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: subject::EVENTS_STREAM.into(),
+                subjects: vec![subject::EVENTS_SUBJECTS.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: cfg.events_max_age,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| topo("events stream")(e.into()))?;
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: subject::RESULTS_STREAM.into(),
+                subjects: vec![subject::RESULTS_SUBJECTS.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                duplicate_window: cfg.dedup_window,
+                max_age: cfg.events_max_age,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| topo("results stream")(e.into()))?;
+        let jobs = self
+            .js
+            .get_stream(subject::JOBS_STREAM)
+            .await
+            .map_err(|e| topo("jobs stream")(e.into()))?;
+        let workers = consumer::pull::Config {
+            durable_name: Some(subject::JOBS_CONSUMER.into()),
+            description: Some("agent jobs, pulled by every worker".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: cfg.job_ack_wait,
+            max_deliver: cfg.job_max_deliver,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        };
+        create_or_update_consumer(&jobs, workers)
+            .await
+            .map_err(topo("workers consumer"))?;
+        let coordinator = consumer::pull::Config {
+            durable_name: Some(subject::RESULTS_CONSUMER.into()),
+            description: Some("job results, applied by the coordinator".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        let results = self
+            .js
+            .get_stream(subject::RESULTS_STREAM)
+            .await
+            .map_err(|e| topo("results stream")(e.into()))?;
+        create_or_update_consumer(&results, coordinator)
+            .await
+            .map_err(topo("results consumer"))?;
+        Ok(())
+    }
+
+    /// Publishes jobs and events in order and waits until JetStream stored every one. All
+    /// messages are sent before the first ack is awaited, so a batch costs one round trip. A
+    /// job's message id makes a second publish of the same attempt a no-op inside the dedup
+    /// window.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), Error> {
+        let mut acks = Vec::with_capacity(messages.len());
+        for message in messages {
+            let (subject, publish) = match message {
+                Outgoing::Job(spec) => (
+                    subject::job(subject::DEFAULT_POOL),
+                    jetstream::message::PublishMessage::build()
+                        .message_id(subject::job_msg_id(spec.job_id, spec.attempt))
+                        .payload(codec::encode(spec).into()),
+                ),
+                Outgoing::Event(event) => (
+                    subject::event(event.task_id, event.kind.name()),
+                    jetstream::message::PublishMessage::build()
+                        .payload(codec::encode(event).into()),
+                ),
+            };
+            let ack = self
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|e| Error::Publish {
+                    subject: subject.clone(),
+                    source: e.into(),
+                })?;
+            acks.push((subject, ack));
+        }
+        for (subject, ack) in acks {
+            ack.await.map_err(|e| Error::Publish {
+                subject,
+                source: e.into(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The results consumer as a stream of typed deliveries. Undecodable messages are
+    /// terminated (they would fail the same way on every redelivery) and logged.
+    pub async fn results(&self) -> Result<impl Stream<Item = ResultDelivery> + use<>, Error> {
+        let read = |e: Box<dyn std::error::Error + Send + Sync>| Error::Read {
+            what: "results".into(),
+            source: e,
+        };
+        let stream = self
+            .js
+            .get_stream(subject::RESULTS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let consumer: consumer::PullConsumer = stream
+            .get_consumer(subject::RESULTS_CONSUMER)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| read(e.into()))?;
+        Ok(messages.filter_map(|msg| async move {
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) => {
+                    tracing::warn!(error = %e, "results consumer error");
+                    return None;
+                }
+            };
+            match codec::decode::<JobResult>(&msg.payload) {
+                Ok(result) => Some(ResultDelivery { result, msg }),
+                Err(e) => {
+                    tracing::error!(error = %e, subject = %msg.subject, "undecodable result, terminating it");
+                    let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                    None
+                }
+            }
+        }))
+    }
+
+    /// `job_started` events of every task, as they are published (best effort: the result of a
+    /// job carries the same facts, so a missed one only delays the `running` status).
+    pub async fn job_started(&self) -> Result<impl Stream<Item = Event> + use<>, Error> {
+        let sub = self
+            .client
+            .subscribe(subject::ALL_JOB_STARTED)
+            .await
+            .map_err(|e| Error::Read {
+                what: "job_started events".into(),
+                source: e.into(),
+            })?;
+        Ok(sub.filter_map(|msg| async move { codec::decode::<Event>(&msg.payload).ok() }))
+    }
+
+    /// A task's events after stream sequence `after` (0 = from the start), then live ones.
+    pub async fn task_events(
+        &self,
+        task: TaskId,
+        after: u64,
+    ) -> Result<impl Stream<Item = StoredEvent> + use<>, Error> {
+        let read = |e: Box<dyn std::error::Error + Send + Sync>| Error::Read {
+            what: format!("events of task {task}"),
+            source: e,
+        };
+        let stream = self
+            .js
+            .get_stream(subject::EVENTS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let deliver_policy = if after == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            }
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject::task_events(task),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read(e.into()))?;
+        let messages = consumer.messages().await.map_err(|e| read(e.into()))?;
+        Ok(messages.filter_map(|msg| async move {
+            let msg = msg.ok()?;
+            let seq = msg.info().ok()?.stream_sequence;
+            let event = codec::decode::<Event>(&msg.payload).ok()?;
+            Some(StoredEvent { seq, event })
+        }))
+    }
+
+    /// Flushes buffered messages before shutdown.
+    pub async fn drain(&self) {
+        let _ = self.client.flush().await;
+    }
+}
+
+async fn create_or_update_consumer(
+    stream: &stream::Stream,
+    config: consumer::pull::Config,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    match stream.get_consumer::<consumer::pull::Config>(&name).await {
+        Ok(mut existing) => {
+            let info = existing.info().await?;
+            if info.config.ack_wait != config.ack_wait
+                || info.config.max_deliver != config.max_deliver
+            {
+                stream.update_consumer(config).await?;
+            }
+        }
+        Err(_) => {
+            stream.create_consumer(config).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `true` when the event ends a task's log (the SSE stream closes after it).
+pub fn is_last(event: &Event) -> bool {
+    matches!(event.kind, EventKind::TaskFinished { .. })
+}

@@ -1,0 +1,208 @@
+//! A job is one agent run: the coordinator publishes a [`JobSpec`], a worker runs it and
+//! publishes a [`JobResult`].
+
+use crate::ids::{JobId, TaskId, WorkerId};
+use crate::role::Role;
+use serde::{Deserialize, Serialize};
+
+/// Everything a worker needs to run one agent. A worker keeps nothing else: a redelivered
+/// `JobSpec` can be run by any worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub task_id: TaskId,
+    pub job_id: JobId,
+    /// The coordinator's attempt number, starting at 1 (JetStream redeliveries of one attempt
+    /// are counted separately, in [`JobResult::delivery`]).
+    pub attempt: u32,
+    /// Position of this job in the task's plan.
+    pub step: u32,
+    pub role: Role,
+    /// The instruction for this agent (its subtask description).
+    pub prompt: String,
+    /// Forward context from the jobs this one depends on, if any.
+    #[serde(default)]
+    pub context: Option<String>,
+    pub backend: Backend,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub workspace: Workspace,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Parameters of the `sim` backend; ignored by the others.
+    #[serde(default)]
+    pub sim: SimParams,
+}
+
+/// Which agent backend runs a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// The deterministic simulated agent.
+    #[default]
+    Sim,
+    ClaudeCode,
+    Anthropic,
+    Openai,
+    Command,
+}
+
+impl Backend {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Sim => "sim",
+            Backend::ClaudeCode => "claude-code",
+            Backend::Anthropic => "anthropic",
+            Backend::Openai => "openai",
+            Backend::Command => "command",
+        }
+    }
+}
+
+/// Where the agent works.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Workspace {
+    /// A fresh scratch directory chosen by the worker.
+    #[default]
+    Scratch,
+    /// A directory the worker can see (single-machine use).
+    Local { path: String },
+}
+
+/// Per-job limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Limits {
+    /// Wall-clock limit for one attempt, in milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Maximum agent turns.
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+}
+
+/// How the `sim` backend behaves: deterministic for a given job id and attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct SimParams {
+    /// How long the simulated agent works, in milliseconds.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Probability in [0, 1] that an attempt fails (decided by hashing job id and attempt).
+    #[serde(default)]
+    pub fail_rate: f64,
+}
+
+/// Tokens by kind, as the providers report them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_tokens: u64,
+    pub cache_read_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.input_tokens + self.output_tokens + self.cache_creation_tokens + self.cache_read_tokens
+    }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_creation_tokens += other.cache_creation_tokens;
+        self.cache_read_tokens += other.cache_read_tokens;
+    }
+}
+
+/// Why a job failed. Stable on the wire; decides whether a retry makes sense.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The agent itself reported an error (`is_error`) or produced no usable answer.
+    AgentError,
+    RateLimited,
+    Overloaded,
+    Network,
+    Timeout,
+    Cancelled,
+    BadRequest,
+    BudgetExhausted,
+    /// The worker that held the job went away.
+    WorkerLost,
+    /// The job message could not be understood or the worker failed internally.
+    Internal,
+}
+
+impl FailureReason {
+    /// Whether running the same job again can reasonably succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            FailureReason::RateLimited
+                | FailureReason::Overloaded
+                | FailureReason::Network
+                | FailureReason::WorkerLost
+                | FailureReason::AgentError
+        )
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FailureReason::AgentError => "agent_error",
+            FailureReason::RateLimited => "rate_limited",
+            FailureReason::Overloaded => "overloaded",
+            FailureReason::Network => "network",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Cancelled => "cancelled",
+            FailureReason::BadRequest => "bad_request",
+            FailureReason::BudgetExhausted => "budget_exhausted",
+            FailureReason::WorkerLost => "worker_lost",
+            FailureReason::Internal => "internal",
+        }
+    }
+}
+
+/// How a job ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure {
+        reason: FailureReason,
+        message: String,
+    },
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success)
+    }
+}
+
+/// What a worker reports when a job attempt ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub task_id: TaskId,
+    pub job_id: JobId,
+    pub attempt: u32,
+    /// JetStream's delivery count for this attempt (1 unless the job was redelivered).
+    pub delivery: u64,
+    pub worker_id: WorkerId,
+    pub outcome: Outcome,
+    /// The agent's final answer.
+    pub output: String,
+    pub usage: Usage,
+    pub cost_usd: f64,
+    #[serde(default)]
+    pub files_read: Vec<String>,
+    #[serde(default)]
+    pub files_written: Vec<String>,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+impl JobResult {
+    pub fn duration_ms(&self) -> u64 {
+        self.finished_at_ms.saturating_sub(self.started_at_ms)
+    }
+}

@@ -1,0 +1,28 @@
+//! Redis key names that more than one service reads or writes. Keys only one service uses live
+//! in that service's `state` module.
+
+use crate::ids::{JobId, WorkerId};
+
+/// Sorted set of worker ids scored by their last heartbeat (ms): listing workers never scans keys.
+pub const WORKERS: &str = "orch:workers";
+
+/// Hash describing one worker; expires unless the worker refreshes it.
+pub fn worker(id: &WorkerId) -> String {
+    format!("orch:worker:{id}")
+}
+
+/// Set by a worker once the result of a job attempt is durably published, before it acks the
+/// job: a redelivered copy of an attempt that already finished is acked without running again.
+pub fn job_done(job: JobId, attempt: u32) -> String {
+    format!("orch:jobdone:{job}:{attempt}")
+}
+
+/// Fields of the [`worker`] hash.
+pub mod worker_field {
+    pub const HOST: &str = "host";
+    pub const SLOTS: &str = "slots";
+    pub const BUSY: &str = "busy";
+    pub const VERSION: &str = "version";
+    pub const STARTED_AT_MS: &str = "started_at_ms";
+    pub const LAST_SEEN_MS: &str = "last_seen_ms";
+}

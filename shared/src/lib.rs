@@ -1,0 +1,35 @@
+//! The orchestrator wire protocol, shared by the coordinator, the workers and `orchctl`.
+//!
+//! Everything that crosses a process boundary is defined here and nowhere else:
+//!
+//! - [`ids`]: `TaskId`, `JobId` (an agent's id is its job's id) and `WorkerId`.
+//! - [`role`]: the agent roles, in pipeline order.
+//! - [`job`]: what the coordinator asks a worker to run ([`job::JobSpec`]) and what comes back
+//!   ([`job::JobResult`], [`job::Usage`], [`job::Outcome`]).
+//! - [`event`]: the per-task event log (coordinator and worker events) carried on JetStream and
+//!   replayed to clients as server-sent events.
+//! - [`codec`]: the MessagePack encoding of all of the above, with a version byte.
+//! - [`subject`]: NATS stream, subject and message-id names.
+//! - [`api`]: the JSON bodies of the coordinator's HTTP API.
+//! - [`keys`]: Redis key names shared by more than one service.
+//! - [`error`]: error codes that cross the wire (HTTP `{code, message}`).
+//!
+//! This crate has no async dependencies: it is plain data, so any client can link it.
+
+pub mod api;
+pub mod codec;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod keys;
+pub mod role;
+pub mod subject;
+
+/// Milliseconds since the Unix epoch: the only clock value the protocol carries.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

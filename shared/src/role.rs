@@ -1,0 +1,97 @@
+//! Agent roles. One enum across every layer (the original had an upper-case and a lower-case one).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// A role-specialised agent. The declaration order is the pipeline order used whenever roles are
+/// chosen automatically (analysis before planning before building, and so on).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Analyst,
+    Planner,
+    Builder,
+    Tester,
+    Reviewer,
+    Documenter,
+    Custom,
+}
+
+impl Role {
+    /// Every role, in pipeline order.
+    pub const ALL: [Role; 7] = [
+        Role::Analyst,
+        Role::Planner,
+        Role::Builder,
+        Role::Tester,
+        Role::Reviewer,
+        Role::Documenter,
+        Role::Custom,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Analyst => "analyst",
+            Role::Planner => "planner",
+            Role::Builder => "builder",
+            Role::Tester => "tester",
+            Role::Reviewer => "reviewer",
+            Role::Documenter => "documenter",
+            Role::Custom => "custom",
+        }
+    }
+
+    /// The agent's display name, as the original tool showed it.
+    pub fn agent_name(&self) -> String {
+        let s = self.as_str();
+        let mut name = s[..1].to_uppercase();
+        name.push_str(&s[1..]);
+        name.push_str(" Agent");
+        name
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that names no role.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "unknown role `{0}` (expected one of analyst, planner, builder, tester, reviewer, documenter, custom)"
+)]
+pub struct RoleError(pub String);
+
+impl FromStr for Role {
+    type Err = RoleError;
+    fn from_str(s: &str) -> Result<Self, RoleError> {
+        let lower = s.trim().to_ascii_lowercase();
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == lower)
+            .ok_or_else(|| RoleError(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_case_insensitively() {
+        assert_eq!("BUILDER".parse::<Role>().unwrap(), Role::Builder);
+        assert_eq!(" tester ".parse::<Role>().unwrap(), Role::Tester);
+        assert!("scout".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn declaration_order_is_pipeline_order() {
+        let mut sorted = Role::ALL;
+        sorted.sort();
+        assert_eq!(sorted, Role::ALL);
+        assert_eq!(Role::Analyst.agent_name(), "Analyst Agent");
+    }
+}

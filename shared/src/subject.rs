@@ -1,0 +1,52 @@
+//! NATS names: streams, subjects, consumers and message ids. Only the services' `transport`
+//! modules use these.
+
+use crate::ids::{JobId, TaskId};
+
+/// Work queue of jobs (retention: work queue; one durable pull consumer shared by all workers).
+pub const JOBS_STREAM: &str = "ORCH_JOBS";
+/// Subjects of [`JOBS_STREAM`].
+pub const JOBS_SUBJECTS: &str = "orch.jobs.>";
+/// The durable consumer all workers pull from.
+pub const JOBS_CONSUMER: &str = "workers";
+/// The pool every job goes to until pools are configurable.
+pub const DEFAULT_POOL: &str = "default";
+
+/// Per-task event log (retention: limits).
+pub const EVENTS_STREAM: &str = "ORCH_EVENTS";
+pub const EVENTS_SUBJECTS: &str = "orch.events.>";
+
+/// Job results (retention: limits; read by the coordinator's durable consumer).
+pub const RESULTS_STREAM: &str = "ORCH_RESULTS";
+pub const RESULTS_SUBJECTS: &str = "orch.results.>";
+pub const RESULTS_CONSUMER: &str = "coordinator";
+
+pub fn job(pool: &str) -> String {
+    format!("orch.jobs.{pool}")
+}
+
+pub fn event(task: TaskId, kind: &str) -> String {
+    format!("orch.events.{task}.{kind}")
+}
+
+/// Every event of one task.
+pub fn task_events(task: TaskId) -> String {
+    format!("orch.events.{task}.>")
+}
+
+/// The `job_started` events of every task (the coordinator follows them to mark jobs running).
+pub const ALL_JOB_STARTED: &str = "orch.events.*.job_started";
+
+pub fn result(task: TaskId) -> String {
+    format!("orch.results.{task}")
+}
+
+/// `Nats-Msg-Id` of a job attempt: JetStream drops a second publish inside its dedup window.
+pub fn job_msg_id(job: JobId, attempt: u32) -> String {
+    format!("job/{job}/{attempt}")
+}
+
+/// `Nats-Msg-Id` of a job attempt's result.
+pub fn result_msg_id(job: JobId, attempt: u32) -> String {
+    format!("result/{job}/{attempt}")
+}

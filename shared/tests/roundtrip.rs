@@ -1,0 +1,400 @@
+//! Every protocol message round-trips through the codec, and the encoding of fixed sample
+//! messages matches the golden bytes in `tests/golden/` (so an accidental wire change fails here).
+//! Regenerate the golden files after a deliberate change with `UPDATE_GOLDEN=1 cargo test -p orch-shared`.
+
+use orch_shared::api::{Job, JobError, JobStatus, Mode, Task, TaskStatus};
+use orch_shared::codec::{self, DecodeError};
+use orch_shared::event::{Event, EventKind, StepInfo};
+use orch_shared::ids::{JobId, TaskId, WorkerId};
+use orch_shared::job::{
+    Backend, FailureReason, JobResult, JobSpec, Limits, Outcome, SimParams, Usage, Workspace,
+};
+use orch_shared::role::Role;
+use proptest::prelude::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+fn task_id() -> impl Strategy<Value = TaskId> {
+    any::<u128>().prop_map(TaskId::from_u128)
+}
+fn job_id() -> impl Strategy<Value = JobId> {
+    any::<u128>().prop_map(JobId::from_u128)
+}
+fn role() -> impl Strategy<Value = Role> {
+    proptest::sample::select(Role::ALL.to_vec())
+}
+fn backend() -> impl Strategy<Value = Backend> {
+    proptest::sample::select(vec![
+        Backend::Sim,
+        Backend::ClaudeCode,
+        Backend::Anthropic,
+        Backend::Openai,
+        Backend::Command,
+    ])
+}
+fn reason() -> impl Strategy<Value = FailureReason> {
+    proptest::sample::select(vec![
+        FailureReason::AgentError,
+        FailureReason::RateLimited,
+        FailureReason::Overloaded,
+        FailureReason::Network,
+        FailureReason::Timeout,
+        FailureReason::Cancelled,
+        FailureReason::BadRequest,
+        FailureReason::BudgetExhausted,
+        FailureReason::WorkerLost,
+        FailureReason::Internal,
+    ])
+}
+fn usage() -> impl Strategy<Value = Usage> {
+    (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c, d)| Usage {
+        input_tokens: a,
+        output_tokens: b,
+        cache_creation_tokens: c,
+        cache_read_tokens: d,
+    })
+}
+fn cost() -> impl Strategy<Value = f64> {
+    0.0..1.0e6f64
+}
+fn workspace() -> impl Strategy<Value = Workspace> {
+    prop_oneof![
+        Just(Workspace::Scratch),
+        ".*".prop_map(|path| Workspace::Local { path })
+    ]
+}
+fn sim() -> impl Strategy<Value = SimParams> {
+    (any::<u64>(), 0.0..=1.0f64).prop_map(|(latency_ms, fail_rate)| SimParams {
+        latency_ms,
+        fail_rate,
+    })
+}
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        Just(Outcome::Success),
+        (reason(), ".*").prop_map(|(reason, message)| Outcome::Failure { reason, message })
+    ]
+}
+
+prop_compose! {
+    fn job_spec()(task_id in task_id(), job_id in job_id(), attempt in any::<u32>(), step in any::<u32>(),
+                  role in role(), prompt in ".*", context in proptest::option::of(".*"),
+                  backend in backend(), model in proptest::option::of("[a-z0-9.-]{1,20}"),
+                  workspace in workspace(), timeout_ms in proptest::option::of(any::<u64>()),
+                  max_turns in proptest::option::of(any::<u32>()), sim in sim()) -> JobSpec {
+        JobSpec { task_id, job_id, attempt, step, role, prompt, context, backend, model, workspace,
+                  limits: Limits { timeout_ms, max_turns }, sim }
+    }
+}
+
+prop_compose! {
+    fn job_result()(task_id in task_id(), job_id in job_id(), attempt in any::<u32>(), delivery in any::<u64>(),
+                    worker in "[a-z0-9-]{1,30}", outcome in outcome(), output in ".*", usage in usage(),
+                    cost_usd in cost(), files_read in proptest::collection::vec(".*", 0..4),
+                    files_written in proptest::collection::vec(".*", 0..4),
+                    started_at_ms in any::<u64>(), finished_at_ms in any::<u64>()) -> JobResult {
+        JobResult { task_id, job_id, attempt, delivery, worker_id: WorkerId(worker), outcome, output,
+                    usage, cost_usd, files_read, files_written, started_at_ms, finished_at_ms }
+    }
+}
+
+fn event_kind() -> impl Strategy<Value = EventKind> {
+    prop_oneof![
+        (
+            "[a-z]{1,10}",
+            proptest::collection::vec((job_id(), role()), 0..5)
+        )
+            .prop_map(|(mode, steps)| EventKind::TaskCreated {
+                mode,
+                steps: steps
+                    .into_iter()
+                    .map(|(job_id, role)| StepInfo { job_id, role })
+                    .collect()
+            }),
+        (role(), any::<u32>()).prop_map(|(role, step)| EventKind::JobQueued { role, step }),
+        ".*".prop_map(|reason| EventKind::JobSkipped { reason }),
+        (
+            "[a-z0-9-]{1,20}",
+            role(),
+            "[a-z-]{1,12}",
+            proptest::option::of("[a-z0-9-]{1,12}"),
+            any::<u64>()
+        )
+            .prop_map(
+                |(w, role, backend, model, delivery)| EventKind::JobStarted {
+                    worker_id: WorkerId(w),
+                    role,
+                    backend,
+                    model,
+                    delivery
+                }
+            ),
+        Just(EventKind::Thinking),
+        ".*".prop_map(|text| EventKind::Text { text }),
+        (".*", ".*", ".*").prop_map(|(call_id, name, input)| EventKind::ToolCall {
+            call_id,
+            name,
+            input
+        }),
+        (".*", ".*", any::<bool>()).prop_map(|(call_id, output, is_error)| {
+            EventKind::ToolResult {
+                call_id,
+                output,
+                is_error,
+            }
+        }),
+        (usage(), cost()).prop_map(|(usage, cost_usd)| EventKind::Usage { usage, cost_usd }),
+        Just(EventKind::Heartbeat),
+        (
+            any::<bool>(),
+            proptest::option::of(reason()),
+            proptest::option::of(".*"),
+            usage(),
+            cost(),
+            any::<u64>()
+        )
+            .prop_map(|(success, reason, message, usage, cost_usd, duration_ms)| {
+                EventKind::JobFinished {
+                    success,
+                    reason,
+                    message,
+                    usage,
+                    cost_usd,
+                    duration_ms,
+                }
+            }),
+        ("[a-z]{1,10}", usage(), cost(), any::<u64>()).prop_map(
+            |(status, usage, cost_usd, duration_ms)| EventKind::TaskFinished {
+                status,
+                usage,
+                cost_usd,
+                duration_ms
+            }
+        ),
+    ]
+}
+
+prop_compose! {
+    fn event()(task_id in task_id(), job_id in proptest::option::of(job_id()), attempt in any::<u32>(),
+               at_ms in any::<u64>(), kind in event_kind()) -> Event {
+        Event { task_id, job_id, attempt, at_ms, kind }
+    }
+}
+
+fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: &T) {
+    let bytes = codec::encode(msg);
+    let back: T = codec::decode(&bytes).expect("decodes what it encoded");
+    assert_eq!(&back, msg);
+}
+
+proptest! {
+    #[test]
+    fn job_spec_roundtrips(spec in job_spec()) { roundtrip(&spec); }
+
+    #[test]
+    fn job_result_roundtrips(result in job_result()) { roundtrip(&result); }
+
+    #[test]
+    fn event_roundtrips(event in event()) { roundtrip(&event); }
+
+    #[test]
+    fn decode_never_panics_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = codec::decode::<JobSpec>(&bytes);
+        let _ = codec::decode::<JobResult>(&bytes);
+        let _ = codec::decode::<Event>(&bytes);
+    }
+}
+
+#[test]
+fn decode_rejects_other_versions_and_empty_input() {
+    let mut bytes = codec::encode(&sample_spec());
+    bytes[0] = 9;
+    assert!(matches!(
+        codec::decode::<JobSpec>(&bytes),
+        Err(DecodeError::Version(9))
+    ));
+    assert!(matches!(
+        codec::decode::<JobSpec>(&[]),
+        Err(DecodeError::Empty)
+    ));
+}
+
+fn sample_spec() -> JobSpec {
+    JobSpec {
+        task_id: TaskId::from_u128(0x0192_f0c4_6f1e_7cc2_9b1a_3f5c_2d1e_0a9b),
+        job_id: JobId::from_u128(0x0192_f0c4_6f1f_7cc2_9b1a_3f5c_2d1e_0a9c),
+        attempt: 1,
+        step: 2,
+        role: Role::Builder,
+        prompt: "Implement the fix following the plan: add a login form".into(),
+        context: Some("## Summary\nplanned".into()),
+        backend: Backend::Sim,
+        model: Some("sim-1".into()),
+        workspace: Workspace::Local {
+            path: "/srv/repo".into(),
+        },
+        limits: Limits {
+            timeout_ms: Some(600_000),
+            max_turns: Some(30),
+        },
+        sim: SimParams {
+            latency_ms: 250,
+            fail_rate: 0.125,
+        },
+    }
+}
+
+fn sample_result() -> JobResult {
+    let spec = sample_spec();
+    JobResult {
+        task_id: spec.task_id,
+        job_id: spec.job_id,
+        attempt: 1,
+        delivery: 2,
+        worker_id: WorkerId("host-1234-ab12".into()),
+        outcome: Outcome::Failure {
+            reason: FailureReason::RateLimited,
+            message: "429 from provider".into(),
+        },
+        output: "## Summary\nsimulated".into(),
+        usage: Usage {
+            input_tokens: 1200,
+            output_tokens: 340,
+            cache_creation_tokens: 5,
+            cache_read_tokens: 9000,
+        },
+        cost_usd: 0.012_345,
+        files_read: vec!["src/lib.rs".into()],
+        files_written: vec!["src/login.rs".into()],
+        started_at_ms: 1_764_000_000_000,
+        finished_at_ms: 1_764_000_001_500,
+    }
+}
+
+fn sample_events() -> Vec<Event> {
+    let spec = sample_spec();
+    let at = |kind| Event {
+        task_id: spec.task_id,
+        job_id: Some(spec.job_id),
+        attempt: 1,
+        at_ms: 1_764_000_000_000,
+        kind,
+    };
+    vec![
+        at(EventKind::TaskCreated {
+            mode: "sequential".into(),
+            steps: vec![StepInfo {
+                job_id: spec.job_id,
+                role: Role::Analyst,
+            }],
+        }),
+        at(EventKind::JobStarted {
+            worker_id: WorkerId("w1".into()),
+            role: Role::Builder,
+            backend: "sim".into(),
+            model: None,
+            delivery: 1,
+        }),
+        at(EventKind::ToolCall {
+            call_id: "c1".into(),
+            name: "Read".into(),
+            input: "{\"file_path\":\"a.rs\"}".into(),
+        }),
+        at(EventKind::JobFinished {
+            success: true,
+            reason: None,
+            message: None,
+            usage: sample_result().usage,
+            cost_usd: 0.5,
+            duration_ms: 1500,
+        }),
+    ]
+}
+
+fn sample_task() -> Task {
+    let spec = sample_spec();
+    Task {
+        id: spec.task_id,
+        prompt: "add a login form".into(),
+        task_type: "auto".into(),
+        plan_source: "auto".into(),
+        mode: Mode::Sequential,
+        status: TaskStatus::Failed,
+        backend: Backend::Sim,
+        model: None,
+        workspace: Workspace::Scratch,
+        sim: spec.sim.clone(),
+        idempotency_key: Some("k1".into()),
+        created_at_ms: 1_764_000_000_000,
+        finished_at_ms: Some(1_764_000_002_000),
+        jobs: vec![Job {
+            id: spec.job_id,
+            step: 0,
+            role: Role::Builder,
+            status: JobStatus::Failed,
+            attempt: 1,
+            prompt: spec.prompt.clone(),
+            context: None,
+            worker_id: Some(WorkerId("w1".into())),
+            queued_at_ms: Some(1),
+            started_at_ms: Some(2),
+            finished_at_ms: Some(3),
+            usage: sample_result().usage,
+            cost_usd: 0.25,
+            output: Some("out".into()),
+            error: Some(JobError {
+                reason: FailureReason::AgentError,
+                message: "is_error".into(),
+            }),
+            files_read: vec![],
+            files_written: vec!["a.rs".into()],
+        }],
+        usage: sample_result().usage,
+        cost_usd: 0.25,
+        output: None,
+        error: Some("step 1 (builder) failed".into()),
+    }
+}
+
+fn check_golden(name: &str, bytes: &[u8]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.hex"));
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &hex).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("missing golden file {}: {e}", path.display()));
+    assert_eq!(
+        hex.trim(),
+        expected.trim(),
+        "the wire encoding of {name} changed; if deliberate, bump codec::VERSION or regenerate with UPDATE_GOLDEN=1"
+    );
+}
+
+#[test]
+fn golden_job_spec() {
+    check_golden("job_spec", &codec::encode(&sample_spec()));
+}
+
+#[test]
+fn golden_job_result() {
+    check_golden("job_result", &codec::encode(&sample_result()));
+}
+
+#[test]
+fn golden_events() {
+    for (i, e) in sample_events().iter().enumerate() {
+        check_golden(&format!("event_{i}"), &codec::encode(e));
+        roundtrip(e);
+    }
+}
+
+#[test]
+fn golden_task_record() {
+    let task = sample_task();
+    roundtrip(&task);
+    check_golden("task", &codec::encode(&task));
+}

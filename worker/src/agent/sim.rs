@@ -1,0 +1,240 @@
+//! The `sim` backend: a deterministic simulated agent for demos, tests and benchmarks. For a
+//! given job id and attempt it always takes the same time, uses the same tokens, costs the same
+//! and fails or not the same way. Every output says it is simulated.
+
+use super::{Agent, AgentOutput, Events};
+use futures::future::BoxFuture;
+use orch_shared::event::EventKind;
+use orch_shared::job::{FailureReason, JobSpec, Outcome, Usage};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Prices the simulation charges, in USD per million tokens (Sonnet-class list prices).
+const PRICE_INPUT: f64 = 3.0;
+const PRICE_OUTPUT: f64 = 15.0;
+const PRICE_CACHE_WRITE: f64 = 3.75;
+const PRICE_CACHE_READ: f64 = 0.30;
+
+pub struct Sim;
+
+/// A stable 64-bit hash of the job attempt (the same on every worker and every run).
+fn seed(job: &JobSpec) -> u64 {
+    // FNV-1a over the bytes: std's DefaultHasher is not guaranteed stable across releases.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    feed(&job.job_id.as_u128().to_le_bytes());
+    feed(&job.attempt.to_le_bytes());
+    h
+}
+
+/// Whether this attempt fails, given the job's fail rate.
+pub fn fails(job: &JobSpec) -> bool {
+    let draw = (seed(job) % 1_000_000) as f64 / 1_000_000.0;
+    draw < job.sim.fail_rate
+}
+
+/// The usage and cost of this attempt.
+pub fn usage(job: &JobSpec) -> (Usage, f64) {
+    let s = seed(job);
+    let context_len = job.context.as_ref().map_or(0, String::len);
+    let usage = Usage {
+        input_tokens: 200 + (job.prompt.len() + context_len) as u64 / 4,
+        output_tokens: 120 + s % 80,
+        cache_creation_tokens: 50,
+        cache_read_tokens: 400 + (s >> 8) % 200,
+    };
+    let cost = (usage.input_tokens as f64 * PRICE_INPUT
+        + usage.output_tokens as f64 * PRICE_OUTPUT
+        + usage.cache_creation_tokens as f64 * PRICE_CACHE_WRITE
+        + usage.cache_read_tokens as f64 * PRICE_CACHE_READ)
+        / 1_000_000.0;
+    (usage, cost)
+}
+
+fn excerpt(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.chars().count() <= max {
+        line.to_string()
+    } else {
+        format!("{}…", line.chars().take(max).collect::<String>())
+    }
+}
+
+/// The simulated answer, in the sections forward context is cut from.
+pub fn output(job: &JobSpec) -> String {
+    let role = job.role;
+    let received = match &job.context {
+        Some(ctx) => {
+            let summary = ctx
+                .split("### Summary")
+                .nth(1)
+                .map(|s| excerpt(s.trim_start(), 120))
+                .unwrap_or_default();
+            format!(
+                "- Received forward context ({} bytes): {summary}",
+                ctx.len()
+            )
+        }
+        None => "- Received no forward context.".to_string(),
+    };
+    format!(
+        "## Summary\n[simulated] The {name} (sim backend, attempt {attempt}) handled: {task}\n\n\
+         ## Files\n- none (simulated agents do not touch files)\n\n\
+         ## Key Findings\n- This output is simulated; no model was called.\n{received}\n\n\
+         ## For Next Agent\n[simulated] Continue from the {role}'s work on: {task}\n",
+        name = role.agent_name(),
+        attempt = job.attempt,
+        task = excerpt(&job.prompt, 160),
+    )
+}
+
+impl Agent for Sim {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn run<'a>(
+        &'a self,
+        job: &'a JobSpec,
+        events: Events,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, AgentOutput> {
+        Box::pin(async move {
+            let (usage, cost_usd) = usage(job);
+            let half = Duration::from_millis(job.sim.latency_ms / 2);
+            let cancelled = |usage| AgentOutput {
+                outcome: Outcome::Failure {
+                    reason: FailureReason::Cancelled,
+                    message: "simulated agent stopped".into(),
+                },
+                output: String::new(),
+                usage,
+                cost_usd: 0.0,
+                files_read: vec![],
+                files_written: vec![],
+            };
+            events.send(EventKind::Thinking);
+            if !half.is_zero() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return cancelled(Usage::default()),
+                    _ = tokio::time::sleep(half) => {}
+                }
+            }
+            let call_id = format!("sim-{:x}", seed(job) & 0xffff);
+            events.send(EventKind::ToolCall {
+                call_id: call_id.clone(),
+                name: "Read".into(),
+                input: "{\"file_path\":\"README.md\"}".into(),
+            });
+            events.send(EventKind::ToolResult {
+                call_id,
+                output: "[simulated] README.md contents".into(),
+                is_error: false,
+            });
+            let rest = Duration::from_millis(job.sim.latency_ms) - half;
+            if !rest.is_zero() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return cancelled(Usage::default()),
+                    _ = tokio::time::sleep(rest) => {}
+                }
+            }
+            let text = output(job);
+            events.send(EventKind::Text { text: text.clone() });
+            events.send(EventKind::Usage { usage, cost_usd });
+            let outcome = if fails(job) {
+                Outcome::Failure {
+                    reason: FailureReason::AgentError,
+                    message: format!("simulated failure (sim fail rate {})", job.sim.fail_rate),
+                }
+            } else {
+                Outcome::Success
+            };
+            AgentOutput {
+                outcome,
+                output: text,
+                usage,
+                cost_usd,
+                files_read: vec!["README.md".into()],
+                files_written: vec![],
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_shared::ids::{JobId, TaskId};
+    use orch_shared::job::{Backend, SimParams};
+    use orch_shared::role::Role;
+
+    fn job(attempt: u32, fail_rate: f64) -> JobSpec {
+        JobSpec {
+            task_id: TaskId::from_u128(1),
+            job_id: JobId::from_u128(2),
+            attempt,
+            step: 0,
+            role: Role::Builder,
+            prompt: "Implement: a parser".into(),
+            context: Some("## Context\n### Summary\nanalysis done\n".into()),
+            backend: Backend::Sim,
+            model: None,
+            workspace: Default::default(),
+            limits: Default::default(),
+            sim: SimParams {
+                latency_ms: 0,
+                fail_rate,
+            },
+        }
+    }
+
+    #[test]
+    fn the_same_attempt_behaves_the_same() {
+        assert_eq!(usage(&job(1, 0.0)), usage(&job(1, 0.0)));
+        assert_eq!(output(&job(1, 0.0)), output(&job(1, 0.0)));
+        assert!(!fails(&job(1, 0.0)));
+        assert!(fails(&job(1, 1.0)));
+    }
+
+    #[test]
+    fn fail_rate_is_roughly_honoured() {
+        let failed = (1..=2000).filter(|a| fails(&job(*a, 0.25))).count();
+        assert!((350..650).contains(&failed), "{failed} of 2000 failed");
+    }
+
+    #[test]
+    fn output_says_it_is_simulated_and_echoes_context() {
+        let out = output(&job(1, 0.0));
+        assert!(out.contains("[simulated]"));
+        assert!(out.contains("## Summary"));
+        assert!(out.contains("Received forward context"));
+        assert!(out.contains("analysis done"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_and_cancellation() {
+        let mut j = job(1, 0.0);
+        j.sim.latency_ms = 10_000;
+        let (events, mut rx) = Events::new();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            c.cancel();
+        });
+        let out = Sim.run(&j, events, cancel).await;
+        assert!(matches!(
+            out.outcome,
+            Outcome::Failure {
+                reason: FailureReason::Cancelled,
+                ..
+            }
+        ));
+        assert_eq!(rx.recv().await, Some(EventKind::Thinking));
+    }
+}

@@ -1,0 +1,35 @@
+//! Worker metric names and descriptions. Labels come from small fixed sets, never ids.
+
+use metrics::{describe_counter, describe_gauge};
+
+pub const JOBS_STARTED: &str = "orch_worker_jobs_started_total";
+pub const JOBS_FINISHED: &str = "orch_worker_jobs_finished_total";
+pub const JOBS_REDELIVERED: &str = "orch_worker_jobs_redelivered_total";
+pub const JOBS_ALREADY_DONE: &str = "orch_worker_jobs_already_done_total";
+pub const JOBS_HANDED_BACK: &str = "orch_worker_jobs_handed_back_total";
+pub const HEARTBEATS: &str = "orch_worker_in_progress_acks_total";
+pub const SLOTS_BUSY: &str = "orch_worker_slots_busy";
+pub const SLOTS_TOTAL: &str = "orch_worker_slots_total";
+
+pub fn describe() {
+    describe_counter!(JOBS_STARTED, "Job attempts this worker started");
+    describe_counter!(
+        JOBS_FINISHED,
+        "Job attempts this worker finished, by outcome and failure reason"
+    );
+    describe_counter!(
+        JOBS_REDELIVERED,
+        "Jobs received again after another delivery (a worker died or stalled)"
+    );
+    describe_counter!(
+        JOBS_ALREADY_DONE,
+        "Redelivered jobs acked without running because their result was already stored"
+    );
+    describe_counter!(
+        JOBS_HANDED_BACK,
+        "Jobs handed back to the queue (drain deadline, or result not publishable)"
+    );
+    describe_counter!(HEARTBEATS, "In-progress acks sent for running jobs");
+    describe_gauge!(SLOTS_BUSY, "Slots running an agent");
+    describe_gauge!(SLOTS_TOTAL, "Slots this worker offers");
+}

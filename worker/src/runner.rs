@@ -1,0 +1,210 @@
+//! Runs one job: start event, agent run with in-progress acks on a timer, events to the task's
+//! log, then the result, the done marker and the ack — in that order, so a worker that dies at
+//! any line either leaves the job to be redelivered or has already stored its result.
+
+use crate::agent::{Agent, AgentOutput, Events};
+use crate::metrics as m;
+use crate::state::State;
+use crate::transport::{JobDelivery, PendingAck, Transport};
+use backon::{ExponentialBuilder, Retryable};
+use orch_shared::event::{Event, EventKind};
+use orch_shared::ids::WorkerId;
+use orch_shared::job::{FailureReason, JobResult, Outcome, Usage};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Everything a job run needs, shared by all slots.
+#[derive(Clone)]
+pub struct Runner {
+    pub transport: Transport,
+    pub state: State,
+    pub worker_id: WorkerId,
+    pub agent: Arc<dyn Agent>,
+}
+
+impl Runner {
+    fn event(&self, job: &JobDelivery, kind: EventKind) -> Event {
+        Event {
+            task_id: job.spec.task_id,
+            job_id: Some(job.spec.job_id),
+            attempt: job.spec.attempt,
+            at_ms: orch_shared::now_ms(),
+            kind,
+        }
+    }
+
+    async fn send(&self, job: &JobDelivery, kind: EventKind, pending: &mut Vec<PendingAck>) {
+        match self.transport.send_event(&self.event(job, kind)).await {
+            Ok(ack) => pending.push(ack),
+            Err(e) => tracing::warn!(error = %e, "failed to send event"),
+        }
+    }
+
+    /// Runs `job` to the end, or hands it back when `hard_stop` fires first.
+    pub async fn run(&self, job: JobDelivery, hard_stop: CancellationToken) {
+        let spec = &job.spec;
+        let span = tracing::info_span!("job", task_id = %spec.task_id, job_id = %spec.job_id, attempt = spec.attempt, role = %spec.role);
+        self.run_in_span(job, hard_stop).instrument(span).await
+    }
+
+    async fn run_in_span(&self, job: JobDelivery, hard_stop: CancellationToken) {
+        let spec = job.spec.clone();
+        if job.delivery > 1 {
+            metrics::counter!(m::JOBS_REDELIVERED).increment(1);
+        }
+        match self.state.is_done(spec.job_id, spec.attempt).await {
+            Ok(true) => {
+                tracing::info!("job attempt already finished elsewhere; acking without running");
+                metrics::counter!(m::JOBS_ALREADY_DONE).increment(1);
+                let _ = job.ack().await;
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the done marker; running the job")
+            }
+        }
+        metrics::counter!(m::JOBS_STARTED).increment(1);
+        let started_at_ms = orch_shared::now_ms();
+        let mut pending = Vec::new();
+        self.send(
+            &job,
+            EventKind::JobStarted {
+                worker_id: self.worker_id.clone(),
+                role: spec.role,
+                backend: self.agent.name().into(),
+                model: spec.model.clone(),
+                delivery: job.delivery,
+            },
+            &mut pending,
+        )
+        .await;
+
+        let agent_cancel = hard_stop.child_token();
+        let (events, mut rx) = Events::new();
+        let agent_run = self.agent.run(&spec, events, agent_cancel.clone());
+        tokio::pin!(agent_run);
+        let period = (self.transport.ack_wait / 3).max(Duration::from_millis(100));
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let deadline = spec.limits.timeout_ms.map(Duration::from_millis);
+        let timeout = async {
+            match deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(timeout);
+
+        let output = loop {
+            tokio::select! {
+                out = &mut agent_run => break Some(out),
+                Some(kind) = rx.recv() => self.send(&job, kind, &mut pending).await,
+                _ = keepalive.tick() => {
+                    metrics::counter!(m::HEARTBEATS).increment(1);
+                    if let Err(e) = job.in_progress().await {
+                        tracing::warn!(error = %e, "in-progress ack failed");
+                    }
+                    self.send(&job, EventKind::Heartbeat, &mut pending).await;
+                }
+                _ = &mut timeout => {
+                    agent_cancel.cancel();
+                    break Some(AgentOutput {
+                        outcome: Outcome::Failure {
+                            reason: FailureReason::Timeout,
+                            message: format!("job timed out after {}", humantime::format_duration(deadline.unwrap_or_default())),
+                        },
+                        output: String::new(),
+                        usage: Usage::default(),
+                        cost_usd: 0.0,
+                        files_read: vec![],
+                        files_written: vec![],
+                    });
+                }
+                _ = hard_stop.cancelled() => break None,
+            }
+        };
+        while let Ok(kind) = rx.try_recv() {
+            self.send(&job, kind, &mut pending).await;
+        }
+        let Some(output) = output else {
+            tracing::warn!("drain deadline reached; handing the job back");
+            self.hand_back(&job).await;
+            return;
+        };
+        let finished_at_ms = orch_shared::now_ms();
+        let (success, reason, message) = match &output.outcome {
+            Outcome::Success => (true, None, None),
+            Outcome::Failure { reason, message } => (false, Some(*reason), Some(message.clone())),
+        };
+        self.send(
+            &job,
+            EventKind::JobFinished {
+                success,
+                reason,
+                message,
+                usage: output.usage,
+                cost_usd: output.cost_usd,
+                duration_ms: finished_at_ms.saturating_sub(started_at_ms),
+            },
+            &mut pending,
+        )
+        .await;
+        for ack in pending {
+            if let Err(e) = ack.wait().await {
+                tracing::warn!(error = %e, "event was not stored");
+            }
+        }
+        let result = JobResult {
+            task_id: spec.task_id,
+            job_id: spec.job_id,
+            attempt: spec.attempt,
+            delivery: job.delivery,
+            worker_id: self.worker_id.clone(),
+            outcome: output.outcome,
+            output: output.output,
+            usage: output.usage,
+            cost_usd: output.cost_usd,
+            files_read: output.files_read,
+            files_written: output.files_written,
+            started_at_ms,
+            finished_at_ms,
+        };
+        let publish = || self.transport.publish_result(&result);
+        let stored = publish
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(10),
+            )
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "result not stored, retrying"))
+            .await;
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "could not store the result; handing the job back");
+            self.hand_back(&job).await;
+            return;
+        }
+        let (outcome, reason) = match &result.outcome {
+            Outcome::Success => ("success", "none"),
+            Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
+        };
+        metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
+        if let Err(e) = self.state.mark_done(spec.job_id, spec.attempt).await {
+            tracing::warn!(error = %e, "could not set the done marker");
+        }
+        if let Err(e) = job.ack().await {
+            // The result is stored; a redelivery will find the done marker (or be a duplicate
+            // the coordinator ignores).
+            tracing::warn!(error = %e, "ack failed after the result was stored");
+        }
+    }
+
+    async fn hand_back(&self, job: &JobDelivery) {
+        metrics::counter!(m::JOBS_HANDED_BACK).increment(1);
+        if let Err(e) = job.hand_back().await {
+            tracing::warn!(error = %e, "hand back failed; the job will be redelivered after the ack wait");
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Everything the worker keeps in Redis: its registry entry and the done markers of job
+//! attempts. Key names come from [`orch_shared::keys`], shared with the coordinator.
+
+use orch_shared::ids::{JobId, WorkerId};
+use orch_shared::keys::{self, worker_field};
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+
+/// A registry entry outlives its last refresh by this long.
+pub const REGISTRY_TTL: Duration = Duration::from_secs(15);
+/// How long a done marker is kept (longer than any redelivery of the same attempt).
+const DONE_TTL_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to Redis at {url}: {source}")]
+    Connect {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("redis {op} failed: {source}")]
+    Redis {
+        op: &'static str,
+        source: redis::RedisError,
+    },
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
+    move |source| Error::Redis { op, source }
+}
+
+/// What the worker tells the cluster about itself.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub id: WorkerId,
+    pub host: String,
+    pub slots: u32,
+    pub version: String,
+    pub started_at_ms: u64,
+}
+
+#[derive(Clone)]
+pub struct State {
+    conn: ConnectionManager,
+}
+
+impl State {
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let connect = |source| Error::Connect {
+            url: url.to_string(),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(connect)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(3);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(connect)?;
+        Ok(Self { conn })
+    }
+
+    /// Writes or refreshes the registry entry with the current busy count.
+    pub async fn heartbeat(&self, info: &WorkerInfo, busy: u32) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let now = orch_shared::now_ms();
+        let key = keys::worker(&info.id);
+        redis::pipe()
+            .atomic()
+            .hset_multiple(
+                &key,
+                &[
+                    (worker_field::HOST, info.host.clone()),
+                    (worker_field::SLOTS, info.slots.to_string()),
+                    (worker_field::BUSY, busy.to_string()),
+                    (worker_field::VERSION, info.version.clone()),
+                    (worker_field::STARTED_AT_MS, info.started_at_ms.to_string()),
+                    (worker_field::LAST_SEEN_MS, now.to_string()),
+                ],
+            )
+            .expire(&key, REGISTRY_TTL.as_secs() as i64)
+            .zadd(keys::WORKERS, info.id.0.as_str(), now)
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_err("worker heartbeat"))
+    }
+
+    /// Removes the registry entry (clean exit).
+    pub async fn deregister(&self, id: &WorkerId) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(keys::worker(id))
+            .zrem(keys::WORKERS, id.0.as_str())
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_err("deregister worker"))
+    }
+
+    /// Whether this job attempt already finished with a durable result.
+    pub async fn is_done(&self, job: JobId, attempt: u32) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        conn.exists(keys::job_done(job, attempt))
+            .await
+            .map_err(redis_err("check job done"))
+    }
+
+    /// Marks a job attempt as finished (after its result is stored in JetStream).
+    pub async fn mark_done(&self, job: JobId, attempt: u32) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.set_ex(keys::job_done(job, attempt), 1, DONE_TTL_SECS)
+            .await
+            .map_err(redis_err("mark job done"))
+    }
+}

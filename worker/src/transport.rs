@@ -1,0 +1,238 @@
+//! Everything the worker says to and hears from NATS: pulling jobs, acking them, publishing
+//! events and results. The only module of the worker that knows subjects and bytes.
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use futures::{Stream, StreamExt};
+use orch_shared::codec;
+use orch_shared::event::Event;
+use orch_shared::job::{JobResult, JobSpec};
+use orch_shared::subject;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("the job consumer is not available yet: {0}")]
+    Consumer(async_nats::Error),
+    #[error("failed to pull jobs: {0}")]
+    Pull(async_nats::Error),
+    #[error("failed to publish to {subject}: {source}")]
+    Publish {
+        subject: String,
+        source: async_nats::Error,
+    },
+    #[error("failed to {what} job message: {source}")]
+    Ack {
+        what: &'static str,
+        source: async_nats::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct Transport {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    consumer: consumer::PullConsumer,
+    /// The consumer's ack wait: the in-progress ack timer runs well under it.
+    pub ack_wait: Duration,
+}
+
+/// A job pulled from the queue. The message stays with it so the job can be acked, kept alive
+/// (`+WPI`) or handed back.
+pub enum Pulled {
+    Job(JobDelivery),
+    /// The message is not a job this worker understands; it has been terminated.
+    Undecodable,
+}
+
+#[derive(Clone)]
+pub struct JobDelivery {
+    pub spec: Arc<JobSpec>,
+    /// JetStream's delivery count (1 for a first delivery).
+    pub delivery: u64,
+    msg: Arc<jetstream::Message>,
+}
+
+impl JobDelivery {
+    /// Restarts the ack-wait timer (`+WPI`).
+    pub async fn in_progress(&self) -> Result<(), Error> {
+        self.msg
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|source| Error::Ack {
+                what: "keep alive",
+                source,
+            })
+    }
+
+    /// Acknowledges the job and waits for the server to confirm.
+    pub async fn ack(&self) -> Result<(), Error> {
+        self.msg.double_ack().await.map_err(|source| Error::Ack {
+            what: "ack",
+            source,
+        })
+    }
+
+    /// Hands the job back for another worker, now.
+    pub async fn hand_back(&self) -> Result<(), Error> {
+        self.msg
+            .ack_with(AckKind::Nak(None))
+            .await
+            .map_err(|source| Error::Ack {
+                what: "hand back",
+                source,
+            })
+    }
+}
+
+impl Transport {
+    /// Connects and waits (with backoff, until `cancel`) for the coordinator's job consumer.
+    pub async fn connect(
+        url: &str,
+        name: &str,
+    ) -> Result<(async_nats::Client, jetstream::Context), Error> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|source| Error::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone());
+        Ok((client, js))
+    }
+
+    /// Binds to the job consumer, which the coordinator creates.
+    pub async fn bind(client: async_nats::Client, js: jetstream::Context) -> Result<Self, Error> {
+        let stream = js
+            .get_stream(subject::JOBS_STREAM)
+            .await
+            .map_err(|e| Error::Consumer(e.into()))?;
+        let mut consumer: consumer::PullConsumer = stream
+            .get_consumer(subject::JOBS_CONSUMER)
+            .await
+            .map_err(|e| Error::Consumer(e.into()))?;
+        let ack_wait = consumer
+            .info()
+            .await
+            .map_err(|e| Error::Consumer(e.into()))?
+            .config
+            .ack_wait;
+        Ok(Self {
+            client,
+            js,
+            consumer,
+            ack_wait,
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// One pull request for up to `n` jobs; messages arrive as the server delivers them and the
+    /// stream ends when `n` arrived or `expires` passed.
+    pub async fn pull(
+        &self,
+        n: usize,
+        expires: Duration,
+    ) -> Result<impl Stream<Item = Pulled> + use<>, Error> {
+        let batch = self
+            .consumer
+            .batch()
+            .max_messages(n)
+            .expires(expires)
+            .messages()
+            .await
+            .map_err(|e| Error::Pull(e.into()))?;
+        Ok(batch.filter_map(|msg| async move {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull error");
+                    return None;
+                }
+            };
+            let delivery = msg.info().map(|i| i.delivered as u64).unwrap_or(1);
+            match codec::decode::<JobSpec>(&msg.payload) {
+                Ok(spec) => Some(Pulled::Job(JobDelivery {
+                    spec: Arc::new(spec),
+                    delivery,
+                    msg: Arc::new(msg),
+                })),
+                Err(e) => {
+                    tracing::error!(error = %e, "undecodable job message, terminating it");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    Some(Pulled::Undecodable)
+                }
+            }
+        }))
+    }
+
+    /// Sends an event without waiting for its ack; await the returned future before the result
+    /// so that every event is stored before the job is reported done.
+    pub async fn send_event(&self, event: &Event) -> Result<PendingAck, Error> {
+        let subject = subject::event(event.task_id, event.kind.name());
+        let publish =
+            jetstream::message::PublishMessage::build().payload(codec::encode(event).into());
+        let ack = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|e| Error::Publish {
+                subject: subject.clone(),
+                source: e.into(),
+            })?;
+        Ok(PendingAck { subject, ack })
+    }
+
+    /// Publishes a job result and waits until JetStream stored it. Its message id makes a
+    /// repeated publish of the same attempt's result a no-op inside the dedup window.
+    pub async fn publish_result(&self, result: &JobResult) -> Result<(), Error> {
+        let subject = subject::result(result.task_id);
+        let publish = jetstream::message::PublishMessage::build()
+            .message_id(subject::result_msg_id(result.job_id, result.attempt))
+            .payload(codec::encode(result).into());
+        let err = |source: async_nats::Error| Error::Publish {
+            subject: subject.clone(),
+            source,
+        };
+        let ack = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|e| err(e.into()))?;
+        ack.await.map_err(|e| err(e.into()))?;
+        Ok(())
+    }
+
+    pub async fn flush(&self) {
+        let _ = self.client.flush().await;
+    }
+}
+
+/// An event publish whose storage is not yet confirmed.
+pub struct PendingAck {
+    subject: String,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+impl PendingAck {
+    pub async fn wait(self) -> Result<(), Error> {
+        self.ack.await.map_err(|e| Error::Publish {
+            subject: self.subject,
+            source: e.into(),
+        })?;
+        Ok(())
+    }
+}
