@@ -341,12 +341,15 @@ async fn events(
             .ok_or_else(|| ApiError::field("Last-Event-ID", "expected an event id (a number)"))?,
     };
     let stored = app.transport.task_events(task.id, after).await?;
-    let mut done = false;
-    let stream = stored
-        .take_while(move |e| {
-            let keep = !done;
-            done = done || transport::is_last(&e.event);
-            futures::future::ready(keep)
+    // Ends right after the terminal event, without waiting for another one.
+    let stream =
+        futures::stream::unfold((Box::pin(stored), false), |(mut stored, done)| async move {
+            if done {
+                return None;
+            }
+            let e = stored.next().await?;
+            let last = transport::is_last(&e.event);
+            Some((e, (stored, last)))
         })
         .map(|e| {
             let data = serde_json::to_string(&e.event).unwrap_or_default();

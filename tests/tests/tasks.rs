@@ -1,0 +1,243 @@
+//! Tasks run end to end on a real cluster: templates, parallel fan-out, forward context,
+//! failures, idempotent submits and the resumable event stream.
+
+use orch_shared::api::{JobStatus, TaskStatus};
+use orch_shared::event::{Event, EventKind};
+use orch_shared::job::Usage;
+use orch_shared::role::Role;
+use orch_tests::{Cluster, Options, TOKEN, assert_completed};
+use serde_json::json;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_template_runs_roles_in_pipeline_order_and_sums_usage() {
+    let cluster = Cluster::start(Options::default()).await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "redesign the authentication system",
+            "task_type": "feature_implementation",
+            "sim": {"latency_ms": 50}
+        }))
+        .await;
+    assert_eq!(task.plan_source, "feature_implementation");
+    let task = cluster.wait_task(&task.id.to_string(), WAIT).await;
+    assert_completed(&cluster, &task);
+    let roles: Vec<Role> = task.jobs.iter().map(|j| j.role).collect();
+    assert_eq!(
+        roles,
+        vec![
+            Role::Analyst,
+            Role::Planner,
+            Role::Builder,
+            Role::Tester,
+            Role::Reviewer
+        ]
+    );
+    for pair in task.jobs.windows(2) {
+        assert!(
+            pair[1].started_at_ms.unwrap() >= pair[0].finished_at_ms.unwrap(),
+            "{:?} started before {:?} finished",
+            pair[1].role,
+            pair[0].role
+        );
+    }
+    let mut sum = Usage::default();
+    let mut cost = 0.0;
+    for job in &task.jobs {
+        assert_eq!(job.status, JobStatus::Succeeded);
+        assert!(job.usage.total() > 0);
+        assert!(job.output.as_deref().unwrap().contains("[simulated]"));
+        sum.add(&job.usage);
+        cost += job.cost_usd;
+    }
+    assert_eq!(task.usage, sum);
+    assert!((task.cost_usd - cost).abs() < 1e-12);
+    assert!(task.cost_usd > 0.0);
+    let output = task.output.unwrap();
+    assert!(output.find("[Analyst Agent]").unwrap() < output.find("[Reviewer Agent]").unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_task_runs_its_jobs_at_the_same_time() {
+    let cluster = Cluster::start(Options::default()).await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "survey the modules",
+            "roles": ["analyst", "builder", "tester", "reviewer"],
+            "mode": "parallel",
+            "sim": {"latency_ms": 1500}
+        }))
+        .await;
+    let task = cluster.wait_task(&task.id.to_string(), WAIT).await;
+    assert_completed(&cluster, &task);
+    let last_start = task
+        .jobs
+        .iter()
+        .map(|j| j.started_at_ms.unwrap())
+        .max()
+        .unwrap();
+    let first_end = task
+        .jobs
+        .iter()
+        .map(|j| j.finished_at_ms.unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        last_start < first_end,
+        "jobs did not overlap: {:#?}",
+        task.jobs
+    );
+    assert!(
+        task.jobs.iter().all(|j| j.context.is_none()),
+        "parallel jobs share nothing"
+    );
+    let roles: Vec<Role> = task.jobs.iter().map(|j| j.role).collect();
+    assert_eq!(
+        roles,
+        vec![Role::Analyst, Role::Builder, Role::Tester, Role::Reviewer]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_context_reaches_the_next_agent() {
+    let cluster = Cluster::start(Options::default()).await;
+    let task = cluster
+        .submit(json!({"prompt": "add a cache to the parser", "roles": ["analyst", "builder"]}))
+        .await;
+    let task = cluster.wait_task(&task.id.to_string(), WAIT).await;
+    assert_completed(&cluster, &task);
+    let (analyst, builder) = (&task.jobs[0], &task.jobs[1]);
+    assert!(analyst.context.is_none());
+    let context = builder
+        .context
+        .as_deref()
+        .expect("the builder got forward context");
+    assert!(
+        context.contains("Context from the Analyst Agent"),
+        "{context}"
+    );
+    assert!(
+        context.contains("[simulated] The Analyst Agent"),
+        "{context}"
+    );
+    // The builder's agent saw it: its answer quotes the analyst's summary.
+    let out = builder.output.as_deref().unwrap();
+    assert!(out.contains("Received forward context"), "{out}");
+    assert!(out.contains("The Analyst Agent"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_fails_the_task_and_skips_the_rest() {
+    let cluster = Cluster::start(Options::default()).await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "build it",
+            "roles": ["builder", "tester", "reviewer"],
+            "sim": {"fail_rate": 1.0}
+        }))
+        .await;
+    let task = cluster.wait_task(&task.id.to_string(), WAIT).await;
+    assert_eq!(task.status, TaskStatus::Failed);
+    let statuses: Vec<JobStatus> = task.jobs.iter().map(|j| j.status).collect();
+    assert_eq!(
+        statuses,
+        vec![JobStatus::Failed, JobStatus::Skipped, JobStatus::Skipped]
+    );
+    let error = task.error.unwrap();
+    assert!(
+        error.contains("step 1 (builder) failed: agent_error"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_submit_with_the_same_idempotency_key_creates_one_task() {
+    let cluster = Cluster::start(Options::default()).await;
+    let body = json!({"prompt": "write a parser", "idempotency_key": "deploy-42"});
+    let (first_status, first) = cluster.post("/v1/tasks", &body).await;
+    let (second_status, second) = cluster.post("/v1/tasks", &body).await;
+    assert_eq!(first_status, 201);
+    assert_eq!(second_status, 200);
+    assert_eq!(first["id"], second["id"]);
+    let other = cluster
+        .submit(json!({"prompt": "write a parser", "idempotency_key": "deploy-43"}))
+        .await;
+    assert_ne!(json!(other.id.to_string()), first["id"]);
+    let (_, list) = cluster.get("/v1/tasks").await;
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 2, "{list}");
+    cluster.wait_task(first["id"].as_str().unwrap(), WAIT).await;
+}
+
+/// Reads a task's server-sent events until the stream ends: `(id, event)` pairs.
+async fn read_events(cluster: &Cluster, task: &str, last_id: Option<u64>) -> Vec<(u64, Event)> {
+    let mut req = cluster
+        .http()
+        .get(format!("{}/v1/tasks/{task}/events", cluster.url))
+        .bearer_auth(TOKEN);
+    if let Some(id) = last_id {
+        req = req.header("Last-Event-ID", id.to_string());
+    }
+    let body = tokio::time::timeout(WAIT, async {
+        req.send().await.unwrap().text().await.unwrap()
+    })
+    .await
+    .expect("the event stream ends after task_finished");
+    let mut out = Vec::new();
+    let mut id = None;
+    for line in body.lines() {
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.parse().ok();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            out.push((
+                id.take().expect("every event has an id"),
+                serde_json::from_str(data).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_replays_the_task_and_resumes_after_the_last_event_id() {
+    let cluster = Cluster::start(Options::default()).await;
+    let task = cluster
+        .submit(json!({"prompt": "build and test it", "sim": {"latency_ms": 200}}))
+        .await;
+    let id = task.id.to_string();
+    // Read live while the task runs; the stream closes by itself at the end.
+    let events = read_events(&cluster, &id, None).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, e)| e.kind.name()).collect();
+    assert_eq!(kinds.first(), Some(&"task_created"));
+    assert_eq!(kinds.last(), Some(&"task_finished"));
+    let started: Vec<Role> = events
+        .iter()
+        .filter_map(|(_, e)| match &e.kind {
+            EventKind::JobStarted { role, .. } => Some(*role),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec![Role::Builder, Role::Tester]);
+    for kind in [
+        "job_queued",
+        "thinking",
+        "tool_call",
+        "tool_result",
+        "text",
+        "usage",
+        "job_finished",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
+    }
+    assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "ids increase");
+    // Resume from the middle: exactly the later events come back.
+    let middle = events[events.len() / 2].0;
+    let rest = read_events(&cluster, &id, Some(middle)).await;
+    let expected: Vec<u64> = events
+        .iter()
+        .map(|(i, _)| *i)
+        .filter(|i| *i > middle)
+        .collect();
+    assert_eq!(rest.iter().map(|(i, _)| *i).collect::<Vec<_>>(), expected);
+}
