@@ -154,6 +154,12 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
             )
         }
     })?;
+    // serde would also read a struct from a JSON array (by position); only objects are bodies.
+    if let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace())
+        && *first != b'{'
+    {
+        return Err(ApiError::new(ErrorCode::InvalidField, "body: expected a JSON object").into());
+    }
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -166,7 +172,12 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
             }
         };
         if inner.is_data() {
-            Failure(ApiError::new(ErrorCode::InvalidField, f(inner.to_string())))
+            // serde_json appends " at line L column C"; the field path already says where.
+            let text = inner.to_string();
+            let text = text
+                .rsplit_once(" at line ")
+                .map_or(text.as_str(), |(m, _)| m);
+            Failure(ApiError::new(ErrorCode::InvalidField, f(text.to_string())))
         } else {
             Failure(ApiError::new(
                 ErrorCode::MalformedBody,

@@ -1,0 +1,279 @@
+//! Bad input gets a clear 4xx `{code, message}` naming the field, and leaves nothing behind.
+
+use orch_tests::{Cluster, Options, TOKEN};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn raw_post(
+    cluster: &Cluster,
+    body: impl Into<reqwest::Body>,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut req = cluster
+        .http()
+        .post(format!("{}/v1/tasks", cluster.url))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str, field: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with(field),
+        "message `{message}` does not name `{field}`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submits_are_refused_with_the_field_named_and_nothing_stored() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "empty prompt",
+            json!({"prompt": "  "}).to_string(),
+            "invalid_field",
+            "prompt:",
+        ),
+        (
+            "missing prompt",
+            json!({"mode": "parallel"}).to_string(),
+            "invalid_field",
+            "body: missing field `prompt`",
+        ),
+        (
+            "unknown task type",
+            json!({"prompt": "x", "task_type": "astrology"}).to_string(),
+            "invalid_field",
+            "task_type:",
+        ),
+        (
+            "wrong type",
+            json!({"prompt": ["x"]}).to_string(),
+            "invalid_field",
+            "prompt:",
+        ),
+        (
+            "bad mode",
+            json!({"prompt": "x", "mode": "sideways"}).to_string(),
+            "invalid_field",
+            "mode:",
+        ),
+        (
+            "bad role",
+            json!({"prompt": "x", "roles": ["scout"]}).to_string(),
+            "invalid_field",
+            "roles[0]:",
+        ),
+        (
+            "no roles",
+            json!({"prompt": "x", "roles": []}).to_string(),
+            "invalid_field",
+            "roles:",
+        ),
+        (
+            "fail rate",
+            json!({"prompt": "x", "sim": {"fail_rate": 1.5}}).to_string(),
+            "invalid_field",
+            "sim.fail_rate:",
+        ),
+        (
+            "relative workspace",
+            json!({"prompt": "x", "workspace": "src"}).to_string(),
+            "invalid_field",
+            "workspace:",
+        ),
+        (
+            "unknown field",
+            json!({"prompt": "x", "priority": 3}).to_string(),
+            "invalid_field",
+            "priority: unknown field `priority`",
+        ),
+        (
+            "malformed",
+            "{\"prompt\": ".to_string(),
+            "malformed_body",
+            "body:",
+        ),
+        (
+            "not an object",
+            "[1, 2]".to_string(),
+            "invalid_field",
+            "body:",
+        ),
+    ];
+    for (name, body, code, field) in cases {
+        let (status, v) = raw_post(&cluster, body, Some(TOKEN)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {v}");
+        assert_error(status, &v, StatusCode::BAD_REQUEST, code, field);
+    }
+    let big = json!({"prompt": "x".repeat(2 * 1024 * 1024)}).to_string();
+    let (status, v) = raw_post(&cluster, big, Some(TOKEN)).await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "body:",
+    );
+    // Nothing was half-written.
+    let (_, list) = cluster.get("/v1/tasks").await;
+    assert_eq!(list["tasks"], json!([]), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_required_and_compared_and_health_is_open() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let body = json!({"prompt": "x"}).to_string();
+    let (status, v) = raw_post(&cluster, body.clone(), None).await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing bearer token",
+    );
+    let (status, v) = raw_post(&cluster, body, Some("test-token-0123456789abcdeX")).await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "invalid bearer token",
+    );
+    for path in ["/v1/tasks", "/v1/workers", "/v1/task-types"] {
+        let r = cluster
+            .http()
+            .get(format!("{}{path}", cluster.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = cluster
+            .http()
+            .get(format!("{}{path}", cluster.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_malformed_ids_and_queries() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let (status, v) = cluster
+        .get("/v1/tasks/0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9b")
+        .await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "task 0192f0c4",
+    );
+    let (status, v) = cluster
+        .get("/v1/tasks/0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9b/events")
+        .await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "task 0192f0c4",
+    );
+    let (status, v) = cluster.get("/v1/tasks/not-an-id").await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, "invalid_field", "id:");
+    let (status, v) = cluster.get("/v1/tasks?limit=0").await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "limit:",
+    );
+    let (status, v) = cluster.get("/v1/tasks?limit=ten").await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "query:",
+    );
+    let (status, v) = cluster.get("/v1/tasks?before=yesterday").await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "before:",
+    );
+    let (status, v) = cluster.get("/v1/nothing-here").await;
+    assert_error(
+        status,
+        &v,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_list_pages_newest_first() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            cluster
+                .submit(json!({"prompt": format!("task {i}")}))
+                .await
+                .id
+                .to_string(),
+        );
+    }
+    let (_, page1) = cluster.get("/v1/tasks?limit=3").await;
+    let got: Vec<&str> = page1["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str(), ids[2].as_str()]);
+    let cursor = page1["next_cursor"].as_str().unwrap();
+    let (_, page2) = cluster
+        .get(&format!("/v1/tasks?limit=3&before={cursor}"))
+        .await;
+    let got: Vec<&str> = page2["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[1].as_str(), ids[0].as_str()]);
+    assert!(page2["next_cursor"].is_null());
+}
