@@ -115,11 +115,11 @@ fn server_bin(env: &str, name: &str, install: &str) -> PathBuf {
 /// A binary of this workspace, from the target directory the tests were built into.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // A test runs from target/<profile>/deps/, a benchmark binary from target/<profile>/.
+    let mut dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps has a parent");
+    }
     let bin = dir.join(name);
     assert!(
         bin.is_file(),
