@@ -42,7 +42,10 @@ async fn main() -> anyhow::Result<()> {
     let ids: Vec<String> = futures::stream::iter(0..args.tasks)
         .map(|i| async move {
             let (status, v) = cluster
-                .post("/v1/tasks", &json!({"prompt": format!("bench task {i}"), "roles": ["builder"]}))
+                .post(
+                    "/v1/tasks",
+                    &json!({"prompt": format!("bench task {i}"), "roles": ["builder"]}),
+                )
                 .await;
             if !status.is_success() {
                 bail!("submit {i} refused: {status} {v}");
@@ -57,7 +60,10 @@ async fn main() -> anyhow::Result<()> {
     let submitted = started.elapsed();
     let tasks = cluster.wait_all(&ids, Duration::from_secs(600)).await;
     let elapsed = started.elapsed();
-    let failed = tasks.iter().filter(|t| !t.status.is_terminal() || t.error.is_some()).count();
+    let failed = tasks
+        .iter()
+        .filter(|t| !t.status.is_terminal() || t.error.is_some())
+        .count();
     let rate = args.tasks as f64 / elapsed.as_secs_f64();
     println!(
         "orchestrator: {} one-agent sim tasks (zero latency), {} workers x {} slots: submitted in {:.2}s, all done in {:.2}s = {:.0} tasks/s ({} failed), cores: {}",

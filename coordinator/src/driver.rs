@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 enum Command {
-    Result(ResultDelivery),
+    Result(Box<ResultDelivery>),
     Started(Event),
 }
 
@@ -63,7 +63,7 @@ impl Driver {
 
     pub async fn result(&self, delivery: ResultDelivery) {
         let lane = self.lane(delivery.result.task_id);
-        let _ = lane.send(Command::Result(delivery)).await;
+        let _ = lane.send(Command::Result(Box::new(delivery))).await;
     }
 
     pub async fn started(&self, event: Event) {
@@ -85,7 +85,7 @@ impl Lane {
                 cmd = rx.recv() => match cmd { Some(c) => c, None => return },
             };
             match cmd {
-                Command::Result(delivery) => self.on_result(delivery).await,
+                Command::Result(delivery) => self.on_result(*delivery).await,
                 Command::Started(event) => self.on_started(event).await,
             }
         }

@@ -232,6 +232,9 @@ impl State {
             .zrange(keys::WORKERS, 0, -1)
             .await
             .map_err(redis_err("list workers"))?;
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.hgetall(keys::worker(&WorkerId(id.clone())));

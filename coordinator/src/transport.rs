@@ -223,7 +223,7 @@ impl Transport {
         let consumer: consumer::PullConsumer = stream
             .get_consumer(subject::RESULTS_CONSUMER)
             .await
-            .map_err(|e| read(e.into()))?;
+            .map_err(read)?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(256)

@@ -121,7 +121,7 @@ impl Transport {
         let mut consumer: consumer::PullConsumer = stream
             .get_consumer(subject::JOBS_CONSUMER)
             .await
-            .map_err(|e| Error::Consumer(e.into()))?;
+            .map_err(Error::Consumer)?;
         let ack_wait = consumer
             .info()
             .await

@@ -1,0 +1,461 @@
+//! `orchctl submit PROMPT` (alias `execute`): submit a task, optionally follow it live.
+
+use super::{Ctx, failure};
+use crate::client::Client;
+use crate::follow::{self, MAX_RECONNECTS, Update};
+use crate::output;
+use crate::progress::{Panel, View};
+use anyhow::{Context as _, anyhow, bail};
+use orch_shared::api::{Mode, SubmitTask, Task, TaskStatus};
+use orch_shared::ids::TaskId;
+use orch_shared::job::{Backend, SimParams};
+use orch_shared::role::Role;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const LONG_ABOUT: &str = "\
+Submit a task: the coordinator plans it into agent jobs (analyst, planner, builder, tester,
+reviewer, documenter) and the workers run them.
+
+Without --follow, prints the new task (id, status, roles) and exits. With --follow, shows live
+progress on stderr until the task ends, then prints the result and its metrics on stdout; the exit
+status is 0 when the task completed and 1 when it failed.
+
+A second submit with the same --idempotency-key returns the first task instead of a new one.";
+
+const EXAMPLES: &str = "\
+Examples:
+  orchctl submit \"add input validation to the signup form\" --follow
+  orchctl submit \"fix the flaky login test\" --roles analyst,builder,tester --mode sequential
+  orchctl submit \"write release notes\" --backend sim --sim-latency 2s --sim-fail-rate 0.1 -f
+  git diff | orchctl submit - --task-type code_review --output json";
+
+/// Submit a task (and optionally follow it to the end)
+#[derive(Debug, clap::Args)]
+#[command(long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
+pub struct Args {
+    /// What you want done (`-` reads it from stdin)
+    #[arg(value_name = "PROMPT")]
+    pub prompt: String,
+
+    /// Task type (`auto` or a template family; see `orchctl task-types list`)
+    #[arg(long, value_name = "TYPE")]
+    pub task_type: Option<String>,
+
+    /// Run the jobs one after another or all at once
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mode: Option<ModeArg>,
+
+    /// A custom workflow: these roles in this order, comma-separated
+    /// (analyst, planner, builder, tester, reviewer, documenter, custom)
+    #[arg(long, value_name = "ROLES", value_delimiter = ',')]
+    pub roles: Option<Vec<String>>,
+
+    /// Return the earlier task submitted with this key instead of creating another
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+
+    /// Agent backend: sim, claude-code, anthropic, openai or command
+    #[arg(long, value_name = "BACKEND")]
+    pub backend: Option<String>,
+
+    /// Model name passed to the backend
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+
+    /// Directory the agents work in, as the workers see it (default: a scratch directory)
+    #[arg(long, value_name = "PATH")]
+    pub workspace: Option<PathBuf>,
+
+    /// How long each simulated agent works (sim backend), e.g. 500ms, 2s
+    #[arg(long, value_name = "DURATION")]
+    pub sim_latency: Option<String>,
+
+    /// Probability in [0, 1] that a simulated agent attempt fails (sim backend)
+    #[arg(long, value_name = "RATE")]
+    pub sim_fail_rate: Option<String>,
+
+    /// Show live progress until the task ends, then print its result
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Sequential,
+    Parallel,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Sequential => Mode::Sequential,
+            ModeArg::Parallel => Mode::Parallel,
+        }
+    }
+}
+
+/// Parses `--roles` values (already split on commas).
+pub fn parse_roles(values: &[String]) -> anyhow::Result<Vec<Role>> {
+    let roles = values
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<Role>()
+                .map_err(|e| anyhow!("invalid --roles: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if roles.is_empty() {
+        bail!("invalid --roles: the list is empty (expected e.g. analyst,builder,tester)");
+    }
+    Ok(roles)
+}
+
+/// Parses `--backend` with the protocol's own names, so a backend added to the protocol works
+/// without changing orchctl.
+pub fn parse_backend(value: &str) -> anyhow::Result<Backend> {
+    serde_json::from_value(serde_json::Value::String(value.trim().to_ascii_lowercase())).map_err(
+        |_| {
+            anyhow!(
+                "invalid --backend `{value}` (expected one of sim, claude-code, anthropic, openai, command)"
+            )
+        },
+    )
+}
+
+/// Parses `--sim-latency` (`500ms`, `2s`, `1m`) into milliseconds.
+pub fn parse_latency_ms(value: &str) -> anyhow::Result<u64> {
+    let d = humantime::parse_duration(value.trim())
+        .map_err(|e| anyhow!("invalid --sim-latency `{value}`: {e} (expected e.g. 500ms or 2s)"))?;
+    u64::try_from(d.as_millis()).map_err(|_| anyhow!("invalid --sim-latency `{value}`: too long"))
+}
+
+/// Parses `--sim-fail-rate`, a probability.
+pub fn parse_fail_rate(value: &str) -> anyhow::Result<f64> {
+    let rate: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("invalid --sim-fail-rate `{value}`: not a number"))?;
+    if !(0.0..=1.0).contains(&rate) {
+        bail!("invalid --sim-fail-rate `{value}`: must be between 0 and 1");
+    }
+    Ok(rate)
+}
+
+/// Checks the arguments and builds the request body. `prompt` is the prompt after `-` was read.
+pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> {
+    if prompt.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    let roles = args.roles.as_deref().map(parse_roles).transpose()?;
+    let backend = args.backend.as_deref().map(parse_backend).transpose()?;
+    let latency_ms = args
+        .sim_latency
+        .as_deref()
+        .map(parse_latency_ms)
+        .transpose()?;
+    let fail_rate = args
+        .sim_fail_rate
+        .as_deref()
+        .map(parse_fail_rate)
+        .transpose()?;
+    let sim = (latency_ms.is_some() || fail_rate.is_some()).then(|| SimParams {
+        latency_ms: latency_ms.unwrap_or_default(),
+        fail_rate: fail_rate.unwrap_or_default(),
+    });
+    let workspace = args
+        .workspace
+        .as_deref()
+        .map(|p| {
+            // A relative path means "relative to where I am", not to the worker's directory.
+            let abs = std::path::absolute(p)
+                .with_context(|| format!("invalid --workspace `{}`", p.display()))?;
+            abs.to_str()
+                .map(String::from)
+                .ok_or_else(|| anyhow!("invalid --workspace `{}`: not UTF-8", p.display()))
+        })
+        .transpose()?;
+    Ok(SubmitTask {
+        prompt,
+        task_type: non_empty(&args.task_type),
+        mode: args.mode.map(Mode::from),
+        roles,
+        idempotency_key: non_empty(&args.idempotency_key),
+        backend,
+        model: non_empty(&args.model),
+        workspace,
+        sim,
+    })
+}
+
+fn non_empty(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(String::from)
+}
+
+fn read_prompt(arg: &str) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_string());
+    }
+    let mut prompt = String::new();
+    std::io::stdin()
+        .read_to_string(&mut prompt)
+        .context("failed to read the prompt from stdin")?;
+    Ok(prompt)
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
+    let prompt = read_prompt(&args.prompt)?;
+    let request = build_request(&args, prompt)?;
+    let client = ctx.client()?;
+    let submitted = client.submit(&request).await?;
+    if !submitted.created {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: a task with this idempotency key already exists: {}",
+            submitted.task.id
+        );
+    }
+
+    if !args.follow {
+        let mut out = std::io::stdout().lock();
+        if ctx.json() {
+            output::json(&mut out, &submitted.task)?;
+        } else {
+            output::task_brief(&mut out, &submitted.task)?;
+        }
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let Some((task, finished_status)) = watch(&client, submitted.task).await? else {
+        // Interrupted: the task keeps running on the cluster.
+        return Ok(ExitCode::from(130));
+    };
+    let mut out = std::io::stdout().lock();
+    if ctx.json() {
+        output::json(&mut out, &task)?;
+    } else {
+        let now = orch_shared::now_ms();
+        output::task_result(&mut out, &task)?;
+        output::task_metrics(&mut out, &task, now)?;
+    }
+    out.flush()?;
+    let completed = match task.status {
+        TaskStatus::Completed => true,
+        TaskStatus::Failed => false,
+        // The record lags the event log: trust the `task_finished` event.
+        TaskStatus::Pending | TaskStatus::Running => {
+            finished_status.as_deref() == Some("completed")
+        }
+    };
+    Ok(if completed {
+        ExitCode::SUCCESS
+    } else {
+        failure()
+    })
+}
+
+/// Follows `task` with a live panel on stderr. Returns the final task record and the status its
+/// `task_finished` event announced, or `None` when the user pressed Ctrl-C.
+async fn watch(client: &Client, task: Task) -> anyhow::Result<Option<(Task, Option<String>)>> {
+    let id = task.id;
+    let view = View::stderr();
+    let mut panel = Panel::new(&task);
+    view.draw(&panel, orch_shared::now_ms());
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let follower = tokio::spawn(follow::follow(client.clone(), id, tx));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+
+    loop {
+        tokio::select! {
+            update = rx.recv() => match update {
+                Some(Update::Event(event)) => {
+                    if let Some(line) = panel.apply(&event) {
+                        view.note(&line);
+                    }
+                    view.draw(&panel, orch_shared::now_ms());
+                }
+                Some(Update::Reconnecting { attempt, delay, reason }) => {
+                    let notice = format!(
+                        "connection lost ({reason}); reconnecting in {:.1}s (attempt {attempt}/{MAX_RECONNECTS})",
+                        delay.as_secs_f64()
+                    );
+                    view.note(&notice);
+                    panel.set_notice(notice);
+                    view.draw(&panel, orch_shared::now_ms());
+                }
+                // The follower is done (the task ended or it gave up).
+                None => break,
+            },
+            _ = tick.tick() => view.draw(&panel, orch_shared::now_ms()),
+            _ = &mut ctrl_c => {
+                follower.abort();
+                view.abandon();
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "stopped following; task {id} keeps running (see `orchctl tasks show {id}`)"
+                );
+                return Ok(None);
+            }
+        }
+    }
+
+    match follower.await.context("the event follower crashed")? {
+        Ok(()) => {}
+        Err(e) => {
+            view.clear();
+            return Err(e).with_context(|| format!("failed to follow task {id}"));
+        }
+    }
+    view.finish(&panel, orch_shared::now_ms());
+    let task = final_record(client, id).await?;
+    Ok(Some((task, panel.finished_status().map(String::from))))
+}
+
+/// Reads the task once it ended. The coordinator records the end before it announces it, but a
+/// short grace period costs nothing and covers a coordinator that does it the other way round.
+async fn final_record(client: &Client, id: TaskId) -> anyhow::Result<Task> {
+    let mut task = client.task(id).await?;
+    for _ in 0..10 {
+        if task.status.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        task = client.task(id).await?;
+    }
+    Ok(task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> Args {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: Args,
+        }
+        let mut argv = vec!["submit", "do it"];
+        argv.extend_from_slice(extra);
+        Wrap::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn a_plain_submit_sends_only_the_prompt() {
+        let req = build_request(&args(&[]), "do it".into()).unwrap();
+        assert_eq!(
+            req,
+            SubmitTask {
+                prompt: "do it".into(),
+                ..SubmitTask::default()
+            }
+        );
+    }
+
+    #[test]
+    fn every_flag_lands_in_the_request() {
+        let a = args(&[
+            "--task-type",
+            "bug_fix",
+            "--mode",
+            "parallel",
+            "--roles",
+            "Analyst, builder,tester",
+            "--idempotency-key",
+            "k1",
+            "--backend",
+            "claude-code",
+            "--model",
+            "m",
+            "--workspace",
+            "/tmp/ws",
+            "--sim-latency",
+            "2s",
+            "--sim-fail-rate",
+            "0.1",
+        ]);
+        let req = build_request(&a, "do it".into()).unwrap();
+        assert_eq!(req.task_type.as_deref(), Some("bug_fix"));
+        assert_eq!(req.mode, Some(Mode::Parallel));
+        assert_eq!(
+            req.roles,
+            Some(vec![Role::Analyst, Role::Builder, Role::Tester])
+        );
+        assert_eq!(req.idempotency_key.as_deref(), Some("k1"));
+        assert_eq!(req.backend, Some(Backend::ClaudeCode));
+        assert_eq!(req.model.as_deref(), Some("m"));
+        assert_eq!(req.workspace.as_deref(), Some("/tmp/ws"));
+        assert_eq!(
+            req.sim,
+            Some(SimParams {
+                latency_ms: 2000,
+                fail_rate: 0.1
+            })
+        );
+    }
+
+    #[test]
+    fn bad_roles_are_one_line_naming_the_flag() {
+        let err = build_request(&args(&["--roles", "analyst,scout"]), "x".into()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with("invalid --roles: unknown role `scout`"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+        assert!(parse_roles(&[" ".into()]).is_err());
+    }
+
+    #[test]
+    fn sim_latency_takes_human_durations() {
+        assert_eq!(parse_latency_ms("500ms").unwrap(), 500);
+        assert_eq!(parse_latency_ms("2s").unwrap(), 2000);
+        assert_eq!(parse_latency_ms("1m 30s").unwrap(), 90_000);
+        assert!(parse_latency_ms("soon").is_err());
+    }
+
+    #[test]
+    fn fail_rate_must_be_a_probability() {
+        assert_eq!(parse_fail_rate("0").unwrap(), 0.0);
+        assert_eq!(parse_fail_rate("1").unwrap(), 1.0);
+        assert!(parse_fail_rate("1.5").is_err());
+        assert!(parse_fail_rate("-0.1").is_err());
+        assert!(parse_fail_rate("NaN").is_err());
+        assert!(parse_fail_rate("often").is_err());
+    }
+
+    #[test]
+    fn backends_use_the_protocol_names() {
+        assert_eq!(parse_backend("sim").unwrap(), Backend::Sim);
+        assert_eq!(parse_backend("OpenAI").unwrap(), Backend::Openai);
+        assert!(
+            parse_backend("gpt")
+                .unwrap_err()
+                .to_string()
+                .contains("--backend")
+        );
+    }
+
+    #[test]
+    fn an_empty_prompt_is_refused() {
+        assert!(build_request(&args(&[]), "  \n".into()).is_err());
+    }
+
+    #[test]
+    fn relative_workspaces_become_absolute() {
+        let req = build_request(&args(&["--workspace", "src"]), "x".into()).unwrap();
+        assert!(req.workspace.unwrap().starts_with('/'));
+    }
+}

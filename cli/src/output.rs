@@ -1,0 +1,290 @@
+//! What orchctl prints on stdout: human tables (comfy-table) or the API's JSON.
+//!
+//! Every printer writes to a `&mut dyn Write` and returns `io::Result`, so a closed pipe surfaces
+//! as an error that `main` turns into a quiet exit instead of a panic in `println!`.
+
+use comfy_table::{Cell, ContentArrangement, Table, presets};
+use orch_shared::api::{Job, JobStatus, Task};
+use orch_shared::role::Role;
+use serde::Serialize;
+use std::io::{self, Write};
+
+/// `--output`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// The API's JSON, one document on stdout.
+    Json,
+}
+
+/// Writes `value` as pretty JSON followed by a newline.
+pub fn json<T: Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> io::Result<()> {
+    // `From<serde_json::Error>` keeps an underlying io error's kind (a broken pipe stays one).
+    serde_json::to_writer_pretty(&mut *out, value).map_err(io::Error::from)?;
+    writeln!(out)
+}
+
+/// A table in the house style, with a header row.
+pub fn table<I, S>(header: I) -> Table
+where
+    I: IntoIterator<Item = S>,
+    S: Into<Cell>,
+{
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_FULL_CONDENSED)
+        .apply_modifier(comfy_table::modifiers::UTF8_ROUND_CORNERS)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header);
+    t
+}
+
+/// A two-column key/value table without a header.
+pub fn details(rows: &[(&str, String)]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_FULL_CONDENSED)
+        .apply_modifier(comfy_table::modifiers::UTF8_ROUND_CORNERS)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    for (k, v) in rows {
+        t.add_row(vec![Cell::new(k), Cell::new(v)]);
+    }
+    t
+}
+
+pub fn print_table(out: &mut dyn Write, table: &Table) -> io::Result<()> {
+    writeln!(out, "{table}")
+}
+
+/// `850ms`, `12.3s`, `2m05s`, `1h02m`.
+pub fn duration_ms(ms: u64) -> String {
+    if ms < 1_000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        let s = ms / 1000;
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        let m = ms / 60_000;
+        format!("{}h{:02}m", m / 60, m % 60)
+    }
+}
+
+/// Dollars with four decimals (agent runs often cost fractions of a cent).
+pub fn cost(usd: f64) -> String {
+    format!("${usd:.4}")
+}
+
+/// `12,345`.
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// How long ago `at_ms` was, relative to `now_ms`.
+pub fn age(now_ms: u64, at_ms: u64) -> String {
+    if at_ms == 0 {
+        return "-".into();
+    }
+    let d = now_ms.saturating_sub(at_ms);
+    if d < 1_000 {
+        "just now".into()
+    } else if d < 60_000 {
+        format!("{}s ago", d / 1000)
+    } else if d < 3_600_000 {
+        format!("{}m ago", d / 60_000)
+    } else if d < 86_400_000 {
+        format!("{}h ago", d / 3_600_000)
+    } else {
+        format!("{}d ago", d / 86_400_000)
+    }
+}
+
+/// Cuts `s` to at most `max` characters (on one line), marking the cut with `…`.
+pub fn truncate(s: &str, max: usize) -> String {
+    let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut out: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+pub fn roles(roles: &[Role]) -> String {
+    roles.iter().map(Role::as_str).collect::<Vec<_>>().join(",")
+}
+
+/// How long a job ran, if it started.
+pub fn job_duration_ms(job: &Job, now_ms: u64) -> Option<u64> {
+    let start = job.started_at_ms?;
+    Some(job.finished_at_ms.unwrap_or(now_ms).saturating_sub(start))
+}
+
+/// `bug_fix (plan: bug_fix_template)`, or just the type when the plan has the same name.
+fn task_type(task: &Task) -> String {
+    if task.plan_source == task.task_type || task.plan_source.is_empty() {
+        task.task_type.clone()
+    } else {
+        format!("{} (plan: {})", task.task_type, task.plan_source)
+    }
+}
+
+/// The short table printed after a submit: id, status, roles.
+pub fn task_brief(out: &mut dyn Write, task: &Task) -> io::Result<()> {
+    let roles: Vec<Role> = task.jobs.iter().map(|j| j.role).collect();
+    let rows = [
+        ("id", task.id.to_string()),
+        ("status", task.status.as_str().to_string()),
+        (
+            "roles",
+            if roles.is_empty() {
+                "-".to_string()
+            } else {
+                self::roles(&roles)
+            },
+        ),
+        ("task type", task_type(task)),
+        ("mode", task.mode.as_str().to_string()),
+    ];
+    print_table(out, &details(&rows))
+}
+
+/// The header block of `tasks show`.
+pub fn task_details(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result<()> {
+    let mut rows = vec![
+        ("id", task.id.to_string()),
+        ("status", task.status.as_str().to_string()),
+        ("prompt", truncate(&task.prompt, 200)),
+        ("task type", task_type(task)),
+        ("mode", task.mode.as_str().to_string()),
+        (
+            "backend",
+            match &task.model {
+                Some(m) => format!("{} ({m})", task.backend.as_str()),
+                None => task.backend.as_str().to_string(),
+            },
+        ),
+        ("created", age(now_ms, task.created_at_ms)),
+    ];
+    if let Some(key) = &task.idempotency_key {
+        rows.push(("idempotency key", key.clone()));
+    }
+    print_table(out, &details(&rows))
+}
+
+/// The "Result" section: the task's output (and its error when it failed).
+pub fn task_result(out: &mut dyn Write, task: &Task) -> io::Result<()> {
+    writeln!(out, "Result")?;
+    writeln!(out, "──────")?;
+    let output = task.output.as_deref().map(str::trim).unwrap_or_default();
+    if output.is_empty() {
+        writeln!(out, "(no output)")?;
+    } else {
+        writeln!(out, "{output}")?;
+    }
+    // The coordinator may already have put the error at the end of the output.
+    if let Some(err) = task.error.as_ref().filter(|e| !output.contains(e.as_str())) {
+        writeln!(out)?;
+        writeln!(out, "Error: {err}")?;
+    }
+    writeln!(out)
+}
+
+/// The metrics table (status, cost, tokens, wall time) and the per-agent table.
+pub fn task_metrics(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result<()> {
+    let u = &task.usage;
+    let rows = [
+        ("status", task.status.as_str().to_string()),
+        ("total cost", cost(task.cost_usd)),
+        ("input tokens", count(u.input_tokens)),
+        ("output tokens", count(u.output_tokens)),
+        ("cache write tokens", count(u.cache_creation_tokens)),
+        ("cache read tokens", count(u.cache_read_tokens)),
+        ("wall time", duration_ms(task.elapsed_ms(now_ms))),
+    ];
+    writeln!(out, "Metrics")?;
+    print_table(out, &details(&rows))?;
+    if task.jobs.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "Agents")?;
+    print_table(out, &jobs_table(&task.jobs, now_ms))
+}
+
+pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
+    let mut t = table([
+        "#", "ROLE", "STATUS", "WORKER", "DURATION", "TOKENS", "COST",
+    ]);
+    for (i, job) in jobs.iter().enumerate() {
+        let status = match (&job.status, &job.error) {
+            (JobStatus::Failed, Some(e)) => format!("failed ({})", e.reason.as_str()),
+            (s, _) if job.attempt > 1 => format!("{} (attempt {})", s.as_str(), job.attempt),
+            (s, _) => s.as_str().to_string(),
+        };
+        t.add_row(vec![
+            (i + 1).to_string(),
+            job.role.to_string(),
+            status,
+            job.worker_id
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "-".into()),
+            job_duration_ms(job, now_ms)
+                .map(duration_ms)
+                .unwrap_or_else(|| "-".into()),
+            count(job.usage.total()),
+            cost(job.cost_usd),
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration_ms(850), "850ms");
+        assert_eq!(duration_ms(12_340), "12.3s");
+        assert_eq!(duration_ms(125_000), "2m05s");
+        assert_eq!(duration_ms(3_720_000), "1h02m");
+    }
+
+    #[test]
+    fn costs_have_four_decimals() {
+        assert_eq!(cost(0.0), "$0.0000");
+        assert_eq!(cost(0.012345), "$0.0123");
+        assert_eq!(cost(1.5), "$1.5000");
+    }
+
+    #[test]
+    fn counts_have_thousands_separators() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1_000), "1,000");
+        assert_eq!(count(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn truncation_keeps_one_line() {
+        assert_eq!(truncate("a\nb  c", 10), "a b c");
+        assert_eq!(truncate("abcdefghij", 5), "abcd…");
+    }
+
+    #[test]
+    fn ages_are_relative() {
+        assert_eq!(age(10_000, 9_500), "just now");
+        assert_eq!(age(100_000, 40_000), "1m ago");
+        assert_eq!(age(100_000, 0), "-");
+    }
+}

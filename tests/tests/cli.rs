@@ -1,0 +1,200 @@
+//! `orchctl` against real clusters: verbs, JSON output, exit codes (0 ok, 1 not found or task
+//! failed, 2 bad input) and `local up` / `local down`.
+
+use orch_shared::api::{Task, TaskList, TaskStatus, WorkerList};
+use orch_tests::{Cluster, Options, TOKEN, workspace_bin};
+use std::process::{Command, Output};
+
+/// `orchctl` with a private, empty ORCH_HOME so no user config leaks in.
+fn orchctl(home: &std::path::Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("orchctl"));
+    cmd.env("ORCH_HOME", home)
+        .env_remove("ORCH_SERVER")
+        .env_remove("ORCH_TOKEN")
+        .env_remove("ORCH_CONFIG")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("orchctl runs");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn against(cluster: &Cluster, home: &std::path::Path) -> Command {
+    let mut cmd = orchctl(home);
+    cmd.args(["--server", &cluster.url, "--token", TOKEN]);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follow_prints_the_result_and_exit_codes_follow_the_task() {
+    let cluster = Cluster::start(Options::default()).await;
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(against(&cluster, home.path()).args([
+        "submit",
+        "add a cache to the parser",
+        "--roles",
+        "analyst,builder",
+        "--sim-latency",
+        "100ms",
+        "--follow",
+    ]));
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("[Analyst Agent]"), "{stdout}");
+    assert!(stdout.contains("completed"), "{stdout}");
+    assert!(
+        stdout.contains("analyst") && stdout.contains("builder"),
+        "{stdout}"
+    );
+
+    let (code, stdout, stderr) = run(against(&cluster, home.path()).args([
+        "execute",
+        "build it",
+        "--roles",
+        "builder,tester",
+        "--sim-fail-rate",
+        "1",
+        "--follow",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(code, 1, "a failed task exits 1\n{stderr}");
+    let task: Task = serde_json::from_str(&stdout).expect("--output json prints the task");
+    assert_eq!(task.status, TaskStatus::Failed);
+
+    let (code, stdout, _) =
+        run(against(&cluster, home.path()).args(["tasks", "list", "--output", "json"]));
+    assert_eq!(code, 0);
+    let list: TaskList = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(list.tasks.len(), 2);
+    assert_eq!(list.tasks[0].id, task.id, "newest first");
+
+    let (code, stdout, _) = run(against(&cluster, home.path()).args([
+        "tasks",
+        "show",
+        &task.id.to_string(),
+        "-o",
+        "json",
+    ]));
+    assert_eq!(code, 0);
+    let shown: Task = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown.jobs.len(), 2);
+
+    let (code, stdout, _) =
+        run(against(&cluster, home.path()).args(["workers", "list", "-o", "json"]));
+    assert_eq!(code, 0);
+    let workers: WorkerList = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(workers.workers.len(), 2);
+
+    let (code, stdout, _) = run(against(&cluster, home.path()).args(["status"]));
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("2 (0 of 8 slots busy)") || stdout.contains("workers"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_exits_two_with_one_line_and_not_found_exits_one() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["submit", "x", "--roles", "builder,scout"], "scout"),
+        (vec!["submit", "x", "--sim-fail-rate", "3"], "fail-rate"),
+        (vec!["submit", "x", "--task-type", "astrology"], "task_type"),
+        (vec!["submit", "   "], "prompt"),
+        (vec!["tasks", "show", "not-an-id"], "not-an-id"),
+    ];
+    for (args, needle) in cases {
+        let (code, stdout, stderr) = run(against(&cluster, home.path()).args(&args));
+        assert_eq!(code, 2, "{args:?}: stdout {stdout} stderr {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            lines.len() <= 2,
+            "{args:?}: expected a short error, got:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: `{needle}` not in {stderr}"
+        );
+    }
+    let (code, _, stderr) = run(against(&cluster, home.path()).args([
+        "tasks",
+        "show",
+        "0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9b",
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+    // Nothing was created by the refused submits.
+    let (_, list) = cluster.get("/v1/tasks").await;
+    assert_eq!(list["tasks"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_or_an_unreachable_server_exits_two() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(orchctl(home.path()).args([
+        "--server",
+        &cluster.url,
+        "--token",
+        "wrong-token-0123456789",
+        "tasks",
+        "list",
+    ]));
+    assert_eq!(code, 2);
+    assert!(stderr.to_lowercase().contains("token"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-token-0123456789"),
+        "the token is never echoed"
+    );
+    let port = orch_tests::free_port();
+    let (code, _, stderr) =
+        run(orchctl(home.path()).args(["--server", &format!("http://127.0.0.1:{port}"), "status"]));
+    assert_ne!(code, 0);
+    assert!(stderr.contains(&port.to_string()), "{stderr}");
+}
+
+#[test]
+fn local_up_starts_a_cluster_later_commands_find_and_local_down_stops_it() {
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(orchctl(home.path()).args(["local", "up", "--workers", "2"]));
+    assert_eq!(code, 0, "local up failed\n{stdout}\n{stderr}");
+    // No --server or --token: both come from the config file `local up` wrote.
+    let (code, stdout, stderr) = run(orchctl(home.path()).args([
+        "submit",
+        "review and test the parser",
+        "--follow",
+        "-o",
+        "json",
+    ]));
+    let (_, status_out, _) = run(orchctl(home.path()).args(["local", "status"]));
+    let (down_code, down_out, down_err) = run(orchctl(home.path()).args(["local", "down"]));
+    assert_eq!(code, 0, "submit failed\n{stdout}\n{stderr}\n{status_out}");
+    let task: Task = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert!(
+        status_out.contains("coordinator") && status_out.contains("running"),
+        "{status_out}"
+    );
+    assert_eq!(down_code, 0, "{down_out}\n{down_err}");
+    let (code, stdout, _) = run(orchctl(home.path()).args(["local", "status"]));
+    assert_ne!(code, 0, "the cluster is gone: {stdout}");
+}
