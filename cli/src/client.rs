@@ -4,9 +4,11 @@
 //! treat differently: an [`ApiError`] the server chose to send, a refused token, a server that is
 //! not there, and everything else.
 
-use orch_shared::api::{Readiness, SubmitTask, Task, TaskList, TaskType, WorkerList};
+use orch_shared::api::{
+    DeadLetterList, DryRun, Readiness, SubmitTask, Task, TaskList, TaskType, WorkerList,
+};
 use orch_shared::error::{ApiError, ErrorCode};
-use orch_shared::ids::TaskId;
+use orch_shared::ids::{JobId, TaskId};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
@@ -233,6 +235,54 @@ impl Client {
         let created = resp.status() == StatusCode::CREATED;
         let task = self.decode(&url, resp).await?;
         Ok(Submitted { task, created })
+    }
+
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, Error> {
+        let url = self.url(path);
+        let mut req = self
+            .authorized(self.http.post(&url))
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = self.send(&url, req).await?;
+        self.decode(&url, resp).await
+    }
+
+    /// `POST /v1/tasks/dry-run`.
+    pub async fn dry_run(&self, task: &SubmitTask) -> Result<DryRun, Error> {
+        self.post("/v1/tasks/dry-run", Some(task)).await
+    }
+
+    /// `POST /v1/tasks/{id}/cancel`.
+    pub async fn cancel(&self, id: TaskId) -> Result<Task, Error> {
+        self.post::<(), _>(&format!("/v1/tasks/{id}/cancel"), None)
+            .await
+    }
+
+    /// `POST /v1/agents/{id}/kill`.
+    pub async fn kill(&self, id: JobId) -> Result<Task, Error> {
+        self.post::<(), _>(&format!("/v1/agents/{id}/kill"), None)
+            .await
+    }
+
+    /// `GET /v1/dlq`.
+    pub async fn dead_letters(&self, limit: Option<u32>) -> Result<DeadLetterList, Error> {
+        let query: Vec<(&str, String)> = limit
+            .map(|l| ("limit", l.to_string()))
+            .into_iter()
+            .collect();
+        self.get("/v1/dlq", &query).await
+    }
+
+    /// `POST /v1/dlq/{id}/retry`.
+    pub async fn retry_dead(&self, id: JobId) -> Result<Task, Error> {
+        self.post::<(), _>(&format!("/v1/dlq/{id}/retry"), None)
+            .await
     }
 
     /// `GET /v1/tasks?limit=N&before=CURSOR`.

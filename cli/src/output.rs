@@ -4,7 +4,7 @@
 //! as an error that `main` turns into a quiet exit instead of a panic in `println!`.
 
 use comfy_table::{Cell, ContentArrangement, Table, presets};
-use orch_shared::api::{Job, JobStatus, Task};
+use orch_shared::api::{DryRun, Estimate, EstimateSource, Job, JobStatus, Task};
 use orch_shared::role::Role;
 use serde::Serialize;
 use std::io::{self, Write};
@@ -222,7 +222,7 @@ pub fn task_metrics(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result
 
 pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
     let mut t = table([
-        "#", "ROLE", "STATUS", "WORKER", "DURATION", "TOKENS", "COST",
+        "#", "AGENT", "ROLE", "STATUS", "WORKER", "DURATION", "TOKENS", "COST",
     ]);
     for (i, job) in jobs.iter().enumerate() {
         let status = match (&job.status, &job.error) {
@@ -232,6 +232,7 @@ pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
         };
         t.add_row(vec![
             (i + 1).to_string(),
+            job.id.to_string(),
             job.role.to_string(),
             status,
             job.worker_id
@@ -246,6 +247,77 @@ pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
         ]);
     }
     t
+}
+
+/// `submit --dry-run`: the plan with an estimate per step and in total.
+pub fn dry_run(out: &mut dyn Write, dry: &DryRun) -> io::Result<()> {
+    let mut t = table([
+        "#",
+        "ROLE",
+        "AFTER",
+        "COST p50",
+        "COST p90",
+        "TIME p50",
+        "TIME p90",
+        "FROM",
+        "INSTRUCTION",
+    ]);
+    let time = |ms: Option<u64>| ms.map(duration_ms).unwrap_or_else(|| "-".into());
+    let source = |e: &Estimate| match e.source {
+        EstimateSource::History => format!("history ({})", e.samples),
+        EstimateSource::Planner => "planner".into(),
+        EstimateSource::None => "no data".into(),
+    };
+    for s in &dry.steps {
+        let after = if s.depends_on.is_empty() {
+            "-".to_string()
+        } else {
+            s.depends_on
+                .iter()
+                .map(|d| (d + 1).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        t.add_row(vec![
+            (s.step + 1).to_string(),
+            s.role.to_string(),
+            after,
+            cost(s.estimate.cost_usd_p50),
+            cost(s.estimate.cost_usd_p90),
+            time(s.estimate.duration_ms_p50),
+            time(s.estimate.duration_ms_p90),
+            source(&s.estimate),
+            truncate(&s.instruction, 60),
+        ]);
+    }
+    writeln!(
+        out,
+        "Plan ({}, {}) — nothing was run",
+        dry.plan_source,
+        dry.mode.as_str()
+    )?;
+    print_table(out, &t)?;
+    let e = &dry.total;
+    let rows = [
+        (
+            "estimated cost",
+            format!(
+                "{} (p50) · {} (p90)",
+                cost(e.cost_usd_p50),
+                cost(e.cost_usd_p90)
+            ),
+        ),
+        (
+            "estimated time",
+            format!(
+                "{} (p50) · {} (p90)",
+                time(e.duration_ms_p50),
+                time(e.duration_ms_p90)
+            ),
+        ),
+        ("based on", source(e)),
+    ];
+    print_table(out, &details(&rows))
 }
 
 #[cfg(test)]

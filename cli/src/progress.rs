@@ -23,6 +23,8 @@ enum StepState {
     Succeeded,
     Failed,
     Skipped,
+    Retrying,
+    Cancelled,
 }
 
 impl StepState {
@@ -34,6 +36,8 @@ impl StepState {
             JobStatus::Succeeded => StepState::Succeeded,
             JobStatus::Failed => StepState::Failed,
             JobStatus::Skipped => StepState::Skipped,
+            JobStatus::Retrying => StepState::Retrying,
+            JobStatus::Cancelled => StepState::Cancelled,
         }
     }
 
@@ -44,6 +48,8 @@ impl StepState {
             StepState::Pending | StepState::Queued => '○',
             StepState::Failed => '✗',
             StepState::Skipped => '-',
+            StepState::Retrying => '↻',
+            StepState::Cancelled => '⊘',
         }
     }
 }
@@ -306,6 +312,30 @@ impl Panel {
                 step.skip_reason = Some(reason.clone()).filter(|r| !r.is_empty());
                 Some(format!("{label} skipped: {reason}"))
             }
+            EventKind::JobRetrying {
+                reason,
+                next_attempt,
+                retry_at_ms,
+                ..
+            } => {
+                step.state = StepState::Retrying;
+                step.activity = None;
+                let wait = retry_at_ms.saturating_sub(event.at_ms);
+                Some(format!(
+                    "{label} will retry (attempt {next_attempt}) in {} after {}",
+                    output::duration_ms(wait),
+                    reason.as_str()
+                ))
+            }
+            EventKind::JobCancelled { reason } => {
+                step.state = StepState::Cancelled;
+                step.activity = None;
+                Some(format!("{label} cancelled: {reason}"))
+            }
+            EventKind::JobDeadLettered { reason } => Some(format!(
+                "{label} failed for good ({}); see `orchctl dlq list`",
+                reason.as_str()
+            )),
             EventKind::TaskCreated { .. } | EventKind::TaskFinished { .. } => None,
         }
     }
@@ -353,6 +383,11 @@ impl Panel {
                     Some(r) => format!("skipped: {r}"),
                     None => "skipped".to_string(),
                 },
+                StepState::Retrying => match &step.error {
+                    Some(e) => format!("retrying after: {e}"),
+                    None => "retrying".to_string(),
+                },
+                StepState::Cancelled => "cancelled".to_string(),
             };
             let _ = writeln!(
                 out,
@@ -524,6 +559,10 @@ mod tests {
             status: JobStatus::Pending,
             attempt: 0,
             prompt: String::new(),
+            depends_on: vec![],
+            constraints: vec![],
+            estimated_tokens: None,
+            retry_at_ms: None,
             context: None,
             worker_id: None,
             queued_at_ms: None,
@@ -551,6 +590,8 @@ mod tests {
             workspace: Workspace::Scratch,
             sim: SimParams::default(),
             idempotency_key: None,
+            options: Default::default(),
+            plan: Default::default(),
             created_at_ms: T0,
             finished_at_ms: None,
             jobs,

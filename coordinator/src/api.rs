@@ -2,7 +2,7 @@
 //! the planner, [`State`] and [`Transport`], and answer JSON; every error is `{code, message}`
 //! with the field at fault named in the message.
 
-use crate::driver;
+use crate::driver::{self, Control, ControlError};
 use crate::metrics as m;
 use crate::pipeline::{self, TaskOptions};
 use crate::planner;
@@ -19,9 +19,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
-use orch_shared::api::{Readiness, SubmitTask, Task, TaskList, TaskSummary, TaskType, WorkerList};
+use orch_shared::api::{
+    DeadLetterEntry, DeadLetterList, DryRun, Estimate, EstimateSource, ExecutionOptions, Readiness,
+    StepEstimate, SubmitTask, Task, TaskList, TaskSummary, TaskType, WorkerList,
+};
 use orch_shared::error::{ApiError, ErrorCode};
-use orch_shared::ids::TaskId;
+use orch_shared::ids::{JobId, TaskId};
 use orch_shared::job::{Backend, SimParams, Workspace};
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -40,6 +43,7 @@ const WORKER_MAX_AGE: Duration = Duration::from_secs(15);
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct App {
+    pub effects: driver::Effects,
     pub state: State,
     pub transport: Transport,
     pub tokens: Arc<Vec<String>>,
@@ -76,6 +80,22 @@ impl From<transport::Error> for Failure {
     }
 }
 
+impl From<ControlError> for Failure {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::NoTask(_) | ControlError::NoJob(..) | ControlError::NotDead(_) => {
+                Failure(ApiError::new(ErrorCode::NotFound, e.to_string()))
+            }
+            ControlError::State(e) => e.into(),
+            ControlError::Transport(e) => e.into(),
+            ControlError::Closed => Failure(ApiError::new(
+                ErrorCode::Unavailable,
+                "the coordinator is shutting down; try again",
+            )),
+        }
+    }
+}
+
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         let code = self.0.code;
@@ -92,7 +112,12 @@ pub fn router(app: App) -> Router {
     let v1 = Router::new()
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(show))
+        .route("/v1/tasks/dry-run", post(dry_run))
         .route("/v1/tasks/{id}/events", get(events))
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/agents/{id}/kill", post(kill))
+        .route("/v1/dlq", get(dead_letters))
+        .route("/v1/dlq/{id}/retry", post(retry_dead))
         .route("/v1/workers", get(workers))
         .route("/v1/task-types", get(task_types))
         .layer(middleware::from_fn_with_state(app.clone(), authenticate));
@@ -206,8 +231,36 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
         .into());
     }
     let task_type = req.task_type.unwrap_or_else(|| "auto".into());
-    let plan = planner::plan(&task_type, &prompt, req.roles.as_deref())
+    let user_plan = req.plan.is_some();
+    let plan = planner::plan(&task_type, &prompt, req.roles.as_deref(), req.plan)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    let execution = ExecutionOptions {
+        on_failure: req.on_failure.unwrap_or_default(),
+        max_attempts: in_range("max_attempts", req.max_attempts, 1, 20)?.unwrap_or(3),
+        max_parallel: in_range("max_parallel", req.max_parallel, 1, 10_000)?,
+        budget_usd: match req.budget_usd {
+            Some(b) if !(b.is_finite() && b > 0.0) => {
+                return Err(
+                    ApiError::field("budget_usd", "must be a positive number of dollars").into(),
+                );
+            }
+            b => b,
+        },
+        budget_tokens: in_range("budget_tokens", req.budget_tokens, 1, u64::MAX)?,
+        job_timeout_ms: in_range(
+            "job_timeout_ms",
+            req.job_timeout_ms,
+            100,
+            7 * 24 * 3_600_000,
+        )?,
+        task_timeout_ms: in_range(
+            "task_timeout_ms",
+            req.task_timeout_ms,
+            100,
+            30 * 24 * 3_600_000,
+        )?,
+        max_turns: in_range("max_turns", req.max_turns, 1, 10_000)?,
+    };
     let backend = req.backend.unwrap_or_default();
     if backend != Backend::Sim {
         return Err(ApiError::field(
@@ -231,7 +284,9 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
         Some(path) if path.starts_with('/') => Workspace::Local { path },
         Some(_) => return Err(ApiError::field("workspace", "must be an absolute path").into()),
     };
-    let task_type = if req.roles.is_some() {
+    let task_type = if user_plan {
+        "plan".into()
+    } else if req.roles.is_some() {
         "custom".into()
     } else {
         task_type
@@ -246,9 +301,24 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
             workspace,
             sim,
             idempotency_key: req.idempotency_key,
+            execution,
         },
         plan,
     ))
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &str,
+    value: Option<T>,
+    min: T,
+    max: T,
+) -> Answer<Option<T>> {
+    match value {
+        Some(v) if v < min || v > max => {
+            Err(ApiError::field(field, format!("must be between {min} and {max}")).into())
+        }
+        v => Ok(v),
+    }
 }
 
 fn validate_sim(sim: &SimParams) -> Answer<()> {
@@ -267,7 +337,8 @@ async fn submit(
 ) -> Answer<(StatusCode, axum::Json<Task>)> {
     let req: SubmitTask = parse_body(body)?;
     let (opts, plan) = validate(req)?;
-    let (task, actions) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms());
+    let (task, actions) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     match app.state.create_task(&task).await? {
         Created::Existing(id) => {
             let existing = app.state.load_task(id).await?.ok_or_else(|| {
@@ -282,7 +353,7 @@ async fn submit(
             metrics::counter!(m::TASKS_SUBMITTED).increment(1);
             // The record is stored with its first jobs marked queued; if this publish fails the
             // coordinator publishes them again when it restarts (same message ids).
-            driver::perform(&app.transport, task.id, actions).await?;
+            app.effects.perform(task.id, actions).await?;
             tracing::info!(task_id = %task.id, jobs = task.jobs.len(), plan = %task.plan_source, "task accepted");
             Ok((StatusCode::CREATED, axum::Json(task)))
         }
@@ -375,6 +446,205 @@ async fn events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
         .into_response())
+}
+
+async fn cancel(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+) -> Answer<axum::Json<Task>> {
+    let id = parse_id(&id)?;
+    Ok(axum::Json(
+        app.effects.driver.control(id, Control::Cancel).await?,
+    ))
+}
+
+/// The task of an agent (job), or 404.
+async fn task_of(app: &App, id: &str) -> Answer<(JobId, TaskId)> {
+    let job: JobId = id
+        .parse()
+        .map_err(|e: orch_shared::ids::IdError| ApiError::field("id", e))?;
+    let task = app
+        .state
+        .task_of_job(job)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("agent {job} not found")))?;
+    Ok((job, task))
+}
+
+async fn kill(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<axum::Json<Task>> {
+    let (job, task) = task_of(&app, &id).await?;
+    Ok(axum::Json(
+        app.effects.driver.control(task, Control::Kill(job)).await?,
+    ))
+}
+
+async fn retry_dead(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+) -> Answer<axum::Json<Task>> {
+    let (job, task) = task_of(&app, &id).await?;
+    Ok(axum::Json(
+        app.effects
+            .driver
+            .control(task, Control::RetryDead(job))
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DlqParams {
+    limit: Option<usize>,
+}
+
+async fn dead_letters(
+    AxumState(app): AxumState<App>,
+    params: Result<Query<DlqParams>, QueryRejection>,
+) -> Answer<axum::Json<DeadLetterList>> {
+    let Query(params) = params
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, format!("query: {}", e.body_text())))?;
+    let limit = in_range("limit", params.limit, 1, 1000)?.unwrap_or(100);
+    let mut jobs = Vec::new();
+    for dead in app.state.dead_letters(limit).await? {
+        let Some(task) = app.state.load_task(dead.task_id).await? else {
+            continue;
+        };
+        if let Some(job) = task.jobs.iter().find(|j| j.id == dead.job_id) {
+            jobs.push(DeadLetterEntry {
+                job_id: job.id,
+                task_id: task.id,
+                role: job.role,
+                attempt: job.attempt,
+                error: job.error.clone(),
+                dead_at_ms: dead.at_ms,
+            });
+        }
+    }
+    Ok(axum::Json(DeadLetterList { jobs }))
+}
+
+/// Blended list price per token for a planner's token estimate (mostly input, some output).
+const PLANNER_PRICE_PER_TOKEN: f64 = 5.4 / 1_000_000.0;
+
+async fn dry_run(
+    AxumState(app): AxumState<App>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<axum::Json<DryRun>> {
+    let req: SubmitTask = parse_body(body)?;
+    let (opts, plan) = validate(req)?;
+    let mode = opts.mode;
+    let (task, _) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    let model = task.model.clone().unwrap_or_else(|| "default".into());
+    let mut steps = Vec::new();
+    for job in &task.jobs {
+        let estimate = match app.state.job_stats(job.role.as_str(), &model).await? {
+            Some(s) => Estimate {
+                source: EstimateSource::History,
+                samples: s.samples,
+                cost_usd_p50: s.cost_usd.0,
+                cost_usd_p90: s.cost_usd.1,
+                duration_ms_p50: Some(s.duration_ms.0),
+                duration_ms_p90: Some(s.duration_ms.1),
+            },
+            None => match job.estimated_tokens {
+                Some(t) => Estimate {
+                    source: EstimateSource::Planner,
+                    samples: 0,
+                    cost_usd_p50: t as f64 * PLANNER_PRICE_PER_TOKEN,
+                    cost_usd_p90: t as f64 * PLANNER_PRICE_PER_TOKEN,
+                    duration_ms_p50: None,
+                    duration_ms_p90: None,
+                },
+                None => Estimate {
+                    source: EstimateSource::None,
+                    samples: 0,
+                    cost_usd_p50: 0.0,
+                    cost_usd_p90: 0.0,
+                    duration_ms_p50: None,
+                    duration_ms_p90: None,
+                },
+            },
+        };
+        steps.push(StepEstimate {
+            step: job.step,
+            role: job.role,
+            depends_on: job.depends_on.clone(),
+            instruction: job.prompt.clone(),
+            estimate,
+        });
+    }
+    let total = total_estimate(&steps);
+    Ok(axum::Json(DryRun {
+        plan_source: task.plan_source,
+        mode,
+        plan: task.plan,
+        steps,
+        total,
+    }))
+}
+
+/// Costs add up; durations follow the longest dependency path (steps are in topological
+/// order: a step only depends on earlier ones or the plan was rejected).
+fn total_estimate(steps: &[StepEstimate]) -> Estimate {
+    let mut finish: Vec<(Option<u64>, Option<u64>)> = vec![(Some(0), Some(0)); steps.len()];
+    let order = topological(steps);
+    for &i in &order {
+        let s = &steps[i];
+        let start = s.depends_on.iter().fold((Some(0), Some(0)), |acc, &p| {
+            let f = finish[p as usize];
+            (max_opt(acc.0, f.0), max_opt(acc.1, f.1))
+        });
+        finish[i] = (
+            start.0.zip(s.estimate.duration_ms_p50).map(|(a, b)| a + b),
+            start.1.zip(s.estimate.duration_ms_p90).map(|(a, b)| a + b),
+        );
+    }
+    let sources: Vec<EstimateSource> = steps.iter().map(|s| s.estimate.source).collect();
+    let source = if sources.iter().all(|s| *s == EstimateSource::History) {
+        EstimateSource::History
+    } else if sources.contains(&EstimateSource::None) {
+        EstimateSource::None
+    } else {
+        EstimateSource::Planner
+    };
+    Estimate {
+        source,
+        samples: steps.iter().map(|s| s.estimate.samples).min().unwrap_or(0),
+        cost_usd_p50: steps.iter().map(|s| s.estimate.cost_usd_p50).sum(),
+        cost_usd_p90: steps.iter().map(|s| s.estimate.cost_usd_p90).sum(),
+        duration_ms_p50: finish
+            .iter()
+            .map(|f| f.0)
+            .try_fold(0, |m, f| f.map(|f| m.max(f))),
+        duration_ms_p90: finish
+            .iter()
+            .map(|f| f.1)
+            .try_fold(0, |m, f| f.map(|f| m.max(f))),
+    }
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    a.zip(b).map(|(a, b)| a.max(b))
+}
+
+/// Steps ordered so that every step comes after the steps it depends on.
+fn topological(steps: &[StepEstimate]) -> Vec<usize> {
+    let mut done = vec![false; steps.len()];
+    let mut order = Vec::with_capacity(steps.len());
+    while order.len() < steps.len() {
+        let before = order.len();
+        for (i, s) in steps.iter().enumerate() {
+            if !done[i] && s.depends_on.iter().all(|&p| done[p as usize]) {
+                done[i] = true;
+                order.push(i);
+            }
+        }
+        if order.len() == before {
+            break; // a cycle; new_task rejects those, so this cannot happen
+        }
+    }
+    order
 }
 
 async fn workers(AxumState(app): AxumState<App>) -> Answer<axum::Json<WorkerList>> {
@@ -487,6 +757,6 @@ mod tests {
         let (opts, plan) = validate(req).ok().unwrap();
         assert_eq!(opts.prompt, "build it");
         assert_eq!(opts.task_type, "custom");
-        assert_eq!(plan.steps.len(), 2);
+        assert_eq!(plan.spec.steps.len(), 2);
     }
 }

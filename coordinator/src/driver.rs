@@ -1,35 +1,72 @@
-//! Applies job results and job starts to tasks. Tasks are spread over a fixed number of lanes
-//! by id; each lane handles its messages one at a time, so the updates of one task never race,
-//! while different tasks proceed in parallel. A lane caches the records of the tasks it is
-//! driving; the coordinator is the only writer of task records, so the cache stays true.
+//! Applies job results, job starts, timers and user controls to tasks. Tasks are spread over a
+//! fixed number of lanes by id; each lane handles its messages one at a time, so the updates of
+//! one task never race, while different tasks proceed in parallel. A lane caches the records of
+//! the tasks it is driving; the coordinator is the only writer of task records, so the cache
+//! stays true.
 //!
-//! Order per result: apply → save to Redis → publish follow-up jobs and events → ack the result.
-//! A crash anywhere before the ack redelivers the result; applying it again is a no-op, and the
-//! queued jobs it had produced are published again under the same message ids.
+//! Order per change: apply → save to Redis → carry out the actions (publish jobs and events,
+//! arm timers, cancel, dead-letter) → ack the result. A crash anywhere before the ack
+//! redelivers the result; applying it again is a no-op, and the queued jobs it had produced are
+//! published again under the same message ids.
 
 use crate::metrics as m;
 use crate::pipeline::{self, Action};
-use crate::state::State;
-use crate::transport::{Outgoing, ResultDelivery, Transport};
+use crate::state::{self, State};
+use crate::transport::{self, Outgoing, ResultDelivery, Transport};
 use orch_shared::api::Task;
 use orch_shared::event::{Event, EventKind};
-use orch_shared::ids::TaskId;
-use orch_shared::job::Outcome;
+use orch_shared::ids::{JobId, TaskId};
+use orch_shared::job::{CancelJob, Outcome};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// A user's request on a task.
+#[derive(Debug, Clone, Copy)]
+pub enum Control {
+    Cancel,
+    Kill(JobId),
+    RetryDead(JobId),
+}
+
+/// Why a control request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("task {0} not found")]
+    NoTask(TaskId),
+    #[error("agent {0} is not part of task {1}")]
+    NoJob(JobId, TaskId),
+    #[error("agent {0} is not in the dead-letter set")]
+    NotDead(JobId),
+    #[error(transparent)]
+    State(#[from] state::Error),
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
+    #[error("the coordinator is shutting down")]
+    Closed,
+}
 
 enum Command {
     Result(Box<ResultDelivery>),
     Started(Event),
+    Wake(TaskId),
+    Control(TaskId, Control, oneshot::Sender<Result<Task, ControlError>>),
 }
 
 /// Handle on the lanes.
 #[derive(Clone)]
 pub struct Driver {
     lanes: Vec<mpsc::Sender<Command>>,
+}
+
+/// What carrying out actions needs.
+#[derive(Clone)]
+pub struct Effects {
+    pub state: State,
+    pub transport: Transport,
+    pub driver: Driver,
 }
 
 impl Driver {
@@ -40,19 +77,21 @@ impl Driver {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
-        let senders = (0..lanes)
-            .map(|_| {
-                let (tx, rx) = mpsc::channel(1024);
-                let lane = Lane {
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..lanes).map(|_| mpsc::channel(1024)).unzip();
+        let driver = Driver { lanes: senders };
+        for rx in receivers {
+            let lane = Lane {
+                fx: Effects {
                     state: state.clone(),
                     transport: transport.clone(),
-                    cache: HashMap::new(),
-                };
-                tracker.spawn(lane.run(rx, cancel.clone()));
-                tx
-            })
-            .collect();
-        Self { lanes: senders }
+                    driver: driver.clone(),
+                },
+                cache: HashMap::new(),
+            };
+            tracker.spawn(lane.run(rx, cancel.clone()));
+        }
+        driver
     }
 
     fn lane(&self, task: TaskId) -> &mpsc::Sender<Command> {
@@ -69,11 +108,73 @@ impl Driver {
     pub async fn started(&self, event: Event) {
         let _ = self.lane(event.task_id).send(Command::Started(event)).await;
     }
+
+    /// Applies a user's request in the task's lane and returns the task afterwards.
+    pub async fn control(&self, task: TaskId, control: Control) -> Result<Task, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.lane(task)
+            .send(Command::Control(task, control, tx))
+            .await
+            .map_err(|_| ControlError::Closed)?;
+        rx.await.map_err(|_| ControlError::Closed)?
+    }
+
+    /// Wakes the task's lane at `at_ms` (retries and deadlines). The timer is a detached
+    /// task: if the coordinator stops first, the restarted one re-arms it from the record.
+    fn wake_at(&self, task: TaskId, at_ms: u64) {
+        let lane = self.lane(task).clone();
+        let delay = at_ms.saturating_sub(orch_shared::now_ms());
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            let _ = lane.send(Command::Wake(task)).await;
+        });
+    }
+}
+
+impl Effects {
+    /// Carries out a task's actions: events and jobs in order in one batch, then timers,
+    /// cancellations and dead letters.
+    pub async fn perform(&self, task_id: TaskId, actions: Vec<Action>) -> Result<(), ControlError> {
+        if actions.is_empty() {
+            return Ok(());
+        }
+        let now = orch_shared::now_ms();
+        let mut jobs = 0;
+        let mut messages = Vec::new();
+        for action in actions {
+            match action {
+                Action::Publish(spec) => {
+                    jobs += 1;
+                    messages.push(Outgoing::Job(spec));
+                }
+                Action::Emit(job_id, kind) => messages.push(Outgoing::Event(Event {
+                    task_id,
+                    job_id,
+                    attempt: 0,
+                    at_ms: now,
+                    kind,
+                })),
+                Action::WakeAt(at) => self.driver.wake_at(task_id, at),
+                Action::Cancel { job, attempt } => {
+                    self.state.mark_cancelled(job, attempt).await?;
+                    let cancel = CancelJob {
+                        job_id: job,
+                        attempt,
+                        reason: "cancelled".into(),
+                    };
+                    self.transport.publish_cancel(&cancel).await?;
+                }
+                Action::DeadLetter(job) => self.state.dead_letter(job, now).await?,
+            }
+        }
+        self.transport.publish_all(&messages).await?;
+        metrics::counter!(m::JOBS_DISPATCHED).increment(jobs);
+        Ok(())
+    }
 }
 
 struct Lane {
-    state: State,
-    transport: Transport,
+    fx: Effects,
     cache: HashMap<TaskId, Task>,
 }
 
@@ -87,65 +188,150 @@ impl Lane {
             match cmd {
                 Command::Result(delivery) => self.on_result(*delivery).await,
                 Command::Started(event) => self.on_started(event).await,
+                Command::Wake(task) => {
+                    let now = orch_shared::now_ms();
+                    let _ = self.change(task, |t| Some(pipeline::on_wake(t, now))).await;
+                }
+                Command::Control(task, control, reply) => {
+                    let _ = reply.send(self.on_control(task, control).await);
+                }
             }
         }
     }
 
     /// The task from the cache or Redis.
-    async fn task(&mut self, id: TaskId) -> Option<&mut Task> {
+    async fn task(&mut self, id: TaskId) -> Result<Option<&mut Task>, state::Error> {
         if !self.cache.contains_key(&id) {
-            match self.state.load_task(id).await {
-                Ok(Some(task)) => {
+            match self.fx.state.load_task(id).await? {
+                Some(task) => {
                     self.cache.insert(id, task);
                 }
-                Ok(None) => return None,
-                Err(e) => {
-                    tracing::warn!(task_id = %id, error = %e, "failed to load task");
-                    return None;
-                }
+                None => return Ok(None),
             }
         }
-        self.cache.get_mut(&id)
+        Ok(self.cache.get_mut(&id))
+    }
+
+    /// Applies `f` to the task; if it returns actions, saves the task and carries them out.
+    /// Returns the task afterwards (`None` when it does not exist).
+    async fn change(
+        &mut self,
+        id: TaskId,
+        f: impl FnOnce(&mut Task) -> Option<Vec<Action>>,
+    ) -> Result<Option<Task>, ControlError> {
+        let Some(task) = self.task(id).await? else {
+            return Ok(None);
+        };
+        let before = task.status;
+        let Some(actions) = f(task) else {
+            return Ok(Some(task.clone()));
+        };
+        let task = task.clone();
+        let saved = self.fx.state.save_task(&task).await;
+        if let Err(e) = saved {
+            self.cache.remove(&id);
+            return Err(e.into());
+        }
+        if task.status.is_terminal() {
+            if !before.is_terminal() {
+                metrics::counter!(m::TASKS_FINISHED, "status" => task.status.as_str()).increment(1);
+            }
+            self.cache.remove(&id);
+        }
+        if let Err(e) = self.fx.perform(id, actions).await {
+            self.cache.remove(&id);
+            return Err(e);
+        }
+        Ok(Some(task))
     }
 
     async fn on_result(&mut self, delivery: ResultDelivery) {
-        let result = &delivery.result;
+        let result = delivery.result.clone();
         let task_id = result.task_id;
         let now = orch_shared::now_ms();
-        let Some(task) = self.task(task_id).await else {
-            tracing::warn!(%task_id, job_id = %result.job_id, "result for an unknown task, dropping it");
-            metrics::counter!(m::RESULTS_IGNORED, "why" => "unknown_task").increment(1);
-            delivery.ack().await;
-            return;
-        };
-        let role = task
-            .jobs
-            .iter()
-            .find(|j| j.id == result.job_id)
-            .map(|j| j.role);
-        let Some(actions) = pipeline::on_result(task, result, now) else {
-            // Stale or duplicate: nothing changed. Publish the jobs it had queued again in case
-            // the crash that caused the redelivery came before they were sent.
-            metrics::counter!(m::RESULTS_IGNORED, "why" => "duplicate").increment(1);
-            let again = pipeline::requeue(task);
-            if self.carry_out(task_id, again).await {
+        let mut applied = None;
+        let outcome = self
+            .change(task_id, |task| {
+                let role = task
+                    .jobs
+                    .iter()
+                    .find(|j| j.id == result.job_id)
+                    .map(|j| j.role);
+                match pipeline::on_result(task, &result, now) {
+                    Some(actions) => {
+                        applied = Some((role, task.model.clone()));
+                        Some(actions)
+                    }
+                    // Stale or duplicate: nothing changed. Publish the jobs it had queued
+                    // again in case the crash that caused the redelivery came before they
+                    // were sent.
+                    None => {
+                        metrics::counter!(m::RESULTS_IGNORED, "why" => "duplicate").increment(1);
+                        Some(
+                            pipeline::resume(task)
+                                .into_iter()
+                                .filter(|a| matches!(a, Action::Publish(_)))
+                                .collect(),
+                        )
+                    }
+                }
+            })
+            .await;
+        match outcome {
+            Ok(None) => {
+                tracing::warn!(%task_id, job_id = %result.job_id, "result for an unknown task, dropping it");
+                metrics::counter!(m::RESULTS_IGNORED, "why" => "unknown_task").increment(1);
                 delivery.ack().await;
             }
-            return;
+            Ok(Some(_)) => {
+                if let Some((role, model)) = applied {
+                    self.record(&result, role, model.as_deref()).await;
+                }
+                delivery.ack().await;
+            }
+            Err(e) => {
+                tracing::warn!(%task_id, error = %e, "failed to apply a result; it will be redelivered");
+            }
+        }
+    }
+
+    async fn record(
+        &self,
+        r: &orch_shared::job::JobResult,
+        role: Option<orch_shared::role::Role>,
+        model: Option<&str>,
+    ) {
+        let role = role.map_or("unknown", |r| r.as_str());
+        let (outcome, reason) = match &r.outcome {
+            Outcome::Success => ("success", "none"),
+            Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
         };
-        let task = task.clone();
-        if let Err(e) = self.state.save_task(&task).await {
-            tracing::warn!(%task_id, error = %e, "failed to save task; the result will be redelivered");
-            self.cache.remove(&task_id);
-            return;
+        metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
+        metrics::histogram!(m::JOB_DURATION, "role" => role)
+            .record(r.duration_ms() as f64 / 1000.0);
+        for (kind, n) in [
+            ("input", r.usage.input_tokens),
+            ("output", r.usage.output_tokens),
+            ("cache_write", r.usage.cache_creation_tokens),
+            ("cache_read", r.usage.cache_read_tokens),
+        ] {
+            metrics::counter!(m::TOKENS, "role" => role, "kind" => kind).increment(n);
         }
-        record_result_metrics(&delivery, role);
-        if task.status.is_terminal() {
-            metrics::counter!(m::TASKS_FINISHED, "status" => task.status.as_str()).increment(1);
-            self.cache.remove(&task_id);
-        }
-        if self.carry_out(task_id, actions).await {
-            delivery.ack().await;
+        metrics::gauge!(m::COST_USD, "role" => role).increment(r.cost_usd);
+        if r.outcome.is_success()
+            && let Err(e) = self
+                .fx
+                .state
+                .record_job(
+                    role,
+                    model.unwrap_or("default"),
+                    r.duration_ms(),
+                    r.cost_usd,
+                    r.usage.total(),
+                )
+                .await
+        {
+            tracing::debug!(error = %e, "failed to record job statistics");
         }
     }
 
@@ -154,89 +340,69 @@ impl Lane {
         else {
             return;
         };
-        let Some(task) = self.task(event.task_id).await else {
-            return;
-        };
-        if pipeline::on_started(task, job_id, event.attempt, worker_id.clone(), event.at_ms) {
-            let task = task.clone();
-            if let Some(queued) = task
-                .jobs
-                .iter()
-                .find(|j| j.id == job_id)
-                .and_then(|j| j.queued_at_ms)
-            {
-                metrics::histogram!(m::DISPATCH_LATENCY)
-                    .record(event.at_ms.saturating_sub(queued) as f64 / 1000.0);
+        let worker = worker_id.clone();
+        let mut queued_at = None;
+        let changed = self
+            .change(event.task_id, |task| {
+                queued_at = task
+                    .jobs
+                    .iter()
+                    .find(|j| j.id == job_id)
+                    .and_then(|j| j.queued_at_ms);
+                pipeline::on_started(task, job_id, event.attempt, worker, event.at_ms)
+                    .then(Vec::new)
+            })
+            .await;
+        match changed {
+            Ok(Some(_)) => {
+                if let Some(q) = queued_at {
+                    metrics::histogram!(m::DISPATCH_LATENCY)
+                        .record(event.at_ms.saturating_sub(q) as f64 / 1000.0);
+                }
             }
-            if let Err(e) = self.state.save_task(&task).await {
-                tracing::warn!(task_id = %event.task_id, error = %e, "failed to save job start");
-                self.cache.remove(&event.task_id);
-            }
-        }
-    }
-
-    /// Publishes what the state change asks for; on failure the cached task is dropped so the
-    /// redelivered result starts from what Redis holds.
-    async fn carry_out(&mut self, task_id: TaskId, actions: Vec<Action>) -> bool {
-        match perform(&self.transport, task_id, actions).await {
-            Ok(()) => true,
+            Ok(None) => {}
             Err(e) => {
-                tracing::warn!(%task_id, error = %e, "failed to publish follow-ups; the result will be redelivered");
-                self.cache.remove(&task_id);
-                false
+                tracing::warn!(task_id = %event.task_id, error = %e, "failed to save a job start")
             }
         }
     }
-}
 
-fn record_result_metrics(delivery: &ResultDelivery, role: Option<orch_shared::role::Role>) {
-    let r = &delivery.result;
-    let role = role.map_or("unknown", |r| r.as_str());
-    let (outcome, reason) = match &r.outcome {
-        Outcome::Success => ("success", "none"),
-        Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
-    };
-    metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
-    metrics::histogram!(m::JOB_DURATION, "role" => role).record(r.duration_ms() as f64 / 1000.0);
-    for (kind, n) in [
-        ("input", r.usage.input_tokens),
-        ("output", r.usage.output_tokens),
-        ("cache_write", r.usage.cache_creation_tokens),
-        ("cache_read", r.usage.cache_read_tokens),
-    ] {
-        metrics::counter!(m::TOKENS, "role" => role, "kind" => kind).increment(n);
-    }
-    metrics::gauge!(m::COST_USD, "role" => role).increment(r.cost_usd);
-}
-
-/// Carries out a task's actions: every event and job in order, in one batch.
-pub async fn perform(
-    transport: &Transport,
-    task_id: TaskId,
-    actions: Vec<Action>,
-) -> Result<(), crate::transport::Error> {
-    if actions.is_empty() {
-        return Ok(());
-    }
-    let now = orch_shared::now_ms();
-    let mut jobs = 0;
-    let messages: Vec<Outgoing> = actions
-        .into_iter()
-        .map(|a| match a {
-            Action::Publish(spec) => {
-                jobs += 1;
-                Outgoing::Job(spec)
+    async fn on_control(&mut self, id: TaskId, control: Control) -> Result<Task, ControlError> {
+        let now = orch_shared::now_ms();
+        if let Control::RetryDead(job) = control
+            && !self.fx.state.undead_letter(job).await?
+        {
+            return Err(ControlError::NotDead(job));
+        }
+        let mut missing_job = None;
+        let task = self
+            .change(id, |task| match control {
+                Control::Cancel => Some(pipeline::cancel(task, "cancelled by a user", now)),
+                Control::Kill(job) => {
+                    let out = pipeline::kill(task, job, now);
+                    if out.is_none() {
+                        missing_job = Some(job);
+                    }
+                    out
+                }
+                Control::RetryDead(job) => {
+                    let out = pipeline::retry_dead(task, job, now);
+                    if out.is_none() {
+                        missing_job = Some(job);
+                    }
+                    out
+                }
+            })
+            .await?
+            .ok_or(ControlError::NoTask(id))?;
+        if let Some(job) = missing_job {
+            if let Control::RetryDead(_) = control {
+                // Put it back: nothing was retried.
+                self.fx.state.dead_letter(job, now).await?;
+                return Err(ControlError::NotDead(job));
             }
-            Action::Emit(job_id, kind) => Outgoing::Event(Event {
-                task_id,
-                job_id,
-                attempt: 0,
-                at_ms: now,
-                kind,
-            }),
-        })
-        .collect();
-    transport.publish_all(&messages).await?;
-    metrics::counter!(m::JOBS_DISPATCHED).increment(jobs);
-    Ok(())
+            return Err(ControlError::NoJob(job, id));
+        }
+        Ok(task)
+    }
 }

@@ -53,6 +53,8 @@ pub enum Error {
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("failed to resume unfinished tasks: {0}")]
+    Resume(String),
     #[error("the {0} loop stopped unexpectedly")]
     LoopEnded(&'static str),
 }
@@ -98,8 +100,6 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
-    resume(&state, &transport).await?;
-
     let tracker = TaskTracker::new();
     let lanes_cancel = CancellationToken::new();
     let driver = Driver::start(
@@ -109,6 +109,12 @@ pub async fn run(
         &tracker,
         lanes_cancel.clone(),
     );
+    let effects = driver::Effects {
+        state: state.clone(),
+        transport: transport.clone(),
+        driver: driver.clone(),
+    };
+    resume(&effects).await?;
 
     let mut results = Box::pin(transport.results().await?);
     let results_driver = driver.clone();
@@ -148,6 +154,7 @@ pub async fn run(
     tracing::info!(%addr, "coordinator listening");
 
     let app = api::App {
+        effects,
         state,
         transport: transport.clone(),
         tokens: Arc::new(config.tokens.clone()),
@@ -177,17 +184,23 @@ pub async fn run(
 }
 
 /// Publishes again the queued jobs of every unfinished task (a previous coordinator may have
-/// stored them and died before publishing). Message ids make this safe to repeat.
-async fn resume(state: &State, transport: &Transport) -> Result<(), Error> {
-    let ids = state.active_tasks().await?;
+/// stored them and died before publishing) and re-arms retry and deadline timers. Message ids
+/// make this safe to repeat.
+async fn resume(fx: &driver::Effects) -> Result<(), Error> {
+    let ids = fx.state.active_tasks().await?;
     let mut republished = 0;
     for id in &ids {
-        let Some(task) = state.load_task(*id).await? else {
+        let Some(task) = fx.state.load_task(*id).await? else {
             continue;
         };
-        let actions = pipeline::requeue(&task);
-        republished += actions.len();
-        driver::perform(transport, task.id, actions).await?;
+        let actions = pipeline::resume(&task);
+        republished += actions
+            .iter()
+            .filter(|a| matches!(a, pipeline::Action::Publish(_)))
+            .count();
+        fx.perform(task.id, actions)
+            .await
+            .map_err(|e| Error::Resume(e.to_string()))?;
     }
     if !ids.is_empty() {
         tracing::info!(

@@ -1,17 +1,31 @@
 //! The task state machine, free of IO: how a task is laid out from its plan, and what happens
-//! when a job starts or a result arrives. The lanes in [`crate::driver`] persist the changed task
-//! and carry out the returned [`Action`]s.
+//! when a job starts, a result arrives, a retry or deadline falls due, or a user cancels. The
+//! lanes in [`crate::driver`] persist the changed task and carry out the returned [`Action`]s.
 //!
-//! Rules: in sequential mode a job is queued only after the one before it succeeded, with that
-//! job's forward context; a failed job skips every job after it. In parallel mode every job is
-//! queued at once. A task is `completed` when every job succeeded, `failed` otherwise.
+//! Rules:
+//! - A job is queued when every job it depends on has succeeded (with `on_failure: continue`,
+//!   has ended), with their forward contexts; at most `max_parallel` jobs of a task are queued
+//!   or running at once.
+//! - A retryable failure is retried after an exponential backoff with jitter until
+//!   `max_attempts`; a job that fails for good goes to the dead-letter set. With `on_failure:
+//!   stop` every job that depends on it, directly or not, is skipped.
+//! - No job is queued once the task's spend has reached its budget; when nothing is running
+//!   any more, the rest is skipped and the task fails with `budget_exhausted`. Spend can only
+//!   pass the budget by what the jobs already running cost.
+//! - A task is `completed` when every job succeeded, `failed` when any failed or was skipped
+//!   for a budget or a deadline, `cancelled` when a user cancelled it.
 
 use crate::context::forward_context;
-use crate::planner::Plan;
-use orch_shared::api::{Job, JobError, JobStatus, Mode, Task, TaskStatus};
+use crate::planner::{self, Plan};
+use orch_shared::api::{
+    ExecutionOptions, Job, JobError, JobStatus, Mode, OnFailure, PlanInfo, Task, TaskStatus,
+};
 use orch_shared::event::{EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
-use orch_shared::job::{Backend, JobResult, JobSpec, Limits, Outcome, SimParams, Workspace};
+use orch_shared::job::{
+    Backend, FailureReason, JobResult, JobSpec, Limits, Outcome, SimParams, Workspace,
+};
+use orch_shared::plan::PlanError;
 
 /// What the caller must do after a state change, in order, after saving the task.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +34,13 @@ pub enum Action {
     Publish(JobSpec),
     /// Append this event to the task's log (for `job`, or the task when `None`).
     Emit(Option<JobId>, EventKind),
+    /// Call [`on_wake`] for this task at this time (a retry or the task deadline falls due).
+    WakeAt(u64),
+    /// Tell the workers to stop this job attempt, and mark it so a worker that pulls it later
+    /// drops it.
+    Cancel { job: JobId, attempt: u32 },
+    /// Add the job to the dead-letter set.
+    DeadLetter(JobId),
 }
 
 /// The validated parts of a submit request that shape the task.
@@ -33,21 +54,34 @@ pub struct TaskOptions {
     pub workspace: Workspace,
     pub sim: SimParams,
     pub idempotency_key: Option<String>,
+    pub execution: ExecutionOptions,
 }
 
 /// Lays out a new task and returns what to do once it is stored.
-pub fn new_task(id: TaskId, opts: TaskOptions, plan: Plan, now_ms: u64) -> (Task, Vec<Action>) {
+pub fn new_task(
+    id: TaskId,
+    opts: TaskOptions,
+    plan: Plan,
+    now_ms: u64,
+) -> Result<(Task, Vec<Action>), PlanError> {
+    let deps = plan.spec.dependencies(opts.mode == Mode::Sequential)?;
     let jobs = plan
+        .spec
         .steps
-        .into_iter()
+        .iter()
+        .zip(deps)
         .enumerate()
-        .map(|(i, step)| Job {
+        .map(|(i, (step, depends_on))| Job {
             id: JobId::new(),
             step: i as u32,
             role: step.role,
             status: JobStatus::Pending,
             attempt: 1,
-            prompt: step.description,
+            prompt: planner::instruction(step, &opts.prompt),
+            depends_on,
+            constraints: step.constraints.clone(),
+            estimated_tokens: step.estimated_tokens,
+            retry_at_ms: None,
             context: None,
             worker_id: None,
             queued_at_ms: None,
@@ -73,6 +107,12 @@ pub fn new_task(id: TaskId, opts: TaskOptions, plan: Plan, now_ms: u64) -> (Task
         workspace: opts.workspace,
         sim: opts.sim,
         idempotency_key: opts.idempotency_key,
+        options: opts.execution,
+        plan: PlanInfo {
+            complexity: plan.spec.complexity,
+            rationale: plan.spec.rationale,
+            skip_reasoning: plan.spec.skip_reasoning,
+        },
         created_at_ms: now_ms,
         finished_at_ms: None,
         jobs,
@@ -95,14 +135,11 @@ pub fn new_task(id: TaskId, opts: TaskOptions, plan: Plan, now_ms: u64) -> (Task
                 .collect(),
         },
     )];
-    let first: Vec<usize> = match task.mode {
-        Mode::Sequential => vec![0],
-        Mode::Parallel => (0..task.jobs.len()).collect(),
-    };
-    for i in first {
-        actions.extend(queue(&mut task, i, None, now_ms));
+    if let Some(limit) = task.options.task_timeout_ms {
+        actions.push(Action::WakeAt(now_ms + limit));
     }
-    (task, actions)
+    advance(&mut task, now_ms, &mut actions);
+    Ok((task, actions))
 }
 
 /// The message a worker gets for `job` of `task`.
@@ -118,37 +155,192 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         backend: task.backend,
         model: task.model.clone(),
         workspace: task.workspace.clone(),
-        limits: Limits::default(),
+        limits: Limits {
+            timeout_ms: task.options.job_timeout_ms,
+            max_turns: task.options.max_turns,
+        },
+        constraints: job.constraints.clone(),
         sim: task.sim.clone(),
     }
 }
 
-fn queue(task: &mut Task, index: usize, context: Option<String>, now_ms: u64) -> Vec<Action> {
-    let job = &mut task.jobs[index];
-    job.status = JobStatus::Queued;
-    job.queued_at_ms = Some(now_ms);
-    job.context = context;
-    let job = &task.jobs[index];
-    vec![
-        Action::Emit(
+fn in_flight(task: &Task) -> usize {
+    task.jobs
+        .iter()
+        .filter(|j| {
+            matches!(
+                j.status,
+                JobStatus::Queued | JobStatus::Running | JobStatus::Retrying
+            )
+        })
+        .count()
+}
+
+/// Whether the task's spend has reached a budget.
+fn over_budget(task: &Task) -> Option<String> {
+    let o = &task.options;
+    if let Some(b) = o.budget_usd
+        && task.cost_usd >= b
+    {
+        return Some(format!(
+            "budget exhausted: spent ${:.6} of ${b}",
+            task.cost_usd
+        ));
+    }
+    if let Some(b) = o.budget_tokens
+        && task.usage.total() >= b
+    {
+        return Some(format!(
+            "token budget exhausted: used {} of {b} tokens",
+            task.usage.total()
+        ));
+    }
+    None
+}
+
+/// Queues every job that can run now, skips what can never run, and finishes the task when
+/// nothing is left.
+fn advance(task: &mut Task, now_ms: u64, actions: &mut Vec<Action>) {
+    if task.status.is_terminal() {
+        return;
+    }
+    skip_unreachable(task, actions);
+    let budget = over_budget(task);
+    let cap = task
+        .options
+        .max_parallel
+        .map_or(usize::MAX, |c| c.max(1) as usize);
+    for i in 0..task.jobs.len() {
+        if task.jobs[i].status != JobStatus::Pending || !ready(task, i) {
+            continue;
+        }
+        if budget.is_some() || in_flight(task) >= cap {
+            break;
+        }
+        let context = contexts(task, i);
+        let job = &mut task.jobs[i];
+        job.status = JobStatus::Queued;
+        job.queued_at_ms = Some(now_ms);
+        job.context = context;
+        let job = &task.jobs[i];
+        actions.push(Action::Emit(
             Some(job.id),
             EventKind::JobQueued {
                 role: job.role,
                 step: job.step,
             },
-        ),
-        Action::Publish(job_spec(task, job)),
-    ]
+        ));
+        actions.push(Action::Publish(job_spec(task, job)));
+    }
+    if let Some(why) = budget
+        && in_flight(task) == 0
+    {
+        skip_pending(task, &why, actions);
+        if task.error.is_none() {
+            task.error = Some(why);
+        }
+    }
+    if task.jobs.iter().all(|j| j.status.is_terminal()) {
+        actions.push(finish(task, now_ms, None));
+    }
 }
 
-/// Re-publishes every queued job of a task (after a coordinator restart; duplicates are dropped
-/// by JetStream's dedup window and by the workers' done markers).
-pub fn requeue(task: &Task) -> Vec<Action> {
-    task.jobs
+/// Whether every parent of job `i` allows it to start.
+fn ready(task: &Task, i: usize) -> bool {
+    let continue_on_failure = task.options.on_failure == OnFailure::Continue;
+    task.jobs[i].depends_on.iter().all(|&p| {
+        let parent = task.jobs[p as usize].status;
+        parent == JobStatus::Succeeded || (continue_on_failure && parent.is_terminal())
+    })
+}
+
+/// With `on_failure: stop`, pending jobs downstream of a failed, skipped or cancelled job can
+/// never run: skip them (transitively).
+fn skip_unreachable(task: &mut Task, actions: &mut Vec<Action>) {
+    if task.options.on_failure == OnFailure::Continue {
+        return;
+    }
+    loop {
+        let mut changed = false;
+        for i in 0..task.jobs.len() {
+            if task.jobs[i].status != JobStatus::Pending {
+                continue;
+            }
+            let blocker = task.jobs[i].depends_on.iter().copied().find(|&p| {
+                matches!(
+                    task.jobs[p as usize].status,
+                    JobStatus::Failed | JobStatus::Skipped | JobStatus::Cancelled
+                )
+            });
+            if let Some(p) = blocker {
+                let parent = &task.jobs[p as usize];
+                let why = format!(
+                    "step {} ({}) {}",
+                    parent.step + 1,
+                    parent.role,
+                    parent.status.as_str()
+                );
+                task.jobs[i].status = JobStatus::Skipped;
+                actions.push(Action::Emit(
+                    Some(task.jobs[i].id),
+                    EventKind::JobSkipped { reason: why },
+                ));
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
+    }
+}
+
+fn skip_pending(task: &mut Task, why: &str, actions: &mut Vec<Action>) {
+    for job in task
+        .jobs
+        .iter_mut()
+        .filter(|j| j.status == JobStatus::Pending)
+    {
+        job.status = JobStatus::Skipped;
+        actions.push(Action::Emit(
+            Some(job.id),
+            EventKind::JobSkipped {
+                reason: why.to_string(),
+            },
+        ));
+    }
+}
+
+/// The forward contexts of job `i`'s succeeded parents, joined.
+fn contexts(task: &Task, i: usize) -> Option<String> {
+    let parts: Vec<String> = task.jobs[i]
+        .depends_on
+        .iter()
+        .map(|&p| &task.jobs[p as usize])
+        .filter(|p| p.status == JobStatus::Succeeded)
+        .filter_map(|p| forward_context(p.role, p.output.as_deref().unwrap_or("")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("\n\n"))
+}
+
+/// Re-publishes every queued job of a task and re-arms its timers (after a coordinator
+/// restart; duplicates are dropped by JetStream's dedup window and by the workers' markers).
+pub fn resume(task: &Task) -> Vec<Action> {
+    let mut actions: Vec<Action> = task
+        .jobs
         .iter()
         .filter(|j| j.status == JobStatus::Queued)
         .map(|j| Action::Publish(job_spec(task, j)))
-        .collect()
+        .collect();
+    actions.extend(
+        task.jobs
+            .iter()
+            .filter_map(|j| j.retry_at_ms)
+            .map(Action::WakeAt),
+    );
+    if let Some(limit) = task.options.task_timeout_ms {
+        actions.push(Action::WakeAt(task.created_at_ms + limit));
+    }
+    actions
 }
 
 /// A worker started a job. Returns whether the task changed.
@@ -165,21 +357,41 @@ pub fn on_started(task: &mut Task, job: JobId, attempt: u32, worker: WorkerId, a
     true
 }
 
+/// Exponential backoff with jitter before attempt `next` (2 s, 4 s, 8 s … capped at 5 min,
+/// each scaled by a factor in [0.5, 1.0) taken from `jitter`).
+pub fn backoff_ms(next: u32, jitter: u64) -> u64 {
+    let base = 2_000u64.saturating_mul(1 << next.saturating_sub(2).min(16));
+    let base = base.min(300_000);
+    base / 2 + (base / 2) * (jitter % 1000) / 1000
+}
+
 /// A job attempt ended. Returns `None` when the result is stale or a duplicate (nothing changed).
 pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec<Action>> {
-    if task.status.is_terminal() {
-        return None;
-    }
     let index = task.jobs.iter().position(|j| j.id == result.job_id)?;
     let job = &mut task.jobs[index];
-    if job.attempt != result.attempt || job.status.is_terminal() {
+    if job.attempt != result.attempt {
+        return None;
+    }
+    // A cancelled job's worker still reports what it spent before it stopped: count it once.
+    if job.status == JobStatus::Cancelled {
+        if job.finished_at_ms.is_some() {
+            return None;
+        }
+        job.finished_at_ms = Some(result.finished_at_ms);
+        job.usage = result.usage;
+        job.cost_usd = result.cost_usd;
+        task.usage.add(&result.usage);
+        task.cost_usd += result.cost_usd;
+        return Some(vec![]);
+    }
+    if job.status.is_terminal() || task.status.is_terminal() {
         return None;
     }
     job.worker_id = Some(result.worker_id.clone());
     job.started_at_ms = Some(result.started_at_ms);
     job.finished_at_ms = Some(result.finished_at_ms);
-    job.usage = result.usage;
-    job.cost_usd = result.cost_usd;
+    job.usage.add(&result.usage);
+    job.cost_usd += result.cost_usd;
     job.output = Some(result.output.clone());
     job.files_read = result.files_read.clone();
     job.files_written = result.files_written.clone();
@@ -187,75 +399,225 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
     task.cost_usd += result.cost_usd;
 
     let mut actions = Vec::new();
+    let max_attempts = task.options.max_attempts.max(1);
+    let job = &mut task.jobs[index];
     match &result.outcome {
         Outcome::Success => {
             job.status = JobStatus::Succeeded;
-            if task.mode == Mode::Sequential && index + 1 < task.jobs.len() {
-                let role = task.jobs[index].role;
-                let context = forward_context(role, &result.output);
-                actions.extend(queue(task, index + 1, context, now_ms));
-            }
+            job.error = None;
         }
         Outcome::Failure { reason, message } => {
-            job.status = JobStatus::Failed;
             job.error = Some(JobError {
                 reason: *reason,
                 message: message.clone(),
             });
-            if task.mode == Mode::Sequential {
-                let why = format!(
-                    "step {} ({}) failed: {}",
-                    index + 1,
-                    task.jobs[index].role,
-                    reason.as_str()
-                );
-                for later in task.jobs.iter_mut().skip(index + 1) {
-                    if later.status == JobStatus::Pending {
-                        later.status = JobStatus::Skipped;
-                        actions.push(Action::Emit(
-                            Some(later.id),
-                            EventKind::JobSkipped {
-                                reason: why.clone(),
-                            },
-                        ));
-                    }
-                }
+            if reason.is_retryable() && job.attempt < max_attempts {
+                let next = job.attempt + 1;
+                let at = now_ms + backoff_ms(next, job.id.as_u128() as u64 ^ now_ms);
+                job.status = JobStatus::Retrying;
+                job.retry_at_ms = Some(at);
+                actions.push(Action::Emit(
+                    Some(job.id),
+                    EventKind::JobRetrying {
+                        reason: *reason,
+                        message: message.clone(),
+                        next_attempt: next,
+                        retry_at_ms: at,
+                    },
+                ));
+                actions.push(Action::WakeAt(at));
+            } else {
+                job.status = JobStatus::Failed;
+                actions.push(Action::DeadLetter(job.id));
+                actions.push(Action::Emit(
+                    Some(job.id),
+                    EventKind::JobDeadLettered { reason: *reason },
+                ));
             }
         }
     }
-    if task.jobs.iter().all(|j| j.status.is_terminal()) {
-        actions.push(finish(task, now_ms));
-    }
+    advance(task, now_ms, &mut actions);
     Some(actions)
 }
 
-fn finish(task: &mut Task, now_ms: u64) -> Action {
+/// Timers: starts retries that are due, and ends the task when its deadline passed.
+pub fn on_wake(task: &mut Task, now_ms: u64) -> Vec<Action> {
+    let mut actions = Vec::new();
+    if task.status.is_terminal() {
+        return actions;
+    }
+    if let Some(limit) = task.options.task_timeout_ms
+        && now_ms >= task.created_at_ms + limit
+    {
+        let why = format!(
+            "task timed out after {}",
+            humantime::format_duration(std::time::Duration::from_millis(limit))
+        );
+        stop(task, &why, TaskStatus::Failed, now_ms, &mut actions);
+        return actions;
+    }
+    for i in 0..task.jobs.len() {
+        let job = &mut task.jobs[i];
+        if job.status == JobStatus::Retrying && job.retry_at_ms.is_some_and(|t| t <= now_ms) {
+            job.status = JobStatus::Queued;
+            job.attempt += 1;
+            job.retry_at_ms = None;
+            job.queued_at_ms = Some(now_ms);
+            let job = &task.jobs[i];
+            actions.push(Action::Emit(
+                Some(job.id),
+                EventKind::JobQueued {
+                    role: job.role,
+                    step: job.step,
+                },
+            ));
+            actions.push(Action::Publish(job_spec(task, job)));
+        }
+    }
+    advance(task, now_ms, &mut actions);
+    actions
+}
+
+/// A user cancels the task: nothing more runs; running agents are stopped.
+pub fn cancel(task: &mut Task, why: &str, now_ms: u64) -> Vec<Action> {
+    let mut actions = Vec::new();
+    if !task.status.is_terminal() {
+        stop(task, why, TaskStatus::Cancelled, now_ms, &mut actions);
+    }
+    actions
+}
+
+fn stop(task: &mut Task, why: &str, status: TaskStatus, now_ms: u64, actions: &mut Vec<Action>) {
+    for i in 0..task.jobs.len() {
+        let job = &mut task.jobs[i];
+        match job.status {
+            JobStatus::Queued | JobStatus::Running => {
+                job.status = JobStatus::Cancelled;
+                actions.push(Action::Cancel {
+                    job: job.id,
+                    attempt: job.attempt,
+                });
+                actions.push(Action::Emit(
+                    Some(job.id),
+                    EventKind::JobCancelled {
+                        reason: why.to_string(),
+                    },
+                ));
+            }
+            JobStatus::Pending | JobStatus::Retrying => {
+                job.status = JobStatus::Skipped;
+                job.retry_at_ms = None;
+                // Nothing runs and nothing will report: the job is done.
+                job.finished_at_ms.get_or_insert(now_ms);
+                actions.push(Action::Emit(
+                    Some(job.id),
+                    EventKind::JobSkipped {
+                        reason: why.to_string(),
+                    },
+                ));
+            }
+            _ => {}
+        }
+    }
+    task.error = Some(why.to_string());
+    actions.push(finish(task, now_ms, Some(status)));
+}
+
+/// A user kills one agent: its job is cancelled and treated as a failed step.
+pub fn kill(task: &mut Task, job: JobId, now_ms: u64) -> Option<Vec<Action>> {
+    let index = task.jobs.iter().position(|j| j.id == job)?;
+    let mut actions = Vec::new();
+    let job = &mut task.jobs[index];
+    match job.status {
+        JobStatus::Queued | JobStatus::Running => actions.push(Action::Cancel {
+            job: job.id,
+            attempt: job.attempt,
+        }),
+        JobStatus::Pending | JobStatus::Retrying => {
+            job.finished_at_ms = Some(now_ms);
+        }
+        _ => return Some(actions),
+    }
+    job.status = JobStatus::Cancelled;
+    job.retry_at_ms = None;
+    job.error = Some(JobError {
+        reason: FailureReason::Cancelled,
+        message: "killed by a user".into(),
+    });
+    actions.push(Action::Emit(
+        Some(job.id),
+        EventKind::JobCancelled {
+            reason: "killed by a user".into(),
+        },
+    ));
+    advance(task, now_ms, &mut actions);
+    Some(actions)
+}
+
+/// `dlq retry`: gives a failed job a fresh attempt and reopens its task.
+pub fn retry_dead(task: &mut Task, job: JobId, now_ms: u64) -> Option<Vec<Action>> {
+    let index = task.jobs.iter().position(|j| j.id == job)?;
+    if task.jobs[index].status != JobStatus::Failed {
+        return None;
+    }
+    let job = &mut task.jobs[index];
+    job.attempt += 1;
+    job.status = JobStatus::Pending;
+    job.error = None;
+    job.finished_at_ms = None;
+    // Dependents skipped because of this failure get their chance again.
+    reopen_dependents(task, index);
+    task.status = TaskStatus::Running;
+    task.finished_at_ms = None;
+    task.error = None;
+    task.output = None;
+    let mut actions = Vec::new();
+    advance(task, now_ms, &mut actions);
+    Some(actions)
+}
+
+fn reopen_dependents(task: &mut Task, index: usize) {
+    let mut frontier = vec![index as u32];
+    while let Some(p) = frontier.pop() {
+        for j in 0..task.jobs.len() {
+            if task.jobs[j].status == JobStatus::Skipped && task.jobs[j].depends_on.contains(&p) {
+                task.jobs[j].status = JobStatus::Pending;
+                frontier.push(j as u32);
+            }
+        }
+    }
+}
+
+fn finish(task: &mut Task, now_ms: u64, forced: Option<TaskStatus>) -> Action {
     let failed: Vec<&Job> = task
         .jobs
         .iter()
         .filter(|j| j.status == JobStatus::Failed)
         .collect();
-    task.status = if failed.is_empty() {
-        TaskStatus::Completed
-    } else {
-        TaskStatus::Failed
-    };
-    task.error = (!failed.is_empty()).then(|| {
-        failed
-            .iter()
-            .map(|j| {
-                let e = j.error.as_ref();
-                format!(
-                    "step {} ({}) failed: {}: {}",
-                    j.step + 1,
-                    j.role,
-                    e.map_or("unknown", |e| e.reason.as_str()),
-                    e.map_or("", |e| e.message.as_str())
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    });
+    let any_cancelled = task.jobs.iter().any(|j| j.status == JobStatus::Cancelled);
+    let any_skipped = task.jobs.iter().any(|j| j.status == JobStatus::Skipped);
+    // A reason already set here is a budget that ran out: the skipped steps make it a failure.
+    task.status = forced.unwrap_or(
+        if !failed.is_empty() || (any_skipped && task.error.is_some()) {
+            TaskStatus::Failed
+        } else if any_cancelled {
+            TaskStatus::Cancelled
+        } else {
+            TaskStatus::Completed
+        },
+    );
+    let mut problems: Vec<String> = task.error.take().into_iter().collect();
+    problems.extend(failed.iter().map(|j| {
+        let e = j.error.as_ref();
+        format!(
+            "step {} ({}) failed: {}: {}",
+            j.step + 1,
+            j.role,
+            e.map_or("unknown", |e| e.reason.as_str()),
+            e.map_or("", |e| e.message.as_str())
+        )
+    }));
+    task.error = (!problems.is_empty()).then(|| problems.join("; "));
     task.output = Some(
         task.jobs
             .iter()
@@ -280,139 +642,4 @@ fn finish(task: &mut Task, now_ms: u64) -> Action {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::planner::plan;
-    use orch_shared::job::{FailureReason, Usage};
-    use orch_shared::role::Role;
-
-    fn opts(mode: Mode) -> TaskOptions {
-        TaskOptions {
-            prompt: "build and test a parser".into(),
-            task_type: "auto".into(),
-            mode,
-            backend: Backend::Sim,
-            model: None,
-            workspace: Workspace::Scratch,
-            sim: SimParams::default(),
-            idempotency_key: None,
-        }
-    }
-
-    fn published(actions: &[Action]) -> Vec<JobSpec> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Publish(s) => Some(s.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn result(spec: &JobSpec, outcome: Outcome, output: &str) -> JobResult {
-        JobResult {
-            task_id: spec.task_id,
-            job_id: spec.job_id,
-            attempt: spec.attempt,
-            delivery: 1,
-            worker_id: WorkerId("w".into()),
-            outcome,
-            output: output.into(),
-            usage: Usage {
-                input_tokens: 10,
-                output_tokens: 5,
-                cache_creation_tokens: 1,
-                cache_read_tokens: 2,
-            },
-            cost_usd: 0.25,
-            files_read: vec![],
-            files_written: vec![],
-            started_at_ms: 1,
-            finished_at_ms: 2,
-        }
-    }
-
-    #[test]
-    fn sequential_runs_one_at_a_time_with_forward_context() {
-        let p = plan("auto", "build and test a parser", None).unwrap();
-        let (mut task, actions) = new_task(TaskId::new(), opts(Mode::Sequential), p, 0);
-        let first = published(&actions);
-        assert_eq!(first.len(), 1);
-        assert_eq!(first[0].role, Role::Builder);
-        let out = "## Summary\nparser built\n";
-        let next =
-            published(&on_result(&mut task, &result(&first[0], Outcome::Success, out), 5).unwrap());
-        assert_eq!(next.len(), 1);
-        assert_eq!(next[0].role, Role::Tester);
-        assert!(next[0].context.as_deref().unwrap().contains("parser built"));
-        // A duplicate result changes nothing.
-        assert!(on_result(&mut task, &result(&first[0], Outcome::Success, out), 6).is_none());
-        let last = on_result(&mut task, &result(&next[0], Outcome::Success, "done"), 9).unwrap();
-        assert!(matches!(
-            last.last(),
-            Some(Action::Emit(None, EventKind::TaskFinished { .. }))
-        ));
-        assert_eq!(task.status, TaskStatus::Completed);
-        assert_eq!(task.usage.total(), 36);
-        assert_eq!(task.cost_usd, 0.5);
-        assert_eq!(task.finished_at_ms, Some(9));
-    }
-
-    #[test]
-    fn a_failed_step_skips_the_rest_and_fails_the_task() {
-        let p = plan("feature_implementation", "redesign the system", None).unwrap();
-        let (mut task, actions) = new_task(TaskId::new(), opts(Mode::Sequential), p, 0);
-        let first = published(&actions);
-        let failure = Outcome::Failure {
-            reason: FailureReason::AgentError,
-            message: "boom".into(),
-        };
-        let actions = on_result(&mut task, &result(&first[0], failure, ""), 3).unwrap();
-        assert!(published(&actions).is_empty());
-        assert_eq!(task.status, TaskStatus::Failed);
-        assert_eq!(
-            task.jobs
-                .iter()
-                .filter(|j| j.status == JobStatus::Skipped)
-                .count(),
-            4
-        );
-        assert!(
-            task.error
-                .as_deref()
-                .unwrap()
-                .contains("step 1 (analyst) failed: agent_error: boom")
-        );
-    }
-
-    #[test]
-    fn parallel_queues_everything_at_once() {
-        let p = plan("auto", "build and test a parser", None).unwrap();
-        let (mut task, actions) = new_task(TaskId::new(), opts(Mode::Parallel), p, 0);
-        let specs = published(&actions);
-        assert_eq!(specs.len(), 2);
-        assert!(on_started(
-            &mut task,
-            specs[1].job_id,
-            1,
-            WorkerId("w2".into()),
-            1
-        ));
-        assert!(!on_started(
-            &mut task,
-            specs[1].job_id,
-            1,
-            WorkerId("w2".into()),
-            1
-        ));
-        on_result(&mut task, &result(&specs[1], Outcome::Success, "b"), 2).unwrap();
-        assert_eq!(task.status, TaskStatus::Running);
-        on_result(&mut task, &result(&specs[0], Outcome::Success, "a"), 3).unwrap();
-        assert_eq!(task.status, TaskStatus::Completed);
-        assert_eq!(
-            task.output.as_deref().unwrap(),
-            "[Builder Agent]:\na\n\n[Tester Agent]:\nb"
-        );
-        assert!(requeue(&task).is_empty());
-    }
-}
+mod tests;

@@ -2,21 +2,50 @@
 //! templates, its `auto` keyword mode (fixed: whole words, roles in pipeline order), and custom
 //! role lists.
 
+use orch_shared::plan::{PlanSpec, PlanStep};
 use orch_shared::role::Role;
 
-/// One step of a plan: which agent runs, and its instruction.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlannedStep {
-    pub role: Role,
-    pub description: String,
+/// A plan and the rule that produced it. Each step's instruction is `"<scope>: <prompt>"`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The template name, `auto`, `custom` (a role list) or `user` (a plan given with the task).
+    pub source: String,
+    pub spec: PlanSpec,
 }
 
-/// A plan and the rule that produced it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Plan {
-    /// The template name, `auto`, or `custom`.
-    pub source: String,
-    pub steps: Vec<PlannedStep>,
+impl Plan {
+    fn from_steps(source: &str, steps: impl IntoIterator<Item = (Role, String)>) -> Plan {
+        Plan {
+            source: source.into(),
+            spec: PlanSpec {
+                steps: steps
+                    .into_iter()
+                    .map(|(role, scope)| PlanStep {
+                        role,
+                        scope,
+                        constraints: vec![],
+                        estimated_tokens: None,
+                        depends_on: None,
+                        execution_mode: None,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn roles(&self) -> Vec<Role> {
+        self.spec.steps.iter().map(|s| s.role).collect()
+    }
+}
+
+/// The instruction an agent gets for `step` of a task with `prompt`.
+pub fn instruction(step: &PlanStep, prompt: &str) -> String {
+    if step.scope.trim().is_empty() {
+        format!("{} work: {prompt}", step.role)
+    } else {
+        format!("{}: {prompt}", step.scope.trim())
+    }
 }
 
 /// The plan could not be made; the message names the field at fault.
@@ -101,27 +130,37 @@ const DOCUMENTATION: Template = &[
     (Role::Reviewer, "Review the documentation"),
 ];
 
-/// Makes the plan for a task. `roles`, when given, is a custom workflow and wins over the type.
-pub fn plan(task_type: &str, prompt: &str, roles: Option<&[Role]>) -> Result<Plan, Error> {
+/// Makes the plan for a task: a user plan wins, then a custom role list, then the task type.
+pub fn plan(
+    task_type: &str,
+    prompt: &str,
+    roles: Option<&[Role]>,
+    user_plan: Option<PlanSpec>,
+) -> Result<Plan, Error> {
+    if let Some(spec) = user_plan {
+        return Ok(Plan {
+            source: "user".into(),
+            spec,
+        });
+    }
     if let Some(roles) = roles {
         if roles.is_empty() {
             return Err(Error::NoRoles);
         }
-        return Ok(Plan {
-            source: "custom".into(),
-            steps: roles.iter().map(|&r| auto_step(r, prompt)).collect(),
-        });
+        return Ok(Plan::from_steps(
+            "custom",
+            roles.iter().map(|&r| (r, format!("{r} work"))),
+        ));
     }
     let simple = is_simple(prompt);
     let (name, template) = match task_type {
         "auto" => {
-            return Ok(Plan {
-                source: "auto".into(),
-                steps: auto_roles(prompt)
+            return Ok(Plan::from_steps(
+                "auto",
+                auto_roles(prompt)
                     .into_iter()
-                    .map(|r| auto_step(r, prompt))
-                    .collect(),
-            });
+                    .map(|r| (r, format!("{r} work"))),
+            ));
         }
         "feature_implementation" | "refactoring" | "testing" | "investigation" | "custom" => {
             if simple {
@@ -143,23 +182,12 @@ pub fn plan(task_type: &str, prompt: &str, roles: Option<&[Role]>) -> Result<Pla
         "documentation" => ("documentation", DOCUMENTATION),
         other => return Err(Error::UnknownTaskType(other.to_string())),
     };
-    Ok(Plan {
-        source: name.into(),
-        steps: template
+    Ok(Plan::from_steps(
+        name,
+        template
             .iter()
-            .map(|&(role, text)| PlannedStep {
-                role,
-                description: format!("{text}: {prompt}"),
-            })
-            .collect(),
-    })
-}
-
-fn auto_step(role: Role, prompt: &str) -> PlannedStep {
-    PlannedStep {
-        role,
-        description: format!("{role} work: {prompt}"),
-    }
+            .map(|&(role, text)| (role, text.to_string())),
+    ))
 }
 
 /// Lower-cased words of the prompt, split on anything that is not a letter or digit.
@@ -255,7 +283,11 @@ mod tests {
     use super::*;
 
     fn roles(p: &Plan) -> Vec<Role> {
-        p.steps.iter().map(|s| s.role).collect()
+        p.roles()
+    }
+
+    fn plan(t: &str, prompt: &str, roles: Option<&[Role]>) -> Result<Plan, Error> {
+        super::plan(t, prompt, roles, None)
     }
 
     #[test]
@@ -286,7 +318,10 @@ mod tests {
         let p = plan("feature_implementation", "add a login button", None).unwrap();
         assert_eq!(p.source, "simple_implementation");
         assert_eq!(roles(&p), vec![Role::Builder, Role::Tester]);
-        assert_eq!(p.steps[0].description, "Implement: add a login button");
+        assert_eq!(
+            instruction(&p.spec.steps[0], "add a login button"),
+            "Implement: add a login button"
+        );
 
         let p = plan("feature_implementation", "redesign the auth system", None).unwrap();
         assert_eq!(p.source, "feature_implementation");

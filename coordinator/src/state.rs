@@ -6,11 +6,15 @@
 //!   UUIDv7, so lexical order is creation order and a page is one `ZREVRANGEBYLEX`.
 //! - `orch:tasks:active`: set of task ids not yet finished (what a restarted coordinator resumes).
 //! - `orch:idem:<key>`: the task id created for an idempotency key.
-//! - worker registry: see [`orch_shared::keys`].
+//! - `orch:jobindex`: hash job id → task id (agents are addressed by job id).
+//! - `orch:dlq`: sorted set of dead-lettered job ids, scored by when they failed for good.
+//! - `orch:stats:<role>:<model>`: the last 1,000 finished jobs of that role and model
+//!   (`duration_ms cost_usd tokens`), for dry-run estimates.
+//! - worker registry, done and cancel markers: see [`orch_shared::keys`].
 
 use orch_shared::api::{Task, Worker};
 use orch_shared::codec;
-use orch_shared::ids::{TaskId, WorkerId};
+use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::keys::{self, worker_field};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -19,6 +23,10 @@ use std::time::Duration;
 
 const TASKS: &str = "orch:tasks";
 const ACTIVE: &str = "orch:tasks:active";
+const JOB_INDEX: &str = "orch:jobindex";
+const DLQ: &str = "orch:dlq";
+/// Finished jobs kept per role and model for estimates.
+const STATS_KEPT: isize = 1000;
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_TTL_SECS: u64 = 7 * 24 * 3600;
 
@@ -68,7 +76,8 @@ pub struct State {
 }
 
 /// Creates the task, its index entries and its idempotency key in one step, or returns the
-/// task that already holds the key. KEYS: idem, task, tasks, active. ARGV: id, record, ttl.
+/// task that already holds the key. KEYS: idem, task, tasks, active, job index.
+/// ARGV: id, record, ttl, then the job ids.
 const CREATE_WITH_KEY: &str = r#"
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
@@ -76,8 +85,26 @@ redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+for i = 4, #ARGV do redis.call('HSET', KEYS[5], ARGV[i], ARGV[1]) end
 return false
 "#;
+
+/// One entry of the dead-letter set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub job_id: JobId,
+    pub task_id: TaskId,
+    pub at_ms: u64,
+}
+
+/// Median and 90th percentile of finished jobs of one role and model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobStats {
+    pub samples: usize,
+    pub duration_ms: (u64, u64),
+    pub cost_usd: (f64, f64),
+    pub tokens: (u64, u64),
+}
 
 impl State {
     pub async fn connect(url: &str) -> Result<Self, Error> {
@@ -113,14 +140,20 @@ impl State {
         let record = codec::encode(task);
         let id = task.id.to_string();
         if let Some(key) = &task.idempotency_key {
-            let existing: Option<String> = redis::Script::new(CREATE_WITH_KEY)
-                .key(idem_key(key))
+            let script = redis::Script::new(CREATE_WITH_KEY);
+            let mut call = script.prepare_invoke();
+            call.key(idem_key(key))
                 .key(task_key(task.id))
                 .key(TASKS)
                 .key(ACTIVE)
+                .key(JOB_INDEX)
                 .arg(&id)
                 .arg(record)
-                .arg(IDEMPOTENCY_TTL_SECS)
+                .arg(IDEMPOTENCY_TTL_SECS);
+            for job in &task.jobs {
+                call.arg(job.id.to_string());
+            }
+            let existing: Option<String> = call
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_err("create task"))?;
@@ -129,24 +162,32 @@ impl State {
                 None => Created::New,
             });
         }
+        let index: Vec<(String, &str)> = task
+            .jobs
+            .iter()
+            .map(|j| (j.id.to_string(), id.as_str()))
+            .collect();
         redis::pipe()
             .atomic()
             .set(task_key(task.id), record)
             .zadd(TASKS, &id, 0)
             .sadd(ACTIVE, &id)
+            .hset_multiple(JOB_INDEX, &index)
             .exec_async(&mut conn)
             .await
             .map_err(redis_err("create task"))?;
         Ok(Created::New)
     }
 
-    /// Overwrites a task record; a finished task leaves the active set in the same step.
+    /// Overwrites a task record; it joins or leaves the active set in the same step.
     pub async fn save_task(&self, task: &Task) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic().set(task_key(task.id), codec::encode(task));
         if task.status.is_terminal() {
             pipe.srem(ACTIVE, task.id.to_string());
+        } else {
+            pipe.sadd(ACTIVE, task.id.to_string());
         }
         pipe.exec_async(&mut conn)
             .await
@@ -260,5 +301,126 @@ impl State {
                 last_seen_ms: num(&h, worker_field::LAST_SEEN_MS),
             })
             .collect())
+    }
+
+    /// The task a job (agent) belongs to.
+    pub async fn task_of_job(&self, job: JobId) -> Result<Option<TaskId>, Error> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = conn
+            .hget(JOB_INDEX, job.to_string())
+            .await
+            .map_err(redis_err("find job"))?;
+        Ok(id.and_then(|s| s.parse().ok()))
+    }
+
+    /// Marks a job attempt cancelled (workers drop it if they pull it later).
+    pub async fn mark_cancelled(&self, job: JobId, attempt: u32) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.set_ex(keys::job_cancelled(job, attempt), 1, IDEMPOTENCY_TTL_SECS)
+            .await
+            .map_err(redis_err("mark cancelled"))
+    }
+
+    pub async fn dead_letter(&self, job: JobId, at_ms: u64) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.zadd(DLQ, job.to_string(), at_ms)
+            .await
+            .map_err(redis_err("dead-letter job"))
+    }
+
+    /// Removes a job from the dead-letter set; false if it was not there.
+    pub async fn undead_letter(&self, job: JobId) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let n: u32 = conn
+            .zrem(DLQ, job.to_string())
+            .await
+            .map_err(redis_err("retry dead letter"))?;
+        Ok(n > 0)
+    }
+
+    /// The newest `limit` dead letters.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, Error> {
+        let mut conn = self.conn.clone();
+        let entries: Vec<(String, u64)> = conn
+            .zrevrange_withscores(DLQ, 0, limit.saturating_sub(1) as isize)
+            .await
+            .map_err(redis_err("list dead letters"))?;
+        if entries.is_empty() {
+            return Ok(vec![]);
+        }
+        let jobs: Vec<&str> = entries.iter().map(|(j, _)| j.as_str()).collect();
+        let tasks: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(JOB_INDEX)
+            .arg(&jobs)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("list dead letters"))?;
+        Ok(entries
+            .into_iter()
+            .zip(tasks)
+            .filter_map(|((job, at_ms), task)| {
+                Some(DeadLetter {
+                    job_id: job.parse().ok()?,
+                    task_id: task?.parse().ok()?,
+                    at_ms,
+                })
+            })
+            .collect())
+    }
+
+    /// Records a finished job for estimates.
+    pub async fn record_job(
+        &self,
+        role: &str,
+        model: &str,
+        duration_ms: u64,
+        cost_usd: f64,
+        tokens: u64,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let key = format!("orch:stats:{role}:{model}");
+        redis::pipe()
+            .lpush(&key, format!("{duration_ms} {cost_usd} {tokens}"))
+            .ltrim(&key, 0, STATS_KEPT - 1)
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_err("record job"))
+    }
+
+    /// Median and p90 of the finished jobs of a role and model, if any finished.
+    pub async fn job_stats(&self, role: &str, model: &str) -> Result<Option<JobStats>, Error> {
+        let mut conn = self.conn.clone();
+        let rows: Vec<String> = conn
+            .lrange(format!("orch:stats:{role}:{model}"), 0, -1)
+            .await
+            .map_err(redis_err("job stats"))?;
+        let mut durations = Vec::new();
+        let mut costs = Vec::new();
+        let mut tokens = Vec::new();
+        for row in &rows {
+            let mut it = row.split(' ');
+            if let (Some(d), Some(c), Some(t)) = (it.next(), it.next(), it.next())
+                && let (Ok(d), Ok(c), Ok(t)) =
+                    (d.parse::<u64>(), c.parse::<f64>(), t.parse::<u64>())
+            {
+                durations.push(d);
+                costs.push(c);
+                tokens.push(t);
+            }
+        }
+        if durations.is_empty() {
+            return Ok(None);
+        }
+        durations.sort_unstable();
+        tokens.sort_unstable();
+        costs.sort_by(f64::total_cmp);
+        let pct = |n: usize, p: usize| ((n - 1) * p) / 100;
+        let n = durations.len();
+        Ok(Some(JobStats {
+            samples: n,
+            duration_ms: (durations[pct(n, 50)], durations[pct(n, 90)]),
+            cost_usd: (costs[pct(n, 50)], costs[pct(n, 90)]),
+            tokens: (tokens[pct(n, 50)], tokens[pct(n, 90)]),
+        }))
     }
 }

@@ -7,7 +7,7 @@ use futures::{Stream, StreamExt};
 use orch_shared::codec;
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::TaskId;
-use orch_shared::job::{JobResult, JobSpec};
+use orch_shared::job::{CancelJob, JobResult, JobSpec};
 use orch_shared::subject;
 use std::time::Duration;
 
@@ -302,6 +302,22 @@ impl Transport {
             let event = codec::decode::<Event>(&msg.payload).ok()?;
             Some(StoredEvent { seq, event })
         }))
+    }
+
+    /// Tells every worker to stop a job attempt (core NATS: the workers running it act within
+    /// milliseconds; one that pulls it later finds the cancel marker in Redis).
+    pub async fn publish_cancel(&self, cancel: &CancelJob) -> Result<(), Error> {
+        self.client
+            .publish(subject::CONTROL_CANCEL, codec::encode(cancel).into())
+            .await
+            .map_err(|e| Error::Publish {
+                subject: subject::CONTROL_CANCEL.into(),
+                source: e.into(),
+            })?;
+        self.client.flush().await.map_err(|e| Error::Publish {
+            subject: subject::CONTROL_CANCEL.into(),
+            source: e.into(),
+        })
     }
 
     /// Flushes buffered messages before shutdown.

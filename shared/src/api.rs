@@ -5,6 +5,7 @@
 
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::job::{Backend, FailureReason, SimParams, Usage, Workspace};
+use crate::plan::PlanSpec;
 use crate::role::Role;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,93 @@ pub struct SubmitTask {
     /// Shapes the `sim` backend for this task (latency, failure rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sim: Option<SimParams>,
+    /// A plan written by the user (overrides `task_type` and `roles`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanSpec>,
+    /// What a failed step does to the rest: `stop` (default) or `continue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+    /// Attempts per job for retryable failures (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Most jobs of this task running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_tokens: Option<u64>,
+    /// Wall-clock limit of one job attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_timeout_ms: Option<u64>,
+    /// Wall-clock limit of the whole task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_timeout_ms: Option<u64>,
+    /// Most turns an agent may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_turns: Option<u32>,
+}
+
+/// What a failed step does to the steps that depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Skip every step that depends on the failed one (directly or not).
+    #[default]
+    Stop,
+    /// Run the dependents anyway (without the failed step's context).
+    Continue,
+}
+
+/// How a task runs, with defaults applied (stored with the task).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionOptions {
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub max_parallel: Option<u32>,
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
+    #[serde(default)]
+    pub budget_tokens: Option<u64>,
+    #[serde(default)]
+    pub job_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub task_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub max_turns: Option<u32>,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+
+impl Default for ExecutionOptions {
+    fn default() -> Self {
+        Self {
+            on_failure: OnFailure::Stop,
+            max_attempts: default_attempts(),
+            max_parallel: None,
+            budget_usd: None,
+            budget_tokens: None,
+            job_timeout_ms: None,
+            task_timeout_ms: None,
+            max_turns: None,
+        }
+    }
+}
+
+/// What the planner said about its plan.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanInfo {
+    #[serde(default)]
+    pub complexity: Option<String>,
+    #[serde(default)]
+    pub rationale: Option<String>,
+    #[serde(default)]
+    pub skip_reasoning: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,11 +151,15 @@ pub enum TaskStatus {
     Running,
     Completed,
     Failed,
+    Cancelled,
 }
 
 impl TaskStatus {
     pub fn is_terminal(&self) -> bool {
-        matches!(self, TaskStatus::Completed | TaskStatus::Failed)
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
     }
 
     pub fn as_str(&self) -> &'static str {
@@ -76,6 +168,7 @@ impl TaskStatus {
             TaskStatus::Running => "running",
             TaskStatus::Completed => "completed",
             TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -93,13 +186,17 @@ pub enum JobStatus {
     Failed,
     /// Will not run because a job before it failed.
     Skipped,
+    /// Failed with a retryable error; waits for its next attempt (`retry_at_ms`).
+    Retrying,
+    /// Stopped by a user (cancel or kill); never redelivered.
+    Cancelled,
 }
 
 impl JobStatus {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Skipped
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Skipped | JobStatus::Cancelled
         )
     }
 
@@ -111,6 +208,8 @@ impl JobStatus {
             JobStatus::Succeeded => "succeeded",
             JobStatus::Failed => "failed",
             JobStatus::Skipped => "skipped",
+            JobStatus::Retrying => "retrying",
+            JobStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -131,7 +230,17 @@ pub struct Job {
     pub status: JobStatus,
     pub attempt: u32,
     pub prompt: String,
-    /// The forward context this agent received from the one before it.
+    /// Steps (by index) that must succeed before this one starts.
+    #[serde(default)]
+    pub depends_on: Vec<u32>,
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    #[serde(default)]
+    pub estimated_tokens: Option<u64>,
+    /// When the next attempt is due (status `retrying`).
+    #[serde(default)]
+    pub retry_at_ms: Option<u64>,
+    /// The forward context this agent received from the ones before it.
     #[serde(default)]
     pub context: Option<String>,
     #[serde(default)]
@@ -176,6 +285,10 @@ pub struct Task {
     pub sim: SimParams,
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub options: ExecutionOptions,
+    #[serde(default)]
+    pub plan: PlanInfo,
     pub created_at_ms: u64,
     #[serde(default)]
     pub finished_at_ms: Option<u64>,
@@ -275,4 +388,68 @@ pub struct Readiness {
 pub struct TaskType {
     pub name: String,
     pub description: String,
+}
+
+/// `GET /v1/dlq`: jobs that failed for good, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterList {
+    pub jobs: Vec<DeadLetterEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterEntry {
+    pub job_id: JobId,
+    pub task_id: TaskId,
+    pub role: Role,
+    pub attempt: u32,
+    #[serde(default)]
+    pub error: Option<JobError>,
+    pub dead_at_ms: u64,
+}
+
+/// Where an estimate comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EstimateSource {
+    /// Finished jobs of the same role and model (median and p90).
+    History,
+    /// The plan's `estimated_tokens`, priced at list prices.
+    Planner,
+    /// Nothing to go on yet.
+    None,
+}
+
+/// Expected cost and duration of one step or of the whole task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub source: EstimateSource,
+    #[serde(default)]
+    pub samples: usize,
+    pub cost_usd_p50: f64,
+    pub cost_usd_p90: f64,
+    #[serde(default)]
+    pub duration_ms_p50: Option<u64>,
+    #[serde(default)]
+    pub duration_ms_p90: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepEstimate {
+    pub step: u32,
+    pub role: Role,
+    pub depends_on: Vec<u32>,
+    pub instruction: String,
+    pub estimate: Estimate,
+}
+
+/// `POST /v1/tasks/dry-run`: the plan a submit would run and what it should cost; nothing runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DryRun {
+    pub plan_source: String,
+    pub mode: Mode,
+    #[serde(default)]
+    pub plan: PlanInfo,
+    pub steps: Vec<StepEstimate>,
+    /// Costs summed; durations along the longest dependency path.
+    pub total: Estimate,
 }

@@ -35,8 +35,19 @@ pub enum EventKind {
     TaskCreated { mode: String, steps: Vec<StepInfo> },
     /// A job was published to the work queue.
     JobQueued { role: Role, step: u32 },
-    /// A job will not run (a step before it failed).
+    /// A job will not run (a step it depends on failed, or the budget ran out).
     JobSkipped { reason: String },
+    /// A job attempt failed with a retryable error; the next attempt is due at `retry_at_ms`.
+    JobRetrying {
+        reason: FailureReason,
+        message: String,
+        next_attempt: u32,
+        retry_at_ms: u64,
+    },
+    /// A job was stopped by a user or a task deadline; it is never redelivered.
+    JobCancelled { reason: String },
+    /// A job failed for good and went to the dead-letter set.
+    JobDeadLettered { reason: FailureReason },
     /// A worker started the agent.
     JobStarted {
         worker_id: WorkerId,
@@ -90,6 +101,9 @@ impl EventKind {
             EventKind::TaskCreated { .. } => "task_created",
             EventKind::JobQueued { .. } => "job_queued",
             EventKind::JobSkipped { .. } => "job_skipped",
+            EventKind::JobRetrying { .. } => "job_retrying",
+            EventKind::JobCancelled { .. } => "job_cancelled",
+            EventKind::JobDeadLettered { .. } => "job_dead_lettered",
             EventKind::JobStarted { .. } => "job_started",
             EventKind::Thinking => "thinking",
             EventKind::Text { .. } => "text",

@@ -29,6 +29,9 @@ pub struct JobSpec {
     pub workspace: Workspace,
     #[serde(default)]
     pub limits: Limits,
+    /// Instructions from the plan that the agent must follow.
+    #[serde(default)]
+    pub constraints: Vec<String>,
     /// Parameters of the `sim` backend; ignored by the others.
     #[serde(default)]
     pub sim: SimParams,
@@ -205,4 +208,12 @@ impl JobResult {
     pub fn duration_ms(&self) -> u64 {
         self.finished_at_ms.saturating_sub(self.started_at_ms)
     }
+}
+
+/// Stop a running job attempt (published on [`crate::subject::CONTROL_CANCEL`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CancelJob {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub reason: String,
 }

@@ -26,3 +26,9 @@ pub mod worker_field {
     pub const STARTED_AT_MS: &str = "started_at_ms";
     pub const LAST_SEEN_MS: &str = "last_seen_ms";
 }
+
+/// Set by the coordinator when it cancels a job attempt: a worker that pulls it afterwards acks
+/// it without running it.
+pub fn job_cancelled(job: JobId, attempt: u32) -> String {
+    format!("orch:jobcancelled:{job}:{attempt}")
+}

@@ -11,6 +11,7 @@
 //! - [`codec`]: the MessagePack encoding of all of the above, with a version byte.
 //! - [`subject`]: NATS stream, subject and message-id names.
 //! - [`api`]: the JSON bodies of the coordinator's HTTP API.
+//! - [`plan`]: the plan format (LLM planner output, `--plan FILE`) and its validation.
 //! - [`keys`]: Redis key names shared by more than one service.
 //! - [`error`]: error codes that cross the wire (HTTP `{code, message}`).
 //!
@@ -23,6 +24,7 @@ pub mod event;
 pub mod ids;
 pub mod job;
 pub mod keys;
+pub mod plan;
 pub mod role;
 pub mod subject;
 

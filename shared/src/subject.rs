@@ -50,3 +50,6 @@ pub fn job_msg_id(job: JobId, attempt: u32) -> String {
 pub fn result_msg_id(job: JobId, attempt: u32) -> String {
     format!("result/{job}/{attempt}")
 }
+
+/// Core NATS subject every worker listens on for job cancellations (`JobControl`).
+pub const CONTROL_CANCEL: &str = "orch.control.cancel";

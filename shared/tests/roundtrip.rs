@@ -83,7 +83,7 @@ prop_compose! {
                   workspace in workspace(), timeout_ms in proptest::option::of(any::<u64>()),
                   max_turns in proptest::option::of(any::<u32>()), sim in sim()) -> JobSpec {
         JobSpec { task_id, job_id, attempt, step, role, prompt, context, backend, model, workspace,
-                  limits: Limits { timeout_ms, max_turns }, sim }
+                  limits: Limits { timeout_ms, max_turns }, constraints: vec!["keep it small".into()], sim }
     }
 }
 
@@ -237,6 +237,7 @@ fn sample_spec() -> JobSpec {
             timeout_ms: Some(600_000),
             max_turns: Some(30),
         },
+        constraints: vec!["no new dependencies".into()],
         sim: SimParams {
             latency_ms: 250,
             fail_rate: 0.125,
@@ -325,6 +326,8 @@ fn sample_task() -> Task {
         workspace: Workspace::Scratch,
         sim: spec.sim.clone(),
         idempotency_key: Some("k1".into()),
+        options: Default::default(),
+        plan: Default::default(),
         created_at_ms: 1_764_000_000_000,
         finished_at_ms: Some(1_764_000_002_000),
         jobs: vec![Job {
@@ -334,6 +337,10 @@ fn sample_task() -> Task {
             status: JobStatus::Failed,
             attempt: 1,
             prompt: spec.prompt.clone(),
+            depends_on: vec![0],
+            constraints: vec![],
+            estimated_tokens: Some(1000),
+            retry_at_ms: None,
             context: None,
             worker_id: Some(WorkerId("w1".into())),
             queued_at_ms: Some(1),

@@ -134,7 +134,25 @@ pub async fn run(
         state: state.clone(),
         worker_id: id.clone(),
         agent: Arc::new(agent::sim::Sim),
+        running: Default::default(),
     };
+    {
+        let mut cancels = Box::pin(transport.cancellations().await?);
+        let (running, cancel) = (runner.running.clone(), bg_cancel.clone());
+        background.spawn(async move {
+            loop {
+                let c = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    c = cancels.next() => match c { Some(c) => c, None => return },
+                };
+                let token = running.lock().ok().and_then(|m| m.get(&(c.job_id, c.attempt)).cloned());
+                if let Some(token) = token {
+                    tracing::info!(job_id = %c.job_id, attempt = c.attempt, reason = %c.reason, "cancelling job");
+                    token.cancel();
+                }
+            }
+        });
+    }
     let jobs = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     pull_loop(

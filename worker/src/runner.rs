@@ -8,12 +8,17 @@ use crate::state::State;
 use crate::transport::{JobDelivery, PendingAck, Transport};
 use backon::{ExponentialBuilder, Retryable};
 use orch_shared::event::{Event, EventKind};
-use orch_shared::ids::WorkerId;
+use orch_shared::ids::{JobId, WorkerId};
 use orch_shared::job::{FailureReason, JobResult, Outcome, Usage};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+/// Cancellation tokens of the job attempts this worker is running.
+pub type Running = Arc<Mutex<HashMap<(JobId, u32), CancellationToken>>>;
 
 /// Everything a job run needs, shared by all slots.
 #[derive(Clone)]
@@ -22,6 +27,21 @@ pub struct Runner {
     pub state: State,
     pub worker_id: WorkerId,
     pub agent: Arc<dyn Agent>,
+    pub running: Running,
+}
+
+/// Removes a job from [`Running`] when its run ends, however it ends.
+struct Registered<'a> {
+    running: &'a Running,
+    key: (JobId, u32),
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.running.lock() {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl Runner {
@@ -54,16 +74,16 @@ impl Runner {
         if job.delivery > 1 {
             metrics::counter!(m::JOBS_REDELIVERED).increment(1);
         }
-        match self.state.is_done(spec.job_id, spec.attempt).await {
-            Ok(true) => {
-                tracing::info!("job attempt already finished elsewhere; acking without running");
+        match self.state.skip_reason(spec.job_id, spec.attempt).await {
+            Ok(Some(why)) => {
+                tracing::info!(why, "job attempt not to be run; acking it");
                 metrics::counter!(m::JOBS_ALREADY_DONE).increment(1);
                 let _ = job.ack().await;
                 return;
             }
-            Ok(false) => {}
+            Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "could not check the done marker; running the job")
+                tracing::warn!(error = %e, "could not check the job markers; running the job")
             }
         }
         metrics::counter!(m::JOBS_STARTED).increment(1);
@@ -83,6 +103,14 @@ impl Runner {
         .await;
 
         let agent_cancel = hard_stop.child_token();
+        let key = (spec.job_id, spec.attempt);
+        if let Ok(mut map) = self.running.lock() {
+            map.insert(key, agent_cancel.clone());
+        }
+        let _registered = Registered {
+            running: &self.running,
+            key,
+        };
         let (events, mut rx) = Events::new();
         let agent_run = self.agent.run(&spec, events, agent_cancel.clone());
         tokio::pin!(agent_run);
@@ -123,6 +151,12 @@ impl Runner {
                     });
                 }
                 _ = hard_stop.cancelled() => break None,
+                _ = agent_cancel.cancelled(), if !hard_stop.is_cancelled() => {
+                    // Cancelled by the coordinator: the agent stops; what it reports next is
+                    // the attempt's result (failure: cancelled).
+                    let out = (&mut agent_run).await;
+                    break Some(out);
+                }
             }
         };
         while let Ok(kind) = rx.try_recv() {

@@ -99,12 +99,27 @@ impl State {
             .map_err(redis_err("deregister worker"))
     }
 
-    /// Whether this job attempt already finished with a durable result.
-    pub async fn is_done(&self, job: JobId, attempt: u32) -> Result<bool, Error> {
+    /// Why this job attempt must not run: it already finished with a durable result, or the
+    /// coordinator cancelled it. One round trip.
+    pub async fn skip_reason(
+        &self,
+        job: JobId,
+        attempt: u32,
+    ) -> Result<Option<&'static str>, Error> {
         let mut conn = self.conn.clone();
-        conn.exists(keys::job_done(job, attempt))
+        let (done, cancelled): (bool, bool) = redis::pipe()
+            .exists(keys::job_done(job, attempt))
+            .exists(keys::job_cancelled(job, attempt))
+            .query_async(&mut conn)
             .await
-            .map_err(redis_err("check job done"))
+            .map_err(redis_err("check job markers"))?;
+        Ok(if done {
+            Some("already finished")
+        } else if cancelled {
+            Some("cancelled")
+        } else {
+            None
+        })
     }
 
     /// Marks a job attempt as finished (after its result is stored in JetStream).

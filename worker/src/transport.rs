@@ -5,7 +5,7 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use futures::{Stream, StreamExt};
 use orch_shared::codec;
 use orch_shared::event::Event;
-use orch_shared::job::{JobResult, JobSpec};
+use orch_shared::job::{CancelJob, JobResult, JobSpec};
 use orch_shared::subject;
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,6 +214,16 @@ impl Transport {
             .map_err(|e| err(e.into()))?;
         ack.await.map_err(|e| err(e.into()))?;
         Ok(())
+    }
+
+    /// Cancellation requests for job attempts (core NATS, to every worker).
+    pub async fn cancellations(&self) -> Result<impl Stream<Item = CancelJob> + use<>, Error> {
+        let sub = self
+            .client
+            .subscribe(subject::CONTROL_CANCEL)
+            .await
+            .map_err(|e| Error::Pull(e.into()))?;
+        Ok(sub.filter_map(|msg| async move { codec::decode::<CancelJob>(&msg.payload).ok() }))
     }
 
     pub async fn flush(&self) {

@@ -4,6 +4,9 @@
 //! the parsed arguments to the verb's `run`. Handlers return `anyhow::Result<ExitCode>`: `Ok`
 //! with 0 or 1 (not found, task failed), `Err` for everything else (mapped to 2 by `main`).
 
+pub mod cancel;
+pub mod dlq;
+pub mod kill;
 pub mod local;
 pub mod status;
 pub mod submit;
@@ -107,7 +110,7 @@ pub struct Global {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     #[command(visible_alias = "execute")]
-    Submit(submit::Args),
+    Submit(Box<submit::Args>),
     Status(status::Args),
     /// List and inspect tasks
     #[command(subcommand)]
@@ -123,6 +126,11 @@ pub enum Command {
     /// List the task types the coordinator can plan
     #[command(subcommand, name = "task-types")]
     TaskTypes(task_types::Command),
+    Cancel(cancel::Args),
+    Kill(kill::Args),
+    /// Jobs that failed for good: list them, retry one
+    #[command(subcommand)]
+    Dlq(dlq::Command),
     /// Run a whole cluster on this machine
     #[command(subcommand)]
     Local(local::Command),
@@ -178,12 +186,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = Paths::from_env(cli.global.config.clone());
     let ctx = Ctx::new(cli.global, paths);
     match cli.command {
-        Command::Submit(args) => submit::run(&ctx, args).await,
+        Command::Submit(args) => submit::run(&ctx, *args).await,
         Command::Status(args) => status::run(&ctx, args).await,
         Command::Tasks(cmd) => tasks::run(&ctx, cmd).await,
         Command::ListTasks(args) => tasks::list::run(&ctx, args).await,
         Command::Workers(cmd) => workers::run(&ctx, cmd).await,
         Command::TaskTypes(cmd) => task_types::run(&ctx, cmd).await,
+        Command::Cancel(args) => cancel::run(&ctx, args).await,
+        Command::Kill(args) => kill::run(&ctx, args).await,
+        Command::Dlq(cmd) => dlq::run(&ctx, cmd).await,
         Command::Local(cmd) => local::run(&ctx, cmd).await,
     }
 }

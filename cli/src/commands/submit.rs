@@ -6,9 +6,10 @@ use crate::follow::{self, MAX_RECONNECTS, Update};
 use crate::output;
 use crate::progress::{Panel, View};
 use anyhow::{Context as _, anyhow, bail};
-use orch_shared::api::{Mode, SubmitTask, Task, TaskStatus};
+use orch_shared::api::{Mode, OnFailure, SubmitTask, Task, TaskStatus};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{Backend, SimParams};
+use orch_shared::plan::PlanSpec;
 use orch_shared::role::Role;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -78,9 +79,56 @@ pub struct Args {
     #[arg(long, value_name = "RATE")]
     pub sim_fail_rate: Option<String>,
 
+    /// Run this plan (a JSON file, `-` for stdin) instead of planning: steps with role, scope,
+    /// constraints, estimated_tokens and depends_on (0-based step indices)
+    #[arg(long, value_name = "FILE")]
+    pub plan: Option<PathBuf>,
+
+    /// What a failed step does to the steps that depend on it
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub on_failure: Option<OnFailureArg>,
+
+    /// Attempts per job for retryable failures (rate limit, overload, network, lost worker)
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+
+    /// Most jobs of this task running at once
+    #[arg(long, value_name = "N")]
+    pub max_parallel: Option<u32>,
+
+    /// Stop dispatching once the task has spent this many US dollars
+    #[arg(long, value_name = "USD")]
+    pub budget_usd: Option<f64>,
+
+    /// Stop dispatching once the task has used this many tokens
+    #[arg(long, value_name = "TOKENS")]
+    pub budget_tokens: Option<u64>,
+
+    /// Wall-clock limit of one job attempt, e.g. 10m
+    #[arg(long, value_name = "DURATION")]
+    pub job_timeout: Option<String>,
+
+    /// Wall-clock limit of the whole task, e.g. 1h
+    #[arg(long, value_name = "DURATION")]
+    pub task_timeout: Option<String>,
+
+    /// Most turns an agent may take
+    #[arg(long, value_name = "N")]
+    pub max_turns: Option<u32>,
+
+    /// Print the plan and its estimated cost and duration; run nothing
+    #[arg(long, conflicts_with = "follow")]
+    pub dry_run: bool,
+
     /// Show live progress until the task ends, then print its result
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnFailureArg {
+    Stop,
+    Continue,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -125,6 +173,28 @@ pub fn parse_backend(value: &str) -> anyhow::Result<Backend> {
             )
         },
     )
+}
+
+/// Parses a `--job-timeout`-like duration flag into milliseconds.
+pub fn parse_duration_ms(flag: &str, value: &str) -> anyhow::Result<u64> {
+    let d = humantime::parse_duration(value.trim())
+        .map_err(|e| anyhow!("invalid {flag} `{value}`: {e} (expected e.g. 90s or 10m)"))?;
+    u64::try_from(d.as_millis()).map_err(|_| anyhow!("invalid {flag} `{value}`: too long"))
+}
+
+/// Reads and parses `--plan FILE` (`-` for stdin).
+pub fn read_plan(path: &std::path::Path) -> anyhow::Result<PlanSpec> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("failed to read the plan from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("invalid --plan: cannot read {}", path.display()))?
+    };
+    serde_json::from_str(&text).map_err(|e| anyhow!("invalid --plan {}: {e}", path.display()))
 }
 
 /// Parses `--sim-latency` (`500ms`, `2s`, `1m`) into milliseconds.
@@ -189,6 +259,26 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         model: non_empty(&args.model),
         workspace,
         sim,
+        plan: args.plan.as_deref().map(read_plan).transpose()?,
+        on_failure: args.on_failure.map(|p| match p {
+            OnFailureArg::Stop => OnFailure::Stop,
+            OnFailureArg::Continue => OnFailure::Continue,
+        }),
+        max_attempts: args.max_attempts,
+        max_parallel: args.max_parallel,
+        budget_usd: args.budget_usd,
+        budget_tokens: args.budget_tokens,
+        job_timeout_ms: args
+            .job_timeout
+            .as_deref()
+            .map(|v| parse_duration_ms("--job-timeout", v))
+            .transpose()?,
+        task_timeout_ms: args
+            .task_timeout
+            .as_deref()
+            .map(|v| parse_duration_ms("--task-timeout", v))
+            .transpose()?,
+        max_turns: args.max_turns,
     })
 }
 
@@ -214,6 +304,17 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     let prompt = read_prompt(&args.prompt)?;
     let request = build_request(&args, prompt)?;
     let client = ctx.client()?;
+    if args.dry_run {
+        let dry = client.dry_run(&request).await?;
+        let mut out = std::io::stdout().lock();
+        if ctx.json() {
+            output::json(&mut out, &dry)?;
+        } else {
+            output::dry_run(&mut out, &dry)?;
+        }
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let submitted = client.submit(&request).await?;
     if !submitted.created {
         let _ = writeln!(
@@ -249,7 +350,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     out.flush()?;
     let completed = match task.status {
         TaskStatus::Completed => true,
-        TaskStatus::Failed => false,
+        TaskStatus::Failed | TaskStatus::Cancelled => false,
         // The record lags the event log: trust the `task_finished` event.
         TaskStatus::Pending | TaskStatus::Running => {
             finished_status.as_deref() == Some("completed")

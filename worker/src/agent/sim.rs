@@ -186,6 +186,7 @@ mod tests {
             model: None,
             workspace: Default::default(),
             limits: Default::default(),
+            constraints: vec![],
             sim: SimParams {
                 latency_ms: 0,
                 fail_rate,

@@ -1,0 +1,329 @@
+use super::*;
+use crate::planner::plan;
+use orch_shared::job::{FailureReason, Usage};
+use orch_shared::plan::PlanSpec;
+use orch_shared::role::Role;
+
+fn opts(mode: Mode) -> TaskOptions {
+    TaskOptions {
+        prompt: "build and test a parser".into(),
+        task_type: "auto".into(),
+        mode,
+        backend: Backend::Sim,
+        model: None,
+        workspace: Workspace::Scratch,
+        sim: SimParams::default(),
+        idempotency_key: None,
+        execution: ExecutionOptions::default(),
+    }
+}
+
+fn published(actions: &[Action]) -> Vec<JobSpec> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn roles(specs: &[JobSpec]) -> Vec<Role> {
+    specs.iter().map(|s| s.role).collect()
+}
+
+fn result(spec: &JobSpec, outcome: Outcome, output: &str) -> JobResult {
+    JobResult {
+        task_id: spec.task_id,
+        job_id: spec.job_id,
+        attempt: spec.attempt,
+        delivery: 1,
+        worker_id: WorkerId("w".into()),
+        outcome,
+        output: output.into(),
+        usage: Usage {
+            input_tokens: 10,
+            output_tokens: 5,
+            cache_creation_tokens: 1,
+            cache_read_tokens: 2,
+        },
+        cost_usd: 0.25,
+        files_read: vec![],
+        files_written: vec![],
+        started_at_ms: 1,
+        finished_at_ms: 2,
+    }
+}
+
+fn ok(spec: &JobSpec) -> JobResult {
+    result(
+        spec,
+        Outcome::Success,
+        &format!("## Summary\n{} done\n", spec.role),
+    )
+}
+
+fn fail(spec: &JobSpec, reason: FailureReason) -> JobResult {
+    result(
+        spec,
+        Outcome::Failure {
+            reason,
+            message: "boom".into(),
+        },
+        "",
+    )
+}
+
+fn user_plan(json: &str) -> Plan {
+    let spec: PlanSpec = serde_json::from_str(json).unwrap();
+    plan("auto", "p", None, Some(spec)).unwrap()
+}
+
+fn task_with(mode: Mode, p: Plan, f: impl FnOnce(&mut ExecutionOptions)) -> (Task, Vec<Action>) {
+    let mut o = opts(mode);
+    f(&mut o.execution);
+    new_task(TaskId::new(), o, p, 0).unwrap()
+}
+
+#[test]
+fn sequential_runs_one_at_a_time_with_forward_context() {
+    let p = plan("auto", "build and test a parser", None, None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let first = published(&actions);
+    assert_eq!(roles(&first), vec![Role::Builder]);
+    let next = published(&on_result(&mut task, &ok(&first[0]), 5).unwrap());
+    assert_eq!(roles(&next), vec![Role::Tester]);
+    assert!(next[0].context.as_deref().unwrap().contains("builder done"));
+    // A duplicate result changes nothing.
+    assert!(on_result(&mut task, &ok(&first[0]), 6).is_none());
+    let last = on_result(&mut task, &ok(&next[0]), 9).unwrap();
+    assert!(matches!(
+        last.last(),
+        Some(Action::Emit(None, EventKind::TaskFinished { .. }))
+    ));
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(task.usage.total(), 36);
+    assert_eq!(task.cost_usd, 0.5);
+    assert_eq!(task.finished_at_ms, Some(9));
+}
+
+#[test]
+fn a_dag_runs_independent_steps_together_and_joins_contexts() {
+    let p = user_plan(
+        r#"{"steps":[{"role":"analyst"},{"role":"builder","depends_on":[0]},{"role":"documenter","depends_on":[0]},{"role":"reviewer","depends_on":[1,2]}]}"#,
+    );
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let a = published(&actions);
+    assert_eq!(roles(&a), vec![Role::Analyst]);
+    let bd = published(&on_result(&mut task, &ok(&a[0]), 1).unwrap());
+    assert_eq!(roles(&bd), vec![Role::Builder, Role::Documenter]);
+    assert!(published(&on_result(&mut task, &ok(&bd[1]), 2).unwrap()).is_empty());
+    let r = published(&on_result(&mut task, &ok(&bd[0]), 3).unwrap());
+    assert_eq!(roles(&r), vec![Role::Reviewer]);
+    let ctx = r[0].context.as_deref().unwrap();
+    assert!(
+        ctx.contains("builder done") && ctx.contains("documenter done"),
+        "{ctx}"
+    );
+}
+
+#[test]
+fn stop_skips_dependents_transitively_but_not_independent_steps() {
+    let p = user_plan(
+        r#"{"steps":[{"role":"analyst"},{"role":"builder","depends_on":[0]},{"role":"tester","depends_on":[1]},{"role":"documenter","depends_on":[]}]}"#,
+    );
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let first = published(&actions);
+    assert_eq!(roles(&first), vec![Role::Analyst, Role::Documenter]);
+    let a = on_result(&mut task, &fail(&first[0], FailureReason::BadRequest), 1).unwrap();
+    assert!(a.contains(&Action::DeadLetter(first[0].job_id)));
+    let statuses: Vec<JobStatus> = task.jobs.iter().map(|j| j.status).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            JobStatus::Failed,
+            JobStatus::Skipped,
+            JobStatus::Skipped,
+            JobStatus::Queued
+        ]
+    );
+    on_result(&mut task, &ok(&first[1]), 2).unwrap();
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert!(
+        task.error
+            .as_deref()
+            .unwrap()
+            .contains("step 1 (analyst) failed: bad_request")
+    );
+}
+
+#[test]
+fn continue_runs_dependents_of_a_failed_step() {
+    let p = plan("auto", "x", Some(&[Role::Builder, Role::Tester]), None).unwrap();
+    let (mut task, actions) =
+        task_with(Mode::Sequential, p, |o| o.on_failure = OnFailure::Continue);
+    let b = published(&actions);
+    let t = published(&on_result(&mut task, &fail(&b[0], FailureReason::BadRequest), 1).unwrap());
+    assert_eq!(roles(&t), vec![Role::Tester]);
+    assert!(t[0].context.is_none());
+    on_result(&mut task, &ok(&t[0]), 2).unwrap();
+    assert_eq!(
+        task.status,
+        TaskStatus::Failed,
+        "a task with a failed step is failed"
+    );
+}
+
+#[test]
+fn retryable_failures_are_retried_with_backoff_then_dead_lettered() {
+    let p = plan("auto", "x", Some(&[Role::Builder]), None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |o| o.max_attempts = 2);
+    let b1 = published(&actions).remove(0);
+    let a = on_result(&mut task, &fail(&b1, FailureReason::RateLimited), 1_000).unwrap();
+    let at = a
+        .iter()
+        .find_map(|a| match a {
+            Action::WakeAt(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        (2_000..3_000).contains(&at),
+        "first retry after 1-2 s: {at}"
+    );
+    assert_eq!(task.jobs[0].status, JobStatus::Retrying);
+    assert!(
+        on_wake(&mut task, at - 1).is_empty(),
+        "not before it is due"
+    );
+    let b2 = published(&on_wake(&mut task, at)).remove(0);
+    assert_eq!(b2.attempt, 2);
+    // A late result of attempt 1 is stale.
+    assert!(on_result(&mut task, &ok(&b1), at + 1).is_none());
+    let a = on_result(&mut task, &fail(&b2, FailureReason::Overloaded), at + 2).unwrap();
+    assert!(a.contains(&Action::DeadLetter(b2.job_id)));
+    assert_eq!(task.status, TaskStatus::Failed);
+    // The usage of both attempts is counted.
+    assert_eq!(task.usage.total(), 36);
+    // dlq retry reopens it.
+    let again = published(&retry_dead(&mut task, b2.job_id, at + 3).unwrap());
+    assert_eq!(again[0].attempt, 3);
+    assert_eq!(task.status, TaskStatus::Running);
+    on_result(&mut task, &ok(&again[0]), at + 4).unwrap();
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert!(task.error.is_none());
+}
+
+#[test]
+fn non_retryable_failures_are_not_retried() {
+    let p = plan("auto", "x", Some(&[Role::Builder]), None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let b = published(&actions).remove(0);
+    on_result(&mut task, &fail(&b, FailureReason::Timeout), 1).unwrap();
+    assert_eq!(task.jobs[0].status, JobStatus::Failed);
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    assert!((1_000..2_000).contains(&backoff_ms(2, 7)));
+    assert!((2_000..4_000).contains(&backoff_ms(3, 7)));
+    assert!(backoff_ms(40, 999) < 300_000);
+}
+
+#[test]
+fn max_parallel_caps_jobs_in_flight() {
+    let p = plan(
+        "auto",
+        "x",
+        Some(&[Role::Analyst, Role::Builder, Role::Tester, Role::Reviewer]),
+        None,
+    )
+    .unwrap();
+    let (mut task, actions) = task_with(Mode::Parallel, p, |o| o.max_parallel = Some(2));
+    let first = published(&actions);
+    assert_eq!(first.len(), 2);
+    let more = published(&on_result(&mut task, &ok(&first[0]), 1).unwrap());
+    assert_eq!(roles(&more), vec![Role::Tester]);
+}
+
+#[test]
+fn budget_stops_dispatch_and_fails_the_task_when_nothing_runs() {
+    let p = plan(
+        "auto",
+        "x",
+        Some(&[Role::Analyst, Role::Builder, Role::Tester]),
+        None,
+    )
+    .unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |o| o.budget_usd = Some(0.2));
+    let a = published(&actions).remove(0);
+    let after = on_result(&mut task, &ok(&a), 1).unwrap();
+    assert!(
+        published(&after).is_empty(),
+        "$0.25 spent of $0.20: nothing more is dispatched"
+    );
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert!(task.error.as_deref().unwrap().contains("budget exhausted"));
+    assert_eq!(task.jobs[1].status, JobStatus::Skipped);
+}
+
+#[test]
+fn cancel_stops_running_jobs_and_skips_the_rest() {
+    let p = plan("auto", "x", Some(&[Role::Analyst, Role::Builder]), None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let a = published(&actions).remove(0);
+    let actions = cancel(&mut task, "cancelled by a user", 5);
+    assert!(actions.contains(&Action::Cancel {
+        job: a.job_id,
+        attempt: 1
+    }));
+    assert_eq!(task.status, TaskStatus::Cancelled);
+    assert_eq!(task.jobs[1].status, JobStatus::Skipped);
+    // The stopped worker's report is counted once, and changes nothing else.
+    let mut r = fail(&a, FailureReason::Cancelled);
+    r.cost_usd = 0.1;
+    assert!(on_result(&mut task, &r, 6).unwrap().is_empty());
+    assert!(on_result(&mut task, &r, 7).is_none());
+    assert_eq!(task.cost_usd, 0.1);
+    assert!(cancel(&mut task, "again", 8).is_empty());
+}
+
+#[test]
+fn kill_cancels_one_agent_and_stops_its_dependents() {
+    let p = plan("auto", "x", Some(&[Role::Analyst, Role::Builder]), None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let a = published(&actions).remove(0);
+    let actions = kill(&mut task, a.job_id, 5).unwrap();
+    assert!(actions.contains(&Action::Cancel {
+        job: a.job_id,
+        attempt: 1
+    }));
+    assert_eq!(task.jobs[1].status, JobStatus::Skipped);
+    assert_eq!(task.status, TaskStatus::Cancelled);
+}
+
+#[test]
+fn task_deadline_fails_the_task() {
+    let p = plan("auto", "x", Some(&[Role::Analyst]), None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |o| o.task_timeout_ms = Some(1_000));
+    assert!(actions.contains(&Action::WakeAt(1_000)));
+    assert!(on_wake(&mut task, 999).is_empty());
+    let actions = on_wake(&mut task, 1_000);
+    assert!(actions.iter().any(|a| matches!(a, Action::Cancel { .. })));
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert!(
+        task.error
+            .as_deref()
+            .unwrap()
+            .starts_with("task timed out after 1s")
+    );
+}
+
+#[test]
+fn resume_republishes_queued_jobs_and_rearms_timers() {
+    let p = plan("auto", "x", Some(&[Role::Analyst, Role::Builder]), None).unwrap();
+    let (task, actions) = task_with(Mode::Parallel, p, |o| o.task_timeout_ms = Some(60_000));
+    let again = resume(&task);
+    assert_eq!(published(&again), published(&actions));
+    assert!(again.contains(&Action::WakeAt(60_000)));
+}
