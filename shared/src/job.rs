@@ -93,6 +93,12 @@ pub struct SimParams {
     /// Probability in [0, 1] that an attempt fails (decided by hashing job id and attempt).
     #[serde(default)]
     pub fail_rate: f64,
+    /// The first N attempts of every job fail, whatever the rate (for retry tests and demos).
+    #[serde(default)]
+    pub fail_first_attempts: u32,
+    /// How simulated failures fail (default `agent_error`).
+    #[serde(default)]
+    pub fail_reason: Option<FailureReason>,
 }
 
 /// Tokens by kind, as the providers report them.

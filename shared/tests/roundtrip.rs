@@ -64,10 +64,20 @@ fn workspace() -> impl Strategy<Value = Workspace> {
     ]
 }
 fn sim() -> impl Strategy<Value = SimParams> {
-    (any::<u64>(), 0.0..=1.0f64).prop_map(|(latency_ms, fail_rate)| SimParams {
-        latency_ms,
-        fail_rate,
-    })
+    (
+        any::<u64>(),
+        0.0..=1.0f64,
+        any::<u32>(),
+        proptest::option::of(reason()),
+    )
+        .prop_map(
+            |(latency_ms, fail_rate, fail_first_attempts, fail_reason)| SimParams {
+                latency_ms,
+                fail_rate,
+                fail_first_attempts,
+                fail_reason,
+            },
+        )
 }
 fn outcome() -> impl Strategy<Value = Outcome> {
     prop_oneof![
@@ -241,6 +251,8 @@ fn sample_spec() -> JobSpec {
         sim: SimParams {
             latency_ms: 250,
             fail_rate: 0.125,
+            fail_first_attempts: 1,
+            fail_reason: Some(FailureReason::Overloaded),
         },
     }
 }

@@ -10,6 +10,7 @@
 //! infrastructure, [`Cluster`] a whole cluster with an HTTP client for its API.
 
 use orch_shared::api::{Task, TaskStatus};
+use orch_shared::event::Event;
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -239,6 +240,8 @@ pub struct Cluster {
     /// `http://127.0.0.1:PORT` of the coordinator.
     pub url: String,
     pub opts: Options,
+    /// Coordinators replaced by [`Cluster::restart_coordinator`] (kept for their logs).
+    pub previous: Vec<Server>,
     http: reqwest::Client,
     next_worker: usize,
 }
@@ -282,6 +285,7 @@ impl Cluster {
             workers: vec![],
             url: format!("http://{addr}"),
             opts: opts.clone(),
+            previous: vec![],
             http: reqwest::Client::new(),
             next_worker: 0,
         };
@@ -291,6 +295,24 @@ impl Cluster {
         }
         cluster.wait_workers(opts.workers).await;
         cluster
+    }
+
+    /// Kills the coordinator with SIGKILL and starts a new one on the same address.
+    pub async fn restart_coordinator(&mut self) {
+        self.coordinator.signal(libc::SIGKILL);
+        let _ = self.coordinator.wait_exit(Duration::from_secs(10));
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let (coordinator, _) = start_coordinator(
+            self.dir.path(),
+            &self.nats_url,
+            &self.redis_url,
+            &self.opts,
+            &listen,
+        );
+        // Keep the old log for failure messages under another name.
+        let old = std::mem::replace(&mut self.coordinator, coordinator);
+        self.previous.push(old);
+        self.wait_ready().await;
     }
 
     /// Starts one more worker; returns its index in `workers`.
@@ -420,11 +442,45 @@ impl Cluster {
         out
     }
 
+    /// Reads a task's server-sent events until the stream ends (after `task_finished`):
+    /// `(event id, event)` pairs, resuming after `last_id` when given.
+    pub async fn events(&self, task: &str, last_id: Option<u64>) -> Vec<(u64, Event)> {
+        let mut req = self
+            .http
+            .get(format!("{}/v1/tasks/{task}/events", self.url))
+            .bearer_auth(TOKEN);
+        if let Some(id) = last_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let body = tokio::time::timeout(Duration::from_secs(120), async {
+            req.send()
+                .await
+                .expect("events request")
+                .text()
+                .await
+                .expect("events body")
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the event stream of {task} did not end\n{}", self.logs()));
+        let mut out = Vec::new();
+        let mut id = None;
+        for line in body.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = v.parse().ok();
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                let event = serde_json::from_str(data).expect("an event");
+                out.push((id.take().expect("every event has an id"), event));
+            }
+        }
+        out
+    }
+
     /// The tail of every process's log.
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for server in [&self.coordinator, &self.nats, &self.redis]
             .into_iter()
+            .chain(self.previous.iter())
             .chain(self.workers.iter())
         {
             s.push_str(&server.tail(40));
@@ -449,6 +505,45 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// Starts a coordinator listening on `listen`; returns it and its bound address.
+fn start_coordinator(
+    dir: &Path,
+    nats_url: &str,
+    redis_url: &str,
+    opts: &Options,
+    listen: &str,
+) -> (Server, String) {
+    let addr_file = dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut cmd = Command::new(workspace_bin("orch-coordinator"));
+    cmd.args([
+        "--listen",
+        listen,
+        "--nats-url",
+        nats_url,
+        "--redis-url",
+        redis_url,
+    ])
+    .args(["--token", TOKEN, "--job-ack-wait"])
+    .arg(format!("{}ms", opts.ack_wait.as_millis()))
+    .arg("--addr-file")
+    .arg(&addr_file)
+    .env("ORCH_LOG", "info");
+    // The log of a restarted coordinator gets a fresh name; the old one is kept.
+    let name = if dir.join("coordinator.log").exists() {
+        "coordinator-restarted"
+    } else {
+        "coordinator"
+    };
+    let server = Server::spawn(name, &mut cmd, dir);
+    let addr = wait_for("the coordinator to listen", Duration::from_secs(30), || {
+        std::fs::read_to_string(&addr_file)
+            .ok()
+            .filter(|s| !s.is_empty())
+    });
+    (server, addr)
 }
 
 /// Whether a log file contains `needle`.

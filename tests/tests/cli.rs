@@ -198,3 +198,70 @@ fn local_up_starts_a_cluster_later_commands_find_and_local_down_stops_it() {
     let (code, stdout, _) = run(orchctl(home.path()).args(["local", "status"]));
     assert_ne!(code, 0, "the cluster is gone: {stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_cancel_kill_and_dlq_verbs() {
+    let cluster = Cluster::start(Options::default()).await;
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(against(&cluster, home.path()).args([
+        "submit",
+        "fix the login bug",
+        "--task-type",
+        "bug_fix",
+        "--dry-run",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("nothing was run") && stdout.contains("builder"),
+        "{stdout}"
+    );
+
+    let plan = home.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"steps":[{"role":"analyst","scope":"look"},{"role":"builder","scope":"build","depends_on":[0]}]}"#,
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(against(&cluster, home.path()).args([
+        "submit",
+        "x",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--sim-latency",
+        "20s",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    let task: Task = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(task.task_type, "plan");
+    let (code, stdout, _) =
+        run(against(&cluster, home.path()).args(["cancel", &task.id.to_string(), "-o", "json"]));
+    assert_eq!(code, 0);
+    let cancelled: Task = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(cancelled.status, TaskStatus::Cancelled);
+
+    let (code, _, stderr) =
+        run(against(&cluster, home.path()).args(["kill", "0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9b"]));
+    assert_eq!(code, 1, "{stderr}");
+    let (code, _, stderr) = run(against(&cluster, home.path()).args([
+        "dlq",
+        "retry",
+        "0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9b",
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    let (code, stdout, _) = run(against(&cluster, home.path()).args(["dlq", "list"]));
+    assert_eq!(code, 0);
+    assert!(stdout.contains("no dead letters"), "{stdout}");
+    let (code, _, stderr) =
+        run(against(&cluster, home.path()).args(["submit", "x", "--on-failure", "panic"]));
+    assert_eq!(code, 2, "{stderr}");
+    let (code, _, stderr) = run(against(&cluster, home.path()).args([
+        "submit",
+        "x",
+        "--plan",
+        "/nonexistent/plan.json",
+    ]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--plan"), "{stderr}");
+}

@@ -2,10 +2,10 @@
 //! failures, idempotent submits and the resumable event stream.
 
 use orch_shared::api::{JobStatus, TaskStatus};
-use orch_shared::event::{Event, EventKind};
+use orch_shared::event::EventKind;
 use orch_shared::job::Usage;
 use orch_shared::role::Role;
-use orch_tests::{Cluster, Options, TOKEN, assert_completed};
+use orch_tests::{Cluster, Options, assert_completed};
 use serde_json::json;
 use std::time::Duration;
 
@@ -170,35 +170,6 @@ async fn duplicate_submit_with_the_same_idempotency_key_creates_one_task() {
     cluster.wait_task(first["id"].as_str().unwrap(), WAIT).await;
 }
 
-/// Reads a task's server-sent events until the stream ends: `(id, event)` pairs.
-async fn read_events(cluster: &Cluster, task: &str, last_id: Option<u64>) -> Vec<(u64, Event)> {
-    let mut req = cluster
-        .http()
-        .get(format!("{}/v1/tasks/{task}/events", cluster.url))
-        .bearer_auth(TOKEN);
-    if let Some(id) = last_id {
-        req = req.header("Last-Event-ID", id.to_string());
-    }
-    let body = tokio::time::timeout(WAIT, async {
-        req.send().await.unwrap().text().await.unwrap()
-    })
-    .await
-    .expect("the event stream ends after task_finished");
-    let mut out = Vec::new();
-    let mut id = None;
-    for line in body.lines() {
-        if let Some(v) = line.strip_prefix("id: ") {
-            id = v.parse().ok();
-        } else if let Some(data) = line.strip_prefix("data: ") {
-            out.push((
-                id.take().expect("every event has an id"),
-                serde_json::from_str(data).unwrap(),
-            ));
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_stream_replays_the_task_and_resumes_after_the_last_event_id() {
     let cluster = Cluster::start(Options::default()).await;
@@ -207,7 +178,7 @@ async fn event_stream_replays_the_task_and_resumes_after_the_last_event_id() {
         .await;
     let id = task.id.to_string();
     // Read live while the task runs; the stream closes by itself at the end.
-    let events = read_events(&cluster, &id, None).await;
+    let events = cluster.events(&id, None).await;
     let kinds: Vec<&str> = events.iter().map(|(_, e)| e.kind.name()).collect();
     assert_eq!(kinds.first(), Some(&"task_created"));
     assert_eq!(kinds.last(), Some(&"task_finished"));
@@ -233,7 +204,7 @@ async fn event_stream_replays_the_task_and_resumes_after_the_last_event_id() {
     assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "ids increase");
     // Resume from the middle: exactly the later events come back.
     let middle = events[events.len() / 2].0;
-    let rest = read_events(&cluster, &id, Some(middle)).await;
+    let rest = cluster.events(&id, Some(middle)).await;
     let expected: Vec<u64> = events
         .iter()
         .map(|(i, _)| *i)

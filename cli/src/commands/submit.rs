@@ -79,6 +79,10 @@ pub struct Args {
     #[arg(long, value_name = "RATE")]
     pub sim_fail_rate: Option<String>,
 
+    /// The first N attempts of every simulated job fail (sim backend; shows retries)
+    #[arg(long, value_name = "N")]
+    pub sim_fail_attempts: Option<u32>,
+
     /// Run this plan (a JSON file, `-` for stdin) instead of planning: steps with role, scope,
     /// constraints, estimated_tokens and depends_on (0-based step indices)
     #[arg(long, value_name = "FILE")]
@@ -233,10 +237,13 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         .as_deref()
         .map(parse_fail_rate)
         .transpose()?;
-    let sim = (latency_ms.is_some() || fail_rate.is_some()).then(|| SimParams {
-        latency_ms: latency_ms.unwrap_or_default(),
-        fail_rate: fail_rate.unwrap_or_default(),
-    });
+    let sim = (latency_ms.is_some() || fail_rate.is_some() || args.sim_fail_attempts.is_some())
+        .then(|| SimParams {
+            latency_ms: latency_ms.unwrap_or_default(),
+            fail_rate: fail_rate.unwrap_or_default(),
+            fail_first_attempts: args.sim_fail_attempts.unwrap_or_default(),
+            fail_reason: None,
+        });
     let workspace = args
         .workspace
         .as_deref()
@@ -502,7 +509,8 @@ mod tests {
             req.sim,
             Some(SimParams {
                 latency_ms: 2000,
-                fail_rate: 0.1
+                fail_rate: 0.1,
+                ..Default::default()
             })
         );
     }

@@ -32,8 +32,11 @@ fn seed(job: &JobSpec) -> u64 {
     h
 }
 
-/// Whether this attempt fails, given the job's fail rate.
+/// Whether this attempt fails, given the job's fail rate and forced failures.
 pub fn fails(job: &JobSpec) -> bool {
+    if job.attempt <= job.sim.fail_first_attempts {
+        return true;
+    }
     let draw = (seed(job) % 1_000_000) as f64 / 1_000_000.0;
     draw < job.sim.fail_rate
 }
@@ -148,8 +151,11 @@ impl Agent for Sim {
             events.send(EventKind::Usage { usage, cost_usd });
             let outcome = if fails(job) {
                 Outcome::Failure {
-                    reason: FailureReason::AgentError,
-                    message: format!("simulated failure (sim fail rate {})", job.sim.fail_rate),
+                    reason: job.sim.fail_reason.unwrap_or(FailureReason::AgentError),
+                    message: format!(
+                        "simulated failure (attempt {}, sim fail rate {}, first {} attempts fail)",
+                        job.attempt, job.sim.fail_rate, job.sim.fail_first_attempts
+                    ),
                 }
             } else {
                 Outcome::Success
@@ -190,6 +196,7 @@ mod tests {
             sim: SimParams {
                 latency_ms: 0,
                 fail_rate,
+                ..Default::default()
             },
         }
     }
@@ -200,6 +207,17 @@ mod tests {
         assert_eq!(output(&job(1, 0.0)), output(&job(1, 0.0)));
         assert!(!fails(&job(1, 0.0)));
         assert!(fails(&job(1, 1.0)));
+    }
+
+    #[test]
+    fn forced_failures_hit_the_first_attempts_only() {
+        let mut j = job(1, 0.0);
+        j.sim.fail_first_attempts = 2;
+        assert!(fails(&j));
+        j.attempt = 2;
+        assert!(fails(&j));
+        j.attempt = 3;
+        assert!(!fails(&j));
     }
 
     #[test]
