@@ -210,6 +210,23 @@ impl Panel {
                     output::roles(&roles)
                 ));
             }
+            EventKind::TaskPlanned {
+                source,
+                steps,
+                rejected,
+            } => {
+                for s in steps {
+                    self.step_index(Some(s.job_id), Some(s.role));
+                }
+                let roles: Vec<Role> = steps.iter().map(|s| s.role).collect();
+                return Some(match rejected {
+                    Some(why) => format!(
+                        "planner's plan rejected ({why}); using {source}: {}",
+                        output::roles(&roles)
+                    ),
+                    None => format!("planned by the planner agent: {}", output::roles(&roles)),
+                });
+            }
             EventKind::TaskFinished {
                 status,
                 cost_usd,
@@ -336,7 +353,9 @@ impl Panel {
                 "{label} failed for good ({}); see `orchctl dlq list`",
                 reason.as_str()
             )),
-            EventKind::TaskCreated { .. } | EventKind::TaskFinished { .. } => None,
+            EventKind::TaskCreated { .. }
+            | EventKind::TaskPlanned { .. }
+            | EventKind::TaskFinished { .. } => None,
         }
     }
 
@@ -558,6 +577,7 @@ mod tests {
             role,
             status: JobStatus::Pending,
             attempt: 0,
+            kind: Default::default(),
             prompt: String::new(),
             depends_on: vec![],
             constraints: vec![],

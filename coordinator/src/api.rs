@@ -232,6 +232,14 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
     }
     let task_type = req.task_type.unwrap_or_else(|| "auto".into());
     let user_plan = req.plan.is_some();
+    let llm_planner = req.planner == Some(orch_shared::api::Planner::Llm);
+    if llm_planner && (user_plan || req.roles.is_some()) {
+        return Err(ApiError::field(
+            "planner",
+            "`llm` plans the task itself; it cannot be combined with `roles` or `plan`",
+        )
+        .into());
+    }
     let plan = planner::plan(&task_type, &prompt, req.roles.as_deref(), req.plan)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     let execution = ExecutionOptions {
@@ -302,6 +310,7 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
             sim,
             idempotency_key: req.idempotency_key,
             execution,
+            llm_planner,
         },
         plan,
     ))
@@ -531,7 +540,9 @@ async fn dry_run(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<axum::Json<DryRun>> {
     let req: SubmitTask = parse_body(body)?;
-    let (opts, plan) = validate(req)?;
+    let (mut opts, plan) = validate(req)?;
+    // A dry run never calls a planner agent (that would cost money): it shows the rules' plan.
+    opts.llm_planner = false;
     let mode = opts.mode;
     let (task, _) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;

@@ -165,6 +165,7 @@ impl Effects {
                     self.transport.publish_cancel(&cancel).await?;
                 }
                 Action::DeadLetter(job) => self.state.dead_letter(job, now).await?,
+                Action::Index(jobs) => self.state.index_jobs(task_id, &jobs).await?,
             }
         }
         self.transport.publish_all(&messages).await?;

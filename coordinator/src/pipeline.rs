@@ -23,9 +23,10 @@ use orch_shared::api::{
 use orch_shared::event::{EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
-    Backend, FailureReason, JobResult, JobSpec, Limits, Outcome, SimParams, Workspace,
+    Backend, FailureReason, JobKind, JobResult, JobSpec, Limits, Outcome, SimParams, Workspace,
 };
-use orch_shared::plan::PlanError;
+use orch_shared::plan::{PlanError, PlanSpec, parse_answer};
+use orch_shared::role::Role;
 
 /// What the caller must do after a state change, in order, after saving the task.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +42,8 @@ pub enum Action {
     Cancel { job: JobId, attempt: u32 },
     /// Add the job to the dead-letter set.
     DeadLetter(JobId),
+    /// Record that these jobs (added after the task was created) belong to the task.
+    Index(Vec<JobId>),
 }
 
 /// The validated parts of a submit request that shape the task.
@@ -55,6 +58,8 @@ pub struct TaskOptions {
     pub sim: SimParams,
     pub idempotency_key: Option<String>,
     pub execution: ExecutionOptions,
+    /// A planner agent writes the plan; `plan` is the fallback if its plan is not valid.
+    pub llm_planner: bool,
 }
 
 /// Lays out a new task and returns what to do once it is stored.
@@ -65,41 +70,28 @@ pub fn new_task(
     now_ms: u64,
 ) -> Result<(Task, Vec<Action>), PlanError> {
     let deps = plan.spec.dependencies(opts.mode == Mode::Sequential)?;
-    let jobs = plan
-        .spec
-        .steps
-        .iter()
-        .zip(deps)
-        .enumerate()
-        .map(|(i, (step, depends_on))| Job {
-            id: JobId::new(),
-            step: i as u32,
-            role: step.role,
-            status: JobStatus::Pending,
-            attempt: 1,
-            prompt: planner::instruction(step, &opts.prompt),
-            depends_on,
-            constraints: step.constraints.clone(),
-            estimated_tokens: step.estimated_tokens,
-            retry_at_ms: None,
-            context: None,
-            worker_id: None,
-            queued_at_ms: None,
-            started_at_ms: None,
-            finished_at_ms: None,
-            usage: Default::default(),
-            cost_usd: 0.0,
-            output: None,
-            error: None,
-            files_read: vec![],
-            files_written: vec![],
-        })
-        .collect();
+    let (jobs, source) = if opts.llm_planner {
+        let planner = Job {
+            kind: JobKind::Plan,
+            ..new_job(
+                0,
+                Role::Planner,
+                planner::planner_prompt(&opts.prompt, &opts.task_type),
+                vec![],
+            )
+        };
+        (vec![planner], "llm".to_string())
+    } else {
+        (
+            steps_to_jobs(&plan.spec, deps, &opts.prompt, 0, &[]),
+            plan.source.clone(),
+        )
+    };
     let mut task = Task {
         id,
         prompt: opts.prompt,
         task_type: opts.task_type,
-        plan_source: plan.source,
+        plan_source: source,
         mode: opts.mode,
         status: TaskStatus::Running,
         backend: opts.backend,
@@ -142,6 +134,118 @@ pub fn new_task(
     Ok((task, actions))
 }
 
+fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
+    Job {
+        id: JobId::new(),
+        step,
+        role,
+        kind: JobKind::Agent,
+        status: JobStatus::Pending,
+        attempt: 1,
+        prompt,
+        depends_on,
+        constraints: vec![],
+        estimated_tokens: None,
+        retry_at_ms: None,
+        context: None,
+        worker_id: None,
+        queued_at_ms: None,
+        started_at_ms: None,
+        finished_at_ms: None,
+        usage: Default::default(),
+        cost_usd: 0.0,
+        output: None,
+        error: None,
+        files_read: vec![],
+        files_written: vec![],
+    }
+}
+
+/// The jobs of a plan's steps, numbered from `offset`; steps without parents depend on `roots`.
+fn steps_to_jobs(
+    spec: &PlanSpec,
+    deps: Vec<Vec<u32>>,
+    prompt: &str,
+    offset: u32,
+    roots: &[u32],
+) -> Vec<Job> {
+    spec.steps
+        .iter()
+        .zip(deps)
+        .enumerate()
+        .map(|(i, (step, depends_on))| {
+            let depends_on = if depends_on.is_empty() {
+                roots.to_vec()
+            } else {
+                depends_on.iter().map(|d| d + offset).collect()
+            };
+            Job {
+                constraints: step.constraints.clone(),
+                estimated_tokens: step.estimated_tokens,
+                ..new_job(
+                    offset + i as u32,
+                    step.role,
+                    planner::instruction(step, prompt),
+                    depends_on,
+                )
+            }
+        })
+        .collect()
+}
+
+/// The planner agent answered (or gave up): adds the steps of its plan, or of the rules' plan
+/// when its answer is not a valid plan.
+fn add_planned_steps(
+    task: &mut Task,
+    index: usize,
+    answer: Option<&str>,
+    actions: &mut Vec<Action>,
+) {
+    let sequential = task.mode == Mode::Sequential;
+    let parsed = match answer {
+        Some(answer) => parse_answer(answer, sequential),
+        None => Err("the planner agent failed".to_string()),
+    };
+    let offset = task.jobs.len() as u32;
+    let (spec, source, rejected, roots) = match parsed {
+        Ok(spec) => (spec, "llm".to_string(), None, vec![index as u32]),
+        Err(why) => {
+            // The rules always give a plan for a known task type; `auto` covers the rest.
+            let fallback = planner::plan(&task.task_type, &task.prompt, None, None)
+                .or_else(|_| planner::plan("auto", &task.prompt, None, None))
+                .expect("auto always plans");
+            let source = format!("{} (planner fallback)", fallback.source);
+            (fallback.spec, source, Some(why), vec![])
+        }
+    };
+    let deps = spec
+        .dependencies(sequential)
+        .expect("checked by parse_answer or produced by the rules");
+    let jobs = steps_to_jobs(&spec, deps, &task.prompt, offset, &roots);
+    actions.push(Action::Emit(
+        None,
+        EventKind::TaskPlanned {
+            source: source.clone(),
+            steps: jobs
+                .iter()
+                .map(|j| StepInfo {
+                    job_id: j.id,
+                    role: j.role,
+                })
+                .collect(),
+            rejected,
+        },
+    ));
+    actions.push(Action::Index(jobs.iter().map(|j| j.id).collect()));
+    task.jobs.extend(jobs);
+    task.plan_source = source;
+    task.plan = PlanInfo {
+        complexity: spec.complexity,
+        rationale: spec.rationale,
+        skip_reasoning: spec.skip_reasoning,
+    };
+}
+
 /// The message a worker gets for `job` of `task`.
 pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
     JobSpec {
@@ -159,6 +263,7 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
             timeout_ms: task.options.job_timeout_ms,
             max_turns: task.options.max_turns,
         },
+        kind: job.kind,
         constraints: job.constraints.clone(),
         sim: task.sim.clone(),
     }
@@ -401,10 +506,14 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
     let mut actions = Vec::new();
     let max_attempts = task.options.max_attempts.max(1);
     let job = &mut task.jobs[index];
+    let planning = job.kind == JobKind::Plan;
     match &result.outcome {
         Outcome::Success => {
             job.status = JobStatus::Succeeded;
             job.error = None;
+            if planning {
+                add_planned_steps(task, index, Some(&result.output), &mut actions);
+            }
         }
         Outcome::Failure { reason, message } => {
             job.error = Some(JobError {
@@ -426,6 +535,10 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
                     },
                 ));
                 actions.push(Action::WakeAt(at));
+            } else if planning {
+                // A planner that fails for good is replaced by the rules, not dead-lettered.
+                job.status = JobStatus::Failed;
+                add_planned_steps(task, index, None, &mut actions);
             } else {
                 job.status = JobStatus::Failed;
                 actions.push(Action::DeadLetter(job.id));
@@ -589,10 +702,11 @@ fn reopen_dependents(task: &mut Task, index: usize) {
 }
 
 fn finish(task: &mut Task, now_ms: u64, forced: Option<TaskStatus>) -> Action {
+    // A failed planner was replaced by the rules' plan: it does not fail the task.
     let failed: Vec<&Job> = task
         .jobs
         .iter()
-        .filter(|j| j.status == JobStatus::Failed)
+        .filter(|j| j.status == JobStatus::Failed && j.kind != JobKind::Plan)
         .collect();
     let any_cancelled = task.jobs.iter().any(|j| j.status == JobStatus::Cancelled);
     let any_skipped = task.jobs.iter().any(|j| j.status == JobStatus::Skipped);

@@ -130,6 +130,43 @@ const DOCUMENTATION: Template = &[
     (Role::Reviewer, "Review the documentation"),
 ];
 
+/// The planner agent's instructions: the original tool's rubric, then the task. The answer must
+/// be a JSON plan ([`orch_shared::plan`]); it is validated, and replaced by [`plan`]'s when it is
+/// not valid.
+pub fn planner_prompt(prompt: &str, task_type: &str) -> String {
+    format!(
+        r#"You are the Workflow Planner of a team of coding agents. Decide which agents run, in what
+order, and what each must do, for the task below. Answer with JSON only.
+
+Available roles: ANALYST, PLANNER, BUILDER, TESTER, REVIEWER, DOCUMENTER.
+
+Complexity rubric:
+- SIMPLE (one file, under 50 lines): BUILDER -> TESTER (basic checks). Skip ANALYST and REVIEWER.
+- MEDIUM (several files, under 200 lines): ANALYST (quick) -> BUILDER -> TESTER -> REVIEWER.
+- COMPLEX (over 200 lines, or architecture work): ANALYST (thorough) -> PLANNER -> BUILDER ->
+  TESTER (comprehensive) -> REVIEWER.
+- DOCUMENTATION: DOCUMENTER -> REVIEWER, or ANALYST -> DOCUMENTER -> REVIEWER. Never use
+  PLANNER or BUILDER for documentation.
+
+Rules:
+- Skip agents aggressively: every agent costs time and money.
+- Scope the TESTER tightly to what changed.
+- Pass large outputs through files, not through the next agent's prompt.
+- Steps that do not depend on each other may run in parallel: say so with depends_on.
+
+Answer format:
+{{"complexity": "simple|medium|complex", "rationale": "...",
+ "workflow": [{{"agent_role": "BUILDER", "scope": "...", "constraints": ["..."],
+               "estimated_tokens": 20000, "depends_on": []}}],
+ "total_estimated_cost": 0.10, "skip_reasoning": "..."}}
+depends_on lists 0-based indices of earlier steps.
+
+Task type: {task_type}
+{heading}{prompt}"#,
+        heading = orch_shared::plan::TASK_HEADING,
+    )
+}
+
 /// Makes the plan for a task: a user plan wins, then a custom role list, then the task type.
 pub fn plan(
     task_type: &str,

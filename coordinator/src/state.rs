@@ -303,6 +303,22 @@ impl State {
             .collect())
     }
 
+    /// Records that `jobs` belong to `task` (jobs added after creation, by a planner).
+    pub async fn index_jobs(&self, task: TaskId, jobs: &[JobId]) -> Result<(), Error> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let task = task.to_string();
+        let pairs: Vec<(String, &str)> = jobs
+            .iter()
+            .map(|j| (j.to_string(), task.as_str()))
+            .collect();
+        conn.hset_multiple(JOB_INDEX, &pairs)
+            .await
+            .map_err(redis_err("index jobs"))
+    }
+
     /// The task a job (agent) belongs to.
     pub async fn task_of_job(&self, job: JobId) -> Result<Option<TaskId>, Error> {
         let mut conn = self.conn.clone();

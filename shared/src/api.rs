@@ -4,7 +4,7 @@
 //! is stored, so the two can never drift apart.
 
 use crate::ids::{JobId, TaskId, WorkerId};
-use crate::job::{Backend, FailureReason, SimParams, Usage, Workspace};
+use crate::job::{Backend, FailureReason, JobKind, SimParams, Usage, Workspace};
 use crate::plan::PlanSpec;
 use crate::role::Role;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,10 @@ pub struct SubmitTask {
     /// Shapes the `sim` backend for this task (latency, failure rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sim: Option<SimParams>,
+    /// `llm`: a planner agent writes the plan (falling back to the rules when its plan is not
+    /// valid); `rules` (default): templates and keywords.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planner: Option<Planner>,
     /// A plan written by the user (overrides `task_type` and `roles`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanSpec>,
@@ -80,6 +84,15 @@ pub struct SubmitTask {
     /// Most turns an agent may take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_turns: Option<u32>,
+}
+
+/// Who plans a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Planner {
+    #[default]
+    Rules,
+    Llm,
 }
 
 /// What a failed step does to the steps that depend on it.
@@ -227,6 +240,9 @@ pub struct Job {
     pub id: JobId,
     pub step: u32,
     pub role: Role,
+    /// `plan` for the planner agent's job, whose answer becomes the rest of the plan.
+    #[serde(default)]
+    pub kind: JobKind,
     pub status: JobStatus,
     pub attempt: u32,
     pub prompt: String,

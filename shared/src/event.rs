@@ -33,6 +33,13 @@ pub struct StepInfo {
 pub enum EventKind {
     /// The task was accepted with this plan.
     TaskCreated { mode: String, steps: Vec<StepInfo> },
+    /// The planner agent's plan was accepted (or, with `rejected`, the rules' plan replaced it):
+    /// these steps were added to the task.
+    TaskPlanned {
+        source: String,
+        steps: Vec<StepInfo>,
+        rejected: Option<String>,
+    },
     /// A job was published to the work queue.
     JobQueued { role: Role, step: u32 },
     /// A job will not run (a step it depends on failed, or the budget ran out).
@@ -99,6 +106,7 @@ impl EventKind {
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::TaskCreated { .. } => "task_created",
+            EventKind::TaskPlanned { .. } => "task_planned",
             EventKind::JobQueued { .. } => "job_queued",
             EventKind::JobSkipped { .. } => "job_skipped",
             EventKind::JobRetrying { .. } => "job_retrying",

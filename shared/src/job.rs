@@ -29,12 +29,26 @@ pub struct JobSpec {
     pub workspace: Workspace,
     #[serde(default)]
     pub limits: Limits,
+    /// What the job produces: an agent's work, or a plan for the rest of the task.
+    #[serde(default)]
+    pub kind: JobKind,
     /// Instructions from the plan that the agent must follow.
     #[serde(default)]
     pub constraints: Vec<String>,
     /// Parameters of the `sim` backend; ignored by the others.
     #[serde(default)]
     pub sim: SimParams,
+}
+
+/// What a job is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// An agent working on a step of the plan.
+    #[default]
+    Agent,
+    /// The planner agent: its answer is a JSON plan (see [`crate::plan`]) for the rest of the task.
+    Plan,
 }
 
 /// Which agent backend runs a job.

@@ -13,6 +13,27 @@
 use crate::role::Role;
 use serde::{Deserialize, Serialize};
 
+/// The heading after which a planner prompt carries the user's task, verbatim, to its end.
+pub const TASK_HEADING: &str = "## Task description\n";
+
+/// Reads a plan out of an agent's answer: the JSON object in it, with or without a markdown
+/// code fence around it, checked for a valid dependency graph.
+pub fn parse_answer(answer: &str, sequential: bool) -> Result<PlanSpec, String> {
+    let start = answer
+        .find('{')
+        .ok_or("the answer contains no JSON object")?;
+    let end = answer
+        .rfind('}')
+        .ok_or("the answer contains no JSON object")?;
+    if end < start {
+        return Err("the answer contains no JSON object".into());
+    }
+    let spec: PlanSpec = serde_json::from_str(&answer[start..=end])
+        .map_err(|e| format!("the plan is not valid: {e}"))?;
+    spec.dependencies(sequential).map_err(|e| e.to_string())?;
+    Ok(spec)
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PlanSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,6 +230,25 @@ mod tests {
             Err(PlanError::SelfLoop { step: 0 })
         );
         assert!(serde_json::from_str::<PlanSpec>(r#"{"steps":[{"role":"scout"}]}"#).is_err());
+    }
+
+    #[test]
+    fn answers_are_read_through_code_fences() {
+        let answer = "Here is the plan:\n```json\n{\"workflow\":[{\"agent_role\":\"BUILDER\",\"scope\":\"x\"}]}\n```\n";
+        assert_eq!(
+            parse_answer(answer, true).unwrap().steps[0].role,
+            Role::Builder
+        );
+        assert!(
+            parse_answer("no plan here", true)
+                .unwrap_err()
+                .contains("no JSON")
+        );
+        let err =
+            parse_answer(r#"{"steps":[{"role":"builder","depends_on":[0]}]}"#, true).unwrap_err();
+        assert!(err.contains("cannot depend on itself"), "{err}");
+        let err = parse_answer(r#"{"steps":[{"role":"wizard"}]}"#, true).unwrap_err();
+        assert!(err.contains("unknown role"), "{err}");
     }
 
     #[test]

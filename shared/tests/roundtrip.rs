@@ -7,7 +7,8 @@ use orch_shared::codec::{self, DecodeError};
 use orch_shared::event::{Event, EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
-    Backend, FailureReason, JobResult, JobSpec, Limits, Outcome, SimParams, Usage, Workspace,
+    Backend, FailureReason, JobKind, JobResult, JobSpec, Limits, Outcome, SimParams, Usage,
+    Workspace,
 };
 use orch_shared::role::Role;
 use proptest::prelude::*;
@@ -93,7 +94,7 @@ prop_compose! {
                   workspace in workspace(), timeout_ms in proptest::option::of(any::<u64>()),
                   max_turns in proptest::option::of(any::<u32>()), sim in sim()) -> JobSpec {
         JobSpec { task_id, job_id, attempt, step, role, prompt, context, backend, model, workspace,
-                  limits: Limits { timeout_ms, max_turns }, constraints: vec!["keep it small".into()], sim }
+                  limits: Limits { timeout_ms, max_turns }, kind: JobKind::Agent, constraints: vec!["keep it small".into()], sim }
     }
 }
 
@@ -247,6 +248,7 @@ fn sample_spec() -> JobSpec {
             timeout_ms: Some(600_000),
             max_turns: Some(30),
         },
+        kind: JobKind::Plan,
         constraints: vec!["no new dependencies".into()],
         sim: SimParams {
             latency_ms: 250,
@@ -346,6 +348,7 @@ fn sample_task() -> Task {
             id: spec.job_id,
             step: 0,
             role: Role::Builder,
+            kind: JobKind::Agent,
             status: JobStatus::Failed,
             attempt: 1,
             prompt: spec.prompt.clone(),

@@ -458,3 +458,68 @@ async fn bad_plans_and_limits_are_refused_with_the_reason() {
     let (_, list) = cluster.get("/v1/tasks").await;
     assert_eq!(list["tasks"], json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_llm_planner_plans_and_a_bad_plan_falls_back_to_the_rules() {
+    let cluster = Cluster::start(Options::default()).await;
+    let task = run(
+        &cluster,
+        json!({"prompt": "redesign the session system", "task_type": "feature_implementation", "planner": "llm"}),
+    )
+    .await;
+    assert_completed(&cluster, &task);
+    assert_eq!(task.plan_source, "llm");
+    assert_eq!(task.plan.complexity.as_deref(), Some("complex"));
+    let roles: Vec<Role> = task.jobs.iter().map(|j| j.role).collect();
+    assert_eq!(
+        roles,
+        vec![
+            Role::Planner,
+            Role::Analyst,
+            Role::Planner,
+            Role::Builder,
+            Role::Tester,
+            Role::Reviewer
+        ]
+    );
+    assert!(
+        task.jobs[0]
+            .output
+            .as_deref()
+            .unwrap()
+            .contains("\"workflow\"")
+    );
+    let summed: f64 = task.jobs.iter().map(|j| j.cost_usd).sum();
+    assert!(
+        task.jobs[0].cost_usd > 0.0 && (task.cost_usd - summed).abs() < 1e-12,
+        "the planner's cost counts"
+    );
+    assert_eq!(task.jobs[4].kind, orch_shared::job::JobKind::Agent);
+    assert_eq!(
+        task.jobs[4].constraints,
+        vec!["test only what changed".to_string()]
+    );
+
+    let task = run(
+        &cluster,
+        json!({"prompt": "quick fix [sim:bad-plan]", "task_type": "bug_fix", "planner": "llm"}),
+    )
+    .await;
+    assert_completed(&cluster, &task);
+    assert_eq!(task.plan_source, "simple_fix (planner fallback)");
+    let events = cluster.events(&task.id.to_string(), None).await;
+    let rejected = events.iter().find_map(|(_, e)| match &e.kind {
+        EventKind::TaskPlanned { rejected, .. } => rejected.clone(),
+        _ => None,
+    });
+    assert!(rejected.unwrap().contains("cycle"));
+
+    let (status, v) = cluster
+        .post(
+            "/v1/tasks",
+            &json!({"prompt": "x", "planner": "llm", "roles": ["builder"]}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(v["message"].as_str().unwrap().starts_with("planner:"));
+}

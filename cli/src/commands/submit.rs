@@ -6,7 +6,7 @@ use crate::follow::{self, MAX_RECONNECTS, Update};
 use crate::output;
 use crate::progress::{Panel, View};
 use anyhow::{Context as _, anyhow, bail};
-use orch_shared::api::{Mode, OnFailure, SubmitTask, Task, TaskStatus};
+use orch_shared::api::{Mode, OnFailure, Planner, SubmitTask, Task, TaskStatus};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{Backend, SimParams};
 use orch_shared::plan::PlanSpec;
@@ -83,6 +83,11 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub sim_fail_attempts: Option<u32>,
 
+    /// Who plans the task: `rules` (templates and keywords) or `llm` (a planner agent, with
+    /// the rules as the fallback when its plan is not valid)
+    #[arg(long, value_enum, value_name = "PLANNER")]
+    pub planner: Option<PlannerArg>,
+
     /// Run this plan (a JSON file, `-` for stdin) instead of planning: steps with role, scope,
     /// constraints, estimated_tokens and depends_on (0-based step indices)
     #[arg(long, value_name = "FILE")]
@@ -127,6 +132,12 @@ pub struct Args {
     /// Show live progress until the task ends, then print its result
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlannerArg {
+    Rules,
+    Llm,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -266,6 +277,10 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         model: non_empty(&args.model),
         workspace,
         sim,
+        planner: args.planner.map(|p| match p {
+            PlannerArg::Rules => Planner::Rules,
+            PlannerArg::Llm => Planner::Llm,
+        }),
         plan: args.plan.as_deref().map(read_plan).transpose()?,
         on_failure: args.on_failure.map(|p| match p {
             OnFailureArg::Stop => OnFailure::Stop,

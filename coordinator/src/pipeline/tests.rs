@@ -15,6 +15,7 @@ fn opts(mode: Mode) -> TaskOptions {
         sim: SimParams::default(),
         idempotency_key: None,
         execution: ExecutionOptions::default(),
+        llm_planner: false,
     }
 }
 
@@ -326,4 +327,77 @@ fn resume_republishes_queued_jobs_and_rearms_timers() {
     let again = resume(&task);
     assert_eq!(published(&again), published(&actions));
     assert!(again.contains(&Action::WakeAt(60_000)));
+}
+
+fn planned_task(prompt: &str) -> (Task, JobSpec) {
+    let mut o = opts(Mode::Sequential);
+    o.llm_planner = true;
+    o.prompt = prompt.into();
+    o.task_type = "bug_fix".into();
+    let p = plan("bug_fix", prompt, None, None).unwrap();
+    let (task, actions) = new_task(TaskId::new(), o, p, 0).unwrap();
+    let spec = published(&actions).remove(0);
+    (task, spec)
+}
+
+#[test]
+fn the_planner_agent_plans_the_rest_of_the_task() {
+    let (mut task, planner) = planned_task("fix the crash");
+    assert_eq!(planner.kind, JobKind::Plan);
+    assert_eq!(planner.role, Role::Planner);
+    assert!(
+        planner.prompt.contains("Complexity rubric") && planner.prompt.ends_with("fix the crash")
+    );
+    let answer = r#"```json
+{"complexity":"medium","rationale":"r","workflow":[{"agent_role":"ANALYST","scope":"look"},{"agent_role":"BUILDER","scope":"fix","depends_on":[0]}],"skip_reasoning":"s"}
+```"#;
+    let actions = on_result(&mut task, &result(&planner, Outcome::Success, answer), 1).unwrap();
+    let next = published(&actions);
+    assert_eq!(roles(&next), vec![Role::Analyst]);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Index(ids) if ids.len() == 2))
+    );
+    assert_eq!(task.plan_source, "llm");
+    assert_eq!(task.plan.complexity.as_deref(), Some("medium"));
+    assert_eq!(
+        task.jobs[1].depends_on,
+        vec![0],
+        "roots wait for the planner"
+    );
+    assert_eq!(task.jobs[2].depends_on, vec![1]);
+    assert_eq!(task.jobs[1].prompt, "look: fix the crash");
+    let b = published(&on_result(&mut task, &ok(&next[0]), 2).unwrap());
+    on_result(&mut task, &ok(&b[0]), 3).unwrap();
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(task.cost_usd, 0.75, "the planner's cost is counted");
+}
+
+#[test]
+fn an_invalid_plan_falls_back_to_the_rules() {
+    let (mut task, planner) = planned_task("fix a simple typo");
+    let answer = r#"{"workflow":[{"agent_role":"BUILDER","depends_on":[1]},{"agent_role":"TESTER","depends_on":[0]}]}"#;
+    let actions = on_result(&mut task, &result(&planner, Outcome::Success, answer), 1).unwrap();
+    let rejected = actions.iter().find_map(|a| match a {
+        Action::Emit(None, EventKind::TaskPlanned { rejected, .. }) => rejected.clone(),
+        _ => None,
+    });
+    assert!(rejected.unwrap().contains("cycle"));
+    assert_eq!(task.plan_source, "simple_fix (planner fallback)");
+    assert_eq!(roles(&published(&actions)), vec![Role::Builder]);
+}
+
+#[test]
+fn a_failed_planner_falls_back_without_failing_the_task() {
+    let (mut task, planner) = planned_task("fix a simple typo");
+    task.options.max_attempts = 1;
+    let actions = on_result(&mut task, &fail(&planner, FailureReason::Overloaded), 1).unwrap();
+    assert!(!actions.iter().any(|a| matches!(a, Action::DeadLetter(_))));
+    let b = published(&actions);
+    assert_eq!(roles(&b), vec![Role::Builder]);
+    assert!(b[0].context.is_none());
+    let t = published(&on_result(&mut task, &ok(&b[0]), 2).unwrap());
+    on_result(&mut task, &ok(&t[0]), 3).unwrap();
+    assert_eq!(task.status, TaskStatus::Completed);
 }

@@ -5,7 +5,7 @@
 use super::{Agent, AgentOutput, Events};
 use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
-use orch_shared::job::{FailureReason, JobSpec, Outcome, Usage};
+use orch_shared::job::{FailureReason, JobKind, JobSpec, Outcome, Usage};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +66,89 @@ fn excerpt(text: &str, max: usize) -> String {
     } else {
         format!("{}…", line.chars().take(max).collect::<String>())
     }
+}
+
+/// The simulated planner's answer: a JSON plan following the planner rubric, from the task
+/// description at the end of the planner prompt. A task containing `[sim:bad-plan]` gets a
+/// plan with a dependency cycle, so the coordinator's fallback can be seen working.
+pub fn plan(job: &JobSpec) -> String {
+    let task = job
+        .prompt
+        .split(orch_shared::plan::TASK_HEADING)
+        .nth(1)
+        .unwrap_or(&job.prompt);
+    if task.contains("[sim:bad-plan]") {
+        return r#"{"complexity":"simple","rationale":"[simulated] a broken plan","workflow":[{"agent_role":"BUILDER","depends_on":[1]},{"agent_role":"TESTER","depends_on":[0]}]}"#.into();
+    }
+    let words: Vec<String> = task
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let has = |list: &[&str]| words.iter().any(|w| list.contains(&w.as_str()));
+    let docs = has(&["document", "docs", "readme", "documentation"]);
+    let complex = words.len() >= 50
+        || has(&[
+            "refactor",
+            "redesign",
+            "migrate",
+            "architecture",
+            "system",
+            "comprehensive",
+        ]);
+    let medium = words.len() >= 15 || has(&["several", "multiple", "module", "modules"]);
+    let (complexity, roles, skip): (&str, &[&str], &str) = if docs {
+        (
+            "simple",
+            &["DOCUMENTER", "REVIEWER"],
+            "documentation only: no analyst, planner or builder",
+        )
+    } else if complex {
+        (
+            "complex",
+            &["ANALYST", "PLANNER", "BUILDER", "TESTER", "REVIEWER"],
+            "nothing skipped: architecture work",
+        )
+    } else if medium {
+        (
+            "medium",
+            &["ANALYST", "BUILDER", "TESTER", "REVIEWER"],
+            "no separate planner for a medium change",
+        )
+    } else {
+        (
+            "simple",
+            &["BUILDER", "TESTER"],
+            "simple change: analyst and reviewer skipped",
+        )
+    };
+    let steps: Vec<serde_json::Value> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, role)| {
+            let tokens = match *role {
+                "ANALYST" => 30_000,
+                "PLANNER" => 20_000,
+                "BUILDER" => 40_000,
+                "TESTER" => 25_000,
+                _ => 15_000,
+            };
+            serde_json::json!({
+                "agent_role": role,
+                "scope": format!("[simulated] {} step", role.to_lowercase()),
+                "constraints": if *role == "TESTER" { vec!["test only what changed"] } else { vec![] },
+                "estimated_tokens": tokens,
+                "depends_on": if i == 0 { vec![] } else { vec![i - 1] },
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "complexity": complexity,
+        "rationale": format!("[simulated] {complexity} task by the sim planner's rubric"),
+        "workflow": steps,
+        "skip_reasoning": skip,
+    })
+    .to_string()
 }
 
 /// The simulated answer, in the sections forward context is cut from.
@@ -146,7 +229,10 @@ impl Agent for Sim {
                     _ = tokio::time::sleep(rest) => {}
                 }
             }
-            let text = output(job);
+            let text = match job.kind {
+                JobKind::Plan => plan(job),
+                JobKind::Agent => output(job),
+            };
             events.send(EventKind::Text { text: text.clone() });
             events.send(EventKind::Usage { usage, cost_usd });
             let outcome = if fails(job) {
@@ -192,6 +278,7 @@ mod tests {
             model: None,
             workspace: Default::default(),
             limits: Default::default(),
+            kind: JobKind::Agent,
             constraints: vec![],
             sim: SimParams {
                 latency_ms: 0,
@@ -207,6 +294,34 @@ mod tests {
         assert_eq!(output(&job(1, 0.0)), output(&job(1, 0.0)));
         assert!(!fails(&job(1, 0.0)));
         assert!(fails(&job(1, 1.0)));
+    }
+
+    #[test]
+    fn the_sim_planner_follows_the_rubric_and_can_be_asked_for_a_bad_plan() {
+        let mut j = job(1, 0.0);
+        j.kind = JobKind::Plan;
+        let with = |task: &str| format!("rubric...\n{}{task}", orch_shared::plan::TASK_HEADING);
+        j.prompt = with("add a button");
+        let p = orch_shared::plan::parse_answer(&plan(&j), true).unwrap();
+        assert_eq!(p.steps.len(), 2);
+        assert_eq!(p.complexity.as_deref(), Some("simple"));
+        j.prompt = with("redesign the auth system");
+        assert_eq!(
+            orch_shared::plan::parse_answer(&plan(&j), true)
+                .unwrap()
+                .steps
+                .len(),
+            5
+        );
+        j.prompt = with("update the README");
+        let p = orch_shared::plan::parse_answer(&plan(&j), true).unwrap();
+        assert_eq!(p.steps[0].role, orch_shared::role::Role::Documenter);
+        j.prompt = with("x [sim:bad-plan]");
+        assert!(
+            orch_shared::plan::parse_answer(&plan(&j), true)
+                .unwrap_err()
+                .contains("cycle")
+        );
     }
 
     #[test]
