@@ -1,0 +1,313 @@
+{{/* Names ------------------------------------------------------------------------------- */}}
+
+{{- define "orchestrator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orchestrator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "orchestrator.coordinator.fullname" -}}
+{{- printf "%s-coordinator" (include "orchestrator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orchestrator.worker.fullname" -}}
+{{- printf "%s-worker" (include "orchestrator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orchestrator.workerMetrics.fullname" -}}
+{{- printf "%s-worker-metrics" (include "orchestrator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orchestrator.redis.fullname" -}}
+{{- printf "%s-redis" (include "orchestrator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "orchestrator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "orchestrator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The NATS subchart's full name, computed as its own "nats.fullname" helper does. */}}
+{{- define "orchestrator.nats.fullname" -}}
+{{- $nats := .Values.nats | default dict }}
+{{- if $nats.fullnameOverride }}
+{{- $nats.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default "nats" $nats.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels ------------------------------------------------------------------------------ */}}
+
+{{- define "orchestrator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "orchestrator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: orchestrator
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "orchestrator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "orchestrator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of one component: include "orchestrator.componentLabels" (list $ "worker") */}}
+{{- define "orchestrator.componentLabels" -}}
+{{ include "orchestrator.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "orchestrator.componentSelectorLabels" -}}
+{{ include "orchestrator.selectorLabels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* Images ------------------------------------------------------------------------------ */}}
+
+{{/* include "orchestrator.image" (list $ .Values.worker.image) */}}
+{{- define "orchestrator.image" -}}
+{{- $root := index . 0 }}
+{{- $image := index . 1 }}
+{{- $registry := $root.Values.image.registry }}
+{{- $ref := $image.repository }}
+{{- if $registry }}{{ $ref = printf "%s/%s" $registry $ref }}{{ end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $ref $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $ref (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "orchestrator.redis.image" -}}
+{{- $image := .Values.redis.image }}
+{{- $ref := $image.repository }}
+{{- if $image.registry }}{{ $ref = printf "%s/%s" $image.registry $ref }}{{ end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $ref $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $ref $image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* Connections ------------------------------------------------------------------------- */}}
+
+{{/* NATS URL without credentials. */}}
+{{- define "orchestrator.nats.baseUrl" -}}
+{{- if .Values.nats.enabled }}
+{{- $port := 4222 }}
+{{- with .Values.nats.config }}{{ with .nats }}{{ with .port }}{{ $port = . }}{{ end }}{{ end }}{{ end }}
+{{- printf "nats://%s:%v" (include "orchestrator.nats.fullname" .) $port }}
+{{- else }}
+{{- required "externalNats.url: set the URL of your NATS server (nats://host:4222), or nats.enabled=true to install NATS with this chart" .Values.externalNats.url }}
+{{- end }}
+{{- end }}
+
+{{/* NATS URL as the pods see it: credentials come from env vars defined just before it. */}}
+{{- define "orchestrator.nats.url" -}}
+{{- $url := include "orchestrator.nats.baseUrl" . }}
+{{- if .Values.natsAuth.existingSecret }}
+{{- regexReplaceAll "^([a-z]+)://" $url "${1}://$(NATS_USER):$(NATS_PASSWORD)@" }}
+{{- else }}
+{{- $url }}
+{{- end }}
+{{- end }}
+
+{{- define "orchestrator.redis.baseUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s:6379" (include "orchestrator.redis.fullname" .) }}
+{{- else }}
+{{- required "externalRedis.url: set the URL of your Redis (redis://host:6379), or redis.enabled=true to run Redis with this chart" .Values.externalRedis.url }}
+{{- end }}
+{{- end }}
+
+{{- define "orchestrator.redis.url" -}}
+{{- $url := include "orchestrator.redis.baseUrl" . }}
+{{- if .Values.redisAuth.existingSecret }}
+{{- $user := ternary "$(REDIS_USER)" "" (ne .Values.redisAuth.usernameKey "") }}
+{{- regexReplaceAll "^([a-z]+)://" $url (printf "${1}://%s:$(REDIS_PASSWORD)@" $user) }}
+{{- else }}
+{{- $url }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment shared by the coordinator and the workers: credentials first (Kubernetes expands
+$(VAR) only for variables defined earlier in the list), then the URLs.
+*/}}
+{{- define "orchestrator.connectionEnv" -}}
+{{- with .Values.natsAuth.existingSecret }}
+- name: NATS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.natsAuth.usernameKey }}
+- name: NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.natsAuth.passwordKey }}
+{{- end }}
+{{- with .Values.redisAuth.existingSecret }}
+{{- if $.Values.redisAuth.usernameKey }}
+- name: REDIS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redisAuth.usernameKey }}
+{{- end }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redisAuth.passwordKey }}
+{{- end }}
+- name: ORCH_NATS_URL
+  value: {{ include "orchestrator.nats.url" . | quote }}
+- name: ORCH_REDIS_URL
+  value: {{ include "orchestrator.redis.url" . | quote }}
+{{- end }}
+
+{{/* Scheduling ------------------------------------------------------------------------- */}}
+
+{{/* include "orchestrator.affinity" (list $ "worker" .Values.worker) */}}
+{{- define "orchestrator.affinity" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $values := index . 2 }}
+{{- if $values.affinity }}
+affinity:
+  {{- toYaml $values.affinity | nindent 2 }}
+{{- else if eq $values.podAntiAffinity "soft" }}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "orchestrator.componentSelectorLabels" (list $root $component) | nindent 14 }}
+{{- else if eq $values.podAntiAffinity "hard" }}
+affinity:
+  podAntiAffinity:
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "orchestrator.componentSelectorLabels" (list $root $component) | nindent 12 }}
+{{- end }}
+{{- end }}
+
+{{/* Security --------------------------------------------------------------------------- */}}
+
+{{/* uid/gid 65532 is the `nonroot` user of the images (distroless and the claude-code variant). */}}
+{{- define "orchestrator.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "orchestrator.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop:
+    - ALL
+{{- end }}
+
+{{/* Checks ----------------------------------------------------------------------------- */}}
+
+{{/* Cross-field rules the schema cannot state with a readable message. */}}
+{{- define "orchestrator.validate" -}}
+{{- if and (not .Values.auth.noAuth) (not .Values.auth.existingSecret) }}
+{{- fail "auth.existingSecret: name the Secret holding the API tokens (kubectl create secret generic orchestrator-auth --from-literal=tokens=...), or set auth.noAuth=true for a throwaway cluster" }}
+{{- end }}
+{{- if and (eq .Values.autoscaling.mode "hpa") (lt (int .Values.autoscaling.minReplicas) 1) }}
+{{- fail "autoscaling.minReplicas: an HPA needs at least 1 (only keda can scale to 0)" }}
+{{- end }}
+{{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
+{{- fail (printf "autoscaling.minReplicas (%v) must not exceed autoscaling.maxReplicas (%v)" .Values.autoscaling.minReplicas .Values.autoscaling.maxReplicas) }}
+{{- end }}
+{{- if and (eq .Values.autoscaling.mode "keda") (not .Values.nats.enabled) (not .Values.autoscaling.keda.natsServerMonitoringEndpoint) }}
+{{- fail "autoscaling.keda.natsServerMonitoringEndpoint: with an external NATS, set the host:port of its monitoring endpoint (e.g. nats-headless.nats.svc.cluster.local:8222)" }}
+{{- end }}
+{{- if contains "@" .Values.externalNats.url }}
+{{- fail "externalNats.url: must not contain credentials (user:password@); put them in a Secret and name it in natsAuth.existingSecret" }}
+{{- end }}
+{{- if contains "@" .Values.externalRedis.url }}
+{{- fail "externalRedis.url: must not contain credentials (:password@); put them in a Secret and name it in redisAuth.existingSecret" }}
+{{- end }}
+{{- if and .Values.nats.enabled .Values.externalNats.url }}
+{{- fail "externalNats.url is set but nats.enabled=true also installs NATS: set nats.enabled=false to use the external server" }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.externalRedis.url }}
+{{- fail "externalRedis.url is set but redis.enabled=true also runs Redis: set redis.enabled=false to use the external server" }}
+{{- end }}
+{{- end }}
+
+{{/* The KEDA monitoring endpoint: given, or the NATS chart's headless service. */}}
+{{- define "orchestrator.keda.monitoringEndpoint" -}}
+{{- if .Values.autoscaling.keda.natsServerMonitoringEndpoint }}
+{{- .Values.autoscaling.keda.natsServerMonitoringEndpoint }}
+{{- else }}
+{{- $port := 8222 }}
+{{- with .Values.nats.config }}{{ with .monitor }}{{ with .port }}{{ $port = . }}{{ end }}{{ end }}{{ end }}
+{{- printf "%s-headless.%s.svc.%s:%v" (include "orchestrator.nats.fullname" .) .Release.Namespace .Values.clusterDomain $port }}
+{{- end }}
+{{- end }}
+
+{{/* Prometheus label matchers of the scraped services. */}}
+{{- define "orchestrator.promCoordinator" -}}
+namespace="{{ .Release.Namespace }}",service="{{ include "orchestrator.coordinator.fullname" . }}"
+{{- end }}
+
+{{- define "orchestrator.promWorker" -}}
+namespace="{{ .Release.Namespace }}",service="{{ include "orchestrator.workerMetrics.fullname" . }}"
+{{- end }}
+
+{{/* redis.conf of the chart's Redis. */}}
+{{- define "orchestrator.redis.conf" -}}
+bind * -::*
+port 6379
+dir /data
+# The append-only file alone keeps the data (as `orchctl local up` runs Redis).
+save ""
+appendonly yes
+appendfsync {{ .Values.redis.appendfsync }}
+# Task records and idempotency keys must never be evicted.
+maxmemory-policy noeviction
+{{- with .Values.redis.maxmemory }}
+maxmemory {{ . }}
+{{- end }}
+{{- if not .Values.redisAuth.existingSecret }}
+# No password (redisAuth.existingSecret is empty): reachable only inside the cluster.
+protected-mode no
+{{- end }}
+{{- end }}
