@@ -9,6 +9,9 @@ use orch_shared::api::{
 };
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::{JobId, TaskId};
+use orch_shared::report::{
+    AgentDetail, AgentList, CleanReport, CleanRequest, ClusterStatus, CostReport, ExportWhat,
+};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
@@ -314,6 +317,97 @@ impl Client {
     /// `GET /v1/task-types`.
     pub async fn task_types(&self) -> Result<Vec<TaskType>, Error> {
         self.get("/v1/task-types", &[]).await
+    }
+
+    /// `GET /v1/tasks` with filters. Returns the page and, when the server could only sort
+    /// part of the window, its note saying so.
+    pub async fn search_tasks(
+        &self,
+        query: &[(&str, String)],
+    ) -> Result<(TaskList, Option<String>), Error> {
+        let url = self.url("/v1/tasks");
+        let req = self
+            .authorized(self.http.get(&url))
+            .query(query)
+            .timeout(REQUEST_TIMEOUT);
+        let resp = self.send(&url, req).await?;
+        let note = resp
+            .headers()
+            .get("x-orch-truncated")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((self.decode(&url, resp).await?, note))
+    }
+
+    /// `GET /v1/status`.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, Error> {
+        self.get("/v1/status", &[]).await
+    }
+
+    /// `GET /v1/agents` with filters.
+    pub async fn agents(&self, query: &[(&str, String)]) -> Result<AgentList, Error> {
+        self.get("/v1/agents", query).await
+    }
+
+    /// `GET /v1/agents/{id}`.
+    pub async fn agent(&self, id: JobId) -> Result<AgentDetail, Error> {
+        self.get(&format!("/v1/agents/{id}"), &[]).await
+    }
+
+    /// An open server-sent-events response of `path` (no overall timeout), resuming after
+    /// `last_event_id` when given.
+    pub async fn sse(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        last_event_id: Option<u64>,
+    ) -> Result<reqwest::Response, Error> {
+        let url = self.url(path);
+        let mut req = self
+            .authorized(self.http.get(&url))
+            .query(query)
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(last) = last_event_id {
+            req = req.header("Last-Event-ID", last.to_string());
+        }
+        self.send(&url, req).await
+    }
+
+    /// `GET /v1/reports/cost`.
+    pub async fn cost_report(&self, query: &[(&str, String)]) -> Result<CostReport, Error> {
+        self.get("/v1/reports/cost", query).await
+    }
+
+    /// `GET /v1/export`: the open response, whose body is newline-delimited JSON.
+    pub async fn export(
+        &self,
+        what: ExportWhat,
+        since: Option<u64>,
+        until: Option<u64>,
+    ) -> Result<reqwest::Response, Error> {
+        let url = self.url("/v1/export");
+        let mut query = vec![("what", what.as_str().to_string())];
+        if let Some(s) = since {
+            query.push(("since", s.to_string()));
+        }
+        if let Some(u) = until {
+            query.push(("until", u.to_string()));
+        }
+        let req = self.authorized(self.http.get(&url)).query(&query);
+        self.send(&url, req).await
+    }
+
+    /// Reads the next chunk of a streaming body (`None` at its end).
+    pub async fn chunk(&self, resp: &mut reqwest::Response) -> Result<Option<bytes::Bytes>, Error> {
+        let url = resp.url().to_string();
+        resp.chunk()
+            .await
+            .map_err(|e| self.transport_error(&url, e))
+    }
+
+    /// `POST /v1/clean`.
+    pub async fn clean(&self, req: &CleanRequest) -> Result<CleanReport, Error> {
+        self.post("/v1/clean", Some(req)).await
     }
 
     /// `GET /readyz`. A not-ready coordinator answers 503 with the same body, which is returned

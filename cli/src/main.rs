@@ -11,15 +11,19 @@
 //! - [`progress`]: the live progress panel of `submit --follow` (a pure state machine plus an
 //!   indicatif view on stderr).
 //! - [`output`]: tables (comfy-table), JSON and value formatting for stdout.
+//! - [`when`]: times and ages as written on the command line (`--since 7d`), and back.
+//! - [`ask`]: questions on the terminal (`init`, `clean`).
 //!
 //! Data goes to stdout, progress and errors to stderr.
 
+mod ask;
 mod client;
 mod commands;
 mod config;
 mod follow;
 mod output;
 mod progress;
+mod when;
 
 use clap::Parser;
 use std::io::Write;

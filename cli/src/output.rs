@@ -119,6 +119,13 @@ pub fn truncate(s: &str, max: usize) -> String {
     out
 }
 
+/// The last 8 characters of an id: UUIDv7 ids made in the same millisecond share their start,
+/// so the end is what tells them apart.
+pub fn short_id(id: impl std::fmt::Display) -> String {
+    let id = id.to_string();
+    id[id.len().saturating_sub(8)..].to_string()
+}
+
 pub fn roles(roles: &[Role]) -> String {
     roles.iter().map(Role::as_str).collect::<Vec<_>>().join(",")
 }

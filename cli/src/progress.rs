@@ -344,6 +344,10 @@ impl Panel {
                     reason.as_str()
                 ))
             }
+            EventKind::JobWaiting { reason } => {
+                step.activity = Some(format!("waiting: {reason}"));
+                Some(format!("{label} waits: {reason}"))
+            }
             EventKind::JobCancelled { reason } => {
                 step.state = StepState::Cancelled;
                 step.activity = None;

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use orch_shared::api::{
     DeadLetterEntry, DeadLetterList, DryRun, Estimate, EstimateSource, ExecutionOptions, Readiness,
-    StepEstimate, SubmitTask, Task, TaskList, TaskSummary, TaskType, WorkerList,
+    StepEstimate, SubmitTask, Task, TaskType, WorkerList,
 };
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::{JobId, TaskId};
@@ -120,6 +120,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/dlq/{id}/retry", post(retry_dead))
         .route("/v1/workers", get(workers))
         .route("/v1/task-types", get(task_types))
+        .merge(crate::history::routes())
         .layer(middleware::from_fn_with_state(app.clone(), authenticate));
     Router::new()
         .merge(v1)
@@ -268,6 +269,7 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
             30 * 24 * 3_600_000,
         )?,
         max_turns: in_range("max_turns", req.max_turns, 1, 10_000)?,
+        priority: req.priority.unwrap_or_default(),
     };
     let backend = req.backend.unwrap_or_default();
     if backend != Backend::Sim {
@@ -362,45 +364,23 @@ async fn submit(
             metrics::counter!(m::TASKS_SUBMITTED).increment(1);
             // The record is stored with its first jobs marked queued; if this publish fails the
             // coordinator publishes them again when it restarts (same message ids).
-            app.effects.perform(task.id, actions).await?;
+            app.effects.perform(&task, actions).await?;
             tracing::info!(task_id = %task.id, jobs = task.jobs.len(), plan = %task.plan_source, "task accepted");
             Ok((StatusCode::CREATED, axum::Json(task)))
         }
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListParams {
-    limit: Option<usize>,
-    before: Option<String>,
-}
+/// The filters, sort and cursor of `GET /v1/tasks` (see [`crate::history::list_tasks`]).
+type ListParams = crate::history::ListParams;
 
 async fn list(
     AxumState(app): AxumState<App>,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Answer<axum::Json<TaskList>> {
+) -> Answer<Response> {
     let Query(params) = params
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, format!("query: {}", e.body_text())))?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::field("limit", "must be between 1 and 1000").into());
-    }
-    let before = params
-        .before
-        .map(|b| {
-            b.parse::<TaskId>()
-                .map_err(|e| ApiError::field("before", e))
-        })
-        .transpose()?;
-    let (tasks, next) = app.state.list_tasks(limit, before).await?;
-    Ok(axum::Json(TaskList {
-        tasks: tasks
-            .iter()
-            .map(Task::summary)
-            .collect::<Vec<TaskSummary>>(),
-        next_cursor: next.map(|id| id.to_string()),
-    }))
+    crate::history::list_tasks(&app, params).await
 }
 
 async fn load(app: &App, id: &str) -> Answer<Task> {

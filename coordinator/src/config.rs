@@ -55,6 +55,22 @@ pub struct Args {
     /// Parallel lanes applying results (tasks are spread over lanes by id).
     #[arg(long, env = "ORCH_LANES")]
     pub lanes: Option<usize>,
+    /// JetStream replicas of every stream (1 for a single server, 3 for a 3-node cluster).
+    #[arg(long, env = "ORCH_STREAM_REPLICAS")]
+    pub stream_replicas: Option<usize>,
+    /// Most agents running at once, cluster-wide: `off` (default), a number, or `auto` (the
+    /// registered workers' slots). With a cap, ready jobs wait by priority.
+    #[arg(long, env = "ORCH_MAX_RUNNING_AGENTS")]
+    pub max_running_agents: Option<String>,
+    /// Rate limit per backend or model, repeatable: `backend[/model]=60rpm[,100000tpm]`.
+    #[arg(long = "rate-limit", env = "ORCH_RATE_LIMITS", value_delimiter = ';')]
+    pub rate_limits: Vec<String>,
+    /// Most US dollars all tasks together may spend per UTC day.
+    #[arg(long, env = "ORCH_DAILY_BUDGET_USD")]
+    pub daily_budget_usd: Option<f64>,
+    /// Cost reserved per job against the daily budget while its role has no history.
+    #[arg(long, env = "ORCH_DEFAULT_JOB_ESTIMATE_USD")]
+    pub default_job_estimate_usd: Option<f64>,
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -78,6 +94,11 @@ struct FileConfig {
     events_max_age: Option<Duration>,
     lanes: Option<usize>,
     log_format: Option<String>,
+    max_running_agents: Option<String>,
+    stream_replicas: Option<usize>,
+    rate_limits: Option<Vec<String>>,
+    daily_budget_usd: Option<f64>,
+    default_job_estimate_usd: Option<f64>,
 }
 
 mod humantime_serde_opt {
@@ -106,6 +127,8 @@ pub struct Config {
     pub events_max_age: Duration,
     pub lanes: usize,
     pub log_format: LogFormat,
+    pub admission: crate::admission::Config,
+    pub stream_replicas: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +151,11 @@ impl Default for Config {
             events_max_age: Duration::from_secs(7 * 24 * 3600),
             lanes: 16,
             log_format: LogFormat::Pretty,
+            admission: crate::admission::Config {
+                default_job_estimate_usd: 0.10,
+                ..Default::default()
+            },
+            stream_replicas: 1,
         }
     }
 }
@@ -219,7 +247,68 @@ impl Args {
         if lanes == 0 {
             return Err(Error::Invalid("lanes: must be at least 1".into()));
         }
+        use crate::admission::{Cap, RateLimit};
+        let cap = match self
+            .max_running_agents
+            .or(file.max_running_agents)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("off") => Cap::Off,
+            Some("auto") => Cap::Auto,
+            Some(n) => match n.parse::<usize>() {
+                Ok(n) if n > 0 => Cap::Fixed(n),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "max-running-agents: expected off, auto or a positive number, got `{n}`"
+                    )));
+                }
+            },
+        };
+        let rate_limits = if self.rate_limits.is_empty() {
+            file.rate_limits.unwrap_or_default()
+        } else {
+            self.rate_limits
+        }
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| RateLimit::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::Invalid)?;
+        let daily_budget_usd = self.daily_budget_usd.or(file.daily_budget_usd);
+        if let Some(b) = daily_budget_usd
+            && !(b.is_finite() && b > 0.0)
+        {
+            return Err(Error::Invalid(
+                "daily-budget-usd: must be a positive number".into(),
+            ));
+        }
+        let default_job_estimate_usd = self
+            .default_job_estimate_usd
+            .or(file.default_job_estimate_usd)
+            .unwrap_or(d.admission.default_job_estimate_usd);
+        if !(default_job_estimate_usd.is_finite() && default_job_estimate_usd >= 0.0) {
+            return Err(Error::Invalid(
+                "default-job-estimate-usd: must be zero or more".into(),
+            ));
+        }
+        let stream_replicas = self
+            .stream_replicas
+            .or(file.stream_replicas)
+            .unwrap_or(d.stream_replicas);
+        if !(1..=5).contains(&stream_replicas) {
+            return Err(Error::Invalid(
+                "stream-replicas: must be between 1 and 5".into(),
+            ));
+        }
         Ok(Config {
+            stream_replicas,
+            admission: crate::admission::Config {
+                cap: Some(cap),
+                rate_limits,
+                daily_budget_usd,
+                default_job_estimate_usd,
+            },
             listen: self.listen.or(file.listen).unwrap_or(d.listen),
             addr_file: self.addr_file.or(file.addr_file),
             nats_url: self.nats_url.or(file.nats_url).unwrap_or(d.nats_url),

@@ -9,6 +9,7 @@
 //! redelivers the result; applying it again is a no-op, and the queued jobs it had produced are
 //! published again under the same message ids.
 
+use crate::admission::Admission;
 use crate::metrics as m;
 use crate::pipeline::{self, Action};
 use crate::state::{self, State};
@@ -67,6 +68,7 @@ pub struct Effects {
     pub state: State,
     pub transport: Transport,
     pub driver: Driver,
+    pub admission: Admission,
 }
 
 impl Driver {
@@ -74,6 +76,7 @@ impl Driver {
         lanes: usize,
         state: State,
         transport: Transport,
+        admission: Admission,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -86,6 +89,7 @@ impl Driver {
                     state: state.clone(),
                     transport: transport.clone(),
                     driver: driver.clone(),
+                    admission: admission.clone(),
                 },
                 cache: HashMap::new(),
             };
@@ -132,17 +136,21 @@ impl Driver {
 }
 
 impl Effects {
-    /// Carries out a task's actions: events and jobs in order in one batch, then timers,
-    /// cancellations and dead letters.
-    pub async fn perform(&self, task_id: TaskId, actions: Vec<Action>) -> Result<(), ControlError> {
+    /// Carries out a task's actions: events and jobs in order in one batch (jobs go through
+    /// admission instead when it is on), then timers, cancellations and dead letters.
+    pub async fn perform(&self, task: &Task, actions: Vec<Action>) -> Result<(), ControlError> {
         if actions.is_empty() {
             return Ok(());
         }
+        let (task_id, priority) = (task.id, task.options.priority);
         let now = orch_shared::now_ms();
         let mut jobs = 0;
         let mut messages = Vec::new();
         for action in actions {
             match action {
+                Action::Publish(spec) if self.admission.enabled() => {
+                    self.admission.offer(task_id, priority, spec);
+                }
                 Action::Publish(spec) => {
                     jobs += 1;
                     messages.push(Outgoing::Job(spec));
@@ -156,6 +164,7 @@ impl Effects {
                 })),
                 Action::WakeAt(at) => self.driver.wake_at(task_id, at),
                 Action::Cancel { job, attempt } => {
+                    self.admission.done(job, 0);
                     self.state.mark_cancelled(job, attempt).await?;
                     let cancel = CancelJob {
                         job_id: job,
@@ -166,6 +175,7 @@ impl Effects {
                 }
                 Action::DeadLetter(job) => self.state.dead_letter(job, now).await?,
                 Action::Index(jobs) => self.state.index_jobs(task_id, &jobs).await?,
+                Action::Snapshot => messages.push(Outgoing::Snapshot(Box::new(task.clone()))),
             }
         }
         self.transport.publish_all(&messages).await?;
@@ -239,7 +249,7 @@ impl Lane {
             }
             self.cache.remove(&id);
         }
-        if let Err(e) = self.fx.perform(id, actions).await {
+        if let Err(e) = self.fx.perform(&task, actions).await {
             self.cache.remove(&id);
             return Err(e);
         }
@@ -249,6 +259,28 @@ impl Lane {
     async fn on_result(&mut self, delivery: ResultDelivery) {
         let result = delivery.result.clone();
         let task_id = result.task_id;
+        if result.fence > 0 {
+            match self
+                .fx
+                .state
+                .current_fence(result.job_id, result.attempt)
+                .await
+            {
+                Ok(Some(current)) if current != result.fence => {
+                    // A worker that lost its lease (paused, partitioned) reports late: another
+                    // worker took the attempt since. Its result is not applied nor charged.
+                    tracing::warn!(%task_id, job_id = %result.job_id, fence = result.fence, current, worker = %result.worker_id, "fenced out a stale result");
+                    metrics::counter!(m::RESULTS_IGNORED, "why" => "fenced").increment(1);
+                    delivery.ack().await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%task_id, error = %e, "could not read the fence; the result will be redelivered");
+                    return;
+                }
+            }
+        }
         let now = orch_shared::now_ms();
         let mut applied = None;
         let outcome = self
@@ -286,7 +318,23 @@ impl Lane {
             }
             Ok(Some(_)) => {
                 if let Some((role, model)) = applied {
+                    self.fx.admission.done(result.job_id, result.usage.total());
                     self.record(&result, role, model.as_deref()).await;
+                }
+                // The day's spend counts every attempt's cost once, applied or not (a
+                // cancelled job's late report included).
+                if let Err(e) = self
+                    .fx
+                    .state
+                    .settle_daily(
+                        result.job_id,
+                        result.attempt,
+                        result.cost_usd,
+                        result.finished_at_ms,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "failed to settle a job's cost in the daily spend");
                 }
                 delivery.ack().await;
             }

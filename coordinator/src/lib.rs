@@ -9,17 +9,27 @@
 //! - [`context`]: forward context cut from an agent's structured output.
 //! - [`pipeline`]: the task state machine, free of IO.
 //! - [`driver`]: lanes that apply results and job starts to tasks, in order per task.
+//! - [`admission`]: the optional cluster-wide cap, priorities, rate limits and daily budget.
 //! - [`transport`]: the only code that knows NATS subjects, streams and bytes.
 //! - [`state`]: the only code that knows Redis keys.
+//! - [`reconcile`]: rebuilds Redis from the JetStream log after a data loss.
 //! - [`metrics`]: metric names and descriptions.
+//! - [`history`]: history, agents and transcripts, cluster status and event stream, cost
+//!   reports, exports and the clean-up of old tasks (HTTP).
+//! - [`sampler`]: gauges sampled from JetStream and Redis, counters from job events, and this
+//!   coordinator's entry in the coordinator registry.
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod context;
 pub mod driver;
+pub mod history;
 pub mod metrics;
 pub mod pipeline;
 pub mod planner;
+pub mod reconcile;
+pub mod sampler;
 pub mod state;
 pub mod transport;
 
@@ -100,12 +110,24 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
+    reconcile::run_if_needed(&state, &transport)
+        .await
+        .map_err(|e| Error::Resume(e.to_string()))?;
+
     let tracker = TaskTracker::new();
     let lanes_cancel = CancellationToken::new();
+    let admission = admission::Admission::start(
+        config.admission.clone(),
+        state.clone(),
+        transport.clone(),
+        &tracker,
+        lanes_cancel.clone(),
+    );
     let driver = Driver::start(
         config.lanes,
         state.clone(),
         transport.clone(),
+        admission.clone(),
         &tracker,
         lanes_cancel.clone(),
     );
@@ -113,19 +135,33 @@ pub async fn run(
         state: state.clone(),
         transport: transport.clone(),
         driver: driver.clone(),
+        admission,
     };
     resume(&effects).await?;
 
     let mut results = Box::pin(transport.results().await?);
     let results_driver = driver.clone();
     let results_cancel = shutdown.clone();
+    let results_transport = transport.clone();
     let results_loop = tracker.spawn(async move {
         loop {
             tokio::select! {
                 _ = results_cancel.cancelled() => return Ok(()),
                 next = results.next() => match next {
                     Some(delivery) => results_driver.result(delivery).await,
-                    None => return Err(Error::LoopEnded("results")),
+                    None => {
+                        // The pull stream ended (NATS restarted, say): bind it again. Results
+                        // wait in the durable consumer meanwhile; nothing is lost.
+                        tracing::warn!("results stream ended; re-binding the consumer");
+                        let rebind = || results_transport.results();
+                        let again = rebind
+                            .retry(retry_policy())
+                            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "results consumer not ready, retrying"));
+                        tokio::select! {
+                            _ = results_cancel.cancelled() => return Ok(()),
+                            s = again => results = Box::pin(s?),
+                        }
+                    }
                 },
             }
         }
@@ -152,6 +188,13 @@ pub async fn run(
         })?;
     }
     tracing::info!(%addr, "coordinator listening");
+    sampler::spawn(
+        &tracker,
+        state.clone(),
+        transport.clone(),
+        addr,
+        shutdown.clone(),
+    );
 
     let app = api::App {
         effects,
@@ -193,12 +236,19 @@ async fn resume(fx: &driver::Effects) -> Result<(), Error> {
         let Some(task) = fx.state.load_task(*id).await? else {
             continue;
         };
+        for job in task
+            .jobs
+            .iter()
+            .filter(|j| j.status == orch_shared::api::JobStatus::Running)
+        {
+            fx.admission.running(job.id);
+        }
         let actions = pipeline::resume(&task);
         republished += actions
             .iter()
             .filter(|a| matches!(a, pipeline::Action::Publish(_)))
             .count();
-        fx.perform(task.id, actions)
+        fx.perform(&task, actions)
             .await
             .map_err(|e| Error::Resume(e.to_string()))?;
     }

@@ -13,6 +13,31 @@ pub const TOKENS: &str = "orch_tokens_total";
 pub const COST_USD: &str = "orch_cost_usd_total";
 pub const RESULTS_IGNORED: &str = "orch_results_ignored_total";
 pub const HTTP_ERRORS: &str = "orch_http_errors_total";
+pub const JOBS_WAITING: &str = "orch_jobs_waiting";
+pub const ADMISSION_CAP: &str = "orch_admission_cap";
+
+// Sampled every few seconds by `sampler` (gauges), or counted from job events (counters).
+pub const QUEUE_DEPTH: &str = "orch_queue_depth";
+pub const JOBS_IN_FLIGHT: &str = "orch_jobs_in_flight";
+pub const QUEUE_REDELIVERED: &str = "orch_queue_redelivered";
+pub const WORKERS: &str = "orch_workers";
+pub const CLUSTER_SLOTS_TOTAL: &str = "orch_cluster_slots_total";
+pub const CLUSTER_SLOTS_BUSY: &str = "orch_cluster_slots_busy";
+pub const TASKS_ACTIVE: &str = "orch_tasks_active";
+pub const JOBS_ACTIVE: &str = "orch_jobs_active";
+pub const DEAD_LETTERS: &str = "orch_dead_letters";
+pub const BUDGETED_TASKS: &str = "orch_budgeted_tasks";
+pub const BUDGET_REMAINING_USD: &str = "orch_budget_remaining_usd";
+pub const BUDGET_REMAINING_TOKENS: &str = "orch_budget_remaining_tokens";
+pub const JOBS_STARTED: &str = "orch_jobs_started_total";
+pub const JOB_REDELIVERIES: &str = "orch_job_redeliveries_total";
+pub const JOB_RETRIES: &str = "orch_job_retries_total";
+pub const JOBS_DEAD_LETTERED: &str = "orch_jobs_dead_lettered_total";
+pub const JOB_ATTEMPTS: &str = "orch_job_attempts";
+pub const AGENT_TOKENS: &str = "orch_agent_tokens_total";
+pub const AGENT_COST_USD: &str = "orch_agent_cost_usd_total";
+pub const SAMPLE_ERRORS: &str = "orch_sample_errors_total";
+pub const EVENT_STREAMS: &str = "orch_event_streams";
 
 pub fn describe() {
     describe_counter!(TASKS_SUBMITTED, "Tasks accepted by the API");
@@ -42,4 +67,92 @@ pub fn describe() {
         "Results not applied because they were stale or duplicates"
     );
     describe_counter!(HTTP_ERRORS, "HTTP requests answered with an error, by code");
+    describe_gauge!(
+        JOBS_WAITING,
+        "Ready jobs held back by the cluster cap, a rate limit or the daily budget"
+    );
+    describe_gauge!(
+        ADMISSION_CAP,
+        "Most agents the cluster runs at once (-1: no cap)"
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Jobs waiting in the work queue for a worker (JetStream consumer info, sampled)"
+    );
+    describe_gauge!(
+        JOBS_IN_FLIGHT,
+        "Jobs delivered to a worker and not yet acked (JetStream consumer info, sampled)"
+    );
+    describe_gauge!(
+        QUEUE_REDELIVERED,
+        "Unacked jobs that were delivered more than once (JetStream consumer info, sampled)"
+    );
+    describe_gauge!(
+        WORKERS,
+        "Workers registered with a recent heartbeat (sampled)"
+    );
+    describe_gauge!(
+        CLUSTER_SLOTS_TOTAL,
+        "Agent slots of all registered workers (sampled)"
+    );
+    describe_gauge!(
+        CLUSTER_SLOTS_BUSY,
+        "Agent slots running a job, over all registered workers (sampled)"
+    );
+    describe_gauge!(
+        TASKS_ACTIVE,
+        "Unfinished tasks by status (pending, running); finished ones are counted by orch_tasks_finished_total"
+    );
+    describe_gauge!(
+        JOBS_ACTIVE,
+        "Jobs of unfinished tasks by status (pending, queued, running, retrying)"
+    );
+    describe_gauge!(DEAD_LETTERS, "Jobs in the dead-letter set (sampled)");
+    describe_gauge!(BUDGETED_TASKS, "Unfinished tasks with a budget (sampled)");
+    describe_gauge!(
+        BUDGET_REMAINING_USD,
+        "Dollars left, summed over unfinished tasks with a dollar budget (sampled)"
+    );
+    describe_gauge!(
+        BUDGET_REMAINING_TOKENS,
+        "Tokens left, summed over unfinished tasks with a token budget (sampled)"
+    );
+    describe_counter!(
+        JOBS_STARTED,
+        "Job attempts an agent started on, by role and backend (from job_started events)"
+    );
+    describe_counter!(
+        JOB_REDELIVERIES,
+        "Agent starts of a job attempt that JetStream delivered again (a worker died or stalled), by role"
+    );
+    describe_counter!(
+        JOB_RETRIES,
+        "Job attempts that failed and will be tried again, by failure reason"
+    );
+    describe_counter!(
+        JOBS_DEAD_LETTERED,
+        "Jobs that failed for good and went to the dead-letter set, by failure reason"
+    );
+    describe_histogram!(JOB_ATTEMPTS, "Attempts a job needed to succeed, by role");
+    describe_counter!(
+        AGENT_TOKENS,
+        "Tokens used by agents, by role, model, backend and kind (input, output, cache_write, cache_read)"
+    );
+    describe_gauge!(
+        AGENT_COST_USD,
+        "Agent cost in US dollars by role, model and backend (only grows)"
+    );
+    describe_counter!(
+        SAMPLE_ERRORS,
+        "Periodic samples that failed, by source (jetstream, redis)"
+    );
+    describe_gauge!(
+        EVENT_STREAMS,
+        "Open cluster-wide event streams (GET /v1/events)"
+    );
+    // Unlabelled series exist from the start, so rate() and absent() work before the first
+    // task.
+    metrics::counter!(TASKS_SUBMITTED).absolute(0);
+    metrics::counter!(JOBS_DISPATCHED).absolute(0);
+    metrics::gauge!(EVENT_STREAMS).set(0.0);
 }

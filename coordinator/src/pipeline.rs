@@ -44,6 +44,10 @@ pub enum Action {
     DeadLetter(JobId),
     /// Record that these jobs (added after the task was created) belong to the task.
     Index(Vec<JobId>),
+    /// Store the task's record in the durable log (JetStream): done when the task is created,
+    /// planned, changed by a user, or finished — every other change can be replayed from the
+    /// results stream.
+    Snapshot,
 }
 
 /// The validated parts of a submit request that shape the task.
@@ -130,6 +134,7 @@ pub fn new_task(
     if let Some(limit) = task.options.task_timeout_ms {
         actions.push(Action::WakeAt(now_ms + limit));
     }
+    actions.push(Action::Snapshot);
     advance(&mut task, now_ms, &mut actions);
     Ok((task, actions))
 }
@@ -237,6 +242,7 @@ fn add_planned_steps(
         },
     ));
     actions.push(Action::Index(jobs.iter().map(|j| j.id).collect()));
+    actions.push(Action::Snapshot);
     task.jobs.extend(jobs);
     task.plan_source = source;
     task.plan = PlanInfo {
@@ -347,6 +353,7 @@ fn advance(task: &mut Task, now_ms: u64, actions: &mut Vec<Action>) {
     }
     if task.jobs.iter().all(|j| j.status.is_terminal()) {
         actions.push(finish(task, now_ms, None));
+        actions.push(Action::Snapshot);
     }
 }
 
@@ -634,6 +641,7 @@ fn stop(task: &mut Task, why: &str, status: TaskStatus, now_ms: u64, actions: &m
     }
     task.error = Some(why.to_string());
     actions.push(finish(task, now_ms, Some(status)));
+    actions.push(Action::Snapshot);
 }
 
 /// A user kills one agent: its job is cancelled and treated as a failed step.
@@ -663,6 +671,7 @@ pub fn kill(task: &mut Task, job: JobId, now_ms: u64) -> Option<Vec<Action>> {
             reason: "killed by a user".into(),
         },
     ));
+    actions.push(Action::Snapshot);
     advance(task, now_ms, &mut actions);
     Some(actions)
 }
@@ -684,7 +693,7 @@ pub fn retry_dead(task: &mut Task, job: JobId, now_ms: u64) -> Option<Vec<Action
     task.finished_at_ms = None;
     task.error = None;
     task.output = None;
-    let mut actions = Vec::new();
+    let mut actions = vec![Action::Snapshot];
     advance(task, now_ms, &mut actions);
     Some(actions)
 }

@@ -10,7 +10,11 @@
 //! - `orch:dlq`: sorted set of dead-lettered job ids, scored by when they failed for good.
 //! - `orch:stats:<role>:<model>`: the last 1,000 finished jobs of that role and model
 //!   (`duration_ms cost_usd tokens`), for dry-run estimates.
+//! - `orch:spend:<days since epoch>`: the day's spend (`spent`, `reserved`, and per job
+//!   attempt `r:<job>:<attempt>` reservations and `s:<job>:<attempt>` settlements).
 //! - worker registry, done and cancel markers: see [`orch_shared::keys`].
+
+pub mod history;
 
 use orch_shared::api::{Task, Worker};
 use orch_shared::codec;
@@ -27,6 +31,9 @@ const JOB_INDEX: &str = "orch:jobindex";
 const DLQ: &str = "orch:dlq";
 /// Finished jobs kept per role and model for estimates.
 const STATS_KEPT: isize = 1000;
+/// Present while Redis holds the state built since the cluster's first start (or since the
+/// last rebuild): its absence next to a non-empty JetStream log means Redis lost its data.
+const EPOCH: &str = "orch:epoch";
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_TTL_SECS: u64 = 7 * 24 * 3600;
 
@@ -89,6 +96,41 @@ for i = 4, #ARGV do redis.call('HSET', KEYS[5], ARGV[i], ARGV[1]) end
 return false
 "#;
 
+/// Reserves an estimate against the daily budget, once per job attempt.
+/// KEYS: day hash. ARGV: job:attempt, estimate, limit. Returns 1 if reserved (or already).
+const RESERVE_DAILY: &str = r#"
+local id = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], 'r:'..id) == 1 or redis.call('HEXISTS', KEYS[1], 's:'..id) == 1 then return 1 end
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
+if spent + reserved + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'r:'..id, ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[1], 'reserved', ARGV[2])
+redis.call('EXPIRE', KEYS[1], 172800)
+return 1
+"#;
+
+/// Settles a job attempt's real cost, once: releases its reservation, adds the cost.
+/// KEYS: day hash. ARGV: job:attempt, cost. Returns 1 if settled now, 0 if it was before.
+const SETTLE_DAILY: &str = r#"
+local id = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], 's:'..id) == 1 then return 0 end
+local r = redis.call('HGET', KEYS[1], 'r:'..id)
+if r then
+  redis.call('HINCRBYFLOAT', KEYS[1], 'reserved', -tonumber(r))
+  redis.call('HDEL', KEYS[1], 'r:'..id)
+end
+redis.call('HSET', KEYS[1], 's:'..id, ARGV[2])
+redis.call('HINCRBYFLOAT', KEYS[1], 'spent', ARGV[2])
+redis.call('EXPIRE', KEYS[1], 172800)
+return 1
+"#;
+
+/// The daily spend hash of the UTC day of `now_ms`.
+fn day_key(now_ms: u64) -> String {
+    format!("orch:spend:{}", now_ms / 86_400_000)
+}
+
 /// One entry of the dead-letter set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -109,7 +151,7 @@ pub struct JobStats {
 impl State {
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let connect = |source| Error::Connect {
-            url: url.to_string(),
+            url: orch_shared::redact_url(url),
             source,
         };
         let client = redis::Client::open(url).map_err(connect)?;
@@ -319,6 +361,14 @@ impl State {
             .map_err(redis_err("index jobs"))
     }
 
+    /// The fencing token of the latest worker to take a job attempt's lease.
+    pub async fn current_fence(&self, job: JobId, attempt: u32) -> Result<Option<u64>, Error> {
+        let mut conn = self.conn.clone();
+        conn.get(keys::job_fence(job, attempt))
+            .await
+            .map_err(redis_err("read fence"))
+    }
+
     /// The task a job (agent) belongs to.
     pub async fn task_of_job(&self, job: JobId) -> Result<Option<TaskId>, Error> {
         let mut conn = self.conn.clone();
@@ -438,5 +488,112 @@ impl State {
             cost_usd: (costs[pct(n, 50)], costs[pct(n, 90)]),
             tokens: (tokens[pct(n, 50)], tokens[pct(n, 90)]),
         }))
+    }
+
+    /// Reserves `estimate` dollars of today's budget for a job attempt; false if it does not
+    /// fit under `limit`. Idempotent per attempt.
+    pub async fn reserve_daily(
+        &self,
+        job: JobId,
+        attempt: u32,
+        estimate: f64,
+        limit: f64,
+    ) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let ok: i64 = redis::Script::new(RESERVE_DAILY)
+            .key(day_key(orch_shared::now_ms()))
+            .arg(format!("{job}:{attempt}"))
+            .arg(estimate)
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("reserve budget"))?;
+        Ok(ok == 1)
+    }
+
+    /// Adds a job attempt's real cost to the spend of the day it finished, once, releasing
+    /// its reservation.
+    pub async fn settle_daily(
+        &self,
+        job: JobId,
+        attempt: u32,
+        cost: f64,
+        finished_at_ms: u64,
+    ) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let settled: i64 = redis::Script::new(SETTLE_DAILY)
+            .key(day_key(finished_at_ms))
+            .arg(format!("{job}:{attempt}"))
+            .arg(cost)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("settle cost"))?;
+        Ok(settled == 1)
+    }
+
+    /// Today's spend and open reservations, in dollars.
+    pub async fn spend_today(&self) -> Result<(f64, f64), Error> {
+        let mut conn = self.conn.clone();
+        let (spent, reserved): (Option<f64>, Option<f64>) = redis::cmd("HMGET")
+            .arg(day_key(orch_shared::now_ms()))
+            .arg("spent")
+            .arg("reserved")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("read spend"))?;
+        Ok((spent.unwrap_or(0.0), reserved.unwrap_or(0.0)))
+    }
+
+    /// When this Redis state began (ms), if it holds the cluster's state.
+    pub async fn epoch(&self) -> Result<Option<u64>, Error> {
+        let mut conn = self.conn.clone();
+        conn.get(EPOCH).await.map_err(redis_err("read epoch"))
+    }
+
+    pub async fn set_epoch(&self, at_ms: u64) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.set(EPOCH, at_ms)
+            .await
+            .map_err(redis_err("write epoch"))
+    }
+
+    /// Writes back a task rebuilt from the durable log, with all its index entries.
+    pub async fn restore_task(&self, task: &Task) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let id = task.id.to_string();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .set(task_key(task.id), codec::encode(task))
+            .zadd(TASKS, &id, 0);
+        if task.status.is_terminal() {
+            pipe.srem(ACTIVE, &id);
+        } else {
+            pipe.sadd(ACTIVE, &id);
+        }
+        let index: Vec<(String, &str)> = task
+            .jobs
+            .iter()
+            .map(|j| (j.id.to_string(), id.as_str()))
+            .collect();
+        if !index.is_empty() {
+            pipe.hset_multiple(JOB_INDEX, &index);
+        }
+        if let Some(key) = &task.idempotency_key {
+            pipe.set_ex(idem_key(key), &id, IDEMPOTENCY_TTL_SECS);
+        }
+        for job in &task.jobs {
+            if job.status == orch_shared::api::JobStatus::Failed
+                && job.kind == orch_shared::job::JobKind::Agent
+            {
+                pipe.zadd(
+                    DLQ,
+                    job.id.to_string(),
+                    job.finished_at_ms.unwrap_or(task.created_at_ms),
+                );
+            }
+        }
+        pipe.exec_async(&mut conn)
+            .await
+            .map_err(redis_err("restore task"))
     }
 }

@@ -1,9 +1,12 @@
 //! Everything the coordinator says to and hears from NATS. The only module that knows subjects,
 //! stream settings and bytes; the rest of the coordinator sees typed messages.
 
+pub mod events;
+
 use crate::config::Config;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
+use orch_shared::api::Task;
 use orch_shared::codec;
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::TaskId;
@@ -60,6 +63,8 @@ impl ResultDelivery {
 pub enum Outgoing {
     Job(JobSpec),
     Event(Event),
+    /// The task's record, as its latest snapshot in the durable log.
+    Snapshot(Box<Task>),
 }
 
 /// One stored event with its stream sequence (the SSE event id).
@@ -77,7 +82,7 @@ impl Transport {
             .connect(url)
             .await
             .map_err(|source| Error::Connect {
-                url: url.to_string(),
+                url: orch_shared::redact_url(url),
                 source,
             })?;
         let js = jetstream::ContextBuilder::new()
@@ -105,6 +110,7 @@ impl Transport {
                 storage: stream::StorageType::File,
                 discard: stream::DiscardPolicy::New,
                 duplicate_window: cfg.dedup_window,
+                num_replicas: cfg.stream_replicas,
                 ..Default::default()
             })
             .await
@@ -117,6 +123,7 @@ impl Transport {
                 storage: stream::StorageType::File,
                 max_age: cfg.events_max_age,
                 allow_direct: true,
+                num_replicas: cfg.stream_replicas,
                 ..Default::default()
             })
             .await
@@ -129,6 +136,7 @@ impl Transport {
                 storage: stream::StorageType::File,
                 duplicate_window: cfg.dedup_window,
                 max_age: cfg.events_max_age,
+                num_replicas: cfg.stream_replicas,
                 ..Default::default()
             })
             .await
@@ -154,10 +162,23 @@ impl Transport {
             durable_name: Some(subject::RESULTS_CONSUMER.into()),
             description: Some("job results, applied by the coordinator".into()),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            // Only a coordinator that died holding results waits this out; keep it short.
+            ack_wait: Duration::from_secs(10),
             max_ack_pending: 10_000,
             ..Default::default()
         };
+        self.js
+            .create_or_update_stream(stream::Config {
+                name: subject::TASKS_STREAM.into(),
+                subjects: vec![subject::TASKS_SUBJECTS.into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                num_replicas: cfg.stream_replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| topo("tasks stream")(e.into()))?;
         let results = self
             .js
             .get_stream(subject::RESULTS_STREAM)
@@ -187,6 +208,11 @@ impl Transport {
                     subject::event(event.task_id, event.kind.name()),
                     jetstream::message::PublishMessage::build()
                         .payload(codec::encode(event).into()),
+                ),
+                Outgoing::Snapshot(task) => (
+                    subject::task_snapshot(task.id),
+                    jetstream::message::PublishMessage::build()
+                        .payload(codec::encode(task.as_ref()).into()),
                 ),
             };
             let ack = self
@@ -318,6 +344,69 @@ impl Transport {
             subject: subject::CONTROL_CANCEL.into(),
             source: e.into(),
         })
+    }
+
+    /// Every stored message of `stream`, decoded, in order, until the ones present when the
+    /// call began are read. For rebuilding Redis.
+    async fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        stream_name: &str,
+    ) -> Result<Vec<T>, Error> {
+        let read = |e: async_nats::Error| Error::Read {
+            what: format!("stream {stream_name}"),
+            source: e,
+        };
+        let mut stream = self
+            .js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let total = stream
+            .info()
+            .await
+            .map_err(|e| read(e.into()))?
+            .state
+            .messages;
+        let mut out = Vec::new();
+        if total == 0 {
+            return Ok(out);
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read(e.into()))?;
+        let mut messages = consumer.messages().await.map_err(|e| read(e.into()))?;
+        while let Some(msg) = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .ok()
+            .flatten()
+        {
+            let msg = msg.map_err(|e| read(e.into()))?;
+            let pending = msg.info().map(|i| i.pending).unwrap_or(0);
+            match codec::decode::<T>(&msg.payload) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    tracing::warn!(error = %e, subject = %msg.subject, "skipping an unreadable message")
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The latest snapshot of every task in the durable log (the stream keeps one per task).
+    pub async fn task_snapshots(&self) -> Result<Vec<Task>, Error> {
+        self.read_all(subject::TASKS_STREAM).await
+    }
+
+    /// Every stored job result, oldest first.
+    pub async fn all_results(&self) -> Result<Vec<JobResult>, Error> {
+        self.read_all(subject::RESULTS_STREAM).await
     }
 
     /// Flushes buffered messages before shutdown.

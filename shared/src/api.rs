@@ -84,6 +84,31 @@ pub struct SubmitTask {
     /// Most turns an agent may take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_turns: Option<u32>,
+    /// Which waiting jobs go first when the cluster is at its cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// Dispatch priority of a task's jobs (used when the cluster-wide cap is reached).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
 }
 
 /// Who plans a task.
@@ -125,6 +150,8 @@ pub struct ExecutionOptions {
     pub task_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_turns: Option<u32>,
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 fn default_attempts() -> u32 {
@@ -142,6 +169,7 @@ impl Default for ExecutionOptions {
             job_timeout_ms: None,
             task_timeout_ms: None,
             max_turns: None,
+            priority: Priority::Normal,
         }
     }
 }

@@ -40,6 +40,9 @@ pub enum EventKind {
         steps: Vec<StepInfo>,
         rejected: Option<String>,
     },
+    /// A job is ready but waits: the cluster is at its cap, a rate limit or the daily budget
+    /// holds it back. It is dispatched as soon as that clears (sent once per wait).
+    JobWaiting { reason: String },
     /// A job was published to the work queue.
     JobQueued { role: Role, step: u32 },
     /// A job will not run (a step it depends on failed, or the budget ran out).
@@ -107,6 +110,7 @@ impl EventKind {
         match self {
             EventKind::TaskCreated { .. } => "task_created",
             EventKind::TaskPlanned { .. } => "task_planned",
+            EventKind::JobWaiting { .. } => "job_waiting",
             EventKind::JobQueued { .. } => "job_queued",
             EventKind::JobSkipped { .. } => "job_skipped",
             EventKind::JobRetrying { .. } => "job_retrying",

@@ -222,6 +222,9 @@ pub struct JobResult {
     pub files_written: Vec<String>,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
+    /// The fencing token of the worker's lease on this attempt (0: no lease was taken).
+    #[serde(default)]
+    pub fence: u64,
 }
 
 impl JobResult {

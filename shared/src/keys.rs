@@ -32,3 +32,14 @@ pub mod worker_field {
 pub fn job_cancelled(job: JobId, attempt: u32) -> String {
     format!("orch:jobcancelled:{job}:{attempt}")
 }
+
+/// The fencing token counter of a job attempt: every worker that takes the attempt's lease
+/// increments it, and the coordinator applies a result only from the latest taker.
+pub fn job_fence(job: JobId, attempt: u32) -> String {
+    format!("orch:fence:{job}:{attempt}")
+}
+
+/// The lease on a job attempt: `<worker>:<fence>`, with a TTL renewed while the job runs.
+pub fn job_lease(job: JobId, attempt: u32) -> String {
+    format!("orch:lease:{job}:{attempt}")
+}

@@ -16,6 +16,15 @@ pub const DEFAULT_POOL: &str = "default";
 pub const EVENTS_STREAM: &str = "ORCH_EVENTS";
 pub const EVENTS_SUBJECTS: &str = "orch.events.>";
 
+/// The latest snapshot of every task (retention: limits, one message per subject): with the
+/// results stream, what the coordinator rebuilds Redis from after a data loss.
+pub const TASKS_STREAM: &str = "ORCH_TASKS";
+pub const TASKS_SUBJECTS: &str = "orch.tasks.>";
+
+pub fn task_snapshot(task: TaskId) -> String {
+    format!("orch.tasks.{task}")
+}
+
 /// Job results (retention: limits; read by the coordinator's durable consumer).
 pub const RESULTS_STREAM: &str = "ORCH_RESULTS";
 pub const RESULTS_SUBJECTS: &str = "orch.results.>";

@@ -103,9 +103,9 @@ prop_compose! {
                     worker in "[a-z0-9-]{1,30}", outcome in outcome(), output in ".*", usage in usage(),
                     cost_usd in cost(), files_read in proptest::collection::vec(".*", 0..4),
                     files_written in proptest::collection::vec(".*", 0..4),
-                    started_at_ms in any::<u64>(), finished_at_ms in any::<u64>()) -> JobResult {
+                    started_at_ms in any::<u64>(), finished_at_ms in any::<u64>(), fence in any::<u64>()) -> JobResult {
         JobResult { task_id, job_id, attempt, delivery, worker_id: WorkerId(worker), outcome, output,
-                    usage, cost_usd, files_read, files_written, started_at_ms, finished_at_ms }
+                    usage, cost_usd, files_read, files_written, started_at_ms, finished_at_ms, fence }
     }
 }
 
@@ -283,6 +283,7 @@ fn sample_result() -> JobResult {
         files_written: vec!["src/login.rs".into()],
         started_at_ms: 1_764_000_000_000,
         finished_at_ms: 1_764_000_001_500,
+        fence: 3,
     }
 }
 

@@ -151,6 +151,11 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 
 /// Starts `nats-server -js` on a random port; returns the server and its URL.
 pub fn nats(dir: &Path) -> (Server, String) {
+    nats_on(dir, -1)
+}
+
+/// Starts `nats-server -js` on `port` (-1: a random one) with its store in `dir/nats`.
+fn nats_on(dir: &Path, port: i32) -> (Server, String) {
     let bin = server_bin(
         "ORCH_NATS_SERVER_BIN",
         "nats-server",
@@ -160,7 +165,7 @@ pub fn nats(dir: &Path) -> (Server, String) {
     let ports = dir.join("nats-ports");
     std::fs::create_dir_all(&ports).expect("create ports dir");
     let mut cmd = Command::new(bin);
-    cmd.args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+    cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
         .arg("--ports_file_dir")
         .arg(&ports);
@@ -174,38 +179,52 @@ pub fn nats(dir: &Path) -> (Server, String) {
     (server, url)
 }
 
-/// Starts `redis-server` (no persistence) on a free port; returns the server and its URL.
+/// Starts `redis-server` on a free port, its append-only file (fsync on every write) in
+/// `dir/redis`; returns the server and its URL.
 pub fn redis(dir: &Path) -> (Server, String) {
+    for _ in 0..5 {
+        if let Some(started) = redis_on(dir, free_port()) {
+            return started;
+        }
+    }
+    panic!("redis-server did not start on any of 5 free ports");
+}
+
+fn redis_on(dir: &Path, port: u16) -> Option<(Server, String)> {
     let bin = server_bin(
         "ORCH_REDIS_SERVER_BIN",
         "redis-server",
         "apt-get install redis-server",
     );
-    for _ in 0..5 {
-        let port = free_port();
-        let mut cmd = Command::new(&bin);
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-        ])
-        .arg(dir);
-        let mut server = Server::spawn("redis", &mut cmd, dir);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && server.is_running() {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return (server, format!("redis://127.0.0.1:{port}"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    let data = dir.join("redis");
+    std::fs::create_dir_all(&data).expect("create the redis dir");
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ])
+    .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+    .arg(&data);
+    let mut server = Server::spawn("redis", &mut cmd, dir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && server.is_running() {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((server, format!("redis://127.0.0.1:{port}")));
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("redis-server did not start on any of 5 free ports");
+    None
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("a URL with a port")
 }
 
 /// How to shape a test cluster.
@@ -215,6 +234,8 @@ pub struct Options {
     pub slots: u32,
     pub ack_wait: Duration,
     pub drain_grace: Duration,
+    /// More flags for the coordinator (admission settings, say).
+    pub coordinator_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -224,6 +245,7 @@ impl Default for Options {
             slots: 4,
             ack_wait: Duration::from_secs(3),
             drain_grace: Duration::from_secs(10),
+            coordinator_args: vec![],
         }
     }
 }
@@ -254,27 +276,8 @@ impl Cluster {
             .expect("temp dir");
         let (nats, nats_url) = nats(dir.path());
         let (redis, redis_url) = redis(dir.path());
-        let addr_file = dir.path().join("coordinator.addr");
-        let mut cmd = Command::new(workspace_bin("orch-coordinator"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--nats-url",
-            &nats_url,
-            "--redis-url",
-            &redis_url,
-        ])
-        .args(["--token", TOKEN, "--job-ack-wait"])
-        .arg(format!("{}ms", opts.ack_wait.as_millis()))
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .env("ORCH_LOG", "info");
-        let coordinator = Server::spawn("coordinator", &mut cmd, dir.path());
-        let addr = wait_for("the coordinator to listen", Duration::from_secs(30), || {
-            std::fs::read_to_string(&addr_file)
-                .ok()
-                .filter(|s| !s.is_empty())
-        });
+        let (coordinator, addr) =
+            start_coordinator(dir.path(), &nats_url, &redis_url, &opts, "127.0.0.1:0");
         let mut cluster = Cluster {
             dir,
             nats,
@@ -295,6 +298,37 @@ impl Cluster {
         }
         cluster.wait_workers(opts.workers).await;
         cluster
+    }
+
+    /// Kills redis-server with SIGKILL and starts it again on the same port, with its data
+    /// (the append-only file) or, with `wipe`, empty.
+    pub fn restart_redis(&mut self, wipe: bool) {
+        self.redis.signal(libc::SIGKILL);
+        let _ = self.redis.wait_exit(Duration::from_secs(10));
+        if wipe {
+            let _ = std::fs::remove_dir_all(self.dir.path().join("redis"));
+        }
+        let port = port_of(&self.redis_url);
+        let (server, _) = (0..50)
+            .find_map(|_| {
+                redis_on(self.dir.path(), port).or_else(|| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    None
+                })
+            })
+            .expect("redis-server restarts on its port");
+        let old = std::mem::replace(&mut self.redis, server);
+        self.previous.push(old);
+    }
+
+    /// Kills nats-server with SIGKILL and starts it again on the same port and store.
+    pub fn restart_nats(&mut self) {
+        self.nats.signal(libc::SIGKILL);
+        let _ = self.nats.wait_exit(Duration::from_secs(10));
+        let port = port_of(&self.nats_url) as i32;
+        let (server, _) = nats_on(self.dir.path(), port);
+        let old = std::mem::replace(&mut self.nats, server);
+        self.previous.push(old);
     }
 
     /// Kills the coordinator with SIGKILL and starts a new one on the same address.
@@ -407,10 +441,19 @@ impl Cluster {
         serde_json::from_value(v).expect("submit returns a task")
     }
 
+    /// The task; a coordinator that answers 503 (a dependency reconnecting) is asked again for
+    /// up to ten seconds.
     pub async fn task(&self, id: &str) -> Task {
-        let (status, v) = self.get(&format!("/v1/tasks/{id}")).await;
-        assert_eq!(status, StatusCode::OK, "{v}");
-        serde_json::from_value(v).expect("a task")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, v) = self.get(&format!("/v1/tasks/{id}")).await;
+            if status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert_eq!(status, StatusCode::OK, "{v}");
+            return serde_json::from_value(v).expect("a task");
+        }
     }
 
     /// Polls until the task ends; panics with every log if it does not within `timeout`.
@@ -530,6 +573,7 @@ fn start_coordinator(
     .arg(format!("{}ms", opts.ack_wait.as_millis()))
     .arg("--addr-file")
     .arg(&addr_file)
+    .args(&opts.coordinator_args)
     .env("ORCH_LOG", "info");
     // The log of a restarted coordinator gets a fresh name; the old one is kept.
     let name = if dir.join("coordinator.log").exists() {
@@ -538,11 +582,21 @@ fn start_coordinator(
         "coordinator"
     };
     let server = Server::spawn(name, &mut cmd, dir);
-    let addr = wait_for("the coordinator to listen", Duration::from_secs(30), || {
-        std::fs::read_to_string(&addr_file)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        if let Some(addr) = std::fs::read_to_string(&addr_file)
             .ok()
             .filter(|s| !s.is_empty())
-    });
+        {
+            break addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the coordinator to listen\n{}",
+            server.tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
     (server, addr)
 }
 
@@ -567,4 +621,59 @@ pub fn assert_completed(cluster: &Cluster, task: &Task) {
         task.id,
         cluster.logs()
     );
+}
+
+/// Observability helpers: workers with a metrics endpoint, and scrapes.
+impl Cluster {
+    /// Starts one more worker that serves `/metrics` and `/healthz` on a free loopback port;
+    /// returns its index in `workers` and its metrics URL, once it answers.
+    pub async fn add_worker_with_metrics(&mut self) -> (usize, String) {
+        let id = format!("worker-{}", self.next_worker);
+        self.next_worker += 1;
+        let port = free_port();
+        let mut cmd = Command::new(workspace_bin("orch-worker"));
+        cmd.args([
+            "--nats-url",
+            &self.nats_url,
+            "--redis-url",
+            &self.redis_url,
+            "--id",
+            &id,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
+        .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
+        .env("ORCH_LOG", "info");
+        self.workers
+            .push(Server::spawn(&id, &mut cmd, self.dir.path()));
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {id} did not serve /healthz on {base}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (self.workers.len() - 1, format!("{base}/metrics"))
+    }
+
+    /// The text of a Prometheus endpoint (no auth: `/metrics` is open).
+    pub async fn scrape(&self, url: &str) -> String {
+        let r = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("scrape {url}: {e}\n{}", self.logs()));
+        assert_eq!(r.status(), StatusCode::OK, "scrape {url}");
+        r.text().await.expect("a metrics body")
+    }
 }

@@ -523,3 +523,129 @@ async fn the_llm_planner_plans_and_a_bad_plan_falls_back_to_the_rules() {
     assert_eq!(status, 400);
     assert!(v["message"].as_str().unwrap().starts_with("planner:"));
 }
+
+fn with_coordinator_args(args: &[&str]) -> Options {
+    Options {
+        coordinator_args: args.iter().map(|s| s.to_string()).collect(),
+        ..Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_cap_holds_jobs_back_and_priorities_pick_who_goes_first() {
+    let cluster = Cluster::start(with_coordinator_args(&["--max-running-agents", "1"])).await;
+    // A long low-priority task takes the only slot; then low and high tasks queue up.
+    let first = cluster
+        .submit(json!({"prompt": "first", "roles": ["builder"], "sim": {"latency_ms": 1200}}))
+        .await;
+    wait_running(&cluster, &first.id.to_string(), 0).await;
+    let low = cluster
+        .submit(json!({"prompt": "low", "roles": ["builder"], "priority": "low", "sim": {"latency_ms": 300}}))
+        .await;
+    let high = cluster
+        .submit(json!({"prompt": "high", "roles": ["builder"], "priority": "high", "sim": {"latency_ms": 300}}))
+        .await;
+    let ids = [first.id, low.id, high.id].map(|id| id.to_string());
+    let tasks = cluster.wait_all(&ids, WAIT).await;
+    for t in &tasks {
+        assert_completed(&cluster, t);
+    }
+    let spans: Vec<(u64, u64)> = tasks.iter().map(|t| span(&t.jobs[0])).collect();
+    assert!(
+        spans[2].0 >= spans[0].1,
+        "the high job started before the slot was free"
+    );
+    assert!(
+        spans[1].0 >= spans[2].1,
+        "the low job went before the high one: {spans:?}"
+    );
+    let events = cluster.events(&ids[1], None).await;
+    assert!(
+        events.iter().any(|(_, e)| matches!(&e.kind, EventKind::JobWaiting { reason } if reason.contains("cap of 1"))),
+        "the waiting job said why"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_spaces_out_dispatches() {
+    // 60 requests a minute: a burst of 10 (ten seconds' worth), then one a second.
+    let cluster = Cluster::start(with_coordinator_args(&["--rate-limit", "sim=60rpm"])).await;
+    let steps: Vec<serde_json::Value> = (0..13).map(|_| json!({"role": "builder"})).collect();
+    let t = run(
+        &cluster,
+        json!({"prompt": "limited", "mode": "parallel", "plan": {"steps": steps}}),
+    )
+    .await;
+    assert_completed(&cluster, &t);
+    let mut starts: Vec<u64> = t.jobs.iter().map(|j| j.started_at_ms.unwrap()).collect();
+    starts.sort_unstable();
+    let burst = starts.iter().filter(|&&s| s < starts[0] + 500).count();
+    assert!(
+        burst <= 10,
+        "{burst} jobs started in the first half second: {starts:?}"
+    );
+    let spread = starts[12] - starts[0];
+    assert!(
+        spread >= 2_000,
+        "13 jobs at 10 + 1/s started within {spread} ms: {starts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_budget_holds_jobs_once_reservations_reach_it() {
+    // Each job reserves $0.004 (no history yet); $0.01 fits two reservations, not three.
+    let cluster = Cluster::start(with_coordinator_args(&[
+        "--daily-budget-usd",
+        "0.01",
+        "--default-job-estimate-usd",
+        "0.004",
+    ]))
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "x", "mode": "parallel", "roles": ["analyst", "builder", "tester"], "sim": {"latency_ms": 200}}))
+        .await;
+    let id = task.id.to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = cluster.task(&id).await;
+        let done = t
+            .jobs
+            .iter()
+            .filter(|j| j.status == JobStatus::Succeeded)
+            .count();
+        if done >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "two jobs never ran: {t:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let t = cluster.task(&id).await;
+    let ran = t.jobs.iter().filter(|j| j.started_at_ms.is_some()).count();
+    // Two settled at ~$0.003 each: $0.006 spent, the third's $0.004 would pass $0.01.
+    assert_eq!(ran, 2, "the budget let a third job run: {t:#?}");
+    assert!(t.cost_usd <= 0.01);
+    let events = cluster_events_so_far(&cluster, &id).await;
+    assert!(
+        events.iter().any(|r| r.contains("daily budget of $0.01")),
+        "{events:?}"
+    );
+}
+
+/// The reasons of the `job_waiting` events of a task that has not finished yet.
+async fn cluster_events_so_far(cluster: &Cluster, id: &str) -> Vec<String> {
+    // The stream only ends with the task: cancel it so the log closes, then read it.
+    let (status, _) = cluster
+        .post(&format!("/v1/tasks/{id}/cancel"), &json!(null))
+        .await;
+    assert_eq!(status, 200);
+    cluster
+        .events(id, None)
+        .await
+        .into_iter()
+        .filter_map(|(_, e)| match e.kind {
+            EventKind::JobWaiting { reason } => Some(reason),
+            _ => None,
+        })
+        .collect()
+}

@@ -8,6 +8,7 @@ pub const JOBS_REDELIVERED: &str = "orch_worker_jobs_redelivered_total";
 pub const JOBS_ALREADY_DONE: &str = "orch_worker_jobs_already_done_total";
 pub const JOBS_HANDED_BACK: &str = "orch_worker_jobs_handed_back_total";
 pub const HEARTBEATS: &str = "orch_worker_in_progress_acks_total";
+pub const LEASES_LOST: &str = "orch_worker_leases_lost_total";
 pub const SLOTS_BUSY: &str = "orch_worker_slots_busy";
 pub const SLOTS_TOTAL: &str = "orch_worker_slots_total";
 
@@ -30,6 +31,22 @@ pub fn describe() {
         "Jobs handed back to the queue (drain deadline, or result not publishable)"
     );
     describe_counter!(HEARTBEATS, "In-progress acks sent for running jobs");
+    describe_counter!(
+        LEASES_LOST,
+        "Jobs dropped because another worker took their lease (this worker was paused or cut off)"
+    );
     describe_gauge!(SLOTS_BUSY, "Slots running an agent");
     describe_gauge!(SLOTS_TOTAL, "Slots this worker offers");
+    // Unlabelled series exist from the start, so rate() and alerts work on a worker that has
+    // not yet seen a redelivery or a drain.
+    for name in [
+        JOBS_STARTED,
+        JOBS_REDELIVERED,
+        JOBS_ALREADY_DONE,
+        JOBS_HANDED_BACK,
+        HEARTBEATS,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::gauge!(SLOTS_BUSY).set(0.0);
 }

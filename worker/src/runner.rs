@@ -4,7 +4,7 @@
 
 use crate::agent::{Agent, AgentOutput, Events};
 use crate::metrics as m;
-use crate::state::State;
+use crate::state::{Lease, State};
 use crate::transport::{JobDelivery, PendingAck, Transport};
 use backon::{ExponentialBuilder, Retryable};
 use orch_shared::event::{Event, EventKind};
@@ -86,6 +86,20 @@ impl Runner {
                 tracing::warn!(error = %e, "could not check the job markers; running the job")
             }
         }
+        // The lease's TTL is the ack wait: a worker that stops renewing loses the attempt at
+        // the same moment JetStream gives the job to another worker.
+        let lease_ttl = self.transport.ack_wait;
+        let lease = match self
+            .state
+            .acquire(&self.worker_id, spec.job_id, spec.attempt, lease_ttl)
+            .await
+        {
+            Ok(lease) => Some(lease),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take the job's lease; running unfenced");
+                None
+            }
+        };
         metrics::counter!(m::JOBS_STARTED).increment(1);
         let started_at_ms = orch_shared::now_ms();
         let mut pending = Vec::new();
@@ -130,6 +144,13 @@ impl Runner {
                 out = &mut agent_run => break Some(out),
                 Some(kind) = rx.recv() => self.send(&job, kind, &mut pending).await,
                 _ = keepalive.tick() => {
+                    if !self.still_holds(lease.as_ref(), lease_ttl).await {
+                        // Paused or cut off past the ack wait: another worker owns the attempt.
+                        tracing::warn!("lease lost: another worker took the job; dropping it");
+                        metrics::counter!(m::LEASES_LOST).increment(1);
+                        agent_cancel.cancel();
+                        return;
+                    }
                     metrics::counter!(m::HEARTBEATS).increment(1);
                     if let Err(e) = job.in_progress().await {
                         tracing::warn!(error = %e, "in-progress ack failed");
@@ -190,6 +211,13 @@ impl Runner {
                 tracing::warn!(error = %e, "event was not stored");
             }
         }
+        if !self.still_holds(lease.as_ref(), lease_ttl).await {
+            // Publishing now would only be fenced out (and acking could ack the new owner's
+            // delivery): leave the attempt to the worker that holds it.
+            tracing::warn!("lease lost before the result was published; dropping it");
+            metrics::counter!(m::LEASES_LOST).increment(1);
+            return;
+        }
         let result = JobResult {
             task_id: spec.task_id,
             job_id: spec.job_id,
@@ -204,6 +232,7 @@ impl Runner {
             files_written: output.files_written,
             started_at_ms,
             finished_at_ms,
+            fence: lease.as_ref().map_or(0, |l| l.fence),
         };
         let publish = || self.transport.publish_result(&result);
         let stored = publish
@@ -232,6 +261,26 @@ impl Runner {
             // The result is stored; a redelivery will find the done marker (or be a duplicate
             // the coordinator ignores).
             tracing::warn!(error = %e, "ack failed after the result was stored");
+        }
+        if let Some(lease) = &lease
+            && let Err(e) = self.state.release(lease).await
+        {
+            tracing::debug!(error = %e, "could not release the lease (it expires by itself)");
+        }
+    }
+
+    /// Renews the lease; true while this worker holds it (or when there is none to check, or
+    /// Redis cannot tell: losing Redis must not stop every running agent).
+    async fn still_holds(&self, lease: Option<&Lease>, ttl: Duration) -> bool {
+        let Some(lease) = lease else {
+            return true;
+        };
+        match self.state.renew(lease, ttl).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the lease; carrying on");
+                true
+            }
         }
     }
 

@@ -30,6 +30,41 @@ fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |source| Error::Redis { op, source }
 }
 
+/// Takes the lease on a job attempt with a new fencing token.
+/// KEYS: fence counter, lease. ARGV: worker id, ttl ms. Returns the token.
+const ACQUIRE: &str = r#"
+local f = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 604800)
+redis.call('SET', KEYS[2], ARGV[1] .. ':' .. f, 'PX', ARGV[2])
+return f
+"#;
+
+/// Extends the lease if this worker still holds it. KEYS: lease. ARGV: value, ttl ms.
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Drops the lease if this worker still holds it. KEYS: lease. ARGV: value.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// A worker's lease on a job attempt and its fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub job: JobId,
+    pub attempt: u32,
+    pub fence: u64,
+    value: String,
+}
+
 /// What the worker tells the cluster about itself.
 #[derive(Debug, Clone)]
 pub struct WorkerInfo {
@@ -48,7 +83,7 @@ pub struct State {
 impl State {
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let connect = |source| Error::Connect {
-            url: url.to_string(),
+            url: orch_shared::redact_url(url),
             source,
         };
         let client = redis::Client::open(url).map_err(connect)?;
@@ -128,5 +163,54 @@ impl State {
         conn.set_ex(keys::job_done(job, attempt), 1, DONE_TTL_SECS)
             .await
             .map_err(redis_err("mark job done"))
+    }
+
+    /// Takes the lease on a job attempt; the returned fence outranks every earlier taker's.
+    pub async fn acquire(
+        &self,
+        worker: &WorkerId,
+        job: JobId,
+        attempt: u32,
+        ttl: Duration,
+    ) -> Result<Lease, Error> {
+        let mut conn = self.conn.clone();
+        let fence: u64 = redis::Script::new(ACQUIRE)
+            .key(keys::job_fence(job, attempt))
+            .key(keys::job_lease(job, attempt))
+            .arg(&worker.0)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("acquire lease"))?;
+        Ok(Lease {
+            job,
+            attempt,
+            fence,
+            value: format!("{}:{fence}", worker.0),
+        })
+    }
+
+    /// Extends the lease; false when another worker took the attempt (or the lease lapsed).
+    pub async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let held: i64 = redis::Script::new(RENEW)
+            .key(keys::job_lease(lease.job, lease.attempt))
+            .arg(&lease.value)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("renew lease"))?;
+        Ok(held == 1)
+    }
+
+    pub async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::Script::new(RELEASE)
+            .key(keys::job_lease(lease.job, lease.attempt))
+            .arg(&lease.value)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("release lease"))?;
+        Ok(())
     }
 }

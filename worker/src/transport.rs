@@ -103,7 +103,7 @@ impl Transport {
             .connect(url)
             .await
             .map_err(|source| Error::Connect {
-                url: url.to_string(),
+                url: orch_shared::redact_url(url),
                 source,
             })?;
         let js = jetstream::ContextBuilder::new()

@@ -4,14 +4,22 @@
 //! the parsed arguments to the verb's `run`. Handlers return `anyhow::Result<ExitCode>`: `Ok`
 //! with 0 or 1 (not found, task failed), `Err` for everything else (mapped to 2 by `main`).
 
+pub mod agents;
 pub mod cancel;
+pub mod clean;
+pub mod completions;
+pub mod cost_report;
 pub mod dlq;
+pub mod export;
+pub mod init;
 pub mod kill;
 pub mod local;
+pub mod logs;
 pub mod status;
 pub mod submit;
 pub mod task_types;
 pub mod tasks;
+pub mod watch;
 pub mod workers;
 
 use crate::client::Client;
@@ -38,7 +46,10 @@ const EXAMPLES: &str = "\
 Examples:
   orchctl local up                                  # start a cluster on this machine
   orchctl submit \"add a /healthz endpoint\" --follow  # run a task and watch it
-  orchctl tasks list                                # recent tasks
+  orchctl watch                                     # the whole cluster, live
+  orchctl tasks list --status failed --since 1d     # recent failures
+  orchctl logs AGENT_ID --follow                    # an agent's transcript
+  orchctl cost-report --since 7d --by-role          # what it cost
   orchctl local down                                # stop the local cluster";
 
 #[derive(Debug, Parser)]
@@ -126,6 +137,29 @@ pub enum Command {
     /// List the task types the coordinator can plan
     #[command(subcommand, name = "task-types")]
     TaskTypes(task_types::Command),
+    #[command(
+        name = "task-details",
+        about = "Show one task in full (same as `tasks show`)"
+    )]
+    TaskDetails(tasks::show::Args),
+    /// List and inspect agents (an agent is one job of a task)
+    #[command(subcommand)]
+    Agents(agents::Command),
+    #[command(name = "list-agents", about = "List agents (same as `agents list`)")]
+    ListAgents(agents::list::Args),
+    #[command(
+        name = "agent-details",
+        about = "Show one agent in full (same as `agents show`)"
+    )]
+    AgentDetails(agents::show::Args),
+    Logs(logs::Args),
+    Watch(watch::Args),
+    #[command(name = "cost-report")]
+    CostReport(cost_report::Args),
+    Export(export::Args),
+    Clean(clean::Args),
+    Init(init::Args),
+    Completions(completions::Args),
     Cancel(cancel::Args),
     Kill(kill::Args),
     /// Jobs that failed for good: list them, retry one
@@ -192,6 +226,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ListTasks(args) => tasks::list::run(&ctx, args).await,
         Command::Workers(cmd) => workers::run(&ctx, cmd).await,
         Command::TaskTypes(cmd) => task_types::run(&ctx, cmd).await,
+        Command::TaskDetails(args) => tasks::show::run(&ctx, args).await,
+        Command::Agents(cmd) => agents::run(&ctx, cmd).await,
+        Command::ListAgents(args) => agents::list::run(&ctx, args).await,
+        Command::AgentDetails(args) => agents::show::run(&ctx, args).await,
+        Command::Logs(args) => logs::run(&ctx, args).await,
+        Command::Watch(args) => watch::run(&ctx, args).await,
+        Command::CostReport(args) => cost_report::run(&ctx, args).await,
+        Command::Export(args) => export::run(&ctx, args).await,
+        Command::Clean(args) => clean::run(&ctx, args).await,
+        Command::Init(args) => init::run(&ctx, args).await,
+        Command::Completions(args) => completions::run(&ctx, args).await,
         Command::Cancel(args) => cancel::run(&ctx, args).await,
         Command::Kill(args) => kill::run(&ctx, args).await,
         Command::Dlq(cmd) => dlq::run(&ctx, cmd).await,

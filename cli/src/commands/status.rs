@@ -1,9 +1,11 @@
-//! `orchctl status`: readiness, workers and recent tasks at a glance.
+//! `orchctl status`: the cluster at a glance: readiness, coordinators, workers and their slots,
+//! the job queue (depth, in flight), active agents, dead letters, cost today and recent tasks.
 
 use super::{Ctx, failure};
 use crate::client::Client;
 use crate::output;
 use orch_shared::api::{Readiness, TaskList, TaskStatus, WorkerList};
+use orch_shared::report::ClusterStatus;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -18,12 +20,14 @@ Examples:
   orchctl status --output json | jq .readiness.ready
   until orchctl status >/dev/null; do sleep 1; done   # wait for a cluster to be ready";
 
-/// Show the cluster's readiness, workers and recent tasks
+/// Show the cluster at a glance: readiness, workers and slots, queue, agents, cost today
 #[derive(Debug, clap::Args)]
 #[command(
-    long_about = "Show the coordinator's readiness (NATS, Redis), a summary of the registered \
-workers and how many of the last 100 tasks are in each status.\n\nExits 0 when the coordinator is \
-ready and 1 when it answers but is not ready.",
+    long_about = "Show the coordinator's readiness (NATS, Redis), the coordinators and workers \
+(with their slots and busy slots), the job queue (jobs waiting and in flight, from JetStream), \
+the active tasks and agents, the dead letters, what today cost (since midnight UTC) and how \
+many of the last 100 tasks are in each status.\n\nExits 0 when the coordinator is ready and 1 \
+when it answers but is not ready.",
     after_long_help = EXAMPLES
 )]
 pub struct Args {}
@@ -35,6 +39,7 @@ struct StatusJson<'a> {
     readiness: &'a Readiness,
     workers: Option<&'a WorkerList>,
     tasks: Option<TaskCounts>,
+    cluster: Option<&'a ClusterStatus>,
 }
 
 #[derive(Debug, Default, Serialize, PartialEq)]
@@ -83,6 +88,12 @@ pub async fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
     let tasks = fetch(readiness.ready, client.list_tasks(Some(SAMPLE), None))
         .await?
         .map(|l| count_tasks(&l));
+    // An older coordinator has no `/v1/status`: show what the other calls tell.
+    let cluster = match client.cluster_status().await {
+        Ok(c) => Some(c),
+        Err(e) if e.is_not_found() || (!readiness.ready && e.is_transient()) => None,
+        Err(e) => return Err(e.into()),
+    };
 
     let mut out = std::io::stdout().lock();
     if ctx.json() {
@@ -93,6 +104,7 @@ pub async fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
                 readiness: &readiness,
                 workers: workers.as_ref(),
                 tasks,
+                cluster: cluster.as_ref(),
             },
         )?;
     } else {
@@ -136,7 +148,14 @@ pub async fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
                 None => "unavailable".into(),
             },
         ));
+        if let Some(c) = &cluster {
+            cluster_rows(&mut rows, c);
+        }
         output::print_table(&mut out, &output::details(&rows))?;
+        if let Some(w) = workers.as_ref().filter(|w| !w.workers.is_empty()) {
+            writeln!(out, "Workers")?;
+            crate::commands::workers::list::render(&mut out, w, orch_shared::now_ms())?;
+        }
     }
     out.flush()?;
     Ok(if readiness.ready {
@@ -144,6 +163,60 @@ pub async fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
     } else {
         failure()
     })
+}
+
+/// The rows only `GET /v1/status` knows.
+fn cluster_rows(rows: &mut Vec<(&'static str, String)>, c: &ClusterStatus) {
+    let coordinators = if c.coordinators.is_empty() {
+        "none registered".to_string()
+    } else {
+        let ids: Vec<String> = c
+            .coordinators
+            .iter()
+            .map(|k| format!("{} ({})", k.id, k.addr))
+            .collect();
+        format!("{}: {}", c.coordinators.len(), ids.join(", "))
+    };
+    rows.insert(2, ("coordinators", coordinators));
+    rows.push((
+        "queue",
+        match &c.queue {
+            Some(q) => format!(
+                "{} waiting · {} in flight · {} redelivered",
+                q.pending, q.in_flight, q.redelivered
+            ),
+            None => "unavailable (JetStream did not answer)".into(),
+        },
+    ));
+    let running = c
+        .active_agents
+        .iter()
+        .filter(|a| a.status == orch_shared::api::JobStatus::Running)
+        .count();
+    rows.push((
+        "active",
+        format!(
+            "{} tasks · {} agents ({running} running)",
+            c.active_tasks,
+            c.active_agents.len()
+        ),
+    ));
+    rows.push(("dead letters", c.dead_letters.to_string()));
+    let today = &c.cost_today;
+    rows.push((
+        "cost today",
+        format!(
+            "{} · {} tokens · {} tasks{}",
+            output::cost(today.cost_usd),
+            output::count(today.usage.total()),
+            today.tasks,
+            if today.truncated {
+                " (newest 50,000)"
+            } else {
+                ""
+            }
+        ),
+    ));
 }
 
 #[cfg(test)]

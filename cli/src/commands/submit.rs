@@ -6,7 +6,7 @@ use crate::follow::{self, MAX_RECONNECTS, Update};
 use crate::output;
 use crate::progress::{Panel, View};
 use anyhow::{Context as _, anyhow, bail};
-use orch_shared::api::{Mode, OnFailure, Planner, SubmitTask, Task, TaskStatus};
+use orch_shared::api::{Mode, OnFailure, Planner, Priority, SubmitTask, Task, TaskStatus};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{Backend, SimParams};
 use orch_shared::plan::PlanSpec;
@@ -125,6 +125,10 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub max_turns: Option<u32>,
 
+    /// Dispatch priority when the cluster is at its cap: low, normal or high
+    #[arg(long, value_enum, value_name = "PRIORITY")]
+    pub priority: Option<PriorityArg>,
+
     /// Print the plan and its estimated cost and duration; run nothing
     #[arg(long, conflicts_with = "follow")]
     pub dry_run: bool,
@@ -132,6 +136,13 @@ pub struct Args {
     /// Show live progress until the task ends, then print its result
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PriorityArg {
+    Low,
+    Normal,
+    High,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -301,6 +312,11 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
             .map(|v| parse_duration_ms("--task-timeout", v))
             .transpose()?,
         max_turns: args.max_turns,
+        priority: args.priority.map(|p| match p {
+            PriorityArg::Low => Priority::Low,
+            PriorityArg::Normal => Priority::Normal,
+            PriorityArg::High => Priority::High,
+        }),
     })
 }
 

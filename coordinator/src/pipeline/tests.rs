@@ -53,6 +53,7 @@ fn result(spec: &JobSpec, outcome: Outcome, output: &str) -> JobResult {
         files_written: vec![],
         started_at_ms: 1,
         finished_at_ms: 2,
+        fence: 1,
     }
 }
 
@@ -98,10 +99,11 @@ fn sequential_runs_one_at_a_time_with_forward_context() {
     // A duplicate result changes nothing.
     assert!(on_result(&mut task, &ok(&first[0]), 6).is_none());
     let last = on_result(&mut task, &ok(&next[0]), 9).unwrap();
-    assert!(matches!(
-        last.last(),
-        Some(Action::Emit(None, EventKind::TaskFinished { .. }))
-    ));
+    assert!(
+        last.iter()
+            .any(|a| matches!(a, Action::Emit(None, EventKind::TaskFinished { .. })))
+    );
+    assert_eq!(last.last(), Some(&Action::Snapshot), "the finished task is snapshotted");
     assert_eq!(task.status, TaskStatus::Completed);
     assert_eq!(task.usage.total(), 36);
     assert_eq!(task.cost_usd, 0.5);

@@ -1,0 +1,21 @@
+//! `orchctl agents ...`: list and inspect agents (an agent is one job of a task; its id is the
+//! job id).
+
+pub mod list;
+pub mod show;
+
+use super::Ctx;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    List(list::Args),
+    Show(show::Args),
+}
+
+pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::List(args) => list::run(ctx, args).await,
+        Command::Show(args) => show::run(ctx, args).await,
+    }
+}

@@ -1,0 +1,575 @@
+//! Admission: decides when a ready job is published to the work queue. Off by default (jobs go
+//! out as soon as they are ready, in FIFO order). With a cluster-wide cap, rate limits or a
+//! daily budget configured, ready jobs wait here in priority order (high, normal, low; oldest
+//! first) and are published when
+//! - fewer than the cap are running (a fixed number, or `auto`: the registered workers' slots),
+//! - the job's backend/model rate limit has room (requests and tokens per minute, bursts of
+//!   ten seconds' worth; tokens are charged when the job's real usage is known, so a burst can
+//!   overshoot by the jobs in flight),
+//! - the daily budget can reserve the job's estimated cost (Redis Lua, idempotent per attempt).
+//!
+//! Waiting is backpressure, never loss: the job's record says `queued`, and a restarted
+//! coordinator offers every queued job again (see `lib.rs::resume`).
+
+use crate::state::State;
+use crate::transport::{Outgoing, Transport};
+use orch_shared::api::Priority;
+use orch_shared::event::{Event, EventKind};
+use orch_shared::ids::{JobId, TaskId};
+use orch_shared::job::JobSpec;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Most running agents, cluster-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Off,
+    Fixed(usize),
+    /// The sum of the slots of the workers registered now.
+    Auto,
+}
+
+/// Requests and tokens per minute for one backend, or one model of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub backend: String,
+    pub model: Option<String>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl RateLimit {
+    /// Parses `backend[/model]=N rpm[,N tpm]`, e.g. `anthropic/claude-haiku=50rpm,400000tpm`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let err =
+            || format!("rate-limit: `{s}` is not of the form backend[/model]=60rpm[,100000tpm]");
+        let (key, limits) = s.split_once('=').ok_or_else(err)?;
+        let (backend, model) = match key.trim().split_once('/') {
+            Some((b, m)) => (b.to_string(), Some(m.to_string())),
+            None => (key.trim().to_string(), None),
+        };
+        if backend.is_empty() {
+            return Err(err());
+        }
+        let mut limit = RateLimit {
+            backend,
+            model,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+        };
+        for part in limits.split(',') {
+            let part = part.trim();
+            if let Some(n) = part.strip_suffix("rpm") {
+                limit.requests_per_minute = Some(n.trim().parse().map_err(|_| err())?);
+            } else if let Some(n) = part.strip_suffix("tpm") {
+                limit.tokens_per_minute = Some(n.trim().parse().map_err(|_| err())?);
+            } else {
+                return Err(err());
+            }
+        }
+        if limit.requests_per_minute == Some(0) || limit.tokens_per_minute == Some(0) {
+            return Err(format!("rate-limit: `{s}`: a limit must be above 0"));
+        }
+        Ok(limit)
+    }
+
+    fn key(&self) -> String {
+        match &self.model {
+            Some(m) => format!("{}/{m}", self.backend),
+            None => self.backend.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub cap: Option<Cap>,
+    pub rate_limits: Vec<RateLimit>,
+    pub daily_budget_usd: Option<f64>,
+    /// Cost reserved per job against the daily budget when its role has no history yet.
+    pub default_job_estimate_usd: f64,
+}
+
+impl Config {
+    pub fn enabled(&self) -> bool {
+        !matches!(self.cap, None | Some(Cap::Off))
+            || !self.rate_limits.is_empty()
+            || self.daily_budget_usd.is_some()
+    }
+}
+
+enum Msg {
+    Offer(Box<Offered>),
+    /// The job attempt ended (or was cancelled, or is waiting for a retry): its slot is free;
+    /// `tokens` is what it really used, charged to its rate limit.
+    Done {
+        job: JobId,
+        tokens: u64,
+    },
+    /// A job found running after a restart: it holds a slot until it is done.
+    Running(JobId),
+}
+
+struct Offered {
+    task: TaskId,
+    priority: Priority,
+    spec: JobSpec,
+}
+
+struct Waiting {
+    priority: Priority,
+    seq: u64,
+    offered: Offered,
+    /// The reasons already reported to the task's event log.
+    reported: HashSet<&'static str>,
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Waiting {}
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiting {
+    /// The heap pops the greatest: higher priority first, then the older offer.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.priority
+            .cmp(&other.priority)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+/// Handle to the admission actor (`None` inside when admission is off).
+#[derive(Clone)]
+pub struct Admission {
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+}
+
+impl Admission {
+    pub fn off() -> Self {
+        Self { tx: None }
+    }
+
+    pub fn start(
+        config: Config,
+        state: State,
+        transport: Transport,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        if !config.enabled() {
+            return Self::off();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let actor = Actor {
+            buckets: config
+                .rate_limits
+                .iter()
+                .map(|l| (l.key(), Bucket::new(l)))
+                .collect(),
+            config,
+            state,
+            transport,
+            heap: BinaryHeap::new(),
+            admitted: HashSet::new(),
+            withdrawn: HashSet::new(),
+            seq: 0,
+            cap: usize::MAX,
+            estimates: HashMap::new(),
+        };
+        tracker.spawn(actor.run(rx, cancel));
+        Self { tx: Some(tx) }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Offers a ready job; it is published when admission allows.
+    pub fn offer(&self, task: TaskId, priority: Priority, spec: JobSpec) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Offer(Box::new(Offered {
+                task,
+                priority,
+                spec,
+            })));
+        }
+    }
+
+    /// A job attempt no longer holds (or waits for) a slot.
+    pub fn done(&self, job: JobId, tokens: u64) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Done { job, tokens });
+        }
+    }
+
+    /// Counts a job that is already running (after a restart) against the cap.
+    pub fn running(&self, job: JobId) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Running(job));
+        }
+    }
+}
+
+#[cfg(test)]
+fn running_marker(job: JobId) -> JobSpec {
+    JobSpec {
+        task_id: TaskId::from_u128(0),
+        job_id: job,
+        attempt: 0,
+        step: 0,
+        role: orch_shared::role::Role::Custom,
+        prompt: String::new(),
+        context: None,
+        backend: Default::default(),
+        model: None,
+        workspace: Default::default(),
+        limits: Default::default(),
+        kind: Default::default(),
+        constraints: vec![],
+        sim: Default::default(),
+    }
+}
+
+/// A token bucket for requests and one for tokens, refilled at the per-minute rate and holding
+/// at most ten seconds' worth (so a burst is bounded, as providers' limiters do).
+struct Bucket {
+    rpm: Option<f64>,
+    tpm: Option<f64>,
+    requests: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+/// The burst a bucket allows: ten seconds of its rate, at least one.
+fn burst(per_minute: f64) -> f64 {
+    (per_minute / 6.0).max(1.0)
+}
+
+impl Bucket {
+    fn new(l: &RateLimit) -> Self {
+        let rpm = l.requests_per_minute.map(f64::from);
+        let tpm = l.tokens_per_minute.map(|t| t as f64);
+        Self {
+            rpm,
+            tpm,
+            requests: rpm.map_or(0.0, burst),
+            tokens: tpm.map_or(0.0, burst),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = std::time::Instant::now();
+        let minutes = now.duration_since(self.at).as_secs_f64() / 60.0;
+        self.at = now;
+        if let Some(r) = self.rpm {
+            self.requests = (self.requests + r * minutes).min(burst(r));
+        }
+        if let Some(t) = self.tpm {
+            self.tokens = (self.tokens + t * minutes).min(burst(t));
+        }
+    }
+
+    /// How long until a request fits, or zero if it fits now.
+    fn wait(&mut self) -> Duration {
+        self.refill();
+        let mut wait = 0.0f64;
+        if let Some(r) = self.rpm
+            && self.requests < 1.0
+        {
+            wait = wait.max((1.0 - self.requests) / r * 60.0);
+        }
+        if let Some(t) = self.tpm
+            && self.tokens <= 0.0
+        {
+            wait = wait.max((1.0 - self.tokens) / t * 60.0);
+        }
+        Duration::from_secs_f64(wait)
+    }
+
+    fn take_request(&mut self) {
+        if self.rpm.is_some() {
+            self.requests -= 1.0;
+        }
+    }
+
+    fn charge_tokens(&mut self, tokens: u64) {
+        if self.tpm.is_some() {
+            self.refill();
+            self.tokens -= tokens as f64;
+        }
+    }
+}
+
+struct Actor {
+    config: Config,
+    state: State,
+    transport: Transport,
+    heap: BinaryHeap<Waiting>,
+    /// Published (or already running) and not yet done.
+    admitted: HashSet<JobId>,
+    /// Done or cancelled while still waiting: dropped when they reach the top.
+    withdrawn: HashSet<JobId>,
+    seq: u64,
+    cap: usize,
+    buckets: HashMap<String, Bucket>,
+    /// Reserve per (role, model), refreshed from history at most once a minute.
+    estimates: HashMap<(String, String), (f64, std::time::Instant)>,
+}
+
+/// Where the backend/model of a job is limited, if anywhere: the model's own limit first.
+fn bucket_key(buckets: &HashMap<String, Bucket>, spec: &JobSpec) -> Option<String> {
+    let backend = spec.backend.as_str();
+    if let Some(model) = &spec.model {
+        let key = format!("{backend}/{model}");
+        if buckets.contains_key(&key) {
+            return Some(key);
+        }
+    }
+    buckets.contains_key(backend).then(|| backend.to_string())
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut cap_refresh = tokio::time::interval(Duration::from_secs(2));
+        self.refresh_cap().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                msg = rx.recv() => match msg {
+                    Some(Msg::Running(job)) => {
+                        self.admitted.insert(job);
+                    }
+                    Some(Msg::Offer(o)) => {
+                        self.seq += 1;
+                        self.withdrawn.remove(&o.spec.job_id);
+                        self.heap.push(Waiting { priority: o.priority, seq: self.seq, offered: *o, reported: HashSet::new() });
+                    }
+                    Some(Msg::Done { job, tokens }) => {
+                        if !self.admitted.remove(&job) {
+                            self.withdrawn.insert(job);
+                        }
+                        self.charge(tokens);
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {}
+                _ = cap_refresh.tick() => self.refresh_cap().await,
+            }
+            self.pump().await;
+        }
+    }
+
+    fn charge(&mut self, tokens: u64) {
+        // Tokens are charged to every limited key alike: the actor does not keep the job's
+        // backend after it was published, and clusters rarely limit more than one key.
+        for bucket in self.buckets.values_mut() {
+            bucket.charge_tokens(tokens);
+        }
+    }
+
+    async fn refresh_cap(&mut self) {
+        self.cap = match self.config.cap {
+            None | Some(Cap::Off) => usize::MAX,
+            Some(Cap::Fixed(n)) => n,
+            Some(Cap::Auto) => match self.state.workers(Duration::from_secs(15)).await {
+                Ok(workers) => workers.iter().map(|w| w.slots as usize).sum(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the worker registry; keeping the cap");
+                    self.cap
+                }
+            },
+        };
+        metrics::gauge!(crate::metrics::ADMISSION_CAP).set(if self.cap == usize::MAX {
+            -1.0
+        } else {
+            self.cap as f64
+        });
+    }
+
+    /// Publishes waiting jobs while admission allows, in priority order.
+    async fn pump(&mut self) {
+        let mut deferred = Vec::new();
+        while let Some(mut top) = self.heap.pop() {
+            let job = top.offered.spec.job_id;
+            if self.withdrawn.remove(&job) {
+                continue;
+            }
+            if self.admitted.len() >= self.cap {
+                self.report(
+                    &mut top,
+                    "cap",
+                    format!("the cluster runs its cap of {} agents", self.cap),
+                )
+                .await;
+                deferred.push(top);
+                break;
+            }
+            if let Some(key) = bucket_key(&self.buckets, &top.offered.spec) {
+                let bucket = self.buckets.get_mut(&key).expect("key from the map");
+                let wait = bucket.wait();
+                if !wait.is_zero() {
+                    self.report(
+                        &mut top,
+                        "rate",
+                        format!("rate limit of {key} (next slot in {} ms)", wait.as_millis()),
+                    )
+                    .await;
+                    deferred.push(top);
+                    continue;
+                }
+            }
+            if let Some(limit) = self.config.daily_budget_usd {
+                let estimate = self.estimate(&top.offered.spec).await;
+                match self
+                    .state
+                    .reserve_daily(job, top.offered.spec.attempt, estimate, limit)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.report(
+                            &mut top,
+                            "budget",
+                            format!("daily budget of ${limit} reached (reserving ${estimate:.4})"),
+                        )
+                        .await;
+                        deferred.push(top);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "daily budget reservation failed; the job waits");
+                        deferred.push(top);
+                        continue;
+                    }
+                }
+            }
+            if let Some(key) = bucket_key(&self.buckets, &top.offered.spec) {
+                self.buckets
+                    .get_mut(&key)
+                    .expect("key from the map")
+                    .take_request();
+            }
+            self.admitted.insert(job);
+            self.publish(top.offered);
+        }
+        for w in deferred {
+            self.heap.push(w);
+        }
+        metrics::gauge!(crate::metrics::JOBS_WAITING).set(self.heap.len() as f64);
+    }
+
+    /// Tells the task's log once per reason why its job waits.
+    async fn report(&self, w: &mut Waiting, why: &'static str, message: String) {
+        if !w.reported.insert(why) {
+            return;
+        }
+        let event = Event {
+            task_id: w.offered.task,
+            job_id: Some(w.offered.spec.job_id),
+            attempt: w.offered.spec.attempt,
+            at_ms: orch_shared::now_ms(),
+            kind: EventKind::JobWaiting { reason: message },
+        };
+        if let Err(e) = self.transport.publish_all(&[Outgoing::Event(event)]).await {
+            tracing::debug!(error = %e, "could not report a waiting job");
+        }
+    }
+
+    /// The cost reserved for a job: the p90 of its role and model, else the default.
+    async fn estimate(&mut self, spec: &JobSpec) -> f64 {
+        let key = (
+            spec.role.as_str().to_string(),
+            spec.model.clone().unwrap_or_else(|| "default".into()),
+        );
+        if let Some((v, at)) = self.estimates.get(&key)
+            && at.elapsed() < Duration::from_secs(60)
+        {
+            return *v;
+        }
+        let v = match self.state.job_stats(&key.0, &key.1).await {
+            Ok(Some(s)) => s.cost_usd.1,
+            _ => self.config.default_job_estimate_usd,
+        };
+        self.estimates.insert(key, (v, std::time::Instant::now()));
+        v
+    }
+
+    fn publish(&self, offered: Offered) {
+        let transport = self.transport.clone();
+        // Publishing must not hold up admission; a failed publish is retried by the
+        // coordinator's resume on restart (the record says `queued`).
+        tokio::spawn(async move {
+            let job = offered.spec.job_id;
+            if let Err(e) = transport.publish_all(&[Outgoing::Job(offered.spec)]).await {
+                tracing::error!(%job, error = %e, "failed to publish an admitted job");
+            }
+            metrics::counter!(crate::metrics::JOBS_DISPATCHED).increment(1);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limits_parse() {
+        let l = RateLimit::parse("anthropic/claude-haiku=50rpm,400000tpm").unwrap();
+        assert_eq!(l.backend, "anthropic");
+        assert_eq!(l.model.as_deref(), Some("claude-haiku"));
+        assert_eq!(l.requests_per_minute, Some(50));
+        assert_eq!(l.tokens_per_minute, Some(400_000));
+        assert_eq!(RateLimit::parse("sim=60rpm").unwrap().key(), "sim");
+        assert!(RateLimit::parse("sim").is_err());
+        assert!(RateLimit::parse("sim=60").is_err());
+        assert!(RateLimit::parse("sim=0rpm").is_err());
+    }
+
+    #[test]
+    fn waiting_jobs_pop_by_priority_then_age() {
+        let w = |priority, seq| Waiting {
+            priority,
+            seq,
+            offered: Offered {
+                task: TaskId::from_u128(1),
+                priority,
+                spec: running_marker(JobId::from_u128(seq as u128)),
+            },
+            reported: HashSet::new(),
+        };
+        let mut heap = BinaryHeap::from(vec![
+            w(Priority::Low, 1),
+            w(Priority::High, 3),
+            w(Priority::Normal, 2),
+            w(Priority::High, 4),
+        ]);
+        let order: Vec<u64> = std::iter::from_fn(|| heap.pop().map(|w| w.seq)).collect();
+        assert_eq!(order, vec![3, 4, 2, 1]);
+    }
+
+    #[test]
+    fn a_bucket_refuses_when_empty_and_says_how_long() {
+        let mut b = Bucket::new(&RateLimit::parse("sim=60rpm").unwrap());
+        for _ in 0..10 {
+            assert!(b.wait().is_zero());
+            b.take_request();
+        }
+        let wait = b.wait();
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_millis(1000),
+            "{wait:?}"
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! Reading the event log beyond one live task: the cluster-wide live stream, reads that end
+//! once they have caught up with the log (transcripts, exports), purging a task's messages,
+//! the job events the metrics follow, and the work queue's depth from its consumer's info.
+
+use super::{Error, StoredEvent, Transport};
+use async_nats::jetstream::{self, consumer};
+use futures::{Stream, StreamExt};
+use orch_shared::codec;
+use orch_shared::event::Event;
+use orch_shared::ids::TaskId;
+use orch_shared::report::QueueInfo;
+use orch_shared::subject;
+use std::time::Duration;
+
+/// Messages one fetch of a catch-up read asks for.
+const FETCH_BATCH: usize = 512;
+
+/// Where a catch-up read of the event log starts.
+#[derive(Clone, Copy, Debug)]
+pub enum ReadFrom {
+    /// The first stored event.
+    Start,
+    /// The first event stored at or after this time (ms since the epoch).
+    Time(u64),
+}
+
+fn read_err(what: impl Into<String>) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> Error {
+    let what = what.into();
+    move |source| Error::Read {
+        what: what.clone(),
+        source,
+    }
+}
+
+fn decode(msg: &jetstream::Message) -> Option<StoredEvent> {
+    let seq = msg.info().ok()?.stream_sequence;
+    let event = codec::decode::<Event>(&msg.payload).ok()?;
+    Some(StoredEvent { seq, event })
+}
+
+impl Transport {
+    /// The work queue: jobs waiting, jobs held by workers, jobs delivered more than once, from
+    /// the info of the `workers` consumer.
+    pub async fn queue_info(&self) -> Result<QueueInfo, Error> {
+        let read = read_err("the job queue's consumer info");
+        let stream = self
+            .js
+            .get_stream(subject::JOBS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let mut consumer: consumer::PullConsumer = stream
+            .get_consumer(subject::JOBS_CONSUMER)
+            .await
+            .map_err(&read)?;
+        let info = consumer.info().await.map_err(|e| read(e.into()))?;
+        Ok(QueueInfo {
+            pending: info.num_pending,
+            in_flight: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        })
+    }
+
+    /// Events of every task after stream sequence `after` (0: only events stored from now
+    /// on), then live ones; only the kinds in `kinds` when it is not empty.
+    pub async fn all_events(
+        &self,
+        after: u64,
+        kinds: &[String],
+    ) -> Result<impl Stream<Item = StoredEvent> + use<>, Error> {
+        let read = read_err("the cluster's events");
+        let stream = self
+            .js
+            .get_stream(subject::EVENTS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let deliver_policy = if after == 0 {
+            consumer::DeliverPolicy::New
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            }
+        };
+        let mut config = consumer::pull::OrderedConfig {
+            deliver_policy,
+            ..Default::default()
+        };
+        if kinds.is_empty() {
+            config.filter_subject = subject::EVENTS_SUBJECTS.into();
+        } else {
+            config.filter_subjects = kinds.iter().map(|k| format!("orch.events.*.{k}")).collect();
+        }
+        let consumer = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let messages = consumer.messages().await.map_err(|e| read(e.into()))?;
+        Ok(messages.filter_map(|msg| async move { decode(&msg.ok()?) }))
+    }
+
+    /// The stored events of one task (or of every task when `task` is `None`) from `from`,
+    /// ending once the read has caught up with the log: what was stored when the read began
+    /// and whatever arrived while it ran. Memory stays bounded: events are fetched
+    /// [`FETCH_BATCH`] at a time as the caller consumes them.
+    pub async fn stored_events(
+        &self,
+        task: Option<TaskId>,
+        from: ReadFrom,
+    ) -> Result<impl Stream<Item = StoredEvent> + use<>, Error> {
+        let what = match task {
+            Some(t) => format!("events of task {t}"),
+            None => "the event log".to_string(),
+        };
+        let read = read_err(what);
+        let stream = self
+            .js
+            .get_stream(subject::EVENTS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let deliver_policy = match from {
+            ReadFrom::Start => consumer::DeliverPolicy::All,
+            ReadFrom::Time(ms) => consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(ms) * 1_000_000,
+                )
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            },
+        };
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: match task {
+                    Some(t) => subject::task_events(t),
+                    None => subject::EVENTS_SUBJECTS.into(),
+                },
+                deliver_policy,
+                ack_policy: consumer::AckPolicy::None,
+                // An abandoned read (the client went away) cleans itself up.
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read(e.into()))?;
+        // Each step fetches what is available without waiting; an empty fetch means the read
+        // has caught up.
+        let pages = futures::stream::unfold(Some((stream, consumer)), |state| async move {
+            let (stream, consumer) = state?;
+            let batch = consumer
+                .fetch()
+                .max_messages(FETCH_BATCH)
+                .messages()
+                .await
+                .ok()?;
+            let events: Vec<StoredEvent> = batch
+                .filter_map(|m| async move { m.ok().and_then(|m| decode(&m)) })
+                .collect()
+                .await;
+            if events.is_empty() {
+                let name = consumer.cached_info().name.clone();
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    tracing::debug!(error = %e, "could not delete a finished read's consumer");
+                }
+                return None;
+            }
+            Some((futures::stream::iter(events), Some((stream, consumer))))
+        });
+        Ok(pages.flatten())
+    }
+
+    /// Deletes every message of a task from the event log and the results stream; returns how
+    /// many of each went.
+    pub async fn purge_task(&self, task: TaskId) -> Result<(u64, u64), Error> {
+        let read = read_err(format!("the streams of task {task}"));
+        let events = self
+            .js
+            .get_stream(subject::EVENTS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let purged_events = events
+            .purge()
+            .filter(subject::task_events(task))
+            .await
+            .map_err(|e| read(e.into()))?
+            .purged;
+        let results = self
+            .js
+            .get_stream(subject::RESULTS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        let purged_results = results
+            .purge()
+            .filter(subject::result(task))
+            .await
+            .map_err(|e| read(e.into()))?
+            .purged;
+        Ok((purged_events, purged_results))
+    }
+
+    /// The job events metrics are counted from (`job_started`, `job_finished`, `job_retrying`,
+    /// `job_dead_lettered` of every task), as they are published. Best effort, like
+    /// [`Transport::job_started`]: an event missed while the coordinator restarts is not counted.
+    pub async fn job_events(&self) -> Result<impl Stream<Item = Event> + use<>, Error> {
+        let mut subs = Vec::new();
+        for kind in [
+            "job_started",
+            "job_finished",
+            "job_retrying",
+            "job_dead_lettered",
+        ] {
+            let sub = self
+                .client
+                .subscribe(format!("orch.events.*.{kind}"))
+                .await
+                .map_err(|e| Error::Read {
+                    what: format!("{kind} events"),
+                    source: e.into(),
+                })?;
+            subs.push(sub);
+        }
+        Ok(futures::stream::select_all(subs)
+            .filter_map(|msg| async move { codec::decode::<Event>(&msg.payload).ok() }))
+    }
+}

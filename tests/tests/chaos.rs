@@ -1,0 +1,334 @@
+//! The fast chaos subset (runs with every test command): workers killed, paused and drained
+//! under load, duplicate submits; a ledger check after each says what was lost, duplicated or
+//! charged twice.
+
+use orch_shared::api::{JobStatus, Task, TaskStatus};
+use orch_shared::event::EventKind;
+use orch_shared::ids::JobId;
+use orch_tests::{Cluster, Options};
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// What the ledger check found over a set of tasks.
+#[derive(Debug, Default)]
+struct Ledger {
+    tasks: usize,
+    lost: Vec<String>,
+    failed: Vec<String>,
+    /// Job attempts that started more than once (a worker died or stalled mid-job).
+    duplicate_starts: usize,
+    /// Jobs whose charged cost differs from one finished execution's cost.
+    double_charged: Vec<String>,
+}
+
+async fn check(cluster: &Cluster, ids: &[String]) -> Ledger {
+    let mut ledger = Ledger {
+        tasks: ids.len(),
+        ..Default::default()
+    };
+    for id in ids {
+        let task: Task = cluster.wait_task(id, WAIT).await;
+        if task.status != TaskStatus::Completed {
+            if task.status.is_terminal() {
+                ledger.failed.push(format!("{id}: {:?}", task.error));
+            } else {
+                ledger.lost.push(id.clone());
+            }
+            continue;
+        }
+        let events = cluster.events(id, None).await;
+        let mut starts: HashMap<(JobId, u32), usize> = HashMap::new();
+        let mut finished: HashMap<(JobId, u32), Vec<f64>> = HashMap::new();
+        for (_, e) in &events {
+            let Some(job) = e.job_id else { continue };
+            match &e.kind {
+                EventKind::JobStarted { .. } => *starts.entry((job, e.attempt)).or_default() += 1,
+                EventKind::JobFinished { cost_usd, .. } => finished
+                    .entry((job, e.attempt))
+                    .or_default()
+                    .push(*cost_usd),
+                _ => {}
+            }
+        }
+        ledger.duplicate_starts += starts.values().map(|n| n.saturating_sub(1)).sum::<usize>();
+        for job in &task.jobs {
+            let charged: f64 = (1..=job.attempt)
+                .filter_map(|a| finished.get(&(job.id, a)).and_then(|c| c.first()))
+                .sum();
+            if job.status != JobStatus::Succeeded || (job.cost_usd - charged).abs() > 1e-12 {
+                ledger.double_charged.push(format!(
+                    "{} job {}: charged {} for executions costing {charged}",
+                    id, job.id, job.cost_usd
+                ));
+            }
+        }
+        let sum: f64 = task.jobs.iter().map(|j| j.cost_usd).sum();
+        if (task.cost_usd - sum).abs() > 1e-9 {
+            ledger.double_charged.push(format!(
+                "{id}: task charged {} for jobs costing {sum}",
+                task.cost_usd
+            ));
+        }
+    }
+    eprintln!(
+        "ledger: {} tasks, {} lost, {} failed, {} duplicate executions, {} double charges",
+        ledger.tasks,
+        ledger.lost.len(),
+        ledger.failed.len(),
+        ledger.duplicate_starts,
+        ledger.double_charged.len()
+    );
+    ledger
+}
+
+fn assert_clean(ledger: &Ledger, cluster: &Cluster) {
+    assert!(
+        ledger.lost.is_empty(),
+        "lost: {:?}\n{}",
+        ledger.lost,
+        cluster.logs()
+    );
+    assert!(ledger.failed.is_empty(), "failed: {:?}", ledger.failed);
+    assert!(
+        ledger.double_charged.is_empty(),
+        "double charges: {:?}",
+        ledger.double_charged
+    );
+}
+
+async fn submit_many(cluster: &Cluster, n: usize, latency_ms: u64) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = cluster
+            .submit(json!({"prompt": format!("chaos task {i}"), "roles": ["builder"], "sim": {"latency_ms": latency_ms}}))
+            .await;
+        ids.push(t.id.to_string());
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_every_second_lose_no_task_and_charge_nothing_twice() {
+    let mut cluster = Cluster::start(Options {
+        workers: 3,
+        slots: 4,
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let ids = submit_many(&cluster, 60, 400).await;
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let victim = kills % cluster.workers.len();
+        cluster.workers[victim].signal(libc::SIGKILL);
+        let _ = cluster.workers[victim].wait_exit(Duration::from_secs(5));
+        kills += 1;
+        let fresh = cluster.add_worker();
+        cluster.workers.swap(victim, fresh);
+        cluster.workers.pop();
+    }
+    let ledger = check(&cluster, &ids).await;
+    assert_clean(&ledger, &cluster);
+    eprintln!(
+        "{kills} workers killed; {} jobs ran twice",
+        ledger.duplicate_starts
+    );
+    // Only a job held by a killed worker can run twice: at most one per slot per kill.
+    assert!(
+        ledger.duplicate_starts <= kills * 4,
+        "{} duplicates for {kills} kills",
+        ledger.duplicate_starts
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_that_wakes_after_its_job_moved_on_is_fenced_out() {
+    let cluster = Cluster::start(Options {
+        workers: 2,
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "slow", "roles": ["builder"], "sim": {"latency_ms": 3000}}))
+        .await;
+    let id = task.id.to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let victim = loop {
+        let t = cluster.task(&id).await;
+        if let Some(w) = t.jobs[0]
+            .worker_id
+            .as_ref()
+            .filter(|_| t.jobs[0].status == JobStatus::Running)
+        {
+            break w
+                .0
+                .strip_prefix("worker-")
+                .unwrap()
+                .parse::<usize>()
+                .unwrap();
+        }
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cluster.workers[victim].signal(libc::SIGSTOP);
+    // Past the ack wait JetStream gives the job to the other worker, which finishes it.
+    let task = cluster.wait_task(&id, WAIT).await;
+    cluster.workers[victim].signal(libc::SIGCONT);
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(
+        task.jobs[0].worker_id.as_ref().unwrap().0,
+        format!("worker-{}", 1 - victim)
+    );
+    // The woken worker notices it lost the lease and drops its copy: nothing more is applied.
+    let log = &cluster.workers[victim].log;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !orch_tests::log_contains(log, "lease lost") {
+        assert!(
+            Instant::now() < deadline,
+            "the paused worker never noticed\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = cluster.task(&id).await;
+    assert_eq!(after.cost_usd, task.cost_usd, "the late worker was charged");
+    assert_eq!(after.jobs[0].worker_id, task.jobs[0].worker_id);
+    let ledger = check(&cluster, &[id]).await;
+    assert_clean(&ledger, &cluster);
+    assert_eq!(
+        ledger.duplicate_starts, 1,
+        "the paused attempt started twice (once per worker)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_every_worker_drains_or_hands_back_without_loss() {
+    let mut cluster = Cluster::start(Options {
+        workers: 2,
+        slots: 3,
+        drain_grace: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let ids = submit_many(&cluster, 20, 700).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = Instant::now();
+    for w in &cluster.workers {
+        w.signal(libc::SIGTERM);
+    }
+    for w in cluster.workers.iter_mut() {
+        assert_eq!(
+            w.wait_exit(Duration::from_secs(20)),
+            Some(Some(0)),
+            "a worker did not drain cleanly"
+        );
+    }
+    let drain = started.elapsed();
+    eprintln!("drain time of 2 workers with 6 busy slots: {drain:?}");
+    assert!(
+        drain < Duration::from_secs(5),
+        "drain took {drain:?} with a 1 s grace"
+    );
+    cluster.add_worker();
+    cluster.add_worker();
+    let ledger = check(&cluster, &ids).await;
+    assert_clean(&ledger, &cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicate_submits_create_one_task() {
+    let cluster = Cluster::start(Options::default()).await;
+    let body = json!({"prompt": "once", "idempotency_key": "race-1", "roles": ["builder"]});
+    let posts = (0..12).map(|_| cluster.post("/v1/tasks", &body));
+    let answers = futures::future::join_all(posts).await;
+    let ids: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|(status, v)| {
+            assert!(status.is_success(), "{status} {v}");
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one key, several tasks: {ids:?}");
+    let created = answers.iter().filter(|(s, _)| s.as_u16() == 201).count();
+    assert_eq!(created, 1);
+    let (_, list) = cluster.get("/v1/tasks").await;
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1);
+    let ledger = check(&cluster, &ids.into_iter().collect::<Vec<_>>()).await;
+    assert_clean(&ledger, &cluster);
+    assert_eq!(ledger.duplicate_starts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_under_load_loses_no_job_or_result() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let ids = submit_many(&cluster, 30, 300).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart_nats();
+    let ledger = check(&cluster, &ids).await;
+    assert_clean(&ledger, &cluster);
+    // Submitting works again too.
+    let more = submit_many(&cluster, 3, 0).await;
+    assert_clean(&check(&cluster, &more).await, &cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_with_its_data_loses_nothing() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let ids = submit_many(&cluster, 30, 300).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart_redis(false);
+    let ledger = check(&cluster, &ids).await;
+    assert_clean(&ledger, &cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    // Some tasks finish before the loss, some run through it.
+    let before = submit_many(&cluster, 5, 0).await;
+    let done_before: Vec<Task> = cluster.wait_all(&before, WAIT).await;
+    let during = submit_many(&cluster, 20, 400).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.restart_redis(true);
+    cluster.restart_coordinator().await;
+    cluster.wait_workers(2).await;
+    // History from before the loss is back, exactly.
+    for old in &done_before {
+        let now = cluster.task(&old.id.to_string()).await;
+        assert_eq!(now.status, TaskStatus::Completed);
+        assert_eq!(now.cost_usd, old.cost_usd);
+        assert_eq!(now.usage, old.usage);
+    }
+    let all: Vec<String> = before.iter().chain(&during).cloned().collect();
+    let ledger = check(&cluster, &all).await;
+    assert_clean(&ledger, &cluster);
+    let (_, list) = cluster.get("/v1/tasks?limit=100").await;
+    assert_eq!(
+        list["tasks"].as_array().unwrap().len(),
+        25,
+        "the history index was rebuilt"
+    );
+    assert!(orch_tests::log_contains(
+        &cluster.coordinator.log,
+        "Redis rebuilt from the durable log"
+    ));
+}
