@@ -441,6 +441,7 @@ impl Client {
                 ready: true,
                 nats: true,
                 redis: true,
+                leader: true,
                 version: String::new(),
             });
         }

@@ -43,12 +43,26 @@ const WORKER_MAX_AGE: Duration = Duration::from_secs(15);
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct App {
-    pub effects: driver::Effects,
+    /// Set once this replica leads (only the leader dispatches and takes writes).
+    pub effects: Arc<std::sync::OnceLock<driver::Effects>>,
+    pub leader: tokio::sync::watch::Receiver<bool>,
     pub state: State,
     pub transport: Transport,
     pub tokens: Arc<Vec<String>>,
     pub metrics: Option<PrometheusHandle>,
     pub shutdown: CancellationToken,
+}
+
+impl App {
+    /// What writes need; a standby answers 503 so the client retries on the leader.
+    fn effects(&self) -> Answer<&driver::Effects> {
+        self.effects.get().filter(|_| *self.leader.borrow()).ok_or_else(|| {
+            Failure(ApiError::new(
+                ErrorCode::Unavailable,
+                "this coordinator is a standby; writes go to the leader (retry, or use the leader's address)",
+            ))
+        })
+    }
 }
 
 /// An error answer: status from the code, body `{code, message}`.
@@ -204,6 +218,13 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
                 .rsplit_once(" at line ")
                 .map_or(text.as_str(), |(m, _)| m);
             Failure(ApiError::new(ErrorCode::InvalidField, f(text.to_string())))
+        } else if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+            // Valid JSON that serde reports as a syntax error: a value of the wrong kind for
+            // an enum field (a number for `mode`, say).
+            Failure(ApiError::new(
+                ErrorCode::InvalidField,
+                f("not one of the accepted values".into()),
+            ))
         } else {
             Failure(ApiError::new(
                 ErrorCode::MalformedBody,
@@ -271,17 +292,9 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
         max_turns: in_range("max_turns", req.max_turns, 1, 10_000)?,
         priority: req.priority.unwrap_or_default(),
     };
-    let backend = req.backend.unwrap_or_default();
-    if backend != Backend::Sim {
-        return Err(ApiError::field(
-            "backend",
-            format!(
-                "`{}` is not available in this version (available: sim)",
-                backend.as_str()
-            ),
-        )
-        .into());
-    }
+    // Every backend is accepted: the worker that runs the job checks its own settings (a
+    // missing key or CLI fails that job with the reason).
+    let backend: Backend = req.backend.unwrap_or_default();
     if let Some(key) = &req.idempotency_key
         && (key.is_empty() || key.len() > 256)
     {
@@ -364,7 +377,7 @@ async fn submit(
             metrics::counter!(m::TASKS_SUBMITTED).increment(1);
             // The record is stored with its first jobs marked queued; if this publish fails the
             // coordinator publishes them again when it restarts (same message ids).
-            app.effects.perform(&task, actions).await?;
+            app.effects()?.perform(&task, actions).await?;
             tracing::info!(task_id = %task.id, jobs = task.jobs.len(), plan = %task.plan_source, "task accepted");
             Ok((StatusCode::CREATED, axum::Json(task)))
         }
@@ -443,7 +456,7 @@ async fn cancel(
 ) -> Answer<axum::Json<Task>> {
     let id = parse_id(&id)?;
     Ok(axum::Json(
-        app.effects.driver.control(id, Control::Cancel).await?,
+        app.effects()?.driver.control(id, Control::Cancel).await?,
     ))
 }
 
@@ -463,7 +476,10 @@ async fn task_of(app: &App, id: &str) -> Answer<(JobId, TaskId)> {
 async fn kill(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<axum::Json<Task>> {
     let (job, task) = task_of(&app, &id).await?;
     Ok(axum::Json(
-        app.effects.driver.control(task, Control::Kill(job)).await?,
+        app.effects()?
+            .driver
+            .control(task, Control::Kill(job))
+            .await?,
     ))
 }
 
@@ -473,7 +489,7 @@ async fn retry_dead(
 ) -> Answer<axum::Json<Task>> {
     let (job, task) = task_of(&app, &id).await?;
     Ok(axum::Json(
-        app.effects
+        app.effects()?
             .driver
             .control(task, Control::RetryDead(job))
             .await?,
@@ -658,7 +674,10 @@ async fn task_types() -> axum::Json<Vec<TaskType>> {
 async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readiness>) {
     let nats = app.transport.is_connected();
     let redis = app.state.ping().await;
-    let ready = nats && redis;
+    let leader = *app.leader.borrow() && app.effects.get().is_some();
+    // Ready means "send me traffic": only the leader takes writes, so a standby is not ready
+    // (a Service then routes to the leader alone; reads work on both when addressed directly).
+    let ready = nats && redis && leader;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -670,6 +689,7 @@ async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readin
             ready,
             nats,
             redis,
+            leader,
             version: env!("CARGO_PKG_VERSION").into(),
         }),
     )

@@ -13,6 +13,7 @@
 //! - [`transport`]: the only code that knows NATS subjects, streams and bytes.
 //! - [`state`]: the only code that knows Redis keys.
 //! - [`reconcile`]: rebuilds Redis from the JetStream log after a data loss.
+//! - [`leader`]: the leader lease between coordinator replicas (only the leader dispatches).
 //! - [`metrics`]: metric names and descriptions.
 //! - [`history`]: history, agents and transcripts, cluster status and event stream, cost
 //!   reports, exports and the clean-up of old tasks (HTTP).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod context;
 pub mod driver;
 pub mod history;
+pub mod leader;
 pub mod metrics;
 pub mod pipeline;
 pub mod planner;
@@ -63,6 +65,8 @@ pub enum Error {
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Leader(#[from] leader::Error),
     #[error("failed to resume unfinished tasks: {0}")]
     Resume(String),
     #[error("the {0} loop stopped unexpectedly")]
@@ -110,12 +114,62 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
+    let tracker = TaskTracker::new();
+    let lanes_cancel = CancellationToken::new();
+
+    // Every replica serves the API; only the leader dispatches.
+    let id = coordinator_id();
+    let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(false);
+    let campaign = tracker.spawn(leader::campaign(
+        state.clone(),
+        id.clone(),
+        leader_tx,
+        shutdown.clone(),
+    ));
+    let effects_cell: Arc<std::sync::OnceLock<driver::Effects>> = Arc::default();
+
+    if let Some(path) = &config.addr_file {
+        std::fs::write(path, addr.to_string()).map_err(|source| Error::AddrFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(%addr, coordinator = %id, "coordinator listening");
+    sampler::spawn(
+        &tracker,
+        state.clone(),
+        transport.clone(),
+        addr,
+        shutdown.clone(),
+    );
+    let app = api::App {
+        effects: effects_cell.clone(),
+        leader: leader_rx.clone(),
+        state: state.clone(),
+        transport: transport.clone(),
+        tokens: Arc::new(config.tokens.clone()),
+        metrics,
+        shutdown: shutdown.clone(),
+    };
+    let server_cancel = shutdown.clone();
+    let serve = tracker.spawn(async move {
+        axum::serve(listener, api::router(app))
+            .with_graceful_shutdown(async move { server_cancel.cancelled().await })
+            .await
+    });
+    tokio::pin!(serve, campaign);
+
+    // A standby waits here until it holds the lease (or the server or campaign ends).
+    tokio::select! {
+        _ = leader_rx.wait_for(|l| *l) => {}
+        r = &mut serve => return finish(&shutdown, &lanes_cancel, &tracker, &transport, flatten_serve(r)).await,
+        r = &mut campaign => return finish(&shutdown, &lanes_cancel, &tracker, &transport, flatten_campaign(r)).await,
+        _ = shutdown.cancelled() => return finish(&shutdown, &lanes_cancel, &tracker, &transport, Ok(())).await,
+    }
+
     reconcile::run_if_needed(&state, &transport)
         .await
         .map_err(|e| Error::Resume(e.to_string()))?;
-
-    let tracker = TaskTracker::new();
-    let lanes_cancel = CancellationToken::new();
     let admission = admission::Admission::start(
         config.admission.clone(),
         state.clone(),
@@ -138,6 +192,7 @@ pub async fn run(
         admission,
     };
     resume(&effects).await?;
+    let _ = effects_cell.set(effects);
 
     let mut results = Box::pin(transport.results().await?);
     let results_driver = driver.clone();
@@ -181,42 +236,57 @@ pub async fn run(
         }
     });
 
-    if let Some(path) = &config.addr_file {
-        std::fs::write(path, addr.to_string()).map_err(|source| Error::AddrFile {
-            path: path.clone(),
-            source,
-        })?;
-    }
-    tracing::info!(%addr, "coordinator listening");
-    sampler::spawn(
-        &tracker,
-        state.clone(),
-        transport.clone(),
-        addr,
-        shutdown.clone(),
-    );
-
-    let app = api::App {
-        effects,
-        state,
-        transport: transport.clone(),
-        tokens: Arc::new(config.tokens.clone()),
-        metrics,
-        shutdown: shutdown.clone(),
-    };
-    let server_cancel = shutdown.clone();
-    let serve = axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(async move { server_cancel.cancelled().await });
-
-    // The results loop is critical: if it ends, results would pile up unapplied.
+    // Critical parts: the server, the results loop (without it results pile up unapplied) and
+    // the leader lease (without it another replica may dispatch too).
     let outcome = tokio::select! {
-        r = serve => r.map_err(Error::Serve),
+        r = &mut serve => flatten_serve(r),
         r = results_loop => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::LoopEnded("results")),
         },
+        r = &mut campaign => flatten_campaign(r),
     };
+    finish(&shutdown, &lanes_cancel, &tracker, &transport, outcome).await
+}
+
+fn flatten_serve(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), Error> {
+    match r {
+        Ok(r) => r.map_err(Error::Serve),
+        Err(_) => Err(Error::LoopEnded("HTTP server")),
+    }
+}
+
+fn flatten_campaign(
+    r: Result<Result<(), leader::Error>, tokio::task::JoinError>,
+) -> Result<(), Error> {
+    match r {
+        Ok(r) => r.map_err(Error::Leader),
+        Err(_) => Err(Error::LoopEnded("leader election")),
+    }
+}
+
+/// A name for this coordinator replica: host, pid and a random suffix.
+fn coordinator_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "coordinator".into());
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() & 0xffff)
+        .unwrap_or(0);
+    format!("{host}-{}-{nonce:04x}", std::process::id())
+}
+
+/// Shutdown order: stop accepting HTTP and consuming, let lanes finish the message in hand,
+/// release the lease, flush NATS.
+async fn finish(
+    shutdown: &CancellationToken,
+    lanes_cancel: &CancellationToken,
+    tracker: &TaskTracker,
+    transport: &Transport,
+    outcome: Result<(), Error>,
+) -> Result<(), Error> {
     shutdown.cancel();
     lanes_cancel.cancel();
     tracker.close();

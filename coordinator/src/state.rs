@@ -131,6 +131,23 @@ fn day_key(now_ms: u64) -> String {
     format!("orch:spend:{}", now_ms / 86_400_000)
 }
 
+const LEADER: &str = "orch:leader";
+
+/// Extends the leader lease if `ARGV[1]` holds it. KEYS: leader. ARGV: id, ttl ms.
+const RENEW_LEAD: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Drops the leader lease if `ARGV[1]` holds it. KEYS: leader. ARGV: id.
+const RELEASE_LEAD: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// One entry of the dead-letter set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -595,5 +612,50 @@ impl State {
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("restore task"))
+    }
+
+    /// Takes the leader lease if nobody holds it.
+    pub async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(LEADER)
+            .arg(id)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("take the leader lease"))?;
+        Ok(set.is_some())
+    }
+
+    /// Extends the leader lease; false if `id` no longer holds it.
+    pub async fn renew_lead(&self, id: &str, ttl: Duration) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let held: i64 = redis::Script::new(RENEW_LEAD)
+            .key(LEADER)
+            .arg(id)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("renew the leader lease"))?;
+        Ok(held == 1)
+    }
+
+    pub async fn release_leader(&self, id: &str) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::Script::new(RELEASE_LEAD)
+            .key(LEADER)
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("release the leader lease"))?;
+        Ok(())
+    }
+
+    /// The id of the coordinator holding the leader lease.
+    pub async fn leader(&self) -> Result<Option<String>, Error> {
+        let mut conn = self.conn.clone();
+        conn.get(LEADER).await.map_err(redis_err("read the leader"))
     }
 }

@@ -424,6 +424,9 @@ pub struct Readiness {
     pub ready: bool,
     pub nats: bool,
     pub redis: bool,
+    /// This coordinator holds the leader lease (dispatches and takes writes).
+    #[serde(default)]
+    pub leader: bool,
     pub version: String,
 }
 

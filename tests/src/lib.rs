@@ -236,6 +236,11 @@ pub struct Options {
     pub drain_grace: Duration,
     /// More flags for the coordinator (admission settings, say).
     pub coordinator_args: Vec<String>,
+    /// More flags for every worker (`--default-backend`, `--config`, say).
+    pub worker_args: Vec<String>,
+    /// Environment variables for every worker (provider settings such as
+    /// `ANTHROPIC_BASE_URL`); the test process's own environment is never changed.
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -246,6 +251,8 @@ impl Default for Options {
             ack_wait: Duration::from_secs(3),
             drain_grace: Duration::from_secs(10),
             coordinator_args: vec![],
+            worker_args: vec![],
+            worker_env: vec![],
         }
     }
 }
@@ -331,6 +338,21 @@ impl Cluster {
         self.previous.push(old);
     }
 
+    /// Starts another coordinator replica (a standby while the first one leads); returns it
+    /// and its URL.
+    pub fn start_standby(&self) -> (Server, String) {
+        let dir = self.dir.path().join("standby");
+        std::fs::create_dir_all(&dir).expect("create the standby dir");
+        let (server, addr) = start_coordinator(
+            &dir,
+            &self.nats_url,
+            &self.redis_url,
+            &self.opts,
+            "127.0.0.1:0",
+        );
+        (server, format!("http://{addr}"))
+    }
+
     /// Kills the coordinator with SIGKILL and starts a new one on the same address.
     pub async fn restart_coordinator(&mut self) {
         self.coordinator.signal(libc::SIGKILL);
@@ -364,6 +386,8 @@ impl Cluster {
         ])
         .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
         .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
+        .args(&self.opts.worker_args)
+        .envs(self.opts.worker_env.iter().map(|(k, v)| (k, v)))
         .env("ORCH_LOG", "info");
         self.workers
             .push(Server::spawn(&id, &mut cmd, self.dir.path()));
@@ -644,6 +668,8 @@ impl Cluster {
         ])
         .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
         .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
+        .args(&self.opts.worker_args)
+        .envs(self.opts.worker_env.iter().map(|(k, v)| (k, v)))
         .env("ORCH_LOG", "info");
         self.workers
             .push(Server::spawn(&id, &mut cmd, self.dir.path()));
@@ -677,3 +703,4 @@ impl Cluster {
         r.text().await.expect("a metrics body")
     }
 }
+

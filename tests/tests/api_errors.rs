@@ -96,9 +96,15 @@ async fn bad_submits_are_refused_with_the_field_named_and_nothing_stored() {
         ),
         (
             "unknown field",
+            json!({"prompt": "x", "colour": 3}).to_string(),
+            "invalid_field",
+            "colour: unknown field `colour`",
+        ),
+        (
+            "wrong kind for an enum",
             json!({"prompt": "x", "priority": 3}).to_string(),
             "invalid_field",
-            "priority: unknown field `priority`",
+            "priority:",
         ),
         (
             "malformed",
@@ -287,4 +293,41 @@ async fn task_list_pages_newest_first() {
         .collect();
     assert_eq!(got, vec![ids[1].as_str(), ids[0].as_str()]);
     assert!(page2["next_cursor"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_never_appear_in_logs_or_events() {
+    let cluster = Cluster::start(Options::default()).await;
+    let wrong = "wrong-token-abcdefghijklmnop";
+    let (status, _) = raw_post(&cluster, json!({"prompt": "x"}).to_string(), Some(wrong)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let task = cluster
+        .submit(json!({"prompt": "build it", "roles": ["builder"]}))
+        .await;
+    let id = task.id.to_string();
+    cluster
+        .wait_task(&id, std::time::Duration::from_secs(60))
+        .await;
+    let events = cluster.events(&id, None).await;
+    let text = serde_json::to_string(&events.iter().map(|(_, e)| e).collect::<Vec<_>>()).unwrap();
+    assert!(
+        !text.contains(TOKEN) && !text.contains(wrong),
+        "a token is in the event log"
+    );
+    for entry in std::fs::read_dir(cluster.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                !log.contains(TOKEN),
+                "the API token is in {}",
+                path.display()
+            );
+            assert!(
+                !log.contains(wrong),
+                "a presented token is in {}",
+                path.display()
+            );
+        }
+    }
 }

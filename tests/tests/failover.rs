@@ -130,3 +130,90 @@ async fn sigterm_hands_back_a_job_that_outlives_the_grace_period() {
         "handing the job back"
     ));
 }
+
+async fn readiness(http: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let r = http.get(format!("{url}/readyz")).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
+    let mut cluster = Cluster::start(Options {
+        workers: 2,
+        ..Options::default()
+    })
+    .await;
+    let (mut standby, standby_url) = cluster.start_standby();
+    let http = reqwest::Client::new();
+    // The standby answers reads but is not ready, and refuses writes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, v) = readiness(&http, &standby_url).await;
+        if status == 503 && v["nats"] == true && v["redis"] == true {
+            assert_eq!(v["leader"], false);
+            break;
+        }
+        assert!(Instant::now() < deadline, "standby never came up: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, v) = readiness(&http, &cluster.url).await;
+    assert_eq!(
+        (status, v["leader"].clone()),
+        (200, serde_json::json!(true))
+    );
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let t = cluster
+            .submit(json!({"prompt": format!("t{i}"), "roles": ["builder", "tester"], "sim": {"latency_ms": 600}}))
+            .await;
+        ids.push(t.id.to_string());
+    }
+    let read = http
+        .get(format!("{standby_url}/v1/tasks/{}", ids[0]))
+        .bearer_auth(orch_tests::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200, "reads work on the standby");
+    let write = http
+        .post(format!("{standby_url}/v1/tasks"))
+        .bearer_auth(orch_tests::TOKEN)
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(write.status(), 503, "a standby refuses writes");
+
+    // The leader dies mid-run; the standby takes over and finishes every task.
+    cluster.coordinator.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    loop {
+        let (status, _) = readiness(&http, &standby_url).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no takeover\n{}",
+            standby.tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let takeover = killed.elapsed();
+    eprintln!("standby took over {takeover:?} after the leader was killed");
+    assert!(
+        takeover < Duration::from_secs(8),
+        "takeover took {takeover:?}"
+    );
+    cluster.url = standby_url.clone();
+    for task in cluster.wait_all(&ids, WAIT).await {
+        assert_completed(&cluster, &task);
+    }
+    // And it takes writes now.
+    let t = cluster
+        .submit(json!({"prompt": "after", "roles": ["builder"]}))
+        .await;
+    assert_completed(&cluster, &cluster.wait_task(&t.id.to_string(), WAIT).await);
+    assert!(standby.is_running());
+}

@@ -103,7 +103,11 @@ fn sequential_runs_one_at_a_time_with_forward_context() {
         last.iter()
             .any(|a| matches!(a, Action::Emit(None, EventKind::TaskFinished { .. })))
     );
-    assert_eq!(last.last(), Some(&Action::Snapshot), "the finished task is snapshotted");
+    assert_eq!(
+        last.last(),
+        Some(&Action::Snapshot),
+        "the finished task is snapshotted"
+    );
     assert_eq!(task.status, TaskStatus::Completed);
     assert_eq!(task.usage.total(), 36);
     assert_eq!(task.cost_usd, 0.5);

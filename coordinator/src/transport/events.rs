@@ -191,6 +191,17 @@ impl Transport {
             .await
             .map_err(|e| read(e.into()))?
             .purged;
+        // And its snapshot, or a rebuild of Redis from the log would bring the task back.
+        let tasks = self
+            .js
+            .get_stream(subject::TASKS_STREAM)
+            .await
+            .map_err(|e| read(e.into()))?;
+        tasks
+            .purge()
+            .filter(subject::task_snapshot(task))
+            .await
+            .map_err(|e| read(e.into()))?;
         Ok((purged_events, purged_results))
     }
 
