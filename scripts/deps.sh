@@ -31,3 +31,58 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq redis-server >&2
   command -v redis-server >/dev/null 2>&1 || { echo "redis-server is still missing after apt-get install" >&2; exit 1; }
 fi
+
+# The Claude Code CLI, for the tests of the claude-code backend (they run the real CLI against a
+# fake Messages API and fail, never skip, without it). Pinned, installed from npm into
+# target/tools/claude-code and reused while it is that version. Only scripts/test (and so
+# .ci/run) needs it; ORCH_CLAUDE_BIN points the tests at another copy instead.
+CLAUDE_CODE_VERSION=2.1.332
+_orch_claude_code_bin() {
+  local dir=target/tools/claude-code/node_modules
+  for b in "$dir/@anthropic-ai/claude-code-linux-x64/claude" "$dir/@anthropic-ai/claude-code-linux-arm64/claude" \
+           "$dir/@anthropic-ai/claude-code/bin/claude.exe" "$dir/.bin/claude"; do
+    [ -x "$b" ] && { echo "$b"; return 0; }
+  done
+  return 1
+}
+_orch_claude_code_ok() {
+  local b
+  b=$(_orch_claude_code_bin) || return 1
+  "$b" --version 2>/dev/null | grep -q "^$CLAUDE_CODE_VERSION "
+}
+if [ -z "${ORCH_CLAUDE_BIN:-}" ] && [ "$(basename "$0")" = test ] && ! _orch_claude_code_ok; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "installing npm (Debian) for the Claude Code CLI..." >&2
+    _orch_sudo apt-get update -qq >&2 || true
+    DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq nodejs npm >&2
+  fi
+  echo "installing the Claude Code CLI $CLAUDE_CODE_VERSION (npm) into target/tools/claude-code..." >&2
+  mkdir -p target/tools/claude-code
+  npm install --prefix target/tools/claude-code --no-audit --no-fund --loglevel=error \
+    "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >&2
+  _orch_claude_code_ok || { echo "the Claude Code CLI is still missing after npm install" >&2; exit 1; }
+fi
+
+# ---- Web dashboard browser tests (tests/tests/dashboard.rs) -------------------------------------
+# Debian's chromium, driven by the npm package playwright-core pinned in tests/browser (browser
+# downloads do not work here, so playwright never fetches its own). Only scripts/test needs them;
+# the tests fail, never skip, without them. ORCH_CHROMIUM points the tests at another chromium.
+if [ "$(basename "$0")" = test ]; then
+  if [ -z "${ORCH_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
+    echo "installing chromium (Debian) for the dashboard's browser tests..." >&2
+    _orch_sudo apt-get update -qq >&2 || true
+    DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq chromium >&2
+    [ -x /usr/bin/chromium ] || { echo "chromium is still missing after apt-get install" >&2; exit 1; }
+  fi
+  _orch_pw_want=$(sed -n 's/.*"playwright-core": *"\([^"]*\)".*/\1/p' tests/browser/package.json)
+  _orch_pw_have=$(sed -n 's/^  "version": *"\([^"]*\)".*/\1/p' tests/browser/node_modules/playwright-core/package.json 2>/dev/null)
+  if [ "$_orch_pw_want" != "$_orch_pw_have" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "installing npm (Debian) for the dashboard's browser tests..." >&2
+      _orch_sudo apt-get update -qq >&2 || true
+      DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq nodejs npm >&2
+    fi
+    echo "installing playwright-core (npm ci) into tests/browser..." >&2
+    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >&2
+  fi
+fi

@@ -598,6 +598,9 @@ mod tests {
             error: None,
             files_read: vec![],
             files_written: vec![],
+            model: None,
+            context_tokens: None,
+            context_window: None,
         }
     }
 
@@ -614,6 +617,7 @@ mod tests {
             workspace: Workspace::Scratch,
             sim: SimParams::default(),
             idempotency_key: None,
+            tenant: None,
             options: Default::default(),
             plan: Default::default(),
             created_at_ms: T0,

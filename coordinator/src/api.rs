@@ -48,7 +48,7 @@ pub struct App {
     pub leader: tokio::sync::watch::Receiver<bool>,
     pub state: State,
     pub transport: Transport,
-    pub tokens: Arc<Vec<String>>,
+    pub tokens: Arc<Tokens>,
     pub metrics: Option<PrometheusHandle>,
     pub shutdown: CancellationToken,
 }
@@ -62,6 +62,102 @@ impl App {
                 "this coordinator is a standby; writes go to the leader (retry, or use the leader's address)",
             ))
         })
+    }
+}
+
+/// The accepted bearer tokens: admin tokens see everything; a tenant's token sees only the
+/// tasks it submitted and no cluster-wide view.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    entries: Vec<(String, Option<String>)>,
+}
+
+/// Who is calling, as the auth middleware found out (a request extension).
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// `None`: an admin (or authentication is off).
+    pub tenant: Option<String>,
+}
+
+impl Tokens {
+    pub fn new(admin: &[String], tenants: &[(String, String)]) -> Self {
+        let mut entries: Vec<(String, Option<String>)> =
+            admin.iter().map(|t| (t.clone(), None)).collect();
+        entries.extend(
+            tenants
+                .iter()
+                .map(|(name, t)| (t.clone(), Some(name.clone()))),
+        );
+        Self { entries }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The caller a presented token stands for. Every token is compared, in constant time,
+    /// without stopping early, so timing tells nothing about which one matched.
+    pub fn check(&self, presented: &str) -> Option<Caller> {
+        let mut found = None;
+        for (token, tenant) in &self.entries {
+            if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+                found = Some(Caller {
+                    tenant: tenant.clone(),
+                });
+            }
+        }
+        found
+    }
+}
+
+/// What a tenant's token may reach under `/v1`.
+enum Scope {
+    /// Its own tasks only (submit, list — filtered —, dry runs, task types).
+    Open,
+    Task(String),
+    Agent(String),
+    AdminOnly,
+}
+
+fn tenant_scope(path: &str) -> Scope {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["v1", "tasks"] | ["v1", "tasks", "dry-run"] | ["v1", "task-types"] => Scope::Open,
+        ["v1", "tasks", id, ..] => Scope::Task(id.to_string()),
+        ["v1", "agents", id, ..] => Scope::Agent(id.to_string()),
+        _ => Scope::AdminOnly,
+    }
+}
+
+/// Keeps a tenant to its own tasks: another tenant's task is "not found", never "forbidden",
+/// so ids of other tenants' tasks are not confirmed.
+async fn tenant_allows(app: &App, tenant: &str, path: &str) -> Result<(), Failure> {
+    let task_id = match tenant_scope(path) {
+        Scope::Open => return Ok(()),
+        Scope::AdminOnly => {
+            return Err(Failure(ApiError::new(
+                ErrorCode::NotFound,
+                "no such endpoint for a tenant's token (cluster-wide views need an admin token)",
+            )));
+        }
+        Scope::Task(id) => match id.parse::<TaskId>() {
+            Ok(id) => id,
+            Err(_) => return Ok(()), // the handler names the malformed id
+        },
+        Scope::Agent(id) => match id.parse::<JobId>() {
+            Ok(job) => match app.state.task_of_job(job).await? {
+                Some(task) => task,
+                None => return Ok(()), // the handler says it is not found
+            },
+            Err(_) => return Ok(()),
+        },
+    };
+    match app.state.load_task(task_id).await? {
+        Some(task) if task.tenant.as_deref() != Some(tenant) => Err(Failure(ApiError::new(
+            ErrorCode::NotFound,
+            format!("task {task_id} not found"),
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -141,43 +237,79 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_text))
+        .merge(crate::web::routes())
         .fallback(|| async { Failure(ApiError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
 
-/// Requires `Authorization: Bearer <token>` matching a configured token (constant-time).
-async fn authenticate(AxumState(app): AxumState<App>, req: Request, next: Next) -> Response {
-    if app.tokens.is_empty() {
+/// Requires `Authorization: Bearer <token>` matching a configured token (constant-time), or the
+/// web dashboard's session cookie holding one (an `EventSource` cannot send headers). A request
+/// authenticated by the cookie that changes something must also carry the header
+/// [`crate::web::CSRF_HEADER`]: another site can make a browser send the cookie (were it not
+/// `SameSite=Strict`), never a custom header.
+async fn authenticate(AxumState(app): AxumState<App>, mut req: Request, next: Next) -> Response {
+    if app.tokens.is_open() {
+        req.extensions_mut().insert(Caller::default());
         return next.run(req).await;
     }
-    let presented = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(presented) = presented else {
-        return Failure(ApiError::new(
-            ErrorCode::Unauthorized,
-            "missing bearer token: send `Authorization: Bearer <token>`",
-        ))
-        .into_response();
+        .map(|t| t.trim().to_string());
+    let caller = match bearer {
+        Some(presented) => match app.tokens.check(&presented) {
+            Some(caller) => caller,
+            None => {
+                return Failure(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "invalid bearer token",
+                ))
+                .into_response();
+            }
+        },
+        // The dashboard's session cookie (an `EventSource` cannot send headers). A request
+        // authenticated by the cookie that changes something must also carry the header
+        // [`crate::web::CSRF_HEADER`], which another site cannot make a browser send.
+        None => match crate::web::session_token(req.headers()) {
+            Some(cookie) => {
+                let safe = req.method() == axum::http::Method::GET
+                    || req.headers().contains_key(crate::web::CSRF_HEADER);
+                match app.tokens.check(&cookie) {
+                    Some(caller) if safe => caller,
+                    _ => {
+                        return Failure(ApiError::new(
+                            ErrorCode::Unauthorized,
+                            "invalid or expired session: log in again",
+                        ))
+                        .into_response();
+                    }
+                }
+            }
+            None => {
+                return Failure(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "missing bearer token: send `Authorization: Bearer <token>`",
+                ))
+                .into_response();
+            }
+        },
     };
-    // Compare against every token without stopping early, so timing tells nothing.
-    let mut ok = subtle::Choice::from(0);
-    for token in app.tokens.iter() {
-        ok |= presented.as_bytes().ct_eq(token.as_bytes());
+    if let Some(tenant) = &caller.tenant
+        && let Err(refused) = tenant_allows(&app, tenant, req.uri().path()).await
+    {
+        return refused.into_response();
     }
-    if bool::from(ok) {
-        next.run(req).await
-    } else {
-        Failure(ApiError::new(
-            ErrorCode::Unauthorized,
-            "invalid bearer token",
-        ))
-        .into_response()
-    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Whether `presented` is one of the configured tokens (any, when none is configured), in
+/// constant time.
+pub(crate) fn token_ok(app: &App, presented: &str) -> bool {
+    app.tokens.is_open() || app.tokens.check(presented).is_some()
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Answer<T> {
@@ -357,12 +489,19 @@ fn validate_sim(sim: &SimParams) -> Answer<()> {
 
 async fn submit(
     AxumState(app): AxumState<App>,
+    caller: Option<axum::Extension<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<(StatusCode, axum::Json<Task>)> {
     let req: SubmitTask = parse_body(body)?;
-    let (opts, plan) = validate(req)?;
-    let (task, actions) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
+    let (mut opts, plan) = validate(req)?;
+    let tenant = caller.and_then(|c| c.0.tenant);
+    // Idempotency keys are per tenant: one tenant's key never returns another's task.
+    if let (Some(t), Some(key)) = (&tenant, &opts.idempotency_key) {
+        opts.idempotency_key = Some(format!("{t}/{key}"));
+    }
+    let (mut task, actions) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    task.tenant = tenant;
     match app.state.create_task(&task).await? {
         Created::Existing(id) => {
             let existing = app.state.load_task(id).await?.ok_or_else(|| {
@@ -389,11 +528,13 @@ type ListParams = crate::history::ListParams;
 
 async fn list(
     AxumState(app): AxumState<App>,
+    caller: Option<axum::Extension<Caller>>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Answer<Response> {
     let Query(params) = params
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, format!("query: {}", e.body_text())))?;
-    crate::history::list_tasks(&app, params).await
+    let tenant = caller.and_then(|c| c.0.tenant);
+    crate::history::list_tasks(&app, params, tenant).await
 }
 
 async fn load(app: &App, id: &str) -> Answer<Task> {

@@ -37,6 +37,15 @@ pub struct Args {
         hide_env_values = true
     )]
     pub token: Vec<String>,
+    /// A tenant and its token, repeatable: `NAME=TOKEN`. A tenant's token sees only the tasks
+    /// it submitted; tokens given with --token are admin tokens that see everything.
+    #[arg(
+        long = "tenant",
+        env = "ORCH_TENANTS",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    pub tenants: Vec<String>,
     /// Serve the API without authentication (never in production).
     #[arg(long, env = "ORCH_NO_AUTH")]
     pub no_auth: bool,
@@ -84,6 +93,7 @@ struct FileConfig {
     nats_url: Option<String>,
     redis_url: Option<String>,
     tokens: Option<Vec<String>>,
+    tenants: Option<Vec<String>>,
     no_auth: Option<bool>,
     #[serde(default, with = "humantime_serde_opt")]
     job_ack_wait: Option<Duration>,
@@ -119,8 +129,10 @@ pub struct Config {
     pub addr_file: Option<PathBuf>,
     pub nats_url: String,
     pub redis_url: String,
-    /// Empty means authentication is off (only with --no-auth).
+    /// Admin tokens. Empty (with no tenants) means authentication is off (only with --no-auth).
     pub tokens: Vec<String>,
+    /// `(tenant, token)` pairs.
+    pub tenants: Vec<(String, String)>,
     pub job_ack_wait: Duration,
     pub job_max_deliver: i64,
     pub dedup_window: Duration,
@@ -145,6 +157,7 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             tokens: vec![],
+            tenants: vec![],
             job_ack_wait: Duration::from_secs(60),
             job_max_deliver: 5,
             dedup_window: Duration::from_secs(30 * 60),
@@ -204,7 +217,23 @@ impl Args {
         .filter(|t| !t.is_empty())
         .collect();
         let no_auth = self.no_auth || file.no_auth.unwrap_or(false);
-        if tokens.is_empty() && !no_auth {
+        let tenants: Vec<(String, String)> = if self.tenants.is_empty() {
+            file.tenants.unwrap_or_default()
+        } else {
+            self.tenants
+        }
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| match s.split_once('=') {
+            Some((name, token)) if !name.trim().is_empty() && token.trim().len() >= 16 => {
+                Ok((name.trim().to_string(), token.trim().to_string()))
+            }
+            _ => Err(Error::Invalid(
+                "tenant: expected NAME=TOKEN with a token of at least 16 characters".into(),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+        if tokens.is_empty() && tenants.is_empty() && !no_auth {
             return Err(Error::Invalid(
                 "token: no API token configured (set --token or ORCH_TOKEN, or pass --no-auth for an open API)".into(),
             ));
@@ -314,6 +343,7 @@ impl Args {
             nats_url: self.nats_url.or(file.nats_url).unwrap_or(d.nats_url),
             redis_url: self.redis_url.or(file.redis_url).unwrap_or(d.redis_url),
             tokens: if no_auth { vec![] } else { tokens },
+            tenants: if no_auth { vec![] } else { tenants },
             job_ack_wait,
             job_max_deliver,
             dedup_window: self

@@ -224,6 +224,8 @@ pub struct ListParams {
 }
 
 struct Filter {
+    /// Only this tenant's tasks (a tenant's token).
+    tenant: Option<String>,
     statuses: Vec<TaskStatus>,
     search: Option<String>,
     min_cost: Option<f64>,
@@ -232,7 +234,10 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, t: &Task) -> bool {
-        (self.statuses.is_empty() || self.statuses.contains(&t.status))
+        self.tenant
+            .as_ref()
+            .is_none_or(|tenant| t.tenant.as_ref() == Some(tenant))
+            && (self.statuses.is_empty() || self.statuses.contains(&t.status))
             && self.search.as_ref().is_none_or(|s| {
                 t.prompt.to_lowercase().contains(s) || t.id.to_string().starts_with(s.as_str())
             })
@@ -251,7 +256,7 @@ enum Sort {
 
 /// `GET /v1/tasks`: filtered, sorted and paged. Answers a [`TaskList`]; a sorted listing that
 /// could not read its whole window says so in the `x-orch-truncated` header.
-pub async fn list_tasks(app: &App, p: ListParams) -> Answer<Response> {
+pub async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<Response> {
     let limit = p.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(field("limit", "must be between 1 and 1000"));
@@ -268,6 +273,7 @@ pub async fn list_tasks(app: &App, p: ListParams) -> Answer<Response> {
         }
     }
     let filter = Filter {
+        tenant,
         statuses,
         search: p
             .search

@@ -34,6 +34,7 @@ pub mod reconcile;
 pub mod sampler;
 pub mod state;
 pub mod transport;
+pub mod web;
 
 use backon::{ExponentialBuilder, Retryable};
 use config::Config;
@@ -147,7 +148,7 @@ pub async fn run(
         leader: leader_rx.clone(),
         state: state.clone(),
         transport: transport.clone(),
-        tokens: Arc::new(config.tokens.clone()),
+        tokens: Arc::new(api::Tokens::new(&config.tokens, &config.tenants)),
         metrics,
         shutdown: shutdown.clone(),
     };

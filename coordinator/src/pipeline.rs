@@ -103,6 +103,7 @@ pub fn new_task(
         workspace: opts.workspace,
         sim: opts.sim,
         idempotency_key: opts.idempotency_key,
+        tenant: None,
         options: opts.execution,
         plan: PlanInfo {
             complexity: plan.spec.complexity,
@@ -163,6 +164,9 @@ fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
         error: None,
         files_read: vec![],
         files_written: vec![],
+        model: None,
+        context_tokens: None,
+        context_window: None,
     }
 }
 
@@ -507,6 +511,11 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
     job.output = Some(result.output.clone());
     job.files_read = result.files_read.clone();
     job.files_written = result.files_written.clone();
+    if result.model.is_some() {
+        job.model = result.model.clone();
+    }
+    job.context_tokens = result.context_tokens;
+    job.context_window = result.context_window;
     task.usage.add(&result.usage);
     task.cost_usd += result.cost_usd;
 

@@ -307,6 +307,15 @@ pub struct Job {
     pub files_read: Vec<String>,
     #[serde(default)]
     pub files_written: Vec<String>,
+    /// The model the agent ran on, when the backend reported it.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Window use of the agent's last request (tokens of `context_window`): how full its
+    /// context really was, not cumulative tokens.
+    #[serde(default)]
+    pub context_tokens: Option<u64>,
+    #[serde(default)]
+    pub context_window: Option<u64>,
 }
 
 /// A task and its jobs (`GET /v1/tasks/{id}`, and the reply to `POST /v1/tasks`).
@@ -329,6 +338,9 @@ pub struct Task {
     pub sim: SimParams,
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// The tenant whose token submitted the task (`None`: an admin token, or no tenants).
+    #[serde(default)]
+    pub tenant: Option<String>,
     #[serde(default)]
     pub options: ExecutionOptions,
     #[serde(default)]

@@ -225,6 +225,15 @@ pub struct JobResult {
     /// The fencing token of the worker's lease on this attempt (0: no lease was taken).
     #[serde(default)]
     pub fence: u64,
+    /// The model the agent ran on, when the backend knows it.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Context occupancy of the agent's last request: its input and cache tokens...
+    #[serde(default)]
+    pub context_tokens: Option<u64>,
+    /// ...out of the model's context window.
+    #[serde(default)]
+    pub context_window: Option<u64>,
 }
 
 impl JobResult {

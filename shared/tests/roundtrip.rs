@@ -105,7 +105,8 @@ prop_compose! {
                     files_written in proptest::collection::vec(".*", 0..4),
                     started_at_ms in any::<u64>(), finished_at_ms in any::<u64>(), fence in any::<u64>()) -> JobResult {
         JobResult { task_id, job_id, attempt, delivery, worker_id: WorkerId(worker), outcome, output,
-                    usage, cost_usd, files_read, files_written, started_at_ms, finished_at_ms, fence }
+                    usage, cost_usd, files_read, files_written, started_at_ms, finished_at_ms, fence,
+                    model: Some("m".into()), context_tokens: Some(1), context_window: None }
     }
 }
 
@@ -284,6 +285,9 @@ fn sample_result() -> JobResult {
         started_at_ms: 1_764_000_000_000,
         finished_at_ms: 1_764_000_001_500,
         fence: 3,
+        model: Some("claude-haiku-4-5".into()),
+        context_tokens: Some(1200),
+        context_window: Some(200_000),
     }
 }
 
@@ -341,6 +345,7 @@ fn sample_task() -> Task {
         workspace: Workspace::Scratch,
         sim: spec.sim.clone(),
         idempotency_key: Some("k1".into()),
+        tenant: Some("alpha".into()),
         options: Default::default(),
         plan: Default::default(),
         created_at_ms: 1_764_000_000_000,
@@ -371,6 +376,9 @@ fn sample_task() -> Task {
             }),
             files_read: vec![],
             files_written: vec!["a.rs".into()],
+            model: Some("claude-sonnet-4-5".into()),
+            context_tokens: Some(52_000),
+            context_window: Some(200_000),
         }],
         usage: sample_result().usage,
         cost_usd: 0.25,

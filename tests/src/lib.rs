@@ -704,3 +704,6 @@ impl Cluster {
     }
 }
 
+pub mod claude_cli;
+pub mod fake_anthropic;
+pub mod fake_openai;

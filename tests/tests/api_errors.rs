@@ -331,3 +331,98 @@ async fn tokens_never_appear_in_logs_or_events() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_cannot_read_or_cancel_another_tenants_tasks() {
+    let alpha = "alpha-token-0123456789";
+    let beta = "beta-token-0123456789";
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        coordinator_args: vec![
+            "--tenant".into(),
+            format!("alpha={alpha}"),
+            "--tenant".into(),
+            format!("beta={beta}"),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, token: &'static str| {
+        let req = http
+            .request(method, format!("{}{path}", cluster.url))
+            .bearer_auth(token);
+        async move {
+            let r = req
+                .json(&json!({"prompt": "alpha's work", "roles": ["builder"]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, task) = call(
+        reqwest::Method::POST,
+        "/v1/tasks".into(),
+        "alpha-token-0123456789",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    assert_eq!(task["tenant"], "alpha");
+    let id = task["id"].as_str().unwrap().to_string();
+    let job = task["jobs"][0]["id"].as_str().unwrap().to_string();
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+    for (method, path) in [
+        (get.clone(), format!("/v1/tasks/{id}")),
+        (get.clone(), format!("/v1/tasks/{id}/events")),
+        (get.clone(), format!("/v1/tasks/{id}/logs")),
+        (post.clone(), format!("/v1/tasks/{id}/cancel")),
+        (get.clone(), format!("/v1/agents/{job}")),
+        (post.clone(), format!("/v1/agents/{job}/kill")),
+    ] {
+        let (status, v) = call(method.clone(), path.clone(), "beta-token-0123456789").await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "beta reached {method} {path}: {v}"
+        );
+    }
+    for path in [
+        "/v1/events",
+        "/v1/export",
+        "/v1/dlq",
+        "/v1/workers",
+        "/v1/status",
+    ] {
+        let (status, _) = call(get.clone(), path.into(), "beta-token-0123456789").await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "a tenant reached the cluster-wide {path}"
+        );
+    }
+    let (_, list) = call(get.clone(), "/v1/tasks".into(), "beta-token-0123456789").await;
+    assert_eq!(list["tasks"], json!([]), "beta lists alpha's task");
+    let (_, list) = call(get.clone(), "/v1/tasks".into(), "alpha-token-0123456789").await;
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1);
+    let (status, _) = call(
+        get.clone(),
+        format!("/v1/tasks/{id}"),
+        "alpha-token-0123456789",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // An admin token sees everything.
+    let (status, _) = cluster.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = call(
+        post,
+        format!("/v1/tasks/{id}/cancel"),
+        "alpha-token-0123456789",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let _ = (alpha, beta);
+}

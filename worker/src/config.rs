@@ -1,10 +1,24 @@
 //! Worker configuration: defaults, then an optional TOML file (`--config`), then `ORCH_*`
 //! environment variables and flags, checked once into [`Config`].
+//!
+//! Besides the cluster settings, the file configures the agent backends (`[backends.*]`: the
+//! providers' URLs and keys, models, the Claude Code CLI), the roles (`[roles.*]`, see
+//! [`crate::roles`]) and the price table (`[prices."model"]`, see
+//! [`crate::agent::pricing`]). Provider settings also come from the providers' usual
+//! environment variables (`ANTHROPIC_BASE_URL`, `ANTHROPIC_API_KEY`, `OPENAI_BASE_URL`,
+//! `OPENAI_API_KEY`) and the CLI's path from `ORCH_CLAUDE_BIN`. Keys are [`Secret`]s: their
+//! `Debug` never shows them.
 
+use crate::agent::pricing::{Price, PriceTable};
+use crate::roles::{self, Key, Roles};
 use clap::Parser;
+use orch_shared::job::Backend;
 use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 #[derive(Parser, Debug, Default)]
@@ -36,6 +50,67 @@ pub struct Args {
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Where scratch workspaces and the Claude Code CLI's home live (default: a directory
+    /// named after the worker under the system's temporary directory).
+    #[arg(long, env = "ORCH_WORKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Run jobs that name the `sim` backend (the coordinator's default when a task names none)
+    /// on this backend instead: claude-code, anthropic, openai or command.
+    #[arg(long, env = "ORCH_DEFAULT_BACKEND")]
+    pub default_backend: Option<String>,
+    /// The Claude Code CLI (default: `claude` on PATH).
+    #[arg(long, env = "ORCH_CLAUDE_BIN")]
+    pub claude_bin: Option<PathBuf>,
+    /// HOME of the Claude Code CLI, where it keeps settings and transcripts (default:
+    /// `<data-dir>/claude-home`).
+    #[arg(long, env = "ORCH_CLAUDE_HOME")]
+    pub claude_home: Option<PathBuf>,
+    /// Anthropic API base URL (without `/v1`), for the `anthropic` and `claude-code` backends.
+    #[arg(long, env = "ANTHROPIC_BASE_URL")]
+    pub anthropic_base_url: Option<String>,
+    /// Anthropic API key (prefer the environment variable: flags show in `ps`).
+    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
+    pub anthropic_api_key: Option<Secret>,
+    /// OpenAI-compatible server base URL, with its `/v1` (vLLM, llama.cpp server, Ollama).
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+    /// Key for the OpenAI-compatible server (prefer the environment variable).
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<Secret>,
+}
+
+/// A credential. Its `Debug` and `Display` never show it; [`Secret::expose`] does.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -48,6 +123,178 @@ struct FileConfig {
     drain_grace: Option<String>,
     listen: Option<SocketAddr>,
     log_format: Option<String>,
+    data_dir: Option<PathBuf>,
+    default_backend: Option<String>,
+    #[serde(default)]
+    backends: BackendsFile,
+    #[serde(default)]
+    roles: BTreeMap<String, roles::Override>,
+    #[serde(default)]
+    prices: BTreeMap<String, Price>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct BackendsFile {
+    #[serde(rename = "claude-code", alias = "claude_code")]
+    claude_code: Option<ClaudeCodeFile>,
+    anthropic: Option<ApiFile>,
+    openai: Option<ApiFile>,
+    command: Option<CommandFile>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ClaudeCodeFile {
+    bin: Option<PathBuf>,
+    home: Option<PathBuf>,
+    model: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, String>,
+    mcp_config: Option<String>,
+    max_retries: Option<u32>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ApiFile {
+    base_url: Option<String>,
+    api_key: Option<Secret>,
+    model: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, String>,
+    max_tokens: Option<u32>,
+    max_attempts: Option<u32>,
+    request_timeout: Option<String>,
+    retry_min_delay: Option<String>,
+    retry_max_delay: Option<String>,
+    max_retry_after: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CommandFile {
+    program: PathBuf,
+    #[serde(default)]
+    args: Vec<String>,
+    prompt: Option<String>,
+    model: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// Models per role for one backend (`[backends.<name>.models]`), and its default model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Models {
+    pub default: Option<String>,
+    pub by_role: BTreeMap<Key, String>,
+}
+
+impl Models {
+    fn load(
+        section: &str,
+        default: Option<String>,
+        by_role: BTreeMap<String, String>,
+    ) -> Result<Self, Error> {
+        let mut out = Models {
+            default: non_empty(&format!("{section}.model"), default)?,
+            by_role: BTreeMap::new(),
+        };
+        for (name, model) in by_role {
+            let key = Key::parse(&name)
+                .map_err(|e| Error::Invalid(format!("{section}.models.{name}: {e}")))?;
+            let model = non_empty(&format!("{section}.models.{name}"), Some(model))?;
+            out.by_role.insert(key, model.unwrap_or_default());
+        }
+        Ok(out)
+    }
+}
+
+/// The `claude-code` backend: the CLI, its home and what it is given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaudeCodeSettings {
+    /// The CLI; a bare name is looked up on PATH.
+    pub bin: PathBuf,
+    pub home: PathBuf,
+    pub models: Models,
+    /// `--mcp-config`: a JSON string or a file (with `--strict-mcp-config`).
+    pub mcp_config: Option<String>,
+    /// `CLAUDE_CODE_MAX_RETRIES`: how often the CLI retries a failed API call itself.
+    pub max_retries: Option<u32>,
+    /// More environment variables for the CLI.
+    pub env: BTreeMap<String, String>,
+    /// More arguments for the CLI.
+    pub args: Vec<String>,
+}
+
+/// An HTTP provider (`anthropic` or `openai`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiSettings {
+    /// `None`: the provider's default (the `openai` backend has none and needs one).
+    pub base_url: Option<String>,
+    pub api_key: Option<Secret>,
+    pub models: Models,
+    /// The answer's token limit (`anthropic` needs one; `openai` sends it only when set).
+    pub max_tokens: Option<u32>,
+    /// Requests per job before the job fails with a retryable reason (the coordinator then
+    /// retries the job with its own backoff).
+    pub max_attempts: u32,
+    pub request_timeout: Duration,
+    pub retry_min_delay: Duration,
+    pub retry_max_delay: Duration,
+    /// A `retry-after` longer than this fails the attempt at once (the coordinator retries).
+    pub max_retry_after: Duration,
+}
+
+impl ApiSettings {
+    fn defaults(max_tokens: Option<u32>) -> Self {
+        Self {
+            base_url: None,
+            api_key: None,
+            models: Models::default(),
+            max_tokens,
+            max_attempts: 4,
+            request_timeout: Duration::from_secs(600),
+            retry_min_delay: Duration::from_millis(500),
+            retry_max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How the `command` backend hands the prompt to its program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptVia {
+    /// On standard input, which is then closed.
+    Stdin,
+    /// As the last argument.
+    Arg,
+}
+
+/// The `command` backend: any program that reads a prompt and writes its answer on stdout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSettings {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub prompt: PromptVia,
+    pub models: Models,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Every backend's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSettings {
+    pub claude_code: ClaudeCodeSettings,
+    pub anthropic: ApiSettings,
+    pub openai: ApiSettings,
+    /// `None` until `[backends.command]` names a program.
+    pub command: Option<CommandSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +306,13 @@ pub struct Config {
     pub drain_grace: Duration,
     pub listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Scratch workspaces (`<data_dir>/scratch/<job>-<attempt>`) and the CLI's home.
+    pub data_dir: PathBuf,
+    /// Jobs naming `sim` run on this backend instead (`orchctl local up --backend`).
+    pub default_backend: Option<Backend>,
+    pub backends: BackendSettings,
+    pub roles: Roles,
+    pub prices: PriceTable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +402,41 @@ impl Args {
                 "id: must be non-empty without spaces".into(),
             ));
         }
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("orch-worker-{id}")));
+        let default_backend = match self.default_backend.or(file.default_backend) {
+            None => None,
+            Some(name) => match parse_backend(&name) {
+                Some(Backend::Sim) => None,
+                Some(b) => Some(b),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "default-backend: expected sim, claude-code, anthropic, openai or command, got `{name}`"
+                    )));
+                }
+            },
+        };
+        let backends = BackendSettings::load(
+            file.backends,
+            &data_dir,
+            BackendFlags {
+                claude_bin: self.claude_bin,
+                claude_home: self.claude_home,
+                anthropic_base_url: self.anthropic_base_url,
+                anthropic_api_key: self.anthropic_api_key,
+                openai_base_url: self.openai_base_url,
+                openai_api_key: self.openai_api_key,
+            },
+        )?;
+        if default_backend == Some(Backend::Command) && backends.command.is_none() {
+            return Err(Error::Invalid(
+                "default-backend: `command` needs [backends.command] with a program".into(),
+            ));
+        }
+        let roles = Roles::with_overrides(&file.roles).map_err(Error::Invalid)?;
+        let prices = PriceTable::with_overrides(&file.prices).map_err(Error::Invalid)?;
         Ok(Config {
             nats_url: self
                 .nats_url
@@ -162,6 +451,185 @@ impl Args {
             drain_grace,
             listen: self.listen.or(file.listen),
             log_format,
+            data_dir,
+            default_backend,
+            backends,
+            roles,
+            prices,
+        })
+    }
+}
+
+/// A backend by its protocol name (`claude-code`, also `claude_code`), case-insensitively.
+pub fn parse_backend(name: &str) -> Option<Backend> {
+    let lower = name.trim().to_ascii_lowercase().replace('_', "-");
+    [
+        Backend::Sim,
+        Backend::ClaudeCode,
+        Backend::Anthropic,
+        Backend::Openai,
+        Backend::Command,
+    ]
+    .into_iter()
+    .find(|b| b.as_str() == lower)
+}
+
+/// Backend settings given as flags or their environment variables (they win over the file).
+struct BackendFlags {
+    claude_bin: Option<PathBuf>,
+    claude_home: Option<PathBuf>,
+    anthropic_base_url: Option<String>,
+    anthropic_api_key: Option<Secret>,
+    openai_base_url: Option<String>,
+    openai_api_key: Option<Secret>,
+}
+
+fn non_empty(field: &str, value: Option<String>) -> Result<Option<String>, Error> {
+    match value {
+        Some(v) if v.trim().is_empty() => {
+            Err(Error::Invalid(format!("{field}: must not be empty")))
+        }
+        v => Ok(v),
+    }
+}
+
+fn base_url(field: &str, value: Option<String>) -> Result<Option<String>, Error> {
+    match non_empty(field, value)? {
+        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+            Err(Error::Invalid(format!(
+                "{field}: expected an http:// or https:// URL, got `{url}`"
+            )))
+        }
+        url => Ok(url.map(|u| u.trim_end_matches('/').to_string())),
+    }
+}
+
+fn duration(field: &str, value: Option<String>, default: Duration) -> Result<Duration, Error> {
+    match value {
+        None => Ok(default),
+        Some(s) => {
+            humantime::parse_duration(&s).map_err(|e| Error::Invalid(format!("{field}: {e}")))
+        }
+    }
+}
+
+impl ApiSettings {
+    fn load(
+        section: &str,
+        file: ApiFile,
+        url_flag: Option<String>,
+        key_flag: Option<Secret>,
+        max_tokens: Option<u32>,
+    ) -> Result<Self, Error> {
+        let d = Self::defaults(max_tokens);
+        let max_attempts = file.max_attempts.unwrap_or(d.max_attempts);
+        if !(1..=20).contains(&max_attempts) {
+            return Err(Error::Invalid(format!(
+                "{section}.max_attempts: must be between 1 and 20"
+            )));
+        }
+        if file.max_tokens == Some(0) {
+            return Err(Error::Invalid(format!(
+                "{section}.max_tokens: must be positive"
+            )));
+        }
+        Ok(Self {
+            base_url: base_url(&format!("{section}.base_url"), url_flag.or(file.base_url))?,
+            api_key: key_flag.or(file.api_key).filter(|k| !k.expose().is_empty()),
+            models: Models::load(section, file.model, file.models)?,
+            max_tokens: file.max_tokens.or(d.max_tokens),
+            max_attempts,
+            request_timeout: duration(
+                &format!("{section}.request_timeout"),
+                file.request_timeout,
+                d.request_timeout,
+            )?,
+            retry_min_delay: duration(
+                &format!("{section}.retry_min_delay"),
+                file.retry_min_delay,
+                d.retry_min_delay,
+            )?,
+            retry_max_delay: duration(
+                &format!("{section}.retry_max_delay"),
+                file.retry_max_delay,
+                d.retry_max_delay,
+            )?,
+            max_retry_after: duration(
+                &format!("{section}.max_retry_after"),
+                file.max_retry_after,
+                d.max_retry_after,
+            )?,
+        })
+    }
+}
+
+impl BackendSettings {
+    fn load(
+        file: BackendsFile,
+        data_dir: &std::path::Path,
+        flags: BackendFlags,
+    ) -> Result<Self, Error> {
+        let cc = file.claude_code.unwrap_or_default();
+        let claude_code = ClaudeCodeSettings {
+            bin: flags
+                .claude_bin
+                .or(cc.bin)
+                .unwrap_or_else(|| PathBuf::from("claude")),
+            home: flags
+                .claude_home
+                .or(cc.home)
+                .unwrap_or_else(|| data_dir.join("claude-home")),
+            models: Models::load("backends.claude-code", cc.model, cc.models)?,
+            mcp_config: non_empty("backends.claude-code.mcp_config", cc.mcp_config)?,
+            max_retries: Some(cc.max_retries.unwrap_or(3)),
+            env: cc.env,
+            args: cc.args,
+        };
+        let anthropic = ApiSettings::load(
+            "backends.anthropic",
+            file.anthropic.unwrap_or_default(),
+            flags.anthropic_base_url,
+            flags.anthropic_api_key,
+            Some(8192),
+        )?;
+        let openai = ApiSettings::load(
+            "backends.openai",
+            file.openai.unwrap_or_default(),
+            flags.openai_base_url,
+            flags.openai_api_key,
+            None,
+        )?;
+        let command = match file.command {
+            None => None,
+            Some(c) => {
+                if c.program.as_os_str().is_empty() {
+                    return Err(Error::Invalid(
+                        "backends.command.program: must not be empty".into(),
+                    ));
+                }
+                let prompt = match c.prompt.as_deref().unwrap_or("stdin") {
+                    "stdin" => PromptVia::Stdin,
+                    "arg" => PromptVia::Arg,
+                    other => {
+                        return Err(Error::Invalid(format!(
+                            "backends.command.prompt: expected stdin or arg, got `{other}`"
+                        )));
+                    }
+                };
+                Some(CommandSettings {
+                    program: c.program,
+                    args: c.args,
+                    prompt,
+                    models: Models::load("backends.command", c.model, c.models)?,
+                    env: c.env,
+                })
+            }
+        };
+        Ok(Self {
+            claude_code,
+            anthropic,
+            openai,
+            command,
         })
     }
 }
@@ -183,5 +651,133 @@ mod tests {
         .load()
         .unwrap_err();
         assert!(err.to_string().starts_with("slots:"));
+    }
+
+    fn from_file(text: &str) -> Result<Config, Error> {
+        let dir =
+            std::env::temp_dir().join(format!("orch-worker-config-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("worker.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Args {
+            config: Some(path),
+            ..Default::default()
+        }
+        .load();
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    #[test]
+    fn backend_defaults_need_no_file() {
+        let cfg = Args {
+            id: Some("w1".into()),
+            ..Default::default()
+        }
+        .load()
+        .unwrap();
+        assert!(cfg.data_dir.ends_with("orch-worker-w1"));
+        assert_eq!(cfg.default_backend, None);
+        let b = &cfg.backends;
+        assert_eq!(b.claude_code.bin, PathBuf::from("claude"));
+        assert_eq!(b.claude_code.home, cfg.data_dir.join("claude-home"));
+        assert_eq!(b.anthropic.max_tokens, Some(8192));
+        assert_eq!(b.anthropic.base_url, None);
+        assert_eq!(b.openai.max_tokens, None);
+        assert!(b.command.is_none());
+        assert_eq!(cfg.roles, Roles::default());
+    }
+
+    #[test]
+    fn the_file_configures_backends_roles_and_prices_and_flags_win() {
+        let cfg = from_file(
+            r#"
+data_dir = "/var/lib/orch"
+default_backend = "claude-code"
+[backends.claude-code]
+bin = "/opt/claude"
+model = "claude-sonnet-4-5"
+models = { builder = "claude-haiku-4-5", workflow_planner = "claude-opus-4-5" }
+env = { CLAUDE_CODE_MAX_OUTPUT_TOKENS = "16000" }
+[backends.anthropic]
+base_url = "http://127.0.0.1:9/"
+api_key = "sk-ant-secret"
+max_attempts = 2
+retry_min_delay = "10ms"
+[backends.openai]
+base_url = "http://127.0.0.1:8000/v1"
+model = "qwen2.5-coder"
+[backends.command]
+program = "/usr/bin/my-agent"
+args = ["--quiet"]
+prompt = "arg"
+[roles.reviewer]
+model = "claude-opus-4-5"
+[prices."qwen2.5-coder"]
+input = 0.1
+output = 0.2
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/orch"));
+        assert_eq!(cfg.default_backend, Some(Backend::ClaudeCode));
+        let b = &cfg.backends;
+        assert_eq!(
+            b.claude_code.home,
+            PathBuf::from("/var/lib/orch/claude-home")
+        );
+        assert_eq!(
+            b.claude_code
+                .models
+                .by_role
+                .get(&Key::WorkflowPlanner)
+                .map(String::as_str),
+            Some("claude-opus-4-5")
+        );
+        assert_eq!(b.anthropic.base_url.as_deref(), Some("http://127.0.0.1:9"));
+        assert_eq!(b.anthropic.retry_min_delay, Duration::from_millis(10));
+        assert_eq!(b.anthropic.max_attempts, 2);
+        // Keys never show in Debug output (logs, panics).
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("sk-ant-secret"), "{debug}");
+        assert_eq!(
+            b.anthropic.api_key.as_ref().unwrap().expose(),
+            "sk-ant-secret"
+        );
+        assert_eq!(b.command.as_ref().unwrap().prompt, PromptVia::Arg);
+        assert!(cfg.prices.lookup("qwen2.5-coder-7b").is_some());
+        assert_eq!(
+            cfg.roles
+                .profile(Key::Role(orch_shared::role::Role::Reviewer))
+                .model
+                .as_deref(),
+            Some("claude-opus-4-5")
+        );
+    }
+
+    #[test]
+    fn bad_backend_settings_name_the_field() {
+        let err = |text: &str| from_file(text).unwrap_err().to_string();
+        assert!(err("default_backend = \"gpt\"").starts_with("default-backend:"));
+        assert!(err("default_backend = \"command\"").starts_with("default-backend:"));
+        assert!(
+            err("[backends.anthropic]\nbase_url = \"api.anthropic.com\"")
+                .starts_with("backends.anthropic.base_url:")
+        );
+        assert!(
+            err("[backends.openai]\nmax_attempts = 0").starts_with("backends.openai.max_attempts:")
+        );
+        assert!(
+            err("[backends.command]\nprogram = \"x\"\nprompt = \"file\"")
+                .starts_with("backends.command.prompt:")
+        );
+        assert!(
+            err("[backends.claude-code.models]\nscout = \"m\"")
+                .starts_with("backends.claude-code.models.scout:")
+        );
+        assert!(err("[roles.reviewer]\npermission_mode = \"ask\"").starts_with("roles.reviewer"));
+        assert!(err("[prices.m]\ninput = -1\noutput = 1").starts_with("prices.m"));
+        // A misspelt key is refused rather than ignored.
+        assert!(err("[backends.anthropic]\napi_kye = \"x\"").contains("api_kye"));
     }
 }

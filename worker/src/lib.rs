@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod config;
 pub mod metrics;
+pub mod roles;
 pub mod runner;
 pub mod state;
 pub mod transport;
@@ -133,7 +134,7 @@ pub async fn run(
         transport: transport.clone(),
         state: state.clone(),
         worker_id: id.clone(),
-        agent: Arc::new(agent::sim::Sim),
+        agent: Arc::new(agent::Backends::from_config(&config)),
         running: Default::default(),
     };
     {

@@ -2,14 +2,14 @@
 //! log, then the result, the done marker and the ack — in that order, so a worker that dies at
 //! any line either leaves the job to be redelivered or has already stored its result.
 
-use crate::agent::{Agent, AgentOutput, Events};
+use crate::agent::{Agent, Events, Report};
 use crate::metrics as m;
 use crate::state::{Lease, State};
 use crate::transport::{JobDelivery, PendingAck, Transport};
 use backon::{ExponentialBuilder, Retryable};
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::{JobId, WorkerId};
-use orch_shared::job::{FailureReason, JobResult, Outcome, Usage};
+use orch_shared::job::{FailureReason, JobResult, Outcome};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -108,8 +108,8 @@ impl Runner {
             EventKind::JobStarted {
                 worker_id: self.worker_id.clone(),
                 role: spec.role,
-                backend: self.agent.name().into(),
-                model: spec.model.clone(),
+                backend: self.agent.backend_for(&spec).into(),
+                model: self.agent.model_for(&spec),
                 delivery: job.delivery,
             },
             &mut pending,
@@ -126,7 +126,7 @@ impl Runner {
             key,
         };
         let (events, mut rx) = Events::new();
-        let agent_run = self.agent.run(&spec, events, agent_cancel.clone());
+        let agent_run = self.agent.run_report(&spec, events, agent_cancel.clone());
         tokio::pin!(agent_run);
         let period = (self.transport.ack_wait / 3).max(Duration::from_millis(100));
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -159,17 +159,11 @@ impl Runner {
                 }
                 _ = &mut timeout => {
                     agent_cancel.cancel();
-                    break Some(AgentOutput {
-                        outcome: Outcome::Failure {
-                            reason: FailureReason::Timeout,
-                            message: format!("job timed out after {}", humantime::format_duration(deadline.unwrap_or_default())),
-                        },
-                        output: String::new(),
-                        usage: Usage::default(),
-                        cost_usd: 0.0,
-                        files_read: vec![],
-                        files_written: vec![],
-                    });
+                    break Some(Report::failure(
+                        self.agent.backend_for(&spec),
+                        FailureReason::Timeout,
+                        format!("job timed out after {}", humantime::format_duration(deadline.unwrap_or_default())),
+                    ));
                 }
                 _ = hard_stop.cancelled() => break None,
                 _ = agent_cancel.cancelled(), if !hard_stop.is_cancelled() => {
@@ -183,11 +177,12 @@ impl Runner {
         while let Ok(kind) = rx.try_recv() {
             self.send(&job, kind, &mut pending).await;
         }
-        let Some(output) = output else {
+        let Some(report) = output else {
             tracing::warn!("drain deadline reached; handing the job back");
             self.hand_back(&job).await;
             return;
         };
+        let output = report.output;
         let finished_at_ms = orch_shared::now_ms();
         let (success, reason, message) = match &output.outcome {
             Outcome::Success => (true, None, None),
@@ -233,6 +228,9 @@ impl Runner {
             started_at_ms,
             finished_at_ms,
             fence: lease.as_ref().map_or(0, |l| l.fence),
+            model: report.model.clone(),
+            context_tokens: report.context.map(|c| c.tokens),
+            context_window: report.context.map(|c| c.window),
         };
         let publish = || self.transport.publish_result(&result);
         let stored = publish

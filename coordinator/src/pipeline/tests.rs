@@ -54,6 +54,9 @@ fn result(spec: &JobSpec, outcome: Outcome, output: &str) -> JobResult {
         started_at_ms: 1,
         finished_at_ms: 2,
         fence: 1,
+        model: None,
+        context_tokens: None,
+        context_window: None,
     }
 }
 

@@ -2,12 +2,38 @@
 //!
 //! An agent reports progress through an [`Events`] sink (text, tool calls, usage) and returns
 //! an [`AgentOutput`]. It must stop promptly when its cancellation token fires.
+//!
+//! Layout:
+//! - [`backends`]: [`Backends`], the worker's agent: picks the backend a job names and gives it
+//!   the role's profile, the model, the workspace and the price table.
+//! - [`sim`]: the deterministic simulated agent.
+//! - [`claude_code`]: the Claude Code CLI, headless, its stream-json parsed into events.
+//! - [`anthropic`]: the Messages API with streaming, for planner and chat-style roles.
+//! - [`openai`]: any OpenAI-compatible chat-completions server, streaming.
+//! - [`command`]: any program that reads a prompt and writes its answer.
+//! - [`http`]: what the two HTTP backends share: retries honouring `retry-after`, failure
+//!   reasons by status.
+//! - [`process`]: child processes in their own process group, killed as a whole.
+//! - [`workspace`]: where an agent works, and the files it read and changed.
+//! - [`pricing`]: the price table and context windows.
 
+pub mod anthropic;
+pub mod backends;
+pub mod claude_code;
+pub mod command;
+pub mod http;
+pub mod openai;
+pub mod pricing;
+pub mod process;
 pub mod sim;
+pub mod workspace;
 
+pub use backends::Backends;
+
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
-use orch_shared::job::{JobSpec, Outcome, Usage};
+use orch_shared::job::{FailureReason, JobSpec, Outcome, Usage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +46,66 @@ pub struct AgentOutput {
     pub cost_usd: f64,
     pub files_read: Vec<String>,
     pub files_written: Vec<String>,
+}
+
+impl AgentOutput {
+    /// A failed run that produced nothing.
+    pub fn failure(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Failure {
+                reason,
+                message: message.into(),
+            },
+            output: String::new(),
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            files_read: vec![],
+            files_written: vec![],
+        }
+    }
+}
+
+/// How full the model's context window was on the agent's last request: the input tokens of
+/// that request (fresh, cache writes and cache reads) over the model's window. Not cumulative
+/// tokens, which pass the window as soon as a conversation has a few turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextUse {
+    pub tokens: u64,
+    pub window: u64,
+}
+
+impl ContextUse {
+    /// The used fraction of the window (above 1 only if the provider's window is larger than
+    /// the one configured).
+    pub fn fraction(&self) -> f64 {
+        self.tokens as f64 / self.window.max(1) as f64
+    }
+}
+
+/// An agent run with what [`AgentOutput`] does not carry yet (the wire protocol has no field
+/// for it): the backend and model that really ran, and the context occupancy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub output: AgentOutput,
+    pub backend: &'static str,
+    /// The model the job ran on (the job's, else the role's or backend's default), when known.
+    pub model: Option<String>,
+    pub context: Option<ContextUse>,
+}
+
+impl Report {
+    pub fn failure(
+        backend: &'static str,
+        reason: FailureReason,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            output: AgentOutput::failure(reason, message),
+            backend,
+            model: None,
+            context: None,
+        }
+    }
 }
 
 /// Where an agent sends its progress; the runner publishes it to the task's event log.
@@ -49,4 +135,32 @@ pub trait Agent: Send + Sync {
         events: Events,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, AgentOutput>;
+
+    /// The backend that runs `job` (for `JobStarted`): [`Backends`] runs several.
+    fn backend_for(&self, _job: &JobSpec) -> &'static str {
+        self.name()
+    }
+
+    /// The model `job` runs on, when the agent picks one the job did not name.
+    fn model_for(&self, job: &JobSpec) -> Option<String> {
+        job.model.clone()
+    }
+
+    /// Like [`Agent::run`], with the [`Report`]'s extras.
+    fn run_report<'a>(
+        &'a self,
+        job: &'a JobSpec,
+        events: Events,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Report> {
+        let (backend, model) = (self.backend_for(job), self.model_for(job));
+        self.run(job, events, cancel)
+            .map(move |output| Report {
+                output,
+                backend,
+                model,
+                context: None,
+            })
+            .boxed()
+    }
 }

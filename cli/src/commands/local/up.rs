@@ -30,12 +30,20 @@ so later commands need no flags. Running `local up` again while the cluster runs
 
 Needs nats-server and redis-server (on PATH, or ORCH_NATS_SERVER_BIN / ORCH_REDIS_SERVER_BIN),
 and orch-coordinator and orch-worker (next to orchctl, on PATH, or ORCH_COORDINATOR_BIN /
-ORCH_WORKER_BIN).";
+ORCH_WORKER_BIN).
+
+With --backend, tasks submitted without --backend run on that agent backend instead of the
+simulated one. The workers take the provider settings from this environment: ANTHROPIC_API_KEY
+and ANTHROPIC_BASE_URL (claude-code, anthropic), OPENAI_BASE_URL and OPENAI_API_KEY (openai),
+ORCH_CLAUDE_BIN (the Claude Code CLI, default `claude` on PATH). Each worker keeps its scratch
+workspaces and the CLI's home under the data directory.";
 
 const EXAMPLES: &str = "\
 Examples:
   orchctl local up
   orchctl local up --workers 4 --slots 2
+  ANTHROPIC_API_KEY=sk-... orchctl local up --backend claude-code
+  OPENAI_BASE_URL=http://127.0.0.1:11434/v1 orchctl local up --backend openai
   orchctl local up --data-dir /tmp/orch-test && orchctl submit \"hello\" --follow";
 
 /// Start a cluster on this machine (background processes that outlive orchctl)
@@ -52,8 +60,38 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub slots: u32,
 
+    /// Agent backend for tasks that name none (the workers run `sim` jobs on it)
+    #[arg(long, default_value = "sim", value_name = "BACKEND",
+          value_parser = ["sim", "claude-code", "anthropic", "openai", "command"])]
+    pub backend: String,
+
     #[command(flatten)]
     pub data_dir: DataDirArg,
+}
+
+/// The provider variables a backend cannot work without (one of them), which the workers
+/// inherit from orchctl's environment. (`ORCH_CLAUDE_HOME`: a home the CLI is logged in from.)
+fn required_env(backend: &str) -> &'static [&'static str] {
+    match backend {
+        "claude-code" => &[
+            "ANTHROPIC_API_KEY",
+            "ANTHROPIC_AUTH_TOKEN",
+            "ORCH_CLAUDE_HOME",
+        ],
+        "anthropic" => &["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"],
+        "openai" => &["OPENAI_BASE_URL"],
+        _ => &[],
+    }
+}
+
+/// The worker flags that pick the backend and its data directory.
+pub fn worker_backend_args(backend: &str, data_dir: &Path) -> Vec<String> {
+    let mut args = vec!["--data-dir".into(), data_dir.display().to_string()];
+    if backend != "sim" {
+        args.push("--default-backend".into());
+        args.push(backend.into());
+    }
+    args
 }
 
 /// The programs the cluster runs.
@@ -408,11 +446,18 @@ async fn start(
     let mut workers = Vec::new();
     for i in 1..=args.workers {
         let id = format!("local-{i}");
+        let mut worker = worker_args(&nats_url, &redis_url, args.slots, &id);
+        // The provider variables (keys included) reach the workers through their inherited
+        // environment, never their command line.
+        worker.extend(worker_backend_args(
+            &args.backend,
+            &data_dir.join(format!("worker-{i}")),
+        ));
         workers.push(launch.spawn(
             &format!("worker-{i}"),
             Kind::Worker,
             &bins.worker,
-            &worker_args(&nats_url, &redis_url, args.slots, &id),
+            &worker,
             None,
         )?);
     }
@@ -457,6 +502,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     }
 
     let bins = Binaries::find(&SearchPath::from_env())?;
+    let needed = required_env(&args.backend);
+    if !needed.is_empty() && !needed.iter().any(|v| std::env::var_os(v).is_some()) {
+        eprintln!(
+            "warning: --backend {} without {} set: its jobs will fail until the workers get it",
+            args.backend,
+            needed.join(" or ")
+        );
+    }
     let config_path = ctx.paths.require_config()?.to_path_buf();
     let logs_dir = data_dir.join("logs");
     for dir in [
@@ -509,7 +562,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
             ("logs", cluster.logs_dir.display().to_string()),
             (
                 "workers",
-                format!("{} × {} slots", args.workers, args.slots),
+                format!(
+                    "{} × {} slots, backend {}",
+                    args.workers, args.slots, args.backend
+                ),
             ),
             (
                 "config",
@@ -570,5 +626,16 @@ mod tests {
             worker_args("nats://n", "redis://r", 4, "local-1").join(" "),
             "--nats-url nats://n --redis-url redis://r --slots 4 --id local-1"
         );
+        assert_eq!(
+            worker_backend_args("sim", Path::new("/d/worker-1")).join(" "),
+            "--data-dir /d/worker-1"
+        );
+        assert_eq!(
+            worker_backend_args("claude-code", Path::new("/d/worker-1")).join(" "),
+            "--data-dir /d/worker-1 --default-backend claude-code"
+        );
+        for backend in ["claude-code", "anthropic", "openai"] {
+            assert!(!required_env(backend).is_empty(), "{backend}");
+        }
     }
 }

@@ -1,0 +1,903 @@
+// The dashboard's script: fills the server-rendered pages from the coordinator's /v1 JSON API
+// and keeps them live with its server-sent event streams (the session cookie authenticates
+// both). Every action here is one /v1 call, the same one orchctl makes.
+"use strict";
+
+const CSRF = { "X-Orch-Dashboard": "1" };
+const PAGE = document.body.dataset.page;
+const $ = (sel, root = document) => root.querySelector(sel);
+const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
+const PALETTE = ["#6366f1", "#22c55e", "#f59e0b", "#ef4444", "#06b6d4", "#a855f7", "#ec4899", "#84cc16", "#64748b"];
+
+// ----- formatting -------------------------------------------------------------------------
+
+function esc(v) {
+  return String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+function usd(v) {
+  v = Number(v || 0);
+  if (v === 0) return "$0.00";
+  if (v < 0.01) return "$" + v.toFixed(4);
+  return "$" + v.toFixed(2);
+}
+function tokens(n) {
+  n = Number(n || 0);
+  if (n >= 1e6) return (n / 1e6).toFixed(1) + "M";
+  if (n >= 1e4) return (n / 1e3).toFixed(0) + "k";
+  if (n >= 1e3) return (n / 1e3).toFixed(1) + "k";
+  return String(n);
+}
+function totalTokens(u) {
+  return u ? (u.input_tokens || 0) + (u.output_tokens || 0) + (u.cache_creation_tokens || 0) + (u.cache_read_tokens || 0) : 0;
+}
+function dur(ms) {
+  if (ms == null || ms < 0) return "–";
+  const s = Math.floor(ms / 1000);
+  if (s < 1) return ms + "ms";
+  if (s < 60) return s + "s";
+  const m = Math.floor(s / 60);
+  if (m < 60) return m + "m " + String(s % 60).padStart(2, "0") + "s";
+  const h = Math.floor(m / 60);
+  return h + "h " + String(m % 60).padStart(2, "0") + "m";
+}
+function ago(ms) {
+  if (!ms) return "–";
+  const d = Date.now() - ms;
+  if (d < 60e3) return "just now";
+  if (d < 3600e3) return Math.floor(d / 60e3) + " min ago";
+  if (d < 86400e3) return Math.floor(d / 3600e3) + " h ago";
+  return new Date(ms).toLocaleDateString();
+}
+function when(ms) {
+  return ms ? new Date(ms).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "–";
+}
+function clock(ms) {
+  return ms ? new Date(ms).toLocaleTimeString([], { hour12: false }) : "";
+}
+function badge(status) {
+  return `<span class="badge s-${esc(status)}">${esc(status)}</span>`;
+}
+function short(id) {
+  return String(id || "").slice(-8);
+}
+function elapsed(start, end) {
+  return start ? dur((end || Date.now()) - start) : "–";
+}
+
+// ----- API --------------------------------------------------------------------------------
+
+class ApiError extends Error {}
+
+async function api(path, opts = {}) {
+  const init = { credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (opts.method) init.method = opts.method;
+  if (opts.body !== undefined) {
+    init.body = JSON.stringify(opts.body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  if (init.method && init.method !== "GET") Object.assign(init.headers, CSRF);
+  const r = await fetch(path, init);
+  if (r.status === 401) {
+    location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    throw new ApiError("signed out");
+  }
+  const text = await r.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch (_) {
+    data = text;
+  }
+  if (!r.ok) throw new ApiError((data && data.message) || `${r.status} ${r.statusText}`);
+  return data;
+}
+
+function toast(msg, bad = false) {
+  const t = $("#toast");
+  if (!t) return;
+  t.textContent = msg;
+  t.className = "show" + (bad ? " bad" : "");
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => (t.className = ""), 4000);
+}
+
+// Runs `fn` at most once per `ms`, always after the latest call (trailing edge).
+function throttle(fn, ms) {
+  let timer = null;
+  let again = false;
+  return function run() {
+    if (timer) {
+      again = true;
+      return;
+    }
+    fn();
+    timer = setTimeout(() => {
+      timer = null;
+      if (again) {
+        again = false;
+        run();
+      }
+    }, ms);
+  };
+}
+
+// An EventSource with the header's live indicator; the browser resumes it with Last-Event-ID.
+// `isDone` says whether a stream the server ended has nothing more to say (else it resumes).
+function stream(url, handlers, onAny, isDone) {
+  const live = $("#live");
+  if (live) live.hidden = false;
+  const set = (state, text) => {
+    if (!live) return;
+    live.dataset.state = state;
+    live.lastElementChild.textContent = text;
+  };
+  const es = new EventSource(url, { withCredentials: true });
+  es.onopen = () => set("live", "Live");
+  es.onerror = () => (isDone && isDone() ? es.finish() : set(es.readyState === EventSource.CLOSED ? "off" : "connecting", es.readyState === EventSource.CLOSED ? "Offline" : "Connecting…"));
+  const kinds = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "heartbeat", "job_finished", "task_finished"];
+  for (const k of kinds) {
+    es.addEventListener(k, (m) => {
+      let ev;
+      try {
+        ev = JSON.parse(m.data);
+      } catch (_) {
+        return;
+      }
+      if (handlers && handlers[k]) handlers[k](ev, m);
+      if (onAny) onAny(ev, m);
+    });
+  }
+  es.finish = (text = "Up to date") => {
+    es.close();
+    set("live", text);
+  };
+  return es;
+}
+
+function describe(ev) {
+  const k = ev.kind || {};
+  switch (k.type) {
+    case "task_created": return `Task created: ${k.steps.length} step(s), ${esc(k.mode)}`;
+    case "task_planned": return `Planned by ${esc(k.source)}: ${k.steps.length} step(s)` + (k.rejected ? ` — planner's plan rejected: ${esc(k.rejected)}` : "");
+    case "job_waiting": return `Waiting: ${esc(k.reason)}`;
+    case "job_queued": return `<span class="role">${esc(k.role)}</span> queued (step ${k.step})`;
+    case "job_skipped": return `Step skipped: ${esc(k.reason)}`;
+    case "job_retrying": return `Retrying (attempt ${k.next_attempt}) after ${esc(k.reason)}: ${esc(k.message)}`;
+    case "job_cancelled": return `Agent cancelled: ${esc(k.reason)}`;
+    case "job_dead_lettered": return `Dead-lettered: ${esc(k.reason)}`;
+    case "job_started": return `<span class="role">${esc(k.role)}</span> started on ${esc(k.worker_id)} (${esc(k.backend)})`;
+    case "thinking": return "Thinking…";
+    case "text": return "Text: " + esc(String(k.text).slice(0, 140));
+    case "tool_call": return `Tool <b>${esc(k.name)}</b>`;
+    case "tool_result": return k.is_error ? "Tool error" : "Tool result";
+    case "usage": return `Usage: ${tokens(totalTokens(k.usage))} tokens, ${usd(k.cost_usd)}`;
+    case "heartbeat": return "Heartbeat";
+    case "job_finished": return (k.success ? "Agent finished" : `Agent failed (${esc(k.reason)}): ${esc(k.message || "")}`) + ` in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
+    case "task_finished": return `Task ${esc(k.status)} in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
+    default: return esc(k.type);
+  }
+}
+
+function table(cols, rows, empty = "Nothing here yet.") {
+  if (!rows.length) return `<p class="empty">${esc(empty)}</p>`;
+  const head = cols.map((c) => `<th class="${c.num ? "num" : ""}">${esc(c.label)}</th>`).join("");
+  const body = rows.map((r) => "<tr>" + cols.map((c) => `<td class="${c.num ? "num" : ""} ${c.cls || ""}">${c.cell(r)}</td>`).join("") + "</tr>").join("");
+  return `<div class="table-wrap"><table><thead><tr>${head}</tr></thead><tbody>${body}</tbody></table></div>`;
+}
+
+function kpi(label, value, sub = "") {
+  return `<div class="kpi"><span class="kpi-label">${esc(label)}</span><span class="kpi-value">${value}</span><span class="kpi-sub">${sub}</span></div>`;
+}
+
+// ----- theme ------------------------------------------------------------------------------
+
+function initTheme() {
+  const btn = $("#theme");
+  if (!btn) return;
+  btn.addEventListener("click", () => {
+    const cur = document.documentElement.dataset.theme || (matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light");
+    const next = cur === "dark" ? "light" : "dark";
+    document.documentElement.dataset.theme = next;
+    try {
+      localStorage.setItem("orch-theme", next);
+    } catch (_) {}
+  });
+}
+
+// ----- overview ---------------------------------------------------------------------------
+
+function overviewPage() {
+  const activity = new Map(); // job id -> {text, usage, cost}
+  let agents = [];
+
+  const renderAgents = () => {
+    const el = $("#agents");
+    if (!agents.length) {
+      el.innerHTML = `<p class="empty">No agent is running. <a href="/tasks/new">Start a task</a>.</p>`;
+      return;
+    }
+    el.innerHTML = agents.map((a) => {
+      const live = activity.get(a.id) || {};
+      const used = live.usage || a.usage;
+      const cost = live.cost != null ? live.cost : a.cost_usd;
+      const act = a.status === "running" ? live.text || "working…" : a.status === "retrying" ? "waiting to retry" : "waiting for a worker";
+      return `<a class="agent-card" href="/agents/${esc(a.id)}" data-agent="${esc(a.id)}">
+        <div class="top-line"><span class="role">${esc(a.role)}</span>${badge(a.status)}</div>
+        <div class="task" title="${esc(a.task_prompt)}">${esc(a.task_prompt)}</div>
+        <div class="activity">${esc(act)}</div>
+        <div class="stats"><span data-start="${a.started_at_ms || ""}">${elapsed(a.started_at_ms)}</span><span>${tokens(totalTokens(used))} tok</span><span>${usd(cost)}</span></div>
+      </a>`;
+    }).join("");
+  };
+
+  const load = async () => {
+    const [st, recent, dlq] = await Promise.all([api("/v1/status"), api("/v1/tasks?limit=8"), api("/v1/dlq")]);
+    const idle = st.workers.filter((w) => w.busy === 0).length;
+    $("#k-workers").textContent = st.workers.length;
+    $("#k-slots").innerHTML = `${st.slots_busy} of ${st.slots_total} slots busy · ${idle} idle` + `<div class="meter"><span style="width:${st.slots_total ? (100 * st.slots_busy) / st.slots_total : 0}%"></span></div>`;
+    const running = st.active_agents.filter((a) => a.status === "running").length;
+    $("#k-agents").textContent = running;
+    $("#k-tasks").textContent = `${st.active_tasks} active task(s)`;
+    $("#k-queue").textContent = st.queue ? st.queue.pending : "?";
+    $("#k-inflight").textContent = st.queue ? `${st.queue.in_flight} in flight · ${st.queue.redelivered} redelivered` : "JetStream did not answer";
+    $("#k-dlq").textContent = st.dead_letters;
+    $("#k-spend").textContent = usd(st.cost_today.cost_usd);
+    $("#k-spend-sub").textContent = `${st.cost_today.tasks} task(s), ${tokens(totalTokens(st.cost_today.usage))} tokens since midnight UTC`;
+
+    agents = st.active_agents;
+    renderAgents();
+
+    $("#workers").innerHTML = st.workers.length
+      ? st.workers.map((w) => `<div class="worker"><span class="name mono">${esc(w.id)}</span>
+          <span class="slots" title="${w.busy} busy of ${w.slots}">${Array.from({ length: w.slots }, (_, i) => `<i class="${i < w.busy ? "busy" : ""}"></i>`).join("")}</span>
+          <span class="muted small">${w.busy}/${w.slots} busy · ${esc(w.host)} · v${esc(w.version)} · seen ${Math.max(0, Math.round((st.now_ms - w.last_seen_ms) / 1000))}s ago</span></div>`).join("")
+      : `<p class="empty">No worker is registered. Start one with <code>orch-worker</code> or <code>orchctl local up</code>.</p>`;
+
+    $("#recent").innerHTML = table([
+      { label: "Task", cls: "desc", cell: (t) => `<a href="/tasks/${esc(t.id)}" title="${esc(t.prompt)}">${esc(t.prompt)}</a>` },
+      { label: "Status", cell: (t) => badge(t.status) },
+      { label: "Steps", num: true, cell: (t) => `${t.jobs_done}/${t.roles.length}` },
+      { label: "Cost", num: true, cell: (t) => usd(t.cost_usd) },
+      { label: "Created", num: true, cell: (t) => ago(t.created_at_ms) },
+    ], recent.tasks, "No task yet.");
+
+    $("#dead").innerHTML = table([
+      { label: "Agent", cell: (d) => `<a class="mono" href="/agents/${esc(d.job_id)}">${short(d.job_id)}</a> <span class="role">${esc(d.role)}</span>` },
+      { label: "Task", cell: (d) => `<a class="mono" href="/tasks/${esc(d.task_id)}">${short(d.task_id)}</a>` },
+      { label: "Error", cls: "desc", cell: (d) => d.error ? `${esc(d.error.reason)}: ${esc(d.error.message)}` : "–" },
+      { label: "Attempts", num: true, cell: (d) => d.attempt },
+      { label: "When", num: true, cell: (d) => ago(d.dead_at_ms) },
+      { label: "", num: true, cell: (d) => `<button class="btn sm" data-retry="${esc(d.job_id)}">Retry</button>` },
+    ], dlq.jobs, "No dead letters: every failed job was retried or none failed.");
+  };
+
+  const refresh = throttle(() => load().catch((e) => toast(e.message, true)), 800);
+  $("#dead").addEventListener("click", async (e) => {
+    const id = e.target.dataset.retry;
+    if (!id) return;
+    e.target.disabled = true;
+    try {
+      await api(`/v1/dlq/${id}/retry`, { method: "POST" });
+      toast("Retry queued");
+    } catch (err) {
+      toast(err.message, true);
+    }
+    refresh();
+  });
+  stream("/v1/events?max_chars=200", {
+    thinking: (ev) => activity.set(ev.job_id, { ...activity.get(ev.job_id), text: "thinking…" }),
+    tool_call: (ev) => activity.set(ev.job_id, { ...activity.get(ev.job_id), text: "⚙ " + ev.kind.name }),
+    text: (ev) => activity.set(ev.job_id, { ...activity.get(ev.job_id), text: "✎ " + ev.kind.text }),
+    usage: (ev) => activity.set(ev.job_id, { ...activity.get(ev.job_id), usage: ev.kind.usage, cost: ev.kind.cost_usd }),
+  }, (ev) => {
+    if (["thinking", "tool_call", "text", "usage", "heartbeat", "tool_result"].includes(ev.kind.type)) renderAgents();
+    else refresh();
+  });
+  setInterval(refresh, 5000);
+  setInterval(() => document.querySelectorAll("[data-start]").forEach((el) => {
+    if (el.dataset.start) el.textContent = elapsed(Number(el.dataset.start));
+  }), 1000);
+  refresh();
+}
+
+// ----- new task ---------------------------------------------------------------------------
+
+function newTaskPage() {
+  const form = $("#task-form");
+  const err = $("#form-error");
+  const showError = (m) => {
+    err.textContent = m;
+    err.hidden = !m;
+  };
+
+  api("/v1/task-types").then((types) => {
+    const sel = $("#task_type");
+    sel.innerHTML = types.map((t) => `<option value="${esc(t.name)}" title="${esc(t.description)}">${esc(t.name)}</option>`).join("");
+    sel.value = "auto";
+  }).catch((e) => showError(e.message));
+
+  const body = () => {
+    const f = new FormData(form);
+    const v = (k) => String(f.get(k) || "").trim();
+    const num = (k) => (v(k) === "" ? undefined : Number(v(k)));
+    const b = { prompt: v("prompt"), mode: v("mode"), priority: v("priority"), on_failure: v("on_failure") };
+    const plan = v("plan");
+    const roles = f.getAll("roles");
+    if (plan) {
+      try {
+        b.plan = JSON.parse(plan);
+      } catch (e) {
+        throw new ApiError("plan: not valid JSON: " + e.message);
+      }
+    } else if (roles.length) {
+      b.roles = roles;
+    } else {
+      b.task_type = v("task_type") || "auto";
+    }
+    if (v("workspace")) b.workspace = v("workspace");
+    if (v("backend")) b.backend = v("backend");
+    if (v("model")) b.model = v("model");
+    for (const k of ["budget_usd", "budget_tokens", "max_attempts", "max_parallel"]) if (num(k) !== undefined) b[k] = num(k);
+    if (num("sim_latency_ms") !== undefined) b.sim = { latency_ms: num("sim_latency_ms") };
+    return b;
+  };
+
+  const cli = (b) => {
+    const q = (s) => (/^[\w.,/:=@-]+$/.test(s) ? s : "'" + String(s).replace(/'/g, "'\\''") + "'");
+    const parts = ["orchctl submit", q(b.prompt || "…")];
+    if (b.task_type && b.task_type !== "auto") parts.push("--task-type " + q(b.task_type));
+    if (b.roles) parts.push("--roles " + b.roles.join(","));
+    if (b.plan) parts.push("--plan plan.json");
+    if (b.mode !== "sequential") parts.push("--mode " + b.mode);
+    if (b.priority !== "normal") parts.push("--priority " + b.priority);
+    if (b.on_failure !== "stop") parts.push("--on-failure " + b.on_failure);
+    if (b.workspace) parts.push("--workspace " + q(b.workspace));
+    if (b.backend) parts.push("--backend " + b.backend);
+    if (b.model) parts.push("--model " + q(b.model));
+    if (b.budget_usd !== undefined) parts.push("--budget-usd " + b.budget_usd);
+    if (b.budget_tokens !== undefined) parts.push("--budget-tokens " + b.budget_tokens);
+    if (b.max_attempts !== undefined) parts.push("--max-attempts " + b.max_attempts);
+    if (b.max_parallel !== undefined) parts.push("--max-parallel " + b.max_parallel);
+    if (b.sim) parts.push("--sim-latency " + b.sim.latency_ms + "ms");
+    parts.push("--follow");
+    return parts.join(" ");
+  };
+
+  const preview = async () => {
+    let b;
+    try {
+      b = body();
+    } catch (e) {
+      showError(e.message);
+      return;
+    }
+    $("#cli").textContent = cli(b);
+    if (!b.prompt) return;
+    try {
+      const d = await api("/v1/tasks/dry-run", { method: "POST", body: b });
+      showError("");
+      const range = (e) => (e.source === "none" ? `<span class="muted">no history yet</span>` : `${usd(e.cost_usd_p50)} – ${usd(e.cost_usd_p90)}`);
+      const source = d.total.source === "history" ? `p50 – p90 of ${d.total.samples} past agents` : d.total.source === "planner" ? "the plan's token estimate at list prices" : "no finished agent of these roles yet";
+      const time = (e) => (e.duration_ms_p50 != null ? `${dur(e.duration_ms_p50)} – ${dur(e.duration_ms_p90)}` : "–");
+      $("#preview-body").innerHTML = `
+        <div class="kpis">${kpi("Steps", d.steps.length, esc(d.plan_source) + " · " + esc(d.mode))}${kpi("Est. cost", d.total.source === "none" ? "–" : range(d.total), source)}${kpi("Est. time", time(d.total), "along the longest path")}</div>
+        ${d.plan.complexity ? `<p class="small"><b>Complexity:</b> ${esc(d.plan.complexity)}${d.plan.rationale ? " — " + esc(d.plan.rationale) : ""}</p>` : ""}
+        ${table([
+          { label: "#", cell: (s) => s.step },
+          { label: "Role", cell: (s) => `<span class="role">${esc(s.role)}</span>` },
+          { label: "After", cell: (s) => (s.depends_on.length ? s.depends_on.join(", ") : "–") },
+          { label: "Instruction", cls: "desc", cell: (s) => `<span title="${esc(s.instruction)}">${esc(s.instruction)}</span>` },
+          { label: "Est. cost", num: true, cell: (s) => range(s.estimate) },
+        ], d.steps)}`;
+    } catch (e) {
+      showError(e.message);
+    }
+  };
+  const soon = (() => {
+    let t;
+    return () => {
+      clearTimeout(t);
+      t = setTimeout(preview, 500);
+    };
+  })();
+  form.addEventListener("input", soon);
+  form.addEventListener("change", soon);
+  $("#preview-btn").addEventListener("click", preview);
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const btn = $("#submit-btn");
+    btn.disabled = true;
+    try {
+      const task = await api("/v1/tasks", { method: "POST", body: body() });
+      location.href = "/tasks/" + task.id;
+    } catch (e2) {
+      showError(e2.message);
+      btn.disabled = false;
+    }
+  });
+  $("#cli").textContent = cli(body());
+}
+
+// ----- task -------------------------------------------------------------------------------
+
+function dagSvg(jobs) {
+  const byStep = new Map(jobs.map((j) => [j.step, j]));
+  const level = new Map();
+  const depth = (j, seen = new Set()) => {
+    if (level.has(j.step)) return level.get(j.step);
+    if (seen.has(j.step)) return 0;
+    seen.add(j.step);
+    const deps = (j.depends_on || []).map((s) => byStep.get(s)).filter(Boolean);
+    const d = deps.length ? Math.max(...deps.map((p) => depth(p, seen))) + 1 : 0;
+    level.set(j.step, d);
+    return d;
+  };
+  jobs.forEach((j) => depth(j));
+  const cols = [];
+  for (const j of jobs) (cols[level.get(j.step)] ||= []).push(j);
+  const W = 170, H = 62, GX = 46, GY = 16, P = 4;
+  const rows = Math.max(...cols.map((c) => c.length));
+  const width = cols.length * (W + GX) - GX + 2 * P;
+  const height = rows * (H + GY) - GY + 2 * P;
+  const pos = new Map();
+  cols.forEach((c, x) => c.forEach((j, y) => {
+    const off = ((rows - c.length) * (H + GY)) / 2;
+    pos.set(j.step, { x: P + x * (W + GX), y: P + off + y * (H + GY) });
+  }));
+  let edges = "";
+  for (const j of jobs) for (const d of j.depends_on || []) {
+    const a = pos.get(d), b = pos.get(j.step);
+    if (!a || !b) continue;
+    const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2, mx = (x1 + x2) / 2;
+    edges += `<path class="edge" d="M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2 - 4},${y2}" marker-end="url(#arrow)"/>`;
+  }
+  // Sequential tasks have no depends_on: show the pipeline order.
+  const nodes = jobs.map((j) => {
+    const p = pos.get(j.step);
+    const icon = { succeeded: "✓", running: "●", failed: "✕", cancelled: "⊘", skipped: "↷", retrying: "↻", queued: "…", pending: "○" }[j.status] || "";
+    const sub = j.status === "running" ? `running ${elapsed(j.started_at_ms)}` : j.started_at_ms ? `${elapsed(j.started_at_ms, j.finished_at_ms)} · ${usd(j.cost_usd)}` : j.status;
+    return `<a href="/agents/${esc(j.id)}"><g class="node s-${esc(j.status)}" data-step="${j.step}" data-status="${esc(j.status)}">
+      <rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" rx="9"/>
+      <text x="${p.x + 12}" y="${p.y + 24}"><tspan font-weight="700">${icon} ${esc(j.role)}</tspan><tspan class="sub" dx="6">#${j.step}</tspan></text>
+      <text class="sub" x="${p.x + 12}" y="${p.y + 45}">${esc(sub)}</text></g></a>`;
+  }).join("");
+  return `<svg viewBox="0 0 ${width} ${height}" width="${width}" height="${height}" role="img" aria-label="Task plan">
+    <defs><marker id="arrow" viewBox="0 0 10 10" refX="8" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="currentColor" opacity=".6"/></marker></defs>
+    ${edges}${nodes}</svg>`;
+}
+
+function taskPage() {
+  const id = document.body.dataset.id;
+  let current = null;
+  let es = null;
+
+  const load = async () => {
+    let t;
+    try {
+      t = await api(`/v1/tasks/${id}`);
+    } catch (e) {
+      $("#t-title").textContent = "Task not found";
+      $("#t-meta").textContent = e.message;
+      if (es) es.finish("Offline");
+      return;
+    }
+    current = t;
+    document.title = `${t.prompt.slice(0, 40)} · orchestrator`;
+    $("#t-title").textContent = t.prompt.length > 120 ? t.prompt.slice(0, 120) + "…" : t.prompt;
+    $("#t-title").title = t.prompt;
+    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span><span>created ${when(t.created_at_ms)}</span>`;
+    const done = t.jobs.filter((j) => ["succeeded", "failed", "skipped", "cancelled"].includes(j.status)).length;
+    const budget = t.options.budget_usd != null ? ` of ${usd(t.options.budget_usd)} budget` : "";
+    $("#t-kpis").innerHTML = kpi("Progress", `${done}/${t.jobs.length}`, "steps ended") +
+      kpi("Elapsed", `<span data-start="${t.status === "running" || t.status === "pending" ? t.created_at_ms : ""}">${elapsed(t.created_at_ms, t.finished_at_ms)}</span>`, t.finished_at_ms ? "finished " + ago(t.finished_at_ms) : "running") +
+      kpi("Tokens", tokens(totalTokens(t.usage)), `${tokens(t.usage.input_tokens)} in · ${tokens(t.usage.output_tokens)} out · ${tokens(t.usage.cache_read_tokens)} cached`) +
+      kpi("Cost", usd(t.cost_usd), budget);
+    $("#t-progress").textContent = `${done} of ${t.jobs.length} steps ended`;
+    $("#dag").innerHTML = t.jobs.length ? dagSvg(t.jobs) : `<p class="empty">Planning…</p>`;
+    $("#steps").innerHTML = table([
+      { label: "#", cell: (j) => j.step },
+      { label: "Role", cell: (j) => `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>` },
+      { label: "Status", cell: (j) => badge(j.status) + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") },
+      { label: "Attempt", num: true, cell: (j) => j.attempt },
+      { label: "Worker", cell: (j) => `<span class="mono small">${esc(j.worker_id || "–")}</span>` },
+      { label: "Started", num: true, cell: (j) => clock(j.started_at_ms) || "–" },
+      { label: "Duration", num: true, cell: (j) => (j.started_at_ms ? elapsed(j.started_at_ms, j.finished_at_ms) : "–") },
+      { label: "Tokens", num: true, cell: (j) => `<span title="in ${j.usage.input_tokens}, out ${j.usage.output_tokens}, cache write ${j.usage.cache_creation_tokens}, cache read ${j.usage.cache_read_tokens}">${tokens(totalTokens(j.usage))}</span>` },
+      { label: "Cost", num: true, cell: (j) => usd(j.cost_usd) },
+      { label: "", num: true, cell: (j) => {
+        let b = `<a class="btn sm" href="/agents/${esc(j.id)}">Transcript</a>`;
+        if (j.status === "running" || j.status === "queued") b += ` <button class="btn sm danger" data-kill="${esc(j.id)}">Kill</button>`;
+        if (j.status === "failed") b += ` <button class="btn sm" data-retry="${esc(j.id)}">Retry</button>`;
+        return b;
+      } },
+    ], t.jobs, "No steps yet.");
+    $("#t-output").innerHTML = t.error ? `<p class="form-error">${esc(t.error)}</p>` : "";
+    $("#t-output").innerHTML += t.output ? `<pre class="output">${esc(t.output)}</pre>` : t.error ? "" : `<p class="empty">No output yet.</p>`;
+    const cancel = $("#cancel-btn");
+    cancel.hidden = ["completed", "failed", "cancelled"].includes(t.status);
+    if (t.status === "completed" || t.status === "failed" || t.status === "cancelled") {
+      if (es && es.readyState !== EventSource.CLOSED) setTimeout(() => es && es.finish("Finished"), 1500);
+    }
+  };
+  const refresh = throttle(() => load().catch((e) => toast(e.message, true)), 400);
+
+  const cancel = $("#cancel-btn");
+  cancel.addEventListener("click", async () => {
+    // Two clicks: the first arms the button, so a stray click stops nothing.
+    if (!cancel.dataset.armed) {
+      cancel.dataset.armed = "1";
+      cancel.textContent = "Click again to cancel";
+      setTimeout(() => {
+        delete cancel.dataset.armed;
+        cancel.textContent = "Cancel task";
+      }, 4000);
+      return;
+    }
+    cancel.disabled = true;
+    try {
+      await api(`/v1/tasks/${id}/cancel`, { method: "POST" });
+      toast("Task cancelled");
+    } catch (e) {
+      toast(e.message, true);
+    }
+    cancel.disabled = false;
+    delete cancel.dataset.armed;
+    cancel.textContent = "Cancel task";
+    refresh();
+  });
+  $("#steps").addEventListener("click", async (e) => {
+    const kill = e.target.dataset.kill, retry = e.target.dataset.retry;
+    if (!kill && !retry) return;
+    e.target.disabled = true;
+    try {
+      if (kill) await api(`/v1/agents/${kill}/kill`, { method: "POST" });
+      else await api(`/v1/dlq/${retry}/retry`, { method: "POST" });
+      toast(kill ? "Agent killed" : "Retry queued");
+      if (retry && es && es.readyState === EventSource.CLOSED) es = open();
+    } catch (err) {
+      toast(err.message, true);
+    }
+    refresh();
+  });
+
+  const log = $("#events");
+  const open = () => stream(`/v1/tasks/${id}/events`, {}, (ev) => {
+    if (ev.kind.type !== "heartbeat" && ev.kind.type !== "thinking") {
+      const li = document.createElement("li");
+      li.innerHTML = `<time>${clock(ev.at_ms)}</time><span>${describe(ev)}</span>`;
+      log.appendChild(li);
+      log.scrollTop = log.scrollHeight;
+    }
+    if (ev.kind.type === "task_finished") {
+      es.finish("Finished");
+      load();
+    } else refresh();
+  }, () => current && ["completed", "failed", "cancelled"].includes(current.status));
+  es = open();
+  setInterval(() => document.querySelectorAll("[data-start]").forEach((el) => {
+    if (el.dataset.start) el.textContent = elapsed(Number(el.dataset.start));
+  }), 1000);
+  setInterval(() => current && !["completed", "failed", "cancelled"].includes(current.status) && refresh(), 5000);
+  load();
+}
+
+// ----- agent ------------------------------------------------------------------------------
+
+function agentPage() {
+  const id = document.body.dataset.id;
+  const box = $("#transcript");
+  let es = null;
+  let first = true;
+  let ended = false;
+  const calls = new Map();
+
+  const load = async () => {
+    const d = await api(`/v1/agents/${id}`);
+    const j = d.job;
+    $("#a-back").href = "/tasks/" + d.task_id;
+    $("#a-back").textContent = "← " + (d.task_prompt.length > 60 ? d.task_prompt.slice(0, 60) + "…" : d.task_prompt);
+    $("#a-title").innerHTML = `<span class="role">${esc(j.role)}</span> <span class="muted">· step ${j.step}</span>`;
+    $("#a-meta").innerHTML = `${badge(j.status)}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>`;
+    const toolList = Object.entries(d.tools || {}).map(([k, v]) => `${esc(k)} ×${v}`).join(", ");
+    $("#a-kpis").innerHTML = kpi("Elapsed", `<span data-start="${j.status === "running" ? j.started_at_ms || "" : ""}">${elapsed(j.started_at_ms, j.finished_at_ms)}</span>`, j.started_at_ms ? "started " + clock(j.started_at_ms) : "not started") +
+      kpi("Tokens", tokens(totalTokens(j.usage)), `${tokens(j.usage.input_tokens)} in · ${tokens(j.usage.output_tokens)} out`) +
+      kpi("Cost", usd(j.cost_usd), "") +
+      kpi("Tool calls", d.tool_calls, toolList);
+    const files = (j.files_read || []).map((f) => `<li><span class="badge">read</span> <span class="mono">${esc(f)}</span></li>`).concat((j.files_written || []).map((f) => `<li><span class="badge s-running">wrote</span> <span class="mono">${esc(f)}</span></li>`));
+    $("#a-files").innerHTML = files.length ? `<ul class="stack" style="list-style:none;padding:0;margin:0">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`;
+    $("#kill-btn").hidden = !["running", "queued", "retrying", "pending"].includes(j.status);
+    ended = ["succeeded", "failed", "skipped", "cancelled"].includes(j.status);
+    if (["succeeded", "failed", "skipped", "cancelled"].includes(j.status)) {
+      if (es) setTimeout(() => es && es.readyState !== EventSource.CLOSED && es.finish("Finished"), 1500);
+      if (j.output && !box.querySelector(".msg") ) add("text", "Output", `<div class="body">${esc(j.output)}</div>`);
+    }
+  };
+  const refresh = throttle(() => load().catch((e) => toast(e.message, true)), 500);
+
+  const add = (cls, who, html, right = "") => {
+    if (first) {
+      box.innerHTML = "";
+      first = false;
+    }
+    $(".thinking", box)?.remove();
+    const div = document.createElement("div");
+    div.className = "msg " + cls;
+    div.innerHTML = `<div class="who"><span>${esc(who)}</span><span>${right}</span></div>${html}`;
+    box.appendChild(div);
+    box.scrollTop = box.scrollHeight;
+    return div;
+  };
+
+  es = stream(`/v1/agents/${id}/logs?follow=true`, {
+    job_started: (ev) => add("mark", `Attempt ${ev.attempt} started`, `<span>on <span class="mono">${esc(ev.kind.worker_id)}</span> · ${esc(ev.kind.backend)}${ev.kind.model ? " · " + esc(ev.kind.model) : ""}</span>`, clock(ev.at_ms)),
+    thinking: () => {
+      if (!$(".thinking", box)) add("mark thinking", "Thinking…", "");
+    },
+    text: (ev) => add("text", "Agent", `<div class="body">${esc(ev.kind.text)}</div>`, clock(ev.at_ms)),
+    tool_call: (ev) => {
+      const div = add("tool", "Tool call · " + ev.kind.name, `<pre>${esc(ev.kind.input)}</pre>`, clock(ev.at_ms));
+      calls.set(ev.kind.call_id, ev.kind.name);
+      return div;
+    },
+    tool_result: (ev) => add(ev.kind.is_error ? "error" : "result", (ev.kind.is_error ? "Tool error · " : "Tool result · ") + (calls.get(ev.kind.call_id) || ev.kind.call_id), `<pre>${esc(ev.kind.output)}</pre>`, clock(ev.at_ms)),
+    job_retrying: (ev) => add("mark", "Retrying", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
+    job_cancelled: (ev) => add("error", "Cancelled", `<span>${esc(ev.kind.reason)}</span>`, clock(ev.at_ms)),
+    job_finished: (ev) => add(ev.kind.success ? "mark" : "error", ev.kind.success ? "Finished" : "Failed", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
+  }, (ev) => {
+    if (ev.kind.type !== "heartbeat" && ev.kind.type !== "thinking") refresh();
+  }, () => ended);
+
+  const kill = $("#kill-btn");
+  kill.addEventListener("click", async () => {
+    kill.disabled = true;
+    try {
+      await api(`/v1/agents/${id}/kill`, { method: "POST" });
+      toast("Agent killed");
+    } catch (e) {
+      toast(e.message, true);
+    }
+    kill.disabled = false;
+    refresh();
+  });
+  setInterval(() => document.querySelectorAll("[data-start]").forEach((el) => {
+    if (el.dataset.start) el.textContent = elapsed(Number(el.dataset.start));
+  }), 1000);
+  load().catch((e) => {
+    $("#a-title").textContent = "Agent not found";
+    $("#a-meta").textContent = e.message;
+    es.finish("Offline");
+  });
+}
+
+// ----- history ----------------------------------------------------------------------------
+
+function historyPage() {
+  const form = $("#filters");
+  const cursors = [];
+  let cursor = null;
+  const dayMs = (s, end) => {
+    if (!s) return null;
+    const d = new Date(s + "T00:00:00");
+    if (end) d.setDate(d.getDate() + 1);
+    return d.getTime();
+  };
+  // The form's state lives in the address, so a filtered view can be shared and reloaded.
+  const fromUrl = () => {
+    const q = new URLSearchParams(location.search);
+    for (const el of form.elements) if (el.name && q.has(el.name)) el.value = q.get(el.name);
+  };
+  const query = () => {
+    const f = new FormData(form);
+    const p = new URLSearchParams();
+    p.set("limit", f.get("limit") || "20");
+    for (const k of ["status", "search", "min_cost", "max_cost", "sort", "order"]) {
+      const v = String(f.get(k) || "").trim();
+      if (v) p.set(k, v);
+    }
+    const since = dayMs(f.get("from"), false), until = dayMs(f.get("to"), true);
+    if (since) p.set("since", since);
+    if (until) p.set("until", until);
+    if (cursor) p.set("cursor", cursor);
+    return p;
+  };
+  const load = async () => {
+    const el = $("#history-table");
+    let page;
+    try {
+      page = await api("/v1/tasks?" + query());
+    } catch (e) {
+      el.innerHTML = `<p class="form-error">${esc(e.message)}</p>`;
+      return;
+    }
+    el.innerHTML = table([
+      { label: "Date", cell: (t) => `<span title="${esc(when(t.created_at_ms))}">${esc(when(t.created_at_ms))}</span>` },
+      { label: "Description", cls: "desc", cell: (t) => `<a href="/tasks/${esc(t.id)}" title="${esc(t.prompt)}">${esc(t.prompt)}</a>` },
+      { label: "Status", cell: (t) => badge(t.status) },
+      { label: "Type", cell: (t) => esc(t.task_type) },
+      { label: "Agents", cell: (t) => `<span class="roles">${t.roles.map((r) => `<span>${esc(r)}</span>`).join("")}</span>` },
+      { label: "Tokens", num: true, cell: (t) => tokens(totalTokens(t.usage)) },
+      { label: "Cost", num: true, cell: (t) => usd(t.cost_usd) },
+      { label: "Duration", num: true, cell: (t) => (t.finished_at_ms ? dur(t.finished_at_ms - t.created_at_ms) : "running") },
+    ], page.tasks, "No task matches these filters.");
+    $("#next").disabled = !page.next_cursor;
+    $("#next").dataset.cursor = page.next_cursor || "";
+    $("#first").disabled = !cursors.length;
+    $("#page-no").textContent = `page ${cursors.length + 1} · ${page.tasks.length} task(s)`;
+  };
+  const apply = () => {
+    const p = new URLSearchParams(new FormData(form));
+    for (const [k, v] of [...p]) if (!v) p.delete(k);
+    history.replaceState(null, "", "/history" + (p.toString() ? "?" + p : ""));
+    cursors.length = 0;
+    cursor = null;
+    load();
+  };
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    apply();
+  });
+  form.addEventListener("change", apply);
+  $("#reset").addEventListener("click", () => setTimeout(apply, 0));
+  $("#next").addEventListener("click", () => {
+    cursors.push(cursor);
+    cursor = $("#next").dataset.cursor;
+    load();
+  });
+  $("#first").addEventListener("click", () => {
+    cursors.length = 0;
+    cursor = null;
+    load();
+  });
+  fromUrl();
+  stream("/v1/events?kinds=task_created,task_finished&max_chars=1", {}, throttle(() => !cursor && load(), 1000));
+  load();
+}
+
+// ----- costs ------------------------------------------------------------------------------
+
+function costsPage() {
+  const opts = $("#cost-opts");
+  const color = new Map();
+  const colorOf = (k) => {
+    if (!color.has(k)) {
+      const i = ROLE_ORDER.indexOf(k);
+      color.set(k, PALETTE[(i >= 0 ? i : color.size + ROLE_ORDER.length) % PALETTE.length]);
+    }
+    return color.get(k);
+  };
+
+  const buckets = (range) => {
+    const now = new Date();
+    const out = [];
+    if (range === "24h") {
+      const end = new Date(now);
+      end.setMinutes(0, 0, 0);
+      end.setHours(end.getHours() + 1);
+      for (let i = 23; i >= 0; i--) {
+        const s = end.getTime() - (i + 1) * 3600e3;
+        out.push({ since: s, until: s + 3600e3, label: new Date(s).getHours() + "h" });
+      }
+    } else {
+      const days = range === "30d" ? 30 : 7;
+      const start = new Date(now);
+      start.setHours(0, 0, 0, 0);
+      for (let i = days - 1; i >= 0; i--) {
+        const s = new Date(start);
+        s.setDate(s.getDate() - i);
+        const u = new Date(s);
+        u.setDate(u.getDate() + 1);
+        out.push({ since: s.getTime(), until: u.getTime(), label: s.toLocaleDateString([], { month: "short", day: "numeric" }) });
+      }
+    }
+    return out;
+  };
+
+  const chart = (bs, by) => {
+    const keys = new Set();
+    for (const b of bs) for (const g of b.groups) keys.add(g.key);
+    const order = [...keys].sort((a, b) => (ROLE_ORDER.indexOf(a) + 99) % 99 - (ROLE_ORDER.indexOf(b) + 99) % 99 || a.localeCompare(b));
+    const max = Math.max(0, ...bs.map((b) => b.groups.reduce((s, g) => s + g.cost_usd, 0)));
+    // Four gridlines at a round step (1, 2, 2.5 or 5 times a power of ten).
+    const nice = (() => {
+      const want = max > 0 ? max / 4 : 0.0025;
+      const p = Math.pow(10, Math.floor(Math.log10(want)));
+      for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= want) return 4 * m * p;
+      return 40 * p;
+    })();
+    const W = 900, H = 280, L = 62, B = 28, T = 10, R = 8;
+    const pw = (W - L - R) / bs.length;
+    const bw = Math.max(4, Math.min(36, pw * 0.66));
+    const y = (v) => T + (H - T - B) * (1 - v / nice);
+    let svg = `<svg viewBox="0 0 ${W} ${H}" role="img" aria-label="Spend over time by ${esc(by)}">`;
+    for (let i = 0; i <= 4; i++) {
+      const v = (nice * i) / 4;
+      svg += `<line class="grid" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/><g class="axis"><text x="${L - 8}" y="${y(v) + 4}" text-anchor="end">${usd(v)}</text></g>`;
+    }
+    const every = Math.ceil(bs.length / 12);
+    bs.forEach((b, i) => {
+      const x = L + i * pw + (pw - bw) / 2;
+      let acc = 0;
+      for (const k of order) {
+        const g = b.groups.find((g2) => g2.key === k);
+        if (!g || g.cost_usd <= 0) continue;
+        const y0 = y(acc), y1 = y(acc + g.cost_usd);
+        acc += g.cost_usd;
+        svg += `<rect class="bar" data-key="${esc(k)}" x="${x}" y="${y1}" width="${bw}" height="${Math.max(0.5, y0 - y1)}" rx="2" fill="${colorOf(k)}"><title>${esc(b.label)} · ${esc(k)}: ${usd(g.cost_usd)} (${g.agents} agents)</title></rect>`;
+      }
+      if (i % every === 0) svg += `<g class="axis"><text x="${L + i * pw + pw / 2}" y="${H - 8}" text-anchor="middle">${esc(b.label)}</text></g>`;
+    });
+    svg += "</svg>";
+    $("#chart").innerHTML = svg + (max <= 0 ? `<p class="empty">No spend in this range yet.</p>` : "");
+    $("#legend").innerHTML = order.map((k) => `<span><i style="background:${colorOf(k)}"></i>${esc(k)}</span>`).join("");
+  };
+
+  const load = async () => {
+    const f = new FormData(opts);
+    const range = f.get("range"), by = f.get("by");
+    const bs = buckets(range);
+    const since = bs[0].since, until = bs[bs.length - 1].until;
+    $("#chart-title").textContent = `Spend over time by ${by}`;
+    const reports = await Promise.all(bs.map((b) => api(`/v1/reports/cost?since=${b.since}&until=${b.until}&by=${by}`)));
+    bs.forEach((b, i) => (b.groups = (reports[i].breakdowns[0] || { groups: [] }).groups.map((g) => ({ key: g.key, cost_usd: g.cost_usd, agents: g.agents }))));
+    chart(bs, by);
+    const all = await api(`/v1/reports/cost?since=${since}&until=${until}&by=role,model,backend`);
+    const t = all.total;
+    $("#c-kpis").innerHTML = kpi("Spend", usd(t.cost_usd), `${all.tasks} task(s)` + (all.truncated ? " · newest only" : "")) +
+      kpi("Agents", t.agents, "that ran") +
+      kpi("Tokens", tokens(totalTokens(t.usage)), "all kinds") +
+      kpi("Per agent", usd(t.agents ? t.cost_usd / t.agents : 0), "average");
+    const kinds = [["Input", t.usage.input_tokens], ["Output", t.usage.output_tokens], ["Cache write", t.usage.cache_creation_tokens], ["Cache read", t.usage.cache_read_tokens]];
+    const kmax = Math.max(1, ...kinds.map((k) => k[1]));
+    $("#tokens").innerHTML = `<div class="hbars">${kinds.map(([k, v], i) => `<div class="hbar-row"><span>${k}</span><span class="hbar-track"><span style="width:${(100 * v) / kmax}%;background:${PALETTE[i]}"></span></span><span class="num mono">${tokens(v)}</span></div>`).join("")}</div>`;
+    const bd = all.breakdowns.find((b) => b.by === by) || { groups: [] };
+    $("#breakdown-title").textContent = `By ${by}`;
+    $("#breakdown").innerHTML = table([
+      { label: by, cell: (g) => `<span class="legend"><span><i style="background:${colorOf(g.key)}"></i>${esc(g.key)}</span></span>` },
+      { label: "Agents", num: true, cell: (g) => g.agents },
+      { label: "Tokens", num: true, cell: (g) => tokens(totalTokens(g.usage)) },
+      { label: "Cost", num: true, cell: (g) => usd(g.cost_usd) },
+      { label: "Share", num: true, cell: (g) => (t.cost_usd ? Math.round((100 * g.cost_usd) / t.cost_usd) + "%" : "–") },
+    ], bd.groups, "No agent ran in this range.");
+    const w = `since=${since}&until=${until}`;
+    $("#export").innerHTML = `
+      <button class="btn" data-csv="tasks">⬇ Tasks CSV</button>
+      <button class="btn" data-csv="agents">⬇ Agents CSV</button>
+      <a class="btn" href="/v1/export?what=tasks&${w}" download="tasks.ndjson">Tasks JSON</a>
+      <a class="btn" href="/v1/export?what=agents&${w}" download="agents.ndjson">Agents JSON</a>
+      <a class="btn" href="/v1/export?what=events&${w}" download="events.ndjson">Events JSON</a>
+      <a class="btn" href="/v1/reports/cost?${w}&by=role,model,backend,worker,status" target="_blank">Cost report JSON</a>`;
+    $("#export").dataset.window = w;
+  };
+
+  // CSV is made here from the export's JSON lines: one column per (flattened) field.
+  $("#export").addEventListener("click", async (e) => {
+    const what = e.target.dataset.csv;
+    if (!what) return;
+    const r = await fetch(`/v1/export?what=${what}&${$("#export").dataset.window}`, { credentials: "same-origin" });
+    const rows = (await r.text()).split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    const flat = (o, p = "", out = {}) => {
+      for (const [k, v] of Object.entries(o)) {
+        if (v && typeof v === "object" && !Array.isArray(v)) flat(v, p + k + ".", out);
+        else out[p + k] = Array.isArray(v) ? v.join(" ") : v;
+      }
+      return out;
+    };
+    const flats = rows.map((r2) => flat(r2));
+    const cols = [...new Set(flats.flatMap((r2) => Object.keys(r2)))];
+    const cell = (v) => (v == null ? "" : /[",\n]/.test(String(v)) ? '"' + String(v).replace(/"/g, '""') + '"' : String(v));
+    const csv = [cols.join(","), ...flats.map((r2) => cols.map((c) => cell(r2[c])).join(","))].join("\n") + "\n";
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([csv], { type: "text/csv" }));
+    a.download = `${what}.csv`;
+    a.click();
+    URL.revokeObjectURL(a.href);
+  });
+  opts.addEventListener("change", () => load().catch((e) => toast(e.message, true)));
+  stream("/v1/events?kinds=job_finished&max_chars=1", {}, throttle(() => load().catch(() => {}), 3000));
+  load().catch((e) => toast(e.message, true));
+}
+
+// ----- start ------------------------------------------------------------------------------
+
+initTheme();
+({ overview: overviewPage, new: newTaskPage, task: taskPage, agent: agentPage, history: historyPage, costs: costsPage })[PAGE]?.();

@@ -1,0 +1,307 @@
+// End-to-end tests of the web dashboard in a real browser: Debian's chromium driven by
+// playwright-core, against a real local cluster with `sim` agents started by
+// tests/tests/dashboard.rs, which runs one scenario per call:
+//
+//   ORCH_URL=http://127.0.0.1:PORT ORCH_TOKEN=... ORCH_ARTIFACTS=dir node dashboard.test.mjs SCENARIO
+//
+// Every step prints one line with its duration; a failure prints the step, the error and takes
+// a screenshot (`failure-<scenario>.png`) next to the pages' screenshots.
+import { chromium } from "playwright-core";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const URL_ = process.env.ORCH_URL;
+const TOKEN = process.env.ORCH_TOKEN;
+const ART = process.env.ORCH_ARTIFACTS || "target/test-artifacts/dashboard";
+const SCENARIO = process.argv[2];
+if (!URL_ || !TOKEN || !SCENARIO) {
+  console.error("usage: ORCH_URL=... ORCH_TOKEN=... node dashboard.test.mjs SCENARIO");
+  process.exit(2);
+}
+mkdirSync(ART, { recursive: true });
+
+function assert(cond, msg) {
+  if (!cond) throw new Error("assertion failed: " + msg);
+}
+
+let page;
+async function step(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    console.log(`ok   ${SCENARIO} / ${name} (${Date.now() - t0} ms)`);
+  } catch (e) {
+    console.log(`FAIL ${SCENARIO} / ${name} (${Date.now() - t0} ms): ${e && e.stack ? e.stack : e}`);
+    if (page) await page.screenshot({ path: join(ART, `failure-${SCENARIO}.png`), fullPage: true }).catch(() => {});
+    throw e;
+  }
+}
+const shot = (name) => page.screenshot({ path: join(ART, `${name}.png`), fullPage: true });
+
+async function login(p, token = TOKEN) {
+  await p.goto(URL_ + "/login");
+  await p.fill("#token", token);
+  await Promise.all([p.waitForNavigation(), p.click("button[type=submit]")]);
+}
+
+async function submitViaApi(body) {
+  const r = await fetch(URL_ + "/v1/tasks", {
+    method: "POST",
+    headers: { Authorization: "Bearer " + TOKEN, "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  assert(r.ok, `submit answered ${r.status}`);
+  return r.json();
+}
+
+const scenarios = {
+  // Without a token nothing is shown and the API refuses; with a wrong one the login says so;
+  // the right one is kept in an HttpOnly, SameSite=Strict cookie and never appears in the page.
+  async refused(ctx) {
+    await step("a page without a session redirects to the login", async () => {
+      await page.goto(URL_ + "/history");
+      assert(new URL(page.url()).pathname === "/login", "landed on " + page.url());
+      assert((await page.textContent("h1")).includes("Sign in"), "login heading");
+    });
+    await step("the API refuses a browser without a token", async () => {
+      const r = await page.request.get(URL_ + "/v1/status");
+      assert(r.status() === 401, "status " + r.status());
+      const es = await page.evaluate(async (u) => (await fetch(u + "/v1/tasks")).status, URL_);
+      assert(es === 401, "fetch status " + es);
+    });
+    const here = async (token) => {
+      await page.fill("#token", token);
+      await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
+    };
+    await step("a wrong token is refused with a message", async () => {
+      await page.goto(URL_ + "/history");
+      await here("not-the-token");
+      assert(new URL(page.url()).pathname === "/login", "still on the login page");
+      await page.waitForSelector(".form-error");
+      await shot("login-refused");
+    });
+    await step("the right token signs in with a secure session cookie", async () => {
+      await here(TOKEN);
+      await page.waitForSelector("#history-table tbody tr, #history-table .empty");
+      assert(new URL(page.url()).pathname === "/history", "back to the page first asked for: " + page.url());
+      const cookies = await ctx.cookies();
+      const c = cookies.find((x) => x.name === "orch_session");
+      assert(c && c.httpOnly && c.sameSite === "Strict", "cookie flags " + JSON.stringify(c));
+      const html = await page.content();
+      assert(!html.includes(TOKEN), "the token is in the page source");
+      assert(!(await page.evaluate(() => document.cookie)).includes("orch_session"), "script can read the cookie");
+    });
+    await step("a write with the cookie but without the dashboard header is refused", async () => {
+      const status = await page.evaluate(async (u) => (await fetch(u + "/v1/tasks", { method: "POST", headers: { "Content-Type": "application/json" }, body: '{"prompt":"x"}' })).status, URL_);
+      assert(status === 401, "status " + status);
+    });
+    await step("logging out ends the session", async () => {
+      await Promise.all([page.waitForNavigation(), page.click("form[action='/logout'] button")]);
+      await page.goto(URL_ + "/");
+      assert(new URL(page.url()).pathname === "/login", "after logout: " + page.url());
+    });
+  },
+
+  // Submit from the form after a dry-run preview, watch the steps turn done live, read a
+  // transcript; the overview's live grid on a wide and a narrow screen, in both themes.
+  async live() {
+    await step("log in", () => login(page));
+    await step("the overview shows workers and slots", async () => {
+      await page.waitForFunction(() => document.querySelectorAll("#workers .worker").length >= 2);
+      await page.waitForSelector("#live[data-state=live]");
+      await shot("overview-idle");
+    });
+    let taskUrl;
+    await step("the form previews the plan and its estimate", async () => {
+      await page.click("nav a[href='/tasks/new']");
+      await page.waitForFunction(() => document.querySelectorAll("#task_type option").length > 3);
+      await page.fill("#prompt", "analyze the parser and build a cache for it");
+      await page.click("details summary");
+      await page.fill("input[name=sim_latency_ms]", "1500");
+      await page.click("#preview-btn");
+      await page.waitForFunction(() => document.querySelectorAll("#preview-body tbody tr").length >= 2);
+      const roles = await page.$$eval("#preview-body tbody tr .role", (els) => els.map((e) => e.textContent));
+      assert(roles.includes("analyst") && roles.includes("builder"), "previewed roles " + roles);
+      assert((await page.textContent("#cli")).startsWith("orchctl submit"), "orchctl equivalent shown");
+      await shot("new-task-preview");
+    });
+    await step("submitting opens the task, whose steps turn done live", async () => {
+      await Promise.all([page.waitForURL(/\/tasks\/[0-9a-f-]{36}$/), page.click("#submit-btn")]);
+      taskUrl = page.url();
+      await page.waitForSelector("#dag .node");
+      // Seen running, then succeeded, without a reload: the page follows the event stream.
+      await page.waitForSelector("#dag .node[data-status=running]", { timeout: 15000 });
+      await page.waitForSelector("#events li");
+      await shot("task-running");
+      await page.waitForFunction(() => {
+        const n = [...document.querySelectorAll("#dag .node")];
+        return n.length >= 2 && n.every((e) => e.dataset.status === "succeeded");
+      }, null, { timeout: 30000 });
+      await page.waitForSelector("#t-meta .badge.s-completed");
+      assert(page.url() === taskUrl, "no navigation happened");
+      await shot("task-completed");
+    });
+    await step("an agent's transcript shows text, tool calls and results", async () => {
+      await page.click("#steps tbody tr:first-child a.role");
+      await page.waitForURL(/\/agents\//);
+      await page.waitForSelector("#transcript .msg.tool pre");
+      await page.waitForSelector("#transcript .msg.result");
+      await page.waitForSelector("#transcript .msg.text");
+      assert(await page.isDisabled(".panel.disabled button"), "diff / send are shown disabled");
+      await shot("agent-transcript");
+    });
+    await step("the overview shows running agents live", async () => {
+      await page.goto(URL_ + "/");
+      await page.waitForSelector("#live[data-state=live]");
+      await submitViaApi({ prompt: "survey the repository", roles: ["analyst", "reviewer", "documenter"], mode: "parallel", sim: { latency_ms: 6000 } });
+      await page.waitForFunction(() => document.querySelectorAll("#agents .agent-card").length >= 3, null, { timeout: 10000 });
+      await page.waitForFunction(() => [...document.querySelectorAll("#agents .activity")].some((e) => /thinking|⚙|✎/.test(e.textContent)), null, { timeout: 10000 });
+      await page.waitForFunction(() => document.querySelector("#workers .slots i.busy"));
+      await shot("overview-running");
+    });
+    await step("narrow screen and dark theme", async () => {
+      await page.setViewportSize({ width: 390, height: 844 });
+      await shot("overview-narrow");
+      await page.click("#theme");
+      const theme = await page.evaluate(() => document.documentElement.dataset.theme);
+      assert(theme === "dark" || theme === "light", "theme " + theme);
+      if (theme !== "dark") await page.click("#theme");
+      await shot("overview-narrow-dark");
+      await page.setViewportSize({ width: 1280, height: 900 });
+      await page.goto(taskUrl);
+      await page.waitForSelector("#dag .node");
+      await shot("task-dark");
+    });
+  },
+
+  // Cancel a running task from its page: its agents stop and the page says so, live.
+  async cancel() {
+    await step("log in", () => login(page));
+    const task = await submitViaApi({ prompt: "a long survey", roles: ["analyst", "builder", "tester"], sim: { latency_ms: 30000 } });
+    await step("the task page shows the running step and a cancel button", async () => {
+      await page.goto(URL_ + "/tasks/" + task.id);
+      await page.waitForSelector("#dag .node[data-status=running]", { timeout: 15000 });
+      assert(await page.isVisible("#cancel-btn"), "cancel button visible");
+    });
+    await step("cancel (two clicks) stops the task within seconds", async () => {
+      const t0 = Date.now();
+      await page.click("#cancel-btn");
+      assert((await page.textContent("#cancel-btn")).includes("again"), "first click arms the button");
+      await page.click("#cancel-btn");
+      await page.waitForSelector("#t-meta .badge.s-cancelled", { timeout: 10000 });
+      await page.waitForFunction(() => !document.querySelector("#dag .node[data-status=running]"));
+      assert(Date.now() - t0 < 10000, "cancelled in " + (Date.now() - t0) + " ms");
+      assert(!(await page.isVisible("#cancel-btn")), "cancel button hidden once cancelled");
+      await shot("task-cancelled");
+    });
+  },
+
+  // The history's filters on the cluster's durable history, and the cost chart (the Rust
+  // side submitted three tasks and waited for them).
+  async history() {
+    await step("log in", () => login(page));
+    await step("the history lists every task", async () => {
+      await page.goto(URL_ + "/history");
+      await page.waitForFunction(() => document.querySelectorAll("#history-table tbody tr").length >= 3);
+      await shot("history");
+    });
+    await step("search narrows the list", async () => {
+      await page.fill("input[name=search]", "parser");
+      await page.click("#filters button[type=submit]");
+      await page.waitForFunction(() => {
+        const rows = [...document.querySelectorAll("#history-table tbody tr")];
+        return rows.length === 1 && rows[0].textContent.includes("parser");
+      });
+      assert(new URL(page.url()).searchParams.get("search") === "parser", "filters kept in the address");
+      await shot("history-search");
+    });
+    await step("status, cost range and sort filter on the server", async () => {
+      await page.fill("input[name=search]", "");
+      await page.selectOption("select[name=status]", "failed");
+      await page.waitForSelector("#history-table .empty");
+      await page.selectOption("select[name=status]", "completed");
+      await page.fill("input[name=min_cost]", "0");
+      await page.selectOption("select[name=sort]", "cost");
+      await page.selectOption("select[name=order]", "asc");
+      await page.waitForFunction(() => document.querySelectorAll("#history-table tbody tr").length >= 3);
+      const tomorrow = new Date(Date.now() + 2 * 86400e3).toISOString().slice(0, 10);
+      await page.fill("input[name=from]", tomorrow);
+      await page.dispatchEvent("input[name=from]", "change");
+      await page.waitForSelector("#history-table .empty");
+      await page.click("#reset");
+      await page.waitForFunction(() => document.querySelectorAll("#history-table tbody tr").length >= 3);
+    });
+    await step("pagination pages through the history", async () => {
+      await page.selectOption("select[name=limit]", "20");
+      await page.goto(URL_ + "/history?limit=20");
+      await page.evaluate(() => {
+        const sel = document.querySelector("select[name=limit]");
+        sel.innerHTML += '<option value="2">2</option>';
+        sel.value = "2";
+        sel.dispatchEvent(new Event("change", { bubbles: true }));
+      });
+      await page.waitForFunction(() => document.querySelectorAll("#history-table tbody tr").length === 2 && !document.querySelector("#next").disabled);
+      await page.click("#next");
+      await page.waitForFunction(() => document.querySelector("#page-no").textContent.startsWith("page 2"));
+      await page.click("#first");
+      await page.waitForFunction(() => document.querySelector("#page-no").textContent.startsWith("page 1"));
+    });
+    await step("the cost page charts spend by role and by model", async () => {
+      await page.click("nav a[href='/costs']");
+      await page.waitForSelector("#chart svg rect.bar");
+      const keys = await page.$$eval("#chart rect.bar", (els) => [...new Set(els.map((e) => e.dataset.key))]);
+      assert(keys.includes("builder"), "roles in the chart: " + keys);
+      await page.waitForSelector("#tokens .hbar-row");
+      await page.waitForSelector("#export a[href^='/v1/export?what=tasks']");
+      await page.waitForSelector("#export a[href^='/v1/reports/cost']");
+      await shot("costs");
+      await page.selectOption("select[name=by]", "model");
+      await page.waitForFunction(() => document.querySelector("#chart-title").textContent.includes("model"));
+      await page.waitForSelector("#chart svg rect.bar");
+      await page.selectOption("select[name=range]", "24h");
+      await page.waitForSelector("#chart svg rect.bar");
+      await shot("costs-by-model-24h");
+    });
+    await step("the CSV export downloads the tasks", async () => {
+      const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export [data-csv=tasks]")]);
+      const path = join(ART, "tasks.csv");
+      await download.saveAs(path);
+      const { readFileSync } = await import("node:fs");
+      const csv = readFileSync(path, "utf8");
+      assert(csv.split("\n")[0].includes("prompt") && csv.includes("parser"), "csv: " + csv.slice(0, 200));
+    });
+  },
+};
+
+const profile = mkdtempSync(join(tmpdir(), "orch-chromium-"));
+// A fresh profile per run (playwright takes it as the persistent context's directory, the same
+// as --user-data-dir).
+const ctx = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.ORCH_CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  viewport: { width: 1280, height: 900 },
+  acceptDownloads: true,
+});
+let code = 0;
+try {
+  page = ctx.pages()[0] || (await ctx.newPage());
+  const errors = [];
+  page.on("pageerror", (e) => {
+    errors.push(String(e));
+    console.log("page error:", String(e));
+  });
+  page.on("console", (m) => m.type() === "error" && console.log("console:", m.text()));
+  const run = scenarios[SCENARIO];
+  if (!run) throw new Error("no such scenario: " + SCENARIO);
+  await run(ctx);
+  assert(!errors.length, "script errors in the page: " + errors.join("; "));
+} catch (e) {
+  if (!String(e).includes("assertion failed") && !String(e).includes("Timeout")) console.log("error:", e);
+  code = 1;
+} finally {
+  await ctx.close().catch(() => {});
+  rmSync(profile, { recursive: true, force: true });
+}
+process.exit(code);

@@ -1,0 +1,266 @@
+//! A fake OpenAI-compatible chat-completions server on 127.0.0.1 (what vLLM, llama.cpp server
+//! and Ollama speak): the remote side of the `openai` backend.
+//!
+//! Each `POST /v1/chat/completions` takes the next [`Reply`] of the script (then a 500). A
+//! streamed answer is `data: {"object":"chat.completion.chunk","choices":[{"delta":...}]}`
+//! lines (the role, the content in pieces, then `finish_reason`), a last chunk with no choices
+//! and the usage when the request asked for it (`stream_options.include_usage`), then
+//! `data: [DONE]`. Errors come as a status with OpenAI's error body and `retry-after`. Every
+//! request is recorded and the usage served is summed.
+
+use crate::fake_anthropic::{Recorded, chunked, headers_of, serve};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Token counts as an OpenAI-compatible server reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChatUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Part of `prompt_tokens` served from the server's prompt cache.
+    pub cached_tokens: u64,
+}
+
+/// What the fake answers to one request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    Answer {
+        text: String,
+        /// Streamed as `reasoning_content` before the answer (as vLLM does for reasoning models).
+        reasoning: Option<String>,
+        usage: ChatUsage,
+        finish_reason: String,
+    },
+    Error {
+        status: u16,
+        message: String,
+        retry_after: Option<String>,
+    },
+    Delayed(Duration, Box<Reply>),
+}
+
+impl Reply {
+    pub fn text(text: impl Into<String>) -> Reply {
+        Reply::Answer {
+            text: text.into(),
+            reasoning: None,
+            usage: ChatUsage {
+                prompt_tokens: 210,
+                completion_tokens: 42,
+                cached_tokens: 64,
+            },
+            finish_reason: "stop".into(),
+        }
+    }
+
+    pub fn with_usage(self, prompt: u64, completion: u64, cached: u64) -> Reply {
+        match self {
+            Reply::Answer {
+                text,
+                reasoning,
+                finish_reason,
+                ..
+            } => Reply::Answer {
+                text,
+                reasoning,
+                finish_reason,
+                usage: ChatUsage {
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    cached_tokens: cached,
+                },
+            },
+            other => other,
+        }
+    }
+
+    pub fn status(status: u16) -> Reply {
+        Reply::Error {
+            status,
+            message: format!("the fake answered {status}"),
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `retry-after: secs`.
+    pub fn rate_limited(secs: u64) -> Reply {
+        Reply::Error {
+            status: 429,
+            message: "Rate limit reached".into(),
+            retry_after: Some(secs.to_string()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    script: VecDeque<Reply>,
+    requests: Vec<Recorded>,
+    served: ChatUsage,
+}
+
+/// The fake server; stops when dropped.
+pub struct FakeOpenAi {
+    /// `http://127.0.0.1:PORT/v1` (what `OPENAI_BASE_URL` takes).
+    pub url: String,
+    inner: Arc<Mutex<Inner>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeOpenAi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeOpenAi {
+    pub async fn start(script: impl IntoIterator<Item = Reply>) -> FakeOpenAi {
+        let inner = Arc::new(Mutex::new(Inner {
+            script: script.into_iter().collect(),
+            requests: vec![],
+            served: ChatUsage::default(),
+        }));
+        let app = Router::new().fallback(handle).with_state(inner.clone());
+        let (addr, server) = serve(app).await;
+        FakeOpenAi {
+            url: format!("http://{addr}/v1"),
+            inner,
+            server,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// The usage of every answer served (only those whose request asked for usage).
+    pub fn served_usage(&self) -> ChatUsage {
+        self.inner.lock().unwrap().served
+    }
+}
+
+async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let headers = headers_of(req.headers());
+    let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let mut reply = {
+        let mut i = inner.lock().unwrap();
+        i.requests.push(Recorded {
+            method: method.to_string(),
+            path: path.clone(),
+            headers,
+            body: body.clone(),
+            at: Instant::now(),
+        });
+        if method != Method::POST || path != "/v1/chat/completions" {
+            return (StatusCode::NOT_FOUND, "not a chat-completions route").into_response();
+        }
+        i.script.pop_front().unwrap_or_else(|| Reply::status(500))
+    };
+    while let Reply::Delayed(d, r) = reply {
+        tokio::time::sleep(d).await;
+        reply = *r;
+    }
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("fake-model")
+        .to_string();
+    match reply {
+        Reply::Delayed(..) => unreachable!("unwrapped above"),
+        Reply::Error {
+            status,
+            message,
+            retry_after,
+        } => {
+            let kind = if status == 429 {
+                "rate_limit_exceeded"
+            } else {
+                "server_error"
+            };
+            let mut resp = (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                axum::Json(json!({"error": {"message": message, "type": kind, "code": null}})),
+            )
+                .into_response();
+            if let Some(ra) = retry_after {
+                resp.headers_mut()
+                    .insert("retry-after", ra.parse().expect("a header value"));
+            }
+            resp
+        }
+        Reply::Answer {
+            text,
+            reasoning,
+            usage,
+            finish_reason,
+        } => {
+            let include_usage = body
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if include_usage {
+                let mut i = inner.lock().unwrap();
+                i.served.prompt_tokens += usage.prompt_tokens;
+                i.served.completion_tokens += usage.completion_tokens;
+                i.served.cached_tokens += usage.cached_tokens;
+            }
+            let chunk = |choices: Value, usage: Value| {
+                json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                       "model": model, "choices": choices, "usage": usage})
+            };
+            let mut lines = vec![chunk(
+                json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+                Value::Null,
+            )];
+            if let Some(r) = reasoning {
+                lines.push(chunk(
+                    json!([{"index": 0, "delta": {"reasoning_content": r}, "finish_reason": null}]),
+                    Value::Null,
+                ));
+            }
+            let chars: Vec<char> = text.chars().collect();
+            for piece in chars.chunks(chars.len().div_ceil(4).max(1)) {
+                let piece: String = piece.iter().collect();
+                lines.push(chunk(
+                    json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}]),
+                    Value::Null,
+                ));
+            }
+            lines.push(chunk(
+                json!([{"index": 0, "delta": {}, "finish_reason": finish_reason}]),
+                Value::Null,
+            ));
+            if include_usage {
+                lines.push(chunk(
+                    json!([]),
+                    json!({"prompt_tokens": usage.prompt_tokens,
+                           "completion_tokens": usage.completion_tokens,
+                           "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                           "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}),
+                ));
+            }
+            let mut text: String = lines.iter().map(|l| format!("data: {l}\n\n")).collect();
+            text.push_str("data: [DONE]\n\n");
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/event-stream")
+                .body(chunked(text))
+                .expect("a response")
+        }
+    }
+}

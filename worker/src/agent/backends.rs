@@ -1,0 +1,389 @@
+//! [`Backends`]: the worker's agent. It runs each job on the backend the job names (a worker
+//! configured with a default backend runs `sim` jobs there instead), after working out what
+//! every backend needs: the role's profile, the model, the user prompt and the price table.
+//!
+//! Model routing, first match wins: the job's model; the backend's per-role table
+//! (`[backends.<b>.models]`); for the Claude backends (`claude-code`, `anthropic`) the role's
+//! model (`[roles.<role>] model`, Claude model names); the backend's model
+//! (`[backends.<b>] model`); the backend's own default.
+
+use super::anthropic::{self, Anthropic};
+use super::claude_code::{self, ClaudeCode};
+use super::command::{self, CommandAgent};
+use super::openai::{self, OpenAi};
+use super::pricing::{CLAUDE_CONTEXT_WINDOW, PriceTable};
+use super::sim::Sim;
+use super::{Agent, AgentOutput, Events, Report};
+use crate::config::{Config, Models};
+use crate::roles::{self, Key, Profile, Roles};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use orch_shared::job::{Backend, FailureReason, JobSpec, Usage};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// Everything a backend needs for one job, worked out once.
+pub struct Prepared<'a> {
+    pub job: &'a JobSpec,
+    pub profile: &'a Profile,
+    /// The model to ask for, when one is known (the CLI picks its own otherwise).
+    pub model: Option<String>,
+    /// The user prompt: the job's prompt, constraints and forward context.
+    pub prompt: String,
+    pub prices: &'a PriceTable,
+    /// Where scratch workspaces go.
+    pub data_dir: &'a std::path::Path,
+    /// Models already warned about (no price), so the log says it once.
+    unpriced: &'a Mutex<BTreeSet<String>>,
+}
+
+impl Prepared<'_> {
+    /// The cost of `usage` on `model` from the price table; 0 (and a warning, once per
+    /// model) when the model has no price.
+    pub fn cost(&self, model: Option<&str>, usage: &Usage) -> f64 {
+        if usage.total() == 0 {
+            return 0.0;
+        }
+        match self.prices.cost(model, usage) {
+            Some(c) => c,
+            None => {
+                let name = model.unwrap_or("(unknown)").to_string();
+                if let Ok(mut seen) = self.unpriced.lock()
+                    && seen.insert(name.clone())
+                {
+                    tracing::warn!(model = %name, "no price for this model: its cost counts as 0 (add [prices.\"{name}\"] to the worker config)");
+                }
+                0.0
+            }
+        }
+    }
+
+    /// The context window of `model`: the price table's, else 200k for a Claude model.
+    pub fn context_window(&self, model: &str) -> Option<u64> {
+        self.prices.context_window(model).or_else(|| {
+            let bare = model.rsplit('/').next().unwrap_or(model);
+            (bare.starts_with("claude") || matches!(bare, "opus" | "sonnet" | "haiku"))
+                .then_some(CLAUDE_CONTEXT_WINDOW)
+        })
+    }
+}
+
+/// Every backend this worker can run.
+pub struct Backends {
+    default_backend: Option<Backend>,
+    data_dir: PathBuf,
+    roles: Roles,
+    prices: PriceTable,
+    claude_code: ClaudeCode,
+    anthropic: Anthropic,
+    openai: OpenAi,
+    command: Option<CommandAgent>,
+    claude_models: Models,
+    anthropic_models: Models,
+    openai_models: Models,
+    command_models: Models,
+    unpriced: Mutex<BTreeSet<String>>,
+}
+
+impl Backends {
+    /// Every setting was checked when the config was loaded, so this cannot fail.
+    pub fn from_config(config: &Config) -> Self {
+        let b = &config.backends;
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("orch-worker/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "HTTP client with defaults only");
+                reqwest::Client::new()
+            });
+        Self {
+            default_backend: config.default_backend,
+            data_dir: config.data_dir.clone(),
+            roles: config.roles.clone(),
+            prices: config.prices.clone(),
+            claude_code: ClaudeCode::new(b.claude_code.clone(), b.anthropic.clone()),
+            anthropic: Anthropic::new(b.anthropic.clone(), client.clone()),
+            openai: OpenAi::new(b.openai.clone(), client),
+            command: b.command.clone().map(CommandAgent::new),
+            claude_models: b.claude_code.models.clone(),
+            anthropic_models: b.anthropic.models.clone(),
+            openai_models: b.openai.models.clone(),
+            command_models: b
+                .command
+                .as_ref()
+                .map(|c| c.models.clone())
+                .unwrap_or_default(),
+            unpriced: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// The backend `job` runs on.
+    pub fn pick(&self, job: &JobSpec) -> Backend {
+        match (job.backend, self.default_backend) {
+            (Backend::Sim, Some(b)) => b,
+            (b, _) => b,
+        }
+    }
+
+    /// The model `job` runs on with `backend` (see the module docs for the order).
+    pub fn model(&self, job: &JobSpec, backend: Backend) -> Option<String> {
+        let key = Key::of(job);
+        let (models, claude, builtin) = match backend {
+            Backend::Sim => return job.model.clone(),
+            Backend::ClaudeCode => (&self.claude_models, true, None),
+            Backend::Anthropic => (&self.anthropic_models, true, Some(anthropic::DEFAULT_MODEL)),
+            Backend::Openai => (&self.openai_models, false, None),
+            Backend::Command => (&self.command_models, false, None),
+        };
+        job.model
+            .clone()
+            .or_else(|| models.by_role.get(&key).cloned())
+            .or_else(|| {
+                claude
+                    .then(|| self.roles.profile(key).model.clone())
+                    .flatten()
+            })
+            .or_else(|| models.default.clone())
+            .or_else(|| builtin.map(str::to_string))
+    }
+
+    fn prepare<'a>(&'a self, job: &'a JobSpec, backend: Backend) -> Prepared<'a> {
+        Prepared {
+            job,
+            profile: self.roles.for_job(job),
+            model: self.model(job, backend),
+            prompt: roles::user_prompt(job),
+            prices: &self.prices,
+            data_dir: &self.data_dir,
+            unpriced: &self.unpriced,
+        }
+    }
+
+    async fn dispatch(&self, job: &JobSpec, events: Events, cancel: CancellationToken) -> Report {
+        let backend = self.pick(job);
+        if backend == Backend::Sim {
+            let output = Sim.run(job, events, cancel).await;
+            return Report {
+                output,
+                backend: "sim",
+                model: job.model.clone(),
+                context: None,
+            };
+        }
+        let p = self.prepare(job, backend);
+        let report = match backend {
+            Backend::Sim => unreachable!("handled above"),
+            Backend::ClaudeCode => self.claude_code.run(&p, &events, &cancel).await,
+            Backend::Anthropic => self.anthropic.run(&p, &events, &cancel).await,
+            Backend::Openai => self.openai.run(&p, &events, &cancel).await,
+            Backend::Command => match &self.command {
+                Some(c) => c.run(&p, &events, &cancel).await,
+                None => Report::failure(
+                    command::NAME,
+                    FailureReason::BadRequest,
+                    "the command backend is not configured on this worker ([backends.command] program)",
+                ),
+            },
+        };
+        let (outcome, reason) = match &report.output.outcome {
+            orch_shared::job::Outcome::Success => ("success", "none"),
+            orch_shared::job::Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
+        };
+        tracing::info!(
+            backend = report.backend,
+            model = report.model.as_deref().unwrap_or("default"),
+            outcome,
+            reason,
+            tokens = report.output.usage.total(),
+            cost_usd = report.output.cost_usd,
+            context_tokens = report.context.map(|c| c.tokens),
+            context_window = report.context.map(|c| c.window),
+            "agent finished"
+        );
+        report
+    }
+}
+
+impl Agent for Backends {
+    fn name(&self) -> &'static str {
+        // Only `backend_for` knows a job's backend. Without a job, the backend most jobs run
+        // on: the default (which `sim` jobs are sent to), else `sim`, the coordinator's default.
+        match self.default_backend {
+            Some(b) => b.as_str(),
+            None => "sim",
+        }
+    }
+
+    fn backend_for(&self, job: &JobSpec) -> &'static str {
+        match self.pick(job) {
+            Backend::Sim => "sim",
+            Backend::ClaudeCode => claude_code::NAME,
+            Backend::Anthropic => anthropic::NAME,
+            Backend::Openai => openai::NAME,
+            Backend::Command => command::NAME,
+        }
+    }
+
+    fn model_for(&self, job: &JobSpec) -> Option<String> {
+        self.model(job, self.pick(job))
+    }
+
+    fn run<'a>(
+        &'a self,
+        job: &'a JobSpec,
+        events: Events,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, AgentOutput> {
+        self.dispatch(job, events, cancel).map(|r| r.output).boxed()
+    }
+
+    fn run_report<'a>(
+        &'a self,
+        job: &'a JobSpec,
+        events: Events,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Report> {
+        self.dispatch(job, events, cancel).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Args;
+    use orch_shared::ids::{JobId, TaskId};
+    use orch_shared::job::JobKind;
+    use orch_shared::role::Role;
+
+    fn job(role: Role, backend: Backend, model: Option<&str>) -> JobSpec {
+        JobSpec {
+            task_id: TaskId::from_u128(1),
+            job_id: JobId::from_u128(2),
+            attempt: 1,
+            step: 0,
+            role,
+            prompt: "x".into(),
+            context: None,
+            backend,
+            model: model.map(str::to_string),
+            workspace: Default::default(),
+            limits: Default::default(),
+            kind: JobKind::Agent,
+            constraints: vec![],
+            sim: Default::default(),
+        }
+    }
+
+    fn backends(file: &str) -> Backends {
+        let dir = std::env::temp_dir().join(format!("orch-backends-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.toml");
+        std::fs::write(&path, file).unwrap();
+        let cfg = Args {
+            config: Some(path),
+            ..Default::default()
+        }
+        .load()
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        Backends::from_config(&cfg)
+    }
+
+    #[test]
+    fn models_route_by_job_then_backend_role_then_role_then_backend() {
+        let b = backends(
+            r#"
+[backends.anthropic]
+model = "claude-sonnet-4-5"
+models = { tester = "claude-haiku-4-5" }
+[backends.openai]
+model = "qwen2.5-coder"
+[roles.builder]
+model = "claude-haiku-4-5"
+[roles.reviewer]
+model = "claude-opus-4-5"
+"#,
+        );
+        let m = |role, backend, model| b.model(&job(role, backend, model), backend);
+        assert_eq!(
+            m(Role::Reviewer, Backend::Anthropic, Some("claude-3-haiku")).as_deref(),
+            Some("claude-3-haiku")
+        );
+        assert_eq!(
+            m(Role::Tester, Backend::Anthropic, None).as_deref(),
+            Some("claude-haiku-4-5")
+        );
+        assert_eq!(
+            m(Role::Reviewer, Backend::Anthropic, None).as_deref(),
+            Some("claude-opus-4-5")
+        );
+        assert_eq!(
+            m(Role::Builder, Backend::ClaudeCode, None).as_deref(),
+            Some("claude-haiku-4-5")
+        );
+        assert_eq!(
+            m(Role::Analyst, Backend::Anthropic, None).as_deref(),
+            Some("claude-sonnet-4-5")
+        );
+        // Role models are Claude names: an OpenAI-compatible server keeps its own.
+        assert_eq!(
+            m(Role::Reviewer, Backend::Openai, None).as_deref(),
+            Some("qwen2.5-coder")
+        );
+        assert_eq!(m(Role::Analyst, Backend::ClaudeCode, None), None);
+        let d = backends("");
+        assert_eq!(
+            d.model(
+                &job(Role::Analyst, Backend::Anthropic, None),
+                Backend::Anthropic
+            )
+            .as_deref(),
+            Some(anthropic::DEFAULT_MODEL)
+        );
+    }
+
+    #[test]
+    fn the_job_names_the_backend_and_a_default_backend_only_replaces_sim() {
+        let b = backends("");
+        assert_eq!(
+            b.pick(&job(Role::Builder, Backend::Sim, None)),
+            Backend::Sim
+        );
+        assert_eq!(
+            b.backend_for(&job(Role::Builder, Backend::Openai, None)),
+            "openai"
+        );
+        let b = backends("default_backend = \"anthropic\"");
+        assert_eq!(
+            b.pick(&job(Role::Builder, Backend::Sim, None)),
+            Backend::Anthropic
+        );
+        assert_eq!(
+            b.pick(&job(Role::Builder, Backend::ClaudeCode, None)),
+            Backend::ClaudeCode
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unconfigured_command_backend_fails_clearly() {
+        let b = backends("");
+        let (events, _rx) = Events::new();
+        let r = b
+            .run_report(
+                &job(Role::Builder, Backend::Command, None),
+                events,
+                CancellationToken::new(),
+            )
+            .await;
+        match r.output.outcome {
+            orch_shared::job::Outcome::Failure { reason, message } => {
+                assert_eq!(reason, FailureReason::BadRequest);
+                assert!(message.contains("[backends.command]"), "{message}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+}

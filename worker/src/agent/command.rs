@@ -1,0 +1,174 @@
+//! The `command` backend: any program that reads a prompt and writes its answer on stdout
+//! (another agent CLI, a script). The prompt (the role's system prompt, then the job's prompt,
+//! constraints and forward context) goes on stdin or as the last argument; the program runs in
+//! the job's workspace with `ORCH_ROLE`, `ORCH_JOB_KIND`, `ORCH_MODEL`, `ORCH_TASK_ID`,
+//! `ORCH_JOB_ID` and `ORCH_WORKSPACE` set, and otherwise the worker's environment (another
+//! agent CLI may need the provider keys in it; `[backends.command] env` adds more). Exit 0 with
+//! output is success; any other exit is an agent error carrying the end of stderr. Files
+//! written come from git (when the workspace is a repository). It reports no tokens and costs
+//! nothing. On cancellation its whole process tree is stopped.
+
+use super::backends::Prepared;
+use super::process;
+use super::workspace::{FileTracker, GitSnapshot, WorkDir, git_changes};
+use super::{AgentOutput, Events, Report};
+use crate::config::{CommandSettings, PromptVia};
+use orch_shared::event::EventKind;
+use orch_shared::job::{FailureReason, JobKind, Outcome, Usage};
+use std::process::Stdio;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+pub const NAME: &str = "command";
+/// The most of stdout kept as the answer.
+const MAX_OUTPUT: usize = 8 * 1024 * 1024;
+/// How much of stderr a failure reports.
+const STDERR_TAIL: usize = 2048;
+
+pub struct CommandAgent {
+    settings: CommandSettings,
+}
+
+impl CommandAgent {
+    pub fn new(settings: CommandSettings) -> Self {
+        Self { settings }
+    }
+
+    pub async fn run(
+        &self,
+        p: &Prepared<'_>,
+        events: &Events,
+        cancel: &CancellationToken,
+    ) -> Report {
+        let done = |output| Report {
+            output,
+            backend: NAME,
+            model: p.model.clone(),
+            context: None,
+        };
+        let dir = match WorkDir::prepare(p.job, p.data_dir).await {
+            Ok(d) => d,
+            Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
+        };
+        let before = GitSnapshot::take(&dir.path).await;
+        let prompt = format!("{}\n\n{}", p.profile.system_prompt, p.prompt);
+        let mut cmd = Command::new(&self.settings.program);
+        cmd.args(&self.settings.args)
+            .current_dir(&dir.path)
+            .envs(&self.settings.env)
+            .env("ORCH_ROLE", p.job.role.as_str())
+            .env(
+                "ORCH_JOB_KIND",
+                match p.job.kind {
+                    JobKind::Agent => "agent",
+                    JobKind::Plan => "plan",
+                },
+            )
+            .env("ORCH_TASK_ID", p.job.task_id.to_string())
+            .env("ORCH_JOB_ID", p.job.job_id.to_string())
+            .env("ORCH_WORKSPACE", &dir.path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(m) = &p.model {
+            cmd.env("ORCH_MODEL", m);
+        }
+        match self.settings.prompt {
+            PromptVia::Stdin => {
+                cmd.stdin(Stdio::piped());
+            }
+            PromptVia::Arg => {
+                cmd.arg(&prompt).stdin(Stdio::null());
+            }
+        }
+        process::isolate(&mut cmd);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                return done(AgentOutput::failure(
+                    FailureReason::Internal,
+                    format!("failed to start {}: {e}", self.settings.program.display()),
+                ));
+            }
+        };
+        let pgid = child.id();
+        let mut guard = process::TreeGuard::new(pgid);
+        events.send(EventKind::Thinking);
+        if let Some(mut stdin) = child.stdin.take() {
+            let prompt = prompt.clone();
+            // A program that never reads its stdin must not block us: write in the background.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(prompt.as_bytes()).await;
+                let _ = stdin.shutdown().await;
+            });
+        }
+        let stderr = child.stderr.take().map(|e| process::tail(e, STDERR_TAIL));
+        let mut stdout = child.stdout.take();
+        let read = async {
+            let mut out = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut out).await;
+            }
+            out
+        };
+        let (out, status) = tokio::select! {
+            out = read => (out, child.wait().await),
+            _ = cancel.cancelled() => {
+                process::terminate(&mut child, process::KILL_GRACE).await;
+                guard.disarm();
+                return done(AgentOutput::failure(FailureReason::Cancelled, "agent stopped"));
+            }
+        };
+        if let Some(pgid) = pgid {
+            process::kill_leftovers(pgid);
+        }
+        guard.disarm();
+        let err_tail = match stderr {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        let text = String::from_utf8_lossy(&out).trim().to_string();
+        let changed = git_changes(&dir.path, before.as_ref()).await;
+        let (files_read, files_written) = FileTracker::new(&dir.path).finish(changed);
+        let outcome = match status {
+            Ok(s) if s.success() && !text.is_empty() => Outcome::Success,
+            Ok(s) if s.success() => Outcome::Failure {
+                reason: FailureReason::AgentError,
+                message: format!(
+                    "{} wrote no answer on stdout",
+                    self.settings.program.display()
+                ),
+            },
+            Ok(s) => Outcome::Failure {
+                reason: FailureReason::AgentError,
+                message: format!(
+                    "{} exited with {s}{}",
+                    self.settings.program.display(),
+                    if err_tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {err_tail}")
+                    }
+                ),
+            },
+            Err(e) => Outcome::Failure {
+                reason: FailureReason::Internal,
+                message: format!(
+                    "failed to wait for {}: {e}",
+                    self.settings.program.display()
+                ),
+            },
+        };
+        if !text.is_empty() {
+            events.send(EventKind::Text { text: text.clone() });
+        }
+        done(AgentOutput {
+            outcome,
+            output: text,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            files_read,
+            files_written,
+        })
+    }
+}

@@ -1,0 +1,348 @@
+//! Where an agent works and what it touched.
+//!
+//! A job's workspace is a local path the worker can see (`Workspace::Local`), or a fresh scratch
+//! directory under the worker's data directory, removed when the job ends.
+//!
+//! Files read and written come from what really happened: the paths of the file tools the agent
+//! called that succeeded (Read; Write, Edit, MultiEdit, NotebookEdit), and, when the workspace
+//! is in a git repository, the entries of `git status --porcelain` that appeared or changed
+//! between before and after the run (which also catches files a shell command wrote or deleted).
+
+use orch_shared::job::{FailureReason, JobSpec, Workspace};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+use tokio::process::Command;
+
+/// Above this many dirty entries the git comparison is skipped (tool paths still count).
+const MAX_GIT_ENTRIES: usize = 20_000;
+
+/// The directory an agent runs in.
+#[derive(Debug)]
+pub struct WorkDir {
+    pub path: PathBuf,
+    scratch: bool,
+}
+
+impl WorkDir {
+    /// The job's workspace: its local path, which must exist on this worker, or a fresh
+    /// scratch directory `<data_dir>/scratch/<job>-<attempt>`.
+    pub async fn prepare(
+        job: &JobSpec,
+        data_dir: &Path,
+    ) -> Result<WorkDir, (FailureReason, String)> {
+        match &job.workspace {
+            Workspace::Local { path } => {
+                let p = PathBuf::from(path);
+                match tokio::fs::metadata(&p).await {
+                    Ok(m) if m.is_dir() => Ok(WorkDir {
+                        path: p,
+                        scratch: false,
+                    }),
+                    Ok(_) => Err((
+                        FailureReason::BadRequest,
+                        format!("workspace {path} is not a directory on this worker"),
+                    )),
+                    Err(e) => Err((
+                        FailureReason::BadRequest,
+                        format!("workspace {path} is not visible on this worker: {e}"),
+                    )),
+                }
+            }
+            Workspace::Scratch => {
+                let p = data_dir
+                    .join("scratch")
+                    .join(format!("{}-{}", job.job_id, job.attempt));
+                // A redelivered attempt starts clean.
+                let _ = tokio::fs::remove_dir_all(&p).await;
+                tokio::fs::create_dir_all(&p).await.map_err(|e| {
+                    (
+                        FailureReason::Internal,
+                        format!(
+                            "failed to create the scratch workspace {}: {e}",
+                            p.display()
+                        ),
+                    )
+                })?;
+                Ok(WorkDir {
+                    path: p,
+                    scratch: true,
+                })
+            }
+        }
+    }
+
+    pub fn is_scratch(&self) -> bool {
+        self.scratch
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.scratch {
+            return;
+        }
+        let path = self.path.clone();
+        // Removing a big tree blocks: do it off the async threads when there is a runtime.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || {
+                    let _ = std::fs::remove_dir_all(&path);
+                });
+            }
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// Files an agent read and wrote, from its tool calls.
+#[derive(Debug)]
+pub struct FileTracker {
+    root: PathBuf,
+    /// The root with symlinks resolved, as git reports it.
+    canonical: Option<PathBuf>,
+    pending: HashMap<String, (Access, String)>,
+    read: BTreeSet<String>,
+    written: BTreeSet<String>,
+}
+
+impl FileTracker {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            canonical: std::fs::canonicalize(root).ok().filter(|c| c != root),
+            pending: HashMap::new(),
+            read: BTreeSet::new(),
+            written: BTreeSet::new(),
+        }
+    }
+
+    /// A path as reported: relative to the workspace when inside it, else absolute.
+    fn display(&self, path: &str) -> String {
+        let p = Path::new(path);
+        let abs = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.root.join(p)
+        };
+        for root in std::iter::once(&self.root).chain(self.canonical.as_ref()) {
+            if let Ok(rel) = abs.strip_prefix(root)
+                && !rel.as_os_str().is_empty()
+            {
+                return rel.display().to_string();
+            }
+        }
+        abs.display().to_string()
+    }
+
+    /// The agent called a tool; a file tool's path counts once its result says it worked.
+    pub fn on_call(&mut self, call_id: &str, name: &str, input: &Value) {
+        let (access, key) = match name {
+            "Read" | "NotebookRead" => (Access::Read, "file_path"),
+            "Write" | "Edit" | "MultiEdit" => (Access::Write, "file_path"),
+            "NotebookEdit" => (Access::Write, "notebook_path"),
+            _ => return,
+        };
+        let path = input
+            .get(key)
+            .or_else(|| input.get("file_path"))
+            .and_then(Value::as_str);
+        if let Some(path) = path.filter(|p| !p.is_empty()) {
+            let shown = self.display(path);
+            self.pending.insert(call_id.to_string(), (access, shown));
+        }
+    }
+
+    /// A tool answered.
+    pub fn on_result(&mut self, call_id: &str, is_error: bool) {
+        if let Some((access, path)) = self.pending.remove(call_id)
+            && !is_error
+        {
+            match access {
+                Access::Read => self.read.insert(path),
+                Access::Write => self.written.insert(path),
+            };
+        }
+    }
+
+    /// `(files read, files written)`: a file both read and written counts as written; `git`
+    /// adds the paths it saw change.
+    pub fn finish(mut self, git_changed: Vec<String>) -> (Vec<String>, Vec<String>) {
+        for p in git_changed {
+            let shown = self.display(&p);
+            self.written.insert(shown);
+        }
+        let read = self
+            .read
+            .iter()
+            .filter(|p| !self.written.contains(*p))
+            .cloned()
+            .collect();
+        (read, self.written.into_iter().collect())
+    }
+}
+
+/// One `git status` entry: its two-letter status and the file's size and modification time.
+type Entry = (String, Option<(u64, SystemTime)>);
+
+/// The dirty files of the repository holding a workspace, by absolute path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GitSnapshot {
+    entries: BTreeMap<PathBuf, Entry>,
+}
+
+async fn git(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
+impl GitSnapshot {
+    /// The snapshot of `dir`'s repository; `None` when `dir` is not in one (or git is
+    /// missing, or too much is dirty to compare).
+    pub async fn take(dir: &Path) -> Option<GitSnapshot> {
+        let top = git(dir, &["rev-parse", "--show-toplevel"]).await?;
+        let top = PathBuf::from(String::from_utf8_lossy(&top).trim());
+        let raw = git(
+            dir,
+            &["status", "--porcelain=v1", "-z", "--untracked-files=all"],
+        )
+        .await?;
+        let mut entries = BTreeMap::new();
+        let mut fields = raw.split(|b| *b == 0).filter(|f| !f.is_empty());
+        while let Some(field) = fields.next() {
+            if field.len() < 4 {
+                continue;
+            }
+            let status = String::from_utf8_lossy(&field[..2]).to_string();
+            let path = top.join(String::from_utf8_lossy(&field[3..]).as_ref());
+            if status.contains('R') || status.contains('C') {
+                // A rename or copy is followed by its source path.
+                fields.next();
+            }
+            let meta = std::fs::symlink_metadata(&path)
+                .ok()
+                .map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+            entries.insert(path, (status, meta));
+            if entries.len() > MAX_GIT_ENTRIES {
+                tracing::debug!(dir = %dir.display(), "too many dirty files to track changes with git");
+                return None;
+            }
+        }
+        Some(GitSnapshot { entries })
+    }
+
+    /// Paths whose status or content changed from `self` to `after` (absolute).
+    pub fn changed(&self, after: &GitSnapshot) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for (path, entry) in &after.entries {
+            if self.entries.get(path) != Some(entry) {
+                out.insert(path.display().to_string());
+            }
+        }
+        for path in self.entries.keys() {
+            if !after.entries.contains_key(path) {
+                out.insert(path.display().to_string());
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// What changed in `dir`'s repository between `before` and now.
+pub async fn git_changes(dir: &Path, before: Option<&GitSnapshot>) -> Vec<String> {
+    let Some(before) = before else {
+        return vec![];
+    };
+    match GitSnapshot::take(dir).await {
+        Some(after) => before.changed(&after),
+        None => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn only_file_tools_that_succeeded_count() {
+        let mut t = FileTracker::new(Path::new("/ws"));
+        t.on_call("1", "Read", &json!({"file_path": "/ws/src/a.rs"}));
+        t.on_call(
+            "2",
+            "Write",
+            &json!({"file_path": "/ws/src/b.rs", "content": ""}),
+        );
+        t.on_call("3", "Edit", &json!({"file_path": "/etc/hosts"}));
+        t.on_call("4", "NotebookEdit", &json!({"notebook_path": "nb.ipynb"}));
+        t.on_call("5", "Bash", &json!({"command": "cat /ws/x"}));
+        t.on_call("6", "MultiEdit", &json!({"file_path": "/ws/src/a.rs"}));
+        for (id, err) in [
+            ("1", false),
+            ("2", false),
+            ("3", true),
+            ("4", false),
+            ("5", false),
+            ("6", false),
+        ] {
+            t.on_result(id, err);
+        }
+        let (read, written) = t.finish(vec!["/ws/out.txt".into()]);
+        assert!(read.is_empty(), "a.rs was read then written: {read:?}");
+        assert_eq!(written, ["nb.ipynb", "out.txt", "src/a.rs", "src/b.rs"]);
+    }
+
+    #[tokio::test]
+    async fn git_sees_files_a_shell_wrote_changed_or_deleted() {
+        let dir = std::env::temp_dir().join(format!("orch-git-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sh = |script: &str| {
+            let ok = std::process::Command::new("sh")
+                .args(["-c", script])
+                .current_dir(&dir)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "{script}");
+        };
+        sh(
+            "git init -q . && git config user.email t@t && git config user.name t \
+            && echo a > a.txt && echo b > b.txt && echo d > dirty.txt \
+            && git add . && git commit -qm init && echo changed-before > dirty.txt",
+        );
+        let before = GitSnapshot::take(&dir).await.unwrap();
+        sh("echo new > new.txt && rm b.txt && sleep 0.01 && echo again >> dirty.txt");
+        let mut changed = git_changes(&dir, Some(&before)).await;
+        changed.iter_mut().for_each(|p| {
+            *p = Path::new(p)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string()
+        });
+        assert_eq!(changed, ["b.txt", "dirty.txt", "new.txt"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(GitSnapshot::take(&dir).await.is_none(), "not a repository");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
