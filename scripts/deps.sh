@@ -75,7 +75,7 @@ if [ "$(basename "$0")" = test ]; then
     [ -x /usr/bin/chromium ] || { echo "chromium is still missing after apt-get install" >&2; exit 1; }
   fi
   _orch_pw_want=$(sed -n 's/.*"playwright-core": *"\([^"]*\)".*/\1/p' tests/browser/package.json)
-  _orch_pw_have=$(sed -n 's/^  "version": *"\([^"]*\)".*/\1/p' tests/browser/node_modules/playwright-core/package.json 2>/dev/null)
+  _orch_pw_have=$(sed -n 's/^  "version": *"\([^"]*\)".*/\1/p' tests/browser/node_modules/playwright-core/package.json 2>/dev/null || true)
   if [ "$_orch_pw_want" != "$_orch_pw_have" ]; then
     if ! command -v npm >/dev/null 2>&1; then
       echo "installing npm (Debian) for the dashboard's browser tests..." >&2
