@@ -51,7 +51,7 @@ APP_METRICS = {
     "orch_tokens_total", "orch_cost_usd_total", "orch_http_errors_total",
     "orch_worker_jobs_started_total", "orch_worker_jobs_finished_total",
     "orch_worker_jobs_redelivered_total", "orch_worker_jobs_handed_back_total",
-    "orch_worker_slots_busy", "orch_worker_slots_total",
+    "orch_worker_slots_busy", "orch_worker_slots_total", "orch_coordinator_leader",
 }
 # The two "histograms" are exported as Prometheus summaries: quantile label, _sum and _count.
 SUMMARIES = {"orch_job_duration_seconds", "orch_dispatch_latency_seconds"}
@@ -479,7 +479,7 @@ def check_rules(pr: dict, values: dict) -> None:
             assert rule["annotations"]["summary"] and rule["annotations"]["description"], "annotations"
             alerts[rule["alert"]] = rule["expr"]
     prom = values["monitoring"]["prometheusRule"]
-    expected = {"OrchestratorCoordinatorDown", "OrchestratorWorkersSaturated", "OrchestratorDispatchLatencyHigh",
+    expected = {"OrchestratorCoordinatorDown", "OrchestratorNoLeader", "OrchestratorWorkersSaturated", "OrchestratorDispatchLatencyHigh",
                 "OrchestratorJobFailureRateHigh", "OrchestratorJobsRedelivered"}
     scale_to_zero = values["autoscaling"]["mode"] == "keda" and values["autoscaling"]["minReplicas"] == 0
     if prom["natsExporter"] or not scale_to_zero:
@@ -539,8 +539,8 @@ def check_combo_specifics(name: str, docs: list[dict], values: dict) -> None:
     wenv = env_of(container(worker, "worker"))
     assert cenv["ORCH_NATS_URL"]["value"] == wenv["ORCH_NATS_URL"]["value"], "coordinator and workers use different NATS"
     assert cenv["ORCH_REDIS_URL"]["value"] == wenv["ORCH_REDIS_URL"]["value"], "coordinator and workers use different Redis"
-    assert coord["spec"]["replicas"] == values["coordinator"]["replicas"] == 1, "coordinator replicas must default to 1"
-    assert coord["spec"]["strategy"]["type"] == "Recreate", "two coordinators must not overlap during an update"
+    assert coord["spec"]["replicas"] == values["coordinator"]["replicas"] == 2, "coordinator replicas default to 2 (leader + standby)"
+    assert coord["spec"]["strategy"]["type"] == "RollingUpdate", "standbys forward writes: replicas may overlap during an update"
     nats_url = cenv["ORCH_NATS_URL"]["value"]
     redis_url = cenv["ORCH_REDIS_URL"]["value"]
     if name in ("defaults", "keda", "hpa", "dev"):
@@ -767,7 +767,12 @@ def pod_env(c: dict, port: int) -> dict[str, str]:
         if "value" in e:
             value = re.sub(r"\$\(([A-Z_]+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
         elif "secretKeyRef" in e["valueFrom"]:
-            value = "0123456789abcdef0123456789abcdef" if e["name"] == "ORCH_TOKEN" else "stand-in-" + e["name"].lower()
+            if e["name"] == "ORCH_TOKEN":
+                value = "0123456789abcdef0123456789abcdef"
+            elif e["name"].endswith("_URL"):
+                value = "https://stand-in.invalid/" + e["name"].lower()
+            else:
+                value = "stand-in-" + e["name"].lower()
         elif "fieldRef" in e["valueFrom"]:
             value = f"{RELEASE}-orchestrator-worker-5d9f8-x2x7q"
         else:

@@ -54,14 +54,147 @@ pub struct App {
 }
 
 impl App {
-    /// What writes need; a standby answers 503 so the client retries on the leader.
+    /// What writes need. A standby forwards writes to the leader before they get here, so
+    /// this fails only while no replica leads (an election in progress).
     fn effects(&self) -> Answer<&driver::Effects> {
-        self.effects.get().filter(|_| *self.leader.borrow()).ok_or_else(|| {
+        self.effects.get().filter(|_| self.leads()).ok_or_else(|| {
             Failure(ApiError::new(
                 ErrorCode::Unavailable,
-                "this coordinator is a standby; writes go to the leader (retry, or use the leader's address)",
+                "no coordinator leads right now (an election is in progress); retry in a few seconds",
             ))
         })
+    }
+
+    fn leads(&self) -> bool {
+        *self.leader.borrow() && self.effects.get().is_some()
+    }
+}
+
+/// Writes that reach a standby are answered by the leader: the request goes over NATS, the
+/// leader runs it through its own router and the answer comes back unchanged. Reads are
+/// served locally (every replica reads the same Redis and JetStream).
+async fn forward_writes(AxumState(app): AxumState<App>, req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::GET || app.leads() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return Failure(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("body: larger than the limit of {MAX_BODY_BYTES} bytes"),
+            ))
+            .into_response();
+        }
+    };
+    let forwarded = crate::transport::Forwarded {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                matches!(name.as_str(), "authorization" | "content-type" | "cookie")
+                    || name.as_str() == crate::web::CSRF_HEADER
+            })
+            .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        body: body.to_vec(),
+    };
+    match app.transport.ask_leader(&forwarded).await {
+        Ok(reply) => {
+            let mut response = Response::new(axum::body::Body::from(reply.body));
+            *response.status_mut() =
+                StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            if let Some(ct) = reply
+                .content_type
+                .and_then(|c| header::HeaderValue::from_str(&c).ok())
+            {
+                response.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            response
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not forward a write to the leader");
+            Failure(ApiError::new(
+                ErrorCode::Unavailable,
+                "no coordinator leads right now (an election is in progress); retry in a few seconds",
+            ))
+            .into_response()
+        }
+    }
+}
+
+/// Answers forwarded writes with `router` (the leader's own), until `cancel`.
+pub async fn serve_forwarded(
+    app: App,
+    cancel: CancellationToken,
+) -> Result<(), crate::transport::Error> {
+    use tower::ServiceExt;
+    let mut sub = app.transport.forwarded().await?;
+    let router = router(app.clone());
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let (router, transport) = (router.clone(), app.transport.clone());
+        tokio::spawn(async move {
+            let answer = match serde_json::from_slice::<crate::transport::Forwarded>(&msg.payload) {
+                Ok(f) => {
+                    let mut builder = axum::http::Request::builder()
+                        .method(f.method.as_str())
+                        .uri(f.path.as_str());
+                    for (n, v) in &f.headers {
+                        builder = builder.header(n.as_str(), v.as_str());
+                    }
+                    match builder.body(axum::body::Body::from(f.body)) {
+                        Ok(req) => match router.oneshot(req).await {
+                            Ok(resp) => {
+                                let status = resp.status().as_u16();
+                                let content_type = resp
+                                    .headers()
+                                    .get(header::CONTENT_TYPE)
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_string);
+                                let body = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024)
+                                    .await
+                                    .map(|b| b.to_vec())
+                                    .unwrap_or_default();
+                                crate::transport::ForwardedReply {
+                                    status,
+                                    content_type,
+                                    body,
+                                }
+                            }
+                            Err(never) => match never {},
+                        },
+                        Err(_) => bad_forward(),
+                    }
+                }
+                Err(_) => bad_forward(),
+            };
+            transport.answer(reply_to, &answer).await;
+        });
+    }
+}
+
+fn bad_forward() -> crate::transport::ForwardedReply {
+    crate::transport::ForwardedReply {
+        status: 400,
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(&ApiError::new(
+            ErrorCode::MalformedBody,
+            "body: unreadable forwarded request",
+        ))
+        .unwrap_or_default(),
     }
 }
 
@@ -231,7 +364,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/workers", get(workers))
         .route("/v1/task-types", get(task_types))
         .merge(crate::history::routes())
-        .layer(middleware::from_fn_with_state(app.clone(), authenticate));
+        .layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(app.clone(), forward_writes));
     Router::new()
         .merge(v1)
         .route("/healthz", get(|| async { "ok" }))
@@ -815,10 +949,9 @@ async fn task_types() -> axum::Json<Vec<TaskType>> {
 async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readiness>) {
     let nats = app.transport.is_connected();
     let redis = app.state.ping().await;
-    let leader = *app.leader.borrow() && app.effects.get().is_some();
-    // Ready means "send me traffic": only the leader takes writes, so a standby is not ready
-    // (a Service then routes to the leader alone; reads work on both when addressed directly).
-    let ready = nats && redis && leader;
+    let leader = app.leads();
+    // Every replica takes traffic: a standby serves reads and forwards writes to the leader.
+    let ready = nats && redis;
     let status = if ready {
         StatusCode::OK
     } else {

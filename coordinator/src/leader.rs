@@ -50,6 +50,7 @@ pub async fn campaign(
                 Ok(true) => {
                     tracing::info!(%id, "this coordinator is the leader");
                     renewed_at = Some(Instant::now());
+                    metrics::gauge!(crate::metrics::LEADER).set(1.0);
                     let _ = leader.send(true);
                 }
                 Ok(false) => {}

@@ -152,6 +152,7 @@ pub async fn run(
         metrics,
         shutdown: shutdown.clone(),
     };
+    let forward_app = app.clone();
     let server_cancel = shutdown.clone();
     let serve = tracker.spawn(async move {
         axum::serve(listener, api::router(app))
@@ -194,6 +195,13 @@ pub async fn run(
     };
     resume(&effects).await?;
     let _ = effects_cell.set(effects);
+    // Standbys forward the writes they receive: answer them.
+    let forward_cancel = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = api::serve_forwarded(forward_app, forward_cancel).await {
+            tracing::error!(error = %e, "cannot answer writes forwarded by standbys");
+        }
+    });
 
     let mut results = Box::pin(transport.results().await?);
     let results_driver = driver.clone();

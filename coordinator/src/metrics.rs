@@ -14,6 +14,7 @@ pub const COST_USD: &str = "orch_cost_usd_total";
 pub const RESULTS_IGNORED: &str = "orch_results_ignored_total";
 pub const HTTP_ERRORS: &str = "orch_http_errors_total";
 pub const JOBS_WAITING: &str = "orch_jobs_waiting";
+pub const LEADER: &str = "orch_coordinator_leader";
 pub const ADMISSION_CAP: &str = "orch_admission_cap";
 
 // Sampled every few seconds by `sampler` (gauges), or counted from job events (counters).
@@ -67,6 +68,11 @@ pub fn describe() {
         "Results not applied because they were stale or duplicates"
     );
     describe_counter!(HTTP_ERRORS, "HTTP requests answered with an error, by code");
+    describe_gauge!(
+        LEADER,
+        "1 while this coordinator replica holds the leader lease (dispatches), else 0"
+    );
+    metrics::gauge!(LEADER).set(0.0);
     describe_gauge!(
         JOBS_WAITING,
         "Ready jobs held back by the cluster cap, a rate limit or the daily budget"

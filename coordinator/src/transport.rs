@@ -59,6 +59,26 @@ impl ResultDelivery {
     }
 }
 
+/// Core NATS subject on which the leader answers writes that standbys received.
+const LEADER_HTTP: &str = "orch.leader.http";
+
+/// An HTTP write a standby forwards to the leader.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Forwarded {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The leader's answer to a [`Forwarded`] write.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ForwardedReply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
 /// A message for [`Transport::publish_all`].
 pub enum Outgoing {
     Job(JobSpec),
@@ -407,6 +427,41 @@ impl Transport {
     /// Every stored job result, oldest first.
     pub async fn all_results(&self) -> Result<Vec<JobResult>, Error> {
         self.read_all(subject::RESULTS_STREAM).await
+    }
+
+    /// Sends a write a standby received to the leader and waits for its answer.
+    pub async fn ask_leader(&self, request: &Forwarded) -> Result<ForwardedReply, Error> {
+        let err = |e: async_nats::Error| Error::Publish {
+            subject: LEADER_HTTP.into(),
+            source: e,
+        };
+        let body = serde_json::to_vec(request).map_err(|e| err(e.into()))?;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.client.request(LEADER_HTTP, body.into()),
+        )
+        .await
+        .map_err(|e| err(e.into()))?
+        .map_err(|e| err(e.into()))?;
+        serde_json::from_slice(&reply.payload).map_err(|e| err(e.into()))
+    }
+
+    /// Writes forwarded by standbys (the leader answers them; one leader, so one queue group).
+    pub async fn forwarded(&self) -> Result<async_nats::Subscriber, Error> {
+        self.client
+            .queue_subscribe(LEADER_HTTP, "leader".into())
+            .await
+            .map_err(|e| Error::Read {
+                what: "forwarded writes".into(),
+                source: e.into(),
+            })
+    }
+
+    /// Answers a forwarded write.
+    pub async fn answer(&self, reply_to: async_nats::Subject, reply: &ForwardedReply) {
+        if let Ok(body) = serde_json::to_vec(reply) {
+            let _ = self.client.publish(reply_to, body.into()).await;
+        }
     }
 
     /// Flushes buffered messages before shutdown.

@@ -146,12 +146,12 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     .await;
     let (mut standby, standby_url) = cluster.start_standby();
     let http = reqwest::Client::new();
-    // The standby answers reads but is not ready, and refuses writes.
+    // The standby is ready (it serves reads and forwards writes) but does not lead.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (status, v) = readiness(&http, &standby_url).await;
-        if status == 503 && v["nats"] == true && v["redis"] == true {
-            assert_eq!(v["leader"], false);
+        if status == 200 {
+            assert_eq!(v["leader"], false, "{v}");
             break;
         }
         assert!(Instant::now() < deadline, "standby never came up: {v}");
@@ -176,21 +176,40 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         .await
         .unwrap();
     assert_eq!(read.status(), 200, "reads work on the standby");
+    // A write sent to the standby is carried out by the leader.
     let write = http
         .post(format!("{standby_url}/v1/tasks"))
         .bearer_auth(orch_tests::TOKEN)
-        .json(&json!({"prompt": "x"}))
+        .json(&json!({"prompt": "via the standby", "roles": ["builder"]}))
         .send()
         .await
         .unwrap();
-    assert_eq!(write.status(), 503, "a standby refuses writes");
+    assert_eq!(
+        write.status(),
+        201,
+        "a standby forwards writes to the leader"
+    );
+    let forwarded: serde_json::Value = write.json().await.unwrap();
+    ids.push(forwarded["id"].as_str().unwrap().to_string());
+    let bad = http
+        .post(format!("{standby_url}/v1/tasks"))
+        .bearer_auth(orch_tests::TOKEN)
+        .json(&json!({"prompt": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        bad.status(),
+        400,
+        "the leader's validation errors come back unchanged"
+    );
 
     // The leader dies mid-run; the standby takes over and finishes every task.
     cluster.coordinator.signal(libc::SIGKILL);
     let killed = Instant::now();
     loop {
-        let (status, _) = readiness(&http, &standby_url).await;
-        if status == 200 {
+        let (_, v) = readiness(&http, &standby_url).await;
+        if v["leader"] == true {
             break;
         }
         assert!(

@@ -177,6 +177,18 @@ impl Runner {
         while let Ok(kind) = rx.try_recv() {
             self.send(&job, kind, &mut pending).await;
         }
+        // The drain deadline also cancels the agent, which may then report "cancelled" before
+        // the deadline branch is seen: that is a hand-back, not the job's outcome.
+        let output = output.filter(|r| {
+            !(hard_stop.is_cancelled()
+                && matches!(
+                    r.output.outcome,
+                    Outcome::Failure {
+                        reason: FailureReason::Cancelled,
+                        ..
+                    }
+                ))
+        });
         let Some(report) = output else {
             tracing::warn!("drain deadline reached; handing the job back");
             self.hand_back(&job).await;
