@@ -6,7 +6,7 @@
 //! - [`config`]: flags, environment and config file.
 //! - [`transport`]: the only code that knows NATS subjects and bytes.
 //! - [`state`]: the only code that knows Redis keys (registry, done markers).
-//! - [`agent`]: the agent backends behind one trait (`sim` for now).
+//! - [`agent`]: the agent backends behind one trait (sim, claude-code, anthropic, openai, command).
 //! - [`runner`]: one job from pull to ack.
 //! - [`metrics`]: metric names.
 
