@@ -390,12 +390,22 @@ async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
     let all: Vec<String> = before.iter().chain(&during).cloned().collect();
     let ledger = check(&cluster, &all).await;
     assert_clean(&ledger, &cluster);
-    let (_, list) = cluster.get("/v1/tasks?limit=100").await;
-    assert_eq!(
-        list["tasks"].as_array().unwrap().len(),
-        25,
-        "the history index was rebuilt"
-    );
+    // Every task is back in the history index: page through it.
+    let mut listed = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/tasks?limit=100&cursor={c}"),
+            None => "/v1/tasks?limit=100".to_string(),
+        };
+        let (_, page) = cluster.get(&path).await;
+        listed += page["tasks"].as_array().unwrap().len();
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(listed, all.len(), "the history index was rebuilt");
     assert!(orch_tests::log_contains(
         &cluster.coordinator.log,
         "Redis rebuilt from the durable log"
