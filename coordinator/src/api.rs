@@ -17,6 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use backon::Retryable;
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use orch_shared::api::{
@@ -105,7 +106,25 @@ async fn forward_writes(AxumState(app): AxumState<App>, req: Request, next: Next
             .collect(),
         body: body.to_vec(),
     };
-    match app.transport.ask_leader(&forwarded).await {
+    // During an election (or the first second of a cluster) nobody answers yet: keep asking
+    // for a few seconds rather than failing the write.
+    let ask = || app.transport.ask_leader(&forwarded);
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(35),
+        ask.retry(
+            backon::ConstantBuilder::default()
+                .with_delay(std::time::Duration::from_millis(200))
+                .with_max_times(40),
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(crate::transport::Error::Read {
+            what: "the leader's answer".into(),
+            source: "timed out".into(),
+        })
+    });
+    match answer {
         Ok(reply) => {
             let mut response = Response::new(axum::body::Body::from(reply.body));
             *response.status_mut() =

@@ -707,3 +707,31 @@ impl Cluster {
 pub mod claude_cli;
 pub mod fake_anthropic;
 pub mod fake_openai;
+
+/// `orchctl` with a private, empty ORCH_HOME so no user config leaks in.
+pub fn orchctl(home: &Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("orchctl"));
+    cmd.env("ORCH_HOME", home)
+        .env_remove("ORCH_SERVER")
+        .env_remove("ORCH_TOKEN")
+        .env_remove("ORCH_CONFIG")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// `orchctl` pointed at `cluster` with its admin token.
+pub fn orchctl_against(cluster: &Cluster, home: &Path) -> Command {
+    let mut cmd = orchctl(home);
+    cmd.args(["--server", &cluster.url, "--token", TOKEN]);
+    cmd
+}
+
+/// Runs a command: (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("the command runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

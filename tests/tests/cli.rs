@@ -2,38 +2,7 @@
 //! failed, 2 bad input) and `local up` / `local down`.
 
 use orch_shared::api::{Task, TaskList, TaskStatus, WorkerList};
-use orch_tests::{Cluster, Options, TOKEN, workspace_bin};
-use std::process::{Command, Output};
-
-/// `orchctl` with a private, empty ORCH_HOME so no user config leaks in.
-fn orchctl(home: &std::path::Path) -> Command {
-    let mut cmd = Command::new(workspace_bin("orchctl"));
-    cmd.env("ORCH_HOME", home)
-        .env_remove("ORCH_SERVER")
-        .env_remove("ORCH_TOKEN")
-        .env_remove("ORCH_CONFIG")
-        .env("NO_COLOR", "1");
-    cmd
-}
-
-fn run(cmd: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().expect("orchctl runs");
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
-}
-
-fn against(cluster: &Cluster, home: &std::path::Path) -> Command {
-    let mut cmd = orchctl(home);
-    cmd.args(["--server", &cluster.url, "--token", TOKEN]);
-    cmd
-}
+use orch_tests::{Cluster, Options, orchctl, orchctl_against as against, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_follow_prints_the_result_and_exit_codes_follow_the_task() {

@@ -7,45 +7,17 @@ use orch_shared::api::{Task, TaskList, TaskStatus};
 use orch_shared::report::{
     AgentDetail, AgentList, AgentSummary, CleanReport, ClusterStatus, CostReport, EventRow,
 };
-use orch_tests::{Cluster, Options, TOKEN, workspace_bin};
+use orch_tests::{
+    Cluster, Options, TOKEN, orchctl, orchctl_against as against, run, workspace_bin,
+};
 use serde_json::json;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// `orchctl` with a private, empty ORCH_HOME so no user config leaks in.
-fn orchctl(home: &Path) -> Command {
-    let mut cmd = Command::new(workspace_bin("orchctl"));
-    cmd.env("ORCH_HOME", home)
-        .env_remove("ORCH_SERVER")
-        .env_remove("ORCH_TOKEN")
-        .env_remove("ORCH_CONFIG")
-        .env("NO_COLOR", "1");
-    cmd
-}
-
-fn against(cluster: &Cluster, home: &Path) -> Command {
-    let mut cmd = orchctl(home);
-    cmd.args(["--server", &cluster.url, "--token", TOKEN]);
-    cmd
-}
 
 /// Runs `orchctl ARGS` against the cluster: (exit code, stdout, stderr).
 fn ctl(cluster: &Cluster, home: &Path, args: &[&str]) -> (i32, String, String) {
     run(against(cluster, home).args(args))
-}
-
-fn run(cmd: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().expect("orchctl runs");
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
 }
 
 /// Runs `orchctl ARGS`, asserts it exited 0 and parses its stdout as JSON.

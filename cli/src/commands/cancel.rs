@@ -1,10 +1,8 @@
 //! `orchctl cancel TASK_ID`: stop a task; running agents are stopped within a second.
 
-use crate::commands::{Ctx, failure};
-use crate::output;
+use crate::commands::{Ctx, print_task_or_missing};
 use anyhow::Context as _;
 use orch_shared::ids::TaskId;
-use std::io::Write;
 use std::process::ExitCode;
 
 const EXAMPLES: &str = "\
@@ -22,20 +20,6 @@ pub struct Args {
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     let id: TaskId = args.id.parse().context("invalid task id")?;
-    let task = match ctx.client()?.cancel(id).await {
-        Ok(task) => task,
-        Err(e) if e.is_not_found() => {
-            let _ = writeln!(std::io::stderr(), "task {id} not found");
-            return Ok(failure());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = std::io::stdout().lock();
-    if ctx.json() {
-        output::json(&mut out, &task)?;
-    } else {
-        output::task_brief(&mut out, &task)?;
-    }
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    let answer = ctx.client()?.cancel(id).await;
+    print_task_or_missing(ctx, answer, format!("task {id} not found"))
 }

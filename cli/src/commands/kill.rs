@@ -1,10 +1,8 @@
 //! `orchctl kill AGENT_ID`: stop one agent (its job is cancelled and never redelivered).
 
-use crate::commands::{Ctx, failure};
-use crate::output;
+use crate::commands::{Ctx, print_task_or_missing};
 use anyhow::Context as _;
 use orch_shared::ids::JobId;
-use std::io::Write;
 use std::process::ExitCode;
 
 const EXAMPLES: &str = "\
@@ -23,20 +21,6 @@ pub struct Args {
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     let id: JobId = args.id.parse().context("invalid agent id")?;
-    let task = match ctx.client()?.kill(id).await {
-        Ok(task) => task,
-        Err(e) if e.is_not_found() => {
-            let _ = writeln!(std::io::stderr(), "agent {id} not found");
-            return Ok(failure());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = std::io::stdout().lock();
-    if ctx.json() {
-        output::json(&mut out, &task)?;
-    } else {
-        output::task_brief(&mut out, &task)?;
-    }
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    let answer = ctx.client()?.kill(id).await;
+    print_task_or_missing(ctx, answer, format!("agent {id} not found"))
 }

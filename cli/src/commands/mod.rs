@@ -216,6 +216,32 @@ pub fn failure() -> ExitCode {
     ExitCode::from(1)
 }
 
+/// Prints the task a control verb (cancel, kill, dlq retry) returned, or `missing` on stderr
+/// with exit status 1 when the server says it does not exist.
+pub fn print_task_or_missing(
+    ctx: &Ctx,
+    answer: Result<orch_shared::api::Task, crate::client::Error>,
+    missing: impl std::fmt::Display,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let task = match answer {
+        Ok(task) => task,
+        Err(e) if e.is_not_found() => {
+            let _ = writeln!(std::io::stderr(), "{missing}");
+            return Ok(failure());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = std::io::stdout().lock();
+    if ctx.json() {
+        crate::output::json(&mut out, &task)?;
+    } else {
+        crate::output::task_brief(&mut out, &task)?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = Paths::from_env(cli.global.config.clone());
     let ctx = Ctx::new(cli.global, paths);
