@@ -411,6 +411,28 @@ impl Cluster {
         }
     }
 
+    /// Polls until job `step` of `task` runs; returns the index (in `workers`) of the worker
+    /// running it.
+    pub async fn running_on(&self, task: &str, step: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = self.task(task).await;
+            let job = &t.jobs[step];
+            if job.status == orch_shared::api::JobStatus::Running
+                && let Some(w) = &job.worker_id
+                && let Some(n) = w.0.strip_prefix("worker-").and_then(|n| n.parse().ok())
+            {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job never ran: {t:#?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `n` workers are registered.
     pub async fn wait_workers(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -225,24 +225,7 @@ async fn a_paused_worker_that_wakes_after_its_job_moved_on_is_fenced_out() {
         .submit(json!({"prompt": "slow", "roles": ["builder"], "sim": {"latency_ms": 3000}}))
         .await;
     let id = task.id.to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let victim = loop {
-        let t = cluster.task(&id).await;
-        if let Some(w) = t.jobs[0]
-            .worker_id
-            .as_ref()
-            .filter(|_| t.jobs[0].status == JobStatus::Running)
-        {
-            break w
-                .0
-                .strip_prefix("worker-")
-                .unwrap()
-                .parse::<usize>()
-                .unwrap();
-        }
-        assert!(Instant::now() < deadline, "the job never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let victim = cluster.running_on(&id, 0).await;
     cluster.workers[victim].signal(libc::SIGSTOP);
     // Past the ack wait JetStream gives the job to the other worker, which finishes it.
     let task = cluster.wait_task(&id, WAIT).await;

@@ -1,37 +1,11 @@
 //! Workers die and drain: a SIGKILLed worker's job completes elsewhere; SIGTERM finishes or
 //! hands back in-flight jobs and exits 0; nothing is lost.
 
-use orch_shared::api::{JobStatus, Task};
 use orch_tests::{Cluster, Options, assert_completed};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// Polls until the task's job `step` is running; returns the worker index running it.
-async fn running_on(cluster: &Cluster, task: &str, step: usize) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let t: Task = cluster.task(task).await;
-        let job = &t.jobs[step];
-        if job.status == JobStatus::Running
-            && let Some(w) = &job.worker_id
-        {
-            let id =
-                w.0.strip_prefix("worker-")
-                    .unwrap()
-                    .parse::<usize>()
-                    .unwrap();
-            return id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job never ran: {t:#?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
@@ -45,7 +19,7 @@ async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
         .submit(json!({"prompt": "build it", "roles": ["builder"], "sim": {"latency_ms": 3000}}))
         .await;
     let id = task.id.to_string();
-    let victim = running_on(&cluster, &id, 0).await;
+    let victim = cluster.running_on(&id, 0).await;
     cluster.workers[victim].signal(libc::SIGKILL);
     let task = cluster.wait_task(&id, WAIT).await;
     assert_completed(&cluster, &task);
@@ -78,7 +52,7 @@ async fn sigterm_lets_in_flight_jobs_finish_and_exits_zero() {
             .await;
         ids.push(t.id.to_string());
     }
-    let victim = running_on(&cluster, &ids[0], 0).await;
+    let victim = cluster.running_on(&ids[0], 0).await;
     let started = Instant::now();
     cluster.workers[victim].signal(libc::SIGTERM);
     let code = cluster.workers[victim].wait_exit(Duration::from_secs(30));
@@ -112,7 +86,7 @@ async fn sigterm_hands_back_a_job_that_outlives_the_grace_period() {
         .submit(json!({"prompt": "long job", "roles": ["builder"], "sim": {"latency_ms": 4000}}))
         .await;
     let id = task.id.to_string();
-    let victim = running_on(&cluster, &id, 0).await;
+    let victim = cluster.running_on(&id, 0).await;
     cluster.workers[victim].signal(libc::SIGTERM);
     assert_eq!(
         cluster.workers[victim].wait_exit(Duration::from_secs(15)),
