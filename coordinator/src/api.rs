@@ -14,7 +14,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as AxumState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use backon::Retryable;
@@ -710,14 +710,7 @@ async fn events(
     headers: HeaderMap,
 ) -> Answer<Response> {
     let task = load(&app, &id).await?;
-    let after = match headers.get("last-event-id") {
-        None => 0,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| ApiError::field("Last-Event-ID", "expected an event id (a number)"))?,
-    };
+    let after = crate::history::last_event_id(&headers)?;
     let stored = app.transport.task_events(task.id, after).await?;
     // Ends right after the terminal event, without waiting for another one.
     let stream =
@@ -729,15 +722,7 @@ async fn events(
             let last = transport::is_last(&e.event);
             Some((e, (stored, last)))
         })
-        .map(|e| {
-            let data = serde_json::to_string(&e.event).unwrap_or_default();
-            Ok::<_, Infallible>(
-                SseEvent::default()
-                    .id(e.seq.to_string())
-                    .event(e.event.kind.name())
-                    .data(data),
-            )
-        })
+        .map(|e| Ok::<_, Infallible>(crate::history::sse_event(&e)))
         .take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))

@@ -638,7 +638,7 @@ struct LogParams {
     follow: Option<bool>,
 }
 
-fn last_event_id(headers: &HeaderMap) -> Answer<u64> {
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Answer<u64> {
     match headers.get("last-event-id") {
         None => Ok(0),
         Some(v) => v
@@ -661,7 +661,7 @@ fn ends_agent_log(kind: &EventKind) -> bool {
     )
 }
 
-fn sse_event(e: &StoredEvent) -> SseEvent {
+pub(crate) fn sse_event(e: &StoredEvent) -> SseEvent {
     let data = serde_json::to_string(&e.event).unwrap_or_default();
     SseEvent::default()
         .id(e.seq.to_string())
