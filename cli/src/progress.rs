@@ -601,6 +601,11 @@ mod tests {
             model: None,
             context_tokens: None,
             context_window: None,
+            continues: None,
+            forked: false,
+            session_id: None,
+            diff: None,
+            git: None,
         }
     }
 
@@ -627,6 +632,7 @@ mod tests {
             cost_usd: 0.0,
             output: None,
             error: None,
+            branch: None,
         }
     }
 

@@ -237,6 +237,7 @@ fn running_marker(job: JobId) -> JobSpec {
         kind: Default::default(),
         constraints: vec![],
         sim: Default::default(),
+        session: None,
     }
 }
 

@@ -149,11 +149,11 @@ impl Effects {
         for action in actions {
             match action {
                 Action::Publish(spec) if self.admission.enabled() => {
-                    self.admission.offer(task_id, priority, spec);
+                    self.admission.offer(task_id, priority, *spec);
                 }
                 Action::Publish(spec) => {
                     jobs += 1;
-                    messages.push(Outgoing::Job(spec));
+                    messages.push(Outgoing::Job(*spec));
                 }
                 Action::Emit(job_id, kind) => messages.push(Outgoing::Event(Event {
                     task_id,

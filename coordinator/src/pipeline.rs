@@ -32,7 +32,7 @@ use orch_shared::role::Role;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Publish this job to the work queue.
-    Publish(JobSpec),
+    Publish(Box<JobSpec>),
     /// Append this event to the task's log (for `job`, or the task when `None`).
     Emit(Option<JobId>, EventKind),
     /// Call [`on_wake`] for this task at this time (a retry or the task deadline falls due).
@@ -117,6 +117,7 @@ pub fn new_task(
         cost_usd: 0.0,
         output: None,
         error: None,
+        branch: None,
     };
     let mut actions = vec![Action::Emit(
         None,
@@ -167,6 +168,11 @@ fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
         model: None,
         context_tokens: None,
         context_window: None,
+        continues: None,
+        forked: false,
+        session_id: None,
+        diff: None,
+        git: None,
     }
 }
 
@@ -276,6 +282,7 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         kind: job.kind,
         constraints: job.constraints.clone(),
         sim: task.sim.clone(),
+        session: None,
     }
 }
 
@@ -345,7 +352,7 @@ fn advance(task: &mut Task, now_ms: u64, actions: &mut Vec<Action>) {
                 step: job.step,
             },
         ));
-        actions.push(Action::Publish(job_spec(task, job)));
+        actions.push(Action::Publish(Box::new(job_spec(task, job))));
     }
     if let Some(why) = budget
         && in_flight(task) == 0
@@ -445,7 +452,7 @@ pub fn resume(task: &Task) -> Vec<Action> {
         .jobs
         .iter()
         .filter(|j| j.status == JobStatus::Queued)
-        .map(|j| Action::Publish(job_spec(task, j)))
+        .map(|j| Action::Publish(Box::new(job_spec(task, j))))
         .collect();
     actions.extend(
         task.jobs
@@ -600,7 +607,7 @@ pub fn on_wake(task: &mut Task, now_ms: u64) -> Vec<Action> {
                     step: job.step,
                 },
             ));
-            actions.push(Action::Publish(job_spec(task, job)));
+            actions.push(Action::Publish(Box::new(job_spec(task, job))));
         }
     }
     advance(task, now_ms, &mut actions);

@@ -87,6 +87,32 @@ pub struct SubmitTask {
     /// Which waiting jobs go first when the cluster is at its cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// A git repository the agents work in (a clone per job; see [`crate::job::GitJob`]).
+    /// Excludes `workspace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// The branch, tag or commit of `repo` to start from (default `HEAD`).
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+}
+
+/// `POST /v1/agents/{id}/send` and `POST /v1/agents/{id}/fork`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentMessage {
+    /// The user's next message to the agent.
+    pub message: String,
+}
+
+/// The reply to `send` and `fork`: the new turn runs as a new agent of the same task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentTurn {
+    pub task_id: TaskId,
+    /// The agent that runs the new turn.
+    pub agent_id: JobId,
+    /// The agent whose session it continues.
+    pub from: JobId,
+    pub fork: bool,
 }
 
 /// Dispatch priority of a task's jobs (used when the cluster-wide cap is reached).
@@ -316,6 +342,20 @@ pub struct Job {
     pub context_tokens: Option<u64>,
     #[serde(default)]
     pub context_window: Option<u64>,
+    /// This agent continues another one's conversation (a `send`, or a `fork` when `forked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues: Option<JobId>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forked: bool,
+    /// The backend's conversation id, when the agent's session is stored in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// What the agent changed, as a unified diff (see [`crate::job::MAX_DIFF_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+    /// For a git workspace: the branch and commit the agent pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<crate::job::GitOutcome>,
 }
 
 /// A task and its jobs (`GET /v1/tasks/{id}`, and the reply to `POST /v1/tasks`).
@@ -359,6 +399,9 @@ pub struct Task {
     pub output: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// For a git workspace: the task branch holding the agents' merged work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
 }
 
 impl Task {

@@ -38,6 +38,20 @@ pub struct JobSpec {
     /// Parameters of the `sim` backend; ignored by the others.
     #[serde(default)]
     pub sim: SimParams,
+    /// This job is a further turn of an earlier agent's conversation (`orchctl agents send`
+    /// or `fork`): the worker restores that agent's stored session before running `prompt`.
+    #[serde(default)]
+    pub session: Option<SessionRef>,
+}
+
+/// Which stored session a job continues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRef {
+    /// The agent (job) whose session, as stored after its last turn, this job starts from.
+    pub from: JobId,
+    /// A fork: a new conversation with the same history (the original can still continue).
+    #[serde(default)]
+    pub fork: bool,
 }
 
 /// What a job is for.
@@ -85,6 +99,47 @@ pub enum Workspace {
     Scratch,
     /// A directory the worker can see (single-machine use).
     Local { path: String },
+    /// A fresh clone of a git repository (cached per worker) in a scratch directory.
+    Git {
+        /// What `git clone` accepts: a URL or a path the workers can reach.
+        url: String,
+        /// Where the task starts: a branch, tag or commit of `url` (`HEAD`: the default branch).
+        base_ref: String,
+        /// Set by the coordinator on each job; `None` on the task's record.
+        #[serde(default)]
+        job: Option<GitJob>,
+    },
+}
+
+/// How one job of a git task uses the repository.
+///
+/// The job starts from `start` (its parents' branches, merged in plan order; `base_ref` when
+/// empty), commits everything its agent changed with a generated message and pushes it to
+/// `branch`. Then it moves `task_branch` to the merge, in plan order, of every job branch of the
+/// task that is not already contained in a later one (a fast-forward for sequential steps),
+/// with `--force-with-lease` so concurrent finishers never lose each other's work.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitJob {
+    /// This job's branch, `orch/<task-id>/<NN>-<role>` (`NN`: the step, from 01, so that
+    /// branch names sort in plan order).
+    pub branch: String,
+    /// The branches of the job's parents in plan order (the ones that exist are merged).
+    #[serde(default)]
+    pub start: Vec<String>,
+    /// The task's branch, `orch/<task-id>`: the task's result.
+    pub task_branch: String,
+}
+
+impl GitJob {
+    /// The task branch of `task`.
+    pub fn task_branch(task: TaskId) -> String {
+        format!("orch/{task}")
+    }
+
+    /// The branch of step `step` (from 0) of `task`, run by `role`.
+    pub fn job_branch(task: TaskId, step: u32, role: Role) -> String {
+        format!("orch/{task}/{:02}-{role}", step + 1)
+    }
 }
 
 /// Per-job limits.
@@ -234,6 +289,36 @@ pub struct JobResult {
     /// ...out of the model's context window.
     #[serde(default)]
     pub context_window: Option<u64>,
+    /// What the job changed in its workspace, as a unified diff (cut at
+    /// [`MAX_DIFF_BYTES`], with a note saying so); `None` when nothing is known.
+    #[serde(default)]
+    pub diff: Option<String>,
+    /// For a git workspace: the branch and commit the job pushed.
+    #[serde(default)]
+    pub git: Option<GitOutcome>,
+    /// The conversation's id at the backend (the Claude Code CLI's `session_id`), when the job
+    /// stored a session another turn can continue.
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Diffs longer than this are cut.
+pub const MAX_DIFF_BYTES: usize = 256 * 1024;
+
+/// What a job did to its git workspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GitOutcome {
+    /// The job's branch and the commit it points to.
+    pub branch: String,
+    pub commit: String,
+    /// The commit the job started from (the diff is `base..commit`).
+    pub base: String,
+    /// Whether the task branch now contains this job's commit.
+    #[serde(default)]
+    pub merged: bool,
+    /// Why it does not: the merge conflicted (with the files), or the push kept failing.
+    #[serde(default)]
+    pub conflicts: Vec<String>,
 }
 
 impl JobResult {

@@ -43,3 +43,25 @@ pub fn job_fence(job: JobId, attempt: u32) -> String {
 pub fn job_lease(job: JobId, attempt: u32) -> String {
     format!("orch:lease:{job}:{attempt}")
 }
+
+/// The stored session of an agent (job), written by the worker after each turn: a hash of
+/// [`session_field`]s pointing at the object `<job-id>` in the [`crate::subject::SESSIONS_BUCKET`]
+/// object store.
+pub fn session(job: JobId) -> String {
+    format!("orch:session:{job}")
+}
+
+/// Fields of the [`session`] hash.
+pub mod session_field {
+    /// The backend that ran the turn (`claude-code`, `anthropic`, `openai`, `sim`).
+    pub const BACKEND: &str = "backend";
+    /// The backend's own conversation id (the CLI's `session_id`), when it has one.
+    pub const SESSION_ID: &str = "session_id";
+    /// The directory the agent ran in (the CLI keys transcripts by it).
+    pub const WORKSPACE: &str = "workspace";
+    /// How many turns the conversation has had, this one included.
+    pub const TURN: &str = "turn";
+    /// Size of the stored object in bytes.
+    pub const BYTES: &str = "bytes";
+    pub const SAVED_AT_MS: &str = "saved_at_ms";
+}

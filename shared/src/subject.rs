@@ -30,6 +30,13 @@ pub const RESULTS_STREAM: &str = "ORCH_RESULTS";
 pub const RESULTS_SUBJECTS: &str = "orch.results.>";
 pub const RESULTS_CONSUMER: &str = "coordinator";
 
+/// The JetStream object store holding agents' sessions (CLI transcripts, API message
+/// histories), one object per agent named by its job id.
+pub const SESSIONS_BUCKET: &str = "ORCH_SESSIONS";
+/// A stored session larger than this is not kept (the job still succeeds; it cannot be
+/// continued, and its result says why).
+pub const MAX_SESSION_BYTES: usize = 64 * 1024 * 1024;
+
 pub fn job(pool: &str) -> String {
     format!("orch.jobs.{pool}")
 }

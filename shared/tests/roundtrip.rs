@@ -7,8 +7,8 @@ use orch_shared::codec::{self, DecodeError};
 use orch_shared::event::{Event, EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
-    Backend, FailureReason, JobKind, JobResult, JobSpec, Limits, Outcome, SimParams, Usage,
-    Workspace,
+    Backend, FailureReason, GitJob, GitOutcome, JobKind, JobResult, JobSpec, Limits, Outcome,
+    SessionRef, SimParams, Usage, Workspace,
 };
 use orch_shared::role::Role;
 use proptest::prelude::*;
@@ -61,7 +61,21 @@ fn cost() -> impl Strategy<Value = f64> {
 fn workspace() -> impl Strategy<Value = Workspace> {
     prop_oneof![
         Just(Workspace::Scratch),
-        ".*".prop_map(|path| Workspace::Local { path })
+        ".*".prop_map(|path| Workspace::Local { path }),
+        (
+            ".*",
+            ".*",
+            proptest::option::of((".*", proptest::collection::vec(".*", 0..3)))
+        )
+            .prop_map(|(url, base_ref, job)| Workspace::Git {
+                url,
+                base_ref,
+                job: job.map(|(branch, start)| GitJob {
+                    branch,
+                    start,
+                    task_branch: "orch/t".into()
+                }),
+            })
     ]
 }
 fn sim() -> impl Strategy<Value = SimParams> {
@@ -94,7 +108,8 @@ prop_compose! {
                   workspace in workspace(), timeout_ms in proptest::option::of(any::<u64>()),
                   max_turns in proptest::option::of(any::<u32>()), sim in sim()) -> JobSpec {
         JobSpec { task_id, job_id, attempt, step, role, prompt, context, backend, model, workspace,
-                  limits: Limits { timeout_ms, max_turns }, kind: JobKind::Agent, constraints: vec!["keep it small".into()], sim }
+                  limits: Limits { timeout_ms, max_turns }, kind: JobKind::Agent, constraints: vec!["keep it small".into()], sim,
+                  session: (attempt % 2 == 0).then_some(SessionRef { from: job_id, fork: attempt % 4 == 0 }) }
     }
 }
 
@@ -106,7 +121,8 @@ prop_compose! {
                     started_at_ms in any::<u64>(), finished_at_ms in any::<u64>(), fence in any::<u64>()) -> JobResult {
         JobResult { task_id, job_id, attempt, delivery, worker_id: WorkerId(worker), outcome, output,
                     usage, cost_usd, files_read, files_written, started_at_ms, finished_at_ms, fence,
-                    model: Some("m".into()), context_tokens: Some(1), context_window: None }
+                    model: Some("m".into()), context_tokens: Some(1), context_window: None,
+                    diff: Some("--- a\n+++ b\n".into()), git: None, session_id: Some("s".into()) }
     }
 }
 
@@ -257,6 +273,10 @@ fn sample_spec() -> JobSpec {
             fail_first_attempts: 1,
             fail_reason: Some(FailureReason::Overloaded),
         },
+        session: Some(SessionRef {
+            from: JobId::from_u128(0x0192_f0c4_6f1f_7cc2_9b1a_3f5c_2d1e_0a9d),
+            fork: true,
+        }),
     }
 }
 
@@ -288,6 +308,17 @@ fn sample_result() -> JobResult {
         model: Some("claude-haiku-4-5".into()),
         context_tokens: Some(1200),
         context_window: Some(200_000),
+        diff: Some(
+            "--- a/src/login.rs\n+++ b/src/login.rs\n@@ -0,0 +1 @@\n+fn login() {}\n".into(),
+        ),
+        git: Some(GitOutcome {
+            branch: "orch/t/03-builder".into(),
+            commit: "0123abcd".into(),
+            base: "fedc3210".into(),
+            merged: false,
+            conflicts: vec!["src/login.rs".into()],
+        }),
+        session_id: Some("9f1c2d3e-0000-4000-8000-000000000001".into()),
     }
 }
 
@@ -379,11 +410,17 @@ fn sample_task() -> Task {
             model: Some("claude-sonnet-4-5".into()),
             context_tokens: Some(52_000),
             context_window: Some(200_000),
+            continues: Some(JobId::from_u128(7)),
+            forked: true,
+            session_id: Some("sid".into()),
+            diff: None,
+            git: None,
         }],
         usage: sample_result().usage,
         cost_usd: 0.25,
         output: None,
         error: Some("step 1 (builder) failed".into()),
+        branch: Some("orch/t".into()),
     }
 }
 

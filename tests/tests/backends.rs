@@ -38,6 +38,7 @@ fn job(role: Role, backend: Backend, prompt: &str) -> JobSpec {
         kind: JobKind::Agent,
         constraints: vec![],
         sim: Default::default(),
+        session: None,
     }
 }
 

@@ -369,6 +369,7 @@ mod tests {
             kind,
             constraints: vec!["touch only src/cache.rs".into()],
             sim: Default::default(),
+            session: None,
         }
     }
 

@@ -71,6 +71,15 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub workspace: Option<PathBuf>,
 
+    /// A git repository the agents work in, as the workers reach it (URL or path): each agent
+    /// gets a fresh clone, commits its work, and the task's result is the branch `orch/<task-id>`
+    #[arg(long, value_name = "URL", conflicts_with = "workspace")]
+    pub repo: Option<String>,
+
+    /// The branch, tag or commit of --repo to start from (default: the repository's HEAD)
+    #[arg(long = "ref", value_name = "REF", requires = "repo")]
+    pub git_ref: Option<String>,
+
     /// How long each simulated agent works (sim backend), e.g. 500ms, 2s
     #[arg(long, value_name = "DURATION")]
     pub sim_latency: Option<String>,
@@ -278,8 +287,22 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
                 .ok_or_else(|| anyhow!("invalid --workspace `{}`: not UTF-8", p.display()))
         })
         .transpose()?;
+    let repo = non_empty(&args.repo).map(|r| {
+        // A local path means "relative to where I am", like --workspace.
+        let path = std::path::Path::new(&r);
+        if !r.contains("://") && !r.contains('@') && path.exists() {
+            std::path::absolute(path)
+                .ok()
+                .and_then(|p| p.to_str().map(String::from))
+                .unwrap_or(r)
+        } else {
+            r
+        }
+    });
     Ok(SubmitTask {
         prompt,
+        repo,
+        git_ref: non_empty(&args.git_ref),
         task_type: non_empty(&args.task_type),
         mode: args.mode.map(Mode::from),
         roles,

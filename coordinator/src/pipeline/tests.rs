@@ -23,7 +23,7 @@ fn published(actions: &[Action]) -> Vec<JobSpec> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Publish(s) => Some(s.clone()),
+            Action::Publish(s) => Some((**s).clone()),
             _ => None,
         })
         .collect()
@@ -57,6 +57,9 @@ fn result(spec: &JobSpec, outcome: Outcome, output: &str) -> JobResult {
         model: None,
         context_tokens: None,
         context_window: None,
+        diff: None,
+        git: None,
+        session_id: None,
     }
 }
 

@@ -274,6 +274,7 @@ mod tests {
             kind: JobKind::Agent,
             constraints: vec![],
             sim: Default::default(),
+            session: None,
         }
     }
 

@@ -285,6 +285,7 @@ mod tests {
                 fail_rate,
                 ..Default::default()
             },
+            session: None,
         }
     }
 

@@ -50,6 +50,10 @@ impl WorkDir {
                     )),
                 }
             }
+            Workspace::Git { .. } => Err((
+                FailureReason::BadRequest,
+                "git workspaces are not supported by this worker yet".to_string(),
+            )),
             Workspace::Scratch => {
                 let p = data_dir
                     .join("scratch")
