@@ -243,8 +243,8 @@ impl Runner {
             model: report.model.clone(),
             context_tokens: report.context.map(|c| c.tokens),
             context_window: report.context.map(|c| c.window),
-            diff: None,
-            git: None,
+            diff: output.diff,
+            git: output.git,
             session_id: None,
         };
         let publish = || self.transport.publish_result(&result);

@@ -171,6 +171,8 @@ impl Anthropic {
                 cost_usd,
                 files_read: vec![],
                 files_written: vec![],
+                diff: None,
+                git: None,
             },
             context,
         )

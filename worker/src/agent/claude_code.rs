@@ -605,6 +605,8 @@ impl ClaudeCode {
                 cost_usd,
                 files_read,
                 files_written,
+                diff: None,
+                git: None,
             };
             return Report {
                 output,
@@ -675,6 +677,8 @@ impl ClaudeCode {
                 cost_usd,
                 files_read,
                 files_written,
+                diff: None,
+                git: None,
             },
             backend: NAME,
             model,

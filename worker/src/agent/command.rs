@@ -169,6 +169,8 @@ impl CommandAgent {
             cost_usd: 0.0,
             files_read,
             files_written,
+            diff: None,
+            git: None,
         })
     }
 }

@@ -33,7 +33,7 @@ pub use backends::Backends;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
-use orch_shared::job::{FailureReason, JobSpec, Outcome, Usage};
+use orch_shared::job::{FailureReason, GitOutcome, JobSpec, Outcome, Usage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +46,11 @@ pub struct AgentOutput {
     pub cost_usd: f64,
     pub files_read: Vec<String>,
     pub files_written: Vec<String>,
+    /// What the agent changed in its workspace, as a unified diff (at most
+    /// [`orch_shared::job::MAX_DIFF_BYTES`]).
+    pub diff: Option<String>,
+    /// For a git workspace: the branch and commit the job pushed.
+    pub git: Option<GitOutcome>,
 }
 
 impl AgentOutput {
@@ -61,6 +66,8 @@ impl AgentOutput {
             cost_usd: 0.0,
             files_read: vec![],
             files_written: vec![],
+            diff: None,
+            git: None,
         }
     }
 }

@@ -142,6 +142,8 @@ impl OpenAi {
                 cost_usd,
                 files_read: vec![],
                 files_written: vec![],
+                diff: None,
+                git: None,
             },
             backend: NAME,
             model: Some(model),

@@ -203,6 +203,8 @@ impl Agent for Sim {
                 cost_usd: 0.0,
                 files_read: vec![],
                 files_written: vec![],
+                diff: None,
+                git: None,
             };
             events.send(EventKind::Thinking);
             if !half.is_zero() {
@@ -253,6 +255,8 @@ impl Agent for Sim {
                 cost_usd,
                 files_read: vec!["README.md".into()],
                 files_written: vec![],
+                diff: None,
+                git: None,
             }
         })
     }
