@@ -5,7 +5,8 @@
 //! not there, and everything else.
 
 use orch_shared::api::{
-    DeadLetterList, DryRun, Readiness, SubmitTask, Task, TaskList, TaskType, WorkerList,
+    AgentMessage, AgentTurn, DeadLetterList, DryRun, Readiness, SubmitTask, Task, TaskList,
+    TaskType, WorkerList,
 };
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::{JobId, TaskId};
@@ -73,6 +74,11 @@ impl Error {
     /// Whether the server said the thing does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Api { status, error } if *status == 404 || error.code == ErrorCode::NotFound)
+    }
+
+    /// Whether the server refused because of the resource's state (HTTP 409).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Api { status, error } if *status == 409 || error.code == ErrorCode::Conflict)
     }
 
     /// Whether trying again later can help (the connection dropped, the server is restarting or
@@ -270,6 +276,18 @@ impl Client {
     /// `POST /v1/agents/{id}/kill`.
     pub async fn kill(&self, id: JobId) -> Result<Task, Error> {
         self.post::<(), _>(&format!("/v1/agents/{id}/kill"), None)
+            .await
+    }
+
+    /// `POST /v1/agents/{id}/send` or `/fork`.
+    pub async fn agent_turn(
+        &self,
+        id: JobId,
+        message: &AgentMessage,
+        fork: bool,
+    ) -> Result<AgentTurn, Error> {
+        let verb = if fork { "fork" } else { "send" };
+        self.post(&format!("/v1/agents/{id}/{verb}"), Some(message))
             .await
     }
 

@@ -4,7 +4,7 @@
 
 use crate::driver::{self, Control, ControlError};
 use crate::metrics as m;
-use crate::pipeline::{self, TaskOptions};
+use crate::pipeline::{self, TaskOptions, TurnError};
 use crate::planner;
 use crate::state::{Created, State};
 use crate::transport::{self, Transport};
@@ -21,8 +21,8 @@ use backon::Retryable;
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use orch_shared::api::{
-    DeadLetterEntry, DeadLetterList, DryRun, Estimate, EstimateSource, ExecutionOptions, Readiness,
-    StepEstimate, SubmitTask, Task, TaskType, WorkerList,
+    AgentMessage, AgentTurn, DeadLetterEntry, DeadLetterList, DryRun, Estimate, EstimateSource,
+    ExecutionOptions, Readiness, StepEstimate, SubmitTask, Task, TaskType, WorkerList,
 };
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::{JobId, TaskId};
@@ -348,6 +348,10 @@ impl From<ControlError> for Failure {
             ControlError::NoTask(_) | ControlError::NoJob(..) | ControlError::NotDead(_) => {
                 Failure(ApiError::new(ErrorCode::NotFound, e.to_string()))
             }
+            ControlError::Turn(TurnError::NoJob(_)) => {
+                Failure(ApiError::new(ErrorCode::NotFound, e.to_string()))
+            }
+            ControlError::Turn(_) => Failure(ApiError::new(ErrorCode::Conflict, e.to_string())),
             ControlError::State(e) => e.into(),
             ControlError::Transport(e) => e.into(),
             ControlError::Closed => Failure(ApiError::new(
@@ -378,6 +382,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/tasks/{id}/events", get(events))
         .route("/v1/tasks/{id}/cancel", post(cancel))
         .route("/v1/agents/{id}/kill", post(kill))
+        .route("/v1/agents/{id}/send", post(send))
+        .route("/v1/agents/{id}/fork", post(fork))
         .route("/v1/dlq", get(dead_letters))
         .route("/v1/dlq/{id}/retry", post(retry_dead))
         .route("/v1/workers", get(workers))
@@ -587,10 +593,29 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
     }
     let sim = req.sim.unwrap_or_default();
     validate_sim(&sim)?;
-    let workspace = match req.workspace {
-        None => Workspace::Scratch,
-        Some(path) if path.starts_with('/') => Workspace::Local { path },
-        Some(_) => return Err(ApiError::field("workspace", "must be an absolute path").into()),
+    let workspace = match (req.workspace, req.repo) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                "repo",
+                "give either workspace (a directory) or repo (a git repository), not both",
+            )
+            .into());
+        }
+        (None, Some(url)) => Workspace::Git {
+            url: validate_repo(&url)?,
+            base_ref: validate_ref(req.git_ref.as_deref().unwrap_or("HEAD"))?,
+            job: None,
+        },
+        (_, None) if req.git_ref.is_some() => {
+            return Err(
+                ApiError::field("ref", "needs repo: the repository it names a ref of").into(),
+            );
+        }
+        (None, None) => Workspace::Scratch,
+        (Some(path), None) if path.starts_with('/') => Workspace::Local { path },
+        (Some(_), None) => {
+            return Err(ApiError::field("workspace", "must be an absolute path").into());
+        }
     };
     let task_type = if user_plan {
         "plan".into()
@@ -614,6 +639,60 @@ fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
         },
         plan,
     ))
+}
+
+/// A repository URL git can clone: a URL (`scheme://…`), an scp-like `user@host:path`, or an
+/// absolute path; never something git would read as an option.
+fn validate_repo(url: &str) -> Answer<String> {
+    let url = url.trim();
+    let bad = |why: &str| -> Failure { ApiError::field("repo", why).into() };
+    if url.is_empty() {
+        return Err(bad("must not be empty"));
+    }
+    if url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad(
+            "must be a URL or path without spaces, at most 2048 characters",
+        ));
+    }
+    if url.starts_with('-') {
+        return Err(bad("must not start with '-'"));
+    }
+    let scp_like = url.contains('@') && url.contains(':');
+    if !(url.contains("://") || scp_like || url.starts_with('/')) {
+        return Err(bad(
+            "expected a URL (https://…, ssh://…, file://…), user@host:path, or an absolute path",
+        ));
+    }
+    Ok(url.to_string())
+}
+
+/// A branch, tag or commit name as `git check-ref-format` would accept it (plus `HEAD`).
+fn validate_ref(r: &str) -> Answer<String> {
+    let r = r.trim();
+    let ok = !r.is_empty()
+        && r.len() <= 255
+        && !r.starts_with('-')
+        && !r.starts_with('/')
+        && !r.ends_with('/')
+        && !r.ends_with('.')
+        && !r.ends_with(".lock")
+        && !r.contains("..")
+        && !r.contains("@{")
+        && !r.contains("//")
+        && !r.chars().any(|c| {
+            c.is_control()
+                || c.is_whitespace()
+                || matches!(c, '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+        });
+    if ok {
+        Ok(r.to_string())
+    } else {
+        Err(ApiError::field(
+            "ref",
+            "expected a branch, tag or commit name (e.g. main, v1.2, 4f2c9e1)",
+        )
+        .into())
+    }
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
@@ -759,6 +838,89 @@ async fn kill(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<
             .driver
             .control(task, Control::Kill(job))
             .await?,
+    ))
+}
+
+/// `POST /v1/agents/{id}/send`: the next turn of the agent's conversation (its latest turn,
+/// if it was continued already), on whichever worker pulls it.
+async fn send(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<(StatusCode, axum::Json<AgentTurn>)> {
+    turn(app, id, body, false).await
+}
+
+/// `POST /v1/agents/{id}/fork`: a new agent with the same history, taking the message as its
+/// next turn; the original can still be continued.
+async fn fork(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<(StatusCode, axum::Json<AgentTurn>)> {
+    turn(app, id, body, true).await
+}
+
+/// Longest message `send` and `fork` take.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+async fn turn(
+    app: App,
+    id: String,
+    body: Result<Bytes, BytesRejection>,
+    fork: bool,
+) -> Answer<(StatusCode, axum::Json<AgentTurn>)> {
+    let (agent, task_id) = task_of(&app, &id).await?;
+    let req: AgentMessage = parse_body(body)?;
+    let message = req.message.trim();
+    if message.is_empty() {
+        return Err(ApiError::field("message", "must not be empty").into());
+    }
+    if message.len() > MAX_MESSAGE_BYTES {
+        return Err(ApiError::field("message", "must be at most 256 KiB").into());
+    }
+    let task =
+        app.state.load_task(task_id).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::NotFound, format!("task {task_id} not found"))
+        })?;
+    let from = if fork {
+        agent
+    } else {
+        pipeline::latest_turn(&task, agent).map_err(ControlError::from)?
+    };
+    // The worker stores a session after each successful turn of a backend that keeps one.
+    if !app.state.has_session(from).await? {
+        let backend = task.backend.as_str();
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "agent {from} has no stored session to continue (backend {backend}: the command backend keeps none; a session too large to store is not kept)"
+            ),
+        )
+        .into());
+    }
+    let new = JobId::new();
+    app.effects()?
+        .driver
+        .control(
+            task_id,
+            Control::Turn {
+                from,
+                new,
+                message: message.to_string(),
+                fork,
+            },
+        )
+        .await?;
+    tracing::info!(%task_id, %from, agent_id = %new, fork, "agent turn added");
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(AgentTurn {
+            task_id,
+            agent_id: new,
+            from,
+            fork,
+        }),
     ))
 }
 

@@ -25,11 +25,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// A user's request on a task.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Control {
     Cancel,
     Kill(JobId),
     RetryDead(JobId),
+    /// A further turn of agent `from` (or a fork of it) as the new agent `new`.
+    Turn {
+        from: JobId,
+        new: JobId,
+        message: String,
+        fork: bool,
+    },
 }
 
 /// Why a control request was refused.
@@ -41,6 +48,8 @@ pub enum ControlError {
     NoJob(JobId, TaskId),
     #[error("agent {0} is not in the dead-letter set")]
     NotDead(JobId),
+    #[error(transparent)]
+    Turn(#[from] pipeline::TurnError),
     #[error(transparent)]
     State(#[from] state::Error),
     #[error(transparent)]
@@ -424,8 +433,22 @@ impl Lane {
             return Err(ControlError::NotDead(job));
         }
         let mut missing_job = None;
+        let mut turn_error = None;
+        let retrying = matches!(control, Control::RetryDead(_));
         let task = self
             .change(id, |task| match control {
+                Control::Turn {
+                    from,
+                    new,
+                    message,
+                    fork,
+                } => match pipeline::add_turn(task, from, new, &message, fork, now) {
+                    Ok(actions) => Some(actions),
+                    Err(e) => {
+                        turn_error = Some(e);
+                        None
+                    }
+                },
                 Control::Cancel => Some(pipeline::cancel(task, "cancelled by a user", now)),
                 Control::Kill(job) => {
                     let out = pipeline::kill(task, job, now);
@@ -444,8 +467,11 @@ impl Lane {
             })
             .await?
             .ok_or(ControlError::NoTask(id))?;
+        if let Some(e) = turn_error {
+            return Err(e.into());
+        }
         if let Some(job) = missing_job {
-            if let Control::RetryDead(_) = control {
+            if retrying {
                 // Put it back: nothing was retried.
                 self.fx.state.dead_letter(job, now).await?;
                 return Err(ControlError::NotDead(job));

@@ -23,7 +23,8 @@ use orch_shared::api::{
 use orch_shared::event::{EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
-    Backend, FailureReason, JobKind, JobResult, JobSpec, Limits, Outcome, SimParams, Workspace,
+    Backend, FailureReason, GitJob, JobKind, JobResult, JobSpec, Limits, Outcome, SessionRef,
+    SimParams, Workspace,
 };
 use orch_shared::plan::{PlanError, PlanSpec, parse_answer};
 use orch_shared::role::Role;
@@ -274,7 +275,7 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         context: job.context.clone(),
         backend: task.backend,
         model: task.model.clone(),
-        workspace: task.workspace.clone(),
+        workspace: job_workspace(task, job),
         limits: Limits {
             timeout_ms: task.options.job_timeout_ms,
             max_turns: task.options.max_turns,
@@ -282,8 +283,175 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         kind: job.kind,
         constraints: job.constraints.clone(),
         sim: task.sim.clone(),
-        session: None,
+        session: job.continues.map(|from| SessionRef {
+            from,
+            fork: job.forked,
+        }),
     }
+}
+
+/// The task's workspace as `job` uses it: for a git task, the job's own branch, the branches
+/// it starts from (its parents' in plan order, or the agent it continues) and the task branch.
+fn job_workspace(task: &Task, job: &Job) -> Workspace {
+    let Workspace::Git { url, base_ref, .. } = &task.workspace else {
+        return task.workspace.clone();
+    };
+    let branch_of = |j: &Job| GitJob::job_branch(task.id, j.step, j.role);
+    let start = match job.continues {
+        Some(from) => task
+            .jobs
+            .iter()
+            .filter(|j| j.id == from)
+            .map(branch_of)
+            .collect(),
+        None => {
+            let mut parents = job.depends_on.clone();
+            parents.sort_unstable();
+            parents
+                .iter()
+                .filter_map(|&p| task.jobs.get(p as usize))
+                .map(branch_of)
+                .collect()
+        }
+    };
+    Workspace::Git {
+        url: url.clone(),
+        base_ref: base_ref.clone(),
+        job: Some(GitJob {
+            branch: branch_of(job),
+            start,
+            task_branch: GitJob::task_branch(task.id),
+        }),
+    }
+}
+
+/// Why a further turn of an agent cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TurnError {
+    #[error("agent {0} is not part of this task")]
+    NoJob(JobId),
+    #[error(
+        "agent {agent} is still working (its conversation's latest turn is agent {latest}, {status}); send when it has finished"
+    )]
+    Busy {
+        agent: JobId,
+        latest: JobId,
+        status: &'static str,
+    },
+    #[error(
+        "agent {0} has no finished turn to continue ({1}); only an agent that succeeded can be continued or forked"
+    )]
+    NotContinuable(JobId, &'static str),
+    #[error(
+        "agent {0} is a planner: its answer became the plan, there is no conversation to continue"
+    )]
+    Planner(JobId),
+}
+
+/// The agent a `send` to `agent` continues: the latest turn of its conversation (sends
+/// continue the newest turn, forks start new conversations). Fails when that turn has not
+/// ended well.
+pub fn latest_turn(task: &Task, agent: JobId) -> Result<JobId, TurnError> {
+    let mut latest = task
+        .jobs
+        .iter()
+        .find(|j| j.id == agent)
+        .ok_or(TurnError::NoJob(agent))?;
+    while let Some(next) = task
+        .jobs
+        .iter()
+        .find(|j| j.continues == Some(latest.id) && !j.forked)
+    {
+        latest = next;
+    }
+    continuable(latest, agent)?;
+    Ok(latest.id)
+}
+
+fn continuable(job: &Job, asked: JobId) -> Result<(), TurnError> {
+    if job.kind == JobKind::Plan {
+        return Err(TurnError::Planner(job.id));
+    }
+    match job.status {
+        JobStatus::Succeeded => Ok(()),
+        JobStatus::Pending | JobStatus::Queued | JobStatus::Running | JobStatus::Retrying => {
+            Err(TurnError::Busy {
+                agent: asked,
+                latest: job.id,
+                status: job.status.as_str(),
+            })
+        }
+        s => Err(TurnError::NotContinuable(job.id, s.as_str())),
+    }
+}
+
+/// `orchctl agents send` / `fork`: adds agent `new`, the next turn of agent `from`'s
+/// conversation (or a fork of it) with `message` as the user's next message, and reopens the
+/// task if it had ended. A send must continue the latest turn ([`latest_turn`]).
+pub fn add_turn(
+    task: &mut Task,
+    from: JobId,
+    new: JobId,
+    message: &str,
+    fork: bool,
+    now_ms: u64,
+) -> Result<Vec<Action>, TurnError> {
+    let parent = if fork {
+        let parent = task
+            .jobs
+            .iter()
+            .find(|j| j.id == from)
+            .ok_or(TurnError::NoJob(from))?;
+        continuable(parent, from)?;
+        parent
+    } else {
+        let latest = latest_turn(task, from)?;
+        if latest != from {
+            // Another send got there first.
+            return Err(TurnError::Busy {
+                agent: from,
+                latest,
+                status: "continued",
+            });
+        }
+        task.jobs
+            .iter()
+            .find(|j| j.id == from)
+            .ok_or(TurnError::NoJob(from))?
+    };
+    let job = Job {
+        id: new,
+        continues: Some(from),
+        forked: fork,
+        ..new_job(
+            task.jobs.len() as u32,
+            parent.role,
+            message.to_string(),
+            vec![],
+        )
+    };
+    let role = job.role;
+    task.jobs.push(job);
+    if task.status.is_terminal() {
+        task.status = TaskStatus::Running;
+        task.finished_at_ms = None;
+        task.error = None;
+        task.output = None;
+    }
+    let mut actions = vec![
+        Action::Emit(
+            None,
+            EventKind::TaskPlanned {
+                source: if fork { "fork" } else { "send" }.into(),
+                steps: vec![StepInfo { job_id: new, role }],
+                rejected: None,
+            },
+        ),
+        Action::Index(vec![new]),
+        Action::Snapshot,
+    ];
+    advance(task, now_ms, &mut actions);
+    Ok(actions)
 }
 
 fn in_flight(task: &Task) -> usize {
@@ -523,6 +691,9 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
     }
     job.context_tokens = result.context_tokens;
     job.context_window = result.context_window;
+    job.diff = result.diff.clone();
+    job.git = result.git.clone();
+    job.session_id = result.session_id.clone();
     task.usage.add(&result.usage);
     task.cost_usd += result.cost_usd;
 
@@ -769,6 +940,9 @@ fn finish(task: &mut Task, now_ms: u64, forced: Option<TaskStatus>) -> Action {
             .join("\n\n"),
     );
     task.finished_at_ms = Some(now_ms);
+    if matches!(task.workspace, Workspace::Git { .. }) {
+        task.branch = Some(GitJob::task_branch(task.id));
+    }
     Action::Emit(
         None,
         EventKind::TaskFinished {

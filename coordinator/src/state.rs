@@ -36,6 +36,9 @@ const STATS_KEPT: isize = 1000;
 const EPOCH: &str = "orch:epoch";
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_TTL_SECS: u64 = 7 * 24 * 3600;
+/// The daily budget the leading coordinator enforces (absent: none), so every replica's
+/// `GET /v1/status` shows the budget that counts, not its own flag.
+const DAILY_BUDGET: &str = "orch:budget:daily";
 
 fn task_key(id: TaskId) -> String {
     format!("orch:task:{id}")
@@ -396,6 +399,14 @@ impl State {
         Ok(id.and_then(|s| s.parse().ok()))
     }
 
+    /// Whether a worker stored a session for this agent (see [`keys::session`]).
+    pub async fn has_session(&self, job: JobId) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        conn.exists(keys::session(job))
+            .await
+            .map_err(redis_err("find session"))
+    }
+
     /// Marks a job attempt cancelled (workers drop it if they pull it later).
     pub async fn mark_cancelled(&self, job: JobId, attempt: u32) -> Result<(), Error> {
         let mut conn = self.conn.clone();
@@ -559,6 +570,24 @@ impl State {
             .await
             .map_err(redis_err("read spend"))?;
         Ok((spent.unwrap_or(0.0), reserved.unwrap_or(0.0)))
+    }
+
+    /// Records the daily budget this coordinator enforces now that it leads.
+    pub async fn set_daily_budget(&self, usd: Option<f64>) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        match usd {
+            Some(usd) => conn.set::<_, _, ()>(DAILY_BUDGET, usd).await,
+            None => conn.del::<_, ()>(DAILY_BUDGET).await,
+        }
+        .map_err(redis_err("write daily budget"))
+    }
+
+    /// The daily budget the leading coordinator enforces, if it has one.
+    pub async fn daily_budget(&self) -> Result<Option<f64>, Error> {
+        let mut conn = self.conn.clone();
+        conn.get(DAILY_BUDGET)
+            .await
+            .map_err(redis_err("read daily budget"))
     }
 
     /// When this Redis state began (ms), if it holds the cluster's state.

@@ -14,6 +14,9 @@ pub enum ErrorCode {
     /// A field has a value that is not allowed; the message names the field.
     InvalidField,
     NotFound,
+    /// The request is valid but the resource is not in a state that allows it (e.g. sending
+    /// to an agent that is still working); the message says what to wait for.
+    Conflict,
     Unauthorized,
     PayloadTooLarge,
     /// A dependency (NATS, Redis) did not answer.
@@ -27,6 +30,7 @@ impl ErrorCode {
             ErrorCode::MalformedBody | ErrorCode::InvalidField => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,

@@ -95,6 +95,36 @@ async fn bad_submits_are_refused_with_the_field_named_and_nothing_stored() {
             "workspace:",
         ),
         (
+            "workspace and repo",
+            json!({"prompt": "x", "workspace": "/srv", "repo": "/srv/r.git"}).to_string(),
+            "invalid_field",
+            "repo:",
+        ),
+        (
+            "ref without repo",
+            json!({"prompt": "x", "ref": "main"}).to_string(),
+            "invalid_field",
+            "ref:",
+        ),
+        (
+            "repo that is not a URL or path",
+            json!({"prompt": "x", "repo": "my repo"}).to_string(),
+            "invalid_field",
+            "repo:",
+        ),
+        (
+            "repo read as an option",
+            json!({"prompt": "x", "repo": "--upload-pack=evil"}).to_string(),
+            "invalid_field",
+            "repo:",
+        ),
+        (
+            "bad ref",
+            json!({"prompt": "x", "repo": "/srv/r.git", "ref": "main..dev"}).to_string(),
+            "invalid_field",
+            "ref:",
+        ),
+        (
             "unknown field",
             json!({"prompt": "x", "colour": 3}).to_string(),
             "invalid_field",
@@ -425,4 +455,74 @@ async fn one_tenant_cannot_read_or_cancel_another_tenants_tasks() {
     .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let _ = (alpha, beta);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_and_forks_say_what_is_wrong() {
+    let cluster = Cluster::start(Options::default()).await;
+    let post = |path: String, body: Value| {
+        let cluster = &cluster;
+        async move { cluster.post(&path, &body).await }
+    };
+    let unknown = "0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9c";
+    let (status, v) = post(
+        format!("/v1/agents/{unknown}/send"),
+        json!({"message": "hi"}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::NOT_FOUND, "not_found", "agent");
+    let (status, v) = post("/v1/agents/nope/fork".into(), json!({"message": "hi"})).await;
+    assert_error(status, &v, StatusCode::BAD_REQUEST, "invalid_field", "id:");
+
+    // A long-running agent: its conversation cannot take another turn yet.
+    let task = cluster
+        .submit(json!({"prompt": "x", "roles": ["builder"], "sim": {"latency_ms": 60000}}))
+        .await;
+    let agent = task.jobs[0].id;
+    for (body, field) in [
+        (json!({"message": "  "}), "message:"),
+        (json!({}), "body: missing field `message`"),
+        (json!({"message": "x", "colour": 1}), "colour:"),
+    ] {
+        let (status, v) = post(format!("/v1/agents/{agent}/send"), body).await;
+        assert_error(status, &v, StatusCode::BAD_REQUEST, "invalid_field", field);
+    }
+    let (status, v) = post(
+        format!("/v1/agents/{agent}/send"),
+        json!({"message": "go on"}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::CONFLICT, "conflict", "agent");
+    assert!(
+        v["message"].as_str().unwrap().contains("still working"),
+        "{v}"
+    );
+    let (status, v) = post(
+        format!("/v1/agents/{agent}/fork"),
+        json!({"message": "go on"}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::CONFLICT, "conflict", "agent");
+
+    // An agent that failed for good has no turn to continue.
+    let task = cluster
+        .submit(
+            json!({"prompt": "x", "roles": ["builder"], "max_attempts": 1,
+                       "sim": {"fail_first_attempts": 1, "fail_reason": "bad_request"}}),
+        )
+        .await;
+    let done = cluster
+        .wait_task(&task.id.to_string(), std::time::Duration::from_secs(30))
+        .await;
+    let failed = done.jobs[0].id;
+    let (status, v) = post(
+        format!("/v1/agents/{failed}/send"),
+        json!({"message": "retry"}),
+    )
+    .await;
+    assert_error(status, &v, StatusCode::CONFLICT, "conflict", "agent");
+    assert!(v["message"].as_str().unwrap().contains("failed"), "{v}");
+    // Nothing was added to either task.
+    let after = cluster.task(&task.id.to_string()).await;
+    assert_eq!(after.jobs.len(), 1);
 }

@@ -413,3 +413,127 @@ fn a_failed_planner_falls_back_without_failing_the_task() {
     on_result(&mut task, &ok(&t[0]), 3).unwrap();
     assert_eq!(task.status, TaskStatus::Completed);
 }
+
+#[test]
+fn a_git_task_gives_each_job_its_branch_and_its_parents_branches_in_plan_order() {
+    let p = user_plan(
+        r#"{"steps":[{"role":"analyst"},{"role":"builder","depends_on":[0]},{"role":"documenter","depends_on":[0]},{"role":"reviewer","depends_on":[2,1]}]}"#,
+    );
+    let mut o = opts(Mode::Sequential);
+    o.workspace = Workspace::Git {
+        url: "/srv/repo.git".into(),
+        base_ref: "main".into(),
+        job: None,
+    };
+    let (mut task, actions) = new_task(TaskId::from_u128(7), o, p, 0).unwrap();
+    let t = task.id;
+    let git = |s: &JobSpec| match &s.workspace {
+        Workspace::Git { url, base_ref, job } => {
+            assert_eq!((url.as_str(), base_ref.as_str()), ("/srv/repo.git", "main"));
+            job.clone().expect("each job gets its git part")
+        }
+        w => panic!("not a git workspace: {w:?}"),
+    };
+    let a = published(&actions);
+    let ga = git(&a[0]);
+    assert_eq!(ga.branch, format!("orch/{t}/01-analyst"));
+    assert!(ga.start.is_empty(), "the first step starts from the ref");
+    assert_eq!(ga.task_branch, format!("orch/{t}"));
+    let bc = published(&on_result(&mut task, &ok(&a[0]), 1).unwrap());
+    for s in &bc {
+        assert_eq!(git(s).start, [format!("orch/{t}/01-analyst")]);
+    }
+    on_result(&mut task, &ok(&bc[0]), 2).unwrap();
+    let d = published(&on_result(&mut task, &ok(&bc[1]), 3).unwrap());
+    assert_eq!(
+        git(&d[0]).start,
+        [
+            format!("orch/{t}/02-builder"),
+            format!("orch/{t}/03-documenter")
+        ],
+        "parents in plan order, whatever order depends_on lists them in"
+    );
+    assert_eq!(task.branch, None, "no branch before the end");
+    on_result(&mut task, &ok(&d[0]), 4).unwrap();
+    assert_eq!(task.branch, Some(format!("orch/{t}")));
+}
+
+#[test]
+fn send_continues_the_latest_turn_and_reopens_the_task() {
+    let p = plan("auto", "build a parser", Some(&[Role::Builder]), None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let first = published(&actions);
+    let builder = first[0].job_id;
+    // Still running: nothing to continue yet.
+    assert!(matches!(
+        latest_turn(&task, builder),
+        Err(TurnError::Busy { .. })
+    ));
+    on_result(&mut task, &ok(&first[0]), 5).unwrap();
+    assert_eq!(task.status, TaskStatus::Completed);
+
+    let second = JobId::new();
+    let actions = add_turn(&mut task, builder, second, "now add tests", false, 10).unwrap();
+    assert_eq!(task.status, TaskStatus::Running, "the task reopens");
+    assert_eq!(task.finished_at_ms, None);
+    let spec = &published(&actions)[0];
+    assert_eq!(spec.job_id, second);
+    assert_eq!(spec.role, Role::Builder);
+    assert_eq!(spec.prompt, "now add tests");
+    assert_eq!(
+        spec.session,
+        Some(SessionRef {
+            from: builder,
+            fork: false
+        })
+    );
+    assert!(actions.contains(&Action::Index(vec![second])));
+    // While the second turn runs, a send to the first is refused and names the busy turn.
+    match latest_turn(&task, builder) {
+        Err(TurnError::Busy { latest, .. }) => assert_eq!(latest, second),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert!(add_turn(&mut task, builder, JobId::new(), "again", false, 11).is_err());
+    on_result(&mut task, &ok(spec), 20).unwrap();
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(task.jobs.len(), 2);
+    // A send to the first agent now continues the second turn.
+    assert_eq!(latest_turn(&task, builder).unwrap(), second);
+    let err = add_turn(&mut task, builder, JobId::new(), "x", false, 21).unwrap_err();
+    assert!(matches!(err, TurnError::Busy { latest, .. } if latest == second));
+}
+
+#[test]
+fn fork_starts_a_new_conversation_from_any_finished_turn() {
+    let p = plan("auto", "build a parser", Some(&[Role::Builder]), None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let first = published(&actions);
+    let original = first[0].job_id;
+    on_result(&mut task, &ok(&first[0]), 5).unwrap();
+    let (a, b) = (JobId::new(), JobId::new());
+    let fa = published(&add_turn(&mut task, original, a, "approach A", true, 6).unwrap());
+    let fb = published(&add_turn(&mut task, original, b, "approach B", true, 6).unwrap());
+    assert_eq!(fa.len() + fb.len(), 2, "both forks run at once");
+    for (spec, id) in [(&fa[0], a), (&fb[0], b)] {
+        assert_eq!(spec.job_id, id);
+        assert_eq!(
+            spec.session,
+            Some(SessionRef {
+                from: original,
+                fork: true
+            })
+        );
+    }
+    // Forks do not continue the original: a send still goes to it.
+    assert_eq!(latest_turn(&task, original).unwrap(), original);
+    // A fork of a failed agent is refused.
+    on_result(&mut task, &fail(&fa[0], FailureReason::BadRequest), 7).unwrap();
+    assert!(matches!(
+        add_turn(&mut task, a, JobId::new(), "again", true, 8),
+        Err(TurnError::NotContinuable(..))
+    ));
+    assert!(matches!(
+        add_turn(&mut task, JobId::new(), JobId::new(), "x", true, 8),
+        Err(TurnError::NoJob(_))
+    ));
+}

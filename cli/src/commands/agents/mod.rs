@@ -3,6 +3,7 @@
 
 pub mod list;
 pub mod show;
+pub mod turn;
 
 use super::Ctx;
 use std::process::ExitCode;
@@ -11,11 +12,15 @@ use std::process::ExitCode;
 pub enum Command {
     List(list::Args),
     Show(show::Args),
+    Send(turn::SendArgs),
+    Fork(turn::ForkArgs),
 }
 
 pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::List(args) => list::run(ctx, args).await,
         Command::Show(args) => show::run(ctx, args).await,
+        Command::Send(args) => turn::send(ctx, args).await,
+        Command::Fork(args) => turn::fork(ctx, args).await,
     }
 }
