@@ -185,6 +185,12 @@ pub fn task_details(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result
     if let Some(key) = &task.idempotency_key {
         rows.push(("idempotency key", key.clone()));
     }
+    if let orch_shared::job::Workspace::Git { url, base_ref, .. } = &task.workspace {
+        rows.push(("repository", format!("{url} at {base_ref}")));
+    }
+    if let Some(branch) = &task.branch {
+        rows.push(("branch", branch.clone()));
+    }
     print_table(out, &details(&rows))
 }
 

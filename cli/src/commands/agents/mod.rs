@@ -1,6 +1,7 @@
 //! `orchctl agents ...`: list and inspect agents (an agent is one job of a task; its id is the
 //! job id).
 
+pub mod diff;
 pub mod list;
 pub mod show;
 pub mod turn;
@@ -12,6 +13,7 @@ use std::process::ExitCode;
 pub enum Command {
     List(list::Args),
     Show(show::Args),
+    Diff(diff::Args),
     Send(turn::SendArgs),
     Fork(turn::ForkArgs),
 }
@@ -20,6 +22,7 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::List(args) => list::run(ctx, args).await,
         Command::Show(args) => show::run(ctx, args).await,
+        Command::Diff(args) => diff::run(ctx, args).await,
         Command::Send(args) => turn::send(ctx, args).await,
         Command::Fork(args) => turn::fork(ctx, args).await,
     }

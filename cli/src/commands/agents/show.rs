@@ -107,6 +107,39 @@ pub fn render(out: &mut dyn Write, d: &AgentDetail, now_ms: u64) -> std::io::Res
             },
         ),
     ];
+    if let Some(from) = j.continues {
+        let how = if j.forked { "forked from" } else { "continues" };
+        rows.push((how, from.to_string()));
+    }
+    if let Some(g) = &j.git {
+        let short = |c: &str| c.chars().take(10).collect::<String>();
+        rows.push((
+            "git",
+            format!(
+                "{} at {} (from {}){}",
+                g.branch,
+                short(&g.commit),
+                short(&g.base),
+                if g.merged {
+                    ", merged into the task branch".to_string()
+                } else if g.conflicts.is_empty() {
+                    ", not merged into the task branch".to_string()
+                } else {
+                    format!(", not merged: conflicts in {}", g.conflicts.join(", "))
+                }
+            ),
+        ));
+    }
+    if let Some(diff) = &j.diff {
+        rows.push((
+            "diff",
+            format!(
+                "{} line(s) (`orchctl agents diff {}`)",
+                diff.lines().count(),
+                j.id
+            ),
+        ));
+    }
     if let Some(e) = &j.error {
         rows.push(("error", format!("{}: {}", e.reason.as_str(), e.message)));
     }
