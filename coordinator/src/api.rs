@@ -791,18 +791,22 @@ async fn events(
     let task = load(&app, &id).await?;
     let after = crate::history::last_event_id(&headers)?;
     let stored = app.transport.task_events(task.id, after).await?;
-    // Ends right after the terminal event, without waiting for another one.
-    let stream =
-        futures::stream::unfold((Box::pin(stored), false), |(mut stored, done)| async move {
+    // Ends right after the task's latest end, without waiting for another event (a task
+    // reopened by a send has earlier ends in its log).
+    let ended = std::sync::Arc::new(crate::history::task_end(&task));
+    let stream = futures::stream::unfold((Box::pin(stored), false), move |(mut stored, done)| {
+        let ended = ended.clone();
+        async move {
             if done {
                 return None;
             }
             let e = stored.next().await?;
-            let last = transport::is_last(&e.event);
+            let last = ended(&e.event);
             Some((e, (stored, last)))
-        })
-        .map(|e| Ok::<_, Infallible>(crate::history::sse_event(&e)))
-        .take_until(app.shutdown.clone().cancelled_owned());
+        }
+    })
+    .map(|e| Ok::<_, Infallible>(crate::history::sse_event(&e)))
+    .take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
         .into_response())

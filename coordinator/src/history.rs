@@ -625,7 +625,7 @@ async fn agent(
         model: task.model.clone(),
         tool_calls: tools.values().sum(),
         tools,
-        session_id: None,
+        session_id: job.session_id.clone(),
         log_events,
         job,
     }))
@@ -647,6 +647,22 @@ pub(crate) fn last_event_id(headers: &HeaderMap) -> Answer<u64> {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .ok_or_else(|| field("Last-Event-ID", "expected an event id (a number)")),
     }
+}
+
+/// Which `task_finished` event ends a followed stream of `task`: a task reopened by a send, a
+/// fork or a dead-letter retry has older ones in its log. The task's latest end is at or after
+/// everything it queued (the leader's clock stamps both), and at or after its recorded end.
+pub(crate) fn task_end(task: &Task) -> impl Fn(&Event) -> bool + Send + Sync + 'static {
+    let since = if task.status.is_terminal() {
+        task.finished_at_ms.unwrap_or(0)
+    } else {
+        task.jobs
+            .iter()
+            .filter_map(|j| j.queued_at_ms)
+            .max()
+            .unwrap_or(0)
+    };
+    move |e: &Event| transport::is_last(e) && e.at_ms >= since
 }
 
 /// Whether an agent's log has nothing more to say after this event.
@@ -686,26 +702,31 @@ async fn agent_logs(
     let done = task.status.is_terminal() || task.jobs[index].status.is_terminal();
     let mine = move |e: &StoredEvent| e.seq > after && e.event.job_id == Some(job);
     let shutdown = app.shutdown.clone().cancelled_owned();
+    let task_ended = task_end(&task);
     let stream: std::pin::Pin<Box<dyn Stream<Item = StoredEvent> + Send>> =
         if p.follow.unwrap_or(false) && !done {
             let live = app.transport.task_events(task.id, after).await?;
+            let task_ended = std::sync::Arc::new(task_ended);
             Box::pin(
-                futures::stream::unfold(
-                    (Box::pin(live), false),
-                    move |(mut live, ended)| async move {
+                futures::stream::unfold((Box::pin(live), false), move |(mut live, ended)| {
+                    let task_ended = task_ended.clone();
+                    async move {
                         if ended {
                             return None;
                         }
                         loop {
                             let e = live.next().await?;
-                            let last = ends_agent_log(&e.event.kind)
-                                && (e.event.job_id == Some(job) || transport::is_last(&e.event));
+                            let last = if e.event.job_id == Some(job) {
+                                ends_agent_log(&e.event.kind)
+                            } else {
+                                task_ended(&e.event)
+                            };
                             if e.event.job_id == Some(job) || last {
                                 return Some((e, (live, last)));
                             }
                         }
-                    },
-                )
+                    }
+                })
                 .filter(move |e| futures::future::ready(e.seq > after)),
             )
         } else {
@@ -746,15 +767,19 @@ async fn task_logs(
     let stream: std::pin::Pin<Box<dyn Stream<Item = StoredEvent> + Send>> =
         if p.follow.unwrap_or(false) && !task.status.is_terminal() {
             let live = app.transport.task_events(task.id, after).await?;
+            let task_ended = std::sync::Arc::new(task_end(&task));
             Box::pin(futures::stream::unfold(
                 (Box::pin(live), false),
-                |(mut live, ended)| async move {
-                    if ended {
-                        return None;
+                move |(mut live, ended)| {
+                    let task_ended = task_ended.clone();
+                    async move {
+                        if ended {
+                            return None;
+                        }
+                        let e = live.next().await?;
+                        let last = task_ended(&e.event);
+                        Some((e, (live, last)))
                     }
-                    let e = live.next().await?;
-                    let last = transport::is_last(&e.event);
-                    Some((e, (live, last)))
                 },
             ))
         } else {
@@ -837,6 +862,8 @@ async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<ClusterStat
     })
     .await?;
     cost_today.truncated = truncated;
+    (cost_today.spent_usd, cost_today.reserved_usd) = app.state.spend_today().await?;
+    cost_today.budget_usd = app.state.daily_budget().await?;
 
     Ok(axum::Json(ClusterStatus {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -1181,6 +1208,8 @@ async fn clean(
         }
         // The logs go first: a failure leaves the record, so a later clean finds it again.
         let (events, results) = app.transport.purge_task(task.id).await?;
+        let jobs: Vec<JobId> = task.jobs.iter().map(|j| j.id).collect();
+        app.transport.purge_sessions(&jobs).await?;
         report.events_purged += events;
         report.results_purged += results;
         app.state.delete_task(&task).await?;

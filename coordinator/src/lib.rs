@@ -172,6 +172,12 @@ pub async fn run(
     reconcile::run_if_needed(&state, &transport)
         .await
         .map_err(|e| Error::Resume(e.to_string()))?;
+    if let Err(e) = state
+        .set_daily_budget(config.admission.daily_budget_usd)
+        .await
+    {
+        tracing::warn!(error = %e, "failed to record the daily budget for the status page");
+    }
     let admission = admission::Admission::start(
         config.admission.clone(),
         state.clone(),

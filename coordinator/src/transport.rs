@@ -207,6 +207,44 @@ impl Transport {
         create_or_update_consumer(&results, coordinator)
             .await
             .map_err(topo("results consumer"))?;
+        if self
+            .js
+            .get_object_store(subject::SESSIONS_BUCKET)
+            .await
+            .is_err()
+        {
+            // A worker may have created it first (workers create it if it is missing, for a
+            // coordinator of an older version): an identical create is accepted.
+            self.js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: subject::SESSIONS_BUCKET.into(),
+                    description: Some("agents' sessions, one object per agent (job id)".into()),
+                    storage: stream::StorageType::File,
+                    max_bytes: -1,
+                    num_replicas: cfg.stream_replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| topo("sessions object store")(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the stored sessions of these agents (those that have one).
+    pub async fn purge_sessions(&self, jobs: &[orch_shared::ids::JobId]) -> Result<(), Error> {
+        let Ok(store) = self.js.get_object_store(subject::SESSIONS_BUCKET).await else {
+            return Ok(());
+        };
+        for job in jobs {
+            if let Err(e) = store.delete(job.to_string()).await
+                && e.kind() != jetstream::object_store::DeleteErrorKind::NotFound
+            {
+                return Err(Error::Read {
+                    what: format!("the session of agent {job}"),
+                    source: e.into(),
+                });
+            }
+        }
         Ok(())
     }
 

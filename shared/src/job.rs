@@ -120,8 +120,9 @@ pub enum Workspace {
 /// with `--force-with-lease` so concurrent finishers never lose each other's work.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GitJob {
-    /// This job's branch, `orch/<task-id>/<NN>-<role>` (`NN`: the step, from 01, so that
-    /// branch names sort in plan order).
+    /// This job's branch, `orch/jobs/<task-id>/<NN>-<role>` (`NN`: the step, from 01, so that
+    /// branch names sort in plan order). Not under `orch/<task-id>/`: git cannot hold a branch
+    /// and branches below it with the same name.
     pub branch: String,
     /// The branches of the job's parents in plan order (the ones that exist are merged).
     #[serde(default)]
@@ -138,7 +139,7 @@ impl GitJob {
 
     /// The branch of step `step` (from 0) of `task`, run by `role`.
     pub fn job_branch(task: TaskId, step: u32, role: Role) -> String {
-        format!("orch/{task}/{:02}-{role}", step + 1)
+        format!("orch/jobs/{task}/{:02}-{role}", step + 1)
     }
 }
 

@@ -70,7 +70,8 @@ pub struct AgentDetail {
     /// Tool calls by tool name.
     #[serde(default)]
     pub tools: BTreeMap<String, u64>,
-    /// The agent session, for backends that keep one (none does yet).
+    /// The backend's conversation id, when the agent's session is stored in the cluster
+    /// (`orchctl agents send` and `fork` continue it).
     #[serde(default)]
     pub session_id: Option<String>,
     /// Events of this agent in the log; 0 once the log has expired or was cleaned.
@@ -99,6 +100,10 @@ pub struct QueueInfo {
 }
 
 /// Cost since midnight UTC.
+///
+/// Two views of the day: `tasks`, `usage` and `cost_usd` sum the tasks created today, while
+/// `spent_usd` is what the daily budget counts, every agent attempt that finished today settled
+/// once (attempts of tasks created earlier included).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CostToday {
     pub since_ms: u64,
@@ -108,6 +113,16 @@ pub struct CostToday {
     /// More tasks were created today than one request reads; the sums cover the newest ones.
     #[serde(default)]
     pub truncated: bool,
+    /// The day's settled spend: the cost of every agent attempt that finished today.
+    #[serde(default)]
+    pub spent_usd: f64,
+    /// Estimates the daily budget holds for agents admitted and not finished yet.
+    #[serde(default)]
+    pub reserved_usd: f64,
+    /// The cluster's daily budget (the leading coordinator's `--daily-budget-usd`); `None`:
+    /// no daily budget.
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
 }
 
 /// `GET /v1/status`: the cluster at a glance.

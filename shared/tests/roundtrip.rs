@@ -312,7 +312,7 @@ fn sample_result() -> JobResult {
             "--- a/src/login.rs\n+++ b/src/login.rs\n@@ -0,0 +1 @@\n+fn login() {}\n".into(),
         ),
         git: Some(GitOutcome {
-            branch: "orch/t/03-builder".into(),
+            branch: "orch/jobs/t/03-builder".into(),
             commit: "0123abcd".into(),
             base: "fedc3210".into(),
             merged: false,

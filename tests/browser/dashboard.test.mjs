@@ -110,6 +110,7 @@ const scenarios = {
     await step("the overview shows workers and slots", async () => {
       await page.waitForFunction(() => document.querySelectorAll("#workers .worker").length >= 2);
       await page.waitForSelector("#live[data-state=live]");
+      await page.waitForFunction(() => (document.querySelector("#k-spend-sub")?.textContent || "").includes("no daily budget"));
       await shot("overview-idle");
     });
     let taskUrl;
@@ -148,7 +149,8 @@ const scenarios = {
       await page.waitForSelector("#transcript .msg.tool pre");
       await page.waitForSelector("#transcript .msg.result");
       await page.waitForSelector("#transcript .msg.text");
-      assert(await page.isDisabled(".panel.disabled button"), "diff / send are shown disabled");
+      await page.waitForSelector("#diff .empty");
+      assert(await page.isVisible("#send-btn") && await page.isVisible("#fork-btn"), "send and fork are offered");
       await shot("agent-transcript");
     });
     await step("the overview shows running agents live", async () => {
@@ -194,6 +196,179 @@ const scenarios = {
       assert(Date.now() - t0 < 10000, "cancelled in " + (Date.now() - t0) + " ms");
       assert(!(await page.isVisible("#cancel-btn")), "cancel button hidden once cancelled");
       await shot("task-cancelled");
+    });
+  },
+
+  // The overview's "spend today" against the daily budget the coordinator was started with
+  // (the Rust side ran one task, so the day's spend is above zero).
+  async budget() {
+    await step("log in", () => login(page));
+    await step("the overview shows the day's spend against the budget, with a bar", async () => {
+      await page.waitForFunction(() => (document.querySelector("#k-spend")?.textContent || "").includes("of $0.02"));
+      const value = await page.textContent("#k-spend");
+      assert(/^\$0\.\d+ of \$0\.02$/.test(value.trim()), "spend KPI reads " + value);
+      const sub = await page.textContent("#k-spend-sub");
+      assert(sub.includes("% of the daily budget"), "budget share: " + sub);
+      const share = await page.$eval("#k-spend-sub .meter span", (e) => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width);
+      assert(share > 0.1 && share < 1, "the bar fills " + share + " of its track");
+      const title = await page.$eval("#k-spend", (e) => e.closest(".kpi").title);
+      assert(title.startsWith("spent today $") && title.includes("of $0.02"), "title " + title);
+      await shot("overview-budget");
+    });
+    await step("the budget reads on a narrow screen in the dark theme", async () => {
+      await page.setViewportSize({ width: 390, height: 844 });
+      await page.click("#theme");
+      if ((await page.evaluate(() => document.documentElement.dataset.theme)) !== "dark") await page.click("#theme");
+      await page.waitForSelector("#k-spend-sub .meter");
+      await shot("overview-budget-narrow-dark");
+    });
+  },
+
+  // A command agent edited a git working tree (the Rust side waited for it): its page lists
+  // the changed files with counts and shows each file's hunks, escaped, collapsible.
+  async diff() {
+    const agent = process.env.ORCH_AGENT;
+    assert(agent, "ORCH_AGENT is set");
+    await step("log in", () => login(page));
+    await step("the agent page lists the changed files with their counts", async () => {
+      await page.goto(URL_ + "/agents/" + agent);
+      await page.waitForSelector("#a-meta .badge.s-succeeded");
+      await page.waitForSelector("#diff .diff-file", { timeout: 10000 });
+      const files = await page.$$eval("#diff .diff-files li", (els) => els.map((e) => [".fstatus", ".path", ".counts"].map((c) => e.querySelector(c)?.textContent.trim()).join(" ")));
+      assert(files.length === 4, "four files changed: " + JSON.stringify(files));
+      const find = (p) => files.find((f) => f.includes(p)) || "";
+      assert(/^A src\/cache\.rs \+14 −0$/.test(find("cache.rs")), "added file: " + find("cache.rs"));
+      assert(/^D notes\/old\.txt \+0 −1$/.test(find("old.txt")), "deleted file: " + find("old.txt"));
+      assert(/^M src\/parser\.rs \+4 −1$/.test(find("parser.rs")), "edited file: " + find("parser.rs"));
+      assert((await page.textContent("#diff-stat")).includes("4 files changed"), "summary");
+    });
+    await step("hunks show added and removed lines with line numbers", async () => {
+      const parser = await page.$("details.diff-file:has(summary:has-text('src/parser.rs'))");
+      assert(parser, "parser.rs section");
+      const removed = await parser.$$eval("tr.d-del td.code", (els) => els.map((e) => e.textContent));
+      const added = await parser.$$eval("tr.d-add td.code", (els) => els.map((e) => e.textContent));
+      assert(removed.some((l) => l.includes("Token::Word(word))")), "removed line: " + removed);
+      assert(added.some((l) => l.includes("word.to_lowercase()")), "added line: " + added);
+      assert(added.some((l) => l.includes("cache::get(input)")), "inserted line: " + added);
+      const numbers = await parser.$$eval("tr.d-add td.ln", (els) => els.map((e) => e.dataset.n || ""));
+      assert(numbers.includes("10"), "new line numbers: " + numbers);
+      await page.waitForSelector("#diff tr.d-hunk");
+    });
+    await step("markup in the diff is shown as text, never run", async () => {
+      const readme = await page.$("details.diff-file:has(summary:has-text('README.md'))");
+      const text = await readme.$$eval("tr.d-add td.code", (els) => els.map((e) => e.textContent).join("\n"));
+      assert(text.includes("<b>never</b>") && text.includes("<script>alert(1)</script>"), "literal markup: " + text);
+      assert((await page.$$("#diff td.code b, #diff td.code script")).length === 0, "markup became elements");
+    });
+    await step("each file collapses and expands", async () => {
+      const first = "#diff details.diff-file:first-of-type";
+      assert(await page.$eval(first, (d) => d.open), "files start open");
+      await page.click(first + " > summary");
+      assert(!(await page.$eval(first, (d) => d.open)), "collapsed by its header");
+      await page.click("#diff-toggle");
+      assert(await page.$$eval("#diff details.diff-file", (ds) => ds.every((d) => !d.open)), "collapse all");
+      await page.click("#diff-toggle");
+      assert(await page.$$eval("#diff details.diff-file", (ds) => ds.every((d) => d.open)), "expand all");
+      await page.click("#diff .diff-files a[data-file='0']");
+    });
+    await step("a command agent keeps no session: send and fork say why", async () => {
+      assert(await page.isDisabled("#send-btn"), "send disabled");
+      assert((await page.textContent("#talk-reason")).includes("no session"), "reason shown");
+      await page.evaluate(() => window.scrollTo(0, 0));
+      await shot("agent-diff");
+      await page.$eval("#changes", (e) => e.scrollIntoView());
+      await page.screenshot({ path: join(ART, "agent-diff-viewport.png") });
+    });
+    await step("the diff reads on a narrow screen in both themes", async () => {
+      await page.setViewportSize({ width: 390, height: 844 });
+      await page.$eval("#changes", (e) => e.scrollIntoView());
+      const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+      assert(overflow <= 1, "the page scrolls sideways by " + overflow + "px");
+      await page.screenshot({ path: join(ART, "agent-diff-narrow.png") });
+      await page.click("#theme");
+      if ((await page.evaluate(() => document.documentElement.dataset.theme)) !== "dark") await page.click("#theme");
+      await page.screenshot({ path: join(ART, "agent-diff-narrow-dark.png") });
+      await page.setViewportSize({ width: 1280, height: 900 });
+      await page.$eval("#changes", (e) => e.scrollIntoView());
+      await page.screenshot({ path: join(ART, "agent-diff-dark.png") });
+      await page.click("#theme");
+    });
+    await step("in a git workspace the agent page shows its branch and commit, the task its branch", async () => {
+      await page.goto(URL_ + "/agents/" + process.env.ORCH_GIT_AGENT);
+      await page.waitForSelector("#git-panel:not([hidden]) #git dd");
+      const facts = await page.textContent("#git");
+      assert(/Branch\s*\S+/.test(facts) && /Commit\s*[0-9a-f]{7}/.test(facts), "git facts: " + facts);
+      assert((await page.textContent("#git-state")).trim() === "merged", "merged into the task branch");
+      assert((await page.textContent("#git")).includes("contains this commit"), "the task branch has it");
+      assert((await page.textContent("#a-meta")).includes("branch"), "branch in the header");
+      await page.waitForSelector("#diff .diff-file");
+      await page.evaluate(() => window.scrollTo(0, 0));
+      await shot("agent-git");
+      await page.click("#a-back");
+      await page.waitForSelector("#t-meta .branch");
+      assert((await page.textContent("#t-meta .branch")).trim().length > 3, "task branch");
+      await page.waitForSelector("#steps .badge.s-succeeded");
+      await shot("task-git");
+    });
+  },
+
+  // Talk to a sim agent: while it runs the buttons wait with a reason; once it finished, send
+  // "go on" (a new agent continues it and runs to the end), then fork that turn.
+  async turns() {
+    await step("log in", () => login(page));
+    const task = await submitViaApi({ prompt: "write docs for the parser", roles: ["documenter"], sim: { latency_ms: 2500 } });
+    const first = task.jobs[0].id;
+    await step("while the agent runs, send and fork wait with the reason", async () => {
+      await page.goto(URL_ + "/agents/" + first);
+      await page.waitForSelector("#a-meta .badge.s-running", { timeout: 15000 });
+      assert(await page.isDisabled("#send-btn"), "send disabled while running");
+      assert(await page.isDisabled("#fork-btn"), "fork disabled while running");
+      const reason = await page.textContent("#talk-reason");
+      assert(/still working/.test(reason), "reason: " + reason);
+      await shot("agent-talk-running");
+    });
+    let second;
+    await step("once it finished, send a message: a new agent continues it", async () => {
+      await page.waitForSelector("#a-meta .badge.s-succeeded", { timeout: 20000 });
+      await page.waitForFunction(() => !document.querySelector("#send-btn").disabled);
+      await page.fill("#a-message", "go on");
+      assert((await page.textContent("#talk-cli")).includes(`orchctl agents send ${first} 'go on'`), "orchctl equivalent");
+      await Promise.all([page.waitForURL((u) => /\/agents\//.test(u.pathname) && !u.pathname.endsWith(first)), page.click("#send-btn")]);
+      second = new URL(page.url()).pathname.split("/").pop();
+      await page.waitForSelector(`#a-meta .rel a[href='/agents/${first}']`);
+      assert((await page.textContent("#a-meta .rel")).includes("continues"), "continues link");
+      assert((await page.textContent("#a-asked")).includes("go on"), "the message heads the transcript");
+    });
+    await step("the new turn runs and finishes live", async () => {
+      await page.waitForSelector("#a-meta .badge.s-running, #a-meta .badge.s-succeeded", { timeout: 15000 });
+      await page.waitForSelector("#a-meta .badge.s-succeeded", { timeout: 20000 });
+      await page.waitForSelector("#transcript .msg.text");
+      await page.waitForFunction(() => document.querySelectorAll("#turns .turn").length === 2);
+      assert(await page.isVisible("#turns .turn.current"), "this turn is marked");
+      await shot("agent-sent");
+    });
+    await step("fork the new turn: another agent starts from it", async () => {
+      await page.waitForFunction(() => !document.querySelector("#fork-btn").disabled);
+      await page.fill("#a-message", "try another approach");
+      await Promise.all([page.waitForURL((u) => !u.pathname.endsWith(second)), page.click("#fork-btn")]);
+      await page.waitForSelector(`#a-meta .rel a[href='/agents/${second}']`);
+      assert((await page.textContent("#a-meta .rel")).includes("forked from"), "forked-from link");
+      await page.waitForSelector("#a-meta .badge.s-succeeded", { timeout: 30000 });
+      await page.waitForFunction(() => document.querySelectorAll("#turns .turn").length === 3);
+      await shot("agent-forked");
+    });
+    await step("the task shows the conversation's turns", async () => {
+      await page.click("#a-back");
+      await page.waitForFunction(() => document.querySelectorAll("#dag .node").length === 3);
+      await page.waitForSelector("#dag .edge.turn", { state: "attached" });
+      const rows = await page.$$eval("#steps tbody tr", (els) => els.map((e) => e.textContent));
+      assert(rows[1].includes("reply to") && rows[2].includes("fork of"), "steps: " + rows);
+      await page.waitForSelector("#t-meta .badge.s-completed", { timeout: 20000 });
+      // The log holds one end per run of the task: the page reads on past the first.
+      await page.waitForFunction(() => [...document.querySelectorAll("#events li")].some((li) => li.textContent.includes("Forked:")) &&
+        [...document.querySelectorAll("#events li")].filter((li) => li.textContent.includes("Task completed")).length === 3, null, { timeout: 15000 });
+      await page.waitForSelector("#live[data-state=live]");
+      await shot("task-turns");
     });
   },
 

@@ -1,13 +1,13 @@
-//! The web dashboard in a real browser: each test starts a real cluster with `sim` agents and
-//! runs one scenario of `tests/browser/dashboard.test.mjs` (Debian's `chromium` driven by
-//! `playwright-core`) against it. Screenshots of every page go to
-//! `target/test-artifacts/dashboard/`.
+//! The web dashboard in a real browser: each test starts a real cluster (`sim` agents, or a
+//! `command` agent that edits a git working tree) and runs one scenario of
+//! `tests/browser/dashboard.test.mjs` (Debian's `chromium` driven by `playwright-core`) against
+//! it. Screenshots of every page go to `target/test-artifacts/dashboard/`.
 //!
 //! Needs `node`, `/usr/bin/chromium` and `npm ci` in `tests/browser` (`scripts/deps.sh` installs
 //! them); a missing one fails the test with what to run, never skips it.
 
-use orch_shared::api::TaskStatus;
-use orch_tests::{Cluster, Options, TOKEN};
+use orch_shared::api::{JobStatus, TaskStatus};
+use orch_tests::{Cluster, Options, TOKEN, orchctl_against, run};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +23,11 @@ fn workspace_root() -> PathBuf {
 /// Runs one browser scenario against `cluster`; panics with the script's output and the
 /// cluster's logs when it fails.
 async fn run_scenario(cluster: &Cluster, scenario: &str) {
+    run_scenario_with(cluster, scenario, &[]).await;
+}
+
+/// [`run_scenario`] with more environment for the script (ids it should open, say).
+async fn run_scenario_with(cluster: &Cluster, scenario: &str, vars: &[(&str, String)]) {
     let root = workspace_root();
     let browser_dir = root.join("tests/browser");
     assert!(
@@ -44,7 +49,8 @@ async fn run_scenario(cluster: &Cluster, scenario: &str) {
         .env("ORCH_URL", &cluster.url)
         .env("ORCH_TOKEN", TOKEN)
         .env("ORCH_ARTIFACTS", &artifacts)
-        .env("ORCH_CHROMIUM", &chromium);
+        .env("ORCH_CHROMIUM", &chromium)
+        .envs(vars.iter().map(|(k, v)| (*k, v)));
     let output = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .expect("join the browser run")
@@ -107,4 +113,190 @@ async fn dashboard_filters_history_and_charts_costs() {
         assert_eq!(task.status, TaskStatus::Completed, "{}", cluster.logs());
     }
     run_scenario(&cluster, "history").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_days_spend_against_the_daily_budget() {
+    let cluster = Cluster::start(Options {
+        // Small enough that the bar shows what two sim agents spend; the estimate a job
+        // reserves before its role has history fits under it.
+        coordinator_args: [
+            "--daily-budget-usd",
+            "0.02",
+            "--default-job-estimate-usd",
+            "0.005",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({ "prompt": "analyze the parser", "roles": ["analyst", "builder"] }))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(60))
+        .await;
+    assert_eq!(task.status, TaskStatus::Completed, "{}", cluster.logs());
+
+    let (_, status) = cluster.get("/v1/status").await;
+    let today = &status["cost_today"];
+    assert_eq!(today["budget_usd"].as_f64(), Some(0.02), "{status}");
+    let spent = today["spent_usd"].as_f64().unwrap_or_default();
+    assert!(
+        (spent - task.cost_usd).abs() < 1e-9,
+        "the day's spend is the settled cost of the task's agents: {spent} vs {}",
+        task.cost_usd
+    );
+
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(orchctl_against(&cluster, home.path()).arg("status"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("daily budget") && stdout.contains("of $0.0200"),
+        "orchctl status shows the spend against the budget:\n{stdout}"
+    );
+
+    run_scenario(&cluster, "budget").await;
+}
+
+/// The `command` agent of the diff test: edits a file (a line changed, lines added), adds one,
+/// deletes one and appends markup to the README that the page must show as text.
+const EDIT_SCRIPT: &str = r#"cat >/dev/null
+awk '{ print } /^pub fn parse/ { print "    if let Some(hit) = cache::get(input) {"; print "        return hit;"; print "    }" }' src/parser.rs > src/parser.rs.new
+mv src/parser.rs.new src/parser.rs
+sed -i 's/Token::Word(word))/Token::Word(word.to_lowercase()))/' src/parser.rs
+cat > src/cache.rs <<'END'
+//! A small cache of parsed inputs, so the same input is never tokenized twice.
+
+use crate::parser::Token;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+fn cache() -> &'static Mutex<HashMap<String, Vec<Token>>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Vec<Token>>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+pub fn get(input: &str) -> Option<Vec<Token>> {
+    cache().lock().ok()?.get(input).cloned()
+}
+END
+rm notes/old.txt
+printf '\n## Cache\nParsed inputs are cached: <b>never</b> parsed twice & "quoted" <script>alert(1)</script>.\n' >> README.md
+printf '## Summary\nAdded a cache to the parser.\n'
+"#;
+
+const PARSER_RS: &str = "//! A tiny tokenizer.
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Token {
+    Word(String),
+    Number(i64),
+}
+
+pub fn parse(input: &str) -> Vec<Token> {
+    let mut tokens = Vec::new();
+    for word in input.split_whitespace() {
+        let word = word.to_string();
+        match word.parse::<i64>() {
+            Ok(n) => tokens.push(Token::Number(n)),
+            Err(_) => tokens.push(Token::Word(word)),
+        }
+    }
+    tokens
+}
+";
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run git");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_diff_of_what_a_command_agent_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    std::fs::create_dir_all(repo.join("notes")).unwrap();
+    std::fs::write(repo.join("src/parser.rs"), PARSER_RS).unwrap();
+    std::fs::write(repo.join("README.md"), "# parser\n\nA tiny tokenizer.\n").unwrap();
+    std::fs::write(repo.join("notes/old.txt"), "to be removed\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "start"]);
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backends.command]\nprogram = \"sh\"\nargs = [\"-c\", '''{EDIT_SCRIPT}''']\nprompt = \"stdin\"\n"
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        worker_args: vec!["--config".into(), config.display().to_string()],
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "add a cache to the parser",
+            "roles": ["builder"],
+            "backend": "command",
+            "workspace": repo.display().to_string(),
+        }))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(60))
+        .await;
+    assert_eq!(task.status, TaskStatus::Completed, "{}", cluster.logs());
+    let agent = task.jobs[0].id.to_string();
+    // The same work in a clone of the repository: the agent's commit lands on its branch and
+    // is merged into the task branch.
+    let cloned = cluster
+        .submit(json!({
+            "prompt": "add a cache to the parser, in a clone",
+            "roles": ["builder"],
+            "backend": "command",
+            "repo": repo.display().to_string(),
+            "ref": "main",
+        }))
+        .await;
+    let cloned = cluster
+        .wait_task(&cloned.id.to_string(), Duration::from_secs(60))
+        .await;
+    assert_eq!(cloned.status, TaskStatus::Completed, "{}", cluster.logs());
+    assert!(cloned.branch.is_some(), "{cloned:#?}");
+    let git_agent = cloned.jobs[0].id.to_string();
+    run_scenario_with(
+        &cluster,
+        "diff",
+        &[("ORCH_AGENT", agent), ("ORCH_GIT_AGENT", git_agent)],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sends_a_message_to_an_agent_and_forks_it() {
+    let cluster = Cluster::start(Options::default()).await;
+    run_scenario(&cluster, "turns").await;
+    let (_, v) = cluster.get("/v1/tasks?limit=1").await;
+    let id = v["tasks"][0]["id"].as_str().expect("the task").to_string();
+    let task = cluster.task(&id).await;
+    assert_eq!(task.jobs.len(), 3, "{task:#?}");
+    let (first, sent, forked) = (&task.jobs[0], &task.jobs[1], &task.jobs[2]);
+    assert_eq!(sent.continues, Some(first.id));
+    assert!(!sent.forked);
+    assert_eq!(sent.prompt, "go on");
+    assert_eq!(forked.continues, Some(sent.id));
+    assert!(forked.forked);
+    for job in &task.jobs {
+        assert_eq!(job.status, JobStatus::Succeeded, "{task:#?}");
+    }
 }

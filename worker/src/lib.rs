@@ -8,6 +8,8 @@
 //! - [`state`]: the only code that knows Redis keys (registry, done markers).
 //! - [`agent`]: the agent backends behind one trait (sim, claude-code, anthropic, openai, command).
 //! - [`runner`]: one job from pull to ack.
+//! - [`session`]: agents' sessions in the cluster (JetStream object store and Redis pointers),
+//!   so any worker can run the next turn of a conversation.
 //! - [`metrics`]: metric names.
 
 pub mod agent;
@@ -15,6 +17,7 @@ pub mod config;
 pub mod metrics;
 pub mod roles;
 pub mod runner;
+pub mod session;
 pub mod state;
 pub mod transport;
 
@@ -45,6 +48,8 @@ pub enum Error {
     Transport(#[from] transport::Error),
     #[error(transparent)]
     State(#[from] state::Error),
+    #[error(transparent)]
+    Session(#[from] session::Error),
     #[error("failed to listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -77,6 +82,11 @@ pub async fn run(
     let connect = || State::connect(&config.redis_url);
     let state = tokio::select! {
         s = connect.retry(retry_forever()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => s?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let open_sessions = || session::SessionStore::connect(client.clone(), &config.redis_url);
+    let sessions = tokio::select! {
+        s = open_sessions.retry(retry_forever()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "session store not ready, retrying")) => s?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let info = WorkerInfo {
@@ -134,8 +144,9 @@ pub async fn run(
         transport: transport.clone(),
         state: state.clone(),
         worker_id: id.clone(),
-        agent: Arc::new(agent::Backends::from_config(&config)),
+        agent: Arc::new(agent::Backends::from_config(&config).with_sessions(sessions.clone())),
         running: Default::default(),
+        sessions: Some(sessions),
     };
     {
         let mut cancels = Box::pin(transport.cancellations().await?);

@@ -4,6 +4,7 @@
 
 use crate::agent::{Agent, Events, Report};
 use crate::metrics as m;
+use crate::session::SessionStore;
 use crate::state::{Lease, State};
 use crate::transport::{JobDelivery, PendingAck, Transport};
 use backon::{ExponentialBuilder, Retryable};
@@ -28,6 +29,8 @@ pub struct Runner {
     pub worker_id: WorkerId,
     pub agent: Arc<dyn Agent>,
     pub running: Running,
+    /// Where a successful turn's session is stored (`None`: sessions are not kept).
+    pub sessions: Option<SessionStore>,
 }
 
 /// Removes a job from [`Running`] when its run ends, however it ends.
@@ -225,6 +228,17 @@ impl Runner {
             metrics::counter!(m::LEASES_LOST).increment(1);
             return;
         }
+        // Stored before the result is published: a result with a session id can be continued.
+        let session_id = match (&self.sessions, report.session) {
+            (Some(store), Some(snapshot)) if output.outcome.is_success() => {
+                // A large session takes a moment to store: the job must not look abandoned.
+                if snapshot.bytes.len() > crate::session::INLINE_MAX_BYTES {
+                    let _ = job.in_progress().await;
+                }
+                store.keep(&spec, snapshot, lease_ttl / 2).await
+            }
+            _ => None,
+        };
         let result = JobResult {
             task_id: spec.task_id,
             job_id: spec.job_id,
@@ -245,7 +259,7 @@ impl Runner {
             context_window: report.context.map(|c| c.window),
             diff: output.diff,
             git: output.git,
-            session_id: None,
+            session_id,
         };
         let publish = || self.transport.publish_result(&result);
         let stored = publish

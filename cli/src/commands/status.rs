@@ -1,11 +1,12 @@
 //! `orchctl status`: the cluster at a glance: readiness, coordinators, workers and their slots,
-//! the job queue (depth, in flight), active agents, dead letters, cost today and recent tasks.
+//! the job queue (depth, in flight), active agents, dead letters, cost today, the day's spend
+//! against the daily budget and recent tasks.
 
 use super::{Ctx, failure};
 use crate::client::Client;
 use crate::output;
 use orch_shared::api::{Readiness, TaskList, TaskStatus, WorkerList};
-use orch_shared::report::ClusterStatus;
+use orch_shared::report::{ClusterStatus, CostToday};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,8 +26,9 @@ Examples:
 #[command(
     long_about = "Show the coordinator's readiness (NATS, Redis), the coordinators and workers \
 (with their slots and busy slots), the job queue (jobs waiting and in flight, from JetStream), \
-the active tasks and agents, the dead letters, what today cost (since midnight UTC) and how \
-many of the last 100 tasks are in each status.\n\nExits 0 when the coordinator is ready and 1 \
+the active tasks and agents, the dead letters, what today cost (since midnight UTC), the day's \
+spend against the cluster's daily budget (`--daily-budget-usd`) and how many of the last 100 \
+tasks are in each status.\n\nExits 0 when the coordinator is ready and 1 \
 when it answers but is not ready.",
     after_long_help = EXAMPLES
 )]
@@ -217,6 +219,32 @@ fn cluster_rows(rows: &mut Vec<(&'static str, String)>, c: &ClusterStatus) {
             }
         ),
     ));
+    rows.push(("daily budget", daily_budget(today)));
+}
+
+/// `spent today $0.4200 of $5.0000 (8%) · $0.0300 reserved`, or what was spent without a budget.
+fn daily_budget(today: &CostToday) -> String {
+    let reserved = if today.reserved_usd > 0.0 {
+        format!(" · {} reserved", output::cost(today.reserved_usd))
+    } else {
+        String::new()
+    };
+    match today.budget_usd {
+        Some(budget) => format!(
+            "spent today {} of {} ({:.0}%){reserved}",
+            output::cost(today.spent_usd),
+            output::cost(budget),
+            if budget > 0.0 {
+                100.0 * today.spent_usd / budget
+            } else {
+                0.0
+            }
+        ),
+        None => format!(
+            "no daily budget · spent today {}",
+            output::cost(today.spent_usd)
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +268,24 @@ mod tests {
             created_at_ms: 1,
             finished_at_ms: None,
         }
+    }
+
+    #[test]
+    fn daily_budget_reads_as_spend_of_budget() {
+        let mut today = CostToday {
+            spent_usd: 0.42,
+            ..Default::default()
+        };
+        assert_eq!(
+            daily_budget(&today),
+            "no daily budget · spent today $0.4200"
+        );
+        today.budget_usd = Some(5.0);
+        today.reserved_usd = 0.03;
+        assert_eq!(
+            daily_budget(&today),
+            "spent today $0.4200 of $5.0000 (8%) · $0.0300 reserved"
+        );
     }
 
     #[test]

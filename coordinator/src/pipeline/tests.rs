@@ -436,20 +436,20 @@ fn a_git_task_gives_each_job_its_branch_and_its_parents_branches_in_plan_order()
     };
     let a = published(&actions);
     let ga = git(&a[0]);
-    assert_eq!(ga.branch, format!("orch/{t}/01-analyst"));
+    assert_eq!(ga.branch, format!("orch/jobs/{t}/01-analyst"));
     assert!(ga.start.is_empty(), "the first step starts from the ref");
     assert_eq!(ga.task_branch, format!("orch/{t}"));
     let bc = published(&on_result(&mut task, &ok(&a[0]), 1).unwrap());
     for s in &bc {
-        assert_eq!(git(s).start, [format!("orch/{t}/01-analyst")]);
+        assert_eq!(git(s).start, [format!("orch/jobs/{t}/01-analyst")]);
     }
     on_result(&mut task, &ok(&bc[0]), 2).unwrap();
     let d = published(&on_result(&mut task, &ok(&bc[1]), 3).unwrap());
     assert_eq!(
         git(&d[0]).start,
         [
-            format!("orch/{t}/02-builder"),
-            format!("orch/{t}/03-documenter")
+            format!("orch/jobs/{t}/02-builder"),
+            format!("orch/jobs/{t}/03-documenter")
         ],
         "parents in plan order, whatever order depends_on lists them in"
     );

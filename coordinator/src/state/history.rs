@@ -159,6 +159,7 @@ impl State {
                 .flat_map(|j| {
                     (1..=j.attempt.max(1))
                         .flat_map(move |a| [keys::job_done(j.id, a), keys::job_cancelled(j.id, a)])
+                        .chain(std::iter::once(keys::session(j.id)))
                 })
                 .collect();
             pipe.del(markers);

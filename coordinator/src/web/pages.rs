@@ -184,6 +184,10 @@ pub fn new_task() -> String {
   <fieldset><legend>Roles <span class="muted small">(a custom workflow in this order; leave empty to use the task type)</span></legend><div class="chips">{roles}</div></fieldset>
   <div class="row">
     <label>Workspace<input name="workspace" placeholder="scratch directory (default), or an absolute path"></label>
+    <label>Repository<input name="repo" placeholder="or a git URL: each agent works in a clone"></label>
+    <label>Ref<input name="ref" placeholder="HEAD" title="The branch, tag or commit of the repository to start from"></label>
+  </div>
+  <div class="row">
     <label>Budget (USD)<input name="budget_usd" type="number" min="0" step="0.01" placeholder="none"></label>
     <label>Budget (tokens)<input name="budget_tokens" type="number" min="0" step="1" placeholder="none"></label>
   </div>
@@ -247,35 +251,55 @@ pub fn task(id: &str) -> String {
 }
 
 pub fn agent(id: &str) -> String {
-    let body = r#"<div class="page-head">
+    let body = format!(
+        r#"<div class="page-head">
   <div><a class="small" id="a-back" href="/">← Task</a><h1 id="a-title">Agent</h1><div id="a-meta" class="meta"></div></div>
   <div class="actions"><button type="button" class="btn danger" id="kill-btn" hidden>Kill agent</button></div>
 </div>
 <section class="kpis" id="a-kpis"></section>
 <div class="cols wide-left">
   <section class="panel">
-    <div class="panel-head"><h2>Transcript</h2><span class="muted small">live · <code>orchctl</code> follows the same stream</span></div>
+    <div class="panel-head"><h2>Transcript</h2><span class="muted small">live · <code>orchctl logs</code> follows the same stream</span></div>
+    <div id="a-asked" hidden></div>
     <div id="transcript" class="transcript"><p class="empty">Waiting for the agent…</p></div>
   </section>
   <div class="stack">
+    <section class="panel" id="talk">
+      <div class="panel-head"><h2>Talk to the agent</h2><span class="muted small" id="talk-state"></span></div>
+      <form id="talk-form" class="stack" autocomplete="off">
+        <label for="a-message" class="sr-only">Message</label>
+        <textarea id="a-message" name="message" rows="3" maxlength="100000" placeholder="Your next message, e.g. “go on” or “now add tests for it”"></textarea>
+        <p id="talk-reason" class="muted small" hidden></p>
+        <p id="talk-error" class="form-error" role="alert" hidden></p>
+        <div class="actions">
+          <button type="submit" class="btn primary" id="send-btn" title="Continue this conversation: the agent answers as a new turn of the task">Send</button>
+          <button type="button" class="btn" id="fork-btn" title="Start a separate conversation from this point; this one stays as it is">Fork</button>
+        </div>
+        <p class="muted small">Each message runs as a new agent of this task that resumes this one's session. <b>Send</b> continues the conversation; <b>Fork</b> branches off it, leaving this agent's thread as it is.</p>
+        <div class="cli"><span class="muted small">Same with orchctl:</span><code id="talk-cli"></code></div>
+      </form>
+    </section>
+    <section class="panel" id="turns-panel" hidden>
+      <div class="panel-head"><h2>Conversation</h2><span class="muted small" id="turns-count"></span></div>
+      <ol id="turns" class="turns"></ol>
+    </section>
+    <section class="panel" id="git-panel" hidden>
+      <div class="panel-head"><h2>Git</h2><span id="git-state"></span></div>
+      <dl id="git" class="facts"></dl>
+    </section>
     <section class="panel">
       <div class="panel-head"><h2>Files</h2></div>
       <div id="a-files"><p class="empty">None yet.</p></div>
     </section>
-    <section class="panel disabled" aria-disabled="true">
-      <div class="panel-head"><h2>Changes</h2><span class="badge">coming soon</span></div>
-      <p class="muted small">A diff viewer of the files this agent changed comes with a later release.</p>
-      <button class="btn" disabled>View diff</button>
-    </section>
-    <section class="panel disabled" aria-disabled="true">
-      <div class="panel-head"><h2>Talk to the agent</h2><span class="badge">coming soon</span></div>
-      <p class="muted small">Sending a message to a running agent and forking its session come with a later release.</p>
-      <textarea rows="2" disabled placeholder="Send a message…"></textarea>
-      <div class="actions"><button class="btn" disabled>Send</button><button class="btn" disabled>Fork</button></div>
-    </section>
   </div>
-</div>"#;
-    layout("agent", "", "Agent", &[("id", id)], body)
+</div>
+<section class="panel" id="changes">
+  <div class="panel-head"><h2>Changes</h2><div class="actions"><span class="muted small" id="diff-stat"></span><code class="small" id="diff-cli">orchctl agents diff {id}</code><button type="button" class="btn sm" id="diff-toggle" hidden>Collapse all</button></div></div>
+  <div id="diff"><p class="empty">The diff of what this agent changed shows here when it finishes.</p></div>
+</section>"#,
+        id = escape(id)
+    );
+    layout("agent", "", "Agent", &[("id", id)], &body)
 }
 
 pub fn history() -> String {
@@ -344,6 +368,19 @@ mod tests {
     #[test]
     fn url_encode_keeps_paths_readable() {
         assert_eq!(url_encode("/tasks/a b?c"), "/tasks/a%20b%3Fc");
+    }
+
+    #[test]
+    fn agent_page_offers_talk_and_a_diff_with_their_orchctl_verbs() {
+        let html = agent("0190-abc");
+        for needle in [
+            r#"id="send-btn""#,
+            r#"id="fork-btn""#,
+            r#"id="diff""#,
+            "orchctl agents diff 0190-abc",
+        ] {
+            assert!(html.contains(needle), "{needle}");
+        }
     }
 
     #[test]

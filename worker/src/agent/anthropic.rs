@@ -8,11 +8,16 @@
 //! with the stop reason and the final output tokens, `message_stop`, and `error`). Usage is the
 //! provider's, summed over every request the job made (a stream cut after `message_start` was
 //! billed too); cost comes from the price table.
+//!
+//! Sessions: the conversation is the JSON list of its messages (`{role, content}`, the
+//! user's prompt and the answer of every turn; the system prompt is not stored). A further
+//! turn sends the stored messages, then its own prompt, and stores the list with both added.
 
 use super::backends::Prepared;
 use super::http::{self, CallError, Spent};
 use super::{ContextUse, Events, Report};
 use crate::config::ApiSettings;
+use crate::session::Snapshot;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use orch_shared::event::EventKind;
@@ -53,6 +58,39 @@ struct Message {
 
 fn u(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
+}
+
+/// The messages of a stored conversation (none for a first turn); an error message when the
+/// stored session is not a message list. Shared with the `openai` backend, whose messages
+/// have the same `{role, content}` shape.
+pub fn history(backend: &str, session: Option<&Snapshot>) -> Result<Vec<Value>, String> {
+    let Some(s) = session else {
+        return Ok(vec![]);
+    };
+    match serde_json::from_slice::<Value>(&s.bytes) {
+        Ok(Value::Array(messages)) => Ok(messages),
+        _ => Err(format!(
+            "the stored session is not a {backend} message list"
+        )),
+    }
+}
+
+/// The session after a turn: the messages sent (`messages` ends with this turn's prompt)
+/// and the answer.
+pub fn session_after(
+    backend: &str,
+    p: &Prepared<'_>,
+    mut messages: Vec<Value>,
+    answer: &str,
+) -> Snapshot {
+    messages.push(json!({"role": "assistant", "content": answer}));
+    Snapshot {
+        backend: backend.into(),
+        session_id: None,
+        workspace: String::new(),
+        turn: Snapshot::next_turn(p.session.as_ref()),
+        bytes: serde_json::to_vec(&messages).unwrap_or_default(),
+    }
 }
 
 /// Fields present in a `usage` object replace those of `into` (`message_delta` carries the
@@ -99,6 +137,7 @@ impl Anthropic {
             backend: NAME,
             model: Some(model.clone()),
             context,
+            session: None,
         };
         if self.settings.api_key.is_none() && self.settings.base_url.is_none() {
             return done(
@@ -109,11 +148,21 @@ impl Anthropic {
                 None,
             );
         }
+        let mut messages = match history(NAME, p.session.as_ref()) {
+            Ok(m) => m,
+            Err(message) => {
+                return done(
+                    super::AgentOutput::failure(FailureReason::BadRequest, message),
+                    None,
+                );
+            }
+        };
+        messages.push(json!({"role": "user", "content": p.prompt}));
         let body = json!({
             "model": model,
             "max_tokens": self.settings.max_tokens.unwrap_or(8192),
             "system": p.profile.system_prompt,
-            "messages": [{"role": "user", "content": p.prompt}],
+            "messages": messages,
             "stream": true,
         });
         events.send(EventKind::Thinking);
@@ -163,19 +212,25 @@ impl Anthropic {
         };
         let cost_usd = p.cost(Some(&model), &usage);
         events.send(EventKind::Usage { usage, cost_usd });
-        done(
-            super::AgentOutput {
-                outcome,
-                output: text,
-                usage,
-                cost_usd,
-                files_read: vec![],
-                files_written: vec![],
-                diff: None,
-                git: None,
-            },
-            context,
-        )
+        let session = outcome
+            .is_success()
+            .then(|| session_after(NAME, p, messages, &text));
+        Report {
+            session,
+            ..done(
+                super::AgentOutput {
+                    outcome,
+                    output: text,
+                    usage,
+                    cost_usd,
+                    files_read: vec![],
+                    files_written: vec![],
+                    diff: None,
+                    git: None,
+                },
+                context,
+            )
+        }
     }
 
     fn context_use(&self, p: &Prepared<'_>, model: &str, last: &Usage) -> Option<ContextUse> {

@@ -6,6 +6,11 @@
 //! (`[backends.<b>.models]`); for the Claude backends (`claude-code`, `anthropic`) the role's
 //! model (`[roles.<role>] model`, Claude model names); the backend's model
 //! (`[backends.<b>] model`); the backend's own default.
+//!
+//! A further turn of a conversation (`job.session` set) first loads the stored session of the
+//! agent it continues (see [`crate::session`]) and hands it to the backend in
+//! [`Prepared::session`]; a missing session, a session of another backend, or the `command`
+//! backend (which keeps none) fail the job as a bad request.
 
 use super::anthropic::{self, Anthropic};
 use super::claude_code::{self, ClaudeCode};
@@ -16,6 +21,7 @@ use super::sim::Sim;
 use super::{Agent, AgentOutput, Events, Report};
 use crate::config::{Config, Models};
 use crate::roles::{self, Key, Profile, Roles};
+use crate::session::{SessionStore, Snapshot};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use orch_shared::job::{Backend, FailureReason, JobSpec, Usage};
@@ -37,6 +43,8 @@ pub struct Prepared<'a> {
     pub data_dir: &'a std::path::Path,
     /// Models already warned about (no price), so the log says it once.
     unpriced: &'a Mutex<BTreeSet<String>>,
+    /// For a further turn: the conversation so far, as stored after the turn it continues.
+    pub session: Option<Snapshot>,
 }
 
 impl Prepared<'_> {
@@ -85,6 +93,8 @@ pub struct Backends {
     openai_models: Models,
     command_models: Models,
     unpriced: Mutex<BTreeSet<String>>,
+    /// Where further turns find their conversation; `None` runs first turns only.
+    sessions: Option<SessionStore>,
 }
 
 impl Backends {
@@ -117,6 +127,61 @@ impl Backends {
                 .map(|c| c.models.clone())
                 .unwrap_or_default(),
             unpriced: Mutex::new(BTreeSet::new()),
+            sessions: None,
+        }
+    }
+
+    /// Lets jobs continue stored sessions (`job.session`).
+    pub fn with_sessions(mut self, sessions: SessionStore) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    /// The stored session `job` continues, if it continues one; why the job cannot run
+    /// otherwise (see the module docs).
+    async fn previous_session(
+        &self,
+        job: &JobSpec,
+        backend: Backend,
+        name: &'static str,
+    ) -> Result<Option<Snapshot>, (FailureReason, String)> {
+        let Some(from) = job.session.as_ref().map(|s| s.from) else {
+            return Ok(None);
+        };
+        let fail = |reason, message: String| Err((reason, message));
+        if backend == Backend::Command {
+            return fail(
+                FailureReason::BadRequest,
+                "the command backend keeps no session".into(),
+            );
+        }
+        let Some(store) = &self.sessions else {
+            return fail(
+                FailureReason::Internal,
+                "this worker has no session store".into(),
+            );
+        };
+        match store.load(from).await {
+            Ok(Some(s)) if s.backend == name => {
+                tracing::info!(%from, turn = s.turn + 1, bytes = s.bytes.len(), "continuing a stored session");
+                Ok(Some(s))
+            }
+            Ok(Some(s)) => fail(
+                FailureReason::BadRequest,
+                format!(
+                    "agent {from} ran on the {} backend; this turn would run on {name}",
+                    s.backend
+                ),
+            ),
+            Ok(None) => fail(
+                FailureReason::BadRequest,
+                format!("agent {from} has no stored session"),
+            ),
+            // The store is unreachable for now: another attempt can succeed.
+            Err(e) => fail(
+                FailureReason::Network,
+                format!("failed to load the session of agent {from}: {e}"),
+            ),
         }
     }
 
@@ -159,21 +224,33 @@ impl Backends {
             prices: &self.prices,
             data_dir: &self.data_dir,
             unpriced: &self.unpriced,
+            session: None,
         }
     }
 
     async fn dispatch(&self, job: &JobSpec, events: Events, cancel: CancellationToken) -> Report {
         let backend = self.pick(job);
+        let previous = match self
+            .previous_session(job, backend, self.backend_for(job))
+            .await
+        {
+            Ok(p) => p,
+            Err((reason, message)) => {
+                return Report::failure(self.backend_for(job), reason, message);
+            }
+        };
         if backend == Backend::Sim {
-            let output = Sim.run(job, events, cancel).await;
+            let (output, session) = Sim.turn(job, previous.as_ref(), events, cancel).await;
             return Report {
                 output,
                 backend: "sim",
                 model: job.model.clone(),
                 context: None,
+                session,
             };
         }
-        let p = self.prepare(job, backend);
+        let mut p = self.prepare(job, backend);
+        p.session = previous;
         let report = match backend {
             Backend::Sim => unreachable!("handled above"),
             Backend::ClaudeCode => self.claude_code.run(&p, &events, &cancel).await,

@@ -21,11 +21,17 @@
 //! needs (the locale, PATH, proxies, `ANTHROPIC_*`, `CLAUDE_CODE_*`; never the worker's other
 //! secrets), and `IS_SANDBOX=1` when `bypassPermissions` is asked for as root (the CLI refuses
 //! that mode as root otherwise). On cancellation the whole process tree is stopped.
+//!
+//! Sessions: after a turn, the CLI's transcript of it is the agent's session (read, and
+//! removed from the worker, by [`super::transcript`]). A further turn writes the stored
+//! transcript into the project of its own working directory and runs the CLI with
+//! `--resume <id> --fork-session`, so every turn has its own session id.
 
 use super::backends::Prepared;
 use super::http;
 use super::process;
-use super::workspace::{FileTracker, GitSnapshot, WorkDir, git_changes};
+use super::transcript;
+use super::workspace::{FileTracker, WorkDir};
 use super::{AgentOutput, ContextUse, Events, Report};
 use crate::config::{ApiSettings, ClaudeCodeSettings};
 use orch_shared::event::EventKind;
@@ -129,6 +135,8 @@ pub struct Stream {
     last_request: Option<Usage>,
     model: Option<String>,
     session_id: Option<String>,
+    /// The working directory the CLI reported (its transcripts are filed under it).
+    cwd: Option<String>,
     /// Text the agent wrote, in order (the answer when the result line has none).
     texts: Vec<String>,
     /// An error the CLI reported as an assistant message (model `<synthetic>`).
@@ -148,6 +156,7 @@ impl Stream {
             last_request: None,
             model: None,
             session_id: None,
+            cwd: None,
             texts: vec![],
             synthetic: None,
             last_retry: None,
@@ -168,6 +177,7 @@ impl Stream {
         match (s("type"), s("subtype")) {
             (Some("system"), Some("init")) => {
                 self.session_id = s("session_id").map(str::to_string);
+                self.cwd = s("cwd").map(str::to_string);
                 self.model = s("model").map(str::to_string);
                 tracing::info!(
                     session_id = s("session_id").unwrap_or(""),
@@ -460,8 +470,9 @@ impl ClaudeCode {
             backend: NAME,
             model: p.model.clone(),
             context,
+            session: None,
         };
-        let dir = match WorkDir::prepare(p.job, p.data_dir).await {
+        let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
             Ok(d) => d,
             Err((reason, message)) => return report(AgentOutput::failure(reason, message), None),
         };
@@ -477,7 +488,22 @@ impl ClaudeCode {
                 None,
             );
         }
-        let before = GitSnapshot::take(&dir.path).await;
+        let config_dir = transcript::config_dir(&self.env(p));
+        let restored = match &p.session {
+            Some(s) => match transcript::restore(&config_dir, s, &dir.path).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    return report(
+                        AgentOutput::failure(
+                            FailureReason::Internal,
+                            format!("failed to restore the stored session: {e}"),
+                        ),
+                        None,
+                    );
+                }
+            },
+            None => None,
+        };
         let mut cmd = Command::new(&self.settings.bin);
         cmd.args(self.args(p))
             .current_dir(&dir.path)
@@ -486,6 +512,9 @@ impl ClaudeCode {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(r) = &restored {
+            cmd.args(["--resume", &r.id, "--fork-session"]);
+        }
         process::isolate(&mut cmd);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -557,13 +586,13 @@ impl ClaudeCode {
             Some(h) => h.await.unwrap_or_default(),
             None => String::new(),
         };
-        let changed = git_changes(&dir.path, before.as_ref()).await;
         let Stream {
             files,
             running,
             last_request,
             model: init_model,
             session_id,
+            cwd,
             texts,
             synthetic,
             last_retry,
@@ -571,7 +600,23 @@ impl ClaudeCode {
             result,
             ..
         } = stream;
-        let (files_read, files_written) = files.finish(changed);
+        drop(restored);
+        let session = match &session_id {
+            Some(sid) => {
+                let cwd = cwd.unwrap_or_else(|| dir.path.display().to_string());
+                let turn = crate::session::Snapshot::next_turn(p.session.as_ref());
+                transcript::collect(
+                    &config_dir,
+                    &cwd,
+                    sid,
+                    turn,
+                    result.is_some(),
+                    dir.is_scratch(),
+                )
+                .await
+            }
+            None => None,
+        };
         let model = p.model.clone().or(init_model);
         if !denied.is_empty() {
             tracing::info!(denied = ?denied, "tools refused during the run");
@@ -598,21 +643,23 @@ impl ClaudeCode {
                     format!("the Claude Code CLI {status} before its result: {why}"),
                 )
             };
+            let changes = dir.finish(p.job, false, files).await;
             let output = AgentOutput {
                 outcome: Outcome::Failure { reason, message },
                 output: String::new(),
                 usage: running,
                 cost_usd,
-                files_read,
-                files_written,
-                diff: None,
-                git: None,
+                files_read: changes.files_read,
+                files_written: changes.files_written,
+                diff: changes.diff,
+                git: changes.git,
             };
             return Report {
                 output,
                 backend: NAME,
                 model,
                 context: None,
+                session: None,
             };
         };
 
@@ -668,17 +715,22 @@ impl ClaudeCode {
         } else {
             (Outcome::Success, answer)
         };
+        // A git workspace commits and pushes here; a push that fails fails the job.
+        let changes = dir.finish(p.job, outcome.is_success(), files).await;
+        let outcome = changes.outcome(outcome);
         tracing::debug!(session_id = session_id.as_deref().unwrap_or(""), exit = ?status, "claude-code finished");
+        let session = session.filter(|_| outcome.is_success());
         Report {
+            session,
             output: AgentOutput {
                 outcome,
                 output,
                 usage,
                 cost_usd,
-                files_read,
-                files_written,
-                diff: None,
-                git: None,
+                files_read: changes.files_read,
+                files_written: changes.files_written,
+                diff: changes.diff,
+                git: changes.git,
             },
             backend: NAME,
             model,

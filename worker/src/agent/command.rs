@@ -5,12 +5,13 @@
 //! `ORCH_JOB_ID` and `ORCH_WORKSPACE` set, and otherwise the worker's environment (another
 //! agent CLI may need the provider keys in it; `[backends.command] env` adds more). Exit 0 with
 //! output is success; any other exit is an agent error carrying the end of stderr. Files
-//! written come from git (when the workspace is a repository). It reports no tokens and costs
-//! nothing. On cancellation its whole process tree is stopped.
+//! written and the diff come from git (see [`super::workspace`]); in a git workspace the work is
+//! committed and pushed after a successful run. It reports no tokens and costs nothing. On
+//! cancellation its whole process tree is stopped.
 
 use super::backends::Prepared;
 use super::process;
-use super::workspace::{FileTracker, GitSnapshot, WorkDir, git_changes};
+use super::workspace::{FileTracker, WorkDir};
 use super::{AgentOutput, Events, Report};
 use crate::config::{CommandSettings, PromptVia};
 use orch_shared::event::EventKind;
@@ -46,12 +47,12 @@ impl CommandAgent {
             backend: NAME,
             model: p.model.clone(),
             context: None,
+            session: None,
         };
-        let dir = match WorkDir::prepare(p.job, p.data_dir).await {
+        let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
             Ok(d) => d,
             Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
         };
-        let before = GitSnapshot::take(&dir.path).await;
         let prompt = format!("{}\n\n{}", p.profile.system_prompt, p.prompt);
         let mut cmd = Command::new(&self.settings.program);
         cmd.args(&self.settings.args)
@@ -128,8 +129,6 @@ impl CommandAgent {
             None => String::new(),
         };
         let text = String::from_utf8_lossy(&out).trim().to_string();
-        let changed = git_changes(&dir.path, before.as_ref()).await;
-        let (files_read, files_written) = FileTracker::new(&dir.path).finish(changed);
         let outcome = match status {
             Ok(s) if s.success() && !text.is_empty() => Outcome::Success,
             Ok(s) if s.success() => Outcome::Failure {
@@ -162,15 +161,19 @@ impl CommandAgent {
         if !text.is_empty() {
             events.send(EventKind::Text { text: text.clone() });
         }
+        // A git workspace commits and pushes here; a push that fails fails the job.
+        let changes = dir
+            .finish(p.job, outcome.is_success(), FileTracker::new(&dir.path))
+            .await;
         done(AgentOutput {
-            outcome,
+            outcome: changes.outcome(outcome),
             output: text,
             usage: Usage::default(),
             cost_usd: 0.0,
-            files_read,
-            files_written,
-            diff: None,
-            git: None,
+            files_read: changes.files_read,
+            files_written: changes.files_written,
+            diff: changes.diff,
+            git: changes.git,
         })
     }
 }

@@ -8,6 +8,8 @@
 //!   the role's profile, the model, the workspace and the price table.
 //! - [`sim`]: the deterministic simulated agent.
 //! - [`claude_code`]: the Claude Code CLI, headless, its stream-json parsed into events.
+//! - [`transcript`]: the CLI's session transcripts, collected after a turn and restored
+//!   before the next one (on any worker).
 //! - [`anthropic`]: the Messages API with streaming, for planner and chat-style roles.
 //! - [`openai`]: any OpenAI-compatible chat-completions server, streaming.
 //! - [`command`]: any program that reads a prompt and writes its answer.
@@ -15,21 +17,25 @@
 //!   reasons by status.
 //! - [`process`]: child processes in their own process group, killed as a whole.
 //! - [`workspace`]: where an agent works, and the files it read and changed.
+//! - [`git`]: git workspaces: the clone cache, job branches and the task branch.
 //! - [`pricing`]: the price table and context windows.
 
 pub mod anthropic;
 pub mod backends;
 pub mod claude_code;
 pub mod command;
+pub mod git;
 pub mod http;
 pub mod openai;
 pub mod pricing;
 pub mod process;
 pub mod sim;
+pub mod transcript;
 pub mod workspace;
 
 pub use backends::Backends;
 
+use crate::session::Snapshot;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
@@ -90,7 +96,8 @@ impl ContextUse {
 }
 
 /// An agent run with what [`AgentOutput`] does not carry yet (the wire protocol has no field
-/// for it): the backend and model that really ran, and the context occupancy.
+/// for it): the backend and model that really ran, the context occupancy, and the session to
+/// store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub output: AgentOutput,
@@ -98,6 +105,9 @@ pub struct Report {
     /// The model the job ran on (the job's, else the role's or backend's default), when known.
     pub model: Option<String>,
     pub context: Option<ContextUse>,
+    /// The conversation after this turn, for the runner to store (see [`crate::session`])
+    /// when the turn succeeded; `None` when the backend keeps none or could not read it.
+    pub session: Option<Snapshot>,
 }
 
 impl Report {
@@ -111,6 +121,7 @@ impl Report {
             backend,
             model: None,
             context: None,
+            session: None,
         }
     }
 }
@@ -167,6 +178,7 @@ pub trait Agent: Send + Sync {
                 backend,
                 model,
                 context: None,
+                session: None,
             })
             .boxed()
     }

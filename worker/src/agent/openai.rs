@@ -6,7 +6,11 @@
 //! prompt. The answer arrives as `data: {"choices":[{"delta":{"content":...}}]}` lines ending
 //! with `data: [DONE]`; the usage comes in a last chunk with no choices. Cached prompt tokens
 //! (`prompt_tokens_details.cached_tokens`) count as cache reads. Retries as for `anthropic`.
+//!
+//! Sessions as for `anthropic`: the stored conversation is its `{role, content}` messages
+//! without the system message, which every turn sends first.
 
+use super::anthropic;
 use super::backends::Prepared;
 use super::http::{self, CallError, Spent};
 use super::{AgentOutput, ContextUse, Events, Report};
@@ -72,12 +76,16 @@ impl OpenAi {
             );
         };
         let url = format!("{base}/chat/completions");
+        let mut messages = match anthropic::history(NAME, p.session.as_ref()) {
+            Ok(m) => m,
+            Err(message) => return fail(FailureReason::BadRequest, message),
+        };
+        messages.push(json!({"role": "user", "content": p.prompt}));
+        let mut sent = vec![json!({"role": "system", "content": p.profile.system_prompt})];
+        sent.extend(messages.iter().cloned());
         let mut body = json!({
             "model": model,
-            "messages": [
-                {"role": "system", "content": p.profile.system_prompt},
-                {"role": "user", "content": p.prompt},
-            ],
+            "messages": sent,
             "stream": true,
             "stream_options": {"include_usage": true},
         });
@@ -134,7 +142,11 @@ impl OpenAi {
         };
         let cost_usd = p.cost(Some(&model), &usage);
         events.send(EventKind::Usage { usage, cost_usd });
+        let session = outcome
+            .is_success()
+            .then(|| anthropic::session_after(NAME, p, messages, &text));
         Report {
+            session,
             output: AgentOutput {
                 outcome,
                 output: text,

@@ -1,11 +1,20 @@
 //! The `sim` backend: a deterministic simulated agent for demos, tests and benchmarks. For a
 //! given job id and attempt it always takes the same time, uses the same tokens, costs the same
 //! and fails or not the same way. Every output says it is simulated.
+//!
+//! Sessions: the sim keeps a deterministic history, a JSON list of `{prompt, answer}` (the
+//! user's message and the first line of the answer, both cut short, the last
+//! [`MAX_HISTORY_TURNS`] turns only), small enough that the session store keeps it inline in
+//! Redis (see [`crate::session`]). A further turn's answer says which turn it is, what it
+//! continues (or forks) and quotes the previous user message, so whole-system tests can see
+//! the history arrive.
 
 use super::{Agent, AgentOutput, Events};
+use crate::session::{INLINE_MAX_BYTES, Snapshot};
 use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, JobKind, JobSpec, Outcome, Usage};
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +25,27 @@ const PRICE_CACHE_WRITE: f64 = 3.75;
 const PRICE_CACHE_READ: f64 = 0.30;
 
 pub struct Sim;
+
+/// The backend's name in events and stored sessions.
+pub const NAME: &str = "sim";
+/// How many turns a sim history keeps.
+pub const MAX_HISTORY_TURNS: usize = 8;
+/// How much of a prompt, and of an answer's first line, a history entry keeps (characters).
+const HISTORY_PROMPT_CHARS: usize = 400;
+const HISTORY_ANSWER_CHARS: usize = 200;
+
+/// One turn of a sim conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exchange {
+    pub prompt: String,
+    pub answer: String,
+}
+
+/// The history stored in a sim session (an unreadable one counts as empty: it is only ever
+/// written by this module).
+pub fn history(snapshot: &Snapshot) -> Vec<Exchange> {
+    serde_json::from_slice(&snapshot.bytes).unwrap_or_default()
+}
 
 /// A stable 64-bit hash of the job attempt (the same on every worker and every run).
 fn seed(job: &JobSpec) -> u64 {
@@ -151,9 +181,33 @@ pub fn plan(job: &JobSpec) -> String {
     .to_string()
 }
 
+/// How a further turn introduces itself: which turn, what it continues, the previous message.
+fn continuation(job: &JobSpec, previous: &Snapshot) -> String {
+    let turn = Snapshot::next_turn(Some(previous));
+    let (how, from) = match &job.session {
+        Some(s) if s.fork => ("a fork of", s.from.to_string()),
+        Some(s) => ("continuing from", s.from.to_string()),
+        None => ("continuing from", "an earlier agent".to_string()),
+    };
+    let before = history(previous);
+    let last = before
+        .last()
+        .map_or(String::new(), |e| excerpt(&e.prompt, 160));
+    format!(
+        "Turn {turn} ({how} {from}): this conversation has {} earlier turn(s). Previous message: {last}\n",
+        before.len()
+    )
+}
+
 /// The simulated answer, in the sections forward context is cut from.
 pub fn output(job: &JobSpec) -> String {
+    output_after(job, None)
+}
+
+/// The simulated answer of a turn that continues `previous` (a first turn without it).
+pub fn output_after(job: &JobSpec, previous: Option<&Snapshot>) -> String {
     let role = job.role;
+    let turn = previous.map_or(String::new(), |p| continuation(job, p));
     let received = match &job.context {
         Some(ctx) => {
             let summary = ctx
@@ -169,7 +223,7 @@ pub fn output(job: &JobSpec) -> String {
         None => "- Received no forward context.".to_string(),
     };
     format!(
-        "## Summary\n[simulated] The {name} (sim backend, attempt {attempt}) handled: {task}\n\n\
+        "## Summary\n{turn}[simulated] The {name} (sim backend, attempt {attempt}) handled: {task}\n\n\
          ## Files\n- none (simulated agents do not touch files)\n\n\
          ## Key Findings\n- This output is simulated; no model was called.\n{received}\n\n\
          ## For Next Agent\n[simulated] Continue from the {role}'s work on: {task}\n",
@@ -179,9 +233,140 @@ pub fn output(job: &JobSpec) -> String {
     )
 }
 
+/// The session after a turn that answered `answer`: the previous history plus this turn.
+fn session_after(job: &JobSpec, previous: Option<&Snapshot>, answer: &str) -> Option<Snapshot> {
+    let mut turns = previous.map(history).unwrap_or_default();
+    // The answer's gist: its first line that is not a heading.
+    let gist = answer
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap_or("");
+    turns.push(Exchange {
+        prompt: cut_chars(&job.prompt, HISTORY_PROMPT_CHARS),
+        answer: excerpt(gist, HISTORY_ANSWER_CHARS),
+    });
+    let mut from = turns.len().saturating_sub(MAX_HISTORY_TURNS);
+    let mut bytes = serde_json::to_vec(&turns[from..]).ok()?;
+    // Always inline: the oldest turns go first if long messages would make it an object.
+    while bytes.len() > INLINE_MAX_BYTES && from + 1 < turns.len() {
+        from += 1;
+        bytes = serde_json::to_vec(&turns[from..]).ok()?;
+    }
+    Some(Snapshot {
+        backend: NAME.into(),
+        session_id: None,
+        workspace: String::new(),
+        turn: Snapshot::next_turn(previous),
+        bytes,
+    })
+}
+
+fn cut_chars(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+impl Sim {
+    /// One turn: continues `previous` when given; returns the output and the session after
+    /// it (on success).
+    pub async fn turn(
+        &self,
+        job: &JobSpec,
+        previous: Option<&Snapshot>,
+        events: Events,
+        cancel: CancellationToken,
+    ) -> (AgentOutput, Option<Snapshot>) {
+        let out = self.run_after(job, previous, events, cancel).await;
+        let session = match &out.outcome {
+            Outcome::Success => session_after(job, previous, &out.output),
+            Outcome::Failure { .. } => None,
+        };
+        (out, session)
+    }
+
+    async fn run_after(
+        &self,
+        job: &JobSpec,
+        previous: Option<&Snapshot>,
+        events: Events,
+        cancel: CancellationToken,
+    ) -> AgentOutput {
+        let (usage, cost_usd) = usage(job);
+        let half = Duration::from_millis(job.sim.latency_ms / 2);
+        let cancelled = |usage| AgentOutput {
+            outcome: Outcome::Failure {
+                reason: FailureReason::Cancelled,
+                message: "simulated agent stopped".into(),
+            },
+            output: String::new(),
+            usage,
+            cost_usd: 0.0,
+            files_read: vec![],
+            files_written: vec![],
+            diff: None,
+            git: None,
+        };
+        events.send(EventKind::Thinking);
+        if !half.is_zero() {
+            tokio::select! {
+                _ = cancel.cancelled() => return cancelled(Usage::default()),
+                _ = tokio::time::sleep(half) => {}
+            }
+        }
+        let call_id = format!("sim-{:x}", seed(job) & 0xffff);
+        events.send(EventKind::ToolCall {
+            call_id: call_id.clone(),
+            name: "Read".into(),
+            input: "{\"file_path\":\"README.md\"}".into(),
+        });
+        events.send(EventKind::ToolResult {
+            call_id,
+            output: "[simulated] README.md contents".into(),
+            is_error: false,
+        });
+        let rest = Duration::from_millis(job.sim.latency_ms) - half;
+        if !rest.is_zero() {
+            tokio::select! {
+                _ = cancel.cancelled() => return cancelled(Usage::default()),
+                _ = tokio::time::sleep(rest) => {}
+            }
+        }
+        let text = match job.kind {
+            JobKind::Plan => plan(job),
+            JobKind::Agent => output_after(job, previous),
+        };
+        events.send(EventKind::Text { text: text.clone() });
+        events.send(EventKind::Usage { usage, cost_usd });
+        let outcome = if fails(job) {
+            Outcome::Failure {
+                reason: job.sim.fail_reason.unwrap_or(FailureReason::AgentError),
+                message: format!(
+                    "simulated failure (attempt {}, sim fail rate {}, first {} attempts fail)",
+                    job.attempt, job.sim.fail_rate, job.sim.fail_first_attempts
+                ),
+            }
+        } else {
+            Outcome::Success
+        };
+        AgentOutput {
+            outcome,
+            output: text,
+            usage,
+            cost_usd,
+            files_read: vec!["README.md".into()],
+            files_written: vec![],
+            diff: None,
+            git: None,
+        }
+    }
+}
+
 impl Agent for Sim {
     fn name(&self) -> &'static str {
-        "sim"
+        NAME
     }
 
     fn run<'a>(
@@ -190,75 +375,7 @@ impl Agent for Sim {
         events: Events,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, AgentOutput> {
-        Box::pin(async move {
-            let (usage, cost_usd) = usage(job);
-            let half = Duration::from_millis(job.sim.latency_ms / 2);
-            let cancelled = |usage| AgentOutput {
-                outcome: Outcome::Failure {
-                    reason: FailureReason::Cancelled,
-                    message: "simulated agent stopped".into(),
-                },
-                output: String::new(),
-                usage,
-                cost_usd: 0.0,
-                files_read: vec![],
-                files_written: vec![],
-                diff: None,
-                git: None,
-            };
-            events.send(EventKind::Thinking);
-            if !half.is_zero() {
-                tokio::select! {
-                    _ = cancel.cancelled() => return cancelled(Usage::default()),
-                    _ = tokio::time::sleep(half) => {}
-                }
-            }
-            let call_id = format!("sim-{:x}", seed(job) & 0xffff);
-            events.send(EventKind::ToolCall {
-                call_id: call_id.clone(),
-                name: "Read".into(),
-                input: "{\"file_path\":\"README.md\"}".into(),
-            });
-            events.send(EventKind::ToolResult {
-                call_id,
-                output: "[simulated] README.md contents".into(),
-                is_error: false,
-            });
-            let rest = Duration::from_millis(job.sim.latency_ms) - half;
-            if !rest.is_zero() {
-                tokio::select! {
-                    _ = cancel.cancelled() => return cancelled(Usage::default()),
-                    _ = tokio::time::sleep(rest) => {}
-                }
-            }
-            let text = match job.kind {
-                JobKind::Plan => plan(job),
-                JobKind::Agent => output(job),
-            };
-            events.send(EventKind::Text { text: text.clone() });
-            events.send(EventKind::Usage { usage, cost_usd });
-            let outcome = if fails(job) {
-                Outcome::Failure {
-                    reason: job.sim.fail_reason.unwrap_or(FailureReason::AgentError),
-                    message: format!(
-                        "simulated failure (attempt {}, sim fail rate {}, first {} attempts fail)",
-                        job.attempt, job.sim.fail_rate, job.sim.fail_first_attempts
-                    ),
-                }
-            } else {
-                Outcome::Success
-            };
-            AgentOutput {
-                outcome,
-                output: text,
-                usage,
-                cost_usd,
-                files_read: vec!["README.md".into()],
-                files_written: vec![],
-                diff: None,
-                git: None,
-            }
-        })
+        Box::pin(self.run_after(job, None, events, cancel))
     }
 }
 
@@ -353,6 +470,59 @@ mod tests {
         assert!(out.contains("## Summary"));
         assert!(out.contains("Received forward context"));
         assert!(out.contains("analysis done"));
+    }
+
+    #[tokio::test]
+    async fn a_further_turn_quotes_the_history_and_keeps_it_small() {
+        let mut previous = None;
+        let mut j = job(1, 0.0);
+        for turn in 1..=12u32 {
+            j.job_id = JobId::from_u128(100 + u128::from(turn));
+            j.prompt = format!("message {turn}: {}", "é".repeat(1000));
+            if turn > 1 {
+                j.session = Some(orch_shared::job::SessionRef {
+                    from: JobId::from_u128(99 + u128::from(turn)),
+                    fork: turn == 3,
+                });
+            }
+            let (events, _rx) = Events::new();
+            let (out, session) = Sim
+                .turn(&j, previous.as_ref(), events, CancellationToken::new())
+                .await;
+            let s = session.unwrap();
+            assert_eq!(s.turn, turn);
+            assert!(s.bytes.len() <= INLINE_MAX_BYTES, "{}", s.bytes.len());
+            let h = history(&s);
+            assert!(h.len() <= MAX_HISTORY_TURNS);
+            assert!(
+                h.last()
+                    .unwrap()
+                    .prompt
+                    .starts_with(&format!("message {turn}:"))
+            );
+            assert!(
+                h.last().unwrap().answer.starts_with("Turn") || turn == 1,
+                "{h:?}"
+            );
+            match turn {
+                1 => assert!(!out.output.contains("Turn 1")),
+                3 => assert!(
+                    out.output
+                        .contains(&format!("Turn 3 (a fork of {})", JobId::from_u128(102)))
+                ),
+                _ => {
+                    assert!(
+                        out.output
+                            .contains(&format!("Turn {turn} (continuing from"))
+                    );
+                    assert!(
+                        out.output
+                            .contains(&format!("Previous message: message {}:", turn - 1))
+                    );
+                }
+            }
+            previous = Some(s);
+        }
     }
 
     #[tokio::test(start_paused = true)]

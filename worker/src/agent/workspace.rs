@@ -1,19 +1,30 @@
 //! Where an agent works and what it touched.
 //!
-//! A job's workspace is a local path the worker can see (`Workspace::Local`), or a fresh scratch
-//! directory under the worker's data directory, removed when the job ends.
+//! A job's workspace is a local path the worker can see (`Workspace::Local`), a fresh scratch
+//! directory under the worker's data directory (`Workspace::Scratch`), or a fresh clone of a git
+//! repository in such a directory (`Workspace::Git`, see [`super::git`]); scratch directories are
+//! removed when the job ends. [`WorkDir::prepare`] makes it before the agent runs and
+//! [`WorkDir::finish`] reports what the run changed, once, after it.
 //!
 //! Files read and written come from what really happened: the paths of the file tools the agent
 //! called that succeeded (Read; Write, Edit, MultiEdit, NotebookEdit), and, when the workspace
 //! is in a git repository, the entries of `git status --porcelain` that appeared or changed
 //! between before and after the run (which also catches files a shell command wrote or deleted).
+//! A git workspace reports exactly the files of its diff instead.
+//!
+//! The diff: a git workspace's is `git diff base..commit`; a scratch directory is made a
+//! repository with an empty first commit before the run, so its diff is exact (untracked files
+//! included); a local path in a repository gets the diff of the files that changed against
+//! `HEAD` (untracked ones shown as added).
 
-use orch_shared::job::{FailureReason, JobSpec, Workspace};
+use super::git::{self, Checkout};
+use orch_shared::job::{FailureReason, GitOutcome, JobSpec, Outcome, Workspace};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 
 /// Above this many dirty entries the git comparison is skipped (tool paths still count).
 const MAX_GIT_ENTRIES: usize = 20_000;
@@ -23,23 +34,71 @@ const MAX_GIT_ENTRIES: usize = 20_000;
 pub struct WorkDir {
     pub path: PathBuf,
     scratch: bool,
+    repo: Repo,
+}
+
+/// What a workspace knows of its repository, to tell what the run changed.
+#[derive(Debug)]
+enum Repo {
+    /// No repository (or no git on this worker).
+    None,
+    /// A local path in a repository: its dirty files before the run.
+    Local(GitSnapshot),
+    /// A scratch directory made a repository: its empty first commit.
+    Scratch {
+        initial: String,
+        before: GitSnapshot,
+    },
+    /// A clone of the job's repository.
+    Git(Checkout),
+}
+
+/// What a run changed in its workspace.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub files_read: Vec<String>,
+    pub files_written: Vec<String>,
+    /// A unified diff, cut at [`orch_shared::job::MAX_DIFF_BYTES`].
+    pub diff: Option<String>,
+    pub git: Option<GitOutcome>,
+    /// The agent's work could not be kept (its branch could not be pushed): the job fails.
+    pub failure: Option<(FailureReason, String)>,
+}
+
+impl Changes {
+    /// The job's outcome: the agent's, unless its work could not be kept.
+    pub fn outcome(&self, agent: Outcome) -> Outcome {
+        match &self.failure {
+            Some((reason, message)) if agent.is_success() => Outcome::Failure {
+                reason: *reason,
+                message: message.clone(),
+            },
+            _ => agent,
+        }
+    }
 }
 
 impl WorkDir {
     /// The job's workspace: its local path, which must exist on this worker, or a fresh
-    /// scratch directory `<data_dir>/scratch/<job>-<attempt>`.
+    /// scratch directory `<data_dir>/scratch/<job>-<attempt>` (for a git workspace, with the
+    /// repository cloned and checked out in it). Stops when `cancel` fires.
     pub async fn prepare(
         job: &JobSpec,
         data_dir: &Path,
+        cancel: &CancellationToken,
     ) -> Result<WorkDir, (FailureReason, String)> {
         match &job.workspace {
             Workspace::Local { path } => {
                 let p = PathBuf::from(path);
                 match tokio::fs::metadata(&p).await {
-                    Ok(m) if m.is_dir() => Ok(WorkDir {
-                        path: p,
-                        scratch: false,
-                    }),
+                    Ok(m) if m.is_dir() => {
+                        let repo = GitSnapshot::take(&p).await.map_or(Repo::None, Repo::Local);
+                        Ok(WorkDir {
+                            path: p,
+                            scratch: false,
+                            repo,
+                        })
+                    }
                     Ok(_) => Err((
                         FailureReason::BadRequest,
                         format!("workspace {path} is not a directory on this worker"),
@@ -50,35 +109,157 @@ impl WorkDir {
                     )),
                 }
             }
-            Workspace::Git { .. } => Err((
-                FailureReason::BadRequest,
-                "git workspaces are not supported by this worker yet".to_string(),
-            )),
+            Workspace::Git {
+                url,
+                base_ref,
+                job: git_job,
+            } => {
+                let mut dir = Self::scratch(job, data_dir).await?;
+                // Dropping the clone on cancellation kills git; dropping `dir` removes it.
+                let checkout = tokio::select! {
+                    c = git::checkout(&dir.path, data_dir, url, base_ref, git_job.as_ref()) => c,
+                    _ = cancel.cancelled() => {
+                        return Err((FailureReason::Cancelled, "agent stopped".to_string()));
+                    }
+                };
+                dir.repo = Repo::Git(checkout.map_err(|e| (e.reason, e.message))?);
+                Ok(dir)
+            }
             Workspace::Scratch => {
-                let p = data_dir
-                    .join("scratch")
-                    .join(format!("{}-{}", job.job_id, job.attempt));
-                // A redelivered attempt starts clean.
-                let _ = tokio::fs::remove_dir_all(&p).await;
-                tokio::fs::create_dir_all(&p).await.map_err(|e| {
-                    (
-                        FailureReason::Internal,
-                        format!(
-                            "failed to create the scratch workspace {}: {e}",
-                            p.display()
-                        ),
-                    )
-                })?;
-                Ok(WorkDir {
-                    path: p,
-                    scratch: true,
-                })
+                let mut dir = Self::scratch(job, data_dir).await?;
+                dir.repo = init_scratch(&dir.path).await;
+                Ok(dir)
             }
         }
     }
 
+    /// A fresh, empty scratch directory for `job`.
+    async fn scratch(job: &JobSpec, data_dir: &Path) -> Result<WorkDir, (FailureReason, String)> {
+        let p = data_dir
+            .join("scratch")
+            .join(format!("{}-{}", job.job_id, job.attempt));
+        // A redelivered attempt starts clean.
+        let _ = tokio::fs::remove_dir_all(&p).await;
+        tokio::fs::create_dir_all(&p).await.map_err(|e| {
+            (
+                FailureReason::Internal,
+                format!(
+                    "failed to create the scratch workspace {}: {e}",
+                    p.display()
+                ),
+            )
+        })?;
+        Ok(WorkDir {
+            path: p,
+            scratch: true,
+            repo: Repo::None,
+        })
+    }
+
     pub fn is_scratch(&self) -> bool {
         self.scratch
+    }
+
+    /// The commit a git workspace's agent starts from.
+    pub fn git_base(&self) -> Option<&str> {
+        match &self.repo {
+            Repo::Git(c) => Some(&c.base),
+            _ => None,
+        }
+    }
+
+    /// The run ended (`success`: the agent's outcome): what it changed, from `files` (its tool
+    /// calls) and the repository. A git workspace commits and pushes here (see [`super::git`]).
+    pub async fn finish(&self, job: &JobSpec, success: bool, files: FileTracker) -> Changes {
+        match &self.repo {
+            Repo::None => {
+                let (files_read, files_written) = files.finish(vec![]);
+                Changes {
+                    files_read,
+                    files_written,
+                    ..Changes::default()
+                }
+            }
+            Repo::Local(before) => {
+                let changed = git_changes(&self.path, Some(before)).await;
+                let diff = git::worktree_diff(&self.path, &changed).await;
+                let (files_read, files_written) = files.finish(changed);
+                Changes {
+                    files_read,
+                    files_written,
+                    diff,
+                    ..Changes::default()
+                }
+            }
+            Repo::Scratch { initial, before } => {
+                let changed = git_changes(&self.path, Some(before)).await;
+                let diff = git::staged_changes(&self.path, initial)
+                    .await
+                    .map(|(_, diff)| diff);
+                let (files_read, files_written) = files.finish(changed);
+                Changes {
+                    files_read,
+                    files_written,
+                    diff,
+                    ..Changes::default()
+                }
+            }
+            Repo::Git(checkout) => match checkout.finish(&self.path, job, success).await {
+                Ok(done) => {
+                    // The diff's files are the files written; reads come from the tool calls.
+                    let (files_read, _) = files.finish(done.files.clone());
+                    Changes {
+                        files_read,
+                        files_written: done.files,
+                        diff: Some(done.diff),
+                        git: done.git,
+                        failure: None,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the agent's work was not kept");
+                    let (files_read, files_written) = files.finish(vec![]);
+                    Changes {
+                        files_read,
+                        files_written,
+                        failure: Some((e.reason, e.message)),
+                        ..Changes::default()
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Makes the scratch directory `dir` a repository with an empty first commit, so the run's
+/// diff is exact; without git it stays a plain directory.
+async fn init_scratch(dir: &Path) -> Repo {
+    let steps: [&[&str]; 4] = [
+        &["init", "-q"],
+        &["config", "user.name", "orchestrator"],
+        &["config", "user.email", "orchestrator@localhost"],
+        &[
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "orchestrator: empty workspace",
+        ],
+    ];
+    for args in steps {
+        let out = git::git(dir, args).await;
+        if !out.ok {
+            tracing::debug!(error = %out.why(), "scratch workspace without git");
+            return Repo::None;
+        }
+    }
+    let head = git::git(dir, &["rev-parse", "HEAD"]).await;
+    match (head.ok, GitSnapshot::take(dir).await) {
+        (true, Some(before)) => Repo::Scratch {
+            initial: head.text().to_string(),
+            before,
+        },
+        _ => Repo::None,
     }
 }
 
@@ -87,8 +268,21 @@ impl Drop for WorkDir {
         if !self.scratch {
             return;
         }
-        let path = self.path.clone();
-        // Removing a big tree blocks: do it off the async threads when there is a runtime.
+        // A redelivered attempt of the same job on this worker gets the same directory: move
+        // this one out of its way at once (a rename), then remove it. Removing a big tree
+        // blocks: do it off the async threads when there is a runtime.
+        let trash = self.path.with_file_name(format!(
+            ".trash-{}-{:016x}",
+            self.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            rand::random::<u64>()
+        ));
+        let path = match std::fs::rename(&self.path, &trash) {
+            Ok(()) => trash,
+            Err(_) => self.path.clone(),
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn_blocking(move || {
@@ -348,5 +542,93 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         assert!(GitSnapshot::take(&dir).await.is_none(), "not a repository");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn job(workspace: Workspace) -> JobSpec {
+        JobSpec {
+            task_id: orch_shared::ids::TaskId::new(),
+            job_id: orch_shared::ids::JobId::new(),
+            attempt: 1,
+            step: 0,
+            role: orch_shared::role::Role::Builder,
+            prompt: "x".into(),
+            context: None,
+            backend: orch_shared::job::Backend::Command,
+            model: None,
+            workspace,
+            limits: Default::default(),
+            kind: Default::default(),
+            constraints: vec![],
+            sim: Default::default(),
+            session: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scratch_workspace_reports_the_exact_diff_of_the_run() {
+        let data = std::env::temp_dir().join(format!("orch-scratch-{}", rand::random::<u64>()));
+        let j = job(Workspace::Scratch);
+        let dir = WorkDir::prepare(&j, &data, &CancellationToken::new())
+            .await
+            .unwrap();
+        std::fs::create_dir_all(dir.path.join("sub")).unwrap();
+        std::fs::write(dir.path.join("a.txt"), "alpha\n").unwrap();
+        std::fs::write(dir.path.join("sub/b.txt"), "beta\n").unwrap();
+        let changes = dir.finish(&j, true, FileTracker::new(&dir.path)).await;
+        assert_eq!(changes.files_written, ["a.txt", "sub/b.txt"]);
+        let diff = changes.diff.unwrap();
+        assert!(
+            diff.contains("new file mode")
+                && diff.contains("+++ b/a.txt\n@@ -0,0 +1 @@\n+alpha")
+                && diff.contains("+++ b/sub/b.txt\n@@ -0,0 +1 @@\n+beta"),
+            "{diff}"
+        );
+        assert!(changes.git.is_none() && changes.failure.is_none());
+        drop(dir);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    #[tokio::test]
+    async fn a_local_workspace_in_a_repository_gets_the_diff_of_the_files_that_changed() {
+        let ws = std::env::temp_dir().join(format!("orch-local-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&ws).unwrap();
+        let sh = |script: &str| {
+            let ok = std::process::Command::new("sh")
+                .args(["-c", script])
+                .current_dir(&ws)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "{script}");
+        };
+        sh(
+            "git init -q . && git config user.email t@t && git config user.name t \
+            && echo a > a.txt && echo same > same.txt && git add . && git commit -qm init",
+        );
+        let j = job(Workspace::Local {
+            path: ws.display().to_string(),
+        });
+        let dir = WorkDir::prepare(&j, Path::new("/nonexistent"), &CancellationToken::new())
+            .await
+            .unwrap();
+        sh("echo changed >> a.txt && echo new > new.txt");
+        let changes = dir.finish(&j, true, FileTracker::new(&dir.path)).await;
+        assert_eq!(changes.files_written, ["a.txt", "new.txt"]);
+        let diff = changes.diff.unwrap();
+        assert!(
+            diff.contains("--- a/a.txt\n+++ b/a.txt") && diff.contains("+changed"),
+            "{diff}"
+        );
+        assert!(
+            diff.contains("+++ b/new.txt") && diff.contains("+new") && !diff.contains("same.txt"),
+            "{diff}"
+        );
+        assert!(
+            ws.join("a.txt").is_file(),
+            "a local workspace is never removed"
+        );
+        let _ = std::fs::remove_dir_all(&ws);
     }
 }

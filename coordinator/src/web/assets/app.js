@@ -7,6 +7,8 @@ const CSRF = { "X-Orch-Dashboard": "1" };
 const PAGE = document.body.dataset.page;
 const $ = (sel, root = document) => root.querySelector(sel);
 const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
+// A git-branch mark (no font has one everywhere): forks and branches.
+const ICON_BRANCH = `<svg class="ico" viewBox="0 0 16 16" aria-hidden="true"><circle cx="4.5" cy="3.5" r="1.7"/><circle cx="4.5" cy="12.5" r="1.7"/><circle cx="11.5" cy="5" r="1.7"/><path d="M4.5 5.2v5.6M11.5 6.7c0 2.6-7 2-7 4.1"/></svg>`;
 const PALETTE = ["#6366f1", "#22c55e", "#f59e0b", "#ef4444", "#06b6d4", "#a855f7", "#ec4899", "#84cc16", "#64748b"];
 
 // ----- formatting -------------------------------------------------------------------------
@@ -158,7 +160,10 @@ function describe(ev) {
   const k = ev.kind || {};
   switch (k.type) {
     case "task_created": return `Task created: ${k.steps.length} step(s), ${esc(k.mode)}`;
-    case "task_planned": return `Planned by ${esc(k.source)}: ${k.steps.length} step(s)` + (k.rejected ? ` — planner's plan rejected: ${esc(k.rejected)}` : "");
+    case "task_planned":
+      if (k.source === "send") return `Message sent: <span class="role">${esc(k.steps[0]?.role)}</span> takes a new turn`;
+      if (k.source === "fork") return `Forked: <span class="role">${esc(k.steps[0]?.role)}</span> starts a new conversation`;
+      return `Planned by ${esc(k.source)}: ${k.steps.length} step(s)` + (k.rejected ? ` — planner's plan rejected: ${esc(k.rejected)}` : "");
     case "job_waiting": return `Waiting: ${esc(k.reason)}`;
     case "job_queued": return `<span class="role">${esc(k.role)}</span> queued (step ${k.step})`;
     case "job_skipped": return `Step skipped: ${esc(k.reason)}`;
@@ -206,6 +211,30 @@ function initTheme() {
 
 // ----- overview ---------------------------------------------------------------------------
 
+// The day's settled spend (what the daily budget counts) against the budget, with a bar.
+function spendKpi(today) {
+  const spent = today.spent_usd || 0;
+  const budget = today.budget_usd;
+  const kpiEl = $("#k-spend").closest(".kpi");
+  const tasksLine = `${today.tasks} task(s), ${tokens(totalTokens(today.usage))} tokens since midnight UTC`;
+  if (budget == null) {
+    $("#k-spend").textContent = usd(spent);
+    $("#k-spend-sub").innerHTML = `<span class="no-budget">no daily budget</span> · ${esc(tasksLine)}`;
+    kpiEl.dataset.level = "none";
+    kpiEl.title = `spent today ${usd(spent)} · no daily budget`;
+    return;
+  }
+  const pct = budget > 0 ? (100 * spent) / budget : 100;
+  const held = budget > 0 ? (100 * (today.reserved_usd || 0)) / budget : 0;
+  const level = pct >= 100 ? "over" : pct >= 80 ? "high" : "ok";
+  $("#k-spend").innerHTML = `${usd(spent)} <span class="muted">of ${usd(budget)}</span>`;
+  const reserved = today.reserved_usd > 0 ? ` · ${usd(today.reserved_usd)} reserved` : "";
+  $("#k-spend-sub").innerHTML = `<div class="meter budget" role="meter" aria-valuemin="0" aria-valuemax="${budget}" aria-valuenow="${spent}" aria-label="spent today ${usd(spent)} of ${usd(budget)}"><span style="width:${spent > 0 ? `max(3px, ${Math.min(100, pct)}%)` : "0"}"></span><span class="held" style="width:${Math.max(0, Math.min(100 - Math.min(100, pct), held))}%"></span></div>` +
+    `<span>${pct < 1 && pct > 0 ? "&lt;1" : Math.round(pct)}% of the daily budget${level === "over" ? " · new agents wait" : ""}${reserved}</span>`;
+  kpiEl.dataset.level = level;
+  kpiEl.title = `spent today ${usd(spent)} of ${usd(budget)} daily budget` + (level === "over" ? ": new agents wait until midnight UTC" : "");
+}
+
 function overviewPage() {
   const activity = new Map(); // job id -> {text, usage, cost}
   let agents = [];
@@ -241,8 +270,7 @@ function overviewPage() {
     $("#k-queue").textContent = st.queue ? st.queue.pending : "?";
     $("#k-inflight").textContent = st.queue ? `${st.queue.in_flight} in flight · ${st.queue.redelivered} redelivered` : "JetStream did not answer";
     $("#k-dlq").textContent = st.dead_letters;
-    $("#k-spend").textContent = usd(st.cost_today.cost_usd);
-    $("#k-spend-sub").textContent = `${st.cost_today.tasks} task(s), ${tokens(totalTokens(st.cost_today.usage))} tokens since midnight UTC`;
+    spendKpi(st.cost_today);
 
     agents = st.active_agents;
     renderAgents();
@@ -335,6 +363,8 @@ function newTaskPage() {
       b.task_type = v("task_type") || "auto";
     }
     if (v("workspace")) b.workspace = v("workspace");
+    if (v("repo")) b.repo = v("repo");
+    if (v("ref")) b.ref = v("ref");
     if (v("backend")) b.backend = v("backend");
     if (v("model")) b.model = v("model");
     for (const k of ["budget_usd", "budget_tokens", "max_attempts", "max_parallel"]) if (num(k) !== undefined) b[k] = num(k);
@@ -352,6 +382,8 @@ function newTaskPage() {
     if (b.priority !== "normal") parts.push("--priority " + b.priority);
     if (b.on_failure !== "stop") parts.push("--on-failure " + b.on_failure);
     if (b.workspace) parts.push("--workspace " + q(b.workspace));
+    if (b.repo) parts.push("--repo " + q(b.repo));
+    if (b.ref) parts.push("--ref " + q(b.ref));
     if (b.backend) parts.push("--backend " + b.backend);
     if (b.model) parts.push("--model " + q(b.model));
     if (b.budget_usd !== undefined) parts.push("--budget-usd " + b.budget_usd);
@@ -418,16 +450,34 @@ function newTaskPage() {
   $("#cli").textContent = cli(body());
 }
 
+// ----- git --------------------------------------------------------------------------------
+
+// `conflicts` names the conflicting files, or says why the push kept failing.
+function conflictFiles(g) {
+  const why = g.conflicts || [];
+  return why.length > 0 && why.every((c) => !/\s/.test(c));
+}
+
+// Whether a job's commit made it into the task branch.
+function gitBadge(g) {
+  if (g.merged) return `<span class="badge s-succeeded">merged</span>`;
+  if (conflictFiles(g)) return `<span class="badge s-failed">conflicts</span>`;
+  return `<span class="badge${(g.conflicts || []).length ? " s-failed" : ""}">not merged</span>`;
+}
+
 // ----- task -------------------------------------------------------------------------------
 
 function dagSvg(jobs) {
   const byStep = new Map(jobs.map((j) => [j.step, j]));
+  // A further turn of a conversation (send or fork) hangs off the turn it continues.
+  const stepOf = new Map(jobs.map((j) => [j.id, j.step]));
+  const depsOf = (j) => (j.continues && stepOf.has(j.continues) ? [...(j.depends_on || []), stepOf.get(j.continues)] : j.depends_on || []);
   const level = new Map();
   const depth = (j, seen = new Set()) => {
     if (level.has(j.step)) return level.get(j.step);
     if (seen.has(j.step)) return 0;
     seen.add(j.step);
-    const deps = (j.depends_on || []).map((s) => byStep.get(s)).filter(Boolean);
+    const deps = depsOf(j).map((s) => byStep.get(s)).filter(Boolean);
     const d = deps.length ? Math.max(...deps.map((p) => depth(p, seen))) + 1 : 0;
     level.set(j.step, d);
     return d;
@@ -445,17 +495,19 @@ function dagSvg(jobs) {
     pos.set(j.step, { x: P + x * (W + GX), y: P + off + y * (H + GY) });
   }));
   let edges = "";
-  for (const j of jobs) for (const d of j.depends_on || []) {
+  for (const j of jobs) for (const d of depsOf(j)) {
     const a = pos.get(d), b = pos.get(j.step);
     if (!a || !b) continue;
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2, mx = (x1 + x2) / 2;
-    edges += `<path class="edge" d="M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2 - 4},${y2}" marker-end="url(#arrow)"/>`;
+    const turn = j.continues && stepOf.get(j.continues) === d;
+    edges += `<path class="edge${turn ? " turn" : ""}" d="M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2 - 4},${y2}" marker-end="url(#arrow)"/>`;
   }
   // Sequential tasks have no depends_on: show the pipeline order.
   const nodes = jobs.map((j) => {
     const p = pos.get(j.step);
     const icon = { succeeded: "✓", running: "●", failed: "✕", cancelled: "⊘", skipped: "↷", retrying: "↻", queued: "…", pending: "○" }[j.status] || "";
-    const sub = j.status === "running" ? `running ${elapsed(j.started_at_ms)}` : j.started_at_ms ? `${elapsed(j.started_at_ms, j.finished_at_ms)} · ${usd(j.cost_usd)}` : j.status;
+    const rel = j.continues ? (j.forked ? "fork · " : "reply · ") : "";
+    const sub = rel + (j.status === "running" ? `running ${elapsed(j.started_at_ms)}` : j.started_at_ms ? `${elapsed(j.started_at_ms, j.finished_at_ms)} · ${usd(j.cost_usd)}` : j.status);
     return `<a href="/agents/${esc(j.id)}"><g class="node s-${esc(j.status)}" data-step="${j.step}" data-status="${esc(j.status)}">
       <rect x="${p.x}" y="${p.y}" width="${W}" height="${H}" rx="9"/>
       <text x="${p.x + 12}" y="${p.y + 24}"><tspan font-weight="700">${icon} ${esc(j.role)}</tspan><tspan class="sub" dx="6">#${j.step}</tspan></text>
@@ -470,6 +522,13 @@ function taskPage() {
   const id = document.body.dataset.id;
   let current = null;
   let es = null;
+  // A task ends once per run: a message sent to one of its agents reopens it, so its log can
+  // hold several `task_finished`. The stream is over at the one that ended the task as it is
+  // now (its duration is the task's).
+  let endSeen = null;
+  let lastEventAt = 0;
+  const ended = () => !!current && ["completed", "failed", "cancelled"].includes(current.status) &&
+    current.finished_at_ms != null && endSeen === current.finished_at_ms - current.created_at_ms;
 
   const load = async () => {
     let t;
@@ -485,7 +544,10 @@ function taskPage() {
     document.title = `${t.prompt.slice(0, 40)} · orchestrator`;
     $("#t-title").textContent = t.prompt.length > 120 ? t.prompt.slice(0, 120) + "…" : t.prompt;
     $("#t-title").title = t.prompt;
-    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span><span>created ${when(t.created_at_ms)}</span>`;
+    const ws = t.workspace || {};
+    const where = ws.kind === "git" ? `<span>repo <span class="mono">${esc(ws.url)}</span>${ws.base_ref ? ` @ <span class="mono">${esc(ws.base_ref)}</span>` : ""}</span>` : ws.path ? `<span>workspace <span class="mono">${esc(ws.path)}</span></span>` : "";
+    const branch = t.branch ? `<span class="branch" title="The task branch holding the agents' merged work">${ICON_BRANCH} <span class="mono">${esc(t.branch)}</span></span>` : "";
+    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}<span>created ${when(t.created_at_ms)}</span>`;
     const done = t.jobs.filter((j) => ["succeeded", "failed", "skipped", "cancelled"].includes(j.status)).length;
     const budget = t.options.budget_usd != null ? ` of ${usd(t.options.budget_usd)} budget` : "";
     $("#t-kpis").innerHTML = kpi("Progress", `${done}/${t.jobs.length}`, "steps ended") +
@@ -496,8 +558,12 @@ function taskPage() {
     $("#dag").innerHTML = t.jobs.length ? dagSvg(t.jobs) : `<p class="empty">Planning…</p>`;
     $("#steps").innerHTML = table([
       { label: "#", cell: (j) => j.step },
-      { label: "Role", cell: (j) => `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>` },
-      { label: "Status", cell: (j) => badge(j.status) + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") },
+      { label: "Role", cell: (j) => {
+        const from = j.continues ? t.jobs.find((x) => x.id === j.continues) : null;
+        const rel = j.continues ? `<div class="small muted">${j.forked ? ICON_BRANCH + " fork of" : "↳ reply to"} <a href="/agents/${esc(j.continues)}">#${from ? from.step : short(j.continues)}</a>: “${esc(j.prompt.length > 40 ? j.prompt.slice(0, 40) + "…" : j.prompt)}”</div>` : "";
+        return `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>${rel}`;
+      } },
+      { label: "Status", cell: (j) => badge(j.status) + (j.git ? ` <span title="${esc(j.git.branch)} @ ${esc(j.git.commit)}">${gitBadge(j.git)}</span>` : "") + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") },
       { label: "Attempt", num: true, cell: (j) => j.attempt },
       { label: "Worker", cell: (j) => `<span class="mono small">${esc(j.worker_id || "–")}</span>` },
       { label: "Started", num: true, cell: (j) => clock(j.started_at_ms) || "–" },
@@ -515,8 +581,11 @@ function taskPage() {
     $("#t-output").innerHTML += t.output ? `<pre class="output">${esc(t.output)}</pre>` : t.error ? "" : `<p class="empty">No output yet.</p>`;
     const cancel = $("#cancel-btn");
     cancel.hidden = ["completed", "failed", "cancelled"].includes(t.status);
-    if (t.status === "completed" || t.status === "failed" || t.status === "cancelled") {
-      if (es && es.readyState !== EventSource.CLOSED) setTimeout(() => es && es.finish("Finished"), 1500);
+    // A log that expired has no end event: stop following a finished task after a while.
+    if (["completed", "failed", "cancelled"].includes(t.status)) {
+      setTimeout(() => {
+        if (es && es.readyState !== EventSource.CLOSED && (ended() || (endSeen === null && Date.now() - lastEventAt > 2500))) es.finish("Finished");
+      }, 3000);
     }
   };
   const refresh = throttle(() => load().catch((e) => toast(e.message, true)), 400);
@@ -553,7 +622,10 @@ function taskPage() {
       if (kill) await api(`/v1/agents/${kill}/kill`, { method: "POST" });
       else await api(`/v1/dlq/${retry}/retry`, { method: "POST" });
       toast(kill ? "Agent killed" : "Retry queued");
-      if (retry && es && es.readyState === EventSource.CLOSED) es = open();
+      if (retry && es && es.readyState === EventSource.CLOSED) {
+        log.innerHTML = "";
+        es = open();
+      }
     } catch (err) {
       toast(err.message, true);
     }
@@ -562,6 +634,7 @@ function taskPage() {
 
   const log = $("#events");
   const open = () => stream(`/v1/tasks/${id}/events`, {}, (ev) => {
+    lastEventAt = Date.now();
     if (ev.kind.type !== "heartbeat" && ev.kind.type !== "thinking") {
       const li = document.createElement("li");
       li.innerHTML = `<time>${clock(ev.at_ms)}</time><span>${describe(ev)}</span>`;
@@ -569,10 +642,10 @@ function taskPage() {
       log.scrollTop = log.scrollHeight;
     }
     if (ev.kind.type === "task_finished") {
-      es.finish("Finished");
-      load();
+      endSeen = ev.kind.duration_ms;
+      load().then(() => ended() && es.finish("Finished")).catch(() => {});
     } else refresh();
-  }, () => current && ["completed", "failed", "cancelled"].includes(current.status));
+  }, ended);
   es = open();
   setInterval(() => document.querySelectorAll("[data-start]").forEach((el) => {
     if (el.dataset.start) el.textContent = elapsed(Number(el.dataset.start));
@@ -581,7 +654,163 @@ function taskPage() {
   load();
 }
 
+// ----- diff -------------------------------------------------------------------------------
+
+// Parses a unified diff (git's, or plain `diff -u`) into files of hunks of numbered lines.
+// Lines that fit nowhere (a truncation note, say) are kept in `notes`.
+function parseDiff(text) {
+  const files = [];
+  const notes = [];
+  let file = null;
+  let hunk = null;
+  let oldNo = 0, newNo = 0, oldLeft = 0, newLeft = 0;
+  const unquote = (p) => (p.length > 1 && p.startsWith('"') && p.endsWith('"') ? p.slice(1, -1).replace(/\\(["\\])/g, "$1") : p);
+  const path = (p) => {
+    p = unquote(p.replace(/\t.*$/, "").trim());
+    return p === "/dev/null" ? null : p.replace(/^[ab]\//, "");
+  };
+  const start = () => {
+    file = { oldPath: null, newPath: null, status: "modified", hunks: [], added: 0, removed: 0, binary: false, meta: [] };
+    files.push(file);
+    hunk = null;
+    oldLeft = newLeft = 0;
+  };
+  const lines = text.split("\n");
+  if (lines.length && lines[lines.length - 1] === "") lines.pop();
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    // Inside a hunk its header's counts say which lines belong to it (so a removed line
+    // that reads "-- x" is not taken for a file header).
+    if (hunk && (oldLeft > 0 || newLeft > 0)) {
+      const c = line[0];
+      if (c === "+") {
+        hunk.lines.push({ t: "add", n: newNo++, s: line.slice(1) });
+        file.added++;
+        newLeft--;
+        continue;
+      }
+      if (c === "-") {
+        hunk.lines.push({ t: "del", o: oldNo++, s: line.slice(1) });
+        file.removed++;
+        oldLeft--;
+        continue;
+      }
+      if (c === " " || line === "") {
+        hunk.lines.push({ t: "ctx", o: oldNo++, n: newNo++, s: line.slice(1) });
+        oldLeft--;
+        newLeft--;
+        continue;
+      }
+      if (c === "\\") {
+        hunk.lines.push({ t: "note", s: line.slice(1).trim() });
+        continue;
+      }
+      hunk = null; // a cut diff: the hunk ends early
+    }
+    if (hunk && line.startsWith("\\")) {
+      hunk.lines.push({ t: "note", s: line.slice(1).trim() });
+      continue;
+    }
+    let m;
+    if ((m = /^diff --git (.+)$/.exec(line))) {
+      start();
+      const halves = /^(?:"?a\/)(.+?)"? (?:"?b\/)(.+?)"?$/.exec(m[1]);
+      if (halves) {
+        file.oldPath = halves[1];
+        file.newPath = halves[2];
+      }
+      continue;
+    }
+    if (line.startsWith("--- ") && i + 1 < lines.length && lines[i + 1].startsWith("+++ ")) {
+      if (!file || file.hunks.length) start();
+      const o = path(line.slice(4)), n = path(lines[i + 1].slice(4));
+      if (o === null) file.status = "added";
+      if (n === null) file.status = "deleted";
+      file.oldPath = o ?? file.oldPath;
+      file.newPath = n ?? file.newPath;
+      i++;
+      continue;
+    }
+    if (file && (m = /^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@ ?(.*)$/.exec(line))) {
+      oldNo = Number(m[1]);
+      newNo = Number(m[3]);
+      oldLeft = m[2] === undefined ? 1 : Number(m[2]);
+      newLeft = m[4] === undefined ? 1 : Number(m[4]);
+      hunk = { header: line.slice(0, line.indexOf("@@", 2) + 2), context: m[5] || "", lines: [] };
+      file.hunks.push(hunk);
+      continue;
+    }
+    if (file && !file.hunks.length) {
+      if (line.startsWith("new file mode")) file.status = "added";
+      else if (line.startsWith("deleted file mode")) file.status = "deleted";
+      else if (line.startsWith("rename from ")) {
+        file.status = "renamed";
+        file.oldPath = unquote(line.slice(12));
+      } else if (line.startsWith("rename to ")) file.newPath = unquote(line.slice(10));
+      else if (line.startsWith("copy from ")) {
+        file.status = "copied";
+        file.oldPath = unquote(line.slice(10));
+      } else if (line.startsWith("copy to ")) file.newPath = unquote(line.slice(8));
+      else if (line.startsWith("Binary files") || line.startsWith("GIT binary patch")) file.binary = true;
+      else if (line.startsWith("old mode ") || line.startsWith("new mode ")) file.meta.push(line);
+      else if (!line.startsWith("index ") && !line.startsWith("similarity index") && !line.startsWith("dissimilarity index")) file.meta.push(line);
+      continue;
+    }
+    if (line.trim()) notes.push(line);
+  }
+  for (const f of files) f.path = f.status === "deleted" ? f.oldPath || f.newPath || "?" : f.newPath || f.oldPath || "?";
+  return { files, notes };
+}
+
+// The diff as a file list with counts, then each file's hunks (collapsible), every line
+// escaped. Files with many changed lines start collapsed.
+function renderDiff(text) {
+  const { files, notes } = parseDiff(text);
+  const added = files.reduce((s, f) => s + f.added, 0), removed = files.reduce((s, f) => s + f.removed, 0);
+  const label = { added: "added", deleted: "deleted", renamed: "renamed", copied: "copied", modified: "modified" };
+  // Five blocks, green and red in the proportion of added to removed lines (fewer when
+  // fewer lines changed).
+  const blocks = (f) => {
+    const total = f.added + f.removed;
+    const n = Math.min(5, total);
+    const a = total ? Math.round((n * f.added) / total) : 0;
+    return `<span class="blocks" aria-hidden="true">${"<i class=a></i>".repeat(a)}${"<i class=d></i>".repeat(n - a)}${"<i></i>".repeat(5 - n)}</span>`;
+  };
+  const counts = (f) => `<span class="counts"><span class="plus">+${f.added}</span> <span class="minus">−${f.removed}</span></span>`;
+  const name = (f) => (f.status === "renamed" || f.status === "copied") && f.oldPath && f.newPath && f.oldPath !== f.newPath
+    ? `${esc(f.oldPath)} <span class="muted">→</span> ${esc(f.newPath)}`
+    : esc(f.path);
+  const list = files.map((f, i) => `<li><a href="#diff-f${i}" data-file="${i}"><span class="fstatus f-${f.status}" title="${label[f.status]}">${label[f.status][0].toUpperCase()}</span><span class="path mono">${name(f)}</span>${f.binary ? `<span class="muted small">binary</span>` : counts(f)}${blocks(f)}</a></li>`).join("");
+  const ln = (n) => (n === undefined ? `<td class="ln"></td>` : `<td class="ln" data-n="${n}"></td>`);
+  const body = (f) => {
+    if (f.binary) return `<p class="empty diff-note">Binary file: not shown.</p>`;
+    if (!f.hunks.length) {
+      const why = f.status === "renamed" ? "Renamed without changes." : f.status === "added" ? "Empty file." : f.meta.length ? f.meta.map(esc).join("<br>") : "No textual change.";
+      return `<p class="empty diff-note">${why}</p>`;
+    }
+    const rows = f.hunks.map((h) => `<tr class="d-hunk"><td class="ln"></td><td class="ln"></td><td class="code">${esc(h.header)}${h.context ? ` <span class="hunk-ctx">${esc(h.context)}</span>` : ""}</td></tr>` +
+      h.lines.map((l) => l.t === "note"
+        ? `<tr class="d-note"><td class="ln"></td><td class="ln"></td><td class="code">${esc(l.s)}</td></tr>`
+        : `<tr class="d-${l.t}">${ln(l.o)}${ln(l.n)}<td class="code"><span class="sign" aria-hidden="true">${l.t === "add" ? "+" : l.t === "del" ? "−" : " "}</span>${esc(l.s)}</td></tr>`).join("")).join("");
+    return `<div class="diff-scroll"><table class="diff-table"><colgroup><col class="c-ln"><col class="c-ln"><col></colgroup><tbody>${rows}</tbody></table></div>`;
+  };
+  const sections = files.map((f, i) => {
+    const big = f.added + f.removed > 400;
+    return `<details class="diff-file" id="diff-f${i}" data-status="${f.status}"${big ? "" : " open"}>
+      <summary><span class="chev" aria-hidden="true"></span><span class="fstatus f-${f.status}">${label[f.status]}</span><span class="path mono">${name(f)}</span>${f.binary ? "" : counts(f)}</summary>
+      ${big ? `<p class="muted small diff-note">${f.added + f.removed} changed lines: collapsed to keep the page quick.</p>` : ""}${body(f)}</details>`;
+  }).join("");
+  const trailer = notes.length ? `<p class="muted small diff-note">${notes.map(esc).join("<br>")}</p>` : "";
+  return {
+    stat: `${files.length} file${files.length === 1 ? "" : "s"} changed · <span class="plus">+${added}</span> <span class="minus">−${removed}</span>`,
+    html: files.length ? `<ul class="diff-files">${list}</ul>${sections}${trailer}` : `<pre class="output">${esc(text)}</pre>`,
+    files: files.length,
+  };
+}
+
 // ----- agent ------------------------------------------------------------------------------
+
+const ENDED = ["succeeded", "failed", "skipped", "cancelled"];
 
 function agentPage() {
   const id = document.body.dataset.id;
@@ -589,27 +818,170 @@ function agentPage() {
   let es = null;
   let first = true;
   let ended = false;
+  let shownDiff = null;
+  let task = null;
+  let taskAt = 0;
+  let lastStatus = null;
   const calls = new Map();
+
+  const agentLink = (j, text) => `<a href="/agents/${esc(j.id || j)}" class="mono">${text ?? esc(short(j.id || j))}</a>`;
+  const turnLabel = (j) => `<span class="role">${esc(j.role)}</span> <span class="muted">#${j.step}</span>`;
+
+  // The conversation this agent is a turn of: back along `continues` to the step that started
+  // it, then forward along sends; forks (and other replies) hang off the turn they left.
+  const conversation = (jobs, me) => {
+    const byId = new Map(jobs.map((x) => [x.id, x]));
+    const thread = [];
+    const seen = new Set();
+    for (let cur = byId.get(me.id) || me; cur && !seen.has(cur.id); cur = cur.continues ? byId.get(cur.continues) : null) {
+      seen.add(cur.id);
+      thread.unshift(cur);
+    }
+    for (let cur = me; ;) {
+      const next = jobs.find((x) => x.continues === cur.id && !x.forked && !seen.has(x.id));
+      if (!next) break;
+      seen.add(next.id);
+      thread.push(next);
+      cur = next;
+    }
+    const branches = (x) => jobs.filter((y) => y.continues === x.id && !seen.has(y.id));
+    return { thread, branches };
+  };
+
+  const renderTurns = (j) => {
+    const panel = $("#turns-panel");
+    if (!task) return;
+    const { thread, branches } = conversation(task.jobs, j);
+    const anyBranch = thread.some((x) => branches(x).length);
+    panel.hidden = thread.length < 2 && !anyBranch;
+    if (panel.hidden) return;
+    $("#turns-count").textContent = `${thread.length} turn${thread.length === 1 ? "" : "s"}`;
+    $("#turns").innerHTML = thread.map((x, i) => {
+      const said = x.continues ? `<div class="said">${x.forked ? ICON_BRANCH + " " : ""}“${esc(x.prompt.length > 160 ? x.prompt.slice(0, 160) + "…" : x.prompt)}”</div>` : `<div class="said muted">started as step ${x.step} of the task</div>`;
+      const forks = branches(x).map((y) => `<li>${y.forked ? ICON_BRANCH + " fork" : "↳ reply"} ${agentLink(y, turnLabel(y))} ${badge(y.status)}<div class="said">“${esc(y.prompt.length > 100 ? y.prompt.slice(0, 100) + "…" : y.prompt)}”</div></li>`).join("");
+      return `<li class="turn${x.id === j.id ? " current" : ""}" data-agent="${esc(x.id)}"><span class="turn-no">${i + 1}</span><div class="turn-body">
+        <div class="turn-head">${x.id === j.id ? `${turnLabel(x)} <span class="muted small">this agent</span>` : agentLink(x, turnLabel(x))} ${badge(x.status)}<span class="muted small">${x.started_at_ms ? clock(x.started_at_ms) : ""}${x.cost_usd ? " · " + usd(x.cost_usd) : ""}</span></div>
+        ${said}${forks ? `<ul class="branches">${forks}</ul>` : ""}</div></li>`;
+    }).join("");
+  };
+
+  // Send and fork: only a turn that succeeded can be continued; a send goes to the
+  // conversation's latest turn (the server picks it), a fork starts from this one.
+  const renderTalk = (d) => {
+    const j = d.job;
+    const latest = task ? conversation(task.jobs, j).thread.slice(-1)[0] : j;
+    let reason = "";
+    if (j.kind === "plan") reason = "This is the planner: its answer became the task's plan, there is no conversation to continue.";
+    else if (!ENDED.includes(j.status)) reason = j.status === "running" ? "The agent is still working on this turn: you can send a message once it has finished." : `The agent has not run yet (${j.status}): you can send a message once it has finished.`;
+    else if (j.status !== "succeeded") reason = `Only an agent that succeeded can be continued or forked; this one ${j.status === "skipped" ? "was skipped" : j.status}.`;
+    else if (!j.session_id && !d.session_id) reason = `This agent kept no session to continue (the ${d.backend} backend stores none).`;
+    const off = !!reason;
+    const sendOff = off || (latest && latest.id !== j.id && !ENDED.includes(latest.status));
+    $("#send-btn").disabled = sendOff;
+    $("#fork-btn").disabled = off;
+    $("#a-message").disabled = off;
+    $("#talk").classList.toggle("is-off", off);
+    $("#talk-state").innerHTML = off ? `<span class="badge">${!ENDED.includes(j.status) ? "wait for the turn to end" : "not available"}</span>` : `<span class="badge s-succeeded">ready</span>`;
+    const r = $("#talk-reason");
+    if (off) {
+      r.textContent = reason;
+      r.hidden = false;
+    } else if (latest && latest.id !== j.id) {
+      r.innerHTML = ENDED.includes(latest.status)
+        ? `This conversation went on in ${agentLink(latest, turnLabel(latest))}: <b>Send</b> continues from that latest turn; <b>Fork</b> starts from this one.`
+        : `This conversation goes on in ${agentLink(latest, turnLabel(latest))}, still ${esc(latest.status)}: <b>Send</b> is possible once it has finished; <b>Fork</b> starts from this one.`;
+      r.hidden = false;
+    } else r.hidden = true;
+    talkCli();
+  };
+
+  // The same two actions with orchctl, for the message being written.
+  const talkCli = () => {
+    const q = (s) => (/^[\w.,/:=@-]+$/.test(s) ? s : "'" + String(s).replace(/'/g, "'\\''") + "'");
+    const msg = q($("#a-message").value.trim() || "…");
+    $("#talk-cli").textContent = `orchctl agents send ${id} ${msg} -f\norchctl agents fork ${id} ${msg} -f`;
+  };
+
+  const renderGit = (j) => {
+    const g = j.git;
+    $("#git-panel").hidden = !g;
+    if (!g) return;
+    const why = g.conflicts || [];
+    const files = conflictFiles(g);
+    $("#git-state").innerHTML = gitBadge(g);
+    const sha = (c) => (c ? `<span class="mono" title="${esc(c)}">${esc(c.slice(0, 10))}</span>` : "–");
+    const taskBranch = task && task.branch ? `<span class="mono">${esc(task.branch)}</span> ` : "";
+    $("#git").innerHTML = `<dt>Branch</dt><dd class="mono">${esc(g.branch)}</dd><dt>Commit</dt><dd>${sha(g.commit)}</dd><dt>Base</dt><dd>${sha(g.base)}</dd>` +
+      `<dt>Task branch</dt><dd>${taskBranch}${g.merged ? "contains this commit" : files ? "does not contain it: the merge conflicted" : "does not contain this commit"}</dd>` +
+      (why.length ? `<dt>${files ? "Conflicts" : "Why"}</dt><dd><ul class="plain">${why.map((c) => `<li class="mono">${esc(c)}</li>`).join("")}</ul></dd>` : "");
+  };
+
+  const renderDiffPanel = (j) => {
+    const el = $("#diff");
+    const key = j.diff == null ? `none:${j.status}:${(j.files_written || []).length}` : j.diff;
+    if (key === shownDiff) return;
+    shownDiff = key;
+    const toggle = $("#diff-toggle");
+    if (j.diff == null || j.diff === "") {
+      toggle.hidden = true;
+      $("#diff-stat").textContent = "";
+      const wrote = (j.files_written || []).length;
+      el.innerHTML = !ENDED.includes(j.status)
+        ? `<p class="empty">The diff of what this agent changed shows here when it finishes.</p>`
+        : j.diff === "" || !wrote
+          ? `<p class="empty">No changes: this agent changed no file.</p>`
+          : `<p class="empty">This agent wrote ${wrote} file(s), but its worker reported no diff (the sim backend and workers before diffs do not).</p>`;
+      return;
+    }
+    const r = renderDiff(j.diff);
+    $("#diff-stat").innerHTML = r.stat;
+    el.innerHTML = r.html;
+    toggle.hidden = r.files < 1;
+    toggle.textContent = "Collapse all";
+  };
 
   const load = async () => {
     const d = await api(`/v1/agents/${id}`);
     const j = d.job;
+    // Known before the next await: the stream the server ends for a finished agent is over.
+    ended = ENDED.includes(j.status);
+    // The task gives the conversation's other turns: read it at first, when this agent's
+    // status changes, and every few seconds while something may still change.
+    if (!task || j.status !== lastStatus || Date.now() - taskAt > 4000) {
+      task = await api(`/v1/tasks/${d.task_id}`).catch(() => task);
+      taskAt = Date.now();
+    }
+    lastStatus = j.status;
+    document.title = `${j.role} · ${d.task_prompt.slice(0, 40)} · orchestrator`;
     $("#a-back").href = "/tasks/" + d.task_id;
     $("#a-back").textContent = "← " + (d.task_prompt.length > 60 ? d.task_prompt.slice(0, 60) + "…" : d.task_prompt);
     $("#a-title").innerHTML = `<span class="role">${esc(j.role)}</span> <span class="muted">· step ${j.step}</span>`;
-    $("#a-meta").innerHTML = `${badge(j.status)}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>`;
+    const from = j.continues ? task && task.jobs.find((x) => x.id === j.continues) : null;
+    const rel = j.continues ? `<span class="rel">${j.forked ? ICON_BRANCH + " forked from" : "↳ continues"} ${agentLink(j.continues, from ? turnLabel(from) : esc(short(j.continues)))}</span>` : "";
+    const git = j.git ? `<span>branch <span class="mono">${esc(j.git.branch)}</span> @ <span class="mono" title="${esc(j.git.commit)}">${esc((j.git.commit || "").slice(0, 7))}</span></span>` : "";
+    $("#a-meta").innerHTML = `${badge(j.status)}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${git}`;
     const toolList = Object.entries(d.tools || {}).map(([k, v]) => `${esc(k)} ×${v}`).join(", ");
     $("#a-kpis").innerHTML = kpi("Elapsed", `<span data-start="${j.status === "running" ? j.started_at_ms || "" : ""}">${elapsed(j.started_at_ms, j.finished_at_ms)}</span>`, j.started_at_ms ? "started " + clock(j.started_at_ms) : "not started") +
       kpi("Tokens", tokens(totalTokens(j.usage)), `${tokens(j.usage.input_tokens)} in · ${tokens(j.usage.output_tokens)} out`) +
       kpi("Cost", usd(j.cost_usd), "") +
       kpi("Tool calls", d.tool_calls, toolList);
     const files = (j.files_read || []).map((f) => `<li><span class="badge">read</span> <span class="mono">${esc(f)}</span></li>`).concat((j.files_written || []).map((f) => `<li><span class="badge s-running">wrote</span> <span class="mono">${esc(f)}</span></li>`));
-    $("#a-files").innerHTML = files.length ? `<ul class="stack" style="list-style:none;padding:0;margin:0">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`;
+    $("#a-files").innerHTML = files.length ? `<ul class="plain stack">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`;
+    if (j.continues && $("#a-asked").hidden) {
+      $("#a-asked").innerHTML = `<div class="msg user"><div class="who"><span>${j.forked ? "You · fork" : "You"}</span><span>${clock(j.queued_at_ms)}</span></div><div class="body">${esc(j.prompt)}</div></div>`;
+      $("#a-asked").hidden = false;
+    }
     $("#kill-btn").hidden = !["running", "queued", "retrying", "pending"].includes(j.status);
-    ended = ["succeeded", "failed", "skipped", "cancelled"].includes(j.status);
-    if (["succeeded", "failed", "skipped", "cancelled"].includes(j.status)) {
+    renderTurns(j);
+    renderTalk(d);
+    renderGit(j);
+    renderDiffPanel(j);
+    if (ended) {
       if (es) setTimeout(() => es && es.readyState !== EventSource.CLOSED && es.finish("Finished"), 1500);
-      if (j.output && !box.querySelector(".msg") ) add("text", "Output", `<div class="body">${esc(j.output)}</div>`);
+      // An expired log replays nothing: then show the output the record kept.
+      setTimeout(() => {
+        if (j.output && !box.querySelector(".msg")) add("text", "Output", `<div class="body">${esc(j.output)}</div>`);
+      }, 1500);
     }
   };
   const refresh = throttle(() => load().catch((e) => toast(e.message, true)), 500);
@@ -642,7 +1014,11 @@ function agentPage() {
     tool_result: (ev) => add(ev.kind.is_error ? "error" : "result", (ev.kind.is_error ? "Tool error · " : "Tool result · ") + (calls.get(ev.kind.call_id) || ev.kind.call_id), `<pre>${esc(ev.kind.output)}</pre>`, clock(ev.at_ms)),
     job_retrying: (ev) => add("mark", "Retrying", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
     job_cancelled: (ev) => add("error", "Cancelled", `<span>${esc(ev.kind.reason)}</span>`, clock(ev.at_ms)),
-    job_finished: (ev) => add(ev.kind.success ? "mark" : "error", ev.kind.success ? "Finished" : "Failed", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
+    job_finished: (ev) => {
+      // The server ends the stream right after a success: nothing more will come.
+      if (ev.kind.success) ended = true;
+      add(ev.kind.success ? "mark" : "error", ev.kind.success ? "Finished" : "Failed", `<span>${describe(ev)}</span>`, clock(ev.at_ms));
+    },
   }, (ev) => {
     if (ev.kind.type !== "heartbeat" && ev.kind.type !== "thinking") refresh();
   }, () => ended);
@@ -659,9 +1035,61 @@ function agentPage() {
     kill.disabled = false;
     refresh();
   });
+
+  const talkError = (m) => {
+    $("#talk-error").textContent = m;
+    $("#talk-error").hidden = !m;
+  };
+  const talk = async (fork) => {
+    const message = $("#a-message").value.trim();
+    if (!message) {
+      talkError("Write a message for the agent first.");
+      $("#a-message").focus();
+      return;
+    }
+    talkError("");
+    const btns = [$("#send-btn"), $("#fork-btn")];
+    const was = btns.map((b) => b.disabled);
+    btns.forEach((b) => (b.disabled = true));
+    try {
+      const turn = await api(`/v1/agents/${id}/${fork ? "fork" : "send"}`, { method: "POST", body: { message } });
+      location.href = "/agents/" + turn.agent_id;
+    } catch (e) {
+      talkError(e.message);
+      btns.forEach((b, i) => (b.disabled = was[i]));
+    }
+  };
+  $("#talk-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    talk(false);
+  });
+  $("#fork-btn").addEventListener("click", () => talk(true));
+  $("#a-message").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      talk(false);
+    }
+  });
+  $("#a-message").addEventListener("input", throttle(talkCli, 200));
+
+  $("#diff-toggle").addEventListener("click", () => {
+    const all = [...document.querySelectorAll("#diff details.diff-file")];
+    const open = all.some((d) => d.open);
+    all.forEach((d) => (d.open = !open));
+    $("#diff-toggle").textContent = open ? "Expand all" : "Collapse all";
+  });
+  // A file in the list opens its section before the browser scrolls to it.
+  $("#diff").addEventListener("click", (e) => {
+    const a = e.target.closest("a[data-file]");
+    if (a) {
+      const d = document.getElementById("diff-f" + a.dataset.file);
+      if (d) d.open = true;
+    }
+  });
   setInterval(() => document.querySelectorAll("[data-start]").forEach((el) => {
     if (el.dataset.start) el.textContent = elapsed(Number(el.dataset.start));
   }), 1000);
+  setInterval(() => !ended && refresh(), 5000);
   load().catch((e) => {
     $("#a-title").textContent = "Agent not found";
     $("#a-meta").textContent = e.message;

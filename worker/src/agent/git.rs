@@ -1,0 +1,1489 @@
+//! Git workspaces: a job works in a fresh clone of its task's repository and hands its work on
+//! through branches, so agents on different workers see each other's changes.
+//!
+//! - **Clone cache**: each worker keeps a bare mirror per repository,
+//!   `<data_dir>/git-cache/<hash of url>.git`, fetched before every job under a per-url lock (two
+//!   jobs on one worker never fetch into one cache at once). The job's clone borrows the cache's
+//!   objects (`git clone --reference`), so only what the cache lacks crosses the network, and its
+//!   `origin` is the real url.
+//! - **Start**: the parents' branches ([`GitJob::start`]) that exist on `origin`, the first one
+//!   checked out and the others merged in order; `base_ref` when none exists (`HEAD`: the
+//!   remote's default branch). Parents whose branches conflict fail the job with `bad_request`
+//!   (running it again cannot help). The agent works on a local branch named after
+//!   [`GitJob::branch`], with a committer identity of its own so commits work on any machine.
+//! - **Finish**, when the agent succeeded: everything is committed with a generated message and
+//!   pushed with force to the job's branch (a redelivered attempt overwrites its own branch).
+//!   Then the task branch is rebuilt: from `base_ref`, the job branches of the task (the branches
+//!   next to [`GitJob::branch`]) that no later one contains are merged in name order
+//!   (fast-forward when possible), and the result is pushed with `--force-with-lease`; when
+//!   another finisher got there first, everything is fetched again and rebuilt. One refinement:
+//!   the branches the task branch already contains are merged first, so work that was merged
+//!   stays merged and a conflict falls on the newcomer, which is skipped (its job reports the
+//!   files in [`GitOutcome::conflicts`]). Merges into the task branch carry the date of their
+//!   newest parent, so rebuilding the same merge gives the same commit. A job whose agent failed
+//!   pushes nothing.
+//! - **Failures**: a repository that cannot be fetched or a job branch that cannot be pushed is
+//!   `network` (retryable); a ref that does not exist is `bad_request`. A task branch that
+//!   cannot be moved leaves the job successful, with `merged: false` and the reason.
+//!
+//! Git never prompts (`GIT_TERMINAL_PROMPT=0`, ssh in batch mode), runs no hooks, and every
+//! command is killed when the job's future is dropped.
+
+use orch_shared::job::{FailureReason, GitJob, GitOutcome, JobSpec, MAX_DIFF_BYTES};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+/// Longest any one git command may take (a clone of a big repository included).
+const GIT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Attempts at pushing the job's own branch.
+const PUSH_ATTEMPTS: u32 = 3;
+/// Attempts at moving the task branch (another finisher may win each round).
+const TASK_BRANCH_ATTEMPTS: u32 = 10;
+/// Longest prompt line in a commit subject, in characters.
+const SUBJECT_MAX: usize = 72;
+/// Who commits, in every clone.
+const USER_NAME: &str = "orchestrator";
+const USER_EMAIL: &str = "orchestrator@localhost";
+/// Where the task branch and the job branches are fetched to while the task branch is rebuilt.
+const SYNC_TASK: &str = "refs/orch-sync/task";
+const SYNC_JOBS: &str = "refs/orch-sync/jobs/";
+
+/// Why a git workspace could not be prepared or its work kept.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub reason: FailureReason,
+    pub message: String,
+}
+
+impl Error {
+    fn new(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn network(message: impl Into<String>) -> Self {
+        Self::new(FailureReason::Network, message)
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(FailureReason::BadRequest, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(FailureReason::Internal, message)
+    }
+}
+
+/// What one git command did.
+#[derive(Debug)]
+pub(crate) struct Out {
+    pub ok: bool,
+    /// The exit code (`None`: killed, timed out or never started).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    /// The output, trimmed.
+    pub fn text(&self) -> &str {
+        self.stdout.trim()
+    }
+
+    /// Why it failed, in one line: git's first `fatal:` line, else the remote's error, else a
+    /// refused ref (`! [rejected] ...`), else its first `error:` line, else its first line.
+    pub fn why(&self) -> String {
+        let lines = || self.stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+        let first = |p: &dyn Fn(&str) -> bool| lines().find(|l| p(l));
+        first(&|l| l.starts_with("fatal:"))
+            .or_else(|| {
+                first(&|l| l.starts_with("remote: error:") || l.starts_with("remote: fatal:"))
+            })
+            .or_else(|| first(&|l| l.starts_with("! ")))
+            .or_else(|| first(&|l| l.starts_with("error:")))
+            .or_else(|| lines().next())
+            .unwrap_or("git failed without a message")
+            .to_string()
+    }
+}
+
+/// `git -C dir` with an environment that never prompts, runs no hooks and speaks English.
+fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["-c", "core.hooksPath=/dev/null"])
+        .args(["-c", "commit.gpgSign=false", "-c", "tag.gpgSign=false"])
+        .args(["-c", "advice.detachedHead=false"])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("LC_ALL", "C")
+        // Variables that would point git at another repository than the one asked for.
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .env_remove("GIT_OBJECT_DIRECTORY")
+        .env_remove("GIT_ALTERNATE_OBJECT_DIRECTORIES")
+        .env_remove("GIT_NAMESPACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if std::env::var_os("GIT_SSH_COMMAND").is_none() && std::env::var_os("GIT_SSH").is_none() {
+        // ssh must fail rather than ask for a password or a host key.
+        cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
+    }
+    cmd
+}
+
+/// Runs git in `dir` with extra environment variables.
+async fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut cmd = command(dir);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let failed = |stderr: String| Out {
+        ok: false,
+        code: None,
+        stdout: String::new(),
+        stderr,
+    };
+    match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
+        Ok(Ok(out)) => Out {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
+        Ok(Err(e)) => failed(format!("fatal: failed to run git: {e}")),
+        Err(_) => failed(format!(
+            "fatal: git {} took longer than {}",
+            args.first().unwrap_or(&""),
+            humantime::format_duration(GIT_TIMEOUT)
+        )),
+    }
+}
+
+/// Runs git in `dir`.
+pub(crate) async fn git(dir: &Path, args: &[&str]) -> Out {
+    git_env(dir, args, &[]).await
+}
+
+/// Runs git in `dir` and keeps at most `max` bytes of its output; `None` when it failed (exit
+/// codes 0 and 1 count as success: a diff with `--no-index` exits 1 when files differ). The
+/// flag says whether there was more.
+async fn git_capped(dir: &Path, args: &[&str], max: usize) -> Option<(Vec<u8>, bool)> {
+    let mut cmd = command(dir);
+    cmd.args(args).stderr(Stdio::null());
+    let run = async {
+        let mut child = cmd.spawn().ok()?;
+        let mut stdout = child.stdout.take()?;
+        let mut buf = Vec::new();
+        (&mut stdout)
+            .take(max as u64 + 1)
+            .read_to_end(&mut buf)
+            .await
+            .ok()?;
+        // Closing the pipe stops a git that has more to say.
+        drop(stdout);
+        let status = child.wait().await.ok()?;
+        let more = buf.len() > max;
+        if !more && !matches!(status.code(), Some(0 | 1)) {
+            return None;
+        }
+        buf.truncate(max);
+        Some((buf, more))
+    };
+    tokio::time::timeout(GIT_TIMEOUT, run).await.ok().flatten()
+}
+
+/// A diff as reported: at most [`MAX_DIFF_BYTES`], cut at a line end, with a last line saying
+/// so when it was cut.
+pub(crate) fn cut_diff(raw: &[u8], more: bool) -> String {
+    let mut text = String::from_utf8_lossy(raw).into_owned();
+    if !more && text.len() <= MAX_DIFF_BYTES {
+        return text;
+    }
+    let mut end = text.len().min(MAX_DIFF_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end = text[..end].rfind('\n').map_or(0, |i| i + 1);
+    text.truncate(end);
+    text.push_str(&format!("[diff cut: longer than {MAX_DIFF_BYTES} bytes]\n"));
+    text
+}
+
+/// Git's diff of `args` (`git diff <args>`), cut at [`MAX_DIFF_BYTES`].
+pub(crate) async fn diff(dir: &Path, args: &[&str]) -> Option<String> {
+    let mut all = vec!["diff", "--no-color", "--no-ext-diff", "--no-renames"];
+    all.extend_from_slice(args);
+    let (raw, more) = git_capped(dir, &all, MAX_DIFF_BYTES).await?;
+    Some(cut_diff(&raw, more))
+}
+
+/// The paths `git diff --name-only <args>` names.
+pub(crate) async fn diff_names(dir: &Path, args: &[&str]) -> Option<Vec<String>> {
+    let mut all = vec!["diff", "--name-only", "-z", "--no-renames"];
+    all.extend_from_slice(args);
+    let out = git(dir, &all).await;
+    out.ok.then(|| {
+        out.stdout
+            .split('\0')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// What the working tree of `dir` changed since `base`, untracked files included (it stages
+/// everything: only for a workspace the job owns).
+pub(crate) async fn staged_changes(dir: &Path, base: &str) -> Option<(Vec<String>, String)> {
+    if !git(dir, &["add", "-A"]).await.ok {
+        return None;
+    }
+    let names = diff_names(dir, &["--cached", base]).await?;
+    let diff = diff(dir, &["--cached", base]).await?;
+    Some((names, diff))
+}
+
+/// The diff of `paths` (absolute, in `dir`'s repository) against `HEAD`; untracked ones show
+/// as added. Without staging anything: `dir` is the user's.
+pub(crate) async fn worktree_diff(dir: &Path, paths: &[String]) -> Option<String> {
+    /// More paths than this and the diff is not worth a command line this long.
+    const MAX_PATHS: usize = 2000;
+    if paths.is_empty() || paths.len() > MAX_PATHS {
+        return None;
+    }
+    let top = git(dir, &["rev-parse", "--show-toplevel"]).await;
+    if !top.ok {
+        return None;
+    }
+    let top = PathBuf::from(top.text());
+    let mut args = vec!["ls-files", "--others", "--exclude-standard", "-z", "--"];
+    args.extend(paths.iter().map(String::as_str));
+    let untracked: Vec<String> = git(&top, &args)
+        .await
+        .stdout
+        .split('\0')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let untracked_abs: Vec<PathBuf> = untracked.iter().map(|p| top.join(p)).collect();
+    let tracked: Vec<&str> = paths
+        .iter()
+        .filter(|p| !untracked_abs.iter().any(|u| u == Path::new(p)))
+        .map(String::as_str)
+        .collect();
+    let mut raw = Vec::new();
+    let mut more = false;
+    if !tracked.is_empty() {
+        let mut args = vec![
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            "--no-renames",
+            "HEAD",
+            "--",
+        ];
+        args.extend(tracked.iter().copied());
+        if let Some((out, cut)) = git_capped(&top, &args, MAX_DIFF_BYTES).await {
+            raw.extend(out);
+            more |= cut;
+        }
+    }
+    for path in &untracked {
+        if more || raw.len() > MAX_DIFF_BYTES {
+            more = true;
+            break;
+        }
+        let args = [
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            "--no-index",
+            "--",
+            "/dev/null",
+            path.as_str(),
+        ];
+        if let Some((out, cut)) = git_capped(&top, &args, MAX_DIFF_BYTES).await {
+            raw.extend(out);
+            more |= cut;
+        }
+    }
+    Some(cut_diff(&raw, more))
+}
+
+/// Locks on the clone caches of this process, by cache path.
+static CACHE_LOCKS: LazyLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Default::default);
+
+fn cache_lock(cache: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    let mut locks = CACHE_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    locks.entry(cache.to_path_buf()).or_default().clone()
+}
+
+/// A name for `url` that is the same on every build (64-bit FNV-1a; std's hasher may change).
+fn url_hash(url: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in url.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The clone cache of `url` on a worker with `data_dir`.
+pub fn cache_path(data_dir: &Path, url: &str) -> PathBuf {
+    data_dir
+        .join("git-cache")
+        .join(format!("{}.git", url_hash(url)))
+}
+
+/// Removes the lock files a git killed in the middle of a fetch left in `cache` (they would
+/// fail every later fetch). Only for a cache whose lock this process holds: a data directory
+/// belongs to one worker, so no other git can be using it.
+fn clear_stale_locks(cache: &Path) {
+    fn walk(dir: &Path, depth: usize) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && depth > 0 {
+                walk(&path, depth - 1);
+            } else if path.extension().is_some_and(|x| x == "lock") {
+                tracing::info!(file = %path.display(), "removing a stale git lock from the clone cache");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    walk(cache, 0);
+    walk(&cache.join("refs"), 16);
+}
+
+/// Brings the cache at `cache` up to date with `url`, creating it the first time. The caller
+/// holds the cache's lock.
+async fn refresh_cache(cache: &Path, url: &str) -> Result<(), Error> {
+    if tokio::fs::try_exists(cache.join("HEAD"))
+        .await
+        .unwrap_or(false)
+    {
+        clear_stale_locks(cache);
+    } else {
+        let parent = cache.parent().unwrap_or(cache);
+        tokio::fs::create_dir_all(parent).await.map_err(|e| {
+            Error::internal(format!(
+                "failed to create the clone cache {}: {e}",
+                parent.display()
+            ))
+        })?;
+        // Made aside and renamed, so a crash never leaves a cache without its remote.
+        let tmp = parent.join(format!(
+            "{}.new-{:08x}",
+            url_hash(url),
+            rand::random::<u32>()
+        ));
+        let tmp_s = tmp.display().to_string();
+        let init = git(parent, &["init", "-q", "--bare", &tmp_s]).await;
+        // The remote has a url and no fetch refspec: the fetch below names its own.
+        let configured = init.ok && git(&tmp, &["config", "remote.origin.url", url]).await.ok;
+        if !configured || tokio::fs::rename(&tmp, cache).await.is_err() {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            if !tokio::fs::try_exists(cache.join("HEAD"))
+                .await
+                .unwrap_or(false)
+            {
+                return Err(Error::internal(format!(
+                    "failed to create the clone cache {}: {}",
+                    cache.display(),
+                    init.why()
+                )));
+            }
+        }
+    }
+    let out = git(
+        cache,
+        &[
+            "fetch",
+            "-q",
+            "--prune",
+            "origin",
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+        ],
+    )
+    .await;
+    if !out.ok {
+        return Err(Error::network(format!(
+            "failed to fetch {url}: {}",
+            out.why()
+        )));
+    }
+    Ok(())
+}
+
+/// A job's clone, checked out where its agent starts.
+#[derive(Debug)]
+pub struct Checkout {
+    url: String,
+    base_ref: String,
+    /// The commit `base_ref` named when the job started.
+    base_ref_commit: String,
+    /// The commit the agent started from: `base_ref`'s, or the merge of the parents' branches.
+    pub base: String,
+    job: Option<GitJob>,
+}
+
+/// Whether `name` is a valid branch name.
+async fn valid_branch(dir: &Path, name: &str) -> bool {
+    !name.starts_with('-')
+        && git(dir, &["check-ref-format", &format!("refs/heads/{name}")])
+            .await
+            .ok
+}
+
+/// The commit `rev` names in `dir`, if any.
+async fn commit_of(dir: &Path, rev: &str) -> Option<String> {
+    let out = git(
+        dir,
+        &["rev-parse", "-q", "--verify", &format!("{rev}^{{commit}}")],
+    )
+    .await;
+    out.ok.then(|| out.text().to_string())
+}
+
+/// Whether `a` is an ancestor of (or is) `b`.
+async fn is_ancestor(dir: &Path, a: &str, b: &str) -> bool {
+    git(dir, &["merge-base", "--is-ancestor", a, b]).await.ok
+}
+
+/// How a merge went.
+enum Merge {
+    Merged,
+    /// It conflicted in these files (and was aborted).
+    Conflict(Vec<String>),
+    Failed(String),
+}
+
+/// Merges `rev` into `HEAD` (a fast-forward when possible). The merge commit carries the date
+/// of its newest parent, so the same merge always gives the same commit.
+async fn merge(dir: &Path, rev: &str, message: &str) -> Merge {
+    let dates = git(dir, &["show", "-s", "--format=%ct", "HEAD", rev]).await;
+    let newest = dates
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    let date = format!("@{newest} +0000");
+    let out = git_env(
+        dir,
+        &["merge", "-q", "--ff", "--no-edit", "-m", message, rev],
+        &[
+            ("GIT_AUTHOR_DATE", date.as_str()),
+            ("GIT_COMMITTER_DATE", date.as_str()),
+        ],
+    )
+    .await;
+    if out.ok {
+        return Merge::Merged;
+    }
+    let files = diff_names(dir, &["--diff-filter=U"])
+        .await
+        .unwrap_or_default();
+    let _ = git(dir, &["merge", "--abort"]).await;
+    if files.is_empty() {
+        Merge::Failed(out.why())
+    } else {
+        Merge::Conflict(files)
+    }
+}
+
+/// Clones `url` into the empty directory `dir` through the worker's clone cache under
+/// `data_dir`, and checks out where the job starts (see the module docs).
+pub async fn checkout(
+    dir: &Path,
+    data_dir: &Path,
+    url: &str,
+    base_ref: &str,
+    job: Option<&GitJob>,
+) -> Result<Checkout, Error> {
+    if url.trim().is_empty() || url.starts_with('-') {
+        return Err(Error::bad_request(format!(
+            "workspace url `{url}` is not a repository url"
+        )));
+    }
+    let base_ref = if base_ref.trim().is_empty() {
+        "HEAD"
+    } else {
+        base_ref.trim()
+    };
+    if base_ref.starts_with('-') {
+        return Err(Error::bad_request(format!("ref `{base_ref}` is not a ref")));
+    }
+    if let Some(j) = job {
+        for name in [&j.branch, &j.task_branch].into_iter().chain(&j.start) {
+            if !valid_branch(dir, name).await {
+                return Err(Error::bad_request(format!(
+                    "`{name}` is not a valid branch name"
+                )));
+            }
+        }
+    }
+
+    let cache = cache_path(data_dir, url);
+    let dir_s = dir.display().to_string();
+    {
+        let lock = cache_lock(&cache);
+        let _held = lock.lock().await;
+        refresh_cache(&cache, url).await?;
+        // Under the lock too: a fetch into the cache may repack what the clone is reading.
+        let cache_s = cache.display().to_string();
+        let parent = dir.parent().unwrap_or(dir);
+        let out = git(
+            parent,
+            &[
+                "clone",
+                "-q",
+                "--no-checkout",
+                "--reference",
+                &cache_s,
+                "--",
+                url,
+                &dir_s,
+            ],
+        )
+        .await;
+        if !out.ok {
+            return Err(Error::network(format!(
+                "failed to clone {url}: {}",
+                out.why()
+            )));
+        }
+    }
+    for (k, v) in [("user.name", USER_NAME), ("user.email", USER_EMAIL)] {
+        let out = git(dir, &["config", k, v]).await;
+        if !out.ok {
+            return Err(Error::internal(format!(
+                "failed to configure the clone: {}",
+                out.why()
+            )));
+        }
+    }
+
+    let candidates = if base_ref == "HEAD" {
+        vec!["refs/remotes/origin/HEAD".to_string()]
+    } else {
+        vec![
+            format!("refs/remotes/origin/{base_ref}"),
+            format!("refs/tags/{base_ref}"),
+            base_ref.to_string(),
+        ]
+    };
+    let mut base_ref_commit = None;
+    for c in &candidates {
+        if let Some(commit) = commit_of(dir, c).await {
+            base_ref_commit = Some(commit);
+            break;
+        }
+    }
+    let Some(base_ref_commit) = base_ref_commit else {
+        return Err(Error::bad_request(if base_ref == "HEAD" {
+            format!("{url} has no default branch (is it empty?)")
+        } else {
+            format!("ref `{base_ref}` does not exist in {url}")
+        }));
+    };
+
+    let mut starts = vec![];
+    for b in job.map(|j| j.start.as_slice()).unwrap_or_default() {
+        if let Some(commit) = commit_of(dir, &format!("refs/remotes/origin/{b}")).await {
+            starts.push((b.clone(), commit));
+        }
+    }
+    let first = starts
+        .first()
+        .map_or(base_ref_commit.clone(), |(_, c)| c.clone());
+    let out = match job {
+        Some(j) => {
+            git(
+                dir,
+                &[
+                    "checkout",
+                    "-q",
+                    "-f",
+                    "--no-track",
+                    "-B",
+                    &j.branch,
+                    &first,
+                ],
+            )
+            .await
+        }
+        None => git(dir, &["checkout", "-q", "-f", "--detach", &first]).await,
+    };
+    if !out.ok {
+        return Err(Error::internal(format!(
+            "failed to check out {first}: {}",
+            out.why()
+        )));
+    }
+    for (i, (branch, commit)) in starts.iter().enumerate().skip(1) {
+        match merge(dir, commit, &format!("Merge {branch}")).await {
+            Merge::Merged => {}
+            Merge::Conflict(files) => {
+                let merged: Vec<&str> = starts[..i].iter().map(|(b, _)| b.as_str()).collect();
+                return Err(Error::bad_request(format!(
+                    "the parents' branches {} and {branch} conflict in {}",
+                    merged.join(", "),
+                    files.join(", ")
+                )));
+            }
+            Merge::Failed(why) => {
+                return Err(Error::internal(format!("failed to merge {branch}: {why}")));
+            }
+        }
+    }
+    let base = commit_of(dir, "HEAD")
+        .await
+        .ok_or_else(|| Error::internal("the clone has no HEAD after checkout"))?;
+    Ok(Checkout {
+        url: url.to_string(),
+        base_ref: base_ref.to_string(),
+        base_ref_commit,
+        base,
+        job: job.cloned(),
+    })
+}
+
+/// The commit message of `job`'s work: `<role>: <first line of the prompt>`, then its ids.
+pub fn commit_message(job: &JobSpec) -> String {
+    let first = job
+        .prompt
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("(no prompt)");
+    let subject = if first.chars().count() > SUBJECT_MAX {
+        let mut s: String = first.chars().take(SUBJECT_MAX - 1).collect();
+        s.push('…');
+        s
+    } else {
+        first.to_string()
+    };
+    format!(
+        "{}: {subject}\n\nTask: {}\nJob: {} (attempt {})\n",
+        job.role, job.task_id, job.job_id, job.attempt
+    )
+}
+
+/// What a finished job leaves: the files it changed (`git diff --name-only base..commit`),
+/// the diff, and for a job that pushed, its outcome.
+#[derive(Debug)]
+pub struct Finish {
+    pub files: Vec<String>,
+    pub diff: String,
+    pub git: Option<GitOutcome>,
+}
+
+/// The short pause before attempt `n` (from 1) of something another worker may be racing.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(50 * u64::from(n) + rand::random_range(0..100))
+}
+
+impl Checkout {
+    /// The job ended: commit and push its work when the agent succeeded (see the module docs).
+    pub async fn finish(&self, dir: &Path, job: &JobSpec, success: bool) -> Result<Finish, Error> {
+        let Some(gj) = self.job.as_ref().filter(|_| success) else {
+            // Nothing is kept: report what the agent changed against its start.
+            let (files, diff) = staged_changes(dir, &self.base).await.unwrap_or_default();
+            return Ok(Finish {
+                files,
+                diff,
+                git: None,
+            });
+        };
+        let add = git(dir, &["add", "-A"]).await;
+        if !add.ok {
+            return Err(Error::internal(format!(
+                "failed to stage the agent's changes: {}",
+                add.why()
+            )));
+        }
+        let staged = git(dir, &["diff", "--cached", "--quiet"]).await;
+        if staged.code == Some(1) {
+            let out = git(dir, &["commit", "-q", "-m", &commit_message(job)]).await;
+            if !out.ok {
+                return Err(Error::internal(format!(
+                    "failed to commit the agent's changes: {}",
+                    out.why()
+                )));
+            }
+        }
+        let commit = commit_of(dir, "HEAD")
+            .await
+            .ok_or_else(|| Error::internal("the clone has no HEAD after the commit"))?;
+        let target = format!("HEAD:refs/heads/{}", gj.branch);
+        let mut pushed = git(dir, &["push", "-q", "--force", "origin", &target]).await;
+        for n in 1..PUSH_ATTEMPTS {
+            if pushed.ok {
+                break;
+            }
+            tokio::time::sleep(backoff(n) * 4).await;
+            pushed = git(dir, &["push", "-q", "--force", "origin", &target]).await;
+        }
+        if !pushed.ok {
+            return Err(Error::network(format!(
+                "failed to push {} to {}: {}",
+                gj.branch,
+                self.url,
+                pushed.why()
+            )));
+        }
+        let files = diff_names(dir, &[&self.base, &commit])
+            .await
+            .unwrap_or_default();
+        let diff = diff(dir, &[&self.base, &commit]).await.unwrap_or_default();
+        let (merged, conflicts) = self.move_task_branch(dir, gj, &commit).await;
+        Ok(Finish {
+            files,
+            diff,
+            git: Some(GitOutcome {
+                branch: gj.branch.clone(),
+                commit,
+                base: self.base.clone(),
+                merged,
+                conflicts,
+            }),
+        })
+    }
+
+    /// Moves the task branch to the merge of the task's job branches; `(merged, conflicts)`
+    /// for `own` (this job's commit).
+    async fn move_task_branch(&self, dir: &Path, gj: &GitJob, own: &str) -> (bool, Vec<String>) {
+        let mut why = String::new();
+        for n in 1..=TASK_BRANCH_ATTEMPTS {
+            if n > 1 {
+                tokio::time::sleep(backoff(n)).await;
+            }
+            match self.rebuild_task_branch(dir, gj, own).await {
+                Ok(done) => return done,
+                Err(e) => {
+                    tracing::debug!(attempt = n, error = %e, branch = %gj.task_branch, "task branch not moved, trying again");
+                    why = e;
+                }
+            }
+        }
+        tracing::warn!(branch = %gj.task_branch, error = %why, "gave up moving the task branch");
+        (
+            false,
+            vec![format!(
+                "moving {} failed {TASK_BRANCH_ATTEMPTS} times: {why}",
+                gj.task_branch
+            )],
+        )
+    }
+
+    /// One round of [`Checkout::move_task_branch`]; `Err` when it should be tried again.
+    async fn rebuild_task_branch(
+        &self,
+        dir: &Path,
+        gj: &GitJob,
+        own: &str,
+    ) -> Result<(bool, Vec<String>), String> {
+        // The job branches are the ones next to this job's (`orch/<task>/...`).
+        let prefix = match gj.branch.rfind('/') {
+            Some(i) => format!("refs/heads/{}", &gj.branch[..=i]),
+            None => format!("refs/heads/{}", gj.branch),
+        };
+        let task_ref = format!("refs/heads/{}", gj.task_branch);
+        let pattern = if prefix.ends_with('/') {
+            format!("{prefix}*")
+        } else {
+            prefix.clone()
+        };
+        let listed = git(dir, &["ls-remote", "origin", &task_ref, &pattern]).await;
+        if !listed.ok {
+            return Err(format!(
+                "failed to list the task's branches: {}",
+                listed.why()
+            ));
+        }
+        let mut task_listed = false;
+        let mut jobs = vec![];
+        for line in listed.stdout.lines() {
+            let Some((_, name)) = line.split_once('\t') else {
+                continue;
+            };
+            if name == task_ref {
+                task_listed = true;
+            } else if name.starts_with(&prefix) && name != task_ref {
+                jobs.push(name.trim_start_matches("refs/heads/").to_string());
+            }
+        }
+        jobs.sort();
+        let mut refspecs = vec![];
+        if task_listed {
+            refspecs.push(format!("+{task_ref}:{SYNC_TASK}"));
+        } else {
+            let _ = git(dir, &["update-ref", "-d", SYNC_TASK]).await;
+        }
+        refspecs.extend(
+            jobs.iter()
+                .map(|j| format!("+refs/heads/{j}:{SYNC_JOBS}{j}")),
+        );
+        if !refspecs.is_empty() {
+            let mut args = vec!["fetch", "-q", "--no-tags", "origin"];
+            args.extend(refspecs.iter().map(String::as_str));
+            let fetched = git(dir, &args).await;
+            if !fetched.ok {
+                return Err(format!(
+                    "failed to fetch the task's branches: {}",
+                    fetched.why()
+                ));
+            }
+        }
+        let task_tip = if task_listed {
+            commit_of(dir, SYNC_TASK).await
+        } else {
+            None
+        };
+        let mut tips = vec![];
+        for j in &jobs {
+            if let Some(c) = commit_of(dir, &format!("{SYNC_JOBS}{j}")).await {
+                tips.push((j.clone(), c));
+            }
+        }
+        // Only the branches no later one contains.
+        let mut kept = vec![];
+        for (i, (name, tip)) in tips.iter().enumerate() {
+            let mut contained = false;
+            for (_, later) in &tips[i + 1..] {
+                if is_ancestor(dir, tip, later).await {
+                    contained = true;
+                    break;
+                }
+            }
+            if !contained {
+                kept.push((name.clone(), tip.clone()));
+            }
+        }
+        // What the task branch already holds goes first, so it stays merged.
+        let mut first = vec![];
+        let mut rest = vec![];
+        for b in kept {
+            match &task_tip {
+                Some(t) if is_ancestor(dir, &b.1, t).await => first.push(b),
+                _ => rest.push(b),
+            }
+        }
+        let out = git(
+            dir,
+            &["checkout", "-q", "-f", "--detach", &self.base_ref_commit],
+        )
+        .await;
+        if !out.ok {
+            return Err(format!(
+                "failed to check out {}: {}",
+                self.base_ref,
+                out.why()
+            ));
+        }
+        let mut conflicts = vec![];
+        for (name, tip) in first.iter().chain(&rest) {
+            let message = format!("Merge {name} into {}", gj.task_branch);
+            match merge(dir, tip, &message).await {
+                Merge::Merged => {}
+                Merge::Conflict(files) => {
+                    tracing::info!(branch = %name, files = ?files, "skipped a job branch that conflicts with the task branch");
+                    if is_ancestor(dir, own, tip).await {
+                        conflicts.extend(files);
+                    }
+                }
+                Merge::Failed(why) => return Err(format!("failed to merge {name}: {why}")),
+            }
+        }
+        let result = commit_of(dir, "HEAD")
+            .await
+            .ok_or("no HEAD after merging")?;
+        if task_tip.as_deref() != Some(result.as_str()) {
+            let lease = format!(
+                "--force-with-lease={task_ref}:{}",
+                task_tip.as_deref().unwrap_or("")
+            );
+            let target = format!("HEAD:{task_ref}");
+            let pushed = git(dir, &["push", "-q", &lease, "origin", &target]).await;
+            if !pushed.ok {
+                return Err(format!(
+                    "failed to push {}: {}",
+                    gj.task_branch,
+                    pushed.why()
+                ));
+            }
+        }
+        let merged = is_ancestor(dir, own, &result).await;
+        if !merged && conflicts.is_empty() {
+            conflicts.push(format!(
+                "{} does not contain this job's commit",
+                gj.task_branch
+            ));
+        }
+        Ok((merged, conflicts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against real git and bare repositories in temporary directories.
+
+    use super::*;
+    use orch_shared::ids::{JobId, TaskId};
+    use orch_shared::job::{Backend, JobKind, Limits, Workspace};
+    use orch_shared::role::Role;
+
+    /// A temporary directory, removed on drop.
+    struct Tmp(PathBuf);
+
+    impl Tmp {
+        fn new() -> Self {
+            let p = std::env::temp_dir().join(format!("orch-git-{:016x}", rand::random::<u64>()));
+            std::fs::create_dir_all(&p).unwrap();
+            Tmp(p)
+        }
+
+        fn dir(&self, name: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Runs a shell script in `dir`; its stdout, trimmed.
+    fn sh(dir: &Path, script: &str) -> String {
+        let out = std::process::Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A bare repository with one commit on `main` (README.md); its path.
+    fn origin(tmp: &Tmp) -> String {
+        let seed = tmp.dir("seed");
+        sh(
+            &tmp.0,
+            "git init -q --bare -b main origin.git && cd seed && git init -q -b main \
+             && echo hello > README.md && git add . && git commit -qm init \
+             && git push -q ../origin.git main",
+        );
+        let _ = seed;
+        tmp.0.join("origin.git").display().to_string()
+    }
+
+    /// Pushes a branch `name` to `origin`, made from `from` with `script` run in a clone.
+    fn push_branch(tmp: &Tmp, origin: &str, name: &str, from: &str, script: &str) -> String {
+        let dir = tmp.0.join(format!("push-{:08x}", rand::random::<u32>()));
+        sh(
+            &tmp.0,
+            &format!(
+                "git clone -q {origin} {d} && cd {d} && git checkout -q -B {name} origin/{from} \
+                 && {script} && git add -A && git commit -qm '{name}' && git push -q origin {name}",
+                d = dir.display()
+            ),
+        );
+        sh(&dir, "git rev-parse HEAD")
+    }
+
+    /// Job branches next to each other and away from the task branch (`orch/<task>` cannot
+    /// coexist with branches under `orch/<task>/`).
+    fn job_branch(task: TaskId, step: u32, role: Role) -> String {
+        format!("orch/jobs/{task}/{:02}-{role}", step + 1)
+    }
+
+    fn spec(task: TaskId, step: u32, role: Role, prompt: &str, start: Vec<String>) -> JobSpec {
+        JobSpec {
+            task_id: task,
+            job_id: JobId::new(),
+            attempt: 1,
+            step,
+            role,
+            prompt: prompt.into(),
+            context: None,
+            backend: Backend::Command,
+            model: None,
+            workspace: Workspace::Git {
+                url: String::new(),
+                base_ref: "main".into(),
+                job: Some(GitJob {
+                    branch: job_branch(task, step, role),
+                    start,
+                    task_branch: GitJob::task_branch(task),
+                }),
+            },
+            limits: Limits::default(),
+            kind: JobKind::Agent,
+            constraints: vec![],
+            sim: Default::default(),
+            session: None,
+        }
+    }
+
+    fn git_job(job: &JobSpec) -> &GitJob {
+        match &job.workspace {
+            Workspace::Git { job: Some(j), .. } => j,
+            _ => unreachable!("a git job"),
+        }
+    }
+
+    /// Checks `job` out in a fresh directory of `tmp` with the worker data dir `data`.
+    async fn start(tmp: &Tmp, data: &Path, url: &str, job: &JobSpec) -> (PathBuf, Checkout) {
+        let dir = tmp.dir(&format!("ws-{}-{}", job.job_id, job.attempt));
+        let c = checkout(&dir, data, url, "main", Some(git_job(job)))
+            .await
+            .unwrap_or_else(|e| panic!("checkout: {e}"));
+        (dir, c)
+    }
+
+    /// Checks `job` out, runs `script` as its agent, and finishes it.
+    async fn run(tmp: &Tmp, url: &str, job: &JobSpec, script: &str) -> Finish {
+        let (dir, c) = start(tmp, &tmp.0.join("data"), url, job).await;
+        sh(&dir, script);
+        c.finish(&dir, job, true)
+            .await
+            .unwrap_or_else(|e| panic!("finish: {e}"))
+    }
+
+    fn outcome(f: &Finish) -> &GitOutcome {
+        f.git.as_ref().expect("the job pushed")
+    }
+
+    #[tokio::test]
+    async fn the_clone_cache_is_made_once_and_fetched_before_every_job() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let data = tmp.dir("data");
+        let task = TaskId::new();
+        let first = spec(task, 0, Role::Builder, "one", vec![]);
+        let (dir, c) = start(&tmp, &data, &url, &first).await;
+        let cache = cache_path(&data, &url);
+        let caches: Vec<_> = std::fs::read_dir(data.join("git-cache")).unwrap().collect();
+        assert_eq!(caches.len(), 1, "one cache per url");
+        // The clone borrows the cache's objects, and its origin is the real url.
+        let alternates = std::fs::read_to_string(dir.join(".git/objects/info/alternates")).unwrap();
+        assert_eq!(
+            alternates.trim(),
+            cache.join("objects").display().to_string()
+        );
+        assert_eq!(sh(&dir, "git remote get-url origin"), url);
+        assert_eq!(sh(&dir, "git config user.email"), USER_EMAIL);
+        let main = sh(Path::new(&url), "git rev-parse main");
+        assert_eq!(c.base, main);
+
+        // New work on the remote is in the cache when the next job starts.
+        let tip = push_branch(&tmp, &url, "feature", "main", "echo f > f.txt");
+        let second = spec(task, 1, Role::Tester, "two", vec![]);
+        start(&tmp, &data, &url, &second).await;
+        assert_eq!(sh(&cache, "git rev-parse feature"), tip);
+        assert_eq!(
+            std::fs::read_dir(data.join("git-cache")).unwrap().count(),
+            1
+        );
+
+        // A worker killed in the middle of a fetch leaves lock files: the next fetch works.
+        std::fs::write(cache.join("refs/heads/main.lock"), "").unwrap();
+        std::fs::write(cache.join("packed-refs.lock"), "").unwrap();
+        let tip = push_branch(&tmp, &url, "main", "main", "echo more >> README.md");
+        let third = spec(task, 2, Role::Reviewer, "three", vec![]);
+        let (_, c) = start(&tmp, &data, &url, &third).await;
+        assert_eq!(
+            (sh(&cache, "git rev-parse main"), c.base),
+            (tip.clone(), tip)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_starts_from_the_parents_branches_that_exist_merged_in_order() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let p1 = push_branch(&tmp, &url, "p1", "main", "echo a > a.txt");
+        let p2 = push_branch(&tmp, &url, "p2", "main", "echo b > b.txt");
+        let task = TaskId::new();
+        let job = spec(
+            task,
+            2,
+            Role::Reviewer,
+            "review",
+            vec!["missing".into(), "p1".into(), "p2".into()],
+        );
+        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        assert!(dir.join("a.txt").is_file() && dir.join("b.txt").is_file());
+        assert_eq!(
+            sh(&dir, "git rev-parse HEAD^1"),
+            p1,
+            "the first parent is checked out"
+        );
+        assert_eq!(
+            sh(&dir, "git rev-parse HEAD^2"),
+            p2,
+            "the next one merged into it"
+        );
+        assert_eq!(sh(&dir, "git rev-parse HEAD"), c.base);
+        assert_eq!(sh(&dir, "git branch --show-current"), git_job(&job).branch);
+
+        // No parent branch exists: the job starts from base_ref.
+        let job = spec(task, 3, Role::Tester, "t", vec!["missing".into()]);
+        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        assert_eq!(c.base, sh(Path::new(&url), "git rev-parse main"));
+        assert!(!dir.join("a.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn parents_that_conflict_fail_the_job_with_the_branches_and_files() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        push_branch(&tmp, &url, "left", "main", "echo left > README.md");
+        push_branch(&tmp, &url, "right", "main", "echo right > README.md");
+        let job = spec(
+            TaskId::new(),
+            2,
+            Role::Builder,
+            "x",
+            vec!["left".into(), "right".into()],
+        );
+        let dir = tmp.dir("ws");
+        let e = checkout(&dir, &tmp.0.join("data"), &url, "main", Some(git_job(&job)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, FailureReason::BadRequest);
+        assert_eq!(
+            e.message,
+            "the parents' branches left and right conflict in README.md"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_repository_is_a_network_failure_and_a_missing_ref_a_bad_request() {
+        let tmp = Tmp::new();
+        let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
+        let missing = tmp.0.join("nowhere.git").display().to_string();
+        let e = checkout(
+            &tmp.dir("a"),
+            &tmp.0.join("data"),
+            &missing,
+            "main",
+            Some(git_job(&job)),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.reason, FailureReason::Network);
+        assert!(
+            e.message
+                .starts_with(&format!("failed to fetch {missing}: fatal:"))
+                && !e.message.contains('\n'),
+            "{}",
+            e.message
+        );
+        let url = origin(&tmp);
+        let e = checkout(
+            &tmp.dir("b"),
+            &tmp.0.join("data"),
+            &url,
+            "no-such-ref",
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.reason, FailureReason::BadRequest);
+        assert_eq!(
+            e.message,
+            format!("ref `no-such-ref` does not exist in {url}")
+        );
+        // HEAD is the remote's default branch; tags and commits work too.
+        let main = sh(Path::new(&url), "git rev-parse main");
+        for r in ["HEAD", &main[..12]] {
+            let c = checkout(
+                &tmp.dir(&format!("c-{r}")),
+                &tmp.0.join("data"),
+                &url,
+                r,
+                None,
+            )
+            .await
+            .unwrap();
+            assert_eq!(c.base, main);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_commits_its_work_with_a_generated_message_and_pushes_its_branch() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let task = TaskId::new();
+        let prompt = format!("Add the greeting {}\nand more lines", "x".repeat(80));
+        let job = spec(task, 0, Role::Builder, &prompt, vec![]);
+        let f = run(
+            &tmp,
+            &url,
+            &job,
+            "echo hi >> README.md && mkdir src && echo new > src/n.txt",
+        )
+        .await;
+        let o = outcome(&f);
+        let remote = Path::new(&url);
+        assert_eq!(sh(remote, &format!("git rev-parse {}", o.branch)), o.commit);
+        assert_eq!(o.branch, git_job(&job).branch);
+        assert_eq!(o.base, sh(remote, "git rev-parse main"));
+        let message = sh(remote, &format!("git log -1 --format=%B {}", o.commit));
+        let subject = message.lines().next().unwrap();
+        assert!(subject.starts_with("builder: Add the greeting xxx") && subject.ends_with('…'));
+        assert_eq!(subject.chars().count(), "builder: ".len() + SUBJECT_MAX);
+        assert_eq!(
+            message.lines().skip(1).collect::<Vec<_>>(),
+            [
+                "",
+                &format!("Task: {task}"),
+                &format!("Job: {} (attempt 1)", job.job_id)
+            ]
+        );
+        assert_eq!(
+            sh(
+                remote,
+                &format!("git log -1 --format='%an <%ae>' {}", o.commit)
+            ),
+            "orchestrator <orchestrator@localhost>"
+        );
+        // The files are the diff's, and the diff is base..commit.
+        assert_eq!(f.files, ["README.md", "src/n.txt"]);
+        assert_eq!(
+            sh(
+                remote,
+                &format!("git diff --name-only --no-renames {}..{}", o.base, o.commit)
+            ),
+            f.files.join("\n")
+        );
+        assert_eq!(
+            format!(
+                "{}\n",
+                sh(
+                    remote,
+                    &format!("git diff --no-renames {}..{}", o.base, o.commit)
+                )
+            ),
+            f.diff
+        );
+        assert!(f.diff.contains("+hi") && f.diff.contains("+++ b/src/n.txt"));
+        // Alone in its task: the task branch is the job's commit.
+        assert!(o.merged && o.conflicts.is_empty(), "{o:?}");
+        assert_eq!(sh(remote, &format!("git rev-parse orch/{task}")), o.commit);
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_agent_failed_pushes_nothing() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
+        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        sh(&dir, "echo partial > p.txt");
+        let f = c.finish(&dir, &job, false).await.unwrap();
+        assert!(f.git.is_none());
+        assert_eq!(f.files, ["p.txt"], "what it changed is still reported");
+        assert!(f.diff.contains("+partial"));
+        assert_eq!(
+            sh(Path::new(&url), "git for-each-ref --format='%(refname)'"),
+            "refs/heads/main"
+        );
+    }
+
+    #[tokio::test]
+    async fn sequential_jobs_fast_forward_the_task_branch_and_see_each_other() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let task = TaskId::new();
+        let a = spec(task, 0, Role::Analyst, "analyse", vec![]);
+        let fa = run(&tmp, &url, &a, "echo analysis > analysis.md").await;
+        let b = spec(
+            task,
+            1,
+            Role::Builder,
+            "build",
+            vec![git_job(&a).branch.clone()],
+        );
+        let fb = run(
+            &tmp,
+            &url,
+            &b,
+            "test -f analysis.md && echo code > code.txt",
+        )
+        .await;
+        assert_eq!(outcome(&fb).base, outcome(&fa).commit);
+        assert_eq!(fb.files, ["code.txt"], "only this job's changes");
+        let remote = Path::new(&url);
+        assert_eq!(
+            sh(remote, &format!("git rev-parse orch/{task}")),
+            outcome(&fb).commit
+        );
+        assert_eq!(
+            sh(remote, &format!("git rev-list --merges orch/{task}")),
+            ""
+        );
+        assert!(outcome(&fa).merged && outcome(&fb).merged);
+    }
+
+    #[tokio::test]
+    async fn concurrent_finishers_both_land_in_the_task_branch() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let task = TaskId::new();
+        let data = tmp.0.join("data");
+        let roles = [Role::Analyst, Role::Builder, Role::Tester, Role::Documenter];
+        let mut started = vec![];
+        for (i, role) in roles.into_iter().enumerate() {
+            let job = spec(task, i as u32, role, "work", vec![]);
+            let (dir, c) = start(&tmp, &data, &url, &job).await;
+            sh(&dir, &format!("echo {role} > {role}.txt"));
+            started.push((dir, c, job));
+        }
+        let finished =
+            futures::future::join_all(started.iter().map(|(dir, c, job)| c.finish(dir, job, true)))
+                .await;
+        let remote = Path::new(&url);
+        for f in finished {
+            let f = f.unwrap();
+            let o = outcome(&f);
+            assert!(o.merged && o.conflicts.is_empty(), "{o:?}");
+            sh(
+                remote,
+                &format!("git merge-base --is-ancestor {} orch/{task}", o.commit),
+            );
+        }
+        let files = sh(remote, &format!("git ls-tree --name-only orch/{task}"));
+        assert_eq!(
+            files.lines().collect::<Vec<_>>(),
+            [
+                "README.md",
+                "analyst.txt",
+                "builder.txt",
+                "documenter.txt",
+                "tester.txt"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finisher_that_conflicts_is_skipped_and_reports_its_files() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let task = TaskId::new();
+        let data = tmp.0.join("data");
+        // Both start from main; the later-named one finishes first and is merged.
+        let a = spec(task, 0, Role::Builder, "a", vec![]);
+        let b = spec(task, 1, Role::Builder, "b", vec![]);
+        let (da, ca) = start(&tmp, &data, &url, &a).await;
+        let (db, cb) = start(&tmp, &data, &url, &b).await;
+        sh(&da, "echo from-a > same.txt");
+        sh(&db, "echo from-b > same.txt");
+        let fb = cb.finish(&db, &b, true).await.unwrap();
+        let fa = ca.finish(&da, &a, true).await.unwrap();
+        assert!(outcome(&fb).merged && outcome(&fb).conflicts.is_empty());
+        assert!(!outcome(&fa).merged);
+        assert_eq!(outcome(&fa).conflicts, ["same.txt"]);
+        let remote = Path::new(&url);
+        assert_eq!(
+            sh(remote, &format!("git show orch/{task}:same.txt")),
+            "from-b"
+        );
+
+        // A third job merges; what was merged stays merged, the conflicting one stays out.
+        let c = spec(task, 2, Role::Documenter, "c", vec![]);
+        let fc = run(&tmp, &url, &c, "echo docs > docs.md").await;
+        assert!(outcome(&fc).merged && outcome(&fc).conflicts.is_empty());
+        assert_eq!(
+            sh(remote, &format!("git show orch/{task}:same.txt")),
+            "from-b"
+        );
+        assert_eq!(sh(remote, &format!("git show orch/{task}:docs.md")), "docs");
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_attempt_overwrites_its_branch_and_the_task_branch() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let task = TaskId::new();
+        let first = spec(task, 0, Role::Builder, "x", vec![]);
+        let f1 = run(&tmp, &url, &first, "echo one > out.txt").await;
+        let mut second = first.clone();
+        second.attempt = 2;
+        let f2 = run(&tmp, &url, &second, "echo two > out.txt").await;
+        let remote = Path::new(&url);
+        let o2 = outcome(&f2);
+        assert_ne!(outcome(&f1).commit, o2.commit);
+        assert_eq!(
+            sh(remote, &format!("git rev-parse {}", o2.branch)),
+            o2.commit
+        );
+        assert_eq!(sh(remote, &format!("git rev-parse orch/{task}")), o2.commit);
+        assert!(o2.merged);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_cannot_push_its_branch_fails_with_a_network_reason() {
+        let tmp = Tmp::new();
+        let url = origin(&tmp);
+        let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
+        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        sh(&dir, "echo x > x.txt");
+        // The remote goes away while the agent works.
+        std::fs::rename(&url, tmp.0.join("moved.git")).unwrap();
+        let e = c.finish(&dir, &job, true).await.unwrap_err();
+        assert_eq!(e.reason, FailureReason::Network);
+        assert!(
+            e.message.starts_with(&format!(
+                "failed to push {} to {url}: ",
+                git_job(&job).branch
+            )),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn a_long_diff_is_cut_at_a_line_end_with_a_note() {
+        let line = "+".to_string() + &"x".repeat(99) + "\n";
+        let raw = line.repeat(MAX_DIFF_BYTES / 100 + 10);
+        let cut = cut_diff(raw.as_bytes(), false);
+        let (body, note) = cut.trim_end().rsplit_once('\n').unwrap();
+        assert!(body.len() <= MAX_DIFF_BYTES && body.ends_with('x'));
+        assert_eq!(
+            note,
+            format!("[diff cut: longer than {MAX_DIFF_BYTES} bytes]")
+        );
+        assert_eq!(cut_diff(b"+a\n", false), "+a\n");
+        assert!(cut_diff(b"+a\n", true).ends_with("bytes]\n"));
+    }
+}

@@ -1,0 +1,318 @@
+//! Agents' sessions, owned by the cluster: what a further turn of a conversation
+//! (`orchctl agents send`, `fork`) needs to continue it on any worker.
+//!
+//! After each successful turn the worker stores the agent's session under its job id, so a
+//! job whose [`JobSpec::session`] names that agent can restore it anywhere:
+//!
+//! - the bytes: the Claude Code CLI's transcript (JSONL), or for the `anthropic` and `openai`
+//!   backends the JSON list of messages (the system prompt is not stored), or for `sim` a JSON
+//!   list of `{prompt, answer}`. They live in the JetStream object store
+//!   [`subject::SESSIONS_BUCKET`] as the object `<job-id>` (file storage, no TTL; the bucket
+//!   is created by the first worker that needs it), except a session of at most
+//!   [`INLINE_MAX_BYTES`], which is kept in the pointer hash itself (field [`HISTORY_FIELD`]):
+//!   the sim's short histories always are, so a simulated job costs one Redis write and no
+//!   object-store put, which throughput benchmarks would feel.
+//! - the pointer: the Redis hash [`keys::session`] (`orch:session:<job-id>`, no TTL) with the
+//!   [`keys::session_field`]s. The coordinator accepts a further turn only while it exists.
+//!   The object is written first and the pointer second, so a pointer never points at nothing.
+//!
+//! A session larger than [`subject::MAX_SESSION_BYTES`] (64 MiB) is not stored: the job still
+//! succeeds, with a warning in the worker's log and no `session_id` in its result (it cannot
+//! be continued). The result's `session_id` is the backend's own conversation id (the CLI's),
+//! or for backends without one the agent's job id, the name of its stored session.
+//!
+//! This module is the worker's one exception to "only `transport` knows NATS and only `state`
+//! knows Redis": sessions are a store of their own, with both halves here.
+//!
+//! A worker keeps nothing of a session locally beyond the turn that uses it, so a turn that is
+//! redelivered after its worker died restores from the same stored session on another worker.
+
+use async_nats::jetstream::{self, object_store};
+use orch_shared::ids::JobId;
+use orch_shared::job::{JobKind, JobSpec};
+use orch_shared::keys::{self, session_field};
+use orch_shared::subject;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// A session at most this large is kept inline in its pointer hash instead of the object store.
+pub const INLINE_MAX_BYTES: usize = 8 * 1024;
+/// The pointer-hash field holding an inline session (absent when the session is an object).
+pub const HISTORY_FIELD: &str = "history";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to Redis at {url}: {source}")]
+    Connect {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("redis {op} failed: {source}")]
+    Redis {
+        op: &'static str,
+        source: redis::RedisError,
+    },
+    #[error("the session store {bucket} is not available: {source}")]
+    Bucket {
+        bucket: &'static str,
+        source: async_nats::Error,
+    },
+    #[error("failed to store the session object {name}: {source}")]
+    Put {
+        name: String,
+        source: async_nats::Error,
+    },
+    #[error("failed to read the session object {name}: {source}")]
+    Get {
+        name: String,
+        source: async_nats::Error,
+    },
+    #[error("the session is {bytes} bytes, over the {max} bytes a session may have")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("storing the session took longer than {0:?}")]
+    Slow(Duration),
+    #[error("the stored session {key} is damaged: {why}")]
+    Damaged { key: String, why: String },
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
+    move |source| Error::Redis { op, source }
+}
+
+/// One agent's conversation as stored after a turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The backend that ran the turn (`claude-code`, `anthropic`, `openai`, `sim`): a turn
+    /// continues only on the same backend.
+    pub backend: String,
+    /// The backend's own conversation id (the CLI's `session_id`), when it has one.
+    pub session_id: Option<String>,
+    /// The directory the agent ran in (the CLI's transcript names it; empty for backends
+    /// without a workspace).
+    pub workspace: String,
+    /// How many turns the conversation has had, this one included (the first turn is 1).
+    pub turn: u32,
+    /// The conversation itself, in the backend's format (see the module docs).
+    pub bytes: Vec<u8>,
+}
+
+impl Snapshot {
+    /// The number of the turn that continues `previous` (1 without one).
+    pub fn next_turn(previous: Option<&Snapshot>) -> u32 {
+        previous.map_or(1, |s| s.turn.saturating_add(1))
+    }
+}
+
+/// The stored sessions: the object store and the Redis pointers. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionStore {
+    objects: object_store::ObjectStore,
+    redis: ConnectionManager,
+}
+
+impl SessionStore {
+    /// Opens the object store (creating it when missing) and a Redis connection.
+    pub async fn connect(client: async_nats::Client, redis_url: &str) -> Result<Self, Error> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build(client);
+        let objects = Self::bucket(&js).await?;
+        let connect = |source| Error::Connect {
+            url: orch_shared::redact_url(redis_url),
+            source,
+        };
+        let client = redis::Client::open(redis_url).map_err(connect)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(3);
+        let redis = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(connect)?;
+        Ok(Self { objects, redis })
+    }
+
+    async fn bucket(js: &jetstream::Context) -> Result<object_store::ObjectStore, Error> {
+        let bucket = subject::SESSIONS_BUCKET;
+        if let Ok(store) = js.get_object_store(bucket).await {
+            return Ok(store);
+        }
+        // Two workers creating it at once is fine: JetStream accepts an identical create.
+        js.create_object_store(object_store::Config {
+            bucket: bucket.to_string(),
+            description: Some("agents' sessions, one object per agent (job id)".into()),
+            storage: jetstream::stream::StorageType::File,
+            max_bytes: -1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Bucket {
+            bucket,
+            source: e.into(),
+        })
+    }
+
+    /// Stores `snapshot` as agent `job`'s session: the object (unless it is small enough to
+    /// go inline), then the pointer.
+    pub async fn save(&self, job: JobId, snapshot: &Snapshot) -> Result<(), Error> {
+        let size = snapshot.bytes.len();
+        if size > subject::MAX_SESSION_BYTES {
+            return Err(Error::TooLarge {
+                bytes: size,
+                max: subject::MAX_SESSION_BYTES,
+            });
+        }
+        let inline = size <= INLINE_MAX_BYTES;
+        let name = job.to_string();
+        if !inline {
+            self.objects
+                .put(name.as_str(), &mut snapshot.bytes.as_slice())
+                .await
+                .map_err(|e| Error::Put {
+                    name: name.clone(),
+                    source: e.into(),
+                })?;
+        }
+        let key = keys::session(job);
+        let mut fields: Vec<(&str, Vec<u8>)> = vec![
+            (
+                session_field::BACKEND,
+                snapshot.backend.clone().into_bytes(),
+            ),
+            (
+                session_field::WORKSPACE,
+                snapshot.workspace.clone().into_bytes(),
+            ),
+            (session_field::TURN, snapshot.turn.to_string().into_bytes()),
+            (session_field::BYTES, size.to_string().into_bytes()),
+            (
+                session_field::SAVED_AT_MS,
+                orch_shared::now_ms().to_string().into_bytes(),
+            ),
+        ];
+        if let Some(id) = &snapshot.session_id {
+            fields.push((session_field::SESSION_ID, id.clone().into_bytes()));
+        }
+        if inline {
+            fields.push((HISTORY_FIELD, snapshot.bytes.clone()));
+        }
+        let mut conn = self.redis.clone();
+        // Whole or not at all: a stored turn saved again (a redelivery) leaves no field of
+        // the earlier version behind.
+        redis::pipe()
+            .atomic()
+            .del(&key)
+            .hset_multiple(&key, &fields)
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_err("save session pointer"))
+    }
+
+    /// Agent `from`'s stored session; `None` when it has none.
+    pub async fn load(&self, from: JobId) -> Result<Option<Snapshot>, Error> {
+        let key = keys::session(from);
+        let mut conn = self.redis.clone();
+        let mut hash: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("load session pointer"))?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        let damaged = |why: String| Error::Damaged {
+            key: key.clone(),
+            why,
+        };
+        let text = |field: &str| {
+            hash.get(field)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let backend = text(session_field::BACKEND).ok_or_else(|| damaged("no backend".into()))?;
+        let session_id = text(session_field::SESSION_ID).filter(|s| !s.is_empty());
+        let workspace = text(session_field::WORKSPACE).unwrap_or_default();
+        let turn = text(session_field::TURN)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| damaged("no turn number".into()))?;
+        let bytes = match hash.remove(HISTORY_FIELD) {
+            Some(inline) => inline,
+            None => {
+                let name = from.to_string();
+                let mut object = match self.objects.get(name.as_str()).await {
+                    Ok(o) => o,
+                    Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
+                        // Only a bucket purged by hand leaves a pointer without its object.
+                        tracing::warn!(%from, "session pointer without its object");
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        return Err(Error::Get {
+                            name,
+                            source: e.into(),
+                        });
+                    }
+                };
+                let size = object.info().size;
+                if size > subject::MAX_SESSION_BYTES {
+                    return Err(damaged(format!("the object has {size} bytes")));
+                }
+                let mut bytes = Vec::with_capacity(size);
+                object
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| Error::Get {
+                        name,
+                        source: e.into(),
+                    })?;
+                bytes
+            }
+        };
+        Ok(Some(Snapshot {
+            backend,
+            session_id,
+            workspace,
+            turn,
+            bytes,
+        }))
+    }
+
+    /// Stores the session a finished turn of `job` produced and returns what its result's
+    /// `session_id` says: `None` when nothing was stored (too large, the store failed or took
+    /// longer than `within`: a warning, never a lost or late result). A planner's session is
+    /// not stored: the coordinator never continues a planner.
+    pub async fn keep(
+        &self,
+        job: &JobSpec,
+        snapshot: Snapshot,
+        within: Duration,
+    ) -> Option<String> {
+        if job.kind == JobKind::Plan {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let saved = tokio::time::timeout(within, self.save(job.job_id, &snapshot))
+            .await
+            .unwrap_or_else(|_| Err(Error::Slow(within)));
+        match saved {
+            Ok(()) => {
+                tracing::debug!(
+                    bytes = snapshot.bytes.len(),
+                    turn = snapshot.turn,
+                    took = ?started.elapsed(),
+                    "session stored"
+                );
+                Some(
+                    snapshot
+                        .session_id
+                        .unwrap_or_else(|| job.job_id.to_string()),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the agent's session was not stored: it cannot be continued");
+                None
+            }
+        }
+    }
+}
