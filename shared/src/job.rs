@@ -44,6 +44,30 @@ pub struct JobSpec {
     pub session: Option<SessionRef>,
 }
 
+impl JobSpec {
+    /// A first attempt of step 0 by `role`, everything else at its default (the `sim` backend,
+    /// a scratch workspace, no limits): change what matters with struct update syntax.
+    pub fn new(task_id: TaskId, job_id: JobId, role: Role, prompt: impl Into<String>) -> Self {
+        Self {
+            task_id,
+            job_id,
+            attempt: 1,
+            step: 0,
+            role,
+            prompt: prompt.into(),
+            context: None,
+            backend: Backend::default(),
+            model: None,
+            workspace: Workspace::default(),
+            limits: Limits::default(),
+            kind: JobKind::default(),
+            constraints: vec![],
+            sim: SimParams::default(),
+            session: None,
+        }
+    }
+}
+
 /// Which stored session a job continues.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRef {

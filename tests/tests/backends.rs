@@ -6,9 +6,7 @@
 
 use orch_shared::event::EventKind;
 use orch_shared::ids::{JobId, TaskId};
-use orch_shared::job::{
-    Backend, FailureReason, JobKind, JobSpec, Limits, Outcome, Usage, Workspace,
-};
+use orch_shared::job::{Backend, FailureReason, JobKind, JobSpec, Outcome, Usage, Workspace};
 use orch_shared::role::Role;
 use orch_tests::claude_cli::claude_bin;
 use orch_tests::fake_anthropic::{self, Block, FakeAnthropic, Reply};
@@ -24,21 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 fn job(role: Role, backend: Backend, prompt: &str) -> JobSpec {
     JobSpec {
-        task_id: TaskId::new(),
-        job_id: JobId::new(),
-        attempt: 1,
-        step: 0,
-        role,
-        prompt: prompt.into(),
-        context: None,
         backend,
-        model: None,
-        workspace: Workspace::Scratch,
-        limits: Limits::default(),
-        kind: JobKind::Agent,
-        constraints: vec![],
-        sim: Default::default(),
-        session: None,
+        ..JobSpec::new(TaskId::new(), JobId::new(), role, prompt)
     }
 }
 

@@ -9,9 +9,7 @@
 use async_nats::jetstream;
 use orch_shared::api::{Job, JobStatus, Task};
 use orch_shared::ids::{JobId, TaskId};
-use orch_shared::job::{
-    Backend, FailureReason, JobKind, JobSpec, Limits, Outcome, SessionRef, Workspace,
-};
+use orch_shared::job::{Backend, FailureReason, JobKind, JobSpec, Outcome, SessionRef};
 use orch_shared::keys;
 use orch_shared::role::Role;
 use orch_shared::subject::{MAX_SESSION_BYTES, SESSIONS_BUCKET};
@@ -182,21 +180,8 @@ async fn the_store_keeps_small_sessions_in_the_pointer_and_large_ones_as_objects
 
 fn job(role: Role, backend: Backend, prompt: &str) -> JobSpec {
     JobSpec {
-        task_id: TaskId::new(),
-        job_id: JobId::new(),
-        attempt: 1,
-        step: 0,
-        role,
-        prompt: prompt.into(),
-        context: None,
         backend,
-        model: None,
-        workspace: Workspace::Scratch,
-        limits: Limits::default(),
-        kind: JobKind::Agent,
-        constraints: vec![],
-        sim: Default::default(),
-        session: None,
+        ..JobSpec::new(TaskId::new(), JobId::new(), role, prompt)
     }
 }
 

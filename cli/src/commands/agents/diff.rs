@@ -1,8 +1,6 @@
 //! `orchctl agents diff AGENT_ID`: what an agent changed in its workspace, as a unified diff.
 
 use crate::commands::{Ctx, failure};
-use anyhow::Context as _;
-use orch_shared::ids::JobId;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -28,15 +26,10 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
-    let id: JobId = args.id.parse().context("invalid agent id")?;
-    let detail = match ctx.client()?.agent(id).await {
-        Ok(d) => d,
-        Err(e) if e.is_not_found() => {
-            let _ = writeln!(std::io::stderr(), "agent {id} not found");
-            return Ok(failure());
-        }
-        Err(e) => return Err(e.into()),
+    let Some(detail) = super::show::fetch(ctx, &args.id).await? else {
+        return Ok(failure());
     };
+    let id = detail.job.id;
     let mut out = std::io::stdout().lock();
     if ctx.json() {
         crate::output::json(

@@ -152,15 +152,22 @@ pub fn render(out: &mut dyn Write, d: &AgentDetail, now_ms: u64) -> std::io::Res
     Ok(())
 }
 
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
-    let id: JobId = args.id.parse().context("invalid agent id")?;
-    let detail = match ctx.client()?.agent(id).await {
-        Ok(d) => d,
+/// The agent `id` names, or `None` (said on stderr) when there is none.
+pub async fn fetch(ctx: &Ctx, id: &str) -> anyhow::Result<Option<AgentDetail>> {
+    let id: JobId = id.parse().context("invalid agent id")?;
+    match ctx.client()?.agent(id).await {
+        Ok(d) => Ok(Some(d)),
         Err(e) if e.is_not_found() => {
             let _ = writeln!(std::io::stderr(), "agent {id} not found");
-            return Ok(failure());
+            Ok(None)
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
+    let Some(detail) = fetch(ctx, &args.id).await? else {
+        return Ok(failure());
     };
     let mut out = std::io::stdout().lock();
     if ctx.json() {

@@ -132,10 +132,18 @@ async fn run(
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    let detail = client.agent(turn.agent_id).await?;
-    Ok(if detail.job.status == JobStatus::Succeeded {
-        ExitCode::SUCCESS
-    } else {
-        failure()
-    })
+    // The transcript ends when the worker reports; the coordinator records the result a
+    // moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = client.agent(turn.agent_id).await?.job.status;
+        if status.is_terminal() || std::time::Instant::now() >= deadline {
+            return Ok(if status == JobStatus::Succeeded {
+                ExitCode::SUCCESS
+            } else {
+                failure()
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
