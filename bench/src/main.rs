@@ -1,494 +1,341 @@
 //! `orch-bench`: measures a real local cluster (nats-server, redis-server, one coordinator,
-//! workers running `sim` agents with zero latency unless a scenario says otherwise) beside the
-//! anchors in `../shared/bench/anchors` in the same run, and writes absolute figures and ratios
-//! to `bench/results/<time>.json` and `.md`. Only same-run ratios mean anything: the machines
-//! are shared and noisy.
+//! workers running `sim` agents) beside the anchors in `../shared/bench/anchors` in the same
+//! run, and writes absolute figures, ratios and the targets met or missed to
+//! `bench/results/<time>.json` and `.md` (plus the growth curves as `<time>-growth.png`). Only
+//! same-run ratios mean anything: the machines are shared and noisy.
 //!
-//! Scenarios: `throughput` (one-agent tasks/s and jobs/s of 5-step sequential tasks),
-//! `latency` (submit → agent start, p50/p99/max, at light load and under load), `recovery`
-//! (SIGKILL of a worker → its job running elsewhere), `footprint` (RSS of an idle worker and of
-//! the coordinator after N tasks, CPU per 1,000 jobs, `orchctl status` time), `jsbench` (the
-//! JetStream + Redis floor). `--check` runs a small throughput scenario and jsbench and exits 1
-//! only on a gross slowdown (orchestrator below 1% of jsbench's JetStream + Redis figure).
+//! Layout:
+//! - [`cluster`]: the processes (Redis started with the settings of the anchor compared to).
+//! - [`watch`]: arrival times of task events, from a core NATS subscription.
+//! - [`scenarios`]: throughput, latency (light and at 80 % of the maximum), footprint, recovery.
+//! - [`concurrency`]: one worker holding 1,000 long agents; heartbeats and redeliveries.
+//! - [`growth`]: the per-task cost against history size and worker count.
+//! - [`anchors`]: jsbench and Celery, run by the harness.
+//! - [`report`] and [`plot`]: the markdown table, the targets and the PNG.
 //!
-//! `cargo run --release -p orch-bench -- [--tasks 10000] [--scenario all|...] [--check]`
+//! `cargo run --release -p orch-bench` runs everything (about 5 minutes on 2 cores);
+//! `--baseline-bin-dir DIR` measures another build's binaries in the same run (before/after);
+//! `--check` is the CI regression check: a small scenario and jsbench, failing only on a gross
+//! slowdown.
+
+mod anchors;
+mod cluster;
+mod concurrency;
+mod growth;
+mod plot;
+mod report;
+mod scenarios;
+mod watch;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use futures::StreamExt;
-use orch_tests::{Cluster, Options};
+use cluster::{RedisMode, Spec};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 struct Args {
-    /// One-agent tasks for the throughput scenario.
+    /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, growth,
+    /// recovery (or all).
+    #[arg(long, default_value = "all")]
+    scenarios: String,
+    /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
     #[arg(long, default_value_t = 10_000)]
     tasks: usize,
-    /// Which scenario: all, throughput, latency, recovery, footprint, jsbench.
-    #[arg(long, default_value = "all")]
-    scenario: String,
-    /// Worker processes.
+    /// Passes of the core scenario per build (fresh cluster each; builds alternate).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Worker processes of the core scenario.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Slots per worker.
+    /// Slots per worker of the core scenario.
     #[arg(long, default_value_t = 16)]
     slots: u32,
     /// Concurrent submit requests.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// How the benchmark's Redis persists.
+    #[arg(long, value_enum, default_value = "anchor")]
+    redis: RedisMode,
+    /// The orchestrator binaries measured (default: next to this executable).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Another build's binaries, measured in the same run as "before".
+    #[arg(long)]
+    baseline_bin_dir: Option<PathBuf>,
+    /// Concurrency scenario: long agents held by one worker.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Concurrency scenario: how long each agent runs.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+    /// Concurrency scenario: the job ack wait (heartbeats every third of it).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    hold_ack_wait: Duration,
+    /// Growth: tasks in history at each point.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    history: Vec<usize>,
+    /// Growth: worker processes at each point.
+    #[arg(long, value_delimiter = ',', default_value = "2,10,50")]
+    worker_counts: Vec<usize>,
+    /// Growth: slots per worker when the worker count varies.
+    #[arg(long, default_value_t = 4)]
+    worker_slots: u32,
+    /// Growth: tasks measured at each point.
+    #[arg(long, default_value_t = 2000)]
+    growth_batch: usize,
+    /// Growth: latency samples at each point.
+    #[arg(long, default_value_t = 100)]
+    growth_samples: usize,
+    /// Jobs of each jsbench run.
+    #[arg(long, default_value_t = 50_000)]
+    jsbench_jobs: usize,
+    /// Jobs of the Celery run.
+    #[arg(long, default_value_t = 5000)]
+    celery_jobs: usize,
     /// The anchors' folder.
     #[arg(long, default_value = "../shared/bench/anchors")]
     anchors: PathBuf,
-    /// CI regression check: small scenario, fail only on a gross slowdown.
+    /// Where results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// CI regression check: 2,000 one-agent tasks and jsbench in the same run; exits 1 only on
+    /// a gross slowdown. Writes to target/bench-check/.
     #[arg(long)]
     check: bool,
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+/// The check fails below this share of jsbench's JetStream + Redis throughput...
+const CHECK_MIN_RATIO: f64 = 0.05;
+/// ...or above this p99 of submit → agent start at light load.
+const CHECK_MAX_P99_MS: f64 = 50.0;
+
+fn exe_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("executable has a directory")?.into())
 }
 
-async fn submit_all(
-    cluster: &Cluster,
-    n: usize,
-    roles: &[&str],
-    concurrency: usize,
-) -> anyhow::Result<Vec<String>> {
-    let roles: Vec<String> = roles.iter().map(|s| s.to_string()).collect();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let roles = roles.clone();
-            async move {
-                let (status, v) = cluster
-                    .post(
-                        "/v1/tasks",
-                        &json!({"prompt": format!("bench task {i}"), "roles": roles}),
-                    )
-                    .await;
-                if !status.is_success() {
-                    bail!("submit {i} refused: {status} {v}");
-                }
-                v["id"].as_str().map(str::to_string).context("task id")
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect()
-}
-
-/// Waits until `n` tasks finished, counting `task_finished` events on NATS (cheap for the
-/// cluster: no polling of its API).
-async fn finished_counter(nats_url: &str) -> anyhow::Result<async_nats::Subscriber> {
-    let client = async_nats::connect(nats_url).await?;
-    Ok(client.subscribe("orch.events.*.task_finished").await?)
-}
-
-async fn throughput(
-    cluster: &Cluster,
-    args: &Args,
-    n: usize,
-    roles: &[&str],
-) -> anyhow::Result<Value> {
-    let mut finished = finished_counter(&cluster.nats_url).await?;
-    let started = Instant::now();
-    let ids = submit_all(cluster, n, roles, args.concurrency).await?;
-    let submitted = started.elapsed();
-    let mut done = 0;
-    while done < ids.len() {
-        tokio::time::timeout(Duration::from_secs(120), finished.next())
-            .await
-            .context("tasks stopped finishing")?;
-        done += 1;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let jobs = n * roles.len();
-    Ok(json!({
-        "tasks": n, "steps": roles.len(), "submit_s": submitted.as_secs_f64(), "elapsed_s": elapsed,
-        "tasks_per_s": n as f64 / elapsed, "jobs_per_s": jobs as f64 / elapsed,
-    }))
-}
-
-/// Submit → `job_started` seen on NATS, one task at a time (light load) or while a
-/// background load runs.
-async fn latency(
-    cluster: &Cluster,
-    samples: usize,
-    background: Option<usize>,
-    args: &Args,
-) -> anyhow::Result<Value> {
-    let client = async_nats::connect(&cluster.nats_url).await?;
-    let mut started = client.subscribe("orch.events.*.job_started").await?;
-    let load = match background {
-        Some(n) => {
-            let url = cluster.url.clone();
-            let concurrency = args.concurrency;
-            Some(tokio::spawn(async move {
-                let http = reqwest::Client::new();
-                futures::stream::iter(0..n)
-                    .map(|i| {
-                        let http = http.clone();
-                        let url = url.clone();
-                        async move {
-                            let _ = http
-                                .post(format!("{url}/v1/tasks"))
-                                .bearer_auth(orch_tests::TOKEN)
-                                .json(&json!({"prompt": format!("load {i}"), "roles": ["builder"]}))
-                                .send()
-                                .await;
-                        }
-                    })
-                    .buffer_unordered(concurrency / 2)
-                    .collect::<Vec<_>>()
-                    .await;
-            }))
-        }
-        None => None,
-    };
-    let mut lat = Vec::with_capacity(samples);
-    for i in 0..samples {
-        let t0 = Instant::now();
-        let (status, v) = cluster
-            .post(
-                "/v1/tasks",
-                &json!({"prompt": format!("latency {i}"), "roles": ["builder"]}),
-            )
-            .await;
-        if !status.is_success() {
-            bail!("submit refused: {v}");
-        }
-        let id = v["id"].as_str().context("id")?.to_string();
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), started.next())
-                .await
-                .context("no job started")?
-                .context("subscription ended")?;
-            if msg.subject.as_str().contains(&id) {
-                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
-                break;
-            }
-        }
-        if background.is_none() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    if let Some(l) = load {
-        let _ = l.await;
-    }
-    lat.sort_by(f64::total_cmp);
-    Ok(
-        json!({"samples": samples, "p50_ms": pct(&lat, 0.5), "p99_ms": pct(&lat, 0.99), "max_ms": lat.last()}),
-    )
-}
-
-/// SIGKILL the worker running a job; time until another worker starts it.
-async fn recovery(args: &Args) -> anyhow::Result<Value> {
-    let ack_wait = Duration::from_secs(5);
-    let cluster = Cluster::start(Options {
-        workers: 2,
-        slots: 1,
-        ack_wait,
-        ..Options::default()
-    })
-    .await;
-    let client = async_nats::connect(&cluster.nats_url).await?;
-    let mut started = client.subscribe("orch.events.*.job_started").await?;
-    let t = cluster
-        .submit(json!({"prompt": "recover", "roles": ["builder"], "sim": {"latency_ms": 60_000}}))
-        .await;
-    let first = tokio::time::timeout(Duration::from_secs(30), started.next())
-        .await?
-        .context("start")?;
-    let event: orch_shared::event::Event = orch_shared::codec::decode(&first.payload)?;
-    let worker = match &event.kind {
-        orch_shared::event::EventKind::JobStarted { worker_id, .. } => worker_id.0.clone(),
-        _ => bail!("unexpected event"),
-    };
-    let victim: usize = worker.trim_start_matches("worker-").parse()?;
-    let killed = Instant::now();
-    cluster.workers[victim].signal(libc::SIGKILL);
-    tokio::time::timeout(Duration::from_secs(60), started.next())
-        .await?
-        .context("restart")?;
-    let recovered = killed.elapsed().as_secs_f64();
-    let _ = (t, args);
-    Ok(
-        json!({"ack_wait_s": ack_wait.as_secs_f64(), "recovery_s": recovered, "target_s": ack_wait.as_secs_f64() + 1.0}),
-    )
-}
-
-fn rss_kb(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) a process used so far.
-fn cpu_s(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // /proc reports clock ticks in USER_HZ, which is 100 on Linux.
-    ticks / 100.0
-}
-
-async fn footprint(cluster: &Cluster, args: &Args, n: usize) -> anyhow::Result<Value> {
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle_worker = rss_kb(cluster.workers[0].pid());
-    let coord_cpu0 = cpu_s(cluster.coordinator.pid());
-    let workers_cpu0: f64 = cluster.workers.iter().map(|w| cpu_s(w.pid())).sum();
-    throughput(cluster, args, n, &["builder"]).await?;
-    let coord_cpu = cpu_s(cluster.coordinator.pid()) - coord_cpu0;
-    let workers_cpu = cluster.workers.iter().map(|w| cpu_s(w.pid())).sum::<f64>() - workers_cpu0;
-    let coordinator_rss = rss_kb(cluster.coordinator.pid());
-    let orchctl = orch_tests::workspace_bin("orchctl");
-    let mut times = Vec::new();
-    for _ in 0..10 {
-        let t0 = Instant::now();
-        let out = std::process::Command::new(&orchctl)
-            .args([
-                "--server",
-                &cluster.url,
-                "--token",
-                orch_tests::TOKEN,
-                "status",
-            ])
-            .env("ORCH_HOME", cluster.dir.path())
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "orchctl status failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        times.push(t0.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(json!({
-        "idle_worker_rss_mb": idle_worker as f64 / 1024.0,
-        "coordinator_rss_mb_after_tasks": coordinator_rss as f64 / 1024.0,
-        "tasks_in_history": n,
-        "coordinator_cpu_s_per_1000_jobs": coord_cpu / n as f64 * 1000.0,
-        "workers_cpu_s_per_1000_jobs": workers_cpu / n as f64 * 1000.0,
-        "orchctl_status_ms_p50": pct(&times, 0.5),
-    }))
-}
-
-/// Builds and runs the JetStream + Redis anchor on this cluster's servers.
-fn jsbench(cluster: &Cluster, anchors: &std::path::Path, n: usize) -> anyhow::Result<Value> {
-    let src = anchors.join("jsbench");
-    let work = PathBuf::from("target/bench-anchors/jsbench");
-    std::fs::create_dir_all(work.join("src"))?;
-    for f in ["Cargo.toml", "src/main.rs"] {
-        std::fs::copy(src.join(f), work.join(f))
-            .with_context(|| format!("copy {f} from {}", src.display()))?;
-    }
-    // Inside our target directory it would count as a member of our workspace: it is not.
-    let manifest = work.join("Cargo.toml");
-    let text = std::fs::read_to_string(&manifest)?;
-    if !text.contains("[workspace]") {
-        std::fs::write(&manifest, format!("{text}\n[workspace]\n"))?;
-    }
-    let build = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--manifest-path"])
-        .arg(work.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", "target/bench-anchors/target")
-        .status()?;
-    if !build.success() {
-        bail!("jsbench did not build");
-    }
-    let out = std::process::Command::new("target/bench-anchors/target/release/jsbench")
-        .args([&cluster.nats_url, &cluster.redis_url, &n.to_string()])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let grab = |prefix: &str| -> Option<f64> {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.split(" = ").nth(1))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    };
-    let lat = text
-        .lines()
-        .find(|l| l.contains("latency"))
-        .map(str::to_string);
-    Ok(json!({
-        "jobs": n,
-        "jetstream_jobs_per_s": grab("jetstream:"),
-        "jetstream_redis_jobs_per_s": grab("jetstream+redis:"),
-        "latency": lat,
-        "raw": text,
-    }))
+fn version(cmd: &str, arg: &str) -> String {
+    std::process::Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mut results = json!({"cores": cores, "at_ms": orch_shared::now_ms()});
-    let want = |s: &str| args.check || args.scenario == "all" || args.scenario == s;
-    let cluster = Cluster::start(Options {
+    let spec = Spec {
         workers: args.workers,
         slots: args.slots,
-        ..Options::default()
-    })
-    .await;
-    let n = if args.check { 1000 } else { args.tasks };
-    if want("throughput") {
-        results["throughput_one_agent"] = throughput(&cluster, &args, n, &["builder"]).await?;
-        eprintln!("throughput: {}", results["throughput_one_agent"]);
-        if !args.check {
-            let steps = ["analyst", "planner", "builder", "tester", "reviewer"];
-            results["throughput_five_steps"] = throughput(&cluster, &args, n / 5, &steps).await?;
-            eprintln!("five steps: {}", results["throughput_five_steps"]);
-        }
-    }
-    if want("jsbench") {
-        results["jsbench"] = jsbench(
-            &cluster,
-            &args.anchors,
-            if args.check { 20_000 } else { 50_000 },
-        )?;
-        eprintln!(
-            "jsbench: {} / {}",
-            results["jsbench"]["jetstream_jobs_per_s"],
-            results["jsbench"]["jetstream_redis_jobs_per_s"]
-        );
-    }
-    if !args.check {
-        if want("latency") {
-            results["latency_light"] = latency(&cluster, 300, None, &args).await?;
-            eprintln!("latency (light): {}", results["latency_light"]);
-            results["latency_loaded"] = latency(&cluster, 200, Some(4000), &args).await?;
-            eprintln!("latency (loaded): {}", results["latency_loaded"]);
-        }
-        if want("footprint") {
-            results["footprint"] = footprint(&cluster, &args, n.min(10_000)).await?;
-            eprintln!("footprint: {}", results["footprint"]);
-        }
-        if want("recovery") {
-            results["recovery"] = recovery(&args).await?;
-            eprintln!("recovery: {}", results["recovery"]);
-        }
-    }
-    let ours = results["throughput_one_agent"]["tasks_per_s"].as_f64();
-    let floor = results["jsbench"]["jetstream_redis_jobs_per_s"].as_f64();
-    if let (Some(ours), Some(floor)) = (ours, floor) {
-        results["ratio_vs_jetstream_redis"] = json!(ours / floor);
-        results["ratio_vs_celery_anchor_readme"] = json!(ours / 565.0);
-    }
-    let dir = PathBuf::from("bench/results");
-    std::fs::create_dir_all(&dir)?;
-    let stamp = results["at_ms"].as_u64().unwrap_or(0);
-    let name = if args.check {
-        "check".to_string()
-    } else {
-        stamp.to_string()
+        ack_wait: Duration::from_secs(30),
+        redis: args.redis,
+        bin_dir: args.bin_dir.clone().map_or_else(exe_dir, Ok)?,
+        worker_metrics: false,
     };
+    let mut results = json!({
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "at_ms": orch_shared::now_ms(),
+        "redis_mode": args.redis.describe(),
+        "redis_version": version("redis-server", "--version"),
+        "nats_version": version("nats-server", "--version"),
+        "bin_dir": spec.bin_dir.display().to_string(),
+        "load_average_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    });
+    if args.check {
+        return check(&args, &spec, results).await;
+    }
+    let want = |s: &str| args.scenarios == "all" || args.scenarios.split(',').any(|x| x == s);
+    let started = Instant::now();
+
+    if want("core") {
+        let baseline = args.baseline_bin_dir.as_ref().map(|dir| Spec {
+            bin_dir: dir.clone(),
+            ..spec.clone()
+        });
+        let mut current = Vec::new();
+        let mut before = Vec::new();
+        let mut js = Vec::new();
+        for pass in 0..args.repeat {
+            if let Some(b) = &baseline {
+                eprintln!("core pass {}: baseline ({})", pass + 1, b.bin_dir.display());
+                before.push(scenarios::core(b, args.tasks, args.concurrency).await?);
+            }
+            eprintln!("core pass {}: this build", pass + 1);
+            let (r, j) = core_with_jsbench(&args, &spec, want("anchors")).await?;
+            current.push(r);
+            if let Some(j) = j {
+                js.push(j);
+            }
+        }
+        results["core"] = json!({"current": current, "baseline": before});
+        results["jsbench"] = json!(js);
+    }
+    if want("celery") {
+        eprintln!("celery anchor ({} jobs)", args.celery_jobs);
+        results["celery"] = anchors::celery(&args.anchors, args.celery_jobs);
+        eprintln!("  celery: {}", compact(&results["celery"]));
+    }
+    if want("concurrency") {
+        eprintln!(
+            "concurrency: {} agents of {:?} on one worker",
+            args.agents, args.hold
+        );
+        results["concurrency"] = concurrency::run(
+            &spec,
+            &concurrency::Params {
+                agents: args.agents,
+                hold: args.hold,
+                ack_wait: args.hold_ack_wait,
+            },
+        )
+        .await?;
+        eprintln!("  {}", results["concurrency"]);
+    }
+    if want("growth") {
+        eprintln!("growth: history {:?}", args.history);
+        let history =
+            growth::history(&spec, &args.history, args.growth_batch, args.growth_samples).await?;
+        eprintln!("growth: workers {:?}", args.worker_counts);
+        let workers = growth::workers(
+            &spec,
+            &args.worker_counts,
+            args.worker_slots,
+            args.growth_batch,
+            args.growth_samples,
+        )
+        .await?;
+        results["growth"] = json!({"history": history, "workers": workers});
+    }
+    if want("recovery") {
+        eprintln!("recovery");
+        results["recovery"] = scenarios::recovery(&spec).await?;
+        eprintln!("  {}", results["recovery"]);
+    }
+    results["duration_s"] = json!(started.elapsed().as_secs_f64());
+    results["load_average_at_end"] = json!(
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = results["at_ms"].as_u64().unwrap_or(0);
+    if results.get("growth").is_some() {
+        let png = args.out.join(format!("{stamp}-growth.png"));
+        results["growth_plot"] = match plot::growth(&results["growth"], &png) {
+            Ok(()) => json!(png.file_name().map(|f| f.to_string_lossy().to_string())),
+            Err(e) => json!({"error": format!("{e:#}")}),
+        };
+    }
+    report::targets(&mut results);
     std::fs::write(
-        dir.join(format!("{name}.json")),
+        args.out.join(format!("{stamp}.json")),
         serde_json::to_string_pretty(&results)?,
     )?;
-    let md = markdown(&results);
-    std::fs::write(dir.join(format!("{name}.md")), &md)?;
+    let md = report::markdown(&results);
+    std::fs::write(args.out.join(format!("{stamp}.md")), &md)?;
     println!("{md}");
-    if args.check {
-        let ratio = results["ratio_vs_jetstream_redis"].as_f64().unwrap_or(0.0);
-        if ratio < 0.01 {
-            bail!("gross slowdown: {ratio:.4} of jsbench's JetStream + Redis throughput");
-        }
-    }
     Ok(())
 }
 
-fn markdown(r: &Value) -> String {
-    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
-    let mut s = format!(
-        "# Benchmark run ({} cores)\n\n| What | Figure |\n|---|---|\n",
-        r["cores"]
+/// One core pass of this build, with jsbench on the same servers right after.
+async fn core_with_jsbench(
+    args: &Args,
+    spec: &Spec,
+    with_jsbench: bool,
+) -> anyhow::Result<(Value, Option<Value>)> {
+    let r = scenarios::core(spec, args.tasks, args.concurrency).await?;
+    if !with_jsbench {
+        return Ok((r, None));
+    }
+    // A fresh pair of servers with the same settings, so jsbench does not inherit a store
+    // full of the scenario's messages.
+    let cluster = cluster::Cluster::start(Spec {
+        workers: 0,
+        ..spec.clone()
+    })
+    .await?;
+    let j = anchors::jsbench(
+        &args.anchors,
+        &cluster.nats_url,
+        &cluster.redis_url,
+        args.jsbench_jobs,
+    )?;
+    eprintln!(
+        "  jsbench: {} / {} jobs/s",
+        j["jetstream_jobs_per_s"], j["jetstream_redis_jobs_per_s"]
     );
-    let rows = [
-        (
-            "one-agent tasks/s",
-            &r["throughput_one_agent"]["tasks_per_s"],
-        ),
-        (
-            "5-step tasks: jobs/s",
-            &r["throughput_five_steps"]["jobs_per_s"],
-        ),
-        (
-            "jsbench JetStream jobs/s",
-            &r["jsbench"]["jetstream_jobs_per_s"],
-        ),
-        (
-            "jsbench JetStream + Redis jobs/s",
-            &r["jsbench"]["jetstream_redis_jobs_per_s"],
-        ),
-        ("ratio vs JetStream + Redis", &r["ratio_vs_jetstream_redis"]),
-        (
-            "ratio vs Celery (anchor README, 565/s)",
-            &r["ratio_vs_celery_anchor_readme"],
-        ),
-        (
-            "submit → start p50 ms (light)",
-            &r["latency_light"]["p50_ms"],
-        ),
-        (
-            "submit → start p99 ms (light)",
-            &r["latency_light"]["p99_ms"],
-        ),
-        (
-            "submit → start p50 ms (loaded)",
-            &r["latency_loaded"]["p50_ms"],
-        ),
-        (
-            "submit → start p99 ms (loaded)",
-            &r["latency_loaded"]["p99_ms"],
-        ),
-        ("idle worker RSS MB", &r["footprint"]["idle_worker_rss_mb"]),
-        (
-            "coordinator RSS MB after the run",
-            &r["footprint"]["coordinator_rss_mb_after_tasks"],
-        ),
-        (
-            "coordinator CPU s / 1,000 jobs",
-            &r["footprint"]["coordinator_cpu_s_per_1000_jobs"],
-        ),
-        (
-            "workers CPU s / 1,000 jobs",
-            &r["footprint"]["workers_cpu_s_per_1000_jobs"],
-        ),
-        (
-            "orchctl status ms (p50)",
-            &r["footprint"]["orchctl_status_ms_p50"],
-        ),
-        (
-            "recovery s after SIGKILL (ack wait 5 s)",
-            &r["recovery"]["recovery_s"],
-        ),
-    ];
-    for (name, v) in rows {
-        s.push_str(&format!("| {name} | {} |\n", f(v)));
+    Ok((r, Some(j)))
+}
+
+fn compact(v: &Value) -> String {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("raw");
     }
-    if let Some(l) = r["jsbench"]["latency"].as_str() {
-        s.push_str(&format!("\njsbench: {l}\n"));
+    v.to_string()
+}
+
+/// The CI regression check: 2,000 one-agent tasks, 100 light-load latency samples and
+/// jsbench (20,000 jobs) on servers with the same settings; fails only on a gross slowdown.
+/// Without the anchors (another checkout layout) only the latency bound is checked.
+async fn check(args: &Args, spec: &Spec, mut results: Value) -> anyhow::Result<()> {
+    let cluster = cluster::Cluster::start(spec.clone()).await?;
+    let t = scenarios::throughput(&cluster, 2000, &["builder"], args.concurrency).await?;
+    let l = scenarios::latency_light(&cluster, 100).await?;
+    drop(cluster);
+    let ours = t["tasks_per_s"].as_f64().unwrap_or(0.0);
+    let p99 = l["submit_to_start"]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+    results["throughput"] = t;
+    results["latency_light"] = l;
+    let floor = if args.anchors.join("jsbench").is_dir() {
+        let servers = cluster::Cluster::start(Spec {
+            workers: 0,
+            ..spec.clone()
+        })
+        .await?;
+        let j = anchors::jsbench(&args.anchors, &servers.nats_url, &servers.redis_url, 20_000)?;
+        let floor = j["jetstream_redis_jobs_per_s"].as_f64();
+        results["jsbench"] = j;
+        floor
+    } else {
+        println!(
+            "bench check: no anchors at {}; checking latency only",
+            args.anchors.display()
+        );
+        None
+    };
+    let ratio = floor.map(|f| ours / f);
+    results["ratio_vs_jetstream_redis"] = json!(ratio);
+    let dir = PathBuf::from("target/bench-check");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("check.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    println!(
+        "bench check ({}): {ours:.0} tasks/s{}; submit → agent start p99 {p99:.2} ms (fails above \
+         {CHECK_MAX_P99_MS} ms)",
+        spec.bin_dir.display(),
+        match (ratio, floor) {
+            (Some(r), Some(f)) => format!(
+                " = {:.1}% of jsbench JetStream + Redis ({f:.0} jobs/s; fails below {:.0}%)",
+                r * 100.0,
+                CHECK_MIN_RATIO * 100.0
+            ),
+            _ => String::new(),
+        }
+    );
+    if let Some(r) = ratio
+        && (r.is_nan() || r < CHECK_MIN_RATIO)
+    {
+        bail!("gross slowdown: throughput is {r:.3} of jsbench's JetStream + Redis figure");
     }
-    s
+    if p99.is_nan() || p99 > CHECK_MAX_P99_MS {
+        bail!("gross slowdown: submit → agent start p99 is {p99:.1} ms");
+    }
+    Ok(())
 }

@@ -1,8 +1,13 @@
 //! Applies job results, job starts, timers and user controls to tasks. Tasks are spread over a
 //! fixed number of lanes by id; each lane handles its messages one at a time, so the updates of
 //! one task never race, while different tasks proceed in parallel. A lane caches the records of
-//! the tasks it is driving; the coordinator is the only writer of task records, so the cache
-//! stays true.
+//! the tasks it is driving (a task the API creates is handed to its lane at once); the
+//! coordinator is the only writer of task records, so the cache stays true.
+//!
+//! Round trips per job: a result is one Redis script (fence check, record, day's spend,
+//! estimates) and one batch of publishes; a job start is saved with the task's next save, or
+//! after [`START_SAVE_DELAY`] together with the other starts of the lane (starts are best
+//! effort: the result carries the same facts).
 //!
 //! Order per change: apply → save to Redis → carry out the actions (publish jobs and events,
 //! arm timers, cancel, dead-letter) → ack the result. A crash anywhere before the ack
@@ -14,12 +19,13 @@ use crate::metrics as m;
 use crate::pipeline::{self, Action};
 use crate::state::{self, State};
 use crate::transport::{self, Outgoing, ResultDelivery, Transport};
-use orch_shared::api::Task;
+use orch_shared::api::{Task, TaskStatus};
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::job::{CancelJob, Outcome};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,6 +65,9 @@ pub enum ControlError {
 }
 
 enum Command {
+    /// A task the API just created: the lane caches it, so its first job start or result
+    /// needs no read from Redis.
+    Adopt(Box<Task>),
     Result(Box<ResultDelivery>),
     Started(Event),
     Wake(TaskId),
@@ -101,6 +110,8 @@ impl Driver {
                     admission: admission.clone(),
                 },
                 cache: HashMap::new(),
+                unsaved_starts: HashSet::new(),
+                save_starts_at: None,
             };
             tracker.spawn(lane.run(rx, cancel.clone()));
         }
@@ -152,6 +163,18 @@ impl Effects {
             return Ok(());
         }
         let (task_id, priority) = (task.id, task.options.priority);
+        if !task.status.is_terminal()
+            && actions
+                .iter()
+                .any(|a| matches!(a, Action::Emit(_, EventKind::TaskCreated { .. })))
+        {
+            // Before its jobs are published, so the adoption is ahead of any event about
+            // them in the lane. Without room in the lane the task is read when needed.
+            let _ = self
+                .driver
+                .lane(task_id)
+                .try_send(Command::Adopt(Box::new(task.clone())));
+        }
         let now = orch_shared::now_ms();
         let mut jobs = 0;
         let mut messages = Vec::new();
@@ -193,19 +216,40 @@ impl Effects {
     }
 }
 
+/// How long a job start waits in a lane before its task is saved. The start is best effort
+/// (the result carries the same facts), and a short job's result usually arrives within this
+/// time: its save then carries the start too, and the start costs no write of its own.
+const START_SAVE_DELAY: Duration = Duration::from_millis(5);
+
 struct Lane {
     fx: Effects,
     cache: HashMap<TaskId, Task>,
+    /// Cached tasks whose job start is not saved yet, and when they will be.
+    unsaved_starts: HashSet<TaskId>,
+    save_starts_at: Option<tokio::time::Instant>,
 }
 
 impl Lane {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, cancel: CancellationToken) {
         loop {
+            let save_starts = async {
+                match self.save_starts_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let cmd = tokio::select! {
-                _ = cancel.cancelled() => return,
-                cmd = rx.recv() => match cmd { Some(c) => c, None => return },
+                _ = cancel.cancelled() => break,
+                _ = save_starts => {
+                    self.save_starts().await;
+                    continue;
+                }
+                cmd = rx.recv() => match cmd { Some(c) => c, None => break },
             };
             match cmd {
+                Command::Adopt(task) => {
+                    self.cache.entry(task.id).or_insert(*task);
+                }
                 Command::Result(delivery) => self.on_result(*delivery).await,
                 Command::Started(event) => self.on_started(event).await,
                 Command::Wake(task) => {
@@ -217,6 +261,29 @@ impl Lane {
                 }
             }
         }
+        self.save_starts().await;
+    }
+
+    /// Saves the tasks whose job starts were applied but not saved, in one round trip.
+    async fn save_starts(&mut self) {
+        self.save_starts_at = None;
+        let tasks: Vec<&Task> = self
+            .unsaved_starts
+            .drain()
+            .filter_map(|id| self.cache.get(&id))
+            .collect();
+        if tasks.is_empty() {
+            return;
+        }
+        if let Err(e) = self.fx.state.save_tasks(&tasks).await {
+            // Best effort, like the start itself: the job's result carries the same facts.
+            tracing::warn!(tasks = tasks.len(), error = %e, "failed to save job starts");
+        }
+    }
+
+    /// Records that `id` was saved whole (so its pending start is saved too).
+    fn saved(&mut self, id: TaskId) {
+        self.unsaved_starts.remove(&id);
     }
 
     /// The task from the cache or Redis.
@@ -244,7 +311,12 @@ impl Lane {
         };
         let before = task.status;
         let Some(actions) = f(task) else {
-            return Ok(Some(task.clone()));
+            let task = task.clone();
+            if task.status.is_terminal() {
+                // Nothing changed: a finished task is not kept in the cache.
+                self.cache.remove(&id);
+            }
+            return Ok(Some(task));
         };
         let task = task.clone();
         let saved = self.fx.state.save_task(&task).await;
@@ -252,177 +324,155 @@ impl Lane {
             self.cache.remove(&id);
             return Err(e.into());
         }
+        self.saved(id);
+        self.after_save(before, &task, actions).await?;
+        Ok(Some(task))
+    }
+
+    /// What follows a saved change: a finished task leaves the cache; the actions are carried
+    /// out (on failure the task leaves the cache too, so it is read again from Redis).
+    async fn after_save(
+        &mut self,
+        before: TaskStatus,
+        task: &Task,
+        actions: Vec<Action>,
+    ) -> Result<(), ControlError> {
         if task.status.is_terminal() {
             if !before.is_terminal() {
                 metrics::counter!(m::TASKS_FINISHED, "status" => task.status.as_str()).increment(1);
             }
-            self.cache.remove(&id);
+            self.cache.remove(&task.id);
         }
-        if let Err(e) = self.fx.perform(&task, actions).await {
-            self.cache.remove(&id);
+        if let Err(e) = self.fx.perform(task, actions).await {
+            self.cache.remove(&task.id);
             return Err(e);
         }
-        Ok(Some(task))
+        Ok(())
     }
 
+    /// Applies a job result. One Redis round trip checks the attempt's fence and saves the
+    /// task with the result's bookkeeping (day's spend, estimates); a fenced-out result
+    /// changes nothing (the cached copy, already changed, is dropped and read again later).
     async fn on_result(&mut self, delivery: ResultDelivery) {
-        let result = delivery.result.clone();
+        let (result, ack) = delivery.into_parts();
         let task_id = result.task_id;
-        if result.fence > 0 {
-            match self
-                .fx
-                .state
-                .current_fence(result.job_id, result.attempt)
-                .await
-            {
-                Ok(Some(current)) if current != result.fence => {
-                    // A worker that lost its lease (paused, partitioned) reports late: another
-                    // worker took the attempt since. Its result is not applied nor charged.
-                    tracing::warn!(%task_id, job_id = %result.job_id, fence = result.fence, current, worker = %result.worker_id, "fenced out a stale result");
-                    metrics::counter!(m::RESULTS_IGNORED, "why" => "fenced").increment(1);
-                    delivery.ack().await;
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(%task_id, error = %e, "could not read the fence; the result will be redelivered");
-                    return;
-                }
-            }
-        }
-        let now = orch_shared::now_ms();
-        let mut applied = None;
-        let outcome = self
-            .change(task_id, |task| {
-                let role = task
-                    .jobs
-                    .iter()
-                    .find(|j| j.id == result.job_id)
-                    .map(|j| j.role);
-                match pipeline::on_result(task, &result, now) {
-                    Some(actions) => {
-                        applied = Some((role, task.model.clone()));
-                        Some(actions)
-                    }
-                    // Stale or duplicate: nothing changed. Publish the jobs it had queued
-                    // again in case the crash that caused the redelivery came before they
-                    // were sent.
-                    None => {
-                        metrics::counter!(m::RESULTS_IGNORED, "why" => "duplicate").increment(1);
-                        Some(
-                            pipeline::resume(task)
-                                .into_iter()
-                                .filter(|a| matches!(a, Action::Publish(_)))
-                                .collect(),
-                        )
-                    }
-                }
-            })
-            .await;
-        match outcome {
+        let task = match self.task(task_id).await {
+            Ok(Some(task)) => task,
             Ok(None) => {
                 tracing::warn!(%task_id, job_id = %result.job_id, "result for an unknown task, dropping it");
                 metrics::counter!(m::RESULTS_IGNORED, "why" => "unknown_task").increment(1);
-                delivery.ack().await;
-            }
-            Ok(Some(_)) => {
-                if let Some((role, model)) = applied {
-                    self.fx.admission.done(result.job_id, result.usage.total());
-                    self.record(&result, role, model.as_deref()).await;
-                }
-                // The day's spend counts every attempt's cost once, applied or not (a
-                // cancelled job's late report included).
-                if let Err(e) = self
-                    .fx
-                    .state
-                    .settle_daily(
-                        result.job_id,
-                        result.attempt,
-                        result.cost_usd,
-                        result.finished_at_ms,
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "failed to settle a job's cost in the daily spend");
-                }
-                delivery.ack().await;
+                ack.ack().await;
+                return;
             }
             Err(e) => {
                 tracing::warn!(%task_id, error = %e, "failed to apply a result; it will be redelivered");
+                return;
+            }
+        };
+        let before = task.status;
+        let role = task
+            .jobs
+            .iter()
+            .find(|j| j.id == result.job_id)
+            .map(|j| j.role);
+        let now = orch_shared::now_ms();
+        let (actions, applied) = match pipeline::on_result(task, &result, now) {
+            Some(actions) => (actions, true),
+            // Stale or duplicate: nothing changed. Publish the jobs it had queued again in
+            // case the crash that caused the redelivery came before they were sent.
+            None => (
+                pipeline::resume(task)
+                    .into_iter()
+                    .filter(|a| matches!(a, Action::Publish(_)))
+                    .collect(),
+                false,
+            ),
+        };
+        let task = task.clone();
+        let role = role.map_or("unknown", |r| r.as_str());
+        let model = task.model.as_deref().unwrap_or("default");
+        let write = state::ResultWrite {
+            job: result.job_id,
+            attempt: result.attempt,
+            fence: result.fence,
+            // The day's spend counts every attempt's cost once, applied or not (a cancelled
+            // job's late report included).
+            cost_usd: result.cost_usd,
+            finished_at_ms: result.finished_at_ms,
+            stats: (applied && result.outcome.is_success()).then(|| state::JobFigures {
+                role,
+                model,
+                duration_ms: result.duration_ms(),
+                cost_usd: result.cost_usd,
+                tokens: result.usage.total(),
+            }),
+        };
+        match self.fx.state.save_result(&task, &write).await {
+            Ok(true) => self.saved(task_id),
+            Ok(false) => {
+                // A worker that lost its lease (paused, partitioned) reports late: another
+                // worker took the attempt since. Its result is not applied nor charged.
+                self.cache.remove(&task_id);
+                tracing::warn!(%task_id, job_id = %result.job_id, fence = result.fence, worker = %result.worker_id, "fenced out a stale result");
+                metrics::counter!(m::RESULTS_IGNORED, "why" => "fenced").increment(1);
+                ack.ack().await;
+                return;
+            }
+            Err(e) => {
+                self.cache.remove(&task_id);
+                tracing::warn!(%task_id, error = %e, "failed to apply a result; it will be redelivered");
+                return;
             }
         }
+        if !applied {
+            metrics::counter!(m::RESULTS_IGNORED, "why" => "duplicate").increment(1);
+        }
+        if let Err(e) = self.after_save(before, &task, actions).await {
+            tracing::warn!(%task_id, error = %e, "failed to apply a result; it will be redelivered");
+            return;
+        }
+        if applied {
+            self.fx.admission.done(result.job_id, result.usage.total());
+            record(&result, role);
+        }
+        ack.ack().await;
     }
 
-    async fn record(
-        &self,
-        r: &orch_shared::job::JobResult,
-        role: Option<orch_shared::role::Role>,
-        model: Option<&str>,
-    ) {
-        let role = role.map_or("unknown", |r| r.as_str());
-        let (outcome, reason) = match &r.outcome {
-            Outcome::Success => ("success", "none"),
-            Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
-        };
-        metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
-        metrics::histogram!(m::JOB_DURATION, "role" => role)
-            .record(r.duration_ms() as f64 / 1000.0);
-        for (kind, n) in [
-            ("input", r.usage.input_tokens),
-            ("output", r.usage.output_tokens),
-            ("cache_write", r.usage.cache_creation_tokens),
-            ("cache_read", r.usage.cache_read_tokens),
-        ] {
-            metrics::counter!(m::TOKENS, "role" => role, "kind" => kind).increment(n);
-        }
-        metrics::gauge!(m::COST_USD, "role" => role).increment(r.cost_usd);
-        if r.outcome.is_success()
-            && let Err(e) = self
-                .fx
-                .state
-                .record_job(
-                    role,
-                    model.unwrap_or("default"),
-                    r.duration_ms(),
-                    r.cost_usd,
-                    r.usage.total(),
-                )
-                .await
-        {
-            tracing::debug!(error = %e, "failed to record job statistics");
-        }
-    }
-
+    /// Marks the job running in the cached task; the save follows within
+    /// [`START_SAVE_DELAY`], or comes with the task's next save if that is sooner.
     async fn on_started(&mut self, event: Event) {
         let (Some(job_id), EventKind::JobStarted { worker_id, .. }) = (event.job_id, &event.kind)
         else {
             return;
         };
-        let worker = worker_id.clone();
-        let mut queued_at = None;
-        let changed = self
-            .change(event.task_id, |task| {
-                queued_at = task
-                    .jobs
-                    .iter()
-                    .find(|j| j.id == job_id)
-                    .and_then(|j| j.queued_at_ms);
-                pipeline::on_started(task, job_id, event.attempt, worker, event.at_ms)
-                    .then(Vec::new)
-            })
-            .await;
-        match changed {
-            Ok(Some(_)) => {
-                if let Some(q) = queued_at {
-                    metrics::histogram!(m::DISPATCH_LATENCY)
-                        .record(event.at_ms.saturating_sub(q) as f64 / 1000.0);
-                }
-            }
-            Ok(None) => {}
+        let task = match self.task(event.task_id).await {
+            Ok(Some(task)) => task,
+            Ok(None) => return,
             Err(e) => {
-                tracing::warn!(task_id = %event.task_id, error = %e, "failed to save a job start")
+                tracing::warn!(task_id = %event.task_id, error = %e, "failed to apply a job start");
+                return;
             }
+        };
+        let queued_at = task
+            .jobs
+            .iter()
+            .find(|j| j.id == job_id)
+            .and_then(|j| j.queued_at_ms);
+        if !pipeline::on_started(task, job_id, event.attempt, worker_id.clone(), event.at_ms) {
+            // A start that arrives after its task ended (it raced the result) must not keep
+            // the finished task in the cache for good.
+            if task.status.is_terminal() {
+                self.cache.remove(&event.task_id);
+            }
+            return;
         }
+        if let Some(q) = queued_at {
+            metrics::histogram!(m::DISPATCH_LATENCY)
+                .record(event.at_ms.saturating_sub(q) as f64 / 1000.0);
+        }
+        self.unsaved_starts.insert(event.task_id);
+        self.save_starts_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + START_SAVE_DELAY);
     }
 
     async fn on_control(&mut self, id: TaskId, control: Control) -> Result<Task, ControlError> {
@@ -480,4 +530,23 @@ impl Lane {
         }
         Ok(task)
     }
+}
+
+/// Counts an applied result in the metrics (its figures for estimates are saved with the task).
+fn record(r: &orch_shared::job::JobResult, role: &'static str) {
+    let (outcome, reason) = match &r.outcome {
+        Outcome::Success => ("success", "none"),
+        Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
+    };
+    metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
+    metrics::histogram!(m::JOB_DURATION, "role" => role).record(r.duration_ms() as f64 / 1000.0);
+    for (kind, n) in [
+        ("input", r.usage.input_tokens),
+        ("output", r.usage.output_tokens),
+        ("cache_write", r.usage.cache_creation_tokens),
+        ("cache_read", r.usage.cache_read_tokens),
+    ] {
+        metrics::counter!(m::TOKENS, "role" => role, "kind" => kind).increment(n);
+    }
+    metrics::gauge!(m::COST_USD, "role" => role).increment(r.cost_usd);
 }

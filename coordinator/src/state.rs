@@ -129,6 +129,73 @@ redis.call('EXPIRE', KEYS[1], 172800)
 return 1
 "#;
 
+/// Saves a task after a job result was applied, with the result's bookkeeping, in one round
+/// trip: unless a later worker took the attempt's lease (its fence moved on), writes the
+/// record, joins or leaves the active set, settles the attempt's cost in the day's spend once
+/// (as [`SETTLE_DAILY`]) and keeps the job's figures for estimates.
+/// KEYS: fence, task, active, day hash, stats list.
+/// ARGV: fence (0: the worker held no lease), record, 1 if terminal, task id, job:attempt,
+/// cost, stats row ('' for none), rows kept. Returns 0 when fenced out, else 1.
+const APPLY_RESULT: &str = r#"
+if ARGV[1] ~= '0' then
+  local current = redis.call('GET', KEYS[1])
+  if current and current ~= ARGV[1] then return 0 end
+end
+redis.call('SET', KEYS[2], ARGV[2])
+if ARGV[3] == '1' then redis.call('SREM', KEYS[3], ARGV[4]) else redis.call('SADD', KEYS[3], ARGV[4]) end
+local id = ARGV[5]
+if redis.call('HEXISTS', KEYS[4], 's:'..id) == 0 then
+  local r = redis.call('HGET', KEYS[4], 'r:'..id)
+  if r then
+    redis.call('HINCRBYFLOAT', KEYS[4], 'reserved', -tonumber(r))
+    redis.call('HDEL', KEYS[4], 'r:'..id)
+  end
+  redis.call('HSET', KEYS[4], 's:'..id, ARGV[6])
+  redis.call('HINCRBYFLOAT', KEYS[4], 'spent', ARGV[6])
+  redis.call('EXPIRE', KEYS[4], 172800)
+end
+if ARGV[7] ~= '' then
+  redis.call('LPUSH', KEYS[5], ARGV[7])
+  redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
+end
+return 1
+"#;
+
+// Scripts hashed once (`Script::new` computes the SHA1 the server caches them by).
+static APPLY_RESULT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(APPLY_RESULT));
+static SETTLE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_DAILY));
+static RESERVE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RESERVE_DAILY));
+
+/// A job result's bookkeeping, written with the task by [`State::save_result`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultWrite<'a> {
+    pub job: JobId,
+    pub attempt: u32,
+    /// The fence the worker held (0: none).
+    pub fence: u64,
+    pub cost_usd: f64,
+    pub finished_at_ms: u64,
+    /// For estimates, when the result was applied and succeeded.
+    pub stats: Option<JobFigures<'a>>,
+}
+
+/// One finished job's figures for estimates (see [`State::job_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobFigures<'a> {
+    pub role: &'a str,
+    pub model: &'a str,
+    pub duration_ms: u64,
+    pub cost_usd: f64,
+    pub tokens: u64,
+}
+
+fn stats_key(role: &str, model: &str) -> String {
+    format!("orch:stats:{role}:{model}")
+}
+
 /// The daily spend hash of the UTC day of `now_ms`.
 fn day_key(now_ms: u64) -> String {
     format!("orch:spend:{}", now_ms / 86_400_000)
@@ -174,7 +241,11 @@ impl State {
             url: orch_shared::redact_url(url),
             source,
         };
-        let client = redis::Client::open(url).map_err(connect)?;
+        // Requests are small and answered at once: without TCP_NODELAY a request written
+        // while another is unanswered on the shared connection waits for Nagle's timer.
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(connect)?;
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(connect)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)))
@@ -254,6 +325,56 @@ impl State {
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("save task"))
+    }
+
+    /// Overwrites several task records in one round trip; each joins or leaves the active set
+    /// as [`State::save_task`] does.
+    pub async fn save_tasks(&self, tasks: &[&Task]) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for task in tasks {
+            pipe.set(task_key(task.id), codec::encode(*task));
+            if task.status.is_terminal() {
+                pipe.srem(ACTIVE, task.id.to_string());
+            } else {
+                pipe.sadd(ACTIVE, task.id.to_string());
+            }
+        }
+        pipe.exec_async(&mut conn)
+            .await
+            .map_err(redis_err("save tasks"))
+    }
+
+    /// Saves a task after applying a job result, with the result's bookkeeping, in one round
+    /// trip (see [`APPLY_RESULT`]); false, and nothing written, when the result is fenced out:
+    /// another worker took the attempt's lease since.
+    pub async fn save_result(&self, task: &Task, w: &ResultWrite<'_>) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let stats = w.stats.map(|f| {
+            (
+                stats_key(f.role, f.model),
+                format!("{} {} {}", f.duration_ms, f.cost_usd, f.tokens),
+            )
+        });
+        let written: i64 = APPLY_RESULT_SCRIPT
+            .key(keys::job_fence(w.job, w.attempt))
+            .key(task_key(task.id))
+            .key(ACTIVE)
+            .key(day_key(w.finished_at_ms))
+            .key(stats.as_ref().map_or("orch:stats:none", |s| s.0.as_str()))
+            .arg(w.fence)
+            .arg(codec::encode(task))
+            .arg(u8::from(task.status.is_terminal()))
+            .arg(task.id.to_string())
+            .arg(format!("{}:{}", w.job, w.attempt))
+            .arg(w.cost_usd)
+            .arg(stats.as_ref().map_or("", |s| s.1.as_str()))
+            .arg(STATS_KEPT)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("save task"))?;
+        Ok(written == 1)
     }
 
     pub async fn load_task(&self, id: TaskId) -> Result<Option<Task>, Error> {
@@ -381,14 +502,6 @@ impl State {
             .map_err(redis_err("index jobs"))
     }
 
-    /// The fencing token of the latest worker to take a job attempt's lease.
-    pub async fn current_fence(&self, job: JobId, attempt: u32) -> Result<Option<u64>, Error> {
-        let mut conn = self.conn.clone();
-        conn.get(keys::job_fence(job, attempt))
-            .await
-            .map_err(redis_err("read fence"))
-    }
-
     /// The task a job (agent) belongs to.
     pub async fn task_of_job(&self, job: JobId) -> Result<Option<TaskId>, Error> {
         let mut conn = self.conn.clone();
@@ -462,30 +575,11 @@ impl State {
             .collect())
     }
 
-    /// Records a finished job for estimates.
-    pub async fn record_job(
-        &self,
-        role: &str,
-        model: &str,
-        duration_ms: u64,
-        cost_usd: f64,
-        tokens: u64,
-    ) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        let key = format!("orch:stats:{role}:{model}");
-        redis::pipe()
-            .lpush(&key, format!("{duration_ms} {cost_usd} {tokens}"))
-            .ltrim(&key, 0, STATS_KEPT - 1)
-            .exec_async(&mut conn)
-            .await
-            .map_err(redis_err("record job"))
-    }
-
     /// Median and p90 of the finished jobs of a role and model, if any finished.
     pub async fn job_stats(&self, role: &str, model: &str) -> Result<Option<JobStats>, Error> {
         let mut conn = self.conn.clone();
         let rows: Vec<String> = conn
-            .lrange(format!("orch:stats:{role}:{model}"), 0, -1)
+            .lrange(stats_key(role, model), 0, -1)
             .await
             .map_err(redis_err("job stats"))?;
         let mut durations = Vec::new();
@@ -528,7 +622,7 @@ impl State {
         limit: f64,
     ) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let ok: i64 = redis::Script::new(RESERVE_DAILY)
+        let ok: i64 = RESERVE_DAILY_SCRIPT
             .key(day_key(orch_shared::now_ms()))
             .arg(format!("{job}:{attempt}"))
             .arg(estimate)
@@ -549,7 +643,7 @@ impl State {
         finished_at_ms: u64,
     ) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let settled: i64 = redis::Script::new(SETTLE_DAILY)
+        let settled: i64 = SETTLE_DAILY_SCRIPT
             .key(day_key(finished_at_ms))
             .arg(format!("{job}:{attempt}"))
             .arg(cost)

@@ -12,6 +12,7 @@ use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{CancelJob, JobResult, JobSpec};
 use orch_shared::subject;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +41,11 @@ pub enum Error {
 
 /// A cheap, cloneable handle on the NATS connection.
 #[derive(Clone)]
-pub struct Transport {
+pub struct Transport(Arc<Links>);
+
+/// The connection and its JetStream context, behind one pointer: the handle is cloned into
+/// every request and lane, and cloning a NATS client copies several channels and counters.
+struct Links {
     client: async_nats::Client,
     js: jetstream::Context,
 }
@@ -53,8 +58,29 @@ pub struct ResultDelivery {
 
 impl ResultDelivery {
     pub async fn ack(self) {
+        self.into_parts().1.ack().await
+    }
+
+    /// The result, and what acks it once it has been applied.
+    pub fn into_parts(self) -> (JobResult, ResultAck) {
+        let ack = ResultAck {
+            job_id: self.result.job_id,
+            msg: self.msg,
+        };
+        (self.result, ack)
+    }
+}
+
+/// Acks a result's message (see [`ResultDelivery::into_parts`]).
+pub struct ResultAck {
+    job_id: orch_shared::ids::JobId,
+    msg: jetstream::Message,
+}
+
+impl ResultAck {
+    pub async fn ack(self) {
         if let Err(e) = self.msg.ack().await {
-            tracing::warn!(error = %e, job_id = %self.result.job_id, "failed to ack result");
+            tracing::warn!(error = %e, job_id = %self.job_id, "failed to ack result");
         }
     }
 }
@@ -94,6 +120,14 @@ pub struct StoredEvent {
 }
 
 impl Transport {
+    fn client(&self) -> &async_nats::Client {
+        &self.0.client
+    }
+
+    fn js(&self) -> &jetstream::Context {
+        &self.0.js
+    }
+
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let client = async_nats::ConnectOptions::new()
             .name("orch-coordinator")
@@ -108,11 +142,11 @@ impl Transport {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
             .build(client.clone());
-        Ok(Self { client, js })
+        Ok(Self(Arc::new(Links { client, js })))
     }
 
     pub fn is_connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.client().connection_state() == async_nats::connection::State::Connected
     }
 
     /// Creates or updates the streams and the durable consumers. The coordinator owns the
@@ -122,7 +156,7 @@ impl Transport {
             let what = what.to_string();
             move |e: Box<dyn std::error::Error + Send + Sync>| Error::Topology { what, source: e }
         };
-        self.js
+        self.js()
             .create_or_update_stream(stream::Config {
                 name: subject::JOBS_STREAM.into(),
                 subjects: vec![subject::JOBS_SUBJECTS.into()],
@@ -135,7 +169,7 @@ impl Transport {
             })
             .await
             .map_err(|e| topo("jobs stream")(e.into()))?;
-        self.js
+        self.js()
             .create_or_update_stream(stream::Config {
                 name: subject::EVENTS_STREAM.into(),
                 subjects: vec![subject::EVENTS_SUBJECTS.into()],
@@ -148,7 +182,7 @@ impl Transport {
             })
             .await
             .map_err(|e| topo("events stream")(e.into()))?;
-        self.js
+        self.js()
             .create_or_update_stream(stream::Config {
                 name: subject::RESULTS_STREAM.into(),
                 subjects: vec![subject::RESULTS_SUBJECTS.into()],
@@ -162,7 +196,7 @@ impl Transport {
             .await
             .map_err(|e| topo("results stream")(e.into()))?;
         let jobs = self
-            .js
+            .js()
             .get_stream(subject::JOBS_STREAM)
             .await
             .map_err(|e| topo("jobs stream")(e.into()))?;
@@ -187,7 +221,7 @@ impl Transport {
             max_ack_pending: 10_000,
             ..Default::default()
         };
-        self.js
+        self.js()
             .create_or_update_stream(stream::Config {
                 name: subject::TASKS_STREAM.into(),
                 subjects: vec![subject::TASKS_SUBJECTS.into()],
@@ -200,7 +234,7 @@ impl Transport {
             .await
             .map_err(|e| topo("tasks stream")(e.into()))?;
         let results = self
-            .js
+            .js()
             .get_stream(subject::RESULTS_STREAM)
             .await
             .map_err(|e| topo("results stream")(e.into()))?;
@@ -208,14 +242,14 @@ impl Transport {
             .await
             .map_err(topo("results consumer"))?;
         if self
-            .js
+            .js()
             .get_object_store(subject::SESSIONS_BUCKET)
             .await
             .is_err()
         {
             // A worker may have created it first (workers create it if it is missing, for a
             // coordinator of an older version): an identical create is accepted.
-            self.js
+            self.js()
                 .create_object_store(jetstream::object_store::Config {
                     bucket: subject::SESSIONS_BUCKET.into(),
                     description: Some("agents' sessions, one object per agent (job id)".into()),
@@ -232,7 +266,7 @@ impl Transport {
 
     /// Deletes the stored sessions of these agents (those that have one).
     pub async fn purge_sessions(&self, jobs: &[orch_shared::ids::JobId]) -> Result<(), Error> {
-        let Ok(store) = self.js.get_object_store(subject::SESSIONS_BUCKET).await else {
+        let Ok(store) = self.js().get_object_store(subject::SESSIONS_BUCKET).await else {
             return Ok(());
         };
         for job in jobs {
@@ -252,9 +286,16 @@ impl Transport {
     /// messages are sent before the first ack is awaited, so a batch costs one round trip. A
     /// job's message id makes a second publish of the same attempt a no-op inside the dedup
     /// window.
+    ///
+    /// Only the last event of a batch asks for an ack: the messages go out in order on one
+    /// connection and JetStream stores those of one stream in the order they arrive, so its
+    /// ack confirms the events before it (one message each instead of two).
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), Error> {
+        let last_event = messages
+            .iter()
+            .rposition(|m| matches!(m, Outgoing::Event(_)));
         let mut acks = Vec::with_capacity(messages.len());
-        for message in messages {
+        for (i, message) in messages.iter().enumerate() {
             let (subject, publish) = match message {
                 Outgoing::Job(spec) => (
                     subject::job(subject::DEFAULT_POOL),
@@ -262,6 +303,17 @@ impl Transport {
                         .message_id(subject::job_msg_id(spec.job_id, spec.attempt))
                         .payload(codec::encode(spec).into()),
                 ),
+                Outgoing::Event(event) if Some(i) != last_event => {
+                    let subject = subject::event(event.task_id, event.kind.name());
+                    self.client()
+                        .publish(subject.clone(), codec::encode(event).into())
+                        .await
+                        .map_err(|e| Error::Publish {
+                            subject,
+                            source: e.into(),
+                        })?;
+                    continue;
+                }
                 Outgoing::Event(event) => (
                     subject::event(event.task_id, event.kind.name()),
                     jetstream::message::PublishMessage::build()
@@ -274,7 +326,7 @@ impl Transport {
                 ),
             };
             let ack = self
-                .js
+                .js()
                 .send_publish(subject.clone(), publish)
                 .await
                 .map_err(|e| Error::Publish {
@@ -300,7 +352,7 @@ impl Transport {
             source: e,
         };
         let stream = self
-            .js
+            .js()
             .get_stream(subject::RESULTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -339,7 +391,7 @@ impl Transport {
     /// job carries the same facts, so a missed one only delays the `running` status).
     pub async fn job_started(&self) -> Result<impl Stream<Item = Event> + use<>, Error> {
         let sub = self
-            .client
+            .client()
             .subscribe(subject::ALL_JOB_STARTED)
             .await
             .map_err(|e| Error::Read {
@@ -360,7 +412,7 @@ impl Transport {
             source: e,
         };
         let stream = self
-            .js
+            .js()
             .get_stream(subject::EVENTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -391,14 +443,14 @@ impl Transport {
     /// Tells every worker to stop a job attempt (core NATS: the workers running it act within
     /// milliseconds; one that pulls it later finds the cancel marker in Redis).
     pub async fn publish_cancel(&self, cancel: &CancelJob) -> Result<(), Error> {
-        self.client
+        self.client()
             .publish(subject::CONTROL_CANCEL, codec::encode(cancel).into())
             .await
             .map_err(|e| Error::Publish {
                 subject: subject::CONTROL_CANCEL.into(),
                 source: e.into(),
             })?;
-        self.client.flush().await.map_err(|e| Error::Publish {
+        self.client().flush().await.map_err(|e| Error::Publish {
             subject: subject::CONTROL_CANCEL.into(),
             source: e.into(),
         })
@@ -415,7 +467,7 @@ impl Transport {
             source: e,
         };
         let mut stream = self
-            .js
+            .js()
             .get_stream(stream_name)
             .await
             .map_err(|e| read(e.into()))?;
@@ -476,7 +528,7 @@ impl Transport {
         let body = serde_json::to_vec(request).map_err(|e| err(e.into()))?;
         let reply = tokio::time::timeout(
             Duration::from_secs(30),
-            self.client.request(LEADER_HTTP, body.into()),
+            self.client().request(LEADER_HTTP, body.into()),
         )
         .await
         .map_err(|e| err(e.into()))?
@@ -486,7 +538,7 @@ impl Transport {
 
     /// Writes forwarded by standbys (the leader answers them; one leader, so one queue group).
     pub async fn forwarded(&self) -> Result<async_nats::Subscriber, Error> {
-        self.client
+        self.client()
             .queue_subscribe(LEADER_HTTP, "leader".into())
             .await
             .map_err(|e| Error::Read {
@@ -498,13 +550,13 @@ impl Transport {
     /// Answers a forwarded write.
     pub async fn answer(&self, reply_to: async_nats::Subject, reply: &ForwardedReply) {
         if let Ok(body) = serde_json::to_vec(reply) {
-            let _ = self.client.publish(reply_to, body.into()).await;
+            let _ = self.client().publish(reply_to, body.into()).await;
         }
     }
 
     /// Flushes buffered messages before shutdown.
     pub async fn drain(&self) {
-        let _ = self.client.flush().await;
+        let _ = self.client().flush().await;
     }
 }
 

@@ -394,3 +394,56 @@ async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
         "Redis rebuilt from the durable log"
     ));
 }
+
+/// Two deliveries of one attempt at once (JetStream can redeliver right after a restart): the
+/// later claim takes the lease, and the earlier holder, whose result the coordinator fences
+/// out, must neither mark the attempt done nor ack it — either would end the holder's run
+/// (a hand-back of its delivery would then find nothing to redeliver).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_lost_its_lease_leaves_the_attempt_to_the_new_holder() {
+    use orch_shared::ids::WorkerId;
+    use orch_worker::state::{Claim, State};
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, url) = orch_tests::redis(dir.path());
+    let state = State::connect(&url).await.unwrap();
+    let job = JobId::new();
+    let ttl = Duration::from_secs(30);
+    let claim = |w: &str| {
+        let state = state.clone();
+        let w = WorkerId(w.into());
+        async move {
+            match state.claim(&w, job, 1, ttl).await.unwrap() {
+                Claim::Leased(l) => l,
+                Claim::Skip(why) => panic!("skipped: {why}"),
+            }
+        }
+    };
+    let first = claim("w1").await;
+    let second = claim("w2").await;
+    assert!(second.fence > first.fence);
+    assert!(
+        !state.finish(job, 1, Some(&first)).await.unwrap(),
+        "the stale holder must not finish the attempt"
+    );
+    // Nothing was marked: the attempt can still be claimed (it is not "done").
+    assert!(matches!(
+        state
+            .claim(&WorkerId("w3".into()), job, 1, ttl)
+            .await
+            .unwrap(),
+        Claim::Leased(_)
+    ));
+    // The holder of the latest lease finishes it; later deliveries are skipped.
+    let last = claim("w4").await;
+    assert!(state.finish(job, 1, Some(&last)).await.unwrap());
+    assert!(matches!(
+        state
+            .claim(&WorkerId("w5".into()), job, 1, ttl)
+            .await
+            .unwrap(),
+        Claim::Skip(_)
+    ));
+    // A run without a lease (Redis was unreachable when it started) always marks.
+    let other = JobId::new();
+    assert!(state.finish(other, 1, None).await.unwrap());
+}

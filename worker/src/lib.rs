@@ -140,14 +140,15 @@ pub async fn run(
     }
     tracing::info!(worker_id = %id, slots = config.slots, ack_wait = ?transport.ack_wait, "worker pulling jobs");
 
-    let runner = Runner {
+    // Shared by every job: a job's task takes a pointer, not a copy of each handle.
+    let runner = Arc::new(Runner {
         transport: transport.clone(),
         state: state.clone(),
         worker_id: id.clone(),
         agent: Arc::new(agent::Backends::from_config(&config).with_sessions(sessions.clone())),
         running: Default::default(),
         sessions: Some(sessions),
-    };
+    });
     {
         let mut cancels = Box::pin(transport.cancellations().await?);
         let (running, cancel) = (runner.running.clone(), bg_cancel.clone());
@@ -206,7 +207,7 @@ pub async fn run(
 /// pull request still open) are handed back at once.
 async fn pull_loop(
     transport: &Transport,
-    runner: &Runner,
+    runner: &Arc<Runner>,
     jobs: &TaskTracker,
     busy: &Arc<AtomicU32>,
     slots: u32,

@@ -5,8 +5,8 @@
 use crate::agent::{Agent, Events, Report};
 use crate::metrics as m;
 use crate::session::SessionStore;
-use crate::state::{Lease, State};
-use crate::transport::{JobDelivery, PendingAck, Transport};
+use crate::state::{Claim, Lease, State};
+use crate::transport::{JobDelivery, Transport};
 use backon::{ExponentialBuilder, Retryable};
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::{JobId, WorkerId};
@@ -58,10 +58,11 @@ impl Runner {
         }
     }
 
-    async fn send(&self, job: &JobDelivery, kind: EventKind, pending: &mut Vec<PendingAck>) {
-        match self.transport.send_event(&self.event(job, kind)).await {
-            Ok(ack) => pending.push(ack),
-            Err(e) => tracing::warn!(error = %e, "failed to send event"),
+    /// Publishes an event without waiting for JetStream's ack; the acked `job_finished`
+    /// event at the end confirms every earlier one (see [`Transport::publish_event`]).
+    async fn send(&self, job: &JobDelivery, kind: EventKind) {
+        if let Err(e) = self.transport.publish_event(&self.event(job, kind)).await {
+            tracing::warn!(error = %e, "failed to send event");
         }
     }
 
@@ -77,35 +78,29 @@ impl Runner {
         if job.delivery > 1 {
             metrics::counter!(m::JOBS_REDELIVERED).increment(1);
         }
-        match self.state.skip_reason(spec.job_id, spec.attempt).await {
-            Ok(Some(why)) => {
+        // One round trip checks the done and cancel markers and takes the lease. The lease's
+        // TTL is the ack wait: a worker that stops renewing loses the attempt at the same
+        // moment JetStream gives the job to another worker.
+        let lease_ttl = self.transport.ack_wait;
+        let mut lease = match self
+            .state
+            .claim(&self.worker_id, spec.job_id, spec.attempt, lease_ttl)
+            .await
+        {
+            Ok(Claim::Skip(why)) => {
                 tracing::info!(why, "job attempt not to be run; acking it");
                 metrics::counter!(m::JOBS_ALREADY_DONE).increment(1);
                 let _ = job.ack().await;
                 return;
             }
-            Ok(None) => {}
+            Ok(Claim::Leased(lease)) => Some(lease),
             Err(e) => {
-                tracing::warn!(error = %e, "could not check the job markers; running the job")
-            }
-        }
-        // The lease's TTL is the ack wait: a worker that stops renewing loses the attempt at
-        // the same moment JetStream gives the job to another worker.
-        let lease_ttl = self.transport.ack_wait;
-        let lease = match self
-            .state
-            .acquire(&self.worker_id, spec.job_id, spec.attempt, lease_ttl)
-            .await
-        {
-            Ok(lease) => Some(lease),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not take the job's lease; running unfenced");
+                tracing::warn!(error = %e, "could not claim the job; running it unfenced");
                 None
             }
         };
         metrics::counter!(m::JOBS_STARTED).increment(1);
         let started_at_ms = orch_shared::now_ms();
-        let mut pending = Vec::new();
         self.send(
             &job,
             EventKind::JobStarted {
@@ -115,7 +110,6 @@ impl Runner {
                 model: self.agent.model_for(&spec),
                 delivery: job.delivery,
             },
-            &mut pending,
         )
         .await;
 
@@ -145,9 +139,9 @@ impl Runner {
         let output = loop {
             tokio::select! {
                 out = &mut agent_run => break Some(out),
-                Some(kind) = rx.recv() => self.send(&job, kind, &mut pending).await,
+                Some(kind) = rx.recv() => self.send(&job, kind).await,
                 _ = keepalive.tick() => {
-                    if !self.still_holds(lease.as_ref(), lease_ttl).await {
+                    if !self.still_holds(lease.as_mut(), lease_ttl, true).await {
                         // Paused or cut off past the ack wait: another worker owns the attempt.
                         tracing::warn!("lease lost: another worker took the job; dropping it");
                         metrics::counter!(m::LEASES_LOST).increment(1);
@@ -158,7 +152,7 @@ impl Runner {
                     if let Err(e) = job.in_progress().await {
                         tracing::warn!(error = %e, "in-progress ack failed");
                     }
-                    self.send(&job, EventKind::Heartbeat, &mut pending).await;
+                    self.send(&job, EventKind::Heartbeat).await;
                 }
                 _ = &mut timeout => {
                     agent_cancel.cancel();
@@ -178,7 +172,7 @@ impl Runner {
             }
         };
         while let Ok(kind) = rx.try_recv() {
-            self.send(&job, kind, &mut pending).await;
+            self.send(&job, kind).await;
         }
         // The drain deadline also cancels the agent, which may then report "cancelled" before
         // the deadline branch is seen: that is a hand-back, not the job's outcome.
@@ -203,7 +197,8 @@ impl Runner {
             Outcome::Success => (true, None, None),
             Outcome::Failure { reason, message } => (false, Some(*reason), Some(message.clone())),
         };
-        self.send(
+        // The last event is acked: once it is stored, every earlier event of the job is too.
+        let finished = self.event(
             &job,
             EventKind::JobFinished {
                 success,
@@ -213,15 +208,21 @@ impl Runner {
                 cost_usd: output.cost_usd,
                 duration_ms: finished_at_ms.saturating_sub(started_at_ms),
             },
-            &mut pending,
-        )
-        .await;
-        for ack in pending {
-            if let Err(e) = ack.wait().await {
-                tracing::warn!(error = %e, "event was not stored");
+        );
+        let events_stored = async {
+            match self.transport.send_event(&finished).await {
+                Ok(ack) => ack.wait().await,
+                Err(e) => Err(e),
             }
+        };
+        let (stored, held) = tokio::join!(
+            events_stored,
+            self.still_holds(lease.as_mut(), lease_ttl, false)
+        );
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, "the job's events were not stored");
         }
-        if !self.still_holds(lease.as_ref(), lease_ttl).await {
+        if !held {
             // Publishing now would only be fenced out (and acking could ack the new owner's
             // delivery): leave the attempt to the worker that holds it.
             tracing::warn!("lease lost before the result was published; dropping it");
@@ -281,27 +282,43 @@ impl Runner {
             Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
         };
         metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
-        if let Err(e) = self.state.mark_done(spec.job_id, spec.attempt).await {
-            tracing::warn!(error = %e, "could not set the done marker");
+        // One round trip sets the done marker and drops the lease (it expires by itself if
+        // this fails).
+        match self
+            .state
+            .finish(spec.job_id, spec.attempt, lease.as_ref())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another worker took the attempt while this one published: this result is
+                // fenced out. Marking the attempt done or acking it would end the holder's run
+                // (a hand-back of its delivery would find nothing to redeliver).
+                tracing::warn!(
+                    "lease taken over after the result was published; leaving the attempt to its holder"
+                );
+                metrics::counter!(m::LEASES_LOST).increment(1);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not set the done marker"),
         }
         if let Err(e) = job.ack().await {
             // The result is stored; a redelivery will find the done marker (or be a duplicate
             // the coordinator ignores).
             tracing::warn!(error = %e, "ack failed after the result was stored");
         }
-        if let Some(lease) = &lease
-            && let Err(e) = self.state.release(lease).await
-        {
-            tracing::debug!(error = %e, "could not release the lease (it expires by itself)");
-        }
     }
 
-    /// Renews the lease; true while this worker holds it (or when there is none to check, or
-    /// Redis cannot tell: losing Redis must not stop every running agent).
-    async fn still_holds(&self, lease: Option<&Lease>, ttl: Duration) -> bool {
+    /// Whether this worker still holds the lease (true when there is none to check, or Redis
+    /// cannot tell: losing Redis must not stop every running agent). With `extend` the lease
+    /// is renewed; without, a lease confirmed moments ago is not asked about again.
+    async fn still_holds(&self, lease: Option<&mut Lease>, ttl: Duration, extend: bool) -> bool {
         let Some(lease) = lease else {
             return true;
         };
+        if !extend && lease.surely_held(ttl) {
+            return true;
+        }
         match self.state.renew(lease, ttl).await {
             Ok(held) => held,
             Err(e) => {

@@ -3,7 +3,6 @@
 
 use orch_shared::ids::{JobId, WorkerId};
 use orch_shared::keys::{self, worker_field};
-use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use std::time::Duration;
 
@@ -30,13 +29,30 @@ fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |source| Error::Redis { op, source }
 }
 
-/// Takes the lease on a job attempt with a new fencing token.
-/// KEYS: fence counter, lease. ARGV: worker id, ttl ms. Returns the token.
-const ACQUIRE: &str = r#"
-local f = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], 604800)
-redis.call('SET', KEYS[2], ARGV[1] .. ':' .. f, 'PX', ARGV[2])
+/// Claims a job attempt in one round trip: if its done or cancel marker is set, says so and
+/// takes nothing; otherwise takes the lease with a new fencing token.
+/// KEYS: done marker, cancel marker, fence counter, lease. ARGV: worker id, ttl ms.
+/// Returns the token, or -1 (already finished) / -2 (cancelled).
+const CLAIM: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
+local f = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], 604800)
+redis.call('SET', KEYS[4], ARGV[1] .. ':' .. f, 'PX', ARGV[2])
 return f
+"#;
+
+/// Ends a job attempt whose result is stored, in one round trip: sets the done marker and
+/// drops the lease, unless another worker holds the lease now (then it returns 0 and changes
+/// nothing: this worker's result was fenced out, and the attempt, its marker and its ack
+/// belong to the holder). An empty lease value (an unfenced run) always marks.
+/// KEYS: done marker, lease. ARGV: done ttl s, lease value.
+const FINISH: &str = r#"
+local holder = redis.call('GET', KEYS[2])
+if ARGV[2] ~= '' and holder and holder ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], 1, 'EX', ARGV[1])
+if holder and holder == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
 "#;
 
 /// Extends the lease if this worker still holds it. KEYS: lease. ARGV: value, ttl ms.
@@ -48,13 +64,13 @@ end
 return 0
 "#;
 
-/// Drops the lease if this worker still holds it. KEYS: lease. ARGV: value.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
+// The scripts, hashed once (`Script::new` computes the SHA1 the server caches them by).
+static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CLAIM));
+static RENEW_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RENEW));
+static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(FINISH));
 
 /// A worker's lease on a job attempt and its fencing token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +79,49 @@ pub struct Lease {
     pub attempt: u32,
     pub fence: u64,
     value: String,
+    /// When Redis last confirmed the lease (taken or renewed), by this process's clocks.
+    confirmed: Confirmed,
+}
+
+/// Both clocks: the monotonic one runs on while the process is stopped (SIGSTOP), the wall
+/// clock also while the machine sleeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Confirmed {
+    at: std::time::Instant,
+    wall_ms: u64,
+}
+
+impl Confirmed {
+    fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            wall_ms: orch_shared::now_ms(),
+        }
+    }
+
+    fn within(&self, d: Duration) -> bool {
+        let wall = orch_shared::now_ms().saturating_sub(self.wall_ms);
+        self.at.elapsed() < d && u128::from(wall) < d.as_millis()
+    }
+}
+
+/// What [`State::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The attempt is this worker's to run.
+    Leased(Lease),
+    /// The attempt must not run: why.
+    Skip(&'static str),
+}
+
+impl Lease {
+    /// Whether the lease is certainly still held without asking Redis: it was confirmed less
+    /// than half its TTL ago. Another worker can only take it after JetStream redelivers the
+    /// job, which happens a whole ack wait (the TTL) after this worker received it or last
+    /// kept it alive; a process paused for longer fails this check and asks Redis.
+    pub fn surely_held(&self, ttl: Duration) -> bool {
+        self.confirmed.within(ttl / 2)
+    }
 }
 
 /// What the worker tells the cluster about itself.
@@ -86,7 +145,11 @@ impl State {
             url: orch_shared::redact_url(url),
             source,
         };
-        let client = redis::Client::open(url).map_err(connect)?;
+        // Requests are small and answered at once: without TCP_NODELAY a request written
+        // while another is unanswered on the shared connection waits for Nagle's timer.
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(connect)?;
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(connect)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)))
@@ -134,83 +197,74 @@ impl State {
             .map_err(redis_err("deregister worker"))
     }
 
-    /// Why this job attempt must not run: it already finished with a durable result, or the
-    /// coordinator cancelled it. One round trip.
-    pub async fn skip_reason(
-        &self,
-        job: JobId,
-        attempt: u32,
-    ) -> Result<Option<&'static str>, Error> {
-        let mut conn = self.conn.clone();
-        let (done, cancelled): (bool, bool) = redis::pipe()
-            .exists(keys::job_done(job, attempt))
-            .exists(keys::job_cancelled(job, attempt))
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err("check job markers"))?;
-        Ok(if done {
-            Some("already finished")
-        } else if cancelled {
-            Some("cancelled")
-        } else {
-            None
-        })
-    }
-
-    /// Marks a job attempt as finished (after its result is stored in JetStream).
-    pub async fn mark_done(&self, job: JobId, attempt: u32) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        conn.set_ex(keys::job_done(job, attempt), 1, DONE_TTL_SECS)
-            .await
-            .map_err(redis_err("mark job done"))
-    }
-
-    /// Takes the lease on a job attempt; the returned fence outranks every earlier taker's.
-    pub async fn acquire(
+    /// Claims a job attempt: [`Claim::Skip`] when it already finished with a durable result
+    /// or the coordinator cancelled it, else its lease with a fence that outranks every
+    /// earlier taker's. One round trip.
+    pub async fn claim(
         &self,
         worker: &WorkerId,
         job: JobId,
         attempt: u32,
         ttl: Duration,
-    ) -> Result<Lease, Error> {
+    ) -> Result<Claim, Error> {
         let mut conn = self.conn.clone();
-        let fence: u64 = redis::Script::new(ACQUIRE)
+        let fence: i64 = CLAIM_SCRIPT
+            .key(keys::job_done(job, attempt))
+            .key(keys::job_cancelled(job, attempt))
             .key(keys::job_fence(job, attempt))
             .key(keys::job_lease(job, attempt))
             .arg(&worker.0)
             .arg(ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("acquire lease"))?;
-        Ok(Lease {
-            job,
-            attempt,
-            fence,
-            value: format!("{}:{fence}", worker.0),
+            .map_err(redis_err("claim job"))?;
+        Ok(match fence {
+            -1 => Claim::Skip("already finished"),
+            -2 => Claim::Skip("cancelled"),
+            fence => Claim::Leased(Lease {
+                job,
+                attempt,
+                fence: fence as u64,
+                value: format!("{}:{fence}", worker.0),
+                confirmed: Confirmed::now(),
+            }),
         })
     }
 
     /// Extends the lease; false when another worker took the attempt (or the lease lapsed).
-    pub async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, Error> {
+    pub async fn renew(&self, lease: &mut Lease, ttl: Duration) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let held: i64 = redis::Script::new(RENEW)
+        let asked = Confirmed::now();
+        let held: i64 = RENEW_SCRIPT
             .key(keys::job_lease(lease.job, lease.attempt))
             .arg(&lease.value)
             .arg(ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("renew lease"))?;
+        if held == 1 {
+            lease.confirmed = asked;
+        }
         Ok(held == 1)
     }
 
-    pub async fn release(&self, lease: &Lease) -> Result<(), Error> {
+    /// Marks a job attempt as finished (after its result is stored in JetStream) and drops
+    /// its lease if this worker still holds it.
+    pub async fn finish(
+        &self,
+        job: JobId,
+        attempt: u32,
+        lease: Option<&Lease>,
+    ) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let _: i64 = redis::Script::new(RELEASE)
-            .key(keys::job_lease(lease.job, lease.attempt))
-            .arg(&lease.value)
+        let marked: i64 = FINISH_SCRIPT
+            .key(keys::job_done(job, attempt))
+            .key(keys::job_lease(job, attempt))
+            .arg(DONE_TTL_SECS)
+            .arg(lease.map_or("", |l| l.value.as_str()))
             .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("release lease"))?;
-        Ok(())
+            .map_err(redis_err("mark job done"))?;
+        Ok(marked == 1)
     }
 }

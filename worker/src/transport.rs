@@ -70,9 +70,10 @@ impl JobDelivery {
             })
     }
 
-    /// Acknowledges the job and waits for the server to confirm.
+    /// Acknowledges the job without waiting for the server to confirm: the done marker is set
+    /// before, so a lost ack only means a redelivered copy that is acked without running.
     pub async fn ack(&self) -> Result<(), Error> {
-        self.msg.double_ack().await.map_err(|source| Error::Ack {
+        self.msg.ack().await.map_err(|source| Error::Ack {
             what: "ack",
             source,
         })
@@ -177,6 +178,21 @@ impl Transport {
                 }
             }
         }))
+    }
+
+    /// Publishes an event to the log without asking JetStream for an ack (one message instead
+    /// of two). Events of one job go out in order on one connection and JetStream stores the
+    /// messages of a stream in the order they arrive, so the acked [`Transport::send_event`]
+    /// that follows them confirms they were all processed.
+    pub async fn publish_event(&self, event: &Event) -> Result<(), Error> {
+        let subject = subject::event(event.task_id, event.kind.name());
+        self.client
+            .publish(subject.clone(), codec::encode(event).into())
+            .await
+            .map_err(|e| Error::Publish {
+                subject,
+                source: e.into(),
+            })
     }
 
     /// Sends an event without waiting for its ack; await the returned future before the result

@@ -44,7 +44,7 @@ impl Transport {
     pub async fn queue_info(&self) -> Result<QueueInfo, Error> {
         let read = read_err("the job queue's consumer info");
         let stream = self
-            .js
+            .js()
             .get_stream(subject::JOBS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -69,7 +69,7 @@ impl Transport {
     ) -> Result<impl Stream<Item = StoredEvent> + use<>, Error> {
         let read = read_err("the cluster's events");
         let stream = self
-            .js
+            .js()
             .get_stream(subject::EVENTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -112,7 +112,7 @@ impl Transport {
         };
         let read = read_err(what);
         let stream = self
-            .js
+            .js()
             .get_stream(subject::EVENTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -170,7 +170,7 @@ impl Transport {
     pub async fn purge_task(&self, task: TaskId) -> Result<(u64, u64), Error> {
         let read = read_err(format!("the streams of task {task}"));
         let events = self
-            .js
+            .js()
             .get_stream(subject::EVENTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -181,7 +181,7 @@ impl Transport {
             .map_err(|e| read(e.into()))?
             .purged;
         let results = self
-            .js
+            .js()
             .get_stream(subject::RESULTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -193,7 +193,7 @@ impl Transport {
             .purged;
         // And its snapshot, or a rebuild of Redis from the log would bring the task back.
         let tasks = self
-            .js
+            .js()
             .get_stream(subject::TASKS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
@@ -217,7 +217,7 @@ impl Transport {
             "job_dead_lettered",
         ] {
             let sub = self
-                .client
+                .client()
                 .subscribe(format!("orch.events.*.{kind}"))
                 .await
                 .map_err(|e| Error::Read {

@@ -1,0 +1,336 @@
+//! The cluster a scenario measures: `nats-server` (file storage, from the test-support crate),
+//! a `redis-server` started here with the settings of the anchor it is compared to, one
+//! coordinator and N workers taken from a binary folder (this build's, or a baseline build's
+//! for before/after figures in the same run).
+
+use anyhow::{Context, bail};
+use orch_tests::{Server, TOKEN};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How the benchmark's Redis persists, named after the anchor that runs Redis that way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// No RDB snapshots, no append-only file: `celery/run.sh`'s own Redis (`--save ""
+    /// --appendonly no`). jsbench runs on the same Redis, so every ratio compares like with like.
+    Anchor,
+    /// The test-support settings: append-only file with `appendfsync always`.
+    Durable,
+}
+
+impl RedisMode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            RedisMode::Anchor => "no persistence (--save \"\" --appendonly no, as celery/run.sh)",
+            RedisMode::Durable => {
+                "append-only file, appendfsync always (as the test-support crate)"
+            }
+        }
+    }
+}
+
+/// The shape of a benchmark cluster.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub workers: usize,
+    pub slots: u32,
+    pub ack_wait: Duration,
+    pub redis: RedisMode,
+    /// Where `orch-coordinator`, `orch-worker` and `orchctl` are.
+    pub bin_dir: PathBuf,
+    /// Workers serve `/metrics` on a free port.
+    pub worker_metrics: bool,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nats: Server,
+    pub nats_url: String,
+    pub redis: Server,
+    pub redis_url: String,
+    pub coordinator: Server,
+    pub url: String,
+    pub workers: Vec<Server>,
+    /// `/metrics` of each worker, when [`Spec::worker_metrics`].
+    pub worker_metrics: Vec<String>,
+    pub spec: Spec,
+    http: reqwest::Client,
+}
+
+fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> anyhow::Result<Server> {
+    let log = dir.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
+    Ok(Server {
+        name: name.to_string(),
+        child,
+        log,
+    })
+}
+
+fn redis(dir: &Path, mode: RedisMode) -> anyhow::Result<(Server, String)> {
+    let data = dir.join("redis");
+    std::fs::create_dir_all(&data)?;
+    for _ in 0..5 {
+        let port = orch_tests::free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match mode {
+            RedisMode::Anchor => cmd.args(["--appendonly", "no"]),
+            RedisMode::Durable => cmd.args(["--appendonly", "yes", "--appendfsync", "always"]),
+        };
+        cmd.arg("--dir").arg(&data);
+        let mut server = spawn("redis", &mut cmd, dir)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && server.is_running() {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok((server, format!("redis://127.0.0.1:{port}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    bail!("redis-server did not start on any of 5 free ports")
+}
+
+impl Cluster {
+    pub async fn start(spec: Spec) -> anyhow::Result<Cluster> {
+        for bin in ["orch-coordinator", "orch-worker", "orchctl"] {
+            let path = spec.bin_dir.join(bin);
+            if !path.is_file() {
+                bail!(
+                    "{} is missing: build the binaries first (`cargo build --release --workspace --bins`)",
+                    path.display()
+                );
+            }
+        }
+        let dir = tempfile::Builder::new().prefix("orch-bench-").tempdir()?;
+        let (nats, nats_url) = orch_tests::nats(dir.path());
+        let (redis, redis_url) = redis(dir.path(), spec.redis)?;
+        let addr_file = dir.path().join("coordinator.addr");
+        let mut cmd = Command::new(spec.bin_dir.join("orch-coordinator"));
+        cmd.args(["--listen", "127.0.0.1:0", "--nats-url", &nats_url])
+            .args([
+                "--redis-url",
+                &redis_url,
+                "--token",
+                TOKEN,
+                "--job-ack-wait",
+            ])
+            .arg(format!("{}ms", spec.ack_wait.as_millis()))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .env("ORCH_LOG", "info");
+        let coordinator = spawn("coordinator", &mut cmd, dir.path())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Some(a) = std::fs::read_to_string(&addr_file)
+                .ok()
+                .filter(|s| !s.is_empty())
+            {
+                break a;
+            }
+            if Instant::now() > deadline {
+                bail!("the coordinator did not listen\n{}", coordinator.tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let mut cluster = Cluster {
+            dir,
+            nats,
+            nats_url,
+            redis,
+            redis_url,
+            coordinator,
+            url: format!("http://{addr}"),
+            workers: vec![],
+            worker_metrics: vec![],
+            spec: spec.clone(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()?,
+        };
+        cluster.wait_ready().await?;
+        cluster.add_workers(spec.workers).await?;
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the coordinator is not ready\n{}",
+                    self.coordinator.tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts `n` more workers and waits until all have registered.
+    pub async fn add_workers(&mut self, n: usize) -> anyhow::Result<()> {
+        for _ in 0..n {
+            let id = format!("worker-{}", self.workers.len());
+            let mut cmd = Command::new(self.spec.bin_dir.join("orch-worker"));
+            cmd.args(["--nats-url", &self.nats_url, "--redis-url", &self.redis_url])
+                .args(["--id", &id, "--slots", &self.spec.slots.to_string()])
+                .args(["--drain-grace", "5s"])
+                .env("ORCH_LOG", "info");
+            if self.spec.worker_metrics {
+                let port = orch_tests::free_port();
+                cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+                self.worker_metrics
+                    .push(format!("http://127.0.0.1:{port}/metrics"));
+            }
+            self.workers.push(spawn(&id, &mut cmd, self.dir.path())?);
+        }
+        let want = self.workers.len();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.get("/v1/workers").await?;
+            if v["workers"].as_array().map_or(0, Vec::len) >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{want} workers did not register\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        Ok(r.json().await?)
+    }
+
+    pub fn orchctl(&self) -> Command {
+        let mut cmd = Command::new(self.spec.bin_dir.join("orchctl"));
+        cmd.args(["--server", &self.url, "--token", TOKEN])
+            .env("ORCH_HOME", self.dir.path())
+            .env_remove("ORCH_SERVER")
+            .env_remove("ORCH_TOKEN")
+            .env_remove("ORCH_CONFIG");
+        cmd
+    }
+
+    /// The last lines of every process's log, for error messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for server in [&self.coordinator, &self.nats, &self.redis]
+            .into_iter()
+            .chain(self.workers.iter().take(4))
+        {
+            s.push_str(&server.tail(20));
+        }
+        s
+    }
+
+    /// Pids of the server processes, for CPU accounting.
+    pub fn pids(&self) -> Pids {
+        Pids {
+            coordinator: self.coordinator.pid(),
+            workers: self.workers.iter().map(Server::pid).collect(),
+            nats: self.nats.pid(),
+            redis: self.redis.pid(),
+        }
+    }
+}
+
+/// The processes of a cluster.
+pub struct Pids {
+    pub coordinator: i32,
+    pub workers: Vec<i32>,
+    pub nats: i32,
+    pub redis: i32,
+}
+
+/// CPU seconds used so far by each part of a cluster (and by this process).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu {
+    pub coordinator: f64,
+    pub workers: f64,
+    pub nats: f64,
+    pub redis: f64,
+    pub bench: f64,
+}
+
+impl Pids {
+    pub fn cpu(&self) -> Cpu {
+        Cpu {
+            coordinator: cpu_s(self.coordinator),
+            workers: self.workers.iter().map(|p| cpu_s(*p)).sum(),
+            nats: cpu_s(self.nats),
+            redis: cpu_s(self.redis),
+            bench: cpu_s(std::process::id() as i32),
+        }
+    }
+}
+
+impl Cpu {
+    /// CPU milliseconds per item of each part between `self` (before) and `after`.
+    pub fn per_item_ms(&self, after: &Cpu, items: usize) -> Value {
+        let per = |a: f64, b: f64| (b - a) * 1000.0 / items.max(1) as f64;
+        serde_json::json!({
+            "coordinator": per(self.coordinator, after.coordinator),
+            "workers": per(self.workers, after.workers),
+            "nats": per(self.nats, after.nats),
+            "redis": per(self.redis, after.redis),
+            "bench_client": per(self.bench, after.bench),
+        })
+    }
+}
+
+/// Resident memory of a process in kB.
+pub fn rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) a process used so far.
+pub fn cpu_s(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // /proc reports clock ticks in USER_HZ, which is 100 on Linux.
+    ticks / 100.0
+}
