@@ -398,6 +398,7 @@ impl Lane {
             // The day's spend counts every attempt's cost once, applied or not (a cancelled
             // job's late report included).
             cost_usd: result.cost_usd,
+            usage: result.usage,
             finished_at_ms: result.finished_at_ms,
             stats: (applied && result.outcome.is_success()).then(|| state::JobFigures {
                 role,

@@ -846,24 +846,20 @@ async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<ClusterStat
     recent_failures.sort_by_key(|a| std::cmp::Reverse(a.finished_at_ms.unwrap_or(0)));
     recent_failures.truncate(MAX_FAILURES);
 
+    // The day's figures are kept as results arrive: no read of today's tasks (a busy day has
+    // tens of thousands).
     let midnight = now - now % 86_400_000;
-    let mut cost_today = CostToday {
+    let today = app.state.today(midnight).await?;
+    let cost_today = CostToday {
         since_ms: midnight,
-        ..Default::default()
+        tasks: today.tasks,
+        usage: today.usage,
+        cost_usd: today.spent_usd,
+        truncated: false,
+        spent_usd: today.spent_usd,
+        reserved_usd: today.reserved_usd,
+        budget_usd: app.state.daily_budget().await?,
     };
-    let today = Range {
-        since_ms: Some(midnight),
-        until_ms: None,
-    };
-    let truncated = tasks_in_range(&app, today, MAX_REPORT_TASKS, |t| {
-        cost_today.tasks += 1;
-        cost_today.usage.add(&t.usage);
-        cost_today.cost_usd += t.cost_usd;
-    })
-    .await?;
-    cost_today.truncated = truncated;
-    (cost_today.spent_usd, cost_today.reserved_usd) = app.state.spend_today().await?;
-    cost_today.budget_usd = app.state.daily_budget().await?;
 
     Ok(axum::Json(ClusterStatus {
         version: env!("CARGO_PKG_VERSION").into(),

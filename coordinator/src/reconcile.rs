@@ -89,7 +89,7 @@ pub async fn run_if_needed(state: &State, transport: &Transport) -> Result<Optio
     }
     for r in &results {
         if state
-            .settle_daily(r.job_id, r.attempt, r.cost_usd, r.finished_at_ms)
+            .settle_daily(r.job_id, r.attempt, r.cost_usd, &r.usage, r.finished_at_ms)
             .await?
         {
             report.settled += 1;

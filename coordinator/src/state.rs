@@ -11,7 +11,9 @@
 //! - `orch:stats:<role>:<model>`: the last 1,000 finished jobs of that role and model
 //!   (`duration_ms cost_usd tokens`), for dry-run estimates.
 //! - `orch:spend:<days since epoch>`: the day's spend (`spent`, `reserved`, and per job
-//!   attempt `r:<job>:<attempt>` reservations and `s:<job>:<attempt>` settlements).
+//!   attempt `r:<job>:<attempt>` reservations and `s:<job>:<attempt>` settlements) and the
+//!   tokens of the attempts that finished that day (`in`, `out`, `cw`, `cr`), so the status
+//!   page sums the day without reading its tasks.
 //! - worker registry, done and cancel markers: see [`orch_shared::keys`].
 
 pub mod history;
@@ -19,6 +21,7 @@ pub mod history;
 use orch_shared::api::{Task, Worker};
 use orch_shared::codec;
 use orch_shared::ids::{JobId, TaskId, WorkerId};
+use orch_shared::job::Usage;
 use orch_shared::keys::{self, worker_field};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -113,8 +116,10 @@ redis.call('EXPIRE', KEYS[1], 172800)
 return 1
 "#;
 
-/// Settles a job attempt's real cost, once: releases its reservation, adds the cost.
-/// KEYS: day hash. ARGV: job:attempt, cost. Returns 1 if settled now, 0 if it was before.
+/// Settles a job attempt's real cost and tokens, once: releases its reservation, adds the
+/// cost and the tokens by kind.
+/// KEYS: day hash. ARGV: job:attempt, cost, input, output, cache write, cache read tokens.
+/// Returns 1 if settled now, 0 if it was before.
 const SETTLE_DAILY: &str = r#"
 local id = ARGV[1]
 if redis.call('HEXISTS', KEYS[1], 's:'..id) == 1 then return 0 end
@@ -125,6 +130,10 @@ if r then
 end
 redis.call('HSET', KEYS[1], 's:'..id, ARGV[2])
 redis.call('HINCRBYFLOAT', KEYS[1], 'spent', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'in', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'out', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'cw', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'cr', ARGV[6])
 redis.call('EXPIRE', KEYS[1], 172800)
 return 1
 "#;
@@ -135,7 +144,8 @@ return 1
 /// (as [`SETTLE_DAILY`]) and keeps the job's figures for estimates.
 /// KEYS: fence, task, active, day hash, stats list.
 /// ARGV: fence (0: the worker held no lease), record, 1 if terminal, task id, job:attempt,
-/// cost, stats row ('' for none), rows kept. Returns 0 when fenced out, else 1.
+/// cost, stats row ('' for none), rows kept, input, output, cache write, cache read tokens.
+/// Returns 0 when fenced out, else 1.
 const APPLY_RESULT: &str = r#"
 if ARGV[1] ~= '0' then
   local current = redis.call('GET', KEYS[1])
@@ -152,6 +162,10 @@ if redis.call('HEXISTS', KEYS[4], 's:'..id) == 0 then
   end
   redis.call('HSET', KEYS[4], 's:'..id, ARGV[6])
   redis.call('HINCRBYFLOAT', KEYS[4], 'spent', ARGV[6])
+  redis.call('HINCRBY', KEYS[4], 'in', ARGV[9])
+  redis.call('HINCRBY', KEYS[4], 'out', ARGV[10])
+  redis.call('HINCRBY', KEYS[4], 'cw', ARGV[11])
+  redis.call('HINCRBY', KEYS[4], 'cr', ARGV[12])
   redis.call('EXPIRE', KEYS[4], 172800)
 end
 if ARGV[7] ~= '' then
@@ -169,6 +183,27 @@ static SETTLE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
 static RESERVE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(RESERVE_DAILY));
 
+/// The day hash's `spent`, `reserved`, `in`, `out`, `cw` and `cr` fields.
+type DayFields = (
+    Option<f64>,
+    Option<f64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+);
+
+/// Today's figures (see [`State::today`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Today {
+    /// Tasks created today.
+    pub tasks: u64,
+    pub spent_usd: f64,
+    pub reserved_usd: f64,
+    /// Tokens of the agent attempts that finished today.
+    pub usage: Usage,
+}
+
 /// A job result's bookkeeping, written with the task by [`State::save_result`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultWrite<'a> {
@@ -177,6 +212,8 @@ pub struct ResultWrite<'a> {
     /// The fence the worker held (0: none).
     pub fence: u64,
     pub cost_usd: f64,
+    /// The attempt's tokens, counted in the day's figures once, like its cost.
+    pub usage: Usage,
     pub finished_at_ms: u64,
     /// For estimates, when the result was applied and succeeded.
     pub stats: Option<JobFigures<'a>>,
@@ -371,6 +408,10 @@ impl State {
             .arg(w.cost_usd)
             .arg(stats.as_ref().map_or("", |s| s.1.as_str()))
             .arg(STATS_KEPT)
+            .arg(w.usage.input_tokens)
+            .arg(w.usage.output_tokens)
+            .arg(w.usage.cache_creation_tokens)
+            .arg(w.usage.cache_read_tokens)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("save task"))?;
@@ -633,13 +674,14 @@ impl State {
         Ok(ok == 1)
     }
 
-    /// Adds a job attempt's real cost to the spend of the day it finished, once, releasing
-    /// its reservation.
+    /// Adds a job attempt's real cost and tokens to the figures of the day it finished, once,
+    /// releasing its reservation.
     pub async fn settle_daily(
         &self,
         job: JobId,
         attempt: u32,
         cost: f64,
+        usage: &Usage,
         finished_at_ms: u64,
     ) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
@@ -647,23 +689,46 @@ impl State {
             .key(day_key(finished_at_ms))
             .arg(format!("{job}:{attempt}"))
             .arg(cost)
+            .arg(usage.input_tokens)
+            .arg(usage.output_tokens)
+            .arg(usage.cache_creation_tokens)
+            .arg(usage.cache_read_tokens)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("settle cost"))?;
         Ok(settled == 1)
     }
 
-    /// Today's spend and open reservations, in dollars.
-    pub async fn spend_today(&self) -> Result<(f64, f64), Error> {
+    /// Today's (UTC) figures: spend and open reservations in dollars, the tokens of the
+    /// attempts that finished today, and how many tasks were created since `midnight_ms`. Two
+    /// reads, whatever the size of the history.
+    pub async fn today(&self, midnight_ms: u64) -> Result<Today, Error> {
         let mut conn = self.conn.clone();
-        let (spent, reserved): (Option<f64>, Option<f64>) = redis::cmd("HMGET")
-            .arg(day_key(orch_shared::now_ms()))
-            .arg("spent")
-            .arg("reserved")
+        let first = TaskId::from_u128(u128::from(midnight_ms) << 80).to_string();
+        let ((spent, reserved, i, o, cw, cr), tasks): (DayFields, u64) = redis::pipe()
+            .cmd("HMGET")
+            .arg(day_key(midnight_ms))
+            .arg(&["spent", "reserved", "in", "out", "cw", "cr"])
+            // Task ids are UUIDv7 strings, and the history set holds them at one score: their
+            // lexical order is their creation order.
+            .cmd("ZLEXCOUNT")
+            .arg(TASKS)
+            .arg(format!("[{first}"))
+            .arg("+")
             .query_async(&mut conn)
             .await
-            .map_err(redis_err("read spend"))?;
-        Ok((spent.unwrap_or(0.0), reserved.unwrap_or(0.0)))
+            .map_err(redis_err("read today's figures"))?;
+        Ok(Today {
+            tasks,
+            spent_usd: spent.unwrap_or(0.0),
+            reserved_usd: reserved.unwrap_or(0.0),
+            usage: Usage {
+                input_tokens: i.unwrap_or(0),
+                output_tokens: o.unwrap_or(0),
+                cache_creation_tokens: cw.unwrap_or(0),
+                cache_read_tokens: cr.unwrap_or(0),
+            },
+        })
     }
 
     /// Records the daily budget this coordinator enforces now that it leads.

@@ -99,11 +99,10 @@ pub struct QueueInfo {
     pub redelivered: u64,
 }
 
-/// Cost since midnight UTC.
-///
-/// Two views of the day: `tasks`, `usage` and `cost_usd` sum the tasks created today, while
-/// `spent_usd` is what the daily budget counts, every agent attempt that finished today settled
-/// once (attempts of tasks created earlier included).
+/// Cost since midnight UTC: `tasks` created today; `usage` and `cost_usd` of every agent
+/// attempt that finished today, counted once (attempts of tasks created earlier included) —
+/// `spent_usd`, what the daily budget counts, is the same sum. Kept in Redis as results
+/// arrive, so reading it costs the same whatever the size of the history.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CostToday {
     pub since_ms: u64,

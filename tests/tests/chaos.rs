@@ -393,6 +393,26 @@ async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
         &cluster.coordinator.log,
         "Redis rebuilt from the durable log"
     ));
+    // The day's figures on the status page are kept as results arrive and rebuilt from the
+    // log too: they equal the sums over the tasks (unless the test ran across midnight UTC).
+    let tasks = cluster.wait_all(&all, WAIT).await;
+    let (_, status) = cluster.get("/v1/status").await;
+    let today = &status["cost_today"];
+    let since = today["since_ms"].as_u64().unwrap();
+    if tasks.iter().all(|t| t.created_at_ms >= since) {
+        assert_eq!(today["tasks"], all.len(), "{today}");
+        let mut usage = orch_shared::job::Usage::default();
+        let mut cost = 0.0;
+        for t in &tasks {
+            usage.add(&t.usage);
+            cost += t.cost_usd;
+        }
+        let got: orch_shared::job::Usage = serde_json::from_value(today["usage"].clone()).unwrap();
+        assert_eq!(got, usage, "{today}");
+        let day_cost = today["cost_usd"].as_f64().unwrap();
+        assert!((day_cost - cost).abs() < 1e-9, "{day_cost} vs {cost}");
+        assert_eq!(today["truncated"], false);
+    }
 }
 
 /// Two deliveries of one attempt at once (JetStream can redeliver right after a restart): the
