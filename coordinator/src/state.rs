@@ -116,64 +116,69 @@ redis.call('EXPIRE', KEYS[1], 172800)
 return 1
 "#;
 
-/// Settles a job attempt's real cost and tokens, once: releases its reservation, adds the
-/// cost and the tokens by kind.
+/// The settlement of one job attempt in a day hash, shared by [`SETTLE_DAILY`] and
+/// [`APPLY_RESULT`]: once per attempt, releases its reservation and adds its cost and tokens.
+/// Expects the locals `day` (the hash), `id` (job:attempt), `cost`, `tin`, `tout`, `tcw`,
+/// `tcr`; sets `settled` to 1 when it settled now.
+macro_rules! settle_lua {
+    () => {
+        r#"
+local settled = 0
+if redis.call('HEXISTS', day, 's:'..id) == 0 then
+  local r = redis.call('HGET', day, 'r:'..id)
+  if r then
+    redis.call('HINCRBYFLOAT', day, 'reserved', -tonumber(r))
+    redis.call('HDEL', day, 'r:'..id)
+  end
+  redis.call('HSET', day, 's:'..id, cost)
+  redis.call('HINCRBYFLOAT', day, 'spent', cost)
+  redis.call('HINCRBY', day, 'in', tin)
+  redis.call('HINCRBY', day, 'out', tout)
+  redis.call('HINCRBY', day, 'cw', tcw)
+  redis.call('HINCRBY', day, 'cr', tcr)
+  redis.call('EXPIRE', day, 172800)
+  settled = 1
+end
+"#
+    };
+}
+
+/// Settles a job attempt's real cost and tokens, once (see [`settle_lua`]).
 /// KEYS: day hash. ARGV: job:attempt, cost, input, output, cache write, cache read tokens.
 /// Returns 1 if settled now, 0 if it was before.
-const SETTLE_DAILY: &str = r#"
-local id = ARGV[1]
-if redis.call('HEXISTS', KEYS[1], 's:'..id) == 1 then return 0 end
-local r = redis.call('HGET', KEYS[1], 'r:'..id)
-if r then
-  redis.call('HINCRBYFLOAT', KEYS[1], 'reserved', -tonumber(r))
-  redis.call('HDEL', KEYS[1], 'r:'..id)
-end
-redis.call('HSET', KEYS[1], 's:'..id, ARGV[2])
-redis.call('HINCRBYFLOAT', KEYS[1], 'spent', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'in', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'out', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'cw', ARGV[5])
-redis.call('HINCRBY', KEYS[1], 'cr', ARGV[6])
-redis.call('EXPIRE', KEYS[1], 172800)
-return 1
-"#;
+const SETTLE_DAILY: &str = concat!(
+    "local day, id, cost, tin, tout, tcw, tcr = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]\n",
+    settle_lua!(),
+    "return settled\n"
+);
 
 /// Saves a task after a job result was applied, with the result's bookkeeping, in one round
 /// trip: unless a later worker took the attempt's lease (its fence moved on), writes the
-/// record, joins or leaves the active set, settles the attempt's cost in the day's spend once
-/// (as [`SETTLE_DAILY`]) and keeps the job's figures for estimates.
+/// record, joins or leaves the active set, settles the attempt's cost and tokens in the day's
+/// figures once (as [`SETTLE_DAILY`]) and keeps the job's figures for estimates.
 /// KEYS: fence, task, active, day hash, stats list.
 /// ARGV: fence (0: the worker held no lease), record, 1 if terminal, task id, job:attempt,
 /// cost, stats row ('' for none), rows kept, input, output, cache write, cache read tokens.
 /// Returns 0 when fenced out, else 1.
-const APPLY_RESULT: &str = r#"
+const APPLY_RESULT: &str = concat!(
+    r#"
 if ARGV[1] ~= '0' then
   local current = redis.call('GET', KEYS[1])
   if current and current ~= ARGV[1] then return 0 end
 end
 redis.call('SET', KEYS[2], ARGV[2])
 if ARGV[3] == '1' then redis.call('SREM', KEYS[3], ARGV[4]) else redis.call('SADD', KEYS[3], ARGV[4]) end
-local id = ARGV[5]
-if redis.call('HEXISTS', KEYS[4], 's:'..id) == 0 then
-  local r = redis.call('HGET', KEYS[4], 'r:'..id)
-  if r then
-    redis.call('HINCRBYFLOAT', KEYS[4], 'reserved', -tonumber(r))
-    redis.call('HDEL', KEYS[4], 'r:'..id)
-  end
-  redis.call('HSET', KEYS[4], 's:'..id, ARGV[6])
-  redis.call('HINCRBYFLOAT', KEYS[4], 'spent', ARGV[6])
-  redis.call('HINCRBY', KEYS[4], 'in', ARGV[9])
-  redis.call('HINCRBY', KEYS[4], 'out', ARGV[10])
-  redis.call('HINCRBY', KEYS[4], 'cw', ARGV[11])
-  redis.call('HINCRBY', KEYS[4], 'cr', ARGV[12])
-  redis.call('EXPIRE', KEYS[4], 172800)
-end
+local day, id, cost, tin, tout, tcw, tcr = KEYS[4], ARGV[5], ARGV[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+"#,
+    settle_lua!(),
+    r#"
 if ARGV[7] ~= '' then
   redis.call('LPUSH', KEYS[5], ARGV[7])
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
 end
 return 1
-"#;
+"#
+);
 
 // Scripts hashed once (`Script::new` computes the SHA1 the server caches them by).
 static APPLY_RESULT_SCRIPT: std::sync::LazyLock<redis::Script> =
