@@ -223,21 +223,13 @@ impl Admission {
 #[cfg(test)]
 fn running_marker(job: JobId) -> JobSpec {
     JobSpec {
-        task_id: TaskId::from_u128(0),
-        job_id: job,
         attempt: 0,
-        step: 0,
-        role: orch_shared::role::Role::Custom,
-        prompt: String::new(),
-        context: None,
-        backend: Default::default(),
-        model: None,
-        workspace: Default::default(),
-        limits: Default::default(),
-        kind: Default::default(),
-        constraints: vec![],
-        sim: Default::default(),
-        session: None,
+        ..JobSpec::new(
+            TaskId::from_u128(0),
+            job,
+            orch_shared::role::Role::Custom,
+            "",
+        )
     }
 }
 

@@ -353,23 +353,18 @@ mod tests {
 
     fn job(role: Role, kind: JobKind) -> JobSpec {
         JobSpec {
-            task_id: TaskId::from_u128(1),
-            job_id: JobId::from_u128(2),
-            attempt: 1,
-            step: 0,
-            role,
-            prompt: "Implement: a cache".into(),
             context: Some(
                 "## Context from the Analyst Agent (previous step)\n### Summary\nmapped\n".into(),
             ),
             backend: Backend::ClaudeCode,
-            model: None,
-            workspace: Default::default(),
-            limits: Default::default(),
             kind,
             constraints: vec!["touch only src/cache.rs".into()],
-            sim: Default::default(),
-            session: None,
+            ..JobSpec::new(
+                TaskId::from_u128(1),
+                JobId::from_u128(2),
+                role,
+                "Implement: a cache",
+            )
         }
     }
 

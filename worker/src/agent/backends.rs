@@ -332,26 +332,13 @@ mod tests {
     use super::*;
     use crate::config::Args;
     use orch_shared::ids::{JobId, TaskId};
-    use orch_shared::job::JobKind;
     use orch_shared::role::Role;
 
     fn job(role: Role, backend: Backend, model: Option<&str>) -> JobSpec {
         JobSpec {
-            task_id: TaskId::from_u128(1),
-            job_id: JobId::from_u128(2),
-            attempt: 1,
-            step: 0,
-            role,
-            prompt: "x".into(),
-            context: None,
             backend,
             model: model.map(str::to_string),
-            workspace: Default::default(),
-            limits: Default::default(),
-            kind: JobKind::Agent,
-            constraints: vec![],
-            sim: Default::default(),
-            session: None,
+            ..JobSpec::new(TaskId::from_u128(1), JobId::from_u128(2), role, "x")
         }
     }
 

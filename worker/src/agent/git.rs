@@ -948,7 +948,7 @@ mod tests {
 
     use super::*;
     use orch_shared::ids::{JobId, TaskId};
-    use orch_shared::job::{Backend, JobKind, Limits, Workspace};
+    use orch_shared::job::{Backend, Workspace};
     use orch_shared::role::Role;
 
     /// A temporary directory, removed on drop.
@@ -1028,15 +1028,8 @@ mod tests {
 
     fn spec(task: TaskId, step: u32, role: Role, prompt: &str, start: Vec<String>) -> JobSpec {
         JobSpec {
-            task_id: task,
-            job_id: JobId::new(),
-            attempt: 1,
             step,
-            role,
-            prompt: prompt.into(),
-            context: None,
             backend: Backend::Command,
-            model: None,
             workspace: Workspace::Git {
                 url: String::new(),
                 base_ref: "main".into(),
@@ -1046,11 +1039,7 @@ mod tests {
                     task_branch: GitJob::task_branch(task),
                 }),
             },
-            limits: Limits::default(),
-            kind: JobKind::Agent,
-            constraints: vec![],
-            sim: Default::default(),
-            session: None,
+            ..JobSpec::new(task, JobId::new(), role, prompt)
         }
     }
 

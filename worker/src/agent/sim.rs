@@ -383,30 +383,24 @@ impl Agent for Sim {
 mod tests {
     use super::*;
     use orch_shared::ids::{JobId, TaskId};
-    use orch_shared::job::{Backend, SimParams};
+    use orch_shared::job::SimParams;
     use orch_shared::role::Role;
 
     fn job(attempt: u32, fail_rate: f64) -> JobSpec {
         JobSpec {
-            task_id: TaskId::from_u128(1),
-            job_id: JobId::from_u128(2),
             attempt,
-            step: 0,
-            role: Role::Builder,
-            prompt: "Implement: a parser".into(),
             context: Some("## Context\n### Summary\nanalysis done\n".into()),
-            backend: Backend::Sim,
-            model: None,
-            workspace: Default::default(),
-            limits: Default::default(),
-            kind: JobKind::Agent,
-            constraints: vec![],
             sim: SimParams {
                 latency_ms: 0,
                 fail_rate,
                 ..Default::default()
             },
-            session: None,
+            ..JobSpec::new(
+                TaskId::from_u128(1),
+                JobId::from_u128(2),
+                Role::Builder,
+                "Implement: a parser",
+            )
         }
     }
 

@@ -512,16 +512,7 @@ mod tests {
     async fn git_sees_files_a_shell_wrote_changed_or_deleted() {
         let dir = std::env::temp_dir().join(format!("orch-git-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        let sh = |script: &str| {
-            let ok = std::process::Command::new("sh")
-                .args(["-c", script])
-                .current_dir(&dir)
-                .output()
-                .unwrap()
-                .status
-                .success();
-            assert!(ok, "{script}");
-        };
+        let sh = |script: &str| sh(&dir, script);
         sh(
             "git init -q . && git config user.email t@t && git config user.name t \
             && echo a > a.txt && echo b > b.txt && echo d > dirty.txt \
@@ -546,22 +537,27 @@ mod tests {
 
     fn job(workspace: Workspace) -> JobSpec {
         JobSpec {
-            task_id: orch_shared::ids::TaskId::new(),
-            job_id: orch_shared::ids::JobId::new(),
-            attempt: 1,
-            step: 0,
-            role: orch_shared::role::Role::Builder,
-            prompt: "x".into(),
-            context: None,
             backend: orch_shared::job::Backend::Command,
-            model: None,
             workspace,
-            limits: Default::default(),
-            kind: Default::default(),
-            constraints: vec![],
-            sim: Default::default(),
-            session: None,
+            ..JobSpec::new(
+                orch_shared::ids::TaskId::new(),
+                orch_shared::ids::JobId::new(),
+                orch_shared::role::Role::Builder,
+                "x",
+            )
         }
+    }
+
+    /// Runs a shell script in `dir`; it must succeed.
+    fn sh(dir: &Path, script: &str) {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(ok, "{script}");
     }
 
     #[tokio::test]
@@ -593,16 +589,7 @@ mod tests {
     async fn a_local_workspace_in_a_repository_gets_the_diff_of_the_files_that_changed() {
         let ws = std::env::temp_dir().join(format!("orch-local-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&ws).unwrap();
-        let sh = |script: &str| {
-            let ok = std::process::Command::new("sh")
-                .args(["-c", script])
-                .current_dir(&ws)
-                .output()
-                .unwrap()
-                .status
-                .success();
-            assert!(ok, "{script}");
-        };
+        let sh = |script: &str| sh(&ws, script);
         sh(
             "git init -q . && git config user.email t@t && git config user.name t \
             && echo a > a.txt && echo same > same.txt && git add . && git commit -qm init",
