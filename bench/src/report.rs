@@ -31,6 +31,14 @@ const FIGURES: &[(&str, &[&str])] = &[
         &["latency_light", "submit_to_start", "max_ms"],
     ),
     (
+        "… job_started seen by the client p50 ms (light)",
+        &["latency_light", "submit_to_start_seen", "p50_ms"],
+    ),
+    (
+        "… job_started seen by the client p99 ms (light)",
+        &["latency_light", "submit_to_start_seen", "p99_ms"],
+    ),
+    (
         "submit → job message on NATS p50 ms (light)",
         &["latency_light", "submit_to_job_published", "p50_ms"],
     ),
@@ -53,6 +61,10 @@ const FIGURES: &[(&str, &[&str])] = &[
     (
         "submit → agent start p99 ms (80 % load)",
         &["latency_loaded", "p99_ms"],
+    ),
+    (
+        "JetStream messages stored per one-agent task",
+        &["throughput_one_agent", "stored_messages_per_task"],
     ),
     ("idle worker RSS MB", &["idle_worker_rss_mb"]),
     (

@@ -98,6 +98,7 @@ pub async fn throughput(
     concurrency: usize,
 ) -> anyhow::Result<Value> {
     let watch = Watch::start(&cluster.nats_url, &["task_finished"], Keep::Times).await?;
+    let stored0 = stored_messages(&cluster.nats_url).await?;
     let pids = cluster.pids();
     let cpu0 = pids.cpu();
     let started = Instant::now();
@@ -116,20 +117,43 @@ pub async fn throughput(
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu0.per_item_ms(&pids.cpu(), n);
     let jobs = n * roles.len();
+    let stored = stored_messages(&cluster.nats_url).await? - stored0;
     Ok(json!({
         "tasks": n, "steps": roles.len(), "submit_s": submitted, "elapsed_s": elapsed,
         "tasks_per_s": n as f64 / elapsed, "jobs_per_s": jobs as f64 / elapsed,
         "cpu_ms_per_task": cpu,
+        "stored_messages_per_task": stored as f64 / n as f64,
     }))
 }
 
-/// Submit → `job_started` (the agent started) and agent finished (`job_finished`) → the task
-/// shows as completed through the API, one task at a time.
+/// Messages JetStream has stored so far in the cluster's streams (jobs, results, events,
+/// snapshots; the last sequence of each, so acked work-queue messages count too).
+async fn stored_messages(nats_url: &str) -> anyhow::Result<u64> {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await?);
+    let mut total = 0;
+    for name in [
+        orch_shared::subject::JOBS_STREAM,
+        orch_shared::subject::RESULTS_STREAM,
+        orch_shared::subject::EVENTS_STREAM,
+        orch_shared::subject::TASKS_STREAM,
+    ] {
+        let mut stream = js.get_stream(name).await?;
+        total += stream.info().await?.state.last_sequence;
+    }
+    Ok(total)
+}
+
+/// Submit → the agent started, and agent finished (`job_finished`) → the task shows as
+/// completed through the API, one task at a time.
+///
+/// The start is measured as Celery's anchor measures it: the worker's clock when it started
+/// the agent (`started_at_us` of `job_started`) minus the client's clock at submit (one
+/// machine, one clock). When that `job_started` reaches this client is reported too.
 pub async fn latency_light(cluster: &Cluster, samples: usize) -> anyhow::Result<Value> {
     let watch = Watch::start(
         &cluster.nats_url,
         &["job_started", "job_finished"],
-        Keep::Times,
+        Keep::First,
     )
     .await?;
     // When each job message passes through NATS (a core subscription on the work queue's
@@ -137,18 +161,21 @@ pub async fn latency_light(cluster: &Cluster, samples: usize) -> anyhow::Result<
     let queued = job_watch(&cluster.nats_url).await?;
     let http = cluster.client();
     let mut start = Vec::with_capacity(samples);
+    let mut seen = Vec::with_capacity(samples);
     let mut to_queue = Vec::with_capacity(samples);
     let mut visible = Vec::with_capacity(samples);
     let mut accepted = Vec::with_capacity(samples);
     for i in 0..samples {
-        let t0 = Instant::now();
+        let (t0, t0_us) = (Instant::now(), orch_shared::now_us());
         let id = submit(&http, &cluster.url, format!("latency {i}"), &["builder"], 0).await?;
         accepted.push(t0.elapsed().as_secs_f64() * 1000.0);
         let at = watch
             .wait(&id, "job_started", Duration::from_secs(30))
             .await
             .context("no job_started")?;
-        start.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+        let seen_ms = at.duration_since(t0).as_secs_f64() * 1000.0;
+        seen.push(seen_ms);
+        start.push(agent_start_ms(&watch, &id, t0_us).unwrap_or(seen_ms));
         if let Some(q) = queued.wait(&id, "job", Duration::from_secs(1)).await {
             to_queue.push(q.duration_since(t0).as_secs_f64() * 1000.0);
         }
@@ -175,10 +202,24 @@ pub async fn latency_light(cluster: &Cluster, samples: usize) -> anyhow::Result<
     }
     Ok(json!({
         "submit_to_start": summary(start),
+        "submit_to_start_seen": summary(seen),
         "finish_to_visible": summary(visible),
         "submit_response": summary(accepted),
         "submit_to_job_published": summary(to_queue),
     }))
+}
+
+/// Submit → agent start by the worker's clock, from the `job_started` kept by `watch`; `None`
+/// from binaries that predate `started_at_us` (the arrival time stands in for it then).
+fn agent_start_ms(watch: &Watch, task: &str, submitted_us: u64) -> Option<f64> {
+    let payload = watch.first_payload(task, "job_started")?;
+    let event: orch_shared::event::Event = orch_shared::codec::decode(&payload).ok()?;
+    match event.kind {
+        orch_shared::event::EventKind::JobStarted { started_at_us, .. } if started_at_us > 0 => {
+            Some(started_at_us.saturating_sub(submitted_us) as f64 / 1000.0)
+        }
+        _ => None,
+    }
 }
 
 /// Arrival times of job messages on the work queue's subjects, keyed `<task>.job`.
@@ -197,7 +238,7 @@ pub async fn latency_loaded(
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<Value> {
-    let watch = Watch::start(&cluster.nats_url, &["job_started"], Keep::Times).await?;
+    let watch = Watch::start(&cluster.nats_url, &["job_started"], Keep::First).await?;
     let http = cluster.client();
     let n = (rate * duration.as_secs_f64()) as usize;
     let limit = Arc::new(tokio::sync::Semaphore::new(256));
@@ -215,7 +256,7 @@ pub async fn latency_loaded(
         let probe = k % 10 == 0;
         probes.spawn(async move {
             let _permit = permit;
-            let sent = Instant::now();
+            let (sent, sent_us) = (Instant::now(), orch_shared::now_us());
             let id = submit(&http, &url, format!("load {k}"), &["builder"], 0).await?;
             if !probe {
                 return Ok(None);
@@ -224,7 +265,10 @@ pub async fn latency_loaded(
                 .wait(&id, "job_started", Duration::from_secs(60))
                 .await
                 .context("no job_started under load")?;
-            anyhow::Ok(Some(at.duration_since(sent).as_secs_f64() * 1000.0))
+            let seen_ms = at.duration_since(sent).as_secs_f64() * 1000.0;
+            anyhow::Ok(Some(
+                agent_start_ms(&watch, &id, sent_us).unwrap_or(seen_ms),
+            ))
         });
     }
     let offered = n as f64 / t0.elapsed().as_secs_f64();

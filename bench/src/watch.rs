@@ -24,13 +24,17 @@ struct Seen {
     at: HashMap<String, Instant>,
     counts: HashMap<String, u64>,
     payloads: Vec<(String, Instant, bytes::Bytes)>,
+    first: HashMap<String, bytes::Bytes>,
 }
 
 /// Which events a [`Watch`] keeps the payload of (for scenarios that decode them).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
     Times,
+    /// Every payload, in arrival order ([`Watch::take_payloads`]).
     Payloads,
+    /// The payload of each key's first event ([`Watch::first_payload`]).
+    First,
 }
 
 impl Watch {
@@ -60,8 +64,12 @@ impl Watch {
                 {
                     let mut seen = inner.seen.lock().unwrap();
                     *seen.counts.entry(kind).or_default() += 1;
-                    if keep == Keep::Payloads {
-                        seen.payloads.push((key.clone(), now, msg.payload));
+                    match keep {
+                        Keep::Times => {}
+                        Keep::Payloads => seen.payloads.push((key.clone(), now, msg.payload)),
+                        Keep::First => {
+                            seen.first.entry(key.clone()).or_insert(msg.payload);
+                        }
                     }
                     seen.at.entry(key).or_insert(now);
                 }
@@ -142,6 +150,12 @@ impl Watch {
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
+    }
+
+    /// The payload of `<task>.<kind>`'s first event (with [`Keep::First`]), once it arrived.
+    pub fn first_payload(&self, task: &str, kind: &str) -> Option<bytes::Bytes> {
+        let key = format!("{task}.{kind}");
+        self.inner.seen.lock().unwrap().first.get(&key).cloned()
     }
 
     /// The payloads kept so far (with [`Keep::Payloads`]), taken out.

@@ -9,6 +9,7 @@ use orch_shared::api::{
     TaskType, WorkerList,
 };
 use orch_shared::error::{ApiError, ErrorCode};
+use orch_shared::event::EventId;
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::report::{
     AgentDetail, AgentList, CleanReport, CleanRequest, ClusterStatus, CostReport, ExportWhat,
@@ -378,7 +379,7 @@ impl Client {
         &self,
         path: &str,
         query: &[(&str, String)],
-        last_event_id: Option<u64>,
+        last_event_id: Option<EventId>,
     ) -> Result<reqwest::Response, Error> {
         let url = self.url(path);
         let mut req = self
@@ -476,7 +477,7 @@ impl Client {
     pub async fn events(
         &self,
         id: TaskId,
-        last_event_id: Option<u64>,
+        last_event_id: Option<EventId>,
     ) -> Result<reqwest::Response, Error> {
         let url = self.url(&format!("/v1/tasks/{id}/events"));
         let mut req = self

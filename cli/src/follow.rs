@@ -1,8 +1,9 @@
 //! Follows a task's event stream (`GET /v1/tasks/{id}/events`, server-sent events).
 //!
-//! Each message carries `id: <stream sequence>` and `data: <Event JSON>`; the stream ends after
-//! the `task_finished` event. When the connection drops before that, the follower reconnects
-//! with `Last-Event-ID` set to the last sequence it saw, so no event is shown twice or lost.
+//! Each message carries `id: <event id>` (`seq`, or `seq.index` inside a batch) and `data:
+//! <Event JSON>`; the stream ends after the `task_finished` event. When the connection drops
+//! before that, the follower reconnects with `Last-Event-ID` set to the last id it saw, so no
+//! event is shown twice or lost.
 //! Reconnects back off exponentially (backon) and give up after [`MAX_RECONNECTS`] attempts in a
 //! row without a new event.
 
@@ -10,7 +11,7 @@ use crate::client::{self, Client};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use orch_shared::event::Event;
+use orch_shared::event::{Event, EventId};
 use orch_shared::ids::TaskId;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -47,19 +48,19 @@ pub enum Update {
 #[derive(Debug, PartialEq)]
 pub enum Message {
     Event {
-        seq: Option<u64>,
+        seq: Option<EventId>,
         event: Box<Event>,
     },
     /// A message we do not understand (a newer server's event kind); only its sequence and
     /// whether it ends the stream matter.
     Unknown {
-        seq: Option<u64>,
+        seq: Option<EventId>,
         terminal: bool,
     },
 }
 
 impl Message {
-    pub fn seq(&self) -> Option<u64> {
+    pub fn seq(&self) -> Option<EventId> {
         match self {
             Message::Event { seq, .. } | Message::Unknown { seq, .. } => *seq,
         }
@@ -75,7 +76,7 @@ impl Message {
 
 /// Decodes one SSE message's `id` and `data`.
 pub fn decode(id: &str, data: &str) -> Message {
-    let seq = id.trim().parse::<u64>().ok();
+    let seq = id.trim().parse::<EventId>().ok();
     match serde_json::from_str::<Event>(data) {
         Ok(event) => Message::Event {
             seq,
@@ -120,7 +121,7 @@ pub async fn follow(
     task: TaskId,
     updates: mpsc::UnboundedSender<Update>,
 ) -> Result<(), Error> {
-    let mut last_seq: Option<u64> = None;
+    let mut last_seq: Option<EventId> = None;
     let mut delays = backoff().build();
     let mut attempt = 0;
     loop {
@@ -162,7 +163,7 @@ pub async fn follow(
 async fn stream_once(
     client: &Client,
     task: TaskId,
-    last_seq: &mut Option<u64>,
+    last_seq: &mut Option<EventId>,
     updates: &mpsc::UnboundedSender<Update>,
 ) -> Result<Ended, client::Error> {
     let resp = client.events(task, *last_seq).await?;
@@ -223,7 +224,8 @@ mod tests {
     fn messages_decode_with_their_sequence() {
         let data = r#"{"task_id":"00000000-0000-0000-0000-000000000abc","job_id":null,"attempt":0,"at_ms":5,"kind":{"type":"task_finished","status":"completed","usage":{"input_tokens":1,"output_tokens":2,"cache_creation_tokens":0,"cache_read_tokens":0},"cost_usd":0.1,"duration_ms":9}}"#;
         let m = decode("42", data);
-        assert_eq!(m.seq(), Some(42));
+        assert_eq!(m.seq(), Some(EventId::new(42, 0)));
+        assert_eq!(decode("42.3", data).seq(), Some(EventId::new(42, 3)));
         assert!(m.is_terminal());
         match m {
             Message::Event { event, .. } => {
@@ -239,7 +241,7 @@ mod tests {
         assert_eq!(
             m,
             Message::Unknown {
-                seq: Some(7),
+                seq: Some(EventId::new(7, 0)),
                 terminal: false
             }
         );

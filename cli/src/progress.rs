@@ -653,6 +653,7 @@ mod tests {
             backend: "sim".into(),
             model: None,
             delivery: 1,
+            started_at_us: 0,
         }
     }
 

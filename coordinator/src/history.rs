@@ -32,7 +32,7 @@ use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
 use orch_shared::api::{Job, JobStatus, Task, TaskList, TaskStatus, TaskSummary};
 use orch_shared::error::{ApiError, ErrorCode};
-use orch_shared::event::{Event, EventKind};
+use orch_shared::event::{Event, EventId, EventKind};
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::report::{
     AgentDetail, AgentList, AgentSummary, COST_DIMENSIONS, CleanReport, CleanRequest,
@@ -638,14 +638,19 @@ struct LogParams {
     follow: Option<bool>,
 }
 
-pub(crate) fn last_event_id(headers: &HeaderMap) -> Answer<u64> {
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Answer<EventId> {
     match headers.get("last-event-id") {
-        None => Ok(0),
+        None => Ok(EventId::default()),
         Some(v) => v
             .to_str()
             .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| field("Last-Event-ID", "expected an event id (a number)")),
+            .and_then(|s| s.trim().parse::<EventId>().ok())
+            .ok_or_else(|| {
+                field(
+                    "Last-Event-ID",
+                    "expected an event id (N or N.M, as sent in `id:`)",
+                )
+            }),
     }
 }
 
@@ -680,14 +685,14 @@ fn ends_agent_log(kind: &EventKind) -> bool {
 pub(crate) fn sse_event(e: &StoredEvent) -> SseEvent {
     let data = serde_json::to_string(&e.event).unwrap_or_default();
     SseEvent::default()
-        .id(e.seq.to_string())
+        .id(e.id().to_string())
         .event(e.event.kind.name())
         .data(data)
 }
 
 /// `GET /v1/agents/{id}/logs`: the agent's transcript (text, tool calls with their inputs, tool
-/// results, usage, starts, ends, retries) as server-sent events with the stream sequence as
-/// id. Without `follow` the stream ends with the last stored event; with it, after the agent's
+/// results, usage, starts, ends, retries) as server-sent events with the event id
+/// (`seq`, or `seq.index` inside a batch) as id. Without `follow` the stream ends with the last stored event; with it, after the agent's
 /// last event. Resumes after `Last-Event-ID`.
 async fn agent_logs(
     AxumState(app): AxumState<App>,
@@ -700,7 +705,7 @@ async fn agent_logs(
     let job = task.jobs[index].id;
     let after = last_event_id(&headers)?;
     let done = task.status.is_terminal() || task.jobs[index].status.is_terminal();
-    let mine = move |e: &StoredEvent| e.seq > after && e.event.job_id == Some(job);
+    let mine = move |e: &StoredEvent| e.id() > after && e.event.job_id == Some(job);
     let shutdown = app.shutdown.clone().cancelled_owned();
     let task_ended = task_end(&task);
     let stream: std::pin::Pin<Box<dyn Stream<Item = StoredEvent> + Send>> =
@@ -727,7 +732,7 @@ async fn agent_logs(
                         }
                     }
                 })
-                .filter(move |e| futures::future::ready(e.seq > after)),
+                .filter(move |e| futures::future::ready(e.id() > after)),
             )
         } else {
             let stored = app
@@ -787,7 +792,7 @@ async fn task_logs(
                 .transport
                 .stored_events(Some(task.id), ReadFrom::Start)
                 .await?;
-            Box::pin(stored.filter(move |e| futures::future::ready(e.seq > after)))
+            Box::pin(stored.filter(move |e| futures::future::ready(e.id() > after)))
         };
     let stream = stream
         .map(|e| Ok::<_, Infallible>(sse_event(&e)))
@@ -942,8 +947,8 @@ impl Drop for StreamGauge {
     }
 }
 
-/// `GET /v1/events`: every task's events as they happen, as server-sent events (id = stream
-/// sequence). Starts with the next event, or after `Last-Event-ID` to resume. Text fields are
+/// `GET /v1/events`: every task's events as they happen, as server-sent events (id = event
+/// id). Starts with the next event, or after `Last-Event-ID` to resume. Text fields are
 /// cut to `max_chars`.
 async fn cluster_events(
     AxumState(app): AxumState<App>,
@@ -1137,6 +1142,7 @@ async fn export(
                 .map(|e| {
                     ndjson_line(&EventRow {
                         seq: e.seq,
+                        index: e.index,
                         event: e.event,
                     })
                 });

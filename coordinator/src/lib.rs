@@ -155,6 +155,10 @@ pub async fn run(
     let forward_app = app.clone();
     let server_cancel = shutdown.clone();
     let serve = tracker.spawn(async move {
+        // Nagle off: a response waits for no ACK of the previous one.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, api::router(app))
             .with_graceful_shutdown(async move { server_cancel.cancelled().await })
             .await

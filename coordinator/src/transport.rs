@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
 use orch_shared::api::Task;
 use orch_shared::codec;
-use orch_shared::event::{Event, EventKind};
+use orch_shared::event::{self, Event, EventId, EventKind};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{CancelJob, JobResult, JobSpec};
 use orch_shared::subject;
@@ -113,10 +113,49 @@ pub enum Outgoing {
     Snapshot(Box<Task>),
 }
 
-/// One stored event with its stream sequence (the SSE event id).
+/// One stored event with where it sits in the log (its SSE event id).
 pub struct StoredEvent {
     pub seq: u64,
+    /// Its position in a batch message (0 otherwise).
+    pub index: u32,
     pub event: Event,
+}
+
+impl StoredEvent {
+    pub fn id(&self) -> EventId {
+        EventId::new(self.seq, self.index)
+    }
+}
+
+/// The events of one message of the event log, with their ids (none if it does not decode).
+pub(crate) fn stored_events(msg: &jetstream::Message) -> Vec<StoredEvent> {
+    let Ok(info) = msg.info() else {
+        return Vec::new();
+    };
+    let seq = info.stream_sequence;
+    let kind = msg.subject.as_str().rsplit('.').next().unwrap_or_default();
+    event::decode_message(kind, &msg.payload)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(index, event)| StoredEvent {
+            seq,
+            index: index as u32,
+            event,
+        })
+        .collect()
+}
+
+/// Where a read that resumes after `after` starts: the message holding it (a batch may have
+/// more events after it), or the start of the log.
+fn resume_policy(after: EventId) -> consumer::DeliverPolicy {
+    if after.seq == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: after.seq,
+        }
+    }
 }
 
 impl Transport {
@@ -291,40 +330,57 @@ impl Transport {
     /// connection and JetStream stores those of one stream in the order they arrive, so its
     /// ack confirms the events before it (one message each instead of two).
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), Error> {
-        let last_event = messages
-            .iter()
-            .rposition(|m| matches!(m, Outgoing::Event(_)));
-        let mut acks = Vec::with_capacity(messages.len());
-        for (i, message) in messages.iter().enumerate() {
-            let (subject, publish) = match message {
-                Outgoing::Job(spec) => (
-                    subject::job(subject::DEFAULT_POOL),
-                    jetstream::message::PublishMessage::build()
-                        .message_id(subject::job_msg_id(spec.job_id, spec.attempt))
-                        .payload(codec::encode(spec).into()),
-                ),
-                Outgoing::Event(event) if Some(i) != last_event => {
-                    let subject = subject::event(event.task_id, event.kind.name());
-                    self.client()
-                        .publish(subject.clone(), codec::encode(event).into())
-                        .await
-                        .map_err(|e| Error::Publish {
-                            subject,
-                            source: e.into(),
-                        })?;
-                    continue;
+        // Consecutive events go out as few log messages as `event::pack` makes of them, and
+        // snapshots last: they are for rebuilding Redis, whose record is already written, so
+        // a job waits for no snapshot and a task's first events travel together.
+        let mut wire: Vec<(String, Vec<u8>, Option<String>, bool)> = Vec::new();
+        let mut snapshots = Vec::new();
+        let mut run: Vec<Event> = Vec::new();
+        let flush = |run: &mut Vec<Event>, wire: &mut Vec<_>| {
+            for m in event::pack(run) {
+                wire.push((m.subject, m.payload, None, true));
+            }
+            run.clear();
+        };
+        for message in messages {
+            match message {
+                Outgoing::Event(e) => run.push(e.clone()),
+                Outgoing::Job(spec) => {
+                    flush(&mut run, &mut wire);
+                    wire.push((
+                        subject::job(subject::DEFAULT_POOL),
+                        codec::encode(spec),
+                        Some(subject::job_msg_id(spec.job_id, spec.attempt)),
+                        false,
+                    ));
                 }
-                Outgoing::Event(event) => (
-                    subject::event(event.task_id, event.kind.name()),
-                    jetstream::message::PublishMessage::build()
-                        .payload(codec::encode(event).into()),
-                ),
-                Outgoing::Snapshot(task) => (
+                Outgoing::Snapshot(task) => snapshots.push((
                     subject::task_snapshot(task.id),
-                    jetstream::message::PublishMessage::build()
-                        .payload(codec::encode(task.as_ref()).into()),
-                ),
-            };
+                    codec::encode(task.as_ref()),
+                    None,
+                    false,
+                )),
+            }
+        }
+        flush(&mut run, &mut wire);
+        wire.extend(snapshots);
+        let last_event = wire.iter().rposition(|(_, _, _, is_event)| *is_event);
+        let mut acks = Vec::with_capacity(wire.len());
+        for (i, (subject, payload, msg_id, is_event)) in wire.into_iter().enumerate() {
+            if is_event && Some(i) != last_event {
+                self.client()
+                    .publish(subject.clone(), payload.into())
+                    .await
+                    .map_err(|e| Error::Publish {
+                        subject,
+                        source: e.into(),
+                    })?;
+                continue;
+            }
+            let mut publish = jetstream::message::PublishMessage::build().payload(payload.into());
+            if let Some(id) = msg_id {
+                publish = publish.message_id(id);
+            }
             let ack = self
                 .js()
                 .send_publish(subject.clone(), publish)
@@ -401,11 +457,11 @@ impl Transport {
         Ok(sub.filter_map(|msg| async move { codec::decode::<Event>(&msg.payload).ok() }))
     }
 
-    /// A task's events after stream sequence `after` (0 = from the start), then live ones.
+    /// A task's events after `after` (the default id: from the start), then live ones.
     pub async fn task_events(
         &self,
         task: TaskId,
-        after: u64,
+        after: EventId,
     ) -> Result<impl Stream<Item = StoredEvent> + use<>, Error> {
         let read = |e: Box<dyn std::error::Error + Send + Sync>| Error::Read {
             what: format!("events of task {task}"),
@@ -416,28 +472,20 @@ impl Transport {
             .get_stream(subject::EVENTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
-        let deliver_policy = if after == 0 {
-            consumer::DeliverPolicy::All
-        } else {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
-            }
-        };
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: subject::task_events(task),
-                deliver_policy,
+                deliver_policy: resume_policy(after),
                 ..Default::default()
             })
             .await
             .map_err(|e| read(e.into()))?;
         let messages = consumer.messages().await.map_err(|e| read(e.into()))?;
-        Ok(messages.filter_map(|msg| async move {
-            let msg = msg.ok()?;
-            let seq = msg.info().ok()?.stream_sequence;
-            let event = codec::decode::<Event>(&msg.payload).ok()?;
-            Some(StoredEvent { seq, event })
-        }))
+        Ok(messages
+            .flat_map(|msg| {
+                futures::stream::iter(msg.map(|m| stored_events(&m)).unwrap_or_default())
+            })
+            .filter(move |e| futures::future::ready(e.id() > after)))
     }
 
     /// Tells every worker to stop a job attempt (core NATS: the workers running it act within

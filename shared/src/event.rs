@@ -1,6 +1,7 @@
 //! The per-task event log. The coordinator and the workers append [`Event`]s to one JetStream
 //! stream (subject `orch.events.<task>.<kind>`); clients replay it as server-sent events, and a
-//! reconnecting client resumes from the stream sequence it saw last.
+//! reconnecting client resumes after the [`EventId`] it saw last. Events that are ready together
+//! (an agent's burst of output) travel as one [`EventBatch`] message.
 
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::job::{FailureReason, Usage};
@@ -65,6 +66,10 @@ pub enum EventKind {
         backend: String,
         model: Option<String>,
         delivery: u64,
+        /// When the worker started the agent, in microseconds since the epoch (`at_ms` is in
+        /// milliseconds): the exact end of the job's wait in the queue. 0 from older workers.
+        #[serde(default)]
+        started_at_us: u64,
     },
     /// The agent is thinking (no output yet).
     Thinking,
@@ -128,8 +133,247 @@ impl EventKind {
         }
     }
 
+    /// Whether the event may travel in an [`EventBatch`]. Lifecycle events that services and
+    /// clients follow by subject (`orch.events.*.<kind>`) always travel alone.
+    pub fn batchable(&self) -> bool {
+        !matches!(
+            self,
+            EventKind::JobStarted { .. }
+                | EventKind::JobFinished { .. }
+                | EventKind::JobRetrying { .. }
+                | EventKind::JobDeadLettered { .. }
+                | EventKind::Heartbeat
+                | EventKind::TaskFinished { .. }
+        )
+    }
+
     /// Whether this event ends the task's log.
     pub fn is_terminal(&self) -> bool {
         matches!(self, EventKind::TaskFinished { .. })
+    }
+}
+
+/// Events of one task that were ready at the same moment, published as one message on
+/// `orch.events.<task>.batch` (an agent's burst of output, a task's creation with its first
+/// jobs queued): one stored message instead of several. Only [`EventKind::batchable`] kinds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub events: Vec<Event>,
+}
+
+/// At most this many events go in one [`EventBatch`].
+pub const MAX_BATCH_EVENTS: usize = 64;
+/// A batch whose encoding is larger than this is split (NATS refuses messages over its
+/// `max_payload`, 1 MiB by default; one event alone is never split).
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// One message of the event log, ready to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogMessage {
+    pub subject: String,
+    pub payload: Vec<u8>,
+}
+
+/// The messages that carry `events`, in order: runs of [`EventKind::batchable`] events of one
+/// task become [`EventBatch`]es (bounded by [`MAX_BATCH_EVENTS`] and [`MAX_BATCH_BYTES`]),
+/// every other event its own message on its kind's subject.
+pub fn pack(events: &[Event]) -> Vec<LogMessage> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < events.len() {
+        let first = &events[start];
+        let mut end = start + 1;
+        if first.kind.batchable() {
+            while end < events.len()
+                && end - start < MAX_BATCH_EVENTS
+                && events[end].kind.batchable()
+                && events[end].task_id == first.task_id
+            {
+                end += 1;
+            }
+        }
+        pack_run(&events[start..end], &mut out);
+        start = end;
+    }
+    out
+}
+
+fn pack_run(run: &[Event], out: &mut Vec<LogMessage>) {
+    if let [one] = run {
+        out.push(LogMessage {
+            subject: crate::subject::event(one.task_id, one.kind.name()),
+            payload: crate::codec::encode(one),
+        });
+        return;
+    }
+    let payload = crate::codec::encode(&EventBatch {
+        events: run.to_vec(),
+    });
+    if payload.len() > MAX_BATCH_BYTES {
+        let (a, b) = run.split_at(run.len() / 2);
+        pack_run(a, out);
+        pack_run(b, out);
+        return;
+    }
+    out.push(LogMessage {
+        subject: crate::subject::event_batch(run[0].task_id),
+        payload,
+    });
+}
+
+/// The events of one message of the log: a batch's events, or the one event of any other
+/// subject (`kind` is the subject's last token).
+pub fn decode_message(kind: &str, payload: &[u8]) -> Result<Vec<Event>, crate::codec::DecodeError> {
+    if kind == crate::subject::BATCH_KIND {
+        Ok(crate::codec::decode::<EventBatch>(payload)?.events)
+    } else {
+        Ok(vec![crate::codec::decode::<Event>(payload)?])
+    }
+}
+
+/// Where an event sits in the log: the stream sequence of its message and its position in
+/// that message (0 unless the message is a batch). Ids order like the log. Written `seq` when
+/// `index` is 0 (every id of a log without batches), else `seq.index`: the SSE event id, and
+/// what `Last-Event-ID` resumes after.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub seq: u64,
+    pub index: u32,
+}
+
+impl EventId {
+    pub fn new(seq: u64, index: u32) -> Self {
+        Self { seq, index }
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.index == 0 {
+            write!(f, "{}", self.seq)
+        } else {
+            write!(f, "{}.{}", self.seq, self.index)
+        }
+    }
+}
+
+/// `Last-Event-ID` or an id column that is not `N` or `N.M`.
+#[derive(Debug, thiserror::Error)]
+#[error("expected an event id (N or N.M), got {0:?}")]
+pub struct BadEventId(pub String);
+
+impl std::str::FromStr for EventId {
+    type Err = BadEventId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadEventId(s.to_string());
+        let (seq, index) = match s.trim().split_once('.') {
+            Some((seq, index)) => (seq, index.parse().map_err(|_| bad())?),
+            None => (s.trim(), 0),
+        };
+        Ok(EventId {
+            seq: seq.parse().map_err(|_| bad())?,
+            index,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::TaskId;
+
+    fn ev(task: TaskId, kind: EventKind) -> Event {
+        Event {
+            task_id: task,
+            job_id: None,
+            attempt: 1,
+            at_ms: 1,
+            kind,
+        }
+    }
+
+    fn text(task: TaskId, n: usize) -> Event {
+        ev(
+            task,
+            EventKind::Text {
+                text: "x".repeat(n),
+            },
+        )
+    }
+
+    /// What a reader gets back from the packed messages.
+    fn unpack(messages: &[LogMessage]) -> Vec<Event> {
+        messages
+            .iter()
+            .flat_map(|m| {
+                decode_message(m.subject.rsplit('.').next().unwrap(), &m.payload).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bursts_of_output_travel_together_and_lifecycle_events_alone() {
+        let (a, b) = (TaskId::new(), TaskId::new());
+        let events = vec![
+            text(a, 1),
+            ev(a, EventKind::Thinking),
+            ev(a, EventKind::Heartbeat),
+            text(a, 2),
+            text(b, 3),
+            ev(
+                b,
+                EventKind::TaskFinished {
+                    status: "completed".into(),
+                    usage: Default::default(),
+                    cost_usd: 0.0,
+                    duration_ms: 1,
+                },
+            ),
+        ];
+        let messages = pack(&events);
+        let subjects: Vec<String> = messages.iter().map(|m| m.subject.clone()).collect();
+        assert_eq!(
+            subjects,
+            [
+                format!("orch.events.{a}.batch"),
+                format!("orch.events.{a}.heartbeat"),
+                format!("orch.events.{a}.text"),
+                format!("orch.events.{b}.text"),
+                format!("orch.events.{b}.task_finished"),
+            ]
+        );
+        assert_eq!(unpack(&messages), events);
+    }
+
+    #[test]
+    fn batches_stay_under_their_bounds() {
+        let task = TaskId::new();
+        let many: Vec<Event> = (0..150).map(|_| text(task, 10)).collect();
+        let messages = pack(&many);
+        assert_eq!(messages.len(), 3, "64 + 64 + 22 events");
+        assert_eq!(unpack(&messages), many);
+        let big: Vec<Event> = (0..8).map(|_| text(task, 100 * 1024)).collect();
+        let messages = pack(&big);
+        assert!(messages.len() >= 4);
+        assert!(
+            messages
+                .iter()
+                .all(|m| m.payload.len() <= MAX_BATCH_BYTES || !m.subject.ends_with(".batch"))
+        );
+        assert_eq!(unpack(&messages), big);
+    }
+
+    #[test]
+    fn event_ids_print_parse_and_order_like_the_log() {
+        for (text, id) in [("7", EventId::new(7, 0)), ("7.2", EventId::new(7, 2))] {
+            assert_eq!(text.parse::<EventId>().unwrap(), id);
+            assert_eq!(id.to_string(), text);
+        }
+        assert!(EventId::new(7, 0) < EventId::new(7, 1));
+        assert!(EventId::new(7, 9) < EventId::new(8, 0));
+        for bad in ["", "x", "7.", ".2", "7.2.1", "-1", "7.x"] {
+            assert!(bad.parse::<EventId>().is_err(), "{bad:?} parsed");
+        }
     }
 }

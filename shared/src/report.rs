@@ -267,11 +267,25 @@ impl ExportWhat {
     }
 }
 
-/// One line of `GET /v1/export?what=events`: an event of the log and its stream sequence.
+/// One line of `GET /v1/export?what=events`: an event of the log and where it sits in it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventRow {
     pub seq: u64,
+    /// The event's position in a batch message (0 otherwise; omitted when 0): with `seq`, the
+    /// event's [`crate::event::EventId`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub index: u32,
     pub event: crate::event::Event,
+}
+
+impl EventRow {
+    pub fn id(&self) -> crate::event::EventId {
+        crate::event::EventId::new(self.seq, self.index)
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The UUIDv7 lower bound of ids created at `ms` (every id created at or after `ms` sorts at or

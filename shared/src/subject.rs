@@ -45,6 +45,18 @@ pub fn event(task: TaskId, kind: &str) -> String {
     format!("orch.events.{task}.{kind}")
 }
 
+/// The last token of a subject carrying an [`crate::event::EventBatch`] instead of one event.
+pub const BATCH_KIND: &str = "batch";
+
+/// Several events of one task published as one message (see [`crate::event::EventBatch`]).
+pub fn event_batch(task: TaskId) -> String {
+    event(task, BATCH_KIND)
+}
+
+/// Every event batch of every task: readers filtering the log by kind add these, because a
+/// batch's events can be of any kind that [`crate::event::EventKind::batchable`] allows.
+pub const ALL_BATCHES: &str = "orch.events.*.batch";
+
 /// Every event of one task.
 pub fn task_events(task: TaskId) -> String {
     format!("orch.events.{task}.>")

@@ -4,7 +4,7 @@
 
 use orch_shared::api::{Job, JobError, JobStatus, Mode, Task, TaskStatus};
 use orch_shared::codec::{self, DecodeError};
-use orch_shared::event::{Event, EventKind, StepInfo};
+use orch_shared::event::{self as events, Event, EventBatch, EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
     Backend, FailureReason, GitJob, GitOutcome, JobKind, JobResult, JobSpec, Limits, Outcome,
@@ -146,17 +146,19 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
             role(),
             "[a-z-]{1,12}",
             proptest::option::of("[a-z0-9-]{1,12}"),
+            any::<u64>(),
             any::<u64>()
         )
-            .prop_map(
-                |(w, role, backend, model, delivery)| EventKind::JobStarted {
+            .prop_map(|(w, role, backend, model, delivery, started_at_us)| {
+                EventKind::JobStarted {
                     worker_id: WorkerId(w),
                     role,
                     backend,
                     model,
-                    delivery
+                    delivery,
+                    started_at_us,
                 }
-            ),
+            }),
         Just(EventKind::Thinking),
         ".*".prop_map(|text| EventKind::Text { text }),
         (".*", ".*", ".*").prop_map(|(call_id, name, input)| EventKind::ToolCall {
@@ -225,11 +227,25 @@ proptest! {
     #[test]
     fn event_roundtrips(event in event()) { roundtrip(&event); }
 
+    /// Whatever events are packed, readers get exactly them back, in order.
+    #[test]
+    fn packed_events_read_back_in_order(list in proptest::collection::vec(event(), 0..80)) {
+        let read: Vec<Event> = events::pack(&list)
+            .iter()
+            .flat_map(|m| {
+                let kind = m.subject.rsplit('.').next().unwrap();
+                events::decode_message(kind, &m.payload).unwrap()
+            })
+            .collect();
+        prop_assert_eq!(read, list);
+    }
+
     #[test]
     fn decode_never_panics_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = codec::decode::<JobSpec>(&bytes);
         let _ = codec::decode::<JobResult>(&bytes);
         let _ = codec::decode::<Event>(&bytes);
+        let _ = events::decode_message("batch", &bytes);
     }
 }
 
@@ -345,6 +361,7 @@ fn sample_events() -> Vec<Event> {
             backend: "sim".into(),
             model: None,
             delivery: 1,
+            started_at_us: 1_764_000_000_123_456,
         }),
         at(EventKind::ToolCall {
             call_id: "c1".into(),
@@ -458,6 +475,37 @@ fn golden_events() {
         check_golden(&format!("event_{i}"), &codec::encode(e));
         roundtrip(e);
     }
+}
+
+/// A `job_started` from a worker that predates `started_at_us` still decodes (as 0).
+#[test]
+fn job_started_without_start_time_decodes() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/compat/job_started_v0.hex");
+    let hex = std::fs::read_to_string(&path).expect("compat fixture");
+    let bytes: Vec<u8> = (0..hex.trim().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex.trim()[i..i + 2], 16).expect("hex"))
+        .collect();
+    let event: Event = codec::decode(&bytes).expect("old job_started decodes");
+    let EventKind::JobStarted {
+        started_at_us,
+        delivery,
+        ..
+    } = event.kind
+    else {
+        panic!("expected job_started, got {:?}", event.kind);
+    };
+    assert_eq!((started_at_us, delivery), (0, 1));
+}
+
+#[test]
+fn golden_event_batch() {
+    let batch = EventBatch {
+        events: sample_events().into_iter().take(3).collect(),
+    };
+    check_golden("event_batch", &codec::encode(&batch));
+    roundtrip(&batch);
 }
 
 #[test]

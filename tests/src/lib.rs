@@ -10,7 +10,7 @@
 //! infrastructure, [`Cluster`] a whole cluster with an HTTP client for its API.
 
 use orch_shared::api::{Task, TaskStatus};
-use orch_shared::event::Event;
+use orch_shared::event::{Event, EventId};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -533,7 +533,7 @@ impl Cluster {
 
     /// Reads a task's server-sent events until the stream ends (after `task_finished`):
     /// `(event id, event)` pairs, resuming after `last_id` when given.
-    pub async fn events(&self, task: &str, last_id: Option<u64>) -> Vec<(u64, Event)> {
+    pub async fn events(&self, task: &str, last_id: Option<EventId>) -> Vec<(EventId, Event)> {
         let mut req = self
             .http
             .get(format!("{}/v1/tasks/{task}/events", self.url))

@@ -443,7 +443,7 @@ async fn cost_report_sums_and_exports_parse_back_in_every_format() {
         logged += cluster.events(&t.id.to_string(), None).await.len();
     }
     assert_eq!(rows.len(), logged);
-    assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(rows.windows(2).all(|w| w[0].id() < w[1].id()));
     assert!(rows.iter().any(|r| r.event.kind.name() == "tool_call"));
     let (code, stdout, _) = ctl(
         &cluster,

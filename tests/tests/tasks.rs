@@ -2,7 +2,7 @@
 //! failures, idempotent submits and the resumable event stream.
 
 use orch_shared::api::{JobStatus, TaskStatus};
-use orch_shared::event::EventKind;
+use orch_shared::event::{EventId, EventKind};
 use orch_shared::job::Usage;
 use orch_shared::role::Role;
 use orch_tests::{Cluster, Options, assert_completed};
@@ -202,13 +202,114 @@ async fn event_stream_replays_the_task_and_resumes_after_the_last_event_id() {
         assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
     }
     assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "ids increase");
-    // Resume from the middle: exactly the later events come back.
-    let middle = events[events.len() / 2].0;
-    let rest = cluster.events(&id, Some(middle)).await;
-    let expected: Vec<u64> = events
-        .iter()
-        .map(|(i, _)| *i)
-        .filter(|i| *i > middle)
-        .collect();
-    assert_eq!(rest.iter().map(|(i, _)| *i).collect::<Vec<_>>(), expected);
+    // The agent's output that was ready at once travelled as one message (ids `N`, `N.1`...).
+    let in_batch = events
+        .windows(2)
+        .position(|w| w[1].0.seq == w[0].0.seq)
+        .expect("a burst of agent output stored as one batch");
+    // Resume from the middle, and from inside a batch: exactly the later events come back.
+    for after in [events[events.len() / 2].0, events[in_batch].0] {
+        let rest = cluster.events(&id, Some(after)).await;
+        let expected: Vec<EventId> = events
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| *i > after)
+            .collect();
+        assert_eq!(
+            rest.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            expected,
+            "after {after}"
+        );
+    }
+}
+
+/// Opens `GET /v1/events?{query}` (resuming after `after`); once this returns, the stream sees
+/// every later event.
+async fn open_cluster_events(
+    cluster: &Cluster,
+    query: &str,
+    after: Option<EventId>,
+) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
+        .get(format!("{}/v1/events?{query}", cluster.url))
+        .bearer_auth(orch_tests::TOKEN);
+    if let Some(id) = after {
+        req = req.header("Last-Event-ID", id.to_string());
+    }
+    let resp = req.send().await.expect("events request");
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+/// Reads an open `GET /v1/events` until `task`'s `task_finished`: `(id, kind)` of each event
+/// of `task`.
+async fn read_until_end(resp: reqwest::Response, task: &str) -> Vec<(EventId, String)> {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let (mut buf, mut out, mut id) = (String::new(), Vec::new(), None);
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk.expect("a chunk")));
+            while let Some(end) = buf.find('\n') {
+                let line: String = buf.drain(..=end).collect();
+                let line = line.trim_end();
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.parse::<EventId>().expect("an event id"));
+                } else if let Some(data) = line.strip_prefix("data: ") {
+                    let e: orch_shared::event::Event =
+                        serde_json::from_str(data).expect("an event");
+                    let event_id = id.take().expect("every event has an id");
+                    if e.task_id.to_string() == task {
+                        let kind = e.kind.name().to_string();
+                        out.push((event_id, kind.clone()));
+                        if kind == "task_finished" {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .is_err()
+    {
+        panic!("no task_finished of {task} on /v1/events: {out:?}");
+    }
+    out
+}
+
+/// The cluster-wide stream filtered by kind finds events that travelled in a batch (an
+/// agent's tool call and result are published together), and resumes inside a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_events_filter_kinds_inside_batches_and_resume_there() {
+    let cluster = Cluster::start(Options::default()).await;
+    let query = "kinds=tool_call,tool_result,task_finished";
+    let live = open_cluster_events(&cluster, query, None).await;
+    let task = cluster
+        .submit(json!({"prompt": "build and test it", "sim": {"latency_ms": 200}}))
+        .await;
+    let id = task.id.to_string();
+    let seen = read_until_end(live, &id).await;
+    let kinds: Vec<&str> = seen.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "tool_call",
+            "tool_result",
+            "tool_call",
+            "tool_result",
+            "task_finished"
+        ],
+        "two agents' tool calls and results, then the end: {seen:?}"
+    );
+    let (call, result) = (seen[0].0, seen[1].0);
+    assert_eq!(
+        call.seq, result.seq,
+        "call and result travelled in one message"
+    );
+    assert!(result.index > call.index);
+    // Resuming after the call (inside its batch) starts with its result.
+    let resumed = open_cluster_events(&cluster, query, Some(call)).await;
+    assert_eq!(read_until_end(resumed, &id).await, seen[1..].to_vec());
 }

@@ -66,6 +66,24 @@ impl Runner {
         }
     }
 
+    /// Publishes `first` and whatever else the agent has ready, as few messages as the log
+    /// allows (a burst of output is one batch; an agent writing slowly gets one message per
+    /// event, without waiting for more).
+    async fn send_burst(
+        &self,
+        job: &JobDelivery,
+        first: Option<EventKind>,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<EventKind>,
+    ) {
+        let mut burst: Vec<Event> = first.into_iter().map(|k| self.event(job, k)).collect();
+        while let Ok(kind) = rx.try_recv() {
+            burst.push(self.event(job, kind));
+        }
+        if let Err(e) = self.transport.publish_events(&burst).await {
+            tracing::warn!(error = %e, "failed to send events");
+        }
+    }
+
     /// Runs `job` to the end, or hands it back when `hard_stop` fires first.
     pub async fn run(&self, job: JobDelivery, hard_stop: CancellationToken) {
         let spec = &job.spec;
@@ -109,6 +127,7 @@ impl Runner {
                 backend: self.agent.backend_for(&spec).into(),
                 model: self.agent.model_for(&spec),
                 delivery: job.delivery,
+                started_at_us: orch_shared::now_us(),
             },
         )
         .await;
@@ -139,7 +158,7 @@ impl Runner {
         let output = loop {
             tokio::select! {
                 out = &mut agent_run => break Some(out),
-                Some(kind) = rx.recv() => self.send(&job, kind).await,
+                Some(kind) = rx.recv() => self.send_burst(&job, Some(kind), &mut rx).await,
                 _ = keepalive.tick() => {
                     if !self.still_holds(lease.as_mut(), lease_ttl, true).await {
                         // Paused or cut off past the ack wait: another worker owns the attempt.
@@ -171,9 +190,7 @@ impl Runner {
                 }
             }
         };
-        while let Ok(kind) = rx.try_recv() {
-            self.send(&job, kind).await;
-        }
+        self.send_burst(&job, None, &mut rx).await;
         // The drain deadline also cancels the agent, which may then report "cancelled" before
         // the deadline branch is seen: that is a hand-back, not the job's outcome.
         let output = output.filter(|r| {

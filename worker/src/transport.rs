@@ -4,7 +4,7 @@
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::{Stream, StreamExt};
 use orch_shared::codec;
-use orch_shared::event::Event;
+use orch_shared::event::{self, Event};
 use orch_shared::job::{CancelJob, JobResult, JobSpec};
 use orch_shared::subject;
 use std::sync::Arc;
@@ -193,6 +193,21 @@ impl Transport {
                 subject,
                 source: e.into(),
             })
+    }
+
+    /// Publishes a job's burst of events like [`Transport::publish_event`], as few messages as
+    /// [`event::pack`] makes of them (a burst of agent output is one batch).
+    pub async fn publish_events(&self, events: &[Event]) -> Result<(), Error> {
+        for message in event::pack(events) {
+            self.client
+                .publish(message.subject.clone(), message.payload.into())
+                .await
+                .map_err(|e| Error::Publish {
+                    subject: message.subject,
+                    source: e.into(),
+                })?;
+        }
+        Ok(())
     }
 
     /// Sends an event without waiting for its ack; await the returned future before the result

@@ -189,7 +189,7 @@ pub fn agent_record(a: &AgentSummary) -> Vec<String> {
 pub fn event_record(e: &EventRow) -> Vec<String> {
     let ev = &e.event;
     vec![
-        e.seq.to_string(),
+        e.id().to_string(),
         when::iso(ev.at_ms),
         ev.at_ms.to_string(),
         ev.task_id.to_string(),

@@ -12,7 +12,7 @@ use crate::when;
 use anyhow::Context as _;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use orch_shared::event::{Event, EventKind};
+use orch_shared::event::{Event, EventId, EventKind};
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::report::EventRow;
 use std::io::Write;
@@ -110,6 +110,7 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             backend,
             model,
             delivery,
+            ..
         } => {
             let mut s = format!(
                 "{} started on {worker_id} ({backend}, {}), attempt {}",
@@ -242,7 +243,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     };
     let client = ctx.client()?;
     let mut out = std::io::stdout().lock();
-    let mut last_seq: Option<u64> = None;
+    let mut last_seq: Option<EventId> = None;
     let mut attempt = 0;
     loop {
         match read(&client, &target, &args, &mut last_seq, ctx.json(), &mut out).await {
@@ -285,7 +286,7 @@ async fn read(
     client: &Client,
     target: &Target,
     args: &Args,
-    last_seq: &mut Option<u64>,
+    last_seq: &mut Option<EventId>,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<Read, crate::client::Error> {
@@ -314,7 +315,8 @@ async fn read(
         ended = target.ends_with(&event);
         let written = if json {
             let row = EventRow {
-                seq: seq.unwrap_or(0),
+                seq: seq.map_or(0, |s| s.seq),
+                index: seq.map_or(0, |s| s.index),
                 event: *event,
             };
             serde_json::to_writer(&mut *out, &row)
@@ -399,6 +401,7 @@ mod tests {
                 backend: "sim".into(),
                 model: None,
                 delivery: 2,
+                started_at_us: 0,
             }),
             0,
             false,

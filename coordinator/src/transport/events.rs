@@ -2,11 +2,11 @@
 //! once they have caught up with the log (transcripts, exports), purging a task's messages,
 //! the job events the metrics follow, and the work queue's depth from its consumer's info.
 
-use super::{Error, StoredEvent, Transport};
-use async_nats::jetstream::{self, consumer};
+use super::{Error, StoredEvent, Transport, stored_events};
+use async_nats::jetstream::consumer;
 use futures::{Stream, StreamExt};
 use orch_shared::codec;
-use orch_shared::event::Event;
+use orch_shared::event::{Event, EventId};
 use orch_shared::ids::TaskId;
 use orch_shared::report::QueueInfo;
 use orch_shared::subject;
@@ -32,12 +32,6 @@ fn read_err(what: impl Into<String>) -> impl Fn(Box<dyn std::error::Error + Send
     }
 }
 
-fn decode(msg: &jetstream::Message) -> Option<StoredEvent> {
-    let seq = msg.info().ok()?.stream_sequence;
-    let event = codec::decode::<Event>(&msg.payload).ok()?;
-    Some(StoredEvent { seq, event })
-}
-
 impl Transport {
     /// The work queue: jobs waiting, jobs held by workers, jobs delivered more than once, from
     /// the info of the `workers` consumer.
@@ -60,11 +54,11 @@ impl Transport {
         })
     }
 
-    /// Events of every task after stream sequence `after` (0: only events stored from now
-    /// on), then live ones; only the kinds in `kinds` when it is not empty.
+    /// Events of every task after `after` (the default id: only events stored from now on),
+    /// then live ones; only the kinds in `kinds` when it is not empty.
     pub async fn all_events(
         &self,
-        after: u64,
+        after: EventId,
         kinds: &[String],
     ) -> Result<impl Stream<Item = StoredEvent> + use<>, Error> {
         let read = read_err("the cluster's events");
@@ -73,11 +67,12 @@ impl Transport {
             .get_stream(subject::EVENTS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
-        let deliver_policy = if after == 0 {
+        // From the message holding `after`: a batch may have more events after it.
+        let deliver_policy = if after.seq == 0 {
             consumer::DeliverPolicy::New
         } else {
             consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
+                start_sequence: after.seq,
             }
         };
         let mut config = consumer::pull::OrderedConfig {
@@ -87,14 +82,25 @@ impl Transport {
         if kinds.is_empty() {
             config.filter_subject = subject::EVENTS_SUBJECTS.into();
         } else {
+            // Batches carry events of several kinds: they are read too and filtered here.
             config.filter_subjects = kinds.iter().map(|k| format!("orch.events.*.{k}")).collect();
+            config.filter_subjects.push(subject::ALL_BATCHES.into());
         }
+        let kinds: Vec<String> = kinds.to_vec();
         let consumer = stream
             .create_consumer(config)
             .await
             .map_err(|e| read(e.into()))?;
         let messages = consumer.messages().await.map_err(|e| read(e.into()))?;
-        Ok(messages.filter_map(|msg| async move { decode(&msg.ok()?) }))
+        Ok(messages
+            .flat_map(|msg| {
+                futures::stream::iter(msg.map(|m| stored_events(&m)).unwrap_or_default())
+            })
+            .filter(move |e| {
+                let wanted = e.id() > after
+                    && (kinds.is_empty() || kinds.iter().any(|k| k == e.event.kind.name()));
+                futures::future::ready(wanted)
+            }))
     }
 
     /// The stored events of one task (or of every task when `task` is `None`) from `from`,
@@ -150,7 +156,9 @@ impl Transport {
                 .await
                 .ok()?;
             let events: Vec<StoredEvent> = batch
-                .filter_map(|m| async move { m.ok().and_then(|m| decode(&m)) })
+                .flat_map(|m| {
+                    futures::stream::iter(m.map(|m| stored_events(&m)).unwrap_or_default())
+                })
                 .collect()
                 .await;
             if events.is_empty() {

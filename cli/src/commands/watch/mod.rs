@@ -18,7 +18,7 @@ use crate::output;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use model::{Command, Key, Link, Model};
-use orch_shared::event::Event;
+use orch_shared::event::{Event, EventId};
 use orch_shared::ids::JobId;
 use orch_shared::report::EventRow;
 use ratatui::crossterm::event::{self as term, KeyCode, KeyEventKind, KeyModifiers};
@@ -132,6 +132,7 @@ async fn stream_json(client: &Client) -> anyhow::Result<ExitCode> {
             Update::Event(event) => {
                 let row = EventRow {
                     seq: 0,
+                    index: 0,
                     event: *event,
                 };
                 serde_json::to_writer(&mut out, &row).map_err(std::io::Error::from)?;
@@ -155,7 +156,7 @@ async fn follow_events(
     kinds: Option<&'static str>,
     tx: mpsc::UnboundedSender<Update>,
 ) {
-    let mut last: Option<u64> = None;
+    let mut last: Option<EventId> = None;
     let mut attempt: u32 = 0;
     loop {
         let mut query = vec![("max_chars", "200".to_string())];
@@ -207,7 +208,7 @@ async fn follow_events(
 
 /// Follows one agent's log for its open transcript.
 async fn follow_transcript(client: Client, agent: JobId, tx: mpsc::UnboundedSender<Update>) {
-    let mut last: Option<u64> = None;
+    let mut last: Option<EventId> = None;
     for attempt in 0..5u32 {
         let query = [("follow", "true".to_string())];
         if let Ok(resp) = client
