@@ -159,12 +159,15 @@ async fn main() -> anyhow::Result<()> {
         let mut before = Vec::new();
         let mut js = Vec::new();
         for pass in 0..args.repeat {
+            let mut load_of = None;
             if let Some(b) = &baseline {
                 eprintln!("core pass {}: baseline ({})", pass + 1, b.bin_dir.display());
-                before.push(scenarios::core(b, args.tasks, args.concurrency).await?);
+                let r = scenarios::core(b, args.tasks, args.concurrency, None).await?;
+                load_of = r["throughput_one_agent"]["tasks_per_s"].as_f64();
+                before.push(r);
             }
             eprintln!("core pass {}: this build", pass + 1);
-            let (r, j) = core_with_jsbench(&args, &spec, want("anchors")).await?;
+            let (r, j) = core_with_jsbench(&args, &spec, want("anchors"), load_of).await?;
             current.push(r);
             if let Some(j) = j {
                 js.push(j);
@@ -246,8 +249,9 @@ async fn core_with_jsbench(
     args: &Args,
     spec: &Spec,
     with_jsbench: bool,
+    load_of: Option<f64>,
 ) -> anyhow::Result<(Value, Option<Value>)> {
-    let r = scenarios::core(spec, args.tasks, args.concurrency).await?;
+    let r = scenarios::core(spec, args.tasks, args.concurrency, load_of).await?;
     if !with_jsbench {
         return Ok((r, None));
     }

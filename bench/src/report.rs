@@ -55,6 +55,10 @@ const FIGURES: &[(&str, &[&str])] = &[
         &["latency_light", "finish_to_visible", "p99_ms"],
     ),
     (
+        "offered load tasks/s (80 % of the pass's baseline, or own, max)",
+        &["latency_loaded", "offered_per_s"],
+    ),
+    (
         "submit → agent start p50 ms (80 % load)",
         &["latency_loaded", "p50_ms"],
     ),

@@ -232,9 +232,24 @@ impl Runner {
                 Err(e) => Err(e),
             }
         };
-        let (stored, held) = tokio::join!(
+        // Stored before the result is published (a result with a session id can be
+        // continued), while the events are confirmed and the lease is checked.
+        let session_kept = async {
+            match (&self.sessions, report.session) {
+                (Some(store), Some(snapshot)) if output.outcome.is_success() => {
+                    // A large session takes a moment to store: the job must not look abandoned.
+                    if snapshot.bytes.len() > crate::session::INLINE_MAX_BYTES {
+                        let _ = job.in_progress().await;
+                    }
+                    store.keep(&spec, snapshot, lease_ttl / 2).await
+                }
+                _ => None,
+            }
+        };
+        let (stored, held, session_id) = tokio::join!(
             events_stored,
-            self.still_holds(lease.as_mut(), lease_ttl, false)
+            self.still_holds(lease.as_mut(), lease_ttl, false),
+            session_kept
         );
         if let Err(e) = stored {
             tracing::warn!(error = %e, "the job's events were not stored");
@@ -246,17 +261,6 @@ impl Runner {
             metrics::counter!(m::LEASES_LOST).increment(1);
             return;
         }
-        // Stored before the result is published: a result with a session id can be continued.
-        let session_id = match (&self.sessions, report.session) {
-            (Some(store), Some(snapshot)) if output.outcome.is_success() => {
-                // A large session takes a moment to store: the job must not look abandoned.
-                if snapshot.bytes.len() > crate::session::INLINE_MAX_BYTES {
-                    let _ = job.in_progress().await;
-                }
-                store.keep(&spec, snapshot, lease_ttl / 2).await
-            }
-            _ => None,
-        };
         let result = JobResult {
             task_id: spec.task_id,
             job_id: spec.job_id,
