@@ -103,6 +103,7 @@ impl Driver {
         let driver = Driver { lanes: senders };
         for rx in receivers {
             let lane = Lane {
+                meter: Default::default(),
                 fx: Effects {
                     state: state.clone(),
                     transport: transport.clone(),
@@ -187,13 +188,16 @@ impl Effects {
                     jobs += 1;
                     messages.push(Outgoing::Job(*spec));
                 }
-                Action::Emit(job_id, kind) => messages.push(Outgoing::Event(Event {
-                    task_id,
-                    job_id,
-                    attempt: 0,
-                    at_ms: now,
-                    kind,
-                })),
+                Action::Emit(job_id, kind) => {
+                    crate::meter::emitted(&kind);
+                    messages.push(Outgoing::Event(Event {
+                        task_id,
+                        job_id,
+                        attempt: 0,
+                        at_ms: now,
+                        kind,
+                    }));
+                }
                 Action::WakeAt(at) => self.driver.wake_at(task_id, at),
                 Action::Cancel { job, attempt } => {
                     self.admission.done(job, 0);
@@ -223,6 +227,7 @@ const START_SAVE_DELAY: Duration = Duration::from_millis(5);
 
 struct Lane {
     fx: Effects,
+    meter: crate::meter::JobMeter,
     cache: HashMap<TaskId, Task>,
     /// Cached tasks whose job start is not saved yet, and when they will be.
     unsaved_starts: HashSet<TaskId>,
@@ -409,7 +414,10 @@ impl Lane {
             }),
         };
         match self.fx.state.save_result(&task, &write).await {
-            Ok(true) => self.saved(task_id),
+            Ok(true) => {
+                self.meter.finished(&task, &result);
+                self.saved(task_id);
+            }
             Ok(false) => {
                 // A worker that lost its lease (paused, partitioned) reports late: another
                 // worker took the attempt since. Its result is not applied nor charged.
@@ -446,6 +454,7 @@ impl Lane {
         else {
             return;
         };
+        self.meter.started(&event);
         let task = match self.task(event.task_id).await {
             Ok(Some(task)) => task,
             Ok(None) => return,

@@ -17,7 +17,8 @@
 //! - [`metrics`]: metric names and descriptions.
 //! - [`history`]: history, agents and transcripts, cluster status and event stream, cost
 //!   reports, exports and the clean-up of old tasks (HTTP).
-//! - [`sampler`]: gauges sampled from JetStream and Redis, counters from job events, and this
+//! - [`meter`]: job counters, taken by the leader where it applies starts, results, retries.
+//! - [`sampler`]: gauges sampled from JetStream and Redis, and this
 //!   coordinator's entry in the coordinator registry.
 
 pub mod admission;
@@ -27,6 +28,7 @@ pub mod context;
 pub mod driver;
 pub mod history;
 pub mod leader;
+pub mod meter;
 pub mod metrics;
 pub mod pipeline;
 pub mod planner;

@@ -1,9 +1,8 @@
 //! What the metrics need beyond the request path: gauges sampled every [`INTERVAL`] (queue
 //! depth and in-flight jobs from the JetStream consumer's info, workers and slots from the
-//! registry, unfinished tasks and jobs by status, dead letters, budgets left), counters taken
-//! from the job events every worker publishes (starts, redeliveries, retries, dead letters,
-//! tokens and cost by role, model and backend), and this coordinator's entry in the
-//! coordinator registry (`orchctl status` lists it).
+//! registry, unfinished tasks and jobs by status, dead letters, budgets left), and this
+//! coordinator's entry in the coordinator registry (`orchctl status` lists it). Job counters
+//! are taken by the leader where it applies the facts ([`crate::meter`]).
 //!
 //! Labels come from fixed sets: roles, backends, failure reasons, statuses, and models folded
 //! into [`model_label`]'s short list.
@@ -11,13 +10,9 @@
 use crate::metrics as m;
 use crate::state::State;
 use crate::transport::Transport;
-use futures::StreamExt;
 use orch_shared::api::{JobStatus, Task, TaskStatus};
-use orch_shared::event::{Event, EventKind};
-use orch_shared::ids::JobId;
 use orch_shared::job::Backend;
 use orch_shared::report::CoordinatorInfo;
-use orch_shared::role::Role;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,8 +27,6 @@ pub const COORDINATOR_TTL: Duration = Duration::from_secs(20);
 const WORKER_MAX_AGE: Duration = Duration::from_secs(15);
 /// Most unfinished tasks one sample reads (the rest are left out of the task gauges).
 const MAX_SAMPLED_TASKS: usize = 10_000;
-/// Job starts remembered to label the job's end; older ones are forgotten.
-const MAX_REMEMBERED_STARTS: usize = 100_000;
 
 /// Models that get their own label value; everything else is `other`, no model is `default`.
 const MODEL_FAMILIES: [&str; 10] = [
@@ -94,8 +87,8 @@ pub fn backend_label(name: &str) -> &'static str {
     .unwrap_or("other")
 }
 
-/// Starts the sampling loop and the job-event counter; both stop on `shutdown` (the sampler
-/// deregisters this coordinator on its way out).
+/// Starts the sampling loop; it stops on `shutdown` (and deregisters this coordinator on its
+/// way out).
 pub fn spawn(
     tracker: &TaskTracker,
     state: State,
@@ -110,13 +103,7 @@ pub fn spawn(
         started_at_ms: orch_shared::now_ms(),
         last_seen_ms: 0,
     };
-    tracker.spawn(sample_loop(
-        state.clone(),
-        transport.clone(),
-        info,
-        shutdown.clone(),
-    ));
-    tracker.spawn(count_job_events(state, transport, shutdown));
+    tracker.spawn(sample_loop(state, transport, info, shutdown));
 }
 
 fn hostname() -> String {
@@ -234,128 +221,6 @@ fn set_task_gauges(tasks: &[Task]) {
     metrics::gauge!(m::BUDGETED_TASKS).set(budgeted as f64);
     metrics::gauge!(m::BUDGET_REMAINING_USD).set(usd_left);
     metrics::gauge!(m::BUDGET_REMAINING_TOKENS).set(tokens_left as f64);
-}
-
-/// Labels of a job attempt, learnt from its start.
-#[derive(Clone, Copy)]
-struct Labels {
-    role: &'static str,
-    model: &'static str,
-    backend: &'static str,
-}
-
-/// Counts job events into metrics. The job's end carries no role or model, so they are taken
-/// from its start (or, for a start this coordinator did not see, from the task record).
-async fn count_job_events(state: State, transport: Transport, shutdown: CancellationToken) {
-    let mut events = loop {
-        match transport.job_events().await {
-            Ok(s) => break Box::pin(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow job events for metrics; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(INTERVAL) => {}
-                }
-            }
-        }
-    };
-    let mut starts: HashMap<(JobId, u32), Labels> = HashMap::new();
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            next = events.next() => match next {
-                Some(e) => e,
-                None => return,
-            },
-        };
-        count(&state, &mut starts, event).await;
-    }
-}
-
-async fn count(state: &State, starts: &mut HashMap<(JobId, u32), Labels>, event: Event) {
-    let Some(job_id) = event.job_id else { return };
-    match &event.kind {
-        EventKind::JobStarted {
-            role,
-            backend,
-            model,
-            delivery,
-            ..
-        } => {
-            let labels = Labels {
-                role: role.as_str(),
-                model: model_label(model.as_deref()),
-                backend: backend_label(backend),
-            };
-            metrics::counter!(m::JOBS_STARTED, "role" => labels.role, "backend" => labels.backend)
-                .increment(1);
-            if *delivery > 1 {
-                metrics::counter!(m::JOB_REDELIVERIES, "role" => labels.role).increment(1);
-            }
-            if starts.len() >= MAX_REMEMBERED_STARTS {
-                // Jobs whose end was never seen (a lost event): forget them all; a later end
-                // falls back to the task record.
-                starts.clear();
-            }
-            starts.insert((job_id, event.attempt), labels);
-        }
-        EventKind::JobFinished {
-            success,
-            usage,
-            cost_usd,
-            ..
-        } => {
-            let labels = match starts.remove(&(job_id, event.attempt)) {
-                Some(l) => l,
-                None => labels_from_record(state, &event, job_id).await,
-            };
-            for (kind, n) in [
-                ("input", usage.input_tokens),
-                ("output", usage.output_tokens),
-                ("cache_write", usage.cache_creation_tokens),
-                ("cache_read", usage.cache_read_tokens),
-            ] {
-                metrics::counter!(m::AGENT_TOKENS, "role" => labels.role, "model" => labels.model,
-                    "backend" => labels.backend, "kind" => kind)
-                .increment(n);
-            }
-            metrics::gauge!(m::AGENT_COST_USD, "role" => labels.role, "model" => labels.model,
-                "backend" => labels.backend)
-            .increment(*cost_usd);
-            if *success {
-                metrics::histogram!(m::JOB_ATTEMPTS, "role" => labels.role)
-                    .record(f64::from(event.attempt.max(1)));
-            }
-        }
-        EventKind::JobRetrying { reason, .. } => {
-            metrics::counter!(m::JOB_RETRIES, "reason" => reason.as_str()).increment(1);
-        }
-        EventKind::JobDeadLettered { reason } => {
-            metrics::counter!(m::JOBS_DEAD_LETTERED, "reason" => reason.as_str()).increment(1);
-        }
-        _ => {}
-    }
-}
-
-async fn labels_from_record(state: &State, event: &Event, job_id: JobId) -> Labels {
-    let unknown = Labels {
-        role: "unknown",
-        model: "default",
-        backend: "other",
-    };
-    let Ok(Some(task)) = state.load_task(event.task_id).await else {
-        return unknown;
-    };
-    let role = task
-        .jobs
-        .iter()
-        .find(|j| j.id == job_id)
-        .map_or("unknown", |j| Role::as_str(&j.role));
-    Labels {
-        role,
-        model: model_label(task.model.as_deref()),
-        backend: backend_label(task.backend.as_str()),
-    }
 }
 
 #[cfg(test)]

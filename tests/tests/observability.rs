@@ -362,3 +362,37 @@ fn metric_names_are_found_in_promql() {
     assert!(exported("orch_b", &have));
     assert!(!exported("orch_c_bucket", &have));
 }
+
+/// Job counters are taken once per cluster, by the leader: a standby replica hears the same
+/// events but counts none of them, so summing the counters over replicas (what a Prometheus
+/// `sum()` does) gives the true figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_counters_summed_over_replicas_count_each_job_once() {
+    let cluster = Cluster::start(Options::default()).await;
+    let (_standby, standby_url) = cluster.start_standby();
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let t = cluster
+                .submit(json!({"prompt": format!("build {i}"), "roles": ["analyst", "builder"]}))
+                .await;
+            ids.push(t.id.to_string());
+        }
+        ids
+    };
+    cluster.wait_all(&ids, Duration::from_secs(30)).await;
+    let leader = scrape_until(&cluster, "6 job starts", |t| {
+        value(t, "orch_jobs_started_total", &[]) == Some(6.0)
+    })
+    .await;
+    let standby = cluster.scrape(&format!("{standby_url}/metrics")).await;
+    for name in ["orch_jobs_started_total", "orch_agent_tokens_total"] {
+        let on_standby = value(&standby, name, &[]).unwrap_or(0.0);
+        assert_eq!(on_standby, 0.0, "the standby counted {name}:\n{standby}");
+    }
+    assert_eq!(
+        value(&leader, "orch_job_attempts_count", &[]),
+        Some(6.0),
+        "one successful attempt per job"
+    );
+}

@@ -1,12 +1,11 @@
 //! Reading the event log beyond one live task: the cluster-wide live stream, reads that end
 //! once they have caught up with the log (transcripts, exports), purging a task's messages,
-//! the job events the metrics follow, and the work queue's depth from its consumer's info.
+//! and the work queue's depth from its consumer's info.
 
 use super::{Error, StoredEvent, Transport, stored_events};
 use async_nats::jetstream::consumer;
 use futures::{Stream, StreamExt};
-use orch_shared::codec;
-use orch_shared::event::{Event, EventId};
+use orch_shared::event::EventId;
 use orch_shared::ids::TaskId;
 use orch_shared::report::QueueInfo;
 use orch_shared::subject;
@@ -211,30 +210,5 @@ impl Transport {
             .await
             .map_err(|e| read(e.into()))?;
         Ok((purged_events, purged_results))
-    }
-
-    /// The job events metrics are counted from (`job_started`, `job_finished`, `job_retrying`,
-    /// `job_dead_lettered` of every task), as they are published. Best effort, like
-    /// [`Transport::job_started`]: an event missed while the coordinator restarts is not counted.
-    pub async fn job_events(&self) -> Result<impl Stream<Item = Event> + use<>, Error> {
-        let mut subs = Vec::new();
-        for kind in [
-            "job_started",
-            "job_finished",
-            "job_retrying",
-            "job_dead_lettered",
-        ] {
-            let sub = self
-                .client()
-                .subscribe(format!("orch.events.*.{kind}"))
-                .await
-                .map_err(|e| Error::Read {
-                    what: format!("{kind} events"),
-                    source: e.into(),
-                })?;
-            subs.push(sub);
-        }
-        Ok(futures::stream::select_all(subs)
-            .filter_map(|msg| async move { codec::decode::<Event>(&msg.payload).ok() }))
     }
 }
