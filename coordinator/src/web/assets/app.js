@@ -1128,15 +1128,20 @@ function historyPage() {
     if (cursor) p.set("cursor", cursor);
     return p;
   };
+  // Filters change faster than the server answers: only the latest request may draw the table
+  // (an older answer arriving last would show the list for filters no longer set).
+  let latest = 0;
   const load = async () => {
     const el = $("#history-table");
+    const mine = ++latest;
     let page;
     try {
       page = await api("/v1/tasks?" + query());
     } catch (e) {
-      el.innerHTML = `<p class="form-error">${esc(e.message)}</p>`;
+      if (mine === latest) el.innerHTML = `<p class="form-error">${esc(e.message)}</p>`;
       return;
     }
+    if (mine !== latest) return;
     el.innerHTML = table([
       { label: "Date", cell: (t) => `<span title="${esc(when(t.created_at_ms))}">${esc(when(t.created_at_ms))}</span>` },
       { label: "Description", cls: "desc", cell: (t) => `<a href="/tasks/${esc(t.id)}" title="${esc(t.prompt)}">${esc(t.prompt)}</a>` },
@@ -1259,16 +1264,21 @@ function costsPage() {
     $("#legend").innerHTML = order.map((k) => `<span><i style="background:${colorOf(k)}"></i>${esc(k)}</span>`).join("");
   };
 
+  // Only the latest load draws (an older answer arriving last would chart other options).
+  let latest = 0;
   const load = async () => {
+    const mine = ++latest;
     const f = new FormData(opts);
     const range = f.get("range"), by = f.get("by");
     const bs = buckets(range);
     const since = bs[0].since, until = bs[bs.length - 1].until;
-    $("#chart-title").textContent = `Spend over time by ${by}`;
     const reports = await Promise.all(bs.map((b) => api(`/v1/reports/cost?since=${b.since}&until=${b.until}&by=${by}`)));
+    if (mine !== latest) return;
+    $("#chart-title").textContent = `Spend over time by ${by}`;
     bs.forEach((b, i) => (b.groups = (reports[i].breakdowns[0] || { groups: [] }).groups.map((g) => ({ key: g.key, cost_usd: g.cost_usd, agents: g.agents }))));
     chart(bs, by);
     const all = await api(`/v1/reports/cost?since=${since}&until=${until}&by=role,model,backend`);
+    if (mine !== latest) return;
     const t = all.total;
     $("#c-kpis").innerHTML = kpi("Spend", usd(t.cost_usd), `${all.tasks} task(s)` + (all.truncated ? " · newest only" : "")) +
       kpi("Agents", t.agents, "that ran") +
