@@ -333,13 +333,22 @@ impl Transport {
         // Consecutive events go out as few log messages as `event::pack` makes of them, and
         // snapshots last: they are for rebuilding Redis, whose record is already written, so
         // a job waits for no snapshot and a task's first events travel together.
-        let mut wire: Vec<(String, Vec<u8>, Option<String>, bool)> = Vec::new();
+        struct Wire {
+            subject: String,
+            payload: Vec<u8>,
+            msg_id: Option<String>,
+            event: bool,
+        }
+        let mut wire: Vec<Wire> = Vec::new();
         let mut snapshots = Vec::new();
         let mut run: Vec<Event> = Vec::new();
-        let flush = |run: &mut Vec<Event>, wire: &mut Vec<_>| {
-            for m in event::pack(run) {
-                wire.push((m.subject, m.payload, None, true));
-            }
+        let flush = |run: &mut Vec<Event>, wire: &mut Vec<Wire>| {
+            wire.extend(event::pack(run).into_iter().map(|m| Wire {
+                subject: m.subject,
+                payload: m.payload,
+                msg_id: None,
+                event: true,
+            }));
             run.clear();
         };
         for message in messages {
@@ -347,26 +356,32 @@ impl Transport {
                 Outgoing::Event(e) => run.push(e.clone()),
                 Outgoing::Job(spec) => {
                     flush(&mut run, &mut wire);
-                    wire.push((
-                        subject::job(subject::DEFAULT_POOL),
-                        codec::encode(spec),
-                        Some(subject::job_msg_id(spec.job_id, spec.attempt)),
-                        false,
-                    ));
+                    wire.push(Wire {
+                        subject: subject::job(subject::DEFAULT_POOL),
+                        payload: codec::encode(spec),
+                        msg_id: Some(subject::job_msg_id(spec.job_id, spec.attempt)),
+                        event: false,
+                    });
                 }
-                Outgoing::Snapshot(task) => snapshots.push((
-                    subject::task_snapshot(task.id),
-                    codec::encode(task.as_ref()),
-                    None,
-                    false,
-                )),
+                Outgoing::Snapshot(task) => snapshots.push(Wire {
+                    subject: subject::task_snapshot(task.id),
+                    payload: codec::encode(task.as_ref()),
+                    msg_id: None,
+                    event: false,
+                }),
             }
         }
         flush(&mut run, &mut wire);
         wire.extend(snapshots);
-        let last_event = wire.iter().rposition(|(_, _, _, is_event)| *is_event);
+        let last_event = wire.iter().rposition(|w| w.event);
         let mut acks = Vec::with_capacity(wire.len());
-        for (i, (subject, payload, msg_id, is_event)) in wire.into_iter().enumerate() {
+        for (i, w) in wire.into_iter().enumerate() {
+            let Wire {
+                subject,
+                payload,
+                msg_id,
+                event: is_event,
+            } = w;
             if is_event && Some(i) != last_event {
                 self.client()
                     .publish(subject.clone(), payload.into())
