@@ -27,6 +27,31 @@ struct Seen {
     first: HashMap<String, bytes::Bytes>,
 }
 
+/// The events of `kinds` one message brings: `(<task>.<kind>, kind, the event's encoding)`; a
+/// batch's events are taken out of it (each re-encoded as if it had come alone).
+fn arrivals(msg: &async_nats::Message, kinds: &[String]) -> Vec<(String, String, bytes::Bytes)> {
+    use orch_shared::subject::BATCH_KIND;
+    let key = msg
+        .subject
+        .as_str()
+        .strip_prefix("orch.events.")
+        .unwrap_or_default();
+    let kind = key.rsplit('.').next().unwrap_or_default();
+    if kind != BATCH_KIND {
+        return vec![(key.to_string(), kind.to_string(), msg.payload.clone())];
+    }
+    orch_shared::event::decode_message(BATCH_KIND, &msg.payload)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| kinds.iter().any(|k| k == e.kind.name()))
+        .map(|e| {
+            let kind = e.kind.name().to_string();
+            let key = format!("{}.{kind}", e.task_id);
+            (key, kind, orch_shared::codec::encode(&e).into())
+        })
+        .collect()
+}
+
 /// Which events a [`Watch`] keeps the payload of (for scenarios that decode them).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
@@ -38,13 +63,16 @@ pub enum Keep {
 }
 
 impl Watch {
-    /// Follows `orch.events.*.<kind>` for every kind in `kinds`.
+    /// Follows `orch.events.*.<kind>` for every kind in `kinds`, and the event batches (whose
+    /// events of those kinds count as if they had come alone, at the batch's arrival).
     pub async fn start(nats_url: &str, kinds: &[&str], keep: Keep) -> anyhow::Result<Watch> {
         let client = async_nats::connect(nats_url).await?;
         let mut subs = Vec::new();
         for kind in kinds {
             subs.push(client.subscribe(format!("orch.events.*.{kind}")).await?);
         }
+        subs.push(client.subscribe(orch_shared::subject::ALL_BATCHES).await?);
+        let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
         // The subscriptions are registered once the server has seen the flush.
         client.flush().await?;
         let watch = Watch::default();
@@ -54,24 +82,20 @@ impl Watch {
             let mut all = futures::stream::select_all(subs);
             while let Some(msg) = all.next().await {
                 let now = Instant::now();
-                let key = msg
-                    .subject
-                    .as_str()
-                    .strip_prefix("orch.events.")
-                    .unwrap_or_default()
-                    .to_string();
-                let kind = key.rsplit('.').next().unwrap_or_default().to_string();
+                let seen_now = arrivals(&msg, &kinds);
                 {
                     let mut seen = inner.seen.lock().unwrap();
-                    *seen.counts.entry(kind).or_default() += 1;
-                    match keep {
-                        Keep::Times => {}
-                        Keep::Payloads => seen.payloads.push((key.clone(), now, msg.payload)),
-                        Keep::First => {
-                            seen.first.entry(key.clone()).or_insert(msg.payload);
+                    for (key, kind, payload) in seen_now {
+                        *seen.counts.entry(kind).or_default() += 1;
+                        match keep {
+                            Keep::Times => {}
+                            Keep::Payloads => seen.payloads.push((key.clone(), now, payload)),
+                            Keep::First => {
+                                seen.first.entry(key.clone()).or_insert(payload);
+                            }
                         }
+                        seen.at.entry(key).or_insert(now);
                     }
-                    seen.at.entry(key).or_insert(now);
                 }
                 inner.notify.notify_waiters();
             }

@@ -134,12 +134,12 @@ impl EventKind {
     }
 
     /// Whether the event may travel in an [`EventBatch`]. Lifecycle events that services and
-    /// clients follow by subject (`orch.events.*.<kind>`) always travel alone.
+    /// clients follow by subject (`orch.events.*.<kind>`) always travel alone; `job_finished`
+    /// travels with the agent's last output (readers by kind read the batches too).
     pub fn batchable(&self) -> bool {
         !matches!(
             self,
             EventKind::JobStarted { .. }
-                | EventKind::JobFinished { .. }
                 | EventKind::JobRetrying { .. }
                 | EventKind::JobDeadLettered { .. }
                 | EventKind::Heartbeat

@@ -58,12 +58,27 @@ impl Runner {
         }
     }
 
-    /// Publishes an event without waiting for JetStream's ack; the acked `job_finished`
-    /// event at the end confirms every earlier one (see [`Transport::publish_event`]).
+    /// Publishes an event without waiting for JetStream's ack; the acked message with the
+    /// `job_finished` event at the end confirms every earlier one (see
+    /// [`Transport::publish_event`]).
     async fn send(&self, job: &JobDelivery, kind: EventKind) {
         if let Err(e) = self.transport.publish_event(&self.event(job, kind)).await {
             tracing::warn!(error = %e, "failed to send event");
         }
+    }
+
+    /// `first` and whatever else the agent has ready, as events of `job`.
+    fn burst(
+        &self,
+        job: &JobDelivery,
+        first: Option<EventKind>,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<EventKind>,
+    ) -> Vec<Event> {
+        let mut burst: Vec<Event> = first.into_iter().map(|k| self.event(job, k)).collect();
+        while let Ok(kind) = rx.try_recv() {
+            burst.push(self.event(job, kind));
+        }
+        burst
     }
 
     /// Publishes `first` and whatever else the agent has ready, as few messages as the log
@@ -75,10 +90,7 @@ impl Runner {
         first: Option<EventKind>,
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<EventKind>,
     ) {
-        let mut burst: Vec<Event> = first.into_iter().map(|k| self.event(job, k)).collect();
-        while let Ok(kind) = rx.try_recv() {
-            burst.push(self.event(job, kind));
-        }
+        let burst = self.burst(job, first, rx);
         if let Err(e) = self.transport.publish_events(&burst).await {
             tracing::warn!(error = %e, "failed to send events");
         }
@@ -190,7 +202,8 @@ impl Runner {
                 }
             }
         };
-        self.send_burst(&job, None, &mut rx).await;
+        // What the agent said last goes out with its `job_finished` (or before a hand-back).
+        let mut tail = self.burst(&job, None, &mut rx);
         // The drain deadline also cancels the agent, which may then report "cancelled" before
         // the deadline branch is seen: that is a hand-back, not the job's outcome.
         let output = output.filter(|r| {
@@ -205,6 +218,9 @@ impl Runner {
         });
         let Some(report) = output else {
             tracing::warn!("drain deadline reached; handing the job back");
+            if let Err(e) = self.transport.publish_events(&tail).await {
+                tracing::warn!(error = %e, "failed to send events");
+            }
             self.hand_back(&job).await;
             return;
         };
@@ -214,8 +230,8 @@ impl Runner {
             Outcome::Success => (true, None, None),
             Outcome::Failure { reason, message } => (false, Some(*reason), Some(message.clone())),
         };
-        // The last event is acked: once it is stored, every earlier event of the job is too.
-        let finished = self.event(
+        // The last message is acked: once it is stored, every earlier event of the job is too.
+        tail.push(self.event(
             &job,
             EventKind::JobFinished {
                 success,
@@ -225,9 +241,9 @@ impl Runner {
                 cost_usd: output.cost_usd,
                 duration_ms: finished_at_ms.saturating_sub(started_at_ms),
             },
-        );
+        ));
         let events_stored = async {
-            match self.transport.send_event(&finished).await {
+            match self.transport.send_events(&tail).await {
                 Ok(ack) => ack.wait().await,
                 Err(e) => Err(e),
             }

@@ -182,7 +182,7 @@ impl Transport {
 
     /// Publishes an event to the log without asking JetStream for an ack (one message instead
     /// of two). Events of one job go out in order on one connection and JetStream stores the
-    /// messages of a stream in the order they arrive, so the acked [`Transport::send_event`]
+    /// messages of a stream in the order they arrive, so the acked [`Transport::send_events`]
     /// that follows them confirms they were all processed.
     pub async fn publish_event(&self, event: &Event) -> Result<(), Error> {
         let subject = subject::event(event.task_id, event.kind.name());
@@ -210,21 +210,38 @@ impl Transport {
         Ok(())
     }
 
-    /// Sends an event without waiting for its ack; await the returned future before the result
-    /// so that every event is stored before the job is reported done.
-    pub async fn send_event(&self, event: &Event) -> Result<PendingAck, Error> {
-        let subject = subject::event(event.task_id, event.kind.name());
-        let publish =
-            jetstream::message::PublishMessage::build().payload(codec::encode(event).into());
+    /// Sends a job's last events (its `job_finished` last) like
+    /// [`Transport::publish_events`], asking for an ack of the last message only; await the
+    /// returned future before the result so that every event of the job is stored before the
+    /// job is reported done.
+    pub async fn send_events(&self, events: &[Event]) -> Result<PendingAck, Error> {
+        let mut messages = event::pack(events);
+        let last = messages.pop().ok_or_else(|| Error::Publish {
+            subject: subject::EVENTS_SUBJECTS.into(),
+            source: "no event to send".into(),
+        })?;
+        for message in messages {
+            self.client
+                .publish(message.subject.clone(), message.payload.into())
+                .await
+                .map_err(|e| Error::Publish {
+                    subject: message.subject,
+                    source: e.into(),
+                })?;
+        }
+        let publish = jetstream::message::PublishMessage::build().payload(last.payload.into());
         let ack = self
             .js
-            .send_publish(subject.clone(), publish)
+            .send_publish(last.subject.clone(), publish)
             .await
             .map_err(|e| Error::Publish {
-                subject: subject.clone(),
+                subject: last.subject.clone(),
                 source: e.into(),
             })?;
-        Ok(PendingAck { subject, ack })
+        Ok(PendingAck {
+            subject: last.subject,
+            ack,
+        })
     }
 
     /// Publishes a job result and waits until JetStream stored it. Its message id makes a
