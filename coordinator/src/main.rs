@@ -6,10 +6,6 @@ use orch_coordinator::config::{Args, LogFormat};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc: glibc malloc was about a quarter of the CPU per job under load (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Args::parse().load() {
