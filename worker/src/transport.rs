@@ -198,7 +198,12 @@ impl Transport {
     /// Publishes a job's burst of events like [`Transport::publish_event`], as few messages as
     /// [`event::pack`] makes of them (a burst of agent output is one batch).
     pub async fn publish_events(&self, events: &[Event]) -> Result<(), Error> {
-        for message in event::pack(events) {
+        self.publish_unacked(event::pack(events)).await
+    }
+
+    /// Publishes log messages without asking for acks, in order.
+    async fn publish_unacked(&self, messages: Vec<event::LogMessage>) -> Result<(), Error> {
+        for message in messages {
             self.client
                 .publish(message.subject.clone(), message.payload.into())
                 .await
@@ -220,15 +225,7 @@ impl Transport {
             subject: subject::EVENTS_SUBJECTS.into(),
             source: "no event to send".into(),
         })?;
-        for message in messages {
-            self.client
-                .publish(message.subject.clone(), message.payload.into())
-                .await
-                .map_err(|e| Error::Publish {
-                    subject: message.subject,
-                    source: e.into(),
-                })?;
-        }
+        self.publish_unacked(messages).await?;
         let publish = jetstream::message::PublishMessage::build().payload(last.payload.into());
         let ack = self
             .js
