@@ -70,6 +70,17 @@ pub enum Error {
     },
 }
 
+/// Adds a whole-record write of `task` to `pipe`, with the task joining or leaving the active
+/// set.
+fn add_save(pipe: &mut redis::Pipeline, task: &Task) {
+    pipe.set(task_key(task.id), codec::encode(task));
+    if task.status.is_terminal() {
+        pipe.srem(ACTIVE, task.id.to_string());
+    } else {
+        pipe.sadd(ACTIVE, task.id.to_string());
+    }
+}
+
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |source| Error::Redis { op, source }
 }
@@ -358,12 +369,8 @@ impl State {
     pub async fn save_task(&self, task: &Task) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.atomic().set(task_key(task.id), codec::encode(task));
-        if task.status.is_terminal() {
-            pipe.srem(ACTIVE, task.id.to_string());
-        } else {
-            pipe.sadd(ACTIVE, task.id.to_string());
-        }
+        pipe.atomic();
+        add_save(&mut pipe, task);
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("save task"))
@@ -376,12 +383,7 @@ impl State {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for task in tasks {
-            pipe.set(task_key(task.id), codec::encode(*task));
-            if task.status.is_terminal() {
-                pipe.srem(ACTIVE, task.id.to_string());
-            } else {
-                pipe.sadd(ACTIVE, task.id.to_string());
-            }
+            add_save(&mut pipe, task);
         }
         pipe.exec_async(&mut conn)
             .await

@@ -53,7 +53,10 @@ async fn infra() -> Infra {
 
 impl Infra {
     async fn store(&self) -> SessionStore {
-        SessionStore::connect(self.client.clone(), &self.redis_url)
+        let state = orch_worker::state::State::connect(&self.redis_url)
+            .await
+            .expect("redis connects");
+        SessionStore::connect(self.client.clone(), state.connection())
             .await
             .expect("the session store opens")
     }

@@ -44,11 +44,6 @@ pub const HISTORY_FIELD: &str = "history";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to connect to Redis at {url}: {source}")]
-    Connect {
-        url: String,
-        source: redis::RedisError,
-    },
     #[error("redis {op} failed: {source}")]
     Redis {
         op: &'static str,
@@ -113,24 +108,16 @@ pub struct SessionStore {
 }
 
 impl SessionStore {
-    /// Opens the object store (creating it when missing) and a Redis connection.
-    pub async fn connect(client: async_nats::Client, redis_url: &str) -> Result<Self, Error> {
+    /// Opens the object store (creating it when missing); the pointers go through `redis`, the
+    /// worker's own connection ([`crate::state::State::connection`]).
+    pub async fn connect(
+        client: async_nats::Client,
+        redis: ConnectionManager,
+    ) -> Result<Self, Error> {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(30))
             .build(client);
         let objects = Self::bucket(&js).await?;
-        let connect = |source| Error::Connect {
-            url: orch_shared::redact_url(redis_url),
-            source,
-        };
-        let client = redis::Client::open(redis_url).map_err(connect)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(3);
-        let redis = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(connect)?;
         Ok(Self { objects, redis })
     }
 

@@ -160,6 +160,11 @@ impl State {
         Ok(Self { conn })
     }
 
+    /// The connection, for the session store's pointers (one connection per worker).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// Writes or refreshes the registry entry with the current busy count.
     pub async fn heartbeat(&self, info: &WorkerInfo, busy: u32) -> Result<(), Error> {
         let mut conn = self.conn.clone();
