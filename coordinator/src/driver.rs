@@ -220,6 +220,10 @@ impl Effects {
     }
 }
 
+/// A result for a task without a record is delivered this many times, a second apart,
+/// before it is dropped.
+const UNKNOWN_TASK_DELIVERIES: i64 = 3;
+
 /// How long a job start waits in a lane before its task is saved. The start is best effort
 /// (the result carries the same facts), and a short job's result usually arrives within this
 /// time: its save then carries the start too, and the start costs no write of its own.
@@ -363,6 +367,13 @@ impl Lane {
         let task_id = result.task_id;
         let task = match self.task(task_id).await {
             Ok(Some(task)) => task,
+            Ok(None) if ack.delivered() < UNKNOWN_TASK_DELIVERIES => {
+                // A record written at the same time as the task's first publish (on a former
+                // leader's connection) may still be on its way.
+                tracing::info!(%task_id, job_id = %result.job_id, "result for a task not known yet; trying again shortly");
+                ack.retry_after(Duration::from_secs(1)).await;
+                return;
+            }
             Ok(None) => {
                 tracing::warn!(%task_id, job_id = %result.job_id, "result for an unknown task, dropping it");
                 metrics::counter!(m::RESULTS_IGNORED, "why" => "unknown_task").increment(1);

@@ -113,6 +113,17 @@ for i = 4, #ARGV do redis.call('HSET', KEYS[5], ARGV[i], ARGV[1]) end
 return false
 "#;
 
+/// Writes a task's record only if it has none, and its index entries either way: the retry of
+/// a creation whose first write failed while its jobs were already published, when the
+/// task's lane may have saved a newer record meanwhile. KEYS: task, tasks, active, job index.
+/// ARGV: id, record, then the job ids.
+const CREATE_IF_ABSENT: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[2], 'NX') then redis.call('SADD', KEYS[3], ARGV[1]) end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+for i = 3, #ARGV do redis.call('HSET', KEYS[4], ARGV[i], ARGV[1]) end
+return 1
+"#;
+
 /// Reserves an estimate against the daily budget, once per job attempt.
 /// KEYS: day hash. ARGV: job:attempt, estimate, limit. Returns 1 if reserved (or already).
 const RESERVE_DAILY: &str = r#"
@@ -321,6 +332,10 @@ impl State {
     }
 
     /// Stores a new task atomically (record, history index, active set, idempotency key).
+    ///
+    /// Every clone of a `State` shares one multiplexed connection, whose requests Redis
+    /// executes in the order they were queued; the write is queued at the first poll of this
+    /// future, so any command issued after that poll (a lane's save) is executed after it.
     pub async fn create_task(&self, task: &Task) -> Result<Created, Error> {
         let mut conn = self.conn.clone();
         let record = codec::encode(task);
@@ -363,6 +378,29 @@ impl State {
             .await
             .map_err(redis_err("create task"))?;
         Ok(Created::New)
+    }
+
+    /// Creates a task without an idempotency key, like [`State::create_task`], but never
+    /// overwrites a record that exists (its lane may have saved a newer one): the retry of a
+    /// first write that failed after the task's jobs were published.
+    pub async fn ensure_task(&self, task: &Task) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(CREATE_IF_ABSENT);
+        let mut call = script.prepare_invoke();
+        let id = task.id.to_string();
+        call.key(task_key(task.id))
+            .key(TASKS)
+            .key(ACTIVE)
+            .key(JOB_INDEX)
+            .arg(&id)
+            .arg(codec::encode(task));
+        for job in &task.jobs {
+            call.arg(job.id.to_string());
+        }
+        call.invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(redis_err("create task"))
     }
 
     /// Overwrites a task record; it joins or leaves the active set in the same step.

@@ -83,6 +83,22 @@ impl ResultAck {
             tracing::warn!(error = %e, job_id = %self.job_id, "failed to ack result");
         }
     }
+
+    /// How many times the result has been delivered, this time included.
+    pub fn delivered(&self) -> i64 {
+        self.msg.info().map_or(1, |i| i.delivered)
+    }
+
+    /// Has the result delivered again after `delay`.
+    pub async fn retry_after(self, delay: Duration) {
+        if let Err(e) = self
+            .msg
+            .ack_with(jetstream::AckKind::Nak(Some(delay)))
+            .await
+        {
+            tracing::warn!(error = %e, job_id = %self.job_id, "failed to nak result");
+        }
+    }
 }
 
 /// Core NATS subject on which the leader answers writes that standbys received.

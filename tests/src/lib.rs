@@ -310,11 +310,21 @@ impl Cluster {
     /// Kills redis-server with SIGKILL and starts it again on the same port, with its data
     /// (the append-only file) or, with `wipe`, empty.
     pub fn restart_redis(&mut self, wipe: bool) {
-        self.redis.signal(libc::SIGKILL);
-        let _ = self.redis.wait_exit(Duration::from_secs(10));
+        self.kill_redis();
         if wipe {
             let _ = std::fs::remove_dir_all(self.dir.path().join("redis"));
         }
+        self.start_redis();
+    }
+
+    /// Kills redis-server with SIGKILL; [`Cluster::start_redis`] brings it back.
+    pub fn kill_redis(&mut self) {
+        self.redis.signal(libc::SIGKILL);
+        let _ = self.redis.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Starts redis-server again on its port, with its data, after [`Cluster::kill_redis`].
+    pub fn start_redis(&mut self) {
         let port = port_of(&self.redis_url);
         let (server, _) = (0..50)
             .find_map(|_| {

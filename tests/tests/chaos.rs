@@ -348,6 +348,50 @@ async fn a_redis_restart_with_its_data_loses_nothing() {
     assert_clean(&ledger, &cluster);
 }
 
+/// A task submitted while Redis is down: its job is published at once and its record is
+/// written as soon as Redis is back, so the submit answers 201 and the task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_submitted_while_redis_restarts_is_accepted_and_runs_once() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    cluster.kill_redis();
+    let submit = {
+        let (http, url) = (cluster.http().clone(), cluster.url.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{url}/v1/tasks"))
+                .bearer_auth(orch_tests::TOKEN)
+                .json(&json!({"prompt": "submitted during a restart", "roles": ["builder"]}))
+                .send()
+                .await
+                .expect("POST reaches the coordinator");
+            (
+                r.status(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.start_redis();
+    let (status, body) = submit.await.unwrap();
+    assert_eq!(status, 201, "{body}\n{}", cluster.logs());
+    let id = body["id"].as_str().unwrap().to_string();
+    let ledger = check(&cluster, std::slice::from_ref(&id)).await;
+    assert_clean(&ledger, &cluster);
+    let (_, list) = cluster.get("/v1/tasks").await;
+    assert!(
+        list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == id.as_str()),
+        "the task is in the history: {list}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
     let mut cluster = Cluster::start(Options {
