@@ -423,6 +423,7 @@ impl Lane {
                 cost_usd: result.cost_usd,
                 tokens: result.usage.total(),
             }),
+            session: result.session.as_ref(),
         };
         match self.fx.state.save_result(&task, &write).await {
             Ok(true) => {

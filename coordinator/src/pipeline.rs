@@ -287,6 +287,8 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
             from,
             fork: job.forked,
         }),
+        // The lanes write the session pointer a result reports (`State::save_result`).
+        records_session: true,
     }
 }
 

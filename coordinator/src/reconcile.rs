@@ -5,6 +5,9 @@
 //! snapshot already contains change nothing. The day's spend is re-settled from the results
 //! the same way (settlement is idempotent per job attempt).
 //!
+//! Agents' session pointers come back from the results that reported them (the sessions
+//! themselves are in the object store, or inline in the result).
+//!
 //! It runs at startup when Redis has no epoch marker but the log has tasks: Redis was wiped or
 //! replaced. What Redis alone knew is gone and comes back by itself: worker registrations (next
 //! heartbeat), `running` marks (next result), job statistics for estimates (next jobs), and the
@@ -32,6 +35,8 @@ pub struct Report {
     pub tasks: usize,
     pub results: usize,
     pub settled: usize,
+    /// Agents' session pointers written again from their turns' results.
+    pub sessions: usize,
 }
 
 /// Rebuilds Redis if it lost the cluster's state; returns what was restored.
@@ -94,12 +99,18 @@ pub async fn run_if_needed(state: &State, transport: &Transport) -> Result<Optio
         {
             report.settled += 1;
         }
+        // Results in log order: a turn stored again by a redelivery ends with its last copy.
+        if let Some(pointer) = &r.session {
+            state.restore_session(r.job_id, pointer).await?;
+            report.sessions += 1;
+        }
     }
     state.set_epoch(now).await?;
     tracing::warn!(
         tasks = report.tasks,
         results = report.results,
         settled = report.settled,
+        sessions = report.sessions,
         "Redis rebuilt from the durable log"
     );
     Ok(Some(report))

@@ -21,7 +21,7 @@ pub mod history;
 use orch_shared::api::{Task, Worker};
 use orch_shared::codec;
 use orch_shared::ids::{JobId, TaskId, WorkerId};
-use orch_shared::job::Usage;
+use orch_shared::job::{SessionPointer, Usage};
 use orch_shared::keys::{self, worker_field};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -177,10 +177,12 @@ const SETTLE_DAILY: &str = concat!(
 /// Saves a task after a job result was applied, with the result's bookkeeping, in one round
 /// trip: unless a later worker took the attempt's lease (its fence moved on), writes the
 /// record, joins or leaves the active set, settles the attempt's cost and tokens in the day's
-/// figures once (as [`SETTLE_DAILY`]) and keeps the job's figures for estimates.
-/// KEYS: fence, task, active, day hash, stats list.
+/// figures once (as [`SETTLE_DAILY`]), keeps the job's figures for estimates and writes the
+/// agent's session pointer when the result reports a stored session.
+/// KEYS: fence, task, active, day hash, stats list, session pointer.
 /// ARGV: fence (0: the worker held no lease), record, 1 if terminal, task id, job:attempt,
-/// cost, stats row ('' for none), rows kept, input, output, cache write, cache read tokens.
+/// cost, stats row ('' for none), rows kept, input, output, cache write, cache read tokens,
+/// then the pointer's field/value pairs (none: no session).
 /// Returns 0 when fenced out, else 1.
 const APPLY_RESULT: &str = concat!(
     r#"
@@ -197,6 +199,10 @@ local day, id, cost, tin, tout, tcw, tcr = KEYS[4], ARGV[5], ARGV[6], ARGV[9], A
 if ARGV[7] ~= '' then
   redis.call('LPUSH', KEYS[5], ARGV[7])
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
+end
+if #ARGV > 12 then
+  redis.call('DEL', KEYS[6])
+  redis.call('HSET', KEYS[6], unpack(ARGV, 13))
 end
 return 1
 "#
@@ -244,6 +250,8 @@ pub struct ResultWrite<'a> {
     pub finished_at_ms: u64,
     /// For estimates, when the result was applied and succeeded.
     pub stats: Option<JobFigures<'a>>,
+    /// The session the turn stored, written as the agent's session pointer.
+    pub session: Option<&'a SessionPointer>,
 }
 
 /// One finished job's figures for estimates (see [`State::job_stats`]).
@@ -439,12 +447,12 @@ impl State {
                 format!("{} {} {}", f.duration_ms, f.cost_usd, f.tokens),
             )
         });
-        let written: i64 = APPLY_RESULT_SCRIPT
-            .key(keys::job_fence(w.job, w.attempt))
-            .key(task_key(task.id))
+        let mut call = APPLY_RESULT_SCRIPT.key(keys::job_fence(w.job, w.attempt));
+        call.key(task_key(task.id))
             .key(ACTIVE)
             .key(day_key(w.finished_at_ms))
             .key(stats.as_ref().map_or("orch:stats:none", |s| s.0.as_str()))
+            .key(keys::session(w.job))
             .arg(w.fence)
             .arg(codec::encode(task))
             .arg(u8::from(task.status.is_terminal()))
@@ -456,11 +464,28 @@ impl State {
             .arg(w.usage.input_tokens)
             .arg(w.usage.output_tokens)
             .arg(w.usage.cache_creation_tokens)
-            .arg(w.usage.cache_read_tokens)
+            .arg(w.usage.cache_read_tokens);
+        for (field, value) in w.session.map(SessionPointer::fields).unwrap_or_default() {
+            call.arg(field).arg(value);
+        }
+        let written: i64 = call
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("save task"))?;
         Ok(written == 1)
+    }
+
+    /// Writes agent `job`'s session pointer whole (a rebuild restoring it from the result).
+    pub async fn restore_session(&self, job: JobId, pointer: &SessionPointer) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let key = keys::session(job);
+        redis::pipe()
+            .atomic()
+            .del(&key)
+            .hset_multiple(&key, &pointer.fields())
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_err("restore session"))
     }
 
     pub async fn load_task(&self, id: TaskId) -> Result<Option<Task>, Error> {

@@ -42,6 +42,11 @@ pub struct JobSpec {
     /// or `fork`): the worker restores that agent's stored session before running `prompt`.
     #[serde(default)]
     pub session: Option<SessionRef>,
+    /// The coordinator records the session pointer a result reports
+    /// ([`JobResult::session`]); a worker given a spec without this flag (from a coordinator
+    /// older than the field) writes the pointer itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub records_session: bool,
 }
 
 impl JobSpec {
@@ -64,6 +69,7 @@ impl JobSpec {
             constraints: vec![],
             sim: SimParams::default(),
             session: None,
+            records_session: false,
         }
     }
 }
@@ -325,6 +331,54 @@ pub struct JobResult {
     /// stored a session another turn can continue.
     #[serde(default)]
     pub session_id: Option<String>,
+    /// Where the job's session is stored, for the coordinator to record as the agent's
+    /// session pointer when it applies the result (only when the spec asked for it with
+    /// [`JobSpec::records_session`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionPointer>,
+}
+
+/// A stored agent session, as the pointer hash [`crate::keys::session`] describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPointer {
+    /// The backend that ran the turn: a turn continues only on the same backend.
+    pub backend: String,
+    /// The backend's own conversation id (the CLI's `session_id`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// The directory the agent ran in (empty for backends without a workspace).
+    #[serde(default)]
+    pub workspace: String,
+    /// How many turns the conversation has had, this one included.
+    pub turn: u32,
+    /// The session's size in bytes.
+    pub bytes: u64,
+    pub saved_at_ms: u64,
+    /// The session itself when it is small enough to live in the pointer; otherwise it is
+    /// the object named by the job id in [`crate::subject::SESSIONS_BUCKET`].
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub inline: Option<Vec<u8>>,
+}
+
+impl SessionPointer {
+    /// The fields of the pointer hash, in [`crate::keys::session_field`] names.
+    pub fn fields(&self) -> Vec<(&'static str, Vec<u8>)> {
+        use crate::keys::session_field as f;
+        let mut fields = vec![
+            (f::BACKEND, self.backend.clone().into_bytes()),
+            (f::WORKSPACE, self.workspace.clone().into_bytes()),
+            (f::TURN, self.turn.to_string().into_bytes()),
+            (f::BYTES, self.bytes.to_string().into_bytes()),
+            (f::SAVED_AT_MS, self.saved_at_ms.to_string().into_bytes()),
+        ];
+        if let Some(id) = &self.session_id {
+            fields.push((f::SESSION_ID, id.clone().into_bytes()));
+        }
+        if let Some(inline) = &self.inline {
+            fields.push((f::HISTORY, inline.clone()));
+        }
+        fields
+    }
 }
 
 /// Diffs longer than this are cut.

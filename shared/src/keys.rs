@@ -44,9 +44,10 @@ pub fn job_lease(job: JobId, attempt: u32) -> String {
     format!("orch:lease:{job}:{attempt}")
 }
 
-/// The stored session of an agent (job), written by the worker after each turn: a hash of
-/// [`session_field`]s pointing at the object `<job-id>` in the [`crate::subject::SESSIONS_BUCKET`]
-/// object store.
+/// The stored session of an agent (job): a hash of [`session_field`]s pointing at the object
+/// `<job-id>` in the [`crate::subject::SESSIONS_BUCKET`] object store (or holding a small
+/// session itself). Written by the coordinator as it applies the turn's result
+/// ([`crate::job::JobResult::session`]), or by a worker serving an older coordinator.
 pub fn session(job: JobId) -> String {
     format!("orch:session:{job}")
 }
@@ -64,4 +65,7 @@ pub mod session_field {
     /// Size of the stored object in bytes.
     pub const BYTES: &str = "bytes";
     pub const SAVED_AT_MS: &str = "saved_at_ms";
+    /// The session itself, when it is small enough to be kept in the hash instead of the
+    /// object store.
+    pub const HISTORY: &str = "history";
 }

@@ -8,7 +8,7 @@ use orch_shared::event::{self as events, Event, EventBatch, EventKind, StepInfo}
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
     Backend, FailureReason, GitJob, GitOutcome, JobKind, JobResult, JobSpec, Limits, Outcome,
-    SessionRef, SimParams, Usage, Workspace,
+    SessionPointer, SessionRef, SimParams, Usage, Workspace,
 };
 use orch_shared::role::Role;
 use proptest::prelude::*;
@@ -109,20 +109,25 @@ prop_compose! {
                   max_turns in proptest::option::of(any::<u32>()), sim in sim()) -> JobSpec {
         JobSpec { task_id, job_id, attempt, step, role, prompt, context, backend, model, workspace,
                   limits: Limits { timeout_ms, max_turns }, kind: JobKind::Agent, constraints: vec!["keep it small".into()], sim,
-                  session: (attempt % 2 == 0).then_some(SessionRef { from: job_id, fork: attempt % 4 == 0 }) }
+                  session: (attempt % 2 == 0).then_some(SessionRef { from: job_id, fork: attempt % 4 == 0 }),
+                  records_session: attempt % 3 == 0 }
     }
 }
 
 prop_compose! {
     fn job_result()(task_id in task_id(), job_id in job_id(), attempt in any::<u32>(), delivery in any::<u64>(),
                     worker in "[a-z0-9-]{1,30}", outcome in outcome(), output in ".*", usage in usage(),
+                    prompt_bytes in proptest::collection::vec(any::<u8>(), 0..64),
                     cost_usd in cost(), files_read in proptest::collection::vec(".*", 0..4),
                     files_written in proptest::collection::vec(".*", 0..4),
                     started_at_ms in any::<u64>(), finished_at_ms in any::<u64>(), fence in any::<u64>()) -> JobResult {
         JobResult { task_id, job_id, attempt, delivery, worker_id: WorkerId(worker), outcome, output,
                     usage, cost_usd, files_read, files_written, started_at_ms, finished_at_ms, fence,
                     model: Some("m".into()), context_tokens: Some(1), context_window: None,
-                    diff: Some("--- a\n+++ b\n".into()), git: None, session_id: Some("s".into()) }
+                    diff: Some("--- a\n+++ b\n".into()), git: None, session_id: Some("s".into()),
+                    session: (attempt % 2 == 0).then(|| SessionPointer { backend: "sim".into(), session_id: None,
+                        workspace: String::new(), turn: attempt, bytes: fence, saved_at_ms: started_at_ms,
+                        inline: (fence % 2 == 0).then(|| prompt_bytes.clone()) }) }
     }
 }
 
@@ -293,6 +298,7 @@ fn sample_spec() -> JobSpec {
             from: JobId::from_u128(0x0192_f0c4_6f1f_7cc2_9b1a_3f5c_2d1e_0a9d),
             fork: true,
         }),
+        records_session: true,
     }
 }
 
@@ -335,6 +341,15 @@ fn sample_result() -> JobResult {
             conflicts: vec!["src/login.rs".into()],
         }),
         session_id: Some("9f1c2d3e-0000-4000-8000-000000000001".into()),
+        session: Some(SessionPointer {
+            backend: "claude-code".into(),
+            session_id: Some("9f1c2d3e-0000-4000-8000-000000000001".into()),
+            workspace: "/data/scratch/x-1".into(),
+            turn: 2,
+            bytes: 17,
+            saved_at_ms: 1_764_000_001_400,
+            inline: Some(b"{\"type\":\"user\"}\n".to_vec()),
+        }),
     }
 }
 
@@ -477,16 +492,45 @@ fn golden_events() {
     }
 }
 
+/// The bytes of a fixture in `tests/golden/compat/`: a message as an older build wrote it.
+fn compat_fixture(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/golden/compat/{name}.hex"));
+    let hex = std::fs::read_to_string(&path).expect("compat fixture");
+    (0..hex.trim().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex.trim()[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// A spec and a result from before sessions were recorded by the coordinator decode: the
+/// spec does not ask for the pointer in the result (the worker writes it), the result has none.
+#[test]
+fn spec_and_result_without_session_recording_decode() {
+    let spec: JobSpec = codec::decode(&compat_fixture("job_spec_v0")).expect("old spec decodes");
+    assert!(!spec.records_session);
+    assert_eq!(
+        spec,
+        JobSpec {
+            records_session: false,
+            ..sample_spec()
+        }
+    );
+    let result: JobResult =
+        codec::decode(&compat_fixture("job_result_v0")).expect("old result decodes");
+    assert_eq!(
+        result,
+        JobResult {
+            session: None,
+            ..sample_result()
+        }
+    );
+}
+
 /// A `job_started` from a worker that predates `started_at_us` still decodes (as 0).
 #[test]
 fn job_started_without_start_time_decodes() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/compat/job_started_v0.hex");
-    let hex = std::fs::read_to_string(&path).expect("compat fixture");
-    let bytes: Vec<u8> = (0..hex.trim().len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex.trim()[i..i + 2], 16).expect("hex"))
-        .collect();
+    let bytes = compat_fixture("job_started_v0");
     let event: Event = codec::decode(&bytes).expect("old job_started decodes");
     let EventKind::JobStarted {
         started_at_us,

@@ -152,31 +152,56 @@ async fn the_store_keeps_small_sessions_in_the_pointer_and_large_ones_as_objects
     assert!(infra.pointer(huge).await.is_empty());
     let mut spec = job(Role::Builder, Backend::Anthropic, "x");
     spec.job_id = huge;
-    assert_eq!(
-        store.keep(&spec, too_big, Duration::from_secs(10)).await,
-        None
-    );
-    // Kept: the backend's id, or the agent's own id for backends without one.
-    spec.job_id = JobId::new();
-    assert_eq!(
+    assert!(
         store
-            .keep(&spec, history.clone(), Duration::from_secs(10))
-            .await,
-        Some(spec.job_id.to_string())
-    );
-    assert_eq!(
-        store
-            .keep(&spec, transcript.clone(), Duration::from_secs(10))
+            .keep(&spec, too_big, Duration::from_secs(10))
             .await
-            .as_deref(),
-        Some("sid-1")
+            .is_none()
     );
+    // Kept: the backend's id, or the agent's own id for backends without one. For a spec
+    // from an older coordinator the worker writes the pointer itself.
+    spec.job_id = JobId::new();
+    let kept = store
+        .keep(&spec, history.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(kept.session_id, spec.job_id.to_string());
+    assert!(kept.pointer.is_none());
+    assert_eq!(
+        store.load(spec.job_id).await.unwrap().as_ref(),
+        Some(&history)
+    );
+    let kept = store
+        .keep(&spec, transcript.clone(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(kept.session_id, "sid-1");
+    // When the coordinator records sessions, the pointer travels in the result and nothing
+    // is written to Redis by the worker; the object is stored all the same.
+    spec.records_session = true;
+    for (s, inline) in [(&history, true), (&transcript, false)] {
+        spec.job_id = JobId::new();
+        let kept = store
+            .keep(&spec, s.clone(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let pointer = kept.pointer.expect("the pointer for the result");
+        assert!(infra.pointer(spec.job_id).await.is_empty());
+        assert_eq!(pointer.inline.is_some(), inline);
+        assert_eq!(pointer.bytes, s.bytes.len() as u64);
+        assert_eq!(infra.object(spec.job_id).await.is_some(), !inline);
+        // Written as the coordinator writes it, it loads as the session.
+        store.write_pointer(spec.job_id, &pointer).await.unwrap();
+        assert_eq!(store.load(spec.job_id).await.unwrap().as_ref(), Some(s));
+    }
     // A planner is never continued: its session is not kept.
     spec.kind = JobKind::Plan;
     spec.job_id = JobId::new();
-    assert_eq!(
-        store.keep(&spec, history, Duration::from_secs(10)).await,
-        None
+    assert!(
+        store
+            .keep(&spec, history, Duration::from_secs(10))
+            .await
+            .is_none()
     );
     assert!(infra.pointer(spec.job_id).await.is_empty());
 }
@@ -343,7 +368,7 @@ async fn an_openai_turn_sends_the_system_prompt_then_the_stored_history() {
     let kept = store
         .keep(&first, r.session.unwrap(), Duration::from_secs(10))
         .await;
-    assert_eq!(kept, Some(first.job_id.to_string()));
+    assert_eq!(kept.map(|k| k.session_id), Some(first.job_id.to_string()));
 
     let mut second = continuing(
         job(Role::Analyst, Backend::Openai, "U2: again"),
@@ -877,6 +902,34 @@ async fn a_turn_whose_worker_dies_is_restored_again_by_another_worker() {
     );
     assert!(
         previous(&out).contains("SIM-FIRST plan the migration"),
+        "{out}"
+    );
+}
+
+/// The coordinator writes an agent's session pointer from the turn's result, so a Redis that
+/// lost everything gets the pointers back from the log: the conversation still continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_continues_after_redis_is_wiped_and_rebuilt() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let task = first_turn(
+        &cluster,
+        json!({"prompt": "SIM-FIRST sketch the schema", "roles": ["builder"]}),
+    )
+    .await;
+    let (id, a) = (task.id.to_string(), task.jobs[0].id);
+    cluster.restart_redis(true);
+    cluster.restart_coordinator().await;
+    cluster.wait_workers(1).await;
+    let b = turn(&cluster, a, "SIM-SECOND add indexes", false).await;
+    let job_b = wait_job(&cluster, &id, b).await;
+    succeeded(&cluster, &job_b);
+    let out = job_b.output.unwrap();
+    assert!(
+        out.contains(&format!("Turn 2 (continuing from {a})")),
+        "{out}"
+    );
+    assert!(
+        previous(&out).contains("SIM-FIRST sketch the schema"),
         "{out}"
     );
 }

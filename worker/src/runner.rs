@@ -262,7 +262,7 @@ impl Runner {
                 _ => None,
             }
         };
-        let (stored, held, session_id) = tokio::join!(
+        let (stored, held, kept) = tokio::join!(
             events_stored,
             self.still_holds(lease.as_mut(), lease_ttl, false),
             session_kept
@@ -297,7 +297,8 @@ impl Runner {
             context_window: report.context.map(|c| c.window),
             diff: output.diff,
             git: output.git,
-            session_id,
+            session_id: kept.as_ref().map(|k| k.session_id.clone()),
+            session: kept.and_then(|k| k.pointer),
         };
         let publish = || self.transport.publish_result(&result);
         let stored = publish

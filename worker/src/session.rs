@@ -10,11 +10,16 @@
 //!   [`subject::SESSIONS_BUCKET`] as the object `<job-id>` (file storage, no TTL; the bucket
 //!   is created by the first worker that needs it), except a session of at most
 //!   [`INLINE_MAX_BYTES`], which is kept in the pointer hash itself (field [`HISTORY_FIELD`]):
-//!   the sim's short histories always are, so a simulated job costs one Redis write and no
-//!   object-store put, which throughput benchmarks would feel.
+//!   the sim's short histories always are, so a simulated job costs the worker no store of
+//!   its own at all, which throughput benchmarks would feel.
 //! - the pointer: the Redis hash [`keys::session`] (`orch:session:<job-id>`, no TTL) with the
 //!   [`keys::session_field`]s. The coordinator accepts a further turn only while it exists.
-//!   The object is written first and the pointer second, so a pointer never points at nothing.
+//!   The worker puts it in the turn's result ([`JobResult::session`]) and the coordinator
+//!   writes it in the same step as it applies the result, so the pointer exists exactly when
+//!   the turn counts as done, and a Redis rebuilt from the log gets the pointers back from the
+//!   results. (Given a spec from an older coordinator, without [`JobSpec::records_session`],
+//!   the worker writes the pointer itself, before the result.) The object is stored before
+//!   the result is published, so a pointer never points at nothing.
 //!
 //! A session larger than [`subject::MAX_SESSION_BYTES`] (64 MiB) is not stored: the job still
 //! succeeds, with a warning in the worker's log and no `session_id` in its result (it cannot
@@ -26,10 +31,12 @@
 //!
 //! A worker keeps nothing of a session locally beyond the turn that uses it, so a turn that is
 //! redelivered after its worker died restores from the same stored session on another worker.
+//!
+//! [`JobResult::session`]: orch_shared::job::JobResult::session
 
 use async_nats::jetstream::{self, object_store};
 use orch_shared::ids::JobId;
-use orch_shared::job::{JobKind, JobSpec};
+use orch_shared::job::{JobKind, JobSpec, SessionPointer};
 use orch_shared::keys::{self, session_field};
 use orch_shared::subject;
 use redis::aio::ConnectionManager;
@@ -40,7 +47,7 @@ use tokio::io::AsyncReadExt;
 /// A session at most this large is kept inline in its pointer hash instead of the object store.
 pub const INLINE_MAX_BYTES: usize = 8 * 1024;
 /// The pointer-hash field holding an inline session (absent when the session is an object).
-pub const HISTORY_FIELD: &str = "history";
+pub const HISTORY_FIELD: &str = session_field::HISTORY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -144,6 +151,13 @@ impl SessionStore {
     /// Stores `snapshot` as agent `job`'s session: the object (unless it is small enough to
     /// go inline), then the pointer.
     pub async fn save(&self, job: JobId, snapshot: &Snapshot) -> Result<(), Error> {
+        let pointer = self.store(job, snapshot).await?;
+        self.write_pointer(job, &pointer).await
+    }
+
+    /// Stores `snapshot`'s object (unless it goes inline) and returns the pointer to it, not
+    /// yet written.
+    pub async fn store(&self, job: JobId, snapshot: &Snapshot) -> Result<SessionPointer, Error> {
         let size = snapshot.bytes.len();
         if size > subject::MAX_SESSION_BYTES {
             return Err(Error::TooLarge {
@@ -152,8 +166,8 @@ impl SessionStore {
             });
         }
         let inline = size <= INLINE_MAX_BYTES;
-        let name = job.to_string();
         if !inline {
+            let name = job.to_string();
             self.objects
                 .put(name.as_str(), &mut snapshot.bytes.as_slice())
                 .await
@@ -162,36 +176,26 @@ impl SessionStore {
                     source: e.into(),
                 })?;
         }
+        Ok(SessionPointer {
+            backend: snapshot.backend.clone(),
+            session_id: snapshot.session_id.clone(),
+            workspace: snapshot.workspace.clone(),
+            turn: snapshot.turn,
+            bytes: size as u64,
+            saved_at_ms: orch_shared::now_ms(),
+            inline: inline.then(|| snapshot.bytes.clone()),
+        })
+    }
+
+    /// Writes agent `job`'s session pointer, whole: a stored turn saved again (a redelivery)
+    /// leaves no field of the earlier version behind.
+    pub async fn write_pointer(&self, job: JobId, pointer: &SessionPointer) -> Result<(), Error> {
         let key = keys::session(job);
-        let mut fields: Vec<(&str, Vec<u8>)> = vec![
-            (
-                session_field::BACKEND,
-                snapshot.backend.clone().into_bytes(),
-            ),
-            (
-                session_field::WORKSPACE,
-                snapshot.workspace.clone().into_bytes(),
-            ),
-            (session_field::TURN, snapshot.turn.to_string().into_bytes()),
-            (session_field::BYTES, size.to_string().into_bytes()),
-            (
-                session_field::SAVED_AT_MS,
-                orch_shared::now_ms().to_string().into_bytes(),
-            ),
-        ];
-        if let Some(id) = &snapshot.session_id {
-            fields.push((session_field::SESSION_ID, id.clone().into_bytes()));
-        }
-        if inline {
-            fields.push((HISTORY_FIELD, snapshot.bytes.clone()));
-        }
         let mut conn = self.redis.clone();
-        // Whole or not at all: a stored turn saved again (a redelivery) leaves no field of
-        // the earlier version behind.
         redis::pipe()
             .atomic()
             .del(&key)
-            .hset_multiple(&key, &fields)
+            .hset_multiple(&key, &pointer.fields())
             .exec_async(&mut conn)
             .await
             .map_err(redis_err("save session pointer"))
@@ -265,36 +269,42 @@ impl SessionStore {
         }))
     }
 
-    /// Stores the session a finished turn of `job` produced and returns what its result's
-    /// `session_id` says: `None` when nothing was stored (too large, the store failed or took
-    /// longer than `within`: a warning, never a lost or late result). A planner's session is
-    /// not stored: the coordinator never continues a planner.
-    pub async fn keep(
-        &self,
-        job: &JobSpec,
-        snapshot: Snapshot,
-        within: Duration,
-    ) -> Option<String> {
+    /// Stores the session a finished turn of `job` produced and returns what its result says
+    /// about it: `None` when nothing was stored (too large, the store failed or took longer
+    /// than `within`: a warning, never a lost or late result). The pointer is written here
+    /// unless the spec leaves it to the coordinator ([`JobSpec::records_session`]), which then
+    /// gets it in the result. A planner's session is not stored: the coordinator never
+    /// continues a planner.
+    pub async fn keep(&self, job: &JobSpec, snapshot: Snapshot, within: Duration) -> Option<Kept> {
         if job.kind == JobKind::Plan {
             return None;
         }
         let started = std::time::Instant::now();
-        let saved = tokio::time::timeout(within, self.save(job.job_id, &snapshot))
+        let stored = async {
+            let pointer = self.store(job.job_id, &snapshot).await?;
+            if job.records_session {
+                return Ok(Some(pointer));
+            }
+            self.write_pointer(job.job_id, &pointer).await?;
+            Ok(None)
+        };
+        let saved = tokio::time::timeout(within, stored)
             .await
             .unwrap_or_else(|_| Err(Error::Slow(within)));
         match saved {
-            Ok(()) => {
+            Ok(pointer) => {
                 tracing::debug!(
                     bytes = snapshot.bytes.len(),
                     turn = snapshot.turn,
                     took = ?started.elapsed(),
                     "session stored"
                 );
-                Some(
-                    snapshot
+                Some(Kept {
+                    session_id: snapshot
                         .session_id
                         .unwrap_or_else(|| job.job_id.to_string()),
-                )
+                    pointer,
+                })
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the agent's session was not stored: it cannot be continued");
@@ -302,4 +312,13 @@ impl SessionStore {
             }
         }
     }
+}
+
+/// A turn's stored session, as its result reports it.
+#[derive(Debug)]
+pub struct Kept {
+    /// The result's `session_id`: the backend's conversation id, or the job id.
+    pub session_id: String,
+    /// The pointer for the coordinator to write (`None`: written by the worker already).
+    pub pointer: Option<SessionPointer>,
 }

@@ -60,6 +60,7 @@ fn result(spec: &JobSpec, outcome: Outcome, output: &str) -> JobResult {
         diff: None,
         git: None,
         session_id: None,
+        session: None,
     }
 }
 
