@@ -30,17 +30,17 @@ struct Seen {
 /// The events of `kinds` one message brings: `(<task>.<kind>, kind, the event's encoding)`; a
 /// batch's events are taken out of it (each re-encoded as if it had come alone).
 fn arrivals(msg: &async_nats::Message, kinds: &[String]) -> Vec<(String, String, bytes::Bytes)> {
-    use orch_shared::subject::BATCH_KIND;
+    use orch_shared::subject::{BATCH_KIND, CREATED_KIND};
     let key = msg
         .subject
         .as_str()
         .strip_prefix("orch.events.")
         .unwrap_or_default();
     let kind = key.rsplit('.').next().unwrap_or_default();
-    if kind != BATCH_KIND {
+    if kind != BATCH_KIND && kind != CREATED_KIND {
         return vec![(key.to_string(), kind.to_string(), msg.payload.clone())];
     }
-    orch_shared::event::decode_message(BATCH_KIND, &msg.payload)
+    orch_shared::event::decode_message(kind, &msg.payload)
         .unwrap_or_default()
         .into_iter()
         .filter(|e| kinds.iter().any(|k| k == e.kind.name()))
@@ -63,8 +63,9 @@ pub enum Keep {
 }
 
 impl Watch {
-    /// Follows `orch.events.*.<kind>` for every kind in `kinds`, and the event batches (whose
-    /// events of those kinds count as if they had come alone, at the batch's arrival).
+    /// Follows `orch.events.*.<kind>` for every kind in `kinds`, and the event batches and
+    /// creation messages (whose events of those kinds count as if they had come alone, at the
+    /// message's arrival).
     pub async fn start(nats_url: &str, kinds: &[&str], keep: Keep) -> anyhow::Result<Watch> {
         let client = async_nats::connect(nats_url).await?;
         let mut subs = Vec::new();
@@ -72,6 +73,7 @@ impl Watch {
             subs.push(client.subscribe(format!("orch.events.*.{kind}")).await?);
         }
         subs.push(client.subscribe(orch_shared::subject::ALL_BATCHES).await?);
+        subs.push(client.subscribe(orch_shared::subject::ALL_CREATED).await?);
         let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
         // The subscriptions are registered once the server has seen the flush.
         client.flush().await?;

@@ -58,7 +58,8 @@ pub struct Args {
     /// JetStream duplicate window for job and result messages.
     #[arg(long, env = "ORCH_DEDUP_WINDOW", value_parser = humantime::parse_duration)]
     pub dedup_window: Option<Duration>,
-    /// How long task event logs are kept.
+    /// How long task event logs (and job results) are kept. A task older than half of it
+    /// gets a snapshot with each change, since its creation message leaves the log with it.
     #[arg(long, env = "ORCH_EVENTS_MAX_AGE", value_parser = humantime::parse_duration)]
     pub events_max_age: Option<Duration>,
     /// Parallel lanes applying results (tasks are spread over lanes by id).
@@ -330,6 +331,21 @@ impl Args {
                 "stream-replicas: must be between 1 and 5".into(),
             ));
         }
+        let dedup_window = self
+            .dedup_window
+            .or(file.dedup_window)
+            .unwrap_or(d.dedup_window);
+        let events_max_age = self
+            .events_max_age
+            .or(file.events_max_age)
+            .unwrap_or(d.events_max_age);
+        if events_max_age < dedup_window {
+            // JetStream refuses a results stream whose duplicate window outlives its messages.
+            return Err(Error::Invalid(format!(
+                "events-max-age: must be at least the dedup-window ({})",
+                humantime::format_duration(dedup_window)
+            )));
+        }
         Ok(Config {
             stream_replicas,
             admission: crate::admission::Config {
@@ -346,14 +362,8 @@ impl Args {
             tenants: if no_auth { vec![] } else { tenants },
             job_ack_wait,
             job_max_deliver,
-            dedup_window: self
-                .dedup_window
-                .or(file.dedup_window)
-                .unwrap_or(d.dedup_window),
-            events_max_age: self
-                .events_max_age
-                .or(file.events_max_age)
-                .unwrap_or(d.events_max_age),
+            dedup_window,
+            events_max_age,
             lanes,
             log_format,
         })
@@ -407,5 +417,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("at least 16"), "{err}");
+    }
+
+    #[test]
+    fn the_event_log_outlives_the_dedup_window() {
+        let args = |max_age: u64, window: u64| Args {
+            no_auth: true,
+            events_max_age: Some(Duration::from_secs(max_age)),
+            dedup_window: Some(Duration::from_secs(window)),
+            ..Default::default()
+        };
+        let err = args(3, 1800).load().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "events-max-age: must be at least the dedup-window (30m)"
+        );
+        let cfg = args(3, 2).load().unwrap();
+        assert_eq!(cfg.events_max_age, Duration::from_secs(3));
     }
 }

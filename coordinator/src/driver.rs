@@ -97,6 +97,7 @@ impl Driver {
         admission: Admission,
         tracker: &TaskTracker,
         cancel: CancellationToken,
+        snapshot_after: Duration,
     ) -> Self {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..lanes).map(|_| mpsc::channel(1024)).unzip();
@@ -113,6 +114,7 @@ impl Driver {
                 cache: HashMap::new(),
                 unsaved_starts: HashSet::new(),
                 save_starts_at: None,
+                snapshot_after_ms: snapshot_after.as_millis() as u64,
             };
             tracker.spawn(lane.run(rx, cancel.clone()));
         }
@@ -236,6 +238,8 @@ struct Lane {
     /// Cached tasks whose job start is not saved yet, and when they will be.
     unsaved_starts: HashSet<TaskId>,
     save_starts_at: Option<tokio::time::Instant>,
+    /// Past this age a task gets a snapshot with each save (see [`Lane::keep_durable`]).
+    snapshot_after_ms: u64,
 }
 
 impl Lane {
@@ -287,6 +291,32 @@ impl Lane {
         if let Err(e) = self.fx.state.save_tasks(&tasks).await {
             // Best effort, like the start itself: the job's result carries the same facts.
             tracing::warn!(tasks = tasks.len(), error = %e, "failed to save job starts");
+            return;
+        }
+        let old: Vec<Task> = tasks
+            .into_iter()
+            .filter(|t| self.is_old(t))
+            .cloned()
+            .collect();
+        for task in old {
+            if let Err(e) = self.fx.perform(&task, vec![Action::Snapshot]).await {
+                tracing::warn!(task_id = %task.id, error = %e, "failed to snapshot a task");
+            }
+        }
+    }
+
+    /// Whether `task` is old enough for its creation message to leave the event log (after
+    /// the log's max age) before it ends.
+    fn is_old(&self, task: &Task) -> bool {
+        orch_shared::now_ms().saturating_sub(task.created_at_ms) > self.snapshot_after_ms
+    }
+
+    /// Until its first snapshot a task's durable record is the one in its creation message,
+    /// which the event log drops after its max age: a task older than half of it gets a
+    /// snapshot with each save, so a rebuild of Redis always finds it.
+    fn keep_durable(&self, task: &Task, actions: &mut Vec<Action>) {
+        if self.is_old(task) && !actions.iter().any(|a| matches!(a, Action::Snapshot)) {
+            actions.push(Action::Snapshot);
         }
     }
 
@@ -344,8 +374,9 @@ impl Lane {
         &mut self,
         before: TaskStatus,
         task: &Task,
-        actions: Vec<Action>,
+        mut actions: Vec<Action>,
     ) -> Result<(), ControlError> {
+        self.keep_durable(task, &mut actions);
         if task.status.is_terminal() {
             if !before.is_terminal() {
                 metrics::counter!(m::TASKS_FINISHED, "status" => task.status.as_str()).increment(1);

@@ -198,6 +198,7 @@ pub async fn run(
         admission.clone(),
         &tracker,
         lanes_cancel.clone(),
+        config.events_max_age / 2,
     );
     let effects = driver::Effects {
         state: state.clone(),

@@ -1,6 +1,7 @@
 //! Rebuilding Redis from the durable log. Redis is fast state; JetStream keeps every task's
-//! latest snapshot (`ORCH_TASKS`, written at creation, planning, user changes and the end) and
-//! every job result (`ORCH_RESULTS`, the usage ledger). A task's current state is its snapshot
+//! latest snapshot (`ORCH_TASKS`, written at planning, user changes, the end, and for a task
+//! older than half the event log's max age at each of its saves; until then a task's record as
+//! created is in its creation message, `orch.events.<task>.created`) and every job result (`ORCH_RESULTS`, the usage ledger). A task's current state is its snapshot
 //! with its results applied again in order — applying a result is idempotent, so results the
 //! snapshot already contains change nothing. The day's spend is re-settled from the results
 //! the same way (settlement is idempotent per job attempt).
@@ -16,6 +17,7 @@
 use crate::pipeline;
 use crate::state::{self, State};
 use crate::transport::{self, Outgoing, Transport};
+use orch_shared::api::Task;
 use orch_shared::event::Event;
 use orch_shared::ids::TaskId;
 use orch_shared::job::JobResult;
@@ -39,12 +41,34 @@ pub struct Report {
     pub sessions: usize,
 }
 
+/// Every task the log knows, each at its latest durable record: its snapshot, or for a task
+/// that has none yet, its record as created.
+async fn tasks_in_log(transport: &Transport) -> Result<Vec<Task>, Error> {
+    let mut tasks: HashMap<TaskId, Task> = transport
+        .created_records()
+        .await?
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect();
+    // A snapshot is always later than the creation.
+    tasks.extend(
+        transport
+            .task_snapshots()
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t)),
+    );
+    let mut tasks: Vec<_> = tasks.into_values().collect();
+    tasks.sort_by_key(|t| t.id);
+    Ok(tasks)
+}
+
 /// Rebuilds Redis if it lost the cluster's state; returns what was restored.
 pub async fn run_if_needed(state: &State, transport: &Transport) -> Result<Option<Report>, Error> {
     if state.epoch().await?.is_some() {
         return Ok(None);
     }
-    let snapshots = transport.task_snapshots().await?;
+    let snapshots = tasks_in_log(transport).await?;
     let now = orch_shared::now_ms();
     if snapshots.is_empty() {
         // A new cluster: nothing to rebuild.

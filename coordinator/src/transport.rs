@@ -129,6 +129,13 @@ pub enum Outgoing {
     Snapshot(Box<Task>),
 }
 
+/// Whether `messages` hold the `task_created` event of `task`.
+fn creates(messages: &[Outgoing], task: TaskId) -> bool {
+    messages.iter().any(|m| {
+        matches!(m, Outgoing::Event(e) if e.task_id == task && matches!(e.kind, EventKind::TaskCreated { .. }))
+    })
+}
+
 /// One stored event with where it sits in the log (its SSE event id).
 pub struct StoredEvent {
     pub seq: u64,
@@ -348,7 +355,8 @@ impl Transport {
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), Error> {
         // Consecutive events go out as few log messages as `event::pack` makes of them, and
         // snapshots last: they are for rebuilding Redis, whose record is already written, so
-        // a job waits for no snapshot and a task's first events travel together.
+        // a job waits for no snapshot and a task's first events travel together. A new task's
+        // record travels in its creation message instead of a snapshot.
         struct Wire {
             subject: String,
             payload: Vec<u8>,
@@ -358,8 +366,26 @@ impl Transport {
         let mut wire: Vec<Wire> = Vec::new();
         let mut snapshots = Vec::new();
         let mut run: Vec<Event> = Vec::new();
-        let flush = |run: &mut Vec<Event>, wire: &mut Vec<Wire>| {
-            wire.extend(event::pack(run).into_iter().map(|m| Wire {
+        // A task created by this publish: its record rides in its creation message
+        // (`event::pack_created`) instead of a snapshot of its own.
+        let mut created: Option<&Task> = messages.iter().find_map(|m| match m {
+            Outgoing::Snapshot(task) if creates(messages, task.id) => Some(task.as_ref()),
+            _ => None,
+        });
+        let mut recorded = None;
+        let mut flush = |run: &mut Vec<Event>, wire: &mut Vec<Wire>| {
+            let mut rest = &run[..];
+            if let Some((message, taken)) = created.and_then(|t| event::pack_created(t, rest)) {
+                recorded = created.take().map(|t| t.id);
+                rest = &rest[taken..];
+                wire.push(Wire {
+                    subject: message.subject,
+                    payload: message.payload,
+                    msg_id: None,
+                    event: true,
+                });
+            }
+            wire.extend(event::pack(rest).into_iter().map(|m| Wire {
                 subject: m.subject,
                 payload: m.payload,
                 msg_id: None,
@@ -389,6 +415,10 @@ impl Transport {
         }
         flush(&mut run, &mut wire);
         wire.extend(snapshots);
+        if let Some(id) = recorded {
+            let subject = subject::task_snapshot(id);
+            wire.retain(|w| w.subject != subject);
+        }
         let last_event = wire.iter().rposition(|w| w.event);
         let mut acks = Vec::with_capacity(wire.len());
         for (i, w) in wire.into_iter().enumerate() {
@@ -540,6 +570,7 @@ impl Transport {
     async fn read_all<T: serde::de::DeserializeOwned>(
         &self,
         stream_name: &str,
+        filter: Option<&str>,
     ) -> Result<Vec<T>, Error> {
         let read = |e: async_nats::Error| Error::Read {
             what: format!("stream {stream_name}"),
@@ -560,13 +591,24 @@ impl Transport {
         if total == 0 {
             return Ok(out);
         }
-        let consumer = stream
+        let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::All,
+                filter_subject: filter.unwrap_or_default().into(),
                 ..Default::default()
             })
             .await
             .map_err(|e| read(e.into()))?;
+        if filter.is_some()
+            && consumer
+                .info()
+                .await
+                .map_err(|e| read(e.into()))?
+                .num_pending
+                == 0
+        {
+            return Ok(out);
+        }
         let mut messages = consumer.messages().await.map_err(|e| read(e.into()))?;
         while let Some(msg) = tokio::time::timeout(Duration::from_secs(5), messages.next())
             .await
@@ -590,12 +632,24 @@ impl Transport {
 
     /// The latest snapshot of every task in the durable log (the stream keeps one per task).
     pub async fn task_snapshots(&self) -> Result<Vec<Task>, Error> {
-        self.read_all(subject::TASKS_STREAM).await
+        self.read_all(subject::TASKS_STREAM, None).await
+    }
+
+    /// The records of every task as they were created, from the tasks' creation messages
+    /// still in the event log (see [`event::pack_created`]).
+    pub async fn created_records(&self) -> Result<Vec<Task>, Error> {
+        let batches: Vec<event::EventBatch> = self
+            .read_all(subject::EVENTS_STREAM, Some(subject::ALL_CREATED))
+            .await?;
+        Ok(batches
+            .into_iter()
+            .filter_map(|b| b.task.map(|t| *t))
+            .collect())
     }
 
     /// Every stored job result, oldest first.
     pub async fn all_results(&self) -> Result<Vec<JobResult>, Error> {
-        self.read_all(subject::RESULTS_STREAM).await
+        self.read_all(subject::RESULTS_STREAM, None).await
     }
 
     /// Sends a write a standby received to the leader and waits for its answer.

@@ -154,11 +154,45 @@ impl EventKind {
 }
 
 /// Events of one task that were ready at the same moment, published as one message on
-/// `orch.events.<task>.batch` (an agent's burst of output, a task's creation with its first
-/// jobs queued): one stored message instead of several. Only [`EventKind::batchable`] kinds.
+/// `orch.events.<task>.batch` (an agent's burst of output): one stored message instead of
+/// several. Only [`EventKind::batchable`] kinds. A task's creation is a batch too, on
+/// `orch.events.<task>.created`, carrying the task's record as created ([`pack_created`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventBatch {
     pub events: Vec<Event>,
+    /// On a creation message only: the task's record as it was created, the durable copy a
+    /// rebuild of Redis uses until the task has a snapshot of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Box<crate::api::Task>>,
+}
+
+/// A creation message larger than this is not made: the record goes alone as a snapshot
+/// (NATS refuses messages over its `max_payload`, 1 MiB by default).
+pub const MAX_CREATED_BYTES: usize = 768 * 1024;
+
+/// The creation message of `task`: its leading [`EventKind::batchable`] events from `events`
+/// (which start with its `task_created`; at most [`MAX_BATCH_EVENTS`]) and its record, on
+/// `orch.events.<task>.created`. Returns the message and how many events it took, or `None`
+/// when `events` does not start with the task's `task_created` or the message would be
+/// larger than [`MAX_CREATED_BYTES`].
+pub fn pack_created(task: &crate::api::Task, events: &[Event]) -> Option<(LogMessage, usize)> {
+    let first = events.first()?;
+    if first.task_id != task.id || !matches!(first.kind, EventKind::TaskCreated { .. }) {
+        return None;
+    }
+    let taken = events
+        .iter()
+        .take(MAX_BATCH_EVENTS)
+        .take_while(|e| e.task_id == task.id && e.kind.batchable())
+        .count();
+    let payload = crate::codec::encode(&EventBatch {
+        events: events[..taken].to_vec(),
+        task: Some(Box::new(task.clone())),
+    });
+    (payload.len() <= MAX_CREATED_BYTES).then(|| {
+        let subject = crate::subject::event_created(task.id);
+        (LogMessage { subject, payload }, taken)
+    })
 }
 
 /// At most this many events go in one [`EventBatch`].
@@ -208,6 +242,7 @@ fn pack_run(run: &[Event], out: &mut Vec<LogMessage>) {
     }
     let payload = crate::codec::encode(&EventBatch {
         events: run.to_vec(),
+        task: None,
     });
     if payload.len() > MAX_BATCH_BYTES {
         let (a, b) = run.split_at(run.len() / 2);
@@ -224,7 +259,7 @@ fn pack_run(run: &[Event], out: &mut Vec<LogMessage>) {
 /// The events of one message of the log: a batch's events, or the one event of any other
 /// subject (`kind` is the subject's last token).
 pub fn decode_message(kind: &str, payload: &[u8]) -> Result<Vec<Event>, crate::codec::DecodeError> {
-    if kind == crate::subject::BATCH_KIND {
+    if kind == crate::subject::BATCH_KIND || kind == crate::subject::CREATED_KIND {
         Ok(crate::codec::decode::<EventBatch>(payload)?.events)
     } else {
         Ok(vec![crate::codec::decode::<Event>(payload)?])

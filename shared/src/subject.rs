@@ -57,6 +57,19 @@ pub fn event_batch(task: TaskId) -> String {
 /// batch's events can be of any kind that [`crate::event::EventKind::batchable`] allows.
 pub const ALL_BATCHES: &str = "orch.events.*.batch";
 
+/// The last token of the subject of a task's first message: an [`crate::event::EventBatch`]
+/// holding its `task_created` (and first `job_queued`) events and its record as created.
+pub const CREATED_KIND: &str = "created";
+
+/// A task's creation: its first events and its record (see [`CREATED_KIND`]).
+pub fn event_created(task: TaskId) -> String {
+    event(task, CREATED_KIND)
+}
+
+/// The creation message of every task (readers filtering by kind add these too; a rebuild of
+/// Redis reads the records of tasks that have no snapshot yet from them).
+pub const ALL_CREATED: &str = "orch.events.*.created";
+
 /// Every event of one task.
 pub fn task_events(task: TaskId) -> String {
     format!("orch.events.{task}.>")

@@ -547,6 +547,7 @@ fn job_started_without_start_time_decodes() {
 fn golden_event_batch() {
     let batch = EventBatch {
         events: sample_events().into_iter().take(3).collect(),
+        task: None,
     };
     check_golden("event_batch", &codec::encode(&batch));
     roundtrip(&batch);
@@ -557,4 +558,31 @@ fn golden_task_record() {
     let task = sample_task();
     roundtrip(&task);
     check_golden("task", &codec::encode(&task));
+}
+
+/// A task's creation message: its leading batchable events and its record; `job_started`
+/// (not batchable) stays out, and only a run that starts with the task's `task_created` is
+/// packed.
+#[test]
+fn golden_created_batch() {
+    let task = sample_task();
+    let log = sample_events();
+    let (message, taken) = events::pack_created(&task, &log).expect("a creation message");
+    assert_eq!(taken, 1, "job_started is not batchable");
+    assert_eq!(message.subject, format!("orch.events.{}.created", task.id));
+    check_golden("event_created", &message.payload);
+    let batch: EventBatch = codec::decode(&message.payload).unwrap();
+    assert_eq!(batch.task.as_deref(), Some(&task));
+    assert_eq!(
+        events::decode_message("created", &message.payload).unwrap(),
+        log[..1].to_vec()
+    );
+    assert!(events::pack_created(&task, &log[1..]).is_none());
+    // A reader older than the record field reads the events and skips the record.
+    #[derive(serde::Deserialize)]
+    struct OldBatch {
+        events: Vec<Event>,
+    }
+    let old: OldBatch = codec::decode(&message.payload).unwrap();
+    assert_eq!(old.events, log[..1].to_vec());
 }

@@ -392,6 +392,97 @@ async fn a_task_submitted_while_redis_restarts_is_accepted_and_runs_once() {
     );
 }
 
+/// A task that has not changed since its creation has no snapshot of its own: its record
+/// lives in its creation message, and a rebuild of a wiped Redis finds it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_known_only_by_its_creation_message_is_rebuilt() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "a long one", "roles": ["builder"], "sim": {"latency_ms": 3000}}))
+        .await;
+    let id = task.id.to_string();
+    let js = async_nats::jetstream::new(async_nats::connect(&cluster.nats_url).await.unwrap());
+    let snapshots = js
+        .get_stream(orch_shared::subject::TASKS_STREAM)
+        .await
+        .unwrap();
+    let snapshot = orch_shared::subject::task_snapshot(task.id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.task(&id).await.jobs[0].status != JobStatus::Running {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        snapshots
+            .get_last_raw_message_by_subject(&snapshot)
+            .await
+            .is_err(),
+        "a running task that never changed has no snapshot"
+    );
+    cluster.restart_redis(true);
+    cluster.restart_coordinator().await;
+    let done = cluster.wait_task(&id, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Completed, "{}", cluster.logs());
+    assert_eq!(done.prompt, task.prompt);
+    assert!(
+        snapshots
+            .get_last_raw_message_by_subject(&snapshot)
+            .await
+            .is_ok(),
+        "its end is snapshotted"
+    );
+}
+
+/// A task that outlives half of the event log's max age is snapshotted as it changes, so it
+/// is rebuilt after Redis is wiped even though its creation message has left the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_older_than_its_creation_message_is_rebuilt_from_its_snapshots() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        coordinator_args: ["--events-max-age", "3s", "--dedup-window", "2s"]
+            .map(String::from)
+            .to_vec(),
+        ..Options::default()
+    })
+    .await;
+    let steps = ["analyst", "planner", "builder", "tester", "reviewer"];
+    let task = cluster
+        .submit(json!({"prompt": "five slow steps", "roles": steps, "sim": {"latency_ms": 1500}}))
+        .await;
+    let id = task.id.to_string();
+    let js = async_nats::jetstream::new(async_nats::connect(&cluster.nats_url).await.unwrap());
+    let events = js
+        .get_stream(orch_shared::subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let created = orch_shared::subject::event_created(task.id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while events
+        .get_last_raw_message_by_subject(&created)
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the creation message never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !cluster.task(&id).await.status.is_terminal(),
+        "the task must still run when Redis goes (slow steps)"
+    );
+    cluster.restart_redis(true);
+    cluster.restart_coordinator().await;
+    let done = cluster.wait_task(&id, WAIT).await;
+    assert_eq!(done.status, TaskStatus::Completed, "{}", cluster.logs());
+    assert_eq!(done.jobs.len(), steps.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
     let mut cluster = Cluster::start(Options {

@@ -284,7 +284,7 @@ async fn read_until_end(resp: reqwest::Response, task: &str) -> Vec<(EventId, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_events_filter_kinds_inside_batches_and_resume_there() {
     let cluster = Cluster::start(Options::default()).await;
-    let query = "kinds=tool_call,tool_result,task_finished";
+    let query = "kinds=task_created,tool_call,tool_result,task_finished";
     let live = open_cluster_events(&cluster, query, None).await;
     let task = cluster
         .submit(json!({"prompt": "build and test it", "sim": {"latency_ms": 200}}))
@@ -295,15 +295,16 @@ async fn cluster_events_filter_kinds_inside_batches_and_resume_there() {
     assert_eq!(
         kinds,
         [
+            "task_created",
             "tool_call",
             "tool_result",
             "tool_call",
             "tool_result",
             "task_finished"
         ],
-        "two agents' tool calls and results, then the end: {seen:?}"
+        "the creation (from its creation message), two agents' tool calls and results, then the end: {seen:?}"
     );
-    let (call, result) = (seen[0].0, seen[1].0);
+    let (call, result) = (seen[1].0, seen[2].0);
     assert_eq!(
         call.seq, result.seq,
         "call and result travelled in one message"
@@ -311,5 +312,5 @@ async fn cluster_events_filter_kinds_inside_batches_and_resume_there() {
     assert!(result.index > call.index);
     // Resuming after the call (inside its batch) starts with its result.
     let resumed = open_cluster_events(&cluster, query, Some(call)).await;
-    assert_eq!(read_until_end(resumed, &id).await, seen[1..].to_vec());
+    assert_eq!(read_until_end(resumed, &id).await, seen[2..].to_vec());
 }

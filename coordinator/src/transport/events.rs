@@ -84,6 +84,7 @@ impl Transport {
             // Batches carry events of several kinds: they are read too and filtered here.
             config.filter_subjects = kinds.iter().map(|k| format!("orch.events.*.{k}")).collect();
             config.filter_subjects.push(subject::ALL_BATCHES.into());
+            config.filter_subjects.push(subject::ALL_CREATED.into());
         }
         let kinds: Vec<String> = kinds.to_vec();
         let consumer = stream
