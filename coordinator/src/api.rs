@@ -773,8 +773,9 @@ fn accepted(task: &Task) {
 /// later save of the task (its lane's, after a job event) is executed after it (see
 /// [`State::create_task`]). If the write fails, the jobs may already be on their way: the
 /// record is written again, never over a newer one ([`State::ensure_task`]), for long enough
-/// to ride out a Redis restart. If Redis stays unreachable longer the submit fails (503); a
-/// job that runs meanwhile finds no task when its result comes, and the result is dropped.
+/// to ride out a Redis restart. If Redis stays unreachable longer the submit fails (503), the
+/// task's lane forgets it and its log is purged: a job that ran meanwhile finds no task when
+/// its result comes, and the result is dropped.
 async fn create_and_publish(
     state: &State,
     fx: &driver::Effects,
@@ -784,7 +785,7 @@ async fn create_and_publish(
     let (created, performed) = tokio::join!(state.create_task(task), fx.perform(task, actions));
     if let Err(e) = created {
         tracing::warn!(task_id = %task.id, error = %e, "task record not written; writing it again");
-        (|| state.ensure_task(task))
+        let written = (|| state.ensure_task(task))
             .retry(
                 // Long enough to ride out a Redis restart (about 5 s in all).
                 backon::ExponentialBuilder::default()
@@ -792,7 +793,17 @@ async fn create_and_publish(
                     .with_max_delay(Duration::from_secs(1))
                     .with_max_times(8),
             )
-            .await?;
+            .await;
+        if let Err(e) = written {
+            tracing::error!(task_id = %task.id, error = %e, "task record not written; the submit fails");
+            // Nothing of it stays: not in its lane, not in the log (a rebuild would bring it
+            // back from its creation message).
+            fx.driver.forget(task.id).await;
+            if let Err(e) = fx.transport.purge_task(task.id).await {
+                tracing::warn!(task_id = %task.id, error = %e, "could not purge the task's log");
+            }
+            return Err(e.into());
+        }
     }
     performed?;
     accepted(task);

@@ -68,6 +68,8 @@ enum Command {
     /// A task the API just created: the lane caches it, so its first job start or result
     /// needs no read from Redis.
     Adopt(Box<Task>),
+    /// A created task whose record could not be written: the lane drops it from its cache.
+    Forget(TaskId),
     Result(Box<ResultDelivery>),
     Started(Event),
     Wake(TaskId),
@@ -125,6 +127,12 @@ impl Driver {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         task.hash(&mut h);
         &self.lanes[(h.finish() % self.lanes.len() as u64) as usize]
+    }
+
+    /// Drops a task the API created but could not record from its lane's cache, so nothing
+    /// is applied to it (see `api::create_and_publish`).
+    pub async fn forget(&self, task: TaskId) {
+        let _ = self.lane(task).send(Command::Forget(task)).await;
     }
 
     pub async fn result(&self, delivery: ResultDelivery) {
@@ -262,6 +270,10 @@ impl Lane {
             match cmd {
                 Command::Adopt(task) => {
                     self.cache.entry(task.id).or_insert(*task);
+                }
+                Command::Forget(task) => {
+                    self.cache.remove(&task);
+                    self.unsaved_starts.remove(&task);
                 }
                 Command::Result(delivery) => self.on_result(*delivery).await,
                 Command::Started(event) => self.on_started(event).await,

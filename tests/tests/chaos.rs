@@ -483,6 +483,32 @@ async fn a_task_older_than_its_creation_message_is_rebuilt_from_its_snapshots() 
     assert_eq!(done.jobs.len(), steps.len());
 }
 
+/// A submit while Redis stays down fails with 503 and leaves no task behind: none in the
+/// history once Redis is back, none brought back by a rebuild from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_that_cannot_be_recorded_fails_and_leaves_nothing() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    cluster.kill_redis();
+    let (status, body) = cluster
+        .post(
+            "/v1/tasks",
+            &json!({"prompt": "never recorded", "roles": ["builder"]}),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
+    // Back empty: the rebuild finds nothing of the task in the log either.
+    let _ = std::fs::remove_dir_all(cluster.dir.path().join("redis"));
+    cluster.start_redis();
+    cluster.restart_coordinator().await;
+    let (_, list) = cluster.get("/v1/tasks").await;
+    assert_eq!(list["tasks"], json!([]), "{list}\n{}", cluster.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
     let mut cluster = Cluster::start(Options {
