@@ -221,7 +221,7 @@ impl Effects {
                 }
                 Action::DeadLetter(job) => self.state.dead_letter(job, now).await?,
                 Action::Index(jobs) => self.state.index_jobs(task_id, &jobs).await?,
-                Action::Snapshot => messages.push(Outgoing::Snapshot(Box::new(task.clone()))),
+                Action::Snapshot => messages.push(Outgoing::Snapshot(task)),
             }
         }
         self.transport.publish_all(&messages).await?;
@@ -447,7 +447,12 @@ impl Lane {
                 false,
             ),
         };
-        let task = task.clone();
+        // Out of the cache while it is saved and its actions carried out (nothing else in
+        // this lane runs meanwhile); it goes back only if all of that succeeds and it is not
+        // finished, like every failure below leaves it to be read again from Redis.
+        let Some(task) = self.cache.remove(&task_id) else {
+            return;
+        };
         let role = role.map_or("unknown", |r| r.as_str());
         let model = task.model.as_deref().unwrap_or("default");
         let write = state::ResultWrite {
@@ -475,15 +480,14 @@ impl Lane {
             }
             Ok(false) => {
                 // A worker that lost its lease (paused, partitioned) reports late: another
-                // worker took the attempt since. Its result is not applied nor charged.
-                self.cache.remove(&task_id);
+                // worker took the attempt since. Its result is not applied nor charged (the
+                // changed copy is dropped).
                 tracing::warn!(%task_id, job_id = %result.job_id, fence = result.fence, worker = %result.worker_id, "fenced out a stale result");
                 metrics::counter!(m::RESULTS_IGNORED, "why" => "fenced").increment(1);
                 ack.ack().await;
                 return;
             }
             Err(e) => {
-                self.cache.remove(&task_id);
                 tracing::warn!(%task_id, error = %e, "failed to apply a result; it will be redelivered");
                 return;
             }
@@ -498,6 +502,9 @@ impl Lane {
         if applied {
             self.fx.admission.done(result.job_id, result.usage.total());
             record(&result, role);
+        }
+        if !task.status.is_terminal() {
+            self.cache.insert(task_id, task);
         }
         ack.ack().await;
     }

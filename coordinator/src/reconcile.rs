@@ -90,6 +90,7 @@ pub async fn run_if_needed(state: &State, transport: &Transport) -> Result<Optio
     };
     for mut task in snapshots {
         let mut log = Vec::new();
+        let mut snapshot = false;
         for r in by_task.get(&task.id).into_iter().flatten() {
             // Events the coordinator had not written before Redis went (a `task_finished`,
             // say) are written now; queued jobs are republished by `resume` afterwards.
@@ -105,12 +106,14 @@ pub async fn run_if_needed(state: &State, transport: &Transport) -> Result<Optio
                         at_ms: orch_shared::now_ms(),
                         kind,
                     })),
-                    pipeline::Action::Snapshot => {
-                        log.push(Outgoing::Snapshot(Box::new(task.clone())))
-                    }
+                    pipeline::Action::Snapshot => snapshot = true,
                     _ => {}
                 }
             }
+        }
+        // The stream keeps one snapshot per task: the last state is the one to send.
+        if snapshot {
+            log.push(Outgoing::Snapshot(&task));
         }
         state.restore_task(&task).await?;
         transport.publish_all(&log).await?;

@@ -122,15 +122,16 @@ pub struct ForwardedReply {
 }
 
 /// A message for [`Transport::publish_all`].
-pub enum Outgoing {
+pub enum Outgoing<'a> {
     Job(JobSpec),
     Event(Event),
-    /// The task's record, as its latest snapshot in the durable log.
-    Snapshot(Box<Task>),
+    /// The task's record, as its latest snapshot in the durable log (borrowed: a task is
+    /// large, and not cloned to be sent).
+    Snapshot(&'a Task),
 }
 
 /// Whether `messages` hold the `task_created` event of `task`.
-fn creates(messages: &[Outgoing], task: TaskId) -> bool {
+fn creates(messages: &[Outgoing<'_>], task: TaskId) -> bool {
     messages.iter().any(|m| {
         matches!(m, Outgoing::Event(e) if e.task_id == task && matches!(e.kind, EventKind::TaskCreated { .. }))
     })
@@ -352,7 +353,7 @@ impl Transport {
     /// Only the last event of a batch asks for an ack: the messages go out in order on one
     /// connection and JetStream stores those of one stream in the order they arrive, so its
     /// ack confirms the events before it (one message each instead of two).
-    pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), Error> {
+    pub async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), Error> {
         // Consecutive events go out as few log messages as `event::pack` makes of them, and
         // snapshots last: they are for rebuilding Redis, whose record is already written, so
         // a job waits for no snapshot and a task's first events travel together. A new task's
@@ -365,15 +366,15 @@ impl Transport {
         }
         let mut wire: Vec<Wire> = Vec::new();
         let mut snapshots = Vec::new();
-        let mut run: Vec<Event> = Vec::new();
+        let mut run: Vec<&Event> = Vec::new();
         // A task created by this publish: its record rides in its creation message
         // (`event::pack_created`) instead of a snapshot of its own.
         let mut created: Option<&Task> = messages.iter().find_map(|m| match m {
-            Outgoing::Snapshot(task) if creates(messages, task.id) => Some(task.as_ref()),
+            Outgoing::Snapshot(task) if creates(messages, task.id) => Some(*task),
             _ => None,
         });
         let mut recorded = None;
-        let mut flush = |run: &mut Vec<Event>, wire: &mut Vec<Wire>| {
+        let mut flush = |run: &mut Vec<&Event>, wire: &mut Vec<Wire>| {
             let mut rest = &run[..];
             if let Some((message, taken)) = created.and_then(|t| event::pack_created(t, rest)) {
                 recorded = created.take().map(|t| t.id);
@@ -395,7 +396,7 @@ impl Transport {
         };
         for message in messages {
             match message {
-                Outgoing::Event(e) => run.push(e.clone()),
+                Outgoing::Event(e) => run.push(e),
                 Outgoing::Job(spec) => {
                     flush(&mut run, &mut wire);
                     wire.push(Wire {
@@ -407,7 +408,7 @@ impl Transport {
                 }
                 Outgoing::Snapshot(task) => snapshots.push(Wire {
                     subject: subject::task_snapshot(task.id),
-                    payload: codec::encode(task.as_ref()),
+                    payload: codec::encode(*task),
                     msg_id: None,
                     event: false,
                 }),

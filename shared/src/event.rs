@@ -7,6 +7,7 @@ use crate::ids::{JobId, TaskId, WorkerId};
 use crate::job::{FailureReason, Usage};
 use crate::role::Role;
 use serde::{Deserialize, Serialize};
+use std::borrow::Borrow;
 
 /// One entry of a task's event log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -166,6 +167,12 @@ pub struct EventBatch {
     pub task: Option<Box<crate::api::Task>>,
 }
 
+/// At most this many events go in one [`EventBatch`].
+pub const MAX_BATCH_EVENTS: usize = 64;
+/// A batch whose encoding is larger than this is split (NATS refuses messages over its
+/// `max_payload`, 1 MiB by default; one event alone is never split).
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+
 /// A creation message larger than this is not made: the record goes alone as a snapshot
 /// (NATS refuses messages over its `max_payload`, 1 MiB by default).
 pub const MAX_CREATED_BYTES: usize = 768 * 1024;
@@ -175,19 +182,23 @@ pub const MAX_CREATED_BYTES: usize = 768 * 1024;
 /// `orch.events.<task>.created`. Returns the message and how many events it took, or `None`
 /// when `events` does not start with the task's `task_created` or the message would be
 /// larger than [`MAX_CREATED_BYTES`].
-pub fn pack_created(task: &crate::api::Task, events: &[Event]) -> Option<(LogMessage, usize)> {
-    let first = events.first()?;
+pub fn pack_created<E: Borrow<Event>>(
+    task: &crate::api::Task,
+    events: &[E],
+) -> Option<(LogMessage, usize)> {
+    let first = events.first()?.borrow();
     if first.task_id != task.id || !matches!(first.kind, EventKind::TaskCreated { .. }) {
         return None;
     }
     let taken = events
         .iter()
+        .map(Borrow::borrow)
         .take(MAX_BATCH_EVENTS)
-        .take_while(|e| e.task_id == task.id && e.kind.batchable())
+        .take_while(|e: &&Event| e.task_id == task.id && e.kind.batchable())
         .count();
-    let payload = crate::codec::encode(&EventBatch {
-        events: events[..taken].to_vec(),
-        task: Some(Box::new(task.clone())),
+    let payload = crate::codec::encode(&BatchOut {
+        events: Events(&events[..taken]),
+        task: Some(task),
     });
     (payload.len() <= MAX_CREATED_BYTES).then(|| {
         let subject = crate::subject::event_created(task.id);
@@ -195,11 +206,24 @@ pub fn pack_created(task: &crate::api::Task, events: &[Event]) -> Option<(LogMes
     })
 }
 
-/// At most this many events go in one [`EventBatch`].
-pub const MAX_BATCH_EVENTS: usize = 64;
-/// A batch whose encoding is larger than this is split (NATS refuses messages over its
-/// `max_payload`, 1 MiB by default; one event alone is never split).
-pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// An [`EventBatch`] as it is written, from borrowed events and record (the same encoding,
+/// without copying them).
+#[derive(Serialize)]
+#[serde(bound = "E: Borrow<Event>")]
+struct BatchOut<'a, E> {
+    events: Events<'a, E>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<&'a crate::api::Task>,
+}
+
+/// Events, owned or borrowed, encoded as a list.
+struct Events<'a, E>(&'a [E]);
+
+impl<E: Borrow<Event>> Serialize for Events<'_, E> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(Borrow::borrow))
+    }
+}
 
 /// One message of the event log, ready to publish.
 #[derive(Clone, Debug, PartialEq)]
@@ -208,20 +232,21 @@ pub struct LogMessage {
     pub payload: Vec<u8>,
 }
 
-/// The messages that carry `events`, in order: runs of [`EventKind::batchable`] events of one
-/// task become [`EventBatch`]es (bounded by [`MAX_BATCH_EVENTS`] and [`MAX_BATCH_BYTES`]),
-/// every other event its own message on its kind's subject.
-pub fn pack(events: &[Event]) -> Vec<LogMessage> {
+/// The messages that carry `events` (owned or borrowed), in order: runs of
+/// [`EventKind::batchable`] events of one task become [`EventBatch`]es (bounded by
+/// [`MAX_BATCH_EVENTS`] and [`MAX_BATCH_BYTES`]), every other event its own message on its
+/// kind's subject.
+pub fn pack<E: Borrow<Event>>(events: &[E]) -> Vec<LogMessage> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < events.len() {
-        let first = &events[start];
+        let first = events[start].borrow();
         let mut end = start + 1;
         if first.kind.batchable() {
             while end < events.len()
                 && end - start < MAX_BATCH_EVENTS
-                && events[end].kind.batchable()
-                && events[end].task_id == first.task_id
+                && events[end].borrow().kind.batchable()
+                && events[end].borrow().task_id == first.task_id
             {
                 end += 1;
             }
@@ -232,16 +257,17 @@ pub fn pack(events: &[Event]) -> Vec<LogMessage> {
     out
 }
 
-fn pack_run(run: &[Event], out: &mut Vec<LogMessage>) {
+fn pack_run<E: Borrow<Event>>(run: &[E], out: &mut Vec<LogMessage>) {
     if let [one] = run {
+        let one = one.borrow();
         out.push(LogMessage {
             subject: crate::subject::event(one.task_id, one.kind.name()),
             payload: crate::codec::encode(one),
         });
         return;
     }
-    let payload = crate::codec::encode(&EventBatch {
-        events: run.to_vec(),
+    let payload = crate::codec::encode(&BatchOut {
+        events: Events(run),
         task: None,
     });
     if payload.len() > MAX_BATCH_BYTES {
@@ -251,7 +277,7 @@ fn pack_run(run: &[Event], out: &mut Vec<LogMessage>) {
         return;
     }
     out.push(LogMessage {
-        subject: crate::subject::event_batch(run[0].task_id),
+        subject: crate::subject::event_batch(run[0].borrow().task_id),
         payload,
     });
 }
