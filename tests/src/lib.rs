@@ -317,6 +317,14 @@ impl Cluster {
         self.start_redis();
     }
 
+    /// Wipes Redis and restarts the coordinator, which rebuilds Redis from the durable log;
+    /// returns once every worker has registered again.
+    pub async fn rebuild_redis_from_the_log(&mut self) {
+        self.restart_redis(true);
+        self.restart_coordinator().await;
+        self.wait_workers(self.workers.len()).await;
+    }
+
     /// Kills redis-server with SIGKILL; [`Cluster::start_redis`] brings it back.
     pub fn kill_redis(&mut self) {
         self.redis.signal(libc::SIGKILL);

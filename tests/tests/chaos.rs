@@ -165,6 +165,15 @@ fn assert_clean(ledger: &Ledger, cluster: &Cluster) {
     );
 }
 
+/// A cluster whose jobs are redelivered 2 s after their worker stops acking them.
+async fn short_ack_wait_cluster() -> Cluster {
+    Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await
+}
+
 async fn submit_many(cluster: &Cluster, n: usize, latency_ms: u64) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
@@ -317,11 +326,7 @@ async fn concurrent_duplicate_submits_create_one_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_under_load_loses_no_job_or_result() {
-    let mut cluster = Cluster::start(Options {
-        ack_wait: Duration::from_secs(2),
-        ..Options::default()
-    })
-    .await;
+    let mut cluster = short_ack_wait_cluster().await;
     let ids = submit_many(&cluster, load(30), 300).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let down = Instant::now();
@@ -336,11 +341,7 @@ async fn a_nats_restart_under_load_loses_no_job_or_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_with_its_data_loses_nothing() {
-    let mut cluster = Cluster::start(Options {
-        ack_wait: Duration::from_secs(2),
-        ..Options::default()
-    })
-    .await;
+    let mut cluster = short_ack_wait_cluster().await;
     let ids = submit_many(&cluster, load(30), 300).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.restart_redis(false);
@@ -352,11 +353,7 @@ async fn a_redis_restart_with_its_data_loses_nothing() {
 /// written as soon as Redis is back, so the submit answers 201 and the task runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_submitted_while_redis_restarts_is_accepted_and_runs_once() {
-    let mut cluster = Cluster::start(Options {
-        ack_wait: Duration::from_secs(2),
-        ..Options::default()
-    })
-    .await;
+    let mut cluster = short_ack_wait_cluster().await;
     cluster.kill_redis();
     let submit = {
         let (http, url) = (cluster.http().clone(), cluster.url.clone());
@@ -392,24 +389,25 @@ async fn a_task_submitted_while_redis_restarts_is_accepted_and_runs_once() {
     );
 }
 
+/// The cluster's JetStream stream `name`, to look at what it stores.
+async fn stream(cluster: &Cluster, name: &str) -> async_nats::jetstream::stream::Stream {
+    let client = async_nats::connect(&cluster.nats_url).await.unwrap();
+    async_nats::jetstream::new(client)
+        .get_stream(name)
+        .await
+        .unwrap()
+}
+
 /// A task that has not changed since its creation has no snapshot of its own: its record
 /// lives in its creation message, and a rebuild of a wiped Redis finds it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_known_only_by_its_creation_message_is_rebuilt() {
-    let mut cluster = Cluster::start(Options {
-        ack_wait: Duration::from_secs(2),
-        ..Options::default()
-    })
-    .await;
+    let mut cluster = short_ack_wait_cluster().await;
     let task = cluster
         .submit(json!({"prompt": "a long one", "roles": ["builder"], "sim": {"latency_ms": 3000}}))
         .await;
     let id = task.id.to_string();
-    let js = async_nats::jetstream::new(async_nats::connect(&cluster.nats_url).await.unwrap());
-    let snapshots = js
-        .get_stream(orch_shared::subject::TASKS_STREAM)
-        .await
-        .unwrap();
+    let snapshots = stream(&cluster, orch_shared::subject::TASKS_STREAM).await;
     let snapshot = orch_shared::subject::task_snapshot(task.id);
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.task(&id).await.jobs[0].status != JobStatus::Running {
@@ -423,8 +421,7 @@ async fn a_task_known_only_by_its_creation_message_is_rebuilt() {
             .is_err(),
         "a running task that never changed has no snapshot"
     );
-    cluster.restart_redis(true);
-    cluster.restart_coordinator().await;
+    cluster.rebuild_redis_from_the_log().await;
     let done = cluster.wait_task(&id, WAIT).await;
     assert_eq!(done.status, TaskStatus::Completed, "{}", cluster.logs());
     assert_eq!(done.prompt, task.prompt);
@@ -454,11 +451,7 @@ async fn a_task_older_than_its_creation_message_is_rebuilt_from_its_snapshots() 
         .submit(json!({"prompt": "five slow steps", "roles": steps, "sim": {"latency_ms": 1500}}))
         .await;
     let id = task.id.to_string();
-    let js = async_nats::jetstream::new(async_nats::connect(&cluster.nats_url).await.unwrap());
-    let events = js
-        .get_stream(orch_shared::subject::EVENTS_STREAM)
-        .await
-        .unwrap();
+    let events = stream(&cluster, orch_shared::subject::EVENTS_STREAM).await;
     let created = orch_shared::subject::event_created(task.id);
     let deadline = Instant::now() + Duration::from_secs(20);
     while events
@@ -476,8 +469,7 @@ async fn a_task_older_than_its_creation_message_is_rebuilt_from_its_snapshots() 
         !cluster.task(&id).await.status.is_terminal(),
         "the task must still run when Redis goes (slow steps)"
     );
-    cluster.restart_redis(true);
-    cluster.restart_coordinator().await;
+    cluster.rebuild_redis_from_the_log().await;
     let done = cluster.wait_task(&id, WAIT).await;
     assert_eq!(done.status, TaskStatus::Completed, "{}", cluster.logs());
     assert_eq!(done.jobs.len(), steps.len());
@@ -487,11 +479,7 @@ async fn a_task_older_than_its_creation_message_is_rebuilt_from_its_snapshots() 
 /// history once Redis is back, none brought back by a rebuild from the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submit_that_cannot_be_recorded_fails_and_leaves_nothing() {
-    let mut cluster = Cluster::start(Options {
-        ack_wait: Duration::from_secs(2),
-        ..Options::default()
-    })
-    .await;
+    let mut cluster = short_ack_wait_cluster().await;
     cluster.kill_redis();
     let (status, body) = cluster
         .post(
@@ -511,19 +499,13 @@ async fn a_submit_that_cannot_be_recorded_fails_and_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_redis_is_rebuilt_from_the_log_with_history_and_costs() {
-    let mut cluster = Cluster::start(Options {
-        ack_wait: Duration::from_secs(2),
-        ..Options::default()
-    })
-    .await;
+    let mut cluster = short_ack_wait_cluster().await;
     // Some tasks finish before the loss, some run through it.
     let before = submit_many(&cluster, 5, 0).await;
     let done_before: Vec<Task> = cluster.wait_all(&before, WAIT).await;
     let during = submit_many(&cluster, load(20), 400).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    cluster.restart_redis(true);
-    cluster.restart_coordinator().await;
-    cluster.wait_workers(2).await;
+    cluster.rebuild_redis_from_the_log().await;
     // History from before the loss is back, exactly.
     for old in &done_before {
         let now = cluster.task(&old.id.to_string()).await;

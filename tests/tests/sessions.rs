@@ -401,6 +401,16 @@ fn previous(out: &str) -> &str {
         .unwrap_or("")
 }
 
+/// Asserts that a sim agent's answer `out` is the second turn continuing agent `from`, whose
+/// first message contained `first`.
+fn assert_continues(out: &str, from: JobId, first: &str) {
+    assert!(
+        out.contains(&format!("Turn 2 (continuing from {from})")),
+        "{out}"
+    );
+    assert!(previous(out).contains(first), "{out}");
+}
+
 /// Polls until agent `id` of `task` has ended; returns it.
 async fn wait_job(cluster: &Cluster, task: &str, id: JobId) -> Job {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -778,14 +788,7 @@ async fn sim_agents_continue_and_fork_over_http_and_with_orchctl() {
     let job_b = wait_job(&cluster, &id, b).await;
     succeeded(&cluster, &job_b);
     let out = job_b.output.unwrap();
-    assert!(
-        out.contains(&format!("Turn 2 (continuing from {a})")),
-        "{out}"
-    );
-    assert!(
-        previous(&out).contains("SIM-FIRST design the cache"),
-        "{out}"
-    );
+    assert_continues(&out, a, "SIM-FIRST design the cache");
 
     let c = turn(&cluster, a, "SIM-FORK try a trie", true).await;
     let out = wait_job(&cluster, &id, c).await.output.unwrap_or_default();
@@ -896,14 +899,7 @@ async fn a_turn_whose_worker_dies_is_restored_again_by_another_worker() {
         Some(format!("worker-{victim}"))
     );
     let out = job.output.unwrap_or_default();
-    assert!(
-        out.contains(&format!("Turn 2 (continuing from {a})")),
-        "{out}"
-    );
-    assert!(
-        previous(&out).contains("SIM-FIRST plan the migration"),
-        "{out}"
-    );
+    assert_continues(&out, a, "SIM-FIRST plan the migration");
 }
 
 /// The coordinator writes an agent's session pointer from the turn's result, so a Redis that
@@ -917,19 +913,10 @@ async fn a_conversation_continues_after_redis_is_wiped_and_rebuilt() {
     )
     .await;
     let (id, a) = (task.id.to_string(), task.jobs[0].id);
-    cluster.restart_redis(true);
-    cluster.restart_coordinator().await;
-    cluster.wait_workers(1).await;
+    cluster.rebuild_redis_from_the_log().await;
     let b = turn(&cluster, a, "SIM-SECOND add indexes", false).await;
     let job_b = wait_job(&cluster, &id, b).await;
     succeeded(&cluster, &job_b);
     let out = job_b.output.unwrap();
-    assert!(
-        out.contains(&format!("Turn 2 (continuing from {a})")),
-        "{out}"
-    );
-    assert!(
-        previous(&out).contains("SIM-FIRST sketch the schema"),
-        "{out}"
-    );
+    assert_continues(&out, a, "SIM-FIRST sketch the schema");
 }
