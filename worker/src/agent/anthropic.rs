@@ -15,7 +15,7 @@
 
 use super::backends::Prepared;
 use super::http::{self, CallError, Spent};
-use super::{ContextUse, Events, Report};
+use super::{AgentOutput, ContextUse, Events, Report};
 use crate::config::ApiSettings;
 use crate::session::Snapshot;
 use eventsource_stream::Eventsource;
@@ -90,6 +90,71 @@ pub fn session_after(
         workspace: String::new(),
         turn: Snapshot::next_turn(p.session.as_ref()),
         bytes: serde_json::to_vec(&messages).unwrap_or_default(),
+    }
+}
+
+/// How an API backend's turn ended: the answer's outcome and text, the tokens of all its
+/// requests, and the context its last request used.
+pub struct Turn {
+    pub outcome: Outcome,
+    pub text: String,
+    pub usage: Usage,
+    pub context: Option<ContextUse>,
+}
+
+impl Turn {
+    /// A turn whose request failed for good (after its retries): no answer. `usage` is what
+    /// its attempts were billed for.
+    pub fn failed(e: CallError, usage: Usage) -> Self {
+        Turn {
+            outcome: Outcome::Failure {
+                reason: e.reason,
+                message: e.message,
+            },
+            text: String::new(),
+            usage,
+            context: None,
+        }
+    }
+
+    /// The turn's report: its cost, a `usage` event, and when it succeeded the conversation
+    /// with its answer as the session (`messages` ends with this turn's prompt). Shared with
+    /// the `openai` backend.
+    pub fn report(
+        self,
+        backend: &'static str,
+        p: &Prepared<'_>,
+        events: &Events,
+        model: String,
+        messages: Vec<Value>,
+    ) -> Report {
+        let Turn {
+            outcome,
+            text,
+            usage,
+            context,
+        } = self;
+        let cost_usd = p.cost(Some(&model), &usage);
+        events.send(EventKind::Usage { usage, cost_usd });
+        let session = outcome
+            .is_success()
+            .then(|| session_after(backend, p, messages, &text));
+        Report {
+            session,
+            output: AgentOutput {
+                outcome,
+                output: text,
+                usage,
+                cost_usd,
+                files_read: vec![],
+                files_written: vec![],
+                diff: None,
+                git: None,
+            },
+            backend,
+            model: Some(model),
+            context,
+        }
     }
 }
 
@@ -172,7 +237,7 @@ impl Anthropic {
         })
         .await;
         let mut usage = spent.usage;
-        let (outcome, text, context) = match result {
+        let turn = match result {
             Ok(m) => {
                 usage.add(&m.usage);
                 let context = self.context_use(p, &model, &m.usage);
@@ -199,38 +264,16 @@ impl Anthropic {
                     }
                     _ => Outcome::Success,
                 };
-                (outcome, text, context)
-            }
-            Err(e) => (
-                Outcome::Failure {
-                    reason: e.reason,
-                    message: e.message,
-                },
-                String::new(),
-                None,
-            ),
-        };
-        let cost_usd = p.cost(Some(&model), &usage);
-        events.send(EventKind::Usage { usage, cost_usd });
-        let session = outcome
-            .is_success()
-            .then(|| session_after(NAME, p, messages, &text));
-        Report {
-            session,
-            ..done(
-                super::AgentOutput {
+                Turn {
                     outcome,
-                    output: text,
+                    text,
                     usage,
-                    cost_usd,
-                    files_read: vec![],
-                    files_written: vec![],
-                    diff: None,
-                    git: None,
-                },
-                context,
-            )
-        }
+                    context,
+                }
+            }
+            Err(e) => Turn::failed(e, usage),
+        };
+        turn.report(NAME, p, events, model, messages)
     }
 
     fn context_use(&self, p: &Prepared<'_>, model: &str, last: &Usage) -> Option<ContextUse> {

@@ -10,10 +10,10 @@
 //! Sessions as for `anthropic`: the stored conversation is its `{role, content}` messages
 //! without the system message, which every turn sends first.
 
-use super::anthropic;
+use super::anthropic::{self, Turn};
 use super::backends::Prepared;
 use super::http::{self, CallError, Spent};
-use super::{AgentOutput, ContextUse, Events, Report};
+use super::{ContextUse, Events, Report};
 use crate::config::ApiSettings;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -99,7 +99,7 @@ impl OpenAi {
         })
         .await;
         let mut usage = spent.usage;
-        let (outcome, text, context) = match result {
+        let turn = match result {
             Ok(a) => {
                 let last = a.usage.unwrap_or_default();
                 if a.usage.is_none() {
@@ -129,38 +129,16 @@ impl OpenAi {
                     }
                     _ => Outcome::Success,
                 };
-                (outcome, text, context)
+                Turn {
+                    outcome,
+                    text,
+                    usage,
+                    context,
+                }
             }
-            Err(e) => (
-                Outcome::Failure {
-                    reason: e.reason,
-                    message: e.message,
-                },
-                String::new(),
-                None,
-            ),
+            Err(e) => Turn::failed(e, usage),
         };
-        let cost_usd = p.cost(Some(&model), &usage);
-        events.send(EventKind::Usage { usage, cost_usd });
-        let session = outcome
-            .is_success()
-            .then(|| anthropic::session_after(NAME, p, messages, &text));
-        Report {
-            session,
-            output: AgentOutput {
-                outcome,
-                output: text,
-                usage,
-                cost_usd,
-                files_read: vec![],
-                files_written: vec![],
-                diff: None,
-                git: None,
-            },
-            backend: NAME,
-            model: Some(model),
-            context,
-        }
+        turn.report(NAME, p, events, model, messages)
     }
 
     async fn request(&self, url: &str, body: &Value, events: &Events) -> Result<Answer, CallError> {
