@@ -18,7 +18,7 @@ use orch_tests::fake_openai::{self, FakeOpenAi};
 use orch_tests::{Cluster, Options, Server, assert_completed, orchctl_against, run};
 use orch_worker::agent::{Agent, Backends, Events, Report};
 use orch_worker::config::{Args, Secret};
-use orch_worker::session::{HISTORY_FIELD, SessionStore, Snapshot};
+use orch_worker::session::{SessionStore, Snapshot};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -113,7 +113,7 @@ async fn the_store_keeps_small_sessions_in_the_pointer_and_large_ones_as_objects
     assert_eq!(field(&hash, "session_id"), None);
     assert!(field(&hash, "saved_at_ms").is_some());
     assert_eq!(
-        hash.get(HISTORY_FIELD).map(Vec::as_slice),
+        hash.get(keys::session_field::HISTORY).map(Vec::as_slice),
         Some(history.bytes.as_slice())
     );
     assert_eq!(
@@ -134,7 +134,7 @@ async fn the_store_keeps_small_sessions_in_the_pointer_and_large_ones_as_objects
         Some("/data/scratch/x-1")
     );
     assert_eq!(field(&hash, "bytes").as_deref(), Some("300000"));
-    assert!(!hash.contains_key(HISTORY_FIELD));
+    assert!(!hash.contains_key(keys::session_field::HISTORY));
     assert_eq!(infra.object(large).await, Some(300_000));
 
     // Saved again (a redelivered turn): the new version whole, nothing of the old one.

@@ -9,7 +9,7 @@
 //!   list of `{prompt, answer}`. They live in the JetStream object store
 //!   [`subject::SESSIONS_BUCKET`] as the object `<job-id>` (file storage, no TTL; the bucket
 //!   is created by the first worker that needs it), except a session of at most
-//!   [`INLINE_MAX_BYTES`], which is kept in the pointer hash itself (field [`HISTORY_FIELD`]):
+//!   [`INLINE_MAX_BYTES`], which is kept in the pointer hash itself (field [`session_field::HISTORY`]):
 //!   the sim's short histories always are, so a simulated job costs the worker no store of
 //!   its own at all, which throughput benchmarks would feel.
 //! - the pointer: the Redis hash [`keys::session`] (`orch:session:<job-id>`, no TTL) with the
@@ -46,8 +46,6 @@ use tokio::io::AsyncReadExt;
 
 /// A session at most this large is kept inline in its pointer hash instead of the object store.
 pub const INLINE_MAX_BYTES: usize = 8 * 1024;
-/// The pointer-hash field holding an inline session (absent when the session is an object).
-pub const HISTORY_FIELD: &str = session_field::HISTORY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -227,7 +225,7 @@ impl SessionStore {
         let turn = text(session_field::TURN)
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| damaged("no turn number".into()))?;
-        let bytes = match hash.remove(HISTORY_FIELD) {
+        let bytes = match hash.remove(session_field::HISTORY) {
             Some(inline) => inline,
             None => {
                 let name = from.to_string();
