@@ -28,10 +28,16 @@ async fn main() -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    match orch_worker::run(config, metrics, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // On a runtime worker thread, not in `block_on`: the main thread is no worker, so every
+    // job it pulled would wake a worker thread to start it (a cross-thread hop per job).
+    match tokio::spawn(orch_worker::run(config, metrics, shutdown)).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             tracing::error!(error = %format!("{e:#}"), "worker failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "worker panicked");
             ExitCode::FAILURE
         }
     }
