@@ -23,7 +23,7 @@ use orch_shared::api::{Task, TaskStatus};
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::job::{CancelJob, Outcome};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -114,6 +114,7 @@ impl Driver {
                     admission: admission.clone(),
                 },
                 cache: HashMap::new(),
+                ended: Ended::default(),
                 unsaved_starts: HashSet::new(),
                 save_starts_at: None,
                 snapshot_after_ms: snapshot_after.as_millis() as u64,
@@ -230,6 +231,39 @@ impl Effects {
     }
 }
 
+/// The ids of the last [`Ended::KEPT`] tasks that ended in a lane, oldest first out. A job
+/// start arriving after its task's result is common for short jobs; this lets the lane drop
+/// it without reading the finished task from Redis. Forgetting an id early costs only that
+/// read.
+#[derive(Default)]
+struct Ended {
+    order: VecDeque<TaskId>,
+    ids: HashSet<TaskId>,
+}
+
+impl Ended {
+    const KEPT: usize = 1024;
+
+    fn insert(&mut self, id: TaskId) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > Self::KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: TaskId) {
+        self.ids.remove(&id);
+    }
+
+    fn contains(&self, id: TaskId) -> bool {
+        self.ids.contains(&id)
+    }
+}
+
 /// A result for a task without a record is delivered this many times, a second apart,
 /// before it is dropped.
 const UNKNOWN_TASK_DELIVERIES: i64 = 3;
@@ -243,6 +277,8 @@ struct Lane {
     fx: Effects,
     meter: crate::meter::JobMeter,
     cache: HashMap<TaskId, Task>,
+    /// Tasks that ended here lately (they leave the cache when they end).
+    ended: Ended,
     /// Cached tasks whose job start is not saved yet, and when they will be.
     unsaved_starts: HashSet<TaskId>,
     save_starts_at: Option<tokio::time::Instant>,
@@ -337,11 +373,19 @@ impl Lane {
         self.unsaved_starts.remove(&id);
     }
 
+    /// A finished task leaves the cache; its id is remembered for a while (see [`Ended`]).
+    fn uncache_ended(&mut self, id: TaskId) {
+        self.cache.remove(&id);
+        self.ended.insert(id);
+    }
+
     /// The task from the cache or Redis.
     async fn task(&mut self, id: TaskId) -> Result<Option<&mut Task>, state::Error> {
         if !self.cache.contains_key(&id) {
             match self.fx.state.load_task(id).await? {
                 Some(task) => {
+                    // Read again (to be reopened, say): it is no longer known as ended.
+                    self.ended.remove(id);
                     self.cache.insert(id, task);
                 }
                 None => return Ok(None),
@@ -365,7 +409,7 @@ impl Lane {
             let task = task.clone();
             if task.status.is_terminal() {
                 // Nothing changed: a finished task is not kept in the cache.
-                self.cache.remove(&id);
+                self.uncache_ended(id);
             }
             return Ok(Some(task));
         };
@@ -393,7 +437,7 @@ impl Lane {
             if !before.is_terminal() {
                 metrics::counter!(m::TASKS_FINISHED, "status" => task.status.as_str()).increment(1);
             }
-            self.cache.remove(&task.id);
+            self.uncache_ended(task.id);
         }
         if let Err(e) = self.fx.perform(task, actions).await {
             self.cache.remove(&task.id);
@@ -517,6 +561,12 @@ impl Lane {
             return;
         };
         self.meter.started(&event);
+        if !self.cache.contains_key(&event.task_id) && self.ended.contains(event.task_id) {
+            // The result came first (a short job's start and result travel on two consumers):
+            // the start changes nothing, and reading the finished task back would cost a
+            // Redis read per such task.
+            return;
+        }
         let task = match self.task(event.task_id).await {
             Ok(Some(task)) => task,
             Ok(None) => return,
@@ -534,7 +584,7 @@ impl Lane {
             // A start that arrives after its task ended (it raced the result) must not keep
             // the finished task in the cache for good.
             if task.status.is_terminal() {
-                self.cache.remove(&event.task_id);
+                self.uncache_ended(event.task_id);
             }
             return;
         }
@@ -621,4 +671,27 @@ fn record(r: &orch_shared::job::JobResult, role: &'static str) {
         metrics::counter!(m::TOKENS, "role" => role, "kind" => kind).increment(n);
     }
     metrics::gauge!(m::COST_USD, "role" => role).increment(r.cost_usd);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_tasks_are_remembered_up_to_a_bound_oldest_forgotten_first() {
+        let mut ended = Ended::default();
+        let ids: Vec<TaskId> = (0..=Ended::KEPT).map(|_| TaskId::new()).collect();
+        for id in &ids {
+            ended.insert(*id);
+        }
+        assert!(!ended.contains(ids[0]), "the oldest is forgotten");
+        assert!(ended.contains(ids[1]) && ended.contains(ids[Ended::KEPT]));
+        assert!(ended.order.len() <= Ended::KEPT && ended.ids.len() <= Ended::KEPT);
+        // A task read again (reopened) is no longer known as ended.
+        ended.remove(ids[5]);
+        assert!(!ended.contains(ids[5]));
+        ended.insert(ids[5]);
+        assert!(ended.contains(ids[5]));
+        assert!(ended.order.len() <= Ended::KEPT);
+    }
 }
