@@ -103,6 +103,21 @@ pub struct Turn {
 }
 
 impl Turn {
+    /// The outcome of an answer that no API-specific reason failed: an empty answer fails,
+    /// one cut at the token limit succeeds (with a warning). Shared with the `openai` backend.
+    pub fn answered(text: &str, cut_at_limit: bool, model: &str) -> Outcome {
+        if text.is_empty() {
+            return Outcome::Failure {
+                reason: FailureReason::AgentError,
+                message: "the model answered with no text".into(),
+            };
+        }
+        if cut_at_limit {
+            tracing::warn!(model = %model, "answer cut at the token limit");
+        }
+        Outcome::Success
+    }
+
     /// A turn whose request failed for good (after its retries): no answer. `usage` is what
     /// its attempts were billed for.
     pub fn failed(e: CallError, usage: Usage) -> Self {
@@ -254,15 +269,7 @@ impl Anthropic {
                             m.tools.join(", ")
                         ),
                     },
-                    _ if text.is_empty() => Outcome::Failure {
-                        reason: FailureReason::AgentError,
-                        message: "the model answered with no text".into(),
-                    },
-                    Some("max_tokens") => {
-                        tracing::warn!(model = %model, "answer cut at max_tokens");
-                        Outcome::Success
-                    }
-                    _ => Outcome::Success,
+                    stop => Turn::answered(&text, stop == Some("max_tokens"), &model),
                 };
                 Turn {
                     outcome,

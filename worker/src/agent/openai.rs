@@ -119,15 +119,7 @@ impl OpenAi {
                         reason: FailureReason::AgentError,
                         message: "the server's content filter stopped the answer".into(),
                     },
-                    _ if text.is_empty() => Outcome::Failure {
-                        reason: FailureReason::AgentError,
-                        message: "the model answered with no text".into(),
-                    },
-                    Some("length") => {
-                        tracing::warn!(model = %model, "answer cut at the token limit");
-                        Outcome::Success
-                    }
-                    _ => Outcome::Success,
+                    finish => Turn::answered(&text, finish == Some("length"), &model),
                 };
                 Turn {
                     outcome,
