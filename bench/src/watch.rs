@@ -19,6 +19,16 @@ struct Inner {
     notify: Notify,
 }
 
+impl Inner {
+    /// The figures so far. A panic while they were held cannot leave them half-updated (each
+    /// update is one map insert), so a poisoned lock is read as it is.
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 #[derive(Default)]
 struct Seen {
     at: HashMap<String, Instant>,
@@ -86,7 +96,7 @@ impl Watch {
                 let now = Instant::now();
                 let seen_now = arrivals(&msg, &kinds);
                 {
-                    let mut seen = inner.seen.lock().unwrap();
+                    let mut seen = inner.seen();
                     for (key, kind, payload) in seen_now {
                         *seen.counts.entry(kind).or_default() += 1;
                         match keep {
@@ -122,7 +132,7 @@ impl Watch {
             while let Some(msg) = sub.next().await {
                 let now = Instant::now();
                 if let Some(k) = key(&msg.payload) {
-                    inner.seen.lock().unwrap().at.entry(k).or_insert(now);
+                    inner.seen().at.entry(k).or_insert(now);
                     inner.notify.notify_waiters();
                 }
             }
@@ -136,7 +146,7 @@ impl Watch {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.inner.notify.notified();
-            if let Some(at) = self.inner.seen.lock().unwrap().at.get(&key) {
+            if let Some(at) = self.inner.seen().at.get(&key) {
                 return Some(*at);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -147,14 +157,7 @@ impl Watch {
 
     /// How many events of `kind` arrived.
     pub fn count(&self, kind: &str) -> u64 {
-        self.inner
-            .seen
-            .lock()
-            .unwrap()
-            .counts
-            .get(kind)
-            .copied()
-            .unwrap_or(0)
+        self.inner.seen().counts.get(kind).copied().unwrap_or(0)
     }
 
     /// Waits until `n` events of `kind` arrived; false if `stall` passes without a new one.
@@ -181,11 +184,11 @@ impl Watch {
     /// The payload of `<task>.<kind>`'s first event (with [`Keep::First`]), once it arrived.
     pub fn first_payload(&self, task: &str, kind: &str) -> Option<bytes::Bytes> {
         let key = format!("{task}.{kind}");
-        self.inner.seen.lock().unwrap().first.get(&key).cloned()
+        self.inner.seen().first.get(&key).cloned()
     }
 
     /// The payloads kept so far (with [`Keep::Payloads`]), taken out.
     pub fn take_payloads(&self) -> Vec<(String, Instant, bytes::Bytes)> {
-        std::mem::take(&mut self.inner.seen.lock().unwrap().payloads)
+        std::mem::take(&mut self.inner.seen().payloads)
     }
 }

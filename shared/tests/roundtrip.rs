@@ -462,7 +462,8 @@ fn check_golden(name: &str, bytes: &[u8]) {
         .join(format!("{name}.hex"));
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &hex).unwrap();
+        std::fs::write(&path, &hex)
+            .unwrap_or_else(|e| panic!("cannot write golden file {}: {e}", path.display()));
         return;
     }
     let expected = std::fs::read_to_string(&path)

@@ -8,6 +8,8 @@
 //!
 //! Layout: [`Server`] (one child process with a log file), [`nats`] and [`redis`] start the
 //! infrastructure, [`Cluster`] a whole cluster with an HTTP client for its API.
+// This crate is test support: a failed unwrap here is a test failure with its location.
+#![allow(clippy::unwrap_used)]
 
 use orch_shared::api::{Task, TaskStatus};
 use orch_shared::event::{Event, EventId};

@@ -1,4 +1,5 @@
 //! Bad input gets a clear 4xx `{code, message}` naming the field, and leaves nothing behind.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_tests::{Cluster, Options, TOKEN};
 use reqwest::StatusCode;

@@ -3,6 +3,7 @@
 //! real Claude Code CLI against the fake Messages API, and the `command` backend running real
 //! programs. Nothing of ours is mocked: each test builds the worker's `Backends` from a loaded
 //! config, exactly as the worker does.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::event::EventKind;
 use orch_shared::ids::{JobId, TaskId};

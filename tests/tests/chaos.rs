@@ -6,6 +6,7 @@
 //! The default test command runs a short version. `ORCH_CHAOS_FULL=1 cargo nextest run -p
 //! orch-tests --test chaos --no-capture` runs the full one (500 tasks per load scenario) and
 //! prints the figures recorded in docs/reliability.md.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{JobStatus, Task, TaskStatus};
 use orch_shared::event::EventKind;

@@ -1,5 +1,6 @@
 //! `orchctl` against real clusters: verbs, JSON output, exit codes (0 ok, 1 not found or task
 //! failed, 2 bad input) and `local up` / `local down`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{Task, TaskList, TaskStatus, WorkerList};
 use orch_tests::{Cluster, Options, orchctl, orchctl_against as against, run};

@@ -2,6 +2,7 @@
 //! and pages, `list-agents` / `agent-details`, `task-details`, `status`, `logs`, `watch --once`,
 //! `cost-report` and `export` in every format (CSV and JSON parsed back), `clean`, `init` (its
 //! files start real services), `completions`, help and exit codes (0, 1 not found, 2 bad input).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{Task, TaskList, TaskStatus};
 use orch_shared::report::{

@@ -5,6 +5,7 @@
 //!
 //! Needs `node`, `/usr/bin/chromium` and `npm ci` in `tests/browser` (`scripts/deps.sh` installs
 //! them); a missing one fails the test with what to run, never skips it.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{JobStatus, TaskStatus};
 use orch_tests::{Cluster, Options, TOKEN, orchctl_against, run};

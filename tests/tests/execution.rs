@@ -1,6 +1,7 @@
 //! Planning and execution rules on a real cluster: DAG order and parallelism, failure policy,
 //! retries and dead letters, timeouts, cancel and kill, caps, budgets, dry runs, and a
 //! coordinator killed mid-DAG.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{DeadLetterList, DryRun, EstimateSource, Job, JobStatus, Task, TaskStatus};
 use orch_shared::event::EventKind;

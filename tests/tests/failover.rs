@@ -1,5 +1,6 @@
 //! Workers die and drain: a SIGKILLed worker's job completes elsewhere; SIGTERM finishes or
 //! hands back in-flight jobs and exits 0; nothing is lost.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_tests::{Cluster, Options, assert_completed};
 use serde_json::json;

@@ -2,6 +2,7 @@
 //! clone on whichever worker pulls it; jobs hand their work on through branches of a real bare
 //! repository, and the task branch ends up holding it all. The agent is the `command` backend
 //! running a small shell script: it writes files and prints the files it sees.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{Job, JobStatus, Task, TaskStatus};
 use orch_tests::{Cluster, Options, assert_completed};

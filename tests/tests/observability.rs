@@ -2,6 +2,7 @@
 //! (queue, slots, tasks, jobs by outcome and reason, retries, dead letters, tokens and cost by
 //! role, model and backend, budgets), labels that are never ids, and every metric the Grafana
 //! dashboards and the alert rules query.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::TaskStatus;
 use orch_tests::{Cluster, Options};

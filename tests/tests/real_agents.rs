@@ -2,6 +2,7 @@
 //! workers that talk to a fake Anthropic Messages API (the only fake: the provider), with an
 //! LLM planner, retries inside a job, and the task's token and cost sums checked against what
 //! the provider reported.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::JobStatus;
 use orch_shared::event::EventKind;

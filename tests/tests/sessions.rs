@@ -5,6 +5,7 @@
 //! The store against real `nats-server` and `redis-server`; the backends' turns with the real
 //! Claude Code CLI and the `anthropic` backend against the fake Messages API (the only fake);
 //! and whole clusters driven over HTTP and with `orchctl`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use async_nats::jetstream;
 use orch_shared::api::{Job, JobStatus, Task};

@@ -1,5 +1,6 @@
 //! Tasks run end to end on a real cluster: templates, parallel fan-out, forward context,
 //! failures, idempotent submits and the resumable event stream.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{JobStatus, TaskStatus};
 use orch_shared::event::{EventId, EventKind};
