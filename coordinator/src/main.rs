@@ -16,11 +16,8 @@ async fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-        Ok(handle) => {
-            orch_coordinator::metrics::describe();
-            Some(handle)
-        }
+    let metrics = match orch_coordinator::metrics::install() {
+        Ok(handle) => Some(handle),
         Err(e) => {
             tracing::warn!(error = %e, "metrics disabled");
             None

@@ -2,6 +2,7 @@
 //! Labels come from small fixed sets (status, reason, role, kind), never ids.
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const TASKS_SUBMITTED: &str = "orch_tasks_submitted_total";
 pub const TASKS_FINISHED: &str = "orch_tasks_finished_total";
@@ -39,6 +40,37 @@ pub const AGENT_TOKENS: &str = "orch_agent_tokens_total";
 pub const AGENT_COST_USD: &str = "orch_agent_cost_usd_total";
 pub const SAMPLE_ERRORS: &str = "orch_sample_errors_total";
 pub const EVENT_STREAMS: &str = "orch_event_streams";
+
+/// Bucket bounds of [`DISPATCH_LATENCY`]: 100 µs to 1 s, where a healthy cluster's dispatch
+/// lies; the 10 s and 60 s bounds tell a queue held back by a cap or a rate limit.
+pub const DISPATCH_LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+    60.0,
+];
+
+/// Bucket bounds of [`JOB_DURATION`]: an agent runs from a second to a couple of hours.
+pub const JOB_DURATION_BUCKETS: &[f64] = &[
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+
+/// Bucket bounds of [`JOB_ATTEMPTS`]: attempts are small whole numbers.
+pub const JOB_ATTEMPTS_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0];
+
+/// Installs the Prometheus recorder. Every histogram is exported as a Prometheus histogram
+/// (`_bucket` series with its own bounds), never as a summary: quantiles of summaries cannot
+/// be aggregated across replicas, buckets can (`histogram_quantile` over `sum by (le)`).
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(DISPATCH_LATENCY.into()),
+            DISPATCH_LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), JOB_DURATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(JOB_ATTEMPTS.into()), JOB_ATTEMPTS_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
 
 pub fn describe() {
     describe_counter!(TASKS_SUBMITTED, "Tasks accepted by the API");
