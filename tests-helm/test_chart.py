@@ -53,8 +53,9 @@ APP_METRICS = {
     "orch_worker_jobs_redelivered_total", "orch_worker_jobs_handed_back_total",
     "orch_worker_slots_busy", "orch_worker_slots_total", "orch_coordinator_leader",
 }
-# The two "histograms" are exported as Prometheus summaries: quantile label, _sum and _count.
-SUMMARIES = {"orch_job_duration_seconds", "orch_dispatch_latency_seconds"}
+# Prometheus histograms: exported only as _bucket, _sum and _count series (no base name, no
+# quantile label), so quantiles come from histogram_quantile over buckets.
+HISTOGRAMS = {"orch_job_duration_seconds", "orch_dispatch_latency_seconds"}
 # Alerts may also use Prometheus' own `up` and the NATS exporter's consumer series.
 ALERT_EXTRA_METRICS = {"up", "jetstream_consumer_num_pending", "jetstream_consumer_num_redelivered"}
 
@@ -513,13 +514,18 @@ def metric_names(expr: str) -> set[str]:
 
 
 def check_promql(where: str, expr: str, allowed: set[str]) -> None:
-    assert "_bucket" not in expr and "histogram_quantile" not in expr, \
-        f"{where}: the binaries export summaries, not histograms (no _bucket series)"
+    assert "quantile=" not in expr, \
+        f"{where}: the binaries export histograms, not summaries (no quantile label)"
     for name in metric_names(expr):
-        base = re.sub(r"_(sum|count)$", "", name) if name.endswith(("_sum", "_count")) else name
-        if base != name:
-            assert base in SUMMARIES, f"{where}: {name} is not a summary's _sum/_count"
-        assert base in allowed, f"{where}: queries {name}, which nothing exports"
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        if name in HISTOGRAMS:
+            raise AssertionError(f"{where}: {name} is a histogram: query its _bucket, _sum or _count")
+        if base != name and base in HISTOGRAMS:
+            continue
+        assert name in allowed, f"{where}: queries {name}, which nothing exports"
+    if "histogram_quantile" in expr:
+        assert "_bucket" in expr and re.search(r"by \([^)]*\ble\b", expr), \
+            f"{where}: histogram_quantile needs _bucket series summed by le"
 
 
 def check_yamllint(text: str, config: Path) -> None:
