@@ -4,6 +4,7 @@
 
 use orch_shared::api::{Task, TaskList, TaskStatus, WorkerList};
 use orch_tests::{Cluster, Options, orchctl, orchctl_against as against, run};
+use std::path::Path;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_follow_prints_the_result_and_exit_codes_follow_the_task() {
@@ -156,6 +157,8 @@ fn local_up_starts_a_cluster_later_commands_find_and_local_down_stops_it() {
         "json",
     ]));
     let (_, status_out, _) = run(orchctl(home.path()).args(["local", "status"]));
+    let (_, status_json, _) = run(orchctl(home.path()).args(["local", "status", "-o", "json"]));
+    let scraped = worker_metrics(&status_json);
     let (down_code, down_out, down_err) = run(orchctl(home.path()).args(["local", "down"]));
     assert_eq!(code, 0, "submit failed\n{stdout}\n{stderr}\n{status_out}");
     let task: Task = serde_json::from_str(&stdout).unwrap();
@@ -164,9 +167,53 @@ fn local_up_starts_a_cluster_later_commands_find_and_local_down_stops_it() {
         status_out.contains("coordinator") && status_out.contains("running"),
         "{status_out}"
     );
+    // Every worker serves /metrics on the port `local status` lists, and the Prometheus
+    // targets file names the coordinator and both workers.
+    let (ports, targets, bodies) = scraped;
+    assert_eq!(ports.len(), 2, "{status_json}");
+    for body in &bodies {
+        assert!(body.contains("orch_worker_slots_total"), "{body}");
+    }
+    for port in &ports {
+        assert!(targets.contains(&format!("127.0.0.1:{port}")), "{targets}");
+    }
+    assert!(targets.contains("coordinator"), "{targets}");
     assert_eq!(down_code, 0, "{down_out}\n{down_err}");
     let (code, stdout, _) = run(orchctl(home.path()).args(["local", "status"]));
     assert_ne!(code, 0, "the cluster is gone: {stdout}");
+}
+
+/// The workers' metrics ports from `local status -o json`, the Prometheus targets file
+/// `local up` wrote, and each worker's /metrics page.
+fn worker_metrics(status_json: &str) -> (Vec<u16>, String, Vec<String>) {
+    use std::io::{Read, Write};
+    let status: serde_json::Value = serde_json::from_str(status_json)
+        .unwrap_or_else(|e| panic!("local status -o json: {e}\n{status_json}"));
+    let ports: Vec<u16> = status["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"].as_str().unwrap().starts_with("worker-"))
+        .map(|p| {
+            let port = p["port"].as_u64().unwrap_or_else(|| panic!("no port: {p}"));
+            u16::try_from(port).unwrap()
+        })
+        .collect();
+    let data_dir = status["data_dir"].as_str().unwrap();
+    let targets =
+        std::fs::read_to_string(Path::new(data_dir).join("prometheus-targets.json")).unwrap();
+    let bodies = ports
+        .iter()
+        .map(|port| {
+            let mut conn = std::net::TcpStream::connect(("127.0.0.1", *port)).unwrap();
+            conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let mut body = String::new();
+            conn.read_to_string(&mut body).unwrap();
+            body
+        })
+        .collect();
+    (ports, targets, bodies)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

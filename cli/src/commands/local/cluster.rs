@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const FILE_NAME: &str = "cluster.json";
+/// The Prometheus file-based service discovery file `local up` writes beside it.
+pub const PROMETHEUS_TARGETS: &str = "prometheus-targets.json";
 
 /// What a process is, which decides the order `local down` stops it in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +99,33 @@ impl Cluster {
         Ok(())
     }
 
+    /// Writes the coordinator's and the workers' `/metrics` addresses as a Prometheus
+    /// file-based service discovery file (`DIR/prometheus-targets.json`), which
+    /// `deploy/prometheus/prometheus.yml` reads.
+    pub fn write_prometheus_targets(&self) -> anyhow::Result<()> {
+        let group = |kind: Kind, component: &str| {
+            let targets: Vec<String> = self
+                .of_kind(kind)
+                .filter_map(|p| p.port)
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect();
+            serde_json::json!({"targets": targets, "labels": {"component": component}})
+        };
+        let groups = [
+            group(Kind::Coordinator, "coordinator"),
+            group(Kind::Worker, "worker"),
+        ];
+        let path = self.data_dir.join(PROMETHEUS_TARGETS);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&groups)? + "\n")
+            .with_context(|| format!("failed to write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        Ok(())
+    }
+
     pub fn remove(data_dir: &Path) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(data_dir.join(PROMETHEUS_TARGETS));
         let path = path(data_dir);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),

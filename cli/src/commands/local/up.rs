@@ -446,22 +446,28 @@ async fn start(
     let mut workers = Vec::new();
     for i in 1..=args.workers {
         let id = format!("local-{i}");
+        // Each worker serves /metrics (and its health endpoints) on a port of its own, listed
+        // by `local status` and in the Prometheus targets file.
+        let (metrics_l, metrics_port) = reserve()?;
         let mut worker = worker_args(&nats_url, &redis_url, args.slots, &id);
+        worker.extend(["--listen".into(), format!("127.0.0.1:{metrics_port}")]);
         // The provider variables (keys included) reach the workers through their inherited
         // environment, never their command line.
         worker.extend(worker_backend_args(
             &args.backend,
             &data_dir.join(format!("worker-{i}")),
         ));
+        drop(metrics_l);
         workers.push(launch.spawn(
             &format!("worker-{i}"),
             Kind::Worker,
             &bins.worker,
             &worker,
-            None,
+            Some(metrics_port),
         )?);
     }
-    launch.wait_workers(&workers, &client, since_ms).await
+    launch.wait_workers(&workers, &client, since_ms).await?;
+    launch.cluster.write_prometheus_targets()
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
