@@ -310,8 +310,8 @@ impl Transport {
             .await
             .is_err()
         {
-            // A worker may have created it first (workers create it if it is missing, for a
-            // coordinator of an older version): an identical create is accepted.
+            // Only coordinators create it (workers wait for it); two replicas creating it at
+            // once is fine: an identical create is accepted.
             self.js()
                 .create_object_store(jetstream::object_store::Config {
                     bucket: subject::SESSIONS_BUCKET.into(),

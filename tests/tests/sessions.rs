@@ -53,11 +53,25 @@ async fn infra() -> Infra {
 }
 
 impl Infra {
+    /// Creates the sessions bucket, as the coordinator does when it sets up the topology (an
+    /// identical create of an existing bucket is accepted).
+    async fn create_bucket(&self) {
+        jetstream::new(self.client.clone())
+            .create_object_store(jetstream::object_store::Config {
+                bucket: SESSIONS_BUCKET.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// A worker's session store, once the bucket exists.
     async fn store(&self) -> SessionStore {
+        self.create_bucket().await;
         let state = orch_worker::state::State::connect(&self.redis_url)
             .await
             .expect("redis connects");
-        SessionStore::connect(self.client.clone(), state.connection())
+        SessionStore::connect(self.client.clone(), state)
             .await
             .expect("the session store opens")
     }
@@ -80,6 +94,27 @@ impl Infra {
     }
 }
 
+/// Only the coordinator creates the sessions bucket (with the cluster's replica count): a
+/// worker that starts first waits for it instead of creating a one-replica bucket for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_never_creates_the_sessions_bucket() {
+    let infra = infra().await;
+    let state = orch_worker::state::State::connect(&infra.redis_url)
+        .await
+        .unwrap();
+    let err = SessionStore::connect(infra.client.clone(), state)
+        .await
+        .err()
+        .expect("no bucket yet: the worker must wait for the coordinator");
+    assert!(err.to_string().contains(SESSIONS_BUCKET), "{err}");
+    let js = jetstream::new(infra.client.clone());
+    assert!(
+        js.get_object_store(SESSIONS_BUCKET).await.is_err(),
+        "the worker created the bucket"
+    );
+    let _ = infra.store().await;
+}
+
 fn field(hash: &HashMap<String, Vec<u8>>, name: &str) -> Option<String> {
     hash.get(name)
         .map(|v| String::from_utf8_lossy(v).into_owned())
@@ -99,7 +134,7 @@ fn snapshot(backend: &str, session_id: Option<&str>, turn: u32, bytes: Vec<u8>) 
 async fn the_store_keeps_small_sessions_in_the_pointer_and_large_ones_as_objects() {
     let infra = infra().await;
     let store = infra.store().await;
-    // A second worker finds the bucket the first one created.
+    // A second worker finds the same bucket.
     let again = infra.store().await;
     let (small, large) = (JobId::new(), JobId::new());
     assert_eq!(store.load(small).await.unwrap(), None);

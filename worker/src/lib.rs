@@ -84,9 +84,9 @@ pub async fn run(
         s = connect.retry(retry_forever()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => s?,
         _ = shutdown.cancelled() => return Ok(()),
     };
-    let open_sessions = || session::SessionStore::connect(client.clone(), state.connection());
+    let open_sessions = || session::SessionStore::connect(client.clone(), state.clone());
     let sessions = tokio::select! {
-        s = open_sessions.retry(retry_forever()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "session store not ready, retrying")) => s?,
+        s = open_sessions.retry(retry_forever()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "waiting for the session store")) => s?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let info = WorkerInfo {

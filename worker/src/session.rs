@@ -7,8 +7,8 @@
 //! - the bytes: the Claude Code CLI's transcript (JSONL), or for the `anthropic` and `openai`
 //!   backends the JSON list of messages (the system prompt is not stored), or for `sim` a JSON
 //!   list of `{prompt, answer}`. They live in the JetStream object store
-//!   [`subject::SESSIONS_BUCKET`] as the object `<job-id>` (file storage, no TTL; the bucket
-//!   is created by the first worker that needs it), except a session of at most
+//!   [`subject::SESSIONS_BUCKET`] as the object `<job-id>` (file storage, no TTL; the
+//!   coordinator creates the bucket, a worker waits for it), except a session of at most
 //!   [`INLINE_MAX_BYTES`], which is kept in the pointer hash itself (field [`session_field::HISTORY`]):
 //!   the sim's short histories always are, so a simulated job costs the worker no store of
 //!   its own at all, which throughput benchmarks would feel.
@@ -26,59 +26,37 @@
 //! be continued). The result's `session_id` is the backend's own conversation id (the CLI's),
 //! or for backends without one the agent's job id, the name of its stored session.
 //!
-//! This module is the worker's one exception to "only `transport` knows NATS and only `state`
-//! knows Redis": sessions are a store of their own, with both halves here.
+//! The objects go through [`crate::transport::SessionObjects`] and the pointers through
+//! [`crate::state::State`]: this module decides what is stored where, not how.
 //!
 //! A worker keeps nothing of a session locally beyond the turn that uses it, so a turn that is
 //! redelivered after its worker died restores from the same stored session on another worker.
 //!
 //! [`JobResult::session`]: orch_shared::job::JobResult::session
 
-use async_nats::jetstream::{self, object_store};
+use crate::state::{self, State};
+use crate::transport::{self, SessionObject, SessionObjects};
 use orch_shared::ids::JobId;
 use orch_shared::job::{JobKind, JobSpec, SessionPointer};
 use orch_shared::keys::{self, session_field};
 use orch_shared::subject;
-use redis::aio::ConnectionManager;
-use std::collections::HashMap;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 
 /// A session at most this large is kept inline in its pointer hash instead of the object store.
 pub const INLINE_MAX_BYTES: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("redis {op} failed: {source}")]
-    Redis {
-        op: &'static str,
-        source: redis::RedisError,
-    },
-    #[error("the session store {bucket} is not available: {source}")]
-    Bucket {
-        bucket: &'static str,
-        source: async_nats::Error,
-    },
-    #[error("failed to store the session object {name}: {source}")]
-    Put {
-        name: String,
-        source: async_nats::Error,
-    },
-    #[error("failed to read the session object {name}: {source}")]
-    Get {
-        name: String,
-        source: async_nats::Error,
-    },
+    #[error(transparent)]
+    State(#[from] state::Error),
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
     #[error("the session is {bytes} bytes, over the {max} bytes a session may have")]
     TooLarge { bytes: usize, max: usize },
     #[error("storing the session took longer than {0:?}")]
     Slow(Duration),
     #[error("the stored session {key} is damaged: {why}")]
     Damaged { key: String, why: String },
-}
-
-fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
-    move |source| Error::Redis { op, source }
 }
 
 /// One agent's conversation as stored after a turn.
@@ -108,42 +86,16 @@ impl Snapshot {
 /// The stored sessions: the object store and the Redis pointers. Cheap to clone.
 #[derive(Clone)]
 pub struct SessionStore {
-    objects: object_store::ObjectStore,
-    redis: ConnectionManager,
+    objects: SessionObjects,
+    state: State,
 }
 
 impl SessionStore {
-    /// Opens the object store (creating it when missing); the pointers go through `redis`, the
-    /// worker's own connection ([`crate::state::State::connection`]).
-    pub async fn connect(
-        client: async_nats::Client,
-        redis: ConnectionManager,
-    ) -> Result<Self, Error> {
-        let js = jetstream::ContextBuilder::new()
-            .timeout(Duration::from_secs(30))
-            .build(client);
-        let objects = Self::bucket(&js).await?;
-        Ok(Self { objects, redis })
-    }
-
-    async fn bucket(js: &jetstream::Context) -> Result<object_store::ObjectStore, Error> {
-        let bucket = subject::SESSIONS_BUCKET;
-        if let Ok(store) = js.get_object_store(bucket).await {
-            return Ok(store);
-        }
-        // Two workers creating it at once is fine: JetStream accepts an identical create.
-        js.create_object_store(object_store::Config {
-            bucket: bucket.to_string(),
-            description: Some("agents' sessions, one object per agent (job id)".into()),
-            storage: jetstream::stream::StorageType::File,
-            max_bytes: -1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::Bucket {
-            bucket,
-            source: e.into(),
-        })
+    /// Binds to the object store (which the coordinator creates); the pointers go through
+    /// `state`, the worker's one Redis connection.
+    pub async fn connect(client: async_nats::Client, state: State) -> Result<Self, Error> {
+        let objects = SessionObjects::bind(client).await?;
+        Ok(Self { objects, state })
     }
 
     /// Stores `snapshot` as agent `job`'s session: the object (unless it is small enough to
@@ -165,14 +117,7 @@ impl SessionStore {
         }
         let inline = size <= INLINE_MAX_BYTES;
         if !inline {
-            let name = job.to_string();
-            self.objects
-                .put(name.as_str(), &mut snapshot.bytes.as_slice())
-                .await
-                .map_err(|e| Error::Put {
-                    name: name.clone(),
-                    source: e.into(),
-                })?;
+            self.objects.put(&job.to_string(), &snapshot.bytes).await?;
         }
         Ok(SessionPointer {
             backend: snapshot.backend.clone(),
@@ -185,29 +130,15 @@ impl SessionStore {
         })
     }
 
-    /// Writes agent `job`'s session pointer, whole: a stored turn saved again (a redelivery)
-    /// leaves no field of the earlier version behind.
+    /// Writes agent `job`'s session pointer.
     pub async fn write_pointer(&self, job: JobId, pointer: &SessionPointer) -> Result<(), Error> {
-        let key = keys::session(job);
-        let mut conn = self.redis.clone();
-        redis::pipe()
-            .atomic()
-            .del(&key)
-            .hset_multiple(&key, &pointer.fields())
-            .exec_async(&mut conn)
-            .await
-            .map_err(redis_err("save session pointer"))
+        Ok(self.state.write_session_pointer(job, pointer).await?)
     }
 
     /// Agent `from`'s stored session; `None` when it has none.
     pub async fn load(&self, from: JobId) -> Result<Option<Snapshot>, Error> {
         let key = keys::session(from);
-        let mut conn = self.redis.clone();
-        let mut hash: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err("load session pointer"))?;
+        let mut hash = self.state.session_pointer(from).await?;
         if hash.is_empty() {
             return Ok(None);
         }
@@ -227,36 +158,21 @@ impl SessionStore {
             .ok_or_else(|| damaged("no turn number".into()))?;
         let bytes = match hash.remove(session_field::HISTORY) {
             Some(inline) => inline,
-            None => {
-                let name = from.to_string();
-                let mut object = match self.objects.get(name.as_str()).await {
-                    Ok(o) => o,
-                    Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
-                        // Only a bucket purged by hand leaves a pointer without its object.
-                        tracing::warn!(%from, "session pointer without its object");
-                        return Ok(None);
-                    }
-                    Err(e) => {
-                        return Err(Error::Get {
-                            name,
-                            source: e.into(),
-                        });
-                    }
-                };
-                let size = object.info().size;
-                if size > subject::MAX_SESSION_BYTES {
+            None => match self
+                .objects
+                .get(&from.to_string(), subject::MAX_SESSION_BYTES)
+                .await?
+            {
+                SessionObject::Bytes(bytes) => bytes,
+                SessionObject::Missing => {
+                    // Only a bucket purged by hand leaves a pointer without its object.
+                    tracing::warn!(%from, "session pointer without its object");
+                    return Ok(None);
+                }
+                SessionObject::TooLarge(size) => {
                     return Err(damaged(format!("the object has {size} bytes")));
                 }
-                let mut bytes = Vec::with_capacity(size);
-                object
-                    .read_to_end(&mut bytes)
-                    .await
-                    .map_err(|e| Error::Get {
-                        name,
-                        source: e.into(),
-                    })?;
-                bytes
-            }
+            },
         };
         Ok(Some(Snapshot {
             backend,

@@ -1,9 +1,12 @@
-//! Everything the worker keeps in Redis: its registry entry and the done markers of job
-//! attempts. Key names come from [`orch_shared::keys`], shared with the coordinator.
+//! Everything the worker keeps in Redis: its registry entry, the leases and done markers of
+//! job attempts, and agents' session pointers. Key names come from [`orch_shared::keys`],
+//! shared with the coordinator.
 
 use orch_shared::ids::{JobId, WorkerId};
+use orch_shared::job::SessionPointer;
 use orch_shared::keys::{self, worker_field};
 use redis::aio::ConnectionManager;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// A registry entry outlives its last refresh by this long.
@@ -160,9 +163,33 @@ impl State {
         Ok(Self { conn })
     }
 
-    /// The connection, for the session store's pointers (one connection per worker).
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// Writes agent `job`'s session pointer, whole: a stored turn saved again (a redelivery)
+    /// leaves no field of the earlier version behind.
+    pub async fn write_session_pointer(
+        &self,
+        job: JobId,
+        pointer: &SessionPointer,
+    ) -> Result<(), Error> {
+        let key = keys::session(job);
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(&key)
+            .hset_multiple(&key, &pointer.fields())
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_err("save session pointer"))
+    }
+
+    /// The fields of agent `job`'s session pointer ([`keys::session_field`]); empty when it
+    /// has none.
+    pub async fn session_pointer(&self, job: JobId) -> Result<HashMap<String, Vec<u8>>, Error> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HGETALL")
+            .arg(keys::session(job))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("load session pointer"))
     }
 
     /// Writes or refreshes the registry entry with the current busy count.

@@ -1,7 +1,7 @@
 //! Everything the worker says to and hears from NATS: pulling jobs, acking them, publishing
 //! events and results. The only module of the worker that knows subjects and bytes.
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::{self, AckKind, consumer, object_store};
 use futures::{Stream, StreamExt};
 use orch_shared::codec;
 use orch_shared::event::{self, Event};
@@ -9,6 +9,7 @@ use orch_shared::job::{CancelJob, JobResult, JobSpec};
 use orch_shared::subject;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,6 +32,91 @@ pub enum Error {
         what: &'static str,
         source: async_nats::Error,
     },
+    #[error("the session store {bucket} is not available yet: {source}")]
+    Sessions {
+        bucket: &'static str,
+        source: async_nats::Error,
+    },
+    #[error("failed to {what} the session object {name}: {source}")]
+    SessionObject {
+        what: &'static str,
+        name: String,
+        source: async_nats::Error,
+    },
+}
+
+/// The agents' session objects: the JetStream object store [`subject::SESSIONS_BUCKET`],
+/// one object per agent (its job id). The coordinator creates the bucket with the cluster's
+/// replica count; a worker only binds to it. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionObjects {
+    store: object_store::ObjectStore,
+}
+
+/// A session object as read back.
+pub enum SessionObject {
+    /// There is no such object (only a bucket purged by hand loses one).
+    Missing,
+    /// The object is larger than the reader accepts: its size.
+    TooLarge(usize),
+    Bytes(Vec<u8>),
+}
+
+impl SessionObjects {
+    /// Binds to the bucket, which the coordinator creates.
+    pub async fn bind(client: async_nats::Client) -> Result<Self, Error> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build(client);
+        let bucket = subject::SESSIONS_BUCKET;
+        let store = js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| Error::Sessions {
+                bucket,
+                source: e.into(),
+            })?;
+        Ok(Self { store })
+    }
+
+    /// Stores `bytes` as object `name` (replacing an earlier version).
+    pub async fn put(&self, name: &str, mut bytes: &[u8]) -> Result<(), Error> {
+        self.store
+            .put(name, &mut bytes)
+            .await
+            .map(drop)
+            .map_err(|e| Error::SessionObject {
+                what: "store",
+                name: name.to_string(),
+                source: e.into(),
+            })
+    }
+
+    /// Reads object `name` whole, unless it is larger than `max` bytes.
+    pub async fn get(&self, name: &str, max: usize) -> Result<SessionObject, Error> {
+        let failed = |source: async_nats::Error| Error::SessionObject {
+            what: "read",
+            name: name.to_string(),
+            source,
+        };
+        let mut object = match self.store.get(name).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
+                return Ok(SessionObject::Missing);
+            }
+            Err(e) => return Err(failed(e.into())),
+        };
+        let size = object.info().size;
+        if size > max {
+            return Ok(SessionObject::TooLarge(size));
+        }
+        let mut bytes = Vec::with_capacity(size);
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        Ok(SessionObject::Bytes(bytes))
+    }
 }
 
 #[derive(Clone)]
