@@ -140,6 +140,41 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// Polls `check` until it gives `Ok`, first every 10 ms, then less often (up to every 200 ms);
+/// after `timeout`, the last reason it gave for not yet (`Err`). Tests wait with this (or
+/// [`eventually`], [`Cluster::eventually`]) instead of fixed sleeps, which race on a loaded
+/// machine.
+pub async fn poll_until<T, E, F, Fut>(timeout: Duration, mut check: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let why = match check().await {
+            Ok(v) => return Ok(v),
+            Err(why) => why,
+        };
+        if Instant::now() >= deadline {
+            return Err(why);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// [`poll_until`], failing the test with the last reason after `timeout`.
+pub async fn eventually<T, E: std::fmt::Display, F, Fut>(timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    poll_until(timeout, check)
+        .await
+        .unwrap_or_else(|why| panic!("still not after {timeout:?}: {why}"))
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -414,60 +449,79 @@ impl Cluster {
         self.workers.len() - 1
     }
 
-    pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await
-                && r.status() == StatusCode::OK
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator not ready\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    /// [`poll_until`], failing the test with the last reason and every process's log after
+    /// `timeout`.
+    pub async fn eventually<T, E: std::fmt::Display, F, Fut>(
+        &self,
+        timeout: Duration,
+        check: F,
+    ) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        match poll_until(timeout, check).await {
+            Ok(v) => v,
+            Err(why) => panic!("still not after {timeout:?}: {why}\n{}", self.logs()),
         }
+    }
+
+    /// Whether `url` answers 200.
+    async fn answers(&self, url: &str) -> Result<(), String> {
+        match self.http.get(url).send().await {
+            Ok(r) if r.status() == StatusCode::OK => Ok(()),
+            Ok(r) => Err(format!("{url} answered {}", r.status())),
+            Err(e) => Err(format!("{url}: {e}")),
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.url);
+        self.eventually(Duration::from_secs(30), || self.answers(&url))
+            .await;
     }
 
     /// Polls until job `step` of `task` runs; returns the index (in `workers`) of the worker
     /// running it.
     pub async fn running_on(&self, task: &str, step: usize) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        self.eventually(Duration::from_secs(30), || async {
             let t = self.task(task).await;
             let job = &t.jobs[step];
             if job.status == orch_shared::api::JobStatus::Running
                 && let Some(w) = &job.worker_id
                 && let Some(n) = w.0.strip_prefix("worker-").and_then(|n| n.parse().ok())
             {
-                return n;
+                return Ok(n);
             }
-            assert!(
-                Instant::now() < deadline,
-                "job never ran: {t:#?}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            Err(format!("job {step} never ran: {t:#?}"))
+        })
+        .await
+    }
+
+    /// Polls until job `step` of `task` runs (on any worker); returns the task as then.
+    pub async fn wait_running(&self, task: &str, step: usize) -> Task {
+        self.eventually(Duration::from_secs(30), || async {
+            let t = self.task(task).await;
+            match t.jobs[step].status {
+                orch_shared::api::JobStatus::Running => Ok(t),
+                _ => Err(format!("job {step} never ran: {t:#?}")),
+            }
+        })
+        .await
     }
 
     /// Waits until `n` workers are registered.
     pub async fn wait_workers(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        self.eventually(Duration::from_secs(30), || async {
             let (_, v) = self.get("/v1/workers").await;
-            if v["workers"].as_array().map_or(0, Vec::len) >= n {
-                return;
+            let seen = v["workers"].as_array().map_or(0, Vec::len);
+            if seen >= n {
+                Ok(())
+            } else {
+                Err(format!("{seen} of {n} workers registered"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{n} workers did not register\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -510,34 +564,30 @@ impl Cluster {
     /// The task; a coordinator that answers 503 (a dependency reconnecting) is asked again for
     /// up to ten seconds.
     pub async fn task(&self, id: &str) -> Task {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, v) = self.get(&format!("/v1/tasks/{id}")).await;
-            if status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+        let path = format!("/v1/tasks/{id}");
+        let (status, v) = poll_until(Duration::from_secs(10), || async {
+            match self.get(&path).await {
+                (StatusCode::SERVICE_UNAVAILABLE, v) => Err(v.to_string()),
+                answer => Ok(answer),
             }
-            assert_eq!(status, StatusCode::OK, "{v}");
-            return serde_json::from_value(v).expect("a task");
-        }
+        })
+        .await
+        .unwrap_or_else(|v| (StatusCode::SERVICE_UNAVAILABLE, Value::String(v)));
+        assert_eq!(status, StatusCode::OK, "{v}");
+        serde_json::from_value(v).expect("a task")
     }
 
     /// Polls until the task ends; panics with every log if it does not within `timeout`.
     pub async fn wait_task(&self, id: &str, timeout: Duration) -> Task {
-        let deadline = Instant::now() + timeout;
-        loop {
+        self.eventually(timeout, || async {
             let task = self.task(id).await;
             if task.status.is_terminal() {
-                return task;
+                Ok(task)
+            } else {
+                Err(format!("task {id} is {:?}: {task:#?}", task.status))
             }
-            assert!(
-                Instant::now() < deadline,
-                "task {id} still {:?} after {timeout:?}: {task:#?}\n{}",
-                task.status,
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until every task in `ids` has ended; returns them in order.
@@ -599,20 +649,13 @@ impl Cluster {
 
     /// Waits until some worker's log contains `needle`; returns that worker's index.
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for (i, w) in self.workers.iter().enumerate() {
-                if log_contains(&w.log, needle) {
-                    return i;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no worker logged `{needle}`\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.eventually(timeout, || async {
+            self.workers
+                .iter()
+                .position(|w| log_contains(&w.log, needle))
+                .ok_or_else(|| format!("no worker logged `{needle}`"))
+        })
+        .await
     }
 }
 
@@ -716,20 +759,9 @@ impl Cluster {
         self.workers
             .push(Server::spawn(&id, &mut cmd, self.dir.path()));
         let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await
-                && r.status() == StatusCode::OK
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker {id} did not serve /healthz on {base}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let healthz = format!("{base}/healthz");
+        self.eventually(Duration::from_secs(30), || self.answers(&healthz))
+            .await;
         (self.workers.len() - 1, format!("{base}/metrics"))
     }
 

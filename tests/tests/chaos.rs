@@ -247,15 +247,14 @@ async fn a_paused_worker_that_wakes_after_its_job_moved_on_is_fenced_out() {
     );
     // The woken worker notices it lost the lease and drops its copy: nothing more is applied.
     let log = &cluster.workers[victim].log;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !orch_tests::log_contains(log, "lease lost") {
-        assert!(
-            Instant::now() < deadline,
-            "the paused worker never noticed\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster
+        .eventually(Duration::from_secs(10), || async {
+            match orch_tests::log_contains(log, "lease lost") {
+                true => Ok(()),
+                false => Err("the paused worker never noticed"),
+            }
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = cluster.task(&id).await;
     assert_eq!(after.cost_usd, task.cost_usd, "the late worker was charged");
@@ -410,11 +409,7 @@ async fn a_task_known_only_by_its_creation_message_is_rebuilt() {
     let id = task.id.to_string();
     let snapshots = stream(&cluster, orch_shared::subject::TASKS_STREAM).await;
     let snapshot = orch_shared::subject::task_snapshot(task.id);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.task(&id).await.jobs[0].status != JobStatus::Running {
-        assert!(Instant::now() < deadline, "the job never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster.running_on(&id, 0).await;
     assert!(
         snapshots
             .get_last_raw_message_by_subject(&snapshot)
@@ -454,18 +449,14 @@ async fn a_task_older_than_its_creation_message_is_rebuilt_from_its_snapshots() 
     let id = task.id.to_string();
     let events = stream(&cluster, orch_shared::subject::EVENTS_STREAM).await;
     let created = orch_shared::subject::event_created(task.id);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while events
-        .get_last_raw_message_by_subject(&created)
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the creation message never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster
+        .eventually(Duration::from_secs(20), || async {
+            match events.get_last_raw_message_by_subject(&created).await {
+                Err(_) => Ok(()),
+                Ok(_) => Err("the creation message never expired"),
+            }
+        })
+        .await;
     assert!(
         !cluster.task(&id).await.status.is_terminal(),
         "the task must still run when Redis goes (slow steps)"

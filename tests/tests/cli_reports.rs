@@ -14,7 +14,7 @@ use orch_tests::{
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `orchctl ARGS` against the cluster: (exit code, stdout, stderr).
 fn ctl(cluster: &Cluster, home: &Path, args: &[&str]) -> (i32, String, String) {
@@ -475,23 +475,6 @@ async fn cost_report_sums_and_exports_parse_back_in_every_format() {
     );
 }
 
-/// Waits until the task's job at `step` is running.
-async fn wait_running(cluster: &Cluster, task: &Task, step: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let t = cluster.task(&task.id.to_string()).await;
-        if t.jobs[step].status == orch_shared::api::JobStatus::Running {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {step} never ran: {t:#?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_status_and_watch_show_live_agents_from_any_machine() {
     let cluster = Cluster::start(Options {
@@ -508,7 +491,7 @@ async fn logs_status_and_watch_show_live_agents_from_any_machine() {
         )
         .await;
     let builder = task.jobs[0].id.to_string();
-    wait_running(&cluster, &task, 0).await;
+    cluster.wait_running(&task.id.to_string(), 0).await;
 
     // `logs --follow` of a running agent ends with the agent, not with the task.
     let follow = {
@@ -802,42 +785,33 @@ async fn init_writes_files_the_binaries_read_and_completions_help_and_version_wo
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let second = loop {
-        if let Ok(addr) = std::fs::read_to_string(&addr_file)
-            && !addr.is_empty()
-        {
-            break format!("http://{addr}");
+    let second = orch_tests::eventually(Duration::from_secs(30), || async {
+        match std::fs::read_to_string(&addr_file) {
+            Ok(addr) if !addr.is_empty() => Ok(format!("http://{addr}")),
+            _ => Err("the coordinator from coordinator.toml did not listen"),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the coordinator from coordinator.toml did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // The second coordinator takes the token from its file, the worker its slots.
+    })
+    .await;
+    // The second coordinator takes the token from its file, the worker its slots.
+    let worker_json = orch_tests::eventually(Duration::from_secs(30), || async {
         let (code, stdout, _) =
             run(orchctl(h).args(["--server", &second, "workers", "list", "-o", "json"]));
-        if code == 0 && stdout.contains("from-init") {
-            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-            let w = v["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|w| w["id"] == "from-init")
-                .unwrap()
-                .clone();
-            assert_eq!(w["slots"], 3);
-            break;
+        match code == 0 && stdout.contains("from-init") {
+            true => Ok(stdout),
+            false => Err(format!(
+                "the worker from worker.toml did not register: {stdout}"
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the worker from worker.toml did not register: {stdout}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&worker_json).unwrap();
+    let w = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == "from-init")
+        .unwrap();
+    assert_eq!(w["slots"], 3);
     drop((coordinator, worker));
 
     for shell in ["bash", "zsh", "fish"] {

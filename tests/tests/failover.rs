@@ -122,16 +122,15 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     let (mut standby, standby_url) = cluster.start_standby();
     let http = reqwest::Client::new();
     // The standby is ready (it serves reads and forwards writes) but does not lead.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, v) = readiness(&http, &standby_url).await;
-        if status == 200 {
-            assert_eq!(v["leader"], false, "{v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "standby never came up: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let v = cluster
+        .eventually(Duration::from_secs(20), || async {
+            match readiness(&http, &standby_url).await {
+                (200, v) => Ok(v),
+                (_, v) => Err(format!("standby never came up: {v}")),
+            }
+        })
+        .await;
+    assert_eq!(v["leader"], false, "{v}");
     let (status, v) = readiness(&http, &cluster.url).await;
     assert_eq!(
         (status, v["leader"].clone()),
@@ -182,17 +181,15 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     // The leader dies mid-run; the standby takes over and finishes every task.
     cluster.coordinator.signal(libc::SIGKILL);
     let killed = Instant::now();
-    loop {
-        let (_, v) = readiness(&http, &standby_url).await;
-        if v["leader"] == true {
-            break;
+    let took_over = orch_tests::poll_until(Duration::from_secs(15), || async {
+        match readiness(&http, &standby_url).await {
+            (_, v) if v["leader"] == true => Ok(()),
+            (_, v) => Err(v),
         }
-        assert!(
-            killed.elapsed() < Duration::from_secs(15),
-            "no takeover\n{}",
-            standby.tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await;
+    if let Err(v) = took_over {
+        panic!("no takeover: {v}\n{}", standby.tail(40));
     }
     let takeover = killed.elapsed();
     eprintln!("standby took over {takeover:?} after the leader was killed");

@@ -204,7 +204,16 @@ async fn sequential_steps_on_different_workers_see_each_others_work_through_bran
     // but pulls nothing else: the builder has to run on the other worker.
     let first = cluster.running_on(&id, 0).await;
     cluster.workers[first].signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its pull loop has ended once it logs that it drains.
+    let log = cluster.workers[first].log.clone();
+    cluster
+        .eventually(Duration::from_secs(10), || async {
+            match orch_tests::log_contains(&log, "draining") {
+                true => Ok(()),
+                false => Err("the worker has not stopped pulling".to_string()),
+            }
+        })
+        .await;
     std::fs::write(&gate, "").unwrap();
     let task = cluster.wait_task(&id, Duration::from_secs(90)).await;
     assert_completed(&cluster, &task);

@@ -9,7 +9,7 @@ use orch_tests::{Cluster, Options};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The repository's root (this crate is `tests/`).
 fn repo() -> PathBuf {
@@ -72,19 +72,17 @@ fn has_id_label(text: &str) -> Option<String> {
 /// Polls the coordinator's metrics until `ok` holds (the sampler runs every 5 s).
 async fn scrape_until(cluster: &Cluster, what: &str, ok: impl Fn(&str) -> bool) -> String {
     let url = format!("{}/metrics", cluster.url);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = cluster.scrape(&url).await;
-        if ok(&text) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never showed in the coordinator's metrics:\n{text}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cluster
+        .eventually(Duration::from_secs(15), || async {
+            let text = cluster.scrape(&url).await;
+            match ok(&text) {
+                true => Ok(text),
+                false => Err(format!(
+                    "{what} never showed in the coordinator's metrics:\n{text}"
+                )),
+            }
+        })
+        .await
 }
 
 /// A small workload touching every path the metrics count: success, retry, dead letter,

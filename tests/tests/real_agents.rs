@@ -306,16 +306,17 @@ async fn a_claude_code_job_that_times_out_leaves_no_process_behind() {
             .is_ok_and(|c| c.starts_with("tail\0"))
         })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !tail_runs() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent's shell command never started: {:?}\n{}",
-            processes_under(data.path()),
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster
+        .eventually(Duration::from_secs(30), || async {
+            match tail_runs() {
+                true => Ok(()),
+                false => Err(format!(
+                    "the agent's shell command never started: {:?}",
+                    processes_under(data.path())
+                )),
+            }
+        })
+        .await;
     let task = cluster.wait_task(&id, Duration::from_secs(30)).await;
     let job = &task.jobs[0];
     assert_eq!(job.status, JobStatus::Failed, "{task:#?}");
@@ -324,19 +325,14 @@ async fn a_claude_code_job_that_times_out_leaves_no_process_behind() {
         Some("timeout"),
         "{task:#?}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = processes_under(data.path());
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "processes survived the timeout: {left:?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster
+        .eventually(Duration::from_secs(5), || async {
+            match processes_under(data.path()) {
+                left if left.is_empty() => Ok(()),
+                left => Err(format!("processes survived the timeout: {left:?}")),
+            }
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

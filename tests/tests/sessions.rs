@@ -24,7 +24,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "claude-sonnet-4-5";
@@ -449,21 +449,15 @@ fn assert_continues(out: &str, from: JobId, first: &str) {
 
 /// Polls until agent `id` of `task` has ended; returns it.
 async fn wait_job(cluster: &Cluster, task: &str, id: JobId) -> Job {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let t = cluster.task(task).await;
-        if let Some(j) = t.jobs.iter().find(|j| j.id == id)
-            && j.status.is_terminal()
-        {
-            return j.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent {id} did not finish: {t:#?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster
+        .eventually(Duration::from_secs(90), || async {
+            let t = cluster.task(task).await;
+            match t.jobs.iter().find(|j| j.id == id) {
+                Some(j) if j.status.is_terminal() => Ok(j.clone()),
+                _ => Err(format!("agent {id} did not finish: {t:#?}")),
+            }
+        })
+        .await
 }
 
 /// `POST /v1/agents/{id}/send` (or `/fork`): the new agent's id.
