@@ -224,7 +224,7 @@ fn agent_start_ms(watch: &Watch, task: &str, submitted_us: u64) -> Option<f64> {
 
 /// Arrival times of job messages on the work queue's subjects, keyed `<task>.job`.
 async fn job_watch(nats_url: &str) -> anyhow::Result<Watch> {
-    Watch::start_with(nats_url, "orch.jobs.>", |payload| {
+    Watch::start_with(nats_url, orch_shared::subject::JOBS_SUBJECTS, |payload| {
         let spec: orch_shared::job::JobSpec = orch_shared::codec::decode(payload).ok()?;
         Some(format!("{}.job", spec.task_id))
     })

@@ -41,11 +41,7 @@ struct Seen {
 /// batch's events are taken out of it (each re-encoded as if it had come alone).
 fn arrivals(msg: &async_nats::Message, kinds: &[String]) -> Vec<(String, String, bytes::Bytes)> {
     use orch_shared::subject::{BATCH_KIND, CREATED_KIND};
-    let key = msg
-        .subject
-        .as_str()
-        .strip_prefix("orch.events.")
-        .unwrap_or_default();
+    let key = orch_shared::subject::event_key(msg.subject.as_str()).unwrap_or_default();
     let kind = key.rsplit('.').next().unwrap_or_default();
     if kind != BATCH_KIND && kind != CREATED_KIND {
         return vec![(key.to_string(), kind.to_string(), msg.payload.clone())];
@@ -80,7 +76,11 @@ impl Watch {
         let client = async_nats::connect(nats_url).await?;
         let mut subs = Vec::new();
         for kind in kinds {
-            subs.push(client.subscribe(format!("orch.events.*.{kind}")).await?);
+            subs.push(
+                client
+                    .subscribe(orch_shared::subject::all_events_of(kind))
+                    .await?,
+            );
         }
         subs.push(client.subscribe(orch_shared::subject::ALL_BATCHES).await?);
         subs.push(client.subscribe(orch_shared::subject::ALL_CREATED).await?);

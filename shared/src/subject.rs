@@ -75,6 +75,16 @@ pub fn task_events(task: TaskId) -> String {
     format!("orch.events.{task}.>")
 }
 
+/// The events of `kind` of every task (published alone; batches are [`ALL_BATCHES`]).
+pub fn all_events_of(kind: &str) -> String {
+    format!("orch.events.*.{kind}")
+}
+
+/// `<task>.<kind>` of an event subject; `None` for a subject outside the event log.
+pub fn event_key(subject: &str) -> Option<&str> {
+    subject.strip_prefix("orch.events.")
+}
+
 /// The `job_started` events of every task (the coordinator follows them to mark jobs running).
 pub const ALL_JOB_STARTED: &str = "orch.events.*.job_started";
 

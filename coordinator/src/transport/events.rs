@@ -82,7 +82,7 @@ impl Transport {
             config.filter_subject = subject::EVENTS_SUBJECTS.into();
         } else {
             // Batches carry events of several kinds: they are read too and filtered here.
-            config.filter_subjects = kinds.iter().map(|k| format!("orch.events.*.{k}")).collect();
+            config.filter_subjects = kinds.iter().map(|k| subject::all_events_of(k)).collect();
             config.filter_subjects.push(subject::ALL_BATCHES.into());
             config.filter_subjects.push(subject::ALL_CREATED.into());
         }
