@@ -30,7 +30,6 @@ pub mod openai;
 pub mod pricing;
 pub mod process;
 pub mod sim;
-pub mod transcript;
 pub mod workspace;
 
 pub use backends::Backends;

@@ -30,7 +30,6 @@
 use super::backends::Prepared;
 use super::http;
 use super::process;
-use super::transcript;
 use super::workspace::{FileTracker, WorkDir};
 use super::{AgentOutput, ContextUse, Events, Report};
 use crate::config::{ApiSettings, ClaudeCodeSettings};
@@ -44,6 +43,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+
+pub mod transcript;
 
 pub const NAME: &str = "claude-code";
 /// How much of a tool's input or output goes into an event.

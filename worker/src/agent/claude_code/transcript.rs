@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The backend whose sessions these are.
-const BACKEND: &str = super::claude_code::NAME;
+const BACKEND: &str = super::NAME;
 /// Longer project names are cut and get a hash of the path (the CLI's rule).
 const MAX_PROJECT_NAME: usize = 200;
 
