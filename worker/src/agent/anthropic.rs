@@ -10,14 +10,14 @@
 //! billed too); cost comes from the price table.
 //!
 //! Sessions: the conversation is the JSON list of its messages (`{role, content}`, the
-//! user's prompt and the answer of every turn; the system prompt is not stored). A further
-//! turn sends the stored messages, then its own prompt, and stores the list with both added.
+//! user's prompt and the answer of every turn; the system prompt is not stored; see
+//! [`super::chat`]). A further turn sends the stored messages, then its own prompt, and stores
+//! the list with both added.
 
-use super::backends::Prepared;
+use super::chat::{self, Turn};
 use super::http::{self, CallError, Spent};
-use super::{AgentOutput, ContextUse, Events, Report};
+use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::ApiSettings;
-use crate::session::Snapshot;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use orch_shared::event::EventKind;
@@ -60,119 +60,6 @@ fn u(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
 }
 
-/// The messages of a stored conversation (none for a first turn); an error message when the
-/// stored session is not a message list. Shared with the `openai` backend, whose messages
-/// have the same `{role, content}` shape.
-pub fn history(backend: &str, session: Option<&Snapshot>) -> Result<Vec<Value>, String> {
-    let Some(s) = session else {
-        return Ok(vec![]);
-    };
-    match serde_json::from_slice::<Value>(&s.bytes) {
-        Ok(Value::Array(messages)) => Ok(messages),
-        _ => Err(format!(
-            "the stored session is not a {backend} message list"
-        )),
-    }
-}
-
-/// The session after a turn: the messages sent (`messages` ends with this turn's prompt)
-/// and the answer.
-pub fn session_after(
-    backend: &str,
-    p: &Prepared<'_>,
-    mut messages: Vec<Value>,
-    answer: &str,
-) -> Snapshot {
-    messages.push(json!({"role": "assistant", "content": answer}));
-    Snapshot {
-        backend: backend.into(),
-        session_id: None,
-        workspace: String::new(),
-        turn: Snapshot::next_turn(p.session.as_ref()),
-        bytes: serde_json::to_vec(&messages).unwrap_or_default(),
-    }
-}
-
-/// How an API backend's turn ended: the answer's outcome and text, the tokens of all its
-/// requests, and the context its last request used.
-pub struct Turn {
-    pub outcome: Outcome,
-    pub text: String,
-    pub usage: Usage,
-    pub context: Option<ContextUse>,
-}
-
-impl Turn {
-    /// The outcome of an answer that no API-specific reason failed: an empty answer fails,
-    /// one cut at the token limit succeeds (with a warning). Shared with the `openai` backend.
-    pub fn answered(text: &str, cut_at_limit: bool, model: &str) -> Outcome {
-        if text.is_empty() {
-            return Outcome::Failure {
-                reason: FailureReason::AgentError,
-                message: "the model answered with no text".into(),
-            };
-        }
-        if cut_at_limit {
-            tracing::warn!(model = %model, "answer cut at the token limit");
-        }
-        Outcome::Success
-    }
-
-    /// A turn whose request failed for good (after its retries): no answer. `usage` is what
-    /// its attempts were billed for.
-    pub fn failed(e: CallError, usage: Usage) -> Self {
-        Turn {
-            outcome: Outcome::Failure {
-                reason: e.reason,
-                message: e.message,
-            },
-            text: String::new(),
-            usage,
-            context: None,
-        }
-    }
-
-    /// The turn's report: its cost, a `usage` event, and when it succeeded the conversation
-    /// with its answer as the session (`messages` ends with this turn's prompt). Shared with
-    /// the `openai` backend.
-    pub fn report(
-        self,
-        backend: &'static str,
-        p: &Prepared<'_>,
-        events: &Events,
-        model: String,
-        messages: Vec<Value>,
-    ) -> Report {
-        let Turn {
-            outcome,
-            text,
-            usage,
-            context,
-        } = self;
-        let cost_usd = p.cost(Some(&model), &usage);
-        events.send(EventKind::Usage { usage, cost_usd });
-        let session = outcome
-            .is_success()
-            .then(|| session_after(backend, p, messages, &text));
-        Report {
-            session,
-            output: AgentOutput {
-                outcome,
-                output: text,
-                usage,
-                cost_usd,
-                files_read: vec![],
-                files_written: vec![],
-                diff: None,
-                git: None,
-            },
-            backend,
-            model: Some(model),
-            context,
-        }
-    }
-}
-
 /// Fields present in a `usage` object replace those of `into` (`message_delta` carries the
 /// final, cumulative counts).
 fn merge_usage(into: &mut Usage, v: &Value) {
@@ -212,7 +99,7 @@ impl Anthropic {
         cancel: &CancellationToken,
     ) -> Report {
         let model = p.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-        let done = |output: super::AgentOutput, context| Report {
+        let done = |output: AgentOutput, context| Report {
             output,
             backend: NAME,
             model: Some(model.clone()),
@@ -221,18 +108,18 @@ impl Anthropic {
         };
         if self.settings.api_key.is_none() && self.settings.base_url.is_none() {
             return done(
-                super::AgentOutput::failure(
+                AgentOutput::failure(
                     FailureReason::BadRequest,
                     "the anthropic backend has no API key: set ANTHROPIC_API_KEY or [backends.anthropic] api_key",
                 ),
                 None,
             );
         }
-        let mut messages = match history(NAME, p.session.as_ref()) {
+        let mut messages = match chat::history(NAME, p.session.as_ref()) {
             Ok(m) => m,
             Err(message) => {
                 return done(
-                    super::AgentOutput::failure(FailureReason::BadRequest, message),
+                    AgentOutput::failure(FailureReason::BadRequest, message),
                     None,
                 );
             }

@@ -3,52 +3,43 @@
 //! workspace, with the role's system prompt (`--append-system-prompt`), tools
 //! (`--allowedTools`, `--disallowedTools`), permission mode, model, turn limit and MCP config.
 //!
-//! Every stream-json line becomes job events: `system/init` (logged; a thinking event),
-//! `assistant` (text and tool calls), `user` (tool results), `system/api_retry` and
-//! `system/permission_denied` (logged, and they decide the failure reason), `result` (the
-//! answer, usage and cost). Usage and cost come from the `result` line only: the `assistant`
-//! lines carry the incomplete usage of `message_start` (used for running totals, for the
-//! context occupancy of the last request, and when the run is cut before its result).
-//!
-//! Failure reasons: an API failure still says `subtype: success`, so `is_error` and
-//! `api_error_status` decide: 429 → rate_limited, 529 or overloaded → overloaded, other 5xx
-//! and connection errors → network (all retryable), 400 and other 4xx → bad_request. The turn
-//! limit (`error_max_turns`) and `--max-budget-usd` → budget_exhausted: the agent used up the
-//! budget it was given, and running it again with the same budget would end the same way, so
-//! it is not retried. Any other error → agent_error.
-//!
 //! The CLI runs with a per-worker HOME (`claude_home`), an environment cleared down to what it
 //! needs (the locale, PATH, proxies, `ANTHROPIC_*`, `CLAUDE_CODE_*`; never the worker's other
 //! secrets), and `IS_SANDBOX=1` when `bypassPermissions` is asked for as root (the CLI refuses
 //! that mode as root otherwise). On cancellation the whole process tree is stopped.
 //!
 //! Sessions: after a turn, the CLI's transcript of it is the agent's session (read, and
-//! removed from the worker, by [`super::transcript`]). A further turn writes the stored
+//! removed from the worker, by [`transcript`]). A further turn writes the stored
 //! transcript into the project of its own working directory and runs the CLI with
 //! `--resume <id> --fork-session`, so every turn has its own session id.
+//!
+//! Layout: this module starts the CLI, watches it to its end and reports the run; [`stream`]
+//! reads its output line by line and judges a failed result; [`transcript`] moves its session
+//! transcripts between workers.
 
-use super::backends::Prepared;
+pub mod stream;
+pub mod transcript;
+
 use super::http;
 use super::process;
-use super::workspace::{FileTracker, WorkDir};
-use super::{AgentOutput, ContextUse, Events, Report};
+use super::workspace::WorkDir;
+use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::{ApiSettings, ClaudeCodeSettings};
+use crate::session::Snapshot;
 use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, JobKind, Outcome, Usage};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
+use stream::{Stream, cut, failure, usage_of};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
-
-pub mod transcript;
+use transcript::Restored;
 
 pub const NAME: &str = "claude-code";
-/// How much of a tool's input or output goes into an event.
-const MAX_EVENT_TEXT: usize = 8 * 1024;
 /// How long the CLI may take to exit after its result line.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 const STDERR_TAIL: usize = 4096;
@@ -89,297 +80,6 @@ pub struct ClaudeCode {
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-fn cut(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… [{} more bytes]", &s[..end], s.len() - end)
-}
-
-/// A tool result's content: a string, or text blocks.
-fn content_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(items) => items
-            .iter()
-            .filter_map(|i| i.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-fn usage_of(v: &Value) -> Usage {
-    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Usage {
-        input_tokens: n("input_tokens"),
-        output_tokens: n("output_tokens"),
-        cache_creation_tokens: n("cache_creation_input_tokens"),
-        cache_read_tokens: n("cache_read_input_tokens"),
-    }
-}
-
-/// What the stream said so far.
-pub struct Stream {
-    files: FileTracker,
-    seen_messages: HashSet<String>,
-    /// Running usage from the `assistant` lines (incomplete output counts).
-    running: Usage,
-    /// Input-side usage of the last top-level request.
-    last_request: Option<Usage>,
-    model: Option<String>,
-    session_id: Option<String>,
-    /// The working directory the CLI reported (its transcripts are filed under it).
-    cwd: Option<String>,
-    /// Text the agent wrote, in order (the answer when the result line has none).
-    texts: Vec<String>,
-    /// An error the CLI reported as an assistant message (model `<synthetic>`).
-    synthetic: Option<String>,
-    /// `(status, kind)` of the last `api_retry`.
-    last_retry: Option<(Option<u64>, String)>,
-    denied: Vec<String>,
-    result: Option<Value>,
-}
-
-impl Stream {
-    pub fn new(workspace: &Path) -> Self {
-        Self {
-            files: FileTracker::new(workspace),
-            seen_messages: HashSet::new(),
-            running: Usage::default(),
-            last_request: None,
-            model: None,
-            session_id: None,
-            cwd: None,
-            texts: vec![],
-            synthetic: None,
-            last_retry: None,
-            denied: vec![],
-            result: None,
-        }
-    }
-
-    /// Takes one stream-json line; true once the `result` line has come.
-    pub fn line(&mut self, line: &str, events: &Events, p: &Prepared<'_>) -> bool {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            if !line.trim().is_empty() {
-                tracing::debug!(line = %cut(line, 200), "claude-code: not a JSON line");
-            }
-            return false;
-        };
-        let s = |k: &str| v.get(k).and_then(Value::as_str);
-        match (s("type"), s("subtype")) {
-            (Some("system"), Some("init")) => {
-                self.session_id = s("session_id").map(str::to_string);
-                self.cwd = s("cwd").map(str::to_string);
-                self.model = s("model").map(str::to_string);
-                tracing::info!(
-                    session_id = s("session_id").unwrap_or(""),
-                    model = s("model").unwrap_or(""),
-                    permission_mode = s("permissionMode").unwrap_or(""),
-                    version = s("claude_code_version").unwrap_or(""),
-                    "claude-code session started"
-                );
-                events.send(EventKind::Thinking);
-            }
-            (Some("system"), Some("api_retry")) => {
-                let status = v.get("error_status").and_then(Value::as_u64);
-                let kind = s("error").unwrap_or("unknown").to_string();
-                let attempt = v.get("attempt").and_then(|a| a.as_u64());
-                let max_retries = v.get("max_retries").and_then(|a| a.as_u64());
-                tracing::info!(
-                    attempt,
-                    max_retries,
-                    status,
-                    error = %kind,
-                    "claude-code is retrying an API call"
-                );
-                self.last_retry = Some((status, kind));
-            }
-            (Some("system"), Some("permission_denied")) => {
-                let tool = s("tool_name").unwrap_or("?").to_string();
-                tracing::info!(tool = %tool, "claude-code refused a tool the role may not use");
-                self.denied.push(tool);
-            }
-            (Some("assistant"), _) => self.assistant(&v, events, p),
-            (Some("user"), _) => {
-                let blocks = v
-                    .pointer("/message/content")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                for b in blocks {
-                    if b.get("type").and_then(Value::as_str) != Some("tool_result") {
-                        continue;
-                    }
-                    let call_id = b
-                        .get("tool_use_id")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    let is_error = b.get("is_error").and_then(Value::as_bool).unwrap_or(false);
-                    self.files.on_result(&call_id, is_error);
-                    let output = cut(
-                        &content_text(b.get("content").unwrap_or(&Value::Null)),
-                        MAX_EVENT_TEXT,
-                    );
-                    events.send(EventKind::ToolResult {
-                        call_id,
-                        output,
-                        is_error,
-                    });
-                }
-            }
-            (Some("result"), _) => {
-                self.result = Some(v);
-                return true;
-            }
-            _ => {}
-        }
-        false
-    }
-
-    fn assistant(&mut self, v: &Value, events: &Events, p: &Prepared<'_>) {
-        let Some(msg) = v.get("message") else { return };
-        let synthetic = msg.get("model").and_then(Value::as_str) == Some("<synthetic>");
-        let top_level = v.get("parent_tool_use_id").is_none_or(Value::is_null);
-        let id = msg
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        // One line per content block: a message's usage counts once.
-        if !synthetic && !id.is_empty() && self.seen_messages.insert(id) {
-            let u = msg.get("usage").map(usage_of).unwrap_or_default();
-            self.running.add(&u);
-            if top_level {
-                self.last_request = Some(u);
-            }
-            let model = msg.get("model").and_then(Value::as_str).map(str::to_string);
-            let cost_usd = p.cost(model.as_deref().or(p.model.as_deref()), &self.running);
-            events.send(EventKind::Usage {
-                usage: self.running,
-                cost_usd,
-            });
-        }
-        let blocks = msg
-            .get("content")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        for b in blocks {
-            match b.get("type").and_then(Value::as_str) {
-                Some("text") => {
-                    let text = b
-                        .get("text")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    if text.is_empty() {
-                        continue;
-                    }
-                    if synthetic {
-                        self.synthetic = Some(text);
-                        continue;
-                    }
-                    events.send(EventKind::Text { text: text.clone() });
-                    if top_level {
-                        self.texts.push(text);
-                    }
-                }
-                Some("tool_use") => {
-                    let call_id = b
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    let name = b
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    let input = b.get("input").cloned().unwrap_or(Value::Null);
-                    self.files.on_call(&call_id, &name, &input);
-                    events.send(EventKind::ToolCall {
-                        call_id,
-                        name,
-                        input: cut(&input.to_string(), MAX_EVENT_TEXT),
-                    });
-                }
-                Some("thinking") | Some("redacted_thinking") => events.send(EventKind::Thinking),
-                _ => {}
-            }
-        }
-    }
-}
-
-/// The reason and message of a result line that reports an error.
-fn failure(result: &Value, last_retry: Option<&(Option<u64>, String)>) -> (FailureReason, String) {
-    let s = |k: &str| result.get(k).and_then(Value::as_str).unwrap_or("");
-    let text = {
-        let errors: Vec<&str> = result
-            .get("errors")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let t = match (s("result"), errors.is_empty()) {
-            ("", false) => errors.join("; "),
-            ("", true) => format!("the CLI ended with {}", s("subtype")),
-            (r, _) => r.to_string(),
-        };
-        cut(&t, 1000)
-    };
-    let subtype = s("subtype");
-    if subtype == "error_max_turns" || s("terminal_reason") == "max_turns" {
-        return (
-            FailureReason::BudgetExhausted,
-            format!("turn limit reached (not retried: the same limit would stop it again): {text}"),
-        );
-    }
-    if subtype.starts_with("error_max_budget") {
-        return (
-            FailureReason::BudgetExhausted,
-            format!("cost limit reached: {text}"),
-        );
-    }
-    if let Some(status) = result.get("api_error_status").and_then(Value::as_u64) {
-        let (reason, _) = http::status_reason(status as u16);
-        return (reason, format!("API error {status}: {text}"));
-    }
-    let lower = text.to_lowercase();
-    let retry_kind = last_retry.map(|(status, kind)| (*status, kind.as_str()));
-    let reason = match retry_kind {
-        Some((Some(status), _)) => http::status_reason(status as u16).0,
-        Some((None, "rate_limit")) => FailureReason::RateLimited,
-        Some((None, "overloaded")) => FailureReason::Overloaded,
-        Some((None, "server_error" | "unknown")) => FailureReason::Network,
-        Some((None, "authentication_failed")) => FailureReason::BadRequest,
-        _ if lower.contains("overloaded") => FailureReason::Overloaded,
-        _ if lower.contains("rate limit") || lower.contains("rate_limit") => {
-            FailureReason::RateLimited
-        }
-        _ if [
-            "connection error",
-            "econnrefused",
-            "fetch failed",
-            "timed out",
-            "socket",
-        ]
-        .iter()
-        .any(|k| lower.contains(k)) =>
-        {
-            FailureReason::Network
-        }
-        _ => FailureReason::AgentError,
-    };
-    (reason, text)
 }
 
 impl ClaudeCode {
@@ -466,340 +166,384 @@ impl ClaudeCode {
         events: &Events,
         cancel: &CancellationToken,
     ) -> Report {
-        let report = |output, context| Report {
-            output,
+        let failed = |(reason, message): (FailureReason, String)| Report {
+            output: AgentOutput::failure(reason, message),
             backend: NAME,
             model: p.model.clone(),
-            context,
+            context: None,
             session: None,
         };
         let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
             Ok(d) => d,
-            Err((reason, message)) => return report(AgentOutput::failure(reason, message), None),
+            Err(e) => return failed(e),
         };
-        if let Err(e) = tokio::fs::create_dir_all(&self.settings.home).await {
-            return report(
-                AgentOutput::failure(
-                    FailureReason::Internal,
-                    format!(
-                        "failed to create the Claude Code home {}: {e}",
-                        self.settings.home.display()
-                    ),
-                ),
-                None,
-            );
-        }
         let config_dir = transcript::config_dir(&self.env(p));
-        let restored = match &p.session {
-            Some(s) => match transcript::restore(&config_dir, s, &dir.path).await {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    return report(
-                        AgentOutput::failure(
-                            FailureReason::Internal,
-                            format!("failed to restore the stored session: {e}"),
-                        ),
-                        None,
-                    );
-                }
-            },
-            None => None,
+        let restored = match self.prepare_home(p, &config_dir, &dir.path).await {
+            Ok(r) => r,
+            Err(e) => return failed(e),
         };
+        let child = match self.spawn(p, &dir.path, restored.as_ref()) {
+            Ok(c) => c,
+            Err(e) => return failed(e),
+        };
+        let mut ended = watch(child, p, &dir.path, events, cancel).await;
+        drop(restored);
+        let session = collect_session(p, &config_dir, &dir, &ended.stream).await;
+        let model = p.model.clone().or(ended.stream.model.take());
+        if !ended.stream.denied.is_empty() {
+            tracing::info!(denied = ?ended.stream.denied, "tools refused during the run");
+        }
+        match ended.stream.result.take() {
+            Some(result) => finished(p, events, dir, ended, result, model, session).await,
+            None => cut_short(p, dir, ended, model).await,
+        }
+    }
+
+    /// Makes the CLI's home and, for a further turn, writes the stored transcript back where
+    /// the CLI run in `workspace` finds it.
+    async fn prepare_home(
+        &self,
+        p: &Prepared<'_>,
+        config_dir: &Path,
+        workspace: &Path,
+    ) -> Result<Option<Restored>, (FailureReason, String)> {
+        if let Err(e) = tokio::fs::create_dir_all(&self.settings.home).await {
+            return Err((
+                FailureReason::Internal,
+                format!(
+                    "failed to create the Claude Code home {}: {e}",
+                    self.settings.home.display()
+                ),
+            ));
+        }
+        let Some(s) = &p.session else {
+            return Ok(None);
+        };
+        match transcript::restore(config_dir, s, workspace).await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => Err((
+                FailureReason::Internal,
+                format!("failed to restore the stored session: {e}"),
+            )),
+        }
+    }
+
+    /// Starts the CLI in `workspace` (resuming `restored`, when given), in a process group of
+    /// its own.
+    fn spawn(
+        &self,
+        p: &Prepared<'_>,
+        workspace: &Path,
+        restored: Option<&Restored>,
+    ) -> Result<Child, (FailureReason, String)> {
         let mut cmd = Command::new(&self.settings.bin);
         cmd.args(self.args(p))
-            .current_dir(&dir.path)
+            .current_dir(workspace)
             .env_clear()
             .envs(self.env(p))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(r) = &restored {
+        if let Some(r) = restored {
             cmd.args(["--resume", &r.id, "--fork-session"]);
         }
         process::isolate(&mut cmd);
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                return report(
-                    AgentOutput::failure(
-                        FailureReason::Internal,
-                        format!(
-                            "failed to start the Claude Code CLI `{}` (set ORCH_CLAUDE_BIN or [backends.claude-code] bin): {e}",
-                            self.settings.bin.display()
-                        ),
-                    ),
-                    None,
-                );
-            }
-        };
-        let pgid = child.id();
-        let mut guard = process::TreeGuard::new(pgid);
-        if let Some(mut stdin) = child.stdin.take() {
-            let prompt = p.prompt.clone();
-            tokio::spawn(async move {
-                let _ = stdin.write_all(prompt.as_bytes()).await;
-                let _ = stdin.shutdown().await;
-            });
-        }
-        let stderr = child.stderr.take().map(|e| process::tail(e, STDERR_TAIL));
-        let mut stream = Stream::new(&dir.path);
-        let mut cancelled = false;
-        if let Some(stdout) = child.stdout.take() {
-            let mut lines = BufReader::new(stdout).lines();
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => { cancelled = true; break; }
-                    line = lines.next_line() => match line {
-                        Ok(Some(l)) => if stream.line(&l, events, p) { break },
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "claude-code: reading its output failed");
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        let status = if cancelled {
-            process::terminate(&mut child, process::KILL_GRACE).await;
-            None
-        } else {
-            tokio::select! {
-                s = tokio::time::timeout(EXIT_GRACE, child.wait()) => match s {
-                    Ok(Ok(s)) => Some(s),
-                    _ => {
-                        process::terminate(&mut child, process::KILL_GRACE).await;
-                        None
-                    }
-                },
-                _ = cancel.cancelled() => {
-                    cancelled = stream.result.is_none();
-                    process::terminate(&mut child, process::KILL_GRACE).await;
-                    None
-                }
-            }
-        };
-        if let Some(pgid) = pgid {
-            process::kill_leftovers(pgid);
-        }
-        guard.disarm();
-        let err_tail = match stderr {
-            Some(h) => h.await.unwrap_or_default(),
-            None => String::new(),
-        };
-        let Stream {
-            files,
-            running,
-            last_request,
-            model: init_model,
-            session_id,
-            cwd,
-            texts,
-            synthetic,
-            last_retry,
-            denied,
-            result,
-            ..
-        } = stream;
-        drop(restored);
-        let session = match &session_id {
-            Some(sid) => {
-                let cwd = cwd.unwrap_or_else(|| dir.path.display().to_string());
-                let turn = crate::session::Snapshot::next_turn(p.session.as_ref());
-                transcript::collect(
-                    &config_dir,
-                    &cwd,
-                    sid,
-                    turn,
-                    result.is_some(),
-                    dir.is_scratch(),
-                )
-                .await
-            }
-            None => None,
-        };
-        let model = p.model.clone().or(init_model);
-        if !denied.is_empty() {
-            tracing::info!(denied = ?denied, "tools refused during the run");
-        }
-
-        let Some(result) = result else {
-            // Cut short: cancelled, or the CLI died without a result. What it spent so far is
-            // the running estimate.
-            let cost_usd = p.cost(model.as_deref(), &running);
-            let (reason, message) = if cancelled {
-                (FailureReason::Cancelled, "agent stopped".to_string())
-            } else {
-                let why = synthetic
-                    .or_else(|| (!err_tail.is_empty()).then(|| cut(&err_tail, 1000)))
-                    .unwrap_or_else(|| "no output".into());
-                let status =
-                    status.map_or("was killed".to_string(), |s| format!("exited with {s}"));
-                let reason = match &last_retry {
-                    Some((Some(s), _)) => http::status_reason(*s as u16).0,
-                    _ => FailureReason::AgentError,
-                };
-                (
-                    reason,
-                    format!("the Claude Code CLI {status} before its result: {why}"),
-                )
-            };
-            let changes = dir.finish(p.job, false, files).await;
-            let output = AgentOutput {
-                outcome: Outcome::Failure { reason, message },
-                output: String::new(),
-                usage: running,
-                cost_usd,
-                files_read: changes.files_read,
-                files_written: changes.files_written,
-                diff: changes.diff,
-                git: changes.git,
-            };
-            return Report {
-                output,
-                backend: NAME,
-                model,
-                context: None,
-                session: None,
-            };
-        };
-
-        let usage = result.get("usage").map(usage_of).unwrap_or(running);
-        let reported = result.get("total_cost_usd").and_then(Value::as_f64);
-        // The CLI's own figure wins; a model it has no price for shows as 0 there.
-        let cost_usd = match reported {
-            Some(c) if c > 0.0 || usage.total() == 0 => c,
-            _ => p.cost(model.as_deref(), &usage),
-        };
-        events.send(EventKind::Usage { usage, cost_usd });
-        let window = result
-            .get("modelUsage")
-            .and_then(Value::as_object)
-            .and_then(|m| {
-                model
-                    .as_deref()
-                    .and_then(|name| m.get(name))
-                    .or_else(|| m.values().next())
-                    .and_then(|u| u.get("contextWindow"))
-                    .and_then(Value::as_u64)
-            })
-            .or_else(|| model.as_deref().and_then(|m| p.context_window(m)));
-        let context = match (last_request, window) {
-            (Some(u), Some(window)) if window > 0 => Some(ContextUse {
-                tokens: u.input_tokens + u.cache_creation_tokens + u.cache_read_tokens,
-                window,
-            }),
-            _ => None,
-        };
-        let is_error = result
-            .get("is_error")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let subtype = result.get("subtype").and_then(Value::as_str).unwrap_or("");
-        let answer = result
-            .get("result")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .filter(|s| !s.trim().is_empty())
-            .unwrap_or_else(|| texts.join("\n\n"));
-        let (outcome, output) = if is_error || subtype != "success" {
-            let (reason, message) = failure(&result, last_retry.as_ref());
-            (Outcome::Failure { reason, message }, String::new())
-        } else if answer.trim().is_empty() && p.job.kind == JobKind::Plan {
-            (
-                Outcome::Failure {
-                    reason: FailureReason::AgentError,
-                    message: "the planner answered with no text".into(),
-                },
-                String::new(),
-            )
-        } else {
-            (Outcome::Success, answer)
-        };
-        // A git workspace commits and pushes here; a push that fails fails the job.
-        let changes = dir.finish(p.job, outcome.is_success(), files).await;
-        let outcome = changes.outcome(outcome);
-        tracing::debug!(session_id = session_id.as_deref().unwrap_or(""), exit = ?status, "claude-code finished");
-        let session = session.filter(|_| outcome.is_success());
-        Report {
-            session,
-            output: AgentOutput {
-                outcome,
-                output,
-                usage,
-                cost_usd,
-                files_read: changes.files_read,
-                files_written: changes.files_written,
-                diff: changes.diff,
-                git: changes.git,
-            },
-            backend: NAME,
-            model,
-            context,
+        match cmd.spawn() {
+            Ok(c) => Ok(c),
+            Err(e) => Err((
+                FailureReason::Internal,
+                format!(
+                    "failed to start the Claude Code CLI `{}` (set ORCH_CLAUDE_BIN or [backends.claude-code] bin): {e}",
+                    self.settings.bin.display()
+                ),
+            )),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
+/// How a run of the CLI ended.
+struct Ended {
+    /// What its output said.
+    stream: Stream,
+    /// How it exited (`None`: it was stopped).
+    status: Option<ExitStatus>,
+    /// The job was cancelled before the result line came.
+    cancelled: bool,
+    /// The end of its stderr.
+    err_tail: String,
+}
 
-    #[test]
-    fn failures_are_judged_by_is_error_and_the_api_status() {
-        let r = |v: Value| failure(&v, None).0;
-        assert_eq!(
-            r(
-                json!({"subtype": "success", "is_error": true, "api_error_status": 429, "result": "API Error: 429"})
-            ),
-            FailureReason::RateLimited
-        );
-        assert_eq!(
-            r(json!({"subtype": "success", "is_error": true, "api_error_status": 529})),
-            FailureReason::Overloaded
-        );
-        assert_eq!(
-            r(json!({"subtype": "success", "is_error": true, "api_error_status": 500})),
-            FailureReason::Network
-        );
-        assert_eq!(
-            r(json!({"subtype": "success", "is_error": true, "api_error_status": 400})),
-            FailureReason::BadRequest
-        );
-        let (reason, message) = failure(
-            &json!({"subtype": "error_max_turns", "is_error": true, "errors": ["Reached maximum number of turns (1)"]}),
-            None,
-        );
-        assert_eq!(reason, FailureReason::BudgetExhausted);
-        assert!(
-            message.contains("Reached maximum number of turns (1)"),
-            "{message}"
-        );
-        assert_eq!(
-            r(
-                json!({"subtype": "success", "is_error": true, "result": "API Error: Connection error."})
-            ),
-            FailureReason::Network
-        );
-        assert_eq!(
-            failure(
-                &json!({"subtype": "success", "is_error": true, "result": "x"}),
-                Some(&(None, "overloaded".to_string()))
-            )
-            .0,
-            FailureReason::Overloaded
-        );
-        assert_eq!(
-            r(json!({"subtype": "error_during_execution", "is_error": true})),
-            FailureReason::AgentError
-        );
+/// Gives the CLI its prompt, reads its output until the result line, the end or `cancel`,
+/// and waits for it to exit; its whole process tree is stopped however it ends.
+async fn watch(
+    mut child: Child,
+    p: &Prepared<'_>,
+    workspace: &Path,
+    events: &Events,
+    cancel: &CancellationToken,
+) -> Ended {
+    let pgid = child.id();
+    let mut guard = process::TreeGuard::new(pgid);
+    if let Some(mut stdin) = child.stdin.take() {
+        let prompt = p.prompt.clone();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(prompt.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        });
     }
+    let stderr = child.stderr.take().map(|e| process::tail(e, STDERR_TAIL));
+    let mut stream = Stream::new(workspace);
+    let cancelled = match child.stdout.take() {
+        Some(stdout) => read(stdout, &mut stream, p, events, cancel).await,
+        None => false,
+    };
+    let (status, cancelled) =
+        wait_exit(&mut child, cancelled, stream.result.is_some(), cancel).await;
+    if let Some(pgid) = pgid {
+        process::kill_leftovers(pgid);
+    }
+    guard.disarm();
+    let err_tail = match stderr {
+        Some(h) => h.await.unwrap_or_default(),
+        None => String::new(),
+    };
+    Ended {
+        stream,
+        status,
+        cancelled,
+        err_tail,
+    }
+}
 
-    #[test]
-    fn long_event_text_is_cut_on_a_char_boundary() {
-        let s = "é".repeat(10);
-        let c = cut(&s, 5);
-        assert!(c.starts_with("éé…"), "{c}");
-        assert_eq!(cut("short", 10), "short");
+/// Feeds the CLI's output to `stream` until the result line, the end of the output or
+/// `cancel`; true when cancelled.
+async fn read(
+    stdout: ChildStdout,
+    stream: &mut Stream,
+    p: &Prepared<'_>,
+    events: &Events,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return true,
+            line = lines.next_line() => match line {
+                Ok(Some(l)) => if stream.line(&l, events, p) { return false },
+                Ok(None) => return false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claude-code: reading its output failed");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the CLI to exit after its output ended, stopping it when it was `cancelled`,
+/// takes longer than [`EXIT_GRACE`] or the job is cancelled meanwhile. The exit status
+/// (`None`: stopped), and whether the job counts as cancelled (not when the result came).
+async fn wait_exit(
+    child: &mut Child,
+    cancelled: bool,
+    has_result: bool,
+    cancel: &CancellationToken,
+) -> (Option<ExitStatus>, bool) {
+    if cancelled {
+        process::terminate(child, process::KILL_GRACE).await;
+        return (None, true);
+    }
+    tokio::select! {
+        s = tokio::time::timeout(EXIT_GRACE, child.wait()) => match s {
+            Ok(Ok(s)) => (Some(s), false),
+            _ => {
+                process::terminate(child, process::KILL_GRACE).await;
+                (None, false)
+            }
+        },
+        _ = cancel.cancelled() => {
+            process::terminate(child, process::KILL_GRACE).await;
+            (None, !has_result)
+        }
+    }
+}
+
+/// The session to store: the CLI's transcript of this turn (see [`transcript::collect`],
+/// which also removes the worker's copy).
+async fn collect_session(
+    p: &Prepared<'_>,
+    config_dir: &Path,
+    dir: &WorkDir,
+    stream: &Stream,
+) -> Option<Snapshot> {
+    let session_id = stream.session_id.as_deref()?;
+    let cwd = stream
+        .cwd
+        .clone()
+        .unwrap_or_else(|| dir.path.display().to_string());
+    let bytes = transcript::collect(
+        config_dir,
+        &cwd,
+        session_id,
+        stream.result.is_some(),
+        dir.is_scratch(),
+    )
+    .await?;
+    Some(Snapshot {
+        backend: NAME.into(),
+        session_id: Some(session_id.to_string()),
+        workspace: cwd,
+        turn: Snapshot::next_turn(p.session.as_ref()),
+        bytes,
+    })
+}
+
+/// The report of a run cut short (cancelled, or the CLI died without a result): what it
+/// spent so far is the running estimate.
+async fn cut_short(p: &Prepared<'_>, dir: WorkDir, ended: Ended, model: Option<String>) -> Report {
+    let Ended {
+        stream,
+        status,
+        cancelled,
+        err_tail,
+    } = ended;
+    let cost_usd = p.cost(model.as_deref(), &stream.running);
+    let (reason, message) = if cancelled {
+        (FailureReason::Cancelled, "agent stopped".to_string())
+    } else {
+        let why = stream
+            .synthetic
+            .or_else(|| (!err_tail.is_empty()).then(|| cut(&err_tail, 1000)))
+            .unwrap_or_else(|| "no output".into());
+        let status = status.map_or("was killed".to_string(), |s| format!("exited with {s}"));
+        let reason = match &stream.last_retry {
+            Some((Some(s), _)) => http::status_reason(*s as u16).0,
+            _ => FailureReason::AgentError,
+        };
+        (
+            reason,
+            format!("the Claude Code CLI {status} before its result: {why}"),
+        )
+    };
+    let changes = dir.finish(p.job, false, stream.files).await;
+    let output = AgentOutput {
+        outcome: Outcome::Failure { reason, message },
+        output: String::new(),
+        usage: stream.running,
+        cost_usd,
+        files_read: changes.files_read,
+        files_written: changes.files_written,
+        diff: changes.diff,
+        git: changes.git,
+    };
+    Report {
+        output,
+        backend: NAME,
+        model,
+        context: None,
+        session: None,
+    }
+}
+
+/// The report of a run that ended with its `result` line: usage and cost from that line,
+/// the answer judged, and the work kept (a git workspace commits and pushes here).
+async fn finished(
+    p: &Prepared<'_>,
+    events: &Events,
+    dir: WorkDir,
+    ended: Ended,
+    result: Value,
+    model: Option<String>,
+    session: Option<Snapshot>,
+) -> Report {
+    let Ended { stream, status, .. } = ended;
+    let usage = result.get("usage").map(usage_of).unwrap_or(stream.running);
+    let reported = result.get("total_cost_usd").and_then(Value::as_f64);
+    // The CLI's own figure wins; a model it has no price for shows as 0 there.
+    let cost_usd = match reported {
+        Some(c) if c > 0.0 || usage.total() == 0 => c,
+        _ => p.cost(model.as_deref(), &usage),
+    };
+    events.send(EventKind::Usage { usage, cost_usd });
+    let context = context_use(p, &result, model.as_deref(), stream.last_request);
+    let (outcome, output) = judge(p, &result, &stream);
+    // A git workspace commits and pushes here; a push that fails fails the job.
+    let changes = dir.finish(p.job, outcome.is_success(), stream.files).await;
+    let outcome = changes.outcome(outcome);
+    tracing::debug!(session_id = stream.session_id.as_deref().unwrap_or(""), exit = ?status, "claude-code finished");
+    let session = session.filter(|_| outcome.is_success());
+    Report {
+        session,
+        output: AgentOutput {
+            outcome,
+            output,
+            usage,
+            cost_usd,
+            files_read: changes.files_read,
+            files_written: changes.files_written,
+            diff: changes.diff,
+            git: changes.git,
+        },
+        backend: NAME,
+        model,
+        context,
+    }
+}
+
+/// How full the context window was on the last top-level request: the window from the
+/// result's `modelUsage`, else the price table's.
+fn context_use(
+    p: &Prepared<'_>,
+    result: &Value,
+    model: Option<&str>,
+    last_request: Option<Usage>,
+) -> Option<ContextUse> {
+    let window = result
+        .get("modelUsage")
+        .and_then(Value::as_object)
+        .and_then(|m| {
+            model
+                .and_then(|name| m.get(name))
+                .or_else(|| m.values().next())
+                .and_then(|u| u.get("contextWindow"))
+                .and_then(Value::as_u64)
+        })
+        .or_else(|| model.and_then(|m| p.context_window(m)));
+    match (last_request, window) {
+        (Some(u), Some(window)) if window > 0 => Some(ContextUse {
+            tokens: u.input_tokens + u.cache_creation_tokens + u.cache_read_tokens,
+            window,
+        }),
+        _ => None,
+    }
+}
+
+/// The outcome and answer of a `result` line: an error it reports (see [`failure`]), a
+/// planner with no answer, or the answer (the result's text, else what the agent wrote).
+fn judge(p: &Prepared<'_>, result: &Value, stream: &Stream) -> (Outcome, String) {
+    let is_error = result
+        .get("is_error")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let subtype = result.get("subtype").and_then(Value::as_str).unwrap_or("");
+    let answer = result
+        .get("result")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| stream.texts.join("\n\n"));
+    if is_error || subtype != "success" {
+        let (reason, message) = failure(result, stream.last_retry.as_ref());
+        (Outcome::Failure { reason, message }, String::new())
+    } else if answer.trim().is_empty() && p.job.kind == JobKind::Plan {
+        (
+            Outcome::Failure {
+                reason: FailureReason::AgentError,
+                message: "the planner answered with no text".into(),
+            },
+            String::new(),
+        )
+    } else {
+        (Outcome::Success, answer)
     }
 }

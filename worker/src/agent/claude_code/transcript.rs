@@ -21,8 +21,6 @@ use orch_shared::subject::MAX_SESSION_BYTES;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The backend whose sessions these are.
-const BACKEND: &str = super::NAME;
 /// Longer project names are cut and get a hash of the path (the CLI's rule).
 const MAX_PROJECT_NAME: usize = 200;
 
@@ -180,19 +178,12 @@ pub async fn collect(
     config_dir: &Path,
     cwd: &str,
     session_id: &str,
-    turn: u32,
     keep: bool,
     scratch: bool,
-) -> Option<Snapshot> {
+) -> Option<Vec<u8>> {
     let path = find(config_dir, cwd, session_id).await;
-    let snapshot = match &path {
-        Some(path) if keep => read(path).await.map(|bytes| Snapshot {
-            backend: BACKEND.into(),
-            session_id: Some(session_id.to_string()),
-            workspace: cwd.to_string(),
-            turn,
-            bytes,
-        }),
+    let transcript = match &path {
+        Some(path) if keep => read(path).await,
         Some(_) => None,
         None => {
             if keep {
@@ -211,7 +202,7 @@ pub async fn collect(
         let _ =
             tokio::fs::remove_dir_all(config_dir.join("projects").join(project_name(cwd))).await;
     }
-    snapshot
+    transcript
 }
 
 async fn read(path: &Path) -> Option<Vec<u8>> {
@@ -283,7 +274,7 @@ mod tests {
         let line =
             serde_json::json!({"cwd": old, "sessionId": "s-1", "text": format!("file {old}/a.rs")});
         let snapshot = Snapshot {
-            backend: BACKEND.into(),
+            backend: crate::agent::claude_code::NAME.into(),
             session_id: Some("s-1".into()),
             workspace: old.into(),
             turn: 1,
@@ -305,12 +296,10 @@ mod tests {
 
         // Collecting reads the new transcript and leaves no local copy.
         std::fs::write(path.with_file_name("new-id.jsonl"), "{}\n").unwrap();
-        let s = collect(&config, &canon, "new-id", 2, true, true)
+        let bytes = collect(&config, &canon, "new-id", true, true)
             .await
             .unwrap();
-        assert_eq!(s.bytes, b"{}\n");
-        assert_eq!(s.turn, 2);
-        assert_eq!(s.session_id.as_deref(), Some("new-id"));
+        assert_eq!(bytes, b"{}\n");
         assert!(!path.parent().unwrap().exists());
         let _ = std::fs::remove_dir_all(&root);
     }
