@@ -518,6 +518,30 @@ pub async fn checkout(
     base_ref: &str,
     job: Option<&GitJob>,
 ) -> Result<Checkout, Error> {
+    let base_ref = check_inputs(dir, url, base_ref, job).await?;
+    clone_through_cache(dir, data_dir, url).await?;
+    let base_ref_commit = resolve_base_ref(dir, url, base_ref).await?;
+    check_out_start(dir, job, &base_ref_commit).await?;
+    let base = commit_of(dir, "HEAD")
+        .await
+        .ok_or_else(|| Error::internal("the clone has no HEAD after checkout"))?;
+    Ok(Checkout {
+        url: url.to_string(),
+        base_ref: base_ref.to_string(),
+        base_ref_commit,
+        base,
+        job: job.cloned(),
+    })
+}
+
+/// The ref to start from (`HEAD` when none is named), once the url, the ref and the job's
+/// branch names are known to be usable.
+async fn check_inputs<'a>(
+    dir: &Path,
+    url: &str,
+    base_ref: &'a str,
+    job: Option<&GitJob>,
+) -> Result<&'a str, Error> {
     if url.trim().is_empty() || url.starts_with('-') {
         return Err(Error::bad_request(format!(
             "workspace url `{url}` is not a repository url"
@@ -540,7 +564,12 @@ pub async fn checkout(
             }
         }
     }
+    Ok(base_ref)
+}
 
+/// Brings the clone cache of `url` up to date and clones from it into `dir`, with the
+/// committer identity of every clone.
+async fn clone_through_cache(dir: &Path, data_dir: &Path, url: &str) -> Result<(), Error> {
     let cache = cache_path(data_dir, url);
     let dir_s = dir.display().to_string();
     {
@@ -580,7 +609,11 @@ pub async fn checkout(
             )));
         }
     }
+    Ok(())
+}
 
+/// The commit `base_ref` names in the clone: a branch of `origin`, a tag, or any revision.
+async fn resolve_base_ref(dir: &Path, url: &str, base_ref: &str) -> Result<String, Error> {
     let candidates = if base_ref == "HEAD" {
         vec!["refs/remotes/origin/HEAD".to_string()]
     } else {
@@ -590,21 +623,25 @@ pub async fn checkout(
             base_ref.to_string(),
         ]
     };
-    let mut base_ref_commit = None;
     for c in &candidates {
         if let Some(commit) = commit_of(dir, c).await {
-            base_ref_commit = Some(commit);
-            break;
+            return Ok(commit);
         }
     }
-    let Some(base_ref_commit) = base_ref_commit else {
-        return Err(Error::bad_request(if base_ref == "HEAD" {
-            format!("{url} has no default branch (is it empty?)")
-        } else {
-            format!("ref `{base_ref}` does not exist in {url}")
-        }));
-    };
+    Err(Error::bad_request(if base_ref == "HEAD" {
+        format!("{url} has no default branch (is it empty?)")
+    } else {
+        format!("ref `{base_ref}` does not exist in {url}")
+    }))
+}
 
+/// Checks out where the job starts: the first of its parents' branches that exist, the others
+/// merged in order, else `base_ref_commit`; on the job's local branch when it has one.
+async fn check_out_start(
+    dir: &Path,
+    job: Option<&GitJob>,
+    base_ref_commit: &str,
+) -> Result<(), Error> {
     let mut starts = vec![];
     for b in job.map(|j| j.start.as_slice()).unwrap_or_default() {
         if let Some(commit) = commit_of(dir, &format!("refs/remotes/origin/{b}")).await {
@@ -613,7 +650,7 @@ pub async fn checkout(
     }
     let first = starts
         .first()
-        .map_or(base_ref_commit.clone(), |(_, c)| c.clone());
+        .map_or(base_ref_commit.to_string(), |(_, c)| c.clone());
     let out = match job {
         Some(j) => {
             git(
@@ -654,16 +691,7 @@ pub async fn checkout(
             }
         }
     }
-    let base = commit_of(dir, "HEAD")
-        .await
-        .ok_or_else(|| Error::internal("the clone has no HEAD after checkout"))?;
-    Ok(Checkout {
-        url: url.to_string(),
-        base_ref: base_ref.to_string(),
-        base_ref_commit,
-        base,
-        job: job.cloned(),
-    })
+    Ok(())
 }
 
 /// The commit message of `job`'s work: `<role>: <first line of the prompt>`, then its ids.
@@ -701,6 +729,9 @@ fn backoff(n: u32) -> Duration {
     Duration::from_millis(50 * u64::from(n) + rand::random_range(0..100))
 }
 
+/// A job branch of the task and its tip.
+type Tip = (String, String);
+
 impl Checkout {
     /// The job ended: commit and push its work when the agent succeeded (see the module docs).
     pub async fn finish(&self, dir: &Path, job: &JobSpec, success: bool) -> Result<Finish, Error> {
@@ -713,26 +744,29 @@ impl Checkout {
                 git: None,
             });
         };
-        let add = git(dir, &["add", "-A"]).await;
-        if !add.ok {
-            return Err(Error::internal(format!(
-                "failed to stage the agent's changes: {}",
-                add.why()
-            )));
-        }
-        let staged = git(dir, &["diff", "--cached", "--quiet"]).await;
-        if staged.code == Some(1) {
-            let out = git(dir, &["commit", "-q", "-m", &commit_message(job)]).await;
-            if !out.ok {
-                return Err(Error::internal(format!(
-                    "failed to commit the agent's changes: {}",
-                    out.why()
-                )));
-            }
-        }
-        let commit = commit_of(dir, "HEAD")
+        let commit = commit_work(dir, job).await?;
+        self.push_job_branch(dir, gj).await?;
+        let files = diff_names(dir, &[&self.base, &commit])
             .await
-            .ok_or_else(|| Error::internal("the clone has no HEAD after the commit"))?;
+            .unwrap_or_default();
+        let diff = diff(dir, &[&self.base, &commit]).await.unwrap_or_default();
+        let (merged, conflicts) = self.move_task_branch(dir, gj, &commit).await;
+        Ok(Finish {
+            files,
+            diff,
+            git: Some(GitOutcome {
+                branch: gj.branch.clone(),
+                commit,
+                base: self.base.clone(),
+                merged,
+                conflicts,
+            }),
+        })
+    }
+
+    /// Pushes `HEAD` to the job's branch with force (a redelivered attempt overwrites its own
+    /// branch), trying again after a short pause.
+    async fn push_job_branch(&self, dir: &Path, gj: &GitJob) -> Result<(), Error> {
         let target = format!("HEAD:refs/heads/{}", gj.branch);
         let mut pushed = git(dir, &["push", "-q", "--force", "origin", &target]).await;
         for n in 1..PUSH_ATTEMPTS {
@@ -750,22 +784,7 @@ impl Checkout {
                 pushed.why()
             )));
         }
-        let files = diff_names(dir, &[&self.base, &commit])
-            .await
-            .unwrap_or_default();
-        let diff = diff(dir, &[&self.base, &commit]).await.unwrap_or_default();
-        let (merged, conflicts) = self.move_task_branch(dir, gj, &commit).await;
-        Ok(Finish {
-            files,
-            diff,
-            git: Some(GitOutcome {
-                branch: gj.branch.clone(),
-                commit,
-                base: self.base.clone(),
-                merged,
-                conflicts,
-            }),
-        })
+        Ok(())
     }
 
     /// Moves the task branch to the merge of the task's job branches; `(merged, conflicts)`
@@ -801,92 +820,10 @@ impl Checkout {
         gj: &GitJob,
         own: &str,
     ) -> Result<(bool, Vec<String>), String> {
-        // The job branches are the ones next to this job's (`orch/<task>/...`).
-        let prefix = match gj.branch.rfind('/') {
-            Some(i) => format!("refs/heads/{}", &gj.branch[..=i]),
-            None => format!("refs/heads/{}", gj.branch),
-        };
         let task_ref = format!("refs/heads/{}", gj.task_branch);
-        let pattern = if prefix.ends_with('/') {
-            format!("{prefix}*")
-        } else {
-            prefix.clone()
-        };
-        let listed = git(dir, &["ls-remote", "origin", &task_ref, &pattern]).await;
-        if !listed.ok {
-            return Err(format!(
-                "failed to list the task's branches: {}",
-                listed.why()
-            ));
-        }
-        let mut task_listed = false;
-        let mut jobs = vec![];
-        for line in listed.stdout.lines() {
-            let Some((_, name)) = line.split_once('\t') else {
-                continue;
-            };
-            if name == task_ref {
-                task_listed = true;
-            } else if name.starts_with(&prefix) && name != task_ref {
-                jobs.push(name.trim_start_matches("refs/heads/").to_string());
-            }
-        }
-        jobs.sort();
-        let mut refspecs = vec![];
-        if task_listed {
-            refspecs.push(format!("+{task_ref}:{SYNC_TASK}"));
-        } else {
-            let _ = git(dir, &["update-ref", "-d", SYNC_TASK]).await;
-        }
-        refspecs.extend(
-            jobs.iter()
-                .map(|j| format!("+refs/heads/{j}:{SYNC_JOBS}{j}")),
-        );
-        if !refspecs.is_empty() {
-            let mut args = vec!["fetch", "-q", "--no-tags", "origin"];
-            args.extend(refspecs.iter().map(String::as_str));
-            let fetched = git(dir, &args).await;
-            if !fetched.ok {
-                return Err(format!(
-                    "failed to fetch the task's branches: {}",
-                    fetched.why()
-                ));
-            }
-        }
-        let task_tip = if task_listed {
-            commit_of(dir, SYNC_TASK).await
-        } else {
-            None
-        };
-        let mut tips = vec![];
-        for j in &jobs {
-            if let Some(c) = commit_of(dir, &format!("{SYNC_JOBS}{j}")).await {
-                tips.push((j.clone(), c));
-            }
-        }
-        // Only the branches no later one contains.
-        let mut kept = vec![];
-        for (i, (name, tip)) in tips.iter().enumerate() {
-            let mut contained = false;
-            for (_, later) in &tips[i + 1..] {
-                if is_ancestor(dir, tip, later).await {
-                    contained = true;
-                    break;
-                }
-            }
-            if !contained {
-                kept.push((name.clone(), tip.clone()));
-            }
-        }
-        // What the task branch already holds goes first, so it stays merged.
-        let mut first = vec![];
-        let mut rest = vec![];
-        for b in kept {
-            match &task_tip {
-                Some(t) if is_ancestor(dir, &b.1, t).await => first.push(b),
-                _ => rest.push(b),
-            }
-        }
+        let (task_listed, jobs) = list_task_branches(dir, gj, &task_ref).await?;
+        let (task_tip, tips) = fetch_task_branches(dir, &task_ref, task_listed, &jobs).await?;
+        let order = merge_order(dir, task_tip.as_deref(), tips).await;
         let out = git(
             dir,
             &["checkout", "-q", "-f", "--detach", &self.base_ref_commit],
@@ -899,37 +836,12 @@ impl Checkout {
                 out.why()
             ));
         }
-        let mut conflicts = vec![];
-        for (name, tip) in first.iter().chain(&rest) {
-            let message = format!("Merge {name} into {}", gj.task_branch);
-            match merge(dir, tip, &message).await {
-                Merge::Merged => {}
-                Merge::Conflict(files) => {
-                    tracing::info!(branch = %name, files = ?files, "skipped a job branch that conflicts with the task branch");
-                    if is_ancestor(dir, own, tip).await {
-                        conflicts.extend(files);
-                    }
-                }
-                Merge::Failed(why) => return Err(format!("failed to merge {name}: {why}")),
-            }
-        }
+        let mut conflicts = merge_job_branches(dir, gj, own, &order).await?;
         let result = commit_of(dir, "HEAD")
             .await
             .ok_or("no HEAD after merging")?;
         if task_tip.as_deref() != Some(result.as_str()) {
-            let lease = format!(
-                "--force-with-lease={task_ref}:{}",
-                task_tip.as_deref().unwrap_or("")
-            );
-            let target = format!("HEAD:{task_ref}");
-            let pushed = git(dir, &["push", "-q", &lease, "origin", &target]).await;
-            if !pushed.ok {
-                return Err(format!(
-                    "failed to push {}: {}",
-                    gj.task_branch,
-                    pushed.why()
-                ));
-            }
+            push_task_branch(dir, gj, &task_ref, task_tip.as_deref()).await?;
         }
         let merged = is_ancestor(dir, own, &result).await;
         if !merged && conflicts.is_empty() {
@@ -940,6 +852,187 @@ impl Checkout {
         }
         Ok((merged, conflicts))
     }
+}
+
+/// Stages and commits everything the agent changed (when it changed anything) with a
+/// generated message; the commit the job ends on.
+async fn commit_work(dir: &Path, job: &JobSpec) -> Result<String, Error> {
+    let add = git(dir, &["add", "-A"]).await;
+    if !add.ok {
+        return Err(Error::internal(format!(
+            "failed to stage the agent's changes: {}",
+            add.why()
+        )));
+    }
+    let staged = git(dir, &["diff", "--cached", "--quiet"]).await;
+    if staged.code == Some(1) {
+        let out = git(dir, &["commit", "-q", "-m", &commit_message(job)]).await;
+        if !out.ok {
+            return Err(Error::internal(format!(
+                "failed to commit the agent's changes: {}",
+                out.why()
+            )));
+        }
+    }
+    commit_of(dir, "HEAD")
+        .await
+        .ok_or_else(|| Error::internal("the clone has no HEAD after the commit"))
+}
+
+/// Whether `origin` has the task branch `task_ref`, and the job branches of the task (the
+/// ones next to this job's, `orch/<task>/...`), in name order.
+async fn list_task_branches(
+    dir: &Path,
+    gj: &GitJob,
+    task_ref: &str,
+) -> Result<(bool, Vec<String>), String> {
+    let prefix = match gj.branch.rfind('/') {
+        Some(i) => format!("refs/heads/{}", &gj.branch[..=i]),
+        None => format!("refs/heads/{}", gj.branch),
+    };
+    let pattern = if prefix.ends_with('/') {
+        format!("{prefix}*")
+    } else {
+        prefix.clone()
+    };
+    let listed = git(dir, &["ls-remote", "origin", task_ref, &pattern]).await;
+    if !listed.ok {
+        return Err(format!(
+            "failed to list the task's branches: {}",
+            listed.why()
+        ));
+    }
+    let mut task_listed = false;
+    let mut jobs = vec![];
+    for line in listed.stdout.lines() {
+        let Some((_, name)) = line.split_once('\t') else {
+            continue;
+        };
+        if name == task_ref {
+            task_listed = true;
+        } else if name.starts_with(&prefix) && name != task_ref {
+            jobs.push(name.trim_start_matches("refs/heads/").to_string());
+        }
+    }
+    jobs.sort();
+    Ok((task_listed, jobs))
+}
+
+/// Fetches the task branch (when `task_listed`) and the job branches `jobs` to the sync refs;
+/// the task branch's tip and the job branches' tips.
+async fn fetch_task_branches(
+    dir: &Path,
+    task_ref: &str,
+    task_listed: bool,
+    jobs: &[String],
+) -> Result<(Option<String>, Vec<Tip>), String> {
+    let mut refspecs = vec![];
+    if task_listed {
+        refspecs.push(format!("+{task_ref}:{SYNC_TASK}"));
+    } else {
+        let _ = git(dir, &["update-ref", "-d", SYNC_TASK]).await;
+    }
+    refspecs.extend(
+        jobs.iter()
+            .map(|j| format!("+refs/heads/{j}:{SYNC_JOBS}{j}")),
+    );
+    if !refspecs.is_empty() {
+        let mut args = vec!["fetch", "-q", "--no-tags", "origin"];
+        args.extend(refspecs.iter().map(String::as_str));
+        let fetched = git(dir, &args).await;
+        if !fetched.ok {
+            return Err(format!(
+                "failed to fetch the task's branches: {}",
+                fetched.why()
+            ));
+        }
+    }
+    let task_tip = if task_listed {
+        commit_of(dir, SYNC_TASK).await
+    } else {
+        None
+    };
+    let mut tips = vec![];
+    for j in jobs {
+        if let Some(c) = commit_of(dir, &format!("{SYNC_JOBS}{j}")).await {
+            tips.push((j.clone(), c));
+        }
+    }
+    Ok((task_tip, tips))
+}
+
+/// The job branches to merge, in order: only those no later one contains, and those the task
+/// branch (at `task_tip`) already holds first, so they stay merged.
+async fn merge_order(dir: &Path, task_tip: Option<&str>, tips: Vec<Tip>) -> Vec<Tip> {
+    let mut kept = vec![];
+    for (i, (name, tip)) in tips.iter().enumerate() {
+        let mut contained = false;
+        for (_, later) in &tips[i + 1..] {
+            if is_ancestor(dir, tip, later).await {
+                contained = true;
+                break;
+            }
+        }
+        if !contained {
+            kept.push((name.clone(), tip.clone()));
+        }
+    }
+    let mut first = vec![];
+    let mut rest = vec![];
+    for b in kept {
+        match task_tip {
+            Some(t) if is_ancestor(dir, &b.1, t).await => first.push(b),
+            _ => rest.push(b),
+        }
+    }
+    first.extend(rest);
+    first
+}
+
+/// Merges `order` into `HEAD`, skipping a branch that conflicts; the files of the conflicts
+/// that fall on `own` (this job's commit).
+async fn merge_job_branches(
+    dir: &Path,
+    gj: &GitJob,
+    own: &str,
+    order: &[Tip],
+) -> Result<Vec<String>, String> {
+    let mut conflicts = vec![];
+    for (name, tip) in order {
+        let message = format!("Merge {name} into {}", gj.task_branch);
+        match merge(dir, tip, &message).await {
+            Merge::Merged => {}
+            Merge::Conflict(files) => {
+                tracing::info!(branch = %name, files = ?files, "skipped a job branch that conflicts with the task branch");
+                if is_ancestor(dir, own, tip).await {
+                    conflicts.extend(files);
+                }
+            }
+            Merge::Failed(why) => return Err(format!("failed to merge {name}: {why}")),
+        }
+    }
+    Ok(conflicts)
+}
+
+/// Pushes `HEAD` to the task branch, if it is still at `task_tip` (another finisher may have
+/// moved it meanwhile).
+async fn push_task_branch(
+    dir: &Path,
+    gj: &GitJob,
+    task_ref: &str,
+    task_tip: Option<&str>,
+) -> Result<(), String> {
+    let lease = format!("--force-with-lease={task_ref}:{}", task_tip.unwrap_or(""));
+    let target = format!("HEAD:{task_ref}");
+    let pushed = git(dir, &["push", "-q", &lease, "origin", &target]).await;
+    if !pushed.ok {
+        return Err(format!(
+            "failed to push {}: {}",
+            gj.task_branch,
+            pushed.why()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
