@@ -295,9 +295,8 @@ mod tests {
     }
 
     fn backends(file: &str) -> Backends {
-        let dir = std::env::temp_dir().join(format!("orch-backends-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("w.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
         std::fs::write(&path, file).unwrap();
         let cfg = Args {
             config: Some(path),
@@ -305,7 +304,6 @@ mod tests {
         }
         .load()
         .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
         Backends::from_config(&cfg)
     }
 

@@ -1043,28 +1043,13 @@ mod tests {
     use orch_shared::ids::{JobId, TaskId};
     use orch_shared::job::{Backend, Workspace};
     use orch_shared::role::Role;
+    use tempfile::TempDir;
 
-    /// A temporary directory, removed on drop.
-    struct Tmp(PathBuf);
-
-    impl Tmp {
-        fn new() -> Self {
-            let p = std::env::temp_dir().join(format!("orch-git-{:016x}", rand::random::<u64>()));
-            std::fs::create_dir_all(&p).unwrap();
-            Tmp(p)
-        }
-
-        fn dir(&self, name: &str) -> PathBuf {
-            let p = self.0.join(name);
-            std::fs::create_dir_all(&p).unwrap();
-            p
-        }
-    }
-
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A directory `name` in `tmp`, made if missing.
+    fn subdir(tmp: &TempDir, name: &str) -> PathBuf {
+        let p = tmp.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
     }
 
     /// Runs a shell script in `dir`; its stdout, trimmed.
@@ -1087,23 +1072,25 @@ mod tests {
     }
 
     /// A bare repository with one commit on `main` (README.md); its path.
-    fn origin(tmp: &Tmp) -> String {
-        let seed = tmp.dir("seed");
+    fn origin(tmp: &TempDir) -> String {
+        let seed = subdir(tmp, "seed");
         sh(
-            &tmp.0,
+            tmp.path(),
             "git init -q --bare -b main origin.git && cd seed && git init -q -b main \
              && echo hello > README.md && git add . && git commit -qm init \
              && git push -q ../origin.git main",
         );
         let _ = seed;
-        tmp.0.join("origin.git").display().to_string()
+        tmp.path().join("origin.git").display().to_string()
     }
 
     /// Pushes a branch `name` to `origin`, made from `from` with `script` run in a clone.
-    fn push_branch(tmp: &Tmp, origin: &str, name: &str, from: &str, script: &str) -> String {
-        let dir = tmp.0.join(format!("push-{:08x}", rand::random::<u32>()));
+    fn push_branch(tmp: &TempDir, origin: &str, name: &str, from: &str, script: &str) -> String {
+        let dir = tmp
+            .path()
+            .join(format!("push-{:08x}", rand::random::<u32>()));
         sh(
-            &tmp.0,
+            tmp.path(),
             &format!(
                 "git clone -q {origin} {d} && cd {d} && git checkout -q -B {name} origin/{from} \
                  && {script} && git add -A && git commit -qm '{name}' && git push -q origin {name}",
@@ -1144,8 +1131,8 @@ mod tests {
     }
 
     /// Checks `job` out in a fresh directory of `tmp` with the worker data dir `data`.
-    async fn start(tmp: &Tmp, data: &Path, url: &str, job: &JobSpec) -> (PathBuf, Checkout) {
-        let dir = tmp.dir(&format!("ws-{}-{}", job.job_id, job.attempt));
+    async fn start(tmp: &TempDir, data: &Path, url: &str, job: &JobSpec) -> (PathBuf, Checkout) {
+        let dir = subdir(tmp, &format!("ws-{}-{}", job.job_id, job.attempt));
         let c = checkout(&dir, data, url, "main", Some(git_job(job)))
             .await
             .unwrap_or_else(|e| panic!("checkout: {e}"));
@@ -1153,8 +1140,8 @@ mod tests {
     }
 
     /// Checks `job` out, runs `script` as its agent, and finishes it.
-    async fn run(tmp: &Tmp, url: &str, job: &JobSpec, script: &str) -> Finish {
-        let (dir, c) = start(tmp, &tmp.0.join("data"), url, job).await;
+    async fn run(tmp: &TempDir, url: &str, job: &JobSpec, script: &str) -> Finish {
+        let (dir, c) = start(tmp, &tmp.path().join("data"), url, job).await;
         sh(&dir, script);
         c.finish(&dir, job, true)
             .await
@@ -1167,9 +1154,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_clone_cache_is_made_once_and_fetched_before_every_job() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
-        let data = tmp.dir("data");
+        let data = subdir(&tmp, "data");
         let task = TaskId::new();
         let first = spec(task, 0, Role::Builder, "one", vec![]);
         let (dir, c) = start(&tmp, &data, &url, &first).await;
@@ -1211,7 +1198,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_starts_from_the_parents_branches_that_exist_merged_in_order() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let p1 = push_branch(&tmp, &url, "p1", "main", "echo a > a.txt");
         let p2 = push_branch(&tmp, &url, "p2", "main", "echo b > b.txt");
@@ -1223,7 +1210,7 @@ mod tests {
             "review",
             vec!["missing".into(), "p1".into(), "p2".into()],
         );
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         assert!(dir.join("a.txt").is_file() && dir.join("b.txt").is_file());
         assert_eq!(
             sh(&dir, "git rev-parse HEAD^1"),
@@ -1240,14 +1227,14 @@ mod tests {
 
         // No parent branch exists: the job starts from base_ref.
         let job = spec(task, 3, Role::Tester, "t", vec!["missing".into()]);
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         assert_eq!(c.base, sh(Path::new(&url), "git rev-parse main"));
         assert!(!dir.join("a.txt").exists());
     }
 
     #[tokio::test]
     async fn parents_that_conflict_fail_the_job_with_the_branches_and_files() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         push_branch(&tmp, &url, "left", "main", "echo left > README.md");
         push_branch(&tmp, &url, "right", "main", "echo right > README.md");
@@ -1258,10 +1245,16 @@ mod tests {
             "x",
             vec!["left".into(), "right".into()],
         );
-        let dir = tmp.dir("ws");
-        let e = checkout(&dir, &tmp.0.join("data"), &url, "main", Some(git_job(&job)))
-            .await
-            .unwrap_err();
+        let dir = subdir(&tmp, "ws");
+        let e = checkout(
+            &dir,
+            &tmp.path().join("data"),
+            &url,
+            "main",
+            Some(git_job(&job)),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.reason, FailureReason::BadRequest);
         assert_eq!(
             e.message,
@@ -1271,12 +1264,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_repository_is_a_network_failure_and_a_missing_ref_a_bad_request() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
-        let missing = tmp.0.join("nowhere.git").display().to_string();
+        let missing = tmp.path().join("nowhere.git").display().to_string();
         let e = checkout(
-            &tmp.dir("a"),
-            &tmp.0.join("data"),
+            &subdir(&tmp, "a"),
+            &tmp.path().join("data"),
             &missing,
             "main",
             Some(git_job(&job)),
@@ -1293,8 +1286,8 @@ mod tests {
         );
         let url = origin(&tmp);
         let e = checkout(
-            &tmp.dir("b"),
-            &tmp.0.join("data"),
+            &subdir(&tmp, "b"),
+            &tmp.path().join("data"),
             &url,
             "no-such-ref",
             None,
@@ -1310,8 +1303,8 @@ mod tests {
         let main = sh(Path::new(&url), "git rev-parse main");
         for r in ["HEAD", &main[..12]] {
             let c = checkout(
-                &tmp.dir(&format!("c-{r}")),
-                &tmp.0.join("data"),
+                &subdir(&tmp, &format!("c-{r}")),
+                &tmp.path().join("data"),
                 &url,
                 r,
                 None,
@@ -1324,7 +1317,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_commits_its_work_with_a_generated_message_and_pushes_its_branch() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
         let prompt = format!("Add the greeting {}\nand more lines", "x".repeat(80));
@@ -1387,10 +1380,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_whose_agent_failed_pushes_nothing() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         sh(&dir, "echo partial > p.txt");
         let f = c.finish(&dir, &job, false).await.unwrap();
         assert!(f.git.is_none());
@@ -1404,7 +1397,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_jobs_fast_forward_the_task_branch_and_see_each_other() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
         let a = spec(task, 0, Role::Analyst, "analyse", vec![]);
@@ -1439,10 +1432,10 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_finishers_both_land_in_the_task_branch() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
-        let data = tmp.0.join("data");
+        let data = tmp.path().join("data");
         let roles = [Role::Analyst, Role::Builder, Role::Tester, Role::Documenter];
         let mut started = vec![];
         for (i, role) in roles.into_iter().enumerate() {
@@ -1479,10 +1472,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_finisher_that_conflicts_is_skipped_and_reports_its_files() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
-        let data = tmp.0.join("data");
+        let data = tmp.path().join("data");
         // Both start from main; the later-named one finishes first and is merged.
         let a = spec(task, 0, Role::Builder, "a", vec![]);
         let b = spec(task, 1, Role::Builder, "b", vec![]);
@@ -1514,7 +1507,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_redelivered_attempt_overwrites_its_branch_and_the_task_branch() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
         let first = spec(task, 0, Role::Builder, "x", vec![]);
@@ -1535,13 +1528,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_that_cannot_push_its_branch_fails_with_a_network_reason() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         sh(&dir, "echo x > x.txt");
         // The remote goes away while the agent works.
-        std::fs::rename(&url, tmp.0.join("moved.git")).unwrap();
+        std::fs::rename(&url, tmp.path().join("moved.git")).unwrap();
         let e = c.finish(&dir, &job, true).await.unwrap_err();
         assert_eq!(e.reason, FailureReason::Network);
         assert!(

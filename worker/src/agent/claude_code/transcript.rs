@@ -77,18 +77,7 @@ pub fn project_name(cwd: &str) -> String {
 
 /// A random UUID (version 4), the form the CLI's session ids have.
 fn random_session_id() -> String {
-    let mut n: u128 = rand::random();
-    n = (n & !(0xf << 76)) | (0x4 << 76);
-    n = (n & !(0x3 << 62)) | (0x2 << 62);
-    let h = format!("{n:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// `s` as it appears inside a JSON string.
@@ -266,9 +255,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_restored_transcript_names_the_new_directory_and_a_fresh_session() {
-        let root = std::env::temp_dir().join(format!("orch-transcript-{}", rand::random::<u64>()));
-        let config = root.join("home/.claude");
-        let cwd = root.join("ws \"new\"");
+        let root = tempfile::tempdir().unwrap();
+        let config = root.path().join("home/.claude");
+        let cwd = root.path().join("ws \"new\"");
         std::fs::create_dir_all(&cwd).unwrap();
         let old = "/old/ws \"old\"";
         let line =
@@ -301,6 +290,5 @@ mod tests {
             .unwrap();
         assert_eq!(bytes, b"{}\n");
         assert!(!path.parent().unwrap().exists());
-        let _ = std::fs::remove_dir_all(&root);
     }
 }
