@@ -6,7 +6,11 @@
 //! - [`config`]: flags, environment and config file.
 //! - [`transport`]: the only code that knows NATS subjects and bytes.
 //! - [`state`]: the only code that knows Redis keys (registry, done markers).
-//! - [`agent`]: the agent backends behind one trait (sim, claude-code, anthropic, openai, command).
+//! - [`roles`]: what each role is told and which tools it may use.
+//! - [`agent`]: the agent backends behind one trait (sim, claude-code, anthropic, openai,
+//!   command), each given a [`agent::Prepared`] by the dispatcher [`agent::Backends`]; the
+//!   chat backends share [`agent::chat`], the Claude Code backend is a folder
+//!   (`claude_code/{mod,stream,transcript}.rs`); workspaces, git, processes and prices beside them.
 //! - [`runner`]: one job from pull to ack.
 //! - [`session`]: agents' sessions in the cluster (JetStream object store and Redis pointers),
 //!   so any worker can run the next turn of a conversation.
