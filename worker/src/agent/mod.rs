@@ -11,7 +11,7 @@
 //! another backend.
 //!
 //! Layout:
-//! - [`backends`]: [`Backends`], the worker's agent: picks the backend a job names and gives it
+//! - [`backends`]: [`backends::Backends`], the worker's agent: picks the backend a job names and gives it
 //!   the role's profile, the model, the workspace and the price table.
 //! - [`sim`]: the deterministic simulated agent.
 //! - [`claude_code`]: the Claude Code CLI, headless; [`claude_code::stream`] parses its
@@ -40,8 +40,6 @@ pub mod pricing;
 pub mod process;
 pub mod sim;
 pub mod workspace;
-
-pub use backends::Backends;
 
 use crate::roles::Profile;
 use crate::session::Snapshot;
@@ -215,7 +213,7 @@ pub trait Agent: Send + Sync {
         cancel: CancellationToken,
     ) -> BoxFuture<'a, AgentOutput>;
 
-    /// The backend that runs `job` (for `JobStarted`): [`Backends`] runs several.
+    /// The backend that runs `job` (for `JobStarted`): [`backends::Backends`] runs several.
     fn backend_for(&self, _job: &JobSpec) -> &'static str {
         self.name()
     }
