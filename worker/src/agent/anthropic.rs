@@ -49,6 +49,7 @@ enum Block {
 }
 
 /// What one successful request produced.
+#[derive(Default)]
 struct Message {
     text: Vec<String>,
     usage: Usage,
@@ -201,19 +202,11 @@ impl Anthropic {
             return Err(CallError::status(NAME, status.as_u16(), &headers, &text));
         }
         let mut stream = resp.bytes_stream().eventsource();
-        let mut blocks: BTreeMap<u64, Block> = BTreeMap::new();
-        let mut msg = Message {
-            text: vec![],
-            usage: Usage::default(),
-            stop_reason: None,
-            tools: vec![],
-        };
-        let mut started = false;
-        let mut thinking = false;
+        let mut reading = Reading::default();
         while let Some(ev) = stream.next().await {
             let ev = ev.map_err(|e| {
                 let mut err = CallError::network(format!("the Messages API stream broke: {e}"));
-                err.usage = msg.usage;
+                err.usage = reading.msg.usage;
                 err
             })?;
             let data: Value = match serde_json::from_str(&ev.data) {
@@ -225,116 +218,142 @@ impl Anthropic {
                 .and_then(Value::as_str)
                 .unwrap_or(ev.event.as_str())
                 .to_string();
-            match kind.as_str() {
-                "message_start" => {
-                    started = true;
-                    if let Some(usage) = data.pointer("/message/usage") {
-                        merge_usage(&mut msg.usage, usage);
-                    }
-                }
-                "content_block_start" => {
-                    let index = u(&data, "index").unwrap_or(0);
-                    let cb = data.get("content_block").cloned().unwrap_or(Value::Null);
-                    let block = match cb.get("type").and_then(Value::as_str) {
-                        Some("text") => {
-                            Block::Text(cb.get("text").and_then(Value::as_str).unwrap_or("").into())
-                        }
-                        Some("tool_use") | Some("server_tool_use") => Block::Tool {
-                            id: cb.get("id").and_then(Value::as_str).unwrap_or("").into(),
-                            name: cb.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                            json: String::new(),
-                        },
-                        Some("thinking") | Some("redacted_thinking") => {
-                            if !thinking {
-                                thinking = true;
-                                events.send(EventKind::Thinking);
-                            }
-                            Block::Other
-                        }
-                        _ => Block::Other,
-                    };
-                    blocks.insert(index, block);
-                }
-                "content_block_delta" => {
-                    let index = u(&data, "index").unwrap_or(0);
-                    let delta = data.get("delta").cloned().unwrap_or(Value::Null);
-                    match (
-                        blocks.get_mut(&index),
-                        delta.get("type").and_then(Value::as_str),
-                    ) {
-                        (Some(Block::Text(t)), Some("text_delta")) => {
-                            t.push_str(delta.get("text").and_then(Value::as_str).unwrap_or(""));
-                        }
-                        (Some(Block::Tool { json, .. }), Some("input_json_delta")) => {
-                            json.push_str(
-                                delta
-                                    .get("partial_json")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or(""),
-                            );
-                        }
-                        _ => {}
-                    }
-                }
-                "content_block_stop" => {
-                    let index = u(&data, "index").unwrap_or(0);
-                    match blocks.remove(&index) {
-                        Some(Block::Text(t)) if !t.is_empty() => {
-                            events.send(EventKind::Text { text: t.clone() });
-                            msg.text.push(t);
-                        }
-                        Some(Block::Tool { id, name, json }) => {
-                            let input: Value = if json.trim().is_empty() {
-                                json!({})
-                            } else {
-                                serde_json::from_str(&json).unwrap_or(Value::String(json))
-                            };
-                            events.send(EventKind::ToolCall {
-                                call_id: id,
-                                name: name.clone(),
-                                input: input.to_string(),
-                            });
-                            msg.tools.push(name);
-                        }
-                        _ => {}
-                    }
-                }
-                "message_delta" => {
-                    if let Some(r) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
-                        msg.stop_reason = Some(r.to_string());
-                    }
-                    if let Some(usage) = data.get("usage") {
-                        merge_usage(&mut msg.usage, usage);
-                    }
-                }
-                "message_stop" => return Ok(msg),
-                "error" => {
-                    let kind = data
-                        .pointer("/error/type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("error");
-                    let message = data
-                        .pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    let (reason, retryable) = http::error_type_reason(kind);
-                    let mut err = CallError::new(
-                        reason,
-                        retryable,
-                        format!("{NAME} stream error {kind}: {message}"),
-                    );
-                    err.usage = msg.usage;
-                    return Err(err);
-                }
-                _ => {}
+            if reading.event(&kind, &data, events)? {
+                return Ok(reading.msg);
             }
         }
-        let mut err = CallError::network(if started {
+        let mut err = CallError::network(if reading.started {
             "the Messages API stream ended before message_stop"
         } else {
             "the Messages API stream ended before message_start"
         });
-        err.usage = msg.usage;
+        err.usage = reading.msg.usage;
         Err(err)
+    }
+}
+
+/// What the stream of one request said so far.
+#[derive(Default)]
+struct Reading {
+    blocks: BTreeMap<u64, Block>,
+    msg: Message,
+    started: bool,
+    thinking: bool,
+}
+
+impl Reading {
+    /// Takes one event of the stream; true once the message is complete (`message_stop`).
+    fn event(&mut self, kind: &str, data: &Value, events: &Events) -> Result<bool, CallError> {
+        match kind {
+            "message_start" => {
+                self.started = true;
+                if let Some(usage) = data.pointer("/message/usage") {
+                    merge_usage(&mut self.msg.usage, usage);
+                }
+            }
+            "content_block_start" => self.block_start(data, events),
+            "content_block_delta" => self.block_delta(data),
+            "content_block_stop" => self.block_stop(data, events),
+            "message_delta" => {
+                if let Some(r) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    self.msg.stop_reason = Some(r.to_string());
+                }
+                if let Some(usage) = data.get("usage") {
+                    merge_usage(&mut self.msg.usage, usage);
+                }
+            }
+            "message_stop" => return Ok(true),
+            "error" => {
+                let kind = data
+                    .pointer("/error/type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
+                let message = data
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let (reason, retryable) = http::error_type_reason(kind);
+                let mut err = CallError::new(
+                    reason,
+                    retryable,
+                    format!("{NAME} stream error {kind}: {message}"),
+                );
+                err.usage = self.msg.usage;
+                return Err(err);
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    fn block_start(&mut self, data: &Value, events: &Events) {
+        let index = u(data, "index").unwrap_or(0);
+        let cb = data.get("content_block").cloned().unwrap_or(Value::Null);
+        let block = match cb.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                Block::Text(cb.get("text").and_then(Value::as_str).unwrap_or("").into())
+            }
+            Some("tool_use") | Some("server_tool_use") => Block::Tool {
+                id: cb.get("id").and_then(Value::as_str).unwrap_or("").into(),
+                name: cb.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                json: String::new(),
+            },
+            Some("thinking") | Some("redacted_thinking") => {
+                if !self.thinking {
+                    self.thinking = true;
+                    events.send(EventKind::Thinking);
+                }
+                Block::Other
+            }
+            _ => Block::Other,
+        };
+        self.blocks.insert(index, block);
+    }
+
+    fn block_delta(&mut self, data: &Value) {
+        let index = u(data, "index").unwrap_or(0);
+        let delta = data.get("delta").cloned().unwrap_or(Value::Null);
+        match (
+            self.blocks.get_mut(&index),
+            delta.get("type").and_then(Value::as_str),
+        ) {
+            (Some(Block::Text(t)), Some("text_delta")) => {
+                t.push_str(delta.get("text").and_then(Value::as_str).unwrap_or(""));
+            }
+            (Some(Block::Tool { json, .. }), Some("input_json_delta")) => {
+                json.push_str(
+                    delta
+                        .get("partial_json")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// A finished block: text for the answer, or a tool call (reported, never run).
+    fn block_stop(&mut self, data: &Value, events: &Events) {
+        let index = u(data, "index").unwrap_or(0);
+        match self.blocks.remove(&index) {
+            Some(Block::Text(t)) if !t.is_empty() => {
+                events.send(EventKind::Text { text: t.clone() });
+                self.msg.text.push(t);
+            }
+            Some(Block::Tool { id, name, json }) => {
+                let input: Value = if json.trim().is_empty() {
+                    json!({})
+                } else {
+                    serde_json::from_str(&json).unwrap_or(Value::String(json))
+                };
+                events.send(EventKind::ToolCall {
+                    call_id: id,
+                    name: name.clone(),
+                    input: input.to_string(),
+                });
+                self.msg.tools.push(name);
+            }
+            _ => {}
+        }
     }
 }

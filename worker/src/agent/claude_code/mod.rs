@@ -160,6 +160,9 @@ impl ClaudeCode {
         env
     }
 
+    /// One turn: the CLI's home (and the stored session) set up, the CLI started and watched
+    /// to its end, its transcript collected as the session, and the run reported from its
+    /// result line, or as cut short without one.
     pub async fn run(
         &self,
         p: &Prepared<'_>,
