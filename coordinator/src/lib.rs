@@ -290,7 +290,8 @@ fn flatten_campaign(
 
 /// A name for this coordinator replica: host, pid and a random suffix.
 fn coordinator_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let host = gethostname::gethostname()
+        .into_string()
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "coordinator".into());
     let nonce = std::time::SystemTime::now()

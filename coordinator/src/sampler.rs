@@ -107,7 +107,8 @@ pub fn spawn(
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    gethostname::gethostname()
+        .into_string()
         .map(|s| s.trim().to_string())
         .ok()
         .filter(|s| !s.is_empty())

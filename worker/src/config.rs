@@ -348,7 +348,8 @@ pub fn default_id() -> String {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    gethostname::gethostname()
+        .into_string()
         .map(|s| s.trim().to_string())
         .ok()
         .filter(|s| !s.is_empty())

@@ -6,7 +6,12 @@
 //! - [`config`]: flags, environment and config file.
 //! - [`transport`]: the only code that knows NATS subjects and bytes.
 //! - [`state`]: the only code that knows Redis keys (registry, done markers).
-//! - [`agent`]: the agent backends behind one trait (sim, claude-code, anthropic, openai, command).
+//! - [`roles`]: what each role is told and which tools it may use.
+//! - [`agent`]: the agent backends behind one trait (sim, claude-code, anthropic, openai,
+//!   command), each given an [`agent::Prepared`] by the dispatcher
+//!   [`agent::backends::Backends`]; the chat backends share [`agent::chat`], the Claude Code
+//!   backend is a folder (`claude_code/{mod,stream,transcript}.rs`); workspaces, git,
+//!   processes and prices beside them.
 //! - [`runner`]: one job from pull to ack.
 //! - [`session`]: agents' sessions in the cluster (JetStream object store and Redis pointers),
 //!   so any worker can run the next turn of a conversation.
@@ -145,7 +150,9 @@ pub async fn run(
         transport: transport.clone(),
         state: state.clone(),
         worker_id: id.clone(),
-        agent: Arc::new(agent::Backends::from_config(&config).with_sessions(sessions.clone())),
+        agent: Arc::new(
+            agent::backends::Backends::from_config(&config).with_sessions(sessions.clone()),
+        ),
         running: Default::default(),
         sessions: Some(sessions),
     });

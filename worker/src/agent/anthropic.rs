@@ -10,14 +10,14 @@
 //! billed too); cost comes from the price table.
 //!
 //! Sessions: the conversation is the JSON list of its messages (`{role, content}`, the
-//! user's prompt and the answer of every turn; the system prompt is not stored). A further
-//! turn sends the stored messages, then its own prompt, and stores the list with both added.
+//! user's prompt and the answer of every turn; the system prompt is not stored; see
+//! [`super::chat`]). A further turn sends the stored messages, then its own prompt, and stores
+//! the list with both added.
 
-use super::backends::Prepared;
+use super::chat::{self, Turn};
 use super::http::{self, CallError, Spent};
-use super::{AgentOutput, ContextUse, Events, Report};
+use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::ApiSettings;
-use crate::session::Snapshot;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use orch_shared::event::EventKind;
@@ -49,6 +49,7 @@ enum Block {
 }
 
 /// What one successful request produced.
+#[derive(Default)]
 struct Message {
     text: Vec<String>,
     usage: Usage,
@@ -58,119 +59,6 @@ struct Message {
 
 fn u(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
-}
-
-/// The messages of a stored conversation (none for a first turn); an error message when the
-/// stored session is not a message list. Shared with the `openai` backend, whose messages
-/// have the same `{role, content}` shape.
-pub fn history(backend: &str, session: Option<&Snapshot>) -> Result<Vec<Value>, String> {
-    let Some(s) = session else {
-        return Ok(vec![]);
-    };
-    match serde_json::from_slice::<Value>(&s.bytes) {
-        Ok(Value::Array(messages)) => Ok(messages),
-        _ => Err(format!(
-            "the stored session is not a {backend} message list"
-        )),
-    }
-}
-
-/// The session after a turn: the messages sent (`messages` ends with this turn's prompt)
-/// and the answer.
-pub fn session_after(
-    backend: &str,
-    p: &Prepared<'_>,
-    mut messages: Vec<Value>,
-    answer: &str,
-) -> Snapshot {
-    messages.push(json!({"role": "assistant", "content": answer}));
-    Snapshot {
-        backend: backend.into(),
-        session_id: None,
-        workspace: String::new(),
-        turn: Snapshot::next_turn(p.session.as_ref()),
-        bytes: serde_json::to_vec(&messages).unwrap_or_default(),
-    }
-}
-
-/// How an API backend's turn ended: the answer's outcome and text, the tokens of all its
-/// requests, and the context its last request used.
-pub struct Turn {
-    pub outcome: Outcome,
-    pub text: String,
-    pub usage: Usage,
-    pub context: Option<ContextUse>,
-}
-
-impl Turn {
-    /// The outcome of an answer that no API-specific reason failed: an empty answer fails,
-    /// one cut at the token limit succeeds (with a warning). Shared with the `openai` backend.
-    pub fn answered(text: &str, cut_at_limit: bool, model: &str) -> Outcome {
-        if text.is_empty() {
-            return Outcome::Failure {
-                reason: FailureReason::AgentError,
-                message: "the model answered with no text".into(),
-            };
-        }
-        if cut_at_limit {
-            tracing::warn!(model = %model, "answer cut at the token limit");
-        }
-        Outcome::Success
-    }
-
-    /// A turn whose request failed for good (after its retries): no answer. `usage` is what
-    /// its attempts were billed for.
-    pub fn failed(e: CallError, usage: Usage) -> Self {
-        Turn {
-            outcome: Outcome::Failure {
-                reason: e.reason,
-                message: e.message,
-            },
-            text: String::new(),
-            usage,
-            context: None,
-        }
-    }
-
-    /// The turn's report: its cost, a `usage` event, and when it succeeded the conversation
-    /// with its answer as the session (`messages` ends with this turn's prompt). Shared with
-    /// the `openai` backend.
-    pub fn report(
-        self,
-        backend: &'static str,
-        p: &Prepared<'_>,
-        events: &Events,
-        model: String,
-        messages: Vec<Value>,
-    ) -> Report {
-        let Turn {
-            outcome,
-            text,
-            usage,
-            context,
-        } = self;
-        let cost_usd = p.cost(Some(&model), &usage);
-        events.send(EventKind::Usage { usage, cost_usd });
-        let session = outcome
-            .is_success()
-            .then(|| session_after(backend, p, messages, &text));
-        Report {
-            session,
-            output: AgentOutput {
-                outcome,
-                output: text,
-                usage,
-                cost_usd,
-                files_read: vec![],
-                files_written: vec![],
-                diff: None,
-                git: None,
-            },
-            backend,
-            model: Some(model),
-            context,
-        }
-    }
 }
 
 /// Fields present in a `usage` object replace those of `into` (`message_delta` carries the
@@ -212,7 +100,7 @@ impl Anthropic {
         cancel: &CancellationToken,
     ) -> Report {
         let model = p.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-        let done = |output: super::AgentOutput, context| Report {
+        let done = |output: AgentOutput, context| Report {
             output,
             backend: NAME,
             model: Some(model.clone()),
@@ -221,18 +109,18 @@ impl Anthropic {
         };
         if self.settings.api_key.is_none() && self.settings.base_url.is_none() {
             return done(
-                super::AgentOutput::failure(
+                AgentOutput::failure(
                     FailureReason::BadRequest,
                     "the anthropic backend has no API key: set ANTHROPIC_API_KEY or [backends.anthropic] api_key",
                 ),
                 None,
             );
         }
-        let mut messages = match history(NAME, p.session.as_ref()) {
+        let mut messages = match chat::history(NAME, p.session.as_ref()) {
             Ok(m) => m,
             Err(message) => {
                 return done(
-                    super::AgentOutput::failure(FailureReason::BadRequest, message),
+                    AgentOutput::failure(FailureReason::BadRequest, message),
                     None,
                 );
             }
@@ -314,19 +202,11 @@ impl Anthropic {
             return Err(CallError::status(NAME, status.as_u16(), &headers, &text));
         }
         let mut stream = resp.bytes_stream().eventsource();
-        let mut blocks: BTreeMap<u64, Block> = BTreeMap::new();
-        let mut msg = Message {
-            text: vec![],
-            usage: Usage::default(),
-            stop_reason: None,
-            tools: vec![],
-        };
-        let mut started = false;
-        let mut thinking = false;
+        let mut reading = Reading::default();
         while let Some(ev) = stream.next().await {
             let ev = ev.map_err(|e| {
                 let mut err = CallError::network(format!("the Messages API stream broke: {e}"));
-                err.usage = msg.usage;
+                err.usage = reading.msg.usage;
                 err
             })?;
             let data: Value = match serde_json::from_str(&ev.data) {
@@ -338,116 +218,142 @@ impl Anthropic {
                 .and_then(Value::as_str)
                 .unwrap_or(ev.event.as_str())
                 .to_string();
-            match kind.as_str() {
-                "message_start" => {
-                    started = true;
-                    if let Some(usage) = data.pointer("/message/usage") {
-                        merge_usage(&mut msg.usage, usage);
-                    }
-                }
-                "content_block_start" => {
-                    let index = u(&data, "index").unwrap_or(0);
-                    let cb = data.get("content_block").cloned().unwrap_or(Value::Null);
-                    let block = match cb.get("type").and_then(Value::as_str) {
-                        Some("text") => {
-                            Block::Text(cb.get("text").and_then(Value::as_str).unwrap_or("").into())
-                        }
-                        Some("tool_use") | Some("server_tool_use") => Block::Tool {
-                            id: cb.get("id").and_then(Value::as_str).unwrap_or("").into(),
-                            name: cb.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                            json: String::new(),
-                        },
-                        Some("thinking") | Some("redacted_thinking") => {
-                            if !thinking {
-                                thinking = true;
-                                events.send(EventKind::Thinking);
-                            }
-                            Block::Other
-                        }
-                        _ => Block::Other,
-                    };
-                    blocks.insert(index, block);
-                }
-                "content_block_delta" => {
-                    let index = u(&data, "index").unwrap_or(0);
-                    let delta = data.get("delta").cloned().unwrap_or(Value::Null);
-                    match (
-                        blocks.get_mut(&index),
-                        delta.get("type").and_then(Value::as_str),
-                    ) {
-                        (Some(Block::Text(t)), Some("text_delta")) => {
-                            t.push_str(delta.get("text").and_then(Value::as_str).unwrap_or(""));
-                        }
-                        (Some(Block::Tool { json, .. }), Some("input_json_delta")) => {
-                            json.push_str(
-                                delta
-                                    .get("partial_json")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or(""),
-                            );
-                        }
-                        _ => {}
-                    }
-                }
-                "content_block_stop" => {
-                    let index = u(&data, "index").unwrap_or(0);
-                    match blocks.remove(&index) {
-                        Some(Block::Text(t)) if !t.is_empty() => {
-                            events.send(EventKind::Text { text: t.clone() });
-                            msg.text.push(t);
-                        }
-                        Some(Block::Tool { id, name, json }) => {
-                            let input: Value = if json.trim().is_empty() {
-                                json!({})
-                            } else {
-                                serde_json::from_str(&json).unwrap_or(Value::String(json))
-                            };
-                            events.send(EventKind::ToolCall {
-                                call_id: id,
-                                name: name.clone(),
-                                input: input.to_string(),
-                            });
-                            msg.tools.push(name);
-                        }
-                        _ => {}
-                    }
-                }
-                "message_delta" => {
-                    if let Some(r) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
-                        msg.stop_reason = Some(r.to_string());
-                    }
-                    if let Some(usage) = data.get("usage") {
-                        merge_usage(&mut msg.usage, usage);
-                    }
-                }
-                "message_stop" => return Ok(msg),
-                "error" => {
-                    let kind = data
-                        .pointer("/error/type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("error");
-                    let message = data
-                        .pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    let (reason, retryable) = http::error_type_reason(kind);
-                    let mut err = CallError::new(
-                        reason,
-                        retryable,
-                        format!("{NAME} stream error {kind}: {message}"),
-                    );
-                    err.usage = msg.usage;
-                    return Err(err);
-                }
-                _ => {}
+            if reading.event(&kind, &data, events)? {
+                return Ok(reading.msg);
             }
         }
-        let mut err = CallError::network(if started {
+        let mut err = CallError::network(if reading.started {
             "the Messages API stream ended before message_stop"
         } else {
             "the Messages API stream ended before message_start"
         });
-        err.usage = msg.usage;
+        err.usage = reading.msg.usage;
         Err(err)
+    }
+}
+
+/// What the stream of one request said so far.
+#[derive(Default)]
+struct Reading {
+    blocks: BTreeMap<u64, Block>,
+    msg: Message,
+    started: bool,
+    thinking: bool,
+}
+
+impl Reading {
+    /// Takes one event of the stream; true once the message is complete (`message_stop`).
+    fn event(&mut self, kind: &str, data: &Value, events: &Events) -> Result<bool, CallError> {
+        match kind {
+            "message_start" => {
+                self.started = true;
+                if let Some(usage) = data.pointer("/message/usage") {
+                    merge_usage(&mut self.msg.usage, usage);
+                }
+            }
+            "content_block_start" => self.block_start(data, events),
+            "content_block_delta" => self.block_delta(data),
+            "content_block_stop" => self.block_stop(data, events),
+            "message_delta" => {
+                if let Some(r) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    self.msg.stop_reason = Some(r.to_string());
+                }
+                if let Some(usage) = data.get("usage") {
+                    merge_usage(&mut self.msg.usage, usage);
+                }
+            }
+            "message_stop" => return Ok(true),
+            "error" => {
+                let kind = data
+                    .pointer("/error/type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
+                let message = data
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let (reason, retryable) = http::error_type_reason(kind);
+                let mut err = CallError::new(
+                    reason,
+                    retryable,
+                    format!("{NAME} stream error {kind}: {message}"),
+                );
+                err.usage = self.msg.usage;
+                return Err(err);
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    fn block_start(&mut self, data: &Value, events: &Events) {
+        let index = u(data, "index").unwrap_or(0);
+        let cb = data.get("content_block").cloned().unwrap_or(Value::Null);
+        let block = match cb.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                Block::Text(cb.get("text").and_then(Value::as_str).unwrap_or("").into())
+            }
+            Some("tool_use") | Some("server_tool_use") => Block::Tool {
+                id: cb.get("id").and_then(Value::as_str).unwrap_or("").into(),
+                name: cb.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                json: String::new(),
+            },
+            Some("thinking") | Some("redacted_thinking") => {
+                if !self.thinking {
+                    self.thinking = true;
+                    events.send(EventKind::Thinking);
+                }
+                Block::Other
+            }
+            _ => Block::Other,
+        };
+        self.blocks.insert(index, block);
+    }
+
+    fn block_delta(&mut self, data: &Value) {
+        let index = u(data, "index").unwrap_or(0);
+        let delta = data.get("delta").cloned().unwrap_or(Value::Null);
+        match (
+            self.blocks.get_mut(&index),
+            delta.get("type").and_then(Value::as_str),
+        ) {
+            (Some(Block::Text(t)), Some("text_delta")) => {
+                t.push_str(delta.get("text").and_then(Value::as_str).unwrap_or(""));
+            }
+            (Some(Block::Tool { json, .. }), Some("input_json_delta")) => {
+                json.push_str(
+                    delta
+                        .get("partial_json")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// A finished block: text for the answer, or a tool call (reported, never run).
+    fn block_stop(&mut self, data: &Value, events: &Events) {
+        let index = u(data, "index").unwrap_or(0);
+        match self.blocks.remove(&index) {
+            Some(Block::Text(t)) if !t.is_empty() => {
+                events.send(EventKind::Text { text: t.clone() });
+                self.msg.text.push(t);
+            }
+            Some(Block::Tool { id, name, json }) => {
+                let input: Value = if json.trim().is_empty() {
+                    json!({})
+                } else {
+                    serde_json::from_str(&json).unwrap_or(Value::String(json))
+                };
+                events.send(EventKind::ToolCall {
+                    call_id: id,
+                    name: name.clone(),
+                    input: input.to_string(),
+                });
+                self.msg.tools.push(name);
+            }
+            _ => {}
+        }
     }
 }

@@ -16,67 +16,19 @@ use super::anthropic::{self, Anthropic};
 use super::claude_code::{self, ClaudeCode};
 use super::command::{self, CommandAgent};
 use super::openai::{self, OpenAi};
-use super::pricing::{CLAUDE_CONTEXT_WINDOW, PriceTable};
+use super::pricing::PriceTable;
 use super::sim::Sim;
-use super::{Agent, AgentOutput, Events, Report};
+use super::{Agent, AgentOutput, Events, Prepared, Report};
 use crate::config::{Config, Models};
-use crate::roles::{self, Key, Profile, Roles};
+use crate::roles::{self, Key, Roles};
 use crate::session::{SessionStore, Snapshot};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use orch_shared::job::{Backend, FailureReason, JobSpec, Usage};
+use orch_shared::job::{Backend, FailureReason, JobSpec};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-
-/// Everything a backend needs for one job, worked out once.
-pub struct Prepared<'a> {
-    pub job: &'a JobSpec,
-    pub profile: &'a Profile,
-    /// The model to ask for, when one is known (the CLI picks its own otherwise).
-    pub model: Option<String>,
-    /// The user prompt: the job's prompt, constraints and forward context.
-    pub prompt: String,
-    pub prices: &'a PriceTable,
-    /// Where scratch workspaces go.
-    pub data_dir: &'a std::path::Path,
-    /// Models already warned about (no price), so the log says it once.
-    unpriced: &'a Mutex<BTreeSet<String>>,
-    /// For a further turn: the conversation so far, as stored after the turn it continues.
-    pub session: Option<Snapshot>,
-}
-
-impl Prepared<'_> {
-    /// The cost of `usage` on `model` from the price table; 0 (and a warning, once per
-    /// model) when the model has no price.
-    pub fn cost(&self, model: Option<&str>, usage: &Usage) -> f64 {
-        if usage.total() == 0 {
-            return 0.0;
-        }
-        match self.prices.cost(model, usage) {
-            Some(c) => c,
-            None => {
-                let name = model.unwrap_or("(unknown)").to_string();
-                if let Ok(mut seen) = self.unpriced.lock()
-                    && seen.insert(name.clone())
-                {
-                    tracing::warn!(model = %name, "no price for this model: its cost counts as 0 (add [prices.\"{name}\"] to the worker config)");
-                }
-                0.0
-            }
-        }
-    }
-
-    /// The context window of `model`: the price table's, else 200k for a Claude model.
-    pub fn context_window(&self, model: &str) -> Option<u64> {
-        self.prices.context_window(model).or_else(|| {
-            let bare = model.rsplit('/').next().unwrap_or(model);
-            (bare.starts_with("claude") || matches!(bare, "opus" | "sonnet" | "haiku"))
-                .then_some(CLAUDE_CONTEXT_WINDOW)
-        })
-    }
-}
 
 /// Every backend this worker can run.
 pub struct Backends {
@@ -343,9 +295,8 @@ mod tests {
     }
 
     fn backends(file: &str) -> Backends {
-        let dir = std::env::temp_dir().join(format!("orch-backends-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("w.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
         std::fs::write(&path, file).unwrap();
         let cfg = Args {
             config: Some(path),
@@ -353,7 +304,6 @@ mod tests {
         }
         .load()
         .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
         Backends::from_config(&cfg)
     }
 

@@ -9,10 +9,9 @@
 //! committed and pushed after a successful run. It reports no tokens and costs nothing. On
 //! cancellation its whole process tree is stopped.
 
-use super::backends::Prepared;
 use super::process;
 use super::workspace::{FileTracker, WorkDir};
-use super::{AgentOutput, Events, Report};
+use super::{AgentOutput, Events, Prepared, Report};
 use crate::config::{CommandSettings, PromptVia};
 use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, JobKind, Outcome, Usage};

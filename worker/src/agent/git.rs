@@ -518,6 +518,30 @@ pub async fn checkout(
     base_ref: &str,
     job: Option<&GitJob>,
 ) -> Result<Checkout, Error> {
+    let base_ref = check_inputs(dir, url, base_ref, job).await?;
+    clone_through_cache(dir, data_dir, url).await?;
+    let base_ref_commit = resolve_base_ref(dir, url, base_ref).await?;
+    check_out_start(dir, job, &base_ref_commit).await?;
+    let base = commit_of(dir, "HEAD")
+        .await
+        .ok_or_else(|| Error::internal("the clone has no HEAD after checkout"))?;
+    Ok(Checkout {
+        url: url.to_string(),
+        base_ref: base_ref.to_string(),
+        base_ref_commit,
+        base,
+        job: job.cloned(),
+    })
+}
+
+/// The ref to start from (`HEAD` when none is named), once the url, the ref and the job's
+/// branch names are known to be usable.
+async fn check_inputs<'a>(
+    dir: &Path,
+    url: &str,
+    base_ref: &'a str,
+    job: Option<&GitJob>,
+) -> Result<&'a str, Error> {
     if url.trim().is_empty() || url.starts_with('-') {
         return Err(Error::bad_request(format!(
             "workspace url `{url}` is not a repository url"
@@ -540,7 +564,12 @@ pub async fn checkout(
             }
         }
     }
+    Ok(base_ref)
+}
 
+/// Brings the clone cache of `url` up to date and clones from it into `dir`, with the
+/// committer identity of every clone.
+async fn clone_through_cache(dir: &Path, data_dir: &Path, url: &str) -> Result<(), Error> {
     let cache = cache_path(data_dir, url);
     let dir_s = dir.display().to_string();
     {
@@ -580,7 +609,11 @@ pub async fn checkout(
             )));
         }
     }
+    Ok(())
+}
 
+/// The commit `base_ref` names in the clone: a branch of `origin`, a tag, or any revision.
+async fn resolve_base_ref(dir: &Path, url: &str, base_ref: &str) -> Result<String, Error> {
     let candidates = if base_ref == "HEAD" {
         vec!["refs/remotes/origin/HEAD".to_string()]
     } else {
@@ -590,21 +623,25 @@ pub async fn checkout(
             base_ref.to_string(),
         ]
     };
-    let mut base_ref_commit = None;
     for c in &candidates {
         if let Some(commit) = commit_of(dir, c).await {
-            base_ref_commit = Some(commit);
-            break;
+            return Ok(commit);
         }
     }
-    let Some(base_ref_commit) = base_ref_commit else {
-        return Err(Error::bad_request(if base_ref == "HEAD" {
-            format!("{url} has no default branch (is it empty?)")
-        } else {
-            format!("ref `{base_ref}` does not exist in {url}")
-        }));
-    };
+    Err(Error::bad_request(if base_ref == "HEAD" {
+        format!("{url} has no default branch (is it empty?)")
+    } else {
+        format!("ref `{base_ref}` does not exist in {url}")
+    }))
+}
 
+/// Checks out where the job starts: the first of its parents' branches that exist, the others
+/// merged in order, else `base_ref_commit`; on the job's local branch when it has one.
+async fn check_out_start(
+    dir: &Path,
+    job: Option<&GitJob>,
+    base_ref_commit: &str,
+) -> Result<(), Error> {
     let mut starts = vec![];
     for b in job.map(|j| j.start.as_slice()).unwrap_or_default() {
         if let Some(commit) = commit_of(dir, &format!("refs/remotes/origin/{b}")).await {
@@ -613,7 +650,7 @@ pub async fn checkout(
     }
     let first = starts
         .first()
-        .map_or(base_ref_commit.clone(), |(_, c)| c.clone());
+        .map_or(base_ref_commit.to_string(), |(_, c)| c.clone());
     let out = match job {
         Some(j) => {
             git(
@@ -654,16 +691,7 @@ pub async fn checkout(
             }
         }
     }
-    let base = commit_of(dir, "HEAD")
-        .await
-        .ok_or_else(|| Error::internal("the clone has no HEAD after checkout"))?;
-    Ok(Checkout {
-        url: url.to_string(),
-        base_ref: base_ref.to_string(),
-        base_ref_commit,
-        base,
-        job: job.cloned(),
-    })
+    Ok(())
 }
 
 /// The commit message of `job`'s work: `<role>: <first line of the prompt>`, then its ids.
@@ -701,6 +729,9 @@ fn backoff(n: u32) -> Duration {
     Duration::from_millis(50 * u64::from(n) + rand::random_range(0..100))
 }
 
+/// A job branch of the task and its tip.
+type Tip = (String, String);
+
 impl Checkout {
     /// The job ended: commit and push its work when the agent succeeded (see the module docs).
     pub async fn finish(&self, dir: &Path, job: &JobSpec, success: bool) -> Result<Finish, Error> {
@@ -713,26 +744,29 @@ impl Checkout {
                 git: None,
             });
         };
-        let add = git(dir, &["add", "-A"]).await;
-        if !add.ok {
-            return Err(Error::internal(format!(
-                "failed to stage the agent's changes: {}",
-                add.why()
-            )));
-        }
-        let staged = git(dir, &["diff", "--cached", "--quiet"]).await;
-        if staged.code == Some(1) {
-            let out = git(dir, &["commit", "-q", "-m", &commit_message(job)]).await;
-            if !out.ok {
-                return Err(Error::internal(format!(
-                    "failed to commit the agent's changes: {}",
-                    out.why()
-                )));
-            }
-        }
-        let commit = commit_of(dir, "HEAD")
+        let commit = commit_work(dir, job).await?;
+        self.push_job_branch(dir, gj).await?;
+        let files = diff_names(dir, &[&self.base, &commit])
             .await
-            .ok_or_else(|| Error::internal("the clone has no HEAD after the commit"))?;
+            .unwrap_or_default();
+        let diff = diff(dir, &[&self.base, &commit]).await.unwrap_or_default();
+        let (merged, conflicts) = self.move_task_branch(dir, gj, &commit).await;
+        Ok(Finish {
+            files,
+            diff,
+            git: Some(GitOutcome {
+                branch: gj.branch.clone(),
+                commit,
+                base: self.base.clone(),
+                merged,
+                conflicts,
+            }),
+        })
+    }
+
+    /// Pushes `HEAD` to the job's branch with force (a redelivered attempt overwrites its own
+    /// branch), trying again after a short pause.
+    async fn push_job_branch(&self, dir: &Path, gj: &GitJob) -> Result<(), Error> {
         let target = format!("HEAD:refs/heads/{}", gj.branch);
         let mut pushed = git(dir, &["push", "-q", "--force", "origin", &target]).await;
         for n in 1..PUSH_ATTEMPTS {
@@ -750,22 +784,7 @@ impl Checkout {
                 pushed.why()
             )));
         }
-        let files = diff_names(dir, &[&self.base, &commit])
-            .await
-            .unwrap_or_default();
-        let diff = diff(dir, &[&self.base, &commit]).await.unwrap_or_default();
-        let (merged, conflicts) = self.move_task_branch(dir, gj, &commit).await;
-        Ok(Finish {
-            files,
-            diff,
-            git: Some(GitOutcome {
-                branch: gj.branch.clone(),
-                commit,
-                base: self.base.clone(),
-                merged,
-                conflicts,
-            }),
-        })
+        Ok(())
     }
 
     /// Moves the task branch to the merge of the task's job branches; `(merged, conflicts)`
@@ -801,92 +820,10 @@ impl Checkout {
         gj: &GitJob,
         own: &str,
     ) -> Result<(bool, Vec<String>), String> {
-        // The job branches are the ones next to this job's (`orch/<task>/...`).
-        let prefix = match gj.branch.rfind('/') {
-            Some(i) => format!("refs/heads/{}", &gj.branch[..=i]),
-            None => format!("refs/heads/{}", gj.branch),
-        };
         let task_ref = format!("refs/heads/{}", gj.task_branch);
-        let pattern = if prefix.ends_with('/') {
-            format!("{prefix}*")
-        } else {
-            prefix.clone()
-        };
-        let listed = git(dir, &["ls-remote", "origin", &task_ref, &pattern]).await;
-        if !listed.ok {
-            return Err(format!(
-                "failed to list the task's branches: {}",
-                listed.why()
-            ));
-        }
-        let mut task_listed = false;
-        let mut jobs = vec![];
-        for line in listed.stdout.lines() {
-            let Some((_, name)) = line.split_once('\t') else {
-                continue;
-            };
-            if name == task_ref {
-                task_listed = true;
-            } else if name.starts_with(&prefix) && name != task_ref {
-                jobs.push(name.trim_start_matches("refs/heads/").to_string());
-            }
-        }
-        jobs.sort();
-        let mut refspecs = vec![];
-        if task_listed {
-            refspecs.push(format!("+{task_ref}:{SYNC_TASK}"));
-        } else {
-            let _ = git(dir, &["update-ref", "-d", SYNC_TASK]).await;
-        }
-        refspecs.extend(
-            jobs.iter()
-                .map(|j| format!("+refs/heads/{j}:{SYNC_JOBS}{j}")),
-        );
-        if !refspecs.is_empty() {
-            let mut args = vec!["fetch", "-q", "--no-tags", "origin"];
-            args.extend(refspecs.iter().map(String::as_str));
-            let fetched = git(dir, &args).await;
-            if !fetched.ok {
-                return Err(format!(
-                    "failed to fetch the task's branches: {}",
-                    fetched.why()
-                ));
-            }
-        }
-        let task_tip = if task_listed {
-            commit_of(dir, SYNC_TASK).await
-        } else {
-            None
-        };
-        let mut tips = vec![];
-        for j in &jobs {
-            if let Some(c) = commit_of(dir, &format!("{SYNC_JOBS}{j}")).await {
-                tips.push((j.clone(), c));
-            }
-        }
-        // Only the branches no later one contains.
-        let mut kept = vec![];
-        for (i, (name, tip)) in tips.iter().enumerate() {
-            let mut contained = false;
-            for (_, later) in &tips[i + 1..] {
-                if is_ancestor(dir, tip, later).await {
-                    contained = true;
-                    break;
-                }
-            }
-            if !contained {
-                kept.push((name.clone(), tip.clone()));
-            }
-        }
-        // What the task branch already holds goes first, so it stays merged.
-        let mut first = vec![];
-        let mut rest = vec![];
-        for b in kept {
-            match &task_tip {
-                Some(t) if is_ancestor(dir, &b.1, t).await => first.push(b),
-                _ => rest.push(b),
-            }
-        }
+        let (task_listed, jobs) = list_task_branches(dir, gj, &task_ref).await?;
+        let (task_tip, tips) = fetch_task_branches(dir, &task_ref, task_listed, &jobs).await?;
+        let order = merge_order(dir, task_tip.as_deref(), tips).await;
         let out = git(
             dir,
             &["checkout", "-q", "-f", "--detach", &self.base_ref_commit],
@@ -899,37 +836,12 @@ impl Checkout {
                 out.why()
             ));
         }
-        let mut conflicts = vec![];
-        for (name, tip) in first.iter().chain(&rest) {
-            let message = format!("Merge {name} into {}", gj.task_branch);
-            match merge(dir, tip, &message).await {
-                Merge::Merged => {}
-                Merge::Conflict(files) => {
-                    tracing::info!(branch = %name, files = ?files, "skipped a job branch that conflicts with the task branch");
-                    if is_ancestor(dir, own, tip).await {
-                        conflicts.extend(files);
-                    }
-                }
-                Merge::Failed(why) => return Err(format!("failed to merge {name}: {why}")),
-            }
-        }
+        let mut conflicts = merge_job_branches(dir, gj, own, &order).await?;
         let result = commit_of(dir, "HEAD")
             .await
             .ok_or("no HEAD after merging")?;
         if task_tip.as_deref() != Some(result.as_str()) {
-            let lease = format!(
-                "--force-with-lease={task_ref}:{}",
-                task_tip.as_deref().unwrap_or("")
-            );
-            let target = format!("HEAD:{task_ref}");
-            let pushed = git(dir, &["push", "-q", &lease, "origin", &target]).await;
-            if !pushed.ok {
-                return Err(format!(
-                    "failed to push {}: {}",
-                    gj.task_branch,
-                    pushed.why()
-                ));
-            }
+            push_task_branch(dir, gj, &task_ref, task_tip.as_deref()).await?;
         }
         let merged = is_ancestor(dir, own, &result).await;
         if !merged && conflicts.is_empty() {
@@ -942,6 +854,187 @@ impl Checkout {
     }
 }
 
+/// Stages and commits everything the agent changed (when it changed anything) with a
+/// generated message; the commit the job ends on.
+async fn commit_work(dir: &Path, job: &JobSpec) -> Result<String, Error> {
+    let add = git(dir, &["add", "-A"]).await;
+    if !add.ok {
+        return Err(Error::internal(format!(
+            "failed to stage the agent's changes: {}",
+            add.why()
+        )));
+    }
+    let staged = git(dir, &["diff", "--cached", "--quiet"]).await;
+    if staged.code == Some(1) {
+        let out = git(dir, &["commit", "-q", "-m", &commit_message(job)]).await;
+        if !out.ok {
+            return Err(Error::internal(format!(
+                "failed to commit the agent's changes: {}",
+                out.why()
+            )));
+        }
+    }
+    commit_of(dir, "HEAD")
+        .await
+        .ok_or_else(|| Error::internal("the clone has no HEAD after the commit"))
+}
+
+/// Whether `origin` has the task branch `task_ref`, and the job branches of the task (the
+/// ones next to this job's, `orch/<task>/...`), in name order.
+async fn list_task_branches(
+    dir: &Path,
+    gj: &GitJob,
+    task_ref: &str,
+) -> Result<(bool, Vec<String>), String> {
+    let prefix = match gj.branch.rfind('/') {
+        Some(i) => format!("refs/heads/{}", &gj.branch[..=i]),
+        None => format!("refs/heads/{}", gj.branch),
+    };
+    let pattern = if prefix.ends_with('/') {
+        format!("{prefix}*")
+    } else {
+        prefix.clone()
+    };
+    let listed = git(dir, &["ls-remote", "origin", task_ref, &pattern]).await;
+    if !listed.ok {
+        return Err(format!(
+            "failed to list the task's branches: {}",
+            listed.why()
+        ));
+    }
+    let mut task_listed = false;
+    let mut jobs = vec![];
+    for line in listed.stdout.lines() {
+        let Some((_, name)) = line.split_once('\t') else {
+            continue;
+        };
+        if name == task_ref {
+            task_listed = true;
+        } else if name.starts_with(&prefix) && name != task_ref {
+            jobs.push(name.trim_start_matches("refs/heads/").to_string());
+        }
+    }
+    jobs.sort();
+    Ok((task_listed, jobs))
+}
+
+/// Fetches the task branch (when `task_listed`) and the job branches `jobs` to the sync refs;
+/// the task branch's tip and the job branches' tips.
+async fn fetch_task_branches(
+    dir: &Path,
+    task_ref: &str,
+    task_listed: bool,
+    jobs: &[String],
+) -> Result<(Option<String>, Vec<Tip>), String> {
+    let mut refspecs = vec![];
+    if task_listed {
+        refspecs.push(format!("+{task_ref}:{SYNC_TASK}"));
+    } else {
+        let _ = git(dir, &["update-ref", "-d", SYNC_TASK]).await;
+    }
+    refspecs.extend(
+        jobs.iter()
+            .map(|j| format!("+refs/heads/{j}:{SYNC_JOBS}{j}")),
+    );
+    if !refspecs.is_empty() {
+        let mut args = vec!["fetch", "-q", "--no-tags", "origin"];
+        args.extend(refspecs.iter().map(String::as_str));
+        let fetched = git(dir, &args).await;
+        if !fetched.ok {
+            return Err(format!(
+                "failed to fetch the task's branches: {}",
+                fetched.why()
+            ));
+        }
+    }
+    let task_tip = if task_listed {
+        commit_of(dir, SYNC_TASK).await
+    } else {
+        None
+    };
+    let mut tips = vec![];
+    for j in jobs {
+        if let Some(c) = commit_of(dir, &format!("{SYNC_JOBS}{j}")).await {
+            tips.push((j.clone(), c));
+        }
+    }
+    Ok((task_tip, tips))
+}
+
+/// The job branches to merge, in order: only those no later one contains, and those the task
+/// branch (at `task_tip`) already holds first, so they stay merged.
+async fn merge_order(dir: &Path, task_tip: Option<&str>, tips: Vec<Tip>) -> Vec<Tip> {
+    let mut kept = vec![];
+    for (i, (name, tip)) in tips.iter().enumerate() {
+        let mut contained = false;
+        for (_, later) in &tips[i + 1..] {
+            if is_ancestor(dir, tip, later).await {
+                contained = true;
+                break;
+            }
+        }
+        if !contained {
+            kept.push((name.clone(), tip.clone()));
+        }
+    }
+    let mut first = vec![];
+    let mut rest = vec![];
+    for b in kept {
+        match task_tip {
+            Some(t) if is_ancestor(dir, &b.1, t).await => first.push(b),
+            _ => rest.push(b),
+        }
+    }
+    first.extend(rest);
+    first
+}
+
+/// Merges `order` into `HEAD`, skipping a branch that conflicts; the files of the conflicts
+/// that fall on `own` (this job's commit).
+async fn merge_job_branches(
+    dir: &Path,
+    gj: &GitJob,
+    own: &str,
+    order: &[Tip],
+) -> Result<Vec<String>, String> {
+    let mut conflicts = vec![];
+    for (name, tip) in order {
+        let message = format!("Merge {name} into {}", gj.task_branch);
+        match merge(dir, tip, &message).await {
+            Merge::Merged => {}
+            Merge::Conflict(files) => {
+                tracing::info!(branch = %name, files = ?files, "skipped a job branch that conflicts with the task branch");
+                if is_ancestor(dir, own, tip).await {
+                    conflicts.extend(files);
+                }
+            }
+            Merge::Failed(why) => return Err(format!("failed to merge {name}: {why}")),
+        }
+    }
+    Ok(conflicts)
+}
+
+/// Pushes `HEAD` to the task branch, if it is still at `task_tip` (another finisher may have
+/// moved it meanwhile).
+async fn push_task_branch(
+    dir: &Path,
+    gj: &GitJob,
+    task_ref: &str,
+    task_tip: Option<&str>,
+) -> Result<(), String> {
+    let lease = format!("--force-with-lease={task_ref}:{}", task_tip.unwrap_or(""));
+    let target = format!("HEAD:{task_ref}");
+    let pushed = git(dir, &["push", "-q", &lease, "origin", &target]).await;
+    if !pushed.ok {
+        return Err(format!(
+            "failed to push {}: {}",
+            gj.task_branch,
+            pushed.why()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     //! Against real git and bare repositories in temporary directories.
@@ -950,28 +1043,13 @@ mod tests {
     use orch_shared::ids::{JobId, TaskId};
     use orch_shared::job::{Backend, Workspace};
     use orch_shared::role::Role;
+    use tempfile::TempDir;
 
-    /// A temporary directory, removed on drop.
-    struct Tmp(PathBuf);
-
-    impl Tmp {
-        fn new() -> Self {
-            let p = std::env::temp_dir().join(format!("orch-git-{:016x}", rand::random::<u64>()));
-            std::fs::create_dir_all(&p).unwrap();
-            Tmp(p)
-        }
-
-        fn dir(&self, name: &str) -> PathBuf {
-            let p = self.0.join(name);
-            std::fs::create_dir_all(&p).unwrap();
-            p
-        }
-    }
-
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A directory `name` in `tmp`, made if missing.
+    fn subdir(tmp: &TempDir, name: &str) -> PathBuf {
+        let p = tmp.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
     }
 
     /// Runs a shell script in `dir`; its stdout, trimmed.
@@ -994,23 +1072,25 @@ mod tests {
     }
 
     /// A bare repository with one commit on `main` (README.md); its path.
-    fn origin(tmp: &Tmp) -> String {
-        let seed = tmp.dir("seed");
+    fn origin(tmp: &TempDir) -> String {
+        let seed = subdir(tmp, "seed");
         sh(
-            &tmp.0,
+            tmp.path(),
             "git init -q --bare -b main origin.git && cd seed && git init -q -b main \
              && echo hello > README.md && git add . && git commit -qm init \
              && git push -q ../origin.git main",
         );
         let _ = seed;
-        tmp.0.join("origin.git").display().to_string()
+        tmp.path().join("origin.git").display().to_string()
     }
 
     /// Pushes a branch `name` to `origin`, made from `from` with `script` run in a clone.
-    fn push_branch(tmp: &Tmp, origin: &str, name: &str, from: &str, script: &str) -> String {
-        let dir = tmp.0.join(format!("push-{:08x}", rand::random::<u32>()));
+    fn push_branch(tmp: &TempDir, origin: &str, name: &str, from: &str, script: &str) -> String {
+        let dir = tmp
+            .path()
+            .join(format!("push-{:08x}", rand::random::<u32>()));
         sh(
-            &tmp.0,
+            tmp.path(),
             &format!(
                 "git clone -q {origin} {d} && cd {d} && git checkout -q -B {name} origin/{from} \
                  && {script} && git add -A && git commit -qm '{name}' && git push -q origin {name}",
@@ -1051,8 +1131,8 @@ mod tests {
     }
 
     /// Checks `job` out in a fresh directory of `tmp` with the worker data dir `data`.
-    async fn start(tmp: &Tmp, data: &Path, url: &str, job: &JobSpec) -> (PathBuf, Checkout) {
-        let dir = tmp.dir(&format!("ws-{}-{}", job.job_id, job.attempt));
+    async fn start(tmp: &TempDir, data: &Path, url: &str, job: &JobSpec) -> (PathBuf, Checkout) {
+        let dir = subdir(tmp, &format!("ws-{}-{}", job.job_id, job.attempt));
         let c = checkout(&dir, data, url, "main", Some(git_job(job)))
             .await
             .unwrap_or_else(|e| panic!("checkout: {e}"));
@@ -1060,8 +1140,8 @@ mod tests {
     }
 
     /// Checks `job` out, runs `script` as its agent, and finishes it.
-    async fn run(tmp: &Tmp, url: &str, job: &JobSpec, script: &str) -> Finish {
-        let (dir, c) = start(tmp, &tmp.0.join("data"), url, job).await;
+    async fn run(tmp: &TempDir, url: &str, job: &JobSpec, script: &str) -> Finish {
+        let (dir, c) = start(tmp, &tmp.path().join("data"), url, job).await;
         sh(&dir, script);
         c.finish(&dir, job, true)
             .await
@@ -1074,9 +1154,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_clone_cache_is_made_once_and_fetched_before_every_job() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
-        let data = tmp.dir("data");
+        let data = subdir(&tmp, "data");
         let task = TaskId::new();
         let first = spec(task, 0, Role::Builder, "one", vec![]);
         let (dir, c) = start(&tmp, &data, &url, &first).await;
@@ -1118,7 +1198,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_starts_from_the_parents_branches_that_exist_merged_in_order() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let p1 = push_branch(&tmp, &url, "p1", "main", "echo a > a.txt");
         let p2 = push_branch(&tmp, &url, "p2", "main", "echo b > b.txt");
@@ -1130,7 +1210,7 @@ mod tests {
             "review",
             vec!["missing".into(), "p1".into(), "p2".into()],
         );
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         assert!(dir.join("a.txt").is_file() && dir.join("b.txt").is_file());
         assert_eq!(
             sh(&dir, "git rev-parse HEAD^1"),
@@ -1147,14 +1227,14 @@ mod tests {
 
         // No parent branch exists: the job starts from base_ref.
         let job = spec(task, 3, Role::Tester, "t", vec!["missing".into()]);
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         assert_eq!(c.base, sh(Path::new(&url), "git rev-parse main"));
         assert!(!dir.join("a.txt").exists());
     }
 
     #[tokio::test]
     async fn parents_that_conflict_fail_the_job_with_the_branches_and_files() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         push_branch(&tmp, &url, "left", "main", "echo left > README.md");
         push_branch(&tmp, &url, "right", "main", "echo right > README.md");
@@ -1165,10 +1245,16 @@ mod tests {
             "x",
             vec!["left".into(), "right".into()],
         );
-        let dir = tmp.dir("ws");
-        let e = checkout(&dir, &tmp.0.join("data"), &url, "main", Some(git_job(&job)))
-            .await
-            .unwrap_err();
+        let dir = subdir(&tmp, "ws");
+        let e = checkout(
+            &dir,
+            &tmp.path().join("data"),
+            &url,
+            "main",
+            Some(git_job(&job)),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.reason, FailureReason::BadRequest);
         assert_eq!(
             e.message,
@@ -1178,12 +1264,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_repository_is_a_network_failure_and_a_missing_ref_a_bad_request() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
-        let missing = tmp.0.join("nowhere.git").display().to_string();
+        let missing = tmp.path().join("nowhere.git").display().to_string();
         let e = checkout(
-            &tmp.dir("a"),
-            &tmp.0.join("data"),
+            &subdir(&tmp, "a"),
+            &tmp.path().join("data"),
             &missing,
             "main",
             Some(git_job(&job)),
@@ -1200,8 +1286,8 @@ mod tests {
         );
         let url = origin(&tmp);
         let e = checkout(
-            &tmp.dir("b"),
-            &tmp.0.join("data"),
+            &subdir(&tmp, "b"),
+            &tmp.path().join("data"),
             &url,
             "no-such-ref",
             None,
@@ -1217,8 +1303,8 @@ mod tests {
         let main = sh(Path::new(&url), "git rev-parse main");
         for r in ["HEAD", &main[..12]] {
             let c = checkout(
-                &tmp.dir(&format!("c-{r}")),
-                &tmp.0.join("data"),
+                &subdir(&tmp, &format!("c-{r}")),
+                &tmp.path().join("data"),
                 &url,
                 r,
                 None,
@@ -1231,7 +1317,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_commits_its_work_with_a_generated_message_and_pushes_its_branch() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
         let prompt = format!("Add the greeting {}\nand more lines", "x".repeat(80));
@@ -1294,10 +1380,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_whose_agent_failed_pushes_nothing() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         sh(&dir, "echo partial > p.txt");
         let f = c.finish(&dir, &job, false).await.unwrap();
         assert!(f.git.is_none());
@@ -1311,7 +1397,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_jobs_fast_forward_the_task_branch_and_see_each_other() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
         let a = spec(task, 0, Role::Analyst, "analyse", vec![]);
@@ -1346,10 +1432,10 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_finishers_both_land_in_the_task_branch() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
-        let data = tmp.0.join("data");
+        let data = tmp.path().join("data");
         let roles = [Role::Analyst, Role::Builder, Role::Tester, Role::Documenter];
         let mut started = vec![];
         for (i, role) in roles.into_iter().enumerate() {
@@ -1386,10 +1472,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_finisher_that_conflicts_is_skipped_and_reports_its_files() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
-        let data = tmp.0.join("data");
+        let data = tmp.path().join("data");
         // Both start from main; the later-named one finishes first and is merged.
         let a = spec(task, 0, Role::Builder, "a", vec![]);
         let b = spec(task, 1, Role::Builder, "b", vec![]);
@@ -1421,7 +1507,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_redelivered_attempt_overwrites_its_branch_and_the_task_branch() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let task = TaskId::new();
         let first = spec(task, 0, Role::Builder, "x", vec![]);
@@ -1442,13 +1528,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_that_cannot_push_its_branch_fails_with_a_network_reason() {
-        let tmp = Tmp::new();
+        let tmp = tempfile::tempdir().unwrap();
         let url = origin(&tmp);
         let job = spec(TaskId::new(), 0, Role::Builder, "x", vec![]);
-        let (dir, c) = start(&tmp, &tmp.0.join("data"), &url, &job).await;
+        let (dir, c) = start(&tmp, &tmp.path().join("data"), &url, &job).await;
         sh(&dir, "echo x > x.txt");
         // The remote goes away while the agent works.
-        std::fs::rename(&url, tmp.0.join("moved.git")).unwrap();
+        std::fs::rename(&url, tmp.path().join("moved.git")).unwrap();
         let e = c.finish(&dir, &job, true).await.unwrap_err();
         assert_eq!(e.reason, FailureReason::Network);
         assert!(

@@ -145,26 +145,11 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     }
     let at = humantime::parse_rfc3339_weak(v)
         .ok()
-        .or_else(|| httpdate(v))?;
+        .or_else(|| httpdate::parse_http_date(v).ok())?;
     Some(
         at.duration_since(std::time::SystemTime::now())
             .unwrap_or_default(),
     )
-}
-
-/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the `retry-after` date form.
-fn httpdate(v: &str) -> Option<std::time::SystemTime> {
-    let parts: Vec<&str> = v.split_whitespace().collect();
-    let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == month)?
-        + 1;
-    humantime::parse_rfc3339(&format!("{year}-{month:02}-{day:0>2}T{time}Z")).ok()
 }
 
 /// What a sequence of requests cost, failed ones included.

@@ -3,15 +3,23 @@
 //! An agent reports progress through an [`Events`] sink (text, tool calls, usage) and returns
 //! an [`AgentOutput`]. It must stop promptly when its cancellation token fires.
 //!
+//! Every backend receives a [`Prepared`]: the job with what was worked out for it once (the
+//! role's profile, the model, the user prompt, the price table, the stored session).
+//!
+//! Imports run one way: [`backends`] uses the backends; a backend uses this module and the
+//! helpers (`chat`, `http`, `process`, `workspace`, `git`, `pricing`), never the dispatcher or
+//! another backend.
+//!
 //! Layout:
-//! - [`backends`]: [`Backends`], the worker's agent: picks the backend a job names and gives it
+//! - [`backends`]: [`backends::Backends`], the worker's agent: picks the backend a job names and gives it
 //!   the role's profile, the model, the workspace and the price table.
 //! - [`sim`]: the deterministic simulated agent.
-//! - [`claude_code`]: the Claude Code CLI, headless, its stream-json parsed into events.
-//! - [`transcript`]: the CLI's session transcripts, collected after a turn and restored
-//!   before the next one (on any worker).
+//! - [`claude_code`]: the Claude Code CLI, headless; [`claude_code::stream`] parses its
+//!   stream-json into events, [`claude_code::transcript`] collects its session transcripts
+//!   after a turn and restores them before the next one (on any worker).
 //! - [`anthropic`]: the Messages API with streaming, for planner and chat-style roles.
 //! - [`openai`]: any OpenAI-compatible chat-completions server, streaming.
+//! - [`chat`]: what those two share: the conversation as a message list, and how a turn ends.
 //! - [`command`]: any program that reads a prompt and writes its answer.
 //! - [`http`]: what the two HTTP backends share: retries honouring `retry-after`, failure
 //!   reasons by status.
@@ -22,6 +30,7 @@
 
 pub mod anthropic;
 pub mod backends;
+pub mod chat;
 pub mod claude_code;
 pub mod command;
 pub mod git;
@@ -30,16 +39,18 @@ pub mod openai;
 pub mod pricing;
 pub mod process;
 pub mod sim;
-pub mod transcript;
 pub mod workspace;
 
-pub use backends::Backends;
-
+use crate::roles::Profile;
 use crate::session::Snapshot;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, GitOutcome, JobSpec, Outcome, Usage};
+use pricing::{CLAUDE_CONTEXT_WINDOW, PriceTable};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -142,6 +153,54 @@ impl Events {
     }
 }
 
+/// Everything a backend needs for one job, worked out once.
+pub struct Prepared<'a> {
+    pub job: &'a JobSpec,
+    pub profile: &'a Profile,
+    /// The model to ask for, when one is known (the CLI picks its own otherwise).
+    pub model: Option<String>,
+    /// The user prompt: the job's prompt, constraints and forward context.
+    pub prompt: String,
+    pub prices: &'a PriceTable,
+    /// Where scratch workspaces go.
+    pub data_dir: &'a Path,
+    /// Models already warned about (no price), so the log says it once.
+    unpriced: &'a Mutex<BTreeSet<String>>,
+    /// For a further turn: the conversation so far, as stored after the turn it continues.
+    pub session: Option<Snapshot>,
+}
+
+impl Prepared<'_> {
+    /// The cost of `usage` on `model` from the price table; 0 (and a warning, once per
+    /// model) when the model has no price.
+    pub fn cost(&self, model: Option<&str>, usage: &Usage) -> f64 {
+        if usage.total() == 0 {
+            return 0.0;
+        }
+        match self.prices.cost(model, usage) {
+            Some(c) => c,
+            None => {
+                let name = model.unwrap_or("(unknown)").to_string();
+                if let Ok(mut seen) = self.unpriced.lock()
+                    && seen.insert(name.clone())
+                {
+                    tracing::warn!(model = %name, "no price for this model: its cost counts as 0 (add [prices.\"{name}\"] to the worker config)");
+                }
+                0.0
+            }
+        }
+    }
+
+    /// The context window of `model`: the price table's, else 200k for a Claude model.
+    pub fn context_window(&self, model: &str) -> Option<u64> {
+        self.prices.context_window(model).or_else(|| {
+            let bare = model.rsplit('/').next().unwrap_or(model);
+            (bare.starts_with("claude") || matches!(bare, "opus" | "sonnet" | "haiku"))
+                .then_some(CLAUDE_CONTEXT_WINDOW)
+        })
+    }
+}
+
 /// An agent backend.
 pub trait Agent: Send + Sync {
     /// The backend name reported in events.
@@ -154,7 +213,7 @@ pub trait Agent: Send + Sync {
         cancel: CancellationToken,
     ) -> BoxFuture<'a, AgentOutput>;
 
-    /// The backend that runs `job` (for `JobStarted`): [`Backends`] runs several.
+    /// The backend that runs `job` (for `JobStarted`): [`backends::Backends`] runs several.
     fn backend_for(&self, _job: &JobSpec) -> &'static str {
         self.name()
     }

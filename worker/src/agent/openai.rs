@@ -10,10 +10,9 @@
 //! Sessions as for `anthropic`: the stored conversation is its `{role, content}` messages
 //! without the system message, which every turn sends first.
 
-use super::anthropic::{self, Turn};
-use super::backends::Prepared;
+use super::chat::{self, Turn};
 use super::http::{self, CallError, Spent};
-use super::{ContextUse, Events, Report};
+use super::{ContextUse, Events, Prepared, Report};
 use crate::config::ApiSettings;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -76,7 +75,7 @@ impl OpenAi {
             );
         };
         let url = format!("{base}/chat/completions");
-        let mut messages = match anthropic::history(NAME, p.session.as_ref()) {
+        let mut messages = match chat::history(NAME, p.session.as_ref()) {
             Ok(m) => m,
             Err(message) => return fail(FailureReason::BadRequest, message),
         };

@@ -510,17 +510,17 @@ mod tests {
 
     #[tokio::test]
     async fn git_sees_files_a_shell_wrote_changed_or_deleted() {
-        let dir = std::env::temp_dir().join(format!("orch-git-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let sh = |script: &str| sh(&dir, script);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let sh = |script: &str| sh(dir, script);
         sh(
             "git init -q . && git config user.email t@t && git config user.name t \
             && echo a > a.txt && echo b > b.txt && echo d > dirty.txt \
             && git add . && git commit -qm init && echo changed-before > dirty.txt",
         );
-        let before = GitSnapshot::take(&dir).await.unwrap();
+        let before = GitSnapshot::take(dir).await.unwrap();
         sh("echo new > new.txt && rm b.txt && sleep 0.01 && echo again >> dirty.txt");
-        let mut changed = git_changes(&dir, Some(&before)).await;
+        let mut changed = git_changes(dir, Some(&before)).await;
         changed.iter_mut().for_each(|p| {
             *p = Path::new(p)
                 .file_name()
@@ -529,10 +529,9 @@ mod tests {
                 .to_string()
         });
         assert_eq!(changed, ["b.txt", "dirty.txt", "new.txt"]);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        assert!(GitSnapshot::take(&dir).await.is_none(), "not a repository");
-        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        assert!(GitSnapshot::take(dir).await.is_none(), "not a repository");
     }
 
     fn job(workspace: Workspace) -> JobSpec {
@@ -562,9 +561,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_scratch_workspace_reports_the_exact_diff_of_the_run() {
-        let data = std::env::temp_dir().join(format!("orch-scratch-{}", rand::random::<u64>()));
+        let data = tempfile::tempdir().unwrap();
         let j = job(Workspace::Scratch);
-        let dir = WorkDir::prepare(&j, &data, &CancellationToken::new())
+        let dir = WorkDir::prepare(&j, data.path(), &CancellationToken::new())
             .await
             .unwrap();
         std::fs::create_dir_all(dir.path.join("sub")).unwrap();
@@ -582,14 +581,13 @@ mod tests {
         assert!(changes.git.is_none() && changes.failure.is_none());
         drop(dir);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let _ = std::fs::remove_dir_all(&data);
     }
 
     #[tokio::test]
     async fn a_local_workspace_in_a_repository_gets_the_diff_of_the_files_that_changed() {
-        let ws = std::env::temp_dir().join(format!("orch-local-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&ws).unwrap();
-        let sh = |script: &str| sh(&ws, script);
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path();
+        let sh = |script: &str| sh(ws, script);
         sh(
             "git init -q . && git config user.email t@t && git config user.name t \
             && echo a > a.txt && echo same > same.txt && git add . && git commit -qm init",
@@ -616,6 +614,5 @@ mod tests {
             ws.join("a.txt").is_file(),
             "a local workspace is never removed"
         );
-        let _ = std::fs::remove_dir_all(&ws);
     }
 }

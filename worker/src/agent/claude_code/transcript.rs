@@ -21,8 +21,6 @@ use orch_shared::subject::MAX_SESSION_BYTES;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The backend whose sessions these are.
-const BACKEND: &str = super::claude_code::NAME;
 /// Longer project names are cut and get a hash of the path (the CLI's rule).
 const MAX_PROJECT_NAME: usize = 200;
 
@@ -79,18 +77,7 @@ pub fn project_name(cwd: &str) -> String {
 
 /// A random UUID (version 4), the form the CLI's session ids have.
 fn random_session_id() -> String {
-    let mut n: u128 = rand::random();
-    n = (n & !(0xf << 76)) | (0x4 << 76);
-    n = (n & !(0x3 << 62)) | (0x2 << 62);
-    let h = format!("{n:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// `s` as it appears inside a JSON string.
@@ -180,19 +167,12 @@ pub async fn collect(
     config_dir: &Path,
     cwd: &str,
     session_id: &str,
-    turn: u32,
     keep: bool,
     scratch: bool,
-) -> Option<Snapshot> {
+) -> Option<Vec<u8>> {
     let path = find(config_dir, cwd, session_id).await;
-    let snapshot = match &path {
-        Some(path) if keep => read(path).await.map(|bytes| Snapshot {
-            backend: BACKEND.into(),
-            session_id: Some(session_id.to_string()),
-            workspace: cwd.to_string(),
-            turn,
-            bytes,
-        }),
+    let transcript = match &path {
+        Some(path) if keep => read(path).await,
         Some(_) => None,
         None => {
             if keep {
@@ -211,7 +191,7 @@ pub async fn collect(
         let _ =
             tokio::fs::remove_dir_all(config_dir.join("projects").join(project_name(cwd))).await;
     }
-    snapshot
+    transcript
 }
 
 async fn read(path: &Path) -> Option<Vec<u8>> {
@@ -275,15 +255,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_restored_transcript_names_the_new_directory_and_a_fresh_session() {
-        let root = std::env::temp_dir().join(format!("orch-transcript-{}", rand::random::<u64>()));
-        let config = root.join("home/.claude");
-        let cwd = root.join("ws \"new\"");
+        let root = tempfile::tempdir().unwrap();
+        let config = root.path().join("home/.claude");
+        let cwd = root.path().join("ws \"new\"");
         std::fs::create_dir_all(&cwd).unwrap();
         let old = "/old/ws \"old\"";
         let line =
             serde_json::json!({"cwd": old, "sessionId": "s-1", "text": format!("file {old}/a.rs")});
         let snapshot = Snapshot {
-            backend: BACKEND.into(),
+            backend: crate::agent::claude_code::NAME.into(),
             session_id: Some("s-1".into()),
             workspace: old.into(),
             turn: 1,
@@ -305,13 +285,10 @@ mod tests {
 
         // Collecting reads the new transcript and leaves no local copy.
         std::fs::write(path.with_file_name("new-id.jsonl"), "{}\n").unwrap();
-        let s = collect(&config, &canon, "new-id", 2, true, true)
+        let bytes = collect(&config, &canon, "new-id", true, true)
             .await
             .unwrap();
-        assert_eq!(s.bytes, b"{}\n");
-        assert_eq!(s.turn, 2);
-        assert_eq!(s.session_id.as_deref(), Some("new-id"));
+        assert_eq!(bytes, b"{}\n");
         assert!(!path.parent().unwrap().exists());
-        let _ = std::fs::remove_dir_all(&root);
     }
 }
