@@ -215,6 +215,14 @@ static SETTLE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SETTLE_DAILY));
 static RESERVE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(RESERVE_DAILY));
+static CREATE_WITH_KEY_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CREATE_WITH_KEY));
+static CREATE_IF_ABSENT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CREATE_IF_ABSENT));
+static RENEW_LEAD_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RENEW_LEAD));
+static RELEASE_LEAD_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RELEASE_LEAD));
 
 /// The day hash's `spent`, `reserved`, `in`, `out`, `cw` and `cr` fields.
 type DayFields = (
@@ -349,7 +357,7 @@ impl State {
         let record = codec::encode(task);
         let id = task.id.to_string();
         if let Some(key) = &task.idempotency_key {
-            let script = redis::Script::new(CREATE_WITH_KEY);
+            let script = &*CREATE_WITH_KEY_SCRIPT;
             let mut call = script.prepare_invoke();
             call.key(idem_key(key))
                 .key(task_key(task.id))
@@ -393,7 +401,7 @@ impl State {
     /// first write that failed after the task's jobs were published.
     pub async fn ensure_task(&self, task: &Task) -> Result<(), Error> {
         let mut conn = self.conn.clone();
-        let script = redis::Script::new(CREATE_IF_ABSENT);
+        let script = &*CREATE_IF_ABSENT_SCRIPT;
         let mut call = script.prepare_invoke();
         let id = task.id.to_string();
         call.key(task_key(task.id))
@@ -890,7 +898,7 @@ impl State {
     /// Extends the leader lease; false if `id` no longer holds it.
     pub async fn renew_lead(&self, id: &str, ttl: Duration) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let held: i64 = redis::Script::new(RENEW_LEAD)
+        let held: i64 = RENEW_LEAD_SCRIPT
             .key(LEADER)
             .arg(id)
             .arg(ttl.as_millis() as u64)
@@ -902,7 +910,7 @@ impl State {
 
     pub async fn release_leader(&self, id: &str) -> Result<(), Error> {
         let mut conn = self.conn.clone();
-        let _: i64 = redis::Script::new(RELEASE_LEAD)
+        let _: i64 = RELEASE_LEAD_SCRIPT
             .key(LEADER)
             .arg(id)
             .invoke_async(&mut conn)

@@ -31,6 +31,8 @@ const DELETE_IDEM: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;
+static DELETE_IDEM_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(DELETE_IDEM));
 
 /// A window of the history: created at or after `since_ms`, before `until_ms`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -168,7 +170,7 @@ impl State {
             .await
             .map_err(redis_err("delete task"))?;
         if let Some(key) = &task.idempotency_key {
-            let _: i64 = redis::Script::new(DELETE_IDEM)
+            let _: i64 = DELETE_IDEM_SCRIPT
                 .key(idem_key(key))
                 .arg(&id)
                 .invoke_async(&mut conn)
