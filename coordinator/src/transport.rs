@@ -196,7 +196,7 @@ impl Transport {
             .name("orch-coordinator")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(orch_shared::nats_servers(url))
             .await
             .map_err(|source| Error::Connect {
                 url: orch_shared::redact_url(url),

@@ -45,8 +45,25 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// A URL fit for logs and error messages: any `user:password@` part is replaced by `***@`.
+/// The servers of a NATS URL setting: one URL, or several separated by commas
+/// (`nats://a:4222,nats://b:4222`, the usual way to give a client a cluster's seed list).
+pub fn nats_servers(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A URL (or a comma-separated list of them) fit for logs and error messages: any
+/// `user:password@` part is replaced by `***@`.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return nats_servers(url)
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -59,7 +76,20 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{nats_servers, redact_url};
+
+    #[test]
+    fn a_nats_url_may_list_several_servers() {
+        assert_eq!(nats_servers("nats://n1:4222"), ["nats://n1:4222"]);
+        assert_eq!(
+            nats_servers("nats://a:4222, nats://b:4222,"),
+            ["nats://a:4222", "nats://b:4222"]
+        );
+        assert_eq!(
+            redact_url("nats://u:p@a:4222,nats://b:4222"),
+            "nats://***@a:4222,nats://b:4222"
+        );
+    }
 
     #[test]
     fn credentials_never_reach_messages() {

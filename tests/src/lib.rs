@@ -278,6 +278,18 @@ pub struct Options {
     /// Environment variables for every worker (provider settings such as
     /// `ANTHROPIC_BASE_URL`); the test process's own environment is never changed.
     pub worker_env: Vec<(String, String)>,
+    /// NATS URLs listed before the cluster's own in every service's `--nats-url` (a server
+    /// list whose first seeds are down, say).
+    pub nats_seeds: Vec<String>,
+}
+
+impl Options {
+    /// What the services get as `--nats-url`: the seeds, then the cluster's server.
+    fn services_nats_url(&self, nats_url: &str) -> String {
+        let mut all = self.nats_seeds.clone();
+        all.push(nats_url.to_string());
+        all.join(",")
+    }
 }
 
 impl Default for Options {
@@ -290,6 +302,7 @@ impl Default for Options {
             coordinator_args: vec![],
             worker_args: vec![],
             worker_env: vec![],
+            nats_seeds: vec![],
         }
     }
 }
@@ -433,7 +446,7 @@ impl Cluster {
         let mut cmd = Command::new(workspace_bin("orch-worker"));
         cmd.args([
             "--nats-url",
-            &self.nats_url,
+            &self.opts.services_nats_url(&self.nats_url),
             "--redis-url",
             &self.redis_url,
             "--id",
@@ -674,7 +687,7 @@ fn start_coordinator(
         "--listen",
         listen,
         "--nats-url",
-        nats_url,
+        &opts.services_nats_url(nats_url),
         "--redis-url",
         redis_url,
     ])
@@ -743,7 +756,7 @@ impl Cluster {
         let mut cmd = Command::new(workspace_bin("orch-worker"));
         cmd.args([
             "--nats-url",
-            &self.nats_url,
+            &self.opts.services_nats_url(&self.nats_url),
             "--redis-url",
             &self.redis_url,
             "--id",

@@ -315,3 +315,25 @@ async fn cluster_events_filter_kinds_inside_batches_and_resume_there() {
     let resumed = open_cluster_events(&cluster, query, Some(call)).await;
     assert_eq!(read_until_end(resumed, &id).await, seen[2..].to_vec());
 }
+
+/// `--nats-url` takes a server list (`nats://a:4222,nats://b:4222`), the usual way to give a
+/// client a NATS cluster's seeds: coordinator and workers connect through the first seed that
+/// answers, here past one that is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_connect_through_a_nats_server_list_whose_first_seed_is_down() {
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let seed = format!("nats://127.0.0.1:{}", down.local_addr().unwrap().port());
+    drop(down);
+    let cluster = Cluster::start(Options {
+        nats_seeds: vec![seed],
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "x", "roles": ["builder", "tester"]}))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(30))
+        .await;
+    assert_completed(&cluster, &task);
+}
