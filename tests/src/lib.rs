@@ -227,7 +227,60 @@ pub fn redis(dir: &Path) -> (Server, String) {
     panic!("redis-server did not start on any of 5 free ports");
 }
 
+/// Starts `redis-server` serving only TLS on a random port, with a certificate for 127.0.0.1
+/// signed by a test CA; returns the server, its `rediss://` URL and the CA's PEM file (what a
+/// client must trust, e.g. through `SSL_CERT_FILE`).
+pub fn redis_tls(dir: &Path) -> (Server, String, PathBuf) {
+    let tls = dir.join("redis-tls");
+    std::fs::create_dir_all(&tls).expect("create the TLS dir");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "orch test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    let (ca_file, cert_file, key_file) = (
+        tls.join("ca.pem"),
+        tls.join("server.pem"),
+        tls.join("server.key"),
+    );
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_file, server.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    for _ in 0..5 {
+        let port = free_port();
+        let tls_args = [
+            "--port".to_string(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            cert_file.display().to_string(),
+            "--tls-key-file".into(),
+            key_file.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            ca_file.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        if let Some((server, _)) = redis_with(dir, port, &tls_args) {
+            return (server, format!("rediss://127.0.0.1:{port}"), ca_file);
+        }
+    }
+    panic!("redis-server (TLS) did not start on any of 5 free ports");
+}
+
 fn redis_on(dir: &Path, port: u16) -> Option<(Server, String)> {
+    redis_with(dir, port, &["--port".to_string(), port.to_string()])
+}
+
+/// Starts `redis-server` with `listen` (its port flags), waiting until `port` accepts.
+fn redis_with(dir: &Path, port: u16, listen: &[String]) -> Option<(Server, String)> {
     let bin = server_bin(
         "ORCH_REDIS_SERVER_BIN",
         "redis-server",
@@ -236,16 +289,10 @@ fn redis_on(dir: &Path, port: u16) -> Option<(Server, String)> {
     let data = dir.join("redis");
     std::fs::create_dir_all(&data).expect("create the redis dir");
     let mut cmd = Command::new(&bin);
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-    ])
-    .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-    .arg(&data);
+    cmd.args(listen)
+        .args(["--bind", "127.0.0.1", "--save", ""])
+        .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+        .arg(&data);
     let mut server = Server::spawn("redis", &mut cmd, dir);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && server.is_running() {
@@ -278,6 +325,11 @@ pub struct Options {
     /// Environment variables for every worker (provider settings such as
     /// `ANTHROPIC_BASE_URL`); the test process's own environment is never changed.
     pub worker_env: Vec<(String, String)>,
+    /// Redis serves only TLS (`rediss://`); the services trust its test CA through
+    /// `SSL_CERT_FILE`. (A restart of Redis in such a cluster is not supported.)
+    pub redis_tls: bool,
+    /// Environment variables for the coordinator.
+    pub coordinator_env: Vec<(String, String)>,
     /// NATS URLs listed before the cluster's own in every service's `--nats-url` (a server
     /// list whose first seeds are down, say).
     pub nats_seeds: Vec<String>,
@@ -303,6 +355,8 @@ impl Default for Options {
             worker_args: vec![],
             worker_env: vec![],
             nats_seeds: vec![],
+            redis_tls: false,
+            coordinator_env: vec![],
         }
     }
 }
@@ -326,13 +380,21 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub async fn start(opts: Options) -> Cluster {
+    pub async fn start(mut opts: Options) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("orch-test-")
             .tempdir()
             .expect("temp dir");
         let (nats, nats_url) = nats(dir.path());
-        let (redis, redis_url) = redis(dir.path());
+        let (redis, redis_url) = if opts.redis_tls {
+            let (server, url, ca) = redis_tls(dir.path());
+            let trust = ("SSL_CERT_FILE".to_string(), ca.display().to_string());
+            opts.coordinator_env.push(trust.clone());
+            opts.worker_env.push(trust);
+            (server, url)
+        } else {
+            redis(dir.path())
+        };
         let (coordinator, addr) =
             start_coordinator(dir.path(), &nats_url, &redis_url, &opts, "127.0.0.1:0");
         let mut cluster = Cluster {
@@ -696,6 +758,7 @@ fn start_coordinator(
     .arg("--addr-file")
     .arg(&addr_file)
     .args(&opts.coordinator_args)
+    .envs(opts.coordinator_env.iter().map(|(k, v)| (k, v)))
     .env("ORCH_LOG", "info");
     // The log of a restarted coordinator gets a fresh name; the old one is kept.
     let name = if dir.join("coordinator.log").exists() {

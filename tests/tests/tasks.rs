@@ -337,3 +337,33 @@ async fn services_connect_through_a_nats_server_list_whose_first_seed_is_down() 
         .await;
     assert_completed(&cluster, &task);
 }
+
+/// A Redis reached over TLS (`rediss://`, as managed Redis services with in-transit
+/// encryption require): coordinator and workers verify its certificate against the CA in
+/// `SSL_CERT_FILE` and the cluster runs tasks as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_runs_on_a_redis_reached_over_tls() {
+    let cluster = Cluster::start(Options {
+        redis_tls: true,
+        ..Options::default()
+    })
+    .await;
+    assert!(
+        cluster.redis_url.starts_with("rediss://"),
+        "{}",
+        cluster.redis_url
+    );
+    let task = cluster
+        .submit(json!({"prompt": "x", "roles": ["builder", "tester"]}))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(30))
+        .await;
+    assert_completed(&cluster, &task);
+    let (_, workers) = cluster.get("/v1/workers").await;
+    assert_eq!(
+        workers["workers"].as_array().map(Vec::len),
+        Some(2),
+        "{workers}"
+    );
+}
