@@ -11,7 +11,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use orch_shared::api::*;
+use orch_shared::api::{AgentMessage, AgentTurn, DeadLetterEntry, DeadLetterList, Task};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::{JobId, TaskId};
 use serde::Deserialize;

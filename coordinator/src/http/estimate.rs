@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State as AxumState;
 use axum::extract::rejection::BytesRejection;
 use axum::routing::post;
-use orch_shared::api::*;
+use orch_shared::api::{DryRun, Estimate, EstimateSource, StepEstimate, SubmitTask};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::TaskId;
 

@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use orch_shared::api::*;
+use orch_shared::api::Task;
 use orch_shared::event::{Event, EventId};
 use std::convert::Infallible;
 use std::time::Duration;

@@ -15,7 +15,7 @@ use axum::extract::{Path, State as AxumState};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use backon::Retryable;
-use orch_shared::api::*;
+use orch_shared::api::{ExecutionOptions, SubmitTask, Task, TaskType};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{Backend, SimParams, Workspace};

@@ -7,11 +7,11 @@ use crate::transport::events::ReadFrom;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State as AxumState};
 use futures::StreamExt;
-use orch_shared::api::*;
+use orch_shared::api::{Job, JobStatus, Task};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::event::EventKind;
 use orch_shared::ids::TaskId;
-use orch_shared::report::*;
+use orch_shared::report::{AgentDetail, AgentList, AgentSummary, PROMPT_EXCERPT_CHARS};
 use orch_shared::role::Role;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -46,9 +46,6 @@ pub fn agent_summary(task: &Task, job: &Job) -> AgentSummary {
         task_prompt: excerpt(&task.prompt, PROMPT_EXCERPT_CHARS),
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Agents.
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]

@@ -8,10 +8,7 @@ use axum::extract::State as AxumState;
 use axum::extract::rejection::BytesRejection;
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::JobId;
-use orch_shared::report::*;
-
-// ---------------------------------------------------------------------------------------------
-// Clean.
+use orch_shared::report::{CleanReport, CleanRequest, MAX_CLEAN_BATCH};
 
 /// `POST /v1/clean`: deletes the finished tasks created more than `older_than_ms` ago, with
 /// their agents, index entries, dead letters, markers and their messages in the event log and

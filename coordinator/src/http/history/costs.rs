@@ -5,13 +5,12 @@ use crate::http::answer::{Answer, list_of, query};
 use crate::http::app::App;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State as AxumState};
-use orch_shared::api::*;
-use orch_shared::report::*;
+use orch_shared::api::{Job, Task};
+use orch_shared::report::{
+    COST_DIMENSIONS, CostBreakdown, CostGroup, CostLine, CostReport, MAX_REPORT_TASKS, model_name,
+};
 use serde::Deserialize;
 use std::collections::HashMap;
-
-// ---------------------------------------------------------------------------------------------
-// Cost report.
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]

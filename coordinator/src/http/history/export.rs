@@ -12,11 +12,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use orch_shared::ids::TaskId;
-use orch_shared::report::*;
+use orch_shared::report::{EventRow, ExportWhat};
 use serde::Deserialize;
-
-// ---------------------------------------------------------------------------------------------
-// Export.
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

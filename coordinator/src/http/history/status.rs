@@ -6,8 +6,8 @@ use crate::http::answer::Answer;
 use crate::http::app::App;
 use crate::state::history::Range;
 use axum::extract::State as AxumState;
-use orch_shared::api::*;
-use orch_shared::report::*;
+use orch_shared::api::{JobStatus, WorkerList};
+use orch_shared::report::{AgentSummary, ClusterStatus, CostToday};
 use std::time::Duration;
 
 /// Active agents listed by `GET /v1/status`.
@@ -18,9 +18,6 @@ const MAX_FAILURES: usize = 10;
 
 const WORKER_MAX_AGE: Duration = Duration::from_secs(15);
 const COORDINATOR_MAX_AGE: Duration = crate::sampler::COORDINATOR_TTL;
-
-// ---------------------------------------------------------------------------------------------
-// The cluster: status and live events.
 
 pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<ClusterStatus>> {
     let now = orch_shared::now_ms();

@@ -8,7 +8,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State as AxumState};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use orch_shared::api::*;
+use orch_shared::api::{Task, TaskList, TaskStatus, TaskSummary};
 use orch_shared::ids::TaskId;
 use serde::Deserialize;
 use std::collections::HashMap;

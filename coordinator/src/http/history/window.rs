@@ -3,7 +3,7 @@
 use crate::http::answer::{Answer, field};
 use crate::http::app::App;
 use crate::state::history::Range;
-use orch_shared::api::*;
+use orch_shared::api::Task;
 
 /// Tasks a filtered listing in creation order examines per page.
 pub const SCAN_BUDGET: usize = 5_000;
