@@ -108,7 +108,7 @@ impl ResultAck {
 }
 
 /// Core NATS subject on which the leader answers writes that standbys received.
-const LEADER_HTTP: &str = "orch.leader.http";
+pub const LEADER_HTTP: &str = "orch.leader.http";
 
 /// How long a standby waits for the leader's answer to a forwarded write.
 const LEADER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);

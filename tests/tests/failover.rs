@@ -292,3 +292,60 @@ async fn a_large_submit_through_a_standby_is_created_and_a_bad_token_stops_there
         "the leader never saw the unauthenticated write"
     );
 }
+
+/// A forward delivered twice (the same id) runs once: the leader answers the repeat with the
+/// first answer, so a retried forward can never create a second task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_delivered_twice_creates_one_task() {
+    use orch_coordinator::transport::{Forwarded, ForwardedReply, LEADER_HTTP};
+    use orch_shared::codec;
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let nats = async_nats::connect(&cluster.nats_url).await.unwrap();
+    let forward = Forwarded {
+        id: "5f1d7c2a-3b4e-4f60-8a71-9c0d1e2f3a4b".into(),
+        method: "POST".into(),
+        path: "/v1/tasks".into(),
+        headers: vec![
+            (
+                "authorization".into(),
+                format!("Bearer {}", orch_tests::TOKEN),
+            ),
+            ("content-type".into(), "application/json".into()),
+        ],
+        body: br#"{"prompt": "only once", "roles": ["builder"]}"#.to_vec(),
+    };
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        // The leader subscribes once it leads: ask until somebody answers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let reply = loop {
+            match nats
+                .request(LEADER_HTTP, codec::encode(&forward).into())
+                .await
+            {
+                Ok(reply) => break reply,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no leader answered: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let reply: ForwardedReply = codec::decode(&reply.payload).unwrap();
+        assert_eq!(
+            reply.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let task: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        answers.push(task["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(answers[0], answers[1], "the repeat got the first answer");
+    let (status, list) = cluster.get("/v1/tasks").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
+}

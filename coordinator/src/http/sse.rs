@@ -11,6 +11,7 @@ use orch_shared::event::{Event, EventId};
 use std::convert::Infallible;
 use std::time::Duration;
 
+/// Where a resumed stream goes on: the `Last-Event-ID` header (the start when absent).
 pub fn last_event_id(headers: &HeaderMap) -> Answer<EventId> {
     match headers.get("last-event-id") {
         None => Ok(EventId::default()),
@@ -43,6 +44,7 @@ pub fn task_end(task: &Task) -> impl Fn(&Event) -> bool + Send + Sync + 'static 
     move |e: &Event| transport::is_last(e) && e.at_ms >= since
 }
 
+/// One stored event as an SSE event: its id (for resuming), its kind as the event name.
 pub fn sse_event(e: &StoredEvent) -> SseEvent {
     let data = serde_json::to_string(&e.event).unwrap_or_default();
     SseEvent::default()

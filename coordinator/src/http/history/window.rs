@@ -14,6 +14,7 @@ pub const PAGE: usize = 200;
 /// Unfinished tasks `GET /v1/status` and `GET /v1/agents?status=<unfinished>` read.
 pub const MAX_ACTIVE_TASKS: usize = 10_000;
 
+/// The `since`/`until` window of a query (ms since the epoch), `until` after `since`.
 pub fn range(since: Option<u64>, until: Option<u64>) -> Answer<Range> {
     if let (Some(s), Some(u)) = (since, until)
         && s >= u
