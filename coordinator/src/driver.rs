@@ -131,7 +131,7 @@ impl Driver {
     }
 
     /// Drops a task the API created but could not record from its lane's cache, so nothing
-    /// is applied to it (see `api::create_and_publish`).
+    /// is applied to it (see `http::tasks::create_and_publish`).
     pub async fn forget(&self, task: TaskId) {
         let _ = self.lane(task).send(Command::Forget(task)).await;
     }

@@ -4,7 +4,9 @@
 //!
 //! Layout:
 //! - [`config`]: flags, environment and config file, checked into [`config::Config`].
-//! - [`api`]: the HTTP API (axum), health, readiness and metrics endpoints.
+//! - [`http`]: the HTTP API (axum): tasks, controls, dry runs, history and reports, auth,
+//!   forwarding from standbys to the leader, health, readiness and metrics.
+//! - [`web`]: the dashboard's pages, served beside the API.
 //! - [`planner`]: templates, `auto` keyword roles, custom role lists.
 //! - [`context`]: forward context cut from an agent's structured output.
 //! - [`pipeline`]: the task state machine, free of IO.
@@ -15,18 +17,15 @@
 //! - [`reconcile`]: rebuilds Redis from the JetStream log after a data loss.
 //! - [`leader`]: the leader lease between coordinator replicas (only the leader dispatches).
 //! - [`metrics`]: metric names and descriptions.
-//! - [`history`]: history, agents and transcripts, cluster status and event stream, cost
-//!   reports, exports and the clean-up of old tasks (HTTP).
 //! - [`meter`]: job counters, taken by the leader where it applies starts, results, retries.
 //! - [`sampler`]: gauges sampled from JetStream and Redis, and this
 //!   coordinator's entry in the coordinator registry.
 
 pub mod admission;
-pub mod api;
 pub mod config;
 pub mod context;
 pub mod driver;
-pub mod history;
+pub mod http;
 pub mod leader;
 pub mod meter;
 pub mod metrics;
@@ -145,23 +144,25 @@ pub async fn run(
         addr,
         shutdown.clone(),
     );
-    let app = api::App {
+    let tokens = Arc::new(http::auth::Tokens::new(&config.tokens, &config.tenants));
+    let app = http::App {
         effects: effects_cell.clone(),
         leader: leader_rx.clone(),
         state: state.clone(),
         transport: transport.clone(),
-        tokens: Arc::new(api::Tokens::new(&config.tokens, &config.tenants)),
+        tokens: tokens.clone(),
         metrics,
         shutdown: shutdown.clone(),
     };
-    let forward_app = app.clone();
+    let router = http::router(app.clone(), web::routes(tokens));
+    let forward_router = router.clone();
     let server_cancel = shutdown.clone();
     let serve = tracker.spawn(async move {
         // Nagle off: a response waits for no ACK of the previous one.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, api::router(app))
+        axum::serve(listener, router)
             .with_graceful_shutdown(async move { server_cancel.cancelled().await })
             .await
     });
@@ -210,8 +211,11 @@ pub async fn run(
     let _ = effects_cell.set(effects);
     // Standbys forward the writes they receive: answer them.
     let forward_cancel = shutdown.clone();
+    let forward_tracker = tracker.clone();
     tracker.spawn(async move {
-        if let Err(e) = api::serve_forwarded(forward_app, forward_cancel).await {
+        if let Err(e) =
+            http::serve_forwarded(app, forward_router, forward_tracker, forward_cancel).await
+        {
             tracing::error!(error = %e, "cannot answer writes forwarded by standbys");
         }
     });

@@ -16,6 +16,7 @@ use orch_shared::report::CoordinatorInfo;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
+use strum::VariantNames;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -74,17 +75,11 @@ pub fn model_label(model: Option<&str>) -> &'static str {
 
 /// A backend name as a label value from a fixed set.
 pub fn backend_label(name: &str) -> &'static str {
-    [
-        Backend::Sim,
-        Backend::ClaudeCode,
-        Backend::Anthropic,
-        Backend::Openai,
-        Backend::Command,
-    ]
-    .iter()
-    .map(Backend::as_str)
-    .find(|b| *b == name)
-    .unwrap_or("other")
+    Backend::VARIANTS
+        .iter()
+        .find(|b| **b == name)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// Starts the sampling loop; it stops on `shutdown` (and deregisters this coordinator on its

@@ -14,6 +14,9 @@
 //!   attempt `r:<job>:<attempt>` reservations and `s:<job>:<attempt>` settlements) and the
 //!   tokens of the attempts that finished that day (`in`, `out`, `cw`, `cr`), so the status
 //!   page sums the day without reading its tasks.
+//! - `orch:forward:<id>`: a write forwarded by a standby, while the leader runs it (empty)
+//!   and then its answer (protocol-encoded), for a few minutes: a repeated forward gets the
+//!   first answer.
 //! - worker registry, done and cancel markers: see [`orch_shared::keys`].
 
 pub mod history;
@@ -83,6 +86,24 @@ fn add_save(pipe: &mut redis::Pipeline, task: &Task) {
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |source| Error::Redis { op, source }
+}
+
+fn forward_key(id: &str) -> String {
+    format!("orch:forward:{id}")
+}
+
+/// How long the answer to a forwarded write is remembered.
+const FORWARD_TTL_SECS: u64 = 300;
+
+/// Outcome of [`State::claim_forward`].
+#[derive(Debug, PartialEq)]
+pub enum ForwardClaim<T> {
+    /// The first time this forward is seen: run it, then [`State::remember_forward`].
+    First,
+    /// Another delivery of it is running.
+    Running,
+    /// It ran: this was its answer.
+    Answered(T),
 }
 
 /// Outcome of [`State::create_task`].
@@ -825,6 +846,53 @@ impl State {
         conn.get(DAILY_BUDGET)
             .await
             .map_err(redis_err("read daily budget"))
+    }
+
+    /// Claims a forwarded write by its id, or finds that it was claimed, and its answer if it
+    /// has one.
+    pub async fn claim_forward<T: serde::de::DeserializeOwned>(
+        &self,
+        id: &str,
+    ) -> Result<ForwardClaim<T>, Error> {
+        let key = forward_key(id);
+        let mut conn = self.conn.clone();
+        let claimed: bool = redis::cmd("SET")
+            .arg(&key)
+            .arg("")
+            .arg("NX")
+            .arg("EX")
+            .arg(FORWARD_TTL_SECS)
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .map_err(redis_err("claim forwarded write"))?
+            .is_some();
+        if claimed {
+            return Ok(ForwardClaim::First);
+        }
+        let answer: Option<Vec<u8>> = conn
+            .get(&key)
+            .await
+            .map_err(redis_err("read forwarded answer"))?;
+        match answer {
+            // Expired in between: the first answer is forgotten; claim it anew.
+            None => Box::pin(self.claim_forward(id)).await,
+            Some(bytes) if bytes.is_empty() => Ok(ForwardClaim::Running),
+            Some(bytes) => codec::decode(&bytes)
+                .map(ForwardClaim::Answered)
+                .map_err(|source| Error::Corrupt { key, source }),
+        }
+    }
+
+    /// Remembers the answer to a forwarded write claimed with [`State::claim_forward`].
+    pub async fn remember_forward<T: serde::Serialize>(
+        &self,
+        id: &str,
+        answer: &T,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.set_ex(forward_key(id), codec::encode(answer), FORWARD_TTL_SECS)
+            .await
+            .map_err(redis_err("remember forwarded answer"))
     }
 
     /// When this Redis state began (ms), if it holds the cluster's state.

@@ -37,6 +37,12 @@ pub enum Error {
         what: String,
         source: async_nats::Error,
     },
+    /// No coordinator listened for forwarded writes: the request reached no leader.
+    #[error("no leader answers forwarded writes")]
+    NoLeader,
+    /// The leader took the request and did not answer in time: it may have applied it.
+    #[error("the leader did not answer within {0:?}")]
+    LeaderTimeout(Duration),
 }
 
 /// A cheap, cloneable handle on the NATS connection.
@@ -102,23 +108,39 @@ impl ResultAck {
 }
 
 /// Core NATS subject on which the leader answers writes that standbys received.
-const LEADER_HTTP: &str = "orch.leader.http";
+pub const LEADER_HTTP: &str = "orch.leader.http";
 
-/// An HTTP write a standby forwards to the leader.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// How long a standby waits for the leader's answer to a forwarded write.
+const LEADER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An HTTP write a standby forwards to the leader, protocol-encoded ([`codec`]: MessagePack,
+/// the body as raw bytes, so a body near the 1 MiB request limit fits in one NATS message).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Forwarded {
+    /// Names this forward (a UUID), the same on every attempt: the leader answers a repeat
+    /// with the answer it gave the first, so a forward never applies a write twice.
+    pub id: String,
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
 /// The leader's answer to a [`Forwarded`] write.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ForwardedReply {
     pub status: u16,
     pub content_type: Option<String>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+}
+
+/// A forwarded write as the leader receives it: the request (`None` when it cannot be read)
+/// and where to send the answer ([`Transport::answer`]).
+pub struct ForwardedWrite {
+    pub request: Option<Forwarded>,
+    pub reply_to: async_nats::Subject,
 }
 
 /// A message for [`Transport::publish_all`].
@@ -654,37 +676,57 @@ impl Transport {
     }
 
     /// Sends a write a standby received to the leader and waits for its answer.
+    /// [`Error::NoLeader`] when no coordinator listens (the write reached nobody: safe to
+    /// send again); [`Error::LeaderTimeout`] when the leader took it and did not answer (it
+    /// may have applied it: never sent again).
     pub async fn ask_leader(&self, request: &Forwarded) -> Result<ForwardedReply, Error> {
-        let err = |e: async_nats::Error| Error::Publish {
-            subject: LEADER_HTTP.into(),
-            source: e,
-        };
-        let body = serde_json::to_vec(request).map_err(|e| err(e.into()))?;
-        let reply = tokio::time::timeout(
-            Duration::from_secs(30),
-            self.client().request(LEADER_HTTP, body.into()),
-        )
-        .await
-        .map_err(|e| err(e.into()))?
-        .map_err(|e| err(e.into()))?;
-        serde_json::from_slice(&reply.payload).map_err(|e| err(e.into()))
+        use async_nats::client::RequestErrorKind;
+        let ask = async_nats::Request::new()
+            .payload(codec::encode(request).into())
+            .timeout(Some(LEADER_ANSWER_TIMEOUT));
+        let reply = self
+            .client()
+            .send_request(LEADER_HTTP, ask)
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::NoResponders => Error::NoLeader,
+                RequestErrorKind::TimedOut => Error::LeaderTimeout(LEADER_ANSWER_TIMEOUT),
+                _ => Error::Publish {
+                    subject: LEADER_HTTP.into(),
+                    source: e.into(),
+                },
+            })?;
+        codec::decode(&reply.payload).map_err(|e| Error::Read {
+            what: "the leader's answer".into(),
+            source: e.into(),
+        })
     }
 
     /// Writes forwarded by standbys (the leader answers them; one leader, so one queue group).
-    pub async fn forwarded(&self) -> Result<async_nats::Subscriber, Error> {
-        self.client()
+    pub async fn forwarded(&self) -> Result<impl Stream<Item = ForwardedWrite> + use<>, Error> {
+        let sub = self
+            .client()
             .queue_subscribe(LEADER_HTTP, "leader".into())
             .await
             .map_err(|e| Error::Read {
                 what: "forwarded writes".into(),
                 source: e.into(),
-            })
+            })?;
+        Ok(sub.filter_map(|msg| async move {
+            let reply_to = msg.reply?;
+            let request = codec::decode(&msg.payload).ok();
+            Some(ForwardedWrite { request, reply_to })
+        }))
     }
 
     /// Answers a forwarded write.
     pub async fn answer(&self, reply_to: async_nats::Subject, reply: &ForwardedReply) {
-        if let Ok(body) = serde_json::to_vec(reply) {
-            let _ = self.client().publish(reply_to, body.into()).await;
+        if let Err(e) = self
+            .client()
+            .publish(reply_to, codec::encode(reply).into())
+            .await
+        {
+            tracing::warn!(error = %e, "could not answer a forwarded write");
         }
     }
 
@@ -718,4 +760,33 @@ async fn create_or_update_consumer(
 /// `true` when the event ends a task's log (the SSE stream closes after it).
 pub fn is_last(event: &Event) -> bool {
     matches!(event.kind, EventKind::TaskFinished { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_writes_round_trip_with_their_bodies_as_bytes() {
+        let request = Forwarded {
+            id: "0b6f3c1e-8d7a-4a55-9d1e-2f4f0c7b9a10".into(),
+            method: "POST".into(),
+            path: "/v1/tasks?x=1".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: vec![b'x'; 900 * 1024],
+        };
+        let bytes = codec::encode(&request);
+        // Raw bytes, not an array of numbers: the body costs its own size and little more.
+        assert!(bytes.len() < request.body.len() + 1024, "{}", bytes.len());
+        assert_eq!(codec::decode::<Forwarded>(&bytes).unwrap(), request);
+
+        let reply = ForwardedReply {
+            status: 201,
+            content_type: Some("application/json".into()),
+            body: b"{\"id\":\"t\"}".to_vec(),
+        };
+        let decoded: ForwardedReply = codec::decode(&codec::encode(&reply)).unwrap();
+        assert_eq!(decoded, reply);
+        assert!(codec::decode::<Forwarded>(b"\x01not msgpack").is_err());
+    }
 }

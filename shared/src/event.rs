@@ -30,8 +30,14 @@ pub struct StepInfo {
 }
 
 /// What happened. Task-level kinds come from the coordinator, job-level kinds from the worker.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Its names (`name`, [`EventKind::VARIANTS`]) are derived with the same spelling as serde's
+/// `type` tag, so the list of kinds cannot drift from the enum.
+#[derive(
+    Clone, Debug, PartialEq, Serialize, Deserialize, strum::IntoStaticStr, strum::VariantNames,
+)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum EventKind {
     /// The task was accepted with this plan.
     TaskCreated { mode: String, steps: Vec<StepInfo> },
@@ -113,25 +119,7 @@ pub enum EventKind {
 impl EventKind {
     /// The last token of the event's subject.
     pub fn name(&self) -> &'static str {
-        match self {
-            EventKind::TaskCreated { .. } => "task_created",
-            EventKind::TaskPlanned { .. } => "task_planned",
-            EventKind::JobWaiting { .. } => "job_waiting",
-            EventKind::JobQueued { .. } => "job_queued",
-            EventKind::JobSkipped { .. } => "job_skipped",
-            EventKind::JobRetrying { .. } => "job_retrying",
-            EventKind::JobCancelled { .. } => "job_cancelled",
-            EventKind::JobDeadLettered { .. } => "job_dead_lettered",
-            EventKind::JobStarted { .. } => "job_started",
-            EventKind::Thinking => "thinking",
-            EventKind::Text { .. } => "text",
-            EventKind::ToolCall { .. } => "tool_call",
-            EventKind::ToolResult { .. } => "tool_result",
-            EventKind::Usage { .. } => "usage",
-            EventKind::Heartbeat => "heartbeat",
-            EventKind::JobFinished { .. } => "job_finished",
-            EventKind::TaskFinished { .. } => "task_finished",
-        }
+        self.into()
     }
 
     /// Whether the event may travel in an [`EventBatch`]. Lifecycle events that services and

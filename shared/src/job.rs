@@ -96,8 +96,22 @@ pub enum JobKind {
 }
 
 /// Which agent backend runs a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    Default,
+    strum::EnumIter,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Backend {
     /// The deterministic simulated agent.
     #[default]
@@ -110,13 +124,7 @@ pub enum Backend {
 
 impl Backend {
     pub fn as_str(&self) -> &'static str {
-        match self {
-            Backend::Sim => "sim",
-            Backend::ClaudeCode => "claude-code",
-            Backend::Anthropic => "anthropic",
-            Backend::Openai => "openai",
-            Backend::Command => "command",
-        }
+        self.into()
     }
 }
 

@@ -3,11 +3,27 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use strum::VariantNames;
 
 /// A role-specialised agent. The declaration order is the pipeline order used whenever roles are
 /// chosen automatically (analysis before planning before building, and so on).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    Debug,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum Role {
     Analyst,
     Planner,
@@ -31,15 +47,7 @@ impl Role {
     ];
 
     pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::Analyst => "analyst",
-            Role::Planner => "planner",
-            Role::Builder => "builder",
-            Role::Tester => "tester",
-            Role::Reviewer => "reviewer",
-            Role::Documenter => "documenter",
-            Role::Custom => "custom",
-        }
+        self.into()
     }
 
     /// The agent's display name, as the original tool showed it.
@@ -60,9 +68,7 @@ impl fmt::Display for Role {
 
 /// A string that names no role.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "unknown role `{0}` (expected one of analyst, planner, builder, tester, reviewer, documenter, custom)"
-)]
+#[error("unknown role `{0}` (expected one of {expected})", expected = Role::VARIANTS.join(", "))]
 pub struct RoleError(pub String);
 
 impl FromStr for Role {

@@ -208,3 +208,142 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     assert_completed(&cluster, &cluster.wait_task(&t.id.to_string(), WAIT).await);
     assert!(standby.is_running());
 }
+
+/// Waits until the standby at `url` is ready (serving reads, forwarding writes) and not leading.
+async fn wait_standby(http: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, v) = readiness(http, url).await;
+        if status == 200 {
+            assert_eq!(v["leader"], false, "{v}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "standby never came up: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many requests a coordinator answered with `status` itself (its error counter).
+async fn errors_answered(http: &reqwest::Client, url: &str, status: u16) -> u64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("orch_http_errors_total{{code=\"{status}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A submit near the request size limit (a 700 KB body) goes through a standby to the
+/// leader (forwards are protocol bytes, not JSON arrays of numbers four times the size), and a
+/// request without a valid token is refused by the standby itself, never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_submit_through_a_standby_is_created_and_a_bad_token_stops_there() {
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        ..Options::default()
+    })
+    .await;
+    let (_standby, standby_url) = cluster.start_standby();
+    let http = reqwest::Client::new();
+    wait_standby(&http, &standby_url).await;
+
+    // A 400 KB prompt (100,000 four-byte characters; the task's record holds it twice, in
+    // the task and in its job, and must fit one NATS message), in a 700 KB body: what the
+    // standby forwards is the body.
+    let prompt = "𝄞".repeat(100_000);
+    let mut body = serde_json::to_vec(&json!({"prompt": prompt, "roles": ["builder"]})).unwrap();
+    body.resize(700 * 1024, b' ');
+    let write = http
+        .post(format!("{standby_url}/v1/tasks"))
+        .bearer_auth(orch_tests::TOKEN)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = write.status().as_u16();
+    let body: serde_json::Value = write.json().await.unwrap_or_default();
+    assert_eq!(status, 201, "{}", body["message"]);
+    let id = body["id"].as_str().unwrap().to_string();
+    let task = cluster.wait_task(&id, WAIT).await;
+    assert_completed(&cluster, &task);
+    assert_eq!(task.prompt.chars().count(), 100_000);
+
+    let refused = http
+        .post(format!("{standby_url}/v1/tasks"))
+        .bearer_auth("not-a-token")
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(errors_answered(&http, &standby_url, 401).await, 1);
+    assert_eq!(
+        errors_answered(&http, &cluster.url, 401).await,
+        0,
+        "the leader never saw the unauthenticated write"
+    );
+}
+
+/// A forward delivered twice (the same id) runs once: the leader answers the repeat with the
+/// first answer, so a retried forward can never create a second task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_delivered_twice_creates_one_task() {
+    use orch_coordinator::transport::{Forwarded, ForwardedReply, LEADER_HTTP};
+    use orch_shared::codec;
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let nats = async_nats::connect(&cluster.nats_url).await.unwrap();
+    let forward = Forwarded {
+        id: "5f1d7c2a-3b4e-4f60-8a71-9c0d1e2f3a4b".into(),
+        method: "POST".into(),
+        path: "/v1/tasks".into(),
+        headers: vec![
+            (
+                "authorization".into(),
+                format!("Bearer {}", orch_tests::TOKEN),
+            ),
+            ("content-type".into(), "application/json".into()),
+        ],
+        body: br#"{"prompt": "only once", "roles": ["builder"]}"#.to_vec(),
+    };
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        // The leader subscribes once it leads: ask until somebody answers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let reply = loop {
+            match nats
+                .request(LEADER_HTTP, codec::encode(&forward).into())
+                .await
+            {
+                Ok(reply) => break reply,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no leader answered: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let reply: ForwardedReply = codec::decode(&reply.payload).unwrap();
+        assert_eq!(
+            reply.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let task: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        answers.push(task["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(answers[0], answers[1], "the repeat got the first answer");
+    let (status, list) = cluster.get("/v1/tasks").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1, "{list}");
+}

@@ -280,6 +280,32 @@ async fn read_until_end(resp: reqwest::Response, task: &str) -> Vec<(EventId, St
     out
 }
 
+/// Every event kind can be asked for on the cluster-wide stream (`job_waiting` was missing from
+/// the filter's hand-written list and answered 400); an unknown kind is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_filter_accepts_every_event_kind() {
+    use strum::VariantNames;
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let all = orch_shared::event::EventKind::VARIANTS.join(",");
+    for query in ["job_waiting", all.as_str()] {
+        // A 200 opens the stream; dropping it closes it.
+        drop(open_cluster_events(&cluster, &format!("kinds={query}"), None).await);
+    }
+    let (status, body) = cluster
+        .get("/v1/events?kinds=job_waiting,no_such_kind")
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("kinds:") && message.contains("no_such_kind"),
+        "{message}"
+    );
+}
+
 /// The cluster-wide stream filtered by kind finds events that travelled in a batch (an
 /// agent's tool call and result are published together), and resumes inside a batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

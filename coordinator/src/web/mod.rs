@@ -8,39 +8,34 @@
 //! the whole product.
 //!
 //! Auth: the login page takes an API token and keeps it in the `orch_session` cookie
-//! (`HttpOnly`, `SameSite=Strict`, hex-encoded), never in the page. [`crate::api`] accepts that
+//! (`HttpOnly`, `SameSite=Strict`, hex-encoded), never in the page. The API accepts that
 //! cookie on `/v1` too (an `EventSource` cannot send an `Authorization` header); a request
-//! authenticated by the cookie that is not a `GET` must carry [`CSRF_HEADER`].
+//! authenticated by the cookie that is not a `GET` must carry [`auth::CSRF_HEADER`]. Every
+//! rule of who may call lives in [`crate::http::auth`]; this module only uses it.
 //!
 //! Layout:
-//! - `mod.rs`: routes, login and logout, the session cookie, static assets.
+//! - `mod.rs`: routes, login and logout, static assets.
 //! - [`pages`]: the page templates (plain format strings, HTML-escaped values).
 //! - `assets/`: `app.css` (light and dark themes, narrow screens) and `app.js`.
 
 mod pages;
 
-use crate::api::{App, token_ok};
+use crate::http::auth::{self, Tokens};
 use axum::Router;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use serde::Deserialize;
-
-/// The session cookie's name.
-pub const COOKIE: &str = "orch_session";
-/// The header the page sends with every `/v1` request that changes something.
-pub const CSRF_HEADER: &str = "x-orch-dashboard";
-/// How long a session cookie lives (seconds).
-const SESSION_MAX_AGE_S: u64 = 12 * 3600;
+use std::sync::Arc;
 
 const APP_CSS: &str = include_str!("assets/app.css");
 const APP_JS: &str = include_str!("assets/app.js");
 const ICON_SVG: &str = include_str!("assets/icon.svg");
 
-/// The dashboard's routes: pages, login/logout and assets. Merged into [`crate::api::router`]
+/// The dashboard's routes: pages, login/logout and assets. Merged into [`crate::http::router`]
 /// outside the bearer-authenticated `/v1` router; pages check the session cookie themselves.
-pub fn routes() -> Router<App> {
+pub fn routes(tokens: Arc<Tokens>) -> Router {
     Router::new()
         .route("/", get(overview))
         .route("/login", get(login_page).post(login))
@@ -59,6 +54,7 @@ pub fn routes() -> Router<App> {
             get(|| asset("text/javascript; charset=utf-8", APP_JS)),
         )
         .route("/ui/icon.svg", get(|| asset("image/svg+xml", ICON_SVG)))
+        .with_state(tokens)
 }
 
 async fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -72,41 +68,14 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// The token in the request's session cookie, if it has one.
-pub fn session_token(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
-        .and_then(|(_, value)| hex_decode(value))
-}
-
-fn hex_encode(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hex_decode(s: &str) -> Option<String> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
-}
-
-/// Whether the request carries a valid session (always, when the coordinator has no token).
-fn signed_in(app: &App, headers: &HeaderMap) -> bool {
-    app.tokens.is_open() || session_token(headers).is_some_and(|t| token_ok(app, &t))
-}
-
 /// A page for a signed-in user, or a redirect to the login page that comes back here.
-fn page(app: &App, headers: &HeaderMap, here: &str, html: impl FnOnce() -> String) -> Response {
-    if !signed_in(app, headers) {
+fn page(
+    tokens: &Tokens,
+    headers: &HeaderMap,
+    here: &str,
+    html: impl FnOnce() -> String,
+) -> Response {
+    if !tokens.signed_in(headers) {
         let next = pages::url_encode(here);
         return Redirect::to(&format!("/login?next={next}")).into_response();
     }
@@ -149,7 +118,7 @@ struct LoginForm {
     next: Option<String>,
 }
 
-async fn login(State(app): State<App>, Form(form): Form<LoginForm>) -> Response {
+async fn login(State(tokens): State<Arc<Tokens>>, Form(form): Form<LoginForm>) -> Response {
     let next = safe_next(form.next.as_deref()).to_string();
     let token = form.token.trim();
     let back = |error: &str| {
@@ -162,14 +131,11 @@ async fn login(State(app): State<App>, Form(form): Form<LoginForm>) -> Response 
     if token.is_empty() {
         return back("empty");
     }
-    if !token_ok(&app, token) {
+    if !tokens.accepts(token) {
         tracing::warn!("dashboard login refused: invalid token");
         return back("invalid");
     }
-    let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_MAX_AGE_S}",
-        hex_encode(token)
-    );
+    let cookie = auth::session_cookie(token);
     let mut r = Redirect::to(&next).into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -181,17 +147,17 @@ async fn logout() -> Response {
     let mut r = Redirect::to("/login").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("orch_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_static(auth::END_SESSION),
     );
     r
 }
 
-async fn overview(State(app): State<App>, headers: HeaderMap) -> Response {
-    page(&app, &headers, "/", pages::overview)
+async fn overview(State(tokens): State<Arc<Tokens>>, headers: HeaderMap) -> Response {
+    page(&tokens, &headers, "/", pages::overview)
 }
 
-async fn new_task(State(app): State<App>, headers: HeaderMap) -> Response {
-    page(&app, &headers, "/tasks/new", pages::new_task)
+async fn new_task(State(tokens): State<Arc<Tokens>>, headers: HeaderMap) -> Response {
+    page(&tokens, &headers, "/tasks/new", pages::new_task)
 }
 
 /// Ids go into the page as data attributes; anything but an id-like string is refused here so
@@ -200,48 +166,83 @@ fn id_like(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-async fn task(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn task(
+    State(tokens): State<Arc<Tokens>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !id_like(&id) {
         return (StatusCode::NOT_FOUND, "no such task").into_response();
     }
     let here = format!("/tasks/{id}");
-    page(&app, &headers, &here, || pages::task(&id))
+    page(&tokens, &headers, &here, || pages::task(&id))
 }
 
-async fn agent(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn agent(
+    State(tokens): State<Arc<Tokens>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !id_like(&id) {
         return (StatusCode::NOT_FOUND, "no such agent").into_response();
     }
     let here = format!("/agents/{id}");
-    page(&app, &headers, &here, || pages::agent(&id))
+    page(&tokens, &headers, &here, || pages::agent(&id))
 }
 
-async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
-    page(&app, &headers, "/history", pages::history)
+async fn history(State(tokens): State<Arc<Tokens>>, headers: HeaderMap) -> Response {
+    page(&tokens, &headers, "/history", pages::history)
 }
 
-async fn costs(State(app): State<App>, headers: HeaderMap) -> Response {
-    page(&app, &headers, "/costs", pages::costs)
+async fn costs(State(tokens): State<Arc<Tokens>>, headers: HeaderMap) -> Response {
+    page(&tokens, &headers, "/costs", pages::costs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use orch_shared::role::Role;
 
-    #[test]
-    fn session_cookie_round_trips_any_token() {
-        let token = "tök;en =,x";
-        let mut headers = HeaderMap::new();
-        let cookie = format!("a=b; {COOKIE}={}; c=d", hex_encode(token));
-        headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).unwrap());
-        assert_eq!(session_token(&headers).as_deref(), Some(token));
+    /// The array literal `const NAME = [...]` of the dashboard's script, as strings.
+    fn js_list(name: &str) -> Vec<String> {
+        let start = format!("const {name} = [");
+        let from = APP_JS
+            .find(&start)
+            .unwrap_or_else(|| panic!("app.js has no `{start}`"))
+            + start.len();
+        let end = from + APP_JS[from..].find(']').expect("an array literal ends");
+        APP_JS[from..end]
+            .split(',')
+            .map(|s| s.trim().trim_matches('"').to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    fn names<T>(values: impl Iterator<Item = T>, name: fn(&T) -> &'static str) -> Vec<String> {
+        values.map(|v| name(&v).to_string()).collect()
     }
 
     #[test]
-    fn malformed_session_cookie_is_no_session() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::COOKIE, HeaderValue::from_static("orch_session=zz1"));
-        assert_eq!(session_token(&headers), None);
+    fn the_scripts_name_lists_are_the_rust_ones() {
+        use orch_shared::api::{JobStatus, TaskStatus};
+        use orch_shared::event::EventKind;
+        use strum::{IntoEnumIterator, VariantNames};
+        assert_eq!(js_list("EVENT_KINDS"), EventKind::VARIANTS);
+        assert_eq!(js_list("ROLE_ORDER"), Role::VARIANTS);
+        assert_eq!(
+            js_list("TASK_ENDED"),
+            names(
+                TaskStatus::iter().filter(|s| s.is_terminal()),
+                TaskStatus::as_str
+            )
+        );
+        assert_eq!(
+            js_list("JOB_ENDED"),
+            names(
+                JobStatus::iter().filter(|s| s.is_terminal()),
+                JobStatus::as_str
+            )
+        );
     }
 
     #[test]

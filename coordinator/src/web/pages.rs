@@ -1,6 +1,8 @@
 //! Page templates: plain format strings around a shared layout. Every value that comes from a
 //! request goes through [`escape`]; live data is filled in by `app.js` from the `/v1` API.
 
+use orch_shared::role::Role;
+
 /// HTML-escapes text for element content and quoted attribute values.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -163,8 +165,11 @@ pub fn overview() -> String {
 }
 
 pub fn new_task() -> String {
-    let roles: String = ["analyst", "planner", "builder", "tester", "reviewer", "documenter"]
+    // Every role but `custom` (which a plan names, not a checkbox), in pipeline order.
+    let roles: String = Role::ALL
         .iter()
+        .map(|r| r.as_str())
+        .filter(|r| *r != Role::Custom.as_str())
         .map(|r| {
             format!(
                 r#"<label class="chip-check"><input type="checkbox" name="roles" value="{r}"><span>{r}</span></label>"#

@@ -62,7 +62,8 @@ pub struct Args {
 
     /// Agent backend for tasks that name none (the workers run `sim` jobs on it)
     #[arg(long, default_value = "sim", value_name = "BACKEND",
-          value_parser = ["sim", "claude-code", "anthropic", "openai", "command"])]
+          value_parser = clap::builder::PossibleValuesParser::new(
+              <orch_shared::job::Backend as strum::VariantNames>::VARIANTS))]
     pub backend: String,
 
     #[command(flatten)]

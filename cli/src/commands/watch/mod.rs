@@ -18,7 +18,7 @@ use crate::output;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use model::{Command, Key, Link, Model};
-use orch_shared::event::{Event, EventId};
+use orch_shared::event::{Event, EventId, EventKind};
 use orch_shared::ids::JobId;
 use orch_shared::report::EventRow;
 use ratatui::crossterm::event::{self as term, KeyCode, KeyEventKind, KeyModifiers};
@@ -27,6 +27,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use strum::VariantNames;
 use tokio::sync::mpsc;
 
 const EXAMPLES: &str = "\
@@ -39,8 +40,18 @@ Examples:
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 /// How often the screen is redrawn without news (elapsed times move).
 const REDRAW_EVERY: Duration = Duration::from_millis(500);
-/// The event kinds the screen uses (heartbeats and plans are left out).
-const KINDS: &str = "job_queued,job_started,thinking,text,tool_call,tool_result,usage,job_finished,job_retrying,job_cancelled,job_skipped,job_dead_lettered,task_finished";
+/// The event kinds the screen leaves out (heartbeats, plans, waits); it follows every other.
+const LEFT_OUT: [&str; 4] = ["task_created", "task_planned", "job_waiting", "heartbeat"];
+
+/// The event kinds the screen follows, as the `kinds` filter of `GET /v1/events`.
+fn kinds() -> String {
+    EventKind::VARIANTS
+        .iter()
+        .filter(|k| !LEFT_OUT.contains(k))
+        .copied()
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// Watch the cluster live: workers, slots, running agents, queue, failures
 #[derive(Debug, clap::Args)]
@@ -151,17 +162,13 @@ async fn stream_json(client: &Client) -> anyhow::Result<ExitCode> {
 
 /// Follows `GET /v1/events` (only `kinds` when given), reconnecting after drops with
 /// `Last-Event-ID` so nothing is missed or shown twice.
-async fn follow_events(
-    client: Client,
-    kinds: Option<&'static str>,
-    tx: mpsc::UnboundedSender<Update>,
-) {
+async fn follow_events(client: Client, kinds: Option<String>, tx: mpsc::UnboundedSender<Update>) {
     let mut last: Option<EventId> = None;
     let mut attempt: u32 = 0;
     loop {
         let mut query = vec![("max_chars", "200".to_string())];
-        if let Some(k) = kinds {
-            query.push(("kinds", k.to_string()));
+        if let Some(k) = &kinds {
+            query.push(("kinds", k.clone()));
         }
         let why = match client.sse("/v1/events", &query, last).await {
             Ok(resp) => {
@@ -294,7 +301,7 @@ async fn interactive(
         let (tx, stop) = (tx.clone(), stop.clone());
         std::thread::spawn(move || read_keys(tx, stop))
     };
-    let events = tokio::spawn(follow_events(client.clone(), Some(KINDS), tx.clone()));
+    let events = tokio::spawn(follow_events(client.clone(), Some(kinds()), tx.clone()));
     let refresh = tokio::spawn(snapshots(client.clone(), tx.clone()));
     let mut transcript: Option<tokio::task::JoinHandle<()>> = None;
 
@@ -362,4 +369,23 @@ async fn interactive(
     let _ = keys.join();
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_screen_follows_every_kind_but_the_left_out_ones() {
+        for k in LEFT_OUT {
+            assert!(EventKind::VARIANTS.contains(&k), "{k} is no event kind");
+        }
+        let kinds = kinds();
+        assert!(kinds.split(',').any(|k| k == "job_started"));
+        assert!(!kinds.split(',').any(|k| LEFT_OUT.contains(&k)));
+        assert_eq!(
+            kinds.split(',').count(),
+            EventKind::VARIANTS.len() - LEFT_OUT.len()
+        );
+    }
 }

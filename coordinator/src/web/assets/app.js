@@ -6,7 +6,13 @@
 const CSRF = { "X-Orch-Dashboard": "1" };
 const PAGE = document.body.dataset.page;
 const $ = (sel, root = document) => root.querySelector(sel);
+// The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
+// (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "heartbeat", "job_finished", "task_finished"];
+// The statuses after which a task or an agent changes no more.
+const TASK_ENDED = ["completed", "failed", "cancelled"];
+const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
 // A git-branch mark (no font has one everywhere): forks and branches.
 const ICON_BRANCH = `<svg class="ico" viewBox="0 0 16 16" aria-hidden="true"><circle cx="4.5" cy="3.5" r="1.7"/><circle cx="4.5" cy="12.5" r="1.7"/><circle cx="11.5" cy="5" r="1.7"/><path d="M4.5 5.2v5.6M11.5 6.7c0 2.6-7 2-7 4.1"/></svg>`;
 const PALETTE = ["#6366f1", "#22c55e", "#f59e0b", "#ef4444", "#06b6d4", "#a855f7", "#ec4899", "#84cc16", "#64748b"];
@@ -136,8 +142,7 @@ function stream(url, handlers, onAny, isDone) {
   const es = new EventSource(url, { withCredentials: true });
   es.onopen = () => set("live", "Live");
   es.onerror = () => (isDone && isDone() ? es.finish() : set(es.readyState === EventSource.CLOSED ? "off" : "connecting", es.readyState === EventSource.CLOSED ? "Offline" : "Connecting…"));
-  const kinds = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "heartbeat", "job_finished", "task_finished"];
-  for (const k of kinds) {
+  for (const k of EVENT_KINDS) {
     es.addEventListener(k, (m) => {
       let ev;
       try {
@@ -527,7 +532,7 @@ function taskPage() {
   // now (its duration is the task's).
   let endSeen = null;
   let lastEventAt = 0;
-  const ended = () => !!current && ["completed", "failed", "cancelled"].includes(current.status) &&
+  const ended = () => !!current && TASK_ENDED.includes(current.status) &&
     current.finished_at_ms != null && endSeen === current.finished_at_ms - current.created_at_ms;
 
   const load = async () => {
@@ -580,9 +585,9 @@ function taskPage() {
     $("#t-output").innerHTML = t.error ? `<p class="form-error">${esc(t.error)}</p>` : "";
     $("#t-output").innerHTML += t.output ? `<pre class="output">${esc(t.output)}</pre>` : t.error ? "" : `<p class="empty">No output yet.</p>`;
     const cancel = $("#cancel-btn");
-    cancel.hidden = ["completed", "failed", "cancelled"].includes(t.status);
+    cancel.hidden = TASK_ENDED.includes(t.status);
     // A log that expired has no end event: stop following a finished task after a while.
-    if (["completed", "failed", "cancelled"].includes(t.status)) {
+    if (TASK_ENDED.includes(t.status)) {
       setTimeout(() => {
         if (es && es.readyState !== EventSource.CLOSED && (ended() || (endSeen === null && Date.now() - lastEventAt > 2500))) es.finish("Finished");
       }, 3000);
@@ -650,7 +655,7 @@ function taskPage() {
   setInterval(() => document.querySelectorAll("[data-start]").forEach((el) => {
     if (el.dataset.start) el.textContent = elapsed(Number(el.dataset.start));
   }), 1000);
-  setInterval(() => current && !["completed", "failed", "cancelled"].includes(current.status) && refresh(), 5000);
+  setInterval(() => current && !TASK_ENDED.includes(current.status) && refresh(), 5000);
   load();
 }
 
@@ -810,7 +815,6 @@ function renderDiff(text) {
 
 // ----- agent ------------------------------------------------------------------------------
 
-const ENDED = ["succeeded", "failed", "skipped", "cancelled"];
 
 function agentPage() {
   const id = document.body.dataset.id;
@@ -872,22 +876,22 @@ function agentPage() {
     const latest = task ? conversation(task.jobs, j).thread.slice(-1)[0] : j;
     let reason = "";
     if (j.kind === "plan") reason = "This is the planner: its answer became the task's plan, there is no conversation to continue.";
-    else if (!ENDED.includes(j.status)) reason = j.status === "running" ? "The agent is still working on this turn: you can send a message once it has finished." : `The agent has not run yet (${j.status}): you can send a message once it has finished.`;
+    else if (!JOB_ENDED.includes(j.status)) reason = j.status === "running" ? "The agent is still working on this turn: you can send a message once it has finished." : `The agent has not run yet (${j.status}): you can send a message once it has finished.`;
     else if (j.status !== "succeeded") reason = `Only an agent that succeeded can be continued or forked; this one ${j.status === "skipped" ? "was skipped" : j.status}.`;
     else if (!j.session_id && !d.session_id) reason = `This agent kept no session to continue (the ${d.backend} backend stores none).`;
     const off = !!reason;
-    const sendOff = off || (latest && latest.id !== j.id && !ENDED.includes(latest.status));
+    const sendOff = off || (latest && latest.id !== j.id && !JOB_ENDED.includes(latest.status));
     $("#send-btn").disabled = sendOff;
     $("#fork-btn").disabled = off;
     $("#a-message").disabled = off;
     $("#talk").classList.toggle("is-off", off);
-    $("#talk-state").innerHTML = off ? `<span class="badge">${!ENDED.includes(j.status) ? "wait for the turn to end" : "not available"}</span>` : `<span class="badge s-succeeded">ready</span>`;
+    $("#talk-state").innerHTML = off ? `<span class="badge">${!JOB_ENDED.includes(j.status) ? "wait for the turn to end" : "not available"}</span>` : `<span class="badge s-succeeded">ready</span>`;
     const r = $("#talk-reason");
     if (off) {
       r.textContent = reason;
       r.hidden = false;
     } else if (latest && latest.id !== j.id) {
-      r.innerHTML = ENDED.includes(latest.status)
+      r.innerHTML = JOB_ENDED.includes(latest.status)
         ? `This conversation went on in ${agentLink(latest, turnLabel(latest))}: <b>Send</b> continues from that latest turn; <b>Fork</b> starts from this one.`
         : `This conversation goes on in ${agentLink(latest, turnLabel(latest))}, still ${esc(latest.status)}: <b>Send</b> is possible once it has finished; <b>Fork</b> starts from this one.`;
       r.hidden = false;
@@ -926,7 +930,7 @@ function agentPage() {
       toggle.hidden = true;
       $("#diff-stat").textContent = "";
       const wrote = (j.files_written || []).length;
-      el.innerHTML = !ENDED.includes(j.status)
+      el.innerHTML = !JOB_ENDED.includes(j.status)
         ? `<p class="empty">The diff of what this agent changed shows here when it finishes.</p>`
         : j.diff === "" || !wrote
           ? `<p class="empty">No changes: this agent changed no file.</p>`
@@ -944,7 +948,7 @@ function agentPage() {
     const d = await api(`/v1/agents/${id}`);
     const j = d.job;
     // Known before the next await: the stream the server ends for a finished agent is over.
-    ended = ENDED.includes(j.status);
+    ended = JOB_ENDED.includes(j.status);
     // The task gives the conversation's other turns: read it at first, when this agent's
     // status changes, and every few seconds while something may still change.
     if (!task || j.status !== lastStatus || Date.now() - taskAt > 4000) {
@@ -971,7 +975,7 @@ function agentPage() {
       $("#a-asked").innerHTML = `<div class="msg user"><div class="who"><span>${j.forked ? "You · fork" : "You"}</span><span>${clock(j.queued_at_ms)}</span></div><div class="body">${esc(j.prompt)}</div></div>`;
       $("#a-asked").hidden = false;
     }
-    $("#kill-btn").hidden = !["running", "queued", "retrying", "pending"].includes(j.status);
+    $("#kill-btn").hidden = JOB_ENDED.includes(j.status);
     renderTurns(j);
     renderTalk(d);
     renderGit(j);

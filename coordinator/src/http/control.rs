@@ -1,0 +1,188 @@
+//! Changing running work: cancel a task, kill an agent, send it a message or fork it, and the
+//! dead-letter queue (list, retry).
+
+use super::answer::{Answer, in_range, parse_body, parse_id};
+use super::app::App;
+use crate::driver::{Control, ControlError};
+use crate::pipeline;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use orch_shared::api::{AgentMessage, AgentTurn, DeadLetterEntry, DeadLetterList, Task};
+use orch_shared::error::{ApiError, ErrorCode};
+use orch_shared::ids::{JobId, TaskId};
+use serde::Deserialize;
+
+pub(super) fn routes() -> Router<App> {
+    Router::new()
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/agents/{id}/kill", post(kill))
+        .route("/v1/agents/{id}/send", post(send))
+        .route("/v1/agents/{id}/fork", post(fork))
+        .route("/v1/dlq", get(dead_letters))
+        .route("/v1/dlq/{id}/retry", post(retry_dead))
+}
+
+async fn cancel(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+) -> Answer<axum::Json<Task>> {
+    let id = parse_id(&id)?;
+    Ok(axum::Json(
+        app.effects()?.driver.control(id, Control::Cancel).await?,
+    ))
+}
+
+/// The task of an agent (job), or 404.
+async fn task_of(app: &App, id: &str) -> Answer<(JobId, TaskId)> {
+    let job: JobId = id
+        .parse()
+        .map_err(|e: orch_shared::ids::IdError| ApiError::field("id", e))?;
+    let task = app
+        .state
+        .task_of_job(job)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("agent {job} not found")))?;
+    Ok((job, task))
+}
+
+async fn kill(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<axum::Json<Task>> {
+    let (job, task) = task_of(&app, &id).await?;
+    Ok(axum::Json(
+        app.effects()?
+            .driver
+            .control(task, Control::Kill(job))
+            .await?,
+    ))
+}
+
+/// `POST /v1/agents/{id}/send`: the next turn of the agent's conversation (its latest turn,
+/// if it was continued already), on whichever worker pulls it.
+async fn send(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<(StatusCode, axum::Json<AgentTurn>)> {
+    turn(app, id, body, false).await
+}
+
+/// `POST /v1/agents/{id}/fork`: a new agent with the same history, taking the message as its
+/// next turn; the original can still be continued.
+async fn fork(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<(StatusCode, axum::Json<AgentTurn>)> {
+    turn(app, id, body, true).await
+}
+
+/// Longest message `send` and `fork` take.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+async fn turn(
+    app: App,
+    id: String,
+    body: Result<Bytes, BytesRejection>,
+    fork: bool,
+) -> Answer<(StatusCode, axum::Json<AgentTurn>)> {
+    let (agent, task_id) = task_of(&app, &id).await?;
+    let req: AgentMessage = parse_body(body)?;
+    let message = req.message.trim();
+    if message.is_empty() {
+        return Err(ApiError::field("message", "must not be empty").into());
+    }
+    if message.len() > MAX_MESSAGE_BYTES {
+        return Err(ApiError::field("message", "must be at most 256 KiB").into());
+    }
+    let task =
+        app.state.load_task(task_id).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::NotFound, format!("task {task_id} not found"))
+        })?;
+    let from = if fork {
+        agent
+    } else {
+        pipeline::latest_turn(&task, agent).map_err(ControlError::from)?
+    };
+    // The worker stores a session after each successful turn of a backend that keeps one.
+    if !app.state.has_session(from).await? {
+        let backend = task.backend.as_str();
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "agent {from} has no stored session to continue (backend {backend}: the command backend keeps none; a session too large to store is not kept)"
+            ),
+        )
+        .into());
+    }
+    let new = JobId::new();
+    app.effects()?
+        .driver
+        .control(
+            task_id,
+            Control::Turn {
+                from,
+                new,
+                message: message.to_string(),
+                fork,
+            },
+        )
+        .await?;
+    tracing::info!(%task_id, %from, agent_id = %new, fork, "agent turn added");
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(AgentTurn {
+            task_id,
+            agent_id: new,
+            from,
+            fork,
+        }),
+    ))
+}
+
+async fn retry_dead(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+) -> Answer<axum::Json<Task>> {
+    let (job, task) = task_of(&app, &id).await?;
+    Ok(axum::Json(
+        app.effects()?
+            .driver
+            .control(task, Control::RetryDead(job))
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DlqParams {
+    limit: Option<usize>,
+}
+
+async fn dead_letters(
+    AxumState(app): AxumState<App>,
+    params: Result<Query<DlqParams>, QueryRejection>,
+) -> Answer<axum::Json<DeadLetterList>> {
+    let Query(params) = params
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, format!("query: {}", e.body_text())))?;
+    let limit = in_range("limit", params.limit, 1, 1000)?.unwrap_or(100);
+    let mut jobs = Vec::new();
+    for dead in app.state.dead_letters(limit).await? {
+        let Some(task) = app.state.load_task(dead.task_id).await? else {
+            continue;
+        };
+        if let Some(job) = task.jobs.iter().find(|j| j.id == dead.job_id) {
+            jobs.push(DeadLetterEntry {
+                job_id: job.id,
+                task_id: task.id,
+                role: job.role,
+                attempt: job.attempt,
+                error: job.error.clone(),
+                dead_at_ms: dead.at_ms,
+            });
+        }
+    }
+    Ok(axum::Json(DeadLetterList { jobs }))
+}

@@ -1,0 +1,264 @@
+//! Agents (jobs) across tasks: the filtered listing and one agent's detail.
+
+use super::window::{MAX_ACTIVE_TASKS, PAGE, SCAN_BUDGET, range};
+use crate::http::answer::{Answer, Failure, field, list_of, one_of, parse_job, query};
+use crate::http::app::App;
+use crate::transport::events::ReadFrom;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State as AxumState};
+use futures::StreamExt;
+use orch_shared::api::{Job, JobStatus, Task};
+use orch_shared::error::{ApiError, ErrorCode};
+use orch_shared::event::EventKind;
+use orch_shared::ids::TaskId;
+use orch_shared::report::{AgentDetail, AgentList, AgentSummary, PROMPT_EXCERPT_CHARS};
+use orch_shared::role::Role;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use strum::VariantNames;
+
+fn excerpt(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+pub fn agent_summary(task: &Task, job: &Job) -> AgentSummary {
+    AgentSummary {
+        id: job.id,
+        task_id: task.id,
+        step: job.step,
+        role: job.role,
+        status: job.status,
+        attempt: job.attempt,
+        worker_id: job.worker_id.clone(),
+        backend: task.backend,
+        model: task.model.clone(),
+        queued_at_ms: job.queued_at_ms,
+        started_at_ms: job.started_at_ms,
+        finished_at_ms: job.finished_at_ms,
+        usage: job.usage,
+        cost_usd: job.cost_usd,
+        error: job.error.clone(),
+        task_prompt: excerpt(&task.prompt, PROMPT_EXCERPT_CHARS),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AgentParams {
+    role: Option<String>,
+    status: Option<String>,
+    task: Option<String>,
+    since: Option<u64>,
+    until: Option<u64>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `task:index`: the next agent to list.
+fn parse_agent_cursor(c: &str) -> Answer<(TaskId, usize)> {
+    let bad = || field("cursor", "expected the next_cursor of the previous page");
+    let (task, index) = c.split_once(':').ok_or_else(bad)?;
+    Ok((
+        task.parse().map_err(|_| bad())?,
+        index.parse().map_err(|_| bad())?,
+    ))
+}
+
+pub(super) async fn agents(
+    AxumState(app): AxumState<App>,
+    params: Result<Query<AgentParams>, QueryRejection>,
+) -> Answer<axum::Json<AgentList>> {
+    let p = query(params)?;
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(field("limit", "must be between 1 and 1000"));
+    }
+    let roles = list_of(
+        "role",
+        p.role.as_deref(),
+        |s| s.parse().ok(),
+        &one_of(Role::VARIANTS),
+    )?;
+    let statuses = list_of(
+        "status",
+        p.status.as_deref(),
+        |s| s.parse().ok(),
+        &one_of(JobStatus::VARIANTS),
+    )?;
+    let range = range(p.since, p.until)?;
+    let cursor = p.cursor.as_deref().map(parse_agent_cursor).transpose()?;
+    let keep = |j: &Job| {
+        (roles.is_empty() || roles.contains(&j.role))
+            && (statuses.is_empty() || statuses.contains(&j.status))
+    };
+    let mut agents = Vec::new();
+    // Takes the matching agents of `task` from `from` on; returns the cursor if the page
+    // filled up before the task's end.
+    let mut take = |task: &Task, from: usize| -> Option<String> {
+        for (i, job) in task.jobs.iter().enumerate().skip(from) {
+            if agents.len() == limit {
+                return Some(format!("{}:{i}", task.id));
+            }
+            if keep(job) {
+                agents.push(agent_summary(task, job));
+            }
+        }
+        None
+    };
+
+    if let Some(task) = &p.task {
+        let id: TaskId = task
+            .parse()
+            .map_err(|e: orch_shared::ids::IdError| field("task", e))?;
+        let task =
+            app.state.load_task(id).await?.ok_or_else(|| {
+                ApiError::new(ErrorCode::NotFound, format!("task {id} not found"))
+            })?;
+        let from = cursor.filter(|(t, _)| *t == id).map_or(0, |(_, i)| i);
+        let next = take(&task, from);
+        return Ok(axum::Json(AgentList {
+            agents,
+            next_cursor: next,
+        }));
+    }
+
+    // Only unfinished statuses asked for: the active set has every such agent.
+    if !statuses.is_empty() && statuses.iter().all(|s| !s.is_terminal()) {
+        let mut ids = app.state.active_tasks().await?;
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.retain(|id| {
+            let ms = orch_shared::report::id_time_ms(id.as_u128());
+            range.since_ms.is_none_or(|s| ms >= s)
+                && range.until_ms.is_none_or(|u| ms < u)
+                && cursor.is_none_or(|(c, _)| *id <= c)
+        });
+        ids.truncate(MAX_ACTIVE_TASKS);
+        let mut next = None;
+        for task in app.state.load_tasks(&ids).await? {
+            let from = cursor.filter(|(t, _)| *t == task.id).map_or(0, |(_, i)| i);
+            if let Some(c) = take(&task, from) {
+                next = Some(c);
+                break;
+            }
+        }
+        return Ok(axum::Json(AgentList {
+            agents,
+            next_cursor: next,
+        }));
+    }
+
+    let mut next = None;
+    let mut before = None;
+    if let Some((id, from)) = cursor {
+        if let Some(task) = app.state.load_task(id).await? {
+            next = take(&task, from);
+        }
+        before = Some(id);
+    }
+    let mut examined = 0;
+    while next.is_none() {
+        if examined >= SCAN_BUDGET {
+            // Out of budget: go on after the last task examined.
+            next = before.map(|id| format!("{id}:{}", usize::MAX));
+            break;
+        }
+        let ids = app.state.task_ids_desc(range, before, PAGE).await?;
+        if ids.is_empty() {
+            break;
+        }
+        let exhausted = ids.len() < PAGE;
+        let tasks = app.state.load_tasks(&ids).await?;
+        let mut by_id: HashMap<TaskId, Task> = tasks.into_iter().map(|t| (t.id, t)).collect();
+        for id in &ids {
+            examined += 1;
+            before = Some(*id);
+            if let Some(task) = by_id.remove(id)
+                && let Some(c) = take(&task, 0)
+            {
+                next = Some(c);
+                break;
+            }
+        }
+        if exhausted {
+            break;
+        }
+    }
+    // A full page ending exactly at the end of the history gets a cursor that finds nothing:
+    // the client stops one call later.
+    if next.is_none() && agents.len() == limit {
+        next = before.map(|id| format!("{id}:{}", usize::MAX));
+    }
+    Ok(axum::Json(AgentList {
+        agents,
+        next_cursor: next,
+    }))
+}
+
+/// The task of an agent and the agent's job, or 404.
+pub(super) async fn find_agent(app: &App, id: &str) -> Answer<(Task, usize)> {
+    let job = parse_job(id)?;
+    let not_found = || -> Failure {
+        ApiError::new(ErrorCode::NotFound, format!("agent {job} not found")).into()
+    };
+    let task_id = app.state.task_of_job(job).await?.ok_or_else(not_found)?;
+    let task = app.state.load_task(task_id).await?.ok_or_else(not_found)?;
+    let index = task
+        .jobs
+        .iter()
+        .position(|j| j.id == job)
+        .ok_or_else(not_found)?;
+    Ok((task, index))
+}
+
+pub(super) async fn agent(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+) -> Answer<axum::Json<AgentDetail>> {
+    let (task, index) = find_agent(&app, &id).await?;
+    let job = task.jobs[index].clone();
+    let mut tools: BTreeMap<String, u64> = BTreeMap::new();
+    let mut log_events = 0;
+    let mut events = Box::pin(
+        app.transport
+            .stored_events(Some(task.id), ReadFrom::Start)
+            .await?,
+    );
+    while let Some(e) = events.next().await {
+        if e.event.job_id != Some(job.id) {
+            continue;
+        }
+        log_events += 1;
+        if let EventKind::ToolCall { name, .. } = &e.event.kind {
+            *tools.entry(name.clone()).or_default() += 1;
+        }
+    }
+    Ok(axum::Json(AgentDetail {
+        task_id: task.id,
+        task_prompt: task.prompt.clone(),
+        backend: task.backend,
+        model: task.model.clone(),
+        tool_calls: tools.values().sum(),
+        tools,
+        session_id: job.session_id.clone(),
+        log_events,
+        job,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_cursors_round_trip() {
+        let id = TaskId::new();
+        let (t, i) = parse_agent_cursor(&format!("{id}:3")).ok().unwrap();
+        assert_eq!((t, i), (id, 3));
+        assert!(parse_agent_cursor("nope").is_err());
+    }
+}

@@ -1,0 +1,51 @@
+//! The history, report and cluster-view endpoints: filtered task listings, agents (jobs) and
+//! their transcripts, the cluster status, the cluster-wide event stream, cost reports,
+//! streaming exports and the deletion of old tasks.
+//!
+//! Bounds (no request scans keys, and none reads an unbounded part of the history):
+//! - a filtered task listing in creation order examines at most [`window::SCAN_BUDGET`] tasks per page
+//!   and returns a cursor to go on from where it stopped;
+//! - a listing sorted by cost, duration or tokens, and a cost report, read at most
+//!   [`window::MAX_SORTED_TASKS`] / [`orch_shared::report::MAX_REPORT_TASKS`] tasks of the requested window, newest first,
+//!   and say so when there were more (`x-orch-truncated` header, `truncated` field);
+//! - an export streams its window page by page ([`window::PAGE`] tasks, or events fetched in batches);
+//! - a clean call examines at most [`orch_shared::report::MAX_CLEAN_BATCH`] tasks and returns where to go on.
+//!
+//! Transcripts come from the event log (`ORCH_EVENTS`, kept 7 days by default): every event
+//! is one NATS message of at most 1 MiB (the server's max payload). Events are sent as stored,
+//! except on `GET /v1/events`, which cuts text, tool inputs and tool outputs to `max_chars`
+//! characters (default [`events::DEFAULT_MAX_CHARS`]) and says how much it cut.
+//!
+//! Layout: [`tasks`] (`GET /v1/tasks`), [`agents`], [`transcripts`] (logs and a task's event
+//! stream), [`status`] (status, workers), [`events`] (`GET /v1/events`), [`costs`], [`export`],
+//! [`clean`]; [`window`] is the time range and paging they share.
+
+pub mod agents;
+pub mod clean;
+pub mod costs;
+pub mod events;
+pub mod export;
+pub mod status;
+pub mod tasks;
+pub mod transcripts;
+pub mod window;
+
+use super::app::App;
+use axum::Router;
+use axum::routing::{get, post};
+
+pub(super) fn routes() -> Router<App> {
+    Router::new()
+        .route("/v1/tasks", get(tasks::list))
+        .route("/v1/tasks/{id}/events", get(transcripts::task_events))
+        .route("/v1/tasks/{id}/logs", get(transcripts::task_logs))
+        .route("/v1/agents", get(agents::agents))
+        .route("/v1/agents/{id}", get(agents::agent))
+        .route("/v1/agents/{id}/logs", get(transcripts::agent_logs))
+        .route("/v1/status", get(status::status))
+        .route("/v1/workers", get(status::workers))
+        .route("/v1/events", get(events::cluster_events))
+        .route("/v1/reports/cost", get(costs::cost_report))
+        .route("/v1/export", get(export::export))
+        .route("/v1/clean", post(clean::clean))
+}

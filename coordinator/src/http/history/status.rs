@@ -1,0 +1,102 @@
+//! The cluster at a glance: `GET /v1/status` and `GET /v1/workers`.
+
+use super::agents::agent_summary;
+use super::window::MAX_ACTIVE_TASKS;
+use crate::http::answer::Answer;
+use crate::http::app::App;
+use crate::state::history::Range;
+use axum::extract::State as AxumState;
+use orch_shared::api::{JobStatus, WorkerList};
+use orch_shared::report::{AgentSummary, ClusterStatus, CostToday};
+use std::time::Duration;
+
+/// Active agents listed by `GET /v1/status`.
+const MAX_STATUS_AGENTS: usize = 500;
+/// Recent tasks searched for failures by `GET /v1/status`, and failures shown.
+const FAILURE_SCAN: usize = 200;
+const MAX_FAILURES: usize = 10;
+
+const WORKER_MAX_AGE: Duration = Duration::from_secs(15);
+const COORDINATOR_MAX_AGE: Duration = crate::sampler::COORDINATOR_TTL;
+
+pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<ClusterStatus>> {
+    let now = orch_shared::now_ms();
+    let coordinators = app.state.coordinators(COORDINATOR_MAX_AGE).await?;
+    let workers = app.state.workers(WORKER_MAX_AGE).await?;
+    let queue = match app.transport.queue_info().await {
+        Ok(q) => Some(q),
+        Err(e) => {
+            tracing::warn!(error = %e, "queue info unavailable");
+            None
+        }
+    };
+    let dead_letters = app.state.dead_letter_count().await?;
+
+    let mut active_ids = app.state.active_tasks().await?;
+    active_ids.sort_unstable_by(|a, b| b.cmp(a));
+    let active_tasks = active_ids.len() as u64;
+    active_ids.truncate(MAX_ACTIVE_TASKS);
+    let mut active_agents = Vec::new();
+    for task in app.state.load_tasks(&active_ids).await? {
+        for job in task.jobs.iter().filter(|j| !j.status.is_terminal()) {
+            if active_agents.len() < MAX_STATUS_AGENTS {
+                active_agents.push(agent_summary(&task, job));
+            }
+        }
+    }
+
+    let recent = app
+        .state
+        .task_ids_desc(Range::default(), None, FAILURE_SCAN)
+        .await?;
+    let mut recent_failures: Vec<AgentSummary> = app
+        .state
+        .load_tasks(&recent)
+        .await?
+        .iter()
+        .flat_map(|t| {
+            t.jobs
+                .iter()
+                .filter(|j| j.status == JobStatus::Failed)
+                .map(|j| agent_summary(t, j))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    recent_failures.sort_by_key(|a| std::cmp::Reverse(a.finished_at_ms.unwrap_or(0)));
+    recent_failures.truncate(MAX_FAILURES);
+
+    // The day's figures are kept as results arrive: no read of today's tasks (a busy day has
+    // tens of thousands).
+    let midnight = now - now % 86_400_000;
+    let today = app.state.today(midnight).await?;
+    let cost_today = CostToday {
+        since_ms: midnight,
+        tasks: today.tasks,
+        usage: today.usage,
+        cost_usd: today.spent_usd,
+        truncated: false,
+        spent_usd: today.spent_usd,
+        reserved_usd: today.reserved_usd,
+        budget_usd: app.state.daily_budget().await?,
+    };
+
+    Ok(axum::Json(ClusterStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        now_ms: now,
+        coordinators,
+        slots_total: workers.iter().map(|w| u64::from(w.slots)).sum(),
+        slots_busy: workers.iter().map(|w| u64::from(w.busy)).sum(),
+        workers,
+        queue,
+        dead_letters,
+        active_tasks,
+        active_agents,
+        recent_failures,
+        cost_today,
+    }))
+}
+
+pub(super) async fn workers(AxumState(app): AxumState<App>) -> Answer<axum::Json<WorkerList>> {
+    let workers = app.state.workers(WORKER_MAX_AGE).await?;
+    Ok(axum::Json(WorkerList { workers }))
+}

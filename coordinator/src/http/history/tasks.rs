@@ -1,0 +1,252 @@
+//! `GET /v1/tasks`: the task history, filtered, sorted and paged.
+
+use super::window::{MAX_SORTED_TASKS, PAGE, SCAN_BUDGET, range, tasks_in_range};
+use crate::http::answer::{Answer, field, list_of, one_of, query};
+use crate::http::app::App;
+use crate::http::auth::Caller;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State as AxumState};
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use orch_shared::api::{Task, TaskList, TaskStatus, TaskSummary};
+use orch_shared::ids::TaskId;
+use serde::Deserialize;
+use std::collections::HashMap;
+use strum::VariantNames;
+
+/// The query of `GET /v1/tasks`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub limit: Option<usize>,
+    /// Tasks older than this id (the `next_cursor` of a page in creation order, newest first).
+    pub before: Option<String>,
+    /// The `next_cursor` of the previous page, whatever the order.
+    pub cursor: Option<String>,
+    /// Comma-separated statuses.
+    pub status: Option<String>,
+    /// Case-insensitive text in the prompt, or the start of the id.
+    pub search: Option<String>,
+    /// Created at or after (ms since the epoch).
+    pub since: Option<u64>,
+    /// Created before (ms since the epoch).
+    pub until: Option<u64>,
+    pub min_cost: Option<f64>,
+    pub max_cost: Option<f64>,
+    /// `created` (default), `cost`, `duration` or `tokens`.
+    pub sort: Option<String>,
+    /// `desc` (default) or `asc`.
+    pub order: Option<String>,
+}
+
+struct Filter {
+    /// Only this tenant's tasks (a tenant's token).
+    tenant: Option<String>,
+    statuses: Vec<TaskStatus>,
+    search: Option<String>,
+    min_cost: Option<f64>,
+    max_cost: Option<f64>,
+}
+
+impl Filter {
+    fn matches(&self, t: &Task) -> bool {
+        self.tenant
+            .as_ref()
+            .is_none_or(|tenant| t.tenant.as_ref() == Some(tenant))
+            && (self.statuses.is_empty() || self.statuses.contains(&t.status))
+            && self.search.as_ref().is_none_or(|s| {
+                t.prompt.to_lowercase().contains(s) || t.id.to_string().starts_with(s.as_str())
+            })
+            && self.min_cost.is_none_or(|c| t.cost_usd >= c)
+            && self.max_cost.is_none_or(|c| t.cost_usd <= c)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sort {
+    Created,
+    Cost,
+    Duration,
+    Tokens,
+}
+
+/// `GET /v1/tasks`: filtered, sorted and paged. Answers a [`TaskList`]; a sorted listing that
+/// could not read its whole window says so in the `x-orch-truncated` header.
+async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<Response> {
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(field("limit", "must be between 1 and 1000"));
+    }
+    let statuses = list_of(
+        "status",
+        p.status.as_deref(),
+        |s| s.parse().ok(),
+        &one_of(TaskStatus::VARIANTS),
+    )?;
+    for (name, v) in [("min_cost", p.min_cost), ("max_cost", p.max_cost)] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            return Err(field(name, "must be a non-negative number of dollars"));
+        }
+    }
+    let filter = Filter {
+        tenant,
+        statuses,
+        search: p
+            .search
+            .map(|s| s.trim().to_lowercase())
+            .filter(|s| !s.is_empty()),
+        min_cost: p.min_cost,
+        max_cost: p.max_cost,
+    };
+    let range = range(p.since, p.until)?;
+    let sort = match p.sort.as_deref().unwrap_or("created") {
+        "created" => Sort::Created,
+        "cost" => Sort::Cost,
+        "duration" => Sort::Duration,
+        "tokens" => Sort::Tokens,
+        other => {
+            return Err(field(
+                "sort",
+                format!("unknown value `{other}` (expected created, cost, duration or tokens)"),
+            ));
+        }
+    };
+    let ascending = match p.order.as_deref().unwrap_or("desc") {
+        "desc" => false,
+        "asc" => true,
+        other => {
+            return Err(field(
+                "order",
+                format!("unknown value `{other}` (expected asc or desc)"),
+            ));
+        }
+    };
+    if p.before.is_some() && p.cursor.is_some() {
+        return Err(field("before", "give either before or cursor, not both"));
+    }
+    let (cursor_field, cursor) = match p.before {
+        Some(b) => ("before", Some(b)),
+        None => ("cursor", p.cursor),
+    };
+
+    if sort == Sort::Created {
+        let mut start: Option<TaskId> = cursor
+            .map(|c| {
+                c.parse()
+                    .map_err(|e: orch_shared::ids::IdError| field(cursor_field, e))
+            })
+            .transpose()?;
+        let mut rows = Vec::new();
+        let mut examined = 0;
+        let mut next = None;
+        while rows.len() < limit {
+            if examined >= SCAN_BUDGET {
+                // Out of budget: the client goes on from the last task examined.
+                next = start;
+                break;
+            }
+            let ids = if ascending {
+                app.state.task_ids_asc(range, start, PAGE).await?
+            } else {
+                app.state.task_ids_desc(range, start, PAGE).await?
+            };
+            if ids.is_empty() {
+                break;
+            }
+            let exhausted = ids.len() < PAGE;
+            let tasks = app.state.load_tasks(&ids).await?;
+            let mut by_id: HashMap<TaskId, Task> = tasks.into_iter().map(|t| (t.id, t)).collect();
+            for id in &ids {
+                examined += 1;
+                start = Some(*id);
+                if let Some(task) = by_id.remove(id)
+                    && filter.matches(&task)
+                {
+                    rows.push(task.summary());
+                    if rows.len() == limit {
+                        break;
+                    }
+                }
+            }
+            if rows.len() == limit {
+                // More may follow: a final empty page is cheaper than counting.
+                let last_in_page = start == ids.last().copied();
+                if !(exhausted && last_in_page) {
+                    next = start;
+                }
+                break;
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let list = TaskList {
+            tasks: rows,
+            next_cursor: next.map(|id| id.to_string()),
+        };
+        return Ok(axum::Json(list).into_response());
+    }
+
+    let offset = match cursor {
+        None => 0,
+        Some(c) => c
+            .strip_prefix('@')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                field(
+                    cursor_field,
+                    "expected the next_cursor of a page with the same sort (`@N`)",
+                )
+            })?,
+    };
+    let mut rows: Vec<TaskSummary> = Vec::new();
+    let truncated = tasks_in_range(app, range, MAX_SORTED_TASKS, |t| {
+        if filter.matches(&t) {
+            rows.push(t.summary());
+        }
+    })
+    .await?;
+    let now = orch_shared::now_ms();
+    let key = |t: &TaskSummary| -> f64 {
+        match sort {
+            Sort::Cost => t.cost_usd,
+            Sort::Duration => t
+                .finished_at_ms
+                .unwrap_or(now)
+                .saturating_sub(t.created_at_ms) as f64,
+            Sort::Tokens => t.usage.total() as f64,
+            Sort::Created => t.created_at_ms as f64,
+        }
+    };
+    // Ties keep creation order (newest first), so pages are stable.
+    rows.sort_by(|a, b| {
+        let o = key(a).total_cmp(&key(b));
+        let o = if ascending { o } else { o.reverse() };
+        o.then(b.id.cmp(&a.id))
+    });
+    let total = rows.len();
+    let page: Vec<TaskSummary> = rows.into_iter().skip(offset).take(limit).collect();
+    let end = offset + page.len();
+    let list = TaskList {
+        tasks: page,
+        next_cursor: (end < total).then(|| format!("@{end}")),
+    };
+    let mut resp = axum::Json(list).into_response();
+    if truncated {
+        resp.headers_mut().insert(
+            "x-orch-truncated",
+            HeaderValue::from_static("sorted the newest 10000 tasks of the window only"),
+        );
+    }
+    Ok(resp)
+}
+
+pub(super) async fn list(
+    AxumState(app): AxumState<App>,
+    caller: Option<axum::Extension<Caller>>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Answer<Response> {
+    let params = query(params)?;
+    let tenant = caller.and_then(|c| c.0.tenant);
+    list_tasks(&app, params, tenant).await
+}

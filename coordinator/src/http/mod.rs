@@ -1,0 +1,108 @@
+//! The HTTP API (`/v1/...`, health, readiness, metrics). Handlers validate input into typed
+//! values, call the planner, [`crate::state::State`] and [`crate::transport::Transport`], and
+//! answer JSON; every error is `{code, message}` with the field at fault named in the message.
+//!
+//! Layout (imports run downwards: the router at the top, [`app`] and [`answer`] at the bottom):
+//! - `mod.rs`: the router, health, readiness and metrics.
+//! - [`forward`]: a standby forwards writes to the leader (over NATS) and the leader answers them.
+//! - [`auth`]: bearer tokens, tenants, the dashboard's session cookie and CSRF header.
+//! - [`tasks`]: submit (validation, creation, first publish), show, task types.
+//! - [`control`]: cancel, kill, send, fork, the dead-letter queue.
+//! - [`estimate`]: dry runs priced from past runs.
+//! - [`history`]: task and agent listings, transcripts, cluster status and event stream, cost
+//!   reports, exports, clean-up.
+//! - [`sse`]: server-sent event streams (framing, resume, where a task's stream ends).
+//! - [`app`]: [`App`], what every handler can reach.
+//! - [`answer`]: [`answer::Failure`] (error to status and body) and the input parsers.
+
+pub mod answer;
+pub mod app;
+pub mod auth;
+pub mod control;
+pub mod estimate;
+pub mod forward;
+pub mod history;
+pub mod sse;
+pub mod tasks;
+
+pub use answer::MAX_BODY_BYTES;
+pub use app::App;
+pub use forward::serve_forwarded;
+
+use answer::Failure;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State as AxumState};
+use axum::http::{StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use orch_shared::api::Readiness;
+use orch_shared::error::{ApiError, ErrorCode};
+
+/// The whole HTTP surface: `/v1` (authenticated; writes on a standby go to the leader),
+/// health, readiness, metrics, and `pages` (the dashboard, which checks its own session).
+pub fn router(app: App, pages: Router) -> Router {
+    // The last layer runs first: a request is authenticated before a standby forwards it, so
+    // an unauthenticated one never reaches the leader (which checks it again).
+    let v1 = Router::new()
+        .merge(tasks::routes())
+        .merge(control::routes())
+        .merge(estimate::routes())
+        .merge(history::routes())
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            forward::forward_writes,
+        ))
+        .layer(middleware::from_fn_with_state(
+            auth::Gate {
+                tokens: app.tokens.clone(),
+                state: app.state.clone(),
+            },
+            auth::authenticate,
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            Failure::from(ApiError::new(ErrorCode::NotFound, "no such endpoint"))
+        })
+        .with_state(app)
+        .merge(pages)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readiness>) {
+    let nats = app.transport.is_connected();
+    let redis = app.state.ping().await;
+    let leader = app.leads();
+    // Every replica takes traffic: a standby serves reads and forwards writes to the leader.
+    let ready = nats && redis;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(Readiness {
+            ready,
+            nats,
+            redis,
+            leader,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+    )
+}
+
+async fn metrics_text(AxumState(app): AxumState<App>) -> Response {
+    match &app.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}

@@ -1,0 +1,388 @@
+//! Submitting tasks (validation, creation, first publish), showing one and the task types.
+
+use super::answer::{Answer, Failure, in_range, parse_body, parse_id};
+use super::app::App;
+use super::auth::Caller;
+use crate::driver;
+use crate::metrics as m;
+use crate::pipeline::{self, TaskOptions};
+use crate::planner;
+use crate::state::{Created, State};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State as AxumState};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use backon::Retryable;
+use orch_shared::api::{ExecutionOptions, SubmitTask, Task, TaskType};
+use orch_shared::error::{ApiError, ErrorCode};
+use orch_shared::ids::TaskId;
+use orch_shared::job::{Backend, SimParams, Workspace};
+use std::time::Duration;
+
+pub(super) fn routes() -> Router<App> {
+    Router::new()
+        .route("/v1/tasks", post(submit))
+        .route("/v1/tasks/{id}", get(show))
+        .route("/v1/task-types", get(task_types))
+}
+
+/// Longest accepted prompt, in characters.
+const MAX_PROMPT_CHARS: usize = 200_000;
+
+/// Checks a submit request and turns it into task options and a plan.
+pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
+    let prompt = req.prompt.trim().to_string();
+    if prompt.is_empty() {
+        return Err(ApiError::field("prompt", "must not be empty").into());
+    }
+    if prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::field(
+            "prompt",
+            format!("longer than {MAX_PROMPT_CHARS} characters"),
+        )
+        .into());
+    }
+    let task_type = req.task_type.unwrap_or_else(|| "auto".into());
+    let user_plan = req.plan.is_some();
+    let llm_planner = req.planner == Some(orch_shared::api::Planner::Llm);
+    if llm_planner && (user_plan || req.roles.is_some()) {
+        return Err(ApiError::field(
+            "planner",
+            "`llm` plans the task itself; it cannot be combined with `roles` or `plan`",
+        )
+        .into());
+    }
+    let plan = planner::plan(&task_type, &prompt, req.roles.as_deref(), req.plan)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    let execution = ExecutionOptions {
+        on_failure: req.on_failure.unwrap_or_default(),
+        max_attempts: in_range("max_attempts", req.max_attempts, 1, 20)?.unwrap_or(3),
+        max_parallel: in_range("max_parallel", req.max_parallel, 1, 10_000)?,
+        budget_usd: match req.budget_usd {
+            Some(b) if !(b.is_finite() && b > 0.0) => {
+                return Err(
+                    ApiError::field("budget_usd", "must be a positive number of dollars").into(),
+                );
+            }
+            b => b,
+        },
+        budget_tokens: in_range("budget_tokens", req.budget_tokens, 1, u64::MAX)?,
+        job_timeout_ms: in_range(
+            "job_timeout_ms",
+            req.job_timeout_ms,
+            100,
+            7 * 24 * 3_600_000,
+        )?,
+        task_timeout_ms: in_range(
+            "task_timeout_ms",
+            req.task_timeout_ms,
+            100,
+            30 * 24 * 3_600_000,
+        )?,
+        max_turns: in_range("max_turns", req.max_turns, 1, 10_000)?,
+        priority: req.priority.unwrap_or_default(),
+    };
+    // Every backend is accepted: the worker that runs the job checks its own settings (a
+    // missing key or CLI fails that job with the reason).
+    let backend: Backend = req.backend.unwrap_or_default();
+    if let Some(key) = &req.idempotency_key
+        && (key.is_empty() || key.len() > 256)
+    {
+        return Err(ApiError::field("idempotency_key", "must be 1 to 256 characters").into());
+    }
+    let sim = req.sim.unwrap_or_default();
+    validate_sim(&sim)?;
+    let workspace = match (req.workspace, req.repo) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                "repo",
+                "give either workspace (a directory) or repo (a git repository), not both",
+            )
+            .into());
+        }
+        (None, Some(url)) => Workspace::Git {
+            url: validate_repo(&url)?,
+            base_ref: validate_ref(req.git_ref.as_deref().unwrap_or("HEAD"))?,
+            job: None,
+        },
+        (_, None) if req.git_ref.is_some() => {
+            return Err(
+                ApiError::field("ref", "needs repo: the repository it names a ref of").into(),
+            );
+        }
+        (None, None) => Workspace::Scratch,
+        (Some(path), None) if path.starts_with('/') => Workspace::Local { path },
+        (Some(_), None) => {
+            return Err(ApiError::field("workspace", "must be an absolute path").into());
+        }
+    };
+    let task_type = if user_plan {
+        "plan".into()
+    } else if req.roles.is_some() {
+        "custom".into()
+    } else {
+        task_type
+    };
+    Ok((
+        TaskOptions {
+            prompt,
+            task_type,
+            mode: req.mode.unwrap_or_default(),
+            backend,
+            model: req.model,
+            workspace,
+            sim,
+            idempotency_key: req.idempotency_key,
+            execution,
+            llm_planner,
+        },
+        plan,
+    ))
+}
+
+/// A repository URL git can clone: a URL (`scheme://…`), an scp-like `user@host:path`, or an
+/// absolute path; never something git would read as an option.
+fn validate_repo(url: &str) -> Answer<String> {
+    let url = url.trim();
+    let bad = |why: &str| -> Failure { ApiError::field("repo", why).into() };
+    if url.is_empty() {
+        return Err(bad("must not be empty"));
+    }
+    if url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad(
+            "must be a URL or path without spaces, at most 2048 characters",
+        ));
+    }
+    if url.starts_with('-') {
+        return Err(bad("must not start with '-'"));
+    }
+    let scp_like = url.contains('@') && url.contains(':');
+    if !(url.contains("://") || scp_like || url.starts_with('/')) {
+        return Err(bad(
+            "expected a URL (https://…, ssh://…, file://…), user@host:path, or an absolute path",
+        ));
+    }
+    Ok(url.to_string())
+}
+
+/// A branch, tag or commit name as `git check-ref-format` would accept it (plus `HEAD`).
+fn validate_ref(r: &str) -> Answer<String> {
+    let r = r.trim();
+    let ok = !r.is_empty()
+        && r.len() <= 255
+        && !r.starts_with('-')
+        && !r.starts_with('/')
+        && !r.ends_with('/')
+        && !r.ends_with('.')
+        && !r.ends_with(".lock")
+        && !r.contains("..")
+        && !r.contains("@{")
+        && !r.contains("//")
+        && !r.chars().any(|c| {
+            c.is_control()
+                || c.is_whitespace()
+                || matches!(c, '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+        });
+    if ok {
+        Ok(r.to_string())
+    } else {
+        Err(ApiError::field(
+            "ref",
+            "expected a branch, tag or commit name (e.g. main, v1.2, 4f2c9e1)",
+        )
+        .into())
+    }
+}
+
+fn validate_sim(sim: &SimParams) -> Answer<()> {
+    if !(0.0..=1.0).contains(&sim.fail_rate) {
+        return Err(ApiError::field("sim.fail_rate", "must be between 0 and 1").into());
+    }
+    if sim.latency_ms > 24 * 3600 * 1000 {
+        return Err(ApiError::field("sim.latency_ms", "must be at most one day").into());
+    }
+    Ok(())
+}
+
+async fn submit(
+    AxumState(app): AxumState<App>,
+    caller: Option<axum::Extension<Caller>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<(StatusCode, axum::Json<Task>)> {
+    let req: SubmitTask = parse_body(body)?;
+    let (mut opts, plan) = validate(req)?;
+    let tenant = caller.and_then(|c| c.0.tenant);
+    // Idempotency keys are per tenant: one tenant's key never returns another's task.
+    if let (Some(t), Some(key)) = (&tenant, &opts.idempotency_key) {
+        opts.idempotency_key = Some(format!("{t}/{key}"));
+    }
+    let (mut task, actions) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    task.tenant = tenant;
+    let fx = app.effects()?;
+    if task.idempotency_key.is_none() && !fx.admission.enabled() {
+        create_and_publish(&app.state, fx, &task, actions).await?;
+        return Ok((StatusCode::CREATED, axum::Json(task)));
+    }
+    match app.state.create_task(&task).await? {
+        Created::Existing(id) => {
+            let existing = app.state.load_task(id).await?.ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("task {id} is missing its record"),
+                )
+            })?;
+            Ok((StatusCode::OK, axum::Json(existing)))
+        }
+        Created::New => {
+            // The record is stored with its first jobs marked queued; if this publish fails the
+            // coordinator publishes them again when it restarts (same message ids).
+            fx.perform(&task, actions).await?;
+            accepted(&task);
+            Ok((StatusCode::CREATED, axum::Json(task)))
+        }
+    }
+}
+
+fn accepted(task: &Task) {
+    metrics::counter!(m::TASKS_SUBMITTED).increment(1);
+    tracing::info!(task_id = %task.id, jobs = task.jobs.len(), plan = %task.plan_source, "task accepted");
+}
+
+/// Writes a new task's record and publishes its first jobs at the same time: the job
+/// reaches a worker without waiting for Redis (two fewer hops between processes on the
+/// dispatch path). Only for a task without an idempotency key (the key decides whether the
+/// task is created at all) and without admission (which publishes later anyway).
+///
+/// The record is queued on the state's connection before anything is published, so every
+/// later save of the task (its lane's, after a job event) is executed after it (see
+/// [`State::create_task`]). If the write fails, the jobs may already be on their way: the
+/// record is written again, never over a newer one ([`State::ensure_task`]), for long enough
+/// to ride out a Redis restart. If Redis stays unreachable longer the submit fails (503), the
+/// task's lane forgets it and its log is purged: a job that ran meanwhile finds no task when
+/// its result comes, and the result is dropped.
+async fn create_and_publish(
+    state: &State,
+    fx: &driver::Effects,
+    task: &Task,
+    actions: Vec<pipeline::Action>,
+) -> Answer<()> {
+    let (created, performed) = tokio::join!(state.create_task(task), fx.perform(task, actions));
+    if let Err(e) = created {
+        tracing::warn!(task_id = %task.id, error = %e, "task record not written; writing it again");
+        let written = (|| state.ensure_task(task))
+            .retry(
+                // Long enough to ride out a Redis restart (about 5 s in all).
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(1))
+                    .with_max_times(8),
+            )
+            .await;
+        if let Err(e) = written {
+            tracing::error!(task_id = %task.id, error = %e, "task record not written; the submit fails");
+            // Nothing of it stays: not in its lane, not in the log (a rebuild would bring it
+            // back from its creation message).
+            fx.driver.forget(task.id).await;
+            if let Err(e) = fx.transport.purge_task(task.id).await {
+                tracing::warn!(task_id = %task.id, error = %e, "could not purge the task's log");
+            }
+            return Err(e.into());
+        }
+    }
+    performed?;
+    accepted(task);
+    Ok(())
+}
+
+pub(super) async fn load(app: &App, id: &str) -> Answer<Task> {
+    let id = parse_id(id)?;
+    app.state
+        .load_task(id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("task {id} not found")).into())
+}
+
+async fn show(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<axum::Json<Task>> {
+    Ok(axum::Json(load(&app, &id).await?))
+}
+
+async fn task_types() -> axum::Json<Vec<TaskType>> {
+    axum::Json(
+        planner::TASK_TYPES
+            .iter()
+            .map(|(name, description)| TaskType {
+                name: (*name).into(),
+                description: (*description).into(),
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> Result<Bytes, BytesRejection> {
+        Ok(Bytes::from(json.to_string()))
+    }
+
+    fn err(json: &str) -> ApiError {
+        let req = match parse_body::<SubmitTask>(body(json)) {
+            Ok(req) => req,
+            Err(Failure(e)) => return e,
+        };
+        match validate(req) {
+            Ok(_) => panic!("{json} was accepted"),
+            Err(Failure(e)) => e,
+        }
+    }
+
+    #[test]
+    fn bad_submits_name_the_field() {
+        let e = err("{\"prompt\": \"\"}");
+        assert_eq!(e.code, ErrorCode::InvalidField);
+        assert!(e.message.starts_with("prompt:"), "{}", e.message);
+
+        let e = err("{\"prompt\": \"x\", \"task_type\": \"nope\"}");
+        assert!(e.message.starts_with("task_type:"), "{}", e.message);
+
+        let e = err("{\"prompt\": 5}");
+        assert_eq!(e.code, ErrorCode::InvalidField);
+        assert!(e.message.starts_with("prompt:"), "{}", e.message);
+
+        let e = err("{\"prompt\": \"x\", \"mode\": \"sideways\"}");
+        assert!(e.message.starts_with("mode:"), "{}", e.message);
+
+        let e = err("{\"prompt\": \"x\", \"roles\": [\"builder\", \"scout\"]}");
+        assert!(e.message.starts_with("roles[1]:"), "{}", e.message);
+
+        let e = err("{\"prompt\": \"x\", \"sim\": {\"fail_rate\": 2}}");
+        assert!(e.message.starts_with("sim.fail_rate:"), "{}", e.message);
+
+        let e = err("{\"prompt\": \"x\", \"workspace\": \"relative/dir\"}");
+        assert!(e.message.starts_with("workspace:"), "{}", e.message);
+
+        let e = err("{\"prompt\": \"x\", \"colour\": \"red\"}");
+        assert!(e.message.contains("colour"), "{}", e.message);
+
+        let e = err("{not json");
+        assert_eq!(e.code, ErrorCode::MalformedBody);
+        assert!(e.message.starts_with("body:"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_good_submit_is_planned() {
+        let req = parse_body::<SubmitTask>(body(
+            "{\"prompt\": \" build it \", \"roles\": [\"analyst\", \"builder\"], \"mode\": \"parallel\"}",
+        ))
+        .ok()
+        .unwrap();
+        let (opts, plan) = validate(req).ok().unwrap();
+        assert_eq!(opts.prompt, "build it");
+        assert_eq!(opts.task_type, "custom");
+        assert_eq!(plan.spec.steps.len(), 2);
+    }
+}
