@@ -1,5 +1,6 @@
 //! The names strum derives are the names serde puts on the wire, for every variant.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 use orch_shared::api::{JobStatus, TaskStatus};
 use orch_shared::event::EventKind;
 use orch_shared::job::Backend;
