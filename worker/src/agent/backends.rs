@@ -330,7 +330,7 @@ impl Agent for Backends {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Args;
+    use crate::config;
     use orch_shared::ids::{JobId, TaskId};
     use orch_shared::role::Role;
 
@@ -347,12 +347,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("w.toml");
         std::fs::write(&path, file).unwrap();
-        let cfg = Args {
-            config: Some(path),
-            ..Default::default()
-        }
-        .load()
-        .unwrap();
+        let cfg = config::from_flags([std::ffi::OsStr::new("--config"), path.as_os_str()]).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         Backends::from_config(&cfg)
     }
