@@ -77,11 +77,16 @@ impl Loader {
             // toml's message spans several lines (a snippet of the file); the first says it.
             message: e.message().to_string(),
         })?;
-        let dict = match figment::providers::Serialized::defaults(table).data() {
+        self.serialized(FILE, &table)
+    }
+
+    /// A serializable value (a struct of the settings, `None`s skipped) as the next layer.
+    pub fn serialized<T: serde::Serialize>(self, name: &'static str, value: &T) -> Result<Self, Error> {
+        let dict = match figment::providers::Serialized::defaults(value).data() {
             Ok(mut data) => data.remove(&Profile::Default).unwrap_or_default(),
             Err(e) => return Err(describe(e)),
         };
-        Ok(self.layer(FILE, dict))
+        Ok(self.layer(name, dict))
     }
 
     /// Values as the next layer, under a name [`Loader::source`] reports.
