@@ -81,7 +81,11 @@ impl Loader {
     }
 
     /// A serializable value (a struct of the settings, `None`s skipped) as the next layer.
-    pub fn serialized<T: serde::Serialize>(self, name: &'static str, value: &T) -> Result<Self, Error> {
+    pub fn serialized<T: serde::Serialize>(
+        self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<Self, Error> {
         let dict = match figment::providers::Serialized::defaults(value).data() {
             Ok(mut data) => data.remove(&Profile::Default).unwrap_or_default(),
             Err(e) => return Err(describe(e)),
@@ -115,21 +119,21 @@ impl Loader {
             if skip.contains(&id)
                 || matches!(
                     arg.get_action(),
-                    ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong | ArgAction::Version
+                    ArgAction::Help
+                        | ArgAction::HelpShort
+                        | ArgAction::HelpLong
+                        | ArgAction::Version
                 )
             {
                 continue;
             }
             let many = arg.get_value_delimiter().is_some()
                 || matches!(arg.get_action(), ArgAction::Append);
-            if let Some(value) = arg
-                .get_env()
-                .and_then(|name| env(&name.to_string_lossy()))
-            {
+            if let Some(value) = arg.get_env().and_then(|name| env(&name.to_string_lossy())) {
                 let value = match arg.get_value_delimiter() {
-                    Some(d) if many => Value::from(
-                        value.split(d).map(str::to_string).collect::<Vec<_>>(),
-                    ),
+                    Some(d) if many => {
+                        Value::from(value.split(d).map(str::to_string).collect::<Vec<_>>())
+                    }
                     _ if many => Value::from(vec![value]),
                     _ => Value::from(value),
                 };
@@ -212,14 +216,17 @@ fn describe(err: figment::Error) -> Error {
     let mut path = err.path.clone();
     let message = match &err.kind {
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
-            format!("expected {}, got {}", expected_text(expected), actual_text(actual))
+            format!(
+                "expected {}, got {}",
+                expected_text(expected),
+                actual_text(actual)
+            )
         }
         // figment's path already ends with the unknown key.
         Kind::UnknownField(..) => "unknown key".to_string(),
-        Kind::UnknownVariant(found, expected) => format!(
-            "expected {}, got {found:?}",
-            expected.join(" or ")
-        ),
+        Kind::UnknownVariant(found, expected) => {
+            format!("expected {}, got {found:?}", expected.join(" or "))
+        }
         Kind::MissingField(field) => {
             path.push(field.to_string());
             "missing".to_string()
@@ -329,17 +336,30 @@ mod tests {
         let matches = Args::command().try_get_matches_from(argv).unwrap();
         Loader::new()
             .toml(file, Path::new("t.toml"))?
-            .args(&Args::command(), &matches, &|k| env.get(k).cloned(), &["config"])
+            .args(
+                &Args::command(),
+                &matches,
+                &|k| env.get(k).cloned(),
+                &["config"],
+            )
             .extract()
     }
 
     #[test]
     fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
-        let file = "wait = \"2s\"\ncount = 2\nnames = [\"file\"]\n[nested]\nurl = \"file\"\nother = 7\n";
+        let file =
+            "wait = \"2s\"\ncount = 2\nnames = [\"file\"]\n[nested]\nurl = \"file\"\nother = 7\n";
         let s = load(file, &[], &[]).unwrap();
-        assert_eq!((s.wait, s.count, s.nested.other), (Duration::from_secs(2), 2, 7));
-        let s = load(file, &[("T_WAIT", "3s"), ("T_NAMES", "a,b"), ("T_URL", "env")], &[])
-            .unwrap();
+        assert_eq!(
+            (s.wait, s.count, s.nested.other),
+            (Duration::from_secs(2), 2, 7)
+        );
+        let s = load(
+            file,
+            &[("T_WAIT", "3s"), ("T_NAMES", "a,b"), ("T_URL", "env")],
+            &[],
+        )
+        .unwrap();
         assert_eq!(s.wait, Duration::from_secs(3));
         assert_eq!(s.names, ["a", "b"]);
         assert_eq!(s.nested.url, "env");
@@ -378,7 +398,9 @@ mod tests {
 
     #[test]
     fn an_unknown_key_in_the_file_is_named() {
-        let err = load("[nested]\nulr = \"x\"", &[], &[]).unwrap_err().to_string();
+        let err = load("[nested]\nulr = \"x\"", &[], &[])
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "invalid configuration: nested.ulr: unknown key");
         let err = load("wait = ", &[], &[]).unwrap_err().to_string();
         assert!(err.starts_with("invalid config file t.toml: "), "{err}");

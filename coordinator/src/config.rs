@@ -309,10 +309,7 @@ impl Settings {
             ));
         }
         if !(1..=5).contains(&self.stream_replicas) {
-            return Err(Error::invalid(
-                "stream-replicas",
-                "must be between 1 and 5",
-            ));
+            return Err(Error::invalid("stream-replicas", "must be between 1 and 5"));
         }
         if self.events_max_age < self.dedup_window {
             // JetStream refuses a results stream whose duplicate window outlives its messages.
@@ -393,14 +390,18 @@ mod tests {
         assert_eq!(cfg.lanes, 8);
         assert_eq!(cfg.nats_url, "nats://env");
         assert_eq!(cfg.redis_url, "redis://file");
-        assert_eq!(
-            cfg.tokens,
-            ["env-token-0123456789", "second-token-0123456"]
-        );
+        assert_eq!(cfg.tokens, ["env-token-0123456789", "second-token-0123456"]);
         let cfg = load_with(
             Some(file),
             &env,
-            &["--job-ack-wait", "9s", "--token", TOKEN, "--rate-limit", "sim=60rpm"],
+            &[
+                "--job-ack-wait",
+                "9s",
+                "--token",
+                TOKEN,
+                "--rate-limit",
+                "sim=60rpm",
+            ],
         )
         .unwrap();
         assert_eq!(cfg.job_ack_wait, Duration::from_secs(9));
@@ -416,12 +417,16 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_key_with_the_same_text_from_every_layer() {
-        let want = "invalid configuration: job-ack-wait: expected a duration like 30s or 5m, got \"x\"";
+        let want =
+            "invalid configuration: job-ack-wait: expected a duration like 30s or 5m, got \"x\"";
         let err = |file: Option<&str>, env: &[(&str, &str)], flags: &[&str]| {
             load_with(file, env, flags).unwrap_err().to_string()
         };
         assert_eq!(err(Some("job_ack_wait = \"x\""), &[], &["--no-auth"]), want);
-        assert_eq!(err(None, &[("ORCH_JOB_ACK_WAIT", "x")], &["--no-auth"]), want);
+        assert_eq!(
+            err(None, &[("ORCH_JOB_ACK_WAIT", "x")], &["--no-auth"]),
+            want
+        );
         assert_eq!(err(None, &[], &["--no-auth", "--job-ack-wait", "x"]), want);
         assert_eq!(
             err(None, &[("ORCH_LANES", "many")], &["--no-auth"]),
@@ -460,8 +465,14 @@ mod tests {
             err,
             "invalid configuration: events-max-age: must be at least the dedup-window (30m)"
         );
-        let cfg = from_flags(["--no-auth", "--events-max-age", "3s", "--dedup-window", "2s"])
-            .unwrap();
+        let cfg = from_flags([
+            "--no-auth",
+            "--events-max-age",
+            "3s",
+            "--dedup-window",
+            "2s",
+        ])
+        .unwrap();
         assert_eq!(cfg.events_max_age, Duration::from_secs(3));
     }
 }

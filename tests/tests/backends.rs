@@ -14,9 +14,9 @@ use orch_tests::fake_openai::{self, FakeOpenAi};
 use orch_worker::agent::pricing::{Price, PriceTable};
 use orch_worker::agent::{Agent, Backends, Events, Report};
 use orch_worker::config::{self, CommandSettings, Config, PromptVia};
-use std::ffi::OsString;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -48,8 +48,7 @@ fn config(dir: &Path, anthropic: Option<&str>, openai: Option<&str>) -> Config {
     if let Some(url) = openai {
         flags.extend(["--openai-base-url".into(), url.into()]);
     }
-    let mut cfg = config::from_flags(flags)
-    .expect("a valid config");
+    let mut cfg = config::from_flags(flags).expect("a valid config");
     for api in [&mut cfg.backends.anthropic, &mut cfg.backends.openai] {
         api.retry_min_delay = Duration::from_millis(50);
         api.retry_max_delay = Duration::from_millis(200);

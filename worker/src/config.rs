@@ -565,11 +565,7 @@ impl BackendSettings {
             file.anthropic.unwrap_or_default(),
             Some(8192),
         )?;
-        let openai = ApiSettings::load(
-            "backends.openai",
-            file.openai.unwrap_or_default(),
-            None,
-        )?;
+        let openai = ApiSettings::load("backends.openai", file.openai.unwrap_or_default(), None)?;
         let command = match file.command {
             None => None,
             Some(c) => {
@@ -675,7 +671,14 @@ mod tests {
         let cfg = load_with(
             Some(file),
             &env,
-            &["--slots", "5", "--anthropic-base-url", "http://flag", "--claude-bin", "/flag/claude"],
+            &[
+                "--slots",
+                "5",
+                "--anthropic-base-url",
+                "http://flag",
+                "--claude-bin",
+                "/flag/claude",
+            ],
         )
         .unwrap();
         assert_eq!((cfg.slots, cfg.drain_grace), (5, Duration::from_secs(7)));
@@ -697,7 +700,11 @@ mod tests {
         assert_eq!(err(None, &[("ORCH_DRAIN_GRACE", "x")], &[]), want);
         assert_eq!(err(None, &[], &["--drain-grace", "x"]), want);
         assert_eq!(
-            err(Some("[backends.openai]\nrequest_timeout = \"soon\""), &[], &[]),
+            err(
+                Some("[backends.openai]\nrequest_timeout = \"soon\""),
+                &[],
+                &[]
+            ),
             "invalid configuration: backends.openai.request_timeout: expected a duration like 30s or 5m, got \"soon\""
         );
         assert_eq!(
