@@ -63,20 +63,13 @@ impl Loader {
 
     /// Reads a TOML file as the next layer.
     pub fn file(self, path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        self.toml(&text, path)
+        let table = read_toml(path)?;
+        self.serialized(FILE, &table)
     }
 
     /// `text`, the contents of the TOML file at `path`, as the next layer.
     pub fn toml(self, text: &str, path: &Path) -> Result<Self, Error> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| Error::Parse {
-            path: path.to_path_buf(),
-            // toml's message spans several lines (a snippet of the file); the first says it.
-            message: e.message().to_string(),
-        })?;
+        let table = parse_toml(text, path)?;
         self.serialized(FILE, &table)
     }
 
@@ -172,6 +165,24 @@ impl Loader {
     pub fn source(&self, key: &str) -> Option<&str> {
         self.figment.find_metadata(key).map(|m| m.name.as_ref())
     }
+}
+
+/// Reads and parses a TOML file, for a binary that adjusts it (such as renaming an alias) before
+/// it becomes the [`FILE`] layer with [`Loader::serialized`].
+pub fn read_toml(path: &Path) -> Result<toml::Table, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text, path)
+}
+
+fn parse_toml(text: &str, path: &Path) -> Result<toml::Table, Error> {
+    toml::from_str(text).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        // toml's message spans several lines (a snippet of the file); the first says it.
+        message: e.message().to_string(),
+    })
 }
 
 /// Sets `key` (dotted for nested tables) in `dict`, merging with tables already there.

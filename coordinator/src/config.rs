@@ -1,4 +1,4 @@
-//! Coordinator configuration: one serde struct of settings with their defaults ([`Settings`]),
+//! Coordinator configuration: one serde struct of settings with their defaults (`Settings`),
 //! layered by [`orch_config::Loader`] (defaults < TOML file `--config` < `ORCH_*` environment <
 //! flags) and checked once into [`Config`]. [`Args`] declares only the command line: each flag's
 //! id is its setting's key and its `env` is the variable that sets it.

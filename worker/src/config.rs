@@ -1,5 +1,7 @@
-//! Worker configuration: defaults, then an optional TOML file (`--config`), then `ORCH_*`
-//! environment variables and flags, checked once into [`Config`].
+//! Worker configuration: one serde struct of settings with their defaults (`Settings`),
+//! layered by [`orch_config::Loader`] (defaults < TOML file `--config` < environment < flags)
+//! and checked once into [`Config`]. [`Args`] declares only the command line: each flag's id is
+//! its setting's key (`--claude-bin` sets `backends.claude-code.bin`) and its `env` the variable.
 //!
 //! Besides the cluster settings, the file configures the agent backends (`[backends.*]`: the
 //! providers' URLs and keys, models, the Claude Code CLI), the roles (`[roles.*]`, see
@@ -20,7 +22,6 @@ use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Command-line flags; every one can also come from the environment or the config file. Each
@@ -145,13 +146,6 @@ impl fmt::Display for Secret {
     }
 }
 
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_string()))
-    }
-}
-
 /// Every setting with its default, as the TOML file spells it. Unknown keys are refused.
 #[derive(Deserialize, Debug)]
 #[serde(default, deny_unknown_fields)]
@@ -195,7 +189,8 @@ impl Default for Settings {
 #[derive(Deserialize, Debug, Default)]
 #[serde(default, deny_unknown_fields)]
 struct BackendsFile {
-    #[serde(rename = "claude-code", alias = "claude_code")]
+    /// Also `[backends.claude_code]` (renamed by [`load`]).
+    #[serde(rename = "claude-code")]
     claude_code: Option<ClaudeCodeFile>,
     anthropic: Option<ApiFile>,
     openai: Option<ApiFile>,
@@ -409,7 +404,16 @@ pub fn load(matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Resul
     let mut loader = orch_config::Loader::new();
     // clap reads ORCH_CONFIG too, so this is the flag, else the environment variable.
     if let Some(path) = matches.get_one::<PathBuf>("config") {
-        loader = loader.file(path)?;
+        let mut file = orch_config::read_toml(path)?;
+        // `[backends.claude_code]` is also accepted; under its canonical name it merges with
+        // `--claude-bin` and `--claude-home` instead of standing beside them.
+        if let Some(toml::Value::Table(backends)) = file.get_mut("backends")
+            && !backends.contains_key("claude-code")
+            && let Some(section) = backends.remove("claude_code")
+        {
+            backends.insert("claude-code".into(), section);
+        }
+        loader = loader.serialized(orch_config::FILE, &file)?;
     }
     loader
         .args(&Args::command(), matches, env, &["config"])
@@ -687,6 +691,17 @@ mod tests {
             Some("http://flag")
         );
         assert_eq!(cfg.backends.claude_code.bin, PathBuf::from("/flag/claude"));
+        let cfg = load_with(
+            Some("[backends.claude_code]\nmodel = \"m\"\n"),
+            &[],
+            &["--claude-bin", "/flag/claude"],
+        )
+        .unwrap();
+        assert_eq!(cfg.backends.claude_code.bin, PathBuf::from("/flag/claude"));
+        assert_eq!(
+            cfg.backends.claude_code.models.default.as_deref(),
+            Some("m")
+        );
     }
 
     #[test]
@@ -823,6 +838,11 @@ output = 0.2
         );
         assert!(err("[roles.reviewer]\npermission_mode = \"ask\"").starts_with("roles.reviewer"));
         assert!(err("[prices.m]\ninput = -1\noutput = 1").starts_with("prices.m"));
+        // Both spellings of one section are one too many.
+        assert!(
+            err("[backends.claude-code]\nbin = \"a\"\n[backends.claude_code]\nbin = \"b\"")
+                .starts_with("backends.claude_code: unknown key")
+        );
         // A misspelt key is refused rather than ignored.
         assert_eq!(
             err("[backends.anthropic]\napi_kye = \"x\""),
