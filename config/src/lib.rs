@@ -122,7 +122,12 @@ impl Loader {
             }
             let many = arg.get_value_delimiter().is_some()
                 || matches!(arg.get_action(), ArgAction::Append);
-            if let Some(value) = arg.get_env().and_then(|name| env(&name.to_string_lossy())) {
+            // An empty variable counts as unset, as clap has it.
+            if let Some(value) = arg
+                .get_env()
+                .and_then(|name| env(&name.to_string_lossy()))
+                .filter(|v| !v.is_empty())
+            {
                 let value = match arg.get_value_delimiter() {
                     Some(d) if many => {
                         Value::from(value.split(d).map(str::to_string).collect::<Vec<_>>())
@@ -367,10 +372,16 @@ mod tests {
         );
         let s = load(
             file,
-            &[("T_WAIT", "3s"), ("T_NAMES", "a,b"), ("T_URL", "env")],
+            &[
+                ("T_WAIT", "3s"),
+                ("T_NAMES", "a,b"),
+                ("T_URL", "env"),
+                ("T_COUNT", ""),
+            ],
             &[],
         )
         .unwrap();
+        assert_eq!(s.count, 2);
         assert_eq!(s.wait, Duration::from_secs(3));
         assert_eq!(s.names, ["a", "b"]);
         assert_eq!(s.nested.url, "env");
