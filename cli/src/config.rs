@@ -1,14 +1,16 @@
 //! Where orchctl finds its server and token.
 //!
-//! Precedence, highest first: `--server`/`--token` flags and their `ORCH_SERVER`/`ORCH_TOKEN`
-//! environment variables (clap merges those two), then the TOML config file (`server = "..."`,
-//! `token = "..."`), then the default server [`DEFAULT_SERVER`] with no token.
+//! Precedence, highest first: the `--server`/`--token` flags, the `ORCH_SERVER`/`ORCH_TOKEN`
+//! environment variables, the TOML config file (`server = "..."`, `token = "..."`), then the
+//! default server [`DEFAULT_SERVER`] with no token. [`Settings::resolve`] stacks these layers
+//! with [`orch_config::Loader`], each given as a [`FileConfig`] (the one struct of settings).
 //!
 //! The config file is `--config` / `ORCH_CONFIG`, else `$ORCH_HOME/config.toml`, with `ORCH_HOME`
-//! defaulting to `$HOME/.orch`. Only [`Paths::from_env`] reads the process environment; everything
-//! else takes explicit values so tests never touch the environment.
+//! defaulting to `$HOME/.orch`. Only [`Paths::from_env`] and [`FileConfig::from_env`] read the
+//! process environment; everything else takes explicit values so tests never touch it.
 
-use serde::Deserialize;
+use orch_config::Loader;
+use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,6 +45,8 @@ pub enum Error {
     },
     #[error("invalid server url `{url}`: {reason}")]
     InvalidServer { url: String, reason: String },
+    #[error(transparent)]
+    Config(#[from] orch_config::Error),
 }
 
 /// The directories orchctl uses, resolved once from the environment.
@@ -106,16 +110,33 @@ fn non_empty(v: Option<String>) -> Option<String> {
     v.map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
 }
 
-/// The contents of the config file. Unknown keys are ignored so newer files keep working.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// The settings as one layer gives them (the config file, the environment or the flags).
+/// Unknown keys in the file are ignored so newer files keep working.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct FileConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
 
 impl FileConfig {
+    /// `ORCH_SERVER` and `ORCH_TOKEN`.
+    pub fn from_env() -> Self {
+        Self {
+            server: std::env::var("ORCH_SERVER").ok(),
+            token: std::env::var("ORCH_TOKEN").ok(),
+        }
+    }
+
+    /// Empty values count as unset, so an empty variable does not hide the file's value.
+    fn set(self) -> Self {
+        Self {
+            server: non_empty(self.server),
+            token: non_empty(self.token),
+        }
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
         toml::from_str(text).map_err(|source| Error::Parse {
             path: path.to_path_buf(),
@@ -170,28 +191,34 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Applies the precedence rules: flag/env > config file > default.
+    /// Applies the precedence rules: flags > environment > config file > default.
     pub fn resolve(
-        flag_server: Option<String>,
-        flag_token: Option<String>,
+        flags: FileConfig,
+        env: FileConfig,
         file: FileConfig,
         config_path: Option<&Path>,
     ) -> Result<Self, Error> {
-        let server = non_empty(flag_server)
-            .or_else(|| non_empty(file.server))
-            .unwrap_or_else(|| DEFAULT_SERVER.to_string());
-        let server = normalize_server(&server)?;
-        let (token, token_source) = match (non_empty(flag_token), non_empty(file.token)) {
-            (Some(t), _) => (Some(t), TokenSource::Flag),
-            (None, Some(t)) => (
-                Some(t),
-                TokenSource::File(config_path.map(Path::to_path_buf).unwrap_or_default()),
-            ),
-            (None, None) => (None, TokenSource::None),
+        let defaults = FileConfig {
+            server: Some(DEFAULT_SERVER.to_string()),
+            token: None,
+        };
+        let layers = Loader::new()
+            .serialized(orch_config::DEFAULTS, &defaults)?
+            .serialized(orch_config::FILE, &file.set())?
+            .serialized(orch_config::ENV, &env.set())?
+            .serialized(orch_config::FLAGS, &flags.set())?;
+        let merged: FileConfig = layers.extract()?;
+        let server = normalize_server(merged.server.as_deref().unwrap_or(DEFAULT_SERVER))?;
+        let token_source = match layers.source("token") {
+            None => TokenSource::None,
+            Some(orch_config::FILE) => {
+                TokenSource::File(config_path.map(Path::to_path_buf).unwrap_or_default())
+            }
+            Some(_) => TokenSource::Flag,
         };
         Ok(Self {
             server,
-            token,
+            token: merged.token,
             token_source,
             config_path: config_path.map(Path::to_path_buf),
         })
@@ -317,47 +344,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn flags_beat_the_config_file() {
-        let s = Settings::resolve(
-            Some("http://flag:1".into()),
-            Some("flag-token".into()),
-            file(Some("http://file:2"), Some("file-token")),
-            Some(Path::new("/c.toml")),
-        )
-        .unwrap();
-        assert_eq!(s.server, "http://flag:1");
-        assert_eq!(s.token.as_deref(), Some("flag-token"));
-        assert_eq!(s.token_source, TokenSource::Flag);
+    fn none() -> FileConfig {
+        FileConfig::default()
     }
 
     #[test]
-    fn config_file_beats_the_default() {
-        let s = Settings::resolve(
-            None,
-            None,
-            file(Some("http://file:2/"), Some("file-token")),
-            Some(Path::new("/c.toml")),
-        )
-        .unwrap();
+    fn flags_beat_the_environment_which_beats_the_config_file_which_beats_the_default() {
+        let path = Some(Path::new("/c.toml"));
+        let on_disk = || file(Some("http://file:2/"), Some("file-token"));
+        let from_env = || file(Some("http://env:3"), Some("env-token"));
+        let s = Settings::resolve(none(), none(), none(), None).unwrap();
+        assert_eq!(s.server, DEFAULT_SERVER);
+        assert_eq!((s.token, s.token_source), (None, TokenSource::None));
+        let s = Settings::resolve(none(), none(), on_disk(), path).unwrap();
         assert_eq!(s.server, "http://file:2");
         assert_eq!(s.token.as_deref(), Some("file-token"));
         assert_eq!(s.token_source, TokenSource::File(PathBuf::from("/c.toml")));
-    }
-
-    #[test]
-    fn default_server_and_no_token_without_any_source() {
-        let s = Settings::resolve(None, None, FileConfig::default(), None).unwrap();
-        assert_eq!(s.server, DEFAULT_SERVER);
-        assert_eq!(s.token, None);
-        assert_eq!(s.token_source, TokenSource::None);
+        let s = Settings::resolve(none(), from_env(), on_disk(), path).unwrap();
+        assert_eq!(s.server, "http://env:3");
+        assert_eq!(s.token.as_deref(), Some("env-token"));
+        assert_eq!(s.token_source, TokenSource::Flag);
+        let flags = file(Some("http://flag:1"), Some("flag-token"));
+        let s = Settings::resolve(flags, from_env(), on_disk(), path).unwrap();
+        assert_eq!(s.server, "http://flag:1");
+        assert_eq!(s.token.as_deref(), Some("flag-token"));
     }
 
     #[test]
     fn each_value_falls_back_on_its_own() {
         let s = Settings::resolve(
-            Some("http://flag:1".into()),
-            None,
+            file(Some("http://flag:1"), None),
+            none(),
             file(Some("http://file:2"), Some("file-token")),
             Some(Path::new("/c.toml")),
         )
@@ -369,14 +386,25 @@ mod tests {
     #[test]
     fn empty_values_count_as_unset() {
         let s = Settings::resolve(
-            Some("  ".into()),
-            Some(String::new()),
+            file(Some("  "), Some("")),
+            file(Some(""), None),
             file(Some("http://file:2"), Some("t")),
             None,
         )
         .unwrap();
         assert_eq!(s.server, "http://file:2");
         assert_eq!(s.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn a_bad_server_names_the_url() {
+        let err = Settings::resolve(file(Some("ftp://x"), None), none(), none(), None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid server url `ftp://x`: unsupported scheme `ftp` (use http or https)"
+        );
     }
 
     #[test]
@@ -434,16 +462,16 @@ mod tests {
     #[test]
     fn auth_hint_names_where_the_token_came_from() {
         let s = Settings::resolve(
-            None,
-            None,
+            none(),
+            none(),
             file(None, Some("t")),
             Some(Path::new("/c.toml")),
         )
         .unwrap();
         assert!(s.auth_hint().contains("/c.toml"));
-        let s = Settings::resolve(None, Some("t".into()), FileConfig::default(), None).unwrap();
+        let s = Settings::resolve(file(None, Some("t")), none(), none(), None).unwrap();
         assert!(s.auth_hint().contains("ORCH_TOKEN"));
-        let s = Settings::resolve(None, None, FileConfig::default(), None).unwrap();
+        let s = Settings::resolve(none(), none(), none(), None).unwrap();
         assert!(s.auth_hint().contains("ORCH_TOKEN"));
     }
 }

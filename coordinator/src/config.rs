@@ -1,13 +1,18 @@
-//! Coordinator configuration: defaults, then an optional TOML file (`--config`), then `ORCH_*`
-//! environment variables and flags (clap reads both), checked once into [`Config`].
+//! Coordinator configuration: one serde struct of settings with their defaults (`Settings`),
+//! layered by [`orch_config::Loader`] (defaults < TOML file `--config` < `ORCH_*` environment <
+//! flags) and checked once into [`Config`]. [`Args`] declares only the command line: each flag's
+//! id is its setting's key and its `env` is the variable that sets it.
 
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, Parser};
+pub use orch_config::Error;
 use serde::Deserialize;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Command-line flags; every one can also come from the environment or the config file.
+/// Command-line flags; every one can also come from the environment or the config file (as the
+/// key named like the flag, with `_` for `-`). Values are parsed with the file's, by [`load`].
 #[derive(Parser, Debug, Default)]
 #[command(
     name = "orch-coordinator",
@@ -19,28 +24,32 @@ pub struct Args {
     #[arg(long, env = "ORCH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address of the HTTP API (port 0 picks a free port; the bound address is logged and
-    /// written to --addr-file).
+    /// written to --addr-file) [default: 127.0.0.1:7070].
     #[arg(long, env = "ORCH_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<String>,
     /// Write the bound HTTP address to this file once listening.
     #[arg(long, env = "ORCH_ADDR_FILE")]
-    pub addr_file: Option<PathBuf>,
+    pub addr_file: Option<String>,
+    /// [default: nats://127.0.0.1:4222]
     #[arg(long, env = "ORCH_NATS_URL")]
     pub nats_url: Option<String>,
+    /// [default: redis://127.0.0.1:6379]
     #[arg(long, env = "ORCH_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// API bearer tokens, comma separated. Required unless --no-auth.
+    /// API bearer tokens, comma separated (file key `tokens`). Required unless --no-auth.
     #[arg(
-        long,
+        long = "token",
+        value_name = "TOKEN",
         env = "ORCH_TOKEN",
         value_delimiter = ',',
         hide_env_values = true
     )]
-    pub token: Vec<String>,
+    pub tokens: Vec<String>,
     /// A tenant and its token, repeatable: `NAME=TOKEN`. A tenant's token sees only the tasks
     /// it submitted; tokens given with --token are admin tokens that see everything.
     #[arg(
         long = "tenant",
+        value_name = "TENANT",
         env = "ORCH_TENANTS",
         value_delimiter = ';',
         hide_env_values = true
@@ -49,77 +58,100 @@ pub struct Args {
     /// Serve the API without authentication (never in production).
     #[arg(long, env = "ORCH_NO_AUTH")]
     pub no_auth: bool,
-    /// How long a job may go without an in-progress ack before JetStream redelivers it.
-    #[arg(long, env = "ORCH_JOB_ACK_WAIT", value_parser = humantime::parse_duration)]
-    pub job_ack_wait: Option<Duration>,
-    /// Deliveries of one job attempt before JetStream gives up on it.
+    /// How long a job may go without an in-progress ack before JetStream redelivers it
+    /// [default: 1m].
+    #[arg(long, env = "ORCH_JOB_ACK_WAIT")]
+    pub job_ack_wait: Option<String>,
+    /// Deliveries of one job attempt before JetStream gives up on it [default: 5].
     #[arg(long, env = "ORCH_JOB_MAX_DELIVER")]
-    pub job_max_deliver: Option<i64>,
-    /// JetStream duplicate window for job and result messages.
-    #[arg(long, env = "ORCH_DEDUP_WINDOW", value_parser = humantime::parse_duration)]
-    pub dedup_window: Option<Duration>,
+    pub job_max_deliver: Option<String>,
+    /// JetStream duplicate window for job and result messages [default: 30m].
+    #[arg(long, env = "ORCH_DEDUP_WINDOW")]
+    pub dedup_window: Option<String>,
     /// How long task event logs (and job results) are kept. A task older than half of it
-    /// gets a snapshot with each change, since its creation message leaves the log with it.
-    #[arg(long, env = "ORCH_EVENTS_MAX_AGE", value_parser = humantime::parse_duration)]
-    pub events_max_age: Option<Duration>,
-    /// Parallel lanes applying results (tasks are spread over lanes by id).
+    /// gets a snapshot with each change, since its creation message leaves the log with it
+    /// [default: 7days].
+    #[arg(long, env = "ORCH_EVENTS_MAX_AGE")]
+    pub events_max_age: Option<String>,
+    /// Parallel lanes applying results (tasks are spread over lanes by id) [default: 16].
     #[arg(long, env = "ORCH_LANES")]
-    pub lanes: Option<usize>,
+    pub lanes: Option<String>,
     /// JetStream replicas of every stream (1 for a single server, 3 for a 3-node cluster).
     #[arg(long, env = "ORCH_STREAM_REPLICAS")]
-    pub stream_replicas: Option<usize>,
+    pub stream_replicas: Option<String>,
     /// Most agents running at once, cluster-wide: `off` (default), a number, or `auto` (the
     /// registered workers' slots). With a cap, ready jobs wait by priority.
     #[arg(long, env = "ORCH_MAX_RUNNING_AGENTS")]
     pub max_running_agents: Option<String>,
     /// Rate limit per backend or model, repeatable: `backend[/model]=60rpm[,100000tpm]`.
-    #[arg(long = "rate-limit", env = "ORCH_RATE_LIMITS", value_delimiter = ';')]
+    #[arg(
+        long = "rate-limit",
+        value_name = "RATE_LIMIT",
+        env = "ORCH_RATE_LIMITS",
+        value_delimiter = ';'
+    )]
     pub rate_limits: Vec<String>,
     /// Most US dollars all tasks together may spend per UTC day.
     #[arg(long, env = "ORCH_DAILY_BUDGET_USD")]
-    pub daily_budget_usd: Option<f64>,
-    /// Cost reserved per job against the daily budget while its role has no history.
+    pub daily_budget_usd: Option<String>,
+    /// Cost reserved per job against the daily budget while its role has no history
+    /// [default: 0.10].
     #[arg(long, env = "ORCH_DEFAULT_JOB_ESTIMATE_USD")]
-    pub default_job_estimate_usd: Option<f64>,
+    pub default_job_estimate_usd: Option<String>,
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
+/// Every setting with its default, as the TOML file spells it. Unknown keys are refused.
+#[derive(Deserialize, Debug)]
+#[serde(default, deny_unknown_fields)]
+struct Settings {
+    listen: SocketAddr,
     addr_file: Option<PathBuf>,
-    nats_url: Option<String>,
-    redis_url: Option<String>,
-    tokens: Option<Vec<String>>,
-    tenants: Option<Vec<String>>,
-    no_auth: Option<bool>,
-    #[serde(default, with = "humantime_serde_opt")]
-    job_ack_wait: Option<Duration>,
-    job_max_deliver: Option<i64>,
-    #[serde(default, with = "humantime_serde_opt")]
-    dedup_window: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    events_max_age: Option<Duration>,
-    lanes: Option<usize>,
-    log_format: Option<String>,
+    nats_url: String,
+    redis_url: String,
+    tokens: Vec<String>,
+    tenants: Vec<String>,
+    no_auth: bool,
+    #[serde(with = "humantime_serde")]
+    job_ack_wait: Duration,
+    job_max_deliver: i64,
+    #[serde(with = "humantime_serde")]
+    dedup_window: Duration,
+    #[serde(with = "humantime_serde")]
+    events_max_age: Duration,
+    lanes: usize,
+    log_format: LogFormat,
     max_running_agents: Option<String>,
-    stream_replicas: Option<usize>,
-    rate_limits: Option<Vec<String>>,
+    stream_replicas: usize,
+    rate_limits: Vec<String>,
     daily_budget_usd: Option<f64>,
-    default_job_estimate_usd: Option<f64>,
+    default_job_estimate_usd: f64,
 }
 
-mod humantime_serde_opt {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            addr_file: None,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            tokens: vec![],
+            tenants: vec![],
+            no_auth: false,
+            job_ack_wait: Duration::from_secs(60),
+            job_max_deliver: 5,
+            dedup_window: Duration::from_secs(30 * 60),
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            lanes: 16,
+            log_format: LogFormat::Pretty,
+            max_running_agents: None,
+            stream_replicas: 1,
+            rate_limits: vec![],
+            daily_budget_usd: None,
+            default_job_estimate_usd: 0.10,
+        }
     }
 }
 
@@ -144,228 +176,172 @@ pub struct Config {
     pub stream_replicas: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Pretty,
     Json,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:7070".parse().expect("valid literal"),
-            addr_file: None,
-            nats_url: "nats://127.0.0.1:4222".into(),
-            redis_url: "redis://127.0.0.1:6379".into(),
-            tokens: vec![],
-            tenants: vec![],
-            job_ack_wait: Duration::from_secs(60),
-            job_max_deliver: 5,
-            dedup_window: Duration::from_secs(30 * 60),
-            events_max_age: Duration::from_secs(7 * 24 * 3600),
-            lanes: 16,
-            log_format: LogFormat::Pretty,
-            admission: crate::admission::Config {
-                default_job_estimate_usd: 0.10,
-                ..Default::default()
-            },
-            stream_replicas: 1,
+/// Loads the configuration from parsed command-line arguments, the environment (read with `env`,
+/// `std::env::var` outside tests) and the file `--config` / `ORCH_CONFIG` names.
+pub fn load(matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Error> {
+    let mut loader = orch_config::Loader::new();
+    // clap reads ORCH_CONFIG too, so this is the flag, else the environment variable.
+    if let Some(path) = matches.get_one::<PathBuf>("config") {
+        loader = loader.file(path)?;
+    }
+    loader
+        .args(&Args::command(), matches, env, &["config"])
+        .extract::<Settings>()?
+        .check()
+}
+
+/// Loads the configuration from these flags (without the program name) alone, with no
+/// environment: for tests, which pass config values directly.
+pub fn from_flags<I, T>(flags: I) -> Result<Config, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv = std::iter::once(OsString::from("orch-coordinator"))
+        .chain(flags.into_iter().map(Into::into));
+    let matches = Args::command()
+        .try_get_matches_from(argv)
+        .map_err(|e| Error::Invalid(e.to_string().lines().next().unwrap_or_default().into()))?;
+    load(&matches, &|_| None)
+}
+
+impl Config {
+    /// The JetStream settings of the streams and consumers.
+    pub fn topology(&self) -> crate::transport::Topology {
+        crate::transport::Topology {
+            job_ack_wait: self.job_ack_wait,
+            job_max_deliver: self.job_max_deliver,
+            dedup_window: self.dedup_window,
+            events_max_age: self.events_max_age,
+            stream_replicas: self.stream_replicas,
         }
     }
 }
 
-/// A setting that cannot be used; the message names it.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("failed to read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl Args {
-    /// Layers file, environment and flags over the defaults and checks the result.
-    pub fn load(self) -> Result<Config, Error> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| Error::Parse {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            None => FileConfig::default(),
-        };
-        let d = Config::default();
-        let tokens: Vec<String> = if self.token.is_empty() {
-            file.tokens.unwrap_or_default()
-        } else {
-            self.token
-        }
-        .into_iter()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
-        let no_auth = self.no_auth || file.no_auth.unwrap_or(false);
-        let tenants: Vec<(String, String)> = if self.tenants.is_empty() {
-            file.tenants.unwrap_or_default()
-        } else {
-            self.tenants
-        }
-        .iter()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| match s.split_once('=') {
-            Some((name, token)) if !name.trim().is_empty() && token.trim().len() >= 16 => {
-                Ok((name.trim().to_string(), token.trim().to_string()))
-            }
-            _ => Err(Error::Invalid(
-                "tenant: expected NAME=TOKEN with a token of at least 16 characters".into(),
-            )),
-        })
-        .collect::<Result<_, _>>()?;
-        if tokens.is_empty() && tenants.is_empty() && !no_auth {
-            return Err(Error::Invalid(
-                "token: no API token configured (set --token or ORCH_TOKEN, or pass --no-auth for an open API)".into(),
+impl Settings {
+    /// The checks no type expresses; each error names its key.
+    fn check(self) -> Result<Config, Error> {
+        use crate::admission::{Cap, RateLimit};
+        let tokens: Vec<String> = self
+            .tokens
+            .into_iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let tenants: Vec<(String, String)> = self
+            .tenants
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| match s.split_once('=') {
+                Some((name, token)) if !name.trim().is_empty() && token.trim().len() >= 16 => {
+                    Ok((name.trim().to_string(), token.trim().to_string()))
+                }
+                _ => Err(Error::invalid(
+                    "tenant",
+                    "expected NAME=TOKEN with a token of at least 16 characters",
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        if tokens.is_empty() && tenants.is_empty() && !self.no_auth {
+            return Err(Error::invalid(
+                "token",
+                "no API token configured (set --token or ORCH_TOKEN, or pass --no-auth for an open API)",
             ));
         }
         if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
-            return Err(Error::Invalid(format!(
-                "token: tokens must be at least 16 characters (one has {})",
-                short.len()
-            )));
+            return Err(Error::invalid(
+                "token",
+                format!(
+                    "tokens must be at least 16 characters (one has {})",
+                    short.len()
+                ),
+            ));
         }
-        let log_format = match self
-            .log_format
-            .or(file.log_format)
-            .as_deref()
-            .unwrap_or("pretty")
-        {
-            "pretty" => LogFormat::Pretty,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(Error::Invalid(format!(
-                    "log-format: expected pretty or json, got `{other}`"
-                )));
-            }
-        };
-        let job_ack_wait = self
-            .job_ack_wait
-            .or(file.job_ack_wait)
-            .unwrap_or(d.job_ack_wait);
-        if job_ack_wait < Duration::from_secs(1) {
-            return Err(Error::Invalid("job-ack-wait: must be at least 1s".into()));
+        if self.job_ack_wait < Duration::from_secs(1) {
+            return Err(Error::invalid("job-ack-wait", "must be at least 1s"));
         }
-        let job_max_deliver = self
-            .job_max_deliver
-            .or(file.job_max_deliver)
-            .unwrap_or(d.job_max_deliver);
-        if job_max_deliver < 1 {
-            return Err(Error::Invalid("job-max-deliver: must be at least 1".into()));
+        if self.job_max_deliver < 1 {
+            return Err(Error::invalid("job-max-deliver", "must be at least 1"));
         }
-        let lanes = self.lanes.or(file.lanes).unwrap_or(d.lanes);
-        if lanes == 0 {
-            return Err(Error::Invalid("lanes: must be at least 1".into()));
+        if self.lanes == 0 {
+            return Err(Error::invalid("lanes", "must be at least 1"));
         }
-        use crate::admission::{Cap, RateLimit};
-        let cap = match self
-            .max_running_agents
-            .or(file.max_running_agents)
-            .as_deref()
-            .map(str::trim)
-        {
+        let cap = match self.max_running_agents.as_deref().map(str::trim) {
             None | Some("off") => Cap::Off,
             Some("auto") => Cap::Auto,
             Some(n) => match n.parse::<usize>() {
                 Ok(n) if n > 0 => Cap::Fixed(n),
                 _ => {
-                    return Err(Error::Invalid(format!(
-                        "max-running-agents: expected off, auto or a positive number, got `{n}`"
-                    )));
+                    return Err(Error::invalid(
+                        "max-running-agents",
+                        format!("expected off, auto or a positive number, got `{n}`"),
+                    ));
                 }
             },
         };
-        let rate_limits = if self.rate_limits.is_empty() {
-            file.rate_limits.unwrap_or_default()
-        } else {
-            self.rate_limits
-        }
-        .iter()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| RateLimit::parse(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(Error::Invalid)?;
-        let daily_budget_usd = self.daily_budget_usd.or(file.daily_budget_usd);
-        if let Some(b) = daily_budget_usd
+        let rate_limits = self
+            .rate_limits
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| RateLimit::parse(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::Invalid)?;
+        if let Some(b) = self.daily_budget_usd
             && !(b.is_finite() && b > 0.0)
         {
-            return Err(Error::Invalid(
-                "daily-budget-usd: must be a positive number".into(),
+            return Err(Error::invalid(
+                "daily-budget-usd",
+                "must be a positive number",
             ));
         }
-        let default_job_estimate_usd = self
-            .default_job_estimate_usd
-            .or(file.default_job_estimate_usd)
-            .unwrap_or(d.admission.default_job_estimate_usd);
-        if !(default_job_estimate_usd.is_finite() && default_job_estimate_usd >= 0.0) {
-            return Err(Error::Invalid(
-                "default-job-estimate-usd: must be zero or more".into(),
+        let estimate = self.default_job_estimate_usd;
+        if !(estimate.is_finite() && estimate >= 0.0) {
+            return Err(Error::invalid(
+                "default-job-estimate-usd",
+                "must be zero or more",
             ));
         }
-        let stream_replicas = self
-            .stream_replicas
-            .or(file.stream_replicas)
-            .unwrap_or(d.stream_replicas);
-        if !(1..=5).contains(&stream_replicas) {
-            return Err(Error::Invalid(
-                "stream-replicas: must be between 1 and 5".into(),
-            ));
+        if !(1..=5).contains(&self.stream_replicas) {
+            return Err(Error::invalid("stream-replicas", "must be between 1 and 5"));
         }
-        let dedup_window = self
-            .dedup_window
-            .or(file.dedup_window)
-            .unwrap_or(d.dedup_window);
-        let events_max_age = self
-            .events_max_age
-            .or(file.events_max_age)
-            .unwrap_or(d.events_max_age);
-        if events_max_age < dedup_window {
+        if self.events_max_age < self.dedup_window {
             // JetStream refuses a results stream whose duplicate window outlives its messages.
-            return Err(Error::Invalid(format!(
-                "events-max-age: must be at least the dedup-window ({})",
-                humantime::format_duration(dedup_window)
-            )));
+            return Err(Error::invalid(
+                "events-max-age",
+                format!(
+                    "must be at least the dedup-window ({})",
+                    humantime::format_duration(self.dedup_window)
+                ),
+            ));
         }
+        let no_auth = self.no_auth;
         Ok(Config {
-            stream_replicas,
+            listen: self.listen,
+            addr_file: self.addr_file,
+            nats_url: self.nats_url,
+            redis_url: self.redis_url,
+            tokens: if no_auth { vec![] } else { tokens },
+            tenants: if no_auth { vec![] } else { tenants },
+            job_ack_wait: self.job_ack_wait,
+            job_max_deliver: self.job_max_deliver,
+            dedup_window: self.dedup_window,
+            events_max_age: self.events_max_age,
+            lanes: self.lanes,
+            log_format: self.log_format,
             admission: crate::admission::Config {
                 cap: Some(cap),
                 rate_limits,
-                daily_budget_usd,
-                default_job_estimate_usd,
+                daily_budget_usd: self.daily_budget_usd,
+                default_job_estimate_usd: estimate,
             },
-            listen: self.listen.or(file.listen).unwrap_or(d.listen),
-            addr_file: self.addr_file.or(file.addr_file),
-            nats_url: self.nats_url.or(file.nats_url).unwrap_or(d.nats_url),
-            redis_url: self.redis_url.or(file.redis_url).unwrap_or(d.redis_url),
-            tokens: if no_auth { vec![] } else { tokens },
-            tenants: if no_auth { vec![] } else { tenants },
-            job_ack_wait,
-            job_max_deliver,
-            dedup_window,
-            events_max_age,
-            lanes,
-            log_format,
+            stream_replicas: self.stream_replicas,
         })
     }
 }
@@ -373,66 +349,130 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    /// Loads with this file text (if any), environment and flags.
+    fn load_with(
+        file: Option<&str>,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Result<Config, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        let mut argv = vec!["orch-coordinator".to_string()];
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+            argv.extend(["--config".to_string(), path.display().to_string()]);
+        }
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        let env: HashMap<&str, &str> = env.iter().copied().collect();
+        let matches = Args::command().try_get_matches_from(argv).unwrap();
+        load(&matches, &|name| env.get(name).map(|v| v.to_string()))
+    }
+
+    const TOKEN: &str = "token-0123456789abcdef";
 
     #[test]
-    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
-        let dir = std::env::temp_dir().join(format!("orch-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
-            "redis_url = \"redis://file\"\nnats_url = \"nats://file\"\ntokens = [\"file-token-0123456789\"]\njob_ack_wait = \"5s\"\n",
+    fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
+        let file = "job_ack_wait = \"5s\"\nlanes = 4\nnats_url = \"nats://file\"\nredis_url = \"redis://file\"\ntokens = [\"file-token-0123456789\"]\n";
+        let cfg = load_with(Some(file), &[], &[]).unwrap();
+        assert_eq!(cfg.job_ack_wait, Duration::from_secs(5));
+        assert_eq!(cfg.tokens, ["file-token-0123456789"]);
+        assert_eq!(cfg.dedup_window, Duration::from_secs(1800));
+        let env = [
+            ("ORCH_JOB_ACK_WAIT", "7s"),
+            ("ORCH_LANES", "8"),
+            ("ORCH_NATS_URL", "nats://env"),
+            ("ORCH_TOKEN", "env-token-0123456789,second-token-0123456"),
+        ];
+        let cfg = load_with(Some(file), &env, &[]).unwrap();
+        assert_eq!(cfg.job_ack_wait, Duration::from_secs(7));
+        assert_eq!(cfg.lanes, 8);
+        assert_eq!(cfg.nats_url, "nats://env");
+        assert_eq!(cfg.redis_url, "redis://file");
+        assert_eq!(cfg.tokens, ["env-token-0123456789", "second-token-0123456"]);
+        let cfg = load_with(
+            Some(file),
+            &env,
+            &[
+                "--job-ack-wait",
+                "9s",
+                "--token",
+                TOKEN,
+                "--rate-limit",
+                "sim=60rpm",
+            ],
         )
         .unwrap();
-        let cfg = Args {
-            config: Some(path),
-            nats_url: Some("nats://flag".into()),
-            ..Default::default()
-        }
-        .load()
-        .unwrap();
-        assert_eq!(cfg.nats_url, "nats://flag");
-        assert_eq!(cfg.redis_url, "redis://file");
-        assert_eq!(cfg.tokens, vec!["file-token-0123456789".to_string()]);
-        assert_eq!(cfg.job_ack_wait, Duration::from_secs(5));
+        assert_eq!(cfg.job_ack_wait, Duration::from_secs(9));
+        assert_eq!(cfg.lanes, 8);
+        assert_eq!(cfg.tokens, [TOKEN]);
+        assert_eq!(cfg.admission.rate_limits.len(), 1);
+        let cfg = load_with(None, &[], &["--no-auth"]).unwrap();
+        assert_eq!(cfg.listen, Settings::default().listen);
         assert_eq!(cfg.lanes, 16);
+        let cfg = load_with(None, &[("ORCH_NO_AUTH", "true")], &[]).unwrap();
+        assert!(cfg.tokens.is_empty());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_with_the_same_text_from_every_layer() {
+        let want =
+            "invalid configuration: job-ack-wait: expected a duration like 30s or 5m, got \"x\"";
+        let err = |file: Option<&str>, env: &[(&str, &str)], flags: &[&str]| {
+            load_with(file, env, flags).unwrap_err().to_string()
+        };
+        assert_eq!(err(Some("job_ack_wait = \"x\""), &[], &["--no-auth"]), want);
+        assert_eq!(
+            err(None, &[("ORCH_JOB_ACK_WAIT", "x")], &["--no-auth"]),
+            want
+        );
+        assert_eq!(err(None, &[], &["--no-auth", "--job-ack-wait", "x"]), want);
+        assert_eq!(
+            err(None, &[("ORCH_LANES", "many")], &["--no-auth"]),
+            "invalid configuration: lanes: expected a whole number, zero or more, got \"many\""
+        );
+        assert_eq!(
+            err(None, &[], &["--no-auth", "--log-format", "xml"]),
+            "invalid configuration: log-format: expected pretty or json, got \"xml\""
+        );
+        assert_eq!(
+            err(Some("lanse = 3"), &[], &["--no-auth"]),
+            "invalid configuration: lanse: unknown key"
+        );
     }
 
     #[test]
     fn a_token_is_required_unless_auth_is_off() {
-        let err = Args::default().load().unwrap_err().to_string();
-        assert!(err.starts_with("token:"), "{err}");
-        let cfg = Args {
-            no_auth: true,
-            ..Default::default()
-        }
-        .load()
-        .unwrap();
+        let err = load_with(None, &[], &[]).unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration: token:"), "{err}");
+        let cfg = load_with(None, &[], &["--no-auth", "--token", TOKEN]).unwrap();
         assert!(cfg.tokens.is_empty());
-        let err = Args {
-            token: vec!["short".into()],
-            ..Default::default()
-        }
-        .load()
-        .unwrap_err()
-        .to_string();
+        let err = load_with(None, &[], &["--token", "short"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("at least 16"), "{err}");
+        let cfg = load_with(None, &[], &["--tenant", &format!("acme={TOKEN}")]).unwrap();
+        assert_eq!(cfg.tenants, [("acme".to_string(), TOKEN.to_string())]);
     }
 
     #[test]
     fn the_event_log_outlives_the_dedup_window() {
-        let args = |max_age: u64, window: u64| Args {
-            no_auth: true,
-            events_max_age: Some(Duration::from_secs(max_age)),
-            dedup_window: Some(Duration::from_secs(window)),
-            ..Default::default()
-        };
-        let err = args(3, 1800).load().unwrap_err().to_string();
+        let err = from_flags(["--no-auth", "--events-max-age", "3s"])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
-            "events-max-age: must be at least the dedup-window (30m)"
+            "invalid configuration: events-max-age: must be at least the dedup-window (30m)"
         );
-        let cfg = args(3, 2).load().unwrap();
+        let cfg = from_flags([
+            "--no-auth",
+            "--events-max-age",
+            "3s",
+            "--dedup-window",
+            "2s",
+        ])
+        .unwrap();
         assert_eq!(cfg.events_max_age, Duration::from_secs(3));
     }
 }

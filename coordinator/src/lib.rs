@@ -102,7 +102,8 @@ pub async fn run(
     let addr = listener.local_addr().map_err(Error::Serve)?;
 
     let transport = Transport::connect(&config.nats_url).await?;
-    let topology = || transport.ensure_topology(&config);
+    let jetstream = config.topology();
+    let topology = || transport.ensure_topology(&jetstream);
     let ready = topology
         .retry(retry_policy())
         .notify(|e, wait| tracing::warn!(error = %e, ?wait, "JetStream not ready, retrying"));

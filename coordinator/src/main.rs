@@ -1,14 +1,17 @@
 //! `orch-coordinator`: parses configuration, sets up logging and metrics, handles signals, and
 //! runs [`orch_coordinator::run`].
 
-use clap::Parser;
-use orch_coordinator::config::{Args, LogFormat};
+use clap::CommandFactory;
+use orch_coordinator::config::{self, Args, LogFormat};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Args::parse().load() {
+    // clap prints --help and flag errors itself (exit 2 for a bad flag); a bad setting from any
+    // layer is one line on stderr and exit 2.
+    let matches = Args::command().get_matches();
+    let config = match config::load(&matches, &|name| std::env::var(name).ok()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("orch-coordinator: {e}");

@@ -3,7 +3,6 @@
 
 pub mod events;
 
-use crate::config::Config;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
 use orch_shared::api::Task;
@@ -14,6 +13,22 @@ use orch_shared::job::{CancelJob, JobResult, JobSpec};
 use orch_shared::subject;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The JetStream settings of the streams and consumers [`Transport::ensure_topology`] creates
+/// (built from the checked `config::Config`, so this module needs nothing else of it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    /// How long a job may go without an in-progress ack before JetStream redelivers it.
+    pub job_ack_wait: Duration,
+    /// Deliveries of one job attempt before JetStream gives up on it.
+    pub job_max_deliver: i64,
+    /// Duplicate window of the jobs and results streams.
+    pub dedup_window: Duration,
+    /// Age limit of the events and results streams.
+    pub events_max_age: Duration,
+    /// Replicas of every stream and of the sessions object store.
+    pub stream_replicas: usize,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -236,7 +251,7 @@ impl Transport {
 
     /// Creates or updates the streams and the durable consumers. The coordinator owns the
     /// topology, so every worker sees one ack wait and one max-deliver.
-    pub async fn ensure_topology(&self, cfg: &Config) -> Result<(), Error> {
+    pub async fn ensure_topology(&self, cfg: &Topology) -> Result<(), Error> {
         let topo = |what: &str| {
             let what = what.to_string();
             move |e: Box<dyn std::error::Error + Send + Sync>| Error::Topology { what, source: e }

@@ -16,9 +16,10 @@ use orch_tests::fake_openai::{self, FakeOpenAi};
 use orch_worker::agent::backends::Backends;
 use orch_worker::agent::pricing::{Price, PriceTable};
 use orch_worker::agent::{Agent, Events, Report};
-use orch_worker::config::{Args, CommandSettings, Config, PromptVia, Secret};
+use orch_worker::config::{self, CommandSettings, Config, PromptVia};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -32,18 +33,25 @@ fn job(role: Role, backend: Backend, prompt: &str) -> JobSpec {
 
 /// A worker config with its data under `dir`, talking to the fakes given.
 fn config(dir: &Path, anthropic: Option<&str>, openai: Option<&str>) -> Config {
-    let mut cfg = Args {
-        id: Some("backend-test".into()),
-        data_dir: Some(dir.to_path_buf()),
-        claude_bin: Some(claude_bin()),
-        anthropic_base_url: anthropic.map(str::to_string),
-        anthropic_api_key: Some(Secret::new("test-key-anthropic")),
-        openai_base_url: openai.map(str::to_string),
-        openai_api_key: Some(Secret::new("test-key-openai")),
-        ..Default::default()
+    let mut flags: Vec<OsString> = vec![
+        "--id".into(),
+        "backend-test".into(),
+        "--data-dir".into(),
+        dir.into(),
+        "--claude-bin".into(),
+        claude_bin().into(),
+        "--anthropic-api-key".into(),
+        "test-key-anthropic".into(),
+        "--openai-api-key".into(),
+        "test-key-openai".into(),
+    ];
+    if let Some(url) = anthropic {
+        flags.extend(["--anthropic-base-url".into(), url.into()]);
     }
-    .load()
-    .expect("a valid config");
+    if let Some(url) = openai {
+        flags.extend(["--openai-base-url".into(), url.into()]);
+    }
+    let mut cfg = config::from_flags(flags).expect("a valid config");
     for api in [&mut cfg.backends.anthropic, &mut cfg.backends.openai] {
         api.retry_min_delay = Duration::from_millis(50);
         api.retry_max_delay = Duration::from_millis(200);

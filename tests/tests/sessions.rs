@@ -19,7 +19,7 @@ use orch_tests::fake_openai::{self, FakeOpenAi};
 use orch_tests::{Cluster, Options, Server, assert_completed, orchctl_against, run};
 use orch_worker::agent::backends::Backends;
 use orch_worker::agent::{Agent, Events, Report};
-use orch_worker::config::{Args, Secret};
+use orch_worker::config;
 use orch_worker::session::{SessionStore, Snapshot};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -277,14 +277,16 @@ async fn a_turn_without_a_session_of_its_backend_fails_as_a_bad_request() {
     let infra = infra().await;
     let store = infra.store().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = Args {
-        id: Some("session-test".into()),
-        data_dir: Some(dir.path().to_path_buf()),
-        anthropic_base_url: Some("http://127.0.0.1:9".into()),
-        anthropic_api_key: Some(Secret::new("k")),
-        ..Default::default()
-    }
-    .load()
+    let config = config::from_flags([
+        "--id".as_ref(),
+        "session-test".as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+        "--anthropic-base-url".as_ref(),
+        "http://127.0.0.1:9".as_ref(),
+        "--anthropic-api-key".as_ref(),
+        std::ffi::OsStr::new("k"),
+    ])
     .unwrap();
     let backends = Backends::from_config(&config).with_sessions(store.clone());
 
@@ -388,14 +390,16 @@ async fn an_openai_turn_sends_the_system_prompt_then_the_stored_history() {
     ])
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let config = Args {
-        id: Some("session-test".into()),
-        data_dir: Some(dir.path().to_path_buf()),
-        openai_base_url: Some(fake.url.clone()),
-        openai_api_key: Some(Secret::new("k")),
-        ..Default::default()
-    }
-    .load()
+    let config = config::from_flags([
+        "--id".as_ref(),
+        "session-test".as_ref(),
+        "--data-dir".as_ref(),
+        dir.path().as_os_str(),
+        "--openai-base-url".as_ref(),
+        fake.url.as_ref(),
+        "--openai-api-key".as_ref(),
+        std::ffi::OsStr::new("k"),
+    ])
     .unwrap();
     let backends = Backends::from_config(&config).with_sessions(store.clone());
     let mut first = job(Role::Analyst, Backend::Openai, "U1: greet me");

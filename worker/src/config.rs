@@ -1,5 +1,7 @@
-//! Worker configuration: defaults, then an optional TOML file (`--config`), then `ORCH_*`
-//! environment variables and flags, checked once into [`Config`].
+//! Worker configuration: one serde struct of settings with their defaults (`Settings`),
+//! layered by [`orch_config::Loader`] (defaults < TOML file `--config` < environment < flags)
+//! and checked once into [`Config`]. [`Args`] declares only the command line: each flag's id is
+//! its setting's key (`--claude-bin` sets `backends.claude-code.bin`) and its `env` the variable.
 //!
 //! Besides the cluster settings, the file configures the agent backends (`[backends.*]`: the
 //! providers' URLs and keys, models, the Claude Code CLI), the roles (`[roles.*]`, see
@@ -11,16 +13,20 @@
 
 use crate::agent::pricing::{Price, PriceTable};
 use crate::roles::{self, Key, Roles};
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, Parser};
+pub use orch_config::Error;
 use orch_shared::job::Backend;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
+/// Command-line flags; every one can also come from the environment or the config file. Each
+/// flag's id is its setting's key in [`Settings`] (`--claude-bin` is `backends.claude-code.bin`);
+/// values are parsed with the file's, by [`load`].
 #[derive(Parser, Debug, Default)]
 #[command(
     name = "orch-worker",
@@ -31,52 +37,86 @@ pub struct Args {
     /// TOML file with any of the settings below (flag and environment values win).
     #[arg(long, env = "ORCH_CONFIG")]
     pub config: Option<PathBuf>,
+    /// [default: nats://127.0.0.1:4222]
     #[arg(long, env = "ORCH_NATS_URL")]
     pub nats_url: Option<String>,
+    /// [default: redis://127.0.0.1:6379]
     #[arg(long, env = "ORCH_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// Agents this worker runs at once.
+    /// Agents this worker runs at once [default: 4].
     #[arg(long, env = "ORCH_SLOTS")]
-    pub slots: Option<u32>,
+    pub slots: Option<String>,
     /// This worker's name in the cluster (default: host-pid-random).
     #[arg(long, env = "ORCH_WORKER_ID")]
     pub id: Option<String>,
-    /// On SIGTERM, how long in-flight jobs may run on before they are handed back.
-    #[arg(long, env = "ORCH_DRAIN_GRACE", value_parser = humantime::parse_duration)]
-    pub drain_grace: Option<Duration>,
+    /// On SIGTERM, how long in-flight jobs may run on before they are handed back [default: 30s].
+    #[arg(long, env = "ORCH_DRAIN_GRACE")]
+    pub drain_grace: Option<String>,
     /// Serve /healthz and /metrics on this address (off when unset).
     #[arg(long, env = "ORCH_WORKER_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<String>,
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
     /// Where scratch workspaces and the Claude Code CLI's home live (default: a directory
     /// named after the worker under the system's temporary directory).
     #[arg(long, env = "ORCH_WORKER_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    pub data_dir: Option<String>,
     /// Run jobs that name the `sim` backend (the coordinator's default when a task names none)
     /// on this backend instead: claude-code, anthropic, openai or command.
     #[arg(long, env = "ORCH_DEFAULT_BACKEND")]
     pub default_backend: Option<String>,
     /// The Claude Code CLI (default: `claude` on PATH).
-    #[arg(long, env = "ORCH_CLAUDE_BIN")]
-    pub claude_bin: Option<PathBuf>,
+    #[arg(
+        id = "backends.claude-code.bin",
+        long = "claude-bin",
+        value_name = "CLAUDE_BIN",
+        env = "ORCH_CLAUDE_BIN"
+    )]
+    pub claude_bin: Option<String>,
     /// HOME of the Claude Code CLI, where it keeps settings and transcripts (default:
     /// `<data-dir>/claude-home`).
-    #[arg(long, env = "ORCH_CLAUDE_HOME")]
-    pub claude_home: Option<PathBuf>,
+    #[arg(
+        id = "backends.claude-code.home",
+        long = "claude-home",
+        value_name = "CLAUDE_HOME",
+        env = "ORCH_CLAUDE_HOME"
+    )]
+    pub claude_home: Option<String>,
     /// Anthropic API base URL (without `/v1`), for the `anthropic` and `claude-code` backends.
-    #[arg(long, env = "ANTHROPIC_BASE_URL")]
+    #[arg(
+        id = "backends.anthropic.base_url",
+        long = "anthropic-base-url",
+        value_name = "ANTHROPIC_BASE_URL",
+        env = "ANTHROPIC_BASE_URL"
+    )]
     pub anthropic_base_url: Option<String>,
     /// Anthropic API key (prefer the environment variable: flags show in `ps`).
-    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
-    pub anthropic_api_key: Option<Secret>,
+    #[arg(
+        id = "backends.anthropic.api_key",
+        long = "anthropic-api-key",
+        value_name = "ANTHROPIC_API_KEY",
+        env = "ANTHROPIC_API_KEY",
+        hide_env_values = true
+    )]
+    pub anthropic_api_key: Option<String>,
     /// OpenAI-compatible server base URL, with its `/v1` (vLLM, llama.cpp server, Ollama).
-    #[arg(long, env = "OPENAI_BASE_URL")]
+    #[arg(
+        id = "backends.openai.base_url",
+        long = "openai-base-url",
+        value_name = "OPENAI_BASE_URL",
+        env = "OPENAI_BASE_URL"
+    )]
     pub openai_base_url: Option<String>,
     /// Key for the OpenAI-compatible server (prefer the environment variable).
-    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
-    pub openai_api_key: Option<Secret>,
+    #[arg(
+        id = "backends.openai.api_key",
+        long = "openai-api-key",
+        value_name = "OPENAI_API_KEY",
+        env = "OPENAI_API_KEY",
+        hide_env_values = true
+    )]
+    pub openai_api_key: Option<String>,
 }
 
 /// A credential. Its `Debug` and `Display` never show it; [`Secret::expose`] does.
@@ -106,37 +146,51 @@ impl fmt::Display for Secret {
     }
 }
 
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_string()))
+/// Every setting with its default, as the TOML file spells it. Unknown keys are refused.
+#[derive(Deserialize, Debug)]
+#[serde(default, deny_unknown_fields)]
+struct Settings {
+    nats_url: String,
+    redis_url: String,
+    slots: u32,
+    /// `None`: [`default_id`].
+    id: Option<String>,
+    #[serde(with = "humantime_serde")]
+    drain_grace: Duration,
+    listen: Option<SocketAddr>,
+    log_format: LogFormat,
+    /// `None`: `orch-worker-<id>` under the system's temporary directory.
+    data_dir: Option<PathBuf>,
+    default_backend: Option<String>,
+    backends: BackendsFile,
+    roles: BTreeMap<String, roles::Override>,
+    prices: BTreeMap<String, Price>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            slots: 4,
+            id: None,
+            drain_grace: Duration::from_secs(30),
+            listen: None,
+            log_format: LogFormat::Pretty,
+            data_dir: None,
+            default_backend: None,
+            backends: BackendsFile::default(),
+            roles: BTreeMap::new(),
+            prices: BTreeMap::new(),
+        }
     }
 }
 
 #[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    nats_url: Option<String>,
-    redis_url: Option<String>,
-    slots: Option<u32>,
-    id: Option<String>,
-    drain_grace: Option<String>,
-    listen: Option<SocketAddr>,
-    log_format: Option<String>,
-    data_dir: Option<PathBuf>,
-    default_backend: Option<String>,
-    #[serde(default)]
-    backends: BackendsFile,
-    #[serde(default)]
-    roles: BTreeMap<String, roles::Override>,
-    #[serde(default)]
-    prices: BTreeMap<String, Price>,
-}
-
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 struct BackendsFile {
-    #[serde(rename = "claude-code", alias = "claude_code")]
+    /// Also `[backends.claude_code]` (renamed by [`load`]).
+    #[serde(rename = "claude-code")]
     claude_code: Option<ClaudeCodeFile>,
     anthropic: Option<ApiFile>,
     openai: Option<ApiFile>,
@@ -144,7 +198,7 @@ struct BackendsFile {
 }
 
 #[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 struct ClaudeCodeFile {
     bin: Option<PathBuf>,
     home: Option<PathBuf>,
@@ -160,7 +214,7 @@ struct ClaudeCodeFile {
 }
 
 #[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 struct ApiFile {
     base_url: Option<String>,
     api_key: Option<Secret>,
@@ -169,10 +223,14 @@ struct ApiFile {
     models: BTreeMap<String, String>,
     max_tokens: Option<u32>,
     max_attempts: Option<u32>,
-    request_timeout: Option<String>,
-    retry_min_delay: Option<String>,
-    retry_max_delay: Option<String>,
-    max_retry_after: Option<String>,
+    #[serde(with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    retry_min_delay: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    retry_max_delay: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    max_retry_after: Option<Duration>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -315,26 +373,11 @@ pub struct Config {
     pub prices: PriceTable,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Pretty,
     Json,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("failed to read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
 }
 
 /// A default worker id: host, pid and a random suffix, unique across restarts.
@@ -356,102 +399,89 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-impl Args {
-    pub fn load(self) -> Result<Config, Error> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| Error::Parse {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            None => FileConfig::default(),
-        };
-        let slots = self.slots.or(file.slots).unwrap_or(4);
-        if slots == 0 || slots > 10_000 {
-            return Err(Error::Invalid("slots: must be between 1 and 10000".into()));
-        }
-        let drain_grace = match self.drain_grace {
-            Some(d) => d,
-            None => match file.drain_grace {
-                Some(s) => humantime::parse_duration(&s)
-                    .map_err(|e| Error::Invalid(format!("drain_grace: {e}")))?,
-                None => Duration::from_secs(30),
-            },
-        };
-        let log_format = match self
-            .log_format
-            .or(file.log_format)
-            .as_deref()
-            .unwrap_or("pretty")
+/// Loads the configuration from parsed command-line arguments, the environment (read with `env`,
+/// `std::env::var` outside tests) and the file `--config` / `ORCH_CONFIG` names.
+pub fn load(matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Error> {
+    let mut loader = orch_config::Loader::new();
+    // clap reads ORCH_CONFIG too, so this is the flag, else the environment variable.
+    if let Some(path) = matches.get_one::<PathBuf>("config") {
+        let mut file = orch_config::read_toml(path)?;
+        // `[backends.claude_code]` is also accepted; under its canonical name it merges with
+        // `--claude-bin` and `--claude-home` instead of standing beside them.
+        if let Some(toml::Value::Table(backends)) = file.get_mut("backends")
+            && !backends.contains_key("claude-code")
+            && let Some(section) = backends.remove("claude_code")
         {
-            "pretty" => LogFormat::Pretty,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(Error::Invalid(format!(
-                    "log-format: expected pretty or json, got `{other}`"
-                )));
-            }
-        };
-        let id = self.id.or(file.id).unwrap_or_else(default_id);
+            backends.insert("claude-code".into(), section);
+        }
+        loader = loader.serialized(orch_config::FILE, &file)?;
+    }
+    loader
+        .args(&Args::command(), matches, env, &["config"])
+        .extract::<Settings>()?
+        .check()
+}
+
+/// Loads the configuration from these flags (without the program name) alone, with no
+/// environment: for tests, which pass config values directly.
+pub fn from_flags<I, T>(flags: I) -> Result<Config, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv =
+        std::iter::once(OsString::from("orch-worker")).chain(flags.into_iter().map(Into::into));
+    let matches = Args::command()
+        .try_get_matches_from(argv)
+        .map_err(|e| Error::Invalid(e.to_string().lines().next().unwrap_or_default().into()))?;
+    load(&matches, &|_| None)
+}
+
+impl Settings {
+    /// The checks no type expresses; each error names its key.
+    fn check(self) -> Result<Config, Error> {
+        if self.slots == 0 || self.slots > 10_000 {
+            return Err(Error::invalid("slots", "must be between 1 and 10000"));
+        }
+        let id = self.id.unwrap_or_else(default_id);
         if id.is_empty() || id.contains(char::is_whitespace) {
-            return Err(Error::Invalid(
-                "id: must be non-empty without spaces".into(),
-            ));
+            return Err(Error::invalid("id", "must be non-empty without spaces"));
         }
         let data_dir = self
             .data_dir
-            .or(file.data_dir)
             .unwrap_or_else(|| std::env::temp_dir().join(format!("orch-worker-{id}")));
-        let default_backend = match self.default_backend.or(file.default_backend) {
+        let default_backend = match self.default_backend {
             None => None,
             Some(name) => match parse_backend(&name) {
                 Some(Backend::Sim) => None,
                 Some(b) => Some(b),
                 None => {
-                    return Err(Error::Invalid(format!(
-                        "default-backend: expected sim, claude-code, anthropic, openai or command, got `{name}`"
-                    )));
+                    return Err(Error::invalid(
+                        "default-backend",
+                        format!(
+                            "expected sim, claude-code, anthropic, openai or command, got `{name}`"
+                        ),
+                    ));
                 }
             },
         };
-        let backends = BackendSettings::load(
-            file.backends,
-            &data_dir,
-            BackendFlags {
-                claude_bin: self.claude_bin,
-                claude_home: self.claude_home,
-                anthropic_base_url: self.anthropic_base_url,
-                anthropic_api_key: self.anthropic_api_key,
-                openai_base_url: self.openai_base_url,
-                openai_api_key: self.openai_api_key,
-            },
-        )?;
+        let backends = BackendSettings::load(self.backends, &data_dir)?;
         if default_backend == Some(Backend::Command) && backends.command.is_none() {
-            return Err(Error::Invalid(
-                "default-backend: `command` needs [backends.command] with a program".into(),
+            return Err(Error::invalid(
+                "default-backend",
+                "`command` needs [backends.command] with a program",
             ));
         }
-        let roles = Roles::with_overrides(&file.roles).map_err(Error::Invalid)?;
-        let prices = PriceTable::with_overrides(&file.prices).map_err(Error::Invalid)?;
+        let roles = Roles::with_overrides(&self.roles).map_err(Error::Invalid)?;
+        let prices = PriceTable::with_overrides(&self.prices).map_err(Error::Invalid)?;
         Ok(Config {
-            nats_url: self
-                .nats_url
-                .or(file.nats_url)
-                .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
-            redis_url: self
-                .redis_url
-                .or(file.redis_url)
-                .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
-            slots,
+            nats_url: self.nats_url,
+            redis_url: self.redis_url,
+            slots: self.slots,
             id,
-            drain_grace,
-            listen: self.listen.or(file.listen),
-            log_format,
+            drain_grace: self.drain_grace,
+            listen: self.listen,
+            log_format: self.log_format,
             data_dir,
             default_backend,
             backends,
@@ -475,16 +505,6 @@ pub fn parse_backend(name: &str) -> Option<Backend> {
     .find(|b| b.as_str() == lower)
 }
 
-/// Backend settings given as flags or their environment variables (they win over the file).
-struct BackendFlags {
-    claude_bin: Option<PathBuf>,
-    claude_home: Option<PathBuf>,
-    anthropic_base_url: Option<String>,
-    anthropic_api_key: Option<Secret>,
-    openai_base_url: Option<String>,
-    openai_api_key: Option<Secret>,
-}
-
 fn non_empty(field: &str, value: Option<String>) -> Result<Option<String>, Error> {
     match value {
         Some(v) if v.trim().is_empty() => {
@@ -505,23 +525,8 @@ fn base_url(field: &str, value: Option<String>) -> Result<Option<String>, Error>
     }
 }
 
-fn duration(field: &str, value: Option<String>, default: Duration) -> Result<Duration, Error> {
-    match value {
-        None => Ok(default),
-        Some(s) => {
-            humantime::parse_duration(&s).map_err(|e| Error::Invalid(format!("{field}: {e}")))
-        }
-    }
-}
-
 impl ApiSettings {
-    fn load(
-        section: &str,
-        file: ApiFile,
-        url_flag: Option<String>,
-        key_flag: Option<Secret>,
-        max_tokens: Option<u32>,
-    ) -> Result<Self, Error> {
+    fn load(section: &str, file: ApiFile, max_tokens: Option<u32>) -> Result<Self, Error> {
         let d = Self::defaults(max_tokens);
         let max_attempts = file.max_attempts.unwrap_or(d.max_attempts);
         if !(1..=20).contains(&max_attempts) {
@@ -535,51 +540,25 @@ impl ApiSettings {
             )));
         }
         Ok(Self {
-            base_url: base_url(&format!("{section}.base_url"), url_flag.or(file.base_url))?,
-            api_key: key_flag.or(file.api_key).filter(|k| !k.expose().is_empty()),
+            base_url: base_url(&format!("{section}.base_url"), file.base_url)?,
+            api_key: file.api_key.filter(|k| !k.expose().is_empty()),
             models: Models::load(section, file.model, file.models)?,
             max_tokens: file.max_tokens.or(d.max_tokens),
             max_attempts,
-            request_timeout: duration(
-                &format!("{section}.request_timeout"),
-                file.request_timeout,
-                d.request_timeout,
-            )?,
-            retry_min_delay: duration(
-                &format!("{section}.retry_min_delay"),
-                file.retry_min_delay,
-                d.retry_min_delay,
-            )?,
-            retry_max_delay: duration(
-                &format!("{section}.retry_max_delay"),
-                file.retry_max_delay,
-                d.retry_max_delay,
-            )?,
-            max_retry_after: duration(
-                &format!("{section}.max_retry_after"),
-                file.max_retry_after,
-                d.max_retry_after,
-            )?,
+            request_timeout: file.request_timeout.unwrap_or(d.request_timeout),
+            retry_min_delay: file.retry_min_delay.unwrap_or(d.retry_min_delay),
+            retry_max_delay: file.retry_max_delay.unwrap_or(d.retry_max_delay),
+            max_retry_after: file.max_retry_after.unwrap_or(d.max_retry_after),
         })
     }
 }
 
 impl BackendSettings {
-    fn load(
-        file: BackendsFile,
-        data_dir: &std::path::Path,
-        flags: BackendFlags,
-    ) -> Result<Self, Error> {
+    fn load(file: BackendsFile, data_dir: &std::path::Path) -> Result<Self, Error> {
         let cc = file.claude_code.unwrap_or_default();
         let claude_code = ClaudeCodeSettings {
-            bin: flags
-                .claude_bin
-                .or(cc.bin)
-                .unwrap_or_else(|| PathBuf::from("claude")),
-            home: flags
-                .claude_home
-                .or(cc.home)
-                .unwrap_or_else(|| data_dir.join("claude-home")),
+            bin: cc.bin.unwrap_or_else(|| PathBuf::from("claude")),
+            home: cc.home.unwrap_or_else(|| data_dir.join("claude-home")),
             models: Models::load("backends.claude-code", cc.model, cc.models)?,
             mcp_config: non_empty("backends.claude-code.mcp_config", cc.mcp_config)?,
             max_retries: Some(cc.max_retries.unwrap_or(3)),
@@ -589,17 +568,9 @@ impl BackendSettings {
         let anthropic = ApiSettings::load(
             "backends.anthropic",
             file.anthropic.unwrap_or_default(),
-            flags.anthropic_base_url,
-            flags.anthropic_api_key,
             Some(8192),
         )?;
-        let openai = ApiSettings::load(
-            "backends.openai",
-            file.openai.unwrap_or_default(),
-            flags.openai_base_url,
-            flags.openai_api_key,
-            None,
-        )?;
+        let openai = ApiSettings::load("backends.openai", file.openai.unwrap_or_default(), None)?;
         let command = match file.command {
             None => None,
             Some(c) => {
@@ -638,45 +609,129 @@ impl BackendSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
-    #[test]
-    fn defaults_and_checks() {
-        let cfg = Args::default().load().unwrap();
-        assert_eq!(cfg.slots, 4);
-        assert_eq!(cfg.drain_grace, Duration::from_secs(30));
-        assert!(cfg.id.contains('-'));
-        let err = Args {
-            slots: Some(0),
-            ..Default::default()
+    /// Loads with this file text (if any), environment and flags.
+    fn load_with(
+        file: Option<&str>,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Result<Config, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        let mut argv = vec!["orch-worker".to_string()];
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+            argv.extend(["--config".to_string(), path.display().to_string()]);
         }
-        .load()
-        .unwrap_err();
-        assert!(err.to_string().starts_with("slots:"));
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        let env: HashMap<&str, &str> = env.iter().copied().collect();
+        let matches = Args::command().try_get_matches_from(argv).unwrap();
+        load(&matches, &|name| env.get(name).map(|v| v.to_string()))
     }
 
     fn from_file(text: &str) -> Result<Config, Error> {
-        let dir =
-            std::env::temp_dir().join(format!("orch-worker-config-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("worker.toml");
-        std::fs::write(&path, text).unwrap();
-        let out = Args {
-            config: Some(path),
-            ..Default::default()
-        }
-        .load();
-        let _ = std::fs::remove_dir_all(&dir);
-        out
+        load_with(Some(text), &[], &[])
+    }
+
+    #[test]
+    fn defaults_and_checks() {
+        let cfg = from_flags::<_, &str>([]).unwrap();
+        assert_eq!(cfg.slots, 4);
+        assert_eq!(cfg.drain_grace, Duration::from_secs(30));
+        assert!(cfg.id.contains('-'));
+        let err = from_flags(["--slots", "0"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: slots: must be between 1 and 10000"
+        );
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
+        let file = "slots = 2\ndrain_grace = \"5s\"\nnats_url = \"nats://file\"\n\
+                    [backends.anthropic]\nbase_url = \"http://file\"\napi_key = \"file-key\"\nmax_attempts = 2\n";
+        let cfg = load_with(Some(file), &[], &[]).unwrap();
+        assert_eq!((cfg.slots, cfg.drain_grace), (2, Duration::from_secs(5)));
+        assert_eq!(
+            cfg.backends.anthropic.base_url.as_deref(),
+            Some("http://file")
+        );
+        let env = [
+            ("ORCH_SLOTS", "3"),
+            ("ORCH_DRAIN_GRACE", "7s"),
+            ("ANTHROPIC_BASE_URL", "http://env"),
+            ("ANTHROPIC_API_KEY", "env-key"),
+            ("ORCH_CLAUDE_BIN", "/env/claude"),
+        ];
+        let cfg = load_with(Some(file), &env, &[]).unwrap();
+        assert_eq!((cfg.slots, cfg.drain_grace), (3, Duration::from_secs(7)));
+        assert_eq!(cfg.nats_url, "nats://file");
+        let a = &cfg.backends.anthropic;
+        assert_eq!(a.base_url.as_deref(), Some("http://env"));
+        assert_eq!(a.api_key.as_ref().map(Secret::expose), Some("env-key"));
+        // A flag or variable for one backend key keeps the file's other keys.
+        assert_eq!(a.max_attempts, 2);
+        assert_eq!(cfg.backends.claude_code.bin, PathBuf::from("/env/claude"));
+        let cfg = load_with(
+            Some(file),
+            &env,
+            &[
+                "--slots",
+                "5",
+                "--anthropic-base-url",
+                "http://flag",
+                "--claude-bin",
+                "/flag/claude",
+            ],
+        )
+        .unwrap();
+        assert_eq!((cfg.slots, cfg.drain_grace), (5, Duration::from_secs(7)));
+        assert_eq!(
+            cfg.backends.anthropic.base_url.as_deref(),
+            Some("http://flag")
+        );
+        assert_eq!(cfg.backends.claude_code.bin, PathBuf::from("/flag/claude"));
+        let cfg = load_with(
+            Some("[backends.claude_code]\nmodel = \"m\"\n"),
+            &[],
+            &["--claude-bin", "/flag/claude"],
+        )
+        .unwrap();
+        assert_eq!(cfg.backends.claude_code.bin, PathBuf::from("/flag/claude"));
+        assert_eq!(
+            cfg.backends.claude_code.models.default.as_deref(),
+            Some("m")
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_with_the_same_text_from_every_layer() {
+        let want =
+            "invalid configuration: drain-grace: expected a duration like 30s or 5m, got \"x\"";
+        let err = |file: Option<&str>, env: &[(&str, &str)], flags: &[&str]| {
+            load_with(file, env, flags).unwrap_err().to_string()
+        };
+        assert_eq!(err(Some("drain_grace = \"x\""), &[], &[]), want);
+        assert_eq!(err(None, &[("ORCH_DRAIN_GRACE", "x")], &[]), want);
+        assert_eq!(err(None, &[], &["--drain-grace", "x"]), want);
+        assert_eq!(
+            err(
+                Some("[backends.openai]\nrequest_timeout = \"soon\""),
+                &[],
+                &[]
+            ),
+            "invalid configuration: backends.openai.request_timeout: expected a duration like 30s or 5m, got \"soon\""
+        );
+        assert_eq!(
+            err(None, &[("ORCH_WORKER_LISTEN", "nowhere")], &[]),
+            "invalid configuration: listen: invalid socket address syntax"
+        );
     }
 
     #[test]
     fn backend_defaults_need_no_file() {
-        let cfg = Args {
-            id: Some("w1".into()),
-            ..Default::default()
-        }
-        .load()
-        .unwrap();
+        let cfg = from_flags(["--id", "w1"]).unwrap();
         assert!(cfg.data_dir.ends_with("orch-worker-w1"));
         assert_eq!(cfg.default_backend, None);
         let b = &cfg.backends;
@@ -690,7 +745,7 @@ mod tests {
     }
 
     #[test]
-    fn the_file_configures_backends_roles_and_prices_and_flags_win() {
+    fn the_file_configures_backends_roles_and_prices() {
         let cfg = from_file(
             r#"
 data_dir = "/var/lib/orch"
@@ -723,6 +778,7 @@ output = 0.2
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/orch"));
         assert_eq!(cfg.default_backend, Some(Backend::ClaudeCode));
         let b = &cfg.backends;
+        assert_eq!(b.claude_code.bin, PathBuf::from("/opt/claude"));
         assert_eq!(
             b.claude_code.home,
             PathBuf::from("/var/lib/orch/claude-home")
@@ -758,7 +814,12 @@ output = 0.2
 
     #[test]
     fn bad_backend_settings_name_the_field() {
-        let err = |text: &str| from_file(text).unwrap_err().to_string();
+        let err = |text: &str| {
+            let e = from_file(text).unwrap_err().to_string();
+            e.strip_prefix("invalid configuration: ")
+                .unwrap_or_else(|| panic!("{e}"))
+                .to_string()
+        };
         assert!(err("default_backend = \"gpt\"").starts_with("default-backend:"));
         assert!(err("default_backend = \"command\"").starts_with("default-backend:"));
         assert!(
@@ -778,7 +839,15 @@ output = 0.2
         );
         assert!(err("[roles.reviewer]\npermission_mode = \"ask\"").starts_with("roles.reviewer"));
         assert!(err("[prices.m]\ninput = -1\noutput = 1").starts_with("prices.m"));
+        // Both spellings of one section are one too many.
+        assert!(
+            err("[backends.claude-code]\nbin = \"a\"\n[backends.claude_code]\nbin = \"b\"")
+                .starts_with("backends.claude_code: unknown key")
+        );
         // A misspelt key is refused rather than ignored.
-        assert!(err("[backends.anthropic]\napi_kye = \"x\"").contains("api_kye"));
+        assert_eq!(
+            err("[backends.anthropic]\napi_kye = \"x\""),
+            "backends.anthropic.api_kye: unknown key"
+        );
     }
 }

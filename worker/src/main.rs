@@ -1,14 +1,17 @@
 //! `orch-worker`: parses configuration, sets up logging and metrics, handles signals, and runs
 //! [`orch_worker::run`]. SIGTERM or SIGINT starts a drain; the process exits 0 once drained.
 
-use clap::Parser;
-use orch_worker::config::{Args, LogFormat};
+use clap::CommandFactory;
+use orch_worker::config::{self, Args, LogFormat};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Args::parse().load() {
+    // clap prints --help and flag errors itself (exit 2 for a bad flag); a bad setting from any
+    // layer is one line on stderr and exit 2.
+    let matches = Args::command().get_matches();
+    let config = match config::load(&matches, &|name| std::env::var(name).ok()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("orch-worker: {e}");

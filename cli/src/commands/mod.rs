@@ -175,17 +175,22 @@ pub enum Command {
 pub struct Ctx {
     pub output: Format,
     pub paths: Paths,
-    server: Option<String>,
-    token: Option<String>,
+    /// `--server` and `--token` (clap falls back on their variables, which `env` also holds).
+    flags: FileConfig,
+    /// `ORCH_SERVER` and `ORCH_TOKEN`.
+    env: FileConfig,
 }
 
 impl Ctx {
-    pub fn new(global: Global, paths: Paths) -> Self {
+    pub fn new(global: Global, paths: Paths, env: FileConfig) -> Self {
         Self {
             output: global.output,
             paths,
-            server: global.server,
-            token: global.token,
+            flags: FileConfig {
+                server: global.server,
+                token: global.token,
+            },
+            env,
         }
     }
 
@@ -193,8 +198,8 @@ impl Ctx {
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let file = FileConfig::load(&self.paths)?;
         Ok(Settings::resolve(
-            self.server.clone(),
-            self.token.clone(),
+            self.flags.clone(),
+            self.env.clone(),
             file,
             self.paths.config.as_deref(),
         )?)
@@ -244,7 +249,7 @@ pub fn print_task_or_missing(
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = Paths::from_env(cli.global.config.clone());
-    let ctx = Ctx::new(cli.global, paths);
+    let ctx = Ctx::new(cli.global, paths, FileConfig::from_env());
     match cli.command {
         Command::Submit(args) => submit::run(&ctx, *args).await,
         Command::Status(args) => status::run(&ctx, args).await,

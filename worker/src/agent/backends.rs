@@ -282,7 +282,7 @@ impl Agent for Backends {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Args;
+    use crate::config;
     use orch_shared::ids::{JobId, TaskId};
     use orch_shared::role::Role;
 
@@ -298,12 +298,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.toml");
         std::fs::write(&path, file).unwrap();
-        let cfg = Args {
-            config: Some(path),
-            ..Default::default()
-        }
-        .load()
-        .unwrap();
+        let cfg = config::from_flags([std::ffi::OsStr::new("--config"), path.as_os_str()]).unwrap();
         Backends::from_config(&cfg)
     }
 

@@ -229,8 +229,7 @@ mod tests {
     use reqwest::header::HeaderValue;
 
     fn settings(max_attempts: u32) -> ApiSettings {
-        let mut s = crate::config::Args::default()
-            .load()
+        let mut s = crate::config::from_flags::<_, &str>([])
             .unwrap()
             .backends
             .anthropic;
