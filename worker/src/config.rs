@@ -37,10 +37,12 @@ pub struct Args {
     /// TOML file with any of the settings below (flag and environment values win).
     #[arg(long, env = "ORCH_CONFIG")]
     pub config: Option<PathBuf>,
-    /// [default: nats://127.0.0.1:4222]
+    /// NATS server, or a comma-separated list of a cluster's servers
+    /// (`nats://a:4222,nats://b:4222`) [default: nats://127.0.0.1:4222]
     #[arg(long, env = "ORCH_NATS_URL")]
     pub nats_url: Option<String>,
-    /// [default: redis://127.0.0.1:6379]
+    /// Redis URL; `rediss://` for TLS, verified against the system roots or the CA bundle in
+    /// SSL_CERT_FILE [default: redis://127.0.0.1:6379]
     #[arg(long, env = "ORCH_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Agents this worker runs at once [default: 4].
