@@ -118,8 +118,13 @@ REJECTED: list[tuple[str, list[str], list[str]]] = [
     ("credentials in externalRedis.url",
      ["--set", "redis.enabled=false", "--set", "externalRedis.url=redis://:secret@redis:6379"],
      ["externalRedis.url", "credentials", "redisAuth.existingSecret"]),
-    ("externalRedis.url that is not redis://",
-     ["--set", "redis.enabled=false", "--set", "externalRedis.url=rediss://redis:6380"], ["/externalRedis/url"]),
+    ("externalRedis.url that is not redis:// or rediss://",
+     ["--set", "redis.enabled=false", "--set", "externalRedis.url=http://redis:6380"], ["/externalRedis/url"]),
+    ("streamReplicas above the in-chart NATS cluster",
+     ["-f", str(CHART / "values-prod.yaml"), "--set", "coordinator.streamReplicas=4"],
+     ["coordinator.streamReplicas", "nats.config.cluster.replicas"]),
+    ("streamReplicas above JetStream's 5", ["--set", "coordinator.streamReplicas=7"],
+     ["/coordinator/streamReplicas", "maximum"]),
     ("a typo (worker.slot)", ["--set", "worker.slot=4"], ["/worker", "slot"]),
     ("bad image digest", ["--set", "worker.image.digest=latest"], ["/worker/image/digest"]),
     ("external NATS without a URL", ["--set", "nats.enabled=false"], ["externalNats.url"]),
@@ -557,6 +562,11 @@ def check_combo_specifics(name: str, docs: list[dict], values: dict) -> None:
         assert nats_url == "nats://$(NATS_USER):$(NATS_PASSWORD)@nats.messaging.svc:4222", nats_url
         assert redis_url == "redis://$(REDIS_USER):$(REDIS_PASSWORD)@redis.data.svc:6379/0", redis_url
         assert "StatefulSet" not in kinds, "external Redis, but the chart still runs one"
+    replicas = cenv["ORCH_STREAM_REPLICAS"]["value"]
+    if name == "prod":
+        assert replicas == "3", f"prod streams on a 3-server NATS must have 3 replicas, not {replicas}"
+    if name.startswith("external"):
+        assert replicas == "1", f"an external NATS's size is unknown: 1 replica unless set, not {replicas}"
     if name == "prod":
         assert nats_url == f"nats://$(NATS_USER):$(NATS_PASSWORD)@{RELEASE}-nats:4222", nats_url
         assert redis_url == f"redis://:$(REDIS_PASSWORD)@{RELEASE}-orchestrator-redis:6379", redis_url
@@ -652,10 +662,14 @@ def check_prometheus_config(config: Path) -> None:
     assert {"orchestrator-coordinator", "orchestrator-worker"} <= set(jobs), f"scrape jobs: {sorted(jobs)}"
     for j in jobs.values():
         assert j.get("metrics_path", "/metrics") == "/metrics"
-        for sc in j["static_configs"]:
+        assert j.get("static_configs") or j.get("file_sd_configs"), f"{j['job_name']}: no targets"
+        for sc in j.get("static_configs", []):
             for t in sc["targets"]:
                 assert re.fullmatch(r"[\w.-]+:\d+", t), f"bad target {t}"
     assert "127.0.0.1:7070" in jobs["orchestrator-coordinator"]["static_configs"][0]["targets"]
+    # What `orchctl local up` writes (cluster.rs, prometheus-targets.json) is read by file_sd.
+    local = jobs["orchestrator-local"]["file_sd_configs"][0]["files"]
+    assert local == ["local-targets.json"], local
 
 
 def check_values_files_lint(config: Path) -> None:

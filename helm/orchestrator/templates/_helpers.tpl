@@ -267,8 +267,30 @@ capabilities:
 {{- if and .Values.nats.enabled .Values.externalNats.url }}
 {{- fail "externalNats.url is set but nats.enabled=true also installs NATS: set nats.enabled=false to use the external server" }}
 {{- end }}
+{{- $servers := int (include "orchestrator.natsServers" .) }}
+{{- if and (gt $servers 0) (gt (int .Values.coordinator.streamReplicas) $servers) }}
+{{- fail (printf "coordinator.streamReplicas (%v) must not exceed the NATS servers of the chart's cluster (nats.config.cluster.replicas: %v): JetStream cannot place more replicas than servers" .Values.coordinator.streamReplicas $servers) }}
+{{- end }}
 {{- if and .Values.redis.enabled .Values.externalRedis.url }}
 {{- fail "externalRedis.url is set but redis.enabled=true also runs Redis: set redis.enabled=false to use the external server" }}
+{{- end }}
+{{- end }}
+
+{{/* The NATS servers of the in-chart cluster (1 without a cluster; 0 for an external NATS). */}}
+{{- define "orchestrator.natsServers" -}}
+{{- if not .Values.nats.enabled }}0
+{{- else if and .Values.nats.config.cluster .Values.nats.config.cluster.enabled }}{{ int .Values.nats.config.cluster.replicas }}
+{{- else }}1
+{{- end }}
+{{- end }}
+
+{{/* JetStream replicas of the coordinator's streams: given, or the in-chart cluster's size. */}}
+{{- define "orchestrator.streamReplicas" -}}
+{{- $given := int .Values.coordinator.streamReplicas }}
+{{- $servers := int (include "orchestrator.natsServers" .) }}
+{{- if gt $given 0 }}{{ $given }}
+{{- else if gt $servers 0 }}{{ min $servers 5 }}
+{{- else }}1
 {{- end }}
 {{- end }}
 
