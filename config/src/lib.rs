@@ -44,6 +44,52 @@ impl Error {
     }
 }
 
+/// Deserializes an `f64` setting exactly. Figment reads a short decimal string from a flag or
+/// the environment (`"0.01"`) as an `f32` before widening it (0.009999999776...), so money
+/// and other fractional settings take their string themselves:
+/// `#[serde(deserialize_with = "orch_config::exact_f64")]`.
+pub fn exact_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    d.deserialize_any(ExactF64)
+}
+
+/// [`exact_f64`] for an optional setting.
+pub fn exact_f64_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    exact_f64(d).map(Some)
+}
+
+struct ExactF64;
+
+impl serde::de::Visitor<'_> for ExactF64 {
+    type Value = f64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<f64, E> {
+        v.trim()
+            .parse()
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<f64, E> {
+        Ok(v)
+    }
+
+    fn visit_f32<E>(self, v: f32) -> Result<f64, E> {
+        // Only a value that was an `f32` all along arrives here.
+        Ok(f64::from(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+}
+
 /// Where a setting's value came from (a layer's figment metadata name).
 pub const DEFAULTS: &str = "defaults";
 pub const FILE: &str = "file";

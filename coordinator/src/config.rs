@@ -128,7 +128,9 @@ struct Settings {
     max_running_agents: Option<String>,
     stream_replicas: usize,
     rate_limits: Vec<String>,
+    #[serde(deserialize_with = "orch_config::exact_f64_opt")]
     daily_budget_usd: Option<f64>,
+    #[serde(deserialize_with = "orch_config::exact_f64")]
     default_job_estimate_usd: f64,
 }
 
@@ -373,6 +375,47 @@ mod tests {
     }
 
     const TOKEN: &str = "token-0123456789abcdef";
+
+    #[test]
+    fn dollar_amounts_are_read_exactly_from_every_layer() {
+        let base = ["--no-auth"];
+        for (file, env, flags) in [
+            (
+                Some("daily_budget_usd = 0.01\ndefault_job_estimate_usd = 0.0049\n"),
+                vec![],
+                vec![],
+            ),
+            (
+                None,
+                vec![
+                    ("ORCH_DAILY_BUDGET_USD", "0.01"),
+                    ("ORCH_DEFAULT_JOB_ESTIMATE_USD", "0.0049"),
+                ],
+                vec![],
+            ),
+            (
+                None,
+                vec![],
+                vec![
+                    "--daily-budget-usd",
+                    "0.01",
+                    "--default-job-estimate-usd",
+                    "0.0049",
+                ],
+            ),
+        ] {
+            let flags: Vec<&str> = base.iter().copied().chain(flags).collect();
+            let cfg = load_with(file, &env, &flags).unwrap();
+            assert_eq!(
+                cfg.admission.daily_budget_usd,
+                Some(0.01),
+                "{file:?} {env:?}"
+            );
+            assert_eq!(cfg.admission.default_job_estimate_usd, 0.0049);
+        }
+        let err = load_with(None, &[("ORCH_DAILY_BUDGET_USD", "lots")], &base).unwrap_err();
+        assert!(err.to_string().contains("daily-budget-usd"), "{err}");
+    }
 
     #[test]
     fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
