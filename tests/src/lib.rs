@@ -389,6 +389,17 @@ impl Cluster {
         self.wait_ready().await;
     }
 
+    /// `--data-dir` in this cluster's directory, unless the test gives one: a data directory
+    /// belongs to one live worker (it is locked), and the default one is named after the
+    /// worker id, which tests running at once share.
+    fn default_data_dir(&self, id: &str) -> Vec<String> {
+        if self.opts.worker_args.iter().any(|a| a == "--data-dir") {
+            return vec![];
+        }
+        let dir = self.dir.path().join(format!("data-{id}"));
+        vec!["--data-dir".into(), dir.display().to_string()]
+    }
+
     /// Starts one more worker; returns its index in `workers`.
     pub fn add_worker(&mut self) -> usize {
         let id = format!("worker-{}", self.next_worker);
@@ -402,6 +413,7 @@ impl Cluster {
             "--id",
             &id,
         ])
+        .args(self.default_data_dir(&id))
         .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
         .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
         .args(&self.opts.worker_args)
@@ -706,6 +718,7 @@ impl Cluster {
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(self.default_data_dir(&id))
         .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
         .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
         .args(&self.opts.worker_args)

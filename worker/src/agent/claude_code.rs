@@ -42,7 +42,6 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 pub const NAME: &str = "claude-code";
@@ -504,7 +503,7 @@ impl ClaudeCode {
             },
             None => None,
         };
-        let mut cmd = Command::new(&self.settings.bin);
+        let mut cmd = process::command(&self.settings.bin);
         cmd.args(self.args(p))
             .current_dir(&dir.path)
             .env_clear()

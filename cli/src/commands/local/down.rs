@@ -64,7 +64,7 @@ struct Stopped<'a> {
 async fn stop_group(procs: &[&Proc], grace: Duration) -> Vec<Outcome> {
     let running: Vec<bool> = procs
         .iter()
-        .map(|p| p.is_running() && process::signal(p.pid, libc::SIGTERM))
+        .map(|p| p.is_running() && process::signal(p.pid, process::Signal::SIGTERM))
         .collect();
     let waits = procs.iter().zip(&running).map(|(p, &running)| async move {
         if !running {
@@ -74,7 +74,7 @@ async fn stop_group(procs: &[&Proc], grace: Duration) -> Vec<Outcome> {
         if process::wait_exit(p.pid, &program, grace).await {
             return Outcome::Stopped;
         }
-        process::signal(p.pid, libc::SIGKILL);
+        process::signal(p.pid, process::Signal::SIGKILL);
         process::wait_exit(p.pid, &program, Duration::from_secs(5)).await;
         Outcome::Killed
     });

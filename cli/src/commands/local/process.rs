@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 /// A program `local up` needs, and how to get it.
 #[derive(Clone, Copy, Debug)]
 pub struct Program {
@@ -165,19 +168,18 @@ pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> std::io::Re
         .spawn()
 }
 
-/// Sends `signal` to `pid`; false if there is no such process (or it is not ours).
-#[allow(unsafe_code)]
-pub fn signal(pid: u32, signal: libc::c_int) -> bool {
+/// Sends `signal` to `pid` (`None`: only checks that it exists and is ours); false if there is
+/// no such process (or it is not ours).
+pub fn signal(pid: u32, signal: impl Into<Option<Signal>>) -> bool {
     // Never signal pid 0 or 1, or a value that wraps to a negative pid: kill(2) reads those as
     // "every process in my group" or "every process I may signal".
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+    let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
     if pid <= 1 {
         return false;
     }
-    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is a positive process id.
-    unsafe { libc::kill(pid, signal) == 0 }
+    nix::sys::signal::kill(Pid::from_raw(pid), signal).is_ok()
 }
 
 /// Whether `cmdline` (`/proc/<pid>/cmdline`: NUL-separated arguments) runs `program`: the
@@ -204,7 +206,7 @@ pub fn stat_is_zombie(stat: &str) -> bool {
 /// Whether `pid` is alive and still runs `program`. Without `/proc` (not Linux) only the first
 /// part can be checked.
 pub fn is_running(pid: u32, program: &str) -> bool {
-    if !signal(pid, 0) {
+    if !signal(pid, None) {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -258,7 +260,7 @@ pub async fn stop_child(child: &mut Child, grace: Duration) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
-    signal(child.id(), libc::SIGTERM);
+    signal(child.id(), Signal::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {
@@ -308,9 +310,9 @@ mod tests {
 
     #[test]
     fn dangerous_pids_are_never_signalled() {
-        assert!(!signal(0, 0));
-        assert!(!signal(1, 0));
-        assert!(!signal(u32::MAX, 0));
+        assert!(!signal(0, None));
+        assert!(!signal(1, None));
+        assert!(!signal(u32::MAX, None));
     }
 
     #[test]
