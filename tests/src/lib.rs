@@ -788,3 +788,98 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Processes, for the checks that a killed worker leaves none behind.
+pub mod procs {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    /// `/proc/<pid>/stat` after the command name: state, ppid, pgrp, ... (field 3 onwards).
+    fn stat(pid: u32) -> Option<Vec<String>> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &s[s.rfind(')')? + 1..];
+        Some(rest.split_whitespace().map(str::to_string).collect())
+    }
+
+    fn all() -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// A process: its pid and start time (together they never name another process).
+    pub type Proc = (u32, u64);
+
+    fn start_time(pid: u32) -> Option<u64> {
+        stat(pid)?.get(19)?.parse().ok()
+    }
+
+    /// Whether `p` still runs (a zombie does not).
+    pub fn runs(p: Proc) -> bool {
+        stat(p.0).is_some_and(|f| f[0] != "Z" && f.get(19).and_then(|s| s.parse().ok()) == Some(p.1))
+    }
+
+    /// Every process below `pid`, at any depth.
+    pub fn descendants(pid: u32) -> Vec<Proc> {
+        let parents: Vec<(u32, u32)> = all()
+            .into_iter()
+            .filter_map(|p| Some((p, stat(p)?.get(1)?.parse().ok()?)))
+            .collect();
+        let mut out = vec![];
+        let mut frontier = vec![pid];
+        while let Some(at) = frontier.pop() {
+            for &(p, pp) in &parents {
+                if pp == at && let Some(t) = start_time(p) {
+                    out.push((p, t));
+                    frontier.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Running processes whose working directory is under `dir`, or whose environment holds
+    /// `mark` (a `NAME=value` given to one worker only), with their command lines.
+    pub fn marked(dir: &Path, mark: &str) -> Vec<(Proc, String)> {
+        all()
+            .into_iter()
+            .filter(|&p| {
+                std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+                    || std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| {
+                        env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes())
+                    })
+            })
+            .filter_map(|p| {
+                let proc = (p, start_time(p)?);
+                runs(proc).then(|| (proc, cmdline(p)))
+            })
+            .collect()
+    }
+
+    /// The command line of `pid`, arguments separated by spaces.
+    pub fn cmdline(pid: u32) -> String {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Waits until none of `procs` runs, at most `timeout`; the ones still running then, with
+    /// their command lines.
+    pub fn wait_gone(procs: &[Proc], timeout: Duration) -> Vec<(Proc, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left: Vec<(Proc, String)> = procs
+                .iter()
+                .filter(|p| runs(**p))
+                .map(|p| (*p, cmdline(p.0)))
+                .collect();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
