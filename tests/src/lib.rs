@@ -819,7 +819,8 @@ pub mod procs {
 
     /// Whether `p` still runs (a zombie does not).
     pub fn runs(p: Proc) -> bool {
-        stat(p.0).is_some_and(|f| f[0] != "Z" && f.get(19).and_then(|s| s.parse().ok()) == Some(p.1))
+        stat(p.0)
+            .is_some_and(|f| f[0] != "Z" && f.get(19).and_then(|s| s.parse().ok()) == Some(p.1))
     }
 
     /// Every process below `pid`, at any depth.
@@ -832,7 +833,9 @@ pub mod procs {
         let mut frontier = vec![pid];
         while let Some(at) = frontier.pop() {
             for &(p, pp) in &parents {
-                if pp == at && let Some(t) = start_time(p) {
+                if pp == at
+                    && let Some(t) = start_time(p)
+                {
                     out.push((p, t));
                     frontier.push(p);
                 }
@@ -848,9 +851,8 @@ pub mod procs {
             .into_iter()
             .filter(|&p| {
                 std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
-                    || std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| {
-                        env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes())
-                    })
+                    || std::fs::read(format!("/proc/{p}/environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()))
             })
             .filter_map(|p| {
                 let proc = (p, start_time(p)?);
@@ -862,7 +864,12 @@ pub mod procs {
     /// The command line of `pid`, arguments separated by spaces.
     pub fn cmdline(pid: u32) -> String {
         std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim().to_string())
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_string()
+            })
             .unwrap_or_default()
     }
 

@@ -214,7 +214,10 @@ async fn workers_killed_every_second_lose_no_task_and_charge_nothing_twice() {
     }
     let ledger = check(&cluster, &ids).await;
     assert_clean(&ledger, &cluster);
-    assert!(orphans.is_empty(), "killed workers left processes: {orphans:?}");
+    assert!(
+        orphans.is_empty(),
+        "killed workers left processes: {orphans:?}"
+    );
     eprintln!(
         "{kills} workers killed; {} jobs ran twice",
         ledger.duplicate_starts

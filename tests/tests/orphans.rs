@@ -31,7 +31,9 @@ async fn command_cluster(dir: &Path) -> Cluster {
     let config = dir.join("worker.toml");
     std::fs::write(
         &config,
-        format!("[backends.command]\nprogram = \"sh\"\nargs = [\"-c\", {AGENT:?}]\nprompt = \"stdin\"\n"),
+        format!(
+            "[backends.command]\nprogram = \"sh\"\nargs = [\"-c\", {AGENT:?}]\nprompt = \"stdin\"\n"
+        ),
     )
     .unwrap();
     Cluster::start(Options {
@@ -104,7 +106,10 @@ fn kill_and_check(cluster: &mut Cluster, i: usize, data: &Path, mark: &str) -> V
         killed.elapsed()
     );
     let left = procs::marked(data, mark);
-    assert!(left.is_empty(), "processes still work for the dead worker: {left:?}");
+    assert!(
+        left.is_empty(),
+        "processes still work for the dead worker: {left:?}"
+    );
     commands
 }
 
@@ -231,13 +236,24 @@ async fn no_git_process_outlives_a_worker_killed_during_a_fetch() {
     let bare = dir.path().join("origin.git");
     let seed = dir.path().join("seed");
     std::fs::create_dir_all(&seed).unwrap();
-    git(dir.path(), &["init", "-q", "--bare", "-b", "main", "origin.git"]);
+    git(
+        dir.path(),
+        &["init", "-q", "--bare", "-b", "main", "origin.git"],
+    );
     git(&seed, &["init", "-q", "-b", "main"]);
     std::fs::write(seed.join("README.md"), "# Project\n").unwrap();
     git(&seed, &["add", "."]);
     git(
         &seed,
-        &["-c", "user.name=s", "-c", "user.email=s@localhost", "commit", "-qm", "init"],
+        &[
+            "-c",
+            "user.name=s",
+            "-c",
+            "user.email=s@localhost",
+            "commit",
+            "-qm",
+            "init",
+        ],
     );
     git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
     // A git that hangs in every fetch, first on the first worker's PATH: the fetch into its
@@ -358,16 +374,28 @@ async fn a_restarted_worker_clears_its_data_dir_and_leaves_a_live_workers_alone(
             == 2
     })
     .await;
-    let live_procs: Vec<Proc> = procs::marked(&live, mark).into_iter().map(|(p, _)| p).collect();
+    let live_procs: Vec<Proc> = procs::marked(&live, mark)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
     let live_files = |dir: &Path| -> Vec<PathBuf> {
         ["scratch", "procs"]
             .iter()
-            .flat_map(|d| std::fs::read_dir(dir.join(d)).into_iter().flatten().flatten())
+            .flat_map(|d| {
+                std::fs::read_dir(dir.join(d))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
             .map(|e| e.path())
             .collect()
     };
     let live_before = live_files(&live);
-    assert_eq!(live_before.len(), 2, "a workspace and a record: {live_before:?}");
+    assert_eq!(
+        live_before.len(),
+        2,
+        "a workspace and a record: {live_before:?}"
+    );
 
     // What a previous worker on another data directory left: a workspace, a process recorded
     // with its start time, and a record whose pid now belongs to another process.
@@ -375,7 +403,11 @@ async fn a_restarted_worker_clears_its_data_dir_and_leaves_a_live_workers_alone(
     std::fs::create_dir_all(stale.join("scratch/job-1/src")).unwrap();
     std::fs::create_dir_all(stale.join("procs")).unwrap();
     let (mut left, start) = sleeper();
-    std::fs::write(stale.join(format!("procs/{}", left.id())), format!("{start}\n")).unwrap();
+    std::fs::write(
+        stale.join(format!("procs/{}", left.id())),
+        format!("{start}\n"),
+    )
+    .unwrap();
     let (mut reused, start) = sleeper();
     std::fs::write(
         stale.join(format!("procs/{}", reused.id())),
@@ -386,7 +418,12 @@ async fn a_restarted_worker_clears_its_data_dir_and_leaves_a_live_workers_alone(
     // A second worker on the live worker's directory is refused, and changes nothing there.
     let mut cmd = std::process::Command::new(workspace_bin("orch-worker"));
     let out = cmd
-        .args(["--nats-url", "nats://127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1"])
+        .args([
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+        ])
         .arg("--data-dir")
         .arg(&live)
         .output()
@@ -410,7 +447,10 @@ async fn a_restarted_worker_clears_its_data_dir_and_leaves_a_live_workers_alone(
 
     assert_eq!(live_files(&live), live_before);
     for p in &live_procs {
-        assert!(procs::runs(*p), "the live worker's process {p:?} was killed");
+        assert!(
+            procs::runs(*p),
+            "the live worker's process {p:?} was killed"
+        );
     }
     let task = cluster.task(&task.id.to_string()).await;
     assert_eq!(task.status, TaskStatus::Running, "{task:#?}");

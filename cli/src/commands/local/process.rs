@@ -236,7 +236,14 @@ pub fn family(roots: &[u32]) -> Vec<ProcId> {
             if f.first().is_some_and(|s| s == "Z") {
                 return None;
             }
-            Some((pid, (f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?, f.get(19)?.parse().ok()?)))
+            Some((
+                pid,
+                (
+                    f.get(1)?.parse().ok()?,
+                    f.get(2)?.parse().ok()?,
+                    f.get(19)?.parse().ok()?,
+                ),
+            ))
         })
         .collect();
     let below = |mut pid: u32| {
@@ -385,7 +392,10 @@ mod tests {
         for p in &found {
             signal(p.0, Signal::SIGKILL);
         }
-        assert!(!proc_runs((found[0].0, found[0].1 + 1)), "a start time that differs");
+        assert!(
+            !proc_runs((found[0].0, found[0].1 + 1)),
+            "a start time that differs"
+        );
     }
 
     #[test]
