@@ -501,6 +501,17 @@ impl Cluster {
         self.wait_ready().await;
     }
 
+    /// `--data-dir` in this cluster's directory, unless the test gives one: a data directory
+    /// belongs to one live worker (it is locked), and the default one is named after the
+    /// worker id, which tests running at once share.
+    fn default_data_dir(&self, id: &str) -> Vec<String> {
+        if self.opts.worker_args.iter().any(|a| a == "--data-dir") {
+            return vec![];
+        }
+        let dir = self.dir.path().join(format!("data-{id}"));
+        vec!["--data-dir".into(), dir.display().to_string()]
+    }
+
     /// Starts one more worker; returns its index in `workers`.
     pub fn add_worker(&mut self) -> usize {
         let id = format!("worker-{}", self.next_worker);
@@ -514,6 +525,7 @@ impl Cluster {
             "--id",
             &id,
         ])
+        .args(self.default_data_dir(&id))
         .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
         .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
         .args(&self.opts.worker_args)
@@ -827,6 +839,7 @@ impl Cluster {
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(self.default_data_dir(&id))
         .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
         .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
         .args(&self.opts.worker_args)
@@ -884,4 +897,106 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Processes, for the checks that a killed worker leaves none behind.
+pub mod procs {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    /// `/proc/<pid>/stat` after the command name: state, ppid, pgrp, ... (field 3 onwards).
+    fn stat(pid: u32) -> Option<Vec<String>> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &s[s.rfind(')')? + 1..];
+        Some(rest.split_whitespace().map(str::to_string).collect())
+    }
+
+    fn all() -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// A process: its pid and start time (together they never name another process).
+    pub type Proc = (u32, u64);
+
+    fn start_time(pid: u32) -> Option<u64> {
+        stat(pid)?.get(19)?.parse().ok()
+    }
+
+    /// Whether `p` still runs (a zombie does not).
+    pub fn runs(p: Proc) -> bool {
+        stat(p.0)
+            .is_some_and(|f| f[0] != "Z" && f.get(19).and_then(|s| s.parse().ok()) == Some(p.1))
+    }
+
+    /// Every process below `pid`, at any depth.
+    pub fn descendants(pid: u32) -> Vec<Proc> {
+        let parents: Vec<(u32, u32)> = all()
+            .into_iter()
+            .filter_map(|p| Some((p, stat(p)?.get(1)?.parse().ok()?)))
+            .collect();
+        let mut out = vec![];
+        let mut frontier = vec![pid];
+        while let Some(at) = frontier.pop() {
+            for &(p, pp) in &parents {
+                if pp == at
+                    && let Some(t) = start_time(p)
+                {
+                    out.push((p, t));
+                    frontier.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Running processes whose working directory is under `dir`, or whose environment holds
+    /// `mark` (a `NAME=value` given to one worker only), with their command lines.
+    pub fn marked(dir: &Path, mark: &str) -> Vec<(Proc, String)> {
+        all()
+            .into_iter()
+            .filter(|&p| {
+                std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+                    || std::fs::read(format!("/proc/{p}/environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()))
+            })
+            .filter_map(|p| {
+                let proc = (p, start_time(p)?);
+                runs(proc).then(|| (proc, cmdline(p)))
+            })
+            .collect()
+    }
+
+    /// The command line of `pid`, arguments separated by spaces.
+    pub fn cmdline(pid: u32) -> String {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until none of `procs` runs, at most `timeout`; the ones still running then, with
+    /// their command lines.
+    pub fn wait_gone(procs: &[Proc], timeout: Duration) -> Vec<(Proc, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left: Vec<(Proc, String)> = procs
+                .iter()
+                .filter(|p| runs(**p))
+                .map(|p| (*p, cmdline(p.0)))
+                .collect();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

@@ -11,7 +11,7 @@
 use orch_shared::api::{JobStatus, Task, TaskStatus};
 use orch_shared::event::EventKind;
 use orch_shared::ids::JobId;
-use orch_tests::{Cluster, Options};
+use orch_tests::{Cluster, Options, procs};
 use serde_json::json;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -198,12 +198,16 @@ async fn workers_killed_every_second_lose_no_task_and_charge_nothing_twice() {
     let n = load(60);
     let ids = submit_many(&cluster, n, 400).await;
     let mut kills = 0;
+    // What a killed worker had started and still ran a second after its death.
+    let mut orphans = vec![];
     let deadline = Instant::now() + Duration::from_millis(100 * n as u64);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(900)).await;
         let victim = kills % cluster.workers.len();
+        let family = procs::descendants(cluster.workers[victim].pid() as u32);
         cluster.workers[victim].signal(libc::SIGKILL);
         let _ = cluster.workers[victim].wait_exit(Duration::from_secs(5));
+        orphans.extend(procs::wait_gone(&family, Duration::from_secs(1)));
         kills += 1;
         let fresh = cluster.add_worker();
         cluster.workers.swap(victim, fresh);
@@ -211,6 +215,10 @@ async fn workers_killed_every_second_lose_no_task_and_charge_nothing_twice() {
     }
     let ledger = check(&cluster, &ids).await;
     assert_clean(&ledger, &cluster);
+    assert!(
+        orphans.is_empty(),
+        "killed workers left processes: {orphans:?}"
+    );
     eprintln!(
         "{kills} workers killed; {} jobs ran twice",
         ledger.duplicate_starts

@@ -15,10 +15,13 @@
 //! - [`runner`]: one job from pull to ack.
 //! - [`session`]: agents' sessions in the cluster (JetStream object store and Redis pointers),
 //!   so any worker can run the next turn of a conversation.
+//! - [`datadir`]: the data directory, locked for one live worker and cleared of what a
+//!   previous worker left at start.
 //! - [`metrics`]: metric names.
 
 pub mod agent;
 pub mod config;
+pub mod datadir;
 pub mod metrics;
 pub mod roles;
 pub mod runner;
@@ -55,6 +58,8 @@ pub enum Error {
     State(#[from] state::Error),
     #[error(transparent)]
     Session(#[from] session::Error),
+    #[error(transparent)]
+    DataDir(#[from] datadir::Error),
     #[error("failed to listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -78,6 +83,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let id = WorkerId(config.id.clone());
+    // Held until the worker returns; the kernel drops it when the process dies.
+    let _data_dir = datadir::claim(&config.data_dir)?;
     let (client, js) = Transport::connect(&config.nats_url, &config.id).await?;
     let bind = || Transport::bind(client.clone(), js.clone());
     let transport = tokio::select! {

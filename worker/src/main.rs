@@ -1,13 +1,31 @@
 //! `orch-worker`: parses configuration, sets up logging and metrics, handles signals, and runs
 //! [`orch_worker::run`]. SIGTERM or SIGINT starts a drain; the process exits 0 once drained.
+//! The same binary is also the supervisor of the processes a job starts (hidden modes, see
+//! [`orch_worker::agent::supervisor`]), checked first, before any thread exists.
 
 use clap::CommandFactory;
+use orch_worker::agent::{process, supervisor};
 use orch_worker::config::{self, Args, LogFormat};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    if let Some(code) = supervisor::hidden_mode() {
+        return code;
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(worker()),
+        Err(e) => {
+            eprintln!("orch-worker: failed to start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn worker() -> ExitCode {
     // clap prints --help and flag errors itself (exit 2 for a bad flag); a bad setting from any
     // layer is one line on stderr and exit 2.
     let matches = Args::command().get_matches();
@@ -19,6 +37,12 @@ async fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    match std::env::current_exe() {
+        Ok(exe) => process::supervise_with(exe, orch_worker::datadir::records(&config.data_dir)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot find the worker executable; agents will not die with the worker")
+        }
+    }
     let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
         Ok(handle) => {
             orch_worker::metrics::describe();

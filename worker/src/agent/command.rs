@@ -17,7 +17,6 @@ use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, JobKind, Outcome, Usage};
 use std::process::Stdio;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 pub const NAME: &str = "command";
@@ -53,7 +52,7 @@ impl CommandAgent {
             Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
         };
         let prompt = format!("{}\n\n{}", p.profile.system_prompt, p.prompt);
-        let mut cmd = Command::new(&self.settings.program);
+        let mut cmd = process::command(&self.settings.program);
         cmd.args(&self.settings.args)
             .current_dir(&dir.path)
             .envs(&self.settings.env)

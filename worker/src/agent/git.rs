@@ -117,7 +117,7 @@ impl Out {
 
 /// `git -C dir` with an environment that never prompts, runs no hooks and speaks English.
 fn command(dir: &Path) -> Command {
-    let mut cmd = Command::new("git");
+    let mut cmd = super::process::command("git");
     cmd.arg("-C")
         .arg(dir)
         .args(["-c", "core.hooksPath=/dev/null"])

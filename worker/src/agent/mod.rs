@@ -24,6 +24,8 @@
 //! - [`http`]: what the two HTTP backends share: retries honouring `retry-after`, failure
 //!   reasons by status.
 //! - [`process`]: child processes in their own process group, killed as a whole.
+//! - [`supervisor`]: the hidden mode of the worker binary that makes every process started
+//!   for a job die with the worker (Linux).
 //! - [`workspace`]: where an agent works, and the files it read and changed.
 //! - [`git`]: git workspaces: the clone cache, job branches and the task branch.
 //! - [`pricing`]: the price table and context windows.
@@ -39,6 +41,7 @@ pub mod openai;
 pub mod pricing;
 pub mod process;
 pub mod sim;
+pub mod supervisor;
 pub mod workspace;
 
 use crate::roles::Profile;

@@ -23,7 +23,6 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 /// Above this many dirty entries the git comparison is skipped (tool paths still count).
@@ -399,7 +398,7 @@ pub struct GitSnapshot {
 }
 
 async fn git(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
-    let out = Command::new("git")
+    let out = super::process::command("git")
         .arg("-C")
         .arg(dir)
         .args(args)

@@ -3,6 +3,9 @@
 //! Workers go first and get the longest grace period: on SIGTERM a worker stops pulling jobs and
 //! finishes (or hands back) the ones it runs. The coordinator goes next, then Redis and NATS,
 //! which the others need until they are gone. Whatever outlives its grace period is killed.
+//! Then no process of the cluster may be left: what ran below one of its processes or in one of
+//! their process groups when `down` started (an agent a worker started, say) and still runs is
+//! killed, and said so.
 
 use super::cluster::{Cluster, Kind, Proc};
 use super::process;
@@ -64,7 +67,7 @@ struct Stopped<'a> {
 async fn stop_group(procs: &[&Proc], grace: Duration) -> Vec<Outcome> {
     let running: Vec<bool> = procs
         .iter()
-        .map(|p| p.is_running() && process::signal(p.pid, libc::SIGTERM))
+        .map(|p| p.is_running() && process::signal(p.pid, process::Signal::SIGTERM))
         .collect();
     let waits = procs.iter().zip(&running).map(|(p, &running)| async move {
         if !running {
@@ -74,7 +77,7 @@ async fn stop_group(procs: &[&Proc], grace: Duration) -> Vec<Outcome> {
         if process::wait_exit(p.pid, &program, grace).await {
             return Outcome::Stopped;
         }
-        process::signal(p.pid, libc::SIGKILL);
+        process::signal(p.pid, process::Signal::SIGKILL);
         process::wait_exit(p.pid, &program, Duration::from_secs(5)).await;
         Outcome::Killed
     });
@@ -95,6 +98,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     };
 
     let steps = Steps::new();
+    // Taken before anything stops: once a process dies its children are re-parented.
+    let roots: Vec<u32> = cluster
+        .processes
+        .iter()
+        .filter(|p| p.is_running())
+        .map(|p| p.pid)
+        .collect();
+    let family = process::family(&roots);
     let mut report = Vec::new();
     for (kind, grace) in ORDER {
         let procs: Vec<&Proc> = cluster.of_kind(kind).collect();
@@ -119,6 +130,23 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
                 outcome,
             });
         }
+    }
+    // Later members of the groups too (a process started while the others stopped).
+    let mut left: Vec<process::ProcId> = family;
+    left.extend(process::family(&roots));
+    left.sort_unstable();
+    left.dedup();
+    left.retain(|p| process::proc_runs(*p));
+    if !left.is_empty() {
+        for p in &left {
+            process::signal(p.0, process::Signal::SIGKILL);
+        }
+        let pids: Vec<String> = left.iter().map(|p| p.0.to_string()).collect();
+        steps.println(format!(
+            "killed {} leftover process(es) of the cluster: pid {}",
+            left.len(),
+            pids.join(", ")
+        ));
     }
     steps.done();
     Cluster::remove(&data_dir)?;

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 /// A program `local up` needs, and how to get it.
 #[derive(Clone, Copy, Debug)]
 pub struct Program {
@@ -165,19 +168,18 @@ pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> std::io::Re
         .spawn()
 }
 
-/// Sends `signal` to `pid`; false if there is no such process (or it is not ours).
-#[allow(unsafe_code)]
-pub fn signal(pid: u32, signal: libc::c_int) -> bool {
+/// Sends `signal` to `pid` (`None`: only checks that it exists and is ours); false if there is
+/// no such process (or it is not ours).
+pub fn signal(pid: u32, signal: impl Into<Option<Signal>>) -> bool {
     // Never signal pid 0 or 1, or a value that wraps to a negative pid: kill(2) reads those as
     // "every process in my group" or "every process I may signal".
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+    let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
     if pid <= 1 {
         return false;
     }
-    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is a positive process id.
-    unsafe { libc::kill(pid, signal) == 0 }
+    nix::sys::signal::kill(Pid::from_raw(pid), signal).is_ok()
 }
 
 /// Whether `cmdline` (`/proc/<pid>/cmdline`: NUL-separated arguments) runs `program`: the
@@ -201,10 +203,72 @@ pub fn stat_is_zombie(stat: &str) -> bool {
         .is_some_and(|state| state == "Z")
 }
 
+/// A process named for good: its pid and its start time (`/proc/<pid>/stat` field 22), which
+/// a reused pid does not share.
+pub type ProcId = (u32, u64);
+
+/// The fields of `/proc/<pid>/stat` after the command name (state, ppid, pgrp, ...).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Whether `p` still runs (not a zombie, and not a reused pid).
+pub fn proc_runs(p: ProcId) -> bool {
+    stat_fields(p.0).is_some_and(|f| {
+        f.first().is_some_and(|s| s != "Z") && f.get(19).and_then(|t| t.parse().ok()) == Some(p.1)
+    })
+}
+
+/// Every running process below one of `roots` or in one of their process groups (the
+/// cluster's processes lead their groups), roots excluded. Empty without `/proc`.
+pub fn family(roots: &[u32]) -> Vec<ProcId> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    // pid -> (ppid, pgrp, start time)
+    let table: std::collections::HashMap<u32, (u32, u32, u64)> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let f = stat_fields(pid)?;
+            if f.first().is_some_and(|s| s == "Z") {
+                return None;
+            }
+            Some((
+                pid,
+                (
+                    f.get(1)?.parse().ok()?,
+                    f.get(2)?.parse().ok()?,
+                    f.get(19)?.parse().ok()?,
+                ),
+            ))
+        })
+        .collect();
+    let below = |mut pid: u32| {
+        for _ in 0..64 {
+            match table.get(&pid) {
+                Some(&(ppid, _, _)) if roots.contains(&ppid) => return true,
+                Some(&(ppid, _, _)) if ppid > 1 => pid = ppid,
+                _ => return false,
+            }
+        }
+        false
+    };
+    table
+        .iter()
+        .filter(|&(pid, &(_, pgrp, _))| {
+            !roots.contains(pid) && (roots.contains(&pgrp) || below(*pid))
+        })
+        .map(|(&pid, &(_, _, start))| (pid, start))
+        .collect()
+}
+
 /// Whether `pid` is alive and still runs `program`. Without `/proc` (not Linux) only the first
 /// part can be checked.
 pub fn is_running(pid: u32, program: &str) -> bool {
-    if !signal(pid, 0) {
+    if !signal(pid, None) {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -258,7 +322,7 @@ pub async fn stop_child(child: &mut Child, grace: Duration) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
-    signal(child.id(), libc::SIGTERM);
+    signal(child.id(), Signal::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {
@@ -307,10 +371,38 @@ mod tests {
     }
 
     #[test]
+    fn the_family_of_a_process_is_its_descendants_and_its_group() {
+        // A leader of its own group with a child, and a grandchild that left through setsid.
+        let mut root = Command::new("sh")
+            .args(["-c", "sleep 30 & setsid sleep 31 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut found = vec![];
+        while found.len() < 2 && Instant::now() < deadline {
+            found = family(&[root.id()]);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().all(|p| proc_runs(*p)));
+        let _ = root.kill();
+        let _ = root.wait();
+        // Without their parent the group still holds the first; kill both by their ids.
+        for p in &found {
+            signal(p.0, Signal::SIGKILL);
+        }
+        assert!(
+            !proc_runs((found[0].0, found[0].1 + 1)),
+            "a start time that differs"
+        );
+    }
+
+    #[test]
     fn dangerous_pids_are_never_signalled() {
-        assert!(!signal(0, 0));
-        assert!(!signal(1, 0));
-        assert!(!signal(u32::MAX, 0));
+        assert!(!signal(0, None));
+        assert!(!signal(1, None));
+        assert!(!signal(u32::MAX, None));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use stream::{Stream, cut, failure, usage_of};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStdout};
 use tokio_util::sync::CancellationToken;
 use transcript::Restored;
 
@@ -239,7 +239,7 @@ impl ClaudeCode {
         workspace: &Path,
         restored: Option<&Restored>,
     ) -> Result<Child, (FailureReason, String)> {
-        let mut cmd = Command::new(&self.settings.bin);
+        let mut cmd = process::command(&self.settings.bin);
         cmd.args(self.args(p))
             .current_dir(workspace)
             .env_clear()
