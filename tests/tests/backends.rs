@@ -197,7 +197,8 @@ async fn anthropic_streams_the_answer_and_reports_the_provider_usage_and_cost() 
     assert_eq!(req.headers["anthropic-version"], "2023-06-01");
     assert_eq!(req.body["stream"], json!(true));
     assert_eq!(req.body["model"], json!("claude-sonnet-4-5"));
-    let system = req.body["system"].as_str().unwrap();
+    let system = req.body["system"][0]["text"].as_str().unwrap();
+    assert_eq!(req.body["system"][0]["cache_control"]["type"], "ephemeral");
     assert!(system.starts_with("You are the ANALYST") && system.contains("## For Next Agent"));
     let prompt = req.body["messages"][0]["content"].as_str().unwrap();
     assert!(

@@ -744,7 +744,7 @@ async fn an_anthropic_conversation_sends_its_history_with_each_turn() {
     assert!(talk[4].1.contains("U3: last one"));
     // The system prompt goes in `system` on every turn, never into the stored history.
     assert!(
-        reqs[2].body["system"]
+        reqs[2].body["system"][0]["text"]
             .as_str()
             .is_some_and(|s| !s.is_empty())
     );

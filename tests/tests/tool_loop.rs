@@ -237,6 +237,20 @@ async fn anthropic_writes_edits_and_runs_the_tests_through_its_tools() {
             .0
             .starts_with("wrote 8 bytes")
     );
+    // Prompt caching: breakpoints on the system prompt, the last tool and the last block.
+    assert_eq!(
+        reqs[1].body["system"][0]["cache_control"]["type"],
+        "ephemeral"
+    );
+    let last_tool = reqs[1].body["tools"].as_array().unwrap().last().unwrap();
+    assert_eq!(last_tool["cache_control"]["type"], "ephemeral");
+    let last = &reqs[1].body["messages"][2]["content"][0];
+    assert_eq!(last["cache_control"]["type"], "ephemeral");
+    assert!(
+        reqs[2].body["messages"][2]["content"][0]
+            .get("cache_control")
+            .is_none()
+    );
     // Each request carries the whole conversation: prompt, then a call and its result per round.
     assert_eq!(reqs[3].body["messages"].as_array().unwrap().len(), 7);
 
@@ -558,5 +572,33 @@ async fn a_model_still_calling_tools_at_the_turn_limit_exhausts_its_budget() {
         o => panic!("expected budget_exhausted, got {o:?}"),
     }
     assert_eq!(fake.message_requests().len(), 3);
+    assert_eq!(r.output.usage, fake.served_usage());
+}
+
+#[tokio::test]
+async fn a_429_mid_loop_is_retried_after_its_retry_after_and_the_loop_goes_on() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("a.txt"), "alpha\n").unwrap();
+    let fake = FakeAnthropic::start([
+        Reply::tool_use("read_file", json!({"path": "a.txt"})),
+        Reply::rate_limited(1),
+        Reply::text("It says alpha."),
+    ])
+    .await;
+    let backends = Backends::from_config(&config(data.path(), Some(&fake.url), None));
+    let (r, events) = run(
+        &backends,
+        &job(Role::Analyst, Backend::Anthropic, work.path()),
+    )
+    .await;
+    assert_success(&r, &events);
+    assert_eq!(r.output.output, "It says alpha.");
+    let reqs = fake.message_requests();
+    assert_eq!(reqs.len(), 3);
+    // The retry waited what the server asked and sent the same conversation again.
+    assert!(reqs[2].at - reqs[1].at >= Duration::from_secs(1));
+    assert_eq!(reqs[1].body["messages"], reqs[2].body["messages"]);
+    assert_eq!(anthropic_results(&reqs[2].body)[0].0, "     1\talpha\n");
     assert_eq!(r.output.usage, fake.served_usage());
 }

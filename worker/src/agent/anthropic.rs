@@ -2,7 +2,9 @@
 //! the tool loop ([`super::tool_loop`]): the role's system prompt, the conversation and the
 //! role's native tools (`tools` with their JSON schemas) go out; `tool_use` blocks come back,
 //! are run, and go back as `tool_result` blocks of a user message, until the model ends its
-//! turn without a tool call.
+//! turn without a tool call. Prompt caching: `cache_control` breakpoints on the system prompt,
+//! the tools and the end of the conversation, so the repeated prefix of every loop request
+//! bills as cache reads.
 //!
 //! The stream is read event by event (`message_start` with the input-side usage,
 //! `content_block_start/delta/stop` with text, thinking and `input_json_delta`, `message_delta`
@@ -202,18 +204,36 @@ impl Api for Anthropic {
     }
 
     fn body(&self, model: &str, system: &str, messages: &[Value], tools: &[Spec]) -> Value {
+        // Prompt caching: breakpoints after the system prompt, after the tools and at the end
+        // of the conversation so far (its last block, when it has blocks: a tool round), so
+        // every further request of the loop reads the prefix from the cache. The stored
+        // conversation keeps no marker.
+        let cached = json!({"type": "ephemeral"});
+        let mut sent = messages.to_vec();
+        if let Some(block) = sent
+            .last_mut()
+            .and_then(|m| m.get_mut("content"))
+            .and_then(Value::as_array_mut)
+            .and_then(|blocks| blocks.last_mut())
+        {
+            block["cache_control"] = cached.clone();
+        }
         let mut body = json!({
             "model": model,
             "max_tokens": self.settings.max_tokens.unwrap_or(8192),
-            "system": system,
-            "messages": messages,
+            "system": [{"type": "text", "text": system, "cache_control": cached}],
+            "messages": sent,
             "stream": true,
         });
         if !tools.is_empty() {
-            body["tools"] = tools
+            let mut defs: Vec<Value> = tools
                 .iter()
                 .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.schema}))
                 .collect();
+            if let Some(last) = defs.last_mut() {
+                last["cache_control"] = cached;
+            }
+            body["tools"] = Value::Array(defs);
         }
         body
     }

@@ -150,6 +150,38 @@ mod tests {
         );
     }
 
+    /// A job timeout drops the agent mid-command: the command's whole tree dies with it.
+    #[tokio::test]
+    async fn a_dropped_run_kills_the_command_and_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let script = "echo $$ > shell.pid; sleep 300 & echo $! > bg.pid; wait";
+        // Boxed, so that dropping it drops the future itself.
+        let mut run = Box::pin(run(dir.path(), script, DEFAULT_TIMEOUT, &cancel));
+        let bg = dir.path().join("bg.pid");
+        let started = tokio::time::Instant::now();
+        while !std::fs::read_to_string(&bg).is_ok_and(|s| !s.trim().is_empty()) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the command never started"
+            );
+            tokio::select! {
+                _ = &mut run => panic!("the command ended"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        drop(run);
+        for f in ["shell.pid", "bg.pid"] {
+            let pid = std::fs::read_to_string(dir.path().join(f)).unwrap();
+            let stat = format!("/proc/{}/stat", pid.trim());
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+                assert!(std::time::Instant::now() < deadline, "{f} {pid} survived");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn long_output_is_cut_with_a_note() {
         let dir = tempfile::tempdir().unwrap();
