@@ -49,8 +49,13 @@ impl Answer {
         let index = d.get("index").and_then(Value::as_u64).unwrap_or(0);
         let entry = self.calls.entry(index).or_default();
         let s = |p: &str| d.pointer(p).and_then(Value::as_str).unwrap_or("");
-        entry.0.push_str(s("/id"));
-        entry.1.push_str(s("/function/name"));
+        // Some servers repeat the id and name in every piece: only the first one counts.
+        if entry.0.is_empty() {
+            entry.0 = s("/id").to_string();
+        }
+        if entry.1.is_empty() {
+            entry.1 = s("/function/name").to_string();
+        }
         entry.2.push_str(s("/function/arguments"));
     }
 
@@ -71,6 +76,9 @@ impl Answer {
             .collect();
         let mut assistant = json!({"role": "assistant", "content": text});
         if !calls.is_empty() {
+            if text.is_empty() {
+                assistant["content"] = Value::Null;
+            }
             assistant["tool_calls"] = calls
                 .iter()
                 .map(|c| {
@@ -303,6 +311,41 @@ impl Api for OpenAi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_tool_calls_are_put_together_by_index() {
+        let mut a = Answer::default();
+        for d in [
+            json!({"index": 1, "id": "c2", "function": {"name": "search", "arguments": ""}}),
+            json!({"index": 0, "id": "c1", "function": {"name": "read_file", "arguments": "{\"pa"}}),
+            json!({"index": 0, "id": "c1", "function": {"arguments": "th\": \"a\"}"}}),
+            json!({"index": 1, "function": {"arguments": "{\"pattern\": \"x\"}"}}),
+        ] {
+            a.tool_delta(&d);
+        }
+        a.finish_reason = Some("tool_calls".into());
+        let step = a.step();
+        assert_eq!(
+            step.calls,
+            [
+                Call {
+                    id: "c1".into(),
+                    name: "read_file".into(),
+                    input: json!({"path": "a"})
+                },
+                Call {
+                    id: "c2".into(),
+                    name: "search".into(),
+                    input: json!({"pattern": "x"})
+                },
+            ]
+        );
+        assert_eq!(step.assistant["content"], Value::Null);
+        assert_eq!(
+            step.assistant["tool_calls"][1]["function"]["name"],
+            "search"
+        );
+    }
 
     #[test]
     fn cached_prompt_tokens_are_cache_reads() {
