@@ -268,3 +268,55 @@ async fn run_calls(
     }
     outputs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_of_one_response_run_in_order_and_each_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = vec!["read_file", "write_file", "edit_file", "list_files"];
+        let toolbox = Toolbox::new(dir.path(), all, "builder").unwrap();
+        let call = |id: &str, name: &str, input: Value| Call {
+            id: id.into(),
+            name: name.into(),
+            input,
+        };
+        // Reads between writes see the writes before them.
+        let calls = [
+            call("1", "write_file", json!({"path": "a", "content": "one"})),
+            call("2", "read_file", json!({"path": "a"})),
+            call("3", "list_files", json!({})),
+            call(
+                "4",
+                "edit_file",
+                json!({"path": "a", "old_string": "one", "new_string": "two"}),
+            ),
+            call("5", "read_file", json!({"path": "a"})),
+            call("6", "bash", json!({"command": "true"})),
+        ];
+        let (events, mut rx) = Events::new();
+        let mut files = FileTracker::new(dir.path());
+        let outputs = run_calls(
+            &toolbox,
+            &calls,
+            &events,
+            Some(&mut files),
+            &CancellationToken::new(),
+        )
+        .await;
+        let texts: Vec<&str> = outputs.iter().map(|o| o.text.as_str()).collect();
+        assert_eq!(texts[1], "     1\tone\n");
+        assert_eq!(texts[2], "a");
+        assert_eq!(texts[4], "     1\ttwo\n");
+        assert!(outputs[5].is_error && texts[5].contains("not allowed"));
+        let mut kinds = vec![];
+        while let Ok(e) = rx.try_recv() {
+            kinds.push(e.name());
+        }
+        assert_eq!(kinds, [["tool_call"; 6], ["tool_result"; 6]].concat());
+        let (read, written) = files.finish(vec![]);
+        assert_eq!((read, written), (vec![], vec!["a".to_string()]));
+    }
+}
