@@ -8,9 +8,9 @@ use orch_shared::event::EventKind;
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::job::{Backend, FailureReason, JobSpec, Outcome, Usage, Workspace};
 use orch_shared::role::Role;
-use orch_tests::eventually;
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::fake_openai::{self, FakeOpenAi};
+use orch_tests::{Cluster, Options, assert_completed, eventually};
 use orch_worker::agent::backends::Backends;
 use orch_worker::agent::pricing::{Price, PriceTable};
 use orch_worker::agent::{Agent, Events, Report};
@@ -601,4 +601,100 @@ async fn a_429_mid_loop_is_retried_after_its_retry_after_and_the_loop_goes_on() 
     assert_eq!(reqs[1].body["messages"], reqs[2].body["messages"]);
     assert_eq!(anthropic_results(&reqs[2].body)[0].0, "     1\talpha\n");
     assert_eq!(r.output.usage, fake.served_usage());
+}
+
+/// Runs `script` with sh in `dir`, failing the test when it fails.
+fn sh(dir: &Path, script: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("sh runs");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_task_on_openai_builds_with_real_tools_and_a_reviewer_reads_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    sh(
+        dir.path(),
+        "git init -q --bare -b main origin.git && mkdir seed && cd seed && git init -q -b main \
+         && echo '# Project' > README.md && git add . \
+         && git -c user.name=seed -c user.email=seed@localhost commit -qm init \
+         && git push -q ../origin.git main",
+    );
+    let bare = dir.path().join("origin.git");
+    let fake = FakeOpenAi::start([
+        fake_openai::Reply::tool_calls([(
+            "write_file",
+            json!({"path": "src/hello.txt", "content": "hello from the builder\n"}),
+        )]),
+        fake_openai::Reply::text("## Summary\nBuilt src/hello.txt."),
+        fake_openai::Reply::tool_calls([("read_file", json!({"path": "src/hello.txt"}))]),
+        fake_openai::Reply::text("## Summary\nReady."),
+    ])
+    .await;
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        "[prices.\"qwen2.5-coder\"]\ninput = 0.2\noutput = 0.6\ncache_read = 0.05\n",
+    )
+    .unwrap();
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        worker_args: vec!["--config".into(), config.display().to_string()],
+        worker_env: vec![
+            ("OPENAI_BASE_URL".into(), fake.url.clone()),
+            ("OPENAI_API_KEY".into(), "test-key-openai".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "add a greeting",
+            "roles": ["builder", "reviewer"],
+            "backend": "openai",
+            "model": OPENAI_MODEL,
+            "repo": bare.display().to_string(),
+            "ref": "main",
+        }))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(90))
+        .await;
+    assert_completed(&cluster, &task);
+    let [builder, reviewer] = &task.jobs[..] else {
+        panic!("two jobs: {task:#?}")
+    };
+    assert_eq!(builder.files_written, ["src/hello.txt"]);
+    assert!(reviewer.files_written.is_empty());
+    let branch = task.branch.clone().expect("a task branch");
+    assert_eq!(
+        sh(&bare, &format!("git show {branch}:src/hello.txt")),
+        "hello from the builder"
+    );
+    // The reviewer read the builder's file from its own clone.
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 4);
+    assert_eq!(
+        openai_results(&reqs[3].body),
+        ["     1\thello from the builder\n"]
+    );
+    // Cost: the fake's reported usage over the four requests, priced.
+    let served = fake.served_usage();
+    let want = ((served.prompt_tokens - served.cached_tokens) as f64 * 0.2
+        + served.completion_tokens as f64 * 0.6
+        + served.cached_tokens as f64 * 0.05)
+        / 1e6;
+    assert_eq!(
+        task.usage.total(),
+        served.prompt_tokens + served.completion_tokens
+    );
+    assert!(close(task.cost_usd, want), "{} vs {want}", task.cost_usd);
 }
