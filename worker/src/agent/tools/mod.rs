@@ -331,40 +331,64 @@ pub fn cap(text: &str, max: usize) -> String {
     )
 }
 
+/// Lines `offset..offset + limit` of `file`, numbered, read as a stream (a huge file costs
+/// no memory): at most [`MAX_RESULT_BYTES`] of them, with a note on what follows.
 fn read_file(root: &Path, file: &Path, offset: usize, limit: usize) -> Result<String, String> {
+    use std::io::BufRead;
     let shown = path::shown(root, file);
-    let bytes = std::fs::read(file).map_err(|e| format!("read_file: cannot read {shown}: {e}"))?;
-    if bytes.contains(&0) {
-        return Err(format!(
-            "read_file: {shown} is a binary file ({} bytes)",
-            grouped(bytes.len())
-        ));
-    }
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = text.lines().collect();
+    let opened =
+        std::fs::File::open(file).map_err(|e| format!("read_file: cannot read {shown}: {e}"))?;
     let start = offset.max(1);
-    if start > lines.len().max(1) {
+    let mut reader = std::io::BufReader::new(opened);
+    let mut out = String::new();
+    let (mut n, mut more_bytes) = (0usize, 0usize);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("read_file: cannot read {shown}: {e}"))?;
+        if read == 0 {
+            break;
+        }
+        if line.contains(&0) {
+            return Err(format!("read_file: {shown} is a binary file"));
+        }
+        n += 1;
+        if n < start || n >= start + limit {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let numbered = format!("{n:>6}\t{}\n", text.trim_end_matches(['\n', '\r']));
+        if out.len() + numbered.len() > MAX_RESULT_BYTES {
+            more_bytes += numbered.len();
+        } else {
+            out.push_str(&numbered);
+        }
+    }
+    if start > n.max(1) {
         return Err(format!(
-            "read_file: {shown} has {} lines; offset {start} is past its end",
-            lines.len()
+            "read_file: {shown} has {n} lines; offset {start} is past its end"
         ));
     }
-    let mut out = String::new();
-    let end = (start - 1 + limit).min(lines.len());
-    for (i, line) in lines[start - 1..end].iter().enumerate() {
-        out.push_str(&format!("{:>6}\t{line}\n", start + i));
+    if more_bytes > 0 {
+        out.push_str(&format!(
+            "[truncated: {} more bytes]\n",
+            grouped(more_bytes)
+        ));
     }
-    if end < lines.len() {
+    let end = (start - 1 + limit).min(n);
+    if end < n {
         out.push_str(&format!(
             "[{} more lines: read on with offset {}]\n",
-            grouped(lines.len() - end),
+            grouped(n - end),
             end + 1
         ));
     }
     if out.is_empty() {
         out = format!("({shown} is empty)");
     }
-    Ok(cap(&out, MAX_RESULT_BYTES))
+    Ok(out)
 }
 
 /// A walker of `dir` that respects ignore files but shows hidden files (not `.git`).
