@@ -698,3 +698,32 @@ async fn a_git_task_on_openai_builds_with_real_tools_and_a_reviewer_reads_the_wo
     );
     assert!(close(task.cost_usd, want), "{} vs {want}", task.cost_usd);
 }
+
+#[tokio::test]
+async fn near_a_full_window_the_results_already_seen_are_elided() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("a.txt"), "alpha\n").unwrap();
+    // The openai model's window is 32,768 tokens: the second request fills 30,000 of it.
+    let fake = FakeOpenAi::start([
+        fake_openai::Reply::tool_calls([("read_file", json!({"path": "a.txt"}))]),
+        fake_openai::Reply::tool_calls([("list_files", json!({}))]).with_usage(30_000, 10, 0),
+        fake_openai::Reply::text("Done."),
+    ])
+    .await;
+    let backends = Backends::from_config(&config(data.path(), None, Some(&fake.url)));
+    let (r, events) = run(&backends, &job(Role::Analyst, Backend::Openai, work.path())).await;
+    assert_success(&r, &events);
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 3);
+    // The second request still had the first result whole; the third has it elided and the
+    // newest result whole.
+    assert_eq!(openai_results(&reqs[1].body), ["     1\talpha\n"]);
+    let messages = reqs[2].body["messages"].as_array().unwrap();
+    assert_eq!(
+        messages[3]["content"],
+        "[tool result elided to save context: 13 bytes]"
+    );
+    assert_eq!(openai_results(&reqs[2].body), ["a.txt"]);
+    assert_eq!(r.context.unwrap().window, 32_768);
+}

@@ -258,6 +258,23 @@ impl Api for Anthropic {
             .collect();
         vec![json!({"role": "user", "content": blocks})]
     }
+
+    fn elide_results(&self, message: &mut Value) -> usize {
+        let mut saved = 0;
+        let blocks = message.get_mut("content").and_then(Value::as_array_mut);
+        for b in blocks.into_iter().flatten() {
+            if b.get("type").and_then(Value::as_str) != Some("tool_result") {
+                continue;
+            }
+            if let Some(text) = b.get("content").and_then(Value::as_str)
+                && !text.starts_with("[tool result elided")
+            {
+                saved += text.len();
+                b["content"] = json!(tool_loop::elided(text.len()));
+            }
+        }
+        saved
+    }
 }
 
 /// What the stream of one request said so far.
@@ -384,5 +401,43 @@ impl Reading {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> Anthropic {
+        let settings = crate::config::Args::default()
+            .load()
+            .unwrap()
+            .backends
+            .anthropic;
+        Anthropic::new(settings, reqwest::Client::new())
+    }
+
+    #[test]
+    fn tool_results_go_back_as_blocks_and_can_be_elided_once() {
+        let a = api();
+        let calls = [Call {
+            id: "t1".into(),
+            name: "bash".into(),
+            input: json!({"command": "false"}),
+        }];
+        let mut msgs = a.results(&calls, &[ToolOutput::error("boom")]);
+        assert_eq!(
+            msgs[0],
+            json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                   "content": "boom", "is_error": true}]})
+        );
+        assert_eq!(a.elide_results(&mut msgs[0]), 4);
+        assert_eq!(
+            msgs[0]["content"][0]["content"],
+            "[tool result elided to save context: 4 bytes]"
+        );
+        assert_eq!(a.elide_results(&mut msgs[0]), 0);
+        let mut text = json!({"role": "user", "content": "hello"});
+        assert_eq!(a.elide_results(&mut text), 0);
     }
 }

@@ -306,6 +306,20 @@ impl Api for OpenAi {
             })
             .collect()
     }
+
+    fn elide_results(&self, message: &mut Value) -> usize {
+        if message.get("role").and_then(Value::as_str) != Some("tool") {
+            return 0;
+        }
+        match message.get("content").and_then(Value::as_str) {
+            Some(text) if !text.starts_with("[tool result elided") => {
+                let saved = text.len();
+                message["content"] = json!(tool_loop::elided(saved));
+                saved
+            }
+            _ => 0,
+        }
+    }
 }
 
 #[cfg(test)]

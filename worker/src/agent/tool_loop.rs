@@ -18,6 +18,9 @@
 //! - the turn limit: the job's `max_turns`, else the role's, else [`DEFAULT_MAX_TURNS`]; a
 //!   model still calling tools at the limit fails the job with `budget_exhausted`, as
 //!   `claude-code` does;
+//! - context that fits: once a request fills more than [`ELIDE_ABOVE`] of the model's window
+//!   (when the window is known), the tool results the model has already seen are replaced by
+//!   a note saying how much was elided (the newest results always go out whole);
 //! - the session: the message list with every tool round in it ([`super::chat`]).
 
 use super::chat;
@@ -36,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 pub const DEFAULT_MAX_TURNS: u32 = 100;
 /// The most of a tool's input or output an event carries (the model gets the whole result).
 const MAX_EVENT_TEXT: usize = 8 * 1024;
+/// Above this fraction of the model's window, the tool results the model has already seen are
+/// replaced by a note before the next request (a worker setting later).
+const ELIDE_ABOVE: f64 = 0.8;
 
 /// What one request produced.
 #[derive(Debug, Default)]
@@ -71,6 +77,14 @@ pub trait Api: Sync {
 
     /// The messages that give the model `outputs`, the results of `calls`.
     fn results(&self, calls: &[Call], outputs: &[ToolOutput]) -> Vec<Value>;
+
+    /// Replaces the tool results `message` holds (if any) with a short note; the bytes saved.
+    fn elide_results(&self, message: &mut Value) -> usize;
+}
+
+/// The note that replaces a tool result the model already acted on, to save context.
+pub fn elided(bytes: usize) -> String {
+    format!("[tool result elided to save context: {bytes} bytes]")
 }
 
 /// Runs a turn of the conversation on `api` with `model`.
@@ -185,6 +199,12 @@ pub async fn run<A: Api>(
                 },
                 String::new(),
             );
+        }
+        if context.is_some_and(|c| c.fraction() > ELIDE_ABOVE) {
+            let saved: usize = messages.iter_mut().map(|m| api.elide_results(m)).sum();
+            if saved > 0 {
+                tracing::info!(saved, model = %model, "context nearly full: earlier tool results elided");
+            }
         }
         messages.extend(api.results(&step.calls, &outputs));
     };
