@@ -93,6 +93,21 @@ impl Reply {
         }
     }
 
+    /// Several tool calls in one message (the model asks for them in parallel).
+    pub fn tool_uses<'a>(calls: impl IntoIterator<Item = (&'a str, Value)>) -> Reply {
+        Reply::Message {
+            blocks: calls
+                .into_iter()
+                .map(|(name, input)| Block::ToolUse {
+                    name: name.into(),
+                    input,
+                })
+                .collect(),
+            usage: default_usage(),
+            stop_reason: None,
+        }
+    }
+
     /// The same message with other usage.
     pub fn with_usage(self, input: u64, output: u64, cache_write: u64, cache_read: u64) -> Reply {
         match self {

@@ -5,7 +5,8 @@
 //! streamed answer is `data: {"object":"chat.completion.chunk","choices":[{"delta":...}]}`
 //! lines (the role, the content in pieces, then `finish_reason`), a last chunk with no choices
 //! and the usage when the request asked for it (`stream_options.include_usage`), then
-//! `data: [DONE]`. Errors come as a status with OpenAI's error body and `retry-after`. Every
+//! `data: [DONE]`. Tool calls stream as `delta.tool_calls` pieces (id and name, then the
+//! arguments in parts) with `finish_reason: tool_calls`. Errors come as a status with OpenAI's error body and `retry-after`. Every
 //! request is recorded and the usage served is summed.
 
 use crate::fake_anthropic::{Recorded, chunked, headers_of, serve};
@@ -37,6 +38,12 @@ pub enum Reply {
         usage: ChatUsage,
         finish_reason: String,
     },
+    /// Tool calls (function name, arguments), streamed as `delta.tool_calls` pieces, ending
+    /// with `finish_reason: tool_calls`.
+    ToolCalls {
+        calls: Vec<(String, Value)>,
+        usage: ChatUsage,
+    },
     Error {
         status: u16,
         message: String,
@@ -59,8 +66,26 @@ impl Reply {
         }
     }
 
+    /// Calls of the tools named, in parallel, with the default usage of [`Reply::text`].
+    pub fn tool_calls<'a>(calls: impl IntoIterator<Item = (&'a str, Value)>) -> Reply {
+        Reply::ToolCalls {
+            calls: calls.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+            usage: ChatUsage {
+                prompt_tokens: 210,
+                completion_tokens: 42,
+                cached_tokens: 64,
+            },
+        }
+    }
+
     pub fn with_usage(self, prompt: u64, completion: u64, cached: u64) -> Reply {
+        let usage = ChatUsage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached,
+        };
         match self {
+            Reply::ToolCalls { calls, .. } => Reply::ToolCalls { calls, usage },
             Reply::Answer {
                 text,
                 reasoning,
@@ -70,11 +95,7 @@ impl Reply {
                 text,
                 reasoning,
                 finish_reason,
-                usage: ChatUsage {
-                    prompt_tokens: prompt,
-                    completion_tokens: completion,
-                    cached_tokens: cached,
-                },
+                usage,
             },
             other => other,
         }
@@ -103,6 +124,7 @@ struct Inner {
     script: VecDeque<Reply>,
     requests: Vec<Recorded>,
     served: ChatUsage,
+    answers: u64,
 }
 
 /// The fake server; stops when dropped.
@@ -125,6 +147,7 @@ impl FakeOpenAi {
             script: script.into_iter().collect(),
             requests: vec![],
             served: ChatUsage::default(),
+            answers: 0,
         }));
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let (addr, server) = serve(app).await;
@@ -203,22 +226,52 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
             }
             resp
         }
+        Reply::ToolCalls { calls, usage } => {
+            let include_usage = serve_usage(&inner, &body, &usage);
+            let n = {
+                let mut i = inner.lock().unwrap();
+                i.answers += 1;
+                i.answers
+            };
+            let chunk = |choices: Value, usage: Value| {
+                json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                       "model": model, "choices": choices, "usage": usage})
+            };
+            let mut lines = vec![chunk(
+                json!([{"index": 0, "delta": {"role": "assistant", "content": null}, "finish_reason": null}]),
+                Value::Null,
+            )];
+            for (index, (name, args)) in calls.iter().enumerate() {
+                lines.push(chunk(
+                    json!([{"index": 0, "delta": {"tool_calls": [{"index": index, "id": format!("call_fake_{n}_{index}"),
+                        "type": "function", "function": {"name": name, "arguments": ""}}]}, "finish_reason": null}]),
+                    Value::Null,
+                ));
+                let args: Vec<char> = args.to_string().chars().collect();
+                for piece in args.chunks(args.len().div_ceil(3).max(1)) {
+                    let piece: String = piece.iter().collect();
+                    lines.push(chunk(
+                        json!([{"index": 0, "delta": {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, "finish_reason": null}]),
+                        Value::Null,
+                    ));
+                }
+            }
+            lines.push(chunk(
+                json!([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]),
+                Value::Null,
+            ));
+            if include_usage {
+                lines.push(chunk(json!([]), usage_json(&usage)));
+            }
+            done(lines)
+        }
         Reply::Answer {
             text,
             reasoning,
             usage,
             finish_reason,
         } => {
-            let include_usage = body
-                .pointer("/stream_options/include_usage")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            if include_usage {
-                let mut i = inner.lock().unwrap();
-                i.served.prompt_tokens += usage.prompt_tokens;
-                i.served.completion_tokens += usage.completion_tokens;
-                i.served.cached_tokens += usage.cached_tokens;
-            }
+            let include_usage = serve_usage(&inner, &body, &usage);
             let chunk = |choices: Value, usage: Value| {
                 json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1_700_000_000,
                        "model": model, "choices": choices, "usage": usage})
@@ -246,21 +299,42 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
                 Value::Null,
             ));
             if include_usage {
-                lines.push(chunk(
-                    json!([]),
-                    json!({"prompt_tokens": usage.prompt_tokens,
-                           "completion_tokens": usage.completion_tokens,
-                           "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                           "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}),
-                ));
+                lines.push(chunk(json!([]), usage_json(&usage)));
             }
-            let mut text: String = lines.iter().map(|l| format!("data: {l}\n\n")).collect();
-            text.push_str("data: [DONE]\n\n");
-            Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "text/event-stream")
-                .body(chunked(text))
-                .expect("a response")
+            done(lines)
         }
     }
+}
+
+/// Counts `usage` as served when the request asked for it; whether it did.
+fn serve_usage(inner: &Arc<Mutex<Inner>>, body: &Value, usage: &ChatUsage) -> bool {
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if include_usage {
+        let mut i = inner.lock().unwrap();
+        i.served.prompt_tokens += usage.prompt_tokens;
+        i.served.completion_tokens += usage.completion_tokens;
+        i.served.cached_tokens += usage.cached_tokens;
+    }
+    include_usage
+}
+
+fn usage_json(usage: &ChatUsage) -> Value {
+    json!({"prompt_tokens": usage.prompt_tokens,
+           "completion_tokens": usage.completion_tokens,
+           "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}})
+}
+
+/// The stream of `lines`, then `[DONE]`.
+fn done(lines: Vec<Value>) -> Response {
+    let mut text: String = lines.iter().map(|l| format!("data: {l}\n\n")).collect();
+    text.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .body(chunked(text))
+        .expect("a response")
 }

@@ -128,23 +128,35 @@ fn git_init(dir: &Path) {
 #[tokio::test]
 async fn anthropic_streams_the_answer_and_reports_the_provider_usage_and_cost() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = FakeAnthropic::start([Reply::Message {
-        blocks: vec![
-            Block::Thinking("let me think".into()),
-            Block::Text("## Summary\nThe cache belongs in parser.rs.".into()),
-            Block::ToolUse {
-                name: "Read".into(),
-                input: json!({"file_path": "src/parser.rs"}),
-            },
-        ],
-        usage: Usage {
-            input_tokens: 1500,
-            output_tokens: 321,
-            cache_creation_tokens: 200,
-            cache_read_tokens: 4000,
+    let usage = Usage {
+        input_tokens: 1500,
+        output_tokens: 321,
+        cache_creation_tokens: 200,
+        cache_read_tokens: 4000,
+    };
+    // A tool this job does not have (an analyst on a scratch workspace gets none) is answered
+    // with an error result, and the model answers on.
+    let fake = FakeAnthropic::start([
+        Reply::Message {
+            blocks: vec![
+                Block::Thinking("let me think".into()),
+                Block::Text("Let me look.".into()),
+                Block::ToolUse {
+                    name: "Read".into(),
+                    input: json!({"file_path": "src/parser.rs"}),
+                },
+            ],
+            usage,
+            stop_reason: Some("end_turn".into()),
         },
-        stop_reason: Some("end_turn".into()),
-    }])
+        Reply::Message {
+            blocks: vec![Block::Text(
+                "## Summary\nThe cache belongs in parser.rs.".into(),
+            )],
+            usage,
+            stop_reason: None,
+        },
+    ])
     .await;
     let backends = Backends::from_config(&config(dir.path(), Some(&fake.url), None));
     let mut j = job(Role::Analyst, Backend::Anthropic, "Analyze: add a cache");
@@ -182,6 +194,7 @@ async fn anthropic_streams_the_answer_and_reports_the_provider_usage_and_cost() 
         serde_json::from_str::<Value>(&input).unwrap(),
         json!({"file_path": "src/parser.rs"})
     );
+    assert!(events.iter().any(|e| matches!(e, EventKind::ToolResult { is_error: true, output, .. } if output.contains("no tools are available"))));
     assert!(
         matches!(events.last(), Some(EventKind::Usage { usage, .. }) if *usage == r.output.usage)
     );
@@ -192,7 +205,8 @@ async fn anthropic_streams_the_answer_and_reports_the_provider_usage_and_cost() 
     assert_eq!(req.headers["anthropic-version"], "2023-06-01");
     assert_eq!(req.body["stream"], json!(true));
     assert_eq!(req.body["model"], json!("claude-sonnet-4-5"));
-    let system = req.body["system"].as_str().unwrap();
+    let system = req.body["system"][0]["text"].as_str().unwrap();
+    assert_eq!(req.body["system"][0]["cache_control"]["type"], "ephemeral");
     assert!(system.starts_with("You are the ANALYST") && system.contains("## For Next Agent"));
     let prompt = req.body["messages"][0]["content"].as_str().unwrap();
     assert!(

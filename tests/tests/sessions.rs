@@ -698,6 +698,56 @@ async fn two_forks_of_a_claude_code_agent_share_its_history_in_sessions_of_their
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_builder_turn_keeps_its_tool_rounds_in_the_session_for_send_and_fork() {
+    let fake = FakeAnthropic::start([
+        Reply::tool_use(
+            "write_file",
+            json!({"path": "notes.txt", "content": "forty-two"}),
+        ),
+        Reply::text("A1: wrote notes.txt."),
+        Reply::text("A2: it holds forty-two."),
+        Reply::text("A3: forked."),
+    ])
+    .await;
+    let cluster = Cluster::start(Options {
+        workers: 2,
+        worker_env: vec![
+            ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
+            ("ANTHROPIC_API_KEY".into(), "test-key-sessions".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let task = first_turn(
+        &cluster,
+        json!({"prompt": "U1: note 42", "roles": ["builder"], "backend": "anthropic",
+               "model": MODEL}),
+    )
+    .await;
+    let first = task.jobs[0].id;
+    let id = task.id.to_string();
+    let second = turn(&cluster, first, "U2: what is in it?", false).await;
+    succeeded(&cluster, &wait_job(&cluster, &id, second).await);
+    let forked = turn(&cluster, first, "U3: fork", true).await;
+    succeeded(&cluster, &wait_job(&cluster, &id, forked).await);
+
+    let reqs = fake.message_requests();
+    assert_eq!(reqs.len(), 4);
+    // The send and the fork both start from the first turn's messages, tool round included:
+    // prompt, tool_use, tool_result, answer, then their own prompt.
+    for req in [&reqs[2], &reqs[3]] {
+        let messages = req.body["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 5, "{messages:#?}");
+        assert_eq!(messages[1]["content"][0]["type"], "tool_use");
+        assert_eq!(messages[2]["content"][0]["type"], "tool_result");
+        assert_eq!(messages[2]["content"][0]["is_error"], false);
+        assert_eq!(messages[3]["content"], "A1: wrote notes.txt.");
+    }
+    assert_eq!(conversation(&reqs[2].body)[4].1, "U2: what is in it?");
+    assert_eq!(conversation(&reqs[3].body)[4].1, "U3: fork");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anthropic_conversation_sends_its_history_with_each_turn() {
     let fake = FakeAnthropic::start([
         Reply::text("A1: noted."),
@@ -748,7 +798,7 @@ async fn an_anthropic_conversation_sends_its_history_with_each_turn() {
     assert!(talk[4].1.contains("U3: last one"));
     // The system prompt goes in `system` on every turn, never into the stored history.
     assert!(
-        reqs[2].body["system"]
+        reqs[2].body["system"][0]["text"]
             .as_str()
             .is_some_and(|s| !s.is_empty())
     );

@@ -9,7 +9,8 @@
 //! - [`roles`]: what each role is told and which tools it may use.
 //! - [`agent`]: the agent backends behind one trait (sim, claude-code, anthropic, openai,
 //!   command), each given an [`agent::Prepared`] by the dispatcher
-//!   [`agent::backends::Backends`]; the chat backends share [`agent::chat`], the Claude Code
+//!   [`agent::backends::Backends`]; the chat backends share the tool loop [`agent::tool_loop`] with
+//!   its native [`agent::tools`] and [`agent::chat`], the Claude Code
 //!   backend is a folder (`claude_code/{mod,stream,transcript}.rs`); workspaces, git,
 //!   processes and prices beside them.
 //! - [`runner`]: one job from pull to ack.

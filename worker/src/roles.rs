@@ -29,6 +29,21 @@ pub const OUTSIDE_TOOLS: &[&str] = &[
     "ScheduleWakeup",
 ];
 
+/// The native tools of the `anthropic` and `openai` backends' tool loop, by the Claude Code tool
+/// that grants them: one role table serves every backend. Only a bare name grants a tool: a
+/// rule such as `Bash(git *)` narrows Claude Code's Bash, which the native `bash` tool cannot
+/// do, so it grants nothing here.
+pub const NATIVE_TOOLS: &[(&str, &str)] = &[
+    ("Read", "read_file"),
+    ("Glob", "list_files"),
+    ("LS", "list_files"),
+    ("Grep", "search"),
+    ("Write", "write_file"),
+    ("Edit", "edit_file"),
+    ("MultiEdit", "edit_file"),
+    ("Bash", "bash"),
+];
+
 /// The permission modes the Claude Code CLI accepts.
 pub const PERMISSION_MODES: &[&str] = &[
     "default",
@@ -92,6 +107,28 @@ pub struct Profile {
     pub model: Option<String>,
     /// The turn limit when the job sets none.
     pub max_turns: Option<u32>,
+}
+
+impl Profile {
+    /// The native tools this profile may use (see [`NATIVE_TOOLS`]): those an allowed tool
+    /// grants and no disallowed tool also grants (deny wins).
+    pub fn native_tools(&self) -> Vec<&'static str> {
+        let granted = |list: &[String], native: &str| {
+            NATIVE_TOOLS
+                .iter()
+                .any(|(claude, n)| *n == native && list.iter().any(|t| t == claude))
+        };
+        let mut out: Vec<&'static str> = vec![];
+        for (_, native) in NATIVE_TOOLS {
+            if !out.contains(native)
+                && granted(&self.allowed_tools, native)
+                && !granted(&self.disallowed_tools, native)
+            {
+                out.push(native);
+            }
+        }
+        out
+    }
 }
 
 /// A `[roles.<name>]` table of the worker's config file; every field replaces the default.
@@ -350,6 +387,35 @@ mod tests {
     use super::*;
     use orch_shared::ids::{JobId, TaskId};
     use orch_shared::job::Backend;
+
+    #[test]
+    fn native_tools_follow_the_one_role_table_and_deny_wins() {
+        let r = Roles::default();
+        let native = |role| r.profile(Key::Role(role)).native_tools();
+        assert_eq!(
+            native(Role::Builder),
+            [
+                "read_file",
+                "list_files",
+                "search",
+                "write_file",
+                "edit_file",
+                "bash"
+            ]
+        );
+        assert_eq!(
+            native(Role::Reviewer),
+            ["read_file", "list_files", "search"]
+        );
+        assert_eq!(native(Role::Analyst), ["read_file", "list_files", "search"]);
+        assert!(!native(Role::Documenter).contains(&"bash"));
+        let mut p = r.profile(Key::Role(Role::Builder)).clone();
+        p.disallowed_tools.push("Edit".into());
+        p.allowed_tools.retain(|t| t != "Bash");
+        p.allowed_tools.push("Bash(git *)".into());
+        let n = p.native_tools();
+        assert!(!n.contains(&"edit_file") && !n.contains(&"bash"), "{n:?}");
+    }
 
     fn job(role: Role, kind: JobKind) -> JobSpec {
         JobSpec {

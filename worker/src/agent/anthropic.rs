@@ -1,7 +1,10 @@
-//! The `anthropic` backend: one streamed request to the Messages API (`POST /v1/messages`,
-//! `stream: true`) with the role's system prompt and the job's prompt, for planner and
-//! chat-style roles. It runs no tools: a `tool_use` block is reported as a tool call event, but
-//! only the text is the answer.
+//! The `anthropic` backend: the Messages API (`POST /v1/messages`, `stream: true`) driven by
+//! the tool loop ([`super::tool_loop`]): the role's system prompt, the conversation and the
+//! role's native tools (`tools` with their JSON schemas) go out; `tool_use` blocks come back,
+//! are run, and go back as `tool_result` blocks of a user message, until the model ends its
+//! turn without a tool call. Prompt caching: `cache_control` breakpoints on the system prompt,
+//! the tools and the end of the conversation, so the repeated prefix of every loop request
+//! bills as cache reads.
 //!
 //! The stream is read event by event (`message_start` with the input-side usage,
 //! `content_block_start/delta/stop` with text, thinking and `input_json_delta`, `message_delta`
@@ -9,19 +12,21 @@
 //! provider's, summed over every request the job made (a stream cut after `message_start` was
 //! billed too); cost comes from the price table.
 //!
-//! Sessions: the conversation is the JSON list of its messages (`{role, content}`, the
-//! user's prompt and the answer of every turn; the system prompt is not stored; see
-//! [`super::chat`]). A further turn sends the stored messages, then its own prompt, and stores
-//! the list with both added.
+//! Sessions: the conversation is the JSON list of its messages in the Messages API's format
+//! (see [`super::chat`]); a plain answer is stored as `{role: assistant, content: text}`, a
+//! tool round as its content blocks.
 
-use super::chat::{self, Turn};
-use super::http::{self, CallError, Spent};
-use super::{AgentOutput, ContextUse, Events, Prepared, Report};
+use super::http::{self, CallError};
+use super::tool_loop::{self, Api, Step};
+use super::tools::{Call, Spec, ToolOutput};
+use super::{AgentOutput, Events, Prepared, Report};
 use crate::config::ApiSettings;
 use eventsource_stream::Eventsource;
+use futures::FutureExt;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
-use orch_shared::job::{FailureReason, Outcome, Usage};
+use orch_shared::job::{FailureReason, Usage};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
@@ -52,9 +57,32 @@ enum Block {
 #[derive(Default)]
 struct Message {
     text: Vec<String>,
+    /// The finished text and tool_use blocks, in order, as the API takes them back.
+    content: Vec<Value>,
+    calls: Vec<Call>,
     usage: Usage,
     stop_reason: Option<String>,
-    tools: Vec<String>,
+}
+
+impl Message {
+    fn step(self) -> Step {
+        let text = self.text.join("\n\n");
+        // A plain answer keeps the simple form sessions always had.
+        let assistant = if self.calls.is_empty() {
+            json!({"role": "assistant", "content": text.trim()})
+        } else {
+            json!({"role": "assistant", "content": self.content})
+        };
+        Step {
+            refused: (self.stop_reason.as_deref() == Some("refusal"))
+                .then(|| "the model refused to answer".to_string()),
+            cut: self.stop_reason.as_deref() == Some("max_tokens"),
+            text,
+            calls: self.calls,
+            usage: self.usage,
+            assistant,
+        }
+    }
 }
 
 fn u(v: &Value, key: &str) -> Option<u64> {
@@ -100,83 +128,19 @@ impl Anthropic {
         cancel: &CancellationToken,
     ) -> Report {
         let model = p.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-        let done = |output: AgentOutput, context| Report {
-            output,
-            backend: NAME,
-            model: Some(model.clone()),
-            context,
-            session: None,
-        };
         if self.settings.api_key.is_none() && self.settings.base_url.is_none() {
-            return done(
-                AgentOutput::failure(
+            return Report {
+                output: AgentOutput::failure(
                     FailureReason::BadRequest,
                     "the anthropic backend has no API key: set ANTHROPIC_API_KEY or [backends.anthropic] api_key",
                 ),
-                None,
-            );
+                backend: NAME,
+                model: Some(model),
+                context: None,
+                session: None,
+            };
         }
-        let mut messages = match chat::history(NAME, p.session.as_ref()) {
-            Ok(m) => m,
-            Err(message) => {
-                return done(
-                    AgentOutput::failure(FailureReason::BadRequest, message),
-                    None,
-                );
-            }
-        };
-        messages.push(json!({"role": "user", "content": p.prompt}));
-        let body = json!({
-            "model": model,
-            "max_tokens": self.settings.max_tokens.unwrap_or(8192),
-            "system": p.profile.system_prompt,
-            "messages": messages,
-            "stream": true,
-        });
-        events.send(EventKind::Thinking);
-        let mut spent = Spent::default();
-        let result = http::with_retries(NAME, &self.settings, cancel, &mut spent, || {
-            self.request(&body, events)
-        })
-        .await;
-        let mut usage = spent.usage;
-        let turn = match result {
-            Ok(m) => {
-                usage.add(&m.usage);
-                let context = self.context_use(p, &model, &m.usage);
-                let text = m.text.join("\n\n").trim().to_string();
-                let outcome = match m.stop_reason.as_deref() {
-                    Some("refusal") => Outcome::Failure {
-                        reason: FailureReason::AgentError,
-                        message: "the model refused to answer".into(),
-                    },
-                    _ if text.is_empty() && !m.tools.is_empty() => Outcome::Failure {
-                        reason: FailureReason::AgentError,
-                        message: format!(
-                            "the model asked for tools ({}) but the anthropic backend runs none; use claude-code for this role",
-                            m.tools.join(", ")
-                        ),
-                    },
-                    stop => Turn::answered(&text, stop == Some("max_tokens"), &model),
-                };
-                Turn {
-                    outcome,
-                    text,
-                    usage,
-                    context,
-                }
-            }
-            Err(e) => Turn::failed(e, usage),
-        };
-        turn.report(NAME, p, events, model, messages)
-    }
-
-    fn context_use(&self, p: &Prepared<'_>, model: &str, last: &Usage) -> Option<ContextUse> {
-        let window = p.context_window(model)?;
-        Some(ContextUse {
-            tokens: last.input_tokens + last.cache_creation_tokens + last.cache_read_tokens,
-            window,
-        })
+        tool_loop::run(self, p, events, cancel, model).await
     }
 
     /// One streamed request.
@@ -229,6 +193,87 @@ impl Anthropic {
         });
         err.usage = reading.msg.usage;
         Err(err)
+    }
+}
+
+impl Api for Anthropic {
+    const NAME: &'static str = NAME;
+
+    fn settings(&self) -> &ApiSettings {
+        &self.settings
+    }
+
+    fn body(&self, model: &str, system: &str, messages: &[Value], tools: &[Spec]) -> Value {
+        // Prompt caching: breakpoints after the system prompt, after the tools and at the end
+        // of the conversation so far (its last block, when it has blocks: a tool round), so
+        // every further request of the loop reads the prefix from the cache. The stored
+        // conversation keeps no marker.
+        let cached = json!({"type": "ephemeral"});
+        let mut sent = messages.to_vec();
+        if let Some(block) = sent
+            .last_mut()
+            .and_then(|m| m.get_mut("content"))
+            .and_then(Value::as_array_mut)
+            .and_then(|blocks| blocks.last_mut())
+        {
+            block["cache_control"] = cached.clone();
+        }
+        let mut body = json!({
+            "model": model,
+            "max_tokens": self.settings.max_tokens.unwrap_or(8192),
+            "system": [{"type": "text", "text": system, "cache_control": cached}],
+            "messages": sent,
+            "stream": true,
+        });
+        if !tools.is_empty() {
+            let mut defs: Vec<Value> = tools
+                .iter()
+                .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.schema}))
+                .collect();
+            if let Some(last) = defs.last_mut() {
+                last["cache_control"] = cached;
+            }
+            body["tools"] = Value::Array(defs);
+        }
+        body
+    }
+
+    fn send<'a>(
+        &'a self,
+        body: &'a Value,
+        events: &'a Events,
+    ) -> BoxFuture<'a, Result<Step, CallError>> {
+        self.request(body, events)
+            .map(|r| r.map(Message::step))
+            .boxed()
+    }
+
+    fn results(&self, calls: &[Call], outputs: &[ToolOutput]) -> Vec<Value> {
+        let blocks: Vec<Value> = calls
+            .iter()
+            .zip(outputs)
+            .map(|(c, o)| {
+                json!({"type": "tool_result", "tool_use_id": c.id, "content": o.text, "is_error": o.is_error})
+            })
+            .collect();
+        vec![json!({"role": "user", "content": blocks})]
+    }
+
+    fn elide_results(&self, message: &mut Value) -> usize {
+        let mut saved = 0;
+        let blocks = message.get_mut("content").and_then(Value::as_array_mut);
+        for b in blocks.into_iter().flatten() {
+            if b.get("type").and_then(Value::as_str) != Some("tool_result") {
+                continue;
+            }
+            if let Some(text) = b.get("content").and_then(Value::as_str)
+                && !text.starts_with("[tool result elided")
+            {
+                saved += text.len();
+                b["content"] = json!(tool_loop::elided(text.len()));
+            }
+        }
+        saved
     }
 }
 
@@ -332,12 +377,15 @@ impl Reading {
         }
     }
 
-    /// A finished block: text for the answer, or a tool call (reported, never run).
+    /// A finished block: text for the answer, or a tool call (the loop reports and runs it).
     fn block_stop(&mut self, data: &Value, events: &Events) {
         let index = u(data, "index").unwrap_or(0);
         match self.blocks.remove(&index) {
             Some(Block::Text(t)) if !t.is_empty() => {
                 events.send(EventKind::Text { text: t.clone() });
+                self.msg
+                    .content
+                    .push(json!({"type": "text", "text": t.clone()}));
                 self.msg.text.push(t);
             }
             Some(Block::Tool { id, name, json }) => {
@@ -346,14 +394,49 @@ impl Reading {
                 } else {
                     serde_json::from_str(&json).unwrap_or(Value::String(json))
                 };
-                events.send(EventKind::ToolCall {
-                    call_id: id,
-                    name: name.clone(),
-                    input: input.to_string(),
-                });
-                self.msg.tools.push(name);
+                self.msg.content.push(
+                    json!({"type": "tool_use", "id": id.clone(), "name": name.clone(), "input": input.clone()}),
+                );
+                self.msg.calls.push(Call { id, name, input });
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> Anthropic {
+        let settings = crate::config::from_flags(Vec::<std::ffi::OsString>::new())
+            .unwrap()
+            .backends
+            .anthropic;
+        Anthropic::new(settings, reqwest::Client::new())
+    }
+
+    #[test]
+    fn tool_results_go_back_as_blocks_and_can_be_elided_once() {
+        let a = api();
+        let calls = [Call {
+            id: "t1".into(),
+            name: "bash".into(),
+            input: json!({"command": "false"}),
+        }];
+        let mut msgs = a.results(&calls, &[ToolOutput::error("boom")]);
+        assert_eq!(
+            msgs[0],
+            json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                   "content": "boom", "is_error": true}]})
+        );
+        assert_eq!(a.elide_results(&mut msgs[0]), 4);
+        assert_eq!(
+            msgs[0]["content"][0]["content"],
+            "[tool result elided to save context: 4 bytes]"
+        );
+        assert_eq!(a.elide_results(&mut msgs[0]), 0);
+        let mut text = json!({"role": "user", "content": "hello"});
+        assert_eq!(a.elide_results(&mut text), 0);
     }
 }

@@ -7,7 +7,7 @@
 //! role's profile, the model, the user prompt, the price table, the stored session).
 //!
 //! Imports run one way: [`backends`] uses the backends; a backend uses this module and the
-//! helpers (`chat`, `http`, `process`, `workspace`, `git`, `pricing`), never the dispatcher or
+//! helpers (`chat`, `tool_loop`, `tools`, `http`, `process`, `workspace`, `git`, `pricing`), never the dispatcher or
 //! another backend.
 //!
 //! Layout:
@@ -17,9 +17,13 @@
 //! - [`claude_code`]: the Claude Code CLI, headless; [`claude_code::stream`] parses its
 //!   stream-json into events, [`claude_code::transcript`] collects its session transcripts
 //!   after a turn and restores them before the next one (on any worker).
-//! - [`anthropic`]: the Messages API with streaming, for planner and chat-style roles.
+//! - [`anthropic`]: the Messages API with streaming.
 //! - [`openai`]: any OpenAI-compatible chat-completions server, streaming.
-//! - [`chat`]: what those two share: the conversation as a message list, and how a turn ends.
+//! - [`tool_loop`]: the agent loop of those two: requests, tool calls run, results sent back,
+//!   usage summed, turn limit, cancel.
+//! - [`tools`]: the native tools of that loop, confined to the job's workspace.
+//! - [`chat`]: what those two share besides the loop: the conversation as a message list
+//!   (the session), and how an answer is judged.
 //! - [`command`]: any program that reads a prompt and writes its answer.
 //! - [`http`]: what the two HTTP backends share: retries honouring `retry-after`, failure
 //!   reasons by status.
@@ -42,6 +46,8 @@ pub mod pricing;
 pub mod process;
 pub mod sim;
 pub mod supervisor;
+pub mod tool_loop;
+pub mod tools;
 pub mod workspace;
 
 use crate::roles::Profile;

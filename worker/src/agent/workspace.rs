@@ -7,7 +7,8 @@
 //! [`WorkDir::finish`] reports what the run changed, once, after it.
 //!
 //! Files read and written come from what really happened: the paths of the file tools the agent
-//! called that succeeded (Read; Write, Edit, MultiEdit, NotebookEdit), and, when the workspace
+//! called that succeeded (Read; Write, Edit, MultiEdit, NotebookEdit; the native `read_file`,
+//! `write_file`, `edit_file`), and, when the workspace
 //! is in a git repository, the entries of `git status --porcelain` that appeared or changed
 //! between before and after the run (which also catches files a shell command wrote or deleted).
 //! A git workspace reports exactly the files of its diff instead.
@@ -347,6 +348,9 @@ impl FileTracker {
             "Read" | "NotebookRead" => (Access::Read, "file_path"),
             "Write" | "Edit" | "MultiEdit" => (Access::Write, "file_path"),
             "NotebookEdit" => (Access::Write, "notebook_path"),
+            // The native tools of the chat backends' tool loop.
+            "read_file" => (Access::Read, "path"),
+            "write_file" | "edit_file" => (Access::Write, "path"),
             _ => return,
         };
         let path = input
