@@ -867,6 +867,7 @@ impl Cluster {
     }
 }
 
+pub mod agents;
 pub mod claude_cli;
 pub mod fake_anthropic;
 pub mod fake_openai;

@@ -9,14 +9,15 @@ use orch_shared::event::EventKind;
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::job::{Backend, FailureReason, JobKind, JobSpec, Outcome, Usage, Workspace};
 use orch_shared::role::Role;
+use orch_tests::agents::{run, run_with, worker_config};
 use orch_tests::claude_cli::claude_bin;
 use orch_tests::eventually;
 use orch_tests::fake_anthropic::{self, Block, FakeAnthropic, Reply};
 use orch_tests::fake_openai::{self, FakeOpenAi};
 use orch_worker::agent::backends::Backends;
 use orch_worker::agent::pricing::{Price, PriceTable};
-use orch_worker::agent::{Agent, Events, Report};
-use orch_worker::config::{self, CommandSettings, Config, PromptVia};
+use orch_worker::agent::{Agent, Report};
+use orch_worker::config::{CommandSettings, Config, PromptVia};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -33,57 +34,11 @@ fn job(role: Role, backend: Backend, prompt: &str) -> JobSpec {
 
 /// A worker config with its data under `dir`, talking to the fakes given.
 fn config(dir: &Path, anthropic: Option<&str>, openai: Option<&str>) -> Config {
-    let mut flags: Vec<OsString> = vec![
-        "--id".into(),
-        "backend-test".into(),
-        "--data-dir".into(),
-        dir.into(),
-        "--claude-bin".into(),
-        claude_bin().into(),
-        "--anthropic-api-key".into(),
-        "test-key-anthropic".into(),
-        "--openai-api-key".into(),
-        "test-key-openai".into(),
-    ];
-    if let Some(url) = anthropic {
-        flags.extend(["--anthropic-base-url".into(), url.into()]);
-    }
-    if let Some(url) = openai {
-        flags.extend(["--openai-base-url".into(), url.into()]);
-    }
-    let mut cfg = config::from_flags(flags).expect("a valid config");
-    for api in [&mut cfg.backends.anthropic, &mut cfg.backends.openai] {
-        api.retry_min_delay = Duration::from_millis(50);
-        api.retry_max_delay = Duration::from_millis(200);
-        api.max_attempts = 3;
-    }
+    let claude: Vec<OsString> = vec!["--claude-bin".into(), claude_bin().into()];
+    let mut cfg = worker_config("backend-test", dir, anthropic, openai, &claude);
     // The CLI retries by itself: once is enough to see it, and keeps failures fast.
     cfg.backends.claude_code.max_retries = Some(1);
     cfg
-}
-
-/// Runs `job`; returns the report and every event the agent sent.
-async fn run(backends: &Backends, job: &JobSpec) -> (Report, Vec<EventKind>) {
-    run_with(backends, job, CancellationToken::new()).await
-}
-
-async fn run_with(
-    backends: &Backends,
-    job: &JobSpec,
-    cancel: CancellationToken,
-) -> (Report, Vec<EventKind>) {
-    let (events, mut rx) = Events::new();
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        backends.run_report(job, events, cancel),
-    )
-    .await
-    .expect("the agent finished within a minute");
-    let mut seen = vec![];
-    while let Ok(e) = rx.try_recv() {
-        seen.push(e);
-    }
-    (report, seen)
 }
 
 fn failure(r: &Report) -> (FailureReason, String) {

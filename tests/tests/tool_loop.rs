@@ -8,16 +8,16 @@ use orch_shared::event::EventKind;
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::job::{Backend, FailureReason, JobSpec, Outcome, Usage, Workspace};
 use orch_shared::role::Role;
+use orch_tests::agents::{run, run_with, worker_config};
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::fake_openai::{self, FakeOpenAi};
 use orch_tests::{Cluster, Options, assert_completed, eventually};
+use orch_worker::agent::Report;
 use orch_worker::agent::backends::Backends;
 use orch_worker::agent::pricing::{Price, PriceTable};
-use orch_worker::agent::{Agent, Events, Report};
-use orch_worker::config::{self, Config};
+use orch_worker::config::Config;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -38,28 +38,7 @@ fn job(role: Role, backend: Backend, dir: &Path) -> JobSpec {
 /// A worker config with its data under `data`, talking to the fakes given; the openai model
 /// priced.
 fn config(data: &Path, anthropic: Option<&str>, openai: Option<&str>) -> Config {
-    let mut flags: Vec<OsString> = vec![
-        "--id".into(),
-        "tool-loop-test".into(),
-        "--data-dir".into(),
-        data.into(),
-        "--anthropic-api-key".into(),
-        "test-key-anthropic".into(),
-        "--openai-api-key".into(),
-        "test-key-openai".into(),
-    ];
-    if let Some(url) = anthropic {
-        flags.extend(["--anthropic-base-url".into(), url.into()]);
-    }
-    if let Some(url) = openai {
-        flags.extend(["--openai-base-url".into(), url.into()]);
-    }
-    let mut cfg = config::from_flags(flags).expect("a valid config");
-    for api in [&mut cfg.backends.anthropic, &mut cfg.backends.openai] {
-        api.retry_min_delay = Duration::from_millis(50);
-        api.retry_max_delay = Duration::from_millis(200);
-        api.max_attempts = 3;
-    }
+    let mut cfg = worker_config("tool-loop-test", data, anthropic, openai, &[]);
     cfg.backends.openai.models.default = Some(OPENAI_MODEL.into());
     let mut prices = BTreeMap::new();
     prices.insert(
@@ -74,29 +53,6 @@ fn config(data: &Path, anthropic: Option<&str>, openai: Option<&str>) -> Config 
     );
     cfg.prices = PriceTable::with_overrides(&prices).unwrap();
     cfg
-}
-
-async fn run_with(
-    backends: &Backends,
-    job: &JobSpec,
-    cancel: CancellationToken,
-) -> (Report, Vec<EventKind>) {
-    let (events, mut rx) = Events::new();
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        backends.run_report(job, events, cancel),
-    )
-    .await
-    .expect("the agent finished within a minute");
-    let mut seen = vec![];
-    while let Ok(e) = rx.try_recv() {
-        seen.push(e);
-    }
-    (report, seen)
-}
-
-async fn run(backends: &Backends, job: &JobSpec) -> (Report, Vec<EventKind>) {
-    run_with(backends, job, CancellationToken::new()).await
 }
 
 fn assert_success(r: &Report, events: &[EventKind]) {
