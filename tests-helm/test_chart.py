@@ -823,6 +823,9 @@ def check_binary_accepts_env(bin_dir: Path, docs: list[dict], component: str) ->
     env["PATH"] = "/usr/bin:/bin"
     with tempfile.TemporaryDirectory() as home:
         env["HOME"] = home
+        # A pod has a /tmp of its own: the worker's default data directory (under it, named
+        # after the pod) must not be shared by the combinations checked in parallel here.
+        env["TMPDIR"] = home
         proc = subprocess.Popen([str(binary)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 2.0
