@@ -242,7 +242,29 @@ impl Nats {
         &self,
         name: &str,
     ) -> Result<async_nats::ConnectOptions, std::io::Error> {
-        let mut options = async_nats::ConnectOptions::new().name(name);
+        // async-nats keeps retrying refused credentials, as it does an unreachable server, and
+        // logs each refusal in its own words; this says once which settings to check.
+        let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut options =
+            async_nats::ConnectOptions::new()
+                .name(name)
+                .event_callback(move |event| {
+                    let told = told.clone();
+                    async move {
+                        if let async_nats::Event::ClientError(async_nats::ClientError::Other(e)) =
+                            &event
+                            && (e.contains("authorization violation")
+                                || e.contains("authentication"))
+                            && !told.swap(true, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            tracing::error!(
+                                error = %e,
+                                "NATS refused this service's credentials (check nats-user and \
+                                 nats-password, nats-token, nats-nkey or nats-creds-file); retrying"
+                            );
+                        }
+                    }
+                });
         if self.tls_required || self.ca_file.is_some() || self.client_cert.is_some() {
             options = options.require_tls(true);
         }

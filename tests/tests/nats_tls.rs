@@ -114,13 +114,13 @@ async fn a_wrong_nats_password_is_a_logged_error_not_a_panic() {
     for service in &mut services {
         let log = service.log.clone();
         orch_tests::eventually(Duration::from_secs(30), || {
-            let found = log_contains(&log, "authorization violation");
+            let found = log_contains(&log, "NATS refused this service's credentials");
             let tail = service.tail(30);
             async move {
                 if found {
                     Ok(())
                 } else {
-                    Err(format!("no authorization violation logged\n{tail}"))
+                    Err(format!("the refused credentials were not logged\n{tail}"))
                 }
             }
         })
