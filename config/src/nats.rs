@@ -19,12 +19,18 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct NatsArgs {
     /// PEM bundle of the CAs to trust for NATS over TLS (instead of the system roots).
-    #[arg(long = "nats-ca-file", id = "nats.ca_file", env = "ORCH_NATS_CA_FILE")]
+    #[arg(
+        long = "nats-ca-file",
+        id = "nats.ca_file",
+        value_name = "FILE",
+        env = "ORCH_NATS_CA_FILE"
+    )]
     pub ca_file: Option<String>,
     /// PEM client certificate for mutual TLS with NATS (with --nats-client-key).
     #[arg(
         long = "nats-client-cert",
         id = "nats.client_cert",
+        value_name = "FILE",
         env = "ORCH_NATS_CLIENT_CERT"
     )]
     pub client_cert: Option<String>,
@@ -32,6 +38,7 @@ pub struct NatsArgs {
     #[arg(
         long = "nats-client-key",
         id = "nats.client_key",
+        value_name = "FILE",
         env = "ORCH_NATS_CLIENT_KEY"
     )]
     pub client_key: Option<String>,
@@ -44,12 +51,18 @@ pub struct NatsArgs {
     )]
     pub tls_required: bool,
     /// NATS user (with --nats-password). At most one NATS auth method may be set.
-    #[arg(long = "nats-user", id = "nats.user", env = "ORCH_NATS_USER")]
+    #[arg(
+        long = "nats-user",
+        id = "nats.user",
+        value_name = "USER",
+        env = "ORCH_NATS_USER"
+    )]
     pub user: Option<String>,
     /// Password of --nats-user.
     #[arg(
         long = "nats-password",
         id = "nats.password",
+        value_name = "PASSWORD",
         env = "ORCH_NATS_PASSWORD",
         hide_env_values = true
     )]
@@ -58,6 +71,7 @@ pub struct NatsArgs {
     #[arg(
         long = "nats-token",
         id = "nats.token",
+        value_name = "TOKEN",
         env = "ORCH_NATS_TOKEN",
         hide_env_values = true
     )]
@@ -66,6 +80,7 @@ pub struct NatsArgs {
     #[arg(
         long = "nats-nkey",
         id = "nats.nkey",
+        value_name = "SEED",
         env = "ORCH_NATS_NKEY",
         hide_env_values = true
     )]
@@ -74,6 +89,7 @@ pub struct NatsArgs {
     #[arg(
         long = "nats-creds-file",
         id = "nats.creds_file",
+        value_name = "FILE",
         env = "ORCH_NATS_CREDS_FILE"
     )]
     pub creds_file: Option<String>,
