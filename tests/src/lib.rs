@@ -208,6 +208,19 @@ pub enum NatsTestAuth {
     None,
     UserPassword(String, String),
     Token(String),
+    /// A user known by the public key of this NKey seed.
+    NKey(String),
+}
+
+impl NatsTestAuth {
+    /// A fresh user NKey.
+    pub fn new_nkey() -> Self {
+        Self::NKey(
+            nkeys::KeyPair::new_user()
+                .seed()
+                .expect("a new key has a seed"),
+        )
+    }
 }
 
 impl NatsTls {
@@ -227,6 +240,14 @@ impl NatsTls {
             )),
             NatsTestAuth::Token(token) => {
                 conf.push_str(&format!("authorization {{\n  token: {token:?}\n}}\n"))
+            }
+            NatsTestAuth::NKey(seed) => {
+                let public = nkeys::KeyPair::from_seed(seed)
+                    .expect("a user NKey seed")
+                    .public_key();
+                conf.push_str(&format!(
+                    "authorization {{\n  users: [ {{ nkey: {public:?} }} ]\n}}\n"
+                ))
             }
         }
         conf
@@ -252,6 +273,7 @@ impl NatsTls {
                 password.clone(),
             ]),
             NatsTestAuth::Token(token) => flags.extend(["--nats-token".to_string(), token.clone()]),
+            NatsTestAuth::NKey(seed) => flags.extend(["--nats-nkey".to_string(), seed.clone()]),
         }
         flags
     }

@@ -72,6 +72,16 @@ async fn a_cluster_runs_on_nats_with_a_token_and_mutual_tls() {
     plain_client_is_refused(&cluster).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_runs_on_nats_over_tls_with_an_nkey() {
+    let cluster = runs_a_task(NatsTls {
+        auth: NatsTestAuth::new_nkey(),
+        verify_clients: false,
+    })
+    .await;
+    plain_client_is_refused(&cluster).await;
+}
+
 /// A wrong password: each service logs NATS's authorization violation, stays up without
 /// JetStream as it does when the server is unreachable, and stops cleanly on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
