@@ -69,6 +69,7 @@ EXTERNAL = [
     "--set", "redis.enabled=false",
     "--set", "externalRedis.url=redis://redis.data.svc:6379/0",
     "--set", "natsAuth.existingSecret=nats-creds",
+    "--set", "natsTls.caSecret=nats-ca",
     "--set", "redisAuth.existingSecret=redis-creds",
     "--set", "redisAuth.usernameKey=username",
 ]
@@ -562,6 +563,15 @@ def check_combo_specifics(name: str, docs: list[dict], values: dict) -> None:
         assert nats_url == "nats://$(NATS_USER):$(NATS_PASSWORD)@nats.messaging.svc:4222", nats_url
         assert redis_url == "redis://$(REDIS_USER):$(REDIS_PASSWORD)@redis.data.svc:6379/0", redis_url
         assert "StatefulSet" not in kinds, "external Redis, but the chart still runs one"
+        for dep, env in ((coord, cenv), (worker, wenv)):
+            assert env["ORCH_NATS_CA_FILE"]["value"] == "/etc/orch/nats-tls/ca.crt", env.get("ORCH_NATS_CA_FILE")
+            spec = pod_spec(dep)
+            vol = next(v for v in spec["volumes"] if v["name"] == "nats-tls")
+            assert vol["secret"]["secretName"] == "nats-ca", vol
+            mounts = spec["containers"][0]["volumeMounts"]
+            assert {"name": "nats-tls", "mountPath": "/etc/orch/nats-tls", "readOnly": True} in mounts, mounts
+    else:
+        assert "ORCH_NATS_CA_FILE" not in cenv, "a NATS CA without natsTls.caSecret"
     replicas = cenv["ORCH_STREAM_REPLICAS"]["value"]
     if name == "prod":
         assert replicas == "3", f"prod streams on a 3-server NATS must have 3 replicas, not {replicas}"
@@ -826,6 +836,12 @@ def check_binary_accepts_env(bin_dir: Path, docs: list[dict], component: str) ->
         # A pod has a /tmp of its own: the worker's default data directory (under it, named
         # after the pod) must not be shared by the combinations checked in parallel here.
         env["TMPDIR"] = home
+        if "ORCH_NATS_CA_FILE" in env:
+            # The mounted Secret's file, which the binary checks exists (its contents are read
+            # only when it connects, and the NATS port here is closed).
+            ca = Path(home) / "nats-ca.crt"
+            ca.write_text("")
+            env["ORCH_NATS_CA_FILE"] = str(ca)
         proc = subprocess.Popen([str(binary)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 2.0

@@ -14,6 +14,10 @@
 //! lossy extraction turns `"5"` into a number and `"true"` into a bool, so a bad value gets the
 //! same message from every layer: `invalid configuration: job-ack-wait: expected a duration like
 //! 30s or 5m, got "x"`. Tests pass a map as the environment and never touch the process's.
+//!
+//! [`nats`] holds the NATS connection settings (TLS, credentials) both services share.
+
+pub mod nats;
 
 use clap::{ArgAction, ArgMatches, Command, parser::ValueSource};
 use figment::error::{Actual, Kind};

@@ -34,6 +34,9 @@ pub struct Args {
     /// (`nats://a:4222,nats://b:4222`) [default: nats://127.0.0.1:4222]
     #[arg(long, env = "ORCH_NATS_URL")]
     pub nats_url: Option<String>,
+    /// TLS and credentials for NATS (`[nats]` in the file).
+    #[command(flatten)]
+    pub nats: orch_config::nats::NatsArgs,
     /// Redis URL; `rediss://` for TLS, verified against the system roots or the CA bundle in
     /// SSL_CERT_FILE [default: redis://127.0.0.1:6379]
     #[arg(long, env = "ORCH_REDIS_URL")]
@@ -112,6 +115,7 @@ struct Settings {
     listen: SocketAddr,
     addr_file: Option<PathBuf>,
     nats_url: String,
+    nats: orch_config::nats::NatsSettings,
     redis_url: String,
     tokens: Vec<String>,
     tenants: Vec<String>,
@@ -140,6 +144,7 @@ impl Default for Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             addr_file: None,
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: Default::default(),
             redis_url: "redis://127.0.0.1:6379".into(),
             tokens: vec![],
             tenants: vec![],
@@ -165,6 +170,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub addr_file: Option<PathBuf>,
     pub nats_url: String,
+    /// TLS and credentials for NATS.
+    pub nats: orch_config::nats::Nats,
     pub redis_url: String,
     /// Admin tokens. Empty (with no tenants) means authentication is off (only with --no-auth).
     pub tokens: Vec<String>,
@@ -233,6 +240,7 @@ impl Settings {
     /// The checks no type expresses; each error names its key.
     fn check(self) -> Result<Config, Error> {
         use crate::admission::{Cap, RateLimit};
+        let nats = self.nats.check()?;
         let tokens: Vec<String> = self
             .tokens
             .into_iter()
@@ -330,6 +338,7 @@ impl Settings {
             listen: self.listen,
             addr_file: self.addr_file,
             nats_url: self.nats_url,
+            nats,
             redis_url: self.redis_url,
             tokens: if no_auth { vec![] } else { tokens },
             tenants: if no_auth { vec![] } else { tenants },
@@ -375,6 +384,43 @@ mod tests {
     }
 
     const TOKEN: &str = "token-0123456789abcdef";
+
+    #[test]
+    fn nats_credentials_come_from_every_layer_one_method_at_a_time() {
+        use orch_config::nats::NatsAuth;
+        let cfg = load_with(
+            Some("[nats]\nuser = \"orch\"\n"),
+            &[
+                ("ORCH_NATS_PASSWORD", "pw"),
+                ("ORCH_NATS_TLS_REQUIRED", "true"),
+            ],
+            &["--no-auth"],
+        )
+        .unwrap();
+        assert!(cfg.nats.tls_required);
+        assert!(matches!(
+            cfg.nats.auth,
+            Some(NatsAuth::UserPassword { ref user, ref password }) if user == "orch" && password.expose() == "pw"
+        ));
+        let err = load_with(
+            None,
+            &[("ORCH_NATS_TOKEN", "t")],
+            &["--no-auth", "--nats-user", "u", "--nats-password", "p"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: nats-user, nats-token: at most one NATS auth method may be set"
+        );
+        let err = load_with(None, &[], &["--no-auth", "--nats-ca-file", "/no/ca.pem"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: nats-ca-file: no such file /no/ca.pem"
+        );
+    }
 
     #[test]
     fn dollar_amounts_are_read_exactly_from_every_layer() {

@@ -101,7 +101,7 @@ pub async fn run(
         })?;
     let addr = listener.local_addr().map_err(Error::Serve)?;
 
-    let transport = Transport::connect(&config.nats_url).await?;
+    let transport = Transport::connect(&config.nats_url, &config.nats).await?;
     let jetstream = config.topology();
     let topology = || transport.ensure_topology(&jetstream);
     let ready = topology

@@ -37,6 +37,8 @@ pub enum Error {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error("failed to read the NATS credentials file: {0}")]
+    Credentials(std::io::Error),
     #[error("failed to set up JetStream {what}: {source}")]
     Topology {
         what: String,
@@ -228,9 +230,12 @@ impl Transport {
         &self.0.js
     }
 
-    pub async fn connect(url: &str) -> Result<Self, Error> {
-        let client = async_nats::ConnectOptions::new()
-            .name("orch-coordinator")
+    /// Connects to `url` (a server list) with `nats`'s TLS and credentials.
+    pub async fn connect(url: &str, nats: &orch_config::nats::Nats) -> Result<Self, Error> {
+        let client = nats
+            .connect_options("orch-coordinator")
+            .await
+            .map_err(Error::Credentials)?
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(orch_shared::nats_servers(url))

@@ -31,7 +31,8 @@ pub struct Server {
 }
 
 impl Server {
-    fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Server {
+    /// Starts `cmd` with its output in `dir/{name}.log`.
+    pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Server {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("create log file");
         let child = cmd
@@ -188,11 +189,109 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 
 /// Starts `nats-server -js` on a random port; returns the server and its URL.
 pub fn nats(dir: &Path) -> (Server, String) {
-    nats_on(dir, -1)
+    nats_on(dir, -1, None)
 }
 
-/// Starts `nats-server -js` on `port` (-1: a random one) with its store in `dir/nats`.
-fn nats_on(dir: &Path, port: i32) -> (Server, String) {
+/// How a test nats-server is secured ([`Options::nats_tls`], [`nats_tls`]): it serves only
+/// TLS, with a certificate signed by a test CA, and may ask for credentials and a client
+/// certificate.
+#[derive(Clone, Debug, Default)]
+pub struct NatsTls {
+    pub auth: NatsTestAuth,
+    /// Clients must present a certificate signed by the test CA (`verify: true`).
+    pub verify_clients: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub enum NatsTestAuth {
+    #[default]
+    None,
+    UserPassword(String, String),
+    Token(String),
+    /// A user known by the public key of this NKey seed.
+    NKey(String),
+}
+
+impl NatsTestAuth {
+    /// A fresh user NKey.
+    pub fn new_nkey() -> Self {
+        Self::NKey(
+            nkeys::KeyPair::new_user()
+                .seed()
+                .expect("a new key has a seed"),
+        )
+    }
+}
+
+impl NatsTls {
+    /// The nats-server config file text.
+    fn server_conf(&self, certs: &TestCerts) -> String {
+        let mut conf = format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: {}\n}}\n",
+            certs.server_cert.display().to_string(),
+            certs.server_key.display().to_string(),
+            certs.ca.display().to_string(),
+            self.verify_clients
+        );
+        match &self.auth {
+            NatsTestAuth::None => {}
+            NatsTestAuth::UserPassword(user, password) => conf.push_str(&format!(
+                "authorization {{\n  user: {user:?}\n  password: {password:?}\n}}\n"
+            )),
+            NatsTestAuth::Token(token) => {
+                conf.push_str(&format!("authorization {{\n  token: {token:?}\n}}\n"))
+            }
+            NatsTestAuth::NKey(seed) => {
+                let public = nkeys::KeyPair::from_seed(seed)
+                    .expect("a user NKey seed")
+                    .public_key();
+                conf.push_str(&format!(
+                    "authorization {{\n  users: [ {{ nkey: {public:?} }} ]\n}}\n"
+                ))
+            }
+        }
+        conf
+    }
+
+    /// The flags a coordinator or worker needs to reach such a server.
+    pub fn service_flags(&self, certs: &TestCerts) -> Vec<String> {
+        let mut flags = vec!["--nats-ca-file".to_string(), certs.ca.display().to_string()];
+        if self.verify_clients {
+            flags.extend([
+                "--nats-client-cert".to_string(),
+                certs.client_cert.display().to_string(),
+                "--nats-client-key".into(),
+                certs.client_key.display().to_string(),
+            ]);
+        }
+        match &self.auth {
+            NatsTestAuth::None => {}
+            NatsTestAuth::UserPassword(user, password) => flags.extend([
+                "--nats-user".to_string(),
+                user.clone(),
+                "--nats-password".into(),
+                password.clone(),
+            ]),
+            NatsTestAuth::Token(token) => flags.extend(["--nats-token".to_string(), token.clone()]),
+            NatsTestAuth::NKey(seed) => flags.extend(["--nats-nkey".to_string(), seed.clone()]),
+        }
+        flags
+    }
+}
+
+/// Starts `nats-server -js` on a random port secured as `tls` says (its config file and
+/// certificates in `dir/nats-tls`); returns the server, its URL and the certificates.
+pub fn nats_tls(dir: &Path, tls: &NatsTls) -> (Server, String, TestCerts) {
+    let certs = test_certs(&dir.join("nats-tls"));
+    let conf = dir.join("nats-tls").join("nats.conf");
+    std::fs::write(&conf, tls.server_conf(&certs)).expect("write the nats-server config");
+    let (server, url) = nats_on(dir, -1, Some(&conf));
+    (server, url, certs)
+}
+
+/// Starts `nats-server -js` on `port` (-1: a random one) with its store in `dir/nats`, and
+/// `conf` as its config file if given.
+fn nats_on(dir: &Path, port: i32, conf: Option<&Path>) -> (Server, String) {
     let bin = server_bin(
         "ORCH_NATS_SERVER_BIN",
         "nats-server",
@@ -206,6 +305,9 @@ fn nats_on(dir: &Path, port: i32) -> (Server, String) {
         .arg(&store)
         .arg("--ports_file_dir")
         .arg(&ports);
+    if let Some(conf) = conf {
+        cmd.arg("-c").arg(conf);
+    }
     let server = Server::spawn("nats", &mut cmd, dir);
     let file = ports.join(format!("nats-server_{}.ports", server.pid()));
     let url = wait_for("nats-server to listen", Duration::from_secs(20), || {
@@ -227,31 +329,67 @@ pub fn redis(dir: &Path) -> (Server, String) {
     panic!("redis-server did not start on any of 5 free ports");
 }
 
-/// Starts `redis-server` serving only TLS on a random port, with a certificate for 127.0.0.1
-/// signed by a test CA; returns the server, its `rediss://` URL and the CA's PEM file (what a
-/// client must trust, e.g. through `SSL_CERT_FILE`).
-pub fn redis_tls(dir: &Path) -> (Server, String, PathBuf) {
-    let tls = dir.join("redis-tls");
-    std::fs::create_dir_all(&tls).expect("create the TLS dir");
+/// A test CA and the certificates it signed, as PEM files: a server certificate for 127.0.0.1
+/// and localhost, and a client certificate (for mutual TLS).
+#[derive(Clone, Debug)]
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Makes a fresh test CA and its certificates in `dir` (created if needed).
+pub fn test_certs(dir: &Path) -> TestCerts {
+    std::fs::create_dir_all(dir).expect("create the TLS dir");
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca.distinguished_name
         .push(rcgen::DnType::CommonName, "orch test CA");
     let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap()
-        .signed_by(&key, &ca_cert, &ca_key)
-        .unwrap();
-    let (ca_file, cert_file, key_file) = (
-        tls.join("ca.pem"),
-        tls.join("server.pem"),
-        tls.join("server.key"),
-    );
-    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
-    std::fs::write(&cert_file, server.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let certs = TestCerts {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    };
+    std::fs::write(&certs.ca, ca_cert.pem()).unwrap();
+    for (names, cert, key) in [
+        (
+            vec!["127.0.0.1".to_string(), "localhost".into()],
+            &certs.server_cert,
+            &certs.server_key,
+        ),
+        (
+            vec!["orch-client".to_string()],
+            &certs.client_cert,
+            &certs.client_key,
+        ),
+    ] {
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let signed = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key_pair, &ca_cert, &ca_key)
+            .unwrap();
+        std::fs::write(cert, signed.pem()).unwrap();
+        std::fs::write(key, key_pair.serialize_pem()).unwrap();
+    }
+    certs
+}
+
+/// Starts `redis-server` serving only TLS on a random port, with a certificate for 127.0.0.1
+/// signed by a test CA; returns the server, its `rediss://` URL and the CA's PEM file (what a
+/// client must trust, e.g. through `SSL_CERT_FILE`).
+pub fn redis_tls(dir: &Path) -> (Server, String, PathBuf) {
+    let TestCerts {
+        ca: ca_file,
+        server_cert: cert_file,
+        server_key: key_file,
+        ..
+    } = test_certs(&dir.join("redis-tls"));
     for _ in 0..5 {
         let port = free_port();
         let tls_args = [
@@ -328,6 +466,9 @@ pub struct Options {
     /// Redis serves only TLS (`rediss://`); the services trust its test CA through
     /// `SSL_CERT_FILE`. (A restart of Redis in such a cluster is not supported.)
     pub redis_tls: bool,
+    /// NATS serves only TLS, secured as this says; every service gets the flags to reach it
+    /// (`--nats-ca-file`, credentials, a client certificate).
+    pub nats_tls: Option<NatsTls>,
     /// Environment variables for the coordinator.
     pub coordinator_env: Vec<(String, String)>,
     /// NATS URLs listed before the cluster's own in every service's `--nats-url` (a server
@@ -356,6 +497,7 @@ impl Default for Options {
             worker_env: vec![],
             nats_seeds: vec![],
             redis_tls: false,
+            nats_tls: None,
             coordinator_env: vec![],
         }
     }
@@ -385,7 +527,16 @@ impl Cluster {
             .prefix("orch-test-")
             .tempdir()
             .expect("temp dir");
-        let (nats, nats_url) = nats(dir.path());
+        let (nats, nats_url) = match &opts.nats_tls {
+            Some(tls) => {
+                let (server, url, certs) = nats_tls(dir.path(), tls);
+                let flags = tls.service_flags(&certs);
+                opts.coordinator_args.extend(flags.clone());
+                opts.worker_args.extend(flags);
+                (server, url)
+            }
+            None => nats(dir.path()),
+        };
         let (redis, redis_url) = if opts.redis_tls {
             let (server, url, ca) = redis_tls(dir.path());
             let trust = ("SSL_CERT_FILE".to_string(), ca.display().to_string());
@@ -463,7 +614,9 @@ impl Cluster {
         self.nats.signal(libc::SIGKILL);
         let _ = self.nats.wait_exit(Duration::from_secs(10));
         let port = port_of(&self.nats_url) as i32;
-        let (server, _) = nats_on(self.dir.path(), port);
+        let conf = self.dir.path().join("nats-tls").join("nats.conf");
+        let conf = self.opts.nats_tls.as_ref().map(|_| conf.as_path());
+        let (server, _) = nats_on(self.dir.path(), port, conf);
         let old = std::mem::replace(&mut self.nats, server);
         self.previous.push(old);
     }

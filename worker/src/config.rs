@@ -41,6 +41,9 @@ pub struct Args {
     /// (`nats://a:4222,nats://b:4222`) [default: nats://127.0.0.1:4222]
     #[arg(long, env = "ORCH_NATS_URL")]
     pub nats_url: Option<String>,
+    /// TLS and credentials for NATS (`[nats]` in the file).
+    #[command(flatten)]
+    pub nats: orch_config::nats::NatsArgs,
     /// Redis URL; `rediss://` for TLS, verified against the system roots or the CA bundle in
     /// SSL_CERT_FILE [default: redis://127.0.0.1:6379]
     #[arg(long, env = "ORCH_REDIS_URL")]
@@ -153,6 +156,7 @@ impl fmt::Display for Secret {
 #[serde(default, deny_unknown_fields)]
 struct Settings {
     nats_url: String,
+    nats: orch_config::nats::NatsSettings,
     redis_url: String,
     slots: u32,
     /// `None`: [`default_id`].
@@ -173,6 +177,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: Default::default(),
             redis_url: "redis://127.0.0.1:6379".into(),
             slots: 4,
             id: None,
@@ -360,6 +365,8 @@ pub struct BackendSettings {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
+    /// TLS and credentials for NATS.
+    pub nats: orch_config::nats::Nats,
     pub redis_url: String,
     pub slots: u32,
     pub id: String,
@@ -442,6 +449,7 @@ where
 impl Settings {
     /// The checks no type expresses; each error names its key.
     fn check(self) -> Result<Config, Error> {
+        let nats = self.nats.check()?;
         if self.slots == 0 || self.slots > 10_000 {
             return Err(Error::invalid("slots", "must be between 1 and 10000"));
         }
@@ -478,6 +486,7 @@ impl Settings {
         let prices = PriceTable::with_overrides(&self.prices).map_err(Error::Invalid)?;
         Ok(Config {
             nats_url: self.nats_url,
+            nats,
             redis_url: self.redis_url,
             slots: self.slots,
             id,

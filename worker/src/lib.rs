@@ -86,7 +86,7 @@ pub async fn run(
     let id = WorkerId(config.id.clone());
     // Held until the worker returns; the kernel drops it when the process dies.
     let _data_dir = datadir::claim(&config.data_dir)?;
-    let (client, js) = Transport::connect(&config.nats_url, &config.id).await?;
+    let (client, js) = Transport::connect(&config.nats_url, &config.nats, &config.id).await?;
     let bind = || Transport::bind(client.clone(), js.clone());
     let transport = tokio::select! {
         t = bind.retry(retry_forever()).notify(|e, wait| tracing::info!(error = %e, ?wait, "waiting for the job queue")) => t?,

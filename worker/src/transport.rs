@@ -18,6 +18,8 @@ pub enum Error {
         url: String,
         source: async_nats::ConnectError,
     },
+    #[error("failed to read the NATS credentials file: {0}")]
+    Credentials(std::io::Error),
     #[error("the job consumer is not available yet: {0}")]
     Consumer(async_nats::Error),
     #[error("failed to pull jobs: {0}")]
@@ -181,10 +183,13 @@ impl Transport {
     /// Connects and waits (with backoff, until `cancel`) for the coordinator's job consumer.
     pub async fn connect(
         url: &str,
+        nats: &orch_config::nats::Nats,
         name: &str,
     ) -> Result<(async_nats::Client, jetstream::Context), Error> {
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
+        let client = nats
+            .connect_options(name)
+            .await
+            .map_err(Error::Credentials)?
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(orch_shared::nats_servers(url))

@@ -186,8 +186,36 @@ $(VAR) only for variables defined earlier in the list), then the URLs.
 {{- end }}
 - name: ORCH_NATS_URL
   value: {{ include "orchestrator.nats.url" . | quote }}
+{{- if .Values.natsTls.caSecret }}
+- name: ORCH_NATS_CA_FILE
+  value: /etc/orch/nats-tls/ca.crt
+{{- end }}
+{{- if .Values.natsTls.required }}
+- name: ORCH_NATS_TLS_REQUIRED
+  value: "true"
+{{- end }}
 - name: ORCH_REDIS_URL
   value: {{ include "orchestrator.redis.url" . | quote }}
+{{- end }}
+
+{{/* The NATS CA bundle's volume mount and volume (natsTls.caSecret), in both deployments. */}}
+{{- define "orchestrator.natsTlsMount" -}}
+{{- if .Values.natsTls.caSecret }}
+- name: nats-tls
+  mountPath: /etc/orch/nats-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "orchestrator.natsTlsVolume" -}}
+{{- with .Values.natsTls.caSecret }}
+- name: nats-tls
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $.Values.natsTls.caKey }}
+        path: ca.crt
+{{- end }}
 {{- end }}
 
 {{/* Scheduling ------------------------------------------------------------------------- */}}
