@@ -340,6 +340,41 @@ fn actual_text(actual: &Actual) -> String {
     }
 }
 
+/// What the binaries' configuration tests share (feature `test-support`).
+#[cfg(feature = "test-support")]
+pub mod test_support {
+    use super::Error;
+    use clap::{ArgMatches, Command};
+    use std::collections::HashMap;
+
+    /// Loads a binary's configuration as its `main` would, from this config file text (if any,
+    /// passed as `--config`), this environment (never the process's) and these flags.
+    pub fn load_with<T>(
+        command: Command,
+        file: Option<&str>,
+        env: &[(&str, &str)],
+        flags: &[&str],
+        load: impl FnOnce(&ArgMatches, &dyn Fn(&str) -> Option<String>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
+        let path = dir.path().join("config.toml");
+        let mut argv = vec![command.get_name().to_string()];
+        if let Some(text) = file {
+            std::fs::write(&path, text).map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            argv.extend(["--config".to_string(), path.display().to_string()]);
+        }
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        let matches = command
+            .try_get_matches_from(argv)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let env: HashMap<&str, &str> = env.iter().copied().collect();
+        load(&matches, &|name| env.get(name).map(|v| v.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -502,6 +502,19 @@ async fn first_turn(cluster: &Cluster, body: Value) -> Task {
     task
 }
 
+/// Two workers whose `anthropic` backend talks to `fake`.
+async fn anthropic_cluster(fake: &FakeAnthropic) -> Cluster {
+    Cluster::start(Options {
+        workers: 2,
+        worker_env: vec![
+            ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
+            ("ANTHROPIC_API_KEY".into(), "test-key-sessions".into()),
+        ],
+        ..Options::default()
+    })
+    .await
+}
+
 /// A worker running the real Claude Code CLI with its data (scratch workspaces and the CLI's
 /// home) in `data`.
 fn claude_options(fake: &FakeAnthropic, data: &Path) -> Options {
@@ -709,15 +722,7 @@ async fn an_anthropic_builder_turn_keeps_its_tool_rounds_in_the_session_for_send
         Reply::text("A3: forked."),
     ])
     .await;
-    let cluster = Cluster::start(Options {
-        workers: 2,
-        worker_env: vec![
-            ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
-            ("ANTHROPIC_API_KEY".into(), "test-key-sessions".into()),
-        ],
-        ..Options::default()
-    })
-    .await;
+    let cluster = anthropic_cluster(&fake).await;
     let task = first_turn(
         &cluster,
         json!({"prompt": "U1: note 42", "roles": ["builder"], "backend": "anthropic",
@@ -755,15 +760,7 @@ async fn an_anthropic_conversation_sends_its_history_with_each_turn() {
         Reply::text(format!("A3: done. {}", "long answer ".repeat(1000))),
     ])
     .await;
-    let cluster = Cluster::start(Options {
-        workers: 2,
-        worker_env: vec![
-            ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
-            ("ANTHROPIC_API_KEY".into(), "test-key-sessions".into()),
-        ],
-        ..Options::default()
-    })
-    .await;
+    let cluster = anthropic_cluster(&fake).await;
     let task = first_turn(
         &cluster,
         json!({"prompt": "U1: remember 42", "roles": ["analyst"], "backend": "anthropic",

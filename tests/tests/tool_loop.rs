@@ -419,6 +419,25 @@ fn gone(pid: &str) -> bool {
         .unwrap_or(true)
 }
 
+/// Waits until the shell the `sleeper` command started and its background child (their pids in
+/// `shell.pid` and `bg.pid` under `work`) are gone.
+async fn commands_are_gone(work: &Path) {
+    for f in ["shell.pid", "bg.pid"] {
+        let pid = std::fs::read_to_string(work.join(f)).unwrap();
+        eventually(Duration::from_secs(5), || {
+            let pid = pid.clone();
+            async move {
+                if gone(&pid) {
+                    Ok(())
+                } else {
+                    Err(format!("{f} {pid} still runs"))
+                }
+            }
+        })
+        .await;
+    }
+}
+
 /// A shell command that records its pid and a background child's pid, then waits forever.
 fn sleeper() -> String {
     "echo $$ > shell.pid; sleep 300 & echo $! > bg.pid; wait".into()
@@ -445,20 +464,7 @@ async fn a_shell_command_past_its_timeout_is_killed_with_what_it_started() {
     let (text, is_error) = &anthropic_results(&fake.message_requests()[1].body)[0];
     assert!(*is_error);
     assert!(text.contains("timed out after 1s"), "{text}");
-    for f in ["shell.pid", "bg.pid"] {
-        let pid = std::fs::read_to_string(work.path().join(f)).unwrap();
-        eventually(Duration::from_secs(5), || {
-            let pid = pid.clone();
-            async move {
-                if gone(&pid) {
-                    Ok(())
-                } else {
-                    Err(format!("{f} {pid} still runs"))
-                }
-            }
-        })
-        .await;
-    }
+    commands_are_gone(work.path()).await;
 }
 
 #[tokio::test]
@@ -501,20 +507,7 @@ async fn cancel_during_a_tool_kills_the_command_and_ends_cancelled() {
     }
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(fake.requests().len(), 1);
-    for f in ["shell.pid", "bg.pid"] {
-        let pid = std::fs::read_to_string(work.path().join(f)).unwrap();
-        eventually(Duration::from_secs(5), || {
-            let pid = pid.clone();
-            async move {
-                if gone(&pid) {
-                    Ok(())
-                } else {
-                    Err(format!("{f} {pid} still runs"))
-                }
-            }
-        })
-        .await;
-    }
+    commands_are_gone(work.path()).await;
 }
 
 #[tokio::test]

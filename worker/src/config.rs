@@ -620,7 +620,6 @@ impl BackendSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     /// Loads with this file text (if any), environment and flags.
     fn load_with(
@@ -628,17 +627,7 @@ mod tests {
         env: &[(&str, &str)],
         flags: &[&str],
     ) -> Result<Config, Error> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("worker.toml");
-        let mut argv = vec!["orch-worker".to_string()];
-        if let Some(text) = file {
-            std::fs::write(&path, text).unwrap();
-            argv.extend(["--config".to_string(), path.display().to_string()]);
-        }
-        argv.extend(flags.iter().map(|f| f.to_string()));
-        let env: HashMap<&str, &str> = env.iter().copied().collect();
-        let matches = Args::command().try_get_matches_from(argv).unwrap();
-        load(&matches, &|name| env.get(name).map(|v| v.to_string()))
+        orch_config::test_support::load_with(Args::command(), file, env, flags, load)
     }
 
     fn from_file(text: &str) -> Result<Config, Error> {
