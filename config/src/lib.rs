@@ -48,6 +48,19 @@ impl Error {
     }
 }
 
+/// Parses `flags` (without the program name) against `command`; a bad flag is one line.
+pub fn parse_flags<I, T>(command: Command, flags: I) -> Result<ArgMatches, Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let argv = std::iter::once(std::ffi::OsString::from(command.get_name()))
+        .chain(flags.into_iter().map(Into::into));
+    command
+        .try_get_matches_from(argv)
+        .map_err(|e| Error::Invalid(e.to_string().lines().next().unwrap_or_default().into()))
+}
+
 /// Deserializes an `f64` setting exactly. Figment reads a short decimal string from a flag or
 /// the environment (`"0.01"`) as an `f32` before widening it (0.009999999776...), so money
 /// and other fractional settings take their string themselves:
@@ -358,7 +371,7 @@ pub mod test_support {
     ) -> Result<T, Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Invalid(e.to_string()))?;
         let path = dir.path().join("config.toml");
-        let mut argv = vec![command.get_name().to_string()];
+        let mut argv: Vec<String> = vec![];
         if let Some(text) = file {
             std::fs::write(&path, text).map_err(|source| Error::Read {
                 path: path.clone(),
@@ -367,9 +380,7 @@ pub mod test_support {
             argv.extend(["--config".to_string(), path.display().to_string()]);
         }
         argv.extend(flags.iter().map(|f| f.to_string()));
-        let matches = command
-            .try_get_matches_from(argv)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let matches = super::parse_flags(command, argv)?;
         let env: HashMap<&str, &str> = env.iter().copied().collect();
         load(&matches, &|name| env.get(name).map(|v| v.to_string()))
     }

@@ -438,11 +438,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let argv =
-        std::iter::once(OsString::from("orch-worker")).chain(flags.into_iter().map(Into::into));
-    let matches = Args::command()
-        .try_get_matches_from(argv)
-        .map_err(|e| Error::Invalid(e.to_string().lines().next().unwrap_or_default().into()))?;
+    let matches = orch_config::parse_flags(Args::command(), flags)?;
     load(&matches, &|_| None)
 }
 
