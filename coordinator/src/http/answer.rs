@@ -162,6 +162,24 @@ pub fn one_of(names: &[&str]) -> String {
     }
 }
 
+/// Splits `a,b,c` into values of an enum whose names strum derives (`Role`, `JobStatus`, ...),
+/// naming `name` and every accepted value on error.
+pub fn names_of<T: std::str::FromStr + strum::VariantNames>(
+    name: &str,
+    value: Option<&str>,
+) -> Answer<Vec<T>> {
+    list_of(name, value, |s| s.parse().ok(), &one_of(T::VARIANTS))
+}
+
+/// A listing's page size: `limit` (50 when absent), from 1 to 1000.
+pub fn page_limit(limit: Option<usize>) -> Answer<usize> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(field("limit", "must be between 1 and 1000"));
+    }
+    Ok(limit)
+}
+
 /// Splits `a,b,c` and parses each part with `parse`, naming `name` on error.
 pub fn list_of<T>(
     name: &str,

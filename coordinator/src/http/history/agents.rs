@@ -1,7 +1,7 @@
 //! Agents (jobs) across tasks: the filtered listing and one agent's detail.
 
 use super::window::{MAX_ACTIVE_TASKS, PAGE, SCAN_BUDGET, range};
-use crate::http::answer::{Answer, Failure, field, list_of, one_of, parse_job, query};
+use crate::http::answer::{Answer, Failure, field, names_of, page_limit, parse_job, query};
 use crate::http::app::App;
 use crate::transport::events::ReadFrom;
 use axum::extract::rejection::QueryRejection;
@@ -15,7 +15,6 @@ use orch_shared::report::{AgentDetail, AgentList, AgentSummary, PROMPT_EXCERPT_C
 use orch_shared::role::Role;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
-use strum::VariantNames;
 
 fn excerpt(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
@@ -74,22 +73,9 @@ pub(super) async fn agents(
     params: Result<Query<AgentParams>, QueryRejection>,
 ) -> Answer<axum::Json<AgentList>> {
     let p = query(params)?;
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(field("limit", "must be between 1 and 1000"));
-    }
-    let roles = list_of(
-        "role",
-        p.role.as_deref(),
-        |s| s.parse().ok(),
-        &one_of(Role::VARIANTS),
-    )?;
-    let statuses = list_of(
-        "status",
-        p.status.as_deref(),
-        |s| s.parse().ok(),
-        &one_of(JobStatus::VARIANTS),
-    )?;
+    let limit = page_limit(p.limit)?;
+    let roles: Vec<Role> = names_of("role", p.role.as_deref())?;
+    let statuses: Vec<JobStatus> = names_of("status", p.status.as_deref())?;
     let range = range(p.since, p.until)?;
     let cursor = p.cursor.as_deref().map(parse_agent_cursor).transpose()?;
     let keep = |j: &Job| {

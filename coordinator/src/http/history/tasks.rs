@@ -1,7 +1,7 @@
 //! `GET /v1/tasks`: the task history, filtered, sorted and paged.
 
 use super::window::{MAX_SORTED_TASKS, PAGE, SCAN_BUDGET, range, tasks_in_range};
-use crate::http::answer::{Answer, field, list_of, one_of, query};
+use crate::http::answer::{Answer, field, names_of, page_limit, query};
 use crate::http::app::App;
 use crate::http::auth::Caller;
 use axum::extract::rejection::QueryRejection;
@@ -12,7 +12,6 @@ use orch_shared::api::{Task, TaskList, TaskStatus, TaskSummary};
 use orch_shared::ids::TaskId;
 use serde::Deserialize;
 use std::collections::HashMap;
-use strum::VariantNames;
 
 /// The query of `GET /v1/tasks`.
 #[derive(Deserialize, Default)]
@@ -73,16 +72,8 @@ enum Sort {
 /// `GET /v1/tasks`: filtered, sorted and paged. Answers a [`TaskList`]; a sorted listing that
 /// could not read its whole window says so in the `x-orch-truncated` header.
 async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<Response> {
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(field("limit", "must be between 1 and 1000"));
-    }
-    let statuses = list_of(
-        "status",
-        p.status.as_deref(),
-        |s| s.parse().ok(),
-        &one_of(TaskStatus::VARIANTS),
-    )?;
+    let limit = page_limit(p.limit)?;
+    let statuses: Vec<TaskStatus> = names_of("status", p.status.as_deref())?;
     for (name, v) in [("min_cost", p.min_cost), ("max_cost", p.max_cost)] {
         if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
             return Err(field(name, "must be a non-negative number of dollars"));
