@@ -32,6 +32,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
   command -v redis-server >/dev/null 2>&1 || { echo "redis-server is still missing after apt-get install" >&2; exit 1; }
 fi
 
+# bubblewrap: the worker runs every agent process in a bubblewrap sandbox by default (and
+# refuses to start without it unless `--sandbox off`); the sandbox tests probe it with curl.
+if ! command -v bwrap >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
+  echo "installing bubblewrap and curl (Debian)..." >&2
+  _orch_sudo apt-get update -qq >&2 || true
+  DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq bubblewrap curl >&2
+  command -v bwrap >/dev/null 2>&1 || { echo "bwrap is still missing after apt-get install" >&2; exit 1; }
+fi
+
 # The Claude Code CLI, for the tests of the claude-code backend (they run the real CLI against a
 # fake Messages API and fail, never skip, without it). Pinned, installed from npm into
 # target/tools/claude-code and reused while it is that version. Only scripts/test (and so

@@ -279,6 +279,12 @@ impl FakeAnthropic {
         }
     }
 
+    /// Adds `replies` to the end of the script (for a script that needs what is only known
+    /// once the fake runs, such as the cluster's ports).
+    pub fn push(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.inner.lock().unwrap().script.extend(replies);
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.lock().unwrap().requests.clone()

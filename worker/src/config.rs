@@ -122,6 +122,16 @@ pub struct Args {
         hide_env_values = true
     )]
     pub openai_api_key: Option<String>,
+    /// The agent sandbox: `on` (the default: every agent process runs in a bubblewrap sandbox
+    /// without secrets, see `[sandbox]`) or `off` (agents run with the worker's rights; logged
+    /// as a warning at start).
+    #[arg(
+        id = "sandbox.mode",
+        long = "sandbox",
+        value_name = "SANDBOX",
+        env = "ORCH_SANDBOX"
+    )]
+    pub sandbox: Option<String>,
 }
 
 /// A credential. Its `Debug` and `Display` never show it; [`Secret::expose`] does.
@@ -171,6 +181,58 @@ struct Settings {
     backends: BackendsFile,
     roles: BTreeMap<String, roles::Override>,
     prices: BTreeMap<String, Price>,
+    sandbox: SandboxFile,
+}
+
+/// `[sandbox]`: see [`crate::sandbox`].
+#[derive(Deserialize, Debug, Default)]
+#[serde(default, deny_unknown_fields)]
+struct SandboxFile {
+    /// `on` or `off`.
+    mode: Option<String>,
+    bwrap: Option<PathBuf>,
+    /// Replaces the default toolchain paths (`~/.cargo/bin`, `~/.rustup`).
+    read_only: Option<Vec<PathBuf>>,
+    /// 0: no limit.
+    memory_max_mb: Option<u64>,
+    /// 0: no limit.
+    pids_max: Option<u64>,
+}
+
+impl SandboxFile {
+    fn check(self) -> Result<crate::sandbox::Settings, Error> {
+        let mut s = crate::sandbox::Settings::default();
+        match self.mode.as_deref().map(|m| m.trim().to_ascii_lowercase()) {
+            None => {}
+            Some(m) if m == "on" => s.enabled = true,
+            Some(m) if m == "off" => s.enabled = false,
+            Some(m) => {
+                return Err(Error::invalid(
+                    "sandbox.mode",
+                    format!("expected on or off, got `{m}`"),
+                ));
+            }
+        }
+        if let Some(b) = self.bwrap {
+            s.bwrap = b;
+        }
+        if let Some(r) = self.read_only {
+            if let Some(p) = r.iter().find(|p| !p.is_absolute()) {
+                return Err(Error::invalid(
+                    "sandbox.read_only",
+                    format!("`{}` is not an absolute path", p.display()),
+                ));
+            }
+            s.read_only = r;
+        }
+        if let Some(mb) = self.memory_max_mb {
+            s.memory_max = (mb > 0).then_some(mb << 20);
+        }
+        if let Some(n) = self.pids_max {
+            s.pids_max = (n > 0).then_some(n);
+        }
+        Ok(s)
+    }
 }
 
 impl Default for Settings {
@@ -189,6 +251,7 @@ impl Default for Settings {
             backends: BackendsFile::default(),
             roles: BTreeMap::new(),
             prices: BTreeMap::new(),
+            sandbox: SandboxFile::default(),
         }
     }
 }
@@ -380,6 +443,8 @@ pub struct Config {
     pub backends: BackendSettings,
     pub roles: Roles,
     pub prices: PriceTable,
+    /// The agent sandbox (`[sandbox]`, `--sandbox`).
+    pub sandbox: crate::sandbox::Settings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -480,6 +545,7 @@ impl Settings {
         }
         let roles = Roles::with_overrides(&self.roles).map_err(Error::Invalid)?;
         let prices = PriceTable::with_overrides(&self.prices).map_err(Error::Invalid)?;
+        let sandbox = self.sandbox.check()?;
         Ok(Config {
             nats_url: self.nats_url,
             nats,
@@ -494,6 +560,7 @@ impl Settings {
             backends,
             roles,
             prices,
+            sandbox,
         })
     }
 }

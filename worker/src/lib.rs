@@ -19,6 +19,8 @@
 //! - [`datadir`]: the data directory, locked for one live worker and cleared of what a
 //!   previous worker left at start.
 //! - [`metrics`]: metric names.
+//! - [`sandbox`]: the bubblewrap sandbox every agent process runs in, the proxy that is its
+//!   only way out (and holds the model credential), the per-job cgroups.
 
 pub mod agent;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod datadir;
 pub mod metrics;
 pub mod roles;
 pub mod runner;
+pub mod sandbox;
 pub mod session;
 pub mod state;
 pub mod transport;
@@ -61,6 +64,8 @@ pub enum Error {
     Session(#[from] session::Error),
     #[error(transparent)]
     DataDir(#[from] datadir::Error),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
     #[error("failed to listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -86,6 +91,26 @@ pub async fn run(
     let id = WorkerId(config.id.clone());
     // Held until the worker returns; the kernel drops it when the process dies.
     let _data_dir = datadir::claim(&config.data_dir)?;
+    let background = TaskTracker::new();
+    let bg_cancel = CancellationToken::new();
+    // Before anything else: a worker that cannot sandbox its agents refuses to start.
+    let sandbox = sandbox::Sandbox::start(
+        &config.sandbox,
+        &config.data_dir,
+        sandbox::proxy::Upstream {
+            base_url: config
+                .backends
+                .anthropic
+                .base_url
+                .clone()
+                .unwrap_or_else(|| agent::anthropic::DEFAULT_BASE_URL.to_string()),
+            api_key: config.backends.anthropic.api_key.clone(),
+            client: reqwest::Client::new(),
+        },
+        &background,
+        bg_cancel.clone(),
+    )
+    .await?;
     let (client, js) = Transport::connect(&config.nats_url, &config.nats, &config.id).await?;
     let bind = || Transport::bind(client.clone(), js.clone());
     let transport = tokio::select! {
@@ -112,8 +137,6 @@ pub async fn run(
     let busy = Arc::new(AtomicU32::new(0));
     ::metrics::gauge!(metrics::SLOTS_TOTAL).set(config.slots as f64);
 
-    let background = TaskTracker::new();
-    let bg_cancel = CancellationToken::new();
     if let Some(addr) = config.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -159,7 +182,9 @@ pub async fn run(
         state: state.clone(),
         worker_id: id.clone(),
         agent: Arc::new(
-            agent::backends::Backends::from_config(&config).with_sessions(sessions.clone()),
+            agent::backends::Backends::from_config(&config)
+                .with_sessions(sessions.clone())
+                .with_sandbox(sandbox),
         ),
         running: Default::default(),
         sessions: Some(sessions),

@@ -6,11 +6,18 @@
 use clap::CommandFactory;
 use orch_worker::agent::{process, supervisor};
 use orch_worker::config::{self, Args, LogFormat};
+use orch_worker::sandbox;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     if let Some(code) = supervisor::hidden_mode() {
+        return code;
+    }
+    let mut args = std::env::args_os().skip(1);
+    if let Some(mode) = args.next()
+        && let Some(code) = sandbox::bridge::hidden_mode(&mode, args)
+    {
         return code;
     }
     match tokio::runtime::Builder::new_multi_thread()

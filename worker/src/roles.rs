@@ -7,10 +7,12 @@
 //! The workflow planner (a [`JobKind::Plan`] job, whatever its role) is a profile of its own,
 //! `workflow_planner`: read-only tools and a JSON-only answer.
 
+use crate::sandbox::Allowance;
 use orch_shared::job::{JobKind, JobSpec};
 use orch_shared::role::Role;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// Claude Code tools that only read.
 pub const READ_TOOLS: &[&str] = &["Read", "Glob", "Grep", "LS"];
@@ -53,6 +55,19 @@ pub const PERMISSION_MODES: &[&str] = &[
     "dontAsk",
     "auto",
     "manual",
+];
+
+/// Hosts a builder and a tester reach through the sandbox's proxy by default: the package
+/// registries of the common toolchains.
+pub const REGISTRY_HOSTS: &[&str] = &[
+    "crates.io",
+    "index.crates.io",
+    "static.crates.io",
+    "registry.npmjs.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "proxy.golang.org",
+    "sum.golang.org",
 ];
 
 /// Which profile a job gets: its role's, or the workflow planner's for a plan job.
@@ -107,6 +122,8 @@ pub struct Profile {
     pub model: Option<String>,
     /// The turn limit when the job sets none.
     pub max_turns: Option<u32>,
+    /// What its jobs may do inside the agent sandbox (hosts, writable paths, limits).
+    pub sandbox: Allowance,
 }
 
 impl Profile {
@@ -143,6 +160,14 @@ pub struct Override {
     pub permission_mode: Option<String>,
     pub model: Option<String>,
     pub max_turns: Option<u32>,
+    /// Hosts reachable from the sandbox (`host`, `host:port`, `*.domain`); replaces the default.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// More read-write paths in the sandbox (absolute).
+    pub writable_paths: Option<Vec<PathBuf>>,
+    /// The memory limit of one job, in MiB (0: the worker's `[sandbox] memory_max_mb`).
+    pub memory_max_mb: Option<u64>,
+    /// The process limit of one job (0: the worker's `[sandbox] pids_max`).
+    pub pids_max: Option<u64>,
 }
 
 /// The profile of every role, checked once when the config is loaded.
@@ -201,6 +226,29 @@ impl Roles {
                 }
                 p.model = Some(m.clone());
             }
+            if let Some(h) = &o.allowed_hosts {
+                if let Some(bad) = h.iter().find(|h| h.trim().is_empty() || h.contains('/')) {
+                    return Err(format!(
+                        "roles.{name}.allowed_hosts: `{bad}` is not a host, host:port or *.domain"
+                    ));
+                }
+                p.sandbox.allowed_hosts = h.clone();
+            }
+            if let Some(w) = &o.writable_paths {
+                if let Some(bad) = w.iter().find(|p| !p.is_absolute()) {
+                    return Err(format!(
+                        "roles.{name}.writable_paths: `{}` is not an absolute path",
+                        bad.display()
+                    ));
+                }
+                p.sandbox.writable = w.clone();
+            }
+            if let Some(mb) = o.memory_max_mb {
+                p.sandbox.memory_max = (mb > 0).then_some(mb << 20);
+            }
+            if let Some(n) = o.pids_max {
+                p.sandbox.pids_max = (n > 0).then_some(n);
+            }
             if let Some(n) = o.max_turns {
                 if n == 0 {
                     return Err(format!("roles.{name}.max_turns: must be at least 1"));
@@ -257,6 +305,15 @@ fn default_profile(key: Key) -> Profile {
         permission_mode: "dontAsk".into(),
         model: None,
         max_turns: None,
+        sandbox: Allowance {
+            allowed_hosts: match key {
+                Key::Role(Role::Builder | Role::Tester) => {
+                    REGISTRY_HOSTS.iter().map(|h| h.to_string()).collect()
+                }
+                _ => vec![],
+            },
+            ..Allowance::default()
+        },
     }
 }
 

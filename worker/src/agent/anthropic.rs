@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
 
 pub const NAME: &str = "anthropic";
-const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 const API_VERSION: &str = "2023-06-01";
 /// The model when neither the job, the role nor the config names one.
 pub const DEFAULT_MODEL: &str = "claude-sonnet-4-5";

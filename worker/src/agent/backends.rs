@@ -21,13 +21,14 @@ use super::sim::Sim;
 use super::{Agent, AgentOutput, Events, Prepared, Report};
 use crate::config::{Config, Models};
 use crate::roles::{self, Key, Roles};
+use crate::sandbox::Sandbox;
 use crate::session::{SessionStore, Snapshot};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use orch_shared::job::{Backend, FailureReason, JobSpec};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 /// Every backend this worker can run.
@@ -47,6 +48,8 @@ pub struct Backends {
     unpriced: Mutex<BTreeSet<String>>,
     /// Where further turns find their conversation; `None` runs first turns only.
     sessions: Option<SessionStore>,
+    /// The agent sandbox; `None` when it is off.
+    sandbox: Option<Arc<Sandbox>>,
 }
 
 impl Backends {
@@ -80,7 +83,14 @@ impl Backends {
                 .unwrap_or_default(),
             unpriced: Mutex::new(BTreeSet::new()),
             sessions: None,
+            sandbox: None,
         }
+    }
+
+    /// Runs every agent process in `sandbox` (`None`: the sandbox is off).
+    pub fn with_sandbox(mut self, sandbox: Option<Arc<Sandbox>>) -> Self {
+        self.sandbox = sandbox;
+        self
     }
 
     /// Lets jobs continue stored sessions (`job.session`).
@@ -177,6 +187,7 @@ impl Backends {
             data_dir: &self.data_dir,
             unpriced: &self.unpriced,
             session: None,
+            sandbox: self.sandbox.as_ref(),
         }
     }
 

@@ -52,7 +52,14 @@ impl CommandAgent {
             Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
         };
         let prompt = format!("{}\n\n{}", p.profile.system_prompt, p.prompt);
-        let mut cmd = process::command(&self.settings.program);
+        let jail = match p.jail(&dir.path) {
+            Ok(j) => j,
+            Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
+        };
+        let mut cmd = match &jail {
+            Some(j) => j.command(&self.settings.program),
+            None => process::command(&self.settings.program),
+        };
         cmd.args(&self.settings.args)
             .current_dir(&dir.path)
             .envs(&self.settings.env)
@@ -163,7 +170,7 @@ impl CommandAgent {
         let changes = dir
             .finish(p.job, outcome.is_success(), FileTracker::new(&dir.path))
             .await;
-        done(AgentOutput {
+        let output = AgentOutput {
             outcome: changes.outcome(outcome),
             output: text,
             usage: Usage::default(),
@@ -172,6 +179,7 @@ impl CommandAgent {
             files_written: changes.files_written,
             diff: changes.diff,
             git: changes.git,
-        })
+        };
+        done(p.judge_memory(jail.as_ref(), output))
     }
 }

@@ -51,6 +51,7 @@ pub mod tools;
 pub mod workspace;
 
 use crate::roles::Profile;
+use crate::sandbox::{Jail, Sandbox};
 use crate::session::Snapshot;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -59,7 +60,7 @@ use orch_shared::job::{FailureReason, GitOutcome, JobSpec, Outcome, Usage};
 use pricing::{CLAUDE_CONTEXT_WINDOW, PriceTable};
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -177,9 +178,49 @@ pub struct Prepared<'a> {
     unpriced: &'a Mutex<BTreeSet<String>>,
     /// For a further turn: the conversation so far, as stored after the turn it continues.
     pub session: Option<Snapshot>,
+    /// The agent sandbox every process of the job runs in; `None` when it is off.
+    pub sandbox: Option<&'a Arc<Sandbox>>,
 }
 
 impl Prepared<'_> {
+    /// The job's sandbox for processes working in `workspace` (`None` when the sandbox is
+    /// off); what it allows is logged.
+    pub fn jail(&self, workspace: &Path) -> Result<Option<Jail>, (FailureReason, String)> {
+        let Some(sandbox) = self.sandbox else {
+            return Ok(None);
+        };
+        let name = format!("{}-{}", self.job.job_id, self.job.attempt);
+        match sandbox.jail(&name, workspace, &self.profile.sandbox) {
+            Ok(j) => {
+                tracing::info!(job_id = %self.job.job_id, allowed = %j.describe(), "agent sandbox ready");
+                Ok(Some(j))
+            }
+            Err(e) => Err((FailureReason::Internal, format!("{e}"))),
+        }
+    }
+
+    /// `output` as a memory-limit failure when the kernel killed a process of `jail` for its
+    /// memory, else unchanged.
+    pub fn judge_memory(&self, jail: Option<&Jail>, output: AgentOutput) -> AgentOutput {
+        match jail {
+            Some(j) if j.memory_exceeded() => {
+                let limit = j
+                    .memory_max()
+                    .map_or(String::new(), |b| format!(" of {} MiB", b >> 20));
+                AgentOutput {
+                    outcome: Outcome::Failure {
+                        reason: FailureReason::AgentError,
+                        message: format!(
+                            "out of memory: the job went past its memory limit{limit} and the kernel killed it"
+                        ),
+                    },
+                    ..output
+                }
+            }
+            _ => output,
+        }
+    }
+
     /// The cost of `usage` on `model` from the price table; 0 (and a warning, once per
     /// model) when the model has no price.
     pub fn cost(&self, model: Option<&str>, usage: &Usage) -> f64 {

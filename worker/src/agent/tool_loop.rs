@@ -33,6 +33,7 @@ use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, Outcome, Usage, Workspace};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// The turn limit when neither the job nor the role sets one (a worker setting later).
@@ -114,8 +115,18 @@ pub async fn run<A: Api>(
             Ok(d) => d,
             Err((reason, message)) => return fail(reason, message),
         };
+        // The file tools run in the worker, confined to the workspace by path; `bash` runs
+        // in the job's sandbox.
+        let jail = if allowed.contains(&"bash") {
+            match p.jail(&dir.path) {
+                Ok(j) => j.map(Arc::new),
+                Err((reason, message)) => return fail(reason, message),
+            }
+        } else {
+            None
+        };
         match Toolbox::new(&dir.path, allowed, role) {
-            Ok(t) => (Some(dir), t),
+            Ok(t) => (Some(dir), t.with_jail(jail)),
             Err(message) => return fail(FailureReason::Internal, message),
         }
     } else {

@@ -25,6 +25,7 @@ use super::process;
 use super::workspace::WorkDir;
 use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::{ApiSettings, ClaudeCodeSettings};
+use crate::sandbox::Jail;
 use crate::session::Snapshot;
 use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, JobKind, Outcome, Usage};
@@ -180,12 +181,45 @@ impl ClaudeCode {
             Ok(d) => d,
             Err(e) => return failed(e),
         };
-        let config_dir = transcript::config_dir(&self.env(p));
+        let mut jail = match p.jail(&dir.path) {
+            Ok(j) => j,
+            Err(e) => return failed(e),
+        };
+        let mut env = self.env(p);
+        // In the sandbox: a home of the job's own (no other job's transcripts in sight), and
+        // the proxy with the job's token in place of the provider and its key.
+        let job_home = jail.as_ref().map(|j| {
+            let home = self
+                .settings
+                .home
+                .join("jobs")
+                .join(format!("{}-{}", p.job.job_id, p.job.attempt));
+            env.insert("HOME".into(), home.display().to_string());
+            env.insert("ANTHROPIC_BASE_URL".into(), Jail::base_url());
+            env.insert("ANTHROPIC_API_KEY".into(), j.token().to_string());
+            env.remove("ANTHROPIC_AUTH_TOKEN");
+            home
+        });
+        let config_dir = transcript::config_dir(&env);
+        if let (Some(j), Some(home)) = (jail.as_mut(), &job_home) {
+            for d in [home, &config_dir] {
+                if let Err(e) = tokio::fs::create_dir_all(d).await {
+                    return failed((
+                        FailureReason::Internal,
+                        format!("failed to create {}: {e}", d.display()),
+                    ));
+                }
+            }
+            j.add_writable(home);
+            if !config_dir.starts_with(home) {
+                j.add_writable(&config_dir);
+            }
+        }
         let restored = match self.prepare_home(p, &config_dir, &dir.path).await {
             Ok(r) => r,
             Err(e) => return failed(e),
         };
-        let child = match self.spawn(p, &dir.path, restored.as_ref()) {
+        let child = match self.spawn(p, &dir.path, restored.as_ref(), &env, jail.as_ref()) {
             Ok(c) => c,
             Err(e) => return failed(e),
         };
@@ -196,10 +230,16 @@ impl ClaudeCode {
         if !ended.stream.denied.is_empty() {
             tracing::info!(denied = ?ended.stream.denied, "tools refused during the run");
         }
-        match ended.stream.result.take() {
+        let mut report = match ended.stream.result.take() {
             Some(result) => finished(p, events, dir, ended, result, model, session).await,
             None => cut_short(p, dir, ended, model).await,
+        };
+        report.output = p.judge_memory(jail.as_ref(), report.output);
+        drop(jail);
+        if let Some(home) = job_home {
+            let _ = tokio::fs::remove_dir_all(home).await;
         }
+        report
     }
 
     /// Makes the CLI's home and, for a further turn, writes the stored transcript back where
@@ -231,19 +271,24 @@ impl ClaudeCode {
         }
     }
 
-    /// Starts the CLI in `workspace` (resuming `restored`, when given), in a process group of
-    /// its own.
+    /// Starts the CLI in `workspace` (resuming `restored`, when given) with `env`, in a
+    /// process group of its own, in `jail` when the sandbox is on.
     fn spawn(
         &self,
         p: &Prepared<'_>,
         workspace: &Path,
         restored: Option<&Restored>,
+        env: &BTreeMap<String, String>,
+        jail: Option<&Jail>,
     ) -> Result<Child, (FailureReason, String)> {
-        let mut cmd = process::command(&self.settings.bin);
+        let mut cmd = match jail {
+            Some(j) => j.command(&self.settings.bin),
+            None => process::command(&self.settings.bin),
+        };
         cmd.args(self.args(p))
             .current_dir(workspace)
             .env_clear()
-            .envs(self.env(p))
+            .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

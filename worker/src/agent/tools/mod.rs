@@ -13,10 +13,12 @@
 pub mod path;
 pub mod shell;
 
+use crate::sandbox::Jail;
 use grep_regex::RegexMatcherBuilder;
 use grep_searcher::{BinaryDetection, SearcherBuilder, sinks};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -138,6 +140,8 @@ pub struct Toolbox {
     root: Option<PathBuf>,
     allowed: Vec<&'static str>,
     role: String,
+    /// The job's sandbox, where `bash` runs (`None`: the sandbox is off).
+    jail: Option<Arc<Jail>>,
 }
 
 impl Toolbox {
@@ -150,7 +154,19 @@ impl Toolbox {
             root: Some(root),
             allowed,
             role: role.into(),
+            jail: None,
         })
+    }
+
+    /// Runs `bash` in `jail`.
+    pub fn with_jail(mut self, jail: Option<Arc<Jail>>) -> Self {
+        self.jail = jail;
+        self
+    }
+
+    /// The sandbox its commands run in.
+    pub fn jail(&self) -> Option<&Jail> {
+        self.jail.as_deref()
     }
 
     /// No workspace and no tools: every call is refused.
@@ -159,6 +175,7 @@ impl Toolbox {
             root: None,
             allowed: vec![],
             role: role.into(),
+            jail: None,
         }
     }
 
@@ -193,7 +210,7 @@ impl Toolbox {
                 .map_or(shell::DEFAULT_TIMEOUT, |s| {
                     Duration::from_secs(s).min(shell::MAX_TIMEOUT)
                 });
-            return shell::run(&root, command, timeout, cancel).await;
+            return shell::run(&root, command, timeout, cancel, self.jail.as_deref()).await;
         }
         let name = call.name.clone();
         let run = tokio::task::spawn_blocking(move || file_tool(&root, &name, &input));

@@ -7,6 +7,7 @@
 
 use super::super::process;
 use super::{MAX_RESULT_BYTES, ToolOutput, grouped};
+use crate::sandbox::Jail;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -23,15 +24,19 @@ pub const ENV_ALLOWLIST: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TERM", "
 /// holding it is killed first, so this is only a bound).
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// Runs `command` in `dir`; an error output when it cannot start, fails, times out or is
-/// cancelled.
+/// Runs `command` in `dir` (in the job's sandbox `jail`, when it has one); an error output
+/// when it cannot start, fails, times out or is cancelled.
 pub async fn run(
     dir: &Path,
     command: &str,
     timeout: Duration,
     cancel: &CancellationToken,
+    jail: Option<&Jail>,
 ) -> ToolOutput {
-    let mut cmd = process::command("bash");
+    let mut cmd = match jail {
+        Some(j) => j.command("bash"),
+        None => process::command("bash"),
+    };
     // One pipe for both streams keeps their order.
     cmd.arg("-c")
         .arg(format!("exec 2>&1\n{command}"))
@@ -124,6 +129,7 @@ mod tests {
             "pwd; echo err >&2; env | cut -d= -f1 | sort",
             DEFAULT_TIMEOUT,
             &cancel,
+            None,
         )
         .await;
         assert!(!out.is_error, "{out:?}");
@@ -143,7 +149,14 @@ mod tests {
                 "unexpected variable {line}"
             );
         }
-        let failed = run(dir.path(), "echo no; exit 3", DEFAULT_TIMEOUT, &cancel).await;
+        let failed = run(
+            dir.path(),
+            "echo no; exit 3",
+            DEFAULT_TIMEOUT,
+            &cancel,
+            None,
+        )
+        .await;
         assert!(
             failed.is_error && failed.text.ends_with("[exit status: 3]"),
             "{failed:?}"
@@ -157,7 +170,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let script = "echo $$ > shell.pid; sleep 300 & echo $! > bg.pid; wait";
         // Boxed, so that dropping it drops the future itself.
-        let mut run = Box::pin(run(dir.path(), script, DEFAULT_TIMEOUT, &cancel));
+        let mut run = Box::pin(run(dir.path(), script, DEFAULT_TIMEOUT, &cancel, None));
         let bg = dir.path().join("bg.pid");
         let started = tokio::time::Instant::now();
         while !std::fs::read_to_string(&bg).is_ok_and(|s| !s.trim().is_empty()) {
@@ -190,6 +203,7 @@ mod tests {
             "head -c 50000 /dev/zero | tr '\\0' x",
             DEFAULT_TIMEOUT,
             &CancellationToken::new(),
+            None,
         )
         .await;
         assert!(
