@@ -111,9 +111,9 @@ pub async fn run(
         r = ready => r?,
         _ = shutdown.cancelled() => return Ok(()),
     }
-    let connect = || State::connect(&config.redis_url);
+    let connect = || State::connect(&config.redis);
     let state = tokio::select! {
-        r = connect.retry(retry_policy()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => r?,
+        r = connect.retry(retry_policy()).when(state::Error::is_transient).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => r?,
         _ = shutdown.cancelled() => return Ok(()),
     };
 
