@@ -21,6 +21,7 @@
 
 pub mod history;
 
+use crate::catchup::LogPosition;
 use orch_config::redis::{ConnectError, Connection, Redis};
 use orch_shared::api::{Task, Worker};
 use orch_shared::codec;
@@ -112,6 +113,9 @@ end
 return 1
 "#
 );
+
+/// How far in the JetStream log this Redis has everything ([`LogPosition`]).
+const APPLIED: &str = "orch:applied";
 
 /// The key holding the current leader epoch, raised by each replica that takes the lease.
 const LEADER_EPOCH: &str = "orch:leader:epoch";
@@ -355,10 +359,17 @@ end
 return 0
 "#;
 
-/// Extends the leader lease if `ARGV[1]` holds it. KEYS: leader. ARGV: id, ttl ms.
+/// Extends the leader lease if `ARGV[1]` holds it; takes it again if nobody holds it and the
+/// leader epoch is still `ARGV[3]` (no replica led since: Redis lost the lease, say a failover
+/// to a replica that missed its last renewals). KEYS: leader, epoch. ARGV: id, ttl ms, epoch.
 const RENEW_LEAD: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0
@@ -1004,6 +1015,51 @@ impl State {
             .map_err(redis_err("restore task"))
     }
 
+    /// Records how far in the log this Redis has everything (see [`crate::catchup`]) and
+    /// returns, from the same atomic step, the position it held before and the run id of the
+    /// server that executed it (another one after a failover or a restart).
+    pub async fn record_position(
+        &self,
+        at: &LogPosition,
+    ) -> Result<(Option<LogPosition>, String), Error> {
+        let mut conn = self.conn.clone();
+        let (before, info): (HashMap<String, u64>, String) = redis::pipe()
+            .atomic()
+            .hgetall(APPLIED)
+            .hset_multiple(APPLIED, &at.fields())
+            .ignore()
+            .cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("record the log position"))?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Ok((LogPosition::from_fields(&before), run_id))
+    }
+
+    /// How far in the log this Redis has everything; `None` before the first record.
+    pub async fn position(&self) -> Result<Option<LogPosition>, Error> {
+        let mut conn = self.conn.clone();
+        let fields: HashMap<String, u64> = conn
+            .hgetall(APPLIED)
+            .await
+            .map_err(redis_err("read the log position"))?;
+        Ok(LogPosition::from_fields(&fields))
+    }
+
+    /// Puts back a position (a catch-up that failed half way is run again from it).
+    pub async fn set_position(&self, at: &LogPosition) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.hset_multiple::<_, _, _, ()>(APPLIED, &at.fields())
+            .await
+            .map_err(redis_err("record the log position"))
+    }
+
     /// Takes the leader lease if nobody holds it, with a new leader epoch that every task
     /// write of this replica carries from now on (see [`fence_lua`]).
     pub async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, Error> {
@@ -1038,8 +1094,10 @@ impl State {
         let mut conn = self.conn.clone();
         let held: i64 = RENEW_LEAD_SCRIPT
             .key(LEADER)
+            .key(LEADER_EPOCH)
             .arg(id)
             .arg(ttl.as_millis() as u64)
+            .arg(self.epoch.load(Ordering::Relaxed))
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("renew the leader lease"))?;

@@ -132,3 +132,107 @@ async fn a_sigkilled_primary_fails_over_to_its_replica_and_the_cluster_keeps_wor
         cluster.logs()
     );
 }
+
+/// Copies the files of `from` into `to` (Redis's append-only files while it runs: with fsync on
+/// every write, what a replica that stopped receiving at this moment would hold).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Whether any file under `dir` contains `needle`.
+fn files_contain(dir: &std::path::Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            files_contain(&path, needle)
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+        }
+    })
+}
+
+/// Redis comes back older than the log, as a failover to a replica that missed the primary's
+/// last acknowledged writes leaves it: its data is replaced by a copy taken before the last
+/// tasks were even created. The leader sees another Redis server, replays the log past the
+/// position that copy recorded, and every task is there, completed, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_last_writes_catches_up_from_the_log() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let first = submit_many(&cluster, 5, 100).await;
+    assert_clean(&check(&cluster, &first).await, &cluster);
+    // The leader records the position every second: the copy holds one covering `first`.
+    tokio::time::sleep(2 * orch_coordinator::catchup::RECORD_EVERY).await;
+    let data = cluster.dir.path().join("redis");
+    let copy = cluster.dir.path().join("redis-behind");
+    copy_dir(&data, &copy);
+
+    let later = submit_many(&cluster, 5, 100).await;
+    assert_clean(&check(&cluster, &later).await, &cluster);
+    for id in &later {
+        assert!(!files_contain(&copy, id), "the copy already has task {id}");
+    }
+    cluster.kill_redis();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&copy, &data).unwrap();
+    cluster.start_redis();
+
+    // Every task is known again (a task Redis lost answers 404 until the replay).
+    cluster
+        .eventually(Duration::from_secs(60), || async {
+            for id in &later {
+                let (status, _) = cluster.get(&format!("/v1/tasks/{id}")).await;
+                if status != reqwest::StatusCode::OK {
+                    return Err(format!("task {id}: {status}"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    let all: Vec<String> = first.iter().chain(&later).cloned().collect();
+    assert_clean(&check(&cluster, &all).await, &cluster);
+    assert!(
+        orch_tests::log_contains(
+            &cluster.coordinator.log,
+            "Redis was behind the log: caught up"
+        ),
+        "the coordinator never caught up\n{}",
+        cluster.logs()
+    );
+
+    // Nothing charged twice: the day's spend is the tasks' cost, once.
+    let redis = orch_config::redis::RedisSettings::default()
+        .check(&cluster.redis_url)
+        .unwrap();
+    let state = orch_coordinator::state::State::connect(&redis)
+        .await
+        .unwrap();
+    let mut cost = 0.0;
+    for id in &all {
+        cost += cluster.task(id).await.cost_usd;
+    }
+    assert!(
+        cost > 0.0,
+        "the simulated agents cost nothing: the check would be empty"
+    );
+    let now = orch_shared::now_ms();
+    let today = state.today(now - now % 86_400_000).await.unwrap();
+    assert!(
+        (today.spent_usd - cost).abs() < 1e-9,
+        "spent {} today for tasks costing {cost}",
+        today.spent_usd
+    );
+}
