@@ -99,6 +99,8 @@ COMBOS: dict[str, list[str]] = {
     "noauth": ["--set", "auth.noAuth=true", "--set", "auth.existingSecret="],
     "dev": ["-f", str(CHART / "values-dev.yaml")],
     "prod": ["-f", str(CHART / "values-prod.yaml")],
+    "redis-ha": ["--set", "redis.mode=sentinel", "--set", "networkPolicy.enabled=true",
+                 "--set", "redisAuth.existingSecret=redis-creds"],
 }
 
 # Values the chart must refuse, with words the error must contain.
@@ -126,6 +128,11 @@ REJECTED: list[tuple[str, list[str], list[str]]] = [
      ["coordinator.streamReplicas", "nats.config.cluster.replicas"]),
     ("streamReplicas above JetStream's 5", ["--set", "coordinator.streamReplicas=7"],
      ["/coordinator/streamReplicas", "maximum"]),
+    ("a Sentinel quorum above the Sentinels",
+     ["--set", "redis.mode=sentinel", "--set", "redis.sentinel.quorum=4"],
+     ["redis.sentinel.quorum", "redis.sentinel.replicas"]),
+    ("fewer than 3 Redis servers in sentinel mode",
+     ["--set", "redis.mode=sentinel", "--set", "redis.sentinel.replicas=2"], ["/redis/sentinel/replicas", "minimum"]),
     ("a typo (worker.slot)", ["--set", "worker.slot=4"], ["/worker", "slot"]),
     ("bad image digest", ["--set", "worker.image.digest=latest"], ["/worker/image/digest"]),
     ("external NATS without a URL", ["--set", "nats.enabled=false"], ["externalNats.url"]),
@@ -560,8 +567,13 @@ def check_combo_specifics(name: str, docs: list[dict], values: dict) -> None:
         assert redis_url == f"redis://{RELEASE}-orchestrator-redis:6379", f"bundled Redis URL is {redis_url}"
         assert "StatefulSet" in kinds, "the chart's Redis is missing"
     if name.startswith("external") or name == "keda-external":
-        assert nats_url == "nats://$(NATS_USER):$(NATS_PASSWORD)@nats.messaging.svc:4222", nats_url
-        assert redis_url == "redis://$(REDIS_USER):$(REDIS_PASSWORD)@redis.data.svc:6379/0", redis_url
+        assert nats_url == "nats://nats.messaging.svc:4222", nats_url
+        assert redis_url == "redis://redis.data.svc:6379/0", redis_url
+        for env in (cenv, wenv):
+            assert env["ORCH_NATS_USER"]["valueFrom"]["secretKeyRef"]["name"] == "nats-creds", env
+            assert env["ORCH_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nats-creds", env
+            assert env["ORCH_REDIS_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "redis-creds", env
+            assert env["ORCH_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-creds", env
         assert "StatefulSet" not in kinds, "external Redis, but the chart still runs one"
         for dep, env in ((coord, cenv), (worker, wenv)):
             assert env["ORCH_NATS_CA_FILE"]["value"] == "/etc/orch/nats-tls/ca.crt", env.get("ORCH_NATS_CA_FILE")
@@ -578,8 +590,10 @@ def check_combo_specifics(name: str, docs: list[dict], values: dict) -> None:
     if name.startswith("external"):
         assert replicas == "1", f"an external NATS's size is unknown: 1 replica unless set, not {replicas}"
     if name == "prod":
-        assert nats_url == f"nats://$(NATS_USER):$(NATS_PASSWORD)@{RELEASE}-nats:4222", nats_url
-        assert redis_url == f"redis://:$(REDIS_PASSWORD)@{RELEASE}-orchestrator-redis:6379", redis_url
+        assert nats_url == f"nats://{RELEASE}-nats:4222", nats_url
+        assert redis_url == f"redis://{RELEASE}-orchestrator-redis:6379", redis_url
+        assert "ORCH_NATS_PASSWORD" in cenv and "ORCH_REDIS_PASSWORD" in wenv, "prod credentials are not set"
+        assert "ORCH_REDIS_USERNAME" not in cenv, "prod Redis uses its default user"
         aff = pod_spec(worker)["affinity"]["podAntiAffinity"]
         assert aff["preferredDuringSchedulingIgnoredDuringExecution"], "prod workers are not spread over nodes"
         assert one(docs, "StatefulSet", "redis")["spec"]["volumeClaimTemplates"], "prod Redis has no volume"
@@ -587,6 +601,23 @@ def check_combo_specifics(name: str, docs: list[dict], values: dict) -> None:
         for n in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_BASE_URL"):
             ref = wenv[n]["valueFrom"]["secretKeyRef"]
             assert ref["name"] == "orchestrator-providers" and ref.get("optional") is True, f"{n} reference"
+    if name == "redis-ha":
+        sts = one(docs, "StatefulSet", "redis")
+        assert sts["spec"]["replicas"] == 3, "sentinel mode runs a primary and 2 replicas"
+        names = [c["name"] for c in pod_spec(sts)["containers"]]
+        assert names == ["redis", "sentinel"], f"each Redis server needs a Sentinel beside it: {names}"
+        svc = one(docs, "Service", "redis")
+        assert svc["spec"].get("publishNotReadyAddresses") is True, "servers must resolve each other before ready"
+        assert {p["name"] for p in svc["spec"]["ports"]} == {"redis", "sentinel"}, svc["spec"]["ports"]
+        host = f"{RELEASE}-orchestrator-redis"
+        sentinels = ",".join(f"{host}-{i}.{host}.{NAMESPACE}.svc:26379" for i in range(3))
+        assert redis_url == f"redis+sentinel://{sentinels}/orch", redis_url
+        script = container(sts, "sentinel")["command"][-1]
+        assert "sentinel monitor orch" in script and "auth-pass" in script, script
+        assert "masterauth" in container(sts, "redis")["command"][-1], "replicas cannot authenticate to the primary"
+        policy = one(docs, "NetworkPolicy", "redis")
+        ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        assert ports == {"redis", "sentinel"}, ports
     if name == "dev":
         assert worker["spec"]["replicas"] == 1, "dev runs one worker"
         sts = one(docs, "StatefulSet", "redis")

@@ -18,6 +18,7 @@
 //! [`nats`] holds the NATS connection settings (TLS, credentials) both services share.
 
 pub mod nats;
+pub mod redis;
 
 use clap::{ArgAction, ArgMatches, Command, parser::ValueSource};
 use figment::error::{Actual, Kind};

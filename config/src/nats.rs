@@ -128,6 +128,10 @@ impl std::fmt::Debug for NatsSettings {
 pub struct Secret(String);
 
 impl Secret {
+    pub(crate) fn new(secret: String) -> Self {
+        Self(secret)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

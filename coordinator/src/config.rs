@@ -41,6 +41,9 @@ pub struct Args {
     /// SSL_CERT_FILE [default: redis://127.0.0.1:6379]
     #[arg(long, env = "ORCH_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// ACL credentials and Sentinel for Redis (`[redis]` in the file).
+    #[command(flatten)]
+    pub redis: orch_config::redis::RedisArgs,
     /// API bearer tokens, comma separated (file key `tokens`). Required unless --no-auth.
     #[arg(
         long = "token",
@@ -117,6 +120,7 @@ struct Settings {
     nats_url: String,
     nats: orch_config::nats::NatsSettings,
     redis_url: String,
+    redis: orch_config::redis::RedisSettings,
     tokens: Vec<String>,
     tenants: Vec<String>,
     no_auth: bool,
@@ -146,6 +150,7 @@ impl Default for Settings {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats: Default::default(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis: Default::default(),
             tokens: vec![],
             tenants: vec![],
             no_auth: false,
@@ -172,7 +177,8 @@ pub struct Config {
     pub nats_url: String,
     /// TLS and credentials for NATS.
     pub nats: orch_config::nats::Nats,
-    pub redis_url: String,
+    /// Where Redis is (a URL or Sentinel) and its credentials.
+    pub redis: orch_config::redis::Redis,
     /// Admin tokens. Empty (with no tenants) means authentication is off (only with --no-auth).
     pub tokens: Vec<String>,
     /// `(tenant, token)` pairs.
@@ -237,6 +243,7 @@ impl Settings {
     fn check(self) -> Result<Config, Error> {
         use crate::admission::{Cap, RateLimit};
         let nats = self.nats.check()?;
+        let redis = self.redis.check(&self.redis_url)?;
         let tokens: Vec<String> = self
             .tokens
             .into_iter()
@@ -335,7 +342,7 @@ impl Settings {
             addr_file: self.addr_file,
             nats_url: self.nats_url,
             nats,
-            redis_url: self.redis_url,
+            redis,
             tokens: if no_auth { vec![] } else { tokens },
             tenants: if no_auth { vec![] } else { tenants },
             job_ack_wait: self.job_ack_wait,
@@ -465,7 +472,10 @@ mod tests {
         assert_eq!(cfg.job_ack_wait, Duration::from_secs(7));
         assert_eq!(cfg.lanes, 8);
         assert_eq!(cfg.nats_url, "nats://env");
-        assert_eq!(cfg.redis_url, "redis://file");
+        assert_eq!(
+            cfg.redis.target,
+            orch_config::redis::Target::Url("redis://file".into())
+        );
         assert_eq!(cfg.tokens, ["env-token-0123456789", "second-token-0123456"]);
         let cfg = load_with(
             Some(file),

@@ -4,6 +4,12 @@
 //! replica serves reads. A standby takes over within the lease TTL plus one renewal period
 //! after the leader dies. A leader that cannot renew in time stops (exit 1) rather than risk
 //! two dispatchers: its process manager restarts it as a standby.
+//!
+//! Each replica that takes the lease raises the leader epoch (`orch:leader:epoch`), and every
+//! task write of the leader carries its epoch, checked in the same Lua script that writes: a
+//! leader paused or partitioned past its lease, whose lease another replica took, has its
+//! next write refused (`state::Error::Fenced`), so it neither applies a result nor publishes
+//! what would follow it, and stops at once.
 
 use crate::state::{self, State};
 use std::time::{Duration, Instant};
@@ -21,6 +27,8 @@ pub enum Error {
         "lost the leader lease (another coordinator holds it, or Redis did not answer for {0:?})"
     )]
     Lost(Duration),
+    #[error("fenced out: another coordinator took the leader lease (epoch {0} is stale)")]
+    Fenced(u64),
     #[error(transparent)]
     State(#[from] state::Error),
 }
@@ -44,11 +52,12 @@ pub async fn campaign(
                 return Ok(());
             }
             _ = tick.tick() => {}
+            _ = state.fenced() => return Err(Error::Fenced(state.leader_epoch())),
         }
         match renewed_at {
             None => match state.try_lead(&id, LEASE_TTL).await {
                 Ok(true) => {
-                    tracing::info!(%id, "this coordinator is the leader");
+                    tracing::info!(%id, epoch = state.leader_epoch(), "this coordinator is the leader");
                     renewed_at = Some(Instant::now());
                     metrics::gauge!(crate::metrics::LEADER).set(1.0);
                     let _ = leader.send(true);

@@ -15,6 +15,8 @@
 //! - [`transport`]: the only code that knows NATS subjects, streams and bytes.
 //! - [`state`]: the only code that knows Redis keys.
 //! - [`reconcile`]: rebuilds Redis from the JetStream log after a data loss.
+//! - [`catchup`]: records how far Redis has the log and replays past it when Redis is another
+//!   server (a failover, a restart) or this replica starts leading.
 //! - [`leader`]: the leader lease between coordinator replicas (only the leader dispatches).
 //! - [`metrics`]: metric names and descriptions.
 //! - [`meter`]: job counters, taken by the leader where it applies starts, results, retries.
@@ -22,6 +24,7 @@
 //!   coordinator's entry in the coordinator registry.
 
 pub mod admission;
+pub mod catchup;
 pub mod config;
 pub mod context;
 pub mod driver;
@@ -111,9 +114,9 @@ pub async fn run(
         r = ready => r?,
         _ = shutdown.cancelled() => return Ok(()),
     }
-    let connect = || State::connect(&config.redis_url);
+    let connect = || State::connect(&config.redis);
     let state = tokio::select! {
-        r = connect.retry(retry_policy()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => r?,
+        r = connect.retry(retry_policy()).when(state::Error::is_transient).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => r?,
         _ = shutdown.cancelled() => return Ok(()),
     };
 
@@ -180,6 +183,12 @@ pub async fn run(
     reconcile::run_if_needed(&state, &transport)
         .await
         .map_err(|e| Error::Resume(e.to_string()))?;
+    catchup::on_leading(&state, &transport).await;
+    tracker.spawn(catchup::run(
+        state.clone(),
+        transport.clone(),
+        shutdown.clone(),
+    ));
     if let Err(e) = state
         .set_daily_budget(config.admission.daily_budget_usd)
         .await

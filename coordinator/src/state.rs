@@ -21,15 +21,19 @@
 
 pub mod history;
 
+use crate::catchup::LogPosition;
+use orch_config::redis::{ConnectError, Connection, Redis};
 use orch_shared::api::{Task, Worker};
 use orch_shared::codec;
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{SessionPointer, Usage};
 use orch_shared::keys::{self, worker_field};
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 const TASKS: &str = "orch:tasks";
 const ACTIVE: &str = "orch:tasks:active";
@@ -56,11 +60,12 @@ fn idem_key(key: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to connect to Redis at {url}: {source}")]
-    Connect {
-        url: String,
-        source: redis::RedisError,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A write of a leader whose lease passed to another replica since (its epoch is not the
+    /// current one): nothing was written.
+    #[error("fenced out: leader epoch {0} is no longer the current one")]
+    Fenced(u64),
     #[error("redis {op} failed: {source}")]
     Redis {
         op: &'static str,
@@ -73,16 +78,47 @@ pub enum Error {
     },
 }
 
-/// Adds a whole-record write of `task` to `pipe`, with the task joining or leaving the active
-/// set.
-fn add_save(pipe: &mut redis::Pipeline, task: &Task) {
-    pipe.set(task_key(task.id), codec::encode(task));
-    if task.status.is_terminal() {
-        pipe.srem(ACTIVE, task.id.to_string());
-    } else {
-        pipe.sadd(ACTIVE, task.id.to_string());
+impl Error {
+    /// Whether connecting again may help (not when Redis refused the credentials).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect(e) => e.is_transient(),
+            _ => true,
+        }
     }
 }
+
+/// The Lua check that opens every leader write: unless `ARGV[1]` is `0` (a replica that is not
+/// leading: a rebuild, a test), the write goes through only while `KEYS[1]` (the leader epoch)
+/// is still `ARGV[1]`, so a leader whose lease passed to another replica writes nothing.
+macro_rules! fence_lua {
+    () => {
+        r#"
+if ARGV[1] ~= '0' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+"#
+    };
+}
+
+/// Overwrites whole task records, each joining or leaving the active set, if the leader epoch
+/// holds ([`fence_lua`]). KEYS: leader epoch, active, then each task's key. ARGV: epoch, then
+/// per task its id, record and 1 if terminal. Returns -1 when fenced out, else 1.
+const SAVE_TASKS: &str = concat!(
+    fence_lua!(),
+    r#"
+for i = 3, #KEYS do
+  local at = 2 + (i - 3) * 3
+  redis.call('SET', KEYS[i], ARGV[at + 1])
+  if ARGV[at + 2] == '1' then redis.call('SREM', KEYS[2], ARGV[at]) else redis.call('SADD', KEYS[2], ARGV[at]) end
+end
+return 1
+"#
+);
+
+/// How far in the JetStream log this Redis has everything ([`LogPosition`]).
+const APPLIED: &str = "orch:applied";
+
+/// The key holding the current leader epoch, raised by each replica that takes the lease.
+const LEADER_EPOCH: &str = "orch:leader:epoch";
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |source| Error::Redis { op, source }
@@ -117,7 +153,12 @@ pub enum Created {
 /// A cheap, cloneable handle on Redis.
 #[derive(Clone)]
 pub struct State {
-    conn: ConnectionManager,
+    conn: Connection,
+    /// The leader epoch this replica took with the lease (0 while it does not lead), the
+    /// fencing token its task writes carry.
+    epoch: Arc<AtomicU64>,
+    /// Cancelled when a write was fenced out: another replica leads now.
+    fenced: CancellationToken,
 }
 
 /// Creates the task, its index entries and its idempotency key in one step, or returns the
@@ -200,13 +241,14 @@ const SETTLE_DAILY: &str = concat!(
 /// record, joins or leaves the active set, settles the attempt's cost and tokens in the day's
 /// figures once (as [`SETTLE_DAILY`]), keeps the job's figures for estimates and writes the
 /// agent's session pointer when the result reports a stored session.
-/// KEYS: fence, task, active, day hash, stats list, session pointer.
+/// KEYS: fence, task, active, day hash, stats list, session pointer, leader epoch.
 /// ARGV: fence (0: the worker held no lease), record, 1 if terminal, task id, job:attempt,
 /// cost, stats row ('' for none), rows kept, input, output, cache write, cache read tokens,
-/// then the pointer's field/value pairs (none: no session).
-/// Returns 0 when fenced out, else 1.
+/// leader epoch (as in [`fence_lua`]), then the pointer's field/value pairs (none: no session).
+/// Returns -1 when this leader is fenced out, 0 when the worker is, else 1.
 const APPLY_RESULT: &str = concat!(
     r#"
+if ARGV[13] ~= '0' and redis.call('GET', KEYS[7]) ~= ARGV[13] then return -1 end
 if ARGV[1] ~= '0' then
   local current = redis.call('GET', KEYS[1])
   if current and current ~= ARGV[1] then return 0 end
@@ -221,15 +263,19 @@ if ARGV[7] ~= '' then
   redis.call('LPUSH', KEYS[5], ARGV[7])
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
 end
-if #ARGV > 12 then
+if #ARGV > 13 then
   redis.call('DEL', KEYS[6])
-  redis.call('HSET', KEYS[6], unpack(ARGV, 13))
+  redis.call('HSET', KEYS[6], unpack(ARGV, 14))
 end
 return 1
 "#
 );
 
 // Scripts hashed once (`Script::new` computes the SHA1 the server caches them by).
+static SAVE_TASKS_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SAVE_TASKS));
+static TAKE_LEAD_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(TAKE_LEAD));
 static APPLY_RESULT_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(APPLY_RESULT));
 static SETTLE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
@@ -304,10 +350,26 @@ fn day_key(now_ms: u64) -> String {
 
 const LEADER: &str = "orch:leader";
 
-/// Extends the leader lease if `ARGV[1]` holds it. KEYS: leader. ARGV: id, ttl ms.
+/// Takes the leader lease if nobody holds it and raises the leader epoch. KEYS: leader, epoch.
+/// ARGV: id, ttl ms. Returns the new epoch, or 0 when another replica holds the lease.
+const TAKE_LEAD: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"#;
+
+/// Extends the leader lease if `ARGV[1]` holds it; takes it again if nobody holds it and the
+/// leader epoch is still `ARGV[3]` (no replica led since: Redis lost the lease, say a failover
+/// to a replica that missed its last renewals). KEYS: leader, epoch. ARGV: id, ttl ms, epoch.
 const RENEW_LEAD: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0
@@ -337,24 +399,15 @@ pub struct JobStats {
 }
 
 impl State {
-    pub async fn connect(url: &str) -> Result<Self, Error> {
-        let connect = |source| Error::Connect {
-            url: orch_shared::redact_url(url),
-            source,
-        };
-        // Requests are small and answered at once: without TCP_NODELAY a request written
-        // while another is unanswered on the shared connection waits for Nagle's timer.
-        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(connect)?;
-        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(connect)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(3);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(connect)?;
-        Ok(Self { conn })
+    /// Opens the service's one Redis connection (through Sentinel, one that follows the
+    /// primary).
+    pub async fn connect(redis: &Redis) -> Result<Self, Error> {
+        let conn = redis.connect().await?;
+        Ok(Self {
+            conn,
+            epoch: Arc::default(),
+            fenced: CancellationToken::new(),
+        })
     }
 
     /// Whether Redis answers a PING within a second.
@@ -440,29 +493,39 @@ impl State {
             .map_err(redis_err("create task"))
     }
 
-    /// Overwrites a task record; it joins or leaves the active set in the same step.
+    /// Overwrites a task record; it joins or leaves the active set in the same step. Fenced
+    /// ([`Error::Fenced`]) once another replica took the lease.
     pub async fn save_task(&self, task: &Task) -> Result<(), Error> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        add_save(&mut pipe, task);
-        pipe.exec_async(&mut conn)
-            .await
-            .map_err(redis_err("save task"))
+        self.save_tasks(&[task]).await
     }
 
     /// Overwrites several task records in one round trip; each joins or leaves the active set
-    /// as [`State::save_task`] does.
+    /// as [`State::save_task`] does, and all are fenced together.
     pub async fn save_tasks(&self, tasks: &[&Task]) -> Result<(), Error> {
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let mut call = SAVE_TASKS_SCRIPT.key(LEADER_EPOCH);
+        call.key(ACTIVE).arg(epoch);
         for task in tasks {
-            add_save(&mut pipe, task);
+            call.key(task_key(task.id))
+                .arg(task.id.to_string())
+                .arg(codec::encode(task))
+                .arg(u8::from(task.status.is_terminal()));
         }
-        pipe.exec_async(&mut conn)
+        let written: i64 = call
+            .invoke_async(&mut conn)
             .await
-            .map_err(redis_err("save tasks"))
+            .map_err(redis_err("save tasks"))?;
+        self.fenced_if(written, epoch)
+    }
+
+    /// [`Error::Fenced`] for a script's -1, which also tells [`State::fenced`]'s waiters.
+    fn fenced_if(&self, written: i64, epoch: u64) -> Result<(), Error> {
+        if written == -1 {
+            self.fenced.cancel();
+            return Err(Error::Fenced(epoch));
+        }
+        Ok(())
     }
 
     /// Saves a task after applying a job result, with the result's bookkeeping, in one round
@@ -470,6 +533,7 @@ impl State {
     /// another worker took the attempt's lease since.
     pub async fn save_result(&self, task: &Task, w: &ResultWrite<'_>) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
+        let epoch = self.epoch.load(Ordering::Relaxed);
         let stats = w.stats.map(|f| {
             (
                 stats_key(f.role, f.model),
@@ -482,6 +546,7 @@ impl State {
             .key(day_key(w.finished_at_ms))
             .key(stats.as_ref().map_or("orch:stats:none", |s| s.0.as_str()))
             .key(keys::session(w.job))
+            .key(LEADER_EPOCH)
             .arg(w.fence)
             .arg(codec::encode(task))
             .arg(u8::from(task.status.is_terminal()))
@@ -493,7 +558,8 @@ impl State {
             .arg(w.usage.input_tokens)
             .arg(w.usage.output_tokens)
             .arg(w.usage.cache_creation_tokens)
-            .arg(w.usage.cache_read_tokens);
+            .arg(w.usage.cache_read_tokens)
+            .arg(epoch);
         for (field, value) in w.session.map(SessionPointer::fields).unwrap_or_default() {
             call.arg(field).arg(value);
         }
@@ -501,6 +567,7 @@ impl State {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("save task"))?;
+        self.fenced_if(written, epoch)?;
         Ok(written == 1)
     }
 
@@ -948,19 +1015,78 @@ impl State {
             .map_err(redis_err("restore task"))
     }
 
-    /// Takes the leader lease if nobody holds it.
-    pub async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, Error> {
+    /// Records how far in the log this Redis has everything (see [`crate::catchup`]) and
+    /// returns, from the same atomic step, the position it held before and the run id of the
+    /// server that executed it (another one after a failover or a restart).
+    pub async fn record_position(
+        &self,
+        at: &LogPosition,
+    ) -> Result<(Option<LogPosition>, String), Error> {
         let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(LEADER)
-            .arg(id)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
+        let (before, info): (HashMap<String, u64>, String) = redis::pipe()
+            .atomic()
+            .hgetall(APPLIED)
+            .hset_multiple(APPLIED, &at.fields())
+            .ignore()
+            .cmd("INFO")
+            .arg("server")
             .query_async(&mut conn)
             .await
+            .map_err(redis_err("record the log position"))?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Ok((LogPosition::from_fields(&before), run_id))
+    }
+
+    /// How far in the log this Redis has everything; `None` before the first record.
+    pub async fn position(&self) -> Result<Option<LogPosition>, Error> {
+        let mut conn = self.conn.clone();
+        let fields: HashMap<String, u64> = conn
+            .hgetall(APPLIED)
+            .await
+            .map_err(redis_err("read the log position"))?;
+        Ok(LogPosition::from_fields(&fields))
+    }
+
+    /// Puts back a position (a catch-up that failed half way is run again from it).
+    pub async fn set_position(&self, at: &LogPosition) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.hset_multiple::<_, _, _, ()>(APPLIED, &at.fields())
+            .await
+            .map_err(redis_err("record the log position"))
+    }
+
+    /// Takes the leader lease if nobody holds it, with a new leader epoch that every task
+    /// write of this replica carries from now on (see [`fence_lua`]).
+    pub async fn try_lead(&self, id: &str, ttl: Duration) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        let epoch: u64 = TAKE_LEAD_SCRIPT
+            .key(LEADER)
+            .key(LEADER_EPOCH)
+            .arg(id)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
             .map_err(redis_err("take the leader lease"))?;
-        Ok(set.is_some())
+        if epoch == 0 {
+            return Ok(false);
+        }
+        self.epoch.store(epoch, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The leader epoch this replica took with the lease (0: it never led).
+    pub fn leader_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once a write of this replica was fenced out: another replica took the lease.
+    pub async fn fenced(&self) {
+        self.fenced.cancelled().await
     }
 
     /// Extends the leader lease; false if `id` no longer holds it.
@@ -968,8 +1094,10 @@ impl State {
         let mut conn = self.conn.clone();
         let held: i64 = RENEW_LEAD_SCRIPT
             .key(LEADER)
+            .key(LEADER_EPOCH)
             .arg(id)
             .arg(ttl.as_millis() as u64)
+            .arg(self.epoch.load(Ordering::Relaxed))
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("renew the leader lease"))?;

@@ -3,6 +3,7 @@
 
 pub mod events;
 
+use crate::catchup::LogPosition;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
 use orch_shared::api::Task;
@@ -615,6 +616,18 @@ impl Transport {
         stream_name: &str,
         filter: Option<&str>,
     ) -> Result<Vec<T>, Error> {
+        let all = self.read_after(stream_name, filter, 0).await?;
+        Ok(all.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// The stored messages of `stream` after sequence `after` (0: all), decoded, in order,
+    /// each with its sequence, until the ones present when the call began are read.
+    async fn read_after<T: serde::de::DeserializeOwned>(
+        &self,
+        stream_name: &str,
+        filter: Option<&str>,
+        after: u64,
+    ) -> Result<Vec<(u64, T)>, Error> {
         let read = |e: async_nats::Error| Error::Read {
             what: format!("stream {stream_name}"),
             source: e,
@@ -636,13 +649,19 @@ impl Transport {
         }
         let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: if after == 0 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    }
+                },
                 filter_subject: filter.unwrap_or_default().into(),
                 ..Default::default()
             })
             .await
             .map_err(|e| read(e.into()))?;
-        if filter.is_some()
+        if (filter.is_some() || after > 0)
             && consumer
                 .info()
                 .await
@@ -659,9 +678,12 @@ impl Transport {
             .flatten()
         {
             let msg = msg.map_err(|e| read(e.into()))?;
-            let pending = msg.info().map(|i| i.pending).unwrap_or(0);
+            let (pending, seq) = msg
+                .info()
+                .map(|i| (i.pending, i.stream_sequence))
+                .unwrap_or((0, 0));
             match codec::decode::<T>(&msg.payload) {
-                Ok(v) => out.push(v),
+                Ok(v) => out.push((seq, v)),
                 Err(e) => {
                     tracing::warn!(error = %e, subject = %msg.subject, "skipping an unreadable message")
                 }
@@ -693,6 +715,96 @@ impl Transport {
     /// Every stored job result, oldest first.
     pub async fn all_results(&self) -> Result<Vec<JobResult>, Error> {
         self.read_all(subject::RESULTS_STREAM, None).await
+    }
+
+    /// The job results after the results stream's sequence `after` up to `upto`, oldest
+    /// first.
+    pub async fn results_between(&self, after: u64, upto: u64) -> Result<Vec<JobResult>, Error> {
+        if upto <= after {
+            return Ok(vec![]);
+        }
+        let all = self
+            .read_after(subject::RESULTS_STREAM, None, after)
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter(|(seq, _)| *seq <= upto)
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// The task records of the creation messages and snapshots between two positions
+    /// (event log and snapshot stream sequences), the later of each task's last.
+    pub async fn tasks_between(
+        &self,
+        from: &LogPosition,
+        upto: &LogPosition,
+    ) -> Result<Vec<Task>, Error> {
+        let mut tasks = Vec::new();
+        if upto.events > from.events {
+            let created: Vec<(u64, event::EventBatch)> = self
+                .read_after(
+                    subject::EVENTS_STREAM,
+                    Some(subject::ALL_CREATED),
+                    from.events,
+                )
+                .await?;
+            tasks.extend(
+                created
+                    .into_iter()
+                    .filter(|(seq, _)| *seq <= upto.events)
+                    .filter_map(|(_, b)| b.task.map(|t| *t)),
+            );
+        }
+        if upto.tasks > from.tasks {
+            let snapshots: Vec<(u64, Task)> = self
+                .read_after(subject::TASKS_STREAM, None, from.tasks)
+                .await?;
+            // A snapshot is always later than the creation.
+            tasks.extend(
+                snapshots
+                    .into_iter()
+                    .filter(|(seq, _)| *seq <= upto.tasks)
+                    .map(|(_, t)| t),
+            );
+        }
+        Ok(tasks)
+    }
+
+    /// How far the log is: the results consumer's ack floor (every result up to it was
+    /// applied and saved before it was acked) and the last sequences of the event log and the
+    /// snapshot stream.
+    pub async fn log_position(&self) -> Result<LogPosition, Error> {
+        let read = |what: &str, e: async_nats::Error| Error::Read {
+            what: what.into(),
+            source: e,
+        };
+        let last = |name: &'static str| async move {
+            let mut stream = self
+                .js()
+                .get_stream(name)
+                .await
+                .map_err(|e| read(name, e.into()))?;
+            let info = stream.info().await.map_err(|e| read(name, e.into()))?;
+            Ok::<u64, Error>(info.state.last_sequence)
+        };
+        let mut consumer: consumer::PullConsumer = self
+            .js()
+            .get_stream(subject::RESULTS_STREAM)
+            .await
+            .map_err(|e| read("results", e.into()))?
+            .get_consumer(subject::RESULTS_CONSUMER)
+            .await
+            .map_err(|e| read("results consumer", e))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| read("results consumer", e.into()))?;
+        Ok(LogPosition {
+            results: info.ack_floor.stream_sequence,
+            events: last(subject::EVENTS_STREAM).await?,
+            tasks: last(subject::TASKS_STREAM).await?,
+        })
     }
 
     /// Sends a write a standby received to the leader and waits for its answer.

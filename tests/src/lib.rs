@@ -15,6 +15,7 @@ use orch_shared::api::{Task, TaskStatus};
 use orch_shared::event::{Event, EventId};
 use reqwest::StatusCode;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -429,6 +430,8 @@ fn redis_with(dir: &Path, port: u16, listen: &[String]) -> Option<(Server, Strin
     let mut cmd = Command::new(&bin);
     cmd.args(listen)
         .args(["--bind", "127.0.0.1", "--save", ""])
+        // A replica's first full sync starts at once, not after the default 5 s wait.
+        .args(["--repl-diskless-sync-delay", "0"])
         .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
         .arg(&data);
     let mut server = Server::spawn("redis", &mut cmd, dir);
@@ -436,6 +439,176 @@ fn redis_with(dir: &Path, port: u16, listen: &[String]) -> Option<(Server, Strin
     while Instant::now() < deadline && server.is_running() {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Some((server, format!("redis://127.0.0.1:{port}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// The ACL user of [`Options::redis_acl`].
+pub const REDIS_USER: &str = "orch";
+
+/// The name of the master the sentinels of [`RedisHa`] watch.
+pub const REDIS_MASTER: &str = "orch";
+
+/// Creates [`REDIS_USER`] with `password` and every right, and switches the `default` user off,
+/// so that only a client that logs in as the user gets in.
+fn redis_acl(url: &str, password: &str) {
+    let client = redis::Client::open(url).expect("a redis URL");
+    let mut conn = client.get_connection().expect("connect to redis");
+    redis::cmd("ACL")
+        .arg(&["SETUSER", REDIS_USER, "on"][..])
+        .arg(format!(">{password}"))
+        .arg(&["~*", "&*", "+@all"][..])
+        .exec(&mut conn)
+        .expect("create the ACL user");
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "off"][..])
+        .exec(&mut conn)
+        .expect("switch the default user off");
+}
+
+/// A Redis primary's replica and three sentinels watching the primary (quorum 2, a primary
+/// unreachable for 1 s is down), each on a free port.
+pub struct RedisHa {
+    pub replica: Server,
+    pub replica_url: String,
+    pub sentinels: Vec<Server>,
+    pub sentinel_ports: Vec<u16>,
+}
+
+impl RedisHa {
+    /// Starts a replica of `primary_url` and three sentinels, and waits until the sentinels
+    /// know the replica and each other.
+    pub fn start(dir: &Path, primary_url: &str) -> RedisHa {
+        let primary_port = port_of(primary_url);
+        let replica_dir = dir.join("redis-replica");
+        std::fs::create_dir_all(&replica_dir).expect("create the replica dir");
+        let (replica, replica_url) = (0..5)
+            .find_map(|_| {
+                let port = free_port();
+                let args = [
+                    "--port".to_string(),
+                    port.to_string(),
+                    "--replicaof".into(),
+                    "127.0.0.1".into(),
+                    primary_port.to_string(),
+                    "--replica-announce-ip".into(),
+                    "127.0.0.1".into(),
+                ];
+                redis_with(&replica_dir, port, &args)
+            })
+            .expect("a redis replica starts on one of 5 free ports");
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for i in 0..3 {
+            let (server, port) = (0..5)
+                .find_map(|_| sentinel_on(dir, i, free_port(), primary_port))
+                .expect("a sentinel starts on one of 5 free ports");
+            sentinels.push(server);
+            sentinel_ports.push(port);
+        }
+        let ha = RedisHa {
+            replica,
+            replica_url,
+            sentinels,
+            sentinel_ports,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let synced = redis_info(&ha.replica_url, "replication")
+                .is_some_and(|info| info.contains("master_link_status:up"));
+            let ready = synced
+                && ha.sentinel_ports.iter().all(|port| {
+                    let info = sentinel_master_info(*port);
+                    info.get("num-slaves").is_some_and(|n| n == "1")
+                        && info.get("num-other-sentinels").is_some_and(|n| n == "2")
+                });
+            if ready {
+                return ha;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not find the replica and each other\n{}",
+                ha.servers().map(|s| s.tail(20)).collect::<String>()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The services' URL: `redis+sentinel://` every sentinel, then the master's name.
+    pub fn services_url(&self) -> String {
+        let list: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+sentinel://{}/{REDIS_MASTER}", list.join(","))
+    }
+
+    /// The port of the primary the first sentinel that answers names.
+    pub fn primary_port(&self) -> Option<u16> {
+        self.sentinel_ports.iter().find_map(|port| {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+            let mut conn = client.get_connection().ok()?;
+            let (_, port): (String, String) = redis::cmd("SENTINEL")
+                .arg(&["get-master-addr-by-name", REDIS_MASTER][..])
+                .query(&mut conn)
+                .ok()?;
+            port.parse().ok()
+        })
+    }
+
+    pub fn servers(&self) -> impl Iterator<Item = &Server> {
+        std::iter::once(&self.replica).chain(self.sentinels.iter())
+    }
+}
+
+/// The `INFO section` text of the Redis server at `url` (`None` when it does not answer).
+pub fn redis_info(url: &str, section: &str) -> Option<String> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_connection().ok()?;
+    redis::cmd("INFO").arg(section).query(&mut conn).ok()
+}
+
+/// `SENTINEL MASTER` of the sentinel on `port`, as field → value (empty when it cannot say).
+fn sentinel_master_info(port: u16) -> HashMap<String, String> {
+    let ask = || -> redis::RedisResult<HashMap<String, String>> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+        let mut conn = client.get_connection()?;
+        redis::cmd("SENTINEL")
+            .arg(&["MASTER", REDIS_MASTER][..])
+            .query(&mut conn)
+    };
+    ask().unwrap_or_default()
+}
+
+/// Starts sentinel number `i` on `port`, watching the primary on `primary_port`.
+fn sentinel_on(dir: &Path, i: usize, port: u16, primary_port: u16) -> Option<(Server, u16)> {
+    let bin = server_bin(
+        "ORCH_REDIS_SERVER_BIN",
+        "redis-server",
+        "apt-get install redis-server",
+    );
+    let sentinel_dir = dir.join(format!("sentinel-{i}"));
+    std::fs::create_dir_all(&sentinel_dir).expect("create the sentinel dir");
+    // A sentinel rewrites its configuration file with what it learns: one file each.
+    let conf = sentinel_dir.join("sentinel.conf");
+    let text = format!(
+        "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel announce-ip 127.0.0.1\n\
+         sentinel monitor {REDIS_MASTER} 127.0.0.1 {primary_port} 2\n\
+         sentinel down-after-milliseconds {REDIS_MASTER} 1000\n\
+         sentinel failover-timeout {REDIS_MASTER} 5000\n",
+        dir = sentinel_dir.display()
+    );
+    std::fs::write(&conf, text).expect("write the sentinel config");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(&conf).arg("--sentinel");
+    let mut server = Server::spawn(&format!("sentinel-{i}"), &mut cmd, &sentinel_dir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && server.is_running() {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((server, port));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -474,6 +647,12 @@ pub struct Options {
     /// NATS URLs listed before the cluster's own in every service's `--nats-url` (a server
     /// list whose first seeds are down, say).
     pub nats_seeds: Vec<String>,
+    /// Redis with an ACL: the `default` user is switched off and every service logs in as
+    /// [`REDIS_USER`] with this password (`ORCH_REDIS_USERNAME`, `ORCH_REDIS_PASSWORD`).
+    pub redis_acl: Option<String>,
+    /// Redis as a primary, a replica and three sentinels ([`RedisHa`]); the services get a
+    /// `redis+sentinel://` URL.
+    pub redis_sentinel: bool,
 }
 
 impl Options {
@@ -499,6 +678,8 @@ impl Default for Options {
             redis_tls: false,
             nats_tls: None,
             coordinator_env: vec![],
+            redis_acl: None,
+            redis_sentinel: false,
         }
     }
 }
@@ -517,6 +698,9 @@ pub struct Cluster {
     pub opts: Options,
     /// Coordinators replaced by [`Cluster::restart_coordinator`] (kept for their logs).
     pub previous: Vec<Server>,
+    /// The replica and sentinels of a cluster started with [`Options::redis_sentinel`]
+    /// (`redis` is its first primary, `redis_url` the services' `redis+sentinel://` URL).
+    pub redis_ha: Option<RedisHa>,
     http: reqwest::Client,
     next_worker: usize,
 }
@@ -546,6 +730,22 @@ impl Cluster {
         } else {
             redis(dir.path())
         };
+        let mut redis_ha = None;
+        let (redis, redis_url) = if opts.redis_sentinel {
+            let ha = RedisHa::start(dir.path(), &redis_url);
+            let url = ha.services_url();
+            redis_ha = Some(ha);
+            (redis, url)
+        } else {
+            (redis, redis_url)
+        };
+        if let Some(password) = &opts.redis_acl {
+            redis_acl(&redis_url, password);
+            for env in [&mut opts.coordinator_env, &mut opts.worker_env] {
+                env.push(("ORCH_REDIS_USERNAME".into(), REDIS_USER.into()));
+                env.push(("ORCH_REDIS_PASSWORD".into(), password.clone()));
+            }
+        }
         let (coordinator, addr) =
             start_coordinator(dir.path(), &nats_url, &redis_url, &opts, "127.0.0.1:0");
         let mut cluster = Cluster {
@@ -559,6 +759,7 @@ impl Cluster {
             url: format!("http://{addr}"),
             opts: opts.clone(),
             previous: vec![],
+            redis_ha,
             http: reqwest::Client::new(),
             next_worker: 0,
         };
@@ -879,6 +1080,7 @@ impl Cluster {
         let mut s = String::new();
         for server in [&self.coordinator, &self.nats, &self.redis]
             .into_iter()
+            .chain(self.redis_ha.iter().flat_map(RedisHa::servers))
             .chain(self.previous.iter())
             .chain(self.workers.iter())
         {
@@ -1024,6 +1226,7 @@ pub mod agents;
 pub mod claude_cli;
 pub mod fake_anthropic;
 pub mod fake_openai;
+pub mod ledger;
 
 /// `orchctl` with a private, empty ORCH_HOME so no user config leaks in.
 pub fn orchctl(home: &Path) -> Command {

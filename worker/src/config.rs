@@ -48,6 +48,9 @@ pub struct Args {
     /// SSL_CERT_FILE [default: redis://127.0.0.1:6379]
     #[arg(long, env = "ORCH_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// ACL credentials and Sentinel for Redis (`[redis]` in the file).
+    #[command(flatten)]
+    pub redis: orch_config::redis::RedisArgs,
     /// Agents this worker runs at once [default: 4].
     #[arg(long, env = "ORCH_SLOTS")]
     pub slots: Option<String>,
@@ -168,6 +171,7 @@ struct Settings {
     nats_url: String,
     nats: orch_config::nats::NatsSettings,
     redis_url: String,
+    redis: orch_config::redis::RedisSettings,
     slots: u32,
     /// `None`: [`default_id`].
     id: Option<String>,
@@ -241,6 +245,7 @@ impl Default for Settings {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats: Default::default(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis: Default::default(),
             slots: 4,
             id: None,
             drain_grace: Duration::from_secs(30),
@@ -430,7 +435,8 @@ pub struct Config {
     pub nats_url: String,
     /// TLS and credentials for NATS.
     pub nats: orch_config::nats::Nats,
-    pub redis_url: String,
+    /// Where Redis is (a URL or Sentinel) and its credentials.
+    pub redis: orch_config::redis::Redis,
     pub slots: u32,
     pub id: String,
     pub drain_grace: Duration,
@@ -511,6 +517,7 @@ impl Settings {
     /// The checks no type expresses; each error names its key.
     fn check(self) -> Result<Config, Error> {
         let nats = self.nats.check()?;
+        let redis = self.redis.check(&self.redis_url)?;
         if self.slots == 0 || self.slots > 10_000 {
             return Err(Error::invalid("slots", "must be between 1 and 10000"));
         }
@@ -549,7 +556,7 @@ impl Settings {
         Ok(Config {
             nats_url: self.nats_url,
             nats,
-            redis_url: self.redis_url,
+            redis,
             slots: self.slots,
             id,
             drain_grace: self.drain_grace,

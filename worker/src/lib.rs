@@ -117,9 +117,9 @@ pub async fn run(
         t = bind.retry(retry_forever()).notify(|e, wait| tracing::info!(error = %e, ?wait, "waiting for the job queue")) => t?,
         _ = shutdown.cancelled() => return Ok(()),
     };
-    let connect = || State::connect(&config.redis_url);
+    let connect = || State::connect(&config.redis);
     let state = tokio::select! {
-        s = connect.retry(retry_forever()).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => s?,
+        s = connect.retry(retry_forever()).when(state::Error::is_transient).notify(|e, wait| tracing::warn!(error = %e, ?wait, "Redis not ready, retrying")) => s?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let open_sessions = || session::SessionStore::connect(client.clone(), state.clone());

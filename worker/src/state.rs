@@ -2,10 +2,10 @@
 //! job attempts, and agents' session pointers. Key names come from [`orch_shared::keys`],
 //! shared with the coordinator.
 
+use orch_config::redis::{ConnectError, Connection, Redis};
 use orch_shared::ids::{JobId, WorkerId};
 use orch_shared::job::SessionPointer;
 use orch_shared::keys::{self, worker_field};
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -16,16 +16,23 @@ const DONE_TTL_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to connect to Redis at {url}: {source}")]
-    Connect {
-        url: String,
-        source: redis::RedisError,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("redis {op} failed: {source}")]
     Redis {
         op: &'static str,
         source: redis::RedisError,
     },
+}
+
+impl Error {
+    /// Whether connecting again may help (not when Redis refused the credentials).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect(e) => e.is_transient(),
+            _ => true,
+        }
+    }
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
@@ -139,27 +146,14 @@ pub struct WorkerInfo {
 
 #[derive(Clone)]
 pub struct State {
-    conn: ConnectionManager,
+    conn: Connection,
 }
 
 impl State {
-    pub async fn connect(url: &str) -> Result<Self, Error> {
-        let connect = |source| Error::Connect {
-            url: orch_shared::redact_url(url),
-            source,
-        };
-        // Requests are small and answered at once: without TCP_NODELAY a request written
-        // while another is unanswered on the shared connection waits for Nagle's timer.
-        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(connect)?;
-        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(connect)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(3);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(connect)?;
+    /// Opens the service's one Redis connection (through Sentinel, one that follows the
+    /// primary).
+    pub async fn connect(redis: &Redis) -> Result<Self, Error> {
+        let conn = redis.connect().await?;
         Ok(Self { conn })
     }
 

@@ -125,46 +125,54 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
-{{/* NATS URL as the pods see it: credentials come from env vars defined just before it. */}}
+{{/* NATS URL as the pods see it: the credentials are settings of their own (ORCH_NATS_USER,
+ORCH_NATS_PASSWORD), never in the URL. */}}
 {{- define "orchestrator.nats.url" -}}
-{{- $url := include "orchestrator.nats.baseUrl" . }}
-{{- if .Values.natsAuth.existingSecret }}
-{{- regexReplaceAll "^([a-z]+)://" $url "${1}://$(NATS_USER):$(NATS_PASSWORD)@" }}
-{{- else }}
-{{- $url }}
+{{- include "orchestrator.nats.baseUrl" . }}
 {{- end }}
+
+{{/* The chart's Redis servers in sentinel mode, as host names (`<pod>.<service>.<ns>.svc`). */}}
+{{- define "orchestrator.redis.hosts" -}}
+{{- $name := include "orchestrator.redis.fullname" . }}
+{{- $hosts := list }}
+{{- range $i := until (int .Values.redis.sentinel.replicas) }}
+{{- $hosts = append $hosts (printf "%s-%d.%s.%s.svc" $name $i $name $.Release.Namespace) }}
+{{- end }}
+{{- join " " $hosts }}
 {{- end }}
 
 {{- define "orchestrator.redis.baseUrl" -}}
-{{- if .Values.redis.enabled }}
+{{- if and .Values.redis.enabled (eq .Values.redis.mode "sentinel") }}
+{{- $sentinels := list }}
+{{- range (splitList " " (include "orchestrator.redis.hosts" .)) }}
+{{- $sentinels = append $sentinels (printf "%s:26379" .) }}
+{{- end }}
+{{- printf "redis+sentinel://%s/%s" (join "," $sentinels) .Values.redis.sentinel.masterName }}
+{{- else if .Values.redis.enabled }}
 {{- printf "redis://%s:6379" (include "orchestrator.redis.fullname" .) }}
 {{- else }}
 {{- required "externalRedis.url: set the URL of your Redis (redis://host:6379), or redis.enabled=true to run Redis with this chart" .Values.externalRedis.url }}
 {{- end }}
 {{- end }}
 
+{{/* Redis URL as the pods see it: without credentials (ORCH_REDIS_USERNAME and
+ORCH_REDIS_PASSWORD carry them). */}}
 {{- define "orchestrator.redis.url" -}}
-{{- $url := include "orchestrator.redis.baseUrl" . }}
-{{- if .Values.redisAuth.existingSecret }}
-{{- $user := ternary "$(REDIS_USER)" "" (ne .Values.redisAuth.usernameKey "") }}
-{{- regexReplaceAll "^([a-z]+)://" $url (printf "${1}://%s:$(REDIS_PASSWORD)@" $user) }}
-{{- else }}
-{{- $url }}
-{{- end }}
+{{- include "orchestrator.redis.baseUrl" . }}
 {{- end }}
 
 {{/*
-Environment shared by the coordinator and the workers: credentials first (Kubernetes expands
-$(VAR) only for variables defined earlier in the list), then the URLs.
+Environment shared by the coordinator and the workers: the URLs, and the credentials from their
+Secrets as the services' own settings (so any value works, URL-safe or not).
 */}}
 {{- define "orchestrator.connectionEnv" -}}
 {{- with .Values.natsAuth.existingSecret }}
-- name: NATS_USER
+- name: ORCH_NATS_USER
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.natsAuth.usernameKey }}
-- name: NATS_PASSWORD
+- name: ORCH_NATS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ . }}
@@ -172,13 +180,13 @@ $(VAR) only for variables defined earlier in the list), then the URLs.
 {{- end }}
 {{- with .Values.redisAuth.existingSecret }}
 {{- if $.Values.redisAuth.usernameKey }}
-- name: REDIS_USER
+- name: ORCH_REDIS_USERNAME
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.redisAuth.usernameKey }}
 {{- end }}
-- name: REDIS_PASSWORD
+- name: ORCH_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ . }}
@@ -298,6 +306,9 @@ capabilities:
 {{- $servers := int (include "orchestrator.natsServers" .) }}
 {{- if and (gt $servers 0) (gt (int .Values.coordinator.streamReplicas) $servers) }}
 {{- fail (printf "coordinator.streamReplicas (%v) must not exceed the NATS servers of the chart's cluster (nats.config.cluster.replicas: %v): JetStream cannot place more replicas than servers" .Values.coordinator.streamReplicas $servers) }}
+{{- end }}
+{{- if and .Values.redis.enabled (eq .Values.redis.mode "sentinel") (gt (int .Values.redis.sentinel.quorum) (int .Values.redis.sentinel.replicas)) }}
+{{- fail (printf "redis.sentinel.quorum (%v) must not exceed redis.sentinel.replicas (%v): no failover could ever be agreed" .Values.redis.sentinel.quorum .Values.redis.sentinel.replicas) }}
 {{- end }}
 {{- if and .Values.redis.enabled .Values.externalRedis.url }}
 {{- fail "externalRedis.url is set but redis.enabled=true also runs Redis: set redis.enabled=false to use the external server" }}

@@ -1,0 +1,166 @@
+//! The chaos suites' ledger check (Jepsen's queue checker, for tasks): every task must end
+//! completed, no job attempt may run twice unnoticed, and no job may be charged more than the
+//! executions it finished; with a stuck-run detector that fails fast, dumping the tasks that
+//! stopped moving.
+
+use crate::Cluster;
+use orch_shared::api::{JobStatus, Task, TaskStatus};
+use orch_shared::event::EventKind;
+use orch_shared::ids::JobId;
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How long a task may take to end once the run moves.
+const WAIT: Duration = Duration::from_secs(600);
+/// How long no task may change state before the run counts as stuck.
+const STUCK: Duration = Duration::from_secs(30);
+
+/// Waits until every task ended, failing fast (with their state) when none moves for `STUCK`.
+pub async fn wait_moving(cluster: &Cluster, ids: &[String]) {
+    let mut last: HashMap<String, String> = HashMap::new();
+    let mut moved = Instant::now();
+    loop {
+        let mut open = Vec::new();
+        for id in ids {
+            if last
+                .get(id)
+                .is_some_and(|s| s == "completed" || s == "failed" || s == "cancelled")
+            {
+                continue;
+            }
+            let t = cluster.task(id).await;
+            let state = format!(
+                "{}:{}",
+                t.status.as_str(),
+                t.jobs
+                    .iter()
+                    .map(|j| format!("{}{}", j.status.as_str(), j.attempt))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let key = if t.status.is_terminal() {
+                t.status.as_str().to_string()
+            } else {
+                state
+            };
+            if last.insert(id.clone(), key.clone()).as_ref() != Some(&key) {
+                moved = Instant::now();
+            }
+            if !t.status.is_terminal() {
+                open.push(t);
+            }
+        }
+        if open.is_empty() {
+            return;
+        }
+        assert!(
+            moved.elapsed() < STUCK,
+            "stuck: {} tasks made no progress for {STUCK:?}: {:#?}\n{}",
+            open.len(),
+            open.iter().take(5).collect::<Vec<_>>(),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// What the ledger check found over a set of tasks.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pub tasks: usize,
+    pub lost: Vec<String>,
+    pub failed: Vec<String>,
+    /// Job attempts that started more than once (a worker died or stalled mid-job).
+    pub duplicate_starts: usize,
+    /// Jobs whose charged cost differs from one finished execution's cost.
+    pub double_charged: Vec<String>,
+}
+
+pub async fn check(cluster: &Cluster, ids: &[String]) -> Ledger {
+    let mut ledger = Ledger {
+        tasks: ids.len(),
+        ..Default::default()
+    };
+    wait_moving(cluster, ids).await;
+    for id in ids {
+        let task: Task = cluster.wait_task(id, WAIT).await;
+        if task.status != TaskStatus::Completed {
+            if task.status.is_terminal() {
+                ledger.failed.push(format!("{id}: {:?}", task.error));
+            } else {
+                ledger.lost.push(id.clone());
+            }
+            continue;
+        }
+        let events = cluster.events(id, None).await;
+        let mut starts: HashMap<(JobId, u32), usize> = HashMap::new();
+        let mut finished: HashMap<(JobId, u32), Vec<f64>> = HashMap::new();
+        for (_, e) in &events {
+            let Some(job) = e.job_id else { continue };
+            match &e.kind {
+                EventKind::JobStarted { .. } => *starts.entry((job, e.attempt)).or_default() += 1,
+                EventKind::JobFinished { cost_usd, .. } => finished
+                    .entry((job, e.attempt))
+                    .or_default()
+                    .push(*cost_usd),
+                _ => {}
+            }
+        }
+        ledger.duplicate_starts += starts.values().map(|n| n.saturating_sub(1)).sum::<usize>();
+        for job in &task.jobs {
+            let charged: f64 = (1..=job.attempt)
+                .filter_map(|a| finished.get(&(job.id, a)).and_then(|c| c.first()))
+                .sum();
+            if job.status != JobStatus::Succeeded || (job.cost_usd - charged).abs() > 1e-12 {
+                ledger.double_charged.push(format!(
+                    "{} job {}: charged {} for executions costing {charged}",
+                    id, job.id, job.cost_usd
+                ));
+            }
+        }
+        let sum: f64 = task.jobs.iter().map(|j| j.cost_usd).sum();
+        if (task.cost_usd - sum).abs() > 1e-9 {
+            ledger.double_charged.push(format!(
+                "{id}: task charged {} for jobs costing {sum}",
+                task.cost_usd
+            ));
+        }
+    }
+    eprintln!(
+        "ledger: {} tasks, {} lost, {} failed, {} duplicate executions, {} double charges",
+        ledger.tasks,
+        ledger.lost.len(),
+        ledger.failed.len(),
+        ledger.duplicate_starts,
+        ledger.double_charged.len()
+    );
+    ledger
+}
+
+pub fn assert_clean(ledger: &Ledger, cluster: &Cluster) {
+    assert!(
+        ledger.lost.is_empty(),
+        "lost: {:?}\n{}",
+        ledger.lost,
+        cluster.logs()
+    );
+    assert!(ledger.failed.is_empty(), "failed: {:?}", ledger.failed);
+    assert!(
+        ledger.double_charged.is_empty(),
+        "double charges: {:?}",
+        ledger.double_charged
+    );
+}
+
+/// Submits `n` one-job tasks whose simulated agent takes `latency_ms`; returns their ids.
+pub async fn submit_many(cluster: &Cluster, n: usize, latency_ms: u64) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = cluster
+            .submit(json!({"prompt": format!("chaos task {i}"), "roles": ["builder"], "sim": {"latency_ms": latency_ms}}))
+            .await;
+        ids.push(t.id.to_string());
+    }
+    ids
+}
