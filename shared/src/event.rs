@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::borrow::Borrow;
 
 /// One entry of a task's event log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     pub task_id: TaskId,
     /// Set for job events; `None` for task-level events.
@@ -23,7 +23,7 @@ pub struct Event {
 }
 
 /// A planned step as announced in [`EventKind::TaskCreated`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepInfo {
     pub job_id: JobId,
     pub role: Role,
@@ -34,7 +34,14 @@ pub struct StepInfo {
 /// Its names (`name`, [`EventKind::VARIANTS`]) are derived with the same spelling as serde's
 /// `type` tag, so the list of kinds cannot drift from the enum.
 #[derive(
-    Clone, Debug, PartialEq, Serialize, Deserialize, strum::IntoStaticStr, strum::VariantNames,
+    Clone,
+    Debug,
+    PartialEq,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    utoipa::ToSchema,
 )]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
@@ -146,7 +153,7 @@ impl EventKind {
 /// `orch.events.<task>.batch` (an agent's burst of output): one stored message instead of
 /// several. Only [`EventKind::batchable`] kinds. A task's creation is a batch too, on
 /// `orch.events.<task>.created`, carrying the task's record as created ([`pack_created`]).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventBatch {
     pub events: Vec<Event>,
     /// On a creation message only: the task's record as it was created, the durable copy a

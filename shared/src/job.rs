@@ -85,7 +85,7 @@ pub struct SessionRef {
 }
 
 /// What a job is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     /// An agent working on a step of the plan.
@@ -109,6 +109,7 @@ pub enum JobKind {
     strum::EnumString,
     strum::IntoStaticStr,
     strum::VariantNames,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 #[strum(serialize_all = "kebab-case")]
@@ -129,7 +130,7 @@ impl Backend {
 }
 
 /// Where the agent works.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Workspace {
     /// A fresh scratch directory chosen by the worker.
@@ -156,7 +157,7 @@ pub enum Workspace {
 /// `branch`. Then it moves `task_branch` to the merge, in plan order, of every job branch of the
 /// task that is not already contained in a later one (a fast-forward for sequential steps),
 /// with `--force-with-lease` so concurrent finishers never lose each other's work.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GitJob {
     /// This job's branch, `orch/jobs/<task-id>/<NN>-<role>` (`NN`: the step, from 01, so that
     /// branch names sort in plan order). Not under `orch/<task-id>/`: git cannot hold a branch
@@ -182,7 +183,7 @@ impl GitJob {
 }
 
 /// Per-job limits.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct Limits {
     /// Wall-clock limit for one attempt, in milliseconds.
     #[serde(default)]
@@ -193,7 +194,7 @@ pub struct Limits {
 }
 
 /// How the `sim` backend behaves: deterministic for a given job id and attempt.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct SimParams {
     /// How long the simulated agent works, in milliseconds.
     #[serde(default)]
@@ -210,7 +211,7 @@ pub struct SimParams {
 }
 
 /// Tokens by kind, as the providers report them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
@@ -232,7 +233,7 @@ impl Usage {
 }
 
 /// Why a job failed. Stable on the wire; decides whether a retry makes sense.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureReason {
     /// The agent itself reported an error (`is_error`) or produced no usable answer.
@@ -393,7 +394,7 @@ impl SessionPointer {
 pub const MAX_DIFF_BYTES: usize = 256 * 1024;
 
 /// What a job did to its git workspace.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct GitOutcome {
     /// The job's branch and the commit it points to.
     pub branch: String,

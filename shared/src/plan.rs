@@ -34,7 +34,7 @@ pub fn parse_answer(answer: &str, sequential: bool) -> Result<PlanSpec, String> 
     Ok(spec)
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub complexity: Option<String>,
@@ -48,7 +48,7 @@ pub struct PlanSpec {
     pub steps: Vec<PlanStep>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanStep {
     #[serde(alias = "agent_role", deserialize_with = "role_any_case")]
     pub role: Role,

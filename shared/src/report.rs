@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One agent (job) as listed by `GET /v1/agents` and in `GET /v1/status`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentSummary {
     pub id: JobId,
     pub task_id: TaskId,
@@ -47,7 +47,7 @@ pub struct AgentSummary {
 pub const PROMPT_EXCERPT_CHARS: usize = 200;
 
 /// `GET /v1/agents`: newest task first, agents in plan order within a task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentList {
     pub agents: Vec<AgentSummary>,
     /// Pass as `cursor` to get the next page; absent on the last page.
@@ -56,7 +56,7 @@ pub struct AgentList {
 }
 
 /// `GET /v1/agents/{id}`: one agent in full.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentDetail {
     pub task_id: TaskId,
     pub task_prompt: String,
@@ -79,7 +79,7 @@ pub struct AgentDetail {
 }
 
 /// One coordinator, as it registers itself every few seconds.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CoordinatorInfo {
     pub id: String,
     pub addr: String,
@@ -89,7 +89,7 @@ pub struct CoordinatorInfo {
 }
 
 /// The job queue, from the JetStream consumer every worker pulls from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueInfo {
     /// Jobs waiting for a worker.
     pub pending: u64,
@@ -103,7 +103,7 @@ pub struct QueueInfo {
 /// attempt that finished today, counted once (attempts of tasks created earlier included) —
 /// `spent_usd`, what the daily budget counts, is the same sum. Kept in Redis as results
 /// arrive, so reading it costs the same whatever the size of the history.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostToday {
     pub since_ms: u64,
     pub tasks: u64,
@@ -125,7 +125,7 @@ pub struct CostToday {
 }
 
 /// `GET /v1/status`: the cluster at a glance.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterStatus {
     pub version: String,
     pub now_ms: u64,
@@ -146,7 +146,7 @@ pub struct ClusterStatus {
 }
 
 /// Totals of one group of agents in a cost report.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostLine {
     pub agents: u64,
     pub usage: Usage,
@@ -162,7 +162,7 @@ impl CostLine {
 }
 
 /// One row of a cost breakdown: the group's value of the dimension and its totals.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostGroup {
     /// The value of the breakdown's dimension: an agent id, a role, a model...
     pub key: String,
@@ -176,7 +176,7 @@ pub struct CostGroup {
 }
 
 /// Costs grouped by one dimension.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostBreakdown {
     /// `agent`, `role`, `model`, `backend`, `task`, `worker` or `status`.
     pub by: String,
@@ -191,7 +191,7 @@ pub const COST_DIMENSIONS: [&str; 7] = [
 
 /// `GET /v1/reports/cost`: the agents of the tasks created in a window (agents that never
 /// started are left out), summed, and broken down by each requested dimension.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostReport {
     #[serde(default)]
     pub since_ms: Option<u64>,
@@ -210,7 +210,7 @@ pub struct CostReport {
 pub const MAX_REPORT_TASKS: usize = 50_000;
 
 /// `POST /v1/clean`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CleanRequest {
     /// Finished tasks created more than this long ago are deleted.
@@ -229,7 +229,7 @@ pub struct CleanRequest {
 pub const MAX_CLEAN_BATCH: u32 = 1000;
 
 /// The answer to `POST /v1/clean`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CleanReport {
     pub cutoff_ms: u64,
     pub dry_run: bool,
@@ -249,7 +249,7 @@ pub struct CleanReport {
 }
 
 /// What `GET /v1/export` streams.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ExportWhat {
     Tasks,
@@ -268,7 +268,7 @@ impl ExportWhat {
 }
 
 /// One line of `GET /v1/export?what=events`: an event of the log and where it sits in it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventRow {
     pub seq: u64,
     /// The event's position in a batch message (0 otherwise; omitted when 0): with `seq`, the

@@ -21,6 +21,7 @@ use strum::VariantNames;
     strum::EnumIter,
     strum::IntoStaticStr,
     strum::VariantNames,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 #[strum(serialize_all = "lowercase")]

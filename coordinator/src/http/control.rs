@@ -5,27 +5,35 @@ use super::answer::{Answer, in_range, parse_body, parse_id};
 use super::app::App;
 use crate::driver::{Control, ControlError};
 use crate::pipeline;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use orch_shared::api::{AgentMessage, AgentTurn, DeadLetterEntry, DeadLetterList, Task};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::{JobId, TaskId};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub(super) fn routes() -> Router<App> {
-    Router::new()
-        .route("/v1/tasks/{id}/cancel", post(cancel))
-        .route("/v1/agents/{id}/kill", post(kill))
-        .route("/v1/agents/{id}/send", post(send))
-        .route("/v1/agents/{id}/fork", post(fork))
-        .route("/v1/dlq", get(dead_letters))
-        .route("/v1/dlq/{id}/retry", post(retry_dead))
+pub(super) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(cancel))
+        .routes(routes!(kill))
+        .routes(routes!(send))
+        .routes(routes!(fork))
+        .routes(routes!(dead_letters))
+        .routes(routes!(retry_dead))
 }
 
+/// Cancel a task: its running agents are stopped and nothing more is dispatched.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/cancel",
+    tag = "tasks",
+    params(("id" = TaskId, Path, description = "The task's id (a UUID).")),
+    responses((status = 200, description = "The task, cancelled (or already finished).", body = Task))
+)]
 async fn cancel(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
@@ -49,6 +57,14 @@ async fn task_of(app: &App, id: &str) -> Answer<(JobId, TaskId)> {
     Ok((job, task))
 }
 
+/// Stop one agent; the task goes on as its failure policy says.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{id}/kill",
+    tag = "agents",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID).")),
+    responses((status = 200, description = "The agent's task.", body = Task))
+)]
 async fn kill(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<axum::Json<Task>> {
     let (job, task) = task_of(&app, &id).await?;
     Ok(axum::Json(
@@ -61,6 +77,17 @@ async fn kill(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<
 
 /// `POST /v1/agents/{id}/send`: the next turn of the agent's conversation (its latest turn,
 /// if it was continued already), on whichever worker pulls it.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{id}/send",
+    tag = "agents",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID).")),
+    request_body = AgentMessage,
+    responses(
+        (status = 202, description = "The new turn was queued.", body = AgentTurn),
+        (status = 409, description = "The agent has no stored session to continue, or its turn cannot be continued now (`conflict`).", body = ApiError),
+    )
+)]
 async fn send(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
@@ -71,6 +98,17 @@ async fn send(
 
 /// `POST /v1/agents/{id}/fork`: a new agent with the same history, taking the message as its
 /// next turn; the original can still be continued.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{id}/fork",
+    tag = "agents",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID).")),
+    request_body = AgentMessage,
+    responses(
+        (status = 202, description = "The forked turn was queued.", body = AgentTurn),
+        (status = 409, description = "The agent has no stored session to continue (`conflict`).", body = ApiError),
+    )
+)]
 async fn fork(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
@@ -142,6 +180,14 @@ async fn turn(
     ))
 }
 
+/// Run a dead-lettered agent again.
+#[utoipa::path(
+    post,
+    path = "/v1/dlq/{id}/retry",
+    tag = "cluster",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID).")),
+    responses((status = 200, description = "The agent's task.", body = Task))
+)]
 async fn retry_dead(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
@@ -155,12 +201,22 @@ async fn retry_dead(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DlqParams {
+    /// Most entries (1 to 1000, default 100).
     limit: Option<usize>,
 }
 
+/// Jobs that failed for good, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/dlq",
+    tag = "cluster",
+    params(DlqParams),
+    responses((status = 200, description = "The dead letters.", body = DeadLetterList))
+)]
 async fn dead_letters(
     AxumState(app): AxumState<App>,
     params: Result<Query<DlqParams>, QueryRejection>,

@@ -4,22 +4,30 @@ use super::answer::{Answer, parse_body};
 use super::app::App;
 use super::tasks::validate;
 use crate::pipeline;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State as AxumState;
 use axum::extract::rejection::BytesRejection;
-use axum::routing::post;
 use orch_shared::api::{DryRun, Estimate, EstimateSource, StepEstimate, SubmitTask};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::TaskId;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub(super) fn routes() -> Router<App> {
-    Router::new().route("/v1/tasks/dry-run", post(dry_run))
+pub(super) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new().routes(routes!(dry_run))
 }
 
 /// Blended list price per token for a planner's token estimate (mostly input, some output).
 const PLANNER_PRICE_PER_TOKEN: f64 = 5.4 / 1_000_000.0;
 
+/// The plan a submit of this body would run and what it should cost; nothing runs.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/dry-run",
+    tag = "tasks",
+    request_body = SubmitTask,
+    responses((status = 200, description = "The plan and its estimates.", body = DryRun))
+)]
 async fn dry_run(
     AxumState(app): AxumState<App>,
     body: Result<Bytes, BytesRejection>,

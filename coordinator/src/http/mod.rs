@@ -9,6 +9,7 @@
 //! - [`tasks`]: submit (validation, creation, first publish), show, task types.
 //! - [`control`]: cancel, kill, send, fork, the dead-letter queue.
 //! - [`estimate`]: dry runs priced from past runs.
+//! - [`openapi`]: the OpenAPI document, built from the routes' `#[utoipa::path]` attributes.
 //! - [`history`]: task and agent listings, transcripts, cluster status and event stream, cost
 //!   reports, exports, clean-up.
 //! - [`sse`]: server-sent event streams (framing, resume, where a task's stream ends).
@@ -22,6 +23,7 @@ pub mod control;
 pub mod estimate;
 pub mod forward;
 pub mod history;
+pub mod openapi;
 pub mod sse;
 pub mod tasks;
 
@@ -35,20 +37,42 @@ use axum::extract::{DefaultBodyLimit, State as AxumState};
 use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use orch_shared::api::Readiness;
 use orch_shared::error::{ApiError, ErrorCode};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-/// The whole HTTP surface: `/v1` (authenticated; writes on a standby go to the leader),
-/// health, readiness, metrics, and `pages` (the dashboard, which checks its own session).
-pub fn router(app: App, pages: Router) -> Router {
-    // The last layer runs first: a request is authenticated before a standby forwards it, so
-    // an unauthenticated one never reaches the leader (which checks it again).
-    let v1 = Router::new()
+/// Every route, with its OpenAPI description: `/v1` (authenticated), and the open ones
+/// (health, readiness, metrics, the document itself). A route is added with
+/// `.routes(routes!(handler))` on a handler with a `#[utoipa::path]` attribute, never with a
+/// bare `.route(..)`: that keeps the served document complete (a test checks it).
+fn api_routes() -> OpenApiRouter<App> {
+    v1_routes().merge(open_routes())
+}
+
+fn v1_routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
         .merge(tasks::routes())
         .merge(control::routes())
         .merge(estimate::routes())
         .merge(history::routes())
+}
+
+fn open_routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(ready))
+        .routes(routes!(metrics_text))
+        .routes(routes!(openapi::serve))
+}
+
+/// The whole HTTP surface: `/v1` (authenticated; writes on a standby go to the leader),
+/// health, readiness, metrics, the OpenAPI document, and `pages` (the dashboard, which checks
+/// its own session).
+pub fn router(app: App, pages: Router) -> Router {
+    // The last layer runs first: a request is authenticated before a standby forwards it, so
+    // an unauthenticated one never reaches the leader (which checks it again).
+    let (v1, _) = v1_routes()
         .layer(middleware::from_fn_with_state(
             app.clone(),
             forward::forward_writes,
@@ -59,12 +83,12 @@ pub fn router(app: App, pages: Router) -> Router {
                 state: app.state.clone(),
             },
             auth::authenticate,
-        ));
+        ))
+        .split_for_parts();
+    let (open, _) = open_routes().split_for_parts();
     Router::new()
         .merge(v1)
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics_text))
+        .merge(open)
         .fallback(|| async {
             Failure::from(ApiError::new(ErrorCode::NotFound, "no such endpoint"))
         })
@@ -73,6 +97,22 @@ pub fn router(app: App, pages: Router) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
+/// `GET /healthz`: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: NATS and Redis are reachable (503 otherwise); whether this replica leads.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "meta",
+    responses(
+        (status = 200, description = "Ready to take traffic.", body = Readiness),
+        (status = 503, description = "NATS or Redis is unreachable.", body = Readiness),
+    )
+)]
 async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readiness>) {
     let nats = app.transport.is_connected();
     let redis = app.state.ping().await;
@@ -96,6 +136,16 @@ async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readin
     )
 }
 
+/// `GET /metrics`: Prometheus metrics (404 when the exporter is off).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    responses(
+        (status = 200, description = "Metrics in the Prometheus text format.", body = String, content_type = "text/plain"),
+        (status = 404, description = "The metrics exporter is off."),
+    )
+)]
 async fn metrics_text(AxumState(app): AxumState<App>) -> Response {
     match &app.metrics {
         Some(handle) => (

@@ -8,24 +8,24 @@ use crate::metrics as m;
 use crate::pipeline::{self, TaskOptions};
 use crate::planner;
 use crate::state::{Created, State};
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State as AxumState};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use backon::Retryable;
 use orch_shared::api::{ExecutionOptions, SubmitTask, Task, TaskType};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{Backend, SimParams, Workspace};
 use std::time::Duration;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub(super) fn routes() -> Router<App> {
-    Router::new()
-        .route("/v1/tasks", post(submit))
-        .route("/v1/tasks/{id}", get(show))
-        .route("/v1/task-types", get(task_types))
+pub(super) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(submit))
+        .routes(routes!(show))
+        .routes(routes!(task_types))
 }
 
 /// Longest accepted prompt, in characters.
@@ -206,6 +206,17 @@ fn validate_sim(sim: &SimParams) -> Answer<()> {
     Ok(())
 }
 
+/// Submit a task: it is planned into agent jobs and the first ones are dispatched.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks",
+    tag = "tasks",
+    request_body = SubmitTask,
+    responses(
+        (status = 201, description = "The task was created.", body = Task),
+        (status = 200, description = "A task with the same `idempotency_key` exists; it is returned.", body = Task),
+    )
+)]
 async fn submit(
     AxumState(app): AxumState<App>,
     caller: Option<axum::Extension<Caller>>,
@@ -305,10 +316,25 @@ pub(super) async fn load(app: &App, id: &str) -> Answer<Task> {
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("task {id} not found")).into())
 }
 
+/// A task and its jobs.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    params(("id" = TaskId, Path, description = "The task's id (a UUID).")),
+    responses((status = 200, description = "The task.", body = Task))
+)]
 async fn show(AxumState(app): AxumState<App>, Path(id): Path<String>) -> Answer<axum::Json<Task>> {
     Ok(axum::Json(load(&app, &id).await?))
 }
 
+/// The task types a submit's `task_type` accepts.
+#[utoipa::path(
+    get,
+    path = "/v1/task-types",
+    tag = "tasks",
+    responses((status = 200, description = "The task types.", body = Vec<TaskType>))
+)]
 async fn task_types() -> axum::Json<Vec<TaskType>> {
     axum::Json(
         planner::TASK_TYPES

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use orch_shared::api::{Job, JobStatus, Task};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::event::EventKind;
-use orch_shared::ids::TaskId;
+use orch_shared::ids::{JobId, TaskId};
 use orch_shared::report::{AgentDetail, AgentList, AgentSummary, PROMPT_EXCERPT_CHARS};
 use orch_shared::role::Role;
 use serde::Deserialize;
@@ -46,15 +46,23 @@ pub fn agent_summary(task: &Task, job: &Job) -> AgentSummary {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct AgentParams {
+    /// Comma-separated roles.
     role: Option<String>,
+    /// Comma-separated agent statuses.
     status: Option<String>,
+    /// Only this task's agents (its id).
     task: Option<String>,
+    /// Of tasks created at or after (ms since the epoch).
     since: Option<u64>,
+    /// Of tasks created before (ms since the epoch).
     until: Option<u64>,
+    /// Page size (1 to 1000, default 50).
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
@@ -68,6 +76,14 @@ fn parse_agent_cursor(c: &str) -> Answer<(TaskId, usize)> {
     ))
 }
 
+/// Agents (jobs) of the history, newest task first, filtered and paged.
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    tag = "agents",
+    params(AgentParams),
+    responses((status = 200, description = "One page of agents.", body = AgentList))
+)]
 pub(super) async fn agents(
     AxumState(app): AxumState<App>,
     params: Result<Query<AgentParams>, QueryRejection>,
@@ -201,6 +217,14 @@ pub(super) async fn find_agent(app: &App, id: &str) -> Answer<(Task, usize)> {
     Ok((task, index))
 }
 
+/// One agent: its job record, its task, its tool calls.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{id}",
+    tag = "agents",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID).")),
+    responses((status = 200, description = "The agent.", body = AgentDetail))
+)]
 pub(super) async fn agent(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,

@@ -13,6 +13,13 @@ use orch_shared::report::{CleanReport, CleanRequest, MAX_CLEAN_BATCH};
 /// `POST /v1/clean`: deletes the finished tasks created more than `older_than_ms` ago, with
 /// their agents, index entries, dead letters, markers and their messages in the event log and
 /// the results stream. Examines at most `limit` tasks, oldest first; `next` says where to go on.
+#[utoipa::path(
+    post,
+    path = "/v1/clean",
+    tag = "reports",
+    request_body = CleanRequest,
+    responses((status = 200, description = "What was (or, with `dry_run`, would be) deleted.", body = CleanReport))
+)]
 pub(super) async fn clean(
     AxumState(app): AxumState<App>,
     body: Result<Bytes, BytesRejection>,

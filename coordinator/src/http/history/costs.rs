@@ -12,10 +12,13 @@ use orch_shared::report::{
 use serde::Deserialize;
 use std::collections::HashMap;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct CostParams {
+    /// Of tasks created at or after (ms since the epoch).
     since: Option<u64>,
+    /// Of tasks created before (ms since the epoch).
     until: Option<u64>,
     /// Comma-separated dimensions, one breakdown each.
     by: Option<String>,
@@ -36,6 +39,14 @@ fn dimension_value(dim: &str, task: &Task, job: &Job) -> String {
     }
 }
 
+/// Costs of the agents of the tasks created in a window, summed and broken down.
+#[utoipa::path(
+    get,
+    path = "/v1/reports/cost",
+    tag = "reports",
+    params(CostParams),
+    responses((status = 200, description = "The cost report.", body = CostReport))
+)]
 pub(super) async fn cost_report(
     AxumState(app): AxumState<App>,
     params: Result<Query<CostParams>, QueryRejection>,

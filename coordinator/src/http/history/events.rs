@@ -17,8 +17,9 @@ use strum::VariantNames;
 /// How long text fields of `GET /v1/events` are by default.
 pub const DEFAULT_MAX_CHARS: usize = 2_000;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct EventParams {
     /// Comma-separated event kinds (`job_started,tool_call,...`); all when absent.
     kinds: Option<String>,
@@ -66,6 +67,13 @@ impl Drop for StreamGauge {
 /// `GET /v1/events`: every task's events as they happen, as server-sent events (id = event
 /// id). Starts with the next event, or after `Last-Event-ID` to resume. Text fields are
 /// cut to `max_chars`.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "cluster",
+    params(EventParams, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (`N` or `N.M`, as sent in `id:`).")),
+    responses((status = 200, description = "Server-sent events of every task, live: `id` the event id, `event` its kind, `data` the event as JSON.", content_type = "text/event-stream", body = Event))
+)]
 pub(super) async fn cluster_events(
     AxumState(app): AxumState<App>,
     params: Result<Query<EventParams>, QueryRejection>,

@@ -15,11 +15,15 @@ use orch_shared::ids::TaskId;
 use orch_shared::report::{EventRow, ExportWhat};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ExportParams {
+    /// What to export.
     what: ExportWhat,
+    /// Created at or after (ms since the epoch).
     since: Option<u64>,
+    /// Created before (ms since the epoch).
     until: Option<u64>,
 }
 
@@ -31,6 +35,13 @@ fn ndjson_line<T: serde::Serialize>(value: &T) -> Result<Bytes, std::io::Error> 
 
 /// `GET /v1/export?what=tasks|agents|events`: the window as newline-delimited JSON, oldest
 /// first, streamed page by page ([`TaskSummary`], [`AgentSummary`] or [`EventRow`] lines).
+#[utoipa::path(
+    get,
+    path = "/v1/export",
+    tag = "reports",
+    params(ExportParams),
+    responses((status = 200, description = "Newline-delimited JSON, oldest first: one `TaskSummary`, `AgentSummary` or `EventRow` per line.", content_type = "application/x-ndjson", body = String))
+)]
 pub(super) async fn export(
     AxumState(app): AxumState<App>,
     params: Result<Query<ExportParams>, QueryRejection>,

@@ -31,21 +31,21 @@ pub mod transcripts;
 pub mod window;
 
 use super::app::App;
-use axum::Router;
-use axum::routing::{get, post};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub(super) fn routes() -> Router<App> {
-    Router::new()
-        .route("/v1/tasks", get(tasks::list))
-        .route("/v1/tasks/{id}/events", get(transcripts::task_events))
-        .route("/v1/tasks/{id}/logs", get(transcripts::task_logs))
-        .route("/v1/agents", get(agents::agents))
-        .route("/v1/agents/{id}", get(agents::agent))
-        .route("/v1/agents/{id}/logs", get(transcripts::agent_logs))
-        .route("/v1/status", get(status::status))
-        .route("/v1/workers", get(status::workers))
-        .route("/v1/events", get(events::cluster_events))
-        .route("/v1/reports/cost", get(costs::cost_report))
-        .route("/v1/export", get(export::export))
-        .route("/v1/clean", post(clean::clean))
+pub(super) fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(tasks::list))
+        .routes(routes!(transcripts::task_events))
+        .routes(routes!(transcripts::task_logs))
+        .routes(routes!(agents::agents))
+        .routes(routes!(agents::agent))
+        .routes(routes!(transcripts::agent_logs))
+        .routes(routes!(status::status))
+        .routes(routes!(status::workers))
+        .routes(routes!(events::cluster_events))
+        .routes(routes!(costs::cost_report))
+        .routes(routes!(export::export))
+        .routes(routes!(clean::clean))
 }

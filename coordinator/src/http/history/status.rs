@@ -19,6 +19,13 @@ const MAX_FAILURES: usize = 10;
 const WORKER_MAX_AGE: Duration = Duration::from_secs(15);
 const COORDINATOR_MAX_AGE: Duration = crate::sampler::COORDINATOR_TTL;
 
+/// The cluster at a glance: coordinators, workers, queue, active agents, today's costs.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "cluster",
+    responses((status = 200, description = "The cluster's status.", body = ClusterStatus))
+)]
 pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<ClusterStatus>> {
     let now = orch_shared::now_ms();
     let coordinators = app.state.coordinators(COORDINATOR_MAX_AGE).await?;
@@ -96,6 +103,13 @@ pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<
     }))
 }
 
+/// The workers that reported in recently.
+#[utoipa::path(
+    get,
+    path = "/v1/workers",
+    tag = "cluster",
+    responses((status = 200, description = "The workers.", body = WorkerList))
+)]
 pub(super) async fn workers(AxumState(app): AxumState<App>) -> Answer<axum::Json<WorkerList>> {
     let workers = app.state.workers(WORKER_MAX_AGE).await?;
     Ok(axum::Json(WorkerList { workers }))

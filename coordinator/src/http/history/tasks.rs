@@ -14,9 +14,11 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 /// The query of `GET /v1/tasks`.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Page size (1 to 1000, default 50).
     pub limit: Option<usize>,
     /// Tasks older than this id (the `next_cursor` of a page in creation order, newest first).
     pub before: Option<String>,
@@ -30,7 +32,9 @@ pub struct ListParams {
     pub since: Option<u64>,
     /// Created before (ms since the epoch).
     pub until: Option<u64>,
+    /// Cost at least this many dollars.
     pub min_cost: Option<f64>,
+    /// Cost at most this many dollars.
     pub max_cost: Option<f64>,
     /// `created` (default), `cost`, `duration` or `tokens`.
     pub sort: Option<String>,
@@ -232,6 +236,19 @@ async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<
     Ok(resp)
 }
 
+/// The task history: filtered, sorted and paged, newest first by default.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    tag = "tasks",
+    params(ListParams),
+    responses((
+        status = 200,
+        description = "One page of tasks. A listing sorted by cost, duration or tokens that could not read its whole window says so in the `x-orch-truncated` header.",
+        body = TaskList,
+        headers(("x-orch-truncated" = String, description = "Present when only the newest tasks of the window were sorted.")),
+    ))
+)]
 pub(super) async fn list(
     AxumState(app): AxumState<App>,
     caller: Option<axum::Extension<Caller>>,

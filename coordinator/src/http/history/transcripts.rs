@@ -13,13 +13,14 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use futures::{Stream, StreamExt};
 use orch_shared::error::{ApiError, ErrorCode};
-use orch_shared::event::EventKind;
-use orch_shared::ids::TaskId;
+use orch_shared::event::{Event, EventKind};
+use orch_shared::ids::{JobId, TaskId};
 use serde::Deserialize;
 use std::convert::Infallible;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct LogParams {
     /// Keep the stream open for new events until the agent ends.
     follow: Option<bool>,
@@ -39,6 +40,13 @@ fn ends_agent_log(kind: &EventKind) -> bool {
 
 /// The task's event log as server-sent events, from the start or after `Last-Event-ID`; the
 /// stream ends after `task_finished`.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}/events",
+    tag = "tasks",
+    params(("id" = TaskId, Path, description = "The task's id (a UUID)."), ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (`N` or `N.M`, as sent in `id:`).")),
+    responses((status = 200, description = "Server-sent events: `id` the event id, `event` its kind, `data` the event as JSON. Ends after the task's end.", content_type = "text/event-stream", body = Event))
+)]
 pub(super) async fn task_events(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
@@ -70,6 +78,13 @@ pub(super) async fn task_events(
 /// results, usage, starts, ends, retries) as server-sent events with the event id
 /// (`seq`, or `seq.index` inside a batch) as id. Without `follow` the stream ends with the last stored event; with it, after the agent's
 /// last event. Resumes after `Last-Event-ID`.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{id}/logs",
+    tag = "agents",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID)."), LogParams, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (`N` or `N.M`, as sent in `id:`).")),
+    responses((status = 200, description = "Server-sent events: `id` the event id, `event` its kind, `data` the event as JSON.", content_type = "text/event-stream", body = Event))
+)]
 pub(super) async fn agent_logs(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
@@ -126,6 +141,13 @@ pub(super) async fn agent_logs(
 /// `GET /v1/tasks/{id}/logs`: the transcripts of every agent of a task, as
 /// `GET /v1/agents/{id}/logs` (without `follow`, the stream ends with the last stored event;
 /// `GET /v1/tasks/{id}/events` always follows to the task's end).
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}/logs",
+    tag = "tasks",
+    params(("id" = TaskId, Path, description = "The task's id (a UUID)."), LogParams, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (`N` or `N.M`, as sent in `id:`).")),
+    responses((status = 200, description = "Server-sent events: `id` the event id, `event` its kind, `data` the event as JSON.", content_type = "text/event-stream", body = Event))
+)]
 pub(super) async fn task_logs(
     AxumState(app): AxumState<App>,
     Path(id): Path<String>,
