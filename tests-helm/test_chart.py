@@ -591,7 +591,9 @@ def check_combo_specifics(name: str, docs: list[dict], values: dict) -> None:
         assert replicas == "1", f"an external NATS's size is unknown: 1 replica unless set, not {replicas}"
     if name == "prod":
         assert nats_url == f"nats://{RELEASE}-nats:4222", nats_url
-        assert redis_url == f"redis://{RELEASE}-orchestrator-redis:6379", redis_url
+        host = f"{RELEASE}-orchestrator-redis"
+        sentinels = ",".join(f"{host}-{i}.{host}.{NAMESPACE}.svc:26379" for i in range(3))
+        assert redis_url == f"redis+sentinel://{sentinels}/orch", f"prod Redis is not highly available: {redis_url}"
         assert "ORCH_NATS_PASSWORD" in cenv and "ORCH_REDIS_PASSWORD" in wenv, "prod credentials are not set"
         assert "ORCH_REDIS_USERNAME" not in cenv, "prod Redis uses its default user"
         aff = pod_spec(worker)["affinity"]["podAntiAffinity"]

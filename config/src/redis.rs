@@ -100,6 +100,13 @@ pub struct Redis {
     pub password: Option<Secret>,
 }
 
+impl Redis {
+    /// The settings of a URL alone (no `[redis]` settings): for tests and tools.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        RedisSettings::default().check(url)
+    }
+}
+
 const SENTINEL: &str = "redis+sentinel://";
 const SENTINEL_TLS: &str = "rediss+sentinel://";
 

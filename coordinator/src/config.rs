@@ -415,6 +415,38 @@ mod tests {
     }
 
     #[test]
+    fn redis_credentials_and_sentinels_come_from_every_layer() {
+        use orch_config::redis::Target;
+        let cfg = load_with(
+            Some("[redis]\nusername = \"orch\"\nsentinel_master = \"mymaster\"\n"),
+            &[("ORCH_REDIS_PASSWORD", "pw")],
+            &["--no-auth", "--redis-sentinels", "s1:26379,s2:26379"],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.redis.target,
+            Target::Sentinel {
+                master: "mymaster".into(),
+                sentinels: vec![("s1".into(), 26379), ("s2".into(), 26379)],
+                tls: false,
+                db: 0,
+            }
+        );
+        assert_eq!(cfg.redis.username.as_deref(), Some("orch"));
+        assert_eq!(
+            cfg.redis.password.map(|p| p.expose().to_string()),
+            Some("pw".into())
+        );
+        let err = load_with(None, &[], &["--no-auth", "--redis-sentinel-master", "m"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: redis-sentinel-master: needs redis-sentinels too"
+        );
+    }
+
+    #[test]
     fn dollar_amounts_are_read_exactly_from_every_layer() {
         let base = ["--no-auth"];
         for (file, env, flags) in [

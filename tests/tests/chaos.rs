@@ -8,13 +8,11 @@
 //! prints the figures recorded in docs/reliability.md.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
-use orch_shared::api::{JobStatus, Task, TaskStatus};
-use orch_shared::event::EventKind;
+use orch_shared::api::{Task, TaskStatus};
 use orch_shared::ids::JobId;
-use orch_tests::ledger::{assert_clean, check, submit_many, wait_moving};
+use orch_tests::ledger::{assert_clean, check, submit_many};
 use orch_tests::{Cluster, Options, procs};
 use serde_json::json;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(600);
@@ -419,7 +417,9 @@ async fn a_holder_that_lost_its_lease_leaves_the_attempt_to_the_new_holder() {
     use orch_worker::state::{Claim, State};
     let dir = tempfile::tempdir().unwrap();
     let (_redis, url) = orch_tests::redis(dir.path());
-    let state = State::connect(&url).await.unwrap();
+    let state = State::connect(&orch_config::redis::Redis::from_url(&url).unwrap())
+        .await
+        .unwrap();
     let job = JobId::new();
     let ttl = Duration::from_secs(30);
     let claim = |w: &str| {

@@ -10,9 +10,7 @@ use serde_json::json;
 use std::time::Duration;
 
 async fn state(cluster: &Cluster) -> State {
-    let redis = orch_config::redis::RedisSettings::default()
-        .check(&cluster.redis_url)
-        .unwrap();
+    let redis = orch_config::redis::Redis::from_url(&cluster.redis_url).unwrap();
     State::connect(&redis).await.unwrap()
 }
 

@@ -214,9 +214,7 @@ async fn a_redis_that_lost_its_last_writes_catches_up_from_the_log() {
     );
 
     // Nothing charged twice: the day's spend is the tasks' cost, once.
-    let redis = orch_config::redis::RedisSettings::default()
-        .check(&cluster.redis_url)
-        .unwrap();
+    let redis = orch_config::redis::Redis::from_url(&cluster.redis_url).unwrap();
     let state = orch_coordinator::state::State::connect(&redis)
         .await
         .unwrap();

@@ -69,9 +69,11 @@ impl Infra {
     /// A worker's session store, once the bucket exists.
     async fn store(&self) -> SessionStore {
         self.create_bucket().await;
-        let state = orch_worker::state::State::connect(&self.redis_url)
-            .await
-            .expect("redis connects");
+        let state = orch_worker::state::State::connect(
+            &orch_config::redis::Redis::from_url(&self.redis_url).unwrap(),
+        )
+        .await
+        .expect("redis connects");
         SessionStore::connect(self.client.clone(), state)
             .await
             .expect("the session store opens")
@@ -100,9 +102,11 @@ impl Infra {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_never_creates_the_sessions_bucket() {
     let infra = infra().await;
-    let state = orch_worker::state::State::connect(&infra.redis_url)
-        .await
-        .unwrap();
+    let state = orch_worker::state::State::connect(
+        &orch_config::redis::Redis::from_url(&infra.redis_url).unwrap(),
+    )
+    .await
+    .unwrap();
     let err = SessionStore::connect(infra.client.clone(), state)
         .await
         .err()
