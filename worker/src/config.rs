@@ -315,6 +315,8 @@ struct CommandFile {
     models: BTreeMap<String, String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    pass_env: Vec<String>,
 }
 
 /// Models per role for one backend (`[backends.<name>.models]`), and its default model.
@@ -413,6 +415,9 @@ pub struct CommandSettings {
     pub prompt: PromptVia,
     pub models: Models,
     pub env: BTreeMap<String, String>,
+    /// Variables of the worker's environment the program gets in the sandbox (where it gets
+    /// none of the worker's otherwise; without the sandbox it gets them all).
+    pub pass_env: Vec<String>,
 }
 
 /// Every backend's settings.
@@ -668,6 +673,7 @@ impl BackendSettings {
                     prompt,
                     models: Models::load("backends.command", c.model, c.models)?,
                     env: c.env,
+                    pass_env: c.pass_env,
                 })
             }
         };
