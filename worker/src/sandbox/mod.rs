@@ -224,7 +224,10 @@ impl Sandbox {
         tracker.spawn(proxy::serve(listener, grants.clone(), upstream, cancel));
         let limits = limits::Hierarchy::detect();
         match &limits {
-            Some(h) => tracing::info!(cgroups = %h, "agent sandbox on; job limits through cgroups"),
+            Some(h) => {
+                let swept = h.sweep();
+                tracing::info!(cgroups = %h, swept, "agent sandbox on; job limits through cgroups")
+            }
             None => tracing::warn!(
                 "agent sandbox on, but this worker cannot create cgroups: jobs have no memory or process limit"
             ),
