@@ -728,6 +728,7 @@ fn command_config(dir: &Path, script: &str, prompt: PromptVia) -> Config {
         prompt,
         models: Default::default(),
         env: BTreeMap::from([("AGENT_FLAVOUR".to_string(), "test".to_string())]),
+        pass_env: vec![],
     });
     cfg
 }

@@ -71,8 +71,15 @@ fn origin(dir: &Path) -> PathBuf {
 /// `GATE`, if any).
 async fn cluster(dir: &Path, gate: Option<&Path>) -> Cluster {
     let config = dir.join("worker.toml");
+    // The gate's directory is the one thing outside its workspace the agent's sandbox shows.
     let env = gate.map_or(String::new(), |g| {
-        format!("env = {{ GATE = {:?} }}\n", g.display().to_string())
+        let gates = g.parent().unwrap();
+        std::fs::create_dir_all(gates).unwrap();
+        format!(
+            "env = {{ GATE = {:?} }}\n[roles.analyst]\nwritable_paths = [{:?}]\n",
+            g.display().to_string(),
+            gates.display().to_string()
+        )
     });
     std::fs::write(
         &config,
@@ -187,7 +194,7 @@ fn output(job: &Job) -> &str {
 async fn sequential_steps_on_different_workers_see_each_others_work_through_branches() {
     let dir = tempfile::tempdir().unwrap();
     let bare = origin(dir.path());
-    let gate = dir.path().join("gate");
+    let gate = dir.path().join("gates/gate");
     let mut cluster = cluster(dir.path(), Some(&gate)).await;
     add_workers(&mut cluster, 2).await;
     let task = cluster

@@ -33,7 +33,8 @@ async fn command_cluster(dir: &Path) -> Cluster {
     std::fs::write(
         &config,
         format!(
-            "[backends.command]\nprogram = \"sh\"\nargs = [\"-c\", {AGENT:?}]\nprompt = \"stdin\"\n"
+            "[backends.command]\nprogram = \"sh\"\nargs = [\"-c\", {AGENT:?}]\nprompt = \"stdin\"\n\
+             pass_env = [\"ORPHAN_SLOW\", \"ORPHAN_MARK\"]\n"
         ),
     )
     .unwrap();

@@ -320,6 +320,8 @@ struct CommandFile {
     models: BTreeMap<String, String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    pass_env: Vec<String>,
 }
 
 /// Models per role for one backend (`[backends.<name>.models]`), and its default model.
@@ -418,6 +420,9 @@ pub struct CommandSettings {
     pub prompt: PromptVia,
     pub models: Models,
     pub env: BTreeMap<String, String>,
+    /// Variables of the worker's environment the program gets in the sandbox (where it gets
+    /// none of the worker's otherwise; without the sandbox it gets them all).
+    pub pass_env: Vec<String>,
 }
 
 /// Every backend's settings.
@@ -675,6 +680,7 @@ impl BackendSettings {
                     prompt,
                     models: Models::load("backends.command", c.model, c.models)?,
                     env: c.env,
+                    pass_env: c.pass_env,
                 })
             }
         };
@@ -883,6 +889,37 @@ output = 0.2
     }
 
     #[test]
+    fn the_sandbox_is_on_unless_explicitly_off_and_roles_set_its_allowance() {
+        let on = load_with(None, &[], &[]).unwrap();
+        assert!(on.sandbox.enabled);
+        assert_eq!(on.sandbox.memory_max, Some(4 << 30));
+        let off = load_with(None, &[("ORCH_SANDBOX", "off")], &[]).unwrap();
+        assert!(!off.sandbox.enabled);
+        let off = load_with(None, &[], &["--sandbox", "OFF"]).unwrap();
+        assert!(!off.sandbox.enabled);
+        let cfg = load_with(
+            Some("[sandbox]\nmemory_max_mb = 0\npids_max = 64\n[roles.builder]\nallowed_hosts = [\"mirror.local:8080\"]\nmemory_max_mb = 128\n"),
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.sandbox.memory_max, cfg.sandbox.pids_max),
+            (None, Some(64))
+        );
+        let builder = cfg
+            .roles
+            .profile(crate::roles::Key::Role(orch_shared::role::Role::Builder));
+        assert_eq!(builder.sandbox.allowed_hosts, ["mirror.local:8080"]);
+        assert_eq!(builder.sandbox.memory_max, Some(128 << 20));
+        // A reviewer keeps the default: no host but the model API.
+        let reviewer = cfg
+            .roles
+            .profile(crate::roles::Key::Role(orch_shared::role::Role::Reviewer));
+        assert!(reviewer.sandbox.allowed_hosts.is_empty());
+    }
+
+    #[test]
     fn bad_backend_settings_name_the_field() {
         let err = |text: &str| {
             let e = from_file(text).unwrap_err().to_string();
@@ -909,6 +946,12 @@ output = 0.2
         );
         assert!(err("[roles.reviewer]\npermission_mode = \"ask\"").starts_with("roles.reviewer"));
         assert!(err("[prices.m]\ninput = -1\noutput = 1").starts_with("prices.m"));
+        assert!(err("[sandbox]\nmode = \"maybe\"").starts_with("sandbox.mode:"));
+        assert!(err("[sandbox]\nread_only = [\"rel\"]").starts_with("sandbox.read_only:"));
+        assert!(
+            err("[roles.builder]\nwritable_paths = [\"rel\"]")
+                .starts_with("roles.builder.writable_paths:")
+        );
         // Both spellings of one section are one too many.
         assert!(
             err("[backends.claude-code]\nbin = \"a\"\n[backends.claude_code]\nbin = \"b\"")

@@ -2,8 +2,10 @@
 //! (another agent CLI, a script). The prompt (the role's system prompt, then the job's prompt,
 //! constraints and forward context) goes on stdin or as the last argument; the program runs in
 //! the job's workspace with `ORCH_ROLE`, `ORCH_JOB_KIND`, `ORCH_MODEL`, `ORCH_TASK_ID`,
-//! `ORCH_JOB_ID` and `ORCH_WORKSPACE` set, and otherwise the worker's environment (another
-//! agent CLI may need the provider keys in it; `[backends.command] env` adds more). Exit 0 with
+//! `ORCH_JOB_ID` and `ORCH_WORKSPACE` set, and `[backends.command] env`. In the agent sandbox
+//! (the default, see [`crate::sandbox`]) it gets nothing else of the worker's environment but
+//! `PATH` and the variables `[backends.command] pass_env` names; without the sandbox it gets
+//! all of it (another agent CLI may need the provider keys in it). Exit 0 with
 //! output is success; any other exit is an agent error carrying the end of stderr. Files
 //! written and the diff come from git (see [`super::workspace`]); in a git workspace the work is
 //! committed and pushed after a successful run. It reports no tokens and costs nothing. On
@@ -57,7 +59,16 @@ impl CommandAgent {
             Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
         };
         let mut cmd = match &jail {
-            Some(j) => j.command(&self.settings.program),
+            Some(j) => {
+                let mut c = j.command(&self.settings.program);
+                c.envs(
+                    self.settings
+                        .pass_env
+                        .iter()
+                        .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
+                );
+                c
+            }
             None => process::command(&self.settings.program),
         };
         cmd.args(&self.settings.args)

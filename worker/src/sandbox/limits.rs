@@ -43,6 +43,32 @@ impl Hierarchy {
         v2(&own).or_else(|| v1(&own))
     }
 
+    /// Removes the job cgroups a killed worker left behind: empty `orch-*` cgroups older than
+    /// a minute (a live job's has processes, and a new one is joined at once). Returns how many.
+    pub fn sweep(&self) -> usize {
+        let bases: Vec<&PathBuf> = match self {
+            Hierarchy::V2(d) => vec![d],
+            Hierarchy::V1 { memory, pids } => vec![memory, pids],
+        };
+        let mut removed = 0;
+        for base in bases {
+            for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+                let stale = entry.file_name().to_string_lossy().starts_with("orch-")
+                    && entry.file_name() != "orch-worker"
+                    && entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|e| e.as_secs() > 60));
+                let empty = std::fs::read_to_string(entry.path().join("cgroup.procs"))
+                    .is_ok_and(|p| p.trim().is_empty());
+                if stale && empty && std::fs::remove_dir(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// A cgroup named `orch-<name>` with these limits.
     pub fn create(&self, name: &str, memory: Option<u64>, pids: Option<u64>) -> io::Result<Cgroup> {
         let name = format!("orch-{name}");

@@ -224,7 +224,10 @@ impl Sandbox {
         tracker.spawn(proxy::serve(listener, grants.clone(), upstream, cancel));
         let limits = limits::Hierarchy::detect();
         match &limits {
-            Some(h) => tracing::info!(cgroups = %h, "agent sandbox on; job limits through cgroups"),
+            Some(h) => {
+                let swept = h.sweep();
+                tracing::info!(cgroups = %h, swept, "agent sandbox on; job limits through cgroups")
+            }
             None => tracing::warn!(
                 "agent sandbox on, but this worker cannot create cgroups: jobs have no memory or process limit"
             ),
@@ -276,6 +279,7 @@ impl Sandbox {
                 .filter(|p| p.exists())
                 .cloned()
                 .collect(),
+            home: None,
             allowance: allowance.clone(),
             memory_max: cgroup.as_ref().and(memory_max),
             pids_max: cgroup.as_ref().and(pids_max),
@@ -328,6 +332,8 @@ pub struct Jail {
     token: String,
     workspace: PathBuf,
     writable: Vec<PathBuf>,
+    /// `HOME` inside, when not the private [`INSIDE_HOME`].
+    home: Option<PathBuf>,
     allowance: Allowance,
     memory_max: Option<u64>,
     pids_max: Option<u64>,
@@ -349,6 +355,13 @@ impl Jail {
     /// inside too.
     pub fn add_writable(&mut self, path: &Path) {
         self.writable.push(path.to_path_buf());
+    }
+
+    /// Makes `path` (an existing directory outside the workspace) the home inside, writable
+    /// and kept after the run (the CLI's transcripts are read from it).
+    pub fn set_home(&mut self, path: &Path) {
+        self.add_writable(path);
+        self.home = Some(path.to_path_buf());
     }
 
     /// Whether the kernel killed a process of this job for its memory limit.
@@ -484,8 +497,12 @@ impl Jail {
             &self.workspace.to_string_lossy(),
         ]);
         let proxy = format!("http://orch:{}@127.0.0.1:{PROXY_PORT}", self.token);
+        let home = self
+            .home
+            .as_ref()
+            .map_or(INSIDE_HOME.into(), |h| h.to_string_lossy());
         for (k, v) in [
-            ("HOME", INSIDE_HOME),
+            ("HOME", home.as_ref()),
             ("TMPDIR", "/tmp"),
             ("HTTPS_PROXY", &proxy),
             ("HTTP_PROXY", &proxy),

@@ -210,7 +210,7 @@ impl ClaudeCode {
                     ));
                 }
             }
-            j.add_writable(home);
+            j.set_home(home);
             if !config_dir.starts_with(home) {
                 j.add_writable(&config_dir);
             }
