@@ -107,6 +107,8 @@ pub struct Profile {
     pub model: Option<String>,
     /// The turn limit when the job sets none.
     pub max_turns: Option<u32>,
+    /// The native `bash` tool's timeout when the model gives none (else the worker's).
+    pub bash_timeout: Option<std::time::Duration>,
 }
 
 impl Profile {
@@ -143,6 +145,8 @@ pub struct Override {
     pub permission_mode: Option<String>,
     pub model: Option<String>,
     pub max_turns: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub bash_timeout: Option<std::time::Duration>,
 }
 
 /// The profile of every role, checked once when the config is loaded.
@@ -207,6 +211,12 @@ impl Roles {
                 }
                 p.max_turns = Some(n);
             }
+            if let Some(t) = o.bash_timeout {
+                if t.is_zero() {
+                    return Err(format!("roles.{name}.bash_timeout: must be longer than 0s"));
+                }
+                p.bash_timeout = Some(t);
+            }
             for tool in p.allowed_tools.iter().chain(&p.disallowed_tools) {
                 if tool.trim().is_empty() || tool.contains(',') {
                     return Err(format!(
@@ -257,6 +267,7 @@ fn default_profile(key: Key) -> Profile {
         permission_mode: "dontAsk".into(),
         model: None,
         max_turns: None,
+        bash_timeout: None,
     }
 }
 
