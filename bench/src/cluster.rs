@@ -42,6 +42,8 @@ pub struct Spec {
     pub bin_dir: PathBuf,
     /// Workers serve `/metrics` on a free port.
     pub worker_metrics: bool,
+    /// More flags for every worker.
+    pub worker_args: Vec<String>,
 }
 
 pub struct Cluster {
@@ -194,6 +196,7 @@ impl Cluster {
             cmd.args(["--nats-url", &self.nats_url, "--redis-url", &self.redis_url])
                 .args(["--id", &id, "--slots", &self.spec.slots.to_string()])
                 .args(["--drain-grace", "5s"])
+                .args(&self.spec.worker_args)
                 .env("ORCH_LOG", "info");
             if self.spec.worker_metrics {
                 let port = orch_tests::free_port();
