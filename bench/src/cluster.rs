@@ -323,6 +323,21 @@ pub fn rss_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) of the children a process started and waited for so far
+/// (for a worker: git and every command its jobs ran, supervisors included).
+pub fn children_cpu_s(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(13).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(14).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
 /// CPU seconds (user + system) a process used so far.
 pub fn cpu_s(pid: i32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -4,7 +4,7 @@
 //! the worker's RSS per agent while they all run and its CPU per tool round (the loop's own
 //! cost: the fake's delay is not the worker's CPU).
 
-use crate::cluster::{Cluster, Spec, cpu_s, rss_kb};
+use crate::cluster::{Cluster, Spec, children_cpu_s, cpu_s, rss_kb};
 use crate::scenarios::submit_many;
 use crate::watch::{Keep, Watch};
 use anyhow::{Context, bail};
@@ -41,6 +41,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
     let watch = Watch::start(&cluster.nats_url, &["task_finished"], Keep::Payloads).await?;
     let idle_rss = rss_kb(worker) as f64;
     let cpu0 = cpu_s(worker);
+    let children0 = children_cpu_s(worker);
     let t0 = Instant::now();
     submit_many(&cluster, p.agents, &["builder"], 32, 0).await?;
     // Each agent needs rounds + 1 requests of `delay`; the rest is the loop and the cluster.
@@ -65,6 +66,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
     }
     let total_s = t0.elapsed().as_secs_f64();
     let cpu = cpu_s(worker) - cpu0;
+    let children = children_cpu_s(worker) - children0;
     let mut failed = 0;
     for (_, _, payload) in watch.take_payloads() {
         let event: Event = orch_shared::codec::decode(&payload).context("an event")?;
@@ -101,5 +103,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
         "worker_cpu_s": cpu,
         "worker_cpu_ms_per_round": cpu * 1000.0 / rounds,
         "worker_cpu_ms_per_request": cpu * 1000.0 / requests.max(1) as f64,
+        "worker_children_cpu_s": children,
+        "worker_children_cpu_ms_per_agent": children * 1000.0 / p.agents as f64,
     }))
 }
