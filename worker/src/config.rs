@@ -5,8 +5,8 @@
 //!
 //! Besides the cluster settings, the file configures the agent backends (`[backends.*]`: the
 //! providers' URLs and keys, models, the Claude Code CLI), the roles (`[roles.*]`, see
-//! [`crate::roles`]) and the price table (`[prices."model"]`, see
-//! [`crate::agent::pricing`]). Provider settings also come from the providers' usual
+//! [`crate::roles`]), the price table (`[prices."model"]`, see
+//! [`crate::agent::pricing`]) and the native tool loop's limits (`[agent]`, [`LoopSettings`]). Provider settings also come from the providers' usual
 //! environment variables (`ANTHROPIC_BASE_URL`, `ANTHROPIC_API_KEY`, `OPENAI_BASE_URL`,
 //! `OPENAI_API_KEY`) and the CLI's path from `ORCH_CLAUDE_BIN`. Keys are [`Secret`]s: their
 //! `Debug` never shows them.
