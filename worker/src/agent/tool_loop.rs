@@ -361,6 +361,28 @@ fn compacted_message(prompt: &str, summary: &str) -> String {
     )
 }
 
+/// `older` with the request for its summary at the end: a text block after the tool results
+/// of a last user message that has blocks (the Messages API wants user and assistant turns
+/// to alternate), else a user message of its own.
+fn summary_request(older: &[Value]) -> Vec<Value> {
+    let mut asked = older.to_vec();
+    let text = json!({"type": "text", "text": SUMMARY_REQUEST});
+    match asked.last_mut() {
+        Some(last) if last.get("role").and_then(Value::as_str) == Some("user") => {
+            match last.get_mut("content") {
+                Some(Value::Array(blocks)) => blocks.push(text),
+                Some(content) => {
+                    let earlier = content.take();
+                    *content = json!([{"type": "text", "text": earlier}, text]);
+                }
+                None => last["content"] = json!([text]),
+            }
+        }
+        _ => asked.push(json!({"role": "user", "content": SUMMARY_REQUEST})),
+    }
+    asked
+}
+
 /// Asks the model to summarize `older` (with the same system prompt and tools, so the
 /// request reads the cached prefix). The summary, or `None` when the answer had no text; what
 /// the request was billed for is added to `spent`. Its streamed text is not shown as the
@@ -374,8 +396,7 @@ async fn summarize<A: Api>(
     cancel: &CancellationToken,
     spent: &mut Spent,
 ) -> Result<Option<String>, CallError> {
-    let mut asked = older.to_vec();
-    asked.push(json!({"role": "user", "content": SUMMARY_REQUEST}));
+    let asked = summary_request(older);
     let body = api.body(model, &p.profile.system_prompt, &asked, specs);
     let (quiet, _) = Events::new();
     let step = http::with_retries(A::NAME, api.settings(), cancel, spent, || {
@@ -438,6 +459,24 @@ async fn run_calls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_request_keeps_user_and_assistant_turns_alternating() {
+        let results = json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": "out"}]});
+        let asked = summary_request(&[results]);
+        assert_eq!(asked.len(), 1);
+        let blocks = asked[0]["content"].as_array().unwrap();
+        assert_eq!(blocks[0]["type"], "tool_result");
+        assert_eq!(blocks[1]["text"], SUMMARY_REQUEST);
+        let tool = json!({"role": "tool", "tool_call_id": "c1", "content": "out"});
+        let asked = summary_request(std::slice::from_ref(&tool));
+        assert_eq!(asked[0], tool);
+        assert_eq!(
+            asked[1],
+            json!({"role": "user", "content": SUMMARY_REQUEST})
+        );
+    }
 
     #[test]
     fn a_compaction_keeps_the_latest_rounds_whole() {
