@@ -42,6 +42,8 @@ pub struct Spec {
     pub bin_dir: PathBuf,
     /// Workers serve `/metrics` on a free port.
     pub worker_metrics: bool,
+    /// More flags for every worker.
+    pub worker_args: Vec<String>,
 }
 
 pub struct Cluster {
@@ -194,6 +196,7 @@ impl Cluster {
             cmd.args(["--nats-url", &self.nats_url, "--redis-url", &self.redis_url])
                 .args(["--id", &id, "--slots", &self.spec.slots.to_string()])
                 .args(["--drain-grace", "5s"])
+                .args(&self.spec.worker_args)
                 .env("ORCH_LOG", "info");
             if self.spec.worker_metrics {
                 let port = orch_tests::free_port();
@@ -318,6 +321,21 @@ pub fn rss_kb(pid: i32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) of the children a process started and waited for so far
+/// (for a worker: git and every command its jobs ran, supervisors included).
+pub fn children_cpu_s(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(13).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(14).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }
 
 /// CPU seconds (user + system) a process used so far.

@@ -9,6 +9,8 @@
 //! - [`watch`]: arrival times of task events, from a core NATS subscription.
 //! - [`scenarios`]: throughput, latency (light and at 80 % of the maximum), footprint, recovery.
 //! - [`concurrency`]: one worker holding 1,000 long agents; heartbeats and redeliveries.
+//! - [`native`]: native tool-loop agents on one worker against a fake Messages API: worker
+//!   RSS per agent and CPU per tool round.
 //! - [`growth`]: the per-task cost against history size and worker count.
 //! - [`anchors`]: jsbench and Celery, run by the harness.
 //! - [`report`] and [`plot`]: the markdown table, the targets and the PNG.
@@ -22,6 +24,7 @@ mod anchors;
 mod cluster;
 mod concurrency;
 mod growth;
+mod native;
 mod plot;
 mod report;
 mod scenarios;
@@ -36,7 +39,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 struct Args {
-    /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, growth,
+    /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, native, growth,
     /// recovery (or all).
     #[arg(long, default_value = "all")]
     scenarios: String,
@@ -73,6 +76,15 @@ struct Args {
     /// Concurrency scenario: the job ack wait (heartbeats every third of it).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hold_ack_wait: Duration,
+    /// Native scenario: tool-loop agents at once on one worker.
+    #[arg(long, default_value_t = 500)]
+    native_agents: usize,
+    /// Native scenario: tool rounds of each agent.
+    #[arg(long, default_value_t = 5)]
+    native_rounds: usize,
+    /// Native scenario: how long the fake API takes to answer each request.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    native_delay: Duration,
     /// Growth: tasks in history at each point.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
     history: Vec<usize>,
@@ -134,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         redis: args.redis,
         bin_dir: args.bin_dir.clone().map_or_else(exe_dir, Ok)?,
         worker_metrics: false,
+        worker_args: vec![],
     };
     let mut results = json!({
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -196,6 +209,22 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         eprintln!("  {}", results["concurrency"]);
+    }
+    if want("native") {
+        eprintln!(
+            "native: {} tool-loop agents of {} rounds on one worker, API answers after {:?}",
+            args.native_agents, args.native_rounds, args.native_delay
+        );
+        results["native"] = native::run(
+            &spec,
+            &native::Params {
+                agents: args.native_agents,
+                rounds: args.native_rounds,
+                delay: args.native_delay,
+            },
+        )
+        .await?;
+        eprintln!("  {}", results["native"]);
     }
     if want("growth") {
         eprintln!("growth: history {:?}", args.history);

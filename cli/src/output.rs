@@ -267,6 +267,8 @@ pub fn dry_run(out: &mut dyn Write, dry: &DryRun) -> io::Result<()> {
     let mut t = table([
         "#",
         "ROLE",
+        "BACKEND",
+        "MODEL",
         "AFTER",
         "COST p50",
         "COST p90",
@@ -294,6 +296,8 @@ pub fn dry_run(out: &mut dyn Write, dry: &DryRun) -> io::Result<()> {
         t.add_row(vec![
             (s.step + 1).to_string(),
             s.role.to_string(),
+            s.backend.as_str().to_string(),
+            s.model.clone().unwrap_or_else(|| "-".into()),
             after,
             cost(s.estimate.cost_usd_p50),
             cost(s.estimate.cost_usd_p90),

@@ -292,6 +292,10 @@ impl Panel {
                 step.cost_running = *cost_usd;
                 None
             }
+            EventKind::Compacted { .. } => {
+                step.mark_running("compacting its context");
+                None
+            }
             EventKind::Heartbeat => None,
             EventKind::JobFinished {
                 success,
@@ -619,6 +623,8 @@ mod tests {
             status: orch_shared::api::TaskStatus::Pending,
             backend: Backend::Sim,
             model: None,
+            backends: Default::default(),
+            models: Default::default(),
             workspace: Workspace::Scratch,
             sim: SimParams::default(),
             idempotency_key: None,

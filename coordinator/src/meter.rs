@@ -68,17 +68,23 @@ impl JobMeter {
 
     /// A job attempt's result was applied to `task` (charged, fence checked).
     pub fn finished(&mut self, task: &Task, result: &JobResult) {
+        let role = task
+            .jobs
+            .iter()
+            .find(|j| j.id == result.job_id)
+            .map(|j| j.role);
         let labels = self
             .starts
             .remove(&(result.job_id, result.attempt))
             .unwrap_or_else(|| Labels {
-                role: task
-                    .jobs
-                    .iter()
-                    .find(|j| j.id == result.job_id)
-                    .map_or("unknown", |j| j.role.as_str()),
-                model: model_label(result.model.as_deref().or(task.model.as_deref())),
-                backend: backend_label(task.backend.as_str()),
+                role: role.map_or("unknown", |r| r.as_str()),
+                model: model_label(
+                    result
+                        .model
+                        .as_deref()
+                        .or(role.and_then(|r| task.model_of(r))),
+                ),
+                backend: backend_label(role.map_or(task.backend, |r| task.backend_of(r)).as_str()),
             });
         let usage = &result.usage;
         for (kind, n) in [

@@ -28,6 +28,7 @@ use orch_shared::job::{
 };
 use orch_shared::plan::{PlanError, PlanSpec, parse_answer};
 use orch_shared::role::Role;
+use std::collections::BTreeMap;
 
 /// What the caller must do after a state change, in order, after saving the task.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +60,10 @@ pub struct TaskOptions {
     pub mode: Mode,
     pub backend: Backend,
     pub model: Option<String>,
+    /// Backends per role, over `backend`.
+    pub backends: BTreeMap<Role, Backend>,
+    /// Models per role, over `model`.
+    pub models: BTreeMap<Role, String>,
     pub workspace: Workspace,
     pub sim: SimParams,
     pub idempotency_key: Option<String>,
@@ -101,6 +106,8 @@ pub fn new_task(
         status: TaskStatus::Running,
         backend: opts.backend,
         model: opts.model,
+        backends: opts.backends,
+        models: opts.models,
         workspace: opts.workspace,
         sim: opts.sim,
         idempotency_key: opts.idempotency_key,
@@ -273,8 +280,8 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         role: job.role,
         prompt: job.prompt.clone(),
         context: job.context.clone(),
-        backend: task.backend,
-        model: task.model.clone(),
+        backend: task.backend_of(job.role),
+        model: task.model_of(job.role).map(str::to_string),
         workspace: job_workspace(task, job),
         limits: Limits {
             timeout_ms: task.options.job_timeout_ms,

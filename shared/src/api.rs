@@ -8,6 +8,7 @@ use crate::job::{Backend, FailureReason, JobKind, SimParams, Usage, Workspace};
 use crate::plan::PlanSpec;
 use crate::role::Role;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// How the jobs of a task run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
@@ -50,6 +51,13 @@ pub struct SubmitTask {
     pub backend: Option<Backend>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Backends per role, over `backend` for the roles named (e.g. the planner on
+    /// `claude-code`, builders on `openai`): one plan mixing backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<BTreeMap<Role, Backend>>,
+    /// Models per role, over `model` for the roles named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<BTreeMap<Role, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
     /// Shapes the `sim` backend for this task (latency, failure rate).
@@ -399,6 +407,12 @@ pub struct Task {
     pub backend: Backend,
     #[serde(default)]
     pub model: Option<String>,
+    /// Backends per role, over `backend` (see [`Task::backend_of`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<Role, Backend>,
+    /// Models per role, over `model` (see [`Task::model_of`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<Role, String>,
     #[serde(default)]
     pub workspace: Workspace,
     #[serde(default)]
@@ -432,6 +446,20 @@ pub struct Task {
 }
 
 impl Task {
+    /// The backend the jobs of `role` run on: the role's, else the task's.
+    pub fn backend_of(&self, role: Role) -> Backend {
+        self.backends.get(&role).copied().unwrap_or(self.backend)
+    }
+
+    /// The model the jobs of `role` ask for: the role's, else the task's (else the worker
+    /// picks one).
+    pub fn model_of(&self, role: Role) -> Option<&str> {
+        self.models
+            .get(&role)
+            .or(self.model.as_ref())
+            .map(String::as_str)
+    }
+
     /// Wall-clock time from creation to the end (or to `now_ms` while running).
     pub fn elapsed_ms(&self, now_ms: u64) -> u64 {
         self.finished_at_ms
@@ -566,6 +594,12 @@ pub struct Estimate {
 pub struct StepEstimate {
     pub step: u32,
     pub role: Role,
+    /// The backend the step runs on.
+    #[serde(default)]
+    pub backend: Backend,
+    /// The model the step asks for (`None`: the worker's choice for the role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     pub depends_on: Vec<u32>,
     pub instruction: String,
     pub estimate: Estimate,

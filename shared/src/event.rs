@@ -103,6 +103,15 @@ pub enum EventKind {
     },
     /// Token usage so far for this job (cumulative).
     Usage { usage: Usage, cost_usd: f64 },
+    /// The agent's conversation neared its model's context window, so its earlier rounds were
+    /// replaced by a summary the model wrote (one request, counted in `usage`): the context
+    /// the request before it used and the one after it (`None` when no request followed).
+    Compacted {
+        tokens_before: u64,
+        tokens_after: Option<u64>,
+        /// Tool rounds summarized.
+        rounds: u32,
+    },
     /// The job is still running (sent with every in-progress ack).
     Heartbeat,
     /// The job attempt ended.

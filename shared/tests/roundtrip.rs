@@ -179,6 +179,18 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
             }
         }),
         (usage(), cost()).prop_map(|(usage, cost_usd)| EventKind::Usage { usage, cost_usd }),
+        (
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u32>()
+        )
+            .prop_map(
+                |(tokens_before, tokens_after, rounds)| EventKind::Compacted {
+                    tokens_before,
+                    tokens_after,
+                    rounds
+                }
+            ),
         Just(EventKind::Heartbeat),
         (
             any::<bool>(),
@@ -405,6 +417,8 @@ fn sample_task() -> Task {
         status: TaskStatus::Failed,
         backend: Backend::Sim,
         model: None,
+        backends: Default::default(),
+        models: Default::default(),
         workspace: Workspace::Scratch,
         sim: spec.sim.clone(),
         idempotency_key: Some("k1".into()),

@@ -189,6 +189,8 @@ struct Inner {
     served: Usage,
     messages: usize,
     next_id: u64,
+    /// [`FakeAnthropic::start_rounds`]: tool rounds per conversation and the answer's delay.
+    rounds: Option<(usize, Duration)>,
 }
 
 /// The fake API; stops when dropped.
@@ -269,6 +271,7 @@ impl FakeAnthropic {
             served: Usage::default(),
             messages: 0,
             next_id: 0,
+            rounds: None,
         }));
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let (addr, server) = serve(app).await;
@@ -283,6 +286,16 @@ impl FakeAnthropic {
     /// once the fake runs, such as the cluster's ports).
     pub fn push(&self, replies: impl IntoIterator<Item = Reply>) {
         self.inner.lock().unwrap().script.extend(replies);
+    }
+
+    /// Starts a fake that serves any number of agents at once without a script: each request
+    /// is answered after `delay`, with a `list_files` call while its conversation has fewer
+    /// than `rounds` answers, else with a final text (for load measurements; request bodies
+    /// are not kept).
+    pub async fn start_rounds(rounds: usize, delay: Duration) -> FakeAnthropic {
+        let fake = Self::start([]).await;
+        fake.inner.lock().unwrap().rounds = Some((rounds, delay));
+        fake
     }
 
     /// Every request so far.
@@ -328,11 +341,16 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let reply = {
         let mut inner = inner.lock().unwrap();
+        let kept = if inner.rounds.is_some() {
+            Value::Null
+        } else {
+            body.clone()
+        };
         inner.requests.push(Recorded {
             method: method.to_string(),
             path: path.clone(),
             headers,
-            body: body.clone(),
+            body: kept,
             at: Instant::now(),
         });
         if method == Method::HEAD {
@@ -344,9 +362,21 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
         if path.starts_with("/v1/messages/count_tokens") {
             return axum::Json(json!({"input_tokens": 100})).into_response();
         }
-        match inner.script.pop_front() {
-            Some(r) => r,
-            None => inner.fallback.clone(),
+        if let Some((rounds, delay)) = inner.rounds {
+            let answers = body["messages"]
+                .as_array()
+                .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count());
+            let reply = if answers < rounds {
+                Reply::tool_use("list_files", json!({}))
+            } else {
+                Reply::text("## Summary\nDone.")
+            };
+            reply.after(delay)
+        } else {
+            match inner.script.pop_front() {
+                Some(r) => r,
+                None => inner.fallback.clone(),
+            }
         }
     };
     answer(&inner, reply, &body).await

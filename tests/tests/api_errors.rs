@@ -78,6 +78,24 @@ async fn bad_submits_are_refused_with_the_field_named_and_nothing_stored() {
             "roles[0]:",
         ),
         (
+            "a backend for an unknown role",
+            json!({"prompt": "x", "backends": {"scout": "openai"}}).to_string(),
+            "invalid_field",
+            "backends",
+        ),
+        (
+            "an unknown backend for a role",
+            json!({"prompt": "x", "backends": {"builder": "gpt"}}).to_string(),
+            "invalid_field",
+            "backends",
+        ),
+        (
+            "an empty model for a role",
+            json!({"prompt": "x", "models": {"builder": " "}}).to_string(),
+            "invalid_field",
+            "models.builder:",
+        ),
+        (
             "no roles",
             json!({"prompt": "x", "roles": []}).to_string(),
             "invalid_field",

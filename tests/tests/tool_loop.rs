@@ -683,3 +683,231 @@ async fn near_a_full_window_the_results_already_seen_are_elided() {
     assert_eq!(openai_results(&reqs[2].body), ["a.txt"]);
     assert_eq!(r.context.unwrap().window, 32_768);
 }
+
+#[tokio::test]
+async fn near_a_full_window_the_earlier_rounds_are_compacted_into_a_summary() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("a.txt"), "alpha\n").unwrap();
+    // The openai model's window is 32,768 tokens: the third request fills 31,000 of it, past
+    // the 0.9 compaction threshold even after eliding the results already seen.
+    let fake = FakeOpenAi::start([
+        fake_openai::Reply::tool_calls([("read_file", json!({"path": "a.txt"}))]),
+        fake_openai::Reply::tool_calls([("list_files", json!({}))]),
+        fake_openai::Reply::tool_calls([("search", json!({"pattern": "alp"}))])
+            .with_usage(31_000, 10, 0),
+        fake_openai::Reply::text("SUMMARY: a.txt says alpha; it is the only file.")
+            .with_usage(31_100, 300, 30_000),
+        fake_openai::Reply::text("Done.").with_usage(1_500, 5, 0),
+    ])
+    .await;
+    let mut cfg = config(data.path(), None, Some(&fake.url));
+    cfg.tool_loop.keep_rounds = 1;
+    let backends = Backends::from_config(&cfg);
+    let (r, events) = run(&backends, &job(Role::Analyst, Backend::Openai, work.path())).await;
+    assert_success(&r, &events);
+    assert_eq!(r.output.output, "Done.");
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 5);
+
+    // The fourth request asks for a summary of the conversation so far (the same prefix, so a
+    // provider's prompt cache serves it).
+    let asked = reqs[3].body["messages"].as_array().unwrap();
+    let last = asked.last().unwrap();
+    assert_eq!(last["role"], "user");
+    assert!(
+        last["content"].as_str().unwrap().contains("summary"),
+        "{last}"
+    );
+    assert_eq!(asked[1]["content"], reqs[0].body["messages"][1]["content"]);
+
+    // The next request carries the prompt with the summary, then only the latest round whole.
+    let sent = reqs[4].body["messages"].as_array().unwrap();
+    let roles: Vec<&str> = sent.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["system", "user", "assistant", "tool"]);
+    let first = sent[1]["content"].as_str().unwrap();
+    assert!(first.starts_with("Do the task"), "{first}");
+    assert!(
+        first.contains("SUMMARY: a.txt says alpha; it is the only file."),
+        "{first}"
+    );
+    assert_eq!(sent[2]["tool_calls"][0]["function"]["name"], "search");
+    assert!(
+        sent[3]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("a.txt:1:alpha"),
+        "{}",
+        sent[3]
+    );
+    let text = reqs[4].body["messages"].to_string();
+    assert!(
+        !text.contains("read_file") && !text.contains("list_files"),
+        "{text}"
+    );
+
+    // The compaction is an event with the context before and after it, and the summary's
+    // request is billed like any other.
+    let compacted: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            EventKind::Compacted {
+                tokens_before,
+                tokens_after,
+                rounds,
+            } => Some((*tokens_before, *tokens_after, *rounds)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(compacted, [(31_000, Some(1_500), 2)]);
+    let served = fake.served_usage();
+    let usage = Usage {
+        input_tokens: served.prompt_tokens - served.cached_tokens,
+        output_tokens: served.completion_tokens,
+        cache_creation_tokens: 0,
+        cache_read_tokens: served.cached_tokens,
+    };
+    assert_eq!(usage.output_tokens, 42 * 2 + 10 + 300 + 5);
+    assert_eq!(r.output.usage, usage);
+    let want = (usage.input_tokens as f64 * 0.2
+        + usage.output_tokens as f64 * 0.6
+        + usage.cache_read_tokens as f64 * 0.05)
+        / 1e6;
+    assert!(
+        close(r.output.cost_usd, want),
+        "{} vs {want}",
+        r.output.cost_usd
+    );
+    assert_eq!(r.context.unwrap().tokens, 1_500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_task_runs_its_builder_on_openai_and_its_reviewer_on_anthropic() {
+    let dir = tempfile::tempdir().unwrap();
+    sh(
+        dir.path(),
+        "git init -q --bare -b main origin.git && mkdir seed && cd seed && git init -q -b main \
+         && echo '# Project' > README.md && git add . \
+         && git -c user.name=seed -c user.email=seed@localhost commit -qm init \
+         && git push -q ../origin.git main",
+    );
+    let bare = dir.path().join("origin.git");
+    let openai = FakeOpenAi::start([
+        fake_openai::Reply::tool_calls([(
+            "write_file",
+            json!({"path": "src/hello.txt", "content": "hello from the builder\n"}),
+        )]),
+        fake_openai::Reply::text("## Summary\nBuilt src/hello.txt."),
+    ])
+    .await;
+    let anthropic = FakeAnthropic::start([
+        Reply::tool_use("read_file", json!({"path": "src/hello.txt"})),
+        Reply::text("## Summary\nReviewed: ready.").with_usage(700, 55, 0, 1_200),
+    ])
+    .await;
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        "[prices.\"qwen2.5-coder\"]\ninput = 0.2\noutput = 0.6\ncache_read = 0.05\n\
+         [prices.\"claude-review\"]\ninput = 3\noutput = 15\ncache_write = 3.75\ncache_read = 0.3\n",
+    )
+    .unwrap();
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        worker_args: vec!["--config".into(), config.display().to_string()],
+        worker_env: vec![
+            ("OPENAI_BASE_URL".into(), openai.url.clone()),
+            ("OPENAI_API_KEY".into(), "test-key-openai".into()),
+            ("ANTHROPIC_BASE_URL".into(), anthropic.url.clone()),
+            ("ANTHROPIC_API_KEY".into(), "test-key-anthropic".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let body = json!({
+        "prompt": "add a greeting",
+        "roles": ["builder", "reviewer"],
+        "backends": {"builder": "openai", "reviewer": "anthropic"},
+        "models": {"builder": OPENAI_MODEL, "reviewer": "claude-review"},
+        "repo": bare.display().to_string(),
+        "ref": "main",
+    });
+
+    // The dry run shows each step's backend and model.
+    let (status, dry) = cluster.post("/v1/tasks/dry-run", &body).await;
+    assert_eq!(status, 200, "{dry}");
+    let steps: Vec<(&str, &str, &str)> = dry["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["role"].as_str().unwrap(),
+                s["backend"].as_str().unwrap(),
+                s["model"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("builder", "openai", OPENAI_MODEL),
+            ("reviewer", "anthropic", "claude-review")
+        ]
+    );
+
+    let task = cluster.submit(body).await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(90))
+        .await;
+    assert_completed(&cluster, &task);
+    let [builder, reviewer] = &task.jobs[..] else {
+        panic!("two jobs: {task:#?}")
+    };
+    assert_eq!(builder.files_written, ["src/hello.txt"]);
+    assert_eq!(builder.model.as_deref(), Some(OPENAI_MODEL));
+    assert_eq!(reviewer.model.as_deref(), Some("claude-review"));
+    let branch = task.branch.clone().expect("a task branch");
+    assert_eq!(
+        sh(&bare, &format!("git show {branch}:src/hello.txt")),
+        "hello from the builder"
+    );
+
+    // Each fake saw only its own step: the builder's two requests, the reviewer's two (which
+    // read the builder's file from its own clone).
+    let built = openai.requests();
+    assert_eq!(built.len(), 2);
+    assert!(built.iter().all(|r| r.body["model"] == OPENAI_MODEL));
+    let reviewed = anthropic.message_requests();
+    assert_eq!(reviewed.len(), 2);
+    assert!(reviewed.iter().all(|r| r.body["model"] == "claude-review"));
+    assert_eq!(
+        anthropic_results(&reviewed[1].body),
+        [("     1\thello from the builder\n".to_string(), false)]
+    );
+
+    // Each step priced at its own model's prices.
+    let o = openai.served_usage();
+    let builder_cost = ((o.prompt_tokens - o.cached_tokens) as f64 * 0.2
+        + o.completion_tokens as f64 * 0.6
+        + o.cached_tokens as f64 * 0.05)
+        / 1e6;
+    let a = anthropic.served_usage();
+    let reviewer_cost = (a.input_tokens as f64 * 3.0
+        + a.output_tokens as f64 * 15.0
+        + a.cache_creation_tokens as f64 * 3.75
+        + a.cache_read_tokens as f64 * 0.3)
+        / 1e6;
+    assert!(
+        close(builder.cost_usd, builder_cost),
+        "{} vs {builder_cost}",
+        builder.cost_usd
+    );
+    assert!(
+        close(reviewer.cost_usd, reviewer_cost),
+        "{} vs {reviewer_cost}",
+        reviewer.cost_usd
+    );
+    assert!(close(task.cost_usd, builder_cost + reviewer_cost));
+    assert_eq!(reviewer.usage, a);
+}

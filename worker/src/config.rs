@@ -5,8 +5,8 @@
 //!
 //! Besides the cluster settings, the file configures the agent backends (`[backends.*]`: the
 //! providers' URLs and keys, models, the Claude Code CLI), the roles (`[roles.*]`, see
-//! [`crate::roles`]) and the price table (`[prices."model"]`, see
-//! [`crate::agent::pricing`]). Provider settings also come from the providers' usual
+//! [`crate::roles`]), the price table (`[prices."model"]`, see
+//! [`crate::agent::pricing`]) and the native tool loop's limits (`[agent]`, [`LoopSettings`]). Provider settings also come from the providers' usual
 //! environment variables (`ANTHROPIC_BASE_URL`, `ANTHROPIC_API_KEY`, `OPENAI_BASE_URL`,
 //! `OPENAI_API_KEY`) and the CLI's path from `ORCH_CLAUDE_BIN`. Keys are [`Secret`]s: their
 //! `Debug` never shows them.
@@ -135,6 +135,69 @@ pub struct Args {
         env = "ORCH_SANDBOX"
     )]
     pub sandbox: Option<String>,
+    /// Native tool loop: requests per agent turn when neither the job nor the role sets a
+    /// limit [default: 100].
+    #[arg(
+        id = "agent.max_turns",
+        long = "max-turns",
+        value_name = "N",
+        env = "ORCH_MAX_TURNS"
+    )]
+    pub max_turns: Option<String>,
+    /// Native tool loop: how long a `bash` call runs when the model gives no timeout
+    /// [default: 2m].
+    #[arg(
+        id = "agent.bash_timeout",
+        long = "bash-timeout",
+        value_name = "DURATION",
+        env = "ORCH_BASH_TIMEOUT"
+    )]
+    pub bash_timeout: Option<String>,
+    /// Native tool loop: the longest a `bash` call may run, whatever the model asks
+    /// [default: 10m].
+    #[arg(
+        id = "agent.bash_max_timeout",
+        long = "bash-max-timeout",
+        value_name = "DURATION",
+        env = "ORCH_BASH_MAX_TIMEOUT"
+    )]
+    pub bash_max_timeout: Option<String>,
+    /// Native tool loop: the most bytes of one tool result the model gets (the rest is cut
+    /// with a note) [default: 30000].
+    #[arg(
+        id = "agent.max_result_bytes",
+        long = "tool-result-max-bytes",
+        value_name = "BYTES",
+        env = "ORCH_TOOL_RESULT_MAX_BYTES"
+    )]
+    pub max_result_bytes: Option<String>,
+    /// Native tool loop: above this fraction of the model's context window, tool results the
+    /// model has already seen are shortened to a note [default: 0.8].
+    #[arg(
+        id = "agent.elide_above",
+        long = "elide-above",
+        value_name = "FRACTION",
+        env = "ORCH_ELIDE_ABOVE"
+    )]
+    pub elide_above: Option<String>,
+    /// Native tool loop: above this fraction of the model's context window (after shortening
+    /// tool results), the earlier conversation is summarized by one model request
+    /// [default: 0.9].
+    #[arg(
+        id = "agent.compact_above",
+        long = "compact-above",
+        value_name = "FRACTION",
+        env = "ORCH_COMPACT_ABOVE"
+    )]
+    pub compact_above: Option<String>,
+    /// Native tool loop: the latest tool rounds a compaction keeps word for word [default: 2].
+    #[arg(
+        id = "agent.keep_rounds",
+        long = "compact-keep-rounds",
+        value_name = "N",
+        env = "ORCH_COMPACT_KEEP_ROUNDS"
+    )]
+    pub keep_rounds: Option<String>,
 }
 
 /// A credential. Its `Debug` and `Display` never show it; [`Secret::expose`] does.
@@ -185,6 +248,7 @@ struct Settings {
     backends: BackendsFile,
     roles: BTreeMap<String, roles::Override>,
     prices: BTreeMap<String, Price>,
+    agent: LoopSettings,
     sandbox: SandboxFile,
 }
 
@@ -257,7 +321,91 @@ impl Default for Settings {
             roles: BTreeMap::new(),
             prices: BTreeMap::new(),
             sandbox: SandboxFile::default(),
+            agent: LoopSettings::default(),
         }
+    }
+}
+
+/// The native tool loop of the `anthropic` and `openai` backends (`[agent]`); see
+/// [`crate::agent::tool_loop`]. The turn limit and the `bash` timeout can also be set per
+/// role (`[roles.<name>] max_turns`, `bash_timeout`).
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoopSettings {
+    /// Requests per turn when neither the job nor the role sets a limit.
+    pub max_turns: u32,
+    /// A `bash` call's timeout when the model gives none.
+    #[serde(with = "humantime_serde")]
+    pub bash_timeout: Duration,
+    /// The longest timeout a `bash` call may ask for.
+    #[serde(with = "humantime_serde")]
+    pub bash_max_timeout: Duration,
+    /// The most bytes of one tool result (file, listing, search or command output).
+    pub max_result_bytes: usize,
+    /// The window fraction above which tool results already seen are shortened.
+    pub elide_above: f64,
+    /// The window fraction above which the earlier conversation is compacted into a summary.
+    pub compact_above: f64,
+    /// The latest tool rounds a compaction keeps as they are.
+    pub keep_rounds: usize,
+}
+
+impl Default for LoopSettings {
+    fn default() -> Self {
+        Self {
+            max_turns: 100,
+            bash_timeout: Duration::from_secs(120),
+            bash_max_timeout: Duration::from_secs(600),
+            max_result_bytes: 30_000,
+            elide_above: 0.8,
+            compact_above: 0.9,
+            keep_rounds: 2,
+        }
+    }
+}
+
+impl LoopSettings {
+    fn check(self) -> Result<Self, Error> {
+        let fraction = |key: &str, v: f64| {
+            if v > 0.0 && v <= 1.0 {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    key,
+                    format!("must be a fraction above 0 and at most 1, got {v}"),
+                ))
+            }
+        };
+        if !(1..=100_000).contains(&self.max_turns) {
+            return Err(Error::invalid(
+                "agent.max_turns",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.bash_timeout.is_zero() {
+            return Err(Error::invalid(
+                "agent.bash_timeout",
+                "must be longer than 0s",
+            ));
+        }
+        if self.bash_max_timeout < self.bash_timeout {
+            return Err(Error::invalid(
+                "agent.bash_max_timeout",
+                "must not be shorter than agent.bash_timeout",
+            ));
+        }
+        if !(1_024..=10_000_000).contains(&self.max_result_bytes) {
+            return Err(Error::invalid(
+                "agent.max_result_bytes",
+                "must be between 1024 and 10000000",
+            ));
+        }
+        fraction("agent.elide_above", self.elide_above)?;
+        fraction("agent.compact_above", self.compact_above)?;
+        if self.keep_rounds > 1_000 {
+            return Err(Error::invalid("agent.keep_rounds", "must be at most 1000"));
+        }
+        Ok(self)
     }
 }
 
@@ -456,6 +604,7 @@ pub struct Config {
     pub prices: PriceTable,
     /// The agent sandbox (`[sandbox]`, `--sandbox`).
     pub sandbox: crate::sandbox::Settings,
+    pub tool_loop: LoopSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -558,6 +707,7 @@ impl Settings {
         let roles = Roles::with_overrides(&self.roles).map_err(Error::Invalid)?;
         let prices = PriceTable::with_overrides(&self.prices).map_err(Error::Invalid)?;
         let sandbox = self.sandbox.check()?;
+        let tool_loop = self.agent.check()?;
         Ok(Config {
             nats_url: self.nats_url,
             nats,
@@ -573,6 +723,7 @@ impl Settings {
             roles,
             prices,
             sandbox,
+            tool_loop,
         })
     }
 }
@@ -917,6 +1068,75 @@ output = 0.2
             .roles
             .profile(crate::roles::Key::Role(orch_shared::role::Role::Reviewer));
         assert!(reviewer.sandbox.allowed_hosts.is_empty());
+    }
+
+    #[test]
+    fn the_tool_loop_settings_come_from_every_layer_and_bad_ones_name_their_key() {
+        let d = from_flags::<_, &str>([]).unwrap().tool_loop;
+        assert_eq!(d, LoopSettings::default());
+        let file = "[agent]\nmax_turns = 7\nbash_timeout = \"30s\"\nmax_result_bytes = 4096\n\
+                    elide_above = 0.5\ncompact_above = 0.6\nkeep_rounds = 1\n";
+        let t = load_with(
+            Some(file),
+            &[("ORCH_MAX_TURNS", "9")],
+            &["--bash-timeout", "45s"],
+        )
+        .unwrap()
+        .tool_loop;
+        assert_eq!(
+            t,
+            LoopSettings {
+                max_turns: 9,
+                bash_timeout: Duration::from_secs(45),
+                bash_max_timeout: Duration::from_secs(600),
+                max_result_bytes: 4096,
+                elide_above: 0.5,
+                compact_above: 0.6,
+                keep_rounds: 1,
+            }
+        );
+        let err = |file: Option<&str>, env: &[(&str, &str)], flags: &[&str]| {
+            load_with(file, env, flags).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(None, &[], &["--max-turns", "0"]),
+            "invalid configuration: agent.max_turns: must be between 1 and 100000"
+        );
+        assert!(
+            err(None, &[("ORCH_BASH_TIMEOUT", "soon")], &[])
+                .starts_with("invalid configuration: agent.bash_timeout:")
+        );
+        assert!(
+            err(Some("[agent]\nbash_timeout = \"20m\""), &[], &[])
+                .starts_with("invalid configuration: agent.bash_max_timeout:")
+        );
+        assert!(
+            err(None, &[], &["--tool-result-max-bytes", "10"])
+                .starts_with("invalid configuration: agent.max_result_bytes:")
+        );
+        assert!(
+            err(None, &[], &["--compact-above", "1.5"])
+                .starts_with("invalid configuration: agent.compact_above:")
+        );
+        assert!(
+            err(None, &[("ORCH_ELIDE_ABOVE", "most")], &[])
+                .starts_with("invalid configuration: agent.elide_above:")
+        );
+        assert!(
+            err(Some("[agent]\nkeep_round = 1"), &[], &[])
+                .starts_with("invalid configuration: agent.keep_round: unknown key")
+        );
+        let cfg = from_file("[roles.tester]\nbash_timeout = \"15m\"\n").unwrap();
+        assert_eq!(
+            cfg.roles
+                .profile(Key::Role(orch_shared::role::Role::Tester))
+                .bash_timeout,
+            Some(Duration::from_secs(900))
+        );
+        assert!(
+            err(Some("[roles.tester]\nbash_timeout = \"0s\""), &[], &[])
+                .starts_with("invalid configuration: roles.tester.bash_timeout:")
+        );
     }
 
     #[test]

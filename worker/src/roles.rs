@@ -124,6 +124,8 @@ pub struct Profile {
     pub max_turns: Option<u32>,
     /// What its jobs may do inside the agent sandbox (hosts, writable paths, limits).
     pub sandbox: Allowance,
+    /// The native `bash` tool's timeout when the model gives none (else the worker's).
+    pub bash_timeout: Option<std::time::Duration>,
 }
 
 impl Profile {
@@ -168,6 +170,8 @@ pub struct Override {
     pub memory_max_mb: Option<u64>,
     /// The process limit of one job (0: the worker's `[sandbox] pids_max`).
     pub pids_max: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub bash_timeout: Option<std::time::Duration>,
 }
 
 /// The profile of every role, checked once when the config is loaded.
@@ -255,6 +259,12 @@ impl Roles {
                 }
                 p.max_turns = Some(n);
             }
+            if let Some(t) = o.bash_timeout {
+                if t.is_zero() {
+                    return Err(format!("roles.{name}.bash_timeout: must be longer than 0s"));
+                }
+                p.bash_timeout = Some(t);
+            }
             for tool in p.allowed_tools.iter().chain(&p.disallowed_tools) {
                 if tool.trim().is_empty() || tool.contains(',') {
                     return Err(format!(
@@ -314,6 +324,7 @@ fn default_profile(key: Key) -> Profile {
             },
             ..Allowance::default()
         },
+        bash_timeout: None,
     }
 }
 

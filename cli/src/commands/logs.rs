@@ -147,6 +147,15 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             output::count(usage.cache_read_tokens),
             output::cost(*cost_usd)
         ),
+        EventKind::Compacted {
+            tokens_before,
+            tokens_after,
+            rounds,
+        } => format!(
+            "context compacted: {rounds} round(s) summarized, {} → {} tokens",
+            output::count(*tokens_before),
+            tokens_after.map_or("?".to_string(), output::count)
+        ),
         EventKind::Heartbeat if heartbeats => "heartbeat".to_string(),
         EventKind::Heartbeat => return None,
         EventKind::JobFinished {

@@ -11,6 +11,7 @@ use orch_shared::ids::TaskId;
 use orch_shared::job::{Backend, SimParams};
 use orch_shared::plan::PlanSpec;
 use orch_shared::role::Role;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,13 +60,14 @@ pub struct Args {
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
 
-    /// Agent backend: sim, claude-code, anthropic, openai or command
-    #[arg(long, value_name = "BACKEND")]
-    pub backend: Option<String>,
+    /// Agent backend: sim, claude-code, anthropic, openai or command; `ROLE=BACKEND` for one
+    /// role (repeat to mix backends in one plan: `--backend builder=openai`)
+    #[arg(long, value_name = "[ROLE=]BACKEND")]
+    pub backend: Vec<String>,
 
-    /// Model name passed to the backend
-    #[arg(long, value_name = "MODEL")]
-    pub model: Option<String>,
+    /// Model name passed to the backend; `ROLE=MODEL` for one role (repeatable)
+    #[arg(long, value_name = "[ROLE=]MODEL")]
+    pub model: Vec<String>,
 
     /// Directory the agents work in, as the workers see it (default: a scratch directory)
     #[arg(long, value_name = "PATH")]
@@ -198,6 +200,42 @@ pub fn parse_roles(values: &[String]) -> anyhow::Result<Vec<Role>> {
     Ok(roles)
 }
 
+/// The values of a flag that takes `VALUE` (for the task, once) or `ROLE=VALUE` (for one
+/// role, once per role), parsed with `parse`.
+fn per_role<T>(
+    flag: &str,
+    values: &[String],
+    parse: impl Fn(&str) -> anyhow::Result<T>,
+) -> anyhow::Result<(Option<T>, BTreeMap<Role, T>)> {
+    let mut all = None;
+    let mut by_role = BTreeMap::new();
+    for v in values.iter().map(|v| v.trim()) {
+        if v.is_empty() {
+            bail!("invalid {flag}: the value is empty");
+        }
+        match v.split_once('=') {
+            Some((role, value)) => {
+                let role = role
+                    .trim()
+                    .parse::<Role>()
+                    .map_err(|e| anyhow!("invalid {flag} `{v}`: {e}"))?;
+                let value = value.trim();
+                if value.is_empty() {
+                    bail!("invalid {flag} `{v}`: nothing after `=`");
+                }
+                if by_role.insert(role, parse(value)?).is_some() {
+                    bail!("invalid {flag}: {role} is given twice");
+                }
+            }
+            None if all.is_some() => {
+                bail!("invalid {flag}: give one value for the task, and ROLE=VALUE for roles")
+            }
+            None => all = Some(parse(v)?),
+        }
+    }
+    Ok((all, by_role))
+}
+
 /// Parses `--backend` with the protocol's own names, so a backend added to the protocol works
 /// without changing orchctl.
 pub fn parse_backend(value: &str) -> anyhow::Result<Backend> {
@@ -257,7 +295,8 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         bail!("the prompt is empty");
     }
     let roles = args.roles.as_deref().map(parse_roles).transpose()?;
-    let backend = args.backend.as_deref().map(parse_backend).transpose()?;
+    let (backend, backends) = per_role("--backend", &args.backend, parse_backend)?;
+    let (model, models) = per_role("--model", &args.model, |m| Ok(m.to_string()))?;
     let latency_ms = args
         .sim_latency
         .as_deref()
@@ -308,7 +347,9 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         roles,
         idempotency_key: non_empty(&args.idempotency_key),
         backend,
-        model: non_empty(&args.model),
+        model,
+        backends: (!backends.is_empty()).then_some(backends),
+        models: (!models.is_empty()).then_some(models),
         workspace,
         sim,
         planner: args.planner.map(|p| match p {
@@ -523,6 +564,53 @@ mod tests {
                 prompt: "do it".into(),
                 ..SubmitTask::default()
             }
+        );
+    }
+
+    #[test]
+    fn backends_and_models_can_be_given_per_role() {
+        let a = args(&[
+            "--backend",
+            "anthropic",
+            "--backend",
+            "builder=openai",
+            "--backend",
+            "reviewer = claude-code",
+            "--model",
+            "builder=qwen2.5-coder",
+        ]);
+        let req = build_request(&a, "do it".into()).unwrap();
+        assert_eq!(req.backend, Some(Backend::Anthropic));
+        assert_eq!(
+            req.backends,
+            Some(BTreeMap::from([
+                (Role::Builder, Backend::Openai),
+                (Role::Reviewer, Backend::ClaudeCode)
+            ]))
+        );
+        assert_eq!(req.model, None);
+        assert_eq!(
+            req.models,
+            Some(BTreeMap::from([(
+                Role::Builder,
+                "qwen2.5-coder".to_string()
+            )]))
+        );
+        let err = |flags: &[&str]| {
+            build_request(&args(flags), "do it".into())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(&["--backend", "scout=openai"])
+                .starts_with("invalid --backend `scout=openai`: unknown role")
+        );
+        assert!(err(&["--backend", "builder=gpt"]).contains("--backend"));
+        assert!(err(&["--model", "builder="]).starts_with("invalid --model `builder=`"));
+        assert!(err(&["--backend", "sim", "--backend", "openai"]).starts_with("invalid --backend"));
+        assert!(
+            err(&["--model", "tester=a", "--model", "tester=b"])
+                .starts_with("invalid --model: tester is given twice")
         );
     }
 

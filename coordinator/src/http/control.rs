@@ -146,7 +146,8 @@ async fn turn(
     };
     // The worker stores a session after each successful turn of a backend that keeps one.
     if !app.state.has_session(from).await? {
-        let backend = task.backend.as_str();
+        let role = task.jobs.iter().find(|j| j.id == from).map(|j| j.role);
+        let backend = role.map_or(task.backend, |r| task.backend_of(r)).as_str();
         return Err(ApiError::new(
             ErrorCode::Conflict,
             format!(

@@ -39,10 +39,10 @@ async fn dry_run(
     let mode = opts.mode;
     let (task, _) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
-    let model = task.model.clone().unwrap_or_else(|| "default".into());
     let mut steps = Vec::new();
     for job in &task.jobs {
-        let estimate = match app.state.job_stats(job.role.as_str(), &model).await? {
+        let model = task.model_of(job.role).unwrap_or("default");
+        let estimate = match app.state.job_stats(job.role.as_str(), model).await? {
             Some(s) => Estimate {
                 source: EstimateSource::History,
                 samples: s.samples,
@@ -73,6 +73,8 @@ async fn dry_run(
         steps.push(StepEstimate {
             step: job.step,
             role: job.role,
+            backend: task.backend_of(job.role),
+            model: task.model_of(job.role).map(str::to_string),
             depends_on: job.depends_on.clone(),
             instruction: job.prompt.clone(),
             estimate,

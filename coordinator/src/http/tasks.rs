@@ -92,6 +92,12 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
     {
         return Err(ApiError::field("idempotency_key", "must be 1 to 256 characters").into());
     }
+    let models = req.models.unwrap_or_default();
+    if let Some((role, _)) = models.iter().find(|(_, m)| m.trim().is_empty()) {
+        return Err(
+            ApiError::field(&format!("models.{}", role.as_str()), "must not be empty").into(),
+        );
+    }
     let sim = req.sim.unwrap_or_default();
     validate_sim(&sim)?;
     let workspace = match (req.workspace, req.repo) {
@@ -132,6 +138,8 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
             mode: req.mode.unwrap_or_default(),
             backend,
             model: req.model,
+            backends: req.backends.unwrap_or_default(),
+            models,
             workspace,
             sim,
             idempotency_key: req.idempotency_key,

@@ -11,6 +11,8 @@ fn opts(mode: Mode) -> TaskOptions {
         mode,
         backend: Backend::Sim,
         model: None,
+        backends: Default::default(),
+        models: Default::default(),
         workspace: Workspace::Scratch,
         sim: SimParams::default(),
         idempotency_key: None,

@@ -19,7 +19,7 @@ use super::openai::{self, OpenAi};
 use super::pricing::PriceTable;
 use super::sim::Sim;
 use super::{Agent, AgentOutput, Events, Prepared, Report};
-use crate::config::{Config, Models};
+use crate::config::{Config, LoopSettings, Models};
 use crate::roles::{self, Key, Roles};
 use crate::sandbox::Sandbox;
 use crate::session::{SessionStore, Snapshot};
@@ -37,6 +37,7 @@ pub struct Backends {
     data_dir: PathBuf,
     roles: Roles,
     prices: PriceTable,
+    tool_loop: LoopSettings,
     claude_code: ClaudeCode,
     anthropic: Anthropic,
     openai: OpenAi,
@@ -69,6 +70,7 @@ impl Backends {
             data_dir: config.data_dir.clone(),
             roles: config.roles.clone(),
             prices: config.prices.clone(),
+            tool_loop: config.tool_loop.clone(),
             claude_code: ClaudeCode::new(b.claude_code.clone(), b.anthropic.clone()),
             anthropic: Anthropic::new(b.anthropic.clone(), client.clone()),
             openai: OpenAi::new(b.openai.clone(), client),
@@ -185,6 +187,7 @@ impl Backends {
             prompt: roles::user_prompt(job),
             prices: &self.prices,
             data_dir: &self.data_dir,
+            tool_loop: &self.tool_loop,
             unpriced: &self.unpriced,
             session: None,
             sandbox: self.sandbox.as_ref(),

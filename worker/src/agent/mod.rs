@@ -50,6 +50,7 @@ pub mod tool_loop;
 pub mod tools;
 pub mod workspace;
 
+use crate::config::LoopSettings;
 use crate::roles::Profile;
 use crate::sandbox::{Jail, Sandbox};
 use crate::session::Snapshot;
@@ -174,6 +175,8 @@ pub struct Prepared<'a> {
     pub prices: &'a PriceTable,
     /// Where scratch workspaces go.
     pub data_dir: &'a Path,
+    /// The native tool loop's settings (`[agent]`).
+    pub tool_loop: &'a LoopSettings,
     /// Models already warned about (no price), so the log says it once.
     unpriced: &'a Mutex<BTreeSet<String>>,
     /// For a further turn: the conversation so far, as stored after the turn it continues.

@@ -15,17 +15,22 @@
 //!   written;
 //! - usage summed over every request (failed attempts included) and priced once, a cumulative
 //!   `usage` event after every request, the context occupancy of the last request;
-//! - the turn limit: the job's `max_turns`, else the role's, else [`DEFAULT_MAX_TURNS`]; a
+//! - the turn limit: the job's `max_turns`, else the role's, else the worker's
+//!   (`agent.max_turns`); a
 //!   model still calling tools at the limit fails the job with `budget_exhausted`, as
 //!   `claude-code` does;
-//! - context that fits: once a request fills more than [`ELIDE_ABOVE`] of the model's window
-//!   (when the window is known), the tool results the model has already seen are replaced by
-//!   a note saying how much was elided (the newest results always go out whole);
+//! - context that fits: once a request fills more than `agent.elide_above` of the model's
+//!   window (when the window is known), the tool results the model has already seen are
+//!   replaced by a note saying how much was elided (the newest results always go out whole);
+//!   if the request still fills more than `agent.compact_above` (less what eliding saved,
+//!   estimated), the model summarizes the conversation before its latest
+//!   `agent.keep_rounds` rounds in one more request (billed and counted like any other)
+//!   and the summary replaces them; a `compacted` event gives the context before and after;
 //! - the session: the message list with every tool round in it ([`super::chat`]).
 
 use super::chat;
 use super::http::{self, CallError, Spent};
-use super::tools::{self, Call, READ_ONLY, Spec, ToolOutput, Toolbox};
+use super::tools::{self, Call, Limits, READ_ONLY, Spec, ToolOutput, Toolbox};
 use super::workspace::{FileTracker, WorkDir};
 use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::ApiSettings;
@@ -36,13 +41,8 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// The turn limit when neither the job nor the role sets one (a worker setting later).
-pub const DEFAULT_MAX_TURNS: u32 = 100;
 /// The most of a tool's input or output an event carries (the model gets the whole result).
 const MAX_EVENT_TEXT: usize = 8 * 1024;
-/// Above this fraction of the model's window, the tool results the model has already seen are
-/// replaced by a note before the next request (a worker setting later).
-const ELIDE_ABOVE: f64 = 0.8;
 
 /// What one request produced.
 #[derive(Debug, Default)]
@@ -105,6 +105,7 @@ pub async fn run<A: Api>(
         Err(message) => return fail(FailureReason::BadRequest, message),
     };
     messages.push(json!({"role": "user", "content": p.prompt}));
+    let settings = p.tool_loop;
     let allowed = p.profile.native_tools();
     let useful = !allowed.is_empty()
         && (!matches!(p.job.workspace, Workspace::Scratch)
@@ -125,7 +126,14 @@ pub async fn run<A: Api>(
         } else {
             None
         };
-        match Toolbox::new(&dir.path, allowed, role) {
+        // A role's own timeout may be longer than the worker's longest (a tester's suite).
+        let bash_timeout = p.profile.bash_timeout.unwrap_or(settings.bash_timeout);
+        let limits = Limits {
+            max_result_bytes: settings.max_result_bytes,
+            bash_timeout,
+            bash_max_timeout: settings.bash_max_timeout.max(bash_timeout),
+        };
+        match Toolbox::new(&dir.path, allowed, role, limits) {
             Ok(t) => (Some(dir), t.with_jail(jail)),
             Err(message) => return fail(FailureReason::Internal, message),
         }
@@ -139,12 +147,15 @@ pub async fn run<A: Api>(
         .limits
         .max_turns
         .or(p.profile.max_turns)
-        .unwrap_or(DEFAULT_MAX_TURNS);
+        .unwrap_or(settings.max_turns);
 
     events.send(EventKind::Thinking);
     let mut usage = Usage::default();
     let mut context = None;
     let mut turns = 0;
+    // A compaction's context before it and the rounds it summarized, reported with the
+    // occupancy of the next request.
+    let mut compacted: Option<(u64, u32)> = None;
     let (outcome, text) = loop {
         turns += 1;
         let body = api.body(&model, &p.profile.system_prompt, &messages, &specs);
@@ -154,6 +165,13 @@ pub async fn run<A: Api>(
         })
         .await;
         usage.add(&spent.usage);
+        if let Some((tokens_before, rounds)) = compacted.take() {
+            events.send(EventKind::Compacted {
+                tokens_before,
+                tokens_after: result.as_ref().ok().map(|s| input_tokens(&s.usage)),
+                rounds,
+            });
+        }
         let step = match result {
             Ok(s) => s,
             Err(e) => {
@@ -169,7 +187,7 @@ pub async fn run<A: Api>(
         usage.add(&step.usage);
         let last = step.usage;
         context = p.context_window(&model).map(|window| ContextUse {
-            tokens: last.input_tokens + last.cache_creation_tokens + last.cache_read_tokens,
+            tokens: input_tokens(&last),
             window,
         });
         events.send(EventKind::Usage {
@@ -211,13 +229,63 @@ pub async fn run<A: Api>(
                 String::new(),
             );
         }
-        if context.is_some_and(|c| c.fraction() > ELIDE_ABOVE) {
-            let saved: usize = messages.iter_mut().map(|m| api.elide_results(m)).sum();
+        let mut saved = 0;
+        if context.is_some_and(|c| c.fraction() > settings.elide_above) {
+            saved = messages.iter_mut().map(|m| api.elide_results(m)).sum();
             if saved > 0 {
                 tracing::info!(saved, model = %model, "context nearly full: earlier tool results elided");
             }
         }
         messages.extend(api.results(&step.calls, &outputs));
+        // What eliding saved is known in bytes only: about four of them make a token.
+        let Some(c) = context else { continue };
+        let estimate = c.tokens.saturating_sub(saved as u64 / 4);
+        if estimate as f64 / c.window.max(1) as f64 <= settings.compact_above {
+            continue;
+        }
+        let cut = match compaction_cut(&messages, settings.keep_rounds) {
+            Some(cut) => cut,
+            None => continue,
+        };
+        let mut spent = Spent::default();
+        let summary = summarize(
+            api,
+            p,
+            &model,
+            &specs,
+            &messages[..cut.at],
+            cancel,
+            &mut spent,
+        )
+        .await;
+        usage.add(&spent.usage);
+        events.send(EventKind::Usage {
+            usage,
+            cost_usd: p.cost(Some(&model), &usage),
+        });
+        match summary {
+            Ok(Some(summary)) => {
+                let mut kept = vec![
+                    json!({"role": "user", "content": compacted_message(&p.prompt, &summary)}),
+                ];
+                kept.extend(messages.drain(cut.at..));
+                messages = kept;
+                tracing::info!(tokens = c.tokens, rounds = cut.rounds, model = %model, "context nearly full: earlier rounds compacted into a summary");
+                compacted = Some((c.tokens, cut.rounds));
+            }
+            Ok(None) => {
+                tracing::warn!(model = %model, "the model wrote no summary: the conversation stays as it is");
+            }
+            Err(e) => {
+                break (
+                    Outcome::Failure {
+                        reason: e.reason,
+                        message: format!("compacting the conversation failed: {}", e.message),
+                    },
+                    String::new(),
+                );
+            }
+        }
     };
 
     let cost_usd = p.cost(Some(&model), &usage);
@@ -250,6 +318,105 @@ pub async fn run<A: Api>(
         context,
         session,
     }
+}
+
+/// The input tokens of one request: fresh, cache writes and cache reads.
+fn input_tokens(u: &Usage) -> u64 {
+    u.input_tokens + u.cache_creation_tokens + u.cache_read_tokens
+}
+
+/// Where a compaction cuts the conversation.
+#[derive(Debug, PartialEq)]
+struct Cut {
+    /// The messages before this index are summarized; the rest stay as they are.
+    at: usize,
+    /// The rounds (answers of the model, with the tool results that follow them) summarized.
+    rounds: u32,
+}
+
+/// The cut that keeps the latest `keep` rounds; `None` when there are no more rounds than
+/// that. A round starts with an answer of the model, so the kept part starts with one and every
+/// tool result stays with the call it answers.
+fn compaction_cut(messages: &[Value], keep: usize) -> Option<Cut> {
+    let starts: Vec<usize> = messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .map(|(i, _)| i)
+        .collect();
+    let rounds = starts.len().checked_sub(keep).filter(|r| *r > 0)?;
+    let at = if keep == 0 {
+        messages.len()
+    } else {
+        starts[rounds]
+    };
+    Some(Cut {
+        at,
+        rounds: u32::try_from(rounds).unwrap_or(u32::MAX),
+    })
+}
+
+/// What the model is asked when its conversation is compacted.
+const SUMMARY_REQUEST: &str = "\
+The conversation is about to be cut to fit your context window: everything above this message \
+will be replaced by your summary of it. Do not call any tool now. Write that summary for \
+yourself, to continue the work from it alone: the task and the user's requests, what you did \
+and found (files read, created or changed, with the details you will need again: names, \
+decisions, errors and their fixes, test results), and what remains to be done.";
+
+/// The message that replaces the conversation a compaction summarized.
+fn compacted_message(prompt: &str, summary: &str) -> String {
+    format!(
+        "{prompt}\n\n[The earlier conversation was compacted to fit the context window. \
+         Your summary of it:]\n\n{summary}"
+    )
+}
+
+/// `older` with the request for its summary at the end: a text block after the tool results
+/// of a last user message that has blocks (the Messages API wants user and assistant turns
+/// to alternate), else a user message of its own.
+fn summary_request(older: &[Value]) -> Vec<Value> {
+    let mut asked = older.to_vec();
+    let text = json!({"type": "text", "text": SUMMARY_REQUEST});
+    match asked.last_mut() {
+        Some(last) if last.get("role").and_then(Value::as_str) == Some("user") => {
+            match last.get_mut("content") {
+                Some(Value::Array(blocks)) => blocks.push(text),
+                Some(content) => {
+                    let earlier = content.take();
+                    *content = json!([{"type": "text", "text": earlier}, text]);
+                }
+                None => last["content"] = json!([text]),
+            }
+        }
+        _ => asked.push(json!({"role": "user", "content": SUMMARY_REQUEST})),
+    }
+    asked
+}
+
+/// Asks the model to summarize `older` (with the same system prompt and tools, so the
+/// request reads the cached prefix). The summary, or `None` when the answer had no text; what
+/// the request was billed for is added to `spent`. Its streamed text is not shown as the
+/// agent's output.
+async fn summarize<A: Api>(
+    api: &A,
+    p: &Prepared<'_>,
+    model: &str,
+    specs: &[Spec],
+    older: &[Value],
+    cancel: &CancellationToken,
+    spent: &mut Spent,
+) -> Result<Option<String>, CallError> {
+    let asked = summary_request(older);
+    let body = api.body(model, &p.profile.system_prompt, &asked, specs);
+    let (quiet, _) = Events::new();
+    let step = http::with_retries(A::NAME, api.settings(), cancel, spent, || {
+        api.send(&body, &quiet)
+    })
+    .await?;
+    spent.usage.add(&step.usage);
+    let text = step.text.trim();
+    Ok((!text.is_empty()).then(|| text.to_string()))
 }
 
 /// Runs the calls of one response (see the module docs) and reports them as events; stops
@@ -304,11 +471,51 @@ async fn run_calls(
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_summary_request_keeps_user_and_assistant_turns_alternating() {
+        let results = json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": "out"}]});
+        let asked = summary_request(&[results]);
+        assert_eq!(asked.len(), 1);
+        let blocks = asked[0]["content"].as_array().unwrap();
+        assert_eq!(blocks[0]["type"], "tool_result");
+        assert_eq!(blocks[1]["text"], SUMMARY_REQUEST);
+        let tool = json!({"role": "tool", "tool_call_id": "c1", "content": "out"});
+        let asked = summary_request(std::slice::from_ref(&tool));
+        assert_eq!(asked[0], tool);
+        assert_eq!(
+            asked[1],
+            json!({"role": "user", "content": SUMMARY_REQUEST})
+        );
+    }
+
+    #[test]
+    fn a_compaction_keeps_the_latest_rounds_whole() {
+        let user = |t: &str| json!({"role": "user", "content": t});
+        let answer = json!({"role": "assistant", "content": "calls"});
+        let result = json!({"role": "tool", "content": "out"});
+        let m = vec![
+            user("task"),
+            answer.clone(),
+            result.clone(),
+            result.clone(),
+            answer.clone(),
+            result.clone(),
+            answer.clone(),
+            result.clone(),
+        ];
+        assert_eq!(compaction_cut(&m, 1), Some(Cut { at: 6, rounds: 2 }));
+        assert_eq!(compaction_cut(&m, 2), Some(Cut { at: 4, rounds: 1 }));
+        assert_eq!(compaction_cut(&m, 0), Some(Cut { at: 8, rounds: 3 }));
+        assert_eq!(compaction_cut(&m, 3), None);
+        assert_eq!(compaction_cut(&m[..1], 0), None);
+    }
+
     #[tokio::test]
     async fn calls_of_one_response_run_in_order_and_each_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let all = vec!["read_file", "write_file", "edit_file", "list_files"];
-        let toolbox = Toolbox::new(dir.path(), all, "builder").unwrap();
+        let toolbox = Toolbox::new(dir.path(), all, "builder", Limits::default()).unwrap();
         let call = |id: &str, name: &str, input: Value| Call {
             id: id.into(),
             name: name.into(),

@@ -34,8 +34,11 @@ pub fn agent_summary(task: &Task, job: &Job) -> AgentSummary {
         status: job.status,
         attempt: job.attempt,
         worker_id: job.worker_id.clone(),
-        backend: task.backend,
-        model: task.model.clone(),
+        backend: task.backend_of(job.role),
+        model: job
+            .model
+            .clone()
+            .or_else(|| task.model_of(job.role).map(str::to_string)),
         queued_at_ms: job.queued_at_ms,
         started_at_ms: job.started_at_ms,
         finished_at_ms: job.finished_at_ms,
@@ -250,8 +253,11 @@ pub(super) async fn agent(
     Ok(axum::Json(AgentDetail {
         task_id: task.id,
         task_prompt: task.prompt.clone(),
-        backend: task.backend,
-        model: task.model.clone(),
+        backend: task.backend_of(job.role),
+        model: job
+            .model
+            .clone()
+            .or_else(|| task.model_of(job.role).map(str::to_string)),
         tool_calls: tools.values().sum(),
         tools,
         session_id: job.session_id.clone(),

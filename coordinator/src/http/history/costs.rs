@@ -28,8 +28,8 @@ fn dimension_value(dim: &str, task: &Task, job: &Job) -> String {
     match dim {
         "agent" => job.id.to_string(),
         "role" => job.role.as_str().to_string(),
-        "model" => model_name(task.model.as_deref()).to_string(),
-        "backend" => task.backend.as_str().to_string(),
+        "model" => model_name(job.model.as_deref().or(task.model_of(job.role))).to_string(),
+        "backend" => task.backend_of(job.role).as_str().to_string(),
         "task" => task.id.to_string(),
         "worker" => job
             .worker_id

@@ -8,7 +8,8 @@
 //!
 //! Layout: [`path`] confines paths; [`shell`] runs commands; the file tools are here.
 //!
-//! The caps below are constants for now; they become worker settings with the config work.
+//! The result cap and the `bash` timeouts are worker settings ([`Limits`], from
+//! `[agent]`); the counts below are fixed.
 
 pub mod path;
 pub mod shell;
@@ -22,8 +23,27 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// The most a tool result holds, in bytes.
-pub const MAX_RESULT_BYTES: usize = 30_000;
+/// How big a tool result may be and how long a command may run (the worker's `[agent]`
+/// settings, with the role's `bash_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// The most a tool result holds, in bytes.
+    pub max_result_bytes: usize,
+    /// A command's timeout when the model gives none.
+    pub bash_timeout: Duration,
+    /// The longest timeout a command may ask for.
+    pub bash_max_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_result_bytes: 30_000,
+            bash_timeout: Duration::from_secs(120),
+            bash_max_timeout: Duration::from_secs(600),
+        }
+    }
+}
 /// Lines `read_file` returns when not told how many.
 const DEFAULT_READ_LINES: usize = 2_000;
 /// Files `list_files` names at most.
@@ -119,7 +139,7 @@ fn spec(name: &'static str) -> Option<Spec> {
                 "required": ["pattern"]}),
         ),
         "bash" => (
-            "Run a shell command (bash) in the workspace directory. Output (stdout and stderr together) is capped; the command is killed after timeout_secs (default 120, at most 600).",
+            "Run a shell command (bash) in the workspace directory. Output (stdout and stderr together) is capped; the command is killed after timeout_secs (the default and the most allowed are set by the worker).",
             json!({"type": "object", "properties": {
                 "command": {"type": "string"},
                 "timeout_secs": {"type": "integer", "minimum": 1}},
@@ -142,11 +162,17 @@ pub struct Toolbox {
     role: String,
     /// The job's sandbox, where `bash` runs (`None`: the sandbox is off).
     jail: Option<Arc<Jail>>,
+    limits: Limits,
 }
 
 impl Toolbox {
     /// `allowed` tools in `root` (made canonical here), for `role` (named in refusals).
-    pub fn new(root: &Path, allowed: Vec<&'static str>, role: &str) -> Result<Self, String> {
+    pub fn new(
+        root: &Path,
+        allowed: Vec<&'static str>,
+        role: &str,
+        limits: Limits,
+    ) -> Result<Self, String> {
         let root = root
             .canonicalize()
             .map_err(|e| format!("the workspace {} is not usable: {e}", root.display()))?;
@@ -155,6 +181,7 @@ impl Toolbox {
             allowed,
             role: role.into(),
             jail: None,
+            limits,
         })
     }
 
@@ -176,6 +203,7 @@ impl Toolbox {
             allowed: vec![],
             role: role.into(),
             jail: None,
+            limits: Limits::default(),
         }
     }
 
@@ -207,13 +235,14 @@ impl Toolbox {
             let timeout = input
                 .get("timeout_secs")
                 .and_then(Value::as_u64)
-                .map_or(shell::DEFAULT_TIMEOUT, |s| {
-                    Duration::from_secs(s).min(shell::MAX_TIMEOUT)
-                });
-            return shell::run(&root, command, timeout, cancel, self.jail.as_deref()).await;
+                .map_or(self.limits.bash_timeout, Duration::from_secs)
+                .min(self.limits.bash_max_timeout);
+            let max = self.limits.max_result_bytes;
+            return shell::run(&root, command, timeout, max, cancel, self.jail.as_deref()).await;
         }
         let name = call.name.clone();
-        let run = tokio::task::spawn_blocking(move || file_tool(&root, &name, &input));
+        let max = self.limits.max_result_bytes;
+        let run = tokio::task::spawn_blocking(move || file_tool(&root, &name, &input, max));
         match run.await {
             Ok(Ok(text)) => ToolOutput::ok(text),
             Ok(Err(e)) => ToolOutput::error(e),
@@ -229,7 +258,7 @@ fn str_field<'a>(tool: &str, input: &'a Value, key: &str) -> Result<&'a str, Str
         .ok_or_else(|| format!("{tool}: missing string field `{key}`"))
 }
 
-fn file_tool(root: &Path, name: &str, input: &Value) -> Result<String, String> {
+fn file_tool(root: &Path, name: &str, input: &Value, max: usize) -> Result<String, String> {
     let at = |key: &str, default: Option<&str>| -> Result<PathBuf, String> {
         let raw = match (input.get(key).and_then(Value::as_str), default) {
             (Some(p), _) => p,
@@ -246,7 +275,7 @@ fn file_tool(root: &Path, name: &str, input: &Value) -> Result<String, String> {
                 .get("limit")
                 .and_then(Value::as_u64)
                 .map_or(DEFAULT_READ_LINES, |n| n as usize);
-            read_file(root, &file, offset, limit)
+            read_file(root, &file, offset, limit, max)
         }
         "write_file" => {
             let file = at("path", None)?;
@@ -285,7 +314,7 @@ fn file_tool(root: &Path, name: &str, input: &Value) -> Result<String, String> {
                 .get("pattern")
                 .and_then(Value::as_str)
                 .unwrap_or("**/*");
-            list_files(root, &dir, pattern)
+            list_files(root, &dir, pattern, max)
         }
         "search" => {
             let at_path = at("path", Some("."))?;
@@ -295,7 +324,7 @@ fn file_tool(root: &Path, name: &str, input: &Value) -> Result<String, String> {
                 .get("case_insensitive")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            search(root, &at_path, pattern, glob, ci)
+            search(root, &at_path, pattern, glob, ci, max)
         }
         other => Err(format!("unknown tool `{other}`")),
     }
@@ -349,8 +378,14 @@ pub fn cap(text: &str, max: usize) -> String {
 }
 
 /// Lines `offset..offset + limit` of `file`, numbered, read as a stream (a huge file costs
-/// no memory): at most [`MAX_RESULT_BYTES`] of them, with a note on what follows.
-fn read_file(root: &Path, file: &Path, offset: usize, limit: usize) -> Result<String, String> {
+/// no memory): at most `max` bytes of them, with a note on what follows.
+fn read_file(
+    root: &Path,
+    file: &Path,
+    offset: usize,
+    limit: usize,
+    max: usize,
+) -> Result<String, String> {
     use std::io::BufRead;
     let shown = path::shown(root, file);
     let opened =
@@ -377,7 +412,7 @@ fn read_file(root: &Path, file: &Path, offset: usize, limit: usize) -> Result<St
         }
         let text = String::from_utf8_lossy(&line);
         let numbered = format!("{n:>6}\t{}\n", text.trim_end_matches(['\n', '\r']));
-        if out.len() + numbered.len() > MAX_RESULT_BYTES {
+        if out.len() + numbered.len() > max {
             more_bytes += numbered.len();
         } else {
             out.push_str(&numbered);
@@ -425,7 +460,7 @@ fn glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
         .map_err(|e| format!("bad glob `{pattern}`: {e}"))
 }
 
-fn list_files(root: &Path, dir: &Path, pattern: &str) -> Result<String, String> {
+fn list_files(root: &Path, dir: &Path, pattern: &str, max: usize) -> Result<String, String> {
     let matcher = glob(pattern).map_err(|e| format!("list_files: {e}"))?;
     let mut found = vec![];
     let mut more = 0usize;
@@ -451,7 +486,7 @@ fn list_files(root: &Path, dir: &Path, pattern: &str) -> Result<String, String> 
     if more > 0 {
         out.push_str(&format!("\n[truncated: {} more files]", grouped(more)));
     }
-    Ok(cap(&out, MAX_RESULT_BYTES))
+    Ok(cap(&out, max))
 }
 
 fn search(
@@ -460,6 +495,7 @@ fn search(
     pattern: &str,
     glob_filter: Option<&str>,
     case_insensitive: bool,
+    max: usize,
 ) -> Result<String, String> {
     let matcher = RegexMatcherBuilder::new()
         .case_insensitive(case_insensitive)
@@ -507,7 +543,7 @@ fn search(
     if more > 0 {
         text.push_str(&format!("\n[truncated: {} more matches]", grouped(more)));
     }
-    Ok(cap(&text, MAX_RESULT_BYTES))
+    Ok(cap(&text, max))
 }
 
 #[cfg(test)]
@@ -548,7 +584,7 @@ mod tests {
             "list_files",
             "search",
         ];
-        let tb = Toolbox::new(dir.path(), all, "builder").unwrap();
+        let tb = Toolbox::new(dir.path(), all, "builder", Limits::default()).unwrap();
         let cancel = CancellationToken::new();
         let call = |name: &str, input: Value| Call {
             id: "1".into(),

@@ -6,7 +6,7 @@
 //! timeout drops the agent). What it left running in the background is killed when it exits.
 
 use super::super::process;
-use super::{MAX_RESULT_BYTES, ToolOutput, grouped};
+use super::{ToolOutput, grouped};
 use crate::sandbox::Jail;
 use std::path::Path;
 use std::process::Stdio;
@@ -14,22 +14,20 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-/// How long a command runs when the model does not say.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
-/// The longest a command may run, whatever the model asks.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// The only variables of the worker's environment a command sees.
 pub const ENV_ALLOWLIST: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TERM", "TZ", "TMPDIR"];
 /// How long the output pipe may stay open after the command exited (a background process
 /// holding it is killed first, so this is only a bound).
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// Runs `command` in `dir` (in the job's sandbox `jail`, when it has one); an error output
-/// when it cannot start, fails, times out or is cancelled.
+/// Runs `command` in `dir` (in the job's sandbox `jail`, when it has one), keeping at most
+/// `max_bytes` of its output; an error output when it cannot start, fails, times out or is
+/// cancelled.
 pub async fn run(
     dir: &Path,
     command: &str,
     timeout: Duration,
+    max_bytes: usize,
     cancel: &CancellationToken,
     jail: Option<&Jail>,
 ) -> ToolOutput {
@@ -66,7 +64,7 @@ pub async fn run(
                 match out.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        let room = MAX_RESULT_BYTES.saturating_sub(kept.len());
+                        let room = max_bytes.saturating_sub(kept.len());
                         kept.extend_from_slice(&buf[..n.min(room)]);
                         more += n.saturating_sub(room);
                     }
@@ -120,6 +118,9 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+    const MAX: usize = 30_000;
+
     #[tokio::test]
     async fn a_command_runs_in_the_workspace_with_a_scrubbed_environment() {
         let dir = tempfile::tempdir().unwrap();
@@ -128,6 +129,7 @@ mod tests {
             dir.path(),
             "pwd; echo err >&2; env | cut -d= -f1 | sort",
             DEFAULT_TIMEOUT,
+            MAX,
             &cancel,
             None,
         )
@@ -153,6 +155,7 @@ mod tests {
             dir.path(),
             "echo no; exit 3",
             DEFAULT_TIMEOUT,
+            MAX,
             &cancel,
             None,
         )
@@ -170,7 +173,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let script = "echo $$ > shell.pid; sleep 300 & echo $! > bg.pid; wait";
         // Boxed, so that dropping it drops the future itself.
-        let mut run = Box::pin(run(dir.path(), script, DEFAULT_TIMEOUT, &cancel, None));
+        let mut run = Box::pin(run(dir.path(), script, DEFAULT_TIMEOUT, MAX, &cancel, None));
         let bg = dir.path().join("bg.pid");
         let started = tokio::time::Instant::now();
         while !std::fs::read_to_string(&bg).is_ok_and(|s| !s.trim().is_empty()) {
@@ -202,6 +205,7 @@ mod tests {
             dir.path(),
             "head -c 50000 /dev/zero | tr '\\0' x",
             DEFAULT_TIMEOUT,
+            MAX,
             &CancellationToken::new(),
             None,
         )
