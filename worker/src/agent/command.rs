@@ -41,6 +41,7 @@ impl CommandAgent {
         cancel: &CancellationToken,
     ) -> Report {
         let done = |output| Report {
+            parked: None,
             output,
             backend: NAME,
             model: p.model.clone(),

@@ -128,6 +128,9 @@ pub struct Report {
     /// The conversation after this turn, for the runner to store (see [`crate::session`])
     /// when the turn succeeded; `None` when the backend keeps none or could not read it.
     pub session: Option<Snapshot>,
+    /// Set when the job could not run for a provider's usage limit: the runner parks it
+    /// instead of publishing a result (see [`crate::limits`]).
+    pub parked: Option<crate::limits::Park>,
 }
 
 impl Report {
@@ -142,6 +145,7 @@ impl Report {
             model: None,
             context: None,
             session: None,
+            parked: None,
         }
     }
 }
@@ -177,9 +181,26 @@ pub struct Prepared<'a> {
     unpriced: &'a Mutex<BTreeSet<String>>,
     /// For a further turn: the conversation so far, as stored after the turn it continues.
     pub session: Option<Snapshot>,
+    /// The pool credential the limit broker chose for this run (its name), if any.
+    pub credential: Option<String>,
+    /// What the provider said about the credential's limits during the run (a 429, the CLI's
+    /// `rate_limit_event`): the dispatcher hands it to the limit broker.
+    pub limited: Mutex<Option<http::Learned>>,
 }
 
 impl Prepared<'_> {
+    /// Records what the provider said about the credential's limits (the latest wins).
+    pub fn note_limit(&self, learned: http::Learned) {
+        if let Ok(mut l) = self.limited.lock() {
+            *l = Some(learned);
+        }
+    }
+
+    /// What [`Prepared::note_limit`] recorded, taken.
+    pub fn take_limit(&self) -> Option<http::Learned> {
+        self.limited.lock().ok().and_then(|mut l| l.take())
+    }
+
     /// The cost of `usage` on `model` from the price table; 0 (and a warning, once per
     /// model) when the model has no price.
     pub fn cost(&self, model: Option<&str>, usage: &Usage) -> f64 {
@@ -247,6 +268,7 @@ pub trait Agent: Send + Sync {
                 model,
                 context: None,
                 session: None,
+                parked: None,
             })
             .boxed()
     }

@@ -44,6 +44,7 @@ pub(super) fn routes() -> Router<App> {
         .route("/v1/agents/{id}/logs", get(transcripts::agent_logs))
         .route("/v1/status", get(status::status))
         .route("/v1/workers", get(status::workers))
+        .route("/v1/quotas", get(status::quotas))
         .route("/v1/events", get(events::cluster_events))
         .route("/v1/reports/cost", get(costs::cost_report))
         .route("/v1/export", get(export::export))

@@ -100,3 +100,9 @@ pub(super) async fn workers(AxumState(app): AxumState<App>) -> Answer<axum::Json
     let workers = app.state.workers(WORKER_MAX_AGE).await?;
     Ok(axum::Json(WorkerList { workers }))
 }
+
+pub(super) async fn quotas(
+    AxumState(app): AxumState<App>,
+) -> Answer<axum::Json<orch_shared::api::QuotaList>> {
+    Ok(axum::Json(app.state.quotas().await?))
+}
