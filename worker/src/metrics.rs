@@ -65,5 +65,8 @@ pub fn describe() {
     ] {
         metrics::counter!(name).absolute(0);
     }
+    for backend in ["anthropic", "openai"] {
+        metrics::counter!(CREDENTIALS_EXHAUSTED, "backend" => backend).absolute(0);
+    }
     metrics::gauge!(SLOTS_BUSY).set(0.0);
 }
