@@ -52,6 +52,7 @@ APP_METRICS = {
     "orch_worker_jobs_started_total", "orch_worker_jobs_finished_total",
     "orch_worker_jobs_redelivered_total", "orch_worker_jobs_handed_back_total",
     "orch_worker_slots_busy", "orch_worker_slots_total", "orch_coordinator_leader",
+    "orch_worker_credential_exhausted_total", "orch_worker_jobs_parked_total",
 }
 # Prometheus histograms: exported only as _bucket, _sum and _count series (no base name, no
 # quantile label), so quantiles come from histogram_quantile over buckets.
@@ -492,7 +493,7 @@ def check_rules(pr: dict, values: dict) -> None:
             alerts[rule["alert"]] = rule["expr"]
     prom = values["monitoring"]["prometheusRule"]
     expected = {"OrchestratorCoordinatorDown", "OrchestratorNoLeader", "OrchestratorWorkersSaturated", "OrchestratorDispatchLatencyHigh",
-                "OrchestratorJobFailureRateHigh", "OrchestratorJobsRedelivered"}
+                "OrchestratorJobFailureRateHigh", "OrchestratorJobsRedelivered", "OrchestratorCredentialsExhausted"}
     scale_to_zero = values["autoscaling"]["mode"] == "keda" and values["autoscaling"]["minReplicas"] == 0
     if prom["natsExporter"] or not scale_to_zero:
         expected.add("OrchestratorNoReadyWorkers")
