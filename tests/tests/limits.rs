@@ -8,6 +8,7 @@
 
 use orch_shared::api::{DeadLetterList, JobStatus, QuotaList, Task};
 use orch_shared::event::EventKind;
+use orch_shared::job::FailureReason;
 use orch_shared::keys;
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::{Cluster, Options, assert_completed, orchctl_against, run};
@@ -291,4 +292,49 @@ async fn a_parked_job_outlives_every_worker_and_resumes_on_a_new_one() {
     assert_completed(&cluster, &task);
     assert_eq!(task.jobs[0].attempt, 1);
     assert_eq!(fake.requests_with_key("key-a").len(), 2);
+}
+
+/// Never lie: an agent refused a tool it asked for does not end as a plain success; the task
+/// fails with `needs_attention` naming the denial and `submit --follow` exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_tool_call_ends_needs_attention_and_follow_exits_non_zero() {
+    let fake = FakeAnthropic::start([
+        Reply::tool_use("write_file", json!({"path": "fix.rs", "content": "x"})),
+        Reply::text("I could not write the fix."),
+    ])
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        worker_env: vec![
+            ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
+            ("ANTHROPIC_API_KEY".into(), "test-key-limits".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(orchctl_against(&cluster, home.path()).args([
+        "submit",
+        "review the fix",
+        "--roles",
+        "reviewer",
+        "--backend",
+        "anthropic",
+        "--model",
+        MODEL,
+        "--workspace",
+        &work.path().display().to_string(),
+        "--follow",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let task: Task = serde_json::from_str(&stdout).expect("--output json prints the task");
+    let job = &task.jobs[0];
+    assert_eq!(job.status, JobStatus::Failed);
+    let error = job.error.as_ref().expect("the job says why");
+    assert_eq!(error.reason, FailureReason::NeedsAttention);
+    assert!(error.message.contains("write_file"), "{}", error.message);
+    assert!(!work.path().join("fix.rs").exists());
 }
