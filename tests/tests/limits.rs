@@ -338,3 +338,58 @@ async fn a_denied_tool_call_ends_needs_attention_and_follow_exits_non_zero() {
     assert!(error.message.contains("write_file"), "{}", error.message);
     assert!(!work.path().join("fix.rs").exists());
 }
+
+/// A further turn of a conversation whose credential is exhausted parks, and resumes at the
+/// reset from the same stored session, with its attempt count unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_turn_resumes_from_its_session_at_the_reset() {
+    let fake = FakeAnthropic::start_with_fallback(
+        [Reply::text("A1: noted 42.")],
+        Reply::text("A2: it was 42."),
+    )
+    .await;
+    let (cluster, _dir) = pooled_cluster(&fake, &[("a", "key-a")], 2, 2).await;
+    let task = cluster
+        .submit(json!({"prompt": "U1: remember 42", "roles": ["analyst"],
+                       "backend": "anthropic", "model": MODEL}))
+        .await;
+    let id = task.id.to_string();
+    let task = cluster.wait_task(&id, Duration::from_secs(30)).await;
+    assert_completed(&cluster, &task);
+    let first = task.jobs[0].id;
+
+    let period = Duration::from_secs(3);
+    fake.exhaust_key("key-a", period);
+    let reset = Instant::now() + period;
+    let (status, v) = cluster
+        .post(
+            &format!("/v1/agents/{first}/send"),
+            &json!({"message": "U2: what was it?"}),
+        )
+        .await;
+    assert!(status.is_success(), "{status} {v}");
+    let second: orch_shared::ids::JobId = v["agent_id"].as_str().unwrap().parse().unwrap();
+    let job = cluster
+        .eventually(Duration::from_secs(30), || async {
+            let t = cluster.task(&id).await;
+            match t.jobs.iter().find(|j| j.id == second) {
+                Some(j) if j.status.is_terminal() => Ok(j.clone()),
+                _ => Err(format!("turn {second} did not finish: {t:#?}")),
+            }
+        })
+        .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:#?}");
+    assert_eq!(job.attempt, 1, "parking burnt no attempt");
+    assert_eq!(job.output.as_deref(), Some("A2: it was 42."));
+    // The 429, nothing while parked, then the turn with the first turn's conversation.
+    let reqs = fake.requests_with_key("key-a");
+    assert_eq!(reqs.len(), 3, "{reqs:#?}");
+    assert!(reqs[2].at >= reset, "asked while parked");
+    let sent = reqs[2].body["messages"].to_string();
+    assert!(
+        sent.contains("U1: remember 42")
+            && sent.contains("A1: noted 42.")
+            && sent.contains("U2: what was it?"),
+        "{sent}"
+    );
+}
