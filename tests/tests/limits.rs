@@ -11,6 +11,7 @@ use orch_shared::event::EventKind;
 use orch_shared::job::FailureReason;
 use orch_shared::keys;
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
+use orch_tests::fake_openai::{self, FakeOpenAi};
 use orch_tests::{Cluster, Options, assert_completed, orchctl_against, run};
 use serde_json::json;
 use std::path::PathBuf;
@@ -391,5 +392,57 @@ async fn a_parked_turn_resumes_from_its_session_at_the_reset() {
             && sent.contains("A1: noted 42.")
             && sent.contains("U2: what was it?"),
         "{sent}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_pool_moves_a_job_off_a_limited_key() {
+    let fake = FakeOpenAi::start([fake_openai::Reply::text("done on the second key")]).await;
+    fake.exhaust_key("oa-key-a", Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backends.openai]\nbase_url = \"{}\"\ncredentials = [{{ name = \"a\", api_key = \"oa-key-a\" }}, {{ name = \"b\", api_key_env = \"ORCH_TEST_OPENAI_KEY_B\" }}]\n",
+            fake.url
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        worker_args: vec!["--config".into(), config.display().to_string()],
+        worker_env: vec![("ORCH_TEST_OPENAI_KEY_B".into(), "oa-key-b".into())],
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(
+            json!({"prompt": "summarise", "roles": ["analyst"], "backend": "openai",
+                       "model": "qwen2.5-coder"}),
+        )
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(30))
+        .await;
+    assert_completed(&cluster, &task);
+    assert_eq!(task.jobs[0].attempt, 1);
+    let keys: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter_map(|r| r.headers.get("authorization").cloned())
+        .collect();
+    assert_eq!(keys, ["Bearer oa-key-a", "Bearer oa-key-b"]);
+    let (_, quotas) = cluster.get("/v1/quotas").await;
+    let quotas: QuotaList = serde_json::from_value(quotas).unwrap();
+    let a = quotas
+        .credentials
+        .iter()
+        .find(|q| q.backend == "openai" && q.name == "a")
+        .unwrap_or_else(|| panic!("{quotas:?}"));
+    assert_eq!(a.state, "exhausted");
+    assert_eq!(
+        (a.requests_limit, a.requests_remaining),
+        (Some(10), Some(0))
     );
 }
