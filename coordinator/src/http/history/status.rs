@@ -1,4 +1,4 @@
-//! The cluster at a glance: `GET /v1/status` and `GET /v1/workers`.
+//! The cluster at a glance: `GET /v1/status`, `GET /v1/workers` and `GET /v1/quotas`.
 
 use super::agents::agent_summary;
 use super::window::MAX_ACTIVE_TASKS;
