@@ -52,6 +52,7 @@ APP_METRICS = {
     "orch_worker_jobs_started_total", "orch_worker_jobs_finished_total",
     "orch_worker_jobs_redelivered_total", "orch_worker_jobs_handed_back_total",
     "orch_worker_slots_busy", "orch_worker_slots_total", "orch_coordinator_leader",
+    "orch_worker_credential_exhausted_total", "orch_worker_jobs_parked_total",
 }
 # Prometheus histograms: exported only as _bucket, _sum and _count series (no base name, no
 # quantile label), so quantiles come from histogram_quantile over buckets.
@@ -98,6 +99,11 @@ COMBOS: dict[str, list[str]] = {
     "monitoring-keda0": MONITORING + ["--set", "autoscaling.mode=keda", "--set", "autoscaling.minReplicas=0"],
     "noauth": ["--set", "auth.noAuth=true", "--set", "auth.existingSecret="],
     "dev": ["-f", str(CHART / "values-dev.yaml")],
+    "credentials": [
+        "--set", "providers.existingSecret=orchestrator-providers",
+        "--set-json", 'providers.credentials=[{"backend":"anthropic","name":"team-a","secretKey":"ANTHROPIC_KEY_A"},'
+                      '{"backend":"anthropic","name":"team-b","secretKey":"ANTHROPIC_KEY_B"}]',
+    ],
     "prod": ["-f", str(CHART / "values-prod.yaml")],
     "redis-ha": ["--set", "redis.mode=sentinel", "--set", "networkPolicy.enabled=true",
                  "--set", "redisAuth.existingSecret=redis-creds"],
@@ -494,7 +500,7 @@ def check_rules(pr: dict, values: dict) -> None:
             alerts[rule["alert"]] = rule["expr"]
     prom = values["monitoring"]["prometheusRule"]
     expected = {"OrchestratorCoordinatorDown", "OrchestratorNoLeader", "OrchestratorWorkersSaturated", "OrchestratorDispatchLatencyHigh",
-                "OrchestratorJobFailureRateHigh", "OrchestratorJobsRedelivered"}
+                "OrchestratorJobFailureRateHigh", "OrchestratorJobsRedelivered", "OrchestratorCredentialsExhausted"}
     scale_to_zero = values["autoscaling"]["mode"] == "keda" and values["autoscaling"]["minReplicas"] == 0
     if prom["natsExporter"] or not scale_to_zero:
         expected.add("OrchestratorNoReadyWorkers")
@@ -869,6 +875,17 @@ def check_binary_accepts_env(bin_dir: Path, docs: list[dict], component: str) ->
         # A pod has a /tmp of its own: the worker's default data directory (under it, named
         # after the pod) must not be shared by the combinations checked in parallel here.
         env["TMPDIR"] = home
+        if "ORCH_CONFIG" in env:
+            # The chart's worker.toml (a ConfigMap) naming pool credentials as files of the
+            # mounted providers Secret: both written here, the keys as stand-ins.
+            maps = [m for m in by_kind(docs, "ConfigMap") if "worker.toml" in m.get("data", {})]
+            assert maps, "ORCH_CONFIG is set but no ConfigMap holds worker.toml"
+            toml = maps[0]["data"]["worker.toml"].replace("/etc/orch/credentials", home)
+            for key in re.findall(re.escape(home) + r"/([-._a-zA-Z0-9]+)", toml):
+                (Path(home) / key).write_text("stand-in-key\n")
+            config = Path(home) / "worker.toml"
+            config.write_text(toml)
+            env["ORCH_CONFIG"] = str(config)
         if "ORCH_NATS_CA_FILE" in env:
             # The mounted Secret's file, which the binary checks exists (its contents are read
             # only when it connects, and the NATS port here is closed).
@@ -983,7 +1000,7 @@ def main() -> int:
             r.run_parallel([
                 (f"orch-{component} ({bin_dir.name}) accepts the chart's environment [{combo}]",
                  check_binary_accepts_env, bin_dir, parsed[combo], component)
-                for combo in ("defaults", "external", "noauth", "prod") if combo in parsed
+                for combo in ("defaults", "external", "noauth", "prod", "credentials") if combo in parsed
                 for component in ("coordinator", "worker")
             ])
 

@@ -333,6 +333,11 @@ impl Client {
         self.get("/v1/workers", &[]).await
     }
 
+    /// `GET /v1/quotas`.
+    pub async fn quotas(&self) -> Result<orch_shared::api::QuotaList, Error> {
+        self.get("/v1/quotas", &[]).await
+    }
+
     /// `GET /v1/task-types`.
     pub async fn task_types(&self) -> Result<Vec<TaskType>, Error> {
         self.get("/v1/task-types", &[]).await

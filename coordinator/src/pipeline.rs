@@ -296,6 +296,7 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         }),
         // The lanes write the session pointer a result reports (`State::save_result`).
         records_session: true,
+        priority: task.options.priority,
     }
 }
 

@@ -650,6 +650,81 @@ impl State {
         Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
     }
 
+    /// The limit broker's credentials (`orch:credentials`, each `orch:limit:<backend>/<name>`)
+    /// and the parked jobs waiting for each.
+    pub async fn quotas(&self) -> Result<orch_shared::api::QuotaList, Error> {
+        use orch_shared::keys::{limit_field as f, parked_field};
+        let mut conn = self.conn.clone();
+        let mut names: Vec<String> = conn
+            .smembers(keys::CREDENTIALS)
+            .await
+            .map_err(redis_err("list credentials"))?;
+        names.sort();
+        let parked: Vec<String> = conn
+            .zrange(keys::PARKED, 0, -1)
+            .await
+            .map_err(redis_err("list parked jobs"))?;
+        let mut pipe = redis::pipe();
+        for n in &names {
+            let (backend, name) = n.split_once('/').unwrap_or((n.as_str(), ""));
+            pipe.hgetall(keys::limit(backend, name));
+        }
+        for m in &parked {
+            pipe.cmd("HMGET")
+                .arg(keys::parked_job(m))
+                .arg(parked_field::BACKEND)
+                .arg(parked_field::CREDENTIAL);
+        }
+        let mut replies: Vec<redis::Value> = if names.is_empty() && parked.is_empty() {
+            vec![]
+        } else {
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(redis_err("read credentials"))?
+        };
+        let waiting: Vec<Vec<Option<String>>> = replies
+            .split_off(names.len())
+            .into_iter()
+            .map(|v| redis::from_redis_value(v).unwrap_or_default())
+            .collect();
+        let now = orch_shared::now_ms();
+        let credentials = names
+            .iter()
+            .zip(replies)
+            .map(|(n, v)| {
+                let h: HashMap<String, String> = redis::from_redis_value(v).unwrap_or_default();
+                let num = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok());
+                let (backend, name) = n.split_once('/').unwrap_or((n.as_str(), ""));
+                let until = num(f::UNTIL_MS).filter(|u| *u > now);
+                orch_shared::api::Quota {
+                    backend: backend.to_string(),
+                    name: name.to_string(),
+                    state: if until.is_some() { "exhausted" } else { "ok" }.into(),
+                    until_ms: until,
+                    reason: h.get(f::REASON).cloned().filter(|r| !r.is_empty()),
+                    requests_limit: num(f::REQUESTS_LIMIT),
+                    requests_remaining: num(f::REQUESTS_REMAINING),
+                    tokens_limit: num(f::TOKENS_LIMIT),
+                    tokens_remaining: num(f::TOKENS_REMAINING),
+                    reset_ms: num(f::RESET_MS),
+                    exhausted_total: num(f::EXHAUSTED_TOTAL).unwrap_or(0),
+                    parked: waiting
+                        .iter()
+                        .filter(|w| {
+                            w.first().and_then(Option::as_deref) == Some(backend)
+                                && w.get(1).and_then(Option::as_deref) == Some(name)
+                        })
+                        .count() as u64,
+                }
+            })
+            .collect();
+        Ok(orch_shared::api::QuotaList {
+            now_ms: now,
+            credentials,
+            parked: parked.len() as u64,
+        })
+    }
+
     /// Workers seen within `max_age`, with their last reported state. Stale registry entries
     /// are pruned on the way.
     pub async fn workers(&self, max_age: Duration) -> Result<Vec<Worker>, Error> {

@@ -147,6 +147,11 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// The default, which the wire leaves out.
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Priority::Low => "low",
@@ -545,6 +550,45 @@ pub struct Readiness {
 pub struct TaskType {
     pub name: String,
     pub description: String,
+}
+
+/// `GET /v1/quotas`: every credential the workers registered with the limit broker, and the
+/// jobs parked waiting for one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QuotaList {
+    pub now_ms: u64,
+    pub credentials: Vec<Quota>,
+    /// Parked job attempts in all.
+    pub parked: u64,
+}
+
+/// One credential of a backend's pool (its name only: a key never leaves a worker).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Quota {
+    pub backend: String,
+    pub name: String,
+    /// `exhausted` until `until_ms`, else `ok`.
+    pub state: String,
+    #[serde(default)]
+    pub until_ms: Option<u64>,
+    /// Why it was last exhausted.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub requests_limit: Option<u64>,
+    #[serde(default)]
+    pub requests_remaining: Option<u64>,
+    #[serde(default)]
+    pub tokens_limit: Option<u64>,
+    #[serde(default)]
+    pub tokens_remaining: Option<u64>,
+    /// When the window figures reset.
+    #[serde(default)]
+    pub reset_ms: Option<u64>,
+    /// Times a provider said it is at its limit.
+    pub exhausted_total: u64,
+    /// Job attempts parked waiting for it.
+    pub parked: u64,
 }
 
 /// `GET /v1/dlq`: jobs that failed for good, newest first.

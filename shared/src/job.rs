@@ -47,6 +47,10 @@ pub struct JobSpec {
     /// older than the field) writes the pointer itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub records_session: bool,
+    /// The task's dispatch priority: jobs parked on a provider's usage limit go back to the
+    /// queue in this order when the limit resets.
+    #[serde(default, skip_serializing_if = "crate::api::Priority::is_normal")]
+    pub priority: crate::api::Priority,
 }
 
 impl JobSpec {
@@ -70,6 +74,7 @@ impl JobSpec {
             sim: SimParams::default(),
             session: None,
             records_session: false,
+            priority: crate::api::Priority::Normal,
         }
     }
 }
@@ -249,6 +254,9 @@ pub enum FailureReason {
     WorkerLost,
     /// The job message could not be understood or the worker failed internally.
     Internal,
+    /// The agent ended its turn, but was denied tools it asked for (Claude Code's
+    /// `permission_denials`): its answer is not a plain success and needs a person.
+    NeedsAttention,
 }
 
 impl FailureReason {
@@ -276,6 +284,7 @@ impl FailureReason {
             FailureReason::BudgetExhausted => "budget_exhausted",
             FailureReason::WorkerLost => "worker_lost",
             FailureReason::Internal => "internal",
+            FailureReason::NeedsAttention => "needs_attention",
         }
     }
 }

@@ -69,3 +69,59 @@ pub mod session_field {
     /// object store.
     pub const HISTORY: &str = "history";
 }
+
+/// Set of every credential a worker has registered with the limit broker, as
+/// `<backend>/<name>` (listing them never scans keys).
+pub const CREDENTIALS: &str = "orch:credentials";
+
+/// The limit state of one named credential of a backend: a hash of [`limit_field`]s, written by
+/// any worker that learns something about it (a 429, rate-limit headers, the CLI's
+/// `rate_limit_event`) and read by every worker before it starts a job on it.
+pub fn limit(backend: &str, name: &str) -> String {
+    format!("orch:limit:{backend}/{name}")
+}
+
+/// Fields of the [`limit`] hash.
+pub mod limit_field {
+    /// Until when (ms since the epoch) the credential is exhausted; absent or past: it has room.
+    pub const UNTIL_MS: &str = "until_ms";
+    /// Why it is exhausted (the provider's message, cut short).
+    pub const REASON: &str = "reason";
+    /// When the provider last told us something about it (ms).
+    pub const UPDATED_MS: &str = "updated_ms";
+    /// Window figures from the provider's headers (`anthropic-ratelimit-*`, `x-ratelimit-*`).
+    pub const REQUESTS_LIMIT: &str = "requests_limit";
+    pub const REQUESTS_REMAINING: &str = "requests_remaining";
+    pub const TOKENS_LIMIT: &str = "tokens_limit";
+    pub const TOKENS_REMAINING: &str = "tokens_remaining";
+    /// When the window's figures reset (ms).
+    pub const RESET_MS: &str = "reset_ms";
+    /// How many times the credential was found exhausted.
+    pub const EXHAUSTED_TOTAL: &str = "exhausted_total";
+}
+
+/// Sorted set of parked job attempts (`<job>:<attempt>`), scored by when (ms) they go back to
+/// the queue. A parked attempt holds no worker slot and no JetStream message: its spec lives in
+/// [`parked_job`] until a worker re-publishes it.
+pub const PARKED: &str = "orch:parked";
+
+/// One parked job attempt: a hash of [`parked_field`]s.
+pub fn parked_job(member: &str) -> String {
+    format!("orch:parked:{member}")
+}
+
+/// Fields of the [`parked_job`] hash.
+pub mod parked_field {
+    /// The job spec, as `codec::encode` writes it.
+    pub const SPEC: &str = "spec";
+    /// The queue subject it goes back to.
+    pub const SUBJECT: &str = "subject";
+    pub const BACKEND: &str = "backend";
+    /// The credential it waits for.
+    pub const CREDENTIAL: &str = "credential";
+    pub const PRIORITY: &str = "priority";
+    pub const PARKED_AT_MS: &str = "parked_at_ms";
+    pub const WAKE_AT_MS: &str = "wake_at_ms";
+    /// How many times the attempt was parked (each re-publish has its own message id).
+    pub const PARKS: &str = "parks";
+}

@@ -97,6 +97,12 @@ pub fn job_msg_id(job: JobId, attempt: u32) -> String {
     format!("job/{job}/{attempt}")
 }
 
+/// `Nats-Msg-Id` of a parked job attempt going back to the queue for the `park`-th time: not
+/// the attempt's own id, which the dedup window would drop.
+pub fn unparked_msg_id(job: JobId, attempt: u32, park: u64) -> String {
+    format!("job/{job}/{attempt}/unparked/{park}")
+}
+
 /// `Nats-Msg-Id` of a job attempt's result.
 pub fn result_msg_id(job: JobId, attempt: u32) -> String {
     format!("result/{job}/{attempt}")

@@ -110,7 +110,8 @@ prop_compose! {
         JobSpec { task_id, job_id, attempt, step, role, prompt, context, backend, model, workspace,
                   limits: Limits { timeout_ms, max_turns }, kind: JobKind::Agent, constraints: vec!["keep it small".into()], sim,
                   session: (attempt % 2 == 0).then_some(SessionRef { from: job_id, fork: attempt % 4 == 0 }),
-                  records_session: attempt % 3 == 0 }
+                  records_session: attempt % 3 == 0,
+                  priority: [orch_shared::api::Priority::Low, orch_shared::api::Priority::Normal, orch_shared::api::Priority::High][(step % 3) as usize] }
     }
 }
 
@@ -311,6 +312,7 @@ fn sample_spec() -> JobSpec {
             fork: true,
         }),
         records_session: true,
+        priority: orch_shared::api::Priority::Normal,
     }
 }
 

@@ -191,6 +191,78 @@ struct Inner {
     next_id: u64,
     /// [`FakeAnthropic::start_rounds`]: tool rounds per conversation and the answer's delay.
     rounds: Option<(usize, Duration)>,
+    /// Usage limits per API key (`x-api-key`).
+    limits: BTreeMap<String, KeyLimit>,
+}
+
+/// A usage limit on one API key, as a provider enforces it: exhausted until a time, or a
+/// fixed window of so many requests.
+#[derive(Debug, Clone)]
+struct KeyLimit {
+    blocked_until: Option<Instant>,
+    window: Option<Window>,
+}
+
+#[derive(Debug, Clone)]
+struct Window {
+    max: u32,
+    period: Duration,
+    start: Instant,
+    used: u32,
+}
+
+impl KeyLimit {
+    /// `Some(reset)` when this request is over the limit; counts it otherwise.
+    fn check(&mut self, now: Instant) -> (Option<Instant>, Option<(u32, u32, Instant)>) {
+        if let Some(until) = self.blocked_until {
+            if now < until {
+                return (Some(until), Some((0, 0, until)));
+            }
+            self.blocked_until = None;
+        }
+        let Some(w) = &mut self.window else {
+            return (None, None);
+        };
+        while now >= w.start + w.period {
+            w.start += w.period;
+            w.used = 0;
+        }
+        let reset = w.start + w.period;
+        if w.used >= w.max {
+            return (Some(reset), Some((w.max, 0, reset)));
+        }
+        w.used += 1;
+        (None, Some((w.max, w.max - w.used, reset)))
+    }
+}
+
+/// `at` (an `Instant`) as an RFC 3339 wall-clock time, as `anthropic-ratelimit-*-reset` says.
+fn rfc3339(at: Instant) -> String {
+    let wall = std::time::SystemTime::now() + at.saturating_duration_since(Instant::now());
+    humantime::format_rfc3339_seconds(wall).to_string()
+}
+
+/// The headers of a response on a limited key: the window's figures, and on a 429 the
+/// `retry-after` (whole seconds, rounded up) until the reset.
+fn limit_headers(resp: &mut Response, figures: (u32, u32, Instant), limited: bool) {
+    let (max, remaining, reset) = figures;
+    let h = resp.headers_mut();
+    let mut set = |name: &'static str, v: String| {
+        h.insert(name, v.parse().expect("a header value"));
+    };
+    set("anthropic-ratelimit-requests-limit", max.to_string());
+    set(
+        "anthropic-ratelimit-requests-remaining",
+        remaining.to_string(),
+    );
+    set("anthropic-ratelimit-requests-reset", rfc3339(reset));
+    if limited {
+        let wait = reset.saturating_duration_since(Instant::now());
+        set(
+            "retry-after",
+            wait.as_secs_f64().ceil().max(1.0).to_string(),
+        );
+    }
 }
 
 /// The fake API; stops when dropped.
@@ -272,6 +344,7 @@ impl FakeAnthropic {
             messages: 0,
             next_id: 0,
             rounds: None,
+            limits: BTreeMap::new(),
         }));
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let (addr, server) = serve(app).await;
@@ -319,6 +392,44 @@ impl FakeAnthropic {
     /// How many messages were served whole.
     pub fn messages_served(&self) -> usize {
         self.inner.lock().unwrap().messages
+    }
+
+    /// Requests with `x-api-key: key` get a 429 (`rate_limit_error`, `retry-after` and
+    /// `anthropic-ratelimit-*` headers with the reset) for `period` from now, without taking a
+    /// scripted reply.
+    pub fn exhaust_key(&self, key: &str, period: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        let l = inner.limits.entry(key.to_string()).or_insert(KeyLimit {
+            blocked_until: None,
+            window: None,
+        });
+        l.blocked_until = Some(Instant::now() + period);
+    }
+
+    /// `key` allows `max` requests per fixed window of `period` (starting now); more get a
+    /// 429 until the window resets. Every answer on the key carries the window's figures.
+    pub fn window_key(&self, key: &str, max: u32, period: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.limits.insert(
+            key.to_string(),
+            KeyLimit {
+                blocked_until: None,
+                window: Some(Window {
+                    max,
+                    period,
+                    start: Instant::now(),
+                    used: 0,
+                }),
+            },
+        );
+    }
+
+    /// The `POST /v1/messages` requests made with `x-api-key: key`.
+    pub fn requests_with_key(&self, key: &str) -> Vec<Recorded> {
+        self.message_requests()
+            .into_iter()
+            .filter(|r| r.headers.get("x-api-key").map(String::as_str) == Some(key))
+            .collect()
     }
 
     /// Replies not used yet.
@@ -371,15 +482,37 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
             } else {
                 Reply::text("## Summary\nDone.")
             };
-            reply.after(delay)
+            (reply.after(delay), None)
         } else {
-            match inner.script.pop_front() {
+            let key = inner
+                .requests
+                .last()
+                .and_then(|r| r.headers.get("x-api-key").cloned());
+            let checked = key
+                .and_then(|k| inner.limits.get_mut(&k))
+                .map(|l| l.check(Instant::now()));
+            if let Some((Some(_), Some(figures))) = checked {
+                let mut resp = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    axum::Json(json!({"type": "error", "error": {"type": "rate_limit_error", "message": "This request would exceed your account's rate limit. Please try again later."}})),
+                )
+                    .into_response();
+                limit_headers(&mut resp, figures, true);
+                return resp;
+            }
+            let reply = match inner.script.pop_front() {
                 Some(r) => r,
                 None => inner.fallback.clone(),
-            }
+            };
+            (reply, checked.and_then(|(_, f)| f))
         }
     };
-    answer(&inner, reply, &body).await
+    let (reply, figures) = reply;
+    let mut resp = answer(&inner, reply, &body).await;
+    if let Some(f) = figures {
+        limit_headers(&mut resp, f, false);
+    }
+    resp
 }
 
 async fn answer(inner: &Arc<Mutex<Inner>>, mut reply: Reply, body: &Value) -> Response {

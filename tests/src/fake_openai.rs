@@ -125,6 +125,8 @@ struct Inner {
     requests: Vec<Recorded>,
     served: ChatUsage,
     answers: u64,
+    /// Bearer tokens at their usage limit, until when.
+    exhausted: std::collections::BTreeMap<String, Instant>,
 }
 
 /// The fake server; stops when dropped.
@@ -148,6 +150,7 @@ impl FakeOpenAi {
             requests: vec![],
             served: ChatUsage::default(),
             answers: 0,
+            exhausted: std::collections::BTreeMap::new(),
         }));
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let (addr, server) = serve(app).await;
@@ -160,6 +163,16 @@ impl FakeOpenAi {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// Requests with `Authorization: Bearer key` get a 429 for `period` from now, without
+    /// taking a scripted reply.
+    pub fn exhaust_key(&self, key: &str, period: Duration) {
+        self.inner
+            .lock()
+            .unwrap()
+            .exhausted
+            .insert(key.to_string(), Instant::now() + period);
     }
 
     /// The usage of every answer served (only those whose request asked for usage).
@@ -191,6 +204,42 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
         });
         if method != Method::POST || path != "/v1/chat/completions" {
             return (StatusCode::NOT_FOUND, "not a chat-completions route").into_response();
+        }
+        let token = i
+            .requests
+            .last()
+            .and_then(|r| r.headers.get("authorization"))
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::to_string);
+        if let Some(until) = token.and_then(|t| i.exhausted.get(&t).copied())
+            && Instant::now() < until
+        {
+            // As OpenAI answers a key over its limit: 429, `retry-after` and `x-ratelimit-*`.
+            let wait = until.saturating_duration_since(Instant::now());
+            let mut resp = (
+                StatusCode::TOO_MANY_REQUESTS,
+                axum::Json(json!({"error": {"message": "Rate limit reached for requests", "type": "requests", "code": "rate_limit_exceeded"}})),
+            )
+                .into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                "retry-after",
+                wait.as_secs_f64()
+                    .ceil()
+                    .max(1.0)
+                    .to_string()
+                    .parse()
+                    .expect("a header value"),
+            );
+            h.insert(
+                "x-ratelimit-limit-requests",
+                "10".parse().expect("a header value"),
+            );
+            h.insert(
+                "x-ratelimit-remaining-requests",
+                "0".parse().expect("a header value"),
+            );
+            return resp;
         }
         i.script.pop_front().unwrap_or_else(|| Reply::status(500))
     };

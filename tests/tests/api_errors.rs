@@ -443,6 +443,7 @@ async fn one_tenant_cannot_read_or_cancel_another_tenants_tasks() {
         "/v1/export",
         "/v1/dlq",
         "/v1/workers",
+        "/v1/quotas",
         "/v1/status",
     ] {
         let (status, _) = call(get.clone(), path.into(), "beta-token-0123456789").await;

@@ -854,3 +854,39 @@ async fn a_worker_default_backend_runs_the_jobs_that_name_sim() {
     assert_eq!(r.output.output, "real answer");
     assert_eq!(r.output.usage, fake_anthropic::default_usage());
 }
+
+/// Never lie: the CLI ends a turn whose tool calls were refused with `subtype: success`; the
+/// job says the agent needs attention and names what it was denied.
+#[tokio::test]
+async fn claude_code_denied_a_tool_ends_needs_attention_naming_the_denials() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAnthropic::start([
+        Reply::tool_use("Bash", json!({"command": "npm install left-pad"})),
+        Reply::text("## Summary\nI could not install the package."),
+    ])
+    .await;
+    // The documenter is offered Bash (not disallowed) but not allowed it: `dontAsk` refuses.
+    let file = dir.path().join("roles.toml");
+    std::fs::write(
+        &file,
+        "[roles.documenter]\ndisallowed_tools = [\"WebFetch\"]\n",
+    )
+    .unwrap();
+    let flags: Vec<OsString> = vec![
+        "--claude-bin".into(),
+        claude_bin().into(),
+        "--config".into(),
+        file.into(),
+    ];
+    let mut cfg = worker_config("denials", dir.path(), Some(&fake.url), None, &flags);
+    cfg.backends.claude_code.max_retries = Some(1);
+    let backends = Backends::from_config(&cfg);
+    let mut j = job(Role::Documenter, Backend::ClaudeCode, "install left-pad");
+    j.model = Some("claude-sonnet-4-5".into());
+    let (r, events) = run(&backends, &j).await;
+    let (reason, message) = failure(&r);
+    assert_eq!(reason, FailureReason::NeedsAttention, "{events:#?}");
+    assert!(message.contains("Bash (npm install left-pad)"), "{message}");
+    // The agent's answer is kept for the person who looks at it.
+    assert!(r.output.output.contains("could not install"), "{r:#?}");
+}

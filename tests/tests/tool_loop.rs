@@ -387,7 +387,15 @@ async fn a_reviewer_is_denied_write_file_and_sees_why() {
         &job(Role::Reviewer, Backend::Anthropic, work.path()),
     )
     .await;
-    assert_success(&r, &events);
+    // Never lie: an agent refused what it asked for ends needing attention, naming it.
+    match &r.output.outcome {
+        Outcome::Failure { reason, message } => {
+            assert_eq!(*reason, FailureReason::NeedsAttention, "{events:#?}");
+            assert!(message.contains("write_file, bash"), "{message}");
+        }
+        Outcome::Success => panic!("a denied tool call ended as success: {r:#?}"),
+    }
+    assert_eq!(r.output.output, "I may only read; the change looks right.");
     let reqs = fake.message_requests();
     let offered: Vec<&str> = reqs[0].body["tools"]
         .as_array()

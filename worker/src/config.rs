@@ -441,6 +441,9 @@ struct ClaudeCodeFile {
 struct ApiFile {
     base_url: Option<String>,
     api_key: Option<Secret>,
+    /// A pool of named credentials (see [`Credential`]); `api_key` alone is the pool `default`.
+    #[serde(default)]
+    credentials: Vec<CredentialFile>,
     model: Option<String>,
     #[serde(default)]
     models: BTreeMap<String, String>,
@@ -454,6 +457,17 @@ struct ApiFile {
     retry_max_delay: Option<Duration>,
     #[serde(with = "humantime_serde")]
     max_retry_after: Option<Duration>,
+}
+
+/// One named credential as the file spells it: the key itself, a file holding it (a mounted
+/// Kubernetes Secret) or the environment variable holding it, exactly one of the three.
+#[derive(Deserialize, Debug, Default)]
+#[serde(default, deny_unknown_fields)]
+struct CredentialFile {
+    name: String,
+    api_key: Option<Secret>,
+    api_key_file: Option<PathBuf>,
+    api_key_env: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -516,12 +530,24 @@ pub struct ClaudeCodeSettings {
     pub args: Vec<String>,
 }
 
+/// One named credential of a backend's pool. Only its name is ever shown (logs, events, the
+/// API, `orchctl quotas`); `Debug` redacts the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub name: String,
+    pub key: Secret,
+}
+
 /// An HTTP provider (`anthropic` or `openai`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiSettings {
     /// `None`: the provider's default (the `openai` backend has none and needs one).
     pub base_url: Option<String>,
+    /// The first credential's key (what a backend without a pool uses).
     pub api_key: Option<Secret>,
+    /// The credential pool, in the order jobs fill it: a job takes the first credential the
+    /// limit broker says has room. Empty when no key is configured.
+    pub credentials: Vec<Credential>,
     pub models: Models,
     /// The answer's token limit (`anthropic` needs one; `openai` sends it only when set).
     pub max_tokens: Option<u32>,
@@ -533,6 +559,9 @@ pub struct ApiSettings {
     pub retry_max_delay: Duration,
     /// A `retry-after` longer than this fails the attempt at once (the coordinator retries).
     pub max_retry_after: Duration,
+    /// Set per job when the limit broker chose the credential: a 429 is not retried in place
+    /// (the job moves to another credential or parks until the reset).
+    pub park_on_limit: bool,
 }
 
 impl ApiSettings {
@@ -540,6 +569,7 @@ impl ApiSettings {
         Self {
             base_url: None,
             api_key: None,
+            credentials: vec![],
             models: Models::default(),
             max_tokens,
             max_attempts: 4,
@@ -547,6 +577,7 @@ impl ApiSettings {
             retry_min_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(60),
+            park_on_limit: false,
         }
     }
 }
@@ -776,9 +807,12 @@ impl ApiSettings {
                 "{section}.max_tokens: must be positive"
             )));
         }
+        let api_key = file.api_key.filter(|k| !k.expose().is_empty());
+        let credentials = credentials(section, api_key, file.credentials)?;
         Ok(Self {
             base_url: base_url(&format!("{section}.base_url"), file.base_url)?,
-            api_key: file.api_key.filter(|k| !k.expose().is_empty()),
+            api_key: credentials.first().map(|c| c.key.clone()),
+            credentials,
             models: Models::load(section, file.model, file.models)?,
             max_tokens: file.max_tokens.or(d.max_tokens),
             max_attempts,
@@ -786,8 +820,76 @@ impl ApiSettings {
             retry_min_delay: file.retry_min_delay.unwrap_or(d.retry_min_delay),
             retry_max_delay: file.retry_max_delay.unwrap_or(d.retry_max_delay),
             max_retry_after: file.max_retry_after.unwrap_or(d.max_retry_after),
+            park_on_limit: false,
         })
     }
+}
+
+/// The pool of `section`: `api_key` as `default` when no list is given, else the list (which
+/// wins over `api_key`, so an `ANTHROPIC_API_KEY` left in the environment does not join a
+/// configured pool), each entry read from its one source. Errors name the entry's key.
+fn credentials(
+    section: &str,
+    api_key: Option<Secret>,
+    list: Vec<CredentialFile>,
+) -> Result<Vec<Credential>, Error> {
+    if list.is_empty() {
+        return Ok(api_key
+            .map(|key| Credential {
+                name: "default".into(),
+                key,
+            })
+            .into_iter()
+            .collect());
+    }
+    let mut out: Vec<Credential> = Vec::with_capacity(list.len());
+    for (i, c) in list.into_iter().enumerate() {
+        let at = format!("{section}.credentials[{i}]");
+        let name = c.name.trim().to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            return Err(Error::Invalid(format!(
+                "{at}.name: expected letters, digits, '-', '_' or '.', got `{name}`"
+            )));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(Error::Invalid(format!(
+                "{at}.name: `{name}` is already in the pool"
+            )));
+        }
+        let key = match (c.api_key, c.api_key_file, c.api_key_env) {
+            (Some(k), None, None) => k.expose().trim().to_string(),
+            (None, Some(path), None) => std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    Error::Invalid(format!(
+                        "{at}.api_key_file: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?
+                .trim()
+                .to_string(),
+            (None, None, Some(var)) => std::env::var(&var)
+                .map_err(|_| Error::Invalid(format!("{at}.api_key_env: `{var}` is not set")))?
+                .trim()
+                .to_string(),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{at}: give exactly one of api_key, api_key_file or api_key_env"
+                )));
+            }
+        };
+        if key.is_empty() {
+            return Err(Error::Invalid(format!("{at}: the key is empty")));
+        }
+        out.push(Credential {
+            name,
+            key: Secret::new(key),
+        });
+    }
+    Ok(out)
 }
 
 impl BackendSettings {
@@ -1181,6 +1283,60 @@ output = 0.2
         assert_eq!(
             err("[backends.anthropic]\napi_kye = \"x\""),
             "backends.anthropic.api_kye: unknown key"
+        );
+    }
+
+    #[test]
+    fn a_credential_pool_comes_from_keys_and_files_and_never_shows() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key-b");
+        std::fs::write(&file, "sk-ant-from-file\n").unwrap();
+        let cfg = from_file(&format!(
+            "[backends.anthropic]\ncredentials = [{{ name = \"a\", api_key = \"sk-ant-inline\" }}, \
+             {{ name = \"b\", api_key_file = \"{}\" }}]\n",
+            file.display()
+        ))
+        .unwrap();
+        let pool = &cfg.backends.anthropic.credentials;
+        let names: Vec<&str> = pool.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(pool[1].key.expose(), "sk-ant-from-file");
+        // The first credential is the backend's key when it runs without the broker.
+        assert_eq!(
+            cfg.backends.anthropic.api_key.as_ref().map(Secret::expose),
+            Some("sk-ant-inline")
+        );
+        let debug = format!("{cfg:?}");
+        assert!(
+            !debug.contains("sk-ant-inline") && !debug.contains("sk-ant-from-file"),
+            "{debug}"
+        );
+        // A lone api_key is the pool `default`.
+        let one =
+            from_file("[backends.openai]\nbase_url = \"http://x\"\napi_key = \"k\"\n").unwrap();
+        assert_eq!(one.backends.openai.credentials[0].name, "default");
+    }
+
+    #[test]
+    fn a_bad_credential_names_its_entry() {
+        let err = |text: &str| from_file(text).unwrap_err().to_string();
+        let e = err("[backends.anthropic]\ncredentials = [{ name = \"a\" }]");
+        assert!(
+            e.contains("backends.anthropic.credentials[0]: give exactly one of"),
+            "{e}"
+        );
+        let e = err(
+            "[backends.anthropic]\ncredentials = [{ name = \"a\", api_key = \"x\" }, { name = \"a\", api_key = \"y\" }]",
+        );
+        assert!(e.contains("backends.anthropic.credentials[1].name"), "{e}");
+        let e = err("[backends.openai]\ncredentials = [{ name = \"a b\", api_key = \"x\" }]");
+        assert!(e.contains("backends.openai.credentials[0].name"), "{e}");
+        let e = err(
+            "[backends.anthropic]\ncredentials = [{ name = \"a\", api_key_file = \"/nonexistent/key\" }]",
+        );
+        assert!(
+            e.contains("backends.anthropic.credentials[0].api_key_file: cannot read"),
+            "{e}"
         );
     }
 }

@@ -14,6 +14,8 @@
 //!   backend is a folder (`claude_code/{mod,stream,transcript}.rs`); workspaces, git,
 //!   processes and prices beside them.
 //! - [`runner`]: one job from pull to ack.
+//! - [`limits`]: the limit broker over credential pools (shared through Redis) and the parked
+//!   jobs waiting for a credential's reset, re-published by every worker's waker.
 //! - [`session`]: agents' sessions in the cluster (JetStream object store and Redis pointers),
 //!   so any worker can run the next turn of a conversation.
 //! - [`datadir`]: the data directory, locked for one live worker and cleared of what a
@@ -25,6 +27,7 @@
 pub mod agent;
 pub mod config;
 pub mod datadir;
+pub mod limits;
 pub mod metrics;
 pub mod roles;
 pub mod runner;
@@ -176,16 +179,23 @@ pub async fn run(
     }
     tracing::info!(worker_id = %id, slots = config.slots, ack_wait = ?transport.ack_wait, "worker pulling jobs");
 
+    let limits = limits::Limits::new(state.clone());
+    let backends = agent::backends::Backends::from_config(&config)
+        .with_sessions(sessions.clone())
+        .with_limits(limits.clone())
+        .with_sandbox(sandbox);
+    backends.register_pools().await;
+    {
+        let (state, transport, cancel) = (state.clone(), transport.clone(), bg_cancel.clone());
+        background.spawn(limits::run_waker(state, transport, cancel));
+    }
     // Shared by every job: a job's task takes a pointer, not a copy of each handle.
     let runner = Arc::new(Runner {
         transport: transport.clone(),
         state: state.clone(),
         worker_id: id.clone(),
-        agent: Arc::new(
-            agent::backends::Backends::from_config(&config)
-                .with_sessions(sessions.clone())
-                .with_sandbox(sandbox),
-        ),
+        limits: Some(limits),
+        agent: Arc::new(backends),
         running: Default::default(),
         sessions: Some(sessions),
     });

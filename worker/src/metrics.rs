@@ -11,6 +11,9 @@ pub const HEARTBEATS: &str = "orch_worker_in_progress_acks_total";
 pub const LEASES_LOST: &str = "orch_worker_leases_lost_total";
 pub const SLOTS_BUSY: &str = "orch_worker_slots_busy";
 pub const SLOTS_TOTAL: &str = "orch_worker_slots_total";
+pub const JOBS_PARKED: &str = "orch_worker_jobs_parked_total";
+pub const JOBS_UNPARKED: &str = "orch_worker_jobs_unparked_total";
+pub const CREDENTIALS_EXHAUSTED: &str = "orch_worker_credential_exhausted_total";
 
 pub fn describe() {
     describe_counter!(JOBS_STARTED, "Job attempts this worker started");
@@ -35,6 +38,18 @@ pub fn describe() {
         LEASES_LOST,
         "Jobs dropped because another worker took their lease (this worker was paused or cut off)"
     );
+    describe_counter!(
+        JOBS_PARKED,
+        "Job attempts parked because every credential of their backend was at its usage limit"
+    );
+    describe_counter!(
+        JOBS_UNPARKED,
+        "Parked job attempts this worker put back in the queue at their credential's reset"
+    );
+    describe_counter!(
+        CREDENTIALS_EXHAUSTED,
+        "Times a provider said a credential is at its usage limit (429), by backend"
+    );
     describe_gauge!(SLOTS_BUSY, "Slots running an agent");
     describe_gauge!(SLOTS_TOTAL, "Slots this worker offers");
     // Unlabelled series exist from the start, so rate() and alerts work on a worker that has
@@ -45,8 +60,13 @@ pub fn describe() {
         JOBS_ALREADY_DONE,
         JOBS_HANDED_BACK,
         HEARTBEATS,
+        JOBS_PARKED,
+        JOBS_UNPARKED,
     ] {
         metrics::counter!(name).absolute(0);
+    }
+    for backend in ["anthropic", "openai"] {
+        metrics::counter!(CREDENTIALS_EXHAUSTED, "backend" => backend).absolute(0);
     }
     metrics::gauge!(SLOTS_BUSY).set(0.0);
 }

@@ -31,6 +31,9 @@ pub struct Runner {
     pub running: Running,
     /// Where a successful turn's session is stored (`None`: sessions are not kept).
     pub sessions: Option<SessionStore>,
+    /// Where a job waiting for a credential's reset is parked (`None`: it is handed back with
+    /// a delay instead).
+    pub limits: Option<crate::limits::Limits>,
 }
 
 /// Removes a job from [`Running`] when its run ends, however it ends.
@@ -224,6 +227,13 @@ impl Runner {
             self.hand_back(&job).await;
             return;
         };
+        if let Some(park) = &report.parked {
+            if let Err(e) = self.transport.publish_events(&tail).await {
+                tracing::warn!(error = %e, "failed to send events");
+            }
+            self.park(&job, lease.as_ref(), park).await;
+            return;
+        }
         let output = report.output;
         let finished_at_ms = orch_shared::now_ms();
         let (success, reason, message) = match &output.outcome {
@@ -362,6 +372,57 @@ impl Runner {
             Err(e) => {
                 tracing::warn!(error = %e, "could not renew the lease; carrying on");
                 true
+            }
+        }
+    }
+
+    /// Parks an attempt whose credentials are all at their usage limit: into the parked set
+    /// (with a `job_waiting` event saying until when), lease released, message acked. It then
+    /// holds no slot and no delivery, and its attempt count does not move. Without Redis, it
+    /// is handed back to be delivered again at the reset.
+    async fn park(&self, job: &JobDelivery, lease: Option<&Lease>, park: &crate::limits::Park) {
+        let wait = Duration::from_millis(park.until_ms.saturating_sub(orch_shared::now_ms()));
+        let until = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_millis(park.until_ms),
+        );
+        tracing::info!(backend = park.backend, credential = %park.credential, %until, "job parked until its credential's reset");
+        self.send(
+            job,
+            EventKind::JobWaiting {
+                reason: format!(
+                    "parked: {} (credential {}/{} resets at {until})",
+                    park.reason, park.backend, park.credential
+                ),
+            },
+        )
+        .await;
+        let parked = match &self.limits {
+            Some(limits) => limits.park(&job.spec, job.subject(), park).await,
+            None => Ok(0),
+        };
+        match parked {
+            Ok(n) if self.limits.is_some() => {
+                tracing::debug!(parks = n, "parked");
+                if let Some(lease) = lease
+                    && let Err(e) = self.state.release(lease).await
+                {
+                    tracing::warn!(error = %e, "could not release the lease of a parked job");
+                }
+                if let Err(e) = job.ack().await {
+                    tracing::warn!(error = %e, "could not ack a parked job; it may run again before its reset");
+                }
+            }
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(error = %e, "could not park the job; handing it back until the reset");
+                }
+                if let Some(lease) = lease {
+                    let _ = self.state.release(lease).await;
+                }
+                metrics::counter!(m::JOBS_HANDED_BACK).increment(1);
+                if let Err(e) = job.hand_back_after(wait).await {
+                    tracing::warn!(error = %e, "hand back failed");
+                }
             }
         }
     }

@@ -1,8 +1,13 @@
 //! Everything the worker keeps in Redis: its registry entry, the leases and done markers of
-//! job attempts, and agents' session pointers. Key names come from [`orch_shared::keys`],
+//! job attempts, agents' session pointers, and (`state/limits`) the limit broker's credential
+//! states and the parked job attempts. Key names come from [`orch_shared::keys`],
 //! shared with the coordinator.
 
 use orch_config::redis::{ConnectError, Connection, Redis};
+
+mod limits;
+
+pub use limits::{Due, ToPark};
 use orch_shared::ids::{JobId, WorkerId};
 use orch_shared::job::SessionPointer;
 use orch_shared::keys::{self, worker_field};

@@ -167,6 +167,22 @@ impl JobDelivery {
         })
     }
 
+    /// The queue subject the job came from.
+    pub fn subject(&self) -> &str {
+        self.msg.subject.as_str()
+    }
+
+    /// Hands the job back, to be delivered again after `delay` (when it cannot be parked).
+    pub async fn hand_back_after(&self, delay: Duration) -> Result<(), Error> {
+        self.msg
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|source| Error::Ack {
+                what: "hand back",
+                source,
+            })
+    }
+
     /// Hands the job back for another worker, now.
     pub async fn hand_back(&self) -> Result<(), Error> {
         self.msg
@@ -330,6 +346,30 @@ impl Transport {
             subject: last.subject,
             ack,
         })
+    }
+
+    /// Puts an encoded job spec (a parked attempt) back in the queue on `subject` and waits
+    /// until JetStream stored it.
+    pub async fn publish_job(
+        &self,
+        subject: &str,
+        msg_id: String,
+        spec: Vec<u8>,
+    ) -> Result<(), Error> {
+        let publish = jetstream::message::PublishMessage::build()
+            .message_id(msg_id)
+            .payload(spec.into());
+        let err = |source: async_nats::Error| Error::Publish {
+            subject: subject.to_string(),
+            source,
+        };
+        let ack = self
+            .js
+            .send_publish(subject.to_string(), publish)
+            .await
+            .map_err(|e| err(e.into()))?;
+        ack.await.map_err(|e| err(e.into()))?;
+        Ok(())
     }
 
     /// Publishes a job result and waits until JetStream stored it. Its message id makes a

@@ -15,6 +15,7 @@ pub mod init;
 pub mod kill;
 pub mod local;
 pub mod logs;
+pub mod quotas;
 pub mod status;
 pub mod submit;
 pub mod task_types;
@@ -134,6 +135,7 @@ pub enum Command {
     /// List workers
     #[command(subcommand)]
     Workers(workers::Command),
+    Quotas(quotas::Args),
     /// List the task types the coordinator can plan
     #[command(subcommand, name = "task-types")]
     TaskTypes(task_types::Command),
@@ -256,6 +258,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tasks(cmd) => tasks::run(&ctx, cmd).await,
         Command::ListTasks(args) => tasks::list::run(&ctx, args).await,
         Command::Workers(cmd) => workers::run(&ctx, cmd).await,
+        Command::Quotas(args) => quotas::run(&ctx, args).await,
         Command::TaskTypes(cmd) => task_types::run(&ctx, cmd).await,
         Command::TaskDetails(args) => tasks::show::run(&ctx, args).await,
         Command::Agents(cmd) => agents::run(&ctx, cmd).await,

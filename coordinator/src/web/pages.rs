@@ -157,6 +157,10 @@ pub fn overview() -> String {
     <div id="recent"><p class="empty">Loading…</p></div>
   </section>
 </div>
+<section class="panel" id="quotas">
+  <div class="panel-head"><h2>Provider quotas</h2><span class="muted small"><code>orchctl quotas</code></span></div>
+  <div id="quota-list"><p class="empty">Loading…</p></div>
+</section>
 <section class="panel" id="dlq">
   <div class="panel-head"><h2>Dead letters</h2><span class="muted small"><code>orchctl dlq list</code> · <code>orchctl dlq retry JOB</code></span></div>
   <div id="dead"><p class="empty">Loading…</p></div>

@@ -111,6 +111,15 @@ impl Anthropic {
         Self { settings, client }
     }
 
+    /// This backend on one credential of the pool, for one job: a 429 is not retried in
+    /// place but reported to the limit broker.
+    pub fn on_credential(&self, key: &crate::config::Secret) -> Self {
+        let mut settings = self.settings.clone();
+        settings.api_key = Some(key.clone());
+        settings.park_on_limit = true;
+        Self::new(settings, self.client.clone())
+    }
+
     fn url(&self) -> String {
         format!(
             "{}/v1/messages",
@@ -130,6 +139,7 @@ impl Anthropic {
         let model = p.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
         if self.settings.api_key.is_none() && self.settings.base_url.is_none() {
             return Report {
+                parked: None,
                 output: AgentOutput::failure(
                     FailureReason::BadRequest,
                     "the anthropic backend has no API key: set ANTHROPIC_API_KEY or [backends.anthropic] api_key",

@@ -15,17 +15,21 @@
 use super::anthropic::{self, Anthropic};
 use super::claude_code::{self, ClaudeCode};
 use super::command::{self, CommandAgent};
+use super::http::Learned;
 use super::openai::{self, OpenAi};
 use super::pricing::PriceTable;
 use super::sim::Sim;
 use super::{Agent, AgentOutput, Events, Prepared, Report};
-use crate::config::{Config, LoopSettings, Models};
+use crate::config::{Config, Credential, LoopSettings, Models};
+use crate::limits::{Limits, Pick};
 use crate::roles::{self, Key, Roles};
 use crate::sandbox::Sandbox;
 use crate::session::{SessionStore, Snapshot};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use orch_shared::job::Outcome;
 use orch_shared::job::{Backend, FailureReason, JobSpec};
+use reqwest::header::HeaderMap;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -51,6 +55,11 @@ pub struct Backends {
     sessions: Option<SessionStore>,
     /// The agent sandbox; `None` when it is off.
     sandbox: Option<Arc<Sandbox>>,
+    /// The credential pools of the HTTP backends, in the order jobs fill them.
+    anthropic_pool: Vec<Credential>,
+    openai_pool: Vec<Credential>,
+    /// The limit broker; `None`: the first credential, and 429s retried in place.
+    limits: Option<Limits>,
 }
 
 impl Backends {
@@ -85,7 +94,106 @@ impl Backends {
                 .unwrap_or_default(),
             unpriced: Mutex::new(BTreeSet::new()),
             sessions: None,
+            anthropic_pool: b.anthropic.credentials.clone(),
+            openai_pool: b.openai.credentials.clone(),
+            limits: None,
             sandbox: None,
+        }
+    }
+
+    /// Runs the HTTP backends' jobs on credentials the limit broker picks (see
+    /// [`crate::limits`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Lists this worker's credential pools with the broker.
+    pub async fn register_pools(&self) {
+        if let Some(l) = &self.limits {
+            l.register(anthropic::NAME, &self.anthropic_pool).await;
+            l.register(openai::NAME, &self.openai_pool).await;
+        }
+    }
+
+    /// Runs `p` on `backend` with its credential pool (`claude-code` shares the `anthropic`
+    /// pool: the same keys, the same provider limits): on the credential the broker picks;
+    /// after a usage limit, once more on another credential with room; else parked until
+    /// the pool's first reset (the report's `parked`).
+    async fn run_pooled(
+        &self,
+        backend: Backend,
+        p: &mut Prepared<'_>,
+        events: &Events,
+        cancel: &CancellationToken,
+    ) -> Report {
+        let (name, pool) = match backend {
+            Backend::Openai => (openai::NAME, &self.openai_pool),
+            _ => (anthropic::NAME, &self.anthropic_pool),
+        };
+        let Some(limits) = self.limits.as_ref().filter(|_| !pool.is_empty()) else {
+            return match backend {
+                Backend::Anthropic => self.anthropic.run(p, events, cancel).await,
+                Backend::Openai => self.openai.run(p, events, cancel).await,
+                _ => self.claude_code.run(p, events, cancel).await,
+            };
+        };
+        let mut tried: Vec<String> = vec![];
+        loop {
+            let credential = match limits.pick_credential(name, pool, &tried).await {
+                Pick::Use(c) => c,
+                Pick::Exhausted(park) => {
+                    let mut r = Report::failure(
+                        self.backend_for(p.job),
+                        FailureReason::RateLimited,
+                        format!("{} (parked)", park.reason),
+                    );
+                    r.model = p.model.clone();
+                    r.parked = Some(park);
+                    return r;
+                }
+            };
+            p.credential = Some(credential.name.clone());
+            let report = match backend {
+                Backend::Anthropic => {
+                    let api = self.anthropic.on_credential(&credential.key);
+                    api.run(p, events, cancel).await
+                }
+                Backend::Openai => {
+                    let api = self.openai.on_credential(&credential.key);
+                    api.run(p, events, cancel).await
+                }
+                _ => {
+                    let cli = self.claude_code.on_credential(&credential.key);
+                    cli.run(p, events, cancel).await
+                }
+            };
+            // The CLI on an API key says only that it got a 429 (no reset): the default wait.
+            let limited = p.take_limit().or_else(|| match &report.output.outcome {
+                Outcome::Failure {
+                    reason: FailureReason::RateLimited,
+                    message,
+                } => Some(Learned::from_429(&HeaderMap::new(), message)),
+                _ => None,
+            });
+            let Some(learned) = limited else {
+                return report;
+            };
+            limits.learn(name, &credential.name, &learned).await;
+            if learned.exhausted_until_ms.is_none() {
+                return report;
+            }
+            tracing::info!(backend = name, credential = %credential.name, "credential at its usage limit; trying another");
+            tried.push(credential.name);
+            // Moves once: a second limit parks the job until the pool's first reset.
+            if tried.len() > 1 {
+                let everyone: Vec<String> = pool.iter().map(|c| c.name.clone()).collect();
+                let mut r = report;
+                if let Pick::Exhausted(park) = limits.pick_credential(name, pool, &everyone).await {
+                    r.parked = Some(park);
+                }
+                return r;
+            }
         }
     }
 
@@ -191,6 +299,8 @@ impl Backends {
             unpriced: &self.unpriced,
             session: None,
             sandbox: self.sandbox.as_ref(),
+            credential: None,
+            limited: Mutex::new(None),
         }
     }
 
@@ -213,15 +323,16 @@ impl Backends {
                 model: job.model.clone(),
                 context: None,
                 session,
+                parked: None,
             };
         }
         let mut p = self.prepare(job, backend);
         p.session = previous;
         let report = match backend {
             Backend::Sim => unreachable!("handled above"),
-            Backend::ClaudeCode => self.claude_code.run(&p, &events, &cancel).await,
-            Backend::Anthropic => self.anthropic.run(&p, &events, &cancel).await,
-            Backend::Openai => self.openai.run(&p, &events, &cancel).await,
+            Backend::ClaudeCode | Backend::Anthropic | Backend::Openai => {
+                self.run_pooled(backend, &mut p, &events, &cancel).await
+            }
             Backend::Command => match &self.command {
                 Some(c) => c.run(&p, &events, &cancel).await,
                 None => Report::failure(

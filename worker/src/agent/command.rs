@@ -43,6 +43,7 @@ impl CommandAgent {
         cancel: &CancellationToken,
     ) -> Report {
         let done = |output| Report {
+            parked: None,
             output,
             backend: NAME,
             model: p.model.clone(),

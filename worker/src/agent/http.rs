@@ -27,6 +27,109 @@ pub struct CallError {
     pub retry_after: Option<Duration>,
     /// Tokens the failed request was billed for before it failed (a stream cut midway).
     pub usage: Usage,
+    /// What a 429 said about the credential's limits (for the limit broker); boxed, as most
+    /// errors carry none.
+    pub limit: Option<Box<Learned>>,
+}
+
+/// What a provider said about a credential's rate-limit windows: from a 429 (then
+/// `exhausted_until_ms` is set), `retry-after`, the `anthropic-ratelimit-*` headers, OpenAI's
+/// `x-ratelimit-*`, or the Claude Code CLI's `rate_limit_event` lines.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Learned {
+    /// The credential has no room until then (ms since the epoch).
+    pub exhausted_until_ms: Option<u64>,
+    /// Why, in the provider's words (cut short; never a key).
+    pub reason: String,
+    pub requests_limit: Option<u64>,
+    pub requests_remaining: Option<u64>,
+    pub tokens_limit: Option<u64>,
+    pub tokens_remaining: Option<u64>,
+    /// When the window figures reset (ms since the epoch).
+    pub reset_ms: Option<u64>,
+}
+
+/// How long a credential is held exhausted when a 429 names no reset at all.
+pub const DEFAULT_LIMIT_WAIT: Duration = Duration::from_secs(60);
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// An RFC 3339 time (`anthropic-ratelimit-*-reset`) as ms since the epoch.
+fn header_time_ms(headers: &HeaderMap, name: &str) -> Option<u64> {
+    let v = headers.get(name)?.to_str().ok()?.trim();
+    // humantime takes `2026-12-06T02:00:00Z`, with or without fractional seconds; an offset
+    // other than `Z` is not what the API sends.
+    let at = humantime::parse_rfc3339_weak(v).ok()?;
+    at.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}
+
+impl Learned {
+    /// The windows the response headers describe (`None` when they describe none).
+    pub fn from_headers(headers: &HeaderMap) -> Option<Learned> {
+        let a = |field: &str| format!("anthropic-ratelimit-{field}");
+        let requests_limit = header_u64(headers, &a("requests-limit"))
+            .or_else(|| header_u64(headers, "x-ratelimit-limit-requests"));
+        let requests_remaining = header_u64(headers, &a("requests-remaining"))
+            .or_else(|| header_u64(headers, "x-ratelimit-remaining-requests"));
+        let tokens_limit = header_u64(headers, &a("tokens-limit"))
+            .or_else(|| header_u64(headers, &a("input-tokens-limit")))
+            .or_else(|| header_u64(headers, "x-ratelimit-limit-tokens"));
+        let tokens_remaining = header_u64(headers, &a("tokens-remaining"))
+            .or_else(|| header_u64(headers, &a("input-tokens-remaining")))
+            .or_else(|| header_u64(headers, "x-ratelimit-remaining-tokens"));
+        let resets = [
+            "requests-reset",
+            "tokens-reset",
+            "input-tokens-reset",
+            "output-tokens-reset",
+        ];
+        // The window that runs out first decides: the latest reset among exhausted windows
+        // is what a 429 waits for, the earliest is when figures next change.
+        let reset_ms = resets
+            .into_iter()
+            .filter_map(|r| header_time_ms(headers, &a(r)))
+            .min();
+        let l = Learned {
+            exhausted_until_ms: None,
+            reason: String::new(),
+            requests_limit,
+            requests_remaining,
+            tokens_limit,
+            tokens_remaining,
+            reset_ms,
+        };
+        (l != Learned::default()).then_some(l)
+    }
+
+    /// What a 429 teaches: the windows in its headers, and exhaustion until `retry-after`,
+    /// else the exhausted window's reset, else [`DEFAULT_LIMIT_WAIT`].
+    pub fn from_429(headers: &HeaderMap, reason: &str) -> Learned {
+        let now = orch_shared::now_ms();
+        let mut l = Learned::from_headers(headers).unwrap_or_default();
+        let a = |field: &str| format!("anthropic-ratelimit-{field}");
+        let exhausted_reset = [
+            ("requests-remaining", "requests-reset"),
+            ("tokens-remaining", "tokens-reset"),
+            ("input-tokens-remaining", "input-tokens-reset"),
+            ("output-tokens-remaining", "output-tokens-reset"),
+        ]
+        .into_iter()
+        .filter(|(rem, _)| header_u64(headers, &a(rem)) == Some(0))
+        .filter_map(|(_, reset)| header_time_ms(headers, &a(reset)))
+        .max();
+        let until = retry_after(headers)
+            .map(|d| now + d.as_millis() as u64)
+            .or(exhausted_reset)
+            .or(l.reset_ms)
+            .unwrap_or(now + DEFAULT_LIMIT_WAIT.as_millis() as u64);
+        l.exhausted_until_ms = Some(until.max(now));
+        l.reason = reason.chars().take(200).collect();
+        l
+    }
 }
 
 impl CallError {
@@ -37,6 +140,7 @@ impl CallError {
             retryable,
             retry_after: None,
             usage: Usage::default(),
+            limit: None,
         }
     }
 
@@ -66,9 +170,11 @@ impl CallError {
             401 | 403 => " (check the API key)",
             _ => "",
         };
+        let message = format!("{provider} answered {status}{hint}: {detail}");
         Self {
             reason,
-            message: format!("{provider} answered {status}{hint}: {detail}"),
+            limit: (status == 429).then(|| Box::new(Learned::from_429(headers, &detail))),
+            message,
             retryable,
             retry_after: retry_after(headers),
             usage: Usage::default(),
@@ -192,6 +298,11 @@ where
         if !err.retryable {
             return Err(err);
         }
+        // With a limit broker, a rate-limited credential is not hammered: the job moves to
+        // another credential or parks until the reset (see `crate::limits`).
+        if settings.park_on_limit && err.reason == FailureReason::RateLimited {
+            return Err(err);
+        }
         if let Some(ra) = err.retry_after
             && ra > settings.max_retry_after
         {
@@ -271,6 +382,72 @@ mod tests {
             e.message,
             "anthropic answered 401 (check the API key): invalid x-api-key"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_limit_broker_a_429_is_not_retried_in_place() {
+        let mut s = settings(4);
+        s.park_on_limit = true;
+        let mut n = 0;
+        let r: Result<(), CallError> = with_retries(
+            "p",
+            &s,
+            &CancellationToken::new(),
+            &mut Spent::default(),
+            || {
+                n += 1;
+                async {
+                    Err(CallError::new(
+                        FailureReason::RateLimited,
+                        true,
+                        "slow down",
+                    ))
+                }
+            },
+        )
+        .await;
+        assert_eq!(r.unwrap_err().reason, FailureReason::RateLimited);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_429_holds_its_credential_until_retry_after_else_the_exhausted_window_resets() {
+        let now = orch_shared::now_ms();
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        h.insert(
+            "anthropic-ratelimit-requests-limit",
+            HeaderValue::from_static("50"),
+        );
+        h.insert(
+            "anthropic-ratelimit-requests-remaining",
+            HeaderValue::from_static("0"),
+        );
+        h.insert(
+            "anthropic-ratelimit-requests-reset",
+            HeaderValue::from_static("2099-01-01T00:00:00Z"),
+        );
+        let l = Learned::from_429(&h, "slow down");
+        let until = l.exhausted_until_ms.unwrap();
+        assert!(
+            (now + 2_900..now + 4_000).contains(&until),
+            "{until} vs {now}"
+        );
+        assert_eq!(
+            (l.requests_limit, l.requests_remaining),
+            (Some(50), Some(0))
+        );
+        assert_eq!(l.reason, "slow down");
+        // Without retry-after, the exhausted window's reset.
+        h.remove("retry-after");
+        let l = Learned::from_429(&h, "x");
+        assert_eq!(l.exhausted_until_ms, Some(4_070_908_800_000));
+        // With nothing at all, the default wait.
+        let l = Learned::from_429(&HeaderMap::new(), "x");
+        let until = l.exhausted_until_ms.unwrap();
+        assert!(until >= now + DEFAULT_LIMIT_WAIT.as_millis() as u64);
+        // A 200's headers teach windows, not exhaustion.
+        assert_eq!(Learned::from_headers(&HeaderMap::new()), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -130,6 +130,9 @@ pub struct Report {
     /// The conversation after this turn, for the runner to store (see [`crate::session`])
     /// when the turn succeeded; `None` when the backend keeps none or could not read it.
     pub session: Option<Snapshot>,
+    /// Set when the job could not run for a provider's usage limit: the runner parks it
+    /// instead of publishing a result (see [`crate::limits`]).
+    pub parked: Option<crate::limits::Park>,
 }
 
 impl Report {
@@ -144,6 +147,7 @@ impl Report {
             model: None,
             context: None,
             session: None,
+            parked: None,
         }
     }
 }
@@ -183,17 +187,32 @@ pub struct Prepared<'a> {
     pub session: Option<Snapshot>,
     /// The agent sandbox every process of the job runs in; `None` when it is off.
     pub sandbox: Option<&'a Arc<Sandbox>>,
+    /// The pool credential the limit broker chose for this run (its name), if any.
+    pub credential: Option<String>,
+    /// What the provider said about the credential's limits during the run (a 429, the CLI's
+    /// `rate_limit_event`): the dispatcher hands it to the limit broker.
+    pub limited: Mutex<Option<http::Learned>>,
 }
 
 impl Prepared<'_> {
     /// The job's sandbox for processes working in `workspace` (`None` when the sandbox is
     /// off); what it allows is logged.
     pub fn jail(&self, workspace: &Path) -> Result<Option<Jail>, (FailureReason, String)> {
+        self.jail_on(workspace, None)
+    }
+
+    /// [`Prepared::jail`] whose model requests go upstream with `credential` (the pool
+    /// credential of this run) instead of the worker's default key.
+    pub fn jail_on(
+        &self,
+        workspace: &Path,
+        credential: Option<&crate::config::Secret>,
+    ) -> Result<Option<Jail>, (FailureReason, String)> {
         let Some(sandbox) = self.sandbox else {
             return Ok(None);
         };
         let name = format!("{}-{}", self.job.job_id, self.job.attempt);
-        match sandbox.jail(&name, workspace, &self.profile.sandbox) {
+        match sandbox.jail(&name, workspace, &self.profile.sandbox, credential) {
             Ok(j) => {
                 tracing::info!(job_id = %self.job.job_id, allowed = %j.describe(), "agent sandbox ready");
                 Ok(Some(j))
@@ -222,6 +241,18 @@ impl Prepared<'_> {
             }
             _ => output,
         }
+    }
+
+    /// Records what the provider said about the credential's limits (the latest wins).
+    pub fn note_limit(&self, learned: http::Learned) {
+        if let Ok(mut l) = self.limited.lock() {
+            *l = Some(learned);
+        }
+    }
+
+    /// What [`Prepared::note_limit`] recorded, taken.
+    pub fn take_limit(&self) -> Option<http::Learned> {
+        self.limited.lock().ok().and_then(|mut l| l.take())
     }
 
     /// The cost of `usage` on `model` from the price table; 0 (and a warning, once per
@@ -291,6 +322,7 @@ pub trait Agent: Send + Sync {
                 model,
                 context: None,
                 session: None,
+                parked: None,
             })
             .boxed()
     }

@@ -120,6 +120,15 @@ impl OpenAi {
         Self { settings, client }
     }
 
+    /// This backend on one credential of the pool, for one job (see
+    /// [`super::anthropic::Anthropic::on_credential`]).
+    pub fn on_credential(&self, key: &crate::config::Secret) -> Self {
+        let mut settings = self.settings.clone();
+        settings.api_key = Some(key.clone());
+        settings.park_on_limit = true;
+        Self::new(settings, self.client.clone())
+    }
+
     pub async fn run(
         &self,
         p: &Prepared<'_>,

@@ -156,6 +156,8 @@ pub async fn run<A: Api>(
     // A compaction's context before it and the rounds it summarized, reported with the
     // occupancy of the next request.
     let mut compacted: Option<(u64, u32)> = None;
+    // Tools the model called that its role may not use: the answer is then not a plain success.
+    let mut denied: Vec<String> = vec![];
     let (outcome, text) = loop {
         turns += 1;
         let body = api.body(&model, &p.profile.system_prompt, &messages, &specs);
@@ -175,6 +177,9 @@ pub async fn run<A: Api>(
         let step = match result {
             Ok(s) => s,
             Err(e) => {
+                if let Some(l) = e.limit {
+                    p.note_limit(*l);
+                }
                 break (
                     Outcome::Failure {
                         reason: e.reason,
@@ -217,6 +222,16 @@ pub async fn run<A: Api>(
                     ),
                 },
                 String::new(),
+            );
+        }
+        // A job without tools (a read-only role on scratch) offered none: a call there is a
+        // model's mistake, not a permission it lacked.
+        if !toolbox.allowed().is_empty() {
+            denied.extend(
+                step.calls
+                    .iter()
+                    .filter(|c| !toolbox.allowed().contains(&c.name.as_str()))
+                    .map(|c| c.name.clone()),
             );
         }
         let outputs = run_calls(&toolbox, &step.calls, events, files.as_mut(), cancel).await;
@@ -298,11 +313,23 @@ pub async fn run<A: Api>(
         _ => (outcome, None),
     };
     drop(dir);
+    let outcome = match outcome {
+        Outcome::Success if !denied.is_empty() => Outcome::Failure {
+            reason: FailureReason::NeedsAttention,
+            message: format!(
+                "the agent was denied {} tool call(s) it asked for: {}",
+                denied.len(),
+                denied.join(", ")
+            ),
+        },
+        o => o,
+    };
     let changes = changes.unwrap_or_default();
     let session = outcome
         .is_success()
         .then(|| chat::session(A::NAME, p, &messages));
     Report {
+        parked: None,
         output: AgentOutput {
             outcome,
             output: text,

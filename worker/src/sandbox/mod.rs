@@ -37,6 +37,7 @@ pub mod limits;
 pub mod proxy;
 
 use crate::agent::process;
+use crate::config::Secret;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -251,6 +252,7 @@ impl Sandbox {
         name: &str,
         workspace: &Path,
         allowance: &Allowance,
+        credential: Option<&Secret>,
     ) -> Result<Jail, Error> {
         let memory_max = allowance.memory_max.or(self.memory_max);
         let pids_max = allowance.pids_max.or(self.pids_max);
@@ -267,6 +269,7 @@ impl Sandbox {
             proxy::Grant {
                 job: name.to_string(),
                 allowance: allowance.clone(),
+                credential: credential.cloned(),
             },
         );
         Ok(Jail {

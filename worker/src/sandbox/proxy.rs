@@ -34,6 +34,8 @@ pub struct Grant {
     /// The job attempt, for logs.
     pub job: String,
     pub allowance: Allowance,
+    /// The pool credential of the job's run; `None`: the worker's default key.
+    pub credential: Option<Secret>,
 }
 
 /// The live tokens.
@@ -73,12 +75,20 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The credential header for a request of `grant`'s job: the one place a credential pool
-    /// would pick a key.
-    pub fn credential(&self, _grant: &Grant) -> Option<(HeaderName, String)> {
-        self.api_key
+    /// The credential header for a request of `grant`'s job: the credential the limit broker
+    /// gave the job's run, else the worker's default key. A subscription's OAuth token
+    /// (`sk-ant-oat…`) goes as a bearer token, an API key as `x-api-key`.
+    pub fn credential(&self, grant: &Grant) -> Option<(HeaderName, String)> {
+        let key = grant
+            .credential
             .as_ref()
-            .map(|k| (HeaderName::from_static("x-api-key"), k.expose().to_string()))
+            .or(self.api_key.as_ref())?
+            .expose();
+        Some(if key.starts_with("sk-ant-oat") {
+            (header::AUTHORIZATION, format!("Bearer {key}"))
+        } else {
+            (HeaderName::from_static("x-api-key"), key.to_string())
+        })
     }
 }
 

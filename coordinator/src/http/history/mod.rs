@@ -44,6 +44,7 @@ pub(super) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(transcripts::agent_logs))
         .routes(routes!(status::status))
         .routes(routes!(status::workers))
+        .routes(routes!(status::quotas))
         .routes(routes!(events::cluster_events))
         .routes(routes!(costs::cost_report))
         .routes(routes!(export::export))

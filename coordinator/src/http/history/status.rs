@@ -1,4 +1,4 @@
-//! The cluster at a glance: `GET /v1/status` and `GET /v1/workers`.
+//! The cluster at a glance: `GET /v1/status`, `GET /v1/workers` and `GET /v1/quotas`.
 
 use super::agents::agent_summary;
 use super::window::MAX_ACTIVE_TASKS;
@@ -113,4 +113,16 @@ pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<
 pub(super) async fn workers(AxumState(app): AxumState<App>) -> Answer<axum::Json<WorkerList>> {
     let workers = app.state.workers(WORKER_MAX_AGE).await?;
     Ok(axum::Json(WorkerList { workers }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/quotas",
+    tag = "cluster",
+    responses((status = 200, description = "Every credential the workers registered with the limit broker, and the jobs parked waiting for one (admin only).", body = orch_shared::api::QuotaList))
+)]
+pub(super) async fn quotas(
+    AxumState(app): AxumState<App>,
+) -> Answer<axum::Json<orch_shared::api::QuotaList>> {
+    Ok(axum::Json(app.state.quotas().await?))
 }

@@ -266,7 +266,7 @@ function overviewPage() {
   };
 
   const load = async () => {
-    const [st, recent, dlq] = await Promise.all([api("/v1/status"), api("/v1/tasks?limit=8"), api("/v1/dlq")]);
+    const [st, recent, dlq, quotas] = await Promise.all([api("/v1/status"), api("/v1/tasks?limit=8"), api("/v1/dlq"), api("/v1/quotas")]);
     const idle = st.workers.filter((w) => w.busy === 0).length;
     $("#k-workers").textContent = st.workers.length;
     $("#k-slots").innerHTML = `${st.slots_busy} of ${st.slots_total} slots busy · ${idle} idle` + `<div class="meter"><span style="width:${st.slots_total ? (100 * st.slots_busy) / st.slots_total : 0}%"></span></div>`;
@@ -294,6 +294,18 @@ function overviewPage() {
       { label: "Cost", num: true, cell: (t) => usd(t.cost_usd) },
       { label: "Created", num: true, cell: (t) => ago(t.created_at_ms) },
     ], recent.tasks, "No task yet.");
+
+    // Credential pools as the limit broker knows them: names only, never keys.
+    const left = (rem, lim) => (lim == null ? "–" : `${rem ?? "?"}/${lim}`);
+    $("#quota-list").innerHTML = table([
+      { label: "Credential", cell: (q) => `<span class="mono">${esc(q.backend)}/${esc(q.name)}</span>` },
+      { label: "State", cell: (q) => `<span class="badge s-${q.state === "exhausted" ? "failed" : "succeeded"}">${esc(q.state)}</span>` },
+      { label: "Resets in", num: true, cell: (q) => (q.until_ms ? `${Math.max(0, Math.round((q.until_ms - quotas.now_ms) / 1000))}s` : "–") },
+      { label: "Requests left", num: true, cell: (q) => left(q.requests_remaining, q.requests_limit) },
+      { label: "Tokens left", num: true, cell: (q) => left(q.tokens_remaining, q.tokens_limit) },
+      { label: "Parked jobs", num: true, cell: (q) => String(q.parked) },
+      { label: "Last limit", cls: "desc", cell: (q) => esc(q.reason || "–") },
+    ], quotas.credentials, "No credential pool is registered (workers with API keys register theirs).");
 
     $("#dead").innerHTML = table([
       { label: "Agent", cell: (d) => `<a class="mono" href="/agents/${esc(d.job_id)}">${short(d.job_id)}</a> <span class="role">${esc(d.role)}</span>` },

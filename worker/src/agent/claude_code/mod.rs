@@ -83,9 +83,19 @@ fn running_as_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
+/// How a Claude subscription's OAuth token starts (an API key starts `sk-ant-api`).
+const OAUTH_TOKEN_PREFIX: &str = "sk-ant-oat";
+
 impl ClaudeCode {
     pub fn new(settings: ClaudeCodeSettings, provider: ApiSettings) -> Self {
         Self { settings, provider }
+    }
+
+    /// The CLI on one credential of the `anthropic` pool, for one job.
+    pub fn on_credential(&self, key: &crate::config::Secret) -> Self {
+        let mut provider = self.provider.clone();
+        provider.api_key = Some(key.clone());
+        Self::new(self.settings.clone(), provider)
     }
 
     /// The CLI's arguments for `p` (the prompt goes on stdin).
@@ -149,7 +159,13 @@ impl ClaudeCode {
             env.insert("ANTHROPIC_BASE_URL".into(), url.clone());
         }
         if let Some(key) = &self.provider.api_key {
-            env.insert("ANTHROPIC_API_KEY".into(), key.expose().to_string());
+            // A subscription login (`claude setup-token`) is an OAuth token, not an API key.
+            let var = if key.expose().starts_with(OAUTH_TOKEN_PREFIX) {
+                "CLAUDE_CODE_OAUTH_TOKEN"
+            } else {
+                "ANTHROPIC_API_KEY"
+            };
+            env.insert(var.into(), key.expose().to_string());
         }
         if let Some(n) = self.settings.max_retries {
             env.insert("CLAUDE_CODE_MAX_RETRIES".into(), n.to_string());
@@ -176,12 +192,14 @@ impl ClaudeCode {
             model: p.model.clone(),
             context: None,
             session: None,
+            parked: None,
         };
         let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
             Ok(d) => d,
             Err(e) => return failed(e),
         };
-        let mut jail = match p.jail(&dir.path) {
+        // The proxy sends the job's pool credential (the one this run was given) upstream.
+        let mut jail = match p.jail_on(&dir.path, self.provider.api_key.as_ref()) {
             Ok(j) => j,
             Err(e) => return failed(e),
         };
@@ -198,6 +216,7 @@ impl ClaudeCode {
             env.insert("ANTHROPIC_BASE_URL".into(), Jail::base_url());
             env.insert("ANTHROPIC_API_KEY".into(), j.token().to_string());
             env.remove("ANTHROPIC_AUTH_TOKEN");
+            env.remove("CLAUDE_CODE_OAUTH_TOKEN");
             home
         });
         let config_dir = transcript::config_dir(&env);
@@ -490,6 +509,7 @@ async fn cut_short(p: &Prepared<'_>, dir: WorkDir, ended: Ended, model: Option<S
         model,
         context: None,
         session: None,
+        parked: None,
     }
 }
 
@@ -522,6 +542,7 @@ async fn finished(
     let session = session.filter(|_| outcome.is_success());
     Report {
         session,
+        parked: None,
         output: AgentOutput {
             outcome,
             output,
@@ -566,6 +587,37 @@ fn context_use(
     }
 }
 
+/// What a `result` line's `permission_denials` list (`{tool_name, tool_input}` each) says,
+/// as one line naming each denied tool and what it was asked to do; `None` when it is empty.
+fn denials(result: &Value) -> Option<String> {
+    let list = result.get("permission_denials")?.as_array()?;
+    if list.is_empty() {
+        return None;
+    }
+    let named: Vec<String> = list
+        .iter()
+        .map(|d| {
+            let tool = d.get("tool_name").and_then(Value::as_str).unwrap_or("?");
+            let input = d.get("tool_input");
+            let what = ["command", "file_path", "path", "url", "pattern"]
+                .iter()
+                .find_map(|k| input.and_then(|i| i.get(*k)).and_then(Value::as_str));
+            match what {
+                Some(w) => {
+                    let w: String = w.chars().take(120).collect();
+                    format!("{tool} ({w})")
+                }
+                None => tool.to_string(),
+            }
+        })
+        .collect();
+    Some(format!(
+        "the agent was denied {} tool call(s) it asked for: {}",
+        list.len(),
+        named.join(", ")
+    ))
+}
+
 /// The outcome and answer of a `result` line: an error it reports (see [`failure`]), a
 /// planner with no answer, or the answer (the result's text, else what the agent wrote).
 fn judge(p: &Prepared<'_>, result: &Value, stream: &Stream) -> (Outcome, String) {
@@ -583,6 +635,15 @@ fn judge(p: &Prepared<'_>, result: &Value, stream: &Stream) -> (Outcome, String)
     if is_error || subtype != "success" {
         let (reason, message) = failure(result, stream.last_retry.as_ref());
         (Outcome::Failure { reason, message }, String::new())
+    } else if let Some(message) = denials(result) {
+        // Never lie: an agent that was refused what it asked for did not simply succeed.
+        (
+            Outcome::Failure {
+                reason: FailureReason::NeedsAttention,
+                message,
+            },
+            answer,
+        )
     } else if answer.trim().is_empty() && p.job.kind == JobKind::Plan {
         (
             Outcome::Failure {

@@ -14,7 +14,7 @@
 //! budget it was given, and running it again with the same budget would end the same way, so
 //! it is not retried. Any other error → agent_error.
 
-use crate::agent::http;
+use crate::agent::http::{self, Learned};
 use crate::agent::workspace::FileTracker;
 use crate::agent::{Events, Prepared};
 use orch_shared::event::EventKind;
@@ -139,6 +139,17 @@ impl Stream {
                     "claude-code is retrying an API call"
                 );
                 self.last_retry = Some((status, kind));
+            }
+            (Some("rate_limit_event"), _) => {
+                // Printed on subscription (OAuth) logins: `rate_limit_info.status` is
+                // `allowed`, `allowed_warning` or `rejected`, `resetsAt` in epoch seconds.
+                if let Some(l) = rate_limit(&v) {
+                    tracing::info!(
+                        until_ms = l.exhausted_until_ms,
+                        "claude-code: the subscription's usage limit is reached"
+                    );
+                    p.note_limit(l);
+                }
             }
             (Some("system"), Some("permission_denied")) => {
                 let tool = s("tool_name").unwrap_or("?").to_string();
@@ -322,10 +333,44 @@ pub(super) fn failure(
     (reason, text)
 }
 
+/// What a `rate_limit_event` line says when it rejects: exhausted until `resetsAt`.
+pub(super) fn rate_limit(v: &Value) -> Option<Learned> {
+    let info = v.get("rate_limit_info")?;
+    if info.get("status").and_then(Value::as_str) != Some("rejected") {
+        return None;
+    }
+    let reset_ms = info
+        .get("resetsAt")
+        .and_then(Value::as_u64)
+        .map(|s| s * 1000);
+    let window = info
+        .get("rateLimitType")
+        .and_then(Value::as_str)
+        .unwrap_or("usage");
+    Some(Learned {
+        exhausted_until_ms: Some(reset_ms.unwrap_or_else(|| {
+            orch_shared::now_ms() + crate::agent::http::DEFAULT_LIMIT_WAIT.as_millis() as u64
+        })),
+        reason: format!("the subscription's {window} limit is reached"),
+        reset_ms,
+        ..Learned::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_rejecting_rate_limit_event_holds_the_credential_until_its_reset() {
+        let v = json!({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 1796522781, "rateLimitType": "five_hour", "isUsingOverage": false}});
+        let l = rate_limit(&v).unwrap();
+        assert_eq!(l.exhausted_until_ms, Some(1_796_522_781_000));
+        assert!(l.reason.contains("five_hour"), "{}", l.reason);
+        let allowed = json!({"type": "rate_limit_event", "rate_limit_info": {"status": "allowed_warning", "resetsAt": 1796526345}});
+        assert_eq!(rate_limit(&allowed), None);
+    }
 
     #[test]
     fn failures_are_judged_by_is_error_and_the_api_status() {
