@@ -89,3 +89,58 @@ async fn a_leader_whose_lease_passed_on_can_write_nothing() {
     let stored = new.load_task(task.id).await.unwrap().unwrap();
     assert_eq!(stored.cost_usd, 42.0);
 }
+
+/// `/readyz` of the coordinator at `url`: whether it leads.
+async fn leads(http: &reqwest::Client, url: &str) -> Result<(), String> {
+    let r = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    if v["leader"] == true {
+        Ok(())
+    } else {
+        Err(format!("not leading: {v}"))
+    }
+}
+
+/// The whole cluster: the leader is paused (SIGSTOP) under load past its lease, the standby
+/// takes over and finishes the work; the old leader, woken (SIGCONT), stops without applying
+/// anything, and the ledger finds nothing lost or charged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_woken_after_a_takeover_stops_and_the_work_is_finished_once() {
+    let mut cluster = Cluster::start(Options {
+        ack_wait: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let (standby, standby_url) = cluster.start_standby();
+    let http = reqwest::Client::new();
+    let ids = orch_tests::ledger::submit_many(&cluster, 10, 500).await;
+    cluster.coordinator.signal(libc::SIGSTOP);
+    cluster
+        .eventually(Duration::from_secs(30), || leads(&http, &standby_url))
+        .await;
+    let old_url = std::mem::replace(&mut cluster.url, standby_url);
+    let more = orch_tests::ledger::submit_many(&cluster, 3, 0).await;
+
+    cluster.coordinator.signal(libc::SIGCONT);
+    let code = cluster.coordinator.wait_exit(Duration::from_secs(30));
+    assert!(
+        matches!(code, Some(Some(c)) if c != 0),
+        "the old leader kept running after it lost its lease ({code:?})\n{}",
+        cluster.logs()
+    );
+    let log = std::fs::read_to_string(&cluster.coordinator.log).unwrap();
+    assert!(
+        log.contains("lost the leader lease") || log.contains("fenced out"),
+        "the old leader did not say why it stopped:\n{log}"
+    );
+    assert!(leads(&http, &old_url).await.is_err());
+
+    let all: Vec<String> = ids.into_iter().chain(more).collect();
+    let ledger = orch_tests::ledger::check(&cluster, &all).await;
+    orch_tests::ledger::assert_clean(&ledger, &cluster);
+    drop(standby);
+}
