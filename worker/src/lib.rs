@@ -16,12 +16,15 @@
 //! - [`runner`]: one job from pull to ack.
 //! - [`session`]: agents' sessions in the cluster (JetStream object store and Redis pointers),
 //!   so any worker can run the next turn of a conversation.
+//! - [`custody`]: checkpoints of running agents (workspace, conversation, fenced pointer),
+//!   so a redelivered or handed-back attempt resumes on any worker.
 //! - [`datadir`]: the data directory, locked for one live worker and cleared of what a
 //!   previous worker left at start.
 //! - [`metrics`]: metric names.
 
 pub mod agent;
 pub mod config;
+pub mod custody;
 pub mod datadir;
 pub mod metrics;
 pub mod roles;
@@ -162,6 +165,12 @@ pub async fn run(
             agent::backends::Backends::from_config(&config).with_sessions(sessions.clone()),
         ),
         running: Default::default(),
+        custody: Some(custody::Custody::new(
+            state.clone(),
+            sessions.objects(),
+            config.checkpoints.clone(),
+            &config.id,
+        )),
         sessions: Some(sessions),
     });
     {
@@ -183,6 +192,7 @@ pub async fn run(
     }
     let jobs = TaskTracker::new();
     let hard_stop = CancellationToken::new();
+    let migrate = CancellationToken::new();
     pull_loop(
         &transport,
         &runner,
@@ -190,9 +200,14 @@ pub async fn run(
         &busy,
         config.slots,
         &shutdown,
-        &hard_stop,
+        (&hard_stop, &migrate),
     )
     .await;
+    if config.checkpoints.enabled && config.checkpoints.migrate_on_drain {
+        // Agents that can be resumed are checkpointed and handed back now: another worker
+        // takes them over in seconds instead of after the grace.
+        migrate.cancel();
+    }
 
     // Drain: in-flight jobs keep their in-progress acks running until they finish or the grace
     // period ends; then they are cancelled and handed back.
@@ -227,7 +242,7 @@ async fn pull_loop(
     busy: &Arc<AtomicU32>,
     slots: u32,
     shutdown: &CancellationToken,
-    hard_stop: &CancellationToken,
+    (hard_stop, migrate): (&CancellationToken, &CancellationToken),
 ) {
     let free = Arc::new(Semaphore::new(slots as usize));
     let mut stopping = false;
@@ -269,11 +284,16 @@ async fn pull_loop(
                     continue;
                 }
             };
-            let (runner, busy, hard_stop) = (runner.clone(), busy.clone(), hard_stop.clone());
+            let (runner, busy, hard_stop, migrate) = (
+                runner.clone(),
+                busy.clone(),
+                hard_stop.clone(),
+                migrate.clone(),
+            );
             busy.fetch_add(1, Ordering::Relaxed);
             ::metrics::gauge!(metrics::SLOTS_BUSY).increment(1.0);
             jobs.spawn(async move {
-                runner.run(job, hard_stop).await;
+                runner.run(job, hard_stop, migrate).await;
                 busy.fetch_sub(1, Ordering::Relaxed);
                 ::metrics::gauge!(metrics::SLOTS_BUSY).decrement(1.0);
                 drop(permit);

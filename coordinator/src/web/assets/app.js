@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "heartbeat", "job_finished", "task_finished"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -182,6 +182,9 @@ function describe(ev) {
     case "tool_result": return k.is_error ? "Tool error" : "Tool result";
     case "usage": return `Usage: ${tokens(totalTokens(k.usage))} tokens, ${usd(k.cost_usd)}`;
     case "heartbeat": return "Heartbeat";
+    case "checkpointed": return `Checkpoint after step ${k.step}: ${k.files_changed} file(s) changed, ${tokens(totalTokens(k.usage))} tokens so far`;
+    case "resumed": return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)`;
+    case "resume_failed": return `Checkpoint not restored, starting over: ${esc(k.reason)}`;
     case "job_finished": return (k.success ? "Agent finished" : `Agent failed (${esc(k.reason)}): ${esc(k.message || "")}`) + ` in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     case "task_finished": return `Task ${esc(k.status)} in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     default: return esc(k.type);
