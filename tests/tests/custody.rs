@@ -23,8 +23,23 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MODEL: &str = "claude-sonnet-4-5";
-/// The step after which the interrupted runs are cut.
+/// The step after which the interrupted Claude Code runs are cut.
 const CUT_AFTER: u32 = 3;
+/// What the Claude Code agent's branch holds (never the ignored `build.log`).
+const CLAUDE_FILES: &[&str] = &[".gitignore", "README.md", "a.txt", "b.txt", "c.txt"];
+/// What the native agent's branch holds.
+const NATIVE_FILES: &[&str] = &[
+    ".gitignore",
+    "README.md",
+    "a.txt",
+    "b.txt",
+    "c.txt",
+    "d1.txt",
+    "d2.txt",
+    "d3.txt",
+    "d4.txt",
+    "d5.txt",
+];
 
 fn env(fake: &FakeAnthropic) -> Vec<(String, String)> {
     vec![
@@ -70,9 +85,12 @@ fn claude_script() -> (Vec<Reply>, Vec<Reply>) {
     (before, after)
 }
 
-/// The same agent with the native tools of the `anthropic` backend.
+/// A ten-request agent with the native tools of the `anthropic` backend: eight steps before
+/// the cut ([`NATIVE_CUT_AFTER`]: an ignore file, a shell command writing an ignored and an
+/// untracked file, six more files), one after (a shell command that writes a file, edits
+/// another in place and reads the ignored file back), then the answer.
 fn native_script() -> (Vec<Reply>, Vec<Reply>) {
-    let before = vec![
+    let mut before = vec![
         Reply::tool_use("write_file", json!({"path": "a.txt", "content": "alpha\n"})),
         Reply::tool_use(
             "write_file",
@@ -83,16 +101,24 @@ fn native_script() -> (Vec<Reply>, Vec<Reply>) {
             json!({"command": "echo scratch > build.log && echo one > b.txt"}),
         ),
     ];
+    for n in 1..=5 {
+        before.push(Reply::tool_use(
+            "write_file",
+            json!({"path": format!("d{n}.txt"), "content": format!("{n}\n")}),
+        ));
+    }
     let after = vec![
-        Reply::tool_use("write_file", json!({"path": "c.txt", "content": "gamma\n"})),
         Reply::tool_use(
             "bash",
-            json!({"command": "sed -i 's/alpha/ALPHA/' a.txt && cat build.log >> c.txt"}),
+            json!({"command": "printf 'gamma\\n' > c.txt && sed -i 's/alpha/ALPHA/' a.txt && cat build.log >> c.txt"}),
         ),
         Reply::text("## Summary\nWrote the files.\n\n## Files\n- a.txt\n- b.txt\n- c.txt"),
     ];
     (before, after)
 }
+
+/// The step after which the native runs are cut: a ten-step agent killed after step eight.
+const NATIVE_CUT_AFTER: u32 = 8;
 
 /// The fake's script: the agent uninterrupted, then the agent whose step after the cut is
 /// answered so late that its worker is stopped first (that request is lost with the worker;
@@ -185,6 +211,7 @@ fn check_resumed(
     cut: &Task,
     after_stop: &[Recorded],
     steps_after: usize,
+    files: &[&str],
 ) {
     assert_completed(cluster, whole);
     assert_completed(cluster, cut);
@@ -202,10 +229,7 @@ fn check_resumed(
             &cut.jobs[0].git.as_ref().unwrap().commit,
         ],
     );
-    assert_eq!(
-        listed.lines().collect::<Vec<_>>(),
-        [".gitignore", "README.md", "a.txt", "b.txt", "c.txt"]
-    );
+    assert_eq!(listed.lines().collect::<Vec<_>>(), files);
     // The steps before the cut were never asked again.
     assert_eq!(
         after_stop.len(),
@@ -273,7 +297,21 @@ async fn a_claude_code_agent_killed_after_a_step_resumes_there_on_another_worker
         .into_iter()
         .filter(|r| r.at > stopped)
         .collect();
-    check_resumed(&cluster, &bare, &whole, &cut, &after_stop, after.len());
+    check_resumed(
+        &cluster,
+        &bare,
+        &whole,
+        &cut,
+        &after_stop,
+        after.len(),
+        CLAUDE_FILES,
+    );
+    eprintln!(
+        "figure: claude-code checkpoint after step {CUT_AFTER}: transcript {} bytes; requests asked again after the kill: {} of {} (the one in flight)",
+        checkpoint.transcript_bytes,
+        after_stop.len() - (after.len() - 1),
+        before.len()
+    );
 
     // The resumed CLI replayed the conversation and was told where it had been cut.
     let first = &after_stop[0].body;
@@ -355,7 +393,15 @@ async fn a_draining_worker_hands_a_checkpointed_agent_over_at_once() {
         .into_iter()
         .filter(|r| r.at > stopped)
         .collect();
-    check_resumed(&cluster, &bare, &whole, &cut, &after_stop, after.len());
+    check_resumed(
+        &cluster,
+        &bare,
+        &whole,
+        &cut,
+        &after_stop,
+        after.len(),
+        CLAUDE_FILES,
+    );
     let events = cluster.events(&cut.id.to_string(), None).await;
     let restarted = events
         .iter()
@@ -399,7 +445,7 @@ async fn a_native_tool_loop_killed_after_a_step_replays_its_messages_on_another_
 
     let cut = submit(&cluster, &bare, "anthropic").await;
     let job = cut.jobs[0].id;
-    checkpoint_at(&cluster, job, CUT_AFTER).await;
+    let checkpoint = checkpoint_at(&cluster, job, NATIVE_CUT_AFTER).await;
     requests(&cluster, &fake, asked_whole + before.len() + 1).await;
     let lost = fake.message_requests()[asked_whole + before.len()].clone();
 
@@ -414,15 +460,28 @@ async fn a_native_tool_loop_killed_after_a_step_replays_its_messages_on_another_
         .into_iter()
         .filter(|r| r.at > stopped)
         .collect();
-    check_resumed(&cluster, &bare, &whole, &cut, &after_stop, after.len());
+    check_resumed(
+        &cluster,
+        &bare,
+        &whole,
+        &cut,
+        &after_stop,
+        after.len(),
+        NATIVE_FILES,
+    );
+    // Tokens spent again: the one request in flight at the kill; no finished step.
+    let asked_again = after_stop.len() + 1 - after.len();
+    let again = orch_tests::fake_anthropic::default_usage().total() * asked_again as u64;
+    eprintln!(
+        "figure: native tool loop, 10 steps killed after step {NATIVE_CUT_AFTER}: finished steps asked again 0, requests asked again {} ({} tokens as billed for one request); conversation checkpoint {} bytes, {} files changed",
+        asked_again, again, checkpoint.transcript_bytes, checkpoint.files_changed
+    );
     // The resumed run sent exactly the request the first worker was waiting on.
     assert_eq!(after_stop[0].body["messages"], lost.body["messages"]);
     let events = cluster.events(&cut.id.to_string(), None).await;
-    assert!(
-        kinds(&events, job)
-            .iter()
-            .any(|k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == CUT_AFTER))
-    );
+    assert!(kinds(&events, job).iter().any(
+        |k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == NATIVE_CUT_AFTER)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,7 +506,7 @@ async fn a_checkpoint_that_cannot_be_restored_starts_the_agent_over_and_says_why
     let asked_whole = fake.message_requests().len();
     let cut = submit(&cluster, &bare, "anthropic").await;
     let job = cut.jobs[0].id;
-    let mut checkpoint = checkpoint_at(&cluster, job, CUT_AFTER).await;
+    let mut checkpoint = checkpoint_at(&cluster, job, NATIVE_CUT_AFTER).await;
     requests(&cluster, &fake, asked_whole + before.len() + 1).await;
     cluster.workers[0].signal(libc::SIGKILL);
     let _ = cluster.workers[0].wait_exit(Duration::from_secs(10));
