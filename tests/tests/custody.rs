@@ -478,6 +478,50 @@ async fn a_native_tool_loop_killed_after_a_step_replays_its_messages_on_another_
     );
     // The resumed run sent exactly the request the first worker was waiting on.
     assert_eq!(after_stop[0].body["messages"], lost.body["messages"]);
+    // The checkpoints are listed in step order, the first worker's up to the cut, then the
+    // second's (steps that came faster than a save are folded into the next one).
+    let (status, list) = cluster.get(&format!("/v1/agents/{job}/checkpoints")).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{list}");
+    let steps: Vec<(u64, String)> = list["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["step"].as_u64().unwrap(),
+                c["worker"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0].0 < w[1].0), "{steps:?}");
+    let cut_step = u64::from(NATIVE_CUT_AFTER);
+    assert!(
+        steps.contains(&(cut_step, "worker-0".to_string()))
+            && steps.last() == Some(&(cut_step + 1, "worker-1".to_string())),
+        "{steps:?}"
+    );
+    let home = tempfile::tempdir().unwrap();
+    let (code, out, err) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "checkpoints",
+            &job.to_string(),
+        ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("STEP") && out.contains("TOKENS"), "{out}");
+    let rows = out.lines().filter(|l| l.contains(" worker-")).count();
+    assert_eq!(rows, steps.len(), "{out}");
+    let (code, _, err) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "checkpoints",
+            &JobId::new().to_string(),
+        ]));
+    assert_eq!(
+        (code, err.trim().ends_with("not found")),
+        (1, true),
+        "{err}"
+    );
     let events = cluster.events(&cut.id.to_string(), None).await;
     assert!(kinds(&events, job).iter().any(
         |k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == NATIVE_CUT_AFTER)

@@ -141,6 +141,22 @@ impl State {
             .map_err(redis_err("count dead letters"))
     }
 
+    /// The checkpoints kept of agent `job`, oldest first (an unreadable entry is skipped).
+    pub async fn checkpoints(
+        &self,
+        job: orch_shared::ids::JobId,
+    ) -> Result<Vec<orch_shared::job::Checkpoint>, Error> {
+        let mut conn = self.conn.clone();
+        let kept: Vec<String> = conn
+            .lrange(keys::checkpoints(job), 0, -1)
+            .await
+            .map_err(redis_err("list checkpoints"))?;
+        Ok(kept
+            .iter()
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect())
+    }
+
     /// The sessions-store objects holding the checkpointed conversations of these agents.
     pub async fn checkpoint_objects(
         &self,

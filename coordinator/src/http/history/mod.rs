@@ -41,6 +41,7 @@ pub(super) fn routes() -> Router<App> {
         .route("/v1/tasks/{id}/logs", get(transcripts::task_logs))
         .route("/v1/agents", get(agents::agents))
         .route("/v1/agents/{id}", get(agents::agent))
+        .route("/v1/agents/{id}/checkpoints", get(agents::checkpoints))
         .route("/v1/agents/{id}/logs", get(transcripts::agent_logs))
         .route("/v1/status", get(status::status))
         .route("/v1/workers", get(status::workers))

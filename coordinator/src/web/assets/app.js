@@ -973,7 +973,16 @@ function agentPage() {
       kpi("Cost", usd(j.cost_usd), "") +
       kpi("Tool calls", d.tool_calls, toolList);
     const files = (j.files_read || []).map((f) => `<li><span class="badge">read</span> <span class="mono">${esc(f)}</span></li>`).concat((j.files_written || []).map((f) => `<li><span class="badge s-running">wrote</span> <span class="mono">${esc(f)}</span></li>`));
-    $("#a-files").innerHTML = files.length ? `<ul class="plain stack">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`;
+    const cps = await api(`/v1/agents/${id}/checkpoints`).then((c) => c.checkpoints).catch(() => []);
+    const cpTable = cps.length ? `<h3>Checkpoints</h3>` + table([
+      { label: "Step", num: true, cell: (c) => c.step },
+      { label: "At", cell: (c) => clock(c.at_ms) },
+      { label: "Worker", cell: (c) => `<span class="mono">${esc(c.worker)}</span> · attempt ${c.attempt}` },
+      { label: "Files", num: true, cell: (c) => c.files_changed },
+      { label: "Tokens", num: true, cell: (c) => tokens(totalTokens(c.usage)) },
+      { label: "Commit", cell: (c) => `<span class="mono" title="${esc(c.commit || "")}">${esc((c.commit || "–").slice(0, 7))}</span>` },
+    ], cps.slice().reverse()) : "";
+    $("#a-files").innerHTML = (files.length ? `<ul class="plain stack">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`) + cpTable;
     if (j.continues && $("#a-asked").hidden) {
       $("#a-asked").innerHTML = `<div class="msg user"><div class="who"><span>${j.forked ? "You · fork" : "You"}</span><span>${clock(j.queued_at_ms)}</span></div><div class="body">${esc(j.prompt)}</div></div>`;
       $("#a-asked").hidden = false;
