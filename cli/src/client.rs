@@ -378,6 +378,14 @@ impl Client {
         self.get(&format!("/v1/agents/{id}"), &[]).await
     }
 
+    /// `GET /v1/agents/{id}/checkpoints`.
+    pub async fn agent_checkpoints(
+        &self,
+        id: JobId,
+    ) -> Result<orch_shared::report::CheckpointList, Error> {
+        self.get(&format!("/v1/agents/{id}/checkpoints"), &[]).await
+    }
+
     /// An open server-sent-events response of `path` (no overall timeout), resuming after
     /// `last_event_id` when given.
     pub async fn sse(

@@ -296,7 +296,15 @@ impl Panel {
                 step.mark_running("compacting its context");
                 None
             }
-            EventKind::Heartbeat => None,
+            EventKind::Heartbeat | EventKind::Checkpointed { .. } => None,
+            EventKind::Resumed { from_step, .. } => {
+                step.mark_running(&format!("resumed after step {from_step}"));
+                None
+            }
+            EventKind::ResumeFailed { .. } => {
+                step.mark_running("starting over");
+                None
+            }
             EventKind::JobFinished {
                 success,
                 reason,

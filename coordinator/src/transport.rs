@@ -370,13 +370,22 @@ impl Transport {
         Ok(())
     }
 
-    /// Deletes the stored sessions of these agents (those that have one).
-    pub async fn purge_sessions(&self, jobs: &[orch_shared::ids::JobId]) -> Result<(), Error> {
+    /// Deletes the stored sessions of these agents (those that have one) and the sessions-store
+    /// objects named in `also` (their checkpointed conversations).
+    pub async fn purge_sessions(
+        &self,
+        jobs: &[orch_shared::ids::JobId],
+        also: &[String],
+    ) -> Result<(), Error> {
         let Ok(store) = self.js().get_object_store(subject::SESSIONS_BUCKET).await else {
             return Ok(());
         };
-        for job in jobs {
-            if let Err(e) = store.delete(job.to_string()).await
+        let names = jobs
+            .iter()
+            .map(|j| j.to_string())
+            .chain(also.iter().cloned());
+        for job in names {
+            if let Err(e) = store.delete(&job).await
                 && e.kind() != jetstream::object_store::DeleteErrorKind::NotFound
             {
                 return Err(Error::Read {

@@ -114,6 +114,28 @@ pub enum EventKind {
     },
     /// The job is still running (sent with every in-progress ack).
     Heartbeat,
+    /// The worker saved a checkpoint of the agent after `step` (its conversation and
+    /// workspace, see `orchctl agents checkpoints`): a worker that takes the attempt over
+    /// resumes from here.
+    Checkpointed {
+        step: u32,
+        files_changed: u32,
+        /// Tokens the attempt had spent by then.
+        usage: Usage,
+    },
+    /// The attempt resumed from a checkpoint an earlier run of it left (that run's worker
+    /// died or handed it back) instead of starting over: it starts after `from_step`, and
+    /// `usage`/`cost_usd` are what the earlier run had spent up to there (counted in this
+    /// attempt's totals).
+    Resumed {
+        from_attempt: u32,
+        from_step: u32,
+        from_worker: String,
+        usage: Usage,
+        cost_usd: f64,
+    },
+    /// A checkpoint was found but could not be restored: the attempt starts over (why).
+    ResumeFailed { reason: String },
     /// The job attempt ended.
     JobFinished {
         success: bool,

@@ -356,6 +356,48 @@ pub struct JobResult {
     pub session: Option<SessionPointer>,
 }
 
+/// A checkpoint of a running agent, as stored (JSON) in [`crate::keys::checkpoint`] and
+/// [`crate::keys::checkpoints`]: enough for any worker to restore its conversation and
+/// workspace after `step`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Checkpoint {
+    /// The attempt and the fencing token of the lease it was written under.
+    pub attempt: u32,
+    pub fence: u64,
+    /// Steps done (model requests whose tool calls all came back).
+    pub step: u32,
+    pub worker: String,
+    /// The backend that ran (`claude-code`, `anthropic`, `openai`): only it can resume.
+    pub backend: String,
+    /// The conversation: the object of the sessions store holding it.
+    pub transcript: String,
+    pub transcript_bytes: u64,
+    /// The backend's conversation id (the CLI's session id), when it has one.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// The directory the agent ran in (the CLI's transcript names it).
+    #[serde(default)]
+    pub workspace: String,
+    /// The turn of the conversation this job is.
+    pub turn: u32,
+    /// For a git workspace: the commit of the whole working tree (tracked and untracked
+    /// files) on the checkpoint ref [`checkpoint_ref`] of the task's repository.
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// Files that differ from where the agent started.
+    pub files_changed: u32,
+    /// What the agent had spent by then (the runs before this one included).
+    pub usage: Usage,
+    pub cost_usd: f64,
+    pub at_ms: u64,
+}
+
+/// The ref of a git repository that holds an agent's checkpoint commits (each one's parent is
+/// the one before it, so every step stays reachable).
+pub fn checkpoint_ref(job: JobId) -> String {
+    format!("refs/orch/checkpoints/{job}")
+}
+
 /// A stored agent session, as the pointer hash [`crate::keys::session`] describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionPointer {

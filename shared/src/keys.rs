@@ -52,6 +52,20 @@ pub fn session(job: JobId) -> String {
     format!("orch:session:{job}")
 }
 
+/// The latest checkpoint of an agent (job) still running or handed back: a JSON
+/// [`crate::job::Checkpoint`], written by the worker holding the attempt's lease (a script
+/// that refuses a writer whose lease is gone or whose fence is older than the one stored).
+pub fn checkpoint(job: JobId) -> String {
+    format!("orch:checkpoint:{job}")
+}
+
+/// Every kept checkpoint of an agent, oldest first: a list of JSON
+/// [`crate::job::Checkpoint`]s (bounded by the workers' `checkpoints.keep`), for
+/// `orchctl agents checkpoints` and rewinds.
+pub fn checkpoints(job: JobId) -> String {
+    format!("orch:checkpoints:{job}")
+}
+
 /// Fields of the [`session`] hash.
 pub mod session_field {
     /// The backend that ran the turn (`claude-code`, `anthropic`, `openai`, `sim`).

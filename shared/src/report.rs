@@ -55,6 +55,13 @@ pub struct AgentList {
     pub next_cursor: Option<String>,
 }
 
+/// `GET /v1/agents/{id}/checkpoints`: the checkpoints kept of an agent, oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckpointList {
+    pub agent_id: JobId,
+    pub checkpoints: Vec<crate::job::Checkpoint>,
+}
+
 /// `GET /v1/agents/{id}`: one agent in full.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentDetail {

@@ -193,6 +193,23 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
                 }
             ),
         Just(EventKind::Heartbeat),
+        (any::<u32>(), any::<u32>(), usage()).prop_map(|(step, files_changed, usage)| {
+            EventKind::Checkpointed {
+                step,
+                files_changed,
+                usage,
+            }
+        }),
+        (any::<u32>(), any::<u32>(), ".*", usage(), cost()).prop_map(
+            |(from_attempt, from_step, from_worker, usage, cost_usd)| EventKind::Resumed {
+                from_attempt,
+                from_step,
+                from_worker,
+                usage,
+                cost_usd,
+            }
+        ),
+        ".*".prop_map(|reason| EventKind::ResumeFailed { reason }),
         (
             any::<bool>(),
             proptest::option::of(reason()),

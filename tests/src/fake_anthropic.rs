@@ -11,6 +11,10 @@
 //! request without `stream: true` gets the whole message as JSON. `HEAD` answers 200 (older
 //! CLIs probe with it). Every request is recorded, and the usage of every message served is
 //! summed: that is what the provider reported.
+//!
+//! A tool call's input may name [`CWD`] in its strings: the fake puts there the working
+//! directory the Claude Code CLI states in its request, so a script can write absolute
+//! paths into a workspace the worker chooses (a git clone in its data directory).
 
 use axum::Router;
 use axum::body::Body;
@@ -24,6 +28,43 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Stands for the requester's working directory in a scripted tool input (see the module docs).
+pub const CWD: &str = "{cwd}";
+
+/// The working directory a Claude Code request states (in its first message's environment
+/// notes, or its system prompt).
+fn working_directory(body: &Value) -> Option<String> {
+    fn find(v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) => ["Primary working directory: ", "Working directory: "]
+                .iter()
+                .find_map(|label| {
+                    let at = s.find(label)? + label.len();
+                    let line = s[at..].lines().next()?.trim();
+                    (!line.is_empty()).then(|| line.to_string())
+                }),
+            Value::Array(items) => items.iter().find_map(find),
+            Value::Object(map) => map.values().find_map(find),
+            _ => None,
+        }
+    }
+    find(body.get("system")?).or_else(|| find(body.get("messages")?))
+}
+
+/// `v` with [`CWD`] replaced by `cwd` in every string.
+fn with_cwd(v: &Value, cwd: &str) -> Value {
+    match v {
+        Value::String(s) => Value::String(s.replace(CWD, cwd)),
+        Value::Array(items) => Value::Array(items.iter().map(|i| with_cwd(i, cwd)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, i)| (k.clone(), with_cwd(i, cwd)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
 
 /// One content block of a scripted message.
 #[derive(Clone, Debug, PartialEq)]
@@ -578,6 +619,19 @@ async fn answer(inner: &Arc<Mutex<Inner>>, mut reply: Reply, body: &Value) -> Re
             usage,
             stop_reason,
         } => {
+            let blocks: Vec<Block> = match working_directory(body) {
+                Some(cwd) => blocks
+                    .into_iter()
+                    .map(|b| match b {
+                        Block::ToolUse { name, input } => Block::ToolUse {
+                            name,
+                            input: with_cwd(&input, &cwd),
+                        },
+                        other => other,
+                    })
+                    .collect(),
+                None => blocks,
+            };
             let stop = stop_reason.unwrap_or_else(|| {
                 if blocks.iter().any(|b| matches!(b, Block::ToolUse { .. })) {
                     "tool_use".into()

@@ -622,6 +622,47 @@ fn port_of(url: &str) -> u16 {
         .expect("a URL with a port")
 }
 
+/// Runs git in `dir`; its stdout, trimmed (the test fails when git does).
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A bare repository `origin.git` under `dir` with one commit on `main` (README.md); its path.
+pub fn origin(dir: &Path) -> PathBuf {
+    let bare = dir.join("origin.git");
+    let seed = dir.join("seed");
+    std::fs::create_dir_all(&seed).expect("create the seed clone");
+    git(dir, &["init", "-q", "--bare", "-b", "main", "origin.git"]);
+    git(&seed, &["init", "-q", "-b", "main"]);
+    std::fs::write(seed.join("README.md"), "# Project\n").expect("write README.md");
+    git(&seed, &["add", "."]);
+    git(
+        &seed,
+        &[
+            "-c",
+            "user.name=seed",
+            "-c",
+            "user.email=seed@localhost",
+            "commit",
+            "-qm",
+            "init",
+        ],
+    );
+    git(&seed, &["push", "-q", &bare.display().to_string(), "main"]);
+    bare
+}
+
 /// How to shape a test cluster.
 #[derive(Clone, Debug)]
 pub struct Options {

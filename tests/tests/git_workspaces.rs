@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::{Job, JobStatus, Task, TaskStatus};
-use orch_tests::{Cluster, Options, assert_completed};
+use orch_tests::{Cluster, Options, assert_completed, git, origin};
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 /// The agent. Its prompt says what to write: `SAMEFILE` → `shared.txt` (every job writes it
@@ -25,47 +24,6 @@ case "$prompt" in
 esac
 echo "files: $(ls | tr '\n' ' ')"
 "#;
-
-/// Runs git in `dir`; its stdout, trimmed.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A bare repository with one commit on `main` (README.md) under `dir`; its path.
-fn origin(dir: &Path) -> PathBuf {
-    let bare = dir.join("origin.git");
-    let seed = dir.join("seed");
-    std::fs::create_dir_all(&seed).unwrap();
-    git(dir, &["init", "-q", "--bare", "-b", "main", "origin.git"]);
-    git(&seed, &["init", "-q", "-b", "main"]);
-    std::fs::write(seed.join("README.md"), "# Project\n").unwrap();
-    git(&seed, &["add", "."]);
-    git(
-        &seed,
-        &[
-            "-c",
-            "user.name=seed",
-            "-c",
-            "user.email=seed@localhost",
-            "commit",
-            "-qm",
-            "init",
-        ],
-    );
-    git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
-    bare
-}
 
 /// A cluster with no workers yet, and a worker config running [`AGENT`] (with `gate` as its
 /// `GATE`, if any).

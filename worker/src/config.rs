@@ -60,6 +60,41 @@ pub struct Args {
     /// On SIGTERM, how long in-flight jobs may run on before they are handed back [default: 30s].
     #[arg(long, env = "ORCH_DRAIN_GRACE")]
     pub drain_grace: Option<String>,
+    /// Checkpoint running agents (conversation and workspace) so another worker resumes them
+    /// instead of starting over [default: true].
+    #[arg(
+        id = "checkpoints.enabled",
+        long = "checkpoints",
+        value_name = "BOOL",
+        env = "ORCH_CHECKPOINTS"
+    )]
+    pub checkpoints: Option<String>,
+    /// At most one checkpoint per this interval, besides one after every step that may have
+    /// changed files [default: 5s].
+    #[arg(
+        id = "checkpoints.interval",
+        long = "checkpoint-interval",
+        value_name = "DURATION",
+        env = "ORCH_CHECKPOINT_INTERVAL"
+    )]
+    pub checkpoint_interval: Option<String>,
+    /// Checkpoints kept per agent, for rewinds; older ones are deleted [default: 20].
+    #[arg(
+        id = "checkpoints.keep",
+        long = "checkpoint-keep",
+        value_name = "N",
+        env = "ORCH_CHECKPOINT_KEEP"
+    )]
+    pub checkpoint_keep: Option<String>,
+    /// On SIGTERM, checkpoint agents that can be resumed and hand them back at once instead
+    /// of letting them run on through the drain grace [default: true].
+    #[arg(
+        id = "checkpoints.migrate_on_drain",
+        long = "migrate-on-drain",
+        value_name = "BOOL",
+        env = "ORCH_MIGRATE_ON_DRAIN"
+    )]
+    pub migrate_on_drain: Option<String>,
     /// Serve /healthz and /metrics on this address (off when unset).
     #[arg(long, env = "ORCH_WORKER_LISTEN")]
     pub listen: Option<String>,
@@ -250,6 +285,7 @@ struct Settings {
     prices: BTreeMap<String, Price>,
     agent: LoopSettings,
     sandbox: SandboxFile,
+    checkpoints: CheckpointSettings,
 }
 
 /// `[sandbox]`: see [`crate::sandbox`].
@@ -303,6 +339,37 @@ impl SandboxFile {
     }
 }
 
+/// `[checkpoints]`: how running agents are checkpointed (see [`crate::custody`]).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointSettings {
+    pub enabled: bool,
+    /// At most one checkpoint per interval, besides one after each step that may have
+    /// changed files.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Checkpoints kept per agent (older ones are deleted).
+    pub keep: u32,
+    /// How long an agent's checkpoints are kept in Redis (the task's clean-up removes them
+    /// sooner).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// On SIGTERM, checkpoint resumable agents and hand them back at once.
+    pub migrate_on_drain: bool,
+}
+
+impl Default for CheckpointSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(5),
+            keep: 20,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            migrate_on_drain: true,
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -322,6 +389,7 @@ impl Default for Settings {
             prices: BTreeMap::new(),
             sandbox: SandboxFile::default(),
             agent: LoopSettings::default(),
+            checkpoints: CheckpointSettings::default(),
         }
     }
 }
@@ -636,6 +704,7 @@ pub struct Config {
     /// The agent sandbox (`[sandbox]`, `--sandbox`).
     pub sandbox: crate::sandbox::Settings,
     pub tool_loop: LoopSettings,
+    pub checkpoints: CheckpointSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -739,6 +808,18 @@ impl Settings {
         let prices = PriceTable::with_overrides(&self.prices).map_err(Error::Invalid)?;
         let sandbox = self.sandbox.check()?;
         let tool_loop = self.agent.check()?;
+        if self.checkpoints.keep == 0 || self.checkpoints.keep > 10_000 {
+            return Err(Error::invalid(
+                "checkpoints.keep",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.checkpoints.retention < Duration::from_secs(60) {
+            return Err(Error::invalid(
+                "checkpoints.retention",
+                "must be at least 1m",
+            ));
+        }
         Ok(Config {
             nats_url: self.nats_url,
             nats,
@@ -755,6 +836,7 @@ impl Settings {
             prices,
             sandbox,
             tool_loop,
+            checkpoints: self.checkpoints,
         })
     }
 }
@@ -1056,6 +1138,36 @@ mod tests {
             err(None, &[("ORCH_WORKER_LISTEN", "nowhere")], &[]),
             "invalid configuration: listen: invalid socket address syntax"
         );
+    }
+
+    #[test]
+    fn checkpoint_settings_come_from_every_layer_and_bad_ones_name_their_key() {
+        let cfg = from_flags::<_, &str>([]).unwrap();
+        assert_eq!(cfg.checkpoints, CheckpointSettings::default());
+        let file = "[checkpoints]\ninterval = \"2s\"\nkeep = 3\nretention = \"1h\"\n";
+        let env = [("ORCH_MIGRATE_ON_DRAIN", "false")];
+        let cfg = load_with(Some(file), &env, &["--checkpoints", "false"]).unwrap();
+        let c = &cfg.checkpoints;
+        assert_eq!(
+            (c.enabled, c.interval, c.keep, c.migrate_on_drain),
+            (false, Duration::from_secs(2), 3, false)
+        );
+        assert_eq!(c.retention, Duration::from_secs(3600));
+        let err = load_with(None, &[("ORCH_CHECKPOINT_KEEP", "0")], &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: checkpoints.keep: must be between 1 and 10000"
+        );
+        let err = from_file("[checkpoints]\nretention = \"5s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checkpoints.retention"), "{err}");
+        let err = load_with(None, &[], &["--checkpoint-interval", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checkpoints.interval"), "{err}");
     }
 
     #[test]

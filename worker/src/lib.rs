@@ -18,6 +18,8 @@
 //!   jobs waiting for a credential's reset, re-published by every worker's waker.
 //! - [`session`]: agents' sessions in the cluster (JetStream object store and Redis pointers),
 //!   so any worker can run the next turn of a conversation.
+//! - [`custody`]: checkpoints of running agents (workspace, conversation, fenced pointer),
+//!   so a redelivered or handed-back attempt resumes on any worker.
 //! - [`datadir`]: the data directory, locked for one live worker and cleared of what a
 //!   previous worker left at start.
 //! - [`metrics`]: metric names.
@@ -26,6 +28,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod custody;
 pub mod datadir;
 pub mod limits;
 pub mod metrics;
@@ -197,6 +200,12 @@ pub async fn run(
         limits: Some(limits),
         agent: Arc::new(backends),
         running: Default::default(),
+        custody: Some(custody::Custody::new(
+            state.clone(),
+            sessions.objects(),
+            config.checkpoints.clone(),
+            &config.id,
+        )),
         sessions: Some(sessions),
     });
     {
@@ -218,6 +227,7 @@ pub async fn run(
     }
     let jobs = TaskTracker::new();
     let hard_stop = CancellationToken::new();
+    let migrate = CancellationToken::new();
     pull_loop(
         &transport,
         &runner,
@@ -225,9 +235,14 @@ pub async fn run(
         &busy,
         config.slots,
         &shutdown,
-        &hard_stop,
+        (&hard_stop, &migrate),
     )
     .await;
+    if config.checkpoints.enabled && config.checkpoints.migrate_on_drain {
+        // Agents that can be resumed are checkpointed and handed back now: another worker
+        // takes them over in seconds instead of after the grace.
+        migrate.cancel();
+    }
 
     // Drain: in-flight jobs keep their in-progress acks running until they finish or the grace
     // period ends; then they are cancelled and handed back.
@@ -262,7 +277,7 @@ async fn pull_loop(
     busy: &Arc<AtomicU32>,
     slots: u32,
     shutdown: &CancellationToken,
-    hard_stop: &CancellationToken,
+    (hard_stop, migrate): (&CancellationToken, &CancellationToken),
 ) {
     let free = Arc::new(Semaphore::new(slots as usize));
     let mut stopping = false;
@@ -304,11 +319,16 @@ async fn pull_loop(
                     continue;
                 }
             };
-            let (runner, busy, hard_stop) = (runner.clone(), busy.clone(), hard_stop.clone());
+            let (runner, busy, hard_stop, migrate) = (
+                runner.clone(),
+                busy.clone(),
+                hard_stop.clone(),
+                migrate.clone(),
+            );
             busy.fetch_add(1, Ordering::Relaxed);
             ::metrics::gauge!(metrics::SLOTS_BUSY).increment(1.0);
             jobs.spawn(async move {
-                runner.run(job, hard_stop).await;
+                runner.run(job, hard_stop, migrate).await;
                 busy.fetch_sub(1, Ordering::Relaxed);
                 ::metrics::gauge!(metrics::SLOTS_BUSY).decrement(1.0);
                 drop(permit);

@@ -1,6 +1,6 @@
 //! Worker metric names and descriptions. Labels come from small fixed sets, never ids.
 
-use metrics::{describe_counter, describe_gauge};
+use metrics::{describe_counter, describe_gauge, describe_histogram};
 
 pub const JOBS_STARTED: &str = "orch_worker_jobs_started_total";
 pub const JOBS_FINISHED: &str = "orch_worker_jobs_finished_total";
@@ -9,6 +9,9 @@ pub const JOBS_ALREADY_DONE: &str = "orch_worker_jobs_already_done_total";
 pub const JOBS_HANDED_BACK: &str = "orch_worker_jobs_handed_back_total";
 pub const HEARTBEATS: &str = "orch_worker_in_progress_acks_total";
 pub const LEASES_LOST: &str = "orch_worker_leases_lost_total";
+pub const JOBS_RESUMED: &str = "orch_worker_jobs_resumed_total";
+pub const JOBS_MIGRATED: &str = "orch_worker_jobs_migrated_total";
+pub const CHECKPOINT_SECONDS: &str = "orch_worker_checkpoint_seconds";
 pub const SLOTS_BUSY: &str = "orch_worker_slots_busy";
 pub const SLOTS_TOTAL: &str = "orch_worker_slots_total";
 pub const JOBS_PARKED: &str = "orch_worker_jobs_parked_total";
@@ -49,6 +52,18 @@ pub fn describe() {
     describe_counter!(
         CREDENTIALS_EXHAUSTED,
         "Times a provider said a credential is at its usage limit (429), by backend"
+    );
+    describe_counter!(
+        JOBS_RESUMED,
+        "Job attempts resumed from a checkpoint instead of starting over"
+    );
+    describe_counter!(
+        JOBS_MIGRATED,
+        "Jobs checkpointed and handed back at once by a draining worker"
+    );
+    describe_histogram!(
+        CHECKPOINT_SECONDS,
+        "Time to save one checkpoint (workspace commit and push, conversation, pointer)"
     );
     describe_gauge!(SLOTS_BUSY, "Slots running an agent");
     describe_gauge!(SLOTS_TOTAL, "Slots this worker offers");

@@ -3,6 +3,7 @@
 //! any line either leaves the job to be redelivered or has already stored its result.
 
 use crate::agent::{Agent, Events, Report};
+use crate::custody::Custody;
 use crate::metrics as m;
 use crate::session::SessionStore;
 use crate::state::{Claim, Lease, State};
@@ -34,6 +35,18 @@ pub struct Runner {
     /// Where a job waiting for a credential's reset is parked (`None`: it is handed back with
     /// a delay instead).
     pub limits: Option<crate::limits::Limits>,
+    /// Where running agents are checkpointed (`None`: they are not).
+    pub custody: Option<Custody>,
+}
+
+/// Whether the `backend` reports steps its runs can resume from.
+fn checkpointable(backend: &str) -> bool {
+    matches!(
+        backend,
+        crate::agent::claude_code::NAME
+            | crate::agent::anthropic::NAME
+            | crate::agent::openai::NAME
+    )
 }
 
 /// Removes a job from [`Running`] when its run ends, however it ends.
@@ -99,14 +112,27 @@ impl Runner {
         }
     }
 
-    /// Runs `job` to the end, or hands it back when `hard_stop` fires first.
-    pub async fn run(&self, job: JobDelivery, hard_stop: CancellationToken) {
+    /// Runs `job` to the end, or hands it back when `hard_stop` fires first, or, once
+    /// `migrate` fires, as soon as it is checkpointed (when it can be).
+    pub async fn run(
+        &self,
+        job: JobDelivery,
+        hard_stop: CancellationToken,
+        migrate: CancellationToken,
+    ) {
         let spec = &job.spec;
         let span = tracing::info_span!("job", task_id = %spec.task_id, job_id = %spec.job_id, attempt = spec.attempt, role = %spec.role);
-        self.run_in_span(job, hard_stop).instrument(span).await
+        self.run_in_span(job, hard_stop, migrate)
+            .instrument(span)
+            .await
     }
 
-    async fn run_in_span(&self, job: JobDelivery, hard_stop: CancellationToken) {
+    async fn run_in_span(
+        &self,
+        job: JobDelivery,
+        hard_stop: CancellationToken,
+        migrate: CancellationToken,
+    ) {
         let spec = job.spec.clone();
         if job.delivery > 1 {
             metrics::counter!(m::JOBS_REDELIVERED).increment(1);
@@ -157,6 +183,25 @@ impl Runner {
             key,
         };
         let (events, mut rx) = Events::new();
+        // Custody: the checkpoint an earlier run of this attempt left, and the recorder of
+        // this run's (its task gets the events without the recorder, or it would keep itself
+        // alive).
+        let backend = self.agent.backend_for(&spec);
+        let mut recorder = match &self.custody {
+            Some(custody) if checkpointable(backend) => {
+                let resume = match custody.resume_point(&spec, false).await {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        tracing::warn!(%reason, "checkpoint not usable; starting over");
+                        self.send(&job, EventKind::ResumeFailed { reason }).await;
+                        None
+                    }
+                };
+                custody.recorder(&spec, lease.as_ref(), resume, backend, events.clone())
+            }
+            _ => None,
+        };
+        let events = events.with_recorder(recorder.clone());
         let agent_run = self.agent.run_report(&spec, events, agent_cancel.clone());
         tokio::pin!(agent_run);
         let period = (self.transport.ack_wait / 3).max(Duration::from_millis(100));
@@ -197,6 +242,18 @@ impl Runner {
                     ));
                 }
                 _ = hard_stop.cancelled() => break None,
+                _ = migrate.cancelled(), if recorder.as_ref().is_some_and(|r| r.can_migrate()) => {
+                    // Draining: the agent's latest step goes into a checkpoint and the job
+                    // goes back to the queue at once, for another worker to resume.
+                    let saved = match &recorder {
+                        Some(r) => r.flush().await,
+                        None => None,
+                    };
+                    tracing::info!(step = ?saved, "draining: agent checkpointed; handing the job back");
+                    metrics::counter!(m::JOBS_MIGRATED).increment(1);
+                    agent_cancel.cancel();
+                    break None;
+                }
                 _ = agent_cancel.cancelled(), if !hard_stop.is_cancelled() => {
                     // Cancelled by the coordinator: the agent stops; what it reports next is
                     // the attempt's result (failure: cancelled).
@@ -205,6 +262,8 @@ impl Runner {
                 }
             }
         };
+        // The spending of the runs this one resumed counts in the attempt's totals.
+        let resumed_spend = recorder.take().and_then(|r| r.resumed_spend());
         // What the agent said last goes out with its `job_finished` (or before a hand-back).
         let mut tail = self.burst(&job, None, &mut rx);
         // The drain deadline also cancels the agent, which may then report "cancelled" before
@@ -220,7 +279,7 @@ impl Runner {
                 ))
         });
         let Some(report) = output else {
-            tracing::warn!("drain deadline reached; handing the job back");
+            tracing::warn!("draining; handing the job back");
             if let Err(e) = self.transport.publish_events(&tail).await {
                 tracing::warn!(error = %e, "failed to send events");
             }
@@ -234,7 +293,11 @@ impl Runner {
             self.park(&job, lease.as_ref(), park).await;
             return;
         }
-        let output = report.output;
+        let mut output = report.output;
+        if let Some((usage, cost_usd)) = resumed_spend {
+            output.usage.add(&usage);
+            output.cost_usd += cost_usd;
+        }
         let finished_at_ms = orch_shared::now_ms();
         let (success, reason, message) = match &output.outcome {
             Outcome::Success => (true, None, None),

@@ -98,6 +98,11 @@ impl SessionStore {
         Ok(Self { objects, state })
     }
 
+    /// The object store the sessions live in (checkpoints keep their conversations there too).
+    pub fn objects(&self) -> SessionObjects {
+        self.objects.clone()
+    }
+
     /// Stores `snapshot` as agent `job`'s session: the object (unless it is small enough to
     /// go inline), then the pointer.
     pub async fn save(&self, job: JobId, snapshot: &Snapshot) -> Result<(), Error> {

@@ -79,6 +79,29 @@ end
 return 0
 "#;
 
+/// Saves an agent's checkpoint if the writer still holds the attempt's lease and no later
+/// attempt or fence wrote one: the latest (a JSON string) and the list of kept ones, trimmed to
+/// the newest `keep`. Returns the trimmed entries (their objects are the caller's to delete),
+/// or -1 when the writer was fenced out.
+/// KEYS: lease, latest, list. ARGV: lease value, attempt, fence, checkpoint JSON, keep, ttl s.
+const SAVE_CHECKPOINT: &str = r#"
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local cur = redis.call('GET', KEYS[2])
+if cur then
+  local c = cjson.decode(cur)
+  local a, f = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if c.attempt > a or (c.attempt == a and c.fence > f) then return -1 end
+end
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[6])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+local n = redis.call('LLEN', KEYS[3]) - tonumber(ARGV[5])
+if n <= 0 then return {} end
+local gone = redis.call('LRANGE', KEYS[3], 0, n - 1)
+redis.call('LTRIM', KEYS[3], n, -1)
+return gone
+"#;
+
 // The scripts, hashed once (`Script::new` computes the SHA1 the server caches them by).
 static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(CLAIM));
@@ -86,6 +109,17 @@ static RENEW_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(RENEW));
 static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(FINISH));
+static SAVE_CHECKPOINT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SAVE_CHECKPOINT));
+
+/// What [`State::save_checkpoint`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Saved {
+    /// Saved; these older checkpoints (JSON) fell off the kept list.
+    Kept { dropped: Vec<String> },
+    /// Refused: the writer no longer holds the attempt, or a newer one wrote.
+    FencedOut,
+}
 
 /// A worker's lease on a job attempt and its fencing token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +223,52 @@ impl State {
             .query_async(&mut conn)
             .await
             .map_err(redis_err("load session pointer"))
+    }
+
+    /// Saves `json`, agent `job`'s checkpoint under `lease` (none: unfenced, always saved
+    /// unless a newer one is there), keeping the newest `keep` in its list for `ttl`.
+    pub async fn save_checkpoint(
+        &self,
+        job: JobId,
+        lease: Option<&Lease>,
+        (attempt, fence): (u32, u64),
+        json: &str,
+        keep: u32,
+        ttl: Duration,
+    ) -> Result<Saved, Error> {
+        let mut conn = self.conn.clone();
+        let value: redis::Value = SAVE_CHECKPOINT_SCRIPT
+            .key(keys::job_lease(job, attempt))
+            .key(keys::checkpoint(job))
+            .key(keys::checkpoints(job))
+            .arg(lease.map_or("", |l| l.value.as_str()))
+            .arg(attempt)
+            .arg(fence)
+            .arg(json)
+            .arg(keep.max(1))
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("save checkpoint"))?;
+        Ok(match value {
+            redis::Value::Int(_) => Saved::FencedOut,
+            other => Saved::Kept {
+                dropped: redis::from_redis_value(other).map_err(|e| Error::Redis {
+                    op: "save checkpoint",
+                    source: e.into(),
+                })?,
+            },
+        })
+    }
+
+    /// Agent `job`'s latest checkpoint (JSON), if it has one.
+    pub async fn checkpoint(&self, job: JobId) -> Result<Option<String>, Error> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(keys::checkpoint(job))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("load checkpoint"))
     }
 
     /// Writes or refreshes the registry entry with the current busy count.

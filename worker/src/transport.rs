@@ -94,6 +94,19 @@ impl SessionObjects {
             })
     }
 
+    /// Removes object `name` (nothing when it does not exist).
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        match self.store.delete(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::SessionObject {
+                what: "delete",
+                name: name.to_string(),
+                source: e.into(),
+            }),
+        }
+    }
+
     /// Reads object `name` whole, unless it is larger than `max` bytes.
     pub async fn get(&self, name: &str, max: usize) -> Result<SessionObject, Error> {
         let failed = |source: async_nats::Error| Error::SessionObject {

@@ -158,6 +158,28 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
         ),
         EventKind::Heartbeat if heartbeats => "heartbeat".to_string(),
         EventKind::Heartbeat => return None,
+        EventKind::Checkpointed {
+            step,
+            files_changed,
+            usage,
+        } => format!(
+            "checkpoint after step {step}: {files_changed} file(s) changed, {} tokens so far",
+            output::count(usage.total())
+        ),
+        EventKind::Resumed {
+            from_attempt,
+            from_step,
+            from_worker,
+            usage,
+            cost_usd,
+        } => format!(
+            "resumed after step {from_step} of attempt {from_attempt} (left by {from_worker}, which had spent {} tokens, {})",
+            output::count(usage.total()),
+            output::cost(*cost_usd)
+        ),
+        EventKind::ResumeFailed { reason } => {
+            format!("checkpoint not restored, starting over: {reason}")
+        }
         EventKind::JobFinished {
             success,
             reason,

@@ -141,9 +141,52 @@ impl State {
             .map_err(redis_err("count dead letters"))
     }
 
+    /// The checkpoints kept of agent `job`, oldest first (an unreadable entry is skipped).
+    pub async fn checkpoints(
+        &self,
+        job: orch_shared::ids::JobId,
+    ) -> Result<Vec<orch_shared::job::Checkpoint>, Error> {
+        let mut conn = self.conn.clone();
+        let kept: Vec<String> = conn
+            .lrange(keys::checkpoints(job), 0, -1)
+            .await
+            .map_err(redis_err("list checkpoints"))?;
+        Ok(kept
+            .iter()
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect())
+    }
+
+    /// The sessions-store objects holding the checkpointed conversations of these agents.
+    pub async fn checkpoint_objects(
+        &self,
+        jobs: &[orch_shared::ids::JobId],
+    ) -> Result<Vec<String>, Error> {
+        let mut conn = self.conn.clone();
+        let mut out = vec![];
+        for job in jobs {
+            let kept: Vec<String> = conn
+                .lrange(keys::checkpoints(*job), 0, -1)
+                .await
+                .map_err(redis_err("list checkpoints"))?;
+            let latest: Option<String> = conn
+                .get(keys::checkpoint(*job))
+                .await
+                .map_err(redis_err("load checkpoint"))?;
+            for json in kept.iter().chain(latest.iter()) {
+                if let Ok(c) = serde_json::from_str::<orch_shared::job::Checkpoint>(json)
+                    && !out.contains(&c.transcript)
+                {
+                    out.push(c.transcript);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes a task and everything Redis keeps about it: its record, its history and job
-    /// index entries, its dead letters, its jobs' done and cancel markers and its idempotency
-    /// key (if the key still names it). The caller checks that the task has finished.
+    /// index entries, its dead letters, its jobs' done and cancel markers, session pointers and
+    /// checkpoints, and its idempotency key (if the key still names it). The caller checks that the task has finished.
     pub async fn delete_task(&self, task: &Task) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let id = task.id.to_string();
@@ -161,7 +204,11 @@ impl State {
                 .flat_map(|j| {
                     (1..=j.attempt.max(1))
                         .flat_map(move |a| [keys::job_done(j.id, a), keys::job_cancelled(j.id, a)])
-                        .chain(std::iter::once(keys::session(j.id)))
+                        .chain([
+                            keys::session(j.id),
+                            keys::checkpoint(j.id),
+                            keys::checkpoints(j.id),
+                        ])
                 })
                 .collect();
             pipe.del(markers);

@@ -315,6 +315,9 @@ impl Backends {
                 return Report::failure(self.backend_for(job), reason, message);
             }
         };
+        if let Some(rec) = events.recorder() {
+            rec.set_turn(Snapshot::next_turn(previous.as_ref()));
+        }
         if backend == Backend::Sim {
             let (output, session) = Sim.turn(job, previous.as_ref(), events, cancel).await;
             return Report {

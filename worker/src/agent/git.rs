@@ -144,7 +144,7 @@ fn command(dir: &Path) -> Command {
 }
 
 /// Runs git in `dir` with extra environment variables.
-async fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
+pub(crate) async fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
     let mut cmd = command(dir);
     cmd.args(args);
     for (k, v) in env {

@@ -51,6 +51,7 @@ pub mod tools;
 pub mod workspace;
 
 use crate::config::LoopSettings;
+use crate::custody::Recorder;
 use crate::roles::Profile;
 use crate::sandbox::{Jail, Sandbox};
 use crate::session::Snapshot;
@@ -152,19 +153,34 @@ impl Report {
     }
 }
 
-/// Where an agent sends its progress; the runner publishes it to the task's event log.
+/// The agent's line to its runner: where it sends its progress (published to the task's event
+/// log) and, when the runner keeps custody of the run, its checkpoint [`Recorder`].
 #[derive(Clone)]
-pub struct Events(mpsc::UnboundedSender<EventKind>);
+pub struct Events {
+    tx: mpsc::UnboundedSender<EventKind>,
+    recorder: Option<Recorder>,
+}
 
 impl Events {
     pub fn new() -> (Self, mpsc::UnboundedReceiver<EventKind>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self(tx), rx)
+        (Self { tx, recorder: None }, rx)
+    }
+
+    /// These events with the run's checkpoint recorder.
+    pub fn with_recorder(mut self, recorder: Option<Recorder>) -> Self {
+        self.recorder = recorder;
+        self
+    }
+
+    /// The run's checkpoint recorder (none: checkpoints are off, or the runner keeps none).
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
     }
 
     pub fn send(&self, kind: EventKind) {
         // The runner outlives the agent; a closed channel only means the job is being torn down.
-        let _ = self.0.send(kind);
+        let _ = self.tx.send(kind);
     }
 }
 

@@ -31,9 +31,10 @@
 use super::chat;
 use super::http::{self, CallError, Spent};
 use super::tools::{self, Call, Limits, READ_ONLY, Spec, ToolOutput, Toolbox};
-use super::workspace::{FileTracker, WorkDir};
+use super::workspace::FileTracker;
 use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::ApiSettings;
+use crate::custody;
 use futures::future::BoxFuture;
 use orch_shared::event::EventKind;
 use orch_shared::job::{FailureReason, Outcome, Usage, Workspace};
@@ -100,19 +101,14 @@ pub async fn run<A: Api>(
         model: Some(model.clone()),
         ..Report::failure(A::NAME, reason, message)
     };
-    let mut messages = match chat::history(A::NAME, p.session.as_ref()) {
-        Ok(m) => m,
-        Err(message) => return fail(FailureReason::BadRequest, message),
-    };
-    messages.push(json!({"role": "user", "content": p.prompt}));
     let settings = p.tool_loop;
     let allowed = p.profile.native_tools();
     let useful = !allowed.is_empty()
         && (!matches!(p.job.workspace, Workspace::Scratch)
             || allowed.iter().any(|t| !READ_ONLY.contains(t)));
     let role = p.job.role.as_str();
-    let (dir, toolbox) = if useful {
-        let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
+    let (dir, toolbox, resumed) = if useful {
+        let (dir, resumed) = match custody::workspace_for(p, events, cancel).await {
             Ok(d) => d,
             Err((reason, message)) => return fail(reason, message),
         };
@@ -134,11 +130,41 @@ pub async fn run<A: Api>(
             bash_max_timeout: settings.bash_max_timeout.max(bash_timeout),
         };
         match Toolbox::new(&dir.path, allowed, role, limits) {
-            Ok(t) => (Some(dir), t.with_jail(jail)),
+            Ok(t) => (Some(dir), t.with_jail(jail), resumed),
             Err(message) => return fail(FailureReason::Internal, message),
         }
     } else {
-        (None, Toolbox::none(role))
+        (None, Toolbox::none(role), None)
+    };
+    // A resumed run sends the checkpoint's message list as it was: its last message holds
+    // the tool results the interrupted run was about to send.
+    let resumed_messages = match &resumed {
+        Some(r) => match serde_json::from_slice::<Value>(&r.conversation) {
+            Ok(Value::Array(m)) if !m.is_empty() => Some(m),
+            _ => {
+                if let Some(rec) = events.recorder() {
+                    rec.abandon_resume(events, "the checkpoint's message list is damaged".into());
+                }
+                None
+            }
+        },
+        None => None,
+    };
+    let mut messages = match resumed_messages {
+        Some(m) => {
+            if let Some(rec) = events.recorder() {
+                rec.confirm_resume(events);
+            }
+            m
+        }
+        None => {
+            let mut m = match chat::history(A::NAME, p.session.as_ref()) {
+                Ok(m) => m,
+                Err(message) => return fail(FailureReason::BadRequest, message),
+            };
+            m.push(json!({"role": "user", "content": p.prompt}));
+            m
+        }
     };
     let specs = tools::specs(toolbox.allowed());
     let mut files = dir.as_ref().map(|d| FileTracker::new(&d.path));
@@ -158,6 +184,7 @@ pub async fn run<A: Api>(
     let mut compacted: Option<(u64, u32)> = None;
     // Tools the model called that its role may not use: the answer is then not a plain success.
     let mut denied: Vec<String> = vec![];
+    let mut steps = 0;
     let (outcome, text) = loop {
         turns += 1;
         let body = api.body(&model, &p.profile.system_prompt, &messages, &specs);
@@ -252,6 +279,21 @@ pub async fn run<A: Api>(
             }
         }
         messages.extend(api.results(&step.calls, &outputs));
+        steps += 1;
+        if let Some(rec) = events.recorder() {
+            rec.step(custody::Step {
+                n: steps,
+                usage,
+                cost_usd: p.cost(Some(&model), &usage),
+                writes: step
+                    .calls
+                    .iter()
+                    .any(|c| !READ_ONLY.contains(&c.name.as_str())),
+                conversation: custody::Conversation::Messages(
+                    serde_json::to_vec(&messages).unwrap_or_default(),
+                ),
+            });
+        }
         // What eliding saved is known in bytes only: about four of them make a token.
         let Some(c) = context else { continue };
         let estimate = c.tokens.saturating_sub(saved as u64 / 4);

@@ -3,7 +3,8 @@
 //! A job's workspace is a local path the worker can see (`Workspace::Local`), a fresh scratch
 //! directory under the worker's data directory (`Workspace::Scratch`), or a fresh clone of a git
 //! repository in such a directory (`Workspace::Git`, see [`super::git`]); scratch directories are
-//! removed when the job ends. [`WorkDir::prepare`] makes it before the agent runs and
+//! removed when the job ends, except a git workspace whose work could not be pushed, which is
+//! moved to `<data_dir>/kept/` (clean-up never deletes unsaved work). [`WorkDir::prepare`] makes it before the agent runs and
 //! [`WorkDir::finish`] reports what the run changed, once, after it.
 //!
 //! Files read and written come from what really happened: the paths of the file tools the agent
@@ -35,6 +36,9 @@ pub struct WorkDir {
     pub path: PathBuf,
     scratch: bool,
     repo: Repo,
+    /// The agent's work could not be pushed: the directory is moved to `<data_dir>/kept/`
+    /// instead of being removed (clean-up never deletes unsaved work).
+    keep: std::sync::atomic::AtomicBool,
 }
 
 /// What a workspace knows of its repository, to tell what the run changed.
@@ -97,6 +101,7 @@ impl WorkDir {
                             path: p,
                             scratch: false,
                             repo,
+                            keep: Default::default(),
                         })
                     }
                     Ok(_) => Err((
@@ -153,6 +158,7 @@ impl WorkDir {
             path: p,
             scratch: true,
             repo: Repo::None,
+            keep: Default::default(),
         })
     }
 
@@ -217,7 +223,8 @@ impl WorkDir {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "the agent's work was not kept");
+                    tracing::warn!(error = %e, "the agent's work was not pushed; its workspace is kept on this worker");
+                    self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
                     let (files_read, files_written) = files.finish(vec![]);
                     Changes {
                         files_read,
@@ -266,6 +273,28 @@ async fn init_scratch(dir: &Path) -> Repo {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         if !self.scratch {
+            return;
+        }
+        if self.keep.load(std::sync::atomic::Ordering::Relaxed) {
+            // `<data_dir>/scratch/<dir>` → `<data_dir>/kept/<dir>`, out of reach of the
+            // clearing of stale scratch directories at start.
+            if let (Some(name), Some(data)) = (
+                self.path.file_name(),
+                self.path.parent().and_then(Path::parent),
+            ) {
+                let kept = data.join("kept");
+                let to = kept.join(name);
+                let moved =
+                    std::fs::create_dir_all(&kept).and_then(|()| std::fs::rename(&self.path, &to));
+                match moved {
+                    Ok(()) => {
+                        tracing::warn!(path = %to.display(), "workspace with unpushed work kept")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %self.path.display(), error = %e, "workspace with unpushed work left in place")
+                    }
+                }
+            }
             return;
         }
         // A redelivered attempt of the same job on this worker gets the same directory: move
@@ -584,6 +613,42 @@ mod tests {
         assert!(changes.git.is_none() && changes.failure.is_none());
         drop(dir);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    #[tokio::test]
+    async fn a_git_workspace_whose_push_fails_is_kept_not_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let bare = tmp.path().join("origin.git");
+        let seed = tmp.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        sh(tmp.path(), "git init -q --bare -b main origin.git");
+        sh(
+            &seed,
+            "git init -q -b main && echo r > README.md && git add . \
+             && git -c user.name=s -c user.email=s@s commit -qm init && git push -q ../origin.git main",
+        );
+        // The remote takes no more objects: every push of new work fails.
+        sh(&bare, "git config receive.maxInputSize 1");
+        let j = job(Workspace::Git {
+            url: bare.display().to_string(),
+            base_ref: "main".into(),
+            job: Some(orch_shared::job::GitJob {
+                branch: "orch/jobs/t/01-builder".into(),
+                start: vec![],
+                task_branch: "orch/t".into(),
+            }),
+        });
+        let dir = WorkDir::prepare(&j, &data, &CancellationToken::new())
+            .await
+            .unwrap();
+        std::fs::write(dir.path.join("work.txt"), "unpushed\n").unwrap();
+        let name = dir.path.file_name().unwrap().to_owned();
+        let changes = dir.finish(&j, true, FileTracker::new(&dir.path)).await;
+        assert!(changes.failure.is_some(), "the push failed: {changes:?}");
+        drop(dir);
+        let kept = data.join("kept").join(name).join("work.txt");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "unpushed\n");
     }
 
     #[tokio::test]

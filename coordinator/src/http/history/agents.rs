@@ -11,7 +11,9 @@ use orch_shared::api::{Job, JobStatus, Task};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::event::EventKind;
 use orch_shared::ids::{JobId, TaskId};
-use orch_shared::report::{AgentDetail, AgentList, AgentSummary, PROMPT_EXCERPT_CHARS};
+use orch_shared::report::{
+    AgentDetail, AgentList, AgentSummary, CheckpointList, PROMPT_EXCERPT_CHARS,
+};
 use orch_shared::role::Role;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -218,6 +220,27 @@ pub(super) async fn find_agent(app: &App, id: &str) -> Answer<(Task, usize)> {
         .position(|j| j.id == job)
         .ok_or_else(not_found)?;
     Ok((task, index))
+}
+
+/// `GET /v1/agents/{id}/checkpoints`: the checkpoints kept of an agent (404 for no agent).
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{id}/checkpoints",
+    tag = "agents",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID).")),
+    responses((status = 200, description = "The agent's checkpoints, newest first.", body = CheckpointList))
+)]
+pub(super) async fn checkpoints(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+) -> Answer<axum::Json<CheckpointList>> {
+    let (task, index) = find_agent(&app, &id).await?;
+    let agent_id = task.jobs[index].id;
+    let checkpoints = app.state.checkpoints(agent_id).await?;
+    Ok(axum::Json(CheckpointList {
+        agent_id,
+        checkpoints,
+    }))
 }
 
 /// One agent: its job record, its task, its tool calls.

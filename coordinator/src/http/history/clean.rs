@@ -11,7 +11,8 @@ use orch_shared::ids::JobId;
 use orch_shared::report::{CleanReport, CleanRequest, MAX_CLEAN_BATCH};
 
 /// `POST /v1/clean`: deletes the finished tasks created more than `older_than_ms` ago, with
-/// their agents, index entries, dead letters, markers and their messages in the event log and
+/// their agents, index entries, dead letters, markers, sessions and checkpoints (pointers and
+/// stored conversations; the checkpoint refs stay in the task's repository) and their messages in the event log and
 /// the results stream. Examines at most `limit` tasks, oldest first; `next` says where to go on.
 #[utoipa::path(
     post,
@@ -73,7 +74,9 @@ pub(super) async fn clean(
         // The logs go first: a failure leaves the record, so a later clean finds it again.
         let (events, results) = app.transport.purge_task(task.id).await?;
         let jobs: Vec<JobId> = task.jobs.iter().map(|j| j.id).collect();
-        app.transport.purge_sessions(&jobs).await?;
+        // Checkpoints: their conversations here, their pointers with the task's keys.
+        let checkpoints = app.state.checkpoint_objects(&jobs).await?;
+        app.transport.purge_sessions(&jobs, &checkpoints).await?;
         report.events_purged += events;
         report.results_purged += results;
         app.state.delete_task(&task).await?;

@@ -41,6 +41,7 @@ pub(super) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(transcripts::task_logs))
         .routes(routes!(agents::agents))
         .routes(routes!(agents::agent))
+        .routes(routes!(agents::checkpoints))
         .routes(routes!(transcripts::agent_logs))
         .routes(routes!(status::status))
         .routes(routes!(status::workers))

@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "compacted", "heartbeat", "job_finished", "task_finished"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -183,6 +183,9 @@ function describe(ev) {
     case "usage": return `Usage: ${tokens(totalTokens(k.usage))} tokens, ${usd(k.cost_usd)}`;
     case "compacted": return `Context compacted: ${tokens(k.tokens_before)} → ${k.tokens_after == null ? "?" : tokens(k.tokens_after)} tokens`;
     case "heartbeat": return "Heartbeat";
+    case "checkpointed": return `Checkpoint after step ${k.step}: ${k.files_changed} file(s) changed, ${tokens(totalTokens(k.usage))} tokens so far`;
+    case "resumed": return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)`;
+    case "resume_failed": return `Checkpoint not restored, starting over: ${esc(k.reason)}`;
     case "job_finished": return (k.success ? "Agent finished" : `Agent failed (${esc(k.reason)}): ${esc(k.message || "")}`) + ` in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     case "task_finished": return `Task ${esc(k.status)} in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     default: return esc(k.type);
@@ -983,7 +986,16 @@ function agentPage() {
       kpi("Cost", usd(j.cost_usd), "") +
       kpi("Tool calls", d.tool_calls, toolList);
     const files = (j.files_read || []).map((f) => `<li><span class="badge">read</span> <span class="mono">${esc(f)}</span></li>`).concat((j.files_written || []).map((f) => `<li><span class="badge s-running">wrote</span> <span class="mono">${esc(f)}</span></li>`));
-    $("#a-files").innerHTML = files.length ? `<ul class="plain stack">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`;
+    const cps = await api(`/v1/agents/${id}/checkpoints`).then((c) => c.checkpoints).catch(() => []);
+    const cpTable = cps.length ? `<h3>Checkpoints</h3>` + table([
+      { label: "Step", num: true, cell: (c) => c.step },
+      { label: "At", cell: (c) => clock(c.at_ms) },
+      { label: "Worker", cell: (c) => `<span class="mono">${esc(c.worker)}</span> · attempt ${c.attempt}` },
+      { label: "Files", num: true, cell: (c) => c.files_changed },
+      { label: "Tokens", num: true, cell: (c) => tokens(totalTokens(c.usage)) },
+      { label: "Commit", cell: (c) => `<span class="mono" title="${esc(c.commit || "")}">${esc((c.commit || "–").slice(0, 7))}</span>` },
+    ], cps.slice().reverse()) : "";
+    $("#a-files").innerHTML = (files.length ? `<ul class="plain stack">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`) + cpTable;
     if (j.continues && $("#a-asked").hidden) {
       $("#a-asked").innerHTML = `<div class="msg user"><div class="who"><span>${j.forked ? "You · fork" : "You"}</span><span>${clock(j.queued_at_ms)}</span></div><div class="body">${esc(j.prompt)}</div></div>`;
       $("#a-asked").hidden = false;

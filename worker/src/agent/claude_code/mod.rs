@@ -25,6 +25,7 @@ use super::process;
 use super::workspace::WorkDir;
 use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::{ApiSettings, ClaudeCodeSettings};
+use crate::custody;
 use crate::sandbox::Jail;
 use crate::session::Snapshot;
 use orch_shared::event::EventKind;
@@ -194,7 +195,7 @@ impl ClaudeCode {
             session: None,
             parked: None,
         };
-        let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
+        let (dir, resumed) = match custody::workspace_for(p, events, cancel).await {
             Ok(d) => d,
             Err(e) => return failed(e),
         };
@@ -234,17 +235,55 @@ impl ClaudeCode {
                 j.add_writable(&config_dir);
             }
         }
-        let restored = match self.prepare_home(p, &config_dir, &dir.path).await {
-            Ok(r) => r,
-            Err(e) => return failed(e),
+        // A resumed run continues the checkpoint's transcript with a note of where it was cut
+        // (its turn stays the job's); a further turn continues the stored session.
+        let (session, prompt) = match &resumed {
+            Some(r) => (
+                Some(Snapshot {
+                    backend: NAME.into(),
+                    session_id: r.checkpoint.session_id.clone(),
+                    workspace: r.checkpoint.workspace.clone(),
+                    turn: r.checkpoint.turn.saturating_sub(1),
+                    bytes: r.conversation.clone(),
+                }),
+                custody::continuation_prompt(r.checkpoint.step),
+            ),
+            None => (p.session.clone(), p.prompt.clone()),
         };
+        let restored = match self
+            .prepare_home(session.as_ref(), &config_dir, &dir.path)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if resumed.is_some()
+                    && let Some(rec) = events.recorder()
+                {
+                    // The transcript cannot be used: start over, cleanly, without it.
+                    rec.abandon_resume(events, e.1);
+                    drop(jail);
+                    drop(dir);
+                    return Box::pin(self.run(p, events, cancel)).await;
+                }
+                return failed(e);
+            }
+        };
+        if resumed.is_some()
+            && let Some(rec) = events.recorder()
+        {
+            rec.confirm_resume(events);
+        }
         let child = match self.spawn(p, &dir.path, restored.as_ref(), &env, jail.as_ref()) {
             Ok(c) => c,
             Err(e) => return failed(e),
         };
-        let mut ended = watch(child, p, &dir.path, events, cancel).await;
+        let watching = Watching {
+            prompt,
+            config_dir: &config_dir,
+        };
+        let mut ended = watch(child, p, &watching, &dir.path, events, cancel).await;
         drop(restored);
-        let session = collect_session(p, &config_dir, &dir, &ended.stream).await;
+        let session = collect_session(session.as_ref(), &config_dir, &dir, &ended.stream).await;
         let model = p.model.clone().or(ended.stream.model.take());
         if !ended.stream.denied.is_empty() {
             tracing::info!(denied = ?ended.stream.denied, "tools refused during the run");
@@ -265,7 +304,7 @@ impl ClaudeCode {
     /// the CLI run in `workspace` finds it.
     async fn prepare_home(
         &self,
-        p: &Prepared<'_>,
+        session: Option<&Snapshot>,
         config_dir: &Path,
         workspace: &Path,
     ) -> Result<Option<Restored>, (FailureReason, String)> {
@@ -278,7 +317,7 @@ impl ClaudeCode {
                 ),
             ));
         }
-        let Some(s) = &p.session else {
+        let Some(s) = session else {
             return Ok(None);
         };
         match transcript::restore(config_dir, s, workspace).await {
@@ -340,11 +379,20 @@ struct Ended {
     err_tail: String,
 }
 
+/// What watching a run needs besides the job.
+struct Watching<'a> {
+    /// What the CLI is told on stdin.
+    prompt: String,
+    /// The CLI's config directory (its transcripts, for checkpoints).
+    config_dir: &'a Path,
+}
+
 /// Gives the CLI its prompt, reads its output until the result line, the end or `cancel`,
 /// and waits for it to exit; its whole process tree is stopped however it ends.
 async fn watch(
     mut child: Child,
     p: &Prepared<'_>,
+    w: &Watching<'_>,
     workspace: &Path,
     events: &Events,
     cancel: &CancellationToken,
@@ -352,7 +400,7 @@ async fn watch(
     let pgid = child.id();
     let mut guard = process::TreeGuard::new(pgid);
     if let Some(mut stdin) = child.stdin.take() {
-        let prompt = p.prompt.clone();
+        let prompt = w.prompt.clone();
         tokio::spawn(async move {
             let _ = stdin.write_all(prompt.as_bytes()).await;
             let _ = stdin.shutdown().await;
@@ -361,7 +409,7 @@ async fn watch(
     let stderr = child.stderr.take().map(|e| process::tail(e, STDERR_TAIL));
     let mut stream = Stream::new(workspace);
     let cancelled = match child.stdout.take() {
-        Some(stdout) => read(stdout, &mut stream, p, events, cancel).await,
+        Some(stdout) => read(stdout, &mut stream, p, w, events, cancel).await,
         None => false,
     };
     let (status, cancelled) =
@@ -388,6 +436,7 @@ async fn read(
     stdout: ChildStdout,
     stream: &mut Stream,
     p: &Prepared<'_>,
+    w: &Watching<'_>,
     events: &Events,
     cancel: &CancellationToken,
 ) -> bool {
@@ -396,7 +445,14 @@ async fn read(
         tokio::select! {
             _ = cancel.cancelled() => return true,
             line = lines.next_line() => match line {
-                Ok(Some(l)) => if stream.line(&l, events, p) { return false },
+                Ok(Some(l)) => {
+                    if stream.line(&l, events, p) {
+                        return false;
+                    }
+                    if let Some(writes) = stream.take_step() {
+                        checkpoint(stream, p, w, events, writes);
+                    }
+                }
                 Ok(None) => return false,
                 Err(e) => {
                     tracing::warn!(error = %e, "claude-code: reading its output failed");
@@ -405,6 +461,28 @@ async fn read(
             }
         }
     }
+}
+
+/// Hands the step `stream` just finished to the run's checkpoint recorder.
+fn checkpoint(stream: &Stream, p: &Prepared<'_>, w: &Watching<'_>, events: &Events, writes: bool) {
+    let (Some(rec), Some(session_id), Some(cwd)) =
+        (events.recorder(), &stream.session_id, &stream.cwd)
+    else {
+        return;
+    };
+    let model = p.model.as_deref().or(stream.model.as_deref());
+    rec.step(custody::Step {
+        n: stream.steps,
+        usage: stream.running,
+        cost_usd: p.cost(model, &stream.running),
+        writes,
+        conversation: custody::Conversation::Transcript {
+            path: transcript::path(w.config_dir, cwd, session_id),
+            must_contain: stream.last_tool.clone(),
+            session_id: session_id.clone(),
+            cwd: cwd.clone(),
+        },
+    });
 }
 
 /// Waits for the CLI to exit after its output ended, stopping it when it was `cancelled`,
@@ -438,7 +516,7 @@ async fn wait_exit(
 /// The session to store: the CLI's transcript of this turn (see [`transcript::collect`],
 /// which also removes the worker's copy).
 async fn collect_session(
-    p: &Prepared<'_>,
+    previous: Option<&Snapshot>,
     config_dir: &Path,
     dir: &WorkDir,
     stream: &Stream,
@@ -460,7 +538,7 @@ async fn collect_session(
         backend: NAME.into(),
         session_id: Some(session_id.to_string()),
         workspace: cwd,
-        turn: Snapshot::next_turn(p.session.as_ref()),
+        turn: Snapshot::next_turn(previous),
         bytes,
     })
 }

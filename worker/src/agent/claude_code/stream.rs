@@ -83,7 +83,20 @@ pub struct Stream {
     pub(super) last_retry: Option<(Option<u64>, String)>,
     pub(super) denied: Vec<String>,
     pub(super) result: Option<Value>,
+    /// Top-level tool calls of the latest message still waiting for their result.
+    pending_tools: HashSet<String>,
+    /// Steps done: top-level messages whose tool calls have all returned.
+    pub(super) steps: u32,
+    /// A step finished since [`Stream::take_step`] was last asked, and whether it may have
+    /// changed files.
+    step_ready: Option<bool>,
+    step_writes: bool,
+    /// The id of the last tool call that returned (its step's transcript names it).
+    pub(super) last_tool: Option<String>,
 }
+
+/// Tools that may change the workspace: the step after them is checkpointed at once.
+const WRITING_TOOLS: &[&str] = &["Write", "Edit", "MultiEdit", "NotebookEdit", "Bash"];
 
 impl Stream {
     pub fn new(workspace: &Path) -> Self {
@@ -100,7 +113,17 @@ impl Stream {
             last_retry: None,
             denied: vec![],
             result: None,
+            pending_tools: HashSet::new(),
+            steps: 0,
+            step_ready: None,
+            step_writes: false,
+            last_tool: None,
         }
+    }
+
+    /// Whether a step finished since the last call (and whether it may have changed files).
+    pub fn take_step(&mut self) -> Option<bool> {
+        self.step_ready.take()
     }
 
     /// Takes one stream-json line; true once the `result` line has come.
@@ -174,6 +197,11 @@ impl Stream {
                         .to_string();
                     let is_error = b.get("is_error").and_then(Value::as_bool).unwrap_or(false);
                     self.files.on_result(&call_id, is_error);
+                    if self.pending_tools.remove(&call_id) && self.pending_tools.is_empty() {
+                        self.steps += 1;
+                        self.step_ready = Some(std::mem::take(&mut self.step_writes));
+                        self.last_tool = Some(call_id.clone());
+                    }
                     let output = cut(
                         &content_text(b.get("content").unwrap_or(&Value::Null)),
                         MAX_EVENT_TEXT,
@@ -255,6 +283,10 @@ impl Stream {
                         .to_string();
                     let input = b.get("input").cloned().unwrap_or(Value::Null);
                     self.files.on_call(&call_id, &name, &input);
+                    if top_level && !synthetic && !call_id.is_empty() {
+                        self.pending_tools.insert(call_id.clone());
+                        self.step_writes |= WRITING_TOOLS.contains(&name.as_str());
+                    }
                     events.send(EventKind::ToolCall {
                         call_id,
                         name,

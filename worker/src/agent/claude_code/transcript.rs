@@ -141,6 +141,14 @@ pub async fn restore(
     Ok(restored)
 }
 
+/// Where the CLI writes session `session_id` run in `cwd`.
+pub fn path(config_dir: &Path, cwd: &str, session_id: &str) -> PathBuf {
+    config_dir
+        .join("projects")
+        .join(project_name(cwd))
+        .join(format!("{session_id}.jsonl"))
+}
+
 /// Where the CLI put session `session_id` that ran in `cwd` (looked for in every project
 /// when not where expected).
 async fn find(config_dir: &Path, cwd: &str, session_id: &str) -> Option<PathBuf> {

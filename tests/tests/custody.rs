@@ -1,0 +1,658 @@
+//! Custody of running agents: a worker checkpoints its agent after every step (the whole
+//! working tree as a commit on `refs/orch/checkpoints/<job>`, the conversation in the sessions
+//! store, a fenced pointer in Redis), and when the worker dies (SIGKILL) or drains (SIGTERM),
+//! another worker, with its own data directory and Claude Code HOME, resumes the attempt from
+//! the last checkpoint instead of starting over.
+//!
+//! Real processes throughout: nats-server, redis-server, the coordinator, the workers, git, and
+//! the real Claude Code CLI; only the Messages API is fake. Each test runs the same scripted
+//! agent twice, once uninterrupted and once cut after step 3, and compares what the fake was
+//! asked and the trees the two runs pushed.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
+
+use orch_shared::api::{JobStatus, Task};
+use orch_shared::event::{Event, EventKind};
+use orch_shared::ids::{JobId, WorkerId};
+use orch_shared::job::{Checkpoint, Usage};
+use orch_shared::keys;
+use orch_tests::fake_anthropic::{CWD, FakeAnthropic, Recorded, Reply};
+use orch_tests::{Cluster, Options, assert_completed, git, origin};
+use orch_worker::state::{Claim, Saved, State};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "claude-sonnet-4-5";
+/// The step after which the interrupted Claude Code runs are cut.
+const CUT_AFTER: u32 = 3;
+/// What the Claude Code agent's branch holds (never the ignored `build.log`).
+const CLAUDE_FILES: &[&str] = &[".gitignore", "README.md", "a.txt", "b.txt", "c.txt"];
+/// What the native agent's branch holds.
+const NATIVE_FILES: &[&str] = &[
+    ".gitignore",
+    "README.md",
+    "a.txt",
+    "b.txt",
+    "c.txt",
+    "d1.txt",
+    "d2.txt",
+    "d3.txt",
+    "d4.txt",
+    "d5.txt",
+];
+
+fn env(fake: &FakeAnthropic) -> Vec<(String, String)> {
+    vec![
+        ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
+        ("ANTHROPIC_API_KEY".into(), "test-key-custody".into()),
+        (
+            "ORCH_CLAUDE_BIN".into(),
+            orch_tests::claude_cli::claude_bin().display().to_string(),
+        ),
+    ]
+}
+
+/// A six-request agent for the Claude Code CLI: three steps before the cut (two Writes, the
+/// second an ignore file, and a Bash that writes an ignored and an untracked file), three after
+/// (a Write, a Bash that edits a file in place and reads the ignored file back, the answer).
+fn claude_script() -> (Vec<Reply>, Vec<Reply>) {
+    let path = |name: &str| format!("{CWD}/{name}");
+    let before = vec![
+        Reply::tool_use(
+            "Write",
+            json!({"file_path": path("a.txt"), "content": "alpha\n"}),
+        ),
+        Reply::tool_use(
+            "Write",
+            json!({"file_path": path(".gitignore"), "content": "*.log\n"}),
+        ),
+        Reply::tool_use(
+            "Bash",
+            json!({"command": "echo scratch > build.log && echo one > b.txt", "description": "scratch files"}),
+        ),
+    ];
+    let after = vec![
+        Reply::tool_use(
+            "Write",
+            json!({"file_path": path("c.txt"), "content": "gamma\n"}),
+        ),
+        Reply::tool_use(
+            "Bash",
+            json!({"command": "sed -i 's/alpha/ALPHA/' a.txt && cat build.log >> c.txt", "description": "edit in place"}),
+        ),
+        Reply::text("## Summary\nWrote the files.\n\n## Files\n- a.txt\n- b.txt\n- c.txt"),
+    ];
+    (before, after)
+}
+
+/// A ten-request agent with the native tools of the `anthropic` backend: eight steps before
+/// the cut ([`NATIVE_CUT_AFTER`]: an ignore file, a shell command writing an ignored and an
+/// untracked file, six more files), one after (a shell command that writes a file, edits
+/// another in place and reads the ignored file back), then the answer.
+fn native_script() -> (Vec<Reply>, Vec<Reply>) {
+    let mut before = vec![
+        Reply::tool_use("write_file", json!({"path": "a.txt", "content": "alpha\n"})),
+        Reply::tool_use(
+            "write_file",
+            json!({"path": ".gitignore", "content": "*.log\n"}),
+        ),
+        Reply::tool_use(
+            "bash",
+            json!({"command": "echo scratch > build.log && echo one > b.txt"}),
+        ),
+    ];
+    for n in 1..=5 {
+        before.push(Reply::tool_use(
+            "write_file",
+            json!({"path": format!("d{n}.txt"), "content": format!("{n}\n")}),
+        ));
+    }
+    let after = vec![
+        Reply::tool_use(
+            "bash",
+            json!({"command": "printf 'gamma\\n' > c.txt && sed -i 's/alpha/ALPHA/' a.txt && cat build.log >> c.txt"}),
+        ),
+        Reply::text("## Summary\nWrote the files.\n\n## Files\n- a.txt\n- b.txt\n- c.txt"),
+    ];
+    (before, after)
+}
+
+/// The step after which the native runs are cut: a ten-step agent killed after step eight.
+const NATIVE_CUT_AFTER: u32 = 8;
+
+/// The fake's script: the agent uninterrupted, then the agent whose step after the cut is
+/// answered so late that its worker is stopped first (that request is lost with the worker;
+/// the resumed run asks it again and gets the same answer).
+fn script(before: &[Reply], after: &[Reply], resumed: &[Reply]) -> Vec<Reply> {
+    let mut all: Vec<Reply> = before.iter().chain(after).cloned().collect();
+    all.extend(before.iter().cloned());
+    all.push(after[0].clone().after(Duration::from_secs(600)));
+    all.extend(resumed.iter().cloned());
+    all
+}
+
+async fn submit(cluster: &Cluster, bare: &Path, backend: &str) -> Task {
+    cluster
+        .submit(json!({
+            "prompt": "write the three files",
+            "roles": ["builder"],
+            "backend": backend,
+            "model": MODEL,
+            "repo": bare.display().to_string(),
+            "ref": "main",
+        }))
+        .await
+}
+
+/// The checkpoint pointer of `job`, once it names `step`.
+async fn checkpoint_at(cluster: &Cluster, job: JobId, step: u32) -> Checkpoint {
+    let client = redis::Client::open(cluster.redis_url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    cluster
+        .eventually(Duration::from_secs(60), || {
+            let mut conn = conn.clone();
+            async move {
+                let json: Option<String> = redis::cmd("GET")
+                    .arg(keys::checkpoint(job))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let c: Checkpoint = serde_json::from_str(json.as_deref().ok_or("no checkpoint")?)
+                    .map_err(|e| e.to_string())?;
+                if c.step == step {
+                    Ok(c)
+                } else {
+                    Err(format!("checkpoint at step {}", c.step))
+                }
+            }
+        })
+        .await
+}
+
+/// Waits until the fake has received `n` message requests.
+async fn requests(cluster: &Cluster, fake: &FakeAnthropic, n: usize) {
+    cluster
+        .eventually(Duration::from_secs(60), || async {
+            let got = fake.message_requests().len();
+            if got >= n {
+                Ok(())
+            } else {
+                Err(format!("{got} of {n} requests"))
+            }
+        })
+        .await;
+}
+
+fn kinds(events: &[(orch_shared::event::EventId, Event)], job: JobId) -> Vec<EventKind> {
+    events
+        .iter()
+        .filter(|(_, e)| e.job_id == Some(job))
+        .map(|(_, e)| e.kind.clone())
+        .collect()
+}
+
+/// `path` at the job's pushed commit.
+fn file_at(bare: &Path, task: &Task, path: &str) -> String {
+    let commit = &task.jobs[0].git.as_ref().unwrap().commit;
+    git(bare, &["show", &format!("{commit}:{path}")])
+}
+
+fn tree_of(bare: &Path, task: &Task) -> String {
+    let commit = &task.jobs[0].git.as_ref().unwrap().commit;
+    git(bare, &["rev-parse", &format!("{commit}^{{tree}}")])
+}
+
+/// The user-visible outcome of a cut run against the uninterrupted one: same tree, the fake
+/// asked each step once, and the record and events saying where it resumed.
+fn check_resumed(
+    cluster: &Cluster,
+    bare: &Path,
+    whole: &Task,
+    cut: &Task,
+    after_stop: &[Recorded],
+    steps_after: usize,
+    files: &[&str],
+) {
+    assert_completed(cluster, whole);
+    assert_completed(cluster, cut);
+    // The whole tree: every file, the in-place edit, the ignored file read back on the new
+    // worker (so it was restored), and nothing ignored committed.
+    assert_eq!(tree_of(bare, cut), tree_of(bare, whole), "the trees differ");
+    assert_eq!(file_at(bare, cut, "a.txt"), "ALPHA");
+    assert_eq!(file_at(bare, cut, "c.txt"), "gamma\nscratch");
+    let listed = git(
+        bare,
+        &[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            &cut.jobs[0].git.as_ref().unwrap().commit,
+        ],
+    );
+    assert_eq!(listed.lines().collect::<Vec<_>>(), files);
+    // The steps before the cut were never asked again.
+    assert_eq!(
+        after_stop.len(),
+        steps_after,
+        "requests after the stop: {after_stop:#?}"
+    );
+    let job = &cut.jobs[0];
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(job.attempt, 1, "a redelivery of the same attempt");
+    assert_eq!(job.worker_id, Some(WorkerId("worker-1".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claude_code_agent_killed_after_a_step_resumes_there_on_another_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let (before, after) = claude_script();
+    let fake = FakeAnthropic::start(script(&before, &after, &after)).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let whole = submit(&cluster, &bare, "claude-code").await;
+    let whole = cluster
+        .wait_task(&whole.id.to_string(), Duration::from_secs(120))
+        .await;
+    let asked_whole = fake.message_requests().len();
+    assert_eq!(asked_whole, before.len() + after.len());
+
+    let cut = submit(&cluster, &bare, "claude-code").await;
+    let job = cut.jobs[0].id;
+    let checkpoint = checkpoint_at(&cluster, job, CUT_AFTER).await;
+    // The worker waits for the step after the cut.
+    requests(&cluster, &fake, asked_whole + before.len() + 1).await;
+    assert_eq!(checkpoint.backend, "claude-code");
+    assert_eq!(checkpoint.worker, "worker-0");
+    assert!(checkpoint.usage.total() > 0, "{checkpoint:?}");
+    let commit = checkpoint.commit.clone().expect("a tree commit");
+    assert_eq!(
+        git(
+            &bare,
+            &["rev-parse", &format!("refs/orch/checkpoints/{job}")]
+        ),
+        commit,
+        "the checkpoint ref is the latest checkpoint"
+    );
+    // The checkpoint holds the whole tree, the ignored file included; the agent's branch
+    // was not touched.
+    assert_eq!(
+        git(&bare, &["show", &format!("{commit}:build.log")]),
+        "scratch"
+    );
+
+    cluster.workers[0].signal(libc::SIGKILL);
+    let stopped = Instant::now();
+    cluster.add_worker();
+    let cut = cluster
+        .wait_task(&cut.id.to_string(), Duration::from_secs(120))
+        .await;
+    let after_stop: Vec<Recorded> = fake
+        .message_requests()
+        .into_iter()
+        .filter(|r| r.at > stopped)
+        .collect();
+    check_resumed(
+        &cluster,
+        &bare,
+        &whole,
+        &cut,
+        &after_stop,
+        after.len(),
+        CLAUDE_FILES,
+    );
+    eprintln!(
+        "figure: claude-code checkpoint after step {CUT_AFTER}: transcript {} bytes; requests asked again after the kill: {} of {} (the one in flight)",
+        checkpoint.transcript_bytes,
+        after_stop.len() - (after.len() - 1),
+        before.len()
+    );
+
+    // The resumed CLI replayed the conversation and was told where it had been cut.
+    let first = &after_stop[0].body;
+    let text = first["messages"].to_string();
+    assert!(
+        text.contains(&format!("interrupted after step {CUT_AFTER}")),
+        "{text}"
+    );
+    for call in ["a.txt", ".gitignore", "build.log"] {
+        assert!(text.contains(call), "the history lacks {call}: {text}");
+    }
+    let events = cluster.events(&cut.id.to_string(), None).await;
+    let kinds = kinds(&events, job);
+    let resumed = kinds
+        .iter()
+        .find_map(|k| match k {
+            EventKind::Resumed {
+                from_attempt,
+                from_step,
+                from_worker,
+                usage,
+                ..
+            } => Some((*from_attempt, *from_step, from_worker.clone(), *usage)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no resumed event: {kinds:#?}"));
+    assert_eq!(
+        (resumed.0, resumed.1, resumed.2.as_str()),
+        (1, CUT_AFTER, "worker-0")
+    );
+    assert_eq!(resumed.3, checkpoint.usage);
+    // The attempt's tokens count what the first worker had spent too.
+    assert!(cut.jobs[0].usage.total() > resumed.3.total());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_hands_a_checkpointed_agent_over_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let (before, after) = claude_script();
+    let fake = FakeAnthropic::start(script(&before, &after, &after)).await;
+    // A grace far longer than the test: only a hand-over can make it pass.
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        drain_grace: Duration::from_secs(600),
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let whole = submit(&cluster, &bare, "claude-code").await;
+    let whole = cluster
+        .wait_task(&whole.id.to_string(), Duration::from_secs(120))
+        .await;
+    let asked_whole = fake.message_requests().len();
+
+    let cut = submit(&cluster, &bare, "claude-code").await;
+    let job = cut.jobs[0].id;
+    checkpoint_at(&cluster, job, CUT_AFTER).await;
+    requests(&cluster, &fake, asked_whole + before.len() + 1).await;
+    cluster.add_worker();
+    cluster.wait_workers(2).await;
+
+    cluster.workers[0].signal(libc::SIGTERM);
+    let stopped = Instant::now();
+    let sigterm_ms = orch_shared::now_ms();
+    let exit = cluster.workers[0].wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        exit,
+        Some(Some(0)),
+        "the worker exits cleanly long before its grace\n{}",
+        cluster.logs()
+    );
+    let cut = cluster
+        .wait_task(&cut.id.to_string(), Duration::from_secs(120))
+        .await;
+    let after_stop: Vec<Recorded> = fake
+        .message_requests()
+        .into_iter()
+        .filter(|r| r.at > stopped)
+        .collect();
+    check_resumed(
+        &cluster,
+        &bare,
+        &whole,
+        &cut,
+        &after_stop,
+        after.len(),
+        CLAUDE_FILES,
+    );
+    let events = cluster.events(&cut.id.to_string(), None).await;
+    let restarted = events
+        .iter()
+        .find_map(|(_, e)| match &e.kind {
+            EventKind::JobStarted { worker_id, .. } if worker_id.0 == "worker-1" => Some(e.at_ms),
+            _ => None,
+        })
+        .expect("the job started on the second worker");
+    let took = restarted.saturating_sub(sigterm_ms);
+    eprintln!("figure: SIGTERM to running again on another worker: {took} ms");
+    assert!(
+        took < 10_000,
+        "handed over in {took} ms, not at once (the ack wait is 3 s)"
+    );
+    assert!(
+        kinds(&events, job)
+            .iter()
+            .any(|k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == CUT_AFTER))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_tool_loop_killed_after_a_step_replays_its_messages_on_another_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let (before, after) = native_script();
+    let fake = FakeAnthropic::start(script(&before, &after, &after)).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let whole = submit(&cluster, &bare, "anthropic").await;
+    let whole = cluster
+        .wait_task(&whole.id.to_string(), Duration::from_secs(120))
+        .await;
+    let asked_whole = fake.message_requests().len();
+    assert_eq!(asked_whole, before.len() + after.len());
+
+    let cut = submit(&cluster, &bare, "anthropic").await;
+    let job = cut.jobs[0].id;
+    let checkpoint = checkpoint_at(&cluster, job, NATIVE_CUT_AFTER).await;
+    requests(&cluster, &fake, asked_whole + before.len() + 1).await;
+    let lost = fake.message_requests()[asked_whole + before.len()].clone();
+
+    cluster.workers[0].signal(libc::SIGKILL);
+    let stopped = Instant::now();
+    cluster.add_worker();
+    let cut = cluster
+        .wait_task(&cut.id.to_string(), Duration::from_secs(120))
+        .await;
+    let after_stop: Vec<Recorded> = fake
+        .message_requests()
+        .into_iter()
+        .filter(|r| r.at > stopped)
+        .collect();
+    check_resumed(
+        &cluster,
+        &bare,
+        &whole,
+        &cut,
+        &after_stop,
+        after.len(),
+        NATIVE_FILES,
+    );
+    // Tokens spent again: the one request in flight at the kill; no finished step.
+    let asked_again = after_stop.len() + 1 - after.len();
+    let again = orch_tests::fake_anthropic::default_usage().total() * asked_again as u64;
+    eprintln!(
+        "figure: native tool loop, 10 steps killed after step {NATIVE_CUT_AFTER}: finished steps asked again 0, requests asked again {} ({} tokens as billed for one request); conversation checkpoint {} bytes, {} files changed",
+        asked_again, again, checkpoint.transcript_bytes, checkpoint.files_changed
+    );
+    // The resumed run sent exactly the request the first worker was waiting on.
+    assert_eq!(after_stop[0].body["messages"], lost.body["messages"]);
+    // The checkpoints are listed in step order, the first worker's up to the cut, then the
+    // second's (steps that came faster than a save are folded into the next one).
+    let (status, list) = cluster.get(&format!("/v1/agents/{job}/checkpoints")).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{list}");
+    let steps: Vec<(u64, String)> = list["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["step"].as_u64().unwrap(),
+                c["worker"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0].0 < w[1].0), "{steps:?}");
+    let cut_step = u64::from(NATIVE_CUT_AFTER);
+    assert!(
+        steps.contains(&(cut_step, "worker-0".to_string()))
+            && steps.last() == Some(&(cut_step + 1, "worker-1".to_string())),
+        "{steps:?}"
+    );
+    let home = tempfile::tempdir().unwrap();
+    let (code, out, err) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "checkpoints",
+            &job.to_string(),
+        ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("STEP") && out.contains("TOKENS"), "{out}");
+    let rows = out.lines().filter(|l| l.contains(" worker-")).count();
+    assert_eq!(rows, steps.len(), "{out}");
+    let (code, _, err) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "checkpoints",
+            &JobId::new().to_string(),
+        ]));
+    assert_eq!(
+        (code, err.trim().ends_with("not found")),
+        (1, true),
+        "{err}"
+    );
+    let events = cluster.events(&cut.id.to_string(), None).await;
+    assert!(kinds(&events, job).iter().any(
+        |k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == NATIVE_CUT_AFTER)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_cannot_be_restored_starts_the_agent_over_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let (before, after) = native_script();
+    // The resumed run starts over: it is asked every step again.
+    let again: Vec<Reply> = before.iter().chain(&after).cloned().collect();
+    let fake = FakeAnthropic::start(script(&before, &after, &again)).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let whole = submit(&cluster, &bare, "anthropic").await;
+    let whole = cluster
+        .wait_task(&whole.id.to_string(), Duration::from_secs(120))
+        .await;
+    let asked_whole = fake.message_requests().len();
+    let cut = submit(&cluster, &bare, "anthropic").await;
+    let job = cut.jobs[0].id;
+    let mut checkpoint = checkpoint_at(&cluster, job, NATIVE_CUT_AFTER).await;
+    requests(&cluster, &fake, asked_whole + before.len() + 1).await;
+    cluster.workers[0].signal(libc::SIGKILL);
+    let _ = cluster.workers[0].wait_exit(Duration::from_secs(10));
+    // The checkpoint's commit is not on the ref (a repository rewritten by hand, say).
+    checkpoint.commit = Some("0123456789abcdef0123456789abcdef01234567".into());
+    let client = redis::Client::open(cluster.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(keys::checkpoint(job))
+        .arg(serde_json::to_string(&checkpoint).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cluster.add_worker();
+    let cut = cluster
+        .wait_task(&cut.id.to_string(), Duration::from_secs(120))
+        .await;
+    assert_completed(&cluster, &cut);
+    assert_eq!(tree_of(&bare, &cut), tree_of(&bare, &whole));
+    let events = cluster.events(&cut.id.to_string(), None).await;
+    let kinds = kinds(&events, job);
+    let reason = kinds
+        .iter()
+        .find_map(|k| match k {
+            EventKind::ResumeFailed { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no resume_failed event: {kinds:#?}"));
+    assert!(reason.contains("0123456789abcdef"), "{reason}");
+    assert!(!kinds.iter().any(|k| matches!(k, EventKind::Resumed { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_out_attempt_cannot_overwrite_the_checkpoint_of_the_worker_that_took_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, url) = orch_tests::redis(dir.path());
+    let state = State::connect(&orch_config::redis::Redis::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let job = JobId::from_u128(7);
+    let ttl = Duration::from_secs(30);
+    let lease = |c: Claim| match c {
+        Claim::Leased(l) => l,
+        Claim::Skip(why) => panic!("not leased: {why}"),
+    };
+    let stale = lease(
+        state
+            .claim(&WorkerId("a".into()), job, 1, ttl)
+            .await
+            .unwrap(),
+    );
+    let at = |step: u32, fence: u64| {
+        serde_json::to_string(&Checkpoint {
+            attempt: 1,
+            fence,
+            step,
+            worker: "w".into(),
+            backend: "anthropic".into(),
+            transcript: format!("checkpoint.{job}.{step}"),
+            transcript_bytes: 1,
+            session_id: None,
+            workspace: String::new(),
+            turn: 1,
+            commit: None,
+            files_changed: 0,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            at_ms: 1,
+        })
+        .unwrap()
+    };
+    let save = |l: &orch_worker::state::Lease, step: u32| {
+        let json = at(step, l.fence);
+        let state = state.clone();
+        let l = l.clone();
+        async move {
+            state
+                .save_checkpoint(job, Some(&l), (1, l.fence), &json, 2, ttl)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(save(&stale, 1).await, Saved::Kept { dropped: vec![] });
+    // Another worker takes the attempt over (the first was paused past its lease).
+    let owner = lease(
+        state
+            .claim(&WorkerId("b".into()), job, 1, ttl)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(save(&owner, 2).await, Saved::Kept { dropped: vec![] });
+    // The stale worker wakes up and tries to record a later step: refused.
+    assert_eq!(save(&stale, 5).await, Saved::FencedOut);
+    let kept: Checkpoint =
+        serde_json::from_str(&state.checkpoint(job).await.unwrap().unwrap()).unwrap();
+    assert_eq!((kept.step, kept.fence), (2, owner.fence));
+    // The kept list is bounded: the oldest entry comes back to have its object deleted.
+    match save(&owner, 3).await {
+        Saved::Kept { dropped } => {
+            let gone: Checkpoint = serde_json::from_str(&dropped[0]).unwrap();
+            assert_eq!(gone.step, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+}

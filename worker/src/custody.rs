@@ -1,0 +1,764 @@
+//! Custody of a running agent: checkpoints after its steps, so that when its worker dies or
+//! hands it back, the attempt resumes on any worker from where it was instead of starting over.
+//!
+//! A checkpoint is three things, written in this order:
+//! - the **workspace** (git workspaces): a commit of the whole working tree, tracked and
+//!   untracked files alike (ignore rules included: nothing but `.git` is left out), made with
+//!   a temporary index (`GIT_INDEX_FILE`, `git add -A -f`, `write-tree`, `commit-tree`) so the
+//!   agent's own index, `HEAD` and branch are never touched, and pushed to
+//!   [`checkpoint_ref`] on the task's repository with `--force-with-lease` on the previous
+//!   checkpoint (each checkpoint's parent is the one before it, so every step stays reachable
+//!   for rewinds). A plain local directory cannot be checkpointed (it is the user's, and
+//!   another worker may not see it); a scratch directory has nowhere to push: both keep the
+//!   old behaviour (a redelivered attempt starts over).
+//! - the **conversation**: the Claude Code CLI's transcript file as it stands, or the API
+//!   backends' message list, as the object `checkpoint.<job>.<step>` of the sessions store
+//!   (the coordinator's bucket, readable by every worker).
+//! - the **pointer**: a [`Checkpoint`] (JSON) in Redis ([`keys::checkpoint`], and the list
+//!   [`keys::checkpoints`] of the newest `checkpoints.keep`), written by a script that refuses a
+//!   writer that no longer holds the attempt's lease or whose fence is older than the stored
+//!   one: a stale attempt never overwrites a newer checkpoint.
+//!
+//! Checkpoints never block the agent: a backend reports each finished step to its
+//! [`Recorder`] (a channel), and the recorder's own task saves the latest one, at most one per
+//! `checkpoints.interval`, except that a step that may have changed files (a write, an edit,
+//! a shell command) is saved at once. A step is one model request whose tool calls have all
+//! returned.
+//!
+//! Resuming: [`Custody::resume_point`] reads the pointer of a job attempt that ran before (a
+//! redelivery or a hand-back of the same attempt) and loads its conversation; the backend
+//! restores the tree ([`restore_tree`]) and the conversation and continues (`claude-code`:
+//! `--resume` of the restored transcript with a short message saying where the run was cut;
+//! the API backends: the message list as it was, sent again). Whatever cannot be restored
+//! falls back to a clean start, with the reason as a `resume_failed` event.
+//! [`Custody::resume_point`] with `any_attempt` also resumes a later attempt from an earlier
+//! one's checkpoint: the entry point for jobs parked on provider limits.
+
+use crate::agent::workspace::WorkDir;
+use crate::agent::{Events, Prepared};
+use crate::config::CheckpointSettings;
+use crate::metrics as m;
+use crate::state::{Lease, Saved, State};
+use crate::transport::{SessionObject, SessionObjects};
+use orch_shared::event::EventKind;
+use orch_shared::ids::JobId;
+use orch_shared::job::{Checkpoint, FailureReason, JobSpec, Usage, checkpoint_ref};
+use orch_shared::subject::MAX_SESSION_BYTES;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// The checkpoints of the cluster: Redis pointers and sessions-store objects. Cheap to clone.
+#[derive(Clone)]
+pub struct Custody {
+    state: State,
+    objects: SessionObjects,
+    settings: CheckpointSettings,
+    worker: String,
+}
+
+/// A checkpoint to resume from, with its conversation loaded.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub checkpoint: Checkpoint,
+    pub conversation: Vec<u8>,
+}
+
+/// The name of the sessions-store object holding `job`'s conversation at `step`.
+pub fn object_name(job: JobId, step: u32) -> String {
+    format!("checkpoint.{job}.{step}")
+}
+
+/// What a run of the backend saw when it finished a step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Steps done in this run (the recorder adds the steps of the run it resumed).
+    pub n: u32,
+    /// What this run has spent so far.
+    pub usage: Usage,
+    pub cost_usd: f64,
+    /// The step may have changed files: save it at once.
+    pub writes: bool,
+    pub conversation: Conversation,
+}
+
+/// Where a step's conversation is.
+#[derive(Debug, Clone)]
+pub enum Conversation {
+    /// The CLI's transcript file, complete once it names `must_contain` (the last tool call's
+    /// id: the CLI may print a result a moment before its transcript has it).
+    Transcript {
+        path: PathBuf,
+        must_contain: Option<String>,
+        session_id: String,
+        cwd: String,
+    },
+    /// The message list, as the session stores it.
+    Messages(Vec<u8>),
+}
+
+enum Cmd {
+    Step(Step),
+    /// Save what is pending now; answers with the last step saved.
+    Flush(oneshot::Sender<Option<u32>>),
+}
+
+/// Where a run's checkpoints go: what the backend gets (in its [`Events`]). Cheap to clone.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// What the backend and the recorder's task share.
+struct Shared {
+    /// The checkpoint the run may resume from (until the backend confirms or drops it).
+    resume: Option<Arc<Resume>>,
+    resumed: bool,
+    /// The workspace, once the backend has one that can be checkpointed.
+    tree: Option<Tree>,
+    /// The last checkpoint commit (the parent of the next one).
+    last_commit: Option<String>,
+    /// Steps and spending of the run this one resumed (0 when it starts afresh).
+    base_step: u32,
+    base_usage: Usage,
+    base_cost: f64,
+    turn: u32,
+    backend: &'static str,
+}
+
+/// A git workspace that can be checkpointed.
+#[derive(Debug, Clone)]
+struct Tree {
+    dir: PathBuf,
+    /// The commit the agent started from (files changed are counted against it).
+    base: String,
+}
+
+impl Custody {
+    pub fn new(
+        state: State,
+        objects: SessionObjects,
+        settings: CheckpointSettings,
+        worker: &str,
+    ) -> Self {
+        Self {
+            state,
+            objects,
+            settings,
+            worker: worker.to_string(),
+        }
+    }
+
+    pub fn settings(&self) -> &CheckpointSettings {
+        &self.settings
+    }
+
+    /// The checkpoint `job` resumes from: one left by an earlier run of the same attempt (or,
+    /// with `any_attempt`, of any earlier attempt), with its conversation. `Err` says why a
+    /// checkpoint that exists cannot be used (the attempt then starts over).
+    pub async fn resume_point(
+        &self,
+        job: &JobSpec,
+        any_attempt: bool,
+    ) -> Result<Option<Resume>, String> {
+        if !self.settings.enabled {
+            return Ok(None);
+        }
+        let json = match self.state.checkpoint(job.job_id).await {
+            Ok(Some(j)) => j,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(format!("the checkpoint could not be read: {e}")),
+        };
+        let checkpoint: Checkpoint = serde_json::from_str(&json)
+            .map_err(|e| format!("the checkpoint record is damaged: {e}"))?;
+        let usable =
+            checkpoint.attempt == job.attempt || (any_attempt && checkpoint.attempt < job.attempt);
+        if !usable {
+            return Ok(None);
+        }
+        let conversation = match self
+            .objects
+            .get(&checkpoint.transcript, MAX_SESSION_BYTES)
+            .await
+        {
+            Ok(SessionObject::Bytes(b)) => b,
+            Ok(SessionObject::Missing) => {
+                return Err(format!(
+                    "the conversation of step {} ({}) is gone",
+                    checkpoint.step, checkpoint.transcript
+                ));
+            }
+            Ok(SessionObject::TooLarge(n)) => {
+                return Err(format!("the conversation has {n} bytes, too many"));
+            }
+            Err(e) => return Err(format!("the conversation could not be read: {e}")),
+        };
+        check_conversation(&checkpoint, &conversation)?;
+        Ok(Some(Resume {
+            checkpoint,
+            conversation,
+        }))
+    }
+
+    /// A recorder for a run of `job` under `lease`, which may resume from `resume`; its task
+    /// saves checkpoints until every clone is dropped. `None` when checkpoints are off.
+    pub fn recorder(
+        &self,
+        job: &JobSpec,
+        lease: Option<&Lease>,
+        resume: Option<Resume>,
+        backend: &'static str,
+        events: Events,
+    ) -> Option<Recorder> {
+        if !self.settings.enabled {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Mutex::new(Shared {
+            resume: resume.map(Arc::new),
+            resumed: false,
+            tree: None,
+            last_commit: None,
+            base_step: 0,
+            base_usage: Usage::default(),
+            base_cost: 0.0,
+            turn: 1,
+            backend,
+        }));
+        let task = Task {
+            custody: self.clone(),
+            job: job.job_id,
+            attempt: job.attempt,
+            fence: lease.map_or(0, |l| l.fence),
+            lease: lease.cloned(),
+            shared: shared.clone(),
+            events,
+            fenced_out: false,
+        };
+        tokio::spawn(task.run(rx));
+        Some(Recorder { tx, shared })
+    }
+}
+
+impl Recorder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The checkpoint this run may resume from.
+    pub fn resume(&self) -> Option<Arc<Resume>> {
+        let s = self.lock();
+        s.resume
+            .clone()
+            .filter(|r| r.checkpoint.backend == s.backend)
+    }
+
+    /// The run resumed from [`Recorder::resume`]: its steps and spending count from there.
+    pub fn confirm_resume(&self, events: &Events) {
+        let mut s = self.lock();
+        let Some(r) = s.resume.clone() else { return };
+        let c = &r.checkpoint;
+        s.resumed = true;
+        s.base_step = c.step;
+        s.base_usage = c.usage;
+        s.base_cost = c.cost_usd;
+        s.last_commit = c.commit.clone();
+        events.send(EventKind::Resumed {
+            from_attempt: c.attempt,
+            from_step: c.step,
+            from_worker: c.worker.clone(),
+            usage: c.usage,
+            cost_usd: c.cost_usd,
+        });
+        metrics::counter!(m::JOBS_RESUMED).increment(1);
+    }
+
+    /// The checkpoint could not be restored: the run starts over, and says why.
+    pub fn abandon_resume(&self, events: &Events, reason: String) {
+        let mut s = self.lock();
+        if s.resume.take().is_some() {
+            tracing::warn!(%reason, "checkpoint not restored; starting over");
+            events.send(EventKind::ResumeFailed { reason });
+        }
+    }
+
+    /// What the runs before this one spent (counted in this attempt's totals), when it resumed.
+    pub fn resumed_spend(&self) -> Option<(Usage, f64)> {
+        let s = self.lock();
+        s.resumed.then_some((s.base_usage, s.base_cost))
+    }
+
+    /// The turn of the conversation this job is (1 unless it continues a stored session).
+    pub fn set_turn(&self, turn: u32) {
+        self.lock().turn = turn;
+    }
+
+    /// The git workspace `dir` (started at `base`) is what checkpoints save of the tree.
+    pub fn track_tree(&self, dir: &Path, base: &str) {
+        self.lock().tree = Some(Tree {
+            dir: dir.to_path_buf(),
+            base: base.to_string(),
+        });
+    }
+
+    /// Whether this run can be checkpointed (it has a tree to save): a drain may then hand it
+    /// back at once.
+    pub fn can_migrate(&self) -> bool {
+        self.lock().tree.is_some()
+    }
+
+    /// A step finished (never waits).
+    pub fn step(&self, step: Step) {
+        let _ = self.tx.send(Cmd::Step(step));
+    }
+
+    /// Saves the pending step now and returns the last step saved (a drain's last checkpoint).
+    pub async fn flush(&self) -> Option<u32> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Flush(tx)).is_err() {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+}
+
+/// The recorder's task: saves the latest step, rate-limited.
+struct Task {
+    custody: Custody,
+    job: JobId,
+    attempt: u32,
+    fence: u64,
+    lease: Option<Lease>,
+    shared: Arc<Mutex<Shared>>,
+    events: Events,
+    fenced_out: bool,
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let interval = self.custody.settings.interval;
+        let mut pending: Option<Step> = None;
+        let mut last_saved: Option<u32> = None;
+        let mut last_at: Option<Instant> = None;
+        loop {
+            let due = match (&pending, last_at) {
+                (Some(p), Some(at)) if !p.writes => Some(at + interval),
+                (Some(_), _) => Some(Instant::now()),
+                (None, _) => None,
+            };
+            let sleep = async {
+                match due {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                cmd = rx.recv() => match cmd {
+                    // The run ended: its result (or the next run) takes over.
+                    None => return,
+                    Some(Cmd::Step(s)) => {
+                        let writes = s.writes || pending.as_ref().is_some_and(|p| p.writes);
+                        pending = Some(Step { writes, ..s });
+                    }
+                    Some(Cmd::Flush(answer)) => {
+                        if let Some(step) = pending.take()
+                            && let Some(n) = self.save(step).await
+                        {
+                            last_saved = Some(n);
+                            last_at = Some(Instant::now());
+                        }
+                        let _ = answer.send(last_saved);
+                    }
+                },
+                _ = sleep => {
+                    if let Some(step) = pending.take()
+                        && let Some(n) = self.save(step).await
+                    {
+                        last_saved = Some(n);
+                    }
+                    last_at = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Saves one checkpoint; the step saved, or `None` (logged) when it was not.
+    async fn save(&mut self, step: Step) -> Option<u32> {
+        if self.fenced_out {
+            return None;
+        }
+        let started = Instant::now();
+        let (tree, parent, base_step, base_usage, base_cost, turn, backend) = {
+            let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            // A workspace that cannot be saved: a conversation alone would resume in the
+            // wrong files.
+            s.tree.as_ref()?;
+            (
+                s.tree.clone(),
+                s.last_commit.clone(),
+                s.base_step,
+                s.base_usage,
+                s.base_cost,
+                s.turn,
+                s.backend,
+            )
+        };
+        let n = base_step + step.n;
+        let (bytes, session_id, workspace) = match read_conversation(&step.conversation).await {
+            Ok(c) => c,
+            Err(why) => {
+                tracing::warn!(step = n, %why, "checkpoint skipped");
+                return None;
+            }
+        };
+        let (commit, files_changed) = match &tree {
+            Some(t) => match snapshot_tree(&t.dir, self.job, parent.as_deref(), &t.base, n).await {
+                Ok(c) => c,
+                Err(why) => {
+                    tracing::warn!(step = n, %why, "checkpoint skipped: the workspace was not saved");
+                    return None;
+                }
+            },
+            None => (None, 0),
+        };
+        let transcript = object_name(self.job, n);
+        if let Err(e) = self.custody.objects.put(&transcript, &bytes).await {
+            tracing::warn!(step = n, error = %e, "checkpoint skipped: the conversation was not stored");
+            return None;
+        }
+        let mut usage = base_usage;
+        usage.add(&step.usage);
+        let checkpoint = Checkpoint {
+            attempt: self.attempt,
+            fence: self.fence,
+            step: n,
+            worker: self.custody.worker.clone(),
+            backend: backend.to_string(),
+            transcript: transcript.clone(),
+            transcript_bytes: bytes.len() as u64,
+            session_id,
+            workspace,
+            turn,
+            commit: commit.clone(),
+            files_changed,
+            usage,
+            cost_usd: base_cost + step.cost_usd,
+            at_ms: orch_shared::now_ms(),
+        };
+        let json = serde_json::to_string(&checkpoint).unwrap_or_default();
+        let settings = &self.custody.settings;
+        let saved = self
+            .custody
+            .state
+            .save_checkpoint(
+                self.job,
+                self.lease.as_ref(),
+                (self.attempt, self.fence),
+                &json,
+                settings.keep,
+                settings.retention,
+            )
+            .await;
+        match saved {
+            Ok(Saved::Kept { dropped }) => {
+                for old in dropped {
+                    if let Ok(c) = serde_json::from_str::<Checkpoint>(&old) {
+                        let _ = self.custody.objects.delete(&c.transcript).await;
+                    }
+                }
+            }
+            Ok(Saved::FencedOut) => {
+                tracing::warn!(
+                    step = n,
+                    "checkpoint refused: another worker holds this attempt now"
+                );
+                self.fenced_out = true;
+                let _ = self.custody.objects.delete(&transcript).await;
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(step = n, error = %e, "checkpoint pointer not saved");
+                return None;
+            }
+        }
+        if let Some(c) = commit {
+            self.shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last_commit = Some(c);
+        }
+        let took = started.elapsed();
+        metrics::histogram!(m::CHECKPOINT_SECONDS).record(took.as_secs_f64());
+        tracing::debug!(step = n, ?took, bytes = bytes.len(), "checkpoint saved");
+        self.events.send(EventKind::Checkpointed {
+            step: n,
+            files_changed,
+            usage,
+        });
+        Some(n)
+    }
+}
+
+/// Why `conversation` cannot be what `checkpoint`'s backend resumes from, if it cannot: a
+/// Claude Code transcript is JSON lines under a session id, an API conversation a non-empty
+/// JSON list of messages.
+fn check_conversation(checkpoint: &Checkpoint, conversation: &[u8]) -> Result<(), String> {
+    let damaged = |why: &str| {
+        Err(format!(
+            "the conversation of step {} is damaged: {why}",
+            checkpoint.step
+        ))
+    };
+    if checkpoint.backend == crate::agent::claude_code::NAME {
+        if checkpoint.session_id.as_deref().is_none_or(str::is_empty) {
+            return damaged("no Claude Code session id");
+        }
+        let Ok(text) = std::str::from_utf8(conversation) else {
+            return damaged("not UTF-8");
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.is_empty() {
+            return damaged("empty");
+        }
+        if let Some(n) = lines
+            .iter()
+            .position(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
+        {
+            return damaged(&format!("line {} is not JSON", n + 1));
+        }
+        return Ok(());
+    }
+    match serde_json::from_slice::<serde_json::Value>(conversation) {
+        Ok(serde_json::Value::Array(m)) if !m.is_empty() => Ok(()),
+        _ => damaged("not a list of messages"),
+    }
+}
+
+/// The conversation bytes, and the session id and working directory they name.
+async fn read_conversation(c: &Conversation) -> Result<(Vec<u8>, Option<String>, String), String> {
+    match c {
+        Conversation::Messages(bytes) => Ok((bytes.clone(), None, String::new())),
+        Conversation::Transcript {
+            path,
+            must_contain,
+            session_id,
+            cwd,
+        } => {
+            // The CLI appends to its transcript as it goes; give it a moment to catch up
+            // with what it printed.
+            for _ in 0..50 {
+                if let Ok(mut bytes) = tokio::fs::read(path).await {
+                    // A line the CLI is still writing is not part of the step.
+                    let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                    bytes.truncate(end);
+                    let complete = must_contain.as_deref().is_none_or(|needle| {
+                        bytes
+                            .windows(needle.len().max(1))
+                            .any(|w| w == needle.as_bytes())
+                    });
+                    if complete {
+                        if bytes.len() > MAX_SESSION_BYTES {
+                            return Err("the transcript is too large".into());
+                        }
+                        return Ok((bytes, Some(session_id.clone()), cwd.clone()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(format!(
+                "the transcript {} does not have the step yet",
+                path.display()
+            ))
+        }
+    }
+}
+
+/// The temporary index checkpoints use (inside `.git`, so never part of a tree).
+fn checkpoint_index(dir: &Path) -> PathBuf {
+    dir.join(".git").join("orch-checkpoint.index")
+}
+
+/// Commits the whole working tree of `dir` with a temporary index (parent: `parent`, else
+/// `HEAD`) and pushes it to `job`'s checkpoint ref; the commit and how many files differ from
+/// `base`.
+async fn snapshot_tree(
+    dir: &Path,
+    job: JobId,
+    parent: Option<&str>,
+    base: &str,
+    step: u32,
+) -> Result<(Option<String>, u32), String> {
+    use crate::agent::git::{git, git_env};
+    let index = checkpoint_index(dir);
+    let index_s = index.display().to_string();
+    let env = [("GIT_INDEX_FILE", index_s.as_str())];
+    if tokio::fs::metadata(&index).await.is_err() {
+        // Start from the agent's index: its stat data spares hashing unchanged files.
+        let _ = tokio::fs::copy(dir.join(".git").join("index"), &index).await;
+    }
+    let add = git_env(dir, &["add", "-A", "-f"], &env).await;
+    if !add.ok {
+        return Err(format!("git add: {}", add.why()));
+    }
+    let tree = git_env(dir, &["write-tree"], &env).await;
+    if !tree.ok {
+        return Err(format!("git write-tree: {}", tree.why()));
+    }
+    let tree = tree.text().to_string();
+    let head;
+    let parent = match parent {
+        Some(p) => p,
+        None => {
+            head = git(dir, &["rev-parse", "HEAD"]).await;
+            if !head.ok {
+                return Err(format!("git rev-parse HEAD: {}", head.why()));
+            }
+            head.text()
+        }
+    };
+    let message = format!("orchestrator checkpoint: agent {job}, step {step}");
+    let date = format!("@{} +0000", orch_shared::now_ms() / 1000);
+    let commit = git_env(
+        dir,
+        &["commit-tree", &tree, "-p", parent, "-m", &message],
+        &[
+            ("GIT_AUTHOR_DATE", date.as_str()),
+            ("GIT_COMMITTER_DATE", date.as_str()),
+        ],
+    )
+    .await;
+    if !commit.ok {
+        return Err(format!("git commit-tree: {}", commit.why()));
+    }
+    let commit = commit.text().to_string();
+    let target = format!("{commit}:{}", checkpoint_ref(job));
+    // The lease on the previous checkpoint: a stale run pushing from an older one is refused.
+    let lease = match parent_is_checkpoint(dir, parent, job).await {
+        true => format!("--force-with-lease={}:{parent}", checkpoint_ref(job)),
+        false => "--force".to_string(),
+    };
+    let push = git(dir, &["push", "-q", &lease, "origin", &target]).await;
+    if !push.ok {
+        return Err(format!("git push of the checkpoint: {}", push.why()));
+    }
+    let files = git(
+        dir,
+        &[
+            "diff-tree",
+            "-r",
+            "--name-only",
+            "--no-renames",
+            base,
+            &commit,
+        ],
+    )
+    .await;
+    let changed = files.stdout.lines().filter(|l| !l.is_empty()).count() as u32;
+    Ok((Some(commit), changed))
+}
+
+/// Whether `parent` is a checkpoint commit of `job` (its message says so).
+async fn parent_is_checkpoint(dir: &Path, parent: &str, job: JobId) -> bool {
+    let out = crate::agent::git::git(dir, &["log", "-1", "--format=%s", parent]).await;
+    out.ok
+        && out
+            .text()
+            .starts_with(&format!("orchestrator checkpoint: agent {job},"))
+}
+
+/// Puts the working tree of the fresh clone `dir` in the state of checkpoint `commit` of
+/// `job` (fetched from `origin`), leaving the agent's index and `HEAD` where they are: files
+/// the checkpoint had and `HEAD` lacks come back untracked, as they were.
+pub async fn restore_tree(dir: &Path, job: JobId, commit: &str) -> Result<(), String> {
+    use crate::agent::git::{git, git_env};
+    let fetch = git(
+        dir,
+        &[
+            "fetch",
+            "-q",
+            "origin",
+            &format!("+{}:refs/orch/restore", checkpoint_ref(job)),
+        ],
+    )
+    .await;
+    if !fetch.ok {
+        return Err(format!(
+            "the checkpoint ref {} could not be fetched: {}",
+            checkpoint_ref(job),
+            fetch.why()
+        ));
+    }
+    let have = git(dir, &["cat-file", "-e", &format!("{commit}^{{commit}}")]).await;
+    if !have.ok {
+        return Err(format!(
+            "the checkpoint commit {commit} is not on {}",
+            checkpoint_ref(job)
+        ));
+    }
+    let index = dir.join(".git").join("orch-restore.index");
+    let index_s = index.display().to_string();
+    let env = [("GIT_INDEX_FILE", index_s.as_str())];
+    let read = git_env(dir, &["read-tree", "HEAD"], &env).await;
+    let update = if read.ok {
+        git_env(dir, &["read-tree", "-m", "-u", "HEAD", commit], &env).await
+    } else {
+        read
+    };
+    let _ = tokio::fs::remove_file(&index).await;
+    if !update.ok {
+        return Err(format!(
+            "the checkpoint's files could not be written: {}",
+            update.why()
+        ));
+    }
+    Ok(())
+}
+
+/// The workspace of `p`'s job, restored to the checkpoint its run resumes from when there is
+/// one (returned only when it was restored). A checkpoint whose tree cannot be restored is
+/// dropped (a `resume_failed` event says why) and the run gets a fresh workspace.
+pub async fn workspace_for(
+    p: &Prepared<'_>,
+    events: &Events,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(WorkDir, Option<Arc<Resume>>), (FailureReason, String)> {
+    let dir = WorkDir::prepare(p.job, p.data_dir, cancel).await?;
+    let Some(rec) = events.recorder() else {
+        return Ok((dir, None));
+    };
+    if let Some(base) = dir.git_base() {
+        rec.track_tree(&dir.path, base);
+    }
+    let Some(resume) = rec.resume() else {
+        return Ok((dir, None));
+    };
+    let restored = match (&resume.checkpoint.commit, dir.git_base()) {
+        (Some(commit), Some(_)) => restore_tree(&dir.path, p.job.job_id, commit).await,
+        (None, _) => Err("the checkpoint has no workspace to restore".to_string()),
+        (Some(_), None) => Err("this job's workspace is not a git clone".to_string()),
+    };
+    match restored {
+        Ok(()) => Ok((dir, Some(resume))),
+        Err(why) => {
+            rec.abandon_resume(events, why);
+            drop(dir);
+            let dir = WorkDir::prepare(p.job, p.data_dir, cancel).await?;
+            if let Some(base) = dir.git_base() {
+                rec.track_tree(&dir.path, base);
+            }
+            Ok((dir, None))
+        }
+    }
+}
+
+/// The message a resumed Claude Code session continues with.
+pub fn continuation_prompt(step: u32) -> String {
+    format!(
+        "The previous run of this task was interrupted after step {step} (its worker stopped). \
+         The conversation and the files are as they were then. Continue where you left off and \
+         finish the task."
+    )
+}
