@@ -346,3 +346,66 @@ async fn a_job_past_its_memory_limit_is_killed_and_reported_and_the_worker_lives
     assert_completed(&cluster, &task);
     assert_eq!(task.jobs[0].output.as_deref(), Some("200000000"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_reaches_the_hosts_it_allows_through_the_proxy_and_no_other() {
+    let fake = FakeAnthropic::start([]).await;
+    let port = fake.url.rsplit(':').next().unwrap().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("worker.toml");
+    // The builder may reach the fake's port (standing in for a package registry), nothing else.
+    std::fs::write(
+        &config,
+        format!("[roles.builder]\nallowed_hosts = [\"127.0.0.1:{port}\"]\n"),
+    )
+    .unwrap();
+    let mut opts = options(&fake, &data.path().join("data"));
+    opts.worker_args
+        .extend(["--config".into(), config.display().to_string()]);
+    let cluster = Cluster::start(opts).await;
+    let redis_port = cluster
+        .redis_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/');
+    // Loopback is excluded from the proxy by NO_PROXY: name it explicitly, as a tunnel.
+    let curl = "curl -sS --max-time 10 --noproxy '' -x \"$HTTP_PROXY\" --proxytunnel";
+    let script = format!(
+        "echo ==allowed; {curl} http://127.0.0.1:{port}/tunnel-probe 2>&1; echo\n\
+         echo ==refused; {curl} http://127.0.0.1:{redis_port}/ 2>&1\n\
+         echo ==end"
+    );
+    fake.push([
+        Reply::tool_use("bash", json!({"command": script})),
+        Reply::text("## Summary\nFetched."),
+    ]);
+    let task = cluster
+        .submit(json!({
+            "prompt": "fetch", "roles": ["builder"], "backend": "anthropic", "model": MODEL,
+            "max_attempts": 1,
+        }))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(60))
+        .await;
+    assert_completed(&cluster, &task);
+    let out = tool_results(&fake.message_requests()[1].body);
+    let sections = sections(&out);
+    assert!(
+        sections["allowed"].contains("not a Messages API route"),
+        "the allowed host did not answer through the tunnel:\n{out}"
+    );
+    assert!(
+        fake.requests().iter().any(|r| r.path == "/tunnel-probe"),
+        "the allowed host saw no request"
+    );
+    assert!(
+        sections["refused"].contains("403"),
+        "a host outside the allowlist was not refused:\n{out}"
+    );
+    assert!(
+        cluster.logs().contains(&format!("127.0.0.1:{redis_port}")),
+        "the refusal is logged with its target"
+    );
+}
