@@ -589,6 +589,7 @@ mod tests {
             retry_at_ms: None,
             context: None,
             worker_id: None,
+            sandbox: None,
             queued_at_ms: None,
             started_at_ms: None,
             finished_at_ms: None,
@@ -654,6 +655,7 @@ mod tests {
             model: None,
             delivery: 1,
             started_at_us: 0,
+            sandbox: None,
         }
     }
 

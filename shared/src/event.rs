@@ -77,6 +77,10 @@ pub enum EventKind {
         /// milliseconds): the exact end of the job's wait in the queue. 0 from older workers.
         #[serde(default)]
         started_at_us: u64,
+        /// What the job's agent sandbox allows (writable paths, hosts, limits), in one line;
+        /// `None` when the worker runs agents without a sandbox (or is older).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
     },
     /// The agent is thinking (no output yet).
     Thinking,

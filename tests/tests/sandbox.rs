@@ -5,7 +5,7 @@
 //! its workspace and reaches the model API through the worker's proxy, which adds the
 //! credential the agent never sees. A job past its memory limit is killed and reported as
 //! such; the worker lives on. Real NATS, Redis, worker binary and CLI; only the model API is
-//! fake.
+//! fake. What a job was allowed is on its record and in `orchctl agents show`.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::JobStatus;
@@ -228,6 +228,28 @@ async fn probe_through(backend: &str, tool: &str, input: impl Fn(&str) -> Value)
     assert!(
         cluster.logs().contains("sandbox: refused a connection"),
         "the refused host is logged"
+    );
+    // What the job was allowed is on its record and in `orchctl agents show`.
+    let job = &task.jobs[0];
+    let allowed = job.sandbox.as_deref().unwrap_or_default();
+    assert!(
+        allowed.contains("network: the model API, crates.io")
+            && allowed.contains("memory: 4096 MiB"),
+        "{job:#?}"
+    );
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "show",
+            &job.id.to_string(),
+        ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("sandbox") && l.contains("crates.io")),
+        "{stdout}"
     );
 }
 

@@ -402,6 +402,7 @@ mod tests {
                 model: None,
                 delivery: 2,
                 started_at_us: 0,
+                sandbox: None,
             }),
             0,
             false,

@@ -268,6 +268,12 @@ pub trait Agent: Send + Sync {
         self.name()
     }
 
+    /// What `job`'s sandbox allows, in one line (`None`: its processes run unsandboxed, or it
+    /// starts none).
+    fn sandbox_for(&self, _job: &JobSpec) -> Option<String> {
+        None
+    }
+
     /// The model `job` runs on, when the agent picks one the job did not name.
     fn model_for(&self, job: &JobSpec) -> Option<String> {
         job.model.clone()

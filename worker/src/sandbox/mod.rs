@@ -244,6 +244,21 @@ impl Sandbox {
         })))
     }
 
+    /// What a job with `allowance` may do inside, in one line (for the job's start event and
+    /// `orchctl agents show`).
+    pub fn describe(&self, allowance: &Allowance) -> String {
+        let memory = allowance.memory_max.or(self.memory_max);
+        let pids = allowance.pids_max.or(self.pids_max);
+        let limited = self.limits.is_some();
+        summary(
+            "the workspace",
+            &allowance.writable,
+            &allowance.allowed_hosts,
+            memory.filter(|_| limited),
+            pids.filter(|_| limited),
+        )
+    }
+
     /// The sandbox of one job attempt working in `workspace`, allowed what `allowance` says;
     /// its token is valid until the [`Jail`] is dropped.
     pub fn jail(
@@ -374,24 +389,14 @@ impl Jail {
         self.memory_max
     }
 
-    /// What this job is allowed, in one line (for the job's events and logs).
+    /// What this job is allowed, in one line (for the logs).
     pub fn describe(&self) -> String {
-        let mb = |b: u64| format!("{} MiB", b >> 20);
-        let hosts = if self.allowance.allowed_hosts.is_empty() {
-            "the model API only".to_string()
-        } else {
-            format!(
-                "the model API and {}",
-                self.allowance.allowed_hosts.join(", ")
-            )
-        };
-        let mut writable = vec![self.workspace.display().to_string()];
-        writable.extend(self.writable.iter().map(|p| p.display().to_string()));
-        format!(
-            "sandbox: writes {}; network: {hosts}; memory: {}; processes: {}",
-            writable.join(", "),
-            self.memory_max.map_or("no limit".into(), mb),
-            self.pids_max.map_or("no limit".into(), |n| n.to_string()),
+        summary(
+            &self.workspace.display().to_string(),
+            &self.writable,
+            &self.allowance.allowed_hosts,
+            self.memory_max,
+            self.pids_max,
         )
     }
 
@@ -524,6 +529,29 @@ impl Drop for Jail {
             cg.remove();
         }
     }
+}
+
+/// One line on what a sandbox allows.
+fn summary(
+    workspace: &str,
+    writable: &[PathBuf],
+    hosts: &[String],
+    memory: Option<u64>,
+    pids: Option<u64>,
+) -> String {
+    let hosts = if hosts.is_empty() {
+        "the model API only".to_string()
+    } else {
+        format!("the model API, {}", hosts.join(", "))
+    };
+    let mut writes = vec![workspace.to_string()];
+    writes.extend(writable.iter().map(|p| p.display().to_string()));
+    format!(
+        "writes {}; network: {hosts}; memory: {}; processes: {}",
+        writes.join(", "),
+        memory.map_or("no limit".into(), |b| format!("{} MiB", b >> 20)),
+        pids.map_or("no limit".into(), |n| n.to_string()),
+    )
 }
 
 /// Whether `p` is already visible inside through the system mounts.
