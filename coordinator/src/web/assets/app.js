@@ -963,7 +963,7 @@ function agentPage() {
     const from = j.continues ? task && task.jobs.find((x) => x.id === j.continues) : null;
     const rel = j.continues ? `<span class="rel">${j.forked ? ICON_BRANCH + " forked from" : "↳ continues"} ${agentLink(j.continues, from ? turnLabel(from) : esc(short(j.continues)))}</span>` : "";
     const git = j.git ? `<span>branch <span class="mono">${esc(j.git.branch)}</span> @ <span class="mono" title="${esc(j.git.commit)}">${esc((j.git.commit || "").slice(0, 7))}</span></span>` : "";
-    $("#a-meta").innerHTML = `${badge(j.status)}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${git}`;
+    $("#a-meta").innerHTML = `${badge(j.status)}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${j.sandbox ? `<span title="what the agent's sandbox allowed">sandbox: ${esc(j.sandbox)}</span>` : ""}${git}`;
     const toolList = Object.entries(d.tools || {}).map(([k, v]) => `${esc(k)} ×${v}`).join(", ");
     $("#a-kpis").innerHTML = kpi("Elapsed", `<span data-start="${j.status === "running" ? j.started_at_ms || "" : ""}">${elapsed(j.started_at_ms, j.finished_at_ms)}</span>`, j.started_at_ms ? "started " + clock(j.started_at_ms) : "not started") +
       kpi("Tokens", tokens(totalTokens(j.usage)), `${tokens(j.usage.input_tokens)} in · ${tokens(j.usage.output_tokens)} out`) +
@@ -1005,7 +1005,7 @@ function agentPage() {
   };
 
   es = stream(`/v1/agents/${id}/logs?follow=true`, {
-    job_started: (ev) => add("mark", `Attempt ${ev.attempt} started`, `<span>on <span class="mono">${esc(ev.kind.worker_id)}</span> · ${esc(ev.kind.backend)}${ev.kind.model ? " · " + esc(ev.kind.model) : ""}</span>`, clock(ev.at_ms)),
+    job_started: (ev) => add("mark", `Attempt ${ev.attempt} started`, `<span>on <span class="mono">${esc(ev.kind.worker_id)}</span> · ${esc(ev.kind.backend)}${ev.kind.model ? " · " + esc(ev.kind.model) : ""}${ev.kind.sandbox ? " · sandbox: " + esc(ev.kind.sandbox) : ""}</span>`, clock(ev.at_ms)),
     thinking: () => {
       if (!$(".thinking", box)) add("mark thinking", "Thinking…", "");
     },
