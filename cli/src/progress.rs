@@ -292,7 +292,7 @@ impl Panel {
                 step.cost_running = *cost_usd;
                 None
             }
-            EventKind::Heartbeat => None,
+            EventKind::Heartbeat | EventKind::SandboxRefused { .. } => None,
             EventKind::JobFinished {
                 success,
                 reason,

@@ -98,6 +98,8 @@ pub enum EventKind {
         output: String,
         is_error: bool,
     },
+    /// The agent's sandbox refused a connection (a host its role does not allow).
+    SandboxRefused { target: String },
     /// Token usage so far for this job (cumulative).
     Usage { usage: Usage, cost_usd: f64 },
     /// The job is still running (sent with every in-progress ack).

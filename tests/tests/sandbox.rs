@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::JobStatus;
+use orch_shared::event::EventKind;
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::{Cluster, Options, assert_completed};
 use serde_json::{Value, json};
@@ -430,4 +431,18 @@ async fn a_role_reaches_the_hosts_it_allows_through_the_proxy_and_no_other() {
         cluster.logs().contains(&format!("127.0.0.1:{redis_port}")),
         "the refusal is logged with its target"
     );
+    // And is an event of the job.
+    let id = task.id.to_string();
+    let target = format!("127.0.0.1:{redis_port}");
+    cluster
+        .eventually(Duration::from_secs(10), || async {
+            let refused = cluster.events(&id, None).await.into_iter().any(
+                |(_, e)| matches!(&e.kind, EventKind::SandboxRefused { target: t } if *t == target),
+            );
+            match refused {
+                true => Ok(()),
+                false => Err("no sandbox_refused event"),
+            }
+        })
+        .await;
 }

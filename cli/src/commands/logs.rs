@@ -147,6 +147,9 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             output::count(usage.cache_read_tokens),
             output::cost(*cost_usd)
         ),
+        EventKind::SandboxRefused { target } => {
+            format!("sandbox refused a connection to {target} (not an allowed host)")
+        }
         EventKind::Heartbeat if heartbeats => "heartbeat".to_string(),
         EventKind::Heartbeat => return None,
         EventKind::JobFinished {

@@ -148,7 +148,7 @@ impl Report {
 }
 
 /// Where an agent sends its progress; the runner publishes it to the task's event log.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Events(mpsc::UnboundedSender<EventKind>);
 
 impl Events {
@@ -184,13 +184,22 @@ pub struct Prepared<'a> {
 
 impl Prepared<'_> {
     /// The job's sandbox for processes working in `workspace` (`None` when the sandbox is
-    /// off); what it allows is logged.
-    pub fn jail(&self, workspace: &Path) -> Result<Option<Jail>, (FailureReason, String)> {
+    /// off); what it allows is logged, what it refuses goes to `events`.
+    pub fn jail(
+        &self,
+        workspace: &Path,
+        events: &Events,
+    ) -> Result<Option<Jail>, (FailureReason, String)> {
         let Some(sandbox) = self.sandbox else {
             return Ok(None);
         };
         let name = format!("{}-{}", self.job.job_id, self.job.attempt);
-        match sandbox.jail(&name, workspace, &self.profile.sandbox) {
+        match sandbox.jail(
+            &name,
+            workspace,
+            &self.profile.sandbox,
+            Some(events.clone()),
+        ) {
             Ok(j) => {
                 tracing::info!(job_id = %self.job.job_id, allowed = %j.describe(), "agent sandbox ready");
                 Ok(Some(j))

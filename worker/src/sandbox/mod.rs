@@ -36,7 +36,7 @@ pub mod bridge;
 pub mod limits;
 pub mod proxy;
 
-use crate::agent::process;
+use crate::agent::{Events, process};
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -266,6 +266,7 @@ impl Sandbox {
         name: &str,
         workspace: &Path,
         allowance: &Allowance,
+        events: Option<Events>,
     ) -> Result<Jail, Error> {
         let memory_max = allowance.memory_max.or(self.memory_max);
         let pids_max = allowance.pids_max.or(self.pids_max);
@@ -282,6 +283,7 @@ impl Sandbox {
             proxy::Grant {
                 job: name.to_string(),
                 allowance: allowance.clone(),
+                events,
             },
         );
         Ok(Jail {

@@ -11,6 +11,7 @@
 //! - Anything else (plain-HTTP proxying) is refused.
 
 use super::Allowance;
+use crate::agent::Events;
 use crate::config::Secret;
 use axum::body::Body;
 use base64::Engine;
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use orch_shared::event::EventKind;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::Path;
@@ -34,6 +36,8 @@ pub struct Grant {
     /// The job attempt, for logs.
     pub job: String,
     pub allowance: Allowance,
+    /// The job's event sink: refusals are told there too.
+    pub events: Option<Events>,
 }
 
 /// The live tokens.
@@ -265,6 +269,11 @@ fn connect(req: Request<Incoming>, grants: &Grants) -> Response<Body> {
     );
     if !grant.allowance.allows(&host, port) {
         tracing::warn!(job = %grant.job, target = %format!("{host}:{port}"), "sandbox: refused a connection (not in the role's allowed hosts)");
+        if let Some(events) = &grant.events {
+            events.send(EventKind::SandboxRefused {
+                target: format!("{host}:{port}"),
+            });
+        }
         return refuse(
             StatusCode::FORBIDDEN,
             "permission_error",

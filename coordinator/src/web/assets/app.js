@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "heartbeat", "job_finished", "task_finished"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "sandbox_refused", "usage", "heartbeat", "job_finished", "task_finished"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -180,6 +180,7 @@ function describe(ev) {
     case "text": return "Text: " + esc(String(k.text).slice(0, 140));
     case "tool_call": return `Tool <b>${esc(k.name)}</b>`;
     case "tool_result": return k.is_error ? "Tool error" : "Tool result";
+    case "sandbox_refused": return `Sandbox refused ${esc(k.target)}`;
     case "usage": return `Usage: ${tokens(totalTokens(k.usage))} tokens, ${usd(k.cost_usd)}`;
     case "heartbeat": return "Heartbeat";
     case "job_finished": return (k.success ? "Agent finished" : `Agent failed (${esc(k.reason)}): ${esc(k.message || "")}`) + ` in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
@@ -1015,6 +1016,7 @@ function agentPage() {
       calls.set(ev.kind.call_id, ev.kind.name);
       return div;
     },
+    sandbox_refused: (ev) => add("error", "Sandbox refused a connection", `<span class="mono">${esc(ev.kind.target)}</span> is not an allowed host of this role`, clock(ev.at_ms)),
     tool_result: (ev) => add(ev.kind.is_error ? "error" : "result", (ev.kind.is_error ? "Tool error · " : "Tool result · ") + (calls.get(ev.kind.call_id) || ev.kind.call_id), `<pre>${esc(ev.kind.output)}</pre>`, clock(ev.at_ms)),
     job_retrying: (ev) => add("mark", "Retrying", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
     job_cancelled: (ev) => add("error", "Cancelled", `<span>${esc(ev.kind.reason)}</span>`, clock(ev.at_ms)),

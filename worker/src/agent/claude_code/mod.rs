@@ -181,7 +181,7 @@ impl ClaudeCode {
             Ok(d) => d,
             Err(e) => return failed(e),
         };
-        let mut jail = match p.jail(&dir.path) {
+        let mut jail = match p.jail(&dir.path, events) {
             Ok(j) => j,
             Err(e) => return failed(e),
         };
