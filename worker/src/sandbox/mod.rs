@@ -23,7 +23,7 @@
 //! agent gets it as its API key and the proxy as its base URL, and the proxy swaps the token for
 //! the real credential ([`proxy::Upstream::credential`]). Other hosts are reached through the same
 //! proxy as an HTTP CONNECT proxy (`HTTPS_PROXY`), only those the role allows; a refusal is
-//! logged with the job's id.
+//! a `sandbox_refused` event of the job and a warning in the log.
 //!
 //! Limits: memory and pids per job in a cgroup of the worker's own ([`limits`]), where the
 //! worker may create one; a job killed by the kernel for its memory is reported as such.

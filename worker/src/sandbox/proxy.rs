@@ -6,8 +6,8 @@
 //!   one is replaced by the real credential ([`Upstream::credential`]) and the request is
 //!   forwarded to the provider, its answer streamed back as it comes (SSE unbuffered).
 //! - `CONNECT host:port` (the agent's `HTTPS_PROXY`) carries the token as the proxy password;
-//!   the tunnel opens only to a host the job's role allows, else 403 and a warning naming the
-//!   job and the host.
+//!   the tunnel opens only to a host the job's role allows, else 403, a `sandbox_refused`
+//!   event of the job and a warning naming the job and the host.
 //! - Anything else (plain-HTTP proxying) is refused.
 
 use super::Allowance;
