@@ -296,7 +296,9 @@ impl Panel {
                 step.mark_running("compacting its context");
                 None
             }
-            EventKind::Heartbeat | EventKind::Checkpointed { .. } => None,
+            EventKind::Heartbeat
+            | EventKind::Checkpointed { .. }
+            | EventKind::SandboxRefused { .. } => None,
             EventKind::Resumed { from_step, .. } => {
                 step.mark_running(&format!("resumed after step {from_step}"));
                 None
@@ -601,6 +603,7 @@ mod tests {
             retry_at_ms: None,
             context: None,
             worker_id: None,
+            sandbox: None,
             queued_at_ms: None,
             started_at_ms: None,
             finished_at_ms: None,
@@ -668,6 +671,7 @@ mod tests {
             model: None,
             delivery: 1,
             started_at_us: 0,
+            sandbox: None,
         }
     }
 

@@ -556,7 +556,12 @@ impl Lane {
     /// Marks the job running in the cached task; the save follows within
     /// [`START_SAVE_DELAY`], or comes with the task's next save if that is sooner.
     async fn on_started(&mut self, event: Event) {
-        let (Some(job_id), EventKind::JobStarted { worker_id, .. }) = (event.job_id, &event.kind)
+        let (
+            Some(job_id),
+            EventKind::JobStarted {
+                worker_id, sandbox, ..
+            },
+        ) = (event.job_id, &event.kind)
         else {
             return;
         };
@@ -587,6 +592,9 @@ impl Lane {
                 self.uncache_ended(event.task_id);
             }
             return;
+        }
+        if let Some(job) = task.jobs.iter_mut().find(|j| j.id == job_id) {
+            job.sandbox.clone_from(sandbox);
         }
         if let Some(q) = queued_at {
             metrics::histogram!(m::DISPATCH_LATENCY)

@@ -164,6 +164,7 @@ fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
         retry_at_ms: None,
         context: None,
         worker_id: None,
+        sandbox: None,
         queued_at_ms: None,
         started_at_ms: None,
         finished_at_ms: None,

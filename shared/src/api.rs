@@ -355,6 +355,9 @@ pub struct Job {
     pub context: Option<String>,
     #[serde(default)]
     pub worker_id: Option<WorkerId>,
+    /// What the agent's sandbox allowed (from the job's start); `None` without a sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
     #[serde(default)]
     pub queued_at_ms: Option<u64>,
     #[serde(default)]

@@ -84,6 +84,10 @@ pub enum EventKind {
         /// milliseconds): the exact end of the job's wait in the queue. 0 from older workers.
         #[serde(default)]
         started_at_us: u64,
+        /// What the job's agent sandbox allows (writable paths, hosts, limits), in one line;
+        /// `None` when the worker runs agents without a sandbox (or is older).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sandbox: Option<String>,
     },
     /// The agent is thinking (no output yet).
     Thinking,
@@ -101,6 +105,8 @@ pub enum EventKind {
         output: String,
         is_error: bool,
     },
+    /// The agent's sandbox refused a connection (a host its role does not allow).
+    SandboxRefused { target: String },
     /// Token usage so far for this job (cumulative).
     Usage { usage: Usage, cost_usd: f64 },
     /// The agent's conversation neared its model's context window, so its earlier rounds were

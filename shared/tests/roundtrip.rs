@@ -153,18 +153,22 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
             "[a-z-]{1,12}",
             proptest::option::of("[a-z0-9-]{1,12}"),
             any::<u64>(),
-            any::<u64>()
+            any::<u64>(),
+            proptest::option::of(".*")
         )
-            .prop_map(|(w, role, backend, model, delivery, started_at_us)| {
-                EventKind::JobStarted {
-                    worker_id: WorkerId(w),
-                    role,
-                    backend,
-                    model,
-                    delivery,
-                    started_at_us,
+            .prop_map(
+                |(w, role, backend, model, delivery, started_at_us, sandbox)| {
+                    EventKind::JobStarted {
+                        worker_id: WorkerId(w),
+                        role,
+                        backend,
+                        model,
+                        delivery,
+                        started_at_us,
+                        sandbox,
+                    }
                 }
-            }),
+            ),
         Just(EventKind::Thinking),
         ".*".prop_map(|text| EventKind::Text { text }),
         (".*", ".*", ".*").prop_map(|(call_id, name, input)| EventKind::ToolCall {
@@ -408,6 +412,7 @@ fn sample_events() -> Vec<Event> {
             model: None,
             delivery: 1,
             started_at_us: 1_764_000_000_123_456,
+            sandbox: None,
         }),
         at(EventKind::ToolCall {
             call_id: "c1".into(),
@@ -460,6 +465,7 @@ fn sample_task() -> Task {
             retry_at_ms: None,
             context: None,
             worker_id: Some(WorkerId("w1".into())),
+            sandbox: None,
             queued_at_ms: Some(1),
             started_at_ms: Some(2),
             finished_at_ms: Some(3),

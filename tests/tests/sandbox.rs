@@ -5,10 +5,11 @@
 //! its workspace and reaches the model API through the worker's proxy, which adds the
 //! credential the agent never sees. A job past its memory limit is killed and reported as
 //! such; the worker lives on. Real NATS, Redis, worker binary and CLI; only the model API is
-//! fake.
+//! fake. What a job was allowed is on its record and in `orchctl agents show`.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
 use orch_shared::api::JobStatus;
+use orch_shared::event::EventKind;
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::{Cluster, Options, assert_completed};
 use serde_json::{Value, json};
@@ -229,6 +230,28 @@ async fn probe_through(backend: &str, tool: &str, input: impl Fn(&str) -> Value)
         cluster.logs().contains("sandbox: refused a connection"),
         "the refused host is logged"
     );
+    // What the job was allowed is on its record and in `orchctl agents show`.
+    let job = &task.jobs[0];
+    let allowed = job.sandbox.as_deref().unwrap_or_default();
+    assert!(
+        allowed.contains("network: the model API, crates.io")
+            && allowed.contains("memory: 4096 MiB"),
+        "{job:#?}"
+    );
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "show",
+            &job.id.to_string(),
+        ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("sandbox") && l.contains("crates.io")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,4 +368,81 @@ async fn a_job_past_its_memory_limit_is_killed_and_reported_and_the_worker_lives
         .await;
     assert_completed(&cluster, &task);
     assert_eq!(task.jobs[0].output.as_deref(), Some("200000000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_reaches_the_hosts_it_allows_through_the_proxy_and_no_other() {
+    let fake = FakeAnthropic::start([]).await;
+    let port = fake.url.rsplit(':').next().unwrap().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("worker.toml");
+    // The builder may reach the fake's port (standing in for a package registry), nothing else.
+    std::fs::write(
+        &config,
+        format!("[roles.builder]\nallowed_hosts = [\"127.0.0.1:{port}\"]\n"),
+    )
+    .unwrap();
+    let mut opts = options(&fake, &data.path().join("data"));
+    opts.worker_args
+        .extend(["--config".into(), config.display().to_string()]);
+    let cluster = Cluster::start(opts).await;
+    let redis_port = cluster
+        .redis_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/');
+    // Loopback is excluded from the proxy by NO_PROXY: name it explicitly, as a tunnel.
+    let curl = "curl -sS --max-time 10 --noproxy '' -x \"$HTTP_PROXY\" --proxytunnel";
+    let script = format!(
+        "echo ==allowed; {curl} http://127.0.0.1:{port}/tunnel-probe 2>&1; echo\n\
+         echo ==refused; {curl} http://127.0.0.1:{redis_port}/ 2>&1\n\
+         echo ==end"
+    );
+    fake.push([
+        Reply::tool_use("bash", json!({"command": script})),
+        Reply::text("## Summary\nFetched."),
+    ]);
+    let task = cluster
+        .submit(json!({
+            "prompt": "fetch", "roles": ["builder"], "backend": "anthropic", "model": MODEL,
+            "max_attempts": 1,
+        }))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(60))
+        .await;
+    assert_completed(&cluster, &task);
+    let out = tool_results(&fake.message_requests()[1].body);
+    let sections = sections(&out);
+    assert!(
+        sections["allowed"].contains("not a Messages API route"),
+        "the allowed host did not answer through the tunnel:\n{out}"
+    );
+    assert!(
+        fake.requests().iter().any(|r| r.path == "/tunnel-probe"),
+        "the allowed host saw no request"
+    );
+    assert!(
+        sections["refused"].contains("403"),
+        "a host outside the allowlist was not refused:\n{out}"
+    );
+    assert!(
+        cluster.logs().contains(&format!("127.0.0.1:{redis_port}")),
+        "the refusal is logged with its target"
+    );
+    // And is an event of the job.
+    let id = task.id.to_string();
+    let target = format!("127.0.0.1:{redis_port}");
+    cluster
+        .eventually(Duration::from_secs(10), || async {
+            let refused = cluster.events(&id, None).await.into_iter().any(
+                |(_, e)| matches!(&e.kind, EventKind::SandboxRefused { target: t } if *t == target),
+            );
+            match refused {
+                true => Ok(()),
+                false => Err("no sandbox_refused event"),
+            }
+        })
+        .await;
 }

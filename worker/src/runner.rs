@@ -169,6 +169,7 @@ impl Runner {
                 model: self.agent.model_for(&spec),
                 delivery: job.delivery,
                 started_at_us: orch_shared::now_us(),
+                sandbox: self.agent.sandbox_for(&spec),
             },
         )
         .await;

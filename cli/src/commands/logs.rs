@@ -156,6 +156,9 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             output::count(*tokens_before),
             tokens_after.map_or("?".to_string(), output::count)
         ),
+        EventKind::SandboxRefused { target } => {
+            format!("sandbox refused a connection to {target} (not an allowed host)")
+        }
         EventKind::Heartbeat if heartbeats => "heartbeat".to_string(),
         EventKind::Heartbeat => return None,
         EventKind::Checkpointed {
@@ -433,6 +436,7 @@ mod tests {
                 model: None,
                 delivery: 2,
                 started_at_us: 0,
+                sandbox: None,
             }),
             0,
             false,

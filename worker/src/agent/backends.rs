@@ -388,6 +388,19 @@ impl Agent for Backends {
         self.model(job, self.pick(job))
     }
 
+    fn sandbox_for(&self, job: &JobSpec) -> Option<String> {
+        let sandbox = self.sandbox.as_ref()?;
+        let profile = self.roles.for_job(job);
+        match self.pick(job) {
+            // No process started: nothing runs in a sandbox.
+            Backend::Sim => None,
+            Backend::Anthropic | Backend::Openai if !profile.native_tools().contains(&"bash") => {
+                None
+            }
+            _ => Some(sandbox.describe(&profile.sandbox)),
+        }
+    }
+
     fn run<'a>(
         &'a self,
         job: &'a JobSpec,

@@ -55,7 +55,7 @@ impl CommandAgent {
             Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
         };
         let prompt = format!("{}\n\n{}", p.profile.system_prompt, p.prompt);
-        let jail = match p.jail(&dir.path) {
+        let jail = match p.jail(&dir.path, events) {
             Ok(j) => j,
             Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
         };

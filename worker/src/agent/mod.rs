@@ -161,6 +161,14 @@ pub struct Events {
     recorder: Option<Recorder>,
 }
 
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("recorder", &self.recorder.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Events {
     pub fn new() -> (Self, mpsc::UnboundedReceiver<EventKind>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -212,9 +220,13 @@ pub struct Prepared<'a> {
 
 impl Prepared<'_> {
     /// The job's sandbox for processes working in `workspace` (`None` when the sandbox is
-    /// off); what it allows is logged.
-    pub fn jail(&self, workspace: &Path) -> Result<Option<Jail>, (FailureReason, String)> {
-        self.jail_on(workspace, None)
+    /// off); what it allows is logged, what it refuses goes to `events`.
+    pub fn jail(
+        &self,
+        workspace: &Path,
+        events: &Events,
+    ) -> Result<Option<Jail>, (FailureReason, String)> {
+        self.jail_on(workspace, events, None)
     }
 
     /// [`Prepared::jail`] whose model requests go upstream with `credential` (the pool
@@ -222,13 +234,20 @@ impl Prepared<'_> {
     pub fn jail_on(
         &self,
         workspace: &Path,
+        events: &Events,
         credential: Option<&crate::config::Secret>,
     ) -> Result<Option<Jail>, (FailureReason, String)> {
         let Some(sandbox) = self.sandbox else {
             return Ok(None);
         };
         let name = format!("{}-{}", self.job.job_id, self.job.attempt);
-        match sandbox.jail(&name, workspace, &self.profile.sandbox, credential) {
+        match sandbox.jail(
+            &name,
+            workspace,
+            &self.profile.sandbox,
+            Some(events.clone()),
+            credential,
+        ) {
             Ok(j) => {
                 tracing::info!(job_id = %self.job.job_id, allowed = %j.describe(), "agent sandbox ready");
                 Ok(Some(j))
@@ -316,6 +335,12 @@ pub trait Agent: Send + Sync {
     /// The backend that runs `job` (for `JobStarted`): [`backends::Backends`] runs several.
     fn backend_for(&self, _job: &JobSpec) -> &'static str {
         self.name()
+    }
+
+    /// What `job`'s sandbox allows, in one line (`None`: its processes run unsandboxed, or it
+    /// starts none).
+    fn sandbox_for(&self, _job: &JobSpec) -> Option<String> {
+        None
     }
 
     /// The model `job` runs on, when the agent picks one the job did not name.

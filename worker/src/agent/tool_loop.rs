@@ -115,7 +115,7 @@ pub async fn run<A: Api>(
         // The file tools run in the worker, confined to the workspace by path; `bash` runs
         // in the job's sandbox.
         let jail = if allowed.contains(&"bash") {
-            match p.jail(&dir.path) {
+            match p.jail(&dir.path, events) {
                 Ok(j) => j.map(Arc::new),
                 Err((reason, message)) => return fail(reason, message),
             }

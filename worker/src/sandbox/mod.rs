@@ -23,7 +23,7 @@
 //! agent gets it as its API key and the proxy as its base URL, and the proxy swaps the token for
 //! the real credential ([`proxy::Upstream::credential`]). Other hosts are reached through the same
 //! proxy as an HTTP CONNECT proxy (`HTTPS_PROXY`), only those the role allows; a refusal is
-//! logged with the job's id.
+//! a `sandbox_refused` event of the job and a warning in the log.
 //!
 //! Limits: memory and pids per job in a cgroup of the worker's own ([`limits`]), where the
 //! worker may create one; a job killed by the kernel for its memory is reported as such.
@@ -36,7 +36,7 @@ pub mod bridge;
 pub mod limits;
 pub mod proxy;
 
-use crate::agent::process;
+use crate::agent::{Events, process};
 use crate::config::Secret;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -245,6 +245,21 @@ impl Sandbox {
         })))
     }
 
+    /// What a job with `allowance` may do inside, in one line (for the job's start event and
+    /// `orchctl agents show`).
+    pub fn describe(&self, allowance: &Allowance) -> String {
+        let memory = allowance.memory_max.or(self.memory_max);
+        let pids = allowance.pids_max.or(self.pids_max);
+        let limited = self.limits.is_some();
+        summary(
+            "the workspace",
+            &allowance.writable,
+            &allowance.allowed_hosts,
+            memory.filter(|_| limited),
+            pids.filter(|_| limited),
+        )
+    }
+
     /// The sandbox of one job attempt working in `workspace`, allowed what `allowance` says;
     /// its token is valid until the [`Jail`] is dropped.
     pub fn jail(
@@ -252,6 +267,7 @@ impl Sandbox {
         name: &str,
         workspace: &Path,
         allowance: &Allowance,
+        events: Option<Events>,
         credential: Option<&Secret>,
     ) -> Result<Jail, Error> {
         let memory_max = allowance.memory_max.or(self.memory_max);
@@ -269,6 +285,7 @@ impl Sandbox {
             proxy::Grant {
                 job: name.to_string(),
                 allowance: allowance.clone(),
+                events,
                 credential: credential.cloned(),
             },
         );
@@ -377,24 +394,14 @@ impl Jail {
         self.memory_max
     }
 
-    /// What this job is allowed, in one line (for the job's events and logs).
+    /// What this job is allowed, in one line (for the logs).
     pub fn describe(&self) -> String {
-        let mb = |b: u64| format!("{} MiB", b >> 20);
-        let hosts = if self.allowance.allowed_hosts.is_empty() {
-            "the model API only".to_string()
-        } else {
-            format!(
-                "the model API and {}",
-                self.allowance.allowed_hosts.join(", ")
-            )
-        };
-        let mut writable = vec![self.workspace.display().to_string()];
-        writable.extend(self.writable.iter().map(|p| p.display().to_string()));
-        format!(
-            "sandbox: writes {}; network: {hosts}; memory: {}; processes: {}",
-            writable.join(", "),
-            self.memory_max.map_or("no limit".into(), mb),
-            self.pids_max.map_or("no limit".into(), |n| n.to_string()),
+        summary(
+            &self.workspace.display().to_string(),
+            &self.writable,
+            &self.allowance.allowed_hosts,
+            self.memory_max,
+            self.pids_max,
         )
     }
 
@@ -527,6 +534,29 @@ impl Drop for Jail {
             cg.remove();
         }
     }
+}
+
+/// One line on what a sandbox allows.
+fn summary(
+    workspace: &str,
+    writable: &[PathBuf],
+    hosts: &[String],
+    memory: Option<u64>,
+    pids: Option<u64>,
+) -> String {
+    let hosts = if hosts.is_empty() {
+        "the model API only".to_string()
+    } else {
+        format!("the model API, {}", hosts.join(", "))
+    };
+    let mut writes = vec![workspace.to_string()];
+    writes.extend(writable.iter().map(|p| p.display().to_string()));
+    format!(
+        "writes {}; network: {hosts}; memory: {}; processes: {}",
+        writes.join(", "),
+        memory.map_or("no limit".into(), |b| format!("{} MiB", b >> 20)),
+        pids.map_or("no limit".into(), |n| n.to_string()),
+    )
 }
 
 /// Whether `p` is already visible inside through the system mounts.

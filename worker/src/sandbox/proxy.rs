@@ -6,11 +6,12 @@
 //!   one is replaced by the real credential ([`Upstream::credential`]) and the request is
 //!   forwarded to the provider, its answer streamed back as it comes (SSE unbuffered).
 //! - `CONNECT host:port` (the agent's `HTTPS_PROXY`) carries the token as the proxy password;
-//!   the tunnel opens only to a host the job's role allows, else 403 and a warning naming the
-//!   job and the host.
+//!   the tunnel opens only to a host the job's role allows, else 403, a `sandbox_refused`
+//!   event of the job and a warning naming the job and the host.
 //! - Anything else (plain-HTTP proxying) is refused.
 
 use super::Allowance;
+use crate::agent::Events;
 use crate::config::Secret;
 use axum::body::Body;
 use base64::Engine;
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use orch_shared::event::EventKind;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::Path;
@@ -36,6 +38,8 @@ pub struct Grant {
     pub allowance: Allowance,
     /// The pool credential of the job's run; `None`: the worker's default key.
     pub credential: Option<Secret>,
+    /// The job's event sink: refusals are told there too.
+    pub events: Option<Events>,
 }
 
 /// The live tokens.
@@ -275,6 +279,11 @@ fn connect(req: Request<Incoming>, grants: &Grants) -> Response<Body> {
     );
     if !grant.allowance.allows(&host, port) {
         tracing::warn!(job = %grant.job, target = %format!("{host}:{port}"), "sandbox: refused a connection (not in the role's allowed hosts)");
+        if let Some(events) = &grant.events {
+            events.send(EventKind::SandboxRefused {
+                target: format!("{host}:{port}"),
+            });
+        }
         return refuse(
             StatusCode::FORBIDDEN,
             "permission_error",

@@ -79,6 +79,10 @@ pub fn render(out: &mut dyn Write, d: &AgentDetail, now_ms: u64) -> std::io::Res
                 .as_ref()
                 .map_or_else(|| "-".to_string(), ToString::to_string),
         ),
+        (
+            "sandbox",
+            j.sandbox.clone().unwrap_or_else(|| "none".into()),
+        ),
         ("queued", time(j.queued_at_ms)),
         ("started", time(j.started_at_ms)),
         ("finished", time(j.finished_at_ms)),

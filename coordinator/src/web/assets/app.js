@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "sandbox_refused", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -180,6 +180,7 @@ function describe(ev) {
     case "text": return "Text: " + esc(String(k.text).slice(0, 140));
     case "tool_call": return `Tool <b>${esc(k.name)}</b>`;
     case "tool_result": return k.is_error ? "Tool error" : "Tool result";
+    case "sandbox_refused": return `Sandbox refused ${esc(k.target)}`;
     case "usage": return `Usage: ${tokens(totalTokens(k.usage))} tokens, ${usd(k.cost_usd)}`;
     case "compacted": return `Context compacted: ${tokens(k.tokens_before)} → ${k.tokens_after == null ? "?" : tokens(k.tokens_after)} tokens`;
     case "heartbeat": return "Heartbeat";
@@ -979,7 +980,7 @@ function agentPage() {
     const from = j.continues ? task && task.jobs.find((x) => x.id === j.continues) : null;
     const rel = j.continues ? `<span class="rel">${j.forked ? ICON_BRANCH + " forked from" : "↳ continues"} ${agentLink(j.continues, from ? turnLabel(from) : esc(short(j.continues)))}</span>` : "";
     const git = j.git ? `<span>branch <span class="mono">${esc(j.git.branch)}</span> @ <span class="mono" title="${esc(j.git.commit)}">${esc((j.git.commit || "").slice(0, 7))}</span></span>` : "";
-    $("#a-meta").innerHTML = `${badge(j.status)}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${git}`;
+    $("#a-meta").innerHTML = `${badge(j.status)}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${j.sandbox ? `<span title="what the agent's sandbox allowed">sandbox: ${esc(j.sandbox)}</span>` : ""}${git}`;
     const toolList = Object.entries(d.tools || {}).map(([k, v]) => `${esc(k)} ×${v}`).join(", ");
     $("#a-kpis").innerHTML = kpi("Elapsed", `<span data-start="${j.status === "running" ? j.started_at_ms || "" : ""}">${elapsed(j.started_at_ms, j.finished_at_ms)}</span>`, j.started_at_ms ? "started " + clock(j.started_at_ms) : "not started") +
       kpi("Tokens", tokens(totalTokens(j.usage)), `${tokens(j.usage.input_tokens)} in · ${tokens(j.usage.output_tokens)} out`) +
@@ -1030,7 +1031,7 @@ function agentPage() {
   };
 
   es = stream(`/v1/agents/${id}/logs?follow=true`, {
-    job_started: (ev) => add("mark", `Attempt ${ev.attempt} started`, `<span>on <span class="mono">${esc(ev.kind.worker_id)}</span> · ${esc(ev.kind.backend)}${ev.kind.model ? " · " + esc(ev.kind.model) : ""}</span>`, clock(ev.at_ms)),
+    job_started: (ev) => add("mark", `Attempt ${ev.attempt} started`, `<span>on <span class="mono">${esc(ev.kind.worker_id)}</span> · ${esc(ev.kind.backend)}${ev.kind.model ? " · " + esc(ev.kind.model) : ""}${ev.kind.sandbox ? " · sandbox: " + esc(ev.kind.sandbox) : ""}</span>`, clock(ev.at_ms)),
     thinking: () => {
       if (!$(".thinking", box)) add("mark thinking", "Thinking…", "");
     },
@@ -1040,6 +1041,7 @@ function agentPage() {
       calls.set(ev.kind.call_id, ev.kind.name);
       return div;
     },
+    sandbox_refused: (ev) => add("error", "Sandbox refused a connection", `<span class="mono">${esc(ev.kind.target)}</span> is not an allowed host of this role`, clock(ev.at_ms)),
     tool_result: (ev) => add(ev.kind.is_error ? "error" : "result", (ev.kind.is_error ? "Tool error · " : "Tool result · ") + (calls.get(ev.kind.call_id) || ev.kind.call_id), `<pre>${esc(ev.kind.output)}</pre>`, clock(ev.at_ms)),
     job_retrying: (ev) => add("mark", "Retrying", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
     job_cancelled: (ev) => add("error", "Cancelled", `<span>${esc(ev.kind.reason)}</span>`, clock(ev.at_ms)),

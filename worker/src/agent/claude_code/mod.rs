@@ -200,7 +200,7 @@ impl ClaudeCode {
             Err(e) => return failed(e),
         };
         // The proxy sends the job's pool credential (the one this run was given) upstream.
-        let mut jail = match p.jail_on(&dir.path, self.provider.api_key.as_ref()) {
+        let mut jail = match p.jail_on(&dir.path, events, self.provider.api_key.as_ref()) {
             Ok(j) => j,
             Err(e) => return failed(e),
         };
