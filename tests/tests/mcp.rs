@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Runs `claude -p` with the cluster as its MCP server `orch`, authenticated with `token`.
+/// Runs `claude -p` with the cluster as its MCP server `orch` over streamable HTTP,
+/// authenticated with `token`.
 async fn claude_with_the_cluster(
     cluster: &Cluster,
     fake: &FakeAnthropic,
@@ -24,6 +25,11 @@ async fn claude_with_the_cluster(
         "url": format!("{}/v1/mcp", cluster.url),
         "headers": {"Authorization": format!("Bearer {token}")},
     }}});
+    claude_with(config, fake, home).await
+}
+
+/// Runs `claude -p` with `config` as its MCP servers.
+async fn claude_with(config: Value, fake: &FakeAnthropic, home: &Path) -> std::process::Output {
     let mut cmd = Command::new(claude_bin());
     cmd.args([
         "-p",
@@ -220,4 +226,42 @@ async fn bad_arguments_and_bad_tokens_are_refused_with_the_field_named() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "unauthorized", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchctl_mcp_serves_the_same_tools_over_stdio() {
+    let cluster = Cluster::start(Options::default()).await;
+    cluster.wait_workers(2).await;
+    let fake = FakeAnthropic::start_with_fallback(
+        [
+            Reply::tool_use(
+                "mcp__orch__submit",
+                json!({"prompt": "STDIO-TASK: tidy the changelog", "roles": ["builder"],
+                       "backend": "sim"}),
+            ),
+            Reply::text("Submitted."),
+        ],
+        Reply::text("done"),
+    )
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let config = json!({"mcpServers": {"orch": {
+        "type": "stdio",
+        "command": orch_tests::workspace_bin("orchctl").display().to_string(),
+        "args": ["--server", cluster.url, "mcp"],
+        "env": {"ORCH_TOKEN": TOKEN},
+    }}});
+    let out = claude_with(config, &fake, home.path()).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = tool_results(&fake);
+    assert_eq!(results.len(), 1, "{results:?}");
+    let view = result_json(&results[0]);
+    let id = view["task_id"].as_str().unwrap().to_string();
+    let task = cluster.wait_task(&id, Duration::from_secs(60)).await;
+    assert_eq!(task.prompt, "STDIO-TASK: tidy the changelog");
+    assert_eq!(task.status.as_str(), "completed");
 }
