@@ -234,6 +234,38 @@ impl Client {
         self.decode(&url, resp).await
     }
 
+    /// `POST /v1/mcp`: one JSON-RPC message; its answers (none for a notification; the data
+    /// of each event when the coordinator answers with a stream).
+    pub async fn mcp(&self, message: String) -> Result<Vec<String>, Error> {
+        let url = self.url("/v1/mcp");
+        let req = self
+            .authorized(self.http.post(&url))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(message);
+        let resp = self.send(&url, req).await?;
+        let sse = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| self.transport_error(&url, e))?;
+        Ok(if sse {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.trim().to_string())
+                .filter(|d| !d.is_empty())
+                .collect()
+        } else if text.trim().is_empty() {
+            vec![]
+        } else {
+            vec![text.trim().to_string()]
+        })
+    }
+
     /// `POST /v1/tasks`.
     pub async fn submit(&self, task: &SubmitTask) -> Result<Submitted, Error> {
         let url = self.url("/v1/tasks");

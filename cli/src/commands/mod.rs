@@ -15,6 +15,7 @@ pub mod init;
 pub mod kill;
 pub mod local;
 pub mod logs;
+pub mod mcp;
 pub mod quotas;
 pub mod status;
 pub mod submit;
@@ -170,6 +171,7 @@ pub enum Command {
     /// Run a whole cluster on this machine
     #[command(subcommand)]
     Local(local::Command),
+    Mcp(mcp::Args),
 }
 
 /// What every handler gets: the output format, the resolved paths and a way to build a client.
@@ -275,6 +277,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Kill(args) => kill::run(&ctx, args).await,
         Command::Dlq(cmd) => dlq::run(&ctx, cmd).await,
         Command::Local(cmd) => local::run(&ctx, cmd).await,
+        Command::Mcp(args) => mcp::run(&ctx, args).await,
     }
 }
 

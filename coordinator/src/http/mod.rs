@@ -9,6 +9,7 @@
 //! - [`tasks`]: submit (validation, creation, first publish), show, task types.
 //! - [`control`]: cancel, kill, send, fork, the dead-letter queue.
 //! - [`estimate`]: dry runs priced from past runs.
+//! - [`mcp`]: the MCP server (`/v1/mcp`), whose tools call the API in-process.
 //! - [`openapi`]: the OpenAPI document, built from the routes' `#[utoipa::path]` attributes.
 //! - [`history`]: task and agent listings, transcripts, cluster status and event stream, cost
 //!   reports, exports, clean-up.
@@ -23,6 +24,7 @@ pub mod control;
 pub mod estimate;
 pub mod forward;
 pub mod history;
+pub mod mcp;
 pub mod openapi;
 pub mod sse;
 pub mod tasks;
@@ -72,27 +74,34 @@ fn open_routes() -> OpenApiRouter<App> {
 pub fn router(app: App, pages: Router) -> Router {
     // The last layer runs first: a request is authenticated before a standby forwards it, so
     // an unauthenticated one never reaches the leader (which checks it again).
+    let gate = middleware::from_fn_with_state(
+        auth::Gate {
+            tokens: app.tokens.clone(),
+            state: app.state.clone(),
+        },
+        auth::authenticate,
+    );
     let (v1, _) = v1_routes()
         .layer(middleware::from_fn_with_state(
             app.clone(),
             forward::forward_writes,
         ))
-        .layer(middleware::from_fn_with_state(
-            auth::Gate {
-                tokens: app.tokens.clone(),
-                state: app.state.clone(),
-            },
-            auth::authenticate,
-        ))
+        .layer(gate.clone())
         .split_for_parts();
+    let api = v1.with_state(app.clone());
+    // MCP tools call `api` with the caller's own token; the endpoint itself needs one too.
+    let mcp = Router::new()
+        .nest_service(mcp::PATH, mcp::service(api.clone(), app.shutdown.clone()))
+        .layer(gate);
     let (open, _) = open_routes().split_for_parts();
     Router::new()
-        .merge(v1)
         .merge(open)
         .fallback(|| async {
             Failure::from(ApiError::new(ErrorCode::NotFound, "no such endpoint"))
         })
         .with_state(app)
+        .merge(api)
+        .merge(mcp)
         .merge(pages)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
