@@ -371,6 +371,53 @@ async fn a_job_past_its_memory_limit_is_killed_and_reported_and_the_worker_lives
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_gets_no_more_cpu_than_its_role_allows() {
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("worker.toml");
+    // A busy loop for 2 s of wall-clock time, then the CPU time it got (user + system, in
+    // milliseconds, from the shell's `times`); the builder's role allows a fifth of a core.
+    std::fs::write(
+        &config,
+        "[backends.command]\nprogram = \"bash\"\nprompt = \"arg\"\n\
+         args = [\"-c\", \"(while :; do :; done) & p=$!; sleep 2; kill $p; wait $p; \
+         times > /tmp/t; tail -n 1 /tmp/t | awk '{ split($1, u, \\\"m\\\"); split($2, k, \\\"m\\\"); \
+         printf \\\"%d\\\", (u[1] * 60 + u[2] + k[1] * 60 + k[2]) * 1000 }'\"]\n\
+         [roles.builder]\ncpus = 0.2\n",
+    )
+    .unwrap();
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        worker_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--data-dir".into(),
+            data.path().join("data").display().to_string(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "spin", "roles": ["builder"], "backend": "command", "max_attempts": 1,
+        }))
+        .await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(60))
+        .await;
+    assert_completed(&cluster, &task);
+    let job = &task.jobs[0];
+    let cpu_ms: u64 = job.output.as_deref().unwrap().trim().parse().unwrap();
+    // At most 0.2 s of CPU per second of wall-clock time (plus a period's rounding): an
+    // unlimited loop gets a whole core for the 2 s.
+    assert!(
+        cpu_ms > 0 && cpu_ms < 700,
+        "the loop got {cpu_ms} ms of CPU in 2 s"
+    );
+    let allowed = job.sandbox.as_deref().unwrap_or_default();
+    assert!(allowed.contains("cpu: 0.2 core(s)"), "{allowed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_reaches_the_hosts_it_allows_through_the_proxy_and_no_other() {
     let fake = FakeAnthropic::start([]).await;
     let port = fake.url.rsplit(':').next().unwrap().to_string();

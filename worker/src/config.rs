@@ -301,6 +301,9 @@ struct SandboxFile {
     memory_max_mb: Option<u64>,
     /// 0: no limit.
     pids_max: Option<u64>,
+    /// Cores; 0: no limit.
+    #[serde(default, deserialize_with = "orch_config::exact_f64_opt")]
+    cpus: Option<f64>,
 }
 
 impl SandboxFile {
@@ -334,6 +337,9 @@ impl SandboxFile {
         }
         if let Some(n) = self.pids_max {
             s.pids_max = (n > 0).then_some(n);
+        }
+        if let Some(c) = self.cpus {
+            s.cpus = crate::roles::check_cpus(c).map_err(|e| Error::invalid("sandbox.cpus", e))?;
         }
         Ok(s)
     }
@@ -1282,6 +1288,26 @@ output = 0.2
             .roles
             .profile(crate::roles::Key::Role(orch_shared::role::Role::Reviewer));
         assert!(reviewer.sandbox.allowed_hosts.is_empty());
+        // CPU limits in cores, read exactly; a bad one names its key.
+        let cfg = load_with(
+            Some("[sandbox]\ncpus = 1.5\n[roles.tester]\ncpus = 0.25\n"),
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.sandbox.cpus, Some(1.5));
+        let tester = cfg
+            .roles
+            .profile(crate::roles::Key::Role(orch_shared::role::Role::Tester));
+        assert_eq!(tester.sandbox.cpus, Some(0.25));
+        let err = load_with(Some("[sandbox]\ncpus = -1\n"), &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sandbox.cpus:"), "{err}");
+        let err = load_with(Some("[roles.tester]\ncpus = 5000\n"), &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("roles.tester.cpus:"), "{err}");
     }
 
     #[test]

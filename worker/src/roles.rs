@@ -170,6 +170,9 @@ pub struct Override {
     pub memory_max_mb: Option<u64>,
     /// The process limit of one job (0: the worker's `[sandbox] pids_max`).
     pub pids_max: Option<u64>,
+    /// The CPU limit of one job in cores (0: the worker's `[sandbox] cpus`).
+    #[serde(default, deserialize_with = "orch_config::exact_f64_opt")]
+    pub cpus: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     pub bash_timeout: Option<std::time::Duration>,
 }
@@ -252,6 +255,9 @@ impl Roles {
             }
             if let Some(n) = o.pids_max {
                 p.sandbox.pids_max = (n > 0).then_some(n);
+            }
+            if let Some(c) = o.cpus {
+                p.sandbox.cpus = check_cpus(c).map_err(|e| format!("roles.{name}.cpus: {e}"))?;
             }
             if let Some(n) = o.max_turns {
                 if n == 0 {
@@ -448,6 +454,19 @@ pub fn user_prompt(job: &JobSpec) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A CPU limit in cores: 0 is none, else between 0.01 and 1024.
+pub fn check_cpus(cpus: f64) -> Result<Option<f64>, String> {
+    if cpus == 0.0 {
+        Ok(None)
+    } else if (0.01..=1024.0).contains(&cpus) {
+        Ok(Some(cpus))
+    } else {
+        Err(format!(
+            "expected a number of cores between 0.01 and 1024 (0: no limit), got {cpus}"
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -82,7 +82,12 @@ fn exec(mut args: impl Iterator<Item = OsString>) -> ExitCode {
     if prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != supervisor {
         return ExitCode::from(PARENT_GONE);
     }
-    // `exec` resets the signal mask and SIGPIPE for the program; it only returns on failure.
+    // The supervisor's blocked signals are inherited through fork and `exec`: without this
+    // the program (and all it starts) could not be stopped with SIGTERM, SIGINT or SIGHUP
+    // (a `kill`, a `timeout` in an agent's shell). `exec` only returns on failure.
+    if SigSet::all().thread_unblock().is_err() {
+        return ExitCode::from(CANNOT_START);
+    }
     let err = std::process::Command::new(&program).args(args).exec();
     eprintln!(
         "orch-worker: failed to start {}: {err}",

@@ -75,6 +75,8 @@ fn bridge(mut args: impl Iterator<Item = OsString>) -> ExitCode {
             "<listen address> <proxy socket> <program> [args...]",
         );
     };
+    // The agent starts with no signal blocked, whatever the chain above it blocked.
+    let _ = nix::sys::signal::SigSet::all().thread_unblock();
     let listener = match TcpListener::bind(listen.to_string_lossy().as_ref()) {
         Ok(l) => l,
         Err(e) => {

@@ -1,5 +1,6 @@
 //! Per-job resource limits through cgroups: a child cgroup of the worker's own per job, with
-//! a memory and a process limit, that the sandbox joins before bubblewrap starts
+//! a memory and a process limit (and a CPU limit when one is set and the `cpu` controller is
+//! there), that the sandbox joins before bubblewrap starts
 //! ([`super::bridge::ENTER`]).
 //!
 //! Where it holds: cgroup v2 when the worker's cgroup can delegate the `memory` and `pids`
@@ -21,16 +22,25 @@ use std::path::{Path, PathBuf};
 pub enum Hierarchy {
     /// The worker's cgroup v2 directory (controllers enabled for its children).
     V2(PathBuf),
-    /// The worker's cgroup v1 `memory` and `pids` directories.
-    V1 { memory: PathBuf, pids: PathBuf },
+    /// The worker's cgroup v1 `memory` and `pids` directories, and its `cpu` one when the
+    /// worker may create children there.
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: Option<PathBuf>,
+    },
 }
 
 impl fmt::Display for Hierarchy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Hierarchy::V2(d) => write!(f, "v2 at {}", d.display()),
-            Hierarchy::V1 { memory, pids } => {
-                write!(f, "v1 at {} and {}", memory.display(), pids.display())
+            Hierarchy::V1 { memory, pids, cpu } => {
+                write!(f, "v1 at {} and {}", memory.display(), pids.display())?;
+                match cpu {
+                    Some(c) => write!(f, " (cpu: {})", c.display()),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -48,7 +58,11 @@ impl Hierarchy {
     pub fn sweep(&self) -> usize {
         let bases: Vec<&PathBuf> = match self {
             Hierarchy::V2(d) => vec![d],
-            Hierarchy::V1 { memory, pids } => vec![memory, pids],
+            Hierarchy::V1 { memory, pids, cpu } => {
+                let mut b = vec![memory, pids];
+                b.extend(cpu);
+                b
+            }
         };
         let mut removed = 0;
         for base in bases {
@@ -69,8 +83,15 @@ impl Hierarchy {
         removed
     }
 
-    /// A cgroup named `orch-<name>` with these limits.
-    pub fn create(&self, name: &str, memory: Option<u64>, pids: Option<u64>) -> io::Result<Cgroup> {
+    /// A cgroup named `orch-<name>` with these limits (`cpus`: CPU time per wall-clock time,
+    /// 1.5 = one and a half cores; not set where the `cpu` controller is missing).
+    pub fn create(
+        &self,
+        name: &str,
+        memory: Option<u64>,
+        pids: Option<u64>,
+        cpus: Option<f64>,
+    ) -> io::Result<Cgroup> {
         let name = format!("orch-{name}");
         match self {
             Hierarchy::V2(base) => {
@@ -84,18 +105,32 @@ impl Hierarchy {
                 if let Some(p) = pids {
                     std::fs::write(dir.join("pids.max"), p.to_string())?;
                 }
+                if let Some(c) = cpus.filter(|_| dir.join("cpu.max").exists()) {
+                    std::fs::write(
+                        dir.join("cpu.max"),
+                        format!("{} {CPU_PERIOD_US}", quota_us(c)),
+                    )?;
+                }
                 Ok(Cgroup { dirs: vec![dir] })
             }
             Hierarchy::V1 {
                 memory: m_base,
                 pids: p_base,
+                cpu: c_base,
             } => {
                 let (m_dir, p_dir) = (m_base.join(&name), p_base.join(&name));
                 make(&m_dir)?;
                 make(&p_dir)?;
-                let cg = Cgroup {
+                let mut cg = Cgroup {
                     dirs: vec![m_dir.clone(), p_dir.clone()],
                 };
+                if let (Some(c), Some(base)) = (cpus, c_base) {
+                    let c_dir = base.join(&name);
+                    make(&c_dir)?;
+                    cg.dirs.push(c_dir.clone());
+                    std::fs::write(c_dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+                    std::fs::write(c_dir.join("cpu.cfs_quota_us"), quota_us(c).to_string())?;
+                }
                 if let Some(m) = memory {
                     std::fs::write(m_dir.join("memory.limit_in_bytes"), m.to_string())?;
                     // Only with swap accounting; without it there is no swap limit to set.
@@ -109,6 +144,14 @@ impl Hierarchy {
             }
         }
     }
+}
+
+/// The CPU limit's accounting period (the kernel's default).
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The CPU time per period that `cpus` allows (at least the kernel's 1 ms minimum).
+fn quota_us(cpus: f64) -> u64 {
+    ((cpus * CPU_PERIOD_US as f64) as u64).max(1_000)
 }
 
 fn make(dir: &Path) -> io::Result<()> {
@@ -133,7 +176,14 @@ fn v2(own: &str) -> Option<Hierarchy> {
     if !(controllers.contains("memory") && controllers.contains("pids")) {
         return None;
     }
-    let enable = || std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids");
+    let enable = || {
+        std::fs::write(dir.join("cgroup.subtree_control"), "+memory +pids")?;
+        // The CPU limit where the controller is delegated too; jobs go without one otherwise.
+        if controllers.contains("cpu") {
+            let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+cpu");
+        }
+        Ok::<(), io::Error>(())
+    };
     if enable().is_err() {
         // Busy: this cgroup holds processes. Move the worker into a leaf of its own, then try
         // again (it fails again if other processes share the cgroup).
@@ -161,13 +211,18 @@ fn v1(own: &str) -> Option<Hierarchy> {
             })
         })
     };
-    let (memory, pids) = (dir_of("memory")?, dir_of("pids")?);
-    for base in [&memory, &pids] {
+    let probe = |base: &Path| {
         let probe = base.join(format!("orch-probe-{}", std::process::id()));
-        make(&probe).ok()?;
+        let made = make(&probe).is_ok();
         let _ = std::fs::remove_dir(&probe);
+        made
+    };
+    let (memory, pids) = (dir_of("memory")?, dir_of("pids")?);
+    if !(probe(&memory) && probe(&pids)) {
+        return None;
     }
-    Some(Hierarchy::V1 { memory, pids })
+    let cpu = dir_of("cpu").filter(|c| probe(c));
+    Some(Hierarchy::V1 { memory, pids, cpu })
 }
 
 /// One job's cgroup (one directory per hierarchy in v1).

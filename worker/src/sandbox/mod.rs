@@ -85,6 +85,8 @@ pub struct Settings {
     pub memory_max: Option<u64>,
     /// The process limit of a job, unless its role sets one.
     pub pids_max: Option<u64>,
+    /// The CPU limit of a job in cores (1.5: one and a half), unless its role sets one.
+    pub cpus: Option<f64>,
 }
 
 impl Default for Settings {
@@ -107,6 +109,7 @@ impl Default for Settings {
             read_only,
             memory_max: Some(4 << 30),
             pids_max: Some(1024),
+            cpus: None,
         }
     }
 }
@@ -123,6 +126,8 @@ pub struct Allowance {
     pub memory_max: Option<u64>,
     /// The role's process limit (else `[sandbox] pids_max`).
     pub pids_max: Option<u64>,
+    /// The role's CPU limit in cores (else `[sandbox] cpus`).
+    pub cpus: Option<f64>,
 }
 
 impl Allowance {
@@ -179,6 +184,7 @@ pub struct Sandbox {
     read_only: Vec<PathBuf>,
     memory_max: Option<u64>,
     pids_max: Option<u64>,
+    cpus: Option<f64>,
     limits: Option<limits::Hierarchy>,
     grants: proxy::Grants,
 }
@@ -240,6 +246,7 @@ impl Sandbox {
             read_only: settings.read_only.clone(),
             memory_max: settings.memory_max,
             pids_max: settings.pids_max,
+            cpus: settings.cpus,
             limits,
             grants,
         })))
@@ -250,14 +257,30 @@ impl Sandbox {
     pub fn describe(&self, allowance: &Allowance) -> String {
         let memory = allowance.memory_max.or(self.memory_max);
         let pids = allowance.pids_max.or(self.pids_max);
+        let cpus = allowance.cpus.or(self.cpus);
         let limited = self.limits.is_some();
         summary(
             "the workspace",
             &allowance.writable,
             &allowance.allowed_hosts,
-            memory.filter(|_| limited),
-            pids.filter(|_| limited),
+            Limits {
+                memory: memory.filter(|_| limited),
+                pids: pids.filter(|_| limited),
+                cpus: cpus.filter(|_| self.limits_cpu()),
+            },
         )
+    }
+
+    /// Whether jobs' CPU limits can be set (a cgroup hierarchy with the `cpu` controller).
+    fn limits_cpu(&self) -> bool {
+        match &self.limits {
+            Some(limits::Hierarchy::V2(d)) => {
+                std::fs::read_to_string(d.join("cgroup.subtree_control"))
+                    .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
+            }
+            Some(limits::Hierarchy::V1 { cpu, .. }) => cpu.is_some(),
+            None => false,
+        }
     }
 
     /// The sandbox of one job attempt working in `workspace`, allowed what `allowance` says;
@@ -272,9 +295,10 @@ impl Sandbox {
     ) -> Result<Jail, Error> {
         let memory_max = allowance.memory_max.or(self.memory_max);
         let pids_max = allowance.pids_max.or(self.pids_max);
+        let cpus = allowance.cpus.or(self.cpus);
         let cgroup = match &self.limits {
             Some(h) => Some(
-                h.create(name, memory_max, pids_max)
+                h.create(name, memory_max, pids_max, cpus)
                     .map_err(Error::Limits)?,
             ),
             None => None,
@@ -303,6 +327,7 @@ impl Sandbox {
             allowance: allowance.clone(),
             memory_max: cgroup.as_ref().and(memory_max),
             pids_max: cgroup.as_ref().and(pids_max),
+            cpus: cpus.filter(|_| self.limits_cpu()),
             cgroup,
         })
     }
@@ -357,6 +382,7 @@ pub struct Jail {
     allowance: Allowance,
     memory_max: Option<u64>,
     pids_max: Option<u64>,
+    cpus: Option<f64>,
     cgroup: Option<limits::Cgroup>,
 }
 
@@ -400,8 +426,11 @@ impl Jail {
             &self.workspace.display().to_string(),
             &self.writable,
             &self.allowance.allowed_hosts,
-            self.memory_max,
-            self.pids_max,
+            Limits {
+                memory: self.memory_max,
+                pids: self.pids_max,
+                cpus: self.cpus,
+            },
         )
     }
 
@@ -537,13 +566,14 @@ impl Drop for Jail {
 }
 
 /// One line on what a sandbox allows.
-fn summary(
-    workspace: &str,
-    writable: &[PathBuf],
-    hosts: &[String],
+/// The limits in force on a job (`None`: none).
+struct Limits {
     memory: Option<u64>,
     pids: Option<u64>,
-) -> String {
+    cpus: Option<f64>,
+}
+
+fn summary(workspace: &str, writable: &[PathBuf], hosts: &[String], limits: Limits) -> String {
     let hosts = if hosts.is_empty() {
         "the model API only".to_string()
     } else {
@@ -552,10 +582,15 @@ fn summary(
     let mut writes = vec![workspace.to_string()];
     writes.extend(writable.iter().map(|p| p.display().to_string()));
     format!(
-        "writes {}; network: {hosts}; memory: {}; processes: {}",
+        "writes {}; network: {hosts}; memory: {}; processes: {}; cpu: {}",
         writes.join(", "),
-        memory.map_or("no limit".into(), |b| format!("{} MiB", b >> 20)),
-        pids.map_or("no limit".into(), |n| n.to_string()),
+        limits
+            .memory
+            .map_or("no limit".into(), |b| format!("{} MiB", b >> 20)),
+        limits.pids.map_or("no limit".into(), |n| n.to_string()),
+        limits
+            .cpus
+            .map_or("no limit".into(), |c| format!("{c} core(s)")),
     )
 }
 
