@@ -110,8 +110,8 @@ fn supervise(mut args: impl Iterator<Item = OsString>) -> ExitCode {
         Signal::SIGHUP,
         Signal::SIGQUIT,
     ]);
-    // Blocked, then taken one at a time with sigwait: no handler, no unsafe. The program does
-    // not inherit the mask (std resets it before exec).
+    // Blocked, then taken one at a time with sigwait: no handler, no unsafe. The mask is
+    // inherited through fork and exec: the `EXEC` mode clears it before the program starts.
     if signals.thread_block().is_err() {
         return ExitCode::from(CANNOT_START);
     }
