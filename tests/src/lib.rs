@@ -1007,13 +1007,32 @@ impl Cluster {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("GET reaches the coordinator");
+        // A GET is idempotent: a connection the server closed as it was reused is tried again,
+        // a few times, before the coordinator is taken for gone.
+        let mut attempt = 0;
+        let r = loop {
+            attempt += 1;
+            match self
+                .http
+                .get(format!("{}{path}", self.url))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+            {
+                Ok(r) => break r,
+                Err(_) if attempt < 5 => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => {
+                    // A coordinator that is gone is a zombie until reaped: its stat says how.
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{}/stat", self.coordinator.pid()))
+                            .unwrap_or_default();
+                    panic!(
+                        "GET reaches the coordinator: {e}\ncoordinator stat: {stat}\n{}",
+                        self.logs()
+                    )
+                }
+            }
+        };
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
     }
