@@ -318,6 +318,33 @@ async fn two_tenants_on_one_worker_cannot_read_each_others_workspace() {
     }
 }
 
+/// A one-worker cluster whose worker reads `config` (a `command` backend and role limits).
+async fn command_cluster(config: &Path, data_dir: &Path) -> Cluster {
+    Cluster::start(Options {
+        workers: 1,
+        worker_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ],
+        ..Options::default()
+    })
+    .await
+}
+
+/// Runs one `command` job as `role`, once, and waits for its task to end.
+async fn run_command(cluster: &Cluster, prompt: &str, role: &str) -> orch_shared::api::Task {
+    let task = cluster
+        .submit(json!({
+            "prompt": prompt, "roles": [role], "backend": "command", "max_attempts": 1,
+        }))
+        .await;
+    cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(60))
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_past_its_memory_limit_is_killed_and_reported_and_the_worker_lives_on() {
     let data = tempfile::tempdir().unwrap();
@@ -331,25 +358,8 @@ async fn a_job_past_its_memory_limit_is_killed_and_reported_and_the_worker_lives
          [roles.documenter]\nmemory_max_mb = 1024\n",
     )
     .unwrap();
-    let cluster = Cluster::start(Options {
-        workers: 1,
-        worker_args: vec![
-            "--config".into(),
-            config.display().to_string(),
-            "--data-dir".into(),
-            data.path().join("data").display().to_string(),
-        ],
-        ..Options::default()
-    })
-    .await;
-    let task = cluster
-        .submit(json!({
-            "prompt": "hog", "roles": ["builder"], "backend": "command", "max_attempts": 1,
-        }))
-        .await;
-    let task = cluster
-        .wait_task(&task.id.to_string(), Duration::from_secs(60))
-        .await;
+    let cluster = command_cluster(&config, &data.path().join("data")).await;
+    let task = run_command(&cluster, "hog", "builder").await;
     let job = &task.jobs[0];
     assert_eq!(job.status, JobStatus::Failed, "{task:#?}");
     let error = job.error.as_ref().unwrap();
@@ -358,14 +368,7 @@ async fn a_job_past_its_memory_limit_is_killed_and_reported_and_the_worker_lives
         "{error:#?}"
     );
     // The worker survived and runs the next job (the same program within a larger limit).
-    let task = cluster
-        .submit(json!({
-            "prompt": "fits", "roles": ["documenter"], "backend": "command", "max_attempts": 1,
-        }))
-        .await;
-    let task = cluster
-        .wait_task(&task.id.to_string(), Duration::from_secs(60))
-        .await;
+    let task = run_command(&cluster, "fits", "documenter").await;
     assert_completed(&cluster, &task);
     assert_eq!(task.jobs[0].output.as_deref(), Some("200000000"));
 }
@@ -385,25 +388,8 @@ async fn a_job_gets_no_more_cpu_than_its_role_allows() {
          [roles.builder]\ncpus = 0.2\n",
     )
     .unwrap();
-    let cluster = Cluster::start(Options {
-        workers: 1,
-        worker_args: vec![
-            "--config".into(),
-            config.display().to_string(),
-            "--data-dir".into(),
-            data.path().join("data").display().to_string(),
-        ],
-        ..Options::default()
-    })
-    .await;
-    let task = cluster
-        .submit(json!({
-            "prompt": "spin", "roles": ["builder"], "backend": "command", "max_attempts": 1,
-        }))
-        .await;
-    let task = cluster
-        .wait_task(&task.id.to_string(), Duration::from_secs(60))
-        .await;
+    let cluster = command_cluster(&config, &data.path().join("data")).await;
+    let task = run_command(&cluster, "spin", "builder").await;
     assert_completed(&cluster, &task);
     let job = &task.jobs[0];
     let cpu_ms: u64 = job.output.as_deref().unwrap().trim().parse().unwrap();
