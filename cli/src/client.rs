@@ -370,6 +370,20 @@ impl Client {
         self.get("/v1/quotas", &[]).await
     }
 
+    /// `GET /v1/approvals`.
+    pub async fn approvals(&self) -> Result<orch_shared::api::ApprovalList, Error> {
+        self.get("/v1/approvals", &[]).await
+    }
+
+    /// `POST /v1/approvals/{id}`.
+    pub async fn answer_approval(
+        &self,
+        id: &str,
+        body: &orch_shared::api::AnswerApproval,
+    ) -> Result<orch_shared::api::Approval, Error> {
+        self.post(&format!("/v1/approvals/{id}"), Some(body)).await
+    }
+
     /// `GET /v1/task-types`.
     pub async fn task_types(&self) -> Result<Vec<TaskType>, Error> {
         self.get("/v1/task-types", &[]).await

@@ -299,6 +299,21 @@ impl Panel {
             EventKind::Heartbeat
             | EventKind::Checkpointed { .. }
             | EventKind::SandboxRefused { .. } => None,
+            EventKind::ApprovalRequested {
+                id, tool, summary, ..
+            } => {
+                step.mark_running(&format!("waiting for approval of {tool}"));
+                Some(format!(
+                    "{label} needs you: {tool} ({}) — `orchctl approvals approve {id}` or `deny {id}`",
+                    output::truncate(summary, 80)
+                ))
+            }
+            EventKind::ApprovalAnswered {
+                id, decision, by, ..
+            } => {
+                step.mark_running("thinking");
+                Some(format!("{label}: request {id} {decision} ({by})"))
+            }
             EventKind::Resumed { from_step, .. } => {
                 step.mark_running(&format!("resumed after step {from_step}"));
                 None

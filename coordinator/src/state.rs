@@ -19,6 +19,7 @@
 //!   first answer.
 //! - worker registry, done and cancel markers: see [`orch_shared::keys`].
 
+pub mod approvals;
 pub mod history;
 
 use crate::catchup::LogPosition;
@@ -51,7 +52,7 @@ const IDEMPOTENCY_TTL_SECS: u64 = 7 * 24 * 3600;
 const DAILY_BUDGET: &str = "orch:budget:daily";
 
 fn task_key(id: TaskId) -> String {
-    format!("orch:task:{id}")
+    keys::task(id)
 }
 
 fn idem_key(key: &str) -> String {

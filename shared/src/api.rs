@@ -663,3 +663,60 @@ pub struct DryRun {
     /// Costs summed; durations along the longest dependency path.
     pub total: Estimate,
 }
+
+/// One approval request of the "needs you" queue (`GET /v1/approvals`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Approval {
+    pub id: String,
+    pub task_id: String,
+    pub job_id: String,
+    pub attempt: u32,
+    pub role: String,
+    pub tool: String,
+    /// What the tool would do: the command, the path, or the edit (shortened).
+    pub summary: String,
+    /// The tool's whole input as JSON (shortened).
+    pub input: String,
+    pub created_ms: u64,
+    pub deadline_ms: u64,
+    /// `pending`, `approved`, `denied`, or `expired` (pending past its deadline: its worker
+    /// denies it, or is gone).
+    pub state: String,
+    /// Who answered: `admin`, `tenant:<name>` or `deadline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The rule the answer granted beyond this request (`Tool(pattern)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_ms: Option<u64>,
+}
+
+/// `GET /v1/approvals`: pending requests first (oldest first), then recently answered ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApprovalList {
+    pub now_ms: u64,
+    pub approvals: Vec<Approval>,
+}
+
+/// `POST /v1/approvals/{id}`: the answer to a request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerApproval {
+    /// `approve` or `deny`.
+    pub decision: String,
+    /// What the agent is told (with a denial: why, or what to do instead).
+    #[serde(default)]
+    pub message: Option<String>,
+    /// `once` (default), `task` (the same tool and input are allowed for the rest of the
+    /// task without asking) or `always` (the tool with `pattern` is allowed for every task of
+    /// the caller's tenant).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// With `scope: always`: what the tool's input must match (`*` matches anything), e.g.
+    /// `npm install*`.
+    #[serde(default)]
+    pub pattern: Option<String>,
+}

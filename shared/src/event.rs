@@ -107,6 +107,24 @@ pub enum EventKind {
     },
     /// The agent's sandbox refused a connection (a host its role does not allow).
     SandboxRefused { target: String },
+    /// The agent asked to use a tool that needs a person's approval (`orchctl approvals`):
+    /// the request `id`, the tool, what it would do (command, path or diff, shortened) and
+    /// when it is denied unanswered.
+    ApprovalRequested {
+        id: String,
+        tool: String,
+        summary: String,
+        deadline_ms: u64,
+    },
+    /// A request was answered: `decision` is `approved` or `denied` (`by` is `deadline` when
+    /// nobody answered in time); `message` is what the agent was told.
+    ApprovalAnswered {
+        id: String,
+        decision: String,
+        by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
     /// Token usage so far for this job (cumulative).
     Usage { usage: Usage, cost_usd: f64 },
     /// The agent's conversation neared its model's context window, so its earlier rounds were

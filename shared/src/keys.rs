@@ -1,7 +1,13 @@
 //! Redis key names that more than one service reads or writes. Keys only one service uses live
 //! in that service's `state` module.
 
-use crate::ids::{JobId, WorkerId};
+use crate::ids::{JobId, TaskId, WorkerId};
+
+/// A task's record (`codec`-encoded [`crate::api::Task`]), written only by the coordinator;
+/// a worker reads it for the task's tenant.
+pub fn task(id: TaskId) -> String {
+    format!("orch:task:{id}")
+}
 
 /// Sorted set of worker ids scored by their last heartbeat (ms): listing workers never scans keys.
 pub const WORKERS: &str = "orch:workers";
@@ -139,3 +145,69 @@ pub mod parked_field {
     /// How many times the attempt was parked (each re-publish has its own message id).
     pub const PARKS: &str = "parks";
 }
+
+/// Sorted set of approval requests (their ids), scored by when they were made (ms): the
+/// cluster-wide "needs you" queue. An id whose [`approval`] hash has expired is dropped by
+/// whoever lists it.
+pub const APPROVALS: &str = "orch:approvals";
+
+/// One approval request: a hash of [`approval_field`]s, written by the worker whose agent
+/// asks, answered once by [`ANSWER_APPROVAL`] (a person through the API, or the asking worker
+/// at the deadline).
+pub fn approval(id: &str) -> String {
+    format!("orch:approval:{id}")
+}
+
+/// Tool rules granted for the rest of one task (`orchctl approvals approve ID --for task`):
+/// a set of `Tool(pattern)` rules.
+pub fn approval_grants_task(task: TaskId) -> String {
+    format!("orch:approval-grants:task:{task}")
+}
+
+/// Tool rules granted for every task of a tenant (`--always PATTERN`; the admin's without
+/// tenants is `-`): a set of `Tool(pattern)` rules.
+pub fn approval_grants_tenant(tenant: Option<&str>) -> String {
+    format!("orch:approval-grants:tenant:{}", tenant.unwrap_or("-"))
+}
+
+/// Fields of the [`approval`] hash.
+pub mod approval_field {
+    pub const ID: &str = "id";
+    pub const TASK: &str = "task";
+    pub const JOB: &str = "job";
+    pub const ATTEMPT: &str = "attempt";
+    pub const ROLE: &str = "role";
+    /// The tenant of the task (absent: an admin's task).
+    pub const TENANT: &str = "tenant";
+    pub const TOOL: &str = "tool";
+    /// What the tool would do: the command, the path, or the edit (shortened).
+    pub const SUMMARY: &str = "summary";
+    /// The tool's whole input as JSON (shortened).
+    pub const INPUT: &str = "input";
+    pub const CREATED_MS: &str = "created_ms";
+    pub const DEADLINE_MS: &str = "deadline_ms";
+    /// `pending`, `approved` or `denied`.
+    pub const STATE: &str = "state";
+    /// Who answered: `admin`, `tenant:<name>`, or `deadline`.
+    pub const BY: &str = "by";
+    /// What the agent is told.
+    pub const MESSAGE: &str = "message";
+    /// The rule the answer granted beyond this request (`Tool(pattern)`), if any.
+    pub const GRANT: &str = "grant";
+    pub const ANSWERED_MS: &str = "answered_ms";
+}
+
+/// Answers an approval request exactly once. KEYS: the request's hash. ARGV: state
+/// (`approved`/`denied`), by, message, grant, now ms, keep seconds (how long an answered
+/// request stays listed), and `1` when a request past its deadline may still be answered (the
+/// deadline itself answers so). Returns 1 when this call answered it, 0 when the request
+/// does not exist, -1 when it was answered already, -2 when its deadline has passed.
+pub const ANSWER_APPROVAL: &str = r#"
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+if state ~= 'pending' then return -1 end
+if ARGV[7] ~= '1' and tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or '0') < tonumber(ARGV[5]) then return -2 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'by', ARGV[2], 'message', ARGV[3], 'grant', ARGV[4], 'answered_ms', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 1
+"#;

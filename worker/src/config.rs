@@ -95,6 +95,15 @@ pub struct Args {
         env = "ORCH_MIGRATE_ON_DRAIN"
     )]
     pub migrate_on_drain: Option<String>,
+    /// How long an agent's request for a person's approval waits before it is denied
+    /// (`orchctl approvals`) [default: 10m].
+    #[arg(
+        id = "approvals.timeout",
+        long = "approval-timeout",
+        value_name = "DURATION",
+        env = "ORCH_APPROVAL_TIMEOUT"
+    )]
+    pub approval_timeout: Option<String>,
     /// Serve /healthz and /metrics on this address (off when unset).
     #[arg(long, env = "ORCH_WORKER_LISTEN")]
     pub listen: Option<String>,
@@ -286,6 +295,24 @@ struct Settings {
     agent: LoopSettings,
     sandbox: SandboxFile,
     checkpoints: CheckpointSettings,
+    approvals: ApprovalSettings,
+}
+
+/// `[approvals]`: the approval broker (see [`crate::approvals`]).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApprovalSettings {
+    /// How long a request waits for a person before it is denied (the agent is told why).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ApprovalSettings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 /// `[sandbox]`: see [`crate::sandbox`].
@@ -396,6 +423,7 @@ impl Default for Settings {
             sandbox: SandboxFile::default(),
             agent: LoopSettings::default(),
             checkpoints: CheckpointSettings::default(),
+            approvals: ApprovalSettings::default(),
         }
     }
 }
@@ -711,6 +739,7 @@ pub struct Config {
     pub sandbox: crate::sandbox::Settings,
     pub tool_loop: LoopSettings,
     pub checkpoints: CheckpointSettings,
+    pub approvals: ApprovalSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -826,6 +855,14 @@ impl Settings {
                 "must be at least 1m",
             ));
         }
+        if self.approvals.timeout < Duration::from_secs(1)
+            || self.approvals.timeout > Duration::from_secs(7 * 24 * 3600)
+        {
+            return Err(Error::invalid(
+                "approvals.timeout",
+                "must be between 1s and 7d",
+            ));
+        }
         Ok(Config {
             nats_url: self.nats_url,
             nats,
@@ -843,6 +880,7 @@ impl Settings {
             sandbox,
             tool_loop,
             checkpoints: self.checkpoints,
+            approvals: self.approvals,
         })
     }
 }

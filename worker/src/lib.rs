@@ -27,6 +27,7 @@
 //!   only way out (and holds the model credential), the per-job cgroups.
 
 pub mod agent;
+pub mod approvals;
 pub mod config;
 pub mod custody;
 pub mod datadir;
@@ -72,6 +73,8 @@ pub enum Error {
     DataDir(#[from] datadir::Error),
     #[error(transparent)]
     Sandbox(#[from] sandbox::Error),
+    #[error("failed to serve the permission-prompt server on a loopback port: {0}")]
+    Approvals(std::io::Error),
     #[error("failed to listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -183,10 +186,23 @@ pub async fn run(
     tracing::info!(worker_id = %id, slots = config.slots, ack_wait = ?transport.ack_wait, "worker pulling jobs");
 
     let limits = limits::Limits::new(state.clone());
+    // The approval broker's permission-prompt server: on a loopback port for CLIs run
+    // without the sandbox, and through the proxy for those in it.
+    let desk = approvals::mcp::Desk::new(approvals::Broker::new(
+        state.clone(),
+        config.approvals.timeout,
+    ));
+    desk.serve_loopback(&background, bg_cancel.clone())
+        .await
+        .map_err(Error::Approvals)?;
+    if let Some(s) = &sandbox {
+        s.serve_local(desk.router(bg_cancel.clone()));
+    }
     let backends = agent::backends::Backends::from_config(&config)
         .with_sessions(sessions.clone())
         .with_limits(limits.clone())
-        .with_sandbox(sandbox);
+        .with_sandbox(sandbox.clone())
+        .with_approvals(desk);
     backends.register_pools().await;
     {
         let (state, transport, cancel) = (state.clone(), transport.clone(), bg_cancel.clone());

@@ -117,6 +117,9 @@ pub struct Profile {
     /// Tools removed outright (deny rules win over any allow rule, including a repository's
     /// own `.claude/settings.json`).
     pub disallowed_tools: Vec<String>,
+    /// Tool uses a person approves (`orchctl approvals`) before they run (`Tool` or
+    /// `Tool(pattern)`, see [`crate::approvals::Rule`]); checked at load.
+    pub ask_tools: Vec<crate::approvals::Rule>,
     pub permission_mode: String,
     /// The model when neither the job nor the backend's per-role table names one.
     pub model: Option<String>,
@@ -159,6 +162,8 @@ pub struct Override {
     pub append_system_prompt: Option<String>,
     pub allowed_tools: Option<Vec<String>>,
     pub disallowed_tools: Option<Vec<String>>,
+    /// Tool uses that wait for a person's approval (`Bash`, `Bash(npm install*)`).
+    pub ask_tools: Option<Vec<String>>,
     pub permission_mode: Option<String>,
     pub model: Option<String>,
     pub max_turns: Option<u32>,
@@ -217,6 +222,13 @@ impl Roles {
             }
             if let Some(t) = &o.disallowed_tools {
                 p.disallowed_tools = t.clone();
+            }
+            if let Some(t) = &o.ask_tools {
+                p.ask_tools = t
+                    .iter()
+                    .map(|r| crate::approvals::Rule::parse(r))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("roles.{name}.ask_tools: {e}"))?;
             }
             if let Some(m) = &o.permission_mode {
                 if !PERMISSION_MODES.contains(&m.as_str()) {
@@ -318,6 +330,7 @@ fn default_profile(key: Key) -> Profile {
         system_prompt: system_prompt(key),
         allowed_tools: allowed,
         disallowed_tools: denied,
+        ask_tools: vec![],
         permission_mode: "dontAsk".into(),
         model: None,
         max_turns: None,

@@ -5,8 +5,10 @@
 
 use orch_config::redis::{ConnectError, Connection, Redis};
 
+mod approvals;
 mod limits;
 
+pub use approvals::{Answer, NewApproval};
 pub use limits::{Due, ToPark};
 use orch_shared::ids::{JobId, WorkerId};
 use orch_shared::job::SessionPointer;

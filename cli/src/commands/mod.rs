@@ -5,6 +5,7 @@
 //! with 0 or 1 (not found, task failed), `Err` for everything else (mapped to 2 by `main`).
 
 pub mod agents;
+pub mod approvals;
 pub mod cancel;
 pub mod clean;
 pub mod completions;
@@ -137,6 +138,9 @@ pub enum Command {
     #[command(subcommand)]
     Workers(workers::Command),
     Quotas(quotas::Args),
+    /// Agents waiting for a person to approve a tool: list, approve, deny
+    #[command(subcommand)]
+    Approvals(approvals::Command),
     /// List the task types the coordinator can plan
     #[command(subcommand, name = "task-types")]
     TaskTypes(task_types::Command),
@@ -261,6 +265,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ListTasks(args) => tasks::list::run(&ctx, args).await,
         Command::Workers(cmd) => workers::run(&ctx, cmd).await,
         Command::Quotas(args) => quotas::run(&ctx, args).await,
+        Command::Approvals(cmd) => approvals::run(&ctx, cmd).await,
         Command::TaskTypes(cmd) => task_types::run(&ctx, cmd).await,
         Command::TaskDetails(args) => tasks::show::run(&ctx, args).await,
         Command::Agents(cmd) => agents::run(&ctx, cmd).await,

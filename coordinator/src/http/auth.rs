@@ -82,6 +82,8 @@ fn tenant_scope(path: &str) -> Scope {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
         ["v1", "tasks"] | ["v1", "tasks", "dry-run"] | ["v1", "task-types"] => Scope::Open,
+        // The handlers keep a tenant to its own tasks' requests.
+        ["v1", "approvals"] | ["v1", "approvals", _] => Scope::Open,
         ["v1", "tasks", id, ..] => Scope::Task(id.to_string()),
         ["v1", "agents", id, ..] => Scope::Agent(id.to_string()),
         _ => Scope::AdminOnly,

@@ -19,6 +19,7 @@
 
 pub mod answer;
 pub mod app;
+pub mod approvals;
 pub mod auth;
 pub mod control;
 pub mod estimate;
@@ -58,6 +59,7 @@ fn v1_routes() -> OpenApiRouter<App> {
         .merge(control::routes())
         .merge(estimate::routes())
         .merge(history::routes())
+        .merge(approvals::routes())
 }
 
 fn open_routes() -> OpenApiRouter<App> {

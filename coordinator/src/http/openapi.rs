@@ -153,6 +153,10 @@ fn tags() -> Vec<Tag> {
             "cluster",
             "Cluster status, workers, the event stream, dead letters.",
         ),
+        (
+            "approvals",
+            "Agents waiting for a person's approval of a tool: list and answer.",
+        ),
         ("reports", "Cost reports, exports and clean-up."),
         ("meta", "Health, readiness, metrics and this document."),
     ]

@@ -60,6 +60,8 @@ pub struct Backends {
     openai_pool: Vec<Credential>,
     /// The limit broker; `None`: the first credential, and 429s retried in place.
     limits: Option<Limits>,
+    /// The approval broker's permission-prompt server.
+    approvals: Option<crate::approvals::mcp::Desk>,
 }
 
 impl Backends {
@@ -98,7 +100,14 @@ impl Backends {
             openai_pool: b.openai.credentials.clone(),
             limits: None,
             sandbox: None,
+            approvals: None,
         }
+    }
+
+    /// Lets the roles' `ask` tools wait for a person (see [`crate::approvals`]).
+    pub fn with_approvals(mut self, desk: crate::approvals::mcp::Desk) -> Self {
+        self.approvals = Some(desk);
+        self
     }
 
     /// Runs the HTTP backends' jobs on credentials the limit broker picks (see
@@ -301,6 +310,7 @@ impl Backends {
             sandbox: self.sandbox.as_ref(),
             credential: None,
             limited: Mutex::new(None),
+            approvals: self.approvals.as_ref(),
         }
     }
 

@@ -216,6 +216,9 @@ pub struct Prepared<'a> {
     /// What the provider said about the credential's limits during the run (a 429, the CLI's
     /// `rate_limit_event`): the dispatcher hands it to the limit broker.
     pub limited: Mutex<Option<http::Learned>>,
+    /// The approval broker's permission-prompt server (`None`: no broker, and tools a role
+    /// marks `ask` are refused).
+    pub approvals: Option<&'a crate::approvals::mcp::Desk>,
 }
 
 impl Prepared<'_> {

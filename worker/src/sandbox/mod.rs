@@ -252,6 +252,11 @@ impl Sandbox {
         })))
     }
 
+    /// Serves `router` to every sandbox under `/orch/` on the proxy's address.
+    pub fn serve_local(&self, router: axum::Router) {
+        self.grants.serve_local(router);
+    }
+
     /// What a job with `allowance` may do inside, in one line (for the job's start event and
     /// `orchctl agents show`).
     pub fn describe(&self, allowance: &Allowance) -> String {

@@ -8,6 +8,8 @@
 //! - `CONNECT host:port` (the agent's `HTTPS_PROXY`) carries the token as the proxy password;
 //!   the tunnel opens only to a host the job's role allows, else 403, a `sandbox_refused`
 //!   event of the job and a warning naming the job and the host.
+//! - Paths under `/orch/` go to the worker's own endpoints (the approval broker's
+//!   permission-prompt server, [`crate::approvals::mcp`]), which check their own tokens.
 //! - Anything else (plain-HTTP proxying) is refused.
 
 use super::Allowance;
@@ -23,9 +25,10 @@ use orch_shared::event::EventKind;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 /// The largest request body forwarded (a model request with a long conversation).
 const MAX_REQUEST_BYTES: usize = 64 << 20;
@@ -42,25 +45,34 @@ pub struct Grant {
     pub events: Option<Events>,
 }
 
-/// The live tokens.
+/// The live tokens, and the worker's own endpoints under `/orch/` (the approval broker's
+/// permission-prompt server), which check their own tokens.
 #[derive(Debug, Clone, Default)]
-pub struct Grants(Arc<Mutex<HashMap<String, Grant>>>);
+pub struct Grants {
+    tokens: Arc<Mutex<HashMap<String, Grant>>>,
+    local: Arc<OnceLock<axum::Router>>,
+}
 
 impl Grants {
     pub fn insert(&self, token: String, grant: Grant) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.tokens.lock() {
             m.insert(token, grant);
         }
     }
 
     pub fn remove(&self, token: &str) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.tokens.lock() {
             m.remove(token);
         }
     }
 
     fn get(&self, token: &str) -> Option<Grant> {
-        self.0.lock().ok()?.get(token).cloned()
+        self.tokens.lock().ok()?.get(token).cloned()
+    }
+
+    /// Serves `router` for requests under `/orch/` (set once; later calls are ignored).
+    pub fn serve_local(&self, router: axum::Router) {
+        let _ = self.local.set(router);
     }
 }
 
@@ -157,6 +169,19 @@ async fn handle(req: Request<Incoming>, grants: &Grants, upstream: &Upstream) ->
             "permission_error",
             "the sandbox proxy forwards plain HTTP only to the model API; use HTTPS (CONNECT) to an allowed host".into(),
         );
+    }
+    if req.uri().path().starts_with("/orch/") {
+        let Some(router) = grants.local.get() else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "this worker serves nothing here".into(),
+            );
+        };
+        return match router.clone().oneshot(req.map(Body::new)).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
     }
     let token = header_str(&req, "x-api-key")
         .map(str::to_string)

@@ -99,16 +99,22 @@ impl ClaudeCode {
         Self::new(self.settings.clone(), provider)
     }
 
-    /// The CLI's arguments for `p` (the prompt goes on stdin).
-    pub fn args(&self, p: &Prepared<'_>) -> Vec<String> {
+    /// The CLI's arguments for `p` (the prompt goes on stdin). `ask`: the MCP config of the
+    /// job's permission-prompt server, when its role has tools a person approves (then the
+    /// CLI asks that server instead of refusing them outright in `dontAsk` mode).
+    pub fn args(&self, p: &Prepared<'_>, ask: Option<&str>) -> Vec<String> {
         let profile = p.profile;
+        let mode = match (ask, profile.permission_mode.as_str()) {
+            (Some(_), "dontAsk") => "default",
+            (_, m) => m,
+        };
         let mut args: Vec<String> = [
             "-p",
             "--output-format",
             "stream-json",
             "--verbose",
             "--permission-mode",
-            &profile.permission_mode,
+            mode,
             "--append-system-prompt",
             &profile.system_prompt,
         ]
@@ -131,10 +137,21 @@ impl ClaudeCode {
             args.push("--max-turns".into());
             args.push(n.to_string());
         }
-        if let Some(mcp) = &self.settings.mcp_config {
+        let mcp: Vec<String> = self
+            .settings
+            .mcp_config
+            .iter()
+            .cloned()
+            .chain(ask.map(str::to_string))
+            .collect();
+        if !mcp.is_empty() {
             args.push("--mcp-config".into());
-            args.push(mcp.clone());
+            args.extend(mcp);
             args.push("--strict-mcp-config".into());
+        }
+        if ask.is_some() {
+            args.push("--permission-prompt-tool".into());
+            args.push(crate::approvals::mcp::PROMPT_TOOL.into());
         }
         args.extend(self.settings.args.iter().cloned());
         args
@@ -273,7 +290,24 @@ impl ClaudeCode {
         {
             rec.confirm_resume(events);
         }
-        let child = match self.spawn(p, &dir.path, restored.as_ref(), &env, jail.as_ref()) {
+        // A role with tools a person approves: the CLI asks the worker's permission-prompt
+        // server (through the sandbox's proxy, or on the worker's loopback port).
+        let seat = match p.approvals {
+            Some(desk) if !p.profile.ask_tools.is_empty() => {
+                Some(desk.seat(p.job, events, cancel, p.profile.ask_tools.clone()))
+            }
+            _ => None,
+        };
+        let base = jail.as_ref().map(|_| Jail::base_url());
+        let ask = seat.as_ref().and_then(|s| s.mcp_config(base.as_deref()));
+        let child = match self.spawn(
+            p,
+            &dir.path,
+            restored.as_ref(),
+            &env,
+            jail.as_ref(),
+            ask.as_deref(),
+        ) {
             Ok(c) => c,
             Err(e) => return failed(e),
         };
@@ -282,6 +316,7 @@ impl ClaudeCode {
             config_dir: &config_dir,
         };
         let mut ended = watch(child, p, &watching, &dir.path, events, cancel).await;
+        drop(seat);
         drop(restored);
         let session = collect_session(session.as_ref(), &config_dir, &dir, &ended.stream).await;
         let model = p.model.clone().or(ended.stream.model.take());
@@ -338,12 +373,13 @@ impl ClaudeCode {
         restored: Option<&Restored>,
         env: &BTreeMap<String, String>,
         jail: Option<&Jail>,
+        ask: Option<&str>,
     ) -> Result<Child, (FailureReason, String)> {
         let mut cmd = match jail {
             Some(j) => j.command(&self.settings.bin),
             None => process::command(&self.settings.bin),
         };
-        cmd.args(self.args(p))
+        cmd.args(self.args(p, ask))
             .current_dir(workspace)
             .env_clear()
             .envs(env)

@@ -1,0 +1,312 @@
+//! The approval broker ("needs you"): an agent's request to use a tool its role marks `ask`
+//! goes to one cluster-wide queue in Redis (`state/approvals`) for a person to answer
+//! (`orchctl approvals`, `POST /v1/approvals/{id}`, the dashboard); the agent waits.
+//!
+//! - [`Broker::ask`] first looks for a rule granted earlier for the task (`--for task`) or
+//!   its tenant (`--always PATTERN`); else it writes the request with its deadline, tells the
+//!   job's event stream (`approval_requested`), waits for the answer and tells it too
+//!   (`approval_answered`). At the deadline the worker denies the request itself with the
+//!   same script a person's answer runs, so a request is answered exactly once, and the agent
+//!   is told why.
+//! - [`mcp`]: the `claude-code` backend's permission-prompt tool (an MCP server each job's
+//!   CLI reaches over loopback, or through the sandbox's proxy).
+//! - [`Rule`]: the `Tool` / `Tool(pattern)` rules of the roles' `ask_tools` and of grants.
+
+pub mod mcp;
+
+use crate::agent::Events;
+use crate::state::{NewApproval, State};
+use orch_shared::event::EventKind;
+use orch_shared::job::JobSpec;
+use serde_json::Value;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How often a waiting agent looks for its answer.
+const POLL: Duration = Duration::from_millis(200);
+/// The longest summary kept (a command, a path).
+const MAX_SUMMARY_CHARS: usize = 2_000;
+/// The longest tool input kept (an edit's old and new text).
+const MAX_INPUT_CHARS: usize = 16_000;
+
+/// A tool rule: `Tool` (any use of the tool) or `Tool(pattern)` (uses whose subject, the
+/// command, path or URL, matches `pattern`, where `*` matches anything).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub tool: String,
+    pub pattern: Option<String>,
+}
+
+impl Rule {
+    /// Parses `Tool` or `Tool(pattern)`; the error says what is wrong.
+    pub fn parse(s: &str) -> Result<Rule, String> {
+        let s = s.trim();
+        let (tool, pattern) = match s.split_once('(') {
+            None => (s, None),
+            Some((tool, rest)) => match rest.strip_suffix(')') {
+                Some(p) if !p.trim().is_empty() => (tool, Some(p.to_string())),
+                Some(_) => return Err(format!("`{s}`: the pattern in parentheses is empty")),
+                None => return Err(format!("`{s}`: missing the closing parenthesis")),
+            },
+        };
+        if tool.is_empty()
+            || !tool
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "`{s}`: expected a tool name (letters, digits, `_`, `-`), optionally with a pattern: `Bash(npm *)`"
+            ));
+        }
+        Ok(Rule {
+            tool: tool.to_string(),
+            pattern,
+        })
+    }
+
+    /// Whether a use of `tool` on `subject` falls under the rule.
+    pub fn matches(&self, tool: &str, subject: &str) -> bool {
+        self.tool == tool && self.pattern.as_deref().is_none_or(|p| glob(p, subject))
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters (nothing else
+/// is special).
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return pattern == text;
+    };
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    for m in middle {
+        match rest.find(m) {
+            Some(i) => rest = &rest[i + m.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// What a use of `tool` would do, as a person reads it and as rules match it: the command,
+/// the path or the URL, else the input as JSON.
+pub fn subject(input: &Value) -> String {
+    [
+        "command",
+        "file_path",
+        "notebook_path",
+        "path",
+        "url",
+        "pattern",
+    ]
+    .iter()
+    .find_map(|k| input.get(*k).and_then(Value::as_str))
+    .map(str::to_string)
+    .unwrap_or_else(|| input.to_string())
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max).collect();
+    out.push('…');
+    out
+}
+
+/// The answer an agent gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Allow,
+    /// Denied; what the agent is told.
+    Deny(String),
+}
+
+/// A handle on the broker (cheap to clone).
+#[derive(Clone)]
+pub struct Broker {
+    state: State,
+    /// How long a request waits for a person before it is denied.
+    pub timeout: Duration,
+}
+
+impl Broker {
+    pub fn new(state: State, timeout: Duration) -> Self {
+        Self { state, timeout }
+    }
+
+    /// Asks for `job`'s agent to use `tool` with `input`: a granted rule answers at once,
+    /// else a person (or the deadline) does. The wait ends early, denied, on `cancel`.
+    pub async fn ask(
+        &self,
+        job: &JobSpec,
+        tool: &str,
+        input: &Value,
+        events: &Events,
+        cancel: &CancellationToken,
+    ) -> Verdict {
+        let subject = subject(input);
+        if self.granted(job, tool, &subject).await {
+            tracing::info!(job_id = %job.job_id, tool, "tool allowed by a granted rule");
+            return Verdict::Allow;
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        let created_ms = orch_shared::now_ms();
+        let deadline_ms = created_ms + self.timeout.as_millis() as u64;
+        let summary = cut(&subject, MAX_SUMMARY_CHARS);
+        let request = NewApproval {
+            id: &id,
+            task: job.task_id,
+            job: &job.job_id.to_string(),
+            attempt: job.attempt,
+            role: job.role.as_str(),
+            tool,
+            summary: &summary,
+            input: &cut(&input.to_string(), MAX_INPUT_CHARS),
+            created_ms,
+            deadline_ms,
+        };
+        if let Err(e) = self.state.create_approval(&request).await {
+            tracing::warn!(error = %e, job_id = %job.job_id, tool, "could not ask for an approval");
+            return Verdict::Deny(format!(
+                "{tool} needs a person's approval, and the approval queue is unreachable; do without it"
+            ));
+        }
+        tracing::info!(job_id = %job.job_id, tool, approval = %id, "waiting for a person's approval");
+        events.send(EventKind::ApprovalRequested {
+            id: id.clone(),
+            tool: tool.to_string(),
+            summary: summary.clone(),
+            deadline_ms,
+        });
+        let (approved, by, message) = self.wait(&id, tool, deadline_ms, cancel).await;
+        events.send(EventKind::ApprovalAnswered {
+            id: id.clone(),
+            decision: if approved { "approved" } else { "denied" }.into(),
+            by: by.clone(),
+            message: (!message.is_empty()).then(|| message.clone()),
+        });
+        tracing::info!(job_id = %job.job_id, tool, approval = %id, approved, by, "approval answered");
+        if approved {
+            Verdict::Allow
+        } else if message.is_empty() {
+            Verdict::Deny(format!("a person denied {tool} ({summary})"))
+        } else {
+            Verdict::Deny(format!("a person denied {tool} ({summary}): {message}"))
+        }
+    }
+
+    async fn granted(&self, job: &JobSpec, tool: &str, subject: &str) -> bool {
+        let tenant = match self.state.task_tenant(job.task_id).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the task's tenant");
+                None
+            }
+        };
+        match self
+            .state
+            .approval_grants(job.task_id, tenant.as_deref())
+            .await
+        {
+            Ok(rules) => rules
+                .iter()
+                .filter_map(|r| Rule::parse(r).ok())
+                .any(|r| r.matches(tool, subject)),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read approval grants");
+                false
+            }
+        }
+    }
+
+    /// Waits for request `id`'s answer: (approved, by, message).
+    async fn wait(
+        &self,
+        id: &str,
+        tool: &str,
+        deadline_ms: u64,
+        cancel: &CancellationToken,
+    ) -> (bool, String, String) {
+        loop {
+            match self.state.approval_answer(id).await {
+                Ok(Some(a)) => return (a.approved, a.by, a.message),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, approval = id, "could not read an approval"),
+            }
+            let now = orch_shared::now_ms();
+            let give_up = if cancel.is_cancelled() {
+                Some((
+                    "cancelled",
+                    "the job was stopped while it waited for approval".to_string(),
+                ))
+            } else if now >= deadline_ms {
+                Some((
+                    "deadline",
+                    format!(
+                        "nobody answered the request to use {tool} within {}s; do without it or finish and say what you need",
+                        self.timeout.as_secs()
+                    ),
+                ))
+            } else {
+                None
+            };
+            if let Some((by, message)) = give_up {
+                match self.state.deny_approval(id, by, &message).await {
+                    Ok(true) => return (false, by.into(), message),
+                    // Answered meanwhile: the next read returns it.
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, approval = id, "could not deny an approval");
+                        return (false, by.into(), message);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_and_match_tool_and_pattern() {
+        let r = Rule::parse("Bash(npm install*)").unwrap();
+        assert!(r.matches("Bash", "npm install left-pad"));
+        assert!(!r.matches("Bash", "rm -rf /"));
+        assert!(!r.matches("Write", "npm install"));
+        let any = Rule::parse("Write").unwrap();
+        assert!(any.matches("Write", "/w/a.txt"));
+        assert!(Rule::parse("Bash(").is_err());
+        assert!(Rule::parse("Bash()").is_err());
+        assert!(Rule::parse("rm -rf").is_err());
+    }
+
+    #[test]
+    fn glob_matches_stars_only() {
+        assert!(glob("*", ""));
+        assert!(glob("a*c", "abbbc"));
+        assert!(glob("a*b*c", "a-b-c"));
+        assert!(!glob("a*c", "ab"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("ex?ct", "exact"));
+        assert!(glob("*.rs", "src/main.rs"));
+        assert!(!glob("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn subject_is_the_command_or_path() {
+        assert_eq!(subject(&serde_json::json!({"command": "ls -l"})), "ls -l");
+        assert_eq!(subject(&serde_json::json!({"file_path": "/w/a"})), "/w/a");
+        assert_eq!(subject(&serde_json::json!({"x": 1})), r#"{"x":1}"#);
+    }
+}
