@@ -8,13 +8,19 @@
 
 use orch_shared::api::{Approval, ApprovalList, JobStatus, Task};
 use orch_shared::event::EventKind;
-use orch_shared::job::FailureReason;
+use orch_shared::ids::JobId;
+use orch_shared::job::{FailureReason, JobSpec};
+use orch_shared::role::Role;
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::{Cluster, Options, assert_completed, orchctl_against, run};
+use orch_worker::agent::Events;
+use orch_worker::approvals::Verdict;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "claude-sonnet-4-5";
 const WAIT: Duration = Duration::from_secs(90);
@@ -249,4 +255,282 @@ async fn a_request_nobody_answers_is_denied_at_its_deadline_and_the_agent_is_tol
         )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
+}
+
+/// A request written by a broker as a worker would for `job` (its task is `task`).
+async fn broker(cluster: &Cluster, timeout: Duration) -> orch_worker::approvals::Broker {
+    let redis = orch_config::redis::Redis::from_url(&cluster.redis_url).unwrap();
+    let state = orch_worker::state::State::connect(&redis).await.unwrap();
+    orch_worker::approvals::Broker::new(state, timeout)
+}
+
+fn job_of(task: &Task) -> JobSpec {
+    JobSpec::new(task.id, JobId::new(), Role::Builder, "build")
+}
+
+/// Thirty requests asked at once by three brokers (each on its own Redis connection, as three
+/// workers are), each answered by two people racing (one approves, one denies): every request
+/// is answered exactly once (one 200, one 409), and every agent gets the answer that won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_concurrent_requests_from_three_workers_are_each_answered_once() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "p", "roles": ["builder"]}))
+        .await;
+    let mut asks = tokio::task::JoinSet::new();
+    for w in 0..3 {
+        let b = broker(&cluster, WAIT).await;
+        for n in 0..10 {
+            let (b, job) = (b.clone(), job_of(&task));
+            asks.spawn(async move {
+                let (events, _rx) = Events::new();
+                let input = json!({"command": format!("make w{w}-n{n}")});
+                let verdict = b
+                    .ask(&job, "Bash", &input, &events, &CancellationToken::new())
+                    .await;
+                (format!("make w{w}-n{n}"), verdict)
+            });
+        }
+    }
+    // Answer every request as it shows up, two answers racing for each.
+    let mut decided: HashMap<String, &'static str> = HashMap::new();
+    let http = cluster.http().clone();
+    let until = std::time::Instant::now() + WAIT;
+    while decided.len() < 30 {
+        assert!(
+            std::time::Instant::now() < until,
+            "{} of 30 requests answered\n{}",
+            decided.len(),
+            cluster.logs()
+        );
+        let (_, v) = cluster.get("/v1/approvals").await;
+        let list: ApprovalList = serde_json::from_value(v).unwrap();
+        for a in list.approvals.iter().filter(|a| a.state == "pending") {
+            let post = |decision: &'static str| {
+                let req = http
+                    .post(format!("{}/v1/approvals/{}", cluster.url, a.id))
+                    .bearer_auth(orch_tests::TOKEN)
+                    .json(&json!({"decision": decision, "message": decision}));
+                async move { (decision, req.send().await.unwrap().status()) }
+            };
+            let (x, y) = tokio::join!(post("approve"), post("deny"));
+            let won: Vec<_> = [x, y]
+                .into_iter()
+                .filter(|(_, s)| *s == StatusCode::OK)
+                .collect();
+            assert_eq!(won.len(), 1, "{}: {x:?} {y:?}", a.id);
+            assert!(
+                [x.1, y.1].contains(&StatusCode::CONFLICT),
+                "{}: {x:?} {y:?}",
+                a.id
+            );
+            assert!(decided.insert(a.summary.clone(), won[0].0).is_none());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let verdicts = asks.join_all().await;
+    assert_eq!(verdicts.len(), 30);
+    for (command, verdict) in verdicts {
+        match (decided[&command], verdict) {
+            ("approve", Verdict::Allow) => {}
+            ("deny", Verdict::Deny(m)) => assert!(m.contains("deny"), "{m}"),
+            (d, v) => panic!("{command}: answered {d}, the agent got {v:?}"),
+        }
+    }
+}
+
+/// Bad input: unknown and answered requests, another tenant's request, malformed answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_unknown_answered_or_other_tenants_requests_are_refused() {
+    let alpha = "alpha-token-0123456789";
+    let beta = "beta-token-0123456789";
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        coordinator_args: vec![
+            "--tenant".into(),
+            format!("alpha={alpha}"),
+            "--tenant".into(),
+            format!("beta={beta}"),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let http = cluster.http().clone();
+    let call = |token: &'static str, method: reqwest::Method, path: String, body: Value| {
+        let req = http
+            .request(method, format!("{}{path}", cluster.url))
+            .bearer_auth(token)
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let post = reqwest::Method::POST;
+    let (status, task) = call(
+        alpha,
+        post.clone(),
+        "/v1/tasks".into(),
+        json!({"prompt": "alpha's work", "roles": ["builder"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let task: Task = serde_json::from_value(task).unwrap();
+    let b = broker(&cluster, WAIT).await;
+    let job = job_of(&task);
+    let asking = tokio::spawn(async move {
+        let (events, _rx) = Events::new();
+        b.ask(
+            &job,
+            "Bash",
+            &json!({"command": "npm install"}),
+            &events,
+            &CancellationToken::new(),
+        )
+        .await
+    });
+    let request = pending(&cluster).await;
+    let path = format!("/v1/approvals/{}", request.id);
+
+    // Another tenant neither sees nor answers it.
+    let (status, v) = call(
+        beta,
+        reqwest::Method::GET,
+        "/v1/approvals".into(),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["approvals"], json!([]), "beta sees alpha's request");
+    let (status, v) = call(
+        beta,
+        post.clone(),
+        path.clone(),
+        json!({"decision": "approve"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    // Its own tenant sees it.
+    let (_, v) = call(
+        alpha,
+        reqwest::Method::GET,
+        "/v1/approvals".into(),
+        json!({}),
+    )
+    .await;
+    assert_eq!(v["approvals"][0]["id"], request.id.as_str(), "{v}");
+
+    // Malformed answers name the field.
+    for (body, field) in [
+        (json!({"decision": "maybe"}), "decision"),
+        (json!({"decision": "approve", "scope": "forever"}), "scope"),
+        (json!({"decision": "approve", "scope": "always"}), "pattern"),
+        (json!({"decision": "deny", "scope": "task"}), "scope"),
+        (json!({"decision": "approve", "colour": "red"}), "colour"),
+    ] {
+        let (status, v) = call(alpha, post.clone(), path.clone(), body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(field),
+            "{body}: {v}"
+        );
+    }
+    let (status, v) = call(
+        alpha,
+        post.clone(),
+        "/v1/approvals/0123456789abcdef".into(),
+        json!({"decision": "approve"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["code"], "not_found");
+
+    // Approved with `always` for alpha's `npm *`: answered once, then the rule answers.
+    let (status, v) = call(
+        alpha,
+        post.clone(),
+        path.clone(),
+        json!({"decision": "approve", "scope": "always", "pattern": "npm *"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["grant"], "Bash(npm *)");
+    assert_eq!(v["by"], "tenant:alpha");
+    let (status, v) = call(
+        alpha,
+        post.clone(),
+        path.clone(),
+        json!({"decision": "deny"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert_eq!(asking.await.unwrap(), Verdict::Allow);
+
+    let b = broker(&cluster, Duration::from_secs(1)).await;
+    let (events, _rx) = Events::new();
+    let again = b
+        .ask(
+            &job_of(&task),
+            "Bash",
+            &json!({"command": "npm test"}),
+            &events,
+            &CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(again, Verdict::Allow, "the granted rule did not answer");
+    let other = b
+        .ask(
+            &job_of(&task),
+            "Bash",
+            &json!({"command": "rm -rf /"}),
+            &events,
+            &CancellationToken::new(),
+        )
+        .await;
+    assert!(matches!(other, Verdict::Deny(_)), "{other:?}");
+
+    // orchctl: an unknown request exits 1, a malformed id exits 2.
+    let home = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(orchctl_against(&cluster, home.path()).args([
+        "approvals",
+        "approve",
+        "0123456789abcdef",
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+    let (code, _, stderr) =
+        run(orchctl_against(&cluster, home.path()).args(["approvals", "deny", "../tasks"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("invalid request id"), "{stderr}");
+}
+
+/// A malformed `ask_tools` rule stops the worker at start, naming the setting.
+#[test]
+fn a_malformed_ask_rule_is_refused_at_start_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(&config, "[roles.builder]\nask_tools = [\"Bash(npm *\"]\n").unwrap();
+    let out = std::process::Command::new(orch_tests::workspace_bin("orch-worker"))
+        .args(["--config", &config.display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("roles.builder.ask_tools") && stderr.contains("closing parenthesis"),
+        "{stderr}"
+    );
+    std::fs::write(&config, "[approvals]\ntimeout = \"0s\"\n").unwrap();
+    let out = std::process::Command::new(orch_tests::workspace_bin("orch-worker"))
+        .args(["--config", &config.display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("approvals.timeout"), "{stderr}");
 }
