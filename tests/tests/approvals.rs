@@ -257,6 +257,56 @@ async fn a_request_nobody_answers_is_denied_at_its_deadline_and_the_agent_is_tol
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
 }
 
+/// The native tool loop asks the same broker for the tools its role marks `ask`; an answer
+/// `--for task` allows the same command for the rest of the task without asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_native_tool_loop_asks_too_and_an_answer_for_the_task_is_not_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let proof = ws.path().join("proof.txt");
+    let command = format!("echo native >> {}", proof.display());
+    let fake = FakeAnthropic::start([
+        Reply::tool_use("bash", json!({"command": command})),
+        Reply::tool_use("bash", json!({"command": command})),
+        Reply::text("Ran it twice."),
+    ])
+    .await;
+    let cluster = Cluster::start(claude_cluster_options(&fake, dir.path(), &[])).await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "append twice",
+            "roles": ["builder"],
+            "backend": "anthropic",
+            "model": MODEL,
+            "workspace": ws.path().display().to_string(),
+        }))
+        .await;
+    let id = task.id.to_string();
+    let request = pending(&cluster).await;
+    assert_eq!(
+        (request.tool.as_str(), request.summary.as_str()),
+        ("Bash", command.as_str())
+    );
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(orchctl_against(&cluster, home.path()).args([
+        "approvals",
+        "approve",
+        &request.id,
+        "--for",
+        "task",
+    ]));
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let task = cluster.wait_task(&id, WAIT).await;
+    assert_completed(&cluster, &task);
+    assert_eq!(std::fs::read_to_string(&proof).unwrap(), "native\nnative\n");
+    let events = cluster.events(&id, None).await;
+    let asked = events
+        .iter()
+        .filter(|(_, e)| matches!(e.kind, EventKind::ApprovalRequested { .. }))
+        .count();
+    assert_eq!(asked, 1, "the second, granted call asked again");
+}
+
 /// A request written by a broker as a worker would for `job` (its task is `task`).
 async fn broker(cluster: &Cluster, timeout: Duration) -> orch_worker::approvals::Broker {
     let redis = orch_config::redis::Redis::from_url(&cluster.redis_url).unwrap();

@@ -102,7 +102,16 @@ pub async fn run<A: Api>(
         ..Report::failure(A::NAME, reason, message)
     };
     let settings = p.tool_loop;
-    let allowed = p.profile.native_tools();
+    let gate = Gate::of(p, events, cancel);
+    let mut allowed = p.profile.native_tools();
+    // Tools the role marks `ask` are offered too; each call waits for a person.
+    if let Some(g) = &gate {
+        for (native, _) in &g.asked {
+            if !allowed.contains(native) {
+                allowed.push(native);
+            }
+        }
+    }
     let useful = !allowed.is_empty()
         && (!matches!(p.job.workspace, Workspace::Scratch)
             || allowed.iter().any(|t| !READ_ONLY.contains(t)));
@@ -261,7 +270,18 @@ pub async fn run<A: Api>(
                     .map(|c| c.name.clone()),
             );
         }
-        let outputs = run_calls(&toolbox, &step.calls, events, files.as_mut(), cancel).await;
+        let outputs = run_calls(
+            &toolbox,
+            gate.as_ref(),
+            &step.calls,
+            events,
+            files.as_mut(),
+            cancel,
+        )
+        .await;
+        if let Some(g) = &gate {
+            denied.append(&mut g.take_denied());
+        }
         if cancel.is_cancelled() {
             break (
                 Outcome::Failure {
@@ -490,8 +510,101 @@ async fn summarize<A: Api>(
 
 /// Runs the calls of one response (see the module docs) and reports them as events; stops
 /// early when `cancel` fires (the calls not run get no output).
+/// The approval broker's gate on the tools a role marks `ask` (`[roles.<r>] ask_tools`, in
+/// Claude Code's names): a call of one waits for a person's answer before it runs.
+struct Gate<'a> {
+    broker: &'a crate::approvals::Broker,
+    job: &'a orch_shared::job::JobSpec,
+    events: &'a Events,
+    cancel: &'a CancellationToken,
+    /// Native tool name and the Claude Code name its rules use.
+    asked: Vec<(&'static str, &'static str)>,
+    /// The native tools the role may use without asking.
+    outright: Vec<&'static str>,
+    rules: &'a [crate::approvals::Rule],
+    denied: std::sync::Mutex<Vec<String>>,
+}
+
+impl<'a> Gate<'a> {
+    fn of(p: &'a Prepared<'_>, events: &'a Events, cancel: &'a CancellationToken) -> Option<Self> {
+        let desk = p.approvals?;
+        let rules = &p.profile.ask_tools;
+        let asked: Vec<(&'static str, &'static str)> = crate::roles::NATIVE_TOOLS
+            .iter()
+            .filter(|(claude, _)| rules.iter().any(|r| r.tool == *claude))
+            .map(|(claude, native)| (*native, *claude))
+            .collect();
+        (!asked.is_empty()).then(|| Gate {
+            broker: desk.broker(),
+            job: p.job,
+            events,
+            cancel,
+            asked,
+            outright: p.profile.native_tools(),
+            rules,
+            denied: std::sync::Mutex::new(vec![]),
+        })
+    }
+
+    /// `None`: the call may run; else the refusal it gets instead.
+    async fn check(&self, call: &Call) -> Option<ToolOutput> {
+        if self.outright.contains(&call.name.as_str()) {
+            return None;
+        }
+        let claude = self
+            .asked
+            .iter()
+            .find(|(native, _)| *native == call.name)
+            .map(|(_, claude)| *claude)?;
+        let subject = crate::approvals::subject(&call.input);
+        let verdict = if self.rules.iter().any(|r| r.matches(claude, &subject)) {
+            self.broker
+                .ask(self.job, claude, &call.input, self.events, self.cancel)
+                .await
+        } else {
+            crate::approvals::Verdict::Deny(format!(
+                "`{}` with this input is not allowed for the {} role",
+                call.name,
+                self.job.role.as_str()
+            ))
+        };
+        match verdict {
+            crate::approvals::Verdict::Allow => None,
+            crate::approvals::Verdict::Deny(message) => {
+                if let Ok(mut d) = self.denied.lock() {
+                    d.push(call.name.clone());
+                }
+                Some(ToolOutput::error(message))
+            }
+        }
+    }
+
+    fn take_denied(&self) -> Vec<String> {
+        self.denied
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+}
+
+/// Runs one call, through the gate when there is one.
+async fn run_one(
+    toolbox: &Toolbox,
+    gate: Option<&Gate<'_>>,
+    call: &Call,
+    cancel: &CancellationToken,
+) -> ToolOutput {
+    if let Some(g) = gate
+        && let Some(refused) = g.check(call).await
+    {
+        return refused;
+    }
+    toolbox.run(call, cancel).await
+}
+
 async fn run_calls(
     toolbox: &Toolbox,
+    gate: Option<&Gate<'_>>,
     calls: &[Call],
     events: &Events,
     mut files: Option<&mut FileTracker>,
@@ -517,10 +630,10 @@ async fn run_calls(
         if reads > 0 {
             let batch = calls[from..from + reads]
                 .iter()
-                .map(|c| toolbox.run(c, cancel));
+                .map(|c| run_one(toolbox, gate, c, cancel));
             outputs.extend(futures::future::join_all(batch).await);
         } else {
-            outputs.push(toolbox.run(&calls[from], cancel).await);
+            outputs.push(run_one(toolbox, gate, &calls[from], cancel).await);
         }
     }
     for (c, o) in calls.iter().zip(&outputs) {
@@ -607,6 +720,7 @@ mod tests {
         let mut files = FileTracker::new(dir.path());
         let outputs = run_calls(
             &toolbox,
+            None,
             &calls,
             &events,
             Some(&mut files),

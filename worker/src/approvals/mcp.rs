@@ -138,6 +138,11 @@ impl Desk {
         }
     }
 
+    /// The broker the desk asks (the native tool loop asks it directly).
+    pub fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+
     fn seat_of(&self, token: &str) -> Option<Seat> {
         self.inner.seats.lock().ok()?.get(token).cloned()
     }
