@@ -143,6 +143,10 @@ pub fn overview() -> String {
   <div class="kpi"><span class="kpi-label">Dead letters</span><span class="kpi-value" id="k-dlq">–</span><span class="kpi-sub"><a href="/#dlq">review</a></span></div>
   <div class="kpi"><span class="kpi-label">Spend today</span><span class="kpi-value" id="k-spend">–</span><span class="kpi-sub" id="k-spend-sub"></span></div>
 </section>
+<section class="panel" id="approvals">
+  <div class="panel-head"><h2>Needs you</h2><span class="muted small">agents waiting for your approval · <code>orchctl approvals list</code></span></div>
+  <div id="approval-list"><p class="empty">Loading…</p></div>
+</section>
 <section class="panel">
   <div class="panel-head"><h2>Running agents</h2><span class="muted small">live · <code>orchctl status</code></span></div>
   <div id="agents" class="agent-grid"><p class="empty">Loading…</p></div>

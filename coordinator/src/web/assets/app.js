@@ -270,7 +270,17 @@ function overviewPage() {
   };
 
   const load = async () => {
-    const [st, recent, dlq, quotas] = await Promise.all([api("/v1/status"), api("/v1/tasks?limit=8"), api("/v1/dlq"), api("/v1/quotas")]);
+    const [st, recent, dlq, quotas, approvals] = await Promise.all([api("/v1/status"), api("/v1/tasks?limit=8"), api("/v1/dlq"), api("/v1/quotas"), api("/v1/approvals")]);
+    // Requests waiting for a person: the command, path or edit, and the buttons that answer.
+    const waiting = approvals.approvals.filter((a) => a.state === "pending");
+    $("#approval-list").innerHTML = table([
+      { label: "Tool", cell: (a) => `<span class="mono">${esc(a.tool)}</span>` },
+      { label: "What", cls: "desc", cell: (a) => `<details><summary class="mono">${esc(a.summary)}</summary><pre class="mono small">${esc(a.input)}</pre></details>` },
+      { label: "Agent", cell: (a) => `<a class="mono" href="/agents/${esc(a.job_id)}">${short(a.job_id)}</a> <span class="role">${esc(a.role)}</span>` },
+      { label: "Task", cell: (a) => `<a class="mono" href="/tasks/${esc(a.task_id)}">${short(a.task_id)}</a>` },
+      { label: "Denied in", num: true, cell: (a) => `${Math.max(0, Math.round((a.deadline_ms - approvals.now_ms) / 1000))}s` },
+      { label: "", num: true, cell: (a) => `<button class="btn sm" data-approve="${esc(a.id)}">Approve</button> <button class="btn sm" data-deny="${esc(a.id)}">Deny</button>` },
+    ], waiting, "No agent is waiting for you.");
     const idle = st.workers.filter((w) => w.busy === 0).length;
     $("#k-workers").textContent = st.workers.length;
     $("#k-slots").innerHTML = `${st.slots_busy} of ${st.slots_total} slots busy · ${idle} idle` + `<div class="meter"><span style="width:${st.slots_total ? (100 * st.slots_busy) / st.slots_total : 0}%"></span></div>`;
@@ -322,6 +332,25 @@ function overviewPage() {
   };
 
   const refresh = throttle(() => load().catch((e) => toast(e.message, true)), 800);
+  $("#approval-list").addEventListener("click", async (e) => {
+    const approve = e.target.dataset.approve;
+    const deny = e.target.dataset.deny;
+    if (!approve && !deny) return;
+    let body = { decision: approve ? "approve" : "deny" };
+    if (deny) {
+      const message = prompt("Tell the agent why (optional):");
+      if (message === null) return;
+      if (message) body.message = message;
+    }
+    e.target.disabled = true;
+    try {
+      await api(`/v1/approvals/${approve || deny}`, { method: "POST", body });
+      toast(approve ? "Approved" : "Denied");
+    } catch (err) {
+      toast(err.message, true);
+    }
+    refresh();
+  });
   $("#dead").addEventListener("click", async (e) => {
     const id = e.target.dataset.retry;
     if (!id) return;
