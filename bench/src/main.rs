@@ -24,6 +24,7 @@ mod anchors;
 mod cluster;
 mod concurrency;
 mod growth;
+mod history;
 mod native;
 mod plot;
 mod report;
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser)]
 struct Args {
     /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, native, growth,
-    /// recovery (or all).
+    /// recovery (or all, which leaves out the long ones: history1m).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
@@ -100,6 +101,12 @@ struct Args {
     /// Growth: latency samples at each point.
     #[arg(long, default_value_t = 100)]
     growth_samples: usize,
+    /// history1m: finished tasks in the history at each point (the full size is 100000,1000000).
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    history_levels: Vec<usize>,
+    /// history1m: the seeded history spans this many days.
+    #[arg(long, default_value_t = 60)]
+    history_span_days: u64,
     /// Jobs of each jsbench run.
     #[arg(long, default_value_t = 50_000)]
     jsbench_jobs: usize,
@@ -147,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         bin_dir: args.bin_dir.clone().map_or_else(exe_dir, Ok)?,
         worker_metrics: false,
         worker_args: vec![],
+        coordinator_args: vec![],
     };
     let mut results = json!({
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -240,6 +248,30 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         results["growth"] = json!({"history": history, "workers": workers});
+    }
+    if args.scenarios.split(',').any(|x| x == "history1m") {
+        let p = history::Params {
+            levels: args.history_levels.clone(),
+            span_days: args.history_span_days,
+            batch: args.growth_batch,
+            samples: args.growth_samples,
+        };
+        let mut runs = json!({});
+        if let Some(dir) = &args.baseline_bin_dir {
+            eprintln!(
+                "history1m: baseline ({}), history {:?}",
+                dir.display(),
+                p.levels
+            );
+            let b = Spec {
+                bin_dir: dir.clone(),
+                ..spec.clone()
+            };
+            runs["baseline"] = history::run(&b, &p).await?;
+        }
+        eprintln!("history1m: this build, history {:?}", p.levels);
+        runs["current"] = history::run(&spec, &p).await?;
+        results["history1m"] = runs;
     }
     if want("recovery") {
         eprintln!("recovery");
