@@ -294,6 +294,13 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => json!({"error": format!("{e:#}")}),
         };
     }
+    if results.get("history1m").is_some() {
+        let png = args.out.join(format!("{stamp}-history1m.png"));
+        results["history1m_plot"] = match plot::history1m(&results["history1m"], &png) {
+            Ok(()) => json!(png.file_name().map(|f| f.to_string_lossy().to_string())),
+            Err(e) => json!({"error": format!("{e:#}")}),
+        };
+    }
     report::targets(&mut results);
     std::fs::write(
         args.out.join(format!("{stamp}.json")),

@@ -441,6 +441,72 @@ pub fn markdown(r: &Value) -> String {
             rec.get("ack_wait_s").cloned().unwrap_or_default()
         ));
     }
+    if r.get("history1m").is_some() {
+        s.push_str(&history1m(r));
+    }
+    s
+}
+
+/// The `history1m` figures: one column per build and history size, then the ratio of the
+/// largest size to the smallest (goal ≤ 1.2×; reads also below 100 ms).
+const HISTORY_FIGURES: [(&str, &str); 13] = [
+    ("tasks_per_s", "one-agent tasks/s"),
+    ("dispatch_p50_ms", "submit → agent start p50 ms"),
+    ("dispatch_p99_ms", "submit → agent start p99 ms"),
+    ("orchctl_status_ms", "`orchctl status` ms"),
+    ("tasks_list_ms", "`tasks list` first page ms"),
+    ("tasks_list_search_ms", "`tasks list --search` ms"),
+    ("cost_report_30d_ms", "`cost-report --since 30d` ms"),
+    ("dashboard_overview_ms", "dashboard overview ms"),
+    ("dashboard_history_ms", "dashboard history ms"),
+    ("coordinator_restart_ms", "coordinator restart → ready ms"),
+    (
+        "tasks_list_after_restart_ms",
+        "first `tasks list` after restart ms",
+    ),
+    ("coordinator_rss_mb", "coordinator RSS MB"),
+    (
+        "redis_bytes_per_finished_task",
+        "Redis bytes per finished task",
+    ),
+];
+
+fn history1m(r: &Value) -> String {
+    let h = &r["history1m"];
+    let builds: Vec<(&str, &Value)> = ["baseline", "current"]
+        .into_iter()
+        .filter_map(|b| h.get(b).map(|v| (b, v)))
+        .collect();
+    let mut s = String::from("\n## history1m (same run)\n\n| Figure |");
+    let mut cols = 1;
+    for (b, v) in &builds {
+        for p in v["points"].as_array().into_iter().flatten() {
+            s.push_str(&format!(" {b} at {} |", p["history"]));
+            cols += 1;
+        }
+        s.push_str(&format!(" {b} ratio |"));
+        cols += 1;
+    }
+    s.push_str(&format!("\n{}\n", "|---".repeat(cols) + "|"));
+    for (key, label) in HISTORY_FIGURES {
+        s.push_str(&format!("| {label} |"));
+        for (_, v) in &builds {
+            for p in v["points"].as_array().into_iter().flatten() {
+                s.push_str(&format!(" {} |", p[key].as_f64().map_or("-".into(), fmt)));
+            }
+            let ratio = v["ratio_largest_to_smallest"][key].as_f64();
+            s.push_str(&format!(
+                " {} |",
+                ratio.map_or("-".into(), |x| format!("{x:.2}×"))
+            ));
+        }
+        s.push('\n');
+    }
+    match &r["history1m_plot"] {
+        Value::String(f) => s.push_str(&format!("\n![history1m]({f})\n")),
+        Value::Null => {}
+        other => s.push_str(&format!("\n(no plot: {other})\n")),
+    }
     s
 }
 
