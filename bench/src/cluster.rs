@@ -382,3 +382,19 @@ pub fn cpu_s(pid: i32) -> f64 {
     // /proc reports clock ticks in USER_HZ, which is 100 on Linux.
     ticks / 100.0
 }
+
+/// Bytes Redis uses for data (`used_memory` minus its startup overhead).
+pub async fn redis_used(url: &str) -> anyhow::Result<u64> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(field("used_memory").saturating_sub(field("used_memory_startup")))
+}

@@ -79,22 +79,6 @@ async fn state_of(cluster: &Cluster) -> anyhow::Result<State> {
     Ok(State::connect(&redis).await?)
 }
 
-/// Bytes Redis uses for data (`used_memory` minus its startup overhead).
-async fn redis_used(cluster: &Cluster) -> anyhow::Result<u64> {
-    let client = redis::Client::open(cluster.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
-        .await?;
-    let field = |name: &str| -> u64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    Ok(field("used_memory").saturating_sub(field("used_memory_startup")))
-}
-
 /// Runs the templates through the cluster: one-agent and three-agent tasks, as finished
 /// records.
 async fn templates(cluster: &Cluster, state: &State) -> anyhow::Result<Vec<Task>> {
@@ -234,7 +218,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
     let mut cluster = Cluster::start(spec.clone()).await?;
     let state = state_of(&cluster).await?;
     let templates = templates(&cluster, &state).await?;
-    let base = redis_used(&cluster).await?;
+    let base = crate::cluster::redis_used(&cluster.redis_url).await?;
     eprintln!("  {} templates", templates.len());
     let mut seeded_so_far = 0;
     let mut points = Vec::new();
@@ -254,7 +238,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
             seeded_so_far = level;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let used = redis_used(&cluster).await?;
+        let used = crate::cluster::redis_used(&cluster.redis_url).await?;
         let mut point = point(&mut cluster, p).await?;
         point["history"] = json!(level);
         point["redis_bytes_per_finished_task"] =

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser)]
 struct Args {
     /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, native, growth,
-    /// recovery (or all, which leaves out the long ones: history1m).
+    /// recovery (or all, which leaves out the long ones: agents10k, history1m).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
@@ -101,6 +101,18 @@ struct Args {
     /// Growth: latency samples at each point.
     #[arg(long, default_value_t = 100)]
     growth_samples: usize,
+    /// agents10k: running agents at each size, shared by --agents10k-workers workers.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    agents10k_sizes: Vec<usize>,
+    /// agents10k: worker processes.
+    #[arg(long, default_value_t = 20)]
+    agents10k_workers: usize,
+    /// agents10k: how long each agent runs.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    agents10k_hold: Duration,
+    /// agents10k: the job ack wait (heartbeats every third of it).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    agents10k_ack_wait: Duration,
     /// history1m: finished tasks in the history at each point (the full size is 100000,1000000).
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
     history_levels: Vec<usize>,
@@ -213,6 +225,8 @@ async fn main() -> anyhow::Result<()> {
                 agents: args.agents,
                 hold: args.hold,
                 ack_wait: args.hold_ack_wait,
+                workers: 1,
+                samples: 0,
             },
         )
         .await?;
@@ -248,6 +262,47 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         results["growth"] = json!({"history": history, "workers": workers});
+    }
+    if args.scenarios.split(',').any(|x| x == "agents10k") {
+        let mut runs = json!({});
+        let mut builds = vec![("current", spec.clone())];
+        if let Some(dir) = &args.baseline_bin_dir {
+            builds.insert(
+                0,
+                (
+                    "baseline",
+                    Spec {
+                        bin_dir: dir.clone(),
+                        ..spec.clone()
+                    },
+                ),
+            );
+        }
+        for (build, spec) in builds {
+            let mut sizes = Vec::new();
+            for &agents in &args.agents10k_sizes {
+                eprintln!(
+                    "agents10k ({build}): {agents} agents of {:?} on {} workers",
+                    args.agents10k_hold, args.agents10k_workers
+                );
+                let r = concurrency::run(
+                    &spec,
+                    &concurrency::Params {
+                        agents,
+                        hold: args.agents10k_hold,
+                        ack_wait: args.agents10k_ack_wait,
+                        workers: args.agents10k_workers,
+                        samples: 20,
+                    },
+                )
+                .await?;
+                eprintln!("  {r}");
+                sizes.push(r);
+            }
+            let ratios = concurrency::per_agent_ratios(&sizes);
+            runs[build] = json!({"sizes": sizes, "per_agent_ratio_largest_to_smallest": ratios});
+        }
+        results["agents10k"] = runs;
     }
     if args.scenarios.split(',').any(|x| x == "history1m") {
         let p = history::Params {
