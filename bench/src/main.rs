@@ -180,6 +180,25 @@ async fn main() -> anyhow::Result<()> {
     if args.check {
         return check(&args, &spec, results).await;
     }
+    const SCENARIOS: [&str; 10] = [
+        "all",
+        "core",
+        "anchors",
+        "celery",
+        "concurrency",
+        "native",
+        "growth",
+        "recovery",
+        "agents10k",
+        "history1m",
+    ];
+    if let Some(unknown) = args.scenarios.split(',').find(|x| !SCENARIOS.contains(x)) {
+        eprintln!(
+            "orch-bench: --scenarios: unknown scenario `{unknown}` (expected {})",
+            SCENARIOS.join(", ")
+        );
+        std::process::exit(2);
+    }
     let want = |s: &str| args.scenarios == "all" || args.scenarios.split(',').any(|x| x == s);
     let started = Instant::now();
 
