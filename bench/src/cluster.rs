@@ -44,6 +44,8 @@ pub struct Spec {
     pub worker_metrics: bool,
     /// More flags for every worker.
     pub worker_args: Vec<String>,
+    /// More flags for the coordinator.
+    pub coordinator_args: Vec<String>,
 }
 
 pub struct Cluster {
@@ -108,7 +110,61 @@ fn redis(dir: &Path, mode: RedisMode) -> anyhow::Result<(Server, String)> {
     bail!("redis-server did not start on any of 5 free ports")
 }
 
+/// Starts a coordinator on a free port; returns it and its address once it listens.
+async fn start_coordinator(
+    spec: &Spec,
+    dir: &Path,
+    nats_url: &str,
+    redis_url: &str,
+) -> anyhow::Result<(Server, String)> {
+    let addr_file = dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut cmd = Command::new(spec.bin_dir.join("orch-coordinator"));
+    cmd.args(["--listen", "127.0.0.1:0", "--nats-url", nats_url])
+        .args(["--redis-url", redis_url, "--token", TOKEN, "--job-ack-wait"])
+        .arg(format!("{}ms", spec.ack_wait.as_millis()))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .args(&spec.coordinator_args)
+        .env("ORCH_LOG", "info");
+    let coordinator = spawn("coordinator", &mut cmd, dir)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(a) = std::fs::read_to_string(&addr_file)
+            .ok()
+            .filter(|s| !s.is_empty())
+        {
+            return Ok((coordinator, a));
+        }
+        if Instant::now() > deadline {
+            bail!("the coordinator did not listen\n{}", coordinator.tail(40));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 impl Cluster {
+    /// Stops the coordinator (SIGTERM) and starts it again on the same NATS and Redis; returns
+    /// the time from its start to its first ready answer.
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<Duration> {
+        self.coordinator.signal(libc::SIGTERM);
+        if self
+            .coordinator
+            .wait_exit(Duration::from_secs(60))
+            .is_none()
+        {
+            self.coordinator.signal(libc::SIGKILL);
+            self.coordinator.wait_exit(Duration::from_secs(10));
+        }
+        let t0 = Instant::now();
+        let (coordinator, addr) =
+            start_coordinator(&self.spec, self.dir.path(), &self.nats_url, &self.redis_url).await?;
+        self.coordinator = coordinator;
+        self.url = format!("http://{addr}");
+        self.wait_ready().await?;
+        Ok(t0.elapsed())
+    }
+
     pub async fn start(spec: Spec) -> anyhow::Result<Cluster> {
         for bin in ["orch-coordinator", "orch-worker", "orchctl"] {
             let path = spec.bin_dir.join(bin);
@@ -122,34 +178,8 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("orch-bench-").tempdir()?;
         let (nats, nats_url) = orch_tests::nats(dir.path());
         let (redis, redis_url) = redis(dir.path(), spec.redis)?;
-        let addr_file = dir.path().join("coordinator.addr");
-        let mut cmd = Command::new(spec.bin_dir.join("orch-coordinator"));
-        cmd.args(["--listen", "127.0.0.1:0", "--nats-url", &nats_url])
-            .args([
-                "--redis-url",
-                &redis_url,
-                "--token",
-                TOKEN,
-                "--job-ack-wait",
-            ])
-            .arg(format!("{}ms", spec.ack_wait.as_millis()))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env("ORCH_LOG", "info");
-        let coordinator = spawn("coordinator", &mut cmd, dir.path())?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            if let Some(a) = std::fs::read_to_string(&addr_file)
-                .ok()
-                .filter(|s| !s.is_empty())
-            {
-                break a;
-            }
-            if Instant::now() > deadline {
-                bail!("the coordinator did not listen\n{}", coordinator.tail(40));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
+        let (coordinator, addr) =
+            start_coordinator(&spec, dir.path(), &nats_url, &redis_url).await?;
         let mut cluster = Cluster {
             dir,
             nats,
@@ -171,7 +201,7 @@ impl Cluster {
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await
                 && r.status().is_success()
@@ -184,7 +214,7 @@ impl Cluster {
                     self.coordinator.tail(40)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -351,4 +381,20 @@ pub fn cpu_s(pid: i32) -> f64 {
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     // /proc reports clock ticks in USER_HZ, which is 100 on Linux.
     ticks / 100.0
+}
+
+/// Bytes Redis uses for data (`used_memory` minus its startup overhead).
+pub async fn redis_used(url: &str) -> anyhow::Result<u64> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(field("used_memory").saturating_sub(field("used_memory_startup")))
 }

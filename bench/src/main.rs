@@ -24,6 +24,7 @@ mod anchors;
 mod cluster;
 mod concurrency;
 mod growth;
+mod history;
 mod native;
 mod plot;
 mod report;
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser)]
 struct Args {
     /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, native, growth,
-    /// recovery (or all).
+    /// recovery (or all, which leaves out the long ones: agents10k, history1m).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
@@ -100,6 +101,24 @@ struct Args {
     /// Growth: latency samples at each point.
     #[arg(long, default_value_t = 100)]
     growth_samples: usize,
+    /// agents10k: running agents at each size, shared by --agents10k-workers workers.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    agents10k_sizes: Vec<usize>,
+    /// agents10k: worker processes.
+    #[arg(long, default_value_t = 20)]
+    agents10k_workers: usize,
+    /// agents10k: how long each agent runs.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    agents10k_hold: Duration,
+    /// agents10k: the job ack wait (heartbeats every third of it).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    agents10k_ack_wait: Duration,
+    /// history1m: finished tasks in the history at each point (the full size is 100000,1000000).
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    history_levels: Vec<usize>,
+    /// history1m: the seeded history spans this many days.
+    #[arg(long, default_value_t = 60)]
+    history_span_days: u64,
     /// Jobs of each jsbench run.
     #[arg(long, default_value_t = 50_000)]
     jsbench_jobs: usize,
@@ -147,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
         bin_dir: args.bin_dir.clone().map_or_else(exe_dir, Ok)?,
         worker_metrics: false,
         worker_args: vec![],
+        coordinator_args: vec![],
     };
     let mut results = json!({
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -159,6 +179,25 @@ async fn main() -> anyhow::Result<()> {
     });
     if args.check {
         return check(&args, &spec, results).await;
+    }
+    const SCENARIOS: [&str; 10] = [
+        "all",
+        "core",
+        "anchors",
+        "celery",
+        "concurrency",
+        "native",
+        "growth",
+        "recovery",
+        "agents10k",
+        "history1m",
+    ];
+    if let Some(unknown) = args.scenarios.split(',').find(|x| !SCENARIOS.contains(x)) {
+        eprintln!(
+            "orch-bench: --scenarios: unknown scenario `{unknown}` (expected {})",
+            SCENARIOS.join(", ")
+        );
+        std::process::exit(2);
     }
     let want = |s: &str| args.scenarios == "all" || args.scenarios.split(',').any(|x| x == s);
     let started = Instant::now();
@@ -205,6 +244,8 @@ async fn main() -> anyhow::Result<()> {
                 agents: args.agents,
                 hold: args.hold,
                 ack_wait: args.hold_ack_wait,
+                workers: 1,
+                samples: 0,
             },
         )
         .await?;
@@ -241,6 +282,71 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         results["growth"] = json!({"history": history, "workers": workers});
     }
+    if args.scenarios.split(',').any(|x| x == "agents10k") {
+        let mut runs = json!({});
+        let mut builds = vec![("current", spec.clone())];
+        if let Some(dir) = &args.baseline_bin_dir {
+            builds.insert(
+                0,
+                (
+                    "baseline",
+                    Spec {
+                        bin_dir: dir.clone(),
+                        ..spec.clone()
+                    },
+                ),
+            );
+        }
+        for (build, spec) in builds {
+            let mut sizes = Vec::new();
+            for &agents in &args.agents10k_sizes {
+                eprintln!(
+                    "agents10k ({build}): {agents} agents of {:?} on {} workers",
+                    args.agents10k_hold, args.agents10k_workers
+                );
+                let r = concurrency::run(
+                    &spec,
+                    &concurrency::Params {
+                        agents,
+                        hold: args.agents10k_hold,
+                        ack_wait: args.agents10k_ack_wait,
+                        workers: args.agents10k_workers,
+                        samples: 20,
+                    },
+                )
+                .await?;
+                eprintln!("  {r}");
+                sizes.push(r);
+            }
+            let ratios = concurrency::per_agent_ratios(&sizes);
+            runs[build] = json!({"sizes": sizes, "per_agent_ratio_largest_to_smallest": ratios});
+        }
+        results["agents10k"] = runs;
+    }
+    if args.scenarios.split(',').any(|x| x == "history1m") {
+        let p = history::Params {
+            levels: args.history_levels.clone(),
+            span_days: args.history_span_days,
+            batch: args.growth_batch,
+            samples: args.growth_samples,
+        };
+        let mut runs = json!({});
+        if let Some(dir) = &args.baseline_bin_dir {
+            eprintln!(
+                "history1m: baseline ({}), history {:?}",
+                dir.display(),
+                p.levels
+            );
+            let b = Spec {
+                bin_dir: dir.clone(),
+                ..spec.clone()
+            };
+            runs["baseline"] = history::run(&b, &p).await?;
+        }
+        eprintln!("history1m: this build, history {:?}", p.levels);
+        runs["current"] = history::run(&spec, &p).await?;
+        results["history1m"] = runs;
+    }
     if want("recovery") {
         eprintln!("recovery");
         results["recovery"] = scenarios::recovery(&spec).await?;
@@ -258,6 +364,13 @@ async fn main() -> anyhow::Result<()> {
     if results.get("growth").is_some() {
         let png = args.out.join(format!("{stamp}-growth.png"));
         results["growth_plot"] = match plot::growth(&results["growth"], &png) {
+            Ok(()) => json!(png.file_name().map(|f| f.to_string_lossy().to_string())),
+            Err(e) => json!({"error": format!("{e:#}")}),
+        };
+    }
+    if results.get("history1m").is_some() {
+        let png = args.out.join(format!("{stamp}-history1m.png"));
+        results["history1m_plot"] = match plot::history1m(&results["history1m"], &png) {
             Ok(()) => json!(png.file_name().map(|f| f.to_string_lossy().to_string())),
             Err(e) => json!({"error": format!("{e:#}")}),
         };

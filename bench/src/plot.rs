@@ -169,3 +169,50 @@ where
         .draw()?;
     Ok(())
 }
+
+/// The `history1m` figures (`{"current": {...}, "baseline": {...}}`) against the tasks in
+/// history: each read's time, this build and (when measured) the baseline build, to `path`.
+pub fn history1m(h: &Value, path: &Path) -> anyhow::Result<()> {
+    register_font()?;
+    let figures: [(&str, &str, &str); 8] = [
+        ("cost-report --since 30d", "ms", "cost_report_30d_ms"),
+        ("tasks list --search", "ms", "tasks_list_search_ms"),
+        ("tasks list (first page)", "ms", "tasks_list_ms"),
+        ("orchctl status", "ms", "orchctl_status_ms"),
+        ("dashboard overview", "ms", "dashboard_overview_ms"),
+        ("coordinator restart", "ms", "coordinator_restart_ms"),
+        ("submit -> agent start p99", "ms", "dispatch_p99_ms"),
+        (
+            "Redis per finished task",
+            "bytes",
+            "redis_bytes_per_finished_task",
+        ),
+    ];
+    let panels: Vec<Panel<'_>> = figures
+        .iter()
+        .map(|(title, unit, key)| {
+            let mut series = vec![("this build", BLUE, points(&h["current"], "history", key))];
+            if h.get("baseline").is_some() {
+                series.push(("baseline", RED, points(&h["baseline"], "history", key)));
+            }
+            Panel {
+                title,
+                x_label: "finished tasks in history",
+                y_label: unit,
+                series,
+            }
+        })
+        .collect();
+    let root = BitMapBackend::new(path, (1800, 860)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (title, body) = root.split_vertically(40);
+    title.titled(
+        "orchestrator history1m: each read against the size of the history",
+        ("sans-serif", 22),
+    )?;
+    for (area, panel) in body.split_evenly((2, 4)).iter().zip(&panels) {
+        draw_panel(area, panel)?;
+    }
+    root.present().context("write the PNG")?;
+    Ok(())
+}

@@ -441,6 +441,153 @@ pub fn markdown(r: &Value) -> String {
             rec.get("ack_wait_s").cloned().unwrap_or_default()
         ));
     }
+    for build in ["baseline", "current"] {
+        if let Some(a) = r["agents10k"].get(build) {
+            s.push_str(&agents10k(build, a));
+        }
+    }
+    if r.get("history1m").is_some() {
+        s.push_str(&history1m(r));
+    }
+    s
+}
+
+/// The `agents10k` figures: one column per size, then the per-agent ratio of the largest size
+/// to the smallest (goal: flat, ≤ 1.2×).
+fn agents10k(build: &str, a: &Value) -> String {
+    let sizes: Vec<&Value> = a["sizes"].as_array().into_iter().flatten().collect();
+    let mut s = format!("\n## agents10k, {build} build (same run)\n\n| Figure |");
+    for z in &sizes {
+        s.push_str(&format!(
+            " {} agents on {} workers |",
+            z["agents"], z["workers"]
+        ));
+    }
+    s.push_str(" ratio |\n");
+    s.push_str(&format!("{}|\n", "|---".repeat(sizes.len() + 2)));
+    let rows: [(&str, &[&str], Option<&str>); 14] = [
+        ("all started after s", &["all_started_after_s"], None),
+        ("late heartbeats", &["late_heartbeats"], None),
+        ("missed heartbeats", &["missed_heartbeats"], None),
+        ("redelivered starts", &["redelivered_starts"], None),
+        ("jobs started twice", &["jobs_started_twice"], None),
+        ("workers' leases lost", &["worker_leases_lost"], None),
+        (
+            "new job submit → start p50 ms, while holding",
+            &["while_holding", "dispatch_p50_ms"],
+            None,
+        ),
+        (
+            "new job submit → start p99 ms, while holding",
+            &["while_holding", "dispatch_p99_ms"],
+            Some("dispatch_p99_ms"),
+        ),
+        (
+            "`orchctl status` ms, while holding",
+            &["while_holding", "orchctl_status_ms"],
+            Some("orchctl_status_ms"),
+        ),
+        (
+            "coordinator CPU % per 1,000 agents",
+            &["coordinator_cpu_pct_per_1000_agents"],
+            Some("coordinator_cpu_per_agent"),
+        ),
+        (
+            "coordinator RSS MB",
+            &["memory_while_holding", "coordinator_rss_mb"],
+            None,
+        ),
+        (
+            "Redis bytes per agent",
+            &["memory_while_holding", "redis_bytes_per_agent"],
+            Some("redis_bytes_per_agent"),
+        ),
+        (
+            "NATS kB per agent",
+            &["memory_while_holding", "nats_kb_per_agent"],
+            Some("nats_kb_per_agent"),
+        ),
+        (
+            "workers' kB per agent",
+            &["worker_kb_per_agent"],
+            Some("worker_kb_per_agent"),
+        ),
+    ];
+    for (label, path, ratio) in rows {
+        s.push_str(&format!("| {label} |"));
+        for z in &sizes {
+            let v = path.iter().fold(*z, |v, k| &v[*k]).as_f64();
+            s.push_str(&format!(" {} |", v.map_or("-".into(), fmt)));
+        }
+        let ratio = ratio.and_then(|k| a["per_agent_ratio_largest_to_smallest"][k].as_f64());
+        s.push_str(&format!(
+            " {} |\n",
+            ratio.map_or("-".into(), |x| format!("{x:.2}×"))
+        ));
+    }
+    s
+}
+
+/// The `history1m` figures: one column per build and history size, then the ratio of the
+/// largest size to the smallest (goal ≤ 1.2×; reads also below 100 ms).
+const HISTORY_FIGURES: [(&str, &str); 13] = [
+    ("tasks_per_s", "one-agent tasks/s"),
+    ("dispatch_p50_ms", "submit → agent start p50 ms"),
+    ("dispatch_p99_ms", "submit → agent start p99 ms"),
+    ("orchctl_status_ms", "`orchctl status` ms"),
+    ("tasks_list_ms", "`tasks list` first page ms"),
+    ("tasks_list_search_ms", "`tasks list --search` ms"),
+    ("cost_report_30d_ms", "`cost-report --since 30d` ms"),
+    ("dashboard_overview_ms", "dashboard overview ms"),
+    ("dashboard_history_ms", "dashboard history ms"),
+    ("coordinator_restart_ms", "coordinator restart → ready ms"),
+    (
+        "tasks_list_after_restart_ms",
+        "first `tasks list` after restart ms",
+    ),
+    ("coordinator_rss_mb", "coordinator RSS MB"),
+    (
+        "redis_bytes_per_finished_task",
+        "Redis bytes per finished task",
+    ),
+];
+
+fn history1m(r: &Value) -> String {
+    let h = &r["history1m"];
+    let builds: Vec<(&str, &Value)> = ["baseline", "current"]
+        .into_iter()
+        .filter_map(|b| h.get(b).map(|v| (b, v)))
+        .collect();
+    let mut s = String::from("\n## history1m (same run)\n\n| Figure |");
+    let mut cols = 1;
+    for (b, v) in &builds {
+        for p in v["points"].as_array().into_iter().flatten() {
+            s.push_str(&format!(" {b} at {} |", p["history"]));
+            cols += 1;
+        }
+        s.push_str(&format!(" {b} ratio |"));
+        cols += 1;
+    }
+    s.push_str(&format!("\n{}\n", "|---".repeat(cols) + "|"));
+    for (key, label) in HISTORY_FIGURES {
+        s.push_str(&format!("| {label} |"));
+        for (_, v) in &builds {
+            for p in v["points"].as_array().into_iter().flatten() {
+                s.push_str(&format!(" {} |", p[key].as_f64().map_or("-".into(), fmt)));
+            }
+            let ratio = v["ratio_largest_to_smallest"][key].as_f64();
+            s.push_str(&format!(
+                " {} |",
+                ratio.map_or("-".into(), |x| format!("{x:.2}×"))
+            ));
+        }
+        s.push('\n');
+    }
+    match &r["history1m_plot"] {
+        Value::String(f) => s.push_str(&format!("\n![history1m]({f})\n")),
+        Value::Null => {}
+        other => s.push_str(&format!("\n(no plot: {other})\n")),
+    }
     s
 }
 

@@ -81,6 +81,11 @@ pub struct Args {
     /// [default: 7days].
     #[arg(long, env = "ORCH_EVENTS_MAX_AGE")]
     pub events_max_age: Option<String>,
+    /// How long finished tasks stay in the history: the leader deletes older ones with
+    /// everything kept about them, as `orchctl clean` does; `0s` keeps them forever
+    /// [default: 90days].
+    #[arg(long, env = "ORCH_HISTORY_RETENTION")]
+    pub history_retention: Option<String>,
     /// Parallel lanes applying results (tasks are spread over lanes by id) [default: 16].
     #[arg(long, env = "ORCH_LANES")]
     pub lanes: Option<String>,
@@ -131,6 +136,8 @@ struct Settings {
     dedup_window: Duration,
     #[serde(with = "humantime_serde")]
     events_max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    history_retention: Duration,
     lanes: usize,
     log_format: LogFormat,
     max_running_agents: Option<String>,
@@ -158,6 +165,7 @@ impl Default for Settings {
             job_max_deliver: 5,
             dedup_window: Duration::from_secs(30 * 60),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
+            history_retention: Duration::from_secs(90 * 24 * 3600),
             lanes: 16,
             log_format: LogFormat::Pretty,
             max_running_agents: None,
@@ -187,6 +195,8 @@ pub struct Config {
     pub job_max_deliver: i64,
     pub dedup_window: Duration,
     pub events_max_age: Duration,
+    /// Finished tasks older than this are deleted by the leader (`None`: kept forever).
+    pub history_retention: Option<Duration>,
     pub lanes: usize,
     pub log_format: LogFormat,
     pub admission: crate::admission::Config,
@@ -349,6 +359,8 @@ impl Settings {
             job_max_deliver: self.job_max_deliver,
             dedup_window: self.dedup_window,
             events_max_age: self.events_max_age,
+            history_retention: (!self.history_retention.is_zero())
+                .then_some(self.history_retention),
             lanes: self.lanes,
             log_format: self.log_format,
             admission: crate::admission::Config {
@@ -592,5 +604,20 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cfg.events_max_age, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn history_is_kept_90_days_unless_told_otherwise_and_0s_keeps_it_forever() {
+        let day = 24 * 3600;
+        let cfg = from_flags(["--no-auth"]).unwrap();
+        assert_eq!(cfg.history_retention, Some(Duration::from_secs(90 * day)));
+        let cfg = load_with(Some("history_retention = \"30days\""), &[], &["--no-auth"]).unwrap();
+        assert_eq!(cfg.history_retention, Some(Duration::from_secs(30 * day)));
+        let cfg = load_with(None, &[("ORCH_HISTORY_RETENTION", "0s")], &["--no-auth"]).unwrap();
+        assert_eq!(cfg.history_retention, None);
+        let err = from_flags(["--no-auth", "--history-retention", "forever"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("history-retention"), "{err}");
     }
 }

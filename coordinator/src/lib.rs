@@ -15,6 +15,7 @@
 //! - [`transport`]: the only code that knows NATS subjects, streams and bytes.
 //! - [`state`]: the only code that knows Redis keys.
 //! - [`reconcile`]: rebuilds Redis from the JetStream log after a data loss.
+//! - [`retention`]: deletes old finished tasks, on request and past `--history-retention`.
 //! - [`catchup`]: records how far Redis has the log and replays past it when Redis is another
 //!   server (a failover, a restart) or this replica starts leading.
 //! - [`leader`]: the leader lease between coordinator replicas (only the leader dispatches).
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod planner;
 pub mod reconcile;
+pub mod retention;
 pub mod sampler;
 pub mod state;
 pub mod transport;
@@ -189,6 +191,14 @@ pub async fn run(
         transport.clone(),
         shutdown.clone(),
     ));
+    if let Some(retention) = config.history_retention {
+        tracker.spawn(retention::run(
+            state.clone(),
+            transport.clone(),
+            retention,
+            shutdown.clone(),
+        ));
+    }
     if let Err(e) = state
         .set_daily_budget(config.admission.daily_budget_usd)
         .await

@@ -712,6 +712,61 @@ async fn clean_deletes_old_finished_tasks_with_their_agents_and_logs() {
     assert!(stderr.contains("--older-than"), "{stderr}");
 }
 
+/// `--history-retention`: the leader deletes finished tasks older than it on its own, with
+/// their agents and logs, and keeps unfinished ones whatever their age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_past_the_history_retention_are_deleted_and_running_ones_kept() {
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        coordinator_args: vec!["--history-retention".into(), "5s".into()],
+        ..Options::default()
+    })
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let old = cluster
+        .submit(json!({"prompt": "old: map the parser", "roles": ["analyst"]}))
+        .await;
+    let done = cluster
+        .wait_all(&[old.id.to_string()], Duration::from_secs(30))
+        .await;
+    assert_eq!(done[0].status, TaskStatus::Completed, "{:#?}", done[0]);
+    let running = cluster
+        .submit(
+            json!({"prompt": "still going", "roles": ["builder"], "sim": {"latency_ms": 60000}}),
+        )
+        .await;
+
+    let id = old.id.to_string();
+    let left = cluster
+        .eventually(Duration::from_secs(30), || async {
+            let (_, body) = cluster.get("/v1/tasks").await;
+            let list: TaskList = serde_json::from_value(body).map_err(|e| e.to_string())?;
+            if ids(&list).contains(&id) {
+                return Err(format!("{id} is still listed"));
+            }
+            Ok::<_, String>(list)
+        })
+        .await;
+    assert_eq!(
+        ids(&left),
+        vec![running.id.to_string()],
+        "the unfinished task stays, however old"
+    );
+    let (code, _, _) = ctl(&cluster, h, &["tasks", "show", &id]);
+    assert_eq!(code, 1, "the record is gone");
+    let (code, _, _) = ctl(
+        &cluster,
+        h,
+        &["agents", "show", &done[0].jobs[0].id.to_string()],
+    );
+    assert_eq!(code, 1, "the agent index entry is gone");
+    let (code, _, _) = ctl(&cluster, h, &["logs", "--task", &id]);
+    assert_eq!(code, 1, "its event log is gone");
+    let (_, status) = cluster.get(&format!("/v1/tasks/{}", running.id)).await;
+    assert_eq!(status["status"], json!("running"), "{status}");
+}
+
 /// Kills a child process on drop.
 struct Child(std::process::Child);
 

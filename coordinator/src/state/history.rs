@@ -111,6 +111,16 @@ impl State {
     /// The records of `ids` that still exist, in the order given. Unreadable records are
     /// skipped with a warning: one corrupt record must not hide the rest of the history.
     pub async fn load_tasks(&self, ids: &[TaskId]) -> Result<Vec<Task>, Error> {
+        self.load_records(ids).await
+    }
+
+    /// The records of `ids` as `T`, a part of [`Task`] (serde skips the fields `T` does not
+    /// name, without building them: a listing or a report that reads thousands of records
+    /// leaves prompts, outputs and contexts undecoded), like [`State::load_tasks`].
+    pub async fn load_records<T: serde::de::DeserializeOwned>(
+        &self,
+        ids: &[TaskId],
+    ) -> Result<Vec<T>, Error> {
         let mut conn = self.conn.clone();
         let mut tasks = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(LOAD_BATCH) {
@@ -122,7 +132,7 @@ impl State {
                 .map_err(redis_err("load tasks"))?;
             for (key, bytes) in keys.into_iter().zip(records) {
                 let Some(bytes) = bytes else { continue };
-                match codec::decode::<Task>(&bytes) {
+                match codec::decode::<T>(&bytes) {
                     Ok(task) => tasks.push(task),
                     Err(e) => {
                         tracing::warn!(%key, error = %e, "skipping an unreadable task record")

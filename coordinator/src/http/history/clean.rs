@@ -2,12 +2,11 @@
 
 use crate::http::answer::{Answer, Failure, field};
 use crate::http::app::App;
-use crate::state::history::Range;
+use crate::retention;
 use axum::body::Bytes;
 use axum::extract::State as AxumState;
 use axum::extract::rejection::BytesRejection;
 use orch_shared::error::{ApiError, ErrorCode};
-use orch_shared::ids::JobId;
 use orch_shared::report::{CleanReport, CleanRequest, MAX_CLEAN_BATCH};
 
 /// `POST /v1/clean`: deletes the finished tasks created more than `older_than_ms` ago, with
@@ -43,44 +42,20 @@ pub(super) async fn clean(
             format!("must be between 1 and {MAX_CLEAN_BATCH}"),
         ));
     }
-    let now = orch_shared::now_ms();
-    let cutoff = now.saturating_sub(req.older_than_ms);
-    let window = Range {
-        since_ms: None,
-        until_ms: Some(cutoff.max(1)),
-    };
-    let ids = app
-        .state
-        .task_ids_asc(window, req.after, limit as usize)
-        .await?;
-    let mut report = CleanReport {
-        cutoff_ms: cutoff,
-        dry_run: req.dry_run,
-        next: (ids.len() == limit as usize)
-            .then(|| ids.last().copied())
-            .flatten(),
-        ..Default::default()
-    };
-    for task in app.state.load_tasks(&ids).await? {
-        if !task.status.is_terminal() {
-            report.skipped_unfinished += 1;
-            continue;
-        }
-        report.tasks += 1;
-        report.agents += task.jobs.len() as u64;
-        if req.dry_run {
-            continue;
-        }
-        // The logs go first: a failure leaves the record, so a later clean finds it again.
-        let (events, results) = app.transport.purge_task(task.id).await?;
-        let jobs: Vec<JobId> = task.jobs.iter().map(|j| j.id).collect();
-        // Checkpoints: their conversations here, their pointers with the task's keys.
-        let checkpoints = app.state.checkpoint_objects(&jobs).await?;
-        app.transport.purge_sessions(&jobs, &checkpoints).await?;
-        report.events_purged += events;
-        report.results_purged += results;
-        app.state.delete_task(&task).await?;
-    }
+    let cutoff = orch_shared::now_ms().saturating_sub(req.older_than_ms);
+    let report = retention::clean(
+        &app.state,
+        &app.transport,
+        cutoff,
+        req.after,
+        limit as usize,
+        req.dry_run,
+    )
+    .await
+    .map_err(|e| match e {
+        retention::Error::State(e) => Failure::from(e),
+        retention::Error::Transport(e) => Failure::from(e),
+    })?;
     if !req.dry_run && report.tasks > 0 {
         tracing::info!(
             tasks = report.tasks,

@@ -5,11 +5,15 @@ use crate::http::answer::{Answer, list_of, query};
 use crate::http::app::App;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State as AxumState};
-use orch_shared::api::{Job, Task};
+use orch_shared::api::JobStatus;
+use orch_shared::ids::{JobId, TaskId, WorkerId};
+use orch_shared::job::{Backend, Usage};
 use orch_shared::report::{
     COST_DIMENSIONS, CostBreakdown, CostGroup, CostLine, CostReport, MAX_REPORT_TASKS, model_name,
 };
+use orch_shared::role::Role;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 
 #[derive(Deserialize, Default, utoipa::IntoParams)]
@@ -24,7 +28,53 @@ pub(super) struct CostParams {
     by: Option<String>,
 }
 
-fn dimension_value(dim: &str, task: &Task, job: &Job) -> String {
+/// The part of a task record a cost report reads (field names as in [`orch_shared::api::Task`]).
+#[derive(Deserialize)]
+struct CostTask {
+    id: TaskId,
+    backend: Backend,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    backends: BTreeMap<Role, Backend>,
+    #[serde(default)]
+    models: BTreeMap<Role, String>,
+    jobs: Vec<CostJob>,
+}
+
+/// The part of a job a cost report reads (as in [`orch_shared::api::Job`]).
+#[derive(Deserialize)]
+struct CostJob {
+    id: JobId,
+    role: Role,
+    status: JobStatus,
+    attempt: u32,
+    #[serde(default)]
+    worker_id: Option<WorkerId>,
+    #[serde(default)]
+    usage: Usage,
+    #[serde(default)]
+    cost_usd: f64,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+impl CostTask {
+    /// As [`orch_shared::api::Task::backend_of`].
+    fn backend_of(&self, role: Role) -> Backend {
+        self.backends.get(&role).copied().unwrap_or(self.backend)
+    }
+
+    /// As [`orch_shared::api::Task::model_of`].
+    fn model_of(&self, role: Role) -> Option<&str> {
+        self.models
+            .get(&role)
+            .or(self.model.as_ref())
+            .map(String::as_str)
+    }
+}
+
+fn dimension_value(dim: &str, task: &CostTask, job: &CostJob) -> String {
     match dim {
         "agent" => job.id.to_string(),
         "role" => job.role.as_str().to_string(),
@@ -62,7 +112,7 @@ pub(super) async fn cost_report(
     let mut tasks = 0;
     let mut total = CostLine::default();
     let mut groups: Vec<HashMap<String, CostGroup>> = vec![HashMap::new(); by.len()];
-    let truncated = tasks_in_range(&app, range, MAX_REPORT_TASKS, |task| {
+    let truncated = tasks_in_range(&app, range, MAX_REPORT_TASKS, |task: CostTask| {
         tasks += 1;
         for job in task.jobs.iter().filter(|j| j.attempt > 0) {
             total.add(&job.usage, job.cost_usd);
@@ -105,4 +155,30 @@ pub(super) async fn cost_report(
         breakdowns,
         truncated,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cost_record_reads_back_every_dimension_of_the_full_task() {
+        let task = super::super::tasks::tests::stored_task();
+        let view: CostTask =
+            orch_shared::codec::decode(&orch_shared::codec::encode(&task)).unwrap();
+        assert_eq!(view.id, task.id);
+        assert_eq!(view.jobs.len(), task.jobs.len());
+        for (v, j) in view.jobs.iter().zip(&task.jobs) {
+            assert_eq!(
+                (v.id, v.role, v.status, v.attempt, v.usage, v.cost_usd),
+                (j.id, j.role, j.status, j.attempt, j.usage, j.cost_usd)
+            );
+            assert_eq!(v.worker_id, j.worker_id);
+            assert_eq!(v.model, j.model);
+            assert_eq!(view.backend_of(v.role), task.backend_of(j.role));
+            assert_eq!(view.model_of(v.role), task.model_of(j.role));
+        }
+        assert_eq!(view.backend_of(Role::Tester), Backend::Anthropic);
+        assert_eq!(view.model_of(Role::Builder), Some("m-1"));
+    }
 }

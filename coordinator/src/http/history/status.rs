@@ -1,7 +1,7 @@
 //! The cluster at a glance: `GET /v1/status`, `GET /v1/workers` and `GET /v1/quotas`.
 
 use super::agents::agent_summary;
-use super::window::MAX_ACTIVE_TASKS;
+use super::window::{MAX_ACTIVE_TASKS, PAGE};
 use crate::http::answer::Answer;
 use crate::http::app::App;
 use crate::state::history::Range;
@@ -43,11 +43,18 @@ pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<
     active_ids.sort_unstable_by(|a, b| b.cmp(a));
     let active_tasks = active_ids.len() as u64;
     active_ids.truncate(MAX_ACTIVE_TASKS);
+    // Newest tasks first, a page at a time, until the listed agents are found: with thousands
+    // of agents running, reading every active record made the status page grow with them.
     let mut active_agents = Vec::new();
-    for task in app.state.load_tasks(&active_ids).await? {
-        for job in task.jobs.iter().filter(|j| !j.status.is_terminal()) {
-            if active_agents.len() < MAX_STATUS_AGENTS {
-                active_agents.push(agent_summary(&task, job));
+    for page in active_ids.chunks(PAGE) {
+        if active_agents.len() >= MAX_STATUS_AGENTS {
+            break;
+        }
+        for task in app.state.load_tasks(page).await? {
+            for job in task.jobs.iter().filter(|j| !j.status.is_terminal()) {
+                if active_agents.len() < MAX_STATUS_AGENTS {
+                    active_agents.push(agent_summary(&task, job));
+                }
             }
         }
     }

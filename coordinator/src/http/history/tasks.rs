@@ -8,8 +8,10 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State as AxumState};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use orch_shared::api::{Task, TaskList, TaskStatus, TaskSummary};
+use orch_shared::api::{JobStatus, Mode, TaskList, TaskStatus, TaskSummary};
 use orch_shared::ids::TaskId;
+use orch_shared::job::Usage;
+use orch_shared::role::Role;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -42,6 +44,52 @@ pub struct ListParams {
     pub order: Option<String>,
 }
 
+/// The part of a task record a listing reads (field names as in [`orch_shared::api::Task`]):
+/// its summary and what the filters look at, not the outputs, contexts and job prompts.
+#[derive(Deserialize)]
+struct ListedTask {
+    id: TaskId,
+    prompt: String,
+    task_type: String,
+    mode: Mode,
+    status: TaskStatus,
+    #[serde(default)]
+    tenant: Option<String>,
+    created_at_ms: u64,
+    #[serde(default)]
+    finished_at_ms: Option<u64>,
+    jobs: Vec<ListedJob>,
+    #[serde(default)]
+    usage: Usage,
+    #[serde(default)]
+    cost_usd: f64,
+}
+
+#[derive(Deserialize)]
+struct ListedJob {
+    role: Role,
+    status: JobStatus,
+}
+
+impl ListedTask {
+    /// As [`orch_shared::api::Task::summary`].
+    fn summary(self) -> TaskSummary {
+        TaskSummary {
+            id: self.id,
+            roles: self.jobs.iter().map(|j| j.role).collect(),
+            jobs_done: self.jobs.iter().filter(|j| j.status.is_terminal()).count() as u32,
+            prompt: self.prompt,
+            task_type: self.task_type,
+            mode: self.mode,
+            status: self.status,
+            usage: self.usage,
+            cost_usd: self.cost_usd,
+            created_at_ms: self.created_at_ms,
+            finished_at_ms: self.finished_at_ms,
+        }
+    }
+}
+
 struct Filter {
     /// Only this tenant's tasks (a tenant's token).
     tenant: Option<String>,
@@ -52,7 +100,7 @@ struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, t: &Task) -> bool {
+    fn matches(&self, t: &ListedTask) -> bool {
         self.tenant
             .as_ref()
             .is_none_or(|tenant| t.tenant.as_ref() == Some(tenant))
@@ -149,8 +197,9 @@ async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<
                 break;
             }
             let exhausted = ids.len() < PAGE;
-            let tasks = app.state.load_tasks(&ids).await?;
-            let mut by_id: HashMap<TaskId, Task> = tasks.into_iter().map(|t| (t.id, t)).collect();
+            let tasks = app.state.load_records::<ListedTask>(&ids).await?;
+            let mut by_id: HashMap<TaskId, ListedTask> =
+                tasks.into_iter().map(|t| (t.id, t)).collect();
             for id in &ids {
                 examined += 1;
                 start = Some(*id);
@@ -195,7 +244,7 @@ async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<
             })?,
     };
     let mut rows: Vec<TaskSummary> = Vec::new();
-    let truncated = tasks_in_range(app, range, MAX_SORTED_TASKS, |t| {
+    let truncated = tasks_in_range(app, range, MAX_SORTED_TASKS, |t: ListedTask| {
         if filter.matches(&t) {
             rows.push(t.summary());
         }
@@ -257,4 +306,46 @@ pub(super) async fn list(
     let params = query(params)?;
     let tenant = caller.and_then(|c| c.0.tenant);
     list_tasks(&app, params, tenant).await
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use orch_shared::api::Task;
+
+    /// A finished two-job task with every field a listing or a report reads set.
+    pub fn stored_task() -> Task {
+        serde_json::from_value(serde_json::json!({
+            "id": TaskId::new().to_string(), "prompt": "Fix the Parser", "task_type": "custom",
+            "plan_source": "custom", "mode": "parallel", "status": "failed",
+            "backend": "sim", "model": "m-1", "backends": {"tester": "anthropic"},
+            "models": {"tester": "m-2"}, "tenant": "acme",
+            "created_at_ms": 1000, "finished_at_ms": 5000, "cost_usd": 0.75,
+            "usage": {"input_tokens": 10, "output_tokens": 20, "cache_creation_tokens": 3,
+                      "cache_read_tokens": 4},
+            "output": "a long output", "error": "tester failed",
+            "jobs": [
+                {"id": orch_shared::ids::JobId::new().to_string(), "step": 0, "role": "builder",
+                 "status": "succeeded", "attempt": 1, "prompt": "build", "cost_usd": 0.25,
+                 "worker_id": "w-1", "context": "forward context", "output": "built",
+                 "usage": {"input_tokens": 4, "output_tokens": 8, "cache_creation_tokens": 1,
+                           "cache_read_tokens": 2}},
+                {"id": orch_shared::ids::JobId::new().to_string(), "step": 1, "role": "tester",
+                 "status": "failed", "attempt": 2, "prompt": "test", "cost_usd": 0.5,
+                 "model": "m-3",
+                 "usage": {"input_tokens": 6, "output_tokens": 12, "cache_creation_tokens": 2,
+                           "cache_read_tokens": 2}},
+            ],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_listed_record_reads_back_the_summary_and_what_the_filters_see() {
+        let task = stored_task();
+        let listed: ListedTask =
+            orch_shared::codec::decode(&orch_shared::codec::encode(&task)).unwrap();
+        assert_eq!(listed.tenant.as_deref(), Some("acme"));
+        assert_eq!(listed.summary(), task.summary());
+    }
 }

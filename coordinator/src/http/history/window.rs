@@ -3,7 +3,6 @@
 use crate::http::answer::{Answer, field};
 use crate::http::app::App;
 use crate::state::history::Range;
-use orch_shared::api::Task;
 
 /// Tasks a filtered listing in creation order examines per page.
 pub const SCAN_BUDGET: usize = 5_000;
@@ -27,13 +26,14 @@ pub fn range(since: Option<u64>, until: Option<u64>) -> Answer<Range> {
     })
 }
 
-/// Every task of `range`, newest first, `PAGE` at a time, at most `max`; and whether more were
+/// Every task of `range` (as `T`, the part of the record read: see
+/// [`crate::state::State::load_records`]), newest first, `PAGE` at a time, at most `max`; and whether more were
 /// left.
-pub async fn tasks_in_range(
+pub async fn tasks_in_range<T: serde::de::DeserializeOwned>(
     app: &App,
     range: Range,
     max: usize,
-    mut each: impl FnMut(Task),
+    mut each: impl FnMut(T),
 ) -> Answer<bool> {
     let mut before = None;
     let mut read = 0;
@@ -50,7 +50,7 @@ pub async fn tasks_in_range(
         read += ids.len();
         before = ids.last().copied();
         let short = ids.len() < want;
-        for task in app.state.load_tasks(&ids).await? {
+        for task in app.state.load_records::<T>(&ids).await? {
             each(task);
         }
         if short {
