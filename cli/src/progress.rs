@@ -298,6 +298,7 @@ impl Panel {
             }
             EventKind::Heartbeat
             | EventKind::Checkpointed { .. }
+            | EventKind::McpServer { .. }
             | EventKind::SandboxRefused { .. } => None,
             EventKind::Resumed { from_step, .. } => {
                 step.mark_running(&format!("resumed after step {from_step}"));
@@ -650,6 +651,7 @@ mod tests {
             output: None,
             error: None,
             branch: None,
+            mcp_servers: Default::default(),
         }
     }
 

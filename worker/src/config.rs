@@ -233,6 +233,15 @@ pub struct Args {
         env = "ORCH_COMPACT_KEEP_ROUNDS"
     )]
     pub keep_rounds: Option<String>,
+    /// Native tool loop: how long an MCP server may take to start and list its tools before
+    /// the job fails [default: 30s].
+    #[arg(
+        id = "agent.mcp_start_timeout",
+        long = "mcp-start-timeout",
+        value_name = "DURATION",
+        env = "ORCH_MCP_START_TIMEOUT"
+    )]
+    pub mcp_start_timeout: Option<String>,
 }
 
 /// A credential. Its `Debug` and `Display` never show it; [`Secret::expose`] does.
@@ -422,6 +431,9 @@ pub struct LoopSettings {
     pub compact_above: f64,
     /// The latest tool rounds a compaction keeps as they are.
     pub keep_rounds: usize,
+    /// How long an MCP server may take to start and list its tools.
+    #[serde(with = "humantime_serde")]
+    pub mcp_start_timeout: Duration,
 }
 
 impl Default for LoopSettings {
@@ -434,6 +446,7 @@ impl Default for LoopSettings {
             elide_above: 0.8,
             compact_above: 0.9,
             keep_rounds: 2,
+            mcp_start_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -478,6 +491,12 @@ impl LoopSettings {
         fraction("agent.compact_above", self.compact_above)?;
         if self.keep_rounds > 1_000 {
             return Err(Error::invalid("agent.keep_rounds", "must be at most 1000"));
+        }
+        if self.mcp_start_timeout.is_zero() {
+            return Err(Error::invalid(
+                "agent.mcp_start_timeout",
+                "must be longer than 0s",
+            ));
         }
         Ok(self)
     }
@@ -1333,6 +1352,7 @@ output = 0.2
                 elide_above: 0.5,
                 compact_above: 0.6,
                 keep_rounds: 1,
+                mcp_start_timeout: Duration::from_secs(30),
             }
         );
         let err = |file: Option<&str>, env: &[(&str, &str)], flags: &[&str]| {
