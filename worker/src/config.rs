@@ -1235,6 +1235,10 @@ args = ["--quiet"]
 prompt = "arg"
 [roles.reviewer]
 model = "claude-opus-4-5"
+allowed_tools = ["Read", "mcp__files__read_text_file"]
+mcp_servers.files = { command = "mcp-server-filesystem", args = ["."], env = { A = "b" } }
+[roles.builder.mcp_servers.docs]
+url = "https://mcp.example.com/mcp"
 [prices."qwen2.5-coder"]
 input = 0.1
 output = 0.2
@@ -1243,6 +1247,20 @@ output = 0.2
         .unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/orch"));
         assert_eq!(cfg.default_backend, Some(Backend::ClaudeCode));
+        let reviewer = cfg
+            .roles
+            .profile(Key::Role(orch_shared::role::Role::Reviewer));
+        let files = &reviewer.mcp_servers["files"];
+        assert_eq!(files.command.as_deref(), Some("mcp-server-filesystem"));
+        assert_eq!((files.args.len(), files.env["A"].as_str()), (1, "b"));
+        assert!(reviewer.grants_mcp("files", "read_text_file"));
+        let builder = cfg
+            .roles
+            .profile(Key::Role(orch_shared::role::Role::Builder));
+        assert_eq!(
+            builder.mcp_servers["docs"].url.as_deref(),
+            Some("https://mcp.example.com/mcp")
+        );
         let b = &cfg.backends;
         assert_eq!(b.claude_code.bin, PathBuf::from("/opt/claude"));
         assert_eq!(
