@@ -72,6 +72,25 @@ if [ -z "${ORCH_CLAUDE_BIN:-}" ] && [ "$(basename "$0")" = test ] && ! _orch_cla
   _orch_claude_code_ok || { echo "the Claude Code CLI is still missing after npm install" >&2; exit 1; }
 fi
 
+# The MCP reference filesystem server, for the tests of the native tool loop's MCP tools
+# (tests/tests/mcp_tools.rs): a real MCP server nobody here wrote, run over stdio by the worker.
+# Pinned, installed from npm into target/tools/mcp-server-filesystem and reused while it is that
+# version. Only scripts/test needs it; ORCH_MCP_FILESYSTEM_BIN points the tests at another copy.
+MCP_FILESYSTEM_VERSION=2026.8.31
+if [ -z "${ORCH_MCP_FILESYSTEM_BIN:-}" ] && [ "$(basename "$0")" = test ] && \
+   [ "$(sed -n 's/^  "version": *"\([^"]*\)".*/\1/p' target/tools/mcp-server-filesystem/node_modules/@modelcontextprotocol/server-filesystem/package.json 2>/dev/null)" != "$MCP_FILESYSTEM_VERSION" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "installing npm (Debian) for the MCP filesystem server..." >&2
+    _orch_sudo apt-get update -qq >&2 || true
+    DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq nodejs npm >&2
+  fi
+  echo "installing the MCP filesystem server $MCP_FILESYSTEM_VERSION (npm) into target/tools/mcp-server-filesystem..." >&2
+  mkdir -p target/tools/mcp-server-filesystem
+  npm install --prefix target/tools/mcp-server-filesystem --no-audit --no-fund --loglevel=error \
+    "@modelcontextprotocol/server-filesystem@$MCP_FILESYSTEM_VERSION" >&2
+  [ -x target/tools/mcp-server-filesystem/node_modules/.bin/mcp-server-filesystem ] || { echo "the MCP filesystem server is still missing after npm install" >&2; exit 1; }
+fi
+
 # ---- Python: the client's tests and the OpenAPI validator (scripts/test) -------------------------
 # pytest runs clients/python's tests (tests/tests/python_client.rs); openapi-spec-validator checks
 # docs/openapi.json (tests/tests/openapi.rs). Pinned, from PyPI; the tests fail, never skip,

@@ -298,6 +298,7 @@ impl Panel {
             }
             EventKind::Heartbeat
             | EventKind::Checkpointed { .. }
+            | EventKind::McpServer { .. }
             | EventKind::SandboxRefused { .. } => None,
             EventKind::ApprovalRequested {
                 id, tool, summary, ..
@@ -665,6 +666,7 @@ mod tests {
             output: None,
             error: None,
             branch: None,
+            mcp_servers: Default::default(),
         }
     }
 

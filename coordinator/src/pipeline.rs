@@ -23,8 +23,8 @@ use orch_shared::api::{
 use orch_shared::event::{EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
-    Backend, FailureReason, GitJob, JobKind, JobResult, JobSpec, Limits, Outcome, SessionRef,
-    SimParams, Workspace,
+    Backend, FailureReason, GitJob, JobKind, JobResult, JobSpec, Limits, McpServer, Outcome,
+    SessionRef, SimParams, Workspace,
 };
 use orch_shared::plan::{PlanError, PlanSpec, parse_answer};
 use orch_shared::role::Role;
@@ -70,6 +70,7 @@ pub struct TaskOptions {
     pub execution: ExecutionOptions,
     /// A planner agent writes the plan; `plan` is the fallback if its plan is not valid.
     pub llm_planner: bool,
+    pub mcp_servers: BTreeMap<String, McpServer>,
 }
 
 /// Lays out a new task and returns what to do once it is stored.
@@ -126,6 +127,7 @@ pub fn new_task(
         output: None,
         error: None,
         branch: None,
+        mcp_servers: opts.mcp_servers,
     };
     let mut actions = vec![Action::Emit(
         None,
@@ -298,6 +300,7 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         // The lanes write the session pointer a result reports (`State::save_result`).
         records_session: true,
         priority: task.options.priority,
+        mcp_servers: task.mcp_servers.clone(),
     }
 }
 

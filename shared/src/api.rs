@@ -102,6 +102,10 @@ pub struct SubmitTask {
     /// The branch, tag or commit of `repo` to start from (default `HEAD`).
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<String>,
+    /// MCP servers by name, whose tools the agents of the `anthropic` and `openai` backends
+    /// may call (as `mcp__<name>__<tool>`, under their role's tool rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_servers: Option<BTreeMap<String, crate::job::McpServer>>,
 }
 
 /// `POST /v1/agents/{id}/send` and `POST /v1/agents/{id}/fork`.
@@ -451,6 +455,9 @@ pub struct Task {
     /// For a git workspace: the task branch holding the agents' merged work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
+    /// The MCP servers the task declared (see [`SubmitTask::mcp_servers`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mcp_servers: BTreeMap<String, crate::job::McpServer>,
 }
 
 impl Task {

@@ -105,6 +105,15 @@ pub enum EventKind {
         output: String,
         is_error: bool,
     },
+    /// An MCP server of the job (its role's or its task's) started and offered `tools` tools
+    /// to the agent (`withheld`: those its role's tool rules deny), or did not start (`error`,
+    /// and the job fails).
+    McpServer {
+        server: String,
+        tools: u32,
+        withheld: u32,
+        error: Option<String>,
+    },
     /// The agent's sandbox refused a connection (a host its role does not allow).
     SandboxRefused { target: String },
     /// The agent asked to use a tool that needs a person's approval (`orchctl approvals`):

@@ -4,6 +4,7 @@
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::role::Role;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Everything a worker needs to run one agent. A worker keeps nothing else: a redelivered
 /// `JobSpec` can be run by any worker.
@@ -51,6 +52,10 @@ pub struct JobSpec {
     /// queue in this order when the limit resets.
     #[serde(default, skip_serializing_if = "crate::api::Priority::is_normal")]
     pub priority: crate::api::Priority,
+    /// MCP servers the task declared, by name: their tools are offered to a native tool loop
+    /// agent (`anthropic`, `openai`) next to the role's own servers, under the role's rules.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mcp_servers: BTreeMap<String, McpServer>,
 }
 
 impl JobSpec {
@@ -75,6 +80,64 @@ impl JobSpec {
             session: None,
             records_session: false,
             priority: crate::api::Priority::Normal,
+            mcp_servers: BTreeMap::new(),
+        }
+    }
+}
+
+/// An MCP server whose tools an agent of the native tool loop may call: a program spoken to
+/// over its stdin and stdout (`command`, run in the job's workspace and sandbox), or a
+/// streamable HTTP endpoint (`url`). Exactly one of the two.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpServer {
+    /// The program of a stdio server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Variables added to its environment (which holds no secret of the worker).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The endpoint of a streamable HTTP server (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// The longest MCP server name: with the tool's name after it, a tool's full name
+/// (`mcp__<server>__<tool>`) must fit the APIs' 64 characters.
+pub const MAX_MCP_SERVER_NAME: usize = 24;
+
+impl McpServer {
+    /// Why the server `name` as declared cannot be used, if it cannot: a message that starts
+    /// with the name and the field (`fs.url: …`). The rules: a name of letters, digits, `-` and single `_` up to [`MAX_MCP_SERVER_NAME`]
+    /// characters, and either a command or an http(s) URL.
+    pub fn check(&self, name: &str) -> Result<(), String> {
+        if name.is_empty()
+            || name.len() > MAX_MCP_SERVER_NAME
+            || name.contains("__")
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "{name}: a server name is 1 to {MAX_MCP_SERVER_NAME} letters, digits, `-` or `_` (not `__`)"
+            ));
+        }
+        match (&self.command, &self.url) {
+            (Some(c), None) if !c.trim().is_empty() => Ok(()),
+            (None, Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {
+                if !self.args.is_empty() || !self.env.is_empty() {
+                    return Err(format!("{name}: args and env are for a command, not a url"));
+                }
+                Ok(())
+            }
+            (None, Some(_)) => Err(format!("{name}.url: must start with http:// or https://")),
+            (Some(_), None) => Err(format!("{name}.command: must not be empty")),
+            _ => Err(format!(
+                "{name}: give either command (stdio) or url (streamable HTTP)"
+            )),
         }
     }
 }

@@ -7,8 +7,8 @@ use orch_shared::codec::{self, DecodeError};
 use orch_shared::event::{self as events, Event, EventBatch, EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
 use orch_shared::job::{
-    Backend, FailureReason, GitJob, GitOutcome, JobKind, JobResult, JobSpec, Limits, Outcome,
-    SessionPointer, SessionRef, SimParams, Usage, Workspace,
+    Backend, FailureReason, GitJob, GitOutcome, JobKind, JobResult, JobSpec, Limits, McpServer,
+    Outcome, SessionPointer, SessionRef, SimParams, Usage, Workspace,
 };
 use orch_shared::role::Role;
 use proptest::prelude::*;
@@ -111,7 +111,11 @@ prop_compose! {
                   limits: Limits { timeout_ms, max_turns }, kind: JobKind::Agent, constraints: vec!["keep it small".into()], sim,
                   session: (attempt % 2 == 0).then_some(SessionRef { from: job_id, fork: attempt % 4 == 0 }),
                   records_session: attempt % 3 == 0,
-                  priority: [orch_shared::api::Priority::Low, orch_shared::api::Priority::Normal, orch_shared::api::Priority::High][(step % 3) as usize] }
+                  priority: [orch_shared::api::Priority::Low, orch_shared::api::Priority::Normal, orch_shared::api::Priority::High][(step % 3) as usize],
+                  mcp_servers: if attempt % 2 == 0 { Default::default() } else { [
+                      ("fs".to_string(), McpServer { command: Some("mcp-server-filesystem".into()), args: vec![".".into()], env: [("A".to_string(), "b".to_string())].into(), url: None }),
+                      ("docs".to_string(), McpServer { url: Some("https://example.com/mcp".into()), ..McpServer::default() }),
+                  ].into() } }
     }
 }
 
@@ -146,6 +150,16 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
                     .collect()
             }),
         (role(), any::<u32>()).prop_map(|(role, step)| EventKind::JobQueued { role, step }),
+        ("[a-z]{1,10}", any::<u32>(), proptest::option::of(".*")).prop_map(
+            |(server, tools, error)| {
+                EventKind::McpServer {
+                    server,
+                    tools,
+                    withheld: tools / 2,
+                    error,
+                }
+            }
+        ),
         ".*".prop_map(|reason| EventKind::JobSkipped { reason }),
         (
             "[a-z0-9-]{1,20}",
@@ -334,6 +348,7 @@ fn sample_spec() -> JobSpec {
         }),
         records_session: true,
         priority: orch_shared::api::Priority::Normal,
+        mcp_servers: Default::default(),
     }
 }
 
@@ -451,6 +466,7 @@ fn sample_task() -> Task {
         plan: Default::default(),
         created_at_ms: 1_764_000_000_000,
         finished_at_ms: Some(1_764_000_002_000),
+        mcp_servers: Default::default(),
         jobs: vec![Job {
             id: spec.job_id,
             step: 0,

@@ -242,6 +242,15 @@ pub struct Args {
         env = "ORCH_COMPACT_KEEP_ROUNDS"
     )]
     pub keep_rounds: Option<String>,
+    /// Native tool loop: how long an MCP server may take to start and list its tools before
+    /// the job fails [default: 30s].
+    #[arg(
+        id = "agent.mcp_start_timeout",
+        long = "mcp-start-timeout",
+        value_name = "DURATION",
+        env = "ORCH_MCP_START_TIMEOUT"
+    )]
+    pub mcp_start_timeout: Option<String>,
 }
 
 /// A credential. Its `Debug` and `Display` never show it; [`Secret::expose`] does.
@@ -450,6 +459,9 @@ pub struct LoopSettings {
     pub compact_above: f64,
     /// The latest tool rounds a compaction keeps as they are.
     pub keep_rounds: usize,
+    /// How long an MCP server may take to start and list its tools.
+    #[serde(with = "humantime_serde")]
+    pub mcp_start_timeout: Duration,
 }
 
 impl Default for LoopSettings {
@@ -462,6 +474,7 @@ impl Default for LoopSettings {
             elide_above: 0.8,
             compact_above: 0.9,
             keep_rounds: 2,
+            mcp_start_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -506,6 +519,12 @@ impl LoopSettings {
         fraction("agent.compact_above", self.compact_above)?;
         if self.keep_rounds > 1_000 {
             return Err(Error::invalid("agent.keep_rounds", "must be at most 1000"));
+        }
+        if self.mcp_start_timeout.is_zero() {
+            return Err(Error::invalid(
+                "agent.mcp_start_timeout",
+                "must be longer than 0s",
+            ));
         }
         Ok(self)
     }
@@ -1254,6 +1273,10 @@ args = ["--quiet"]
 prompt = "arg"
 [roles.reviewer]
 model = "claude-opus-4-5"
+allowed_tools = ["Read", "mcp__files__read_text_file"]
+mcp_servers.files = { command = "mcp-server-filesystem", args = ["."], env = { A = "b" } }
+[roles.builder.mcp_servers.docs]
+url = "https://mcp.example.com/mcp"
 [prices."qwen2.5-coder"]
 input = 0.1
 output = 0.2
@@ -1262,6 +1285,20 @@ output = 0.2
         .unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/orch"));
         assert_eq!(cfg.default_backend, Some(Backend::ClaudeCode));
+        let reviewer = cfg
+            .roles
+            .profile(Key::Role(orch_shared::role::Role::Reviewer));
+        let files = &reviewer.mcp_servers["files"];
+        assert_eq!(files.command.as_deref(), Some("mcp-server-filesystem"));
+        assert_eq!((files.args.len(), files.env["A"].as_str()), (1, "b"));
+        assert!(reviewer.grants_mcp("files", "read_text_file"));
+        let builder = cfg
+            .roles
+            .profile(Key::Role(orch_shared::role::Role::Builder));
+        assert_eq!(
+            builder.mcp_servers["docs"].url.as_deref(),
+            Some("https://mcp.example.com/mcp")
+        );
         let b = &cfg.backends;
         assert_eq!(b.claude_code.bin, PathBuf::from("/opt/claude"));
         assert_eq!(
@@ -1371,6 +1408,7 @@ output = 0.2
                 elide_above: 0.5,
                 compact_above: 0.6,
                 keep_rounds: 1,
+                mcp_start_timeout: Duration::from_secs(30),
             }
         );
         let err = |file: Option<&str>, env: &[(&str, &str)], flags: &[&str]| {

@@ -8,7 +8,7 @@
 //! `workflow_planner`: read-only tools and a JSON-only answer.
 
 use crate::sandbox::Allowance;
-use orch_shared::job::{JobKind, JobSpec};
+use orch_shared::job::{JobKind, JobSpec, McpServer};
 use orch_shared::role::Role;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -129,6 +129,9 @@ pub struct Profile {
     pub sandbox: Allowance,
     /// The native `bash` tool's timeout when the model gives none (else the worker's).
     pub bash_timeout: Option<std::time::Duration>,
+    /// MCP servers whose tools the role's native tool loop agents may call (with the job's
+    /// own; see [`Profile::grants_mcp`]).
+    pub mcp_servers: BTreeMap<String, McpServer>,
 }
 
 impl Profile {
@@ -150,6 +153,39 @@ impl Profile {
             }
         }
         out
+    }
+
+    /// Whether an agent of this profile may call `tool` of the MCP server `server`, offered
+    /// to the model as `mcp__<server>__<tool>` (Claude Code's name for it). A rule naming the
+    /// tool, its server (`mcp__<server>`) or every MCP tool (`mcp__*`) grants or denies it;
+    /// deny wins. With no rule, a role that may change files gets the tools and a read-only
+    /// role does not (least privilege: a tool's effects are unknown).
+    pub fn grants_mcp(&self, server: &str, tool: &str) -> bool {
+        let names = [
+            format!("mcp__{server}__{tool}"),
+            format!("mcp__{server}"),
+            "mcp__*".to_string(),
+        ];
+        let named = |list: &[String]| list.iter().any(|t| names.contains(t));
+        if named(&self.disallowed_tools) {
+            return false;
+        }
+        named(&self.allowed_tools) || self.native_tools().contains(&"write_file")
+    }
+
+    /// Whether some tool of `server` may be granted (a server none of whose tools can be is
+    /// not started).
+    pub fn may_use_mcp_server(&self, server: &str) -> bool {
+        let whole = [format!("mcp__{server}"), "mcp__*".to_string()];
+        if self.disallowed_tools.iter().any(|t| whole.contains(t)) {
+            return false;
+        }
+        let prefix = format!("mcp__{server}__");
+        self.native_tools().contains(&"write_file")
+            || self
+                .allowed_tools
+                .iter()
+                .any(|t| whole.contains(t) || t.starts_with(&prefix))
     }
 }
 
@@ -180,6 +216,8 @@ pub struct Override {
     pub cpus: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     pub bash_timeout: Option<std::time::Duration>,
+    /// MCP servers by name for the native tool loop; replaces the default (none).
+    pub mcp_servers: Option<BTreeMap<String, McpServer>>,
 }
 
 /// The profile of every role, checked once when the config is loaded.
@@ -283,6 +321,13 @@ impl Roles {
                 }
                 p.bash_timeout = Some(t);
             }
+            if let Some(servers) = &o.mcp_servers {
+                for (server, s) in servers {
+                    s.check(server)
+                        .map_err(|e| format!("roles.{name}.mcp_servers.{e}"))?;
+                }
+                p.mcp_servers = servers.clone();
+            }
             for tool in p.allowed_tools.iter().chain(&p.disallowed_tools) {
                 if tool.trim().is_empty() || tool.contains(',') {
                     return Err(format!(
@@ -344,6 +389,7 @@ fn default_profile(key: Key) -> Profile {
             ..Allowance::default()
         },
         bash_timeout: None,
+        mcp_servers: BTreeMap::new(),
     }
 }
 
@@ -489,6 +535,32 @@ mod tests {
     use orch_shared::job::Backend;
 
     #[test]
+    fn mcp_tools_go_to_roles_that_may_write_unless_a_rule_says_otherwise() {
+        let r = Roles::default();
+        let builder = r.profile(Key::Role(Role::Builder));
+        assert!(builder.grants_mcp("fs", "write_file"));
+        assert!(builder.may_use_mcp_server("fs"));
+        let mut reviewer = r.profile(Key::Role(Role::Reviewer)).clone();
+        assert!(!reviewer.grants_mcp("fs", "read_text_file"));
+        assert!(!reviewer.may_use_mcp_server("fs"));
+        reviewer
+            .allowed_tools
+            .push("mcp__fs__read_text_file".into());
+        assert!(reviewer.may_use_mcp_server("fs"));
+        assert!(reviewer.grants_mcp("fs", "read_text_file"));
+        assert!(!reviewer.grants_mcp("fs", "write_file"));
+        assert!(!reviewer.may_use_mcp_server("fs2"));
+        reviewer.allowed_tools.push("mcp__docs".into());
+        assert!(reviewer.grants_mcp("docs", "search"));
+        // Deny wins, for one tool, a server or every MCP tool.
+        let mut b = builder.clone();
+        b.disallowed_tools.push("mcp__fs__write_file".into());
+        assert!(!b.grants_mcp("fs", "write_file") && b.grants_mcp("fs", "read_text_file"));
+        b.disallowed_tools.push("mcp__*".into());
+        assert!(!b.may_use_mcp_server("fs") && !b.grants_mcp("fs", "read_text_file"));
+    }
+
+    #[test]
     fn native_tools_follow_the_one_role_table_and_deny_wins() {
         let r = Roles::default();
         let native = |role| r.profile(Key::Role(role)).native_tools();
@@ -585,6 +657,23 @@ mod tests {
             m.insert(name.to_string(), o);
             Roles::with_overrides(&m).unwrap_err()
         };
+        let servers = |name: &str, s: McpServer| Override {
+            mcp_servers: Some([(name.to_string(), s)].into()),
+            ..Default::default()
+        };
+        let e = bad(
+            "tester",
+            servers(
+                "docs",
+                McpServer {
+                    url: Some("docs.example.com".into()),
+                    ..Default::default()
+                },
+            ),
+        );
+        assert!(e.starts_with("roles.tester.mcp_servers.docs.url:"), "{e}");
+        let e = bad("tester", servers("a b", McpServer::default()));
+        assert!(e.starts_with("roles.tester.mcp_servers.a b:"), "{e}");
         assert!(bad("scout", Override::default()).starts_with("roles.scout:"));
         assert!(
             bad(

@@ -156,6 +156,19 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             output::count(*tokens_before),
             tokens_after.map_or("?".to_string(), output::count)
         ),
+        EventKind::McpServer {
+            server,
+            error: Some(e),
+            ..
+        } => format!("MCP server {server} failed: {e}"),
+        EventKind::McpServer {
+            server,
+            tools,
+            withheld,
+            error: None,
+        } => format!(
+            "MCP server {server} started: {tools} tool(s) offered, {withheld} withheld by the role"
+        ),
         EventKind::SandboxRefused { target } => {
             format!("sandbox refused a connection to {target} (not an allowed host)")
         }

@@ -8,7 +8,7 @@ use crate::progress::{Panel, View};
 use anyhow::{Context as _, anyhow, bail};
 use orch_shared::api::{Mode, OnFailure, Planner, Priority, SubmitTask, Task, TaskStatus};
 use orch_shared::ids::TaskId;
-use orch_shared::job::{Backend, SimParams};
+use orch_shared::job::{Backend, McpServer, SimParams};
 use orch_shared::plan::PlanSpec;
 use orch_shared::role::Role;
 use std::collections::BTreeMap;
@@ -135,6 +135,12 @@ pub struct Args {
     /// Most turns an agent may take
     #[arg(long, value_name = "N")]
     pub max_turns: Option<u32>,
+
+    /// An MCP server whose tools the anthropic and openai agents may call (repeatable):
+    /// NAME=URL (streamable HTTP) or NAME=COMMAND ARG... (stdio, run in the job's workspace;
+    /// words split on spaces)
+    #[arg(long = "mcp", value_name = "NAME=SERVER")]
+    pub mcp: Vec<String>,
 
     /// Dispatch priority when the cluster is at its cap: low, normal or high
     #[arg(long, value_enum, value_name = "PRIORITY")]
@@ -376,12 +382,50 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
             .map(|v| parse_duration_ms("--task-timeout", v))
             .transpose()?,
         max_turns: args.max_turns,
+        mcp_servers: parse_mcp(&args.mcp)?,
         priority: args.priority.map(|p| match p {
             PriorityArg::Low => Priority::Low,
             PriorityArg::Normal => Priority::Normal,
             PriorityArg::High => Priority::High,
         }),
     })
+}
+
+/// `--mcp NAME=URL` or `--mcp NAME=COMMAND ARG...`, checked as the coordinator checks them.
+fn parse_mcp(values: &[String]) -> anyhow::Result<Option<BTreeMap<String, McpServer>>> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let mut servers = BTreeMap::new();
+    for v in values {
+        let Some((name, spec)) = v.split_once('=') else {
+            bail!("invalid --mcp `{v}`: expected NAME=URL or NAME=COMMAND ARG...");
+        };
+        let name = name.trim();
+        let mut words = spec.split_whitespace().map(String::from);
+        let Some(first) = words.next() else {
+            bail!("invalid --mcp `{v}`: no URL or command after `=`");
+        };
+        let server = if first.contains("://") {
+            McpServer {
+                url: Some(first),
+                ..McpServer::default()
+            }
+        } else {
+            McpServer {
+                command: Some(first),
+                args: words.collect(),
+                ..McpServer::default()
+            }
+        };
+        server
+            .check(name)
+            .map_err(|e| anyhow!("invalid --mcp `{v}`: {e}"))?;
+        if servers.insert(name.to_string(), server).is_some() {
+            bail!("invalid --mcp: the server name `{name}` is given twice");
+        }
+    }
+    Ok(Some(servers))
 }
 
 fn non_empty(v: &Option<String>) -> Option<String> {
@@ -565,6 +609,33 @@ mod tests {
                 ..SubmitTask::default()
             }
         );
+    }
+
+    #[test]
+    fn mcp_servers_are_a_url_or_a_command_with_its_arguments() {
+        let a = args(&[
+            "--mcp",
+            "fs=mcp-server-filesystem . /tmp",
+            "--mcp",
+            "docs=https://mcp.example.com/mcp",
+        ]);
+        let servers = build_request(&a, "do it".into())
+            .unwrap()
+            .mcp_servers
+            .unwrap();
+        assert_eq!(
+            servers["fs"].command.as_deref(),
+            Some("mcp-server-filesystem")
+        );
+        assert_eq!(servers["fs"].args, [".", "/tmp"]);
+        assert_eq!(
+            servers["docs"].url.as_deref(),
+            Some("https://mcp.example.com/mcp")
+        );
+        for bad in ["fs", "fs=", "a__b=x", "bad name=x"] {
+            let e = build_request(&args(&["--mcp", bad]), "x".into()).unwrap_err();
+            assert!(e.to_string().starts_with("invalid --mcp"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub(super) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(task_types))
 }
 
+/// The most MCP servers a task may declare.
+const MAX_MCP_SERVERS: usize = 16;
+
 /// Longest accepted prompt, in characters.
 const MAX_PROMPT_CHARS: usize = 200_000;
 
@@ -124,6 +127,19 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
             return Err(ApiError::field("workspace", "must be an absolute path").into());
         }
     };
+    let mcp_servers = req.mcp_servers.unwrap_or_default();
+    if mcp_servers.len() > MAX_MCP_SERVERS {
+        return Err(
+            ApiError::field("mcp_servers", format!("at most {MAX_MCP_SERVERS} servers")).into(),
+        );
+    }
+    for (name, server) in &mcp_servers {
+        if let Err(why) = server.check(name) {
+            return Err(
+                ApiError::new(ErrorCode::InvalidField, format!("mcp_servers.{why}")).into(),
+            );
+        }
+    }
     let task_type = if user_plan {
         "plan".into()
     } else if req.roles.is_some() {
@@ -145,6 +161,7 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
             idempotency_key: req.idempotency_key,
             execution,
             llm_planner,
+            mcp_servers,
         },
         plan,
     ))
@@ -402,6 +419,19 @@ mod tests {
         let e = err("{\"prompt\": \"x\", \"colour\": \"red\"}");
         assert!(e.message.contains("colour"), "{}", e.message);
 
+        let e = err("{\"prompt\": \"x\", \"mcp_servers\": {\"fs\": {\"url\": \"ftp://h\"}}}");
+        assert!(
+            e.message.starts_with("mcp_servers.fs.url:"),
+            "{}",
+            e.message
+        );
+        let e = err("{\"prompt\": \"x\", \"mcp_servers\": {\"a__b\": {\"command\": \"x\"}}}");
+        assert!(e.message.starts_with("mcp_servers.a__b:"), "{}", e.message);
+        let e = err("{\"prompt\": \"x\", \"mcp_servers\": {\"fs\": {}}}");
+        assert!(e.message.starts_with("mcp_servers.fs:"), "{}", e.message);
+        let e = err("{\"prompt\": \"x\", \"mcp_servers\": {\"fs\": {\"cmd\": \"x\"}}}");
+        assert!(e.message.contains("cmd"), "{}", e.message);
+
         let e = err("{not json");
         assert_eq!(e.code, ErrorCode::MalformedBody);
         assert!(e.message.starts_with("body:"), "{}", e.message);
@@ -418,5 +448,13 @@ mod tests {
         assert_eq!(opts.prompt, "build it");
         assert_eq!(opts.task_type, "custom");
         assert_eq!(plan.spec.steps.len(), 2);
+
+        let req = parse_body::<SubmitTask>(body(
+            "{\"prompt\": \"x\", \"mcp_servers\": {\"fs\": {\"command\": \"mcp-server-filesystem\", \"args\": [\".\"]}}}",
+        ))
+        .ok()
+        .unwrap();
+        let (opts, _) = validate(req).ok().unwrap();
+        assert_eq!(opts.mcp_servers["fs"].args, ["."]);
     }
 }

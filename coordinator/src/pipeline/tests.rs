@@ -18,6 +18,7 @@ fn opts(mode: Mode) -> TaskOptions {
         idempotency_key: None,
         execution: ExecutionOptions::default(),
         llm_planner: false,
+        mcp_servers: Default::default(),
     }
 }
 

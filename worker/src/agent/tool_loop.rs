@@ -30,7 +30,7 @@
 
 use super::chat;
 use super::http::{self, CallError, Spent};
-use super::tools::{self, Call, Limits, READ_ONLY, Spec, ToolOutput, Toolbox};
+use super::tools::{self, Call, Limits, READ_ONLY, Spec, ToolOutput, Toolbox, mcp};
 use super::workspace::FileTracker;
 use super::{AgentOutput, ContextUse, Events, Prepared, Report};
 use crate::config::ApiSettings;
@@ -112,9 +112,11 @@ pub async fn run<A: Api>(
             }
         }
     }
-    let useful = !allowed.is_empty()
-        && (!matches!(p.job.workspace, Workspace::Scratch)
-            || allowed.iter().any(|t| !READ_ONLY.contains(t)));
+    let servers = mcp::declared(p.profile, &p.job.mcp_servers);
+    let useful = !servers.is_empty()
+        || !allowed.is_empty()
+            && (!matches!(p.job.workspace, Workspace::Scratch)
+                || allowed.iter().any(|t| !READ_ONLY.contains(t)));
     let role = p.job.role.as_str();
     let (dir, toolbox, resumed) = if useful {
         let (dir, resumed) = match custody::workspace_for(p, events, cancel).await {
@@ -123,7 +125,8 @@ pub async fn run<A: Api>(
         };
         // The file tools run in the worker, confined to the workspace by path; `bash` runs
         // in the job's sandbox.
-        let jail = if allowed.contains(&"bash") {
+        let stdio = servers.values().any(|s| s.command.is_some());
+        let jail = if allowed.contains(&"bash") || stdio {
             match p.jail(&dir.path, events) {
                 Ok(j) => j.map(Arc::new),
                 Err((reason, message)) => return fail(reason, message),
@@ -138,10 +141,49 @@ pub async fn run<A: Api>(
             bash_timeout,
             bash_max_timeout: settings.bash_max_timeout.max(bash_timeout),
         };
-        match Toolbox::new(&dir.path, allowed, role, limits) {
-            Ok(t) => (Some(dir), t.with_jail(jail), resumed),
+        let toolbox = match Toolbox::new(&dir.path, allowed, role, limits) {
+            Ok(t) => t,
             Err(message) => return fail(FailureReason::Internal, message),
-        }
+        };
+        let started = mcp::McpTools::start(
+            &servers,
+            p.profile,
+            &dir.path,
+            jail.as_deref(),
+            settings.mcp_start_timeout,
+            cancel,
+        )
+        .await;
+        let mcp_tools = match started {
+            Ok((tools, started)) => {
+                for s in started {
+                    events.send(EventKind::McpServer {
+                        server: s.server,
+                        tools: s.tools,
+                        withheld: s.withheld,
+                        error: None,
+                    });
+                }
+                tools
+            }
+            Err(e) => {
+                events.send(EventKind::McpServer {
+                    server: e.server.clone(),
+                    tools: 0,
+                    withheld: 0,
+                    error: Some(e.message.clone()),
+                });
+                return fail(
+                    FailureReason::BadRequest,
+                    format!("the MCP server `{}` {}", e.server, e.message),
+                );
+            }
+        };
+        (
+            Some(dir),
+            toolbox.with_jail(jail).with_mcp(mcp_tools),
+            resumed,
+        )
     } else {
         (None, Toolbox::none(role), None)
     };
@@ -175,7 +217,7 @@ pub async fn run<A: Api>(
             m
         }
     };
-    let specs = tools::specs(toolbox.allowed());
+    let specs = toolbox.specs();
     let mut files = dir.as_ref().map(|d| FileTracker::new(&d.path));
     let max_turns = p
         .job
@@ -262,11 +304,11 @@ pub async fn run<A: Api>(
         }
         // A job without tools (a read-only role on scratch) offered none: a call there is a
         // model's mistake, not a permission it lacked.
-        if !toolbox.allowed().is_empty() {
+        if !toolbox.is_empty() {
             denied.extend(
                 step.calls
                     .iter()
-                    .filter(|c| !toolbox.allowed().contains(&c.name.as_str()))
+                    .filter(|c| !toolbox.offers(&c.name))
                     .map(|c| c.name.clone()),
             );
         }

@@ -14,9 +14,9 @@
 //! between before and after the run (which also catches files a shell command wrote or deleted).
 //! A git workspace reports exactly the files of its diff instead.
 //!
-//! The diff: a git workspace's is `git diff base..commit`; a scratch directory is made a
-//! repository with an empty first commit before the run, so its diff is exact (untracked files
-//! included); a local path in a repository gets the diff of the files that changed against
+//! The diff: a git workspace's is `git diff base..commit`; a scratch directory starts empty, so
+//! every file in it at the end is new and its diff is read from the files themselves, without a
+//! git process (ignore files respected, cut like git's); a local path in a repository gets the diff of the files that changed against
 //! `HEAD` (untracked ones shown as added).
 
 use super::git::{self, Checkout};
@@ -48,11 +48,9 @@ enum Repo {
     None,
     /// A local path in a repository: its dirty files before the run.
     Local(GitSnapshot),
-    /// A scratch directory made a repository: its empty first commit.
-    Scratch {
-        initial: String,
-        before: GitSnapshot,
-    },
+    /// A scratch directory: it starts empty, so every file in it at the end is the run's
+    /// (no git: a git process per step cost more CPU than a native agent's whole loop).
+    Scratch,
     /// A clone of the job's repository.
     Git(Checkout),
 }
@@ -132,7 +130,7 @@ impl WorkDir {
             }
             Workspace::Scratch => {
                 let mut dir = Self::scratch(job, data_dir).await?;
-                dir.repo = init_scratch(&dir.path).await;
+                dir.repo = Repo::Scratch;
                 Ok(dir)
             }
         }
@@ -197,11 +195,11 @@ impl WorkDir {
                     ..Changes::default()
                 }
             }
-            Repo::Scratch { initial, before } => {
-                let changed = git_changes(&self.path, Some(before)).await;
-                let diff = git::staged_changes(&self.path, initial)
+            Repo::Scratch => {
+                let path = self.path.clone();
+                let (changed, diff) = tokio::task::spawn_blocking(move || scratch_changes(&path))
                     .await
-                    .map(|(_, diff)| diff);
+                    .unwrap_or_default();
                 let (files_read, files_written) = files.finish(changed);
                 Changes {
                     files_read,
@@ -238,36 +236,83 @@ impl WorkDir {
     }
 }
 
-/// Makes the scratch directory `dir` a repository with an empty first commit, so the run's
-/// diff is exact; without git it stays a plain directory.
-async fn init_scratch(dir: &Path) -> Repo {
-    let steps: [&[&str]; 4] = [
-        &["init", "-q"],
-        &["config", "user.name", "orchestrator"],
-        &["config", "user.email", "orchestrator@localhost"],
-        &[
-            "commit",
-            "-q",
-            "--allow-empty",
-            "-m",
-            "orchestrator: empty workspace",
-        ],
-    ];
-    for args in steps {
-        let out = git::git(dir, args).await;
-        if !out.ok {
-            tracing::debug!(error = %out.why(), "scratch workspace without git");
-            return Repo::None;
+/// The files of the scratch directory `dir` (which started empty) and their diff as new
+/// files, in git's format and cut like git's, read without a git process. Ignore files in it
+/// are respected, as `git status` would.
+fn scratch_changes(dir: &Path) -> (Vec<String>, Option<String>) {
+    use std::fmt::Write as _;
+    let mut files: Vec<(String, std::path::PathBuf)> = ignore::WalkBuilder::new(dir)
+        .hidden(false)
+        .require_git(false)
+        .filter_entry(|e| e.file_name() != ".git")
+        .build()
+        .flatten()
+        .filter(|e| e.file_type().is_some_and(|t| t.is_file() || t.is_symlink()))
+        .filter_map(|e| {
+            let rel = e.path().strip_prefix(dir).ok()?.to_str()?.to_string();
+            Some((rel, e.path().to_path_buf()))
+        })
+        .collect();
+    files.sort();
+    let mut diff = String::new();
+    let mut more = false;
+    for (rel, path) in &files {
+        if diff.len() > orch_shared::job::MAX_DIFF_BYTES {
+            more = true;
+            break;
+        }
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(_) => continue,
+        };
+        let (mode, content) = if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path).unwrap_or_default();
+            ("120000", target.to_string_lossy().into_owned().into_bytes())
+        } else {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = if meta.permissions().mode() & 0o111 != 0 {
+                "100755"
+            } else {
+                "100644"
+            };
+            let cap = (orch_shared::job::MAX_DIFF_BYTES + 1).saturating_sub(diff.len());
+            let mut buf = Vec::new();
+            if let Ok(f) = std::fs::File::open(path) {
+                use std::io::Read as _;
+                let _ = f.take(cap as u64).read_to_end(&mut buf);
+            }
+            if (buf.len() as u64) < meta.len() {
+                more = true;
+            }
+            (mode, buf)
+        };
+        let _ = write!(diff, "diff --git a/{rel} b/{rel}\nnew file mode {mode}\n");
+        if content.is_empty() {
+            continue;
+        }
+        if content.contains(&0) {
+            let _ = writeln!(diff, "Binary files /dev/null and b/{rel} differ");
+            continue;
+        }
+        let text = String::from_utf8_lossy(&content);
+        let lines: Vec<&str> = text.split_inclusive('\n').collect();
+        let range = if lines.len() == 1 {
+            "1".to_string()
+        } else {
+            format!("1,{}", lines.len())
+        };
+        let _ = write!(diff, "--- /dev/null\n+++ b/{rel}\n@@ -0,0 +{range} @@\n");
+        for line in &lines {
+            diff.push('+');
+            diff.push_str(line);
+        }
+        if !text.ends_with('\n') {
+            diff.push_str("\n\\ No newline at end of file\n");
         }
     }
-    let head = git::git(dir, &["rev-parse", "HEAD"]).await;
-    match (head.ok, GitSnapshot::take(dir).await) {
-        (true, Some(before)) => Repo::Scratch {
-            initial: head.text().to_string(),
-            before,
-        },
-        _ => Repo::None,
-    }
+    let changed = files.into_iter().map(|(rel, _)| rel).collect();
+    let diff = (!diff.is_empty()).then(|| git::cut_diff(diff.as_bytes(), more));
+    (changed, diff)
 }
 
 impl Drop for WorkDir {
@@ -613,6 +658,32 @@ mod tests {
         assert!(changes.git.is_none() && changes.failure.is_none());
         drop(dir);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    #[test]
+    fn a_scratch_diff_is_read_without_git_like_git_writes_it() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(".gitignore"), "target/\n").unwrap();
+        std::fs::create_dir_all(d.path().join("target")).unwrap();
+        std::fs::write(d.path().join("target/out.o"), "ignored").unwrap();
+        std::fs::write(d.path().join("two.txt"), "a\nb").unwrap();
+        std::fs::write(d.path().join("blob.bin"), [1u8, 0, 2]).unwrap();
+        std::fs::write(d.path().join("empty"), "").unwrap();
+        let (files, diff) = scratch_changes(d.path());
+        assert_eq!(files, [".gitignore", "blob.bin", "empty", "two.txt"]);
+        let diff = diff.unwrap();
+        assert!(
+            diff.contains("+++ b/two.txt\n@@ -0,0 +1,2 @@\n+a\n+b\n\\ No newline at end of file\n"),
+            "{diff}"
+        );
+        assert!(
+            diff.contains("Binary files /dev/null and b/blob.bin differ"),
+            "{diff}"
+        );
+        assert!(diff.contains("diff --git a/empty b/empty\nnew file mode 100644\n"));
+        assert!(!diff.contains("out.o"));
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(scratch_changes(empty.path()), (vec![], None));
     }
 
     #[tokio::test]

@@ -629,6 +629,18 @@ fn install_dirs(program: &OsStr) -> Vec<PathBuf> {
     {
         dirs.push(parent.to_path_buf());
     }
+    // A program of an npm package (an MCP server in `node_modules/.bin`) needs the packages
+    // beside it: the outermost `node_modules` it is in.
+    let packages: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|d| {
+            d.ancestors()
+                .filter(|a| a.file_name().is_some_and(|n| n == "node_modules"))
+                .last()
+                .map(Path::to_path_buf)
+        })
+        .collect();
+    dirs.extend(packages);
     dirs
 }
 

@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -180,6 +180,7 @@ function describe(ev) {
     case "text": return "Text: " + esc(String(k.text).slice(0, 140));
     case "tool_call": return `Tool <b>${esc(k.name)}</b>`;
     case "tool_result": return k.is_error ? "Tool error" : "Tool result";
+    case "mcp_server": return k.error == null ? `MCP server <b>${esc(k.server)}</b>: ${k.tools} tool(s)` : `MCP server <b>${esc(k.server)}</b> failed`;
     case "sandbox_refused": return `Sandbox refused ${esc(k.target)}`;
     case "usage": return `Usage: ${tokens(totalTokens(k.usage))} tokens, ${usd(k.cost_usd)}`;
     case "compacted": return `Context compacted: ${tokens(k.tokens_before)} → ${k.tokens_after == null ? "?" : tokens(k.tokens_after)} tokens`;
@@ -1070,6 +1071,9 @@ function agentPage() {
       calls.set(ev.kind.call_id, ev.kind.name);
       return div;
     },
+    mcp_server: (ev) => ev.kind.error == null
+      ? add("mark", "MCP server · " + ev.kind.server, `<span>${ev.kind.tools} tool(s) offered, ${ev.kind.withheld} withheld by the role</span>`, clock(ev.at_ms))
+      : add("error", "MCP server failed · " + ev.kind.server, `<pre>${esc(ev.kind.error)}</pre>`, clock(ev.at_ms)),
     sandbox_refused: (ev) => add("error", "Sandbox refused a connection", `<span class="mono">${esc(ev.kind.target)}</span> is not an allowed host of this role`, clock(ev.at_ms)),
     tool_result: (ev) => add(ev.kind.is_error ? "error" : "result", (ev.kind.is_error ? "Tool error · " : "Tool result · ") + (calls.get(ev.kind.call_id) || ev.kind.call_id), `<pre>${esc(ev.kind.output)}</pre>`, clock(ev.at_ms)),
     job_retrying: (ev) => add("mark", "Retrying", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),

@@ -11,6 +11,7 @@
 //! The result cap and the `bash` timeouts are worker settings ([`Limits`], from
 //! `[agent]`); the counts below are fixed.
 
+pub mod mcp;
 pub mod path;
 pub mod shell;
 
@@ -87,8 +88,8 @@ pub struct Call {
 
 /// A tool's name, description and JSON schema, as both APIs take them.
 pub struct Spec {
-    pub name: &'static str,
-    pub description: &'static str,
+    pub name: String,
+    pub description: String,
     pub schema: Value,
 }
 
@@ -148,8 +149,8 @@ fn spec(name: &'static str) -> Option<Spec> {
         _ => return None,
     };
     Some(Spec {
-        name,
-        description,
+        name: name.into(),
+        description: description.into(),
         schema,
     })
 }
@@ -163,6 +164,8 @@ pub struct Toolbox {
     /// The job's sandbox, where `bash` runs (`None`: the sandbox is off).
     jail: Option<Arc<Jail>>,
     limits: Limits,
+    /// The job's MCP servers.
+    mcp: Option<Arc<mcp::McpTools>>,
 }
 
 impl Toolbox {
@@ -182,6 +185,7 @@ impl Toolbox {
             role: role.into(),
             jail: None,
             limits,
+            mcp: None,
         })
     }
 
@@ -196,6 +200,31 @@ impl Toolbox {
         self.jail.as_deref()
     }
 
+    /// Offers the tools of `mcp` too.
+    pub fn with_mcp(mut self, mcp: mcp::McpTools) -> Self {
+        self.mcp = Some(Arc::new(mcp));
+        self
+    }
+
+    /// The specs of every tool offered: the allowed native ones, then the MCP ones.
+    pub fn specs(&self) -> Vec<Spec> {
+        let mut all = specs(&self.allowed);
+        if let Some(m) = &self.mcp {
+            all.extend(m.specs());
+        }
+        all
+    }
+
+    /// Whether the model may call `name`: an allowed native tool or an offered MCP tool.
+    pub fn offers(&self, name: &str) -> bool {
+        self.allowed.contains(&name) || self.mcp.as_ref().is_some_and(|m| m.offers(name))
+    }
+
+    /// Whether any tool is offered.
+    pub fn is_empty(&self) -> bool {
+        self.allowed.is_empty() && self.mcp.as_ref().is_none_or(|m| m.specs().is_empty())
+    }
+
     /// No workspace and no tools: every call is refused.
     pub fn none(role: &str) -> Self {
         Self {
@@ -204,6 +233,7 @@ impl Toolbox {
             role: role.into(),
             jail: None,
             limits: Limits::default(),
+            mcp: None,
         }
     }
 
@@ -213,6 +243,18 @@ impl Toolbox {
 
     /// Runs one call; a refusal or failure is an error output. `cancel` stops a shell command.
     pub async fn run(&self, call: &Call, cancel: &CancellationToken) -> ToolOutput {
+        if let Some(m) = self.mcp.as_ref().filter(|m| m.offers(&call.name)) {
+            let max = self.limits.max_result_bytes;
+            return m
+                .call(
+                    &call.name,
+                    &call.input,
+                    max,
+                    self.limits.bash_max_timeout,
+                    cancel,
+                )
+                .await;
+        }
         let Some(root) = self.root.clone() else {
             return ToolOutput::error(format!(
                 "no tools are available in this job; `{}` was not run",
