@@ -308,6 +308,8 @@ fn job_workspace(task: &Task, job: &Job) -> Workspace {
         return task.workspace.clone();
     };
     let branch_of = |j: &Job| GitJob::job_branch(task.id, j.step, j.role);
+    // An integrator merges its parents onto the task branch (see [`add_integrator`]).
+    let integrate = job.role == Role::Integrator && job.continues.is_none();
     let start = match job.continues {
         Some(from) => task
             .jobs
@@ -318,11 +320,17 @@ fn job_workspace(task: &Task, job: &Job) -> Workspace {
         None => {
             let mut parents = job.depends_on.clone();
             parents.sort_unstable();
-            parents
+            let parents = parents
                 .iter()
                 .filter_map(|&p| task.jobs.get(p as usize))
-                .map(branch_of)
-                .collect()
+                .map(branch_of);
+            if integrate {
+                std::iter::once(GitJob::task_branch(task.id))
+                    .chain(parents)
+                    .collect()
+            } else {
+                parents.collect()
+            }
         }
     };
     Workspace::Git {
@@ -332,8 +340,140 @@ fn job_workspace(task: &Task, job: &Job) -> Workspace {
             branch: branch_of(job),
             start,
             task_branch: GitJob::task_branch(task.id),
+            integrate,
         }),
     }
+}
+
+/// Most integrator jobs one task may add (an integrator whose own work does not merge gets
+/// another one, so this bounds the chain).
+pub const MAX_INTEGRATORS: usize = 8;
+
+/// Whether `role`'s agents change files (and so push work that may conflict).
+fn writes_files(role: Role) -> bool {
+    !matches!(role, Role::Analyst | Role::Planner | Role::Reviewer)
+}
+
+/// For a dry run: the integrator a git task may need, when its plan has file-changing steps
+/// that run in parallel (neither depends on the other, directly or not) and so may conflict.
+/// It depends on those steps.
+pub fn possible_integrator(task: &Task) -> Option<Job> {
+    if !matches!(task.workspace, Workspace::Git { .. }) {
+        return None;
+    }
+    let n = task.jobs.len();
+    // above[i][j]: job j is an ancestor of job i (parents come first in plan order, but a
+    // user's plan may not: iterate until nothing changes).
+    let mut above = vec![vec![false; n]; n];
+    loop {
+        let mut changed = false;
+        for i in 0..n {
+            for &p in &task.jobs[i].depends_on {
+                let p = p as usize;
+                if p >= n {
+                    continue;
+                }
+                let mut row = above[p].clone();
+                row[p] = true;
+                for (j, a) in row.into_iter().enumerate() {
+                    if a && !above[i][j] {
+                        above[i][j] = true;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let writers: Vec<usize> = (0..n)
+        .filter(|&i| task.jobs[i].kind == JobKind::Agent && writes_files(task.jobs[i].role))
+        .collect();
+    let mut parallel: Vec<u32> = vec![];
+    for &i in &writers {
+        if writers
+            .iter()
+            .any(|&j| j != i && !above[i][j] && !above[j][i])
+        {
+            parallel.push(i as u32);
+        }
+    }
+    if parallel.len() < 2 {
+        return None;
+    }
+    let prompt = format!(
+        "Integrate the work of the parallel steps {} if their branches conflict.",
+        parallel
+            .iter()
+            .map(|s| (s + 1).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Some(new_job(n as u32, Role::Integrator, prompt, parallel))
+}
+
+/// Job `index` of a git task succeeded but its branch did not merge into the task branch (it
+/// conflicts with work merged before it): adds an integrator job that starts from the task
+/// branch with that branch merged in, conflicts and all, and resolves them. The jobs waiting
+/// for job `index` wait for the integrator too, so they start from the resolved merge.
+fn add_integrator(task: &mut Task, index: usize, actions: &mut Vec<Action>) {
+    let job = &task.jobs[index];
+    let Some(git) = job.git.as_ref().filter(|g| !g.merged) else {
+        return;
+    };
+    if !matches!(task.workspace, Workspace::Git { .. })
+        || task
+            .jobs
+            .iter()
+            .filter(|j| j.role == Role::Integrator)
+            .count()
+            >= MAX_INTEGRATORS
+    {
+        return;
+    }
+    let task_branch = GitJob::task_branch(task.id);
+    let prompt = format!(
+        "Integrate the work of step {step} ({role}) into the task branch {task_branch}.\n\n\
+         Its branch {branch} did not merge into {task_branch}: {why}. Your workspace is \
+         {task_branch} with {branch} being merged into it; the files that conflict hold \
+         conflict markers. Resolve every conflict so that the result keeps what both sides \
+         meant to do (read both sides and the surrounding code; never drop one side's \
+         change), remove every marker, and check that the result builds. Do not commit: \
+         your work is committed as the merge when you finish.\n\n\
+         The original task, for reference:\n{prompt}",
+        step = job.step + 1,
+        role = job.role,
+        branch = git.branch,
+        why = if git.conflicts.is_empty() {
+            "it was not merged".to_string()
+        } else {
+            format!("it conflicts in {}", git.conflicts.join(", "))
+        },
+        prompt = task.prompt,
+    );
+    let step = task.jobs.len() as u32;
+    let integrator = new_job(step, Role::Integrator, prompt, vec![index as u32]);
+    let id = integrator.id;
+    for other in task.jobs.iter_mut() {
+        if other.status == JobStatus::Pending && other.depends_on.contains(&(index as u32)) {
+            other.depends_on.push(step);
+        }
+    }
+    task.jobs.push(integrator);
+    actions.push(Action::Emit(
+        None,
+        EventKind::TaskPlanned {
+            source: "integrator".into(),
+            steps: vec![StepInfo {
+                job_id: id,
+                role: Role::Integrator,
+            }],
+            rejected: None,
+        },
+    ));
+    actions.push(Action::Index(vec![id]));
+    actions.push(Action::Snapshot);
 }
 
 /// Why a further turn of an agent cannot start.
@@ -718,6 +858,8 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
             job.error = None;
             if planning {
                 add_planned_steps(task, index, Some(&result.output), &mut actions);
+            } else {
+                add_integrator(task, index, &mut actions);
             }
         }
         Outcome::Failure { reason, message } => {

@@ -660,6 +660,11 @@ pub struct DryRun {
     #[serde(default)]
     pub plan: PlanInfo,
     pub steps: Vec<StepEstimate>,
-    /// Costs summed; durations along the longest dependency path.
+    /// Costs summed; durations along the longest dependency path. A possible integrator is
+    /// in the p90 figures only.
     pub total: Estimate,
+    /// For a git task whose plan has steps that change files in parallel: the integrator
+    /// that runs if their branches conflict (its `depends_on` names the parallel steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrator: Option<StepEstimate>,
 }

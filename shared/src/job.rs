@@ -173,6 +173,11 @@ pub struct GitJob {
     pub start: Vec<String>,
     /// The task's branch, `orch/<task-id>`: the task's result.
     pub task_branch: String,
+    /// An integrator's job: when merging `start` conflicts, the conflicted merge is left in
+    /// the working tree for the agent to resolve (instead of failing the job), and the job's
+    /// commit is that merge.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub integrate: bool,
 }
 
 impl GitJob {

@@ -52,7 +52,7 @@ pub struct Args {
     pub mode: Option<ModeArg>,
 
     /// A custom workflow: these roles in this order, comma-separated
-    /// (analyst, planner, builder, tester, reviewer, documenter, custom)
+    /// (analyst, planner, builder, integrator, tester, reviewer, documenter, custom)
     #[arg(long, value_name = "ROLES", value_delimiter = ',')]
     pub roles: Option<Vec<String>>,
 
