@@ -22,6 +22,12 @@
 //!   files in [`GitOutcome::conflicts`]). Merges into the task branch carry the date of their
 //!   newest parent, so rebuilding the same merge gives the same commit. A job whose agent failed
 //!   pushes nothing.
+//! - **Integrators** ([`GitJob::integrate`]): the job's starts are the task branch and the
+//!   branch that did not merge into it; when that merge conflicts, it is left in progress for
+//!   the agent (`diff3` markers, so the common ancestor shows), the job fails (`agent_error`,
+//!   retried) if a conflicted file still holds a marker when the agent ends, and the commit is
+//!   the merge (made even when the result equals the task branch), so the other side becomes
+//!   part of the task branch.
 //! - **Failures**: a repository that cannot be fetched or a job branch that cannot be pushed is
 //!   `network` (retryable); a ref that does not exist is `bad_request`. A task branch that
 //!   cannot be moved leaves the job successful, with `merged: false` and the reason.
