@@ -650,6 +650,7 @@ mod tests {
             output: None,
             error: None,
             branch: None,
+            check: None,
         }
     }
 

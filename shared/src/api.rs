@@ -102,6 +102,14 @@ pub struct SubmitTask {
     /// The branch, tag or commit of `repo` to start from (default `HEAD`).
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<String>,
+    /// A shell command (e.g. `cargo test`) run in the sandbox on the task branch once every
+    /// agent is done; a failure goes back to the agent whose change broke it. Needs `repo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// How many times the check may run (1 to 10, default 3): after the last failure the
+    /// task fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_rounds: Option<u32>,
 }
 
 /// `POST /v1/agents/{id}/send` and `POST /v1/agents/{id}/fork`.
@@ -451,6 +459,29 @@ pub struct Task {
     /// For a git workspace: the task branch holding the agents' merged work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
+    /// The task's check command and how it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckReport>,
+}
+
+/// A task's check command (`check` on submit) and its outcome so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckReport {
+    pub command: String,
+    /// Most runs of the check.
+    pub max_rounds: u32,
+    /// Runs so far.
+    #[serde(default)]
+    pub rounds: u32,
+    /// The last run's verdict (`None`: it has not run yet).
+    #[serde(default)]
+    pub passed: Option<bool>,
+    /// The end of the last run's output (stdout and stderr together).
+    #[serde(default)]
+    pub output_tail: String,
+    /// The agents a failure was sent back to, one per failed round.
+    #[serde(default)]
+    pub blamed: Vec<JobId>,
 }
 
 impl Task {

@@ -493,6 +493,7 @@ fn sample_task() -> Task {
         output: None,
         error: Some("step 1 (builder) failed".into()),
         branch: Some("orch/t".into()),
+        check: None,
     }
 }
 

@@ -81,7 +81,8 @@ impl Key {
     pub fn of(job: &JobSpec) -> Key {
         match job.kind {
             JobKind::Plan => Key::WorkflowPlanner,
-            JobKind::Agent => Key::Role(job.role),
+            // A check runs under its role's sandbox (a tester's: shell, package registries).
+            JobKind::Agent | JobKind::Check => Key::Role(job.role),
         }
     }
 

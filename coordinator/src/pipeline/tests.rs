@@ -18,6 +18,7 @@ fn opts(mode: Mode) -> TaskOptions {
         idempotency_key: None,
         execution: ExecutionOptions::default(),
         llm_planner: false,
+        check: None,
     }
 }
 
@@ -659,4 +660,36 @@ fn fork_starts_a_new_conversation_from_any_finished_turn() {
         add_turn(&mut task, JobId::new(), JobId::new(), "x", true, 8),
         Err(TurnError::NoJob(_))
     ));
+}
+
+#[test]
+fn a_failed_check_is_blamed_on_the_agent_whose_files_its_output_names() {
+    let (mut task, _) = git_task(r#"{"steps":[{"role":"builder"},{"role":"tester"}]}"#);
+    let files = [
+        vec!["src/parse.rs".to_string()],
+        vec!["tests/cli.rs".to_string()],
+    ];
+    for (i, f) in files.into_iter().enumerate() {
+        let j = &mut task.jobs[i];
+        j.status = JobStatus::Succeeded;
+        j.files_written = f;
+        j.finished_at_ms = Some(10 + i as u64);
+    }
+    assert_eq!(blame(&task, "error[E0308]: src/parse.rs:10:5"), Some(0));
+    assert_eq!(
+        blame(&task, "panicked at cli.rs:3"),
+        Some(1),
+        "a bare file name counts"
+    );
+    assert_eq!(
+        blame(&task, "2 tests failed"),
+        Some(1),
+        "named by none: the last to finish"
+    );
+    task.jobs[1].files_written.clear();
+    assert_eq!(
+        blame(&task, "tests/cli.rs failed"),
+        Some(0),
+        "only agents that changed files"
+    );
 }
