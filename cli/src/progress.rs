@@ -667,6 +667,7 @@ mod tests {
             error: None,
             branch: None,
             mcp_servers: Default::default(),
+            check: None,
         }
     }
 

@@ -18,7 +18,8 @@
 use crate::context::forward_context;
 use crate::planner::{self, Plan};
 use orch_shared::api::{
-    ExecutionOptions, Job, JobError, JobStatus, Mode, OnFailure, PlanInfo, Task, TaskStatus,
+    CheckReport, ExecutionOptions, Job, JobError, JobStatus, Mode, OnFailure, PlanInfo, Task,
+    TaskStatus,
 };
 use orch_shared::event::{EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
@@ -71,6 +72,8 @@ pub struct TaskOptions {
     /// A planner agent writes the plan; `plan` is the fallback if its plan is not valid.
     pub llm_planner: bool,
     pub mcp_servers: BTreeMap<String, McpServer>,
+    /// The check command and its most rounds (git tasks only).
+    pub check: Option<(String, u32)>,
 }
 
 /// Lays out a new task and returns what to do once it is stored.
@@ -128,6 +131,11 @@ pub fn new_task(
         error: None,
         branch: None,
         mcp_servers: opts.mcp_servers,
+        check: opts.check.map(|(command, max_rounds)| CheckReport {
+            command,
+            max_rounds,
+            ..CheckReport::default()
+        }),
     };
     let mut actions = vec![Action::Emit(
         None,
@@ -311,7 +319,11 @@ fn job_workspace(task: &Task, job: &Job) -> Workspace {
         return task.workspace.clone();
     };
     let branch_of = |j: &Job| GitJob::job_branch(task.id, j.step, j.role);
+    // An integrator merges its parents onto the task branch (see [`add_integrator`]).
+    let integrate = job.role == Role::Integrator && job.continues.is_none();
     let start = match job.continues {
+        // The check runs on what the task produced.
+        _ if job.kind == JobKind::Check => vec![GitJob::task_branch(task.id)],
         Some(from) => task
             .jobs
             .iter()
@@ -321,11 +333,17 @@ fn job_workspace(task: &Task, job: &Job) -> Workspace {
         None => {
             let mut parents = job.depends_on.clone();
             parents.sort_unstable();
-            parents
+            let parents = parents
                 .iter()
                 .filter_map(|&p| task.jobs.get(p as usize))
-                .map(branch_of)
-                .collect()
+                .map(branch_of);
+            if integrate {
+                std::iter::once(GitJob::task_branch(task.id))
+                    .chain(parents)
+                    .collect()
+            } else {
+                parents.collect()
+            }
         }
     };
     Workspace::Git {
@@ -335,8 +353,335 @@ fn job_workspace(task: &Task, job: &Job) -> Workspace {
             branch: branch_of(job),
             start,
             task_branch: GitJob::task_branch(task.id),
+            integrate,
         }),
     }
+}
+
+/// How much of a check's output the task record and a follow-up turn carry.
+const CHECK_TAIL: usize = 4096;
+
+/// Whether `job` is a check that ran and failed (the task's [`CheckReport`] tells what that
+/// means for the task; the job itself does not fail it).
+fn check_verdict(job: &Job) -> bool {
+    job.kind == JobKind::Check
+        && job
+            .error
+            .as_ref()
+            .is_some_and(|e| e.reason == FailureReason::CheckFailed)
+}
+
+/// The end of `text`, at most `max` bytes, from a character boundary.
+fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Adds a check job when the task has a check command and every job has ended well since the
+/// last check (or there was none): the first run, or the run after a fix.
+fn add_check(task: &mut Task, actions: &mut Vec<Action>) {
+    let Some(check) = &task.check else {
+        return;
+    };
+    if check.rounds >= check.max_rounds
+        || !matches!(task.workspace, Workspace::Git { .. })
+        || !task.jobs.iter().all(|j| j.status.is_terminal())
+        || task.jobs.iter().any(|j| {
+            j.kind == JobKind::Agent
+                && matches!(
+                    j.status,
+                    JobStatus::Failed | JobStatus::Skipped | JobStatus::Cancelled
+                )
+        })
+    {
+        return;
+    }
+    let last_check = task.jobs.iter().rposition(|j| j.kind == JobKind::Check);
+    let last_agent = task.jobs.iter().rposition(|j| j.kind == JobKind::Agent);
+    if last_agent.is_none() || last_check > last_agent {
+        return;
+    }
+    // The check follows every agent that no other agent follows (the graph's leaves).
+    let followed: Vec<u32> = task
+        .jobs
+        .iter()
+        .filter(|j| j.kind == JobKind::Agent)
+        .flat_map(|j| j.depends_on.iter().copied())
+        .collect();
+    let leaves: Vec<u32> = task
+        .jobs
+        .iter()
+        .filter(|j| j.kind == JobKind::Agent && !followed.contains(&j.step))
+        .map(|j| j.step)
+        .collect();
+    let step = task.jobs.len() as u32;
+    let job = Job {
+        kind: JobKind::Check,
+        ..new_job(step, Role::Tester, check.command.clone(), leaves)
+    };
+    let id = job.id;
+    task.jobs.push(job);
+    actions.push(Action::Emit(
+        None,
+        EventKind::TaskPlanned {
+            source: "check".into(),
+            steps: vec![StepInfo {
+                job_id: id,
+                role: Role::Tester,
+            }],
+            rejected: None,
+        },
+    ));
+    actions.push(Action::Index(vec![id]));
+    actions.push(Action::Snapshot);
+}
+
+/// The agent a failed check goes back to: among the agents that changed files, the one whose
+/// files the check's output names most (a full path counts twice a bare file name); on a tie,
+/// or when it names none, the one that finished its work last (the most recent change). Its
+/// index in the task's jobs.
+pub fn blame(task: &Task, output: &str) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (i, j) in task.jobs.iter().enumerate() {
+        if j.kind != JobKind::Agent
+            || j.status != JobStatus::Succeeded
+            || j.files_written.is_empty()
+        {
+            continue;
+        }
+        let score: usize = j
+            .files_written
+            .iter()
+            .map(|f| {
+                let name = f.rsplit('/').next().unwrap_or(f);
+                if output.contains(f.as_str()) {
+                    2
+                } else if !name.is_empty() && output.contains(name) {
+                    1
+                } else {
+                    0
+                }
+            })
+            .sum();
+        let later = |b: usize| {
+            task.jobs[i].finished_at_ms.unwrap_or(0) >= task.jobs[b].finished_at_ms.unwrap_or(0)
+        };
+        if best.is_none_or(|(s, b)| score > s || (score == s && later(b))) {
+            best = Some((score, i));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// A check job ended with a verdict: records it on the task and, when it failed and rounds
+/// are left, sends the failure back to the agent [`blame`] picks: a further turn of its
+/// conversation, or, on the `command` backend (which keeps no session), a new step of its role
+/// that starts from its branch. The next check runs once that is done ([`add_check`]).
+fn on_check(task: &mut Task, index: usize, result: &JobResult, actions: &mut Vec<Action>) {
+    let passed = result.outcome.is_success();
+    let job = &mut task.jobs[index];
+    job.status = if passed {
+        JobStatus::Succeeded
+    } else {
+        JobStatus::Failed
+    };
+    job.error = match &result.outcome {
+        Outcome::Success => None,
+        Outcome::Failure { reason, message } => Some(JobError {
+            reason: *reason,
+            message: message.clone(),
+        }),
+    };
+    let output_tail = tail(result.output.trim_end(), CHECK_TAIL).to_string();
+    let Some(check) = task.check.as_mut() else {
+        return;
+    };
+    check.rounds += 1;
+    check.passed = Some(passed);
+    check.output_tail = output_tail.clone();
+    let (command, round, max) = (check.command.clone(), check.rounds, check.max_rounds);
+    if passed || round >= max {
+        return;
+    }
+    let Some(culprit) = blame(task, &result.output) else {
+        return;
+    };
+    let c = &task.jobs[culprit];
+    let message = format!(
+        "The task's check `{command}` failed on the task branch after your change (round \
+         {round} of {max}). The end of its output:\n\n```\n{output_tail}\n```\n\n\
+         Fix what broke it (the files you changed: {files}), run `{command}` yourself until \
+         it passes, and change nothing else.",
+        files = c.files_written.join(", "),
+    );
+    let culprit_id = c.id;
+    let role = c.role;
+    let sessions = task.backend_of(role) != Backend::Command;
+    let new = JobId::new();
+    let follow_up = if sessions {
+        // Continue the latest turn of its conversation (there is one: the culprit succeeded).
+        let Ok(from) = latest_turn(task, culprit_id) else {
+            return;
+        };
+        Job {
+            id: new,
+            continues: Some(from),
+            ..new_job(task.jobs.len() as u32, role, message, vec![])
+        }
+    } else {
+        Job {
+            id: new,
+            ..new_job(task.jobs.len() as u32, role, message, vec![culprit as u32])
+        }
+    };
+    if let Some(check) = task.check.as_mut() {
+        check.blamed.push(culprit_id);
+    }
+    task.jobs.push(follow_up);
+    actions.push(Action::Emit(
+        None,
+        EventKind::TaskPlanned {
+            source: "check".into(),
+            steps: vec![StepInfo { job_id: new, role }],
+            rejected: None,
+        },
+    ));
+    actions.push(Action::Index(vec![new]));
+    actions.push(Action::Snapshot);
+}
+
+/// Most integrator jobs one task may add (an integrator whose own work does not merge gets
+/// another one, so this bounds the chain).
+pub const MAX_INTEGRATORS: usize = 8;
+
+/// Whether `role`'s agents change files (and so push work that may conflict).
+fn writes_files(role: Role) -> bool {
+    !matches!(role, Role::Analyst | Role::Planner | Role::Reviewer)
+}
+
+/// For a dry run: the integrator a git task may need, when its plan has file-changing steps
+/// that run in parallel (neither depends on the other, directly or not) and so may conflict.
+/// It depends on those steps.
+pub fn possible_integrator(task: &Task) -> Option<Job> {
+    if !matches!(task.workspace, Workspace::Git { .. }) {
+        return None;
+    }
+    let n = task.jobs.len();
+    // above[i][j]: job j is an ancestor of job i (parents come first in plan order, but a
+    // user's plan may not: iterate until nothing changes).
+    let mut above = vec![vec![false; n]; n];
+    loop {
+        let mut changed = false;
+        for i in 0..n {
+            for &p in &task.jobs[i].depends_on {
+                let p = p as usize;
+                if p >= n {
+                    continue;
+                }
+                let mut row = above[p].clone();
+                row[p] = true;
+                for (j, a) in row.into_iter().enumerate() {
+                    if a && !above[i][j] {
+                        above[i][j] = true;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let writers: Vec<usize> = (0..n)
+        .filter(|&i| task.jobs[i].kind == JobKind::Agent && writes_files(task.jobs[i].role))
+        .collect();
+    let mut parallel: Vec<u32> = vec![];
+    for &i in &writers {
+        if writers
+            .iter()
+            .any(|&j| j != i && !above[i][j] && !above[j][i])
+        {
+            parallel.push(i as u32);
+        }
+    }
+    if parallel.len() < 2 {
+        return None;
+    }
+    let prompt = format!(
+        "Integrate the work of the parallel steps {} if their branches conflict.",
+        parallel
+            .iter()
+            .map(|s| (s + 1).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Some(new_job(n as u32, Role::Integrator, prompt, parallel))
+}
+
+/// Job `index` of a git task succeeded but its branch did not merge into the task branch (it
+/// conflicts with work merged before it): adds an integrator job that starts from the task
+/// branch with that branch merged in, conflicts and all, and resolves them. The jobs waiting
+/// for job `index` wait for the integrator too, so they start from the resolved merge.
+fn add_integrator(task: &mut Task, index: usize, actions: &mut Vec<Action>) {
+    let job = &task.jobs[index];
+    let Some(git) = job.git.as_ref().filter(|g| !g.merged) else {
+        return;
+    };
+    if !matches!(task.workspace, Workspace::Git { .. })
+        || task
+            .jobs
+            .iter()
+            .filter(|j| j.role == Role::Integrator)
+            .count()
+            >= MAX_INTEGRATORS
+    {
+        return;
+    }
+    let task_branch = GitJob::task_branch(task.id);
+    let prompt = format!(
+        "Integrate the work of step {step} ({role}) into the task branch {task_branch}.\n\n\
+         Its branch {branch} did not merge into {task_branch}: {why}. Your workspace is \
+         {task_branch} with {branch} being merged into it; the files that conflict hold \
+         conflict markers. Resolve every conflict so that the result keeps what both sides \
+         meant to do (read both sides and the surrounding code; never drop one side's \
+         change), remove every marker, and check that the result builds. Do not commit: \
+         your work is committed as the merge when you finish.\n\n\
+         The original task, for reference:\n{prompt}",
+        step = job.step + 1,
+        role = job.role,
+        branch = git.branch,
+        why = if git.conflicts.is_empty() {
+            "it was not merged".to_string()
+        } else {
+            format!("it conflicts in {}", git.conflicts.join(", "))
+        },
+        prompt = task.prompt,
+    );
+    let step = task.jobs.len() as u32;
+    let integrator = new_job(step, Role::Integrator, prompt, vec![index as u32]);
+    let id = integrator.id;
+    for other in task.jobs.iter_mut() {
+        if other.status == JobStatus::Pending && other.depends_on.contains(&(index as u32)) {
+            other.depends_on.push(step);
+        }
+    }
+    task.jobs.push(integrator);
+    actions.push(Action::Emit(
+        None,
+        EventKind::TaskPlanned {
+            source: "integrator".into(),
+            steps: vec![StepInfo {
+                job_id: id,
+                role: Role::Integrator,
+            }],
+            rejected: None,
+        },
+    ));
+    actions.push(Action::Index(vec![id]));
+    actions.push(Action::Snapshot);
 }
 
 /// Why a further turn of an agent cannot start.
@@ -509,6 +854,7 @@ fn advance(task: &mut Task, now_ms: u64, actions: &mut Vec<Action>) {
         return;
     }
     skip_unreachable(task, actions);
+    add_check(task, actions);
     let budget = over_budget(task);
     let cap = task
         .options
@@ -712,6 +1058,16 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
     task.cost_usd += result.cost_usd;
 
     let mut actions = Vec::new();
+    if task.jobs[index].kind == JobKind::Check
+        && match &result.outcome {
+            Outcome::Success => true,
+            Outcome::Failure { reason, .. } => *reason == FailureReason::CheckFailed,
+        }
+    {
+        on_check(task, index, result, &mut actions);
+        advance(task, now_ms, &mut actions);
+        return Some(actions);
+    }
     let max_attempts = task.options.max_attempts.max(1);
     let job = &mut task.jobs[index];
     let planning = job.kind == JobKind::Plan;
@@ -721,6 +1077,8 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
             job.error = None;
             if planning {
                 add_planned_steps(task, index, Some(&result.output), &mut actions);
+            } else {
+                add_integrator(task, index, &mut actions);
             }
         }
         Outcome::Failure { reason, message } => {
@@ -916,13 +1274,16 @@ fn finish(task: &mut Task, now_ms: u64, forced: Option<TaskStatus>) -> Action {
     let failed: Vec<&Job> = task
         .jobs
         .iter()
-        .filter(|j| j.status == JobStatus::Failed && j.kind != JobKind::Plan)
+        .filter(|j| j.status == JobStatus::Failed && j.kind != JobKind::Plan && !check_verdict(j))
         .collect();
+    // A check that failed for good fails the task (a check that failed and was followed by a
+    // fix and a passing check does not).
+    let check_failed = task.check.as_ref().is_some_and(|c| c.passed == Some(false));
     let any_cancelled = task.jobs.iter().any(|j| j.status == JobStatus::Cancelled);
     let any_skipped = task.jobs.iter().any(|j| j.status == JobStatus::Skipped);
     // A reason already set here is a budget that ran out: the skipped steps make it a failure.
     task.status = forced.unwrap_or(
-        if !failed.is_empty() || (any_skipped && task.error.is_some()) {
+        if !failed.is_empty() || check_failed || (any_skipped && task.error.is_some()) {
             TaskStatus::Failed
         } else if any_cancelled {
             TaskStatus::Cancelled
@@ -931,6 +1292,12 @@ fn finish(task: &mut Task, now_ms: u64, forced: Option<TaskStatus>) -> Action {
         },
     );
     let mut problems: Vec<String> = task.error.take().into_iter().collect();
+    if let Some(c) = task.check.as_ref().filter(|_| check_failed) {
+        problems.push(format!(
+            "the check `{}` failed ({} of {} rounds)",
+            c.command, c.rounds, c.max_rounds
+        ));
+    }
     problems.extend(failed.iter().map(|j| {
         let e = j.error.as_ref();
         format!(

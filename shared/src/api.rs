@@ -106,6 +106,14 @@ pub struct SubmitTask {
     /// may call (as `mcp__<name>__<tool>`, under their role's tool rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp_servers: Option<BTreeMap<String, crate::job::McpServer>>,
+    /// A shell command (e.g. `cargo test`) run in the sandbox on the task branch once every
+    /// agent is done; a failure goes back to the agent whose change broke it. Needs `repo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// How many times the check may run (1 to 10, default 3): after the last failure the
+    /// task fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_rounds: Option<u32>,
 }
 
 /// `POST /v1/agents/{id}/send` and `POST /v1/agents/{id}/fork`.
@@ -458,6 +466,29 @@ pub struct Task {
     /// The MCP servers the task declared (see [`SubmitTask::mcp_servers`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mcp_servers: BTreeMap<String, crate::job::McpServer>,
+    /// The task's check command and how it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckReport>,
+}
+
+/// A task's check command (`check` on submit) and its outcome so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckReport {
+    pub command: String,
+    /// Most runs of the check.
+    pub max_rounds: u32,
+    /// Runs so far.
+    #[serde(default)]
+    pub rounds: u32,
+    /// The last run's verdict (`None`: it has not run yet).
+    #[serde(default)]
+    pub passed: Option<bool>,
+    /// The end of the last run's output (stdout and stderr together).
+    #[serde(default)]
+    pub output_tail: String,
+    /// The agents a failure was sent back to, one per failed round.
+    #[serde(default)]
+    pub blamed: Vec<JobId>,
 }
 
 impl Task {
@@ -667,8 +698,13 @@ pub struct DryRun {
     #[serde(default)]
     pub plan: PlanInfo,
     pub steps: Vec<StepEstimate>,
-    /// Costs summed; durations along the longest dependency path.
+    /// Costs summed; durations along the longest dependency path. A possible integrator is
+    /// in the p90 figures only.
     pub total: Estimate,
+    /// For a git task whose plan has steps that change files in parallel: the integrator
+    /// that runs if their branches conflict (its `depends_on` names the parallel steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrator: Option<StepEstimate>,
 }
 
 /// One approval request of the "needs you" queue (`GET /v1/approvals`).

@@ -161,6 +161,10 @@ pub enum JobKind {
     Agent,
     /// The planner agent: its answer is a JSON plan (see [`crate::plan`]) for the rest of the task.
     Plan,
+    /// The task's check command (its `prompt`), run in the sandbox on the task branch once
+    /// every agent is done; no agent, nothing pushed. Exit 0 is success; any other exit fails
+    /// with [`FailureReason::CheckFailed`] and the end of the output.
+    Check,
 }
 
 /// Which agent backend runs a job.
@@ -236,6 +240,11 @@ pub struct GitJob {
     pub start: Vec<String>,
     /// The task's branch, `orch/<task-id>`: the task's result.
     pub task_branch: String,
+    /// An integrator's job: when merging `start` conflicts, the conflicted merge is left in
+    /// the working tree for the agent to resolve (instead of failing the job), and the job's
+    /// commit is that merge.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub integrate: bool,
 }
 
 impl GitJob {
@@ -320,6 +329,8 @@ pub enum FailureReason {
     /// The agent ended its turn, but was denied tools it asked for (Claude Code's
     /// `permission_denials`): its answer is not a plain success and needs a person.
     NeedsAttention,
+    /// The task's check command ran and failed (a [`JobKind::Check`] job).
+    CheckFailed,
 }
 
 impl FailureReason {
@@ -348,6 +359,7 @@ impl FailureReason {
             FailureReason::WorkerLost => "worker_lost",
             FailureReason::Internal => "internal",
             FailureReason::NeedsAttention => "needs_attention",
+            FailureReason::CheckFailed => "check_failed",
         }
     }
 }

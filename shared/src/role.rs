@@ -29,6 +29,8 @@ pub enum Role {
     Analyst,
     Planner,
     Builder,
+    /// Resolves the conflicts between job branches that the task branch could not merge.
+    Integrator,
     Tester,
     Reviewer,
     Documenter,
@@ -37,10 +39,11 @@ pub enum Role {
 
 impl Role {
     /// Every role, in pipeline order.
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 8] = [
         Role::Analyst,
         Role::Planner,
         Role::Builder,
+        Role::Integrator,
         Role::Tester,
         Role::Reviewer,
         Role::Documenter,

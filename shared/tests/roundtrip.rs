@@ -65,15 +65,16 @@ fn workspace() -> impl Strategy<Value = Workspace> {
         (
             ".*",
             ".*",
-            proptest::option::of((".*", proptest::collection::vec(".*", 0..3)))
+            proptest::option::of((".*", proptest::collection::vec(".*", 0..3), any::<bool>()))
         )
             .prop_map(|(url, base_ref, job)| Workspace::Git {
                 url,
                 base_ref,
-                job: job.map(|(branch, start)| GitJob {
+                job: job.map(|(branch, start, integrate)| GitJob {
                     branch,
                     start,
-                    task_branch: "orch/t".into()
+                    task_branch: "orch/t".into(),
+                    integrate,
                 }),
             })
     ]
@@ -508,6 +509,7 @@ fn sample_task() -> Task {
         output: None,
         error: Some("step 1 (builder) failed".into()),
         branch: Some("orch/t".into()),
+        check: None,
     }
 }
 

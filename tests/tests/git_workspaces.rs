@@ -258,19 +258,37 @@ async fn parallel_jobs_merge_into_the_task_branch_and_a_conflict_is_reported() {
     );
     check_jobs(&cluster, &bare, &task);
 
-    // The same file written differently: one is merged, the other reports the conflict.
+    // The same file written differently: one is merged, the other reports the conflict, and
+    // an integrator (whose prompt carries the task's, so the script writes the file as its
+    // resolution) merges it into the task branch.
     let task = cluster.submit(submit("SAMEFILE work")).await;
     let id = task.id.to_string();
     let task = cluster.wait_task(&id, Duration::from_secs(90)).await;
     assert_eq!(task.status, TaskStatus::Completed, "{task:#?}");
     assert!(task.jobs.iter().all(|j| j.status == JobStatus::Succeeded));
     check_jobs(&cluster, &bare, &task);
-    let outcomes: Vec<_> = task.jobs.iter().map(|j| j.git.clone().unwrap()).collect();
+    let [first, second, integrator] = &task.jobs[..] else {
+        panic!("two jobs and an integrator: {task:#?}")
+    };
+    assert_eq!(integrator.role, orch_shared::role::Role::Integrator);
+    let outcomes: Vec<_> = [first, second]
+        .iter()
+        .map(|j| j.git.clone().unwrap())
+        .collect();
     let merged: Vec<_> = outcomes.iter().filter(|g| g.merged).collect();
     let skipped: Vec<_> = outcomes.iter().filter(|g| !g.merged).collect();
     assert_eq!((merged.len(), skipped.len()), (1, 1), "{outcomes:#?}");
     assert_eq!(skipped[0].conflicts, ["shared.txt"]);
     assert!(merged[0].conflicts.is_empty());
+    let resolved = integrator.git.clone().unwrap();
+    assert!(resolved.merged, "{resolved:?}");
     let branch = format!("orch/{id}");
-    assert_eq!(git(&bare, &["rev-parse", &branch]), merged[0].commit);
+    assert_eq!(git(&bare, &["rev-parse", &branch]), resolved.commit);
+    assert_eq!(
+        git(&bare, &["show", &format!("{branch}:shared.txt")]),
+        "integrator"
+    );
+    for g in &outcomes {
+        git(&bare, &["merge-base", "--is-ancestor", &g.commit, &branch]);
+    }
 }

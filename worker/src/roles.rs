@@ -1,7 +1,7 @@
 //! Roles: what each kind of agent is told and what it may do. One place for the system prompt
 //! of every role (with the structured output sections forward context is cut from), its tools
-//! (least privilege: analysts, planners and reviewers cannot write files, only builders and
-//! testers may run shell commands), its permission mode and its default model, each
+//! (least privilege: analysts, planners and reviewers cannot write files, only builders,
+//! integrators and testers may run shell commands), its permission mode and its default model, each
 //! overridable in the worker's config file (`[roles.<name>]`).
 //!
 //! The workflow planner (a [`JobKind::Plan`] job, whatever its role) is a profile of its own,
@@ -81,7 +81,8 @@ impl Key {
     pub fn of(job: &JobSpec) -> Key {
         match job.kind {
             JobKind::Plan => Key::WorkflowPlanner,
-            JobKind::Agent => Key::Role(job.role),
+            // A check runs under its role's sandbox (a tester's: shell, package registries).
+            JobKind::Agent | JobKind::Check => Key::Role(job.role),
         }
     }
 
@@ -101,7 +102,7 @@ impl Key {
             .map(Key::Role)
             .map_err(|_| {
                 format!(
-                    "unknown role `{name}` (expected one of analyst, planner, builder, tester, reviewer, documenter, custom, workflow_planner)"
+                    "unknown role `{name}` (expected one of analyst, planner, builder, integrator, tester, reviewer, documenter, custom, workflow_planner)"
                 )
             })
     }
@@ -362,7 +363,9 @@ fn default_profile(key: Key) -> Profile {
     let writes = || tools(&[READ_TOOLS, WRITE_TOOLS]);
     let shell = || tools(&[READ_TOOLS, WRITE_TOOLS, SHELL_TOOLS]);
     let (allowed, denied) = match key {
-        Key::Role(Role::Builder | Role::Tester) => (shell(), tools(&[OUTSIDE_TOOLS])),
+        Key::Role(Role::Builder | Role::Integrator | Role::Tester) => {
+            (shell(), tools(&[OUTSIDE_TOOLS]))
+        }
         Key::Role(Role::Documenter | Role::Custom) => {
             (writes(), tools(&[SHELL_TOOLS, OUTSIDE_TOOLS]))
         }
@@ -381,7 +384,7 @@ fn default_profile(key: Key) -> Profile {
         max_turns: None,
         sandbox: Allowance {
             allowed_hosts: match key {
-                Key::Role(Role::Builder | Role::Tester) => {
+                Key::Role(Role::Builder | Role::Integrator | Role::Tester) => {
                     REGISTRY_HOSTS.iter().map(|h| h.to_string()).collect()
                 }
                 _ => vec![],
@@ -445,6 +448,16 @@ fn system_prompt(key: Key) -> String {
              - Write clean, maintainable code that follows the codebase's existing patterns and conventions.\n\
              - Build and run what you changed to check that it works.",
             "- Change only what the task needs; do not refactor unrelated code.\n\
+             - Run shell commands inside the workspace only.",
+        ),
+        Key::Role(Role::Integrator) => (
+            "You are the INTEGRATOR of a team of coding agents: you merge the work of agents that ran in parallel.",
+            "- Your workspace holds a merge in progress: the files that conflict carry conflict markers.\n\
+             - For each conflict, read both sides and the code around them, and write the version that keeps\n  \
+               what both changes meant to do; never drop one side's change to make the conflict go away.\n\
+             - Remove every conflict marker, then build and run the tests that cover the merged code.",
+            "- Change only what the merge needs: no new features, no refactoring.\n\
+             - Do not commit, abort or restart the merge: your result is committed as the merge when you finish.\n\
              - Run shell commands inside the workspace only.",
         ),
         Key::Role(Role::Tester) => (
@@ -607,13 +620,13 @@ mod tests {
     }
 
     #[test]
-    fn only_builders_and_testers_run_shell_and_read_only_roles_cannot_write() {
+    fn only_builders_integrators_and_testers_run_shell_and_read_only_roles_cannot_write() {
         let roles = Roles::default();
         for role in Role::ALL {
             let p = roles.profile(Key::Role(role));
             let may = |t: &str| p.allowed_tools.iter().any(|a| a == t);
             let denied = |t: &str| p.disallowed_tools.iter().any(|a| a == t);
-            let shell = matches!(role, Role::Builder | Role::Tester);
+            let shell = matches!(role, Role::Builder | Role::Integrator | Role::Tester);
             assert_eq!(may("Bash"), shell, "{role}");
             assert_eq!(denied("Bash"), !shell, "{role}");
             let writes = !matches!(role, Role::Analyst | Role::Planner | Role::Reviewer);

@@ -52,7 +52,7 @@ pub struct Args {
     pub mode: Option<ModeArg>,
 
     /// A custom workflow: these roles in this order, comma-separated
-    /// (analyst, planner, builder, tester, reviewer, documenter, custom)
+    /// (analyst, planner, builder, integrator, tester, reviewer, documenter, custom)
     #[arg(long, value_name = "ROLES", value_delimiter = ',')]
     pub roles: Option<Vec<String>>,
 
@@ -81,6 +81,15 @@ pub struct Args {
     /// The branch, tag or commit of --repo to start from (default: the repository's HEAD)
     #[arg(long = "ref", value_name = "REF", requires = "repo")]
     pub git_ref: Option<String>,
+
+    /// A shell command run in the sandbox on the task branch once every agent is done (e.g.
+    /// "cargo test"); a failure goes back to the agent whose change broke it
+    #[arg(long, value_name = "COMMAND", requires = "repo")]
+    pub check: Option<String>,
+
+    /// How many times the check may run before the task fails (1 to 10, default 3)
+    #[arg(long, value_name = "N", requires = "check")]
+    pub check_rounds: Option<u32>,
 
     /// How long each simulated agent works (sim backend), e.g. 500ms, 2s
     #[arg(long, value_name = "DURATION")]
@@ -348,6 +357,9 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         prompt,
         repo,
         git_ref: non_empty(&args.git_ref),
+        // Sent as given: the coordinator refuses an empty one, naming the field.
+        check: args.check.clone(),
+        check_rounds: args.check_rounds,
         task_type: non_empty(&args.task_type),
         mode: args.mode.map(Mode::from),
         roles,

@@ -41,53 +41,76 @@ async fn dry_run(
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     let mut steps = Vec::new();
     for job in &task.jobs {
-        let model = task.model_of(job.role).unwrap_or("default");
-        let estimate = match app.state.job_stats(job.role.as_str(), model).await? {
-            Some(s) => Estimate {
-                source: EstimateSource::History,
-                samples: s.samples,
-                cost_usd_p50: s.cost_usd.0,
-                cost_usd_p90: s.cost_usd.1,
-                duration_ms_p50: Some(s.duration_ms.0),
-                duration_ms_p90: Some(s.duration_ms.1),
-            },
-            None => match job.estimated_tokens {
-                Some(t) => Estimate {
-                    source: EstimateSource::Planner,
-                    samples: 0,
-                    cost_usd_p50: t as f64 * PLANNER_PRICE_PER_TOKEN,
-                    cost_usd_p90: t as f64 * PLANNER_PRICE_PER_TOKEN,
-                    duration_ms_p50: None,
-                    duration_ms_p90: None,
-                },
-                None => Estimate {
-                    source: EstimateSource::None,
-                    samples: 0,
-                    cost_usd_p50: 0.0,
-                    cost_usd_p90: 0.0,
-                    duration_ms_p50: None,
-                    duration_ms_p90: None,
-                },
-            },
-        };
-        steps.push(StepEstimate {
-            step: job.step,
-            role: job.role,
-            backend: task.backend_of(job.role),
-            model: task.model_of(job.role).map(str::to_string),
-            depends_on: job.depends_on.clone(),
-            instruction: job.prompt.clone(),
-            estimate,
-        });
+        steps.push(step_estimate(&app, &task, job).await?);
     }
-    let total = total_estimate(&steps);
+    let mut total = total_estimate(&steps);
+    let integrator = match pipeline::possible_integrator(&task) {
+        Some(job) => {
+            let step = step_estimate(&app, &task, &job).await?;
+            // It runs only if the parallel branches conflict: the bad case, not the usual one.
+            total.cost_usd_p90 += step.estimate.cost_usd_p90;
+            total.duration_ms_p90 = total
+                .duration_ms_p90
+                .zip(step.estimate.duration_ms_p90)
+                .map(|(a, b)| a + b);
+            Some(step)
+        }
+        None => None,
+    };
     Ok(axum::Json(DryRun {
         plan_source: task.plan_source,
         mode,
         plan: task.plan,
         steps,
         total,
+        integrator,
     }))
+}
+
+/// One step's estimate: from the history of its role and model, else the planner's tokens.
+async fn step_estimate(
+    app: &App,
+    task: &orch_shared::api::Task,
+    job: &orch_shared::api::Job,
+) -> Answer<StepEstimate> {
+    let model = task.model_of(job.role).unwrap_or("default");
+    let estimate = match app.state.job_stats(job.role.as_str(), model).await? {
+        Some(s) => Estimate {
+            source: EstimateSource::History,
+            samples: s.samples,
+            cost_usd_p50: s.cost_usd.0,
+            cost_usd_p90: s.cost_usd.1,
+            duration_ms_p50: Some(s.duration_ms.0),
+            duration_ms_p90: Some(s.duration_ms.1),
+        },
+        None => match job.estimated_tokens {
+            Some(t) => Estimate {
+                source: EstimateSource::Planner,
+                samples: 0,
+                cost_usd_p50: t as f64 * PLANNER_PRICE_PER_TOKEN,
+                cost_usd_p90: t as f64 * PLANNER_PRICE_PER_TOKEN,
+                duration_ms_p50: None,
+                duration_ms_p90: None,
+            },
+            None => Estimate {
+                source: EstimateSource::None,
+                samples: 0,
+                cost_usd_p50: 0.0,
+                cost_usd_p90: 0.0,
+                duration_ms_p50: None,
+                duration_ms_p90: None,
+            },
+        },
+    };
+    Ok(StepEstimate {
+        step: job.step,
+        role: job.role,
+        backend: task.backend_of(job.role),
+        model: task.model_of(job.role).map(str::to_string),
+        depends_on: job.depends_on.clone(),
+        instruction: job.prompt.clone(),
+        estimate,
+    })
 }
 
 /// Costs add up; durations follow the longest dependency path (steps are in topological

@@ -35,6 +35,9 @@ const MAX_MCP_SERVERS: usize = 16;
 const MAX_PROMPT_CHARS: usize = 200_000;
 
 /// Checks a submit request and turns it into task options and a plan.
+/// Longest check command.
+const MAX_CHECK_BYTES: usize = 4096;
+
 pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> {
     let prompt = req.prompt.trim().to_string();
     if prompt.is_empty() {
@@ -140,6 +143,31 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
             );
         }
     }
+    let check = match req.check {
+        Some(c) if c.trim().is_empty() => {
+            return Err(ApiError::field("check", "must not be empty").into());
+        }
+        Some(c) if c.len() > MAX_CHECK_BYTES => {
+            return Err(
+                ApiError::field("check", format!("longer than {MAX_CHECK_BYTES} bytes")).into(),
+            );
+        }
+        Some(_) if !matches!(workspace, Workspace::Git { .. }) => {
+            return Err(ApiError::field(
+                "check",
+                "needs repo: the check runs on the task branch of a repository",
+            )
+            .into());
+        }
+        Some(c) => Some((
+            c.trim().to_string(),
+            in_range("check_rounds", req.check_rounds, 1, 10)?.unwrap_or(3),
+        )),
+        None if req.check_rounds.is_some() => {
+            return Err(ApiError::field("check_rounds", "needs check: the command to run").into());
+        }
+        None => None,
+    };
     let task_type = if user_plan {
         "plan".into()
     } else if req.roles.is_some() {
@@ -162,6 +190,7 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
             execution,
             llm_planner,
             mcp_servers,
+            check,
         },
         plan,
     ))

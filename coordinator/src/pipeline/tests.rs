@@ -19,6 +19,7 @@ fn opts(mode: Mode) -> TaskOptions {
         execution: ExecutionOptions::default(),
         llm_planner: false,
         mcp_servers: Default::default(),
+        check: None,
     }
 }
 
@@ -462,6 +463,126 @@ fn a_git_task_gives_each_job_its_branch_and_its_parents_branches_in_plan_order()
     assert_eq!(task.branch, Some(format!("orch/{t}")));
 }
 
+fn git_task(plan_json: &str) -> (Task, Vec<Action>) {
+    let mut o = opts(Mode::Parallel);
+    o.workspace = Workspace::Git {
+        url: "/srv/repo.git".into(),
+        base_ref: "main".into(),
+        job: None,
+    };
+    new_task(TaskId::from_u128(9), o, user_plan(plan_json), 0).unwrap()
+}
+
+fn git_of(s: &JobSpec) -> GitJob {
+    match &s.workspace {
+        Workspace::Git { job: Some(j), .. } => j.clone(),
+        w => panic!("not a git job: {w:?}"),
+    }
+}
+
+/// A successful result whose branch did (or did not) merge into the task branch.
+fn pushed(spec: &JobSpec, merged: bool, conflicts: &[&str]) -> JobResult {
+    JobResult {
+        git: Some(orch_shared::job::GitOutcome {
+            branch: git_of(spec).branch,
+            commit: "c0ffee".into(),
+            base: "base".into(),
+            merged,
+            conflicts: conflicts.iter().map(|c| c.to_string()).collect(),
+        }),
+        ..ok(spec)
+    }
+}
+
+#[test]
+fn a_branch_that_does_not_merge_gets_an_integrator_that_its_dependents_wait_for() {
+    let (mut task, actions) = git_task(
+        r#"{"steps":[{"role":"builder"},{"role":"builder"},{"role":"tester","depends_on":[1]}]}"#,
+    );
+    let t = task.id;
+    let started = published(&actions);
+    assert_eq!(roles(&started), [Role::Builder, Role::Builder]);
+    // The first merges; the second conflicts with it.
+    assert!(
+        published(&on_result(&mut task, &pushed(&started[0], true, &[]), 1).unwrap()).is_empty()
+    );
+    let actions = on_result(&mut task, &pushed(&started[1], false, &["src/lib.rs"]), 2).unwrap();
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Emit(None, EventKind::TaskPlanned { source, steps, .. })
+            if source == "integrator" && steps.len() == 1 && steps[0].role == Role::Integrator
+    )));
+    let next = published(&actions);
+    assert_eq!(roles(&next), [Role::Integrator], "the tester waits for it");
+    let integrator = &task.jobs[3];
+    assert_eq!(integrator.depends_on, [1]);
+    assert_eq!(task.jobs[2].depends_on, [1, 3]);
+    assert!(next[0].prompt.contains("src/lib.rs"), "{}", next[0].prompt);
+    let gi = git_of(&next[0]);
+    assert!(gi.integrate);
+    assert_eq!(
+        gi.start,
+        [format!("orch/{t}"), format!("orch/jobs/{t}/02-builder")],
+        "the task branch, with the branch that did not merge merged into it"
+    );
+    assert_eq!(gi.branch, format!("orch/jobs/{t}/04-integrator"));
+    // Once it merged, the tester starts from both.
+    let tester = published(&on_result(&mut task, &pushed(&next[0], true, &[]), 3).unwrap());
+    assert_eq!(roles(&tester), [Role::Tester]);
+    assert!(!git_of(&tester[0]).integrate);
+    assert_eq!(
+        git_of(&tester[0]).start,
+        [
+            format!("orch/jobs/{t}/02-builder"),
+            format!("orch/jobs/{t}/04-integrator")
+        ]
+    );
+    on_result(&mut task, &pushed(&tester[0], true, &[]), 4).unwrap();
+    assert_eq!(task.status, TaskStatus::Completed);
+}
+
+#[test]
+fn integrators_are_capped_per_task() {
+    let (mut task, actions) = git_task(r#"{"steps":[{"role":"builder"}]}"#);
+    let mut spec = published(&actions).remove(0);
+    for n in 0..MAX_INTEGRATORS {
+        let next =
+            published(&on_result(&mut task, &pushed(&spec, false, &["a"]), n as u64).unwrap());
+        assert_eq!(roles(&next), [Role::Integrator]);
+        spec = next[0].clone();
+    }
+    let last = on_result(&mut task, &pushed(&spec, false, &["a"]), 99).unwrap();
+    assert!(published(&last).is_empty());
+    assert_eq!(
+        task.status,
+        TaskStatus::Completed,
+        "the conflict stays reported"
+    );
+}
+
+#[test]
+fn a_dry_run_shows_an_integrator_only_for_parallel_writers_in_a_repository() {
+    let (task, _) = git_task(
+        r#"{"steps":[{"role":"analyst"},{"role":"builder","depends_on":[0]},{"role":"documenter","depends_on":[0]},{"role":"reviewer","depends_on":[1,2]}]}"#,
+    );
+    let i = possible_integrator(&task).expect("builder and documenter run side by side");
+    assert_eq!(
+        (i.role, i.step, i.depends_on.clone()),
+        (Role::Integrator, 4, vec![1, 2])
+    );
+    let (chain, _) = git_task(
+        r#"{"steps":[{"role":"builder"},{"role":"tester","depends_on":[0]},{"role":"reviewer"}]}"#,
+    );
+    assert_eq!(
+        possible_integrator(&chain),
+        None,
+        "one writer after the other"
+    );
+    let p = user_plan(r#"{"steps":[{"role":"builder"},{"role":"tester"}]}"#);
+    let (scratch, _) = new_task(TaskId::new(), opts(Mode::Parallel), p, 0).unwrap();
+    assert_eq!(possible_integrator(&scratch), None, "no branches, no merge");
+}
+
 #[test]
 fn send_continues_the_latest_turn_and_reopens_the_task() {
     let p = plan("auto", "build a parser", Some(&[Role::Builder]), None).unwrap();
@@ -540,4 +661,36 @@ fn fork_starts_a_new_conversation_from_any_finished_turn() {
         add_turn(&mut task, JobId::new(), JobId::new(), "x", true, 8),
         Err(TurnError::NoJob(_))
     ));
+}
+
+#[test]
+fn a_failed_check_is_blamed_on_the_agent_whose_files_its_output_names() {
+    let (mut task, _) = git_task(r#"{"steps":[{"role":"builder"},{"role":"tester"}]}"#);
+    let files = [
+        vec!["src/parse.rs".to_string()],
+        vec!["tests/cli.rs".to_string()],
+    ];
+    for (i, f) in files.into_iter().enumerate() {
+        let j = &mut task.jobs[i];
+        j.status = JobStatus::Succeeded;
+        j.files_written = f;
+        j.finished_at_ms = Some(10 + i as u64);
+    }
+    assert_eq!(blame(&task, "error[E0308]: src/parse.rs:10:5"), Some(0));
+    assert_eq!(
+        blame(&task, "panicked at cli.rs:3"),
+        Some(1),
+        "a bare file name counts"
+    );
+    assert_eq!(
+        blame(&task, "2 tests failed"),
+        Some(1),
+        "named by none: the last to finish"
+    );
+    task.jobs[1].files_written.clear();
+    assert_eq!(
+        blame(&task, "tests/cli.rs failed"),
+        Some(0),
+        "only agents that changed files"
+    );
 }

@@ -315,6 +315,10 @@ impl Backends {
     }
 
     async fn dispatch(&self, job: &JobSpec, events: Events, cancel: CancellationToken) -> Report {
+        if job.kind == orch_shared::job::JobKind::Check {
+            // No agent: the task's check command, whatever the backend.
+            return super::check::run(&self.prepare(job, Backend::Command), &events, &cancel).await;
+        }
         let backend = self.pick(job);
         let previous = match self
             .previous_session(job, backend, self.backend_for(job))

@@ -81,6 +81,7 @@ impl CommandAgent {
                 match p.job.kind {
                     JobKind::Agent => "agent",
                     JobKind::Plan => "plan",
+                    JobKind::Check => "check",
                 },
             )
             .env("ORCH_TASK_ID", p.job.task_id.to_string())

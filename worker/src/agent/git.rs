@@ -22,6 +22,12 @@
 //!   files in [`GitOutcome::conflicts`]). Merges into the task branch carry the date of their
 //!   newest parent, so rebuilding the same merge gives the same commit. A job whose agent failed
 //!   pushes nothing.
+//! - **Integrators** ([`GitJob::integrate`]): the job's starts are the task branch and the
+//!   branch that did not merge into it; when that merge conflicts, it is left in progress for
+//!   the agent (`diff3` markers, so the common ancestor shows), the job fails (`agent_error`,
+//!   retried) if a conflicted file still holds a marker when the agent ends, and the commit is
+//!   the merge (made even when the result equals the task branch), so the other side becomes
+//!   part of the task branch.
 //! - **Failures**: a repository that cannot be fetched or a job branch that cannot be pushed is
 //!   `network` (retryable); a ref that does not exist is `bad_request`. A task branch that
 //!   cannot be moved leaves the job successful, with `merged: false` and the reason.
@@ -442,6 +448,8 @@ pub struct Checkout {
     /// The commit the agent started from: `base_ref`'s, or the merge of the parents' branches.
     pub base: String,
     job: Option<GitJob>,
+    /// An integrator's job: the files whose conflicts it was left to resolve.
+    pub conflicted: Vec<String>,
 }
 
 /// Whether `name` is a valid branch name.
@@ -478,6 +486,12 @@ enum Merge {
 /// Merges `rev` into `HEAD` (a fast-forward when possible). The merge commit carries the date
 /// of its newest parent, so the same merge always gives the same commit.
 async fn merge(dir: &Path, rev: &str, message: &str) -> Merge {
+    merge_keeping(dir, rev, message, false).await
+}
+
+/// [`merge`]; with `keep_conflicts`, a merge that conflicts is left in progress (markers in
+/// the files, `MERGE_HEAD` set) instead of aborted.
+async fn merge_keeping(dir: &Path, rev: &str, message: &str, keep_conflicts: bool) -> Merge {
     let dates = git(dir, &["show", "-s", "--format=%ct", "HEAD", rev]).await;
     let newest = dates
         .stdout
@@ -486,9 +500,23 @@ async fn merge(dir: &Path, rev: &str, message: &str) -> Merge {
         .max()
         .unwrap_or(0);
     let date = format!("@{newest} +0000");
+    // A conflict left to an integrator shows the common ancestor too (`diff3`): what each side
+    // changed, not only where they ended up.
+    let style = if keep_conflicts { "diff3" } else { "merge" };
+    let style = format!("merge.conflictStyle={style}");
     let out = git_env(
         dir,
-        &["merge", "-q", "--ff", "--no-edit", "-m", message, rev],
+        &[
+            "-c",
+            &style,
+            "merge",
+            "-q",
+            "--ff",
+            "--no-edit",
+            "-m",
+            message,
+            rev,
+        ],
         &[
             ("GIT_AUTHOR_DATE", date.as_str()),
             ("GIT_COMMITTER_DATE", date.as_str()),
@@ -501,6 +529,9 @@ async fn merge(dir: &Path, rev: &str, message: &str) -> Merge {
     let files = diff_names(dir, &["--diff-filter=U"])
         .await
         .unwrap_or_default();
+    if keep_conflicts && !files.is_empty() {
+        return Merge::Conflict(files);
+    }
     let _ = git(dir, &["merge", "--abort"]).await;
     if files.is_empty() {
         Merge::Failed(out.why())
@@ -521,7 +552,7 @@ pub async fn checkout(
     let base_ref = check_inputs(dir, url, base_ref, job).await?;
     clone_through_cache(dir, data_dir, url).await?;
     let base_ref_commit = resolve_base_ref(dir, url, base_ref).await?;
-    check_out_start(dir, job, &base_ref_commit).await?;
+    let conflicted = check_out_start(dir, job, &base_ref_commit).await?;
     let base = commit_of(dir, "HEAD")
         .await
         .ok_or_else(|| Error::internal("the clone has no HEAD after checkout"))?;
@@ -531,6 +562,7 @@ pub async fn checkout(
         base_ref_commit,
         base,
         job: job.cloned(),
+        conflicted,
     })
 }
 
@@ -636,12 +668,15 @@ async fn resolve_base_ref(dir: &Path, url: &str, base_ref: &str) -> Result<Strin
 }
 
 /// Checks out where the job starts: the first of its parents' branches that exist, the others
-/// merged in order, else `base_ref_commit`; on the job's local branch when it has one.
+/// merged in order, else `base_ref_commit`; on the job's local branch when it has one. For an
+/// integrator ([`GitJob::integrate`]) the last merge may be left conflicted: the files in
+/// conflict are returned.
 async fn check_out_start(
     dir: &Path,
     job: Option<&GitJob>,
     base_ref_commit: &str,
-) -> Result<(), Error> {
+) -> Result<Vec<String>, Error> {
+    let integrate = job.is_some_and(|j| j.integrate);
     let mut starts = vec![];
     for b in job.map(|j| j.start.as_slice()).unwrap_or_default() {
         if let Some(commit) = commit_of(dir, &format!("refs/remotes/origin/{b}")).await {
@@ -676,8 +711,11 @@ async fn check_out_start(
         )));
     }
     for (i, (branch, commit)) in starts.iter().enumerate().skip(1) {
-        match merge(dir, commit, &format!("Merge {branch}")).await {
+        // Only the last merge can be left to the agent: git holds one merge at a time.
+        let keep = integrate && i + 1 == starts.len();
+        match merge_keeping(dir, commit, &format!("Merge {branch}"), keep).await {
             Merge::Merged => {}
+            Merge::Conflict(files) if keep => return Ok(files),
             Merge::Conflict(files) => {
                 let merged: Vec<&str> = starts[..i].iter().map(|(b, _)| b.as_str()).collect();
                 return Err(Error::bad_request(format!(
@@ -691,7 +729,27 @@ async fn check_out_start(
             }
         }
     }
-    Ok(())
+    Ok(vec![])
+}
+
+/// The files of `files` (relative to `dir`) that still hold a conflict marker line.
+async fn with_markers(dir: &Path, files: &[String]) -> Vec<String> {
+    let mut left = vec![];
+    for f in files {
+        let Ok(text) = tokio::fs::read(dir.join(f)).await else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&text);
+        if text.lines().any(|l| {
+            l.starts_with("<<<<<<< ")
+                || l.starts_with("||||||| ")
+                || l.starts_with(">>>>>>> ")
+                || l == "======="
+        }) {
+            left.push(f.clone());
+        }
+    }
+    left
 }
 
 /// The commit message of `job`'s work: `<role>: <first line of the prompt>`, then its ids.
@@ -744,6 +802,16 @@ impl Checkout {
                 git: None,
             });
         };
+        let unresolved = with_markers(dir, &self.conflicted).await;
+        if !unresolved.is_empty() {
+            return Err(Error::new(
+                FailureReason::AgentError,
+                format!(
+                    "the integrator left conflict markers in {}",
+                    unresolved.join(", ")
+                ),
+            ));
+        }
         let commit = commit_work(dir, job).await?;
         self.push_job_branch(dir, gj).await?;
         let files = diff_names(dir, &[&self.base, &commit])
@@ -865,7 +933,10 @@ async fn commit_work(dir: &Path, job: &JobSpec) -> Result<String, Error> {
         )));
     }
     let staged = git(dir, &["diff", "--cached", "--quiet"]).await;
-    if staged.code == Some(1) {
+    // An integrator's merge is committed even when its result equals `HEAD`: the commit's
+    // second parent is what tells the task branch that the other side is merged.
+    let merging = commit_of(dir, "MERGE_HEAD").await.is_some();
+    if staged.code == Some(1) || merging {
         let out = git(dir, &["commit", "-q", "-m", &commit_message(job)]).await;
         if !out.ok {
             return Err(Error::internal(format!(
@@ -1117,6 +1188,7 @@ mod tests {
                     branch: job_branch(task, step, role),
                     start,
                     task_branch: GitJob::task_branch(task),
+                    integrate: role == Role::Integrator,
                 }),
             },
             ..JobSpec::new(task, JobId::new(), role, prompt)
@@ -1503,6 +1575,47 @@ mod tests {
             "from-b"
         );
         assert_eq!(sh(remote, &format!("git show orch/{task}:docs.md")), "docs");
+
+        // An integrator starts from the task branch with the conflicting branch being merged:
+        // it may not finish with markers left, and its resolution merges both.
+        let i = spec(
+            task,
+            3,
+            Role::Integrator,
+            "integrate",
+            vec![format!("orch/{task}"), outcome(&fa).branch.clone()],
+        );
+        let (di, ci) = start(&tmp, &data, &url, &i).await;
+        assert_eq!(ci.conflicted, ["same.txt"]);
+        let text = std::fs::read_to_string(di.join("same.txt")).unwrap();
+        assert!(
+            text.contains("||||||| ") && text.contains("from-a"),
+            "{text}"
+        );
+        let e = ci.finish(&di, &i, true).await.unwrap_err();
+        assert_eq!(e.reason, FailureReason::AgentError);
+        assert_eq!(
+            e.message,
+            "the integrator left conflict markers in same.txt"
+        );
+        let i = JobSpec { attempt: 2, ..i };
+        let (di, ci) = start(&tmp, &data, &url, &i).await;
+        sh(&di, "printf 'from-a\\nfrom-b\\n' > same.txt");
+        let fi = ci.finish(&di, &i, true).await.unwrap();
+        assert!(outcome(&fi).merged, "{fi:?}");
+        assert_eq!(
+            sh(remote, &format!("git show orch/{task}:same.txt")),
+            "from-a\nfrom-b"
+        );
+        for done in [&fa, &fb, &fc, &fi] {
+            sh(
+                remote,
+                &format!(
+                    "git merge-base --is-ancestor {} orch/{task}",
+                    outcome(done).commit
+                ),
+            );
+        }
     }
 
     #[tokio::test]

@@ -37,6 +37,7 @@
 pub mod anthropic;
 pub mod backends;
 pub mod chat;
+pub mod check;
 pub mod claude_code;
 pub mod command;
 pub mod git;

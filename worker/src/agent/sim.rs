@@ -336,7 +336,7 @@ impl Sim {
         }
         let text = match job.kind {
             JobKind::Plan => plan(job),
-            JobKind::Agent => output_after(job, previous),
+            JobKind::Agent | JobKind::Check => output_after(job, previous),
         };
         events.send(EventKind::Text { text: text.clone() });
         events.send(EventKind::Usage { usage, cost_usd });

@@ -708,6 +708,7 @@ mod tests {
                 branch: "orch/jobs/t/01-builder".into(),
                 start: vec![],
                 task_branch: "orch/t".into(),
+                integrate: false,
             }),
         });
         let dir = WorkDir::prepare(&j, &data, &CancellationToken::new())

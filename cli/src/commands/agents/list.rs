@@ -28,7 +28,7 @@ order within a task, filtered by role, status, task and creation time of their t
 )]
 pub struct Args {
     /// Only these roles (comma separated: analyst, planner, builder, tester, reviewer,
-    /// documenter, custom)
+    /// documenter, custom, integrator)
     #[arg(long, value_name = "ROLE")]
     pub role: Option<String>,
 

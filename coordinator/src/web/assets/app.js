@@ -8,7 +8,7 @@ const PAGE = document.body.dataset.page;
 const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
-const ROLE_ORDER = ["analyst", "planner", "builder", "tester", "reviewer", "documenter", "custom"];
+const ROLE_ORDER = ["analyst", "planner", "builder", "integrator", "tester", "reviewer", "documenter", "custom"];
 const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
