@@ -199,6 +199,23 @@ const scenarios = {
     });
   },
 
+  // An agent waiting for a person (the Rust side has a request pending): the overview's
+  // "Needs you" panel shows the command and answers it with one click.
+  async approvals() {
+    await step("log in", () => login(page));
+    await step("the overview lists the pending request with its command", async () => {
+      await page.waitForSelector("#approval-list [data-approve]", { timeout: 15000 });
+      const text = await page.textContent("#approval-list");
+      assert(text.includes("Bash") && text.includes(process.env.ORCH_COMMAND), "panel: " + text);
+      await shot("overview-needs-you");
+    });
+    await step("approve answers it and the panel empties", async () => {
+      await page.click("#approval-list [data-approve]");
+      await page.waitForFunction(() => !document.querySelector("#approval-list [data-approve]"), null, { timeout: 10000 });
+      assert((await page.textContent("#approval-list")).includes("No agent is waiting"), "empty panel");
+    });
+  },
+
   // The overview's "spend today" against the daily budget the coordinator was started with
   // (the Rust side ran one task, so the day's spend is above zero).
   async budget() {

@@ -559,6 +559,82 @@ async fn answers_to_unknown_answered_or_other_tenants_requests_are_refused() {
     assert!(stderr.contains("invalid request id"), "{stderr}");
 }
 
+/// Every new request is POSTed to the webhook with its body signed (HMAC-SHA256 under the
+/// configured secret), for chat tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_request_is_posted_to_the_webhook_signed() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({"prompt": "p", "roles": ["builder"]}))
+        .await;
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+    let seen: Seen = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(seen): axum::extract::State<Seen>,
+                 headers: axum::http::HeaderMap,
+                 body: String| async move {
+                    let sig = headers
+                        .get(orch_worker::approvals::SIGNATURE_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    seen.lock().unwrap().push((sig, body));
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let b = broker(&cluster, Duration::from_secs(1))
+        .await
+        .with_webhook(Some(orch_worker::approvals::Webhook {
+            url,
+            secret: orch_worker::config::Secret::new("hook-secret"),
+            client: reqwest::Client::new(),
+        }));
+    let (events, _rx) = Events::new();
+    let verdict = b
+        .ask(
+            &job_of(&task),
+            "Bash",
+            &json!({"command": "make deploy"}),
+            &events,
+            &CancellationToken::new(),
+        )
+        .await;
+    assert!(matches!(verdict, Verdict::Deny(_)), "{verdict:?}");
+    let (sig, body) = orch_tests::eventually(WAIT, || async {
+        seen.lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .ok_or_else(|| "the webhook got nothing".to_string())
+    })
+    .await;
+    assert_eq!(
+        sig,
+        orch_worker::approvals::signature("hook-secret", body.as_bytes())
+    );
+    assert_ne!(
+        sig,
+        orch_worker::approvals::signature("another-secret", body.as_bytes())
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["tool"], "Bash");
+    assert_eq!(v["summary"], "make deploy");
+    assert_eq!(v["task_id"], task.id.to_string());
+    assert_eq!(v["state"], "pending");
+    server.abort();
+}
+
 /// A malformed `ask_tools` rule stops the worker at start, naming the setting.
 #[test]
 fn a_malformed_ask_rule_is_refused_at_start_naming_the_field() {
@@ -583,4 +659,16 @@ fn a_malformed_ask_rule_is_refused_at_start_naming_the_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("approvals.timeout"), "{stderr}");
+    std::fs::write(
+        &config,
+        "[approvals]\nwebhook_url = \"https://chat.example/hook\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(orch_tests::workspace_bin("orch-worker"))
+        .args(["--config", &config.display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("approvals.webhook_secret"), "{stderr}");
 }

@@ -301,3 +301,51 @@ async fn dashboard_sends_a_message_to_an_agent_and_forks_it() {
         assert_eq!(job.status, JobStatus::Succeeded, "{task:#?}");
     }
 }
+
+/// The overview's "Needs you" panel: an agent's pending request (asked through the worker's
+/// approval broker, as a worker would) shows with its command, and its Approve button answers
+/// it: the agent gets the approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_approves_a_request_an_agent_is_waiting_on() {
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let (_, v) = cluster
+        .post("/v1/tasks", &json!({"prompt": "p", "roles": ["builder"]}))
+        .await;
+    let task: orch_shared::api::Task = serde_json::from_value(v).unwrap();
+    let redis = orch_config::redis::Redis::from_url(&cluster.redis_url).unwrap();
+    let state = orch_worker::state::State::connect(&redis).await.unwrap();
+    let broker = orch_worker::approvals::Broker::new(state, Duration::from_secs(120));
+    let command = "npm install left-pad";
+    let job = orch_shared::job::JobSpec::new(
+        task.id,
+        orch_shared::ids::JobId::new(),
+        orch_shared::role::Role::Builder,
+        "build",
+    );
+    let asking = tokio::spawn(async move {
+        let (events, _rx) = orch_worker::agent::Events::new();
+        broker
+            .ask(
+                &job,
+                "Bash",
+                &json!({"command": command}),
+                &events,
+                &tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+    });
+    run_scenario_with(
+        &cluster,
+        "approvals",
+        &[("ORCH_COMMAND", command.to_string())],
+    )
+    .await;
+    assert_eq!(
+        asking.await.unwrap(),
+        orch_worker::approvals::Verdict::Allow
+    );
+}

@@ -104,6 +104,24 @@ pub struct Args {
         env = "ORCH_APPROVAL_TIMEOUT"
     )]
     pub approval_timeout: Option<String>,
+    /// POST every new approval request to this URL (JSON, signed with HMAC-SHA256 in
+    /// `X-Orch-Signature: sha256=<hex>`), for chat tools.
+    #[arg(
+        id = "approvals.webhook_url",
+        long = "approval-webhook-url",
+        value_name = "URL",
+        env = "ORCH_APPROVAL_WEBHOOK_URL"
+    )]
+    pub approval_webhook_url: Option<String>,
+    /// The webhook's signing secret (required with the URL).
+    #[arg(
+        id = "approvals.webhook_secret",
+        long = "approval-webhook-secret",
+        value_name = "SECRET",
+        env = "ORCH_APPROVAL_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub approval_webhook_secret: Option<String>,
     /// Serve /healthz and /metrics on this address (off when unset).
     #[arg(long, env = "ORCH_WORKER_LISTEN")]
     pub listen: Option<String>,
@@ -314,12 +332,18 @@ pub struct ApprovalSettings {
     /// How long a request waits for a person before it is denied (the agent is told why).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Where every new request is POSTed (signed), if anywhere.
+    pub webhook_url: Option<String>,
+    /// The webhook's HMAC-SHA256 key.
+    pub webhook_secret: Option<Secret>,
 }
 
 impl Default for ApprovalSettings {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(600),
+            webhook_url: None,
+            webhook_secret: None,
         }
     }
 }
@@ -881,6 +905,25 @@ impl Settings {
                 "approvals.timeout",
                 "must be between 1s and 7d",
             ));
+        }
+        if let Some(url) = &self.approvals.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::invalid(
+                    "approvals.webhook_url",
+                    format!("expected an http:// or https:// URL, got `{url}`"),
+                ));
+            }
+            if self
+                .approvals
+                .webhook_secret
+                .as_ref()
+                .is_none_or(|s| s.expose().is_empty())
+            {
+                return Err(Error::invalid(
+                    "approvals.webhook_secret",
+                    "required with approvals.webhook_url (the requests are signed with it)",
+                ));
+            }
         }
         Ok(Config {
             nats_url: self.nats_url,

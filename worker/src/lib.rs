@@ -188,10 +188,20 @@ pub async fn run(
     let limits = limits::Limits::new(state.clone());
     // The approval broker's permission-prompt server: on a loopback port for CLIs run
     // without the sandbox, and through the proxy for those in it.
-    let desk = approvals::mcp::Desk::new(approvals::Broker::new(
-        state.clone(),
-        config.approvals.timeout,
-    ));
+    let webhook = match (
+        &config.approvals.webhook_url,
+        &config.approvals.webhook_secret,
+    ) {
+        (Some(url), Some(secret)) => Some(approvals::Webhook {
+            url: url.clone(),
+            secret: secret.clone(),
+            client: reqwest::Client::new(),
+        }),
+        _ => None,
+    };
+    let desk = approvals::mcp::Desk::new(
+        approvals::Broker::new(state.clone(), config.approvals.timeout).with_webhook(webhook),
+    );
     desk.serve_loopback(&background, bg_cancel.clone())
         .await
         .map_err(Error::Approvals)?;

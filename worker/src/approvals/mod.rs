@@ -126,17 +126,81 @@ pub enum Verdict {
     Deny(String),
 }
 
+/// Where new requests are POSTed, signed (`[approvals] webhook_url`, `webhook_secret`).
+#[derive(Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub secret: crate::config::Secret,
+    pub client: reqwest::Client,
+}
+
+/// The header carrying a webhook body's signature: `sha256=<hex HMAC-SHA256 of the body>`.
+pub const SIGNATURE_HEADER: &str = "x-orch-signature";
+
+/// `sha256=<hex>`: the HMAC-SHA256 of `body` under `secret`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        // HMAC takes a key of any length; this arm is never taken.
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+impl Webhook {
+    /// POSTs `request` (best effort: a failure is logged, the request waits anyway).
+    fn send(&self, request: Value) {
+        let body = request.to_string();
+        let sig = signature(self.secret.expose(), body.as_bytes());
+        let post = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(SIGNATURE_HEADER, sig)
+            .timeout(Duration::from_secs(10))
+            .body(body);
+        tokio::spawn(async move {
+            match post.send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => {
+                    tracing::warn!(status = %r.status(), "the approval webhook refused a request")
+                }
+                Err(e) => tracing::warn!(error = %e, "the approval webhook is unreachable"),
+            }
+        });
+    }
+}
+
 /// A handle on the broker (cheap to clone).
 #[derive(Clone)]
 pub struct Broker {
     state: State,
     /// How long a request waits for a person before it is denied.
     pub timeout: Duration,
+    webhook: Option<Webhook>,
 }
 
 impl Broker {
     pub fn new(state: State, timeout: Duration) -> Self {
-        Self { state, timeout }
+        Self {
+            state,
+            timeout,
+            webhook: None,
+        }
+    }
+
+    /// Also POSTs every new request to `webhook`.
+    pub fn with_webhook(mut self, webhook: Option<Webhook>) -> Self {
+        self.webhook = webhook;
+        self
     }
 
     /// Asks for `job`'s agent to use `tool` with `input`: a granted rule answers at once,
@@ -177,6 +241,21 @@ impl Broker {
             ));
         }
         tracing::info!(job_id = %job.job_id, tool, approval = %id, "waiting for a person's approval");
+        if let Some(w) = &self.webhook {
+            w.send(serde_json::json!({
+                "id": id,
+                "task_id": job.task_id.to_string(),
+                "job_id": job.job_id.to_string(),
+                "attempt": job.attempt,
+                "role": job.role.as_str(),
+                "tool": tool,
+                "summary": summary,
+                "input": request.input,
+                "created_ms": created_ms,
+                "deadline_ms": deadline_ms,
+                "state": "pending",
+            }));
+        }
         events.send(EventKind::ApprovalRequested {
             id: id.clone(),
             tool: tool.to_string(),
@@ -301,6 +380,15 @@ mod tests {
         assert!(!glob("ex?ct", "exact"));
         assert!(glob("*.rs", "src/main.rs"));
         assert!(!glob("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_in_hex() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            signature("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]
