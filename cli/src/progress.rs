@@ -618,6 +618,7 @@ mod tests {
             context_window: None,
             continues: None,
             forked: false,
+            rewound_to: None,
             session_id: None,
             diff: None,
             git: None,

@@ -87,6 +87,10 @@ pub struct SessionRef {
     /// A fork: a new conversation with the same history (the original can still continue).
     #[serde(default)]
     pub fork: bool,
+    /// A rewind (`orchctl agents rewind`): the job starts from `from`'s checkpoint after this
+    /// step (its conversation and its tree), not from its stored session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u32>,
 }
 
 /// What a job is for.

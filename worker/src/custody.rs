@@ -63,6 +63,11 @@ pub struct Custody {
 pub struct Resume {
     pub checkpoint: Checkpoint,
     pub conversation: Vec<u8>,
+    /// The agent whose checkpoint it is (its ref holds the tree).
+    pub source: JobId,
+    /// A rewind (`orchctl agents rewind`): a new agent starting from another's checkpoint,
+    /// with the user's message as its next turn; it fails rather than start over.
+    pub rewind: bool,
 }
 
 /// The name of the sessions-store object holding `job`'s conversation at `step`.
@@ -178,6 +183,43 @@ impl Custody {
         if !usable {
             return Ok(None);
         }
+        self.load(checkpoint, job.job_id, false).await.map(Some)
+    }
+
+    /// The checkpoint a rewind job (`session.checkpoint` set) starts from: the one its source
+    /// agent left after that step. `Ok(None)` for a job that is no rewind; `Err` says why the
+    /// rewind cannot start.
+    pub async fn rewind_point(&self, job: &JobSpec) -> Result<Option<Resume>, String> {
+        let Some((from, step)) = job
+            .session
+            .as_ref()
+            .and_then(|s| s.checkpoint.map(|step| (s.from, step)))
+        else {
+            return Ok(None);
+        };
+        if !self.settings.enabled {
+            return Err("checkpoints are off on this worker ([checkpoints] enabled)".into());
+        }
+        let kept = self
+            .state
+            .checkpoint_list(from)
+            .await
+            .map_err(|e| format!("the checkpoints of agent {from} could not be read: {e}"))?;
+        let checkpoint = kept
+            .iter()
+            .filter_map(|json| serde_json::from_str::<Checkpoint>(json).ok())
+            .rfind(|c| c.step == step)
+            .ok_or_else(|| format!("agent {from} has no checkpoint after step {step} any more"))?;
+        self.load(checkpoint, from, true).await.map(Some)
+    }
+
+    /// `checkpoint` of agent `source` with its conversation.
+    async fn load(
+        &self,
+        checkpoint: Checkpoint,
+        source: JobId,
+        rewind: bool,
+    ) -> Result<Resume, String> {
         let conversation = match self
             .objects
             .get(&checkpoint.transcript, MAX_SESSION_BYTES)
@@ -196,10 +238,12 @@ impl Custody {
             Err(e) => return Err(format!("the conversation could not be read: {e}")),
         };
         check_conversation(&checkpoint, &conversation)?;
-        Ok(Some(Resume {
+        Ok(Resume {
             checkpoint,
             conversation,
-        }))
+            source,
+            rewind,
+        })
     }
 
     /// A recorder for a run of `job` under `lease`, which may resume from `resume`; its task
@@ -262,15 +306,22 @@ impl Recorder {
         let c = &r.checkpoint;
         s.resumed = true;
         s.base_step = c.step;
-        s.base_usage = c.usage;
-        s.base_cost = c.cost_usd;
         s.last_commit = c.commit.clone();
+        if r.rewind {
+            // What the source agent spent stays its own; this agent's conversation is one
+            // turn further.
+            s.turn = c.turn + 1;
+        } else {
+            s.base_usage = c.usage;
+            s.base_cost = c.cost_usd;
+        }
         events.send(EventKind::Resumed {
             from_attempt: c.attempt,
             from_step: c.step,
             from_worker: c.worker.clone(),
             usage: c.usage,
             cost_usd: c.cost_usd,
+            from_agent: r.rewind.then_some(r.source),
         });
         metrics::counter!(m::JOBS_RESUMED).increment(1);
     }
@@ -736,12 +787,17 @@ pub async fn workspace_for(
         return Ok((dir, None));
     };
     let restored = match (&resume.checkpoint.commit, dir.git_base()) {
-        (Some(commit), Some(_)) => restore_tree(&dir.path, p.job.job_id, commit).await,
+        (Some(commit), Some(_)) => restore_tree(&dir.path, resume.source, commit).await,
         (None, _) => Err("the checkpoint has no workspace to restore".to_string()),
         (Some(_), None) => Err("this job's workspace is not a git clone".to_string()),
     };
     match restored {
         Ok(()) => Ok((dir, Some(resume))),
+        // A rewind that cannot restore its tree has nothing to start from.
+        Err(why) if resume.rewind => Err((
+            FailureReason::BadRequest,
+            format!("the rewind cannot start: {why}"),
+        )),
         Err(why) => {
             rec.abandon_resume(events, why);
             drop(dir);
