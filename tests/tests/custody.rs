@@ -615,6 +615,7 @@ async fn a_fenced_out_attempt_cannot_overwrite_the_checkpoint_of_the_worker_that
             workspace: String::new(),
             turn: 1,
             commit: None,
+            tree_object: None,
             files_changed: 0,
             usage: Usage::default(),
             cost_usd: 0.0,
@@ -802,4 +803,79 @@ async fn a_running_agent_rewound_to_a_step_is_stopped_and_a_new_agent_goes_on_fr
     let one = orch_tests::fake_anthropic::default_usage().total();
     assert_eq!(rewound.usage.total(), 2 * one);
     assert!(checkpoint.usage.total() >= u64::from(REWIND_TO) * one);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_a_scratch_workspace_killed_after_a_step_resumes_there_with_its_files() {
+    let (before, _) = native_script();
+    let cut = REWIND_TO as usize;
+    // Three steps (a file, an ignore file, a shell command writing an ignored and an untracked
+    // file), then one answered so late that the worker is killed first; the resumed run reads
+    // all three back into a new file, then answers.
+    let read_back = Reply::tool_use(
+        "bash",
+        json!({"command": "cat build.log b.txt a.txt > c.txt"}),
+    );
+    let answer = Reply::text("## Summary\nDone.\n\n## Files\n- c.txt");
+    let mut replies: Vec<Reply> = before[..cut].to_vec();
+    replies.push(read_back.clone().after(Duration::from_secs(600)));
+    replies.extend([read_back, answer]);
+    let fake = FakeAnthropic::start(replies).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "write the files",
+            "roles": ["builder"],
+            "backend": "anthropic",
+            "model": MODEL,
+        }))
+        .await;
+    let job = task.jobs[0].id;
+    let checkpoint = checkpoint_at(&cluster, job, REWIND_TO).await;
+    requests(&cluster, &fake, cut + 1).await;
+    // No repository to push to: the tree went to the sessions store as a bundle.
+    assert_eq!(
+        checkpoint.tree_object.as_deref(),
+        Some(format!("checkpoint.{job}.{REWIND_TO}.tree").as_str()),
+        "{checkpoint:?}"
+    );
+    assert!(
+        checkpoint.commit.is_some() && checkpoint.files_changed >= 3,
+        "{checkpoint:?}"
+    );
+
+    cluster.workers[0].signal(libc::SIGKILL);
+    let stopped = Instant::now();
+    cluster.add_worker();
+    let done = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(120))
+        .await;
+    assert_completed(&cluster, &done);
+    let after_stop: Vec<Recorded> = fake
+        .message_requests()
+        .into_iter()
+        .filter(|r| r.at > stopped)
+        .collect();
+    // The request in flight at the kill, then the answer: steps 1..3 were not asked again.
+    assert_eq!(after_stop.len(), 2, "{after_stop:#?}");
+    let job_record = &done.jobs[0];
+    assert_eq!(job_record.worker_id, Some(WorkerId("worker-1".into())));
+    // The new worker's scratch directory had the files of step 3, the ignored one included.
+    let diff = job_record.diff.clone().unwrap_or_default();
+    assert!(
+        diff.contains("+scratch\n+one\n+alpha"),
+        "c.txt lacks the restored files: {diff}"
+    );
+    let events = cluster.events(&task.id.to_string(), None).await;
+    assert!(
+        kinds(&events, job)
+            .iter()
+            .any(|k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == REWIND_TO))
+    );
 }
