@@ -5,8 +5,8 @@
 //! not there, and everything else.
 
 use orch_shared::api::{
-    AgentMessage, AgentTurn, DeadLetterList, DryRun, Readiness, SubmitTask, Task, TaskList,
-    TaskType, WorkerList,
+    AgentMessage, AgentRewind, AgentTurn, DeadLetterList, DryRun, Readiness, SubmitTask, Task,
+    TaskList, TaskType, WorkerList,
 };
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::event::EventId;
@@ -321,6 +321,12 @@ impl Client {
     ) -> Result<AgentTurn, Error> {
         let verb = if fork { "fork" } else { "send" };
         self.post(&format!("/v1/agents/{id}/{verb}"), Some(message))
+            .await
+    }
+
+    /// `POST /v1/agents/{id}/rewind`.
+    pub async fn agent_rewind(&self, id: JobId, rewind: &AgentRewind) -> Result<AgentTurn, Error> {
+        self.post(&format!("/v1/agents/{id}/rewind"), Some(rewind))
             .await
     }
 

@@ -634,6 +634,7 @@ mod tests {
             context_window: None,
             continues: None,
             forked: false,
+            rewound_to: None,
             session_id: None,
             diff: None,
             git: None,

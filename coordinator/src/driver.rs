@@ -43,6 +43,14 @@ pub enum Control {
         message: String,
         fork: bool,
     },
+    /// A new agent `new` from agent `from`'s checkpoint after `step` (`from` is stopped
+    /// first if it still runs).
+    Rewind {
+        from: JobId,
+        new: JobId,
+        step: u32,
+        message: String,
+    },
 }
 
 /// Why a control request was refused.
@@ -623,6 +631,18 @@ impl Lane {
                     message,
                     fork,
                 } => match pipeline::add_turn(task, from, new, &message, fork, now) {
+                    Ok(actions) => Some(actions),
+                    Err(e) => {
+                        turn_error = Some(e);
+                        None
+                    }
+                },
+                Control::Rewind {
+                    from,
+                    new,
+                    step,
+                    message,
+                } => match pipeline::add_rewind(task, from, new, step, &message, now) {
                     Ok(actions) => Some(actions),
                     Err(e) => {
                         turn_error = Some(e);

@@ -189,6 +189,7 @@ fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
         context_window: None,
         continues: None,
         forked: false,
+        rewound_to: None,
         session_id: None,
         diff: None,
         git: None,
@@ -304,6 +305,7 @@ pub fn job_spec(task: &Task, job: &Job) -> JobSpec {
         session: job.continues.map(|from| SessionRef {
             from,
             fork: job.forked,
+            checkpoint: job.rewound_to,
         }),
         // The lanes write the session pointer a result reports (`State::save_result`).
         records_session: true,
@@ -809,6 +811,81 @@ pub fn add_turn(
         Action::Index(vec![new]),
         Action::Snapshot,
     ];
+    advance(task, now_ms, &mut actions);
+    Ok(actions)
+}
+
+/// `orchctl agents rewind`: adds agent `new`, which starts from agent `from`'s checkpoint
+/// after `step` (its conversation and its tree) with `message` as its next user message, and
+/// reopens the task if it had ended. An agent still queued or running is stopped first, as
+/// a kill stops it (what depends on it is skipped, as for a kill). The caller checks that the
+/// checkpoint exists.
+pub fn add_rewind(
+    task: &mut Task,
+    from: JobId,
+    new: JobId,
+    step: u32,
+    message: &str,
+    now_ms: u64,
+) -> Result<Vec<Action>, TurnError> {
+    let index = task
+        .jobs
+        .iter()
+        .position(|j| j.id == from)
+        .ok_or(TurnError::NoJob(from))?;
+    if task.jobs[index].kind == JobKind::Plan {
+        return Err(TurnError::Planner(from));
+    }
+    let mut actions = Vec::new();
+    let parent = &mut task.jobs[index];
+    let stopped = format!("stopped by a rewind to step {step} (agent {new} continues from there)");
+    match parent.status {
+        JobStatus::Queued | JobStatus::Running => actions.push(Action::Cancel {
+            job: parent.id,
+            attempt: parent.attempt,
+        }),
+        JobStatus::Pending | JobStatus::Retrying => parent.finished_at_ms = Some(now_ms),
+        _ => {}
+    }
+    if !parent.status.is_terminal() {
+        parent.status = JobStatus::Cancelled;
+        parent.retry_at_ms = None;
+        parent.error = Some(JobError {
+            reason: FailureReason::Cancelled,
+            message: stopped.clone(),
+        });
+        actions.push(Action::Emit(
+            Some(parent.id),
+            EventKind::JobCancelled { reason: stopped },
+        ));
+    }
+    let role = parent.role;
+    let job = Job {
+        id: new,
+        continues: Some(from),
+        forked: true,
+        rewound_to: Some(step),
+        ..new_job(task.jobs.len() as u32, role, message.to_string(), vec![])
+    };
+    task.jobs.push(job);
+    if task.status.is_terminal() {
+        task.status = TaskStatus::Running;
+        task.finished_at_ms = None;
+        task.error = None;
+        task.output = None;
+    }
+    actions.extend([
+        Action::Emit(
+            None,
+            EventKind::TaskPlanned {
+                source: "rewind".into(),
+                steps: vec![StepInfo { job_id: new, role }],
+                rejected: None,
+            },
+        ),
+        Action::Index(vec![new]),
+        Action::Snapshot,
+    ]);
     advance(task, now_ms, &mut actions);
     Ok(actions)
 }

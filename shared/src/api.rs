@@ -133,6 +133,21 @@ pub struct AgentTurn {
     /// The agent whose session it continues.
     pub from: JobId,
     pub fork: bool,
+    /// A rewind: the new agent starts from `from`'s checkpoint after this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewound_to: Option<u32>,
+}
+
+/// `POST /v1/agents/{id}/rewind`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRewind {
+    /// The step whose checkpoint the new agent starts from (see
+    /// `GET /v1/agents/{id}/checkpoints`).
+    pub to: u32,
+    /// The new agent's next message (default: a note that it was rewound to that step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Dispatch priority of a task's jobs (used when the cluster-wide cap is reached).
@@ -402,6 +417,9 @@ pub struct Job {
     pub continues: Option<JobId>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forked: bool,
+    /// A rewind: this agent started from `continues`' checkpoint after this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewound_to: Option<u32>,
     /// The backend's conversation id, when the agent's session is stored in the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,

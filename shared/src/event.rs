@@ -166,6 +166,10 @@ pub enum EventKind {
         from_worker: String,
         usage: Usage,
         cost_usd: f64,
+        /// A rewind: the agent whose checkpoint this one started from (its spending stays
+        /// that agent's, `usage`/`cost_usd` are then not counted here).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_agent: Option<JobId>,
     },
     /// A checkpoint was found but could not be restored: the attempt starts over (why).
     ResumeFailed { reason: String },

@@ -150,6 +150,10 @@ pub struct SessionRef {
     /// A fork: a new conversation with the same history (the original can still continue).
     #[serde(default)]
     pub fork: bool,
+    /// A rewind (`orchctl agents rewind`): the job starts from `from`'s checkpoint after this
+    /// step (its conversation and its tree), not from its stored session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u32>,
 }
 
 /// What a job is for.
@@ -459,6 +463,10 @@ pub struct Checkpoint {
     /// files) on the checkpoint ref [`checkpoint_ref`] of the task's repository.
     #[serde(default)]
     pub commit: Option<String>,
+    /// For a scratch workspace (no repository to push to): the sessions-store object holding
+    /// `commit` as a git bundle (the tree alone, at most [`MAX_TREE_BUNDLE_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_object: Option<String>,
     /// Files that differ from where the agent started.
     pub files_changed: u32,
     /// What the agent had spent by then (the runs before this one included).
@@ -466,6 +474,10 @@ pub struct Checkpoint {
     pub cost_usd: f64,
     pub at_ms: u64,
 }
+
+/// The largest git bundle a scratch workspace's checkpoint stores; a larger tree is not
+/// checkpointed (the step is logged and the agent goes on).
+pub const MAX_TREE_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The ref of a git repository that holds an agent's checkpoint commits (each one's parent is
 /// the one before it, so every step stays reachable).

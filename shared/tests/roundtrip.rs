@@ -110,7 +110,7 @@ prop_compose! {
                   max_turns in proptest::option::of(any::<u32>()), sim in sim()) -> JobSpec {
         JobSpec { task_id, job_id, attempt, step, role, prompt, context, backend, model, workspace,
                   limits: Limits { timeout_ms, max_turns }, kind: JobKind::Agent, constraints: vec!["keep it small".into()], sim,
-                  session: (attempt % 2 == 0).then_some(SessionRef { from: job_id, fork: attempt % 4 == 0 }),
+                  session: (attempt % 2 == 0).then_some(SessionRef { from: job_id, fork: attempt % 4 == 0, checkpoint: (attempt % 8 == 0).then_some(step) }),
                   records_session: attempt % 3 == 0,
                   priority: [orch_shared::api::Priority::Low, orch_shared::api::Priority::Normal, orch_shared::api::Priority::High][(step % 3) as usize],
                   mcp_servers: if attempt % 2 == 0 { Default::default() } else { [
@@ -223,6 +223,8 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
             |(from_attempt, from_step, from_worker, usage, cost_usd)| EventKind::Resumed {
                 from_attempt,
                 from_step,
+                from_agent: (from_step % 2 == 0)
+                    .then(|| JobId::from_u128(u128::from(from_attempt))),
                 from_worker,
                 usage,
                 cost_usd,
@@ -346,6 +348,7 @@ fn sample_spec() -> JobSpec {
         session: Some(SessionRef {
             from: JobId::from_u128(0x0192_f0c4_6f1f_7cc2_9b1a_3f5c_2d1e_0a9d),
             fork: true,
+            checkpoint: None,
         }),
         records_session: true,
         priority: orch_shared::api::Priority::Normal,
@@ -500,6 +503,7 @@ fn sample_task() -> Task {
             context_window: Some(200_000),
             continues: Some(JobId::from_u128(7)),
             forked: true,
+            rewound_to: None,
             session_id: Some("sid".into()),
             diff: None,
             git: None,

@@ -615,6 +615,7 @@ async fn a_fenced_out_attempt_cannot_overwrite_the_checkpoint_of_the_worker_that
             workspace: String::new(),
             turn: 1,
             commit: None,
+            tree_object: None,
             files_changed: 0,
             usage: Usage::default(),
             cost_usd: 0.0,
@@ -655,4 +656,226 @@ async fn a_fenced_out_attempt_cannot_overwrite_the_checkpoint_of_the_worker_that
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// The step the rewind test goes back to.
+const REWIND_TO: u32 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_rewound_to_a_step_is_stopped_and_a_new_agent_goes_on_from_that_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let (before, _) = native_script();
+    let cut = REWIND_TO as usize;
+    // Three steps, then a step answered so late that the rewind stops the agent first; the
+    // rewound agent reads the ignored and the untracked file back (so both were restored),
+    // then answers.
+    let mut replies: Vec<Reply> = before[..cut].to_vec();
+    replies.push(before[cut].clone().after(Duration::from_secs(600)));
+    replies.push(Reply::tool_use(
+        "bash",
+        json!({"command": "cat build.log b.txt > rewound.txt"}),
+    ));
+    replies.push(Reply::text(
+        "## Summary\nRewound.\n\n## Files\n- rewound.txt",
+    ));
+    let fake = FakeAnthropic::start(replies).await;
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 2,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let task = submit(&cluster, &bare, "anthropic").await;
+    let job = task.jobs[0].id;
+    let checkpoint = checkpoint_at(&cluster, job, REWIND_TO).await;
+    requests(&cluster, &fake, cut + 1).await;
+
+    // Bad input: no such agent, no such step, a step 0, an unknown field, an empty message.
+    let rewind = |id: JobId, body: serde_json::Value| {
+        let path = format!("/v1/agents/{id}/rewind");
+        let cluster = &cluster;
+        async move { cluster.post(&path, &body).await }
+    };
+    let (status, body) = rewind(JobId::new(), json!({"to": REWIND_TO})).await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = rewind(job, json!({"to": 99})).await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("to: ") && message.contains("step 99"),
+        "{body}"
+    );
+    for bad in [
+        json!({"to": 0}),
+        json!({"step": 3}),
+        json!({"to": 3, "message": " "}),
+    ] {
+        let (status, body) = rewind(job, bad.clone()).await;
+        assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["code"], "invalid_field", "{bad}: {body}");
+    }
+    let home = tempfile::tempdir().unwrap();
+    let (code, _, err) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "rewind",
+            &job.to_string(),
+            "--to",
+            "0",
+        ]));
+    assert_eq!(code, 2, "{err}");
+    // Nothing was stopped by the refused requests.
+    assert_eq!(
+        cluster.task(&task.id.to_string()).await.jobs[0].status,
+        JobStatus::Running
+    );
+
+    let asked_before = fake.message_requests().len();
+    let (code, out, err) =
+        orch_tests::run(orch_tests::orchctl_against(&cluster, home.path()).args([
+            "agents",
+            "rewind",
+            &job.to_string(),
+            "--to",
+            &REWIND_TO.to_string(),
+            "keep what you have and write rewound.txt",
+            "--output",
+            "json",
+        ]));
+    assert_eq!(code, 0, "{err}");
+    let turn: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let new: JobId = turn["agent_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(turn["rewound_to"], REWIND_TO);
+    let done = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(120))
+        .await;
+    let old = done.jobs.iter().find(|j| j.id == job).unwrap();
+    let rewound = done.jobs.iter().find(|j| j.id == new).unwrap();
+    assert_eq!(
+        old.status,
+        JobStatus::Cancelled,
+        "the running agent was stopped"
+    );
+    assert_eq!(rewound.status, JobStatus::Succeeded, "{rewound:#?}");
+    assert_eq!(
+        (rewound.continues, rewound.rewound_to),
+        (Some(job), Some(REWIND_TO))
+    );
+
+    // The new agent was never asked steps 1..3 again: its first request is the conversation
+    // as it was after step 3, with the user's message after the tool results.
+    let asked: Vec<Recorded> = fake.message_requests()[asked_before..].to_vec();
+    assert_eq!(asked.len(), 2, "{asked:#?}");
+    let messages = asked[0].body["messages"].as_array().unwrap();
+    let assistant = messages.iter().filter(|m| m["role"] == "assistant").count();
+    assert_eq!(assistant, cut, "{messages:#?}");
+    let last = messages.last().unwrap().to_string();
+    assert!(
+        last.contains("tool_result") && last.contains("keep what you have and write rewound.txt"),
+        "{last}"
+    );
+    // Its branch holds the tree of step 3 (a.txt as written, b.txt and the ignore file; the
+    // ignored build.log restored in the workspace though not committed) and its own file.
+    let commit = &rewound.git.as_ref().unwrap().commit;
+    let listed = git(&bare, &["ls-tree", "-r", "--name-only", commit]);
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        [".gitignore", "README.md", "a.txt", "b.txt", "rewound.txt"]
+    );
+    assert_eq!(
+        git(&bare, &["show", &format!("{commit}:rewound.txt")]),
+        "scratch\none"
+    );
+    assert_eq!(git(&bare, &["show", &format!("{commit}:a.txt")]), "alpha");
+    // Its events say where it started; its spending is its own two requests.
+    let events = cluster.events(&task.id.to_string(), None).await;
+    let kinds = kinds(&events, new);
+    assert!(
+        kinds.iter().any(|k| matches!(
+            k,
+            EventKind::Resumed { from_step, from_agent: Some(from), .. }
+                if *from_step == REWIND_TO && *from == job
+        )),
+        "{kinds:#?}"
+    );
+    let one = orch_tests::fake_anthropic::default_usage().total();
+    assert_eq!(rewound.usage.total(), 2 * one);
+    assert!(checkpoint.usage.total() >= u64::from(REWIND_TO) * one);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_a_scratch_workspace_killed_after_a_step_resumes_there_with_its_files() {
+    let (before, _) = native_script();
+    let cut = REWIND_TO as usize;
+    // Three steps (a file, an ignore file, a shell command writing an ignored and an untracked
+    // file), then one answered so late that the worker is killed first; the resumed run reads
+    // all three back into a new file, then answers.
+    let read_back = Reply::tool_use(
+        "bash",
+        json!({"command": "cat build.log b.txt a.txt > c.txt"}),
+    );
+    let answer = Reply::text("## Summary\nDone.\n\n## Files\n- c.txt");
+    let mut replies: Vec<Reply> = before[..cut].to_vec();
+    replies.push(read_back.clone().after(Duration::from_secs(600)));
+    replies.extend([read_back, answer]);
+    let fake = FakeAnthropic::start(replies).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "write the files",
+            "roles": ["builder"],
+            "backend": "anthropic",
+            "model": MODEL,
+        }))
+        .await;
+    let job = task.jobs[0].id;
+    let checkpoint = checkpoint_at(&cluster, job, REWIND_TO).await;
+    requests(&cluster, &fake, cut + 1).await;
+    // No repository to push to: the tree went to the sessions store as a bundle.
+    assert_eq!(
+        checkpoint.tree_object.as_deref(),
+        Some(format!("checkpoint.{job}.{REWIND_TO}.tree").as_str()),
+        "{checkpoint:?}"
+    );
+    assert!(
+        checkpoint.commit.is_some() && checkpoint.files_changed >= 3,
+        "{checkpoint:?}"
+    );
+
+    cluster.workers[0].signal(libc::SIGKILL);
+    let stopped = Instant::now();
+    cluster.add_worker();
+    let done = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(120))
+        .await;
+    assert_completed(&cluster, &done);
+    let after_stop: Vec<Recorded> = fake
+        .message_requests()
+        .into_iter()
+        .filter(|r| r.at > stopped)
+        .collect();
+    // The request in flight at the kill, then the answer: steps 1..3 were not asked again.
+    assert_eq!(after_stop.len(), 2, "{after_stop:#?}");
+    let job_record = &done.jobs[0];
+    assert_eq!(job_record.worker_id, Some(WorkerId("worker-1".into())));
+    // The new worker's scratch directory had the files of step 3, the ignored one included.
+    let diff = job_record.diff.clone().unwrap_or_default();
+    assert!(
+        diff.contains("+scratch\n+one\n+alpha"),
+        "c.txt lacks the restored files: {diff}"
+    );
+    let events = cluster.events(&task.id.to_string(), None).await;
+    assert!(
+        kinds(&events, job)
+            .iter()
+            .any(|k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == REWIND_TO))
+    );
 }

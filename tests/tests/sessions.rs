@@ -255,7 +255,11 @@ fn job(role: Role, backend: Backend, prompt: &str) -> JobSpec {
 }
 
 fn continuing(mut j: JobSpec, from: JobId, fork: bool) -> JobSpec {
-    j.session = Some(SessionRef { from, fork });
+    j.session = Some(SessionRef {
+        from,
+        fork,
+        checkpoint: None,
+    });
     j
 }
 

@@ -8,9 +8,12 @@
 //!   agent's own index, `HEAD` and branch are never touched, and pushed to
 //!   [`checkpoint_ref`] on the task's repository with `--force-with-lease` on the previous
 //!   checkpoint (each checkpoint's parent is the one before it, so every step stays reachable
-//!   for rewinds). A plain local directory cannot be checkpointed (it is the user's, and
-//!   another worker may not see it); a scratch directory has nowhere to push: both keep the
-//!   old behaviour (a redelivered attempt starts over).
+//!   for rewinds). A scratch directory (a repository of its own, with nowhere to push) is
+//!   committed the same way, as a root commit, and stored as a git bundle of that commit in
+//!   the sessions store (`checkpoint.<job>.<step>.tree`, at most
+//!   [`MAX_TREE_BUNDLE_BYTES`]; a larger tree is not checkpointed). A plain local directory
+//!   cannot be checkpointed (it is the user's, and another worker may not see it): a
+//!   redelivered attempt there starts over.
 //! - the **conversation**: the Claude Code CLI's transcript file as it stands, or the API
 //!   backends' message list, as the object `checkpoint.<job>.<step>` of the sessions store
 //!   (the coordinator's bucket, readable by every worker).
@@ -42,7 +45,9 @@ use crate::state::{Lease, Saved, State};
 use crate::transport::{SessionObject, SessionObjects};
 use orch_shared::event::EventKind;
 use orch_shared::ids::JobId;
-use orch_shared::job::{Checkpoint, FailureReason, JobSpec, Usage, checkpoint_ref};
+use orch_shared::job::{
+    Checkpoint, FailureReason, JobSpec, MAX_TREE_BUNDLE_BYTES, Usage, checkpoint_ref,
+};
 use orch_shared::subject::MAX_SESSION_BYTES;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -63,6 +68,19 @@ pub struct Custody {
 pub struct Resume {
     pub checkpoint: Checkpoint,
     pub conversation: Vec<u8>,
+    /// The agent whose checkpoint it is (its ref holds the tree).
+    pub source: JobId,
+    /// A rewind (`orchctl agents rewind`): a new agent starting from another's checkpoint,
+    /// with the user's message as its next turn; it fails rather than start over.
+    pub rewind: bool,
+    /// A scratch workspace's tree: the git bundle holding `checkpoint.commit`.
+    pub tree_bundle: Option<Vec<u8>>,
+}
+
+/// The name of the sessions-store object holding the tree of a scratch workspace's
+/// checkpoint (a git bundle).
+pub fn tree_object_name(job: JobId, step: u32) -> String {
+    format!("checkpoint.{job}.{step}.tree")
 }
 
 /// The name of the sessions-store object holding `job`'s conversation at `step`.
@@ -134,6 +152,9 @@ struct Tree {
     dir: PathBuf,
     /// The commit the agent started from (files changed are counted against it).
     base: String,
+    /// A clone of the task's repository (checkpoints are pushed to it); else a scratch
+    /// repository (checkpoints go to the sessions store as bundles).
+    remote: bool,
 }
 
 impl Custody {
@@ -178,6 +199,43 @@ impl Custody {
         if !usable {
             return Ok(None);
         }
+        self.load(checkpoint, job.job_id, false).await.map(Some)
+    }
+
+    /// The checkpoint a rewind job (`session.checkpoint` set) starts from: the one its source
+    /// agent left after that step. `Ok(None)` for a job that is no rewind; `Err` says why the
+    /// rewind cannot start.
+    pub async fn rewind_point(&self, job: &JobSpec) -> Result<Option<Resume>, String> {
+        let Some((from, step)) = job
+            .session
+            .as_ref()
+            .and_then(|s| s.checkpoint.map(|step| (s.from, step)))
+        else {
+            return Ok(None);
+        };
+        if !self.settings.enabled {
+            return Err("checkpoints are off on this worker ([checkpoints] enabled)".into());
+        }
+        let kept = self
+            .state
+            .checkpoint_list(from)
+            .await
+            .map_err(|e| format!("the checkpoints of agent {from} could not be read: {e}"))?;
+        let checkpoint = kept
+            .iter()
+            .filter_map(|json| serde_json::from_str::<Checkpoint>(json).ok())
+            .rfind(|c| c.step == step)
+            .ok_or_else(|| format!("agent {from} has no checkpoint after step {step} any more"))?;
+        self.load(checkpoint, from, true).await.map(Some)
+    }
+
+    /// `checkpoint` of agent `source` with its conversation.
+    async fn load(
+        &self,
+        checkpoint: Checkpoint,
+        source: JobId,
+        rewind: bool,
+    ) -> Result<Resume, String> {
         let conversation = match self
             .objects
             .get(&checkpoint.transcript, MAX_SESSION_BYTES)
@@ -196,10 +254,29 @@ impl Custody {
             Err(e) => return Err(format!("the conversation could not be read: {e}")),
         };
         check_conversation(&checkpoint, &conversation)?;
-        Ok(Some(Resume {
+        let tree_bundle = match &checkpoint.tree_object {
+            None => None,
+            Some(name) => match self.objects.get(name, MAX_TREE_BUNDLE_BYTES).await {
+                Ok(SessionObject::Bytes(b)) => Some(b),
+                Ok(SessionObject::Missing) => {
+                    return Err(format!(
+                        "the tree of step {} ({name}) is gone",
+                        checkpoint.step
+                    ));
+                }
+                Ok(SessionObject::TooLarge(n)) => {
+                    return Err(format!("the tree has {n} bytes, too many"));
+                }
+                Err(e) => return Err(format!("the tree could not be read: {e}")),
+            },
+        };
+        Ok(Resume {
             checkpoint,
             conversation,
-        }))
+            source,
+            rewind,
+            tree_bundle,
+        })
     }
 
     /// A recorder for a run of `job` under `lease`, which may resume from `resume`; its task
@@ -262,15 +339,22 @@ impl Recorder {
         let c = &r.checkpoint;
         s.resumed = true;
         s.base_step = c.step;
-        s.base_usage = c.usage;
-        s.base_cost = c.cost_usd;
         s.last_commit = c.commit.clone();
+        if r.rewind {
+            // What the source agent spent stays its own; this agent's conversation is one
+            // turn further.
+            s.turn = c.turn + 1;
+        } else {
+            s.base_usage = c.usage;
+            s.base_cost = c.cost_usd;
+        }
         events.send(EventKind::Resumed {
             from_attempt: c.attempt,
             from_step: c.step,
             from_worker: c.worker.clone(),
             usage: c.usage,
             cost_usd: c.cost_usd,
+            from_agent: r.rewind.then_some(r.source),
         });
         metrics::counter!(m::JOBS_RESUMED).increment(1);
     }
@@ -295,11 +379,13 @@ impl Recorder {
         self.lock().turn = turn;
     }
 
-    /// The git workspace `dir` (started at `base`) is what checkpoints save of the tree.
-    pub fn track_tree(&self, dir: &Path, base: &str) {
+    /// The git workspace `dir` (started at `base`; `remote`: a clone of the task's
+    /// repository, else a scratch repository) is what checkpoints save of the tree.
+    pub fn track_tree(&self, dir: &Path, base: &str, remote: bool) {
         self.lock().tree = Some(Tree {
             dir: dir.to_path_buf(),
             base: base.to_string(),
+            remote,
         });
     }
 
@@ -414,15 +500,26 @@ impl Task {
                 return None;
             }
         };
-        let (commit, files_changed) = match &tree {
-            Some(t) => match snapshot_tree(&t.dir, self.job, parent.as_deref(), &t.base, n).await {
+        let (commit, files_changed, bundle) = match &tree {
+            Some(t) => match snapshot_tree(t, self.job, parent.as_deref(), n).await {
                 Ok(c) => c,
                 Err(why) => {
                     tracing::warn!(step = n, %why, "checkpoint skipped: the workspace was not saved");
                     return None;
                 }
             },
-            None => (None, 0),
+            None => (None, 0, None),
+        };
+        let tree_object = match bundle {
+            Some(b) => {
+                let name = tree_object_name(self.job, n);
+                if let Err(e) = self.custody.objects.put(&name, &b).await {
+                    tracing::warn!(step = n, error = %e, "checkpoint skipped: the tree was not stored");
+                    return None;
+                }
+                Some(name)
+            }
+            None => None,
         };
         let transcript = object_name(self.job, n);
         if let Err(e) = self.custody.objects.put(&transcript, &bytes).await {
@@ -443,6 +540,7 @@ impl Task {
             workspace,
             turn,
             commit: commit.clone(),
+            tree_object: tree_object.clone(),
             files_changed,
             usage,
             cost_usd: base_cost + step.cost_usd,
@@ -467,6 +565,9 @@ impl Task {
                 for old in dropped {
                     if let Ok(c) = serde_json::from_str::<Checkpoint>(&old) {
                         let _ = self.custody.objects.delete(&c.transcript).await;
+                        if let Some(t) = &c.tree_object {
+                            let _ = self.custody.objects.delete(t).await;
+                        }
                     }
                 }
             }
@@ -477,6 +578,9 @@ impl Task {
                 );
                 self.fenced_out = true;
                 let _ = self.custody.objects.delete(&transcript).await;
+                if let Some(t) = &tree_object {
+                    let _ = self.custody.objects.delete(t).await;
+                }
                 return None;
             }
             Err(e) => {
@@ -581,17 +685,18 @@ fn checkpoint_index(dir: &Path) -> PathBuf {
     dir.join(".git").join("orch-checkpoint.index")
 }
 
-/// Commits the whole working tree of `dir` with a temporary index (parent: `parent`, else
-/// `HEAD`) and pushes it to `job`'s checkpoint ref; the commit and how many files differ from
-/// `base`.
+/// Commits the whole working tree of `tree` with a temporary index: for a clone, with parent
+/// `parent` (else `HEAD`), pushed to `job`'s checkpoint ref; for a scratch repository, as a
+/// root commit returned as a git bundle. The commit, how many files differ from the base, and
+/// the bundle.
 async fn snapshot_tree(
-    dir: &Path,
+    tree: &Tree,
     job: JobId,
     parent: Option<&str>,
-    base: &str,
     step: u32,
-) -> Result<(Option<String>, u32), String> {
+) -> Result<(Option<String>, u32, Option<Vec<u8>>), String> {
     use crate::agent::git::{git, git_env};
+    let (dir, base, remote) = (tree.dir.as_path(), tree.base.as_str(), tree.remote);
     let index = checkpoint_index(dir);
     let index_s = index.display().to_string();
     let env = [("GIT_INDEX_FILE", index_s.as_str())];
@@ -607,7 +712,11 @@ async fn snapshot_tree(
     if !tree.ok {
         return Err(format!("git write-tree: {}", tree.why()));
     }
-    let tree = tree.text().to_string();
+    let tree_id = tree.text().to_string();
+    if !remote {
+        return bundle_tree(dir, job, &tree_id, base, step).await;
+    }
+    let tree = tree_id;
     let head;
     let parent = match parent {
         Some(p) => p,
@@ -657,7 +766,72 @@ async fn snapshot_tree(
     )
     .await;
     let changed = files.stdout.lines().filter(|l| !l.is_empty()).count() as u32;
-    Ok((Some(commit), changed))
+    Ok((Some(commit), changed, None))
+}
+
+/// The ref of a scratch repository a checkpoint is bundled from (inside its `.git`).
+const BUNDLE_REF: &str = "refs/orch/checkpoint";
+
+/// A scratch repository's checkpoint: tree `tree` as a root commit, bundled.
+async fn bundle_tree(
+    dir: &Path,
+    job: JobId,
+    tree: &str,
+    base: &str,
+    step: u32,
+) -> Result<(Option<String>, u32, Option<Vec<u8>>), String> {
+    use crate::agent::git::{git, git_env};
+    let message = format!("orchestrator checkpoint: agent {job}, step {step}");
+    let date = format!("@{} +0000", orch_shared::now_ms() / 1000);
+    let commit = git_env(
+        dir,
+        &["commit-tree", tree, "-m", &message],
+        &[
+            ("GIT_AUTHOR_DATE", date.as_str()),
+            ("GIT_COMMITTER_DATE", date.as_str()),
+        ],
+    )
+    .await;
+    if !commit.ok {
+        return Err(format!("git commit-tree: {}", commit.why()));
+    }
+    let commit = commit.text().to_string();
+    let update = git(dir, &["update-ref", BUNDLE_REF, &commit]).await;
+    if !update.ok {
+        return Err(format!("git update-ref: {}", update.why()));
+    }
+    let file = dir.join(".git").join("orch-checkpoint.bundle");
+    let file_s = file.display().to_string();
+    let bundle = git(dir, &["bundle", "create", "-q", &file_s, BUNDLE_REF]).await;
+    if !bundle.ok {
+        return Err(format!("git bundle create: {}", bundle.why()));
+    }
+    let bytes = tokio::fs::read(&file)
+        .await
+        .map_err(|e| format!("the bundle could not be read: {e}"));
+    let _ = tokio::fs::remove_file(&file).await;
+    let bytes = bytes?;
+    if bytes.len() > MAX_TREE_BUNDLE_BYTES {
+        metrics::counter!(m::CHECKPOINTS_TOO_LARGE).increment(1);
+        return Err(format!(
+            "the workspace's tree is {} bytes as a bundle, over the bound of {MAX_TREE_BUNDLE_BYTES} for a scratch workspace",
+            bytes.len()
+        ));
+    }
+    let files = git(
+        dir,
+        &[
+            "diff-tree",
+            "-r",
+            "--name-only",
+            "--no-renames",
+            base,
+            &commit,
+        ],
+    )
+    .await;
+    let changed = files.stdout.lines().filter(|l| !l.is_empty()).count() as u32;
+    Ok((Some(commit), changed, Some(bytes)))
 }
 
 /// Whether `parent` is a checkpoint commit of `job` (its message says so).
@@ -673,7 +847,7 @@ async fn parent_is_checkpoint(dir: &Path, parent: &str, job: JobId) -> bool {
 /// `job` (fetched from `origin`), leaving the agent's index and `HEAD` where they are: files
 /// the checkpoint had and `HEAD` lacks come back untracked, as they were.
 pub async fn restore_tree(dir: &Path, job: JobId, commit: &str) -> Result<(), String> {
-    use crate::agent::git::{git, git_env};
+    use crate::agent::git::git;
     let fetch = git(
         dir,
         &[
@@ -698,6 +872,48 @@ pub async fn restore_tree(dir: &Path, job: JobId, commit: &str) -> Result<(), St
             checkpoint_ref(job)
         ));
     }
+    check_out(dir, commit).await
+}
+
+/// Puts the working tree of the fresh scratch repository `dir` in the state of checkpoint
+/// `commit`, held by the git bundle `bundle`.
+pub async fn restore_bundle(dir: &Path, bundle: &[u8], commit: &str) -> Result<(), String> {
+    use crate::agent::git::git;
+    let file = dir.join(".git").join("orch-restore.bundle");
+    tokio::fs::write(&file, bundle)
+        .await
+        .map_err(|e| format!("the checkpoint's bundle could not be written: {e}"))?;
+    let file_s = file.display().to_string();
+    let fetch = git(
+        dir,
+        &[
+            "fetch",
+            "-q",
+            &file_s,
+            &format!("+{BUNDLE_REF}:refs/orch/restore"),
+        ],
+    )
+    .await;
+    let _ = tokio::fs::remove_file(&file).await;
+    if !fetch.ok {
+        return Err(format!(
+            "the checkpoint's bundle could not be read: {}",
+            fetch.why()
+        ));
+    }
+    let have = git(dir, &["cat-file", "-e", &format!("{commit}^{{commit}}")]).await;
+    if !have.ok {
+        return Err(format!(
+            "the checkpoint commit {commit} is not in its bundle"
+        ));
+    }
+    check_out(dir, commit).await
+}
+
+/// Writes the files of `commit` into `dir`'s working tree, leaving the agent's index and
+/// `HEAD` where they are.
+async fn check_out(dir: &Path, commit: &str) -> Result<(), String> {
+    use crate::agent::git::git_env;
     let index = dir.join(".git").join("orch-restore.index");
     let index_s = index.display().to_string();
     let env = [("GIT_INDEX_FILE", index_s.as_str())];
@@ -729,28 +945,44 @@ pub async fn workspace_for(
     let Some(rec) = events.recorder() else {
         return Ok((dir, None));
     };
-    if let Some(base) = dir.git_base() {
-        rec.track_tree(&dir.path, base);
-    }
+    track(rec, &dir);
     let Some(resume) = rec.resume() else {
         return Ok((dir, None));
     };
-    let restored = match (&resume.checkpoint.commit, dir.git_base()) {
-        (Some(commit), Some(_)) => restore_tree(&dir.path, p.job.job_id, commit).await,
+    let restored = match (&resume.checkpoint.commit, &resume.tree_bundle) {
         (None, _) => Err("the checkpoint has no workspace to restore".to_string()),
+        (Some(commit), None) if dir.git_base().is_some() => {
+            restore_tree(&dir.path, resume.source, commit).await
+        }
+        (Some(commit), Some(bundle)) if dir.scratch_base().is_some() => {
+            restore_bundle(&dir.path, bundle, commit).await
+        }
         (Some(_), None) => Err("this job's workspace is not a git clone".to_string()),
+        (Some(_), Some(_)) => Err("this job's workspace is not a scratch repository".to_string()),
     };
     match restored {
         Ok(()) => Ok((dir, Some(resume))),
+        // A rewind that cannot restore its tree has nothing to start from.
+        Err(why) if resume.rewind => Err((
+            FailureReason::BadRequest,
+            format!("the rewind cannot start: {why}"),
+        )),
         Err(why) => {
             rec.abandon_resume(events, why);
             drop(dir);
             let dir = WorkDir::prepare(p.job, p.data_dir, cancel).await?;
-            if let Some(base) = dir.git_base() {
-                rec.track_tree(&dir.path, base);
-            }
+            track(rec, &dir);
             Ok((dir, None))
         }
+    }
+}
+
+/// Tells `rec` which tree checkpoints save: a clone's or a scratch repository's.
+fn track(rec: &Recorder, dir: &WorkDir) {
+    if let Some(base) = dir.git_base() {
+        rec.track_tree(&dir.path, base, true);
+    } else if let Some(base) = dir.scratch_base() {
+        rec.track_tree(&dir.path, base, false);
     }
 }
 

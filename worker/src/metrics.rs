@@ -12,6 +12,7 @@ pub const LEASES_LOST: &str = "orch_worker_leases_lost_total";
 pub const JOBS_RESUMED: &str = "orch_worker_jobs_resumed_total";
 pub const JOBS_MIGRATED: &str = "orch_worker_jobs_migrated_total";
 pub const CHECKPOINT_SECONDS: &str = "orch_worker_checkpoint_seconds";
+pub const CHECKPOINTS_TOO_LARGE: &str = "orch_worker_checkpoints_too_large_total";
 pub const SLOTS_BUSY: &str = "orch_worker_slots_busy";
 pub const SLOTS_TOTAL: &str = "orch_worker_slots_total";
 pub const JOBS_PARKED: &str = "orch_worker_jobs_parked_total";
@@ -60,6 +61,10 @@ pub fn describe() {
     describe_counter!(
         JOBS_MIGRATED,
         "Jobs checkpointed and handed back at once by a draining worker"
+    );
+    describe_counter!(
+        CHECKPOINTS_TOO_LARGE,
+        "Checkpoints not saved: a scratch workspace's tree over the bundle bound"
     );
     describe_histogram!(
         CHECKPOINT_SECONDS,

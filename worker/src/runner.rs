@@ -198,6 +198,18 @@ impl Runner {
                         None
                     }
                 };
+                // A rewind's first run starts from the checkpoint of the agent it rewinds.
+                let resume = match resume {
+                    Some(r) => Some(r),
+                    None => match custody.rewind_point(&spec).await {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            tracing::warn!(%reason, "the rewind's checkpoint cannot be loaded");
+                            self.send(&job, EventKind::ResumeFailed { reason }).await;
+                            None
+                        }
+                    },
+                };
                 custody.recorder(&spec, lease.as_ref(), resume, backend, events.clone())
             }
             _ => None,

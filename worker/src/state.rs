@@ -273,6 +273,18 @@ impl State {
             .map_err(redis_err("load checkpoint"))
     }
 
+    /// Every kept checkpoint of agent `job` (JSON), oldest first.
+    pub async fn checkpoint_list(&self, job: JobId) -> Result<Vec<String>, Error> {
+        let mut conn = self.conn.clone();
+        redis::cmd("LRANGE")
+            .arg(keys::checkpoints(job))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("list checkpoints"))
+    }
+
     /// Writes or refreshes the registry entry with the current busy count.
     pub async fn heartbeat(&self, info: &WorkerInfo, busy: u32) -> Result<(), Error> {
         let mut conn = self.conn.clone();

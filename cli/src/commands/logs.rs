@@ -183,11 +183,20 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             output::count(usage.total())
         ),
         EventKind::Resumed {
+            from_step,
+            from_worker,
+            from_agent: Some(agent),
+            ..
+        } => format!(
+            "rewound: started from the checkpoint after step {from_step} of agent {agent} (left by {from_worker})"
+        ),
+        EventKind::Resumed {
             from_attempt,
             from_step,
             from_worker,
             usage,
             cost_usd,
+            from_agent: None,
         } => format!(
             "resumed after step {from_step} of attempt {from_attempt} (left by {from_worker}, which had spent {} tokens, {})",
             output::count(usage.total()),

@@ -1,5 +1,5 @@
-//! Changing running work: cancel a task, kill an agent, send it a message or fork it, and the
-//! dead-letter queue (list, retry).
+//! Changing running work: cancel a task, kill an agent, send it a message, fork it or rewind
+//! it to a checkpoint, and the dead-letter queue (list, retry).
 
 use super::answer::{Answer, in_range, parse_body, parse_id};
 use super::app::App;
@@ -9,7 +9,9 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::StatusCode;
-use orch_shared::api::{AgentMessage, AgentTurn, DeadLetterEntry, DeadLetterList, Task};
+use orch_shared::api::{
+    AgentMessage, AgentRewind, AgentTurn, DeadLetterEntry, DeadLetterList, Task,
+};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::{JobId, TaskId};
 use serde::Deserialize;
@@ -22,6 +24,7 @@ pub(super) fn routes() -> OpenApiRouter<App> {
         .routes(routes!(kill))
         .routes(routes!(send))
         .routes(routes!(fork))
+        .routes(routes!(rewind))
         .routes(routes!(dead_letters))
         .routes(routes!(retry_dead))
 }
@@ -177,8 +180,93 @@ async fn turn(
             agent_id: new,
             from,
             fork,
+            rewound_to: None,
         }),
     ))
+}
+
+/// `POST /v1/agents/{id}/rewind`: a new agent that starts from the agent's checkpoint after
+/// step `to` (its conversation and its working tree, restored on whichever worker pulls it)
+/// and takes `message` as its next turn. An agent still running is stopped first.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{id}/rewind",
+    tag = "agents",
+    params(("id" = JobId, Path, description = "The agent's (job's) id (a UUID).")),
+    request_body = AgentRewind,
+    responses(
+        (status = 202, description = "The rewound agent was queued.", body = AgentTurn),
+        (status = 400, description = "`to` or `message` is invalid (`invalid_field`).", body = ApiError),
+        (status = 404, description = "No such agent, or no checkpoint of it after step `to` (`not_found`).", body = ApiError),
+        (status = 409, description = "The agent is a planner (`conflict`).", body = ApiError),
+    )
+)]
+async fn rewind(
+    AxumState(app): AxumState<App>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<(StatusCode, axum::Json<AgentTurn>)> {
+    let (from, task_id) = task_of(&app, &id).await?;
+    let req: AgentRewind = parse_body(body)?;
+    if req.to == 0 {
+        return Err(ApiError::field("to", "must be a step of the agent (1 or more)").into());
+    }
+    let message = match req.message.as_deref().map(str::trim) {
+        None => rewind_message(req.to),
+        Some("") => return Err(ApiError::field("message", "must not be empty").into()),
+        Some(m) if m.len() > MAX_MESSAGE_BYTES => {
+            return Err(ApiError::field("message", "must be at most 256 KiB").into());
+        }
+        Some(m) => m.to_string(),
+    };
+    let kept = app.state.checkpoints(from).await?;
+    if !kept.iter().any(|c| c.step == req.to) {
+        let steps: Vec<String> = kept.iter().map(|c| c.step.to_string()).collect();
+        let kept = match steps.is_empty() {
+            true => "none is kept".to_string(),
+            false => format!("steps kept: {}", steps.join(", ")),
+        };
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "to: agent {from} has no checkpoint after step {}; {kept}",
+                req.to
+            ),
+        )
+        .into());
+    }
+    let new = JobId::new();
+    app.effects()?
+        .driver
+        .control(
+            task_id,
+            Control::Rewind {
+                from,
+                new,
+                step: req.to,
+                message,
+            },
+        )
+        .await?;
+    tracing::info!(%task_id, %from, agent_id = %new, step = req.to, "agent rewound");
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(AgentTurn {
+            task_id,
+            agent_id: new,
+            from,
+            fork: true,
+            rewound_to: Some(req.to),
+        }),
+    ))
+}
+
+/// What a rewound agent is told when the user gives no message.
+fn rewind_message(step: u32) -> String {
+    format!(
+        "Your work was rewound to the end of step {step}: the conversation and the files are as \
+         they were then, and what you did after it is undone. Continue the task from here."
+    )
 }
 
 /// Run a dead-lettered agent again.

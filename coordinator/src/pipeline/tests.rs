@@ -609,7 +609,8 @@ fn send_continues_the_latest_turn_and_reopens_the_task() {
         spec.session,
         Some(SessionRef {
             from: builder,
-            fork: false
+            fork: false,
+            checkpoint: None,
         })
     );
     assert!(actions.contains(&Action::Index(vec![second])));
@@ -645,7 +646,8 @@ fn fork_starts_a_new_conversation_from_any_finished_turn() {
             spec.session,
             Some(SessionRef {
                 from: original,
-                fork: true
+                fork: true,
+                checkpoint: None,
             })
         );
     }

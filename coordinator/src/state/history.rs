@@ -167,7 +167,8 @@ impl State {
             .collect())
     }
 
-    /// The sessions-store objects holding the checkpointed conversations of these agents.
+    /// The sessions-store objects holding the checkpointed conversations (and scratch
+    /// workspaces' trees) of these agents.
     pub async fn checkpoint_objects(
         &self,
         jobs: &[orch_shared::ids::JobId],
@@ -184,10 +185,12 @@ impl State {
                 .await
                 .map_err(redis_err("load checkpoint"))?;
             for json in kept.iter().chain(latest.iter()) {
-                if let Ok(c) = serde_json::from_str::<orch_shared::job::Checkpoint>(json)
-                    && !out.contains(&c.transcript)
-                {
-                    out.push(c.transcript);
+                if let Ok(c) = serde_json::from_str::<orch_shared::job::Checkpoint>(json) {
+                    for name in std::iter::once(c.transcript).chain(c.tree_object) {
+                        if !out.contains(&name) {
+                            out.push(name);
+                        }
+                    }
                 }
             }
         }

@@ -229,6 +229,11 @@ impl Backends {
         let Some(from) = job.session.as_ref().map(|s| s.from) else {
             return Ok(None);
         };
+        if job.session.as_ref().is_some_and(|s| s.checkpoint.is_some()) {
+            // A rewind starts from a checkpoint's conversation, not from the stored session
+            // (the runner loads it; see `dispatch`).
+            return Ok(None);
+        }
         let fail = |reason, message: String| Err((reason, message));
         if backend == Backend::Command {
             return fail(
@@ -329,8 +334,21 @@ impl Backends {
                 return Report::failure(self.backend_for(job), reason, message);
             }
         };
-        if let Some(rec) = events.recorder() {
-            rec.set_turn(Snapshot::next_turn(previous.as_ref()));
+        let rewind = job.session.as_ref().and_then(|s| s.checkpoint);
+        match events.recorder() {
+            Some(rec) if rewind.is_none() => rec.set_turn(Snapshot::next_turn(previous.as_ref())),
+            Some(rec) if rec.resume().is_some() => {}
+            _ => {
+                if let Some(step) = rewind {
+                    return Report::failure(
+                        self.backend_for(job),
+                        FailureReason::BadRequest,
+                        format!(
+                            "the rewind cannot start: no checkpoint after step {step} of the agent it rewinds could be loaded here (see the resume_failed event)"
+                        ),
+                    );
+                }
+            }
         }
         if backend == Backend::Sim {
             let (output, session) = Sim.turn(job, previous.as_ref(), events, cancel).await;

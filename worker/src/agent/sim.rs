@@ -477,6 +477,7 @@ mod tests {
                 j.session = Some(orch_shared::job::SessionRef {
                     from: JobId::from_u128(99 + u128::from(turn)),
                     fork: turn == 3,
+                    checkpoint: None,
                 });
             }
             let (events, _rx) = Events::new();

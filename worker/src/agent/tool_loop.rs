@@ -191,7 +191,15 @@ pub async fn run<A: Api>(
     // the tool results the interrupted run was about to send.
     let resumed_messages = match &resumed {
         Some(r) => match serde_json::from_slice::<Value>(&r.conversation) {
+            // A rewind: the user's message follows (beside the tool results it ends with).
+            Ok(Value::Array(m)) if !m.is_empty() && r.rewind => Some(with_user_text(&m, &p.prompt)),
             Ok(Value::Array(m)) if !m.is_empty() => Some(m),
+            Ok(_) | Err(_) if r.rewind => {
+                return fail(
+                    FailureReason::BadRequest,
+                    "the rewind cannot start: the checkpoint's message list is damaged".into(),
+                );
+            }
             _ => {
                 if let Some(rec) = events.recorder() {
                     rec.abandon_resume(events, "the checkpoint's message list is damaged".into());
@@ -503,12 +511,17 @@ fn compacted_message(prompt: &str, summary: &str) -> String {
     )
 }
 
-/// `older` with the request for its summary at the end: a text block after the tool results
-/// of a last user message that has blocks (the Messages API wants user and assistant turns
-/// to alternate), else a user message of its own.
+/// `older` with the request for its summary at the end (see [`with_user_text`]).
 fn summary_request(older: &[Value]) -> Vec<Value> {
+    with_user_text(older, SUMMARY_REQUEST)
+}
+
+/// `older` with the user's `message` at the end: a text block after the tool results of a
+/// last user message that has blocks (the Messages API wants user and assistant turns to
+/// alternate), else a user message of its own.
+fn with_user_text(older: &[Value], message: &str) -> Vec<Value> {
     let mut asked = older.to_vec();
-    let text = json!({"type": "text", "text": SUMMARY_REQUEST});
+    let text = json!({"type": "text", "text": message});
     match asked.last_mut() {
         Some(last) if last.get("role").and_then(Value::as_str) == Some("user") => {
             match last.get_mut("content") {
@@ -520,7 +533,7 @@ fn summary_request(older: &[Value]) -> Vec<Value> {
                 None => last["content"] = json!([text]),
             }
         }
-        _ => asked.push(json!({"role": "user", "content": SUMMARY_REQUEST})),
+        _ => asked.push(json!({"role": "user", "content": message})),
     }
     asked
 }

@@ -172,6 +172,14 @@ impl WorkDir {
         }
     }
 
+    /// For a scratch directory made a repository: its empty first commit.
+    pub fn scratch_base(&self) -> Option<&str> {
+        match &self.repo {
+            Repo::Scratch { initial, .. } => Some(initial),
+            _ => None,
+        }
+    }
+
     /// The run ended (`success`: the agent's outcome): what it changed, from `files` (its tool
     /// calls) and the repository. A git workspace commits and pushes here (see [`super::git`]).
     pub async fn finish(&self, job: &JobSpec, success: bool, files: FileTracker) -> Changes {

@@ -19,9 +19,11 @@ Examples:
 #[command(
     long_about = "List the checkpoints kept of an agent, oldest first: after which step, when, \
 on which worker, how many files differed from where it started, the tokens and cost it had \
-spent, and the commit of its whole working tree on refs/orch/checkpoints/AGENT_ID of the task's \
-repository. Only agents on git workspaces with the claude-code, anthropic or openai backend are \
-checkpointed. Exits 1 when the agent does not exist.",
+spent, and the commit of its whole working tree (on refs/orch/checkpoints/AGENT_ID of the task's \
+repository; for a scratch workspace, in a bundle in the cluster's sessions store). Only agents on \
+git or scratch workspaces with the claude-code, anthropic or openai backend are checkpointed. \
+`orchctl agents rewind AGENT_ID --to STEP` starts a new agent from one of them. Exits 1 when \
+the agent does not exist.",
     after_long_help = EXAMPLES
 )]
 pub struct Args {

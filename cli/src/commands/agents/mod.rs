@@ -18,6 +18,7 @@ pub enum Command {
     Checkpoints(checkpoints::Args),
     Send(turn::SendArgs),
     Fork(turn::ForkArgs),
+    Rewind(turn::RewindArgs),
 }
 
 pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<ExitCode> {
@@ -28,5 +29,6 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Checkpoints(args) => checkpoints::run(ctx, args).await,
         Command::Send(args) => turn::send(ctx, args).await,
         Command::Fork(args) => turn::fork(ctx, args).await,
+        Command::Rewind(args) => turn::rewind(ctx, args).await,
     }
 }

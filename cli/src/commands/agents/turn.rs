@@ -1,10 +1,12 @@
-//! `orchctl agents send AGENT_ID MESSAGE` and `orchctl agents fork AGENT_ID MESSAGE`: the next
-//! turn of an agent's conversation, or a new agent with the same history. Either runs on
-//! whichever worker pulls it: the session is stored in the cluster after each turn.
+//! `orchctl agents send AGENT_ID MESSAGE`, `orchctl agents fork AGENT_ID MESSAGE` and
+//! `orchctl agents rewind AGENT_ID --to STEP [MESSAGE]`: the next turn of an agent's
+//! conversation, a new agent with the same history, or a new agent from one of its
+//! checkpoints. Each runs on whichever worker pulls it: the session is stored in the cluster
+//! after each turn, the checkpoints after each step.
 
 use crate::commands::{Ctx, failure, logs};
 use anyhow::Context as _;
-use orch_shared::api::{AgentMessage, JobStatus};
+use orch_shared::api::{AgentMessage, AgentRewind, JobStatus};
 use orch_shared::ids::JobId;
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -13,6 +15,12 @@ const SEND_EXAMPLES: &str = "\
 Examples:
   orchctl agents send 0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9c \"now add tests for the edge cases\" -f
   echo \"explain the failing test\" | orchctl agents send 0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9c -";
+
+const REWIND_EXAMPLES: &str = "\
+Examples:
+  orchctl agents checkpoints 0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9c
+  orchctl agents rewind 0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9c --to 3
+  orchctl agents rewind 0192f0c4-6f1e-7cc2-9b1a-3f5c2d1e0a9c --to 3 \"do not touch the schema\" -f";
 
 const FORK_EXAMPLES: &str = "\
 Examples:
@@ -65,36 +73,85 @@ pub struct ForkArgs {
     pub follow: bool,
 }
 
+/// Rewind an agent: a new agent starts from one of its checkpoints (conversation and files)
+#[derive(Debug, clap::Args)]
+#[command(
+    long_about = "Rewind an agent: a new agent of the same task starts from the agent's \
+checkpoint after step STEP (see `orchctl agents checkpoints`): its conversation as it was then \
+and its whole working tree (tracked and untracked files), restored on whichever worker pulls \
+it. MESSAGE (default: a note that it was rewound) is its next user message. An agent still \
+running is stopped first (what depends on it is skipped, as for a kill). Refused (exit 1) for \
+an unknown agent or a step with no kept checkpoint. With --follow, shows the new agent's \
+transcript until it ends and exits 1 if it failed.",
+    after_long_help = REWIND_EXAMPLES
+)]
+pub struct RewindArgs {
+    /// The agent's id (its job id)
+    #[arg(value_name = "AGENT_ID")]
+    pub id: String,
+    /// The step whose checkpoint the new agent starts from
+    #[arg(long, value_name = "STEP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub to: u32,
+    /// The new agent's next message (`-` reads it from stdin)
+    #[arg(value_name = "MESSAGE")]
+    pub message: Option<String>,
+    /// Show the new agent's transcript until it ends
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+/// What kind of new turn.
+#[derive(Clone, Copy)]
+enum Verb {
+    Send,
+    Fork,
+    Rewind(u32),
+}
+
 pub async fn send(ctx: &Ctx, args: SendArgs) -> anyhow::Result<ExitCode> {
-    run(ctx, &args.id, &args.message, args.follow, false).await
+    run(ctx, &args.id, Some(&args.message), args.follow, Verb::Send).await
 }
 
 pub async fn fork(ctx: &Ctx, args: ForkArgs) -> anyhow::Result<ExitCode> {
-    run(ctx, &args.id, &args.message, args.follow, true).await
+    run(ctx, &args.id, Some(&args.message), args.follow, Verb::Fork).await
+}
+
+pub async fn rewind(ctx: &Ctx, args: RewindArgs) -> anyhow::Result<ExitCode> {
+    let verb = Verb::Rewind(args.to);
+    run(ctx, &args.id, args.message.as_deref(), args.follow, verb).await
 }
 
 async fn run(
     ctx: &Ctx,
     id: &str,
-    message: &str,
+    message: Option<&str>,
     follow: bool,
-    fork: bool,
+    verb: Verb,
 ) -> anyhow::Result<ExitCode> {
     let id: JobId = id.parse().context("invalid agent id")?;
-    let message = if message == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("failed to read the message from stdin")?;
-        s
-    } else {
-        message.to_string()
+    let message = match message {
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("failed to read the message from stdin")?;
+            Some(s)
+        }
+        other => other.map(str::to_string),
     };
-    if message.trim().is_empty() {
+    if message.as_deref().is_some_and(|m| m.trim().is_empty()) {
         anyhow::bail!("invalid MESSAGE: must not be empty");
     }
     let client = ctx.client()?;
-    let turn = match client.agent_turn(id, &AgentMessage { message }, fork).await {
+    let asked = match (verb, message) {
+        (Verb::Rewind(to), message) => client.agent_rewind(id, &AgentRewind { to, message }).await,
+        (Verb::Send | Verb::Fork, message) => {
+            let message = message.unwrap_or_default();
+            let fork = matches!(verb, Verb::Fork);
+            client.agent_turn(id, &AgentMessage { message }, fork).await
+        }
+    };
+    let turn = match asked {
         Ok(turn) => turn,
         Err(e) if e.is_not_found() || e.is_conflict() => {
             let _ = writeln!(std::io::stderr(), "{e}");
@@ -106,7 +163,11 @@ async fn run(
     if ctx.json() {
         crate::output::json(&mut out, &turn)?;
     } else {
-        let what = if fork { "fork of" } else { "next turn of" };
+        let what = match verb {
+            Verb::Send => "next turn of".to_string(),
+            Verb::Fork => "fork of".to_string(),
+            Verb::Rewind(step) => format!("rewind to step {step} of"),
+        };
         writeln!(
             out,
             "agent {} ({what} {}) queued in task {}",

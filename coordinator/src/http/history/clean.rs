@@ -10,8 +10,9 @@ use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::report::{CleanReport, CleanRequest, MAX_CLEAN_BATCH};
 
 /// `POST /v1/clean`: deletes the finished tasks created more than `older_than_ms` ago, with
-/// their agents, index entries, dead letters, markers, sessions and checkpoints (pointers and
-/// stored conversations; the checkpoint refs stay in the task's repository) and their messages in the event log and
+/// their agents, index entries, dead letters, markers, sessions and checkpoints (pointers,
+/// stored conversations and scratch trees; the checkpoint refs stay in the task's repository)
+/// and their messages in the event log and
 /// the results stream. Examines at most `limit` tasks, oldest first; `next` says where to go on.
 #[utoipa::path(
     post,

@@ -186,7 +186,8 @@ function describe(ev) {
     case "compacted": return `Context compacted: ${tokens(k.tokens_before)} → ${k.tokens_after == null ? "?" : tokens(k.tokens_after)} tokens`;
     case "heartbeat": return "Heartbeat";
     case "checkpointed": return `Checkpoint after step ${k.step}: ${k.files_changed} file(s) changed, ${tokens(totalTokens(k.usage))} tokens so far`;
-    case "resumed": return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)`;
+    case "resumed": if (k.from_agent) return `Rewound: started from the checkpoint after step ${k.from_step} of agent ${esc(short(k.from_agent))}`;
+      return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)`;
     case "resume_failed": return `Checkpoint not restored, starting over: ${esc(k.reason)}`;
     case "job_finished": return (k.success ? "Agent finished" : `Agent failed (${esc(k.reason)}): ${esc(k.message || "")}`) + ` in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     case "task_finished": return `Task ${esc(k.status)} in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
@@ -1008,7 +1009,7 @@ function agentPage() {
     $("#a-back").textContent = "← " + (d.task_prompt.length > 60 ? d.task_prompt.slice(0, 60) + "…" : d.task_prompt);
     $("#a-title").innerHTML = `<span class="role">${esc(j.role)}</span> <span class="muted">· step ${j.step}</span>`;
     const from = j.continues ? task && task.jobs.find((x) => x.id === j.continues) : null;
-    const rel = j.continues ? `<span class="rel">${j.forked ? ICON_BRANCH + " forked from" : "↳ continues"} ${agentLink(j.continues, from ? turnLabel(from) : esc(short(j.continues)))}</span>` : "";
+    const rel = j.continues ? `<span class="rel">${j.rewound_to ? ICON_BRANCH + ` rewound to step ${j.rewound_to} of` : j.forked ? ICON_BRANCH + " forked from" : "↳ continues"} ${agentLink(j.continues, from ? turnLabel(from) : esc(short(j.continues)))}</span>` : "";
     const git = j.git ? `<span>branch <span class="mono">${esc(j.git.branch)}</span> @ <span class="mono" title="${esc(j.git.commit)}">${esc((j.git.commit || "").slice(0, 7))}</span></span>` : "";
     $("#a-meta").innerHTML = `${badge(j.status)}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${j.sandbox ? `<span title="what the agent's sandbox allowed">sandbox: ${esc(j.sandbox)}</span>` : ""}${git}`;
     const toolList = Object.entries(d.tools || {}).map(([k, v]) => `${esc(k)} ×${v}`).join(", ");
@@ -1025,6 +1026,7 @@ function agentPage() {
       { label: "Files", num: true, cell: (c) => c.files_changed },
       { label: "Tokens", num: true, cell: (c) => tokens(totalTokens(c.usage)) },
       { label: "Commit", cell: (c) => `<span class="mono" title="${esc(c.commit || "")}">${esc((c.commit || "–").slice(0, 7))}</span>` },
+      { label: "", cell: (c) => `<button type="button" class="btn small" data-rewind="${c.step}" title="Start a new agent from this step's conversation and files (orchctl agents rewind ${esc(id)} --to ${c.step}); the message box above, if filled, is its next message">Rewind here</button>` },
     ], cps.slice().reverse()) : "";
     $("#a-files").innerHTML = (files.length ? `<ul class="plain stack">${files.join("")}</ul>` : `<p class="empty">No file read or written yet.</p>`) + cpTable;
     if (j.continues && $("#a-asked").hidden) {
@@ -1128,6 +1130,23 @@ function agentPage() {
     talk(false);
   });
   $("#fork-btn").addEventListener("click", () => talk(true));
+  // A checkpoint's "Rewind here": a new agent from that step (a running agent is stopped).
+  $("#a-files").addEventListener("click", async (e) => {
+    const b = e.target.closest("button[data-rewind]");
+    if (!b) return;
+    const to = Number(b.dataset.rewind);
+    const running = !JOB_ENDED.includes(lastStatus);
+    if (!confirm(`Start a new agent from step ${to}${running ? " (this agent is stopped first)" : ""}?`)) return;
+    const message = $("#a-message").value.trim();
+    b.disabled = true;
+    try {
+      const turn = await api(`/v1/agents/${id}/rewind`, { method: "POST", body: message ? { to, message } : { to } });
+      location.href = "/agents/" + turn.agent_id;
+    } catch (err) {
+      toast(err.message, true);
+      b.disabled = false;
+    }
+  });
   $("#a-message").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
       e.preventDefault();

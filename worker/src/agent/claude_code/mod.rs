@@ -253,17 +253,24 @@ impl ClaudeCode {
             }
         }
         // A resumed run continues the checkpoint's transcript with a note of where it was cut
-        // (its turn stays the job's); a further turn continues the stored session.
+        // (its turn stays the job's); a rewind continues it with the user's message (a turn
+        // further); a further turn continues the stored session.
         let (session, prompt) = match &resumed {
             Some(r) => (
                 Some(Snapshot {
                     backend: NAME.into(),
                     session_id: r.checkpoint.session_id.clone(),
                     workspace: r.checkpoint.workspace.clone(),
-                    turn: r.checkpoint.turn.saturating_sub(1),
+                    turn: match r.rewind {
+                        true => r.checkpoint.turn,
+                        false => r.checkpoint.turn.saturating_sub(1),
+                    },
                     bytes: r.conversation.clone(),
                 }),
-                custody::continuation_prompt(r.checkpoint.step),
+                match r.rewind {
+                    true => p.prompt.clone(),
+                    false => custody::continuation_prompt(r.checkpoint.step),
+                },
             ),
             None => (p.session.clone(), p.prompt.clone()),
         };
@@ -273,7 +280,7 @@ impl ClaudeCode {
         {
             Ok(r) => r,
             Err(e) => {
-                if resumed.is_some()
+                if resumed.as_ref().is_some_and(|r| !r.rewind)
                     && let Some(rec) = events.recorder()
                 {
                     // The transcript cannot be used: start over, cleanly, without it.
