@@ -249,6 +249,12 @@ impl Panel {
                     output::cost(*cost_usd)
                 ));
             }
+            EventKind::PrOpened { .. }
+            | EventKind::PrFailed { .. }
+            | EventKind::PrReviewed { .. }
+            | EventKind::PrEscalated { .. } => {
+                return Some(crate::commands::logs::describe_pr(&event.kind));
+            }
             _ => {}
         }
 
@@ -373,7 +379,11 @@ impl Panel {
             )),
             EventKind::TaskCreated { .. }
             | EventKind::TaskPlanned { .. }
-            | EventKind::TaskFinished { .. } => None,
+            | EventKind::TaskFinished { .. }
+            | EventKind::PrOpened { .. }
+            | EventKind::PrFailed { .. }
+            | EventKind::PrReviewed { .. }
+            | EventKind::PrEscalated { .. } => None,
         }
     }
 
@@ -650,6 +660,7 @@ mod tests {
             output: None,
             error: None,
             branch: None,
+            pr: None,
         }
     }
 

@@ -28,6 +28,7 @@ pub mod catchup;
 pub mod config;
 pub mod context;
 pub mod driver;
+pub mod forge;
 pub mod http;
 pub mod leader;
 pub mod meter;
@@ -76,6 +77,8 @@ pub enum Error {
     Resume(String),
     #[error("the {0} loop stopped unexpectedly")]
     LoopEnded(&'static str),
+    #[error(transparent)]
+    Forge(#[from] forge::Error),
 }
 
 fn retry_policy() -> ExponentialBuilder {
@@ -120,6 +123,10 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
+    let forge = match &config.forge {
+        Some(f) => Some(forge::Handle::github(f.clone())?),
+        None => None,
+    };
     let tracker = TaskTracker::new();
     let lanes_cancel = CancellationToken::new();
 
@@ -157,6 +164,7 @@ pub async fn run(
         tokens: tokens.clone(),
         metrics,
         shutdown: shutdown.clone(),
+        forge: forge.clone(),
     };
     let router = http::router(app.clone(), web::routes(tokens));
     let forward_router = router.clone();
@@ -210,12 +218,14 @@ pub async fn run(
         &tracker,
         lanes_cancel.clone(),
         config.events_max_age / 2,
+        forge.clone(),
     );
     let effects = driver::Effects {
         state: state.clone(),
         transport: transport.clone(),
         driver: driver.clone(),
         admission,
+        forge: forge.clone(),
     };
     resume(&effects).await?;
     let _ = effects_cell.set(effects);

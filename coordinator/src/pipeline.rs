@@ -126,6 +126,7 @@ pub fn new_task(
         output: None,
         error: None,
         branch: None,
+        pr: None,
     };
     let mut actions = vec![Action::Emit(
         None,

@@ -82,6 +82,19 @@ pub struct Args {
     #[arg(long = "ref", value_name = "REF", requires = "repo")]
     pub git_ref: Option<String>,
 
+    /// Open a pull request from the task branch to --ref (default: the repository's default
+    /// branch) when the task completes; needs a forge configured on the coordinator
+    #[arg(long, requires = "repo")]
+    pub pr: bool,
+
+    /// The repository on the forge, owner/name (default: the last two parts of --repo)
+    #[arg(long, value_name = "OWNER/NAME", requires = "pr")]
+    pub pr_repo: Option<String>,
+
+    /// A label for the pull request (repeatable)
+    #[arg(long, value_name = "LABEL", requires = "pr")]
+    pub pr_label: Vec<String>,
+
     /// How long each simulated agent works (sim backend), e.g. 500ms, 2s
     #[arg(long, value_name = "DURATION")]
     pub sim_latency: Option<String>,
@@ -342,6 +355,10 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         prompt,
         repo,
         git_ref: non_empty(&args.git_ref),
+        pr: args.pr.then(|| orch_shared::api::PrRequest {
+            repo: non_empty(&args.pr_repo),
+            labels: args.pr_label.clone(),
+        }),
         task_type: non_empty(&args.task_type),
         mode: args.mode.map(Mode::from),
         roles,
