@@ -12,6 +12,8 @@
 //! - [`pipeline`]: the task state machine, free of IO.
 //! - [`driver`]: lanes that apply results and job starts to tasks, in order per task.
 //! - [`admission`]: the optional cluster-wide cap, priorities, rate limits and daily budget.
+//! - [`forge`]: pull requests on GitHub (REST) for tasks submitted with `pr`, and the review
+//!   loop that hands review comments back to the agents.
 //! - [`transport`]: the only code that knows NATS subjects, streams and bytes.
 //! - [`state`]: the only code that knows Redis keys.
 //! - [`reconcile`]: rebuilds Redis from the JetStream log after a data loss.

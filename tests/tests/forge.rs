@@ -16,7 +16,7 @@
 use orch_shared::api::{JobStatus, Task, TaskStatus};
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::fake_github::FakeGitHub;
-use orch_tests::{Cluster, Options, assert_completed, git, origin};
+use orch_tests::{Cluster, Options, assert_completed, git, orchctl_against, origin, run};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -122,6 +122,15 @@ async fn deliver(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Runs `orchctl` against the cluster off the runtime's threads: (exit code, stdout, stderr).
+async fn cli(cluster: &Cluster, home: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = orchctl_against(cluster, home);
+    cmd.args(args);
+    tokio::task::spawn_blocking(move || run(&mut cmd))
+        .await
+        .unwrap()
+}
+
 /// A `pull_request_review_comment` delivery for pull request `number` from `branch`.
 fn review_delivery(number: u64, branch: &str, comment: &str) -> Value {
     json!({
@@ -221,13 +230,20 @@ async fn a_task_with_pr_opens_one_pull_request_with_the_task_in_its_body() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["tasks"][0]["pr_url"], json!(pr.url.clone().unwrap()));
 
-    // A sync (as after a coordinator failover) opens nothing more: nothing to review yet.
-    let (status, synced) = cluster
-        .post(&format!("/v1/tasks/{id}/pr/sync"), &json!({}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{synced}");
-    assert_eq!(synced["outcome"], "no new review comments");
+    // `orchctl pr sync` (as after a coordinator failover) opens nothing more: nothing to
+    // review yet. `orchctl tasks show` names the pull request.
+    let home = tempfile::tempdir().unwrap();
+    let url = pr.url.clone().unwrap();
+    let (code, out, err) = cli(&cluster, home.path(), &["pr", "sync", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("no new review comments\npull request: {url}\n")
+    );
     assert_eq!(github.pulls().len(), 1);
+    let (code, out, err) = cli(&cluster, home.path(), &["tasks", "show", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pull request") && out.contains(&url), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,6 +304,27 @@ async fn bad_pr_input_is_refused_before_any_agent_runs() {
         err["message"],
         "pr: no forge is configured on the coordinator (set forge-token or forge-token-file)"
     );
+    // The same from the command line: one line on stderr naming the field, exit status 2.
+    let home = tempfile::tempdir().unwrap();
+    let repo = bare.display().to_string();
+    let (code, out, err) = cli(
+        &without,
+        home.path(),
+        &[
+            "submit",
+            "p",
+            "--roles",
+            "builder",
+            "--backend",
+            "command",
+            "--repo",
+            &repo,
+            "--pr",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("pr: no forge is configured"), "{err}");
     let (_, list) = without.get("/v1/tasks").await;
     assert_eq!(list["tasks"], json!([]), "no task was created");
 }
