@@ -339,6 +339,12 @@ impl Client {
         self.get("/v1/dlq", &query).await
     }
 
+    /// `POST /v1/tasks/{id}/pr/sync`.
+    pub async fn pr_sync(&self, id: TaskId) -> Result<orch_shared::api::PrSync, Error> {
+        self.post::<(), _>(&format!("/v1/tasks/{id}/pr/sync"), None)
+            .await
+    }
+
     /// `POST /v1/dlq/{id}/retry`.
     pub async fn retry_dead(&self, id: JobId) -> Result<Task, Error> {
         self.post::<(), _>(&format!("/v1/dlq/{id}/retry"), None)

@@ -162,7 +162,23 @@ pub fn task_brief(out: &mut dyn Write, task: &Task) -> io::Result<()> {
         ("task type", task_type(task)),
         ("mode", task.mode.as_str().to_string()),
     ];
+    let mut rows = rows.to_vec();
+    if let Some(pr) = &task.pr {
+        rows.push(("pull request", pull_request(pr)));
+    }
     print_table(out, &details(&rows))
+}
+
+/// A task's pull request in one line: its URL once open, else where it will go.
+pub fn pull_request(pr: &orch_shared::api::PullRequest) -> String {
+    match (&pr.url, &pr.error) {
+        (Some(url), _) => url.clone(),
+        (None, Some(e)) => format!("not opened: {e}"),
+        (None, None) => format!(
+            "{} → {} on {} (when the task completes)",
+            pr.head, pr.base, pr.repo
+        ),
+    }
 }
 
 /// The header block of `tasks show`.
@@ -190,6 +206,17 @@ pub fn task_details(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result
     }
     if let Some(branch) = &task.branch {
         rows.push(("branch", branch.clone()));
+    }
+    if let Some(pr) = &task.pr {
+        rows.push(("pull request", pull_request(pr)));
+        if let Some(why) = &pr.escalated {
+            rows.push(("review", format!("stopped, a person is needed: {why}")));
+        } else if pr.rounds > 0 {
+            rows.push((
+                "review",
+                format!("{} round(s) sent to the agents", pr.rounds),
+            ));
+        }
     }
     print_table(out, &details(&rows))
 }

@@ -249,6 +249,12 @@ impl Panel {
                     output::cost(*cost_usd)
                 ));
             }
+            EventKind::PrOpened { .. }
+            | EventKind::PrFailed { .. }
+            | EventKind::PrReviewed { .. }
+            | EventKind::PrEscalated { .. } => {
+                return Some(crate::commands::logs::describe_pr(&event.kind));
+            }
             _ => {}
         }
 
@@ -389,7 +395,11 @@ impl Panel {
             )),
             EventKind::TaskCreated { .. }
             | EventKind::TaskPlanned { .. }
-            | EventKind::TaskFinished { .. } => None,
+            | EventKind::TaskFinished { .. }
+            | EventKind::PrOpened { .. }
+            | EventKind::PrFailed { .. }
+            | EventKind::PrReviewed { .. }
+            | EventKind::PrEscalated { .. } => None,
         }
     }
 
@@ -669,6 +679,7 @@ mod tests {
             branch: None,
             mcp_servers: Default::default(),
             check: None,
+            pr: None,
         }
     }
 

@@ -114,6 +114,209 @@ pub struct Args {
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// The forge pull requests are opened on (`[forge]` in the file).
+    #[command(flatten)]
+    pub forge: ForgeArgs,
+}
+
+/// The forge flags. Each id is the setting's key under `forge`. A forge is configured when it
+/// has a token.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ForgeArgs {
+    /// Base URL of the forge's REST API: `https://api.github.com` (the default), or
+    /// `https://HOST/api/v3` for GitHub Enterprise.
+    #[arg(
+        long = "forge-api-url",
+        id = "forge.api_url",
+        value_name = "URL",
+        env = "ORCH_FORGE_API_URL"
+    )]
+    pub api_url: Option<String>,
+    /// The forge token (a GitHub token that can read the repository and open pull requests).
+    #[arg(
+        long = "forge-token",
+        id = "forge.token",
+        value_name = "TOKEN",
+        env = "ORCH_FORGE_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// A file holding the forge token (a mounted Secret), instead of --forge-token.
+    #[arg(
+        long = "forge-token-file",
+        id = "forge.token_file",
+        value_name = "FILE",
+        env = "ORCH_FORGE_TOKEN_FILE"
+    )]
+    pub token_file: Option<String>,
+    /// The webhook's shared secret (`X-Hub-Signature-256`); without one the webhook refuses
+    /// every delivery.
+    #[arg(
+        long = "forge-webhook-secret",
+        id = "forge.webhook_secret",
+        value_name = "SECRET",
+        env = "ORCH_FORGE_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+    /// A file holding the webhook secret, instead of --forge-webhook-secret.
+    #[arg(
+        long = "forge-webhook-secret-file",
+        id = "forge.webhook_secret_file",
+        value_name = "FILE",
+        env = "ORCH_FORGE_WEBHOOK_SECRET_FILE"
+    )]
+    pub webhook_secret_file: Option<String>,
+    /// Labels every pull request gets, comma separated.
+    #[arg(
+        long = "forge-label",
+        id = "forge.labels",
+        value_name = "LABEL",
+        env = "ORCH_FORGE_LABELS",
+        value_delimiter = ','
+    )]
+    pub labels: Vec<String>,
+    /// Review rounds sent back to the agents before the loop asks a person [default: 3].
+    #[arg(
+        long = "forge-max-review-rounds",
+        id = "forge.max_review_rounds",
+        value_name = "N",
+        env = "ORCH_FORGE_MAX_REVIEW_ROUNDS"
+    )]
+    pub max_review_rounds: Option<String>,
+    /// Changed lines (additions plus deletions) of a pull request past which the review loop
+    /// asks a person [default: 5000].
+    #[arg(
+        long = "forge-max-diff-lines",
+        id = "forge.max_diff_lines",
+        value_name = "N",
+        env = "ORCH_FORGE_MAX_DIFF_LINES"
+    )]
+    pub max_diff_lines: Option<String>,
+}
+
+/// The `forge` settings as the file spells them (`[forge]`).
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ForgeSettings {
+    api_url: String,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    webhook_secret: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
+    labels: Vec<String>,
+    max_review_rounds: u32,
+    max_diff_lines: u64,
+}
+
+impl Default for ForgeSettings {
+    fn default() -> Self {
+        Self {
+            api_url: "https://api.github.com".into(),
+            token: None,
+            token_file: None,
+            webhook_secret: None,
+            webhook_secret_file: None,
+            labels: vec![],
+            max_review_rounds: 3,
+            max_diff_lines: 5000,
+        }
+    }
+}
+
+// Written by hand so that no secret reaches a log through `{:?}`.
+impl std::fmt::Debug for ForgeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForgeSettings")
+            .field("api_url", &self.api_url)
+            .field("token_file", &self.token_file)
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ForgeSettings {
+    /// The checked forge settings; `None` without a token.
+    fn check(self) -> Result<Option<crate::forge::Config>, Error> {
+        use crate::forge::Secret;
+        let secret = |key: &str,
+                      file_key: &str,
+                      value: Option<String>,
+                      file: Option<PathBuf>|
+         -> Result<Option<Secret>, Error> {
+            match (value.filter(|v| !v.trim().is_empty()), file) {
+                (Some(_), Some(_)) => Err(Error::invalid(
+                    &format!("{key}, {file_key}"),
+                    "give the secret or the file holding it, not both",
+                )),
+                (Some(v), None) => Ok(Some(Secret::new(v.trim().to_string()))),
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        Error::invalid(file_key, format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    let text = text.trim();
+                    if text.is_empty() {
+                        return Err(Error::invalid(
+                            file_key,
+                            format!("{} is empty", path.display()),
+                        ));
+                    }
+                    Ok(Some(Secret::new(text.to_string())))
+                }
+                (None, None) => Ok(None),
+            }
+        };
+        let token = secret(
+            "forge-token",
+            "forge-token-file",
+            self.token,
+            self.token_file,
+        )?;
+        let webhook_secret = secret(
+            "forge-webhook-secret",
+            "forge-webhook-secret-file",
+            self.webhook_secret,
+            self.webhook_secret_file,
+        )?;
+        let Some(token) = token else {
+            if webhook_secret.is_some() {
+                return Err(Error::invalid(
+                    "forge-webhook-secret",
+                    "needs a forge token (forge-token or forge-token-file)",
+                ));
+            }
+            return Ok(None);
+        };
+        let api_url = self.api_url.trim().trim_end_matches('/').to_string();
+        if !(api_url.starts_with("https://") || api_url.starts_with("http://")) {
+            return Err(Error::invalid(
+                "forge-api-url",
+                format!("expected an http(s) URL, got `{api_url}`"),
+            ));
+        }
+        if self.max_review_rounds == 0 {
+            return Err(Error::invalid(
+                "forge-max-review-rounds",
+                "must be at least 1",
+            ));
+        }
+        if self.max_diff_lines == 0 {
+            return Err(Error::invalid("forge-max-diff-lines", "must be at least 1"));
+        }
+        Ok(Some(crate::forge::Config {
+            api_url,
+            token,
+            webhook_secret,
+            labels: self
+                .labels
+                .into_iter()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect(),
+            max_review_rounds: self.max_review_rounds,
+            max_diff_lines: self.max_diff_lines,
+        }))
+    }
 }
 
 /// Every setting with its default, as the TOML file spells it. Unknown keys are refused.
@@ -147,6 +350,7 @@ struct Settings {
     daily_budget_usd: Option<f64>,
     #[serde(deserialize_with = "orch_config::exact_f64")]
     default_job_estimate_usd: f64,
+    forge: ForgeSettings,
 }
 
 impl Default for Settings {
@@ -173,6 +377,7 @@ impl Default for Settings {
             rate_limits: vec![],
             daily_budget_usd: None,
             default_job_estimate_usd: 0.10,
+            forge: ForgeSettings::default(),
         }
     }
 }
@@ -201,6 +406,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub admission: crate::admission::Config,
     pub stream_replicas: usize,
+    /// The forge pull requests are opened on (`None`: no token configured).
+    pub forge: Option<crate::forge::Config>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -347,6 +554,7 @@ impl Settings {
             ));
         }
         let no_auth = self.no_auth;
+        let forge = self.forge.check()?;
         Ok(Config {
             listen: self.listen,
             addr_file: self.addr_file,
@@ -370,6 +578,7 @@ impl Settings {
                 default_job_estimate_usd: estimate,
             },
             stream_replicas: self.stream_replicas,
+            forge,
         })
     }
 }
@@ -388,6 +597,61 @@ mod tests {
     }
 
     const TOKEN: &str = "token-0123456789abcdef";
+
+    #[test]
+    fn the_forge_comes_from_a_token_or_its_file_and_bad_values_name_their_key() {
+        let cfg = load_with(None, &[], &["--no-auth"]).unwrap();
+        assert!(cfg.forge.is_none(), "no token, no forge");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "ghp_fromfile\n").unwrap();
+        let cfg = load_with(
+            Some(&format!(
+                "[forge]\ntoken_file = {:?}\nlabels = [\"agents\"]\nmax_review_rounds = 5\n",
+                file.display().to_string()
+            )),
+            &[("ORCH_FORGE_WEBHOOK_SECRET", "hook")],
+            &[
+                "--no-auth",
+                "--forge-api-url",
+                "https://ghe.example/api/v3/",
+            ],
+        )
+        .unwrap();
+        let forge = cfg.forge.unwrap();
+        assert_eq!(forge.token.expose(), "ghp_fromfile");
+        assert_eq!(forge.webhook_secret.unwrap().expose(), "hook");
+        assert_eq!(forge.api_url, "https://ghe.example/api/v3");
+        assert_eq!(forge.labels, ["agents"]);
+        assert_eq!((forge.max_review_rounds, forge.max_diff_lines), (5, 5000));
+        let err = |env: &[(&str, &str)], flags: &[&str]| {
+            let mut all = vec!["--no-auth"];
+            all.extend_from_slice(flags);
+            load_with(None, env, &all).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(
+                &[("ORCH_FORGE_TOKEN", "t")],
+                &["--forge-max-review-rounds", "0"]
+            ),
+            "invalid configuration: forge-max-review-rounds: must be at least 1"
+        );
+        assert_eq!(
+            err(
+                &[("ORCH_FORGE_TOKEN", "t")],
+                &["--forge-api-url", "ftp://x"]
+            ),
+            "invalid configuration: forge-api-url: expected an http(s) URL, got `ftp://x`"
+        );
+        assert_eq!(
+            err(&[], &["--forge-webhook-secret", "s"]),
+            "invalid configuration: forge-webhook-secret: needs a forge token (forge-token or forge-token-file)"
+        );
+        assert!(
+            err(&[], &["--forge-token-file", "/no/such/token"])
+                .starts_with("invalid configuration: forge-token-file: cannot read /no/such/token")
+        );
+    }
 
     #[test]
     fn nats_credentials_come_from_every_layer_one_method_at_a_time() {

@@ -51,6 +51,8 @@ pub enum Control {
         step: u32,
         message: String,
     },
+    /// A change to the task's pull request (opened, a review round, an escalation).
+    Forge(Box<crate::forge::review::Change>),
 }
 
 /// Why a control request was refused.
@@ -64,6 +66,8 @@ pub enum ControlError {
     NotDead(JobId),
     #[error(transparent)]
     Turn(#[from] pipeline::TurnError),
+    #[error(transparent)]
+    Review(#[from] crate::forge::review::ApplyError),
     #[error(transparent)]
     State(#[from] state::Error),
     #[error(transparent)]
@@ -97,9 +101,15 @@ pub struct Effects {
     pub transport: Transport,
     pub driver: Driver,
     pub admission: Admission,
+    /// The forge pull requests are opened on, when one is configured.
+    pub forge: Option<crate::forge::Handle>,
 }
 
 impl Driver {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "what every lane's Effects holds, plus the lanes' own settings"
+    )]
     pub fn start(
         lanes: usize,
         state: State,
@@ -108,6 +118,7 @@ impl Driver {
         tracker: &TaskTracker,
         cancel: CancellationToken,
         snapshot_after: Duration,
+        forge: Option<crate::forge::Handle>,
     ) -> Self {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..lanes).map(|_| mpsc::channel(1024)).unzip();
@@ -120,6 +131,7 @@ impl Driver {
                     transport: transport.clone(),
                     driver: driver.clone(),
                     admission: admission.clone(),
+                    forge: forge.clone(),
                 },
                 cache: HashMap::new(),
                 ended: Ended::default(),
@@ -451,7 +463,29 @@ impl Lane {
             self.cache.remove(&task.id);
             return Err(e);
         }
+        self.open_pull_request(before, task);
         Ok(())
+    }
+
+    /// A task that asked for a pull request and just completed gets it, off the lane (the
+    /// forge may be slow). The forge is asked for an open one first, so a second attempt (a
+    /// coordinator that failed over, `orchctl pr sync`) never opens two.
+    fn open_pull_request(&self, before: TaskStatus, task: &Task) {
+        let (Some(handle), Some(pr)) = (&self.fx.forge, &task.pr) else {
+            return;
+        };
+        if task.status != TaskStatus::Completed || before == TaskStatus::Completed {
+            return;
+        }
+        if pr.number.is_some() {
+            return;
+        }
+        let (fx, handle, task) = (self.fx.clone(), handle.clone(), task.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::forge::service::open(&fx, &handle, &task).await {
+                tracing::warn!(task_id = %task.id, error = %e, "pull request not recorded");
+            }
+        });
     }
 
     /// Applies a job result. One Redis round trip checks the attempt's fence and saves the
@@ -622,6 +656,7 @@ impl Lane {
         }
         let mut missing_job = None;
         let mut turn_error = None;
+        let mut review_error = None;
         let retrying = matches!(control, Control::RetryDead(_));
         let task = self
             .change(id, |task| match control {
@@ -649,6 +684,13 @@ impl Lane {
                         None
                     }
                 },
+                Control::Forge(change) => match crate::forge::review::apply(task, *change, now) {
+                    Ok(actions) => Some(actions),
+                    Err(e) => {
+                        review_error = Some(e);
+                        None
+                    }
+                },
                 Control::Cancel => Some(pipeline::cancel(task, "cancelled by a user", now)),
                 Control::Kill(job) => {
                     let out = pipeline::kill(task, job, now);
@@ -668,6 +710,9 @@ impl Lane {
             .await?
             .ok_or(ControlError::NoTask(id))?;
         if let Some(e) = turn_error {
+            return Err(e.into());
+        }
+        if let Some(e) = review_error {
             return Err(e.into());
         }
         if let Some(job) = missing_job {

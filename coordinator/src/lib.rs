@@ -12,6 +12,8 @@
 //! - [`pipeline`]: the task state machine, free of IO.
 //! - [`driver`]: lanes that apply results and job starts to tasks, in order per task.
 //! - [`admission`]: the optional cluster-wide cap, priorities, rate limits and daily budget.
+//! - [`forge`]: pull requests on GitHub (REST) for tasks submitted with `pr`, and the review
+//!   loop that hands review comments back to the agents.
 //! - [`transport`]: the only code that knows NATS subjects, streams and bytes.
 //! - [`state`]: the only code that knows Redis keys.
 //! - [`reconcile`]: rebuilds Redis from the JetStream log after a data loss.
@@ -29,6 +31,7 @@ pub mod catchup;
 pub mod config;
 pub mod context;
 pub mod driver;
+pub mod forge;
 pub mod http;
 pub mod leader;
 pub mod meter;
@@ -78,6 +81,8 @@ pub enum Error {
     Resume(String),
     #[error("the {0} loop stopped unexpectedly")]
     LoopEnded(&'static str),
+    #[error(transparent)]
+    Forge(#[from] forge::Error),
 }
 
 fn retry_policy() -> ExponentialBuilder {
@@ -122,6 +127,10 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
 
+    let forge = match &config.forge {
+        Some(f) => Some(forge::Handle::github(f.clone())?),
+        None => None,
+    };
     let tracker = TaskTracker::new();
     let lanes_cancel = CancellationToken::new();
 
@@ -159,6 +168,7 @@ pub async fn run(
         tokens: tokens.clone(),
         metrics,
         shutdown: shutdown.clone(),
+        forge: forge.clone(),
     };
     let router = http::router(app.clone(), web::routes(tokens));
     let forward_router = router.clone();
@@ -220,12 +230,14 @@ pub async fn run(
         &tracker,
         lanes_cancel.clone(),
         config.events_max_age / 2,
+        forge.clone(),
     );
     let effects = driver::Effects {
         state: state.clone(),
         transport: transport.clone(),
         driver: driver.clone(),
         admission,
+        forge: forge.clone(),
     };
     resume(&effects).await?;
     let _ = effects_cell.set(effects);

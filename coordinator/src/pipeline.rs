@@ -136,6 +136,7 @@ pub fn new_task(
             max_rounds,
             ..CheckReport::default()
         }),
+        pr: None,
     };
     let mut actions = vec![Action::Emit(
         None,

@@ -162,6 +162,10 @@ pub struct ForwardedWrite {
 }
 
 /// A message for [`Transport::publish_all`].
+#[allow(
+    clippy::large_enum_variant,
+    reason = "short-lived: built, published and dropped; boxing a job would only add an allocation"
+)]
 pub enum Outgoing<'a> {
     Job(JobSpec),
     Event(Event),

@@ -114,6 +114,74 @@ pub struct SubmitTask {
     /// task fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_rounds: Option<u32>,
+    /// Open a pull request from the task branch to `ref` when the task completes (needs `repo`
+    /// and a forge configured on the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr: Option<PrRequest>,
+}
+
+/// `pr` in a submit request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrRequest {
+    /// The repository on the forge, `owner/name` (default: the last two parts of `repo`'s URL
+    /// or path, without `.git`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Labels for the pull request (added to the forge's configured labels).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}
+
+/// The answer of `POST /v1/tasks/{id}/pr/sync` and of the forge webhook: what the sync did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PrSync {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    /// What happened, in one sentence (`opened pull request #3: …`, `review round 1: …`,
+    /// `escalated: …`, or why nothing was done).
+    pub outcome: String,
+    /// The task's pull request afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr: Option<PullRequest>,
+}
+
+/// A task's pull request: what was asked for, what the forge answered, and the state of its
+/// review loop. Written only by the coordinator, like the rest of the task record.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PullRequest {
+    /// `owner/name` on the forge.
+    pub repo: String,
+    /// The branch the pull request merges into.
+    pub base: String,
+    /// The task branch, `orch/<task-id>`.
+    pub head: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Set once the pull request exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Review rounds sent back to the agents so far.
+    #[serde(default)]
+    pub rounds: u32,
+    /// Every head commit a review round was started for (a head is never reviewed twice).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reviewed_heads: Vec<String>,
+    /// The highest review comment id already handed to an agent.
+    #[serde(default)]
+    pub last_comment_id: u64,
+    /// Fingerprints of the findings handed to agents (path and normalized text), to see one
+    /// come back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<String>,
+    /// Set when the review loop stopped and asks a person (why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalated: Option<String>,
+    /// The last error of the forge while opening the pull request, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/agents/{id}/send` and `POST /v1/agents/{id}/fork`.
@@ -481,6 +549,9 @@ pub struct Task {
     /// For a git workspace: the task branch holding the agents' merged work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
+    /// The pull request asked for with `pr`, and what became of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr: Option<PullRequest>,
     /// The MCP servers the task declared (see [`SubmitTask::mcp_servers`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mcp_servers: BTreeMap<String, crate::job::McpServer>,
@@ -545,6 +616,7 @@ impl Task {
             cost_usd: self.cost_usd,
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
+            pr_url: self.pr.as_ref().and_then(|p| p.url.clone()),
         }
     }
 }
@@ -564,6 +636,9 @@ pub struct TaskSummary {
     pub created_at_ms: u64,
     #[serde(default)]
     pub finished_at_ms: Option<u64>,
+    /// The task's pull request, once it is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr_url: Option<String>,
 }
 
 /// `GET /v1/tasks?limit=N&before=CURSOR`: newest first.

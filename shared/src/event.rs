@@ -182,6 +182,21 @@ pub enum EventKind {
         cost_usd: f64,
         duration_ms: u64,
     },
+    /// The task's pull request was opened (or found open from an earlier attempt).
+    PrOpened { number: u64, url: String },
+    /// The pull request could not be opened (why); `orchctl pr sync` tries again.
+    PrFailed { reason: String },
+    /// Review comments on the pull request's head went back to the agents that own the
+    /// files they touch, as follow-up turns (round `round`).
+    PrReviewed {
+        round: u32,
+        head: String,
+        comments: u32,
+        agents: Vec<JobId>,
+    },
+    /// The review loop stopped and asks a person: too many rounds, a finding that came back,
+    /// or a diff grown past its bound (why).
+    PrEscalated { reason: String },
     /// The task ended.
     TaskFinished {
         status: String,

@@ -231,6 +231,17 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
             }
         ),
         ".*".prop_map(|reason| EventKind::ResumeFailed { reason }),
+        (any::<u64>(), ".*").prop_map(|(number, url)| EventKind::PrOpened { number, url }),
+        ".*".prop_map(|reason| EventKind::PrFailed { reason }),
+        (any::<u32>(), ".*", any::<u32>()).prop_map(|(round, head, comments)| {
+            EventKind::PrReviewed {
+                round,
+                head,
+                comments,
+                agents: vec![JobId::from_u128(7)],
+            }
+        }),
+        ".*".prop_map(|reason| EventKind::PrEscalated { reason }),
         (
             any::<bool>(),
             proptest::option::of(reason()),
@@ -514,6 +525,7 @@ fn sample_task() -> Task {
         error: Some("step 1 (builder) failed".into()),
         branch: Some("orch/t".into()),
         check: None,
+        pr: None,
     }
 }
 

@@ -1285,6 +1285,7 @@ impl Cluster {
 pub mod agents;
 pub mod claude_cli;
 pub mod fake_anthropic;
+pub mod fake_github;
 pub mod fake_openai;
 pub mod ledger;
 pub mod mcp_server;

@@ -697,6 +697,9 @@ async fn snapshot_tree(
 ) -> Result<(Option<String>, u32, Option<Vec<u8>>), String> {
     use crate::agent::git::{git, git_env};
     let (dir, base, remote) = (tree.dir.as_path(), tree.base.as_str(), tree.remote);
+    if !remote {
+        crate::agent::workspace::ensure_scratch_repo(dir).await?;
+    }
     let index = checkpoint_index(dir);
     let index_s = index.display().to_string();
     let env = [("GIT_INDEX_FILE", index_s.as_str())];
@@ -771,6 +774,9 @@ async fn snapshot_tree(
 
 /// The ref of a scratch repository a checkpoint is bundled from (inside its `.git`).
 const BUNDLE_REF: &str = "refs/orch/checkpoint";
+
+/// git's empty tree: what a scratch directory's checkpoints count changed files against.
+const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
 
 /// A scratch repository's checkpoint: tree `tree` as a root commit, bundled.
 async fn bundle_tree(
@@ -954,8 +960,11 @@ pub async fn workspace_for(
         (Some(commit), None) if dir.git_base().is_some() => {
             restore_tree(&dir.path, resume.source, commit).await
         }
-        (Some(commit), Some(bundle)) if dir.scratch_base().is_some() => {
-            restore_bundle(&dir.path, bundle, commit).await
+        (Some(commit), Some(bundle)) if dir.is_scratch_dir() => {
+            match crate::agent::workspace::ensure_scratch_repo(&dir.path).await {
+                Ok(()) => restore_bundle(&dir.path, bundle, commit).await,
+                Err(e) => Err(e),
+            }
         }
         (Some(_), None) => Err("this job's workspace is not a git clone".to_string()),
         (Some(_), Some(_)) => Err("this job's workspace is not a scratch repository".to_string()),
@@ -981,8 +990,8 @@ pub async fn workspace_for(
 fn track(rec: &Recorder, dir: &WorkDir) {
     if let Some(base) = dir.git_base() {
         rec.track_tree(&dir.path, base, true);
-    } else if let Some(base) = dir.scratch_base() {
-        rec.track_tree(&dir.path, base, false);
+    } else if dir.is_scratch_dir() {
+        rec.track_tree(&dir.path, EMPTY_TREE, false);
     }
 }
 

@@ -205,6 +205,10 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
         EventKind::ResumeFailed { reason } => {
             format!("checkpoint not restored, starting over: {reason}")
         }
+        EventKind::PrOpened { .. }
+        | EventKind::PrFailed { .. }
+        | EventKind::PrReviewed { .. }
+        | EventKind::PrEscalated { .. } => describe_pr(&event.kind),
         EventKind::JobFinished {
             success,
             reason,
@@ -396,6 +400,31 @@ async fn read(
         Ok(Read::Ended)
     } else {
         Ok(Read::Dropped("the server closed the stream early".into()))
+    }
+}
+
+/// One line for a pull request event (empty for any other kind).
+pub(crate) fn describe_pr(kind: &EventKind) -> String {
+    match kind {
+        EventKind::PrOpened { number, url } => format!("pull request #{number} open: {url}"),
+        EventKind::PrFailed { reason } => format!("pull request not opened: {reason}"),
+        EventKind::PrReviewed {
+            round,
+            head,
+            comments,
+            agents,
+        } => {
+            let agents: Vec<String> = agents.iter().map(ToString::to_string).collect();
+            format!(
+                "review round {round} of {}: {comments} comment(s) sent to agent(s) {}",
+                &head[..head.len().min(12)],
+                agents.join(", ")
+            )
+        }
+        EventKind::PrEscalated { reason } => {
+            format!("review loop stopped, a person is needed: {reason}")
+        }
+        _ => String::new(),
     }
 }
 

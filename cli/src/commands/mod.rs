@@ -17,6 +17,7 @@ pub mod kill;
 pub mod local;
 pub mod logs;
 pub mod mcp;
+pub mod pr;
 pub mod quotas;
 pub mod status;
 pub mod submit;
@@ -172,6 +173,9 @@ pub enum Command {
     /// Jobs that failed for good: list them, retry one
     #[command(subcommand)]
     Dlq(dlq::Command),
+    /// A task's pull request: sync its review comments
+    #[command(subcommand)]
+    Pr(pr::Command),
     /// Run a whole cluster on this machine
     #[command(subcommand)]
     Local(local::Command),
@@ -281,6 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel(args) => cancel::run(&ctx, args).await,
         Command::Kill(args) => kill::run(&ctx, args).await,
         Command::Dlq(cmd) => dlq::run(&ctx, cmd).await,
+        Command::Pr(cmd) => pr::run(&ctx, cmd).await,
         Command::Local(cmd) => local::run(&ctx, cmd).await,
         Command::Mcp(args) => mcp::run(&ctx, args).await,
     }

@@ -267,6 +267,7 @@ mod tests {
             cost_usd: 0.0,
             created_at_ms: 1,
             finished_at_ms: None,
+            pr_url: None,
         }
     }
 

@@ -90,6 +90,18 @@ pub struct Args {
     /// How many times the check may run before the task fails (1 to 10, default 3)
     #[arg(long, value_name = "N", requires = "check")]
     pub check_rounds: Option<u32>,
+    /// Open a pull request from the task branch to --ref (default: the repository's default
+    /// branch) when the task completes; needs a forge configured on the coordinator
+    #[arg(long, requires = "repo")]
+    pub pr: bool,
+
+    /// The repository on the forge, owner/name (default: the last two parts of --repo)
+    #[arg(long, value_name = "OWNER/NAME", requires = "pr")]
+    pub pr_repo: Option<String>,
+
+    /// A label for the pull request (repeatable)
+    #[arg(long, value_name = "LABEL", requires = "pr")]
+    pub pr_label: Vec<String>,
 
     /// How long each simulated agent works (sim backend), e.g. 500ms, 2s
     #[arg(long, value_name = "DURATION")]
@@ -360,6 +372,10 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         // Sent as given: the coordinator refuses an empty one, naming the field.
         check: args.check.clone(),
         check_rounds: args.check_rounds,
+        pr: args.pr.then(|| orch_shared::api::PrRequest {
+            repo: non_empty(&args.pr_repo),
+            labels: args.pr_label.clone(),
+        }),
         task_type: non_empty(&args.task_type),
         mode: args.mode.map(Mode::from),
         roles,

@@ -54,7 +54,9 @@ impl From<ControlError> for Failure {
             ControlError::Turn(TurnError::NoJob(_)) => {
                 Failure(ApiError::new(ErrorCode::NotFound, e.to_string()))
             }
-            ControlError::Turn(_) => Failure(ApiError::new(ErrorCode::Conflict, e.to_string())),
+            ControlError::Turn(_) | ControlError::Review(_) => {
+                Failure(ApiError::new(ErrorCode::Conflict, e.to_string()))
+            }
             ControlError::State(e) => e.into(),
             ControlError::Transport(e) => e.into(),
             ControlError::Closed => Failure(ApiError::new(

@@ -21,6 +21,8 @@ pub struct App {
     pub tokens: Arc<Tokens>,
     pub metrics: Option<PrometheusHandle>,
     pub shutdown: CancellationToken,
+    /// The forge pull requests are opened on, when one is configured.
+    pub forge: Option<crate::forge::Handle>,
 }
 
 impl App {

@@ -30,7 +30,14 @@ const REPEAT_PATIENCE: Duration = Duration::from_secs(30);
 /// Largest answer the leader sends back.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// The request headers the leader needs (auth, body type, the dashboard's CSRF header).
-const FORWARDED_HEADERS: [&str; 4] = ["authorization", "content-type", "cookie", CSRF_HEADER];
+const FORWARDED_HEADERS: [&str; 6] = [
+    "authorization",
+    "content-type",
+    "cookie",
+    CSRF_HEADER,
+    "x-hub-signature-256",
+    "x-github-event",
+];
 
 /// Writes that reach a standby are answered by the leader: the request goes over NATS, the
 /// leader runs it through its own router and the answer comes back unchanged. Reads are

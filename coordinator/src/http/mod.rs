@@ -9,6 +9,8 @@
 //! - [`tasks`]: submit (validation, creation, first publish), show, task types.
 //! - [`control`]: cancel, kill, send, fork, the dead-letter queue.
 //! - [`estimate`]: dry runs priced from past runs.
+//! - [`forge`]: pull requests: the submit's `pr` checks, `pr/sync`, and the forge's webhook
+//!   (signed deliveries, no bearer token).
 //! - [`mcp`]: the MCP server (`/v1/mcp`), whose tools call the API in-process.
 //! - [`openapi`]: the OpenAPI document, built from the routes' `#[utoipa::path]` attributes.
 //! - [`history`]: task and agent listings, transcripts, cluster status and event stream, cost
@@ -23,6 +25,7 @@ pub mod approvals;
 pub mod auth;
 pub mod control;
 pub mod estimate;
+pub mod forge;
 pub mod forward;
 pub mod history;
 pub mod mcp;
@@ -50,7 +53,7 @@ use utoipa_axum::routes;
 /// `.routes(routes!(handler))` on a handler with a `#[utoipa::path]` attribute, never with a
 /// bare `.route(..)`: that keeps the served document complete (a test checks it).
 fn api_routes() -> OpenApiRouter<App> {
-    v1_routes().merge(open_routes())
+    v1_routes().merge(open_routes()).merge(forge::hook_routes())
 }
 
 fn v1_routes() -> OpenApiRouter<App> {
@@ -60,6 +63,7 @@ fn v1_routes() -> OpenApiRouter<App> {
         .merge(estimate::routes())
         .merge(history::routes())
         .merge(approvals::routes())
+        .merge(forge::routes())
 }
 
 fn open_routes() -> OpenApiRouter<App> {
@@ -91,6 +95,14 @@ pub fn router(app: App, pages: Router) -> Router {
         .layer(gate.clone())
         .split_for_parts();
     let api = v1.with_state(app.clone());
+    // The forge's deliveries carry a signature instead of a token; a standby forwards them.
+    let (hooks, _) = forge::hook_routes()
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            forward::forward_writes,
+        ))
+        .split_for_parts();
+    let hooks = hooks.with_state(app.clone());
     // MCP tools call `api` with the caller's own token; the endpoint itself needs one too.
     let mcp = Router::new()
         .nest_service(mcp::PATH, mcp::service(api.clone(), app.shutdown.clone()))
@@ -103,6 +115,7 @@ pub fn router(app: App, pages: Router) -> Router {
         })
         .with_state(app)
         .merge(api)
+        .merge(hooks)
         .merge(mcp)
         .merge(pages)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -94,6 +94,8 @@ pub fn document() -> OpenApi {
     }
     for (path, item) in doc.paths.paths.iter_mut() {
         let v1 = path.starts_with("/v1/") && path != PATH;
+        // The forge's webhook is signed rather than authenticated with a token.
+        let signed = path == super::forge::WEBHOOK_PATH;
         for method in [HttpMethod::Get, HttpMethod::Post] {
             let op = match method {
                 HttpMethod::Get => item.get.as_mut(),
@@ -103,6 +105,9 @@ pub fn document() -> OpenApi {
                 && v1
             {
                 add_errors(op);
+                if signed {
+                    op.security = Some(vec![SecurityRequirement::default()]);
+                }
             }
         }
     }

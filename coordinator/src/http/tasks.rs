@@ -13,10 +13,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State as AxumState};
 use axum::http::StatusCode;
 use backon::Retryable;
-use orch_shared::api::{ExecutionOptions, SubmitTask, Task, TaskType};
+use orch_shared::api::{ExecutionOptions, PullRequest, SubmitTask, Task, TaskType};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::TaskId;
-use orch_shared::job::{Backend, SimParams, Workspace};
+use orch_shared::job::{Backend, GitJob, SimParams, Workspace};
 use std::time::Duration;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -277,7 +277,14 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<(StatusCode, axum::Json<Task>)> {
     let req: SubmitTask = parse_body(body)?;
+    let pr_request = req.pr.clone();
     let (mut opts, plan) = validate(req)?;
+    // The forge is asked before anything is created, so a pull request that could never be
+    // opened fails the submit rather than the finished task.
+    let pr = match &pr_request {
+        Some(r) => Some(super::forge::check_pr(&app, r, &opts.workspace).await?),
+        None => None,
+    };
     let tenant = caller.and_then(|c| c.0.tenant);
     // Idempotency keys are per tenant: one tenant's key never returns another's task.
     if let (Some(t), Some(key)) = (&tenant, &opts.idempotency_key) {
@@ -286,6 +293,10 @@ async fn submit(
     let (mut task, actions) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     task.tenant = tenant;
+    task.pr = pr.map(|pr| PullRequest {
+        head: GitJob::task_branch(task.id),
+        ..pr
+    });
     let fx = app.effects()?;
     if task.idempotency_key.is_none() && !fx.admission.enabled() {
         create_and_publish(&app.state, fx, &task, actions).await?;

@@ -172,12 +172,10 @@ impl WorkDir {
         }
     }
 
-    /// For a scratch directory made a repository: its empty first commit.
-    pub fn scratch_base(&self) -> Option<&str> {
-        match &self.repo {
-            Repo::Scratch { initial, .. } => Some(initial),
-            _ => None,
-        }
+    /// Whether this is a scratch directory (no clone): checkpoints make it a repository of
+    /// their own when they first save it ([`ensure_scratch_repo`]).
+    pub fn is_scratch_dir(&self) -> bool {
+        matches!(self.repo, Repo::Scratch)
     }
 
     /// The run ended (`success`: the agent's outcome): what it changed, from `files` (its tool
@@ -247,6 +245,34 @@ impl WorkDir {
 /// The files of the scratch directory `dir` (which started empty) and their diff as new
 /// files, in git's format and cut like git's, read without a git process. Ignore files in it
 /// are respected, as `git status` would.
+/// Makes the scratch directory `dir` a repository with an empty first commit unless it is one
+/// already. Only checkpoints need it (a run's diff is listed without git), so a scratch run
+/// starts no git process until its first checkpoint or restore.
+pub async fn ensure_scratch_repo(dir: &Path) -> Result<(), String> {
+    if tokio::fs::metadata(dir.join(".git")).await.is_ok() {
+        return Ok(());
+    }
+    let steps: [&[&str]; 4] = [
+        &["init", "-q"],
+        &["config", "user.name", "orchestrator"],
+        &["config", "user.email", "orchestrator@localhost"],
+        &[
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "orchestrator: empty workspace",
+        ],
+    ];
+    for args in steps {
+        let out = git::git(dir, args).await;
+        if !out.ok {
+            return Err(format!("git {}: {}", args[0], out.why()));
+        }
+    }
+    Ok(())
+}
+
 fn scratch_changes(dir: &Path) -> (Vec<String>, Option<String>) {
     use std::fmt::Write as _;
     let mut files: Vec<(String, std::path::PathBuf)> = ignore::WalkBuilder::new(dir)

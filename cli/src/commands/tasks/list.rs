@@ -134,15 +134,21 @@ pub fn render(out: &mut dyn Write, list: &TaskList, now_ms: u64) -> std::io::Res
     if list.tasks.is_empty() {
         return writeln!(out, "no tasks");
     }
-    let mut t = output::table([
+    // The pull request column shows only when a listed task has one.
+    let with_pr = list.tasks.iter().any(|t| t.pr_url.is_some());
+    let mut header = vec![
         "ID", "STATUS", "TYPE", "MODE", "ROLES", "DONE", "COST", "DURATION", "CREATED", "PROMPT",
-    ]);
+    ];
+    if with_pr {
+        header.push("PULL REQUEST");
+    }
+    let mut t = output::table(header);
     for task in &list.tasks {
         let duration = task
             .finished_at_ms
             .unwrap_or(now_ms)
             .saturating_sub(task.created_at_ms);
-        t.add_row(vec![
+        let mut row = vec![
             task.id.to_string(),
             task.status.as_str().to_string(),
             task.task_type.clone(),
@@ -153,7 +159,11 @@ pub fn render(out: &mut dyn Write, list: &TaskList, now_ms: u64) -> std::io::Res
             output::duration_ms(duration),
             output::age(now_ms, task.created_at_ms),
             output::truncate(&task.prompt, 40),
-        ]);
+        ];
+        if with_pr {
+            row.push(task.pr_url.clone().unwrap_or_else(|| "-".into()));
+        }
+        t.add_row(row);
     }
     output::print_table(out, &t)
 }

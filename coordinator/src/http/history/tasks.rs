@@ -63,6 +63,14 @@ struct ListedTask {
     usage: Usage,
     #[serde(default)]
     cost_usd: f64,
+    #[serde(default)]
+    pr: Option<ListedPr>,
+}
+
+#[derive(Deserialize)]
+struct ListedPr {
+    #[serde(default)]
+    url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +94,7 @@ impl ListedTask {
             cost_usd: self.cost_usd,
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
+            pr_url: self.pr.and_then(|p| p.url),
         }
     }
 }

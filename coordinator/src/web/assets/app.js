@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "integrator", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "task_finished"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "pr_opened", "pr_failed", "pr_reviewed", "pr_escalated", "task_finished"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -189,6 +189,10 @@ function describe(ev) {
     case "resumed": if (k.from_agent) return `Rewound: started from the checkpoint after step ${k.from_step} of agent ${esc(short(k.from_agent))}`;
       return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)`;
     case "resume_failed": return `Checkpoint not restored, starting over: ${esc(k.reason)}`;
+    case "pr_opened": return `Pull request <a href="${esc(k.url)}">#${k.number}</a> open`;
+    case "pr_failed": return `Pull request not opened: ${esc(k.reason)}`;
+    case "pr_reviewed": return `Review round ${k.round}: ${k.comments} comment(s) sent to ${k.agents.length} agent(s)`;
+    case "pr_escalated": return `<b>Review loop stopped, a person is needed:</b> ${esc(k.reason)}`;
     case "job_finished": return (k.success ? "Agent finished" : `Agent failed (${esc(k.reason)}): ${esc(k.message || "")}`) + ` in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     case "task_finished": return `Task ${esc(k.status)} in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     default: return esc(k.type);
@@ -600,7 +604,11 @@ function taskPage() {
     const ws = t.workspace || {};
     const where = ws.kind === "git" ? `<span>repo <span class="mono">${esc(ws.url)}</span>${ws.base_ref ? ` @ <span class="mono">${esc(ws.base_ref)}</span>` : ""}</span>` : ws.path ? `<span>workspace <span class="mono">${esc(ws.path)}</span></span>` : "";
     const branch = t.branch ? `<span class="branch" title="The task branch holding the agents' merged work">${ICON_BRANCH} <span class="mono">${esc(t.branch)}</span></span>` : "";
-    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}<span>created ${when(t.created_at_ms)}</span>`;
+    const pr = !t.pr ? "" : t.pr.url
+      ? `<span class="pr" title="The task's pull request (${t.pr.rounds} review round(s))"><a href="${esc(t.pr.url)}">PR #${t.pr.number}</a></span>`
+      : `<span class="pr muted" title="${esc(t.pr.error || "opened when the task completes")}">PR → ${esc(t.pr.base)}</span>`;
+    const escalated = t.pr && t.pr.escalated ? `<span class="badge s-failed" title="The review loop stopped: a person is needed">review needs a person: ${esc(t.pr.escalated)}</span>` : "";
+    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}${pr}${escalated}<span>created ${when(t.created_at_ms)}</span>`;
     const done = t.jobs.filter((j) => ["succeeded", "failed", "skipped", "cancelled"].includes(j.status)).length;
     const budget = t.options.budget_usd != null ? ` of ${usd(t.options.budget_usd)} budget` : "";
     $("#t-kpis").innerHTML = kpi("Progress", `${done}/${t.jobs.length}`, "steps ended") +
