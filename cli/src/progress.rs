@@ -650,6 +650,8 @@ mod tests {
             output: None,
             error: None,
             branch: None,
+            trace_id: None,
+            traceparent: None,
         }
     }
 

@@ -109,6 +109,9 @@ pub struct Args {
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Where traces go (`[telemetry]` in the file).
+    #[command(flatten)]
+    pub telemetry: orch_config::telemetry::TelemetryArgs,
 }
 
 /// Every setting with its default, as the TOML file spells it. Unknown keys are refused.
@@ -133,6 +136,7 @@ struct Settings {
     events_max_age: Duration,
     lanes: usize,
     log_format: LogFormat,
+    telemetry: orch_config::telemetry::TelemetrySettings,
     max_running_agents: Option<String>,
     stream_replicas: usize,
     rate_limits: Vec<String>,
@@ -160,6 +164,7 @@ impl Default for Settings {
             events_max_age: Duration::from_secs(7 * 24 * 3600),
             lanes: 16,
             log_format: LogFormat::Pretty,
+            telemetry: Default::default(),
             max_running_agents: None,
             stream_replicas: 1,
             rate_limits: vec![],
@@ -189,6 +194,8 @@ pub struct Config {
     pub events_max_age: Duration,
     pub lanes: usize,
     pub log_format: LogFormat,
+    /// Where spans are exported (none by default).
+    pub telemetry: orch_config::telemetry::Telemetry,
     pub admission: crate::admission::Config,
     pub stream_replicas: usize,
 }
@@ -211,7 +218,7 @@ pub fn load(matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Resul
     loader
         .args(&Args::command(), matches, env, &["config"])
         .extract::<Settings>()?
-        .check()
+        .check(env)
 }
 
 /// Loads the configuration from these flags (without the program name) alone, with no
@@ -240,9 +247,10 @@ impl Config {
 
 impl Settings {
     /// The checks no type expresses; each error names its key.
-    fn check(self) -> Result<Config, Error> {
+    fn check(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Error> {
         use crate::admission::{Cap, RateLimit};
         let nats = self.nats.check()?;
+        let telemetry = self.telemetry.check(env)?;
         let redis = self.redis.check(&self.redis_url)?;
         let tokens: Vec<String> = self
             .tokens
@@ -351,6 +359,7 @@ impl Settings {
             events_max_age: self.events_max_age,
             lanes: self.lanes,
             log_format: self.log_format,
+            telemetry,
             admission: crate::admission::Config {
                 cap: Some(cap),
                 rate_limits,

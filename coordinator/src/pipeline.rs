@@ -126,6 +126,8 @@ pub fn new_task(
         output: None,
         error: None,
         branch: None,
+        trace_id: None,
+        traceparent: None,
     };
     let mut actions = vec![Action::Emit(
         None,

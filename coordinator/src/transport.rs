@@ -163,7 +163,8 @@ pub struct ForwardedWrite {
 
 /// A message for [`Transport::publish_all`].
 pub enum Outgoing<'a> {
-    Job(JobSpec),
+    /// A job and the `traceparent` of its dispatch span (sent as a NATS header).
+    Job(JobSpec, Option<String>),
     Event(Event),
     /// The task's record, as its latest snapshot in the durable log (borrowed: a task is
     /// large, and not cloned to be sent).
@@ -414,6 +415,7 @@ impl Transport {
             subject: String,
             payload: Vec<u8>,
             msg_id: Option<String>,
+            headers: Option<async_nats::HeaderMap>,
             event: bool,
         }
         let mut wire: Vec<Wire> = Vec::new();
@@ -435,6 +437,7 @@ impl Transport {
                     subject: message.subject,
                     payload: message.payload,
                     msg_id: None,
+                    headers: None,
                     event: true,
                 });
             }
@@ -442,6 +445,7 @@ impl Transport {
                 subject: m.subject,
                 payload: m.payload,
                 msg_id: None,
+                headers: None,
                 event: true,
             }));
             run.clear();
@@ -449,12 +453,13 @@ impl Transport {
         for message in messages {
             match message {
                 Outgoing::Event(e) => run.push(e),
-                Outgoing::Job(spec) => {
+                Outgoing::Job(spec, traceparent) => {
                     flush(&mut run, &mut wire);
                     wire.push(Wire {
                         subject: subject::job(subject::DEFAULT_POOL),
                         payload: codec::encode(spec),
                         msg_id: Some(subject::job_msg_id(spec.job_id, spec.attempt)),
+                        headers: orch_config::telemetry::nats_headers(traceparent.as_deref()),
                         event: false,
                     });
                 }
@@ -462,6 +467,7 @@ impl Transport {
                     subject: subject::task_snapshot(task.id),
                     payload: codec::encode(*task),
                     msg_id: None,
+                    headers: None,
                     event: false,
                 }),
             }
@@ -479,6 +485,7 @@ impl Transport {
                 subject,
                 payload,
                 msg_id,
+                headers,
                 event: is_event,
             } = w;
             if is_event && Some(i) != last_event {
@@ -494,6 +501,9 @@ impl Transport {
             let mut publish = jetstream::message::PublishMessage::build().payload(payload.into());
             if let Some(id) = msg_id {
                 publish = publish.message_id(id);
+            }
+            if let Some(headers) = headers {
+                publish = publish.headers(headers);
             }
             let ack = self
                 .js()

@@ -492,6 +492,9 @@ fn sample_task() -> Task {
         output: None,
         error: Some("step 1 (builder) failed".into()),
         branch: Some("orch/t".into()),
+        // Optional and skipped when absent: the golden record of older versions still decodes.
+        trace_id: None,
+        traceparent: None,
     }
 }
 

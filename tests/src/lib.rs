@@ -1287,6 +1287,7 @@ pub mod claude_cli;
 pub mod fake_anthropic;
 pub mod fake_openai;
 pub mod ledger;
+pub mod otlp;
 
 /// `orchctl` with a private, empty ORCH_HOME so no user config leaks in.
 pub fn orchctl(home: &Path) -> Command {
