@@ -569,7 +569,8 @@ function taskPage() {
     const ws = t.workspace || {};
     const where = ws.kind === "git" ? `<span>repo <span class="mono">${esc(ws.url)}</span>${ws.base_ref ? ` @ <span class="mono">${esc(ws.base_ref)}</span>` : ""}</span>` : ws.path ? `<span>workspace <span class="mono">${esc(ws.path)}</span></span>` : "";
     const branch = t.branch ? `<span class="branch" title="The task branch holding the agents' merged work">${ICON_BRANCH} <span class="mono">${esc(t.branch)}</span></span>` : "";
-    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}<span>created ${when(t.created_at_ms)}</span>`;
+    const trace = t.trace_id ? `<span title="OpenTelemetry trace id: search it in your tracing backend">trace <span class="mono" id="t-trace">${esc(t.trace_id)}</span></span>` : "";
+    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}${trace}<span>created ${when(t.created_at_ms)}</span>`;
     const done = t.jobs.filter((j) => ["succeeded", "failed", "skipped", "cancelled"].includes(j.status)).length;
     const budget = t.options.budget_usd != null ? ` of ${usd(t.options.budget_usd)} budget` : "";
     $("#t-kpis").innerHTML = kpi("Progress", `${done}/${t.jobs.length}`, "steps ended") +
