@@ -680,6 +680,8 @@ mod tests {
             mcp_servers: Default::default(),
             check: None,
             pr: None,
+            trace_id: None,
+            traceparent: None,
         }
     }
 

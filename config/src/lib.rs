@@ -15,10 +15,12 @@
 //! same message from every layer: `invalid configuration: job-ack-wait: expected a duration like
 //! 30s or 5m, got "x"`. Tests pass a map as the environment and never touch the process's.
 //!
-//! [`nats`] holds the NATS connection settings (TLS, credentials) both services share.
+//! [`nats`] holds the NATS connection settings (TLS, credentials) both services share,
+//! [`telemetry`] their logging and OTLP trace export.
 
 pub mod nats;
 pub mod redis;
+pub mod telemetry;
 
 use clap::{ArgAction, ArgMatches, Command, parser::ValueSource};
 use figment::error::{Actual, Kind};

@@ -118,6 +118,8 @@ struct Offered {
     task: TaskId,
     priority: Priority,
     spec: JobSpec,
+    /// The `traceparent` of the job's dispatch span.
+    traceparent: Option<String>,
 }
 
 struct Waiting {
@@ -195,12 +197,19 @@ impl Admission {
     }
 
     /// Offers a ready job; it is published when admission allows.
-    pub fn offer(&self, task: TaskId, priority: Priority, spec: JobSpec) {
+    pub fn offer(
+        &self,
+        task: TaskId,
+        priority: Priority,
+        spec: JobSpec,
+        traceparent: Option<String>,
+    ) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Msg::Offer(Box::new(Offered {
                 task,
                 priority,
                 spec,
+                traceparent,
             })));
         }
     }
@@ -505,7 +514,10 @@ impl Actor {
         // coordinator's resume on restart (the record says `queued`).
         tokio::spawn(async move {
             let job = offered.spec.job_id;
-            if let Err(e) = transport.publish_all(&[Outgoing::Job(offered.spec)]).await {
+            if let Err(e) = transport
+                .publish_all(&[Outgoing::Job(offered.spec, offered.traceparent)])
+                .await
+            {
                 tracing::error!(%job, error = %e, "failed to publish an admitted job");
             }
             metrics::counter!(crate::metrics::JOBS_DISPATCHED).increment(1);
@@ -539,6 +551,7 @@ mod tests {
                 task: TaskId::from_u128(1),
                 priority,
                 spec: running_marker(JobId::from_u128(seq as u128)),
+                traceparent: None,
             },
             reported: HashSet::new(),
         };

@@ -114,6 +114,9 @@ pub struct Args {
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Where traces go (`[telemetry]` in the file).
+    #[command(flatten)]
+    pub telemetry: orch_config::telemetry::TelemetryArgs,
     /// The forge pull requests are opened on (`[forge]` in the file).
     #[command(flatten)]
     pub forge: ForgeArgs,
@@ -343,6 +346,7 @@ struct Settings {
     history_retention: Duration,
     lanes: usize,
     log_format: LogFormat,
+    telemetry: orch_config::telemetry::TelemetrySettings,
     max_running_agents: Option<String>,
     stream_replicas: usize,
     rate_limits: Vec<String>,
@@ -372,6 +376,7 @@ impl Default for Settings {
             history_retention: Duration::from_secs(90 * 24 * 3600),
             lanes: 16,
             log_format: LogFormat::Pretty,
+            telemetry: Default::default(),
             max_running_agents: None,
             stream_replicas: 1,
             rate_limits: vec![],
@@ -404,6 +409,8 @@ pub struct Config {
     pub history_retention: Option<Duration>,
     pub lanes: usize,
     pub log_format: LogFormat,
+    /// Where spans are exported (none by default).
+    pub telemetry: orch_config::telemetry::Telemetry,
     pub admission: crate::admission::Config,
     pub stream_replicas: usize,
     /// The forge pull requests are opened on (`None`: no token configured).
@@ -428,7 +435,7 @@ pub fn load(matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Resul
     loader
         .args(&Args::command(), matches, env, &["config"])
         .extract::<Settings>()?
-        .check()
+        .check(env)
 }
 
 /// Loads the configuration from these flags (without the program name) alone, with no
@@ -457,9 +464,10 @@ impl Config {
 
 impl Settings {
     /// The checks no type expresses; each error names its key.
-    fn check(self) -> Result<Config, Error> {
+    fn check(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Error> {
         use crate::admission::{Cap, RateLimit};
         let nats = self.nats.check()?;
+        let telemetry = self.telemetry.check(env)?;
         let redis = self.redis.check(&self.redis_url)?;
         let tokens: Vec<String> = self
             .tokens
@@ -571,6 +579,7 @@ impl Settings {
                 .then_some(self.history_retention),
             lanes: self.lanes,
             log_format: self.log_format,
+            telemetry,
             admission: crate::admission::Config {
                 cap: Some(cap),
                 rate_limits,

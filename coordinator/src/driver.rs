@@ -210,14 +210,20 @@ impl Effects {
         let now = orch_shared::now_ms();
         let mut jobs = 0;
         let mut messages = Vec::new();
+        // Open until the jobs are stored (their end is the publish's).
+        let mut dispatches = Vec::new();
         for action in actions {
             match action {
-                Action::Publish(spec) if self.admission.enabled() => {
-                    self.admission.offer(task_id, priority, *spec);
-                }
                 Action::Publish(spec) => {
-                    jobs += 1;
-                    messages.push(Outgoing::Job(*spec));
+                    let span = dispatch_span(task, &spec);
+                    let traceparent = span.as_ref().and_then(orch_config::telemetry::traceparent);
+                    dispatches.extend(span);
+                    if self.admission.enabled() {
+                        self.admission.offer(task_id, priority, *spec, traceparent);
+                    } else {
+                        jobs += 1;
+                        messages.push(Outgoing::Job(*spec, traceparent));
+                    }
                 }
                 Action::Emit(job_id, kind) => {
                     crate::meter::emitted(&kind);
@@ -246,9 +252,30 @@ impl Effects {
             }
         }
         self.transport.publish_all(&messages).await?;
+        drop(dispatches);
         metrics::counter!(m::JOBS_DISPATCHED).increment(jobs);
         Ok(())
     }
+}
+
+/// The span of one job's dispatch, a child of the task's submit span, when traces are
+/// exported and the task has one. Its `traceparent` travels in the job's NATS message.
+fn dispatch_span(task: &Task, spec: &orch_shared::job::JobSpec) -> Option<tracing::Span> {
+    if !orch_config::telemetry::enabled() {
+        return None;
+    }
+    let parent = task.traceparent.as_deref()?;
+    let span = tracing::info_span!(
+        parent: None,
+        "dispatch",
+        otel.kind = "producer",
+        task_id = %task.id,
+        job_id = %spec.job_id,
+        attempt = spec.attempt,
+        role = %spec.role,
+    );
+    orch_config::telemetry::set_parent(&span, Some(parent));
+    Some(span)
 }
 
 /// The ids of the last [`Ended::KEPT`] tasks that ended in a lane, oldest first out. A job

@@ -18,7 +18,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.log_format);
+    // Held to the end of `main`: dropping it sends the spans still batched.
+    let _telemetry = orch_config::telemetry::init(
+        "orch-coordinator",
+        config.log_format == LogFormat::Json,
+        &config.telemetry,
+    );
     let metrics = match orch_coordinator::metrics::install() {
         Ok(handle) => Some(handle),
         Err(e) => {
@@ -34,18 +39,6 @@ async fn main() -> ExitCode {
             tracing::error!(error = %format!("{e:#}"), "coordinator failed");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ORCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
     }
 }
 

@@ -137,6 +137,8 @@ pub fn new_task(
             ..CheckReport::default()
         }),
         pr: None,
+        trace_id: None,
+        traceparent: None,
     };
     let mut actions = vec![Action::Emit(
         None,

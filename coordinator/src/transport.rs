@@ -167,7 +167,8 @@ pub struct ForwardedWrite {
     reason = "short-lived: built, published and dropped; boxing a job would only add an allocation"
 )]
 pub enum Outgoing<'a> {
-    Job(JobSpec),
+    /// A job and the `traceparent` of its dispatch span (sent as a NATS header).
+    Job(JobSpec, Option<String>),
     Event(Event),
     /// The task's record, as its latest snapshot in the durable log (borrowed: a task is
     /// large, and not cloned to be sent).
@@ -418,6 +419,7 @@ impl Transport {
             subject: String,
             payload: Vec<u8>,
             msg_id: Option<String>,
+            headers: Option<async_nats::HeaderMap>,
             event: bool,
         }
         let mut wire: Vec<Wire> = Vec::new();
@@ -439,6 +441,7 @@ impl Transport {
                     subject: message.subject,
                     payload: message.payload,
                     msg_id: None,
+                    headers: None,
                     event: true,
                 });
             }
@@ -446,6 +449,7 @@ impl Transport {
                 subject: m.subject,
                 payload: m.payload,
                 msg_id: None,
+                headers: None,
                 event: true,
             }));
             run.clear();
@@ -453,12 +457,13 @@ impl Transport {
         for message in messages {
             match message {
                 Outgoing::Event(e) => run.push(e),
-                Outgoing::Job(spec) => {
+                Outgoing::Job(spec, traceparent) => {
                     flush(&mut run, &mut wire);
                     wire.push(Wire {
                         subject: subject::job(subject::DEFAULT_POOL),
                         payload: codec::encode(spec),
                         msg_id: Some(subject::job_msg_id(spec.job_id, spec.attempt)),
+                        headers: orch_config::telemetry::nats_headers(traceparent.as_deref()),
                         event: false,
                     });
                 }
@@ -466,6 +471,7 @@ impl Transport {
                     subject: subject::task_snapshot(task.id),
                     payload: codec::encode(*task),
                     msg_id: None,
+                    headers: None,
                     event: false,
                 }),
             }
@@ -483,6 +489,7 @@ impl Transport {
                 subject,
                 payload,
                 msg_id,
+                headers,
                 event: is_event,
             } = w;
             if is_event && Some(i) != last_event {
@@ -498,6 +505,9 @@ impl Transport {
             let mut publish = jetstream::message::PublishMessage::build().payload(payload.into());
             if let Some(id) = msg_id {
                 publish = publish.message_id(id);
+            }
+            if let Some(headers) = headers {
+                publish = publish.headers(headers);
             }
             let ack = self
                 .js()

@@ -549,6 +549,14 @@ pub struct Task {
     /// For a git workspace: the task branch holding the agents' merged work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
+    /// The OpenTelemetry trace the task's spans belong to (32 hex digits), when the coordinator
+    /// exports traces (`[telemetry] otlp_endpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The W3C `traceparent` of the submit's span: every job's dispatch span is its child, on
+    /// whichever coordinator dispatches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// The pull request asked for with `pr`, and what became of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pr: Option<PullRequest>,

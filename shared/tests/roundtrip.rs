@@ -526,6 +526,9 @@ fn sample_task() -> Task {
         branch: Some("orch/t".into()),
         check: None,
         pr: None,
+        // Optional and skipped when absent: the golden record of older versions still decodes.
+        trace_id: None,
+        traceparent: None,
     }
 }
 

@@ -1289,6 +1289,7 @@ pub mod fake_github;
 pub mod fake_openai;
 pub mod ledger;
 pub mod mcp_server;
+pub mod otlp;
 
 /// `orchctl` with a private, empty ORCH_HOME so no user config leaks in.
 pub fn orchctl(home: &Path) -> Command {

@@ -265,3 +265,120 @@ async fn orchctl_mcp_serves_the_same_tools_over_stdio() {
     assert_eq!(task.prompt, "STDIO-TASK: tidy the changelog");
     assert_eq!(task.status.as_str(), "completed");
 }
+
+const ALPHA: &str = "alpha-token-0123456789abcdef";
+const BETA: &str = "beta-token-0123456789abcdefg";
+
+/// One MCP `tools/call` over streamable HTTP with `token`, as any MCP client sends it (the
+/// endpoint is stateless: no session to open first). `Ok`: the tool's JSON answer; `Err`: the
+/// protocol's error object, or the HTTP status and body when the endpoint refused the request.
+async fn call_tool(
+    cluster: &Cluster,
+    token: &str,
+    tool: &str,
+    arguments: Value,
+) -> Result<Value, Value> {
+    let r = cluster
+        .http()
+        .post(format!("{}/v1/mcp", cluster.url))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                      "params": {"name": tool, "arguments": arguments}}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    if !status.is_success() {
+        return Err(json!({"http_status": status.as_u16(), "body": body}));
+    }
+    if let Some(error) = body.get("error") {
+        return Err(error.clone());
+    }
+    let result = &body["result"];
+    let text = result["content"][0]["text"].as_str().unwrap_or_default();
+    if result["isError"] == true {
+        return Err(json!({"tool_error": text}));
+    }
+    Ok(serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {body}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_sees_and_cancels_only_its_own_tasks_through_mcp() {
+    // No workers: the tasks stay running until cancelled.
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        coordinator_args: vec![
+            "--tenant".into(),
+            format!("alpha={ALPHA}"),
+            "--tenant".into(),
+            format!("beta={BETA}"),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let submit = |token: &'static str, prompt: &'static str| {
+        let cluster = &cluster;
+        async move {
+            call_tool(
+                cluster,
+                token,
+                "submit",
+                json!({"prompt": prompt, "roles": ["builder"]}),
+            )
+            .await
+            .unwrap()["task_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let a = submit(ALPHA, "alpha's task").await;
+    let b = submit(BETA, "beta's task").await;
+
+    // Each tenant lists only its own task.
+    for (token, own) in [(ALPHA, &a), (BETA, &b)] {
+        let list = call_tool(&cluster, token, "list_tasks", json!({}))
+            .await
+            .unwrap();
+        let ids: Vec<&str> = list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec![own.as_str()], "{list}");
+    }
+    // Another tenant's task does not exist for alpha: neither its status nor a cancel.
+    for tool in ["status", "cancel"] {
+        let err = call_tool(&cluster, ALPHA, tool, json!({"task_id": b}))
+            .await
+            .unwrap_err();
+        assert_eq!(err["data"]["code"], "not_found", "{tool}: {err}");
+        assert_eq!(err["code"], -32602, "{tool}: {err}");
+    }
+    let (_, still) = cluster.get(&format!("/v1/tasks/{b}")).await;
+    assert_eq!(still["status"], "running", "{still}");
+
+    // Its own task alpha cancels.
+    let cancelled = call_tool(&cluster, ALPHA, "cancel", json!({"task_id": a}))
+        .await
+        .unwrap();
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let (_, shown) = cluster.get(&format!("/v1/tasks/{a}")).await;
+    assert_eq!(shown["status"], "cancelled", "{shown}");
+
+    // A token no tenant has is refused before any tool runs, with the API's error body.
+    let err = call_tool(
+        &cluster,
+        "gamma-token-0123456789abcde",
+        "list_tasks",
+        json!({}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err["http_status"], 401, "{err}");
+    assert_eq!(err["body"]["code"], "unauthorized", "{err}");
+}

@@ -128,6 +128,9 @@ pub struct Args {
     /// Log format: pretty or json.
     #[arg(long, env = "ORCH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Where traces go (`[telemetry]` in the file).
+    #[command(flatten)]
+    pub telemetry: orch_config::telemetry::TelemetryArgs,
     /// Where scratch workspaces and the Claude Code CLI's home live (default: a directory
     /// named after the worker under the system's temporary directory).
     #[arg(long, env = "ORCH_WORKER_DATA_DIR")]
@@ -313,6 +316,7 @@ struct Settings {
     drain_grace: Duration,
     listen: Option<SocketAddr>,
     log_format: LogFormat,
+    telemetry: orch_config::telemetry::TelemetrySettings,
     /// `None`: `orch-worker-<id>` under the system's temporary directory.
     data_dir: Option<PathBuf>,
     default_backend: Option<String>,
@@ -448,6 +452,7 @@ impl Default for Settings {
             drain_grace: Duration::from_secs(30),
             listen: None,
             log_format: LogFormat::Pretty,
+            telemetry: Default::default(),
             data_dir: None,
             default_backend: None,
             backends: BackendsFile::default(),
@@ -771,6 +776,8 @@ pub struct Config {
     pub drain_grace: Duration,
     pub listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Where spans are exported (none by default).
+    pub telemetry: orch_config::telemetry::Telemetry,
     /// Scratch workspaces (`<data_dir>/scratch/<job>-<attempt>`) and the CLI's home.
     pub data_dir: PathBuf,
     /// Jobs naming `sim` run on this backend instead (`orchctl local up --backend`).
@@ -831,7 +838,7 @@ pub fn load(matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Resul
     loader
         .args(&Args::command(), matches, env, &["config"])
         .extract::<Settings>()?
-        .check()
+        .check(env)
 }
 
 /// Loads the configuration from these flags (without the program name) alone, with no
@@ -847,8 +854,9 @@ where
 
 impl Settings {
     /// The checks no type expresses; each error names its key.
-    fn check(self) -> Result<Config, Error> {
+    fn check(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Error> {
         let nats = self.nats.check()?;
+        let telemetry = self.telemetry.check(env)?;
         let redis = self.redis.check(&self.redis_url)?;
         if self.slots == 0 || self.slots > 10_000 {
             return Err(Error::invalid("slots", "must be between 1 and 10000"));
@@ -934,6 +942,7 @@ impl Settings {
             drain_grace: self.drain_grace,
             listen: self.listen,
             log_format: self.log_format,
+            telemetry,
             data_dir,
             default_backend,
             backends,

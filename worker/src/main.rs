@@ -43,7 +43,12 @@ async fn worker() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.log_format);
+    // Held to the end of `main`: dropping it sends the spans still batched.
+    let _telemetry = orch_config::telemetry::init(
+        "orch-worker",
+        config.log_format == LogFormat::Json,
+        &config.telemetry,
+    );
     match std::env::current_exe() {
         Ok(exe) => process::supervise_with(exe, orch_worker::datadir::records(&config.data_dir)),
         Err(e) => {
@@ -74,18 +79,6 @@ async fn worker() -> ExitCode {
             tracing::error!(error = %e, "worker panicked");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ORCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
     }
 }
 

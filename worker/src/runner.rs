@@ -121,7 +121,13 @@ impl Runner {
         migrate: CancellationToken,
     ) {
         let spec = &job.spec;
-        let span = tracing::info_span!("job", task_id = %spec.task_id, job_id = %spec.job_id, attempt = spec.attempt, role = %spec.role);
+        let trace_id = job
+            .traceparent
+            .as_deref()
+            .and_then(orch_config::telemetry::trace_id);
+        let span = tracing::info_span!("job", task_id = %spec.task_id, job_id = %spec.job_id, attempt = spec.attempt, role = %spec.role, trace_id, otel.kind = "consumer");
+        // The job's span continues its dispatch's trace (the task's).
+        orch_config::telemetry::set_parent(&span, job.traceparent.as_deref());
         self.run_in_span(job, hard_stop, migrate)
             .instrument(span)
             .await
@@ -215,7 +221,15 @@ impl Runner {
             _ => None,
         };
         let events = events.with_recorder(recorder.clone());
-        let agent_run = self.agent.run_report(&spec, events, agent_cancel.clone());
+        let agent_span = if orch_config::telemetry::enabled() {
+            tracing::info_span!("agent", backend = %backend)
+        } else {
+            tracing::Span::none()
+        };
+        let agent_run = self
+            .agent
+            .run_report(&spec, events, agent_cancel.clone())
+            .instrument(agent_span);
         tokio::pin!(agent_run);
         let period = (self.transport.ack_wait / 3).max(Duration::from_millis(100));
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -406,6 +420,8 @@ impl Runner {
             Outcome::Failure { reason, .. } => ("failure", reason.as_str()),
         };
         metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
+        // In the job's span: the line carries the task, job and trace ids.
+        tracing::info!(outcome, reason, "job finished");
         // One round trip sets the done marker and drops the lease (it expires by itself if
         // this fails).
         match self

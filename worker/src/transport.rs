@@ -156,6 +156,9 @@ pub struct JobDelivery {
     pub spec: Arc<JobSpec>,
     /// JetStream's delivery count (1 for a first delivery).
     pub delivery: u64,
+    /// The W3C `traceparent` of the job's dispatch span (the message's header), when the
+    /// coordinator exports traces.
+    pub traceparent: Option<String>,
     msg: Arc<jetstream::Message>,
 }
 
@@ -289,6 +292,7 @@ impl Transport {
                 Ok(spec) => Some(Pulled::Job(JobDelivery {
                     spec: Arc::new(spec),
                     delivery,
+                    traceparent: orch_config::telemetry::from_nats_headers(msg.headers.as_ref()),
                     msg: Arc::new(msg),
                 })),
                 Err(e) => {

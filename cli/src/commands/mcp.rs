@@ -12,7 +12,7 @@ Examples:
   claude mcp add orch -- orchctl mcp
   claude mcp add orch -- orchctl --server https://orch.example.com mcp";
 
-/// Serve the cluster's MCP tools (submit, dry_run, status, agent_result, send) over stdio
+/// Serve the cluster's MCP tools (submit, dry_run, status, list_tasks, cancel, agent_result, send) over stdio
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = EXAMPLES)]
 pub struct Args {}

@@ -71,7 +71,7 @@ impl Tokens {
 
 /// What a tenant's token may reach under `/v1`.
 enum Scope {
-    /// Its own tasks only (submit, list — filtered —, dry runs, task types).
+    /// Its own tasks only (submit, list — filtered —, dry runs, task types, MCP).
     Open,
     Task(String),
     Agent(String),
@@ -84,6 +84,9 @@ fn tenant_scope(path: &str) -> Scope {
         ["v1", "tasks"] | ["v1", "tasks", "dry-run"] | ["v1", "task-types"] => Scope::Open,
         // The handlers keep a tenant to its own tasks' requests.
         ["v1", "approvals"] | ["v1", "approvals", _] => Scope::Open,
+        // Every MCP tool is an in-process call of `/v1` with the caller's own token, which
+        // passes through this gate again: a tenant's tools reach only its own tasks.
+        ["v1", "mcp"] => Scope::Open,
         ["v1", "tasks", id, ..] => Scope::Task(id.to_string()),
         ["v1", "agents", id, ..] => Scope::Agent(id.to_string()),
         _ => Scope::AdminOnly,

@@ -71,6 +71,11 @@ pub(super) async fn forward_writes(
             .iter()
             .filter(|(name, _)| FORWARDED_HEADERS.contains(&name.as_str()))
             .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
+            // This request's span, so the leader's joins the caller's trace.
+            .chain(
+                orch_config::telemetry::traceparent(&tracing::Span::current())
+                    .map(|tp| (orch_config::telemetry::TRACEPARENT_HEADER.to_string(), tp)),
+            )
             .collect(),
         body: body.to_vec(),
     };

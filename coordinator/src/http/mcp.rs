@@ -113,6 +113,13 @@ pub struct StatusArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct CancelArgs {
+    /// The task's id.
+    pub task_id: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AgentArgs {
     /// The agent's (job's) id, as listed in the task's `agents`.
     pub agent_id: String,
@@ -201,6 +208,32 @@ impl Tools {
     }
 
     #[tool(
+        description = "The latest tasks the caller may see (a tenant sees its own), newest first: id, status, prompt."
+    )]
+    async fn list_tasks(
+        &self,
+        ctx: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<String, ErrorData> {
+        let list = self
+            .call(&ctx, Method::GET, "/v1/tasks?limit=50", None)
+            .await?;
+        Ok(json!({"tasks": list["tasks"]}).to_string())
+    }
+
+    #[tool(
+        description = "Cancel a task: its running agents are stopped and the rest never start. Returns the task's status."
+    )]
+    async fn cancel(
+        &self,
+        Parameters(args): Parameters<CancelArgs>,
+        ctx: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<String, ErrorData> {
+        let path = format!("/v1/tasks/{}/cancel", segment("task_id", &args.task_id)?);
+        let task = self.call(&ctx, Method::POST, &path, None).await?;
+        Ok(task_view(&task).to_string())
+    }
+
+    #[tool(
         description = "An agent's result: its status, output, error, and the unified diff of what it changed."
     )]
     async fn agent_result(
@@ -254,7 +287,8 @@ impl ServerHandler for Tools {
         info.capabilities = ServerCapabilities::builder().enable_tools().build();
         info.instructions = Some(
             "Hand coding work to an orchestrator cluster: submit a task, follow it with status \
-             (wait_seconds), read each agent's result and diff, and send follow-ups."
+             (wait_seconds), read each agent's result and diff, send follow-ups, list and \
+             cancel tasks."
                 .into(),
         );
         info
@@ -332,6 +366,7 @@ fn task_view(task: &Value) -> Value {
         "task_id": task["id"],
         "status": task["status"],
         "plan": task["plan_source"],
+        "trace_id": task["trace_id"],
         "agents": agents,
         "cost_usd": task["cost_usd"],
         "output": task["output"],

@@ -32,6 +32,7 @@ pub mod mcp;
 pub mod openapi;
 pub mod sse;
 pub mod tasks;
+mod trace;
 
 pub use answer::MAX_BODY_BYTES;
 pub use app::App;
@@ -93,6 +94,7 @@ pub fn router(app: App, pages: Router) -> Router {
             forward::forward_writes,
         ))
         .layer(gate.clone())
+        .layer(middleware::from_fn(trace::span))
         .split_for_parts();
     let api = v1.with_state(app.clone());
     // The forge's deliveries carry a signature instead of a token; a standby forwards them.
@@ -106,7 +108,8 @@ pub fn router(app: App, pages: Router) -> Router {
     // MCP tools call `api` with the caller's own token; the endpoint itself needs one too.
     let mcp = Router::new()
         .nest_service(mcp::PATH, mcp::service(api.clone(), app.shutdown.clone()))
-        .layer(gate);
+        .layer(gate)
+        .layer(middleware::from_fn(trace::span));
     let (open, _) = open_routes().split_for_parts();
     Router::new()
         .merge(open)

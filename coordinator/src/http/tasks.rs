@@ -290,13 +290,22 @@ async fn submit(
     if let (Some(t), Some(key)) = (&tenant, &opts.idempotency_key) {
         opts.idempotency_key = Some(format!("{t}/{key}"));
     }
-    let (mut task, actions) = pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms())
+    let (mut task, actions) = tracing::info_span!("plan")
+        .in_scope(|| pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms()))
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     task.tenant = tenant;
     task.pr = pr.map(|pr| PullRequest {
         head: GitJob::task_branch(task.id),
         ..pr
     });
+    // The request's span (when traces are exported) is the task's: its jobs' dispatches hang
+    // under it, whichever coordinator makes them.
+    task.traceparent = orch_config::telemetry::traceparent(&tracing::Span::current());
+    task.trace_id = task
+        .traceparent
+        .as_deref()
+        .and_then(orch_config::telemetry::trace_id)
+        .map(String::from);
     let fx = app.effects()?;
     if task.idempotency_key.is_none() && !fx.admission.enabled() {
         create_and_publish(&app.state, fx, &task, actions).await?;
@@ -324,7 +333,7 @@ async fn submit(
 
 fn accepted(task: &Task) {
     metrics::counter!(m::TASKS_SUBMITTED).increment(1);
-    tracing::info!(task_id = %task.id, jobs = task.jobs.len(), plan = %task.plan_source, "task accepted");
+    tracing::info!(task_id = %task.id, jobs = task.jobs.len(), plan = %task.plan_source, trace_id = task.trace_id.as_deref(), "task accepted");
 }
 
 /// Writes a new task's record and publishes its first jobs at the same time: the job

@@ -41,6 +41,7 @@ use orch_shared::job::{FailureReason, Outcome, Usage, Workspace};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// The most of a tool's input or output an event carries (the model gets the whole result).
 const MAX_EVENT_TEXT: usize = 8 * 1024;
@@ -251,6 +252,9 @@ pub async fn run<A: Api>(
         let result = http::with_retries(A::NAME, api.settings(), cancel, &mut spent, || {
             api.send(&body, events)
         })
+        .instrument(step_span(
+            || tracing::info_span!("model", backend = A::NAME, %model, turn = turns),
+        ))
         .await;
         usage.add(&spent.usage);
         if let Some((tokens_before, rounds)) = compacted.take() {
@@ -685,10 +689,15 @@ async fn run_calls(
         if reads > 0 {
             let batch = calls[from..from + reads]
                 .iter()
-                .map(|c| run_one(toolbox, gate, c, cancel));
+                .map(|c| run_one(toolbox, gate, c, cancel).instrument(tool_span(c)));
             outputs.extend(futures::future::join_all(batch).await);
         } else {
-            outputs.push(run_one(toolbox, gate, &calls[from], cancel).await);
+            let c = &calls[from];
+            outputs.push(
+                run_one(toolbox, gate, c, cancel)
+                    .instrument(tool_span(c))
+                    .await,
+            );
         }
     }
     for (c, o) in calls.iter().zip(&outputs) {
@@ -702,6 +711,20 @@ async fn run_calls(
         });
     }
     outputs
+}
+
+/// A span of one agent step, made only when traces are exported (the logs stay as they are
+/// otherwise).
+fn step_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if orch_config::telemetry::enabled() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
+fn tool_span(call: &Call) -> tracing::Span {
+    step_span(|| tracing::info_span!("tool", name = %call.name, call_id = %call.id))
 }
 
 #[cfg(test)]

@@ -608,7 +608,8 @@ function taskPage() {
       ? `<span class="pr" title="The task's pull request (${t.pr.rounds} review round(s))"><a href="${esc(t.pr.url)}">PR #${t.pr.number}</a></span>`
       : `<span class="pr muted" title="${esc(t.pr.error || "opened when the task completes")}">PR → ${esc(t.pr.base)}</span>`;
     const escalated = t.pr && t.pr.escalated ? `<span class="badge s-failed" title="The review loop stopped: a person is needed">review needs a person: ${esc(t.pr.escalated)}</span>` : "";
-    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}${pr}${escalated}<span>created ${when(t.created_at_ms)}</span>`;
+    const trace = t.trace_id ? `<span title="OpenTelemetry trace id: search it in your tracing backend">trace <span class="mono" id="t-trace">${esc(t.trace_id)}</span></span>` : "";
+    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}${pr}${escalated}${trace}<span>created ${when(t.created_at_ms)}</span>`;
     const done = t.jobs.filter((j) => ["succeeded", "failed", "skipped", "cancelled"].includes(j.status)).length;
     const budget = t.options.budget_usd != null ? ` of ${usd(t.options.budget_usd)} budget` : "";
     $("#t-kpis").innerHTML = kpi("Progress", `${done}/${t.jobs.length}`, "steps ended") +

@@ -79,6 +79,34 @@ pub struct ClaudeCode {
     provider: ApiSettings,
 }
 
+/// When the worker exports traces: the CLI's OpenTelemetry environment, so that its own spans
+/// (`claude_code.interaction` and its model requests and tools; the pinned CLI's enhanced
+/// telemetry beta) go to the same collector as children of the job's `agent` span. The CLI
+/// reads `TRACEPARENT` in headless mode. Its metrics and log events stay off. From inside the
+/// sandbox the collector is reached through the job's proxy, like any other host: see
+/// docs/observability.md.
+fn trace_env(env: &mut BTreeMap<String, String>) {
+    let (Some(endpoint), Some(traceparent)) = (
+        orch_config::telemetry::traces_endpoint(),
+        orch_config::telemetry::traceparent(&tracing::Span::current()),
+    ) else {
+        return;
+    };
+    env.remove("DISABLE_TELEMETRY");
+    for (k, v) in [
+        ("CLAUDE_CODE_ENABLE_TELEMETRY", "1"),
+        ("CLAUDE_CODE_ENHANCED_TELEMETRY_BETA", "1"),
+        ("OTEL_TRACES_EXPORTER", "otlp"),
+        ("OTEL_METRICS_EXPORTER", "none"),
+        ("OTEL_LOGS_EXPORTER", "none"),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint),
+        ("TRACEPARENT", &traceparent),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+}
+
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
@@ -191,6 +219,7 @@ impl ClaudeCode {
         if p.profile.permission_mode == "bypassPermissions" && running_as_root() {
             env.insert("IS_SANDBOX".into(), "1".into());
         }
+        trace_env(&mut env);
         env.extend(self.settings.env.clone());
         env
     }
