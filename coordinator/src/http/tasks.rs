@@ -264,21 +264,27 @@ async fn create_with_key(
 ) -> Answer<(StatusCode, axum::Json<Task>)> {
     match state.create_task(&task).await? {
         Created::Existing(id) => {
-            if state.pending(id).await? {
+            // A submit with the same key still publishing: its outcome is waited for (a
+            // concurrent duplicate gets the task once it runs, or is told to retry when its
+            // creation was taken back).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while state.pending(id).await? {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("task {id} with this idempotency_key is still being created; retry in a few seconds"),
+                    )
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let Some(existing) = state.load_task(id).await? else {
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,
-                    format!(
-                        "task {id} with this idempotency_key is still being created; retry in a few seconds"
-                    ),
+                    "a task with this idempotency_key could not be created (its jobs were not published); retry in a few seconds",
                 )
                 .into());
-            }
-            let existing = state.load_task(id).await?.ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Internal,
-                    format!("task {id} is missing its record"),
-                )
-            })?;
+            };
             Ok((StatusCode::OK, axum::Json(existing)))
         }
         Created::New => {
