@@ -41,6 +41,15 @@ if ! command -v bwrap >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
   command -v bwrap >/dev/null 2>&1 || { echo "bwrap is still missing after apt-get install" >&2; exit 1; }
 fi
 
+# iproute2 (`ip`): the partition tests (tests/tests/hosts.rs) run machines as network
+# namespaces on a bridge (they need root, as CI has; they fail, never skip, without it).
+if ! command -v ip >/dev/null 2>&1; then
+  echo "installing iproute2 (Debian)..." >&2
+  _orch_sudo apt-get update -qq >&2 || true
+  DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq iproute2 >&2
+  command -v ip >/dev/null 2>&1 || { echo "ip is still missing after apt-get install" >&2; exit 1; }
+fi
+
 # The Claude Code CLI, for the tests of the claude-code backend (they run the real CLI against a
 # fake Messages API and fail, never skip, without it). Pinned, installed from npm into
 # target/tools/claude-code and reused while it is that version. Only scripts/test (and so

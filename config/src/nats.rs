@@ -14,6 +14,12 @@ use crate::Error;
 use serde::Deserialize;
 use std::path::PathBuf;
 
+/// How often a service pings its NATS server. Two pings without an answer end the connection
+/// and the client moves to another server of the cluster: a server whose machine dropped off
+/// the network (no reset comes back) is left after about three intervals, not the two minutes
+/// async-nats's default interval gives.
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The NATS connection flags, the same in both services (`#[command(flatten)]`). Each id is the
 /// setting's key under `nats`.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -265,26 +271,25 @@ impl Nats {
         // async-nats keeps retrying refused credentials, as it does an unreachable server, and
         // logs each refusal in its own words; this says once which settings to check.
         let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut options =
-            async_nats::ConnectOptions::new()
-                .name(name)
-                .event_callback(move |event| {
-                    let told = told.clone();
-                    async move {
-                        if let async_nats::Event::ClientError(async_nats::ClientError::Other(e)) =
-                            &event
-                            && (e.contains("authorization violation")
-                                || e.contains("authentication"))
-                            && !told.swap(true, std::sync::atomic::Ordering::Relaxed)
-                        {
-                            tracing::error!(
-                                error = %e,
-                                "NATS refused this service's credentials (check nats-user and \
-                                 nats-password, nats-token, nats-nkey or nats-creds-file); retrying"
-                            );
-                        }
+        let mut options = async_nats::ConnectOptions::new()
+            .name(name)
+            .ping_interval(PING_INTERVAL)
+            .event_callback(move |event| {
+                let told = told.clone();
+                async move {
+                    if let async_nats::Event::ClientError(async_nats::ClientError::Other(e)) =
+                        &event
+                        && (e.contains("authorization violation") || e.contains("authentication"))
+                        && !told.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::error!(
+                            error = %e,
+                            "NATS refused this service's credentials (check nats-user and \
+                             nats-password, nats-token, nats-nkey or nats-creds-file); retrying"
+                        );
                     }
-                });
+                }
+            });
         if self.tls_required || self.ca_file.is_some() || self.client_cert.is_some() {
             options = options.require_tls(true);
         }

@@ -10,6 +10,11 @@
 //! leader paused or partitioned past its lease, whose lease another replica took, has its
 //! next write refused (`state::Error::Fenced`), so it neither applies a result nor publishes
 //! what would follow it, and stops at once.
+//!
+//! A leader must reach NATS as well as Redis: one whose NATS connection has been down for
+//! [`NATS_GRACE`] (its machine cut off from the NATS servers, while Redis still answers it)
+//! gives the lease back and stops, so a standby that reaches both takes over at once; a
+//! replica without NATS does not campaign.
 
 use crate::state::{self, State};
 use std::time::{Duration, Instant};
@@ -20,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often the holder renews and a standby tries to take it.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// How long a leader may be without a NATS connection before it gives up the lease (a
+/// server restart or a move to another node of the cluster takes less).
+pub const NATS_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,20 +37,26 @@ pub enum Error {
     Lost(Duration),
     #[error("fenced out: another coordinator took the leader lease (epoch {0} is stale)")]
     Fenced(u64),
+    #[error("no NATS connection for {0:?} while leading: gave the leader lease back")]
+    NatsLost(Duration),
     #[error(transparent)]
     State(#[from] state::Error),
 }
 
 /// Campaigns until `cancel`: `leader` turns true once this replica holds the lease. Returns an
-/// error if it lost the lease after holding it.
+/// error if it lost the lease after holding it, or gave it back for want of NATS (`nats` says
+/// whether the NATS connection is up).
 pub async fn campaign(
     state: State,
     id: String,
     leader: watch::Sender<bool>,
     cancel: CancellationToken,
+    nats: impl Fn() -> bool + Send + 'static,
 ) -> Result<(), Error> {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     let mut renewed_at: Option<Instant> = None;
+    // Since when the NATS connection has been down (None while it is up).
+    let mut nats_down: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -54,7 +68,18 @@ pub async fn campaign(
             _ = tick.tick() => {}
             _ = state.fenced() => return Err(Error::Fenced(state.leader_epoch())),
         }
+        nats_down = match (nats(), nats_down) {
+            (true, _) => None,
+            (false, since) => Some(since.unwrap_or_else(Instant::now)),
+        };
+        if let (Some(_), Some(since)) = (renewed_at, nats_down)
+            && since.elapsed() >= NATS_GRACE
+        {
+            let _ = state.release_leader(&id).await;
+            return Err(Error::NatsLost(since.elapsed()));
+        }
         match renewed_at {
+            None if nats_down.is_some() => {}
             None => match state.try_lead(&id, LEASE_TTL).await {
                 Ok(true) => {
                     tracing::info!(%id, epoch = state.leader_epoch(), "this coordinator is the leader");

@@ -137,11 +137,13 @@ pub async fn run(
     // Every replica serves the API; only the leader dispatches.
     let id = coordinator_id();
     let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(false);
+    let nats = transport.clone();
     let campaign = tracker.spawn(leader::campaign(
         state.clone(),
         id.clone(),
         leader_tx,
         shutdown.clone(),
+        move || nats.is_connected(),
     ));
     let effects_cell: Arc<std::sync::OnceLock<driver::Effects>> = Arc::default();
 
@@ -192,7 +194,18 @@ pub async fn run(
         _ = shutdown.cancelled() => return finish(&shutdown, &lanes_cancel, &tracker, &transport, Ok(())).await,
     }
 
-    reconcile::run_if_needed(&state, &transport)
+    // Tried again for a while: a new leader may take over while NATS elects new stream
+    // leaders or its connection moves off a server that dropped off the network.
+    (|| reconcile::run_if_needed(&state, &transport))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(12),
+        )
+        .notify(
+            |e, wait| tracing::warn!(error = %e, ?wait, "could not resume unfinished tasks yet"),
+        )
         .await
         .map_err(|e| Error::Resume(e.to_string()))?;
     catchup::on_leading(&state, &transport).await;
@@ -239,7 +252,18 @@ pub async fn run(
         admission,
         forge: forge.clone(),
     };
-    resume(&effects).await?;
+    // Safe to repeat (message ids); tried again while NATS settles, as the rebuild above.
+    (|| resume(&effects))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(12),
+        )
+        .notify(
+            |e, wait| tracing::warn!(error = %e, ?wait, "could not resume unfinished tasks yet"),
+        )
+        .await?;
     let _ = effects_cell.set(effects);
     // Standbys forward the writes they receive: answer them.
     let forward_cancel = shutdown.clone();

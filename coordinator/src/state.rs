@@ -55,6 +55,11 @@ fn task_key(id: TaskId) -> String {
     keys::task(id)
 }
 
+/// Marks a task created with an idempotency key whose first publish is not done yet.
+fn pending_key(id: TaskId) -> String {
+    format!("orch:creating:{id}")
+}
+
 fn idem_key(key: &str) -> String {
     format!("orch:idem:{key}")
 }
@@ -163,7 +168,8 @@ pub struct State {
 }
 
 /// Creates the task, its index entries and its idempotency key in one step, or returns the
-/// task that already holds the key. KEYS: idem, task, tasks, active, job index.
+/// task that already holds the key; the new task is marked pending until its first publish
+/// is done ([`State::created`]). KEYS: idem, task, tasks, active, job index, pending.
 /// ARGV: id, record, ttl, then the job ids.
 const CREATE_WITH_KEY: &str = r#"
 local existing = redis.call('GET', KEYS[1])
@@ -172,6 +178,7 @@ redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[6], 1, 'EX', 120)
 for i = 4, #ARGV do redis.call('HSET', KEYS[5], ARGV[i], ARGV[1]) end
 return false
 "#;
@@ -184,6 +191,18 @@ const CREATE_IF_ABSENT: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[2], 'NX') then redis.call('SADD', KEYS[3], ARGV[1]) end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 for i = 3, #ARGV do redis.call('HSET', KEYS[4], ARGV[i], ARGV[1]) end
+return 1
+"#;
+
+/// Takes back a creation by [`CREATE_WITH_KEY`] whose first publish failed: the record, its
+/// index entries and the idempotency key (only while it still names this task).
+/// KEYS: idem, task, tasks, active, job index, pending. ARGV: id, then the job ids.
+const UNCREATE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('DEL', KEYS[2], KEYS[6])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
+for i = 2, #ARGV do redis.call('HDEL', KEYS[5], ARGV[i]) end
 return 1
 "#;
 
@@ -285,6 +304,8 @@ static RESERVE_DAILY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(RESERVE_DAILY));
 static CREATE_WITH_KEY_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(CREATE_WITH_KEY));
+static UNCREATE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(UNCREATE));
 static CREATE_IF_ABSENT_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(CREATE_IF_ABSENT));
 static RENEW_LEAD_SCRIPT: std::sync::LazyLock<redis::Script> =
@@ -439,6 +460,7 @@ impl State {
                 .key(TASKS)
                 .key(ACTIVE)
                 .key(JOB_INDEX)
+                .key(pending_key(task.id))
                 .arg(&id)
                 .arg(record)
                 .arg(IDEMPOTENCY_TTL_SECS);
@@ -469,6 +491,50 @@ impl State {
             .await
             .map_err(redis_err("create task"))?;
         Ok(Created::New)
+    }
+
+    /// Takes back the creation of a task with an idempotency key whose first jobs could not be
+    /// published: a client that sends the submit again then creates it anew, instead of
+    /// getting back a task that nothing runs.
+    pub async fn uncreate_task(&self, task: &Task) -> Result<(), Error> {
+        let Some(key) = &task.idempotency_key else {
+            return Ok(());
+        };
+        let mut conn = self.conn.clone();
+        let script = &*UNCREATE_SCRIPT;
+        let mut call = script.prepare_invoke();
+        call.key(idem_key(key))
+            .key(task_key(task.id))
+            .key(TASKS)
+            .key(ACTIVE)
+            .key(JOB_INDEX)
+            .key(pending_key(task.id))
+            .arg(task.id.to_string());
+        for job in &task.jobs {
+            call.arg(job.id.to_string());
+        }
+        call.invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(redis_err("take back a task"))
+    }
+
+    /// The first publish of a task created with an idempotency key is done: a submit with
+    /// the same key gets it from now on.
+    pub async fn created(&self, id: TaskId) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(pending_key(id))
+            .await
+            .map_err(redis_err("mark a task created"))
+    }
+
+    /// Whether a task created with an idempotency key still waits for its first publish (and
+    /// may be taken back).
+    pub async fn pending(&self, id: TaskId) -> Result<bool, Error> {
+        let mut conn = self.conn.clone();
+        conn.exists(pending_key(id))
+            .await
+            .map_err(redis_err("read a task's creation"))
     }
 
     /// Creates a task without an idempotency key, like [`State::create_task`], but never

@@ -11,6 +11,8 @@
 // This crate is test support: a failed unwrap here is a test failure with its location.
 #![allow(clippy::unwrap_used)]
 
+pub mod hosts;
+
 use orch_shared::api::{Task, TaskStatus};
 use orch_shared::event::{Event, EventId};
 use reqwest::StatusCode;
@@ -739,6 +741,9 @@ pub struct Cluster {
     pub opts: Options,
     /// Coordinators replaced by [`Cluster::restart_coordinator`] (kept for their logs).
     pub previous: Vec<Server>,
+    /// Further servers of a cluster assembled by hand ([`Cluster::assemble`]): other NATS
+    /// nodes, coordinator replicas, a Redis replica and sentinels; in [`Cluster::logs`].
+    pub others: Vec<Server>,
     /// The replica and sentinels of a cluster started with [`Options::redis_sentinel`]
     /// (`redis` is its first primary, `redis_url` the services' `redis+sentinel://` URL).
     pub redis_ha: Option<RedisHa>,
@@ -747,6 +752,39 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A cluster whose servers the test started itself (on [`hosts`], say): `url` is the
+    /// coordinator the API calls go to (a test may point it at another replica later), the
+    /// workers' ids are `worker-<index>`. Servers, `dir` and all are dropped with it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assemble(
+        dir: tempfile::TempDir,
+        (nats, nats_url): (Server, String),
+        (redis, redis_url): (Server, String),
+        coordinator: Server,
+        url: String,
+        workers: Vec<Server>,
+        others: Vec<Server>,
+        opts: Options,
+    ) -> Cluster {
+        let next_worker = workers.len();
+        Cluster {
+            dir,
+            nats,
+            nats_url,
+            redis,
+            redis_url,
+            coordinator,
+            workers,
+            url,
+            opts,
+            previous: vec![],
+            others,
+            redis_ha: None,
+            http: reqwest::Client::new(),
+            next_worker,
+        }
+    }
+
     pub async fn start(mut opts: Options) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("orch-test-")
@@ -800,6 +838,7 @@ impl Cluster {
             url: format!("http://{addr}"),
             opts: opts.clone(),
             previous: vec![],
+            others: vec![],
             redis_ha,
             http: reqwest::Client::new(),
             next_worker: 0,
@@ -1142,6 +1181,7 @@ impl Cluster {
             .into_iter()
             .chain(self.redis_ha.iter().flat_map(RedisHa::servers))
             .chain(self.previous.iter())
+            .chain(self.others.iter())
             .chain(self.workers.iter())
         {
             s.push_str(&server.tail(40));

@@ -311,20 +311,69 @@ async fn submit(
         create_and_publish(&app.state, fx, &task, actions).await?;
         return Ok((StatusCode::CREATED, axum::Json(task)));
     }
-    match app.state.create_task(&task).await? {
+    // Carried out in a task of its own: a client that hangs up (its timeout during an
+    // election, say) cancels this handler, which must not stop between the creation and its
+    // publish or its taking back (a retry would get a task that nothing runs).
+    let (state, fx) = (app.state.clone(), fx.clone());
+    tokio::spawn(async move { create_with_key(&state, &fx, task, actions).await })
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the submit failed: {e}")))?
+}
+
+/// Creates a task with an idempotency key (or with admission on), or returns the task that
+/// holds the key.
+async fn create_with_key(
+    state: &State,
+    fx: &driver::Effects,
+    task: Task,
+    actions: Vec<pipeline::Action>,
+) -> Answer<(StatusCode, axum::Json<Task>)> {
+    match state.create_task(&task).await? {
         Created::Existing(id) => {
-            let existing = app.state.load_task(id).await?.ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Internal,
-                    format!("task {id} is missing its record"),
+            // A submit with the same key still publishing: its outcome is waited for (a
+            // concurrent duplicate gets the task once it runs, or is told to retry when its
+            // creation was taken back).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while state.pending(id).await? {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("task {id} with this idempotency_key is still being created; retry in a few seconds"),
+                    )
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let Some(existing) = state.load_task(id).await? else {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "a task with this idempotency_key could not be created (its jobs were not published); retry in a few seconds",
                 )
-            })?;
+                .into());
+            };
             Ok((StatusCode::OK, axum::Json(existing)))
         }
         Created::New => {
-            // The record is stored with its first jobs marked queued; if this publish fails the
-            // coordinator publishes them again when it restarts (same message ids).
-            fx.perform(&task, actions).await?;
+            // If the first publish fails, the creation is taken back and the submit fails
+            // (503): the client's retry with the same key creates the task anew. Kept, the
+            // record would be returned to that retry (200) while nothing published its jobs
+            // until a coordinator restarted. A job that did go out finds no task when its
+            // result comes, and the result is dropped, as for a task without a key.
+            if let Err(e) = fx.perform(&task, actions).await {
+                tracing::warn!(task_id = %task.id, error = %e, "first publish failed; taking the task back");
+                if let Err(e) = state.uncreate_task(&task).await {
+                    tracing::error!(task_id = %task.id, error = %e, "could not take the task back");
+                }
+                fx.driver.forget(task.id).await;
+                if let Err(e) = fx.transport.purge_task(task.id).await {
+                    tracing::warn!(task_id = %task.id, error = %e, "could not purge the task's log");
+                }
+                return Err(e.into());
+            }
+            if let Err(e) = state.created(task.id).await {
+                // The mark expires by itself; until then a retry is told to wait.
+                tracing::warn!(task_id = %task.id, error = %e, "could not mark the task created");
+            }
             accepted(&task);
             Ok((StatusCode::CREATED, axum::Json(task)))
         }

@@ -1,0 +1,224 @@
+//! The cluster spread over machines (network namespaces on a bridge, [`orch_tests::hosts`]),
+//! in the failures production sees: a worker's machine cut off mid-job and healed, the leading
+//! coordinator cut off from Redis and (alone) from NATS. Three NATS nodes run every stream R3. Each scenario runs a bounded load, then the chaos suite's
+//! ledger check (nothing lost, nothing run twice unnoticed, nothing charged twice) with its
+//! stuck-run detector, and prints a `SCENARIO` line with its figures (docs/reliability.md).
+//!
+//! `ORCH_HOSTS_LOAD=<n>` multiplies the load (1 by default, a few minutes for the file).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
+
+use orch_tests::Cluster;
+use orch_tests::hosts::{HostCluster, HostOptions};
+use orch_tests::ledger::{Ledger, assert_clean, check};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// The load multiplier (`ORCH_HOSTS_LOAD`).
+fn load(n: usize) -> usize {
+    let k: usize = std::env::var("ORCH_HOSTS_LOAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    n * k.max(1)
+}
+
+/// An HTTP client with a timeout: a request to a machine that was cut off fails instead of
+/// waiting forever.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// Submits `n` one-job tasks (each agent run takes `latency_ms`) through the coordinator at
+/// `cluster.url`, as a client does: a submission refused while the cluster recovers (5xx, or
+/// no answer) is sent again with the same idempotency key, for up to a minute. Returns the
+/// task ids and how many tries were refused.
+async fn submit(cluster: &Cluster, tag: &str, n: usize, latency_ms: u64) -> (Vec<String>, usize) {
+    let http = http();
+    let mut ids = Vec::with_capacity(n);
+    let mut refused = 0;
+    for i in 0..n {
+        let body = json!({
+            "prompt": format!("{tag} task {i}"),
+            "roles": ["builder"],
+            "sim": {"latency_ms": latency_ms},
+            "idempotency_key": format!("{tag}-{i}"),
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let id = loop {
+            let answer = http
+                .post(format!("{}/v1/tasks", cluster.url))
+                .bearer_auth(orch_tests::TOKEN)
+                .json(&body)
+                .send()
+                .await;
+            let why = match answer {
+                Ok(r) if r.status().is_success() => {
+                    let v: serde_json::Value = r.json().await.unwrap();
+                    break v["id"].as_str().unwrap().to_string();
+                }
+                Ok(r) if r.status().is_client_error() => {
+                    panic!("submit refused: {} {}", r.status(), r.text().await.unwrap())
+                }
+                Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => e.to_string(),
+            };
+            refused += 1;
+            assert!(
+                Instant::now() < deadline,
+                "{tag} task {i} not accepted for a minute: {why}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        ids.push(id);
+    }
+    (ids, refused)
+}
+
+/// What a scenario reports (one line on stderr, copied into docs/reliability.md).
+fn report(name: &str, ledger: &Ledger, kills: usize, refused: usize, recovered: Duration) {
+    eprintln!(
+        "SCENARIO {name}: {} tasks, {kills} faults, {} lost, {} failed, {} duplicate executions, \
+         {} double charges, {refused} submissions refused, recovered in {recovered:.1?}",
+        ledger.tasks,
+        ledger.lost.len(),
+        ledger.failed.len(),
+        ledger.duplicate_starts,
+        ledger.double_charged.len(),
+    );
+}
+
+/// Waits until the tasks `ids` completed (a task submitted after a fault completing is the
+/// cluster's recovery); returns how long after `since` that was.
+async fn completed(cluster: &Cluster, ids: &[String], since: Instant) -> Duration {
+    cluster
+        .eventually(Duration::from_secs(120), || async {
+            for id in ids {
+                let t = cluster.task(id).await;
+                if t.status != orch_shared::api::TaskStatus::Completed {
+                    return Err(format!("task {id} is {}", t.status.as_str()));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    since.elapsed()
+}
+
+/// Waits until the coordinator replica `i` leads; points the cluster's API calls at it.
+async fn follow_leader(hc: &mut HostCluster, i: usize) {
+    let url = hc.coordinator_urls[i].clone();
+    let http = http();
+    hc.cluster
+        .eventually(Duration::from_secs(60), || async {
+            let r = http
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            if v["leader"] == true {
+                Ok(())
+            } else {
+                Err(format!("replica {i} does not lead: {v}"))
+            }
+        })
+        .await;
+    hc.cluster.url = url;
+    // The cluster's coordinator (whose exit its API calls report) is the one that leads.
+    let name = format!("coordinator-{}", hc.coordinator_hosts[i].name);
+    let c = &mut hc.cluster;
+    if c.coordinator.name != name {
+        let at = c.others.iter().position(|s| s.name == name).unwrap();
+        std::mem::swap(&mut c.coordinator, &mut c.others[at]);
+    }
+}
+
+/// A worker's machine is cut off while it runs jobs: its jobs are redelivered to the other
+/// worker once their ack wait passes, and when the machine comes back, what the cut-off
+/// worker finished late is not applied a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_machine_cut_off_mid_job_and_healed_runs_nothing_twice_unnoticed() {
+    let mut hc = HostCluster::start(HostOptions {
+        worker_hosts: Some(2),
+        ..HostOptions::default()
+    })
+    .await;
+    let (mut ids, mut refused) = submit(&hc.cluster, "before", load(8), 4000).await;
+    let victim = hc.cluster.running_on(&ids[0], 0).await;
+    let cut = Instant::now();
+    hc.worker_hosts[victim].cut();
+    let (after, r) = submit(&hc.cluster, "after", load(4), 100).await;
+    refused += r;
+    ids.extend(after);
+    let recovered = completed(&hc.cluster, &ids, cut).await;
+    hc.worker_hosts[victim].heal();
+    // Back: the worker takes jobs again (some of these land on it).
+    let (healed, r) = submit(&hc.cluster, "healed", load(6), 500).await;
+    refused += r;
+    completed(&hc.cluster, &healed, cut).await;
+    ids.extend(healed);
+    let ledger = check(&hc.cluster, &ids).await;
+    report("worker-machine-cut", &ledger, 1, refused, recovered);
+    assert_clean(&ledger, &hc.cluster);
+    assert!(
+        hc.server(&format!("worker-{victim}")).is_running(),
+        "the cut-off worker stopped\n{}",
+        hc.cluster.logs()
+    );
+}
+
+/// The leading coordinator loses Redis (a blackhole route on its machine): its lease runs
+/// out, the standby takes over, and the work submitted before and after completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_cut_off_from_redis_gives_way_to_the_standby() {
+    let mut hc = HostCluster::start(HostOptions {
+        coordinator_hosts: true,
+        ..HostOptions::default()
+    })
+    .await;
+    let (mut ids, mut refused) = submit(&hc.cluster, "before", load(10), 1000).await;
+    let cut = Instant::now();
+    hc.coordinator_hosts[0].cut_from(hc.redis_host.addr);
+    follow_leader(&mut hc, 1).await;
+    let (after, r) = submit(&hc.cluster, "after", load(10), 100).await;
+    refused += r;
+    let recovered = completed(&hc.cluster, &after, cut).await;
+    ids.extend(after);
+    hc.coordinator_hosts[0].heal_from(hc.redis_host.addr);
+    let ledger = check(&hc.cluster, &ids).await;
+    report("leader-cut-from-redis", &ledger, 1, refused, recovered);
+    assert_clean(&ledger, &hc.cluster);
+    assert_eq!(hc.leader().await, Some(1), "{}", hc.cluster.logs());
+}
+
+/// The leading coordinator loses every NATS node (Redis still answers it, so its lease does
+/// not run out by itself): it must give way, and the standby finishes the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_cut_off_from_nats_gives_way_to_the_standby() {
+    let mut hc = HostCluster::start(HostOptions {
+        coordinator_hosts: true,
+        ..HostOptions::default()
+    })
+    .await;
+    let (mut ids, mut refused) = submit(&hc.cluster, "before", load(10), 1000).await;
+    let cut = Instant::now();
+    for node in &hc.nodes {
+        hc.coordinator_hosts[0].cut_from(node.addr);
+    }
+    follow_leader(&mut hc, 1).await;
+    let (after, r) = submit(&hc.cluster, "after", load(10), 100).await;
+    refused += r;
+    let recovered = completed(&hc.cluster, &after, cut).await;
+    ids.extend(after);
+    for node in &hc.nodes {
+        hc.coordinator_hosts[0].heal_from(node.addr);
+    }
+    let ledger = check(&hc.cluster, &ids).await;
+    report("leader-cut-from-nats", &ledger, 1, refused, recovered);
+    assert_clean(&ledger, &hc.cluster);
+    assert_eq!(hc.leader().await, Some(1), "{}", hc.cluster.logs());
+}
