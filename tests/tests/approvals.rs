@@ -499,6 +499,16 @@ async fn answers_to_unknown_answered_or_other_tenants_requests_are_refused() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
     assert_eq!(v["code"], "not_found");
+    // A malformed id is bad input, named, whatever the body.
+    let (status, v) = call(
+        alpha,
+        post.clone(),
+        "/v1/approvals/not-an-id".into(),
+        json!({"decision": "approve"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().starts_with("id:"), "{v}");
 
     // Approved with `always` for alpha's `npm *`: answered once, then the rule answers.
     let (status, v) = call(

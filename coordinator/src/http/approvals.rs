@@ -45,6 +45,7 @@ async fn task_tenant(app: &App, task: &str) -> Answer<Option<String>> {
 #[utoipa::path(
     get,
     path = "/v1/approvals",
+    operation_id = "list_approvals",
     tag = "approvals",
     responses((status = 200, description = "The approval requests the caller may see.", body = ApprovalList))
 )]
@@ -92,8 +93,9 @@ async fn list(
 #[utoipa::path(
     post,
     path = "/v1/approvals/{id}",
+    operation_id = "answer_approval",
     tag = "approvals",
-    params(("id" = String, Path, description = "The request's id.")),
+    params(("id" = String, Path, description = "The request's id (16 hex digits).")),
     request_body = AnswerApproval,
     responses(
         (status = 200, description = "The request, answered.", body = Approval),
@@ -106,6 +108,9 @@ async fn answer(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<axum::Json<Approval>> {
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::field("id", format!("expected 16 hex digits, got `{id}`")).into());
+    }
     let req: AnswerApproval = parse_body(body)?;
     let approved = match req.decision.as_str() {
         "approve" => true,
