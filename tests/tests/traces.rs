@@ -135,3 +135,70 @@ async fn one_task_is_one_connected_trace_across_coordinator_and_worker() {
         "no worker log line with the trace id:\n{logs}"
     );
 }
+
+/// The Claude Code CLI's own spans join the task's trace: the worker hands it the agent span as
+/// `TRACEPARENT` with the OTLP endpoint (sandbox off: inside the sandbox the agent reaches no
+/// host address but through the proxy's allowlist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claude_code_cli_s_spans_join_the_task_s_trace_under_its_agent_span() {
+    use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
+    let receiver = Receiver::start().await;
+    let fake = FakeAnthropic::start([Reply::text("## Summary\nNothing to change.")]).await;
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        coordinator_args: vec!["--otlp-endpoint".into(), receiver.endpoint()],
+        coordinator_env: vec![fast_export()],
+        worker_args: vec!["--sandbox".into(), "off".into()],
+        worker_env: vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.endpoint()),
+            fast_export(),
+            ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
+            ("ANTHROPIC_API_KEY".into(), "test-key-cluster".into()),
+            (
+                "ORCH_CLAUDE_BIN".into(),
+                orch_tests::claude_cli::claude_bin().display().to_string(),
+            ),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let submitted = cluster
+        .submit(json!({"prompt": "look around", "roles": ["analyst"], "backend": "claude-code"}))
+        .await;
+    let trace_id = submitted.trace_id.clone().expect("the task's trace id");
+    let id = submitted.id.to_string();
+    let done = cluster.wait_task(&id, Duration::from_secs(90)).await;
+    assert_eq!(done.status, TaskStatus::Completed, "{}", cluster.logs());
+    let spans = cluster
+        .eventually(Duration::from_secs(30), || async {
+            let spans = receiver.trace(&trace_id);
+            let cli = spans.iter().any(|s| !s.service.starts_with("orch-"));
+            let agent = spans.iter().any(|s| s.name == "agent");
+            match cli && agent {
+                true => Ok(spans),
+                false => Err(format!(
+                    "no span of the CLI in the task's trace yet: {spans:#?}\nall spans: {:#?}",
+                    receiver.spans()
+                )),
+            }
+        })
+        .await;
+    let agent = spans.iter().find(|s| s.name == "agent").unwrap();
+    let cli: Vec<&Span> = spans
+        .iter()
+        .filter(|s| !s.service.starts_with("orch-"))
+        .collect();
+    // The CLI's outermost spans hang under the worker's agent span; the rest under them.
+    assert!(
+        cli.iter().any(|s| s.parent_span_id == agent.span_id),
+        "no CLI span under the agent span {}: {cli:#?}",
+        agent.span_id
+    );
+    for s in &cli {
+        assert!(
+            spans.iter().any(|p| p.span_id == s.parent_span_id),
+            "the CLI's span {} has a parent outside the trace: {spans:#?}",
+            s.name
+        );
+    }
+}
