@@ -142,6 +142,9 @@ pub mod parked_field {
     pub const PRIORITY: &str = "priority";
     pub const PARKED_AT_MS: &str = "parked_at_ms";
     pub const WAKE_AT_MS: &str = "wake_at_ms";
+    /// The W3C `traceparent` of the job's dispatch (empty without one): the re-published job
+    /// carries it, so its next run stays in the task's trace.
+    pub const TRACEPARENT: &str = "traceparent";
     /// How many times the attempt was parked (each re-publish has its own message id).
     pub const PARKS: &str = "parks";
 }

@@ -202,3 +202,58 @@ async fn the_claude_code_cli_s_spans_join_the_task_s_trace_under_its_agent_span(
         );
     }
 }
+
+/// A job parked on a provider's limit keeps its trace: the run after the reset is in the
+/// task's trace too, under the same dispatch (the parked record keeps the `traceparent`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_parked_on_a_limit_runs_again_in_the_same_trace() {
+    use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
+    let receiver = Receiver::start().await;
+    let fake = FakeAnthropic::start_with_fallback([], Reply::text("done after the reset")).await;
+    fake.exhaust_key("test-key-cluster", Duration::from_secs(2));
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        coordinator_args: vec!["--otlp-endpoint".into(), receiver.endpoint()],
+        coordinator_env: vec![fast_export()],
+        worker_env: vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.endpoint()),
+            fast_export(),
+            ("ANTHROPIC_BASE_URL".into(), fake.url.clone()),
+            ("ANTHROPIC_API_KEY".into(), "test-key-cluster".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let submitted = cluster
+        .submit(json!({"prompt": "summarise", "roles": ["analyst"], "backend": "anthropic"}))
+        .await;
+    let trace_id = submitted.trace_id.clone().expect("the task's trace id");
+    let id = submitted.id.to_string();
+    let done = cluster.wait_task(&id, Duration::from_secs(60)).await;
+    assert_eq!(done.status, TaskStatus::Completed, "{}", cluster.logs());
+    assert_eq!(done.jobs[0].attempt, 1, "parking burnt no attempt");
+    let job = done.jobs[0].id.to_string();
+    // The run that was parked and the run after the reset, both in the task's trace.
+    let runs = cluster
+        .eventually(Duration::from_secs(20), || async {
+            let spans = receiver.trace(&trace_id);
+            let runs: Vec<Span> = spans
+                .iter()
+                .filter(|s| s.name == "job" && s.attributes.get("job_id") == Some(&job))
+                .cloned()
+                .collect();
+            match runs.len() {
+                2.. => Ok((spans, runs)),
+                _ => Err(format!(
+                    "not both runs of {job} in the trace yet: {spans:#?}\nall spans: {:#?}",
+                    receiver.spans()
+                )),
+            }
+        })
+        .await;
+    let (spans, runs) = runs;
+    let dispatch = by_job(&spans, "orch-coordinator", "dispatch")[&job];
+    for run in &runs {
+        assert_eq!(run.parent_span_id, dispatch.span_id, "{spans:#?}");
+    }
+}

@@ -143,6 +143,7 @@ impl Limits {
         &self,
         spec: &JobSpec,
         subject: &str,
+        traceparent: Option<&str>,
         park: &Park,
     ) -> Result<u64, crate::state::Error> {
         let n = self
@@ -155,6 +156,7 @@ impl Limits {
                 credential: &park.credential,
                 priority: rank(spec.priority),
                 wake_at_ms: park.until_ms,
+                traceparent,
             })
             .await?;
         metrics::counter!(m::JOBS_PARKED).increment(1);
@@ -206,7 +208,7 @@ async fn wake(state: &State, transport: &Transport, d: Due) {
     };
     let msg_id = orch_shared::subject::unparked_msg_id(spec.job_id, spec.attempt, d.parks);
     match transport
-        .publish_job(&d.subject, msg_id, d.spec.clone())
+        .publish_job(&d.subject, msg_id, d.spec.clone(), d.traceparent.as_deref())
         .await
     {
         Ok(()) => {

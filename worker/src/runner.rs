@@ -489,7 +489,11 @@ impl Runner {
         )
         .await;
         let parked = match &self.limits {
-            Some(limits) => limits.park(&job.spec, job.subject(), park).await,
+            Some(limits) => {
+                limits
+                    .park(&job.spec, job.subject(), job.traceparent.as_deref(), park)
+                    .await
+            }
             None => Ok(0),
         };
         match parked {

@@ -372,10 +372,14 @@ impl Transport {
         subject: &str,
         msg_id: String,
         spec: Vec<u8>,
+        traceparent: Option<&str>,
     ) -> Result<(), Error> {
-        let publish = jetstream::message::PublishMessage::build()
+        let mut publish = jetstream::message::PublishMessage::build()
             .message_id(msg_id)
             .payload(spec.into());
+        if let Some(headers) = orch_config::telemetry::nats_headers(traceparent) {
+            publish = publish.headers(headers);
+        }
         let err = |source: async_nats::Error| Error::Publish {
             subject: subject.to_string(),
             source,

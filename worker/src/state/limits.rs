@@ -21,13 +21,13 @@ return n
 
 /// Takes up to ARGV[2] parked attempts due by ARGV[1] (ms): each is pushed ARGV[3] ms into
 /// the future (so a worker that dies before re-publishing it leaves it to another) and
-/// returned as member, spec, subject, priority, parks. Members without a record are dropped.
+/// returned as member, spec, subject, priority, parks, traceparent. Members without a record are dropped.
 /// KEYS: parked set. ARGV: now ms, max, hold ms, record key prefix.
 const DUE: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local out = {}
 for _, m in ipairs(due) do
-  local h = redis.call('HMGET', ARGV[4] .. m, 'spec', 'subject', 'priority', 'parks')
+  local h = redis.call('HMGET', ARGV[4] .. m, 'spec', 'subject', 'priority', 'parks', 'traceparent')
   if h[1] then
     redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[3], m)
     table.insert(out, m)
@@ -35,6 +35,7 @@ for _, m in ipairs(due) do
     table.insert(out, h[2] or '')
     table.insert(out, h[3] or '1')
     table.insert(out, h[4] or '1')
+    table.insert(out, h[5] or '')
   else
     redis.call('ZREM', KEYS[1], m)
   end
@@ -85,6 +86,8 @@ pub struct ToPark<'a> {
     /// Higher goes back first among attempts due together.
     pub priority: u8,
     pub wake_at_ms: u64,
+    /// The job's `traceparent` header, if it had one.
+    pub traceparent: Option<&'a str>,
 }
 
 /// A parked attempt that is due, taken for re-publishing.
@@ -95,6 +98,7 @@ pub struct Due {
     pub subject: String,
     pub priority: u8,
     pub parks: u64,
+    pub traceparent: Option<String>,
 }
 
 impl State {
@@ -198,7 +202,9 @@ impl State {
             .arg(parked_field::PARKED_AT_MS)
             .arg(orch_shared::now_ms())
             .arg(parked_field::WAKE_AT_MS)
-            .arg(p.wake_at_ms);
+            .arg(p.wake_at_ms)
+            .arg(parked_field::TRACEPARENT)
+            .arg(p.traceparent.unwrap_or_default());
         inv.invoke_async(&mut conn)
             .await
             .map_err(redis_err("park job"))
@@ -219,13 +225,14 @@ impl State {
             .map_err(redis_err("take parked jobs"))?;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         Ok(flat
-            .chunks_exact(5)
+            .chunks_exact(6)
             .map(|c| Due {
                 member: text(&c[0]),
                 spec: c[1].clone(),
                 subject: text(&c[2]),
                 priority: text(&c[3]).parse().unwrap_or(1),
                 parks: text(&c[4]).parse().unwrap_or(1),
+                traceparent: Some(text(&c[5])).filter(|t| !t.is_empty()),
             })
             .collect())
     }
