@@ -27,6 +27,7 @@ pub mod keys;
 pub mod plan;
 pub mod report;
 pub mod role;
+pub mod signature;
 pub mod subject;
 
 /// Milliseconds since the Unix epoch: the only clock value the protocol carries.

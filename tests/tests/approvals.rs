@@ -631,11 +631,11 @@ async fn a_new_request_is_posted_to_the_webhook_signed() {
     .await;
     assert_eq!(
         sig,
-        orch_worker::approvals::signature("hook-secret", body.as_bytes())
+        orch_shared::signature::sign("hook-secret", body.as_bytes())
     );
     assert_ne!(
         sig,
-        orch_worker::approvals::signature("another-secret", body.as_bytes())
+        orch_shared::signature::sign("another-secret", body.as_bytes())
     );
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["tool"], "Bash");

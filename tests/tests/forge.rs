@@ -114,7 +114,7 @@ async fn deliver(
     if let Some(secret) = secret {
         req = req.header(
             "x-hub-signature-256",
-            orch_coordinator::forge::sign(secret, &bytes),
+            orch_shared::signature::sign(secret, &bytes),
         );
     }
     let resp = req.body(bytes).send().await.unwrap();

@@ -334,37 +334,6 @@ fn quote(text: &str, max: usize) -> String {
         + more
 }
 
-/// Whether `header` (`sha256=<hex>`) is the HMAC-SHA256 of `body` under `secret`. The
-/// comparison takes the same time wherever the first difference is.
-pub fn signature_ok(secret: &str, body: &[u8], header: Option<&str>) -> bool {
-    let Some(hex) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
-        return false;
-    };
-    let Some(tag) = decode_hex(hex) else {
-        return false;
-    };
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    ring::hmac::verify(&key, body, &tag).is_ok()
-}
-
-/// The signature header GitHub sends for `body` (for tests and tools that sign deliveries).
-pub fn sign(secret: &str, body: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let tag = ring::hmac::sign(&key, body);
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={hex}")
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,22 +353,6 @@ mod tests {
         assert!(!valid_repo("acme"));
         assert!(!valid_repo("acme/app/x"));
         assert!(!valid_repo("acme/../x"));
-    }
-
-    #[test]
-    fn a_signature_is_checked_against_the_body_and_the_secret() {
-        let body = br#"{"action":"created"}"#;
-        let good = sign("s3cret", body);
-        assert!(signature_ok("s3cret", body, Some(&good)));
-        assert!(!signature_ok("other", body, Some(&good)));
-        assert!(!signature_ok("s3cret", b"{}", Some(&good)));
-        assert!(!signature_ok("s3cret", body, None));
-        assert!(!signature_ok("s3cret", body, Some("sha256=zz")));
-        assert!(!signature_ok(
-            "s3cret",
-            body,
-            Some(&good.replace("sha256=", "sha1="))
-        ));
     }
 
     #[test]

@@ -253,7 +253,7 @@ async fn github_webhook(
     let signature = headers
         .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok());
-    if !forge::signature_ok(secret.expose(), &body, signature) {
+    if !orch_shared::signature::verify(secret.expose(), &body, signature) {
         tracing::warn!("forge webhook delivery with a bad signature refused");
         return Err(unauthorized());
     }

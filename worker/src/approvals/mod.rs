@@ -137,29 +137,11 @@ pub struct Webhook {
 /// The header carrying a webhook body's signature: `sha256=<hex HMAC-SHA256 of the body>`.
 pub const SIGNATURE_HEADER: &str = "x-orch-signature";
 
-/// `sha256=<hex>`: the HMAC-SHA256 of `body` under `secret`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
-    use hmac::Mac;
-    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
-        Ok(m) => m,
-        // HMAC takes a key of any length; this arm is never taken.
-        Err(_) => return String::new(),
-    };
-    mac.update(body);
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256={hex}")
-}
-
 impl Webhook {
     /// POSTs `request` (best effort: a failure is logged, the request waits anyway).
     fn send(&self, request: Value) {
         let body = request.to_string();
-        let sig = signature(self.secret.expose(), body.as_bytes());
+        let sig = orch_shared::signature::sign(self.secret.expose(), body.as_bytes());
         let post = self
             .client
             .post(&self.url)
@@ -380,15 +362,6 @@ mod tests {
         assert!(!glob("ex?ct", "exact"));
         assert!(glob("*.rs", "src/main.rs"));
         assert!(!glob("ab*ba", "aba"));
-    }
-
-    #[test]
-    fn signatures_are_hmac_sha256_in_hex() {
-        // RFC 4231, test case 2.
-        assert_eq!(
-            signature("Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
     }
 
     #[test]
