@@ -155,6 +155,9 @@ pub enum EventKind {
         files_changed: u32,
         /// Tokens the attempt had spent by then.
         usage: Usage,
+        /// How long the worker took to save it (the agent does not wait for it).
+        #[serde(default)]
+        took_ms: u64,
     },
     /// The attempt resumed from a checkpoint an earlier run of it left (that run's worker
     /// died or handed it back) instead of starting over: it starts after `from_step`, and

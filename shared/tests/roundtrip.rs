@@ -212,13 +212,14 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
                 }
             ),
         Just(EventKind::Heartbeat),
-        (any::<u32>(), any::<u32>(), usage()).prop_map(|(step, files_changed, usage)| {
-            EventKind::Checkpointed {
+        (any::<u32>(), any::<u32>(), usage(), any::<u64>()).prop_map(
+            |(step, files_changed, usage, took_ms)| EventKind::Checkpointed {
                 step,
                 files_changed,
                 usage,
+                took_ms,
             }
-        }),
+        ),
         (any::<u32>(), any::<u32>(), ".*", usage(), cost()).prop_map(
             |(from_attempt, from_step, from_worker, usage, cost_usd)| EventKind::Resumed {
                 from_attempt,

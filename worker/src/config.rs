@@ -95,6 +95,16 @@ pub struct Args {
         env = "ORCH_MIGRATE_ON_DRAIN"
     )]
     pub migrate_on_drain: Option<String>,
+    /// Write the checkpoints of a repository on a local path (a bare repository on this
+    /// machine or a shared volume) straight into its object store instead of pushing them
+    /// [default: true].
+    #[arg(
+        id = "checkpoints.direct",
+        long = "checkpoint-direct",
+        value_name = "BOOL",
+        env = "ORCH_CHECKPOINT_DIRECT"
+    )]
+    pub checkpoint_direct: Option<String>,
     /// How long an agent's request for a person's approval waits before it is denied
     /// (`orchctl approvals`) [default: 10m].
     #[arg(
@@ -426,6 +436,9 @@ pub struct CheckpointSettings {
     pub retention: Duration,
     /// On SIGTERM, checkpoint resumable agents and hand them back at once.
     pub migrate_on_drain: bool,
+    /// A repository on a local path gets its checkpoints written straight into its object
+    /// store (a pack and a compare-and-swap of the ref) instead of a push.
+    pub direct: bool,
 }
 
 impl Default for CheckpointSettings {
@@ -436,6 +449,7 @@ impl Default for CheckpointSettings {
             keep: 20,
             retention: Duration::from_secs(7 * 24 * 3600),
             migrate_on_drain: true,
+            direct: true,
         }
     }
 }
@@ -1261,11 +1275,16 @@ mod tests {
         assert_eq!(cfg.checkpoints, CheckpointSettings::default());
         let file = "[checkpoints]\ninterval = \"2s\"\nkeep = 3\nretention = \"1h\"\n";
         let env = [("ORCH_MIGRATE_ON_DRAIN", "false")];
-        let cfg = load_with(Some(file), &env, &["--checkpoints", "false"]).unwrap();
+        let cfg = load_with(
+            Some(file),
+            &env,
+            &["--checkpoints", "false", "--checkpoint-direct", "false"],
+        )
+        .unwrap();
         let c = &cfg.checkpoints;
         assert_eq!(
-            (c.enabled, c.interval, c.keep, c.migrate_on_drain),
-            (false, Duration::from_secs(2), 3, false)
+            (c.enabled, c.interval, c.keep, c.migrate_on_drain, c.direct),
+            (false, Duration::from_secs(2), 3, false, false)
         );
         assert_eq!(c.retention, Duration::from_secs(3600));
         let err = load_with(None, &[("ORCH_CHECKPOINT_KEEP", "0")], &[])

@@ -46,7 +46,7 @@ use crate::transport::{SessionObject, SessionObjects};
 use orch_shared::event::EventKind;
 use orch_shared::ids::JobId;
 use orch_shared::job::{
-    Checkpoint, FailureReason, JobSpec, MAX_TREE_BUNDLE_BYTES, Usage, checkpoint_ref,
+    Checkpoint, FailureReason, JobSpec, MAX_TREE_BUNDLE_BYTES, Usage, Workspace, checkpoint_ref,
 };
 use orch_shared::subject::MAX_SESSION_BYTES;
 use std::path::{Path, PathBuf};
@@ -138,6 +138,12 @@ struct Shared {
     tree: Option<Tree>,
     /// The last checkpoint commit (the parent of the next one).
     last_commit: Option<String>,
+    /// What the last checkpoint saved of the tree: a tree that has not changed since is not
+    /// committed or sent again.
+    last_tree: Option<LastTree>,
+    /// `last_commit` is what this agent's checkpoint ref holds (not a rewind's source), with
+    /// all it reaches in the task's repository.
+    last_on_ref: bool,
     /// Steps and spending of the run this one resumed (0 when it starts afresh).
     base_step: u32,
     base_usage: Usage,
@@ -155,6 +161,18 @@ struct Tree {
     /// A clone of the task's repository (checkpoints are pushed to it); else a scratch
     /// repository (checkpoints go to the sessions store as bundles).
     remote: bool,
+    /// The git directory of the task's repository when it is on a local path this worker can
+    /// write (checkpoints are written straight into it instead of pushed).
+    store: Option<PathBuf>,
+}
+
+/// The tree the last checkpoint saved, and what it said of it.
+#[derive(Debug, Clone)]
+struct LastTree {
+    tree: String,
+    files_changed: u32,
+    /// A scratch workspace's bundle of it.
+    bundle: Option<Arc<Vec<u8>>>,
 }
 
 impl Custody {
@@ -298,6 +316,8 @@ impl Custody {
             resumed: false,
             tree: None,
             last_commit: None,
+            last_tree: None,
+            last_on_ref: false,
             base_step: 0,
             base_usage: Usage::default(),
             base_cost: 0.0,
@@ -340,6 +360,7 @@ impl Recorder {
         s.resumed = true;
         s.base_step = c.step;
         s.last_commit = c.commit.clone();
+        s.last_on_ref = !r.rewind && c.commit.is_some() && c.tree_object.is_none();
         if r.rewind {
             // What the source agent spent stays its own; this agent's conversation is one
             // turn further.
@@ -381,11 +402,12 @@ impl Recorder {
 
     /// The git workspace `dir` (started at `base`; `remote`: a clone of the task's
     /// repository, else a scratch repository) is what checkpoints save of the tree.
-    pub fn track_tree(&self, dir: &Path, base: &str, remote: bool) {
+    pub fn track_tree(&self, dir: &Path, base: &str, remote: bool, store: Option<PathBuf>) {
         self.lock().tree = Some(Tree {
             dir: dir.to_path_buf(),
             base: base.to_string(),
             remote,
+            store,
         });
     }
 
@@ -477,14 +499,19 @@ impl Task {
             return None;
         }
         let started = Instant::now();
-        let (tree, parent, base_step, base_usage, base_cost, turn, backend) = {
+        let (tree, last, base_step, base_usage, base_cost, turn, backend) = {
             let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             // A workspace that cannot be saved: a conversation alone would resume in the
             // wrong files.
-            s.tree.as_ref()?;
+            let tree = s.tree.clone()?;
+            let last = Last {
+                commit: s.last_commit.clone(),
+                tree: s.last_tree.clone(),
+                on_ref: s.last_on_ref,
+            };
             (
-                s.tree.clone(),
-                s.last_commit.clone(),
+                tree,
+                last,
                 s.base_step,
                 s.base_usage,
                 s.base_cost,
@@ -500,32 +527,38 @@ impl Task {
                 return None;
             }
         };
-        let (commit, files_changed, bundle) = match &tree {
-            Some(t) => match snapshot_tree(t, self.job, parent.as_deref(), n).await {
-                Ok(c) => c,
-                Err(why) => {
-                    tracing::warn!(step = n, %why, "checkpoint skipped: the workspace was not saved");
-                    return None;
-                }
-            },
-            None => (None, 0, None),
+        // The conversation is stored while the tree is saved.
+        let transcript = object_name(self.job, n);
+        let direct = self.custody.settings.direct;
+        let (snapshot, stored) = tokio::join!(
+            snapshot_tree(&tree, self.job, &last, n, direct),
+            self.custody.objects.put(&transcript, &bytes)
+        );
+        let snapshot = match (snapshot, stored) {
+            (Ok(snapshot), Ok(())) => snapshot,
+            (Err(why), _) => {
+                tracing::warn!(step = n, %why, "checkpoint skipped: the workspace was not saved");
+                let _ = self.custody.objects.delete(&transcript).await;
+                return None;
+            }
+            (_, Err(e)) => {
+                tracing::warn!(step = n, error = %e, "checkpoint skipped: the conversation was not stored");
+                return None;
+            }
         };
-        let tree_object = match bundle {
+        let tree_object = match &snapshot.bundle {
             Some(b) => {
                 let name = tree_object_name(self.job, n);
-                if let Err(e) = self.custody.objects.put(&name, &b).await {
+                if let Err(e) = self.custody.objects.put(&name, b).await {
                     tracing::warn!(step = n, error = %e, "checkpoint skipped: the tree was not stored");
+                    let _ = self.custody.objects.delete(&transcript).await;
                     return None;
                 }
                 Some(name)
             }
             None => None,
         };
-        let transcript = object_name(self.job, n);
-        if let Err(e) = self.custody.objects.put(&transcript, &bytes).await {
-            tracing::warn!(step = n, error = %e, "checkpoint skipped: the conversation was not stored");
-            return None;
-        }
+        let (commit, files_changed) = (Some(snapshot.commit.clone()), snapshot.files_changed);
         let mut usage = base_usage;
         usage.add(&step.usage);
         let checkpoint = Checkpoint {
@@ -588,11 +621,15 @@ impl Task {
                 return None;
             }
         }
-        if let Some(c) = commit {
-            self.shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .last_commit = Some(c);
+        {
+            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            s.last_commit = Some(snapshot.commit);
+            s.last_on_ref = tree.remote;
+            s.last_tree = Some(LastTree {
+                tree: snapshot.tree,
+                files_changed,
+                bundle: snapshot.bundle,
+            });
         }
         let took = started.elapsed();
         metrics::histogram!(m::CHECKPOINT_SECONDS).record(took.as_secs_f64());
@@ -601,6 +638,7 @@ impl Task {
             step: n,
             files_changed,
             usage,
+            took_ms: took.as_millis() as u64,
         });
         Some(n)
     }
@@ -680,21 +718,41 @@ async fn read_conversation(c: &Conversation) -> Result<(Vec<u8>, Option<String>,
     }
 }
 
-/// The temporary index checkpoints use (inside `.git`, so never part of a tree).
+/// The temporary index checkpoints use (inside `.git`, so never part of a tree). It stays for
+/// the whole job: its stat data spares `git add` hashing the files no step changed.
 fn checkpoint_index(dir: &Path) -> PathBuf {
     dir.join(".git").join("orch-checkpoint.index")
 }
 
+/// What the previous checkpoint of the run left (the parent of the next one).
+#[derive(Debug, Clone, Default)]
+struct Last {
+    commit: Option<String>,
+    tree: Option<LastTree>,
+    on_ref: bool,
+}
+
+/// One checkpoint of the tree.
+#[derive(Debug)]
+struct Snapshot {
+    commit: String,
+    tree: String,
+    files_changed: u32,
+    /// A scratch workspace's tree, as a git bundle.
+    bundle: Option<Arc<Vec<u8>>>,
+}
+
 /// Commits the whole working tree of `tree` with a temporary index: for a clone, with parent
-/// `parent` (else `HEAD`), pushed to `job`'s checkpoint ref; for a scratch repository, as a
-/// root commit returned as a git bundle. The commit, how many files differ from the base, and
-/// the bundle.
+/// the last checkpoint (else `HEAD`), sent to `job`'s checkpoint ref ([`send_checkpoint`]);
+/// for a scratch repository, as a root commit bundled. A tree equal to the last checkpoint's
+/// is neither committed nor sent again: the last commit stands for it.
 async fn snapshot_tree(
     tree: &Tree,
     job: JobId,
-    parent: Option<&str>,
+    last: &Last,
     step: u32,
-) -> Result<(Option<String>, u32, Option<Vec<u8>>), String> {
+    direct: bool,
+) -> Result<Snapshot, String> {
     use crate::agent::git::{git, git_env};
     let (dir, base, remote) = (tree.dir.as_path(), tree.base.as_str(), tree.remote);
     if !remote {
@@ -711,18 +769,28 @@ async fn snapshot_tree(
     if !add.ok {
         return Err(format!("git add: {}", add.why()));
     }
-    let tree = git_env(dir, &["write-tree"], &env).await;
-    if !tree.ok {
-        return Err(format!("git write-tree: {}", tree.why()));
+    let written = git_env(dir, &["write-tree"], &env).await;
+    if !written.ok {
+        return Err(format!("git write-tree: {}", written.why()));
     }
-    let tree_id = tree.text().to_string();
+    let tree_id = written.text().to_string();
+    if let (Some(commit), Some(prev)) = (&last.commit, &last.tree)
+        && prev.tree == tree_id
+        && (last.on_ref || !remote)
+    {
+        return Ok(Snapshot {
+            commit: commit.clone(),
+            tree: tree_id,
+            files_changed: prev.files_changed,
+            bundle: prev.bundle.clone(),
+        });
+    }
     if !remote {
         return bundle_tree(dir, job, &tree_id, base, step).await;
     }
-    let tree = tree_id;
     let head;
-    let parent = match parent {
-        Some(p) => p,
+    let parent = match &last.commit {
+        Some(p) => p.as_str(),
         None => {
             head = git(dir, &["rev-parse", "HEAD"]).await;
             if !head.ok {
@@ -731,11 +799,39 @@ async fn snapshot_tree(
             head.text()
         }
     };
+    let commit = commit_tree(dir, &tree_id, Some(parent), job, step).await?;
+    // The files changed are counted while the commit travels.
+    let (sent, changed) = tokio::join!(
+        send_checkpoint(tree, job, &commit, parent, last.on_ref, direct),
+        files_changed(dir, base, &commit)
+    );
+    sent?;
+    Ok(Snapshot {
+        commit,
+        tree: tree_id,
+        files_changed: changed,
+        bundle: None,
+    })
+}
+
+/// `git commit-tree` of `tree` (with `parent`, else a root commit), dated now.
+async fn commit_tree(
+    dir: &Path,
+    tree: &str,
+    parent: Option<&str>,
+    job: JobId,
+    step: u32,
+) -> Result<String, String> {
     let message = format!("orchestrator checkpoint: agent {job}, step {step}");
     let date = format!("@{} +0000", orch_shared::now_ms() / 1000);
-    let commit = git_env(
+    let mut args = vec!["commit-tree", tree];
+    if let Some(p) = parent {
+        args.extend(["-p", p]);
+    }
+    args.extend(["-m", &message]);
+    let commit = crate::agent::git::git_env(
         dir,
-        &["commit-tree", &tree, "-p", parent, "-m", &message],
+        &args,
         &[
             ("GIT_AUTHOR_DATE", date.as_str()),
             ("GIT_COMMITTER_DATE", date.as_str()),
@@ -745,18 +841,12 @@ async fn snapshot_tree(
     if !commit.ok {
         return Err(format!("git commit-tree: {}", commit.why()));
     }
-    let commit = commit.text().to_string();
-    let target = format!("{commit}:{}", checkpoint_ref(job));
-    // The lease on the previous checkpoint: a stale run pushing from an older one is refused.
-    let lease = match parent_is_checkpoint(dir, parent, job).await {
-        true => format!("--force-with-lease={}:{parent}", checkpoint_ref(job)),
-        false => "--force".to_string(),
-    };
-    let push = git(dir, &["push", "-q", &lease, "origin", &target]).await;
-    if !push.ok {
-        return Err(format!("git push of the checkpoint: {}", push.why()));
-    }
-    let files = git(
+    Ok(commit.text().to_string())
+}
+
+/// How many files `commit` changed against `base`.
+async fn files_changed(dir: &Path, base: &str, commit: &str) -> u32 {
+    let files = crate::agent::git::git(
         dir,
         &[
             "diff-tree",
@@ -764,12 +854,78 @@ async fn snapshot_tree(
             "--name-only",
             "--no-renames",
             base,
-            &commit,
+            commit,
         ],
     )
     .await;
-    let changed = files.stdout.lines().filter(|l| !l.is_empty()).count() as u32;
-    Ok((Some(commit), changed, None))
+    files.stdout.lines().filter(|l| !l.is_empty()).count() as u32
+}
+
+/// Puts checkpoint `commit` (child of `parent`) on `job`'s checkpoint ref of the task's
+/// repository. When `parent` is the ref's last checkpoint (`parent_on_ref`), only a ref still
+/// at `parent` moves: a stale run sending from an older checkpoint is refused.
+///
+/// A repository on a local path ([`Tree::store`], with `direct`) gets the objects `parent`
+/// lacks as one pack written straight into its object store and the ref moved by a
+/// compare-and-swap (`update-ref NEW OLD`): two git processes instead of a push's five
+/// (`push`, `receive-pack`, `pack-objects`, `unpack-objects`, `rev-list`) and no `gc --auto`.
+/// When that cannot be done (another filesystem, no write access), the commit is pushed.
+async fn send_checkpoint(
+    tree: &Tree,
+    job: JobId,
+    commit: &str,
+    parent: &str,
+    parent_on_ref: bool,
+    direct: bool,
+) -> Result<(), String> {
+    use crate::agent::git::{git, git_input};
+    let dir = tree.dir.as_path();
+    let refname = checkpoint_ref(job);
+    if let (true, true, Some(store)) = (direct, parent_on_ref, &tree.store) {
+        // Everything `parent` reaches is in the repository already (it was sent before).
+        let pack = store.join("objects").join("pack").join("pack");
+        let pack_s = pack.display().to_string();
+        let revs = format!("{commit}\n^{parent}\n");
+        let packed = git_input(
+            dir,
+            &["pack-objects", "--revs", "-q", &pack_s],
+            revs.as_bytes(),
+        )
+        .await;
+        if packed.ok {
+            let moved = git(store, &["update-ref", &refname, commit, parent]).await;
+            if !moved.ok {
+                return Err(format!(
+                    "the checkpoint ref {refname} was not at the last checkpoint: {}",
+                    moved.why()
+                ));
+            }
+            return Ok(());
+        }
+        tracing::debug!(why = %packed.why(), "checkpoint not written into the repository; pushing it");
+    }
+    let target = format!("{commit}:{refname}");
+    let lease = match parent_on_ref {
+        true => format!("--force-with-lease={refname}:{parent}"),
+        false => "--force".to_string(),
+    };
+    let push = git(dir, &["push", "-q", &lease, "origin", &target]).await;
+    if !push.ok {
+        return Err(format!("git push of the checkpoint: {}", push.why()));
+    }
+    Ok(())
+}
+
+/// The git directory of the repository at `url` when it is a local path this worker can see
+/// (a bare repository or a working copy's `.git`); `None` for a network URL.
+pub fn local_store(url: &str) -> Option<PathBuf> {
+    let path = Path::new(url.strip_prefix("file://").unwrap_or(url));
+    if !path.is_absolute() {
+        return None;
+    }
+    [path.to_path_buf(), path.join(".git")]
+        .into_iter()
+        .find(|d| d.join("objects").join("pack").is_dir() && d.join("HEAD").is_file())
 }
 
 /// The ref of a scratch repository a checkpoint is bundled from (inside its `.git`).
@@ -785,23 +941,9 @@ async fn bundle_tree(
     tree: &str,
     base: &str,
     step: u32,
-) -> Result<(Option<String>, u32, Option<Vec<u8>>), String> {
-    use crate::agent::git::{git, git_env};
-    let message = format!("orchestrator checkpoint: agent {job}, step {step}");
-    let date = format!("@{} +0000", orch_shared::now_ms() / 1000);
-    let commit = git_env(
-        dir,
-        &["commit-tree", tree, "-m", &message],
-        &[
-            ("GIT_AUTHOR_DATE", date.as_str()),
-            ("GIT_COMMITTER_DATE", date.as_str()),
-        ],
-    )
-    .await;
-    if !commit.ok {
-        return Err(format!("git commit-tree: {}", commit.why()));
-    }
-    let commit = commit.text().to_string();
+) -> Result<Snapshot, String> {
+    use crate::agent::git::git;
+    let commit = commit_tree(dir, tree, None, job, step).await?;
     let update = git(dir, &["update-ref", BUNDLE_REF, &commit]).await;
     if !update.ok {
         return Err(format!("git update-ref: {}", update.why()));
@@ -824,29 +966,13 @@ async fn bundle_tree(
             bytes.len()
         ));
     }
-    let files = git(
-        dir,
-        &[
-            "diff-tree",
-            "-r",
-            "--name-only",
-            "--no-renames",
-            base,
-            &commit,
-        ],
-    )
-    .await;
-    let changed = files.stdout.lines().filter(|l| !l.is_empty()).count() as u32;
-    Ok((Some(commit), changed, Some(bytes)))
-}
-
-/// Whether `parent` is a checkpoint commit of `job` (its message says so).
-async fn parent_is_checkpoint(dir: &Path, parent: &str, job: JobId) -> bool {
-    let out = crate::agent::git::git(dir, &["log", "-1", "--format=%s", parent]).await;
-    out.ok
-        && out
-            .text()
-            .starts_with(&format!("orchestrator checkpoint: agent {job},"))
+    let changed = files_changed(dir, base, &commit).await;
+    Ok(Snapshot {
+        commit,
+        tree: tree.to_string(),
+        files_changed: changed,
+        bundle: Some(Arc::new(bytes)),
+    })
 }
 
 /// Puts the working tree of the fresh clone `dir` in the state of checkpoint `commit` of
@@ -951,7 +1077,7 @@ pub async fn workspace_for(
     let Some(rec) = events.recorder() else {
         return Ok((dir, None));
     };
-    track(rec, &dir);
+    track(rec, &dir, p.job);
     let Some(resume) = rec.resume() else {
         return Ok((dir, None));
     };
@@ -980,18 +1106,22 @@ pub async fn workspace_for(
             rec.abandon_resume(events, why);
             drop(dir);
             let dir = WorkDir::prepare(p.job, p.data_dir, cancel).await?;
-            track(rec, &dir);
+            track(rec, &dir, p.job);
             Ok((dir, None))
         }
     }
 }
 
 /// Tells `rec` which tree checkpoints save: a clone's or a scratch repository's.
-fn track(rec: &Recorder, dir: &WorkDir) {
+fn track(rec: &Recorder, dir: &WorkDir, job: &JobSpec) {
     if let Some(base) = dir.git_base() {
-        rec.track_tree(&dir.path, base, true);
+        let store = match &job.workspace {
+            Workspace::Git { url, .. } => local_store(url),
+            _ => None,
+        };
+        rec.track_tree(&dir.path, base, true, store);
     } else if dir.is_scratch_dir() {
-        rec.track_tree(&dir.path, EMPTY_TREE, false);
+        rec.track_tree(&dir.path, EMPTY_TREE, false, None);
     }
 }
 
@@ -1002,4 +1132,178 @@ pub fn continuation_prompt(step: u32) -> String {
          The conversation and the files are as they were then. Continue where you left off and \
          finish the task."
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checkpoint of a clone's tree, against real git and a bare repository on a local
+    //! path (what `direct` writes into).
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Runs a shell script in `dir`; its stdout, trimmed.
+    fn sh(dir: &Path, script: &str) -> String {
+        let out = std::process::Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A bare repository with one commit, and a clone of it: (tmp, bare, clone, base).
+    fn repo() -> (tempfile::TempDir, PathBuf, PathBuf, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let root = root.as_path();
+        sh(
+            root,
+            "git init -q src && cd src && echo one > a.txt && git add a.txt && git commit -qm one \
+             && cd .. && git clone -q --bare src bare.git && git clone -q bare.git clone",
+        );
+        let clone = root.join("clone");
+        let base = sh(&clone, "git rev-parse HEAD");
+        let bare = root.join("bare.git");
+        (tmp, bare, clone, base)
+    }
+
+    fn tree(clone: &Path, base: &str, store: Option<PathBuf>) -> Tree {
+        Tree {
+            dir: clone.to_path_buf(),
+            base: base.to_string(),
+            remote: true,
+            store,
+        }
+    }
+
+    /// The next `Last` after `s`.
+    fn after(s: &Snapshot) -> Last {
+        Last {
+            commit: Some(s.commit.clone()),
+            tree: Some(LastTree {
+                tree: s.tree.clone(),
+                files_changed: s.files_changed,
+                bundle: None,
+            }),
+            on_ref: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_go_straight_into_a_local_repository_and_an_unchanged_tree_is_not_sent_again()
+     {
+        let (_tmp, bare, clone, base) = repo();
+        let store = local_store(&bare.display().to_string());
+        assert_eq!(store.as_deref(), Some(bare.as_path()));
+        let t = tree(&clone, &base, store);
+        let job = JobId::new();
+        let refname = checkpoint_ref(job);
+        let packs = || {
+            std::fs::read_dir(bare.join("objects/pack"))
+                .unwrap()
+                .count()
+        };
+
+        // The first checkpoint is pushed (its parent is the agent's HEAD).
+        std::fs::write(clone.join("b.txt"), "untracked\n").unwrap();
+        let first = snapshot_tree(&t, job, &Last::default(), 1, true)
+            .await
+            .unwrap();
+        assert_eq!(sh(&bare, &format!("git rev-parse {refname}")), first.commit);
+        assert_eq!(first.files_changed, 1);
+
+        // The next one is written into the bare repository: one more pack, the ref moved.
+        let before = packs();
+        std::fs::write(clone.join("a.txt"), "two\n").unwrap();
+        std::fs::create_dir(clone.join("sub")).unwrap();
+        std::fs::write(clone.join("sub/c.txt"), "three\n").unwrap();
+        let second = snapshot_tree(&t, job, &after(&first), 2, true)
+            .await
+            .unwrap();
+        assert!(packs() > before, "no pack was written into the repository");
+        assert_eq!(
+            sh(&bare, &format!("git rev-parse {refname}")),
+            second.commit
+        );
+        assert_eq!(
+            sh(&bare, &format!("git rev-parse {refname}^")),
+            first.commit
+        );
+        assert_eq!(second.files_changed, 3);
+        assert_eq!(sh(&bare, &format!("git show {refname}:sub/c.txt")), "three");
+        assert_eq!(sh(&bare, &format!("git show {refname}:a.txt")), "two");
+        // Every object is there: the repository is whole.
+        sh(&bare, "git fsck --connectivity-only --no-progress");
+        // The agent's index and HEAD were not touched.
+        assert_eq!(sh(&clone, "git rev-parse HEAD"), base);
+        assert_eq!(sh(&clone, "git diff --cached --name-only"), "");
+
+        // Nothing changed: the same commit, nothing sent.
+        let before = packs();
+        let third = snapshot_tree(&t, job, &after(&second), 3, true)
+            .await
+            .unwrap();
+        assert_eq!(third.commit, second.commit);
+        assert_eq!(third.files_changed, 3);
+        assert_eq!(packs(), before);
+
+        // A stale run (its last checkpoint is not the ref's any more) is refused.
+        std::fs::write(clone.join("a.txt"), "stale\n").unwrap();
+        let err = snapshot_tree(&t, job, &after(&first), 3, true)
+            .await
+            .unwrap_err();
+        assert!(err.contains("was not at the last checkpoint"), "{err}");
+        assert_eq!(
+            sh(&bare, &format!("git rev-parse {refname}")),
+            second.commit
+        );
+    }
+
+    #[tokio::test]
+    async fn with_direct_off_or_a_network_url_checkpoints_are_pushed_with_a_lease() {
+        assert_eq!(local_store("https://example.com/repo.git"), None);
+        assert_eq!(local_store("relative/path"), None);
+        let (_tmp, bare, clone, base) = repo();
+        let t = tree(
+            &clone,
+            &base,
+            local_store(&format!("file://{}", bare.display())),
+        );
+        assert!(t.store.is_some());
+        let job = JobId::new();
+        let refname = checkpoint_ref(job);
+        std::fs::write(clone.join("b.txt"), "one\n").unwrap();
+        let first = snapshot_tree(&t, job, &Last::default(), 1, false)
+            .await
+            .unwrap();
+        let packs = std::fs::read_dir(bare.join("objects/pack"))
+            .unwrap()
+            .count();
+        std::fs::write(clone.join("b.txt"), "two\n").unwrap();
+        let second = snapshot_tree(&t, job, &after(&first), 2, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            sh(&bare, &format!("git rev-parse {refname}")),
+            second.commit
+        );
+        // A push of a few objects leaves them loose: no pack was written.
+        assert_eq!(
+            std::fs::read_dir(bare.join("objects/pack"))
+                .unwrap()
+                .count(),
+            packs
+        );
+        std::fs::write(clone.join("b.txt"), "stale\n").unwrap();
+        let err = snapshot_tree(&t, job, &after(&first), 2, false)
+            .await
+            .unwrap_err();
+        assert!(err.contains("push"), "{err}");
+    }
 }

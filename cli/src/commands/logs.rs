@@ -178,6 +178,7 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             step,
             files_changed,
             usage,
+            ..
         } => format!(
             "checkpoint after step {step}: {files_changed} file(s) changed, {} tokens so far",
             output::count(usage.total())

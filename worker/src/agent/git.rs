@@ -178,6 +178,40 @@ pub(crate) async fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> 
     }
 }
 
+/// Runs git in `dir` with `input` on its standard input.
+pub(crate) async fn git_input(dir: &Path, args: &[&str], input: &[u8]) -> Out {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = command(dir);
+    cmd.args(args).stdin(Stdio::piped());
+    let failed = |stderr: String| Out {
+        ok: false,
+        code: None,
+        stdout: String::new(),
+        stderr,
+    };
+    let run = async {
+        let mut child = cmd.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input).await?;
+        }
+        child.wait_with_output().await
+    };
+    match tokio::time::timeout(GIT_TIMEOUT, run).await {
+        Ok(Ok(out)) => Out {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        },
+        Ok(Err(e)) => failed(format!("fatal: failed to run git: {e}")),
+        Err(_) => failed(format!(
+            "fatal: git {} took longer than {}",
+            args.first().unwrap_or(&""),
+            humantime::format_duration(GIT_TIMEOUT)
+        )),
+    }
+}
+
 /// Runs git in `dir`.
 pub(crate) async fn git(dir: &Path, args: &[&str]) -> Out {
     git_env(dir, args, &[]).await
