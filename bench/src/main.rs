@@ -11,6 +11,8 @@
 //! - [`concurrency`]: one worker holding 1,000 long agents; heartbeats and redeliveries.
 //! - [`native`]: native tool-loop agents on one worker against a fake Messages API: worker
 //!   RSS per agent and CPU per tool round.
+//! - [`checkpoints`]: one agent's checkpoints on a 10,000-file repository (off, pushed, written
+//!   straight into a local repository; the baseline build's too).
 //! - [`growth`]: the per-task cost against history size and worker count.
 //! - [`anchors`]: jsbench and Celery, run by the harness.
 //! - [`report`] and [`plot`]: the markdown table, the targets and the PNG.
@@ -21,6 +23,7 @@
 //! slowdown.
 
 mod anchors;
+mod checkpoints;
 mod cluster;
 mod concurrency;
 mod growth;
@@ -41,7 +44,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser)]
 struct Args {
     /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, native, growth,
-    /// recovery (or all, which leaves out the long ones: agents10k, history1m).
+    /// recovery, checkpoints (or all, which leaves out the long ones: agents10k, history1m).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
@@ -86,6 +89,15 @@ struct Args {
     /// Native scenario: how long the fake API takes to answer each request.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     native_delay: Duration,
+    /// Checkpoints scenario: files in the repository.
+    #[arg(long, default_value_t = 10_000)]
+    checkpoint_files: usize,
+    /// Checkpoints scenario: steps of the agent (each changes a file and adds one).
+    #[arg(long, default_value_t = 30)]
+    checkpoint_steps: usize,
+    /// Checkpoints scenario: how long the fake API takes to answer each request.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    checkpoint_delay: Duration,
     /// Growth: tasks in history at each point.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
     history: Vec<usize>,
@@ -180,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     if args.check {
         return check(&args, &spec, results).await;
     }
-    const SCENARIOS: [&str; 10] = [
+    const SCENARIOS: [&str; 11] = [
         "all",
         "core",
         "anchors",
@@ -189,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
         "native",
         "growth",
         "recovery",
+        "checkpoints",
         "agents10k",
         "history1m",
     ];
@@ -266,6 +279,26 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         eprintln!("  {}", results["native"]);
+    }
+    if want("checkpoints") {
+        eprintln!(
+            "checkpoints: one agent of {} steps on a repository of {} files",
+            args.checkpoint_steps, args.checkpoint_files
+        );
+        let baseline = args.baseline_bin_dir.as_ref().map(|dir| Spec {
+            bin_dir: dir.clone(),
+            ..spec.clone()
+        });
+        results["checkpoints"] = checkpoints::run(
+            &spec,
+            baseline.as_ref(),
+            &checkpoints::Params {
+                files: args.checkpoint_files,
+                steps: args.checkpoint_steps,
+                delay: args.checkpoint_delay,
+            },
+        )
+        .await?;
     }
     if want("growth") {
         eprintln!("growth: history {:?}", args.history);
