@@ -485,6 +485,16 @@ pub fn checkpoint_ref(job: JobId) -> String {
     format!("refs/orch/checkpoints/{job}")
 }
 
+/// Checkpoint refs a worker deletes from a cleaned task's repository (the coordinator runs no
+/// git): queued in [`crate::keys::REF_CLEANUPS`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefCleanup {
+    /// The task's repository, as `git clone` took it.
+    pub url: String,
+    /// The refs to delete ([`checkpoint_ref`] of each agent of the task).
+    pub refs: Vec<String>,
+}
+
 /// A stored agent session, as the pointer hash [`crate::keys::session`] describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionPointer {

@@ -65,6 +65,13 @@ pub fn checkpoint(job: JobId) -> String {
     format!("orch:checkpoint:{job}")
 }
 
+/// Checkpoint refs to delete from the repositories of cleaned tasks: a sorted set of JSON
+/// [`crate::job::RefCleanup`]s scored by when a worker may next try one (ms). The coordinator
+/// adds them when it cleans a task; a worker claims one by moving its score a lease ahead,
+/// deletes the refs (idempotent: refs already gone are fine) and removes it, so one that fails
+/// or whose worker dies is tried again once the lease has passed.
+pub const REF_CLEANUPS: &str = "orch:refcleanups";
+
 /// Every kept checkpoint of an agent, oldest first: a list of JSON
 /// [`crate::job::Checkpoint`]s (bounded by the workers' `checkpoints.keep`), for
 /// `orchctl agents checkpoints` and rewinds.

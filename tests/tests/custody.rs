@@ -879,3 +879,71 @@ async fn an_agent_on_a_scratch_workspace_killed_after_a_step_resumes_there_with_
             .any(|k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == REWIND_TO))
     );
 }
+
+/// The refs of agent checkpoints in the task's repository (`refs/orch/checkpoints/...`).
+fn checkpoint_refs(bare: &Path) -> Vec<String> {
+    git(
+        bare,
+        &[
+            "for-each-ref",
+            "--format=%(refname)",
+            "refs/orch/checkpoints/",
+        ],
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+#[tokio::test]
+async fn cleaning_a_task_deletes_its_checkpoint_refs_from_its_repository_once_a_worker_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let (before, after) = native_script();
+    let fake = FakeAnthropic::start(before.iter().chain(&after).cloned()).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let task = submit(&cluster, &bare, "anthropic").await;
+    let task = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(120))
+        .await;
+    assert_completed(&cluster, &task);
+    let job = task.jobs[0].id;
+    assert_eq!(
+        checkpoint_refs(&bare),
+        vec![orch_shared::job::checkpoint_ref(job)]
+    );
+    let work = task.jobs[0].git.as_ref().unwrap().commit.clone();
+
+    // No worker is up when the task is cleaned: the refs wait for one.
+    cluster.workers[0].signal(libc::SIGTERM);
+    assert!(
+        cluster.workers[0]
+            .wait_exit(Duration::from_secs(30))
+            .is_some()
+    );
+    let (status, report) = cluster
+        .post("/v1/clean", &json!({"older_than_ms": 0}))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["tasks"], 1, "{report}");
+    assert_eq!(checkpoint_refs(&bare).len(), 1);
+
+    cluster.add_worker();
+    cluster
+        .eventually(Duration::from_secs(60), || async {
+            match checkpoint_refs(&bare) {
+                refs if refs.is_empty() => Ok(()),
+                refs => Err(format!("still there: {refs:?}")),
+            }
+        })
+        .await;
+    // The work itself stays: the task's branch still holds the agent's commit.
+    let branch = &task.jobs[0].git.as_ref().unwrap().branch;
+    assert_eq!(git(&bare, &["rev-parse", branch]), work);
+}

@@ -33,6 +33,7 @@ pub mod custody;
 pub mod datadir;
 pub mod limits;
 pub mod metrics;
+pub mod ref_cleanup;
 pub mod roles;
 pub mod runner;
 pub mod sandbox;
@@ -218,6 +219,11 @@ pub async fn run(
         let (state, transport, cancel) = (state.clone(), transport.clone(), bg_cancel.clone());
         background.spawn(limits::run_waker(state, transport, cancel));
     }
+    background.spawn(ref_cleanup::run(
+        state.clone(),
+        config.data_dir.clone(),
+        bg_cancel.clone(),
+    ));
     // Shared by every job: a job's task takes a pointer, not a copy of each handle.
     let runner = Arc::new(Runner {
         transport: transport.clone(),

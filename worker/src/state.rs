@@ -104,6 +104,16 @@ redis.call('LTRIM', KEYS[3], n, -1)
 return gone
 "#;
 
+/// Claims the first due checkpoint-ref clean-up: its score moves a lease ahead (a worker that
+/// dies before it is done leaves it to be tried again then). Returns it, or nil.
+/// KEYS: the clean-ups. ARGV: now ms, lease ms.
+const CLAIM_REF_CLEANUP: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #due == 0 then return false end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), due[1])
+return due[1]
+"#;
+
 // The scripts, hashed once (`Script::new` computes the SHA1 the server caches them by).
 static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(CLAIM));
@@ -113,6 +123,8 @@ static FINISH_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(FINISH));
 static SAVE_CHECKPOINT_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SAVE_CHECKPOINT));
+static CLAIM_REF_CLEANUP_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CLAIM_REF_CLEANUP));
 
 /// What [`State::save_checkpoint`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,6 +273,30 @@ impl State {
                 })?,
             },
         })
+    }
+
+    /// A due clean-up of a cleaned task's checkpoint refs ([`keys::REF_CLEANUPS`], JSON
+    /// [`orch_shared::job::RefCleanup`]), now this worker's for `lease`.
+    pub async fn claim_ref_cleanup(&self, lease: Duration) -> Result<Option<String>, Error> {
+        let mut conn = self.conn.clone();
+        CLAIM_REF_CLEANUP_SCRIPT
+            .key(keys::REF_CLEANUPS)
+            .arg(orch_shared::now_ms())
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("claim ref clean-up"))
+    }
+
+    /// The clean-up `json` is done.
+    pub async fn finish_ref_cleanup(&self, json: &str) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZREM")
+            .arg(keys::REF_CLEANUPS)
+            .arg(json)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("finish ref clean-up"))
     }
 
     /// Agent `job`'s latest checkpoint (JSON), if it has one.

@@ -200,6 +200,8 @@ impl State {
     /// Deletes a task and everything Redis keeps about it: its record, its history and job
     /// index entries, its dead letters, its jobs' done and cancel markers, session pointers and
     /// checkpoints, and its idempotency key (if the key still names it). The caller checks that the task has finished.
+    /// A git task's checkpoint refs are queued, in the same transaction, for a worker to delete
+    /// from its repository ([`keys::REF_CLEANUPS`]).
     pub async fn delete_task(&self, task: &Task) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let id = task.id.to_string();
@@ -225,6 +227,18 @@ impl State {
                 })
                 .collect();
             pipe.del(markers);
+            if let orch_shared::job::Workspace::Git { url, .. } = &task.workspace {
+                let cleanup = orch_shared::job::RefCleanup {
+                    url: url.clone(),
+                    refs: task
+                        .jobs
+                        .iter()
+                        .map(|j| orch_shared::job::checkpoint_ref(j.id))
+                        .collect(),
+                };
+                let json = serde_json::to_string(&cleanup).unwrap_or_default();
+                pipe.zadd(keys::REF_CLEANUPS, json, orch_shared::now_ms());
+            }
         }
         pipe.exec_async(&mut conn)
             .await

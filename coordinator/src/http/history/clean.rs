@@ -11,7 +11,7 @@ use orch_shared::report::{CleanReport, CleanRequest, MAX_CLEAN_BATCH};
 
 /// `POST /v1/clean`: deletes the finished tasks created more than `older_than_ms` ago, with
 /// their agents, index entries, dead letters, markers, sessions and checkpoints (pointers,
-/// stored conversations and scratch trees; the checkpoint refs stay in the task's repository)
+/// stored conversations and scratch trees; a worker deletes the checkpoint refs from the task's repository)
 /// and their messages in the event log and
 /// the results stream. Examines at most `limit` tasks, oldest first; `next` says where to go on.
 #[utoipa::path(
