@@ -276,6 +276,7 @@ mod connection {
         Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerErrorKind,
         TlsMode, Value,
     };
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, RwLock};
     use std::time::{Duration, Instant};
 
@@ -302,7 +303,8 @@ mod connection {
     /// One multiplexed connection shared by every clone; through Sentinel it follows the
     /// primary. A command that fails on a dropped connection returns its error (callers retry
     /// idempotently, as with `ConnectionManager`) and makes the next commands go to the
-    /// primary the sentinels name.
+    /// primary the sentinels name; one that surely did not run (refused connection, a
+    /// demoted primary's `READONLY`) is sent once more when the connection moved meanwhile.
     #[derive(Clone)]
     pub struct Connection {
         shared: Arc<Shared>,
@@ -311,6 +313,8 @@ mod connection {
 
     struct Shared {
         current: RwLock<ConnectionManager>,
+        /// How many times the connection moved to another primary.
+        moves: AtomicU64,
         sentinel: Option<tokio::sync::Mutex<Follower>>,
     }
 
@@ -348,6 +352,15 @@ mod connection {
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
+            || matches!(e.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly))
+            || matches!(e.code(), Some("MASTERDOWN" | "LOADING"))
+    }
+
+    /// Whether `e` says the command was not executed: the server refused the connection, or
+    /// refused the command as a replica or while it had no primary or was loading. Such a
+    /// command is safe to send again, once, to the primary the connection moved to.
+    fn never_ran(e: &RedisError) -> bool {
+        e.is_connection_refusal()
             || matches!(e.kind(), ErrorKind::Server(ServerErrorKind::ReadOnly))
             || matches!(e.code(), Some("MASTERDOWN" | "LOADING"))
     }
@@ -482,6 +495,7 @@ mod connection {
             Self {
                 shared: Arc::new(Shared {
                     current: RwLock::new(conn),
+                    moves: AtomicU64::new(0),
                     sentinel: follower.map(tokio::sync::Mutex::new),
                 }),
                 db,
@@ -493,6 +507,14 @@ mod connection {
                 Ok(conn) => conn.clone(),
                 Err(poisoned) => poisoned.into_inner().clone(),
             }
+        }
+
+        /// Whether a command that failed with `e`, sent when the connection had moved `moves`
+        /// times, did not run and the connection has moved since: it is sent once more, to
+        /// the new primary (a lease renewal that failed as the old primary died succeeds
+        /// there, rather than running out while the sentinels promote a replica).
+        fn moved_since(&self, moves: u64, e: &RedisError) -> bool {
+            never_ran(e) && self.shared.moves.load(Ordering::SeqCst) != moves
         }
 
         /// After `e`, asks the sentinels (at most every 250 ms) where the primary is and moves
@@ -532,6 +554,7 @@ mod connection {
                         Ok(mut current) => *current = conn,
                         Err(poisoned) => *poisoned.into_inner() = conn,
                     }
+                    self.shared.moves.fetch_add(1, Ordering::SeqCst);
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, primary = %address, "cannot reach the new Redis primary yet")
@@ -546,10 +569,14 @@ mod connection {
     impl ConnectionLike for Connection {
         fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
             Box::pin(async move {
+                let moves = self.shared.moves.load(Ordering::SeqCst);
                 let mut conn = self.current();
                 let result = conn.req_packed_command(cmd).await;
                 if let Err(e) = &result {
                     self.follow(e).await;
+                    if self.moved_since(moves, e) {
+                        return self.current().req_packed_command(cmd).await;
+                    }
                 }
                 result
             })
@@ -562,10 +589,15 @@ mod connection {
             count: usize,
         ) -> RedisFuture<'a, Vec<Value>> {
             Box::pin(async move {
+                let moves = self.shared.moves.load(Ordering::SeqCst);
                 let mut conn = self.current();
                 let result = conn.req_packed_commands(pipeline, offset, count).await;
                 if let Err(e) = &result {
                     self.follow(e).await;
+                    if self.moved_since(moves, e) {
+                        let mut conn = self.current();
+                        return conn.req_packed_commands(pipeline, offset, count).await;
+                    }
                 }
                 result
             })

@@ -76,6 +76,25 @@ impl TelemetrySettings {
     }
 }
 
+/// `error` and its sources, outermost first, joined with `: ` (a source whose text the previous
+/// one already shows, as a transparent wrapper's does, is not repeated): what a service logs
+/// when it stops on an error.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut last = text.clone();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let here = e.to_string();
+        if !last.contains(&here) {
+            text.push_str(": ");
+            text.push_str(&here);
+        }
+        last = here;
+        source = e.source();
+    }
+    text
+}
+
 #[cfg(feature = "telemetry")]
 pub use active::*;
 
@@ -129,6 +148,22 @@ mod active {
         }
     }
 
+    /// Logs every panic, in any thread, as an error event (thread, message, location) before
+    /// the default hook prints it: a panic in a spawned task ends only that task, and the
+    /// service's log must say so.
+    fn log_panics() {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            tracing::error!(
+                thread = thread.name().unwrap_or("unnamed"),
+                panic = %info,
+                "a thread panicked"
+            );
+            default(info);
+        }));
+    }
+
     /// Installs the global subscriber: logs on stderr (JSON lines or pretty), filtered by
     /// `ORCH_LOG` (default `info`), and, with an OTLP endpoint, the OpenTelemetry layer naming
     /// this process `service`. An exporter that cannot be built is logged and traces stay off.
@@ -162,6 +197,7 @@ mod active {
             .with(fmt.with_filter(filter()))
             .with(otel)
             .init();
+        log_panics();
         if provider.is_some()
             && let Some(endpoint) = &telemetry.otlp_endpoint
         {
@@ -246,6 +282,32 @@ mod active {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("the results loop failed")]
+        Wrapped(#[source] Middle),
+        #[error(transparent)]
+        Transparent(Middle),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading the log")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_chain_names_every_cause_once() {
+        let io = || std::io::Error::other("connection reset");
+        assert_eq!(
+            error_chain(&Outer::Wrapped(Middle(io()))),
+            "the results loop failed: reading the log: connection reset"
+        );
+        // A transparent wrapper shows its source's text: it is not said twice.
+        assert_eq!(
+            error_chain(&Outer::Transparent(Middle(io()))),
+            "reading the log: connection reset"
+        );
+    }
 
     fn check(endpoint: Option<&str>, otel: Option<&str>) -> Result<Telemetry, Error> {
         let settings = TelemetrySettings {

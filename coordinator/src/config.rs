@@ -86,6 +86,11 @@ pub struct Args {
     /// [default: 90days].
     #[arg(long, env = "ORCH_HISTORY_RETENTION")]
     pub history_retention: Option<String>,
+    /// How long the leader's lease lasts without renewal (renewed every second): a standby
+    /// takes over this long after the leader died. Longer than a Redis Sentinel failover, so
+    /// the leader keeps the lease through one [default: 5s].
+    #[arg(long, env = "ORCH_LEADER_LEASE")]
+    pub leader_lease: Option<String>,
     /// Parallel lanes applying results (tasks are spread over lanes by id) [default: 16].
     #[arg(long, env = "ORCH_LANES")]
     pub lanes: Option<String>,
@@ -344,6 +349,8 @@ struct Settings {
     events_max_age: Duration,
     #[serde(with = "humantime_serde")]
     history_retention: Duration,
+    #[serde(with = "humantime_serde")]
+    leader_lease: Duration,
     lanes: usize,
     log_format: LogFormat,
     telemetry: orch_config::telemetry::TelemetrySettings,
@@ -374,6 +381,7 @@ impl Default for Settings {
             dedup_window: Duration::from_secs(30 * 60),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
             history_retention: Duration::from_secs(90 * 24 * 3600),
+            leader_lease: crate::leader::LEASE_TTL,
             lanes: 16,
             log_format: LogFormat::Pretty,
             telemetry: Default::default(),
@@ -407,6 +415,8 @@ pub struct Config {
     pub events_max_age: Duration,
     /// Finished tasks older than this are deleted by the leader (`None`: kept forever).
     pub history_retention: Option<Duration>,
+    /// The leader lease's time to live.
+    pub leader_lease: Duration,
     pub lanes: usize,
     pub log_format: LogFormat,
     /// Where spans are exported (none by default).
@@ -507,6 +517,17 @@ impl Settings {
         if self.job_ack_wait < Duration::from_secs(1) {
             return Err(Error::invalid("job-ack-wait", "must be at least 1s"));
         }
+        if self.leader_lease < crate::leader::MIN_LEASE {
+            return Err(Error::invalid(
+                "leader-lease",
+                format!(
+                    "must be at least {} (the leader renews it every {} and steps down {} before it runs out)",
+                    humantime::format_duration(crate::leader::MIN_LEASE),
+                    humantime::format_duration(crate::leader::RENEW_EVERY),
+                    humantime::format_duration(crate::leader::RENEW_EVERY),
+                ),
+            ));
+        }
         if self.job_max_deliver < 1 {
             return Err(Error::invalid("job-max-deliver", "must be at least 1"));
         }
@@ -577,6 +598,7 @@ impl Settings {
             events_max_age: self.events_max_age,
             history_retention: (!self.history_retention.is_zero())
                 .then_some(self.history_retention),
+            leader_lease: self.leader_lease,
             lanes: self.lanes,
             log_format: self.log_format,
             telemetry,
@@ -888,6 +910,22 @@ mod tests {
         assert_eq!(cfg.history_retention, Some(Duration::from_secs(30 * day)));
         let cfg = load_with(None, &[("ORCH_HISTORY_RETENTION", "0s")], &["--no-auth"]).unwrap();
         assert_eq!(cfg.history_retention, None);
+    }
+
+    #[test]
+    fn the_leader_lease_is_set_from_any_layer_and_a_too_short_one_is_refused() {
+        let cfg = load_with(None, &[], &["--no-auth"]).unwrap();
+        assert_eq!(cfg.leader_lease, crate::leader::LEASE_TTL);
+        let cfg = load_with(Some("leader_lease = \"15s\""), &[], &["--no-auth"]).unwrap();
+        assert_eq!(cfg.leader_lease, Duration::from_secs(15));
+        let cfg = load_with(None, &[("ORCH_LEADER_LEASE", "20s")], &["--no-auth"]).unwrap();
+        assert_eq!(cfg.leader_lease, Duration::from_secs(20));
+        let err = load_with(None, &[], &["--no-auth", "--leader-lease", "2s"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid configuration: leader-lease: must be at least 3s"),
+            "{err}"
+        );
         let err = from_flags(["--no-auth", "--history-retention", "forever"])
             .unwrap_err()
             .to_string();

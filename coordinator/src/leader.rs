@@ -3,7 +3,10 @@
 //! Only the leader dispatches (consumes results, runs lanes, timers and admission); every
 //! replica serves reads. A standby takes over within the lease TTL plus one renewal period
 //! after the leader dies. A leader that cannot renew in time stops (exit 1) rather than risk
-//! two dispatchers: its process manager restarts it as a standby.
+//! two dispatchers: its process manager restarts it as a standby. A renewal that fails is tried
+//! again every [`RENEW_RETRY`], and the Redis connection sends it again to a primary the
+//! sentinels just promoted, so a Sentinel failover shorter than the lease (`--leader-lease`,
+//! [`LEASE_TTL`] by default) less one renewal period does not cost the leader its lease.
 //!
 //! Each replica that takes the lease raises the leader epoch (`orch:leader:epoch`), and every
 //! task write of the leader carries its epoch, checked in the same Lua script that writes: a
@@ -21,10 +24,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// How long a lease lasts without renewal.
+/// How long a lease lasts without renewal, by default (`--leader-lease`).
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// The shortest lease accepted: three renewal periods.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
 /// How often the holder renews and a standby tries to take it.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// How soon a renewal that failed is tried again (a Redis failover takes seconds).
+pub const RENEW_RETRY: Duration = Duration::from_millis(250);
 /// How long a leader may be without a NATS connection before it gives up the lease (a
 /// server restart or a move to another node of the cluster takes less).
 pub const NATS_GRACE: Duration = Duration::from_secs(10);
@@ -49,6 +56,7 @@ pub enum Error {
 pub async fn campaign(
     state: State,
     id: String,
+    ttl: Duration,
     leader: watch::Sender<bool>,
     cancel: CancellationToken,
     nats: impl Fn() -> bool + Send + 'static,
@@ -80,7 +88,7 @@ pub async fn campaign(
         }
         match renewed_at {
             None if nats_down.is_some() => {}
-            None => match state.try_lead(&id, LEASE_TTL).await {
+            None => match state.try_lead(&id, ttl).await {
                 Ok(true) => {
                     tracing::info!(%id, epoch = state.leader_epoch(), "this coordinator is the leader");
                     renewed_at = Some(Instant::now());
@@ -90,15 +98,18 @@ pub async fn campaign(
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "could not campaign for leadership"),
             },
-            Some(at) => match state.renew_lead(&id, LEASE_TTL).await {
+            Some(at) => match state.renew_lead(&id, ttl).await {
                 Ok(true) => renewed_at = Some(Instant::now()),
                 Ok(false) => return Err(Error::Lost(at.elapsed())),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not renew the leader lease");
                     // Step down before the lease can lapse and a standby take over.
-                    if at.elapsed() + RENEW_EVERY >= LEASE_TTL {
+                    if at.elapsed() + RENEW_EVERY >= ttl {
                         return Err(Error::Lost(at.elapsed()));
                     }
+                    // Try again soon: a Sentinel failover moves the connection to the new
+                    // primary any moment, and the lease is there, still ours.
+                    tick.reset_after(RENEW_RETRY);
                 }
             },
         }

@@ -79,8 +79,8 @@ pub enum Error {
     Leader(#[from] leader::Error),
     #[error("failed to resume unfinished tasks: {0}")]
     Resume(String),
-    #[error("the {0} loop stopped unexpectedly")]
-    LoopEnded(&'static str),
+    #[error("the {0} loop stopped unexpectedly: {1}")]
+    LoopEnded(&'static str, String),
     #[error(transparent)]
     Forge(#[from] forge::Error),
 }
@@ -141,6 +141,7 @@ pub async fn run(
     let campaign = tracker.spawn(leader::campaign(
         state.clone(),
         id.clone(),
+        config.leader_lease,
         leader_tx,
         shutdown.clone(),
         move || nats.is_connected(),
@@ -325,7 +326,7 @@ pub async fn run(
         r = results_loop => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::LoopEnded("results")),
+            Err(e) => Err(Error::LoopEnded("results", e.to_string())),
         },
         r = &mut campaign => flatten_campaign(r),
     };
@@ -335,7 +336,7 @@ pub async fn run(
 fn flatten_serve(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), Error> {
     match r {
         Ok(r) => r.map_err(Error::Serve),
-        Err(_) => Err(Error::LoopEnded("HTTP server")),
+        Err(e) => Err(Error::LoopEnded("HTTP server", e.to_string())),
     }
 }
 
@@ -344,7 +345,7 @@ fn flatten_campaign(
 ) -> Result<(), Error> {
     match r {
         Ok(r) => r.map_err(Error::Leader),
-        Err(_) => Err(Error::LoopEnded("leader election")),
+        Err(e) => Err(Error::LoopEnded("leader election", e.to_string())),
     }
 }
 

@@ -33,10 +33,16 @@ async fn main() -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
+    // Every way out says why: the error with its causes, or the shutdown that was asked for
+    // (a panic is logged by the telemetry's panic hook; only SIGKILL leaves no line).
     match orch_coordinator::run(config, metrics, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            tracing::info!(code = 0, "coordinator exits: shutdown requested");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "coordinator failed");
+            let why = orch_config::telemetry::error_chain(&e);
+            tracing::error!(code = 1, error = %why, "coordinator exits: {e}");
             ExitCode::FAILURE
         }
     }
@@ -44,16 +50,21 @@ async fn main() -> ExitCode {
 
 async fn on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
+        tracing::warn!(
+            "cannot handle SIGTERM, SIGINT and SIGHUP: they will stop the coordinator at once"
+        );
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    tracing::info!("shutdown requested");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = hup.recv() => "SIGHUP",
+    };
+    tracing::info!(signal = name, "shutdown requested");
     shutdown.cancel();
 }

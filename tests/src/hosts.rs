@@ -257,6 +257,10 @@ pub struct HostOptions {
     /// Flags and timings shared with [`Cluster`] (`ack_wait`, `slots`, `drain_grace`, extra
     /// flags and environment).
     pub cluster: crate::Options,
+    /// Redis as a primary (on `redis`) with two replicas (`r1`, `r2`) and three sentinels
+    /// (`s0`..`s2`), each on a machine of its own; the services are given the sentinels
+    /// ([`SentinelHosts`]).
+    pub redis_sentinel: bool,
 }
 
 impl Default for HostOptions {
@@ -266,6 +270,7 @@ impl Default for HostOptions {
             coordinators: 2,
             coordinator_hosts: false,
             worker_hosts: None,
+            redis_sentinel: false,
             cluster: crate::Options {
                 ack_wait: std::time::Duration::from_secs(2),
                 ..crate::Options::default()
@@ -291,6 +296,8 @@ pub struct HostCluster {
     /// Where each worker runs (`worker-<i>` on `worker_hosts[i]`).
     pub worker_hosts: Vec<Host>,
     pub redis_host: Host,
+    /// The replicas' and sentinels' machines, with [`HostOptions::redis_sentinel`].
+    pub redis_ha: Option<SentinelHosts>,
     /// The API URL of each coordinator replica (`http://<node address>:8080`).
     pub coordinator_urls: Vec<String>,
     pub opts: HostOptions,
@@ -357,12 +364,20 @@ impl HostCluster {
             Duration::from_secs(10),
         );
         let nats_url = format!("nats://{}:{NATS_PORT}", nodes[0].addr);
-        let redis_url = format!("redis://{}:{REDIS_PORT}", redis_host.addr);
+        let mut redis_url = format!("redis://{}:{REDIS_PORT}", redis_host.addr);
+        let mut ha_servers = vec![];
+        let redis_ha = opts.redis_sentinel.then(|| {
+            let (ha, servers) = SentinelHosts::start(&mut net, &redis_host, dir.path());
+            redis_url = ha.services_url();
+            ha_servers = servers;
+            ha
+        });
         let coordinator_urls: Vec<String> = coordinator_hosts
             .iter()
             .map(|n| format!("http://{}:{API_PORT}", n.addr))
             .collect();
         let mut others: Vec<Server> = nats.drain(1..).collect();
+        others.extend(ha_servers);
         let mut coordinators = vec![];
         for (i, node) in coordinator_hosts.iter().enumerate() {
             let mut server = Self::coordinator(node, &nats_url, &redis_url, &opts, dir.path());
@@ -397,6 +412,7 @@ impl HostCluster {
             coordinator_hosts,
             worker_hosts,
             redis_host,
+            redis_ha,
             coordinator_urls,
             opts,
             net,
@@ -575,4 +591,167 @@ async fn wait_ready(url: &str) {
         }
     })
     .await;
+}
+
+/// The sentinels' port on their machines.
+pub const SENTINEL_PORT: u16 = 26379;
+
+/// A Redis primary's two replicas and three sentinels, each on a machine of its own: the
+/// servers `redis-r1`, `redis-r2` (replicas of `redis`) and `sentinel-s0`..`sentinel-s2`
+/// (quorum 2; a primary unreachable for 1 s is down). The services are given the sentinels.
+#[derive(Clone, Debug)]
+pub struct SentinelHosts {
+    /// The replicas' machines (`r1`, `r2`).
+    pub replicas: Vec<Host>,
+    /// The sentinels' machines (`s0`, `s1`, `s2`).
+    pub sentinels: Vec<Host>,
+}
+
+impl SentinelHosts {
+    /// Makes the machines, starts the replicas of the primary on `primary` and the sentinels,
+    /// and waits until every replica is in sync and every sentinel knows both replicas and
+    /// the other sentinels. Returns the servers (for [`Cluster::others`]).
+    pub fn start(net: &mut Net, primary: &Host, dir: &Path) -> (SentinelHosts, Vec<Server>) {
+        let bin = crate::server_bin(
+            "ORCH_REDIS_SERVER_BIN",
+            "redis-server",
+            "apt-get install redis-server",
+        );
+        let replicas: Vec<Host> = (1..=2).map(|i| net.host(&format!("r{i}"))).collect();
+        let sentinels: Vec<Host> = (0..3).map(|i| net.host(&format!("s{i}"))).collect();
+        let mut servers = vec![];
+        for host in &replicas {
+            let data = dir.join(format!("redis-{}", host.name));
+            std::fs::create_dir_all(&data).expect("create a replica's dir");
+            let addr = host.addr.to_string();
+            let mut cmd = host.command(&bin);
+            cmd.args(["--bind", &addr, "--port", &REDIS_PORT.to_string()])
+                .args(["--protected-mode", "no", "--save", ""])
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--replicaof", &primary.addr.to_string()])
+                .arg(REDIS_PORT.to_string())
+                .args(["--replica-announce-ip", &addr, "--dir"])
+                .arg(&data);
+            let mut server = Server::spawn(&format!("redis-{}", host.name), &mut cmd, dir);
+            wait_port(&mut server, host.addr, REDIS_PORT, Duration::from_secs(10));
+            servers.push(server);
+        }
+        for host in &sentinels {
+            let data = dir.join(format!("sentinel-{}", host.name));
+            std::fs::create_dir_all(&data).expect("create a sentinel's dir");
+            // A sentinel rewrites its configuration file with what it learns: one file each.
+            let conf = data.join("sentinel.conf");
+            let text = format!(
+                "port {SENTINEL_PORT}\nbind {addr}\ndir {dir}\nsentinel announce-ip {addr}\n\
+                 sentinel monitor {master} {primary} {REDIS_PORT} 2\n\
+                 sentinel down-after-milliseconds {master} 1000\n\
+                 sentinel failover-timeout {master} 5000\n",
+                addr = host.addr,
+                dir = data.display(),
+                master = crate::REDIS_MASTER,
+                primary = primary.addr,
+            );
+            std::fs::write(&conf, text).expect("write a sentinel's config");
+            let mut cmd = host.command(&bin);
+            cmd.arg(&conf).arg("--sentinel");
+            let mut server = Server::spawn(&format!("sentinel-{}", host.name), &mut cmd, dir);
+            wait_port(
+                &mut server,
+                host.addr,
+                SENTINEL_PORT,
+                Duration::from_secs(10),
+            );
+            servers.push(server);
+        }
+        let ha = SentinelHosts {
+            replicas,
+            sentinels,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let synced = ha.replicas.iter().all(|r| {
+                redis_info_at(r.addr, REDIS_PORT, "replication")
+                    .is_some_and(|i| i.contains("master_link_status:up"))
+            });
+            let known = ha.sentinels.iter().all(|s| {
+                let info = ha.sentinel_master(s);
+                info.get("num-slaves").is_some_and(|n| n == "2")
+                    && info.get("num-other-sentinels").is_some_and(|n| n == "2")
+            });
+            if synced && known {
+                return (ha, servers);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not find the replicas and each other\n{}",
+                servers.iter().map(|s| s.tail(20)).collect::<String>()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The services' URL: `redis+sentinel://` every sentinel, then the master's name.
+    pub fn services_url(&self) -> String {
+        let list: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|h| format!("{}:{SENTINEL_PORT}", h.addr))
+            .collect();
+        format!(
+            "redis+sentinel://{}/{}",
+            list.join(","),
+            crate::REDIS_MASTER
+        )
+    }
+
+    /// `SENTINEL MASTER` as the sentinel on `host` answers it (empty when it does not).
+    pub fn sentinel_master(&self, host: &Host) -> std::collections::HashMap<String, String> {
+        let Some(mut conn) = redis_at(host.addr, SENTINEL_PORT) else {
+            return Default::default();
+        };
+        redis::cmd("SENTINEL")
+            .arg(&["MASTER", crate::REDIS_MASTER][..])
+            .query(&mut conn)
+            .unwrap_or_default()
+    }
+
+    /// The primary's address as every sentinel names it, when they all agree.
+    pub fn primary(&self) -> Option<Ipv4Addr> {
+        let mut named = self.sentinels.iter().map(|host| {
+            let mut conn = redis_at(host.addr, SENTINEL_PORT)?;
+            let (ip, _): (String, String) = redis::cmd("SENTINEL")
+                .arg(&["get-master-addr-by-name", crate::REDIS_MASTER][..])
+                .query(&mut conn)
+                .ok()?;
+            ip.parse::<Ipv4Addr>().ok()
+        });
+        let first = named.next()??;
+        named.all(|n| n == Some(first)).then_some(first)
+    }
+}
+
+/// The `INFO section` text of the Redis server at `addr:port` (`None` when it does not answer
+/// within 2 s).
+pub fn redis_info_at(addr: Ipv4Addr, port: u16, section: &str) -> Option<String> {
+    let mut conn = redis_at(addr, port)?;
+    redis::cmd("INFO").arg(section).query(&mut conn).ok()
+}
+
+/// A connection to the Redis server (or sentinel) at `addr:port` whose every step gives up
+/// after 2 s (a machine that was cut off answers nothing).
+pub fn redis_at(addr: Ipv4Addr, port: u16) -> Option<redis::Connection> {
+    let client = redis::Client::open(format!("redis://{addr}:{port}")).ok()?;
+    let conn = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    conn.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+    Some(conn)
+}
+
+/// A field of an `INFO` text (`master_repl_offset`, say).
+pub fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
 }

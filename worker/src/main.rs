@@ -72,7 +72,8 @@ async fn worker() -> ExitCode {
     match tokio::spawn(orch_worker::run(config, metrics, shutdown)).await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            tracing::error!(error = %format!("{e:#}"), "worker failed");
+            let why = orch_config::telemetry::error_chain(&e);
+            tracing::error!(error = %why, "worker failed");
             ExitCode::FAILURE
         }
         Err(e) => {
