@@ -103,9 +103,12 @@ pub fn unparked_msg_id(job: JobId, attempt: u32, park: u64) -> String {
     format!("job/{job}/{attempt}/unparked/{park}")
 }
 
-/// `Nats-Msg-Id` of a job attempt's result.
-pub fn result_msg_id(job: JobId, attempt: u32) -> String {
-    format!("result/{job}/{attempt}")
+/// `Nats-Msg-Id` of a job attempt's result, published under lease `fence` (0: unfenced). A
+/// retried publish of the same result is dropped as a duplicate; the result of a later lease
+/// holder of the same attempt is not (with one id per attempt, the fenced-out result of a
+/// worker that lost its lease would silently take the place of the holder's).
+pub fn result_msg_id(job: JobId, attempt: u32, fence: u64) -> String {
+    format!("result/{job}/{attempt}/{fence}")
 }
 
 /// Core NATS subject every worker listens on for job cancellations (`JobControl`).

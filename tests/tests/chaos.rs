@@ -124,6 +124,108 @@ async fn a_paused_worker_that_wakes_after_its_job_moved_on_is_fenced_out() {
     );
 }
 
+/// A `command` agent held at a gate: the first run of the attempt waits for `go-1`, the next
+/// for `go-2` (`mkdir` is atomic); each says it started (`run-<n>`) and leaves `exited-<n>`.
+const GATED: &str = r#"cat > /dev/null
+if mkdir "$GATE_DIR/run-1" 2>/dev/null; then n=1; else n=2; mkdir -p "$GATE_DIR/run-2"; fi
+while [ ! -e "$GATE_DIR/go-$n" ]; do sleep 0.05; done
+touch "$GATE_DIR/exited-$n"
+printf '## Summary\ndone by run %s\n' "$n"
+"#;
+
+/// Waits until `path` exists.
+async fn appears(cluster: &Cluster, path: &std::path::Path) {
+    cluster
+        .eventually(Duration::from_secs(30), || async {
+            match path.exists() {
+                true => Ok(()),
+                false => Err(format!("{} never appeared", path.display())),
+            }
+        })
+        .await;
+}
+
+/// The interleaving NATS node losses produce (found by `hosts.rs`): a worker's result is
+/// stored late, after its job was redelivered to another worker, which took a new lease. The
+/// late result is fenced out; the new holder's result, published afterwards, must be stored and
+/// applied (with one message id per attempt, JetStream dropped it as a duplicate of the late
+/// one, and the task stayed running forever). The worker is held in its result's publish by
+/// pausing the NATS server, then the worker itself, while the agent ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_stored_after_its_job_moved_on_leaves_the_new_holders_result_to_apply() {
+    let gates = tempfile::tempdir().unwrap();
+    let config = gates.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backends.command]\nprogram = \"sh\"\nargs = [\"-c\", {GATED:?}]\n\
+             prompt = \"stdin\"\npass_env = [\"GATE_DIR\"]\n"
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::start(Options {
+        workers: 2,
+        // One slot: a worker busy with the job has no pull open that could take it again.
+        slots: 1,
+        ack_wait: Duration::from_secs(2),
+        // Sandbox off: the agent's gates are outside its workspace.
+        worker_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--sandbox".into(),
+            "off".into(),
+        ],
+        worker_env: vec![("GATE_DIR".into(), gates.path().display().to_string())],
+        ..Options::default()
+    })
+    .await;
+    let gate = |name: &str| gates.path().join(name);
+    let task = cluster
+        .submit(json!({"prompt": "gated", "roles": ["builder"], "backend": "command"}))
+        .await;
+    let id = task.id.to_string();
+    let first = cluster.running_on(&id, 0).await;
+    appears(&cluster, &gate("run-1")).await;
+
+    // The agent ends while NATS is paused: the worker checks its lease (held) and waits for
+    // its events to be stored; then it is paused itself, before it publishes its result.
+    cluster.nats.signal(libc::SIGSTOP);
+    std::fs::write(gate("go-1"), "").unwrap();
+    appears(&cluster, &gate("exited-1")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.workers[first].signal(libc::SIGSTOP);
+    cluster.nats.signal(libc::SIGCONT);
+    // Past the ack wait the job goes to the other worker, which takes a new lease.
+    appears(&cluster, &gate("run-2")).await;
+    // The first worker wakes and publishes its result, now stale: fenced out, and the worker
+    // leaves the attempt to the holder.
+    cluster.workers[first].signal(libc::SIGCONT);
+    let log = cluster.workers[first].log.clone();
+    cluster
+        .eventually(Duration::from_secs(30), || async {
+            match orch_tests::log_contains(&log, "lease taken over after the result was published")
+            {
+                true => Ok(()),
+                false => Err("the first worker never published its late result"),
+            }
+        })
+        .await;
+    // The holder finishes: its result is the one applied.
+    std::fs::write(gate("go-2"), "").unwrap();
+    let ledger = check(&cluster, std::slice::from_ref(&id)).await;
+    assert_clean(&ledger, &cluster);
+    let task = cluster.task(&id).await;
+    assert_eq!(task.status, TaskStatus::Completed, "{task:#?}");
+    assert!(
+        task.jobs[0]
+            .output
+            .as_deref()
+            .unwrap_or_default()
+            .contains("done by run 2"),
+        "{task:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_every_worker_drains_or_hands_back_without_loss() {
     let mut cluster = Cluster::start(Options {
@@ -438,6 +540,13 @@ async fn a_holder_that_lost_its_lease_leaves_the_attempt_to_the_new_holder() {
     assert!(
         !state.finish(job, 1, Some(&first)).await.unwrap(),
         "the stale holder must not finish the attempt"
+    );
+    // Nor once no lease is held (the holder let it go, or it expired): the attempt's fence
+    // moved past the stale holder's, so the coordinator fences its result out.
+    state.release(&second).await.unwrap();
+    assert!(
+        !state.finish(job, 1, Some(&first)).await.unwrap(),
+        "the stale holder must not finish the attempt once the lease is gone"
     );
     // Nothing was marked: the attempt can still be claimed (it is not "done").
     assert!(matches!(

@@ -422,29 +422,43 @@ impl Runner {
         metrics::counter!(m::JOBS_FINISHED, "outcome" => outcome, "reason" => reason).increment(1);
         // In the job's span: the line carries the task, job and trace ids.
         tracing::info!(outcome, reason, "job finished");
-        // One round trip sets the done marker and drops the lease (it expires by itself if
-        // this fails).
-        match self
-            .state
-            .finish(spec.job_id, spec.attempt, lease.as_ref())
-            .await
-        {
+        // One round trip sets the done marker and drops the lease, unless a later worker
+        // took the attempt: the same test the coordinator applies to the result.
+        let finish = || self.state.finish(spec.job_id, spec.attempt, lease.as_ref());
+        let finished = finish
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(1))
+                    .with_max_times(4),
+            )
+            .when(crate::state::Error::is_transient)
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "done marker not set, retrying"))
+            .await;
+        match finished {
             Ok(true) => {}
             Ok(false) => {
                 // Another worker took the attempt while this one published: this result is
                 // fenced out. Marking the attempt done or acking it would end the holder's run
-                // (a hand-back of its delivery would find nothing to redeliver).
+                // (JetStream accepts the ack of an earlier delivery).
                 tracing::warn!(
                     "lease taken over after the result was published; leaving the attempt to its holder"
                 );
                 metrics::counter!(m::LEASES_LOST).increment(1);
                 return;
             }
+            Err(e) if lease.is_some() => {
+                // Whether this result will be applied is unknown: acking could end the run of
+                // a worker that took the attempt since. Left unacked, the job comes back; its
+                // next claim finds the marker (if it was set after all) or runs it again.
+                tracing::warn!(error = %e, "could not set the done marker; leaving the job to be redelivered");
+                return;
+            }
+            // Unfenced: the coordinator applies this result whatever the fence.
             Err(e) => tracing::warn!(error = %e, "could not set the done marker"),
         }
         if let Err(e) = job.ack().await {
-            // The result is stored; a redelivery will find the done marker (or be a duplicate
-            // the coordinator ignores).
+            // The result is stored and the attempt marked done: a redelivery finds the marker.
             tracing::warn!(error = %e, "ack failed after the result was stored");
         }
     }

@@ -60,15 +60,20 @@ return f
 "#;
 
 /// Ends a job attempt whose result is stored, in one round trip: sets the done marker and
-/// drops the lease, unless another worker holds the lease now (then it returns 0 and changes
-/// nothing: this worker's result was fenced out, and the attempt, its marker and its ack
-/// belong to the holder). An empty lease value (an unfenced run) always marks.
-/// KEYS: done marker, lease. ARGV: done ttl s, lease value.
+/// drops the lease, unless a later worker took the attempt since (its fence counter moved past
+/// this worker's fence: then it returns 0 and changes nothing). The test is the coordinator's
+/// own (`APPLY_RESULT`: a result is applied unless the counter names another fence), so a
+/// marked attempt's result is always applied: once the marker is set, no claim can move the
+/// counter. The lease alone cannot tell: it expires, and a holder that finished drops it.
+/// An empty lease value (an unfenced run) always marks.
+/// KEYS: done marker, lease, fence counter. ARGV: done ttl s, lease value, fence.
 const FINISH: &str = r#"
-local holder = redis.call('GET', KEYS[2])
-if ARGV[2] ~= '' and holder and holder ~= ARGV[2] then return 0 end
+if ARGV[2] ~= '' then
+  local current = redis.call('GET', KEYS[3])
+  if current and current ~= ARGV[3] then return 0 end
+end
 redis.call('SET', KEYS[1], 1, 'EX', ARGV[1])
-if holder and holder == ARGV[2] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return 1
 "#;
 
@@ -410,7 +415,8 @@ impl State {
     }
 
     /// Marks a job attempt as finished (after its result is stored in JetStream) and drops
-    /// its lease if this worker still holds it.
+    /// its lease if this worker still holds it; false, and nothing changed, when a later
+    /// worker took the attempt (this worker's result is fenced out).
     pub async fn finish(
         &self,
         job: JobId,
@@ -421,8 +427,10 @@ impl State {
         let marked: i64 = FINISH_SCRIPT
             .key(keys::job_done(job, attempt))
             .key(keys::job_lease(job, attempt))
+            .key(keys::job_fence(job, attempt))
             .arg(DONE_TTL_SECS)
             .arg(lease.map_or("", |l| l.value.as_str()))
+            .arg(lease.map_or(0, |l| l.fence))
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("mark job done"))?;

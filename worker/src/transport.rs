@@ -398,7 +398,11 @@ impl Transport {
     pub async fn publish_result(&self, result: &JobResult) -> Result<(), Error> {
         let subject = subject::result(result.task_id);
         let publish = jetstream::message::PublishMessage::build()
-            .message_id(subject::result_msg_id(result.job_id, result.attempt))
+            .message_id(subject::result_msg_id(
+                result.job_id,
+                result.attempt,
+                result.fence,
+            ))
             .payload(codec::encode(result).into());
         let err = |source: async_nats::Error| Error::Publish {
             subject: subject.clone(),
