@@ -109,6 +109,15 @@ pub fn age(now_ms: u64, at_ms: u64) -> String {
 }
 
 /// Cuts `s` to at most `max` characters (on one line), marking the cut with `…`.
+/// How long until `at_ms` ("in 4m"), or "now" once it has passed.
+pub fn age_until(now_ms: u64, at_ms: u64) -> String {
+    if at_ms <= now_ms {
+        "now".into()
+    } else {
+        format!("in {}", duration_ms(at_ms - now_ms))
+    }
+}
+
 pub fn truncate(s: &str, max: usize) -> String {
     let one_line = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= max {
@@ -267,6 +276,14 @@ pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
     for (i, job) in jobs.iter().enumerate() {
         let status = match (&job.status, &job.error) {
             (JobStatus::Failed, Some(e)) => format!("failed ({})", e.reason.as_str()),
+            (JobStatus::Parked, _) => match &job.parked {
+                Some(p) => format!(
+                    "parked ({}, until {})",
+                    p.summary(),
+                    age_until(now_ms, p.until_ms)
+                ),
+                None => "parked".into(),
+            },
             (s, _) if job.attempt > 1 => format!("{} (attempt {})", s.as_str(), job.attempt),
             (s, _) => s.as_str().to_string(),
         };

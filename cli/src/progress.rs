@@ -25,6 +25,7 @@ enum StepState {
     Skipped,
     Retrying,
     Cancelled,
+    Parked,
 }
 
 impl StepState {
@@ -38,6 +39,7 @@ impl StepState {
             JobStatus::Skipped => StepState::Skipped,
             JobStatus::Retrying => StepState::Retrying,
             JobStatus::Cancelled => StepState::Cancelled,
+            JobStatus::Parked => StepState::Parked,
         }
     }
 
@@ -50,6 +52,7 @@ impl StepState {
             StepState::Skipped => '-',
             StepState::Retrying => '↻',
             StepState::Cancelled => '⊘',
+            StepState::Parked => '‖',
         }
     }
 }
@@ -384,6 +387,19 @@ impl Panel {
                 step.activity = Some(format!("waiting: {reason}"));
                 Some(format!("{label} waits: {reason}"))
             }
+            EventKind::JobParked { parked } => {
+                step.state = StepState::Parked;
+                step.activity = Some(format!("parked: {}", parked.summary()));
+                Some(format!(
+                    "{label} parked ({}): it holds no worker and runs on {}",
+                    parked.summary(),
+                    if parked.approval.is_some() {
+                        "once the request is answered"
+                    } else {
+                        "at the reset"
+                    }
+                ))
+            }
             EventKind::JobCancelled { reason } => {
                 step.state = StepState::Cancelled;
                 step.activity = None;
@@ -451,6 +467,10 @@ impl Panel {
                     None => "retrying".to_string(),
                 },
                 StepState::Cancelled => "cancelled".to_string(),
+                StepState::Parked => match &step.activity {
+                    Some(a) => a.clone(),
+                    None => "parked".to_string(),
+                },
             };
             let _ = writeln!(
                 out,
@@ -648,6 +668,7 @@ mod tests {
             session_id: None,
             diff: None,
             git: None,
+            parked: None,
         }
     }
 

@@ -625,6 +625,9 @@ impl Lane {
     /// Marks the job running in the cached task; the save follows within
     /// [`START_SAVE_DELAY`], or comes with the task's next save if that is sooner.
     async fn on_started(&mut self, event: Event) {
+        if let (Some(job_id), EventKind::JobParked { parked }) = (event.job_id, &event.kind) {
+            return self.on_parked(job_id, &event, parked.clone()).await;
+        }
         let (
             Some(job_id),
             EventKind::JobStarted {
@@ -668,6 +671,30 @@ impl Lane {
         if let Some(q) = queued_at {
             metrics::histogram!(m::DISPATCH_LATENCY)
                 .record(event.at_ms.saturating_sub(q) as f64 / 1000.0);
+        }
+        self.unsaved_starts.insert(event.task_id);
+        self.save_starts_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + START_SAVE_DELAY);
+    }
+
+    /// Marks the job parked in the cached task (saved like a start).
+    async fn on_parked(&mut self, job_id: JobId, event: &Event, parked: orch_shared::api::Parked) {
+        if !self.cache.contains_key(&event.task_id) && self.ended.contains(event.task_id) {
+            return;
+        }
+        let task = match self.task(event.task_id).await {
+            Ok(Some(task)) => task,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(task_id = %event.task_id, error = %e, "failed to apply a job park");
+                return;
+            }
+        };
+        if !pipeline::on_parked(task, job_id, event.attempt, parked) {
+            if task.status.is_terminal() {
+                self.uncache_ended(event.task_id);
+            }
+            return;
         }
         self.unsaved_starts.insert(event.task_id);
         self.save_starts_at

@@ -390,11 +390,12 @@ async fn resume(fx: &driver::Effects) -> Result<(), Error> {
         let Some(task) = fx.state.load_task(*id).await? else {
             continue;
         };
-        for job in task
-            .jobs
-            .iter()
-            .filter(|j| j.status == orch_shared::api::JobStatus::Running)
-        {
+        for job in task.jobs.iter().filter(|j| {
+            matches!(
+                j.status,
+                orch_shared::api::JobStatus::Running | orch_shared::api::JobStatus::Parked
+            )
+        }) {
             fx.admission.running(job.id);
         }
         let actions = pipeline::resume(&task);

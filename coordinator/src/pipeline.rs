@@ -18,8 +18,8 @@
 use crate::context::forward_context;
 use crate::planner::{self, Plan};
 use orch_shared::api::{
-    CheckReport, ExecutionOptions, Job, JobError, JobStatus, Mode, OnFailure, PlanInfo, Task,
-    TaskStatus,
+    CheckReport, ExecutionOptions, Job, JobError, JobStatus, Mode, OnFailure, Parked, PlanInfo,
+    Task, TaskStatus,
 };
 use orch_shared::event::{EventKind, StepInfo};
 use orch_shared::ids::{JobId, TaskId, WorkerId};
@@ -196,6 +196,7 @@ fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
         session_id: None,
         diff: None,
         git: None,
+        parked: None,
     }
 }
 
@@ -738,13 +739,15 @@ fn continuable(job: &Job, asked: JobId) -> Result<(), TurnError> {
     }
     match job.status {
         JobStatus::Succeeded => Ok(()),
-        JobStatus::Pending | JobStatus::Queued | JobStatus::Running | JobStatus::Retrying => {
-            Err(TurnError::Busy {
-                agent: asked,
-                latest: job.id,
-                status: job.status.as_str(),
-            })
-        }
+        JobStatus::Pending
+        | JobStatus::Queued
+        | JobStatus::Running
+        | JobStatus::Retrying
+        | JobStatus::Parked => Err(TurnError::Busy {
+            agent: asked,
+            latest: job.id,
+            status: job.status.as_str(),
+        }),
         s => Err(TurnError::NotContinuable(job.id, s.as_str())),
     }
 }
@@ -843,10 +846,12 @@ pub fn add_rewind(
     let parent = &mut task.jobs[index];
     let stopped = format!("stopped by a rewind to step {step} (agent {new} continues from there)");
     match parent.status {
-        JobStatus::Queued | JobStatus::Running => actions.push(Action::Cancel {
-            job: parent.id,
-            attempt: parent.attempt,
-        }),
+        JobStatus::Queued | JobStatus::Running | JobStatus::Parked => {
+            actions.push(Action::Cancel {
+                job: parent.id,
+                attempt: parent.attempt,
+            })
+        }
         JobStatus::Pending | JobStatus::Retrying => parent.finished_at_ms = Some(now_ms),
         _ => {}
     }
@@ -899,7 +904,7 @@ fn in_flight(task: &Task) -> usize {
         .filter(|j| {
             matches!(
                 j.status,
-                JobStatus::Queued | JobStatus::Running | JobStatus::Retrying
+                JobStatus::Queued | JobStatus::Running | JobStatus::Retrying | JobStatus::Parked
             )
         })
         .count()
@@ -1079,12 +1084,36 @@ pub fn on_started(task: &mut Task, job: JobId, attempt: u32, worker: WorkerId, a
     let Some(job) = task.jobs.iter_mut().find(|j| j.id == job) else {
         return false;
     };
-    if job.attempt != attempt || job.status != JobStatus::Queued {
+    if job.attempt != attempt {
         return false;
+    }
+    match job.status {
+        JobStatus::Queued => job.started_at_ms = Some(at_ms),
+        // Resumed after it was parked: it keeps its first start.
+        JobStatus::Parked => job.parked = None,
+        _ => return false,
     }
     job.status = JobStatus::Running;
     job.worker_id = Some(worker);
-    job.started_at_ms = Some(at_ms);
+    true
+}
+
+/// A worker parked a job attempt (a provider's usage limit, or a person's answer awaited).
+/// Returns whether the task changed.
+pub fn on_parked(task: &mut Task, job: JobId, attempt: u32, parked: Parked) -> bool {
+    let Some(job) = task.jobs.iter_mut().find(|j| j.id == job) else {
+        return false;
+    };
+    if job.attempt != attempt
+        || !matches!(
+            job.status,
+            JobStatus::Queued | JobStatus::Running | JobStatus::Parked
+        )
+    {
+        return false;
+    }
+    job.status = JobStatus::Parked;
+    job.parked = Some(parked);
     true
 }
 
@@ -1119,6 +1148,7 @@ pub fn on_result(task: &mut Task, result: &JobResult, now_ms: u64) -> Option<Vec
         return None;
     }
     job.worker_id = Some(result.worker_id.clone());
+    job.parked = None;
     job.started_at_ms = Some(result.started_at_ms);
     job.finished_at_ms = Some(result.finished_at_ms);
     job.usage.add(&result.usage);
@@ -1250,7 +1280,7 @@ fn stop(task: &mut Task, why: &str, status: TaskStatus, now_ms: u64, actions: &m
     for i in 0..task.jobs.len() {
         let job = &mut task.jobs[i];
         match job.status {
-            JobStatus::Queued | JobStatus::Running => {
+            JobStatus::Queued | JobStatus::Running | JobStatus::Parked => {
                 job.status = JobStatus::Cancelled;
                 actions.push(Action::Cancel {
                     job: job.id,
@@ -1289,10 +1319,12 @@ pub fn kill(task: &mut Task, job: JobId, now_ms: u64) -> Option<Vec<Action>> {
     let mut actions = Vec::new();
     let job = &mut task.jobs[index];
     match job.status {
-        JobStatus::Queued | JobStatus::Running => actions.push(Action::Cancel {
-            job: job.id,
-            attempt: job.attempt,
-        }),
+        JobStatus::Queued | JobStatus::Running | JobStatus::Parked => {
+            actions.push(Action::Cancel {
+                job: job.id,
+                attempt: job.attempt,
+            })
+        }
         JobStatus::Pending | JobStatus::Retrying => {
             job.finished_at_ms = Some(now_ms);
         }

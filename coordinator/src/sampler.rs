@@ -187,6 +187,7 @@ fn set_task_gauges(tasks: &[Task]) {
         JobStatus::Queued,
         JobStatus::Running,
         JobStatus::Retrying,
+        JobStatus::Parked,
     ]
     .iter()
     .map(|s| (s.as_str(), 0))

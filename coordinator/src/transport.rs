@@ -571,18 +571,23 @@ impl Transport {
         }))
     }
 
-    /// `job_started` events of every task, as they are published (best effort: the result of a
-    /// job carries the same facts, so a missed one only delays the `running` status).
+    /// `job_started` and `job_parked` events of every task, as they are published (best
+    /// effort: the result of a job carries the same facts, so a missed one only delays the
+    /// `running` or `parked` status).
     pub async fn job_started(&self) -> Result<impl Stream<Item = Event> + use<>, Error> {
-        let sub = self
-            .client()
-            .subscribe(subject::ALL_JOB_STARTED)
-            .await
-            .map_err(|e| Error::Read {
-                what: "job_started events".into(),
-                source: e.into(),
-            })?;
-        Ok(sub.filter_map(|msg| async move { codec::decode::<Event>(&msg.payload).ok() }))
+        let subscribe = |subject: &'static str| async move {
+            self.client()
+                .subscribe(subject)
+                .await
+                .map_err(|e| Error::Read {
+                    what: format!("{subject} events"),
+                    source: e.into(),
+                })
+        };
+        let started = subscribe(subject::ALL_JOB_STARTED).await?;
+        let parked = subscribe(subject::ALL_JOB_PARKED).await?;
+        Ok(futures::stream::select(started, parked)
+            .filter_map(|msg| async move { codec::decode::<Event>(&msg.payload).ok() }))
     }
 
     /// A task's events after `after` (the default id: from the start), then live ones.

@@ -401,6 +401,37 @@ pub enum JobStatus {
     Retrying,
     /// Stopped by a user (cancel or kill); never redelivered.
     Cancelled,
+    /// Holds no worker: it waits for a provider's usage limit to reset or for a person's
+    /// answer to an approval request (`parked` says which), then runs on from its checkpoint.
+    Parked,
+}
+
+/// Why a job is parked (`status: parked`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Parked {
+    /// `limit` (every credential of its pool is at its usage limit) or `approval` (its agent
+    /// waits for a person's answer).
+    pub reason: String,
+    /// `limit`: the credential it waits for, `<backend>/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// When it runs again at the latest (ms since the epoch): the credential's reset, or the
+    /// approval request's deadline.
+    pub until_ms: u64,
+    /// `approval`: the request it waits for (`orchctl approvals`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+}
+
+impl Parked {
+    /// One line: `approval <id>` or `limit <backend>/<name>`.
+    pub fn summary(&self) -> String {
+        match (&self.approval, &self.credential) {
+            (Some(id), _) => format!("{} {id}", self.reason),
+            (None, Some(c)) => format!("{} {c}", self.reason),
+            (None, None) => self.reason.clone(),
+        }
+    }
 }
 
 impl JobStatus {
@@ -497,6 +528,9 @@ pub struct Job {
     /// For a git workspace: the branch and commit the agent pushed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<crate::job::GitOutcome>,
+    /// Why the job is parked (status `parked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<Parked>,
 }
 
 /// A task and its jobs (`GET /v1/tasks/{id}`, and the reply to `POST /v1/tasks`).

@@ -207,6 +207,10 @@ pub enum EventKind {
         cost_usd: f64,
         duration_ms: u64,
     },
+    /// The job attempt was parked: it holds no worker slot and no attempt is burnt; it runs
+    /// again (from its checkpoint, on any worker) at `parked.until_ms` or, for an approval,
+    /// as soon as the request is answered.
+    JobParked { parked: crate::api::Parked },
 }
 
 impl EventKind {
@@ -222,6 +226,7 @@ impl EventKind {
         !matches!(
             self,
             EventKind::JobStarted { .. }
+                | EventKind::JobParked { .. }
                 | EventKind::JobRetrying { .. }
                 | EventKind::JobDeadLettered { .. }
                 | EventKind::Heartbeat

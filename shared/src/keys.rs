@@ -154,6 +154,11 @@ pub mod parked_field {
     pub const TRACEPARENT: &str = "traceparent";
     /// How many times the attempt was parked (each re-publish has its own message id).
     pub const PARKS: &str = "parks";
+    /// Why it is parked: `limit` (a credential's usage limit) or `approval` (a person's
+    /// answer to [`APPROVAL`]); absent in records written before approvals parked jobs.
+    pub const REASON: &str = "reason";
+    /// The approval request it waits for (reason `approval`).
+    pub const APPROVAL: &str = "approval";
 }
 
 /// Sorted set of approval requests (their ids), scored by when they were made (ms): the
@@ -178,6 +183,13 @@ pub fn approval_grants_task(task: TaskId) -> String {
 /// tenants is `-`): a set of `Tool(pattern)` rules.
 pub fn approval_grants_tenant(tenant: Option<&str>) -> String {
     format!("orch:approval-grants:tenant:{}", tenant.unwrap_or("-"))
+}
+
+/// The approval requests one job attempt made and has not had the answer of yet: a hash of
+/// `<tool>\n<subject>` → request id. An agent resumed after it was parked asks the same
+/// question again and gets the stored request's answer instead of a new request.
+pub fn approval_asked(job: &str, attempt: u32) -> String {
+    format!("orch:approval-asked:{job}:{attempt}")
 }
 
 /// Fields of the [`approval`] hash.
@@ -205,13 +217,18 @@ pub mod approval_field {
     /// The rule the answer granted beyond this request (`Tool(pattern)`), if any.
     pub const GRANT: &str = "grant";
     pub const ANSWERED_MS: &str = "answered_ms";
+    /// The parked attempt (`<job>:<attempt>`, a member of [`PARKED`](super::PARKED)) that
+    /// waits for this answer: answering the request makes it due at once.
+    pub const PARKED: &str = "parked";
 }
 
-/// Answers an approval request exactly once. KEYS: the request's hash. ARGV: state
+/// Answers an approval request exactly once. KEYS: the request's hash, [`PARKED`]. ARGV: state
 /// (`approved`/`denied`), by, message, grant, now ms, keep seconds (how long an answered
 /// request stays listed), and `1` when a request past its deadline may still be answered (the
-/// deadline itself answers so). Returns 1 when this call answered it, 0 when the request
-/// does not exist, -1 when it was answered already, -2 when its deadline has passed.
+/// deadline itself answers so). A job attempt parked waiting for the answer is made due at
+/// once, in the same step (so an answer never misses its parked agent). Returns 1 when this
+/// call answered it, 0 when the request does not exist, -1 when it was answered already, -2
+/// when its deadline has passed.
 pub const ANSWER_APPROVAL: &str = r#"
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 0 end
@@ -219,5 +236,25 @@ if state ~= 'pending' then return -1 end
 if ARGV[7] ~= '1' and tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or '0') < tonumber(ARGV[5]) then return -2 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'by', ARGV[2], 'message', ARGV[3], 'grant', ARGV[4], 'answered_ms', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+local parked = redis.call('HGET', KEYS[1], 'parked')
+if parked then redis.call('ZADD', KEYS[2], 'XX', 'LT', ARGV[5], parked) end
 return 1
+"#;
+
+/// Parks a job attempt waiting for approval request KEYS[3]: like the limit broker's park
+/// (record KEYS[1] with the park count from counter KEYS[4], member ARGV[1] in [`PARKED`]
+/// KEYS[2] scored ARGV[2], the wake time: the request's deadline), and the pending request
+/// names the parked attempt. A request answered already (between the agent's last look and
+/// this park), or gone, makes the attempt due at once. ARGV[3] is now (ms), then field and value pairs. Returns
+/// the park count.
+pub const PARK_FOR_APPROVAL: &str = r#"
+local n = redis.call('INCR', KEYS[4])
+redis.call('EXPIRE', KEYS[4], 604800)
+redis.call('HSET', KEYS[1], 'parks', n)
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local wake = ARGV[2]
+local state = redis.call('HGET', KEYS[3], 'state')
+if state ~= 'pending' then wake = ARGV[3] else redis.call('HSET', KEYS[3], 'parked', ARGV[1]) end
+redis.call('ZADD', KEYS[2], wake, ARGV[1])
+return n
 "#;

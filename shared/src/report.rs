@@ -41,6 +41,9 @@ pub struct AgentSummary {
     /// The task's prompt, cut to [`PROMPT_EXCERPT_CHARS`] characters.
     #[serde(default)]
     pub task_prompt: String,
+    /// Why the agent is parked (status `parked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<crate::api::Parked>,
 }
 
 /// How much of a task's prompt an [`AgentSummary`] carries.

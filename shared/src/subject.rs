@@ -88,6 +88,9 @@ pub fn event_key(subject: &str) -> Option<&str> {
 /// The `job_started` events of every task (the coordinator follows them to mark jobs running).
 pub const ALL_JOB_STARTED: &str = "orch.events.*.job_started";
 
+/// The `job_parked` events of every task (the coordinator follows them to mark jobs parked).
+pub const ALL_JOB_PARKED: &str = "orch.events.*.job_parked";
+
 pub fn result(task: TaskId) -> String {
     format!("orch.results.{task}")
 }

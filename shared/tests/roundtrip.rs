@@ -519,6 +519,12 @@ fn sample_task() -> Task {
             session_id: Some("sid".into()),
             diff: None,
             git: None,
+            parked: Some(orch_shared::api::Parked {
+                reason: "approval".into(),
+                credential: None,
+                until_ms: 1_700_000_000_000,
+                approval: Some("0123456789abcdef".into()),
+            }),
         }],
         usage: sample_result().usage,
         cost_usd: 0.25,

@@ -682,3 +682,241 @@ fn a_malformed_ask_rule_is_refused_at_start_naming_the_field() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("approvals.webhook_secret"), "{stderr}");
 }
+
+/// A builder that may read files and must ask before `Bash`, on workers that park an agent
+/// whose request is unanswered for a second.
+fn parking_options(fake: &FakeAnthropic, dir: &Path) -> Options {
+    let config = dir.join("worker.toml");
+    std::fs::write(
+        &config,
+        "[roles.builder]\nallowed_tools = [\"Read\", \"Glob\", \"Grep\", \"LS\"]\nask_tools = [\"Bash\"]\n",
+    )
+    .unwrap();
+    Options {
+        workers: 1,
+        slots: 1,
+        worker_env: claude_cluster_options(fake, dir, &[]).worker_env,
+        worker_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--approval-park-after".into(),
+            "1s".into(),
+        ],
+        ..Options::default()
+    }
+}
+
+/// The scripted agent: a file read (step 1, checkpointed), then a `Bash` command that
+/// needs a person; the agent resumed after parking asks for it again, then answers.
+fn parking_script(command: &str) -> Vec<Reply> {
+    let bash = Reply::tool_use(
+        "Bash",
+        json!({"command": command, "description": "write the proof"}),
+    );
+    vec![
+        Reply::tool_use(
+            "Read",
+            json!({"file_path": format!("{}/README.md", orch_tests::fake_anthropic::CWD)}),
+        ),
+        bash.clone(),
+        bash,
+        Reply::text("## Summary\nDone.\n\n## Files\n- proof.txt"),
+    ]
+}
+
+/// Waits until the job is parked for `request` (status `parked`, the request named, in
+/// `GET /v1/tasks/{id}`) and no worker has a busy slot.
+async fn wait_parked(cluster: &Cluster, task: &str, request: &str) {
+    cluster
+        .eventually(WAIT, || async {
+            let job = cluster.task(task).await.jobs[0].clone();
+            if job.status != JobStatus::Parked {
+                return Err(format!("job {}", job.status.as_str()));
+            }
+            let parked = job.parked.clone().ok_or("parked without a reason")?;
+            assert_eq!(parked.reason, "approval");
+            assert_eq!(parked.approval.as_deref(), Some(request));
+            let (_, v) = cluster.get("/v1/workers").await;
+            let busy: u64 = v["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["busy"].as_u64().unwrap())
+                .sum();
+            if busy == 0 {
+                Ok(())
+            } else {
+                Err(format!("busy slots: {busy}"))
+            }
+        })
+        .await;
+}
+
+fn started_on(events: &[(orch_shared::event::EventId, orch_shared::event::Event)]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|(_, e)| match &e.kind {
+            EventKind::JobStarted { worker_id, .. } => Some(worker_id.0.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An agent waiting for a person longer than `park_after` is checkpointed and parked: its
+/// slot is free and the provider hears nothing from it; approved through `orchctl`, it
+/// resumes on another worker from its checkpoint, asks again, is answered at once from the
+/// stored decision, runs the command and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waiting_for_a_person_is_parked_and_resumes_on_another_worker_once_approved() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = orch_tests::origin(dir.path());
+    let fake = FakeAnthropic::start(parking_script("echo approved > proof.txt")).await;
+    let mut cluster = Cluster::start(parking_options(&fake, dir.path())).await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "write the files",
+            "roles": ["builder"],
+            "backend": "claude-code",
+            "model": MODEL,
+            "repo": bare.display().to_string(),
+            "ref": "main",
+        }))
+        .await;
+    let id = task.id.to_string();
+    let request = pending(&cluster).await;
+    assert_eq!(request.summary, "echo approved > proof.txt");
+    wait_parked(&cluster, &id, &request.id).await;
+    let asked_before_park = fake.message_requests().len();
+    assert_eq!(asked_before_park, 2, "the write, then the command");
+
+    // The worker that ran it stops (at once: it holds nothing) and another starts; the job
+    // lives in Redis only. Nobody has answered yet: the request is still pending.
+    cluster.workers[0].signal(libc::SIGTERM);
+    assert_eq!(
+        cluster.workers[0].wait_exit(Duration::from_secs(30)),
+        Some(Some(0)),
+        "{}",
+        cluster.logs()
+    );
+    cluster.add_worker();
+    cluster
+        .eventually(WAIT, || async {
+            let (_, v) = cluster.get("/v1/workers").await;
+            let ids: Vec<&str> = v["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|w| w["id"].as_str())
+                .collect();
+            if ids.contains(&"worker-1") {
+                Ok(())
+            } else {
+                Err(format!("workers: {ids:?}"))
+            }
+        })
+        .await;
+    let (_, v) = cluster.get("/v1/approvals").await;
+    let list: ApprovalList = serde_json::from_value(v).unwrap();
+    assert_eq!(list.approvals[0].state, "pending");
+    assert_eq!(
+        fake.message_requests().len(),
+        asked_before_park,
+        "a parked agent asked the provider"
+    );
+
+    let home = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) =
+        run(orchctl_against(&cluster, home.path()).args(["tasks", "show", &id]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("parked (approval {}", request.id)),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) =
+        run(orchctl_against(&cluster, home.path()).args(["approvals", "approve", &request.id]));
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+
+    let task = cluster.wait_task(&id, WAIT).await;
+    assert_completed(&cluster, &task);
+    let job = &task.jobs[0];
+    assert_eq!(job.parked, None);
+    assert_eq!(job.attempt, 1, "parking burnt an attempt");
+    assert_eq!(job.worker_id.as_ref().unwrap().0, "worker-1");
+    let events = cluster.events(&id, None).await;
+    assert_eq!(started_on(&events), ["worker-0", "worker-1"]);
+    assert!(events.iter().any(|(_, e)| matches!(&e.kind,
+        EventKind::JobParked { parked } if parked.approval.as_deref() == Some(request.id.as_str()))));
+    let kinds: Vec<&str> = events.iter().map(|(_, e)| e.kind.name()).collect();
+    assert!(
+        events.iter().any(|(_, e)| matches!(&e.kind,
+            EventKind::Resumed { from_step, from_worker, .. } if *from_step == 1 && from_worker == "worker-0")),
+        "not resumed from the checkpoint of step 1: {kinds:?}\n{:#?}",
+        events.iter().filter(|(_, e)| matches!(e.kind, EventKind::ResumeFailed { .. } | EventKind::Checkpointed { .. } | EventKind::ToolResult { .. })).collect::<Vec<_>>()
+    );
+    let commit = &job.git.as_ref().unwrap().commit;
+    let files = orch_tests::git(&bare, &["ls-tree", "-r", "--name-only", commit]);
+    assert_eq!(
+        files.lines().collect::<Vec<_>>(),
+        ["README.md", "proof.txt"]
+    );
+    let proof = orch_tests::git(&bare, &["show", &format!("{commit}:proof.txt")]);
+    assert_eq!(proof, "approved");
+    let requested = events
+        .iter()
+        .filter(|(_, e)| matches!(e.kind, EventKind::ApprovalRequested { .. }))
+        .count();
+    assert_eq!(requested, 1, "the resumed agent made a new request");
+    assert!(events.iter().any(|(_, e)| matches!(&e.kind,
+        EventKind::ApprovalAnswered { id, decision, by, .. }
+            if *id == request.id && decision == "approved" && by == "admin")));
+    // The read was not asked again: resumed after it, the agent asked for the command and
+    // for the answer (the script's last two replies).
+    assert_eq!(fake.message_requests().len(), 4);
+}
+
+/// Denied while parked: the job resumes, its agent gets the denial with the message, and
+/// the job ends `needs_attention`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_parked_for_a_person_and_denied_ends_needing_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = orch_tests::origin(dir.path());
+    let fake = FakeAnthropic::start(parking_script("echo denied > proof.txt")).await;
+    let cluster = Cluster::start(parking_options(&fake, dir.path())).await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "write the files",
+            "roles": ["builder"],
+            "backend": "claude-code",
+            "model": MODEL,
+            "repo": bare.display().to_string(),
+            "ref": "main",
+        }))
+        .await;
+    let id = task.id.to_string();
+    let request = pending(&cluster).await;
+    wait_parked(&cluster, &id, &request.id).await;
+    let home = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(orchctl_against(&cluster, home.path()).args([
+        "approvals",
+        "deny",
+        &request.id,
+        "--message",
+        "use the fixture instead",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    let task = cluster.wait_task(&id, WAIT).await;
+    let job = &task.jobs[0];
+    assert_eq!(job.status, JobStatus::Failed, "{task:#?}");
+    let error = job.error.as_ref().expect("the job says why");
+    assert_eq!(
+        error.reason,
+        FailureReason::NeedsAttention,
+        "{}",
+        error.message
+    );
+    assert!(error.message.contains("Bash"), "{}", error.message);
+    let told = tool_results(&fake);
+    assert!(told.contains("use the fixture instead"), "{told}");
+    let events = cluster.events(&id, None).await;
+    assert_eq!(started_on(&events).len(), 2, "not parked and resumed");
+}

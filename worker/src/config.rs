@@ -114,6 +114,15 @@ pub struct Args {
         env = "ORCH_APPROVAL_TIMEOUT"
     )]
     pub approval_timeout: Option<String>,
+    /// Park an agent whose approval request is unanswered for this long: checkpointed, its
+    /// slot released, resumed on any worker once answered (`0s`: never) [default: 2m].
+    #[arg(
+        id = "approvals.park_after",
+        long = "approval-park-after",
+        value_name = "DURATION",
+        env = "ORCH_APPROVAL_PARK_AFTER"
+    )]
+    pub approval_park_after: Option<String>,
     /// POST every new approval request to this URL (JSON, signed with HMAC-SHA256 in
     /// `X-Orch-Signature: sha256=<hex>`), for chat tools.
     #[arg(
@@ -346,6 +355,10 @@ pub struct ApprovalSettings {
     /// How long a request waits for a person before it is denied (the agent is told why).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// How long an agent waits for an answer holding its slot; then it is checkpointed and
+    /// parked until the answer (or the deadline). Zero: it never is.
+    #[serde(with = "humantime_serde")]
+    pub park_after: Duration,
     /// Where every new request is POSTed (signed), if anywhere.
     pub webhook_url: Option<String>,
     /// The webhook's HMAC-SHA256 key.
@@ -356,6 +369,7 @@ impl Default for ApprovalSettings {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(600),
+            park_after: Duration::from_secs(120),
             webhook_url: None,
             webhook_secret: None,
         }

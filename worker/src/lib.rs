@@ -201,7 +201,9 @@ pub async fn run(
         _ => None,
     };
     let desk = approvals::mcp::Desk::new(
-        approvals::Broker::new(state.clone(), config.approvals.timeout).with_webhook(webhook),
+        approvals::Broker::new(state.clone(), config.approvals.timeout)
+            .with_park_after(config.approvals.park_after)
+            .with_webhook(webhook),
     );
     desk.serve_loopback(&background, bg_cancel.clone())
         .await

@@ -157,11 +157,40 @@ impl Limits {
                 priority: rank(spec.priority),
                 wake_at_ms: park.until_ms,
                 traceparent,
+                approval: None,
             })
             .await?;
         metrics::counter!(m::JOBS_PARKED).increment(1);
         Ok(n)
     }
+}
+
+/// Parks `spec` (pulled from `subject`) until approval request `approval` is answered or its
+/// deadline (`deadline_ms`) passes; returns the park count. The slot and the delivery are
+/// released as for a limited job; the request stays in the queue as it was.
+pub async fn park_for_approval(
+    state: &State,
+    spec: &JobSpec,
+    subject: &str,
+    traceparent: Option<&str>,
+    approval: &str,
+    deadline_ms: u64,
+) -> Result<u64, crate::state::Error> {
+    let n = state
+        .park(&ToPark {
+            member: format!("{}:{}", spec.job_id, spec.attempt),
+            spec: codec::encode(spec),
+            subject,
+            backend: "",
+            credential: "",
+            priority: rank(spec.priority),
+            wake_at_ms: deadline_ms,
+            traceparent,
+            approval: Some(approval),
+        })
+        .await?;
+    metrics::counter!(m::JOBS_PARKED).increment(1);
+    Ok(n)
 }
 
 fn rank(p: Priority) -> u8 {

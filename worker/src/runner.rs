@@ -220,7 +220,23 @@ impl Runner {
             }
             _ => None,
         };
-        let events = events.with_recorder(recorder.clone());
+        // An agent waiting for a person may ask to be parked (when the job can be: parking
+        // needs the parked set, and the run a checkpoint to resume from).
+        let parking = self
+            .limits
+            .is_some()
+            .then(crate::approvals::Parking::default);
+        let events = events
+            .with_recorder(recorder.clone())
+            .with_parking(parking.clone());
+        let parking_asked = async {
+            match &parking {
+                Some(p) => p.requested().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(parking_asked);
+        let mut parked_for: Option<crate::approvals::Waiting> = None;
         let agent_span = if orch_config::telemetry::enabled() {
             tracing::info_span!("agent", backend = %backend)
         } else {
@@ -281,6 +297,19 @@ impl Runner {
                     agent_cancel.cancel();
                     break None;
                 }
+                _ = &mut parking_asked, if parked_for.is_none() => {
+                    // Waiting for a person for long: the agent's latest step goes into a
+                    // checkpoint, the agent stops, and the job is parked until the answer.
+                    parked_for = parking.as_ref().and_then(|p| p.waiting());
+                    let saved = match &recorder {
+                        Some(r) => r.flush().await,
+                        None => None,
+                    };
+                    tracing::info!(step = ?saved, approval = ?parked_for.as_ref().map(|w| &w.id), "waiting for a person: agent checkpointed; parking the job");
+                    agent_cancel.cancel();
+                    let _ = (&mut agent_run).await;
+                    break None;
+                }
                 _ = agent_cancel.cancelled(), if !hard_stop.is_cancelled() => {
                     // Cancelled by the coordinator: the agent stops; what it reports next is
                     // the attempt's result (failure: cancelled).
@@ -305,6 +334,15 @@ impl Runner {
                     }
                 ))
         });
+        if let Some(waiting) = &parked_for
+            && !hard_stop.is_cancelled()
+        {
+            if let Err(e) = self.transport.publish_events(&tail).await {
+                tracing::warn!(error = %e, "failed to send events");
+            }
+            self.park_for_approval(&job, lease.as_ref(), waiting).await;
+            return;
+        }
         let Some(report) = output else {
             tracing::warn!("draining; handing the job back");
             if let Err(e) = self.transport.publish_events(&tail).await {
@@ -502,6 +540,19 @@ impl Runner {
             },
         )
         .await;
+        // Before the park, so that it cannot follow the start of the run that resumes it.
+        self.send(
+            job,
+            EventKind::JobParked {
+                parked: orch_shared::api::Parked {
+                    reason: "limit".into(),
+                    credential: Some(format!("{}/{}", park.backend, park.credential)),
+                    until_ms: park.until_ms,
+                    approval: None,
+                },
+            },
+        )
+        .await;
         let parked = match &self.limits {
             Some(limits) => {
                 limits
@@ -533,6 +584,71 @@ impl Runner {
                 if let Err(e) = job.hand_back_after(wait).await {
                     tracing::warn!(error = %e, "hand back failed");
                 }
+            }
+        }
+    }
+
+    /// Parks an attempt whose agent waits for a person's answer to request `waiting`: into
+    /// the parked set, due at the request's deadline or as soon as it is answered, lease
+    /// released, message acked. If it cannot be parked, it is handed back (it runs again at
+    /// once, and its agent asks the same request again).
+    async fn park_for_approval(
+        &self,
+        job: &JobDelivery,
+        lease: Option<&Lease>,
+        waiting: &crate::approvals::Waiting,
+    ) {
+        let deadline = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_millis(waiting.deadline_ms),
+        );
+        tracing::info!(approval = %waiting.id, %deadline, "job parked until a person answers");
+        self.send(
+            job,
+            EventKind::JobWaiting {
+                reason: format!(
+                    "parked: waiting for a person to answer approval request {} (deadline {deadline})",
+                    waiting.id
+                ),
+            },
+        )
+        .await;
+        // Before the park, so that it cannot follow the start of the run that resumes it.
+        self.send(
+            job,
+            EventKind::JobParked {
+                parked: orch_shared::api::Parked {
+                    reason: "approval".into(),
+                    credential: None,
+                    until_ms: waiting.deadline_ms,
+                    approval: Some(waiting.id.clone()),
+                },
+            },
+        )
+        .await;
+        let parked = crate::limits::park_for_approval(
+            &self.state,
+            &job.spec,
+            job.subject(),
+            job.traceparent.as_deref(),
+            &waiting.id,
+            waiting.deadline_ms,
+        )
+        .await;
+        if let Some(lease) = lease
+            && let Err(e) = self.state.release(lease).await
+        {
+            tracing::warn!(error = %e, "could not release the lease of a parked job");
+        }
+        match parked {
+            Ok(n) => {
+                tracing::debug!(parks = n, "parked");
+                if let Err(e) = job.ack().await {
+                    tracing::warn!(error = %e, "could not ack a parked job; it may run again before its answer");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not park the job; handing it back");
+                self.hand_back(job).await;
             }
         }
     }

@@ -113,6 +113,7 @@ impl State {
         let grant = a.grant.as_ref().map_or("", |(rule, _)| rule.as_str());
         let r: i64 = redis::Script::new(keys::ANSWER_APPROVAL)
             .key(keys::approval(id))
+            .key(keys::PARKED)
             .arg(if a.approved { "approved" } else { "denied" })
             .arg(a.by)
             .arg(a.message)

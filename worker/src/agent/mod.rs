@@ -160,6 +160,7 @@ impl Report {
 pub struct Events {
     tx: mpsc::UnboundedSender<EventKind>,
     recorder: Option<Recorder>,
+    parking: Option<crate::approvals::Parking>,
 }
 
 impl std::fmt::Debug for Events {
@@ -173,13 +174,35 @@ impl std::fmt::Debug for Events {
 impl Events {
     pub fn new() -> (Self, mpsc::UnboundedReceiver<EventKind>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx, recorder: None }, rx)
+        (
+            Self {
+                tx,
+                recorder: None,
+                parking: None,
+            },
+            rx,
+        )
     }
 
     /// These events with the run's checkpoint recorder.
     pub fn with_recorder(mut self, recorder: Option<Recorder>) -> Self {
         self.recorder = recorder;
         self
+    }
+
+    /// These events with the runner's parking line (it parks the job when an agent waiting
+    /// for a person asks it to).
+    pub fn with_parking(mut self, parking: Option<crate::approvals::Parking>) -> Self {
+        self.parking = parking;
+        self
+    }
+
+    /// Where an agent waiting for a person asks to be parked: only when its runner can park
+    /// it and its run can be checkpointed (else it waits holding its slot).
+    pub fn parking(&self) -> Option<&crate::approvals::Parking> {
+        self.parking
+            .as_ref()
+            .filter(|_| self.recorder.as_ref().is_some_and(Recorder::can_migrate))
     }
 
     /// The run's checkpoint recorder (none: checkpoints are off, or the runner keeps none).

@@ -19,6 +19,7 @@ use crate::state::{NewApproval, State};
 use orch_shared::event::EventKind;
 use orch_shared::job::JobSpec;
 use serde_json::Value;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -161,12 +162,63 @@ impl Webhook {
     }
 }
 
+/// The request a parked agent waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub id: String,
+    pub deadline_ms: u64,
+}
+
+/// The line between an agent waiting for a person and its runner: the broker asks here to be
+/// parked, the runner checkpoints the agent, stops it and parks the job until the answer
+/// (see [`crate::limits::park_for_approval`]). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Parking {
+    asked: CancellationToken,
+    waiting: Arc<Mutex<Option<Waiting>>>,
+}
+
+impl Parking {
+    /// Asks the runner to park the job until `waiting` is answered.
+    pub fn request(&self, waiting: Waiting) {
+        if let Ok(mut w) = self.waiting.lock()
+            && w.is_none()
+        {
+            *w = Some(waiting);
+        }
+        self.asked.cancel();
+    }
+
+    /// Fires once an agent asked to be parked.
+    pub async fn requested(&self) {
+        self.asked.cancelled().await
+    }
+
+    /// The request the job waits for, once parking was asked.
+    pub fn waiting(&self) -> Option<Waiting> {
+        self.waiting.lock().ok().and_then(|w| w.clone())
+    }
+}
+
+/// How a wait for an answer ended.
+enum Waited {
+    Answered {
+        approved: bool,
+        by: String,
+        message: String,
+    },
+    /// The agent is being parked: it gets no answer in this run.
+    Parked,
+}
+
 /// A handle on the broker (cheap to clone).
 #[derive(Clone)]
 pub struct Broker {
     state: State,
     /// How long a request waits for a person before it is denied.
     pub timeout: Duration,
+    /// How long an agent waits holding its slot before it is parked (`None`: never).
+    park_after: Option<Duration>,
     webhook: Option<Webhook>,
 }
 
@@ -175,8 +227,15 @@ impl Broker {
         Self {
             state,
             timeout,
+            park_after: None,
             webhook: None,
         }
+    }
+
+    /// Parks an agent whose request is unanswered for `after` (zero: never).
+    pub fn with_park_after(mut self, after: Duration) -> Self {
+        self.park_after = (!after.is_zero()).then_some(after);
+        self
     }
 
     /// Also POSTs every new request to `webhook`.
@@ -200,10 +259,83 @@ impl Broker {
             tracing::info!(job_id = %job.job_id, tool, "tool allowed by a granted rule");
             return Verdict::Allow;
         }
+        let summary = cut(&subject, MAX_SUMMARY_CHARS);
+        let job_id = job.job_id.to_string();
+        // An agent resumed after it was parked asks again: the request it made then answers.
+        let earlier = match self
+            .state
+            .asked_approval(&job_id, job.attempt, tool, &summary)
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look for an earlier request");
+                None
+            }
+        };
+        let (id, deadline_ms) = match earlier {
+            Some(earlier) => {
+                tracing::info!(job_id = %job.job_id, tool, approval = %earlier.0, "asked again after parking: the earlier request answers");
+                earlier
+            }
+            None => match self.create(job, tool, input, &summary, events).await {
+                Ok(created) => created,
+                Err(verdict) => return verdict,
+            },
+        };
+        let park_at = self
+            .park_after
+            .map(|after| orch_shared::now_ms() + after.as_millis() as u64);
+        let (approved, by, message) = match self
+            .wait(&id, tool, deadline_ms, park_at, events, cancel)
+            .await
+        {
+            Waited::Answered {
+                approved,
+                by,
+                message,
+            } => (approved, by, message),
+            Waited::Parked => {
+                return Verdict::Deny(
+                    "the job is parked until a person answers; it resumes then".into(),
+                );
+            }
+        };
+        if let Err(e) = self
+            .state
+            .forget_asked(&job_id, job.attempt, tool, &summary)
+            .await
+        {
+            tracing::debug!(error = %e, "could not forget an answered request");
+        }
+        events.send(EventKind::ApprovalAnswered {
+            id: id.clone(),
+            decision: if approved { "approved" } else { "denied" }.into(),
+            by: by.clone(),
+            message: (!message.is_empty()).then(|| message.clone()),
+        });
+        tracing::info!(job_id = %job.job_id, tool, approval = %id, approved, by, "approval answered");
+        if approved {
+            Verdict::Allow
+        } else if message.is_empty() {
+            Verdict::Deny(format!("a person denied {tool} ({summary})"))
+        } else {
+            Verdict::Deny(format!("a person denied {tool} ({summary}): {message}"))
+        }
+    }
+
+    /// Writes a new request (and tells the webhook and the job's events): its id and deadline.
+    async fn create(
+        &self,
+        job: &JobSpec,
+        tool: &str,
+        input: &Value,
+        summary: &str,
+        events: &Events,
+    ) -> Result<(String, u64), Verdict> {
         let id = format!("{:016x}", rand::random::<u64>());
         let created_ms = orch_shared::now_ms();
         let deadline_ms = created_ms + self.timeout.as_millis() as u64;
-        let summary = cut(&subject, MAX_SUMMARY_CHARS);
         let request = NewApproval {
             id: &id,
             task: job.task_id,
@@ -211,16 +343,16 @@ impl Broker {
             attempt: job.attempt,
             role: job.role.as_str(),
             tool,
-            summary: &summary,
+            summary,
             input: &cut(&input.to_string(), MAX_INPUT_CHARS),
             created_ms,
             deadline_ms,
         };
         if let Err(e) = self.state.create_approval(&request).await {
             tracing::warn!(error = %e, job_id = %job.job_id, tool, "could not ask for an approval");
-            return Verdict::Deny(format!(
+            return Err(Verdict::Deny(format!(
                 "{tool} needs a person's approval, and the approval queue is unreachable; do without it"
-            ));
+            )));
         }
         tracing::info!(job_id = %job.job_id, tool, approval = %id, "waiting for a person's approval");
         if let Some(w) = &self.webhook {
@@ -241,24 +373,10 @@ impl Broker {
         events.send(EventKind::ApprovalRequested {
             id: id.clone(),
             tool: tool.to_string(),
-            summary: summary.clone(),
+            summary: summary.to_string(),
             deadline_ms,
         });
-        let (approved, by, message) = self.wait(&id, tool, deadline_ms, cancel).await;
-        events.send(EventKind::ApprovalAnswered {
-            id: id.clone(),
-            decision: if approved { "approved" } else { "denied" }.into(),
-            by: by.clone(),
-            message: (!message.is_empty()).then(|| message.clone()),
-        });
-        tracing::info!(job_id = %job.job_id, tool, approval = %id, approved, by, "approval answered");
-        if approved {
-            Verdict::Allow
-        } else if message.is_empty() {
-            Verdict::Deny(format!("a person denied {tool} ({summary})"))
-        } else {
-            Verdict::Deny(format!("a person denied {tool} ({summary}): {message}"))
-        }
+        Ok((id, deadline_ms))
     }
 
     async fn granted(&self, job: &JobSpec, tool: &str, subject: &str) -> bool {
@@ -285,17 +403,25 @@ impl Broker {
         }
     }
 
-    /// Waits for request `id`'s answer: (approved, by, message).
+    /// Waits for request `id`'s answer; from `park_at` (ms) on, asks the runner to park the
+    /// job (when it can) and gives up the wait.
     async fn wait(
         &self,
         id: &str,
         tool: &str,
         deadline_ms: u64,
+        park_at: Option<u64>,
+        events: &Events,
         cancel: &CancellationToken,
-    ) -> (bool, String, String) {
+    ) -> Waited {
+        let answered = |approved, by: &str, message| Waited::Answered {
+            approved,
+            by: by.to_string(),
+            message,
+        };
         loop {
             match self.state.approval_answer(id).await {
-                Ok(Some(a)) => return (a.approved, a.by, a.message),
+                Ok(Some(a)) => return answered(a.approved, &a.by, a.message),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, approval = id, "could not read an approval"),
             }
@@ -318,14 +444,27 @@ impl Broker {
             };
             if let Some((by, message)) = give_up {
                 match self.state.deny_approval(id, by, &message).await {
-                    Ok(true) => return (false, by.into(), message),
+                    Ok(true) => return answered(false, by, message),
                     // Answered meanwhile: the next read returns it.
                     Ok(false) => continue,
                     Err(e) => {
                         tracing::warn!(error = %e, approval = id, "could not deny an approval");
-                        return (false, by.into(), message);
+                        return answered(false, by, message);
                     }
                 }
+            }
+            if let Some(parking) = events.parking()
+                && park_at.is_some_and(|at| now >= at)
+            {
+                // The request stays pending in the queue; the runner checkpoints the agent,
+                // stops it (firing `cancel`) and parks the job until the answer.
+                tracing::info!(approval = id, "no answer yet: parking the job");
+                parking.request(Waiting {
+                    id: id.to_string(),
+                    deadline_ms,
+                });
+                cancel.cancelled().await;
+                return Waited::Parked;
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}

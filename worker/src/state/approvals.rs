@@ -31,6 +31,11 @@ pub struct Answer {
     pub message: String,
 }
 
+/// The field of [`keys::approval_asked`] for a use of `tool` on `summary`.
+fn asked_field(tool: &str, summary: &str) -> String {
+    format!("{tool}\n{summary}")
+}
+
 /// How long a request is kept after its deadline (listed as answered or expired).
 const KEEP_SECS: u64 = 24 * 3600;
 
@@ -53,6 +58,7 @@ impl State {
             (f::DEADLINE_MS, a.deadline_ms.to_string()),
             (f::STATE, "pending".into()),
         ];
+        let asked = keys::approval_asked(a.job, a.attempt);
         redis::pipe()
             .atomic()
             .hset_multiple(&key, &fields)
@@ -61,9 +67,56 @@ impl State {
             .ignore()
             .zadd(keys::APPROVALS, a.id, a.created_ms)
             .ignore()
+            .hset(&asked, asked_field(a.tool, a.summary), a.id)
+            .ignore()
+            .expire(&asked, ttl as i64)
+            .ignore()
             .query_async::<()>(&mut conn)
             .await
             .map_err(redis_err("create approval"))
+    }
+
+    /// The request job `job`'s attempt made earlier for the same use of `tool` (`summary`)
+    /// and has not had the answer of yet, with its deadline (ms), if it is still there.
+    pub async fn asked_approval(
+        &self,
+        job: &str,
+        attempt: u32,
+        tool: &str,
+        summary: &str,
+    ) -> Result<Option<(String, u64)>, Error> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = conn
+            .hget(
+                keys::approval_asked(job, attempt),
+                asked_field(tool, summary),
+            )
+            .await
+            .map_err(redis_err("read asked approvals"))?;
+        let Some(id) = id else { return Ok(None) };
+        let deadline: Option<u64> = conn
+            .hget(keys::approval(&id), f::DEADLINE_MS)
+            .await
+            .map_err(redis_err("read approval"))?;
+        Ok(deadline.map(|d| (id, d)))
+    }
+
+    /// The agent got the answer to its request for `tool` (`summary`): a later request for
+    /// the same use is a new one.
+    pub async fn forget_asked(
+        &self,
+        job: &str,
+        attempt: u32,
+        tool: &str,
+        summary: &str,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.hdel::<_, _, ()>(
+            keys::approval_asked(job, attempt),
+            asked_field(tool, summary),
+        )
+        .await
+        .map_err(redis_err("forget asked approval"))
     }
 
     /// The answer to request `id`, once it has one (`None` while pending, or if it is gone).
@@ -90,6 +143,7 @@ impl State {
         let mut conn = self.conn.clone();
         let r: i64 = redis::Script::new(keys::ANSWER_APPROVAL)
             .key(keys::approval(id))
+            .key(keys::PARKED)
             .arg("denied")
             .arg(by)
             .arg(message)

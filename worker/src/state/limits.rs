@@ -68,6 +68,8 @@ fn park_count(member: &str) -> String {
 
 static PARK_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(PARK));
+static PARK_FOR_APPROVAL_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(keys::PARK_FOR_APPROVAL));
 static DUE_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(DUE));
 static UNPARK_SCRIPT: std::sync::LazyLock<redis::Script> =
@@ -88,6 +90,8 @@ pub struct ToPark<'a> {
     pub wake_at_ms: u64,
     /// The job's `traceparent` header, if it had one.
     pub traceparent: Option<&'a str>,
+    /// The approval request it waits for (parked for a person, not a credential).
+    pub approval: Option<&'a str>,
 }
 
 /// A parked attempt that is due, taken for re-publishing.
@@ -181,15 +185,40 @@ impl State {
     }
 
     /// Parks an attempt; returns how many times it was parked.
+    /// An attempt parked for an approval request is due at the request's deadline, or at
+    /// once when the request is answered (whichever comes first; see
+    /// [`keys::PARK_FOR_APPROVAL`]).
     pub async fn park(&self, p: &ToPark<'_>) -> Result<u64, Error> {
         let mut conn = self.conn.clone();
-        let mut inv = PARK_SCRIPT.prepare_invoke();
-        inv.key(keys::parked_job(&p.member))
-            .key(keys::PARKED)
-            .key(park_count(&p.member))
-            .arg(&p.member)
-            .arg(p.wake_at_ms)
-            .arg(parked_field::SPEC)
+        let mut inv = match p.approval {
+            None => {
+                let mut inv = PARK_SCRIPT.prepare_invoke();
+                inv.key(keys::parked_job(&p.member))
+                    .key(keys::PARKED)
+                    .key(park_count(&p.member))
+                    .arg(&p.member)
+                    .arg(p.wake_at_ms)
+                    .arg(parked_field::REASON)
+                    .arg("limit");
+                inv
+            }
+            Some(id) => {
+                let mut inv = PARK_FOR_APPROVAL_SCRIPT.prepare_invoke();
+                inv.key(keys::parked_job(&p.member))
+                    .key(keys::PARKED)
+                    .key(keys::approval(id))
+                    .key(park_count(&p.member))
+                    .arg(&p.member)
+                    .arg(p.wake_at_ms)
+                    .arg(orch_shared::now_ms())
+                    .arg(parked_field::REASON)
+                    .arg("approval")
+                    .arg(parked_field::APPROVAL)
+                    .arg(id);
+                inv
+            }
+        };
+        inv.arg(parked_field::SPEC)
             .arg(&p.spec)
             .arg(parked_field::SUBJECT)
             .arg(p.subject)

@@ -363,6 +363,7 @@ mod tests {
             cost_usd: 0.0,
             error: None,
             task_prompt: "add a cache to the parser".into(),
+            parked: None,
         }
     }
 

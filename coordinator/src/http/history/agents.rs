@@ -48,6 +48,7 @@ pub fn agent_summary(task: &Task, job: &Job) -> AgentSummary {
         cost_usd: job.cost_usd,
         error: job.error.clone(),
         task_prompt: excerpt(&task.prompt, PROMPT_EXCERPT_CHARS),
+        parked: job.parked.clone(),
     }
 }
 

@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "integrator", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "pr_opened", "pr_failed", "pr_reviewed", "pr_escalated", "task_finished"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "pr_opened", "pr_failed", "pr_reviewed", "pr_escalated", "task_finished", "job_parked"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -64,6 +64,12 @@ function clock(ms) {
 }
 function badge(status) {
   return `<span class="badge s-${esc(status)}">${esc(status)}</span>`;
+}
+// Why a job is parked and until when: the approval request, or the credential's reset.
+function parkedText(p) {
+  if (!p) return "parked";
+  const what = p.approval ? `waiting for a person to answer request ${p.approval}` : `usage limit of ${p.credential || "its credentials"}`;
+  return `${what}, runs again by ${clock(p.until_ms)}`;
 }
 function short(id) {
   return String(id || "").slice(-8);
@@ -170,6 +176,7 @@ function describe(ev) {
       if (k.source === "fork") return `Forked: <span class="role">${esc(k.steps[0]?.role)}</span> starts a new conversation`;
       return `Planned by ${esc(k.source)}: ${k.steps.length} step(s)` + (k.rejected ? ` — planner's plan rejected: ${esc(k.rejected)}` : "");
     case "job_waiting": return `Waiting: ${esc(k.reason)}`;
+    case "job_parked": return `Parked (${parkedText(k.parked)}): holds no worker`;
     case "job_queued": return `<span class="role">${esc(k.role)}</span> queued (step ${k.step})`;
     case "job_skipped": return `Step skipped: ${esc(k.reason)}`;
     case "job_retrying": return `Retrying (attempt ${k.next_attempt}) after ${esc(k.reason)}: ${esc(k.message)}`;
@@ -265,7 +272,7 @@ function overviewPage() {
       const live = activity.get(a.id) || {};
       const used = live.usage || a.usage;
       const cost = live.cost != null ? live.cost : a.cost_usd;
-      const act = a.status === "running" ? live.text || "working…" : a.status === "retrying" ? "waiting to retry" : "waiting for a worker";
+      const act = a.status === "running" ? live.text || "working…" : a.status === "retrying" ? "waiting to retry" : a.status === "parked" ? "parked: " + parkedText(a.parked) : "waiting for a worker";
       return `<a class="agent-card" href="/agents/${esc(a.id)}" data-agent="${esc(a.id)}">
         <div class="top-line"><span class="role">${esc(a.role)}</span>${badge(a.status)}</div>
         <div class="task" title="${esc(a.task_prompt)}">${esc(a.task_prompt)}</div>
@@ -562,7 +569,7 @@ function dagSvg(jobs) {
   // Sequential tasks have no depends_on: show the pipeline order.
   const nodes = jobs.map((j) => {
     const p = pos.get(j.step);
-    const icon = { succeeded: "✓", running: "●", failed: "✕", cancelled: "⊘", skipped: "↷", retrying: "↻", queued: "…", pending: "○" }[j.status] || "";
+    const icon = { succeeded: "✓", running: "●", failed: "✕", cancelled: "⊘", skipped: "↷", retrying: "↻", queued: "…", pending: "○", parked: "‖" }[j.status] || "";
     const rel = j.continues ? (j.forked ? "fork · " : "reply · ") : "";
     const sub = rel + (j.status === "running" ? `running ${elapsed(j.started_at_ms)}` : j.started_at_ms ? `${elapsed(j.started_at_ms, j.finished_at_ms)} · ${usd(j.cost_usd)}` : j.status);
     return `<a href="/agents/${esc(j.id)}"><g class="node s-${esc(j.status)}" data-step="${j.step}" data-status="${esc(j.status)}">
@@ -625,7 +632,7 @@ function taskPage() {
         const rel = j.continues ? `<div class="small muted">${j.forked ? ICON_BRANCH + " fork of" : "↳ reply to"} <a href="/agents/${esc(j.continues)}">#${from ? from.step : short(j.continues)}</a>: “${esc(j.prompt.length > 40 ? j.prompt.slice(0, 40) + "…" : j.prompt)}”</div>` : "";
         return `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>${rel}`;
       } },
-      { label: "Status", cell: (j) => badge(j.status) + (j.git ? ` <span title="${esc(j.git.branch)} @ ${esc(j.git.commit)}">${gitBadge(j.git)}</span>` : "") + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") },
+      { label: "Status", cell: (j) => badge(j.status) + (j.git ? ` <span title="${esc(j.git.branch)} @ ${esc(j.git.commit)}">${gitBadge(j.git)}</span>` : "") + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") + (j.status === "parked" ? `<div class="small muted parked">${esc(parkedText(j.parked))}</div>` : "") },
       { label: "Attempt", num: true, cell: (j) => j.attempt },
       { label: "Worker", cell: (j) => `<span class="mono small">${esc(j.worker_id || "–")}</span>` },
       { label: "Started", num: true, cell: (j) => clock(j.started_at_ms) || "–" },
@@ -1020,7 +1027,7 @@ function agentPage() {
     const from = j.continues ? task && task.jobs.find((x) => x.id === j.continues) : null;
     const rel = j.continues ? `<span class="rel">${j.rewound_to ? ICON_BRANCH + ` rewound to step ${j.rewound_to} of` : j.forked ? ICON_BRANCH + " forked from" : "↳ continues"} ${agentLink(j.continues, from ? turnLabel(from) : esc(short(j.continues)))}</span>` : "";
     const git = j.git ? `<span>branch <span class="mono">${esc(j.git.branch)}</span> @ <span class="mono" title="${esc(j.git.commit)}">${esc((j.git.commit || "").slice(0, 7))}</span></span>` : "";
-    $("#a-meta").innerHTML = `${badge(j.status)}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${j.sandbox ? `<span title="what the agent's sandbox allowed">sandbox: ${esc(j.sandbox)}</span>` : ""}${git}`;
+    $("#a-meta").innerHTML = `${badge(j.status)}${j.status === "parked" ? `<span class="parked">${esc(parkedText(j.parked))}</span>` : ""}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${j.sandbox ? `<span title="what the agent's sandbox allowed">sandbox: ${esc(j.sandbox)}</span>` : ""}${git}`;
     const toolList = Object.entries(d.tools || {}).map(([k, v]) => `${esc(k)} ×${v}`).join(", ");
     $("#a-kpis").innerHTML = kpi("Elapsed", `<span data-start="${j.status === "running" ? j.started_at_ms || "" : ""}">${elapsed(j.started_at_ms, j.finished_at_ms)}</span>`, j.started_at_ms ? "started " + clock(j.started_at_ms) : "not started") +
       kpi("Tokens", tokens(totalTokens(j.usage)), `${tokens(j.usage.input_tokens)} in · ${tokens(j.usage.output_tokens)} out`) +
@@ -1088,6 +1095,7 @@ function agentPage() {
     sandbox_refused: (ev) => add("error", "Sandbox refused a connection", `<span class="mono">${esc(ev.kind.target)}</span> is not an allowed host of this role`, clock(ev.at_ms)),
     tool_result: (ev) => add(ev.kind.is_error ? "error" : "result", (ev.kind.is_error ? "Tool error · " : "Tool result · ") + (calls.get(ev.kind.call_id) || ev.kind.call_id), `<pre>${esc(ev.kind.output)}</pre>`, clock(ev.at_ms)),
     job_retrying: (ev) => add("mark", "Retrying", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
+    job_parked: (ev) => add("mark", "Parked", `<span>${describe(ev)}</span>`, clock(ev.at_ms)),
     job_cancelled: (ev) => add("error", "Cancelled", `<span>${esc(ev.kind.reason)}</span>`, clock(ev.at_ms)),
     job_finished: (ev) => {
       // The server ends the stream right after a success: nothing more will come.
