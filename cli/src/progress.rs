@@ -250,6 +250,7 @@ impl Panel {
                 ));
             }
             EventKind::PrOpened { .. }
+            | EventKind::PrReady { .. }
             | EventKind::PrFailed { .. }
             | EventKind::PrReviewed { .. }
             | EventKind::PrEscalated { .. } => {
@@ -397,6 +398,7 @@ impl Panel {
             | EventKind::TaskPlanned { .. }
             | EventKind::TaskFinished { .. }
             | EventKind::PrOpened { .. }
+            | EventKind::PrReady { .. }
             | EventKind::PrFailed { .. }
             | EventKind::PrReviewed { .. }
             | EventKind::PrEscalated { .. } => None,
