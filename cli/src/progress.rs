@@ -253,6 +253,7 @@ impl Panel {
                 ));
             }
             EventKind::PrOpened { .. }
+            | EventKind::PrReady { .. }
             | EventKind::PrFailed { .. }
             | EventKind::PrReviewed { .. }
             | EventKind::PrEscalated { .. } => {
@@ -413,6 +414,7 @@ impl Panel {
             | EventKind::TaskPlanned { .. }
             | EventKind::TaskFinished { .. }
             | EventKind::PrOpened { .. }
+            | EventKind::PrReady { .. }
             | EventKind::PrFailed { .. }
             | EventKind::PrReviewed { .. }
             | EventKind::PrEscalated { .. } => None,

@@ -201,6 +201,16 @@ pub struct ForgeArgs {
         env = "ORCH_FORGE_MAX_DIFF_LINES"
     )]
     pub max_diff_lines: Option<String>,
+    /// With a check command, open the pull request as a draft when the check starts and mark
+    /// it ready when it passes (`true` or `false`; a submit's `pr.draft` decides for its
+    /// task) [default: true].
+    #[arg(
+        long = "forge-draft",
+        id = "forge.draft",
+        value_name = "BOOL",
+        env = "ORCH_FORGE_DRAFT"
+    )]
+    pub draft: Option<String>,
 }
 
 /// The `forge` settings as the file spells them (`[forge]`).
@@ -215,6 +225,7 @@ struct ForgeSettings {
     labels: Vec<String>,
     max_review_rounds: u32,
     max_diff_lines: u64,
+    draft: bool,
 }
 
 impl Default for ForgeSettings {
@@ -228,6 +239,7 @@ impl Default for ForgeSettings {
             labels: vec![],
             max_review_rounds: 3,
             max_diff_lines: 5000,
+            draft: true,
         }
     }
 }
@@ -323,6 +335,7 @@ impl ForgeSettings {
                 .collect(),
             max_review_rounds: self.max_review_rounds,
             max_diff_lines: self.max_diff_lines,
+            draft: self.draft,
         }))
     }
 }
@@ -655,6 +668,14 @@ mod tests {
         assert_eq!(forge.api_url, "https://ghe.example/api/v3");
         assert_eq!(forge.labels, ["agents"]);
         assert_eq!((forge.max_review_rounds, forge.max_diff_lines), (5, 5000));
+        assert!(forge.draft, "drafts while checks run by default");
+        let cfg = load_with(
+            None,
+            &[("ORCH_FORGE_TOKEN", "t"), ("ORCH_FORGE_DRAFT", "false")],
+            &["--no-auth"],
+        )
+        .unwrap();
+        assert!(!cfg.forge.unwrap().draft);
         let err = |env: &[(&str, &str)], flags: &[&str]| {
             let mut all = vec!["--no-auth"];
             all.extend_from_slice(flags);

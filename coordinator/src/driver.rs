@@ -490,27 +490,25 @@ impl Lane {
             self.cache.remove(&task.id);
             return Err(e);
         }
-        self.open_pull_request(before, task);
+        self.pull_request_step(task);
         Ok(())
     }
 
-    /// A task that asked for a pull request and just completed gets it, off the lane (the
-    /// forge may be slow). The forge is asked for an open one first, so a second attempt (a
-    /// coordinator that failed over, `orchctl pr sync`) never opens two.
-    fn open_pull_request(&self, before: TaskStatus, task: &Task) {
-        let (Some(handle), Some(pr)) = (&self.fx.forge, &task.pr) else {
+    /// A task whose pull request needs a step now (opened when the task completes or its
+    /// check starts, marked ready when the check passed) gets it, off the lane (the forge may
+    /// be slow). The step is read from the saved record alone: if this coordinator stops
+    /// first, the next leader's pending sweep takes it ([`crate::forge::service::run_pending`]).
+    fn pull_request_step(&self, task: &Task) {
+        let Some(handle) = &self.fx.forge else {
             return;
         };
-        if task.status != TaskStatus::Completed || before == TaskStatus::Completed {
-            return;
-        }
-        if pr.number.is_some() {
+        if crate::forge::next_step(task).is_none() {
             return;
         }
         let (fx, handle, task) = (self.fx.clone(), handle.clone(), task.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::forge::service::open(&fx, &handle, &task).await {
-                tracing::warn!(task_id = %task.id, error = %e, "pull request not recorded");
+            if let Err(e) = crate::forge::service::advance(&fx, &handle, &task, false).await {
+                tracing::warn!(task_id = %task.id, error = %e, "pull request step not recorded");
             }
         });
     }

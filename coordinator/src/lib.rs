@@ -265,6 +265,13 @@ pub async fn run(
             |e, wait| tracing::warn!(error = %e, ?wait, "could not resume unfinished tasks yet"),
         )
         .await?;
+    if let Some(handle) = forge.clone() {
+        tracker.spawn(forge::service::run_pending(
+            effects.clone(),
+            handle,
+            shutdown.clone(),
+        ));
+    }
     let _ = effects_cell.set(effects);
     // Standbys forward the writes they receive: answer them.
     let forward_cancel = shutdown.clone();

@@ -50,6 +50,10 @@ const IDEMPOTENCY_TTL_SECS: u64 = 7 * 24 * 3600;
 /// The daily budget the leading coordinator enforces (absent: none), so every replica's
 /// `GET /v1/status` shows the budget that counts, not its own flag.
 const DAILY_BUDGET: &str = "orch:budget:daily";
+/// Tasks whose pull request may still need a step on the forge (opening it, marking it ready):
+/// joined at submit, left once the task ended and its pull request is settled (see
+/// [`crate::forge::service::run_pending`]).
+const PR_PENDING: &str = "orch:pr:pending";
 
 fn task_key(id: TaskId) -> String {
     keys::task(id)
@@ -707,6 +711,33 @@ impl State {
         Ok((tasks, next))
     }
 
+    /// Records that task `id` asked for a pull request: the leader sees to it until it is
+    /// settled, whichever leader that is.
+    pub async fn add_pr_pending(&self, id: TaskId) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.sadd(PR_PENDING, id.to_string())
+            .await
+            .map_err(redis_err("record a pull request to open"))
+    }
+
+    /// The task's pull request needs nothing more.
+    pub async fn remove_pr_pending(&self, id: TaskId) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        conn.srem(PR_PENDING, id.to_string())
+            .await
+            .map_err(redis_err("settle a pull request"))
+    }
+
+    /// Ids of the tasks whose pull request may still need a step on the forge.
+    pub async fn pr_pending(&self) -> Result<Vec<TaskId>, Error> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn
+            .smembers(PR_PENDING)
+            .await
+            .map_err(redis_err("pull requests to open"))?;
+        Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
     /// Ids of every task that has not finished.
     pub async fn active_tasks(&self) -> Result<Vec<TaskId>, Error> {
         let mut conn = self.conn.clone();
@@ -1140,6 +1171,10 @@ impl State {
         }
         if let Some(key) = &task.idempotency_key {
             pipe.set_ex(idem_key(key), &id, IDEMPOTENCY_TTL_SECS);
+        }
+        if task.pr.is_some() {
+            // The leader's pending sweep drops it again if nothing is left to do.
+            pipe.sadd(PR_PENDING, &id);
         }
         for job in &task.jobs {
             if job.status == orch_shared::api::JobStatus::Failed

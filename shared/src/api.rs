@@ -131,6 +131,11 @@ pub struct PrRequest {
     /// Labels for the pull request (added to the forge's configured labels).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// With a check command: open the pull request as a draft as soon as the check starts
+    /// and mark it ready for review when the check passes (default: the forge's `draft`
+    /// setting). Without a check it changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<bool>,
 }
 
 /// The answer of `POST /v1/tasks/{id}/pr/sync` and of the forge webhook: what the sync did.
@@ -182,6 +187,13 @@ pub struct PullRequest {
     /// The last error of the forge while opening the pull request, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Opened as a draft while the task's check runs, marked ready when it passes (decided
+    /// at submit: a check command and `pr.draft`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draft_while_checking: bool,
+    /// The pull request is a draft on the forge now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draft: bool,
 }
 
 /// `POST /v1/agents/{id}/send` and `POST /v1/agents/{id}/fork`.

@@ -185,8 +185,16 @@ pub enum EventKind {
         cost_usd: f64,
         duration_ms: u64,
     },
-    /// The task's pull request was opened (or found open from an earlier attempt).
-    PrOpened { number: u64, url: String },
+    /// The task's pull request was opened (or found open from an earlier attempt), as a
+    /// draft while the task's check runs.
+    PrOpened {
+        number: u64,
+        url: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        draft: bool,
+    },
+    /// The task's check passed: its draft pull request is ready for review.
+    PrReady { number: u64 },
     /// The pull request could not be opened (why); `orchctl pr sync` tries again.
     PrFailed { reason: String },
     /// Review comments on the pull request's head went back to the agents that own the

@@ -232,7 +232,12 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
             }
         ),
         ".*".prop_map(|reason| EventKind::ResumeFailed { reason }),
-        (any::<u64>(), ".*").prop_map(|(number, url)| EventKind::PrOpened { number, url }),
+        (any::<u64>(), ".*", any::<bool>()).prop_map(|(number, url, draft)| EventKind::PrOpened {
+            number,
+            url,
+            draft
+        }),
+        any::<u64>().prop_map(|number| EventKind::PrReady { number }),
         ".*".prop_map(|reason| EventKind::PrFailed { reason }),
         (any::<u32>(), ".*", any::<u32>()).prop_map(|(round, head, comments)| {
             EventKind::PrReviewed {

@@ -5,7 +5,8 @@
 //! It serves what the coordinator asks: a repository (`default_branch`, `permissions.push`), a
 //! branch, pull requests (list by head, create — refused with 422 while one is open for the
 //! same head —, show with `head.sha` and `additions`/`deletions` from `git diff --numstat`),
-//! a pull request's review comments (paged), labels and issue comments. Every request is
+//! a pull request's review comments (paged), its description (`PATCH`), labels and issue
+//! comments, and the GraphQL mutation that marks a draft ready for review. Every request is
 //! recorded with whether it carried the expected `Authorization: Bearer` token; one without
 //! it gets GitHub's 401. Tests add review comments as a reviewer would.
 
@@ -71,6 +72,9 @@ struct Inner {
     review_comments: Vec<FakeReviewComment>,
     calls: Vec<Call>,
     next_comment: u64,
+    /// While set, a request to create a pull request is recorded and never answered, and
+    /// creates nothing (the coordinator stops before GitHub acts on it).
+    stall_creates: bool,
 }
 
 /// The fake API; stops when dropped.
@@ -97,6 +101,7 @@ impl FakeGitHub {
             review_comments: vec![],
             calls: vec![],
             next_comment: 1000,
+            stall_creates: false,
         }));
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let (addr, server) = serve(app).await;
@@ -133,6 +138,12 @@ impl FakeGitHub {
             body: body.to_string(),
         });
         id
+    }
+
+    /// From now on, requests to create a pull request hang unanswered and create nothing
+    /// (`false`: served again).
+    pub fn stall_creates(&self, stall: bool) {
+        self.inner.lock().unwrap().stall_creates = stall;
     }
 
     pub fn pulls(&self) -> Vec<FakePull> {
@@ -193,6 +204,11 @@ fn not_found() -> Response {
     answer(StatusCode::NOT_FOUND, json!({"message": "Not Found"}))
 }
 
+/// A pull request's global id, as GitHub's GraphQL API names it.
+fn node_id(p: &FakePull) -> String {
+    format!("PR_{}_{}", p.repo.replace('/', "_"), p.number)
+}
+
 fn pull_json(p: &FakePull, repo: &FakeRepo) -> Value {
     let sha = git(
         &repo.bare,
@@ -212,6 +228,7 @@ fn pull_json(p: &FakePull, repo: &FakeRepo) -> Value {
     }
     json!({
         "number": p.number,
+        "node_id": node_id(p),
         "html_url": format!("https://github.example/{}/pull/{}", p.repo, p.number),
         "state": p.state,
         "title": p.title,
@@ -231,26 +248,40 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut inner = inner.lock().unwrap();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let expected = format!("Bearer {}", inner.token);
-    let authorized = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == expected);
-    inner.calls.push(Call {
-        method: method.to_string(),
-        path: uri
-            .path_and_query()
-            .map_or_else(|| uri.path().to_string(), |p| p.to_string()),
-        authorized,
-        body: body.clone(),
-    });
-    if !authorized {
-        return answer(
-            StatusCode::UNAUTHORIZED,
-            json!({"message": "Bad credentials"}),
-        );
+    let stalled = {
+        let mut inner = inner.lock().unwrap();
+        let expected = format!("Bearer {}", inner.token);
+        let authorized = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == expected);
+        inner.calls.push(Call {
+            method: method.to_string(),
+            path: uri
+                .path_and_query()
+                .map_or_else(|| uri.path().to_string(), |p| p.to_string()),
+            authorized,
+            body: body.clone(),
+        });
+        if !authorized {
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                json!({"message": "Bad credentials"}),
+            );
+        }
+        inner.stall_creates && method == Method::POST && uri.path().ends_with("/pulls")
+    };
+    if stalled {
+        return std::future::pending().await;
+    }
+    respond(&mut inner.lock().unwrap(), &method, &uri, &body)
+}
+
+/// The answer to an authorized request.
+fn respond(inner: &mut Inner, method: &Method, uri: &Uri, body: &Value) -> Response {
+    if *method == Method::POST && uri.path() == "/graphql" {
+        return graphql(inner, body);
     }
     let parts: Vec<String> = uri
         .path()
@@ -259,7 +290,7 @@ async fn handle(
         .map(decode)
         .collect();
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let q = query(&uri);
+    let q = query(uri);
     let ["repos", owner, name, rest @ ..] = parts.as_slice() else {
         return not_found();
     };
@@ -365,6 +396,21 @@ async fn handle(
                 None => not_found(),
             }
         }
+        ("PATCH", ["pulls", n]) => {
+            let n: u64 = n.parse().unwrap_or(0);
+            let Some(p) = inner
+                .pulls
+                .iter_mut()
+                .find(|p| p.repo == full && p.number == n)
+            else {
+                return not_found();
+            };
+            if let Some(b) = body.get("body").and_then(Value::as_str) {
+                p.body = b.to_string();
+            }
+            let p = p.clone();
+            answer(StatusCode::OK, pull_json(&p, &repo))
+        }
         ("GET", ["pulls", n, "comments"]) => {
             let n: u64 = n.parse().unwrap_or(0);
             let per_page: usize = q.get("per_page").and_then(|v| v.parse().ok()).unwrap_or(30);
@@ -411,5 +457,34 @@ async fn handle(
             }
         }
         _ => not_found(),
+    }
+}
+
+/// GitHub's GraphQL endpoint, for the one mutation REST lacks: marking a draft ready for
+/// review. Answers 200 with `errors` for anything else, as GitHub does.
+fn graphql(inner: &mut Inner, body: &Value) -> Response {
+    let query = body.get("query").and_then(Value::as_str).unwrap_or("");
+    let id = body
+        .pointer("/variables/id")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !query.contains("markPullRequestReadyForReview") {
+        return answer(
+            StatusCode::OK,
+            json!({"errors": [{"message": "the fake knows only markPullRequestReadyForReview"}]}),
+        );
+    }
+    match inner.pulls.iter_mut().find(|p| node_id(p) == id) {
+        Some(p) => {
+            p.draft = false;
+            answer(
+                StatusCode::OK,
+                json!({"data": {"markPullRequestReadyForReview": {"pullRequest": {"isDraft": false}}}}),
+            )
+        }
+        None => answer(
+            StatusCode::OK,
+            json!({"errors": [{"message": format!("Could not resolve to a node with the global id of '{id}'")}]}),
+        ),
     }
 }

@@ -36,6 +36,17 @@ async fn cluster(
     anthropic: Option<&FakeAnthropic>,
     workers: usize,
 ) -> Cluster {
+    cluster_with(dir, github, anthropic, workers, &[]).await
+}
+
+/// [`cluster`] with more worker flags.
+async fn cluster_with(
+    dir: &Path,
+    github: Option<&FakeGitHub>,
+    anthropic: Option<&FakeAnthropic>,
+    workers: usize,
+    worker_flags: &[&str],
+) -> Cluster {
     let (coordinator_args, coordinator_env) = match github {
         Some(g) => (
             vec![
@@ -73,7 +84,11 @@ async fn cluster(
         coordinator_args,
         coordinator_env,
         worker_env,
-        worker_args: vec!["--config".into(), config.display().to_string()],
+        worker_args: ["--config", &config.display().to_string()]
+            .into_iter()
+            .chain(worker_flags.iter().copied())
+            .map(String::from)
+            .collect(),
         ..Options::default()
     })
     .await
@@ -505,4 +520,175 @@ async fn a_signed_review_comment_becomes_one_turn_and_one_commit_and_a_repeated_
     );
     assert_eq!(github.pulls().len(), 1);
     assert!(github.calls().iter().all(|c| c.authorized));
+}
+
+/// Whether `github` received a request to create a pull request on `repo`.
+fn creates(github: &FakeGitHub, repo: &str) -> usize {
+    let path = format!("/repos/{repo}/pulls");
+    github
+        .calls()
+        .iter()
+        .filter(|c| c.method == "POST" && c.path == path)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_the_leader_died_before_opening_is_opened_once_by_the_next_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let github = FakeGitHub::start(FORGE_TOKEN).await;
+    github.add_repo("acme/app", &bare, "main", true);
+    let mut cluster = cluster(dir.path(), Some(&github), None, 1).await;
+    let submit = json!({
+        "prompt": "build the thing", "roles": ["builder"], "backend": "command",
+        "repo": bare.display().to_string(), "pr": {"repo": "acme/app"},
+    });
+
+    // The coordinator asks GitHub to open the pull request and dies before GitHub acts on it.
+    github.stall_creates(true);
+    let first = cluster.submit(submit.clone()).await.id.to_string();
+    cluster
+        .eventually(WAIT, || async {
+            match creates(&github, "acme/app") {
+                1 => Ok(()),
+                n => Err(format!("{n} requests to open a pull request")),
+            }
+        })
+        .await;
+    let task = cluster.task(&first).await;
+    assert_completed(&cluster, &task);
+    assert_eq!(task.pr.as_ref().unwrap().number, None);
+    assert!(github.pulls().is_empty());
+    github.stall_creates(false);
+    cluster.restart_coordinator().await;
+
+    // The next leader opens it, once, from the record alone.
+    let task = task_until(&cluster, &first, "the pull request", |t| {
+        t.pr.as_ref().is_some_and(|p| p.url.is_some())
+    })
+    .await;
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:#?}");
+    assert_eq!(pulls[0].head, format!("orch/{first}"));
+    assert_eq!(task.pr.unwrap().number, Some(pulls[0].number));
+    assert_eq!(
+        creates(&github, "acme/app"),
+        2,
+        "the lost request and one more"
+    );
+
+    // The same when Redis is lost too: its rebuild from the log brings the task back, and
+    // its pull request still to open with it.
+    github.stall_creates(true);
+    let second = cluster.submit(submit).await.id.to_string();
+    cluster
+        .eventually(WAIT, || async {
+            match creates(&github, "acme/app") {
+                3 => Ok(()),
+                n => Err(format!("{n} requests to open a pull request")),
+            }
+        })
+        .await;
+    assert_completed(&cluster, &cluster.task(&second).await);
+    github.stall_creates(false);
+    cluster.rebuild_redis_from_the_log().await;
+    let task = task_until(&cluster, &second, "the pull request", |t| {
+        t.pr.as_ref().is_some_and(|p| p.url.is_some())
+    })
+    .await;
+    assert_completed(&cluster, &task);
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 2, "{pulls:#?}");
+    assert_eq!(pulls[1].head, format!("orch/{second}"));
+    assert_eq!(creates(&github, "acme/app"), 4);
+    // The first one was not opened again.
+    assert_eq!(
+        cluster.task(&first).await.pr.unwrap().number,
+        Some(pulls[0].number)
+    );
+    assert!(github.calls().iter().all(|c| c.authorized));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_a_check_opens_a_draft_while_the_check_runs_and_marks_it_ready_when_it_passes()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let github = FakeGitHub::start(FORGE_TOKEN).await;
+    github.add_repo("acme/app", &bare, "main", true);
+    // The check waits for the test's word (a file, which the sandbox's private /tmp would
+    // hide), so the pull request is seen while it runs.
+    let cluster = cluster_with(dir.path(), Some(&github), None, 1, &["--sandbox", "off"]).await;
+    let go = dir.path().join("go");
+    let check = format!(
+        "while [ ! -e {} ]; do sleep 0.1; done; test \"$(cat built.txt)\" = built && echo all good",
+        go.display()
+    );
+    let task = cluster
+        .submit(json!({
+            "prompt": "build the thing", "roles": ["builder"], "backend": "command",
+            "repo": bare.display().to_string(), "pr": {"repo": "acme/app"},
+            "check": check,
+        }))
+        .await;
+    let id = task.id.to_string();
+    assert!(task.pr.as_ref().unwrap().draft_while_checking);
+
+    let task = task_until(&cluster, &id, "the draft pull request", |t| {
+        t.pr.as_ref().is_some_and(|p| p.url.is_some())
+    })
+    .await;
+    assert!(!task.status.is_terminal(), "the check is still running");
+    assert!(task.pr.as_ref().unwrap().draft);
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 1);
+    assert!(pulls[0].draft, "opened as a draft");
+    assert!(
+        pulls[0].body.contains("**not run**"),
+        "no verdict yet: {}",
+        pulls[0].body
+    );
+
+    std::fs::write(&go, "").unwrap();
+    let task = task_until(&cluster, &id, "the ready pull request", |t| {
+        t.status.is_terminal() && t.pr.as_ref().is_some_and(|p| !p.draft)
+    })
+    .await;
+    assert_completed(&cluster, &task);
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 1, "the same pull request: {pulls:#?}");
+    assert!(!pulls[0].draft, "marked ready for review");
+    assert!(
+        pulls[0].body.contains("**passed** after 1 of at most"),
+        "the check's result in the description: {}",
+        pulls[0].body
+    );
+    let calls = github.calls();
+    assert!(
+        calls.iter().any(|c| c.method == "POST"
+            && c.path == "/graphql"
+            && c.body.to_string().contains("markPullRequestReadyForReview")),
+        "{calls:#?}"
+    );
+    assert!(calls.iter().all(|c| c.authorized));
+
+    // `pr.draft: false`: the pull request opens when the task completes, ready for review.
+    let task = cluster
+        .submit(json!({
+            "prompt": "build it again", "roles": ["builder"], "backend": "command",
+            "repo": bare.display().to_string(), "pr": {"repo": "acme/app", "draft": false},
+            "check": "true",
+        }))
+        .await;
+    assert!(!task.pr.as_ref().unwrap().draft_while_checking);
+    let id = task.id.to_string();
+    let task = task_until(&cluster, &id, "the pull request", |t| {
+        t.pr.as_ref().is_some_and(|p| p.url.is_some())
+    })
+    .await;
+    assert_completed(&cluster, &task);
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 2);
+    assert!(!pulls[1].draft);
+    assert!(pulls[1].body.contains("**passed**"), "{}", pulls[1].body);
 }

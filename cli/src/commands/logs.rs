@@ -207,6 +207,7 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             format!("checkpoint not restored, starting over: {reason}")
         }
         EventKind::PrOpened { .. }
+        | EventKind::PrReady { .. }
         | EventKind::PrFailed { .. }
         | EventKind::PrReviewed { .. }
         | EventKind::PrEscalated { .. } => describe_pr(&event.kind),
@@ -407,7 +408,13 @@ async fn read(
 /// One line for a pull request event (empty for any other kind).
 pub(crate) fn describe_pr(kind: &EventKind) -> String {
     match kind {
-        EventKind::PrOpened { number, url } => format!("pull request #{number} open: {url}"),
+        EventKind::PrOpened { number, url, draft } => {
+            let draft = if *draft { " as a draft" } else { "" };
+            format!("pull request #{number} open{draft}: {url}")
+        }
+        EventKind::PrReady { number } => {
+            format!("the check passed: pull request #{number} is ready for review")
+        }
         EventKind::PrFailed { reason } => format!("pull request not opened: {reason}"),
         EventKind::PrReviewed {
             round,

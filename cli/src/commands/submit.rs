@@ -103,6 +103,11 @@ pub struct Args {
     #[arg(long, value_name = "LABEL", requires = "pr")]
     pub pr_label: Vec<String>,
 
+    /// With --check: open the pull request as a draft while the check runs and mark it
+    /// ready when it passes (`true` or `false`; default: the coordinator's forge-draft)
+    #[arg(long, value_name = "BOOL", requires = "pr")]
+    pub pr_draft: Option<bool>,
+
     /// How long each simulated agent works (sim backend), e.g. 500ms, 2s
     #[arg(long, value_name = "DURATION")]
     pub sim_latency: Option<String>,
@@ -375,6 +380,7 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         pr: args.pr.then(|| orch_shared::api::PrRequest {
             repo: non_empty(&args.pr_repo),
             labels: args.pr_label.clone(),
+            draft: args.pr_draft,
         }),
         task_type: non_empty(&args.task_type),
         mode: args.mode.map(Mode::from),

@@ -19,7 +19,19 @@ const MAX_PAGES: usize = 20;
 pub struct GitHub {
     http: reqwest::Client,
     base: String,
+    /// The GraphQL endpoint: the only way GitHub offers to mark a draft ready for review
+    /// (its REST API can open a draft but not take the draft state away).
+    graphql: String,
     token: String,
+}
+
+/// GitHub's GraphQL endpoint beside the REST base: `https://api.github.com/graphql`, or
+/// `https://HOST/api/graphql` for GitHub Enterprise's `https://HOST/api/v3`.
+fn graphql_url(base: &str) -> String {
+    match base.strip_suffix("/api/v3") {
+        Some(host) => format!("{host}/api/graphql"),
+        None => format!("{base}/graphql"),
+    }
 }
 
 #[derive(Deserialize)]
@@ -45,6 +57,10 @@ struct PullBody {
     additions: Option<u64>,
     #[serde(default)]
     deletions: Option<u64>,
+    #[serde(default)]
+    draft: bool,
+    #[serde(default)]
+    node_id: String,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +88,12 @@ struct UserBody {
 }
 
 #[derive(Deserialize)]
+struct GraphQlAnswer {
+    #[serde(default)]
+    errors: Vec<ErrorBody>,
+}
+
+#[derive(Deserialize)]
 struct ErrorBody {
     message: String,
 }
@@ -84,6 +106,8 @@ impl From<PullBody> for Pull {
             head_sha: p.head.sha,
             state: p.state,
             changed_lines: p.additions.unwrap_or(0) + p.deletions.unwrap_or(0),
+            draft: p.draft,
+            node_id: p.node_id,
         }
     }
 }
@@ -98,9 +122,11 @@ impl GitHub {
                 what: "the HTTP client".into(),
                 source,
             })?;
+        let base = config.api_url.trim_end_matches('/').to_string();
         Ok(Self {
             http,
-            base: config.api_url.trim_end_matches('/').to_string(),
+            graphql: graphql_url(&base),
+            base,
             token: config.token.expose().to_string(),
         })
     }
@@ -119,9 +145,14 @@ impl GitHub {
             what: what.to_string(),
             source,
         };
+        let url = if path.starts_with("https://") || path.starts_with("http://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
         let mut req = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, url)
             .bearer_auth(&self.token)
             .header("Accept", "application/vnd.github+json")
             .header("X-GitHub-Api-Version", "2022-11-28");
@@ -284,6 +315,57 @@ impl Forge for GitHub {
         })
     }
 
+    fn update_body<'a>(
+        &'a self,
+        repo: &'a str,
+        number: u64,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.send(
+                Method::PATCH,
+                &format!("/repos/{}/pulls/{number}", repo_path(repo)),
+                Some(json!({ "body": body })),
+                &[],
+                &format!("the description of pull request #{number}"),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn mark_ready<'a>(
+        &'a self,
+        _repo: &'a str,
+        pull: &'a Pull,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let what = format!("marking pull request #{} ready for review", pull.number);
+            let (_, bytes) = self
+                .send(
+                    Method::POST,
+                    &self.graphql,
+                    Some(json!({
+                        "query": "mutation($id: ID!) { markPullRequestReadyForReview(input: {pullRequestId: $id}) { pullRequest { isDraft } } }",
+                        "variables": { "id": pull.node_id },
+                    })),
+                    &[],
+                    &what,
+                )
+                .await?;
+            // GraphQL answers 200 with its errors in the body.
+            let answer: GraphQlAnswer = parse(&bytes, &what)?;
+            match answer.errors.first() {
+                Some(e) => Err(Error::Status {
+                    what,
+                    status: 200,
+                    message: e.message.clone(),
+                }),
+                None => Ok(()),
+            }
+        })
+    }
+
     fn review_comments<'a>(
         &'a self,
         repo: &'a str,
@@ -335,5 +417,22 @@ impl Forge for GitHub {
             .await?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_graphql_endpoint_sits_beside_the_rest_base() {
+        assert_eq!(
+            graphql_url("https://api.github.com"),
+            "https://api.github.com/graphql"
+        );
+        assert_eq!(
+            graphql_url("https://git.example.com/api/v3"),
+            "https://git.example.com/api/graphql"
+        );
     }
 }

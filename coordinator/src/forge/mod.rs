@@ -19,7 +19,9 @@ pub mod review;
 pub mod service;
 
 use futures::future::BoxFuture;
-use orch_shared::api::{JobStatus, Task};
+use orch_shared::api::{JobStatus, Task, TaskStatus};
+use orch_shared::ids::TaskId;
+use orch_shared::job::JobKind;
 use std::sync::Arc;
 
 /// The checked `[forge]` settings.
@@ -37,6 +39,9 @@ pub struct Config {
     pub max_review_rounds: u32,
     /// Changed lines (additions plus deletions) past which the loop asks a person.
     pub max_diff_lines: u64,
+    /// A task with a check command opens its pull request as a draft when the check starts
+    /// and marks it ready when it passes (a submit's `pr.draft` decides for its task).
+    pub draft: bool,
 }
 
 /// A secret setting: its `Debug` never shows it.
@@ -104,6 +109,9 @@ pub struct Pull {
     pub state: String,
     /// Changed lines (additions plus deletions; 0 when the forge does not say).
     pub changed_lines: u64,
+    pub draft: bool,
+    /// The forge's global id for it (GitHub's `node_id`, what its GraphQL API names it by).
+    pub node_id: String,
 }
 
 /// A pull request to open.
@@ -152,6 +160,15 @@ pub trait Forge: Send + Sync {
         pr: &'a NewPull,
     ) -> BoxFuture<'a, Result<Pull, Error>>;
     fn pull<'a>(&'a self, repo: &'a str, number: u64) -> BoxFuture<'a, Result<Pull, Error>>;
+    /// Replaces the pull request's description.
+    fn update_body<'a>(
+        &'a self,
+        repo: &'a str,
+        number: u64,
+        body: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+    /// Marks a draft pull request ready for review.
+    fn mark_ready<'a>(&'a self, repo: &'a str, pull: &'a Pull) -> BoxFuture<'a, Result<(), Error>>;
     /// Every review comment of the pull request, oldest first.
     fn review_comments<'a>(
         &'a self,
@@ -172,6 +189,9 @@ pub trait Forge: Send + Sync {
 pub struct Handle {
     pub forge: Arc<dyn Forge>,
     pub config: Arc<Config>,
+    /// Tasks whose pull request this coordinator is taking a step for right now (so the
+    /// step after a save and the pending sweep never run it twice at once).
+    busy: Arc<std::sync::Mutex<std::collections::HashSet<TaskId>>>,
 }
 
 impl Handle {
@@ -180,7 +200,71 @@ impl Handle {
         Ok(Self {
             forge: Arc::new(github::GitHub::new(&config)?),
             config: Arc::new(config),
+            busy: Arc::default(),
         })
+    }
+
+    /// Claims task `id` for one step on the forge; `None` while another step holds it.
+    pub fn claim(&self, id: TaskId) -> Option<Claim> {
+        let mut busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        busy.insert(id).then(|| Claim {
+            busy: self.busy.clone(),
+            id,
+        })
+    }
+}
+
+/// A task's claim on the forge ([`Handle::claim`]), released when dropped.
+pub struct Claim {
+    busy: Arc<std::sync::Mutex<std::collections::HashSet<TaskId>>>,
+    id: TaskId,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// The next step a task's pull request needs on the forge, read from the task record alone
+/// (so any coordinator that leads can take it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Open it (or find the one an earlier attempt opened), as a draft or ready for review.
+    Open { draft: bool },
+    /// The check passed: put the result in its description and mark it ready for review.
+    Ready,
+}
+
+/// What `task`'s pull request needs next: opened when the task completes, or, for one opened
+/// as a draft while the check runs, as soon as the task's first check is queued and marked
+/// ready when the task completes. `None` when it needs nothing now, or when the last step
+/// failed (`pr.error`: `orchctl pr sync` tries again).
+pub fn next_step(task: &Task) -> Option<Step> {
+    let pr = task.pr.as_ref()?;
+    if pr.error.is_some() {
+        return None;
+    }
+    step_ignoring_errors(task)
+}
+
+/// [`next_step`], also after a failed step (a person asked for a retry).
+pub fn step_ignoring_errors(task: &Task) -> Option<Step> {
+    let pr = task.pr.as_ref()?;
+    let completed = task.status == TaskStatus::Completed;
+    match pr.number {
+        None if completed => Some(Step::Open { draft: false }),
+        None => (pr.draft_while_checking
+            && !task.status.is_terminal()
+            && task.jobs.iter().any(|j| j.kind == JobKind::Check))
+        .then_some(Step::Open { draft: true }),
+        Some(_) => (pr.draft && completed).then_some(Step::Ready),
     }
 }
 

@@ -54,7 +54,10 @@ pub enum Change {
     Opened {
         number: u64,
         url: String,
+        draft: bool,
     },
+    /// The draft is ready for review (the check passed).
+    Ready,
     Failed(String),
     Escalated {
         reason: String,
@@ -233,16 +236,29 @@ fn cut(s: &str, max: usize) -> String {
 pub fn apply(task: &mut Task, change: Change, now_ms: u64) -> Result<Vec<Action>, ApplyError> {
     let pr = task.pr.as_ref().ok_or(ApplyError::NoPr)?;
     match change {
-        Change::Opened { number, url } => {
+        Change::Opened { number, url, draft } => {
             let pr = task.pr.get_or_insert_with(PullRequest::default);
             if pr.number == Some(number) {
                 return Ok(vec![]);
             }
             pr.number = Some(number);
             pr.url = Some(url.clone());
+            pr.draft = draft;
             pr.error = None;
             Ok(vec![
-                Action::Emit(None, EventKind::PrOpened { number, url }),
+                Action::Emit(None, EventKind::PrOpened { number, url, draft }),
+                Action::Snapshot,
+            ])
+        }
+        Change::Ready => {
+            let pr = task.pr.get_or_insert_with(PullRequest::default);
+            let Some(number) = pr.number.filter(|_| pr.draft) else {
+                return Ok(vec![]);
+            };
+            pr.draft = false;
+            pr.error = None;
+            Ok(vec![
+                Action::Emit(None, EventKind::PrReady { number }),
                 Action::Snapshot,
             ])
         }
@@ -326,6 +342,7 @@ mod tests {
             labels: vec![],
             max_review_rounds: 2,
             max_diff_lines: 100,
+            draft: true,
         }
     }
 
@@ -346,6 +363,8 @@ mod tests {
             head_sha: head.into(),
             state: "open".into(),
             changed_lines: lines,
+            draft: false,
+            node_id: "PR_7".into(),
         }
     }
 
@@ -395,6 +414,47 @@ mod tests {
             ..Default::default()
         });
         task
+    }
+
+    #[test]
+    fn the_next_step_of_a_pull_request_comes_from_the_record_alone() {
+        use crate::forge::{Step, next_step, step_ignoring_errors};
+        let mut task = task();
+        // Open already, never a draft: nothing to do.
+        assert_eq!(next_step(&task), None);
+        // Completed and not open yet: open it, ready for review.
+        task.pr.as_mut().unwrap().number = None;
+        assert_eq!(next_step(&task), Some(Step::Open { draft: false }));
+        // Running: nothing yet, unless it drafts while a check job exists.
+        task.status = TaskStatus::Running;
+        assert_eq!(next_step(&task), None);
+        task.pr.as_mut().unwrap().draft_while_checking = true;
+        assert_eq!(next_step(&task), None, "no check queued yet");
+        task.jobs[1].kind = orch_shared::job::JobKind::Check;
+        assert_eq!(next_step(&task), Some(Step::Open { draft: true }));
+        // Open as a draft: marked ready once the task completes, not when it fails.
+        let pr = task.pr.as_mut().unwrap();
+        pr.number = Some(7);
+        pr.draft = true;
+        assert_eq!(next_step(&task), None);
+        task.status = TaskStatus::Failed;
+        assert_eq!(next_step(&task), None);
+        task.status = TaskStatus::Completed;
+        assert_eq!(next_step(&task), Some(Step::Ready));
+        // A failed step waits for a person's retry.
+        task.pr.as_mut().unwrap().error = Some("the forge answered 502".into());
+        assert_eq!(next_step(&task), None);
+        assert_eq!(step_ignoring_errors(&task), Some(Step::Ready));
+        // Marked ready: nothing more.
+        let mut actions = apply(&mut task, Change::Ready, 2).unwrap();
+        assert!(!task.pr.as_ref().unwrap().draft);
+        assert_eq!(task.pr.as_ref().unwrap().error, None);
+        assert!(matches!(
+            actions.remove(0),
+            Action::Emit(None, EventKind::PrReady { number: 7 })
+        ));
+        assert_eq!(next_step(&task), None);
+        assert_eq!(apply(&mut task, Change::Ready, 3).unwrap().len(), 0);
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub(super) async fn check_pr(
         repo,
         base,
         labels: req.labels.iter().map(|l| l.trim().to_string()).collect(),
+        // Only a task with a check has a draft stage; the submit clears it otherwise.
+        draft_while_checking: req.draft.unwrap_or(handle.config.draft),
         ..Default::default()
     })
 }

@@ -294,8 +294,10 @@ async fn submit(
         .in_scope(|| pipeline::new_task(TaskId::new(), opts, plan, orch_shared::now_ms()))
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     task.tenant = tenant;
+    let has_check = task.check.is_some();
     task.pr = pr.map(|pr| PullRequest {
         head: GitJob::task_branch(task.id),
+        draft_while_checking: pr.draft_while_checking && has_check,
         ..pr
     });
     // The request's span (when traces are exported) is the task's: its jobs' dispatches hang
@@ -328,6 +330,9 @@ async fn create_with_key(
     task: Task,
     actions: Vec<pipeline::Action>,
 ) -> Answer<(StatusCode, axum::Json<Task>)> {
+    if task.pr.is_some() {
+        state.add_pr_pending(task.id).await?;
+    }
     match state.create_task(&task).await? {
         Created::Existing(id) => {
             // A submit with the same key still publishing: its outcome is waited for (a
@@ -403,6 +408,11 @@ async fn create_and_publish(
     task: &Task,
     actions: Vec<pipeline::Action>,
 ) -> Answer<()> {
+    if task.pr.is_some() {
+        // Before the task exists: whichever coordinator leads when it completes opens its
+        // pull request (an id without a task is dropped by the pending sweep).
+        state.add_pr_pending(task.id).await?;
+    }
     let (created, performed) = tokio::join!(state.create_task(task), fx.perform(task, actions));
     if let Err(e) = created {
         tracing::warn!(task_id = %task.id, error = %e, "task record not written; writing it again");
