@@ -204,6 +204,17 @@ pub enum EventKind {
         cost_usd: f64,
         duration_ms: u64,
     },
+    /// Two running agents of the task touch the same paths, seen as they work (before their
+    /// branches are merged): the event's agent changed `paths`, which agent `other` changed
+    /// too (`kind` `same_file`) or which are inside `other`'s declared scope (`scope`). Sent
+    /// once per pair of agents and path.
+    ConflictWarning {
+        other: JobId,
+        role: Role,
+        other_role: Role,
+        kind: String,
+        paths: Vec<String>,
+    },
 }
 
 impl EventKind {
