@@ -634,7 +634,8 @@ function taskPage() {
       { label: "Role", cell: (j) => {
         const from = j.continues ? t.jobs.find((x) => x.id === j.continues) : null;
         const rel = j.continues ? `<div class="small muted">${j.forked ? ICON_BRANCH + " fork of" : "↳ reply to"} <a href="/agents/${esc(j.continues)}">#${from ? from.step : short(j.continues)}</a>: “${esc(j.prompt.length > 40 ? j.prompt.slice(0, 40) + "…" : j.prompt)}”</div>` : "";
-        return `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>${rel}`;
+        const scope = (j.paths || []).length ? `<div class="small muted mono" title="The files this step declared it edits">scope: ${esc(j.paths.join(" "))}</div>` : "";
+        return `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>${rel}${scope}`;
       } },
       { label: "Status", cell: (j) => badge(j.status) + conflictBadge(t, j) + (j.held_by ? `<div class="small muted">waiting for job ${esc(short(j.held_by))} (scope overlap)</div>` : "") + (j.git ? ` <span title="${esc(j.git.branch)} @ ${esc(j.git.commit)}">${gitBadge(j.git)}</span>` : "") + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") },
       { label: "Attempt", num: true, cell: (j) => j.attempt },
