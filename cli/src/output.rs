@@ -227,7 +227,38 @@ pub fn task_details(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result
             ));
         }
     }
+    if task.options.serialize_conflicts {
+        rows.push((
+            "conflicts",
+            "serialized: a step whose scope overlaps a running one's waits".into(),
+        ));
+    }
+    for w in &task.conflicts {
+        let kind = match w.kind.as_str() {
+            "same_file" => "both changed",
+            _ => "changed inside the other's scope",
+        };
+        rows.push((
+            "conflict warning",
+            format!(
+                "{} {} and {} {}, {kind}: {}",
+                w.role,
+                short_id(w.job),
+                w.other_role,
+                short_id(w.other),
+                truncate(&w.paths.join(", "), 120)
+            ),
+        ));
+    }
     print_table(out, &details(&rows))
+}
+
+/// A step's file scope for a table cell.
+fn scope(paths: &[String]) -> String {
+    match paths.is_empty() {
+        true => "-".into(),
+        false => truncate(&paths.join(" "), 40),
+    }
 }
 
 /// The "Result" section: the task's output (and its error when it failed).
@@ -270,9 +301,14 @@ pub fn task_metrics(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result
 }
 
 pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
-    let mut t = table([
+    let scoped = jobs.iter().any(|j| !j.paths.is_empty());
+    let mut header = vec![
         "#", "AGENT", "ROLE", "STATUS", "WORKER", "DURATION", "TOKENS", "COST",
-    ]);
+    ];
+    if scoped {
+        header.push("SCOPE");
+    }
+    let mut t = table(header);
     for (i, job) in jobs.iter().enumerate() {
         let status = match (&job.status, &job.error) {
             (JobStatus::Failed, Some(e)) => format!("failed ({})", e.reason.as_str()),
@@ -284,10 +320,14 @@ pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
                 ),
                 None => "parked".into(),
             },
+            (JobStatus::Pending, _) if job.held_by.is_some() => format!(
+                "pending (waiting for {}, scope overlap)",
+                job.held_by.map(short_id).unwrap_or_default()
+            ),
             (s, _) if job.attempt > 1 => format!("{} (attempt {})", s.as_str(), job.attempt),
             (s, _) => s.as_str().to_string(),
         };
-        t.add_row(vec![
+        let mut row = vec![
             (i + 1).to_string(),
             job.id.to_string(),
             job.role.to_string(),
@@ -301,14 +341,19 @@ pub fn jobs_table(jobs: &[Job], now_ms: u64) -> Table {
                 .unwrap_or_else(|| "-".into()),
             count(job.usage.total()),
             cost(job.cost_usd),
-        ]);
+        ];
+        if scoped {
+            row.push(scope(&job.paths));
+        }
+        t.add_row(row);
     }
     t
 }
 
 /// `submit --dry-run`: the plan with an estimate per step and in total.
 pub fn dry_run(out: &mut dyn Write, dry: &DryRun) -> io::Result<()> {
-    let mut t = table([
+    let scoped = dry.steps.iter().any(|s| !s.paths.is_empty());
+    let mut header = vec![
         "#",
         "ROLE",
         "BACKEND",
@@ -320,7 +365,11 @@ pub fn dry_run(out: &mut dyn Write, dry: &DryRun) -> io::Result<()> {
         "TIME p90",
         "FROM",
         "INSTRUCTION",
-    ]);
+    ];
+    if scoped {
+        header.push("SCOPE");
+    }
+    let mut t = table(header);
     let time = |ms: Option<u64>| ms.map(duration_ms).unwrap_or_else(|| "-".into());
     let source = |e: &Estimate| match e.source {
         EstimateSource::History => format!("history ({})", e.samples),
@@ -337,7 +386,7 @@ pub fn dry_run(out: &mut dyn Write, dry: &DryRun) -> io::Result<()> {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        t.add_row(vec![
+        let mut row = vec![
             (s.step + 1).to_string(),
             s.role.to_string(),
             s.backend.as_str().to_string(),
@@ -349,7 +398,11 @@ pub fn dry_run(out: &mut dyn Write, dry: &DryRun) -> io::Result<()> {
             time(s.estimate.duration_ms_p90),
             source(&s.estimate),
             truncate(&s.instruction, 60),
-        ]);
+        ];
+        if scoped {
+            row.push(scope(&s.paths));
+        }
+        t.add_row(row);
     }
     writeln!(
         out,

@@ -410,6 +410,10 @@ impl Panel {
                 "{label} failed for good ({}); see `orchctl dlq list`",
                 reason.as_str()
             )),
+            EventKind::ConflictWarning { .. } => Some(format!(
+                "{label}: {}",
+                crate::commands::logs::describe_conflict(&event.kind)
+            )),
             EventKind::TaskCreated { .. }
             | EventKind::TaskPlanned { .. }
             | EventKind::TaskFinished { .. }
@@ -667,6 +671,9 @@ mod tests {
             continues: None,
             forked: false,
             rewound_to: None,
+            paths: vec![],
+            changed_paths: vec![],
+            held_by: None,
             session_id: None,
             diff: None,
             git: None,
@@ -703,6 +710,7 @@ mod tests {
             mcp_servers: Default::default(),
             check: None,
             pr: None,
+            conflicts: vec![],
             trace_id: None,
             traceparent: None,
         }

@@ -22,7 +22,7 @@ use crate::transport::{self, Outgoing, ResultDelivery, Transport};
 use orch_shared::api::{Task, TaskStatus};
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::{JobId, TaskId};
-use orch_shared::job::{CancelJob, Outcome};
+use orch_shared::job::{CancelJob, Outcome, PathsReport};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -84,6 +84,8 @@ enum Command {
     Forget(TaskId),
     Result(Box<ResultDelivery>),
     Started(Event),
+    /// A worker's report of the paths its job changed so far.
+    Paths(Box<PathsReport>),
     Wake(TaskId),
     Control(TaskId, Control, oneshot::Sender<Result<Task, ControlError>>),
 }
@@ -163,6 +165,11 @@ impl Driver {
 
     pub async fn started(&self, event: Event) {
         let _ = self.lane(event.task_id).send(Command::Started(event)).await;
+    }
+
+    pub async fn paths(&self, report: PathsReport) {
+        let lane = self.lane(report.task_id);
+        let _ = lane.send(Command::Paths(Box::new(report))).await;
     }
 
     /// Applies a user's request in the task's lane and returns the task afterwards.
@@ -360,6 +367,17 @@ impl Lane {
                 }
                 Command::Result(delivery) => self.on_result(*delivery).await,
                 Command::Started(event) => self.on_started(event).await,
+                Command::Paths(report) => {
+                    let now = orch_shared::now_ms();
+                    let changed = self
+                        .change(report.task_id, |t| {
+                            crate::conflicts::on_paths(t, &report, now)
+                        })
+                        .await;
+                    if let Err(e) = changed {
+                        tracing::warn!(task_id = %report.task_id, error = %e, "failed to apply a paths report");
+                    }
+                }
                 Command::Wake(task) => {
                     let now = orch_shared::now_ms();
                     let _ = self.change(task, |t| Some(pipeline::on_wake(t, now))).await;

@@ -29,6 +29,7 @@
 pub mod admission;
 pub mod catchup;
 pub mod config;
+pub mod conflicts;
 pub mod context;
 pub mod driver;
 pub mod forge;
@@ -312,6 +313,7 @@ pub async fn run(
         }
     });
 
+    let paths_driver = driver.clone();
     let mut started = Box::pin(transport.job_started().await?);
     let started_cancel = shutdown.clone();
     tracker.spawn(async move {
@@ -320,6 +322,22 @@ pub async fn run(
                 _ = started_cancel.cancelled() => return,
                 next = started.next() => match next {
                     Some(event) => driver.started(event).await,
+                    None => return,
+                },
+            }
+        }
+    });
+
+    // Workers' reports of the paths their agents changed (best effort, like job starts: each
+    // report carries the whole set, so the next one makes a lost one good).
+    let mut paths = Box::pin(transport.paths_reports().await?);
+    let paths_cancel = shutdown.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = paths_cancel.cancelled() => return,
+                next = paths.next() => match next {
+                    Some(report) => paths_driver.paths(report).await,
                     None => return,
                 },
             }

@@ -116,6 +116,13 @@ pub fn emitted(kind: &EventKind) {
         EventKind::JobDeadLettered { reason } => {
             metrics::counter!(m::JOBS_DEAD_LETTERED, "reason" => reason.as_str()).increment(1);
         }
+        EventKind::ConflictWarning { kind, .. } => {
+            let kind = match kind.as_str() {
+                crate::conflicts::SAME_FILE => crate::conflicts::SAME_FILE,
+                _ => crate::conflicts::IN_SCOPE,
+            };
+            metrics::counter!(m::CONFLICT_WARNINGS, "kind" => kind).increment(1);
+        }
         _ => {}
     }
 }

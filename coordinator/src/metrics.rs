@@ -40,6 +40,7 @@ pub const AGENT_TOKENS: &str = "orch_agent_tokens_total";
 pub const AGENT_COST_USD: &str = "orch_agent_cost_usd_total";
 pub const SAMPLE_ERRORS: &str = "orch_sample_errors_total";
 pub const EVENT_STREAMS: &str = "orch_event_streams";
+pub const CONFLICT_WARNINGS: &str = "orch_conflict_warnings_total";
 
 /// Bucket bounds of [`DISPATCH_LATENCY`]: 100 µs to 1 s, where a healthy cluster's dispatch
 /// lies; the 10 s and 60 s bounds tell a queue held back by a cap or a rate limit.
@@ -170,6 +171,10 @@ pub fn describe() {
     describe_counter!(
         JOBS_DEAD_LETTERED,
         "Jobs that failed for good and went to the dead-letter set, by failure reason"
+    );
+    describe_counter!(
+        CONFLICT_WARNINGS,
+        "Overlapping edits of running agents of one task (conflict_warning events), by kind: same_file or scope"
     );
     describe_histogram!(JOB_ATTEMPTS, "Attempts a job needed to succeed, by role");
     describe_counter!(

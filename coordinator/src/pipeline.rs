@@ -12,6 +12,9 @@
 //! - No job is queued once the task's spend has reached its budget; when nothing is running
 //!   any more, the rest is skipped and the task fails with `budget_exhausted`. Spend can only
 //!   pass the budget by what the jobs already running cost.
+//! - With `serialize_conflicts`, a ready job whose declared file scope overlaps a queued or
+//!   running job's waits (`held_by`, a `job_waiting` event) until that job ends
+//!   ([`crate::conflicts::holder`]).
 //! - A task is `completed` when every job succeeded, `failed` when any failed or was skipped
 //!   for a budget or a deadline, `cancelled` when a user cancelled it.
 
@@ -137,6 +140,7 @@ pub fn new_task(
             ..CheckReport::default()
         }),
         pr: None,
+        conflicts: vec![],
         trace_id: None,
         traceparent: None,
     };
@@ -193,6 +197,9 @@ fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
         continues: None,
         forked: false,
         rewound_to: None,
+        paths: vec![],
+        changed_paths: vec![],
+        held_by: None,
         session_id: None,
         diff: None,
         git: None,
@@ -221,6 +228,7 @@ fn steps_to_jobs(
             Job {
                 constraints: step.constraints.clone(),
                 estimated_tokens: step.estimated_tokens,
+                paths: step.paths.clone(),
                 ..new_job(
                     offset + i as u32,
                     step.role,
@@ -952,11 +960,28 @@ fn advance(task: &mut Task, now_ms: u64, actions: &mut Vec<Action>) {
         if budget.is_some() || in_flight(task) >= cap {
             break;
         }
+        if let Some((o, overlap)) = crate::conflicts::holder(task, i) {
+            let other = task.jobs[o].id;
+            if task.jobs[i].held_by != Some(other) {
+                task.jobs[i].held_by = Some(other);
+                actions.push(Action::Emit(
+                    Some(task.jobs[i].id),
+                    EventKind::JobWaiting {
+                        reason: format!(
+                            "waiting for job {other} (scope overlap: {})",
+                            overlap.join(", ")
+                        ),
+                    },
+                ));
+            }
+            continue;
+        }
         let context = contexts(task, i);
         let job = &mut task.jobs[i];
         job.status = JobStatus::Queued;
         job.queued_at_ms = Some(now_ms);
         job.context = context;
+        job.held_by = None;
         let job = &task.jobs[i];
         actions.push(Action::Emit(
             Some(job.id),

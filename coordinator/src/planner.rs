@@ -27,6 +27,7 @@ impl Plan {
                         estimated_tokens: None,
                         depends_on: None,
                         execution_mode: None,
+                        paths: vec![],
                     })
                     .collect(),
                 ..Default::default()
@@ -153,11 +154,13 @@ Rules:
 - Scope the TESTER tightly to what changed.
 - Pass large outputs through files, not through the next agent's prompt.
 - Steps that do not depend on each other may run in parallel: say so with depends_on.
+- Give each step that edits files its file scope in paths: globs of the repository paths it
+  will edit (e.g. "src/cache/**"), so parallel steps that would edit the same files are seen.
 
 Answer format:
 {{"complexity": "simple|medium|complex", "rationale": "...",
  "workflow": [{{"agent_role": "BUILDER", "scope": "...", "constraints": ["..."],
-               "estimated_tokens": 20000, "depends_on": []}}],
+               "estimated_tokens": 20000, "depends_on": [], "paths": ["src/..."]}}],
  "total_estimated_cost": 0.10, "skip_reasoning": "..."}}
 depends_on lists 0-based indices of earlier steps.
 

@@ -10,7 +10,7 @@ use orch_shared::api::Task;
 use orch_shared::codec;
 use orch_shared::event::{self, Event, EventId, EventKind};
 use orch_shared::ids::TaskId;
-use orch_shared::job::{CancelJob, JobResult, JobSpec};
+use orch_shared::job::{CancelJob, JobResult, JobSpec, PathsReport};
 use orch_shared::subject;
 use std::sync::Arc;
 use std::time::Duration;
@@ -588,6 +588,20 @@ impl Transport {
         let parked = subscribe(subject::ALL_JOB_PARKED).await?;
         Ok(futures::stream::select(started, parked)
             .filter_map(|msg| async move { codec::decode::<Event>(&msg.payload).ok() }))
+    }
+
+    /// Workers' reports of the paths their running jobs changed, as they are published (best
+    /// effort: each carries the job's whole set).
+    pub async fn paths_reports(&self) -> Result<impl Stream<Item = PathsReport> + use<>, Error> {
+        let sub = self
+            .client()
+            .subscribe(subject::ALL_PATHS)
+            .await
+            .map_err(|e| Error::Read {
+                what: "paths reports".into(),
+                source: e.into(),
+            })?;
+        Ok(sub.filter_map(|msg| async move { codec::decode::<PathsReport>(&msg.payload).ok() }))
     }
 
     /// A task's events after `after` (the default id: from the start), then live ones.

@@ -118,6 +118,10 @@ pub struct SubmitTask {
     /// and a forge configured on the coordinator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pr: Option<PrRequest>,
+    /// Hold a step whose file scope (`paths` in its plan step) overlaps a running step's
+    /// until that one ends, instead of only warning (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serialize_conflicts: Option<bool>,
 }
 
 /// `pr` in a submit request.
@@ -309,6 +313,9 @@ pub struct ExecutionOptions {
     pub max_turns: Option<u32>,
     #[serde(default)]
     pub priority: Priority,
+    /// A step whose file scope overlaps a running step's waits for it to end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serialize_conflicts: bool,
 }
 
 fn default_attempts() -> u32 {
@@ -327,6 +334,7 @@ impl Default for ExecutionOptions {
             task_timeout_ms: None,
             max_turns: None,
             priority: Priority::Normal,
+            serialize_conflicts: false,
         }
     }
 }
@@ -543,6 +551,16 @@ pub struct Job {
     /// Why the job is parked (status `parked`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<Parked>,
+    /// The file scope its plan step declared: globs of the paths it intends to edit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// While it runs: the paths it changed so far, as its worker last reported them
+    /// (relative to the repository's root). With `paths`, its path lease.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_paths: Vec<String>,
+    /// A step held back by `serialize_conflicts`: the running job its scope overlaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<JobId>,
 }
 
 /// A task and its jobs (`GET /v1/tasks/{id}`, and the reply to `POST /v1/tasks`).
@@ -612,6 +630,26 @@ pub struct Task {
     /// The task's check command and how it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckReport>,
+    /// Overlapping edits of agents that ran at the same time, as they were seen (each pair of
+    /// agents and path once; see [`ConflictWarning`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<ConflictWarning>,
+}
+
+/// Two running agents of a task touch the same paths: `job` changed `paths` that `other`
+/// changed too (`same_file`) or that are inside `other`'s declared scope (`scope`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConflictWarning {
+    /// The agent whose change was seen last.
+    pub job: JobId,
+    pub role: Role,
+    /// The agent it overlaps with.
+    pub other: JobId,
+    pub other_role: Role,
+    /// `same_file` or `scope`.
+    pub kind: String,
+    pub paths: Vec<String>,
+    pub at_ms: u64,
 }
 
 /// A task's check command (`check` on submit) and its outcome so far.
@@ -835,6 +873,9 @@ pub struct StepEstimate {
     pub depends_on: Vec<u32>,
     pub instruction: String,
     pub estimate: Estimate,
+    /// The step's file scope (globs of the paths it intends to edit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 /// `POST /v1/tasks/dry-run`: the plan a submit would run and what it should cost; nothing runs.

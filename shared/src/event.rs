@@ -219,6 +219,17 @@ pub enum EventKind {
     /// again (from its checkpoint, on any worker) at `parked.until_ms` or, for an approval,
     /// as soon as the request is answered.
     JobParked { parked: crate::api::Parked },
+    /// Two running agents of the task touch the same paths, seen as they work (before their
+    /// branches are merged): the event's agent changed `paths`, which agent `other` changed
+    /// too (`kind` `same_file`) or which are inside `other`'s declared scope (`scope`). Sent
+    /// once per pair of agents and path.
+    ConflictWarning {
+        other: JobId,
+        role: Role,
+        other_role: Role,
+        kind: String,
+        paths: Vec<String>,
+    },
 }
 
 impl EventKind {

@@ -570,3 +570,23 @@ pub struct CancelJob {
     pub attempt: u32,
     pub reason: String,
 }
+
+/// The paths a running job attempt has changed so far, relative to its repository's root
+/// (published by its worker on [`crate::subject::paths`] after an agent step, at most once a
+/// second and only when the set changed; the coordinator holds them as the job's path lease
+/// and compares them with the task's other running jobs). The whole set every time, so a lost
+/// report is made good by the next.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PathsReport {
+    pub task_id: TaskId,
+    pub job_id: JobId,
+    pub attempt: u32,
+    /// At most [`MAX_REPORTED_PATHS`], sorted.
+    pub paths: Vec<String>,
+    /// More paths changed than were reported.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// Most paths one [`PathsReport`] carries.
+pub const MAX_REPORTED_PATHS: usize = 256;

@@ -9,6 +9,11 @@
 //! `depends_on` lists 0-based step indices. A step without `depends_on` depends on the step
 //! before it in a sequential task and on nothing in a parallel one. The planner's own field
 //! names (`workflow`, `agent_role` in upper case) are accepted too.
+//!
+//! `paths` is a step's file scope: the globs of repository paths it intends to edit
+//! (`["src/cache/**", "Cargo.toml"]`, relative to the repository's root, `/` separated). The
+//! coordinator warns when running agents' edits overlap ([`Scope`]) and, with
+//! `serialize_conflicts`, holds a step whose scope overlaps a running one's.
 
 use crate::role::Role;
 use serde::{Deserialize, Serialize};
@@ -65,6 +70,9 @@ pub struct PlanStep {
     /// `parallel` makes a step without `depends_on` independent even in a sequential task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execution_mode: Option<String>,
+    /// The file scope: globs of the repository paths this step intends to edit.
+    #[serde(default, alias = "file_scope", skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 fn role_any_case<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Role, D::Error> {
@@ -87,6 +95,12 @@ pub enum PlanError {
     Cycle(Vec<usize>),
     #[error("plan.steps[{step}].execution_mode: expected sequential or parallel, got `{got}`")]
     Mode { step: usize, got: String },
+    #[error("plan.steps[{step}].paths[{index}]: {why}")]
+    Path {
+        step: usize,
+        index: usize,
+        why: String,
+    },
 }
 
 /// Most steps one plan may have.
@@ -126,6 +140,13 @@ impl PlanSpec {
                     return Err(PlanError::SelfLoop { step: i });
                 }
             }
+            if let Err((index, why)) = Scope::new(&step.paths) {
+                return Err(PlanError::Path {
+                    step: i,
+                    index,
+                    why,
+                });
+            }
             let mut d = d;
             d.sort_unstable();
             d.dedup();
@@ -136,6 +157,102 @@ impl PlanSpec {
         }
         Ok(deps)
     }
+}
+
+/// Most globs in one step's `paths`.
+pub const MAX_SCOPE_GLOBS: usize = 64;
+
+/// A step's file scope, compiled: which paths it covers and whether two scopes may overlap.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    globs: Vec<String>,
+    set: globset::GlobSet,
+}
+
+impl Scope {
+    /// The scope of `globs`; an invalid one is refused with its index and why.
+    pub fn new(globs: &[String]) -> Result<Scope, (usize, String)> {
+        if globs.len() > MAX_SCOPE_GLOBS {
+            return Err((
+                MAX_SCOPE_GLOBS,
+                format!("at most {MAX_SCOPE_GLOBS} globs per step"),
+            ));
+        }
+        let mut set = globset::GlobSetBuilder::new();
+        for (i, g) in globs.iter().enumerate() {
+            let bad = |why: &str| Err((i, format!("`{g}` {why}")));
+            if g.trim().is_empty() {
+                return bad("is empty");
+            }
+            if g.starts_with('/') || g.contains('\\') {
+                return bad("must be a repository path relative to its root, `/` separated");
+            }
+            if g.split('/').any(|part| part == "..") {
+                return bad("must not leave the repository (`..`)");
+            }
+            let glob = globset::GlobBuilder::new(g)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| (i, format!("`{g}` is not a valid glob: {}", e.kind())))?;
+            set.add(glob);
+        }
+        let set = set.build().map_err(|e| (0, e.to_string()))?;
+        Ok(Scope {
+            globs: globs.to_vec(),
+            set,
+        })
+    }
+
+    /// The scope of globs that were validated before (an invalid one covers nothing).
+    pub fn of(globs: &[String]) -> Scope {
+        Scope::new(globs).unwrap_or_else(|_| Scope {
+            globs: vec![],
+            set: globset::GlobSet::empty(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.globs.is_empty()
+    }
+
+    /// Whether `path` (relative to the repository's root) is in the scope.
+    pub fn covers(&self, path: &str) -> bool {
+        self.set.is_match(path)
+    }
+
+    /// The globs of `self` that may cover a path `other` covers too. Two globs may overlap when
+    /// one's literal start (up to its first wildcard) begins the other's; a glob without
+    /// wildcards overlaps another glob it matches. Conservative: `*.rs` and `src/a.md` are
+    /// said to overlap (the start of one is empty), `src/a.rs` and `docs/**` are not.
+    pub fn overlap(&self, other: &Scope) -> Vec<String> {
+        let mut out = Vec::new();
+        for a in &self.globs {
+            let hit = other.globs.iter().any(|b| match (literal(a), literal(b)) {
+                (true, true) => a == b,
+                (true, false) => other.covers(a),
+                (false, true) => self.covers(b),
+                (false, false) => {
+                    let (pa, pb) = (prefix(a), prefix(b));
+                    pa.starts_with(pb) || pb.starts_with(pa)
+                }
+            });
+            if hit {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Whether a glob has no wildcard (it names one path).
+fn literal(glob: &str) -> bool {
+    !glob.contains(['*', '?', '[', '{'])
+}
+
+/// A glob's literal start, up to its first wildcard.
+fn prefix(glob: &str) -> &str {
+    glob.find(['*', '?', '[', '{'])
+        .map_or(glob, |at| &glob[..at])
 }
 
 /// A cycle in the dependency graph, as the steps on it, if there is one.
@@ -249,6 +366,45 @@ mod tests {
         assert!(err.contains("cannot depend on itself"), "{err}");
         let err = parse_answer(r#"{"steps":[{"role":"wizard"}]}"#, true).unwrap_err();
         assert!(err.contains("unknown role"), "{err}");
+    }
+
+    #[test]
+    fn scopes_are_checked_and_compared() {
+        let p = plan(
+            r#"{"steps":[{"role":"builder","paths":["src/cache/**","Cargo.toml"]},{"role":"builder","file_scope":["src/[a"]}]}"#,
+        );
+        assert_eq!(p.steps[0].paths, ["src/cache/**", "Cargo.toml"]);
+        let err = p.dependencies(false).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                PlanError::Path {
+                    step: 1,
+                    index: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("plan.steps[1].paths[0]: `src/[a` is not a valid glob"),
+            "{err}"
+        );
+        for bad in ["/etc/passwd", "../x", "a/../../b", " "] {
+            assert!(Scope::new(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        let s = |g: &[&str]| Scope::of(&g.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let cache = s(&["src/cache/**", "Cargo.toml"]);
+        assert!(cache.covers("src/cache/lru.rs") && cache.covers("Cargo.toml"));
+        assert!(!cache.covers("src/main.rs") && !cache.covers("x/Cargo.toml"));
+        assert!(s(&["src/*.rs"]).covers("src/a.rs") && !s(&["src/*.rs"]).covers("src/a/b.rs"));
+        assert_eq!(cache.overlap(&s(&["src/**/*.rs"])), ["src/cache/**"]);
+        assert_eq!(cache.overlap(&s(&["Cargo.*"])), ["Cargo.toml"]);
+        assert!(cache.overlap(&s(&["docs/**", "src/main.rs"])).is_empty());
+        assert!(s(&["greet.sh"]).overlap(&s(&["greet.sh"])).len() == 1);
+        assert!(s(&["a.sh"]).overlap(&s(&["b.sh"])).is_empty());
+        assert!(s(&[]).overlap(&cache).is_empty());
     }
 
     #[test]

@@ -116,3 +116,12 @@ pub fn result_msg_id(job: JobId, attempt: u32, fence: u64) -> String {
 
 /// Core NATS subject every worker listens on for job cancellations (`JobControl`).
 pub const CONTROL_CANCEL: &str = "orch.control.cancel";
+
+/// Core NATS subject of a running job's changed paths (`job::PathsReport`), read by the
+/// leading coordinator (best effort: each report carries the whole set).
+pub fn paths(task: TaskId) -> String {
+    format!("orch.paths.{task}")
+}
+
+/// Every task's [`paths`] subject.
+pub const ALL_PATHS: &str = "orch.paths.*";

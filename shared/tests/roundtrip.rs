@@ -521,6 +521,9 @@ fn sample_task() -> Task {
             continues: Some(JobId::from_u128(7)),
             forked: true,
             rewound_to: None,
+            paths: vec![],
+            changed_paths: vec![],
+            held_by: None,
             session_id: Some("sid".into()),
             diff: None,
             git: None,
@@ -538,6 +541,7 @@ fn sample_task() -> Task {
         branch: Some("orch/t".into()),
         check: None,
         pr: None,
+        conflicts: vec![],
         // Optional and skipped when absent: the golden record of older versions still decodes.
         trace_id: None,
         traceparent: None,

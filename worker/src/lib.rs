@@ -33,6 +33,7 @@ pub mod custody;
 pub mod datadir;
 pub mod limits;
 pub mod metrics;
+pub mod paths;
 pub mod ref_cleanup;
 pub mod roles;
 pub mod runner;
@@ -241,6 +242,7 @@ pub async fn run(
             &config.id,
         )),
         sessions: Some(sessions),
+        data_dir: config.data_dir.clone(),
     });
     {
         let mut cancels = Box::pin(transport.cancellations().await?);

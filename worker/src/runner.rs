@@ -5,6 +5,7 @@
 use crate::agent::{Agent, Events, Report};
 use crate::custody::Custody;
 use crate::metrics as m;
+use crate::paths::PathWatch;
 use crate::session::SessionStore;
 use crate::state::{Claim, Lease, State};
 use crate::transport::{JobDelivery, Transport};
@@ -37,6 +38,8 @@ pub struct Runner {
     pub limits: Option<crate::limits::Limits>,
     /// Where running agents are checkpointed (`None`: they are not).
     pub custody: Option<Custody>,
+    /// The worker's data directory (where a job's clone is, for its changed paths).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Whether the `backend` reports steps its runs can resume from.
@@ -105,8 +108,12 @@ impl Runner {
         job: &JobDelivery,
         first: Option<EventKind>,
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<EventKind>,
+        watch: Option<&mut PathWatch>,
     ) {
         let burst = self.burst(job, first, rx);
+        if let Some(w) = watch {
+            burst.iter().for_each(|e| w.observe(&e.kind));
+        }
         if let Err(e) = self.transport.publish_events(&burst).await {
             tracing::warn!(error = %e, "failed to send events");
         }
@@ -247,6 +254,10 @@ impl Runner {
             .run_report(&spec, events, agent_cancel.clone())
             .instrument(agent_span);
         tokio::pin!(agent_run);
+        // The paths the agent changed, reported after its steps for conflict warnings.
+        let mut watch = PathWatch::for_job(&spec, &self.data_dir);
+        let mut look = tokio::time::interval(crate::paths::MIN_INTERVAL);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let period = (self.transport.ack_wait / 3).max(Duration::from_millis(100));
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let deadline = spec.limits.timeout_ms.map(Duration::from_millis);
@@ -261,7 +272,15 @@ impl Runner {
         let output = loop {
             tokio::select! {
                 out = &mut agent_run => break Some(out),
-                Some(kind) = rx.recv() => self.send_burst(&job, Some(kind), &mut rx).await,
+                Some(kind) = rx.recv() => self.send_burst(&job, Some(kind), &mut rx, watch.as_mut()).await,
+                _ = look.tick(), if watch.as_ref().is_some_and(PathWatch::due) => {
+                    if let Some(w) = watch.as_mut()
+                        && let Some(report) = w.look(&spec).await
+                        && let Err(e) = self.transport.publish_paths(&report).await
+                    {
+                        tracing::debug!(error = %e, "changed paths not reported");
+                    }
+                }
                 _ = keepalive.tick() => {
                     if !self.still_holds(lease.as_mut(), lease_ttl, true).await {
                         // Paused or cut off past the ack wait: another worker owns the attempt.
@@ -275,6 +294,9 @@ impl Runner {
                         tracing::warn!(error = %e, "in-progress ack failed");
                     }
                     self.send(&job, EventKind::Heartbeat).await;
+                    if let Some(w) = watch.as_mut() {
+                        w.observe(&EventKind::Heartbeat);
+                    }
                 }
                 _ = &mut timeout => {
                     agent_cancel.cancel();

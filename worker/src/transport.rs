@@ -5,7 +5,7 @@ use async_nats::jetstream::{self, AckKind, consumer, object_store};
 use futures::{Stream, StreamExt};
 use orch_shared::codec;
 use orch_shared::event::{self, Event};
-use orch_shared::job::{CancelJob, JobResult, JobSpec};
+use orch_shared::job::{CancelJob, JobResult, JobSpec, PathsReport};
 use orch_shared::subject;
 use std::sync::Arc;
 use std::time::Duration;
@@ -312,6 +312,19 @@ impl Transport {
         let subject = subject::event(event.task_id, event.kind.name());
         self.client
             .publish(subject.clone(), codec::encode(event).into())
+            .await
+            .map_err(|e| Error::Publish {
+                subject,
+                source: e.into(),
+            })
+    }
+
+    /// Publishes a running job's changed paths for the coordinator (core NATS, best effort:
+    /// the next report carries the whole set again).
+    pub async fn publish_paths(&self, report: &PathsReport) -> Result<(), Error> {
+        let subject = subject::paths(report.task_id);
+        self.client
+            .publish(subject.clone(), codec::encode(report).into())
             .await
             .map_err(|e| Error::Publish {
                 subject,

@@ -211,6 +211,7 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
         | EventKind::PrFailed { .. }
         | EventKind::PrReviewed { .. }
         | EventKind::PrEscalated { .. } => describe_pr(&event.kind),
+        EventKind::ConflictWarning { .. } => describe_conflict(&event.kind),
         EventKind::JobFinished {
             success,
             reason,
@@ -433,6 +434,26 @@ pub(crate) fn describe_pr(kind: &EventKind) -> String {
             format!("review loop stopped, a person is needed: {reason}")
         }
         _ => String::new(),
+    }
+}
+
+/// A `conflict_warning` in one line: what the event's agent changed that another running
+/// agent changed too, or that is in its declared scope.
+pub(crate) fn describe_conflict(kind: &EventKind) -> String {
+    let EventKind::ConflictWarning {
+        other,
+        other_role,
+        kind,
+        paths,
+        ..
+    } = kind
+    else {
+        return String::new();
+    };
+    let paths = output::truncate(&paths.join(", "), 200);
+    match kind.as_str() {
+        "same_file" => format!("conflict warning: {paths} also changed by {other_role} {other}"),
+        _ => format!("conflict warning: changed {paths}, inside the scope of {other_role} {other}"),
     }
 }
 

@@ -95,6 +95,11 @@ pub struct Args {
     #[arg(long, requires = "repo")]
     pub pr: bool,
 
+    /// Hold a plan step whose file scope (`paths` in the plan file) overlaps a running step's
+    /// until that step ends, instead of only warning about overlapping edits
+    #[arg(long)]
+    pub serialize_conflicts: bool,
+
     /// The repository on the forge, owner/name (default: the last two parts of --repo)
     #[arg(long, value_name = "OWNER/NAME", requires = "pr")]
     pub pr_repo: Option<String>,
@@ -377,6 +382,7 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         // Sent as given: the coordinator refuses an empty one, naming the field.
         check: args.check.clone(),
         check_rounds: args.check_rounds,
+        serialize_conflicts: args.serialize_conflicts.then_some(true),
         pr: args.pr.then(|| orch_shared::api::PrRequest {
             repo: non_empty(&args.pr_repo),
             labels: args.pr_label.clone(),

@@ -110,6 +110,7 @@ async fn step_estimate(
         depends_on: job.depends_on.clone(),
         instruction: job.prompt.clone(),
         estimate,
+        paths: job.paths.clone(),
     })
 }
 

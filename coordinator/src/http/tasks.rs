@@ -89,6 +89,7 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
         )?,
         max_turns: in_range("max_turns", req.max_turns, 1, 10_000)?,
         priority: req.priority.unwrap_or_default(),
+        serialize_conflicts: req.serialize_conflicts.unwrap_or(false),
     };
     // Every backend is accepted: the worker that runs the job checks its own settings (a
     // missing key or CLI fails that job with the reason).

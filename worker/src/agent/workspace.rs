@@ -138,9 +138,7 @@ impl WorkDir {
 
     /// A fresh, empty scratch directory for `job`.
     async fn scratch(job: &JobSpec, data_dir: &Path) -> Result<WorkDir, (FailureReason, String)> {
-        let p = data_dir
-            .join("scratch")
-            .join(format!("{}-{}", job.job_id, job.attempt));
+        let p = scratch_path(job, data_dir);
         // A redelivered attempt starts clean.
         let _ = tokio::fs::remove_dir_all(&p).await;
         tokio::fs::create_dir_all(&p).await.map_err(|e| {
@@ -240,6 +238,13 @@ impl WorkDir {
             },
         }
     }
+}
+
+/// Where `job`'s scratch directory (or clone) is: `<data_dir>/scratch/<job>-<attempt>`.
+pub fn scratch_path(job: &JobSpec, data_dir: &Path) -> PathBuf {
+    data_dir
+        .join("scratch")
+        .join(format!("{}-{}", job.job_id, job.attempt))
 }
 
 /// The files of the scratch directory `dir` (which started empty) and their diff as new
@@ -481,6 +486,11 @@ impl FileTracker {
                 Access::Write => self.written.insert(path),
             };
         }
+    }
+
+    /// The files written so far.
+    pub fn written(&self) -> impl Iterator<Item = &String> {
+        self.written.iter()
     }
 
     /// `(files read, files written)`: a file both read and written counts as written; `git`

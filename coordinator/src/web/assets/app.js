@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "integrator", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "pr_opened", "pr_failed", "pr_reviewed", "pr_escalated", "task_finished", "job_parked"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "pr_opened", "pr_ready", "pr_failed", "pr_reviewed", "pr_escalated", "task_finished", "job_parked", "conflict_warning"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -62,6 +62,14 @@ function when(ms) {
 function clock(ms) {
   return ms ? new Date(ms).toLocaleTimeString([], { hour12: false }) : "";
 }
+// A warning badge on an agent that overlapping edits of another running agent were seen for.
+function conflictBadge(t, j) {
+  const mine = ((t && t.conflicts) || []).filter((w) => w.job === j.id || w.other === j.id);
+  if (!mine.length) return "";
+  const paths = [...new Set(mine.flatMap((w) => w.paths))];
+  return ` <span class="badge s-failed conflict" title="Overlapping edits with another running agent: ${esc(paths.join(", "))}">conflict: ${esc(paths.slice(0, 3).join(", "))}${paths.length > 3 ? "…" : ""}</span>`;
+}
+
 function badge(status) {
   return `<span class="badge s-${esc(status)}">${esc(status)}</span>`;
 }
@@ -196,10 +204,12 @@ function describe(ev) {
     case "resumed": if (k.from_agent) return `Rewound: started from the checkpoint after step ${k.from_step} of agent ${esc(short(k.from_agent))}`;
       return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)`;
     case "resume_failed": return `Checkpoint not restored, starting over: ${esc(k.reason)}`;
-    case "pr_opened": return `Pull request <a href="${esc(k.url)}">#${k.number}</a> open`;
+    case "pr_opened": return `Pull request <a href="${esc(k.url)}">#${k.number}</a> open${k.draft ? " as a draft" : ""}`;
+    case "pr_ready": return `Pull request #${k.number} ready for review`;
     case "pr_failed": return `Pull request not opened: ${esc(k.reason)}`;
     case "pr_reviewed": return `Review round ${k.round}: ${k.comments} comment(s) sent to ${k.agents.length} agent(s)`;
     case "pr_escalated": return `<b>Review loop stopped, a person is needed:</b> ${esc(k.reason)}`;
+    case "conflict_warning": return `<b>Conflict warning:</b> ${k.kind === "same_file" ? "also changed by" : "inside the scope of"} ${esc(k.other_role)} ${esc(short(k.other))}: <span class="mono">${esc(k.paths.join(", "))}</span>`;
     case "job_finished": return (k.success ? "Agent finished" : `Agent failed (${esc(k.reason)}): ${esc(k.message || "")}`) + ` in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     case "task_finished": return `Task ${esc(k.status)} in ${dur(k.duration_ms)}, ${usd(k.cost_usd)}`;
     default: return esc(k.type);
@@ -615,8 +625,10 @@ function taskPage() {
       ? `<span class="pr" title="The task's pull request (${t.pr.rounds} review round(s))"><a href="${esc(t.pr.url)}">PR #${t.pr.number}</a></span>`
       : `<span class="pr muted" title="${esc(t.pr.error || "opened when the task completes")}">PR → ${esc(t.pr.base)}</span>`;
     const escalated = t.pr && t.pr.escalated ? `<span class="badge s-failed" title="The review loop stopped: a person is needed">review needs a person: ${esc(t.pr.escalated)}</span>` : "";
+    const warned = (t.conflicts || []);
+    const conflicts = warned.length ? `<span class="badge s-failed" id="t-conflicts" title="${esc(warned.map((w) => `${w.role} ${short(w.job)} and ${w.other_role} ${short(w.other)}: ${w.paths.join(", ")}`).join("\n"))}">${warned.length} conflict warning(s)</span>` : "";
     const trace = t.trace_id ? `<span title="OpenTelemetry trace id: search it in your tracing backend">trace <span class="mono" id="t-trace">${esc(t.trace_id)}</span></span>` : "";
-    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}${pr}${escalated}${trace}<span>created ${when(t.created_at_ms)}</span>`;
+    $("#t-meta").innerHTML = `${badge(t.status)}<span class="mono">${esc(t.id)}</span><span>${esc(t.task_type)} → ${esc(t.plan_source)}</span><span>${esc(t.mode)}</span><span>${esc(t.backend)}${t.model ? " · " + esc(t.model) : ""}</span>${where}${branch}${pr}${escalated}${conflicts}${trace}<span>created ${when(t.created_at_ms)}</span>`;
     const done = t.jobs.filter((j) => ["succeeded", "failed", "skipped", "cancelled"].includes(j.status)).length;
     const budget = t.options.budget_usd != null ? ` of ${usd(t.options.budget_usd)} budget` : "";
     $("#t-kpis").innerHTML = kpi("Progress", `${done}/${t.jobs.length}`, "steps ended") +
@@ -630,9 +642,10 @@ function taskPage() {
       { label: "Role", cell: (j) => {
         const from = j.continues ? t.jobs.find((x) => x.id === j.continues) : null;
         const rel = j.continues ? `<div class="small muted">${j.forked ? ICON_BRANCH + " fork of" : "↳ reply to"} <a href="/agents/${esc(j.continues)}">#${from ? from.step : short(j.continues)}</a>: “${esc(j.prompt.length > 40 ? j.prompt.slice(0, 40) + "…" : j.prompt)}”</div>` : "";
-        return `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>${rel}`;
+        const scope = (j.paths || []).length ? `<div class="small muted mono" title="The files this step declared it edits">scope: ${esc(j.paths.join(" "))}</div>` : "";
+        return `<a class="role" href="/agents/${esc(j.id)}">${esc(j.role)}</a>${rel}${scope}`;
       } },
-      { label: "Status", cell: (j) => badge(j.status) + (j.git ? ` <span title="${esc(j.git.branch)} @ ${esc(j.git.commit)}">${gitBadge(j.git)}</span>` : "") + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") + (j.status === "parked" ? `<div class="small muted parked">${esc(parkedText(j.parked))}</div>` : "") },
+      { label: "Status", cell: (j) => badge(j.status) + conflictBadge(t, j) + (j.held_by ? `<div class="small muted">waiting for job ${esc(short(j.held_by))} (scope overlap)</div>` : "") + (j.git ? ` <span title="${esc(j.git.branch)} @ ${esc(j.git.commit)}">${gitBadge(j.git)}</span>` : "") + (j.error ? `<div class="small muted">${esc(j.error.reason)}: ${esc(j.error.message)}</div>` : "") + (j.status === "parked" ? `<div class="small muted parked">${esc(parkedText(j.parked))}</div>` : "") },
       { label: "Attempt", num: true, cell: (j) => j.attempt },
       { label: "Worker", cell: (j) => `<span class="mono small">${esc(j.worker_id || "–")}</span>` },
       { label: "Started", num: true, cell: (j) => clock(j.started_at_ms) || "–" },
@@ -1027,7 +1040,7 @@ function agentPage() {
     const from = j.continues ? task && task.jobs.find((x) => x.id === j.continues) : null;
     const rel = j.continues ? `<span class="rel">${j.rewound_to ? ICON_BRANCH + ` rewound to step ${j.rewound_to} of` : j.forked ? ICON_BRANCH + " forked from" : "↳ continues"} ${agentLink(j.continues, from ? turnLabel(from) : esc(short(j.continues)))}</span>` : "";
     const git = j.git ? `<span>branch <span class="mono">${esc(j.git.branch)}</span> @ <span class="mono" title="${esc(j.git.commit)}">${esc((j.git.commit || "").slice(0, 7))}</span></span>` : "";
-    $("#a-meta").innerHTML = `${badge(j.status)}${j.status === "parked" ? `<span class="parked">${esc(parkedText(j.parked))}</span>` : ""}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${j.sandbox ? `<span title="what the agent's sandbox allowed">sandbox: ${esc(j.sandbox)}</span>` : ""}${git}`;
+    $("#a-meta").innerHTML = `${badge(j.status)}${conflictBadge(task, j)}${j.status === "parked" ? `<span class="parked">${esc(parkedText(j.parked))}</span>` : ""}${rel}<span class="mono">${esc(j.id)}</span><span>attempt ${j.attempt}</span><span>${esc(d.backend)}${d.model ? " · " + esc(d.model) : ""}</span><span>worker <span class="mono">${esc(j.worker_id || "–")}</span></span>${j.sandbox ? `<span title="what the agent's sandbox allowed">sandbox: ${esc(j.sandbox)}</span>` : ""}${git}`;
     const toolList = Object.entries(d.tools || {}).map(([k, v]) => `${esc(k)} ×${v}`).join(", ");
     $("#a-kpis").innerHTML = kpi("Elapsed", `<span data-start="${j.status === "running" ? j.started_at_ms || "" : ""}">${elapsed(j.started_at_ms, j.finished_at_ms)}</span>`, j.started_at_ms ? "started " + clock(j.started_at_ms) : "not started") +
       kpi("Tokens", tokens(totalTokens(j.usage)), `${tokens(j.usage.input_tokens)} in · ${tokens(j.usage.output_tokens)} out`) +
