@@ -946,7 +946,7 @@ impl Settings {
                 "`command` needs [backends.command] with a program",
             ));
         }
-        let serves = serves(&self.serve_backends, &backends, default_backend)?;
+        let serves = serves(&self.serve_backends, &backends)?;
         let roles = Roles::with_overrides(&self.roles).map_err(Error::Invalid)?;
         let prices = PriceTable::with_overrides(&self.prices).map_err(Error::Invalid)?;
         let sandbox = self.sandbox.check()?;
@@ -1015,12 +1015,9 @@ impl Settings {
 }
 
 /// The backends a worker pulls jobs for: those named (each must be runnable here), else every
-/// runnable one. `sim` stands for the default backend when one is set, so it is served then.
-fn serves(
-    named: &[String],
-    backends: &BackendSettings,
-    default_backend: Option<Backend>,
-) -> Result<Vec<Backend>, Error> {
+/// runnable one. `sim` is always runnable (with `--default-backend`, its jobs run on that
+/// backend, which fails them with the reason when it is not set up).
+fn serves(named: &[String], backends: &BackendSettings) -> Result<Vec<Backend>, Error> {
     const KEY: &str = "serve-backends";
     let runnable = backends.runnable();
     let mut out: Vec<Backend> = if named.iter().all(|n| n.trim().is_empty()) {
@@ -1043,18 +1040,6 @@ fn serves(
         }
         out
     };
-    if let Some(d) = default_backend
-        && out.contains(&Backend::Sim)
-        && !runnable.contains(&d)
-    {
-        return Err(Error::invalid(
-            "default-backend",
-            format!(
-                "the `sim` jobs it would run cannot run here: {}",
-                BackendSettings::missing(d)
-            ),
-        ));
-    }
     out.sort();
     out.dedup();
     Ok(out)
@@ -1333,6 +1318,51 @@ mod tests {
             cfg.backends.claude_code.models.default.as_deref(),
             Some("m")
         );
+    }
+
+    #[test]
+    fn a_worker_serves_the_backends_it_can_run_and_a_named_one_must_be_set_up() {
+        let no_cli = ["--claude-bin", "/nonexistent/claude"];
+        let cfg = load_with(
+            None,
+            &[("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")],
+            &no_cli,
+        )
+        .unwrap();
+        assert_eq!(cfg.serves, [Backend::Sim, Backend::Openai]);
+        let err = load_with(
+            None,
+            &[],
+            &[
+                "--claude-bin",
+                "/nonexistent/claude",
+                "--serve-backends",
+                "sim,anthropic",
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid configuration: serve-backends: anthropic needs a key"),
+            "{err}"
+        );
+        let err = load_with(None, &[("ORCH_SERVE_BACKENDS", "gpt")], &no_cli)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("serve-backends: expected sim, claude-code"),
+            "{err}"
+        );
+        let cfg = load_with(
+            None,
+            &[
+                ("ANTHROPIC_API_KEY", "k"),
+                ("ORCH_SERVE_BACKENDS", "anthropic"),
+            ],
+            &no_cli,
+        )
+        .unwrap();
+        assert_eq!(cfg.serves, [Backend::Anthropic]);
     }
 
     #[test]
