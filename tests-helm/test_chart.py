@@ -473,13 +473,18 @@ def check_crds(docs: list[dict], values: dict) -> None:
                     f"ServiceMonitor port {ep['port']} is not a port of Service {s['metadata']['name']}"
     for so in by_kind(docs, "ScaledObject"):
         assert so["apiVersion"] == "keda.sh/v1alpha1", "ScaledObject apiVersion"
-        (trigger,) = so["spec"]["triggers"]
-        assert trigger["type"] == "nats-jetstream", "ScaledObject trigger type"
-        meta = trigger["metadata"]
-        assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values must be strings"
-        assert meta["stream"] == "ORCH_JOBS" and meta["consumer"] == "workers", "KEDA watches the wrong consumer"
-        assert re.fullmatch(r"[^/:]+:\d+", meta["natsServerMonitoringEndpoint"]), "monitoring endpoint is not host:port"
-        assert int(meta["lagThreshold"]) >= 1, "lagThreshold must be at least 1"
+        triggers = so["spec"]["triggers"]
+        # One trigger per job consumer: every backend's and the pre-routing one.
+        assert {t["metadata"]["consumer"] for t in triggers} == {
+            "workers-sim", "workers-claude-code", "workers-anthropic", "workers-openai",
+            "workers-command", "workers"}, "KEDA watches the wrong consumers"
+        for trigger in triggers:
+            assert trigger["type"] == "nats-jetstream", "ScaledObject trigger type"
+            meta = trigger["metadata"]
+            assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values must be strings"
+            assert meta["stream"] == "ORCH_JOBS", "KEDA watches the wrong stream"
+            assert re.fullmatch(r"[^/:]+:\d+", meta["natsServerMonitoringEndpoint"]), "monitoring endpoint is not host:port"
+            assert int(meta["lagThreshold"]) >= 1, "lagThreshold must be at least 1"
         assert so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"], "min above max"
         assert "HorizontalPodAutoscaler" not in kinds, "KEDA and an HPA would fight over the replicas"
         assert "replicas" not in one(docs, "Deployment", "worker")["spec"], \

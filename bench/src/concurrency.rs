@@ -267,6 +267,8 @@ struct JobQueue {
 }
 
 impl JobQueue {
+    /// The consumer of the `sim` backend's jobs, where this scenario's tasks (no backend
+    /// named) go.
     async fn bind(nats_url: &str) -> anyhow::Result<JobQueue> {
         let client = async_nats::connect(nats_url).await?;
         let js = async_nats::jetstream::new(client);
@@ -275,7 +277,9 @@ impl JobQueue {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let consumer = stream
-            .get_consumer(orch_shared::subject::JOBS_CONSUMER)
+            .get_consumer(&orch_shared::subject::job_consumer(
+                orch_shared::job::Backend::Sim.as_str(),
+            ))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(JobQueue { consumer })

@@ -179,6 +179,7 @@ impl Admission {
                 .map(|l| (l.key(), Bucket::new(l)))
                 .collect(),
             config,
+            served: crate::routing::Served::new(state.clone()),
             state,
             transport,
             heap: BinaryHeap::new(),
@@ -317,6 +318,7 @@ struct Actor {
     config: Config,
     state: State,
     transport: Transport,
+    served: crate::routing::Served,
     heap: BinaryHeap<Waiting>,
     /// Published (or already running) and not yet done.
     admitted: HashSet<JobId>,
@@ -509,15 +511,29 @@ impl Actor {
     }
 
     fn publish(&self, offered: Offered) {
-        let transport = self.transport.clone();
+        let (transport, served) = (self.transport.clone(), self.served.clone());
         // Publishing must not hold up admission; a failed publish is retried by the
         // coordinator's resume on restart (the record says `queued`).
         tokio::spawn(async move {
-            let job = offered.spec.job_id;
-            if let Err(e) = transport
-                .publish_all(&[Outgoing::Job(offered.spec, offered.traceparent)])
-                .await
-            {
+            let (task, job, attempt, backend) = (
+                offered.spec.task_id,
+                offered.spec.job_id,
+                offered.spec.attempt,
+                offered.spec.backend,
+            );
+            let mut messages = vec![Outgoing::Job(offered.spec, offered.traceparent)];
+            if !served.missing(&[backend].into()).await.is_empty() {
+                messages.push(Outgoing::Event(Event {
+                    task_id: task,
+                    job_id: Some(job),
+                    attempt,
+                    at_ms: orch_shared::now_ms(),
+                    kind: EventKind::JobWaiting {
+                        reason: crate::routing::waiting_reason(backend),
+                    },
+                }));
+            }
+            if let Err(e) = transport.publish_all(&messages).await {
                 tracing::error!(%job, error = %e, "failed to publish an admitted job");
             }
             metrics::counter!(crate::metrics::JOBS_DISPATCHED).increment(1);

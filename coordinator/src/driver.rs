@@ -22,7 +22,7 @@ use crate::transport::{self, Outgoing, ResultDelivery, Transport};
 use orch_shared::api::{Task, TaskStatus};
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::{JobId, TaskId};
-use orch_shared::job::{CancelJob, Outcome, PathsReport};
+use orch_shared::job::{Backend, CancelJob, Outcome, PathsReport};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -105,6 +105,8 @@ pub struct Effects {
     pub admission: Admission,
     /// The forge pull requests are opened on, when one is configured.
     pub forge: Option<crate::forge::Handle>,
+    /// Which backends the live workers run (a job for another says why it waits).
+    pub served: crate::routing::Served,
 }
 
 impl Driver {
@@ -134,6 +136,7 @@ impl Driver {
                     driver: driver.clone(),
                     admission: admission.clone(),
                     forge: forge.clone(),
+                    served: crate::routing::Served::new(state.clone()),
                 },
                 cache: HashMap::new(),
                 ended: Ended::default(),
@@ -219,6 +222,8 @@ impl Effects {
         let mut messages = Vec::new();
         // Open until the jobs are stored (their end is the publish's).
         let mut dispatches = Vec::new();
+        // Jobs published now, by backend: those no live worker runs are said to wait.
+        let mut published: Vec<(JobId, u32, Backend)> = Vec::new();
         for action in actions {
             match action {
                 Action::Publish(spec) => {
@@ -229,6 +234,7 @@ impl Effects {
                         self.admission.offer(task_id, priority, *spec, traceparent);
                     } else {
                         jobs += 1;
+                        published.push((spec.job_id, spec.attempt, spec.backend));
                         messages.push(Outgoing::Job(*spec, traceparent));
                     }
                 }
@@ -256,6 +262,21 @@ impl Effects {
                 Action::DeadLetter(job) => self.state.dead_letter(job, now).await?,
                 Action::Index(jobs) => self.state.index_jobs(task_id, &jobs).await?,
                 Action::Snapshot => messages.push(Outgoing::Snapshot(task)),
+            }
+        }
+        let wanted = published.iter().map(|(_, _, b)| *b).collect();
+        let missing = self.served.missing(&wanted).await;
+        for (job, attempt, backend) in published {
+            if missing.contains(&backend) {
+                messages.push(Outgoing::Event(Event {
+                    task_id,
+                    job_id: Some(job),
+                    attempt,
+                    at_ms: now,
+                    kind: EventKind::JobWaiting {
+                        reason: crate::routing::waiting_reason(backend),
+                    },
+                }));
             }
         }
         self.transport.publish_all(&messages).await?;

@@ -41,6 +41,7 @@ pub mod pipeline;
 pub mod planner;
 pub mod reconcile;
 pub mod retention;
+pub mod routing;
 pub mod sampler;
 pub mod state;
 pub mod transport;
@@ -253,6 +254,7 @@ pub async fn run(
         driver: driver.clone(),
         admission,
         forge: forge.clone(),
+        served: routing::Served::new(state.clone()),
     };
     // Safe to repeat (message ids); tried again while NATS settles, as the rebuild above.
     (|| resume(&effects))

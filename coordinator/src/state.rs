@@ -862,6 +862,15 @@ impl State {
                 version: h.get(worker_field::VERSION).cloned().unwrap_or_default(),
                 started_at_ms: num(&h, worker_field::STARTED_AT_MS),
                 last_seen_ms: num(&h, worker_field::LAST_SEEN_MS),
+                backends: h
+                    .get(worker_field::BACKENDS)
+                    .map(|b| {
+                        b.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect())
     }

@@ -10,10 +10,11 @@ use orch_shared::api::Task;
 use orch_shared::codec;
 use orch_shared::event::{self, Event, EventId, EventKind};
 use orch_shared::ids::TaskId;
-use orch_shared::job::{CancelJob, JobResult, JobSpec, PathsReport};
+use orch_shared::job::{Backend, CancelJob, JobResult, JobSpec, PathsReport};
 use orch_shared::subject;
 use std::sync::Arc;
 use std::time::Duration;
+use strum::VariantNames;
 
 /// The JetStream settings of the streams and consumers [`Transport::ensure_topology`] creates
 /// (built from the checked `config::Config`, so this module needs nothing else of it).
@@ -311,18 +312,47 @@ impl Transport {
             .get_stream(subject::JOBS_STREAM)
             .await
             .map_err(|e| topo("jobs stream")(e.into()))?;
-        let workers = consumer::pull::Config {
-            durable_name: Some(subject::JOBS_CONSUMER.into()),
-            description: Some("agent jobs, pulled by every worker".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: cfg.job_ack_wait,
-            max_deliver: cfg.job_max_deliver,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        };
-        create_or_update_consumer(&jobs, workers)
+        // One consumer per backend, so a worker pulls only jobs it can run. On a work-queue
+        // stream consumers may not overlap: the pre-routing `workers` consumer, which read
+        // every job, is narrowed to the legacy subject first (see `subject::JOBS_CONSUMER`).
+        let job_consumer =
+            |name: String, filter: String, description: String| consumer::pull::Config {
+                durable_name: Some(name),
+                description: Some(description),
+                filter_subject: filter,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: cfg.job_ack_wait,
+                max_deliver: cfg.job_max_deliver,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            };
+        create_or_update_consumer(
+            &jobs,
+            job_consumer(
+                subject::JOBS_CONSUMER.into(),
+                subject::LEGACY_JOBS_SUBJECT.into(),
+                "jobs from coordinators older than routing by backend".into(),
+            ),
+        )
+        .await
+        .map_err(topo("workers consumer"))?;
+        for backend in Backend::VARIANTS {
+            create_or_update_consumer(
+                &jobs,
+                job_consumer(
+                    subject::job_consumer(backend),
+                    subject::job(backend),
+                    format!(
+                        "agent jobs on the {backend} backend, pulled by the workers that run it"
+                    ),
+                ),
+            )
             .await
-            .map_err(topo("workers consumer"))?;
+            .map_err(topo(&format!(
+                "{} consumer",
+                subject::job_consumer(backend)
+            )))?;
+        }
         let coordinator = consumer::pull::Config {
             durable_name: Some(subject::RESULTS_CONSUMER.into()),
             description: Some("job results, applied by the coordinator".into()),
@@ -460,7 +490,7 @@ impl Transport {
                 Outgoing::Job(spec, traceparent) => {
                     flush(&mut run, &mut wire);
                     wire.push(Wire {
-                        subject: subject::job(subject::DEFAULT_POOL),
+                        subject: subject::job(spec.backend.as_str()),
                         payload: codec::encode(spec),
                         msg_id: Some(subject::job_msg_id(spec.job_id, spec.attempt)),
                         headers: orch_config::telemetry::nats_headers(traceparent.as_deref()),
@@ -920,6 +950,7 @@ async fn create_or_update_consumer(
             let info = existing.info().await?;
             if info.config.ack_wait != config.ack_wait
                 || info.config.max_deliver != config.max_deliver
+                || info.config.filter_subject != config.filter_subject
             {
                 stream.update_consumer(config).await?;
             }

@@ -752,6 +752,10 @@ pub struct Worker {
     pub version: String,
     pub started_at_ms: u64,
     pub last_seen_ms: u64,
+    /// The backends whose jobs this worker pulls (wire names); empty for a worker older
+    /// than routing by backend, which pulls only the pre-routing queue.
+    #[serde(default)]
+    pub backends: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

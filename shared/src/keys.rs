@@ -31,6 +31,8 @@ pub mod worker_field {
     pub const VERSION: &str = "version";
     pub const STARTED_AT_MS: &str = "started_at_ms";
     pub const LAST_SEEN_MS: &str = "last_seen_ms";
+    /// The backends the worker pulls jobs for, comma-separated wire names.
+    pub const BACKENDS: &str = "backends";
 }
 
 /// Set by the coordinator when it cancels a job attempt: a worker that pulls it afterwards acks

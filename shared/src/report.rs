@@ -98,7 +98,7 @@ pub struct CoordinatorInfo {
     pub last_seen_ms: u64,
 }
 
-/// The job queue, from the JetStream consumer every worker pulls from.
+/// The job queue, summed over its consumers (one per backend, and the pre-routing one).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueInfo {
     /// Jobs waiting for a worker.
@@ -107,6 +107,30 @@ pub struct QueueInfo {
     pub in_flight: u64,
     /// Jobs delivered more than once and not yet acked.
     pub redelivered: u64,
+}
+
+impl QueueInfo {
+    /// `self` plus `other`.
+    pub fn plus(self, other: QueueInfo) -> QueueInfo {
+        QueueInfo {
+            pending: self.pending + other.pending,
+            in_flight: self.in_flight + other.in_flight,
+            redelivered: self.redelivered + other.redelivered,
+        }
+    }
+}
+
+/// One backend's part of the job queue (its consumer) and the live workers that run it. Jobs
+/// `pending` with no `workers` wait until a worker that runs the backend joins.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackendQueue {
+    /// The backend's wire name; `legacy` for the consumer of jobs published by coordinators
+    /// older than routing by backend.
+    pub backend: String,
+    #[serde(flatten)]
+    pub queue: QueueInfo,
+    /// Live workers that advertise this backend.
+    pub workers: u64,
 }
 
 /// Cost since midnight UTC: `tasks` created today; `usage` and `cost_usd` of every agent
@@ -146,6 +170,10 @@ pub struct ClusterStatus {
     /// `None` when JetStream did not answer.
     #[serde(default)]
     pub queue: Option<QueueInfo>,
+    /// The queue by backend, with the live workers that run each (empty when JetStream did
+    /// not answer, or from an older coordinator).
+    #[serde(default)]
+    pub backends: Vec<BackendQueue>,
     pub dead_letters: u64,
     pub active_tasks: u64,
     /// Agents of unfinished tasks that are queued, running or waiting for a retry.

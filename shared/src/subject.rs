@@ -3,14 +3,31 @@
 
 use crate::ids::{JobId, TaskId};
 
-/// Work queue of jobs (retention: work queue; one durable pull consumer shared by all workers).
+/// Work queue of jobs (retention: work queue). Each backend has its own subject and durable
+/// pull consumer ([`job`], [`job_consumer`]): a worker pulls only the consumers of the
+/// backends it runs, so a job reaches only a worker that can run it.
 pub const JOBS_STREAM: &str = "ORCH_JOBS";
 /// Subjects of [`JOBS_STREAM`].
 pub const JOBS_SUBJECTS: &str = "orch.jobs.>";
-/// The durable consumer all workers pull from.
+/// The consumer every worker pulled from before jobs were routed by backend. It now reads
+/// only [`LEGACY_JOBS_SUBJECT`], where coordinators of that time publish: during a rolling
+/// update old workers keep pulling it, and new workers pull it too and move each job to its
+/// backend's subject (or run it).
 pub const JOBS_CONSUMER: &str = "workers";
-/// The pool every job goes to until pools are configurable.
-pub const DEFAULT_POOL: &str = "default";
+/// The one subject of every job before routing by backend (`orch.jobs.default`).
+pub const LEGACY_JOBS_SUBJECT: &str = "orch.jobs.default";
+/// Prefix of the per-backend consumers (`workers-<backend>`).
+pub const JOB_CONSUMER_PREFIX: &str = "workers-";
+
+/// The subject of jobs that run on `backend` (`orch.jobs.<backend>`, a backend's wire name).
+pub fn job(backend: &str) -> String {
+    format!("orch.jobs.{backend}")
+}
+
+/// The durable consumer of [`job`]`(backend)`: `workers-<backend>`.
+pub fn job_consumer(backend: &str) -> String {
+    format!("{JOB_CONSUMER_PREFIX}{backend}")
+}
 
 /// Per-task event log (retention: limits).
 pub const EVENTS_STREAM: &str = "ORCH_EVENTS";
@@ -36,10 +53,6 @@ pub const SESSIONS_BUCKET: &str = "ORCH_SESSIONS";
 /// A stored session larger than this is not kept (the job still succeeds; it cannot be
 /// continued, and its result says why).
 pub const MAX_SESSION_BYTES: usize = 64 * 1024 * 1024;
-
-pub fn job(pool: &str) -> String {
-    format!("orch.jobs.{pool}")
-}
 
 pub fn event(task: TaskId, kind: &str) -> String {
     format!("orch.events.{task}.{kind}")
@@ -104,6 +117,12 @@ pub fn job_msg_id(job: JobId, attempt: u32) -> String {
 /// the attempt's own id, which the dedup window would drop.
 pub fn unparked_msg_id(job: JobId, attempt: u32, park: u64) -> String {
     format!("job/{job}/{attempt}/unparked/{park}")
+}
+
+/// `Nats-Msg-Id` of a job attempt that a worker moved from [`LEGACY_JOBS_SUBJECT`] to its
+/// backend's subject: not the attempt's own id, which the dedup window would drop.
+pub fn rerouted_msg_id(job: JobId, attempt: u32) -> String {
+    format!("job/{job}/{attempt}/routed")
 }
 
 /// `Nats-Msg-Id` of a job attempt's result, published under lease `fence` (0: unfenced). A

@@ -948,6 +948,19 @@ impl Cluster {
 
     /// Starts one more worker; returns its index in `workers`.
     pub fn add_worker(&mut self) -> usize {
+        self.start_worker(&[], &[], false)
+    }
+
+    /// Starts one more worker with these flags and environment variables besides the
+    /// cluster's, and without the providers' variables of the test's own environment
+    /// (`ANTHROPIC_*`, `OPENAI_*`, `ORCH_CLAUDE_BIN`) unless `env` sets them: what it can run
+    /// is what the test gives it. Returns its index in `workers` (its id is
+    /// `worker-<n>`, see [`Cluster::worker_id`]).
+    pub fn add_worker_with(&mut self, args: &[String], env: &[(String, String)]) -> usize {
+        self.start_worker(args, env, true)
+    }
+
+    fn start_worker(&mut self, args: &[String], env: &[(String, String)], clean: bool) -> usize {
         let id = format!("worker-{}", self.next_worker);
         self.next_worker += 1;
         let mut cmd = Command::new(workspace_bin("orch-worker"));
@@ -963,11 +976,29 @@ impl Cluster {
         .args(["--slots", &self.opts.slots.to_string(), "--drain-grace"])
         .arg(format!("{}ms", self.opts.drain_grace.as_millis()))
         .args(&self.opts.worker_args)
-        .envs(self.opts.worker_env.iter().map(|(k, v)| (k, v)))
-        .env("ORCH_LOG", "info");
+        .args(args)
+        .envs(self.opts.worker_env.iter().map(|(k, v)| (k, v)));
+        if clean {
+            for var in [
+                "ANTHROPIC_API_KEY",
+                "ANTHROPIC_BASE_URL",
+                "OPENAI_API_KEY",
+                "OPENAI_BASE_URL",
+                "ORCH_CLAUDE_BIN",
+            ] {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
+            .env("ORCH_LOG", "info");
         self.workers
             .push(Server::spawn(&id, &mut cmd, self.dir.path()));
         self.workers.len() - 1
+    }
+
+    /// The id of the worker started `n`-th (0-based, counting every worker started).
+    pub fn worker_id(n: usize) -> String {
+        format!("worker-{n}")
     }
 
     /// [`poll_until`], failing the test with the last reason and every process's log after

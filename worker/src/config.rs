@@ -158,6 +158,17 @@ pub struct Args {
     /// on this backend instead: claude-code, anthropic, openai or command.
     #[arg(long, env = "ORCH_DEFAULT_BACKEND")]
     pub default_backend: Option<String>,
+    /// The backends whose jobs this worker pulls, comma separated (sim, claude-code,
+    /// anthropic, openai, command). Default: every backend this worker can run — `sim`
+    /// always, `claude-code` when its CLI is found, `anthropic` with an API key, `openai` with
+    /// a base URL, `command` with a program. Jobs of other backends never reach it.
+    #[arg(
+        long = "serve-backends",
+        value_name = "BACKENDS",
+        env = "ORCH_SERVE_BACKENDS",
+        value_delimiter = ','
+    )]
+    pub serve_backends: Vec<String>,
     /// The Claude Code CLI (default: `claude` on PATH).
     #[arg(
         id = "backends.claude-code.bin",
@@ -339,6 +350,8 @@ struct Settings {
     /// `None`: `orch-worker-<id>` under the system's temporary directory.
     data_dir: Option<PathBuf>,
     default_backend: Option<String>,
+    /// Empty: every backend this worker can run ([`BackendSettings::runnable`]).
+    serve_backends: Vec<String>,
     backends: BackendsFile,
     roles: BTreeMap<String, roles::Override>,
     prices: BTreeMap<String, Price>,
@@ -483,6 +496,7 @@ impl Default for Settings {
             telemetry: Default::default(),
             data_dir: None,
             default_backend: None,
+            serve_backends: vec![],
             backends: BackendsFile::default(),
             roles: BTreeMap::new(),
             prices: BTreeMap::new(),
@@ -792,6 +806,45 @@ pub struct BackendSettings {
     pub command: Option<CommandSettings>,
 }
 
+impl BackendSettings {
+    /// The backends this worker can run: `sim` always, `claude-code` when its CLI is an
+    /// executable file (a path, or a name on PATH), `anthropic` with a key, `openai` with a
+    /// base URL (a local server may need no key), `command` with a program.
+    pub fn runnable(&self) -> Vec<Backend> {
+        let mut out = vec![Backend::Sim];
+        if crate::agent::process::resolve(self.claude_code.bin.as_os_str()).is_some() {
+            out.push(Backend::ClaudeCode);
+        }
+        if self.anthropic.api_key.is_some() || !self.anthropic.credentials.is_empty() {
+            out.push(Backend::Anthropic);
+        }
+        if self.openai.base_url.is_some() {
+            out.push(Backend::Openai);
+        }
+        if self.command.is_some() {
+            out.push(Backend::Command);
+        }
+        out
+    }
+
+    /// Why `backend` cannot run here, naming what sets it up.
+    fn missing(backend: Backend) -> String {
+        match backend {
+            Backend::Sim => "sim always runs".into(),
+            Backend::ClaudeCode => {
+                "claude-code needs the Claude Code CLI: set backends.claude-code.bin (--claude-bin) to an executable".into()
+            }
+            Backend::Anthropic => {
+                "anthropic needs a key: set backends.anthropic.api_key (ANTHROPIC_API_KEY) or credentials".into()
+            }
+            Backend::Openai => {
+                "openai needs a server: set backends.openai.base_url (OPENAI_BASE_URL)".into()
+            }
+            Backend::Command => "command needs [backends.command] with a program".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
@@ -810,6 +863,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Jobs naming `sim` run on this backend instead (`orchctl local up --backend`).
     pub default_backend: Option<Backend>,
+    /// The backends whose jobs this worker pulls (`--serve-backends`, else every one it can
+    /// run), in [`Backend`] order, without repeats.
+    pub serves: Vec<Backend>,
     pub backends: BackendSettings,
     pub roles: Roles,
     pub prices: PriceTable,
@@ -918,6 +974,7 @@ impl Settings {
                 "`command` needs [backends.command] with a program",
             ));
         }
+        let serves = serves(&self.serve_backends, &backends)?;
         let roles = Roles::with_overrides(&self.roles).map_err(Error::Invalid)?;
         let prices = PriceTable::with_overrides(&self.prices).map_err(Error::Invalid)?;
         let sandbox = self.sandbox.check()?;
@@ -973,6 +1030,7 @@ impl Settings {
             telemetry,
             data_dir,
             default_backend,
+            serves,
             backends,
             roles,
             prices,
@@ -982,6 +1040,37 @@ impl Settings {
             approvals: self.approvals,
         })
     }
+}
+
+/// The backends a worker pulls jobs for: those named (each must be runnable here), else every
+/// runnable one. `sim` is always runnable (with `--default-backend`, its jobs run on that
+/// backend, which fails them with the reason when it is not set up).
+fn serves(named: &[String], backends: &BackendSettings) -> Result<Vec<Backend>, Error> {
+    const KEY: &str = "serve-backends";
+    let runnable = backends.runnable();
+    let mut out: Vec<Backend> = if named.iter().all(|n| n.trim().is_empty()) {
+        runnable.clone()
+    } else {
+        let mut out = Vec::new();
+        for name in named.iter().filter(|n| !n.trim().is_empty()) {
+            let Some(b) = parse_backend(name) else {
+                return Err(Error::invalid(
+                    KEY,
+                    format!(
+                        "expected sim, claude-code, anthropic, openai or command, got `{name}`"
+                    ),
+                ));
+            };
+            if !runnable.contains(&b) {
+                return Err(Error::invalid(KEY, BackendSettings::missing(b)));
+            }
+            out.push(b);
+        }
+        out
+    };
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// A backend by its protocol name (`claude-code`, also `claude_code`), case-insensitively.
@@ -1257,6 +1346,51 @@ mod tests {
             cfg.backends.claude_code.models.default.as_deref(),
             Some("m")
         );
+    }
+
+    #[test]
+    fn a_worker_serves_the_backends_it_can_run_and_a_named_one_must_be_set_up() {
+        let no_cli = ["--claude-bin", "/nonexistent/claude"];
+        let cfg = load_with(
+            None,
+            &[("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")],
+            &no_cli,
+        )
+        .unwrap();
+        assert_eq!(cfg.serves, [Backend::Sim, Backend::Openai]);
+        let err = load_with(
+            None,
+            &[],
+            &[
+                "--claude-bin",
+                "/nonexistent/claude",
+                "--serve-backends",
+                "sim,anthropic",
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid configuration: serve-backends: anthropic needs a key"),
+            "{err}"
+        );
+        let err = load_with(None, &[("ORCH_SERVE_BACKENDS", "gpt")], &no_cli)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("serve-backends: expected sim, claude-code"),
+            "{err}"
+        );
+        let cfg = load_with(
+            None,
+            &[
+                ("ANTHROPIC_API_KEY", "k"),
+                ("ORCH_SERVE_BACKENDS", "anthropic"),
+            ],
+            &no_cli,
+        )
+        .unwrap();
+        assert_eq!(cfg.serves, [Backend::Anthropic]);
     }
 
     #[test]

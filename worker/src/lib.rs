@@ -48,10 +48,11 @@ use config::Config;
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use orch_shared::ids::WorkerId;
+use orch_shared::job::Backend;
 use runner::Runner;
 use state::{State, WorkerInfo};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -144,6 +145,7 @@ pub async fn run(
         slots: config.slots,
         version: env!("CARGO_PKG_VERSION").into(),
         started_at_ms: orch_shared::now_ms(),
+        backends: config.serves.clone(),
     };
     let busy = Arc::new(AtomicU32::new(0));
     ::metrics::gauge!(metrics::SLOTS_TOTAL).set(config.slots as f64);
@@ -185,7 +187,15 @@ pub async fn run(
             }
         });
     }
-    tracing::info!(worker_id = %id, slots = config.slots, ack_wait = ?transport.ack_wait, "worker pulling jobs");
+    let serves: Vec<&str> = config.serves.iter().map(|b| b.as_str()).collect();
+    tracing::info!(worker_id = %id, slots = config.slots, ack_wait = ?transport.ack_wait, backends = %serves.join(","), "worker pulling jobs");
+    if config.slots < config.serves.len() as u32 {
+        tracing::warn!(
+            slots = config.slots,
+            backends = config.serves.len(),
+            "fewer slots than backends: a job may wait up to a pull's expiry while another backend's pull holds the slots"
+        );
+    }
 
     let limits = limits::Limits::new(state.clone());
     // The approval broker's permission-prompt server: on a loopback port for CLIs run
@@ -264,16 +274,26 @@ pub async fn run(
     let jobs = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let migrate = CancellationToken::new();
-    pull_loop(
-        &transport,
-        &runner,
-        &jobs,
-        &busy,
-        config.slots,
-        &shutdown,
-        (&hard_stop, &migrate),
-    )
-    .await;
+    let pulling = Pulling {
+        transport: &transport,
+        runner: &runner,
+        jobs: &jobs,
+        busy: &busy,
+        free: Arc::new(Semaphore::new(config.slots as usize)),
+        hungry: Arc::new(AtomicUsize::new(0)),
+        shutdown: &shutdown,
+        hard_stop: &hard_stop,
+        migrate: &migrate,
+    };
+    let queues = config
+        .serves
+        .iter()
+        .map(|b| pulling.pull_loop(*b))
+        .collect::<Vec<_>>();
+    tokio::join!(
+        futures::future::join_all(queues),
+        reroute_loop(&transport, &shutdown)
+    );
     if config.checkpoints.enabled && config.checkpoints.migrate_on_drain {
         // Agents that can be resumed are checkpointed and handed back now: another worker
         // takes them over in seconds instead of after the grace.
@@ -304,32 +324,124 @@ pub async fn run(
     Ok(())
 }
 
-/// Pulls one job per free slot until `shutdown`. Jobs that arrive after `shutdown` (from a
-/// pull request still open) are handed back at once.
-async fn pull_loop(
-    transport: &Transport,
-    runner: &Arc<Runner>,
-    jobs: &TaskTracker,
-    busy: &Arc<AtomicU32>,
-    slots: u32,
-    shutdown: &CancellationToken,
-    (hard_stop, migrate): (&CancellationToken, &CancellationToken),
-) {
-    let free = Arc::new(Semaphore::new(slots as usize));
-    let mut stopping = false;
-    while !stopping {
-        let first = tokio::select! {
+/// What the pull loops share: one semaphore of free slots over every backend's queue.
+struct Pulling<'a> {
+    transport: &'a Transport,
+    runner: &'a Arc<Runner>,
+    jobs: &'a TaskTracker,
+    busy: &'a Arc<AtomicU32>,
+    free: Arc<Semaphore>,
+    /// Pull loops waiting for their first slot: a loop that has one leaves this many free
+    /// slots to them, so every backend keeps a pull open when there are slots enough.
+    hungry: Arc<AtomicUsize>,
+    shutdown: &'a CancellationToken,
+    hard_stop: &'a CancellationToken,
+    migrate: &'a CancellationToken,
+}
+
+impl Pulling<'_> {
+    /// Pulls `backend`'s jobs, one per free slot, until `shutdown`. Jobs that arrive after
+    /// `shutdown` (from a pull request still open) are handed back at once.
+    async fn pull_loop(&self, backend: Backend) {
+        let shutdown = self.shutdown;
+        let bind = || self.transport.queue(Some(backend));
+        let queue = tokio::select! {
+            q = bind.retry(retry_forever()).notify(|e, wait| tracing::info!(error = %e, ?wait, backend = backend.as_str(), "waiting for the backend's job queue")) => match q {
+                Ok(q) => q,
+                Err(_) => return,
+            },
             _ = shutdown.cancelled() => return,
-            p = free.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
-        let mut permits = vec![first];
-        while let Ok(p) = free.clone().try_acquire_owned() {
-            permits.push(p);
+        let mut stopping = false;
+        while !stopping {
+            self.hungry.fetch_add(1, Ordering::SeqCst);
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => { self.hungry.fetch_sub(1, Ordering::SeqCst); return; }
+                p = self.free.clone().acquire_owned() => p,
+            };
+            self.hungry.fetch_sub(1, Ordering::SeqCst);
+            let Ok(first) = first else { return };
+            let mut permits = vec![first];
+            while self.free.available_permits() > self.hungry.load(Ordering::SeqCst) {
+                match self.free.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = match self
+                .transport
+                .pull(&queue, permits.len(), PULL_EXPIRES)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, backend = backend.as_str(), "pull failed");
+                    drop(permits);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            tokio::pin!(batch);
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled(), if !stopping => { stopping = true; continue; }
+                    next = batch.next() => next,
+                };
+                let job = match next {
+                    None => break,
+                    Some(Pulled::Undecodable) => continue,
+                    Some(Pulled::Job(job)) => job,
+                };
+                let permit = match (stopping, permits.pop()) {
+                    (false, Some(p)) => p,
+                    _ => {
+                        ::metrics::counter!(metrics::JOBS_HANDED_BACK).increment(1);
+                        let _ = job.hand_back().await;
+                        continue;
+                    }
+                };
+                let (runner, busy, hard_stop, migrate) = (
+                    self.runner.clone(),
+                    self.busy.clone(),
+                    self.hard_stop.clone(),
+                    self.migrate.clone(),
+                );
+                busy.fetch_add(1, Ordering::Relaxed);
+                ::metrics::gauge!(metrics::SLOTS_BUSY).increment(1.0);
+                self.jobs.spawn(async move {
+                    runner.run(job, hard_stop, migrate).await;
+                    busy.fetch_sub(1, Ordering::Relaxed);
+                    ::metrics::gauge!(metrics::SLOTS_BUSY).decrement(1.0);
+                    drop(permit);
+                });
+            }
         }
-        let batch = match transport.pull(permits.len(), PULL_EXPIRES).await {
+    }
+}
+
+/// Jobs the pre-routing queue holds at most per pull when moved.
+const REROUTE_BATCH: usize = 64;
+
+/// Moves the jobs of the pre-routing queue (published by coordinators older than routing by
+/// backend, during a rolling update) to their backends' subjects, until `shutdown`. It holds
+/// no slot: the job runs when its backend's consumer delivers it.
+async fn reroute_loop(transport: &Transport, shutdown: &CancellationToken) {
+    let bind = || transport.queue(None);
+    let queue = tokio::select! {
+        q = bind.retry(retry_forever()) => match q { Ok(q) => q, Err(_) => return },
+        _ = shutdown.cancelled() => return,
+    };
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            b = transport.pull(&queue, REROUTE_BATCH, PULL_EXPIRES) => b,
+        };
+        let batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, "pull failed");
+                tracing::warn!(error = %e, "pull of the pre-routing queue failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -337,38 +449,18 @@ async fn pull_loop(
             }
         };
         tokio::pin!(batch);
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled(), if !stopping => { stopping = true; continue; }
-                next = batch.next() => next,
-            };
-            let job = match next {
-                None => break,
-                Some(Pulled::Undecodable) => continue,
-                Some(Pulled::Job(job)) => job,
-            };
-            let permit = match (stopping, permits.pop()) {
-                (false, Some(p)) => p,
-                _ => {
-                    ::metrics::counter!(metrics::JOBS_HANDED_BACK).increment(1);
-                    let _ = job.hand_back().await;
-                    continue;
+        // A batch is finished even after `shutdown`: moving a job takes one publish.
+        while let Some(pulled) = batch.next().await {
+            let Pulled::Job(job) = pulled else { continue };
+            match transport.reroute(&job).await {
+                Ok(()) => {
+                    tracing::info!(job_id = %job.spec.job_id, attempt = job.spec.attempt, backend = job.spec.backend.as_str(), "moved a job from the pre-routing queue to its backend's")
                 }
-            };
-            let (runner, busy, hard_stop, migrate) = (
-                runner.clone(),
-                busy.clone(),
-                hard_stop.clone(),
-                migrate.clone(),
-            );
-            busy.fetch_add(1, Ordering::Relaxed);
-            ::metrics::gauge!(metrics::SLOTS_BUSY).increment(1.0);
-            jobs.spawn(async move {
-                runner.run(job, hard_stop, migrate).await;
-                busy.fetch_sub(1, Ordering::Relaxed);
-                ::metrics::gauge!(metrics::SLOTS_BUSY).decrement(1.0);
-                drop(permit);
-            });
+                Err(e) => {
+                    tracing::warn!(error = %e, job_id = %job.spec.job_id, "could not move a job of the pre-routing queue; it is delivered again");
+                    let _ = job.hand_back_after(Duration::from_secs(1)).await;
+                }
+            }
         }
     }
 }

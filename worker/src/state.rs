@@ -200,6 +200,9 @@ pub struct WorkerInfo {
     pub slots: u32,
     pub version: String,
     pub started_at_ms: u64,
+    /// The backends whose jobs this worker pulls (the coordinator tells a job for a backend
+    /// no live worker runs that it waits).
+    pub backends: Vec<orch_shared::job::Backend>,
 }
 
 #[derive(Clone)]
@@ -342,6 +345,14 @@ impl State {
                     (worker_field::VERSION, info.version.clone()),
                     (worker_field::STARTED_AT_MS, info.started_at_ms.to_string()),
                     (worker_field::LAST_SEEN_MS, now.to_string()),
+                    (
+                        worker_field::BACKENDS,
+                        info.backends
+                            .iter()
+                            .map(|b| b.as_str())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
                 ],
             )
             .expire(&key, REGISTRY_TTL.as_secs() as i64)

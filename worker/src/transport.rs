@@ -5,7 +5,7 @@ use async_nats::jetstream::{self, AckKind, consumer, object_store};
 use futures::{Stream, StreamExt};
 use orch_shared::codec;
 use orch_shared::event::{self, Event};
-use orch_shared::job::{CancelJob, JobResult, JobSpec, PathsReport};
+use orch_shared::job::{Backend, CancelJob, JobResult, JobSpec, PathsReport};
 use orch_shared::subject;
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,9 +138,17 @@ impl SessionObjects {
 pub struct Transport {
     client: async_nats::Client,
     js: jetstream::Context,
-    consumer: consumer::PullConsumer,
-    /// The consumer's ack wait: the in-progress ack timer runs well under it.
+    /// The consumers' ack wait (the coordinator gives every job consumer the same one): the
+    /// in-progress ack timer runs well under it.
     pub ack_wait: Duration,
+}
+
+/// One of the job queue's consumers this worker pulls: a backend's, or the pre-routing one
+/// (`backend: None`), whose jobs the worker moves to their backends' subjects.
+#[derive(Clone)]
+pub struct Queue {
+    pub backend: Option<Backend>,
+    consumer: consumer::PullConsumer,
 }
 
 /// A job pulled from the queue. The message stays with it so the job can be acked, kept alive
@@ -236,27 +244,59 @@ impl Transport {
         Ok((client, js))
     }
 
-    /// Binds to the job consumer, which the coordinator creates.
+    /// Binds to the job queue, which the coordinator creates: reads the ack wait of its
+    /// consumers from the pre-routing one (coordinators of every version create it).
     pub async fn bind(client: async_nats::Client, js: jetstream::Context) -> Result<Self, Error> {
-        let stream = js
-            .get_stream(subject::JOBS_STREAM)
-            .await
-            .map_err(|e| Error::Consumer(e.into()))?;
-        let mut consumer: consumer::PullConsumer = stream
-            .get_consumer(subject::JOBS_CONSUMER)
-            .await
-            .map_err(Error::Consumer)?;
-        let ack_wait = consumer
+        let transport = Self {
+            client,
+            js,
+            ack_wait: Duration::ZERO,
+        };
+        let mut legacy = transport.queue(None).await?;
+        let ack_wait = legacy
+            .consumer
             .info()
             .await
             .map_err(|e| Error::Consumer(e.into()))?
             .config
             .ack_wait;
         Ok(Self {
-            client,
-            js,
-            consumer,
             ack_wait,
+            ..transport
+        })
+    }
+
+    /// Binds to `backend`'s job consumer, or the pre-routing one for `None` (a coordinator
+    /// older than routing by backend creates only that one).
+    pub async fn queue(&self, backend: Option<Backend>) -> Result<Queue, Error> {
+        let stream = self
+            .js
+            .get_stream(subject::JOBS_STREAM)
+            .await
+            .map_err(|e| Error::Consumer(e.into()))?;
+        let name = match backend {
+            Some(b) => subject::job_consumer(b.as_str()),
+            None => subject::JOBS_CONSUMER.to_string(),
+        };
+        let consumer = stream.get_consumer(&name).await.map_err(Error::Consumer)?;
+        Ok(Queue { backend, consumer })
+    }
+
+    /// Moves a job of the pre-routing queue to its backend's subject, then acks it there:
+    /// the backend's consumer then delivers it to a worker that runs the backend. A crash in
+    /// between leaves both copies; the second one to run finds the done marker or the lease.
+    pub async fn reroute(&self, job: &JobDelivery) -> Result<(), Error> {
+        let subject = subject::job(job.spec.backend.as_str());
+        self.publish_job(
+            &subject,
+            subject::rerouted_msg_id(job.spec.job_id, job.spec.attempt),
+            job.msg.payload.to_vec(),
+            job.traceparent.as_deref(),
+        )
+        .await?;
+        job.msg.double_ack().await.map_err(|source| Error::Ack {
+            what: "ack the moved",
+            source,
         })
     }
 
@@ -268,10 +308,11 @@ impl Transport {
     /// stream ends when `n` arrived or `expires` passed.
     pub async fn pull(
         &self,
+        queue: &Queue,
         n: usize,
         expires: Duration,
     ) -> Result<impl Stream<Item = Pulled> + use<>, Error> {
-        let batch = self
+        let batch = queue
             .consumer
             .batch()
             .max_messages(n)

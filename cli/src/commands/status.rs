@@ -190,6 +190,20 @@ fn cluster_rows(rows: &mut Vec<(&'static str, String)>, c: &ClusterStatus) {
             None => "unavailable (JetStream did not answer)".into(),
         },
     ));
+    // Jobs waiting on a backend no live worker runs: they stay queued until one joins.
+    for b in c
+        .backends
+        .iter()
+        .filter(|b| b.workers == 0 && b.queue.pending > 0 && b.backend != "legacy")
+    {
+        rows.push((
+            "unserved",
+            format!(
+                "{} {} jobs waiting: no live worker runs backend {}",
+                b.queue.pending, b.backend, b.backend
+            ),
+        ));
+    }
     let running = c
         .active_agents
         .iter()

@@ -7,9 +7,21 @@ use async_nats::jetstream::consumer;
 use futures::{Stream, StreamExt};
 use orch_shared::event::EventId;
 use orch_shared::ids::TaskId;
-use orch_shared::report::QueueInfo;
+use orch_shared::job::Backend;
+use orch_shared::report::{BackendQueue, QueueInfo};
 use orch_shared::subject;
 use std::time::Duration;
+use strum::VariantNames;
+
+/// The name [`Transport::queue_by_backend`] gives the pre-routing consumer.
+pub const LEGACY: &str = "legacy";
+
+/// The sum of a queue's parts.
+pub fn total(parts: &[BackendQueue]) -> QueueInfo {
+    parts
+        .iter()
+        .fold(QueueInfo::default(), |sum, p| sum.plus(p.queue))
+}
 
 /// Messages one fetch of a catch-up read asks for.
 const FETCH_BATCH: usize = 512;
@@ -32,25 +44,41 @@ fn read_err(what: impl Into<String>) -> impl Fn(Box<dyn std::error::Error + Send
 }
 
 impl Transport {
-    /// The work queue: jobs waiting, jobs held by workers, jobs delivered more than once, from
-    /// the info of the `workers` consumer.
-    pub async fn queue_info(&self) -> Result<QueueInfo, Error> {
+    /// The work queue by consumer: each backend's (wire name) and the pre-routing one
+    /// (`legacy`), with jobs waiting, held by workers and delivered more than once, from the
+    /// consumers' info (`workers` left 0 for the caller to fill).
+    pub async fn queue_by_backend(&self) -> Result<Vec<BackendQueue>, Error> {
         let read = read_err("the job queue's consumer info");
         let stream = self
             .js()
             .get_stream(subject::JOBS_STREAM)
             .await
             .map_err(|e| read(e.into()))?;
-        let mut consumer: consumer::PullConsumer = stream
-            .get_consumer(subject::JOBS_CONSUMER)
-            .await
-            .map_err(&read)?;
-        let info = consumer.info().await.map_err(|e| read(e.into()))?;
-        Ok(QueueInfo {
-            pending: info.num_pending,
-            in_flight: info.num_ack_pending as u64,
-            redelivered: info.num_redelivered as u64,
-        })
+        let consumers = Backend::VARIANTS
+            .iter()
+            .map(|b| ((*b).to_string(), subject::job_consumer(b)))
+            .chain([(LEGACY.to_string(), subject::JOBS_CONSUMER.to_string())]);
+        let mut out = Vec::new();
+        for (backend, name) in consumers {
+            let mut consumer: consumer::PullConsumer =
+                stream.get_consumer(&name).await.map_err(&read)?;
+            let info = consumer.info().await.map_err(|e| read(e.into()))?;
+            out.push(BackendQueue {
+                backend,
+                queue: QueueInfo {
+                    pending: info.num_pending,
+                    in_flight: info.num_ack_pending as u64,
+                    redelivered: info.num_redelivered as u64,
+                },
+                workers: 0,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The whole work queue: [`Transport::queue_by_backend`] summed.
+    pub async fn queue_info(&self) -> Result<QueueInfo, Error> {
+        Ok(total(&self.queue_by_backend().await?))
     }
 
     /// Events of every task after `after` (the default id: only events stored from now on),

@@ -59,7 +59,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 
 /// `program` as the supervisor must exec it (a path as given, a bare name looked up on `PATH`),
 /// if it is an executable file.
-fn resolve(program: &OsStr) -> Option<PathBuf> {
+pub(crate) fn resolve(program: &OsStr) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -380,6 +380,7 @@ mod tests {
                 version: "0.1.0".into(),
                 started_at_ms: NOW - 60_000,
                 last_seen_ms: NOW - 1_000,
+                backends: vec!["sim".into()],
             }],
             slots_total: 4,
             slots_busy: 1,
@@ -388,6 +389,7 @@ mod tests {
                 in_flight: 1,
                 redelivered: 0,
             }),
+            backends: vec![],
             dead_letters: 2,
             active_tasks: 1,
             active_agents: vec![

@@ -30,11 +30,19 @@ pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<
     let now = orch_shared::now_ms();
     let coordinators = app.state.coordinators(COORDINATOR_MAX_AGE).await?;
     let workers = app.state.workers(WORKER_MAX_AGE).await?;
-    let queue = match app.transport.queue_info().await {
-        Ok(q) => Some(q),
+    let (queue, backends) = match app.transport.queue_by_backend().await {
+        Ok(mut parts) => {
+            for part in &mut parts {
+                part.workers = workers
+                    .iter()
+                    .filter(|w| w.backends.contains(&part.backend))
+                    .count() as u64;
+            }
+            (Some(crate::transport::events::total(&parts)), parts)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "queue info unavailable");
-            None
+            (None, vec![])
         }
     };
     let dead_letters = app.state.dead_letter_count().await?;
@@ -102,6 +110,7 @@ pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<
         slots_busy: workers.iter().map(|w| u64::from(w.busy)).sum(),
         workers,
         queue,
+        backends,
         dead_letters,
         active_tasks,
         active_agents,
