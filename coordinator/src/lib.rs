@@ -214,6 +214,18 @@ pub async fn run(
         transport.clone(),
         shutdown.clone(),
     ));
+    {
+        // A history older than the cost rollups gets its rollups once (reports read the
+        // records until then).
+        let state = state.clone();
+        tracker.spawn(async move {
+            match state.backfill_costs().await {
+                Ok(0) => {}
+                Ok(tasks) => tracing::info!(tasks, "rolled up the costs of the history"),
+                Err(e) => tracing::warn!(error = %e, "could not roll up the history's costs; cost reports read the records"),
+            }
+        });
+    }
     if let Some(retention) = config.history_retention {
         tracker.spawn(retention::run(
             state.clone(),

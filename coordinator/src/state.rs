@@ -17,9 +17,12 @@
 //! - `orch:forward:<id>`: a write forwarded by a standby, while the leader runs it (empty)
 //!   and then its answer (protocol-encoded), for a few minutes: a repeated forward gets the
 //!   first answer.
+//! - `orch:costs:*`: hourly cost rollups for the cost report: see [`costs`].
 //! - worker registry, done and cancel markers: see [`orch_shared::keys`].
 
 pub mod approvals;
+#[macro_use]
+pub mod costs;
 pub mod history;
 
 use crate::catchup::LogPosition;
@@ -105,16 +108,21 @@ if ARGV[1] ~= '0' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
     };
 }
 
-/// Overwrites whole task records, each joining or leaving the active set, if the leader epoch
-/// holds ([`fence_lua`]). KEYS: leader epoch, active, then each task's key. ARGV: epoch, then
-/// per task its id, record and 1 if terminal. Returns -1 when fenced out, else 1.
+/// Overwrites whole task records, each joining or leaving the active set and bringing its
+/// cost rollup entries up to date ([`costs`]), if the leader epoch holds ([`fence_lua`]).
+/// KEYS: leader epoch, active, cost hours, then per task its key, rollup marks and sums.
+/// ARGV: epoch, then per task its id, record, 1 if terminal, rollup hour and entries.
+/// Returns -1 when fenced out, else 1.
 const SAVE_TASKS: &str = concat!(
     fence_lua!(),
+    rollup_lua!(),
     r#"
-for i = 3, #KEYS do
-  local at = 2 + (i - 3) * 3
-  redis.call('SET', KEYS[i], ARGV[at + 1])
+for t = 0, (#KEYS - 3) / 3 - 1 do
+  local k = 4 + t * 3
+  local at = 2 + t * 5
+  redis.call('SET', KEYS[k], ARGV[at + 1])
   if ARGV[at + 2] == '1' then redis.call('SREM', KEYS[2], ARGV[at]) else redis.call('SADD', KEYS[2], ARGV[at]) end
+  rollup(KEYS[k + 1], KEYS[k + 2], KEYS[3], ARGV[at], ARGV[at + 3], ARGV[at + 4])
 end
 return 1
 "#
@@ -261,12 +269,15 @@ const SETTLE_DAILY: &str = concat!(
 /// record, joins or leaves the active set, settles the attempt's cost and tokens in the day's
 /// figures once (as [`SETTLE_DAILY`]), keeps the job's figures for estimates and writes the
 /// agent's session pointer when the result reports a stored session.
-/// KEYS: fence, task, active, day hash, stats list, session pointer, leader epoch.
+/// KEYS: fence, task, active, day hash, stats list, session pointer, leader epoch, cost
+/// rollup marks, sums and hours.
 /// ARGV: fence (0: the worker held no lease), record, 1 if terminal, task id, job:attempt,
 /// cost, stats row ('' for none), rows kept, input, output, cache write, cache read tokens,
-/// leader epoch (as in [`fence_lua`]), then the pointer's field/value pairs (none: no session).
+/// leader epoch (as in [`fence_lua`]), rollup hour and entries ([`costs`]), then the
+/// pointer's field/value pairs (none: no session).
 /// Returns -1 when this leader is fenced out, 0 when the worker is, else 1.
 const APPLY_RESULT: &str = concat!(
+    rollup_lua!(),
     r#"
 if ARGV[13] ~= '0' and redis.call('GET', KEYS[7]) ~= ARGV[13] then return -1 end
 if ARGV[1] ~= '0' then
@@ -274,6 +285,7 @@ if ARGV[1] ~= '0' then
   if current and current ~= ARGV[1] then return 0 end
 end
 redis.call('SET', KEYS[2], ARGV[2])
+rollup(KEYS[8], KEYS[9], KEYS[10], ARGV[4], ARGV[14], ARGV[15])
 if ARGV[3] == '1' then redis.call('SREM', KEYS[3], ARGV[4]) else redis.call('SADD', KEYS[3], ARGV[4]) end
 local day, id, cost, tin, tout, tcw, tcr = KEYS[4], ARGV[5], ARGV[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 "#,
@@ -283,9 +295,9 @@ if ARGV[7] ~= '' then
   redis.call('LPUSH', KEYS[5], ARGV[7])
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
 end
-if #ARGV > 13 then
+if #ARGV > 15 then
   redis.call('DEL', KEYS[6])
-  redis.call('HSET', KEYS[6], unpack(ARGV, 14))
+  redis.call('HSET', KEYS[6], unpack(ARGV, 16))
 end
 return 1
 "#
@@ -572,12 +584,17 @@ impl State {
         let mut conn = self.conn.clone();
         let epoch = self.epoch.load(Ordering::Relaxed);
         let mut call = SAVE_TASKS_SCRIPT.key(LEADER_EPOCH);
-        call.key(ACTIVE).arg(epoch);
+        call.key(ACTIVE).key(costs::HOURS).arg(epoch);
         for task in tasks {
+            let hour = costs::hour_of(task.id);
             call.key(task_key(task.id))
+                .key(costs::marks_key(hour))
+                .key(costs::hour_key(hour))
                 .arg(task.id.to_string())
                 .arg(codec::encode(task))
-                .arg(u8::from(task.status.is_terminal()));
+                .arg(u8::from(task.status.is_terminal()))
+                .arg(hour)
+                .arg(costs::entries(task));
         }
         let written: i64 = call
             .invoke_async(&mut conn)
@@ -607,6 +624,7 @@ impl State {
                 format!("{} {} {}", f.duration_ms, f.cost_usd, f.tokens),
             )
         });
+        let hour = costs::hour_of(task.id);
         let mut call = APPLY_RESULT_SCRIPT.key(keys::job_fence(w.job, w.attempt));
         call.key(task_key(task.id))
             .key(ACTIVE)
@@ -614,6 +632,9 @@ impl State {
             .key(stats.as_ref().map_or("orch:stats:none", |s| s.0.as_str()))
             .key(keys::session(w.job))
             .key(LEADER_EPOCH)
+            .key(costs::marks_key(hour))
+            .key(costs::hour_key(hour))
+            .key(costs::HOURS)
             .arg(w.fence)
             .arg(codec::encode(task))
             .arg(u8::from(task.status.is_terminal()))
@@ -626,7 +647,9 @@ impl State {
             .arg(w.usage.output_tokens)
             .arg(w.usage.cache_creation_tokens)
             .arg(w.usage.cache_read_tokens)
-            .arg(epoch);
+            .arg(epoch)
+            .arg(hour)
+            .arg(costs::entries(task));
         for (field, value) in w.session.map(SessionPointer::fields).unwrap_or_default() {
             call.arg(field).arg(value);
         }
@@ -1152,6 +1175,7 @@ impl State {
                 );
             }
         }
+        costs::rollup_in(&mut pipe, task.id, &costs::entries(task));
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("restore task"))

@@ -226,6 +226,7 @@ impl State {
                 .collect();
             pipe.del(markers);
         }
+        super::costs::rollup_in(&mut pipe, task.id, "");
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("delete task"))?;
