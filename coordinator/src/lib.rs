@@ -215,14 +215,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     {
-        // A history older than the cost rollups gets its rollups once (reports read the
-        // records until then).
+        // A history older than the cost rollups and the word index gets them once (reports
+        // and searches read the records until then).
         let state = state.clone();
         tracker.spawn(async move {
-            match state.backfill_costs().await {
+            match state.backfill_indexes().await {
                 Ok(0) => {}
-                Ok(tasks) => tracing::info!(tasks, "rolled up the costs of the history"),
-                Err(e) => tracing::warn!(error = %e, "could not roll up the history's costs; cost reports read the records"),
+                Ok(tasks) => tracing::info!(tasks, "rolled up the costs of the history and indexed its words"),
+                Err(e) => tracing::warn!(error = %e, "could not index the history; cost reports and searches read the records"),
             }
         });
     }

@@ -18,12 +18,14 @@
 //!   and then its answer (protocol-encoded), for a few minutes: a repeated forward gets the
 //!   first answer.
 //! - `orch:costs:*`: hourly cost rollups for the cost report: see [`costs`].
+//! - `orch:words:*`: the word index of task descriptions for searches: see [`search`].
 //! - worker registry, done and cancel markers: see [`orch_shared::keys`].
 
 pub mod approvals;
 #[macro_use]
 pub mod costs;
 pub mod history;
+pub mod search;
 
 use crate::catchup::LogPosition;
 use orch_config::redis::{ConnectError, Connection, Redis};
@@ -177,11 +179,12 @@ pub struct State {
 
 /// Creates the task, its index entries and its idempotency key in one step, or returns the
 /// task that already holds the key; the new task is marked pending until its first publish
-/// is done ([`State::created`]). KEYS: idem, task, tasks, active, job index, pending.
-/// ARGV: id, record, ttl, then the job ids.
+/// is done ([`State::created`]). KEYS: idem, task, tasks, active, job index, pending, then
+/// the word index keys of its prompt. ARGV: id, record, ttl, then the job ids.
 const CREATE_WITH_KEY: &str = r#"
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
+for i = 7, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -193,9 +196,10 @@ return false
 
 /// Writes a task's record only if it has none, and its index entries either way: the retry of
 /// a creation whose first write failed while its jobs were already published, when the
-/// task's lane may have saved a newer record meanwhile. KEYS: task, tasks, active, job index.
-/// ARGV: id, record, then the job ids.
+/// task's lane may have saved a newer record meanwhile. KEYS: task, tasks, active, job index,
+/// then the word index keys of its prompt. ARGV: id, record, then the job ids.
 const CREATE_IF_ABSENT: &str = r#"
+for i = 5, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
 if redis.call('SET', KEYS[1], ARGV[2], 'NX') then redis.call('SADD', KEYS[3], ARGV[1]) end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 for i = 3, #ARGV do redis.call('HSET', KEYS[4], ARGV[i], ARGV[1]) end
@@ -204,8 +208,10 @@ return 1
 
 /// Takes back a creation by [`CREATE_WITH_KEY`] whose first publish failed: the record, its
 /// index entries and the idempotency key (only while it still names this task).
-/// KEYS: idem, task, tasks, active, job index, pending. ARGV: id, then the job ids.
+/// KEYS: idem, task, tasks, active, job index, pending, then the word index keys of its
+/// prompt. ARGV: id, then the job ids.
 const UNCREATE: &str = r#"
+for i = 7, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('DEL', KEYS[2], KEYS[6])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -472,10 +478,11 @@ impl State {
                 .key(TASKS)
                 .key(ACTIVE)
                 .key(JOB_INDEX)
-                .key(pending_key(task.id))
-                .arg(&id)
-                .arg(record)
-                .arg(IDEMPOTENCY_TTL_SECS);
+                .key(pending_key(task.id));
+            for key in search::word_keys(&task.prompt) {
+                call.key(key);
+            }
+            call.arg(&id).arg(record).arg(IDEMPOTENCY_TTL_SECS);
             for job in &task.jobs {
                 call.arg(job.id.to_string());
             }
@@ -493,13 +500,16 @@ impl State {
             .iter()
             .map(|j| (j.id.to_string(), id.as_str()))
             .collect();
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .set(task_key(task.id), record)
             .zadd(TASKS, &id, 0)
             .sadd(ACTIVE, &id)
-            .hset_multiple(JOB_INDEX, &index)
-            .exec_async(&mut conn)
+            .hset_multiple(JOB_INDEX, &index);
+        for key in search::word_keys(&task.prompt) {
+            pipe.zadd(key, &id, 0).ignore();
+        }
+        pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("create task"))?;
         Ok(Created::New)
@@ -520,8 +530,11 @@ impl State {
             .key(TASKS)
             .key(ACTIVE)
             .key(JOB_INDEX)
-            .key(pending_key(task.id))
-            .arg(task.id.to_string());
+            .key(pending_key(task.id));
+        for key in search::word_keys(&task.prompt) {
+            call.key(key);
+        }
+        call.arg(task.id.to_string());
         for job in &task.jobs {
             call.arg(job.id.to_string());
         }
@@ -560,9 +573,11 @@ impl State {
         call.key(task_key(task.id))
             .key(TASKS)
             .key(ACTIVE)
-            .key(JOB_INDEX)
-            .arg(&id)
-            .arg(codec::encode(task));
+            .key(JOB_INDEX);
+        for key in search::word_keys(&task.prompt) {
+            call.key(key);
+        }
+        call.arg(&id).arg(codec::encode(task));
         for job in &task.jobs {
             call.arg(job.id.to_string());
         }
@@ -1176,6 +1191,9 @@ impl State {
             }
         }
         costs::rollup_in(&mut pipe, task.id, &costs::entries(task));
+        for key in search::word_keys(&task.prompt) {
+            pipe.zadd(key, &id, 0).ignore();
+        }
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("restore task"))

@@ -336,3 +336,179 @@ async fn cost_reports_from_hourly_rollups_match_the_records_through_replays_rete
         assert_report(&cluster, &state, w, "after a rebuild from the log").await;
     }
 }
+
+/// The words of a text, as a reader would split them: letters and digits, any case.
+fn words_of(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Every id `GET /v1/tasks` lists for `query`, page after page.
+async fn listed(cluster: &Cluster, query: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut cursor: Option<String> = None;
+    for _ in 0..200 {
+        let mut url = format!("/v1/tasks?limit=7&{query}");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let (code, body) = cluster.get(&url).await;
+        assert!(code.is_success(), "{url}: {code} {body}");
+        let page: orch_shared::api::TaskList = serde_json::from_value(body).unwrap();
+        out.extend(page.tasks.iter().map(|t| t.id.to_string()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return out,
+        }
+    }
+    panic!("{query}: more than 200 pages");
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Asserts every search of `searches` lists, page by page and in both orders, what reading
+/// every record finds: all the words of the search in the prompt, or the id starting with it.
+async fn assert_searches(cluster: &Cluster, state: &State, searches: &[String], when: &str) {
+    let all = records(state, Range::default()).await;
+    for search in searches {
+        let s = search.trim().to_lowercase();
+        let want_words = words_of(&s);
+        let id_like = s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        let mut want: Vec<String> = all
+            .iter()
+            .filter(|t| {
+                let have = words_of(&t.prompt);
+                (id_like && t.id.to_string().starts_with(&s))
+                    || want_words.iter().all(|w| have.contains(w))
+            })
+            .map(|t| t.id.to_string())
+            .collect();
+        let got = listed(cluster, &format!("search={}", encode(search))).await;
+        assert_eq!(got, want, "{when}: search {search:?}");
+        want.reverse();
+        let got = listed(cluster, &format!("search={}&order=asc", encode(search))).await;
+        assert_eq!(got, want, "{when}: search {search:?}, oldest first");
+    }
+}
+
+async fn zcard(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("ZCARD")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_search_reads_the_word_index_and_lists_what_reading_every_record_lists() {
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        ..Options::default()
+    })
+    .await;
+    let state = state_of(&cluster).await;
+    let templates = real_tasks(&cluster).await;
+    let now = orch_shared::now_ms();
+    let vocab = [
+        "Parser",
+        "cache,",
+        "LOGIN",
+        "billing",
+        "über",
+        "retry-loop",
+        "fix",
+        "the",
+    ];
+    let mut seeded = vec![];
+    for n in 0..150usize {
+        let at = now - HOUR - (n as u64) * 37 * 60_000;
+        let mut t = dated(&templates[n % templates.len()], at, "w-0", n);
+        let picked: Vec<&str> = (0..3)
+            .map(|k| vocab[(n * (k + 3) + k) % vocab.len()])
+            .collect();
+        t.prompt = format!("{} #{n}", picked.join(" "));
+        if n % 50 == 7 {
+            t.prompt.push_str(" zanzibar");
+        }
+        if n >= 120 {
+            t.prompt.push_str(" ancient");
+        }
+        state.restore_task(&t).await.unwrap();
+        seeded.push(t);
+    }
+    let prefix = seeded[3].id.to_string()[..13].to_string();
+    let searches: Vec<String> = [
+        "parser",
+        "Parser cache",
+        "cache parser fix",
+        "zanzibar",
+        "ÜBER",
+        "retry",
+        "retry-loop",
+        "pars",
+        "no-such-word",
+        "ancient",
+        "map the parser",
+        prefix.as_str(),
+        "42",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_searches(&cluster, &state, &searches, "seeded").await;
+    let mut conn = redis_conn(&cluster).await;
+    assert_eq!(zcard(&mut conn, "orch:words:zanzibar").await, 3);
+
+    // Retention takes the deleted tasks out of the index.
+    let (code, body) = cluster
+        .post("/v1/clean", &json!({"older_than_ms": 72 * HOUR}))
+        .await;
+    assert!(code.is_success(), "{body}");
+    assert_eq!(zcard(&mut conn, "orch:words:ancient").await, 0);
+    assert_searches(&cluster, &state, &searches, "after retention").await;
+
+    // A history from before the index: searches read the records, then the leader indexes it.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("orch:words:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_searches(&cluster, &state, &searches, "without the index").await;
+    cluster.restart_coordinator().await;
+    cluster
+        .eventually(Duration::from_secs(30), || {
+            let mut conn = conn.clone();
+            async move {
+                let n = zcard(&mut conn, "orch:words:zanzibar").await;
+                (n > 0)
+                    .then_some(())
+                    .ok_or_else(|| "not indexed yet".to_string())
+            }
+        })
+        .await;
+    assert_searches(&cluster, &state, &searches, "after the backfill").await;
+
+    // Redis lost: the rebuild from the log indexes what it restores.
+    cluster.rebuild_redis_from_the_log().await;
+    let state = state_of(&cluster).await;
+    let mut conn = redis_conn(&cluster).await;
+    assert_eq!(zcard(&mut conn, "orch:words:beta").await, 1);
+    assert_searches(&cluster, &state, &searches, "after a rebuild from the log").await;
+}

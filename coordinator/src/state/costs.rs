@@ -146,13 +146,15 @@ pub(super) const ROLLUP: &str = concat!(
     "rollup(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])\nreturn 1\n"
 );
 
-/// [`ROLLUP`], only while the task's record is still `ARGV[4]` (a backfill that read it
-/// before a newer save). KEYS: marks, sums, hours, task. Returns 1 if applied.
+/// [`ROLLUP`] and the task's word index entries ([`super::search`]), only while the task's
+/// record is still `ARGV[4]` (a backfill that read it before a newer save or a deletion).
+/// KEYS: marks, sums, hours, task, then the word index keys. Returns 1 if applied.
 const BACKFILL: &str = concat!(
     rollup_lua!(),
     r#"
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then return 0 end
 rollup(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+for i = 5, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
 return 1
 "#
 );
@@ -269,11 +271,12 @@ impl State {
         Ok(out)
     }
 
-    /// Brings every task record's entries into the rollups, a page at a time, then marks them
-    /// ready: what a cluster whose history predates the rollups runs once (the leader, at
-    /// start). A record saved meanwhile keeps what its save counted.
-    pub async fn backfill_costs(&self) -> Result<u64, Error> {
-        if self.costs_ready().await? {
+    /// Brings every task record into the cost rollups and the word index, a page at a time,
+    /// then marks both ready: what a cluster whose history predates them runs once (the
+    /// leader, at start; a new cluster has nothing to read). A record saved meanwhile keeps
+    /// what its save wrote. The tasks read.
+    pub async fn backfill_indexes(&self) -> Result<u64, Error> {
+        if self.costs_ready().await? && self.words_ready().await? {
             return Ok(0);
         }
         let mut conn = self.conn.clone();
@@ -309,11 +312,15 @@ impl State {
                     continue;
                 };
                 let hour = hour_of(task.id);
-                let _: i64 = BACKFILL_SCRIPT
-                    .key(marks_key(hour))
+                let mut call = BACKFILL_SCRIPT.prepare_invoke();
+                call.key(marks_key(hour))
                     .key(hour_key(hour))
                     .key(HOURS)
-                    .key(key)
+                    .key(key);
+                for word in super::search::word_keys(&task.prompt) {
+                    call.key(word);
+                }
+                let _: i64 = call
                     .arg(task.id.to_string())
                     .arg(hour)
                     .arg(entries(&task))
@@ -325,12 +332,14 @@ impl State {
             }
             after = Some(last);
         }
-        let _: () = redis::cmd("SET")
+        let _: () = redis::cmd("MSET")
             .arg(READY)
+            .arg(1)
+            .arg(super::search::READY)
             .arg(1)
             .query_async(&mut conn)
             .await
-            .map_err(redis_err("mark the cost rollups ready"))?;
+            .map_err(redis_err("mark the cost rollups and word index ready"))?;
         Ok(done)
     }
 }

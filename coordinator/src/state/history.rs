@@ -227,6 +227,9 @@ impl State {
             pipe.del(markers);
         }
         super::costs::rollup_in(&mut pipe, task.id, "");
+        for key in super::search::word_keys(&task.prompt) {
+            pipe.zrem(key, &id).ignore();
+        }
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("delete task"))?;
