@@ -217,6 +217,18 @@ pub async fn run(
         transport.clone(),
         shutdown.clone(),
     ));
+    {
+        // A history older than the cost rollups and the word index gets them once (reports
+        // and searches read the records until then).
+        let state = state.clone();
+        tracker.spawn(async move {
+            match state.backfill_indexes().await {
+                Ok(0) => {}
+                Ok(tasks) => tracing::info!(tasks, "rolled up the costs of the history and indexed its words"),
+                Err(e) => tracing::warn!(error = %e, "could not index the history; cost reports and searches read the records"),
+            }
+        });
+    }
     if let Some(retention) = config.history_retention {
         tracker.spawn(retention::run(
             state.clone(),

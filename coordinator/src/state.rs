@@ -17,10 +17,15 @@
 //! - `orch:forward:<id>`: a write forwarded by a standby, while the leader runs it (empty)
 //!   and then its answer (protocol-encoded), for a few minutes: a repeated forward gets the
 //!   first answer.
+//! - `orch:costs:*`: hourly cost rollups for the cost report: see [`costs`].
+//! - `orch:words:*`: the word index of task descriptions for searches: see [`search`].
 //! - worker registry, done and cancel markers: see [`orch_shared::keys`].
 
 pub mod approvals;
+#[macro_use]
+pub mod costs;
 pub mod history;
+pub mod search;
 
 use crate::catchup::LogPosition;
 use orch_config::redis::{ConnectError, Connection, Redis};
@@ -109,16 +114,21 @@ if ARGV[1] ~= '0' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
     };
 }
 
-/// Overwrites whole task records, each joining or leaving the active set, if the leader epoch
-/// holds ([`fence_lua`]). KEYS: leader epoch, active, then each task's key. ARGV: epoch, then
-/// per task its id, record and 1 if terminal. Returns -1 when fenced out, else 1.
+/// Overwrites whole task records, each joining or leaving the active set and bringing its
+/// cost rollup entries up to date ([`costs`]), if the leader epoch holds ([`fence_lua`]).
+/// KEYS: leader epoch, active, cost hours, then per task its key, rollup marks and sums.
+/// ARGV: epoch, then per task its id, record, 1 if terminal, rollup hour and entries.
+/// Returns -1 when fenced out, else 1.
 const SAVE_TASKS: &str = concat!(
     fence_lua!(),
+    rollup_lua!(),
     r#"
-for i = 3, #KEYS do
-  local at = 2 + (i - 3) * 3
-  redis.call('SET', KEYS[i], ARGV[at + 1])
+for t = 0, (#KEYS - 3) / 3 - 1 do
+  local k = 4 + t * 3
+  local at = 2 + t * 5
+  redis.call('SET', KEYS[k], ARGV[at + 1])
   if ARGV[at + 2] == '1' then redis.call('SREM', KEYS[2], ARGV[at]) else redis.call('SADD', KEYS[2], ARGV[at]) end
+  rollup(KEYS[k + 1], KEYS[k + 2], KEYS[3], ARGV[at], ARGV[at + 3], ARGV[at + 4])
 end
 return 1
 "#
@@ -173,11 +183,12 @@ pub struct State {
 
 /// Creates the task, its index entries and its idempotency key in one step, or returns the
 /// task that already holds the key; the new task is marked pending until its first publish
-/// is done ([`State::created`]). KEYS: idem, task, tasks, active, job index, pending.
-/// ARGV: id, record, ttl, then the job ids.
+/// is done ([`State::created`]). KEYS: idem, task, tasks, active, job index, pending, then
+/// the word index keys of its prompt. ARGV: id, record, ttl, then the job ids.
 const CREATE_WITH_KEY: &str = r#"
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
+for i = 7, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -189,9 +200,10 @@ return false
 
 /// Writes a task's record only if it has none, and its index entries either way: the retry of
 /// a creation whose first write failed while its jobs were already published, when the
-/// task's lane may have saved a newer record meanwhile. KEYS: task, tasks, active, job index.
-/// ARGV: id, record, then the job ids.
+/// task's lane may have saved a newer record meanwhile. KEYS: task, tasks, active, job index,
+/// then the word index keys of its prompt. ARGV: id, record, then the job ids.
 const CREATE_IF_ABSENT: &str = r#"
+for i = 5, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
 if redis.call('SET', KEYS[1], ARGV[2], 'NX') then redis.call('SADD', KEYS[3], ARGV[1]) end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 for i = 3, #ARGV do redis.call('HSET', KEYS[4], ARGV[i], ARGV[1]) end
@@ -200,8 +212,10 @@ return 1
 
 /// Takes back a creation by [`CREATE_WITH_KEY`] whose first publish failed: the record, its
 /// index entries and the idempotency key (only while it still names this task).
-/// KEYS: idem, task, tasks, active, job index, pending. ARGV: id, then the job ids.
+/// KEYS: idem, task, tasks, active, job index, pending, then the word index keys of its
+/// prompt. ARGV: id, then the job ids.
 const UNCREATE: &str = r#"
+for i = 7, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('DEL', KEYS[2], KEYS[6])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -265,12 +279,15 @@ const SETTLE_DAILY: &str = concat!(
 /// record, joins or leaves the active set, settles the attempt's cost and tokens in the day's
 /// figures once (as [`SETTLE_DAILY`]), keeps the job's figures for estimates and writes the
 /// agent's session pointer when the result reports a stored session.
-/// KEYS: fence, task, active, day hash, stats list, session pointer, leader epoch.
+/// KEYS: fence, task, active, day hash, stats list, session pointer, leader epoch, cost
+/// rollup marks, sums and hours.
 /// ARGV: fence (0: the worker held no lease), record, 1 if terminal, task id, job:attempt,
 /// cost, stats row ('' for none), rows kept, input, output, cache write, cache read tokens,
-/// leader epoch (as in [`fence_lua`]), then the pointer's field/value pairs (none: no session).
+/// leader epoch (as in [`fence_lua`]), rollup hour and entries ([`costs`]), then the
+/// pointer's field/value pairs (none: no session).
 /// Returns -1 when this leader is fenced out, 0 when the worker is, else 1.
 const APPLY_RESULT: &str = concat!(
+    rollup_lua!(),
     r#"
 if ARGV[13] ~= '0' and redis.call('GET', KEYS[7]) ~= ARGV[13] then return -1 end
 if ARGV[1] ~= '0' then
@@ -278,6 +295,7 @@ if ARGV[1] ~= '0' then
   if current and current ~= ARGV[1] then return 0 end
 end
 redis.call('SET', KEYS[2], ARGV[2])
+rollup(KEYS[8], KEYS[9], KEYS[10], ARGV[4], ARGV[14], ARGV[15])
 if ARGV[3] == '1' then redis.call('SREM', KEYS[3], ARGV[4]) else redis.call('SADD', KEYS[3], ARGV[4]) end
 local day, id, cost, tin, tout, tcw, tcr = KEYS[4], ARGV[5], ARGV[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 "#,
@@ -287,9 +305,9 @@ if ARGV[7] ~= '' then
   redis.call('LPUSH', KEYS[5], ARGV[7])
   redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[8]) - 1)
 end
-if #ARGV > 13 then
+if #ARGV > 15 then
   redis.call('DEL', KEYS[6])
-  redis.call('HSET', KEYS[6], unpack(ARGV, 14))
+  redis.call('HSET', KEYS[6], unpack(ARGV, 16))
 end
 return 1
 "#
@@ -464,10 +482,11 @@ impl State {
                 .key(TASKS)
                 .key(ACTIVE)
                 .key(JOB_INDEX)
-                .key(pending_key(task.id))
-                .arg(&id)
-                .arg(record)
-                .arg(IDEMPOTENCY_TTL_SECS);
+                .key(pending_key(task.id));
+            for key in search::word_keys(&task.prompt) {
+                call.key(key);
+            }
+            call.arg(&id).arg(record).arg(IDEMPOTENCY_TTL_SECS);
             for job in &task.jobs {
                 call.arg(job.id.to_string());
             }
@@ -485,13 +504,16 @@ impl State {
             .iter()
             .map(|j| (j.id.to_string(), id.as_str()))
             .collect();
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .set(task_key(task.id), record)
             .zadd(TASKS, &id, 0)
             .sadd(ACTIVE, &id)
-            .hset_multiple(JOB_INDEX, &index)
-            .exec_async(&mut conn)
+            .hset_multiple(JOB_INDEX, &index);
+        for key in search::word_keys(&task.prompt) {
+            pipe.zadd(key, &id, 0).ignore();
+        }
+        pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("create task"))?;
         Ok(Created::New)
@@ -512,8 +534,11 @@ impl State {
             .key(TASKS)
             .key(ACTIVE)
             .key(JOB_INDEX)
-            .key(pending_key(task.id))
-            .arg(task.id.to_string());
+            .key(pending_key(task.id));
+        for key in search::word_keys(&task.prompt) {
+            call.key(key);
+        }
+        call.arg(task.id.to_string());
         for job in &task.jobs {
             call.arg(job.id.to_string());
         }
@@ -552,9 +577,11 @@ impl State {
         call.key(task_key(task.id))
             .key(TASKS)
             .key(ACTIVE)
-            .key(JOB_INDEX)
-            .arg(&id)
-            .arg(codec::encode(task));
+            .key(JOB_INDEX);
+        for key in search::word_keys(&task.prompt) {
+            call.key(key);
+        }
+        call.arg(&id).arg(codec::encode(task));
         for job in &task.jobs {
             call.arg(job.id.to_string());
         }
@@ -576,12 +603,17 @@ impl State {
         let mut conn = self.conn.clone();
         let epoch = self.epoch.load(Ordering::Relaxed);
         let mut call = SAVE_TASKS_SCRIPT.key(LEADER_EPOCH);
-        call.key(ACTIVE).arg(epoch);
+        call.key(ACTIVE).key(costs::HOURS).arg(epoch);
         for task in tasks {
+            let hour = costs::hour_of(task.id);
             call.key(task_key(task.id))
+                .key(costs::marks_key(hour))
+                .key(costs::hour_key(hour))
                 .arg(task.id.to_string())
                 .arg(codec::encode(task))
-                .arg(u8::from(task.status.is_terminal()));
+                .arg(u8::from(task.status.is_terminal()))
+                .arg(hour)
+                .arg(costs::entries(task));
         }
         let written: i64 = call
             .invoke_async(&mut conn)
@@ -611,6 +643,7 @@ impl State {
                 format!("{} {} {}", f.duration_ms, f.cost_usd, f.tokens),
             )
         });
+        let hour = costs::hour_of(task.id);
         let mut call = APPLY_RESULT_SCRIPT.key(keys::job_fence(w.job, w.attempt));
         call.key(task_key(task.id))
             .key(ACTIVE)
@@ -618,6 +651,9 @@ impl State {
             .key(stats.as_ref().map_or("orch:stats:none", |s| s.0.as_str()))
             .key(keys::session(w.job))
             .key(LEADER_EPOCH)
+            .key(costs::marks_key(hour))
+            .key(costs::hour_key(hour))
+            .key(costs::HOURS)
             .arg(w.fence)
             .arg(codec::encode(task))
             .arg(u8::from(task.status.is_terminal()))
@@ -630,7 +666,9 @@ impl State {
             .arg(w.usage.output_tokens)
             .arg(w.usage.cache_creation_tokens)
             .arg(w.usage.cache_read_tokens)
-            .arg(epoch);
+            .arg(epoch)
+            .arg(hour)
+            .arg(costs::entries(task));
         for (field, value) in w.session.map(SessionPointer::fields).unwrap_or_default() {
             call.arg(field).arg(value);
         }
@@ -1195,6 +1233,10 @@ impl State {
                     job.finished_at_ms.unwrap_or(task.created_at_ms),
                 );
             }
+        }
+        costs::rollup_in(&mut pipe, task.id, &costs::entries(task));
+        for key in search::word_keys(&task.prompt) {
+            pipe.zadd(key, &id, 0).ignore();
         }
         pipe.exec_async(&mut conn)
             .await

@@ -240,6 +240,10 @@ impl State {
                 pipe.zadd(keys::REF_CLEANUPS, json, orch_shared::now_ms());
             }
         }
+        super::costs::rollup_in(&mut pipe, task.id, "");
+        for key in super::search::word_keys(&task.prompt) {
+            pipe.zrem(key, &id).ignore();
+        }
         pipe.exec_async(&mut conn)
             .await
             .map_err(redis_err("delete task"))?;

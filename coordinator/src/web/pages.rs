@@ -318,7 +318,7 @@ pub fn agent(id: &str) -> String {
 pub fn history() -> String {
     let body = r#"<div class="page-head"><h1>Task history</h1><span class="muted small"><code>orchctl tasks list</code></span></div>
 <form id="filters" class="panel filters">
-  <label class="grow">Search<input type="search" name="search" placeholder="text in the description, or an id prefix"></label>
+  <label class="grow">Search<input type="search" name="search" placeholder="words of the description, or an id prefix"></label>
   <label>Status<select name="status"><option value="">any</option><option>pending</option><option>running</option><option>completed</option><option>failed</option><option>cancelled</option></select></label>
   <label>From<input type="date" name="from"></label>
   <label>To<input type="date" name="to"></label>

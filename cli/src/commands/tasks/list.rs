@@ -38,7 +38,8 @@ pub struct Args {
     #[arg(long, value_name = "STATUS")]
     pub status: Option<String>,
 
-    /// Only tasks whose prompt contains this text (case-insensitive), or whose id starts with it
+    /// Only tasks whose prompt holds every word of this text (whole words, case-insensitive), or
+    /// whose id starts with it
     #[arg(long, value_name = "TEXT")]
     pub search: Option<String>,
 

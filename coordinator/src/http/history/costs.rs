@@ -3,6 +3,8 @@
 use super::window::{range, tasks_in_range};
 use crate::http::answer::{Answer, list_of, query};
 use crate::http::app::App;
+use crate::state::costs::{self as rollups, HOUR_MS};
+use crate::state::history::Range;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State as AxumState};
 use orch_shared::api::JobStatus;
@@ -89,6 +91,96 @@ fn dimension_value(dim: &str, task: &CostTask, job: &CostJob) -> String {
     }
 }
 
+/// The totals of a report being summed: the whole and each breakdown's groups.
+struct Sums {
+    total: CostLine,
+    groups: Vec<HashMap<String, CostGroup>>,
+}
+
+impl Sums {
+    fn new(breakdowns: usize) -> Self {
+        Self {
+            total: CostLine::default(),
+            groups: vec![HashMap::new(); breakdowns],
+        }
+    }
+
+    /// Adds the started agents of one task record.
+    fn add_task(&mut self, by: &[String], task: &CostTask) {
+        for job in task.jobs.iter().filter(|j| j.attempt > 0) {
+            self.total.add(&job.usage, job.cost_usd);
+            for (dim, groups) in by.iter().zip(self.groups.iter_mut()) {
+                let key = dimension_value(dim, task, job);
+                let agent = dim == "agent";
+                groups
+                    .entry(key.clone())
+                    .or_insert_with(|| CostGroup {
+                        key,
+                        role: agent.then_some(job.role),
+                        task_id: agent.then_some(task.id),
+                        totals: CostLine::default(),
+                    })
+                    .totals
+                    .add(&job.usage, job.cost_usd);
+            }
+        }
+    }
+
+    /// Adds hourly rollups (summed per dimension); the total is the sum over the roles, as
+    /// every agent has one.
+    fn add_rollups(&mut self, by: &[String], dims: &HashMap<&'static str, rollups::Groups>) {
+        for line in dims.get("role").into_iter().flat_map(|g| g.values()) {
+            merge(&mut self.total, line);
+        }
+        for (dim, groups) in by.iter().zip(self.groups.iter_mut()) {
+            for (key, line) in dims.get(dim.as_str()).into_iter().flatten() {
+                let group = groups.entry(key.clone()).or_insert_with(|| CostGroup {
+                    key: key.clone(),
+                    role: None,
+                    task_id: None,
+                    totals: CostLine::default(),
+                });
+                merge(&mut group.totals, line);
+            }
+        }
+    }
+}
+
+fn merge(into: &mut CostLine, line: &CostLine) {
+    into.agents += line.agents;
+    into.usage.add(&line.usage);
+    into.cost_usd += line.cost_usd;
+}
+
+/// The whole hours `first..end` (since the epoch) inside `range`, if there is one.
+fn whole_hours(range: Range) -> Option<(u64, u64)> {
+    let first = range.since_ms.map_or(0, |s| s.div_ceil(HOUR_MS));
+    let end = range.until_ms.map_or(u64::MAX, |u| u / HOUR_MS);
+    (first < end).then_some((first, end))
+}
+
+/// The parts of `range` outside its whole hours `first..end`.
+fn edges(range: Range, first: u64, end: u64) -> Vec<Range> {
+    let mut out = vec![];
+    if let Some(s) = range.since_ms
+        && s < first * HOUR_MS
+    {
+        out.push(Range {
+            since_ms: Some(s),
+            until_ms: Some(first * HOUR_MS),
+        });
+    }
+    if let Some(u) = range.until_ms
+        && end * HOUR_MS < u
+    {
+        out.push(Range {
+            since_ms: Some(end * HOUR_MS),
+            until_ms: Some(u),
+        });
+    }
+    out
+}
+
 /// Costs of the agents of the tasks created in a window, summed and broken down.
 #[utoipa::path(
     get,
@@ -109,30 +201,40 @@ pub(super) async fn cost_report(
         &COST_DIMENSIONS.join(", "),
     )?;
     let range = range(p.since, p.until)?;
-    let mut tasks = 0;
-    let mut total = CostLine::default();
-    let mut groups: Vec<HashMap<String, CostGroup>> = vec![HashMap::new(); by.len()];
-    let truncated = tasks_in_range(&app, range, MAX_REPORT_TASKS, |task: CostTask| {
-        tasks += 1;
-        for job in task.jobs.iter().filter(|j| j.attempt > 0) {
-            total.add(&job.usage, job.cost_usd);
-            for (dim, groups) in by.iter().zip(groups.iter_mut()) {
-                let key = dimension_value(dim, &task, job);
-                let agent = dim == "agent";
-                groups
-                    .entry(key.clone())
-                    .or_insert_with(|| CostGroup {
-                        key,
-                        role: agent.then_some(job.role),
-                        task_id: agent.then_some(task.id),
-                        totals: CostLine::default(),
-                    })
-                    .totals
-                    .add(&job.usage, job.cost_usd);
+    let mut sums = Sums::new(by.len());
+    // The whole hours of the window come from the rollups (when they cover the history and
+    // every dimension asked for is rolled up), the partial hours at its edges from the records.
+    let hours = (by.iter().all(|d| rollups::DIMENSIONS.contains(&d.as_str()))
+        && app.state.costs_ready().await?)
+        .then(|| whole_hours(range))
+        .flatten();
+    let (tasks, truncated) = match hours {
+        Some((first, end)) => {
+            let mut truncated = false;
+            for edge in edges(range, first, end) {
+                truncated |= tasks_in_range(&app, edge, MAX_REPORT_TASKS, |t: CostTask| {
+                    sums.add_task(&by, &t)
+                })
+                .await?;
             }
+            let mut dims = HashMap::new();
+            for hour in app.state.cost_hours(first, end).await? {
+                rollups::add_hour(&mut dims, &hour);
+            }
+            sums.add_rollups(&by, &dims);
+            (app.state.count_tasks(range).await?, truncated)
         }
-    })
-    .await?;
+        None => {
+            let mut tasks = 0;
+            let truncated = tasks_in_range(&app, range, MAX_REPORT_TASKS, |t: CostTask| {
+                tasks += 1;
+                sums.add_task(&by, &t);
+            })
+            .await?;
+            (tasks, truncated)
+        }
+    };
+    let Sums { total, groups } = sums;
     let breakdowns = by
         .into_iter()
         .zip(groups)

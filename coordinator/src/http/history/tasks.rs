@@ -4,6 +4,7 @@ use super::window::{MAX_SORTED_TASKS, PAGE, SCAN_BUDGET, range, tasks_in_range};
 use crate::http::answer::{Answer, field, names_of, page_limit, query};
 use crate::http::app::App;
 use crate::http::auth::Caller;
+use crate::state::search::{self, Source};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State as AxumState};
 use axum::http::HeaderValue;
@@ -13,7 +14,7 @@ use orch_shared::ids::TaskId;
 use orch_shared::job::Usage;
 use orch_shared::role::Role;
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// The query of `GET /v1/tasks`.
 #[derive(Deserialize, Default, utoipa::IntoParams)]
@@ -28,7 +29,8 @@ pub struct ListParams {
     pub cursor: Option<String>,
     /// Comma-separated statuses.
     pub status: Option<String>,
-    /// Case-insensitive text in the prompt, or the start of the id.
+    /// Words that must all be in the description (case-insensitive, whole words: runs of
+    /// letters and digits), or the start of the id.
     pub search: Option<String>,
     /// Created at or after (ms since the epoch).
     pub since: Option<u64>,
@@ -99,11 +101,67 @@ impl ListedTask {
     }
 }
 
+/// A search: every word of it in the task's description (as [`search::words`] splits it),
+/// or, when it may be one, the start of the task's id.
+struct Search {
+    text: String,
+    words: Vec<String>,
+    id_like: bool,
+}
+
+impl Search {
+    fn new(text: &str) -> Option<Self> {
+        let text = text.trim().to_lowercase();
+        if text.is_empty() {
+            return None;
+        }
+        let words: BTreeSet<String> = text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect();
+        Some(Self {
+            id_like: search::is_id_prefix(&text),
+            words: words.into_iter().collect(),
+            text,
+        })
+    }
+
+    fn matches(&self, t: &ListedTask) -> bool {
+        (self.id_like && t.id.to_string().starts_with(self.text.as_str())) || {
+            let have = search::words(&t.prompt);
+            self.words.iter().all(|w| have.contains(w))
+        }
+    }
+
+    /// Where the candidates come from: the ids it may start, and the tasks holding its rarest
+    /// word (the record check does the rest); every task while the index is not ready.
+    async fn sources(&self, app: &App) -> Answer<Vec<Source>> {
+        if !app.state.words_ready().await? {
+            return Ok(vec![Source::All]);
+        }
+        let mut sources = vec![];
+        if self.id_like {
+            sources.push(Source::IdPrefix(self.text.clone()));
+        }
+        if self.words.is_empty() {
+            return Ok(vec![Source::All]);
+        }
+        let counts = app.state.word_counts(&self.words).await?;
+        if let Some((word, count)) = self.words.iter().zip(counts).min_by_key(|(_, c)| *c)
+            && count > 0
+        {
+            sources.push(Source::Word(word.clone()));
+        }
+        Ok(sources)
+    }
+}
+
 struct Filter {
     /// Only this tenant's tasks (a tenant's token).
     tenant: Option<String>,
     statuses: Vec<TaskStatus>,
-    search: Option<String>,
+    search: Option<Search>,
     min_cost: Option<f64>,
     max_cost: Option<f64>,
 }
@@ -114,9 +172,7 @@ impl Filter {
             .as_ref()
             .is_none_or(|tenant| t.tenant.as_ref() == Some(tenant))
             && (self.statuses.is_empty() || self.statuses.contains(&t.status))
-            && self.search.as_ref().is_none_or(|s| {
-                t.prompt.to_lowercase().contains(s) || t.id.to_string().starts_with(s.as_str())
-            })
+            && self.search.as_ref().is_none_or(|s| s.matches(t))
             && self.min_cost.is_none_or(|c| t.cost_usd >= c)
             && self.max_cost.is_none_or(|c| t.cost_usd <= c)
     }
@@ -143,10 +199,7 @@ async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<
     let filter = Filter {
         tenant,
         statuses,
-        search: p
-            .search
-            .map(|s| s.trim().to_lowercase())
-            .filter(|s| !s.is_empty()),
+        search: p.search.as_deref().and_then(Search::new),
         min_cost: p.min_cost,
         max_cost: p.max_cost,
     };
@@ -188,24 +241,26 @@ async fn list_tasks(app: &App, p: ListParams, tenant: Option<String>) -> Answer<
                     .map_err(|e: orch_shared::ids::IdError| field(cursor_field, e))
             })
             .transpose()?;
+        let sources = match &filter.search {
+            Some(search) => search.sources(app).await?,
+            None => vec![Source::All],
+        };
         let mut rows = Vec::new();
         let mut examined = 0;
         let mut next = None;
-        while rows.len() < limit {
+        while rows.len() < limit && !sources.is_empty() {
             if examined >= SCAN_BUDGET {
                 // Out of budget: the client goes on from the last task examined.
                 next = start;
                 break;
             }
-            let ids = if ascending {
-                app.state.task_ids_asc(range, start, PAGE).await?
-            } else {
-                app.state.task_ids_desc(range, start, PAGE).await?
-            };
+            let (ids, exhausted) = app
+                .state
+                .ids_page(&sources, range, start, PAGE, ascending)
+                .await?;
             if ids.is_empty() {
                 break;
             }
-            let exhausted = ids.len() < PAGE;
             let tasks = app.state.load_records::<ListedTask>(&ids).await?;
             let mut by_id: HashMap<TaskId, ListedTask> =
                 tasks.into_iter().map(|t| (t.id, t)).collect();
