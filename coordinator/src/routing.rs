@@ -18,11 +18,14 @@ const FRESH: Duration = Duration::from_secs(5);
 /// just joined counts at once.
 const RECHECK: Duration = Duration::from_millis(500);
 
+/// The last read of the registry: when, and the backends the live workers ran then.
+type Sighting = (Instant, BTreeSet<String>);
+
 /// Which backends the live workers run, read from the registry and cached briefly.
 #[derive(Clone)]
 pub struct Served {
     state: State,
-    seen: Arc<Mutex<Option<(Instant, BTreeSet<String>)>>>,
+    seen: Arc<Mutex<Option<Sighting>>>,
 }
 
 impl Served {
