@@ -98,7 +98,9 @@ async fn sigterm_hands_back_a_job_that_outlives_the_grace_period() {
     assert_completed(&cluster, &task);
     assert_eq!(
         task.jobs[0].worker_id.as_ref().unwrap().0,
-        format!("worker-{}", 1 - victim)
+        format!("worker-{}", 1 - victim),
+        "the job did not finish on the other worker\n{}",
+        cluster.logs()
     );
     assert!(orch_tests::log_contains(
         &cluster.workers[victim].log,

@@ -296,28 +296,6 @@ async fn r3_streams_survive_sigkills_of_the_stream_leader_and_of_the_seed_node()
     );
 }
 
-/// A whole machine is lost at once — the NATS node every service was given, a worker and the
-/// leading coordinator: it drops off the network and its processes die. The other machines
-/// carry on: the standby leads, the R3 streams elect new leaders, every task completes once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_whole_machine_lost_with_its_nats_node_worker_and_leader() {
-    let mut hc = HostCluster::start(HostOptions::default()).await;
-    let (mut ids, mut refused) = submit(&hc.cluster, "before", load(10), 1000).await;
-    let lost = Instant::now();
-    hc.nodes[0].cut();
-    for name in ["nats-n0", "worker-0", "coordinator-n0"] {
-        hc.server(name).signal(libc::SIGKILL);
-    }
-    follow_leader(&mut hc, 1).await;
-    let (after, r) = submit(&hc.cluster, "after", load(10), 100).await;
-    refused += r;
-    let recovered = completed(&hc.cluster, &after, lost).await;
-    ids.extend(after);
-    let ledger = check(&hc.cluster, &ids).await;
-    report("whole-machine-lost", &ledger, 3, refused, recovered);
-    assert_clean(&ledger, &hc.cluster);
-}
-
 /// The NATS server (by its name, `n<i>`) leading the work stream's Raft group.
 async fn jobs_stream_leader(nats_url: &str) -> Result<String, String> {
     let client = async_nats::connect(nats_url)

@@ -290,29 +290,45 @@ pub async fn run(
         .iter()
         .map(|b| pulling.pull_loop(*b))
         .collect::<Vec<_>>();
+    // The drain starts at the shutdown signal, beside the pull loops that are still winding
+    // down (an open pull lasts up to its expiry): the grace counts from the signal, as
+    // Kubernetes counts its termination grace, and resumable agents are migrated at once.
+    let drain_timer = {
+        let (shutdown, hard_stop, migrate) = (shutdown.clone(), hard_stop.clone(), migrate.clone());
+        let (grace, migrate_on_drain) = (
+            config.drain_grace,
+            config.checkpoints.enabled && config.checkpoints.migrate_on_drain,
+        );
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if migrate_on_drain {
+                // Agents that can be resumed are checkpointed and handed back now: another
+                // worker takes them over in seconds instead of after the grace.
+                migrate.cancel();
+            }
+            tokio::time::sleep(grace).await;
+            hard_stop.cancel();
+        })
+    };
     tokio::join!(
         futures::future::join_all(queues),
         reroute_loop(&transport, &shutdown)
     );
-    if config.checkpoints.enabled && config.checkpoints.migrate_on_drain {
-        // Agents that can be resumed are checkpointed and handed back now: another worker
-        // takes them over in seconds instead of after the grace.
-        migrate.cancel();
-    }
 
     // Drain: in-flight jobs keep their in-progress acks running until they finish or the grace
     // period ends; then they are cancelled and handed back.
     let in_flight = busy.load(Ordering::Relaxed);
     tracing::info!(in_flight, grace = ?config.drain_grace, "draining");
     jobs.close();
-    if tokio::time::timeout(config.drain_grace, jobs.wait())
-        .await
-        .is_err()
-    {
+    let finished = tokio::select! {
+        () = jobs.wait() => true,
+        () = hard_stop.cancelled() => false,
+    };
+    if !finished {
         tracing::warn!("drain grace over; handing back unfinished jobs");
-        hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), jobs.wait()).await;
     }
+    drain_timer.abort();
     bg_cancel.cancel();
     background.close();
     background.wait().await;
