@@ -49,7 +49,14 @@ async fn pooled_cluster(
     let cluster = Cluster::start(Options {
         workers,
         slots,
-        worker_args: vec!["--config".into(), config.display().to_string()],
+        // The tests' jobs are all `anthropic`: a worker pulling only that queue gives each
+        // job its slot at once (with one slot, a `sim` queue would hold it in turn).
+        worker_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--serve-backends".into(),
+            "anthropic".into(),
+        ],
         ..Options::default()
     })
     .await;
