@@ -210,7 +210,9 @@ async fn a_job_parked_on_a_limit_runs_again_in_the_same_trace() {
     use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
     let receiver = Receiver::start().await;
     let fake = FakeAnthropic::start_with_fallback([], Reply::text("done after the reset")).await;
-    fake.exhaust_key("test-key-cluster", Duration::from_secs(2));
+    // Long enough that the first run meets the exhausted key even on a loaded machine (the
+    // window starts now, before the cluster does).
+    fake.exhaust_key("test-key-cluster", Duration::from_secs(6));
     let cluster = Cluster::start(Options {
         workers: 1,
         coordinator_args: vec!["--otlp-endpoint".into(), receiver.endpoint()],
