@@ -321,6 +321,7 @@ pub async fn run(
     tracing::info!(in_flight, grace = ?config.drain_grace, "draining");
     jobs.close();
     let finished = tokio::select! {
+        biased;
         () = jobs.wait() => true,
         () = hard_stop.cancelled() => false,
     };
