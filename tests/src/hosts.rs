@@ -755,3 +755,93 @@ pub fn info_field(info: &str, name: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(|v| v.trim().to_string())
 }
+
+// What the scenarios on hosts share: load, a client that gives up on a cut-off machine,
+// submitting as a client does, and waiting for completion.
+
+/// The load multiplier (`ORCH_HOSTS_LOAD`).
+pub fn load(n: usize) -> usize {
+    let k: usize = std::env::var("ORCH_HOSTS_LOAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    n * k.max(1)
+}
+
+/// An HTTP client with a timeout: a request to a machine that was cut off fails instead of
+/// waiting forever.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// Submits `n` one-job tasks (each agent run takes `latency_ms`) through the coordinator at
+/// `cluster.url`, as a client does: a submission refused while the cluster recovers (5xx, or
+/// no answer) is sent again with the same idempotency key, for up to a minute. Returns the
+/// task ids and how many tries were refused.
+pub async fn submit(
+    cluster: &Cluster,
+    tag: &str,
+    n: usize,
+    latency_ms: u64,
+) -> (Vec<String>, usize) {
+    let http = http();
+    let mut ids = Vec::with_capacity(n);
+    let mut refused = 0;
+    for i in 0..n {
+        let body = serde_json::json!({
+            "prompt": format!("{tag} task {i}"),
+            "roles": ["builder"],
+            "sim": {"latency_ms": latency_ms},
+            "idempotency_key": format!("{tag}-{i}"),
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let id = loop {
+            let answer = http
+                .post(format!("{}/v1/tasks", cluster.url))
+                .bearer_auth(crate::TOKEN)
+                .json(&body)
+                .send()
+                .await;
+            let why = match answer {
+                Ok(r) if r.status().is_success() => {
+                    let v: serde_json::Value = r.json().await.unwrap();
+                    break v["id"].as_str().unwrap().to_string();
+                }
+                Ok(r) if r.status().is_client_error() => {
+                    panic!("submit refused: {} {}", r.status(), r.text().await.unwrap())
+                }
+                Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => e.to_string(),
+            };
+            refused += 1;
+            assert!(
+                Instant::now() < deadline,
+                "{tag} task {i} not accepted for a minute: {why}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        ids.push(id);
+    }
+    (ids, refused)
+}
+
+/// Waits until the tasks `ids` completed (a task submitted after a fault completing is the
+/// cluster's recovery); returns how long after `since` that was.
+pub async fn completed(cluster: &Cluster, ids: &[String], since: Instant) -> Duration {
+    cluster
+        .eventually(Duration::from_secs(120), || async {
+            for id in ids {
+                let t = cluster.task(id).await;
+                if t.status != orch_shared::api::TaskStatus::Completed {
+                    return Err(format!("task {id} is {}", t.status.as_str()));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    since.elapsed()
+}

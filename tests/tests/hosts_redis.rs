@@ -15,22 +15,13 @@
 //! figures (docs/reliability.md). `ORCH_HOSTS_LOAD=<n>` multiplies the load.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
+use orch_tests::Options;
 use orch_tests::hosts::{
-    HostCluster, HostOptions, REDIS_PORT, info_field, redis_at, redis_info_at,
+    HostCluster, HostOptions, REDIS_PORT, completed, info_field, load, redis_at, redis_info_at,
+    submit,
 };
 use orch_tests::ledger::{Ledger, assert_clean, check};
-use orch_tests::{Cluster, Options, TOKEN};
-use serde_json::json;
 use std::time::{Duration, Instant};
-
-/// The load multiplier (`ORCH_HOSTS_LOAD`).
-fn load(n: usize) -> usize {
-    let k: usize = std::env::var("ORCH_HOSTS_LOAD")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    n * k.max(1)
-}
 
 /// The cluster: Redis with Sentinel on machines of their own, a leader lease longer than a
 /// failover (`lease`), as docs/reliability.md recommends.
@@ -45,72 +36,6 @@ async fn start(lease: &str) -> HostCluster {
         ..HostOptions::default()
     })
     .await
-}
-
-/// Submits `n` one-job tasks (each agent run takes `latency_ms`) as a client does: a
-/// submission refused while the cluster recovers (5xx, or no answer) is sent again with the
-/// same idempotency key, for up to a minute. Returns the task ids and how many tries were
-/// refused.
-async fn submit(cluster: &Cluster, tag: &str, n: usize, latency_ms: u64) -> (Vec<String>, usize) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let mut ids = Vec::with_capacity(n);
-    let mut refused = 0;
-    for i in 0..n {
-        let body = json!({
-            "prompt": format!("{tag} task {i}"),
-            "roles": ["builder"],
-            "sim": {"latency_ms": latency_ms},
-            "idempotency_key": format!("{tag}-{i}"),
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let id = loop {
-            let answer = http
-                .post(format!("{}/v1/tasks", cluster.url))
-                .bearer_auth(TOKEN)
-                .json(&body)
-                .send()
-                .await;
-            let why = match answer {
-                Ok(r) if r.status().is_success() => {
-                    let v: serde_json::Value = r.json().await.unwrap();
-                    break v["id"].as_str().unwrap().to_string();
-                }
-                Ok(r) if r.status().is_client_error() => {
-                    panic!("submit refused: {} {}", r.status(), r.text().await.unwrap())
-                }
-                Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-                Err(e) => e.to_string(),
-            };
-            refused += 1;
-            assert!(
-                Instant::now() < deadline,
-                "{tag} task {i} not accepted for a minute: {why}\n{}",
-                cluster.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        };
-        ids.push(id);
-    }
-    (ids, refused)
-}
-
-/// Waits until the tasks `ids` completed; returns how long after `since` that was.
-async fn completed(cluster: &Cluster, ids: &[String], since: Instant) -> Duration {
-    cluster
-        .eventually(Duration::from_secs(120), || async {
-            for id in ids {
-                let t = cluster.task(id).await;
-                if t.status != orch_shared::api::TaskStatus::Completed {
-                    return Err(format!("task {id} is {}", t.status.as_str()));
-                }
-            }
-            Ok(())
-        })
-        .await;
-    since.elapsed()
 }
 
 /// What a scenario reports (one line on stderr, copied into docs/reliability.md).
