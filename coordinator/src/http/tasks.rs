@@ -444,10 +444,21 @@ async fn create_and_publish(
 
 pub(super) async fn load(app: &App, id: &str) -> Answer<Task> {
     let id = parse_id(id)?;
-    app.state
-        .load_task(id)
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("task {id} not found")).into())
+    if let Some(task) = app.state.load_task(id).await? {
+        return Ok(task);
+    }
+    // A Redis without the epoch marker is new or wiped: until the leader rebuilt it from the
+    // log, a task missing from it may still come back, so the answer is "later", not "no".
+    if app.state.epoch().await?.is_none() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "task {id} is not known yet: the state is being rebuilt from the log; try again"
+            ),
+        )
+        .into());
+    }
+    Err(ApiError::new(ErrorCode::NotFound, format!("task {id} not found")).into())
 }
 
 /// A task and its jobs.
