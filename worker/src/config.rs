@@ -24,6 +24,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The bounds of `pull_expires`: a pull shorter than this is a busy loop, and JetStream
+/// forgets a request whose client vanished only when it expires.
+const MIN_PULL_EXPIRES: Duration = Duration::from_millis(100);
+const MAX_PULL_EXPIRES: Duration = Duration::from_secs(3600);
+
 /// Command-line flags; every one can also come from the environment or the config file. Each
 /// flag's id is its setting's key in [`Settings`] (`--claude-bin` is `backends.claude-code.bin`);
 /// values are parsed with the file's, by [`load`].
@@ -60,6 +65,11 @@ pub struct Args {
     /// On SIGTERM, how long in-flight jobs may run on before they are handed back [default: 30s].
     #[arg(long, env = "ORCH_DRAIN_GRACE")]
     pub drain_grace: Option<String>,
+    /// How long an open pull request for jobs waits on an empty queue before it is renewed
+    /// [default: 5s]. It holds no slot and a shutdown does not wait for it: a longer one only
+    /// means fewer requests from an idle worker.
+    #[arg(long, env = "ORCH_PULL_EXPIRES")]
+    pub pull_expires: Option<String>,
     /// Checkpoint running agents (conversation and workspace) so another worker resumes them
     /// instead of starting over [default: true].
     #[arg(
@@ -344,6 +354,8 @@ struct Settings {
     id: Option<String>,
     #[serde(with = "humantime_serde")]
     drain_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pull_expires: Duration,
     listen: Option<SocketAddr>,
     log_format: LogFormat,
     telemetry: orch_config::telemetry::TelemetrySettings,
@@ -491,6 +503,7 @@ impl Default for Settings {
             slots: 4,
             id: None,
             drain_grace: Duration::from_secs(30),
+            pull_expires: Duration::from_secs(5),
             listen: None,
             log_format: LogFormat::Pretty,
             telemetry: Default::default(),
@@ -855,6 +868,8 @@ pub struct Config {
     pub slots: u32,
     pub id: String,
     pub drain_grace: Duration,
+    /// How long an open pull request waits on an empty queue (see `lib.rs`, `Pulling`).
+    pub pull_expires: Duration,
     pub listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     /// Where spans are exported (none by default).
@@ -945,6 +960,12 @@ impl Settings {
         if self.slots == 0 || self.slots > 10_000 {
             return Err(Error::invalid("slots", "must be between 1 and 10000"));
         }
+        if self.pull_expires < MIN_PULL_EXPIRES || self.pull_expires > MAX_PULL_EXPIRES {
+            return Err(Error::invalid(
+                "pull_expires",
+                "must be between 100ms and 1h",
+            ));
+        }
         let id = self.id.unwrap_or_else(default_id);
         if id.is_empty() || id.contains(char::is_whitespace) {
             return Err(Error::invalid("id", "must be non-empty without spaces"));
@@ -1025,6 +1046,7 @@ impl Settings {
             slots: self.slots,
             id,
             drain_grace: self.drain_grace,
+            pull_expires: self.pull_expires,
             listen: self.listen,
             log_format: self.log_format,
             telemetry,
@@ -1282,12 +1304,37 @@ mod tests {
         let cfg = from_flags::<_, &str>([]).unwrap();
         assert_eq!(cfg.slots, 4);
         assert_eq!(cfg.drain_grace, Duration::from_secs(30));
+        assert_eq!(cfg.pull_expires, Duration::from_secs(5));
         assert!(cfg.id.contains('-'));
         let err = from_flags(["--slots", "0"]).unwrap_err().to_string();
         assert_eq!(
             err,
             "invalid configuration: slots: must be between 1 and 10000"
         );
+    }
+
+    #[test]
+    fn the_pull_expiry_is_layered_and_bounded() {
+        let file = Some("pull_expires = \"30s\"");
+        let expires = |env: &[(&str, &str)], flags: &[&str]| {
+            load_with(file, env, flags).unwrap().pull_expires
+        };
+        assert_eq!(expires(&[], &[]), Duration::from_secs(30));
+        let env = [("ORCH_PULL_EXPIRES", "1m")];
+        assert_eq!(expires(&env, &[]), Duration::from_secs(60));
+        assert_eq!(
+            expires(&env, &["--pull-expires", "250ms"]),
+            Duration::from_millis(250)
+        );
+        for bad in ["10ms", "2h"] {
+            let err = load_with(None, &[], &["--pull-expires", bad])
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                "invalid configuration: pull_expires: must be between 100ms and 1h"
+            );
+        }
     }
 
     #[test]

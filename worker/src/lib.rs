@@ -43,24 +43,22 @@ pub mod state;
 pub mod transport;
 
 use axum::routing::get;
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use config::Config;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use orch_shared::ids::WorkerId;
 use orch_shared::job::Backend;
 use runner::Runner;
 use state::{State, WorkerInfo};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use transport::{Pulled, Transport};
+use transport::{Pulled, Queue, Transport};
 
-/// How long one pull request waits for jobs before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How often the registry entry is refreshed.
 const REGISTRY_REFRESH: Duration = Duration::from_secs(3);
 
@@ -189,13 +187,6 @@ pub async fn run(
     }
     let serves: Vec<&str> = config.serves.iter().map(|b| b.as_str()).collect();
     tracing::info!(worker_id = %id, slots = config.slots, ack_wait = ?transport.ack_wait, backends = %serves.join(","), "worker pulling jobs");
-    if config.slots < config.serves.len() as u32 {
-        tracing::warn!(
-            slots = config.slots,
-            backends = config.serves.len(),
-            "fewer slots than backends: a job may wait up to a pull's expiry while another backend's pull holds the slots"
-        );
-    }
 
     let limits = limits::Limits::new(state.clone());
     // The approval broker's permission-prompt server: on a loopback port for CLIs run
@@ -280,18 +271,12 @@ pub async fn run(
         jobs: &jobs,
         busy: &busy,
         free: Arc::new(Semaphore::new(config.slots as usize)),
-        hungry: Arc::new(AtomicUsize::new(0)),
+        expires: config.pull_expires,
         shutdown: &shutdown,
         hard_stop: &hard_stop,
         migrate: &migrate,
     };
-    let queues = config
-        .serves
-        .iter()
-        .map(|b| pulling.pull_loop(*b))
-        .collect::<Vec<_>>();
-    // The drain starts at the shutdown signal, beside the pull loops that are still winding
-    // down (an open pull lasts up to its expiry): the grace counts from the signal, as
+    // The drain starts at the shutdown signal: the grace counts from the signal, as
     // Kubernetes counts its termination grace, and resumable agents are migrated at once.
     let drain_timer = {
         let (shutdown, hard_stop, migrate) = (shutdown.clone(), hard_stop.clone(), migrate.clone());
@@ -310,9 +295,11 @@ pub async fn run(
             hard_stop.cancel();
         })
     };
+    // Both loops withdraw their open pull requests at the signal instead of waiting for them
+    // to expire.
     tokio::join!(
-        futures::future::join_all(queues),
-        reroute_loop(&transport, &shutdown)
+        pulling.run(&config.serves),
+        reroute_loop(&transport, config.pull_expires, &shutdown)
     );
 
     // Drain: in-flight jobs keep their in-progress acks running until they finish or the grace
@@ -341,100 +328,188 @@ pub async fn run(
     Ok(())
 }
 
-/// What the pull loops share: one semaphore of free slots over every backend's queue.
+/// The pull loop and what it shares with the jobs it starts: one semaphore of free slots over
+/// every backend's queue.
+///
+/// No slot is ever held by an empty pull. A JetStream pull request cannot be taken back once a
+/// job is on its way, so the loop asks for at most the free slots from each queue and, because
+/// every served queue has a request open at once, may be given more jobs than it has slots for.
+/// It keeps that rare:
+/// 1. When slots are free, it first takes the jobs already waiting, queue by queue (`no_wait`
+///    requests for at most the free slots, starting from a different queue each round so no
+///    backend starves another). A backlog on several backends never over-delivers.
+/// 2. Only if slots are still free does it open a request on every queue for that many jobs,
+///    so a job on any served backend starts the moment it is published.
+/// 3. As soon as the slots are taken, it drops the other requests (JetStream skips a request
+///    whose inbox nobody listens to any more) and goes back to waiting for a slot.
+///
+/// Only jobs published on several queues within the same instant, with fewer free slots than
+/// jobs, can reach a worker without a slot: those are handed back at once (`-NAK`), which
+/// costs one delivery of the job's `max_deliver`. The alternatives cost more: a request that
+/// reserves the slots holds them while empty and makes another backend's job wait up to the
+/// expiry (the defect this replaces); handing back every surplus job while the queues hold a
+/// backlog spends a delivery per job and per turn; short `no_wait` polling spins an idle
+/// worker and delays a job by the polling interval.
 struct Pulling<'a> {
     transport: &'a Transport,
     runner: &'a Arc<Runner>,
     jobs: &'a TaskTracker,
     busy: &'a Arc<AtomicU32>,
     free: Arc<Semaphore>,
-    /// Pull loops waiting for their first slot: a loop that has one leaves this many free
-    /// slots to them, so every backend keeps a pull open when there are slots enough.
-    hungry: Arc<AtomicUsize>,
+    /// How long an open request waits on an empty queue.
+    expires: Duration,
     shutdown: &'a CancellationToken,
     hard_stop: &'a CancellationToken,
     migrate: &'a CancellationToken,
 }
 
+/// The slots the pull loop holds for the jobs it is about to be given.
+type Slots = Vec<OwnedSemaphorePermit>;
+
 impl Pulling<'_> {
-    /// Pulls `backend`'s jobs, one per free slot, until `shutdown`. Jobs that arrive after
-    /// `shutdown` (from a pull request still open) are handed back at once.
-    async fn pull_loop(&self, backend: Backend) {
+    /// Pulls the jobs of every backend in `serves`, one per free slot, until `shutdown`; then
+    /// withdraws its open requests at once. Jobs that arrive without a slot, or after
+    /// `shutdown`, are handed back at once.
+    async fn run(&self, serves: &[Backend]) {
         let shutdown = self.shutdown;
-        let bind = || self.transport.queue(Some(backend));
-        let queue = tokio::select! {
-            q = bind.retry(retry_forever()).notify(|e, wait| tracing::info!(error = %e, ?wait, backend = backend.as_str(), "waiting for the backend's job queue")) => match q {
-                Ok(q) => q,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let mut stopping = false;
-        while !stopping {
-            self.hungry.fetch_add(1, Ordering::SeqCst);
+        let mut queues: Vec<(Backend, Option<Queue>)> = serves.iter().map(|b| (*b, None)).collect();
+        let mut unbound_wait = retry_forever().build();
+        let mut first_queue = 0;
+        loop {
+            // A backend's consumer may appear later (a coordinator that does not know the
+            // backend yet): the bound queues are pulled meanwhile.
+            for (backend, queue) in queues.iter_mut().filter(|(_, q)| q.is_none()) {
+                match self.transport.queue(Some(*backend)).await {
+                    Ok(q) => *queue = Some(q),
+                    Err(e) => {
+                        tracing::info!(error = %e, backend = backend.as_str(), "waiting for the backend's job queue")
+                    }
+                }
+            }
+            let bound: Vec<&Queue> = queues.iter().filter_map(|(_, q)| q.as_ref()).collect();
+            if bound.is_empty() {
+                let wait = unbound_wait.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
             let first = tokio::select! {
-                _ = shutdown.cancelled() => { self.hungry.fetch_sub(1, Ordering::SeqCst); return; }
+                biased;
+                _ = shutdown.cancelled() => return,
                 p = self.free.clone().acquire_owned() => p,
             };
-            self.hungry.fetch_sub(1, Ordering::SeqCst);
             let Ok(first) = first else { return };
-            let mut permits = vec![first];
-            while self.free.available_permits() > self.hungry.load(Ordering::SeqCst) {
-                match self.free.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+            let mut slots = vec![first];
+            while let Ok(p) = self.free.clone().try_acquire_owned() {
+                slots.push(p);
+            }
+
+            // 1. The jobs waiting now, a queue at a time.
+            first_queue = (first_queue + 1) % bound.len();
+            for i in 0..bound.len() {
+                if slots.is_empty() {
+                    break;
+                }
+                let queue = bound[(first_queue + i) % bound.len()];
+                match self.transport.take_waiting(queue, slots.len()).await {
+                    Ok(waiting) => {
+                        let mut waiting = std::pin::pin!(waiting);
+                        while let Some(pulled) = waiting.next().await {
+                            self.start(pulled, &mut slots).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, backend = ?queue.backend, "pull failed"),
                 }
             }
-            let batch = match self
-                .transport
-                .pull(&queue, permits.len(), PULL_EXPIRES)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, backend = backend.as_str(), "pull failed");
-                    drop(permits);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+            if slots.is_empty() || shutdown.is_cancelled() {
+                continue;
+            }
+
+            // 2. A request on every queue for as many jobs as there are free slots.
+            let mut pulls = futures::stream::SelectAll::new();
+            for queue in &bound {
+                match self.transport.pull(queue, slots.len(), self.expires).await {
+                    Ok(p) => pulls.push(Box::pin(p)),
+                    Err(e) => tracing::warn!(error = %e, backend = ?queue.backend, "pull failed"),
                 }
-            };
-            tokio::pin!(batch);
+            }
+            if pulls.is_empty() {
+                drop(slots);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+            let opened = tokio::time::Instant::now();
+            let mut ended = false;
             loop {
                 let next = tokio::select! {
-                    _ = shutdown.cancelled(), if !stopping => { stopping = true; continue; }
-                    next = batch.next() => next,
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    next = pulls.next() => next,
                 };
-                let job = match next {
-                    None => break,
-                    Some(Pulled::Undecodable) => continue,
-                    Some(Pulled::Job(job)) => job,
+                let Some(pulled) = next else {
+                    ended = true;
+                    break;
                 };
-                let permit = match (stopping, permits.pop()) {
-                    (false, Some(p)) => p,
-                    _ => {
-                        ::metrics::counter!(metrics::JOBS_HANDED_BACK).increment(1);
-                        let _ = job.hand_back().await;
-                        continue;
-                    }
-                };
-                let (runner, busy, hard_stop, migrate) = (
-                    self.runner.clone(),
-                    self.busy.clone(),
-                    self.hard_stop.clone(),
-                    self.migrate.clone(),
-                );
-                busy.fetch_add(1, Ordering::Relaxed);
-                ::metrics::gauge!(metrics::SLOTS_BUSY).increment(1.0);
-                self.jobs.spawn(async move {
-                    runner.run(job, hard_stop, migrate).await;
-                    busy.fetch_sub(1, Ordering::Relaxed);
-                    ::metrics::gauge!(metrics::SLOTS_BUSY).decrement(1.0);
-                    drop(permit);
-                });
+                self.start(pulled, &mut slots).await;
+                if slots.is_empty() {
+                    break;
+                }
+            }
+            // 3. Withdraw the requests still open (dropping them unsubscribes their inboxes),
+            // after taking the jobs that already reached this worker.
+            while let Some(Some(pulled)) = pulls.next().now_or_never() {
+                self.start(pulled, &mut slots).await;
+            }
+            drop(pulls);
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // Requests the server ended long before their expiry with nothing to give (a
+            // consumer at its `max_waiting`, say) are not renewed in a busy loop.
+            if ended && opened.elapsed() < self.expires / 2 {
+                drop(slots);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         }
+    }
+
+    /// Runs a pulled job on one of `slots`, or a slot freed since; without a slot, or after
+    /// `shutdown`, hands it back at once.
+    async fn start(&self, pulled: Pulled, slots: &mut Slots) {
+        let Pulled::Job(job) = pulled else { return };
+        let permit = match slots.pop() {
+            Some(p) => Some(p),
+            None => self.free.clone().try_acquire_owned().ok(),
+        };
+        let permit = match permit {
+            Some(p) if !self.shutdown.is_cancelled() => p,
+            _ => {
+                tracing::debug!(job_id = %job.spec.job_id, attempt = job.spec.attempt, "a job arrived without a free slot or after shutdown; handing it back");
+                ::metrics::counter!(metrics::JOBS_HANDED_BACK).increment(1);
+                let _ = job.hand_back().await;
+                return;
+            }
+        };
+        let (runner, busy, hard_stop, migrate) = (
+            self.runner.clone(),
+            self.busy.clone(),
+            self.hard_stop.clone(),
+            self.migrate.clone(),
+        );
+        busy.fetch_add(1, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::SLOTS_BUSY).increment(1.0);
+        self.jobs.spawn(async move {
+            runner.run(job, hard_stop, migrate).await;
+            busy.fetch_sub(1, Ordering::Relaxed);
+            ::metrics::gauge!(metrics::SLOTS_BUSY).decrement(1.0);
+            drop(permit);
+        });
     }
 }
 
@@ -444,7 +519,7 @@ const REROUTE_BATCH: usize = 64;
 /// Moves the jobs of the pre-routing queue (published by coordinators older than routing by
 /// backend, during a rolling update) to their backends' subjects, until `shutdown`. It holds
 /// no slot: the job runs when its backend's consumer delivers it.
-async fn reroute_loop(transport: &Transport, shutdown: &CancellationToken) {
+async fn reroute_loop(transport: &Transport, expires: Duration, shutdown: &CancellationToken) {
     let bind = || transport.queue(None);
     let queue = tokio::select! {
         q = bind.retry(retry_forever()) => match q { Ok(q) => q, Err(_) => return },
@@ -453,7 +528,7 @@ async fn reroute_loop(transport: &Transport, shutdown: &CancellationToken) {
     loop {
         let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
-            b = transport.pull(&queue, REROUTE_BATCH, PULL_EXPIRES) => b,
+            b = transport.pull(&queue, REROUTE_BATCH, expires) => b,
         };
         let batch = match batch {
             Ok(b) => b,
@@ -465,9 +540,18 @@ async fn reroute_loop(transport: &Transport, shutdown: &CancellationToken) {
                 }
             }
         };
-        tokio::pin!(batch);
-        // A batch is finished even after `shutdown`: moving a job takes one publish.
-        while let Some(pulled) = batch.next().await {
+        let mut batch = std::pin::pin!(batch);
+        loop {
+            // At `shutdown` the request is withdrawn; the jobs that already reached this
+            // worker are still moved (a move takes one publish).
+            let pulled = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => match batch.next().now_or_never() {
+                    Some(Some(p)) => p,
+                    _ => return,
+                },
+                p = batch.next() => match p { Some(p) => p, None => break },
+            };
             let Pulled::Job(job) = pulled else { continue };
             match transport.reroute(&job).await {
                 Ok(()) => {

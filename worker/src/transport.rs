@@ -219,6 +219,31 @@ impl JobDelivery {
     }
 }
 
+/// A pulled message as a job, or terminated when it is not one.
+async fn decode_pulled(msg: Result<jetstream::Message, async_nats::Error>) -> Option<Pulled> {
+    let msg = match msg {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "pull error");
+            return None;
+        }
+    };
+    let delivery = msg.info().map(|i| i.delivered as u64).unwrap_or(1);
+    match codec::decode::<JobSpec>(&msg.payload) {
+        Ok(spec) => Some(Pulled::Job(JobDelivery {
+            spec: Arc::new(spec),
+            delivery,
+            traceparent: orch_config::telemetry::from_nats_headers(msg.headers.as_ref()),
+            msg: Arc::new(msg),
+        })),
+        Err(e) => {
+            tracing::error!(error = %e, "undecodable job message, terminating it");
+            let _ = msg.ack_with(AckKind::Term).await;
+            Some(Pulled::Undecodable)
+        }
+    }
+}
+
 impl Transport {
     /// Connects and waits (with backoff, until `cancel`) for the coordinator's job consumer.
     pub async fn connect(
@@ -305,7 +330,9 @@ impl Transport {
     }
 
     /// One pull request for up to `n` jobs; messages arrive as the server delivers them and the
-    /// stream ends when `n` arrived or `expires` passed.
+    /// stream ends when `n` arrived or `expires` passed. Dropping the stream withdraws the
+    /// request: its inbox loses its subscription and JetStream skips a request nobody listens
+    /// to (a job already on its way is redelivered after the ack wait).
     pub async fn pull(
         &self,
         queue: &Queue,
@@ -320,29 +347,24 @@ impl Transport {
             .messages()
             .await
             .map_err(|e| Error::Pull(e.into()))?;
-        Ok(batch.filter_map(|msg| async move {
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull error");
-                    return None;
-                }
-            };
-            let delivery = msg.info().map(|i| i.delivered as u64).unwrap_or(1);
-            match codec::decode::<JobSpec>(&msg.payload) {
-                Ok(spec) => Some(Pulled::Job(JobDelivery {
-                    spec: Arc::new(spec),
-                    delivery,
-                    traceparent: orch_config::telemetry::from_nats_headers(msg.headers.as_ref()),
-                    msg: Arc::new(msg),
-                })),
-                Err(e) => {
-                    tracing::error!(error = %e, "undecodable job message, terminating it");
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    Some(Pulled::Undecodable)
-                }
-            }
-        }))
+        Ok(batch.filter_map(decode_pulled))
+    }
+
+    /// Up to `n` of the jobs waiting now, without waiting for more: the stream ends as soon as
+    /// the queue has none left to give.
+    pub async fn take_waiting(
+        &self,
+        queue: &Queue,
+        n: usize,
+    ) -> Result<impl Stream<Item = Pulled> + use<>, Error> {
+        let batch = queue
+            .consumer
+            .fetch()
+            .max_messages(n)
+            .messages()
+            .await
+            .map_err(|e| Error::Pull(e.into()))?;
+        Ok(batch.filter_map(decode_pulled))
     }
 
     /// Publishes an event to the log without asking JetStream for an ack (one message instead
