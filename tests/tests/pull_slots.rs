@@ -126,6 +126,21 @@ async fn a_backlog_on_two_backends_shares_one_slot_in_turn_without_handing_jobs_
         .id
         .to_string();
     cluster.wait_running(&gate, 0).await;
+    // With its slot taken the worker asks for nothing: the request it had open on the other
+    // queue was withdrawn, and JetStream forgot it while the worker lives on.
+    let js = async_nats::jetstream::new(async_nats::connect(&cluster.nats_url).await.unwrap());
+    for backend in ["sim", "command"] {
+        cluster
+            .eventually(Duration::from_secs(30), || async {
+                match open_requests(&js, backend).await {
+                    0 => Ok(()),
+                    n => Err(format!(
+                        "{n} pull requests open on {backend} with no slot free"
+                    )),
+                }
+            })
+            .await;
+    }
     let mut ids = vec![];
     for n in 1..=6 {
         let backend = ["sim", "command"][n % 2];
