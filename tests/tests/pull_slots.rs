@@ -19,7 +19,7 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Adds a worker with `slots` serving `sim` and a `command` program (no key, no CLI), whose
+/// Adds a worker serving `sim` and a `command` program (no key, no CLI), whose
 /// pull requests wait an hour on an empty queue; returns its index in `cluster.workers`.
 fn long_pull_worker(cluster: &mut Cluster) -> usize {
     let config = cluster.dir.path().join("command-worker.toml");
@@ -85,11 +85,13 @@ async fn one_slot_serving_two_backends_runs_each_job_when_the_slot_is_free() {
     long_pull_worker(&mut cluster);
     cluster.wait_workers(1).await;
 
-    // One job at a time, alternating backends, each submitted to an idle worker: a request
-    // on the other backend's queue holding the slot would keep the job waiting for an hour.
+    // One job at a time, each submitted to an idle worker, the backends in pairs (sim, sim,
+    // command, command, ...): after a job, the next may be on the same backend or the other,
+    // and a request on the other backend's queue holding the slot would keep it waiting for
+    // an hour.
     let mut previous_end = None;
-    for n in 0..6 {
-        let backend = ["sim", "command"][n % 2];
+    for n in 0..8 {
+        let backend = ["sim", "command"][(n / 2) % 2];
         let task = cluster.submit(one_job(n, backend, 50)).await;
         let task = cluster.wait_task(&task.id.to_string(), WAIT).await;
         assert_ran_once(&cluster, &task);
@@ -194,7 +196,7 @@ async fn open_requests(js: &async_nats::jetstream::Context, backend: &str) -> us
 async fn sigterm_stops_an_idle_worker_without_waiting_for_its_open_pulls() {
     let mut cluster = Cluster::start(Options {
         workers: 0,
-        slots: 1,
+        slots: 2,
         drain_grace: Duration::from_secs(5),
         ..Options::default()
     })
@@ -203,17 +205,16 @@ async fn sigterm_stops_an_idle_worker_without_waiting_for_its_open_pulls() {
     let id = Cluster::worker_id(n);
     cluster.wait_workers(1).await;
     let js = async_nats::jetstream::new(async_nats::connect(&cluster.nats_url).await.unwrap());
-    // The idle worker waits on every queue it serves, an hour per request.
-    for backend in ["sim", "command"] {
-        cluster
-            .eventually(Duration::from_secs(30), || async {
-                match open_requests(&js, backend).await {
-                    0 => Err(format!("no pull request open on {backend}")),
-                    _ => Ok(()),
-                }
-            })
-            .await;
-    }
+    // The idle worker waits on its queues, an hour per request.
+    cluster
+        .eventually(Duration::from_secs(30), || async {
+            let open = open_requests(&js, "sim").await + open_requests(&js, "command").await;
+            match open {
+                0 => Err("no pull request open".to_string()),
+                _ => Ok(()),
+            }
+        })
+        .await;
 
     cluster.workers[n].signal(libc::SIGTERM);
     assert_eq!(
