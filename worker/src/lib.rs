@@ -372,21 +372,25 @@ impl Pulling<'_> {
     /// `shutdown`, are handed back at once.
     async fn run(&self, serves: &[Backend]) {
         let shutdown = self.shutdown;
-        let mut queues: Vec<(Backend, Option<Queue>)> = serves.iter().map(|b| (*b, None)).collect();
+        // Each backend's queue once bound, and whether its absence was logged.
+        let mut queues: Vec<(Backend, Option<Queue>, bool)> =
+            serves.iter().map(|b| (*b, None, false)).collect();
         let mut unbound_wait = retry_forever().build();
         let mut first_queue = 0;
         loop {
             // A backend's consumer may appear later (a coordinator that does not know the
             // backend yet): the bound queues are pulled meanwhile.
-            for (backend, queue) in queues.iter_mut().filter(|(_, q)| q.is_none()) {
+            for (backend, queue, told) in queues.iter_mut().filter(|(_, q, _)| q.is_none()) {
                 match self.transport.queue(Some(*backend)).await {
                     Ok(q) => *queue = Some(q),
-                    Err(e) => {
+                    Err(e) if !*told => {
+                        *told = true;
                         tracing::info!(error = %e, backend = backend.as_str(), "waiting for the backend's job queue")
                     }
+                    Err(_) => {}
                 }
             }
-            let bound: Vec<&Queue> = queues.iter().filter_map(|(_, q)| q.as_ref()).collect();
+            let bound: Vec<&Queue> = queues.iter().filter_map(|(_, q, _)| q.as_ref()).collect();
             if bound.is_empty() {
                 let wait = unbound_wait.next().unwrap_or(Duration::from_secs(5));
                 tokio::select! {
