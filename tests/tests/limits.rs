@@ -453,3 +453,118 @@ async fn an_openai_pool_moves_a_job_off_a_limited_key() {
         (Some(10), Some(0))
     );
 }
+
+/// With a cluster cap of one running agent, a parked job frees its place: another task's job
+/// runs and completes while the first is parked. The reset comes while that job still runs:
+/// the first job waits for the place (the coordinator's admission wakes it, not a worker),
+/// then takes it and completes with the same attempt.
+///
+/// The credential's window is an hour long and the test ends it itself once the second job
+/// runs (in the fake, in the broker's record and in the parked set, as the clock would), so
+/// nothing depends on timing: however late the reset is seen, the resumed run must start
+/// after the other job ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_job_frees_its_place_under_the_cap_and_takes_one_again_to_resume() {
+    let fake = FakeAnthropic::start_with_fallback([], Reply::text("done after the reset")).await;
+    fake.exhaust_key("key-a", Duration::from_secs(3600));
+    let dir = tempfile::tempdir().unwrap();
+    let config = pool_config(dir.path(), &fake, &[("a", "key-a")]);
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 2,
+        coordinator_args: vec!["--max-running-agents".into(), "1".into()],
+        worker_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--serve-backends".into(),
+            "anthropic,sim".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let mut conn = redis(&cluster).await;
+
+    let parked = cluster
+        .submit(analyst_task("summarise"))
+        .await
+        .id
+        .to_string();
+    cluster
+        .eventually(Duration::from_secs(20), || {
+            let (cluster, id) = (&cluster, parked.clone());
+            async move {
+                let task = cluster.task(&id).await;
+                match task.jobs[0].status {
+                    JobStatus::Parked => Ok(()),
+                    s => Err(format!("the first job is {s:?}")),
+                }
+            }
+        })
+        .await;
+
+    // The only place is free: another task's job runs meanwhile.
+    let other = cluster
+        .submit(json!({"prompt": "meanwhile", "roles": ["analyst"], "backend": "sim", "sim": {"latency_ms": 3000}}))
+        .await
+        .id
+        .to_string();
+    cluster.wait_running(&other, 0).await;
+    assert_eq!(
+        fake.requests_with_key("key-a").len(),
+        1,
+        "asked while parked"
+    );
+
+    // The reset: the provider has room again and the parked job is due.
+    fake.exhaust_key("key-a", Duration::ZERO);
+    let now = orch_shared::now_ms();
+    let _: () = redis::cmd("HSET")
+        .arg(keys::limit("anthropic", "a"))
+        .arg(keys::limit_field::UNTIL_MS)
+        .arg(now)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys::PARKED)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1, "{members:?}");
+    let _: () = redis::cmd("ZADD")
+        .arg(keys::PARKED)
+        .arg(now)
+        .arg(&members[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let other = cluster.wait_task(&other, Duration::from_secs(60)).await;
+    assert_completed(&cluster, &other);
+    let first = cluster.wait_task(&parked, Duration::from_secs(60)).await;
+    assert_completed(&cluster, &first);
+    assert_eq!(first.jobs[0].attempt, 1, "parking burnt no attempt");
+    assert_eq!(fake.requests_with_key("key-a").len(), 2);
+    // The cap held: the resumed run started after the other task's job ended.
+    let other_end = other.jobs[0].finished_at_ms.unwrap();
+    let resumed_start = cluster
+        .events(&parked, None)
+        .await
+        .iter()
+        .filter(|(_, e)| matches!(e.kind, EventKind::JobStarted { .. }))
+        .map(|(_, e)| e.at_ms)
+        .max()
+        .unwrap();
+    assert!(
+        resumed_start >= other_end,
+        "the resumed run started at {resumed_start}, before the running job ended at {other_end}: the cap was not held"
+    );
+    assert!(
+        cluster
+            .logs()
+            .contains("parked job admitted back to its queue"),
+        "the coordinator's admission did not wake the parked job"
+    );
+}
