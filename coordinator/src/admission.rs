@@ -442,6 +442,13 @@ impl Actor {
                     continue;
                 }
             };
+            if !self.still_wanted(&spec).await {
+                tracing::info!(job_id = %spec.job_id, attempt = spec.attempt, "a parked job's attempt ended meanwhile (cancelled or superseded); dropping it");
+                if let Err(e) = self.state.unpark(&d).await {
+                    tracing::warn!(error = %e, "could not drop a parked job that ended");
+                }
+                continue;
+            }
             self.withdrawn.remove(&spec.job_id);
             self.resuming.insert(d.member.clone());
             self.heap.push(Waiting {
@@ -456,6 +463,24 @@ impl Actor {
                 },
                 reported: HashSet::new(),
             });
+        }
+    }
+
+    /// Whether the task still waits for this parked attempt: not cancelled, finished or
+    /// superseded by a later attempt since it parked (a worker would skip it without a result,
+    /// and its place would never be freed). When the record cannot be read, it resumes.
+    async fn still_wanted(&self, spec: &JobSpec) -> bool {
+        match self.state.load_task(spec.task_id).await {
+            Ok(Some(task)) => task
+                .jobs
+                .iter()
+                .find(|j| j.id == spec.job_id)
+                .is_none_or(|j| !j.status.is_terminal() && j.attempt <= spec.attempt),
+            Ok(None) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read a parked job's task; resuming it");
+                true
+            }
         }
     }
 
