@@ -10,10 +10,19 @@
 //!
 //! Waiting is backpressure, never loss: the job's record says `queued`, and a restarted
 //! coordinator offers every queued job again (see `lib.rs::resume`).
+//!
+//! A **parked** job (its credential at its usage limit, or its agent waiting for a person)
+//! holds no place: its `job_parked` event frees it ([`Admission::parked`]). While admission
+//! runs, it also wakes the parked jobs itself (the workers' wakers leave them alone while
+//! [`orch_shared::keys::ADMISSION_RESUMES`] exists): a due parked job waits here like a new one, ahead of
+//! the new jobs of its priority, and goes back to its queue only when it has a place again. It
+//! stays in the parked set until it is re-published, so a coordinator that dies meanwhile
+//! loses nothing: the next one (or, once the gate expires, a worker) takes it.
 
-use crate::state::State;
+use crate::state::{DueParked, State};
 use crate::transport::{Outgoing, Transport};
 use orch_shared::api::Priority;
+use orch_shared::codec;
 use orch_shared::event::{Event, EventKind};
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::job::JobSpec;
@@ -110,9 +119,17 @@ enum Msg {
         job: JobId,
         tokens: u64,
     },
-    /// A job found running after a restart: it holds a slot until it is done.
+    /// A job found running after a restart, or resumed from a park by a worker: it holds a
+    /// slot until it is done.
     Running(JobId),
+    /// The job attempt was parked: its slot is free, and it is not withdrawn (it comes back
+    /// through the parked set).
+    Parked(JobId),
 }
+
+/// How long admission holds a due parked job against anyone else taking it: it is taken again
+/// (and found already waiting) while it waits longer.
+const RESUME_HOLD: Duration = Duration::from_secs(30);
 
 struct Offered {
     task: TaskId,
@@ -120,6 +137,8 @@ struct Offered {
     spec: JobSpec,
     /// The `traceparent` of the job's dispatch span.
     traceparent: Option<String>,
+    /// A parked attempt going back to its queue (not a new publish).
+    resume: Option<DueParked>,
 }
 
 struct Waiting {
@@ -185,6 +204,7 @@ impl Admission {
             heap: BinaryHeap::new(),
             admitted: HashSet::new(),
             withdrawn: HashSet::new(),
+            resuming: HashSet::new(),
             seq: 0,
             cap: usize::MAX,
             estimates: HashMap::new(),
@@ -211,6 +231,7 @@ impl Admission {
                 priority,
                 spec,
                 traceparent,
+                resume: None,
             })));
         }
     }
@@ -222,10 +243,18 @@ impl Admission {
         }
     }
 
-    /// Counts a job that is already running (after a restart) against the cap.
+    /// Counts a job that is already running (after a restart, or resumed from a park without
+    /// admission) against the cap.
     pub fn running(&self, job: JobId) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Msg::Running(job));
+        }
+    }
+
+    /// A job attempt was parked: it frees its place until it resumes.
+    pub fn parked(&self, job: JobId) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Parked(job));
         }
     }
 }
@@ -324,6 +353,8 @@ struct Actor {
     admitted: HashSet<JobId>,
     /// Done or cancelled while still waiting: dropped when they reach the top.
     withdrawn: HashSet<JobId>,
+    /// Parked attempts (`<job>:<attempt>`) waiting in the heap to go back to their queue.
+    resuming: HashSet<String>,
     seq: u64,
     cap: usize,
     buckets: HashMap<String, Bucket>,
@@ -348,12 +379,16 @@ impl Actor {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut cap_refresh = tokio::time::interval(Duration::from_secs(2));
         self.refresh_cap().await;
+        self.gate_resumes().await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 msg = rx.recv() => match msg {
                     Some(Msg::Running(job)) => {
                         self.admitted.insert(job);
+                    }
+                    Some(Msg::Parked(job)) => {
+                        self.admitted.remove(&job);
                     }
                     Some(Msg::Offer(o)) => {
                         self.seq += 1;
@@ -368,10 +403,84 @@ impl Actor {
                     }
                     None => return,
                 },
-                _ = tick.tick() => {}
-                _ = cap_refresh.tick() => self.refresh_cap().await,
+                _ = tick.tick() => self.take_resumes().await,
+                _ = cap_refresh.tick() => {
+                    self.refresh_cap().await;
+                    self.gate_resumes().await;
+                }
             }
             self.pump().await;
+        }
+    }
+
+    /// Tells the workers' wakers that this coordinator wakes the parked jobs.
+    async fn gate_resumes(&self) {
+        if let Err(e) = self.state.gate_resumes().await {
+            tracing::warn!(error = %e, "could not take over waking parked jobs; workers wake them");
+        }
+    }
+
+    /// Takes the parked jobs that are due into the heap, to wait for a place like new ones
+    /// (ahead of the new ones of their priority: they started first).
+    async fn take_resumes(&mut self) {
+        let due = match self.state.take_due_parked(256, RESUME_HOLD).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look for parked jobs");
+                return;
+            }
+        };
+        for d in due {
+            if self.resuming.contains(&d.member) {
+                continue;
+            }
+            let spec: JobSpec = match codec::decode(&d.spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, member = %d.member, "a parked job does not decode; dropping it");
+                    let _ = self.state.unpark(&d).await;
+                    continue;
+                }
+            };
+            if !self.still_wanted(&spec).await {
+                tracing::info!(job_id = %spec.job_id, attempt = spec.attempt, "a parked job's attempt ended meanwhile (cancelled or superseded); dropping it");
+                if let Err(e) = self.state.unpark(&d).await {
+                    tracing::warn!(error = %e, "could not drop a parked job that ended");
+                }
+                continue;
+            }
+            self.withdrawn.remove(&spec.job_id);
+            self.resuming.insert(d.member.clone());
+            self.heap.push(Waiting {
+                priority: spec.priority,
+                seq: 0,
+                offered: Offered {
+                    task: spec.task_id,
+                    priority: spec.priority,
+                    traceparent: d.traceparent.clone(),
+                    spec,
+                    resume: Some(d),
+                },
+                reported: HashSet::new(),
+            });
+        }
+    }
+
+    /// Whether the task still waits for this parked attempt: not cancelled, finished or
+    /// superseded by a later attempt since it parked (a worker would skip it without a result,
+    /// and its place would never be freed). When the record cannot be read, it resumes.
+    async fn still_wanted(&self, spec: &JobSpec) -> bool {
+        match self.state.load_task(spec.task_id).await {
+            Ok(Some(task)) => task
+                .jobs
+                .iter()
+                .find(|j| j.id == spec.job_id)
+                .is_none_or(|j| !j.status.is_terminal() && j.attempt <= spec.attempt),
+            Ok(None) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read a parked job's task; resuming it");
+                true
+            }
         }
     }
 
@@ -408,6 +517,13 @@ impl Actor {
         while let Some(mut top) = self.heap.pop() {
             let job = top.offered.spec.job_id;
             if self.withdrawn.remove(&job) {
+                if let Some(d) = &top.offered.resume {
+                    // Cancelled while parked: it does not run again.
+                    self.resuming.remove(&d.member);
+                    if let Err(e) = self.state.unpark(d).await {
+                        tracing::warn!(error = %e, "could not drop a cancelled parked job");
+                    }
+                }
                 continue;
             }
             if self.admitted.len() >= self.cap {
@@ -466,7 +582,11 @@ impl Actor {
                     .take_request();
             }
             self.admitted.insert(job);
-            self.publish(top.offered);
+            if top.offered.resume.is_some() {
+                self.publish_resumed(top.offered).await;
+            } else {
+                self.publish(top.offered);
+            }
         }
         for w in deferred {
             self.heap.push(w);
@@ -508,6 +628,36 @@ impl Actor {
         };
         self.estimates.insert(key, (v, std::time::Instant::now()));
         v
+    }
+
+    /// Puts a parked attempt back in its queue, then forgets it in the parked set. One that
+    /// fails to go out frees its place again and is taken after its hold.
+    async fn publish_resumed(&mut self, offered: Offered) {
+        let Some(d) = offered.resume else {
+            return;
+        };
+        self.resuming.remove(&d.member);
+        let (job, attempt) = (offered.spec.job_id, offered.spec.attempt);
+        let msg_id = orch_shared::subject::unparked_msg_id(job, attempt, d.parks);
+        match self
+            .transport
+            .publish_unparked(&d.subject, msg_id, d.spec.clone(), d.traceparent.as_deref())
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(job_id = %job, attempt, parks = d.parks, "parked job admitted back to its queue");
+                metrics::counter!(crate::metrics::JOBS_DISPATCHED).increment(1);
+                if let Err(e) = self.state.unpark(&d).await {
+                    // Taken again after the hold and re-published with the same message id:
+                    // JetStream drops the copy.
+                    tracing::warn!(error = %e, "could not forget a re-published parked job");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job, error = %e, "could not re-publish a parked job; retrying after the hold");
+                self.admitted.remove(&job);
+            }
+        }
     }
 
     fn publish(&self, offered: Offered) {
@@ -568,6 +718,7 @@ mod tests {
                 priority,
                 spec: running_marker(JobId::from_u128(seq as u128)),
                 traceparent: None,
+                resume: None,
             },
             reported: HashSet::new(),
         };

@@ -694,6 +694,10 @@ impl Lane {
             .iter()
             .find(|j| j.id == job_id)
             .and_then(|j| j.queued_at_ms);
+        let was_parked = task
+            .jobs
+            .iter()
+            .any(|j| j.id == job_id && j.status == orch_shared::api::JobStatus::Parked);
         if !pipeline::on_started(task, job_id, event.attempt, worker_id.clone(), event.at_ms) {
             // A start that arrives after its task ended (it raced the result) must not keep
             // the finished task in the cache for good.
@@ -704,6 +708,11 @@ impl Lane {
         }
         if let Some(job) = task.jobs.iter_mut().find(|j| j.id == job_id) {
             job.sandbox.clone_from(sandbox);
+        }
+        if was_parked {
+            // Resumed: it holds a place again (admission counted it already when it woke the
+            // job; a worker's waker, with no coordinator gating, did not).
+            self.fx.admission.running(job_id);
         }
         if let Some(q) = queued_at {
             metrics::histogram!(m::DISPATCH_LATENCY)
@@ -733,6 +742,8 @@ impl Lane {
             }
             return;
         }
+        // Parked, it holds no admission place until it resumes.
+        self.fx.admission.parked(job_id);
         self.unsaved_starts.insert(event.task_id);
         self.save_starts_at
             .get_or_insert_with(|| tokio::time::Instant::now() + START_SAVE_DELAY);

@@ -429,12 +429,12 @@ async fn resume(fx: &driver::Effects) -> Result<(), Error> {
         let Some(task) = fx.state.load_task(*id).await? else {
             continue;
         };
-        for job in task.jobs.iter().filter(|j| {
-            matches!(
-                j.status,
-                orch_shared::api::JobStatus::Running | orch_shared::api::JobStatus::Parked
-            )
-        }) {
+        // A parked job holds no place: admission takes it again when it wakes.
+        for job in task
+            .jobs
+            .iter()
+            .filter(|j| j.status == orch_shared::api::JobStatus::Running)
+        {
             fx.admission.running(job.id);
         }
         let actions = pipeline::resume(&task);

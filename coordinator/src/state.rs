@@ -140,6 +140,19 @@ const APPLIED: &str = "orch:applied";
 /// The key holding the current leader epoch, raised by each replica that takes the lease.
 const LEADER_EPOCH: &str = "orch:leader:epoch";
 
+/// A parked job attempt that is due, taken for admission.
+#[derive(Debug, Clone)]
+pub struct DueParked {
+    /// `<job>:<attempt>`.
+    pub member: String,
+    /// The encoded spec, as stored.
+    pub spec: Vec<u8>,
+    /// The queue subject it goes back to.
+    pub subject: String,
+    pub parks: u64,
+    pub traceparent: Option<String>,
+}
+
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |source| Error::Redis { op, source }
 }
@@ -784,6 +797,68 @@ impl State {
             .await
             .map_err(redis_err("active tasks"))?;
         Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// Says, for [`keys::RESUME_GATE_TTL_MS`], that this coordinator's admission wakes the
+    /// parked jobs (workers' wakers leave them alone meanwhile).
+    pub async fn gate_resumes(&self) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(keys::ADMISSION_RESUMES)
+            .arg("1")
+            .arg("PX")
+            .arg(keys::RESUME_GATE_TTL_MS)
+            .exec_async(&mut conn)
+            .await
+            .map_err(redis_err("gate parked jobs' resumes"))
+    }
+
+    /// Takes up to `max` parked attempts due now, holding each for `hold` against anyone else
+    /// while admission finds them a place.
+    pub async fn take_due_parked(
+        &self,
+        max: usize,
+        hold: Duration,
+    ) -> Result<Vec<DueParked>, Error> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(keys::TAKE_DUE_PARKED));
+        let mut conn = self.conn.clone();
+        let flat: Vec<Vec<u8>> = SCRIPT
+            .key(keys::PARKED)
+            .arg(orch_shared::now_ms())
+            .arg(max)
+            .arg(hold.as_millis() as u64)
+            .arg(keys::parked_job(""))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("take parked jobs"))?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Ok(flat
+            .chunks_exact(6)
+            .map(|c| DueParked {
+                member: text(&c[0]),
+                spec: c[1].clone(),
+                subject: text(&c[2]),
+                parks: text(&c[4]).parse().unwrap_or(1),
+                traceparent: Some(text(&c[5])).filter(|t| !t.is_empty()),
+            })
+            .collect())
+    }
+
+    /// Forgets a re-published parked attempt (unless it was parked again meanwhile).
+    pub async fn unpark(&self, due: &DueParked) -> Result<(), Error> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(keys::UNPARK));
+        let mut conn = self.conn.clone();
+        let _: i64 = SCRIPT
+            .key(keys::parked_job(&due.member))
+            .key(keys::PARKED)
+            .arg(&due.member)
+            .arg(due.parks)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("unpark job"))?;
+        Ok(())
     }
 
     /// The limit broker's credentials (`orch:credentials`, each `orch:limit:<backend>/<name>`)

@@ -665,6 +665,35 @@ impl Transport {
             .filter(move |e| futures::future::ready(e.id() > after)))
     }
 
+    /// Puts a parked job attempt back in its queue (`subject`, with message id `msg_id`, its
+    /// encoded spec as stored when it was parked), and waits for JetStream to store it.
+    pub async fn publish_unparked(
+        &self,
+        subject: &str,
+        msg_id: String,
+        spec: Vec<u8>,
+        traceparent: Option<&str>,
+    ) -> Result<(), Error> {
+        let mut publish = jetstream::message::PublishMessage::build()
+            .message_id(msg_id)
+            .payload(spec.into());
+        if let Some(headers) = orch_config::telemetry::nats_headers(traceparent) {
+            publish = publish.headers(headers);
+        }
+        let err = |source: async_nats::Error| Error::Publish {
+            subject: subject.to_string(),
+            source,
+        };
+        let ack = self
+            .0
+            .js
+            .send_publish(subject.to_string(), publish)
+            .await
+            .map_err(|e| err(e.into()))?;
+        ack.await.map_err(|e| err(e.into()))?;
+        Ok(())
+    }
+
     /// Tells every worker to stop a job attempt (core NATS: the workers running it act within
     /// milliseconds; one that pulls it later finds the cancel marker in Redis).
     pub async fn publish_cancel(&self, cancel: &CancelJob) -> Result<(), Error> {

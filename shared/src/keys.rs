@@ -134,6 +134,52 @@ pub mod limit_field {
 /// [`parked_job`] until a worker re-publishes it.
 pub const PARKED: &str = "orch:parked";
 
+/// Present while a coordinator's admission (a cap, rate limits or a daily budget) wakes the
+/// parked jobs itself, so that a resumed job takes an admission place like a new one; the
+/// workers' wakers then leave them alone. Expires within [`RESUME_GATE_TTL_MS`] of that
+/// coordinator's last refresh: with no coordinator, workers wake parked jobs again.
+pub const ADMISSION_RESUMES: &str = "orch:admission:resumes";
+
+/// How long [`ADMISSION_RESUMES`] outlives its coordinator's last refresh (ms).
+pub const RESUME_GATE_TTL_MS: u64 = 10_000;
+
+/// Takes up to ARGV[2] parked attempts due by ARGV[1] (ms): each is pushed ARGV[3] ms into
+/// the future (so whoever dies before re-publishing it leaves it to another) and returned as
+/// member, spec, subject, priority, parks, traceparent. Members without a record are dropped.
+/// KEYS: the parked set, then optionally a gate key: while it exists, nothing is taken (a
+/// worker's waker passes [`ADMISSION_RESUMES`]). ARGV: now ms, max, hold ms, record key prefix.
+pub const TAKE_DUE_PARKED: &str = r#"
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return {} end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local out = {}
+for _, m in ipairs(due) do
+  local h = redis.call('HMGET', ARGV[4] .. m, 'spec', 'subject', 'priority', 'parks', 'traceparent')
+  if h[1] then
+    redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[3], m)
+    table.insert(out, m)
+    table.insert(out, h[1])
+    table.insert(out, h[2] or '')
+    table.insert(out, h[3] or '1')
+    table.insert(out, h[4] or '1')
+    table.insert(out, h[5] or '')
+  else
+    redis.call('ZREM', KEYS[1], m)
+  end
+end
+return out
+"#;
+
+/// Drops a re-published attempt's record unless it was parked again meanwhile.
+/// KEYS: record, parked set. ARGV: member, park count it was taken with.
+pub const UNPARK: &str = r#"
+if redis.call('HGET', KEYS[1], 'parks') == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
 /// One parked job attempt: a hash of [`parked_field`]s.
 pub fn parked_job(member: &str) -> String {
     format!("orch:parked:{member}")

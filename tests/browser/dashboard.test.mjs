@@ -216,6 +216,75 @@ const scenarios = {
     });
   },
 
+  // The "Needs you" panel's other answers (the Rust side has four requests pending, one per
+  // task, and checks what each agent was told): for this task, always with an edited pattern,
+  // a denial with a message, and a request answered elsewhere first, whose error the page shows.
+  async grants() {
+    const env = (k) => process.env[k];
+    const card = (cmd) => page.locator("#approval-list article.approval", { hasText: cmd });
+    const gone = (cmd) => card(cmd).waitFor({ state: "detached", timeout: 10000 });
+    // The page's own refresh timers are held still while the raced request is answered
+    // elsewhere, so its card is still shown when the person clicks.
+    await page.clock.install();
+    await step("log in", () => login(page));
+    await step("each request shows with its command and every answer", async () => {
+      for (const k of ["ORCH_TASK_CMD", "ORCH_ALWAYS_CMD", "ORCH_DENY_CMD", "ORCH_RACED_CMD"]) {
+        await card(env(k)).waitFor({ timeout: 15000 });
+        const c = card(env(k));
+        assert((await c.locator("pre.approval-cmd").textContent()) === env(k), "command shown for " + k);
+        for (const name of ["Approve", "Approve for this task", "Always allow…", "Deny"]) {
+          assert(await c.getByRole("button", { name, exact: true }).isVisible(), `button ${name} on ${k}`);
+        }
+        assert(await c.getByLabel("Message to the agent (optional)").isVisible(), "message field");
+      }
+      await shot("overview-needs-you-answers");
+    });
+    await step("approve for this task", async () => {
+      await card(env("ORCH_TASK_CMD")).getByRole("button", { name: "Approve for this task" }).click();
+      await gone(env("ORCH_TASK_CMD"));
+    });
+    await step("always allow offers a pattern from the command, edited before it is sent", async () => {
+      const c = card(env("ORCH_ALWAYS_CMD"));
+      const open = c.getByRole("button", { name: "Always allow…" });
+      await open.click();
+      assert((await open.getAttribute("aria-expanded")) === "true", "the button says the form is open");
+      const pattern = c.getByLabel(/Always allow, for every task/);
+      assert((await pattern.inputValue()) === "cargo test *", "suggested " + (await pattern.inputValue()));
+      assert(await pattern.evaluate((el) => el === document.activeElement), "the pattern has the focus");
+      await pattern.fill(env("ORCH_PATTERN"));
+      await shot("overview-always-allow");
+      await pattern.press("Enter");
+      await gone(env("ORCH_ALWAYS_CMD"));
+    });
+    await step("deny with a message", async () => {
+      const c = card(env("ORCH_DENY_CMD"));
+      await c.getByLabel("Message to the agent (optional)").fill(env("ORCH_DENY_MESSAGE"));
+      await c.getByRole("button", { name: "Deny", exact: true }).click();
+      await gone(env("ORCH_DENY_CMD"));
+    });
+    await step("a request answered elsewhere first: the page says so", async () => {
+      await page.clock.pauseAt(Date.now() + 1000);
+      const { approvals } = await (await fetch(URL_ + "/v1/approvals", { headers: { Authorization: "Bearer " + TOKEN } })).json();
+      const raced = approvals.find((a) => a.summary === env("ORCH_RACED_CMD"));
+      const r = await fetch(URL_ + "/v1/approvals/" + raced.id, {
+        method: "POST",
+        headers: { Authorization: "Bearer " + TOKEN, "Content-Type": "application/json" },
+        body: JSON.stringify({ decision: "approve" }),
+      });
+      assert(r.ok, "answered elsewhere: " + r.status);
+      await card(env("ORCH_RACED_CMD")).getByRole("button", { name: "Deny", exact: true }).click();
+      const alert = page.locator("#approvals").getByRole("alert");
+      await alert.waitFor({ timeout: 10000 });
+      const text = await alert.textContent();
+      assert(text.includes(env("ORCH_RACED_CMD")) && text.includes("answered already"), "error: " + text);
+      await page.clock.resume();
+      await gone(env("ORCH_RACED_CMD"));
+      assert(await alert.isVisible(), "the error outlives the card");
+      assert((await page.textContent("#approval-list")).includes("No agent is waiting"), "empty panel");
+      await shot("overview-answer-conflict");
+    });
+  },
+
   // The overview's "spend today" against the daily budget the coordinator was started with
   // (the Rust side ran one task, so the day's spend is above zero).
   async budget() {

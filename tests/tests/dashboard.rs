@@ -349,3 +349,154 @@ async fn dashboard_approves_a_request_an_agent_is_waiting_on() {
         orch_worker::approvals::Verdict::Allow
     );
 }
+
+/// An agent's request, asked through the worker's approval broker (real Redis, as a worker
+/// asks for its agent), for a new job of a new task (`None`) or of task `task`.
+struct Asker {
+    broker: orch_worker::approvals::Broker,
+}
+
+impl Asker {
+    async fn new(cluster: &Cluster) -> Self {
+        let redis = orch_config::redis::Redis::from_url(&cluster.redis_url).unwrap();
+        let state = orch_worker::state::State::connect(&redis).await.unwrap();
+        Self {
+            broker: orch_worker::approvals::Broker::new(state, Duration::from_secs(300)),
+        }
+    }
+
+    /// Asks to run `command` with `Bash` for a new job of `task`; the verdict is what the
+    /// agent would be told.
+    fn ask(
+        &self,
+        task: orch_shared::ids::TaskId,
+        command: &str,
+    ) -> tokio::task::JoinHandle<orch_worker::approvals::Verdict> {
+        let broker = self.broker.clone();
+        let job = orch_shared::job::JobSpec::new(
+            task,
+            orch_shared::ids::JobId::new(),
+            orch_shared::role::Role::Builder,
+            "build",
+        );
+        let input = json!({ "command": command });
+        tokio::spawn(async move {
+            let (events, _rx) = orch_worker::agent::Events::new();
+            broker
+                .ask(
+                    &job,
+                    "Bash",
+                    &input,
+                    &events,
+                    &tokio_util::sync::CancellationToken::new(),
+                )
+                .await
+        })
+    }
+}
+
+async fn new_task(cluster: &Cluster) -> orch_shared::ids::TaskId {
+    let (_, v) = cluster
+        .post("/v1/tasks", &json!({"prompt": "p", "roles": ["builder"]}))
+        .await;
+    serde_json::from_value::<orch_shared::api::Task>(v)
+        .unwrap()
+        .id
+}
+
+/// The requests `GET /v1/approvals` lists for `task`.
+async fn approvals_of(
+    cluster: &Cluster,
+    task: orch_shared::ids::TaskId,
+) -> Vec<orch_shared::api::Approval> {
+    let (_, v) = cluster.get("/v1/approvals").await;
+    let list: orch_shared::api::ApprovalList = serde_json::from_value(v).unwrap();
+    list.approvals
+        .into_iter()
+        .filter(|a| a.task_id == task.to_string())
+        .collect()
+}
+
+/// The "Needs you" panel's answers beyond a plain yes: "Approve for this task" (the task's
+/// next identical request is allowed without asking), "Always allow…" with a pattern the
+/// person edits (another task's matching request is allowed without asking), a denial with a
+/// message the agent is told, and a request someone else answered first: the page says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_answers_for_the_task_always_and_with_a_message() {
+    use orch_worker::approvals::Verdict;
+    let cluster = Cluster::start(Options {
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let asker = Asker::new(&cluster).await;
+    let (task_cmd, always_cmd, deny_cmd, raced_cmd) = (
+        "npm install left-pad",
+        "cargo test -p orch-shared",
+        "rm -rf build",
+        "make release",
+    );
+    let (t_task, t_always, t_deny, t_raced) = (
+        new_task(&cluster).await,
+        new_task(&cluster).await,
+        new_task(&cluster).await,
+        new_task(&cluster).await,
+    );
+    let for_task = asker.ask(t_task, task_cmd);
+    let always = asker.ask(t_always, always_cmd);
+    let denied = asker.ask(t_deny, deny_cmd);
+    let raced = asker.ask(t_raced, raced_cmd);
+    let message = "use `cargo clean` instead";
+    run_scenario_with(
+        &cluster,
+        "grants",
+        &[
+            ("ORCH_TASK_CMD", task_cmd.to_string()),
+            ("ORCH_ALWAYS_CMD", always_cmd.to_string()),
+            ("ORCH_PATTERN", "cargo *".to_string()),
+            ("ORCH_DENY_CMD", deny_cmd.to_string()),
+            ("ORCH_DENY_MESSAGE", message.to_string()),
+            ("ORCH_RACED_CMD", raced_cmd.to_string()),
+        ],
+    )
+    .await;
+
+    // For this task: the agent was allowed, and the task's next identical request is allowed
+    // at once, without a new request in the queue.
+    assert_eq!(for_task.await.unwrap(), Verdict::Allow);
+    assert_eq!(asker.ask(t_task, task_cmd).await.unwrap(), Verdict::Allow);
+    let listed = approvals_of(&cluster, t_task).await;
+    assert_eq!(listed.len(), 1, "no second request: {listed:#?}");
+    assert_eq!(listed[0].state, "approved");
+    assert_eq!(
+        listed[0].grant.as_deref(),
+        Some(format!("Bash({task_cmd})").as_str())
+    );
+
+    // Always, with the edited pattern: another task's matching command needs nobody.
+    assert_eq!(always.await.unwrap(), Verdict::Allow);
+    let listed = approvals_of(&cluster, t_always).await;
+    assert_eq!(
+        listed[0].grant.as_deref(),
+        Some("Bash(cargo *)"),
+        "{listed:#?}"
+    );
+    let other = new_task(&cluster).await;
+    assert_eq!(
+        asker.ask(other, "cargo build --release").await.unwrap(),
+        Verdict::Allow
+    );
+    assert!(approvals_of(&cluster, other).await.is_empty());
+
+    // Denied with a message: the agent is told it.
+    match denied.await.unwrap() {
+        Verdict::Deny(told) => assert!(told.contains(message), "the agent was told: {told}"),
+        v => panic!("expected a denial, got {v:?}"),
+    }
+    let listed = approvals_of(&cluster, t_deny).await;
+    assert_eq!(listed[0].state, "denied");
+    assert_eq!(listed[0].message.as_deref(), Some(message));
+
+    // The raced request keeps the first answer (the scenario's, through the API).
+    assert_eq!(raced.await.unwrap(), Verdict::Allow);
+}

@@ -453,3 +453,186 @@ async fn an_openai_pool_moves_a_job_off_a_limited_key() {
         (Some(10), Some(0))
     );
 }
+
+/// A cluster whose coordinator runs one agent at a time (`--max-running-agents 1`), with one
+/// worker serving the `anthropic` pool `a` (`key-a`, exhausted for an hour) and `sim`; and the
+/// id of a task whose job is parked on `a`.
+async fn capped_cluster_with_a_parked_job(
+    fake: &FakeAnthropic,
+) -> (Cluster, tempfile::TempDir, String) {
+    fake.exhaust_key("key-a", Duration::from_secs(3600));
+    let dir = tempfile::tempdir().unwrap();
+    let config = pool_config(dir.path(), fake, &[("a", "key-a")]);
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 2,
+        coordinator_args: vec!["--max-running-agents".into(), "1".into()],
+        worker_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--serve-backends".into(),
+            "anthropic,sim".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let parked = cluster
+        .submit(analyst_task("summarise"))
+        .await
+        .id
+        .to_string();
+    cluster
+        .eventually(Duration::from_secs(20), || {
+            let (cluster, id) = (&cluster, parked.clone());
+            async move {
+                let task = cluster.task(&id).await;
+                match task.jobs[0].status {
+                    JobStatus::Parked => Ok(()),
+                    s => Err(format!("the first job is {s:?}")),
+                }
+            }
+        })
+        .await;
+    (cluster, dir, parked)
+}
+
+/// The reset of credential `a`, as the clock would bring it: the fake has room again, the
+/// broker's record says so, and the parked job is due.
+async fn reset_now(cluster: &Cluster, fake: &FakeAnthropic) {
+    let mut conn = redis(cluster).await;
+    fake.exhaust_key("key-a", Duration::ZERO);
+    let now = orch_shared::now_ms();
+    let _: () = redis::cmd("HSET")
+        .arg(keys::limit("anthropic", "a"))
+        .arg(keys::limit_field::UNTIL_MS)
+        .arg(now)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys::PARKED)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1, "{members:?}");
+    let _: () = redis::cmd("ZADD")
+        .arg(keys::PARKED)
+        .arg(now)
+        .arg(&members[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// With a cluster cap of one running agent, a parked job frees its place: another task's job
+/// runs and completes while the first is parked. The reset comes while that job still runs:
+/// the first job waits for the place (the coordinator's admission wakes it, not a worker),
+/// then takes it and completes with the same attempt.
+///
+/// The credential's window is an hour long and the test ends it itself once the second job
+/// runs, so nothing depends on timing: however late the reset is seen, the resumed run must
+/// start after the other job ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_job_frees_its_place_under_the_cap_and_takes_one_again_to_resume() {
+    let fake = FakeAnthropic::start_with_fallback([], Reply::text("done after the reset")).await;
+    let (cluster, _dir, parked) = capped_cluster_with_a_parked_job(&fake).await;
+
+    // The only place is free: another task's job runs meanwhile.
+    let other = cluster
+        .submit(json!({"prompt": "meanwhile", "roles": ["analyst"], "backend": "sim", "sim": {"latency_ms": 3000}}))
+        .await
+        .id
+        .to_string();
+    cluster.wait_running(&other, 0).await;
+    assert_eq!(
+        fake.requests_with_key("key-a").len(),
+        1,
+        "asked while parked"
+    );
+
+    reset_now(&cluster, &fake).await;
+    let other = cluster.wait_task(&other, Duration::from_secs(60)).await;
+    assert_completed(&cluster, &other);
+    let first = cluster.wait_task(&parked, Duration::from_secs(60)).await;
+    assert_completed(&cluster, &first);
+    assert_eq!(first.jobs[0].attempt, 1, "parking burnt no attempt");
+    assert_eq!(fake.requests_with_key("key-a").len(), 2);
+    // The cap held: the resumed run started after the other task's job ended.
+    let other_end = other.jobs[0].finished_at_ms.unwrap();
+    let resumed_start = cluster
+        .events(&parked, None)
+        .await
+        .iter()
+        .filter(|(_, e)| matches!(e.kind, EventKind::JobStarted { .. }))
+        .map(|(_, e)| e.at_ms)
+        .max()
+        .unwrap();
+    assert!(
+        resumed_start >= other_end,
+        "the resumed run started at {resumed_start}, before the running job ended at {other_end}: the cap was not held"
+    );
+    assert!(
+        cluster
+            .logs()
+            .contains("parked job admitted back to its queue"),
+        "the coordinator's admission did not wake the parked job"
+    );
+}
+
+/// A parked job whose task is cancelled does not come back at the reset: it leaves the parked
+/// set without running, and the place it would have taken stays free for the next task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_parked_job_does_not_take_a_place_at_the_reset() {
+    let fake = FakeAnthropic::start_with_fallback([], Reply::text("never")).await;
+    let (cluster, _dir, parked) = capped_cluster_with_a_parked_job(&fake).await;
+    let (status, v) = cluster
+        .post(&format!("/v1/tasks/{parked}/cancel"), &json!(null))
+        .await;
+    assert!(status.is_success(), "{status}: {v}");
+    cluster
+        .eventually(Duration::from_secs(20), || {
+            let (cluster, id) = (&cluster, parked.clone());
+            async move {
+                let task = cluster.task(&id).await;
+                match task.jobs[0].status {
+                    JobStatus::Cancelled => Ok(()),
+                    s => Err(format!("the parked job is {s:?}")),
+                }
+            }
+        })
+        .await;
+
+    reset_now(&cluster, &fake).await;
+    let conn = redis(&cluster).await;
+    cluster
+        .eventually(Duration::from_secs(20), || {
+            let mut conn = conn.clone();
+            async move {
+                let n: u64 = redis::cmd("ZCARD")
+                    .arg(keys::PARKED)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} parked"))
+                }
+            }
+        })
+        .await;
+    let next = cluster
+        .submit(json!({"prompt": "next", "roles": ["analyst"], "backend": "sim"}))
+        .await;
+    let next = cluster
+        .wait_task(&next.id.to_string(), Duration::from_secs(60))
+        .await;
+    assert_completed(&cluster, &next);
+    assert_eq!(
+        fake.requests_with_key("key-a").len(),
+        1,
+        "the cancelled job ran again"
+    );
+}

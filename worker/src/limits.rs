@@ -9,7 +9,8 @@
 //! **parked**: its spec goes to the parked set in Redis with the reset as its wake time, its
 //! lease is released and its message acked, so it holds no slot, no JetStream delivery and no
 //! attempt. [`run_waker`] (every worker runs one) re-publishes due parked jobs to the queue, the
-//! highest task priority first, as the same attempt. A worker that dies after taking a due job
+//! highest task priority first, as the same attempt (unless a coordinator's admission wakes
+//! them, so that a resumed job takes a place under its cap: `keys::ADMISSION_RESUMES`). A worker that dies after taking a due job
 //! and before re-publishing it only delays it: the job stays in the set, held for
 //! [`HOLD`], and another worker takes it.
 //!

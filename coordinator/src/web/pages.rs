@@ -145,7 +145,8 @@ pub fn overview() -> String {
 </section>
 <section class="panel" id="approvals">
   <div class="panel-head"><h2>Needs you</h2><span class="muted small">agents waiting for your approval · <code>orchctl approvals list</code></span></div>
-  <div id="approval-list"><p class="empty">Loading…</p></div>
+  <p id="approval-error" class="form-error" role="alert" hidden></p>
+  <div id="approval-list" aria-live="polite"><p class="empty">Loading…</p></div>
 </section>
 <section class="panel">
   <div class="panel-head"><h2>Running agents</h2><span class="muted small">live · <code>orchctl status</code></span></div>

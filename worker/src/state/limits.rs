@@ -19,41 +19,6 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return n
 "#;
 
-/// Takes up to ARGV[2] parked attempts due by ARGV[1] (ms): each is pushed ARGV[3] ms into
-/// the future (so a worker that dies before re-publishing it leaves it to another) and
-/// returned as member, spec, subject, priority, parks, traceparent. Members without a record are dropped.
-/// KEYS: parked set. ARGV: now ms, max, hold ms, record key prefix.
-const DUE: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-local out = {}
-for _, m in ipairs(due) do
-  local h = redis.call('HMGET', ARGV[4] .. m, 'spec', 'subject', 'priority', 'parks', 'traceparent')
-  if h[1] then
-    redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[3], m)
-    table.insert(out, m)
-    table.insert(out, h[1])
-    table.insert(out, h[2] or '')
-    table.insert(out, h[3] or '1')
-    table.insert(out, h[4] or '1')
-    table.insert(out, h[5] or '')
-  else
-    redis.call('ZREM', KEYS[1], m)
-  end
-end
-return out
-"#;
-
-/// Drops a re-published attempt's record unless it was parked again meanwhile.
-/// KEYS: record, parked set. ARGV: member, park count it was taken with.
-const UNPARK: &str = r#"
-if redis.call('HGET', KEYS[1], 'parks') == ARGV[2] then
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"#;
-
 /// Drops a lease this worker holds (a parked attempt runs again under a new lease).
 /// KEYS: lease. ARGV: value.
 const RELEASE: &str = r#"
@@ -71,9 +36,9 @@ static PARK_SCRIPT: std::sync::LazyLock<redis::Script> =
 static PARK_FOR_APPROVAL_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(keys::PARK_FOR_APPROVAL));
 static DUE_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(DUE));
+    std::sync::LazyLock::new(|| redis::Script::new(keys::TAKE_DUE_PARKED));
 static UNPARK_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(UNPARK));
+    std::sync::LazyLock::new(|| redis::Script::new(keys::UNPARK));
 static RELEASE_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(RELEASE));
 
@@ -240,11 +205,13 @@ impl State {
     }
 
     /// Takes up to `max` parked attempts due now, holding each for `hold` against other
-    /// workers while this one re-publishes it.
+    /// workers while this one re-publishes it. Takes none while a coordinator's admission
+    /// wakes parked jobs ([`keys::ADMISSION_RESUMES`]).
     pub async fn take_due(&self, max: usize, hold: std::time::Duration) -> Result<Vec<Due>, Error> {
         let mut conn = self.conn.clone();
         let flat: Vec<Vec<u8>> = DUE_SCRIPT
             .key(keys::PARKED)
+            .key(keys::ADMISSION_RESUMES)
             .arg(orch_shared::now_ms())
             .arg(max)
             .arg(hold.as_millis() as u64)

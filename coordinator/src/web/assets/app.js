@@ -88,7 +88,12 @@ function elapsed(start, end) {
 
 // ----- API --------------------------------------------------------------------------------
 
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status;
+  }
+}
 
 async function api(path, opts = {}) {
   const init = { credentials: "same-origin", headers: { Accept: "application/json" } };
@@ -110,7 +115,7 @@ async function api(path, opts = {}) {
   } catch (_) {
     data = text;
   }
-  if (!r.ok) throw new ApiError((data && data.message) || `${r.status} ${r.statusText}`);
+  if (!r.ok) throw new ApiError((data && data.message) || `${r.status} ${r.statusText}`, r.status);
   return data;
 }
 
@@ -268,6 +273,158 @@ function spendKpi(today) {
   kpiEl.title = `spent today ${usd(spent)} of ${usd(budget)} daily budget` + (level === "over" ? ": new agents wait until midnight UTC" : "");
 }
 
+// ----- "needs you": requests of agents waiting for a person ----------------------------------
+
+// A pattern to offer for "Always allow…", from the request's command or path: the command's
+// first words then `*`, or the path's folder then `*`. The person edits it before it is sent.
+function suggestPattern(a) {
+  const s = (a.summary || "").trim();
+  const words = s.split(/\s+/).filter(Boolean);
+  if (words.length > 2) return `${words[0]} ${words[1]} *`;
+  if (words.length === 2) return `${words[0]} *`;
+  const slash = s.lastIndexOf("/");
+  return slash > 0 ? s.slice(0, slash + 1) + "*" : s || "*";
+}
+
+// What the tool would do, shown in full: the command, the edit as removed and added lines, or
+// the path; the whole input stays one click away.
+function approvalDetail(a) {
+  let input = null;
+  try {
+    input = JSON.parse(a.input);
+  } catch (_) {
+    // Shortened inputs are not valid JSON: the summary and the raw text still show.
+  }
+  const lines = (text, cls, sign) => String(text).split("\n").map((l) => `<span class="${cls}"><span class="sign" aria-hidden="true">${sign}</span>${esc(l)}</span>`).join("");
+  let body;
+  if (input && typeof input === "object" && (input.old_string != null || input.new_string != null || input.content != null)) {
+    const path = input.file_path || input.path || a.summary;
+    const removed = input.old_string != null ? lines(input.old_string, "d-del", "-") : "";
+    const added = lines(input.new_string != null ? input.new_string : input.content, "d-add", "+");
+    body = `<div class="mono small approval-path">${esc(path)}</div><pre class="mono small approval-diff" aria-label="the change to ${esc(path)}">${removed}${added}</pre>`;
+  } else {
+    body = `<pre class="mono small approval-cmd">${esc(a.summary)}</pre>`;
+  }
+  return body + `<details><summary>Whole input</summary><pre class="mono small">${esc(a.input)}</pre></details>`;
+}
+
+function approvalCard(a, now, draft) {
+  const id = esc(a.id);
+  return `<article class="approval" data-approval="${id}" aria-labelledby="ap-${id}">
+    <div class="approval-head">
+      <h3 id="ap-${id}"><span class="mono">${esc(a.tool)}</span> <span class="muted">asked by</span> <a class="mono" href="/agents/${esc(a.job_id)}">${short(a.job_id)}</a> <span class="role">${esc(a.role)}</span></h3>
+      <span class="muted small">task <a class="mono" href="/tasks/${esc(a.task_id)}">${short(a.task_id)}</a> · denied in <span data-deadline="${a.deadline_ms}">${Math.max(0, Math.round((a.deadline_ms - now) / 1000))}s</span></span>
+    </div>
+    ${approvalDetail(a)}
+    <label class="approval-message">Message to the agent (optional)
+      <input type="text" maxlength="4000" data-message="${id}" value="${esc(draft.message || "")}" placeholder="why, or what to do instead">
+    </label>
+    <div class="approval-actions" role="group" aria-label="answer">
+      <button class="btn sm primary" data-approve="${id}">Approve</button>
+      <button class="btn sm" data-approve-task="${id}" title="also allow ${esc(a.tool)} on this same input for the rest of the task">Approve for this task</button>
+      <button class="btn sm" data-always-open="${id}" aria-expanded="${draft.always ? "true" : "false"}" aria-controls="ap-always-${id}">Always allow…</button>
+      <button class="btn sm danger" data-deny="${id}">Deny</button>
+    </div>
+    <form class="approval-always" id="ap-always-${id}" data-always="${id}" ${draft.always ? "" : "hidden"}>
+      <label><span>Always allow, for every task: <span class="mono">${esc(a.tool)}(pattern)</span>, where <code>*</code> matches anything</span>
+        <input type="text" class="mono" maxlength="500" required data-pattern="${id}" value="${esc(draft.pattern ?? suggestPattern(a))}">
+      </label>
+      <button class="btn sm primary" type="submit">Allow always</button>
+      <button class="btn sm" type="button" data-always-cancel="${id}">Cancel</button>
+    </form>
+  </article>`;
+}
+
+// The "Needs you" panel. Typing in a card survives the page's refreshes: the cards are rebuilt
+// only when the set of pending requests changes, from the drafts kept here.
+function approvalsPanel(onAnswered) {
+  const list = $("#approval-list");
+  const errorEl = $("#approval-error");
+  const drafts = new Map(); // request id -> {message, pattern, always}
+  let shown = null;
+  let pending = new Map();
+  const draft = (id) => {
+    if (!drafts.has(id)) drafts.set(id, {});
+    return drafts.get(id);
+  };
+  const showError = (m) => {
+    errorEl.textContent = m;
+    errorEl.hidden = !m;
+  };
+
+  const render = (approvals) => {
+    const waiting = approvals.approvals.filter((a) => a.state === "pending");
+    pending = new Map(waiting.map((a) => [a.id, a]));
+    const key = waiting.map((a) => a.id).join(",");
+    if (key === shown) {
+      list.querySelectorAll("[data-deadline]").forEach((el) => {
+        el.textContent = `${Math.max(0, Math.round((Number(el.dataset.deadline) - approvals.now_ms) / 1000))}s`;
+      });
+      return;
+    }
+    shown = key;
+    for (const id of [...drafts.keys()]) if (!pending.has(id)) drafts.delete(id);
+    list.innerHTML = waiting.length
+      ? waiting.map((a) => approvalCard(a, approvals.now_ms, draft(a.id))).join("")
+      : `<p class="empty">No agent is waiting for you.</p>`;
+  };
+
+  const answer = async (id, body, done, button) => {
+    const a = pending.get(id);
+    const message = draft(id).message;
+    if (message && message.trim()) body.message = message.trim();
+    const card = button.closest(".approval");
+    card.querySelectorAll("button").forEach((b) => (b.disabled = true));
+    try {
+      await api(`/v1/approvals/${id}`, { method: "POST", body });
+      showError("");
+      toast(done);
+    } catch (err) {
+      const what = a ? `${a.tool} ${a.summary}` : id;
+      const why = err.status === 409 ? "someone answered it first, or its deadline passed" : err.status === 404 ? "it is gone" : "";
+      showError(`Could not answer “${what}”: ${err.message}${why ? ` (${why})` : ""}`);
+      card.querySelectorAll("button").forEach((b) => (b.disabled = false));
+    }
+    onAnswered();
+  };
+
+  list.addEventListener("input", (e) => {
+    const t = e.target;
+    if (t.dataset.message) draft(t.dataset.message).message = t.value;
+    if (t.dataset.pattern) draft(t.dataset.pattern).pattern = t.value;
+  });
+  list.addEventListener("click", (e) => {
+    const b = e.target.closest("button");
+    if (!b) return;
+    const d = b.dataset;
+    if (d.approve) answer(d.approve, { decision: "approve" }, "Approved", b);
+    else if (d.approveTask) answer(d.approveTask, { decision: "approve", scope: "task" }, "Approved for this task", b);
+    else if (d.deny) answer(d.deny, { decision: "deny" }, "Denied", b);
+    else if (d.alwaysOpen || d.alwaysCancel) {
+      const id = d.alwaysOpen || d.alwaysCancel;
+      const open = !!d.alwaysOpen && !draft(id).always;
+      draft(id).always = open;
+      const form = list.querySelector(`#ap-always-${CSS.escape(id)}`);
+      form.hidden = !open;
+      list.querySelector(`[data-always-open="${CSS.escape(id)}"]`).setAttribute("aria-expanded", String(open));
+      if (open) form.querySelector("input").focus();
+    }
+  });
+  list.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const id = e.target.dataset.always;
+    const input = e.target.querySelector("[data-pattern]");
+    const pattern = input.value.trim();
+    if (!pattern) {
+      showError("Always allow: enter a pattern (`*` matches anything).");
+      input.focus();
+      return;
+    }
+    answer(id, { decision: "approve", scope: "always", pattern }, `Always allowed: ${pending.get(id)?.tool || ""}(${pattern})`, e.target.querySelector("button"));
+  });
+  return render;
+}
+
 function overviewPage() {
   const activity = new Map(); // job id -> {text, usage, cost}
   let agents = [];
@@ -294,16 +451,7 @@ function overviewPage() {
 
   const load = async () => {
     const [st, recent, dlq, quotas, approvals] = await Promise.all([api("/v1/status"), api("/v1/tasks?limit=8"), api("/v1/dlq"), api("/v1/quotas"), api("/v1/approvals")]);
-    // Requests waiting for a person: the command, path or edit, and the buttons that answer.
-    const waiting = approvals.approvals.filter((a) => a.state === "pending");
-    $("#approval-list").innerHTML = table([
-      { label: "Tool", cell: (a) => `<span class="mono">${esc(a.tool)}</span>` },
-      { label: "What", cls: "desc", cell: (a) => `<details><summary class="mono">${esc(a.summary)}</summary><pre class="mono small">${esc(a.input)}</pre></details>` },
-      { label: "Agent", cell: (a) => `<a class="mono" href="/agents/${esc(a.job_id)}">${short(a.job_id)}</a> <span class="role">${esc(a.role)}</span>` },
-      { label: "Task", cell: (a) => `<a class="mono" href="/tasks/${esc(a.task_id)}">${short(a.task_id)}</a>` },
-      { label: "Denied in", num: true, cell: (a) => `${Math.max(0, Math.round((a.deadline_ms - approvals.now_ms) / 1000))}s` },
-      { label: "", num: true, cell: (a) => `<button class="btn sm" data-approve="${esc(a.id)}">Approve</button> <button class="btn sm" data-deny="${esc(a.id)}">Deny</button>` },
-    ], waiting, "No agent is waiting for you.");
+    renderApprovals(approvals);
     const idle = st.workers.filter((w) => w.busy === 0).length;
     $("#k-workers").textContent = st.workers.length;
     $("#k-slots").innerHTML = `${st.slots_busy} of ${st.slots_total} slots busy · ${idle} idle` + `<div class="meter"><span style="width:${st.slots_total ? (100 * st.slots_busy) / st.slots_total : 0}%"></span></div>`;
@@ -355,25 +503,7 @@ function overviewPage() {
   };
 
   const refresh = throttle(() => load().catch((e) => toast(e.message, true)), 800);
-  $("#approval-list").addEventListener("click", async (e) => {
-    const approve = e.target.dataset.approve;
-    const deny = e.target.dataset.deny;
-    if (!approve && !deny) return;
-    let body = { decision: approve ? "approve" : "deny" };
-    if (deny) {
-      const message = prompt("Tell the agent why (optional):");
-      if (message === null) return;
-      if (message) body.message = message;
-    }
-    e.target.disabled = true;
-    try {
-      await api(`/v1/approvals/${approve || deny}`, { method: "POST", body });
-      toast(approve ? "Approved" : "Denied");
-    } catch (err) {
-      toast(err.message, true);
-    }
-    refresh();
-  });
+  const renderApprovals = approvalsPanel(() => refresh());
   $("#dead").addEventListener("click", async (e) => {
     const id = e.target.dataset.retry;
     if (!id) return;
