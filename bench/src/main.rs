@@ -23,6 +23,7 @@
 //! slowdown.
 
 mod anchors;
+mod bigrepo;
 mod checkpoints;
 mod cluster;
 mod concurrency;
@@ -44,7 +45,8 @@ use std::time::{Duration, Instant};
 #[derive(Parser)]
 struct Args {
     /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, native, growth,
-    /// recovery, checkpoints (or all, which leaves out the long ones: agents10k, history1m).
+    /// recovery, checkpoints (or all, which leaves out the long ones: agents10k, history1m,
+    /// bigrepo).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
@@ -137,6 +139,18 @@ struct Args {
     /// Jobs of the Celery run.
     #[arg(long, default_value_t = 5000)]
     celery_jobs: usize,
+    /// bigrepo: files of the generated repository.
+    #[arg(long, default_value_t = 50_000)]
+    bigrepo_files: usize,
+    /// bigrepo: commits after the first, each changing 1 % of the files.
+    #[arg(long, default_value_t = 20)]
+    bigrepo_commits: usize,
+    /// bigrepo: jobs started at once on the one worker.
+    #[arg(long, default_value_t = 16)]
+    bigrepo_concurrent: usize,
+    /// bigrepo: jobs run one at a time on the warm worker.
+    #[arg(long, default_value_t = 3)]
+    bigrepo_warm_jobs: usize,
     /// The anchors' folder.
     #[arg(long, default_value = "../shared/bench/anchors")]
     anchors: PathBuf,
@@ -192,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
     if args.check {
         return check(&args, &spec, results).await;
     }
-    const SCENARIOS: [&str; 11] = [
+    const SCENARIOS: [&str; 12] = [
         "all",
         "core",
         "anchors",
@@ -204,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
         "checkpoints",
         "agents10k",
         "history1m",
+        "bigrepo",
     ];
     if let Some(unknown) = args.scenarios.split(',').find(|x| !SCENARIOS.contains(x)) {
         eprintln!(
@@ -379,6 +394,34 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("history1m: this build, history {:?}", p.levels);
         runs["current"] = history::run(&spec, &p).await?;
         results["history1m"] = runs;
+    }
+    if args.scenarios.split(',').any(|x| x == "bigrepo") {
+        let mut builds = vec![];
+        if let Some(dir) = &args.baseline_bin_dir {
+            builds.push((
+                "baseline",
+                Spec {
+                    bin_dir: dir.clone(),
+                    ..spec.clone()
+                },
+            ));
+        }
+        builds.push(("current", spec.clone()));
+        eprintln!(
+            "bigrepo: {} files, {} commits",
+            args.bigrepo_files,
+            args.bigrepo_commits + 1
+        );
+        results["bigrepo"] = bigrepo::run_all(
+            &builds,
+            &bigrepo::Params {
+                files: args.bigrepo_files,
+                commits: args.bigrepo_commits,
+                warm_jobs: args.bigrepo_warm_jobs,
+                concurrent: args.bigrepo_concurrent,
+            },
+        )
+        .await?;
     }
     if want("recovery") {
         eprintln!("recovery");

@@ -3,9 +3,11 @@
 //!
 //! - **Clone cache**: each worker keeps a bare mirror per repository,
 //!   `<data_dir>/git-cache/<hash of url>.git`, fetched before every job under a per-url lock (two
-//!   jobs on one worker never fetch into one cache at once). The job's clone borrows the cache's
-//!   objects (`git clone --reference`), so only what the cache lacks crosses the network, and its
-//!   `origin` is the real url.
+//!   jobs on one worker never fetch into one cache at once; jobs that waited for the lock while
+//!   a fetch ran share the next one). The job's clone is made from the cache and borrows its
+//!   objects (`git clone --shared`): no object is copied and only the cache's fetch crosses the
+//!   network, so a job costs the checkout of its files. Its `origin` is the real url and its
+//!   `origin/HEAD` the remote's default branch, as the cache fetched them.
 //! - **Start**: the parents' branches ([`GitJob::start`]) that exist on `origin`, the first one
 //!   checked out and the others merged in order; `base_ref` when none exists (`HEAD`: the
 //!   remote's default branch). Parents whose branches conflict fail the job with `bad_request`
@@ -40,7 +42,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
@@ -362,11 +364,13 @@ pub(crate) async fn worktree_diff(dir: &Path, paths: &[String]) -> Option<String
     Some(cut_diff(&raw, more))
 }
 
-/// Locks on the clone caches of this process, by cache path.
-static CACHE_LOCKS: LazyLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Default::default);
+/// A clone cache's lock; it holds when the last successful fetch into the cache started.
+type CacheLock = Arc<tokio::sync::Mutex<Option<Instant>>>;
 
-fn cache_lock(cache: &Path) -> Arc<tokio::sync::Mutex<()>> {
+/// Locks on the clone caches of this process, by cache path.
+static CACHE_LOCKS: LazyLock<Mutex<HashMap<PathBuf, CacheLock>>> = LazyLock::new(Default::default);
+
+fn cache_lock(cache: &Path) -> CacheLock {
     let mut locks = CACHE_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
     locks.entry(cache.to_path_buf()).or_default().clone()
 }
@@ -451,18 +455,27 @@ async fn refresh_cache(cache: &Path, url: &str) -> Result<(), Error> {
             }
         }
     }
-    let out = git(
-        cache,
-        &[
+    let fetch = |with_head: bool| {
+        let mut args = vec![
             "fetch",
             "-q",
             "--prune",
             "origin",
             "+refs/heads/*:refs/heads/*",
             "+refs/tags/*:refs/tags/*",
-        ],
-    )
-    .await;
+        ];
+        if with_head {
+            // The remote's default branch, what a clone's `origin/HEAD` names.
+            args.push(FETCH_REMOTE_HEAD);
+        }
+        async move { git(cache, &args).await }
+    };
+    let mut out = fetch(true).await;
+    if !out.ok {
+        // A remote without a default branch (empty, or its HEAD names no branch): the rest.
+        let _ = git(cache, &["update-ref", "-d", REMOTE_HEAD]).await;
+        out = fetch(false).await;
+    }
     if !out.ok {
         return Err(Error::network(format!(
             "failed to fetch {url}: {}",
@@ -471,6 +484,10 @@ async fn refresh_cache(cache: &Path, url: &str) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Where the clone cache keeps the commit of the remote's `HEAD`.
+const REMOTE_HEAD: &str = "refs/orch/remote-head";
+const FETCH_REMOTE_HEAD: &str = "+HEAD:refs/orch/remote-head";
 
 /// A job's clone, checked out where its agent starts.
 #[derive(Debug)]
@@ -638,11 +655,20 @@ async fn check_inputs<'a>(
 async fn clone_through_cache(dir: &Path, data_dir: &Path, url: &str) -> Result<(), Error> {
     let cache = cache_path(data_dir, url);
     let dir_s = dir.display().to_string();
-    {
+    let asked = Instant::now();
+    let head = {
         let lock = cache_lock(&cache);
-        let _held = lock.lock().await;
-        refresh_cache(&cache, url).await?;
+        let mut last_fetch = lock.lock().await;
+        // A fetch that started after this job asked saw all it needs: jobs that start
+        // together share one fetch.
+        if last_fetch.is_none_or(|at| at < asked) {
+            let started = Instant::now();
+            refresh_cache(&cache, url).await?;
+            *last_fetch = Some(started);
+        }
         // Under the lock too: a fetch into the cache may repack what the clone is reading.
+        // The clone borrows the cache's objects (nothing is copied, nothing crosses the
+        // network): its refs are the cache's, just fetched.
         let cache_s = cache.display().to_string();
         let parent = dir.parent().unwrap_or(dir);
         let out = git(
@@ -651,23 +677,37 @@ async fn clone_through_cache(dir: &Path, data_dir: &Path, url: &str) -> Result<(
                 "clone",
                 "-q",
                 "--no-checkout",
-                "--reference",
-                &cache_s,
+                "--shared",
                 "--",
-                url,
+                &cache_s,
                 &dir_s,
             ],
         )
         .await;
         if !out.ok {
-            return Err(Error::network(format!(
-                "failed to clone {url}: {}",
+            return Err(Error::internal(format!(
+                "failed to clone {url} from the clone cache: {}",
                 out.why()
             )));
         }
-    }
-    for (k, v) in [("user.name", USER_NAME), ("user.email", USER_EMAIL)] {
-        let out = git(dir, &["config", k, v]).await;
+        commit_of(&cache, REMOTE_HEAD).await
+    };
+    let mut setup: Vec<Vec<&str>> = vec![
+        vec!["remote", "set-url", "origin", url],
+        vec!["config", "user.name", USER_NAME],
+        vec!["config", "user.email", USER_EMAIL],
+    ];
+    setup.push(match &head {
+        Some(commit) => vec![
+            "update-ref",
+            "--no-deref",
+            "refs/remotes/origin/HEAD",
+            commit,
+        ],
+        None => vec!["update-ref", "--no-deref", "-d", "refs/remotes/origin/HEAD"],
+    });
+    for args in setup {
+        let out = git(dir, &args).await;
         if !out.ok {
             return Err(Error::internal(format!(
                 "failed to configure the clone: {}",
