@@ -959,20 +959,22 @@ async fn cleaning_a_task_deletes_its_checkpoint_refs_from_its_repository_once_a_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workspace_over_the_checkpoint_bound_says_so_once_in_the_log() {
     // Three steps on a scratch workspace whose tree (a git bundle of a few hundred bytes) is
-    // over a bound of 100 bytes.
+    // over a bound of 100 bytes; the answer comes so late that the run is still going while
+    // the test looks (a checkpoint is saved while its run lasts).
     let (before, _) = native_script();
     let mut replies: Vec<Reply> = before[..3].to_vec();
-    replies.push(Reply::text("## Summary\nDone."));
+    replies.push(Reply::text("## Summary\nDone.").after(Duration::from_secs(600)));
     let fake = FakeAnthropic::start(replies).await;
     let mut worker_env = env(&fake);
     worker_env.push(("ORCH_CHECKPOINT_MAX_TREE_BYTES".into(), "100".into()));
-    let cluster = Cluster::start(Options {
-        workers: 1,
+    let mut cluster = Cluster::start(Options {
+        workers: 0,
         slots: 1,
         worker_env,
         ..Options::default()
     })
     .await;
+    let (_, metrics) = cluster.add_worker_with_metrics().await;
     let task = cluster
         .submit(json!({
             "prompt": "write the files",
@@ -982,9 +984,33 @@ async fn a_workspace_over_the_checkpoint_bound_says_so_once_in_the_log() {
         }))
         .await;
     let id = task.id.to_string();
-    let done = cluster.wait_task(&id, Duration::from_secs(120)).await;
-    assert_completed(&cluster, &done);
     let job = task.jobs[0].id;
+    requests(&cluster, &fake, 4).await;
+    // Every step wrote a file, so each was to be saved at once: at least two saves were
+    // refused (quick steps may be folded into one), each counted.
+    let skips = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("orch_worker_checkpoints_too_large_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    cluster
+        .eventually(Duration::from_secs(60), || async {
+            let n = skips(&cluster.scrape(&metrics).await);
+            if n >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} checkpoints refused"))
+            }
+        })
+        .await;
+    // The run is stopped (the event log of a task ends with it), then read.
+    let (status, body) = cluster
+        .post(&format!("/v1/tasks/{id}/cancel"), &json!(null))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    cluster.wait_task(&id, Duration::from_secs(120)).await;
     let events = cluster.events(&id, None).await;
     let kinds = kinds(&events, job);
     let skipped: Vec<(u32, u64, u64)> = kinds
