@@ -43,7 +43,9 @@ pub async fn run(spec: &Spec, baseline: Option<&Spec>, p: &Params) -> anyhow::Re
     let tmp = tempfile::tempdir()?;
     let bare = make_repo(tmp.path(), p.files)?;
     let mut script = Vec::new();
-    for _ in &passes_to_run {
+    // Each pass writes its own contents: objects an earlier pass left in the repository
+    // would make a later pass's checkpoints cheaper and smaller.
+    for (pass, ..) in &passes_to_run {
         for k in 0..p.steps {
             let tracked = format!("d{}/f{}.txt", k % 100, k / 100);
             let untracked = format!("new/{k}.txt");
@@ -51,11 +53,11 @@ pub async fn run(spec: &Spec, baseline: Option<&Spec>, p: &Params) -> anyhow::Re
                 Reply::tool_uses([
                     (
                         "write_file",
-                        json!({"path": tracked, "content": format!("step {k}\n")}),
+                        json!({"path": tracked, "content": format!("{pass} step {k}\n")}),
                     ),
                     (
                         "write_file",
-                        json!({"path": untracked, "content": format!("new {k}\n")}),
+                        json!({"path": untracked, "content": format!("{pass} new {k}\n")}),
                     ),
                 ])
                 .after(p.delay),
@@ -162,7 +164,9 @@ async fn one_pass(cluster: &Cluster, bare: &Path, p: &Params) -> anyhow::Result<
             EventKind::ToolResult { .. } => last_result = Some(at),
             // The first of a step's two calls.
             EventKind::ToolCall { name, input, .. }
-                if name == "write_file" && input.contains("\"d") =>
+                if name == "write_file"
+                    && serde_json::from_str::<Value>(&input)
+                        .is_ok_and(|v| v["path"].as_str().is_some_and(|p| p.starts_with('d'))) =>
             {
                 calls.push(at)
             }

@@ -228,6 +228,10 @@ impl Cluster {
                 .args(["--drain-grace", "5s"])
                 .args(&self.spec.worker_args)
                 .env("ORCH_LOG", "info");
+            // Its own data directory (the default, named after the id, may be another run's).
+            if !self.spec.worker_args.iter().any(|a| a == "--data-dir") {
+                cmd.arg("--data-dir").arg(self.dir.path().join(&id));
+            }
             if self.spec.worker_metrics {
                 let port = orch_tests::free_port();
                 cmd.args(["--listen", &format!("127.0.0.1:{port}")]);

@@ -333,6 +333,9 @@ impl Panel {
                 step.mark_running("starting over");
                 None
             }
+            EventKind::CheckpointSkipped { tree_bytes, .. } => Some(format!(
+                "{label}: not checkpointed (the workspace takes {tree_bytes} bytes, over the bound)"
+            )),
             EventKind::JobFinished {
                 success,
                 reason,

@@ -173,6 +173,10 @@ pub enum EventKind {
         /// that agent's, `usage`/`cost_usd` are then not counted here).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from_agent: Option<JobId>,
+        /// Why the workspace's files were not restored to the checkpoint (a plain local
+        /// directory: they are as the earlier run left them); `None` when they were.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        files_not_restored: Option<String>,
     },
     /// A checkpoint was found but could not be restored: the attempt starts over (why).
     ResumeFailed { reason: String },
@@ -229,6 +233,15 @@ pub enum EventKind {
         other_role: Role,
         kind: String,
         paths: Vec<String>,
+    },
+    /// The agent's workspace could not be checkpointed: its tree takes `tree_bytes`, over the
+    /// `bound_bytes` a checkpoint stores (`[checkpoints] max_tree_bytes`). Sent once per job
+    /// attempt run; the conversation is not checkpointed either (it would resume in the wrong
+    /// files), so a redelivered attempt starts over.
+    CheckpointSkipped {
+        step: u32,
+        tree_bytes: u64,
+        bound_bytes: u64,
     },
 }
 

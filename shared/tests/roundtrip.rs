@@ -229,9 +229,17 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
                 from_worker,
                 usage,
                 cost_usd,
+                files_not_restored: (from_step % 3 == 0).then(|| "a local directory".to_string()),
             }
         ),
         ".*".prop_map(|reason| EventKind::ResumeFailed { reason }),
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(step, tree_bytes, bound_bytes)| {
+            EventKind::CheckpointSkipped {
+                step,
+                tree_bytes,
+                bound_bytes,
+            }
+        }),
         (any::<u64>(), ".*", any::<bool>()).prop_map(|(number, url, draft)| EventKind::PrOpened {
             number,
             url,

@@ -75,6 +75,63 @@ pub struct Ledger {
     pub duplicate_starts: usize,
     /// Jobs whose charged cost differs from one finished execution's cost.
     pub double_charged: Vec<String>,
+    /// Tokens every run of every job spent (the runs cut short included).
+    pub tokens_spent: u64,
+    /// Tokens spent again: what runs cut short (a killed worker, a failed attempt retried)
+    /// had spent beyond the checkpoint the next run resumed from ([`tokens_redone`]).
+    pub tokens_redone: u64,
+}
+
+/// One run of a job (from its `job_started` event to the next one).
+#[derive(Debug, Default, Clone, Copy)]
+struct Run {
+    /// Tokens of the checkpoint it resumed from (0 when it started afresh).
+    resumed_at: u64,
+    /// Tokens it spent itself (its last cumulative `usage` event).
+    spent: u64,
+    succeeded: bool,
+}
+
+/// Tokens spent, and tokens spent again, over one job's events in order: each run that did not
+/// succeed and was followed by another had its tokens redone, less what the next run kept by
+/// resuming from a checkpoint further on than its own start.
+pub fn tokens_redone<'a>(kinds: impl IntoIterator<Item = &'a EventKind>) -> (u64, u64) {
+    let mut runs: Vec<Run> = Vec::new();
+    for kind in kinds {
+        match kind {
+            EventKind::JobStarted { .. } => runs.push(Run::default()),
+            EventKind::Resumed {
+                usage,
+                from_agent: None,
+                ..
+            } => {
+                if let Some(r) = runs.last_mut() {
+                    r.resumed_at = usage.total();
+                }
+            }
+            EventKind::Usage { usage, .. } => {
+                if let Some(r) = runs.last_mut() {
+                    r.spent = r.spent.max(usage.total());
+                }
+            }
+            EventKind::JobFinished { success, .. } => {
+                if let Some(r) = runs.last_mut() {
+                    r.succeeded = *success;
+                }
+            }
+            _ => {}
+        }
+    }
+    let spent = runs.iter().map(|r| r.spent).sum();
+    let redone = runs
+        .windows(2)
+        .filter(|w| !w[0].succeeded)
+        .map(|w| {
+            let kept = w[1].resumed_at.saturating_sub(w[0].resumed_at);
+            w[0].spent.saturating_sub(kept)
+        })
+        .sum();
+    (spent, redone)
 }
 
 pub async fn check(cluster: &Cluster, ids: &[String]) -> Ledger {
@@ -109,6 +166,16 @@ pub async fn check(cluster: &Cluster, ids: &[String]) -> Ledger {
         }
         ledger.duplicate_starts += starts.values().map(|n| n.saturating_sub(1)).sum::<usize>();
         for job in &task.jobs {
+            let (spent, redone) = tokens_redone(
+                events
+                    .iter()
+                    .filter(|(_, e)| e.job_id == Some(job.id))
+                    .map(|(_, e)| &e.kind),
+            );
+            ledger.tokens_spent += spent;
+            ledger.tokens_redone += redone;
+        }
+        for job in &task.jobs {
             let charged: f64 = (1..=job.attempt)
                 .filter_map(|a| finished.get(&(job.id, a)).and_then(|c| c.first()))
                 .sum();
@@ -128,12 +195,15 @@ pub async fn check(cluster: &Cluster, ids: &[String]) -> Ledger {
         }
     }
     eprintln!(
-        "ledger: {} tasks, {} lost, {} failed, {} duplicate executions, {} double charges",
+        "ledger: {} tasks, {} lost, {} failed, {} duplicate executions, {} double charges, \
+         {} of {} tokens spent again after kills",
         ledger.tasks,
         ledger.lost.len(),
         ledger.failed.len(),
         ledger.duplicate_starts,
-        ledger.double_charged.len()
+        ledger.double_charged.len(),
+        ledger.tokens_redone,
+        ledger.tokens_spent
     );
     ledger
 }
@@ -163,4 +233,86 @@ pub async fn submit_many(cluster: &Cluster, n: usize, latency_ms: u64) -> Vec<St
         ids.push(t.id.to_string());
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use orch_shared::job::Usage;
+
+    fn usage(tokens: u64) -> EventKind {
+        EventKind::Usage {
+            usage: Usage {
+                input_tokens: tokens,
+                ..Usage::default()
+            },
+            cost_usd: 0.0,
+        }
+    }
+
+    fn started() -> EventKind {
+        EventKind::JobStarted {
+            worker_id: orch_shared::ids::WorkerId("w".into()),
+            role: orch_shared::role::Role::Builder,
+            backend: "anthropic".into(),
+            model: None,
+            delivery: 1,
+            started_at_us: 0,
+            sandbox: None,
+        }
+    }
+
+    fn resumed(tokens: u64) -> EventKind {
+        EventKind::Resumed {
+            from_attempt: 1,
+            from_step: 1,
+            from_worker: "w".into(),
+            usage: Usage {
+                input_tokens: tokens,
+                ..Usage::default()
+            },
+            cost_usd: 0.0,
+            from_agent: None,
+            files_not_restored: None,
+        }
+    }
+
+    fn finished() -> EventKind {
+        EventKind::JobFinished {
+            success: true,
+            reason: None,
+            message: None,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            duration_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_killed_run_s_tokens_are_redone_less_what_the_next_run_resumed_from() {
+        // Killed after 80 tokens, restarted from nothing: all 80 again.
+        let off = [
+            started(),
+            usage(40),
+            usage(80),
+            started(),
+            usage(100),
+            finished(),
+        ];
+        assert_eq!(tokens_redone(&off), (180, 80));
+        // Resumed from a checkpoint at 70: 10 again.
+        let on = [
+            started(),
+            usage(40),
+            usage(80),
+            started(),
+            resumed(70),
+            usage(20),
+            finished(),
+        ];
+        assert_eq!(tokens_redone(&on), (100, 10));
+        // A run that finished is never redone.
+        assert_eq!(tokens_redone(&[started(), usage(5), finished()]), (5, 0));
+    }
 }

@@ -523,9 +523,17 @@ async fn a_native_tool_loop_killed_after_a_step_replays_its_messages_on_another_
         "{err}"
     );
     let events = cluster.events(&cut.id.to_string(), None).await;
-    assert!(kinds(&events, job).iter().any(
+    let kinds = kinds(&events, job);
+    assert!(kinds.iter().any(
         |k| matches!(k, EventKind::Resumed { from_step, .. } if *from_step == NATIVE_CUT_AFTER)
     ));
+    // The chaos ledger's figure: the killed run had spent eight steps' tokens, all kept by the
+    // checkpoint (the request in flight was never answered, so never billed).
+    let one = orch_tests::fake_anthropic::default_usage().total();
+    let (spent, redone) = orch_tests::ledger::tokens_redone(&kinds);
+    eprintln!("figure: tokens spent again after the kill: {redone} of {spent}");
+    assert_eq!(redone, 0, "{kinds:#?}");
+    assert_eq!(spent, (before.len() + after.len()) as u64 * one);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -946,4 +954,186 @@ async fn cleaning_a_task_deletes_its_checkpoint_refs_from_its_repository_once_a_
     // The work itself stays: the task's branch still holds the agent's commit.
     let branch = &task.jobs[0].git.as_ref().unwrap().branch;
     assert_eq!(git(&bare, &["rev-parse", branch]), work);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_over_the_checkpoint_bound_says_so_once_in_the_log() {
+    // Three steps on a scratch workspace whose tree (a git bundle of a few hundred bytes) is
+    // over a bound of 100 bytes; the answer comes so late that the run is still going while
+    // the test looks (a checkpoint is saved while its run lasts).
+    let (before, _) = native_script();
+    let mut replies: Vec<Reply> = before[..3].to_vec();
+    replies.push(Reply::text("## Summary\nDone.").after(Duration::from_secs(600)));
+    let fake = FakeAnthropic::start(replies).await;
+    let mut worker_env = env(&fake);
+    worker_env.push(("ORCH_CHECKPOINT_MAX_TREE_BYTES".into(), "100".into()));
+    let mut cluster = Cluster::start(Options {
+        workers: 0,
+        slots: 1,
+        worker_env,
+        ..Options::default()
+    })
+    .await;
+    let (_, metrics) = cluster.add_worker_with_metrics().await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "write the files",
+            "roles": ["builder"],
+            "backend": "anthropic",
+            "model": MODEL,
+        }))
+        .await;
+    let id = task.id.to_string();
+    let job = task.jobs[0].id;
+    requests(&cluster, &fake, 4).await;
+    // Every step wrote a file, so each was to be saved at once: at least two saves were
+    // refused (quick steps may be folded into one), each counted.
+    let skips = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("orch_worker_checkpoints_too_large_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    cluster
+        .eventually(Duration::from_secs(60), || async {
+            let n = skips(&cluster.scrape(&metrics).await);
+            if n >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} checkpoints refused"))
+            }
+        })
+        .await;
+    // The run is stopped (the event log of a task ends with it), then read.
+    let (status, body) = cluster
+        .post(&format!("/v1/tasks/{id}/cancel"), &json!(null))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    cluster.wait_task(&id, Duration::from_secs(120)).await;
+    let events = cluster.events(&id, None).await;
+    let kinds = kinds(&events, job);
+    let skipped: Vec<(u32, u64, u64)> = kinds
+        .iter()
+        .filter_map(|k| match k {
+            EventKind::CheckpointSkipped {
+                step,
+                tree_bytes,
+                bound_bytes,
+            } => Some((*step, *tree_bytes, *bound_bytes)),
+            _ => None,
+        })
+        .collect();
+    // Once for the job, not once per step, with the size and the bound.
+    assert_eq!(skipped.len(), 1, "{kinds:#?}");
+    let (step, tree_bytes, bound_bytes) = skipped[0];
+    assert_eq!(step, 1);
+    assert_eq!(bound_bytes, 100);
+    assert!(tree_bytes > 100, "{tree_bytes}");
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| matches!(k, EventKind::Checkpointed { .. })),
+        "{kinds:#?}"
+    );
+    // No pointer was left to resume from.
+    let client = redis::Client::open(cluster.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pointer: Option<String> = redis::cmd("GET")
+        .arg(keys::checkpoint(job))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pointer, None);
+    let home = tempfile::tempdir().unwrap();
+    let (code, out, err) = orch_tests::run(
+        orch_tests::orchctl_against(&cluster, home.path()).args(["logs", "--task", &id]),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "not checkpointed after step 1: the workspace's tree takes {tree_bytes} bytes, over the bound of 100"
+        )),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_in_a_plain_local_directory_resumes_its_conversation_and_says_the_files_stay() {
+    // Two files, then a step answered so late that the worker is killed first; the resumed
+    // run (another worker on the same machine, which sees the directory) reads both back into
+    // a third file, then answers.
+    let write = |name: &str| {
+        Reply::tool_use(
+            "write_file",
+            json!({"path": name, "content": format!("{name}\n")}),
+        )
+    };
+    let read_back = Reply::tool_use("bash", json!({"command": "cat a.txt b.txt > c.txt"}));
+    let answer = Reply::text("## Summary\nDone.");
+    let replies = vec![
+        write("a.txt"),
+        write("b.txt"),
+        read_back.clone().after(Duration::from_secs(600)),
+        read_back,
+        answer,
+    ];
+    let fake = FakeAnthropic::start(replies).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let task = cluster
+        .submit(json!({
+            "prompt": "write the files",
+            "roles": ["builder"],
+            "backend": "anthropic",
+            "model": MODEL,
+            "workspace": dir.path().display().to_string(),
+        }))
+        .await;
+    let job = task.jobs[0].id;
+    // The conversation alone is checkpointed: no commit, no tree.
+    let checkpoint = checkpoint_at(&cluster, job, 2).await;
+    assert_eq!(checkpoint.commit, None, "{checkpoint:?}");
+    assert_eq!(checkpoint.tree_object, None, "{checkpoint:?}");
+    requests(&cluster, &fake, 3).await;
+
+    cluster.workers[0].signal(libc::SIGKILL);
+    let stopped = Instant::now();
+    cluster.add_worker();
+    let done = cluster
+        .wait_task(&task.id.to_string(), Duration::from_secs(120))
+        .await;
+    assert_completed(&cluster, &done);
+    let after_stop: Vec<Recorded> = fake
+        .message_requests()
+        .into_iter()
+        .filter(|r| r.at > stopped)
+        .collect();
+    // The request in flight at the kill, then the answer: steps 1 and 2 were not asked again.
+    assert_eq!(after_stop.len(), 2, "{after_stop:#?}");
+    assert_eq!(done.jobs[0].worker_id, Some(WorkerId("worker-1".into())));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("c.txt")).unwrap(),
+        "a.txt\nb.txt\n"
+    );
+    let events = cluster.events(&task.id.to_string(), None).await;
+    let why = kinds(&events, job)
+        .into_iter()
+        .find_map(|k| match k {
+            EventKind::Resumed {
+                from_step: 2,
+                files_not_restored,
+                ..
+            } => Some(files_not_restored),
+            _ => None,
+        })
+        .expect("a resumed event after step 2");
+    let why = why.expect("the resumed event says the files were not restored");
+    assert!(why.contains("plain local directory"), "{why}");
 }

@@ -115,6 +115,16 @@ pub struct Args {
         env = "ORCH_CHECKPOINT_DIRECT"
     )]
     pub checkpoint_direct: Option<String>,
+    /// The largest scratch workspace tree a checkpoint stores (as a git bundle in the sessions
+    /// store, at most 67108864); a larger one is not checkpointed and a `checkpoint_skipped`
+    /// event says so [default: 67108864].
+    #[arg(
+        id = "checkpoints.max_tree_bytes",
+        long = "checkpoint-max-tree-bytes",
+        value_name = "BYTES",
+        env = "ORCH_CHECKPOINT_MAX_TREE_BYTES"
+    )]
+    pub checkpoint_max_tree_bytes: Option<String>,
     /// How long an agent's request for a person's approval waits before it is denied
     /// (`orchctl approvals`) [default: 10m].
     #[arg(
@@ -478,6 +488,8 @@ pub struct CheckpointSettings {
     /// A repository on a local path gets its checkpoints written straight into its object
     /// store (a pack and a compare-and-swap of the ref) instead of a push.
     pub direct: bool,
+    /// The largest scratch workspace tree (its git bundle) a checkpoint stores.
+    pub max_tree_bytes: u64,
 }
 
 impl Default for CheckpointSettings {
@@ -489,6 +501,7 @@ impl Default for CheckpointSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             migrate_on_drain: true,
             direct: true,
+            max_tree_bytes: orch_shared::job::MAX_TREE_BUNDLE_BYTES as u64,
         }
     }
 }
@@ -1006,6 +1019,13 @@ impl Settings {
                 "must be between 1 and 10000",
             ));
         }
+        let bound = orch_shared::job::MAX_TREE_BUNDLE_BYTES as u64;
+        if self.checkpoints.max_tree_bytes == 0 || self.checkpoints.max_tree_bytes > bound {
+            return Err(Error::invalid(
+                "checkpoints.max_tree_bytes",
+                format!("must be between 1 and {bound}"),
+            ));
+        }
         if self.checkpoints.retention < Duration::from_secs(60) {
             return Err(Error::invalid(
                 "checkpoints.retention",
@@ -1497,6 +1517,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("checkpoints.interval"), "{err}");
+        let cfg = load_with(None, &[("ORCH_CHECKPOINT_MAX_TREE_BYTES", "1000")], &[]).unwrap();
+        assert_eq!(cfg.checkpoints.max_tree_bytes, 1000);
+        let err = load_with(None, &[], &["--checkpoint-max-tree-bytes", "100000000"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: checkpoints.max_tree_bytes: must be between 1 and 67108864"
+        );
     }
 
     #[test]

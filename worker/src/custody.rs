@@ -10,10 +10,15 @@
 //!   checkpoint (each checkpoint's parent is the one before it, so every step stays reachable
 //!   for rewinds). A scratch directory (a repository of its own, with nowhere to push) is
 //!   committed the same way, as a root commit, and stored as a git bundle of that commit in
-//!   the sessions store (`checkpoint.<job>.<step>.tree`, at most
-//!   [`MAX_TREE_BUNDLE_BYTES`]; a larger tree is not checkpointed). A plain local directory
-//!   cannot be checkpointed (it is the user's, and another worker may not see it): a
-//!   redelivered attempt there starts over.
+//!   the sessions store (`checkpoint.<job>.<step>.tree`, at most `checkpoints.max_tree_bytes`,
+//!   itself at most [`MAX_TREE_BUNDLE_BYTES`]; a larger tree is not checkpointed, and a
+//!   `checkpoint_skipped` event says so once per run). A plain local directory (the job's
+//!   `workspace` path) is not copied: it is the user's, it stays where it is, and a resumed
+//!   run finds its files as the agent left them, not as at the checkpoint. Its checkpoints
+//!   keep the conversation alone; a redelivered attempt on a worker that sees the path (the
+//!   same machine, or a shared volume) resumes the conversation, and its `resumed` event says
+//!   the files were not restored. Such an agent is not handed back early on a drain (another
+//!   worker may not see the path).
 //! - the **conversation**: the Claude Code CLI's transcript file as it stands, or the API
 //!   backends' message list, as the object `checkpoint.<job>.<step>` of the sessions store
 //!   (the coordinator's bucket, readable by every worker).
@@ -136,6 +141,8 @@ struct Shared {
     resumed: bool,
     /// The workspace, once the backend has one that can be checkpointed.
     tree: Option<Tree>,
+    /// The workspace is a plain local directory: checkpoints keep the conversation alone.
+    local: bool,
     /// The last checkpoint commit (the parent of the next one).
     last_commit: Option<String>,
     /// What the last checkpoint saved of the tree: a tree that has not changed since is not
@@ -144,6 +151,9 @@ struct Shared {
     /// `last_commit` is what this agent's checkpoint ref holds (not a rewind's source), with
     /// all it reaches in the task's repository.
     last_on_ref: bool,
+    /// The temporary index is the one this run's last checkpoint was made from (all it names
+    /// is in the task's repository).
+    index_kept: bool,
     /// Steps and spending of the run this one resumed (0 when it starts afresh).
     base_step: u32,
     base_usage: Usage,
@@ -315,9 +325,11 @@ impl Custody {
             resume: resume.map(Arc::new),
             resumed: false,
             tree: None,
+            local: false,
             last_commit: None,
             last_tree: None,
             last_on_ref: false,
+            index_kept: false,
             base_step: 0,
             base_usage: Usage::default(),
             base_cost: 0.0,
@@ -333,6 +345,7 @@ impl Custody {
             shared: shared.clone(),
             events,
             fenced_out: false,
+            skipped_sent: false,
         };
         tokio::spawn(task.run(rx));
         Some(Recorder { tx, shared })
@@ -359,6 +372,11 @@ impl Recorder {
         let c = &r.checkpoint;
         s.resumed = true;
         s.base_step = c.step;
+        let files_not_restored = (s.local && c.commit.is_none()).then(|| {
+            "the workspace is a plain local directory: its files are as the earlier run left \
+             them there, not as they were at the checkpoint (only the conversation is kept)"
+                .to_string()
+        });
         s.last_commit = c.commit.clone();
         s.last_on_ref = !r.rewind && c.commit.is_some() && c.tree_object.is_none();
         if r.rewind {
@@ -376,6 +394,7 @@ impl Recorder {
             usage: c.usage,
             cost_usd: c.cost_usd,
             from_agent: r.rewind.then_some(r.source),
+            files_not_restored,
         });
         metrics::counter!(m::JOBS_RESUMED).increment(1);
     }
@@ -411,8 +430,15 @@ impl Recorder {
         });
     }
 
+    /// The workspace is the plain local directory the job names: checkpoints keep the
+    /// conversation alone (the files stay in the directory, on this worker's disk or a shared
+    /// path, as the agent leaves them).
+    pub fn track_local(&self) {
+        self.lock().local = true;
+    }
+
     /// Whether this run can be checkpointed (it has a tree to save): a drain may then hand it
-    /// back at once.
+    /// back at once. Not a plain local directory's (another worker may not see it).
     pub fn can_migrate(&self) -> bool {
         self.lock().tree.is_some()
     }
@@ -442,6 +468,8 @@ struct Task {
     shared: Arc<Mutex<Shared>>,
     events: Events,
     fenced_out: bool,
+    /// A `checkpoint_skipped` event was sent (once per run).
+    skipped_sent: bool,
 }
 
 impl Task {
@@ -502,12 +530,17 @@ impl Task {
         let (tree, last, base_step, base_usage, base_cost, turn, backend) = {
             let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             // A workspace that cannot be saved: a conversation alone would resume in the
-            // wrong files.
-            let tree = s.tree.clone()?;
+            // wrong files. Except in a plain local directory, which stays where it is: a
+            // resumed run finds the files as the agent left them there.
+            let tree = s.tree.clone();
+            if tree.is_none() && !s.local {
+                return None;
+            }
             let last = Last {
                 commit: s.last_commit.clone(),
                 tree: s.last_tree.clone(),
                 on_ref: s.last_on_ref,
+                index_kept: s.index_kept,
             };
             (
                 tree,
@@ -530,10 +563,27 @@ impl Task {
         // The conversation is stored while the tree is saved.
         let transcript = object_name(self.job, n);
         let direct = self.custody.settings.direct;
-        let (snapshot, stored) = tokio::join!(
-            snapshot_tree(&tree, self.job, &last, n, direct),
-            self.custody.objects.put(&transcript, &bytes)
-        );
+        let snapshot = async {
+            match &tree {
+                Some(t) => snapshot_tree(t, self.job, &last, n, direct).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (snapshot, stored) =
+            tokio::join!(snapshot, self.custody.objects.put(&transcript, &bytes));
+        if let Ok(Some(snapshot)) = &snapshot {
+            // The tree is saved (the ref moved) whatever happens to the rest: the next
+            // checkpoint's parent is this one.
+            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            s.last_commit = Some(snapshot.commit.clone());
+            s.last_on_ref = tree.as_ref().is_some_and(|t| t.remote);
+            s.index_kept = true;
+            s.last_tree = Some(LastTree {
+                tree: snapshot.tree.clone(),
+                files_changed: snapshot.files_changed,
+                bundle: snapshot.bundle.clone(),
+            });
+        }
         let snapshot = match (snapshot, stored) {
             (Ok(snapshot), Ok(())) => snapshot,
             (Err(why), _) => {
@@ -546,7 +596,27 @@ impl Task {
                 return None;
             }
         };
-        let tree_object = match &snapshot.bundle {
+        let tree_object = match snapshot.as_ref().and_then(|s| s.bundle.as_ref()) {
+            Some(b) if b.len() as u64 > self.custody.settings.max_tree_bytes => {
+                let bound = self.custody.settings.max_tree_bytes;
+                tracing::warn!(
+                    step = n,
+                    bytes = b.len(),
+                    bound,
+                    "checkpoint skipped: the workspace's tree is over the bound"
+                );
+                metrics::counter!(m::CHECKPOINTS_TOO_LARGE).increment(1);
+                let _ = self.custody.objects.delete(&transcript).await;
+                if !self.skipped_sent {
+                    self.skipped_sent = true;
+                    self.events.send(EventKind::CheckpointSkipped {
+                        step: n,
+                        tree_bytes: b.len() as u64,
+                        bound_bytes: bound,
+                    });
+                }
+                return None;
+            }
             Some(b) => {
                 let name = tree_object_name(self.job, n);
                 if let Err(e) = self.custody.objects.put(&name, b).await {
@@ -558,7 +628,8 @@ impl Task {
             }
             None => None,
         };
-        let (commit, files_changed) = (Some(snapshot.commit.clone()), snapshot.files_changed);
+        let commit = snapshot.as_ref().map(|s| s.commit.clone());
+        let files_changed = snapshot.as_ref().map_or(0, |s| s.files_changed);
         let mut usage = base_usage;
         usage.add(&step.usage);
         let checkpoint = Checkpoint {
@@ -620,16 +691,6 @@ impl Task {
                 tracing::warn!(step = n, error = %e, "checkpoint pointer not saved");
                 return None;
             }
-        }
-        {
-            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            s.last_commit = Some(snapshot.commit);
-            s.last_on_ref = tree.remote;
-            s.last_tree = Some(LastTree {
-                tree: snapshot.tree,
-                files_changed,
-                bundle: snapshot.bundle,
-            });
         }
         let took = started.elapsed();
         metrics::histogram!(m::CHECKPOINT_SECONDS).record(took.as_secs_f64());
@@ -730,6 +791,9 @@ struct Last {
     commit: Option<String>,
     tree: Option<LastTree>,
     on_ref: bool,
+    /// The temporary index is the one `commit` was made from: everything it names is in the
+    /// task's repository (when `on_ref`).
+    index_kept: bool,
 }
 
 /// One checkpoint of the tree.
@@ -738,14 +802,28 @@ struct Snapshot {
     commit: String,
     tree: String,
     files_changed: u32,
-    /// A scratch workspace's tree, as a git bundle.
+    /// A scratch workspace's bundle of it.
     bundle: Option<Arc<Vec<u8>>>,
 }
 
+/// Why a checkpoint written straight into the task's repository was not.
+enum NotWritten {
+    /// The ref was not at the last checkpoint (a stale run): the checkpoint is refused.
+    Refused(String),
+    /// It could not be done this way (the repository is not writable, another hash): the
+    /// checkpoint is pushed instead.
+    Failed(String),
+}
+
 /// Commits the whole working tree of `tree` with a temporary index: for a clone, with parent
-/// the last checkpoint (else `HEAD`), sent to `job`'s checkpoint ref ([`send_checkpoint`]);
-/// for a scratch repository, as a root commit bundled. A tree equal to the last checkpoint's
-/// is neither committed nor sent again: the last commit stands for it.
+/// the last checkpoint (else `HEAD`), sent to `job`'s checkpoint ref; for a scratch
+/// repository, as a root commit bundled. A tree equal to the last checkpoint's is neither
+/// committed nor sent again: the last commit stands for it.
+///
+/// A clone of a repository on a local path ([`Tree::store`], with `direct`) whose last
+/// checkpoint is on the ref gets the next one written straight into that repository
+/// ([`write_into_store`]: two git processes); otherwise the commit is pushed
+/// ([`send_checkpoint`]).
 async fn snapshot_tree(
     tree: &Tree,
     job: JobId,
@@ -753,38 +831,185 @@ async fn snapshot_tree(
     step: u32,
     direct: bool,
 ) -> Result<Snapshot, String> {
-    use crate::agent::git::{git, git_env};
-    let (dir, base, remote) = (tree.dir.as_path(), tree.base.as_str(), tree.remote);
+    let (dir, remote) = (tree.dir.as_path(), tree.remote);
     if !remote {
         crate::agent::workspace::ensure_scratch_repo(dir).await?;
     }
     let index = checkpoint_index(dir);
-    let index_s = index.display().to_string();
-    let env = [("GIT_INDEX_FILE", index_s.as_str())];
-    if tokio::fs::metadata(&index).await.is_err() {
-        // Start from the agent's index: its stat data spares hashing unchanged files.
-        let _ = tokio::fs::copy(dir.join(".git").join("index"), &index).await;
+    if !last.index_kept || tokio::fs::metadata(&index).await.is_err() {
+        fresh_index(dir).await;
     }
-    // The index is ours alone: no checksum to compute on every write and read.
-    let add = git_env(dir, &["-c", "index.skipHash=true", "add", "-A", "-f"], &env).await;
-    if !add.ok {
-        return Err(format!("git add: {}", add.why()));
+    let store = tree
+        .store
+        .as_deref()
+        .filter(|_| remote && direct && last.on_ref && last.index_kept);
+    if let (Some(store), Some(parent)) = (store, &last.commit) {
+        match write_into_store(tree, store, job, last, parent, step).await {
+            Ok(snapshot) => return Ok(snapshot),
+            Err(NotWritten::Refused(why)) => return Err(why),
+            Err(NotWritten::Failed(why)) => {
+                tracing::debug!(%why, "checkpoint not written into the repository; pushing it");
+                // The index may name objects only the repository has.
+                fresh_index(dir).await;
+            }
+        }
     }
-    let written = git_env(dir, &["-c", "index.skipHash=true", "write-tree"], &env).await;
+    push_snapshot(tree, job, last, step, direct).await
+}
+
+/// Starts the temporary index again from the agent's (whose stat data spares hashing the
+/// files it has).
+async fn fresh_index(dir: &Path) {
+    let index = checkpoint_index(dir);
+    let _ = tokio::fs::remove_file(&index).await;
+    let _ = tokio::fs::copy(dir.join(".git").join("index"), &index).await;
+}
+
+/// `git` options of every checkpoint command: the temporary index is ours alone (no checksum
+/// to compute on every write and read). (The untracked-files cache does not apply: `add -f`
+/// reads no ignore rules; a split index and index version 4 measured no faster.)
+const INDEX_OPTIONS: [&str; 2] = ["-c", "index.skipHash=true"];
+
+/// `git add -A -f` of the whole tree into the temporary index, with `env`.
+async fn add_all(dir: &Path, env: &[(&str, &str)]) -> Result<(), String> {
+    let args = [&INDEX_OPTIONS[..], &["add", "-A", "-f"]].concat();
+    let add = crate::agent::git::git_env(dir, &args, env).await;
+    match add.ok {
+        true => Ok(()),
+        false => Err(format!("git add: {}", add.why())),
+    }
+}
+
+/// `git write-tree` of the temporary index, with `env`: the tree's id.
+async fn write_tree(dir: &Path, env: &[(&str, &str)]) -> Result<String, String> {
+    let args = [&INDEX_OPTIONS[..], &["write-tree"]].concat();
+    let written = crate::agent::git::git_env(dir, &args, env).await;
     if !written.ok {
         return Err(format!("git write-tree: {}", written.why()));
     }
-    let tree_id = written.text().to_string();
-    if let (Some(commit), Some(prev)) = (&last.commit, &last.tree)
-        && prev.tree == tree_id
-        && (last.on_ref || !remote)
-    {
-        return Ok(Snapshot {
-            commit: commit.clone(),
-            tree: tree_id,
-            files_changed: prev.files_changed,
-            bundle: prev.bundle.clone(),
-        });
+    Ok(written.text().to_string())
+}
+
+/// The snapshot that stands for an unchanged tree: the last one.
+fn unchanged(last: &Last, tree_id: &str, remote: bool) -> Option<Snapshot> {
+    match (&last.commit, &last.tree) {
+        (Some(commit), Some(prev)) if prev.tree == tree_id && (last.on_ref || !remote) => {
+            Some(Snapshot {
+                commit: commit.clone(),
+                tree: tree_id.to_string(),
+                files_changed: prev.files_changed,
+                bundle: prev.bundle.clone(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The checkpoint of a clone written straight into the object store of the task's repository
+/// `store` (the next after `parent`, which its ref holds): `git add` and `git write-tree`
+/// write the new blobs and trees there (`GIT_OBJECT_DIRECTORY`; the workspace's own objects
+/// are not looked at, so nothing the repository lacks is taken as present), the commit is
+/// written by the worker as a loose object, and the ref moves by a compare-and-swap from
+/// `parent` ([`move_ref`]). No pack, no push, no `gc --auto`. The files changed are counted
+/// (`diff-index` of the index) while the tree is written.
+async fn write_into_store(
+    tree: &Tree,
+    store: &Path,
+    job: JobId,
+    last: &Last,
+    parent: &str,
+    step: u32,
+) -> Result<Snapshot, NotWritten> {
+    use crate::agent::git::git_env;
+    let dir = tree.dir.as_path();
+    let objects = store.join("objects");
+    let objects_s = objects.display().to_string();
+    let index_s = checkpoint_index(dir).display().to_string();
+    let env = [
+        ("GIT_INDEX_FILE", index_s.as_str()),
+        ("GIT_OBJECT_DIRECTORY", objects_s.as_str()),
+    ];
+    // Reading only: the agent's base may be a commit of its own (a merge of its parents).
+    let own = dir.join(".git").join("objects").display().to_string();
+    let read_env = [
+        env[0],
+        env[1],
+        ("GIT_ALTERNATE_OBJECT_DIRECTORIES", own.as_str()),
+    ];
+    let diff = [
+        &INDEX_OPTIONS[..],
+        &[
+            "diff-index",
+            "--cached",
+            "-r",
+            "--name-only",
+            "--no-renames",
+            &tree.base,
+        ],
+    ]
+    .concat();
+    add_all(dir, &env).await.map_err(NotWritten::Failed)?;
+    let (written, changed) = tokio::join!(write_tree(dir, &env), git_env(dir, &diff, &read_env));
+    let tree_id = written.map_err(NotWritten::Failed)?;
+    if let Some(same) = unchanged(last, &tree_id, true) {
+        return Ok(same);
+    }
+    if !changed.ok {
+        return Err(NotWritten::Failed(format!(
+            "git diff-index: {}",
+            changed.why()
+        )));
+    }
+    let files_changed = changed.stdout.lines().filter(|l| !l.is_empty()).count() as u32;
+    let body = commit_body(&tree_id, Some(parent), job, step);
+    let commit = {
+        let objects = objects.clone();
+        tokio::task::spawn_blocking(move || write_loose_object(&objects, "commit", &body))
+            .await
+            .map_err(|e| NotWritten::Failed(e.to_string()))?
+            .map_err(|e| NotWritten::Failed(format!("the commit was not written: {e}")))?
+    };
+    if commit.len() != tree_id.len() {
+        // A repository of another hash (SHA-256): git writes the commit.
+        return Err(NotWritten::Failed(
+            "the repository does not use SHA-1".into(),
+        ));
+    }
+    move_ref(store, &checkpoint_ref(job), &commit, parent).await?;
+    Ok(Snapshot {
+        commit,
+        tree: tree_id,
+        files_changed,
+        bundle: None,
+    })
+}
+
+/// The checkpoint of a clone pushed to the task's repository (or of a scratch repository,
+/// bundled).
+async fn push_snapshot(
+    tree: &Tree,
+    job: JobId,
+    last: &Last,
+    step: u32,
+    direct: bool,
+) -> Result<Snapshot, String> {
+    use crate::agent::git::git;
+    let (dir, base, remote) = (tree.dir.as_path(), tree.base.as_str(), tree.remote);
+    let index_s = checkpoint_index(dir).display().to_string();
+    let mut env = vec![("GIT_INDEX_FILE", index_s.as_str())];
+    // Earlier checkpoints may have been written into the repository alone.
+    let store_objects = tree
+        .store
+        .as_ref()
+        .filter(|_| direct && remote)
+        .map(|s| s.join("objects").display().to_string());
+    if let Some(o) = &store_objects {
+        env.push(("GIT_ALTERNATE_OBJECT_DIRECTORIES", o.as_str()));
+    }
+    add_all(dir, &env).await?;
+    let tree_id = write_tree(dir, &env).await?;
+    if let Some(same) = unchanged(last, &tree_id, remote) {
+        return Ok(same);
     }
     if !remote {
         return bundle_tree(dir, job, &tree_id, base, step).await;
@@ -800,11 +1025,11 @@ async fn snapshot_tree(
             head.text()
         }
     };
-    let commit = commit_tree(dir, &tree_id, Some(parent), job, step).await?;
+    let commit = commit_tree(dir, &tree_id, Some(parent), job, step, &env).await?;
     // The files changed are counted while the commit travels.
     let (sent, changed) = tokio::join!(
-        send_checkpoint(tree, job, &commit, parent, last.on_ref, direct),
-        files_changed(dir, base, &commit)
+        send_checkpoint(dir, job, &commit, parent, last.on_ref, &env),
+        files_changed(dir, base, &commit, &env)
     );
     sent?;
     Ok(Snapshot {
@@ -815,6 +1040,167 @@ async fn snapshot_tree(
     })
 }
 
+/// The message of `job`'s checkpoint commit after `step`.
+fn commit_message(job: JobId, step: u32) -> String {
+    format!("orchestrator checkpoint: agent {job}, step {step}")
+}
+
+/// A checkpoint commit object's content, as `git commit-tree` writes it (the workspace's
+/// committer identity, dated now).
+fn commit_body(tree: &str, parent: Option<&str>, job: JobId, step: u32) -> Vec<u8> {
+    use crate::agent::git::{USER_EMAIL, USER_NAME};
+    use std::fmt::Write;
+    let who = format!(
+        "{USER_NAME} <{USER_EMAIL}> {} +0000",
+        orch_shared::now_ms() / 1000
+    );
+    let mut body = format!("tree {tree}\n");
+    if let Some(p) = parent {
+        let _ = writeln!(body, "parent {p}");
+    }
+    let _ = write!(
+        body,
+        "author {who}\ncommitter {who}\n\n{}\n",
+        commit_message(job, step)
+    );
+    body.into_bytes()
+}
+
+/// Writes a loose object of `kind` with `content` into the object directory `objects` the way
+/// git does (zlib-compressed, under its SHA-1, written aside and renamed into place, read-only);
+/// its id. An object already there is left alone.
+fn write_loose_object(objects: &Path, kind: &str, content: &[u8]) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let header = format!("{kind} {}\0", content.len());
+    let mut hash = sha1_smol::Sha1::new();
+    hash.update(header.as_bytes());
+    hash.update(content);
+    let id = hash.digest().to_string();
+    let dir = objects.join(&id[..2]);
+    let path = dir.join(&id[2..]);
+    if path.exists() {
+        return Ok(id);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!("tmp_obj_orch_{}", uuid::Uuid::new_v4().simple()));
+    let written = (|| {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let mut z = flate2::write::ZlibEncoder::new(file, flate2::Compression::default());
+        z.write_all(header.as_bytes())?;
+        z.write_all(content)?;
+        let file = z.finish()?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|()| id)
+}
+
+/// Moves `refname` of the repository `store` from `old` to `new`, refused (never forced) when
+/// it is not at `old`: git's own protocol for a ref in files (`<ref>.lock` created exclusively,
+/// the value checked, the lock renamed over the ref), done by the worker; `git update-ref NEW
+/// OLD` for a repository that keeps its refs otherwise (reftable).
+async fn move_ref(store: &Path, refname: &str, new: &str, old: &str) -> Result<(), NotWritten> {
+    let refused = |why: String| {
+        NotWritten::Refused(format!(
+            "the checkpoint ref {refname} was not at the last checkpoint: {why}"
+        ))
+    };
+    if store.join("reftable").exists() {
+        let moved = crate::agent::git::git(store, &["update-ref", refname, new, old]).await;
+        return match moved.ok {
+            true => Ok(()),
+            false => Err(refused(moved.why())),
+        };
+    }
+    let (store, refname_s, new_s, old_s) = (
+        store.to_path_buf(),
+        refname.to_string(),
+        new.to_string(),
+        old.to_string(),
+    );
+    let moved = tokio::task::spawn_blocking(move || {
+        compare_and_swap_ref(&store, &refname_s, &new_s, &old_s)
+    })
+    .await
+    .map_err(|e| NotWritten::Failed(e.to_string()))?;
+    match moved {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(refused(why)),
+        Err(e) => Err(NotWritten::Failed(format!(
+            "the ref {refname} could not be written: {e}"
+        ))),
+    }
+}
+
+/// The compare-and-swap of [`move_ref`] on a ref stored as a file: `Ok(Err(why))` when the ref
+/// is not at `old` (or another process is moving it).
+fn compare_and_swap_ref(
+    store: &Path,
+    refname: &str,
+    new: &str,
+    old: &str,
+) -> std::io::Result<Result<(), String>> {
+    use std::io::Write;
+    let path = store.join(refname);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&lock)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Ok(Err("another process is moving it".into()));
+        }
+        Err(e) => return Err(e),
+    };
+    let swapped = (|| {
+        let current = match std::fs::read_to_string(&path) {
+            Ok(v) => Some(v.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => packed_ref(store, refname)?,
+            Err(e) => return Err(e),
+        };
+        if current.as_deref() != Some(old) {
+            return Ok(Err(format!(
+                "it is at {}",
+                current.as_deref().unwrap_or("nothing")
+            )));
+        }
+        file.write_all(format!("{new}\n").as_bytes())?;
+        std::fs::rename(&lock, &path)?;
+        Ok(Ok(()))
+    })();
+    if !matches!(swapped, Ok(Ok(()))) {
+        let _ = std::fs::remove_file(&lock);
+    }
+    swapped
+}
+
+/// The value of `refname` in `store`'s `packed-refs`, if it is there.
+fn packed_ref(store: &Path, refname: &str) -> std::io::Result<Option<String>> {
+    let text = match std::fs::read_to_string(store.join("packed-refs")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('^'))
+        .filter_map(|l| l.split_once(' '))
+        .find(|(_, name)| *name == refname)
+        .map(|(id, _)| id.to_string()))
+}
+
 /// `git commit-tree` of `tree` (with `parent`, else a root commit), dated now.
 async fn commit_tree(
     dir: &Path,
@@ -822,23 +1208,21 @@ async fn commit_tree(
     parent: Option<&str>,
     job: JobId,
     step: u32,
+    env: &[(&str, &str)],
 ) -> Result<String, String> {
-    let message = format!("orchestrator checkpoint: agent {job}, step {step}");
+    let message = commit_message(job, step);
     let date = format!("@{} +0000", orch_shared::now_ms() / 1000);
     let mut args = vec!["commit-tree", tree];
     if let Some(p) = parent {
         args.extend(["-p", p]);
     }
     args.extend(["-m", &message]);
-    let commit = crate::agent::git::git_env(
-        dir,
-        &args,
-        &[
-            ("GIT_AUTHOR_DATE", date.as_str()),
-            ("GIT_COMMITTER_DATE", date.as_str()),
-        ],
-    )
-    .await;
+    let mut env = env.to_vec();
+    env.extend([
+        ("GIT_AUTHOR_DATE", date.as_str()),
+        ("GIT_COMMITTER_DATE", date.as_str()),
+    ]);
+    let commit = crate::agent::git::git_env(dir, &args, &env).await;
     if !commit.ok {
         return Err(format!("git commit-tree: {}", commit.why()));
     }
@@ -846,8 +1230,8 @@ async fn commit_tree(
 }
 
 /// How many files `commit` changed against `base`.
-async fn files_changed(dir: &Path, base: &str, commit: &str) -> u32 {
-    let files = crate::agent::git::git(
+async fn files_changed(dir: &Path, base: &str, commit: &str, env: &[(&str, &str)]) -> u32 {
+    let files = crate::agent::git::git_env(
         dir,
         &[
             "diff-tree",
@@ -857,60 +1241,33 @@ async fn files_changed(dir: &Path, base: &str, commit: &str) -> u32 {
             base,
             commit,
         ],
+        env,
     )
     .await;
     files.stdout.lines().filter(|l| !l.is_empty()).count() as u32
 }
 
-/// Puts checkpoint `commit` (child of `parent`) on `job`'s checkpoint ref of the task's
-/// repository. When `parent` is the ref's last checkpoint (`parent_on_ref`), only a ref still
-/// at `parent` moves: a stale run sending from an older checkpoint is refused.
-///
-/// A repository on a local path ([`Tree::store`], with `direct`) gets the objects `parent`
-/// lacks as one pack written straight into its object store and the ref moved by a
-/// compare-and-swap (`update-ref NEW OLD`): two git processes instead of a push's five
-/// (`push`, `receive-pack`, `pack-objects`, `unpack-objects`, `rev-list`) and no `gc --auto`.
-/// When that cannot be done (another filesystem, no write access), the commit is pushed.
+/// Pushes checkpoint `commit` (child of `parent`) to `job`'s checkpoint ref of the task's
+/// repository, with `env` (the objects of earlier checkpoints written into a local repository
+/// alone). When `parent` is the ref's last checkpoint (`parent_on_ref`), only a ref still at
+/// `parent` moves (`--force-with-lease`): a stale run sending from an older checkpoint is
+/// refused.
 async fn send_checkpoint(
-    tree: &Tree,
+    dir: &Path,
     job: JobId,
     commit: &str,
     parent: &str,
     parent_on_ref: bool,
-    direct: bool,
+    env: &[(&str, &str)],
 ) -> Result<(), String> {
-    use crate::agent::git::{git, git_input};
-    let dir = tree.dir.as_path();
     let refname = checkpoint_ref(job);
-    if let (true, true, Some(store)) = (direct, parent_on_ref, &tree.store) {
-        // Everything `parent` reaches is in the repository already (it was sent before).
-        let pack = store.join("objects").join("pack").join("pack");
-        let pack_s = pack.display().to_string();
-        let revs = format!("{commit}\n^{parent}\n");
-        let packed = git_input(
-            dir,
-            &["pack-objects", "--revs", "-q", &pack_s],
-            revs.as_bytes(),
-        )
-        .await;
-        if packed.ok {
-            let moved = git(store, &["update-ref", &refname, commit, parent]).await;
-            if !moved.ok {
-                return Err(format!(
-                    "the checkpoint ref {refname} was not at the last checkpoint: {}",
-                    moved.why()
-                ));
-            }
-            return Ok(());
-        }
-        tracing::debug!(why = %packed.why(), "checkpoint not written into the repository; pushing it");
-    }
     let target = format!("{commit}:{refname}");
     let lease = match parent_on_ref {
         true => format!("--force-with-lease={refname}:{parent}"),
         false => "--force".to_string(),
     };
-    let push = git(dir, &["push", "-q", &lease, "origin", &target]).await;
+    let push =
+        crate::agent::git::git_env(dir, &["push", "-q", &lease, "origin", &target], env).await;
     if !push.ok {
         return Err(format!("git push of the checkpoint: {}", push.why()));
     }
@@ -944,7 +1301,7 @@ async fn bundle_tree(
     step: u32,
 ) -> Result<Snapshot, String> {
     use crate::agent::git::git;
-    let commit = commit_tree(dir, tree, None, job, step).await?;
+    let commit = commit_tree(dir, tree, None, job, step, &[]).await?;
     let update = git(dir, &["update-ref", BUNDLE_REF, &commit]).await;
     if !update.ok {
         return Err(format!("git update-ref: {}", update.why()));
@@ -960,14 +1317,7 @@ async fn bundle_tree(
         .map_err(|e| format!("the bundle could not be read: {e}"));
     let _ = tokio::fs::remove_file(&file).await;
     let bytes = bytes?;
-    if bytes.len() > MAX_TREE_BUNDLE_BYTES {
-        metrics::counter!(m::CHECKPOINTS_TOO_LARGE).increment(1);
-        return Err(format!(
-            "the workspace's tree is {} bytes as a bundle, over the bound of {MAX_TREE_BUNDLE_BYTES} for a scratch workspace",
-            bytes.len()
-        ));
-    }
-    let changed = files_changed(dir, base, &commit).await;
+    let changed = files_changed(dir, base, &commit, &[]).await;
     Ok(Snapshot {
         commit,
         tree: tree.to_string(),
@@ -1083,6 +1433,8 @@ pub async fn workspace_for(
         return Ok((dir, None));
     };
     let restored = match (&resume.checkpoint.commit, &resume.tree_bundle) {
+        // A plain local directory: nothing to restore, the files are where the run left them.
+        (None, None) if !dir.is_scratch() && dir.git_base().is_none() && !resume.rewind => Ok(()),
         (None, _) => Err("the checkpoint has no workspace to restore".to_string()),
         (Some(commit), None) if dir.git_base().is_some() => {
             restore_tree(&dir.path, resume.source, commit).await
@@ -1123,6 +1475,8 @@ fn track(rec: &Recorder, dir: &WorkDir, job: &JobSpec) {
         rec.track_tree(&dir.path, base, true, store);
     } else if dir.is_scratch_dir() {
         rec.track_tree(&dir.path, EMPTY_TREE, false, None);
+    } else if !dir.is_scratch() {
+        rec.track_local();
     }
 }
 
@@ -1193,6 +1547,7 @@ mod tests {
                 bundle: None,
             }),
             on_ref: true,
+            index_kept: true,
         }
     }
 
@@ -1210,6 +1565,7 @@ mod tests {
                 .unwrap()
                 .count()
         };
+        let in_clone = |id: &str| in_clone_object(&clone, id);
 
         // The first checkpoint is pushed (its parent is the agent's HEAD).
         std::fs::write(clone.join("b.txt"), "untracked\n").unwrap();
@@ -1219,7 +1575,8 @@ mod tests {
         assert_eq!(sh(&bare, &format!("git rev-parse {refname}")), first.commit);
         assert_eq!(first.files_changed, 1);
 
-        // The next one is written into the bare repository: one more pack, the ref moved.
+        // The next one is written into the bare repository (no pack, no push: the clone never
+        // had its objects), the ref moved.
         let before = packs();
         std::fs::write(clone.join("a.txt"), "two\n").unwrap();
         std::fs::create_dir(clone.join("sub")).unwrap();
@@ -1227,7 +1584,27 @@ mod tests {
         let second = snapshot_tree(&t, job, &after(&first), 2, true)
             .await
             .unwrap();
-        assert!(packs() > before, "no pack was written into the repository");
+        assert_eq!(packs(), before, "a pack was sent");
+        assert!(
+            !in_clone(&second.commit),
+            "the commit was made in the clone"
+        );
+        assert!(!in_clone(&second.tree), "the tree was made in the clone");
+        assert_eq!(
+            sh(&bare, &format!("git cat-file -t {}", second.commit)),
+            "commit"
+        );
+        // The commit is git's own: the same bytes `git commit-tree` would have written.
+        let log = sh(
+            &bare,
+            &format!("git log -1 --format=%an%x20%ae%x20%s {refname}"),
+        );
+        assert_eq!(
+            log,
+            format!(
+                "orchestrator orchestrator@localhost orchestrator checkpoint: agent {job}, step 2"
+            )
+        );
         assert_eq!(
             sh(&bare, &format!("git rev-parse {refname}")),
             second.commit
@@ -1264,6 +1641,72 @@ mod tests {
             sh(&bare, &format!("git rev-parse {refname}")),
             second.commit
         );
+        // So is one that finds the ref packed elsewhere (`git pack-refs`) at another commit,
+        // and the one that is up to date moves a packed ref.
+        sh(&bare, "git pack-refs --all");
+        let err = snapshot_tree(&t, job, &after(&first), 3, true)
+            .await
+            .unwrap_err();
+        assert!(err.contains("was not at the last checkpoint"), "{err}");
+        let fourth = snapshot_tree(&t, job, &after(&second), 4, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            sh(&bare, &format!("git rev-parse {refname}")),
+            fourth.commit
+        );
+        assert_eq!(sh(&bare, &format!("git show {refname}:a.txt")), "stale");
+        sh(&bare, "git fsck --no-progress");
+        // No lock was left behind.
+        assert!(!bare.join(format!("{refname}.lock")).exists());
+    }
+
+    #[tokio::test]
+    async fn a_repository_that_cannot_be_written_gets_its_checkpoints_pushed() {
+        let (_tmp, bare, clone, base) = repo();
+        let t = tree(&clone, &base, local_store(&bare.display().to_string()));
+        let job = JobId::new();
+        let refname = checkpoint_ref(job);
+        std::fs::write(clone.join("b.txt"), "one\n").unwrap();
+        let first = snapshot_tree(&t, job, &Last::default(), 1, true)
+            .await
+            .unwrap();
+        // A new blob written directly would go into this object directory: make it a file,
+        // so writing there fails and the checkpoint is pushed instead.
+        std::fs::write(clone.join("b.txt"), "two\n").unwrap();
+        let blob = sh(&clone, "git hash-object b.txt");
+        let fan = bare.join("objects").join(&blob[..2]);
+        // The push keeps what it receives as a pack (not loose objects in that directory).
+        sh(&bare, "git config receive.unpackLimit 1");
+        let _ = std::fs::remove_dir_all(&fan);
+        std::fs::write(&fan, "in the way").unwrap();
+        let second = snapshot_tree(&t, job, &after(&first), 2, true).await;
+        std::fs::remove_file(&fan).unwrap();
+        let second = second.unwrap();
+        assert!(in_clone_object(&clone, &second.commit), "it was not pushed");
+        assert_eq!(
+            sh(&bare, &format!("git rev-parse {refname}")),
+            second.commit
+        );
+        assert_eq!(sh(&bare, &format!("git show {refname}:b.txt")), "two");
+        // The next one goes straight in again.
+        std::fs::write(clone.join("b.txt"), "three\n").unwrap();
+        let third = snapshot_tree(&t, job, &after(&second), 3, true)
+            .await
+            .unwrap();
+        assert!(!in_clone_object(&clone, &third.commit));
+        assert_eq!(sh(&bare, &format!("git show {refname}:b.txt")), "three");
+        sh(&bare, "git fsck --no-progress");
+    }
+
+    /// Whether the clone's own object store has `id`.
+    fn in_clone_object(clone: &Path, id: &str) -> bool {
+        std::process::Command::new("git")
+            .args(["cat-file", "-e", id])
+            .current_dir(clone)
+            .status()
+            .unwrap()
+            .success()
     }
 
     #[tokio::test]

@@ -198,14 +198,28 @@ pub fn line(event: &Event, max: usize, heartbeats: bool) -> Option<String> {
             usage,
             cost_usd,
             from_agent: None,
-        } => format!(
-            "resumed after step {from_step} of attempt {from_attempt} (left by {from_worker}, which had spent {} tokens, {})",
-            output::count(usage.total()),
-            output::cost(*cost_usd)
-        ),
+            files_not_restored,
+        } => {
+            let mut line = format!(
+                "resumed after step {from_step} of attempt {from_attempt} (left by {from_worker}, which had spent {} tokens, {})",
+                output::count(usage.total()),
+                output::cost(*cost_usd)
+            );
+            if let Some(why) = files_not_restored {
+                line.push_str(&format!("; files not restored: {why}"));
+            }
+            line
+        }
         EventKind::ResumeFailed { reason } => {
             format!("checkpoint not restored, starting over: {reason}")
         }
+        EventKind::CheckpointSkipped {
+            step,
+            tree_bytes,
+            bound_bytes,
+        } => format!(
+            "not checkpointed after step {step}: the workspace's tree takes {tree_bytes} bytes, over the bound of {bound_bytes} ([checkpoints] max_tree_bytes); a restart would start over"
+        ),
         EventKind::PrOpened { .. }
         | EventKind::PrReady { .. }
         | EventKind::PrFailed { .. }

@@ -55,8 +55,8 @@ const TASK_BRANCH_ATTEMPTS: u32 = 10;
 /// Longest prompt line in a commit subject, in characters.
 const SUBJECT_MAX: usize = 72;
 /// Who commits, in every clone.
-const USER_NAME: &str = "orchestrator";
-const USER_EMAIL: &str = "orchestrator@localhost";
+pub(crate) const USER_NAME: &str = "orchestrator";
+pub(crate) const USER_EMAIL: &str = "orchestrator@localhost";
 /// Where the task branch and the job branches are fetched to while the task branch is rebuilt.
 const SYNC_TASK: &str = "refs/orch-sync/task";
 const SYNC_JOBS: &str = "refs/orch-sync/jobs/";
@@ -165,40 +165,6 @@ pub(crate) async fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> 
         stderr,
     };
     match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
-        Ok(Ok(out)) => Out {
-            ok: out.status.success(),
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        },
-        Ok(Err(e)) => failed(format!("fatal: failed to run git: {e}")),
-        Err(_) => failed(format!(
-            "fatal: git {} took longer than {}",
-            args.first().unwrap_or(&""),
-            humantime::format_duration(GIT_TIMEOUT)
-        )),
-    }
-}
-
-/// Runs git in `dir` with `input` on its standard input.
-pub(crate) async fn git_input(dir: &Path, args: &[&str], input: &[u8]) -> Out {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = command(dir);
-    cmd.args(args).stdin(Stdio::piped());
-    let failed = |stderr: String| Out {
-        ok: false,
-        code: None,
-        stdout: String::new(),
-        stderr,
-    };
-    let run = async {
-        let mut child = cmd.spawn()?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input).await?;
-        }
-        child.wait_with_output().await
-    };
-    match tokio::time::timeout(GIT_TIMEOUT, run).await {
         Ok(Ok(out)) => Out {
             ok: out.status.success(),
             code: out.status.code(),

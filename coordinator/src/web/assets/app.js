@@ -9,7 +9,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 // The names below are the coordinator's (Rust enums on the wire); a coordinator unit test
 // (web::tests) checks that they stay equal to the Rust lists.
 const ROLE_ORDER = ["analyst", "planner", "builder", "integrator", "tester", "reviewer", "documenter", "custom"];
-const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "pr_opened", "pr_ready", "pr_failed", "pr_reviewed", "pr_escalated", "task_finished", "job_parked", "conflict_warning"];
+const EVENT_KINDS = ["task_created", "task_planned", "job_waiting", "job_queued", "job_skipped", "job_retrying", "job_cancelled", "job_dead_lettered", "job_started", "thinking", "text", "tool_call", "tool_result", "mcp_server", "sandbox_refused", "approval_requested", "approval_answered", "usage", "compacted", "heartbeat", "checkpointed", "resumed", "resume_failed", "job_finished", "pr_opened", "pr_ready", "pr_failed", "pr_reviewed", "pr_escalated", "task_finished", "job_parked", "conflict_warning", "checkpoint_skipped"];
 // The statuses after which a task or an agent changes no more.
 const TASK_ENDED = ["completed", "failed", "cancelled"];
 const JOB_ENDED = ["succeeded", "failed", "skipped", "cancelled"];
@@ -34,6 +34,12 @@ function tokens(n) {
   if (n >= 1e4) return (n / 1e3).toFixed(0) + "k";
   if (n >= 1e3) return (n / 1e3).toFixed(1) + "k";
   return String(n);
+}
+function bytes(n) {
+  n = Number(n || 0);
+  if (n >= 1024 * 1024) return (n / (1024 * 1024)).toFixed(1) + " MiB";
+  if (n >= 1024) return (n / 1024).toFixed(1) + " KiB";
+  return n + " B";
 }
 function totalTokens(u) {
   return u ? (u.input_tokens || 0) + (u.output_tokens || 0) + (u.cache_creation_tokens || 0) + (u.cache_read_tokens || 0) : 0;
@@ -207,8 +213,9 @@ function describe(ev) {
     case "heartbeat": return "Heartbeat";
     case "checkpointed": return `Checkpoint after step ${k.step}: ${k.files_changed} file(s) changed, ${tokens(totalTokens(k.usage))} tokens so far`;
     case "resumed": if (k.from_agent) return `Rewound: started from the checkpoint after step ${k.from_step} of agent ${esc(short(k.from_agent))}`;
-      return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)`;
+      return `Resumed after step ${k.from_step} of attempt ${k.from_attempt} (left by ${esc(k.from_worker)}, which had spent ${tokens(totalTokens(k.usage))} tokens)` + (k.files_not_restored ? `; files not restored: ${esc(k.files_not_restored)}` : "");
     case "resume_failed": return `Checkpoint not restored, starting over: ${esc(k.reason)}`;
+    case "checkpoint_skipped": return `Not checkpointed: the workspace takes ${bytes(k.tree_bytes)}, over the bound of ${bytes(k.bound_bytes)} (a restart would start over)`;
     case "pr_opened": return `Pull request <a href="${esc(k.url)}">#${k.number}</a> open${k.draft ? " as a draft" : ""}`;
     case "pr_ready": return `Pull request #${k.number} ready for review`;
     case "pr_failed": return `Pull request not opened: ${esc(k.reason)}`;
