@@ -675,3 +675,63 @@ pub struct PathsReport {
 
 /// Most paths one [`PathsReport`] carries.
 pub const MAX_REPORTED_PATHS: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(headers: &[(&str, &str)], bearer: Option<&str>) -> McpServer {
+        McpServer {
+            url: Some("https://docs.example.com/mcp".into()),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            bearer_token_env: bearer.map(str::to_string),
+            ..McpServer::default()
+        }
+    }
+
+    #[test]
+    fn http_server_declarations_name_the_bad_field() {
+        assert_eq!(
+            http(&[("X-Team", "core")], Some("DOCS_TOKEN")).check("docs"),
+            Ok(())
+        );
+        let bad = |s: McpServer| s.check("docs").unwrap_err();
+        assert!(bad(http(&[("X Team", "a")], None)).starts_with("docs.headers:"));
+        assert!(
+            bad(http(&[("Mcp-Session-Id", "a")], None)).starts_with("docs.headers.Mcp-Session-Id:")
+        );
+        assert!(
+            bad(http(&[("Authorization", "a")], Some("T")))
+                .starts_with("docs.headers.Authorization:")
+        );
+        let e = bad(http(&[("X-Key", "top\nsecret")], None));
+        assert!(
+            e.starts_with("docs.headers.X-Key:") && !e.contains("secret"),
+            "{e}"
+        );
+        assert!(bad(http(&[], Some("A-B"))).starts_with("docs.bearer_token_env:"));
+        let command = McpServer {
+            command: Some("srv".into()),
+            headers: [("X-Team".to_string(), "core".to_string())].into(),
+            ..McpServer::default()
+        };
+        assert!(bad(command).starts_with("docs: headers and bearer_token_env are for a url"));
+        let spaced = McpServer {
+            url: Some("https://h/a b".into()),
+            ..McpServer::default()
+        };
+        assert!(bad(spaced).starts_with("docs.url:"));
+    }
+
+    #[test]
+    fn a_server_s_debug_shows_no_header_value() {
+        let shown = format!("{:?}", http(&[("X-Key", "top-secret")], None));
+        assert!(
+            shown.contains("X-Key") && !shown.contains("top-secret"),
+            "{shown}"
+        );
+    }
+}
