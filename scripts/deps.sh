@@ -100,6 +100,26 @@ if [ -z "${ORCH_MCP_FILESYSTEM_BIN:-}" ] && [ "$(basename "$0")" = test ] && \
   [ -x target/tools/mcp-server-filesystem/node_modules/.bin/mcp-server-filesystem ] || { echo "the MCP filesystem server is still missing after npm install" >&2; exit 1; }
 fi
 
+# The MCP reference "everything" server, for the tests of MCP servers over streamable HTTP
+# (tests/tests/mcp_tools.rs): a real MCP server nobody here wrote, started by the tests in its
+# `streamableHttp` mode and called by the worker over HTTP. Pinned, installed from npm into
+# target/tools/mcp-server-everything like the filesystem server; ORCH_MCP_EVERYTHING_BIN points
+# the tests at another copy.
+MCP_EVERYTHING_VERSION=2026.8.31
+if [ -z "${ORCH_MCP_EVERYTHING_BIN:-}" ] && [ "$(basename "$0")" = test ] && \
+   [ "$(sed -n 's/^  "version": *"\([^"]*\)".*/\1/p' target/tools/mcp-server-everything/node_modules/@modelcontextprotocol/server-everything/package.json 2>/dev/null)" != "$MCP_EVERYTHING_VERSION" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "installing npm (Debian) for the MCP everything server..." >&2
+    _orch_sudo apt-get update -qq >&2 || true
+    DEBIAN_FRONTEND=noninteractive _orch_sudo apt-get install -y -qq nodejs npm >&2
+  fi
+  echo "installing the MCP everything server $MCP_EVERYTHING_VERSION (npm) into target/tools/mcp-server-everything..." >&2
+  mkdir -p target/tools/mcp-server-everything
+  npm install --prefix target/tools/mcp-server-everything --no-audit --no-fund --loglevel=error \
+    "@modelcontextprotocol/server-everything@$MCP_EVERYTHING_VERSION" >&2
+  [ -x target/tools/mcp-server-everything/node_modules/.bin/mcp-server-everything ] || { echo "the MCP everything server is still missing after npm install" >&2; exit 1; }
+fi
+
 # ---- Python: the client's tests and the OpenAPI validator (scripts/test) -------------------------
 # pytest runs clients/python's tests (tests/tests/python_client.rs); openapi-spec-validator checks
 # docs/openapi.json (tests/tests/openapi.rs). Pinned, from PyPI; the tests fail, never skip,

@@ -1,8 +1,9 @@
 //! Native agents (the `anthropic` backend's tool loop, real tools in scratch workspaces) on
 //! one worker against a fake Messages API that answers every request after a delay, each
 //! agent doing a fixed number of tool rounds before its answer. Reports, from the same run,
-//! the worker's RSS per agent while they all run and its CPU per tool round (the loop's own
-//! cost: the fake's delay is not the worker's CPU).
+//! the worker's RSS per agent while they all run, its CPU per tool round (the loop's own
+//! cost: the fake's delay is not the worker's CPU), and its heartbeats (in-progress acks)
+//! sent and sent late, from its `/metrics`.
 
 use crate::cluster::{Cluster, Spec, children_cpu_s, cpu_s, rss_kb};
 use crate::scenarios::submit_many;
@@ -24,6 +25,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
     let cluster = Cluster::start(Spec {
         workers: 1,
         slots: p.agents as u32,
+        worker_metrics: true,
         worker_args: [
             "--default-backend",
             "anthropic",
@@ -87,6 +89,16 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
     } else {
         Value::Null
     };
+    // Heartbeats (in-progress acks) sent, and those sent late, from the worker's /metrics.
+    let metrics = match cluster.worker_metrics.first() {
+        Some(url) => reqwest::get(url).await?.text().await?,
+        None => String::new(),
+    };
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
     let requests = fake.message_requests().len();
     let rounds = (p.agents * p.rounds) as f64;
     Ok(json!({
@@ -103,6 +115,8 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
         "worker_cpu_s": cpu,
         "worker_cpu_ms_per_round": cpu * 1000.0 / rounds,
         "worker_cpu_ms_per_request": cpu * 1000.0 / requests.max(1) as f64,
+        "heartbeats": counter("orch_worker_in_progress_acks_total "),
+        "heartbeats_late": counter("orch_worker_in_progress_acks_late_total "),
         "worker_children_cpu_s": children,
         "worker_children_cpu_ms_per_agent": children * 1000.0 / p.agents as f64,
     }))

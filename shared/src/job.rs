@@ -87,8 +87,10 @@ impl JobSpec {
 
 /// An MCP server whose tools an agent of the native tool loop may call: a program spoken to
 /// over its stdin and stdout (`command`, run in the job's workspace and sandbox), or a
-/// streamable HTTP endpoint (`url`). Exactly one of the two.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// streamable HTTP endpoint (`url`, called by the worker). Exactly one of the two.
+///
+/// Its `Debug` shows the names of `headers`, never their values.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct McpServer {
     /// The program of a stdio server.
@@ -103,16 +105,52 @@ pub struct McpServer {
     /// The endpoint of a streamable HTTP server (`http://` or `https://`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// HTTP headers sent with every request to `url` (stored with the task like any field:
+    /// a secret belongs in `bearer_token_env`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// The worker's environment variable whose value is sent to `url` as
+    /// `Authorization: Bearer <value>`; only a server of the worker's own configuration may
+    /// name one (a task could otherwise send any of the worker's secrets anywhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_env: Option<String>,
 }
+
+impl std::fmt::Debug for McpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpServer")
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("env", &self.env)
+            .field("url", &self.url)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("bearer_token_env", &self.bearer_token_env)
+            .finish()
+    }
+}
+
+/// Headers an MCP server declaration may not set: the transport's own.
+pub const RESERVED_MCP_HEADERS: &[&str] = &[
+    "accept",
+    "content-type",
+    "content-length",
+    "host",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "last-event-id",
+];
 
 /// The longest MCP server name: with the tool's name after it, a tool's full name
 /// (`mcp__<server>__<tool>`) must fit the APIs' 64 characters.
 pub const MAX_MCP_SERVER_NAME: usize = 24;
+/// The longest `url` of an MCP server.
+pub const MAX_MCP_URL: usize = 2_048;
 
 impl McpServer {
     /// Why the server `name` as declared cannot be used, if it cannot: a message that starts
     /// with the name and the field (`fs.url: …`). The rules: a name of letters, digits, `-` and single `_` up to [`MAX_MCP_SERVER_NAME`]
-    /// characters, and either a command or an http(s) URL.
+    /// characters, and either a command (with args and env) or an http(s) URL (with headers
+    /// and bearer_token_env); a header value is never quoted in a message.
     pub fn check(&self, name: &str) -> Result<(), String> {
         if name.is_empty()
             || name.len() > MAX_MCP_SERVER_NAME
@@ -126,10 +164,54 @@ impl McpServer {
             ));
         }
         match (&self.command, &self.url) {
+            (Some(_), None) if !self.headers.is_empty() || self.bearer_token_env.is_some() => Err(
+                format!("{name}: headers and bearer_token_env are for a url, not a command"),
+            ),
             (Some(c), None) if !c.trim().is_empty() => Ok(()),
             (None, Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {
                 if !self.args.is_empty() || !self.env.is_empty() {
                     return Err(format!("{name}: args and env are for a command, not a url"));
+                }
+                if u.len() > MAX_MCP_URL || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(format!(
+                        "{name}.url: must be a URL of at most {MAX_MCP_URL} characters, without spaces"
+                    ));
+                }
+                for (header, value) in &self.headers {
+                    let lower = header.to_ascii_lowercase();
+                    if header.is_empty()
+                        || !header
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+                    {
+                        return Err(format!(
+                            "{name}.headers: `{header}` is not an HTTP header name"
+                        ));
+                    }
+                    if RESERVED_MCP_HEADERS.contains(&lower.as_str()) {
+                        return Err(format!(
+                            "{name}.headers.{header}: set by the MCP transport itself"
+                        ));
+                    }
+                    if lower == "authorization" && self.bearer_token_env.is_some() {
+                        return Err(format!(
+                            "{name}.headers.{header}: bearer_token_env sets it already"
+                        ));
+                    }
+                    // The value is never quoted back: it may be a credential.
+                    if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+                        return Err(format!(
+                            "{name}.headers.{header}: the value holds a control character"
+                        ));
+                    }
+                }
+                if let Some(var) = &self.bearer_token_env
+                    && (var.is_empty()
+                        || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                {
+                    return Err(format!(
+                        "{name}.bearer_token_env: `{var}` is not an environment variable name"
+                    ));
                 }
                 Ok(())
             }
@@ -593,3 +675,63 @@ pub struct PathsReport {
 
 /// Most paths one [`PathsReport`] carries.
 pub const MAX_REPORTED_PATHS: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(headers: &[(&str, &str)], bearer: Option<&str>) -> McpServer {
+        McpServer {
+            url: Some("https://docs.example.com/mcp".into()),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            bearer_token_env: bearer.map(str::to_string),
+            ..McpServer::default()
+        }
+    }
+
+    #[test]
+    fn http_server_declarations_name_the_bad_field() {
+        assert_eq!(
+            http(&[("X-Team", "core")], Some("DOCS_TOKEN")).check("docs"),
+            Ok(())
+        );
+        let bad = |s: McpServer| s.check("docs").unwrap_err();
+        assert!(bad(http(&[("X Team", "a")], None)).starts_with("docs.headers:"));
+        assert!(
+            bad(http(&[("Mcp-Session-Id", "a")], None)).starts_with("docs.headers.Mcp-Session-Id:")
+        );
+        assert!(
+            bad(http(&[("Authorization", "a")], Some("T")))
+                .starts_with("docs.headers.Authorization:")
+        );
+        let e = bad(http(&[("X-Key", "top\nsecret")], None));
+        assert!(
+            e.starts_with("docs.headers.X-Key:") && !e.contains("secret"),
+            "{e}"
+        );
+        assert!(bad(http(&[], Some("A-B"))).starts_with("docs.bearer_token_env:"));
+        let command = McpServer {
+            command: Some("srv".into()),
+            headers: [("X-Team".to_string(), "core".to_string())].into(),
+            ..McpServer::default()
+        };
+        assert!(bad(command).starts_with("docs: headers and bearer_token_env are for a url"));
+        let spaced = McpServer {
+            url: Some("https://h/a b".into()),
+            ..McpServer::default()
+        };
+        assert!(bad(spaced).starts_with("docs.url:"));
+    }
+
+    #[test]
+    fn a_server_s_debug_shows_no_header_value() {
+        let shown = format!("{:?}", http(&[("X-Key", "top-secret")], None));
+        assert!(
+            shown.contains("X-Key") && !shown.contains("top-secret"),
+            "{shown}"
+        );
+    }
+}

@@ -114,8 +114,8 @@ prop_compose! {
                   records_session: attempt % 3 == 0,
                   priority: [orch_shared::api::Priority::Low, orch_shared::api::Priority::Normal, orch_shared::api::Priority::High][(step % 3) as usize],
                   mcp_servers: if attempt % 2 == 0 { Default::default() } else { [
-                      ("fs".to_string(), McpServer { command: Some("mcp-server-filesystem".into()), args: vec![".".into()], env: [("A".to_string(), "b".to_string())].into(), url: None }),
-                      ("docs".to_string(), McpServer { url: Some("https://example.com/mcp".into()), ..McpServer::default() }),
+                      ("fs".to_string(), McpServer { command: Some("mcp-server-filesystem".into()), args: vec![".".into()], env: [("A".to_string(), "b".to_string())].into(), url: None, ..McpServer::default() }),
+                      ("docs".to_string(), McpServer { url: Some("https://example.com/mcp".into()), headers: [("X-Team".to_string(), "core".to_string())].into(), bearer_token_env: Some("DOCS_TOKEN".into()), ..McpServer::default() }),
                   ].into() } }
     }
 }

@@ -1,8 +1,9 @@
 //! MCP tools in the native tool loop (the coordinator's own MCP server is tested in
-//! `mcp.rs`): a real MCP server nobody here wrote (the reference filesystem server from npm,
-//! see `orch_tests::mcp_server`) declared for a role in the worker's configuration or by the
-//! task, started by the worker through `rmcp`'s client, and called by a fake model API that
-//! scripts the tool calls. Its tools are offered next to the built-in ones under the role's
+//! `mcp.rs`): real MCP servers nobody here wrote (the reference filesystem server from npm
+//! over stdio, and the reference "everything" server over streamable HTTP, see
+//! `orch_tests::mcp_server`) declared for a role in the worker's configuration or by the
+//! task, started or reached by the worker through `rmcp`'s client, and called by a fake model
+//! API that scripts the tool calls. Its tools are offered next to the built-in ones under the role's
 //! rules; a server that cannot start fails the job, not hangs it.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
@@ -13,7 +14,7 @@ use orch_shared::role::Role;
 use orch_tests::agents::{run, worker_config};
 use orch_tests::fake_anthropic::{FakeAnthropic, Reply};
 use orch_tests::fake_openai::{self, FakeOpenAi};
-use orch_tests::mcp_server::filesystem_server;
+use orch_tests::mcp_server::{EverythingServer, filesystem_server};
 use orch_tests::{Cluster, Options, assert_completed};
 use orch_worker::agent::backends::Backends;
 use orch_worker::config::Config;
@@ -359,5 +360,140 @@ async fn a_task_s_mcp_server_runs_in_the_job_s_sandbox() {
         events.iter().any(|(_, e)| matches!(&e.kind,
             EventKind::McpServer { server, tools, error: None, .. } if server == "files" && *tools > 5)),
         "{events:#?}"
+    );
+}
+
+/// A streamable HTTP server declared for a role: its tools are offered next to the built-in
+/// ones and what it answered over HTTP reaches the model.
+#[tokio::test]
+async fn a_builder_calls_a_streamable_http_server_s_tools() {
+    let server = EverythingServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeAnthropic::start([
+        Reply::tool_uses([
+            (
+                "mcp__everything__echo",
+                json!({"message": "hello over HTTP"}),
+            ),
+            ("mcp__everything__get-sum", json!({"a": 2, "b": 3})),
+        ]),
+        Reply::text("Done."),
+    ])
+    .await;
+    let roles = json!({"builder": {"mcp_servers": {"everything": {
+        "url": server.url, "headers": {"X-Team": "core"}}}}});
+    let cfg = config(data.path(), Some(&fake.url), None, roles);
+    let backends = Backends::from_config(&cfg);
+    let (r, events) = run(
+        &backends,
+        &job(Role::Builder, Backend::Anthropic, work.path()),
+    )
+    .await;
+    assert!(
+        r.output.outcome.is_success(),
+        "{r:#?}\n{events:#?}\n{}",
+        server.log()
+    );
+
+    let reqs = fake.message_requests();
+    assert_eq!(reqs.len(), 2);
+    let tools = offered(&reqs[0].body);
+    for t in ["bash", "mcp__everything__echo", "mcp__everything__get-sum"] {
+        assert!(tools.contains(&t.to_string()), "{t} not in {tools:?}");
+    }
+    let started = mcp_events(&events);
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0].0, "everything");
+    assert!(started[0].1 >= 5, "{started:?}");
+    assert_eq!(started[0].3, None);
+    // The server's answers, as the model got them.
+    assert_eq!(
+        anthropic_results(&reqs[1].body),
+        [
+            ("Echo: hello over HTTP".to_string(), false),
+            ("The sum of 2 and 3 is 5.".to_string(), false),
+        ]
+    );
+}
+
+/// A task's own HTTP server must be on a host the role's agents may reach, and may not read
+/// a bearer token from the worker's environment; allowed, it works like a role's.
+#[tokio::test]
+async fn a_task_s_http_server_is_held_to_the_role_s_allowed_hosts() {
+    let server = EverythingServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let declared = |s: McpServer| JobSpec {
+        mcp_servers: [("everything".to_string(), s)].into(),
+        ..job(Role::Builder, Backend::Openai, work.path())
+    };
+    let http = McpServer {
+        url: Some(server.url.clone()),
+        ..McpServer::default()
+    };
+
+    // The default builder may reach the package registries, not this server.
+    let fake = FakeOpenAi::start([fake_openai::Reply::text("never asked")]).await;
+    let cfg = config(data.path(), None, Some(&fake.url), json!({}));
+    let (r, events) = run(&Backends::from_config(&cfg), &declared(http.clone())).await;
+    match &r.output.outcome {
+        Outcome::Failure { reason, message } => {
+            assert_eq!(*reason, FailureReason::BadRequest);
+            assert!(
+                message.contains("MCP server `everything` url:")
+                    && message.contains(&format!("127.0.0.1:{}", server.port))
+                    && message.contains("allowed_hosts"),
+                "{message}"
+            );
+        }
+        o => panic!("expected a failure, got {o:?}"),
+    }
+    assert_eq!(mcp_events(&events).len(), 1);
+    assert!(fake.requests().is_empty());
+
+    // Allowed: the tool is called over HTTP.
+    let fake = FakeOpenAi::start([
+        fake_openai::Reply::tool_calls([(
+            "mcp__everything__echo",
+            json!({"message": "from a task's server"}),
+        )]),
+        fake_openai::Reply::text("Done."),
+    ])
+    .await;
+    let roles = json!({"builder": {"allowed_hosts": [format!("127.0.0.1:{}", server.port)]}});
+    let cfg = config(data.path(), None, Some(&fake.url), roles);
+    let backends = Backends::from_config(&cfg);
+    let (r, events) = run(&backends, &declared(http.clone())).await;
+    assert!(
+        r.output.outcome.is_success(),
+        "{r:#?}\n{events:#?}\n{}",
+        server.log()
+    );
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2);
+    let results: Vec<String> = reqs[1].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(results, ["Echo: from a task's server"]);
+
+    // A task naming a variable of the worker's environment for its token is refused.
+    let (r, _) = run(
+        &backends,
+        &declared(McpServer {
+            bearer_token_env: Some("PATH".into()),
+            ..http
+        }),
+    )
+    .await;
+    assert!(
+        matches!(&r.output.outcome, Outcome::Failure { reason: FailureReason::BadRequest, message }
+            if message.contains("bearer_token_env")),
+        "{:?}",
+        r.output.outcome
     );
 }

@@ -8,6 +8,7 @@ pub const JOBS_REDELIVERED: &str = "orch_worker_jobs_redelivered_total";
 pub const JOBS_ALREADY_DONE: &str = "orch_worker_jobs_already_done_total";
 pub const JOBS_HANDED_BACK: &str = "orch_worker_jobs_handed_back_total";
 pub const HEARTBEATS: &str = "orch_worker_in_progress_acks_total";
+pub const HEARTBEATS_LATE: &str = "orch_worker_in_progress_acks_late_total";
 pub const LEASES_LOST: &str = "orch_worker_leases_lost_total";
 pub const JOBS_RESUMED: &str = "orch_worker_jobs_resumed_total";
 pub const JOBS_MIGRATED: &str = "orch_worker_jobs_migrated_total";
@@ -38,6 +39,10 @@ pub fn describe() {
         "Jobs handed back to the queue (drain deadline, or result not publishable)"
     );
     describe_counter!(HEARTBEATS, "In-progress acks sent for running jobs");
+    describe_counter!(
+        HEARTBEATS_LATE,
+        "In-progress acks sent more than half their period after they were due (a busy worker)"
+    );
     describe_counter!(
         LEASES_LOST,
         "Jobs dropped because another worker took their lease (this worker was paused or cut off)"
@@ -80,6 +85,7 @@ pub fn describe() {
         JOBS_ALREADY_DONE,
         JOBS_HANDED_BACK,
         HEARTBEATS,
+        HEARTBEATS_LATE,
         JOBS_PARKED,
         JOBS_UNPARKED,
     ] {

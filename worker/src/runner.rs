@@ -281,7 +281,7 @@ impl Runner {
                         tracing::debug!(error = %e, "changed paths not reported");
                     }
                 }
-                _ = keepalive.tick() => {
+                due = keepalive.tick() => {
                     if !self.still_holds(lease.as_mut(), lease_ttl, true).await {
                         // Paused or cut off past the ack wait: another worker owns the attempt.
                         tracing::warn!("lease lost: another worker took the job; dropping it");
@@ -292,6 +292,13 @@ impl Runner {
                     metrics::counter!(m::HEARTBEATS).increment(1);
                     if let Err(e) = job.in_progress().await {
                         tracing::warn!(error = %e, "in-progress ack failed");
+                    }
+                    // Sent well after it was due: the worker is too busy for its jobs (the
+                    // ack wait is three periods, so a late one is a warning, not a loss yet).
+                    let lag = due.elapsed();
+                    if lag > period / 2 {
+                        metrics::counter!(m::HEARTBEATS_LATE).increment(1);
+                        tracing::warn!(lag_ms = lag.as_millis() as u64, "in-progress ack sent late");
                     }
                     self.send(&job, EventKind::Heartbeat).await;
                     if let Some(w) = watch.as_mut() {

@@ -143,6 +143,15 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
                 ApiError::new(ErrorCode::InvalidField, format!("mcp_servers.{why}")).into(),
             );
         }
+        // The variable is read from the worker's environment: a task naming one could send
+        // any of the worker's secrets to a server of its choosing.
+        if server.bearer_token_env.is_some() {
+            return Err(ApiError::field(
+                &format!("mcp_servers.{name}.bearer_token_env"),
+                "only a role's MCP server in the worker's configuration may name one",
+            )
+            .into());
+        }
     }
     let check = match req.check {
         Some(c) if c.trim().is_empty() => {
@@ -549,6 +558,23 @@ mod tests {
         assert!(e.message.starts_with("mcp_servers.a__b:"), "{}", e.message);
         let e = err("{\"prompt\": \"x\", \"mcp_servers\": {\"fs\": {}}}");
         assert!(e.message.starts_with("mcp_servers.fs:"), "{}", e.message);
+        let e = err(
+            "{\"prompt\": \"x\", \"mcp_servers\": {\"docs\": {\"url\": \"https://h/mcp\", \"bearer_token_env\": \"ANTHROPIC_API_KEY\"}}}",
+        );
+        assert!(
+            e.message.starts_with("mcp_servers.docs.bearer_token_env:"),
+            "{}",
+            e.message
+        );
+        let e = err(
+            "{\"prompt\": \"x\", \"mcp_servers\": {\"docs\": {\"url\": \"https://h/mcp\", \"headers\": {\"Mcp-Session-Id\": \"s\"}}}}",
+        );
+        assert!(
+            e.message
+                .starts_with("mcp_servers.docs.headers.Mcp-Session-Id:"),
+            "{}",
+            e.message
+        );
         let e = err("{\"prompt\": \"x\", \"mcp_servers\": {\"fs\": {\"cmd\": \"x\"}}}");
         assert!(e.message.contains("cmd"), "{}", e.message);
 

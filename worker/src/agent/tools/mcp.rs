@@ -8,8 +8,10 @@
 //! A stdio server runs in the job's workspace, in its sandbox when the worker has one, under
 //! the supervisor and in a process group of its own (killed with the job), with an environment
 //! holding no secret of the worker ([`super::shell::ENV_ALLOWLIST`] and what the declaration
-//! adds). A streamable HTTP server is not supported yet: declaring one fails the job with
-//! that reason.
+//! adds). A streamable HTTP server (`url`) is called by the worker through
+//! [`super::mcp_http`], with the headers it declares and, for a server of the worker's own
+//! configuration, `Authorization: Bearer` from the worker's variable `bearer_token_env`; a
+//! server a task declares must be on a host the role's `allowed_hosts` allow.
 //!
 //! A server that does not start, or does not list its tools within
 //! `agent.mcp_start_timeout`, fails the job with a message naming it (and the end of what it
@@ -17,13 +19,18 @@
 //! A call's result is its text content, capped like every tool result.
 
 use super::super::process;
+use super::mcp_http::Http;
 use super::{Spec, ToolOutput, cap, shell::ENV_ALLOWLIST};
 use crate::roles::Profile;
 use crate::sandbox::Jail;
+use futures::future::BoxFuture;
 use orch_shared::job::McpServer;
+use reqwest::header::{HeaderName, HeaderValue};
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -129,19 +136,25 @@ impl McpTools {
                 server: name.clone(),
                 message,
             };
-            let (client, guard, (stderr, mut stderr_read)) = match (&server.command, &server.url) {
-                (Some(command), _) => {
-                    spawn(command, server, workspace, jail).map_err(|e| fail(e.to_string()))?
-                }
-                (None, Some(url)) => {
-                    return Err(fail(format!(
-                        "streamable HTTP servers ({url}) are not supported by this worker yet"
-                    )));
-                }
-                (None, None) => return Err(fail("declares neither command nor url".into())),
-            };
+            let (serve, guard, (stderr, mut stderr_read)): (BoxFuture<'_, _>, _, _) =
+                match (&server.command, &server.url) {
+                    (Some(command), _) => {
+                        let (pipes, guard, stderr) = spawn(command, server, workspace, jail)
+                            .map_err(|e| fail(e.to_string()))?;
+                        (Box::pin(().serve(pipes)), guard, stderr)
+                    }
+                    (None, Some(url)) => {
+                        let own = profile.mcp_servers.get(name) == Some(server);
+                        let env = |var: &str| std::env::var(var).ok();
+                        let transport =
+                            http_transport(url, server, own, profile, &env).map_err(fail)?;
+                        let no_stderr = (Arc::new(Mutex::new(vec![])), None);
+                        (Box::pin(().serve(transport)), None, no_stderr)
+                    }
+                    (None, None) => return Err(fail("declares neither command nor url".into())),
+                };
             let connect = async {
-                let client = ().serve(client).await.map_err(|e| e.to_string())?;
+                let client = serve.await.map_err(|e| e.to_string())?;
                 let listed = client.list_all_tools().await.map_err(|e| e.to_string())?;
                 Ok::<_, String>((client, listed))
             };
@@ -299,6 +312,56 @@ impl McpTools {
     }
 }
 
+/// The transport to the streamable HTTP server at `url`, with its declared headers and, for a
+/// server of the worker's own configuration (`own`), the bearer token its variable holds in
+/// `env` (the worker's environment). A
+/// server a task declared must be on a host the role's `allowed_hosts` allow: the worker
+/// calls it from outside the sandbox, so it gets no host the sandbox would refuse.
+fn http_transport(
+    url: &str,
+    server: &McpServer,
+    own: bool,
+    profile: &Profile,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<StreamableHttpClientTransport<Http>, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("url: {e}"))?;
+    if !own {
+        let host = parsed.host_str().unwrap_or_default();
+        let port = parsed.port_or_known_default().unwrap_or_default();
+        if !profile.sandbox.allows(host, port) {
+            return Err(format!(
+                "url: {host}:{port} is not in the role's allowed_hosts (a task's MCP server \
+                 must be on a host its agents may reach)"
+            ));
+        }
+    }
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url);
+    if let Some(var) = &server.bearer_token_env {
+        if !own {
+            return Err(
+                "bearer_token_env: only a server of the worker's configuration may name one".into(),
+            );
+        }
+        match env(var) {
+            Some(token) if !token.is_empty() => config.auth_header = Some(token),
+            _ => return Err(format!("bearer_token_env: {var} is not set on this worker")),
+        }
+    }
+    for (name, value) in &server.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("headers: `{name}` is not an HTTP header name"))?;
+        // The value is never quoted: it may be a credential.
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| format!("headers.{name}: the value is not a valid header value"))?;
+        value.set_sensitive(true);
+        config.custom_headers.insert(name, value);
+    }
+    Ok(StreamableHttpClientTransport::with_client(
+        Http::shared(),
+        config,
+    ))
+}
+
 type Spawned = (
     (tokio::process::ChildStdout, tokio::process::ChildStdin),
     Option<process::TreeGuard>,
@@ -364,6 +427,124 @@ fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::roles::{Key, Roles};
+    use orch_shared::role::Role;
+    use rmcp::handler::server::tool::Extension;
+    use rmcp::model::{ServerCapabilities, ServerConfig};
+    use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    use rmcp::{ErrorData, ServerHandler, tool, tool_handler, tool_router};
+
+    /// An MCP server (rmcp's, stateless, answering with plain JSON rather than SSE) whose one
+    /// tool says which credentials its request carried.
+    #[derive(Clone)]
+    struct Whoami;
+
+    #[tool_router]
+    impl Whoami {
+        #[tool(description = "The request's Authorization and X-Team headers.")]
+        async fn whoami(
+            &self,
+            Extension(parts): Extension<axum::http::request::Parts>,
+        ) -> Result<String, ErrorData> {
+            let header = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_string()
+            };
+            Ok(format!(
+                "{} / {}",
+                header("authorization"),
+                header("x-team")
+            ))
+        }
+    }
+
+    #[tool_handler]
+    impl ServerHandler for Whoami {
+        fn get_info(&self) -> ServerConfig {
+            let mut info = ServerConfig::default();
+            info.capabilities = ServerCapabilities::builder().enable_tools().build();
+            info
+        }
+    }
+
+    /// Serves [`Whoami`] on a loopback port until `cancel`; its URL.
+    async fn whoami_server(cancel: CancellationToken) -> String {
+        let mut config = StreamableHttpServerConfig::default()
+            .disable_allowed_hosts()
+            .with_cancellation_token(cancel.clone());
+        config.legacy_session_mode = false;
+        config.json_response = true;
+        let service = StreamableHttpService::new(
+            || Ok(Whoami),
+            Arc::new(NeverSessionManager::default()),
+            config,
+        );
+        let router = axum::Router::new().nest_service("/mcp", service);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await;
+        });
+        format!("http://{addr}/mcp")
+    }
+
+    #[tokio::test]
+    async fn an_http_server_gets_its_headers_and_the_role_s_bearer_token() {
+        let cancel = CancellationToken::new();
+        let url = whoami_server(cancel.clone()).await;
+        let roles = Roles::default();
+        let builder = roles.profile(Key::Role(Role::Builder));
+        let server = McpServer {
+            url: Some(url.clone()),
+            headers: [("X-Team".to_string(), "core".to_string())].into(),
+            bearer_token_env: Some("DOCS_TOKEN".into()),
+            ..McpServer::default()
+        };
+        let env = |var: &str| (var == "DOCS_TOKEN").then(|| "s3cret".to_string());
+        let transport = http_transport(&url, &server, true, builder, &env).unwrap();
+        let client = ().serve(transport).await.unwrap();
+        let tools = client.list_all_tools().await.unwrap();
+        assert_eq!(tools.len(), 1);
+        let r = client
+            .call_tool(CallToolRequestParams::new("whoami"))
+            .await
+            .unwrap();
+        let text = serde_json::to_value(&r.content[0]).unwrap()["text"].clone();
+        assert_eq!(text, "Bearer s3cret / core");
+        cancel.cancel();
+
+        // The variable unset on this worker: the server is not called.
+        let e = http_transport(&url, &server, true, builder, &|_: &str| None)
+            .err()
+            .unwrap();
+        assert_eq!(e, "bearer_token_env: DOCS_TOKEN is not set on this worker");
+        // A task's server may not name one, nor reach a host the role may not.
+        let e = http_transport(&url, &server, false, builder, &env)
+            .err()
+            .unwrap();
+        assert!(
+            e.starts_with("url: 127.0.0.1:") && e.contains("allowed_hosts"),
+            "{e}"
+        );
+        let port = url.split(':').nth(2).unwrap().trim_end_matches("/mcp");
+        let mut allowed = builder.clone();
+        allowed.sandbox.allowed_hosts = vec![format!("127.0.0.1:{port}")];
+        let e = http_transport(&url, &server, false, &allowed, &env)
+            .err()
+            .unwrap();
+        assert!(e.starts_with("bearer_token_env:"), "{e}");
+    }
 
     #[test]
     fn tool_names_are_what_the_apis_accept() {

@@ -12,6 +12,7 @@
 //! `[agent]`); the counts below are fixed.
 
 pub mod mcp;
+pub mod mcp_http;
 pub mod path;
 pub mod shell;
 
