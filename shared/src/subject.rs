@@ -164,3 +164,35 @@ pub fn paths(task: TaskId) -> String {
 
 /// Every task's [`paths`] subject.
 pub const ALL_PATHS: &str = "orch.paths.*";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_message_ids_repeat_for_the_same_message_only() {
+        let task = TaskId::new();
+        assert_eq!(
+            task_events_msg_id(task, b"finished"),
+            task_events_msg_id(task, b"finished")
+        );
+        assert_ne!(
+            task_events_msg_id(task, b"finished"),
+            task_events_msg_id(task, b"finished again")
+        );
+        assert_ne!(
+            task_events_msg_id(task, b"finished"),
+            task_events_msg_id(TaskId::new(), b"finished")
+        );
+        let job = JobId::new();
+        assert_eq!(
+            job_events_msg_id(job, 1, "7.1", 3),
+            job_events_msg_id(job, 1, "7.1", 3)
+        );
+        // A redelivered run of the same attempt writes its own messages.
+        assert_ne!(
+            job_events_msg_id(job, 1, "7.1", 3),
+            job_events_msg_id(job, 1, "7.2", 3)
+        );
+    }
+}
