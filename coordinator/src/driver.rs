@@ -240,11 +240,17 @@ impl Effects {
                 }
                 Action::Emit(job_id, kind) => {
                     crate::meter::emitted(&kind);
+                    // A task's end is stamped with its record's end time, so that writing it
+                    // again from the record makes the same message (`pipeline::finished_event`).
+                    let at_ms = match kind {
+                        EventKind::TaskFinished { .. } => task.finished_at_ms.unwrap_or(now),
+                        _ => now,
+                    };
                     messages.push(Outgoing::Event(Event {
                         task_id,
                         job_id,
                         attempt: 0,
-                        at_ms: now,
+                        at_ms,
                         kind,
                     }));
                 }
@@ -588,14 +594,24 @@ impl Lane {
         let (actions, applied) = match pipeline::on_result(task, &result, now) {
             Some(actions) => (actions, true),
             // Stale or duplicate: nothing changed. Publish the jobs it had queued again in
-            // case the crash that caused the redelivery came before they were sent.
-            None => (
-                pipeline::resume(task)
+            // case the crash that caused the redelivery came before they were sent, and the
+            // task's end if it ended lately: the leader that applied the result may have died
+            // before its `task_finished` was stored (the log drops it if it was, by its
+            // message id, inside the dedup window; an older end is not written again).
+            None => {
+                let mut actions: Vec<Action> = pipeline::resume(task)
                     .into_iter()
                     .filter(|a| matches!(a, Action::Publish(_)))
-                    .collect(),
-                false,
-            ),
+                    .collect();
+                if let Some(ended) = task.finished_at_ms
+                    && task.status.is_terminal()
+                    && now.saturating_sub(ended) + 10_000
+                        < transport::EVENTS_DEDUP_WINDOW.as_millis() as u64
+                {
+                    actions.push(Action::Emit(None, pipeline::finished_event(task)));
+                }
+                (actions, false)
+            }
         };
         // Out of the cache while it is saved and its actions carried out (nothing else in
         // this lane runs meanwhile); it goes back only if all of that succeeds and it is not

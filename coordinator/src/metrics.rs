@@ -4,6 +4,7 @@
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
+pub const MESSAGES_RESENT: &str = "orch_log_messages_resent_total";
 pub const TASKS_SUBMITTED: &str = "orch_tasks_submitted_total";
 pub const TASKS_FINISHED: &str = "orch_tasks_finished_total";
 pub const JOBS_DISPATCHED: &str = "orch_jobs_dispatched_total";
@@ -74,6 +75,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 }
 
 pub fn describe() {
+    describe_counter!(
+        MESSAGES_RESENT,
+        "Job and event messages sent again because JetStream did not confirm them (a NATS node lost)"
+    );
     describe_counter!(TASKS_SUBMITTED, "Tasks accepted by the API");
     describe_counter!(
         TASKS_FINISHED,

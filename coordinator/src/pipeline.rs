@@ -1461,15 +1461,19 @@ fn finish(task: &mut Task, now_ms: u64, forced: Option<TaskStatus>) -> Action {
     if matches!(task.workspace, Workspace::Git { .. }) {
         task.branch = Some(GitJob::task_branch(task.id));
     }
-    Action::Emit(
-        None,
-        EventKind::TaskFinished {
-            status: task.status.as_str().into(),
-            usage: task.usage,
-            cost_usd: task.cost_usd,
-            duration_ms: task.elapsed_ms(now_ms),
-        },
-    )
+    Action::Emit(None, finished_event(task))
+}
+
+/// The `task_finished` event of a finished task, from its record alone: the same every time
+/// it is made, so the next leader that writes it again (a result applied by a leader that
+/// died before its events were stored) writes a message the event log drops if it has it.
+pub fn finished_event(task: &Task) -> EventKind {
+    EventKind::TaskFinished {
+        status: task.status.as_str().into(),
+        usage: task.usage,
+        cost_usd: task.cost_usd,
+        duration_ms: task.elapsed_ms(task.finished_at_ms.unwrap_or_default()),
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod events;
 
 use crate::catchup::LogPosition;
 use async_nats::jetstream::{self, consumer, stream};
+use backon::Retryable;
 use futures::{Stream, StreamExt};
 use orch_shared::api::Task;
 use orch_shared::codec;
@@ -162,6 +163,9 @@ pub struct ForwardedWrite {
     pub reply_to: async_nats::Subject,
 }
 
+/// How long the event log drops a message whose id it has seen.
+pub const EVENTS_DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
 /// A message for [`Transport::publish_all`].
 #[allow(
     clippy::large_enum_variant,
@@ -181,6 +185,32 @@ fn creates(messages: &[Outgoing<'_>], task: TaskId) -> bool {
     messages.iter().any(|m| {
         matches!(m, Outgoing::Event(e) if e.task_id == task && matches!(e.kind, EventKind::TaskCreated { .. }))
     })
+}
+
+/// The task of the events a creation message starts with.
+fn message_task(events: &[&Event]) -> Option<TaskId> {
+    events.first().map(|e| e.task_id)
+}
+
+/// [`event::pack`]'s messages, each with the task whose events it carries (a message carries
+/// the events of one task).
+fn pack_with_tasks(events: &[&Event]) -> Vec<(event::LogMessage, TaskId)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < events.len() {
+        let task = events[start].task_id;
+        let end = events[start..]
+            .iter()
+            .position(|e| e.task_id != task)
+            .map_or(events.len(), |n| start + n);
+        out.extend(
+            event::pack(&events[start..end])
+                .into_iter()
+                .map(|m| (m, task)),
+        );
+        start = end;
+    }
+    out
 }
 
 /// One stored event with where it sits in the log (its SSE event id).
@@ -288,6 +318,11 @@ impl Transport {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 max_age: cfg.events_max_age,
+                // Events are sent again only while their sender retries (seconds) or when the
+                // next leader applies a redelivered result (the results' ack wait): two
+                // minutes, JetStream's default, covers both without keeping the ids of a
+                // busy log's half hour in the servers' memory.
+                duplicate_window: EVENTS_DEDUP_WINDOW,
                 allow_direct: true,
                 num_replicas: cfg.stream_replicas,
                 ..Default::default()
@@ -433,13 +468,14 @@ impl Transport {
     }
 
     /// Publishes jobs and events in order and waits until JetStream stored every one. All
-    /// messages are sent before the first ack is awaited, so a batch costs one round trip. A
-    /// job's message id makes a second publish of the same attempt a no-op inside the dedup
-    /// window.
+    /// messages are sent before the first ack is awaited, so a batch costs one round trip.
+    /// Every job and event message has a message id (a job's: its attempt; an event
+    /// message's: a digest of its content, [`subject::task_events_msg_id`]), so a message
+    /// whose ack failed is sent again, and a second publish of the same message (a retry, a
+    /// result redelivered to the next leader) is a no-op inside the dedup window.
     ///
-    /// Only the last event of a batch asks for an ack: the messages go out in order on one
-    /// connection and JetStream stores those of one stream in the order they arrive, so its
-    /// ack confirms the events before it (one message each instead of two).
+    /// Every message asks for an ack: an ack for the last one alone does not cover the
+    /// others when a NATS node dies (those it carried are lost, later ones are stored).
     pub async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), Error> {
         // Consecutive events go out as few log messages as `event::pack` makes of them, and
         // snapshots last: they are for rebuilding Redis, whose record is already written, so
@@ -450,7 +486,6 @@ impl Transport {
             payload: Vec<u8>,
             msg_id: Option<String>,
             headers: Option<async_nats::HeaderMap>,
-            event: bool,
         }
         let mut wire: Vec<Wire> = Vec::new();
         let mut snapshots = Vec::new();
@@ -467,21 +502,23 @@ impl Transport {
             if let Some((message, taken)) = created.and_then(|t| event::pack_created(t, rest)) {
                 recorded = created.take().map(|t| t.id);
                 rest = &rest[taken..];
+                let id =
+                    message_task(rest).map(|t| subject::task_events_msg_id(t, &message.payload));
                 wire.push(Wire {
                     subject: message.subject,
                     payload: message.payload,
-                    msg_id: None,
+                    msg_id: id,
                     headers: None,
-                    event: true,
                 });
             }
-            wire.extend(event::pack(rest).into_iter().map(|m| Wire {
-                subject: m.subject,
-                payload: m.payload,
-                msg_id: None,
-                headers: None,
-                event: true,
-            }));
+            for (m, task) in pack_with_tasks(rest) {
+                wire.push(Wire {
+                    msg_id: Some(subject::task_events_msg_id(task, &m.payload)),
+                    subject: m.subject,
+                    payload: m.payload,
+                    headers: None,
+                });
+            }
             run.clear();
         };
         for message in messages {
@@ -494,7 +531,6 @@ impl Transport {
                         payload: codec::encode(spec),
                         msg_id: Some(subject::job_msg_id(spec.job_id, spec.attempt)),
                         headers: orch_config::telemetry::nats_headers(traceparent.as_deref()),
-                        event: false,
                     });
                 }
                 Outgoing::Snapshot(task) => snapshots.push(Wire {
@@ -502,7 +538,6 @@ impl Transport {
                     payload: codec::encode(*task),
                     msg_id: None,
                     headers: None,
-                    event: false,
                 }),
             }
         }
@@ -512,50 +547,92 @@ impl Transport {
             let subject = subject::task_snapshot(id);
             wire.retain(|w| w.subject != subject);
         }
-        let last_event = wire.iter().rposition(|w| w.event);
-        let mut acks = Vec::with_capacity(wire.len());
-        for (i, w) in wire.into_iter().enumerate() {
-            let Wire {
-                subject,
-                payload,
-                msg_id,
-                headers,
-                event: is_event,
-            } = w;
-            if is_event && Some(i) != last_event {
-                self.client()
-                    .publish(subject.clone(), payload.into())
-                    .await
-                    .map_err(|e| Error::Publish {
-                        subject,
-                        source: e.into(),
-                    })?;
-                continue;
-            }
-            let mut publish = jetstream::message::PublishMessage::build().payload(payload.into());
-            if let Some(id) = msg_id {
-                publish = publish.message_id(id);
-            }
-            if let Some(headers) = headers {
-                publish = publish.headers(headers);
-            }
+        let mut pending: Vec<(Wire, Option<jetstream::context::PublishAckFuture>)> =
+            Vec::with_capacity(wire.len());
+        for w in wire {
             let ack = self
-                .js()
-                .send_publish(subject.clone(), publish)
-                .await
-                .map_err(|e| Error::Publish {
-                    subject: subject.clone(),
-                    source: e.into(),
-                })?;
-            acks.push((subject, ack));
+                .send_wire(&w.subject, &w.payload, &w.msg_id, &w.headers)
+                .await;
+            pending.push((w, ack));
         }
-        for (subject, ack) in acks {
-            ack.await.map_err(|e| Error::Publish {
-                subject,
-                source: e.into(),
-            })?;
+        // The acks, in order; then what was not confirmed is sent again until it is.
+        let mut failed = Vec::new();
+        for (w, ack) in pending {
+            let stored = match ack {
+                Some(ack) => ack.await.is_ok(),
+                None => false,
+            };
+            if !stored {
+                failed.push(w);
+            }
         }
-        Ok(())
+        if failed.is_empty() {
+            return Ok(());
+        }
+        metrics::counter!(crate::metrics::MESSAGES_RESENT).increment(failed.len() as u64);
+        let failed = tokio::sync::Mutex::new(failed);
+        let resend = || async {
+            let mut pending = failed.lock().await;
+            let mut acks = Vec::with_capacity(pending.len());
+            for w in pending.iter() {
+                acks.push(
+                    self.send_wire(&w.subject, &w.payload, &w.msg_id, &w.headers)
+                        .await,
+                );
+            }
+            let mut still = Vec::new();
+            let mut last_error = None;
+            for (w, ack) in pending.drain(..).zip(acks) {
+                let result = match ack {
+                    Some(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+                    None => Err("not sent".to_string()),
+                };
+                if let Err(e) = result {
+                    last_error = Some(Error::Publish {
+                        subject: w.subject.clone(),
+                        source: e.into(),
+                    });
+                    still.push(w);
+                }
+            }
+            *pending = still;
+            last_error.map_or(Ok(()), Err)
+        };
+        resend
+            .retry(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_max_times(8),
+            )
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "messages not stored, sending them again"))
+            .await
+    }
+
+    /// Sends one message to a stream; `None` when it could not be sent (it is sent again).
+    async fn send_wire(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        msg_id: &Option<String>,
+        headers: &Option<async_nats::HeaderMap>,
+    ) -> Option<jetstream::context::PublishAckFuture> {
+        let mut publish =
+            jetstream::message::PublishMessage::build().payload(payload.to_vec().into());
+        if let Some(headers) = headers {
+            publish = publish.headers(headers.clone());
+        }
+        // After the headers, which would replace it.
+        if let Some(id) = msg_id {
+            publish = publish.message_id(id);
+        }
+        match self.js().send_publish(subject.to_string(), publish).await {
+            Ok(ack) => Some(ack),
+            Err(e) => {
+                tracing::debug!(error = %e, subject, "message not sent; it will be sent again");
+                None
+            }
+        }
     }
 
     /// The results consumer as a stream of typed deliveries. Undecodable messages are

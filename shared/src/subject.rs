@@ -133,6 +133,26 @@ pub fn result_msg_id(job: JobId, attempt: u32, fence: u64) -> String {
     format!("result/{job}/{attempt}/{fence}")
 }
 
+/// `Nats-Msg-Id` of the `seq`-th log message of one run of a job attempt. `run` tells the
+/// runs of an attempt apart (the job message's stream sequence and delivery count: a
+/// redelivered, parked or moved attempt runs again under another), so a re-sent message of a
+/// run is dropped as a duplicate and another run's messages are not.
+pub fn job_events_msg_id(job: JobId, attempt: u32, run: &str, seq: u64) -> String {
+    format!("ev/{job}/{attempt}/{run}/{seq}")
+}
+
+/// `Nats-Msg-Id` of a coordinator's log message about `task`: a digest of its payload, so the
+/// same message sent again (a retried publish, or a `task_finished` written again by the next
+/// leader from the task's record, whose time is the task's end) is dropped as a duplicate.
+pub fn task_events_msg_id(task: TaskId, payload: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, payload);
+    let hex: String = digest.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("ev/{task}/{hex}")
+}
+
 /// Core NATS subject every worker listens on for job cancellations (`JobControl`).
 pub const CONTROL_CANCEL: &str = "orch.control.cancel";
 
@@ -144,3 +164,35 @@ pub fn paths(task: TaskId) -> String {
 
 /// Every task's [`paths`] subject.
 pub const ALL_PATHS: &str = "orch.paths.*";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_message_ids_repeat_for_the_same_message_only() {
+        let task = TaskId::new();
+        assert_eq!(
+            task_events_msg_id(task, b"finished"),
+            task_events_msg_id(task, b"finished")
+        );
+        assert_ne!(
+            task_events_msg_id(task, b"finished"),
+            task_events_msg_id(task, b"finished again")
+        );
+        assert_ne!(
+            task_events_msg_id(task, b"finished"),
+            task_events_msg_id(TaskId::new(), b"finished")
+        );
+        let job = JobId::new();
+        assert_eq!(
+            job_events_msg_id(job, 1, "7.1", 3),
+            job_events_msg_id(job, 1, "7.1", 3)
+        );
+        // A redelivered run of the same attempt writes its own messages.
+        assert_ne!(
+            job_events_msg_id(job, 1, "7.1", 3),
+            job_events_msg_id(job, 1, "7.2", 3)
+        );
+    }
+}

@@ -180,9 +180,18 @@ pub async fn check(cluster: &Cluster, ids: &[String]) -> Ledger {
                 .filter_map(|a| finished.get(&(job.id, a)).and_then(|c| c.first()))
                 .sum();
             if job.status != JobStatus::Succeeded || (job.cost_usd - charged).abs() > 1e-12 {
+                // The task's log as it was read, to tell a lost event from a second charge.
+                let log: Vec<String> = events
+                    .iter()
+                    .map(|(eid, e)| format!("{eid} {} {}", e.attempt, e.kind.name()))
+                    .collect();
                 ledger.double_charged.push(format!(
-                    "{} job {}: charged {} for executions costing {charged}",
-                    id, job.id, job.cost_usd
+                    "{} job {} (attempt {}): charged {} for executions costing {charged}; log: {}",
+                    id,
+                    job.id,
+                    job.attempt,
+                    job.cost_usd,
+                    log.join(", ")
                 ));
             }
         }

@@ -1183,12 +1183,23 @@ impl Cluster {
             req = req.header("Last-Event-ID", id.to_string());
         }
         let body = tokio::time::timeout(Duration::from_secs(120), async {
-            req.send()
-                .await
-                .expect("events request")
-                .text()
-                .await
-                .expect("events body")
+            loop {
+                let attempt = req.try_clone().expect("a request without a streamed body");
+                let resp = attempt.send().await.expect("events request");
+                let status = resp.status();
+                let body = resp.text().await.expect("events body");
+                // What a client does with a 503 ("try again"): while NATS elects a stream's
+                // new leader, a read cannot start.
+                if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                assert!(
+                    status.is_success(),
+                    "the events of {task} answered {status}: {body}"
+                );
+                break body;
+            }
         })
         .await
         .unwrap_or_else(|_| panic!("the event stream of {task} did not end\n{}", self.logs()));

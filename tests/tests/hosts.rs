@@ -9,6 +9,7 @@
 //! `ORCH_HOSTS_LOAD=<n>` multiplies the load (1 by default, a few minutes for the file).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failure with its location
 
+use orch_tests::eventually;
 use orch_tests::hosts::{HostCluster, HostOptions, completed, http, load, submit};
 use orch_tests::ledger::{Ledger, assert_clean, check};
 use std::time::{Duration, Instant};
@@ -139,4 +140,119 @@ async fn the_leader_cut_off_from_nats_gives_way_to_the_standby() {
     report("leader-cut-from-nats", &ledger, 1, refused, recovered);
     assert_clean(&ledger, &hc.cluster);
     assert_eq!(hc.leader().await, Some(1), "{}", hc.cluster.logs());
+}
+
+/// A whole machine is lost at once — the NATS node every service was given, a worker and the
+/// leading coordinator: it drops off the network and its processes die. The other machines
+/// carry on: the standby leads, the R3 streams elect new leaders, every task completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_machine_lost_with_its_nats_node_worker_and_leader() {
+    let mut hc = HostCluster::start(HostOptions::default()).await;
+    let (mut ids, mut refused) = submit(&hc.cluster, "before", load(10), 1000).await;
+    let lost = Instant::now();
+    hc.nodes[0].cut();
+    for name in ["nats-n0", "worker-0", "coordinator-n0"] {
+        hc.server(name).signal(libc::SIGKILL);
+    }
+    follow_leader(&mut hc, 1).await;
+    let (after, r) = submit(&hc.cluster, "after", load(10), 100).await;
+    refused += r;
+    let recovered = completed(&hc.cluster, &after, lost).await;
+    ids.extend(after);
+    let ledger = check(&hc.cluster, &ids).await;
+    report("whole-machine-lost", &ledger, 3, refused, recovered);
+    assert_clean(&ledger, &hc.cluster);
+}
+
+/// Three NATS nodes, every stream R3, clients given node 0's URL alone. Under load, the node
+/// leading the work stream is SIGKILLed (and started again), then node 0: the services move
+/// to the surviving nodes, and every task completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_streams_survive_sigkills_of_the_stream_leader_and_of_the_seed_node() {
+    let mut hc = HostCluster::start(HostOptions::default()).await;
+    let seed = hc.cluster.nats_url.clone();
+    // The leader of the work stream is moved off node 0, so that the two kills hit two nodes.
+    let client = async_nats::connect(&seed).await.unwrap();
+    let stepdown = format!(
+        "$JS.API.STREAM.LEADER.STEPDOWN.{}",
+        orch_shared::subject::JOBS_STREAM
+    );
+    let leader = eventually(Duration::from_secs(60), || async {
+        let leader = jobs_stream_leader(&seed).await?;
+        if leader != "n0" {
+            return Ok(leader);
+        }
+        let _ = client.request(stepdown.clone(), "".into()).await;
+        Err(format!("the work stream is led by {leader}"))
+    })
+    .await;
+    drop(client);
+
+    let (mut ids, mut refused) = submit(&hc.cluster, "before", load(20), 300).await;
+    let killed = Instant::now();
+    hc.server(&format!("nats-{leader}")).signal(libc::SIGKILL);
+    let (after, r) = submit(&hc.cluster, "after-leader", load(10), 100).await;
+    refused += r;
+    let recovered_leader = completed(&hc.cluster, &after, killed).await;
+    ids.extend(after);
+    // Back with its store; then the node every service was given is killed.
+    hc.restart_nats(node_index(&leader));
+    let monitor: Vec<String> = hc
+        .nodes
+        .iter()
+        .map(|n| format!("http://{}:8222/healthz", n.addr))
+        .collect();
+    let plain = http();
+    hc.cluster
+        .eventually(Duration::from_secs(60), || async {
+            for url in &monitor {
+                let r = plain.get(url).send().await.map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!("{url}: {}", r.text().await.unwrap_or_default()));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    let (during, r) = submit(&hc.cluster, "before-seed", load(10), 300).await;
+    refused += r;
+    ids.extend(during);
+    let killed_seed = Instant::now();
+    hc.server("nats-n0").signal(libc::SIGKILL);
+    let (after, r) = submit(&hc.cluster, "after-seed", load(10), 100).await;
+    refused += r;
+    let recovered_seed = completed(&hc.cluster, &after, killed_seed).await;
+    ids.extend(after);
+
+    let ledger = check(&hc.cluster, &ids).await;
+    report("nats-r3-leader-kill", &ledger, 1, refused, recovered_leader);
+    report("nats-r3-seed-kill", &ledger, 1, refused, recovered_seed);
+    assert_clean(&ledger, &hc.cluster);
+    assert!(
+        hc.server("coordinator-n0").is_running(),
+        "the coordinator stopped when its NATS node died\n{}",
+        hc.cluster.logs()
+    );
+}
+
+/// The NATS server (by its name, `n<i>`) leading the work stream's Raft group.
+async fn jobs_stream_leader(nats_url: &str) -> Result<String, String> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(orch_shared::subject::JOBS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = stream.info().await.map_err(|e| e.to_string())?;
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .ok_or_else(|| format!("the work stream has no leader: {:?}", info.cluster))
+}
+
+/// The index of NATS node `n<i>`.
+fn node_index(name: &str) -> usize {
+    name.trim_start_matches('n').parse().unwrap()
 }

@@ -18,9 +18,14 @@ pub const SLOTS_BUSY: &str = "orch_worker_slots_busy";
 pub const SLOTS_TOTAL: &str = "orch_worker_slots_total";
 pub const JOBS_PARKED: &str = "orch_worker_jobs_parked_total";
 pub const JOBS_UNPARKED: &str = "orch_worker_jobs_unparked_total";
+pub const EVENTS_RESENT: &str = "orch_worker_events_resent_total";
 pub const CREDENTIALS_EXHAUSTED: &str = "orch_worker_credential_exhausted_total";
 
 pub fn describe() {
+    describe_counter!(
+        EVENTS_RESENT,
+        "Event log messages sent again because JetStream did not confirm them (a NATS node lost)"
+    );
     describe_counter!(JOBS_STARTED, "Job attempts this worker started");
     describe_counter!(
         JOBS_FINISHED,

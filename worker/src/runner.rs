@@ -77,12 +77,20 @@ impl Runner {
         }
     }
 
-    /// Publishes an event without waiting for JetStream's ack; the acked message with the
-    /// `job_finished` event at the end confirms every earlier one (see
-    /// [`Transport::publish_event`]).
+    /// Publishes an event without waiting for JetStream's ack; the run's events are
+    /// confirmed (and those lost sent again) before its result or park (see
+    /// [`Transport::publish_events`]).
     async fn send(&self, job: &JobDelivery, kind: EventKind) {
-        if let Err(e) = self.transport.publish_event(&self.event(job, kind)).await {
-            tracing::warn!(error = %e, "failed to send event");
+        self.transport
+            .publish_event(job, &self.event(job, kind))
+            .await;
+    }
+
+    /// Waits until the run's events are stored before the job leaves this worker (parked or
+    /// handed back); a failure is logged (the job runs again anyway).
+    async fn confirm(&self, job: &JobDelivery) {
+        if let Err(e) = self.transport.confirm_events(job).await {
+            tracing::warn!(error = %e, "the job's events were not stored");
         }
     }
 
@@ -114,9 +122,7 @@ impl Runner {
         if let Some(w) = watch {
             burst.iter().for_each(|e| w.observe(&e.kind));
         }
-        if let Err(e) = self.transport.publish_events(&burst).await {
-            tracing::warn!(error = %e, "failed to send events");
-        }
+        self.transport.publish_events(job, &burst).await;
     }
 
     /// Runs `job` to the end, or hands it back when `hard_stop` fires first, or, once
@@ -366,24 +372,19 @@ impl Runner {
         if let Some(waiting) = &parked_for
             && !hard_stop.is_cancelled()
         {
-            if let Err(e) = self.transport.publish_events(&tail).await {
-                tracing::warn!(error = %e, "failed to send events");
-            }
+            self.transport.publish_events(&job, &tail).await;
             self.park_for_approval(&job, lease.as_ref(), waiting).await;
             return;
         }
         let Some(report) = output else {
             tracing::warn!("draining; handing the job back");
-            if let Err(e) = self.transport.publish_events(&tail).await {
-                tracing::warn!(error = %e, "failed to send events");
-            }
+            self.transport.publish_events(&job, &tail).await;
+            self.confirm(&job).await;
             self.hand_back(&job).await;
             return;
         };
         if let Some(park) = &report.parked {
-            if let Err(e) = self.transport.publish_events(&tail).await {
-                tracing::warn!(error = %e, "failed to send events");
-            }
+            self.transport.publish_events(&job, &tail).await;
             self.park(&job, lease.as_ref(), park).await;
             return;
         }
@@ -397,7 +398,7 @@ impl Runner {
             Outcome::Success => (true, None, None),
             Outcome::Failure { reason, message } => (false, Some(*reason), Some(message.clone())),
         };
-        // The last message is acked: once it is stored, every earlier event of the job is too.
+        // Every event of the run is stored before the result is published.
         tail.push(self.event(
             &job,
             EventKind::JobFinished {
@@ -409,12 +410,7 @@ impl Runner {
                 duration_ms: finished_at_ms.saturating_sub(started_at_ms),
             },
         ));
-        let events_stored = async {
-            match self.transport.send_events(&tail).await {
-                Ok(ack) => ack.wait().await,
-                Err(e) => Err(e),
-            }
-        };
+        let events_stored = self.transport.send_events(&job, &tail);
         // Stored before the result is published (a result with a session id can be
         // continued), while the events are confirmed and the lease is checked.
         let session_kept = async {
@@ -435,7 +431,11 @@ impl Runner {
             session_kept
         );
         if let Err(e) = stored {
-            tracing::warn!(error = %e, "the job's events were not stored");
+            // A result whose `job_finished` is not in the log would leave the job's events
+            // without their end: the job runs again, like a result that cannot be stored.
+            tracing::error!(error = %e, "the job's events were not stored; handing the job back");
+            self.hand_back(&job).await;
+            return;
         }
         if !held {
             // Publishing now would only be fenced out (and acking could ack the new owner's
@@ -582,6 +582,7 @@ impl Runner {
             },
         )
         .await;
+        self.confirm(job).await;
         let parked = match &self.limits {
             Some(limits) => {
                 limits
@@ -654,6 +655,7 @@ impl Runner {
             },
         )
         .await;
+        self.confirm(job).await;
         let parked = crate::limits::park_for_approval(
             &self.state,
             &job.spec,

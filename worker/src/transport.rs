@@ -2,6 +2,7 @@
 //! events and results. The only module of the worker that knows subjects and bytes.
 
 use async_nats::jetstream::{self, AckKind, consumer, object_store};
+use backon::Retryable;
 use futures::{Stream, StreamExt};
 use orch_shared::codec;
 use orch_shared::event::{self, Event};
@@ -168,6 +169,40 @@ pub struct JobDelivery {
     /// coordinator exports traces.
     pub traceparent: Option<String>,
     msg: Arc<jetstream::Message>,
+    /// The run's events not yet confirmed stored (see [`Transport::publish_events`]).
+    events: Arc<tokio::sync::Mutex<EventLog>>,
+}
+
+/// The log messages of one run of a job attempt, each with its message id
+/// ([`subject::job_events_msg_id`]), kept until JetStream confirmed it stored.
+struct EventLog {
+    /// What tells this run apart from the attempt's other runs.
+    run: String,
+    /// Messages sent so far (the next one's number).
+    seq: u64,
+    unconfirmed: std::collections::VecDeque<Sent>,
+}
+
+/// A log message sent, with the ack JetStream owes for it (none when the send itself failed).
+struct Sent {
+    subject: String,
+    msg_id: String,
+    payload: bytes::Bytes,
+    ack: Option<jetstream::context::PublishAckFuture>,
+}
+
+/// Unconfirmed messages a run may have before the oldest are awaited: it bounds the memory a
+/// talkative agent holds and makes a run that outpaces JetStream wait for it. Their acks
+/// mostly arrived already, so waiting for them costs nothing in the common case.
+const MAX_UNCONFIRMED: usize = 64;
+
+/// How a message whose ack failed (its NATS node died, the stream's leader moved) is sent
+/// again: JetStream drops a copy it already stored, by its message id.
+fn resend_policy() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(12)
 }
 
 impl JobDelivery {
@@ -228,13 +263,21 @@ async fn decode_pulled(msg: Result<jetstream::Message, async_nats::Error>) -> Op
             return None;
         }
     };
-    let delivery = msg.info().map(|i| i.delivered as u64).unwrap_or(1);
+    let (delivery, stream_seq) = msg
+        .info()
+        .map(|i| (i.delivered as u64, i.stream_sequence))
+        .unwrap_or((1, 0));
     match codec::decode::<JobSpec>(&msg.payload) {
         Ok(spec) => Some(Pulled::Job(JobDelivery {
             spec: Arc::new(spec),
             delivery,
             traceparent: orch_config::telemetry::from_nats_headers(msg.headers.as_ref()),
             msg: Arc::new(msg),
+            events: Arc::new(tokio::sync::Mutex::new(EventLog {
+                run: format!("{stream_seq}.{delivery}"),
+                seq: 0,
+                unconfirmed: Default::default(),
+            })),
         })),
         Err(e) => {
             tracing::error!(error = %e, "undecodable job message, terminating it");
@@ -367,21 +410,10 @@ impl Transport {
         Ok(batch.filter_map(decode_pulled))
     }
 
-    /// Publishes an event to the log without asking JetStream for an ack (one message instead
-    /// of two). Events of one job go out in order on one connection and JetStream stores the
-    /// messages of a stream in the order they arrive, so the acked [`Transport::send_events`]
-    /// that follows them confirms they were all processed.
-    pub async fn publish_event(&self, event: &Event) -> Result<(), Error> {
-        let subject = subject::event(event.task_id, event.kind.name());
-        self.client
-            .publish(subject.clone(), codec::encode(event).into())
-            .await
-            .map_err(|e| Error::Publish {
-                subject,
-                source: e.into(),
-            })
+    /// Publishes an event of `job`'s run to the log, like [`Transport::publish_events`].
+    pub async fn publish_event(&self, job: &JobDelivery, event: &Event) {
+        self.publish_events(job, std::slice::from_ref(event)).await;
     }
-
     /// Publishes a running job's changed paths for the coordinator (core NATS, best effort:
     /// the next report carries the whole set again).
     pub async fn publish_paths(&self, report: &PathsReport) -> Result<(), Error> {
@@ -395,50 +427,123 @@ impl Transport {
             })
     }
 
-    /// Publishes a job's burst of events like [`Transport::publish_event`], as few messages as
-    /// [`event::pack`] makes of them (a burst of agent output is one batch).
-    pub async fn publish_events(&self, events: &[Event]) -> Result<(), Error> {
-        self.publish_unacked(event::pack(events)).await
-    }
-
-    /// Publishes log messages without asking for acks, in order.
-    async fn publish_unacked(&self, messages: Vec<event::LogMessage>) -> Result<(), Error> {
-        for message in messages {
-            self.client
-                .publish(message.subject.clone(), message.payload.into())
-                .await
-                .map_err(|e| Error::Publish {
-                    subject: message.subject,
-                    source: e.into(),
-                })?;
+    /// Publishes a burst of `job`'s events, as few messages as [`event::pack`] makes of them
+    /// (a burst of agent output is one batch), each with its message id, without waiting for
+    /// JetStream's acks: they are collected by [`Transport::confirm_events`] (or here, once a
+    /// run has [`MAX_UNCONFIRMED`] of them), and a message whose ack failed is sent again.
+    ///
+    /// An ack for the last message alone would not do: when a NATS node dies, the messages
+    /// it was carrying (to the stream's leader, or from a client whose connection then moves
+    /// to another node) are lost while later ones are stored and acked.
+    pub async fn publish_events(&self, job: &JobDelivery, events: &[Event]) {
+        let mut log = job.events.lock().await;
+        for message in event::pack(events) {
+            let msg_id =
+                subject::job_events_msg_id(job.spec.job_id, job.spec.attempt, &log.run, log.seq);
+            log.seq += 1;
+            let payload = bytes::Bytes::from(message.payload);
+            let ack = self
+                .send_logged(&message.subject, &msg_id, payload.clone())
+                .await;
+            log.unconfirmed.push_back(Sent {
+                subject: message.subject,
+                msg_id,
+                payload,
+                ack,
+            });
         }
-        Ok(())
+        while log.unconfirmed.len() > MAX_UNCONFIRMED {
+            if let Some(sent) = log.unconfirmed.pop_front()
+                && let Err(e) = self.confirm([sent]).await
+            {
+                tracing::warn!(error = %e, "an event was not stored");
+            }
+        }
     }
 
-    /// Sends a job's last events (its `job_finished` last) like
-    /// [`Transport::publish_events`], asking for an ack of the last message only; await the
-    /// returned future before the result so that every event of the job is stored before the
-    /// job is reported done.
-    pub async fn send_events(&self, events: &[Event]) -> Result<PendingAck, Error> {
-        let mut messages = event::pack(events);
-        let last = messages.pop().ok_or_else(|| Error::Publish {
-            subject: subject::EVENTS_SUBJECTS.into(),
-            source: "no event to send".into(),
-        })?;
-        self.publish_unacked(messages).await?;
-        let publish = jetstream::message::PublishMessage::build().payload(last.payload.into());
-        let ack = self
-            .js
-            .send_publish(last.subject.clone(), publish)
+    /// Waits until every event `job`'s run published is stored, sending again those whose
+    /// ack failed (for about a minute: a NATS node's loss and the election of the stream's
+    /// new leader take seconds).
+    pub async fn confirm_events(&self, job: &JobDelivery) -> Result<(), Error> {
+        let mut log = job.events.lock().await;
+        let sent: Vec<Sent> = log.unconfirmed.drain(..).collect();
+        self.confirm(sent).await
+    }
+
+    /// Sends one log message with its message id; `None` when it could not be sent (it is
+    /// sent again when confirmed).
+    async fn send_logged(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: bytes::Bytes,
+    ) -> Option<jetstream::context::PublishAckFuture> {
+        let publish = jetstream::message::PublishMessage::build()
+            .message_id(msg_id)
+            .payload(payload);
+        match self.js.send_publish(subject.to_string(), publish).await {
+            Ok(ack) => Some(ack),
+            Err(e) => {
+                tracing::debug!(error = %e, subject, "event not sent; it will be sent again");
+                None
+            }
+        }
+    }
+
+    /// Awaits the acks of `sent`, in order, and sends again (in order, with backoff) the
+    /// messages whose ack failed until each is stored.
+    async fn confirm(&self, sent: impl IntoIterator<Item = Sent>) -> Result<(), Error> {
+        let mut failed = Vec::new();
+        for s in sent {
+            let stored = match s.ack {
+                Some(ack) => ack.await.is_ok(),
+                None => false,
+            };
+            if !stored {
+                failed.push((s.subject, s.msg_id, s.payload));
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        metrics::counter!(crate::metrics::EVENTS_RESENT).increment(failed.len() as u64);
+        let failed = tokio::sync::Mutex::new(failed);
+        let resend = || async {
+            let mut pending = failed.lock().await;
+            let mut acks = Vec::with_capacity(pending.len());
+            for (subject, msg_id, payload) in pending.iter() {
+                acks.push(self.send_logged(subject, msg_id, payload.clone()).await);
+            }
+            let mut still = Vec::new();
+            let mut last_error = None;
+            for (entry, ack) in pending.drain(..).zip(acks) {
+                let result = match ack {
+                    Some(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+                    None => Err("not sent".to_string()),
+                };
+                if let Err(e) = result {
+                    last_error = Some(Error::Publish {
+                        subject: entry.0.clone(),
+                        source: e.into(),
+                    });
+                    still.push(entry);
+                }
+            }
+            *pending = still;
+            last_error.map_or(Ok(()), Err)
+        };
+        resend
+            .retry(resend_policy())
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "events not stored, sending them again"))
             .await
-            .map_err(|e| Error::Publish {
-                subject: last.subject.clone(),
-                source: e.into(),
-            })?;
-        Ok(PendingAck {
-            subject: last.subject,
-            ack,
-        })
+    }
+
+    /// Sends `job`'s last events (its `job_finished` last) like
+    /// [`Transport::publish_events`] and waits until every event of the run is stored: only
+    /// then may the result be published.
+    pub async fn send_events(&self, job: &JobDelivery, events: &[Event]) -> Result<(), Error> {
+        self.publish_events(job, events).await;
+        self.confirm_events(job).await
     }
 
     /// Puts an encoded job spec (a parked attempt) back in the queue on `subject` and waits
@@ -505,21 +610,5 @@ impl Transport {
 
     pub async fn flush(&self) {
         let _ = self.client.flush().await;
-    }
-}
-
-/// An event publish whose storage is not yet confirmed.
-pub struct PendingAck {
-    subject: String,
-    ack: jetstream::context::PublishAckFuture,
-}
-
-impl PendingAck {
-    pub async fn wait(self) -> Result<(), Error> {
-        self.ack.await.map_err(|e| Error::Publish {
-            subject: self.subject,
-            source: e.into(),
-        })?;
-        Ok(())
     }
 }

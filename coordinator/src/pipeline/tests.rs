@@ -126,6 +126,30 @@ fn sequential_runs_one_at_a_time_with_forward_context() {
 }
 
 #[test]
+fn a_finished_tasks_end_event_is_made_again_identically_from_its_record() {
+    let p = plan("auto", "build a parser", None, None).unwrap();
+    let (mut task, actions) = task_with(Mode::Sequential, p, |_| {});
+    let mut specs = published(&actions);
+    let mut now = 5;
+    let mut emitted = None;
+    while let Some(spec) = specs.pop() {
+        let actions = on_result(&mut task, &ok(&spec), now).unwrap();
+        now += 7;
+        emitted = actions.iter().find_map(|a| match a {
+            Action::Emit(None, kind @ EventKind::TaskFinished { .. }) => Some(kind.clone()),
+            _ => None,
+        });
+        specs.extend(published(&actions));
+    }
+    // The next leader makes it later, from the saved record: the same event, so the same
+    // message and message id (the log drops it when the first one was stored).
+    let emitted = emitted.expect("the last result finishes the task");
+    assert_eq!(finished_event(&task), emitted);
+    assert!(on_result(&mut task, &ok(&published(&actions)[0]), now + 1000).is_none());
+    assert_eq!(finished_event(&task), emitted);
+}
+
+#[test]
 fn a_dag_runs_independent_steps_together_and_joins_contexts() {
     let p = user_plan(
         r#"{"steps":[{"role":"analyst"},{"role":"builder","depends_on":[0]},{"role":"documenter","depends_on":[0]},{"role":"reviewer","depends_on":[1,2]}]}"#,
