@@ -1468,6 +1468,7 @@ fn finish(task: &mut Task, now_ms: u64, forced: Option<TaskStatus>) -> Action {
             usage: task.usage,
             cost_usd: task.cost_usd,
             duration_ms: task.elapsed_ms(now_ms),
+            pr_pending: task.pr_pending(),
         },
     )
 }

@@ -865,3 +865,70 @@ async fn the_repository_config_file_fills_what_the_submit_leaves_out_and_a_bad_o
         "no task was created"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_of_a_task_with_pr_sees_the_pull_request_before_its_stream_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let github = FakeGitHub::start(FORGE_TOKEN).await;
+    github.add_repo("acme/app", &bare, "main", true);
+    let cluster = cluster(dir.path(), Some(&github), None, 1).await;
+    let home = tempfile::tempdir().unwrap();
+    let repo = bare.display().to_string();
+    let (code, out, err) = cli(
+        &cluster,
+        home.path(),
+        &[
+            "submit",
+            "build the thing",
+            "--roles",
+            "builder",
+            "--backend",
+            "command",
+            "--repo",
+            &repo,
+            "--pr",
+            "--pr-repo",
+            "acme/app",
+            "--follow",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let url = "https://github.example/acme/app/pull/1";
+    // The live view announces it as it happens, and the final record shows it.
+    assert!(
+        err.contains(&format!("pull request #1 open: {url}")),
+        "stderr: {err}"
+    );
+    assert!(out.contains(url), "stdout: {out}");
+
+    // The task's event stream ends with the pull request's outcome, after `task_finished`.
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 1);
+    let (_, list) = cluster.get("/v1/tasks").await;
+    let id = list["tasks"][0]["id"].as_str().unwrap().to_string();
+    let events = cluster.events(&id, None).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, e)| e.kind.name()).collect();
+    let finished = kinds.iter().position(|k| *k == "task_finished").unwrap();
+    assert_eq!(kinds.last(), Some(&"pr_opened"), "{kinds:?}");
+    assert!(finished < kinds.len() - 1, "{kinds:?}");
+    assert!(
+        matches!(
+            &events[finished].1.kind,
+            orch_shared::event::EventKind::TaskFinished {
+                pr_pending: true,
+                ..
+            }
+        ),
+        "{events:#?}"
+    );
+    // `orchctl logs --task ID -f` on the finished task prints up to the same end.
+    let (code, out, err) = cli(&cluster, home.path(), &["logs", "--task", &id, "-f"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.trim_end()
+            .ends_with(&format!("pull request #1 open: {url}")),
+        "{out}"
+    );
+}
