@@ -1,7 +1,9 @@
 //! Follows a task's event stream (`GET /v1/tasks/{id}/events`, server-sent events).
 //!
 //! Each message carries `id: <event id>` (`seq`, or `seq.index` inside a batch) and `data:
-//! <Event JSON>`; the stream ends after the `task_finished` event. When the connection drops
+//! <Event JSON>`; the stream ends after the `task_finished` event, or, when that says the task's
+//! pull request step follows (`pr_pending`), after the step's outcome ([`LogEnd`]; waited for
+//! at most [`PR_WAIT`]). When the connection drops
 //! before that, the follower reconnects with `Last-Event-ID` set to the last id it saw, so no
 //! event is shown twice or lost.
 //! Reconnects back off exponentially (backon) and give up after [`MAX_RECONNECTS`] attempts in a
@@ -11,13 +13,17 @@ use crate::client::{self, Client};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use orch_shared::event::{Event, EventId};
+use orch_shared::event::{Event, EventId, LogEnd};
 use orch_shared::ids::TaskId;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Reconnect attempts in a row before giving up.
 pub const MAX_RECONNECTS: usize = 5;
+
+/// Longest wait after `task_finished` for the pull request's outcome (a coordinator without
+/// its forge any more never sends one).
+pub const PR_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,9 +72,10 @@ impl Message {
         }
     }
 
-    pub fn is_terminal(&self) -> bool {
+    /// Whether this message ends the followed stream (`end` holds what came before).
+    pub fn ends(&self, end: &mut LogEnd) -> bool {
         match self {
-            Message::Event { event, .. } => event.kind.is_terminal(),
+            Message::Event { event, .. } => end.ends(&event.kind),
             Message::Unknown { terminal, .. } => *terminal,
         }
     }
@@ -122,11 +129,12 @@ pub async fn follow(
     updates: mpsc::UnboundedSender<Update>,
 ) -> Result<(), Error> {
     let mut last_seq: Option<EventId> = None;
+    let mut end = LogEnd::default();
     let mut delays = backoff().build();
     let mut attempt = 0;
     loop {
         let seq_before = last_seq;
-        let reason = match stream_once(&client, task, &mut last_seq, &updates).await {
+        let reason = match stream_once(&client, task, &mut last_seq, &mut end, &updates).await {
             Ok(Ended::Finished) => return Ok(()),
             Ok(Ended::Dropped(reason)) => reason,
             Err(e) if e.is_transient() => short_reason(&e),
@@ -136,6 +144,7 @@ pub async fn follow(
         // was trimmed); the task record says whether there is anything left to wait for.
         if let Ok(t) = client.task(task).await
             && t.status.is_terminal()
+            && !t.pr_pending()
         {
             return Ok(());
         }
@@ -164,11 +173,27 @@ async fn stream_once(
     client: &Client,
     task: TaskId,
     last_seq: &mut Option<EventId>,
+    end: &mut LogEnd,
     updates: &mpsc::UnboundedSender<Update>,
 ) -> Result<Ended, client::Error> {
     let resp = client.events(task, *last_seq).await?;
     let mut stream = resp.bytes_stream().eventsource();
-    while let Some(item) = stream.next().await {
+    let mut pr_deadline = None;
+    loop {
+        let item = if end.awaiting_pr() {
+            let deadline =
+                *pr_deadline.get_or_insert_with(|| tokio::time::Instant::now() + PR_WAIT);
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(item) => item,
+                // The task ended; its pull request's outcome is late: stop waiting for it.
+                Err(_) => return Ok(Ended::Finished),
+            }
+        } else {
+            stream.next().await
+        };
+        let Some(item) = item else {
+            break;
+        };
         let sse = match item {
             Ok(sse) => sse,
             Err(eventsource_stream::EventStreamError::Transport(e)) => {
@@ -188,7 +213,7 @@ async fn stream_once(
             }
             *last_seq = Some(seq);
         }
-        let terminal = message.is_terminal();
+        let terminal = message.ends(end);
         if let Message::Event { event, .. } = message {
             // The receiver going away means the caller stopped caring; keep reading to the end
             // anyway so the sequence stays right.
@@ -226,7 +251,7 @@ mod tests {
         let m = decode("42", data);
         assert_eq!(m.seq(), Some(EventId::new(42, 0)));
         assert_eq!(decode("42.3", data).seq(), Some(EventId::new(42, 3)));
-        assert!(m.is_terminal());
+        assert!(m.ends(&mut LogEnd::default()));
         match m {
             Message::Event { event, .. } => {
                 assert!(matches!(event.kind, EventKind::TaskFinished { .. }))

@@ -291,6 +291,10 @@ pub fn task_metrics(out: &mut dyn Write, task: &Task, now_ms: u64) -> io::Result
         ("cache read tokens", count(u.cache_read_tokens)),
         ("wall time", duration_ms(task.elapsed_ms(now_ms))),
     ];
+    let mut rows = rows.to_vec();
+    if let Some(pr) = &task.pr {
+        rows.push(("pull request", pull_request(pr)));
+    }
     writeln!(out, "Metrics")?;
     print_table(out, &details(&rows))?;
     if task.jobs.is_empty() {

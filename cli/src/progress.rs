@@ -870,6 +870,7 @@ mod tests {
                 usage: Usage::default(),
                 cost_usd: 0.5,
                 duration_ms: 700,
+                pr_pending: false,
             },
         ));
         assert_eq!(

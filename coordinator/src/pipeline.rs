@@ -1473,6 +1473,7 @@ pub fn finished_event(task: &Task) -> EventKind {
         usage: task.usage,
         cost_usd: task.cost_usd,
         duration_ms: task.elapsed_ms(task.finished_at_ms.unwrap_or_default()),
+        pr_pending: task.pr_pending(),
     }
 }
 

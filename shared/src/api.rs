@@ -673,6 +673,17 @@ pub struct CheckReport {
 }
 
 impl Task {
+    /// Whether the task completed and its pull request still has a step to take (open it, or
+    /// mark its draft ready), which an earlier failure does not hold back (`pr.error`: only
+    /// `orchctl pr sync` tries again). Its outcome is the end of a followed event stream.
+    pub fn pr_pending(&self) -> bool {
+        self.status == TaskStatus::Completed
+            && self
+                .pr
+                .as_ref()
+                .is_some_and(|p| p.error.is_none() && (p.number.is_none() || p.draft))
+    }
+
     /// The backend the jobs of `role` run on: the role's, else the task's.
     pub fn backend_of(&self, role: Role) -> Backend {
         self.backends.get(&role).copied().unwrap_or(self.backend)

@@ -218,6 +218,11 @@ pub enum EventKind {
         usage: Usage,
         cost_usd: f64,
         duration_ms: u64,
+        /// The task completed with a pull request still to open or to mark ready: its
+        /// outcome (`pr_opened` ready for review, `pr_ready` or `pr_failed`) follows, and a
+        /// follower of the task's events goes on to it ([`LogEnd`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pr_pending: bool,
     },
     /// The job attempt was parked: it holds no worker slot and no attempt is burnt; it runs
     /// again (from its checkpoint, on any worker) at `parked.until_ms` or, for an approval,
@@ -266,9 +271,52 @@ impl EventKind {
         )
     }
 
-    /// Whether this event ends the task's log.
+    /// Whether this event is a `task_finished` (a follower ends at [`LogEnd`], which also
+    /// waits for a pull request's outcome).
     pub fn is_terminal(&self) -> bool {
         matches!(self, EventKind::TaskFinished { .. })
+    }
+
+    /// Whether this event is the outcome of a task's pull request step: opened ready for
+    /// review, marked ready, or failed.
+    pub fn is_pr_outcome(&self) -> bool {
+        matches!(
+            self,
+            EventKind::PrOpened { draft: false, .. }
+                | EventKind::PrReady { .. }
+                | EventKind::PrFailed { .. }
+        )
+    }
+}
+
+/// Where a follower of a task's events stops: at `task_finished`, or, when that says a pull
+/// request step follows (`pr_pending`), at the step's outcome. Feed it every event in order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogEnd {
+    awaiting_pr: bool,
+}
+
+impl LogEnd {
+    /// A follower that starts after the task's `task_finished`: `awaiting_pr` when the task's
+    /// pull request step is still to come ([`crate::api::Task::pr_pending`]).
+    pub fn resumed(awaiting_pr: bool) -> Self {
+        Self { awaiting_pr }
+    }
+
+    /// Whether `kind` ends what is followed.
+    pub fn ends(&mut self, kind: &EventKind) -> bool {
+        match kind {
+            EventKind::TaskFinished { pr_pending, .. } => {
+                self.awaiting_pr = *pr_pending;
+                !*pr_pending
+            }
+            k => self.awaiting_pr && k.is_pr_outcome(),
+        }
+    }
+
+    /// Whether a `task_finished` was seen and the pull request's outcome is awaited.
+    pub fn awaiting_pr(&self) -> bool {
+        self.awaiting_pr
     }
 }
 
@@ -492,6 +540,41 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_ends_at_task_finished_or_at_the_pull_requests_outcome() {
+        let finished = |pr_pending| EventKind::TaskFinished {
+            status: "completed".into(),
+            usage: Default::default(),
+            cost_usd: 0.0,
+            duration_ms: 1,
+            pr_pending,
+        };
+        let opened = |draft| EventKind::PrOpened {
+            number: 1,
+            url: "u".into(),
+            draft,
+        };
+        let mut end = LogEnd::default();
+        assert!(!end.ends(&opened(false)), "not before the task ends");
+        assert!(end.ends(&finished(false)));
+
+        let mut end = LogEnd::default();
+        assert!(!end.ends(&opened(true)));
+        assert!(!end.ends(&finished(true)));
+        assert!(end.awaiting_pr());
+        assert!(!end.ends(&EventKind::Heartbeat));
+        assert!(!end.ends(&opened(true)), "a draft is not the outcome");
+        assert!(end.ends(&opened(false)));
+        for outcome in [
+            EventKind::PrReady { number: 1 },
+            EventKind::PrFailed { reason: "x".into() },
+        ] {
+            let mut end = LogEnd::default();
+            end.ends(&finished(true));
+            assert!(end.ends(&outcome), "{outcome:?}");
+        }
+    }
+
+    #[test]
     fn bursts_of_output_travel_together_and_lifecycle_events_alone() {
         let (a, b) = (TaskId::new(), TaskId::new());
         let events = vec![
@@ -507,6 +590,7 @@ mod tests {
                     usage: Default::default(),
                     cost_usd: 0.0,
                     duration_ms: 1,
+                    pr_pending: false,
                 },
             ),
         ];

@@ -274,12 +274,13 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
                     duration_ms,
                 }
             }),
-        ("[a-z]{1,10}", usage(), cost(), any::<u64>()).prop_map(
-            |(status, usage, cost_usd, duration_ms)| EventKind::TaskFinished {
+        ("[a-z]{1,10}", usage(), cost(), any::<u64>(), any::<bool>()).prop_map(
+            |(status, usage, cost_usd, duration_ms, pr_pending)| EventKind::TaskFinished {
                 status,
                 usage,
                 cost_usd,
-                duration_ms
+                duration_ms,
+                pr_pending,
             }
         ),
     ]

@@ -5,7 +5,7 @@
 //! It serves what the coordinator asks: a repository (`default_branch`, `permissions.push`), a
 //! branch, pull requests (list by head, create — refused with 422 while one is open for the
 //! same head —, show with `head.sha` and `additions`/`deletions` from `git diff --numstat`),
-//! a pull request's review comments (paged), its description (`PATCH`), labels and issue
+//! a file's contents (raw, at a ref), a pull request's review comments (paged), its description (`PATCH`), labels and issue
 //! comments, and the GraphQL mutation that marks a draft ready for review. Every request is
 //! recorded with whether it carried the expected `Authorization: Bearer` token; one without
 //! it gets GitHub's 401. Tests add review comments as a reviewer would.
@@ -167,6 +167,17 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// The bytes of `object` (`ref:path`) of the repository, if it exists.
+fn git_bytes(dir: &Path, object: &str) -> Option<Vec<u8>> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["cat-file", "blob", object])
+        .output()
+        .ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
 fn decode(segment: &str) -> String {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -313,6 +324,17 @@ fn respond(inner: &mut Inner, method: &Method, uri: &Uri, body: &Value) -> Respo
                 "permissions": {"pull": true, "push": repo.push, "admin": false},
             }),
         ),
+        // The raw media type only (what the coordinator asks for): the file's bytes.
+        ("GET", ["contents", path @ ..]) => {
+            let git_ref = q
+                .get("ref")
+                .cloned()
+                .unwrap_or_else(|| repo.default_branch.clone());
+            match git_bytes(&repo.bare, &format!("{git_ref}:{}", path.join("/"))) {
+                Some(bytes) => (StatusCode::OK, bytes).into_response(),
+                None => not_found(),
+            }
+        }
         ("GET", ["branches", branch]) => {
             match git(
                 &repo.bare,

@@ -1137,3 +1137,152 @@ async fn an_agent_in_a_plain_local_directory_resumes_its_conversation_and_says_t
     let why = why.expect("the resumed event says the files were not restored");
     assert!(why.contains("plain local directory"), "{why}");
 }
+
+/// Builders (the `command` backend) that change the one line of `greet.sh` each their way.
+const GREET_BUILDER: &str = r#"prompt=$(cat)
+case "$prompt" in
+  *"greet by name"*) sed -i 's/^  echo hello$/  echo "hello $1"/' greet.sh ;;
+  *"greet with the hour"*) sed -i 's/^  echo hello$/  echo "hello at $(date +%H)"/' greet.sh ;;
+esac
+echo "edited greet.sh""#;
+
+/// What the integrator's first step runs: keep both sides of every conflict (drop the common
+/// ancestor of the `diff3` markers).
+const KEEP_BOTH: &str = r#"for f in $(grep -rl '^<<<<<<< ' --exclude-dir=.git .); do awk '/^<<<<<<< /{next} /^\|\|\|\|\|\|\| /{skip=1; next} /^=======$/{skip=0; next} /^>>>>>>> /{next} !skip' "$f" > "$f.resolved" && mv "$f.resolved" "$f"; done; echo resolved"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integrator_killed_mid_merge_resumes_in_the_merge_and_commits_it_with_both_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let seed = dir.path().join("seed");
+    std::fs::write(seed.join("greet.sh"), "greet() {\n  echo hello\n}\n").unwrap();
+    git(&seed, &["add", "."]);
+    git(
+        &seed,
+        &[
+            "-c",
+            "user.name=seed",
+            "-c",
+            "user.email=seed@localhost",
+            "commit",
+            "-qm",
+            "greet",
+        ],
+    );
+    git(&seed, &["push", "-q", &bare.display().to_string(), "main"]);
+    // The integrator (the native tool loop) resolves the conflict in its first step; its
+    // second step's answer comes so late that its worker is killed first.
+    let fake = FakeAnthropic::start(vec![
+        Reply::tool_use("bash", json!({"command": KEEP_BOTH})),
+        Reply::text("Both greetings kept.").after(Duration::from_secs(600)),
+        Reply::text("## Summary\nBoth greetings kept.\n\n## Files\n- greet.sh"),
+    ])
+    .await;
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backends.command]\nprogram = \"sh\"\nargs = [\"-c\", {GREET_BUILDER:?}, \"agent\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 1,
+        worker_env: env(&fake),
+        worker_args: vec!["--config".into(), config.display().to_string()],
+        ..Options::default()
+    })
+    .await;
+    let task = cluster
+        .submit(json!({
+            "prompt": "improve the greeting",
+            "mode": "parallel",
+            "backend": "command",
+            "backends": {"integrator": "anthropic"},
+            "model": MODEL,
+            "repo": bare.display().to_string(),
+            "ref": "main",
+            "plan": {"steps": [
+                {"role": "builder", "scope": "greet by name"},
+                {"role": "builder", "scope": "greet with the hour"},
+            ]},
+        }))
+        .await;
+    let id = task.id.to_string();
+    let integrator = cluster
+        .eventually(Duration::from_secs(60), || async {
+            let t = cluster.task(&id).await;
+            t.jobs
+                .iter()
+                .find(|j| j.role == orch_shared::role::Role::Integrator)
+                .map(|j| j.id)
+                .ok_or_else(|| format!("no integrator yet: {t:#?}"))
+        })
+        .await;
+    let checkpoint = checkpoint_at(&cluster, integrator, 1).await;
+    requests(&cluster, &fake, 2).await;
+    let commit = checkpoint.commit.clone().expect("a tree commit");
+    // The checkpoint holds the resolved file and the merge's other side as second parent.
+    assert!(
+        !git(&bare, &["show", &format!("{commit}:greet.sh")]).contains("<<<<<<<"),
+        "the checkpoint has the resolved file"
+    );
+    assert_eq!(
+        git(&bare, &["rev-list", "--parents", "-n", "1", &commit])
+            .split(' ')
+            .count(),
+        3,
+        "the checkpoint records the merge"
+    );
+
+    cluster.workers[0].signal(libc::SIGKILL);
+    cluster.add_worker();
+    let task = cluster.wait_task(&id, Duration::from_secs(120)).await;
+    assert_completed(&cluster, &task);
+    let job = task.jobs.iter().find(|j| j.id == integrator).unwrap();
+    assert_eq!(job.worker_id, Some(WorkerId("worker-1".into())));
+    assert_eq!(
+        fake.message_requests().len(),
+        3,
+        "the resolving step was not asked again"
+    );
+    let events = cluster.events(&id, None).await;
+    assert!(
+        kinds(&events, integrator)
+            .iter()
+            .any(|k| matches!(k, EventKind::Resumed { from_step: 1, .. })),
+        "{:#?}",
+        kinds(&events, integrator)
+    );
+    // The resumed agent's commit is the merge: both sides are its parents, and the task
+    // branch holds it with both greetings.
+    let git_outcome = job.git.as_ref().unwrap();
+    let parents = git(
+        &bare,
+        &["rev-list", "--parents", "-n", "1", &git_outcome.commit],
+    );
+    let parents: Vec<&str> = parents.split(' ').skip(1).collect();
+    assert_eq!(parents.len(), 2, "{parents:?}");
+    let builders: Vec<String> = task
+        .jobs
+        .iter()
+        .filter(|j| j.role == orch_shared::role::Role::Builder)
+        .map(|j| j.git.as_ref().unwrap().commit.clone())
+        .collect();
+    for b in &builders {
+        assert!(
+            parents
+                .iter()
+                .any(|p| git(&bare, &["rev-list", p]).lines().any(|c| c == b)),
+            "builder commit {b} is not behind the merge {parents:?}"
+        );
+    }
+    let branch = format!("orch/{id}");
+    let greet = git(&bare, &["show", &format!("{branch}:greet.sh")]);
+    assert!(
+        greet.contains("hello $1") && greet.contains("hello at") && !greet.contains("<<<"),
+        "{greet}"
+    );
+    assert!(git_outcome.merged, "{git_outcome:?}");
+}

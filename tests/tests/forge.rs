@@ -692,3 +692,243 @@ async fn a_task_with_a_check_opens_a_draft_while_the_check_runs_and_marks_it_rea
     assert!(!pulls[1].draft);
     assert!(pulls[1].body.contains("**passed**"), "{}", pulls[1].body);
 }
+
+/// Commits `.orch.toml` holding `text` on top of `branch` of `bare` (through the `seed` clone)
+/// and pushes it to `branch`.
+fn commit_repo_config(seed: &Path, bare: &Path, branch: &str, text: &str) {
+    git(seed, &["checkout", "-q", "-B", branch, "main"]);
+    std::fs::write(seed.join(".orch.toml"), text).unwrap();
+    git(seed, &["add", "."]);
+    git(
+        seed,
+        &[
+            "-c",
+            "user.name=seed",
+            "-c",
+            "user.email=seed@localhost",
+            "commit",
+            "-qm",
+            "repository config",
+        ],
+    );
+    git(
+        seed,
+        &[
+            "push",
+            "-q",
+            &bare.display().to_string(),
+            &format!("HEAD:{branch}"),
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repository_config_file_fills_what_the_submit_leaves_out_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // At `<dir>/acme/origin.git`: `acme/origin` on the forge, told from the path.
+    let bare = origin(&dir.path().join("acme"));
+    let seed = dir.path().join("acme").join("seed");
+    commit_repo_config(
+        &seed,
+        &bare,
+        "main",
+        "# the team's settings\n[check]\ncommand = \"test \\\"$(cat built.txt)\\\" = built && echo checked\"\nrounds = 2\n\n[pr]\nopen = true\nlabels = [\"from-file\"]\ndraft = false\n",
+    );
+    commit_repo_config(
+        &seed,
+        &bare,
+        "broken",
+        "[check]\ncommand = \"make\"\nrounds = \"two\"\n",
+    );
+    let github = FakeGitHub::start(FORGE_TOKEN).await;
+    github.add_repo("acme/origin", &bare, "main", true);
+    let cluster = cluster(dir.path(), Some(&github), None, 1).await;
+    let repo = bare.display().to_string();
+
+    // Neither a check nor a pull request asked for: both come from the file.
+    let task = cluster
+        .submit(json!({
+            "prompt": "build the thing", "roles": ["builder"], "backend": "command",
+            "repo": repo,
+        }))
+        .await;
+    let check = task.check.clone().expect("the file's check");
+    assert_eq!(
+        check.command,
+        "test \"$(cat built.txt)\" = built && echo checked"
+    );
+    assert_eq!(check.max_rounds, 2);
+    let pr = task.pr.clone().expect("the file asks for a pull request");
+    assert_eq!(
+        (pr.repo.as_str(), pr.base.as_str()),
+        ("acme/origin", "main")
+    );
+    assert_eq!(pr.labels, ["from-file"]);
+    assert!(!pr.draft_while_checking, "draft = false");
+    let id = task.id.to_string();
+    let task = task_until(&cluster, &id, "the pull request", |t| {
+        t.pr.as_ref().is_some_and(|p| p.url.is_some())
+    })
+    .await;
+    assert_completed(&cluster, &task);
+    let check = task.check.as_ref().unwrap();
+    assert_eq!((check.passed, check.rounds), (Some(true), 1), "{check:?}");
+    assert!(check.output_tail.contains("checked"), "{check:?}");
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(pulls[0].labels, ["orchestrator", "from-file"]);
+    assert!(!pulls[0].draft);
+    assert!(pulls[0].body.contains("**passed**"), "{}", pulls[0].body);
+    assert!(
+        github
+            .calls()
+            .iter()
+            .any(|c| c.path == "/repos/acme/origin/contents/.orch.toml" && c.authorized),
+        "the file was read through the forge with the token"
+    );
+
+    // What the submit gives wins over the file: its check (with its own rounds) and labels.
+    let task = cluster
+        .submit(json!({
+            "prompt": "build it again", "roles": ["builder"], "backend": "command",
+            "repo": repo, "check": "echo overridden", "pr": {"labels": ["mine"]},
+        }))
+        .await;
+    let check = task.check.clone().unwrap();
+    assert_eq!(
+        (check.command.as_str(), check.max_rounds),
+        ("echo overridden", 3)
+    );
+    assert_eq!(task.pr.clone().unwrap().labels, ["mine"]);
+    let task = cluster.wait_task(&task.id.to_string(), WAIT).await;
+    assert_completed(&cluster, &task);
+    assert!(
+        task.check
+            .as_ref()
+            .unwrap()
+            .output_tail
+            .contains("overridden"),
+        "{:?}",
+        task.check
+    );
+
+    // A malformed file on the base: a 400 naming the file and the key, and no task.
+    let ids = |list: Value| -> Vec<String> {
+        list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = ids(cluster.get("/v1/tasks").await.1);
+    let (status, err) = cluster
+        .post(
+            "/v1/tasks",
+            &json!({
+                "prompt": "p", "roles": ["builder"], "backend": "command",
+                "repo": repo, "ref": "broken",
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!(err["code"], "invalid_field");
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(".orch.toml: check.rounds: "),
+        "{message}"
+    );
+    // The same from the command line: one line on stderr, exit status 2.
+    let home = tempfile::tempdir().unwrap();
+    let (code, out, stderr) = cli(
+        &cluster,
+        home.path(),
+        &[
+            "submit",
+            "p",
+            "--roles",
+            "builder",
+            "--backend",
+            "command",
+            "--repo",
+            &repo,
+            "--ref",
+            "broken",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}{stderr}");
+    assert!(stderr.contains(".orch.toml: check.rounds"), "{stderr}");
+    assert_eq!(
+        ids(cluster.get("/v1/tasks").await.1),
+        before,
+        "no task was created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_of_a_task_with_pr_sees_the_pull_request_before_its_stream_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = origin(dir.path());
+    let github = FakeGitHub::start(FORGE_TOKEN).await;
+    github.add_repo("acme/app", &bare, "main", true);
+    let cluster = cluster(dir.path(), Some(&github), None, 1).await;
+    let home = tempfile::tempdir().unwrap();
+    let repo = bare.display().to_string();
+    let (code, out, err) = cli(
+        &cluster,
+        home.path(),
+        &[
+            "submit",
+            "build the thing",
+            "--roles",
+            "builder",
+            "--backend",
+            "command",
+            "--repo",
+            &repo,
+            "--pr",
+            "--pr-repo",
+            "acme/app",
+            "--follow",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let url = "https://github.example/acme/app/pull/1";
+    // The live view announces it as it happens, and the final record shows it.
+    assert!(
+        err.contains(&format!("pull request #1 open: {url}")),
+        "stderr: {err}"
+    );
+    assert!(out.contains(url), "stdout: {out}");
+
+    // The task's event stream ends with the pull request's outcome, after `task_finished`.
+    let pulls = github.pulls();
+    assert_eq!(pulls.len(), 1);
+    let (_, list) = cluster.get("/v1/tasks").await;
+    let id = list["tasks"][0]["id"].as_str().unwrap().to_string();
+    let events = cluster.events(&id, None).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, e)| e.kind.name()).collect();
+    let finished = kinds.iter().position(|k| *k == "task_finished").unwrap();
+    assert_eq!(kinds.last(), Some(&"pr_opened"), "{kinds:?}");
+    assert!(finished < kinds.len() - 1, "{kinds:?}");
+    assert!(
+        matches!(
+            &events[finished].1.kind,
+            orch_shared::event::EventKind::TaskFinished {
+                pr_pending: true,
+                ..
+            }
+        ),
+        "{events:#?}"
+    );
+    // `orchctl logs --task ID -f` on the finished task prints up to the same end.
+    let (code, out, err) = cli(&cluster, home.path(), &["logs", "--task", &id, "-f"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.trim_end()
+            .ends_with(&format!("pull request #1 open: {url}")),
+        "{out}"
+    );
+}

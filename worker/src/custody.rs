@@ -8,7 +8,10 @@
 //!   agent's own index, `HEAD` and branch are never touched, and pushed to
 //!   [`checkpoint_ref`] on the task's repository with `--force-with-lease` on the previous
 //!   checkpoint (each checkpoint's parent is the one before it, so every step stays reachable
-//!   for rewinds). A scratch directory (a repository of its own, with nowhere to push) is
+//!   for rewinds). A tree in the middle of a merge (an integrator resolving conflicts) gets
+//!   the merge's other side (`MERGE_HEAD`) as the checkpoint's second parent, and a restore
+//!   puts it back, so the resumed agent's commit is still the merge. A scratch directory (a
+//!   repository of its own, with nowhere to push) is
 //!   committed the same way, as a root commit, and stored as a git bundle of that commit in
 //!   the sessions store (`checkpoint.<job>.<step>.tree`, at most `checkpoints.max_tree_bytes`,
 //!   itself at most [`MAX_TREE_BUNDLE_BYTES`]; a larger tree is not checkpointed, and a
@@ -842,7 +845,9 @@ async fn snapshot_tree(
     let store = tree
         .store
         .as_deref()
-        .filter(|_| remote && direct && last.on_ref && last.index_kept);
+        // A merge in progress is pushed: its checkpoint has the merge's other side as a
+        // second parent, which only the agent's clone may have.
+        .filter(|_| remote && direct && last.on_ref && last.index_kept && !merging(dir));
     if let (Some(store), Some(parent)) = (store, &last.commit) {
         match write_into_store(tree, store, job, last, parent, step).await {
             Ok(snapshot) => return Ok(snapshot),
@@ -855,6 +860,11 @@ async fn snapshot_tree(
         }
     }
     push_snapshot(tree, job, last, step, direct).await
+}
+
+/// Whether the agent's clone is in the middle of a merge.
+fn merging(dir: &Path) -> bool {
+    dir.join(".git").join("MERGE_HEAD").exists()
 }
 
 /// Starts the temporary index again from the agent's (whose stat data spares hashing the
@@ -1025,7 +1035,13 @@ async fn push_snapshot(
             head.text()
         }
     };
-    let commit = commit_tree(dir, &tree_id, Some(parent), job, step, &env).await?;
+    // A merge in progress keeps its other side in the checkpoint ([`restore_tree`]).
+    let merge_head = git(dir, &["rev-parse", "-q", "--verify", "MERGE_HEAD^{commit}"]).await;
+    let merge_head = merge_head.ok.then(|| merge_head.text().to_string());
+    let parents: Vec<&str> = std::iter::once(parent)
+        .chain(merge_head.as_deref())
+        .collect();
+    let commit = commit_tree(dir, &tree_id, &parents, job, step, &env).await?;
     // The files changed are counted while the commit travels.
     let (sent, changed) = tokio::join!(
         send_checkpoint(dir, job, &commit, parent, last.on_ref, &env),
@@ -1201,11 +1217,11 @@ fn packed_ref(store: &Path, refname: &str) -> std::io::Result<Option<String>> {
         .map(|(id, _)| id.to_string()))
 }
 
-/// `git commit-tree` of `tree` (with `parent`, else a root commit), dated now.
+/// `git commit-tree` of `tree` with `parents` (none: a root commit), dated now.
 async fn commit_tree(
     dir: &Path,
     tree: &str,
-    parent: Option<&str>,
+    parents: &[&str],
     job: JobId,
     step: u32,
     env: &[(&str, &str)],
@@ -1213,7 +1229,7 @@ async fn commit_tree(
     let message = commit_message(job, step);
     let date = format!("@{} +0000", orch_shared::now_ms() / 1000);
     let mut args = vec!["commit-tree", tree];
-    if let Some(p) = parent {
+    for p in parents {
         args.extend(["-p", p]);
     }
     args.extend(["-m", &message]);
@@ -1301,7 +1317,7 @@ async fn bundle_tree(
     step: u32,
 ) -> Result<Snapshot, String> {
     use crate::agent::git::git;
-    let commit = commit_tree(dir, tree, None, job, step, &[]).await?;
+    let commit = commit_tree(dir, tree, &[], job, step, &[]).await?;
     let update = git(dir, &["update-ref", BUNDLE_REF, &commit]).await;
     if !update.ok {
         return Err(format!("git update-ref: {}", update.why()));
@@ -1329,6 +1345,12 @@ async fn bundle_tree(
 /// Puts the working tree of the fresh clone `dir` in the state of checkpoint `commit` of
 /// `job` (fetched from `origin`), leaving the agent's index and `HEAD` where they are: files
 /// the checkpoint had and `HEAD` lacks come back untracked, as they were.
+///
+/// A checkpoint taken in the middle of a merge (its second parent, the merge's other side)
+/// is restored in the middle of that merge: the clone's own start of it (an integrator's
+/// checkout leaves the conflicts in the files) is set aside, the checkpoint's files written
+/// over `HEAD`, and `MERGE_HEAD` set again, so the agent's commit is the merge, its files as
+/// the agent left them (resolved or not: the conflicts are checked when the agent ends).
 pub async fn restore_tree(dir: &Path, job: JobId, commit: &str) -> Result<(), String> {
     use crate::agent::git::git;
     let fetch = git(
@@ -1355,7 +1377,39 @@ pub async fn restore_tree(dir: &Path, job: JobId, commit: &str) -> Result<(), St
             checkpoint_ref(job)
         ));
     }
-    check_out(dir, commit).await
+    let merging = git(dir, &["rev-parse", "-q", "--verify", "MERGE_HEAD^{commit}"]).await;
+    let other = git(
+        dir,
+        &["rev-parse", "-q", "--verify", &format!("{commit}^2")],
+    )
+    .await;
+    // The checkpoint's own record of the merge, else the clone's (a checkpoint from before
+    // merges were recorded).
+    let merge_head = match (other.ok, merging.ok) {
+        (true, _) => Some(other.text().to_string()),
+        (false, true) => Some(merging.text().to_string()),
+        (false, false) => None,
+    };
+    if merging.ok {
+        let abort = git(dir, &["merge", "--abort"]).await;
+        if !abort.ok {
+            return Err(format!(
+                "the clone's merge could not be set aside: {}",
+                abort.why()
+            ));
+        }
+    }
+    check_out(dir, commit).await?;
+    if let Some(merge_head) = merge_head {
+        // A pseudoref: git writes the file itself (`update-ref` refuses it).
+        tokio::fs::write(
+            dir.join(".git").join("MERGE_HEAD"),
+            format!("{merge_head}\n"),
+        )
+        .await
+        .map_err(|e| format!("MERGE_HEAD could not be restored: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Puts the working tree of the fresh scratch repository `dir` in the state of checkpoint
@@ -1401,6 +1455,10 @@ async fn check_out(dir: &Path, commit: &str) -> Result<(), String> {
     let index_s = index.display().to_string();
     let env = [("GIT_INDEX_FILE", index_s.as_str())];
     let read = git_env(dir, &["read-tree", "HEAD"], &env).await;
+    // A fresh index has no stat data: without a refresh, every file the checkpoint changed
+    // and `HEAD` has would be taken for modified ("not uptodate") and refused. Files that do
+    // differ from `HEAD` stay so (and a change of theirs is refused, as it should be).
+    let _ = git_env(dir, &["update-index", "-q", "--refresh"], &env).await;
     let update = if read.ok {
         git_env(dir, &["read-tree", "-m", "-u", "HEAD", commit], &env).await
     } else {
@@ -1749,5 +1807,77 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("push"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_tree_checkpointed_mid_merge_is_restored_mid_merge_and_commits_as_the_merge() {
+        let (_tmp, bare, clone, _) = repo();
+        // Two sides that change the same line, pushed; the clone starts merging them and
+        // conflicts, as an integrator's checkout does.
+        let conflicted = "git checkout -q -b left && echo left > a.txt && git commit -qam left \
+             && git push -q origin left && git checkout -q -b right HEAD~1 \
+             && echo right > a.txt && git commit -qam right && git push -q origin right \
+             && git checkout -q left && (git merge -q right -m merge >/dev/null 2>&1 || true)";
+        sh(&clone, conflicted);
+        let right = sh(&clone, "git rev-parse right");
+        assert_eq!(sh(&clone, "git rev-parse MERGE_HEAD"), right);
+        let base = sh(&clone, "git rev-parse HEAD");
+        // The agent resolves it and adds a file; the checkpoint records the merge.
+        std::fs::write(clone.join("a.txt"), "left\nright\n").unwrap();
+        std::fs::write(clone.join("new.txt"), "new\n").unwrap();
+        let job = JobId::new();
+        let t = tree(&clone, &base, None);
+        let snap = snapshot_tree(&t, job, &Last::default(), 1, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            sh(
+                &bare,
+                &format!("git rev-list --parents -n 1 {}", snap.commit)
+            ),
+            format!("{} {base} {right}", snap.commit)
+        );
+
+        // Another worker's fresh clone in the same conflicted merge gets the agent's files and
+        // the merge back; the commit it makes has both parents.
+        let root = bare.parent().unwrap();
+        sh(root, "git clone -q bare.git again");
+        let again = root.join("again");
+        sh(
+            &again,
+            "git checkout -q left && (git merge -q origin/right -m merge >/dev/null 2>&1 || true)",
+        );
+        restore_tree(&again, job, &snap.commit).await.unwrap();
+        assert_eq!(sh(&again, "cat a.txt"), "left\nright");
+        assert_eq!(sh(&again, "cat new.txt"), "new");
+        assert_eq!(sh(&again, "git rev-parse MERGE_HEAD"), right);
+        let parents = sh(
+            &again,
+            "git add -A && git commit -qm resolved && git rev-list --parents -n 1 HEAD",
+        );
+        assert_eq!(
+            parents.split(' ').skip(1).collect::<Vec<_>>(),
+            [&base, &right]
+        );
+
+        // A checkpoint of a tree that is not merging restores no merge.
+        let plain = snapshot_tree(
+            &tree(&again, &base, None),
+            JobId::new(),
+            &Last::default(),
+            1,
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            sh(
+                &bare,
+                &format!("git rev-list --parents -n 1 {}", plain.commit)
+            )
+            .split(' ')
+            .count(),
+            2
+        );
     }
 }

@@ -12,7 +12,7 @@ use crate::when;
 use anyhow::Context as _;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use orch_shared::event::{Event, EventId, EventKind};
+use orch_shared::event::{Event, EventId, EventKind, LogEnd};
 use orch_shared::ids::{JobId, TaskId};
 use orch_shared::report::EventRow;
 use std::io::Write;
@@ -303,11 +303,12 @@ impl Target {
         }
     }
 
-    /// Whether this event ends what is followed.
-    fn ends_with(&self, event: &Event) -> bool {
+    /// Whether this event ends what is followed (a task's end waits for its pull request's
+    /// outcome when one follows; `end` keeps that across reconnects).
+    fn ends_with(&self, event: &Event, end: &mut LogEnd) -> bool {
         match self {
             Target::Agent(_) => ends_agent(&event.kind),
-            Target::Task(_) => event.kind.is_terminal(),
+            Target::Task(_) => end.ends(&event.kind),
         }
     }
 }
@@ -321,9 +322,20 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     let client = ctx.client()?;
     let mut out = std::io::stdout().lock();
     let mut last_seq: Option<EventId> = None;
+    let mut end = LogEnd::default();
     let mut attempt = 0;
     loop {
-        match read(&client, &target, &args, &mut last_seq, ctx.json(), &mut out).await {
+        match read(
+            &client,
+            &target,
+            &args,
+            &mut last_seq,
+            &mut end,
+            ctx.json(),
+            &mut out,
+        )
+        .await
+        {
             Ok(Read::Ended) => break,
             Ok(Read::Dropped(reason)) if args.follow => {
                 attempt += 1;
@@ -364,6 +376,7 @@ async fn read(
     target: &Target,
     args: &Args,
     last_seq: &mut Option<EventId>,
+    end: &mut LogEnd,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<Read, crate::client::Error> {
@@ -389,7 +402,7 @@ async fn read(
             }
             *last_seq = Some(seq);
         }
-        ended = target.ends_with(&event);
+        ended = target.ends_with(&event, end);
         let written = if json {
             let row = EventRow {
                 seq: seq.map_or(0, |s| s.seq),

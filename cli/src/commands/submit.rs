@@ -610,11 +610,12 @@ async fn watch(client: &Client, task: Task) -> anyhow::Result<Option<(Task, Opti
 }
 
 /// Reads the task once it ended. The coordinator records the end before it announces it, but a
-/// short grace period costs nothing and covers a coordinator that does it the other way round.
+/// short grace period costs nothing and covers a coordinator that does it the other way round
+/// (and a pull request's outcome, announced just before it is recorded).
 async fn final_record(client: &Client, id: TaskId) -> anyhow::Result<Task> {
     let mut task = client.task(id).await?;
     for _ in 0..10 {
-        if task.status.is_terminal() {
+        if task.status.is_terminal() && !task.pr_pending() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

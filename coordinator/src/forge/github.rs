@@ -223,6 +223,60 @@ impl Forge for GitHub {
         })
     }
 
+    fn file<'a>(
+        &'a self,
+        repo: &'a str,
+        path: &'a str,
+        git_ref: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<String>, Error>> {
+        Box::pin(async move {
+            let what = format!("{path} of {repo}");
+            let http_err = |source| Error::Http {
+                what: what.clone(),
+                source,
+            };
+            let path: Vec<String> = path.split('/').map(segment).collect();
+            let mut url = format!(
+                "{}/repos/{}/contents/{}",
+                self.base,
+                repo_path(repo),
+                path.join("/")
+            );
+            if let Some(r) = git_ref {
+                url.push_str("?ref=");
+                url.push_str(&segment(r));
+            }
+            // The raw media type: the file's bytes rather than base64 in JSON.
+            let resp = self
+                .http
+                .get(url)
+                .bearer_auth(&self.token)
+                .header("Accept", "application/vnd.github.raw+json")
+                .header("X-GitHub-Api-Version", "2022-11-28")
+                .send()
+                .await
+                .map_err(http_err)?;
+            let status = resp.status();
+            if status == StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            let bytes = resp.bytes().await.map_err(http_err)?;
+            if !status.is_success() {
+                let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                    .map(|e| e.message)
+                    .unwrap_or_else(|_| {
+                        String::from_utf8_lossy(&bytes).chars().take(300).collect()
+                    });
+                return Err(Error::Status {
+                    what,
+                    status: status.as_u16(),
+                    message,
+                });
+            }
+            Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+        })
+    }
+
     fn branch_exists<'a>(
         &'a self,
         repo: &'a str,

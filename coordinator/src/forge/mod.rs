@@ -5,6 +5,8 @@
 //! - [`Forge`]: what the coordinator asks of a forge (repository permissions, branches, pull
 //!   requests, review comments, comments). [`github::GitHub`] speaks GitHub's REST API
 //!   (GitHub Enterprise by its base URL).
+//! - [`repo_config`]: the repository's `.orch.toml`, read through the forge at submit, which
+//!   fills what a submit leaves out (check command, pull request settings).
 //! - [`pr_title`] and [`pr_body`]: the pull request's text, from the task record alone.
 //! - [`review`]: the review loop's decisions, free of IO: which comments are new, which agent
 //!   owns the files they touch, and when the loop stops and asks a person.
@@ -15,6 +17,7 @@
 //! a coordinator that fails over after creating it never opens a second one.
 
 pub mod github;
+pub mod repo_config;
 pub mod review;
 pub mod service;
 
@@ -141,6 +144,14 @@ pub trait Forge: Send + Sync {
     /// The repository's default branch and whether the token can push to it; a repository the
     /// token cannot see is a 404 [`Error::Status`].
     fn repository<'a>(&'a self, repo: &'a str) -> BoxFuture<'a, Result<Repository, Error>>;
+    /// The text of the file at `path` on `git_ref` (the default branch when `None`); `None`
+    /// when there is no such file (or ref).
+    fn file<'a>(
+        &'a self,
+        repo: &'a str,
+        path: &'a str,
+        git_ref: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<String>, Error>>;
     /// Whether `branch` exists.
     fn branch_exists<'a>(
         &'a self,

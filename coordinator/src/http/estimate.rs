@@ -33,6 +33,7 @@ async fn dry_run(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<axum::Json<DryRun>> {
     let req: SubmitTask = parse_body(body)?;
+    let req = super::forge::with_repo_config(&app, req).await?;
     let (mut opts, plan) = validate(req)?;
     // A dry run never calls a planner agent (that would cost money): it shows the rules' plan.
     opts.llm_planner = false;

@@ -4,11 +4,11 @@
 
 use super::answer::{Answer, Failure};
 use super::app::App;
-use crate::forge::{self, Handle, service};
+use crate::forge::{self, Handle, repo_config, service};
 use axum::body::Bytes;
 use axum::extract::{Path, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
-use orch_shared::api::{PrRequest, PrSync, PullRequest};
+use orch_shared::api::{PrRequest, PrSync, PullRequest, SubmitTask};
 use orch_shared::error::{ApiError, ErrorCode};
 use orch_shared::ids::TaskId;
 use orch_shared::job::{GitJob, Workspace};
@@ -31,6 +31,52 @@ pub(super) const WEBHOOK_PATH: &str = "/v1/forge/github/webhook";
 
 /// Most labels a submit may add.
 const MAX_LABELS: usize = 20;
+
+/// Fills a submit from the repository's `.orch.toml` ([`repo_config`]) on its base (the
+/// submit's `ref`, else the default branch), read through the forge, when one is configured
+/// and the task works in a repository whose `owner/name` it can tell; the submit's own fields
+/// win. A malformed file is a 400 naming the file and its key, before anything runs. A
+/// repository the forge does not know or lets the token read has no file; a forge that does
+/// not answer is a 503 (a task never runs without the checks its repository asks for).
+pub(super) async fn with_repo_config(app: &App, mut req: SubmitTask) -> Answer<SubmitTask> {
+    let (Some(handle), Some(url)) = (&app.forge, req.repo.as_deref()) else {
+        return Ok(req);
+    };
+    let repo = req
+        .pr
+        .as_ref()
+        .and_then(|p| p.repo.as_deref())
+        .map(|r| r.trim().to_string())
+        .or_else(|| forge::repo_from_url(url.trim()))
+        .filter(|r| forge::valid_repo(r));
+    let Some(repo) = repo else {
+        return Ok(req);
+    };
+    let git_ref = req
+        .git_ref
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && *r != "HEAD");
+    let file = repo_config::FILE;
+    let text = match handle.forge.file(&repo, file, git_ref).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(req),
+        Err(e) if matches!(e.status(), Some(401 | 403 | 404)) => {
+            tracing::debug!(%repo, error = %e, "the forge does not show {file}; submitting without it");
+            return Ok(req);
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the forge did not answer for {file} of {repo}: {e}"),
+            )
+            .into());
+        }
+    };
+    let config = repo_config::parse(&text).map_err(|e| ApiError::field(file, e))?;
+    config.apply(&mut req);
+    Ok(req)
+}
 
 /// Checks a submit's `pr` against the forge before the task is created: a forge is
 /// configured, the task works in a repository, the token can push to it and the base branch

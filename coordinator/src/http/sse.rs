@@ -7,7 +7,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use orch_shared::api::Task;
-use orch_shared::event::{Event, EventId};
+use orch_shared::event::{Event, EventId, LogEnd};
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -28,9 +28,12 @@ pub fn last_event_id(headers: &HeaderMap) -> Answer<EventId> {
     }
 }
 
-/// Which `task_finished` event ends a followed stream of `task`: a task reopened by a send, a
-/// fork or a dead-letter retry has older ones in its log. The task's latest end is at or after
-/// everything it queued (the leader's clock stamps both), and at or after its recorded end.
+/// Which event ends a followed stream of `task`: its latest `task_finished`, or after one that
+/// says a pull request step follows, that step's outcome ([`LogEnd`]). A task reopened by a
+/// send, a fork or a dead-letter retry has older ends in its log; the task's latest end is at
+/// or after everything it queued (the leader's clock stamps both), and at or after its
+/// recorded end. A stream resumed past the end of a task whose pull request step is still to
+/// come waits for the step's outcome.
 pub fn task_end(task: &Task) -> impl Fn(&Event) -> bool + Send + Sync + 'static {
     let since = if task.status.is_terminal() {
         task.finished_at_ms.unwrap_or(0)
@@ -41,7 +44,17 @@ pub fn task_end(task: &Task) -> impl Fn(&Event) -> bool + Send + Sync + 'static 
             .max()
             .unwrap_or(0)
     };
-    move |e: &Event| transport::is_last(e) && e.at_ms >= since
+    let end = std::sync::Mutex::new(LogEnd::resumed(
+        task.status.is_terminal() && task.pr_pending(),
+    ));
+    move |e: &Event| {
+        if transport::is_last(e) && e.at_ms < since {
+            return false;
+        }
+        end.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .ends(&e.kind)
+    }
 }
 
 /// One stored event as an SSE event: its id (for resuming), its kind as the event name.

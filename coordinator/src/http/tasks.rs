@@ -287,6 +287,7 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<(StatusCode, axum::Json<Task>)> {
     let req: SubmitTask = parse_body(body)?;
+    let req = super::forge::with_repo_config(&app, req).await?;
     let pr_request = req.pr.clone();
     let (mut opts, plan) = validate(req)?;
     // The forge is asked before anything is created, so a pull request that could never be

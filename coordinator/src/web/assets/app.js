@@ -735,11 +735,14 @@ function taskPage() {
   let es = null;
   // A task ends once per run: a message sent to one of its agents reopens it, so its log can
   // hold several `task_finished`. The stream is over at the one that ended the task as it is
-  // now (its duration is the task's).
+  // now (its duration is the task's); one that says a pull request step follows
+  // (`pr_pending`) is over at that step's outcome.
   let endSeen = null;
+  let prPending = false;
   let lastEventAt = 0;
-  const ended = () => !!current && TASK_ENDED.includes(current.status) &&
+  const ended = () => !!current && TASK_ENDED.includes(current.status) && !prPending &&
     current.finished_at_ms != null && endSeen === current.finished_at_ms - current.created_at_ms;
+  const prOutcome = (k) => (k.type === "pr_opened" && !k.draft) || k.type === "pr_ready" || k.type === "pr_failed";
 
   const load = async () => {
     let t;
@@ -860,8 +863,9 @@ function taskPage() {
       log.appendChild(li);
       log.scrollTop = log.scrollHeight;
     }
-    if (ev.kind.type === "task_finished") {
-      endSeen = ev.kind.duration_ms;
+    if (ev.kind.type === "task_finished" || (prPending && prOutcome(ev.kind))) {
+      if (ev.kind.type === "task_finished") endSeen = ev.kind.duration_ms;
+      prPending = ev.kind.type === "task_finished" && !!ev.kind.pr_pending;
       load().then(() => ended() && es.finish("Finished")).catch(() => {});
     } else refresh();
   }, ended);
