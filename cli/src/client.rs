@@ -532,6 +532,7 @@ impl Client {
                 nats: true,
                 redis: true,
                 leader: true,
+                state: true,
                 version: String::new(),
             });
         }

@@ -321,8 +321,9 @@ impl Transport {
                 // Events are sent again only while their sender retries (seconds) or when the
                 // next leader applies a redelivered result (the results' ack wait): two
                 // minutes, JetStream's default, covers both without keeping the ids of a
-                // busy log's half hour in the servers' memory.
-                duplicate_window: EVENTS_DEDUP_WINDOW,
+                // busy log's half hour in the servers' memory. JetStream refuses a window
+                // longer than the stream's max age (a log kept less than two minutes).
+                duplicate_window: EVENTS_DEDUP_WINDOW.min(cfg.events_max_age),
                 allow_direct: true,
                 num_replicas: cfg.stream_replicas,
                 ..Default::default()

@@ -783,6 +783,10 @@ pub struct Readiness {
     /// This coordinator holds the leader lease (dispatches and takes writes).
     #[serde(default)]
     pub leader: bool,
+    /// Redis holds the cluster's state: a leader set it up, or rebuilt it from the log after
+    /// Redis was wiped. Until then the replica is not ready (a task read then could miss).
+    #[serde(default)]
+    pub state: bool,
     pub version: String,
 }
 

@@ -116,10 +116,15 @@ pub async fn run(ctx: &Ctx, _args: Args) -> anyhow::Result<ExitCode> {
             (
                 "ready",
                 format!(
-                    "{} (nats {}, redis {})",
+                    "{} (nats {}, redis {}{})",
                     if readiness.ready { "yes" } else { "no" },
                     ok(readiness.nats),
-                    ok(readiness.redis)
+                    ok(readiness.redis),
+                    if readiness.redis && !readiness.state {
+                        ", state being rebuilt from the log"
+                    } else {
+                        ""
+                    }
                 ),
             ),
         ];

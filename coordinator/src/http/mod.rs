@@ -130,22 +130,26 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// `GET /readyz`: NATS and Redis are reachable (503 otherwise); whether this replica leads.
+/// `GET /readyz`: NATS and Redis are reachable and Redis holds the cluster's state (503
+/// otherwise: a Redis just wiped is not ready until the leader rebuilt it from the log);
+/// whether this replica leads.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "meta",
     responses(
         (status = 200, description = "Ready to take traffic.", body = Readiness),
-        (status = 503, description = "NATS or Redis is unreachable.", body = Readiness),
+        (status = 503, description = "NATS or Redis is unreachable, or Redis is being rebuilt from the log.", body = Readiness),
     )
 )]
 async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readiness>) {
     let nats = app.transport.is_connected();
     let redis = app.state.ping().await;
     let leader = app.leads();
+    // The epoch marker is set by the leader once Redis holds the state (new, or rebuilt).
+    let state = redis && matches!(app.state.epoch().await, Ok(Some(_)));
     // Every replica takes traffic: a standby serves reads and forwards writes to the leader.
-    let ready = nats && redis;
+    let ready = nats && redis && state;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -158,6 +162,7 @@ async fn ready(AxumState(app): AxumState<App>) -> (StatusCode, axum::Json<Readin
             nats,
             redis,
             leader,
+            state,
             version: env!("CARGO_PKG_VERSION").into(),
         }),
     )

@@ -305,7 +305,12 @@ impl Launch {
             self.check_alive(index)?;
             match client.readiness().await {
                 Ok(r) if r.ready => return Ok(()),
-                Ok(r) => last = format!("not ready: nats {}, redis {}", r.nats, r.redis),
+                Ok(r) => {
+                    last = format!(
+                        "not ready: nats {}, redis {}, state {}",
+                        r.nats, r.redis, r.state
+                    )
+                }
                 Err(e) => last = e.to_string(),
             }
             if start.elapsed() > READY_TIMEOUT {
