@@ -641,16 +641,45 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A bare repository `origin.git` under `dir` with one commit on `main` (README.md); its path.
+/// Its clone `dir/seed` stays, to commit more with [`commit_and_push`].
 pub fn origin(dir: &Path) -> PathBuf {
     let bare = dir.join("origin.git");
     let seed = dir.join("seed");
     std::fs::create_dir_all(&seed).expect("create the seed clone");
     git(dir, &["init", "-q", "--bare", "-b", "main", "origin.git"]);
     git(&seed, &["init", "-q", "-b", "main"]);
-    std::fs::write(seed.join("README.md"), "# Project\n").expect("write README.md");
-    git(&seed, &["add", "."]);
-    git(
+    commit_and_push(
         &seed,
+        &bare,
+        &[("README.md", "# Project\n")],
+        "init",
+        "main",
+    );
+    bare
+}
+
+/// Like [`origin`], with a second commit on `main` adding `files` (path, content).
+pub fn origin_with(dir: &Path, files: &[(&str, &str)], message: &str) -> PathBuf {
+    let bare = origin(dir);
+    commit_and_push(&dir.join("seed"), &bare, files, message, "main");
+    bare
+}
+
+/// Writes `files` (path, content) in the clone `seed`, commits them as `seed` with `message`
+/// on top of its checked-out branch, and pushes that commit to `branch` of `bare`.
+pub fn commit_and_push(
+    seed: &Path,
+    bare: &Path,
+    files: &[(&str, &str)],
+    message: &str,
+    branch: &str,
+) {
+    for (path, content) in files {
+        std::fs::write(seed.join(path), content).expect("write a seed file");
+    }
+    git(seed, &["add", "."]);
+    git(
+        seed,
         &[
             "-c",
             "user.name=seed",
@@ -658,11 +687,18 @@ pub fn origin(dir: &Path) -> PathBuf {
             "user.email=seed@localhost",
             "commit",
             "-qm",
-            "init",
+            message,
         ],
     );
-    git(&seed, &["push", "-q", &bare.display().to_string(), "main"]);
-    bare
+    git(
+        seed,
+        &[
+            "push",
+            "-q",
+            &bare.display().to_string(),
+            &format!("HEAD:{branch}"),
+        ],
+    );
 }
 
 /// How to shape a test cluster.

@@ -8,7 +8,7 @@
 
 use orch_shared::api::{JobStatus, Task};
 use orch_shared::event::EventKind;
-use orch_tests::{Cluster, Options, assert_completed, git};
+use orch_tests::{Cluster, Options, assert_completed};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -33,24 +33,7 @@ const GREET: &str = "# greeting\ngreet() {\n  echo hello\n}\n\n\n\n\n\n# end\n";
 
 /// A bare repository whose `main` holds `greet.sh`; its path.
 fn origin(dir: &Path) -> PathBuf {
-    let bare = orch_tests::origin(dir);
-    let seed = dir.join("seed");
-    std::fs::write(seed.join("greet.sh"), GREET).unwrap();
-    git(&seed, &["add", "."]);
-    git(
-        &seed,
-        &[
-            "-c",
-            "user.name=seed",
-            "-c",
-            "user.email=seed@localhost",
-            "commit",
-            "-qm",
-            "greet",
-        ],
-    );
-    git(&seed, &["push", "-q", &bare.display().to_string(), "main"]);
-    bare
+    orch_tests::origin_with(dir, &[("greet.sh", GREET)], "greet")
 }
 
 /// One worker with two slots and a data directory the test knows (to find the clones).

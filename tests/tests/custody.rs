@@ -1153,23 +1153,11 @@ const KEEP_BOTH: &str = r#"for f in $(grep -rl '^<<<<<<< ' --exclude-dir=.git .)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_integrator_killed_mid_merge_resumes_in_the_merge_and_commits_it_with_both_parents() {
     let dir = tempfile::tempdir().unwrap();
-    let bare = origin(dir.path());
-    let seed = dir.path().join("seed");
-    std::fs::write(seed.join("greet.sh"), "greet() {\n  echo hello\n}\n").unwrap();
-    git(&seed, &["add", "."]);
-    git(
-        &seed,
-        &[
-            "-c",
-            "user.name=seed",
-            "-c",
-            "user.email=seed@localhost",
-            "commit",
-            "-qm",
-            "greet",
-        ],
+    let bare = orch_tests::origin_with(
+        dir.path(),
+        &[("greet.sh", "greet() {\n  echo hello\n}\n")],
+        "greet",
     );
-    git(&seed, &["push", "-q", &bare.display().to_string(), "main"]);
     // The integrator (the native tool loop) resolves the conflict in its first step; its
     // second step's answer comes so late that its worker is killed first.
     let fake = FakeAnthropic::start(vec![

@@ -697,28 +697,12 @@ async fn a_task_with_a_check_opens_a_draft_while_the_check_runs_and_marks_it_rea
 /// and pushes it to `branch`.
 fn commit_repo_config(seed: &Path, bare: &Path, branch: &str, text: &str) {
     git(seed, &["checkout", "-q", "-B", branch, "main"]);
-    std::fs::write(seed.join(".orch.toml"), text).unwrap();
-    git(seed, &["add", "."]);
-    git(
+    orch_tests::commit_and_push(
         seed,
-        &[
-            "-c",
-            "user.name=seed",
-            "-c",
-            "user.email=seed@localhost",
-            "commit",
-            "-qm",
-            "repository config",
-        ],
-    );
-    git(
-        seed,
-        &[
-            "push",
-            "-q",
-            &bare.display().to_string(),
-            &format!("HEAD:{branch}"),
-        ],
+        bare,
+        &[(".orch.toml", text)],
+        "repository config",
+        branch,
     );
 }
 

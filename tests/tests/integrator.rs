@@ -41,24 +41,7 @@ const GREET: &str = "greet() {\n  echo hello\n}\n";
 
 /// A bare repository whose `main` holds `greet.sh`; its path.
 fn origin(dir: &Path) -> PathBuf {
-    let bare = orch_tests::origin(dir);
-    let seed = dir.join("seed");
-    std::fs::write(seed.join("greet.sh"), GREET).unwrap();
-    git(&seed, &["add", "."]);
-    git(
-        &seed,
-        &[
-            "-c",
-            "user.name=seed",
-            "-c",
-            "user.email=seed@localhost",
-            "commit",
-            "-qm",
-            "greet",
-        ],
-    );
-    git(&seed, &["push", "-q", &bare.display().to_string(), "main"]);
-    bare
+    orch_tests::origin_with(dir, &[("greet.sh", GREET)], "greet")
 }
 
 async fn cluster(dir: &Path) -> Cluster {
