@@ -311,6 +311,27 @@ impl Nats {
     }
 }
 
+/// Publishes `payload` on `subject` with JetStream message id `msg_id` (and the trace context
+/// `traceparent`, if any), and waits until the stream stored it: how both services put a job
+/// message (a parked attempt) back in its queue.
+#[cfg(all(feature = "nats", feature = "telemetry"))]
+pub async fn publish_stored(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    msg_id: String,
+    payload: Vec<u8>,
+    traceparent: Option<&str>,
+) -> Result<(), async_nats::Error> {
+    let mut publish = async_nats::jetstream::message::PublishMessage::build()
+        .message_id(msg_id)
+        .payload(payload.into());
+    if let Some(headers) = crate::telemetry::nats_headers(traceparent) {
+        publish = publish.headers(headers);
+    }
+    js.send_publish(subject.to_string(), publish).await?.await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

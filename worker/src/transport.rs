@@ -555,23 +555,12 @@ impl Transport {
         spec: Vec<u8>,
         traceparent: Option<&str>,
     ) -> Result<(), Error> {
-        let mut publish = jetstream::message::PublishMessage::build()
-            .message_id(msg_id)
-            .payload(spec.into());
-        if let Some(headers) = orch_config::telemetry::nats_headers(traceparent) {
-            publish = publish.headers(headers);
-        }
-        let err = |source: async_nats::Error| Error::Publish {
-            subject: subject.to_string(),
-            source,
-        };
-        let ack = self
-            .js
-            .send_publish(subject.to_string(), publish)
+        orch_config::nats::publish_stored(&self.js, subject, msg_id, spec, traceparent)
             .await
-            .map_err(|e| err(e.into()))?;
-        ack.await.map_err(|e| err(e.into()))?;
-        Ok(())
+            .map_err(|source| Error::Publish {
+                subject: subject.to_string(),
+                source,
+            })
     }
 
     /// Publishes a job result and waits until JetStream stored it. Its message id makes a
