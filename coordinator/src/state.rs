@@ -140,18 +140,7 @@ const APPLIED: &str = "orch:applied";
 /// The key holding the current leader epoch, raised by each replica that takes the lease.
 const LEADER_EPOCH: &str = "orch:leader:epoch";
 
-/// A parked job attempt that is due, taken for admission.
-#[derive(Debug, Clone)]
-pub struct DueParked {
-    /// `<job>:<attempt>`.
-    pub member: String,
-    /// The encoded spec, as stored.
-    pub spec: Vec<u8>,
-    /// The queue subject it goes back to.
-    pub subject: String,
-    pub parks: u64,
-    pub traceparent: Option<String>,
-}
+pub use orch_shared::keys::DueParked;
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |source| Error::Redis { op, source }
@@ -832,17 +821,7 @@ impl State {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("take parked jobs"))?;
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        Ok(flat
-            .chunks_exact(6)
-            .map(|c| DueParked {
-                member: text(&c[0]),
-                spec: c[1].clone(),
-                subject: text(&c[2]),
-                parks: text(&c[4]).parse().unwrap_or(1),
-                traceparent: Some(text(&c[5])).filter(|t| !t.is_empty()),
-            })
-            .collect())
+        Ok(DueParked::from_reply(flat))
     }
 
     /// Forgets a re-published parked attempt (unless it was parked again meanwhile).

@@ -169,6 +169,37 @@ end
 return out
 "#;
 
+/// A parked job attempt that is due, as [`TAKE_DUE_PARKED`] returns it.
+#[derive(Debug, Clone)]
+pub struct DueParked {
+    /// `<job>:<attempt>`.
+    pub member: String,
+    /// The encoded spec, as stored.
+    pub spec: Vec<u8>,
+    /// The queue subject it goes back to.
+    pub subject: String,
+    pub priority: u8,
+    pub parks: u64,
+    pub traceparent: Option<String>,
+}
+
+impl DueParked {
+    /// The attempts of a [`TAKE_DUE_PARKED`] reply (six fields each).
+    pub fn from_reply(flat: Vec<Vec<u8>>) -> Vec<DueParked> {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        flat.chunks_exact(6)
+            .map(|c| DueParked {
+                member: text(&c[0]),
+                spec: c[1].clone(),
+                subject: text(&c[2]),
+                priority: text(&c[3]).parse().unwrap_or(1),
+                parks: text(&c[4]).parse().unwrap_or(1),
+                traceparent: Some(text(&c[5])).filter(|t| !t.is_empty()),
+            })
+            .collect()
+    }
+}
+
 /// Drops a re-published attempt's record unless it was parked again meanwhile.
 /// KEYS: record, parked set. ARGV: member, park count it was taken with.
 pub const UNPARK: &str = r#"

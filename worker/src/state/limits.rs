@@ -60,15 +60,7 @@ pub struct ToPark<'a> {
 }
 
 /// A parked attempt that is due, taken for re-publishing.
-#[derive(Debug)]
-pub struct Due {
-    pub member: String,
-    pub spec: Vec<u8>,
-    pub subject: String,
-    pub priority: u8,
-    pub parks: u64,
-    pub traceparent: Option<String>,
-}
+pub use orch_shared::keys::DueParked as Due;
 
 impl State {
     /// Adds `backend/name` credentials to the listed ones.
@@ -219,18 +211,7 @@ impl State {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err("take parked jobs"))?;
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        Ok(flat
-            .chunks_exact(6)
-            .map(|c| Due {
-                member: text(&c[0]),
-                spec: c[1].clone(),
-                subject: text(&c[2]),
-                priority: text(&c[3]).parse().unwrap_or(1),
-                parks: text(&c[4]).parse().unwrap_or(1),
-                traceparent: Some(text(&c[5])).filter(|t| !t.is_empty()),
-            })
-            .collect())
+        Ok(Due::from_reply(flat))
     }
 
     /// Forgets a re-published attempt (unless it was parked again meanwhile).
