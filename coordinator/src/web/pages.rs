@@ -286,8 +286,8 @@ pub fn agent(id: &str) -> String {
         <p id="talk-reason" class="muted small" hidden></p>
         <p id="talk-error" class="form-error" role="alert" hidden></p>
         <div class="actions">
-          <button type="submit" class="btn primary" id="send-btn" title="Continue this conversation: the agent answers as a new turn of the task">Send</button>
-          <button type="button" class="btn" id="fork-btn" title="Start a separate conversation from this point; this one stays as it is">Fork</button>
+          <button type="submit" class="btn primary" id="send-btn" disabled title="Continue this conversation: the agent answers as a new turn of the task">Send</button>
+          <button type="button" class="btn" id="fork-btn" disabled title="Start a separate conversation from this point; this one stays as it is">Fork</button>
         </div>
         <p class="muted small">Each message runs as a new agent of this task that resumes this one's session. <b>Send</b> continues the conversation; <b>Fork</b> branches off it, leaving this agent's thread as it is.</p>
         <div class="cli"><span class="muted small">Same with orchctl:</span><code id="talk-cli"></code></div>

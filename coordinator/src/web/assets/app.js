@@ -1173,6 +1173,9 @@ function agentPage() {
       task = await api(`/v1/tasks/${d.task_id}`).catch(() => task);
       taskAt = Date.now();
     }
+    // Every read before the first write: the header, the badge and the buttons change together
+    // (a badge saying "running" beside a Send button still enabled is a lie for a moment).
+    const cps = await api(`/v1/agents/${id}/checkpoints`).then((c) => c.checkpoints).catch(() => []);
     lastStatus = j.status;
     document.title = `${j.role} · ${d.task_prompt.slice(0, 40)} · orchestrator`;
     $("#a-back").href = "/tasks/" + d.task_id;
@@ -1188,7 +1191,6 @@ function agentPage() {
       kpi("Cost", usd(j.cost_usd), "") +
       kpi("Tool calls", d.tool_calls, toolList);
     const files = (j.files_read || []).map((f) => `<li><span class="badge">read</span> <span class="mono">${esc(f)}</span></li>`).concat((j.files_written || []).map((f) => `<li><span class="badge s-running">wrote</span> <span class="mono">${esc(f)}</span></li>`));
-    const cps = await api(`/v1/agents/${id}/checkpoints`).then((c) => c.checkpoints).catch(() => []);
     const cpTable = cps.length ? `<h3>Checkpoints</h3>` + table([
       { label: "Step", num: true, cell: (c) => c.step },
       { label: "At", cell: (c) => clock(c.at_ms) },
