@@ -90,7 +90,7 @@ pub fn new_task(
     let (jobs, source) = if opts.llm_planner {
         let planner = Job {
             kind: JobKind::Plan,
-            ..new_job(
+            ..Job::pending(
                 0,
                 Role::Planner,
                 planner::planner_prompt(&opts.prompt, &opts.task_type),
@@ -166,47 +166,6 @@ pub fn new_task(
     Ok((task, actions))
 }
 
-fn new_job(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
-    Job {
-        id: JobId::new(),
-        step,
-        role,
-        kind: JobKind::Agent,
-        status: JobStatus::Pending,
-        attempt: 1,
-        prompt,
-        depends_on,
-        constraints: vec![],
-        estimated_tokens: None,
-        retry_at_ms: None,
-        context: None,
-        worker_id: None,
-        sandbox: None,
-        queued_at_ms: None,
-        started_at_ms: None,
-        finished_at_ms: None,
-        usage: Default::default(),
-        cost_usd: 0.0,
-        output: None,
-        error: None,
-        files_read: vec![],
-        files_written: vec![],
-        model: None,
-        context_tokens: None,
-        context_window: None,
-        continues: None,
-        forked: false,
-        rewound_to: None,
-        paths: vec![],
-        changed_paths: vec![],
-        held_by: None,
-        session_id: None,
-        diff: None,
-        git: None,
-        parked: None,
-    }
-}
-
 /// The jobs of a plan's steps, numbered from `offset`; steps without parents depend on `roots`.
 fn steps_to_jobs(
     spec: &PlanSpec,
@@ -229,7 +188,7 @@ fn steps_to_jobs(
                 constraints: step.constraints.clone(),
                 estimated_tokens: step.estimated_tokens,
                 paths: step.paths.clone(),
-                ..new_job(
+                ..Job::pending(
                     offset + i as u32,
                     step.role,
                     planner::instruction(step, prompt),
@@ -434,7 +393,7 @@ fn add_check(task: &mut Task, actions: &mut Vec<Action>) {
     let step = task.jobs.len() as u32;
     let job = Job {
         kind: JobKind::Check,
-        ..new_job(step, Role::Tester, check.command.clone(), leaves)
+        ..Job::pending(step, Role::Tester, check.command.clone(), leaves)
     };
     let id = job.id;
     task.jobs.push(job);
@@ -543,12 +502,12 @@ fn on_check(task: &mut Task, index: usize, result: &JobResult, actions: &mut Vec
         Job {
             id: new,
             continues: Some(from),
-            ..new_job(task.jobs.len() as u32, role, message, vec![])
+            ..Job::pending(task.jobs.len() as u32, role, message, vec![])
         }
     } else {
         Job {
             id: new,
-            ..new_job(task.jobs.len() as u32, role, message, vec![culprit as u32])
+            ..Job::pending(task.jobs.len() as u32, role, message, vec![culprit as u32])
         }
     };
     if let Some(check) = task.check.as_mut() {
@@ -632,7 +591,7 @@ pub fn possible_integrator(task: &Task) -> Option<Job> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    Some(new_job(n as u32, Role::Integrator, prompt, parallel))
+    Some(Job::pending(n as u32, Role::Integrator, prompt, parallel))
 }
 
 /// Job `index` of a git task succeeded but its branch did not merge into the task branch (it
@@ -675,7 +634,7 @@ fn add_integrator(task: &mut Task, index: usize, actions: &mut Vec<Action>) {
         prompt = task.prompt,
     );
     let step = task.jobs.len() as u32;
-    let integrator = new_job(step, Role::Integrator, prompt, vec![index as u32]);
+    let integrator = Job::pending(step, Role::Integrator, prompt, vec![index as u32]);
     let id = integrator.id;
     for other in task.jobs.iter_mut() {
         if other.status == JobStatus::Pending && other.depends_on.contains(&(index as u32)) {
@@ -798,7 +757,7 @@ pub fn add_turn(
         id: new,
         continues: Some(from),
         forked: fork,
-        ..new_job(
+        ..Job::pending(
             task.jobs.len() as u32,
             parent.role,
             message.to_string(),
@@ -881,7 +840,7 @@ pub fn add_rewind(
         continues: Some(from),
         forked: true,
         rewound_to: Some(step),
-        ..new_job(task.jobs.len() as u32, role, message.to_string(), vec![])
+        ..Job::pending(task.jobs.len() as u32, role, message.to_string(), vec![])
     };
     task.jobs.push(job);
     if task.status.is_terminal() {

@@ -563,6 +563,50 @@ pub struct Job {
     pub held_by: Option<JobId>,
 }
 
+impl Job {
+    /// A new agent job, pending, first attempt, with everything a run fills in empty.
+    pub fn pending(step: u32, role: Role, prompt: String, depends_on: Vec<u32>) -> Job {
+        Job {
+            id: JobId::new(),
+            step,
+            role,
+            kind: JobKind::Agent,
+            status: JobStatus::Pending,
+            attempt: 1,
+            prompt,
+            depends_on,
+            constraints: vec![],
+            estimated_tokens: None,
+            retry_at_ms: None,
+            context: None,
+            worker_id: None,
+            sandbox: None,
+            queued_at_ms: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+            usage: Default::default(),
+            cost_usd: 0.0,
+            output: None,
+            error: None,
+            files_read: vec![],
+            files_written: vec![],
+            model: None,
+            context_tokens: None,
+            context_window: None,
+            continues: None,
+            forked: false,
+            rewound_to: None,
+            paths: vec![],
+            changed_paths: vec![],
+            held_by: None,
+            session_id: None,
+            diff: None,
+            git: None,
+            parked: None,
+        }
+    }
+}
+
 /// A task and its jobs (`GET /v1/tasks/{id}`, and the reply to `POST /v1/tasks`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {

@@ -96,20 +96,50 @@ fn tool_results(fake: &FakeAnthropic) -> String {
         .join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bash_command_waits_for_a_person_and_runs_once_approved_through_orchctl() {
+/// One agent's script and its places: a `tool` call (`Bash` for the CLI, `bash` for the native
+/// loop) of `command` writing `word` into `proof.txt` in the workspace, `calls` times, then the
+/// text `answer`.
+struct Scene {
+    dir: tempfile::TempDir,
+    ws: tempfile::TempDir,
+    proof: PathBuf,
+    command: String,
+    fake: FakeAnthropic,
+}
+
+async fn scene(tool: &str, command: &str, calls: usize, answer: &str) -> Scene {
     let dir = tempfile::tempdir().unwrap();
     let ws = tempfile::tempdir().unwrap();
     let proof = ws.path().join("proof.txt");
-    let command = format!("echo approved > {}", proof.display());
-    let fake = FakeAnthropic::start([
-        Reply::tool_use(
-            "Bash",
-            json!({"command": command, "description": "write the proof"}),
-        ),
-        Reply::text("Wrote the proof file."),
-    ])
-    .await;
+    let command = format!("{command} {}", proof.display());
+    let mut script: Vec<Reply> = (0..calls)
+        .map(|_| {
+            Reply::tool_use(
+                tool,
+                json!({"command": command, "description": "write the proof"}),
+            )
+        })
+        .collect();
+    script.push(Reply::text(answer));
+    let fake = FakeAnthropic::start(script).await;
+    Scene {
+        dir,
+        ws,
+        proof,
+        command,
+        fake,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bash_command_waits_for_a_person_and_runs_once_approved_through_orchctl() {
+    let Scene {
+        dir,
+        ws,
+        proof,
+        command,
+        fake,
+    } = scene("Bash", "echo approved >", 1, "Wrote the proof file.").await;
     let cluster = Cluster::start(claude_cluster_options(&fake, dir.path(), &[])).await;
     let task = cluster.submit(builder_task(ws.path())).await;
     let id = task.id.to_string();
@@ -155,17 +185,13 @@ async fn a_bash_command_waits_for_a_person_and_runs_once_approved_through_orchct
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_command_tells_the_agent_why_and_the_job_needs_attention() {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = tempfile::tempdir().unwrap();
-    let proof = ws.path().join("proof.txt");
-    let fake = FakeAnthropic::start([
-        Reply::tool_use(
-            "Bash",
-            json!({"command": format!("echo denied > {}", proof.display())}),
-        ),
-        Reply::text("I was not allowed to run it."),
-    ])
-    .await;
+    let Scene {
+        dir,
+        ws,
+        proof,
+        fake,
+        ..
+    } = scene("Bash", "echo denied >", 1, "I was not allowed to run it.").await;
     let cluster = Cluster::start(claude_cluster_options(&fake, dir.path(), &[])).await;
     let home = tempfile::tempdir().unwrap();
     let mut follow = orchctl_against(&cluster, home.path());
@@ -216,17 +242,13 @@ async fn a_denied_command_tells_the_agent_why_and_the_job_needs_attention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_nobody_answers_is_denied_at_its_deadline_and_the_agent_is_told() {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = tempfile::tempdir().unwrap();
-    let proof = ws.path().join("proof.txt");
-    let fake = FakeAnthropic::start([
-        Reply::tool_use(
-            "Bash",
-            json!({"command": format!("echo late > {}", proof.display())}),
-        ),
-        Reply::text("Nobody answered."),
-    ])
-    .await;
+    let Scene {
+        dir,
+        ws,
+        proof,
+        fake,
+        ..
+    } = scene("Bash", "echo late >", 1, "Nobody answered.").await;
     // Without the sandbox: the CLI reaches the permission server on the worker's loopback.
     let cluster = Cluster::start(claude_cluster_options(
         &fake,
@@ -261,16 +283,13 @@ async fn a_request_nobody_answers_is_denied_at_its_deadline_and_the_agent_is_tol
 /// `--for task` allows the same command for the rest of the task without asking again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_native_tool_loop_asks_too_and_an_answer_for_the_task_is_not_asked_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = tempfile::tempdir().unwrap();
-    let proof = ws.path().join("proof.txt");
-    let command = format!("echo native >> {}", proof.display());
-    let fake = FakeAnthropic::start([
-        Reply::tool_use("bash", json!({"command": command})),
-        Reply::tool_use("bash", json!({"command": command})),
-        Reply::text("Ran it twice."),
-    ])
-    .await;
+    let Scene {
+        dir,
+        ws,
+        proof,
+        command,
+        fake,
+    } = scene("bash", "echo native >>", 2, "Ran it twice.").await;
     let cluster = Cluster::start(claude_cluster_options(&fake, dir.path(), &[])).await;
     let task = cluster
         .submit(json!({

@@ -75,6 +75,31 @@ async fn redis(cluster: &Cluster) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// How many jobs wait in the parked set.
+async fn parked(conn: &mut redis::aio::MultiplexedConnection) -> Result<u64, String> {
+    redis::cmd("ZCARD")
+        .arg(keys::PARKED)
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until exactly `n` jobs are parked.
+async fn until_parked(cluster: &Cluster, n: u64, within: Duration) {
+    let conn = redis(cluster).await;
+    cluster
+        .eventually(within, || {
+            let mut conn = conn.clone();
+            async move {
+                match parked(&mut conn).await? {
+                    k if k == n => Ok(()),
+                    k => Err(format!("{k} parked, waiting for {n}")),
+                }
+            }
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_on_an_exhausted_credential_moves_once_to_one_with_room() {
     let fake = FakeAnthropic::start_with_fallback([], Reply::text("done on some key")).await;
@@ -130,23 +155,7 @@ async fn a_job_whose_only_credential_is_exhausted_parks_and_resumes_at_the_reset
     let id = task.id.to_string();
     // Parked: in the parked set, and no worker holds it.
     let mut conn = redis(&cluster).await;
-    cluster
-        .eventually(Duration::from_secs(10), || {
-            let mut conn = conn.clone();
-            async move {
-                let n: u64 = redis::cmd("ZCARD")
-                    .arg(keys::PARKED)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if n == 1 {
-                    Ok(())
-                } else {
-                    Err(format!("{n} parked"))
-                }
-            }
-        })
-        .await;
+    until_parked(&cluster, 1, Duration::from_secs(10)).await;
     // `orchctl quotas` says so while it waits (judged at the coordinator's clock).
     let home = tempfile::tempdir().unwrap();
     let (code, out, err) =
@@ -184,12 +193,11 @@ async fn a_job_whose_only_credential_is_exhausted_parks_and_resumes_at_the_reset
         reqs[1].at >= reset,
         "the fake was asked while the job was parked"
     );
-    let parked: u64 = redis::cmd("ZCARD")
-        .arg(keys::PARKED)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(parked, 0, "the resumed job left the parked set");
+    assert_eq!(
+        parked(&mut conn).await.unwrap(),
+        0,
+        "the resumed job left the parked set"
+    );
     // The user saw why it waited.
     let events = cluster.events(&id, None).await;
     assert!(
@@ -264,23 +272,7 @@ async fn a_parked_job_outlives_every_worker_and_resumes_on_a_new_one() {
     let task = cluster.submit(analyst_task("summarise")).await;
     let id = task.id.to_string();
     let mut conn = redis(&cluster).await;
-    cluster
-        .eventually(Duration::from_secs(10), || {
-            let mut conn = conn.clone();
-            async move {
-                let n: u64 = redis::cmd("ZCARD")
-                    .arg(keys::PARKED)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if n == 1 {
-                    Ok(())
-                } else {
-                    Err(format!("{n} parked"))
-                }
-            }
-        })
-        .await;
+    until_parked(&cluster, 1, Duration::from_secs(10)).await;
     // The only worker dies: the job is in Redis, not in any worker.
     cluster.workers[0].signal(libc::SIGKILL);
     assert!(
@@ -289,12 +281,11 @@ async fn a_parked_job_outlives_every_worker_and_resumes_on_a_new_one() {
             .is_some()
     );
     tokio::time::sleep(Duration::from_secs(4)).await; // past the reset, with no worker at all
-    let parked: u64 = redis::cmd("ZCARD")
-        .arg(keys::PARKED)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(parked, 1, "the parked job was lost with its worker");
+    assert_eq!(
+        parked(&mut conn).await.unwrap(),
+        1,
+        "the parked job was lost with its worker"
+    );
     cluster.add_worker();
     let task = cluster.wait_task(&id, Duration::from_secs(30)).await;
     assert_completed(&cluster, &task);
@@ -605,24 +596,7 @@ async fn a_cancelled_parked_job_does_not_take_a_place_at_the_reset() {
         .await;
 
     reset_now(&cluster, &fake).await;
-    let conn = redis(&cluster).await;
-    cluster
-        .eventually(Duration::from_secs(20), || {
-            let mut conn = conn.clone();
-            async move {
-                let n: u64 = redis::cmd("ZCARD")
-                    .arg(keys::PARKED)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if n == 0 {
-                    Ok(())
-                } else {
-                    Err(format!("{n} parked"))
-                }
-            }
-        })
-        .await;
+    until_parked(&cluster, 0, Duration::from_secs(20)).await;
     let next = cluster
         .submit(json!({"prompt": "next", "roles": ["analyst"], "backend": "sim"}))
         .await;
