@@ -46,12 +46,21 @@ pub struct Spec {
     pub worker_args: Vec<String>,
     /// More flags for the coordinator.
     pub coordinator_args: Vec<String>,
+    /// NATS servers: 1 (every stream R1), or that many on loopback forming one NATS cluster,
+    /// every stream and bucket with as many replicas (`--stream-replicas`); the services are
+    /// given every server's URL.
+    pub nats_nodes: usize,
 }
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The first (or only) NATS server; the bench's own clients use it.
     pub nats: Server,
     pub nats_url: String,
+    /// The other servers of a NATS cluster ([`Spec::nats_nodes`]).
+    pub nats_others: Vec<Server>,
+    /// What the services are given: every server's URL, comma separated.
+    pub services_nats_url: String,
     pub redis: Server,
     pub redis_url: String,
     pub coordinator: Server,
@@ -157,8 +166,13 @@ impl Cluster {
             self.coordinator.wait_exit(Duration::from_secs(10));
         }
         let t0 = Instant::now();
-        let (coordinator, addr) =
-            start_coordinator(&self.spec, self.dir.path(), &self.nats_url, &self.redis_url).await?;
+        let (coordinator, addr) = start_coordinator(
+            &self.spec,
+            self.dir.path(),
+            &self.services_nats_url,
+            &self.redis_url,
+        )
+        .await?;
         self.coordinator = coordinator;
         self.url = format!("http://{addr}");
         self.wait_ready().await?;
@@ -176,14 +190,27 @@ impl Cluster {
             }
         }
         let dir = tempfile::Builder::new().prefix("orch-bench-").tempdir()?;
-        let (nats, nats_url) = orch_tests::nats(dir.path());
+        let mut spec = spec;
+        let (nats, nats_url, nats_others, services_nats_url) = if spec.nats_nodes > 1 {
+            let (mut servers, nodes) = orch_tests::nats_cluster(dir.path(), spec.nats_nodes).await;
+            spec.coordinator_args
+                .extend(["--stream-replicas".to_string(), spec.nats_nodes.to_string()]);
+            let urls: Vec<String> = nodes.iter().map(orch_tests::NatsNode::url).collect();
+            let first = servers.remove(0);
+            (first, urls[0].clone(), servers, urls.join(","))
+        } else {
+            let (nats, url) = orch_tests::nats(dir.path());
+            (nats, url.clone(), vec![], url)
+        };
         let (redis, redis_url) = redis(dir.path(), spec.redis)?;
         let (coordinator, addr) =
-            start_coordinator(&spec, dir.path(), &nats_url, &redis_url).await?;
+            start_coordinator(&spec, dir.path(), &services_nats_url, &redis_url).await?;
         let mut cluster = Cluster {
             dir,
             nats,
             nats_url,
+            nats_others,
+            services_nats_url,
             redis,
             redis_url,
             coordinator,
@@ -223,7 +250,8 @@ impl Cluster {
         for _ in 0..n {
             let id = format!("worker-{}", self.workers.len());
             let mut cmd = Command::new(self.spec.bin_dir.join("orch-worker"));
-            cmd.args(["--nats-url", &self.nats_url, "--redis-url", &self.redis_url])
+            cmd.args(["--nats-url", &self.services_nats_url])
+                .args(["--redis-url", &self.redis_url])
                 .args(["--id", &id, "--slots", &self.spec.slots.to_string()])
                 .args(["--drain-grace", "5s"])
                 .args(&self.spec.worker_args)
@@ -283,6 +311,7 @@ impl Cluster {
         let mut s = String::new();
         for server in [&self.coordinator, &self.nats, &self.redis]
             .into_iter()
+            .chain(&self.nats_others)
             .chain(self.workers.iter().take(4))
         {
             s.push_str(&server.tail(20));
@@ -295,17 +324,48 @@ impl Cluster {
         Pids {
             coordinator: self.coordinator.pid(),
             workers: self.workers.iter().map(Server::pid).collect(),
-            nats: self.nats.pid(),
+            nats: std::iter::once(&self.nats)
+                .chain(&self.nats_others)
+                .map(Server::pid)
+                .collect(),
             redis: self.redis.pid(),
         }
     }
+
+    /// Bytes in the NATS servers' stores (every server's, summed).
+    pub fn nats_store_bytes(&self) -> u64 {
+        let stores: Vec<PathBuf> = if self.nats_others.is_empty() {
+            vec![self.dir.path().join("nats")]
+        } else {
+            (0..=self.nats_others.len())
+                .map(|i| self.dir.path().join(format!("nats-n{i}")))
+                .collect()
+        };
+        stores.iter().map(|d| dir_bytes(d)).sum()
+    }
+}
+
+/// Bytes of the files under `dir` (0 for what cannot be read).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// The processes of a cluster.
 pub struct Pids {
     pub coordinator: i32,
     pub workers: Vec<i32>,
-    pub nats: i32,
+    /// Every NATS server.
+    pub nats: Vec<i32>,
     pub redis: i32,
 }
 
@@ -320,11 +380,16 @@ pub struct Cpu {
 }
 
 impl Pids {
+    /// Resident memory of the NATS servers (all of them) in MB.
+    pub fn nats_rss_mb(&self) -> f64 {
+        self.nats.iter().map(|p| rss_kb(*p)).sum::<u64>() as f64 / 1024.0
+    }
+
     pub fn cpu(&self) -> Cpu {
         Cpu {
             coordinator: cpu_s(self.coordinator),
             workers: self.workers.iter().map(|p| cpu_s(*p)).sum(),
-            nats: cpu_s(self.nats),
+            nats: self.nats.iter().map(|p| cpu_s(*p)).sum(),
             redis: cpu_s(self.redis),
             bench: cpu_s(std::process::id() as i32),
         }

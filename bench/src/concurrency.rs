@@ -50,7 +50,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
     let workers_rss = || pids.workers.iter().map(|w| rss_kb(*w)).sum::<u64>() as f64 / 1024.0;
     let workers_cpu = || pids.workers.iter().map(|w| cpu_s(*w)).sum::<f64>();
     let redis_idle = crate::cluster::redis_used(&cluster.redis_url).await?;
-    let nats_idle = rss_kb(pids.nats) as f64 / 1024.0;
+    let nats_idle = pids.nats_rss_mb();
     let coordinator_idle = rss_kb(pids.coordinator) as f64 / 1024.0;
     let watch = Watch::start(
         &cluster.nats_url,
@@ -107,7 +107,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
         // Halfway: what a user sees of the cluster while it holds the agents.
         if during.is_null() && t0.elapsed() * 2 >= p.hold {
             let redis = crate::cluster::redis_used(&cluster.redis_url).await?;
-            let nats = rss_kb(pids.nats) as f64 / 1024.0;
+            let nats = pids.nats_rss_mb();
             let per = |x: f64| x / p.agents.max(1) as f64;
             holding = json!({
                 "redis_bytes_per_agent": per(redis.saturating_sub(redis_idle) as f64),

@@ -7,7 +7,8 @@
 //! Layout:
 //! - [`cluster`]: the processes (Redis started with the settings of the anchor compared to).
 //! - [`watch`]: arrival times of task events, from a core NATS subscription.
-//! - [`scenarios`]: throughput, latency (light and at 80 % of the maximum), footprint, recovery.
+//! - [`scenarios`]: throughput, latency (light and at 80 % of the maximum), footprint, recovery,
+//!   and `replicas`: R3 streams on a 3-server NATS cluster against R1 on one server.
 //! - [`concurrency`]: one worker holding 1,000 long agents; heartbeats and redeliveries.
 //! - [`native`]: native tool-loop agents on one worker against a fake Messages API: worker
 //!   RSS per agent and CPU per tool round.
@@ -44,17 +45,21 @@ use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 struct Args {
-    /// Scenarios to run, comma-separated: core, anchors, celery, concurrency, native, growth,
-    /// recovery, checkpoints (or all, which leaves out the long ones: agents10k, history1m,
-    /// bigrepo).
+    /// Scenarios to run, comma-separated: core, replicas, anchors, celery, concurrency, native,
+    /// growth, recovery, checkpoints (or all, which leaves out the long ones: agents10k,
+    /// history1m, bigrepo).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
     #[arg(long, default_value_t = 10_000)]
     tasks: usize,
-    /// Passes of the core scenario per build (fresh cluster each; builds alternate).
+    /// Passes of the core and replicas scenarios per build (fresh cluster each; builds, or
+    /// R1 and R3, alternate).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// replicas: light-load latency samples on each cluster.
+    #[arg(long, default_value_t = 200)]
+    replicas_samples: usize,
     /// Worker processes of the core scenario.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -193,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
         worker_metrics: false,
         worker_args: vec![],
         coordinator_args: vec![],
+        nats_nodes: 1,
     };
     let mut results = json!({
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -206,9 +212,10 @@ async fn main() -> anyhow::Result<()> {
     if args.check {
         return check(&args, &spec, results).await;
     }
-    const SCENARIOS: [&str; 12] = [
+    const SCENARIOS: [&str; 13] = [
         "all",
         "core",
+        "replicas",
         "anchors",
         "celery",
         "concurrency",
@@ -255,6 +262,22 @@ async fn main() -> anyhow::Result<()> {
         }
         results["core"] = json!({"current": current, "baseline": before});
         results["jsbench"] = json!(js);
+    }
+    if want("replicas") {
+        eprintln!(
+            "replicas: {} one-agent tasks and {} latency samples on 1 NATS server (R1), then on \
+             a cluster of 3 (R3); {} pass(es)",
+            args.tasks, args.replicas_samples, args.repeat
+        );
+        results["replicas"] = scenarios::replicas(
+            &spec,
+            args.tasks,
+            args.replicas_samples,
+            args.concurrency,
+            args.repeat,
+        )
+        .await?;
+        eprintln!("  R3 / R1: {}", results["replicas"]["ratio_r3_to_r1"]);
     }
     if want("celery") {
         eprintln!("celery anchor ({} jobs)", args.celery_jobs);

@@ -110,7 +110,7 @@ const FIGURES: &[(&str, &[&str])] = &[
 ];
 
 /// Median, min and max of a figure over passes.
-fn spread(passes: &[Value], path: &[&str]) -> Option<(f64, f64, f64)> {
+pub fn spread(passes: &[Value], path: &[&str]) -> Option<(f64, f64, f64)> {
     let mut v: Vec<f64> = passes.iter().filter_map(|p| at(p, path).as_f64()).collect();
     if v.is_empty() {
         return None;
@@ -441,6 +441,9 @@ pub fn markdown(r: &Value) -> String {
             rec.get("ack_wait_s").cloned().unwrap_or_default()
         ));
     }
+    if r["replicas"].is_object() {
+        s.push_str(&replicas(&r["replicas"]));
+    }
     for build in ["baseline", "current"] {
         if let Some(a) = r["agents10k"].get(build) {
             s.push_str(&agents10k(build, a));
@@ -653,4 +656,47 @@ fn row(p: &Value, x: &str) -> String {
         f("coordinator_cpu_ms_per_task"),
         f("orchctl_status_ms")
     )
+}
+
+/// The `replicas` figures: R1 on one NATS server against R3 on a cluster of three, the
+/// medians (range in brackets) and the ratio of the medians.
+fn replicas(r: &Value) -> String {
+    let n = r["passes"].as_u64().unwrap_or(1);
+    let mut s = format!(
+        "\n## Stream replicas: R3 on 3 NATS servers against R1 on 1 (same run)\n\n\
+         {} one-agent tasks and {} light-load latency samples on each cluster; median of {n} \
+         pass{} (range in brackets), passes alternating R1 and R3.\n\n\
+         | Figure | R1 (1 server) | R3 (3 servers) | R3 / R1 |\n|---|---|---|---|\n",
+        r["tasks"],
+        r["latency_samples"],
+        if n == 1 { "" } else { "es" },
+    );
+    for (figure, path) in crate::scenarios::REPLICAS_FIGURES {
+        let name = match figure {
+            "tasks_per_s" => "one-agent tasks/s",
+            "nats_cpu_ms_per_task" => "nats-server CPU ms / task (all servers)",
+            "coordinator_cpu_ms_per_task" => "coordinator CPU ms / task",
+            "submit_response_p50_ms" => "submit → 201 p50 ms",
+            "submit_to_start_p50_ms" => "submit → agent start p50 ms",
+            "submit_to_start_p99_ms" => "submit → agent start p99 ms",
+            "nats_store_bytes_per_task" => "NATS store bytes / task (all servers)",
+            "nats_rss_mb" => "nats-server RSS MB after the tasks (all servers)",
+            other => other,
+        };
+        let cell = |build: &str| {
+            fmt_spread(spread(
+                r[build]["passes"].as_array().map_or(&[], Vec::as_slice),
+                path,
+            ))
+        };
+        let ratio = r["ratio_r3_to_r1"][figure]
+            .as_f64()
+            .map_or("-".into(), |x| format!("{x:.2}"));
+        s.push_str(&format!(
+            "| {name} | {} | {} | {ratio} |\n",
+            cell("r1"),
+            cell("r3")
+        ));
+    }
+    s
 }

@@ -143,6 +143,20 @@ async fn stored_messages(nats_url: &str) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// The replicas the work stream was created with and the servers holding it (its leader and
+/// the peers JetStream lists), as JetStream reports them.
+async fn stream_replicas(nats_url: &str) -> anyhow::Result<(usize, usize)> {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await?);
+    let info = js
+        .get_stream(orch_shared::subject::JOBS_STREAM)
+        .await?
+        .info()
+        .await?
+        .clone();
+    let peers = info.cluster.map_or(0, |c| c.replicas.len());
+    Ok((info.config.num_replicas, 1 + peers))
+}
+
 /// Submit → the agent started, and agent finished (`job_finished`) → the task shows as
 /// completed through the API, one task at a time.
 ///
@@ -318,7 +332,7 @@ pub async fn footprint(cluster: &Cluster) -> anyhow::Result<Value> {
     Ok(json!({
         "worker_rss_mb": worker_rss.iter().copied().fold(0.0, f64::max),
         "coordinator_rss_mb": rss_kb(cluster.coordinator.pid()) as f64 / 1024.0,
-        "nats_rss_mb": rss_kb(cluster.nats.pid()) as f64 / 1024.0,
+        "nats_rss_mb": cluster.pids().nats_rss_mb(),
         "orchctl_status": summary(orchctl),
         "api_status": summary(api),
     }))
@@ -418,5 +432,103 @@ pub async fn core(
     });
     r["latency_loaded"] = latency_loaded(&cluster, max * 0.8, Duration::from_secs(4)).await?;
     eprintln!("  loaded latency (80%): {}", r["latency_loaded"]);
+    Ok(r)
+}
+
+/// The figures of the `replicas` scenario and where each is in one pass's result.
+pub const REPLICAS_FIGURES: [(&str, &[&str]); 8] = [
+    ("tasks_per_s", &["throughput_one_agent", "tasks_per_s"]),
+    (
+        "nats_cpu_ms_per_task",
+        &["throughput_one_agent", "cpu_ms_per_task", "nats"],
+    ),
+    (
+        "coordinator_cpu_ms_per_task",
+        &["throughput_one_agent", "cpu_ms_per_task", "coordinator"],
+    ),
+    (
+        "submit_response_p50_ms",
+        &["latency_light", "submit_response", "p50_ms"],
+    ),
+    (
+        "submit_to_start_p50_ms",
+        &["latency_light", "submit_to_start", "p50_ms"],
+    ),
+    (
+        "submit_to_start_p99_ms",
+        &["latency_light", "submit_to_start", "p99_ms"],
+    ),
+    ("nats_store_bytes_per_task", &["nats_store_bytes_per_task"]),
+    ("nats_rss_mb", &["nats_rss_mb"]),
+];
+
+/// The cost of replicated streams: one-agent throughput, light-load latency and the NATS
+/// servers' CPU, disk and memory on a cluster with one NATS server (every stream R1) and on
+/// one with three servers on loopback in one NATS cluster (every stream and bucket R3: each
+/// write is stored by all three and acknowledged once two have it), one after the other in
+/// the same run, `passes` times each (alternating, a fresh cluster each time). Per build: each
+/// pass's figures and their medians; `ratio_r3_to_r1`: the R3 median over the R1 median.
+pub async fn replicas(
+    spec: &Spec,
+    tasks: usize,
+    samples: usize,
+    concurrency: usize,
+    passes: usize,
+) -> anyhow::Result<Value> {
+    let mut runs: [(&str, usize, Vec<Value>); 2] = [("r1", 1, vec![]), ("r3", 3, vec![])];
+    for pass in 0..passes.max(1) {
+        for (name, nodes, results) in &mut runs {
+            eprintln!(
+                "  pass {}: {name} ({nodes} NATS server{})",
+                pass + 1,
+                if *nodes > 1 { "s" } else { "" }
+            );
+            let cluster = Cluster::start(Spec {
+                nats_nodes: *nodes,
+                ..spec.clone()
+            })
+            .await?;
+            let (replicas, holders) = stream_replicas(&cluster.nats_url).await?;
+            if replicas != *nodes {
+                bail!("the {name} cluster's streams have {replicas} replicas, not {nodes}");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let store0 = cluster.nats_store_bytes();
+            let throughput = throughput(&cluster, tasks, &["builder"], concurrency).await?;
+            let store = cluster.nats_store_bytes().saturating_sub(store0);
+            let rss = cluster.pids().nats_rss_mb();
+            eprintln!("    one-agent: {throughput}");
+            let latency = latency_light(&cluster, samples).await?;
+            eprintln!("    light latency: {latency}");
+            results.push(json!({
+                "nats_servers": nodes,
+                "stream_replicas": replicas,
+                "servers_holding_the_work_stream": holders,
+                "throughput_one_agent": throughput,
+                "nats_store_bytes_per_task": store as f64 / tasks.max(1) as f64,
+                "nats_rss_mb": rss,
+                "latency_light": latency,
+            }));
+        }
+    }
+    let mut r = json!({"tasks": tasks, "latency_samples": samples, "passes": passes.max(1)});
+    for (name, _, results) in &runs {
+        let mut median = json!({});
+        for (figure, path) in REPLICAS_FIGURES {
+            median[figure] = json!(crate::report::spread(results, path).map(|(m, _, _)| m));
+        }
+        r[*name] = json!({"passes": results, "median": median});
+    }
+    let mut ratio = json!({});
+    for (figure, _) in REPLICAS_FIGURES {
+        ratio[figure] = match (
+            r["r3"]["median"][figure].as_f64(),
+            r["r1"]["median"][figure].as_f64(),
+        ) {
+            (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+            _ => Value::Null,
+        };
+    }
+    r["ratio_r3_to_r1"] = ratio;
     Ok(r)
 }

