@@ -130,33 +130,69 @@ pub async fn replay(
 }
 
 /// Replays past the stored position: a replica that just became leader does, before it
-/// dispatches.
-pub async fn on_leading(state: &State, transport: &Transport) {
+/// dispatches. Tried again for a while: a leader may take over while NATS elects new stream
+/// leaders, when the log cannot be read for seconds. Whether it is done; when it is not, [`run`]
+/// does it before it records any position (recording first would skip what Redis lacks).
+pub async fn on_leading(state: &State, transport: &Transport) -> bool {
+    let mut waits = backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(12),
+    );
+    loop {
+        if catch_up_to_the_log(state, transport).await {
+            return true;
+        }
+        match waits.next() {
+            Some(wait) => tokio::time::sleep(wait).await,
+            None => {
+                tracing::warn!(
+                    "not caught up with the log yet; dispatching, and trying again every second"
+                );
+                return false;
+            }
+        }
+    }
+}
+
+/// One replay from the stored position to the log's end; whether it is done (nothing stored
+/// is done: a Redis without a position was rebuilt from the whole log).
+async fn catch_up_to_the_log(state: &State, transport: &Transport) -> bool {
     let from = match state.position().await {
         Ok(Some(from)) => from,
-        Ok(None) => return,
+        Ok(None) => return true,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read how far Redis has the log");
-            return;
+            return false;
         }
     };
     match transport.log_position().await {
-        Ok(upto) => {
-            catch_up(state, transport, from, upto, "this coordinator leads now").await;
+        Ok(upto) => catch_up(state, transport, from, upto, "this coordinator leads now").await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the log position");
+            false
         }
-        Err(e) => tracing::warn!(error = %e, "cannot read the log position"),
     }
 }
 
 /// Records the position every [`RECORD_EVERY`] and replays whenever Redis turned out to be
-/// another server, until `cancel`.
-pub async fn run(state: State, transport: Transport, cancel: CancellationToken) {
+/// another server, until `cancel`; first finishes the replay [`on_leading`] could not
+/// (`caught_up` false).
+pub async fn run(state: State, transport: Transport, cancel: CancellationToken, caught_up: bool) {
+    let mut caught_up = caught_up;
     let mut server: Option<String> = None;
     let mut tick = tokio::time::interval(RECORD_EVERY);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if !caught_up {
+            caught_up = catch_up_to_the_log(&state, &transport).await;
+            if !caught_up {
+                continue;
+            }
         }
         let at = match transport.log_position().await {
             Ok(at) => at,

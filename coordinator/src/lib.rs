@@ -211,11 +211,12 @@ pub async fn run(
         )
         .await
         .map_err(|e| Error::Resume(e.to_string()))?;
-    catchup::on_leading(&state, &transport).await;
+    let caught_up = catchup::on_leading(&state, &transport).await;
     tracker.spawn(catchup::run(
         state.clone(),
         transport.clone(),
         shutdown.clone(),
+        caught_up,
     ));
     {
         // A history older than the cost rollups and the word index gets them once (reports

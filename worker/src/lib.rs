@@ -416,7 +416,11 @@ impl Pulling<'_> {
                     break;
                 }
                 let queue = bound[(first_queue + i) % bound.len()];
-                match self.transport.take_waiting(queue, slots.len()).await {
+                match self
+                    .transport
+                    .take_waiting(queue, slots.len(), self.expires)
+                    .await
+                {
                     Ok(waiting) => {
                         let mut waiting = std::pin::pin!(waiting);
                         while let Some(pulled) = waiting.next().await {

@@ -394,11 +394,15 @@ impl Transport {
     }
 
     /// Up to `n` of the jobs waiting now, without waiting for more: the stream ends as soon as
-    /// the queue has none left to give.
+    /// the queue has none left to give, or after `within`. The server answers such a request
+    /// at once, but one lost with a server cut off from the network is never answered, and
+    /// async-nats sets no deadline on it: without one, the pull loop would wait forever (a job
+    /// still on its way is redelivered after its ack wait).
     pub async fn take_waiting(
         &self,
         queue: &Queue,
         n: usize,
+        within: Duration,
     ) -> Result<impl Stream<Item = Pulled> + use<>, Error> {
         let batch = queue
             .consumer
@@ -407,7 +411,9 @@ impl Transport {
             .messages()
             .await
             .map_err(|e| Error::Pull(e.into()))?;
-        Ok(batch.filter_map(decode_pulled))
+        Ok(batch
+            .filter_map(decode_pulled)
+            .take_until(tokio::time::sleep(within)))
     }
 
     /// Publishes an event of `job`'s run to the log, like [`Transport::publish_events`].

@@ -25,6 +25,8 @@ pub fn total(parts: &[BackendQueue]) -> QueueInfo {
 
 /// Messages one fetch of a catch-up read asks for.
 const FETCH_BATCH: usize = 512;
+/// How long one fetch of a catch-up read may take (the server answers at once).
+const FETCH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Where a catch-up read of the event log starts.
 #[derive(Clone, Copy, Debug)]
@@ -183,7 +185,10 @@ impl Transport {
                 .messages()
                 .await
                 .ok()?;
+            // A fetch lost with a server cut off from the network is never answered (and
+            // async-nats sets no deadline on it): the read ends there instead of hanging.
             let events: Vec<StoredEvent> = batch
+                .take_until(tokio::time::sleep(FETCH_DEADLINE))
                 .flat_map(|m| {
                     futures::stream::iter(m.map(|m| stored_events(&m)).unwrap_or_default())
                 })
