@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! serialize_conflicts = true  # as `submit --serialize-conflicts`
+//! sparse_checkout = true      # as `submit --sparse-checkout`
 //!
 //! [check]
 //! command = "cargo test"      # as `submit --check`
@@ -37,6 +38,8 @@ pub struct RepoConfig {
     pub pr: Option<PrSection>,
     #[serde(default)]
     pub serialize_conflicts: Option<bool>,
+    #[serde(default)]
+    pub sparse_checkout: Option<bool>,
 }
 
 /// `[check]`.
@@ -164,6 +167,9 @@ impl RepoConfig {
         }
         if req.serialize_conflicts.is_none() {
             req.serialize_conflicts = self.serialize_conflicts;
+        }
+        if req.sparse_checkout.is_none() {
+            req.sparse_checkout = self.sparse_checkout;
         }
         let Some(pr) = &self.pr else {
             return;
