@@ -13,9 +13,11 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Lists the files it sees (`seen: ...`), then a builder appends to `src/a/a.txt` and writes
-/// `src/a/new.txt`; a tester writes nothing.
-const AGENT: &str = r#"cat > /dev/null
+/// Says whether its prompt told it of a sparse checkout (`told: sparse`), lists the files it
+/// sees (`seen: ...`), then a builder appends to `src/a/a.txt` and writes `src/a/new.txt`; a
+/// tester writes nothing.
+const AGENT: &str = r#"prompt=$(cat)
+case "$prompt" in *"sparse checkout of the repository: only \`src/a/\`"*) echo "told: sparse" ;; esac
 echo "seen: $(find . -path ./.git -prune -o -type f -print | sort | tr '\n' ' ')"
 if [ "$ORCH_ROLE" = builder ]; then
   echo more >> src/a/a.txt
@@ -110,13 +112,18 @@ async fn a_scoped_step_sees_only_its_scope_and_pushes_only_what_it_wrote() {
     let task = run(&cluster, submit_body(&bare, Some(true))).await;
     assert_eq!(task.options.sparse_checkout, Some(true));
 
-    // The builder saw its scope and the top-level files, not src/b.
+    // The builder saw its scope and the top-level files, not src/b, and its prompt said so.
     assert_eq!(
         seen(&task, 0),
         ["Cargo.toml", "README.md", "src/a/a.txt"],
         "{}",
         cluster.logs()
     );
+    let told = |step: usize| {
+        let out = task.jobs[step].output.as_deref().unwrap_or("");
+        out.lines().any(|l| l == "told: sparse")
+    };
+    assert!(told(0), "{:?}", task.jobs[0].output);
     // Its commit changes only what it wrote; src/b is still in its branch and the task's.
     let g = task.jobs[0].git.as_ref().unwrap();
     let range = format!("{}..{}", g.base, g.commit);
@@ -133,6 +140,7 @@ async fn a_scoped_step_sees_only_its_scope_and_pushes_only_what_it_wrote() {
     assert_eq!(git(&bare, &["show", &format!("{branch}:src/b/b.txt")]), "b");
 
     // The tester declared no scope: it saw the whole tree, the builder's work included.
+    assert!(!told(1), "{:?}", task.jobs[1].output);
     assert_eq!(
         seen(&task, 1),
         [

@@ -303,12 +303,27 @@ impl Backends {
             .or_else(|| builtin.map(str::to_string))
     }
 
+    /// The user prompt of `job`; a git job with a sparse checkout is told what its workspace
+    /// holds (the files outside it are absent, not deleted).
+    fn prompt(&self, job: &JobSpec) -> String {
+        let mut prompt = roles::user_prompt(job);
+        let git_job = match &job.workspace {
+            orch_shared::job::Workspace::Git { job, .. } => job.as_ref(),
+            _ => None,
+        };
+        if let Some(dirs) = super::git::sparse_scope(git_job, self.sparse_checkout) {
+            prompt.push_str("\n\n");
+            prompt.push_str(&super::git::sparse_note(&dirs));
+        }
+        prompt
+    }
+
     fn prepare<'a>(&'a self, job: &'a JobSpec, backend: Backend) -> Prepared<'a> {
         Prepared {
             job,
             profile: self.roles.for_job(job),
             model: self.model(job, backend),
-            prompt: roles::user_prompt(job),
+            prompt: self.prompt(job),
             prices: &self.prices,
             data_dir: &self.data_dir,
             sparse_checkout: self.sparse_checkout,

@@ -575,9 +575,7 @@ pub async fn checkout(
 ) -> Result<Checkout, Error> {
     let base_ref = check_inputs(dir, url, base_ref, job).await?;
     clone_through_cache(dir, data_dir, url).await?;
-    let cone = job
-        .filter(|j| j.sparse.unwrap_or(sparse))
-        .and_then(|j| sparse_dirs(&j.paths));
+    let cone = sparse_scope(job, sparse);
     if let Some(dirs) = &cone {
         let mut args = vec!["sparse-checkout", "set", "--cone", "--"];
         args.extend(dirs.iter().map(String::as_str));
@@ -603,6 +601,35 @@ pub async fn checkout(
         conflicted,
         sparse: cone,
     })
+}
+
+/// The directories `job`'s sparse checkout holds, when it gets one: it declared paths that
+/// allow one, and its task asked for it (`sparse`, the worker's default, when it did not say).
+pub fn sparse_scope(job: Option<&GitJob>, sparse: bool) -> Option<Vec<String>> {
+    job.filter(|j| j.sparse.unwrap_or(sparse))
+        .and_then(|j| sparse_dirs(&j.paths))
+}
+
+/// What the agent of a sparse checkout of `dirs` is told about its workspace.
+pub fn sparse_note(dirs: &[String]) -> String {
+    let held = if dirs.is_empty() {
+        "only the files at the top of the repository are".to_string()
+    } else {
+        format!(
+            "only {} and the files at the top of the repository (and directly in the parents \
+             of those directories) are",
+            dirs.iter()
+                .map(|d| format!("`{d}/`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        "## Workspace\nThis is a sparse checkout of the repository: {held} checked out, for \
+         the paths this step declared. The other files exist in the repository but not here; \
+         they are not deleted, and your commit changes only the files you write. Run `git \
+         sparse-checkout add DIR` if you need another directory.\n"
+    )
 }
 
 /// The directories a sparse checkout of the file scope `paths` holds (cone mode: each one
