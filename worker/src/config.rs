@@ -1509,6 +1509,25 @@ mod tests {
     }
 
     #[test]
+    fn sparse_checkout_is_off_by_default_and_set_from_every_layer() {
+        assert!(!from_flags::<_, &str>([]).unwrap().workspace.sparse);
+        assert!(
+            from_file("[workspace]\nsparse = true\n")
+                .unwrap()
+                .workspace
+                .sparse
+        );
+        let env = [("ORCH_WORKSPACE_SPARSE", "true")];
+        assert!(load_with(None, &env, &[]).unwrap().workspace.sparse);
+        let flag = ["--workspace-sparse", "false"];
+        assert!(!load_with(None, &env, &flag).unwrap().workspace.sparse);
+        let e = from_file("[workspace]\nsparse = \"often\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workspace.sparse"), "{e}");
+    }
+
+    #[test]
     fn checkpoint_settings_come_from_every_layer_and_bad_ones_name_their_key() {
         let cfg = from_flags::<_, &str>([]).unwrap();
         assert_eq!(cfg.checkpoints, CheckpointSettings::default());

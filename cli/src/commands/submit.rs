@@ -654,6 +654,31 @@ mod tests {
     }
 
     #[test]
+    fn sparse_checkout_is_sent_as_given_and_needs_a_repository() {
+        let url = "https://example.com/r.git";
+        let req = |extra: &[&str]| {
+            let mut all = vec!["--repo", url];
+            all.extend_from_slice(extra);
+            build_request(&args(&all), "x".into())
+                .unwrap()
+                .sparse_checkout
+        };
+        assert_eq!(req(&[]), None, "the workers' default");
+        assert_eq!(req(&["--sparse-checkout"]), Some(true));
+        assert_eq!(req(&["--sparse-checkout", "false"]), Some(false));
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: Args,
+        }
+        let parsed = Only::try_parse_from(["submit", "x", "--sparse-checkout"]);
+        assert!(
+            parsed.is_err_and(|e| e.kind() == clap::error::ErrorKind::MissingRequiredArgument),
+            "--sparse-checkout without --repo is refused"
+        );
+    }
+
+    #[test]
     fn a_plain_submit_sends_only_the_prompt() {
         let req = build_request(&args(&[]), "do it".into()).unwrap();
         assert_eq!(

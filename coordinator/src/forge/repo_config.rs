@@ -229,8 +229,8 @@ mod tests {
     #[test]
     fn the_submit_wins_over_the_file() {
         let file = parse(
-            "serialize_conflicts = true\n[check]\ncommand = \"make test\"\nrounds = 2\n\
-             [pr]\nopen = true\nrepo = \"acme/app\"\nbase = \"develop\"\nlabels = [\"agents\"]\ndraft = false\n",
+            "serialize_conflicts = true\nsparse_checkout = true\n[check]\ncommand = \"make test\"\n\
+             rounds = 2\n[pr]\nopen = true\nrepo = \"acme/app\"\nbase = \"develop\"\nlabels = [\"agents\"]\ndraft = false\n",
         )
         .unwrap();
         let mut req = SubmitTask::default();
@@ -239,6 +239,7 @@ mod tests {
         assert_eq!(req.check_rounds, Some(2));
         assert_eq!(req.git_ref.as_deref(), Some("develop"));
         assert_eq!(req.serialize_conflicts, Some(true));
+        assert_eq!(req.sparse_checkout, Some(true));
         let pr = req.pr.unwrap();
         assert_eq!(pr.repo.as_deref(), Some("acme/app"));
         assert_eq!(
@@ -250,6 +251,7 @@ mod tests {
             check: Some("cargo test".into()),
             git_ref: Some("main".into()),
             serialize_conflicts: Some(false),
+            sparse_checkout: Some(false),
             pr: Some(PrRequest {
                 repo: Some("acme/fork".into()),
                 labels: vec!["mine".into()],
@@ -265,6 +267,7 @@ mod tests {
         );
         assert_eq!(req.git_ref.as_deref(), Some("main"));
         assert_eq!(req.serialize_conflicts, Some(false));
+        assert_eq!(req.sparse_checkout, Some(false));
         let pr = req.pr.unwrap();
         assert_eq!(pr.repo.as_deref(), Some("acme/fork"));
         assert_eq!(
