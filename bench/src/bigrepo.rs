@@ -167,7 +167,33 @@ fn floor(dir: &Path, runs: usize) -> anyhow::Result<Value> {
     let mirror_s = t0.elapsed().as_secs_f64() * 1000.0;
     let mut ms = vec![];
     let mut disk = 0;
+    let (mut clone_ms, mut sparse_ms, mut sparse_disk) = (vec![], vec![], 0);
     for i in 0..runs.max(1) {
+        // What a job's git does, without the cluster: a clone sharing the mirror's objects,
+        // then the checkout.
+        let c = dir.join(format!("floor-clone-{i}"));
+        let t0 = Instant::now();
+        run(Command::new("git")
+            .args(["clone", "-q", "--no-checkout", "--shared"])
+            .arg(&mirror)
+            .arg(&c))?;
+        run(git(&c).args(["checkout", "-q", "--detach", "main"]))?;
+        clone_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        std::fs::remove_dir_all(&c)?;
+        // Below the floor: a worktree holding one directory of the tree (cone mode).
+        let wt = dir.join(format!("floor-sparse-{i}"));
+        let t0 = Instant::now();
+        run(git(&mirror)
+            .args(["worktree", "add", "-q", "--no-checkout", "--detach"])
+            .arg(&wt)
+            .arg("main"))?;
+        run(git(&wt).args(["sparse-checkout", "set", "--cone", SPARSE_DIR]))?;
+        run(git(&wt).args(["checkout", "-q", "--detach", "main"]))?;
+        sparse_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        sparse_disk = du_bytes(&wt)?;
+        run(git(&mirror)
+            .args(["worktree", "remove", "--force"])
+            .arg(&wt))?;
         let wt = dir.join(format!("floor-{i}"));
         let t0 = Instant::now();
         run(git(&mirror)
@@ -187,6 +213,9 @@ fn floor(dir: &Path, runs: usize) -> anyhow::Result<Value> {
         "worktree_add_first_ms": first,
         "worktree_add_ms": ms[ms.len() / 2],
         "worktree_disk_bytes": disk,
+        "shared_clone_checkout_ms": median(&clone_ms),
+        "sparse_worktree_add_ms": median(&sparse_ms),
+        "sparse_worktree_disk_bytes": sparse_disk,
     }))
 }
 
@@ -194,17 +223,39 @@ fn floor(dir: &Path, runs: usize) -> anyhow::Result<Value> {
 /// [`RELEASE`] into its clone's `.git` (inside the sandbox the agent sees its workspace only).
 const AGENT: &str = "case \"$1\" in *HOLD*) while [ ! -e .git/bench-release ]; do sleep 0.1; done;; esac; echo looked";
 const RELEASE: &str = ".git/bench-release";
+/// The one directory a sparse job declares (`paths: ["src/d0000/**"]`): 100 of the files.
+const SPARSE_DIR: &str = "src/d0000";
 
 /// Submits a one-agent task on `repo` (none: a scratch workspace); `hold` keeps its agent
-/// running until released.
-async fn submit(cluster: &Cluster, repo: Option<&str>, hold: bool) -> anyhow::Result<String> {
+/// running until released; `sparse`: its one step declares [`SPARSE_DIR`] as its scope and
+/// the task asks for a sparse checkout.
+async fn submit(
+    cluster: &Cluster,
+    repo: Option<&str>,
+    hold: bool,
+    sparse: bool,
+) -> anyhow::Result<String> {
+    let prompt = if hold {
+        "look around the repository, HOLD"
+    } else {
+        "look around the repository"
+    };
     let mut body = json!({
-        "prompt": if hold { "look around the repository, HOLD" } else { "look around the repository" },
+        "prompt": prompt,
         "roles": ["builder"],
         "backend": "command",
     });
     if let Some(repo) = repo {
         body["repo"] = json!(repo);
+    }
+    if sparse {
+        body["sparse_checkout"] = json!(true);
+        body["plan"] = json!({"steps": [
+            {"role": "builder", "scope": prompt, "paths": [format!("{SPARSE_DIR}/**")]}
+        ]});
+        if let Some(o) = body.as_object_mut() {
+            o.remove("roles");
+        }
     }
     let r = cluster
         .client()
@@ -291,38 +342,60 @@ async fn jobs(spec: &Spec, dir: &Path, repo: &str, p: &Params) -> anyhow::Result
     // The agent's own start, without a repository.
     let mut scratch = vec![];
     for _ in 0..3 {
-        let t = submit(&cluster, None, false).await?;
+        let t = submit(&cluster, None, false, false).await?;
         scratch.extend(waits(&cluster, &watch, std::slice::from_ref(&t)).await?);
         wait_finished(&cluster, &watch, &[t]).await?;
     }
-    let cold = submit(&cluster, Some(repo), false).await?;
+    let cold = submit(&cluster, Some(repo), false, false).await?;
     let cold_ms = waits(&cluster, &watch, std::slice::from_ref(&cold)).await?[0];
     wait_finished(&cluster, &watch, &[cold]).await?;
+    let full = warm_and_concurrent(&cluster, &watch, &data, repo, p, false).await?;
+    let sparse = warm_and_concurrent(&cluster, &watch, &data, repo, p, true).await?;
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&data);
+    let mut one = json!({
+        "scratch_ms": median(&scratch),
+        "cold_ms": cold_ms,
+        "sparse": sparse,
+    });
+    if let (Some(o), Value::Object(f)) = (one.as_object_mut(), full) {
+        o.extend(f);
+    }
+    eprintln!("  {one}");
+    Ok(one)
+}
+
+/// Jobs one at a time on the warm cache, then `p.concurrent` at once, each holding its
+/// workspace until all are measured; `sparse`: jobs scoped to [`SPARSE_DIR`] with a sparse
+/// checkout. Disk per job: the data directory less the clone cache, over the held jobs.
+async fn warm_and_concurrent(
+    cluster: &Cluster,
+    watch: &Watch,
+    data: &Path,
+    repo: &str,
+    p: &Params,
+    sparse: bool,
+) -> anyhow::Result<Value> {
     let mut warm = vec![];
     for _ in 0..p.warm_jobs {
-        let t = submit(&cluster, Some(repo), false).await?;
-        warm.extend(waits(&cluster, &watch, std::slice::from_ref(&t)).await?);
-        wait_finished(&cluster, &watch, &[t]).await?;
+        let t = submit(cluster, Some(repo), false, sparse).await?;
+        warm.extend(waits(cluster, watch, std::slice::from_ref(&t)).await?);
+        wait_finished(cluster, watch, &[t]).await?;
     }
-    // All at once, each holding its workspace until measured.
     let tasks: Vec<String> = futures::future::try_join_all(
-        (0..p.concurrent).map(|_| submit(&cluster, Some(repo), true)),
+        (0..p.concurrent).map(|_| submit(cluster, Some(repo), true, sparse)),
     )
     .await?;
-    let concurrent = waits(&cluster, &watch, &tasks).await?;
+    let concurrent = waits(cluster, watch, &tasks).await?;
     let cache = data.join("git-cache");
-    let all = du_bytes(&data)?;
+    let all = du_bytes(data)?;
     let cache_bytes = du_bytes(&cache).unwrap_or(0);
     let per_job = all.saturating_sub(cache_bytes) / p.concurrent.max(1) as u64;
     for ws in std::fs::read_dir(data.join("scratch"))? {
         let _ = std::fs::write(ws?.path().join(RELEASE), "");
     }
-    wait_finished(&cluster, &watch, &tasks).await?;
-    drop(cluster);
-    let _ = std::fs::remove_dir_all(&data);
-    let one = json!({
-        "scratch_ms": median(&scratch),
-        "cold_ms": cold_ms,
+    wait_finished(cluster, watch, &tasks).await?;
+    Ok(json!({
         "warm_ms": median(&warm),
         "warm_runs_ms": warm,
         "concurrent_median_ms": median(&concurrent),
@@ -330,9 +403,7 @@ async fn jobs(spec: &Spec, dir: &Path, repo: &str, p: &Params) -> anyhow::Result
         "concurrent_ms": concurrent,
         "disk_per_job_bytes": per_job,
         "clone_cache_bytes": cache_bytes,
-    });
-    eprintln!("  {one}");
-    Ok(one)
+    }))
 }
 
 /// Runs the scenario: the repository, its floor, then each build's jobs.
@@ -368,6 +439,9 @@ pub async fn run_all(builds: &[(&str, Spec)], p: &Params) -> anyhow::Result<Valu
             "warm_over_floor": warm / f,
             "concurrent_median_over_warm": r["concurrent_median_ms"].as_f64().unwrap_or(0.0) / warm.max(1.0),
             "disk_per_job_over_floor_worktree": r["disk_per_job_bytes"].as_f64().unwrap_or(0.0) / disk,
+            "sparse_warm_over_floor": r["sparse"]["warm_ms"].as_f64().unwrap_or(0.0) / f,
+            "sparse_concurrent_median_over_warm": r["sparse"]["concurrent_median_ms"].as_f64().unwrap_or(0.0)
+                / r["sparse"]["warm_ms"].as_f64().unwrap_or(0.0).max(1.0),
         });
     }
     Ok(out)

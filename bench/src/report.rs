@@ -499,6 +499,31 @@ fn bigrepo(b: &Value) -> String {
             x(&r["disk_per_job_over_floor_worktree"]),
         ));
     }
+    // Below the floor: the job's own git commands without the cluster, a sparse worktree of
+    // one directory, and jobs declaring that directory with a sparse checkout.
+    s.push_str(&format!(
+        "\nWithout the cluster: `clone --shared` of the mirror + checkout {} ms; a sparse \
+         worktree of one directory {} ms, {} MB.\n\n| Build | sparse warm ms | {} sparse at \
+         once: median / max ms | disk per sparse job MB | sparse warm / floor | sparse \
+         concurrent median / warm |\n|---|---|---|---|---|---|\n",
+        ms(&f["shared_clone_checkout_ms"]),
+        ms(&f["sparse_worktree_add_ms"]),
+        mb(&f["sparse_worktree_disk_bytes"]),
+        b["concurrent"],
+    ));
+    for build in ["baseline", "current"] {
+        let Some(r) = b.get(build) else { continue };
+        let j = &r["jobs"]["sparse"];
+        s.push_str(&format!(
+            "| {build} | {} | {} / {} | {} | {} | {} |\n",
+            ms(&j["warm_ms"]),
+            ms(&j["concurrent_median_ms"]),
+            ms(&j["concurrent_max_ms"]),
+            mb(&j["disk_per_job_bytes"]),
+            x(&r["sparse_warm_over_floor"]),
+            x(&r["sparse_concurrent_median_over_warm"]),
+        ));
+    }
     s
 }
 

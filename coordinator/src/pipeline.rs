@@ -327,6 +327,8 @@ fn job_workspace(task: &Task, job: &Job) -> Workspace {
             start,
             task_branch: GitJob::task_branch(task.id),
             integrate,
+            paths: job.paths.clone(),
+            sparse: task.options.sparse_checkout,
         }),
     }
 }

@@ -122,6 +122,11 @@ pub struct SubmitTask {
     /// until that one ends, instead of only warning (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serialize_conflicts: Option<bool>,
+    /// Check out only the directories of each step's file scope (`paths` in its plan step)
+    /// and the top-level files instead of the whole tree (a git sparse checkout; steps without
+    /// `paths` get the whole tree). Default: the worker's `workspace.sparse`. Needs `repo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_checkout: Option<bool>,
 }
 
 /// `pr` in a submit request.
@@ -316,6 +321,10 @@ pub struct ExecutionOptions {
     /// A step whose file scope overlaps a running step's waits for it to end.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub serialize_conflicts: bool,
+    /// A step with a file scope checks out only its directories and the top-level files
+    /// (`None`: as the worker's `workspace.sparse` says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_checkout: Option<bool>,
 }
 
 fn default_attempts() -> u32 {
@@ -335,6 +344,7 @@ impl Default for ExecutionOptions {
             max_turns: None,
             priority: Priority::Normal,
             serialize_conflicts: false,
+            sparse_checkout: None,
         }
     }
 }

@@ -334,6 +334,15 @@ pub struct GitJob {
     /// commit is that merge.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub integrate: bool,
+    /// The file scope the job's plan step declared (`paths`: globs of the paths it intends to
+    /// edit); empty when it declared none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Whether the job checks out only its `paths` (a sparse checkout of their directories
+    /// and the top-level files): the task's choice, `None` leaving it to the worker's
+    /// `workspace.sparse`. A job without `paths` always gets the whole tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<bool>,
 }
 
 impl GitJob {

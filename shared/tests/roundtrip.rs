@@ -65,16 +65,24 @@ fn workspace() -> impl Strategy<Value = Workspace> {
         (
             ".*",
             ".*",
-            proptest::option::of((".*", proptest::collection::vec(".*", 0..3), any::<bool>()))
+            proptest::option::of((
+                ".*",
+                proptest::collection::vec(".*", 0..3),
+                any::<bool>(),
+                proptest::collection::vec(".*", 0..3),
+                proptest::option::of(any::<bool>())
+            ))
         )
             .prop_map(|(url, base_ref, job)| Workspace::Git {
                 url,
                 base_ref,
-                job: job.map(|(branch, start, integrate)| GitJob {
+                job: job.map(|(branch, start, integrate, paths, sparse)| GitJob {
                     branch,
                     start,
                     task_branch: "orch/t".into(),
                     integrate,
+                    paths,
+                    sparse,
                 }),
             })
     ]

@@ -70,6 +70,16 @@ pub struct Args {
     /// means fewer requests from an idle worker.
     #[arg(long, env = "ORCH_PULL_EXPIRES")]
     pub pull_expires: Option<String>,
+    /// A git job whose plan step declared its file scope (`paths`) checks out only the
+    /// directories of that scope and the top-level files, unless its task says otherwise
+    /// (`submit --sparse-checkout`, `.orch.toml` `sparse_checkout`) [default: false].
+    #[arg(
+        id = "workspace.sparse",
+        long = "workspace-sparse",
+        value_name = "BOOL",
+        env = "ORCH_WORKSPACE_SPARSE"
+    )]
+    pub workspace_sparse: Option<String>,
     /// Checkpoint running agents (conversation and workspace) so another worker resumes them
     /// instead of starting over [default: true].
     #[arg(
@@ -381,6 +391,16 @@ struct Settings {
     sandbox: SandboxFile,
     checkpoints: CheckpointSettings,
     approvals: ApprovalSettings,
+    workspace: WorkspaceSettings,
+}
+
+/// `[workspace]`: how git workspaces are made (see [`crate::agent::git`]).
+#[derive(Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkspaceSettings {
+    /// A job with a declared file scope gets a sparse checkout of it when its task does not
+    /// say (`GitJob::sparse`).
+    pub sparse: bool,
 }
 
 /// `[approvals]`: the approval broker (see [`crate::approvals`]).
@@ -529,6 +549,7 @@ impl Default for Settings {
             sandbox: SandboxFile::default(),
             agent: LoopSettings::default(),
             checkpoints: CheckpointSettings::default(),
+            workspace: WorkspaceSettings::default(),
             approvals: ApprovalSettings::default(),
         }
     }
@@ -902,6 +923,8 @@ pub struct Config {
     pub tool_loop: LoopSettings,
     pub checkpoints: CheckpointSettings,
     pub approvals: ApprovalSettings,
+    /// `[workspace]`.
+    pub workspace: WorkspaceSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1079,6 +1102,7 @@ impl Settings {
             sandbox,
             tool_loop,
             checkpoints: self.checkpoints,
+            workspace: self.workspace,
             approvals: self.approvals,
         })
     }
@@ -1482,6 +1506,25 @@ mod tests {
             err(None, &[("ORCH_WORKER_LISTEN", "nowhere")], &[]),
             "invalid configuration: listen: invalid socket address syntax"
         );
+    }
+
+    #[test]
+    fn sparse_checkout_is_off_by_default_and_set_from_every_layer() {
+        assert!(!from_flags::<_, &str>([]).unwrap().workspace.sparse);
+        assert!(
+            from_file("[workspace]\nsparse = true\n")
+                .unwrap()
+                .workspace
+                .sparse
+        );
+        let env = [("ORCH_WORKSPACE_SPARSE", "true")];
+        assert!(load_with(None, &env, &[]).unwrap().workspace.sparse);
+        let flag = ["--workspace-sparse", "false"];
+        assert!(!load_with(None, &env, &flag).unwrap().workspace.sparse);
+        let e = from_file("[workspace]\nsparse = \"often\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workspace.sparse"), "{e}");
     }
 
     #[test]

@@ -880,9 +880,12 @@ async fn fresh_index(dir: &Path) {
 /// reads no ignore rules; a split index and index version 4 measured no faster.)
 const INDEX_OPTIONS: [&str; 2] = ["-c", "index.skipHash=true"];
 
-/// `git add -A -f` of the whole tree into the temporary index, with `env`.
+/// `git add -A -f` of the whole tree into the temporary index, with `env`. In a sparse
+/// checkout the temporary index starts as a copy of the agent's, so the files the cone leaves
+/// out keep their skip-worktree mark and are not taken for deleted; `--sparse` takes the files
+/// the agent wrote outside the cone (without it git refuses the whole `add`).
 async fn add_all(dir: &Path, env: &[(&str, &str)]) -> Result<(), String> {
-    let args = [&INDEX_OPTIONS[..], &["add", "-A", "-f"]].concat();
+    let args = [&INDEX_OPTIONS[..], &["add", "-A", "-f", "--sparse"]].concat();
     let add = crate::agent::git::git_env(dir, &args, env).await;
     match add.ok {
         true => Ok(()),
@@ -1454,13 +1457,34 @@ async fn check_out(dir: &Path, commit: &str) -> Result<(), String> {
     let index = dir.join(".git").join("orch-restore.index");
     let index_s = index.display().to_string();
     let env = [("GIT_INDEX_FILE", index_s.as_str())];
-    let read = git_env(dir, &["read-tree", "HEAD"], &env).await;
+    // Sparse checkout off for this index: a file the agent wrote outside its cone is
+    // written back too (the files the cone leaves out are absent, and an absent file is
+    // left absent where the checkpoint did not change it).
+    let read = git_env(
+        dir,
+        &["-c", "core.sparseCheckout=false", "read-tree", "HEAD"],
+        &env,
+    )
+    .await;
     // A fresh index has no stat data: without a refresh, every file the checkpoint changed
     // and `HEAD` has would be taken for modified ("not uptodate") and refused. Files that do
     // differ from `HEAD` stay so (and a change of theirs is refused, as it should be).
     let _ = git_env(dir, &["update-index", "-q", "--refresh"], &env).await;
     let update = if read.ok {
-        git_env(dir, &["read-tree", "-m", "-u", "HEAD", commit], &env).await
+        git_env(
+            dir,
+            &[
+                "-c",
+                "core.sparseCheckout=false",
+                "read-tree",
+                "-m",
+                "-u",
+                "HEAD",
+                commit,
+            ],
+            &env,
+        )
+        .await
     } else {
         read
     };
@@ -1482,7 +1506,7 @@ pub async fn workspace_for(
     events: &Events,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<(WorkDir, Option<Arc<Resume>>), (FailureReason, String)> {
-    let dir = WorkDir::prepare(p.job, p.data_dir, cancel).await?;
+    let dir = WorkDir::prepare(p.job, p.data_dir, p.sparse_checkout, cancel).await?;
     let Some(rec) = events.recorder() else {
         return Ok((dir, None));
     };
@@ -1516,7 +1540,7 @@ pub async fn workspace_for(
         Err(why) => {
             rec.abandon_resume(events, why);
             drop(dir);
-            let dir = WorkDir::prepare(p.job, p.data_dir, cancel).await?;
+            let dir = WorkDir::prepare(p.job, p.data_dir, p.sparse_checkout, cancel).await?;
             track(rec, &dir, p.job);
             Ok((dir, None))
         }
@@ -1807,6 +1831,75 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("push"), "{err}");
+    }
+
+    /// A sparse clone of `bare` (cone `a`) in `root/name`; its path.
+    fn sparse_clone(root: &Path, bare: &Path, name: &str) -> PathBuf {
+        sh(
+            root,
+            &format!(
+                "git clone -q --no-checkout {} {name} && cd {name} \
+                 && git sparse-checkout set --cone a && git checkout -q main",
+                bare.display()
+            ),
+        );
+        root.join(name)
+    }
+
+    #[tokio::test]
+    async fn a_sparse_checkout_is_checkpointed_without_deleting_what_it_left_out_and_restored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        sh(
+            root,
+            "git init -q -b main src && cd src && mkdir a b && echo a > a/a.txt \
+             && echo b > b/b.txt && echo r > README.md && git add . && git commit -qm one \
+             && cd .. && git clone -q --bare src bare.git",
+        );
+        let bare = root.join("bare.git");
+        let clone = sparse_clone(root, &bare, "clone");
+        assert!(!clone.join("b").exists() && clone.join("a/a.txt").is_file());
+        let base = sh(&clone, "git rev-parse HEAD");
+        let job = JobId::new();
+        let refname = checkpoint_ref(job);
+        // Pushed, then written straight into the repository: both ways keep b/b.txt.
+        let t = tree(&clone, &base, local_store(&bare.display().to_string()));
+        std::fs::write(clone.join("a/a.txt"), "changed\n").unwrap();
+        let first = snapshot_tree(&t, job, &Last::default(), 1, true)
+            .await
+            .unwrap();
+        assert_eq!(first.files_changed, 1, "b/b.txt is not taken for deleted");
+        std::fs::create_dir(clone.join("c")).unwrap();
+        std::fs::write(clone.join("c/c.txt"), "outside\n").unwrap();
+        let second = snapshot_tree(&t, job, &after(&first), 2, true)
+            .await
+            .unwrap();
+        assert_eq!(second.files_changed, 2);
+        assert_eq!(
+            sh(&bare, &format!("git ls-tree -r --name-only {refname}")),
+            "README.md\na/a.txt\nb/b.txt\nc/c.txt"
+        );
+        assert_eq!(sh(&bare, &format!("git show {refname}:b/b.txt")), "b");
+
+        // Another worker resumes into a fresh sparse clone: the agent's files come back, the
+        // cone still leaves b out, and its commit changes only what the agent wrote.
+        let resumed = sparse_clone(root, &bare, "resumed");
+        restore_tree(&resumed, job, &second.commit).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(resumed.join("a/a.txt")).unwrap(),
+            "changed\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(resumed.join("c/c.txt")).unwrap(),
+            "outside\n",
+            "a file written outside the cone is restored"
+        );
+        assert!(!resumed.join("b").exists());
+        sh(&resumed, "git add -A --sparse && git commit -qm work");
+        assert_eq!(
+            sh(&resumed, "git diff --name-only HEAD^ HEAD"),
+            "a/a.txt\nc/c.txt"
+        );
     }
 
     #[tokio::test]

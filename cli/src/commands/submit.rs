@@ -100,6 +100,18 @@ pub struct Args {
     #[arg(long)]
     pub serialize_conflicts: bool,
 
+    /// Check out only the directories of each plan step's file scope (`paths` in the plan
+    /// file) and the top-level files, not the whole tree (`--sparse-checkout false`: the whole
+    /// tree even when the workers' default is sparse) [default: the workers' workspace.sparse]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        requires = "repo"
+    )]
+    pub sparse_checkout: Option<bool>,
+
     /// The repository on the forge, owner/name (default: the last two parts of --repo)
     #[arg(long, value_name = "OWNER/NAME", requires = "pr")]
     pub pr_repo: Option<String>,
@@ -383,6 +395,7 @@ pub fn build_request(args: &Args, prompt: String) -> anyhow::Result<SubmitTask> 
         check: args.check.clone(),
         check_rounds: args.check_rounds,
         serialize_conflicts: args.serialize_conflicts.then_some(true),
+        sparse_checkout: args.sparse_checkout,
         pr: args.pr.then(|| orch_shared::api::PrRequest {
             repo: non_empty(&args.pr_repo),
             labels: args.pr_label.clone(),
@@ -638,6 +651,31 @@ mod tests {
         let mut argv = vec!["submit", "do it"];
         argv.extend_from_slice(extra);
         Wrap::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn sparse_checkout_is_sent_as_given_and_needs_a_repository() {
+        let url = "https://example.com/r.git";
+        let req = |extra: &[&str]| {
+            let mut all = vec!["--repo", url];
+            all.extend_from_slice(extra);
+            build_request(&args(&all), "x".into())
+                .unwrap()
+                .sparse_checkout
+        };
+        assert_eq!(req(&[]), None, "the workers' default");
+        assert_eq!(req(&["--sparse-checkout"]), Some(true));
+        assert_eq!(req(&["--sparse-checkout", "false"]), Some(false));
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: Args,
+        }
+        let parsed = Only::try_parse_from(["submit", "x", "--sparse-checkout"]);
+        assert!(
+            parsed.is_err_and(|e| e.kind() == clap::error::ErrorKind::MissingRequiredArgument),
+            "--sparse-checkout without --repo is refused"
+        );
     }
 
     #[test]

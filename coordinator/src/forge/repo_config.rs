@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! serialize_conflicts = true  # as `submit --serialize-conflicts`
+//! sparse_checkout = true      # as `submit --sparse-checkout`
 //!
 //! [check]
 //! command = "cargo test"      # as `submit --check`
@@ -37,6 +38,8 @@ pub struct RepoConfig {
     pub pr: Option<PrSection>,
     #[serde(default)]
     pub serialize_conflicts: Option<bool>,
+    #[serde(default)]
+    pub sparse_checkout: Option<bool>,
 }
 
 /// `[check]`.
@@ -165,6 +168,9 @@ impl RepoConfig {
         if req.serialize_conflicts.is_none() {
             req.serialize_conflicts = self.serialize_conflicts;
         }
+        if req.sparse_checkout.is_none() {
+            req.sparse_checkout = self.sparse_checkout;
+        }
         let Some(pr) = &self.pr else {
             return;
         };
@@ -223,8 +229,8 @@ mod tests {
     #[test]
     fn the_submit_wins_over_the_file() {
         let file = parse(
-            "serialize_conflicts = true\n[check]\ncommand = \"make test\"\nrounds = 2\n\
-             [pr]\nopen = true\nrepo = \"acme/app\"\nbase = \"develop\"\nlabels = [\"agents\"]\ndraft = false\n",
+            "serialize_conflicts = true\nsparse_checkout = true\n[check]\ncommand = \"make test\"\n\
+             rounds = 2\n[pr]\nopen = true\nrepo = \"acme/app\"\nbase = \"develop\"\nlabels = [\"agents\"]\ndraft = false\n",
         )
         .unwrap();
         let mut req = SubmitTask::default();
@@ -233,6 +239,7 @@ mod tests {
         assert_eq!(req.check_rounds, Some(2));
         assert_eq!(req.git_ref.as_deref(), Some("develop"));
         assert_eq!(req.serialize_conflicts, Some(true));
+        assert_eq!(req.sparse_checkout, Some(true));
         let pr = req.pr.unwrap();
         assert_eq!(pr.repo.as_deref(), Some("acme/app"));
         assert_eq!(
@@ -244,6 +251,7 @@ mod tests {
             check: Some("cargo test".into()),
             git_ref: Some("main".into()),
             serialize_conflicts: Some(false),
+            sparse_checkout: Some(false),
             pr: Some(PrRequest {
                 repo: Some("acme/fork".into()),
                 labels: vec!["mine".into()],
@@ -259,6 +267,7 @@ mod tests {
         );
         assert_eq!(req.git_ref.as_deref(), Some("main"));
         assert_eq!(req.serialize_conflicts, Some(false));
+        assert_eq!(req.sparse_checkout, Some(false));
         let pr = req.pr.unwrap();
         assert_eq!(pr.repo.as_deref(), Some("acme/fork"));
         assert_eq!(

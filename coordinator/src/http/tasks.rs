@@ -90,6 +90,7 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
         max_turns: in_range("max_turns", req.max_turns, 1, 10_000)?,
         priority: req.priority.unwrap_or_default(),
         serialize_conflicts: req.serialize_conflicts.unwrap_or(false),
+        sparse_checkout: req.sparse_checkout,
     };
     // Every backend is accepted: the worker that runs the job checks its own settings (a
     // missing key or CLI fails that job with the reason).
@@ -131,6 +132,13 @@ pub(super) fn validate(req: SubmitTask) -> Answer<(TaskOptions, planner::Plan)> 
             return Err(ApiError::field("workspace", "must be an absolute path").into());
         }
     };
+    if req.sparse_checkout == Some(true) && !matches!(workspace, Workspace::Git { .. }) {
+        return Err(ApiError::field(
+            "sparse_checkout",
+            "needs repo: only a clone of a repository can be checked out in part",
+        )
+        .into());
+    }
     let mcp_servers = req.mcp_servers.unwrap_or_default();
     if mcp_servers.len() > MAX_MCP_SERVERS {
         return Err(

@@ -42,6 +42,7 @@ pub struct Backends {
     roles: Roles,
     prices: PriceTable,
     tool_loop: LoopSettings,
+    sparse_checkout: bool,
     claude_code: ClaudeCode,
     anthropic: Anthropic,
     openai: OpenAi,
@@ -82,6 +83,7 @@ impl Backends {
             roles: config.roles.clone(),
             prices: config.prices.clone(),
             tool_loop: config.tool_loop.clone(),
+            sparse_checkout: config.workspace.sparse,
             claude_code: ClaudeCode::new(b.claude_code.clone(), b.anthropic.clone()),
             anthropic: Anthropic::new(b.anthropic.clone(), client.clone()),
             openai: OpenAi::new(b.openai.clone(), client),
@@ -301,14 +303,30 @@ impl Backends {
             .or_else(|| builtin.map(str::to_string))
     }
 
+    /// The user prompt of `job`; a git job with a sparse checkout is told what its workspace
+    /// holds (the files outside it are absent, not deleted).
+    fn prompt(&self, job: &JobSpec) -> String {
+        let mut prompt = roles::user_prompt(job);
+        let git_job = match &job.workspace {
+            orch_shared::job::Workspace::Git { job, .. } => job.as_ref(),
+            _ => None,
+        };
+        if let Some(dirs) = super::git::sparse_scope(git_job, self.sparse_checkout) {
+            prompt.push_str("\n\n");
+            prompt.push_str(&super::git::sparse_note(&dirs));
+        }
+        prompt
+    }
+
     fn prepare<'a>(&'a self, job: &'a JobSpec, backend: Backend) -> Prepared<'a> {
         Prepared {
             job,
             profile: self.roles.for_job(job),
             model: self.model(job, backend),
-            prompt: roles::user_prompt(job),
+            prompt: self.prompt(job),
             prices: &self.prices,
             data_dir: &self.data_dir,
+            sparse_checkout: self.sparse_checkout,
             tool_loop: &self.tool_loop,
             unpriced: &self.unpriced,
             session: None,

@@ -38,7 +38,7 @@ pub async fn run(p: &Prepared<'_>, events: &Events, cancel: &CancellationToken) 
         context: None,
         session: None,
     };
-    let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
+    let dir = match WorkDir::prepare(p.job, p.data_dir, p.sparse_checkout, cancel).await {
         Ok(d) => d,
         Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
     };

@@ -50,7 +50,7 @@ impl CommandAgent {
             context: None,
             session: None,
         };
-        let dir = match WorkDir::prepare(p.job, p.data_dir, cancel).await {
+        let dir = match WorkDir::prepare(p.job, p.data_dir, p.sparse_checkout, cancel).await {
             Ok(d) => d,
             Err((reason, message)) => return done(AgentOutput::failure(reason, message)),
         };

@@ -255,7 +255,7 @@ pub(crate) async fn diff_names(dir: &Path, args: &[&str]) -> Option<Vec<String>>
 /// What the working tree of `dir` changed since `base`, untracked files included (it stages
 /// everything: only for a workspace the job owns).
 pub(crate) async fn staged_changes(dir: &Path, base: &str) -> Option<(Vec<String>, String)> {
-    if !git(dir, &["add", "-A"]).await.ok {
+    if !git(dir, &["add", "-A", "--sparse"]).await.ok {
         return None;
     }
     let names = diff_names(dir, &["--cached", base]).await?;
@@ -467,6 +467,8 @@ pub struct Checkout {
     job: Option<GitJob>,
     /// An integrator's job: the files whose conflicts it was left to resolve.
     pub conflicted: Vec<String>,
+    /// A sparse checkout: the directories it holds (besides the top-level files).
+    pub sparse: Option<Vec<String>>,
 }
 
 /// Whether `name` is a valid branch name.
@@ -559,15 +561,32 @@ async fn merge_keeping(dir: &Path, rev: &str, message: &str, keep_conflicts: boo
 
 /// Clones `url` into the empty directory `dir` through the worker's clone cache under
 /// `data_dir`, and checks out where the job starts (see the module docs).
+///
+/// With `sparse` (the worker's default; the job's [`GitJob::sparse`] wins) and a job that
+/// declared [`GitJob::paths`], only the directories of those paths and the top-level files
+/// are checked out ([`sparse_dirs`]).
 pub async fn checkout(
     dir: &Path,
     data_dir: &Path,
     url: &str,
     base_ref: &str,
     job: Option<&GitJob>,
+    sparse: bool,
 ) -> Result<Checkout, Error> {
     let base_ref = check_inputs(dir, url, base_ref, job).await?;
     clone_through_cache(dir, data_dir, url).await?;
+    let cone = sparse_scope(job, sparse);
+    if let Some(dirs) = &cone {
+        let mut args = vec!["sparse-checkout", "set", "--cone", "--"];
+        args.extend(dirs.iter().map(String::as_str));
+        let out = git(dir, &args).await;
+        if !out.ok {
+            return Err(Error::internal(format!(
+                "failed to set up the sparse checkout: {}",
+                out.why()
+            )));
+        }
+    }
     let base_ref_commit = resolve_base_ref(dir, url, base_ref).await?;
     let conflicted = check_out_start(dir, job, &base_ref_commit).await?;
     let base = commit_of(dir, "HEAD")
@@ -580,7 +599,78 @@ pub async fn checkout(
         base,
         job: job.cloned(),
         conflicted,
+        sparse: cone,
     })
+}
+
+/// The directories `job`'s sparse checkout holds, when it gets one: it declared paths that
+/// allow one, and its task asked for it (`sparse`, the worker's default, when it did not say).
+pub fn sparse_scope(job: Option<&GitJob>, sparse: bool) -> Option<Vec<String>> {
+    job.filter(|j| j.sparse.unwrap_or(sparse))
+        .and_then(|j| sparse_dirs(&j.paths))
+}
+
+/// What the agent of a sparse checkout of `dirs` is told about its workspace.
+pub fn sparse_note(dirs: &[String]) -> String {
+    let held = if dirs.is_empty() {
+        "only the files at the top of the repository are".to_string()
+    } else {
+        format!(
+            "only {} and the files at the top of the repository (and directly in the parents \
+             of those directories) are",
+            dirs.iter()
+                .map(|d| format!("`{d}/`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        "## Workspace\nThis is a sparse checkout of the repository: {held} checked out, for \
+         the paths this step declared. The other files exist in the repository but not here; \
+         they are not deleted, and your commit changes only the files you write. Run `git \
+         sparse-checkout add DIR` if you need another directory.\n"
+    )
+}
+
+/// The directories a sparse checkout of the file scope `paths` holds (cone mode: each one
+/// whole, with the files directly in its parents and at the top), or `None` when the scope
+/// needs the whole tree (no paths, or a glob whose first directory is a wildcard such as
+/// `**/*.rs`). A glob's directory is its literal start: `src/a/**` and `src/a/*.rs` give
+/// `src/a`, `src/*/mod.rs` gives `src`; `*.md` needs none (top-level files are always there).
+/// A path without wildcards may be a file or a directory: both it and its parent are taken.
+pub fn sparse_dirs(paths: &[String]) -> Option<Vec<String>> {
+    let wild = |part: &str| part.contains(['*', '?', '[', '{']);
+    let mut dirs = std::collections::BTreeSet::new();
+    for p in paths {
+        let parts: Vec<&str> = p
+            .trim()
+            .trim_end_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != ".")
+            .collect();
+        match parts.iter().position(|part| wild(part)) {
+            // A literal path: a file (its directory) or a directory (itself).
+            None if parts.is_empty() => return None,
+            None => {
+                if parts.len() > 1 {
+                    dirs.insert(parts[..parts.len() - 1].join("/"));
+                }
+                dirs.insert(parts.join("/"));
+            }
+            // A wildcard in the last part names files of the directory before it.
+            Some(i) if i + 1 == parts.len() => {
+                if i > 0 {
+                    dirs.insert(parts[..i].join("/"));
+                }
+            }
+            // A wildcard directory at the top: anything may match.
+            Some(0) => return None,
+            Some(i) => {
+                dirs.insert(parts[..i].join("/"));
+            }
+        }
+    }
+    (!paths.is_empty()).then(|| dirs.into_iter().collect())
 }
 
 /// The ref to start from (`HEAD` when none is named), once the url, the ref and the job's
@@ -965,7 +1055,10 @@ impl Checkout {
 /// Stages and commits everything the agent changed (when it changed anything) with a
 /// generated message; the commit the job ends on.
 async fn commit_work(dir: &Path, job: &JobSpec) -> Result<String, Error> {
-    let add = git(dir, &["add", "-A"]).await;
+    // `--sparse`: a file the agent wrote outside a sparse checkout's cone is its work too
+    // (without it git refuses the whole `add`); the files the cone leaves out are absent
+    // but not deleted (their index entries are marked skip-worktree, which `add` keeps).
+    let add = git(dir, &["add", "-A", "--sparse"]).await;
     if !add.ok {
         return Err(Error::internal(format!(
             "failed to stage the agent's changes: {}",
@@ -1229,6 +1322,8 @@ mod tests {
                     start,
                     task_branch: GitJob::task_branch(task),
                     integrate: role == Role::Integrator,
+                    paths: vec![],
+                    sparse: None,
                 }),
             },
             ..JobSpec::new(task, JobId::new(), role, prompt)
@@ -1245,7 +1340,7 @@ mod tests {
     /// Checks `job` out in a fresh directory of `tmp` with the worker data dir `data`.
     async fn start(tmp: &TempDir, data: &Path, url: &str, job: &JobSpec) -> (PathBuf, Checkout) {
         let dir = subdir(tmp, &format!("ws-{}-{}", job.job_id, job.attempt));
-        let c = checkout(&dir, data, url, "main", Some(git_job(job)))
+        let c = checkout(&dir, data, url, "main", Some(git_job(job)), false)
             .await
             .unwrap_or_else(|e| panic!("checkout: {e}"));
         (dir, c)
@@ -1364,6 +1459,7 @@ mod tests {
             &url,
             "main",
             Some(git_job(&job)),
+            false,
         )
         .await
         .unwrap_err();
@@ -1385,6 +1481,7 @@ mod tests {
             &missing,
             "main",
             Some(git_job(&job)),
+            false,
         )
         .await
         .unwrap_err();
@@ -1403,6 +1500,7 @@ mod tests {
             &url,
             "no-such-ref",
             None,
+            false,
         )
         .await
         .unwrap_err();
@@ -1420,6 +1518,7 @@ mod tests {
                 &url,
                 r,
                 None,
+                false,
             )
             .await
             .unwrap();
@@ -1697,6 +1796,122 @@ mod tests {
             )),
             "{}",
             e.message
+        );
+    }
+
+    #[test]
+    fn a_sparse_checkout_holds_the_literal_directories_of_the_scope() {
+        let dirs =
+            |paths: &[&str]| sparse_dirs(&paths.iter().map(|p| p.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            dirs(&["src/a/**", "src/b/*.rs", "docs/guide.md", "*.md"]),
+            Some(
+                ["docs", "docs/guide.md", "src/a", "src/b"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+        assert_eq!(dirs(&["src/*/mod.rs"]), Some(vec!["src".to_string()]));
+        assert_eq!(dirs(&["**/*.rs"]), None, "anything may match");
+        assert_eq!(dirs(&["*/x"]), None);
+        assert_eq!(dirs(&[]), None, "no scope: the whole tree");
+        assert_eq!(dirs(&["*.toml"]), Some(vec![]), "top-level files only");
+        // A literal path may name a directory: a top-level one is taken whole.
+        assert_eq!(dirs(&["Cargo.toml"]), Some(vec!["Cargo.toml".to_string()]));
+    }
+
+    /// A bare repository with `README.md`, `src/a/a.txt`, `src/b/b.txt` and `src/top.txt`.
+    fn origin_with_dirs(tmp: &TempDir) -> String {
+        let url = origin(tmp);
+        push_branch(
+            tmp,
+            &url,
+            "main",
+            "main",
+            "mkdir -p src/a src/b && echo a > src/a/a.txt && echo b > src/b/b.txt \
+             && echo top > src/top.txt",
+        );
+        url
+    }
+
+    fn sparse_spec(task: TaskId, step: u32, paths: &[&str], sparse: Option<bool>) -> JobSpec {
+        let mut job = spec(task, step, Role::Builder, "x", vec![]);
+        if let Workspace::Git { job: Some(j), .. } = &mut job.workspace {
+            j.paths = paths.iter().map(|p| p.to_string()).collect();
+            j.sparse = sparse;
+        }
+        job
+    }
+
+    #[tokio::test]
+    async fn a_sparse_job_sees_its_scope_and_pushes_only_what_it_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = origin_with_dirs(&tmp);
+        let data = tmp.path().join("data");
+        let task = TaskId::new();
+        // The worker's default is sparse; the job declared src/a.
+        let job = sparse_spec(task, 0, &["src/a/**"], None);
+        let dir = subdir(&tmp, "ws");
+        let c = checkout(&dir, &data, &url, "main", Some(git_job(&job)), true)
+            .await
+            .unwrap();
+        assert_eq!(c.sparse, Some(vec!["src/a".to_string()]));
+        assert!(dir.join("README.md").is_file() && dir.join("src/a/a.txt").is_file());
+        assert!(
+            dir.join("src/top.txt").is_file(),
+            "files of a cone dir's parents"
+        );
+        assert!(!dir.join("src/b").exists(), "outside the scope");
+        // It edits its scope and writes one file outside it.
+        sh(
+            &dir,
+            "echo more >> src/a/a.txt && mkdir -p src/c && echo c > src/c/c.txt",
+        );
+        let f = c.finish(&dir, &job, true).await.unwrap();
+        assert_eq!(f.files, ["src/a/a.txt", "src/c/c.txt"]);
+        let o = outcome(&f);
+        let remote = Path::new(&url);
+        assert_eq!(
+            sh(remote, &format!("git ls-tree -r --name-only {}", o.commit)),
+            "README.md\nsrc/a/a.txt\nsrc/b/b.txt\nsrc/c/c.txt\nsrc/top.txt",
+            "the files outside the scope are still in the branch"
+        );
+        assert_eq!(
+            sh(remote, &format!("git show {}:src/b/b.txt", o.commit)),
+            "b"
+        );
+
+        // The task says no: the whole tree, whatever the worker's default.
+        let job = sparse_spec(task, 1, &["src/a/**"], Some(false));
+        let (dir, c) = {
+            let dir = subdir(&tmp, "ws-full");
+            let c = checkout(&dir, &data, &url, "main", Some(git_job(&job)), true)
+                .await
+                .unwrap();
+            (dir, c)
+        };
+        assert!(c.sparse.is_none() && dir.join("src/b/b.txt").is_file());
+        // The task says yes on a worker whose default is no; no paths: the whole tree.
+        let job = sparse_spec(task, 2, &["src/b/**"], Some(true));
+        let (dir, c) = {
+            let dir = subdir(&tmp, "ws-b");
+            let c = checkout(&dir, &data, &url, "main", Some(git_job(&job)), false)
+                .await
+                .unwrap();
+            (dir, c)
+        };
+        assert!(
+            c.sparse.is_some() && !dir.join("src/a").exists() && dir.join("src/b/b.txt").is_file()
+        );
+        let job = sparse_spec(task, 3, &[], Some(true));
+        let dir = subdir(&tmp, "ws-none");
+        let c = checkout(&dir, &data, &url, "main", Some(git_job(&job)), true)
+            .await
+            .unwrap();
+        assert!(
+            c.sparse.is_none()
+                && dir.join("src/a/a.txt").is_file()
+                && dir.join("src/b/b.txt").is_file()
         );
     }
 

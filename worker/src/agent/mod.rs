@@ -227,6 +227,9 @@ pub struct Prepared<'a> {
     pub prices: &'a PriceTable,
     /// Where scratch workspaces go.
     pub data_dir: &'a Path,
+    /// The worker's `workspace.sparse`: a git job with a file scope checks out only that
+    /// scope unless its task says otherwise.
+    pub sparse_checkout: bool,
     /// The native tool loop's settings (`[agent]`).
     pub tool_loop: &'a LoopSettings,
     /// Models already warned about (no price), so the log says it once.

@@ -52,7 +52,7 @@ enum Repo {
     /// (no git: a git process per step cost more CPU than a native agent's whole loop).
     Scratch,
     /// A clone of the job's repository.
-    Git(Checkout),
+    Git(Box<Checkout>),
 }
 
 /// What a run changed in its workspace.
@@ -83,10 +83,13 @@ impl Changes {
 impl WorkDir {
     /// The job's workspace: its local path, which must exist on this worker, or a fresh
     /// scratch directory `<data_dir>/scratch/<job>-<attempt>` (for a git workspace, with the
-    /// repository cloned and checked out in it). Stops when `cancel` fires.
+    /// repository cloned and checked out in it; with `sparse`, the worker's
+    /// `workspace.sparse`, only the job's declared paths, see [`git::checkout`]). Stops when
+    /// `cancel` fires.
     pub async fn prepare(
         job: &JobSpec,
         data_dir: &Path,
+        sparse: bool,
         cancel: &CancellationToken,
     ) -> Result<WorkDir, (FailureReason, String)> {
         match &job.workspace {
@@ -120,12 +123,12 @@ impl WorkDir {
                 let mut dir = Self::scratch(job, data_dir).await?;
                 // Dropping the clone on cancellation kills git; dropping `dir` removes it.
                 let checkout = tokio::select! {
-                    c = git::checkout(&dir.path, data_dir, url, base_ref, git_job.as_ref()) => c,
+                    c = git::checkout(&dir.path, data_dir, url, base_ref, git_job.as_ref(), sparse) => c,
                     _ = cancel.cancelled() => {
                         return Err((FailureReason::Cancelled, "agent stopped".to_string()));
                     }
                 };
-                dir.repo = Repo::Git(checkout.map_err(|e| (e.reason, e.message))?);
+                dir.repo = Repo::Git(Box::new(checkout.map_err(|e| (e.reason, e.message))?));
                 Ok(dir)
             }
             Workspace::Scratch => {
@@ -684,7 +687,7 @@ mod tests {
     async fn a_scratch_workspace_reports_the_exact_diff_of_the_run() {
         let data = tempfile::tempdir().unwrap();
         let j = job(Workspace::Scratch);
-        let dir = WorkDir::prepare(&j, data.path(), &CancellationToken::new())
+        let dir = WorkDir::prepare(&j, data.path(), false, &CancellationToken::new())
             .await
             .unwrap();
         std::fs::create_dir_all(dir.path.join("sub")).unwrap();
@@ -753,9 +756,11 @@ mod tests {
                 start: vec![],
                 task_branch: "orch/t".into(),
                 integrate: false,
+                paths: vec![],
+                sparse: None,
             }),
         });
-        let dir = WorkDir::prepare(&j, &data, &CancellationToken::new())
+        let dir = WorkDir::prepare(&j, &data, false, &CancellationToken::new())
             .await
             .unwrap();
         std::fs::write(dir.path.join("work.txt"), "unpushed\n").unwrap();
@@ -779,9 +784,14 @@ mod tests {
         let j = job(Workspace::Local {
             path: ws.display().to_string(),
         });
-        let dir = WorkDir::prepare(&j, Path::new("/nonexistent"), &CancellationToken::new())
-            .await
-            .unwrap();
+        let dir = WorkDir::prepare(
+            &j,
+            Path::new("/nonexistent"),
+            false,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         sh("echo changed >> a.txt && echo new > new.txt");
         let changes = dir.finish(&j, true, FileTracker::new(&dir.path)).await;
         assert_eq!(changes.files_written, ["a.txt", "new.txt"]);
