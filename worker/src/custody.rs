@@ -8,7 +8,10 @@
 //!   agent's own index, `HEAD` and branch are never touched, and pushed to
 //!   [`checkpoint_ref`] on the task's repository with `--force-with-lease` on the previous
 //!   checkpoint (each checkpoint's parent is the one before it, so every step stays reachable
-//!   for rewinds). A tree in the middle of a merge (an integrator resolving conflicts) gets
+//!   for rewinds). The temporary index stays for the job; when the steps since the last
+//!   checkpoint ran only file tools, only the files they named are brought into it
+//!   (`git update-index`), and every `checkpoints.full_every`-th checkpoint adds the whole
+//!   tree again ([`Step::paths`]). A tree in the middle of a merge (an integrator resolving conflicts) gets
 //!   the merge's other side (`MERGE_HEAD`) as the checkpoint's second parent, and a restore
 //!   puts it back, so the resumed agent's commit is still the merge. A scratch directory (a
 //!   repository of its own, with nowhere to push) is
