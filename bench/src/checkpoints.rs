@@ -3,8 +3,10 @@
 //! changes a tracked file and adds an untracked one, in a clone of a bare repository on a local
 //! path. Passes in the same run, a fresh cluster each: checkpoints off; the baseline build
 //! (`--baseline-bin-dir`, checkpoints as it makes them) when given; checkpoints pushed
-//! (`--checkpoint-direct false`, the way a network remote gets them); and checkpoints written
-//! straight into the local repository (the default). Reports each checkpoint's latency (from
+//! (`--checkpoint-direct false`, the way a network remote gets them); checkpoints written
+//! straight into the local repository, each adding the whole tree (`--checkpoint-full-every
+//! 1`); and the default (straight in, only the files the steps wrote brought into the index,
+//! the whole tree every tenth). Reports each checkpoint's latency (from
 //! the step's last `tool_result` event to its `checkpointed` event, seen the same way for
 //! every build; off the agent's path), the worker's own `took_ms` where the build reports it,
 //! the agent's step time (between its tool calls, the fake's delay included) and the storage
@@ -39,6 +41,7 @@ pub async fn run(spec: &Spec, baseline: Option<&Spec>, p: &Params) -> anyhow::Re
         passes_to_run.push(("before", b, &[]));
     }
     passes_to_run.push(("push", spec, &["--checkpoint-direct", "false"]));
+    passes_to_run.push(("whole_tree", spec, &["--checkpoint-full-every", "1"]));
     passes_to_run.push(("direct", spec, &[]));
     let tmp = tempfile::tempdir()?;
     let bare = make_repo(tmp.path(), p.files)?;

@@ -13,7 +13,8 @@
 //! - [`native`]: native tool-loop agents on one worker against a fake Messages API: worker
 //!   RSS per agent and CPU per tool round.
 //! - [`checkpoints`]: one agent's checkpoints on a 10,000-file repository (off, pushed, written
-//!   straight into a local repository; the baseline build's too).
+//!   straight into a local repository adding the whole tree each time or only the files
+//!   written; the baseline build's too).
 //! - [`growth`]: the per-task cost against history size and worker count.
 //! - [`anchors`]: jsbench and Celery, run by the harness.
 //! - [`report`] and [`plot`]: the markdown table, the targets and the PNG.

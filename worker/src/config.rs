@@ -135,6 +135,16 @@ pub struct Args {
         env = "ORCH_CHECKPOINT_MAX_TREE_BYTES"
     )]
     pub checkpoint_max_tree_bytes: Option<String>,
+    /// Every Nth checkpoint of an agent adds its whole tree; the others bring in only the
+    /// files the steps' file tools named, when no shell or other tool ran (1: every
+    /// checkpoint adds the whole tree) [default: 10].
+    #[arg(
+        id = "checkpoints.full_every",
+        long = "checkpoint-full-every",
+        value_name = "N",
+        env = "ORCH_CHECKPOINT_FULL_EVERY"
+    )]
+    pub checkpoint_full_every: Option<String>,
     /// How long an agent's request for a person's approval waits before it is denied
     /// (`orchctl approvals`) [default: 10m].
     #[arg(
@@ -510,6 +520,9 @@ pub struct CheckpointSettings {
     pub direct: bool,
     /// The largest scratch workspace tree (its git bundle) a checkpoint stores.
     pub max_tree_bytes: u64,
+    /// Every Nth checkpoint adds the whole tree; the others only the files the steps' file
+    /// tools named (when only file tools ran).
+    pub full_every: u32,
 }
 
 impl Default for CheckpointSettings {
@@ -522,6 +535,7 @@ impl Default for CheckpointSettings {
             migrate_on_drain: true,
             direct: true,
             max_tree_bytes: orch_shared::job::MAX_TREE_BUNDLE_BYTES as u64,
+            full_every: 10,
         }
     }
 }
@@ -1049,6 +1063,12 @@ impl Settings {
                 format!("must be between 1 and {bound}"),
             ));
         }
+        if self.checkpoints.full_every == 0 || self.checkpoints.full_every > 10_000 {
+            return Err(Error::invalid(
+                "checkpoints.full_every",
+                "must be between 1 and 10000",
+            ));
+        }
         if self.checkpoints.retention < Duration::from_secs(60) {
             return Err(Error::invalid(
                 "checkpoints.retention",
@@ -1562,6 +1582,17 @@ mod tests {
         assert!(err.contains("checkpoints.interval"), "{err}");
         let cfg = load_with(None, &[("ORCH_CHECKPOINT_MAX_TREE_BYTES", "1000")], &[]).unwrap();
         assert_eq!(cfg.checkpoints.max_tree_bytes, 1000);
+        let cfg = load_with(None, &[("ORCH_CHECKPOINT_FULL_EVERY", "1")], &[]).unwrap();
+        assert_eq!(cfg.checkpoints.full_every, 1);
+        let cfg = from_file("[checkpoints]\nfull_every = 4\n").unwrap();
+        assert_eq!(cfg.checkpoints.full_every, 4);
+        let err = load_with(None, &[], &["--checkpoint-full-every", "0"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: checkpoints.full_every: must be between 1 and 10000"
+        );
         let err = load_with(None, &[], &["--checkpoint-max-tree-bytes", "100000000"])
             .unwrap_err()
             .to_string();

@@ -8,7 +8,10 @@
 //!   agent's own index, `HEAD` and branch are never touched, and pushed to
 //!   [`checkpoint_ref`] on the task's repository with `--force-with-lease` on the previous
 //!   checkpoint (each checkpoint's parent is the one before it, so every step stays reachable
-//!   for rewinds). A tree in the middle of a merge (an integrator resolving conflicts) gets
+//!   for rewinds). The temporary index stays for the job; when the steps since the last
+//!   checkpoint ran only file tools, only the files they named are brought into it
+//!   (`git update-index`), and every `checkpoints.full_every`-th checkpoint adds the whole
+//!   tree again ([`Step::paths`]). A tree in the middle of a merge (an integrator resolving conflicts) gets
 //!   the merge's other side (`MERGE_HEAD`) as the checkpoint's second parent, and a restore
 //!   puts it back, so the resumed agent's commit is still the merge. A scratch directory (a
 //!   repository of its own, with nowhere to push) is
@@ -106,7 +109,41 @@ pub struct Step {
     pub cost_usd: f64,
     /// The step may have changed files: save it at once.
     pub writes: bool,
+    /// The files the step's tools wrote, when every tool of the step that may change files
+    /// is a file tool naming its file ([`files_written`]); `None` when another may have
+    /// changed anything (a shell, an MCP tool, a subagent): the checkpoint then looks at the
+    /// whole tree.
+    pub paths: Option<Vec<String>>,
     pub conversation: Conversation,
+}
+
+/// The files written by a step's tool calls (`(name, input)`), when all of them that may
+/// change files are file tools naming their file (`write_file`, `edit_file`; the CLI's
+/// `Write`, `Edit`, `MultiEdit`, `NotebookEdit`) and the others are in `read_only`; `None`
+/// as soon as one is neither (a shell, an MCP tool, a subagent).
+pub fn files_written<'a>(
+    calls: impl IntoIterator<Item = (&'a str, &'a serde_json::Value)>,
+    read_only: &[&str],
+) -> Option<Vec<String>> {
+    let mut paths = Vec::new();
+    for (name, input) in calls {
+        let key = match name {
+            "write_file" | "edit_file" => "path",
+            "Write" | "Edit" | "MultiEdit" => "file_path",
+            "NotebookEdit" => "notebook_path",
+            _ if read_only.contains(&name) => continue,
+            _ => return None,
+        };
+        paths.push(input.get(key)?.as_str()?.to_string());
+    }
+    Some(paths)
+}
+
+/// Both steps' files written, as one step's (`None` when either does not know).
+pub fn merge_paths(a: Option<Vec<String>>, b: Option<Vec<String>>) -> Option<Vec<String>> {
+    let (mut a, b) = (a?, b?);
+    a.extend(b);
+    Some(a)
 }
 
 /// Where a step's conversation is.
@@ -349,6 +386,8 @@ impl Custody {
             events,
             fenced_out: false,
             skipped_sent: false,
+            unindexed: Some(Vec::new()),
+            since_full: 0,
         };
         tokio::spawn(task.run(rx));
         Some(Recorder { tx, shared })
@@ -473,6 +512,11 @@ struct Task {
     fenced_out: bool,
     /// A `checkpoint_skipped` event was sent (once per run).
     skipped_sent: bool,
+    /// The files written since the temporary index was last brought up to date (`None`:
+    /// unknown, the next checkpoint adds the whole tree).
+    unindexed: Option<Vec<String>>,
+    /// Checkpoints since the last one that added the whole tree.
+    since_full: u32,
 }
 
 impl Task {
@@ -498,9 +542,12 @@ impl Task {
                 cmd = rx.recv() => match cmd {
                     // The run ended: its result (or the next run) takes over.
                     None => return,
-                    Some(Cmd::Step(s)) => {
-                        let writes = s.writes || pending.as_ref().is_some_and(|p| p.writes);
-                        pending = Some(Step { writes, ..s });
+                    Some(Cmd::Step(mut s)) => {
+                        if let Some(p) = pending.take() {
+                            s.writes |= p.writes;
+                            s.paths = merge_paths(p.paths, s.paths);
+                        }
+                        pending = Some(s);
                     }
                     Some(Cmd::Flush(answer)) => {
                         if let Some(step) = pending.take()
@@ -525,10 +572,12 @@ impl Task {
     }
 
     /// Saves one checkpoint; the step saved, or `None` (logged) when it was not.
-    async fn save(&mut self, step: Step) -> Option<u32> {
+    async fn save(&mut self, mut step: Step) -> Option<u32> {
         if self.fenced_out {
             return None;
         }
+        // Kept until a checkpoint has put them in the temporary index.
+        self.unindexed = merge_paths(self.unindexed.take(), step.paths.take());
         let started = Instant::now();
         let (tree, last, base_step, base_usage, base_cost, turn, backend) = {
             let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -566,15 +615,28 @@ impl Task {
         // The conversation is stored while the tree is saved.
         let transcript = object_name(self.job, n);
         let direct = self.custody.settings.direct;
+        // Every `full_every`th checkpoint adds the whole tree whatever the steps said: it
+        // catches what something else wrote (a process a shell left running).
+        let paths = self
+            .unindexed
+            .clone()
+            .filter(|_| self.since_full + 1 < self.custody.settings.full_every);
         let snapshot = async {
             match &tree {
-                Some(t) => snapshot_tree(t, self.job, &last, n, direct).await.map(Some),
+                Some(t) => snapshot_tree(t, self.job, &last, n, direct, paths.as_deref())
+                    .await
+                    .map(Some),
                 None => Ok(None),
             }
         };
         let (snapshot, stored) =
             tokio::join!(snapshot, self.custody.objects.put(&transcript, &bytes));
         if let Ok(Some(snapshot)) = &snapshot {
+            self.unindexed = Some(Vec::new());
+            self.since_full = match snapshot.full {
+                true => 0,
+                false => self.since_full + 1,
+            };
             // The tree is saved (the ref moved) whatever happens to the rest: the next
             // checkpoint's parent is this one.
             let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -807,6 +869,8 @@ struct Snapshot {
     files_changed: u32,
     /// A scratch workspace's bundle of it.
     bundle: Option<Arc<Vec<u8>>>,
+    /// The whole tree was looked at (`git add -A`), not only the files the steps named.
+    full: bool,
 }
 
 /// Why a checkpoint written straight into the task's repository was not.
@@ -825,14 +889,17 @@ enum NotWritten {
 ///
 /// A clone of a repository on a local path ([`Tree::store`], with `direct`) whose last
 /// checkpoint is on the ref gets the next one written straight into that repository
-/// ([`write_into_store`]: two git processes); otherwise the commit is pushed
-/// ([`send_checkpoint`]).
+/// ([`write_into_store`]: two git processes, or none when the steps wrote nothing); there
+/// `paths`, the files written since the last checkpoint when they are known, are all that
+/// is brought into the temporary index. Otherwise the commit is pushed
+/// ([`send_checkpoint`]) and the whole tree added.
 async fn snapshot_tree(
     tree: &Tree,
     job: JobId,
     last: &Last,
     step: u32,
     direct: bool,
+    paths: Option<&[String]>,
 ) -> Result<Snapshot, String> {
     let (dir, remote) = (tree.dir.as_path(), tree.remote);
     if !remote {
@@ -849,7 +916,8 @@ async fn snapshot_tree(
         // second parent, which only the agent's clone may have.
         .filter(|_| remote && direct && last.on_ref && last.index_kept && !merging(dir));
     if let (Some(store), Some(parent)) = (store, &last.commit) {
-        match write_into_store(tree, store, job, last, parent, step).await {
+        let paths = paths.and_then(|p| tree_paths(dir, p));
+        match write_into_store(tree, store, job, last, parent, step, paths).await {
             Ok(snapshot) => return Ok(snapshot),
             Err(NotWritten::Refused(why)) => return Err(why),
             Err(NotWritten::Failed(why)) => {
@@ -868,11 +936,74 @@ fn merging(dir: &Path) -> bool {
 }
 
 /// Starts the temporary index again from the agent's (whose stat data spares hashing the
-/// files it has).
+/// files it has), with the agent's index's modification time: git takes an entry as
+/// certainly unchanged only when its file is older than the index, so a copy dated now would
+/// hide a file rewritten with the same size in the second the agent's index was written.
 async fn fresh_index(dir: &Path) {
     let index = checkpoint_index(dir);
-    let _ = tokio::fs::remove_file(&index).await;
-    let _ = tokio::fs::copy(dir.join(".git").join("index"), &index).await;
+    let agents = dir.join(".git").join("index");
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_file(&index);
+        std::fs::copy(&agents, &index)?;
+        let modified = std::fs::metadata(&agents)?.modified()?;
+        std::fs::File::options()
+            .write(true)
+            .open(&index)?
+            .set_modified(modified)
+    })
+    .await;
+}
+
+/// The most files a checkpoint brings into its index by name; more are added with the
+/// whole tree.
+const MAX_NAMED_PATHS: usize = 500;
+
+/// `paths` (as the tools named them: relative to the workspace `dir`, or absolute) as paths
+/// of its tree, sorted, once each; `None` when one is not a file of the tree (outside the
+/// workspace, in `.git`, with `..`), when there are too many, or in a sparse checkout (a file
+/// outside the cone keeps its skip-worktree mark, which `update-index` leaves as it was, and
+/// `add --sparse` takes): the whole tree is added then.
+fn tree_paths(dir: &Path, paths: &[String]) -> Option<Vec<String>> {
+    use std::path::Component;
+    if dir.join(".git/info/sparse-checkout").exists() {
+        return None;
+    }
+    let canonical = std::fs::canonicalize(dir).ok();
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        let path = Path::new(p);
+        let rel = match path.is_absolute() {
+            true => path
+                .strip_prefix(dir)
+                .ok()
+                .or_else(|| canonical.as_deref().and_then(|c| path.strip_prefix(c).ok()))?,
+            false => path,
+        };
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(n) if n != ".git" => parts.push(n.to_str()?),
+                Component::CurDir => {}
+                _ => return None,
+            }
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        // A file in a repository inside the workspace: `git add -A` takes that repository
+        // as one entry, `update-index` would take the file.
+        let mut ancestor = dir.to_path_buf();
+        for part in &parts[..parts.len() - 1] {
+            ancestor.push(part);
+            if ancestor.join(".git").exists() {
+                return None;
+            }
+        }
+        out.push(parts.join("/"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    (out.len() <= MAX_NAMED_PATHS).then_some(out)
 }
 
 /// `git` options of every checkpoint command: the temporary index is ours alone (no checksum
@@ -886,7 +1017,7 @@ const INDEX_OPTIONS: [&str; 2] = ["-c", "index.skipHash=true"];
 /// the agent wrote outside the cone (without it git refuses the whole `add`).
 async fn add_all(dir: &Path, env: &[(&str, &str)]) -> Result<(), String> {
     let args = [&INDEX_OPTIONS[..], &["add", "-A", "-f", "--sparse"]].concat();
-    let add = crate::agent::git::git_env(dir, &args, env).await;
+    let add = crate::agent::git::git_env_unsupervised(dir, &args, env).await;
     match add.ok {
         true => Ok(()),
         false => Err(format!("git add: {}", add.why())),
@@ -896,15 +1027,31 @@ async fn add_all(dir: &Path, env: &[(&str, &str)]) -> Result<(), String> {
 /// `git write-tree` of the temporary index, with `env`: the tree's id.
 async fn write_tree(dir: &Path, env: &[(&str, &str)]) -> Result<String, String> {
     let args = [&INDEX_OPTIONS[..], &["write-tree"]].concat();
-    let written = crate::agent::git::git_env(dir, &args, env).await;
+    let written = crate::agent::git::git_env_unsupervised(dir, &args, env).await;
     if !written.ok {
         return Err(format!("git write-tree: {}", written.why()));
     }
     Ok(written.text().to_string())
 }
 
+/// `git update-index` of `paths` alone into the temporary index, with `env`: a file there
+/// is added or updated, one gone is removed; the rest of the tree is not looked at.
+async fn update_paths(dir: &Path, paths: &[String], env: &[(&str, &str)]) -> Result<(), String> {
+    let mut args = [
+        &INDEX_OPTIONS[..],
+        &["update-index", "--add", "--remove", "--"],
+    ]
+    .concat();
+    args.extend(paths.iter().map(String::as_str));
+    let updated = crate::agent::git::git_env_unsupervised(dir, &args, env).await;
+    match updated.ok {
+        true => Ok(()),
+        false => Err(format!("git update-index: {}", updated.why())),
+    }
+}
+
 /// The snapshot that stands for an unchanged tree: the last one.
-fn unchanged(last: &Last, tree_id: &str, remote: bool) -> Option<Snapshot> {
+fn unchanged(last: &Last, tree_id: &str, remote: bool, full: bool) -> Option<Snapshot> {
     match (&last.commit, &last.tree) {
         (Some(commit), Some(prev)) if prev.tree == tree_id && (last.on_ref || !remote) => {
             Some(Snapshot {
@@ -912,6 +1059,7 @@ fn unchanged(last: &Last, tree_id: &str, remote: bool) -> Option<Snapshot> {
                 tree: tree_id.to_string(),
                 files_changed: prev.files_changed,
                 bundle: prev.bundle.clone(),
+                full,
             })
         }
         _ => None,
@@ -925,6 +1073,12 @@ fn unchanged(last: &Last, tree_id: &str, remote: bool) -> Option<Snapshot> {
 /// written by the worker as a loose object, and the ref moves by a compare-and-swap from
 /// `parent` ([`move_ref`]). No pack, no push, no `gc --auto`. The files changed are counted
 /// (`diff-index` of the index) while the tree is written.
+///
+/// With `paths` (the files written since the last checkpoint, as paths of the tree), only
+/// they are brought into the index (`git update-index`, instead of `git add -A` reading
+/// every file's metadata and every directory), and none at all means the tree is the last
+/// checkpoint's: no process runs. These git commands start without the supervisor
+/// ([`crate::agent::git::git_env_unsupervised`]).
 async fn write_into_store(
     tree: &Tree,
     store: &Path,
@@ -932,9 +1086,15 @@ async fn write_into_store(
     last: &Last,
     parent: &str,
     step: u32,
+    paths: Option<Vec<String>>,
 ) -> Result<Snapshot, NotWritten> {
-    use crate::agent::git::git_env;
+    use crate::agent::git::git_env_unsupervised;
     let dir = tree.dir.as_path();
+    if let (Some([]), Some(prev)) = (paths.as_deref(), &last.tree)
+        && let Some(same) = unchanged(last, &prev.tree, true, false)
+    {
+        return Ok(same);
+    }
     let objects = store.join("objects");
     let objects_s = objects.display().to_string();
     let index_s = checkpoint_index(dir).display().to_string();
@@ -961,10 +1121,27 @@ async fn write_into_store(
         ],
     ]
     .concat();
-    add_all(dir, &env).await.map_err(NotWritten::Failed)?;
-    let (written, changed) = tokio::join!(write_tree(dir, &env), git_env(dir, &diff, &read_env));
+    let full = match &paths {
+        Some(p) => match update_paths(dir, p, &env).await {
+            Ok(()) => false,
+            Err(why) => {
+                // A path git will not take by name (a file in a nested repository, under
+                // a symbolic link): the whole tree then.
+                tracing::debug!(%why, "checkpoint: adding the whole tree");
+                true
+            }
+        },
+        None => true,
+    };
+    if full {
+        add_all(dir, &env).await.map_err(NotWritten::Failed)?;
+    }
+    let (written, changed) = tokio::join!(
+        write_tree(dir, &env),
+        git_env_unsupervised(dir, &diff, &read_env)
+    );
     let tree_id = written.map_err(NotWritten::Failed)?;
-    if let Some(same) = unchanged(last, &tree_id, true) {
+    if let Some(same) = unchanged(last, &tree_id, true, full) {
         return Ok(same);
     }
     if !changed.ok {
@@ -994,6 +1171,7 @@ async fn write_into_store(
         tree: tree_id,
         files_changed,
         bundle: None,
+        full,
     })
 }
 
@@ -1021,7 +1199,7 @@ async fn push_snapshot(
     }
     add_all(dir, &env).await?;
     let tree_id = write_tree(dir, &env).await?;
-    if let Some(same) = unchanged(last, &tree_id, remote) {
+    if let Some(same) = unchanged(last, &tree_id, remote, true) {
         return Ok(same);
     }
     if !remote {
@@ -1056,6 +1234,7 @@ async fn push_snapshot(
         tree: tree_id,
         files_changed: changed,
         bundle: None,
+        full: true,
     })
 }
 
@@ -1342,6 +1521,7 @@ async fn bundle_tree(
         tree: tree.to_string(),
         files_changed: changed,
         bundle: Some(Arc::new(bytes)),
+        full: true,
     })
 }
 
@@ -1651,7 +1831,7 @@ mod tests {
 
         // The first checkpoint is pushed (its parent is the agent's HEAD).
         std::fs::write(clone.join("b.txt"), "untracked\n").unwrap();
-        let first = snapshot_tree(&t, job, &Last::default(), 1, true)
+        let first = snapshot_tree(&t, job, &Last::default(), 1, true, None)
             .await
             .unwrap();
         assert_eq!(sh(&bare, &format!("git rev-parse {refname}")), first.commit);
@@ -1663,7 +1843,7 @@ mod tests {
         std::fs::write(clone.join("a.txt"), "two\n").unwrap();
         std::fs::create_dir(clone.join("sub")).unwrap();
         std::fs::write(clone.join("sub/c.txt"), "three\n").unwrap();
-        let second = snapshot_tree(&t, job, &after(&first), 2, true)
+        let second = snapshot_tree(&t, job, &after(&first), 2, true, None)
             .await
             .unwrap();
         assert_eq!(packs(), before, "a pack was sent");
@@ -1706,7 +1886,7 @@ mod tests {
 
         // Nothing changed: the same commit, nothing sent.
         let before = packs();
-        let third = snapshot_tree(&t, job, &after(&second), 3, true)
+        let third = snapshot_tree(&t, job, &after(&second), 3, true, None)
             .await
             .unwrap();
         assert_eq!(third.commit, second.commit);
@@ -1715,7 +1895,7 @@ mod tests {
 
         // A stale run (its last checkpoint is not the ref's any more) is refused.
         std::fs::write(clone.join("a.txt"), "stale\n").unwrap();
-        let err = snapshot_tree(&t, job, &after(&first), 3, true)
+        let err = snapshot_tree(&t, job, &after(&first), 3, true, None)
             .await
             .unwrap_err();
         assert!(err.contains("was not at the last checkpoint"), "{err}");
@@ -1726,11 +1906,11 @@ mod tests {
         // So is one that finds the ref packed elsewhere (`git pack-refs`) at another commit,
         // and the one that is up to date moves a packed ref.
         sh(&bare, "git pack-refs --all");
-        let err = snapshot_tree(&t, job, &after(&first), 3, true)
+        let err = snapshot_tree(&t, job, &after(&first), 3, true, None)
             .await
             .unwrap_err();
         assert!(err.contains("was not at the last checkpoint"), "{err}");
-        let fourth = snapshot_tree(&t, job, &after(&second), 4, true)
+        let fourth = snapshot_tree(&t, job, &after(&second), 4, true, None)
             .await
             .unwrap();
         assert_eq!(
@@ -1750,7 +1930,7 @@ mod tests {
         let job = JobId::new();
         let refname = checkpoint_ref(job);
         std::fs::write(clone.join("b.txt"), "one\n").unwrap();
-        let first = snapshot_tree(&t, job, &Last::default(), 1, true)
+        let first = snapshot_tree(&t, job, &Last::default(), 1, true, None)
             .await
             .unwrap();
         // A new blob written directly would go into this object directory: make it a file,
@@ -1762,7 +1942,7 @@ mod tests {
         sh(&bare, "git config receive.unpackLimit 1");
         let _ = std::fs::remove_dir_all(&fan);
         std::fs::write(&fan, "in the way").unwrap();
-        let second = snapshot_tree(&t, job, &after(&first), 2, true).await;
+        let second = snapshot_tree(&t, job, &after(&first), 2, true, None).await;
         std::fs::remove_file(&fan).unwrap();
         let second = second.unwrap();
         assert!(in_clone_object(&clone, &second.commit), "it was not pushed");
@@ -1773,12 +1953,199 @@ mod tests {
         assert_eq!(sh(&bare, &format!("git show {refname}:b.txt")), "two");
         // The next one goes straight in again.
         std::fs::write(clone.join("b.txt"), "three\n").unwrap();
-        let third = snapshot_tree(&t, job, &after(&second), 3, true)
+        let third = snapshot_tree(&t, job, &after(&second), 3, true, None)
             .await
             .unwrap();
         assert!(!in_clone_object(&clone, &third.commit));
         assert_eq!(sh(&bare, &format!("git show {refname}:b.txt")), "three");
         sh(&bare, "git fsck --no-progress");
+    }
+
+    #[tokio::test]
+    async fn named_files_alone_are_taken_in_and_a_whole_tree_checkpoint_catches_what_a_shell_wrote()
+    {
+        let (_tmp, bare, clone, base) = repo();
+        let t = tree(&clone, &base, local_store(&bare.display().to_string()));
+        let job = JobId::new();
+        let refname = checkpoint_ref(job);
+        let has = |path: &str| {
+            std::process::Command::new("git")
+                .args(["cat-file", "-e", &format!("{refname}:{path}")])
+                .current_dir(&bare)
+                .status()
+                .unwrap()
+                .success()
+        };
+        let names = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        std::fs::write(clone.join("b.txt"), "one\n").unwrap();
+        let first = snapshot_tree(&t, job, &Last::default(), 1, true, None)
+            .await
+            .unwrap();
+        assert!(first.full);
+
+        // A file tool wrote `sub/c.txt` (named absolute, as the CLI does) and changed a.txt;
+        // a shell's background process wrote `shell.txt` meanwhile: only the named files
+        // are looked at.
+        std::fs::create_dir(clone.join("sub")).unwrap();
+        std::fs::write(clone.join("sub/c.txt"), "three\n").unwrap();
+        std::fs::write(clone.join("a.txt"), "two\n").unwrap();
+        std::fs::write(clone.join("shell.txt"), "from a shell\n").unwrap();
+        let c = clone.join("sub/c.txt").display().to_string();
+        let second = snapshot_tree(
+            &t,
+            job,
+            &after(&first),
+            2,
+            true,
+            Some(names(&[&c, "a.txt"]).as_slice()),
+        )
+        .await
+        .unwrap();
+        assert!(!second.full);
+        assert_eq!(
+            sh(&bare, &format!("git rev-parse {refname}")),
+            second.commit
+        );
+        assert_eq!(sh(&bare, &format!("git show {refname}:sub/c.txt")), "three");
+        assert_eq!(sh(&bare, &format!("git show {refname}:a.txt")), "two");
+        assert!(has("b.txt"), "a file no step named was dropped");
+        assert!(!has("shell.txt"));
+        assert_eq!(second.files_changed, 3);
+
+        // No file written: the last checkpoint stands, nothing is looked at.
+        let third = snapshot_tree(
+            &t,
+            job,
+            &after(&second),
+            3,
+            true,
+            Some(names(&[]).as_slice()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(third.commit, second.commit);
+
+        // A named file that is gone is removed; a path git will not take by name (beyond a
+        // symbolic link) makes it add the whole tree, the shell's file with it.
+        std::fs::remove_file(clone.join("b.txt")).unwrap();
+        let fourth = snapshot_tree(
+            &t,
+            job,
+            &after(&third),
+            4,
+            true,
+            Some(names(&["b.txt"]).as_slice()),
+        )
+        .await
+        .unwrap();
+        assert!(!fourth.full && !has("b.txt") && !has("shell.txt"));
+        std::os::unix::fs::symlink("sub", clone.join("link")).unwrap();
+        std::fs::write(clone.join("sub/c.txt"), "four\n").unwrap();
+        let fifth = snapshot_tree(
+            &t,
+            job,
+            &after(&fourth),
+            5,
+            true,
+            Some(names(&["link/c.txt"]).as_slice()),
+        )
+        .await
+        .unwrap();
+        assert!(fifth.full);
+        assert!(has("shell.txt") && has("link"));
+        assert_eq!(sh(&bare, &format!("git show {refname}:sub/c.txt")), "four");
+        assert_eq!(sh(&bare, &format!("git rev-parse {refname}")), fifth.commit);
+
+        // A file in a repository inside the workspace: the whole tree, where that repository
+        // is one entry (a gitlink), as `git add -A` records it.
+        sh(
+            &clone,
+            "mkdir nested && cd nested && git init -q && echo n > n.txt && git add n.txt \
+             && git commit -qm n",
+        );
+        let sixth = snapshot_tree(
+            &t,
+            job,
+            &after(&fifth),
+            6,
+            true,
+            Some(names(&["nested/n.txt"]).as_slice()),
+        )
+        .await
+        .unwrap();
+        assert!(sixth.full);
+        assert!(sh(&bare, &format!("git ls-tree {refname} nested")).starts_with("160000 "));
+
+        // The whole tree (no names: a shell ran) is what `git add -A` of the clone gives.
+        std::fs::write(clone.join("later.txt"), "later\n").unwrap();
+        let seventh = snapshot_tree(&t, job, &after(&sixth), 7, true, None)
+            .await
+            .unwrap();
+        assert!(seventh.full && has("later.txt"));
+        let expected = sh(
+            &clone,
+            "export GIT_INDEX_FILE=\"$PWD/.git/expected.index\" && cp -p .git/index \"$GIT_INDEX_FILE\" \
+             && git add -A -f 2>/dev/null && git write-tree && rm \"$GIT_INDEX_FILE\"",
+        );
+        assert_eq!(
+            seventh.tree,
+            expected,
+            "{}",
+            sh(
+                &clone,
+                &format!(
+                    "GIT_ALTERNATE_OBJECT_DIRECTORIES={}/objects git diff-tree -r {} {expected}",
+                    bare.display(),
+                    seventh.tree
+                )
+            )
+        );
+        sh(&bare, "git fsck --no-progress");
+        // The agent's own index was never touched.
+        assert_eq!(sh(&clone, "git diff --cached --name-only"), "");
+    }
+
+    #[test]
+    fn the_named_files_are_paths_of_the_tree_or_the_whole_tree_is_added() {
+        let dir = Path::new("/ws/agent");
+        let v = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            tree_paths(dir, &v(&["b.txt", "/ws/agent/sub/a.txt", "./b.txt"])),
+            Some(v(&["b.txt", "sub/a.txt"]))
+        );
+        for bad in [
+            "/etc/hosts",
+            "../x",
+            "sub/../../x",
+            ".git/config",
+            "/ws/agent",
+            "",
+        ] {
+            assert_eq!(tree_paths(dir, &v(&["a.txt", bad])), None, "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_NAMED_PATHS).map(|i| format!("f{i}")).collect();
+        assert_eq!(tree_paths(dir, &many), None);
+        // A shell, an MCP tool or a subagent among the calls: not known.
+        let input = serde_json::json!({"path": "a.txt", "file_path": "/ws/agent/b.txt"});
+        assert_eq!(
+            files_written(
+                [
+                    ("read_file", &input),
+                    ("write_file", &input),
+                    ("Edit", &input)
+                ],
+                &["read_file"]
+            ),
+            Some(v(&["a.txt", "/ws/agent/b.txt"]))
+        );
+        for other in ["bash", "Bash", "mcp__fs__write", "Task"] {
+            assert_eq!(files_written([(other, &input)], &["read_file"]), None);
+        }
+        assert_eq!(
+            merge_paths(Some(v(&["a"])), Some(v(&["b"]))),
+            Some(v(&["a", "b"]))
+        );
+        assert_eq!(merge_paths(Some(v(&["a"])), None), None);
     }
 
     /// Whether the clone's own object store has `id`.
@@ -1805,14 +2172,14 @@ mod tests {
         let job = JobId::new();
         let refname = checkpoint_ref(job);
         std::fs::write(clone.join("b.txt"), "one\n").unwrap();
-        let first = snapshot_tree(&t, job, &Last::default(), 1, false)
+        let first = snapshot_tree(&t, job, &Last::default(), 1, false, None)
             .await
             .unwrap();
         let packs = std::fs::read_dir(bare.join("objects/pack"))
             .unwrap()
             .count();
         std::fs::write(clone.join("b.txt"), "two\n").unwrap();
-        let second = snapshot_tree(&t, job, &after(&first), 2, false)
+        let second = snapshot_tree(&t, job, &after(&first), 2, false, None)
             .await
             .unwrap();
         assert_eq!(
@@ -1827,7 +2194,7 @@ mod tests {
             packs
         );
         std::fs::write(clone.join("b.txt"), "stale\n").unwrap();
-        let err = snapshot_tree(&t, job, &after(&first), 2, false)
+        let err = snapshot_tree(&t, job, &after(&first), 2, false, None)
             .await
             .unwrap_err();
         assert!(err.contains("push"), "{err}");
@@ -1920,7 +2287,7 @@ mod tests {
         std::fs::write(clone.join("new.txt"), "new\n").unwrap();
         let job = JobId::new();
         let t = tree(&clone, &base, None);
-        let snap = snapshot_tree(&t, job, &Last::default(), 1, true)
+        let snap = snapshot_tree(&t, job, &Last::default(), 1, true, None)
             .await
             .unwrap();
         assert_eq!(
@@ -1960,6 +2327,7 @@ mod tests {
             &Last::default(),
             1,
             true,
+            None,
         )
         .await
         .unwrap();

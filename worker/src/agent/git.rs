@@ -123,9 +123,14 @@ impl Out {
     }
 }
 
-/// `git -C dir` with an environment that never prompts, runs no hooks and speaks English.
+/// `git -C dir` with an environment that never prompts, runs no hooks and speaks English,
+/// under the supervisor.
 fn command(dir: &Path) -> Command {
-    let mut cmd = super::process::command("git");
+    configured(super::process::command("git"), dir)
+}
+
+/// `cmd` (git, supervised or not) as [`command`] sets it up.
+fn configured(mut cmd: Command, dir: &Path) -> Command {
     cmd.arg("-C")
         .arg(dir)
         .args(["-c", "core.hooksPath=/dev/null"])
@@ -153,7 +158,21 @@ fn command(dir: &Path) -> Command {
 
 /// Runs git in `dir` with extra environment variables.
 pub(crate) async fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
-    let mut cmd = command(dir);
+    run(command(dir), args, env).await
+}
+
+/// Runs git in `dir` with extra environment variables, started straight from the worker
+/// instead of under the supervisor (two `exec`s of the worker binary fewer). Only for the
+/// checkpoints' short local commands (`custody`: `update-index`, `add`, `write-tree`,
+/// `diff-index`), which end on their own and write nothing but the checkpoints' temporary
+/// index and new objects: one that outlives a killed worker finishes and exits, harmless
+/// (ARCHITECTURE.md, the supervisor's invariant).
+pub(crate) async fn git_env_unsupervised(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
+    run(configured(Command::new("git"), dir), args, env).await
+}
+
+/// Runs `cmd` (from [`command`]) with `args` and extra environment variables `env`.
+async fn run(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Out {
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);

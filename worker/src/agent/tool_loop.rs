@@ -363,6 +363,10 @@ pub async fn run<A: Api>(
                     .calls
                     .iter()
                     .any(|c| !READ_ONLY.contains(&c.name.as_str())),
+                paths: custody::files_written(
+                    step.calls.iter().map(|c| (c.name.as_str(), &c.input)),
+                    READ_ONLY,
+                ),
                 conversation: custody::Conversation::Messages(
                     serde_json::to_vec(&messages).unwrap_or_default(),
                 ),

@@ -521,8 +521,8 @@ async fn read(
                     if stream.line(&l, events, p) {
                         return false;
                     }
-                    if let Some(writes) = stream.take_step() {
-                        checkpoint(stream, p, w, events, writes);
+                    if let Some((writes, paths)) = stream.take_step() {
+                        checkpoint(stream, p, w, events, writes, paths);
                     }
                 }
                 Ok(None) => return false,
@@ -536,7 +536,14 @@ async fn read(
 }
 
 /// Hands the step `stream` just finished to the run's checkpoint recorder.
-fn checkpoint(stream: &Stream, p: &Prepared<'_>, w: &Watching<'_>, events: &Events, writes: bool) {
+fn checkpoint(
+    stream: &Stream,
+    p: &Prepared<'_>,
+    w: &Watching<'_>,
+    events: &Events,
+    writes: bool,
+    paths: Option<Vec<String>>,
+) {
     let (Some(rec), Some(session_id), Some(cwd)) =
         (events.recorder(), &stream.session_id, &stream.cwd)
     else {
@@ -548,6 +555,7 @@ fn checkpoint(stream: &Stream, p: &Prepared<'_>, w: &Watching<'_>, events: &Even
         usage: stream.running,
         cost_usd: p.cost(model, &stream.running),
         writes,
+        paths,
         conversation: custody::Conversation::Transcript {
             path: transcript::path(w.config_dir, cwd, session_id),
             must_contain: stream.last_tool.clone(),

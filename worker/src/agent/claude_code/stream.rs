@@ -89,14 +89,31 @@ pub struct Stream {
     pub(super) steps: u32,
     /// A step finished since [`Stream::take_step`] was last asked, and whether it may have
     /// changed files.
-    step_ready: Option<bool>,
+    step_ready: Option<(bool, Option<Vec<String>>)>,
     step_writes: bool,
+    /// The files the step's tools wrote, while only file tools ran
+    /// ([`crate::custody::files_written`]).
+    step_paths: Option<Vec<String>>,
     /// The id of the last tool call that returned (its step's transcript names it).
     pub(super) last_tool: Option<String>,
 }
 
 /// Tools that may change the workspace: the step after them is checkpointed at once.
 const WRITING_TOOLS: &[&str] = &["Write", "Edit", "MultiEdit", "NotebookEdit", "Bash"];
+
+/// Tools that change no file of the workspace (any other but the file tools may change
+/// anything: its step's checkpoint looks at the whole tree).
+const READ_ONLY_TOOLS: &[&str] = &[
+    "Read",
+    "Glob",
+    "Grep",
+    "LS",
+    "NotebookRead",
+    "WebFetch",
+    "WebSearch",
+    "TodoWrite",
+    "TodoRead",
+];
 
 impl Stream {
     pub fn new(workspace: &Path) -> Self {
@@ -117,12 +134,14 @@ impl Stream {
             steps: 0,
             step_ready: None,
             step_writes: false,
+            step_paths: Some(Vec::new()),
             last_tool: None,
         }
     }
 
-    /// Whether a step finished since the last call (and whether it may have changed files).
-    pub fn take_step(&mut self) -> Option<bool> {
+    /// Whether a step finished since the last call (and whether it may have changed files,
+    /// and which, when only file tools ran).
+    pub fn take_step(&mut self) -> Option<(bool, Option<Vec<String>>)> {
         self.step_ready.take()
     }
 
@@ -199,7 +218,8 @@ impl Stream {
                     self.files.on_result(&call_id, is_error);
                     if self.pending_tools.remove(&call_id) && self.pending_tools.is_empty() {
                         self.steps += 1;
-                        self.step_ready = Some(std::mem::take(&mut self.step_writes));
+                        let paths = self.step_paths.replace(Vec::new());
+                        self.step_ready = Some((std::mem::take(&mut self.step_writes), paths));
                         self.last_tool = Some(call_id.clone());
                     }
                     let output = cut(
@@ -283,6 +303,11 @@ impl Stream {
                         .to_string();
                     let input = b.get("input").cloned().unwrap_or(Value::Null);
                     self.files.on_call(&call_id, &name, &input);
+                    // A subagent's calls count too: they change the same tree.
+                    self.step_paths = crate::custody::merge_paths(
+                        self.step_paths.take(),
+                        crate::custody::files_written([(name.as_str(), &input)], READ_ONLY_TOOLS),
+                    );
                     if top_level && !synthetic && !call_id.is_empty() {
                         self.pending_tools.insert(call_id.clone());
                         self.step_writes |= WRITING_TOOLS.contains(&name.as_str());
