@@ -2232,13 +2232,13 @@ mod tests {
         // Pushed, then written straight into the repository: both ways keep b/b.txt.
         let t = tree(&clone, &base, local_store(&bare.display().to_string()));
         std::fs::write(clone.join("a/a.txt"), "changed\n").unwrap();
-        let first = snapshot_tree(&t, job, &Last::default(), 1, true)
+        let first = snapshot_tree(&t, job, &Last::default(), 1, true, None)
             .await
             .unwrap();
         assert_eq!(first.files_changed, 1, "b/b.txt is not taken for deleted");
         std::fs::create_dir(clone.join("c")).unwrap();
         std::fs::write(clone.join("c/c.txt"), "outside\n").unwrap();
-        let second = snapshot_tree(&t, job, &after(&first), 2, true)
+        let second = snapshot_tree(&t, job, &after(&first), 2, true, None)
             .await
             .unwrap();
         assert_eq!(second.files_changed, 2);
