@@ -512,3 +512,130 @@ async fn task_search_reads_the_word_index_and_lists_what_reading_every_record_li
     assert_eq!(zcard(&mut conn, "orch:words:beta").await, 1);
     assert_searches(&cluster, &state, &searches, "after a rebuild from the log").await;
 }
+
+/// `GET /v1/status`'s count of unfinished tasks and the task ids of its agents, in order.
+async fn status_of(cluster: &Cluster) -> (u64, Vec<String>) {
+    let (code, v) = cluster.get("/v1/status").await;
+    assert!(code.is_success(), "{code} {v}");
+    let s: orch_shared::report::ClusterStatus = serde_json::from_value(v).unwrap();
+    let tasks = s.active_agents.iter().map(|a| a.task_id.to_string());
+    (s.active_tasks, tasks.collect())
+}
+
+/// Every agent `GET /v1/agents?status=queued,running` lists, page after page: their task ids.
+async fn unfinished_agents(cluster: &Cluster) -> Vec<String> {
+    let (mut out, mut cursor) = (vec![], None::<String>);
+    loop {
+        let mut path = "/v1/agents?status=queued,running&limit=70".to_string();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (code, v) = cluster.get(&path).await;
+        assert!(code.is_success(), "{code} {v}");
+        for a in v["agents"].as_array().unwrap() {
+            out.push(a["task_id"].as_str().unwrap().to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// Waits until the status and the unfinished agents list exactly `want` (task ids, newest
+/// first).
+async fn assert_unfinished(cluster: &Cluster, want: &[String], when: &str) {
+    cluster
+        .eventually(Duration::from_secs(30), || async {
+            let (count, agents) = status_of(cluster).await;
+            if count != want.len() as u64 || agents != want {
+                return Err(format!(
+                    "{when}: status counts {count} unfinished tasks and lists {} agents, \
+                     want {}: {agents:?}",
+                    agents.len(),
+                    want.len()
+                ));
+            }
+            Ok(())
+        })
+        .await;
+    assert_eq!(
+        unfinished_agents(cluster).await,
+        want,
+        "{when}: agents list"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_and_lists_the_newest_unfinished_tasks_through_finishes_rebuilds_and_upgrades()
+ {
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 2,
+        ..Options::default()
+    })
+    .await;
+    // Finished tasks are not counted.
+    let quick = real_tasks(&cluster).await;
+    // More unfinished tasks than a page of the index (200): two run for ten minutes, the
+    // rest wait for a slot.
+    let mut ids = vec![];
+    for i in 0..205 {
+        let body = json!({"prompt": format!("long {i}"), "roles": ["builder"],
+                          "sim": {"latency_ms": 600_000}});
+        ids.push(cluster.submit(body).await.id.to_string());
+    }
+    let mut want = ids.clone();
+    want.sort_unstable_by(|a, b| b.cmp(a));
+    assert_unfinished(&cluster, &want, "while they run").await;
+
+    // Tasks finishing leave the count and the list: the newest, one in the middle, the oldest
+    // (running).
+    let gone = [
+        want[0].clone(),
+        want[1].clone(),
+        want[100].clone(),
+        want[204].clone(),
+    ];
+    for id in &gone {
+        let (code, v) = cluster
+            .post(&format!("/v1/tasks/{id}/cancel"), &json!(null))
+            .await;
+        assert!(code.is_success(), "{code} {v}");
+    }
+    want.retain(|id| !gone.contains(id));
+    assert_unfinished(&cluster, &want, "after four cancels").await;
+
+    // Redis lost: the rebuild from the log finds the same unfinished tasks.
+    cluster.rebuild_redis_from_the_log().await;
+    assert_unfinished(&cluster, &want, "after a rebuild from the log").await;
+
+    // A Redis an earlier build wrote: a plain set of ids, one of them since finished (an
+    // earlier leader finished it after a newer one had moved the set). The leader moves it
+    // to the sorted set when it starts and drops the finished one.
+    let mut conn = redis_conn(&cluster).await;
+    let mut members: Vec<String> = redis::cmd("ZRANGE")
+        .arg("orch:tasks:unfinished")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), want.len());
+    members.push(quick[0].id.to_string());
+    let _: () = redis::pipe()
+        .atomic()
+        .del("orch:tasks:unfinished")
+        .sadd("orch:tasks:active", &members)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cluster.restart_coordinator().await;
+    assert_unfinished(&cluster, &want, "after an upgrade").await;
+    let legacy: bool = redis::cmd("EXISTS")
+        .arg("orch:tasks:active")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!legacy, "the plain set is gone once moved");
+}
