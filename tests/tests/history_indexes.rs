@@ -471,6 +471,31 @@ async fn task_search_reads_the_word_index_and_lists_what_reading_every_record_li
     let mut conn = redis_conn(&cluster).await;
     assert_eq!(zcard(&mut conn, "orch:words:zanzibar").await, 3);
 
+    // A long prompt: the index keeps its first MAX_WORDS long, uncommon words; a search finds
+    // the task by those (common words beside them checked in the record), not by later ones.
+    let max = orch_coordinator::state::search::MAX_WORDS;
+    let mut long = dated(&templates[0], now - HOUR / 2, "w-0", 999);
+    let lexemes: Vec<String> = (0..max + 20).map(|i| format!("lexeme{i}")).collect();
+    long.prompt = format!("Is it {}", lexemes.join(" and the "));
+    state.restore_task(&long).await.unwrap();
+    let id = vec![long.id.to_string()];
+    assert_eq!(listed(&cluster, "search=lexeme0").await, id);
+    let last = &lexemes[max - 1];
+    assert_eq!(
+        listed(&cluster, &format!("search=the%20{last}%20is")).await,
+        id
+    );
+    let past = &lexemes[max];
+    assert_eq!(
+        listed(&cluster, &format!("search={past}")).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(zcard(&mut conn, &format!("orch:words:{last}")).await, 1);
+    for unindexed in [past.as_str(), "the", "and", "is"] {
+        let key = format!("orch:words:{unindexed}");
+        assert_eq!(zcard(&mut conn, &key).await, 0, "{key}");
+    }
+
     // Retention takes the deleted tasks out of the index.
     let (code, body) = cluster
         .post("/v1/clean", &json!({"older_than_ms": 72 * HOUR}))
