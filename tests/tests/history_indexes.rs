@@ -505,29 +505,55 @@ async fn task_search_reads_the_word_index_and_lists_what_reading_every_record_li
     assert_searches(&cluster, &state, &searches, "after retention").await;
 
     // A history from before the index: searches read the records, then the leader indexes it.
-    let keys: Vec<String> = redis::cmd("KEYS")
+    // As an earlier build left it: its marker was the key of the word `ready`, and it kept
+    // common words.
+    let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg("orch:words:*")
         .query_async(&mut conn)
         .await
         .unwrap();
+    keys.push("orch:wordindex:ready".into());
     let _: () = redis::cmd("DEL")
         .arg(&keys)
         .query_async(&mut conn)
         .await
         .unwrap();
     assert_searches(&cluster, &state, &searches, "without the index").await;
+    let _: () = redis::pipe()
+        .set("orch:words:ready", 1)
+        .zadd("orch:words:the", seeded[0].id.to_string(), 0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     cluster.restart_coordinator().await;
     cluster
         .eventually(Duration::from_secs(30), || {
             let mut conn = conn.clone();
             async move {
-                let n = zcard(&mut conn, "orch:words:zanzibar").await;
-                (n > 0)
+                let ready: bool = redis::cmd("EXISTS")
+                    .arg("orch:wordindex:ready")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                ready
                     .then_some(())
                     .ok_or_else(|| "not indexed yet".to_string())
             }
         })
         .await;
+    assert_eq!(zcard(&mut conn, "orch:words:zanzibar").await, 3);
+    assert_eq!(zcard(&mut conn, "orch:words:the").await, 0);
+    // The word `ready` is a word like any other now.
+    let ready = cluster
+        .submit(json!({"prompt": "get READY to ship", "roles": ["builder"]}))
+        .await;
+    cluster
+        .wait_task(&ready.id.to_string(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        listed(&cluster, "search=ready").await,
+        vec![ready.id.to_string()]
+    );
     assert_searches(&cluster, &state, &searches, "after the backfill").await;
 
     // Redis lost: the rebuild from the log indexes what it restores.

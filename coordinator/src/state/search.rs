@@ -5,8 +5,10 @@
 //!   its first [`MAX_WORDS`] distinct words of [`MIN_WORD`] characters or more that are not
 //!   [`STOP_WORDS`] (see [`index_words`]), all scored 0 like `orch:tasks`, so a page of it in creation order is one
 //!   `ZREVRANGEBYLEX` and a time window is an id range.
-//! - `orch:words:ready`: present once every task record is indexed (a new cluster at once, an
-//!   upgraded one after [`State::backfill_indexes`]); until then a search reads the records.
+//! - `orch:wordindex:ready`: present once every task record is indexed (a new cluster at once,
+//!   an upgraded one after [`State::backfill_indexes`], which first drops an index an earlier
+//!   build kept); until then a search reads the records. (Earlier builds kept it at
+//!   `orch:words:ready`, the key of the word `ready`: a prompt holding it could not be saved.)
 //!
 //! A task's prompt does not change: its words are added when it is created or restored from
 //! the log, and removed when it is deleted or its creation is taken back.
@@ -17,7 +19,7 @@ use orch_shared::ids::TaskId;
 use orch_shared::report::id_bound;
 use std::collections::BTreeSet;
 
-pub(super) const READY: &str = "orch:words:ready";
+pub(super) const READY: &str = "orch:wordindex:ready";
 /// Longest word indexed, in characters (longer runs are not words anyone searches for).
 pub const MAX_WORD: usize = 64;
 /// Shortest word indexed, in characters: shorter ones are in most prompts and narrow nothing.
@@ -162,6 +164,30 @@ pub fn is_id_prefix(search: &str) -> bool {
 }
 
 impl State {
+    /// Deletes the whole word index (every `orch:words:*` key): an index an earlier build
+    /// kept, with other words, before [`State::backfill_indexes`] writes it again.
+    pub(super) async fn drop_word_index(&self) -> Result<u64, Error> {
+        let mut scan = self.conn.clone();
+        let mut conn = self.conn.clone();
+        let mut keys: Vec<String> = vec![];
+        let mut iter: redis::AsyncIter<'_, String> =
+            redis::AsyncCommands::scan_match(&mut scan, word_key("*"))
+                .await
+                .map_err(redis_err("list the word index"))?;
+        while let Some(key) = iter.next_item().await {
+            keys.push(key.map_err(redis_err("list the word index"))?);
+        }
+        drop(iter);
+        for chunk in keys.chunks(1000) {
+            let _: u64 = redis::cmd("UNLINK")
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err("drop the word index"))?;
+        }
+        Ok(keys.len() as u64)
+    }
+
     /// How many tasks hold each word (to read the rarest).
     pub async fn word_counts(&self, words: &[String]) -> Result<Vec<u64>, Error> {
         let mut conn = self.conn.clone();
