@@ -26,7 +26,7 @@ pub const MAX_WORD: usize = 64;
 pub const MIN_WORD: usize = 3;
 /// Most distinct words indexed per task (the first ones of its prompt): a long prompt's
 /// entries would outweigh its record.
-pub const MAX_WORDS: usize = 100;
+pub const MAX_WORDS: usize = 50;
 /// Most distinct words of a prompt a search compares (the record check of short and common
 /// words).
 const MAX_COMPARED: usize = 1000;

@@ -40,7 +40,7 @@ pub struct Args {
 
     /// Only tasks whose prompt holds every word of this text (whole words, case-insensitive), or
     /// whose id starts with it. Words of 3 or more letters that are not common English words
-    /// are looked up in the first 100 such words of each prompt; short and common words
+    /// are looked up in the first 50 such words of each prompt; short and common words
     /// (the, and, with...) anywhere in it, and a search of only those reads the history a
     /// page at a time
     #[arg(long, value_name = "TEXT")]

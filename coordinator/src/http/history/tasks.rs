@@ -31,7 +31,7 @@ pub struct ListParams {
     pub status: Option<String>,
     /// Words that must all be in the description (case-insensitive, whole words: runs of
     /// letters and digits), or the start of the id. A word of 3 or more characters that is not
-    /// a common English word must be among the first 100 such words of the description (the
+    /// a common English word must be among the first 50 such words of the description (the
     /// word index); a shorter or common one anywhere in it. A search of only short and common
     /// words reads the history a page at a time.
     pub search: Option<String>,
@@ -106,7 +106,7 @@ impl ListedTask {
 
 /// A search: every word of it in the task's description, or, when it may be one, the start
 /// of the task's id. A word the index keeps ([`search::indexed`]) must be among the words of
-/// the description the index holds ([`search::index_words`]: the first 100 such), so the
+/// the description the index holds ([`search::index_words`]: the first 50 such), so the
 /// index finds every match; a short or common one anywhere in it ([`search::words`]).
 struct Search {
     text: String,
