@@ -126,6 +126,22 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
                 status.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             status.sort_by(f64::total_cmp);
+            // The same answer without the CLI's start: what the coordinator takes.
+            let mut api = Vec::new();
+            let http = cluster.client();
+            for _ in 0..9 {
+                let t = Instant::now();
+                let r = http
+                    .get(format!("{}/v1/status", cluster.url))
+                    .bearer_auth(orch_tests::TOKEN)
+                    .send()
+                    .await?;
+                let code = r.status();
+                r.bytes().await?;
+                anyhow::ensure!(code.is_success(), "GET /v1/status: {code}");
+                api.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            api.sort_by(f64::total_cmp);
             let l = if p.samples > 0 {
                 latency_light(&cluster, p.samples).await?
             } else {
@@ -133,6 +149,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
             };
             during = json!({
                 "orchctl_status_ms": pct(&status, 0.5),
+                "status_api_ms": pct(&api, 0.5),
                 "dispatch_p50_ms": l["submit_to_start"]["p50_ms"],
                 "dispatch_p99_ms": l["submit_to_start"]["p99_ms"],
             });
@@ -257,6 +274,7 @@ pub fn per_agent_ratios(sizes: &[Value]) -> Value {
         "nats_kb_per_agent": ratio(&["memory_while_holding", "nats_kb_per_agent"]),
         "coordinator_cpu_per_agent": ratio(&["coordinator_cpu_pct_per_1000_agents"]),
         "orchctl_status_ms": ratio(&["while_holding", "orchctl_status_ms"]),
+        "status_api_ms": ratio(&["while_holding", "status_api_ms"]),
         "dispatch_p99_ms": ratio(&["while_holding", "dispatch_p99_ms"]),
     })
 }

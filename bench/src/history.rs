@@ -35,6 +35,8 @@ pub struct Params {
     pub batch: usize,
     /// Latency samples at each point.
     pub samples: usize,
+    /// Words of documentation prose before each seeded prompt (0: the short prompts only).
+    pub prompt_words: usize,
 }
 
 /// The word every thousandth seeded prompt carries: what `tasks list --search` looks for.
@@ -54,7 +56,7 @@ fn shift(t: u64, delta: i64) -> u64 {
 }
 
 /// Template `t` as seeded task number `n`, created at `at_ms`.
-fn seeded(t: &Task, n: usize, at_ms: u64) -> Task {
+fn seeded(t: &Task, n: usize, at_ms: u64, prose: &[String], words: usize) -> Task {
     let mut task = t.clone();
     let delta = at_ms as i64 - t.created_at_ms as i64;
     task.id = TaskId::from_u128(dated(TaskId::new().as_u128(), at_ms));
@@ -67,6 +69,13 @@ fn seeded(t: &Task, n: usize, at_ms: u64) -> Task {
         WORDS[n % WORDS.len()]
     };
     task.prompt = format!("fix the {word} module (seeded task {n})");
+    if words > 0 {
+        task.prompt = format!(
+            "{}: {}",
+            task.prompt,
+            crate::prompts::prompt(prose, n, words)
+        );
+    }
     for job in &mut task.jobs {
         job.id = JobId::from_u128(dated(JobId::new().as_u128(), at_ms));
         job.queued_at_ms = job.queued_at_ms.map(|q| shift(q, delta));
@@ -104,9 +113,9 @@ async fn templates(cluster: &Cluster, state: &State) -> anyhow::Result<Vec<Task>
 async fn seed(
     state: &State,
     templates: &[Task],
-    first: usize,
-    count: usize,
+    (first, count): (usize, usize),
     span_days: u64,
+    (prose, words): (&[String], usize),
 ) -> anyhow::Result<()> {
     let now = orch_shared::now_ms();
     let span = span_days * DAY_MS;
@@ -118,7 +127,7 @@ async fn seed(
             // A multiplicative hash spreads consecutive numbers over the whole span.
             let frac = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % 1_000_000;
             let at = newest - span * frac / 1_000_000;
-            let task = seeded(&templates[n % templates.len()], n, at);
+            let task = seeded(&templates[n % templates.len()], n, at, prose, words);
             async move { Ok(state.restore_task(&task).await?) }
         })
         .buffer_unordered(64)
@@ -284,6 +293,11 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
     let known = families(&cluster.redis_url).await?;
     let mut dropped = BTreeSet::new();
     eprintln!("  {} templates", templates.len());
+    let prose = if p.prompt_words > 0 {
+        crate::prompts::corpus(std::path::Path::new("."))?
+    } else {
+        vec![]
+    };
     let mut seeded_so_far = 0;
     let mut points = Vec::new();
     for &level in &p.levels {
@@ -292,9 +306,9 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
             seed(
                 &state,
                 &templates,
-                seeded_so_far,
-                level - seeded_so_far,
+                (seeded_so_far, level - seeded_so_far),
                 p.span_days,
+                (&prose, p.prompt_words),
             )
             .await?;
             let s = t0.elapsed().as_secs_f64();
@@ -322,6 +336,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
         "points": points,
         "ratio_largest_to_smallest": ratios,
         "span_days": p.span_days,
+        "prompt_words": p.prompt_words,
         "seeded_keys_deleted": dropped,
         "templates": templates.len(),
         "batch": p.batch,

@@ -33,6 +33,7 @@ mod growth;
 mod history;
 mod native;
 mod plot;
+mod prompts;
 mod report;
 mod scenarios;
 mod watch;
@@ -48,7 +49,7 @@ use std::time::{Duration, Instant};
 struct Args {
     /// Scenarios to run, comma-separated: core, replicas, anchors, celery, concurrency, native,
     /// growth, recovery, checkpoints (or all, which leaves out the long ones: agents10k,
-    /// history1m, bigrepo).
+    /// history1m, bigrepo, prompts).
     #[arg(long, default_value = "all")]
     scenarios: String,
     /// One-agent tasks of the throughput scenario (a fifth of it as 5-step tasks).
@@ -139,6 +140,11 @@ struct Args {
     /// history1m: the seeded history spans this many days.
     #[arg(long, default_value_t = 60)]
     history_span_days: u64,
+    /// history1m: words of the repository's documentation added to each seeded prompt (long
+    /// prompts, as real ones are; 0: the 7-word prompts only). Seeded with this build's
+    /// code: a baseline's word index is this build's too.
+    #[arg(long, default_value_t = 0)]
+    history_prompt_words: usize,
     /// Jobs of each jsbench run.
     #[arg(long, default_value_t = 50_000)]
     jsbench_jobs: usize,
@@ -157,6 +163,12 @@ struct Args {
     /// bigrepo: jobs run one at a time on the warm worker.
     #[arg(long, default_value_t = 3)]
     bigrepo_warm_jobs: usize,
+    /// prompts: tasks submitted with long prompts.
+    #[arg(long, default_value_t = 2000)]
+    prompts_tasks: usize,
+    /// prompts: words per prompt (consecutive words of the repository's documentation).
+    #[arg(long, default_value_t = 300)]
+    prompts_words: usize,
     /// The anchors' folder.
     #[arg(long, default_value = "../shared/bench/anchors")]
     anchors: PathBuf,
@@ -215,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
     }
     const SCENARIOS: [&str; 13] = [
         "all",
+        "prompts",
         "core",
         "replicas",
         "anchors",
@@ -399,6 +412,7 @@ async fn main() -> anyhow::Result<()> {
         let p = history::Params {
             levels: args.history_levels.clone(),
             span_days: args.history_span_days,
+            prompt_words: args.history_prompt_words,
             batch: args.growth_batch,
             samples: args.growth_samples,
         };
@@ -446,6 +460,29 @@ async fn main() -> anyhow::Result<()> {
             },
         )
         .await?;
+    }
+    if args.scenarios.split(',').any(|x| x == "prompts") {
+        let p = prompts::Params {
+            tasks: args.prompts_tasks,
+            words: args.prompts_words,
+        };
+        let mut runs = json!({});
+        if let Some(dir) = &args.baseline_bin_dir {
+            eprintln!("prompts: baseline ({})", dir.display());
+            let b = Spec {
+                bin_dir: dir.clone(),
+                ..spec.clone()
+            };
+            runs["baseline"] = prompts::run(&b, &p).await?;
+            eprintln!("  {}", runs["baseline"]);
+        }
+        eprintln!(
+            "prompts: this build, {} tasks of {} words",
+            p.tasks, p.words
+        );
+        runs["current"] = prompts::run(&spec, &p).await?;
+        eprintln!("  {}", runs["current"]);
+        results["prompts"] = runs;
     }
     if want("recovery") {
         eprintln!("recovery");

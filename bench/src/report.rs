@@ -455,6 +455,35 @@ pub fn markdown(r: &Value) -> String {
     if r.get("bigrepo").is_some() {
         s.push_str(&bigrepo(&r["bigrepo"]));
     }
+    if r.get("prompts").is_some() {
+        s.push_str(&prompts(&r["prompts"]));
+    }
+    s
+}
+
+/// The `prompts` figures: per build, Redis bytes per finished task with a long prompt and the
+/// word index's share.
+fn prompts(p: &Value) -> String {
+    let n = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.0}"));
+    let mut s = String::from(
+        "\n## prompts (same run)\n\n| Build | tasks | words per prompt (distinct) | Redis \
+         bytes per task | record bytes | word index bytes per task | index entries per task \
+         | index keys |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for build in ["baseline", "current"] {
+        let Some(r) = p.get(build) else { continue };
+        s.push_str(&format!(
+            "| {build} | {} | {} ({}) | {} | {} | {} | {} | {} |\n",
+            r["tasks"],
+            r["prompt_words"],
+            n(&r["distinct_words_per_prompt"]),
+            n(&r["redis_bytes_per_task"]),
+            n(&r["record_bytes_per_task"]),
+            n(&r["word_index_bytes_per_task"]),
+            n(&r["word_index_entries_per_task"]),
+            r["word_index_keys"],
+        ));
+    }
     s
 }
 
@@ -540,7 +569,7 @@ fn agents10k(build: &str, a: &Value) -> String {
     }
     s.push_str(" ratio |\n");
     s.push_str(&format!("{}|\n", "|---".repeat(sizes.len() + 2)));
-    let rows: [(&str, &[&str], Option<&str>); 14] = [
+    let rows: [(&str, &[&str], Option<&str>); 15] = [
         ("all started after s", &["all_started_after_s"], None),
         ("late heartbeats", &["late_heartbeats"], None),
         ("missed heartbeats", &["missed_heartbeats"], None),
@@ -561,6 +590,11 @@ fn agents10k(build: &str, a: &Value) -> String {
             "`orchctl status` ms, while holding",
             &["while_holding", "orchctl_status_ms"],
             Some("orchctl_status_ms"),
+        ),
+        (
+            "`GET /v1/status` ms, while holding",
+            &["while_holding", "status_api_ms"],
+            Some("status_api_ms"),
         ),
         (
             "coordinator CPU % per 1,000 agents",

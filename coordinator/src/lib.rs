@@ -197,6 +197,15 @@ pub async fn run(
         _ = shutdown.cancelled() => return finish(&shutdown, &lanes_cancel, &tracker, &transport, Ok(())).await,
     }
 
+    // A Redis an earlier build wrote keeps its unfinished tasks in a plain set: into the
+    // sorted set before anything reads or writes them (the rebuild's catch-up included).
+    let moved = state.migrate_active().await?;
+    if moved > 0 {
+        tracing::info!(
+            tasks = moved,
+            "moved the unfinished tasks to their sorted set"
+        );
+    }
     // Tried again for a while: a new leader may take over while NATS elects new stream
     // leaders or its connection moves off a server that dropped off the network.
     (|| reconcile::run_if_needed(&state, &transport))
@@ -426,10 +435,17 @@ async fn finish(
 async fn resume(fx: &driver::Effects) -> Result<(), Error> {
     let ids = fx.state.active_tasks().await?;
     let mut republished = 0;
+    // Finished or deleted while an earlier build led (it kept the plain set): not active.
+    let mut stale = Vec::new();
     for id in &ids {
         let Some(task) = fx.state.load_task(*id).await? else {
+            stale.push(*id);
             continue;
         };
+        if task.status.is_terminal() {
+            stale.push(*id);
+            continue;
+        }
         // A parked job holds no place: admission takes it again when it wakes.
         for job in task
             .jobs
@@ -447,9 +463,10 @@ async fn resume(fx: &driver::Effects) -> Result<(), Error> {
             .await
             .map_err(|e| Error::Resume(e.to_string()))?;
     }
+    fx.state.forget_active(&stale).await?;
     if !ids.is_empty() {
         tracing::info!(
-            tasks = ids.len(),
+            tasks = ids.len() - stale.len(),
             jobs = republished,
             "resumed unfinished tasks"
         );

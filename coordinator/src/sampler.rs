@@ -10,7 +10,7 @@
 use crate::metrics as m;
 use crate::state::State;
 use crate::transport::Transport;
-use orch_shared::api::{JobStatus, Task, TaskStatus};
+use orch_shared::api::{JobStatus, TaskStatus};
 use orch_shared::job::Backend;
 use orch_shared::report::CoordinatorInfo;
 use std::collections::HashMap;
@@ -162,22 +162,64 @@ async fn sample(state: &State, transport: &Transport) {
         Ok(n) => metrics::gauge!(m::DEAD_LETTERS).set(n as f64),
         Err(_) => redis_failed(),
     }
-    let tasks = match state.active_tasks().await {
-        Ok(mut ids) => {
-            ids.sort_unstable();
-            ids.truncate(MAX_SAMPLED_TASKS);
-            state.load_tasks(&ids).await
-        }
-        Err(e) => Err(e),
-    };
-    match tasks {
+    match sampled_tasks(state).await {
         Ok(tasks) => set_task_gauges(&tasks),
         Err(_) => redis_failed(),
     }
 }
 
+/// The oldest [`MAX_SAMPLED_TASKS`] unfinished tasks, a page at a time, only the fields the
+/// gauges count (prompts and outputs stay undecoded).
+async fn sampled_tasks(state: &State) -> Result<Vec<Sampled>, crate::state::Error> {
+    let mut tasks = Vec::new();
+    let mut after = None;
+    while tasks.len() < MAX_SAMPLED_TASKS {
+        let ids = state
+            .active_ids_asc(after, SAMPLE_PAGE.min(MAX_SAMPLED_TASKS - tasks.len()))
+            .await?;
+        let Some(last) = ids.last() else { break };
+        after = Some(*last);
+        let short = ids.len() < SAMPLE_PAGE;
+        tasks.extend(state.load_records::<Sampled>(&ids).await?);
+        if short {
+            break;
+        }
+    }
+    Ok(tasks)
+}
+
+/// Unfinished task ids one sample reads at a time.
+const SAMPLE_PAGE: usize = 500;
+
+/// What the task gauges read of a task record (field names as in [`orch_shared::api::Task`]).
+#[derive(serde::Deserialize)]
+struct Sampled {
+    status: TaskStatus,
+    #[serde(default)]
+    jobs: Vec<SampledJob>,
+    #[serde(default)]
+    options: SampledOptions,
+    #[serde(default)]
+    cost_usd: f64,
+    #[serde(default)]
+    usage: orch_shared::job::Usage,
+}
+
+#[derive(serde::Deserialize)]
+struct SampledJob {
+    status: JobStatus,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct SampledOptions {
+    #[serde(default)]
+    budget_usd: Option<f64>,
+    #[serde(default)]
+    budget_tokens: Option<u64>,
+}
+
 /// Gauges of the unfinished tasks: by status, their jobs by status, budgets left.
-fn set_task_gauges(tasks: &[Task]) {
+fn set_task_gauges(tasks: &[Sampled]) {
     let mut by_status: HashMap<&'static str, u64> = [TaskStatus::Pending, TaskStatus::Running]
         .iter()
         .map(|s| (s.as_str(), 0))

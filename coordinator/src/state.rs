@@ -4,7 +4,11 @@
 //! - `orch:task:<id>`: the task record ([`Task`], protocol-encoded).
 //! - `orch:tasks`: sorted set of every task id, all scored 0 so it orders by member; ids are
 //!   UUIDv7, so lexical order is creation order and a page is one `ZREVRANGEBYLEX`.
-//! - `orch:tasks:active`: set of task ids not yet finished (what a restarted coordinator resumes).
+//! - `orch:tasks:unfinished`: sorted set of the task ids not yet finished (what a restarted
+//!   coordinator resumes), scored 0 like `orch:tasks`, so the count is one `ZCARD` and the newest
+//!   page one `ZREVRANGEBYLEX` however many agents run. It replaces the plain set
+//!   `orch:tasks:active` of earlier builds, which a leader moves into it when it starts
+//!   ([`State::migrate_active`]).
 //! - `orch:idem:<key>`: the task id created for an idempotency key.
 //! - `orch:jobindex`: hash job id → task id (agents are addressed by job id).
 //! - `orch:dlq`: sorted set of dead-lettered job ids, scored by when they failed for good.
@@ -42,7 +46,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 const TASKS: &str = "orch:tasks";
-const ACTIVE: &str = "orch:tasks:active";
+const ACTIVE: &str = "orch:tasks:unfinished";
+/// The unordered set of unfinished task ids that builds before `ACTIVE` kept.
+const LEGACY_ACTIVE: &str = "orch:tasks:active";
 const JOB_INDEX: &str = "orch:jobindex";
 const DLQ: &str = "orch:dlq";
 /// Finished jobs kept per role and model for estimates.
@@ -127,12 +133,28 @@ for t = 0, (#KEYS - 3) / 3 - 1 do
   local k = 4 + t * 3
   local at = 2 + t * 5
   redis.call('SET', KEYS[k], ARGV[at + 1])
-  if ARGV[at + 2] == '1' then redis.call('SREM', KEYS[2], ARGV[at]) else redis.call('SADD', KEYS[2], ARGV[at]) end
+  if ARGV[at + 2] == '1' then redis.call('ZREM', KEYS[2], ARGV[at]) else redis.call('ZADD', KEYS[2], 0, ARGV[at]) end
   rollup(KEYS[k + 1], KEYS[k + 2], KEYS[3], ARGV[at], ARGV[at + 3], ARGV[at + 4])
 end
 return 1
 "#
 );
+
+/// Moves the members of the plain set an earlier build kept (KEYS[1]) into the sorted set of
+/// unfinished tasks (KEYS[2]), scored 0, and deletes it. Returns how many it moved.
+const MIGRATE_ACTIVE: &str = r#"
+local ids = redis.call('SMEMBERS', KEYS[1])
+for i = 1, #ids, 1000 do
+  local args = {}
+  for j = i, math.min(i + 999, #ids) do
+    args[#args + 1] = 0
+    args[#args + 1] = ids[j]
+  end
+  redis.call('ZADD', KEYS[2], unpack(args))
+end
+redis.call('DEL', KEYS[1])
+return #ids
+"#;
 
 /// How far in the JetStream log this Redis has everything ([`LogPosition`]).
 const APPLIED: &str = "orch:applied";
@@ -193,7 +215,7 @@ if existing then return existing end
 for i = 7, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[4], 0, ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[6], 1, 'EX', 120)
 for i = 4, #ARGV do redis.call('HSET', KEYS[5], ARGV[i], ARGV[1]) end
@@ -206,7 +228,7 @@ return false
 /// then the word index keys of its prompt. ARGV: id, record, then the job ids.
 const CREATE_IF_ABSENT: &str = r#"
 for i = 5, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
-if redis.call('SET', KEYS[1], ARGV[2], 'NX') then redis.call('SADD', KEYS[3], ARGV[1]) end
+if redis.call('SET', KEYS[1], ARGV[2], 'NX') then redis.call('ZADD', KEYS[3], 0, ARGV[1]) end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 for i = 3, #ARGV do redis.call('HSET', KEYS[4], ARGV[i], ARGV[1]) end
 return 1
@@ -221,7 +243,7 @@ for i = 7, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('DEL', KEYS[2], KEYS[6])
 redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 for i = 2, #ARGV do redis.call('HDEL', KEYS[5], ARGV[i]) end
 return 1
 "#;
@@ -298,7 +320,7 @@ if ARGV[1] ~= '0' then
 end
 redis.call('SET', KEYS[2], ARGV[2])
 rollup(KEYS[8], KEYS[9], KEYS[10], ARGV[4], ARGV[14], ARGV[15])
-if ARGV[3] == '1' then redis.call('SREM', KEYS[3], ARGV[4]) else redis.call('SADD', KEYS[3], ARGV[4]) end
+if ARGV[3] == '1' then redis.call('ZREM', KEYS[3], ARGV[4]) else redis.call('ZADD', KEYS[3], 0, ARGV[4]) end
 local day, id, cost, tin, tout, tcw, tcr = KEYS[4], ARGV[5], ARGV[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 "#,
     settle_lua!(),
@@ -510,7 +532,7 @@ impl State {
         pipe.atomic()
             .set(task_key(task.id), record)
             .zadd(TASKS, &id, 0)
-            .sadd(ACTIVE, &id)
+            .zadd(ACTIVE, &id, 0)
             .hset_multiple(JOB_INDEX, &index);
         for key in search::word_keys(&task.prompt) {
             pipe.zadd(key, &id, 0).ignore();
@@ -778,14 +800,42 @@ impl State {
         Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
     }
 
-    /// Ids of every task that has not finished.
+    /// Ids of every task that has not finished, oldest first (a leader resuming them reads
+    /// them all; a reader of a page uses [`State::active_ids_desc`]).
     pub async fn active_tasks(&self) -> Result<Vec<TaskId>, Error> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = conn
-            .smembers(ACTIVE)
+            .zrange(ACTIVE, 0, -1)
             .await
             .map_err(redis_err("active tasks"))?;
         Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// Moves the unordered set of unfinished tasks an earlier build kept into the sorted set
+    /// (in one step; nothing to do once done). Returns how many ids it moved.
+    pub async fn migrate_active(&self) -> Result<u64, Error> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(MIGRATE_ACTIVE));
+        let mut conn = self.conn.clone();
+        SCRIPT
+            .key(LEGACY_ACTIVE)
+            .key(ACTIVE)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err("move the active tasks to their sorted set"))
+    }
+
+    /// Takes ids out of the unfinished tasks (a resuming leader found them finished or
+    /// gone: an earlier build finished them after [`State::migrate_active`] had run).
+    pub async fn forget_active(&self, ids: &[TaskId]) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        conn.zrem(ACTIVE, ids)
+            .await
+            .map_err(redis_err("forget finished tasks"))
     }
 
     /// Says, for [`keys::RESUME_GATE_TTL_MS`], that this coordinator's admission wakes the
@@ -1258,9 +1308,9 @@ impl State {
             .set(task_key(task.id), codec::encode(task))
             .zadd(TASKS, &id, 0);
         if task.status.is_terminal() {
-            pipe.srem(ACTIVE, &id);
+            pipe.zrem(ACTIVE, &id);
         } else {
-            pipe.sadd(ACTIVE, &id);
+            pipe.zadd(ACTIVE, &id, 0);
         }
         let index: Vec<(String, &str)> = task
             .jobs

@@ -471,6 +471,31 @@ async fn task_search_reads_the_word_index_and_lists_what_reading_every_record_li
     let mut conn = redis_conn(&cluster).await;
     assert_eq!(zcard(&mut conn, "orch:words:zanzibar").await, 3);
 
+    // A long prompt: the index keeps its first MAX_WORDS long, uncommon words; a search finds
+    // the task by those (common words beside them checked in the record), not by later ones.
+    let max = orch_coordinator::state::search::MAX_WORDS;
+    let mut long = dated(&templates[0], now - HOUR / 2, "w-0", 999);
+    let lexemes: Vec<String> = (0..max + 20).map(|i| format!("lexeme{i}")).collect();
+    long.prompt = format!("Is it {}", lexemes.join(" and the "));
+    state.restore_task(&long).await.unwrap();
+    let id = vec![long.id.to_string()];
+    assert_eq!(listed(&cluster, "search=lexeme0").await, id);
+    let last = &lexemes[max - 1];
+    assert_eq!(
+        listed(&cluster, &format!("search=the%20{last}%20is")).await,
+        id
+    );
+    let past = &lexemes[max];
+    assert_eq!(
+        listed(&cluster, &format!("search={past}")).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(zcard(&mut conn, &format!("orch:words:{last}")).await, 1);
+    for unindexed in [past.as_str(), "the", "and", "is"] {
+        let key = format!("orch:words:{unindexed}");
+        assert_eq!(zcard(&mut conn, &key).await, 0, "{key}");
+    }
+
     // Retention takes the deleted tasks out of the index.
     let (code, body) = cluster
         .post("/v1/clean", &json!({"older_than_ms": 72 * HOUR}))
@@ -480,29 +505,55 @@ async fn task_search_reads_the_word_index_and_lists_what_reading_every_record_li
     assert_searches(&cluster, &state, &searches, "after retention").await;
 
     // A history from before the index: searches read the records, then the leader indexes it.
-    let keys: Vec<String> = redis::cmd("KEYS")
+    // As an earlier build left it: its marker was the key of the word `ready`, and it kept
+    // common words.
+    let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg("orch:words:*")
         .query_async(&mut conn)
         .await
         .unwrap();
+    keys.push("orch:wordindex:ready".into());
     let _: () = redis::cmd("DEL")
         .arg(&keys)
         .query_async(&mut conn)
         .await
         .unwrap();
     assert_searches(&cluster, &state, &searches, "without the index").await;
+    let _: () = redis::pipe()
+        .set("orch:words:ready", 1)
+        .zadd("orch:words:the", seeded[0].id.to_string(), 0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     cluster.restart_coordinator().await;
     cluster
         .eventually(Duration::from_secs(30), || {
             let mut conn = conn.clone();
             async move {
-                let n = zcard(&mut conn, "orch:words:zanzibar").await;
-                (n > 0)
+                let ready: bool = redis::cmd("EXISTS")
+                    .arg("orch:wordindex:ready")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                ready
                     .then_some(())
                     .ok_or_else(|| "not indexed yet".to_string())
             }
         })
         .await;
+    assert_eq!(zcard(&mut conn, "orch:words:zanzibar").await, 3);
+    assert_eq!(zcard(&mut conn, "orch:words:the").await, 0);
+    // The word `ready` is a word like any other now.
+    let ready = cluster
+        .submit(json!({"prompt": "get READY to ship", "roles": ["builder"]}))
+        .await;
+    cluster
+        .wait_task(&ready.id.to_string(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        listed(&cluster, "search=ready").await,
+        vec![ready.id.to_string()]
+    );
     assert_searches(&cluster, &state, &searches, "after the backfill").await;
 
     // Redis lost: the rebuild from the log indexes what it restores.
@@ -511,4 +562,131 @@ async fn task_search_reads_the_word_index_and_lists_what_reading_every_record_li
     let mut conn = redis_conn(&cluster).await;
     assert_eq!(zcard(&mut conn, "orch:words:beta").await, 1);
     assert_searches(&cluster, &state, &searches, "after a rebuild from the log").await;
+}
+
+/// `GET /v1/status`'s count of unfinished tasks and the task ids of its agents, in order.
+async fn status_of(cluster: &Cluster) -> (u64, Vec<String>) {
+    let (code, v) = cluster.get("/v1/status").await;
+    assert!(code.is_success(), "{code} {v}");
+    let s: orch_shared::report::ClusterStatus = serde_json::from_value(v).unwrap();
+    let tasks = s.active_agents.iter().map(|a| a.task_id.to_string());
+    (s.active_tasks, tasks.collect())
+}
+
+/// Every agent `GET /v1/agents?status=queued,running` lists, page after page: their task ids.
+async fn unfinished_agents(cluster: &Cluster) -> Vec<String> {
+    let (mut out, mut cursor) = (vec![], None::<String>);
+    loop {
+        let mut path = "/v1/agents?status=queued,running&limit=70".to_string();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (code, v) = cluster.get(&path).await;
+        assert!(code.is_success(), "{code} {v}");
+        for a in v["agents"].as_array().unwrap() {
+            out.push(a["task_id"].as_str().unwrap().to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// Waits until the status and the unfinished agents list exactly `want` (task ids, newest
+/// first).
+async fn assert_unfinished(cluster: &Cluster, want: &[String], when: &str) {
+    cluster
+        .eventually(Duration::from_secs(30), || async {
+            let (count, agents) = status_of(cluster).await;
+            if count != want.len() as u64 || agents != want {
+                return Err(format!(
+                    "{when}: status counts {count} unfinished tasks and lists {} agents, \
+                     want {}: {agents:?}",
+                    agents.len(),
+                    want.len()
+                ));
+            }
+            Ok(())
+        })
+        .await;
+    assert_eq!(
+        unfinished_agents(cluster).await,
+        want,
+        "{when}: agents list"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_and_lists_the_newest_unfinished_tasks_through_finishes_rebuilds_and_upgrades()
+ {
+    let mut cluster = Cluster::start(Options {
+        workers: 1,
+        slots: 2,
+        ..Options::default()
+    })
+    .await;
+    // Finished tasks are not counted.
+    let quick = real_tasks(&cluster).await;
+    // More unfinished tasks than a page of the index (200): two run for ten minutes, the
+    // rest wait for a slot.
+    let mut ids = vec![];
+    for i in 0..205 {
+        let body = json!({"prompt": format!("long {i}"), "roles": ["builder"],
+                          "sim": {"latency_ms": 600_000}});
+        ids.push(cluster.submit(body).await.id.to_string());
+    }
+    let mut want = ids.clone();
+    want.sort_unstable_by(|a, b| b.cmp(a));
+    assert_unfinished(&cluster, &want, "while they run").await;
+
+    // Tasks finishing leave the count and the list: the newest, one in the middle, the oldest
+    // (running).
+    let gone = [
+        want[0].clone(),
+        want[1].clone(),
+        want[100].clone(),
+        want[204].clone(),
+    ];
+    for id in &gone {
+        let (code, v) = cluster
+            .post(&format!("/v1/tasks/{id}/cancel"), &json!(null))
+            .await;
+        assert!(code.is_success(), "{code} {v}");
+    }
+    want.retain(|id| !gone.contains(id));
+    assert_unfinished(&cluster, &want, "after four cancels").await;
+
+    // Redis lost: the rebuild from the log finds the same unfinished tasks.
+    cluster.rebuild_redis_from_the_log().await;
+    assert_unfinished(&cluster, &want, "after a rebuild from the log").await;
+
+    // A Redis an earlier build wrote: a plain set of ids, one of them since finished (an
+    // earlier leader finished it after a newer one had moved the set). The leader moves it
+    // to the sorted set when it starts and drops the finished one.
+    let mut conn = redis_conn(&cluster).await;
+    let mut members: Vec<String> = redis::cmd("ZRANGE")
+        .arg("orch:tasks:unfinished")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), want.len());
+    members.push(quick[0].id.to_string());
+    let _: () = redis::pipe()
+        .atomic()
+        .del("orch:tasks:unfinished")
+        .sadd("orch:tasks:active", &members)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cluster.restart_coordinator().await;
+    assert_unfinished(&cluster, &want, "after an upgrade").await;
+    let legacy: bool = redis::cmd("EXISTS")
+        .arg("orch:tasks:active")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!legacy, "the plain set is gone once moved");
 }

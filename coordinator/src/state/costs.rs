@@ -276,8 +276,18 @@ impl State {
     /// leader, at start; a new cluster has nothing to read). A record saved meanwhile keeps
     /// what its save wrote. The tasks read.
     pub async fn backfill_indexes(&self) -> Result<u64, Error> {
-        if self.costs_ready().await? && self.words_ready().await? {
+        let words_ready = self.words_ready().await?;
+        if self.costs_ready().await? && words_ready {
             return Ok(0);
+        }
+        if !words_ready {
+            let dropped = self.drop_word_index().await?;
+            if dropped > 0 {
+                tracing::info!(
+                    keys = dropped,
+                    "dropped the word index an earlier build kept"
+                );
+            }
         }
         let mut conn = self.conn.clone();
         let mut after: Option<String> = None;

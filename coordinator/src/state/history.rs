@@ -49,20 +49,73 @@ impl State {
         before: Option<TaskId>,
         limit: usize,
     ) -> Result<Vec<TaskId>, Error> {
+        self.ids_desc(TASKS, range, before.map(|b| (b, false)), limit)
+            .await
+    }
+
+    /// Up to `limit` task ids of `range`, oldest first, strictly newer than `after`.
+    pub async fn task_ids_asc(
+        &self,
+        range: Range,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, Error> {
+        self.ids_asc(TASKS, range, after, limit).await
+    }
+
+    /// How many tasks have not finished.
+    pub async fn active_count(&self) -> Result<u64, Error> {
         let mut conn = self.conn.clone();
-        let mut upper: Option<String> = range.until_ms.map(id_bound);
-        if let Some(b) = before {
+        conn.zcard(super::ACTIVE)
+            .await
+            .map_err(redis_err("count active tasks"))
+    }
+
+    /// Up to `limit` ids of unfinished tasks of `range`, newest first, older than `from`
+    /// (or `from` itself too, when `inclusive`).
+    pub async fn active_ids_desc(
+        &self,
+        range: Range,
+        from: Option<(TaskId, bool)>,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, Error> {
+        self.ids_desc(super::ACTIVE, range, from, limit).await
+    }
+
+    /// Up to `limit` ids of unfinished tasks, oldest first, strictly newer than `after`.
+    pub async fn active_ids_asc(
+        &self,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, Error> {
+        self.ids_asc(super::ACTIVE, Range::default(), after, limit)
+            .await
+    }
+
+    /// A page of a sorted set of task ids scored 0 (ordered by id, so by creation), newest
+    /// first: ids of `range`, older than `from` (or equal, when its flag says inclusive).
+    async fn ids_desc(
+        &self,
+        key: &str,
+        range: Range,
+        from: Option<(TaskId, bool)>,
+        limit: usize,
+    ) -> Result<Vec<TaskId>, Error> {
+        let mut conn = self.conn.clone();
+        let mut max = range
+            .until_ms
+            .map_or_else(|| "+".to_string(), |u| format!("({}", id_bound(u)));
+        if let Some((b, inclusive)) = from {
             let b = b.to_string();
-            if upper.as_ref().is_none_or(|u| b < *u) {
-                upper = Some(b);
+            if range.until_ms.is_none_or(|u| b < id_bound(u)) {
+                max = format!("{}{b}", if inclusive { '[' } else { '(' });
             }
         }
-        let max = upper.map_or_else(|| "+".to_string(), |u| format!("({u}"));
         let min = range
             .since_ms
             .map_or_else(|| "-".to_string(), |s| format!("[{}", id_bound(s)));
         let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
-            .arg(TASKS)
+            .arg(key)
             .arg(max)
             .arg(min)
             .arg("LIMIT")
@@ -74,9 +127,10 @@ impl State {
         Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
     }
 
-    /// Up to `limit` task ids of `range`, oldest first, strictly newer than `after`.
-    pub async fn task_ids_asc(
+    /// As [`State::ids_desc`], oldest first, strictly newer than `after`.
+    async fn ids_asc(
         &self,
+        key: &str,
         range: Range,
         after: Option<TaskId>,
         limit: usize,
@@ -96,7 +150,7 @@ impl State {
             .until_ms
             .map_or_else(|| "+".to_string(), |u| format!("({}", id_bound(u)));
         let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
-            .arg(TASKS)
+            .arg(key)
             .arg(min)
             .arg(max)
             .arg("LIMIT")
@@ -210,7 +264,7 @@ impl State {
         pipe.atomic()
             .del(task_key(task.id))
             .zrem(TASKS, &id)
-            .srem(super::ACTIVE, &id);
+            .zrem(super::ACTIVE, &id);
         if !jobs.is_empty() {
             pipe.hdel(JOB_INDEX, &jobs).zrem(DLQ, &jobs);
             let markers: Vec<String> = task

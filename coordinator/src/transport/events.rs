@@ -60,12 +60,14 @@ impl Transport {
             .iter()
             .map(|b| ((*b).to_string(), subject::job_consumer(b)))
             .chain([(LEGACY.to_string(), subject::JOBS_CONSUMER.to_string())]);
-        let mut out = Vec::new();
-        for (backend, name) in consumers {
-            let mut consumer: consumer::PullConsumer =
-                stream.get_consumer(&name).await.map_err(&read)?;
-            let info = consumer.info().await.map_err(|e| read(e.into()))?;
-            out.push(BackendQueue {
+        // One request per consumer, all at once: getting a consumer brings its info.
+        let stream = &stream;
+        let read = &read;
+        futures::future::try_join_all(consumers.map(|(backend, name)| async move {
+            let consumer: consumer::PullConsumer =
+                stream.get_consumer(&name).await.map_err(read)?;
+            let info = consumer.cached_info();
+            Ok(BackendQueue {
                 backend,
                 queue: QueueInfo {
                     pending: info.num_pending,
@@ -73,9 +75,9 @@ impl Transport {
                     redelivered: info.num_redelivered as u64,
                 },
                 workers: 0,
-            });
-        }
-        Ok(out)
+            })
+        }))
+        .await
     }
 
     /// The whole work queue: [`Transport::queue_by_backend`] summed.

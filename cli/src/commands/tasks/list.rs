@@ -39,7 +39,10 @@ pub struct Args {
     pub status: Option<String>,
 
     /// Only tasks whose prompt holds every word of this text (whole words, case-insensitive), or
-    /// whose id starts with it
+    /// whose id starts with it. Words of 3 or more letters that are not common English words
+    /// are looked up in the first 50 such words of each prompt; short and common words
+    /// (the, and, with...) anywhere in it, and a search of only those reads the history a
+    /// page at a time
     #[arg(long, value_name = "TEXT")]
     pub search: Option<String>,
 

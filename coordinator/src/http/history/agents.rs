@@ -137,20 +137,25 @@ pub(super) async fn agents(
 
     // Only unfinished statuses asked for: the active set has every such agent.
     if !statuses.is_empty() && statuses.iter().all(|s| !s.is_terminal()) {
-        let mut ids = app.state.active_tasks().await?;
-        ids.sort_unstable_by(|a, b| b.cmp(a));
-        ids.retain(|id| {
-            let ms = orch_shared::report::id_time_ms(id.as_u128());
-            range.since_ms.is_none_or(|s| ms >= s)
-                && range.until_ms.is_none_or(|u| ms < u)
-                && cursor.is_none_or(|(c, _)| *id <= c)
-        });
-        ids.truncate(MAX_ACTIVE_TASKS);
-        let mut next = None;
-        for task in app.state.load_tasks(&ids).await? {
-            let from = cursor.filter(|(t, _)| *t == task.id).map_or(0, |(_, i)| i);
-            if let Some(c) = take(&task, from) {
-                next = Some(c);
+        // Newest first from the cursor's task on, a page at a time until the page is full.
+        let mut from = cursor.map(|(c, _)| (c, true));
+        let (mut next, mut read) = (None, 0);
+        'pages: while read < MAX_ACTIVE_TASKS {
+            let ids = app
+                .state
+                .active_ids_desc(range, from, PAGE.min(MAX_ACTIVE_TASKS - read))
+                .await?;
+            let Some(last) = ids.last() else { break };
+            from = Some((*last, false));
+            read += ids.len();
+            for task in app.state.load_tasks(&ids).await? {
+                let skip = cursor.filter(|(t, _)| *t == task.id).map_or(0, |(_, i)| i);
+                if let Some(c) = take(&task, skip) {
+                    next = Some(c);
+                    break 'pages;
+                }
+            }
+            if ids.len() < PAGE {
                 break;
             }
         }

@@ -47,23 +47,28 @@ pub(super) async fn status(AxumState(app): AxumState<App>) -> Answer<axum::Json<
     };
     let dead_letters = app.state.dead_letter_count().await?;
 
-    let mut active_ids = app.state.active_tasks().await?;
-    active_ids.sort_unstable_by(|a, b| b.cmp(a));
-    let active_tasks = active_ids.len() as u64;
-    active_ids.truncate(MAX_ACTIVE_TASKS);
-    // Newest tasks first, a page at a time, until the listed agents are found: with thousands
-    // of agents running, reading every active record made the status page grow with them.
+    // The count is the sorted set's size and the agents come from its newest tasks, a page
+    // at a time until the listed agents are found: nothing here grows with the running agents.
+    let active_tasks = app.state.active_count().await?;
     let mut active_agents = Vec::new();
-    for page in active_ids.chunks(PAGE) {
-        if active_agents.len() >= MAX_STATUS_AGENTS {
-            break;
-        }
-        for task in app.state.load_tasks(page).await? {
+    let (mut before, mut read) = (None, 0);
+    while active_agents.len() < MAX_STATUS_AGENTS && read < MAX_ACTIVE_TASKS {
+        let page = app
+            .state
+            .active_ids_desc(Range::default(), before.map(|b| (b, false)), PAGE)
+            .await?;
+        let Some(last) = page.last() else { break };
+        before = Some(*last);
+        read += page.len();
+        for task in app.state.load_tasks(&page).await? {
             for job in task.jobs.iter().filter(|j| !j.status.is_terminal()) {
                 if active_agents.len() < MAX_STATUS_AGENTS {
                     active_agents.push(agent_summary(&task, job));
                 }
             }
+        }
+        if page.len() < PAGE {
+            break;
         }
     }
 

@@ -30,7 +30,10 @@ pub struct ListParams {
     /// Comma-separated statuses.
     pub status: Option<String>,
     /// Words that must all be in the description (case-insensitive, whole words: runs of
-    /// letters and digits), or the start of the id.
+    /// letters and digits), or the start of the id. A word of 3 or more characters that is not
+    /// a common English word must be among the first 50 such words of the description (the
+    /// word index); a shorter or common one anywhere in it. A search of only short and common
+    /// words reads the history a page at a time.
     pub search: Option<String>,
     /// Created at or after (ms since the epoch).
     pub since: Option<u64>,
@@ -101,8 +104,10 @@ impl ListedTask {
     }
 }
 
-/// A search: every word of it in the task's description (as [`search::words`] splits it),
-/// or, when it may be one, the start of the task's id.
+/// A search: every word of it in the task's description, or, when it may be one, the start
+/// of the task's id. A word the index keeps ([`search::indexed`]) must be among the words of
+/// the description the index holds ([`search::index_words`]: the first 50 such), so the
+/// index finds every match; a short or common one anywhere in it ([`search::words`]).
 struct Search {
     text: String,
     words: Vec<String>,
@@ -129,13 +134,23 @@ impl Search {
 
     fn matches(&self, t: &ListedTask) -> bool {
         (self.id_like && t.id.to_string().starts_with(self.text.as_str())) || {
-            let have = search::words(&t.prompt);
-            self.words.iter().all(|w| have.contains(w))
+            let (mut indexed, mut all) = (None, None);
+            self.words.iter().all(|w| {
+                if search::indexed(w) {
+                    indexed
+                        .get_or_insert_with(|| search::index_words(&t.prompt))
+                        .contains(w)
+                } else {
+                    all.get_or_insert_with(|| search::words(&t.prompt))
+                        .contains(w)
+                }
+            })
         }
     }
 
     /// Where the candidates come from: the ids it may start, and the tasks holding its rarest
-    /// word (the record check does the rest); every task while the index is not ready.
+    /// indexed word (the record check does the rest); every task while the index is not
+    /// ready, or when the search has only short and common words.
     async fn sources(&self, app: &App) -> Answer<Vec<Source>> {
         if !app.state.words_ready().await? {
             return Ok(vec![Source::All]);
@@ -144,11 +159,17 @@ impl Search {
         if self.id_like {
             sources.push(Source::IdPrefix(self.text.clone()));
         }
-        if self.words.is_empty() {
+        let indexed: Vec<String> = self
+            .words
+            .iter()
+            .filter(|w| search::indexed(w))
+            .cloned()
+            .collect();
+        if indexed.is_empty() {
             return Ok(vec![Source::All]);
         }
-        let counts = app.state.word_counts(&self.words).await?;
-        if let Some((word, count)) = self.words.iter().zip(counts).min_by_key(|(_, c)| *c)
+        let counts = app.state.word_counts(&indexed).await?;
+        if let Some((word, count)) = indexed.iter().zip(counts).min_by_key(|(_, c)| *c)
             && count > 0
         {
             sources.push(Source::Word(word.clone()));
