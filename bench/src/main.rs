@@ -225,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     if args.check {
         return check(&args, &spec, results).await;
     }
-    const SCENARIOS: [&str; 13] = [
+    const SCENARIOS: [&str; 14] = [
         "all",
         "prompts",
         "core",
