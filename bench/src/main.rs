@@ -82,9 +82,14 @@ struct Args {
     /// Concurrency scenario: the job ack wait (heartbeats every third of it).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hold_ack_wait: Duration,
-    /// Native scenario: tool-loop agents at once on one worker.
-    #[arg(long, default_value_t = 500)]
-    native_agents: usize,
+    /// Native scenario: agents at once on one worker; several (comma-separated) are run one
+    /// after the other.
+    #[arg(long, value_delimiter = ',', default_value = "500")]
+    native_agents: Vec<usize>,
+    /// Native scenario: the worker's own tool loop, or the real Claude Code CLI
+    /// (`ORCH_CLAUDE_BIN`) against the same fake API.
+    #[arg(long, value_enum, default_value = "native")]
+    native_backend: native::Backend,
     /// Native scenario: tool rounds of each agent.
     #[arg(long, default_value_t = 5)]
     native_rounds: usize,
@@ -280,20 +285,48 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("  {}", results["concurrency"]);
     }
     if want("native") {
-        eprintln!(
-            "native: {} tool-loop agents of {} rounds on one worker, API answers after {:?}",
-            args.native_agents, args.native_rounds, args.native_delay
-        );
-        results["native"] = native::run(
-            &spec,
-            &native::Params {
-                agents: args.native_agents,
-                rounds: args.native_rounds,
-                delay: args.native_delay,
-            },
-        )
-        .await?;
-        eprintln!("  {}", results["native"]);
+        // Each size on the baseline's binaries first when given, then on these.
+        let builds: Vec<(&str, Spec)> = args
+            .baseline_bin_dir
+            .iter()
+            .map(|dir| {
+                let b = Spec {
+                    bin_dir: dir.clone(),
+                    ..spec.clone()
+                };
+                ("baseline", b)
+            })
+            .chain([("current", spec.clone())])
+            .collect();
+        let mut runs = Vec::new();
+        for &agents in &args.native_agents {
+            for (build, s) in &builds {
+                eprintln!(
+                    "native ({build}, {:?}): {agents} agents of {} rounds on one worker, API answers after {:?}",
+                    args.native_backend, args.native_rounds, args.native_delay
+                );
+                let load = load_average();
+                let mut r = native::run(
+                    s,
+                    &native::Params {
+                        agents,
+                        rounds: args.native_rounds,
+                        delay: args.native_delay,
+                        backend: args.native_backend,
+                    },
+                )
+                .await?;
+                r["build"] = json!(build);
+                r["load_average_before"] = json!(load);
+                r["load_average_after"] = json!(load_average());
+                eprintln!("  {r}");
+                runs.push(r);
+            }
+        }
+        results["native"] = match runs.len() {
+            1 => runs.remove(0),
+            _ => json!(runs),
+        };
     }
     if want("checkpoints") {
         eprintln!(
@@ -560,4 +593,14 @@ async fn check(args: &Args, spec: &Spec, mut results: Value) -> anyhow::Result<(
         bail!("gross slowdown: submit → agent start p99 is {p99:.1} ms");
     }
     Ok(())
+}
+
+/// The 1-minute load average (`/proc/loadavg`): how busy the machine was around a run.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

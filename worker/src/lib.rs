@@ -38,6 +38,7 @@ pub mod ref_cleanup;
 pub mod roles;
 pub mod runner;
 pub mod sandbox;
+mod scratch_pack;
 pub mod session;
 pub mod state;
 pub mod transport;
