@@ -10,7 +10,9 @@
 //! - [`scenarios`]: throughput, latency (light and at 80 % of the maximum), footprint, recovery.
 //! - [`concurrency`]: one worker holding 1,000 long agents; heartbeats and redeliveries.
 //! - [`native`]: native tool-loop agents on one worker against a fake Messages API: worker
-//!   RSS per agent and CPU per tool round.
+//!   RSS per agent, CPU and loop time (p50, p99) per tool round, heartbeats sent late; with
+//!   `--native-backend claude-code` the real Claude Code CLI's memory per agent instead
+//!   (`--native-agents` takes several sizes; the baseline build's too).
 //! - [`checkpoints`]: one agent's checkpoints on a 10,000-file repository (off, pushed, written
 //!   straight into a local repository; the baseline build's too).
 //! - [`growth`]: the per-task cost against history size and worker count.
