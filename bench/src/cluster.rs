@@ -422,6 +422,61 @@ pub fn rss_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The memory of every process below `pid` (not `pid` itself): how many, the sum of their
+/// RSS and the sum of their PSS (shared pages split between the processes sharing them), in
+/// KiB, for those whose command name `keep` accepts.
+pub fn descendants_kb(pid: i32, keep: impl Fn(&str) -> bool) -> (usize, u64, u64) {
+    let mut parent = std::collections::HashMap::new();
+    let mut names = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<i32>().ok())
+            .unwrap_or(0);
+        parent.insert(p, ppid);
+        names.insert(p, stat[open + 1..close].to_string());
+    }
+    let below = |mut p: i32| {
+        for _ in 0..64 {
+            match parent.get(&p) {
+                Some(&pp) if pp == pid => return true,
+                Some(&pp) if pp > 1 => p = pp,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let (mut n, mut rss, mut pss) = (0, 0, 0);
+    for (&p, name) in &names {
+        if p == pid || !below(p) || !keep(name) {
+            continue;
+        }
+        n += 1;
+        rss += rss_kb(p);
+        pss += std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Pss:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+    }
+    (n, rss, pss)
+}
+
 /// CPU seconds (user + system) of the children a process started and waited for so far
 /// (for a worker: git and every command its jobs ran, supervisors included).
 pub fn children_cpu_s(pid: i32) -> f64 {

@@ -11,7 +11,9 @@
 //!   and `replicas`: R3 streams on a 3-server NATS cluster against R1 on one server.
 //! - [`concurrency`]: one worker holding 1,000 long agents; heartbeats and redeliveries.
 //! - [`native`]: native tool-loop agents on one worker against a fake Messages API: worker
-//!   RSS per agent and CPU per tool round.
+//!   RSS per agent, CPU and loop time (p50, p99) per tool round, heartbeats sent late; with
+//!   `--native-backend claude-code` the real Claude Code CLI's memory per agent instead
+//!   (`--native-agents` takes several sizes; the baseline build's too).
 //! - [`checkpoints`]: one agent's checkpoints on a 10,000-file repository (off, pushed, written
 //!   straight into a local repository adding the whole tree each time or only the files
 //!   written; the baseline build's too).
@@ -89,9 +91,14 @@ struct Args {
     /// Concurrency scenario: the job ack wait (heartbeats every third of it).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hold_ack_wait: Duration,
-    /// Native scenario: tool-loop agents at once on one worker.
-    #[arg(long, default_value_t = 500)]
-    native_agents: usize,
+    /// Native scenario: agents at once on one worker; several (comma-separated) are run one
+    /// after the other.
+    #[arg(long, value_delimiter = ',', default_value = "500")]
+    native_agents: Vec<usize>,
+    /// Native scenario: the worker's own tool loop, or the real Claude Code CLI
+    /// (`ORCH_CLAUDE_BIN`) against the same fake API.
+    #[arg(long, value_enum, default_value = "native")]
+    native_backend: native::Backend,
     /// Native scenario: tool rounds of each agent.
     #[arg(long, default_value_t = 5)]
     native_rounds: usize,
@@ -317,20 +324,48 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("  {}", results["concurrency"]);
     }
     if want("native") {
-        eprintln!(
-            "native: {} tool-loop agents of {} rounds on one worker, API answers after {:?}",
-            args.native_agents, args.native_rounds, args.native_delay
-        );
-        results["native"] = native::run(
-            &spec,
-            &native::Params {
-                agents: args.native_agents,
-                rounds: args.native_rounds,
-                delay: args.native_delay,
-            },
-        )
-        .await?;
-        eprintln!("  {}", results["native"]);
+        // Each size on the baseline's binaries first when given, then on these.
+        let builds: Vec<(&str, Spec)> = args
+            .baseline_bin_dir
+            .iter()
+            .map(|dir| {
+                let b = Spec {
+                    bin_dir: dir.clone(),
+                    ..spec.clone()
+                };
+                ("baseline", b)
+            })
+            .chain([("current", spec.clone())])
+            .collect();
+        let mut runs = Vec::new();
+        for &agents in &args.native_agents {
+            for (build, s) in &builds {
+                eprintln!(
+                    "native ({build}, {:?}): {agents} agents of {} rounds on one worker, API answers after {:?}",
+                    args.native_backend, args.native_rounds, args.native_delay
+                );
+                let load = load_average();
+                let mut r = native::run(
+                    s,
+                    &native::Params {
+                        agents,
+                        rounds: args.native_rounds,
+                        delay: args.native_delay,
+                        backend: args.native_backend,
+                    },
+                )
+                .await?;
+                r["build"] = json!(build);
+                r["load_average_before"] = json!(load);
+                r["load_average_after"] = json!(load_average());
+                eprintln!("  {r}");
+                runs.push(r);
+            }
+        }
+        results["native"] = match runs.len() {
+            1 => runs.remove(0),
+            _ => json!(runs),
+        };
     }
     if want("checkpoints") {
         eprintln!(
@@ -621,4 +656,14 @@ async fn check(args: &Args, spec: &Spec, mut results: Value) -> anyhow::Result<(
         bail!("gross slowdown: submit → agent start p99 is {p99:.1} ms");
     }
     Ok(())
+}
+
+/// The 1-minute load average (`/proc/loadavg`): how busy the machine was around a run.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

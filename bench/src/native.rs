@@ -3,9 +3,12 @@
 //! agent doing a fixed number of tool rounds before its answer. Reports, from the same run,
 //! the worker's RSS per agent while they all run, its CPU per tool round (the loop's own
 //! cost: the fake's delay is not the worker's CPU), and its heartbeats (in-progress acks)
-//! sent and sent late, from its `/metrics`.
+//! sent and sent late, and the loop's own time per tool round (p50, p99), from its
+//! `/metrics`. With the `claude-code` backend the same agents are the real Claude Code CLI
+//! against the same fake, and the memory of the processes below the worker (RSS and PSS,
+//! summed at their peak) is what one agent costs.
 
-use crate::cluster::{Cluster, Spec, children_cpu_s, cpu_s, rss_kb};
+use crate::cluster::{Cluster, Spec, children_cpu_s, cpu_s, descendants_kb, rss_kb};
 use crate::scenarios::submit_many;
 use crate::watch::{Keep, Watch};
 use anyhow::{Context, bail};
@@ -14,28 +17,54 @@ use orch_tests::fake_anthropic::FakeAnthropic;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
+/// Which agents run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The worker's own tool loop (`anthropic` backend).
+    Native,
+    /// The real Claude Code CLI (`claude-code` backend; `ORCH_CLAUDE_BIN`).
+    ClaudeCode,
+}
+
 pub struct Params {
     pub agents: usize,
     pub rounds: usize,
     pub delay: Duration,
+    pub backend: Backend,
 }
 
 pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
-    let fake = FakeAnthropic::start_rounds(p.rounds, p.delay).await;
+    let (fake, backend) = match p.backend {
+        Backend::Native => (
+            FakeAnthropic::start_rounds(p.rounds, p.delay).await,
+            "anthropic",
+        ),
+        Backend::ClaudeCode => (
+            FakeAnthropic::start_rounds_calling(p.rounds, p.delay, "Glob", json!({"pattern": "*"}))
+                .await,
+            "claude-code",
+        ),
+    };
+    let mut worker_args: Vec<String> = [
+        "--default-backend",
+        backend,
+        "--anthropic-base-url",
+        &fake.url,
+        "--anthropic-api-key",
+        "bench-key",
+    ]
+    .map(String::from)
+    .to_vec();
+    if p.backend == Backend::ClaudeCode {
+        let bin = std::env::var("ORCH_CLAUDE_BIN")
+            .context("the claude-code backend runs the real CLI: set ORCH_CLAUDE_BIN")?;
+        worker_args.extend(["--claude-bin".to_string(), bin]);
+    }
     let cluster = Cluster::start(Spec {
         workers: 1,
         slots: p.agents as u32,
         worker_metrics: true,
-        worker_args: [
-            "--default-backend",
-            "anthropic",
-            "--anthropic-base-url",
-            &fake.url,
-            "--anthropic-api-key",
-            "bench-key",
-        ]
-        .map(String::from)
-        .to_vec(),
+        worker_args,
         ..spec.clone()
     })
     .await?;
@@ -51,6 +80,9 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
         + Duration::from_millis(100) * p.agents as u32
         + Duration::from_secs(120);
     let (mut max_rss, mut samples) = (0.0f64, Vec::new());
+    // The processes below the worker at their peak: (count, RSS, PSS) of the agents' own
+    // (not the supervisors, which are the worker binary), and of all of them.
+    let (mut agents_peak, mut tree_peak) = ((0, 0, 0), (0, 0, 0));
     while watch.count("task_finished") < p.agents as u64 {
         if t0.elapsed() > deadline {
             bail!(
@@ -64,6 +96,16 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
         let rss = rss_kb(worker) as f64;
         max_rss = max_rss.max(rss);
         samples.push(rss);
+        if p.backend == Backend::ClaudeCode {
+            let own = descendants_kb(worker, |name| name != "orch-worker");
+            if own.1 > agents_peak.1 {
+                agents_peak = own;
+            }
+            let all = descendants_kb(worker, |_| true);
+            if all.1 > tree_peak.1 {
+                tree_peak = all;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let total_s = t0.elapsed().as_secs_f64();
@@ -99,9 +141,23 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
             .lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
     };
+    let quantile = |q: &str| {
+        let line = format!("orch_worker_tool_round_overhead_seconds{{quantile=\"{q}\"}} ");
+        counter(&line).map(|s| s * 1000.0)
+    };
+    let per_agent = |(n, rss, pss): (usize, u64, u64)| {
+        json!({
+            "processes": n,
+            "rss_mb": rss as f64 / 1024.0,
+            "pss_mb": pss as f64 / 1024.0,
+            "rss_mb_per_agent": rss as f64 / 1024.0 / p.agents as f64,
+            "pss_mb_per_agent": pss as f64 / 1024.0 / p.agents as f64,
+        })
+    };
     let requests = fake.message_requests().len();
     let rounds = (p.agents * p.rounds) as f64;
     Ok(json!({
+        "backend": backend,
         "agents": p.agents,
         "rounds_per_agent": p.rounds,
         "api_delay_s": p.delay.as_secs_f64(),
@@ -117,6 +173,10 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
         "worker_cpu_ms_per_request": cpu * 1000.0 / requests.max(1) as f64,
         "heartbeats": counter("orch_worker_in_progress_acks_total "),
         "heartbeats_late": counter("orch_worker_in_progress_acks_late_total "),
+        "loop_ms_per_round_p50": quantile("0.5"),
+        "loop_ms_per_round_p99": quantile("0.99"),
+        "agent_processes_peak": (p.backend == Backend::ClaudeCode).then(|| per_agent(agents_peak)),
+        "worker_tree_peak": (p.backend == Backend::ClaudeCode).then(|| per_agent(tree_peak)),
         "worker_children_cpu_s": children,
         "worker_children_cpu_ms_per_agent": children * 1000.0 / p.agents as f64,
     }))

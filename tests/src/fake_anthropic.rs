@@ -232,6 +232,8 @@ struct Inner {
     next_id: u64,
     /// [`FakeAnthropic::start_rounds`]: tool rounds per conversation and the answer's delay.
     rounds: Option<(usize, Duration)>,
+    /// The tool call of each round (`list_files` unless [`FakeAnthropic::start_rounds_calling`]).
+    round_call: Option<(String, Value)>,
     /// Usage limits per API key (`x-api-key`).
     limits: BTreeMap<String, KeyLimit>,
 }
@@ -385,6 +387,7 @@ impl FakeAnthropic {
             messages: 0,
             next_id: 0,
             rounds: None,
+            round_call: None,
             limits: BTreeMap::new(),
         }));
         let app = Router::new().fallback(handle).with_state(inner.clone());
@@ -409,6 +412,19 @@ impl FakeAnthropic {
     pub async fn start_rounds(rounds: usize, delay: Duration) -> FakeAnthropic {
         let fake = Self::start([]).await;
         fake.inner.lock().unwrap().rounds = Some((rounds, delay));
+        fake
+    }
+
+    /// [`FakeAnthropic::start_rounds`] whose rounds call tool `name` with `input` (a tool the
+    /// agent has: the Claude Code CLI's are not the native loop's).
+    pub async fn start_rounds_calling(
+        rounds: usize,
+        delay: Duration,
+        name: &str,
+        input: Value,
+    ) -> FakeAnthropic {
+        let fake = Self::start_rounds(rounds, delay).await;
+        fake.inner.lock().unwrap().round_call = Some((name.to_string(), input));
         fake
     }
 
@@ -519,7 +535,10 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
                 .as_array()
                 .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count());
             let reply = if answers < rounds {
-                Reply::tool_use("list_files", json!({}))
+                match &inner.round_call {
+                    Some((name, input)) => Reply::tool_use(name.clone(), input.clone()),
+                    None => Reply::tool_use("list_files", json!({})),
+                }
             } else {
                 Reply::text("## Summary\nDone.")
             };

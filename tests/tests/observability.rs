@@ -414,3 +414,43 @@ async fn job_counters_summed_over_replicas_count_each_job_once() {
         "one successful attempt per job"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_agent_times_each_of_its_tool_rounds_in_the_worker_metrics() {
+    // Three rounds of `list_files`, then the answer: three rounds timed, none of them the
+    // model's time or the tool's.
+    let fake = orch_tests::fake_anthropic::FakeAnthropic::start_rounds(3, Duration::ZERO).await;
+    let mut cluster = Cluster::start(Options {
+        workers: 0,
+        worker_args: vec![
+            "--default-backend".into(),
+            "anthropic".into(),
+            "--anthropic-base-url".into(),
+            fake.url.clone(),
+            "--anthropic-api-key".into(),
+            "test-key".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let (_, worker_metrics) = cluster.add_worker_with_metrics().await;
+    cluster.wait_workers(1).await;
+    let task = cluster
+        .submit(json!({"prompt": "look around", "roles": ["builder"]}))
+        .await;
+    let done = cluster
+        .wait_all(&[task.id.to_string()], Duration::from_secs(60))
+        .await;
+    assert_eq!(done[0].status, TaskStatus::Completed, "{}", cluster.logs());
+    assert_eq!(fake.message_requests().len(), 4);
+
+    let worker = cluster.scrape(&worker_metrics).await;
+    let name = "orch_worker_tool_round_overhead_seconds";
+    assert_eq!(
+        value(&worker, &format!("{name}_count"), &[]),
+        Some(3.0),
+        "{worker}"
+    );
+    let p50 = value(&worker, name, &[("quantile", "0.5")]).unwrap_or(-1.0);
+    assert!(p50 >= 0.0, "no p50 of the loop's time per round:\n{worker}");
+}

@@ -244,3 +244,42 @@ async fn sigterm_stops_an_idle_worker_without_waiting_for_its_open_pulls() {
             .await;
     }
 }
+
+/// A worker full of native agents whose runs each keep many event messages unconfirmed:
+/// together more than async-nats's default of 5,000 publish acks in flight. Each ack holds a
+/// permit until its run awaits it, so the worker used to stall for good (every run waiting
+/// for a permit only another run's publish would give back); every agent now finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_full_of_talkative_native_agents_does_not_stall_on_its_event_acks() {
+    let agents = 100;
+    // 40 tool rounds at once: each run has more events than it keeps unconfirmed.
+    let fake = orch_tests::fake_anthropic::FakeAnthropic::start_rounds(40, Duration::ZERO).await;
+    let cluster = Cluster::start(Options {
+        workers: 1,
+        slots: agents,
+        worker_args: vec![
+            "--default-backend".into(),
+            "anthropic".into(),
+            "--anthropic-base-url".into(),
+            fake.url.clone(),
+            "--anthropic-api-key".into(),
+            "test-key".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..agents {
+        let task = cluster
+            .submit(json!({"prompt": format!("look around {i}"), "roles": ["builder"]}))
+            .await;
+        ids.push(task.id.to_string());
+    }
+    let done = cluster.wait_all(&ids, Duration::from_secs(180)).await;
+    let completed = done
+        .iter()
+        .filter(|t| t.status == TaskStatus::Completed)
+        .count();
+    assert_eq!(completed, agents as usize, "{}", cluster.logs());
+    assert_eq!(fake.message_requests().len(), 41 * agents as usize);
+}

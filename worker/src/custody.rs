@@ -13,9 +13,10 @@
 //!   (`git update-index`), and every `checkpoints.full_every`-th checkpoint adds the whole
 //!   tree again ([`Step::paths`]). A tree in the middle of a merge (an integrator resolving conflicts) gets
 //!   the merge's other side (`MERGE_HEAD`) as the checkpoint's second parent, and a restore
-//!   puts it back, so the resumed agent's commit is still the merge. A scratch directory (a
-//!   repository of its own, with nowhere to push) is
-//!   committed the same way, as a root commit, and stored as a git bundle of that commit in
+//!   puts it back, so the resumed agent's commit is still the merge. A scratch directory
+//!   (nowhere to push) is read by the worker itself, without a git process
+//!   ([`crate::scratch_pack`]: the same objects `git add -A -f` would make), committed as a
+//!   root commit, and stored as a git bundle of that commit in
 //!   the sessions store (`checkpoint.<job>.<step>.tree`, at most `checkpoints.max_tree_bytes`,
 //!   itself at most [`MAX_TREE_BUNDLE_BYTES`]; a larger tree is not checkpointed, and a
 //!   `checkpoint_skipped` event says so once per run). A plain local directory (the job's
@@ -884,7 +885,7 @@ enum NotWritten {
 
 /// Commits the whole working tree of `tree` with a temporary index: for a clone, with parent
 /// the last checkpoint (else `HEAD`), sent to `job`'s checkpoint ref; for a scratch
-/// repository, as a root commit bundled. A tree equal to the last checkpoint's is neither
+/// directory, as a root commit bundled by the worker ([`scratch_snapshot`]). A tree equal to the last checkpoint's is neither
 /// committed nor sent again: the last commit stands for it.
 ///
 /// A clone of a repository on a local path ([`Tree::store`], with `direct`) whose last
@@ -901,9 +902,9 @@ async fn snapshot_tree(
     direct: bool,
     paths: Option<&[String]>,
 ) -> Result<Snapshot, String> {
-    let (dir, remote) = (tree.dir.as_path(), tree.remote);
-    if !remote {
-        crate::agent::workspace::ensure_scratch_repo(dir).await?;
+    let dir = tree.dir.as_path();
+    if !tree.remote {
+        return scratch_snapshot(dir, job, last, step).await;
     }
     let index = checkpoint_index(dir);
     if !last.index_kept || tokio::fs::metadata(&index).await.is_err() {
@@ -914,7 +915,7 @@ async fn snapshot_tree(
         .as_deref()
         // A merge in progress is pushed: its checkpoint has the merge's other side as a
         // second parent, which only the agent's clone may have.
-        .filter(|_| remote && direct && last.on_ref && last.index_kept && !merging(dir));
+        .filter(|_| direct && last.on_ref && last.index_kept && !merging(dir));
     if let (Some(store), Some(parent)) = (store, &last.commit) {
         let paths = paths.and_then(|p| tree_paths(dir, p));
         match write_into_store(tree, store, job, last, parent, step, paths).await {
@@ -1202,9 +1203,6 @@ async fn push_snapshot(
     if let Some(same) = unchanged(last, &tree_id, remote, true) {
         return Ok(same);
     }
-    if !remote {
-        return bundle_tree(dir, job, &tree_id, base, step).await;
-    }
     let head;
     let parent = match &last.commit {
         Some(p) => p.as_str(),
@@ -1484,42 +1482,46 @@ pub fn local_store(url: &str) -> Option<PathBuf> {
         .find(|d| d.join("objects").join("pack").is_dir() && d.join("HEAD").is_file())
 }
 
-/// The ref of a scratch repository a checkpoint is bundled from (inside its `.git`).
-const BUNDLE_REF: &str = "refs/orch/checkpoint";
+/// The ref a scratch directory's checkpoint bundle names its commit under.
+const BUNDLE_REF: &str = crate::scratch_pack::REF;
 
 /// git's empty tree: what a scratch directory's checkpoints count changed files against.
-const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+const EMPTY_TREE: &str = crate::scratch_pack::EMPTY_TREE;
 
-/// A scratch repository's checkpoint: tree `tree` as a root commit, bundled.
-async fn bundle_tree(
+/// A scratch directory's checkpoint, made by the worker without a git process
+/// ([`crate::scratch_pack`]): its tree as a root commit, bundled. A tree equal to the last
+/// checkpoint's is not bundled again.
+async fn scratch_snapshot(
     dir: &Path,
     job: JobId,
-    tree: &str,
-    base: &str,
+    last: &Last,
     step: u32,
 ) -> Result<Snapshot, String> {
-    use crate::agent::git::git;
-    let commit = commit_tree(dir, tree, &[], job, step, &[]).await?;
-    let update = git(dir, &["update-ref", BUNDLE_REF, &commit]).await;
-    if !update.ok {
-        return Err(format!("git update-ref: {}", update.why()));
+    let walked = dir.to_path_buf();
+    let scanned = tokio::task::spawn_blocking(move || {
+        crate::scratch_pack::scan(&walked, MAX_TREE_BUNDLE_BYTES)
+    })
+    .await
+    .map_err(|e| format!("the workspace was not read: {e}"))?
+    .map_err(|e| format!("the workspace could not be read: {e}"))?;
+    if let Some(same) = unchanged(last, &scanned.tree, false) {
+        return Ok(same);
     }
-    let file = dir.join(".git").join("orch-checkpoint.bundle");
-    let file_s = file.display().to_string();
-    let bundle = git(dir, &["bundle", "create", "-q", &file_s, BUNDLE_REF]).await;
-    if !bundle.ok {
-        return Err(format!("git bundle create: {}", bundle.why()));
-    }
-    let bytes = tokio::fs::read(&file)
+    let (tree, files_changed) = (scanned.tree.clone(), scanned.files);
+    let body = commit_body(&tree, None, job, step);
+    let bundled = tokio::task::spawn_blocking(move || scanned.bundle(&body))
         .await
-        .map_err(|e| format!("the bundle could not be read: {e}"));
-    let _ = tokio::fs::remove_file(&file).await;
-    let bytes = bytes?;
-    let changed = files_changed(dir, base, &commit, &[]).await;
+        .map_err(|e| format!("the workspace was not bundled: {e}"))?;
+    let Some((commit, bytes)) = bundled else {
+        return Err(format!(
+            "the workspace is over {} MiB packed",
+            MAX_TREE_BUNDLE_BYTES / (1024 * 1024)
+        ));
+    };
     Ok(Snapshot {
         commit,
-        tree: tree.to_string(),
-        files_changed: changed,
+        tree,
+        files_changed,
         bundle: Some(Arc::new(bytes)),
         full: true,
     })

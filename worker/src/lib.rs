@@ -38,6 +38,7 @@ pub mod ref_cleanup;
 pub mod roles;
 pub mod runner;
 pub mod sandbox;
+mod scratch_pack;
 pub mod session;
 pub mod state;
 pub mod transport;
@@ -121,7 +122,8 @@ pub async fn run(
         bg_cancel.clone(),
     )
     .await?;
-    let (client, js) = Transport::connect(&config.nats_url, &config.nats, &config.id).await?;
+    let (client, js) =
+        Transport::connect(&config.nats_url, &config.nats, &config.id, config.slots).await?;
     let bind = || Transport::bind(client.clone(), js.clone());
     let transport = tokio::select! {
         t = bind.retry(retry_forever()).notify(|e, wait| tracing::info!(error = %e, ?wait, "waiting for the job queue")) => t?,

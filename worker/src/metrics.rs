@@ -13,6 +13,7 @@ pub const LEASES_LOST: &str = "orch_worker_leases_lost_total";
 pub const JOBS_RESUMED: &str = "orch_worker_jobs_resumed_total";
 pub const JOBS_MIGRATED: &str = "orch_worker_jobs_migrated_total";
 pub const CHECKPOINT_SECONDS: &str = "orch_worker_checkpoint_seconds";
+pub const TOOL_ROUND_OVERHEAD_SECONDS: &str = "orch_worker_tool_round_overhead_seconds";
 pub const CHECKPOINTS_TOO_LARGE: &str = "orch_worker_checkpoints_too_large_total";
 pub const SLOTS_BUSY: &str = "orch_worker_slots_busy";
 pub const SLOTS_TOTAL: &str = "orch_worker_slots_total";
@@ -75,6 +76,11 @@ pub fn describe() {
     describe_counter!(
         CHECKPOINTS_TOO_LARGE,
         "Checkpoints not saved: a scratch workspace's tree over the bundle bound"
+    );
+    describe_histogram!(
+        TOOL_ROUND_OVERHEAD_SECONDS,
+        "A native agent's own time per tool round: from the end of a model response to the \
+         next request sent, the tools' run time left out"
     );
     describe_histogram!(
         CHECKPOINT_SECONDS,

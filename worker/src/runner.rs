@@ -265,7 +265,12 @@ impl Runner {
         let mut look = tokio::time::interval(crate::paths::MIN_INTERVAL);
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let period = (self.transport.ack_wait / 3).max(Duration::from_millis(100));
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // The first at a random point of the second half of a period: jobs started together
+        // (a worker's slots filled at once) do not all renew their leases at the same instant.
+        let first = period / 2 + period.mul_f64(rand::random::<f64>() / 2.0);
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
+        // After a stall, one heartbeat and the period again, not a burst of the missed ones.
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let deadline = spec.limits.timeout_ms.map(Duration::from_millis);
         let timeout = async {
             match deadline {

@@ -196,6 +196,19 @@ struct Sent {
 /// mostly arrived already, so waiting for them costs nothing in the common case.
 const MAX_UNCONFIRMED: usize = 64;
 
+/// The publish acks the worker's JetStream context lets it await at once. Each one holds a
+/// permit until it is awaited, and a run awaits its oldest only when it is about to pass
+/// [`MAX_UNCONFIRMED`]: with fewer permits than its slots' runs may hold (async-nats's default
+/// is 5,000: a thousand agents of five unconfirmed events), every run ends up waiting for a
+/// permit that only another run's next publish would give back, and the worker stalls for
+/// good. So there is room for every slot's runs, and some for results and reports.
+pub fn acks_in_flight(slots: u32) -> usize {
+    (slots as usize)
+        .saturating_mul(MAX_UNCONFIRMED)
+        .saturating_add(1_000)
+        .max(5_000)
+}
+
 /// How a message whose ack failed (its NATS node died, the stream's leader moved) is sent
 /// again: JetStream drops a copy it already stored, by its message id.
 fn resend_policy() -> backon::ExponentialBuilder {
@@ -293,6 +306,7 @@ impl Transport {
         url: &str,
         nats: &orch_config::nats::Nats,
         name: &str,
+        slots: u32,
     ) -> Result<(async_nats::Client, jetstream::Context), Error> {
         let client = nats
             .connect_options(name)
@@ -308,6 +322,7 @@ impl Transport {
             })?;
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
+            .max_ack_inflight(acks_in_flight(slots))
             .build(client.clone());
         Ok((client, js))
     }
@@ -444,6 +459,15 @@ impl Transport {
     pub async fn publish_events(&self, job: &JobDelivery, events: &[Event]) {
         let mut log = job.events.lock().await;
         for message in event::pack(events) {
+            // The oldest are awaited before the next goes out: a run never holds more than
+            // its share of the worker's in-flight acks ([`acks_in_flight`]).
+            while log.unconfirmed.len() >= MAX_UNCONFIRMED {
+                if let Some(sent) = log.unconfirmed.pop_front()
+                    && let Err(e) = self.confirm([sent]).await
+                {
+                    tracing::warn!(error = %e, "an event was not stored");
+                }
+            }
             let msg_id =
                 subject::job_events_msg_id(job.spec.job_id, job.spec.attempt, &log.run, log.seq);
             log.seq += 1;
@@ -457,13 +481,6 @@ impl Transport {
                 payload,
                 ack,
             });
-        }
-        while log.unconfirmed.len() > MAX_UNCONFIRMED {
-            if let Some(sent) = log.unconfirmed.pop_front()
-                && let Err(e) = self.confirm([sent]).await
-            {
-                tracing::warn!(error = %e, "an event was not stored");
-            }
         }
     }
 

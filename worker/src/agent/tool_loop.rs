@@ -245,9 +245,17 @@ pub async fn run<A: Api>(
     // Tools the model called that its role may not use: the answer is then not a plain success.
     let mut denied: Vec<String> = vec![];
     let mut steps = 0;
+    // The last response's end and its tools' run time: the loop's own time per tool round is
+    // what lies between that end and the next request, the tools left out.
+    let mut round: Option<(std::time::Instant, std::time::Duration)> = None;
     let (outcome, text) = loop {
         turns += 1;
         let body = api.body(&model, &p.profile.system_prompt, &messages, &specs);
+        if let Some((responded, tools)) = round.take() {
+            let own = responded.elapsed().saturating_sub(tools);
+            metrics::histogram!(crate::metrics::TOOL_ROUND_OVERHEAD_SECONDS)
+                .record(own.as_secs_f64());
+        }
         let mut spent = Spent::default();
         let result = http::with_retries(A::NAME, api.settings(), cancel, &mut spent, || {
             api.send(&body, events)
@@ -264,6 +272,7 @@ pub async fn run<A: Api>(
                 rounds,
             });
         }
+        let responded = std::time::Instant::now();
         let step = match result {
             Ok(s) => s,
             Err(e) => {
@@ -324,6 +333,7 @@ pub async fn run<A: Api>(
                     .map(|c| c.name.clone()),
             );
         }
+        let tools_started = std::time::Instant::now();
         let outputs = run_calls(
             &toolbox,
             gate.as_ref(),
@@ -333,6 +343,7 @@ pub async fn run<A: Api>(
             cancel,
         )
         .await;
+        let tools_took = tools_started.elapsed();
         if let Some(g) = &gate {
             denied.append(&mut g.take_denied());
         }
@@ -372,6 +383,7 @@ pub async fn run<A: Api>(
                 ),
             });
         }
+        round = Some((responded, tools_took));
         // What eliding saved is known in bytes only: about four of them make a token.
         let Some(c) = context else { continue };
         let estimate = c.tokens.saturating_sub(saved as u64 / 4);
@@ -382,6 +394,8 @@ pub async fn run<A: Api>(
             Some(cut) => cut,
             None => continue,
         };
+        // A summary request is no part of the loop's own time.
+        round = None;
         let mut spent = Spent::default();
         let summary = summarize(
             api,
