@@ -1504,7 +1504,7 @@ async fn scratch_snapshot(
     .await
     .map_err(|e| format!("the workspace was not read: {e}"))?
     .map_err(|e| format!("the workspace could not be read: {e}"))?;
-    if let Some(same) = unchanged(last, &scanned.tree, false) {
+    if let Some(same) = unchanged(last, &scanned.tree, false, true) {
         return Ok(same);
     }
     let (tree, files_changed) = (scanned.tree.clone(), scanned.files);
