@@ -72,16 +72,7 @@ pub async fn run(spec: &Spec, baseline: Option<&Spec>, p: &Params) -> anyhow::Re
     let mut passes = json!({});
     for (name, spec, flags) in passes_to_run {
         eprintln!("  checkpoints pass `{name}`");
-        let mut worker_args: Vec<String> = [
-            "--default-backend",
-            "anthropic",
-            "--anthropic-base-url",
-            &fake.url,
-            "--anthropic-api-key",
-            "bench-key",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut worker_args = fake.worker_args("anthropic");
         worker_args.extend(flags.iter().map(|f| f.to_string()));
         let cluster = Cluster::start(Spec {
             workers: 1,

@@ -45,16 +45,7 @@ pub async fn run(spec: &Spec, p: &Params) -> anyhow::Result<Value> {
             "claude-code",
         ),
     };
-    let mut worker_args: Vec<String> = [
-        "--default-backend",
-        backend,
-        "--anthropic-base-url",
-        &fake.url,
-        "--anthropic-api-key",
-        "bench-key",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut worker_args = fake.worker_args(backend);
     if p.backend == Backend::ClaudeCode {
         let bin = std::env::var("ORCH_CLAUDE_BIN")
             .context("the claude-code backend runs the real CLI: set ORCH_CLAUDE_BIN")?;

@@ -369,6 +369,21 @@ fn pieces(s: &str, n: usize) -> Vec<String> {
 }
 
 impl FakeAnthropic {
+    /// A worker's flags for running `backend` (`anthropic`, the native loop, or `claude-code`)
+    /// agents by default against this fake.
+    pub fn worker_args(&self, backend: &str) -> Vec<String> {
+        [
+            "--default-backend",
+            backend,
+            "--anthropic-base-url",
+            &self.url,
+            "--anthropic-api-key",
+            "test-key",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// Starts the fake with `script`; requests after it get a 500.
     pub async fn start(script: impl IntoIterator<Item = Reply>) -> FakeAnthropic {
         Self::start_with_fallback(script, Reply::status(500)).await

@@ -422,14 +422,7 @@ async fn a_native_agent_times_each_of_its_tool_rounds_in_the_worker_metrics() {
     let fake = orch_tests::fake_anthropic::FakeAnthropic::start_rounds(3, Duration::ZERO).await;
     let mut cluster = Cluster::start(Options {
         workers: 0,
-        worker_args: vec![
-            "--default-backend".into(),
-            "anthropic".into(),
-            "--anthropic-base-url".into(),
-            fake.url.clone(),
-            "--anthropic-api-key".into(),
-            "test-key".into(),
-        ],
+        worker_args: fake.worker_args("anthropic"),
         ..Options::default()
     })
     .await;

@@ -257,14 +257,7 @@ async fn a_worker_full_of_talkative_native_agents_does_not_stall_on_its_event_ac
     let cluster = Cluster::start(Options {
         workers: 1,
         slots: agents,
-        worker_args: vec![
-            "--default-backend".into(),
-            "anthropic".into(),
-            "--anthropic-base-url".into(),
-            fake.url.clone(),
-            "--anthropic-api-key".into(),
-            "test-key".into(),
-        ],
+        worker_args: fake.worker_args("anthropic"),
         ..Options::default()
     })
     .await;
