@@ -134,12 +134,7 @@ pub async fn replay(
 /// leaders, when the log cannot be read for seconds. Whether it is done; when it is not, [`run`]
 /// does it before it records any position (recording first would skip what Redis lacks).
 pub async fn on_leading(state: &State, transport: &Transport) -> bool {
-    let mut waits = backon::BackoffBuilder::build(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(500))
-            .with_max_delay(Duration::from_secs(5))
-            .with_max_times(12),
-    );
+    let mut waits = backon::BackoffBuilder::build(crate::while_nats_elects());
     loop {
         if catch_up_to_the_log(state, transport).await {
             return true;

@@ -59,6 +59,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transport::Transport;
 
+/// How a new leader tries again what needs NATS (resuming unfinished tasks, catching Redis up
+/// with the log): for about a minute, while NATS elects new stream leaders or the connection
+/// moves off a server that dropped off the network.
+pub(crate) fn while_nats_elects() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(12)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -209,12 +219,7 @@ pub async fn run(
     // Tried again for a while: a new leader may take over while NATS elects new stream
     // leaders or its connection moves off a server that dropped off the network.
     (|| reconcile::run_if_needed(&state, &transport))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(500))
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(12),
-        )
+        .retry(while_nats_elects())
         .notify(
             |e, wait| tracing::warn!(error = %e, ?wait, "could not resume unfinished tasks yet"),
         )
@@ -280,12 +285,7 @@ pub async fn run(
     };
     // Safe to repeat (message ids); tried again while NATS settles, as the rebuild above.
     (|| resume(&effects))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(500))
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(12),
-        )
+        .retry(while_nats_elects())
         .notify(
             |e, wait| tracing::warn!(error = %e, ?wait, "could not resume unfinished tasks yet"),
         )
